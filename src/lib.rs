@@ -1,0 +1,11 @@
+//! # ackwire
+//!
+//! Message delivery between Rust services with an explicit guarantee.
+#![warn(missing_docs)]
+
+mod id;
+mod rng;
+pub mod transport;
+pub mod wire;
+
+pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};

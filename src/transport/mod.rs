@@ -1,0 +1,103 @@
+//! Moving frames between nodes.
+//!
+//! A [`Transport`] is started once by the node and hands back a [`Link`]: a command
+//! channel to send frames (and learn peer addresses) and an event channel that yields
+//! frames and connection changes. Transports own sockets, connections, reconnects and
+//! the handshake; they know nothing of acks, retries or dedup.
+//!
+//! Two implementations: [`tcp`] (real, tokio) and [`mem`] (in-process, with a seeded
+//! [`mem::FaultPlan`] for tests and demos).
+
+use crate::id::{NodeId, Origin};
+use crate::wire::Frame;
+use std::net::SocketAddr;
+use tokio::sync::mpsc;
+
+
+
+
+/// Something that moves frames between this node and its peers.
+pub trait Transport: Send + 'static {
+    /// Start the transport for the local node run `local`. Called once, from within a
+    /// tokio runtime.
+    fn start(self: Box<Self>, local: Origin) -> Result<Link, TransportError>;
+}
+
+/// A started transport: commands in, events out.
+#[derive(Debug)]
+pub struct Link {
+    /// Commands to the transport. Bounded: a full queue is backpressure.
+    pub commands: mpsc::Sender<LinkCommand>,
+    /// Events from the transport. `None` once the transport has shut down.
+    pub events: mpsc::Receiver<LinkEvent>,
+    /// Address the transport listens on, if it listens on one.
+    pub local_addr: Option<SocketAddr>,
+}
+
+/// What the node asks of a transport.
+#[derive(Debug)]
+pub enum LinkCommand {
+    /// Deliver `frames`, in order, to `peer`. If there is no connection the transport
+    /// connects (or waits for one) and may drop frames it cannot deliver; the protocol
+    /// above retransmits what matters.
+    Send {
+        /// Destination node.
+        peer: NodeId,
+        /// Frames to send, in order.
+        frames: Vec<Frame>,
+    },
+    /// Learn (or change) where `peer` can be reached. Transports without addresses
+    /// ignore it.
+    AddPeer {
+        /// The peer.
+        peer: NodeId,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// Close every connection and stop.
+    Shutdown,
+}
+
+/// What a transport reports to the node.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A connection to `peer` completed its handshake. `origin` carries the peer's
+    /// current incarnation: a changed incarnation means the peer restarted.
+    Up {
+        /// The peer's run.
+        origin: Origin,
+    },
+    /// A frame arrived from `peer` (never a handshake: transports consume those).
+    Frame {
+        /// Sender of the frame.
+        peer: NodeId,
+        /// The frame.
+        frame: Frame,
+    },
+    /// The connection to `peer` was lost or closed.
+    Down {
+        /// The peer.
+        peer: NodeId,
+    },
+}
+
+/// Errors starting or running a transport.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// Binding the listen address failed. Check the address and that it is free.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// Address that was asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node id is already registered on this in-memory network. Use distinct ids.
+    #[error("node {0} is already attached to this network")]
+    DuplicateNode(NodeId),
+    /// Any other IO error.
+    #[error("transport io: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,8 @@
+//! The wire protocol: frame types and their byte encoding.
+//!
+//! Owns what goes on the wire; must not do IO. The codec (bincode 2 body, crc32c,
+//! length prefix) is kept behind this module so it could be swapped.
+
+mod frame;
+
+pub use frame::{Ack, Data, Frame, Handshake, Heartbeat, Nack, SeqRange, PROTOCOL_VERSION};
