@@ -43,9 +43,14 @@ pub struct Data {
     pub channel: ChannelId,
     /// Stream sequence number (1-based), used for acks; unique per stream.
     pub seq: u64,
-    /// Every stream seq below `floor` is settled by the sender (acked or given up) and
-    /// will never be sent again on this stream.
+    /// Every stream seq below `floor` is settled by the sender (acked, given up, or
+    /// handed off) and will never be sent again on this stream.
     pub floor: u64,
+    /// Every library-assigned message ID `Seq { origin: <connection origin>, channel,
+    /// seq < id_floor }` is settled for good (acked or abandoned), so the receiver's dedup
+    /// window may treat them as seen. `<= floor`: a handed-off message keeps it low until
+    /// its hint has been delivered, so a late replay is never mistaken for a duplicate.
+    pub id_floor: u64,
     /// Dedup identity. `None` means `MessageId::Seq { origin: <connection origin>,
     /// channel, seq }` (the common case, and 30 bytes shorter on the wire); hint replays
     /// and application keys carry it explicitly.
