@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 mod id;
+pub mod retry;
 mod rng;
 pub mod transport;
 pub mod wire;
