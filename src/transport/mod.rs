@@ -13,8 +13,7 @@ use crate::wire::Frame;
 use std::net::SocketAddr;
 use tokio::sync::mpsc;
 
-
-
+pub mod mem;
 
 /// Something that moves frames between this node and its peers.
 pub trait Transport: Send + 'static {

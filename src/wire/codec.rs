@@ -1,0 +1,506 @@
+//! The frame codec: length prefix + crc32c + bincode 2 header + raw payload.
+//!
+//! Owns the byte layout of a [`Frame`] and the checks on the way in (length bound,
+//! checksum, format version, well-formed header). Must not do IO, keep connection
+//! state beyond the bytes it was handed, or look at what frames mean (that is `proto`).
+//!
+//! # Layout
+//!
+//! ```text
+//! [u32 LE body_len][u32 LE crc32c(body)][body]
+//! body = [u8 WIRE_FORMAT_VERSION][u8 kind][bincode header][payload bytes (Data only)]
+//! ```
+//!
+//! The header is encoded with `bincode::config::standard()` (varint integers). A
+//! [`Data`] payload is not bincoded: it is everything in the body after the header, and
+//! the decoder hands it out as a [`Bytes`] split from the input buffer (zero-copy).
+//!
+//! `body_len` is bounded by a configured maximum ([`DEFAULT_MAX_FRAME_LEN`] unless
+//! set): the encoder refuses bigger frames with [`EncodeError::TooLarge`] and the
+//! decoder rejects a bigger length prefix with [`DecodeError::TooLarge`] before reading
+//! or allocating anything for it.
+
+use super::frame::{Ack, Data, Frame, Handshake, Heartbeat, Nack, SeqRange, PROTOCOL_VERSION};
+use crate::id::{ChannelId, Guarantee, MessageId, Origin};
+use bincode::de::{read::Reader, Decode, DecoderImpl};
+use bincode::enc::write::Writer;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Version of the byte layout, the first body byte of every frame. Distinct from
+/// [`PROTOCOL_VERSION`] (what frames mean), which is checked in the handshake.
+pub const WIRE_FORMAT_VERSION: u8 = 1;
+
+/// Default bound on a frame's body length: 8 MiB.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+
+/// Bytes before the body: `u32` length + `u32` crc32c.
+pub const FRAME_PREFIX_LEN: usize = 8;
+
+/// Encoding refused a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The encoded body would be `len` bytes, over the configured `max`. Nothing was
+    /// written. Split the payload or raise the limit on both ends.
+    #[error("frame body of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Body length the frame would need.
+        len: usize,
+        /// Configured maximum body length.
+        max: usize,
+    },
+}
+
+/// Decoding rejected the input. After any error the byte stream can no longer be
+/// framed reliably: close the connection (and count the reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The body does not match its crc32c: bytes were corrupted in transit or the peer
+    /// is not speaking this protocol. Close the connection.
+    #[error("frame checksum mismatch")]
+    BadChecksum,
+    /// The frame's format version byte, or a handshake's protocol version, is not the
+    /// one this build speaks. Close the connection; the peer needs a compatible build.
+    #[error("unsupported version {got} (this build speaks {supported})")]
+    UnsupportedVersion {
+        /// Version the peer sent.
+        got: u16,
+        /// Version this build speaks.
+        supported: u16,
+    },
+    /// The length prefix announces a body over the configured maximum. Nothing was
+    /// allocated for it. Close the connection (or raise the limit on both ends).
+    #[error("frame body of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Announced body length.
+        len: usize,
+        /// Configured maximum body length.
+        max: usize,
+    },
+    /// The checksum matched but the body is not a valid frame (unknown kind, bad
+    /// header, trailing bytes). The peer has a bug or a different protocol: close the
+    /// connection.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Encodes frames with a body-length bound.
+///
+/// ```
+/// use ackwire::wire::{Frame, FrameDecoder, FrameEncoder, Heartbeat};
+/// use bytes::BytesMut;
+///
+/// let mut buf = BytesMut::new();
+/// FrameEncoder::default().encode(&Frame::Ping(Heartbeat { nonce: 7 }), &mut buf).unwrap();
+/// let frame = FrameDecoder::default().decode(&mut buf).unwrap();
+/// assert_eq!(frame, Some(Frame::Ping(Heartbeat { nonce: 7 })));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct FrameEncoder {
+    max_frame_len: usize,
+}
+
+impl FrameEncoder {
+    /// An encoder refusing bodies over `max_frame_len` bytes (capped at `u32::MAX`).
+    pub fn new(max_frame_len: usize) -> Self {
+        FrameEncoder {
+            max_frame_len: max_frame_len.min(u32::MAX as usize),
+        }
+    }
+
+    /// The body-length bound.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+
+    /// Append `frame` to `dst`. On error `dst` is left as it was.
+    pub fn encode(&self, frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        let max = self.max_frame_len;
+        if let Frame::Data(d) = frame {
+            // Cheap early refusal so a huge payload is never copied.
+            if d.payload.len() > max {
+                return Err(EncodeError::TooLarge {
+                    len: d.payload.len() + 2,
+                    max,
+                });
+            }
+        }
+        let start = dst.len();
+        dst.put_bytes(0, FRAME_PREFIX_LEN);
+        dst.put_u8(WIRE_FORMAT_VERSION);
+        dst.put_u8(kind_of(frame));
+        encode_header(frame, dst);
+        if let Frame::Data(d) = frame {
+            dst.extend_from_slice(&d.payload);
+        }
+        let body_len = dst.len() - start - FRAME_PREFIX_LEN;
+        if body_len > max {
+            dst.truncate(start);
+            return Err(EncodeError::TooLarge { len: body_len, max });
+        }
+        let crc = crc32c::crc32c(&dst[start + FRAME_PREFIX_LEN..]);
+        dst[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+        dst[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        Ok(())
+    }
+}
+
+impl Default for FrameEncoder {
+    /// Bound: [`DEFAULT_MAX_FRAME_LEN`] (8 MiB).
+    fn default() -> Self {
+        FrameEncoder::new(DEFAULT_MAX_FRAME_LEN)
+    }
+}
+
+/// Append `frame` to `dst` with the default bound ([`DEFAULT_MAX_FRAME_LEN`]).
+pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
+    FrameEncoder::default().encode(frame, dst)
+}
+
+/// Incremental frame decoder.
+///
+/// Feed it a growing buffer; each [`decode`](FrameDecoder::decode) call takes at most
+/// one frame off the front. It is stateless between calls apart from its bound, so a
+/// buffer can be filled byte by byte.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameDecoder {
+    max_frame_len: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder rejecting bodies over `max_frame_len` bytes.
+    pub fn new(max_frame_len: usize) -> Self {
+        FrameDecoder {
+            max_frame_len: max_frame_len.min(u32::MAX as usize),
+        }
+    }
+
+    /// The body-length bound.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+
+    /// Take one frame off the front of `src`.
+    ///
+    /// `Ok(None)`: `src` does not hold a whole frame yet; read more bytes and call
+    /// again (nothing was consumed; capacity for the rest of the frame may have been
+    /// reserved, never more than the bound). `Ok(Some(frame))`: the frame's bytes were
+    /// removed from `src`. `Err(_)`: the stream is broken, close the connection.
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+        if src.len() < FRAME_PREFIX_LEN {
+            return Ok(None);
+        }
+        let body_len = u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if body_len > self.max_frame_len {
+            return Err(DecodeError::TooLarge {
+                len: body_len,
+                max: self.max_frame_len,
+            });
+        }
+        let total = FRAME_PREFIX_LEN + body_len;
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        let crc = u32::from_le_bytes([src[4], src[5], src[6], src[7]]);
+        if crc32c::crc32c(&src[FRAME_PREFIX_LEN..total]) != crc {
+            return Err(DecodeError::BadChecksum);
+        }
+        let mut body = src.split_to(total);
+        body.advance(FRAME_PREFIX_LEN);
+        decode_body(body).map(Some)
+    }
+}
+
+impl Default for FrameDecoder {
+    /// Bound: [`DEFAULT_MAX_FRAME_LEN`] (8 MiB).
+    fn default() -> Self {
+        FrameDecoder::new(DEFAULT_MAX_FRAME_LEN)
+    }
+}
+
+/// Check a peer's handshake: `Ok(origin)` if it speaks [`PROTOCOL_VERSION`], else
+/// [`DecodeError::UnsupportedVersion`] (close the connection).
+pub fn check_handshake(handshake: &Handshake) -> Result<Origin, DecodeError> {
+    if handshake.version == PROTOCOL_VERSION {
+        Ok(handshake.origin)
+    } else {
+        Err(DecodeError::UnsupportedVersion {
+            got: handshake.version,
+            supported: PROTOCOL_VERSION,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+const KIND_HANDSHAKE: u8 = 0;
+const KIND_DATA: u8 = 1;
+const KIND_ACK: u8 = 2;
+const KIND_NACK: u8 = 3;
+const KIND_PING: u8 = 4;
+const KIND_PONG: u8 = 5;
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+fn kind_of(frame: &Frame) -> u8 {
+    match frame {
+        Frame::Handshake(_) => KIND_HANDSHAKE,
+        Frame::Data(_) => KIND_DATA,
+        Frame::Ack(_) => KIND_ACK,
+        Frame::Nack(_) => KIND_NACK,
+        Frame::Ping(_) => KIND_PING,
+        Frame::Pong(_) => KIND_PONG,
+    }
+}
+
+/// bincode writer appending to a `BytesMut`; cannot fail.
+struct BytesWriter<'a>(&'a mut BytesMut);
+
+impl Writer for BytesWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+fn encode_header(frame: &Frame, dst: &mut BytesMut) {
+    let w = BytesWriter(dst);
+    let cfg = bincode_config();
+    // Our writer never fails and these types have no fallible encodings, so the
+    // results are always Ok; ignoring them cannot lose data silently.
+    let _ = match frame {
+        Frame::Handshake(h) => bincode::encode_into_writer(h, w, cfg),
+        Frame::Data(d) => {
+            bincode::encode_into_writer((d.channel, d.seq, d.floor, d.id, d.guarantee), w, cfg)
+        }
+        Frame::Ack(a) => bincode::encode_into_writer(a, w, cfg),
+        Frame::Nack(n) => bincode::encode_into_writer(n, w, cfg),
+        Frame::Ping(h) | Frame::Pong(h) => bincode::encode_into_writer(h, w, cfg),
+    };
+}
+
+/// bincode reader over a slice that remembers how far it got.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Reader for Cursor<'_> {
+    fn read(&mut self, bytes: &mut [u8]) -> Result<(), bincode::error::DecodeError> {
+        let end = self.pos.checked_add(bytes.len());
+        match end {
+            Some(end) if end <= self.buf.len() => {
+                bytes.copy_from_slice(&self.buf[self.pos..end]);
+                self.pos = end;
+                Ok(())
+            }
+            _ => Err(bincode::error::DecodeError::UnexpectedEnd {
+                additional: bytes.len(),
+            }),
+        }
+    }
+}
+
+fn malformed(e: bincode::error::DecodeError) -> DecodeError {
+    DecodeError::Malformed(e.to_string())
+}
+
+/// Decode a checksummed body (version byte onwards).
+fn decode_body(mut body: BytesMut) -> Result<Frame, DecodeError> {
+    if body.len() < 2 {
+        return Err(DecodeError::Malformed("body shorter than 2 bytes".into()));
+    }
+    if body[0] != WIRE_FORMAT_VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            got: u16::from(body[0]),
+            supported: u16::from(WIRE_FORMAT_VERSION),
+        });
+    }
+    let kind = body[1];
+    let mut cur = Cursor {
+        buf: &body[2..],
+        pos: 0,
+    };
+    let frame = {
+        let mut dec = DecoderImpl::new(&mut cur, bincode_config(), ());
+        match kind {
+            KIND_HANDSHAKE => Frame::Handshake(Handshake::decode(&mut dec).map_err(malformed)?),
+            KIND_DATA => {
+                let channel = ChannelId::decode(&mut dec).map_err(malformed)?;
+                let seq = u64::decode(&mut dec).map_err(malformed)?;
+                let floor = u64::decode(&mut dec).map_err(malformed)?;
+                let id = Option::<MessageId>::decode(&mut dec).map_err(malformed)?;
+                let guarantee = Guarantee::decode(&mut dec).map_err(malformed)?;
+                Frame::Data(Data {
+                    channel,
+                    seq,
+                    floor,
+                    id,
+                    guarantee,
+                    payload: Bytes::new(),
+                })
+            }
+            KIND_ACK => Frame::Ack(decode_ack(&mut dec)?),
+            KIND_NACK => Frame::Nack(Nack::decode(&mut dec).map_err(malformed)?),
+            KIND_PING => Frame::Ping(Heartbeat::decode(&mut dec).map_err(malformed)?),
+            KIND_PONG => Frame::Pong(Heartbeat::decode(&mut dec).map_err(malformed)?),
+            other => {
+                return Err(DecodeError::Malformed(format!(
+                    "unknown frame kind {other}"
+                )))
+            }
+        }
+    };
+    let header_end = 2 + cur.pos;
+    match frame {
+        Frame::Data(mut d) => {
+            body.advance(header_end);
+            d.payload = body.freeze();
+            Ok(Frame::Data(d))
+        }
+        _ if header_end != body.len() => Err(DecodeError::Malformed(format!(
+            "{} trailing bytes after header",
+            body.len() - header_end
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// Decode an [`Ack`] field by field (same layout as its derived `Encode`), bounding
+/// the range count by the bytes actually present so a hostile count cannot make us
+/// allocate more than a small multiple of the (already bounded) body.
+fn decode_ack<R: Reader>(
+    dec: &mut DecoderImpl<R, bincode::config::Configuration, ()>,
+) -> Result<Ack, DecodeError> {
+    let channel = ChannelId::decode(dec).map_err(malformed)?;
+    let incarnation = u64::decode(dec).map_err(malformed)?;
+    let cumulative = u64::decode(dec).map_err(malformed)?;
+    let count = u64::decode(dec).map_err(malformed)?;
+    // Each SeqRange takes at least 2 bytes (two varints); the body is bounded, so a
+    // count above the bound is a lie we refuse before allocating.
+    let count = usize::try_from(count)
+        .ok()
+        .filter(|&c| c <= u32::MAX as usize / 2)
+        .ok_or_else(|| DecodeError::Malformed(format!("ack range count {count} too large")))?;
+    let mut ranges = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
+        ranges.push(SeqRange::decode(dec).map_err(malformed)?);
+    }
+    Ok(Ack {
+        channel,
+        incarnation,
+        cumulative,
+        ranges,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::{IdKey, NodeId};
+
+    fn data(payload: &'static [u8]) -> Frame {
+        Frame::Data(Data {
+            channel: ChannelId(3),
+            seq: 9,
+            floor: 4,
+            id: Some(MessageId::Key(IdKey(u128::MAX))),
+            guarantee: Guarantee::EffectivelyOnce,
+            payload: Bytes::from_static(payload),
+        })
+    }
+
+    #[test]
+    fn data_round_trip_payload_is_zero_copy_slice_of_input() {
+        let mut buf = BytesMut::new();
+        encode(&data(b"hello"), &mut buf).unwrap();
+        let base = buf.as_ptr() as usize;
+        let len = buf.len();
+        let f = FrameDecoder::default().decode(&mut buf).unwrap().unwrap();
+        assert_eq!(f, data(b"hello"));
+        let Frame::Data(d) = f else { unreachable!() };
+        let p = d.payload.as_ptr() as usize;
+        assert!(p >= base && p + 5 <= base + len, "payload was copied");
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversize_encode_is_an_error_and_writes_nothing() {
+        let mut buf = BytesMut::from(&b"xy"[..]);
+        let enc = FrameEncoder::new(16);
+        let err = enc.encode(&data(&[0u8; 32]), &mut buf).unwrap_err();
+        assert!(matches!(err, EncodeError::TooLarge { max: 16, .. }));
+        assert_eq!(&buf[..], b"xy");
+        // Header alone over the bound.
+        let err = FrameEncoder::new(3)
+            .encode(&data(b""), &mut buf)
+            .unwrap_err();
+        assert!(matches!(err, EncodeError::TooLarge { max: 3, .. }));
+        assert_eq!(&buf[..], b"xy");
+    }
+
+    #[test]
+    fn handshake_version_check() {
+        let origin = Origin {
+            node: NodeId(1),
+            incarnation: 2,
+        };
+        let ok = Handshake {
+            version: PROTOCOL_VERSION,
+            origin,
+        };
+        assert_eq!(check_handshake(&ok), Ok(origin));
+        let bad = Handshake {
+            version: PROTOCOL_VERSION + 1,
+            origin,
+        };
+        assert_eq!(
+            check_handshake(&bad),
+            Err(DecodeError::UnsupportedVersion {
+                got: PROTOCOL_VERSION + 1,
+                supported: PROTOCOL_VERSION
+            })
+        );
+    }
+
+    #[test]
+    fn hostile_ack_range_count_is_malformed_not_a_huge_allocation() {
+        // kind ACK with count = u64::MAX - small varint body, valid checksum.
+        let mut body = vec![WIRE_FORMAT_VERSION, KIND_ACK, 1, 1, 1];
+        body.push(253); // u64 varint marker
+        body.extend_from_slice(&u64::MAX.to_le_bytes());
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(body.len() as u32);
+        buf.put_u32_le(crc32c::crc32c(&body));
+        buf.extend_from_slice(&body);
+        let err = FrameDecoder::default().decode(&mut buf).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed(_)), "{err:?}");
+    }
+
+    #[test]
+    fn trailing_bytes_after_header_are_malformed() {
+        let mut body = vec![WIRE_FORMAT_VERSION, KIND_PING, 5, 0];
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(body.len() as u32);
+        buf.put_u32_le(crc32c::crc32c(&body));
+        buf.extend_from_slice(&body);
+        assert!(matches!(
+            FrameDecoder::default().decode(&mut buf),
+            Err(DecodeError::Malformed(_))
+        ));
+        body.pop();
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(body.len() as u32);
+        buf.put_u32_le(crc32c::crc32c(&body));
+        buf.extend_from_slice(&body);
+        assert_eq!(
+            FrameDecoder::default().decode(&mut buf),
+            Ok(Some(Frame::Ping(Heartbeat { nonce: 5 })))
+        );
+    }
+}
