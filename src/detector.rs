@@ -342,7 +342,7 @@ impl PhiAccrual {
 
     /// Mean of the interval window.
     pub fn mean(&self) -> Duration {
-        Duration::from_secs_f64(self.mean_secs())
+        Duration::try_from_secs_f64(self.mean_secs()).unwrap_or(Duration::ZERO)
     }
 
     /// Standard deviation of the interval window (before the `min_std_dev` floor).

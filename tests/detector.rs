@@ -7,6 +7,7 @@
 
 use ackwire::detector::{DetectorConfig, FailureDetector, Health, HealthChange};
 use ackwire::NodeId;
+use proptest::prelude::*;
 use std::time::{Duration, Instant};
 
 const A: NodeId = NodeId(1);
@@ -359,4 +360,75 @@ fn poll_timeout_predicts_the_next_transition() {
     );
     let a_down = seen[1].2;
     assert!(a_down >= ms(2460) && a_down <= ms(2580), "{a_down:?}");
+}
+
+proptest! {
+    /// Property: for any config that validates and any script of heartbeat / frame
+    /// arrivals (including simultaneous and huge gaps), phi is finite and >= 0, is
+    /// non-decreasing in `now` after the last arrival, health only worsens in polls
+    /// (Up < Suspect < Down) and every arrival leaves the peer Up.
+    #[test]
+    fn phi_finite_monotone_and_health_rule_holds_for_any_script(
+        threshold in 0.5f64..20.0,
+        suspect_frac in 0.1f64..=1.0,
+        max_samples in 1usize..50,
+        min_std_ms in 1u64..500,
+        pause_ms in 0u64..5_000,
+        est_ms in 1u64..5_000,
+        script in prop::collection::vec((0u64..20_000, any::<bool>(), any::<bool>()), 1..80),
+        probes in prop::collection::vec(0u64..100_000_000, 1..20),
+    ) {
+        let cfg = DetectorConfig {
+            threshold,
+            suspect_threshold: threshold * suspect_frac,
+            max_samples,
+            min_std_dev: ms(min_std_ms),
+            acceptable_heartbeat_pause: ms(pause_ms),
+            first_heartbeat_estimate: ms(est_ms),
+        };
+        prop_assert!(cfg.validate().is_ok());
+        let mut fd = FailureDetector::new(cfg).unwrap();
+        let t0 = Instant::now();
+        let mut t = t0;
+        for (gap, is_heartbeat, poll) in script {
+            t += ms(gap);
+            if is_heartbeat {
+                fd.heartbeat(A, t);
+            } else {
+                fd.observe(A, t);
+            }
+            prop_assert_eq!(fd.state(A), Some(Health::Up));
+            if poll {
+                let probe = t + ms(gap / 2);
+                for c in fd.poll(probe) {
+                    // Recoveries were recorded by arrivals; everything else worsens.
+                    prop_assert!(c.to > c.from || (c.to == Health::Up && c.at <= t),
+                        "poll may only worsen health: {:?}", c);
+                }
+            }
+        }
+        let mut probes = probes;
+        probes.sort_unstable();
+        let mut prev = 0.0f64;
+        for p in probes {
+            let phi = fd.phi(A, t + ms(p)).unwrap();
+            prop_assert!(phi.is_finite() && phi >= 0.0, "phi {}", phi);
+            prop_assert!(phi >= prev, "phi decreased: {} < {}", phi, prev);
+            prev = phi;
+            let state_before = fd.state(A).unwrap();
+            for c in fd.poll(t + ms(p)) {
+                prop_assert!(c.to > c.from || (c.to == Health::Up && c.at <= t), "{:?}", c);
+            }
+            let state = fd.state(A).unwrap();
+            prop_assert!(state >= state_before);
+            let expected = if phi >= cfg.threshold {
+                Health::Down
+            } else if phi >= cfg.suspect_threshold {
+                Health::Suspect
+            } else {
+                Health::Up
+            };
+            prop_assert!(state >= expected, "state {:?} but phi {} says {:?}", state, phi, expected);
+        }
+    }
 }
