@@ -276,7 +276,11 @@ fn encode_header(frame: &Frame, dst: &mut BytesMut) {
     let _ = match frame {
         Frame::Handshake(h) => bincode::encode_into_writer(h, w, cfg),
         Frame::Data(d) => {
-            bincode::encode_into_writer((d.channel, d.seq, d.floor, d.id, d.guarantee), w, cfg)
+            bincode::encode_into_writer(
+                (d.channel, d.seq, d.floor, d.floor.saturating_sub(d.id_floor), d.id, d.guarantee),
+                w,
+                cfg,
+            )
         }
         Frame::Ack(a) => bincode::encode_into_writer(a, w, cfg),
         Frame::Nack(n) => bincode::encode_into_writer(n, w, cfg),
@@ -334,12 +338,16 @@ fn decode_body(mut body: BytesMut) -> Result<Frame, DecodeError> {
                 let channel = ChannelId::decode(&mut dec).map_err(malformed)?;
                 let seq = u64::decode(&mut dec).map_err(malformed)?;
                 let floor = u64::decode(&mut dec).map_err(malformed)?;
+                // The id floor travels as its distance below the stream floor.
+                let id_gap = u64::decode(&mut dec).map_err(malformed)?;
+                let id_floor = floor.saturating_sub(id_gap);
                 let id = Option::<MessageId>::decode(&mut dec).map_err(malformed)?;
                 let guarantee = Guarantee::decode(&mut dec).map_err(malformed)?;
                 Frame::Data(Data {
                     channel,
                     seq,
                     floor,
+                    id_floor,
                     id,
                     guarantee,
                     payload: Bytes::new(),
@@ -409,6 +417,7 @@ mod tests {
             channel: ChannelId(3),
             seq: 9,
             floor: 4,
+            id_floor: 2,
             id: Some(MessageId::Key(IdKey(u128::MAX))),
             guarantee: Guarantee::EffectivelyOnce,
             payload: Bytes::from_static(payload),
