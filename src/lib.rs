@@ -3,6 +3,7 @@
 //! Message delivery between Rust services with an explicit guarantee.
 #![warn(missing_docs)]
 
+pub mod dedup;
 pub mod detector;
 mod id;
 pub mod retry;
