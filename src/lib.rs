@@ -5,10 +5,19 @@
 
 pub mod dedup;
 pub mod detector;
+mod error;
 mod id;
+mod node;
+pub mod proto;
 pub mod retry;
 mod rng;
 pub mod transport;
 pub mod wire;
 
+pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
+pub use node::{
+    ChannelOptions, Delivery, DeliveryHandle, Node, NodeBuilder, NodeConfig, NodeError, Outcome,
+    RawReceiver, RawSender, Receipt, Receiver, SendError, Sender, Stats,
+};
+pub use proto::ProtoConfig;

@@ -40,15 +40,18 @@ fn data() -> impl Strategy<Value = Frame> {
         any::<u32>(),
         any::<u64>(),
         any::<u64>(),
+        any::<u64>(),
         proptest::option::of(message_id()),
         guarantee(),
         proptest::collection::vec(any::<u8>(), 0..4096),
     )
-        .prop_map(|(c, seq, floor, id, guarantee, payload)| {
+        .prop_map(|(c, seq, floor, id_gap, id, guarantee, payload)| {
             Frame::Data(Data {
                 channel: ChannelId(c),
                 seq,
                 floor,
+                // The id floor never exceeds the stream floor.
+                id_floor: floor.saturating_sub(id_gap),
                 id,
                 guarantee,
                 payload: Bytes::from(payload),
@@ -219,6 +222,7 @@ fn oversize_length_prefix_is_too_large_without_allocating() {
         channel: ChannelId(1),
         seq: 1,
         floor: 0,
+        id_floor: 0,
         id: None,
         guarantee: Guarantee::AtMostOnce,
         payload: Bytes::from(vec![0u8; 2000]),

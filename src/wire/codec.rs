@@ -275,13 +275,18 @@ fn encode_header(frame: &Frame, dst: &mut BytesMut) {
     // results are always Ok; ignoring them cannot lose data silently.
     let _ = match frame {
         Frame::Handshake(h) => bincode::encode_into_writer(h, w, cfg),
-        Frame::Data(d) => {
-            bincode::encode_into_writer(
-                (d.channel, d.seq, d.floor, d.floor.saturating_sub(d.id_floor), d.id, d.guarantee),
-                w,
-                cfg,
-            )
-        }
+        Frame::Data(d) => bincode::encode_into_writer(
+            (
+                d.channel,
+                d.seq,
+                d.floor,
+                d.floor.saturating_sub(d.id_floor),
+                d.id,
+                d.guarantee,
+            ),
+            w,
+            cfg,
+        ),
         Frame::Ack(a) => bincode::encode_into_writer(a, w, cfg),
         Frame::Nack(n) => bincode::encode_into_writer(n, w, cfg),
         Frame::Ping(h) | Frame::Pong(h) => bincode::encode_into_writer(h, w, cfg),

@@ -1,0 +1,990 @@
+//! The tokio driver and the public API: [`Node`], [`Sender`], [`Receiver`],
+//! [`Delivery`], [`Receipt`].
+//!
+//! Owns tasks, the transport link, the clock and the one timer of the node; holds no
+//! protocol logic (that is [`crate::proto::Endpoint`]). The driver is a loop: read
+//! transport events and application commands → feed the endpoint; the timer fires →
+//! feed the endpoint; then poll the endpoint → write frames, hand deliveries to
+//! receivers, resolve receipts, and reset the single `Sleep` to the earliest deadline.
+
+use crate::dedup::{Dedup, DedupConfig};
+use crate::id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
+use crate::proto::{
+    Completion, DeliveryRef, Endpoint, Event, Outgoing, ProtoConfig, ProtoStats, SendRef,
+};
+use crate::retry::GiveUp;
+use crate::transport::{Link, LinkCommand, LinkEvent, Transport};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
+
+/// Errors building or operating a [`Node`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The transport could not start (e.g. the bind address is taken). Fix the address
+    /// or wait for the previous owner to close.
+    #[error("transport: {0}")]
+    Transport(#[from] crate::transport::TransportError),
+    /// A configuration value is invalid; the message says which.
+    #[error(transparent)]
+    Config(#[from] crate::ConfigError),
+    /// The dedup table could not be opened (durable dedup IO). See the source.
+    #[error("dedup: {0}")]
+    Dedup(#[from] crate::dedup::DedupError),
+    /// A receiver for this channel already exists on this node; keep one per channel.
+    #[error("channel {0:?} already has a receiver")]
+    ChannelTaken(ChannelId),
+    /// The node has shut down.
+    #[error("node has shut down")]
+    Shutdown,
+    /// The builder has no transport: call `bind` or `transport`.
+    #[error("no transport configured: call NodeBuilder::bind or NodeBuilder::transport")]
+    NoTransport,
+}
+
+/// Why a send failed. Each variant says whether the receiver may still have the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No ack arrived before the message's deadline. The receiver may or may not have
+    /// processed it (the ack may be what was lost): resend under the same
+    /// [`IdKey`] to an effectively-once channel if it must happen exactly once.
+    #[error("no ack before the deadline ({attempts} transmissions)")]
+    Deadline {
+        /// Transmissions made.
+        attempts: u32,
+    },
+    /// The retry policy's maximum transmissions were made without an ack. Same
+    /// caveat as [`SendError::Deadline`].
+    #[error("no ack after {attempts} transmissions")]
+    AttemptsExhausted {
+        /// Transmissions made.
+        attempts: u32,
+    },
+    /// The node shut down before the message settled. It may have been delivered.
+    #[error("node shut down before the message settled")]
+    Shutdown,
+    /// The value could not be serialized; nothing was sent. Fix the value or its
+    /// `Serialize` impl.
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+    /// The payload is larger than the configured maximum; nothing was sent. Split it.
+    #[error("payload of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Payload size.
+        len: usize,
+        /// Configured maximum ([`NodeConfig::max_payload`]).
+        max: usize,
+    },
+    /// The channel to this peer already carries another guarantee; nothing was sent.
+    #[error("channel already uses {existing:?}")]
+    GuaranteeMismatch {
+        /// The stream's guarantee.
+        existing: Guarantee,
+    },
+}
+
+/// How a message settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The receiver acknowledged it: for at-least-once and effectively-once, after its
+    /// handler finished.
+    Acked,
+    /// At-most-once: it was handed to the transport once. Nothing more is known.
+    Sent,
+}
+
+/// Node-wide settings. Every default is written on its field.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// Protocol tuning (window, acks, retries). Default [`ProtoConfig::default`].
+    pub proto: ProtoConfig,
+    /// Receiver-side dedup for effectively-once channels. Default
+    /// [`DedupConfig::default`] (in memory).
+    pub dedup: DedupConfig,
+    /// Largest payload `send` accepts. Default 4 MiB.
+    pub max_payload: usize,
+    /// Deliveries queued per [`Receiver`] before further arrivals are refused unacked
+    /// (their senders retransmit them later). Default `1024`.
+    pub receiver_buffer: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            proto: ProtoConfig::default(),
+            dedup: DedupConfig::default(),
+            max_payload: 4 << 20,
+            receiver_buffer: 1024,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Check every value.
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        self.proto.validate()?;
+        if self.receiver_buffer == 0 {
+            return Err(crate::ConfigError::new(
+                "receiver_buffer must be at least 1",
+            ));
+        }
+        if self.max_payload == 0 {
+            return Err(crate::ConfigError::new("max_payload must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Options of one sending channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// The channel.
+    pub channel: ChannelId,
+    /// Its guarantee.
+    pub guarantee: Guarantee,
+    /// Per-message deadline overriding the retry policy's. Default `None` (policy's).
+    pub deadline: Option<Duration>,
+}
+
+impl ChannelOptions {
+    /// `channel` with `guarantee` and the policy's deadline.
+    pub fn new(channel: ChannelId, guarantee: Guarantee) -> Self {
+        ChannelOptions {
+            channel,
+            guarantee,
+            deadline: None,
+        }
+    }
+}
+
+/// Counters of a node (monotonic).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Protocol counters: sent, retransmitted, acked, delivered, duplicates dropped…
+    pub proto: ProtoStats,
+    /// Deliveries refused because a receiver's buffer was full.
+    pub receiver_full: u64,
+    /// Arrivals whose payload did not decode as the receiver's type; they are acked
+    /// and dropped (a poison message would otherwise be retried forever).
+    pub decode_failed: u64,
+}
+
+/// Builds a [`Node`].
+#[derive(Debug)]
+pub struct NodeBuilder {
+    id: NodeId,
+    transport: Option<Box<dyn TransportDebug>>,
+    peers: Vec<(NodeId, SocketAddr)>,
+    config: NodeConfig,
+    seed: Option<u64>,
+}
+
+/// `Transport` plus `Debug`, so the builder can derive `Debug`.
+trait TransportDebug: Transport + std::fmt::Debug {
+    fn into_transport(self: Box<Self>) -> Box<dyn Transport>;
+}
+impl<T: Transport + std::fmt::Debug> TransportDebug for T {
+    fn into_transport(self: Box<Self>) -> Box<dyn Transport> {
+        self
+    }
+}
+
+impl NodeBuilder {
+    /// Listen on `addr` with the TCP transport and its default settings.
+    #[cfg(any())] // TCPMERGE
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.transport = Some(Box::new(crate::transport::tcp::TcpTransport::new(
+            addr,
+            crate::transport::tcp::TcpConfig::default(),
+        )));
+        self
+    }
+
+    /// Use this transport (e.g. a configured `TcpTransport`, or `mem` in tests).
+    pub fn transport<T: Transport + std::fmt::Debug>(mut self, transport: T) -> Self {
+        self.transport = Some(Box::new(transport));
+        self
+    }
+
+    /// A peer reachable at `addr` (TCP). More can be added later with
+    /// [`Node::add_peer`].
+    pub fn peer(mut self, id: NodeId, addr: SocketAddr) -> Self {
+        self.peers.push((id, addr));
+        self
+    }
+
+    /// Node settings.
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Fix the seed of retransmission jitter (reproducible runs). Default: random.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Validate, start the transport and the driver task. Must run inside a tokio
+    /// runtime.
+    pub async fn build(self) -> Result<Node, NodeError> {
+        self.config.validate()?;
+        let transport = self.transport.ok_or(NodeError::NoTransport)?;
+        let origin = Origin::new_random(self.id);
+        let dedup = Arc::new(Dedup::open(self.config.dedup.clone())?);
+        let link = transport.into_transport().start(origin)?;
+        let local_addr = link.local_addr;
+        for (id, addr) in self.peers {
+            let _ = link
+                .commands
+                .send(LinkCommand::AddPeer { peer: id, addr })
+                .await;
+        }
+        let seed = self.seed.unwrap_or_else(crate::rng::seed_from_entropy);
+        let endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
+        let shared = Arc::new(Shared {
+            windows: Mutex::new(HashMap::new()),
+            receivers: Mutex::new(HashMap::new()),
+            receiver_buffer: self.config.receiver_buffer,
+            window: self.config.proto.max_in_flight,
+            max_payload: self.config.max_payload,
+            decode_failed: AtomicU64::new(0),
+        });
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            endpoint,
+            link,
+            commands: cmd_rx,
+            receipts: HashMap::new(),
+            receivers: HashMap::new(),
+            shared: shared.clone(),
+            self_tx: cmd_tx.clone(),
+            receiver_full: 0,
+            outbox: HashMap::new(),
+        };
+        let task = tokio::spawn(driver.run());
+        Ok(Node {
+            origin,
+            local_addr,
+            commands: cmd_tx,
+            shared,
+            task: Mutex::new(Some(task)),
+        })
+    }
+}
+
+/// One ackwire node: sends and receives messages over its transport.
+///
+/// ```no_run
+/// use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId};
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let b = Node::builder(NodeId(2)).bind("127.0.0.1:0".parse()?).build().await?;
+/// let a = Node::builder(NodeId(1))
+///     .bind("127.0.0.1:0".parse()?)
+///     .peer(NodeId(2), b.local_addr().unwrap())
+///     .build()
+///     .await?;
+/// let mut inbox = b.receiver::<String>(ChannelId(7), false)?;
+/// let out = a.sender::<String>(NodeId(2), ChannelOptions::new(ChannelId(7), Guarantee::EffectivelyOnce))?;
+/// let receipt = out.send(&"hello".to_string()).await?;
+/// let delivery = inbox.recv().await.unwrap();
+/// assert_eq!(delivery.message(), "hello");
+/// delivery.ack(); // the ack goes back only now, after processing
+/// receipt.await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Node {
+    origin: Origin,
+    local_addr: Option<SocketAddr>,
+    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Start building node `id`.
+    pub fn builder(id: NodeId) -> NodeBuilder {
+        NodeBuilder {
+            id,
+            transport: None,
+            peers: Vec::new(),
+            config: NodeConfig::default(),
+            seed: None,
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.origin.node
+    }
+
+    /// This run of the node (id + incarnation).
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// The address the transport listens on, if any.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Learn where `peer` is (TCP).
+    pub fn add_peer(&self, peer: NodeId, addr: SocketAddr) {
+        let _ = self.commands.send(Command::AddPeer { peer, addr });
+    }
+
+    /// A typed sender to `peer` on a channel; messages are serialized with bincode's
+    /// serde support.
+    pub fn sender<T: Serialize>(
+        &self,
+        peer: NodeId,
+        options: ChannelOptions,
+    ) -> Result<Sender<T>, NodeError> {
+        Ok(Sender {
+            raw: self.raw_sender(peer, options)?,
+            _t: PhantomData,
+        })
+    }
+
+    /// A sender of raw bytes to `peer` on a channel.
+    pub fn raw_sender(
+        &self,
+        peer: NodeId,
+        options: ChannelOptions,
+    ) -> Result<RawSender, NodeError> {
+        if self.commands.is_closed() {
+            return Err(NodeError::Shutdown);
+        }
+        let window = self.shared.window_for(peer, options.channel);
+        Ok(RawSender {
+            peer,
+            options,
+            window,
+            commands: self.commands.clone(),
+            max_payload: self.shared.max_payload,
+        })
+    }
+
+    /// The receiver of a channel; `ordered` delivers each stream's messages in send
+    /// order. One receiver per channel and node.
+    pub fn receiver<T: DeserializeOwned>(
+        &self,
+        channel: ChannelId,
+        ordered: bool,
+    ) -> Result<Receiver<T>, NodeError> {
+        Ok(Receiver {
+            raw: self.raw_receiver(channel, ordered)?,
+            _t: PhantomData,
+        })
+    }
+
+    /// The receiver of raw payloads of a channel.
+    pub fn raw_receiver(
+        &self,
+        channel: ChannelId,
+        ordered: bool,
+    ) -> Result<RawReceiver, NodeError> {
+        let (tx, rx) = mpsc::channel(self.shared.receiver_buffer);
+        {
+            let mut taken = self
+                .shared
+                .receivers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if taken.get(&channel).is_some_and(|t| !t.is_closed()) {
+                return Err(NodeError::ChannelTaken(channel));
+            }
+            taken.insert(channel, tx.clone());
+        }
+        self.commands
+            .send(Command::Register {
+                channel,
+                ordered,
+                tx,
+            })
+            .map_err(|_| NodeError::Shutdown)?;
+        Ok(RawReceiver {
+            rx,
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Counters.
+    pub async fn stats(&self) -> Result<Stats, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Stats(tx))
+            .map_err(|_| NodeError::Shutdown)?;
+        let mut stats = rx.await.map_err(|_| NodeError::Shutdown)?;
+        stats.decode_failed = self.shared.decode_failed.load(Ordering::Relaxed);
+        Ok(stats)
+    }
+
+    /// Stop: close the transport, fail unsettled receipts with
+    /// [`SendError::Shutdown`], and wait for the driver to finish.
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+    }
+}
+
+/// Sends `T` values on one channel to one peer. Cheap to clone.
+#[derive(Debug)]
+pub struct Sender<T> {
+    raw: RawSender,
+    _t: PhantomData<fn(&T)>,
+}
+
+impl<T> Clone for Sender<T> {
+    fn clone(&self) -> Self {
+        Sender {
+            raw: self.raw.clone(),
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T: Serialize> Sender<T> {
+    /// Send `value`. Waits while the stream's window is full; returns a [`Receipt`] that
+    /// resolves when the message settles.
+    pub async fn send(&self, value: &T) -> Result<Receipt, SendError> {
+        let bytes = encode(value)?;
+        self.raw.send(bytes).await
+    }
+
+    /// Send `value` under an application idempotency key: on an effectively-once
+    /// channel, any two sends with the same key are processed once within the
+    /// receiver's dedup horizon.
+    pub async fn send_with_key(&self, value: &T, key: IdKey) -> Result<Receipt, SendError> {
+        let bytes = encode(value)?;
+        self.raw.send_with_key(bytes, key).await
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Bytes, SendError> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map(Bytes::from)
+        .map_err(|e| SendError::Encode(e.to_string()))
+}
+
+/// Sends raw payloads on one channel to one peer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RawSender {
+    peer: NodeId,
+    options: ChannelOptions,
+    window: Arc<Semaphore>,
+    commands: mpsc::UnboundedSender<Command>,
+    max_payload: usize,
+}
+
+impl RawSender {
+    /// Send `payload`; see [`Sender::send`].
+    pub async fn send(&self, payload: Bytes) -> Result<Receipt, SendError> {
+        self.submit(payload, None).await
+    }
+
+    /// Send `payload` under an idempotency key; see [`Sender::send_with_key`].
+    pub async fn send_with_key(&self, payload: Bytes, key: IdKey) -> Result<Receipt, SendError> {
+        self.submit(payload, Some(key)).await
+    }
+
+    /// The target node.
+    pub fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    async fn submit(&self, payload: Bytes, key: Option<IdKey>) -> Result<Receipt, SendError> {
+        if payload.len() > self.max_payload {
+            return Err(SendError::TooLarge {
+                len: payload.len(),
+                max: self.max_payload,
+            });
+        }
+        let permit = self
+            .window
+            .acquire()
+            .await
+            .map_err(|_| SendError::Shutdown)?;
+        // The driver gives the slot back (add_permits) when the window slides.
+        permit.forget();
+        let (tx, rx) = oneshot::channel();
+        let cmd = Command::Send {
+            peer: self.peer,
+            options: self.options,
+            payload,
+            key,
+            reply: tx,
+        };
+        if self.commands.send(cmd).is_err() {
+            self.window.add_permits(1);
+            return Err(SendError::Shutdown);
+        }
+        Ok(Receipt { rx })
+    }
+}
+
+/// Resolves when a sent message settles: `Ok(Outcome)` once acknowledged (or, for
+/// at-most-once, transmitted), or the [`SendError`] that ended it.
+#[derive(Debug)]
+#[must_use = "a receipt tells whether the message was acknowledged"]
+pub struct Receipt {
+    rx: oneshot::Receiver<Result<Outcome, SendError>>,
+}
+
+impl Future for Receipt {
+    type Output = Result<Outcome, SendError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(SendError::Shutdown)))
+    }
+}
+
+/// Yields the messages of one channel, decoded as `T`.
+#[derive(Debug)]
+pub struct Receiver<T> {
+    raw: RawReceiver,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> Receiver<T> {
+    /// The next message; `None` once the node has shut down. A payload that does not
+    /// decode as `T` is acked, dropped and counted in [`Stats::decode_failed`].
+    pub async fn recv(&mut self) -> Option<Delivery<T>> {
+        loop {
+            let d = self.raw.recv().await?;
+            let cfg = bincode::config::standard();
+            match bincode::serde::decode_from_slice::<T, _>(&d.message, cfg) {
+                Ok((value, _)) => return Some(d.map(value)),
+                Err(e) => {
+                    self.raw
+                        .shared
+                        .decode_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(id = %d.id, error = %e, "payload does not decode; acked and dropped");
+                    d.ack();
+                }
+            }
+        }
+    }
+}
+
+/// Yields the raw payloads of one channel.
+#[derive(Debug)]
+pub struct RawReceiver {
+    rx: mpsc::Receiver<Delivery<Bytes>>,
+    shared: Arc<Shared>,
+}
+
+impl RawReceiver {
+    /// The next message; `None` once the node has shut down.
+    pub async fn recv(&mut self) -> Option<Delivery<Bytes>> {
+        self.rx.recv().await
+    }
+}
+
+/// A message handed to the application. Finish it with [`Delivery::ack`] after
+/// processing, or [`Delivery::nack`] to have it redelivered; dropping it unfinished is a
+/// nack. (At-most-once messages need neither.)
+#[derive(Debug)]
+pub struct Delivery<T> {
+    message: T,
+    id: MessageId,
+    from: Origin,
+    channel: ChannelId,
+    guarantee: Guarantee,
+    handle: DeliveryHandle,
+}
+
+impl<T> Delivery<T> {
+    /// The message.
+    pub fn message(&self) -> &T {
+        &self.message
+    }
+
+    /// Split into the message and the handle that must still ack or nack it.
+    pub fn into_parts(self) -> (T, DeliveryHandle) {
+        (self.message, self.handle)
+    }
+
+    /// Its dedup identity.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// The sending node run.
+    pub fn from(&self) -> Origin {
+        self.from
+    }
+
+    /// Its channel.
+    pub fn channel(&self) -> ChannelId {
+        self.channel
+    }
+
+    /// The guarantee it was sent with.
+    pub fn guarantee(&self) -> Guarantee {
+        self.guarantee
+    }
+
+    /// Processed: acknowledge to the sender (and record in the dedup table).
+    pub fn ack(self) {
+        self.handle.ack();
+    }
+
+    /// Not processed: the sender redelivers it soon.
+    pub fn nack(self) {
+        self.handle.nack();
+    }
+
+    fn map<U>(self, value: U) -> Delivery<U> {
+        Delivery {
+            message: value,
+            id: self.id,
+            from: self.from,
+            channel: self.channel,
+            guarantee: self.guarantee,
+            handle: self.handle,
+        }
+    }
+}
+
+/// Finishes a delivery (see [`Delivery::into_parts`]). Dropping it unfinished is a
+/// nack.
+#[derive(Debug)]
+pub struct DeliveryHandle {
+    completion: Option<(DeliveryRef, mpsc::UnboundedSender<Command>)>,
+}
+
+impl DeliveryHandle {
+    /// Processed: acknowledge.
+    pub fn ack(mut self) {
+        self.finish(Completion::Ack);
+    }
+
+    /// Not processed: redeliver.
+    pub fn nack(mut self) {
+        self.finish(Completion::Nack);
+    }
+
+    fn finish(&mut self, how: Completion) {
+        if let Some((delivery, commands)) = self.completion.take() {
+            let _ = commands.send(Command::Complete { delivery, how });
+        }
+    }
+}
+
+impl Drop for DeliveryHandle {
+    fn drop(&mut self) {
+        self.finish(Completion::Nack);
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    windows: Mutex<HashMap<(NodeId, ChannelId), Arc<Semaphore>>>,
+    receivers: Mutex<HashMap<ChannelId, mpsc::Sender<Delivery<Bytes>>>>,
+    receiver_buffer: usize,
+    window: usize,
+    max_payload: usize,
+    decode_failed: AtomicU64,
+}
+
+impl Shared {
+    fn window_for(&self, peer: NodeId, channel: ChannelId) -> Arc<Semaphore> {
+        let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        w.entry((peer, channel))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.window)))
+            .clone()
+    }
+}
+
+#[derive(Debug)]
+enum Command {
+    Send {
+        peer: NodeId,
+        options: ChannelOptions,
+        payload: Bytes,
+        key: Option<IdKey>,
+        reply: oneshot::Sender<Result<Outcome, SendError>>,
+    },
+    Complete {
+        delivery: DeliveryRef,
+        how: Completion,
+    },
+    Register {
+        channel: ChannelId,
+        ordered: bool,
+        tx: mpsc::Sender<Delivery<Bytes>>,
+    },
+    AddPeer {
+        peer: NodeId,
+        addr: SocketAddr,
+    },
+    Stats(oneshot::Sender<Stats>),
+    Shutdown,
+}
+
+struct Driver {
+    endpoint: Endpoint,
+    link: Link,
+    commands: mpsc::UnboundedReceiver<Command>,
+    receipts: HashMap<SendRef, (Guarantee, oneshot::Sender<Result<Outcome, SendError>>)>,
+    receivers: HashMap<ChannelId, mpsc::Sender<Delivery<Bytes>>>,
+    shared: Arc<Shared>,
+    /// Handed to deliveries so their completions come back here.
+    self_tx: mpsc::UnboundedSender<Command>,
+    receiver_full: u64,
+    outbox: HashMap<NodeId, Vec<crate::wire::Frame>>,
+}
+
+/// Work items taken per wake-up before frames are flushed, so bursts batch.
+const BURST: usize = 256;
+
+impl Driver {
+    async fn run(mut self) {
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
+        loop {
+            let deadline = self.endpoint.poll_timeout();
+            if let Some(d) = deadline {
+                sleep.as_mut().reset(tokio::time::Instant::from_std(d));
+            }
+            tokio::select! {
+                biased;
+                cmd = self.commands.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    if !self.on_command(cmd) { break; }
+                    for _ in 0..BURST {
+                        match self.commands.try_recv() {
+                            Ok(cmd) => if !self.on_command(cmd) { self.stop().await; return; },
+                            Err(_) => break,
+                        }
+                    }
+                }
+                ev = self.link.events.recv() => {
+                    let Some(ev) = ev else { break };
+                    self.on_link(ev);
+                    for _ in 0..BURST {
+                        match self.link.events.try_recv() {
+                            Ok(ev) => self.on_link(ev),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = &mut sleep, if deadline.is_some() => {}
+            }
+            let now = now();
+            if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+                self.endpoint.handle_timeout(now);
+            }
+            self.dispatch();
+            if !self.flush(now).await {
+                break;
+            }
+        }
+        self.stop().await;
+    }
+
+    fn on_command(&mut self, cmd: Command) -> bool {
+        let now = now();
+        match cmd {
+            Command::Send {
+                peer,
+                options,
+                payload,
+                key,
+                reply,
+            } => {
+                let msg = Outgoing {
+                    peer,
+                    channel: options.channel,
+                    guarantee: options.guarantee,
+                    payload,
+                    id: key.map(MessageId::Key),
+                    deadline: options.deadline,
+                };
+                match self.endpoint.send(now, msg) {
+                    Ok(r) => {
+                        self.receipts.insert(r, (options.guarantee, reply));
+                    }
+                    Err(crate::proto::StreamError::GuaranteeMismatch { existing, .. }) => {
+                        self.shared.window_for(peer, options.channel).add_permits(1);
+                        let _ = reply.send(Err(SendError::GuaranteeMismatch { existing }));
+                    }
+                }
+            }
+            Command::Complete { delivery, how } => self.endpoint.complete(now, delivery, how),
+            Command::Register {
+                channel,
+                ordered,
+                tx,
+            } => {
+                self.receivers.insert(channel, tx);
+                self.endpoint.accept_channel(channel, ordered);
+            }
+            Command::AddPeer { peer, addr } => {
+                let _ = self
+                    .link
+                    .commands
+                    .try_send(LinkCommand::AddPeer { peer, addr });
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(Stats {
+                    proto: self.endpoint.stats(),
+                    receiver_full: self.receiver_full,
+                    decode_failed: 0,
+                });
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn on_link(&mut self, ev: LinkEvent) {
+        let now = now();
+        match ev {
+            LinkEvent::Up { origin } => {
+                tracing::debug!(peer = %origin, "peer up");
+                self.endpoint.handle_peer_up(now, origin);
+            }
+            LinkEvent::Down { peer } => {
+                tracing::debug!(%peer, "peer down");
+                self.endpoint.handle_peer_down(now, peer);
+            }
+            LinkEvent::Frame { peer, frame } => self.endpoint.handle_frame(now, peer, frame),
+        }
+    }
+
+    fn dispatch(&mut self) {
+        let now = now();
+        while let Some(ev) = self.endpoint.poll_event() {
+            match ev {
+                Event::Deliver { delivery, payload } => {
+                    let Some(tx) = self.receivers.get(&delivery.channel) else {
+                        self.endpoint.complete(now, delivery, Completion::Refuse);
+                        continue;
+                    };
+                    let completion = (delivery.guarantee != Guarantee::AtMostOnce)
+                        .then(|| (delivery, self.self_tx.clone()));
+                    let d = Delivery {
+                        message: payload,
+                        id: delivery.id,
+                        from: delivery.origin,
+                        channel: delivery.channel,
+                        guarantee: delivery.guarantee,
+                        handle: DeliveryHandle { completion },
+                    };
+                    if let Err(e) = tx.try_send(d) {
+                        let mut d = match e {
+                            mpsc::error::TrySendError::Full(d) => {
+                                self.receiver_full += 1;
+                                d
+                            }
+                            mpsc::error::TrySendError::Closed(d) => d,
+                        };
+                        // Refuse rather than nack: the sender's timer brings it back
+                        // once the application has caught up.
+                        d.handle.completion.take();
+                        self.endpoint.complete(now, delivery, Completion::Refuse);
+                    }
+                }
+                Event::Settled(r) => {
+                    if let Some((g, reply)) = self.receipts.remove(&r) {
+                        let outcome = if g == Guarantee::AtMostOnce {
+                            Outcome::Sent
+                        } else {
+                            Outcome::Acked
+                        };
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Event::GaveUp {
+                    send,
+                    reason,
+                    attempts,
+                    ..
+                } => {
+                    if let Some((_, reply)) = self.receipts.remove(&send) {
+                        let err = match reason {
+                            GiveUp::MaxAttempts => SendError::AttemptsExhausted { attempts },
+                            _ => SendError::Deadline { attempts },
+                        };
+                        let _ = reply.send(Err(err));
+                    }
+                }
+                Event::WindowOpened { peer, channel, n } => {
+                    self.shared
+                        .window_for(peer, channel)
+                        .add_permits(n as usize);
+                }
+                Event::Heard(_) => {}
+            }
+        }
+    }
+
+    async fn flush(&mut self, now: std::time::Instant) -> bool {
+        while let Some((peer, frame)) = self.endpoint.poll_transmit(now) {
+            self.outbox.entry(peer).or_default().push(frame);
+        }
+        // Acks produced by transmits' events are dispatched next round.
+        self.dispatch();
+        for (peer, frames) in self.outbox.iter_mut() {
+            if frames.is_empty() {
+                continue;
+            }
+            let frames = std::mem::take(frames);
+            if self
+                .link
+                .commands
+                .send(LinkCommand::Send {
+                    peer: *peer,
+                    frames,
+                })
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.link.commands.send(LinkCommand::Shutdown).await;
+        for (_, (_, reply)) in self.receipts.drain() {
+            let _ = reply.send(Err(SendError::Shutdown));
+        }
+        self.receivers.clear();
+    }
+}
+
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}

@@ -1,0 +1,68 @@
+//! Protocol configuration: windows, acks, retries.
+
+use crate::retry::{RetryBudgetConfig, RetryPolicy, RttConfig};
+use std::time::Duration;
+
+/// Tuning of the delivery protocol. Every default is written on its field.
+///
+/// ```
+/// let cfg = ackwire::ProtoConfig::default();
+/// assert!(cfg.validate().is_ok());
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ProtoConfig {
+    /// Maximum span of unsettled messages per stream (the sliding window, as in TCP):
+    /// `send` waits when it is full. Default `4096`.
+    pub max_in_flight: usize,
+    /// How long the receiver may hold an owed ack to batch it with others. Default
+    /// `0`: acks go out at the end of the current burst of work, which batches bulk
+    /// streams without adding latency to a lone message.
+    pub ack_delay: Duration,
+    /// An ack is sent at once when this many separate ranges are owed. Default `64`.
+    pub max_ack_ranges: usize,
+    /// Ordered channels: frames held waiting for a gap to fill, per stream; further
+    /// frames are dropped unacked (the sender retransmits). Default `4096`.
+    pub max_reorder_buffer: usize,
+    /// At-most-once streams advertise a floor this far behind the newest seq, so a
+    /// frame reordered by less than this still gets delivered while the receiver's
+    /// bookkeeping stays bounded. Default `1024`.
+    pub amo_reorder_slack: u64,
+    /// Retransmission: attempts, deadline, backoff. See [`RetryPolicy`].
+    pub retry: RetryPolicy,
+    /// RTT estimation (RFC 6298). See [`RttConfig`].
+    pub rtt: RttConfig,
+    /// Retry budget against a struggling target. See [`RetryBudgetConfig`].
+    pub retry_budget: RetryBudgetConfig,
+}
+
+impl Default for ProtoConfig {
+    fn default() -> Self {
+        ProtoConfig {
+            max_in_flight: 4096,
+            ack_delay: Duration::ZERO,
+            max_ack_ranges: 64,
+            max_reorder_buffer: 4096,
+            amo_reorder_slack: 1024,
+            retry: RetryPolicy::default(),
+            rtt: RttConfig::default(),
+            retry_budget: RetryBudgetConfig::default(),
+        }
+    }
+}
+
+impl ProtoConfig {
+    /// Check the values fit together.
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        if self.max_in_flight == 0 {
+            return Err(crate::ConfigError::new("max_in_flight must be at least 1"));
+        }
+        if self.max_ack_ranges == 0 {
+            return Err(crate::ConfigError::new("max_ack_ranges must be at least 1"));
+        }
+        self.retry.validate()?;
+        self.rtt.validate()?;
+        self.retry_budget.validate()?;
+        Ok(())
+    }
+}

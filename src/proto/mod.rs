@@ -1,0 +1,16 @@
+//! The delivery protocol as pure state machines (sans-IO).
+//!
+//! Owns sequencing, acks, retransmission, ordered delivery and the use of the dedup
+//! table. Never imports tokio, never touches a socket or a clock: every input carries
+//! `now`, every output is polled. [`Endpoint`] is the entry point; the per-stream
+//! halves are private.
+
+mod config;
+mod endpoint;
+mod inbound;
+mod outbound;
+
+pub use config::ProtoConfig;
+pub use endpoint::{
+    Completion, DeliveryRef, Endpoint, Event, Outgoing, ProtoStats, SendRef, StreamError,
+};

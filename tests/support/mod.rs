@@ -1,0 +1,4 @@
+//! Shared helpers for the integration tests.
+#![allow(unreachable_pub, dead_code)]
+
+pub mod sim;
