@@ -114,7 +114,9 @@ pub struct NodeConfig {
     /// Protocol tuning (window, acks, retries). Default [`ProtoConfig::default`].
     pub proto: ProtoConfig,
     /// Receiver-side dedup for effectively-once channels. Default
-    /// [`DedupConfig::default`] (in memory).
+    /// [`DedupConfig::default`] (in memory) with `window` raised to 8192 seqs, twice
+    /// the default `proto.max_in_flight`: a sequence window narrower than the senders'
+    /// in-flight window refuses messages beyond it until the holes below fill.
     pub dedup: DedupConfig,
     /// Largest payload `send` accepts. Default 4 MiB.
     pub max_payload: usize,
@@ -127,7 +129,10 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             proto: ProtoConfig::default(),
-            dedup: DedupConfig::default(),
+            dedup: DedupConfig {
+                window: 8192,
+                ..DedupConfig::default()
+            },
             max_payload: 4 << 20,
             receiver_buffer: 1024,
         }
@@ -138,6 +143,13 @@ impl NodeConfig {
     /// Check every value.
     pub fn validate(&self) -> Result<(), crate::ConfigError> {
         self.proto.validate()?;
+        if (self.dedup.window as usize) < self.proto.max_in_flight {
+            return Err(crate::ConfigError::new(format!(
+                "dedup.window ({}) must be at least proto.max_in_flight ({}): senders \
+                 would overrun the receiver's sequence window",
+                self.dedup.window, self.proto.max_in_flight
+            )));
+        }
         if self.receiver_buffer == 0 {
             return Err(crate::ConfigError::new(
                 "receiver_buffer must be at least 1",
@@ -408,10 +420,15 @@ impl Node {
                 .receivers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if taken.get(&channel).is_some_and(|t| !t.is_closed()) {
+            let live = taken
+                .get(&channel)
+                .and_then(mpsc::WeakSender::upgrade)
+                .is_some_and(|t| !t.is_closed());
+            if live {
                 return Err(NodeError::ChannelTaken(channel));
             }
-            taken.insert(channel, tx.clone());
+            // Weak: the driver's sender alone decides when the receiver sees the end.
+            taken.insert(channel, tx.downgrade());
         }
         self.commands
             .send(Command::Register {
@@ -709,7 +726,7 @@ impl Drop for DeliveryHandle {
 #[derive(Debug)]
 struct Shared {
     windows: Mutex<HashMap<(NodeId, ChannelId), Arc<Semaphore>>>,
-    receivers: Mutex<HashMap<ChannelId, mpsc::Sender<Delivery<Bytes>>>>,
+    receivers: Mutex<HashMap<ChannelId, mpsc::WeakSender<Delivery<Bytes>>>>,
     receiver_buffer: usize,
     window: usize,
     max_payload: usize,
