@@ -258,8 +258,8 @@ pub struct MemStats {
     pub dropped_loss: u64,
     /// Frames dropped because their link was partitioned.
     pub dropped_partition: u64,
-    /// Frames dropped because the destination was not attached (or detached before
-    /// delivery).
+    /// Frames dropped because the destination was not attached when they were sent
+    /// (frames still in flight when a node detaches are discarded uncounted).
     pub dropped_unattached: u64,
     /// Extra copies created by the plan's duplication.
     pub duplicated: u64,

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use tokio::sync::mpsc;
 
 pub mod mem;
+pub mod tcp;
 
 /// Something that moves frames between this node and its peers.
 pub trait Transport: Send + 'static {
