@@ -3,6 +3,7 @@
 //! Message delivery between Rust services with an explicit guarantee.
 #![warn(missing_docs)]
 
+pub mod handoff;
 mod id;
 mod rng;
 pub mod transport;
