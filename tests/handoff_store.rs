@@ -2,8 +2,8 @@
 //! (`FileSegmentIo` on a temp dir and `MemSegmentIo`).
 
 use ackwire::handoff::{
-    FileSegmentIo, FsyncPolicy, Hint, HintError, HintPos, HintStore, HintStoreConfig,
-    MemSegmentIo, SegmentIo,
+    FileSegmentIo, FsyncPolicy, Hint, HintError, HintPos, HintStore, HintStoreConfig, MemSegmentIo,
+    SegmentIo,
 };
 use ackwire::{ChannelId, Guarantee, MessageId, NodeId, Origin};
 use proptest::prelude::*;
@@ -180,7 +180,9 @@ fn append_then_replay_returns_hints_in_order_with_ids_intact<D: Disk>() {
     let mut sent = Vec::new();
     for i in 0..20 {
         let h = hint(T, i, i as usize * 10);
-        let pos = s.append(h.clone(), Some(Duration::from_secs(1)), now).unwrap();
+        let pos = s
+            .append(h.clone(), Some(Duration::from_secs(1)), now)
+            .unwrap();
         sent.push((pos, h));
     }
     let mut zero_ttl = hint(T, 99, 3);
@@ -300,7 +302,10 @@ fn per_target_and_total_byte_limits_refuse_and_free_up<D: Disk>() {
     };
     assert!(matches!(err, HintError::TargetFull { target, max: 8192, .. } if target == T));
     assert!(s.targets()[0].disk_bytes <= 8192);
-    assert!(n >= 6, "two 4 KiB segments hold at least 6 records, got {n}");
+    assert!(
+        n >= 6,
+        "two 4 KiB segments hold at least 6 records, got {n}"
+    );
     // Another target fills the rest of the store.
     let err = loop {
         match s.append(hint(T2, n, 900), None, now) {
@@ -345,7 +350,11 @@ fn segments_rotate_and_delivered_segments_are_deleted<D: Disk>() {
         assert!(len <= 4096, "segment {id} is {len} bytes");
     }
     // Deliver the first segment's hints out of order: it is deleted only after the last.
-    let first: Vec<HintPos> = pos.iter().copied().filter(|p| p.segment == segs[0]).collect();
+    let first: Vec<HintPos> = pos
+        .iter()
+        .copied()
+        .filter(|p| p.segment == segs[0])
+        .collect();
     for p in first[1..].iter().rev() {
         s.mark_delivered(T, *p).unwrap();
     }
@@ -540,7 +549,11 @@ fn damaged_cursor_replays_everything_again<D: Disk>() {
     disk.set_raw_cursor(T, b"garbage".to_vec());
     let (mut s, report) = HintStore::open_with(cfg(FsyncPolicy::Always), disk.io()).unwrap();
     assert_eq!(report.cursors_reset, 1);
-    assert_eq!(drain_view(&mut s, T).len(), 4, "at-least-once: hint 0 comes again");
+    assert_eq!(
+        drain_view(&mut s, T).len(),
+        4,
+        "at-least-once: hint 0 comes again"
+    );
 }
 
 #[test]
@@ -566,7 +579,11 @@ fn every_policy_syncs_by_deadline_and_power_loss_keeps_only_synced() {
     disk.0.lose_unsynced();
     std::mem::forget(s);
     let mut s = open(&disk, every);
-    assert_eq!(drain_view(&mut s, T).len(), 3, "hint 3 was within the window");
+    assert_eq!(
+        drain_view(&mut s, T).len(),
+        3,
+        "hint 3 was within the window"
+    );
 
     // Always: nothing acknowledged is lost.
     let disk = MemDisk::fresh();
