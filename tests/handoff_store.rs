@@ -506,6 +506,19 @@ fn bit_rot_after_open_is_caught_on_replay<D: Disk>() {
     assert_eq!(got, vec![hint(T, 0, 64), hint(T, 2, 64)]);
     assert_eq!(s.stats().corrupt_skipped, 1);
     assert_eq!(s.stats().pending, 2);
+
+    // A tiny budget whose only pick is corrupt still returns the next good hint.
+    let disk = D::fresh();
+    let mut s = open(&disk, cfg(FsyncPolicy::Never));
+    let pos: Vec<HintPos> = (0..2)
+        .map(|i| s.append(hint(T, i, 64), None, now).unwrap())
+        .collect();
+    let mut raw = disk.raw(T, 0).unwrap();
+    raw[pos[0].offset as usize + 40] ^= 1;
+    disk.set_raw(T, 0, raw);
+    let got = s.next_batch(T, 1, NOW_MS).unwrap();
+    assert_eq!(got, vec![(pos[1], hint(T, 1, 64))]);
+    assert_eq!(s.stats().corrupt_skipped, 1);
 }
 
 fn bad_header_quarantines_the_segment<D: Disk>() {

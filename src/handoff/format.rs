@@ -173,12 +173,21 @@ pub(crate) fn check_record(bytes: &[u8]) -> RecordAt {
 
 /// Decodes one complete record (prefix + body, exactly `len` bytes as found by the scan),
 /// re-checking the crc. `None` if anything is wrong.
+#[cfg(test)]
 pub(crate) fn decode_record(bytes: &[u8]) -> Option<Hint> {
+    decode_record_in(&Bytes::copy_from_slice(bytes), 0, bytes.len())
+}
+
+/// Decodes the record of `len` bytes at `at` in `span`, re-checking the crc; the payload
+/// shares `span`'s buffer (no copy). `None` if anything is wrong.
+pub(crate) fn decode_record_in(span: &Bytes, at: usize, len: usize) -> Option<Hint> {
+    let bytes = span.get(at..at.checked_add(len)?)?;
     match check_record(bytes) {
-        RecordAt::Valid { len } if len == bytes.len() => {}
+        RecordAt::Valid { len: l } if l == len => {}
         _ => return None,
     }
     let (header, payload) = decode_body(&bytes[RECORD_PREFIX_LEN..])?;
+    let payload_start = at + len - payload.len();
     Some(Hint {
         target: header.target,
         id: header.id,
@@ -186,7 +195,7 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Option<Hint> {
         guarantee: header.guarantee,
         created_unix_ms: header.created_unix_ms,
         ttl_ms: header.ttl_ms,
-        payload: Bytes::copy_from_slice(payload),
+        payload: span.slice(payload_start..at + len),
     })
 }
 

@@ -409,63 +409,96 @@ impl<B: SegmentIo> HintStore<B> {
             return Ok(out);
         };
         let mut bytes = 0u64;
-        let mut buf = Vec::new();
         let start = log.replay;
         'segs: for (&seg_id, seg) in log.segments.range_mut(start.segment..) {
-            let first = if seg_id == start.segment {
+            let mut from = if seg_id == start.segment {
                 seg.records.partition_point(|r| r.offset < start.offset)
             } else {
                 0
             };
-            for idx in first.max(seg.first_pending)..seg.records.len() {
-                let rec = seg.records[idx];
-                if rec.done {
-                    continue;
+            from = from.max(seg.first_pending);
+            loop {
+                // Select the next records of this segment that fit the budget, dropping
+                // expired ones on the way, then read them with one contiguous read.
+                let mut picked: Vec<usize> = Vec::new();
+                let mut picked_bytes = 0u64;
+                let mut full = false;
+                for idx in from..seg.records.len() {
+                    let rec = seg.records[idx];
+                    if rec.done {
+                        continue;
+                    }
+                    if rec.expires_unix_ms <= now_unix_ms {
+                        drop_pending(
+                            seg,
+                            idx,
+                            log_counts(&mut log.pending, &mut log.pending_bytes),
+                        );
+                        self.stats.expired += 1;
+                        self.stats.pending -= 1;
+                        log.cursor_dirty = true;
+                        continue;
+                    }
+                    let len = u64::from(rec.len);
+                    if (!out.is_empty() || !picked.is_empty())
+                        && bytes + picked_bytes + len > max_bytes
+                    {
+                        full = true;
+                        break;
+                    }
+                    picked.push(idx);
+                    picked_bytes += len;
                 }
-                if rec.expires_unix_ms <= now_unix_ms {
-                    drop_pending(
-                        seg,
-                        idx,
-                        log_counts(&mut log.pending, &mut log.pending_bytes),
-                    );
-                    self.stats.expired += 1;
-                    self.stats.pending -= 1;
-                    log.cursor_dirty = true;
-                    continue;
+                let (Some(&first), Some(&last)) = (picked.first(), picked.last()) else {
+                    if full {
+                        break 'segs;
+                    }
+                    break;
+                };
+                let base = seg.records[first].offset;
+                let end = seg.records[last].offset + u64::from(seg.records[last].len);
+                let mut span = vec![0u8; (end - base) as usize];
+                if let Err(e) = self.io.read_at(target, seg_id, base, &mut span) {
+                    self.stats.io_errors += 1;
+                    return Err(io_err("reading hints")(e));
                 }
-                if !out.is_empty() && bytes + u64::from(rec.len) > max_bytes {
+                let span = bytes::Bytes::from(span);
+                for &idx in &picked {
+                    let rec = seg.records[idx];
+                    let at = (rec.offset - base) as usize;
+                    let hint = format::decode_record_in(&span, at, rec.len as usize)
+                        .filter(|h| h.target == target);
+                    let Some(hint) = hint else {
+                        tracing::warn!(%target, segment = seg_id, offset = rec.offset, "corrupt hint skipped");
+                        drop_pending(
+                            seg,
+                            idx,
+                            log_counts(&mut log.pending, &mut log.pending_bytes),
+                        );
+                        self.stats.corrupt_skipped += 1;
+                        self.stats.pending -= 1;
+                        log.cursor_dirty = true;
+                        continue;
+                    };
+                    bytes += u64::from(rec.len);
+                    log.replay = HintPos {
+                        segment: seg_id,
+                        offset: rec.offset + 1,
+                    };
+                    let pos = HintPos {
+                        segment: seg_id,
+                        offset: rec.offset,
+                    };
+                    out.push((pos, hint));
+                }
+                if !full {
+                    break;
+                }
+                if !out.is_empty() {
                     break 'segs;
                 }
-                buf.resize(rec.len as usize, 0);
-                let hint = match self.io.read_at(target, seg_id, rec.offset, &mut buf) {
-                    Ok(()) => format::decode_record(&buf).filter(|h| h.target == target),
-                    Err(e) => {
-                        self.stats.io_errors += 1;
-                        return Err(io_err("reading hint")(e));
-                    }
-                };
-                let Some(hint) = hint else {
-                    tracing::warn!(%target, segment = seg_id, offset = rec.offset, "corrupt hint skipped");
-                    drop_pending(
-                        seg,
-                        idx,
-                        log_counts(&mut log.pending, &mut log.pending_bytes),
-                    );
-                    self.stats.corrupt_skipped += 1;
-                    self.stats.pending -= 1;
-                    log.cursor_dirty = true;
-                    continue;
-                };
-                bytes += u64::from(rec.len);
-                let pos = HintPos {
-                    segment: seg_id,
-                    offset: rec.offset,
-                };
-                log.replay = HintPos {
-                    segment: seg_id,
-                    offset: rec.offset + 1,
-                };
-                out.push((pos, hint));
+                // Everything picked was corrupt: keep going so a pending hint is returned.
+                from = last + 1;
             }
         }
         self.stats.replayed += out.len() as u64;
@@ -835,4 +868,42 @@ fn recover_target<B: SegmentIo>(
             .map_err(io_err("writing cursor"))?;
     }
     Ok(log)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(n: u64) -> Segment {
+        let mut s = Segment::new(32 + 10 * n);
+        for i in 0..n {
+            s.records.push(Rec {
+                offset: 32 + 10 * i,
+                len: 10,
+                expires_unix_ms: u64::MAX,
+                done: false,
+            });
+        }
+        s.pending = n as usize;
+        s
+    }
+
+    #[test]
+    fn out_of_order_marks_keep_a_compact_cursor() {
+        let mut s = seg(5);
+        assert_eq!(s.mark_done(2), Some(10));
+        assert_eq!(s.mark_done(2), None, "second mark is a no-op");
+        assert_eq!(s.cursor(0).done_below, 32);
+        assert_eq!(s.cursor(0).done, vec![52]);
+        s.mark_done(0);
+        s.mark_done(1);
+        // The prefix 0..=2 is done: the extra set folds into the watermark.
+        assert_eq!(s.cursor(0).done_below, 62);
+        assert!(s.cursor(0).done.is_empty());
+        s.mark_done(4);
+        s.mark_done(3);
+        assert_eq!(s.pending, 0);
+        assert_eq!(s.cursor(0).done_below, s.len);
+        assert_eq!(s.mark_done(9), None, "unknown index is ignored");
+    }
 }
