@@ -6,6 +6,7 @@
 pub mod dedup;
 pub mod detector;
 mod error;
+pub mod handoff;
 mod id;
 mod node;
 pub mod proto;

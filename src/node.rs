@@ -219,7 +219,6 @@ impl<T: Transport + std::fmt::Debug> TransportDebug for T {
 
 impl NodeBuilder {
     /// Listen on `addr` with the TCP transport and its default settings.
-    #[cfg(any())] // TCPMERGE
     pub fn bind(mut self, addr: SocketAddr) -> Self {
         self.transport = Some(Box::new(crate::transport::tcp::TcpTransport::new(
             addr,
