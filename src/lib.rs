@@ -19,6 +19,6 @@ pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{
     ChannelOptions, Delivery, DeliveryHandle, Node, NodeBuilder, NodeConfig, NodeError, Outcome,
-    RawReceiver, RawSender, Receipt, Receiver, SendError, Sender, Stats,
+    RawReceiver, RawSender, Receipt, Receiver, SendError, Sender, Stats, BIND_RETRY,
 };
 pub use proto::ProtoConfig;

@@ -13,6 +13,7 @@ use crate::proto::{
     Completion, DeliveryRef, Endpoint, Event, Outgoing, ProtoConfig, ProtoStats, SendRef,
 };
 use crate::retry::GiveUp;
+use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{Link, LinkCommand, LinkEvent, Transport};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -201,6 +202,7 @@ pub struct Stats {
 #[derive(Debug)]
 pub struct NodeBuilder {
     id: NodeId,
+    tcp: Option<(SocketAddr, TcpConfig)>,
     transport: Option<Box<dyn TransportDebug>>,
     peers: Vec<(NodeId, SocketAddr)>,
     config: NodeConfig,
@@ -219,17 +221,24 @@ impl<T: Transport + std::fmt::Debug> TransportDebug for T {
 
 impl NodeBuilder {
     /// Listen on `addr` with the TCP transport and its default settings.
-    pub fn bind(mut self, addr: SocketAddr) -> Self {
-        self.transport = Some(Box::new(crate::transport::tcp::TcpTransport::new(
-            addr,
-            crate::transport::tcp::TcpConfig::default(),
-        )));
+    pub fn bind(self, addr: SocketAddr) -> Self {
+        self.tcp(addr, TcpConfig::default())
+    }
+
+    /// Listen on `addr` with the TCP transport configured by `config`.
+    ///
+    /// If the address is still held by a node that is shutting down (a restart on the
+    /// same port), `build` retries the bind for up to [`BIND_RETRY`].
+    pub fn tcp(mut self, addr: SocketAddr, config: TcpConfig) -> Self {
+        self.tcp = Some((addr, config));
+        self.transport = None;
         self
     }
 
-    /// Use this transport (e.g. a configured `TcpTransport`, or `mem` in tests).
+    /// Use this transport (e.g. `mem` in tests, or your own).
     pub fn transport<T: Transport + std::fmt::Debug>(mut self, transport: T) -> Self {
         self.transport = Some(Box::new(transport));
+        self.tcp = None;
         self
     }
 
@@ -256,10 +265,13 @@ impl NodeBuilder {
     /// runtime.
     pub async fn build(self) -> Result<Node, NodeError> {
         self.config.validate()?;
-        let transport = self.transport.ok_or(NodeError::NoTransport)?;
         let origin = Origin::new_random(self.id);
         let dedup = Arc::new(Dedup::open(self.config.dedup.clone())?);
-        let link = transport.into_transport().start(origin)?;
+        let link = match (self.transport, self.tcp) {
+            (Some(t), _) => t.into_transport().start(origin)?,
+            (None, Some((addr, cfg))) => start_tcp(addr, cfg, origin).await?,
+            (None, None) => return Err(NodeError::NoTransport),
+        };
         let local_addr = link.local_addr;
         for (id, addr) in self.peers {
             let _ = link
@@ -300,6 +312,26 @@ impl NodeBuilder {
     }
 }
 
+/// How long [`NodeBuilder::build`] keeps retrying a TCP bind whose address is in use.
+pub const BIND_RETRY: Duration = Duration::from_secs(2);
+
+async fn start_tcp(addr: SocketAddr, cfg: TcpConfig, origin: Origin) -> Result<Link, NodeError> {
+    let give_up = tokio::time::Instant::now() + BIND_RETRY;
+    loop {
+        let transport = TcpTransport::new(addr, cfg.clone())
+            .map_err(|e| crate::ConfigError::new(e.to_string()))?;
+        match Box::new(transport).start(origin) {
+            Err(crate::transport::TransportError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < give_up =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// One ackwire node: sends and receives messages over its transport.
 ///
 /// ```no_run
@@ -334,6 +366,7 @@ impl Node {
     pub fn builder(id: NodeId) -> NodeBuilder {
         NodeBuilder {
             id,
+            tcp: None,
             transport: None,
             peers: Vec::new(),
             config: NodeConfig::default(),

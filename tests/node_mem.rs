@@ -2,9 +2,7 @@
 //! in-memory transport, on paused tokio time.
 
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
-use ackwire::{
-    ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId, Outcome, SendError,
-};
+use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId, Outcome, SendError};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -90,7 +88,10 @@ async fn each_guarantee_holds_over_faulty_mem_network() {
                 for i in &ok {
                     assert_eq!(seen.get(i), Some(&1), "EO message {i}");
                 }
-                assert!(stats.proto.duplicates_dropped > 0, "faults produced no duplicate?");
+                assert!(
+                    stats.proto.duplicates_dropped > 0,
+                    "faults produced no duplicate?"
+                );
             }
         }
     }
@@ -110,19 +111,18 @@ async fn receipt_waits_for_handler_and_nack_redelivers() {
 
     let first = inbox.recv().await.unwrap();
     assert_eq!(first.message(), "job");
+    let id = first.id();
     // Handler still running: no ack may have reached the sender.
     let pending = tokio::time::timeout(Duration::from_secs(5), &mut receipt).await;
     assert!(pending.is_err(), "receipt resolved before the handler finished");
     first.nack();
 
     let second = inbox.recv().await.unwrap();
-    assert_eq!(second.id(), {
-        let id = second.id();
-        id
-    });
+    assert_eq!(second.id(), id, "a nacked message is redelivered as itself");
     drop(second); // dropped unfinished = nack
 
     let third = inbox.recv().await.unwrap();
+    assert_eq!(third.id(), id, "a dropped delivery is redelivered");
     third.ack();
     assert_eq!(receipt.await, Ok(Outcome::Acked));
 }
@@ -142,7 +142,10 @@ async fn unacked_message_fails_at_deadline() {
     let receipt = out.send(&1).await.unwrap();
     let start = tokio::time::Instant::now();
     let res = receipt.await;
-    assert!(matches!(res, Err(SendError::Deadline { attempts }) if attempts > 1), "{res:?}");
+    assert!(
+        matches!(res, Err(SendError::Deadline { attempts }) if attempts > 1),
+        "{res:?}"
+    );
     assert!(start.elapsed() >= Duration::from_secs(3));
     assert!(start.elapsed() < Duration::from_secs(5));
 }
@@ -196,7 +199,13 @@ async fn bad_payloads_are_counted_not_fatal() {
         .unwrap();
     let bad = raw.send(bytes::Bytes::from_static(&[0xff])).await.unwrap();
     let too_big = raw.send(bytes::Bytes::from(vec![0u8; 2048])).await;
-    assert!(matches!(too_big, Err(SendError::TooLarge { len: 2048, max: 1024 })));
+    assert!(matches!(
+        too_big,
+        Err(SendError::TooLarge {
+            len: 2048,
+            max: 1024
+        })
+    ));
     let typed = a
         .sender::<(u64, u64)>(NodeId(2), opts(Guarantee::AtLeastOnce))
         .unwrap();
@@ -205,7 +214,11 @@ async fn bad_payloads_are_counted_not_fatal() {
     assert_eq!(*d.message(), (7, 8));
     d.ack();
     assert_eq!(good.await, Ok(Outcome::Acked));
-    assert_eq!(bad.await, Ok(Outcome::Acked), "poison message is acked, not retried forever");
+    assert_eq!(
+        bad.await,
+        Ok(Outcome::Acked),
+        "poison message is acked, not retried forever"
+    );
     assert_eq!(b.stats().await.unwrap().decode_failed, 1);
 }
 
@@ -227,12 +240,18 @@ async fn one_guarantee_per_channel() {
     let net = MemNetwork::new(FaultPlan::default()).unwrap();
     let (a, b) = pair(&net, NodeConfig::default()).await;
     let _inbox = b.receiver::<u8>(CH, false).unwrap();
-    let x = a.sender::<u8>(NodeId(2), opts(Guarantee::AtLeastOnce)).unwrap();
-    let y = a.sender::<u8>(NodeId(2), opts(Guarantee::AtMostOnce)).unwrap();
+    let x = a
+        .sender::<u8>(NodeId(2), opts(Guarantee::AtLeastOnce))
+        .unwrap();
+    let y = a
+        .sender::<u8>(NodeId(2), opts(Guarantee::AtMostOnce))
+        .unwrap();
     let _rx = x.send(&1).await.unwrap();
     let ry = y.send(&2).await.unwrap();
     assert!(matches!(
         ry.await,
-        Err(SendError::GuaranteeMismatch { existing: Guarantee::AtLeastOnce })
+        Err(SendError::GuaranteeMismatch {
+            existing: Guarantee::AtLeastOnce
+        })
     ));
 }

@@ -1,4 +1,5 @@
 //! Shared helpers for the integration tests.
 #![allow(unreachable_pub, dead_code)]
 
+pub mod proxy;
 pub mod sim;
