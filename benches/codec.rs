@@ -13,6 +13,7 @@ fn data(len: usize) -> Frame {
         channel: ChannelId(7),
         seq: 123_456,
         floor: 123_000,
+        id_floor: 123_000,
         id: None,
         guarantee: Guarantee::EffectivelyOnce,
         payload: Bytes::from(vec![0xA5; len]),

@@ -52,6 +52,7 @@ fn data(i: u64) -> Frame {
         channel: ChannelId(1),
         seq: i,
         floor: 0,
+        id_floor: 0,
         id: None,
         guarantee: Guarantee::AtLeastOnce,
         payload: Bytes::from(vec![(i % 251) as u8; len]),
