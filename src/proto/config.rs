@@ -25,8 +25,9 @@ pub struct ProtoConfig {
     /// frames are dropped unacked (the sender retransmits). Default `4096`.
     pub max_reorder_buffer: usize,
     /// At-most-once streams advertise a floor this far behind the newest seq, so a
-    /// frame reordered by less than this still gets delivered while the receiver's
-    /// bookkeeping stays bounded. Default `1024`.
+    /// frame overtaken by fewer than this many later frames still gets delivered,
+    /// while the receiver's bookkeeping stays bounded (at most this many seqs per
+    /// stream). Default `16384`.
     pub amo_reorder_slack: u64,
     /// Retransmission: attempts, deadline, backoff. See [`RetryPolicy`].
     pub retry: RetryPolicy,
@@ -50,7 +51,7 @@ impl Default for ProtoConfig {
             ack_delay: Duration::ZERO,
             max_ack_ranges: 64,
             max_reorder_buffer: 4096,
-            amo_reorder_slack: 1024,
+            amo_reorder_slack: 16384,
             retry: RetryPolicy::default(),
             rtt: RttConfig::default(),
             retry_budget: RetryBudgetConfig {

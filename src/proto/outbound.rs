@@ -367,11 +367,15 @@ impl OutboundStream {
         };
         if let Some(m) = self.slots[idx].take() {
             self.live -= 1;
-            if let (Some(now), Some(sent)) = (acked_at, m.last_sent) {
+            if let Some(now) = acked_at {
                 // Karn's rule: only never-retransmitted messages give RTT samples.
-                if m.attempts == 1 {
+                if let (1, Some(sent)) = (m.attempts, m.last_sent) {
                     self.rtt.on_sample(now.saturating_duration_since(sent));
                 }
+                // An ack is evidence the target keeps up: it earns retry budget too, so
+                // a target back from a partition gets its backlog retried at the pace
+                // it acks (like slow start), while a silent or struggling one does not.
+                self.budget.deposit(now);
             }
             self.events.push_back(OutEvent::Settled { seq });
             self.compact();
