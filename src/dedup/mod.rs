@@ -259,7 +259,8 @@ pub struct DedupStats {
 pub struct Dedup {
     streams: StreamRegistry,
     table: IdTable,
-    log: Option<(Mutex<DedupLog>, u64)>,
+    /// The log and the size at which it is next compacted.
+    log: Option<(Mutex<DedupLog>, u64, AtomicU64)>,
     base: Instant,
     base_unix_ms: u64,
     counters: Counters,
@@ -315,7 +316,12 @@ impl Dedup {
                 .torn_bytes_truncated
                 .store(rec.torn_bytes, Ordering::Relaxed);
             d.replay(&rec.records, now);
-            d.log = Some((Mutex::new(log), dur.compact_after_bytes));
+            let next = dur.compact_after_bytes.max(2 * log.len());
+            d.log = Some((
+                Mutex::new(log),
+                dur.compact_after_bytes,
+                AtomicU64::new(next),
+            ));
         }
         Ok(d)
     }
@@ -440,14 +446,17 @@ impl Dedup {
     }
 
     fn persist(&self, rec: Record, now: Instant) -> Result<(), DedupError> {
-        let Some((log, compact_after)) = &self.log else {
+        let Some((log, compact_after, next)) = &self.log else {
             return Ok(());
         };
         let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
         log.append(&rec)?;
-        if log.len() > *compact_after {
+        if log.len() > next.load(Ordering::Relaxed) {
+            // Rewrite from the live state; the next compaction waits until the log
+            // has at least doubled, so rewriting stays amortised O(1) per record.
             let live = self.live_records(now);
             log.rewrite(&live)?;
+            next.store((*compact_after).max(2 * log.len()), Ordering::Relaxed);
         }
         Ok(())
     }
