@@ -73,7 +73,11 @@ fn table_complete_and_release_race_a_begin() {
             } else {
                 assert_ne!(other, Admit::Duplicate);
                 let again = t.begin(IdKey(1), t0).unwrap();
-                let want = if other == Admit::Fresh { Admit::InProgress } else { Admit::Fresh };
+                let want = if other == Admit::Fresh {
+                    Admit::InProgress
+                } else {
+                    Admit::Fresh
+                };
                 assert_eq!(again, want);
             }
         });

@@ -495,7 +495,7 @@ impl Dedup {
                 Record::KeyDone(k, ms) => {
                     let age = Duration::from_millis(now_unix.saturating_sub(ms));
                     // Expired ones are simply not reinserted; a full table is counted.
-                    if age < self.table_horizon() && !self.table.insert_done(k, age, now) {
+                    if !self.table.insert_done(k, age, now) {
                         dropped += 1;
                     }
                 }
@@ -517,10 +517,6 @@ impl Dedup {
         self.counters
             .recovery_dropped
             .store(dropped, Ordering::Relaxed);
-    }
-
-    fn table_horizon(&self) -> Duration {
-        self.table.horizon()
     }
 }
 

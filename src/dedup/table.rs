@@ -252,17 +252,19 @@ impl IdTable {
         out
     }
 
-    /// Recovery: records `key` as completed `age` before `now` (skipped if already
-    /// expired). Returns `false` if it was skipped or the table had no room.
+    /// Recovery: records `key` as completed `age` before `now`. An already expired
+    /// age is skipped and a key already present is left as it is (both `true`);
+    /// returns `false` only if the table had no room for it.
     pub fn insert_done(&self, key: IdKey, age: Duration, now: Instant) -> bool {
         let age_ms = age.as_millis() as u64;
         if age_ms >= self.horizon_ms {
-            return false;
+            return true;
         }
         let t = self.ms(now).saturating_sub(age_ms);
         match self.begin(key, now) {
             Ok(Admit::Fresh) => self.complete_at_ms(key, t),
-            _ => false,
+            Ok(Admit::Duplicate | Admit::InProgress) => true,
+            Err(_) => false,
         }
     }
 
