@@ -57,6 +57,19 @@ impl CheckInsert for AckwireComplete {
     }
 }
 
+/// Not a set: one random 8-byte load per op from a 48 MiB array (the size of the
+/// ackwire slot array), i.e. the memory-latency floor of any table at this size.
+struct RandomLoadFloor(Vec<u64>);
+impl CheckInsert for RandomLoadFloor {
+    fn build() -> Self {
+        RandomLoadFloor(vec![1; CAPACITY * 3])
+    }
+    fn check_insert(&self, k: u128, _: Instant) -> bool {
+        let i = ((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % self.0.len();
+        self.0[i] == 1
+    }
+}
+
 struct Locked(Mutex<HashSet<u128>>);
 impl CheckInsert for Locked {
     fn build() -> Self {
@@ -202,6 +215,7 @@ fn bench_structure<S: CheckInsert>(c: &mut Criterion, w: &Workload, name: &str) 
 
 fn bench_tables(c: &mut Criterion) {
     let w = workload();
+    bench_structure::<RandomLoadFloor>(c, &w, "floor_one_random_load");
     bench_structure::<Ackwire>(c, &w, "ackwire_idtable");
     bench_structure::<AckwireComplete>(c, &w, "ackwire_idtable_begin_complete");
     bench_structure::<Dash>(c, &w, "dashmap");
