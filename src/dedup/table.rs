@@ -21,6 +21,10 @@
 //! nearer the home slot wins and may kill the other. Exactly one copy becomes `INPROG`.
 //! A loser answers `InProgress`, which is safe: the winner acks or releases, and the
 //! sender retries whatever was not acked.
+//!
+//! Every claim bumps a 21-bit slot version, and key reads are validated against the
+//! whole state word (kind, version, time), so a reader can only be fooled if one slot
+//! is reclaimed exactly 2^21 times between two of its loads a few nanoseconds apart.
 
 use std::time::{Duration, Instant};
 
