@@ -351,8 +351,9 @@ impl Dedup {
         r
     }
 
-    /// Marks a `Fresh` id processed (and, when durable, appends it to the log first
-    /// thing after). Completing an id that is not in progress is a no-op.
+    /// Marks a `Fresh` id processed; when durable, then appends it to the log (and
+    /// fsyncs per the policy) before returning, so ack after this returns. Completing
+    /// an id that is not in progress is a no-op.
     ///
     /// # Errors
     /// `Io` if the durable append failed (see [`DedupError::Io`]).
@@ -521,7 +522,6 @@ impl Dedup {
 }
 
 /// A fixed-size, insert-only, lock-free map from `(origin, channel)` to its window.
-#[derive(Debug)]
 struct StreamRegistry {
     slots: Box<[AtomicPtr<StreamEntry>]>,
     mask: usize,
@@ -535,6 +535,15 @@ struct StreamEntry {
     origin: Origin,
     channel: ChannelId,
     window: SeqWindow,
+}
+
+impl std::fmt::Debug for StreamRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamRegistry")
+            .field("streams", &self.len.load(Ordering::Relaxed))
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StreamRegistry {

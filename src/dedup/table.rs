@@ -95,7 +95,6 @@ struct Slot {
 /// assert_eq!(t.begin(k, t0 + Duration::from_secs(59)).unwrap(), Admit::Duplicate);
 /// assert_eq!(t.begin(k, t0 + Duration::from_secs(61)).unwrap(), Admit::Fresh);
 /// ```
-#[derive(Debug)]
 pub struct IdTable {
     slots: Box<[Slot]>,
     mask: usize,
@@ -104,6 +103,17 @@ pub struct IdTable {
     base: Instant,
     table_full: AtomicU64,
     expired_reclaimed: AtomicU64,
+}
+
+impl std::fmt::Debug for IdTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdTable")
+            .field("capacity", &self.capacity())
+            .field("horizon", &self.horizon())
+            .field("table_full", &self.table_full_count())
+            .field("expired_reclaimed", &self.expired_reclaimed_count())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a probe found for a key.
