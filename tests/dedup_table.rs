@@ -174,3 +174,34 @@ fn release_and_retry_completes_each_key_exactly_once() {
         assert_eq!(c.load(Ordering::SeqCst), 1, "key {i}");
     }
 }
+
+/// No false positives under expiry churn: two threads insert unique keys (each key
+/// offered once, by one thread) into a 256-slot table with a 1 ms horizon while the
+/// clock advances, so expired slots are reclaimed constantly and keys share chains.
+/// Every answer must be `Fresh` or `TableFull` — never `Duplicate`/`InProgress`.
+#[test]
+fn unique_keys_under_expiry_churn_are_never_reported_duplicate() {
+    let t0 = Instant::now();
+    let t = Arc::new(IdTable::new(256, Duration::from_millis(1), t0));
+    let hs: Vec<_> = (0..2u128)
+        .map(|th| {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let mut full = 0u64;
+                for i in 0..100_000u128 {
+                    let now = t0 + Duration::from_micros((i * 50) as u64);
+                    let k = IdKey((th << 120) | i.wrapping_mul(0x2545_F491_4F6C_DD1D));
+                    match t.begin(k, now) {
+                        Ok(Admit::Fresh) => assert!(t.complete(k, now)),
+                        Err(DedupError::TableFull { .. }) => full += 1,
+                        other => panic!("false positive for a unique key: {other:?}"),
+                    }
+                }
+                full
+            })
+        })
+        .collect();
+    let full: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(t.expired_reclaimed_count() > 100_000, "churn happened");
+    assert_eq!(t.table_full_count(), full);
+}
