@@ -13,6 +13,9 @@ use crate::wire::Frame;
 use std::net::SocketAddr;
 use tokio::sync::mpsc;
 
+
+
+
 /// Something that moves frames between this node and its peers.
 pub trait Transport: Send + 'static {
     /// Start the transport for the local node run `local`. Called once, from within a
