@@ -13,7 +13,7 @@
 //! (25 bytes). All integers little-endian.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use super::{DedupError, FsyncPolicy};
@@ -70,6 +70,7 @@ impl DedupLog {
         let (rec, keep) = if bytes.len() < HEADER_LEN && header().starts_with(&bytes) {
             // New file, or a header torn while being created: start over.
             file.set_len(0)?;
+            file.seek(io::SeekFrom::Start(0))?;
             file.write_all(&header())?;
             sync(&file, fsync)?;
             (Recovered::default(), HEADER_LEN as u64)
@@ -83,7 +84,6 @@ impl DedupLog {
             }
             (rec, keep)
         };
-        use std::io::Seek;
         file.seek(io::SeekFrom::Start(keep))?;
         Ok((
             DedupLog {

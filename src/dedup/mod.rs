@@ -259,7 +259,8 @@ pub struct DedupStats {
 pub struct Dedup {
     streams: StreamRegistry,
     table: IdTable,
-    log: Option<(Mutex<DedupLog>, u64)>,
+    /// The log and the size at which it is next compacted.
+    log: Option<(Mutex<DedupLog>, u64, AtomicU64)>,
     base: Instant,
     base_unix_ms: u64,
     counters: Counters,
@@ -315,7 +316,12 @@ impl Dedup {
                 .torn_bytes_truncated
                 .store(rec.torn_bytes, Ordering::Relaxed);
             d.replay(&rec.records, now);
-            d.log = Some((Mutex::new(log), dur.compact_after_bytes));
+            let next = dur.compact_after_bytes.max(2 * log.len());
+            d.log = Some((
+                Mutex::new(log),
+                dur.compact_after_bytes,
+                AtomicU64::new(next),
+            ));
         }
         Ok(d)
     }
@@ -345,8 +351,9 @@ impl Dedup {
         r
     }
 
-    /// Marks a `Fresh` id processed (and, when durable, appends it to the log first
-    /// thing after). Completing an id that is not in progress is a no-op.
+    /// Marks a `Fresh` id processed; when durable, then appends it to the log (and
+    /// fsyncs per the policy) before returning, so ack after this returns. Completing
+    /// an id that is not in progress is a no-op.
     ///
     /// # Errors
     /// `Io` if the durable append failed (see [`DedupError::Io`]).
@@ -440,14 +447,17 @@ impl Dedup {
     }
 
     fn persist(&self, rec: Record, now: Instant) -> Result<(), DedupError> {
-        let Some((log, compact_after)) = &self.log else {
+        let Some((log, compact_after, next)) = &self.log else {
             return Ok(());
         };
         let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
         log.append(&rec)?;
-        if log.len() > *compact_after {
+        if log.len() > next.load(Ordering::Relaxed) {
+            // Rewrite from the live state; the next compaction waits until the log
+            // has at least doubled, so rewriting stays amortised O(1) per record.
             let live = self.live_records(now);
             log.rewrite(&live)?;
+            next.store((*compact_after).max(2 * log.len()), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -486,7 +496,7 @@ impl Dedup {
                 Record::KeyDone(k, ms) => {
                     let age = Duration::from_millis(now_unix.saturating_sub(ms));
                     // Expired ones are simply not reinserted; a full table is counted.
-                    if age < self.table_horizon() && !self.table.insert_done(k, age, now) {
+                    if !self.table.insert_done(k, age, now) {
                         dropped += 1;
                     }
                 }
@@ -509,14 +519,9 @@ impl Dedup {
             .recovery_dropped
             .store(dropped, Ordering::Relaxed);
     }
-
-    fn table_horizon(&self) -> Duration {
-        self.table.horizon()
-    }
 }
 
 /// A fixed-size, insert-only, lock-free map from `(origin, channel)` to its window.
-#[derive(Debug)]
 struct StreamRegistry {
     slots: Box<[AtomicPtr<StreamEntry>]>,
     mask: usize,
@@ -530,6 +535,15 @@ struct StreamEntry {
     origin: Origin,
     channel: ChannelId,
     window: SeqWindow,
+}
+
+impl std::fmt::Debug for StreamRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamRegistry")
+            .field("streams", &self.len.load(Ordering::Relaxed))
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StreamRegistry {

@@ -36,11 +36,19 @@ const STATE_BITS: u32 = 16;
 /// assert_eq!(w.begin(1).unwrap(), Admit::Duplicate);
 /// assert_eq!(w.watermark(), 1);
 /// ```
-#[derive(Debug)]
 pub struct SeqWindow {
     watermark: AtomicU64,
     words: Box<[AtomicU64]>,
     mask: u64,
+}
+
+impl std::fmt::Debug for SeqWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeqWindow")
+            .field("watermark", &self.watermark())
+            .field("window", &self.window())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SeqWindow {

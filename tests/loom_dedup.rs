@@ -1,0 +1,205 @@
+//! Loom model checks of the dedup structures' races.
+//!
+//! Run with: `RUSTFLAGS="--cfg loom" cargo test --release --test loom_dedup`
+//! (the structures take their atomics from `ackwire::dedup`'s loom shim under that cfg).
+#![cfg(loom)]
+
+use ackwire::dedup::{Admit, Dedup, DedupConfig, DedupError, IdTable, SeqWindow};
+use ackwire::{ChannelId, IdKey, MessageId, NodeId, Origin};
+use loom::sync::Arc;
+use loom::thread;
+use std::time::{Duration, Instant};
+
+/// Two threads check-and-insert the same key: exactly one `Fresh`.
+#[test]
+fn table_same_key_race_has_exactly_one_fresh() {
+    loom::model(|| {
+        let t0 = Instant::now();
+        let t = Arc::new(IdTable::new(8, Duration::from_secs(1), t0));
+        let t2 = t.clone();
+        let h = thread::spawn(move || t2.begin(IdKey(7), t0).unwrap());
+        let a = t.begin(IdKey(7), t0).unwrap();
+        let b = h.join().unwrap();
+        let fresh = [a, b].iter().filter(|x| **x == Admit::Fresh).count();
+        assert_eq!(fresh, 1, "{a:?} {b:?}");
+        assert!(t.complete(IdKey(7), t0));
+        assert_eq!(t.begin(IdKey(7), t0).unwrap(), Admit::Duplicate);
+    });
+}
+
+/// Same-key race where a released slot sits in the middle of the chain, so the two
+/// racers can claim different slots and must arbitrate: still exactly one `Fresh`.
+#[test]
+fn table_same_key_race_over_a_reusable_slot_has_exactly_one_fresh() {
+    loom::model(|| {
+        let t0 = Instant::now();
+        let t = Arc::new(IdTable::new(8, Duration::from_secs(1), t0));
+        // Occupy every slot but one, then free one in the middle: probes now see a
+        // FREE slot before the single EMPTY one.
+        for k in 0..7u128 {
+            assert_eq!(t.begin(IdKey(k << 64), t0).unwrap(), Admit::Fresh);
+        }
+        assert!(t.release(IdKey(3 << 64)));
+        let key = IdKey(0xFEED);
+        let t2 = t.clone();
+        let h = thread::spawn(move || t2.begin(key, t0).unwrap());
+        let a = t.begin(key, t0).unwrap();
+        let b = h.join().unwrap();
+        let fresh = [a, b].iter().filter(|x| **x == Admit::Fresh).count();
+        assert_eq!(fresh, 1, "{a:?} {b:?}");
+        assert_eq!(t.begin(key, t0).unwrap(), Admit::InProgress);
+    });
+}
+
+/// The owner completes (or releases) while another thread begins: the other sees
+/// `InProgress` or the settled state, never a second `Fresh` after a complete.
+#[test]
+fn table_complete_and_release_race_a_begin() {
+    for complete in [true, false] {
+        loom::model(move || {
+            let t0 = Instant::now();
+            let t = Arc::new(IdTable::new(8, Duration::from_secs(1), t0));
+            assert_eq!(t.begin(IdKey(1), t0).unwrap(), Admit::Fresh);
+            let t2 = t.clone();
+            let h = thread::spawn(move || t2.begin(IdKey(1), t0).unwrap());
+            if complete {
+                assert!(t.complete(IdKey(1), t0));
+            } else {
+                assert!(t.release(IdKey(1)));
+            }
+            let other = h.join().unwrap();
+            if complete {
+                assert_ne!(other, Admit::Fresh);
+            } else {
+                assert_ne!(other, Admit::Duplicate);
+                let again = t.begin(IdKey(1), t0).unwrap();
+                let want = if other == Admit::Fresh {
+                    Admit::InProgress
+                } else {
+                    Admit::Fresh
+                };
+                assert_eq!(again, want);
+            }
+        });
+    }
+}
+
+/// Expiry reclaim racing an insert: the table is full except for one expired entry.
+/// One thread inserts a new key (must reclaim that slot), the other re-offers the
+/// expired key. Never a `Duplicate` (it expired), and the single slot goes to at most
+/// one of them (the other gets `TableFull`).
+#[test]
+fn table_expiry_reclaim_races_an_insert() {
+    loom::model(|| {
+        let t0 = Instant::now();
+        let t = Arc::new(IdTable::new(8, Duration::from_millis(10), t0));
+        for k in 0..8u128 {
+            assert_eq!(t.begin(IdKey(k), t0).unwrap(), Admit::Fresh);
+        }
+        assert!(t.complete(IdKey(5), t0));
+        let later = t0 + Duration::from_millis(10);
+        let t2 = t.clone();
+        let h = thread::spawn(move || t2.begin(IdKey(100), later));
+        let a = t.begin(IdKey(5), later);
+        let b = h.join().unwrap();
+        let ok = |r: &Result<Admit, DedupError>| match r {
+            Ok(Admit::Fresh) => 1,
+            Err(DedupError::TableFull { .. }) => 0,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(ok(&a) + ok(&b), 1, "{a:?} {b:?}");
+        assert_eq!(t.expired_reclaimed_count(), 1);
+    });
+}
+
+/// Two threads check-and-insert the same seq: exactly one `Fresh`.
+#[test]
+fn window_same_seq_race_has_exactly_one_fresh() {
+    loom::model(|| {
+        let w = Arc::new(SeqWindow::new(64));
+        let w2 = w.clone();
+        let h = thread::spawn(move || w2.begin(9).unwrap());
+        let a = w.begin(9).unwrap();
+        let b = h.join().unwrap();
+        assert_eq!([a, b].iter().filter(|x| **x == Admit::Fresh).count(), 1);
+    });
+}
+
+/// Window slide racing a begin that needs the slid ring: seqs 2..=63 are done and 1
+/// is the hole. Thread A fills the hole (watermark jumps to 63, ring words get
+/// reused); thread B offers seq 64, whose slot is the one A's block vacates. B gets
+/// `Fresh` or `WindowOverrun` — never `Duplicate` — and the final state is exact.
+#[test]
+fn window_slide_races_a_begin_beyond_it() {
+    loom::model(|| {
+        let w = Arc::new(SeqWindow::new(64));
+        for s in 2..=63 {
+            assert_eq!(w.begin(s).unwrap(), Admit::Fresh);
+            assert!(w.complete(s));
+        }
+        let w2 = w.clone();
+        let h = thread::spawn(move || w2.begin(64));
+        assert_eq!(w.begin(1).unwrap(), Admit::Fresh);
+        assert!(w.complete(1));
+        let b = h.join().unwrap();
+        assert_eq!(w.watermark(), 63);
+        match b {
+            Ok(Admit::Fresh) => assert_eq!(w.begin(64).unwrap(), Admit::InProgress),
+            Err(DedupError::WindowOverrun { .. }) => {
+                assert_eq!(w.begin(64).unwrap(), Admit::Fresh)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    });
+}
+
+/// Complete racing release-and-retry on neighbouring seqs of one word, plus a floor:
+/// bits of one seq never leak into another.
+#[test]
+fn window_neighbour_bits_and_floor_race() {
+    loom::model(|| {
+        let w = Arc::new(SeqWindow::new(64));
+        assert_eq!(w.begin(1).unwrap(), Admit::Fresh);
+        assert_eq!(w.begin(2).unwrap(), Admit::Fresh);
+        let w2 = w.clone();
+        let h = thread::spawn(move || {
+            assert!(w2.release(2));
+            w2.advance_floor(2);
+        });
+        assert!(w.complete(1));
+        h.join().unwrap();
+        assert_eq!(w.watermark(), 1);
+        assert_eq!(w.begin(2).unwrap(), Admit::Fresh);
+    });
+}
+
+/// Two threads discover the same new stream through the façade: one window, one
+/// `Fresh`.
+#[test]
+fn facade_new_stream_race_registers_once() {
+    loom::model(|| {
+        let d = Arc::new(
+            Dedup::open(DedupConfig {
+                window: 64,
+                max_streams: 2,
+                table_capacity: 8,
+                ..DedupConfig::default()
+            })
+            .unwrap(),
+        );
+        let id = MessageId::Seq {
+            origin: Origin {
+                node: NodeId(1),
+                incarnation: 2,
+            },
+            channel: ChannelId(3),
+            seq: 1,
+        };
+        let d2 = d.clone();
+        let h = thread::spawn(move || d2.begin(&id, Instant::now()).unwrap());
+        let a = d.begin(&id, Instant::now()).unwrap();
+        let b = h.join().unwrap();
+        assert_eq!([a, b].iter().filter(|x| **x == Admit::Fresh).count(), 1);
+        assert_eq!(d.stats().streams, 1);
+    });
+}
