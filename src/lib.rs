@@ -1,6 +1,71 @@
 //! # ackwire
 //!
-//! Message delivery between Rust services with an explicit guarantee.
+//! Message delivery between Rust services with an explicit guarantee, chosen per
+//! channel:
+//!
+//! | guarantee | sender | receiver | the handler sees each message | runs out at |
+//! |---|---|---|---|---|
+//! | [`Guarantee::AtMostOnce`] | sends once, never retries | delivers on arrival, no ack | 0 or 1 times | — |
+//! | [`Guarantee::AtLeastOnce`] | retries (RTO + backoff) until acked or the deadline | acks *after* the handler finishes | 1..n times if the receipt was `Ok` | the per-message deadline (then `send` reports failure) |
+//! | [`Guarantee::EffectivelyOnce`] | as at-least-once | dedups by [`MessageId`]; duplicates are acked, not delivered | exactly once if the receipt was `Ok` | the dedup horizon for application keys (default 2 min); a receiver restart without durable dedup; disk loss |
+//!
+//! Exactly-once *delivery* is impossible (the Two Generals problem: the last ack can
+//! always be lost). What ackwire gives is exactly-once *processing*: at-least-once
+//! delivery plus a receiver-side dedup table, so a message that arrives again is
+//! recognised and acknowledged without running the handler twice. Where it runs out:
+//!
+//! * **Dedup horizon.** Library-assigned IDs `(origin, channel, seq)` are remembered
+//!   forever by a per-stream sequence window (a few KiB per stream). Application keys
+//!   ([`IdKey`]) are remembered for the dedup horizon (default 2 minutes, like NATS
+//!   JetStream); a resend after that is processed again.
+//! * **Restarts.** In memory, the dedup state dies with the receiver process: across a
+//!   restart effectively-once degrades to at-least-once. With
+//!   [`dedup::DurableDedup`] it is persisted (crc-checked log) before the ack is sent.
+//! * **Side effects.** If the handler crashes after its side effect but before
+//!   `ack()`, the message is redelivered: handlers should still be idempotent, or
+//!   commit their effect and the ack's dedup record together.
+//! * **Deadline.** A receipt that fails with [`SendError::Deadline`] means "not known
+//!   to be delivered" — the ack may be what was lost. Resend under the same [`IdKey`]
+//!   on an effectively-once channel to make the retry safe.
+//!
+//! ```no_run
+//! use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let ledger = Node::builder(NodeId(2)).bind("127.0.0.1:7000".parse()?).build().await?;
+//! let shop = Node::builder(NodeId(1))
+//!     .bind("127.0.0.1:0".parse()?)
+//!     .peer(NodeId(2), "127.0.0.1:7000".parse()?)
+//!     .build()
+//!     .await?;
+//! let mut payments = ledger.receiver::<u64>(ChannelId(1), false)?;
+//! let out = shop.sender::<u64>(NodeId(2), ChannelOptions::new(ChannelId(1), Guarantee::EffectivelyOnce))?;
+//! let receipt = out.send(&1999).await?; // waits only while the window is full
+//! let payment = payments.recv().await.unwrap();
+//! // ... process it, then:
+//! payment.ack();
+//! receipt.await?; // Ok(Acked): the handler finished
+//! # Ok(()) }
+//! ```
+//!
+//! ## Layout
+//!
+//! * [`node`](Node) — the tokio driver and the public API: [`Node`], [`Sender`],
+//!   [`Receiver`], [`Delivery`], [`Receipt`]. Owns tasks, the transport link, the clock
+//!   and one timer; no protocol logic.
+//! * [`proto`] — the protocol as sans-IO state machines ([`proto::Endpoint`]):
+//!   sequencing, in-flight window, cumulative + selective acks, retransmission,
+//!   ordered delivery, use of the dedup table. Never touches IO or a clock.
+//! * [`retry`] — RFC 6298 RTT estimator, exponential backoff with jitter, retry
+//!   policy and retry budget.
+//! * [`dedup`] — receiver dedup: the lock-free per-stream [`dedup::SeqWindow`], the
+//!   lock-free expiring [`dedup::IdTable`] for application keys, durable persistence.
+//! * [`handoff`] — the hinted-handoff store: per-target append-only segment logs
+//!   with crc32c records, fsync policies, crash recovery, replay throttle.
+//! * [`detector`] — the phi-accrual failure detector (Up / Suspect / Down).
+//! * [`wire`] — frame types and the codec (length prefix, bincode 2 header, crc32c).
+//! * [`transport`] — the [`transport::Transport`] trait; [`transport::tcp`] (real) and
+//!   [`transport::mem`] (in-process, with seeded faults for tests and demos).
+//! * `id`, `error`, `rng` — identities, shared errors, a seeded PRNG.
 #![warn(missing_docs)]
 
 pub mod dedup;

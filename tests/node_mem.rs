@@ -114,7 +114,10 @@ async fn receipt_waits_for_handler_and_nack_redelivers() {
     let id = first.id();
     // Handler still running: no ack may have reached the sender.
     let pending = tokio::time::timeout(Duration::from_secs(5), &mut receipt).await;
-    assert!(pending.is_err(), "receipt resolved before the handler finished");
+    assert!(
+        pending.is_err(),
+        "receipt resolved before the handler finished"
+    );
     first.nack();
 
     let second = inbox.recv().await.unwrap();
