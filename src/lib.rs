@@ -83,7 +83,8 @@ pub mod wire;
 pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{
-    ChannelOptions, Delivery, DeliveryHandle, Node, NodeBuilder, NodeConfig, NodeError, Outcome,
-    RawReceiver, RawSender, Receipt, Receiver, SendError, Sender, Stats, BIND_RETRY,
+    ChannelOptions, Delivery, DeliveryHandle, HandoffConfig, Node, NodeBuilder, NodeConfig,
+    NodeError, Outcome, RawReceiver, RawSender, Receipt, Receiver, SendError, Sender, Stats,
+    BIND_RETRY,
 };
 pub use proto::ProtoConfig;

@@ -116,6 +116,8 @@ pub enum Event {
     /// Any frame from `peer` arrived: evidence that it is alive (for the failure
     /// detector).
     Heard(NodeId),
+    /// `peer` answered a [`Endpoint::ping`]: a heartbeat for the failure detector.
+    HeartbeatAck(NodeId),
 }
 
 /// Errors from [`Endpoint::send`].
@@ -251,11 +253,8 @@ impl Endpoint {
             id,
             deadline,
         } = msg;
-        let origin = self.origin;
-        // An id naming this run's own stream is the implicit one: leave it off the wire.
-        let id = id.filter(|id| {
-            !matches!(id, MessageId::Seq { origin: o, channel: c, .. } if *o == origin && *c == channel)
-        });
+        // An explicit id always travels: a replayed hint keeps the seq it was first sent
+        // with, which is not the seq it gets now.
         let stream = self.outbound_stream(now, peer, channel, guarantee)?;
         let seq = stream.send(now, payload, id, deadline);
         self.stats.sent += 1;
@@ -276,11 +275,72 @@ impl Endpoint {
             .map_or(0, OutboundStream::live)
     }
 
-    /// Mark a given-up message as stored in the hint store: its implicit id stays
-    /// unsettled for the receiver's dedup until [`Endpoint::hint_settled`].
-    pub fn hint_stored(&mut self, send: SendRef) {
+    /// Unsettled messages to `peer`, with their payload and dedup identity (for handing
+    /// them off when the peer is declared down).
+    pub fn in_flight_to(&self, peer: NodeId) -> Vec<(SendRef, Bytes, MessageId)> {
+        let mut out = Vec::new();
+        for ((p, channel), s) in &self.outbound {
+            if *p == peer {
+                for (seq, payload, id) in s.unsettled() {
+                    out.push((
+                        SendRef {
+                            peer,
+                            channel: *channel,
+                            seq,
+                        },
+                        payload,
+                        id,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Take an unsettled message out of its stream (it was stored as a hint): no
+    /// retransmission, no receipt event; its implicit id stays unsettled for the
+    /// receiver's dedup until [`Endpoint::hint_settled`]. Returns whether it was there.
+    pub fn hand_off(&mut self, send: SendRef) -> bool {
+        let Some(s) = self.outbound.get_mut(&(send.peer, send.channel)) else {
+            return false;
+        };
+        let Some(id) = s.take(send.seq) else {
+            return false;
+        };
+        s.mark_hinted(send.seq, id);
+        Self::drain_stream(
+            &mut self.events,
+            &mut self.stats,
+            send.peer,
+            send.channel,
+            s,
+        );
+        true
+    }
+
+    /// Take an unsettled message out of its stream for good (its sender was told it
+    /// failed): no retransmission, no event, and its id is settled. Returns whether it
+    /// was there.
+    pub fn abandon(&mut self, send: SendRef) -> bool {
+        let Some(s) = self.outbound.get_mut(&(send.peer, send.channel)) else {
+            return false;
+        };
+        let taken = s.take(send.seq).is_some();
+        Self::drain_stream(
+            &mut self.events,
+            &mut self.stats,
+            send.peer,
+            send.channel,
+            s,
+        );
+        taken
+    }
+
+    /// A given-up message ([`Event::GaveUp`]) was stored in the hint store: its implicit
+    /// id stays unsettled for the receiver's dedup until [`Endpoint::hint_settled`].
+    pub fn hint_stored(&mut self, send: SendRef, id: MessageId) {
         if let Some(s) = self.outbound.get_mut(&(send.peer, send.channel)) {
-            s.mark_hinted(send.seq);
+            s.mark_hinted(send.seq, id);
         }
     }
 
@@ -356,7 +416,7 @@ impl Endpoint {
                 }
             }
             Frame::Ping(hb) => self.transmit.push_back((from, Frame::Pong(hb))),
-            Frame::Pong(_) => {}
+            Frame::Pong(_) => self.events.push_back(Event::HeartbeatAck(from)),
             Frame::Handshake(_) => self.stats.frames_ignored += 1,
         }
     }

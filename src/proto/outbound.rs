@@ -308,10 +308,41 @@ impl OutboundStream {
         }
     }
 
-    /// Settle `seq` as handed off: it leaves the stream, but its implicit id stays
-    /// unsettled for dedup (holds the id floor) until [`Self::hint_done`].
-    pub(crate) fn mark_hinted(&mut self, seq: u64) {
-        self.hinted.insert(seq);
+    /// Unsettled messages: seq, payload and dedup identity.
+    pub(crate) fn unsettled(&self) -> impl Iterator<Item = (u64, Bytes, MessageId)> + '_ {
+        let base = self.base;
+        self.slots.iter().enumerate().filter_map(move |(i, slot)| {
+            let m = slot.as_ref()?;
+            let seq = base + i as u64;
+            Some((seq, m.payload.clone(), self.id_of(seq, m.id)))
+        })
+    }
+
+    /// Remove an unsettled message without an event (it was handed off). Returns its
+    /// dedup identity, or `None` if it was not there.
+    pub(crate) fn take(&mut self, seq: u64) -> Option<MessageId> {
+        let idx = self.index(seq)?;
+        let m = self.slots[idx].take()?;
+        self.live -= 1;
+        self.compact();
+        Some(self.id_of(seq, m.id))
+    }
+
+    fn id_of(&self, seq: u64, explicit: Option<MessageId>) -> MessageId {
+        explicit.unwrap_or(MessageId::Seq {
+            origin: self.origin,
+            channel: self.channel,
+            seq,
+        })
+    }
+
+    /// `seq`, carrying `id`, left the stream as a hint. If `id` is the stream's own
+    /// implicit id it stays unsettled for dedup (holds the id floor) until
+    /// [`Self::hint_done`]; explicit ids (keys, replays) do not touch the floor.
+    pub(crate) fn mark_hinted(&mut self, seq: u64, id: MessageId) {
+        if id == self.id_of(seq, None) {
+            self.hinted.insert(seq);
+        }
     }
 
     /// The hint for `seq` was delivered or dropped for good.
@@ -345,11 +376,7 @@ impl OutboundStream {
         };
         if let Some(m) = self.slots[idx].take() {
             self.live -= 1;
-            let id = m.id.unwrap_or(MessageId::Seq {
-                origin: self.origin,
-                channel: self.channel,
-                seq,
-            });
+            let id = self.id_of(seq, m.id);
             self.events.push_back(OutEvent::GaveUp {
                 seq,
                 reason,

@@ -7,7 +7,12 @@
 //! feed the endpoint; then poll the endpoint → write frames, hand deliveries to
 //! receivers, resolve receipts, and reset the single `Sleep` to the earliest deadline.
 
+mod spool;
+
+pub use spool::HandoffConfig;
+
 use crate::dedup::{Dedup, DedupConfig};
+use crate::detector::{DetectorConfig, FailureDetector, Health, HealthChange};
 use crate::id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 use crate::proto::{
     Completion, DeliveryRef, Endpoint, Event, Outgoing, ProtoConfig, ProtoStats, SendRef,
@@ -18,6 +23,7 @@ use crate::transport::{Link, LinkCommand, LinkEvent, Transport};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use spool::Spool;
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -27,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 /// Errors building or operating a [`Node`].
@@ -50,6 +56,10 @@ pub enum NodeError {
     /// The node has shut down.
     #[error("node has shut down")]
     Shutdown,
+    /// The hint store could not be opened (see the source). Check the directory and its
+    /// permissions.
+    #[error("hint store: {0}")]
+    Handoff(#[from] crate::handoff::HintError),
     /// The builder has no transport: call `bind` or `transport`.
     #[error("no transport configured: call NodeBuilder::bind or NodeBuilder::transport")]
     NoTransport,
@@ -89,6 +99,14 @@ pub enum SendError {
         /// Configured maximum ([`NodeConfig::max_payload`]).
         max: usize,
     },
+    /// Retries ran out (or the target is down) and the hint store refused the message
+    /// (target down longer than the max hint window, byte limits, IO error): it was not
+    /// delivered and is not stored. Retry later or report the failure.
+    #[error("hint store refused the message: {reason}")]
+    HandoffRefused {
+        /// What the store said.
+        reason: String,
+    },
     /// The channel to this peer already carries another guarantee; nothing was sent.
     #[error("channel already uses {existing:?}")]
     GuaranteeMismatch {
@@ -106,6 +124,10 @@ pub enum Outcome {
     Acked,
     /// At-most-once: it was handed to the transport once. Nothing more is known.
     Sent,
+    /// The target was unreachable: the message is durably stored as a hint (per the
+    /// store's fsync policy) and will be replayed, under its original ID, when the
+    /// target is back — until the hint TTL, or the target is decommissioned.
+    HandedOff,
 }
 
 /// Node-wide settings. Every default is written on its field.
@@ -124,6 +146,13 @@ pub struct NodeConfig {
     /// Deliveries queued per [`Receiver`] before further arrivals are refused unacked
     /// (their senders retransmit them later). Default `1024`.
     pub receiver_buffer: usize,
+    /// Failure detector (phi accrual, threshold 8). Default [`DetectorConfig::default`].
+    pub detector: DetectorConfig,
+    /// How often each known peer is pinged for the failure detector. Default 1 s.
+    pub heartbeat_interval: Duration,
+    /// Hinted handoff; `None` (default) disables it: a message whose retries run out
+    /// fails its receipt.
+    pub handoff: Option<HandoffConfig>,
 }
 
 impl Default for NodeConfig {
@@ -136,6 +165,9 @@ impl Default for NodeConfig {
             },
             max_payload: 4 << 20,
             receiver_buffer: 1024,
+            detector: DetectorConfig::default(),
+            heartbeat_interval: Duration::from_secs(1),
+            handoff: None,
         }
     }
 }
@@ -158,6 +190,17 @@ impl NodeConfig {
         }
         if self.max_payload == 0 {
             return Err(crate::ConfigError::new("max_payload must be at least 1"));
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err(crate::ConfigError::new(
+                "heartbeat_interval must be positive",
+            ));
+        }
+        self.detector
+            .validate()
+            .map_err(|e| crate::ConfigError::new(e.to_string()))?;
+        if let Some(h) = &self.handoff {
+            h.validate()?;
         }
         Ok(())
     }
@@ -196,6 +239,12 @@ pub struct Stats {
     /// Arrivals whose payload did not decode as the receiver's type; they are acked
     /// and dropped (a poison message would otherwise be retried forever).
     pub decode_failed: u64,
+    /// Hint store counters, when handoff is enabled.
+    pub hints: Option<crate::handoff::HintStats>,
+    /// Messages handed off to the hint store.
+    pub handed_off: u64,
+    /// Messages the hint store refused (their receipts failed).
+    pub handoff_refused: u64,
 }
 
 /// Builds a [`Node`].
@@ -280,10 +329,20 @@ impl NodeBuilder {
                 .await;
         }
         let seed = self.seed.unwrap_or_else(crate::rng::seed_from_entropy);
+        let start = now();
+        let spool = match self.config.handoff.clone() {
+            Some(cfg) => Some(Spool::open(cfg, origin, start)?),
+            None => None,
+        };
+        let detector = FailureDetector::new(self.config.detector.clone())
+            .map_err(|e| crate::ConfigError::new(e.to_string()))?;
+        let (health_tx, _) = broadcast::channel(256);
         let endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
         let shared = Arc::new(Shared {
             windows: Mutex::new(HashMap::new()),
             receivers: Mutex::new(HashMap::new()),
+            health: Mutex::new(HashMap::new()),
+            health_tx: health_tx.clone(),
             receiver_buffer: self.config.receiver_buffer,
             window: self.config.proto.max_in_flight,
             max_payload: self.config.max_payload,
@@ -300,6 +359,14 @@ impl NodeBuilder {
             self_tx: cmd_tx.clone(),
             receiver_full: 0,
             outbox: HashMap::new(),
+            detector,
+            heartbeat_every: self.config.heartbeat_interval,
+            next_heartbeat: start + self.config.heartbeat_interval,
+            nonce: 0,
+            health_tx,
+            spool,
+            handed_off: 0,
+            handoff_refused: 0,
         };
         let task = tokio::spawn(driver.run());
         Ok(Node {
@@ -473,6 +540,28 @@ impl Node {
             rx,
             shared: self.shared.clone(),
         })
+    }
+
+    /// The failure detector's view of `peer` (`None` until it has been heard from).
+    pub fn health(&self, peer: NodeId) -> Option<Health> {
+        let h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
+        h.get(&peer).copied()
+    }
+
+    /// A stream of the failure detector's transitions (Up / Suspect / Down). A slow
+    /// subscriber that falls more than 256 changes behind skips the oldest.
+    pub fn health_events(&self) -> broadcast::Receiver<HealthChange> {
+        self.shared.health_tx.subscribe()
+    }
+
+    /// The target is gone for good: drop its hints (counted) and stop watching it.
+    /// Returns the number of hints dropped.
+    pub async fn decommission(&self, peer: NodeId) -> Result<u64, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Decommission { peer, reply: tx })
+            .map_err(|_| NodeError::Shutdown)?;
+        rx.await.map_err(|_| NodeError::Shutdown)?
     }
 
     /// Counters.
@@ -759,6 +848,8 @@ impl Drop for DeliveryHandle {
 struct Shared {
     windows: Mutex<HashMap<(NodeId, ChannelId), Arc<Semaphore>>>,
     receivers: Mutex<HashMap<ChannelId, mpsc::WeakSender<Delivery<Bytes>>>>,
+    health: Mutex<HashMap<NodeId, Health>>,
+    health_tx: broadcast::Sender<HealthChange>,
     receiver_buffer: usize,
     window: usize,
     max_payload: usize,
@@ -797,6 +888,10 @@ enum Command {
         addr: SocketAddr,
     },
     Stats(oneshot::Sender<Stats>),
+    Decommission {
+        peer: NodeId,
+        reply: oneshot::Sender<Result<u64, NodeError>>,
+    },
     Shutdown,
 }
 
@@ -811,6 +906,14 @@ struct Driver {
     self_tx: mpsc::UnboundedSender<Command>,
     receiver_full: u64,
     outbox: HashMap<NodeId, Vec<crate::wire::Frame>>,
+    detector: FailureDetector,
+    heartbeat_every: Duration,
+    next_heartbeat: std::time::Instant,
+    nonce: u64,
+    health_tx: broadcast::Sender<HealthChange>,
+    spool: Option<Spool>,
+    handed_off: u64,
+    handoff_refused: u64,
 }
 
 /// Work items taken per wake-up before frames are flushed, so bursts batch.
@@ -821,7 +924,7 @@ impl Driver {
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
         loop {
-            let deadline = self.endpoint.poll_timeout();
+            let deadline = self.next_deadline();
             if let Some(d) = deadline {
                 sleep.as_mut().reset(tokio::time::Instant::from_std(d));
             }
@@ -854,6 +957,7 @@ impl Driver {
                 self.endpoint.handle_timeout(now);
             }
             self.dispatch();
+            self.housekeeping(now);
             if !self.flush(now).await {
                 break;
             }
@@ -882,6 +986,12 @@ impl Driver {
                 match self.endpoint.send(now, msg) {
                     Ok(r) => {
                         self.receipts.insert(r, (options.guarantee, reply));
+                        if options.guarantee != Guarantee::AtMostOnce
+                            && self.detector.state(peer) == Some(Health::Down)
+                            && self.spool.as_ref().is_some_and(|s| s.config().on_down)
+                        {
+                            self.hand_off_to_down(peer, Some(r), now);
+                        }
                     }
                     Err(crate::proto::StreamError::GuaranteeMismatch { existing, .. }) => {
                         self.shared.window_for(peer, options.channel).add_permits(1);
@@ -909,7 +1019,23 @@ impl Driver {
                     proto: self.endpoint.stats(),
                     receiver_full: self.receiver_full,
                     decode_failed: 0,
+                    hints: self.spool.as_ref().map(Spool::stats),
+                    handed_off: self.handed_off,
+                    handoff_refused: self.handoff_refused,
                 });
+            }
+            Command::Decommission { peer, reply } => {
+                self.detector.remove(peer);
+                let res = match &mut self.spool {
+                    Some(spool) => spool
+                        .decommission(peer, &mut self.endpoint)
+                        .map_err(NodeError::from),
+                    None => Ok(0),
+                };
+                if let Ok(n) = res {
+                    tracing::info!(%peer, dropped = n, "peer decommissioned; its hints dropped");
+                }
+                let _ = reply.send(res);
             }
             Command::Shutdown => return false,
         }
@@ -921,6 +1047,7 @@ impl Driver {
         match ev {
             LinkEvent::Up { origin } => {
                 tracing::debug!(peer = %origin, "peer up");
+                self.detector.heartbeat(origin.node, now);
                 self.endpoint.handle_peer_up(now, origin);
             }
             LinkEvent::Down { peer } => {
@@ -965,6 +1092,11 @@ impl Driver {
                     }
                 }
                 Event::Settled(r) => {
+                    if let Some(spool) = &mut self.spool {
+                        if spool.on_settled(r, &mut self.endpoint) {
+                            continue;
+                        }
+                    }
                     if let Some((g, reply)) = self.receipts.remove(&r) {
                         let outcome = if g == Guarantee::AtMostOnce {
                             Outcome::Sent
@@ -978,22 +1110,38 @@ impl Driver {
                     send,
                     reason,
                     attempts,
-                    ..
+                    payload,
+                    id,
                 } => {
-                    if let Some((_, reply)) = self.receipts.remove(&send) {
-                        let err = match reason {
+                    if let Some(spool) = &mut self.spool {
+                        if spool.on_gave_up(send) {
+                            continue; // a replay: it stays in the store
+                        }
+                    }
+                    let Some((g, reply)) = self.receipts.remove(&send) else {
+                        continue;
+                    };
+                    let hand_off = self.spool.as_ref().is_some_and(|s| s.config().on_give_up);
+                    let res = if hand_off {
+                        self.store_hint(send, id, g, payload, now)
+                    } else {
+                        Err(match reason {
                             GiveUp::MaxAttempts => SendError::AttemptsExhausted { attempts },
                             _ => SendError::Deadline { attempts },
-                        };
-                        let _ = reply.send(Err(err));
+                        })
+                    };
+                    if res.is_ok() {
+                        self.endpoint.hint_stored(send, id);
                     }
+                    let _ = reply.send(res);
                 }
                 Event::WindowOpened { peer, channel, n } => {
                     self.shared
                         .window_for(peer, channel)
                         .add_permits(n as usize);
                 }
-                Event::Heard(_) => {}
+                Event::Heard(peer) => self.detector.observe(peer, now),
+                Event::HeartbeatAck(peer) => self.detector.heartbeat(peer, now),
             }
         }
     }
@@ -1025,7 +1173,139 @@ impl Driver {
         true
     }
 
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        let now = now();
+        [
+            self.endpoint.poll_timeout(),
+            Some(self.next_heartbeat),
+            self.detector.poll_timeout(),
+            self.spool.as_ref().and_then(|s| s.next_deadline(now)),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Heartbeats, failure detection, handoff and replay.
+    fn housekeeping(&mut self, now: std::time::Instant) {
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now + self.heartbeat_every;
+            let peers: Vec<NodeId> = self.detector.peers().map(|(p, _)| p).collect();
+            for peer in peers {
+                self.nonce += 1;
+                self.endpoint.ping(peer, self.nonce);
+            }
+        }
+        for change in self.detector.poll(now) {
+            tracing::info!(peer = %change.peer, from = ?change.from, to = ?change.to, "peer health changed");
+            {
+                let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
+                h.insert(change.peer, change.to);
+            }
+            let _ = self.health_tx.send(change);
+            if change.to == Health::Down && self.spool.as_ref().is_some_and(|s| s.config().on_down)
+            {
+                self.hand_off_to_down(change.peer, None, now);
+            }
+        }
+        // Peers heard from for the first time are Up without a transition.
+        {
+            let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
+            for (peer, state) in self.detector.peers() {
+                h.entry(peer).or_insert(state);
+            }
+        }
+        if let Some(spool) = &mut self.spool {
+            spool.tick(&mut self.endpoint, now);
+            let detector = &self.detector;
+            let endpoint_up: Vec<NodeId> = detector
+                .peers()
+                .filter(|(p, h)| *h != Health::Down && self.endpoint.is_up(*p))
+                .map(|(p, _)| p)
+                .collect();
+            let shared = &self.shared;
+            spool.replay(
+                &mut self.endpoint,
+                |r| shared.window_for(r.peer, r.channel),
+                |p| endpoint_up.contains(&p),
+                now,
+            );
+        }
+        self.dispatch();
+    }
+
+    /// Move unacknowledged messages to `peer` (or only `only`) into the hint store:
+    /// their receipts resolve as handed off. A message the store refuses stays in
+    /// flight and keeps retrying.
+    fn hand_off_to_down(&mut self, peer: NodeId, only: Option<SendRef>, now: std::time::Instant) {
+        for (send, payload, id) in self.endpoint.in_flight_to(peer) {
+            if only.is_some_and(|o| o != send) {
+                continue;
+            }
+            let Some(&(g, _)) = self.receipts.get(&send) else {
+                continue; // a replayed hint: already stored
+            };
+            match self.store_hint(send, id, g, payload, now) {
+                Ok(outcome) => {
+                    if self.endpoint.hand_off(send) {
+                        if let Some((_, reply)) = self.receipts.remove(&send) {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                    }
+                }
+                // A new send the store refuses (e.g. target down longer than the max
+                // hint window) fails now, with the store's reason, rather than at its
+                // deadline.
+                Err(e) if only.is_some() => {
+                    if self.endpoint.abandon(send) {
+                        if let Some((_, reply)) = self.receipts.remove(&send) {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                // Already in flight when the target went down: keep retrying; its
+                // deadline decides.
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn store_hint(
+        &mut self,
+        send: SendRef,
+        id: MessageId,
+        g: Guarantee,
+        payload: Bytes,
+        now: std::time::Instant,
+    ) -> Result<Outcome, SendError> {
+        let down_for = self
+            .detector
+            .down_since(send.peer)
+            .map(|t| now.saturating_duration_since(t));
+        let Some(spool) = &mut self.spool else {
+            return Err(SendError::HandoffRefused {
+                reason: "hinted handoff is not enabled".into(),
+            });
+        };
+        match spool.store(send, id, g, payload, down_for, now) {
+            Ok(()) => {
+                self.handed_off += 1;
+                Ok(Outcome::HandedOff)
+            }
+            Err(e) => {
+                self.handoff_refused += 1;
+                tracing::warn!(peer = %send.peer, %id, error = %e, "hint refused");
+                Err(SendError::HandoffRefused {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
     async fn stop(&mut self) {
+        if let Some(spool) = &mut self.spool {
+            spool.sync();
+        }
         let _ = self.link.commands.send(LinkCommand::Shutdown).await;
         for (_, (_, reply)) in self.receipts.drain() {
             let _ = reply.send(Err(SendError::Shutdown));

@@ -1,0 +1,373 @@
+//! Hinted handoff inside the driver: stores messages for unreachable targets as hints,
+//! and replays them, throttled, through the normal at-least-once path when the target is
+//! back.
+//!
+//! Owns the [`HintStore`], the replay queues, the replay throttle, and the bookkeeping
+//! that keeps a handed-off message's library-assigned id unsettled at the receiver's
+//! dedup (the id floor) until its hint is delivered, expires or is dropped. Must not
+//! touch sockets; the driver feeds it and sends what it asks for.
+
+use crate::handoff::ReplayThrottle;
+use crate::handoff::{unix_ms, Hint, HintError, HintPos, HintStats, HintStore, HintStoreConfig};
+use crate::id::{MessageId, NodeId, Origin};
+use crate::proto::{Endpoint, Outgoing, SendRef};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::num::NonZeroU64;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::Semaphore;
+
+/// Hinted-handoff settings of a node. Every default is written on its field.
+///
+/// ```
+/// let cfg = ackwire::HandoffConfig::new("/var/lib/myservice");
+/// assert!(cfg.on_give_up && cfg.on_down);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct HandoffConfig {
+    /// Where and how hints are stored: directory, fsync policy (default group commit
+    /// every 10 ms), TTL (6 h), max hint window (3 h), byte limits (1 GiB per target,
+    /// 4 GiB in total). See [`HintStoreConfig`].
+    pub store: HintStoreConfig,
+    /// Store a message whose retries ran out (deadline or attempts) as a hint instead of
+    /// failing its receipt. Default `true`.
+    pub on_give_up: bool,
+    /// When the failure detector declares a target Down, move its unacknowledged
+    /// messages to the hint store, and store new messages for it directly. Default
+    /// `true`.
+    pub on_down: bool,
+    /// Replay throttle, bytes of payload per second over all targets. Default 16 MiB/s.
+    pub replay_bytes_per_sec: u64,
+    /// Burst allowed above the replay rate. Default 1 MiB.
+    pub replay_burst: u64,
+    /// Replayed hints awaiting their ack, per target. Default `1024`.
+    pub replay_concurrency: usize,
+    /// Bytes read from a target's log at a time. Default 256 KiB.
+    pub replay_batch_bytes: u64,
+}
+
+impl HandoffConfig {
+    /// Defaults, with hints stored under `dir`.
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        HandoffConfig {
+            store: HintStoreConfig::new(dir),
+            on_give_up: true,
+            on_down: true,
+            replay_bytes_per_sec: 16 << 20,
+            replay_burst: 1 << 20,
+            replay_concurrency: 1024,
+            replay_batch_bytes: 256 << 10,
+        }
+    }
+
+    /// Check every value.
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        self.store
+            .validate()
+            .map_err(|e| crate::ConfigError::new(e.to_string()))?;
+        if self.replay_bytes_per_sec == 0 || self.replay_concurrency == 0 {
+            return Err(crate::ConfigError::new(
+                "replay_bytes_per_sec and replay_concurrency must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How often replay and hint expiry are looked at while hints are pending.
+const REPLAY_TICK: Duration = Duration::from_millis(10);
+
+#[derive(Debug)]
+pub(crate) struct Spool {
+    store: HintStore,
+    cfg: HandoffConfig,
+    origin: Origin,
+    throttle: ReplayThrottle,
+    queued: HashMap<NodeId, VecDeque<(HintPos, Hint)>>,
+    replaying: HashMap<SendRef, (HintPos, Hint)>,
+    outstanding: HashMap<NodeId, usize>,
+    /// This run's own handed-off messages, holding the id floor, with their expiry.
+    own_hinted: BTreeMap<(NodeId, u32, u64), u64>,
+    next_expire: Instant,
+}
+
+impl Spool {
+    pub(crate) fn open(
+        cfg: HandoffConfig,
+        origin: Origin,
+        now: Instant,
+    ) -> Result<Self, HintError> {
+        let (store, report) = HintStore::open(cfg.store.clone())?;
+        if report.corrupt_regions > 0 || report.torn_tails > 0 || !report.quarantined.is_empty() {
+            tracing::warn!(?report, "hint store recovered with damage");
+        } else {
+            tracing::info!(pending = report.pending, "hint store opened");
+        }
+        let rate = NonZeroU64::new(cfg.replay_bytes_per_sec).unwrap_or(NonZeroU64::MIN);
+        Ok(Spool {
+            throttle: ReplayThrottle::new(rate, cfg.replay_burst, now),
+            store,
+            cfg,
+            origin,
+            queued: HashMap::new(),
+            replaying: HashMap::new(),
+            outstanding: HashMap::new(),
+            own_hinted: BTreeMap::new(),
+            next_expire: now,
+        })
+    }
+
+    pub(crate) fn config(&self) -> &HandoffConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn stats(&self) -> HintStats {
+        self.store.stats()
+    }
+
+    /// Store `payload` (sent as `send` with `id`) as a hint for `send.peer`.
+    pub(crate) fn store(
+        &mut self,
+        send: SendRef,
+        id: MessageId,
+        guarantee: crate::Guarantee,
+        payload: bytes::Bytes,
+        down_for: Option<Duration>,
+        now: Instant,
+    ) -> Result<(), HintError> {
+        let hint = Hint {
+            target: send.peer,
+            id,
+            channel: send.channel,
+            guarantee,
+            created_unix_ms: unix_ms(SystemTime::now()),
+            ttl_ms: 0,
+            payload,
+        };
+        let ttl_ms = self.cfg.store.default_ttl.as_millis() as u64;
+        let expires = hint.created_unix_ms.saturating_add(ttl_ms);
+        self.store.append(hint, down_for, now)?;
+        if let MessageId::Seq {
+            origin,
+            channel,
+            seq,
+        } = id
+        {
+            if origin == self.origin {
+                self.own_hinted.insert((send.peer, channel.0, seq), expires);
+            }
+        }
+        Ok(())
+    }
+
+    /// Replay what the throttle, the windows and the concurrency bound allow to targets
+    /// for which `ready` holds.
+    pub(crate) fn replay(
+        &mut self,
+        endpoint: &mut Endpoint,
+        window: impl Fn(SendRef) -> std::sync::Arc<Semaphore>,
+        ready: impl Fn(NodeId) -> bool,
+        now: Instant,
+    ) {
+        let targets: Vec<NodeId> = self
+            .store
+            .targets()
+            .iter()
+            .filter(|t| t.pending > 0)
+            .map(|t| t.target)
+            .chain(self.queued.keys().copied())
+            .collect();
+        let now_ms = unix_ms(SystemTime::now());
+        for target in targets {
+            if !ready(target) {
+                continue;
+            }
+            loop {
+                if self.outstanding.get(&target).copied().unwrap_or(0)
+                    >= self.cfg.replay_concurrency
+                {
+                    break;
+                }
+                let queue = self.queued.entry(target).or_default();
+                if queue.is_empty() {
+                    match self
+                        .store
+                        .next_batch(target, self.cfg.replay_batch_bytes, now_ms)
+                    {
+                        Ok(batch) if !batch.is_empty() => queue.extend(batch),
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(%target, error = %e, "reading hints failed");
+                            break;
+                        }
+                    }
+                }
+                let Some((_, hint)) = queue.front() else {
+                    break;
+                };
+                let probe = SendRef {
+                    peer: target,
+                    channel: hint.channel,
+                    seq: 0,
+                };
+                if self
+                    .throttle
+                    .try_take(hint.payload.len() as u64, now)
+                    .is_err()
+                {
+                    return; // the throttle covers every target
+                }
+                let Ok(permit) = window(probe).try_acquire_owned() else {
+                    break; // the stream's window is full; next tick
+                };
+                let Some((pos, hint)) = queue.pop_front() else {
+                    break;
+                };
+                let msg = Outgoing {
+                    peer: target,
+                    channel: hint.channel,
+                    guarantee: hint.guarantee,
+                    payload: hint.payload.clone(),
+                    id: Some(hint.id),
+                    deadline: None,
+                };
+                match endpoint.send(now, msg) {
+                    Ok(send) => {
+                        permit.forget(); // given back when the window slides
+                        *self.outstanding.entry(target).or_default() += 1;
+                        self.replaying.insert(send, (pos, hint));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%target, error = %e, "hint cannot be replayed on its channel");
+                        queue_front(&mut self.queued, target, pos, hint);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `send` was acknowledged. Returns whether it was a replayed hint.
+    pub(crate) fn on_settled(&mut self, send: SendRef, endpoint: &mut Endpoint) -> bool {
+        let Some((pos, hint)) = self.replaying.remove(&send) else {
+            return false;
+        };
+        if let Some(n) = self.outstanding.get_mut(&send.peer) {
+            *n = n.saturating_sub(1);
+        }
+        if let Err(e) = self.store.mark_delivered(send.peer, pos) {
+            tracing::warn!(target = %send.peer, error = %e, "marking a hint delivered failed; it may replay again");
+        }
+        self.release_floor(endpoint, send.peer, hint.id);
+        true
+    }
+
+    /// `send` was given up. If it was a replay, it goes back to its queue (still in the
+    /// store) and `true` is returned.
+    pub(crate) fn on_gave_up(&mut self, send: SendRef) -> bool {
+        let Some((pos, hint)) = self.replaying.remove(&send) else {
+            return false;
+        };
+        if let Some(n) = self.outstanding.get_mut(&send.peer) {
+            *n = n.saturating_sub(1);
+        }
+        queue_front(&mut self.queued, send.peer, pos, hint);
+        true
+    }
+
+    /// Drop every hint for `peer` (decommissioned). Returns how many were dropped.
+    pub(crate) fn decommission(
+        &mut self,
+        peer: NodeId,
+        endpoint: &mut Endpoint,
+    ) -> Result<u64, HintError> {
+        let n = self.store.decommission(peer)?;
+        self.queued.remove(&peer);
+        let own: Vec<_> = self
+            .own_hinted
+            .keys()
+            .filter(|k| k.0 == peer)
+            .copied()
+            .collect();
+        for k in own {
+            self.own_hinted.remove(&k);
+            endpoint.hint_settled(SendRef {
+                peer,
+                channel: crate::ChannelId(k.1),
+                seq: k.2,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Housekeeping due at `now`: group-commit fsync, hint expiry (which also releases
+    /// the id floor of expired own hints).
+    pub(crate) fn tick(&mut self, endpoint: &mut Endpoint, now: Instant) {
+        if let Err(e) = self.store.sync_if_due(now) {
+            tracing::warn!(error = %e, "hint store sync failed");
+        }
+        if now >= self.next_expire {
+            self.next_expire = now + Duration::from_secs(1);
+            let now_ms = unix_ms(SystemTime::now());
+            if let Err(e) = self.store.expire(now_ms) {
+                tracing::warn!(error = %e, "hint expiry failed");
+            }
+            let expired: Vec<_> = self
+                .own_hinted
+                .iter()
+                .filter(|(_, exp)| **exp <= now_ms)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in expired {
+                self.own_hinted.remove(&k);
+                endpoint.hint_settled(SendRef {
+                    peer: k.0,
+                    channel: crate::ChannelId(k.1),
+                    seq: k.2,
+                });
+            }
+        }
+    }
+
+    /// When the driver must call back: fsync deadline, or the replay tick while hints
+    /// are pending.
+    pub(crate) fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let pending = !self.queued.values().all(VecDeque::is_empty)
+            || self.store.targets().iter().any(|t| t.pending > 0)
+            || !self.own_hinted.is_empty();
+        let tick = pending.then_some(now + REPLAY_TICK);
+        match (self.store.next_sync_deadline(), tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Flush everything to disk (shutdown).
+    pub(crate) fn sync(&mut self) {
+        if let Err(e) = self.store.sync() {
+            tracing::warn!(error = %e, "hint store sync failed");
+        }
+    }
+
+    fn release_floor(&mut self, endpoint: &mut Endpoint, peer: NodeId, id: MessageId) {
+        if let MessageId::Seq {
+            origin,
+            channel,
+            seq,
+        } = id
+        {
+            if origin == self.origin && self.own_hinted.remove(&(peer, channel.0, seq)).is_some() {
+                endpoint.hint_settled(SendRef { peer, channel, seq });
+            }
+        }
+    }
+}
+
+fn queue_front(
+    queued: &mut HashMap<NodeId, VecDeque<(HintPos, Hint)>>,
+    target: NodeId,
+    pos: HintPos,
+    hint: Hint,
+) {
+    queued.entry(target).or_default().push_front((pos, hint));
+}
