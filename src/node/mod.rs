@@ -334,7 +334,7 @@ impl NodeBuilder {
             Some(cfg) => Some(Spool::open(cfg, origin, start)?),
             None => None,
         };
-        let detector = FailureDetector::new(self.config.detector.clone())
+        let detector = FailureDetector::new(self.config.detector)
             .map_err(|e| crate::ConfigError::new(e.to_string()))?;
         let (health_tx, _) = broadcast::channel(256);
         let endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
