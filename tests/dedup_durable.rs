@@ -1,5 +1,5 @@
 //! Durable dedup: restart keeps duplicates out; torn and corrupt logs recover.
-#![cfg(not(loom))] // real threads and files; the loom models are in loom_dedup.rs
+#![cfg(not(ackwire_loom))] // real threads and files; the loom models are in loom_dedup.rs
 
 use ackwire::dedup::{Admit, Dedup, DedupConfig, DedupError, DurableDedup, FsyncPolicy};
 use ackwire::{ChannelId, IdKey, MessageId, NodeId, Origin};

@@ -1,5 +1,5 @@
 //! The `Dedup` façade: routing, stats, limits, config validation.
-#![cfg(not(loom))] // real threads and files; the loom models are in loom_dedup.rs
+#![cfg(not(ackwire_loom))] // real threads and files; the loom models are in loom_dedup.rs
 
 use ackwire::dedup::{Admit, Dedup, DedupConfig, DedupError};
 use ackwire::{ChannelId, IdKey, MessageId, NodeId, Origin};

@@ -1,5 +1,5 @@
 //! IdTable against a HashMap + clock model, plus real-thread stress with exact counts.
-#![cfg(not(loom))] // real threads and files; the loom models are in loom_dedup.rs
+#![cfg(not(ackwire_loom))] // real threads and files; the loom models are in loom_dedup.rs
 
 use ackwire::dedup::{Admit, DedupError, IdTable};
 use ackwire::IdKey;

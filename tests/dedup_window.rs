@@ -1,5 +1,5 @@
 //! SeqWindow against a set model, plus real-thread stress with exact counts.
-#![cfg(not(loom))] // real threads and files; the loom models are in loom_dedup.rs
+#![cfg(not(ackwire_loom))] // real threads and files; the loom models are in loom_dedup.rs
 
 use ackwire::dedup::{Admit, DedupError, SeqWindow};
 use proptest::prelude::*;

@@ -1,8 +1,8 @@
 //! Loom model checks of the dedup structures' races.
 //!
-//! Run with: `RUSTFLAGS="--cfg loom" cargo test --release --test loom_dedup`
+//! Run with: `RUSTFLAGS="--cfg ackwire_loom" cargo test --release --test loom_dedup`
 //! (the structures take their atomics from `ackwire::dedup`'s loom shim under that cfg).
-#![cfg(loom)]
+#![cfg(ackwire_loom)]
 
 use ackwire::dedup::{Admit, Dedup, DedupConfig, DedupError, IdTable, SeqWindow};
 use ackwire::{ChannelId, IdKey, MessageId, NodeId, Origin};

@@ -269,7 +269,7 @@ pub(crate) fn parse(b: &[u8]) -> (Recovered, usize) {
     (rec, keep)
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(ackwire_loom)))]
 mod tests {
     use super::*;
 

@@ -449,7 +449,7 @@ impl IdTable {
 /// Best effort: ask Linux for transparent huge pages on a large, not yet touched slot
 /// array. Lookups are one random access into it, so on big tables the TLB miss is a
 /// large part of the cost (measured in `benches/dedup.rs`). Errors are ignored.
-#[cfg(all(target_os = "linux", not(loom)))]
+#[cfg(all(target_os = "linux", not(ackwire_loom)))]
 fn advise_huge_pages(ptr: *mut u8, len: usize) {
     const HUGE: usize = 2 << 20;
     const PAGE: usize = 4096;
@@ -470,10 +470,10 @@ fn advise_huge_pages(ptr: *mut u8, len: usize) {
     }
 }
 
-#[cfg(not(all(target_os = "linux", not(loom))))]
+#[cfg(not(all(target_os = "linux", not(ackwire_loom))))]
 fn advise_huge_pages(_ptr: *mut u8, _len: usize) {}
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(ackwire_loom)))]
 mod tests {
     use super::*;
 

@@ -296,7 +296,7 @@ fn check_seq(seq: u64) -> Result<(), DedupError> {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(ackwire_loom)))]
 mod tests {
     use super::*;
 
