@@ -64,7 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Print every failure-detector transition as it happens.
     let mut health = coordinator.health_events();
-    let clock = at.clone();
+    let clock = at;
     tokio::spawn(async move {
         while let Ok(change) = health.recv().await {
             println!(
