@@ -153,6 +153,9 @@ pub struct NodeConfig {
     /// Hinted handoff; `None` (default) disables it: a message whose retries run out
     /// fails its receipt.
     pub handoff: Option<HandoffConfig>,
+    /// How long [`Node::shutdown`] waits for unacknowledged messages before spooling
+    /// them to the hint store (or, without handoff, failing them). Default 5 s.
+    pub shutdown_drain: Duration,
 }
 
 impl Default for NodeConfig {
@@ -168,6 +171,7 @@ impl Default for NodeConfig {
             detector: DetectorConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
             handoff: None,
+            shutdown_drain: Duration::from_secs(5),
         }
     }
 }
@@ -367,6 +371,8 @@ impl NodeBuilder {
             spool,
             handed_off: 0,
             handoff_refused: 0,
+            shutdown_drain: self.config.shutdown_drain,
+            draining_until: None,
         };
         let task = tokio::spawn(driver.run());
         Ok(Node {
@@ -575,10 +581,14 @@ impl Node {
         Ok(stats)
     }
 
-    /// Stop: close the transport, fail unsettled receipts with
-    /// [`SendError::Shutdown`], and wait for the driver to finish.
+    /// Stop gracefully: refuse new sends ([`SendError::Shutdown`]), wait up to
+    /// [`NodeConfig::shutdown_drain`] for unacknowledged messages, then spool what is
+    /// left to the hint store (receipts resolve [`Outcome::HandedOff`]; without handoff
+    /// they fail with [`SendError::Shutdown`]), flush the hint log, close the transport,
+    /// and wait for the driver to finish. A node restarted on the same hint directory
+    /// replays the spooled messages. Dropping a `Node` instead stops it at once.
     pub async fn shutdown(&self) {
-        let _ = self.commands.send(Command::Shutdown);
+        let _ = self.commands.send(Command::Drain);
         let task = self.task.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {
             let _ = task.await;
@@ -857,6 +867,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Wake every sender waiting for window space with `SendError::Shutdown`, and make
+    /// later sends fail the same way.
+    fn close_windows(&self) {
+        let w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        for sem in w.values() {
+            sem.close();
+        }
+    }
+
     fn window_for(&self, peer: NodeId, channel: ChannelId) -> Arc<Semaphore> {
         let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
         w.entry((peer, channel))
@@ -888,6 +907,8 @@ enum Command {
         addr: SocketAddr,
     },
     Stats(oneshot::Sender<Stats>),
+    /// Graceful shutdown: stop taking sends, drain, spool, stop.
+    Drain,
     Decommission {
         peer: NodeId,
         reply: oneshot::Sender<Result<u64, NodeError>>,
@@ -914,6 +935,8 @@ struct Driver {
     spool: Option<Spool>,
     handed_off: u64,
     handoff_refused: u64,
+    shutdown_drain: Duration,
+    draining_until: Option<std::time::Instant>,
 }
 
 /// Work items taken per wake-up before frames are flushed, so bursts batch.
@@ -961,13 +984,44 @@ impl Driver {
             if !self.flush(now).await {
                 break;
             }
+            if let Some(until) = self.draining_until {
+                if self.receipts.is_empty() || now >= until {
+                    self.spool_all(now);
+                    break;
+                }
+            }
         }
         self.stop().await;
+    }
+
+    /// Shutdown: every message still unacknowledged goes to the hint store.
+    fn spool_all(&mut self, now: std::time::Instant) {
+        if self.spool.is_none() {
+            return;
+        }
+        let peers: std::collections::HashSet<NodeId> =
+            self.receipts.keys().map(|r| r.peer).collect();
+        for peer in peers {
+            self.hand_off_to_down(peer, None, now);
+        }
+        tracing::info!(
+            left = self.receipts.len(),
+            "spooled unacknowledged messages"
+        );
     }
 
     fn on_command(&mut self, cmd: Command) -> bool {
         let now = now();
         match cmd {
+            Command::Send {
+                reply,
+                options,
+                peer,
+                ..
+            } if self.draining_until.is_some() => {
+                self.shared.window_for(peer, options.channel).add_permits(1);
+                let _ = reply.send(Err(SendError::Shutdown));
+            }
             Command::Send {
                 peer,
                 options,
@@ -1038,6 +1092,13 @@ impl Driver {
                 let _ = reply.send(res);
             }
             Command::Shutdown => return false,
+            Command::Drain => {
+                if self.draining_until.is_none() {
+                    tracing::info!(unsettled = self.receipts.len(), "draining before shutdown");
+                    self.draining_until = Some(now + self.shutdown_drain);
+                    self.shared.close_windows();
+                }
+            }
         }
         true
     }
@@ -1180,6 +1241,7 @@ impl Driver {
             Some(self.next_heartbeat),
             self.detector.poll_timeout(),
             self.spool.as_ref().and_then(|s| s.next_deadline(now)),
+            self.draining_until,
         ]
         .into_iter()
         .flatten()
