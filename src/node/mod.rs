@@ -107,6 +107,13 @@ pub enum SendError {
         /// What the store said.
         reason: String,
     },
+    /// `try_send` found the stream's in-flight window full; nothing was sent. Wait
+    /// (use `send`) or shed load.
+    #[error("the stream's in-flight window ({window} messages) is full")]
+    WindowFull {
+        /// The window ([`ProtoConfig::max_in_flight`]).
+        window: usize,
+    },
     /// The channel to this peer already carries another guarantee; nothing was sent.
     #[error("channel already uses {existing:?}")]
     GuaranteeMismatch {
@@ -247,7 +254,8 @@ pub struct Stats {
     pub hints: Option<crate::handoff::HintStats>,
     /// Messages handed off to the hint store.
     pub handed_off: u64,
-    /// Messages the hint store refused (their receipts failed).
+    /// Messages whose receipt failed because the hint store refused them (the store's
+    /// own counters count every refused append, including retries).
     pub handoff_refused: u64,
 }
 
@@ -494,6 +502,7 @@ impl Node {
             peer,
             options,
             window,
+            window_size: self.shared.window,
             commands: self.commands.clone(),
             max_payload: self.shared.max_payload,
         })
@@ -626,6 +635,13 @@ impl<T: Serialize> Sender<T> {
         self.raw.send(bytes).await
     }
 
+    /// Send `value` if the stream's window has room now; otherwise fail at once with
+    /// [`SendError::WindowFull`] instead of waiting.
+    pub fn try_send(&self, value: &T) -> Result<Receipt, SendError> {
+        let bytes = encode(value)?;
+        self.raw.try_send(bytes)
+    }
+
     /// Send `value` under an application idempotency key: on an effectively-once
     /// channel, any two sends with the same key are processed once within the
     /// receiver's dedup horizon.
@@ -647,6 +663,7 @@ pub struct RawSender {
     peer: NodeId,
     options: ChannelOptions,
     window: Arc<Semaphore>,
+    window_size: usize,
     commands: mpsc::UnboundedSender<Command>,
     max_payload: usize,
 }
@@ -662,25 +679,35 @@ impl RawSender {
         self.submit(payload, Some(key)).await
     }
 
+    /// Send `payload` if the window has room now; see [`Sender::try_send`].
+    pub fn try_send(&self, payload: Bytes) -> Result<Receipt, SendError> {
+        self.check_size(&payload)?;
+        let permit = self.window.try_acquire().map_err(|e| match e {
+            tokio::sync::TryAcquireError::Closed => SendError::Shutdown,
+            tokio::sync::TryAcquireError::NoPermits => SendError::WindowFull {
+                window: self.window_size,
+            },
+        })?;
+        permit.forget();
+        self.enqueue(payload, None)
+    }
+
     /// The target node.
     pub fn peer(&self) -> NodeId {
         self.peer
     }
 
-    async fn submit(&self, payload: Bytes, key: Option<IdKey>) -> Result<Receipt, SendError> {
+    fn check_size(&self, payload: &Bytes) -> Result<(), SendError> {
         if payload.len() > self.max_payload {
             return Err(SendError::TooLarge {
                 len: payload.len(),
                 max: self.max_payload,
             });
         }
-        let permit = self
-            .window
-            .acquire()
-            .await
-            .map_err(|_| SendError::Shutdown)?;
-        // The driver gives the slot back (add_permits) when the window slides.
-        permit.forget();
+        Ok(())
+    }
+
+    fn enqueue(&self, payload: Bytes, key: Option<IdKey>) -> Result<Receipt, SendError> {
         let (tx, rx) = oneshot::channel();
         let cmd = Command::Send {
             peer: self.peer,
@@ -694,6 +721,18 @@ impl RawSender {
             return Err(SendError::Shutdown);
         }
         Ok(Receipt { rx })
+    }
+
+    async fn submit(&self, payload: Bytes, key: Option<IdKey>) -> Result<Receipt, SendError> {
+        self.check_size(&payload)?;
+        let permit = self
+            .window
+            .acquire()
+            .await
+            .map_err(|_| SendError::Shutdown)?;
+        // The driver gives the slot back (add_permits) when the window slides.
+        permit.forget();
+        self.enqueue(payload, key)
     }
 }
 
@@ -1191,8 +1230,10 @@ impl Driver {
                             _ => SendError::Deadline { attempts },
                         })
                     };
-                    if res.is_ok() {
-                        self.endpoint.hint_stored(send, id);
+                    match &res {
+                        Ok(_) => self.endpoint.hint_stored(send, id),
+                        Err(SendError::HandoffRefused { .. }) => self.handoff_refused += 1,
+                        Err(_) => {}
                     }
                     let _ = reply.send(res);
                 }
@@ -1320,6 +1361,7 @@ impl Driver {
                 // deadline.
                 Err(e) if only.is_some() => {
                     if self.endpoint.abandon(send) {
+                        self.handoff_refused += 1;
                         if let Some((_, reply)) = self.receipts.remove(&send) {
                             let _ = reply.send(Err(e));
                         }
@@ -1355,7 +1397,6 @@ impl Driver {
                 Ok(Outcome::HandedOff)
             }
             Err(e) => {
-                self.handoff_refused += 1;
                 tracing::warn!(peer = %send.peer, %id, error = %e, "hint refused");
                 Err(SendError::HandoffRefused {
                     reason: e.to_string(),

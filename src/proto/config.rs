@@ -24,6 +24,10 @@ pub struct ProtoConfig {
     /// Ordered channels: frames held waiting for a gap to fill, per stream; further
     /// frames are dropped unacked (the sender retransmits). Default `4096`.
     pub max_reorder_buffer: usize,
+    /// Inbound streams (one per sending node run and channel) one peer may open; frames
+    /// that would open more are dropped unacked and counted in
+    /// `ProtoStats::streams_refused`. Default `256`.
+    pub max_streams_per_peer: usize,
     /// At-most-once streams advertise a floor this far behind the newest seq, so a
     /// frame overtaken by fewer than this many later frames still gets delivered,
     /// while the receiver's bookkeeping stays bounded (at most this many seqs per
@@ -51,6 +55,7 @@ impl Default for ProtoConfig {
             ack_delay: Duration::ZERO,
             max_ack_ranges: 64,
             max_reorder_buffer: 4096,
+            max_streams_per_peer: 256,
             amo_reorder_slack: 16384,
             retry: RetryPolicy::default(),
             rtt: RttConfig::default(),

@@ -168,6 +168,9 @@ pub struct ProtoStats {
     pub nacks_sent: u64,
     /// Dedup completions that failed to persist (durable dedup IO errors).
     pub dedup_persist_errors: u64,
+    /// Data frames dropped because their peer already has
+    /// [`ProtoConfig::max_streams_per_peer`] inbound streams.
+    pub streams_refused: u64,
 }
 
 #[derive(Debug)]
@@ -543,6 +546,14 @@ impl Endpoint {
             self.stats.frames_ignored += 1;
             return;
         };
+        if !self.inbound.contains_key(&(origin, channel)) {
+            let open = self.inbound.keys().filter(|(o, _)| *o == origin).count();
+            if open >= self.config.max_streams_per_peer {
+                self.stats.streams_refused += 1;
+                tracing::debug!(%origin, ?channel, "inbound stream refused: per-peer limit");
+                return;
+            }
+        }
         let cfg = &self.config;
         let stream = self.inbound.entry((origin, channel)).or_insert_with(|| {
             InboundStream::new(
