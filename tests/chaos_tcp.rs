@@ -157,9 +157,14 @@ async fn run(g: Guarantee, seeds: u64, n: u64) {
         ),
         Guarantee::EffectivelyOnce => format!("0 of {} acked lost; 0 processed twice", total.acked),
     };
-    println!(
-        "reliability: {g:?} | TCP chaos proxy: {} connection kills, reconnect refusals, {} split writes, stalls | {seeds} seeds x {n} msgs | {held}",
-        total.kills, total.splits
+    support::reliability::report(
+        &format!("{g:?}"),
+        &format!(
+            "TCP chaos proxy: {} connection kills, reconnect refusals, {} split writes, stalls",
+            total.kills, total.splits
+        ),
+        &format!("{seeds} seeds x {n} msgs"),
+        &held,
     );
 }
 

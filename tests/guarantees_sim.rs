@@ -8,6 +8,7 @@ use ackwire::transport::mem::FaultPlan;
 use ackwire::Guarantee;
 use proptest::prelude::*;
 use std::time::Duration;
+use support::reliability::case_passed;
 use support::sim::{run, SimConfig, SimReport};
 
 /// A random fault schedule applied to a base config.
@@ -43,6 +44,10 @@ fn faults(guarantee: Guarantee) -> impl Strategy<Value = SimConfig> {
             },
         )
 }
+
+const SIM: &str = "simulation (sans-IO core, virtual clock)";
+const FAULTS: &str =
+    "loss 0-50%, duplication 0-30%, reordering, delay, partition, connection reset, nacks";
 
 fn describe(r: &SimReport) -> String {
     format!(
@@ -88,6 +93,7 @@ proptest! {
             prop_assert!(m.transmissions <= 1, "{:?} transmitted {} times", key, m.transmissions);
         }
         assert_none_hangs(&r)?;
+        case_passed("amo", 256, || (SIM.into(), FAULTS.into(), "AtMostOnce: never delivered twice, never retransmitted, none hangs".into()));
     }
 
     /// Property (AtLeastOnce): every Ok receipt's message reached the handler at least
@@ -97,6 +103,7 @@ proptest! {
         let r = run(&cfg);
         assert_none_hangs(&r)?;
         assert_ack_after_processing(&r)?;
+        case_passed("alo", 256, || (SIM.into(), FAULTS.into(), "AtLeastOnce: every Ok receipt processed first, ack after the handler, none hangs".into()));
     }
 
     /// Property (EffectivelyOnce): as at-least-once, and the handler processed each
@@ -114,6 +121,7 @@ proptest! {
             }
             prop_assert_eq!(m.concurrent, 0, "{:?} delivered while in progress", key);
         }
+        case_passed("eo", 256, || (SIM.into(), FAULTS.into(), "EffectivelyOnce: each ID processed at most once, exactly once if Ok; no duplicate while in progress".into()));
     }
 
     /// Property (EffectivelyOnce with application keys): when the application sends a
@@ -143,6 +151,7 @@ proptest! {
             }
             prop_assert_eq!(m.concurrent, 0, "{:?} delivered while in progress", key);
         }
+        case_passed("eo-keys", 256, || (SIM.into(), format!("{FAULTS}, app duplicate sends and re-sends under one key"), "EffectivelyOnce (keys): processed at most once per key, exactly once if any send acked".into()));
     }
 
     /// Property (ordered mode): the handler first sees each stream's messages in send
@@ -165,6 +174,7 @@ proptest! {
                 "sender {} first deliveries out of order: {:?}", sender, order
             );
         }
+        case_passed("ordered", 256, || (SIM.into(), FAULTS.into(), "ordered channels: first deliveries in send order".into()));
     }
 }
 

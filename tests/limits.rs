@@ -8,6 +8,10 @@ use ackwire::{
     SendError,
 };
 use std::time::Duration;
+
+fn report(fault: &str, runs: &str, held: &str) {
+    println!("reliability: limits | {fault} | {runs} | {held}");
+}
 use tokio::io::AsyncWriteExt;
 
 const A: NodeId = NodeId(1);
@@ -49,7 +53,11 @@ async fn full_window_is_a_typed_error_for_try_send() {
         assert_eq!(r.await, Ok(Outcome::Acked));
     }
     assert!(out.try_send(&5).is_ok(), "window reopened after acks");
-    println!("reliability: limits | window full (max in-flight per stream) | 1 run | try_send -> SendError::WindowFull; send waits");
+    report(
+        "window full (max in-flight per stream)",
+        "1 run",
+        "try_send -> SendError::WindowFull; send waits",
+    );
 }
 
 /// Max receiver buffer: arrivals beyond it are refused unacked (counted) and come back
@@ -87,7 +95,11 @@ async fn full_receiver_buffer_refuses_then_redelivers() {
     for r in receipts {
         assert_eq!(r.await, Ok(Outcome::Acked));
     }
-    println!("reliability: limits | receiver buffer full | 1 run | {full} arrivals refused unacked and counted; all 50 redelivered, none twice");
+    report(
+        "receiver buffer full",
+        "1 run",
+        &format!("{full} arrivals refused unacked and counted; all 50 redelivered, none twice"),
+    );
 }
 
 /// Max streams per peer: frames opening more are dropped and counted; the peer's
@@ -123,7 +135,7 @@ async fn streams_per_peer_are_bounded() {
     assert!(matches!(third.await, Err(SendError::Deadline { .. })));
     let refused = b.stats().await.unwrap().proto.streams_refused;
     assert!(refused > 0);
-    println!("reliability: limits | max streams per peer exceeded | 1 run | {refused} frames dropped and counted; existing streams unaffected; sender gets Deadline");
+    report("max streams per peer exceeded", "1 run", &format!("{refused} frames dropped and counted; existing streams unaffected; sender gets Deadline"));
 }
 
 /// Max hint bytes per target: once full, further hand-offs fail with a typed error
@@ -171,7 +183,11 @@ async fn hint_bytes_are_bounded() {
     let stats = a.stats().await.unwrap();
     assert_eq!(stats.handoff_refused, refused);
     assert!(stats.hints.unwrap().refused_full >= refused);
-    println!("reliability: limits | hint store byte limit reached | 1 run | {handed} stored, {refused} refused with SendError::HandoffRefused and counted");
+    report(
+        "hint store byte limit reached",
+        "1 run",
+        &format!("{handed} stored, {refused} refused with SendError::HandoffRefused and counted"),
+    );
 }
 
 /// A TCP peer that sends garbage or a wrong protocol version is disconnected with a
@@ -229,5 +245,9 @@ async fn garbage_and_wrong_version_peers_do_not_disturb_good_ones() {
     assert!(rejected >= 3, "{s:?}");
     b.shutdown().await;
     assert_eq!(consumer.await.unwrap(), 1000);
-    println!("reliability: limits | TCP peers sending garbage / oversize length / random bytes | 3 bad peers | {rejected} disconnects with counted reason; good peer's 1000 messages all acked");
+    report(
+        "TCP peers sending garbage / oversize length / random bytes",
+        "3 bad peers",
+        &format!("{rejected} disconnects with counted reason; good peer's 1000 messages all acked"),
+    );
 }

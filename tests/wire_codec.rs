@@ -1,6 +1,10 @@
 //! Codec properties: round trip of every frame type, robustness against arbitrary and
 //! mutated input, incremental decoding, and the length bound.
 
+mod support;
+
+use support::reliability::case_passed;
+
 use ackwire::wire::{
     encode, Ack, Data, DecodeError, Frame, FrameDecoder, FrameEncoder, Handshake, Heartbeat, Nack,
     SeqRange, DEFAULT_MAX_FRAME_LEN, FRAME_PREFIX_LEN,
@@ -134,6 +138,7 @@ proptest! {
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
         let mut buf = BytesMut::from(&bytes[..]);
         let _ = decode_all(&mut buf);
+        case_passed("arbitrary", 1000, || ("wire codec".into(), "arbitrary bytes fed to the frame decoder".into(), "no panic, no hang: frames, need-more, or a typed error".into()));
     }
 
     /// Property: arbitrary bytes behind a plausible (small) length prefix and a correct
@@ -166,6 +171,7 @@ proptest! {
         }
         let mut buf = BytesMut::from(&bytes[..]);
         let _ = decode_all(&mut buf);
+        case_passed("mutated", 1000, || ("wire codec".into(), "valid frames with bytes overwritten, truncated, inserted".into(), "no panic: frames or a typed error".into()));
     }
 
     /// Property: one flipped bit anywhere in the body is detected as a bad checksum.

@@ -2,4 +2,5 @@
 #![allow(unreachable_pub, dead_code)]
 
 pub mod proxy;
+pub mod reliability;
 pub mod sim;
