@@ -19,6 +19,7 @@ use support::proxy::{Chaos, Proxy};
 
 const CH: ChannelId = ChannelId(2);
 
+#[derive(Default)]
 struct RunResult {
     sent: u64,
     acked: u64,
@@ -73,13 +74,7 @@ async fn run_once(g: Guarantee, seed: u64, n: u64) -> RunResult {
     }
     let mut r = RunResult {
         sent: n,
-        acked: 0,
-        failed: 0,
-        processed_distinct: 0,
-        duplicates: 0,
-        lost_after_ack: 0,
-        kills: 0,
-        splits: 0,
+        ..RunResult::default()
     };
     let mut ok = Vec::new();
     for (i, receipt) in receipts {
@@ -112,16 +107,7 @@ async fn run_once(g: Guarantee, seed: u64, n: u64) -> RunResult {
 }
 
 async fn run(g: Guarantee, seeds: u64, n: u64) {
-    let mut total = RunResult {
-        sent: 0,
-        acked: 0,
-        failed: 0,
-        processed_distinct: 0,
-        duplicates: 0,
-        lost_after_ack: 0,
-        kills: 0,
-        splits: 0,
-    };
+    let mut total = RunResult::default();
     for seed in 0..seeds {
         let r = run_once(g, seed, n).await;
         match g {

@@ -55,6 +55,21 @@ fn consume(mut inbox: Receiver<u64>, seen: Seen) {
     });
 }
 
+/// A coordinator (with `cfg`) and a live target; one message of `g` acked on the
+/// channel, then the target is cut off the network.
+async fn cut_off_after_one(
+    net: &MemNetwork,
+    cfg: NodeConfig,
+    g: Guarantee,
+) -> (Node, Node, Seen, ackwire::Sender<u64>) {
+    let a = coordinator(net, cfg).await;
+    let (b, seen) = target(net).await;
+    let out = a.sender::<u64>(B, ChannelOptions::new(CH, g)).unwrap();
+    assert_eq!(out.send(&0).await.unwrap().await, Ok(Outcome::Acked));
+    net.isolate(B);
+    (a, b, seen, out)
+}
+
 async fn wait_health(node: &Node, peer: NodeId, want: Health) {
     for _ in 0..600 {
         if node.health(peer) == Some(want) {
@@ -130,13 +145,8 @@ async fn down_target_gets_every_message_exactly_once_after_it_returns() {
 async fn coordinator_restart_keeps_and_replays_hints() {
     let dir = tempfile::tempdir().unwrap();
     let net = MemNetwork::new(FaultPlan::default()).unwrap();
-    let a = coordinator(&net, config(dir.path())).await;
-    let (_b, seen) = target(&net).await;
-    let out = a
-        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
-        .unwrap();
-    assert_eq!(out.send(&0).await.unwrap().await, Ok(Outcome::Acked));
-    net.isolate(B);
+    let (a, _b, seen, out) =
+        cut_off_after_one(&net, config(dir.path()), Guarantee::EffectivelyOnce).await;
     // These are in flight (unacked) when the detector declares B down.
     let mut receipts = Vec::new();
     for i in 1..=150 {
@@ -170,13 +180,7 @@ async fn max_hint_window_refuses_new_hints() {
     let mut cfg = config(dir.path());
     let h = cfg.handoff.as_mut().unwrap();
     h.store.max_hint_window = Duration::from_secs(5);
-    let a = coordinator(&net, cfg).await;
-    let (_b, _seen) = target(&net).await;
-    let out = a
-        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::AtLeastOnce))
-        .unwrap();
-    assert_eq!(out.send(&0).await.unwrap().await, Ok(Outcome::Acked));
-    net.isolate(B);
+    let (a, _b, _seen, out) = cut_off_after_one(&net, cfg, Guarantee::AtLeastOnce).await;
     wait_health(&a, B, Health::Down).await;
     assert_eq!(out.send(&1).await.unwrap().await, Ok(Outcome::HandedOff));
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -241,13 +245,8 @@ async fn replay_is_throttled() {
 async fn decommission_drops_hints() {
     let dir = tempfile::tempdir().unwrap();
     let net = MemNetwork::new(FaultPlan::default()).unwrap();
-    let a = coordinator(&net, config(dir.path())).await;
-    let (_b, seen) = target(&net).await;
-    let out = a
-        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::AtLeastOnce))
-        .unwrap();
-    assert_eq!(out.send(&0).await.unwrap().await, Ok(Outcome::Acked));
-    net.isolate(B);
+    let (a, _b, seen, out) =
+        cut_off_after_one(&net, config(dir.path()), Guarantee::AtLeastOnce).await;
     wait_health(&a, B, Health::Down).await;
     for i in 1..=20 {
         assert_eq!(out.send(&i).await.unwrap().await, Ok(Outcome::HandedOff));
@@ -278,13 +277,7 @@ async fn expired_hints_are_dropped_not_delivered() {
     let h = cfg.handoff.as_mut().unwrap();
     h.store.max_hint_window = Duration::from_secs(1);
     h.store.default_ttl = Duration::from_secs(1);
-    let a = coordinator(&net, cfg).await;
-    let (_b, seen) = target(&net).await;
-    let out = a
-        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
-        .unwrap();
-    assert_eq!(out.send(&0).await.unwrap().await, Ok(Outcome::Acked));
-    net.isolate(B);
+    let (a, _b, seen, out) = cut_off_after_one(&net, cfg, Guarantee::EffectivelyOnce).await;
     wait_health(&a, B, Health::Down).await;
     for i in 1..=10 {
         assert_eq!(out.send(&i).await.unwrap().await, Ok(Outcome::HandedOff));
