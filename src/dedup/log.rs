@@ -49,6 +49,8 @@ pub(crate) struct DedupLog {
     len: u64,
     fsync: FsyncPolicy,
     buf: Vec<u8>,
+    /// Records written since the last fsync (group commit).
+    unsynced: bool,
 }
 
 impl DedupLog {
@@ -92,6 +94,7 @@ impl DedupLog {
                 len: keep,
                 fsync,
                 buf: Vec::with_capacity(64),
+                unsynced: false,
             },
             rec,
         ))
@@ -99,11 +102,27 @@ impl DedupLog {
 
     /// Appends one record (one `write` call), fsyncing per the policy.
     pub(crate) fn append(&mut self, r: &Record) -> Result<(), DedupError> {
+        self.append_unsynced(r)?;
+        self.sync()
+    }
+
+    /// Appends one record (one `write` call: it survives a process crash) and leaves
+    /// the fsync to the next [`DedupLog::sync`] (group commit).
+    pub(crate) fn append_unsynced(&mut self, r: &Record) -> Result<(), DedupError> {
         self.buf.clear();
         encode(r, &mut self.buf);
         self.file.write_all(&self.buf)?;
         self.len += self.buf.len() as u64;
-        sync(&self.file, self.fsync)
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// fsync (per the policy) what was appended since the last sync.
+    pub(crate) fn sync(&mut self) -> Result<(), DedupError> {
+        if std::mem::take(&mut self.unsynced) {
+            sync(&self.file, self.fsync)?;
+        }
+        Ok(())
     }
 
     /// Current file length in bytes.

@@ -194,6 +194,8 @@ pub struct Endpoint {
     ready: Vec<Data>,
     rng: SplitMix64,
     stats: ProtoStats,
+    /// Durable dedup records written but not yet fsynced.
+    dedup_unsynced: bool,
 }
 
 impl Endpoint {
@@ -213,6 +215,7 @@ impl Endpoint {
             ready: Vec::new(),
             rng: SplitMix64::new(seed),
             stats: ProtoStats::default(),
+            dedup_unsynced: false,
         }
     }
 
@@ -438,7 +441,10 @@ impl Endpoint {
         if delivery.guarantee == Guarantee::EffectivelyOnce {
             match how {
                 Completion::Ack => {
-                    if let Err(e) = self.dedup.complete(&delivery.id, now) {
+                    // Group commit: written now, fsynced once before the acks of this
+                    // burst leave (see `handle_timeout`).
+                    self.dedup_unsynced = true;
+                    if let Err(e) = self.dedup.complete_unsynced(&delivery.id, now) {
                         self.stats.dedup_persist_errors += 1;
                         tracing::warn!(id = %delivery.id, error = %e, "dedup completion not persisted");
                     }
@@ -473,8 +479,18 @@ impl Endpoint {
         }
     }
 
-    /// Timers due at `now`: retransmissions, give-ups, owed acks.
+    /// Timers due at `now`: retransmissions, give-ups, owed acks. Durable dedup
+    /// records of completed messages are fsynced (once) before any ack is produced.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if std::mem::take(&mut self.dedup_unsynced) {
+            if let Err(e) = self.dedup.sync() {
+                // The messages were processed: acking them is still right (withholding
+                // the ack would guarantee a second processing); a later resend of the
+                // same id after a restart may be processed again. Counted and logged.
+                self.stats.dedup_persist_errors += 1;
+                tracing::warn!(error = %e, "dedup records not fsynced");
+            }
+        }
         for (&(peer, channel), s) in self.outbound.iter_mut() {
             if s.poll_timeout().is_some_and(|t| t <= now) {
                 s.handle_timeout(now);
