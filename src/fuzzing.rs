@@ -179,26 +179,52 @@ fn check_frame_round_trip(frame: &Frame, max: usize, arrived_len: usize) {
 ///
 /// `data[0]` is the mode: bit 0 set → a valid segment header for
 /// ([`HINT_TARGET`], [`HINT_SEGMENT`]) is put in front of the rest; clear → the rest is the
-/// whole segment file. Bit 1 set → a valid cursor marking some records done (chosen by
-/// the mode's upper bits) is stored with the segment. Bit 2 set → replay in batches of
-/// one hint, else all at once. The rest is also given to the cursor decoder as is.
-/// Returns the number of hints replayed.
+/// whole segment file. Bit 7 set → the rest is first turned into records with valid
+/// magic, length and crc by [`hint_records_from_bodies`] (so the fuzzer reaches the
+/// record body decoder). Bit 1 set → a valid cursor marking some records done (chosen by
+/// bits 3–5) is stored with the segment. Bit 2 set → replay in batches of one hint, else
+/// all at once. The rest is also given to the cursor decoder as is. Returns the number
+/// of hints replayed.
 pub fn fuzz_hint_segment(data: &[u8]) -> usize {
     let Some((&mode, rest)) = data.split_first() else {
         return 0;
     };
     check_cursor_decode(rest);
-    let segment = if mode & 1 == 1 {
-        let mut s = format::encode_segment_header(HINT_TARGET, HINT_SEGMENT).to_vec();
-        s.extend_from_slice(rest);
-        s
+    let body = if mode & 0x80 != 0 {
+        hint_records_from_bodies(rest)
     } else {
         rest.to_vec()
     };
+    let segment = if mode & 1 == 1 {
+        let mut s = format::encode_segment_header(HINT_TARGET, HINT_SEGMENT).to_vec();
+        s.extend_from_slice(&body);
+        s
+    } else {
+        body
+    };
     scan_hint_segment(&segment);
-    let cursor = (mode & 2 == 2).then(|| cursor_for(&segment, mode >> 3));
+    let cursor = (mode & 2 == 2).then(|| cursor_for(&segment, (mode >> 3) & 7));
     let max_bytes = if mode & 4 == 4 { 1 } else { u64::MAX };
     replay_hint_segment(&segment, cursor.as_deref(), max_bytes)
+}
+
+/// Wraps record bodies in valid record prefixes: reads a body length `n` (one byte, then
+/// up to `n` bytes of body) and writes magic, `n` and the record crc, repeatedly. A body
+/// cut short by the end of `data` keeps its announced length (a torn record). The body
+/// itself (`header_len u16 LE | bincode header | payload`) is left to the fuzzer.
+pub fn hint_records_from_bodies(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * 2);
+    let mut rest = data;
+    while let Some((&n, tail)) = rest.split_first() {
+        let body = &tail[..usize::from(n).min(tail.len())];
+        let len = u32::from(n).to_le_bytes();
+        out.extend_from_slice(&format::RECORD_MAGIC.to_le_bytes());
+        out.extend_from_slice(&len);
+        out.extend_from_slice(&crc32c::crc32c_append(crc32c::crc32c(&len), body).to_le_bytes());
+        out.extend_from_slice(body);
+        rest = &tail[body.len()..];
+    }
+    out
 }
 
 /// A segment file for ([`HINT_TARGET`], [`HINT_SEGMENT`]) holding `hints` (each hint
@@ -390,23 +416,46 @@ fn check_cursor_decode(bytes: &[u8]) {
 /// Fuzz entry for the durable dedup state reader, with `dir` an empty scratch directory
 /// reused between calls.
 ///
-/// `data[0]` is the mode: bit 0 set → a valid log header is put in front of the rest;
-/// clear → the rest is the whole file. The record area is also parsed directly
-/// ([`parse_dedup_log`]). Returns what [`open_dedup_log`] returned.
+/// `data[0]` is the mode: bit 1 set → the rest is first turned into records with valid
+/// length and crc prefixes by [`dedup_records_from_payloads`]; bit 0 set → a valid log
+/// header is put in front; clear → the result is the whole file. The bytes after the
+/// mode and the file's record area are also parsed directly ([`parse_dedup_log`]).
+/// Returns what [`open_dedup_log`] returned.
 pub fn fuzz_dedup_state(dir: &Path, data: &[u8]) -> Result<DedupStats, DedupError> {
     let (mode, rest) = data.split_first().map_or((0, data), |(&m, r)| (m, r));
-    let file = if mode & 1 == 1 {
-        let mut f = crate::dedup::log::header().to_vec();
-        f.extend_from_slice(rest);
-        f
+    let body = if mode & 2 == 2 {
+        dedup_records_from_payloads(rest)
     } else {
         rest.to_vec()
+    };
+    let file = if mode & 1 == 1 {
+        let mut f = crate::dedup::log::header().to_vec();
+        f.extend_from_slice(&body);
+        f
+    } else {
+        body
     };
     if file.len() >= crate::dedup::log::HEADER_LEN {
         parse_dedup_log(&file[crate::dedup::log::HEADER_LEN..]);
     }
     parse_dedup_log(rest);
     open_dedup_log(dir, &file)
+}
+
+/// Wraps record payloads in valid dedup log prefixes: reads a payload length `n` (one
+/// byte, then up to `n` bytes) and writes `n as u32 LE`, the crc32c and the payload,
+/// repeatedly (a payload cut short keeps its announced length: a torn record).
+pub fn dedup_records_from_payloads(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * 2);
+    let mut rest = data;
+    while let Some((&n, tail)) = rest.split_first() {
+        let payload = &tail[..usize::from(n).min(tail.len())];
+        out.extend_from_slice(&u32::from(n).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+        rest = &tail[payload.len()..];
+    }
+    out
 }
 
 /// A valid dedup log file (header included) of `n` pseudo-random records from `seed`,

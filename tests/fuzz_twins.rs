@@ -306,13 +306,16 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// Found by the `dedup_state` fuzzer (input hex `00 41`: mode 0, file = "A"): a dedup
-/// log torn inside its header is "recovered" into a file that no longer opens.
-/// `DedupLog::open` in src/dedup/log.rs does `set_len(0)` then `write_all(&header())`
-/// without seeking back to 0 after `read_to_end`, so the header is written at the old
-/// length after a hole of zeros; the next open fails with `BadHeader`. Ignored until the
-/// fix (a `file.seek(SeekFrom::Start(0))` before the write) lands in src/dedup — not this
-/// branch's file; then set `ackwire::fuzzing::TORN_HEADER_BUG_OPEN` to `false`.
+/// A dedup log torn inside its header is "recovered" into a file that no longer opens.
+/// First found by `dedup_reader_mutated_valid_logs` (a valid log truncated to 1 byte),
+/// then by the `dedup_state` fuzzer within its first runs (minimal input hex `0a 41`:
+/// an even mode byte, then the file "A"). `DedupLog::open` in src/dedup/log.rs does
+/// `set_len(0)` then `write_all(&header())` without seeking back to 0 after
+/// `read_to_end`, so the header lands at the old length after a hole of zeros; the next
+/// open fails with `BadHeader`. Ignored until the one-line fix (a
+/// `file.seek(SeekFrom::Start(0))` before the write; verified to make this test pass)
+/// lands in src/dedup, which is not this branch's file; then also set
+/// `ackwire::fuzzing::TORN_HEADER_BUG_OPEN` to `false`.
 #[test]
 #[ignore = "known bug in src/dedup/log.rs (DedupLog::open, torn header rewrite); see doc"]
 fn regression_dedup_log_torn_header_reopens() {
@@ -338,6 +341,14 @@ fn regression_dedup_log_torn_header_reopens() {
         input.extend_from_slice(&header[..torn_len]);
         let _ = fuzz_dedup_state(dir.path(), &input);
     }
+    let dir = tempfile::tempdir().unwrap();
+    let _ = fuzz_dedup_state(dir.path(), &hex("0a 41"));
+    assert!(Dedup::open(DedupConfig {
+        durable: Some(DurableDedup::new(dir.path())),
+        table_capacity: 64,
+        ..DedupConfig::default()
+    })
+    .is_ok());
 }
 
 #[test]
@@ -348,5 +359,179 @@ fn regression_inputs_smoke() {
         fuzz_hint_segment(&d);
         let dir = tempfile::tempdir().unwrap();
         let _ = fuzz_dedup_state(dir.path(), &d);
+    }
+}
+
+/// Replays the fuzzers' corpora (`fuzz/corpus/<target>/`, if present) through the same
+/// wrappers and prints how many inputs got deep (decoded a frame, replayed a hint,
+/// recovered a dedup record). Run after fuzzing:
+/// `cargo test --test fuzz_twins -- --ignored replay_fuzz_corpora --nocapture`.
+#[test]
+#[ignore = "needs a fuzz corpus; run explicitly after fuzzing"]
+fn replay_fuzz_corpora() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let inputs = |target: &str| -> Vec<Vec<u8>> {
+        std::fs::read_dir(root.join(target))
+            .map(|rd| {
+                rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let frames = inputs("frame_decoder");
+    let deep = frames.iter().filter(|d| fuzz_frame_decoder(d) > 0).count();
+    println!(
+        "frame_decoder: {} inputs, {deep} decode >= 1 frame",
+        frames.len()
+    );
+    let hints = inputs("hint_record");
+    let deep = hints.iter().filter(|d| fuzz_hint_segment(d) > 0).count();
+    println!(
+        "hint_record: {} inputs, {deep} replay >= 1 hint",
+        hints.len()
+    );
+    let logs = inputs("dedup_state");
+    let deep = logs
+        .iter()
+        .filter(|d| d.len() > 1 && parse_dedup_log(&d[1..]) > 0)
+        .count();
+    let dir = tempfile::tempdir().unwrap();
+    let opened = logs
+        .iter()
+        .filter(|d| fuzz_dedup_state(dir.path(), d).is_ok())
+        .count();
+    println!(
+        "dedup_state: {} inputs, {deep} recover >= 1 record, {opened} open Ok",
+        logs.len()
+    );
+}
+
+/// Writes valid seed inputs (for every mode family) into `fuzz/corpus/<target>/`, so the
+/// fuzzers start past the checksums. Run before fuzzing:
+/// `cargo test --test fuzz_twins -- --ignored write_seed_corpora`.
+#[test]
+#[ignore = "writes into fuzz/corpus; run explicitly before fuzzing"]
+fn write_seed_corpora() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let write = |target: &str, i: usize, bytes: &[u8]| {
+        let dir = root.join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("seed-{i:03}")), bytes).unwrap();
+    };
+    let origin = Origin {
+        node: NodeId(1),
+        incarnation: 9,
+    };
+    let frames = [
+        Frame::Handshake(Handshake { version: 1, origin }),
+        Frame::Data(Data {
+            channel: ChannelId(2),
+            seq: 5,
+            floor: 3,
+            id_floor: 1,
+            id: None,
+            guarantee: Guarantee::EffectivelyOnce,
+            payload: Bytes::from_static(b"hello"),
+        }),
+        Frame::Data(Data {
+            channel: ChannelId(2),
+            seq: 6,
+            floor: 6,
+            id_floor: 6,
+            id: Some(MessageId::Key(IdKey(77))),
+            guarantee: Guarantee::AtLeastOnce,
+            payload: Bytes::new(),
+        }),
+        Frame::Ack(Ack {
+            channel: ChannelId(2),
+            incarnation: 9,
+            cumulative: 4,
+            ranges: vec![SeqRange { start: 6, end: 8 }],
+        }),
+        Frame::Nack(Nack {
+            channel: ChannelId(2),
+            incarnation: 9,
+            seq: 5,
+        }),
+        Frame::Ping(Heartbeat { nonce: 1 }),
+        Frame::Pong(Heartbeat { nonce: 1 }),
+    ];
+    for (i, f) in frames.iter().enumerate() {
+        let enc = encoded(std::slice::from_ref(f));
+        for (j, mode) in [0u8, 4].into_iter().enumerate() {
+            write("frame_decoder", i * 4 + j, &[&[mode][..], &enc].concat());
+        }
+        // Checksummed-bodies mode: [len][body] without the 8-byte prefix.
+        let body = &enc[8..];
+        let mut b = vec![1u8, body.len() as u8];
+        b.extend_from_slice(body);
+        write("frame_decoder", i * 4 + 2, &b);
+    }
+    write(
+        "frame_decoder",
+        99,
+        &[&[0u8][..], &encoded(&frames)].concat(),
+    );
+
+    let hint = |n: u64, target: NodeId, payload: &'static [u8]| Hint {
+        target,
+        id: MessageId::Seq {
+            origin,
+            channel: ChannelId(2),
+            seq: n,
+        },
+        channel: ChannelId(2),
+        guarantee: Guarantee::EffectivelyOnce,
+        created_unix_ms: 1_000 + n,
+        ttl_ms: 60_000,
+        payload: Bytes::from_static(payload),
+    };
+    let sets = [
+        vec![hint(1, HINT_TARGET, b"abc")],
+        vec![
+            hint(1, HINT_TARGET, b"abc"),
+            hint(2, HINT_TARGET, b""),
+            hint(3, NodeId(8), b"x"),
+            Hint {
+                id: MessageId::Key(IdKey(5)),
+                ttl_ms: 0,
+                created_unix_ms: 0,
+                ..hint(4, HINT_TARGET, b"key")
+            },
+        ],
+    ];
+    let mut i = 0;
+    for set in &sets {
+        let seg = hint_segment_bytes(set);
+        for mode in [0u8, 0b010, 0b110, 0b10_1010] {
+            write("hint_record", i, &[&[mode][..], &seg].concat());
+            i += 1;
+        }
+        // Bodies mode with a header: [len][body] per record.
+        let mut b = vec![0x81u8];
+        let mut at = 32;
+        while at < seg.len() {
+            let len = u32::from_le_bytes(seg[at + 4..at + 8].try_into().unwrap()) as usize;
+            b.push(len as u8);
+            b.extend_from_slice(&seg[at + 12..at + 12 + len]);
+            at += 12 + len;
+        }
+        write("hint_record", i, &b);
+        i += 1;
+    }
+
+    for (i, n) in [0usize, 1, 3, 8].into_iter().enumerate() {
+        let log = dedup_log_bytes(i as u64, n);
+        write("dedup_state", i * 2, &[&[0u8][..], &log].concat());
+        // Payloads mode with a header: [len][payload] per record.
+        let mut b = vec![3u8];
+        let mut at = 16;
+        while at < log.len() {
+            let len = u32::from_le_bytes(log[at..at + 4].try_into().unwrap()) as usize;
+            b.push(len as u8);
+            b.extend_from_slice(&log[at + 8..at + 8 + len]);
+            at += 8 + len;
+        }
+        write("dedup_state", i * 2 + 1, &b);
     }
 }
