@@ -71,6 +71,8 @@
 pub mod dedup;
 pub mod detector;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handoff;
 mod id;
 mod node;

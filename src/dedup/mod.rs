@@ -32,7 +32,7 @@
 //! * Durable key entries carry a wall-clock completion time (the only clock read is at
 //!   `open`); a wall clock stepped forward across a restart shortens their horizon.
 
-mod log;
+pub(crate) mod log;
 mod sync;
 mod table;
 mod window;

@@ -27,7 +27,7 @@
 //! * Lost for good: a quarantined segment (bad header) and corrupt records (counted in
 //!   [`HintStats::corrupt_skipped`]), and everything if the disk itself is lost.
 
-mod format;
+pub(crate) mod format;
 mod io;
 mod store;
 mod throttle;

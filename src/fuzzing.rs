@@ -1,0 +1,587 @@
+//! Entry points for fuzzers and property tests — **for fuzzers and tests only**, not a
+//! stable API (hidden from the docs, may change in any release).
+//!
+//! Owns thin wrappers that feed arbitrary bytes to the crate's real parsers — the frame
+//! decoder, the hint segment scan and store recovery, the durable dedup log — and check
+//! their invariants, **panicking when an invariant is violated** (that panic is what a
+//! fuzzer reports). Must not contain parsing logic of its own, and must not panic on
+//! input the parsers are allowed to reject: rejection is checked to be a typed outcome.
+//!
+//! The `fuzz_*` functions take one undifferentiated byte string (what a fuzzer hands
+//! out) and use its first byte as a mode selector; the other functions are the building
+//! blocks they call.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::dedup::{Dedup, DedupConfig, DedupError, DedupStats, DurableDedup, FsyncPolicy};
+use crate::handoff::format::{self, CursorState, ScanItem, SegmentCursor};
+use crate::handoff::{Hint, HintStore, HintStoreConfig, MemSegmentIo, SegmentIo};
+use crate::rng::SplitMix64;
+use crate::wire::{DecodeError, Frame, FrameDecoder, FrameEncoder, DEFAULT_MAX_FRAME_LEN};
+use crate::NodeId;
+
+/// Target whose segment the hint wrappers scan.
+pub const HINT_TARGET: NodeId = NodeId(7);
+/// Segment id the hint wrappers use.
+pub const HINT_SEGMENT: u64 = 3;
+
+// ---------------------------------------------------------------------------------------
+// Frame decoder
+
+/// Fuzz entry for the frame decoder.
+///
+/// `data[0]` is the mode: bit 0 set → the rest is a list of frame *bodies* wrapped with
+/// correct length and crc prefixes by [`frame_stream_from_bodies`] (so the fuzzer reaches
+/// the body decoder); clear → the rest is the raw stream. Bits 1–2 pick the decoder's
+/// bound (8 MiB, 9, 64 or 1024 bytes). The chunk sizes are seeded from a crc of `data`.
+/// Returns the number of frames decoded.
+pub fn fuzz_frame_decoder(data: &[u8]) -> usize {
+    let Some((&mode, rest)) = data.split_first() else {
+        return 0;
+    };
+    let max = [DEFAULT_MAX_FRAME_LEN, 9, 64, 1024][usize::from((mode >> 1) & 3)];
+    let seed = u64::from(crc32c::crc32c(data));
+    if mode & 1 == 1 {
+        decode_frames_chunked(&frame_stream_from_bodies(rest), seed, max)
+    } else {
+        decode_frames_chunked(rest, seed, max)
+    }
+}
+
+/// Wraps bodies in valid frame prefixes: reads a body length byte `n`, then up to `n`
+/// body bytes, and writes `[n as u32 LE][crc32c(body)][body]`, repeatedly. A last body
+/// cut short by the end of `data` keeps its announced length (a torn frame).
+pub fn frame_stream_from_bodies(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 2 + 8);
+    let mut rest = data;
+    while let Some((&n, tail)) = rest.split_first() {
+        let body = &tail[..usize::from(n).min(tail.len())];
+        out.extend_from_slice(&u32::from(n).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        out.extend_from_slice(body);
+        rest = &tail[body.len()..];
+    }
+    out
+}
+
+/// Decodes `stream` with a [`FrameDecoder`] bounded at `max_frame_len`, feeding it in
+/// chunks of pseudo-random sizes (1 byte to 4 KiB, from `chunk_seed`). Returns the number
+/// of frames decoded.
+///
+/// # Panics
+/// When an invariant fails: `Ok(None)` consumed bytes; a frame's bytes were not exactly
+/// its prefix plus announced body; a decoded frame does not re-encode under the same
+/// bound or does not decode back to itself; chunked decoding disagrees (frames or final
+/// outcome) with decoding the whole stream at once.
+pub fn decode_frames_chunked(stream: &[u8], chunk_seed: u64, max_frame_len: usize) -> usize {
+    let (whole_frames, whole_end) = decode_all(&mut BytesMut::from(stream), max_frame_len);
+
+    let mut dec = FrameDecoder::new(max_frame_len);
+    let mut rng = SplitMix64::new(chunk_seed);
+    let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
+    let mut fed = 0;
+    let mut end = Ok(0);
+    'feed: while fed < stream.len() {
+        let n = match rng.range_u64(0, 3) {
+            0 => 1,
+            1 | 2 => rng.range_u64(1, 16),
+            _ => rng.range_u64(1, 4096),
+        } as usize;
+        let n = n.min(stream.len() - fed);
+        buf.extend_from_slice(&stream[fed..fed + n]);
+        fed += n;
+        loop {
+            match decode_one(&mut dec, &mut buf) {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => {
+                    end = Ok(buf.len());
+                    continue 'feed;
+                }
+                Err(e) => {
+                    end = Err(e);
+                    break 'feed;
+                }
+            }
+        }
+    }
+    assert_eq!(frames, whole_frames, "chunked and whole decoding differ");
+    assert_eq!(end, whole_end, "chunked and whole decoding end differently");
+    frames.len()
+}
+
+/// Decodes everything in `buf`: the frames and how it ended (`Ok(bytes left)` or the
+/// error).
+fn decode_all(buf: &mut BytesMut, max: usize) -> (Vec<Frame>, Result<usize, DecodeError>) {
+    let mut dec = FrameDecoder::new(max);
+    let mut frames = Vec::new();
+    loop {
+        match decode_one(&mut dec, buf) {
+            Ok(Some(f)) => frames.push(f),
+            Ok(None) => return (frames, Ok(buf.len())),
+            Err(e) => return (frames, Err(e)),
+        }
+    }
+}
+
+/// One `decode` call with its per-call invariants checked.
+fn decode_one(dec: &mut FrameDecoder, buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+    let before = buf.len();
+    let announced = (before >= 4).then(|| u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));
+    let r = dec.decode(buf);
+    match &r {
+        Ok(None) => assert_eq!(buf.len(), before, "Ok(None) consumed bytes"),
+        Ok(Some(f)) => {
+            let used = before - buf.len();
+            assert_eq!(
+                Some(used as u64),
+                announced.map(|a| u64::from(a) + 8),
+                "frame used other bytes than its prefix announced"
+            );
+            check_frame_round_trip(f, dec.max_frame_len(), used);
+        }
+        Err(_) => {}
+    }
+    r
+}
+
+/// A decoded frame re-encodes under the same bound, no longer than it arrived (canonical
+/// varints are minimal), and decodes back to itself.
+fn check_frame_round_trip(frame: &Frame, max: usize, arrived_len: usize) {
+    let mut out = BytesMut::new();
+    FrameEncoder::new(max)
+        .encode(frame, &mut out)
+        .expect("a decoded frame must re-encode under the bound it was decoded with");
+    assert!(
+        out.len() <= arrived_len,
+        "re-encoding grew the frame: {} > {arrived_len}",
+        out.len()
+    );
+    let again = FrameDecoder::new(max)
+        .decode(&mut out)
+        .expect("a re-encoded frame must decode");
+    assert_eq!(
+        again.as_ref(),
+        Some(frame),
+        "re-encoded frame decodes differently"
+    );
+    assert!(out.is_empty(), "re-encoded frame left bytes behind");
+}
+
+// ---------------------------------------------------------------------------------------
+// Hint segments
+
+/// Fuzz entry for the hint record reader.
+///
+/// `data[0]` is the mode: bit 0 set → a valid segment header for
+/// ([`HINT_TARGET`], [`HINT_SEGMENT`]) is put in front of the rest; clear → the rest is the
+/// whole segment file. Bit 7 set → the rest is first turned into records with valid
+/// magic, length and crc by [`hint_records_from_bodies`] (so the fuzzer reaches the
+/// record body decoder). Bit 1 set → a valid cursor marking some records done (chosen by
+/// bits 3–5) is stored with the segment. Bit 2 set → replay in batches of one hint, else
+/// all at once. The rest is also given to the cursor decoder as is. Returns the number
+/// of hints replayed.
+pub fn fuzz_hint_segment(data: &[u8]) -> usize {
+    let Some((&mode, rest)) = data.split_first() else {
+        return 0;
+    };
+    check_cursor_decode(rest);
+    let body = if mode & 0x80 != 0 {
+        hint_records_from_bodies(rest)
+    } else {
+        rest.to_vec()
+    };
+    let segment = if mode & 1 == 1 {
+        let mut s = format::encode_segment_header(HINT_TARGET, HINT_SEGMENT).to_vec();
+        s.extend_from_slice(&body);
+        s
+    } else {
+        body
+    };
+    scan_hint_segment(&segment);
+    let cursor = (mode & 2 == 2).then(|| cursor_for(&segment, (mode >> 3) & 7));
+    let max_bytes = if mode & 4 == 4 { 1 } else { u64::MAX };
+    replay_hint_segment(&segment, cursor.as_deref(), max_bytes)
+}
+
+/// Wraps record bodies in valid record prefixes: reads a body length `n` (one byte, then
+/// up to `n` bytes of body) and writes magic, `n` and the record crc, repeatedly. A body
+/// cut short by the end of `data` keeps its announced length (a torn record). The body
+/// itself (`header_len u16 LE | bincode header | payload`) is left to the fuzzer.
+pub fn hint_records_from_bodies(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * 2);
+    let mut rest = data;
+    while let Some((&n, tail)) = rest.split_first() {
+        let body = &tail[..usize::from(n).min(tail.len())];
+        let len = u32::from(n).to_le_bytes();
+        out.extend_from_slice(&format::RECORD_MAGIC.to_le_bytes());
+        out.extend_from_slice(&len);
+        out.extend_from_slice(&crc32c::crc32c_append(crc32c::crc32c(&len), body).to_le_bytes());
+        out.extend_from_slice(body);
+        rest = &tail[body.len()..];
+    }
+    out
+}
+
+/// A segment file for ([`HINT_TARGET`], [`HINT_SEGMENT`]) holding `hints` (each hint
+/// keeps its own target; hints too large for a record are left out). For building valid
+/// inputs to mutate.
+pub fn hint_segment_bytes(hints: &[Hint]) -> Vec<u8> {
+    let mut s = format::encode_segment_header(HINT_TARGET, HINT_SEGMENT).to_vec();
+    for h in hints {
+        if let Some(r) = format::encode_record(h) {
+            s.extend_from_slice(&r);
+        }
+    }
+    s
+}
+
+/// Runs the recovery scan over a whole segment file and returns its valid record count.
+///
+/// # Panics
+/// When an invariant fails: the scan's regions are not contiguous from the header to
+/// `keep_len`, `keep_len` exceeds the input, a corrupt region is not followed by a
+/// record, a record does not decode (or does not survive encode → decode), or scanning
+/// the kept prefix (what recovery truncates to) finds something else.
+pub fn scan_hint_segment(segment: &[u8]) -> usize {
+    let scan = format::scan_segment(segment);
+    assert!(
+        scan.keep_len as usize <= segment.len(),
+        "keep_len past the end"
+    );
+    let span = Bytes::copy_from_slice(segment);
+    let mut at = format::SEGMENT_HEADER_LEN.min(segment.len()) as u64;
+    let mut records = 0;
+    for (i, item) in scan.items.iter().enumerate() {
+        match *item {
+            ScanItem::Record { offset, len } => {
+                assert_eq!(offset, at, "scan regions not contiguous");
+                let hint = format::decode_record_in(&span, offset as usize, len as usize)
+                    .expect("a record the scan kept must decode");
+                let again = format::encode_record(&hint)
+                    .and_then(|r| format::decode_record_in(&Bytes::from(r.clone()), 0, r.len()));
+                assert_eq!(again.as_ref(), Some(&hint), "hint record round trip");
+                at += u64::from(len);
+                records += 1;
+            }
+            ScanItem::Corrupt { offset, len } => {
+                assert_eq!(offset, at, "scan regions not contiguous");
+                assert!(len > 0, "empty corrupt region");
+                assert!(
+                    matches!(scan.items.get(i + 1), Some(ScanItem::Record { .. })),
+                    "corrupt region not followed by a record"
+                );
+                at += len;
+            }
+        }
+    }
+    assert_eq!(
+        at, scan.keep_len,
+        "keep_len is not the end of the last region"
+    );
+    let kept = format::scan_segment(&segment[..scan.keep_len as usize]);
+    assert_eq!(
+        kept, scan,
+        "scanning the truncated segment finds something else"
+    );
+    records
+}
+
+/// Opens a [`HintStore`] on an in-memory backend holding `segment` as
+/// ([`HINT_TARGET`], [`HINT_SEGMENT`]) (and `cursor` as the target's cursor file), then
+/// replays every hint with `next_batch(.., max_bytes, 0)`, marking each delivered.
+/// Returns the number of hints replayed.
+///
+/// # Panics
+/// When an invariant fails: opening fails; recovery counts disagree with the scan;
+/// a replayed hint is not the decoding of a record the scan found at its position, or is
+/// replayed twice; replay does not finish within one batch per pending hint; replayed
+/// plus expired hints are not exactly the pending ones.
+pub fn replay_hint_segment(segment: &[u8], cursor: Option<&[u8]>, max_bytes: u64) -> usize {
+    let mut io = MemSegmentIo::new();
+    io.set_segment_bytes(HINT_TARGET, HINT_SEGMENT, segment.to_vec());
+    if let Some(c) = cursor {
+        io.write_cursor(HINT_TARGET, c, false)
+            .expect("memory backend write");
+    }
+    let (mut store, report) = HintStore::open_with(HintStoreConfig::default(), io)
+        .expect("opening a memory-backed store must not fail on any bytes");
+
+    let header_ok = format::check_segment_header(segment, HINT_TARGET, HINT_SEGMENT).is_ok();
+    let span = Bytes::copy_from_slice(segment);
+    // Records the store may hand out: valid and of the segment's target.
+    let mut expected: BTreeMap<u64, Hint> = BTreeMap::new();
+    if header_ok {
+        let scan = format::scan_segment(segment);
+        assert_eq!(report.segments, 1);
+        assert_eq!(report.torn_bytes, segment.len() as u64 - scan.keep_len);
+        for item in &scan.items {
+            if let ScanItem::Record { offset, len } = *item {
+                let h = format::decode_record_in(&span, offset as usize, len as usize)
+                    .expect("scanned record decodes");
+                if h.target == HINT_TARGET {
+                    expected.insert(offset, h);
+                }
+            }
+        }
+        assert_eq!(
+            report.records,
+            expected.len() as u64,
+            "recovered record count"
+        );
+    } else {
+        assert_eq!(report.segments, 0, "a bad-header segment was opened");
+        assert_eq!(report.records, 0);
+    }
+    assert!(report.pending <= report.records);
+
+    let mut seen = BTreeSet::new();
+    let mut finished = false;
+    for _ in 0..=report.pending {
+        let batch = store
+            .next_batch(HINT_TARGET, max_bytes, 0)
+            .expect("memory-backed replay must not fail");
+        if batch.is_empty() {
+            finished = true;
+            break;
+        }
+        for (pos, hint) in batch {
+            assert_eq!(pos.segment, HINT_SEGMENT, "hint from an unknown segment");
+            let want = expected.get(&pos.offset);
+            assert_eq!(
+                want,
+                Some(&hint),
+                "replayed hint is not the record at its offset"
+            );
+            assert!(seen.insert(pos.offset), "hint replayed twice");
+            assert_eq!(store.mark_delivered(HINT_TARGET, pos).ok(), Some(true));
+        }
+    }
+    assert!(
+        finished,
+        "replay did not finish within one batch per pending hint"
+    );
+    let stats = store.stats();
+    assert_eq!(
+        seen.len() as u64 + stats.expired,
+        report.pending,
+        "replayed + expired != pending"
+    );
+    assert_eq!(stats.pending, 0, "hints left pending after a full replay");
+    seen.len()
+}
+
+/// A valid cursor for ([`HINT_TARGET`], [`HINT_SEGMENT`]) marking records done: those
+/// below the `selector % 4`-th record, plus every other record after it if bit 2 is set.
+fn cursor_for(segment: &[u8], selector: u8) -> Vec<u8> {
+    let offsets: Vec<u64> = format::scan_segment(segment)
+        .items
+        .iter()
+        .filter_map(|i| match *i {
+            ScanItem::Record { offset, .. } => Some(offset),
+            ScanItem::Corrupt { .. } => None,
+        })
+        .collect();
+    let k = usize::from(selector % 4).min(offsets.len());
+    let done_below = offsets.get(k).copied().unwrap_or(segment.len() as u64);
+    let done = if selector & 4 == 4 {
+        offsets.iter().skip(k + 1).step_by(2).copied().collect()
+    } else {
+        Vec::new()
+    };
+    format::encode_cursor(&CursorState {
+        next_segment: HINT_SEGMENT + 1,
+        segments: vec![SegmentCursor {
+            segment: HINT_SEGMENT,
+            done_below,
+            done,
+        }],
+    })
+}
+
+/// The cursor decoder accepts or rejects any bytes, and what it accepts round-trips.
+fn check_cursor_decode(bytes: &[u8]) {
+    if let Some(c) = format::decode_cursor(bytes) {
+        assert_eq!(format::decode_cursor(&format::encode_cursor(&c)), Some(c));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dedup log
+
+/// Fuzz entry for the durable dedup state reader, with `dir` an empty scratch directory
+/// reused between calls.
+///
+/// `data[0]` is the mode: bit 1 set → the rest is first turned into records with valid
+/// length and crc prefixes by [`dedup_records_from_payloads`]; bit 0 set → a valid log
+/// header is put in front; clear → the result is the whole file. The bytes after the
+/// mode and the file's record area are also parsed directly ([`parse_dedup_log`]).
+/// Returns what [`open_dedup_log`] returned.
+pub fn fuzz_dedup_state(dir: &Path, data: &[u8]) -> Result<DedupStats, DedupError> {
+    let (mode, rest) = data.split_first().map_or((0, data), |(&m, r)| (m, r));
+    let body = if mode & 2 == 2 {
+        dedup_records_from_payloads(rest)
+    } else {
+        rest.to_vec()
+    };
+    let file = if mode & 1 == 1 {
+        let mut f = crate::dedup::log::header().to_vec();
+        f.extend_from_slice(&body);
+        f
+    } else {
+        body
+    };
+    if file.len() >= crate::dedup::log::HEADER_LEN {
+        parse_dedup_log(&file[crate::dedup::log::HEADER_LEN..]);
+    }
+    parse_dedup_log(rest);
+    open_dedup_log(dir, &file)
+}
+
+/// Wraps record payloads in valid dedup log prefixes: reads a payload length `n` (one
+/// byte, then up to `n` bytes) and writes `n as u32 LE`, the crc32c and the payload,
+/// repeatedly (a payload cut short keeps its announced length: a torn record).
+pub fn dedup_records_from_payloads(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * 2);
+    let mut rest = data;
+    while let Some((&n, tail)) = rest.split_first() {
+        let payload = &tail[..usize::from(n).min(tail.len())];
+        out.extend_from_slice(&u32::from(n).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+        rest = &tail[payload.len()..];
+    }
+    out
+}
+
+/// A valid dedup log file (header included) of `n` pseudo-random records from `seed`,
+/// for building valid inputs to mutate.
+pub fn dedup_log_bytes(seed: u64, n: usize) -> Vec<u8> {
+    use crate::dedup::log::{encode, header, Record};
+    use crate::{ChannelId, IdKey, Origin};
+    let mut rng = SplitMix64::new(seed);
+    let mut out = header().to_vec();
+    for _ in 0..n {
+        let o = Origin {
+            node: NodeId(rng.range_u64(0, 3)),
+            incarnation: rng.range_u64(0, 2),
+        };
+        let c = ChannelId(rng.range_u64(0, 2) as u32);
+        let r = match rng.range_u64(0, 2) {
+            0 => Record::SeqDone(o, c, rng.range_u64(0, 300)),
+            1 => Record::Floor(o, c, rng.range_u64(0, 300)),
+            _ => Record::KeyDone(IdKey(u128::from(rng.next_u64())), rng.next_u64()),
+        };
+        encode(&r, &mut out);
+    }
+    out
+}
+
+/// Parses a dedup log's record area (the bytes after the 16-byte header) and returns the
+/// number of records recovered.
+///
+/// # Panics
+/// When an invariant fails: the kept length exceeds the input or disagrees with the torn
+/// byte count; parsing the kept prefix (what recovery truncates to) finds different
+/// records or corruption counts, or a torn tail; the recovered records do not re-encode
+/// into a log that parses back to exactly them.
+pub fn parse_dedup_log(records: &[u8]) -> usize {
+    use crate::dedup::log::{encode, parse};
+    let (rec, keep) = parse(records);
+    assert!(keep <= records.len(), "keep past the end");
+    assert_eq!(rec.torn_bytes, (records.len() - keep) as u64, "torn bytes");
+    let (kept, keep2) = parse(&records[..keep]);
+    assert_eq!(keep2, keep, "re-parse of the kept prefix");
+    assert_eq!(kept.records, rec.records, "kept prefix holds other records");
+    assert_eq!(kept.corrupt_skipped, rec.corrupt_skipped, "corrupt count");
+    assert_eq!(kept.torn_bytes, 0, "the kept prefix has a torn tail");
+    let mut clean = Vec::new();
+    for r in &rec.records {
+        encode(r, &mut clean);
+    }
+    let (again, keep3) = parse(&clean);
+    assert_eq!(again.records, rec.records, "record round trip");
+    assert_eq!((keep3, again.corrupt_skipped), (clean.len(), 0));
+    rec.records.len()
+}
+
+/// `true` while the known bug found by the `dedup_state` fuzzer is open: `DedupLog::open`
+/// (src/dedup/log.rs), given a log torn inside its 16-byte header (1–15 bytes that are a
+/// prefix of the header), calls `set_len(0)` and writes the header without seeking back
+/// to 0, so the header lands after a hole of zeros at the old length; the next open then
+/// fails with `BadHeader`. [`open_dedup_log`] skips its file/reopen checks for such
+/// inputs while this is `true` (the ignored regression test
+/// `regression_dedup_log_torn_header_reopens` in `tests/fuzz_twins.rs` shows the bug).
+/// Set it to `false` once the bug is fixed.
+pub const TORN_HEADER_BUG_OPEN: bool = true;
+
+/// Writes `file` as the dedup log in `dir` (replacing any), opens a durable [`Dedup`] on
+/// it (small tables, no fsync), then reopens it.
+///
+/// Returns the first open's result: `Ok` with its stats, or the typed error.
+///
+/// # Panics
+/// When an invariant fails: the open fails other than by `BadHeader` on a file without
+/// a valid header (or succeeds on one); the torn/corrupt counts disagree with
+/// [`parse_dedup_log`]'s parser; the file is not truncated to its intact part; a rejected
+/// file was modified; the reopen finds a torn tail or other counts.
+pub fn open_dedup_log(dir: &Path, file: &[u8]) -> Result<DedupStats, DedupError> {
+    use crate::dedup::log::{header, parse, HEADER_LEN, LOG_NAME};
+    let path = dir.join(LOG_NAME);
+    std::fs::write(&path, file).expect("writing the scratch log");
+    let cfg = DedupConfig {
+        window: 64,
+        max_streams: 8,
+        table_capacity: 64,
+        durable: Some(DurableDedup {
+            dir: dir.to_path_buf(),
+            fsync: FsyncPolicy::Never,
+            compact_after_bytes: u64::MAX,
+        }),
+        ..DedupConfig::default()
+    };
+    let now = Instant::now();
+    let fresh = file.len() < HEADER_LEN && header().starts_with(file);
+    let header_ok = file.len() >= HEADER_LEN && file[..12] == header()[..12];
+    let r = Dedup::open_at(cfg.clone(), now).map(|d| d.stats());
+    let on_disk = std::fs::read(&path).expect("reading the scratch log");
+    match &r {
+        Err(DedupError::BadHeader { .. }) if !fresh && !header_ok => {
+            assert_eq!(on_disk, file, "a rejected log was modified");
+            return r;
+        }
+        Ok(s) if fresh => {
+            assert_eq!((s.torn_bytes_truncated, s.corrupt_records_skipped), (0, 0));
+            if TORN_HEADER_BUG_OPEN && !file.is_empty() {
+                // Known bug, see TORN_HEADER_BUG_OPEN: the rewrite lands after a hole.
+                return r;
+            }
+            assert_eq!(on_disk, header(), "a new log must hold just the header");
+        }
+        Ok(s) if header_ok => {
+            let (rec, keep) = parse(&file[HEADER_LEN..]);
+            assert_eq!(s.torn_bytes_truncated, rec.torn_bytes, "torn bytes");
+            assert_eq!(s.corrupt_records_skipped, rec.corrupt_skipped, "corrupt");
+            assert_eq!(
+                on_disk,
+                file[..HEADER_LEN + keep],
+                "not truncated to intact"
+            );
+        }
+        other => panic!("unexpected open outcome {other:?} (fresh {fresh}, header {header_ok})"),
+    }
+    let before = r.as_ref().map(|s| s.corrupt_records_skipped).unwrap_or(0);
+    let again = Dedup::open_at(cfg, now)
+        .expect("reopening a recovered log must succeed")
+        .stats();
+    assert_eq!(again.torn_bytes_truncated, 0, "recovery left a torn tail");
+    assert_eq!(
+        again.corrupt_records_skipped, before,
+        "reopen corrupt count"
+    );
+    r
+}
