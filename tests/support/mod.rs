@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests.
 #![allow(unreachable_pub, dead_code)]
 
+pub mod child;
 pub mod proxy;
 pub mod sim;
