@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests.
 #![allow(unreachable_pub, dead_code)]
 
+pub mod child;
 pub mod proxy;
 pub mod reliability;
 pub mod sim;
