@@ -509,16 +509,6 @@ pub fn parse_dedup_log(records: &[u8]) -> usize {
     rec.records.len()
 }
 
-/// `true` while the known bug found by the `dedup_state` fuzzer is open: `DedupLog::open`
-/// (src/dedup/log.rs), given a log torn inside its 16-byte header (1–15 bytes that are a
-/// prefix of the header), calls `set_len(0)` and writes the header without seeking back
-/// to 0, so the header lands after a hole of zeros at the old length; the next open then
-/// fails with `BadHeader`. [`open_dedup_log`] skips its file/reopen checks for such
-/// inputs while this is `true` (the ignored regression test
-/// `regression_dedup_log_torn_header_reopens` in `tests/fuzz_twins.rs` shows the bug).
-/// Set it to `false` once the bug is fixed.
-pub const TORN_HEADER_BUG_OPEN: bool = true;
-
 /// Writes `file` as the dedup log in `dir` (replacing any), opens a durable [`Dedup`] on
 /// it (small tables, no fsync), then reopens it.
 ///
@@ -556,10 +546,6 @@ pub fn open_dedup_log(dir: &Path, file: &[u8]) -> Result<DedupStats, DedupError>
         }
         Ok(s) if fresh => {
             assert_eq!((s.torn_bytes_truncated, s.corrupt_records_skipped), (0, 0));
-            if TORN_HEADER_BUG_OPEN && !file.is_empty() {
-                // Known bug, see TORN_HEADER_BUG_OPEN: the rewrite lands after a hole.
-                return r;
-            }
             assert_eq!(on_disk, header(), "a new log must hold just the header");
         }
         Ok(s) if header_ok => {
