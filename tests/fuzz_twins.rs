@@ -3,6 +3,10 @@
 //! valid inputs, so `cargo test` covers what the fuzzers check. Crashes the fuzzers found
 //! are kept below as regression tests.
 
+mod support;
+
+use support::reliability::case_passed;
+
 use ackwire::fuzzing::{
     decode_frames_chunked, dedup_log_bytes, frame_stream_from_bodies, fuzz_dedup_state,
     fuzz_frame_decoder, fuzz_hint_segment, hint_segment_bytes, parse_dedup_log,
@@ -259,6 +263,7 @@ proptest! {
             input.extend_from_slice(&bad);
             fuzz_hint_segment(&input);
         }
+        case_passed("hint-mutated", 256, || ("hint store".into(), "hint segments with bytes flipped, set, inserted, removed, truncated, duplicated".into(), "no panic; only intact records replayed, each once".into()));
     }
 
     /// Property: the dedup log parser never panics on arbitrary bytes, keeps exactly an
@@ -292,6 +297,7 @@ proptest! {
         let mut input = vec![1u8];
         input.extend_from_slice(bad.get(16..).unwrap_or_default());
         let _ = fuzz_dedup_state(dir.path(), &input);
+        case_passed("dedup-mutated", 256, || ("dedup".into(), "durable dedup logs mutated (flips, inserts, removals, truncation)".into(), "no panic; open succeeds truncated to the intact part, or fails with BadHeader".into()));
     }
 }
 

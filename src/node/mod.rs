@@ -304,7 +304,9 @@ impl NodeBuilder {
     }
 
     /// A peer reachable at `addr` (TCP). More can be added later with
-    /// [`Node::add_peer`].
+    /// [`Node::add_peer`]. The failure detector watches it from the start: a peer that
+    /// never answers is declared Down after a few heartbeats (and, with handoff, sends
+    /// to it become hints) rather than only failing each message at its deadline.
     pub fn peer(mut self, id: NodeId, addr: SocketAddr) -> Self {
         self.peers.push((id, addr));
         self
@@ -334,6 +336,7 @@ impl NodeBuilder {
             (None, None) => return Err(NodeError::NoTransport),
         };
         let local_addr = link.local_addr;
+        let watched: Vec<NodeId> = self.peers.iter().map(|(id, _)| *id).collect();
         for (id, addr) in self.peers {
             let _ = link
                 .commands
@@ -346,8 +349,11 @@ impl NodeBuilder {
             Some(cfg) => Some(Spool::open(cfg, origin, start)?),
             None => None,
         };
-        let detector = FailureDetector::new(self.config.detector)
+        let mut detector = FailureDetector::new(self.config.detector)
             .map_err(|e| crate::ConfigError::new(e.to_string()))?;
+        for peer in watched {
+            detector.heartbeat(peer, start); // watched from the start
+        }
         let (health_tx, _) = broadcast::channel(256);
         let endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
         let shared = Arc::new(Shared {
@@ -470,7 +476,8 @@ impl Node {
         self.local_addr
     }
 
-    /// Learn where `peer` is (TCP).
+    /// Learn where `peer` is (TCP); the failure detector watches it from now on (see
+    /// [`NodeBuilder::peer`]).
     pub fn add_peer(&self, peer: NodeId, addr: SocketAddr) {
         let _ = self.commands.send(Command::AddPeer { peer, addr });
     }
@@ -1102,6 +1109,9 @@ impl Driver {
                 self.endpoint.accept_channel(channel, ordered);
             }
             Command::AddPeer { peer, addr } => {
+                if self.detector.state(peer).is_none() {
+                    self.detector.heartbeat(peer, now);
+                }
                 let _ = self
                     .link
                     .commands
