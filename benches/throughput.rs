@@ -28,6 +28,8 @@ use tokio::sync::Notify;
 
 /// Messages per measured iteration.
 const BATCH: u64 = 20_000;
+/// At-most-once: arrivals stopping this long end a batch; the rest count as lost.
+const QUIET: Duration = Duration::from_millis(200);
 const SIZES: [usize; 2] = [64, 1024];
 const GUARANTEES: [Guarantee; 3] = [
     Guarantee::AtMostOnce,
@@ -48,16 +50,33 @@ fn loopback() -> SocketAddr {
 }
 
 /// Counts messages processed by a receiving handler and wakes the bench once a target
-/// count is reached.
-#[derive(Default)]
+/// count is reached; remembers when the last one arrived.
 struct Counter {
     seen: AtomicU64,
     target: AtomicU64,
     reached: Notify,
+    epoch: Instant,
+    /// Nanoseconds after `epoch` of the latest arrival.
+    last: AtomicU64,
+    /// Messages that never arrived (at-most-once only).
+    lost: AtomicU64,
 }
 
 impl Counter {
+    fn new() -> Self {
+        Counter {
+            seen: AtomicU64::new(0),
+            target: AtomicU64::new(0),
+            reached: Notify::new(),
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+        }
+    }
+
     fn add(&self, n: u64) {
+        let at = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(at, Ordering::Relaxed);
         let now = self.seen.fetch_add(n, Ordering::AcqRel) + n;
         if now >= self.target.load(Ordering::Acquire) {
             self.reached.notify_one();
@@ -71,17 +90,24 @@ impl Counter {
         t
     }
 
-    /// Wait until `target` messages were counted, or `limit` passed (returns false).
-    async fn wait(&self, target: u64, limit: Duration) -> bool {
-        let give_up = tokio::time::Instant::now() + limit;
+    /// Wait until `target` messages were counted. If arrivals stop for `quiet` first,
+    /// count the rest as lost and return the time of the last arrival.
+    async fn wait(&self, start: Instant, target: u64, quiet: Duration) -> Duration {
         loop {
-            if self.seen.load(Ordering::Acquire) >= target {
-                return true;
+            let seen = self.seen.load(Ordering::Acquire);
+            if seen >= target {
+                return start.elapsed();
             }
             tokio::select! {
                 _ = self.reached.notified() => {}
-                _ = tokio::time::sleep_until(give_up) => {
-                    return self.seen.load(Ordering::Acquire) >= target;
+                _ = tokio::time::sleep(quiet) => {
+                    if self.seen.load(Ordering::Acquire) == seen {
+                        self.lost.fetch_add(target - seen, Ordering::Relaxed);
+                        // Re-sync so the next batch counts from here.
+                        self.target.store(0, Ordering::Release);
+                        let last = self.epoch + Duration::from_nanos(self.last.load(Ordering::Relaxed));
+                        return last.saturating_duration_since(start);
+                    }
                 }
             }
         }
@@ -152,7 +178,7 @@ async fn pair() -> Pair {
     for &g in &GUARANTEES {
         for &size in &SIZES {
             ch += 1;
-            let counter = Arc::new(Counter::default());
+            let counter = Arc::new(Counter::new());
             let mut inbox = b.raw_receiver(ChannelId(ch), false).expect("receiver");
             let c = counter.clone();
             tokio::spawn(async move {
@@ -192,18 +218,13 @@ async fn ackwire_batch(s: &Stream) -> Duration {
     }
     if s.guarantee == Guarantee::AtMostOnce {
         drop(receipts);
-        if !s.counter.wait(target, Duration::from_secs(2)).await {
-            let got = s.counter.seen.load(Ordering::Acquire) + BATCH - target;
-            eprintln!("at-most-once batch: only {got} of {BATCH} arrived (counted as lost)");
-            // Re-sync so the next batch counts from here.
-            s.counter.target.store(0, Ordering::Release);
-        }
+        s.counter.wait(start, target, QUIET).await
     } else {
         for r in receipts {
             r.await.expect("acked");
         }
+        start.elapsed()
     }
-    start.elapsed()
 }
 
 /// The raw TCP baseline: one connection, `u32` length prefix, a counting reader.
@@ -215,7 +236,7 @@ struct Raw {
 async fn raw() -> Raw {
     let listener = TcpListener::bind(loopback()).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let counter = Arc::new(Counter::default());
+    let counter = Arc::new(Counter::new());
     let c = counter.clone();
     tokio::spawn(async move {
         let (sock, _) = listener.accept().await.expect("accept");
@@ -252,8 +273,7 @@ async fn raw_batch(raw: &Raw, payload: &[u8]) -> Duration {
         w.write_all(payload).await.expect("write");
     }
     w.flush().await.expect("flush");
-    assert!(raw.counter.wait(target, Duration::from_secs(10)).await);
-    start.elapsed()
+    raw.counter.wait(start, target, QUIET).await
 }
 
 fn guarantee_name(g: Guarantee) -> &'static str {
@@ -313,6 +333,16 @@ fn throughput(c: &mut Criterion) {
             sb.proto.dedup_refused
         );
     }
+    for s in &pair.streams {
+        let lost = s.counter.lost.load(Ordering::Relaxed);
+        let seen = s.counter.seen.load(Ordering::Relaxed);
+        eprintln!(
+            "{} {} B: received {seen}, lost {lost}",
+            guarantee_name(s.guarantee),
+            s.payload.len()
+        );
+    }
+    eprintln!("raw tcp lost: {}", raw.counter.lost.load(Ordering::Relaxed));
     eprintln!("sender tcp: {:?}", pair.a_tcp.snapshot());
     eprintln!("receiver tcp: {:?}", pair.b_tcp.snapshot());
     rt.block_on(async {
