@@ -71,6 +71,7 @@
 pub mod dedup;
 pub mod detector;
 mod error;
+mod fasthash;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handoff;

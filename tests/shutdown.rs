@@ -33,8 +33,16 @@ async fn receiver(net: &MemNetwork) -> (Node, Seen) {
 }
 
 async fn sender(net: &MemNetwork, hints: Option<&std::path::Path>) -> Node {
+    sender_draining(net, hints, Duration::from_secs(2)).await
+}
+
+async fn sender_draining(
+    net: &MemNetwork,
+    hints: Option<&std::path::Path>,
+    drain: Duration,
+) -> Node {
     let mut cfg = NodeConfig::default();
-    cfg.shutdown_drain = Duration::from_secs(2);
+    cfg.shutdown_drain = drain;
     cfg.handoff = hints.map(HandoffConfig::new);
     Node::builder(A)
         .transport(net.transport(A))
@@ -91,7 +99,8 @@ async fn shutdown_drains_in_flight_messages() {
         .delay(Duration::from_millis(1), Duration::from_millis(5));
     let net = MemNetwork::new(plan).unwrap();
     let (_b, seen) = receiver(&net).await;
-    let a = sender(&net, None).await;
+    // 20 % loss with a 200 ms minimum RTO and backoff: give the drain room.
+    let a = sender_draining(&net, None, Duration::from_secs(30)).await;
     let out = a
         .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::AtLeastOnce))
         .unwrap();

@@ -371,7 +371,7 @@ impl NodeBuilder {
             endpoint,
             link,
             commands: cmd_rx,
-            receipts: HashMap::new(),
+            receipts: Default::default(),
             receivers: HashMap::new(),
             shared: shared.clone(),
             self_tx: cmd_tx.clone(),
@@ -387,6 +387,7 @@ impl NodeBuilder {
             handoff_refused: 0,
             shutdown_drain: self.config.shutdown_drain,
             draining_until: None,
+            clock: start,
         };
         let task = tokio::spawn(driver.run());
         Ok(Node {
@@ -966,7 +967,8 @@ struct Driver {
     endpoint: Endpoint,
     link: Link,
     commands: mpsc::UnboundedReceiver<Command>,
-    receipts: HashMap<SendRef, (Guarantee, oneshot::Sender<Result<Outcome, SendError>>)>,
+    receipts:
+        crate::fasthash::FastMap<SendRef, (Guarantee, oneshot::Sender<Result<Outcome, SendError>>)>,
     receivers: HashMap<ChannelId, mpsc::Sender<Delivery<Bytes>>>,
     shared: Arc<Shared>,
     /// Handed to deliveries so their completions come back here.
@@ -983,6 +985,8 @@ struct Driver {
     handoff_refused: u64,
     shutdown_drain: Duration,
     draining_until: Option<std::time::Instant>,
+    /// The driver's notion of now: read once per wake-up.
+    clock: std::time::Instant,
 }
 
 /// Work items taken per wake-up before frames are flushed, so bursts batch.
@@ -1001,6 +1005,8 @@ impl Driver {
                 biased;
                 cmd = self.commands.recv() => {
                     let Some(cmd) = cmd else { break };
+                    // One clock read per burst, not per item (it showed in profiles).
+                    self.clock = now();
                     if !self.on_command(cmd) { break; }
                     for _ in 0..BURST {
                         match self.commands.try_recv() {
@@ -1011,6 +1017,7 @@ impl Driver {
                 }
                 ev = self.link.events.recv() => {
                     let Some(ev) = ev else { break };
+                    self.clock = now();
                     self.on_link(ev);
                     for _ in 0..BURST {
                         match self.link.events.try_recv() {
@@ -1022,6 +1029,7 @@ impl Driver {
                 _ = &mut sleep, if deadline.is_some() => {}
             }
             let now = now();
+            self.clock = now;
             if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
                 self.endpoint.handle_timeout(now);
             }
@@ -1057,7 +1065,7 @@ impl Driver {
     }
 
     fn on_command(&mut self, cmd: Command) -> bool {
-        let now = now();
+        let now = self.clock;
         match cmd {
             Command::Send {
                 reply,
@@ -1153,7 +1161,7 @@ impl Driver {
     }
 
     fn on_link(&mut self, ev: LinkEvent) {
-        let now = now();
+        let now = self.clock;
         match ev {
             LinkEvent::Up { origin } => {
                 tracing::debug!(peer = %origin, "peer up");
@@ -1169,7 +1177,7 @@ impl Driver {
     }
 
     fn dispatch(&mut self) {
-        let now = now();
+        let now = self.clock;
         while let Some(ev) = self.endpoint.poll_event() {
             match ev {
                 Event::Deliver { delivery, payload } => {
@@ -1286,7 +1294,7 @@ impl Driver {
     }
 
     fn next_deadline(&self) -> Option<std::time::Instant> {
-        let now = now();
+        let now = self.clock;
         [
             self.endpoint.poll_timeout(),
             Some(self.next_heartbeat),

@@ -12,6 +12,7 @@ use super::config::ProtoConfig;
 use super::inbound::{Arrival, InboundStream};
 use super::outbound::{OutEvent, OutboundStream};
 use crate::dedup::{Admit, Dedup};
+use crate::fasthash::FastMap;
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
 use crate::retry::GiveUp;
 use crate::rng::SplitMix64;
@@ -186,8 +187,8 @@ pub struct Endpoint {
     config: ProtoConfig,
     dedup: Arc<Dedup>,
     peers: HashMap<NodeId, Peer>,
-    outbound: HashMap<(NodeId, ChannelId), OutboundStream>,
-    inbound: HashMap<(Origin, ChannelId), InboundStream>,
+    outbound: FastMap<(NodeId, ChannelId), OutboundStream>,
+    inbound: FastMap<(Origin, ChannelId), InboundStream>,
     ordered: HashMap<ChannelId, bool>,
     transmit: VecDeque<(NodeId, Frame)>,
     events: VecDeque<Event>,
@@ -207,8 +208,8 @@ impl Endpoint {
             config,
             dedup,
             peers: HashMap::new(),
-            outbound: HashMap::new(),
-            inbound: HashMap::new(),
+            outbound: FastMap::default(),
+            inbound: FastMap::default(),
             ordered: HashMap::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
@@ -517,13 +518,18 @@ impl Endpoint {
         if let Some(t) = self.transmit.pop_front() {
             return Some(t);
         }
+        // Move every stream's ready frames at once (one pass over the streams and one
+        // event drain per stream, not per frame).
         for (&(peer, channel), s) in self.outbound.iter_mut() {
-            if let Some(data) = s.poll_transmit(now) {
+            let before = self.transmit.len();
+            while let Some(data) = s.poll_transmit(now) {
+                self.transmit.push_back((peer, Frame::Data(data)));
+            }
+            if self.transmit.len() > before {
                 Self::drain_stream(&mut self.events, &mut self.stats, peer, channel, s);
-                return Some((peer, Frame::Data(data)));
             }
         }
-        None
+        self.transmit.pop_front()
     }
 
     /// Next event for the owner.

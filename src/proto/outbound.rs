@@ -79,6 +79,9 @@ pub(crate) struct OutboundStream {
     retransmits: u64,
     /// Slots freed at the front since the last `take_opened`.
     opened: u64,
+    /// RTT sample from the newest never-retransmitted message settled by the current
+    /// ack frame: one estimator update per ack, not per message.
+    sample: Option<Duration>,
 }
 
 impl OutboundStream {
@@ -110,6 +113,7 @@ impl OutboundStream {
             events: VecDeque::new(),
             retransmits: 0,
             opened: 0,
+            sample: None,
         }
     }
 
@@ -283,6 +287,9 @@ impl OutboundStream {
                 s += 1;
             }
         }
+        if let Some(rtt) = self.sample.take() {
+            self.rtt.on_sample(rtt);
+        }
     }
 
     /// The receiver failed `seq`: retransmit it promptly.
@@ -397,7 +404,7 @@ impl OutboundStream {
             if let Some(now) = acked_at {
                 // Karn's rule: only never-retransmitted messages give RTT samples.
                 if let (1, Some(sent)) = (m.attempts, m.last_sent) {
-                    self.rtt.on_sample(now.saturating_duration_since(sent));
+                    self.sample = Some(now.saturating_duration_since(sent));
                 }
                 // An ack is evidence the target keeps up: it earns retry budget too, so
                 // a target back from a partition gets its backlog retried at the pace
