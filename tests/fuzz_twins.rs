@@ -6,6 +6,7 @@
 mod support;
 
 use support::reliability::case_passed;
+use support::strategies::{self, guarantee, message_id};
 
 use ackwire::fuzzing::{
     decode_frames_chunked, dedup_log_bytes, frame_stream_from_bodies, fuzz_dedup_state,
@@ -23,79 +24,8 @@ use proptest::prelude::*;
 // ---------------------------------------------------------------------------------------
 // Strategies
 
-fn origin() -> impl Strategy<Value = Origin> {
-    (0u64..4, any::<u64>()).prop_map(|(n, i)| Origin {
-        node: NodeId(n),
-        incarnation: i,
-    })
-}
-
-fn message_id() -> impl Strategy<Value = MessageId> {
-    prop_oneof![
-        (origin(), any::<u32>(), any::<u64>()).prop_map(|(origin, c, seq)| MessageId::Seq {
-            origin,
-            channel: ChannelId(c),
-            seq
-        }),
-        any::<u128>().prop_map(|k| MessageId::Key(IdKey(k))),
-    ]
-}
-
-fn guarantee() -> impl Strategy<Value = Guarantee> {
-    prop_oneof![
-        Just(Guarantee::AtMostOnce),
-        Just(Guarantee::AtLeastOnce),
-        Just(Guarantee::EffectivelyOnce)
-    ]
-}
-
 fn frame() -> impl Strategy<Value = Frame> {
-    prop_oneof![
-        (origin(), any::<u16>())
-            .prop_map(|(origin, version)| Frame::Handshake(Handshake { version, origin })),
-        (
-            any::<u32>(),
-            any::<u64>(),
-            any::<u64>(),
-            any::<u64>(),
-            proptest::option::of(message_id()),
-            guarantee(),
-            proptest::collection::vec(any::<u8>(), 0..64),
-        )
-            .prop_map(|(c, seq, floor, idf, id, guarantee, p)| Frame::Data(Data {
-                channel: ChannelId(c),
-                seq,
-                floor,
-                id_floor: idf.min(floor),
-                id,
-                guarantee,
-                payload: Bytes::from(p),
-            })),
-        (
-            any::<u32>(),
-            any::<u64>(),
-            any::<u64>(),
-            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..4)
-        )
-            .prop_map(|(c, incarnation, cumulative, r)| Frame::Ack(Ack {
-                channel: ChannelId(c),
-                incarnation,
-                cumulative,
-                ranges: r
-                    .into_iter()
-                    .map(|(start, end)| SeqRange { start, end })
-                    .collect(),
-            })),
-        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(c, incarnation, seq)| {
-            Frame::Nack(Nack {
-                channel: ChannelId(c),
-                incarnation,
-                seq,
-            })
-        }),
-        any::<u64>().prop_map(|nonce| Frame::Ping(Heartbeat { nonce })),
-        any::<u64>().prop_map(|nonce| Frame::Pong(Heartbeat { nonce })),
-    ]
+    strategies::frame(64, 4)
 }
 
 fn hint() -> impl Strategy<Value = Hint> {

@@ -4,96 +4,19 @@
 mod support;
 
 use support::reliability::case_passed;
+use support::strategies;
 
 use ackwire::wire::{
-    encode, Ack, Data, DecodeError, Frame, FrameDecoder, FrameEncoder, Handshake, Heartbeat, Nack,
-    SeqRange, DEFAULT_MAX_FRAME_LEN, FRAME_PREFIX_LEN,
+    encode, Data, DecodeError, Frame, FrameDecoder, FrameEncoder, Heartbeat, DEFAULT_MAX_FRAME_LEN,
+    FRAME_PREFIX_LEN,
 };
-use ackwire::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
+use ackwire::{ChannelId, Guarantee};
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 
-fn origin() -> impl Strategy<Value = Origin> {
-    (any::<u64>(), any::<u64>()).prop_map(|(n, i)| Origin {
-        node: NodeId(n),
-        incarnation: i,
-    })
-}
-
-fn message_id() -> impl Strategy<Value = MessageId> {
-    prop_oneof![
-        (origin(), any::<u32>(), any::<u64>()).prop_map(|(origin, c, seq)| MessageId::Seq {
-            origin,
-            channel: ChannelId(c),
-            seq
-        }),
-        any::<u128>().prop_map(|k| MessageId::Key(IdKey(k))),
-    ]
-}
-
-fn guarantee() -> impl Strategy<Value = Guarantee> {
-    prop_oneof![
-        Just(Guarantee::AtMostOnce),
-        Just(Guarantee::AtLeastOnce),
-        Just(Guarantee::EffectivelyOnce)
-    ]
-}
-
-fn data() -> impl Strategy<Value = Frame> {
-    (
-        any::<u32>(),
-        any::<u64>(),
-        any::<u64>(),
-        any::<u64>(),
-        proptest::option::of(message_id()),
-        guarantee(),
-        proptest::collection::vec(any::<u8>(), 0..4096),
-    )
-        .prop_map(|(c, seq, floor, id_gap, id, guarantee, payload)| {
-            Frame::Data(Data {
-                channel: ChannelId(c),
-                seq,
-                floor,
-                // The id floor never exceeds the stream floor.
-                id_floor: floor.saturating_sub(id_gap),
-                id,
-                guarantee,
-                payload: Bytes::from(payload),
-            })
-        })
-}
-
-/// Every frame type with arbitrary field values.
+/// Every frame type, payloads up to 4 KiB.
 fn frame() -> impl Strategy<Value = Frame> {
-    prop_oneof![
-        (any::<u16>(), origin())
-            .prop_map(|(version, origin)| Frame::Handshake(Handshake { version, origin })),
-        data(),
-        (
-            any::<u32>(),
-            any::<u64>(),
-            any::<u64>(),
-            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..64)
-        )
-            .prop_map(|(c, incarnation, cumulative, r)| Frame::Ack(Ack {
-                channel: ChannelId(c),
-                incarnation,
-                cumulative,
-                ranges: r
-                    .into_iter()
-                    .map(|(start, end)| SeqRange { start, end })
-                    .collect(),
-            })),
-        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(c, incarnation, seq)| {
-            Frame::Nack(Nack {
-                channel: ChannelId(c),
-                incarnation,
-                seq,
-            })
-        }),
-        any::<u64>().prop_map(|nonce| Frame::Ping(Heartbeat { nonce })),
-        any::<u64>().prop_map(|nonce| Frame::Pong(Heartbeat { nonce })),
-    ]
+    strategies::frame(4096, 64)
 }
 
 fn encoded(frames: &[Frame]) -> BytesMut {

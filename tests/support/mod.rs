@@ -5,3 +5,4 @@ pub mod child;
 pub mod proxy;
 pub mod reliability;
 pub mod sim;
+pub mod strategies;
