@@ -137,6 +137,7 @@ async fn down_target_gets_every_message_exactly_once_after_it_returns() {
         states.contains(&Health::Down) && states.last() == Some(&Health::Up),
         "{states:?}"
     );
+    println!("reliability: hinted handoff | target off the network until declared Down, then back | 1 run x 300 msgs | 200 stored as hints; all 300 processed exactly once; Down and Up reported");
 }
 
 /// Messages in flight when the target goes down are handed off too, and the
@@ -169,6 +170,7 @@ async fn coordinator_restart_keeps_and_replays_hints() {
     }
     let hints = a2.stats().await.unwrap().hints.unwrap();
     assert_eq!(hints.pending, 0, "{hints:?}");
+    println!("reliability: hinted handoff | coordinator restarted while 150 in-flight messages were held as hints | 1 run | all replayed by the new run, each processed exactly once");
 }
 
 /// A target down longer than the max hint window gets no new hints: the send fails
@@ -294,4 +296,5 @@ async fn expired_hints_are_dropped_not_delivered() {
         assert!(!seen.contains_key(&i), "expired hint {i} was delivered");
     }
     assert_eq!(a.stats().await.unwrap().hints.unwrap().expired, 10);
+    println!("reliability: hinted handoff | target away longer than the hint TTL | 1 run x 10 hints | expired hints dropped and counted, never delivered; later messages still flow");
 }

@@ -89,6 +89,7 @@ async fn unacked_messages_are_spooled_and_replayed_after_restart() {
         assert_eq!(seen.get(&i), Some(&1), "message {i}");
     }
     assert_eq!(a2.stats().await.unwrap().hints.unwrap().pending, 0);
+    println!("reliability: graceful shutdown | shutdown with 500 messages unacknowledged (target partitioned), then restart | 1 run | all spooled to hints (HandedOff), replayed after restart, each processed exactly once");
 }
 
 /// With a reachable target, shutdown waits for the acks: every receipt resolves Acked.
