@@ -20,7 +20,9 @@
 //!   JetStream); a resend after that is processed again.
 //! * **Restarts.** In memory, the dedup state dies with the receiver process: across a
 //!   restart effectively-once degrades to at-least-once. With
-//!   [`dedup::DurableDedup`] it is persisted (crc-checked log) before the ack is sent.
+//!   [`dedup::DurableDedup`] it is persisted (crc-checked log, one group-committed
+//!   fsync per burst) before the ack is sent; a failed write is counted in
+//!   `ProtoStats::dedup_persist_errors` and the ack still sent.
 //! * **Side effects.** If the handler crashes after its side effect but before
 //!   `ack()`, the message is redelivered: handlers should still be idempotent, or
 //!   commit their effect and the ack's dedup record together.
