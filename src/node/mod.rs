@@ -351,15 +351,15 @@ impl NodeBuilder {
         };
         let mut detector = FailureDetector::new(self.config.detector)
             .map_err(|e| crate::ConfigError::new(e.to_string()))?;
-        for peer in watched {
-            detector.heartbeat(peer, start); // watched from the start
+        for peer in &watched {
+            detector.heartbeat(*peer, start); // watched from the start
         }
         let (health_tx, _) = broadcast::channel(256);
         let endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
         let shared = Arc::new(Shared {
             windows: Mutex::new(HashMap::new()),
             receivers: Mutex::new(HashMap::new()),
-            health: Mutex::new(HashMap::new()),
+            health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),
             health_tx: health_tx.clone(),
             receiver_buffer: self.config.receiver_buffer,
             window: self.config.proto.max_in_flight,
@@ -1118,7 +1118,7 @@ impl Driver {
             }
             Command::AddPeer { peer, addr } => {
                 if self.detector.state(peer).is_none() {
-                    self.detector.heartbeat(peer, now);
+                    self.watch(peer, now);
                 }
                 let _ = self
                     .link
@@ -1165,7 +1165,7 @@ impl Driver {
         match ev {
             LinkEvent::Up { origin } => {
                 tracing::debug!(peer = %origin, "peer up");
-                self.detector.heartbeat(origin.node, now);
+                self.watch(origin.node, now);
                 self.endpoint.handle_peer_up(now, origin);
             }
             LinkEvent::Down { peer } => {
@@ -1307,6 +1307,17 @@ impl Driver {
         .min()
     }
 
+    /// Start (or keep) watching `peer` in the failure detector; a peer seen for the
+    /// first time is published as Up.
+    fn watch(&mut self, peer: NodeId, now: std::time::Instant) {
+        let new = self.detector.state(peer).is_none();
+        self.detector.heartbeat(peer, now);
+        if new {
+            let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
+            h.entry(peer).or_insert(Health::Up);
+        }
+    }
+
     /// Heartbeats, failure detection, handoff and replay.
     fn housekeeping(&mut self, now: std::time::Instant) {
         if now >= self.next_heartbeat {
@@ -1329,28 +1340,23 @@ impl Driver {
                 self.hand_off_to_down(change.peer, None, now);
             }
         }
-        // Peers heard from for the first time are Up without a transition.
-        {
-            let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
-            for (peer, state) in self.detector.peers() {
-                h.entry(peer).or_insert(state);
-            }
-        }
         if let Some(spool) = &mut self.spool {
             spool.tick(&mut self.endpoint, now);
-            let detector = &self.detector;
-            let endpoint_up: Vec<NodeId> = detector
-                .peers()
-                .filter(|(p, h)| *h != Health::Down && self.endpoint.is_up(*p))
-                .map(|(p, _)| p)
-                .collect();
-            let shared = &self.shared;
-            spool.replay(
-                &mut self.endpoint,
-                |r| shared.window_for(r.peer, r.channel),
-                |p| endpoint_up.contains(&p),
-                now,
-            );
+            if spool.has_replay_work() {
+                let (detector, endpoint) = (&self.detector, &mut self.endpoint);
+                let ready: Vec<NodeId> = detector
+                    .peers()
+                    .filter(|(p, h)| *h != Health::Down && endpoint.is_up(*p))
+                    .map(|(p, _)| p)
+                    .collect();
+                let shared = &self.shared;
+                spool.replay(
+                    endpoint,
+                    |peer, channel| shared.window_for(peer, channel),
+                    |p| ready.contains(&p),
+                    now,
+                );
+            }
         }
         self.dispatch();
     }

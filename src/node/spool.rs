@@ -89,6 +89,9 @@ pub(crate) struct Spool {
     /// This run's own handed-off messages, holding the id floor, with their expiry.
     own_hinted: BTreeMap<(NodeId, u32, u64), u64>,
     next_expire: Instant,
+    /// The last replay round sent nothing and nothing is outstanding: every pending
+    /// target is away. No fast tick then; the peer's return wakes the driver anyway.
+    blocked: bool,
 }
 
 impl Spool {
@@ -114,6 +117,7 @@ impl Spool {
             outstanding: HashMap::new(),
             own_hinted: BTreeMap::new(),
             next_expire: now,
+            blocked: false,
         })
     }
 
@@ -165,7 +169,7 @@ impl Spool {
     pub(crate) fn replay(
         &mut self,
         endpoint: &mut Endpoint,
-        window: impl Fn(SendRef) -> std::sync::Arc<Semaphore>,
+        window: impl Fn(NodeId, crate::ChannelId) -> std::sync::Arc<Semaphore>,
         ready: impl Fn(NodeId) -> bool,
         now: Instant,
     ) {
@@ -178,6 +182,7 @@ impl Spool {
             .chain(self.queued.keys().copied())
             .collect();
         let now_ms = unix_ms(SystemTime::now());
+        self.blocked = true;
         for target in targets {
             if !ready(target) {
                 continue;
@@ -205,19 +210,16 @@ impl Spool {
                 let Some((_, hint)) = queue.front() else {
                     break;
                 };
-                let probe = SendRef {
-                    peer: target,
-                    channel: hint.channel,
-                    seq: 0,
-                };
+                let channel = hint.channel;
                 if self
                     .throttle
                     .try_take(hint.payload.len() as u64, now)
                     .is_err()
                 {
+                    self.blocked = false; // throttled, not blocked: come back soon
                     return; // the throttle covers every target
                 }
-                let Ok(permit) = window(probe).try_acquire_owned() else {
+                let Ok(permit) = window(target, channel).try_acquire_owned() else {
                     break; // the stream's window is full; next tick
                 };
                 let Some((pos, hint)) = queue.pop_front() else {
@@ -245,6 +247,14 @@ impl Spool {
                 }
             }
         }
+        if !self.replaying.is_empty() {
+            self.blocked = false; // acks are coming back: keep the fast tick
+        }
+    }
+
+    /// Are there hints to replay (queued here or pending in the store)?
+    pub(crate) fn has_replay_work(&self) -> bool {
+        self.store.stats().pending > 0 || self.queued.values().any(|q| !q.is_empty())
     }
 
     /// `send` was acknowledged. Returns whether it was a replayed hint.
@@ -329,13 +339,16 @@ impl Spool {
         }
     }
 
-    /// When the driver must call back: fsync deadline, or the replay tick while hints
-    /// are pending.
+    /// When the driver must call back: the fsync deadline; the replay tick while hints
+    /// can be replayed; the expiry check while this run's hints await their TTL.
     pub(crate) fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let pending = !self.queued.values().all(VecDeque::is_empty)
-            || self.store.targets().iter().any(|t| t.pending > 0)
-            || !self.own_hinted.is_empty();
-        let tick = pending.then_some(now + REPLAY_TICK);
+        let tick = if self.has_replay_work() && !self.blocked {
+            Some(now + REPLAY_TICK)
+        } else if self.has_replay_work() || !self.own_hinted.is_empty() {
+            Some(self.next_expire.max(now))
+        } else {
+            None
+        };
         match (self.store.next_sync_deadline(), tick) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
