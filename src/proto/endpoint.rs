@@ -197,6 +197,8 @@ pub struct Endpoint {
     stats: ProtoStats,
     /// Durable dedup records written but not yet fsynced.
     dedup_unsynced: bool,
+    /// Peers with an unpolled `Event::Heard` (a handful at most).
+    heard_pending: Vec<NodeId>,
 }
 
 impl Endpoint {
@@ -217,6 +219,7 @@ impl Endpoint {
             rng: SplitMix64::new(seed),
             stats: ProtoStats::default(),
             dedup_unsynced: false,
+            heard_pending: Vec::new(),
         }
     }
 
@@ -266,20 +269,6 @@ impl Endpoint {
         let seq = stream.send(now, payload, id, deadline);
         self.stats.sent += 1;
         Ok(SendRef { peer, channel, seq })
-    }
-
-    /// Current window span of a stream (0 if none).
-    pub fn span(&self, peer: NodeId, channel: ChannelId) -> u64 {
-        self.outbound
-            .get(&(peer, channel))
-            .map_or(0, OutboundStream::span)
-    }
-
-    /// Unsettled messages of a stream.
-    pub fn in_flight(&self, peer: NodeId, channel: ChannelId) -> usize {
-        self.outbound
-            .get(&(peer, channel))
-            .map_or(0, OutboundStream::live)
     }
 
     /// Unsettled messages to `peer`, with their payload and dedup identity (for handing
@@ -398,7 +387,11 @@ impl Endpoint {
             self.stats.frames_ignored += 1;
             return;
         };
-        self.events.push_back(Event::Heard(from));
+        // One Heard per peer until the owner has seen it, not one per frame.
+        if !self.heard_pending.contains(&from) {
+            self.heard_pending.push(from);
+            self.events.push_back(Event::Heard(from));
+        }
         match frame {
             Frame::Data(data) => self.on_data(now, peer_origin, data),
             Frame::Ack(ack) => {
@@ -534,7 +527,11 @@ impl Endpoint {
 
     /// Next event for the owner.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let ev = self.events.pop_front()?;
+        if let Event::Heard(peer) = ev {
+            self.heard_pending.retain(|p| *p != peer);
+        }
+        Some(ev)
     }
 
     fn outbound_stream(

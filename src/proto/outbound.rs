@@ -63,7 +63,6 @@ pub(crate) struct OutboundStream {
     /// Seq of `slots[0]`; everything below is settled.
     base: u64,
     slots: VecDeque<Option<InFlight>>,
-    live: usize,
     /// Implicit-id seqs that were handed off and whose hints are not yet delivered: they
     /// hold the id floor down.
     hinted: BTreeSet<u64>,
@@ -100,7 +99,6 @@ impl OutboundStream {
             next_seq: 1,
             base: 1,
             slots: VecDeque::new(),
-            live: 0,
             hinted: BTreeSet::new(),
             timers: BinaryHeap::new(),
             transmit: VecDeque::new(),
@@ -121,16 +119,6 @@ impl OutboundStream {
         self.guarantee
     }
 
-    /// Messages between the floor and the next seq (the window span).
-    pub(crate) fn span(&self) -> u64 {
-        self.next_seq - self.base
-    }
-
-    /// Messages not yet settled.
-    pub(crate) fn live(&self) -> usize {
-        self.live
-    }
-
     /// Total retransmissions so far.
     pub(crate) fn retransmits(&self) -> u64 {
         self.retransmits
@@ -147,23 +135,13 @@ impl OutboundStream {
     ) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        if self.guarantee == Guarantee::AtMostOnce {
-            // Sent once, nothing kept: settled as soon as it is transmitted.
-            self.slots.push_back(Some(InFlight {
-                payload,
-                id,
-                last_sent: None,
-                deadline: None,
-                attempts: 0,
-                timer_gen: 0,
-                queued: true,
-            }));
-            self.live += 1;
-            self.transmit.push_back(seq);
-            return seq;
-        }
-        self.budget.deposit(now);
-        let deadline = deadline.or(self.deadline).map(|d| now + d);
+        // At-most-once keeps nothing past transmission: no budget, no deadline.
+        let deadline = if self.guarantee == Guarantee::AtMostOnce {
+            None
+        } else {
+            self.budget.deposit(now);
+            deadline.or(self.deadline).map(|d| now + d)
+        };
         self.slots.push_back(Some(InFlight {
             payload,
             id,
@@ -173,7 +151,6 @@ impl OutboundStream {
             timer_gen: 0,
             queued: true,
         }));
-        self.live += 1;
         self.transmit.push_back(seq);
         seq
     }
@@ -330,7 +307,6 @@ impl OutboundStream {
     pub(crate) fn take(&mut self, seq: u64) -> Option<MessageId> {
         let idx = self.index(seq)?;
         let m = self.slots[idx].take()?;
-        self.live -= 1;
         self.compact();
         Some(self.id_of(seq, m.id))
     }
@@ -382,7 +358,6 @@ impl OutboundStream {
             return;
         };
         if let Some(m) = self.slots[idx].take() {
-            self.live -= 1;
             let id = self.id_of(seq, m.id);
             self.events.push_back(OutEvent::GaveUp {
                 seq,
@@ -400,7 +375,6 @@ impl OutboundStream {
             return;
         };
         if let Some(m) = self.slots[idx].take() {
-            self.live -= 1;
             if let Some(now) = acked_at {
                 // Karn's rule: only never-retransmitted messages give RTT samples.
                 if let (1, Some(sent)) = (m.attempts, m.last_sent) {
