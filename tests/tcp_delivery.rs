@@ -78,6 +78,16 @@ async fn hundred_thousand_messages_per_guarantee() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         let stats = a.stats().await.unwrap();
+        let acks = b.stats().await.unwrap().proto.acks_sent;
+        eprintln!("{g:?}: {acks} ack frames for {N} messages");
+        if g != Guarantee::AtMostOnce {
+            // Acks are cumulative + ranges, flushed once per burst of work: a bulk
+            // stream costs far fewer ack frames than messages.
+            assert!(
+                acks > 0 && acks * 4 < N,
+                "{g:?}: {acks} ack frames for {N} messages"
+            );
+        }
         b.shutdown().await;
         consumer.await.unwrap();
         let seen = seen.lock().unwrap();
