@@ -1,0 +1,297 @@
+//! Frozen formats: the bytes of every released wire frame and on-disk file are kept
+//! under `tests/fixtures/<version>/`, and this suite decodes them with the current code.
+//! Changing a released format without a new version makes these tests fail.
+//!
+//! The fixtures were written once by the build that released the format, with
+//! `ACKWIRE_WRITE_FIXTURES=1 cargo test --test compat write_fixtures -- --ignored`;
+//! never regenerate the files of a released version (that would defeat the check), add
+//! a new version's directory instead.
+#![cfg(not(ackwire_loom))]
+
+use ackwire::dedup::{Admit, Dedup, DedupConfig, DurableDedup};
+use ackwire::handoff::{Hint, HintStore, HintStoreConfig};
+use ackwire::wire::{
+    Ack, Data, Frame, FrameDecoder, FrameEncoder, Handshake, Heartbeat, Nack, SeqRange,
+};
+use ackwire::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
+use bytes::{Bytes, BytesMut};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+mod support;
+
+fn fixtures(version: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(version)
+}
+
+fn origin() -> Origin {
+    Origin {
+        node: NodeId(7),
+        incarnation: 0x0123_4567_89AB_CDEF,
+    }
+}
+
+/// One frame of every type protocol version 1 released, by fixture name.
+fn v1_frames() -> Vec<(&'static str, Frame)> {
+    vec![
+        (
+            "handshake",
+            Frame::Handshake(Handshake {
+                version: 1,
+                origin: origin(),
+            }),
+        ),
+        (
+            "data_implicit_id",
+            Frame::Data(Data {
+                channel: ChannelId(3),
+                seq: 42,
+                floor: 40,
+                id_floor: 38,
+                id: None,
+                guarantee: Guarantee::AtLeastOnce,
+                payload: Bytes::from_static(b"hello v1"),
+            }),
+        ),
+        (
+            "data_key_id",
+            Frame::Data(Data {
+                channel: ChannelId(4),
+                seq: 1,
+                floor: 1,
+                id_floor: 1,
+                id: Some(MessageId::Key(IdKey(0xDEAD_BEEF_0000_0001))),
+                guarantee: Guarantee::EffectivelyOnce,
+                payload: Bytes::from_static(b"keyed"),
+            }),
+        ),
+        (
+            "data_replayed_seq_id",
+            Frame::Data(Data {
+                channel: ChannelId(5),
+                seq: 9,
+                floor: 9,
+                id_floor: 9,
+                id: Some(MessageId::Seq {
+                    origin: Origin {
+                        node: NodeId(8),
+                        incarnation: 77,
+                    },
+                    channel: ChannelId(5),
+                    seq: 3,
+                }),
+                guarantee: Guarantee::EffectivelyOnce,
+                payload: Bytes::from_static(b"replayed"),
+            }),
+        ),
+        (
+            "data_at_most_once",
+            Frame::Data(Data {
+                channel: ChannelId(6),
+                seq: 100_000,
+                floor: 83_616,
+                id_floor: 83_616,
+                id: None,
+                guarantee: Guarantee::AtMostOnce,
+                payload: Bytes::new(),
+            }),
+        ),
+        (
+            "ack",
+            Frame::Ack(Ack {
+                channel: ChannelId(3),
+                incarnation: 0x0123_4567_89AB_CDEF,
+                cumulative: 40,
+                ranges: vec![
+                    SeqRange { start: 42, end: 45 },
+                    SeqRange { start: 50, end: 50 },
+                ],
+            }),
+        ),
+        (
+            "nack",
+            Frame::Nack(Nack {
+                channel: ChannelId(3),
+                incarnation: 99,
+                seq: 41,
+            }),
+        ),
+        ("ping", Frame::Ping(Heartbeat { nonce: 12345 })),
+        ("pong", Frame::Pong(Heartbeat { nonce: u64::MAX })),
+    ]
+}
+
+const V1_HINTS: u64 = 3;
+
+fn v1_hint(i: u64) -> Hint {
+    Hint {
+        target: NodeId(2),
+        id: MessageId::Seq {
+            origin: origin(),
+            channel: ChannelId(1),
+            seq: i + 1,
+        },
+        channel: ChannelId(1),
+        guarantee: Guarantee::EffectivelyOnce,
+        created_unix_ms: 1_700_000_000_000 + i,
+        // Far future: the fixture must not expire while it guards the format.
+        ttl_ms: 1 << 50,
+        payload: Bytes::from(format!("hint payload {i}")),
+    }
+}
+
+fn v1_dedup_ids() -> Vec<MessageId> {
+    let mut ids: Vec<MessageId> = (1..=5)
+        .map(|seq| MessageId::Seq {
+            origin: origin(),
+            channel: ChannelId(1),
+            seq,
+        })
+        .collect();
+    ids.push(MessageId::Key(IdKey(0xABCD)));
+    ids
+}
+
+fn dedup_cfg(dir: &Path) -> DedupConfig {
+    DedupConfig {
+        // Long enough that the key in the fixture is still remembered when read back.
+        horizon: Duration::from_secs(3600),
+        durable: Some(DurableDedup::new(dir)),
+        ..DedupConfig::default()
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// Writes the fixtures of the version this build releases. Only for a new version:
+/// see the module docs.
+#[test]
+#[ignore]
+fn write_fixtures() {
+    if std::env::var_os("ACKWIRE_WRITE_FIXTURES").is_none() {
+        return;
+    }
+    let dir = fixtures("v1");
+    std::fs::create_dir_all(dir.join("wire")).unwrap();
+    for (name, frame) in v1_frames() {
+        let mut buf = BytesMut::new();
+        FrameEncoder::default().encode(&frame, &mut buf).unwrap();
+        std::fs::write(dir.join("wire").join(format!("{name}.bin")), &buf).unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut store, _) = HintStore::open(HintStoreConfig::new(tmp.path().join("hints"))).unwrap();
+    for i in 0..V1_HINTS {
+        store.append(v1_hint(i), None, Instant::now()).unwrap();
+    }
+    store.sync().unwrap();
+    drop(store);
+    copy_dir(&tmp.path().join("hints"), &dir.join("hints"));
+    let dd = tmp.path().join("dedup");
+    let dedup = Dedup::open(dedup_cfg(&dd)).unwrap();
+    let now = Instant::now();
+    for id in v1_dedup_ids() {
+        assert_eq!(dedup.begin(&id, now).unwrap(), Admit::Fresh);
+        dedup.complete(&id, now).unwrap();
+    }
+    drop(dedup);
+    copy_dir(&dd, &dir.join("dedup"));
+}
+
+#[test]
+fn v1_wire_fixtures_decode_to_the_same_frames() {
+    let dir = fixtures("v1").join("wire");
+    let frames = v1_frames();
+    for (name, want) in &frames {
+        let bytes = std::fs::read(dir.join(format!("{name}.bin")))
+            .unwrap_or_else(|e| panic!("fixture {name}: {e}"));
+        let mut buf = BytesMut::from(&bytes[..]);
+        let got = FrameDecoder::default()
+            .decode(&mut buf)
+            .unwrap_or_else(|e| panic!("fixture {name} no longer decodes: {e}"));
+        assert_eq!(got.as_ref(), Some(want), "fixture {name}");
+        assert!(buf.is_empty(), "fixture {name}: bytes left over");
+    }
+    // Every v1 frame type is covered.
+    let kinds: std::collections::HashSet<_> = frames
+        .iter()
+        .map(|(_, f)| std::mem::discriminant(f))
+        .collect();
+    assert_eq!(kinds.len(), 6, "one fixture per v1 frame type");
+    support::reliability::report(
+        "compat",
+        "upgrade from v1",
+        "1",
+        "every v1 frame fixture decodes with this build",
+    );
+}
+
+#[test]
+fn v1_frames_still_encode_to_the_frozen_bytes() {
+    let dir = fixtures("v1").join("wire");
+    for (name, frame) in v1_frames() {
+        let want = std::fs::read(dir.join(format!("{name}.bin"))).unwrap();
+        let mut buf = BytesMut::new();
+        FrameEncoder::default().encode(&frame, &mut buf).unwrap();
+        assert_eq!(&buf[..], &want[..], "v1 frame {name} changed its bytes");
+    }
+}
+
+#[test]
+fn v1_hint_segments_are_read_after_an_upgrade() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures("v1").join("hints"), tmp.path());
+    let (mut store, report) = HintStore::open(HintStoreConfig::new(tmp.path())).unwrap();
+    assert_eq!(report.corrupt_regions, 0, "{report:?}");
+    let batch = store
+        .next_batch(NodeId(2), u64::MAX, 1_700_000_000_000)
+        .unwrap();
+    let hints: Vec<Hint> = batch.into_iter().map(|(_, h)| h).collect();
+    let want: Vec<Hint> = (0..V1_HINTS).map(v1_hint).collect();
+    assert_eq!(hints, want);
+    support::reliability::report(
+        "compat",
+        "upgrade from v1",
+        "1",
+        "v1 hint segments are replayed by this build",
+    );
+}
+
+#[test]
+fn v1_dedup_log_is_read_after_an_upgrade() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures("v1").join("dedup"), tmp.path());
+    let dedup = Dedup::open(dedup_cfg(tmp.path())).unwrap();
+    let now = Instant::now();
+    for id in v1_dedup_ids() {
+        assert_eq!(
+            dedup.begin(&id, now).unwrap(),
+            Admit::Duplicate,
+            "{id} was completed in the v1 log"
+        );
+    }
+    let fresh = MessageId::Seq {
+        origin: origin(),
+        channel: ChannelId(1),
+        seq: 6,
+    };
+    assert_eq!(dedup.begin(&fresh, now).unwrap(), Admit::Fresh);
+    support::reliability::report(
+        "compat",
+        "upgrade from v1",
+        "1",
+        "a v1 dedup log keeps its duplicates out in this build",
+    );
+}
