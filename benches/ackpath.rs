@@ -81,6 +81,7 @@ fn endpoint(now: Instant, max_in_flight: usize) -> (Endpoint, u64) {
             node: PEER,
             incarnation: 9,
         },
+        ackwire::wire::PROTOCOL_VERSION,
     );
     (ep, origin.incarnation)
 }
@@ -102,6 +103,7 @@ fn ack(incarnation: u64, cumulative: u64) -> Frame {
         incarnation,
         cumulative,
         ranges: Vec::new(),
+        credit: None,
     })
 }
 

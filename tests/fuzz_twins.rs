@@ -380,6 +380,7 @@ fn write_seed_corpora() {
             incarnation: 9,
             cumulative: 4,
             ranges: vec![SeqRange { start: 6, end: 8 }],
+            credit: Some(70),
         }),
         Frame::Nack(Nack {
             channel: ChannelId(2),

@@ -26,7 +26,7 @@ fn ping(nonce: u64) -> Frame {
 
 async fn expect_up(link: &mut Link, peer: u64) {
     match link.events.recv().await {
-        Some(LinkEvent::Up { origin: o }) => assert_eq!(o, origin(peer)),
+        Some(LinkEvent::Up { origin: o, .. }) => assert_eq!(o, origin(peer)),
         other => panic!("expected Up from {peer}, got {other:?}"),
     }
 }

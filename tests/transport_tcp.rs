@@ -4,7 +4,9 @@
 
 use ackwire::transport::tcp::{TcpConfig, TcpStats, TcpTransport};
 use ackwire::transport::{Link, LinkCommand, LinkEvent, Transport};
-use ackwire::wire::{encode, Data, Frame, Handshake, PROTOCOL_VERSION};
+use ackwire::wire::{
+    encode, probe, Data, Frame, Handshake, VersionRange, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use ackwire::{ChannelId, Guarantee, NodeId, Origin};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::net::SocketAddr;
@@ -69,7 +71,7 @@ async fn next_event(link: &mut Link) -> LinkEvent {
 async fn expect_up(link: &mut Link, want: Origin) {
     loop {
         match next_event(link).await {
-            LinkEvent::Up { origin } if origin == want => return,
+            LinkEvent::Up { origin, .. } if origin == want => return,
             LinkEvent::Up { .. } | LinkEvent::Down { .. } => {}
             other => panic!("expected Up({want}), got {other:?}"),
         }
@@ -110,7 +112,7 @@ async fn recv_range(link: &mut Link, peer: u64, range: std::ops::Range<u64>) {
                     break;
                 }
                 LinkEvent::Frame { .. } => {}
-                LinkEvent::Up { origin } if origin.node != NodeId(peer) => {}
+                LinkEvent::Up { origin, .. } if origin.node != NodeId(peer) => {}
                 LinkEvent::Down { peer: p } if p != NodeId(peer) => {}
                 other => panic!("unexpected event while waiting for frame {i}: {other:?}"),
             }
@@ -232,17 +234,18 @@ async fn bad_handshakes_and_garbage_are_rejected_and_counted_without_disturbing_
         .unwrap();
     expect_closed(&mut raw).await;
 
-    // 3. A valid handshake, then a frame with a bad checksum.
+    // 3. A valid opening (handshake + version probe), then a frame with a bad checksum.
     let mut raw = TcpStream::connect(b_addr).await.unwrap();
     let mut buf = BytesMut::new();
     encode(
         &Frame::Handshake(Handshake {
-            version: PROTOCOL_VERSION,
+            version: MIN_PROTOCOL_VERSION,
             origin: origin(91, 1),
         }),
         &mut buf,
     )
     .unwrap();
+    encode(&probe(VersionRange::default()), &mut buf).unwrap();
     buf.put_u32_le(4);
     buf.put_u32_le(0xDEAD_BEEF);
     buf.put_slice(&[1, 4, 0, 0]);

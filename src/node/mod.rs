@@ -361,6 +361,7 @@ impl NodeBuilder {
             receivers: Mutex::new(HashMap::new()),
             health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),
             health_tx: health_tx.clone(),
+            versions: Mutex::new(HashMap::new()),
             receiver_buffer: self.config.receiver_buffer,
             window: self.config.proto.max_in_flight,
             max_payload: self.config.max_payload,
@@ -569,6 +570,17 @@ impl Node {
     pub fn health(&self, peer: NodeId) -> Option<Health> {
         let h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
         h.get(&peer).copied()
+    }
+
+    /// The protocol version negotiated with `peer` on its current (or last)
+    /// connection; `None` before the first one. See [`crate::wire::VersionRange`].
+    pub fn protocol_version(&self, peer: NodeId) -> Option<u16> {
+        let v = self
+            .shared
+            .versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        v.get(&peer).copied()
     }
 
     /// A stream of the failure detector's transitions (Up / Suspect / Down). A slow
@@ -907,6 +919,8 @@ struct Shared {
     receivers: Mutex<HashMap<ChannelId, mpsc::WeakSender<Delivery<Bytes>>>>,
     health: Mutex<HashMap<NodeId, Health>>,
     health_tx: broadcast::Sender<HealthChange>,
+    /// Protocol version of each peer's current (or last) connection.
+    versions: Mutex<HashMap<NodeId, u16>>,
     receiver_buffer: usize,
     window: usize,
     max_payload: usize,
@@ -1163,10 +1177,15 @@ impl Driver {
     fn on_link(&mut self, ev: LinkEvent) {
         let now = self.clock;
         match ev {
-            LinkEvent::Up { origin } => {
-                tracing::debug!(peer = %origin, "peer up");
+            LinkEvent::Up { origin, version } => {
+                tracing::debug!(peer = %origin, version, "peer up");
+                self.shared
+                    .versions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(origin.node, version);
                 self.watch(origin.node, now);
-                self.endpoint.handle_peer_up(now, origin);
+                self.endpoint.handle_peer_up(now, origin, version);
             }
             LinkEvent::Down { peer } => {
                 tracing::debug!(%peer, "peer down");

@@ -178,6 +178,8 @@ pub struct ProtoStats {
 struct Peer {
     origin: Origin,
     up: bool,
+    /// Protocol version of the current connection: what the peer understands.
+    version: u16,
 }
 
 /// A node's whole protocol state. See the module docs for the call order.
@@ -347,10 +349,10 @@ impl Endpoint {
         }
     }
 
-    /// A connection to `origin.node` completed its handshake. A new incarnation means
-    /// the peer restarted. Either way unacked messages are retransmitted at once: the
-    /// old connection may have swallowed them.
-    pub fn handle_peer_up(&mut self, _now: Instant, origin: Origin) {
+    /// A connection to `origin.node` completed its handshake and negotiated protocol
+    /// `version`. A new incarnation means the peer restarted. Either way unacked
+    /// messages are retransmitted at once: the old connection may have swallowed them.
+    pub fn handle_peer_up(&mut self, _now: Instant, origin: Origin, version: u16) {
         let restarted = match self.peers.get(&origin.node) {
             Some(p) => p.origin != origin,
             None => false,
@@ -361,7 +363,14 @@ impl Endpoint {
             // in `Dedup` (hint replays of its messages still need it).
             self.inbound.retain(|(o, _), _| *o != old);
         }
-        self.peers.insert(origin.node, Peer { origin, up: true });
+        self.peers.insert(
+            origin.node,
+            Peer {
+                origin,
+                up: true,
+                version,
+            },
+        );
         for ((peer, _), s) in self.outbound.iter_mut() {
             if *peer == origin.node {
                 s.handle_reconnect();
@@ -374,6 +383,11 @@ impl Endpoint {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.up = false;
         }
+    }
+
+    /// Protocol version negotiated with `peer` on its current (or last) connection.
+    pub fn peer_version(&self, peer: NodeId) -> Option<u16> {
+        self.peers.get(&peer).map(|p| p.version)
     }
 
     /// Is there a live connection to `peer`?

@@ -157,6 +157,7 @@ impl InboundStream {
             incarnation: self.origin.incarnation,
             cumulative,
             ranges,
+            credit: None,
         })
     }
 

@@ -28,7 +28,7 @@
 use super::{Link, LinkCommand, LinkEvent, Transport, TransportError};
 use crate::id::{NodeId, Origin};
 use crate::rng::SplitMix64;
-use crate::wire::Frame;
+use crate::wire::{Frame, PROTOCOL_VERSION};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -339,8 +339,20 @@ impl MemNetwork {
         let (oa, ob) = (na.origin, nb.origin);
         st.push_now(a, LinkEvent::Down { peer: b });
         st.push_now(b, LinkEvent::Down { peer: a });
-        st.push_now(a, LinkEvent::Up { origin: ob });
-        st.push_now(b, LinkEvent::Up { origin: oa });
+        st.push_now(
+            a,
+            LinkEvent::Up {
+                origin: ob,
+                version: PROTOCOL_VERSION,
+            },
+        );
+        st.push_now(
+            b,
+            LinkEvent::Up {
+                origin: oa,
+                version: PROTOCOL_VERSION,
+            },
+        );
         tracing::info!(%a, %b, "mem: disconnect");
     }
 
@@ -431,9 +443,16 @@ impl MemNetwork {
                 id,
                 LinkEvent::Up {
                     origin: other_origin,
+                    version: PROTOCOL_VERSION,
                 },
             );
-            st.push_now(other, LinkEvent::Up { origin });
+            st.push_now(
+                other,
+                LinkEvent::Up {
+                    origin,
+                    version: PROTOCOL_VERSION,
+                },
+            );
         }
         tracing::info!(node = %origin, "mem: attached");
         Ok(())

@@ -66,6 +66,9 @@ pub enum LinkEvent {
     Up {
         /// The peer's run.
         origin: Origin,
+        /// The protocol version the connection negotiated (what the peer understands:
+        /// see [`crate::wire::VersionRange`]).
+        version: u16,
     },
     /// A frame arrived from `peer` (never a handshake: transports consume those).
     Frame {

@@ -9,8 +9,10 @@
 //!
 //! # Connection rules
 //!
-//! - Both sides send a [`Handshake`] first and expect the peer's within
-//!   [`TcpConfig::handshake_timeout`]. A wrong version, a different first frame,
+//! - Both sides send a [`crate::wire::Handshake`] (and a version probe) first and
+//!   agree on a protocol version from their [`TcpConfig::versions`] (see
+//!   [`crate::wire::Negotiation`]) within [`TcpConfig::handshake_timeout`]; every later
+//!   frame is encoded for that version. No common version, a different first frame,
 //!   garbage, a dialed peer answering with another node id, or a connection to
 //!   ourselves closes the connection, counted in [`TcpStats`] and logged at `warn`.
 //! - Anyone may dial. If two connections exist for a pair, both sides keep the one
@@ -30,8 +32,8 @@ use super::{Link, LinkCommand, LinkEvent, Transport, TransportError};
 use crate::id::{NodeId, Origin};
 use crate::rng::{seed_from_entropy, SplitMix64};
 use crate::wire::{
-    check_handshake, DecodeError, Frame, FrameDecoder, FrameEncoder, Handshake,
-    DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
+    DecodeError, Frame, FrameDecoder, FrameEncoder, IncompatibleVersion, Negotiation,
+    NegotiationError, NegotiationStep, UnsupportedRange, VersionRange, DEFAULT_MAX_FRAME_LEN,
 };
 use bytes::BytesMut;
 use std::collections::{HashMap, VecDeque};
@@ -75,6 +77,10 @@ pub struct TcpConfig {
     pub write_batch_bytes: usize,
     /// Capacity of the link's command and event channels.
     pub channel_capacity: usize,
+    /// Protocol versions spoken; each connection uses the highest one both sides
+    /// speak. Default: all this build speaks ([`VersionRange::SUPPORTED`]). Raise
+    /// `min` after a rolling upgrade to stop speaking old versions.
+    pub versions: VersionRange,
 }
 
 impl Default for TcpConfig {
@@ -88,6 +94,7 @@ impl Default for TcpConfig {
             queue_bound: 16_384,
             write_batch_bytes: 64 * 1024,
             channel_capacity: 1024,
+            versions: VersionRange::SUPPORTED,
         }
     }
 }
@@ -123,6 +130,7 @@ impl TcpConfig {
                 return Err(TcpConfigError::Zero(name));
             }
         }
+        self.versions.validate()?;
         Ok(())
     }
 }
@@ -150,6 +158,9 @@ pub enum TcpConfigError {
     /// `max_frame_len` is below 256 or above `u32::MAX`. Pick a value in range.
     #[error("max_frame_len {0} is outside 256..=u32::MAX")]
     MaxFrameLen(usize),
+    /// `versions` names a protocol version this build does not speak, or is empty.
+    #[error(transparent)]
+    Versions(#[from] UnsupportedRange),
 }
 
 /// Live counters of a [`TcpTransport`]; read with [`TcpStats::snapshot`].
@@ -240,6 +251,7 @@ impl TcpStats {
             Reject::Decode(DecodeError::TooLarge { .. }) => Counter::RejectedTooLarge,
             Reject::Decode(DecodeError::Malformed(_)) => Counter::RejectedMalformed,
             Reject::UnexpectedFrame => Counter::RejectedUnexpectedFrame,
+            Reject::Incompatible(_) => Counter::RejectedUnsupportedVersion,
             Reject::Timeout | Reject::Closed => Counter::RejectedHandshakeTimeout,
             Reject::WrongPeer { .. } | Reject::SelfConnection => Counter::RejectedWrongPeer,
             Reject::Io(_) => return,
@@ -367,6 +379,8 @@ enum Reject {
     Decode(#[from] DecodeError),
     #[error("unexpected frame")]
     UnexpectedFrame,
+    #[error("{0}")]
+    Incompatible(IncompatibleVersion),
     #[error("handshake timed out")]
     Timeout,
     #[error("peer closed during handshake")]
@@ -400,7 +414,11 @@ struct Established {
     origin: Origin,
     dialed_by: NodeId,
     stream: TcpStream,
-    /// Bytes read past the handshake.
+    /// The negotiated protocol version.
+    version: u16,
+    /// Frames received during the negotiation, to hand on first.
+    early: Vec<Frame>,
+    /// Bytes read past the negotiation.
     buf: BytesMut,
     remote: SocketAddr,
 }
@@ -594,16 +612,34 @@ impl Manager {
         self.next_conn_id += 1;
         if !had_conn || restarted {
             // Before the reader starts, so Up precedes the connection's frames.
-            let _ = self.events.send(LinkEvent::Up { origin: e.origin }).await;
+            let _ = self
+                .events
+                .send(LinkEvent::Up {
+                    origin: e.origin,
+                    version: e.version,
+                })
+                .await;
         }
         let _ = e.stream.set_nodelay(true);
         let (rd, wr) = e.stream.into_split();
         let events = self.events.clone();
         let ctx = Arc::clone(&self.ctx);
         let p = self.peer(peer);
-        let reader = tokio::spawn(read_loop(rd, e.buf, peer, id, events, Arc::clone(&ctx)));
+        let conn = ConnInfo {
+            peer,
+            id,
+            version: e.version,
+        };
+        let reader = tokio::spawn(read_loop(
+            rd,
+            e.early,
+            e.buf,
+            conn,
+            events,
+            Arc::clone(&ctx),
+        ));
         p.queue.set_owner(Some(id));
-        let writer = tokio::spawn(write_loop(wr, Arc::clone(&p.queue), peer, id, ctx));
+        let writer = tokio::spawn(write_loop(wr, Arc::clone(&p.queue), conn, ctx));
         p.conn = Some(Conn {
             id,
             origin: e.origin,
@@ -612,7 +648,7 @@ impl Manager {
             writer,
         });
         stats.inc(Counter::ConnectionsOpened);
-        tracing::info!(peer = %e.origin, remote = %e.remote, dialed_by = %e.dialed_by, "tcp: connected");
+        tracing::info!(peer = %e.origin, remote = %e.remote, dialed_by = %e.dialed_by, version = e.version, "tcp: connected");
     }
 
     async fn closed(&mut self, peer: NodeId, conn_id: u64) {
@@ -660,12 +696,14 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
                     let ctx = Arc::clone(&ctx);
                     handshakes.spawn(async move {
                         match handshake(&mut stream, &ctx, None).await {
-                            Ok((origin, buf)) => {
+                            Ok(hs) => {
                                 let _ = ctx.internal.send(Internal::Established(Established {
-                                    origin,
-                                    dialed_by: origin.node,
+                                    origin: hs.origin,
+                                    dialed_by: hs.origin.node,
                                     stream,
-                                    buf,
+                                    version: hs.version,
+                                    early: hs.early,
+                                    buf: hs.buf,
                                     remote,
                                 }));
                             }
@@ -687,42 +725,96 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
 fn handshake_failed(ctx: &Ctx, r: &Reject, remote: SocketAddr, peer: Option<NodeId>) {
     ctx.stats.inc(Counter::HandshakesFailed);
     ctx.stats.reject(r);
-    tracing::warn!(%remote, ?peer, reason = %r, "tcp: handshake failed, connection closed");
+    match r {
+        Reject::Incompatible(v) => tracing::warn!(
+            %remote, ?peer, ours = %v.ours, theirs = %v.theirs,
+            "tcp: no common protocol version, connection closed"
+        ),
+        _ => {
+            tracing::warn!(%remote, ?peer, reason = %r, "tcp: handshake failed, connection closed")
+        }
+    }
 }
 
-/// Exchange handshakes; returns the peer's origin and any bytes read past its handshake.
+/// A completed handshake.
+#[derive(Debug)]
+struct Handshaken {
+    origin: Origin,
+    version: u16,
+    early: Vec<Frame>,
+    /// Bytes read past the negotiation (encoded for `version`).
+    buf: BytesMut,
+}
+
+/// Bytes a peer may send before the version is agreed: a handshake, a probe, and
+/// whatever backlog a version-1 peer sends before it answers the probe. Bounded, so a
+/// peer that is not even up cannot make us hold more.
+const MAX_EARLY_BYTES: usize = 16 << 20;
+
+/// Exchange handshakes and agree on a protocol version.
 async fn handshake(
     stream: &mut TcpStream,
     ctx: &Ctx,
     expected: Option<NodeId>,
-) -> Result<(Origin, BytesMut), Reject> {
+) -> Result<Handshaken, Reject> {
     let exchange = async {
+        let mut negotiation = Negotiation::new(ctx.local, ctx.cfg.versions);
         let mut out = BytesMut::new();
-        let hs = Frame::Handshake(Handshake {
-            version: PROTOCOL_VERSION,
-            origin: ctx.local,
-        });
-        FrameEncoder::default()
-            .encode(&hs, &mut out)
-            .map_err(|_| Reject::UnexpectedFrame)?;
+        let enc = FrameEncoder::default().with_version(1);
+        for frame in negotiation.opening() {
+            enc.encode(&frame, &mut out)
+                .map_err(|_| Reject::UnexpectedFrame)?;
+        }
         stream.write_all(&out).await?;
-        let mut dec = FrameDecoder::new(HANDSHAKE_MAX_FRAME_LEN);
+        // The handshake frame is small; frames a version-1 peer sends before it answers
+        // the probe may be as large as any frame.
+        let mut dec = FrameDecoder::new(HANDSHAKE_MAX_FRAME_LEN).with_version(1);
         let mut buf = BytesMut::with_capacity(256);
+        let mut read = 0usize;
         loop {
             match dec.decode(&mut buf)? {
-                Some(Frame::Handshake(h)) => return Ok((check_handshake(&h)?, buf)),
-                Some(_) => return Err(Reject::UnexpectedFrame),
+                Some(frame) => {
+                    dec = FrameDecoder::new(ctx.cfg.max_frame_len).with_version(1);
+                    match negotiation.on_frame(frame) {
+                        Ok(NegotiationStep::NeedFrame) => {}
+                        Ok(NegotiationStep::Done {
+                            origin,
+                            version,
+                            early,
+                        }) => {
+                            return Ok(Handshaken {
+                                origin,
+                                version,
+                                early,
+                                buf,
+                            })
+                        }
+                        Err(NegotiationError::Incompatible(v)) => {
+                            return Err(Reject::Incompatible(v))
+                        }
+                        Err(_) => return Err(Reject::UnexpectedFrame),
+                    }
+                }
                 None => {
-                    if stream.read_buf(&mut buf).await? == 0 {
-                        return Err(Reject::Closed);
+                    let n = stream.read_buf(&mut buf).await?;
+                    if n == 0 {
+                        return Err(match negotiation.on_closed() {
+                            Some(v) => Reject::Incompatible(v),
+                            None => Reject::Closed,
+                        });
+                    }
+                    read += n;
+                    if read > MAX_EARLY_BYTES {
+                        return Err(Reject::UnexpectedFrame);
                     }
                 }
             }
         }
     };
-    let (origin, buf) = tokio::time::timeout(ctx.cfg.handshake_timeout, exchange)
+    let hs = tokio::time::timeout(ctx.cfg.handshake_timeout, exchange)
         .await
         .map_err(|_| Reject::Timeout)??;
+    let origin = hs.origin;
     if origin.node == ctx.local.node {
         return Err(Reject::SelfConnection);
     }
@@ -734,7 +826,7 @@ async fn handshake(
             });
         }
     }
-    Ok((origin, buf))
+    Ok(hs)
 }
 
 /// Redial delay before attempt `attempt` (0-based): `min * 2^attempt` capped at `max`,
@@ -759,12 +851,14 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff:
         tracing::debug!(%peer, %addr, attempt, "tcp: dialing");
         match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(mut stream)) => match handshake(&mut stream, &ctx, Some(peer)).await {
-                Ok((origin, buf)) => {
+                Ok(hs) => {
                     let _ = ctx.internal.send(Internal::Established(Established {
-                        origin,
+                        origin: hs.origin,
                         dialed_by: ctx.local.node,
                         stream,
-                        buf,
+                        version: hs.version,
+                        early: hs.early,
+                        buf: hs.buf,
                         remote: addr,
                     }));
                     return;
@@ -785,15 +879,35 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff:
     }
 }
 
+/// Which connection a reader or writer serves.
+#[derive(Clone, Copy, Debug)]
+struct ConnInfo {
+    peer: NodeId,
+    id: u64,
+    /// Negotiated protocol version.
+    version: u16,
+}
+
 async fn read_loop(
     mut rd: OwnedReadHalf,
+    early: Vec<Frame>,
     mut buf: BytesMut,
-    peer: NodeId,
-    conn_id: u64,
+    conn: ConnInfo,
     events: mpsc::Sender<LinkEvent>,
     ctx: Arc<Ctx>,
 ) {
-    let mut dec = FrameDecoder::new(ctx.cfg.max_frame_len);
+    let ConnInfo {
+        peer,
+        id: conn_id,
+        version,
+    } = conn;
+    let mut dec = FrameDecoder::new(ctx.cfg.max_frame_len).with_version(version);
+    for frame in early {
+        ctx.stats.inc(Counter::FramesReceived);
+        if events.send(LinkEvent::Frame { peer, frame }).await.is_err() {
+            return;
+        }
+    }
     let reason: Option<Reject> = 'conn: loop {
         loop {
             match dec.decode(&mut buf) {
@@ -828,14 +942,13 @@ async fn read_loop(
     let _ = ctx.internal.send(Internal::Closed { peer, conn_id });
 }
 
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    queue: Arc<PeerQueue>,
-    peer: NodeId,
-    conn_id: u64,
-    ctx: Arc<Ctx>,
-) {
-    let enc = FrameEncoder::new(ctx.cfg.max_frame_len);
+async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<PeerQueue>, conn: ConnInfo, ctx: Arc<Ctx>) {
+    let ConnInfo {
+        peer,
+        id: conn_id,
+        version,
+    } = conn;
+    let enc = FrameEncoder::new(ctx.cfg.max_frame_len).with_version(version);
     let batch_bytes = ctx.cfg.write_batch_bytes;
     let mut local: VecDeque<Frame> = VecDeque::new();
     let mut buf = BytesMut::with_capacity(batch_bytes.min(1 << 20));

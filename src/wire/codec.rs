@@ -20,14 +20,17 @@
 //! decoder rejects a bigger length prefix with [`DecodeError::TooLarge`] before reading
 //! or allocating anything for it.
 
-use super::frame::{Ack, Data, Frame, Handshake, Heartbeat, Nack, SeqRange, PROTOCOL_VERSION};
-use crate::id::{ChannelId, Guarantee, MessageId, Origin};
+use super::frame::{Ack, Data, Frame, Handshake, Heartbeat, Nack, SeqRange};
+use super::version::PROTOCOL_VERSION;
+use crate::id::{ChannelId, Guarantee, MessageId};
 use bincode::de::{read::Reader, Decode, DecoderImpl};
 use bincode::enc::write::Writer;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-/// Version of the byte layout, the first body byte of every frame. Distinct from
-/// [`PROTOCOL_VERSION`] (what frames mean), which is checked in the handshake.
+/// Version of the byte layout, the first body byte of every frame. Distinct from the
+/// protocol version (what frames mean and which fields they carry), which each
+/// connection negotiates (see [`crate::wire::Negotiation`]) and the codec is built for
+/// ([`FrameEncoder::with_version`], [`FrameDecoder::with_version`]).
 pub const WIRE_FORMAT_VERSION: u8 = 1;
 
 /// Default bound on a frame's body length: 8 MiB.
@@ -85,7 +88,8 @@ pub enum DecodeError {
     Malformed(String),
 }
 
-/// Encodes frames with a body-length bound.
+/// Encodes frames with a body-length bound, for one protocol version (default: the
+/// newest, [`PROTOCOL_VERSION`]). Fields the version lacks are left out.
 ///
 /// ```
 /// use ackwire::wire::{Frame, FrameDecoder, FrameEncoder, Heartbeat};
@@ -99,6 +103,7 @@ pub enum DecodeError {
 #[derive(Debug, Clone, Copy)]
 pub struct FrameEncoder {
     max_frame_len: usize,
+    version: u16,
 }
 
 impl FrameEncoder {
@@ -106,7 +111,18 @@ impl FrameEncoder {
     pub fn new(max_frame_len: usize) -> Self {
         FrameEncoder {
             max_frame_len: max_frame_len.min(u32::MAX as usize),
+            version: PROTOCOL_VERSION,
         }
+    }
+
+    /// The same encoder for a connection that negotiated protocol `version`.
+    pub fn with_version(self, version: u16) -> Self {
+        FrameEncoder { version, ..self }
+    }
+
+    /// The protocol version frames are encoded for.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// The body-length bound.
@@ -130,7 +146,7 @@ impl FrameEncoder {
         dst.put_bytes(0, FRAME_PREFIX_LEN);
         dst.put_u8(WIRE_FORMAT_VERSION);
         dst.put_u8(kind_of(frame));
-        encode_header(frame, dst);
+        encode_header(frame, self.version, dst);
         if let Frame::Data(d) = frame {
             dst.extend_from_slice(&d.payload);
         }
@@ -158,7 +174,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
     FrameEncoder::default().encode(frame, dst)
 }
 
-/// Incremental frame decoder.
+/// Incremental frame decoder for one protocol version (default: the newest).
 ///
 /// Feed it a growing buffer; each [`decode`](FrameDecoder::decode) call takes at most
 /// one frame off the front. It is stateless between calls apart from its bound, so a
@@ -166,6 +182,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
 #[derive(Debug, Clone, Copy)]
 pub struct FrameDecoder {
     max_frame_len: usize,
+    version: u16,
 }
 
 impl FrameDecoder {
@@ -173,7 +190,13 @@ impl FrameDecoder {
     pub fn new(max_frame_len: usize) -> Self {
         FrameDecoder {
             max_frame_len: max_frame_len.min(u32::MAX as usize),
+            version: PROTOCOL_VERSION,
         }
+    }
+
+    /// The same decoder for a connection that negotiated protocol `version`.
+    pub fn with_version(self, version: u16) -> Self {
+        FrameDecoder { version, ..self }
     }
 
     /// The body-length bound.
@@ -209,7 +232,7 @@ impl FrameDecoder {
         }
         let mut body = src.split_to(total);
         body.advance(FRAME_PREFIX_LEN);
-        decode_body(body).map(Some)
+        decode_body(body, self.version).map(Some)
     }
 }
 
@@ -217,19 +240,6 @@ impl Default for FrameDecoder {
     /// Bound: [`DEFAULT_MAX_FRAME_LEN`] (8 MiB).
     fn default() -> Self {
         FrameDecoder::new(DEFAULT_MAX_FRAME_LEN)
-    }
-}
-
-/// Check a peer's handshake: `Ok(origin)` if it speaks [`PROTOCOL_VERSION`], else
-/// [`DecodeError::UnsupportedVersion`] (close the connection).
-pub fn check_handshake(handshake: &Handshake) -> Result<Origin, DecodeError> {
-    if handshake.version == PROTOCOL_VERSION {
-        Ok(handshake.origin)
-    } else {
-        Err(DecodeError::UnsupportedVersion {
-            got: handshake.version,
-            supported: PROTOCOL_VERSION,
-        })
     }
 }
 
@@ -268,7 +278,7 @@ impl Writer for BytesWriter<'_> {
     }
 }
 
-fn encode_header(frame: &Frame, dst: &mut BytesMut) {
+fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
     let w = BytesWriter(dst);
     let cfg = bincode_config();
     // Our writer never fails and these types have no fallible encodings, so the
@@ -287,7 +297,14 @@ fn encode_header(frame: &Frame, dst: &mut BytesMut) {
             w,
             cfg,
         ),
-        Frame::Ack(a) => bincode::encode_into_writer(a, w, cfg),
+        Frame::Ack(a) if version < 2 => {
+            bincode::encode_into_writer((a.channel, a.incarnation, a.cumulative, &a.ranges), w, cfg)
+        }
+        Frame::Ack(a) => bincode::encode_into_writer(
+            (a.channel, a.incarnation, a.cumulative, &a.ranges, a.credit),
+            w,
+            cfg,
+        ),
         Frame::Nack(n) => bincode::encode_into_writer(n, w, cfg),
         Frame::Ping(h) | Frame::Pong(h) => bincode::encode_into_writer(h, w, cfg),
     };
@@ -320,7 +337,7 @@ fn malformed(e: bincode::error::DecodeError) -> DecodeError {
 }
 
 /// Decode a checksummed body (version byte onwards).
-fn decode_body(mut body: BytesMut) -> Result<Frame, DecodeError> {
+fn decode_body(mut body: BytesMut, version: u16) -> Result<Frame, DecodeError> {
     if body.len() < 2 {
         return Err(DecodeError::Malformed("body shorter than 2 bytes".into()));
     }
@@ -358,7 +375,7 @@ fn decode_body(mut body: BytesMut) -> Result<Frame, DecodeError> {
                     payload: Bytes::new(),
                 })
             }
-            KIND_ACK => Frame::Ack(decode_ack(&mut dec)?),
+            KIND_ACK => Frame::Ack(decode_ack(&mut dec, version)?),
             KIND_NACK => Frame::Nack(Nack::decode(&mut dec).map_err(malformed)?),
             KIND_PING => Frame::Ping(Heartbeat::decode(&mut dec).map_err(malformed)?),
             KIND_PONG => Frame::Pong(Heartbeat::decode(&mut dec).map_err(malformed)?),
@@ -389,6 +406,7 @@ fn decode_body(mut body: BytesMut) -> Result<Frame, DecodeError> {
 /// allocate more than a small multiple of the (already bounded) body.
 fn decode_ack<R: Reader>(
     dec: &mut DecoderImpl<R, bincode::config::Configuration, ()>,
+    version: u16,
 ) -> Result<Ack, DecodeError> {
     let channel = ChannelId::decode(dec).map_err(malformed)?;
     let incarnation = u64::decode(dec).map_err(malformed)?;
@@ -404,18 +422,24 @@ fn decode_ack<R: Reader>(
     for _ in 0..count {
         ranges.push(SeqRange::decode(dec).map_err(malformed)?);
     }
+    let credit = if version >= 2 {
+        Option::<u64>::decode(dec).map_err(malformed)?
+    } else {
+        None
+    };
     Ok(Ack {
         channel,
         incarnation,
         cumulative,
         ranges,
+        credit,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::id::{IdKey, NodeId};
+    use crate::id::IdKey;
 
     fn data(payload: &'static [u8]) -> Frame {
         Frame::Data(Data {
@@ -459,27 +483,30 @@ mod tests {
     }
 
     #[test]
-    fn handshake_version_check() {
-        let origin = Origin {
-            node: NodeId(1),
-            incarnation: 2,
+    fn ack_credit_travels_from_version_2_and_is_left_out_for_version_1() {
+        let ack = Ack {
+            channel: ChannelId(1),
+            incarnation: 5,
+            cumulative: 10,
+            ranges: vec![SeqRange { start: 12, end: 13 }],
+            credit: Some(4106),
         };
-        let ok = Handshake {
-            version: PROTOCOL_VERSION,
-            origin,
-        };
-        assert_eq!(check_handshake(&ok), Ok(origin));
-        let bad = Handshake {
-            version: PROTOCOL_VERSION + 1,
-            origin,
-        };
-        assert_eq!(
-            check_handshake(&bad),
-            Err(DecodeError::UnsupportedVersion {
-                got: PROTOCOL_VERSION + 1,
-                supported: PROTOCOL_VERSION
-            })
-        );
+        for (version, want) in [(1, None), (2, Some(4106))] {
+            let mut buf = BytesMut::new();
+            FrameEncoder::default()
+                .with_version(version)
+                .encode(&Frame::Ack(ack.clone()), &mut buf)
+                .unwrap();
+            let got = FrameDecoder::default()
+                .with_version(version)
+                .decode(&mut buf)
+                .unwrap();
+            let Some(Frame::Ack(got)) = got else {
+                panic!("{got:?}")
+            };
+            assert_eq!(got.credit, want, "version {version}");
+            assert_eq!((got.cumulative, got.ranges), (10, ack.ranges.clone()));
+        }
     }
 
     #[test]

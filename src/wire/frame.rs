@@ -6,10 +6,6 @@ use crate::id::{ChannelId, Guarantee, MessageId, Origin};
 use bincode::{Decode, Encode};
 use bytes::Bytes;
 
-/// Version of the wire protocol spoken by this build. A handshake with another
-/// version is refused with [`crate::wire::DecodeError::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 1;
-
 /// One protocol frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -30,7 +26,8 @@ pub enum Frame {
 /// Opening frame: who is speaking and which protocol version it speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct Handshake {
-    /// Must equal [`PROTOCOL_VERSION`].
+    /// The lowest protocol version the sender speaks (version 1 nodes require exactly
+    /// 1). The range follows in a version probe; see [`crate::wire::Negotiation`].
     pub version: u16,
     /// The speaking node and its current incarnation.
     pub origin: Origin,
@@ -71,7 +68,7 @@ pub struct SeqRange {
 }
 
 /// Acknowledges messages of the stream `(receiver of this frame, incarnation, channel)`.
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ack {
     /// Channel of the acknowledged stream.
     pub channel: ChannelId,
@@ -82,6 +79,11 @@ pub struct Ack {
     pub cumulative: u64,
     /// Further acknowledged ranges above `cumulative`, ascending and disjoint.
     pub ranges: Vec<SeqRange>,
+    /// Receiver credit (protocol version 2 on): the sender may have sent every seq
+    /// `<= credit` on this stream; later seqs wait for more credit. Grants only grow.
+    /// `None` on a version-1 connection (and dropped when encoding for one): the
+    /// sender's own window is the only bound there.
+    pub credit: Option<u64>,
 }
 
 /// The handler failed (or dropped) a message: the sender should retransmit it.

@@ -5,9 +5,14 @@
 
 mod codec;
 mod frame;
+mod version;
 
 pub use codec::{
-    check_handshake, encode, DecodeError, EncodeError, FrameDecoder, FrameEncoder,
-    DEFAULT_MAX_FRAME_LEN, FRAME_PREFIX_LEN, WIRE_FORMAT_VERSION,
+    encode, DecodeError, EncodeError, FrameDecoder, FrameEncoder, DEFAULT_MAX_FRAME_LEN,
+    FRAME_PREFIX_LEN, WIRE_FORMAT_VERSION,
 };
-pub use frame::{Ack, Data, Frame, Handshake, Heartbeat, Nack, SeqRange, PROTOCOL_VERSION};
+pub use frame::{Ack, Data, Frame, Handshake, Heartbeat, Nack, SeqRange};
+pub use version::{
+    parse_probe, probe, IncompatibleVersion, Negotiation, NegotiationError, NegotiationStep,
+    UnsupportedRange, VersionRange, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};

@@ -254,11 +254,11 @@ impl Sim {
         let now = self.now;
         for (from, to) in self.links() {
             let origin = self.nodes[&to].endpoint.origin();
-            self.nodes
-                .get_mut(&from)
-                .unwrap()
-                .endpoint
-                .handle_peer_up(now, origin);
+            self.nodes.get_mut(&from).unwrap().endpoint.handle_peer_up(
+                now,
+                origin,
+                ackwire::wire::PROTOCOL_VERSION,
+            );
         }
     }
 

@@ -67,9 +67,10 @@ pub fn frame(max_payload: usize, max_ranges: usize) -> impl Strategy<Value = Fra
             any::<u32>(),
             any::<u64>(),
             any::<u64>(),
-            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..max_ranges)
+            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..max_ranges),
+            any::<Option<u64>>(),
         )
-            .prop_map(|(c, incarnation, cumulative, r)| Frame::Ack(Ack {
+            .prop_map(|(c, incarnation, cumulative, r, credit)| Frame::Ack(Ack {
                 channel: ChannelId(c),
                 incarnation,
                 cumulative,
@@ -77,6 +78,7 @@ pub fn frame(max_payload: usize, max_ranges: usize) -> impl Strategy<Value = Fra
                     .into_iter()
                     .map(|(start, end)| SeqRange { start, end })
                     .collect(),
+                credit,
             })),
         (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(c, incarnation, seq)| {
             Frame::Nack(Nack {

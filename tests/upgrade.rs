@@ -1,0 +1,236 @@
+//! Rolling upgrades: a node limited to the oldest protocol version this build speaks
+//! (version 1, byte for byte what the 0.1 release sends; see `tests/compat.rs`) and a
+//! node speaking the newest exchange messages under every guarantee over real TCP, in
+//! both directions, with the receiver restarted mid-stream; and nodes that share no
+//! version refuse each other with a counted reason.
+#![cfg(not(ackwire_loom))]
+
+mod support;
+
+use ackwire::dedup::{DedupConfig, DurableDedup};
+use ackwire::transport::tcp::{TcpConfig, TcpTransport};
+use ackwire::transport::{LinkEvent, Transport};
+use ackwire::wire::{VersionRange, PROTOCOL_VERSION};
+use ackwire::{
+    ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId, Origin, Outcome, Receiver,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const CH: ChannelId = ChannelId(3);
+const OLD: VersionRange = VersionRange { min: 1, max: 1 };
+type Seen = Arc<Mutex<HashMap<u64, u32>>>;
+
+fn tcp(versions: VersionRange) -> TcpConfig {
+    TcpConfig {
+        versions,
+        ..TcpConfig::default()
+    }
+}
+
+async fn node(
+    id: u64,
+    addr: SocketAddr,
+    versions: VersionRange,
+    peer: Option<(u64, SocketAddr)>,
+    dedup_dir: Option<&Path>,
+) -> Node {
+    let mut config = NodeConfig::default();
+    if let Some(dir) = dedup_dir {
+        config.dedup = DedupConfig {
+            durable: Some(DurableDedup::new(dir)),
+            ..config.dedup
+        };
+    }
+    let mut b = Node::builder(NodeId(id))
+        .tcp(addr, tcp(versions))
+        .config(config);
+    if let Some((p, a)) = peer {
+        b = b.peer(NodeId(p), a);
+    }
+    b.build().await.unwrap()
+}
+
+fn consume(mut inbox: Receiver<u64>, seen: Seen) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(d) = inbox.recv().await {
+            *seen.lock().unwrap().entry(*d.message()).or_default() += 1;
+            d.ack();
+        }
+    })
+}
+
+/// `sender_versions` sends 2 000 messages to `receiver_versions`; the receiver is
+/// restarted (same address, same durable dedup directory) after the first half.
+async fn mixed_pair(g: Guarantee, sender_versions: VersionRange, receiver_versions: VersionRange) {
+    const N: u64 = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let dedup_dir = (g == Guarantee::EffectivelyOnce).then(|| dir.path());
+    let rx_id = 2;
+    let b = node(
+        rx_id,
+        "127.0.0.1:0".parse().unwrap(),
+        receiver_versions,
+        None,
+        dedup_dir,
+    )
+    .await;
+    let addr = b.local_addr().unwrap();
+    let a = node(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        sender_versions,
+        Some((rx_id, addr)),
+        None,
+    )
+    .await;
+    let seen: Seen = Arc::default();
+    let consumer = consume(b.receiver(CH, false).unwrap(), seen.clone());
+    let out = a
+        .sender::<u64>(NodeId(rx_id), ChannelOptions::new(CH, g))
+        .unwrap();
+    let want_version = sender_versions
+        .negotiate(receiver_versions)
+        .expect("the ranges overlap");
+
+    let mut receipts = Vec::new();
+    for v in 0..N / 2 {
+        receipts.push(out.send(&v).await.unwrap());
+    }
+    for r in receipts.drain(..) {
+        r.await.unwrap();
+    }
+    assert_eq!(a.protocol_version(NodeId(rx_id)), Some(want_version));
+    assert_eq!(b.protocol_version(NodeId(1)), Some(want_version));
+
+    // Restart the receiver in the middle of the stream.
+    b.shutdown().await;
+    consumer.await.unwrap();
+    drop(b);
+    let b = node(rx_id, addr, receiver_versions, None, dedup_dir).await;
+    let consumer = consume(b.receiver(CH, false).unwrap(), seen.clone());
+    for v in N / 2..N {
+        receipts.push(out.send(&v).await.unwrap());
+    }
+    for r in receipts {
+        let outcome = r.await.unwrap_or_else(|e| panic!("{g:?}: {e}"));
+        let want = if g == Guarantee::AtMostOnce {
+            Outcome::Sent
+        } else {
+            Outcome::Acked
+        };
+        assert_eq!(outcome, want);
+    }
+    if g == Guarantee::AtMostOnce {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(b.protocol_version(NodeId(1)), Some(want_version));
+    b.shutdown().await;
+    consumer.await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    match g {
+        Guarantee::AtMostOnce => assert!(seen.values().all(|n| *n == 1), "duplicate"),
+        Guarantee::AtLeastOnce => {
+            assert_eq!(seen.len() as u64, N, "{g:?}: lost messages")
+        }
+        Guarantee::EffectivelyOnce => {
+            assert_eq!(seen.len() as u64, N, "{g:?}: lost messages");
+            assert!(seen.values().all(|n| *n == 1), "{g:?}: processed twice");
+        }
+    }
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_and_new_nodes_deliver_to_each_other_under_every_guarantee() {
+    let new = VersionRange::default();
+    for g in [
+        Guarantee::AtMostOnce,
+        Guarantee::AtLeastOnce,
+        Guarantee::EffectivelyOnce,
+    ] {
+        mixed_pair(g, OLD, new).await;
+        mixed_pair(g, new, OLD).await;
+        support::reliability::report(
+            &format!("{g:?}"),
+            "v1 node <-> current node, receiver restarted",
+            "2 directions x 2 000 msgs",
+            match g {
+                Guarantee::AtMostOnce => "no duplicate",
+                Guarantee::AtLeastOnce => "nothing lost",
+                _ => "nothing lost, no duplicate",
+            },
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_current_nodes_speak_the_newest_version() {
+    let new = VersionRange::default();
+    mixed_pair(Guarantee::EffectivelyOnce, new, new).await;
+    let b = node(6, "127.0.0.1:0".parse().unwrap(), new, None, None).await;
+    let a = node(
+        5,
+        "127.0.0.1:0".parse().unwrap(),
+        new,
+        Some((6, b.local_addr().unwrap())),
+        None,
+    )
+    .await;
+    let out = a
+        .sender::<u64>(NodeId(6), ChannelOptions::new(CH, Guarantee::AtLeastOnce))
+        .unwrap();
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let r = out.send(&1).await.unwrap();
+    inbox.recv().await.unwrap().ack();
+    r.await.unwrap();
+    assert_eq!(a.protocol_version(NodeId(6)), Some(PROTOCOL_VERSION));
+}
+
+/// A node that stopped speaking version 1 and a node that speaks only version 1 never
+/// connect: each side closes with a counted version rejection, and no `Up` is seen.
+#[tokio::test]
+async fn nodes_without_a_common_version_refuse_each_other_with_a_counted_reason() {
+    let old = TcpTransport::new("127.0.0.1:0".parse().unwrap(), tcp(OLD)).unwrap();
+    let old_stats = old.stats();
+    let mut old_link = Box::new(old).start(origin(1)).unwrap();
+    let new_only = VersionRange {
+        min: 2,
+        max: PROTOCOL_VERSION,
+    };
+    let new = TcpTransport::new("127.0.0.1:0".parse().unwrap(), tcp(new_only))
+        .unwrap()
+        .with_peer(NodeId(1), old_link.local_addr.unwrap());
+    let new_stats = new.stats();
+    let mut new_link = Box::new(new).start(origin(2)).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            ev = old_link.events.recv() => {
+                assert!(!matches!(ev, Some(LinkEvent::Up { .. })), "old node saw {ev:?}")
+            }
+            ev = new_link.events.recv() => {
+                assert!(!matches!(ev, Some(LinkEvent::Up { .. })), "new node saw {ev:?}")
+            }
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    assert!(new_stats.snapshot().rejected_unsupported_version >= 1);
+    assert!(old_stats.snapshot().rejected_unsupported_version >= 1);
+    support::reliability::report(
+        "versions",
+        "peer without a common protocol version",
+        "1 run",
+        "refused and counted on both sides",
+    );
+}
+
+fn origin(n: u64) -> Origin {
+    Origin {
+        node: NodeId(n),
+        incarnation: 1000 + n,
+    }
+}
