@@ -104,6 +104,7 @@ fn ack(incarnation: u64, cumulative: u64) -> Frame {
         cumulative,
         ranges: Vec::new(),
         credit: None,
+        received: 0,
     })
 }
 

@@ -150,12 +150,8 @@ struct Pair {
 }
 
 async fn pair() -> Pair {
-    // At-most-once has no window towards the receiving application: a burst larger
-    // than the receiver's buffer is dropped (counted in `receiver_full`). A buffer
-    // above the batch size keeps the run lossless; at-least-once and effectively-once
-    // never queue more than their 4096 window per channel anyway.
-    let mut config = NodeConfig::default();
-    config.receiver_buffer = 1 << 16;
+    // The default configuration: receiver credit bounds what every guarantee queues.
+    let config = NodeConfig::default();
     let tb = TcpTransport::new(loopback(), TcpConfig::default()).expect("tcp config");
     let b_tcp = tb.stats();
     let b = Node::builder(NodeId(2))
@@ -322,14 +318,14 @@ fn throughput(c: &mut Criterion) {
     let (sa, sb) = rt.block_on(async { (pair.a.stats().await, pair.b.stats().await) });
     if let (Ok(sa), Ok(sb)) = (sa, sb) {
         eprintln!(
-            "sender: sent {} retransmitted {} acked {}; receiver: delivered {} duplicates {} \
-             receiver_full {} dedup_refused {}",
+            "sender: sent {} retransmitted {} acked {} credit waits {}; receiver: delivered {} \
+             duplicates {} dedup_refused {}",
             sa.proto.sent,
             sa.proto.retransmitted,
             sa.proto.acked,
+            sa.proto.credit_waits,
             sb.proto.delivered,
             sb.proto.duplicates_dropped,
-            sb.receiver_full,
             sb.proto.dedup_refused
         );
     }

@@ -89,7 +89,7 @@ pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{
     ChannelOptions, Delivery, DeliveryHandle, HandoffConfig, Node, NodeBuilder, NodeConfig,
-    NodeError, Outcome, RawReceiver, RawSender, Receipt, Receiver, SendError, Sender, Stats,
-    BIND_RETRY,
+    NodeError, Outcome, RawReceiver, RawSender, Receipt, Receiver, ReceiverOptions, SendError,
+    Sender, Stats, BIND_RETRY,
 };
 pub use proto::ProtoConfig;

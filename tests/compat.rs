@@ -109,6 +109,7 @@ fn v1_frames() -> Vec<(&'static str, Frame)> {
                     SeqRange { start: 50, end: 50 },
                 ],
                 credit: None,
+                received: 0,
             }),
         ),
         (

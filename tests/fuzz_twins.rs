@@ -381,6 +381,7 @@ fn write_seed_corpora() {
             cumulative: 4,
             ranges: vec![SeqRange { start: 6, end: 8 }],
             credit: Some(70),
+            received: 5,
         }),
         Frame::Nack(Nack {
             channel: ChannelId(2),

@@ -9,7 +9,7 @@ use ackwire::Guarantee;
 use proptest::prelude::*;
 use std::time::Duration;
 use support::reliability::case_passed;
-use support::sim::{run, SimConfig, SimReport};
+use support::sim::{run, Seen, SimConfig, SimReport};
 
 /// A random fault schedule applied to a base config.
 fn faults(guarantee: Guarantee) -> impl Strategy<Value = SimConfig> {
@@ -154,28 +154,84 @@ proptest! {
         case_passed("eo-keys", 256, || (SIM.into(), format!("{FAULTS}, app duplicate sends and re-sends under one key"), "EffectivelyOnce (keys): processed at most once per key, exactly once if any send acked".into()));
     }
 
-    /// Property (ordered mode): the handler first sees each stream's messages in send
-    /// order (gaps only where the sender gave a message up).
+    /// Property (ordered contract, see `proto::inbound`): (1) the handler first sees
+    /// each stream's messages in send order (gaps only where the sender gave a message
+    /// up), and (2) after a nack, the nacked message is redelivered before any message
+    /// the stream had not handed out yet — through every refusal path: slow handlers,
+    /// nacks, a receiver refusing deliveries it has no room for, duplicates of a
+    /// message still in progress (application keys sent twice), and network faults.
     #[test]
-    fn ordered_first_deliveries_follow_send_order(
+    fn ordered_contract_holds_through_every_refusal_path(
         cfg in faults(Guarantee::EffectivelyOnce),
         alo in any::<bool>(),
+        capacity in prop::option::of(1u32..6),
+        keyed_dups in prop::option::of(0.0..0.5f64),
+        slow in any::<bool>(),
     ) {
         let mut cfg = cfg;
         cfg.ordered = true;
+        cfg.app_capacity = capacity;
+        if slow {
+            cfg.process = (Duration::ZERO, Duration::from_millis(40));
+        }
         if alo {
             cfg.guarantee = Guarantee::AtLeastOnce;
+        } else if let Some(dup) = keyed_dups {
+            cfg.keyed = true;
+            cfg.app_duplicate = dup;
         }
         let r = run(&cfg);
         assert_none_hangs(&r)?;
-        for (sender, order) in &r.first_delivery_order {
+        for (sender, seqs) in &r.first_delivery_seqs {
             prop_assert!(
-                order.windows(2).all(|w| w[0] < w[1]),
-                "sender {} first deliveries out of order: {:?}", sender, order
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "sender {} first deliveries out of stream order: {:?}", sender, seqs
             );
         }
-        case_passed("ordered", 256, || (SIM.into(), FAULTS.into(), "ordered channels: first deliveries in send order".into()));
+        if !cfg.keyed {
+            // One send per index: index order is stream order.
+            for (sender, order) in &r.first_delivery_order {
+                prop_assert!(
+                    order.windows(2).all(|w| w[0] < w[1]),
+                    "sender {} first deliveries out of order: {:?}", sender, order
+                );
+            }
+        }
+        assert_redelivery_before_new(&r)?;
+        case_passed("ordered", 256, || (SIM.into(), format!("{FAULTS}, slow handlers, receiver refusals, in-progress duplicates"), "ordered channels: first deliveries in send order; a nacked message redelivered before anything new".into()));
     }
+}
+
+/// Ordered contract rule 2: after the application nacks index `i`, no index it had
+/// not been handed yet is delivered before `i` is delivered again (unless the sender
+/// gave `i` up, which settles it for good).
+fn assert_redelivery_before_new(r: &SimReport) -> Result<(), TestCaseError> {
+    for (sender, timeline) in &r.timeline {
+        for (p, ev) in timeline.iter().enumerate() {
+            let Seen::Nack { index } = *ev else { continue };
+            let handed: std::collections::HashSet<u64> = timeline[..p]
+                .iter()
+                .filter_map(|e| match e {
+                    Seen::Deliver { index, .. } => Some(*index),
+                    _ => None,
+                })
+                .collect();
+            let given_up = matches!(r.msgs[&(*sender, index)].outcome, Some(Err(_)));
+            for later in &timeline[p + 1..] {
+                match *later {
+                    Seen::Deliver { index: j, .. } if j == index => break,
+                    Seen::Deliver { index: j, .. } if !handed.contains(&j) => {
+                        prop_assert!(
+                            given_up,
+                            "sender {sender}: {j} delivered before the redelivery of nacked {index}"
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// With no faults at all every message of every guarantee is delivered and acked, in a

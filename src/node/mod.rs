@@ -150,9 +150,6 @@ pub struct NodeConfig {
     pub dedup: DedupConfig,
     /// Largest payload `send` accepts. Default 4 MiB.
     pub max_payload: usize,
-    /// Deliveries queued per [`Receiver`] before further arrivals are refused unacked
-    /// (their senders retransmit them later). Default `1024`.
-    pub receiver_buffer: usize,
     /// Failure detector (phi accrual, threshold 8). Default [`DetectorConfig::default`].
     pub detector: DetectorConfig,
     /// How often each known peer is pinged for the failure detector. Default 1 s.
@@ -174,7 +171,6 @@ impl Default for NodeConfig {
                 ..DedupConfig::default()
             },
             max_payload: 4 << 20,
-            receiver_buffer: 1024,
             detector: DetectorConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
             handoff: None,
@@ -193,11 +189,6 @@ impl NodeConfig {
                  would overrun the receiver's sequence window",
                 self.dedup.window, self.proto.max_in_flight
             )));
-        }
-        if self.receiver_buffer == 0 {
-            return Err(crate::ConfigError::new(
-                "receiver_buffer must be at least 1",
-            ));
         }
         if self.max_payload == 0 {
             return Err(crate::ConfigError::new("max_payload must be at least 1"));
@@ -239,14 +230,49 @@ impl ChannelOptions {
     }
 }
 
+/// Options of a channel's receiver.
+///
+/// Default: unordered (each message is handed out as soon as it arrives).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReceiverOptions {
+    /// Deliver each stream's messages in send order. The contract, per stream (a
+    /// stream is one sending node run on this channel):
+    ///
+    /// 1. first deliveries follow send order (a message the sender settled without
+    ///    delivering — given up, or handed off — leaves a gap; a hint replayed later
+    ///    travels on the replaying node's own stream);
+    /// 2. a delivery that is nacked or dropped unfinished is redelivered before any
+    ///    message of its stream that had not been handed out yet; messages already
+    ///    handed out (up to the stream's credit) may be seen before it;
+    /// 3. refusals before the application sees a message (no receiver, dedup
+    ///    refusal, a duplicate of a message still being processed) rewind the stream,
+    ///    so they keep rule 1.
+    ///
+    /// Checked by the `ordered_contract_holds_through_every_refusal_path` simulation
+    /// property and `tests/flow_control.rs`.
+    pub ordered: bool,
+}
+
+impl ReceiverOptions {
+    /// Deliver each stream's messages in send order (see [`ReceiverOptions::ordered`]).
+    pub fn ordered() -> Self {
+        ReceiverOptions { ordered: true }
+    }
+
+    /// Hand messages out as they arrive (the default).
+    pub fn unordered() -> Self {
+        ReceiverOptions { ordered: false }
+    }
+}
+
 /// Counters of a node (monotonic).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Protocol counters: sent, retransmitted, acked, delivered, duplicates dropped…
+    /// Protocol counters: sent, retransmitted, acked, delivered, duplicates dropped,
+    /// credit waits…
     pub proto: ProtoStats,
-    /// Deliveries refused because a receiver's buffer was full.
-    pub receiver_full: u64,
     /// Arrivals whose payload did not decode as the receiver's type; they are acked
     /// and dropped (a poison message would otherwise be retried forever).
     pub decode_failed: u64,
@@ -362,7 +388,6 @@ impl NodeBuilder {
             health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),
             health_tx: health_tx.clone(),
             versions: Mutex::new(HashMap::new()),
-            receiver_buffer: self.config.receiver_buffer,
             window: self.config.proto.max_in_flight,
             max_payload: self.config.max_payload,
             decode_failed: AtomicU64::new(0),
@@ -376,7 +401,6 @@ impl NodeBuilder {
             receivers: HashMap::new(),
             shared: shared.clone(),
             self_tx: cmd_tx.clone(),
-            receiver_full: 0,
             outbox: HashMap::new(),
             detector,
             heartbeat_every: self.config.heartbeat_interval,
@@ -517,8 +541,28 @@ impl Node {
         })
     }
 
+    /// The receiver of a channel, with [`ReceiverOptions`]. One receiver per channel
+    /// and node.
+    pub fn receiver_with<T: DeserializeOwned>(
+        &self,
+        channel: ChannelId,
+        options: ReceiverOptions,
+    ) -> Result<Receiver<T>, NodeError> {
+        self.receiver(channel, options.ordered)
+    }
+
+    /// The receiver of raw payloads of a channel, with [`ReceiverOptions`].
+    pub fn raw_receiver_with(
+        &self,
+        channel: ChannelId,
+        options: ReceiverOptions,
+    ) -> Result<RawReceiver, NodeError> {
+        self.raw_receiver(channel, options.ordered)
+    }
+
     /// The receiver of a channel; `ordered` delivers each stream's messages in send
-    /// order. One receiver per channel and node.
+    /// order (shorthand for [`Node::receiver_with`]; see [`ReceiverOptions::ordered`]
+    /// for exactly what that promises). One receiver per channel and node.
     pub fn receiver<T: DeserializeOwned>(
         &self,
         channel: ChannelId,
@@ -536,7 +580,9 @@ impl Node {
         channel: ChannelId,
         ordered: bool,
     ) -> Result<RawReceiver, NodeError> {
-        let (tx, rx) = mpsc::channel(self.shared.receiver_buffer);
+        // Unbounded: what may be queued is bounded by the credit granted to each
+        // inbound stream (`ProtoConfig::stream_credit`), never by refusing arrivals.
+        let (tx, rx) = mpsc::unbounded_channel();
         {
             let mut taken = self
                 .shared
@@ -545,7 +591,7 @@ impl Node {
                 .unwrap_or_else(|e| e.into_inner());
             let live = taken
                 .get(&channel)
-                .and_then(mpsc::WeakSender::upgrade)
+                .and_then(mpsc::WeakUnboundedSender::upgrade)
                 .is_some_and(|t| !t.is_closed());
             if live {
                 return Err(NodeError::ChannelTaken(channel));
@@ -805,7 +851,7 @@ impl<T: DeserializeOwned> Receiver<T> {
 /// Yields the raw payloads of one channel.
 #[derive(Debug)]
 pub struct RawReceiver {
-    rx: mpsc::Receiver<Delivery<Bytes>>,
+    rx: mpsc::UnboundedReceiver<Delivery<Bytes>>,
     shared: Arc<Shared>,
 }
 
@@ -916,12 +962,11 @@ impl Drop for DeliveryHandle {
 #[derive(Debug)]
 struct Shared {
     windows: Mutex<HashMap<(NodeId, ChannelId), Arc<Semaphore>>>,
-    receivers: Mutex<HashMap<ChannelId, mpsc::WeakSender<Delivery<Bytes>>>>,
+    receivers: Mutex<HashMap<ChannelId, mpsc::WeakUnboundedSender<Delivery<Bytes>>>>,
     health: Mutex<HashMap<NodeId, Health>>,
     health_tx: broadcast::Sender<HealthChange>,
     /// Protocol version of each peer's current (or last) connection.
     versions: Mutex<HashMap<NodeId, u16>>,
-    receiver_buffer: usize,
     window: usize,
     max_payload: usize,
     decode_failed: AtomicU64,
@@ -961,7 +1006,7 @@ enum Command {
     Register {
         channel: ChannelId,
         ordered: bool,
-        tx: mpsc::Sender<Delivery<Bytes>>,
+        tx: mpsc::UnboundedSender<Delivery<Bytes>>,
     },
     AddPeer {
         peer: NodeId,
@@ -983,11 +1028,10 @@ struct Driver {
     commands: mpsc::UnboundedReceiver<Command>,
     receipts:
         crate::fasthash::FastMap<SendRef, (Guarantee, oneshot::Sender<Result<Outcome, SendError>>)>,
-    receivers: HashMap<ChannelId, mpsc::Sender<Delivery<Bytes>>>,
+    receivers: HashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
     shared: Arc<Shared>,
     /// Handed to deliveries so their completions come back here.
     self_tx: mpsc::UnboundedSender<Command>,
-    receiver_full: u64,
     outbox: HashMap<NodeId, Vec<crate::wire::Frame>>,
     detector: FailureDetector,
     heartbeat_every: Duration,
@@ -1142,7 +1186,6 @@ impl Driver {
             Command::Stats(reply) => {
                 let _ = reply.send(Stats {
                     proto: self.endpoint.stats(),
-                    receiver_full: self.receiver_full,
                     decode_failed: 0,
                     hints: self.spool.as_ref().map(Spool::stats),
                     handed_off: self.handed_off,
@@ -1204,8 +1247,8 @@ impl Driver {
                         self.endpoint.complete(now, delivery, Completion::Refuse);
                         continue;
                     };
-                    let completion = (delivery.guarantee != Guarantee::AtMostOnce)
-                        .then(|| (delivery, self.self_tx.clone()));
+                    // At-most-once deliveries are finished too: that frees credit.
+                    let completion = Some((delivery, self.self_tx.clone()));
                     let d = Delivery {
                         message: payload,
                         id: delivery.id,
@@ -1214,16 +1257,9 @@ impl Driver {
                         guarantee: delivery.guarantee,
                         handle: DeliveryHandle { completion },
                     };
-                    if let Err(e) = tx.try_send(d) {
-                        let mut d = match e {
-                            mpsc::error::TrySendError::Full(d) => {
-                                self.receiver_full += 1;
-                                d
-                            }
-                            mpsc::error::TrySendError::Closed(d) => d,
-                        };
-                        // Refuse rather than nack: the sender's timer brings it back
-                        // once the application has caught up.
+                    if let Err(mpsc::error::SendError(mut d)) = tx.send(d) {
+                        // The receiver is gone: refuse (the stream rewinds; the sender
+                        // retries until a receiver appears).
                         d.handle.completion.take();
                         self.endpoint.complete(now, delivery, Completion::Refuse);
                     }

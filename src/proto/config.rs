@@ -13,8 +13,18 @@ use std::time::Duration;
 #[non_exhaustive]
 pub struct ProtoConfig {
     /// Maximum span of unsettled messages per stream (the sliding window, as in TCP):
-    /// `send` waits when it is full. Default `4096`.
+    /// `send` waits when it is full. Default `4096`. Messages waiting for the
+    /// receiver's credit count against it.
     pub max_in_flight: usize,
+    /// Receiving side: credit granted to each inbound stream, in messages — how many of
+    /// a stream's messages may be outstanding here at once (queued for the
+    /// application, held for ordering, being processed, or on the way). Senders never
+    /// exceed it (protocol version 2; a version-1 sender is bounded by its own
+    /// `max_in_flight` instead), so a receiver never refuses a message for lack of
+    /// room. Memory per stream is bounded by `stream_credit` payloads. Default `4096`;
+    /// at least 256 ([`crate::proto::INITIAL_CREDIT`], what a sender may send before
+    /// the first grant).
+    pub stream_credit: u64,
     /// How long the receiver may hold an owed ack to batch it with others. Default
     /// `0`: acks go out at the end of the current burst of work, which batches bulk
     /// streams without adding latency to a lone message.
@@ -52,6 +62,7 @@ impl Default for ProtoConfig {
     fn default() -> Self {
         ProtoConfig {
             max_in_flight: 4096,
+            stream_credit: 4096,
             ack_delay: Duration::ZERO,
             max_ack_ranges: 64,
             max_reorder_buffer: 4096,
@@ -73,6 +84,14 @@ impl ProtoConfig {
     pub fn validate(&self) -> Result<(), crate::ConfigError> {
         if self.max_in_flight == 0 {
             return Err(crate::ConfigError::new("max_in_flight must be at least 1"));
+        }
+        if self.stream_credit < super::INITIAL_CREDIT {
+            return Err(crate::ConfigError::new(format!(
+                "stream_credit ({}) must be at least {} (INITIAL_CREDIT: senders may send \
+                 that many before the first grant)",
+                self.stream_credit,
+                super::INITIAL_CREDIT
+            )));
         }
         if self.max_ack_ranges == 0 {
             return Err(crate::ConfigError::new("max_ack_ranges must be at least 1"));

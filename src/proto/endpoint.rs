@@ -10,13 +10,13 @@
 
 use super::config::ProtoConfig;
 use super::inbound::{Arrival, InboundStream};
-use super::outbound::{OutEvent, OutboundStream};
+use super::outbound::{OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT};
 use crate::dedup::{Admit, Dedup};
 use crate::fasthash::FastMap;
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
 use crate::retry::GiveUp;
 use crate::rng::SplitMix64;
-use crate::wire::{Data, Frame, Heartbeat, Nack};
+use crate::wire::{CreditProbe, Data, Frame, Heartbeat, Nack};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -154,7 +154,10 @@ pub struct ProtoStats {
     pub delivered: u64,
     /// Arrivals dropped as duplicates (stream-level or by message ID).
     pub duplicates_dropped: u64,
-    /// Arrivals not delivered because the same ID was still being processed.
+    /// Arrivals of an ID that was still being processed (a retransmission of it, or
+    /// the same application key sent again). The first of them per message waits for
+    /// the original: it is acked when the original is acked, or delivered in its place
+    /// when the original is nacked or dropped.
     pub in_progress_dropped: u64,
     /// Arrivals refused by the dedup table (window overrun or table full); the sender
     /// retransmits them later.
@@ -172,6 +175,16 @@ pub struct ProtoStats {
     /// Data frames dropped because their peer already has
     /// [`ProtoConfig::max_streams_per_peer`] inbound streams.
     pub streams_refused: u64,
+    /// Sending side: first transmissions that waited for the receiver's credit.
+    pub credit_waits: u64,
+    /// Sending side: credit probes (a blocked message sent to ask for fresh credit).
+    pub credit_probes: u64,
+    /// Receiving side: data frames dropped unacked because their stream was past the
+    /// credit it was granted (plus slack): a sender ignoring flow control.
+    pub credit_exceeded: u64,
+    /// Receiving side: deliveries taken back before the application saw them (its
+    /// receiver was gone); ordered streams rewind to them.
+    pub deliveries_refused: u64,
 }
 
 #[derive(Debug)]
@@ -201,6 +214,15 @@ pub struct Endpoint {
     dedup_unsynced: bool,
     /// Peers with an unpolled `Event::Heard` (a handful at most).
     heard_pending: Vec<NodeId>,
+    /// Arrivals waiting for another delivery of the same ID to finish, oldest first.
+    waiting: HashMap<MessageId, VecDeque<Parked>>,
+}
+
+/// An arrival parked behind a delivery of the same message ID still in progress.
+#[derive(Debug)]
+struct Parked {
+    origin: Origin,
+    data: Data,
 }
 
 impl Endpoint {
@@ -222,6 +244,7 @@ impl Endpoint {
             stats: ProtoStats::default(),
             dedup_unsynced: false,
             heard_pending: Vec::new(),
+            waiting: HashMap::new(),
         }
     }
 
@@ -239,6 +262,11 @@ impl Endpoint {
     pub fn stats(&self) -> ProtoStats {
         let mut s = self.stats;
         s.retransmitted = self.outbound.values().map(|o| o.retransmits()).sum();
+        for o in self.outbound.values() {
+            let (waits, probes) = o.credit_counters();
+            s.credit_waits += waits;
+            s.credit_probes += probes;
+        }
         s
     }
 
@@ -363,6 +391,7 @@ impl Endpoint {
             // in `Dedup` (hint replays of its messages still need it).
             self.inbound.retain(|(o, _), _| *o != old);
         }
+        let was_crediting = self.peers.get(&origin.node).is_some_and(|p| p.version >= 2);
         self.peers.insert(
             origin.node,
             Peer {
@@ -373,6 +402,13 @@ impl Endpoint {
         );
         for ((peer, _), s) in self.outbound.iter_mut() {
             if *peer == origin.node {
+                // A version-2 receiver grants credit; a new run of it (or a peer that
+                // just upgraded) starts from the initial grant.
+                if version < 2 {
+                    s.set_credit(None);
+                } else if restarted || !was_crediting {
+                    s.set_credit(Some(s.initial_credit()));
+                }
                 s.handle_reconnect();
             }
         }
@@ -414,7 +450,7 @@ impl Endpoint {
                     return;
                 }
                 if let Some(s) = self.outbound.get_mut(&(from, ack.channel)) {
-                    s.handle_ack(now, ack.cumulative, &ack.ranges);
+                    s.handle_ack(now, ack.cumulative, &ack.ranges, ack.credit, ack.received);
                     Self::drain_stream(&mut self.events, &mut self.stats, from, ack.channel, s);
                 } else {
                     self.stats.frames_ignored += 1;
@@ -430,6 +466,14 @@ impl Endpoint {
                 }
             }
             Frame::Ping(hb) => self.transmit.push_back((from, Frame::Pong(hb))),
+            Frame::CreditProbe(p) => {
+                // Answer with the stream's current grant (an ack, sent with this burst).
+                if let Some(s) = self.inbound.get_mut(&(peer_origin, p.channel)) {
+                    s.owe_ack(now);
+                } else {
+                    self.stats.frames_ignored += 1;
+                }
+            }
             Frame::Pong(_) => self.events.push_back(Event::HeartbeatAck(from)),
             Frame::Handshake(_) => self.stats.frames_ignored += 1,
         }
@@ -441,10 +485,30 @@ impl Endpoint {
             .push_back((peer, Frame::Ping(Heartbeat { nonce })));
     }
 
-    /// The application finished a delivered message.
+    /// The application finished a delivered message. At-most-once deliveries are
+    /// finished too (any [`Completion`]): that is what frees their stream's credit.
+    ///
+    /// [`Completion::Refuse`] means the application never saw the message (its
+    /// receiver is gone): the stream's later deliveries still waiting in
+    /// [`Endpoint::poll_event`] are taken back too, and an ordered stream rewinds (see
+    /// the ordered delivery contract in `proto::inbound`). Call it before polling the
+    /// next event.
     pub fn complete(&mut self, now: Instant, delivery: DeliveryRef, how: Completion) {
         if delivery.guarantee == Guarantee::AtMostOnce {
-            return; // settled at delivery time
+            // Settled at delivery time; finishing it frees credit (a credit update is
+            // owed to a sender that understands one).
+            let crediting = self
+                .peers
+                .get(&delivery.origin.node)
+                .is_some_and(|p| p.origin == delivery.origin && p.version >= 2);
+            if let Some(stream) = self.inbound.get_mut(&(delivery.origin, delivery.channel)) {
+                stream.consumed(now, crediting);
+            }
+            return;
+        }
+        if how == Completion::Refuse {
+            self.refuse_delivery(now, delivery);
+            return;
         }
         if delivery.guarantee == Guarantee::EffectivelyOnce {
             match how {
@@ -464,26 +528,107 @@ impl Endpoint {
             .peers
             .get(&delivery.origin.node)
             .is_some_and(|p| p.origin == delivery.origin);
-        let Some(stream) = self.inbound.get_mut(&(delivery.origin, delivery.channel)) else {
-            return; // the sender restarted since; nothing to ack
-        };
-        match how {
-            Completion::Ack => stream.complete(now, delivery.seq, true),
-            Completion::Nack => {
-                stream.fail(delivery.seq);
-                if current {
-                    self.stats.nacks_sent += 1;
-                    self.transmit.push_back((
-                        delivery.origin.node,
-                        Frame::Nack(Nack {
-                            channel: delivery.channel,
-                            incarnation: delivery.origin.incarnation,
-                            seq: delivery.seq,
-                        }),
-                    ));
+        if let Some(stream) = self.inbound.get_mut(&(delivery.origin, delivery.channel)) {
+            match how {
+                Completion::Ack => stream.complete(now, delivery.seq, true),
+                Completion::Nack | Completion::Refuse => {
+                    stream.fail(delivery.seq);
+                    if current {
+                        self.stats.nacks_sent += 1;
+                        self.transmit.push_back((
+                            delivery.origin.node,
+                            Frame::Nack(Nack {
+                                channel: delivery.channel,
+                                incarnation: delivery.origin.incarnation,
+                                seq: delivery.seq,
+                            }),
+                        ));
+                    }
                 }
             }
-            Completion::Refuse => stream.fail(delivery.seq),
+        }
+        if delivery.guarantee == Guarantee::EffectivelyOnce {
+            self.wake_parked(now, delivery.id, how == Completion::Ack);
+        }
+    }
+
+    /// Arrivals parked behind `id` (a delivery of it just finished): after an ack they
+    /// are duplicates, acked now; after a failure the oldest goes back to its stream to
+    /// be delivered in the original's place (in line, on an ordered stream).
+    fn wake_parked(&mut self, now: Instant, id: MessageId, acked: bool) {
+        let Some(mut queue) = self.waiting.remove(&id) else {
+            return;
+        };
+        let woken: Vec<Parked> = if acked {
+            queue.drain(..).collect()
+        } else {
+            let first = queue.pop_front();
+            if !queue.is_empty() {
+                self.waiting.insert(id, queue);
+            }
+            first.into_iter().collect()
+        };
+        for p in woken {
+            let (origin, channel, seq) = (p.origin, p.data.channel, p.data.seq);
+            let mut ready = std::mem::take(&mut self.ready);
+            if let Some(stream) = self.inbound.get_mut(&(origin, channel)) {
+                if acked {
+                    self.stats.duplicates_dropped += 1;
+                    stream.complete(now, seq, true);
+                    stream.drain_head(&mut ready);
+                } else {
+                    stream.unpark(p.data, &mut ready);
+                }
+            } // else: its sender restarted since; the new run resends what matters
+            self.process_ready(now, origin, channel, &mut ready);
+            self.ready = ready;
+        }
+    }
+
+    /// The application never saw `delivery` (its receiver is gone). Take back the
+    /// stream's later deliveries still queued in `events` too, release their dedup
+    /// marks, and let the stream rewind to `delivery`.
+    fn refuse_delivery(&mut self, now: Instant, delivery: DeliveryRef) {
+        let key = (delivery.origin, delivery.channel);
+        let mut later = Vec::new();
+        self.events.retain_mut(|ev| match ev {
+            Event::Deliver {
+                delivery: d,
+                payload,
+            } if (d.origin, d.channel) == key && d.seq > delivery.seq => {
+                later.push((
+                    *d,
+                    Data {
+                        channel: d.channel,
+                        seq: d.seq,
+                        floor: 0,
+                        id_floor: 0,
+                        id: Some(d.id),
+                        guarantee: d.guarantee,
+                        payload: std::mem::take(payload),
+                    },
+                ));
+                false
+            }
+            _ => true,
+        });
+        let n = 1 + later.len() as u64;
+        self.stats.deliveries_refused += n;
+        self.stats.delivered = self.stats.delivered.saturating_sub(n);
+        let refused = std::iter::once(&delivery).chain(later.iter().map(|(d, _)| d));
+        let eo: Vec<MessageId> = refused
+            .filter(|d| d.guarantee == Guarantee::EffectivelyOnce)
+            .map(|d| d.id)
+            .collect();
+        if let Some(stream) = self.inbound.get_mut(&key) {
+            stream.refuse(
+                delivery.seq,
+                later.into_iter().map(|(_, data)| data).collect(),
+            );
+        }
+        for id in eo {
+            self.dedup.release(&id);
+            self.wake_parked(now, id, false);
         }
     }
 
@@ -529,6 +674,10 @@ impl Endpoint {
         // event drain per stream, not per frame).
         for (&(peer, channel), s) in self.outbound.iter_mut() {
             let before = self.transmit.len();
+            if s.take_probe() {
+                self.transmit
+                    .push_back((peer, Frame::CreditProbe(CreditProbe { channel })));
+            }
             while let Some(data) = s.poll_transmit(now) {
                 self.transmit.push_back((peer, Frame::Data(data)));
             }
@@ -558,10 +707,15 @@ impl Endpoint {
         let origin = self.origin;
         let seed = self.rng.next_u64();
         let config = &self.config;
-        let stream = self
-            .outbound
-            .entry((peer, channel))
-            .or_insert_with(|| OutboundStream::new(origin, channel, guarantee, config, seed, now));
+        // A receiver not yet heard from is assumed to grant credit (protocol 2); if it
+        // turns out to speak version 1, `handle_peer_up` lifts the bound.
+        let credit = match self.peers.get(&peer) {
+            Some(p) if p.version < 2 => None,
+            _ => Some(INITIAL_CREDIT),
+        };
+        let stream = self.outbound.entry((peer, channel)).or_insert_with(|| {
+            OutboundStream::new(origin, channel, guarantee, config, seed, now, credit)
+        });
         if stream.guarantee() != guarantee {
             return Err(StreamError::GuaranteeMismatch {
                 peer,
@@ -587,6 +741,7 @@ impl Endpoint {
                 return;
             }
         }
+        let crediting = self.peers.get(&origin.node).is_some_and(|p| p.version >= 2);
         let cfg = &self.config;
         let stream = self.inbound.entry((origin, channel)).or_insert_with(|| {
             InboundStream::new(
@@ -596,8 +751,14 @@ impl Endpoint {
                 cfg.ack_delay,
                 cfg.max_ack_ranges,
                 cfg.max_reorder_buffer,
+                cfg.stream_credit,
             )
         });
+        if crediting && stream.over_credit(data.seq, data.floor, INITIAL_CREDIT, CREDIT_SLACK) {
+            // A sender ignoring its credit: dropped unacked (safety net), counted.
+            self.stats.credit_exceeded += 1;
+            return;
+        }
         let id_floor = data.id_floor;
         let eo = data.guarantee == Guarantee::EffectivelyOnce;
         if eo && id_floor > stream.last_id_floor {
@@ -614,16 +775,46 @@ impl Endpoint {
             Arrival::BufferFull => self.stats.reorder_overflow += 1,
             Arrival::Ready | Arrival::Buffered => {}
         }
-        for d in ready.drain(..) {
+        self.process_ready(now, origin, channel, &mut ready);
+        self.ready = ready;
+    }
+
+    /// Hand the stream's ready messages to the application, in order, through dedup.
+    /// A message dedup cannot admit now stops an ordered stream at it: what follows
+    /// goes back to the stream (ordered delivery contract, rule 3).
+    fn process_ready(
+        &mut self,
+        now: Instant,
+        origin: Origin,
+        channel: ChannelId,
+        ready: &mut Vec<Data>,
+    ) {
+        let Endpoint {
+            inbound,
+            dedup,
+            events,
+            stats,
+            waiting,
+            ..
+        } = self;
+        let Some(stream) = inbound.get_mut(&(origin, channel)) else {
+            ready.clear();
+            return;
+        };
+        let ordered = stream.is_ordered();
+        let mut i = 0;
+        while i < ready.len() {
+            let d = &mut ready[i];
             let id = d.id.unwrap_or(MessageId::Seq {
                 origin,
                 channel,
                 seq: d.seq,
             });
+            let seq = d.seq;
             let delivery = DeliveryRef {
                 origin,
                 channel,
-                seq: d.seq,
+                seq,
                 id,
                 guarantee: d.guarantee,
             };
@@ -631,36 +822,60 @@ impl Endpoint {
                 Guarantee::AtMostOnce => {
                     // Settled on delivery: a transport duplicate is never delivered,
                     // whatever the application does with this one.
-                    stream.complete(now, d.seq, false);
+                    stream.complete(now, seq, false);
+                    stream.amo_delivered();
                 }
                 Guarantee::AtLeastOnce => {}
-                Guarantee::EffectivelyOnce => match self.dedup.begin(&id, now) {
+                Guarantee::EffectivelyOnce => match dedup.begin(&id, now) {
                     Ok(Admit::Fresh) => {}
                     Ok(Admit::Duplicate) => {
-                        self.stats.duplicates_dropped += 1;
-                        stream.complete(now, d.seq, true);
+                        stats.duplicates_dropped += 1;
+                        stream.complete(now, seq, true);
+                        i += 1;
                         continue;
                     }
                     Ok(Admit::InProgress) => {
-                        self.stats.in_progress_dropped += 1;
-                        stream.fail(d.seq);
+                        // Answered when the original finishes (see `wake_parked`).
+                        stats.in_progress_dropped += 1;
+                        let later = if ordered {
+                            ready.split_off(i + 1)
+                        } else {
+                            Vec::new()
+                        };
+                        let data = ready.remove(i);
+                        stream.park(seq, later);
+                        waiting
+                            .entry(id)
+                            .or_default()
+                            .push_back(Parked { origin, data });
+                        if ordered {
+                            break;
+                        }
                         continue;
                     }
                     Err(e) => {
-                        self.stats.dedup_refused += 1;
+                        stats.dedup_refused += 1;
                         tracing::debug!(%id, error = %e, "dedup refused a message; sender will retry");
-                        stream.fail(d.seq);
+                        let later = if ordered {
+                            ready.split_off(i + 1)
+                        } else {
+                            Vec::new()
+                        };
+                        ready.remove(i);
+                        stream.refuse(seq, later);
+                        if ordered {
+                            break;
+                        }
                         continue;
                     }
                 },
             }
-            self.stats.delivered += 1;
-            self.events.push_back(Event::Deliver {
-                delivery,
-                payload: d.payload,
-            });
+            stats.delivered += 1;
+            let payload = std::mem::take(&mut ready[i].payload);
+            events.push_back(Event::Deliver { delivery, payload });
+            i += 1;
         }
-        self.ready = ready;
+        ready.clear();
     }
 
     fn drain_stream(

@@ -5,6 +5,31 @@
 //! application keys, restarts) is the endpoint's job through [`crate::dedup`]; this
 //! type only stops retransmissions of the same stream seq from being delivered twice.
 //! Pure state, no IO, no clock.
+//!
+//! # Credit
+//!
+//! The stream grants its sender credit (protocol version 2): the highest seq the
+//! sender may have transmitted. For acked streams it is `cumulative + window`, so at
+//! most `window` of the stream's messages are ever between "not yet done" and "may be
+//! sent" — queued for the application, held for ordering, being processed, or on the
+//! way. At-most-once streams have no cumulative progress worth the name (a lost frame
+//! is a permanent hole), so their grant is `highest seen + window - outstanding`.
+//! Grants only grow. See [`crate::proto::ProtoConfig::stream_credit`].
+//!
+//! # Ordered delivery contract
+//!
+//! On an ordered stream:
+//! 1. **First deliveries follow send order.** The application is handed message `n`
+//!    for the first time before `n + 1`, with gaps only where the sender settled a
+//!    message without delivering it (given up, or handed off: a hint is replayed later
+//!    on the replaying node's own stream).
+//! 2. **A redelivery comes before anything not yet handed out.** When the application
+//!    nacks or drops `n`, the stream hands out no message it had not handed out yet
+//!    until `n` has been delivered again; messages handed out before the nack (up to
+//!    the credit window) may be seen before the redelivery.
+//! 3. Every refusal that happens before the application saw a message — no receiver,
+//!    a dedup refusal, a duplicate of a message still being processed elsewhere —
+//!    rewinds the stream to that message, so rule 1 holds for it too.
 
 use crate::id::{ChannelId, Guarantee, Origin};
 use crate::wire::{Ack, Data, SeqRange};
@@ -46,6 +71,23 @@ pub(crate) struct InboundStream {
     max_reorder: usize,
     /// Last id floor passed to dedup, so it is only called when the floor moves.
     pub(crate) last_id_floor: u64,
+    /// Ordered: nacked or dropped seqs awaiting redelivery; while any is held, no seq
+    /// not yet handed out is delivered (contract rule 2).
+    held: BTreeSet<u64>,
+    /// Credit window: messages the stream may have outstanding (see module docs).
+    window: u64,
+    /// Highest credit granted so far (grants only grow).
+    granted: u64,
+    /// Highest seq seen (at-most-once grants).
+    highest: u64,
+    /// At-most-once stream: grants follow consumption, not acks.
+    amo: bool,
+    /// At-most-once messages handed to the application and not yet finished.
+    unconsumed: u64,
+    /// Every seq `<= received` is held here: done, in progress, or buffered.
+    received: u64,
+    /// `received` as last reported in an ack.
+    reported: u64,
 }
 
 impl InboundStream {
@@ -56,6 +98,7 @@ impl InboundStream {
         ack_delay: Duration,
         max_ack_ranges: usize,
         max_reorder: usize,
+        window: u64,
     ) -> Self {
         InboundStream {
             origin,
@@ -72,14 +115,50 @@ impl InboundStream {
             reorder: BTreeMap::new(),
             max_reorder,
             last_id_floor: 0,
+            held: BTreeSet::new(),
+            window: window.max(1),
+            granted: 0,
+            highest: 0,
+            amo: false,
+            unconsumed: 0,
+            received: 0,
+            reported: 0,
         }
     }
 
     /// Stream-level admission of one frame. Deliverable frames (in order, when ordered)
     /// are appended to `ready` and marked in progress.
     pub(crate) fn on_data(&mut self, now: Instant, data: Data, ready: &mut Vec<Data>) -> Arrival {
+        let arrival = self.admit(now, data, ready);
+        self.extend_received();
+        if !self.amo && self.received >= self.reported + (self.window / 8).max(1) {
+            // Tell the sender what is held here before its timers think it lost: a
+            // busy application otherwise delays every ack past the sender's RTO.
+            self.owe_ack(now);
+        }
+        arrival
+    }
+
+    /// Advance the held watermark over seqs held here (amortised O(1) per arrival).
+    fn extend_received(&mut self) {
+        self.received = self.received.max(self.cumulative);
+        loop {
+            let next = self.received + 1;
+            let held = self.done.contains(&next)
+                || self.in_progress.contains(&next)
+                || self.reorder.contains_key(&next);
+            if !held {
+                break;
+            }
+            self.received = next;
+        }
+    }
+
+    fn admit(&mut self, now: Instant, data: Data, ready: &mut Vec<Data>) -> Arrival {
         let seq = data.seq;
         let acks = data.guarantee != Guarantee::AtMostOnce;
+        self.amo = !acks;
+        self.highest = self.highest.max(seq);
         self.advance_floor(data.floor, ready);
         if seq <= self.cumulative || self.done.contains(&seq) {
             if acks {
@@ -90,7 +169,18 @@ impl InboundStream {
         if self.in_progress.contains(&seq) {
             return Arrival::InProgress;
         }
-        if self.ordered && seq > self.next_deliver {
+        if self.held.remove(&seq) {
+            // The redelivery the stream was holding for (rule 2).
+            self.in_progress.insert(seq);
+            ready.push(data);
+            if self.held.is_empty() {
+                self.drain_ordered(ready);
+            }
+            return Arrival::Ready;
+        }
+        let waiting =
+            seq > self.next_deliver || (seq == self.next_deliver && !self.held.is_empty());
+        if self.ordered && waiting {
             if self.reorder.contains_key(&seq) {
                 return Arrival::Buffered;
             }
@@ -125,9 +215,127 @@ impl InboundStream {
         }
     }
 
-    /// `seq` was not processed (nacked, dropped, refused): a retransmission may deliver it.
+    /// The application had `seq` and did not process it (nacked or dropped): a
+    /// retransmission delivers it again, and an ordered stream holds back what it has
+    /// not handed out yet until then (rule 2).
     pub(crate) fn fail(&mut self, seq: u64) {
+        if self.in_progress.remove(&seq) && self.ordered && seq < self.next_deliver {
+            self.held.insert(seq);
+        }
+        self.received = self.received.min(seq.saturating_sub(1));
+    }
+
+    /// `seq` was refused before the application saw it (no receiver, dedup refusal,
+    /// in-progress duplicate); `later` are this stream's seqs after it that were made
+    /// ready but not handed out either. An ordered stream rewinds to `seq` (rule 3):
+    /// `later` go back to the reorder buffer and wait for `seq`'s retransmission.
+    pub(crate) fn refuse(&mut self, seq: u64, later: Vec<Data>) {
         self.in_progress.remove(&seq);
+        self.received = self.received.min(seq.saturating_sub(1));
+        if !self.ordered {
+            for d in later {
+                self.in_progress.remove(&d.seq);
+            }
+            return;
+        }
+        self.next_deliver = self.next_deliver.min(seq);
+        for d in later {
+            self.in_progress.remove(&d.seq);
+            self.next_deliver = self.next_deliver.min(d.seq);
+            self.reorder.insert(d.seq, d);
+        }
+    }
+
+    /// `seq` waits for another delivery of the same message ID to finish (it is a
+    /// duplicate of a message still being processed); retransmissions of it are
+    /// dropped meanwhile. An ordered stream stops at it; `later` go back to the reorder
+    /// buffer until [`Self::resume`].
+    pub(crate) fn park(&mut self, seq: u64, later: Vec<Data>) {
+        self.in_progress.insert(seq);
+        if self.ordered {
+            for d in later {
+                self.in_progress.remove(&d.seq);
+                self.reorder.insert(d.seq, d);
+            }
+            self.next_deliver = seq;
+        }
+    }
+
+    /// A parked `seq` is to be delivered after all (the delivery it waited for
+    /// failed). Unordered: it is pushed to `ready` at once. Ordered: it goes back in
+    /// line and is handed out when the stream reaches it (at once if it is next), or
+    /// dropped if the sender has settled it since (the stream moved past it).
+    pub(crate) fn unpark(&mut self, data: Data, ready: &mut Vec<Data>) {
+        if !self.ordered {
+            ready.push(data); // stays in progress
+            return;
+        }
+        self.in_progress.remove(&data.seq);
+        if data.seq >= self.next_deliver {
+            self.reorder.insert(data.seq, data);
+        }
+        self.drain_head(ready);
+    }
+
+    /// Ordered: hand out whatever is next in line (after a parked seq was settled).
+    pub(crate) fn drain_head(&mut self, ready: &mut Vec<Data>) {
+        if self.ordered && self.held.is_empty() {
+            self.drain_ordered(ready);
+        }
+    }
+
+    /// At-most-once: a message was handed to the application.
+    pub(crate) fn amo_delivered(&mut self) {
+        self.unconsumed += 1;
+    }
+
+    /// At-most-once: the application finished a message; with `update`, a credit
+    /// update is owed to the sender.
+    pub(crate) fn consumed(&mut self, now: Instant, update: bool) {
+        self.unconsumed = self.unconsumed.saturating_sub(1);
+        if update {
+            let due = now + self.ack_delay;
+            self.ack_due = Some(self.ack_due.map_or(due, |d| d.min(due)));
+        }
+    }
+
+    /// The sender asked for its credit: an ack is owed now.
+    pub(crate) fn owe_ack(&mut self, now: Instant) {
+        self.ack_due = Some(self.ack_due.map_or(now, |d| d.min(now)));
+    }
+
+    /// Is this an ordered stream?
+    pub(crate) fn is_ordered(&self) -> bool {
+        self.ordered
+    }
+
+    /// Credit the sender may use now: the highest seq it may have transmitted.
+    pub(crate) fn credit(&mut self) -> u64 {
+        let grant = if self.amo {
+            let outstanding = self.unconsumed + self.reorder.len() as u64;
+            self.highest + self.window.saturating_sub(outstanding)
+        } else {
+            self.cumulative.saturating_add(self.window)
+        };
+        self.granted = self.granted.max(grant);
+        self.granted
+    }
+
+    /// Would `seq` exceed what this stream ever allowed, by more than `slack`? (A
+    /// sender that honours credit never gets there; probes and a receiver restart stay
+    /// within the slack.)
+    /// `floor` is the frame's own stream floor: everything below it is settled, which
+    /// is what a receiver run that just started (and granted nothing yet) counts from.
+    pub(crate) fn over_credit(&self, seq: u64, floor: u64, initial: u64, slack: u64) -> bool {
+        if self.amo {
+            return false; // grants follow arrivals; nothing to hold a flood against
+        }
+        let settled = self.cumulative.max(floor.saturating_sub(1));
+        let allowed = self
+            .granted
+            .max(settled.saturating_add(initial))
+            .saturating_add(slack);
+        seq > allowed
     }
 
     /// When the owed ack must go out, if one is owed.
@@ -157,12 +365,20 @@ impl InboundStream {
             incarnation: self.origin.incarnation,
             cumulative,
             ranges,
-            credit: None,
+            credit: Some(self.credit()),
+            received: {
+                self.reported = self.received.max(cumulative);
+                self.reported
+            },
         })
     }
 
     fn advance_floor(&mut self, floor: u64, ready: &mut Vec<Data>) {
         let settled = floor.saturating_sub(1);
+        // Held seqs the sender settled without a redelivery will not come back.
+        while self.held.first().is_some_and(|s| *s < floor) {
+            self.held.pop_first();
+        }
         if settled > self.cumulative {
             self.cumulative = settled;
             while self.done.first().is_some_and(|s| *s <= settled) {
@@ -185,14 +401,24 @@ impl InboundStream {
                 ready.push(data);
             }
             self.next_deliver = floor;
-            self.drain_ordered(ready);
+            if self.held.is_empty() {
+                self.drain_ordered(ready);
+            }
         }
     }
 
+    /// Hand out the run of messages from `next_deliver` on, skipping seqs that are
+    /// already done (a parked duplicate settled with its original); stop at a gap or
+    /// at a seq still in progress (parked).
     fn drain_ordered(&mut self, ready: &mut Vec<Data>) {
-        while let Some(data) = self.reorder.remove(&self.next_deliver) {
-            self.in_progress.insert(data.seq);
-            ready.push(data);
+        loop {
+            let next = self.next_deliver;
+            if let Some(data) = self.reorder.remove(&next) {
+                self.in_progress.insert(data.seq);
+                ready.push(data);
+            } else if !(next <= self.cumulative || self.done.contains(&next)) {
+                break;
+            }
             self.next_deliver += 1;
         }
     }
@@ -238,7 +464,7 @@ mod tests {
             node: NodeId(1),
             incarnation: 9,
         };
-        InboundStream::new(origin, ChannelId(0), ordered, Duration::ZERO, 8, 16)
+        InboundStream::new(origin, ChannelId(0), ordered, Duration::ZERO, 8, 16, 64)
     }
 
     #[test]

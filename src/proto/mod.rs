@@ -14,3 +14,4 @@ pub use config::ProtoConfig;
 pub use endpoint::{
     Completion, DeliveryRef, Endpoint, Event, Outgoing, ProtoStats, SendRef, StreamError,
 };
+pub use outbound::{CREDIT_SLACK, INITIAL_CREDIT, MAX_PROBE_INTERVAL};

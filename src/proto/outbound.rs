@@ -3,6 +3,27 @@
 //! Owns sequence numbers, the in-flight window, retransmission timers and the floors
 //! advertised to the receiver. Pure state: every input carries `now`, every output is
 //! polled. Must not do IO, read a clock, or know about other streams.
+//!
+//! # Credit
+//!
+//! With a receiver that grants credit (protocol version 2), a message's *first*
+//! transmission waits until its seq is within the credit; retransmissions never wait
+//! (the message was already counted against an earlier grant). Grants arrive on acks;
+//! before the first one a stream may send [`INITIAL_CREDIT`] messages. A stream that
+//! is blocked on credit sends a [`crate::wire::CreditProbe`] (no message) after a probe
+//! timeout (one RTO, doubling per probe up to [`MAX_PROBE_INTERVAL`]); the receiver
+//! answers with its current grant, so a lost credit update cannot stall a stream for
+//! good (TCP's persist timer) and the stream never goes past its credit.
+//!
+//! # Held messages
+//!
+//! A version-2 receiver also reports the seq up to which it holds every message
+//! ([`crate::wire::Ack::received`]): a message that waits in the receiver's queue or in
+//! its handler is not lost, so its retransmission timer only re-checks it every
+//! `retry.backoff_cap` (a keep-alive in case the receiver drops it, e.g. its receiver
+//! goes away) instead of retransmitting it every RTO. A nack, a reconnect and a
+//! receiver restart retransmit as before. With a version-1 receiver there is no credit; the node's window
+//! (`max_in_flight`) is the only bound.
 
 use crate::id::{ChannelId, Guarantee, MessageId};
 use crate::proto::config::ProtoConfig;
@@ -12,6 +33,22 @@ use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
+
+/// Messages a stream may send to a credit-granting receiver before its first grant.
+/// Part of protocol version 2: receivers accept at least this many.
+pub const INITIAL_CREDIT: u64 = 256;
+
+/// How far past its grants a receiver still accepts a stream's messages (a sender
+/// still using the previous receiver run's grants after a restart); beyond it frames
+/// are dropped unacked and counted.
+pub const CREDIT_SLACK: u64 = 256;
+
+/// Timer generation marking a deadline armed while a message waits for credit (it has
+/// no retransmission timer yet). Retransmission timers never use it.
+const WAITING: u32 = u32::MAX;
+
+/// Longest wait between two credit probes of a blocked stream.
+pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Something the stream reports to its owner.
 #[derive(Debug)]
@@ -81,6 +118,22 @@ pub(crate) struct OutboundStream {
     /// RTT sample from the newest never-retransmitted message settled by the current
     /// ack frame: one estimator update per ack, not per message.
     sample: Option<Duration>,
+    /// Highest seq the receiver lets us have transmitted; `None`: the receiver grants
+    /// no credit (protocol version 1).
+    credit: Option<u64>,
+    /// First transmissions waiting for credit, ascending.
+    blocked: VecDeque<u64>,
+    /// When to probe a blocked stream, and how many probes since credit last grew.
+    probe_due: Option<Instant>,
+    probes: u32,
+    /// A credit probe is owed to the receiver.
+    probe_owed: bool,
+    credit_waits: u64,
+    credit_probes: u64,
+    /// The receiver holds every seq `<= held` (not lost, just not finished yet).
+    held: u64,
+    /// Re-check interval of a held message (the retry policy's backoff cap).
+    keepalive: Duration,
 }
 
 impl OutboundStream {
@@ -91,6 +144,7 @@ impl OutboundStream {
         config: &ProtoConfig,
         seed: u64,
         now: Instant,
+        credit: Option<u64>,
     ) -> Self {
         OutboundStream {
             channel,
@@ -112,6 +166,47 @@ impl OutboundStream {
             retransmits: 0,
             opened: 0,
             sample: None,
+            credit,
+            blocked: VecDeque::new(),
+            probe_due: None,
+            probes: 0,
+            probe_owed: false,
+            credit_waits: 0,
+            credit_probes: 0,
+            held: 0,
+            keepalive: config.retry.backoff_cap,
+        }
+    }
+
+    /// First transmissions that had to wait for credit, and probes sent.
+    pub(crate) fn credit_counters(&self) -> (u64, u64) {
+        (self.credit_waits, self.credit_probes)
+    }
+
+    /// The receiver grants credit (`Some`: the grant to start from) or not (`None`,
+    /// a version-1 peer: everything blocked goes out).
+    pub(crate) fn set_credit(&mut self, credit: Option<u64>) {
+        self.credit = credit;
+        self.unblock();
+    }
+
+    /// The grant a fresh receiver run starts this stream with.
+    pub(crate) fn initial_credit(&self) -> u64 {
+        (self.base - 1).saturating_add(INITIAL_CREDIT)
+    }
+
+    /// Move blocked seqs the credit now covers back to the front of the queue, in order.
+    fn unblock(&mut self) {
+        let limit = self.credit.unwrap_or(u64::MAX);
+        let mut n = 0;
+        while self.blocked.get(n).is_some_and(|s| *s <= limit) {
+            n += 1;
+        }
+        for seq in self.blocked.drain(..n).rev() {
+            self.transmit.push_front(seq);
+        }
+        if self.blocked.is_empty() {
+            self.probe_due = None;
         }
     }
 
@@ -159,6 +254,29 @@ impl OutboundStream {
     pub(crate) fn poll_transmit(&mut self, now: Instant) -> Option<Data> {
         let amo = self.guarantee == Guarantee::AtMostOnce;
         while let Some(seq) = self.transmit.pop_front() {
+            let first = self
+                .index(seq)
+                .and_then(|i| self.slots[i].as_ref())
+                .is_some_and(|m| m.attempts == 0);
+            if first && self.credit.is_some_and(|c| seq > c) {
+                // Waits for credit. Blocked seqs stay ascending: first transmissions
+                // are queued in seq order and unblocked in order.
+                let at = self.blocked.partition_point(|s| *s < seq);
+                self.blocked.insert(at, seq);
+                self.credit_waits += 1;
+                // Its deadline still runs while it waits (it has no retransmission
+                // timer yet): a receiver that never grants credit fails it in time.
+                if let Some(d) = self
+                    .index(seq)
+                    .and_then(|i| self.slots[i].as_ref()?.deadline)
+                {
+                    self.timers.push(Reverse((d, seq, WAITING)));
+                }
+                if self.probe_due.is_none() {
+                    self.probe_due = Some(now + self.probe_interval());
+                }
+                continue;
+            }
             let (floor, id_floor) = if amo {
                 let f = seq.saturating_sub(self.amo_slack).max(1);
                 (f, f)
@@ -191,7 +309,7 @@ impl OutboundStream {
                 if let Some(d) = m.deadline {
                     due = due.min(d);
                 }
-                m.timer_gen = m.timer_gen.wrapping_add(1);
+                m.timer_gen = next_gen(m.timer_gen);
                 self.timers.push(Reverse((due, seq, m.timer_gen)));
             }
             return Some(frame);
@@ -199,17 +317,43 @@ impl OutboundStream {
         None
     }
 
+    /// A credit probe is due: send [`crate::wire::CreditProbe`] for this stream.
+    pub(crate) fn take_probe(&mut self) -> bool {
+        std::mem::take(&mut self.probe_owed)
+    }
+
     /// Earliest instant at which `handle_timeout` has work (may be early, never late).
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((t, _, _))| *t)
+        let timer = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        match (timer, self.probe_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn probe_interval(&self) -> Duration {
+        self.rtt
+            .rto()
+            .saturating_mul(1u32 << self.probes.min(16))
+            .min(MAX_PROBE_INTERVAL)
     }
 
     pub(crate) fn poll_event(&mut self) -> Option<OutEvent> {
         self.events.pop_front()
     }
 
-    /// Retransmit or give up on every message whose timer is due.
+    /// Retransmit or give up on every message whose timer is due; probe a stream blocked
+    /// on credit.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if self.probe_due.is_some_and(|t| t <= now) {
+            self.probe_due = None;
+            if !self.blocked.is_empty() {
+                self.probes = self.probes.saturating_add(1);
+                self.credit_probes += 1;
+                self.probe_owed = true;
+                self.probe_due = Some(now + self.probe_interval());
+            }
+        }
         while let Some(Reverse((due, seq, gen))) = self.timers.peek().copied() {
             if due > now {
                 break;
@@ -221,11 +365,27 @@ impl OutboundStream {
             let Some(m) = self.slots[idx].as_mut() else {
                 continue;
             };
+            if gen == WAITING {
+                if m.attempts == 0 && m.deadline.is_some_and(|d| now >= d) {
+                    self.give_up(seq, GiveUp::Deadline); // never got credit
+                }
+                continue;
+            }
             if m.timer_gen != gen || m.queued {
                 continue; // stale entry
             }
             if m.deadline.is_some_and(|d| now >= d) {
                 self.give_up(seq, GiveUp::Deadline);
+                continue;
+            }
+            if seq <= self.held {
+                // The receiver has it; only re-check now and then (module docs).
+                let mut next = now + self.keepalive;
+                if let Some(d) = m.deadline {
+                    next = next.min(d);
+                }
+                m.timer_gen = next_gen(m.timer_gen);
+                self.timers.push(Reverse((next, seq, m.timer_gen)));
                 continue;
             }
             if self.max_attempts.is_some_and(|max| m.attempts >= max) {
@@ -238,7 +398,7 @@ impl OutboundStream {
                 if let Some(d) = m.deadline {
                     next = next.min(d);
                 }
-                m.timer_gen = m.timer_gen.wrapping_add(1);
+                m.timer_gen = next_gen(m.timer_gen);
                 self.timers.push(Reverse((next, seq, m.timer_gen)));
                 continue;
             }
@@ -246,9 +406,24 @@ impl OutboundStream {
         }
     }
 
-    /// Apply an ack from the receiver.
-    pub(crate) fn handle_ack(&mut self, now: Instant, cumulative: u64, ranges: &[SeqRange]) {
+    /// Apply an ack from the receiver, with the credit it grants (if it grants any).
+    pub(crate) fn handle_ack(
+        &mut self,
+        now: Instant,
+        cumulative: u64,
+        ranges: &[SeqRange],
+        credit: Option<u64>,
+        received: u64,
+    ) {
         let top = self.next_seq.saturating_sub(1);
+        self.held = self.held.max(received.min(top));
+        if let (Some(grant), Some(cur)) = (credit, self.credit) {
+            if grant > cur {
+                self.credit = Some(grant);
+                self.probes = 0;
+                self.unblock();
+            }
+        }
         let mut seq = self.base;
         while seq <= cumulative.min(top) {
             self.settle(seq, Some(now));
@@ -271,6 +446,8 @@ impl OutboundStream {
 
     /// The receiver failed `seq`: retransmit it promptly.
     pub(crate) fn handle_nack(&mut self, seq: u64) {
+        // It is no longer held; neither, for the keep-alive, is anything above it.
+        self.held = self.held.min(seq.saturating_sub(1));
         self.queue_retransmit(seq);
     }
 
@@ -280,6 +457,8 @@ impl OutboundStream {
         if self.guarantee == Guarantee::AtMostOnce {
             return;
         }
+        // Whatever the receiver held may have gone with the connection or the run.
+        self.held = 0;
         let seqs: Vec<u64> = (self.base..self.next_seq)
             .filter(|s| {
                 self.index(*s)
@@ -406,5 +585,13 @@ impl OutboundStream {
     fn index(&self, seq: u64) -> Option<usize> {
         let idx = usize::try_from(seq.checked_sub(self.base)?).ok()?;
         (idx < self.slots.len()).then_some(idx)
+    }
+}
+
+/// The next retransmission timer generation (never [`WAITING`]).
+fn next_gen(gen: u32) -> u32 {
+    match gen.wrapping_add(1) {
+        WAITING => 0,
+        g => g,
     }
 }

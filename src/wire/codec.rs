@@ -20,7 +20,7 @@
 //! decoder rejects a bigger length prefix with [`DecodeError::TooLarge`] before reading
 //! or allocating anything for it.
 
-use super::frame::{Ack, Data, Frame, Handshake, Heartbeat, Nack, SeqRange};
+use super::frame::{Ack, CreditProbe, Data, Frame, Handshake, Heartbeat, Nack, SeqRange};
 use super::version::PROTOCOL_VERSION;
 use crate::id::{ChannelId, Guarantee, MessageId};
 use bincode::de::{read::Reader, Decode, DecoderImpl};
@@ -51,6 +51,15 @@ pub enum EncodeError {
         len: usize,
         /// Configured maximum body length.
         max: usize,
+    },
+    /// The connection's protocol version has no such frame; nothing was written. The
+    /// protocol never produces one for such a peer (a bug if seen).
+    #[error("{frame} frames need protocol version 2 or later (connection speaks {version})")]
+    Unsupported {
+        /// The frame type.
+        frame: &'static str,
+        /// The connection's version.
+        version: u16,
     },
 }
 
@@ -141,6 +150,12 @@ impl FrameEncoder {
                     max,
                 });
             }
+        }
+        if matches!(frame, Frame::CreditProbe(_)) && self.version < 2 {
+            return Err(EncodeError::Unsupported {
+                frame: "CreditProbe",
+                version: self.version,
+            });
         }
         let start = dst.len();
         dst.put_bytes(0, FRAME_PREFIX_LEN);
@@ -252,6 +267,8 @@ const KIND_ACK: u8 = 2;
 const KIND_NACK: u8 = 3;
 const KIND_PING: u8 = 4;
 const KIND_PONG: u8 = 5;
+/// Protocol version 2 on.
+const KIND_CREDIT_PROBE: u8 = 6;
 
 fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
@@ -265,6 +282,7 @@ fn kind_of(frame: &Frame) -> u8 {
         Frame::Nack(_) => KIND_NACK,
         Frame::Ping(_) => KIND_PING,
         Frame::Pong(_) => KIND_PONG,
+        Frame::CreditProbe(_) => KIND_CREDIT_PROBE,
     }
 }
 
@@ -301,12 +319,20 @@ fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
             bincode::encode_into_writer((a.channel, a.incarnation, a.cumulative, &a.ranges), w, cfg)
         }
         Frame::Ack(a) => bincode::encode_into_writer(
-            (a.channel, a.incarnation, a.cumulative, &a.ranges, a.credit),
+            (
+                a.channel,
+                a.incarnation,
+                a.cumulative,
+                &a.ranges,
+                a.credit,
+                a.received,
+            ),
             w,
             cfg,
         ),
         Frame::Nack(n) => bincode::encode_into_writer(n, w, cfg),
         Frame::Ping(h) | Frame::Pong(h) => bincode::encode_into_writer(h, w, cfg),
+        Frame::CreditProbe(p) => bincode::encode_into_writer(p, w, cfg),
     };
 }
 
@@ -379,6 +405,9 @@ fn decode_body(mut body: BytesMut, version: u16) -> Result<Frame, DecodeError> {
             KIND_NACK => Frame::Nack(Nack::decode(&mut dec).map_err(malformed)?),
             KIND_PING => Frame::Ping(Heartbeat::decode(&mut dec).map_err(malformed)?),
             KIND_PONG => Frame::Pong(Heartbeat::decode(&mut dec).map_err(malformed)?),
+            KIND_CREDIT_PROBE if version >= 2 => {
+                Frame::CreditProbe(CreditProbe::decode(&mut dec).map_err(malformed)?)
+            }
             other => {
                 return Err(DecodeError::Malformed(format!(
                     "unknown frame kind {other}"
@@ -422,10 +451,13 @@ fn decode_ack<R: Reader>(
     for _ in 0..count {
         ranges.push(SeqRange::decode(dec).map_err(malformed)?);
     }
-    let credit = if version >= 2 {
-        Option::<u64>::decode(dec).map_err(malformed)?
+    let (credit, received) = if version >= 2 {
+        (
+            Option::<u64>::decode(dec).map_err(malformed)?,
+            u64::decode(dec).map_err(malformed)?,
+        )
     } else {
-        None
+        (None, 0)
     };
     Ok(Ack {
         channel,
@@ -433,6 +465,7 @@ fn decode_ack<R: Reader>(
         cumulative,
         ranges,
         credit,
+        received,
     })
 }
 
@@ -490,6 +523,7 @@ mod tests {
             cumulative: 10,
             ranges: vec![SeqRange { start: 12, end: 13 }],
             credit: Some(4106),
+            received: 0,
         };
         for (version, want) in [(1, None), (2, Some(4106))] {
             let mut buf = BytesMut::new();

@@ -21,6 +21,10 @@ pub enum Frame {
     Ping(Heartbeat),
     /// Heartbeat answer.
     Pong(Heartbeat),
+    /// Protocol version 2: the sender's stream is blocked on credit and asks for the
+    /// current grant; the receiver answers with an [`Ack`] carrying it. Carries no
+    /// message, so probing never puts a stream past its credit.
+    CreditProbe(CreditProbe),
 }
 
 /// Opening frame: who is speaking and which protocol version it speaks.
@@ -84,6 +88,10 @@ pub struct Ack {
     /// `None` on a version-1 connection (and dropped when encoding for one): the
     /// sender's own window is the only bound there.
     pub credit: Option<u64>,
+    /// Protocol version 2 on: every seq `<= received` is held by the receiver (done,
+    /// being processed, or waiting for ordered delivery), so the sender need not
+    /// retransmit it on the usual timer. `0` on a version-1 connection.
+    pub received: u64,
 }
 
 /// The handler failed (or dropped) a message: the sender should retransmit it.
@@ -95,6 +103,13 @@ pub struct Nack {
     pub incarnation: u64,
     /// Stream seq of the failed message.
     pub seq: u64,
+}
+
+/// Asks for the credit of the stream `(connection origin → receiver, channel)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct CreditProbe {
+    /// Channel of the blocked stream.
+    pub channel: ChannelId,
 }
 
 /// Heartbeat payload.

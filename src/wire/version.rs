@@ -32,7 +32,7 @@
 //! | version | adds |
 //! |---|---|
 //! | 1 | handshake, data, cumulative + selective acks, nacks, heartbeats |
-//! | 2 | receiver credit in acks ([`crate::wire::Ack::credit`]): flow control |
+//! | 2 | receiver credit and the held watermark in acks ([`crate::wire::Ack::credit`], [`crate::wire::Ack::received`]), [`crate::wire::Frame::CreditProbe`]: flow control |
 //!
 //! With a peer that negotiated version 1 the encoder leaves out what version 1 lacks;
 //! the protocol then falls back to the sender's own window for flow control (see the

@@ -55,6 +55,10 @@ pub struct SimConfig {
     pub app_resend: bool,
     /// With `keyed`: probability the application sends a message twice at once.
     pub app_duplicate: f64,
+    /// The receiving application takes at most this many deliveries at once; beyond
+    /// it a delivery is refused before the application sees it
+    /// ([`Completion::Refuse`], as a driver whose receiver is gone does).
+    pub app_capacity: Option<u32>,
 }
 
 impl SimConfig {
@@ -79,6 +83,7 @@ impl SimConfig {
             keyed: false,
             app_resend: false,
             app_duplicate: 0.0,
+            app_capacity: None,
         }
     }
 }
@@ -104,6 +109,15 @@ pub struct MsgRecord {
     pub sends: u32,
 }
 
+/// One thing the receiving application saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// A delivery of an index; `first` if it had never been delivered before.
+    Deliver { index: u64, first: bool },
+    /// The application nacked the index.
+    Nack { index: u64 },
+}
+
 /// Everything observed in a run.
 #[derive(Debug, Default)]
 pub struct SimReport {
@@ -111,6 +125,14 @@ pub struct SimReport {
     pub msgs: HashMap<(u64, u64), MsgRecord>,
     /// First-delivery order of each sender's indices at the receiver.
     pub first_delivery_order: HashMap<u64, Vec<u64>>,
+    /// Stream seqs of each sender's first deliveries, in delivery order (an index sent
+    /// again by the application travels under a later seq, so stream order is what
+    /// ordered delivery promises).
+    pub first_delivery_seqs: HashMap<u64, Vec<u64>>,
+    /// What the receiving application saw of each sender, in order.
+    pub timeline: HashMap<u64, Vec<Seen>>,
+    /// Deliveries refused before the application saw them.
+    pub refused: u64,
     pub retransmitted: u64,
     /// Virtual time when the run ended.
     pub ended: Duration,
@@ -378,6 +400,13 @@ impl Sim {
                     Completion::Ack => rec.acks.push(t),
                     _ => rec.nacks += 1,
                 }
+                if how == Completion::Nack {
+                    self.report
+                        .timeline
+                        .entry(key.0)
+                        .or_default()
+                        .push(Seen::Nack { index: key.1 });
+                }
                 *self.in_progress.get_mut(&key).unwrap() -= 1;
                 self.nodes
                     .get_mut(&RECEIVER)
@@ -522,24 +551,50 @@ impl Sim {
                 let sender = u64::from_le_bytes(payload[0..8].try_into().unwrap());
                 let index = u64::from_le_bytes(payload[8..16].try_into().unwrap());
                 let key = (sender, index);
+                if self
+                    .cfg
+                    .app_capacity
+                    .is_some_and(|cap| self.in_progress_total() >= cap)
+                {
+                    // Refused before the application saw it.
+                    self.report.refused += 1;
+                    self.nodes.get_mut(&id).unwrap().endpoint.complete(
+                        self.now,
+                        delivery,
+                        Completion::Refuse,
+                    );
+                    return;
+                }
                 let rec = self.report.msgs.get_mut(&key).unwrap();
-                if rec.deliveries == 0 {
+                let first = rec.deliveries == 0;
+                if first {
                     self.report
                         .first_delivery_order
                         .entry(sender)
                         .or_default()
                         .push(index);
+                    self.report
+                        .first_delivery_seqs
+                        .entry(sender)
+                        .or_default()
+                        .push(delivery.seq);
                 }
+                self.report
+                    .timeline
+                    .entry(sender)
+                    .or_default()
+                    .push(Seen::Deliver { index, first });
+                let rec = self.report.msgs.get_mut(&key).unwrap();
                 rec.deliveries += 1;
                 let busy = self.in_progress.entry(key).or_insert(0);
                 if *busy > 0 {
                     rec.concurrent += 1;
                 }
-                if delivery.guarantee == Guarantee::AtMostOnce {
-                    return;
-                }
                 *busy += 1;
-                let how = if self.rand_f64() < self.cfg.nack_prob {
+                // At-most-once deliveries are finished too (that frees credit), never
+                // nacked: there is no redelivery to ask for.
+                let amo = delivery.guarantee == Guarantee::AtMostOnce;
+                let how = if !amo && self.rand_f64() < self.cfg.nack_prob {
                     Completion::Nack
                 } else {
                     Completion::Ack

@@ -1,6 +1,6 @@
 //! proptest strategies for protocol values, shared by the codec and fuzz-twin tests.
 
-use ackwire::wire::{Ack, Data, Frame, Handshake, Heartbeat, Nack, SeqRange};
+use ackwire::wire::{Ack, CreditProbe, Data, Frame, Handshake, Heartbeat, Nack, SeqRange};
 use ackwire::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -68,18 +68,21 @@ pub fn frame(max_payload: usize, max_ranges: usize) -> impl Strategy<Value = Fra
             any::<u64>(),
             any::<u64>(),
             proptest::collection::vec((any::<u64>(), any::<u64>()), 0..max_ranges),
-            any::<Option<u64>>(),
+            (any::<Option<u64>>(), any::<u64>()),
         )
-            .prop_map(|(c, incarnation, cumulative, r, credit)| Frame::Ack(Ack {
-                channel: ChannelId(c),
-                incarnation,
-                cumulative,
-                ranges: r
-                    .into_iter()
-                    .map(|(start, end)| SeqRange { start, end })
-                    .collect(),
-                credit,
-            })),
+            .prop_map(
+                |(c, incarnation, cumulative, r, (credit, received))| Frame::Ack(Ack {
+                    channel: ChannelId(c),
+                    incarnation,
+                    cumulative,
+                    ranges: r
+                        .into_iter()
+                        .map(|(start, end)| SeqRange { start, end })
+                        .collect(),
+                    credit,
+                    received,
+                })
+            ),
         (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(c, incarnation, seq)| {
             Frame::Nack(Nack {
                 channel: ChannelId(c),
@@ -89,5 +92,8 @@ pub fn frame(max_payload: usize, max_ranges: usize) -> impl Strategy<Value = Fra
         }),
         any::<u64>().prop_map(|nonce| Frame::Ping(Heartbeat { nonce })),
         any::<u64>().prop_map(|nonce| Frame::Pong(Heartbeat { nonce })),
+        any::<u32>().prop_map(|c| Frame::CreditProbe(CreditProbe {
+            channel: ChannelId(c)
+        })),
     ]
 }
