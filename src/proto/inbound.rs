@@ -208,7 +208,8 @@ impl InboundStream {
         let due = if self.pending_ack.len() >= self.max_ack_ranges {
             now
         } else {
-            now + self.ack_delay
+            now.checked_add(self.ack_delay)
+                .unwrap_or_else(|| crate::retry::far_future(now))
         };
         self.ack_due = Some(self.ack_due.map_or(due, |d| d.min(due)));
     }

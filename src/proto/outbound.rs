@@ -140,7 +140,7 @@ impl OutboundStream {
             None
         } else {
             self.budget.deposit(now);
-            deadline.or(self.deadline).map(|d| now + d)
+            deadline.or(self.deadline).map(|d| later(now, d))
         };
         self.slots.push_back(Some(InFlight {
             payload,
@@ -187,7 +187,7 @@ impl OutboundStream {
                 self.settle(seq, None);
             } else {
                 let rto = self.rtt.rto();
-                let mut due = now + self.backoff.delay(rto, m.attempts - 1);
+                let mut due = later(now, self.backoff.delay(rto, m.attempts - 1));
                 if let Some(d) = m.deadline {
                     due = due.min(d);
                 }
@@ -234,7 +234,7 @@ impl OutboundStream {
             }
             if !self.budget.try_withdraw(now) {
                 // Over the retry budget: defer (never drop) the retry by one RTO.
-                let mut next = now + self.rtt.rto();
+                let mut next = later(now, self.rtt.rto());
                 if let Some(d) = m.deadline {
                     next = next.min(d);
                 }
@@ -407,4 +407,11 @@ impl OutboundStream {
         let idx = usize::try_from(seq.checked_sub(self.base)?).ok()?;
         (idx < self.slots.len()).then_some(idx)
     }
+}
+
+/// `now + d`, or a far-future instant ("never") where that overflows the clock: a
+/// configured duration may be as long as `Duration::MAX`.
+fn later(now: Instant, d: std::time::Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| crate::retry::far_future(now))
 }

@@ -1,0 +1,577 @@
+//! Misuse, as a new user would commit it: every case gives a typed error or a correct
+//! delivery, never a panic, a silent loss or a success for a message nobody processed
+//! (issue 13). One test per case; each prints a `reliability:` line once it has held.
+
+mod support;
+
+use ackwire::detector::Health;
+use ackwire::transport::mem::{FaultPlan, MemNetwork};
+use ackwire::transport::tcp::TcpConfig;
+use ackwire::{
+    ChannelId, ChannelOptions, ConfigError, Guarantee, Node, NodeConfig, NodeError, NodeId,
+    Outcome, SendError,
+};
+use bytes::Bytes;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::reliability::report;
+
+const CH: ChannelId = ChannelId(5);
+const A: NodeId = NodeId(1);
+const B: NodeId = NodeId(2);
+
+fn net() -> MemNetwork {
+    MemNetwork::new(FaultPlan::new(1)).unwrap()
+}
+
+async fn node(net: &MemNetwork, id: NodeId, config: NodeConfig) -> Result<Node, NodeError> {
+    Node::builder(id)
+        .transport(net.transport(id))
+        .config(config)
+        .seed(id.0)
+        .build()
+        .await
+}
+
+async fn pair(net: &MemNetwork, config: NodeConfig) -> (Node, Node) {
+    let a = node(net, A, config.clone()).await.unwrap();
+    let b = node(net, B, config).await.unwrap();
+    (a, b)
+}
+
+/// The default config changed by `f` (`NodeConfig` is non-exhaustive).
+fn cfg(f: impl FnOnce(&mut NodeConfig)) -> NodeConfig {
+    let mut c = NodeConfig::default();
+    f(&mut c);
+    c
+}
+
+fn opts(g: Guarantee) -> ChannelOptions {
+    ChannelOptions::new(CH, g)
+}
+
+/// One `u64` from `a` to `b`, acked by the receiver: the receipt's outcome.
+async fn round_trip(a: &Node, b: &Node, options: ChannelOptions) -> Result<Outcome, SendError> {
+    let mut inbox = b.receiver::<u64>(options.channel, false).unwrap();
+    let out = a.sender::<u64>(b.id(), options).unwrap();
+    let receipt = out.send(&42).await.unwrap();
+    let d = inbox.recv().await.expect("delivered");
+    assert_eq!(*d.message(), 42);
+    d.ack();
+    receipt.await
+}
+
+fn config_err(r: Result<Node, NodeError>) -> ConfigError {
+    match r {
+        Err(NodeError::Config(e)) => e,
+        Err(e) => panic!("expected a config error, got {e}"),
+        Ok(_) => panic!("expected a config error, got a node"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeat_interval_max_is_a_typed_error() {
+    let config = cfg(|c| c.heartbeat_interval = Duration::MAX);
+    let e = config_err(node(&net(), A, config).await);
+    assert!(
+        matches!(
+            e,
+            ConfigError::DurationTooLong {
+                field: "heartbeat_interval",
+                value: Duration::MAX,
+                max
+            } if max == NodeConfig::MAX_HEARTBEAT_INTERVAL
+        ),
+        "{e:?}"
+    );
+    assert_eq!(e.field(), "heartbeat_interval");
+    report(
+        "misuse",
+        "heartbeat_interval = Duration::MAX (used to panic build)",
+        "1",
+        "build fails with ConfigError::DurationTooLong naming the field and the 1 h bound",
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_deadline_max_means_no_deadline() {
+    let mut config = NodeConfig::default();
+    config.proto.retry.deadline = Some(Duration::MAX);
+    let net = net();
+    let (a, b) = pair(&net, config).await;
+    assert_eq!(
+        round_trip(&a, &b, opts(Guarantee::AtLeastOnce)).await,
+        Ok(Outcome::Acked)
+    );
+    // A message that must be retransmitted for a minute (partition) still settles.
+    net.partition(A, B);
+    let mut inbox = b.receiver::<u64>(ChannelId(6), false).unwrap();
+    let out = a
+        .sender::<u64>(B, ChannelOptions::new(ChannelId(6), Guarantee::AtLeastOnce))
+        .unwrap();
+    let receipt = out.send(&7).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    net.heal(A, B);
+    let d = inbox.recv().await.unwrap();
+    d.ack();
+    assert_eq!(receipt.await, Ok(Outcome::Acked));
+    a.shutdown().await;
+    assert!(a.closed().await.is_ok(), "the driver must not have died");
+    report(
+        "misuse",
+        "retry.deadline = Some(Duration::MAX) (used to panic the driver on the first send)",
+        "1",
+        "taken as no deadline: acked, also after 60 s of retransmissions; driver alive",
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn channel_deadline_max_means_no_deadline() {
+    let net = net();
+    let (a, b) = pair(&net, NodeConfig::default()).await;
+    let options = ChannelOptions {
+        deadline: Some(Duration::MAX),
+        ..opts(Guarantee::EffectivelyOnce)
+    };
+    assert_eq!(round_trip(&a, &b, options).await, Ok(Outcome::Acked));
+    // Zero is refused when the sender is made, not at the first send.
+    let zero = ChannelOptions {
+        deadline: Some(Duration::ZERO),
+        ..opts(Guarantee::AtLeastOnce)
+    };
+    match a.sender::<u64>(B, zero) {
+        Err(NodeError::Config(ConfigError::DurationTooShort {
+            field: "deadline", ..
+        })) => {}
+        other => panic!("expected DurationTooShort for deadline, got {other:?}"),
+    }
+    a.shutdown().await;
+    assert!(a.closed().await.is_ok());
+    report(
+        "misuse",
+        "ChannelOptions.deadline = Some(Duration::MAX) / Some(0)",
+        "1",
+        "MAX: acked, driver alive; 0: sender() fails with ConfigError::DurationTooShort",
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drain_max_waits_for_the_last_receipt_and_stops_cleanly() {
+    let config = cfg(|c| c.shutdown_drain = Duration::MAX);
+    let net = net();
+    let (a, _b) = pair(&net, config).await;
+    net.partition(A, B);
+    let out = a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)).unwrap();
+    let receipt = out.send(&1).await.unwrap();
+    let started = tokio::time::Instant::now();
+    a.shutdown().await;
+    // The drain waited for the message to settle: at its 30 s default deadline.
+    assert!(
+        started.elapsed() >= Duration::from_secs(29),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(receipt.await, Err(SendError::Deadline { .. })));
+    assert!(a.closed().await.is_ok(), "the driver must not have died");
+    assert!(matches!(
+        a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)),
+        Err(NodeError::Shutdown)
+    ));
+    report(
+        "misuse",
+        "shutdown_drain = Duration::MAX (used to panic the driver at shutdown)",
+        "1",
+        "drain waits until the last message settles, then a clean stop: closed() is Ok",
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn receiver_buffer_max_is_a_typed_error_and_the_largest_accepted_works() {
+    let config = cfg(|c| c.receiver_buffer = usize::MAX);
+    let e = config_err(node(&net(), A, config).await);
+    assert!(
+        matches!(e, ConfigError::TooLarge { field: "receiver_buffer", max, .. }
+            if max == NodeConfig::MAX_RECEIVER_BUFFER as u64),
+        "{e:?}"
+    );
+    let config = cfg(|c| c.receiver_buffer = NodeConfig::MAX_RECEIVER_BUFFER);
+    let net = net();
+    let (a, b) = pair(&net, config).await;
+    assert_eq!(
+        round_trip(&a, &b, opts(Guarantee::AtLeastOnce)).await,
+        Ok(Outcome::Acked)
+    );
+    report(
+        "misuse",
+        "receiver_buffer = usize::MAX (used to panic receiver())",
+        "1",
+        "build fails with ConfigError::TooLarge; the largest accepted value delivers",
+    );
+}
+
+#[tokio::test]
+async fn max_payload_above_the_tcp_frame_limit_is_a_typed_error() {
+    let config = cfg(|c| c.max_payload = 64 << 20);
+    let r = Node::builder(A)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .config(config)
+        .build()
+        .await;
+    let max = match config_err(r) {
+        ConfigError::PayloadAboveFrameLimit {
+            max_payload,
+            max_frame_len,
+            max,
+        } => {
+            assert_eq!(max_payload, 64 << 20);
+            assert_eq!(max_frame_len, TcpConfig::default().max_frame_len);
+            assert!(max < max_frame_len && max > max_frame_len - 1024, "{max}");
+            max
+        }
+        e => panic!("expected PayloadAboveFrameLimit, got {e:?}"),
+    };
+    // The largest accepted payload is delivered over TCP (a small frame limit keeps
+    // this quick; the bound is computed the same way).
+    let tcp = TcpConfig {
+        max_frame_len: 64 << 10,
+        ..TcpConfig::default()
+    };
+    let limit = max - (TcpConfig::default().max_frame_len - tcp.max_frame_len);
+    let config = cfg(|c| c.max_payload = limit);
+    let b = Node::builder(B)
+        .tcp("127.0.0.1:0".parse().unwrap(), tcp.clone())
+        .config(config.clone())
+        .build()
+        .await
+        .unwrap();
+    let a = Node::builder(A)
+        .tcp("127.0.0.1:0".parse().unwrap(), tcp.clone())
+        .peer(B, b.local_addr().unwrap())
+        .config(config.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut inbox = b.raw_receiver(CH, false).unwrap();
+    let out = a.raw_sender(B, opts(Guarantee::EffectivelyOnce)).unwrap();
+    let receipt = out.send(Bytes::from(vec![7u8; limit])).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+        .await
+        .expect("the largest accepted payload must arrive")
+        .unwrap();
+    assert_eq!(d.message().len(), limit);
+    d.ack();
+    assert_eq!(receipt.await, Ok(Outcome::Acked));
+    // One byte more fails fast, typed.
+    assert_eq!(
+        out.send(Bytes::from(vec![7u8; limit + 1])).await.err(),
+        Some(SendError::TooLarge {
+            len: limit + 1,
+            max: limit
+        })
+    );
+    let mut too_big = config;
+    too_big.max_payload = limit + 1;
+    let r = Node::builder(NodeId(3))
+        .tcp("127.0.0.1:0".parse().unwrap(), tcp)
+        .config(too_big)
+        .build()
+        .await;
+    assert!(matches!(
+        config_err(r),
+        ConfigError::PayloadAboveFrameLimit { .. }
+    ));
+    report(
+        "misuse",
+        "max_payload = 64 MiB over TCP's 8 MiB frame limit (used to time out after 6 retransmissions)",
+        "1",
+        "build fails with ConfigError::PayloadAboveFrameLimit; the largest accepted payload is delivered over TCP",
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_string_received_as_u64_is_neither_delivered_nor_acked() {
+    let net = net();
+    let (a, b) = pair(&net, NodeConfig::default()).await;
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let options = ChannelOptions {
+        deadline: Some(Duration::from_secs(3)),
+        ..opts(Guarantee::AtLeastOnce)
+    };
+    // bincode's "hello" is [5, b'h', ...]: it used to decode as Some(5).
+    let wrong = a.sender::<String>(B, options).unwrap();
+    let receipt = wrong.send(&"hello".to_string()).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), inbox.recv()).await;
+    assert!(
+        got.is_err(),
+        "a String must not be delivered as a u64: {got:?}"
+    );
+    assert!(
+        matches!(receipt.await, Err(SendError::Deadline { .. })),
+        "the sender must not see Acked"
+    );
+    let stats = b.stats().await.unwrap();
+    assert!(stats.decode_failed >= 1, "{stats:?}");
+    // The channel still works for the right type.
+    let right = a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)).unwrap();
+    let receipt = right.send(&9).await.unwrap();
+    let d = inbox.recv().await.unwrap();
+    assert_eq!(*d.message(), 9);
+    d.ack();
+    assert_eq!(receipt.await, Ok(Outcome::Acked));
+    report(
+        "misuse",
+        "a String payload received as u64 (used to yield Some(5) and ack)",
+        "1",
+        "trailing bytes rejected: not delivered, counted, sender's receipt fails Deadline (never Acked)",
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_payload_is_refused_not_acked() {
+    let net = net();
+    let (a, b) = pair(&net, NodeConfig::default()).await;
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let options = ChannelOptions {
+        deadline: Some(Duration::from_secs(3)),
+        ..opts(Guarantee::EffectivelyOnce)
+    };
+    let raw = a.raw_sender(B, options).unwrap();
+    // 0xFF announces a u128 varint: three bytes cannot hold it.
+    let receipt = raw.send(Bytes::from_static(&[0xFF, 1, 2])).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), inbox.recv()).await;
+    assert!(got.is_err(), "{got:?}");
+    assert!(matches!(receipt.await, Err(SendError::Deadline { .. })));
+    assert!(b.stats().await.unwrap().decode_failed >= 1);
+    report(
+        "misuse",
+        "an undecodable payload (used to be acked and dropped: sender saw Ok(Acked))",
+        "1",
+        "refused, counted in decode_failed, warn logged; the sender's receipt fails Deadline",
+    );
+}
+
+#[tokio::test]
+async fn a_sender_to_an_unknown_peer_is_a_typed_error() {
+    let a = Node::builder(A)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .build()
+        .await
+        .unwrap();
+    for g in [
+        Guarantee::AtMostOnce,
+        Guarantee::AtLeastOnce,
+        Guarantee::EffectivelyOnce,
+    ] {
+        match a.sender::<u64>(NodeId(99), opts(g)) {
+            Err(NodeError::UnknownPeer(NodeId(99))) => {}
+            other => panic!("{g:?}: expected UnknownPeer, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        a.raw_sender(NodeId(99), opts(Guarantee::AtMostOnce)),
+        Err(NodeError::UnknownPeer(NodeId(99)))
+    ));
+    // Once added it is known.
+    a.add_peer(NodeId(99), "127.0.0.1:9".parse().unwrap());
+    assert!(a
+        .sender::<u64>(NodeId(99), opts(Guarantee::AtMostOnce))
+        .is_ok());
+    // Dynamic peers, when asked for, are accepted.
+    let config = cfg(|c| c.allow_dynamic_peers = true);
+    let c = Node::builder(NodeId(3))
+        .bind("127.0.0.1:0".parse().unwrap())
+        .config(config)
+        .build()
+        .await
+        .unwrap();
+    assert!(c
+        .sender::<u64>(NodeId(98), opts(Guarantee::AtLeastOnce))
+        .is_ok());
+    report(
+        "misuse",
+        "a sender to a NodeId never configured (used to be accepted: Deadline after 30 s, AMO Ok(Sent))",
+        "1",
+        "sender() fails with NodeError::UnknownPeer for every guarantee unless allow_dynamic_peers",
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_channel_without_receiver_is_counted_and_the_sender_fails() {
+    let net = net();
+    let (a, b) = pair(&net, NodeConfig::default()).await;
+    let options = ChannelOptions {
+        deadline: Some(Duration::from_secs(2)),
+        ..opts(Guarantee::AtLeastOnce)
+    };
+    let out = a.sender::<u64>(B, options).unwrap();
+    let receipt = out.send(&1).await.unwrap();
+    assert!(matches!(receipt.await, Err(SendError::Deadline { .. })));
+    let stats = b.stats().await.unwrap();
+    assert!(stats.no_receiver >= 1, "{stats:?}");
+    report(
+        "misuse",
+        "a channel with no receiver (used to retry silently, nothing logged)",
+        "1",
+        "counted in Stats::no_receiver and warned (rate-limited) on the receiver; sender fails Deadline",
+    );
+}
+
+async fn down(a: &Node, peer: NodeId) {
+    let mut events = a.health_events();
+    while a.health(peer) != Some(Health::Down) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_send_to_a_down_peer_without_handoff_fails_fast() {
+    let net = net();
+    let (a, _b) = pair(&net, NodeConfig::default()).await;
+    let out = a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)).unwrap();
+    let amo = a.sender::<u64>(B, opts(Guarantee::AtMostOnce)).unwrap();
+    net.isolate(B);
+    down(&a, B).await;
+    let t = tokio::time::Instant::now();
+    assert_eq!(
+        out.send(&1).await.err(),
+        Some(SendError::PeerDown { peer: B })
+    );
+    assert_eq!(
+        out.try_send(&1).err(),
+        Some(SendError::PeerDown { peer: B })
+    );
+    assert_eq!(
+        amo.send(&1).await.err(),
+        Some(SendError::PeerDown { peer: B })
+    );
+    assert_eq!(t.elapsed(), Duration::ZERO, "must fail at once");
+    // Back Up: sends are taken again.
+    net.rejoin(B);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_ne!(a.health(B), Some(Health::Down));
+    assert!(out.send(&2).await.is_ok());
+
+    // Configurable: without fail-fast the send is taken (and fails at its deadline).
+    let net = MemNetwork::new(FaultPlan::new(2)).unwrap();
+    let config = cfg(|c| c.fail_fast_when_down = false);
+    let (a, _b) = pair(&net, config).await;
+    let options = ChannelOptions {
+        deadline: Some(Duration::from_secs(1)),
+        ..opts(Guarantee::AtLeastOnce)
+    };
+    let out = a.sender::<u64>(B, options).unwrap();
+    net.isolate(B);
+    down(&a, B).await;
+    let receipt = out.send(&1).await.unwrap();
+    assert!(matches!(receipt.await, Err(SendError::Deadline { .. })));
+    report(
+        "misuse",
+        "a send to a peer the detector holds Down, handoff off (used to wait the full deadline)",
+        "1",
+        "fails at once with SendError::PeerDown (every guarantee); configurable; Up again accepts sends",
+    );
+}
+
+/// A subscriber that panics when the driver logs a chosen event (a controlled panic
+/// inside the driver with no test hook in the library), and records error events.
+struct PanicOn {
+    message: &'static str,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        } else {
+            self.0.push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
+}
+
+impl tracing::Subscriber for PanicOn {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        if *event.metadata().level() == tracing::Level::ERROR {
+            self.errors.lock().unwrap().push(m.0.clone());
+        }
+        if m.0.starts_with(self.message) {
+            panic!("provoked: {}", self.message);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_driver_fails_every_call_with_the_cause() {
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let _guard = tracing::subscriber::set_default(PanicOn {
+        message: "peer decommissioned",
+        errors: errors.clone(),
+    });
+    let net = net();
+    let (a, b) = pair(&net, NodeConfig::default()).await;
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let out = a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)).unwrap();
+    // Pending: delivered but not acked yet when the driver dies.
+    let pending = out.send(&1).await.unwrap();
+    let _held = inbox.recv().await.unwrap();
+    let closed = {
+        let a = &a;
+        async move { a.closed().await }
+    };
+    // The driver logs "peer decommissioned" at info: the subscriber panics there.
+    let decommission = a.decommission(NodeId(77)).await;
+    let failure = match decommission {
+        Err(NodeError::Failed(f)) => f,
+        other => panic!("expected NodeError::Failed, got {other:?}"),
+    };
+    assert!(failure.cause().contains("provoked"), "{failure}");
+    match pending.await {
+        Err(SendError::NodeFailed(f)) => assert_eq!(f, failure),
+        other => panic!("pending receipt: expected NodeFailed, got {other:?}"),
+    }
+    match closed.await {
+        Err(NodeError::Failed(f)) => assert_eq!(f, failure),
+        other => panic!("closed(): expected Failed, got {other:?}"),
+    }
+    // Every later call fails the same way.
+    assert_eq!(
+        out.send(&2).await.err(),
+        Some(SendError::NodeFailed(failure.clone()))
+    );
+    assert!(matches!(a.stats().await, Err(NodeError::Failed(_))));
+    assert!(matches!(
+        a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)),
+        Err(NodeError::Failed(_))
+    ));
+    assert!(matches!(
+        a.receiver::<u64>(ChannelId(8), false),
+        Err(NodeError::Failed(_))
+    ));
+    let logged = errors.lock().unwrap().clone();
+    assert!(
+        logged
+            .iter()
+            .any(|e| e.contains("node driver panicked") && e.contains("provoked")),
+        "{logged:?}"
+    );
+    report(
+        "misuse",
+        "the node's driver task panics (used to leave a dead node: receipts said Shutdown, nothing logged)",
+        "1",
+        "logged at error; pending receipt, later sends and calls fail NodeFailed/Failed with the cause; closed() resolves with it",
+    );
+}
