@@ -55,10 +55,17 @@ async fn round_trip(a: &Node, b: &Node, options: ChannelOptions) -> Result<Outco
     let mut inbox = b.receiver::<u64>(options.channel, false).unwrap();
     let out = a.sender::<u64>(b.id(), options).unwrap();
     let receipt = out.send(&42).await.unwrap();
-    let d = inbox.recv().await.expect("delivered");
+    let d = within(inbox.recv()).await.expect("delivered");
     assert_eq!(*d.message(), 42);
     d.ack();
-    receipt.await
+    within(receipt).await
+}
+
+/// `f`'s output, failing the test after 5 virtual minutes (a hang is a failure).
+async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(300), f)
+        .await
+        .expect("did not complete within 5 minutes")
 }
 
 fn config_err(r: Result<Node, NodeError>) -> ConfigError {
@@ -112,9 +119,9 @@ async fn retry_deadline_max_means_no_deadline() {
     let receipt = out.send(&7).await.unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     net.heal(A, B);
-    let d = inbox.recv().await.unwrap();
+    let d = within(inbox.recv()).await.unwrap();
     d.ack();
-    assert_eq!(receipt.await, Ok(Outcome::Acked));
+    assert_eq!(within(receipt).await, Ok(Outcome::Acked));
     a.shutdown().await;
     assert!(a.closed().await.is_ok(), "the driver must not have died");
     report(
@@ -164,7 +171,7 @@ async fn shutdown_drain_max_waits_for_the_last_receipt_and_stops_cleanly() {
     let out = a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)).unwrap();
     let receipt = out.send(&1).await.unwrap();
     let started = tokio::time::Instant::now();
-    a.shutdown().await;
+    within(a.shutdown()).await;
     // The drain waited for the message to settle: at its 30 s default deadline.
     assert!(
         started.elapsed() >= Duration::from_secs(29),
@@ -314,7 +321,7 @@ async fn a_string_received_as_u64_is_neither_delivered_nor_acked() {
     // The channel still works for the right type.
     let right = a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)).unwrap();
     let receipt = right.send(&9).await.unwrap();
-    let d = inbox.recv().await.unwrap();
+    let d = within(inbox.recv()).await.unwrap();
     assert_eq!(*d.message(), 9);
     d.ack();
     assert_eq!(receipt.await, Ok(Outcome::Acked));
@@ -418,9 +425,13 @@ async fn a_channel_without_receiver_is_counted_and_the_sender_fails() {
 
 async fn down(a: &Node, peer: NodeId) {
     let mut events = a.health_events();
-    while a.health(peer) != Some(Health::Down) {
+    for _ in 0..60 {
+        if a.health(peer) == Some(Health::Down) {
+            return;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
     }
+    panic!("{peer} not Down after 60 s");
 }
 
 #[tokio::test(start_paused = true)]
@@ -527,7 +538,7 @@ async fn a_dead_driver_fails_every_call_with_the_cause() {
     let out = a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)).unwrap();
     // Pending: delivered but not acked yet when the driver dies.
     let pending = out.send(&1).await.unwrap();
-    let _held = inbox.recv().await.unwrap();
+    let _held = within(inbox.recv()).await.unwrap();
     let closed = {
         let a = &a;
         async move { a.closed().await }
@@ -573,5 +584,372 @@ async fn a_dead_driver_fails_every_call_with_the_cause() {
         "the node's driver task panics (used to leave a dead node: receipts said Shutdown, nothing logged)",
         "1",
         "logged at error; pending receipt, later sends and calls fail NodeFailed/Failed with the cause; closed() resolves with it",
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Property: no configuration panics
+// ---------------------------------------------------------------------------------------
+
+use ackwire::handoff::FsyncPolicy;
+use ackwire::HandoffConfig;
+use proptest::prelude::*;
+use proptest::strategy::Union;
+use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
+
+/// One configuration value set to something arbitrary.
+#[derive(Clone, Debug)]
+enum Knob {
+    MaxInFlight(usize),
+    AckDelay(Duration),
+    MaxAckRanges(usize),
+    MaxReorderBuffer(usize),
+    MaxStreamsPerPeer(usize),
+    AmoReorderSlack(u64),
+    MaxAttempts(Option<u32>),
+    RetryDeadline(Option<Duration>),
+    BackoffCap(Duration),
+    Jitter(bool),
+    InitialRto(Duration),
+    MinRto(Duration),
+    MaxRto(Duration),
+    Granularity(Duration),
+    BudgetTtl(Duration),
+    BudgetMinRetries(u32),
+    BudgetRatio(f64),
+    DedupWindow(u32),
+    DedupMaxStreams(usize),
+    DedupTableCapacity(usize),
+    DedupHorizon(Duration),
+    MaxPayload(usize),
+    ReceiverBuffer(usize),
+    Threshold(f64),
+    SuspectThreshold(f64),
+    MaxSamples(usize),
+    MinStdDev(Duration),
+    HeartbeatPause(Duration),
+    FirstHeartbeat(Duration),
+    HeartbeatInterval(Duration),
+    ShutdownDrain(Duration),
+    DynamicPeers(bool),
+    FailFastDown(bool),
+    Handoff,
+    HintTtl(Duration),
+    HintWindow(Duration),
+    HintFsync(Duration),
+    ReplayRate(u64),
+    ReplayConcurrency(usize),
+    ReplayBatch(u64),
+}
+
+impl Knob {
+    fn apply(&self, c: &mut NodeConfig, dir: &std::path::Path) {
+        let p = &mut c.proto;
+        fn hinted<'a>(c: &'a mut NodeConfig, dir: &std::path::Path) -> &'a mut HandoffConfig {
+            c.handoff.get_or_insert_with(|| HandoffConfig::new(dir))
+        }
+        let h = |c| hinted(c, dir);
+        match *self {
+            Knob::MaxInFlight(v) => p.max_in_flight = v,
+            Knob::AckDelay(v) => p.ack_delay = v,
+            Knob::MaxAckRanges(v) => p.max_ack_ranges = v,
+            Knob::MaxReorderBuffer(v) => p.max_reorder_buffer = v,
+            Knob::MaxStreamsPerPeer(v) => p.max_streams_per_peer = v,
+            Knob::AmoReorderSlack(v) => p.amo_reorder_slack = v,
+            Knob::MaxAttempts(v) => p.retry.max_attempts = v,
+            Knob::RetryDeadline(v) => p.retry.deadline = v,
+            Knob::BackoffCap(v) => p.retry.backoff_cap = v,
+            Knob::Jitter(v) => p.retry.jitter = v,
+            Knob::InitialRto(v) => p.rtt.initial_rto = v,
+            Knob::MinRto(v) => p.rtt.min_rto = v,
+            Knob::MaxRto(v) => p.rtt.max_rto = v,
+            Knob::Granularity(v) => p.rtt.granularity = v,
+            Knob::BudgetTtl(v) => p.retry_budget.ttl = v,
+            Knob::BudgetMinRetries(v) => p.retry_budget.min_retries_per_sec = v,
+            Knob::BudgetRatio(v) => p.retry_budget.retry_ratio = v,
+            Knob::DedupWindow(v) => c.dedup.window = v,
+            Knob::DedupMaxStreams(v) => c.dedup.max_streams = v,
+            Knob::DedupTableCapacity(v) => c.dedup.table_capacity = v,
+            Knob::DedupHorizon(v) => c.dedup.horizon = v,
+            Knob::MaxPayload(v) => c.max_payload = v,
+            Knob::ReceiverBuffer(v) => c.receiver_buffer = v,
+            Knob::Threshold(v) => c.detector.threshold = v,
+            Knob::SuspectThreshold(v) => c.detector.suspect_threshold = v,
+            Knob::MaxSamples(v) => c.detector.max_samples = v,
+            Knob::MinStdDev(v) => c.detector.min_std_dev = v,
+            Knob::HeartbeatPause(v) => c.detector.acceptable_heartbeat_pause = v,
+            Knob::FirstHeartbeat(v) => c.detector.first_heartbeat_estimate = v,
+            Knob::HeartbeatInterval(v) => c.heartbeat_interval = v,
+            Knob::ShutdownDrain(v) => c.shutdown_drain = v,
+            Knob::DynamicPeers(v) => c.allow_dynamic_peers = v,
+            Knob::FailFastDown(v) => c.fail_fast_when_down = v,
+            Knob::Handoff => {
+                h(c);
+            }
+            Knob::HintTtl(v) => h(c).store.default_ttl = v,
+            Knob::HintWindow(v) => h(c).store.max_hint_window = v,
+            Knob::HintFsync(v) => h(c).store.fsync = FsyncPolicy::Every(v),
+            Knob::ReplayRate(v) => h(c).replay_bytes_per_sec = v,
+            Knob::ReplayConcurrency(v) => h(c).replay_concurrency = v,
+            Knob::ReplayBatch(v) => h(c).replay_batch_bytes = v,
+        }
+    }
+}
+
+/// 0, 1 ns, typical values, `Duration::MAX`, and anything in between.
+fn any_duration() -> BoxedStrategy<Duration> {
+    prop_oneof![
+        Just(Duration::ZERO),
+        Just(Duration::from_nanos(1)),
+        Just(Duration::from_millis(1)),
+        Just(Duration::from_secs(1)),
+        Just(Duration::from_secs(3600)),
+        Just(Duration::MAX),
+        (0u64..10_000_000_000).prop_map(Duration::from_nanos),
+        any::<u64>().prop_map(Duration::from_nanos),
+        (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+    ]
+    .boxed()
+}
+
+/// 0, 1, `MAX`, small and arbitrary values. Values that are valid but allocate in
+/// proportion (dedup table and stream registry) are drawn up to `2^16` in between.
+fn any_usize() -> BoxedStrategy<usize> {
+    prop_oneof![
+        Just(0usize),
+        Just(1),
+        Just(usize::MAX),
+        0usize..100_000,
+        any::<usize>(),
+    ]
+    .boxed()
+}
+
+fn any_u64() -> BoxedStrategy<u64> {
+    prop_oneof![
+        Just(0u64),
+        Just(1),
+        Just(u64::MAX),
+        0u64..100_000,
+        any::<u64>()
+    ]
+    .boxed()
+}
+
+fn any_f64() -> BoxedStrategy<f64> {
+    prop_oneof![
+        Just(0.0),
+        Just(-1.0),
+        Just(f64::NAN),
+        Just(f64::INFINITY),
+        Just(f64::MIN_POSITIVE),
+        Just(1000.5),
+        0.0f64..1000.0,
+    ]
+    .boxed()
+}
+
+fn knob() -> impl Strategy<Value = Knob> {
+    let d = any_duration;
+    let od = || proptest::option::of(any_duration());
+    let memory = || prop_oneof![Just(0usize), Just(usize::MAX), 1usize..=65_536];
+    Union::new(vec![
+        any_usize().prop_map(Knob::MaxInFlight).boxed(),
+        d().prop_map(Knob::AckDelay).boxed(),
+        any_usize().prop_map(Knob::MaxAckRanges).boxed(),
+        any_usize().prop_map(Knob::MaxReorderBuffer).boxed(),
+        any_usize().prop_map(Knob::MaxStreamsPerPeer).boxed(),
+        any_u64().prop_map(Knob::AmoReorderSlack).boxed(),
+        proptest::option::of(prop_oneof![
+            Just(0u32),
+            Just(1),
+            Just(u32::MAX),
+            any::<u32>()
+        ])
+        .prop_map(Knob::MaxAttempts)
+        .boxed(),
+        od().prop_map(Knob::RetryDeadline).boxed(),
+        d().prop_map(Knob::BackoffCap).boxed(),
+        any::<bool>().prop_map(Knob::Jitter).boxed(),
+        d().prop_map(Knob::InitialRto).boxed(),
+        d().prop_map(Knob::MinRto).boxed(),
+        d().prop_map(Knob::MaxRto).boxed(),
+        d().prop_map(Knob::Granularity).boxed(),
+        d().prop_map(Knob::BudgetTtl).boxed(),
+        any::<u32>().prop_map(Knob::BudgetMinRetries).boxed(),
+        any_f64().prop_map(Knob::BudgetRatio).boxed(),
+        prop_oneof![
+            Just(0u32),
+            Just(1),
+            Just(64),
+            Just(1 << 24),
+            Just((1 << 24) + 1),
+            Just(u32::MAX),
+            1u32..=(1 << 20),
+        ]
+        .prop_map(Knob::DedupWindow)
+        .boxed(),
+        memory().prop_map(Knob::DedupMaxStreams).boxed(),
+        memory().prop_map(Knob::DedupTableCapacity).boxed(),
+        d().prop_map(Knob::DedupHorizon).boxed(),
+        any_usize().prop_map(Knob::MaxPayload).boxed(),
+        any_usize().prop_map(Knob::ReceiverBuffer).boxed(),
+        any_f64().prop_map(Knob::Threshold).boxed(),
+        any_f64().prop_map(Knob::SuspectThreshold).boxed(),
+        any_usize().prop_map(Knob::MaxSamples).boxed(),
+        d().prop_map(Knob::MinStdDev).boxed(),
+        d().prop_map(Knob::HeartbeatPause).boxed(),
+        d().prop_map(Knob::FirstHeartbeat).boxed(),
+        d().prop_map(Knob::HeartbeatInterval).boxed(),
+        d().prop_map(Knob::ShutdownDrain).boxed(),
+        any::<bool>().prop_map(Knob::DynamicPeers).boxed(),
+        any::<bool>().prop_map(Knob::FailFastDown).boxed(),
+        Just(Knob::Handoff).boxed(),
+        d().prop_map(Knob::HintTtl).boxed(),
+        d().prop_map(Knob::HintWindow).boxed(),
+        d().prop_map(Knob::HintFsync).boxed(),
+        any_u64().prop_map(Knob::ReplayRate).boxed(),
+        any_usize().prop_map(Knob::ReplayConcurrency).boxed(),
+        any_u64().prop_map(Knob::ReplayBatch).boxed(),
+    ])
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// A typed configuration error at build or sender().
+    Rejected,
+    /// A node that round-tripped a message.
+    Worked,
+}
+
+/// Build two nodes with `config` on a fault-free mem network, send one message with
+/// `deadline` and ack it, shut both down: a typed error, or a delivery with a typed
+/// receipt and a clean stop. Any panic (build, handles, or a driver: `closed()` would
+/// report it) or hang (virtual-time bounds) fails the case.
+async fn config_case(
+    config: NodeConfig,
+    deadline: Option<Duration>,
+    g: Guarantee,
+) -> Result<Verdict, TestCaseError> {
+    let valid = config.validate();
+    let net = net();
+    let a = match (node(&net, A, config.clone()).await, &valid) {
+        (Err(NodeError::Config(e)), Err(v)) => {
+            prop_assert_eq!(e.to_string(), v.to_string());
+            prop_assert!(e.to_string().contains(e.field()), "{}", e);
+            return Ok(Verdict::Rejected);
+        }
+        (Ok(a), Ok(())) => a,
+        (r, v) => {
+            return Err(TestCaseError::fail(format!(
+                "build {r:?} vs validate {v:?}"
+            )))
+        }
+    };
+    let b = node(&net, B, config)
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let options = ChannelOptions {
+        deadline,
+        ..opts(g)
+    };
+    let out = match a.sender::<u64>(B, options) {
+        Ok(s) => s,
+        Err(NodeError::Config(ConfigError::DurationTooShort {
+            field: "deadline", ..
+        })) if deadline == Some(Duration::ZERO) => {
+            return Ok(Verdict::Rejected);
+        }
+        Err(e) => return Err(TestCaseError::fail(format!("sender: {e}"))),
+    };
+    let mut inbox = b
+        .receiver::<u64>(CH, false)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let verdict = match out.send(&42).await {
+        // A detector config with a near-zero threshold holds every peer Down.
+        Err(SendError::PeerDown { .. }) => Verdict::Rejected,
+        Err(e) => return Err(TestCaseError::fail(format!("send: {e}"))),
+        Ok(receipt) => {
+            let d = tokio::time::timeout(Duration::from_secs(60), inbox.recv())
+                .await
+                .map_err(|_| TestCaseError::fail("not delivered within 60 s"))?
+                .ok_or_else(|| TestCaseError::fail("receiver closed"))?;
+            prop_assert_eq!(*d.message(), 42);
+            d.ack();
+            let r = tokio::time::timeout(Duration::from_secs(120), receipt)
+                .await
+                .map_err(|_| TestCaseError::fail("receipt unresolved after 120 s"))?;
+            match r {
+                Ok(_) | Err(SendError::Deadline { .. } | SendError::AttemptsExhausted { .. }) => {}
+                Err(e) => return Err(TestCaseError::fail(format!("receipt: {e}"))),
+            }
+            Verdict::Worked
+        }
+    };
+    for n in [&a, &b] {
+        tokio::time::timeout(Duration::from_secs(300), n.shutdown())
+            .await
+            .map_err(|_| TestCaseError::fail("shutdown hung"))?;
+        if let Err(e) = n.closed().await {
+            return Err(TestCaseError::fail(format!("driver died: {e}")));
+        }
+    }
+    Ok(verdict)
+}
+
+/// Arbitrary configuration values (0, MAX and everything between, a few at a time on
+/// top of the defaults) give a typed error or a working node — never a panic or hang.
+#[test]
+fn no_configuration_panics_the_library() {
+    let cases: u32 = std::env::var("MISUSE_CONFIG_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96);
+    let strategy = (
+        prop::collection::vec(knob(), 0..5),
+        proptest::option::of(any_duration()),
+        prop_oneof![
+            Just(Guarantee::AtMostOnce),
+            Just(Guarantee::AtLeastOnce),
+            Just(Guarantee::EffectivelyOnce)
+        ],
+    );
+    let mut runner = TestRunner::new(RunnerConfig {
+        cases,
+        failure_persistence: None,
+        max_shrink_time: 30_000,
+        ..RunnerConfig::default()
+    });
+    let counts = Mutex::new((0u32, 0u32));
+    runner
+        .run(&strategy, |(knobs, deadline, g)| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = NodeConfig::default();
+            for k in &knobs {
+                k.apply(&mut config, dir.path());
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let verdict = rt.block_on(config_case(config, deadline, g))?;
+            let mut c = counts.lock().unwrap();
+            match verdict {
+                Verdict::Rejected => c.0 += 1,
+                Verdict::Worked => c.1 += 1,
+            }
+            Ok(())
+        })
+        .unwrap();
+    let (rejected, worked) = *counts.lock().unwrap();
+    // Not vacuous: both outcomes are exercised (shrinking runs add to both counts).
+    assert!(worked >= cases / 5, "only {worked} working nodes");
+    assert!(rejected >= cases / 10, "only {rejected} typed errors");
+    report(
+        "misuse",
+        "arbitrary config values (0, MAX, in between; 40 fields incl. handoff) and ChannelOptions.deadline",
+        &format!("{cases} cases"),
+        &format!("typed ConfigError ({rejected}) or a node that round-trips a message and stops cleanly ({worked}); never a panic or hang"),
     );
 }
