@@ -483,12 +483,15 @@ async fn a_send_to_a_down_peer_without_handoff_fails_fast() {
     );
 }
 
-/// A subscriber that panics when the driver logs a chosen event (a controlled panic
-/// inside the driver with no test hook in the library), and records error events.
-struct PanicOn {
-    message: &'static str,
-    errors: Arc<Mutex<Vec<String>>>,
+/// A subscriber that records events (level, message and fields) and, if asked, panics
+/// when one starts with a chosen message: a controlled panic inside the driver with no
+/// test hook in the library.
+struct Recorder {
+    panic_on: Option<&'static str>,
+    events: Events,
 }
+
+type Events = Arc<Mutex<Vec<(tracing::Level, String)>>>;
 
 struct Message(String);
 
@@ -502,7 +505,7 @@ impl tracing::field::Visit for Message {
     }
 }
 
-impl tracing::Subscriber for PanicOn {
+impl tracing::Subscriber for Recorder {
     fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
         true
     }
@@ -514,11 +517,12 @@ impl tracing::Subscriber for PanicOn {
     fn event(&self, event: &tracing::Event<'_>) {
         let mut m = Message(String::new());
         event.record(&mut m);
-        if *event.metadata().level() == tracing::Level::ERROR {
-            self.errors.lock().unwrap().push(m.0.clone());
-        }
-        if m.0.starts_with(self.message) {
-            panic!("provoked: {}", self.message);
+        self.events
+            .lock()
+            .unwrap()
+            .push((*event.metadata().level(), m.0.clone()));
+        if let Some(p) = self.panic_on.filter(|p| m.0.starts_with(p)) {
+            panic!("provoked: {p}");
         }
     }
     fn enter(&self, _: &tracing::span::Id) {}
@@ -527,10 +531,10 @@ impl tracing::Subscriber for PanicOn {
 
 #[tokio::test(start_paused = true)]
 async fn a_dead_driver_fails_every_call_with_the_cause() {
-    let errors = Arc::new(Mutex::new(Vec::new()));
-    let _guard = tracing::subscriber::set_default(PanicOn {
-        message: "peer decommissioned",
-        errors: errors.clone(),
+    let events = Events::default();
+    let _guard = tracing::subscriber::set_default(Recorder {
+        panic_on: Some("peer decommissioned"),
+        events: events.clone(),
     });
     let net = net();
     let (a, b) = pair(&net, NodeConfig::default()).await;
@@ -572,11 +576,13 @@ async fn a_dead_driver_fails_every_call_with_the_cause() {
         a.receiver::<u64>(ChannelId(8), false),
         Err(NodeError::Failed(_))
     ));
-    let logged = errors.lock().unwrap().clone();
+    let logged = events.lock().unwrap().clone();
     assert!(
         logged
             .iter()
-            .any(|e| e.contains("node driver panicked") && e.contains("provoked")),
+            .any(|(level, e)| *level == tracing::Level::ERROR
+                && e.contains("node driver panicked")
+                && e.contains("provoked")),
         "{logged:?}"
     );
     report(
@@ -951,5 +957,49 @@ fn no_configuration_panics_the_library() {
         "arbitrary config values (0, MAX, in between; 40 fields incl. handoff) and ChannelOptions.deadline",
         &format!("{cases} cases"),
         &format!("typed ConfigError ({rejected}) or a node that round-trips a message and stops cleanly ({worked}); never a panic or hang"),
+    );
+}
+
+#[tokio::test]
+async fn connection_failures_to_a_configured_peer_are_warned_rate_limited() {
+    let events = Events::default();
+    let _guard = tracing::subscriber::set_default(Recorder {
+        panic_on: None,
+        events: events.clone(),
+    });
+    // A port nobody listens on: every dial is refused at once.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let a = Node::builder(A)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .peer(B, dead)
+        .build()
+        .await
+        .unwrap();
+    // Sends make the transport dial (and redial with backoff: 50 ms, 100 ms, ...).
+    let out = a.sender::<u64>(B, opts(Guarantee::AtMostOnce)).unwrap();
+    let _ = out.send(&1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = out.send(&2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logged = events.lock().unwrap().clone();
+    let debug_failures = logged
+        .iter()
+        .filter(|(l, m)| *l == tracing::Level::DEBUG && m.starts_with("tcp: connect failed"))
+        .count();
+    let warns = logged
+        .iter()
+        .filter(|(l, m)| *l == tracing::Level::WARN && m.starts_with("tcp: cannot connect"))
+        .count();
+    assert_eq!(warns, 1, "{logged:#?}");
+    assert!(debug_failures >= 2, "{logged:#?}");
+    a.shutdown().await;
+    report(
+        "misuse",
+        "a configured peer that cannot be reached (dial failures used to be logged at debug only)",
+        "1",
+        "warned once with the attempt count, then at most every 30 s per peer; later failures at debug",
     );
 }

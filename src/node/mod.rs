@@ -1678,7 +1678,12 @@ impl Driver {
             }
         }
         for change in self.detector.poll(now) {
-            tracing::info!(peer = %change.peer, from = ?change.from, to = ?change.to, "peer health changed");
+            if change.to == Health::Down {
+                // One line per transition: rate-limited by the detector itself.
+                tracing::warn!(peer = %change.peer, from = ?change.from, "peer is Down (no heartbeat)");
+            } else {
+                tracing::info!(peer = %change.peer, from = ?change.from, to = ?change.to, "peer health changed");
+            }
             {
                 let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
                 h.insert(change.peer, change.to);
