@@ -1003,3 +1003,141 @@ async fn connection_failures_to_a_configured_peer_are_warned_rate_limited() {
         "warned once with the attempt count, then at most every 30 s per peer; later failures at debug",
     );
 }
+
+/// Arbitrary TCP settings with arbitrary `max_payload`: a typed error, or two nodes
+/// that build, take a send and stop cleanly (real sockets, so no delivery is required
+/// of settings such as a 1 ms connect timeout; the mem property above checks delivery).
+#[test]
+fn no_tcp_configuration_panics_the_library() {
+    let cases: u32 = std::env::var("MISUSE_CONFIG_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(32, |n: u32| n / 3);
+    // Each value is the default 3 times in 4, so valid combinations are common.
+    fn mostly<T: Clone + std::fmt::Debug + 'static>(
+        default: T,
+        s: impl Strategy<Value = T> + 'static,
+    ) -> BoxedStrategy<T> {
+        prop_oneof![3 => Just(default), 1 => s].boxed()
+    }
+    let t = TcpConfig::default();
+    let d = |v| mostly(v, any_duration());
+    let u = |v| mostly(v, any_usize());
+    let frame = prop_oneof![
+        Just(0usize),
+        Just(255),
+        Just(256),
+        Just(64 << 10),
+        Just(8 << 20),
+        Just(u32::MAX as usize),
+        Just(u32::MAX as usize + 1),
+        Just(usize::MAX),
+        any::<usize>(),
+    ];
+    let strategy = (
+        (
+            d(t.connect_timeout),
+            d(t.handshake_timeout),
+            d(t.backoff_min),
+            d(t.backoff_max),
+        ),
+        (
+            mostly(t.max_frame_len, frame),
+            u(t.queue_bound),
+            u(t.write_batch_bytes),
+            u(t.channel_capacity),
+        ),
+        mostly(
+            NodeConfig::default().max_payload,
+            prop_oneof![Just(0usize), Just(1), Just(usize::MAX), 0usize..(16 << 20)],
+        ),
+    );
+    let mut runner = TestRunner::new(RunnerConfig {
+        cases,
+        failure_persistence: None,
+        max_shrink_time: 30_000,
+        ..RunnerConfig::default()
+    });
+    let counts = Mutex::new((0u32, 0u32));
+    runner
+        .run(
+            &strategy,
+            |((ct, ht, bmin, bmax), (mfl, qb, wb, cc), mp)| {
+                let mut tcp = TcpConfig::default();
+                tcp.connect_timeout = ct;
+                tcp.handshake_timeout = ht;
+                tcp.backoff_min = bmin;
+                tcp.backoff_max = bmax;
+                tcp.max_frame_len = mfl;
+                tcp.queue_bound = qb;
+                tcp.write_batch_bytes = wb;
+                tcp.channel_capacity = cc;
+                let config = cfg(|c| c.max_payload = mp);
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let worked = rt.block_on(async {
+                    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+                    let b = match Node::builder(B)
+                        .tcp(any, tcp.clone())
+                        .config(config.clone())
+                        .build()
+                        .await
+                    {
+                        Err(NodeError::Config(e)) => {
+                            prop_assert!(e.to_string().contains(e.field()), "{}", e);
+                            return Ok(false);
+                        }
+                        Err(e) => return Err(TestCaseError::fail(format!("build: {e}"))),
+                        Ok(b) => b,
+                    };
+                    let a = Node::builder(A)
+                        .tcp(any, tcp)
+                        .peer(B, b.local_addr().unwrap())
+                        .config(config)
+                        .build()
+                        .await
+                        .map_err(|e| TestCaseError::fail(format!("second build: {e}")))?;
+                    let out = a
+                        .raw_sender(B, opts(Guarantee::AtMostOnce))
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let len = mp.min(1 << 16);
+                    match out.send(Bytes::from(vec![1u8; len])).await {
+                        Ok(r) => {
+                            let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+                        }
+                        Err(e) => return Err(TestCaseError::fail(format!("send: {e}"))),
+                    }
+                    for n in [&a, &b] {
+                        tokio::time::timeout(Duration::from_secs(30), n.shutdown())
+                            .await
+                            .map_err(|_| TestCaseError::fail("shutdown hung"))?;
+                        if let Err(e) = n.closed().await {
+                            return Err(TestCaseError::fail(format!("driver died: {e}")));
+                        }
+                    }
+                    Ok(true)
+                })?;
+                let mut c = counts.lock().unwrap();
+                if worked {
+                    c.1 += 1
+                } else {
+                    c.0 += 1
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    let (rejected, worked) = *counts.lock().unwrap();
+    assert!(
+        worked >= 1 && rejected >= 1,
+        "{worked} worked, {rejected} rejected"
+    );
+    report(
+        "misuse",
+        "arbitrary TcpConfig values (timeouts, backoff, frame limit, queues) and max_payload",
+        &format!("{cases} cases"),
+        &format!("typed ConfigError ({rejected}) or nodes that build, send and stop cleanly ({worked}); never a panic"),
+    );
+}

@@ -427,7 +427,9 @@ impl NodeBuilder {
     /// runtime.
     ///
     /// Every configuration value is checked first ([`NodeConfig::validate`]; with TCP
-    /// also the `TcpConfig` and `max_payload` against its frame limit): a bad value
+    /// also `TcpConfig::validate`, `connect_timeout`, `handshake_timeout` and
+    /// `backoff_min` of at least 1 ms, `channel_capacity` and `queue_bound` within
+    /// tokio's channel limit, and `max_payload` against the frame limit): a bad value
     /// fails with [`NodeError::Config`] naming the field and the bound.
     pub async fn build(self) -> Result<Node, NodeError> {
         self.config.validate()?;
@@ -521,8 +523,18 @@ pub const BIND_RETRY: Duration = Duration::from_secs(2);
 /// The TCP settings, and `max_payload` against the TCP frame limit (a payload that
 /// cannot fit a frame would be accepted by `send` and never delivered).
 fn check_tcp(config: &NodeConfig, tcp: &TcpConfig) -> Result<(), crate::ConfigError> {
-    use crate::error::check::{count, u};
+    use crate::error::check::{count, duration, u};
     tcp.validate().map_err(crate::ConfigError::Tcp)?;
+    // Shorter timers make a node that cannot connect on a loaded host, or redials in a
+    // busy loop.
+    let ms = Duration::from_millis(1);
+    for (field, d) in [
+        ("tcp.connect_timeout", tcp.connect_timeout),
+        ("tcp.handshake_timeout", tcp.handshake_timeout),
+        ("tcp.backoff_min", tcp.backoff_min),
+    ] {
+        duration(field, d, ms, Duration::MAX)?;
+    }
     // tokio's channels panic above this many slots.
     let chan = u(Semaphore::MAX_PERMITS);
     count("tcp.channel_capacity", u(tcp.channel_capacity), 1, chan)?;
