@@ -1063,15 +1063,19 @@ fn no_tcp_configuration_panics_the_library() {
         .run(
             &strategy,
             |((ct, ht, bmin, bmax), (mfl, qb, wb, cc), mp)| {
-                let mut tcp = TcpConfig::default();
-                tcp.connect_timeout = ct;
-                tcp.handshake_timeout = ht;
-                tcp.backoff_min = bmin;
-                tcp.backoff_max = bmax;
-                tcp.max_frame_len = mfl;
-                tcp.queue_bound = qb;
-                tcp.write_batch_bytes = wb;
-                tcp.channel_capacity = cc;
+                // `..default()`: TcpConfig is growing fields (TLS).
+                #[allow(clippy::needless_update)]
+                let tcp = TcpConfig {
+                    connect_timeout: ct,
+                    handshake_timeout: ht,
+                    backoff_min: bmin,
+                    backoff_max: bmax,
+                    max_frame_len: mfl,
+                    queue_bound: qb,
+                    write_batch_bytes: wb,
+                    channel_capacity: cc,
+                    ..TcpConfig::default()
+                };
                 let config = cfg(|c| c.max_payload = mp);
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
