@@ -436,6 +436,11 @@ async fn down(a: &Node, peer: NodeId) {
 
 #[tokio::test(start_paused = true)]
 async fn a_send_to_a_down_peer_without_handoff_fails_fast() {
+    let events = Events::default();
+    let _guard = tracing::subscriber::set_default(Recorder {
+        panic_on: None,
+        events: events.clone(),
+    });
     let net = net();
     let (a, _b) = pair(&net, NodeConfig::default()).await;
     let out = a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)).unwrap();
@@ -456,6 +461,16 @@ async fn a_send_to_a_down_peer_without_handoff_fails_fast() {
         Some(SendError::PeerDown { peer: B })
     );
     assert_eq!(t.elapsed(), Duration::ZERO, "must fail at once");
+    let downs: Vec<_> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(l, m)| {
+            *l == tracing::Level::WARN && m.starts_with("peer is Down") && m.contains("peer=n2")
+        })
+        .cloned()
+        .collect();
+    assert_eq!(downs.len(), 1, "one warn per transition: {downs:?}");
     // Back Up: sends are taken again.
     net.rejoin(B);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -479,7 +494,7 @@ async fn a_send_to_a_down_peer_without_handoff_fails_fast() {
         "misuse",
         "a send to a peer the detector holds Down, handoff off (used to wait the full deadline)",
         "1",
-        "fails at once with SendError::PeerDown (every guarantee); configurable; Up again accepts sends",
+        "fails at once with SendError::PeerDown (every guarantee), one warn per transition; configurable; Up again accepts sends",
     );
 }
 
