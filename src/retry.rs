@@ -684,7 +684,7 @@ fn nanos_to_duration(n: u128) -> Duration {
 
 /// The latest instant reachable from `now` by halving steps (about a century ahead
 /// at most on common platforms); used only when `now + delay` overflows.
-fn far_future(now: Instant) -> Instant {
+pub(crate) fn far_future(now: Instant) -> Instant {
     let mut step = Duration::from_secs(100 * 365 * 24 * 3600);
     let mut at = now;
     while !step.is_zero() {

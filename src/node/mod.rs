@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 /// Errors building or operating a [`Node`].
@@ -63,6 +63,31 @@ pub enum NodeError {
     /// The builder has no transport: call `bind` or `transport`.
     #[error("no transport configured: call NodeBuilder::bind or NodeBuilder::transport")]
     NoTransport,
+    /// The node's driver task ended unexpectedly (it panicked): the node is dead and
+    /// every call fails with this. The cause is also logged at error level and returned
+    /// by [`Node::closed`]. Report it as a bug; build a new node to carry on.
+    #[error(transparent)]
+    Failed(NodeFailure),
+    /// [`Node::sender`] to a peer this node does not know (never given to
+    /// [`NodeBuilder::peer`] / [`Node::add_peer`], never connected). Add the peer
+    /// first, or set [`NodeConfig::allow_dynamic_peers`].
+    #[error("unknown peer {0}: add it with NodeBuilder::peer / Node::add_peer, or set NodeConfig::allow_dynamic_peers")]
+    UnknownPeer(NodeId),
+}
+
+/// Why a node's driver stopped unexpectedly (carried by [`NodeError::Failed`] and
+/// [`SendError::NodeFailed`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node driver failed: {cause}")]
+pub struct NodeFailure {
+    cause: Arc<str>,
+}
+
+impl NodeFailure {
+    /// What ended the driver (the panic message).
+    pub fn cause(&self) -> &str {
+        &self.cause
+    }
 }
 
 /// Why a send failed. Each variant says whether the receiver may still have the message.
@@ -120,6 +145,18 @@ pub enum SendError {
         /// The stream's guarantee.
         existing: Guarantee,
     },
+    /// The failure detector holds the target Down and hinted handoff does not take the
+    /// message ([`NodeConfig::fail_fast_when_down`]); nothing was sent. Retry once
+    /// [`Node::health`] is Up again, or report the failure.
+    #[error("peer {peer} is down")]
+    PeerDown {
+        /// The target.
+        peer: NodeId,
+    },
+    /// The node's driver died ([`NodeError::Failed`]) before the message settled. It
+    /// may have been delivered. Build a new node.
+    #[error(transparent)]
+    NodeFailed(NodeFailure),
 }
 
 /// How a message settled.
@@ -158,8 +195,22 @@ pub struct NodeConfig {
     /// fails its receipt.
     pub handoff: Option<HandoffConfig>,
     /// How long [`Node::shutdown`] waits for unacknowledged messages before spooling
-    /// them to the hint store (or, without handoff, failing them). Default 5 s.
+    /// them to the hint store (or, without handoff, failing them). Default 5 s. Any
+    /// value is accepted; `Duration::MAX` waits until every message has settled.
     pub shutdown_drain: Duration,
+    /// Allow [`Node::sender`] to a peer this node does not know. Default `false`: a
+    /// sender is only made for a peer given to [`NodeBuilder::peer`] or
+    /// [`Node::add_peer`], a peer that has connected to this node, or (on an in-memory
+    /// network) a node attached to the same network; any other id fails with
+    /// [`NodeError::UnknownPeer`] instead of retrying into the void until the deadline.
+    /// Set it when peers are discovered by the transport itself (a custom transport that
+    /// dials by id).
+    pub allow_dynamic_peers: bool,
+    /// Without hinted handoff (or with `handoff.on_down` off), a send to a peer the
+    /// failure detector holds Down fails at once with [`SendError::PeerDown`] instead of
+    /// retrying until its deadline. Default `true`. Messages already in flight keep
+    /// retrying until their deadline either way.
+    pub fail_fast_when_down: bool,
 }
 
 impl Default for NodeConfig {
@@ -175,38 +226,76 @@ impl Default for NodeConfig {
             heartbeat_interval: Duration::from_secs(1),
             handoff: None,
             shutdown_drain: Duration::from_secs(5),
+            allow_dynamic_peers: false,
+            fail_fast_when_down: true,
         }
     }
 }
 
 impl NodeConfig {
-    /// Check every value.
+    /// Largest accepted [`max_payload`](Self::max_payload): `u32::MAX` minus room for
+    /// the data frame's header (a frame's length is a `u32` on the wire). Over TCP the
+    /// bound is tighter: the payload and header must fit `TcpConfig::max_frame_len`.
+    pub const MAX_PAYLOAD: usize = u32::MAX as usize - DATA_FRAME_OVERHEAD;
+    /// Shortest accepted [`heartbeat_interval`](Self::heartbeat_interval): 1 ms.
+    pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(1);
+    /// Longest accepted [`heartbeat_interval`](Self::heartbeat_interval): 1 hour (a
+    /// slower heartbeat cannot tell a Down peer from a quiet one in any useful time).
+    pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
+    /// Largest accepted `detector.max_samples`: 65 536 (the window grows to it).
+    pub const MAX_DETECTOR_SAMPLES: usize = 1 << 16;
+
+    /// Check every value; the error names the field and the bound it broke.
+    ///
+    /// `proto` as [`ProtoConfig::validate`]; `dedup` as `DedupConfig::validate`, and
+    /// `dedup.window >= proto.max_in_flight`; `max_payload` in
+    /// `1..=`[`MAX_PAYLOAD`](Self::MAX_PAYLOAD) (over TCP, also within the frame limit:
+    /// checked by [`NodeBuilder::build`]); `heartbeat_interval`
+    /// in `[1 ms, 1 h]`; `detector` as `DetectorConfig::validate`, with `max_samples
+    /// <= 65536`; `handoff` as [`HandoffConfig::validate`]. `shutdown_drain` may be any
+    /// duration.
     pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        use crate::error::check::{count, duration, u};
         self.proto.validate()?;
+        self.dedup.validate().map_err(crate::ConfigError::Dedup)?;
         if (self.dedup.window as usize) < self.proto.max_in_flight {
-            return Err(crate::ConfigError::new(format!(
-                "dedup.window ({}) must be at least proto.max_in_flight ({}): senders \
-                 would overrun the receiver's sequence window",
-                self.dedup.window, self.proto.max_in_flight
-            )));
+            return Err(crate::ConfigError::DedupWindowBelowInFlight {
+                window: self.dedup.window,
+                max_in_flight: self.proto.max_in_flight,
+            });
         }
-        if self.max_payload == 0 {
-            return Err(crate::ConfigError::new("max_payload must be at least 1"));
-        }
-        if self.heartbeat_interval.is_zero() {
-            return Err(crate::ConfigError::new(
-                "heartbeat_interval must be positive",
-            ));
-        }
+        count("max_payload", u(self.max_payload), 1, u(Self::MAX_PAYLOAD))?;
+        duration(
+            "heartbeat_interval",
+            self.heartbeat_interval,
+            Self::MIN_HEARTBEAT_INTERVAL,
+            Self::MAX_HEARTBEAT_INTERVAL,
+        )?;
         self.detector
             .validate()
-            .map_err(|e| crate::ConfigError::new(e.to_string()))?;
+            .map_err(crate::ConfigError::Detector)?;
+        count(
+            "detector.max_samples",
+            u(self.detector.max_samples),
+            1,
+            u(Self::MAX_DETECTOR_SAMPLES),
+        )?;
         if let Some(h) = &self.handoff {
             h.validate()?;
         }
         Ok(())
     }
+
+    /// The largest `max_payload` that fits a TCP frame of `max_frame_len` body bytes.
+    fn payload_limit(max_frame_len: usize) -> usize {
+        max_frame_len.saturating_sub(DATA_FRAME_OVERHEAD)
+    }
 }
+
+/// Bytes a data frame's body needs besides its payload, with room to spare: the
+/// version and kind bytes and the bincode header (channel, seq, floors, the largest
+/// message id, guarantee) come to under 80; see the test `data_frame_overhead_bound`.
+const DATA_FRAME_OVERHEAD: usize = 128;
 
 /// Options of one sending channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,9 +362,14 @@ pub struct Stats {
     /// Protocol counters: sent, retransmitted, acked, delivered, duplicates dropped,
     /// credit waits…
     pub proto: ProtoStats,
-    /// Arrivals whose payload did not decode as the receiver's type; they are acked
-    /// and dropped (a poison message would otherwise be retried forever).
+    /// Arrivals whose payload did not decode as the receiver's type (or left trailing
+    /// bytes). They are not delivered and not acknowledged: an at-least-once sender
+    /// retransmits until its deadline and its receipt fails, never `Ok(Acked)`.
     pub decode_failed: u64,
+    /// Arrivals on a channel with no [`Receiver`] on this node. They are refused (not
+    /// acknowledged): the sender retransmits until its deadline, so a receiver that
+    /// starts late still gets them. Logged at warn at most once a second.
+    pub no_receiver: u64,
     /// Hint store counters, when handoff is enabled.
     pub hints: Option<crate::handoff::HintStats>,
     /// Messages handed off to the hint store.
@@ -352,8 +446,18 @@ impl NodeBuilder {
 
     /// Validate, start the transport and the driver task. Must run inside a tokio
     /// runtime.
+    ///
+    /// Every configuration value is checked first ([`NodeConfig::validate`]; with TCP
+    /// also `TcpConfig::validate`, `connect_timeout`, `handshake_timeout` and
+    /// `backoff_min` of at least 1 ms, `channel_capacity` and `queue_bound` within
+    /// tokio's channel limit, and `max_payload` against the frame limit): a bad value
+    /// fails with [`NodeError::Config`] naming the field and the bound.
     pub async fn build(self) -> Result<Node, NodeError> {
         self.config.validate()?;
+        if let Some((_, tcp)) = &self.tcp {
+            check_tcp(&self.config, tcp)?;
+        }
+        let dials_by_id = self.transport.as_ref().is_some_and(|t| t.dials_by_id());
         let origin = Origin::new_random(self.id);
         let dedup = Arc::new(Dedup::open(self.config.dedup.clone())?);
         let link = match (self.transport, self.tcp) {
@@ -375,12 +479,13 @@ impl NodeBuilder {
             Some(cfg) => Some(Spool::open(cfg, origin, start)?),
             None => None,
         };
-        let mut detector = FailureDetector::new(self.config.detector)
-            .map_err(|e| crate::ConfigError::new(e.to_string()))?;
+        let mut detector =
+            FailureDetector::new(self.config.detector).map_err(crate::ConfigError::Detector)?;
         for peer in &watched {
             detector.heartbeat(*peer, start); // watched from the start
         }
         let (health_tx, _) = broadcast::channel(256);
+        let handoff_on_down = self.config.handoff.as_ref().is_some_and(|h| h.on_down);
         let endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
         let shared = Arc::new(Shared {
             windows: Mutex::new(HashMap::new()),
@@ -391,6 +496,13 @@ impl NodeBuilder {
             window: self.config.proto.max_in_flight,
             max_payload: self.config.max_payload,
             decode_failed: AtomicU64::new(0),
+            decode_warned: Mutex::new(None),
+            no_receiver: AtomicU64::new(0),
+            no_receiver_warned: Mutex::new(None),
+            known: Mutex::new(watched.iter().copied().collect()),
+            any_peer: self.config.allow_dynamic_peers || dials_by_id,
+            fail_fast_down: self.config.fail_fast_when_down && !handoff_on_down,
+            state: watch::channel(NodeState::Running).0,
         });
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let driver = Driver {
@@ -404,7 +516,7 @@ impl NodeBuilder {
             outbox: HashMap::new(),
             detector,
             heartbeat_every: self.config.heartbeat_interval,
-            next_heartbeat: start + self.config.heartbeat_interval,
+            next_heartbeat: later(start, self.config.heartbeat_interval),
             nonce: 0,
             health_tx,
             spool,
@@ -414,7 +526,7 @@ impl NodeBuilder {
             draining_until: None,
             clock: start,
         };
-        let task = tokio::spawn(driver.run());
+        let task = tokio::spawn(supervise(driver, shared.clone(), origin));
         Ok(Node {
             origin,
             local_addr,
@@ -428,11 +540,90 @@ impl NodeBuilder {
 /// How long [`NodeBuilder::build`] keeps retrying a TCP bind whose address is in use.
 pub const BIND_RETRY: Duration = Duration::from_secs(2);
 
+/// The TCP settings, and `max_payload` against the TCP frame limit (a payload that
+/// cannot fit a frame would be accepted by `send` and never delivered).
+fn check_tcp(config: &NodeConfig, tcp: &TcpConfig) -> Result<(), crate::ConfigError> {
+    use crate::error::check::{count, duration, u};
+    tcp.validate().map_err(crate::ConfigError::Tcp)?;
+    // Shorter timers make a node that cannot connect on a loaded host, or redials in a
+    // busy loop.
+    let ms = Duration::from_millis(1);
+    for (field, d) in [
+        ("tcp.connect_timeout", tcp.connect_timeout),
+        ("tcp.handshake_timeout", tcp.handshake_timeout),
+        ("tcp.backoff_min", tcp.backoff_min),
+    ] {
+        duration(field, d, ms, Duration::MAX)?;
+    }
+    // tokio's channels panic above this many slots.
+    let chan = u(Semaphore::MAX_PERMITS);
+    count("tcp.channel_capacity", u(tcp.channel_capacity), 1, chan)?;
+    count("tcp.queue_bound", u(tcp.queue_bound), 1, chan)?;
+    let max = NodeConfig::payload_limit(tcp.max_frame_len);
+    if config.max_payload > max {
+        return Err(crate::ConfigError::PayloadAboveFrameLimit {
+            max_payload: config.max_payload,
+            max_frame_len: tcp.max_frame_len,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// `at + d`, or a far-future instant ("never") where that overflows the clock.
+fn later(at: std::time::Instant, d: Duration) -> std::time::Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| crate::retry::far_future(at))
+}
+
+/// Runs the driver and makes its end visible: a panic is logged at error level and
+/// recorded as the node's [`NodeFailure`] *before* the driver's state is dropped, so
+/// every receipt, window wait and later call it fails sees [`NodeError::Failed`] /
+/// [`SendError::NodeFailed`] rather than a plain shutdown.
+async fn supervise(driver: Driver, shared: Arc<Shared>, origin: Origin) {
+    let mut run = Box::pin(driver.run());
+    match (CatchUnwind(&mut run)).await {
+        Ok(()) => {
+            shared.state.send_replace(NodeState::Closed);
+        }
+        Err(panic) => {
+            let cause: Arc<str> = if let Some(s) = panic.downcast_ref::<&str>() {
+                (*s).into()
+            } else if let Some(s) = panic.downcast_ref::<String>() {
+                s.as_str().into()
+            } else {
+                "driver panicked (non-string payload)".into()
+            };
+            tracing::error!(node = %origin, %cause, "node driver panicked: the node is dead, every call now fails with NodeError::Failed");
+            shared
+                .state
+                .send_replace(NodeState::Failed(NodeFailure { cause }));
+            shared.close_windows();
+        }
+    }
+    // Only now drop the driver (its receipts and receiver queues).
+    drop(run);
+}
+
+/// Polls a future, turning a panic inside it into `Err(payload)`.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
 async fn start_tcp(addr: SocketAddr, cfg: TcpConfig, origin: Origin) -> Result<Link, NodeError> {
     let give_up = tokio::time::Instant::now() + BIND_RETRY;
     loop {
-        let transport = TcpTransport::new(addr, cfg.clone())
-            .map_err(|e| crate::ConfigError::new(e.to_string()))?;
+        let transport = TcpTransport::new(addr, cfg.clone()).map_err(crate::ConfigError::Tcp)?;
         match Box::new(transport).start(origin) {
             Err(crate::transport::TransportError::Bind { source, .. })
                 if source.kind() == std::io::ErrorKind::AddrInUse
@@ -505,11 +696,21 @@ impl Node {
     /// Learn where `peer` is (TCP); the failure detector watches it from now on (see
     /// [`NodeBuilder::peer`]).
     pub fn add_peer(&self, peer: NodeId, addr: SocketAddr) {
+        self.shared
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer);
         let _ = self.commands.send(Command::AddPeer { peer, addr });
     }
 
     /// A typed sender to `peer` on a channel; messages are serialized with bincode's
     /// serde support.
+    ///
+    /// Fails with [`NodeError::UnknownPeer`] for a peer this node does not know (see
+    /// [`NodeConfig::allow_dynamic_peers`]), [`NodeError::Config`] for a zero
+    /// `options.deadline`, and [`NodeError::Shutdown`] / [`NodeError::Failed`] once the
+    /// node has stopped.
     pub fn sender<T: Serialize>(
         &self,
         peer: NodeId,
@@ -527,8 +728,12 @@ impl Node {
         peer: NodeId,
         options: ChannelOptions,
     ) -> Result<RawSender, NodeError> {
-        if self.commands.is_closed() {
-            return Err(NodeError::Shutdown);
+        self.check_running()?;
+        if let Some(d) = options.deadline {
+            crate::error::check::duration("deadline", d, Duration::from_nanos(1), Duration::MAX)?;
+        }
+        if !self.shared.is_known(peer) {
+            return Err(NodeError::UnknownPeer(peer));
         }
         let window = self.shared.window_for(peer, options.channel);
         Ok(RawSender {
@@ -538,6 +743,7 @@ impl Node {
             window_size: self.shared.window,
             commands: self.commands.clone(),
             max_payload: self.shared.max_payload,
+            shared: self.shared.clone(),
         })
     }
 
@@ -560,6 +766,33 @@ impl Node {
         self.raw_receiver(channel, options.ordered)
     }
 
+    /// `Err` once the node has failed or shut down.
+    fn check_running(&self) -> Result<(), NodeError> {
+        if let Some(f) = self.shared.failure() {
+            return Err(NodeError::Failed(f));
+        }
+        if self.commands.is_closed() {
+            return Err(NodeError::Shutdown);
+        }
+        Ok(())
+    }
+
+    /// Resolves when the node has stopped: `Ok(())` after [`Node::shutdown`] (or once
+    /// the last handle is gone), [`NodeError::Failed`] with the cause if its driver
+    /// died unexpectedly. Await it next to your service's other tasks to notice a dead
+    /// node at once.
+    pub async fn closed(&self) -> Result<(), NodeError> {
+        let mut rx = self.shared.state.subscribe();
+        let state = match rx.wait_for(|s| !matches!(s, NodeState::Running)).await {
+            Ok(s) => s.clone(),
+            Err(_) => NodeState::Closed,
+        };
+        match state {
+            NodeState::Failed(f) => Err(NodeError::Failed(f)),
+            _ => Ok(()),
+        }
+    }
+
     /// The receiver of a channel; `ordered` delivers each stream's messages in send
     /// order (shorthand for [`Node::receiver_with`]; see [`ReceiverOptions::ordered`]
     /// for exactly what that promises). One receiver per channel and node.
@@ -580,6 +813,7 @@ impl Node {
         channel: ChannelId,
         ordered: bool,
     ) -> Result<RawReceiver, NodeError> {
+        self.check_running()?;
         // Unbounded: what may be queued is bounded by the credit granted to each
         // inbound stream (`ProtoConfig::stream_credit`), never by refusing arrivals.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -605,7 +839,7 @@ impl Node {
                 ordered,
                 tx,
             })
-            .map_err(|_| NodeError::Shutdown)?;
+            .map_err(|_| self.shared.closed_error())?;
         Ok(RawReceiver {
             rx,
             shared: self.shared.clone(),
@@ -614,8 +848,7 @@ impl Node {
 
     /// The failure detector's view of `peer` (`None` until it has been heard from).
     pub fn health(&self, peer: NodeId) -> Option<Health> {
-        let h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
-        h.get(&peer).copied()
+        self.shared.health(peer)
     }
 
     /// The protocol version negotiated with `peer` on its current (or last)
@@ -641,8 +874,8 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Decommission { peer, reply: tx })
-            .map_err(|_| NodeError::Shutdown)?;
-        rx.await.map_err(|_| NodeError::Shutdown)?
+            .map_err(|_| self.shared.closed_error())?;
+        rx.await.map_err(|_| self.shared.closed_error())?
     }
 
     /// Counters.
@@ -650,9 +883,10 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Stats(tx))
-            .map_err(|_| NodeError::Shutdown)?;
-        let mut stats = rx.await.map_err(|_| NodeError::Shutdown)?;
+            .map_err(|_| self.shared.closed_error())?;
+        let mut stats = rx.await.map_err(|_| self.shared.closed_error())?;
         stats.decode_failed = self.shared.decode_failed.load(Ordering::Relaxed);
+        stats.no_receiver = self.shared.no_receiver.load(Ordering::Relaxed);
         Ok(stats)
     }
 
@@ -732,6 +966,7 @@ pub struct RawSender {
     window_size: usize,
     commands: mpsc::UnboundedSender<Command>,
     max_payload: usize,
+    shared: Arc<Shared>,
 }
 
 impl RawSender {
@@ -747,9 +982,9 @@ impl RawSender {
 
     /// Send `payload` if the window has room now; see [`Sender::try_send`].
     pub fn try_send(&self, payload: Bytes) -> Result<Receipt, SendError> {
-        self.check_size(&payload)?;
+        self.check(&payload)?;
         let permit = self.window.try_acquire().map_err(|e| match e {
-            tokio::sync::TryAcquireError::Closed => SendError::Shutdown,
+            tokio::sync::TryAcquireError::Closed => self.shared.send_closed_error(),
             tokio::sync::TryAcquireError::NoPermits => SendError::WindowFull {
                 window: self.window_size,
             },
@@ -763,7 +998,12 @@ impl RawSender {
         self.peer
     }
 
-    fn check_size(&self, payload: &Bytes) -> Result<(), SendError> {
+    /// Checks that fail a send before it takes a window slot: the payload's size and,
+    /// with [`NodeConfig::fail_fast_when_down`], the target's health.
+    fn check(&self, payload: &Bytes) -> Result<(), SendError> {
+        if self.shared.fail_fast_down && self.shared.health(self.peer) == Some(Health::Down) {
+            return Err(SendError::PeerDown { peer: self.peer });
+        }
         if payload.len() > self.max_payload {
             return Err(SendError::TooLarge {
                 len: payload.len(),
@@ -784,18 +1024,21 @@ impl RawSender {
         };
         if self.commands.send(cmd).is_err() {
             self.window.add_permits(1);
-            return Err(SendError::Shutdown);
+            return Err(self.shared.send_closed_error());
         }
-        Ok(Receipt { rx })
+        Ok(Receipt {
+            rx,
+            shared: self.shared.clone(),
+        })
     }
 
     async fn submit(&self, payload: Bytes, key: Option<IdKey>) -> Result<Receipt, SendError> {
-        self.check_size(&payload)?;
+        self.check(&payload)?;
         let permit = self
             .window
             .acquire()
             .await
-            .map_err(|_| SendError::Shutdown)?;
+            .map_err(|_| self.shared.send_closed_error())?;
         // The driver gives the slot back (add_permits) when the window slides.
         permit.forget();
         self.enqueue(payload, key)
@@ -808,14 +1051,16 @@ impl RawSender {
 #[must_use = "a receipt tells whether the message was acknowledged"]
 pub struct Receipt {
     rx: oneshot::Receiver<Result<Outcome, SendError>>,
+    shared: Arc<Shared>,
 }
 
 impl Future for Receipt {
     type Output = Result<Outcome, SendError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx)
+        let this = &mut *self;
+        Pin::new(&mut this.rx)
             .poll(cx)
-            .map(|r| r.unwrap_or(Err(SendError::Shutdown)))
+            .map(|r| r.unwrap_or_else(|_| Err(this.shared.send_closed_error())))
     }
 }
 
@@ -827,24 +1072,39 @@ pub struct Receiver<T> {
 }
 
 impl<T: DeserializeOwned> Receiver<T> {
-    /// The next message; `None` once the node has shut down. A payload that does not
-    /// decode as `T` is acked, dropped and counted in [`Stats::decode_failed`].
+    /// The next message; `None` once the node has shut down.
+    ///
+    /// A payload that does not decode as `T`, or decodes with bytes left over (a value
+    /// of another type), is never handed out and never acknowledged: it is counted in
+    /// [`Stats::decode_failed`], logged at warn (at most once a second per node, with
+    /// the running count), and refused, so an at-least-once sender's receipt fails at
+    /// its deadline instead of reporting `Ok(Acked)` for a message nobody processed.
     pub async fn recv(&mut self) -> Option<Delivery<T>> {
         loop {
             let d = self.raw.recv().await?;
-            let cfg = bincode::config::standard();
-            match bincode::serde::decode_from_slice::<T, _>(&d.message, cfg) {
-                Ok((value, _)) => return Some(d.map(value)),
-                Err(e) => {
-                    self.raw
-                        .shared
-                        .decode_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(id = %d.id, error = %e, "payload does not decode; acked and dropped");
-                    d.ack();
+            match decode::<T>(&d.message) {
+                Ok(value) => return Some(d.map(value)),
+                Err(error) => {
+                    self.raw.shared.decode_failed(d.id, d.channel, &error);
+                    let mut handle = d.handle;
+                    handle.finish(Completion::Refuse);
                 }
             }
         }
+    }
+}
+
+/// Decode a whole payload as `T`: trailing bytes are an error, not ignored.
+fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
+    let cfg = bincode::config::standard();
+    match bincode::serde::decode_from_slice::<T, _>(payload, cfg) {
+        Ok((value, used)) if used == payload.len() => Ok(value),
+        Ok((_, used)) => Err(format!(
+            "{} trailing bytes after the value ({used} of {} bytes used)",
+            payload.len() - used,
+            payload.len()
+        )),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -970,9 +1230,84 @@ struct Shared {
     window: usize,
     max_payload: usize,
     decode_failed: AtomicU64,
+    /// When the last decode failure was logged at warn (rate limit).
+    decode_warned: Mutex<Option<std::time::Instant>>,
+    no_receiver: AtomicU64,
+    /// When the last arrival without a receiver was logged at warn (rate limit).
+    no_receiver_warned: Mutex<Option<std::time::Instant>>,
+    /// Peers given to the builder or `add_peer` (peers heard from are in `health`).
+    known: Mutex<std::collections::HashSet<NodeId>>,
+    /// Any id is a peer: `allow_dynamic_peers`, or a transport that dials by id.
+    any_peer: bool,
+    /// `fail_fast_when_down` and no handoff on Down.
+    fail_fast_down: bool,
+    /// Running, closed, or failed (with the cause); see [`supervise`].
+    state: watch::Sender<NodeState>,
+}
+
+/// Lifecycle of a node's driver.
+#[derive(Debug, Clone)]
+enum NodeState {
+    Running,
+    Closed,
+    Failed(NodeFailure),
 }
 
 impl Shared {
+    fn failure(&self) -> Option<NodeFailure> {
+        match &*self.state.borrow() {
+            NodeState::Failed(f) => Some(f.clone()),
+            _ => None,
+        }
+    }
+
+    /// The error of a call that found the node stopped.
+    fn closed_error(&self) -> NodeError {
+        self.failure()
+            .map_or(NodeError::Shutdown, NodeError::Failed)
+    }
+
+    /// The error of a send that found the node stopped.
+    fn send_closed_error(&self) -> SendError {
+        self.failure()
+            .map_or(SendError::Shutdown, SendError::NodeFailed)
+    }
+
+    fn health(&self, peer: NodeId) -> Option<Health> {
+        let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        h.get(&peer).copied()
+    }
+
+    fn is_known(&self, peer: NodeId) -> bool {
+        self.any_peer
+            || self.health(peer).is_some()
+            || self
+                .known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&peer)
+    }
+
+    /// Count an undecodable payload; warn at most once a second.
+    fn decode_failed(&self, id: MessageId, channel: ChannelId, error: &str) {
+        let total = self.decode_failed.fetch_add(1, Ordering::Relaxed) + 1;
+        if warn_due(&self.decode_warned) {
+            tracing::warn!(%id, channel = channel.0, %error, total, "payload does not decode as the receiver's type; refused (not acked)");
+        } else {
+            tracing::debug!(%id, channel = channel.0, %error, "payload does not decode; refused");
+        }
+    }
+
+    /// Count an arrival on a channel nobody receives; warn at most once a second.
+    fn no_receiver(&self, from: NodeId, channel: ChannelId) {
+        let total = self.no_receiver.fetch_add(1, Ordering::Relaxed) + 1;
+        if warn_due(&self.no_receiver_warned) {
+            tracing::warn!(channel = channel.0, %from, total, "message on a channel with no receiver on this node; not acked (the sender retries until its deadline)");
+        } else {
+            tracing::debug!(channel = channel.0, %from, "no receiver; not acked");
+        }
+    }
+
     /// Wake every sender waiting for window space with `SendError::Shutdown`, and make
     /// later sends fail the same way.
     fn close_windows(&self) {
@@ -987,6 +1322,18 @@ impl Shared {
         w.entry((peer, channel))
             .or_insert_with(|| Arc::new(Semaphore::new(self.window)))
             .clone()
+    }
+}
+
+/// Rate limit of a warn line: `true` (and the time recorded) at most once a second.
+fn warn_due(last: &Mutex<Option<std::time::Instant>>) -> bool {
+    let now = std::time::Instant::now();
+    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+        *last = Some(now);
+        true
+    } else {
+        false
     }
 }
 
@@ -1187,6 +1534,7 @@ impl Driver {
                 let _ = reply.send(Stats {
                     proto: self.endpoint.stats(),
                     decode_failed: 0,
+                    no_receiver: 0,
                     hints: self.spool.as_ref().map(Spool::stats),
                     handed_off: self.handed_off,
                     handoff_refused: self.handoff_refused,
@@ -1209,7 +1557,7 @@ impl Driver {
             Command::Drain => {
                 if self.draining_until.is_none() {
                     tracing::info!(unsettled = self.receipts.len(), "draining before shutdown");
-                    self.draining_until = Some(now + self.shutdown_drain);
+                    self.draining_until = Some(later(now, self.shutdown_drain));
                     self.shared.close_windows();
                 }
             }
@@ -1234,7 +1582,15 @@ impl Driver {
                 tracing::debug!(%peer, "peer down");
                 self.endpoint.handle_peer_down(now, peer);
             }
-            LinkEvent::Frame { peer, frame } => self.endpoint.handle_frame(now, peer, frame),
+            LinkEvent::Frame { peer, frame } => {
+                // Visibility only (the endpoint ignores it): count and warn.
+                if let crate::wire::Frame::Data(d) = &frame {
+                    if !self.receivers.contains_key(&d.channel) {
+                        self.shared.no_receiver(peer, d.channel);
+                    }
+                }
+                self.endpoint.handle_frame(now, peer, frame)
+            }
         }
     }
 
@@ -1376,7 +1732,7 @@ impl Driver {
     /// Heartbeats, failure detection, handoff and replay.
     fn housekeeping(&mut self, now: std::time::Instant) {
         if now >= self.next_heartbeat {
-            self.next_heartbeat = now + self.heartbeat_every;
+            self.next_heartbeat = later(now, self.heartbeat_every);
             let peers: Vec<NodeId> = self.detector.peers().map(|(p, _)| p).collect();
             for peer in peers {
                 self.nonce += 1;
@@ -1384,7 +1740,12 @@ impl Driver {
             }
         }
         for change in self.detector.poll(now) {
-            tracing::info!(peer = %change.peer, from = ?change.from, to = ?change.to, "peer health changed");
+            if change.to == Health::Down {
+                // One line per transition: rate-limited by the detector itself.
+                tracing::warn!(peer = %change.peer, from = ?change.from, "peer is Down (no heartbeat)");
+            } else {
+                tracing::info!(peer = %change.peer, from = ?change.from, to = ?change.to, "peer health changed");
+            }
             {
                 let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
                 h.insert(change.peer, change.to);
@@ -1498,4 +1859,68 @@ impl Driver {
 
 fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `DATA_FRAME_OVERHEAD` covers the largest data frame header the codec writes, so
+    /// a payload of `max_payload` always fits the TCP frame limit it was checked against.
+    #[test]
+    fn data_frame_overhead_bound() {
+        let worst = crate::wire::Frame::Data(crate::wire::Data {
+            channel: ChannelId(u32::MAX),
+            seq: u64::MAX,
+            floor: u64::MAX,
+            id_floor: u64::MAX,
+            id: Some(MessageId::Seq {
+                origin: Origin {
+                    node: NodeId(u64::MAX),
+                    incarnation: u64::MAX,
+                },
+                channel: ChannelId(u32::MAX),
+                seq: u64::MAX,
+            }),
+            guarantee: Guarantee::EffectivelyOnce,
+            payload: Bytes::new(),
+        });
+        let mut buf = bytes::BytesMut::new();
+        crate::wire::encode(&worst, &mut buf).unwrap();
+        let header = buf.len() - crate::wire::FRAME_PREFIX_LEN;
+        assert!(header <= DATA_FRAME_OVERHEAD, "{header}");
+        let key = crate::wire::Frame::Data(crate::wire::Data {
+            id: Some(MessageId::Key(IdKey(u128::MAX))),
+            ..match worst {
+                crate::wire::Frame::Data(d) => d,
+                _ => unreachable!(),
+            }
+        });
+        let mut buf = bytes::BytesMut::new();
+        crate::wire::encode(&key, &mut buf).unwrap();
+        assert!(buf.len() - crate::wire::FRAME_PREFIX_LEN <= DATA_FRAME_OVERHEAD);
+    }
+
+    #[test]
+    fn default_config_is_valid_and_bounds_are_named() {
+        assert!(NodeConfig::default().validate().is_ok());
+        let mut c = NodeConfig::default();
+        c.proto.max_in_flight = 0;
+        let e = c.validate().unwrap_err();
+        assert!(matches!(
+            e,
+            crate::ConfigError::TooSmall {
+                field: "proto.max_in_flight",
+                value: 0,
+                min: 1
+            }
+        ));
+        assert!(e.to_string().contains("proto.max_in_flight"), "{e}");
+        let mut c = NodeConfig::default();
+        c.dedup.window = 16;
+        assert!(matches!(
+            c.validate(),
+            Err(crate::ConfigError::DedupWindowBelowInFlight { window: 16, .. })
+        ));
+    }
 }

@@ -60,16 +60,54 @@ impl HandoffConfig {
         }
     }
 
-    /// Check every value.
+    /// Longest accepted `store.default_ttl` (and so `store.max_hint_window`): 10 years.
+    pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
+    /// Longest accepted `FsyncPolicy::Every` interval: 1 hour.
+    pub const MAX_FSYNC_INTERVAL: Duration = Duration::from_secs(3600);
+    /// Largest accepted `replay_concurrency`: `2^20`.
+    pub const MAX_REPLAY_CONCURRENCY: usize = 1 << 20;
+
+    /// Check every value: `store` as [`HintStoreConfig::validate`], plus
+    /// `store.default_ttl <= 10 years`, a `FsyncPolicy::Every` interval `<= 1 h`,
+    /// `replay_bytes_per_sec >= 1`, `replay_concurrency` in `1..=2^20`,
+    /// `replay_batch_bytes >= 1`. `replay_burst` may be anything (0 is taken as 1).
     pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        use crate::error::check::{count, duration, u};
         self.store
             .validate()
-            .map_err(|e| crate::ConfigError::new(e.to_string()))?;
-        if self.replay_bytes_per_sec == 0 || self.replay_concurrency == 0 {
-            return Err(crate::ConfigError::new(
-                "replay_bytes_per_sec and replay_concurrency must be at least 1",
-            ));
+            .map_err(crate::ConfigError::HintStore)?;
+        duration(
+            "handoff.store.default_ttl",
+            self.store.default_ttl,
+            Duration::from_nanos(1),
+            Self::MAX_TTL,
+        )?;
+        if let crate::handoff::FsyncPolicy::Every(d) = self.store.fsync {
+            duration(
+                "handoff.store.fsync",
+                d,
+                Duration::from_nanos(1),
+                Self::MAX_FSYNC_INTERVAL,
+            )?;
         }
+        count(
+            "handoff.replay_bytes_per_sec",
+            self.replay_bytes_per_sec,
+            1,
+            u64::MAX,
+        )?;
+        count(
+            "handoff.replay_concurrency",
+            u(self.replay_concurrency),
+            1,
+            u(Self::MAX_REPLAY_CONCURRENCY),
+        )?;
+        count(
+            "handoff.replay_batch_bytes",
+            self.replay_batch_bytes,
+            1,
+            u64::MAX,
+        )?;
         Ok(())
     }
 }

@@ -80,25 +80,74 @@ impl Default for ProtoConfig {
 }
 
 impl ProtoConfig {
-    /// Check the values fit together.
+    /// Largest accepted [`max_in_flight`](Self::max_in_flight): `2^24`, the widest
+    /// dedup sequence window (which must be at least as wide).
+    pub const MAX_IN_FLIGHT: usize = 1 << 24;
+    /// Largest accepted [`ack_delay`](Self::ack_delay): 1 s. A longer hold makes every
+    /// sender retransmit before its ack arrives (the default `min_rto` is 200 ms).
+    pub const MAX_ACK_DELAY: Duration = Duration::from_secs(1);
+    /// Largest accepted [`max_ack_ranges`](Self::max_ack_ranges): 65 536 (an ack frame
+    /// of that many ranges still fits the default 8 MiB frame limit).
+    pub const MAX_ACK_RANGES: usize = 1 << 16;
+    /// Largest accepted [`max_reorder_buffer`](Self::max_reorder_buffer),
+    /// [`max_streams_per_peer`](Self::max_streams_per_peer) and
+    /// [`amo_reorder_slack`](Self::amo_reorder_slack): `2^24`.
+    pub const MAX_BOOKKEEPING: usize = 1 << 24;
+
+    /// Check every value and that they fit together.
+    ///
+    /// Bounds: `max_in_flight` in `1..=2^24`; `ack_delay <= 1 s`; `max_ack_ranges` in
+    /// `1..=65536`; `max_reorder_buffer` and `amo_reorder_slack` in `0..=2^24`;
+    /// `max_streams_per_peer` in `1..=2^24`; `retry`, `rtt` and `retry_budget` as their
+    /// own `validate`. Durations without an upper bound here (`retry.deadline`,
+    /// `retry.backoff_cap`, `rtt.max_rto`) may be as long as `Duration::MAX`: timers
+    /// that would overflow the clock are treated as "never".
     pub fn validate(&self) -> Result<(), crate::ConfigError> {
-        if self.max_in_flight == 0 {
-            return Err(crate::ConfigError::new("max_in_flight must be at least 1"));
-        }
-        if self.stream_credit < super::INITIAL_CREDIT {
-            return Err(crate::ConfigError::new(format!(
-                "stream_credit ({}) must be at least {} (INITIAL_CREDIT: senders may send \
-                 that many before the first grant)",
-                self.stream_credit,
-                super::INITIAL_CREDIT
-            )));
-        }
-        if self.max_ack_ranges == 0 {
-            return Err(crate::ConfigError::new("max_ack_ranges must be at least 1"));
-        }
-        self.retry.validate()?;
-        self.rtt.validate()?;
-        self.retry_budget.validate()?;
+        use crate::error::check::{count, duration, u};
+        let book = u(Self::MAX_BOOKKEEPING);
+        count(
+            "proto.max_in_flight",
+            u(self.max_in_flight),
+            1,
+            u(Self::MAX_IN_FLIGHT),
+        )?;
+        count(
+            "proto.stream_credit",
+            self.stream_credit,
+            super::INITIAL_CREDIT,
+            book,
+        )?;
+        duration(
+            "proto.ack_delay",
+            self.ack_delay,
+            Duration::ZERO,
+            Self::MAX_ACK_DELAY,
+        )?;
+        count(
+            "proto.max_ack_ranges",
+            u(self.max_ack_ranges),
+            1,
+            u(Self::MAX_ACK_RANGES),
+        )?;
+        count(
+            "proto.max_reorder_buffer",
+            u(self.max_reorder_buffer),
+            0,
+            book,
+        )?;
+        count(
+            "proto.max_streams_per_peer",
+            u(self.max_streams_per_peer),
+            1,
+            book,
+        )?;
+        count("proto.amo_reorder_slack", self.amo_reorder_slack, 0, book)?;
+        let retry = |field| move |source| crate::ConfigError::Retry { field, source };
+        self.retry.validate().map_err(retry("proto.retry"))?;
+        self.rtt.validate().map_err(retry("proto.rtt"))?;
+        self.retry_budget
+            .validate()
+            .map_err(retry("proto.retry_budget"))?;
         Ok(())
     }
 }

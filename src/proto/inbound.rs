@@ -225,10 +225,12 @@ impl InboundStream {
         self.received = self.received.min(seq.saturating_sub(1));
     }
 
-    /// `seq` was refused before the application saw it (no receiver, dedup refusal,
-    /// in-progress duplicate); `later` are this stream's seqs after it that were made
-    /// ready but not handed out either. An ordered stream rewinds to `seq` (rule 3):
-    /// `later` go back to the reorder buffer and wait for `seq`'s retransmission.
+    /// `seq` was refused: the application will not process it now (no receiver, a
+    /// dedup refusal, a payload it cannot decode). `later` are this stream's seqs after
+    /// it that were made ready but not handed out. An ordered stream rewinds to `seq`
+    /// when nothing after it was handed out (rule 3): `later` go back to the reorder
+    /// buffer and wait for `seq`'s retransmission. If later seqs were handed out
+    /// already, it holds `seq` as after a nack (rule 2).
     pub(crate) fn refuse(&mut self, seq: u64, later: Vec<Data>) {
         self.in_progress.remove(&seq);
         self.received = self.received.min(seq.saturating_sub(1));
@@ -238,11 +240,17 @@ impl InboundStream {
             }
             return;
         }
-        self.next_deliver = self.next_deliver.min(seq);
+        let between = self.next_deliver.saturating_sub(seq.saturating_add(1));
+        let nothing_handed_out = seq < self.next_deliver && later.len() as u64 == between;
         for d in later {
             self.in_progress.remove(&d.seq);
             self.next_deliver = self.next_deliver.min(d.seq);
             self.reorder.insert(d.seq, d);
+        }
+        if nothing_handed_out || seq >= self.next_deliver {
+            self.next_deliver = self.next_deliver.min(seq);
+        } else {
+            self.held.insert(seq);
         }
     }
 
@@ -435,7 +443,8 @@ impl InboundStream {
         let due = if self.pending_ack.len() >= self.max_ack_ranges {
             now
         } else {
-            now + self.ack_delay
+            now.checked_add(self.ack_delay)
+                .unwrap_or_else(|| crate::retry::far_future(now))
         };
         self.ack_due = Some(self.ack_due.map_or(due, |d| d.min(due)));
     }

@@ -235,7 +235,7 @@ impl OutboundStream {
             None
         } else {
             self.budget.deposit(now);
-            deadline.or(self.deadline).map(|d| now + d)
+            deadline.or(self.deadline).map(|d| later(now, d))
         };
         self.slots.push_back(Some(InFlight {
             payload,
@@ -305,7 +305,7 @@ impl OutboundStream {
                 self.settle(seq, None);
             } else {
                 let rto = self.rtt.rto();
-                let mut due = now + self.backoff.delay(rto, m.attempts - 1);
+                let mut due = later(now, self.backoff.delay(rto, m.attempts - 1));
                 if let Some(d) = m.deadline {
                     due = due.min(d);
                 }
@@ -380,7 +380,7 @@ impl OutboundStream {
             }
             if seq <= self.held {
                 // The receiver has it; only re-check now and then (module docs).
-                let mut next = now + self.keepalive;
+                let mut next = later(now, self.keepalive);
                 if let Some(d) = m.deadline {
                     next = next.min(d);
                 }
@@ -394,7 +394,7 @@ impl OutboundStream {
             }
             if !self.budget.try_withdraw(now) {
                 // Over the retry budget: defer (never drop) the retry by one RTO.
-                let mut next = now + self.rtt.rto();
+                let mut next = later(now, self.rtt.rto());
                 if let Some(d) = m.deadline {
                     next = next.min(d);
                 }
@@ -594,4 +594,11 @@ fn next_gen(gen: u32) -> u32 {
         WAITING => 0,
         g => g,
     }
+}
+
+/// `now + d`, or a far-future instant ("never") where that overflows the clock: a
+/// configured duration may be as long as `Duration::MAX`.
+fn later(now: Instant, d: std::time::Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| crate::retry::far_future(now))
 }

@@ -479,6 +479,11 @@ pub struct MemTransport {
 }
 
 impl Transport for MemTransport {
+    /// Every node of the network is reachable by its id.
+    fn dials_by_id(&self) -> bool {
+        true
+    }
+
     /// Attach the node. `local.node` must equal the id given to
     /// [`MemNetwork::transport`]; otherwise `local` wins (its id is used).
     fn start(self: Box<Self>, local: Origin) -> Result<Link, TransportError> {

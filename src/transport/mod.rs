@@ -21,6 +21,13 @@ pub trait Transport: Send + 'static {
     /// Start the transport for the local node run `local`. Called once, from within a
     /// tokio runtime.
     fn start(self: Box<Self>, local: Origin) -> Result<Link, TransportError>;
+
+    /// Whether the transport reaches any node id by itself, without an address from
+    /// the node (the in-memory network does). A node on such a transport treats every
+    /// id as a known peer (see `NodeConfig::allow_dynamic_peers`). Default `false`.
+    fn dials_by_id(&self) -> bool {
+        false
+    }
 }
 
 /// A started transport: commands in, events out.

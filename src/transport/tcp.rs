@@ -841,9 +841,31 @@ fn backoff(cfg: &TcpConfig, attempt: u32, rng: &mut SplitMix64) -> Duration {
     half + Duration::from_nanos(rng.range_u64(0, nanos))
 }
 
+/// A failed dial of a configured peer: warn on the first failure and then at most every
+/// [`CONNECT_WARN_EVERY`] per peer (with the attempt count), debug otherwise.
+fn connect_failed(
+    peer: NodeId,
+    addr: SocketAddr,
+    attempt: u32,
+    error: &dyn std::fmt::Display,
+    warned: &mut Option<tokio::time::Instant>,
+) {
+    let now = tokio::time::Instant::now();
+    if warned.is_none_or(|t| now.duration_since(t) >= CONNECT_WARN_EVERY) {
+        *warned = Some(now);
+        tracing::warn!(%peer, %addr, attempts = attempt + 1, %error, "tcp: cannot connect to peer; retrying with backoff");
+    } else {
+        tracing::debug!(%peer, %addr, attempt, %error, "tcp: connect failed");
+    }
+}
+
+/// Least time between two warn lines about one peer's failed dials.
+const CONNECT_WARN_EVERY: Duration = Duration::from_secs(30);
+
 async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff: bool) {
     let mut rng = SplitMix64::new(seed_from_entropy());
     let mut attempt = 0u32;
+    let mut warned: Option<tokio::time::Instant> = None;
     if after_backoff {
         tokio::time::sleep(backoff(&ctx.cfg, 0, &mut rng)).await;
     }
@@ -867,11 +889,11 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff:
             },
             Ok(Err(e)) => {
                 ctx.stats.inc(Counter::ConnectFailures);
-                tracing::debug!(%peer, %addr, error = %e, "tcp: connect failed");
+                connect_failed(peer, addr, attempt, &e, &mut warned);
             }
             Err(_) => {
                 ctx.stats.inc(Counter::ConnectFailures);
-                tracing::debug!(%peer, %addr, "tcp: connect timed out");
+                connect_failed(peer, addr, attempt, &"timed out", &mut warned);
             }
         }
         attempt = attempt.saturating_add(1);
