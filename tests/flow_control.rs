@@ -93,7 +93,7 @@ async fn default_config_bulk_to_a_sometimes_slow_ordered_handler() {
         );
         assert!(
             sa.retransmitted * 1000 < n,
-            "{g:?}: {} retransmissions for {n} messages",
+            "{g:?}: {} retransmissions for {n} messages\nsender {sa:?}\nreceiver {sb:?}",
             sa.retransmitted
         );
         assert_eq!(sb.credit_exceeded, 0, "{g:?}");

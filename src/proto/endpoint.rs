@@ -378,8 +378,10 @@ impl Endpoint {
     }
 
     /// A connection to `origin.node` completed its handshake and negotiated protocol
-    /// `version`. A new incarnation means the peer restarted. Either way unacked
-    /// messages are retransmitted at once: the old connection may have swallowed them.
+    /// `version`. A new incarnation means the peer restarted. On a re-connection
+    /// (either way) unacked messages are retransmitted at once: the old connection may
+    /// have swallowed them. A peer's first connection retransmits nothing: what was
+    /// sent before it was queued for it (and lost frames come back on their timers).
     pub fn handle_peer_up(&mut self, _now: Instant, origin: Origin, version: u16) {
         let restarted = match self.peers.get(&origin.node) {
             Some(p) => p.origin != origin,
@@ -392,6 +394,9 @@ impl Endpoint {
             self.inbound.retain(|(o, _), _| *o != old);
         }
         let was_crediting = self.peers.get(&origin.node).is_some_and(|p| p.version >= 2);
+        // A first connection carries what was queued while it was being made; a
+        // re-connection may have lost what the old one had in flight.
+        let first = !self.peers.contains_key(&origin.node);
         self.peers.insert(
             origin.node,
             Peer {
@@ -409,7 +414,9 @@ impl Endpoint {
                 } else if restarted || !was_crediting {
                     s.set_credit(Some(s.initial_credit()));
                 }
-                s.handle_reconnect();
+                if !first {
+                    s.handle_reconnect();
+                }
             }
         }
     }
