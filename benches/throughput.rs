@@ -156,7 +156,9 @@ async fn pair() -> Pair {
     // never queue more than their 4096 window per channel anyway.
     let mut config = NodeConfig::default();
     config.receiver_buffer = 1 << 16;
-    let tb = TcpTransport::new(loopback(), TcpConfig::default()).expect("tcp config");
+    let tb = TcpTransport::new(loopback(), TcpConfig::default())
+        .expect("tcp config")
+        .allow_peer(NodeId(1));
     let b_tcp = tb.stats();
     let b = Node::builder(NodeId(2))
         .transport(tb)

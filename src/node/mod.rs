@@ -163,6 +163,10 @@ pub struct NodeConfig {
     /// How long [`Node::shutdown`] waits for unacknowledged messages before spooling
     /// them to the hint store (or, without handoff, failing them). Default 5 s.
     pub shutdown_drain: Duration,
+    /// Who may send on which channel and who may relay other nodes' message ids.
+    /// Default [`Authorization::default`](crate::proto::Authorization::default): any
+    /// admitted peer on any channel, nobody relays for another node.
+    pub authorization: crate::proto::Authorization,
 }
 
 impl Default for NodeConfig {
@@ -179,6 +183,7 @@ impl Default for NodeConfig {
             heartbeat_interval: Duration::from_secs(1),
             handoff: None,
             shutdown_drain: Duration::from_secs(5),
+            authorization: crate::proto::Authorization::default(),
         }
     }
 }
@@ -268,6 +273,16 @@ pub struct NodeBuilder {
     peers: Vec<(NodeId, SocketAddr)>,
     config: NodeConfig,
     seed: Option<u64>,
+    trust: TcpTrust,
+}
+
+/// The builder's trust settings for the built-in TCP transport.
+#[derive(Debug, Default)]
+struct TcpTrust {
+    allowed: Vec<NodeId>,
+    accept_unknown_peers: Option<bool>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::transport::tls::TlsConfig>,
 }
 
 /// `Transport` plus `Debug`, so the builder can derive `Debug`.
@@ -312,6 +327,27 @@ impl NodeBuilder {
         self
     }
 
+    /// Accept inbound connections from `id` without knowing its address (TCP without
+    /// TLS; peers given to [`peer`](Self::peer) are accepted already).
+    pub fn allow_peer(mut self, id: NodeId) -> Self {
+        self.trust.allowed.push(id);
+        self
+    }
+
+    /// Without TLS, accept inbound connections from any node id (default `false`: only
+    /// configured or allowed peers). Overrides [`TcpConfig::accept_unknown_peers`].
+    pub fn accept_unknown_peers(mut self, accept: bool) -> Self {
+        self.trust.accept_unknown_peers = Some(accept);
+        self
+    }
+
+    /// Run the TCP transport over mutual TLS 1.3 (see [`crate::transport::tls`]).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::transport::tls::TlsConfig) -> Self {
+        self.trust.tls = Some(tls);
+        self
+    }
+
     /// Node settings.
     pub fn config(mut self, config: NodeConfig) -> Self {
         self.config = config;
@@ -330,9 +366,14 @@ impl NodeBuilder {
         self.config.validate()?;
         let origin = Origin::new_random(self.id);
         let dedup = Arc::new(Dedup::open(self.config.dedup.clone())?);
+        let mut tcp_stats = None;
         let link = match (self.transport, self.tcp) {
             (Some(t), _) => t.into_transport().start(origin)?,
-            (None, Some((addr, cfg))) => start_tcp(addr, cfg, origin).await?,
+            (None, Some((addr, cfg))) => {
+                let (link, stats) = start_tcp(addr, cfg, &self.peers, self.trust, origin).await?;
+                tcp_stats = Some(stats);
+                link
+            }
             (None, None) => return Err(NodeError::NoTransport),
         };
         let local_addr = link.local_addr;
@@ -355,7 +396,8 @@ impl NodeBuilder {
             detector.heartbeat(*peer, start); // watched from the start
         }
         let (health_tx, _) = broadcast::channel(256);
-        let endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
+        let mut endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
+        endpoint.set_authorization(self.config.authorization.clone());
         let shared = Arc::new(Shared {
             windows: Mutex::new(HashMap::new()),
             receivers: Mutex::new(HashMap::new()),
@@ -392,6 +434,7 @@ impl NodeBuilder {
         let task = tokio::spawn(driver.run());
         Ok(Node {
             origin,
+            tcp_stats,
             local_addr,
             commands: cmd_tx,
             shared,
@@ -403,12 +446,34 @@ impl NodeBuilder {
 /// How long [`NodeBuilder::build`] keeps retrying a TCP bind whose address is in use.
 pub const BIND_RETRY: Duration = Duration::from_secs(2);
 
-async fn start_tcp(addr: SocketAddr, cfg: TcpConfig, origin: Origin) -> Result<Link, NodeError> {
+async fn start_tcp(
+    addr: SocketAddr,
+    mut cfg: TcpConfig,
+    peers: &[(NodeId, SocketAddr)],
+    trust: TcpTrust,
+    origin: Origin,
+) -> Result<(Link, Arc<crate::transport::tcp::TcpStats>), NodeError> {
     let give_up = tokio::time::Instant::now() + BIND_RETRY;
+    if let Some(accept) = trust.accept_unknown_peers {
+        cfg.accept_unknown_peers = accept;
+    }
     loop {
-        let transport = TcpTransport::new(addr, cfg.clone())
+        let mut transport = TcpTransport::new(addr, cfg.clone())
             .map_err(|e| crate::ConfigError::new(e.to_string()))?;
-        match Box::new(transport).start(origin) {
+        // Known before the first inbound connection can arrive (the node's AddPeer
+        // commands follow, and also make the transport dial them).
+        for (id, addr) in peers {
+            transport = transport.with_peer(*id, *addr);
+        }
+        for id in &trust.allowed {
+            transport = transport.allow_peer(*id);
+        }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &trust.tls {
+            transport = transport.with_tls(tls.clone());
+        }
+        let stats = transport.stats();
+        match Box::new(transport).start(origin).map(|link| (link, stats)) {
             Err(crate::transport::TransportError::Bind { source, .. })
                 if source.kind() == std::io::ErrorKind::AddrInUse
                     && tokio::time::Instant::now() < give_up =>
@@ -443,6 +508,7 @@ async fn start_tcp(addr: SocketAddr, cfg: TcpConfig, origin: Origin) -> Result<L
 #[derive(Debug)]
 pub struct Node {
     origin: Origin,
+    tcp_stats: Option<Arc<crate::transport::tcp::TcpStats>>,
     local_addr: Option<SocketAddr>,
     commands: mpsc::UnboundedSender<Command>,
     shared: Arc<Shared>,
@@ -459,6 +525,7 @@ impl Node {
             peers: Vec::new(),
             config: NodeConfig::default(),
             seed: None,
+            trust: TcpTrust::default(),
         }
     }
 
@@ -470,6 +537,12 @@ impl Node {
     /// This run of the node (id + incarnation).
     pub fn origin(&self) -> Origin {
         self.origin
+    }
+
+    /// Counters of the built-in TCP transport (connections, refusals by reason —
+    /// strangers, duplicate node ids, TLS failures…); `None` with another transport.
+    pub fn tcp_stats(&self) -> Option<crate::transport::tcp::TcpStatsSnapshot> {
+        self.tcp_stats.as_ref().map(|s| s.snapshot())
     }
 
     /// The address the transport listens on, if any.

@@ -172,6 +172,10 @@ pub struct ProtoStats {
     /// Data frames dropped because their peer already has
     /// [`ProtoConfig::max_streams_per_peer`] inbound streams.
     pub streams_refused: u64,
+    /// Data frames refused by [`Authorization`](super::Authorization) before touching a
+    /// stream or the dedup table: the sender may not send on the channel, or the frame's
+    /// id names another node and the sender may not relay.
+    pub unauthorized_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -199,6 +203,7 @@ pub struct Endpoint {
     dedup_unsynced: bool,
     /// Peers with an unpolled `Event::Heard` (a handful at most).
     heard_pending: Vec<NodeId>,
+    authz: super::Authorization,
 }
 
 impl Endpoint {
@@ -220,7 +225,14 @@ impl Endpoint {
             stats: ProtoStats::default(),
             dedup_unsynced: false,
             heard_pending: Vec::new(),
+            authz: super::Authorization::default(),
         }
+    }
+
+    /// Who may send on which channel, and who may relay for other nodes. Default
+    /// [`Authorization::default`](super::Authorization::default).
+    pub fn set_authorization(&mut self, authz: super::Authorization) {
+        self.authz = authz;
     }
 
     /// This node run.
@@ -559,6 +571,12 @@ impl Endpoint {
     }
 
     fn on_data(&mut self, now: Instant, origin: Origin, data: Data) {
+        if let Err(why) = self.authz.check(origin.node, &data) {
+            // Before any stream or dedup state: a refused frame leaves no trace.
+            self.stats.unauthorized_dropped += 1;
+            tracing::debug!(%origin, channel = ?data.channel, id = ?data.id, ?why, "data frame refused: not authorized");
+            return;
+        }
         let channel = data.channel;
         let Some(&ordered) = self.ordered.get(&channel) else {
             // No receiver: drop unacked; the sender retries until one appears.
