@@ -214,3 +214,63 @@ pub(crate) fn cert_names_node(leaf: &CertificateDer<'_>, node: NodeId) -> bool {
     cert.verify_is_valid_for_subject_name(&server_name(node))
         .is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+    fn ca_and_node(
+        node: NodeId,
+    ) -> (
+        CertificateDer<'static>,
+        CertificateDer<'static>,
+        PrivateKeyDer<'static>,
+    ) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = p.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![node_dns_name(node)])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        (
+            ca.der().clone(),
+            cert.der().clone(),
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+    }
+
+    #[test]
+    fn a_certificate_names_exactly_its_node() {
+        let (ca, cert, key) = ca_and_node(NodeId(42));
+        assert!(cert_names_node(&cert, NodeId(42)));
+        assert!(!cert_names_node(&cert, NodeId(4)));
+        assert!(!cert_names_node(&cert, NodeId(420)));
+        assert!(!cert_names_node(
+            &CertificateDer::from(vec![1u8, 2, 3]),
+            NodeId(42)
+        ));
+        let cfg = TlsConfig::new(vec![cert], key, vec![ca]).unwrap();
+        assert!(cfg.certifies(NodeId(42)) && !cfg.certifies(NodeId(43)));
+    }
+
+    #[test]
+    fn incomplete_configurations_are_refused() {
+        let (ca, cert, key) = ca_and_node(NodeId(1));
+        assert!(matches!(
+            TlsConfig::new(vec![], key.clone_key(), vec![ca.clone()]),
+            Err(TlsConfigError::NoCertificate)
+        ));
+        assert!(matches!(
+            TlsConfig::new(vec![cert.clone()], key.clone_key(), vec![]),
+            Err(TlsConfigError::NoTrustedRoots)
+        ));
+        // A key that does not belong to the certificate.
+        let (_, _, other_key) = ca_and_node(NodeId(1));
+        assert!(TlsConfig::new(vec![cert], other_key, vec![ca]).is_err());
+        assert!(TlsConfig::from_pem(b"junk", b"junk", b"junk").is_err());
+    }
+}
