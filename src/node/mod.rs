@@ -342,6 +342,10 @@ impl NodeBuilder {
     }
 
     /// Run the TCP transport over mutual TLS 1.3 (see [`crate::transport::tls`]).
+    /// Applies to the built-in transport ([`bind`](Self::bind), [`tcp`](Self::tcp));
+    /// a transport given to [`transport`](Self::transport) is configured directly
+    /// (`TcpTransport::with_tls`). The same holds for `allow_peer` and
+    /// `accept_unknown_peers`.
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: crate::transport::tls::TlsConfig) -> Self {
         self.trust.tls = Some(tls);

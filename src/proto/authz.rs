@@ -35,6 +35,10 @@ pub enum RelayPolicy {
 /// Inbound authorization. `Default`: any peer the transport admitted may send on any
 /// channel; nobody may relay for another node ([`RelayPolicy::Nobody`]).
 ///
+/// A refused frame is dropped unacknowledged and counted in
+/// `ProtoStats::unauthorized_dropped`; its sender is not told and retries until its
+/// deadline, like a message to a channel nobody receives.
+///
 /// ```
 /// use ackwire::proto::{Authorization, RelayPolicy};
 /// use ackwire::{ChannelId, NodeId};
