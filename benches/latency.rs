@@ -53,6 +53,7 @@ async fn run(g: Guarantee, name: &'static str, ch: u32, secs: u64) -> Row {
     let base = Instant::now();
     let b = Node::builder(NodeId(2))
         .bind("127.0.0.1:0".parse().expect("addr"))
+        .allow_peer(NodeId(1))
         .build()
         .await
         .expect("receiver node");

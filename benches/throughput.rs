@@ -1,6 +1,8 @@
 //! End-to-end throughput over TCP loopback: one sender node → one receiver node, per
 //! guarantee and message size, against two baselines in the same process:
 //!
+//! * `<guarantee>_tls`: the same ackwire streams over mutual TLS 1.3 (rustls + ring,
+//!   certificates made at start-up), run in the same process as the plain rows.
 //! * `raw_tcp`: the same messages length-prefixed over one tokio TCP connection, no
 //!   IDs, no acks; the receiving task counts them.
 //! * `nats_jetstream`: a local `nats-server -js` (skipped with a message when the
@@ -14,6 +16,7 @@
 //! `cargo bench --bench throughput -- --warm-up-time 1 --measurement-time 5`.
 
 use ackwire::transport::tcp::{TcpConfig, TcpStats, TcpTransport};
+use ackwire::transport::tls::TlsConfig;
 use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId, RawSender};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -149,10 +152,40 @@ struct Pair {
     b_tcp: Arc<TcpStats>,
 }
 
-async fn pair() -> Pair {
+/// TLS configurations for nodes 1 and 2 from a CA made now (rcgen).
+fn tls_configs() -> (TlsConfig, TlsConfig) {
+    use ackwire::transport::tls::{node_dns_name, rustls::pki_types::PrivateKeyDer};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().expect("ca key");
+    let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+    let node = |id: u64| {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec![node_dns_name(NodeId(id))])
+            .expect("params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("cert");
+        TlsConfig::new(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            vec![ca.der().clone()],
+        )
+        .expect("tls config")
+    };
+    (node(1), node(2))
+}
+
+async fn pair(tls: Option<(TlsConfig, TlsConfig)>) -> Pair {
     // The default configuration: receiver credit bounds what every guarantee queues.
     let config = NodeConfig::default();
-    let tb = TcpTransport::new(loopback(), TcpConfig::default()).expect("tcp config");
+    let (tls_a, tls_b) = tls.unzip();
+    let mut tb = TcpTransport::new(loopback(), TcpConfig::default())
+        .expect("tcp config")
+        .allow_peer(NodeId(1));
+    if let Some(t) = tls_b {
+        tb = tb.with_tls(t);
+    }
     let b_tcp = tb.stats();
     let b = Node::builder(NodeId(2))
         .transport(tb)
@@ -160,7 +193,10 @@ async fn pair() -> Pair {
         .build()
         .await
         .expect("receiver node");
-    let ta = TcpTransport::new(loopback(), TcpConfig::default()).expect("tcp config");
+    let mut ta = TcpTransport::new(loopback(), TcpConfig::default()).expect("tcp config");
+    if let Some(t) = tls_a {
+        ta = ta.with_tls(t);
+    }
     let a_tcp = ta.stats();
     let a = Node::builder(NodeId(1))
         .transport(ta)
@@ -282,7 +318,8 @@ fn guarantee_name(g: Guarantee) -> &'static str {
 
 fn throughput(c: &mut Criterion) {
     let rt = runtime();
-    let pair = rt.block_on(pair());
+    let tls_pair = rt.block_on(pair(Some(tls_configs())));
+    let pair = rt.block_on(pair(None));
     let raw = rt.block_on(raw());
     let mut group = c.benchmark_group("throughput");
     group.sample_size(10);
@@ -303,6 +340,18 @@ fn throughput(c: &mut Criterion) {
         });
         for s in pair.streams.iter().filter(|s| s.payload.len() == size) {
             let id = BenchmarkId::new(guarantee_name(s.guarantee), size);
+            group.bench_with_input(id, &size, |b, _| {
+                b.to_async(&rt).iter_custom(|iters| async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += ackwire_batch(s).await;
+                    }
+                    total
+                })
+            });
+        }
+        for s in tls_pair.streams.iter().filter(|s| s.payload.len() == size) {
+            let id = BenchmarkId::new(format!("{}_tls", guarantee_name(s.guarantee)), size);
             group.bench_with_input(id, &size, |b, _| {
                 b.to_async(&rt).iter_custom(|iters| async move {
                     let mut total = Duration::ZERO;
@@ -341,9 +390,12 @@ fn throughput(c: &mut Criterion) {
     eprintln!("raw tcp lost: {}", raw.counter.lost.load(Ordering::Relaxed));
     eprintln!("sender tcp: {:?}", pair.a_tcp.snapshot());
     eprintln!("receiver tcp: {:?}", pair.b_tcp.snapshot());
+    eprintln!("tls sender tcp: {:?}", tls_pair.a_tcp.snapshot());
     rt.block_on(async {
         pair.a.shutdown().await;
         pair.b.shutdown().await;
+        tls_pair.a.shutdown().await;
+        tls_pair.b.shutdown().await;
     });
 }
 

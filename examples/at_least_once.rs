@@ -13,6 +13,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let jobs = ChannelId(2);
     let worker = Node::builder(NodeId(2))
         .bind("127.0.0.1:0".parse()?)
+        .allow_peer(NodeId(1)) // without TLS, only configured peers are accepted
         .build()
         .await?;
     let api = Node::builder(NodeId(1))

@@ -15,6 +15,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let payments = ChannelId(3);
     let ledger = Node::builder(NodeId(2))
         .bind("127.0.0.1:0".parse()?)
+        .allow_peer(NodeId(1)) // without TLS, only configured peers are accepted
         .build()
         .await?;
     let shop = Node::builder(NodeId(1))

@@ -571,3 +571,90 @@ pub fn open_dedup_log(dir: &Path, file: &[u8]) -> Result<DedupStats, DedupError>
     );
     r
 }
+
+// ---------------------------------------------------------------------------------------
+// Peer trust: inbound authorization and TLS identity inputs
+
+/// Fuzz entry for what issue 12 added on the inbound path.
+///
+/// `data[0]` is the mode. Bit 0 clear: `data[1]` names the connection's peer
+/// (`NodeId(data[1] % 4)`), the rest is a list of frame bodies wrapped by
+/// [`frame_stream_from_bodies`]; every decoded `Data` frame goes through
+/// [`check_authorization`]. Bit 0 set (feature `tls`): the rest is split in three at
+/// its first two `0xff` bytes and fed to `TlsConfig::from_pem` (chain, key, roots),
+/// which must return a typed result; the whole rest is also checked as a peer's
+/// certificate DER for every node id 0..4, which must not panic and must be
+/// deterministic. Returns the number of inputs checked.
+pub fn fuzz_peer_trust(data: &[u8]) -> usize {
+    let Some((&mode, rest)) = data.split_first() else {
+        return 0;
+    };
+    if mode & 1 == 0 {
+        let Some((&peer, bodies)) = rest.split_first() else {
+            return 0;
+        };
+        let peer = NodeId(u64::from(peer % 4));
+        let stream = frame_stream_from_bodies(bodies);
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut buf = BytesMut::from(&stream[..]);
+        let mut n = 0;
+        while let Ok(Some(frame)) = dec.decode(&mut buf) {
+            if let Frame::Data(d) = frame {
+                check_authorization(peer, &d);
+                n += 1;
+            }
+        }
+        n
+    } else {
+        check_tls_inputs(rest)
+    }
+}
+
+/// Check the authorization invariants for `data` arriving from `peer`: by default a
+/// frame is refused exactly when its explicit id is a `Seq` naming another node; with
+/// every peer allowed to relay nothing is refused; a channel restricted to others
+/// refuses it (as `Channel`, before any relay question). Panics on a violation.
+pub fn check_authorization(peer: NodeId, data: &crate::wire::Data) {
+    use crate::proto::{Authorization, Refusal, RelayPolicy};
+    let foreign =
+        matches!(data.id, Some(crate::MessageId::Seq { origin, .. }) if origin.node != peer);
+    let default = Authorization::default().check(peer, data);
+    assert_eq!(default.is_err(), foreign, "{peer} {data:?}: {default:?}");
+    if foreign {
+        assert_eq!(default, Err(Refusal::Relay));
+    }
+    let open = Authorization::default().relay(RelayPolicy::Anyone);
+    assert_eq!(open.check(peer, data), Ok(()));
+    let relay_peer = Authorization::default().relay(RelayPolicy::Peers([peer].into()));
+    assert_eq!(relay_peer.check(peer, data), Ok(()));
+    let closed = Authorization::default()
+        .relay(RelayPolicy::Anyone)
+        .restrict_channel(data.channel, [NodeId(peer.0.wrapping_add(1))]);
+    assert_eq!(closed.check(peer, data), Err(Refusal::Channel));
+}
+
+#[cfg(feature = "tls")]
+fn check_tls_inputs(rest: &[u8]) -> usize {
+    use crate::transport::tls::{cert_names_node, TlsConfig};
+    let mut parts = rest.splitn(3, |b| *b == 0xff);
+    let chain = parts.next().unwrap_or_default();
+    let key = parts.next().unwrap_or_default();
+    let roots = parts.next().unwrap_or_default();
+    // Arbitrary bytes are never a usable certificate + matching key: a typed error.
+    let _typed: Result<TlsConfig, _> = TlsConfig::from_pem(chain, key, roots);
+    let der = rustls::pki_types::CertificateDer::from(rest);
+    for id in 0..4 {
+        let first = cert_names_node(&der, NodeId(id));
+        assert_eq!(
+            first,
+            cert_names_node(&der, NodeId(id)),
+            "not deterministic"
+        );
+    }
+    4
+}
+
+#[cfg(not(feature = "tls"))]
+fn check_tls_inputs(_rest: &[u8]) -> usize {
+    0
+}

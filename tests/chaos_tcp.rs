@@ -4,7 +4,9 @@
 //! at-most-once never duplicates, at-least-once loses nothing acknowledged,
 //! effectively-once processes each message exactly once.
 //!
-//! The default run uses 2 seeds × 3 000 messages per guarantee; the long run
+//! The default run uses 2 seeds × 3 000 messages per guarantee over plain TCP, plus
+//! 1 seed × 1 500 per guarantee over mutual TLS (certificates generated per run); the
+//! long run
 //! (`cargo test --release --test chaos_tcp -- --ignored`) uses 20 seeds × 10 000.
 //! Each test prints a `reliability:` line that RELIABILITY.md is built from.
 
@@ -31,12 +33,15 @@ struct RunResult {
     splits: u64,
 }
 
-async fn run_once(g: Guarantee, seed: u64, n: u64) -> RunResult {
-    let b = Node::builder(NodeId(2))
+async fn run_once(g: Guarantee, seed: u64, n: u64, tls: bool) -> RunResult {
+    let ca = tls.then(|| support::pki::Ca::new("chaos ca"));
+    let mut b = Node::builder(NodeId(2))
         .bind("127.0.0.1:0".parse().unwrap())
-        .build()
-        .await
-        .unwrap();
+        .allow_peer(NodeId(1)); // plain TCP admits only configured peers
+    if let Some(ca) = &ca {
+        b = b.tls(ca.node(NodeId(2)));
+    }
+    let b = b.build().await.unwrap();
     let chaos = Chaos {
         seed,
         kill_every: Some(Duration::from_millis(100)),
@@ -46,12 +51,13 @@ async fn run_once(g: Guarantee, seed: u64, n: u64) -> RunResult {
         stall_for: Duration::from_millis(15),
     };
     let mut proxy = Proxy::start(b.local_addr().unwrap(), chaos).await;
-    let a = Node::builder(NodeId(1))
+    let mut a = Node::builder(NodeId(1))
         .bind("127.0.0.1:0".parse().unwrap())
-        .peer(NodeId(2), proxy.addr)
-        .build()
-        .await
-        .unwrap();
+        .peer(NodeId(2), proxy.addr);
+    if let Some(ca) = &ca {
+        a = a.tls(ca.node(NodeId(1)));
+    }
+    let a = a.build().await.unwrap();
     let seen: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
     let mut inbox = b.receiver::<u64>(CH, false).unwrap();
     let s = seen.clone();
@@ -106,10 +112,10 @@ async fn run_once(g: Guarantee, seed: u64, n: u64) -> RunResult {
     r
 }
 
-async fn run(g: Guarantee, seeds: u64, n: u64) {
+async fn run(g: Guarantee, seeds: u64, n: u64, tls: bool) {
     let mut total = RunResult::default();
     for seed in 0..seeds {
-        let r = run_once(g, seed, n).await;
+        let r = run_once(g, seed, n, tls).await;
         match g {
             Guarantee::AtMostOnce => assert_eq!(r.duplicates, 0, "seed {seed}: AMO duplicated"),
             Guarantee::AtLeastOnce => {
@@ -146,8 +152,10 @@ async fn run(g: Guarantee, seeds: u64, n: u64) {
     support::reliability::report(
         &format!("{g:?}"),
         &format!(
-            "TCP chaos proxy: {} connection kills, reconnect refusals, {} split writes, stalls",
-            total.kills, total.splits
+            "{} chaos proxy: {} connection kills, reconnect refusals, {} split writes, stalls",
+            if tls { "TLS" } else { "TCP" },
+            total.kills,
+            total.splits
         ),
         &format!("{seeds} seeds x {n} msgs"),
         &held,
@@ -156,17 +164,32 @@ async fn run(g: Guarantee, seeds: u64, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_once_never_duplicates_through_chaos() {
-    run(Guarantee::AtMostOnce, 2, 3_000).await;
+    run(Guarantee::AtMostOnce, 2, 3_000, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_once_never_duplicates_through_chaos_over_tls() {
+    run(Guarantee::AtMostOnce, 1, 1_500, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_loses_nothing_through_chaos_over_tls() {
+    run(Guarantee::AtLeastOnce, 1, 1_500, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effectively_once_exactly_once_through_chaos_over_tls() {
+    run(Guarantee::EffectivelyOnce, 1, 1_500, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_loses_nothing_through_chaos() {
-    run(Guarantee::AtLeastOnce, 2, 3_000).await;
+    run(Guarantee::AtLeastOnce, 2, 3_000, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn effectively_once_exactly_once_through_chaos() {
-    run(Guarantee::EffectivelyOnce, 2, 3_000).await;
+    run(Guarantee::EffectivelyOnce, 2, 3_000, false).await;
 }
 
 /// Long run: `cargo test --release --test chaos_tcp -- --ignored`.
@@ -178,6 +201,7 @@ async fn long_chaos_all_guarantees() {
         Guarantee::AtLeastOnce,
         Guarantee::EffectivelyOnce,
     ] {
-        run(g, 20, 10_000).await;
+        run(g, 20, 10_000, false).await;
+        run(g, 5, 10_000, true).await;
     }
 }

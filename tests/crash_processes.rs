@@ -137,6 +137,7 @@ async fn receiver_role() {
     }
     let node = Node::builder(RECEIVER)
         .tcp(addr, fast_tcp())
+        .allow_peer(SENDER) // plain TCP admits only configured peers
         .config(cfg)
         .build()
         .await

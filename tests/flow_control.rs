@@ -36,6 +36,7 @@ async fn default_config_bulk_to_a_sometimes_slow_ordered_handler() {
     {
         let b = Node::builder(NodeId(20 + 2 * i as u64))
             .bind("127.0.0.1:0".parse().unwrap())
+            .allow_peer(NodeId(21 + 2 * i as u64))
             .build()
             .await
             .unwrap();
@@ -67,13 +68,22 @@ async fn default_config_bulk_to_a_sometimes_slow_ordered_handler() {
         });
         let out = a.sender::<u64>(b.id(), ChannelOptions::new(CH, g)).unwrap();
         let started = std::time::Instant::now();
-        let mut receipts = Vec::with_capacity(n as usize);
-        for v in 0..n {
-            receipts.push(out.send(&v).await.unwrap());
-        }
-        for r in receipts {
-            r.await.unwrap_or_else(|e| panic!("{g:?}: {e}"));
-        }
+        let receipts = tokio::time::timeout(Duration::from_secs(120), async {
+            let mut receipts = Vec::with_capacity(n as usize);
+            for v in 0..n {
+                receipts.push(out.send(&v).await.unwrap());
+            }
+            receipts
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{g:?}: sending stalled"));
+        tokio::time::timeout(Duration::from_secs(120), async {
+            for r in receipts {
+                r.await.unwrap_or_else(|e| panic!("{g:?}: {e}"));
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{g:?}: receipts did not resolve"));
         let first = tokio::time::timeout(Duration::from_secs(60), handler)
             .await
             .unwrap_or_else(|_| panic!("{g:?}: not everything was delivered"))

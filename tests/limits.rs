@@ -225,8 +225,10 @@ async fn hint_bytes_are_bounded() {
 /// counted reason, and a good peer of the same node is not disturbed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_wrong_version_peers_do_not_disturb_good_ones() {
-    let transport =
-        TcpTransport::new("127.0.0.1:0".parse().unwrap(), TcpConfig::default()).unwrap();
+    // B never dials A: it admits A explicitly (plain TCP refuses unknown peers).
+    let transport = TcpTransport::new("127.0.0.1:0".parse().unwrap(), TcpConfig::default())
+        .unwrap()
+        .allow_peer(A);
     let tcp_stats = transport.stats();
     let b = Node::builder(B).transport(transport).build().await.unwrap();
     let addr = b.local_addr().unwrap();

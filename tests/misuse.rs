@@ -247,6 +247,7 @@ async fn max_payload_above_the_tcp_frame_limit_is_a_typed_error() {
     let config = cfg(|c| c.max_payload = limit);
     let b = Node::builder(B)
         .tcp("127.0.0.1:0".parse().unwrap(), tcp.clone())
+        .allow_peer(A)
         .config(config.clone())
         .build()
         .await

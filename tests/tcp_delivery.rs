@@ -27,8 +27,15 @@ fn consume(mut inbox: Receiver<u64>, seen: Seen) -> tokio::task::JoinHandle<()> 
     })
 }
 
+/// Receiver `id`; its sender in every test is `id + 1`, admitted explicitly (plain TCP
+/// refuses peers a node was not configured with).
 async fn receiver_node(id: u64, addr: SocketAddr) -> Node {
-    Node::builder(NodeId(id)).bind(addr).build().await.unwrap()
+    Node::builder(NodeId(id))
+        .bind(addr)
+        .allow_peer(NodeId(id + 1))
+        .build()
+        .await
+        .unwrap()
 }
 
 async fn sender_node(id: u64, peer: NodeId, peer_addr: SocketAddr) -> Node {

@@ -23,6 +23,9 @@ fn config() -> TcpConfig {
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
         handshake_timeout: Duration::from_secs(2),
+        // These tests exercise connection mechanics with ad-hoc node ids; refusing
+        // unknown peers is tested in tests/trust.rs.
+        accept_unknown_peers: true,
         ..TcpConfig::default()
     }
 }

@@ -45,9 +45,12 @@ async fn node(
             ..config.dedup
         };
     }
+    // The senders of this file (nodes 1 and 5) are known to every receiver.
     let mut b = Node::builder(NodeId(id))
         .tcp(addr, tcp(versions))
-        .config(config);
+        .config(config)
+        .allow_peer(NodeId(1))
+        .allow_peer(NodeId(5));
     if let Some((p, a)) = peer {
         b = b.peer(NodeId(p), a);
     }
@@ -202,7 +205,9 @@ async fn two_current_nodes_speak_the_newest_version() {
 /// connect: each side closes with a counted version rejection, and no `Up` is seen.
 #[tokio::test]
 async fn nodes_without_a_common_version_refuse_each_other_with_a_counted_reason() {
-    let old = TcpTransport::new("127.0.0.1:0".parse().unwrap(), tcp(OLD)).unwrap();
+    let old = TcpTransport::new("127.0.0.1:0".parse().unwrap(), tcp(OLD))
+        .unwrap()
+        .allow_peer(NodeId(2));
     let old_stats = old.stats();
     let mut old_link = Box::new(old).start(origin(1)).unwrap();
     let new_only = VersionRange {

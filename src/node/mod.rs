@@ -211,6 +211,10 @@ pub struct NodeConfig {
     /// retrying until its deadline. Default `true`. Messages already in flight keep
     /// retrying until their deadline either way.
     pub fail_fast_when_down: bool,
+    /// Who may send on which channel and who may relay other nodes' message ids.
+    /// Default [`Authorization::default`](crate::proto::Authorization::default): any
+    /// admitted peer on any channel, nobody relays for another node.
+    pub authorization: crate::proto::Authorization,
 }
 
 impl Default for NodeConfig {
@@ -228,6 +232,7 @@ impl Default for NodeConfig {
             shutdown_drain: Duration::from_secs(5),
             allow_dynamic_peers: false,
             fail_fast_when_down: true,
+            authorization: crate::proto::Authorization::default(),
         }
     }
 }
@@ -388,6 +393,16 @@ pub struct NodeBuilder {
     peers: Vec<(NodeId, SocketAddr)>,
     config: NodeConfig,
     seed: Option<u64>,
+    trust: TcpTrust,
+}
+
+/// The builder's trust settings for the built-in TCP transport.
+#[derive(Debug, Default)]
+struct TcpTrust {
+    allowed: Vec<NodeId>,
+    accept_unknown_peers: Option<bool>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::transport::tls::TlsConfig>,
 }
 
 /// `Transport` plus `Debug`, so the builder can derive `Debug`.
@@ -432,6 +447,31 @@ impl NodeBuilder {
         self
     }
 
+    /// Accept inbound connections from `id` without knowing its address (TCP without
+    /// TLS; peers given to [`peer`](Self::peer) are accepted already).
+    pub fn allow_peer(mut self, id: NodeId) -> Self {
+        self.trust.allowed.push(id);
+        self
+    }
+
+    /// Without TLS, accept inbound connections from any node id (default `false`: only
+    /// configured or allowed peers). Overrides [`TcpConfig::accept_unknown_peers`].
+    pub fn accept_unknown_peers(mut self, accept: bool) -> Self {
+        self.trust.accept_unknown_peers = Some(accept);
+        self
+    }
+
+    /// Run the TCP transport over mutual TLS 1.3 (see [`crate::transport::tls`]).
+    /// Applies to the built-in transport ([`bind`](Self::bind), [`tcp`](Self::tcp));
+    /// a transport given to [`transport`](Self::transport) is configured directly
+    /// (`TcpTransport::with_tls`). The same holds for `allow_peer` and
+    /// `accept_unknown_peers`.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::transport::tls::TlsConfig) -> Self {
+        self.trust.tls = Some(tls);
+        self
+    }
+
     /// Node settings.
     pub fn config(mut self, config: NodeConfig) -> Self {
         self.config = config;
@@ -460,9 +500,14 @@ impl NodeBuilder {
         let dials_by_id = self.transport.as_ref().is_some_and(|t| t.dials_by_id());
         let origin = Origin::new_random(self.id);
         let dedup = Arc::new(Dedup::open(self.config.dedup.clone())?);
+        let mut tcp_stats = None;
         let link = match (self.transport, self.tcp) {
             (Some(t), _) => t.into_transport().start(origin)?,
-            (None, Some((addr, cfg))) => start_tcp(addr, cfg, origin).await?,
+            (None, Some((addr, cfg))) => {
+                let (link, stats) = start_tcp(addr, cfg, &self.peers, self.trust, origin).await?;
+                tcp_stats = Some(stats);
+                link
+            }
             (None, None) => return Err(NodeError::NoTransport),
         };
         let local_addr = link.local_addr;
@@ -486,7 +531,8 @@ impl NodeBuilder {
         }
         let (health_tx, _) = broadcast::channel(256);
         let handoff_on_down = self.config.handoff.as_ref().is_some_and(|h| h.on_down);
-        let endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
+        let mut endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
+        endpoint.set_authorization(self.config.authorization.clone());
         let shared = Arc::new(Shared {
             windows: Mutex::new(HashMap::new()),
             receivers: Mutex::new(HashMap::new()),
@@ -529,6 +575,7 @@ impl NodeBuilder {
         let task = tokio::spawn(supervise(driver, shared.clone(), origin));
         Ok(Node {
             origin,
+            tcp_stats,
             local_addr,
             commands: cmd_tx,
             shared,
@@ -620,11 +667,34 @@ impl<F: Future + Unpin> Future for CatchUnwind<F> {
     }
 }
 
-async fn start_tcp(addr: SocketAddr, cfg: TcpConfig, origin: Origin) -> Result<Link, NodeError> {
+async fn start_tcp(
+    addr: SocketAddr,
+    mut cfg: TcpConfig,
+    peers: &[(NodeId, SocketAddr)],
+    trust: TcpTrust,
+    origin: Origin,
+) -> Result<(Link, Arc<crate::transport::tcp::TcpStats>), NodeError> {
     let give_up = tokio::time::Instant::now() + BIND_RETRY;
+    if let Some(accept) = trust.accept_unknown_peers {
+        cfg.accept_unknown_peers = accept;
+    }
     loop {
-        let transport = TcpTransport::new(addr, cfg.clone()).map_err(crate::ConfigError::Tcp)?;
-        match Box::new(transport).start(origin) {
+        let mut transport =
+            TcpTransport::new(addr, cfg.clone()).map_err(crate::ConfigError::Tcp)?;
+        // Known before the first inbound connection can arrive (the node's AddPeer
+        // commands follow, and also make the transport dial them).
+        for (id, addr) in peers {
+            transport = transport.with_peer(*id, *addr);
+        }
+        for id in &trust.allowed {
+            transport = transport.allow_peer(*id);
+        }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &trust.tls {
+            transport = transport.with_tls(tls.clone());
+        }
+        let stats = transport.stats();
+        match Box::new(transport).start(origin).map(|link| (link, stats)) {
             Err(crate::transport::TransportError::Bind { source, .. })
                 if source.kind() == std::io::ErrorKind::AddrInUse
                     && tokio::time::Instant::now() < give_up =>
@@ -659,6 +729,7 @@ async fn start_tcp(addr: SocketAddr, cfg: TcpConfig, origin: Origin) -> Result<L
 #[derive(Debug)]
 pub struct Node {
     origin: Origin,
+    tcp_stats: Option<Arc<crate::transport::tcp::TcpStats>>,
     local_addr: Option<SocketAddr>,
     commands: mpsc::UnboundedSender<Command>,
     shared: Arc<Shared>,
@@ -675,6 +746,7 @@ impl Node {
             peers: Vec::new(),
             config: NodeConfig::default(),
             seed: None,
+            trust: TcpTrust::default(),
         }
     }
 
@@ -686,6 +758,12 @@ impl Node {
     /// This run of the node (id + incarnation).
     pub fn origin(&self) -> Origin {
         self.origin
+    }
+
+    /// Counters of the built-in TCP transport (connections, refusals by reason —
+    /// strangers, duplicate node ids, TLS failures…); `None` with another transport.
+    pub fn tcp_stats(&self) -> Option<crate::transport::tcp::TcpStatsSnapshot> {
+        self.tcp_stats.as_ref().map(|s| s.snapshot())
     }
 
     /// The address the transport listens on, if any.

@@ -185,6 +185,10 @@ pub struct ProtoStats {
     /// Receiving side: deliveries taken back before the application saw them (its
     /// receiver was gone); ordered streams rewind to them.
     pub deliveries_refused: u64,
+    /// Data frames refused by [`Authorization`](super::Authorization) before touching a
+    /// stream or the dedup table: the sender may not send on the channel, or the frame's
+    /// id names another node and the sender may not relay.
+    pub unauthorized_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -216,6 +220,7 @@ pub struct Endpoint {
     heard_pending: Vec<NodeId>,
     /// Arrivals waiting for another delivery of the same ID to finish, oldest first.
     waiting: HashMap<MessageId, VecDeque<Parked>>,
+    authz: super::Authorization,
 }
 
 /// An arrival parked behind a delivery of the same message ID still in progress.
@@ -245,7 +250,14 @@ impl Endpoint {
             dedup_unsynced: false,
             heard_pending: Vec::new(),
             waiting: HashMap::new(),
+            authz: super::Authorization::default(),
         }
+    }
+
+    /// Who may send on which channel, and who may relay for other nodes. Default
+    /// [`Authorization::default`](super::Authorization::default).
+    pub fn set_authorization(&mut self, authz: super::Authorization) {
+        self.authz = authz;
     }
 
     /// This node run.
@@ -734,6 +746,12 @@ impl Endpoint {
     }
 
     fn on_data(&mut self, now: Instant, origin: Origin, data: Data) {
+        if let Err(why) = self.authz.check(origin.node, &data) {
+            // Before any stream or dedup state: a refused frame leaves no trace.
+            self.stats.unauthorized_dropped += 1;
+            tracing::debug!(%origin, channel = ?data.channel, id = ?data.id, ?why, "data frame refused: not authorized");
+            return;
+        }
         let channel = data.channel;
         let Some(&ordered) = self.ordered.get(&channel) else {
             // No receiver: drop unacked; the sender retries until one appears.

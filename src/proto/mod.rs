@@ -5,11 +5,13 @@
 //! `now`, every output is polled. [`Endpoint`] is the entry point; the per-stream
 //! halves are private.
 
+mod authz;
 mod config;
 mod endpoint;
 mod inbound;
 mod outbound;
 
+pub use authz::{Authorization, Refusal, RelayPolicy};
 pub use config::ProtoConfig;
 pub use endpoint::{
     Completion, DeliveryRef, Endpoint, Event, Outgoing, ProtoStats, SendRef, StreamError,

@@ -15,6 +15,8 @@ use tokio::sync::mpsc;
 
 pub mod mem;
 pub mod tcp;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 /// Something that moves frames between this node and its peers.
 pub trait Transport: Send + 'static {

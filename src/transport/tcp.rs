@@ -27,7 +27,31 @@
 //! - Frames for a peer go to a per-peer queue bounded by [`TcpConfig::queue_bound`]
 //!   frames, kept across reconnects. When full, the oldest frames are dropped and
 //!   counted (`frames_dropped_disconnected` or, while connected, `frames_dropped_backlog`).
+//!
+//! # Trust
+//!
+//! - With [`TcpTransport::with_tls`] every connection is mutual TLS 1.3 (see
+//!   [`super::tls`]): both sides present a certificate chained to a trusted CA, and the
+//!   node id a peer claims in the handshake must be the one its certificate names
+//!   (`rejected_identity_mismatch` otherwise). Any peer the CA vouches for is accepted.
+//! - Without TLS, a node accepts inbound connections only from peers it knows
+//!   ([`TcpTransport::with_peer`], [`TcpTransport::allow_peer`], [`LinkCommand::AddPeer`])
+//!   unless [`TcpConfig::accept_unknown_peers`] is set; strangers are refused and
+//!   counted (`rejected_unknown_peer`). A plain-TCP node id is only *claimed*: anyone who
+//!   can reach the port can claim a known id. A node listening without TLS on a
+//!   non-loopback address logs a warning once.
+//! - One node id, one live incarnation: while a peer's connection is alive (bytes
+//!   received within [`TcpConfig::stale_after`]), a connection from *another*
+//!   incarnation of the same id is refused (`rejected_duplicate_node`, warned at most
+//!   every 10 s) instead of replacing it; it takes over once the old connection is gone
+//!   or stale.
+//! - A frame started must be completed within [`TcpConfig::read_timeout`]
+//!   (`read_timeouts`), and one remote IP address may hold at most
+//!   [`TcpConfig::max_connections_per_ip`] accepted connections, handshaking or
+//!   established (`rejected_ip_limit`).
 
+#[cfg(feature = "tls")]
+use super::tls::{self, TlsConfig, TlsRefusal};
 use super::{Link, LinkCommand, LinkEvent, Transport, TransportError};
 use crate::id::{NodeId, Origin};
 use crate::rng::{seed_from_entropy, SplitMix64};
@@ -36,13 +60,14 @@ use crate::wire::{
     NegotiationError, NegotiationStep, UnsupportedRange, VersionRange, DEFAULT_MAX_FRAME_LEN,
 };
 use bytes::BytesMut;
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::{JoinHandle, JoinSet};
@@ -59,6 +84,10 @@ use tokio::task::{JoinHandle, JoinSet};
 /// - `write_batch_bytes`: 64 KiB (the writer issues a write once this much is encoded,
 ///   or when the queue is empty)
 /// - `channel_capacity`: 1 024 (command and event channels of the [`Link`])
+/// - `accept_unknown_peers`: `false` (without TLS, only known peers are accepted)
+/// - `read_timeout`: 30 s (a frame whose first bytes arrived must be complete by then)
+/// - `max_connections_per_ip`: 64 accepted connections per remote IP address
+/// - `stale_after`: 10 s (a connection silent this long yields to a new incarnation)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpConfig {
     /// Give up one connect attempt after this long.
@@ -81,6 +110,21 @@ pub struct TcpConfig {
     /// speak. Default: all this build speaks ([`VersionRange::SUPPORTED`]). Raise
     /// `min` after a rolling upgrade to stop speaking old versions.
     pub versions: VersionRange,
+    /// Without TLS: accept inbound connections from node ids this transport was not
+    /// told about. Off by default: a stranger is refused (`rejected_unknown_peer`).
+    /// With TLS the CA decides who is a peer and this setting is not consulted.
+    pub accept_unknown_peers: bool,
+    /// Close a connection (counted in `read_timeouts`) when a frame it started is not
+    /// complete after this long: a stalled or trickling peer cannot pin a connection
+    /// and its buffer. An idle connection between frames is not affected.
+    pub read_timeout: Duration,
+    /// Accepted connections (handshaking or established) one remote IP address may
+    /// hold; further ones are closed at once (`rejected_ip_limit`).
+    pub max_connections_per_ip: usize,
+    /// A peer's connection counts as alive while it received bytes within this long
+    /// (the node's heartbeats keep it busy); while alive, a second incarnation of the
+    /// same node id is refused rather than allowed to replace it.
+    pub stale_after: Duration,
 }
 
 impl Default for TcpConfig {
@@ -95,6 +139,10 @@ impl Default for TcpConfig {
             write_batch_bytes: 64 * 1024,
             channel_capacity: 1024,
             versions: VersionRange::SUPPORTED,
+            accept_unknown_peers: false,
+            read_timeout: Duration::from_secs(30),
+            max_connections_per_ip: 64,
+            stale_after: Duration::from_secs(10),
         }
     }
 }
@@ -112,6 +160,8 @@ impl TcpConfig {
         zero("connect_timeout", self.connect_timeout)?;
         zero("handshake_timeout", self.handshake_timeout)?;
         zero("backoff_min", self.backoff_min)?;
+        zero("read_timeout", self.read_timeout)?;
+        zero("stale_after", self.stale_after)?;
         if self.backoff_max < self.backoff_min {
             return Err(TcpConfigError::BackoffRange {
                 min: self.backoff_min,
@@ -125,6 +175,7 @@ impl TcpConfig {
             ("queue_bound", self.queue_bound),
             ("write_batch_bytes", self.write_batch_bytes),
             ("channel_capacity", self.channel_capacity),
+            ("max_connections_per_ip", self.max_connections_per_ip),
         ] {
             if v == 0 {
                 return Err(TcpConfigError::Zero(name));
@@ -134,6 +185,9 @@ impl TcpConfig {
         Ok(())
     }
 }
+
+/// At most one duplicate-node warning per this long (the rest are logged at debug).
+const CONFLICT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Smallest accepted `max_frame_len`: room for any header.
 const MIN_FRAME_LEN: usize = 256;
@@ -207,6 +261,28 @@ pub struct TcpStatsSnapshot {
     pub frames_dropped_backlog: u64,
     /// Frames dropped because they encode larger than `max_frame_len`.
     pub frames_dropped_oversize: u64,
+    /// Inbound connections refused: the peer's node id is not known and
+    /// `accept_unknown_peers` is off (plain TCP).
+    pub rejected_unknown_peer: u64,
+    /// Connections refused because another incarnation of the same node id holds a
+    /// live connection (two processes with one `NodeId`).
+    pub rejected_duplicate_node: u64,
+    /// Inbound connections closed at once: their IP address already holds
+    /// `max_connections_per_ip`.
+    pub rejected_ip_limit: u64,
+    /// Connections closed because a started frame was not completed in `read_timeout`.
+    pub read_timeouts: u64,
+    /// TLS: the peer presented no certificate.
+    pub rejected_tls_no_certificate: u64,
+    /// TLS: the peer's certificate does not chain to a trusted CA.
+    pub rejected_tls_untrusted: u64,
+    /// TLS: the peer's certificate has expired (or is not valid yet).
+    pub rejected_tls_expired: u64,
+    /// TLS: the handshake failed for another reason (protocol error, alert, timeout).
+    pub rejected_tls_other: u64,
+    /// TLS: the node id claimed in the handshake is not the one the peer's verified
+    /// certificate names (or, dialing, the dialed node's certificate names another).
+    pub rejected_identity_mismatch: u64,
 }
 
 impl TcpStats {
@@ -231,6 +307,15 @@ impl TcpStats {
             frames_dropped_disconnected: g(Counter::FramesDroppedDisconnected),
             frames_dropped_backlog: g(Counter::FramesDroppedBacklog),
             frames_dropped_oversize: g(Counter::FramesDroppedOversize),
+            rejected_unknown_peer: g(Counter::RejectedUnknownPeer),
+            rejected_duplicate_node: g(Counter::RejectedDuplicateNode),
+            rejected_ip_limit: g(Counter::RejectedIpLimit),
+            read_timeouts: g(Counter::ReadTimeouts),
+            rejected_tls_no_certificate: g(Counter::RejectedTlsNoCertificate),
+            rejected_tls_untrusted: g(Counter::RejectedTlsUntrusted),
+            rejected_tls_expired: g(Counter::RejectedTlsExpired),
+            rejected_tls_other: g(Counter::RejectedTlsOther),
+            rejected_identity_mismatch: g(Counter::RejectedIdentityMismatch),
         }
     }
 
@@ -254,6 +339,19 @@ impl TcpStats {
             Reject::Incompatible(_) => Counter::RejectedUnsupportedVersion,
             Reject::Timeout | Reject::Closed => Counter::RejectedHandshakeTimeout,
             Reject::WrongPeer { .. } | Reject::SelfConnection => Counter::RejectedWrongPeer,
+            Reject::UnknownPeer(_) => Counter::RejectedUnknownPeer,
+            Reject::DuplicateNode { .. } => Counter::RejectedDuplicateNode,
+            Reject::ReadTimeout => Counter::ReadTimeouts,
+            #[cfg(feature = "tls")]
+            Reject::Tls(t) => match t {
+                TlsRefusal::NoCertificate => Counter::RejectedTlsNoCertificate,
+                TlsRefusal::UntrustedIssuer => Counter::RejectedTlsUntrusted,
+                TlsRefusal::Expired => Counter::RejectedTlsExpired,
+                TlsRefusal::Other => Counter::RejectedTlsOther,
+                TlsRefusal::NotForNode => Counter::RejectedIdentityMismatch,
+            },
+            #[cfg(feature = "tls")]
+            Reject::IdentityMismatch { .. } => Counter::RejectedIdentityMismatch,
             Reject::Io(_) => return,
         });
     }
@@ -278,6 +376,9 @@ pub struct TcpTransport {
     bind: SocketAddr,
     config: TcpConfig,
     peers: Vec<(NodeId, SocketAddr)>,
+    allowed: Vec<NodeId>,
+    #[cfg(feature = "tls")]
+    tls: Option<TlsConfig>,
     stats: Arc<TcpStats>,
 }
 
@@ -290,6 +391,9 @@ impl TcpTransport {
             bind,
             config,
             peers: Vec::new(),
+            allowed: Vec::new(),
+            #[cfg(feature = "tls")]
+            tls: None,
             stats: Arc::default(),
         })
     }
@@ -297,6 +401,20 @@ impl TcpTransport {
     /// Know `peer`'s address from the start (same as [`LinkCommand::AddPeer`]).
     pub fn with_peer(mut self, peer: NodeId, addr: SocketAddr) -> Self {
         self.peers.push((peer, addr));
+        self
+    }
+
+    /// Accept inbound connections from `peer` without knowing its address (plain TCP;
+    /// peers given to [`with_peer`](Self::with_peer) are accepted already).
+    pub fn allow_peer(mut self, peer: NodeId) -> Self {
+        self.allowed.push(peer);
+        self
+    }
+
+    /// Use mutual TLS 1.3 on every connection, in both directions (see [`super::tls`]).
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -316,6 +434,24 @@ impl Transport for TcpTransport {
         std_listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(std_listener)?;
         let local_addr = listener.local_addr()?;
+        #[cfg(feature = "tls")]
+        let tls = match self.tls {
+            Some(t) if !t.certifies(local.node) => {
+                return Err(TransportError::Io(std::io::Error::other(format!(
+                    "the TLS certificate is not valid for {} (expected SAN {})",
+                    local.node,
+                    tls::node_dns_name(local.node)
+                ))))
+            }
+            t => t,
+        };
+        #[cfg(feature = "tls")]
+        let secure = tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        let secure = false;
+        if !secure && !local_addr.ip().is_loopback() {
+            tracing::warn!(%local_addr, "tcp: accepting plain TCP (no TLS) on a non-loopback address: peers are identified by what they claim, not proven");
+        }
         let cap = self.config.channel_capacity;
         let (cmd_tx, cmd_rx) = mpsc::channel(cap);
         let (events_tx, events_rx) = mpsc::channel(cap);
@@ -325,6 +461,10 @@ impl Transport for TcpTransport {
             cfg: self.config,
             stats: self.stats,
             internal: internal_tx,
+            #[cfg(feature = "tls")]
+            tls,
+            epoch: Instant::now(),
+            ip_slots: Mutex::default(),
         });
         let acceptor = tokio::spawn(accept_loop(listener, Arc::clone(&ctx)));
         let mut mgr = Manager {
@@ -333,6 +473,8 @@ impl Transport for TcpTransport {
             peers: HashMap::new(),
             next_conn_id: 0,
             acceptor,
+            known: self.allowed.into_iter().collect(),
+            last_conflict_warn: None,
         };
         for (peer, addr) in self.peers {
             mgr.add_peer(peer, addr);
@@ -369,8 +511,17 @@ enum Counter {
     FramesDroppedDisconnected,
     FramesDroppedBacklog,
     FramesDroppedOversize,
+    RejectedUnknownPeer,
+    RejectedDuplicateNode,
+    RejectedIpLimit,
+    ReadTimeouts,
+    RejectedTlsNoCertificate,
+    RejectedTlsUntrusted,
+    RejectedTlsExpired,
+    RejectedTlsOther,
+    RejectedIdentityMismatch,
 }
-const COUNTERS: usize = Counter::FramesDroppedOversize as usize + 1;
+const COUNTERS: usize = Counter::RejectedIdentityMismatch as usize + 1;
 
 /// Why a connection was refused or closed.
 #[derive(Debug, thiserror::Error)]
@@ -389,6 +540,18 @@ enum Reject {
     WrongPeer { expected: NodeId, got: NodeId },
     #[error("connected to ourselves")]
     SelfConnection,
+    #[error("{0} is not a known peer and accept_unknown_peers is off")]
+    UnknownPeer(NodeId),
+    #[error("{new} conflicts with live connection of {live} (same node id, other incarnation)")]
+    DuplicateNode { live: Origin, new: Origin },
+    #[error("frame not completed within the read timeout")]
+    ReadTimeout,
+    #[cfg(feature = "tls")]
+    #[error("{0}")]
+    Tls(TlsRefusal),
+    #[cfg(feature = "tls")]
+    #[error("peer claims {claimed} but its certificate does not name it")]
+    IdentityMismatch { claimed: NodeId },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -400,6 +563,116 @@ struct Ctx {
     cfg: TcpConfig,
     stats: Arc<TcpStats>,
     internal: mpsc::UnboundedSender<Internal>,
+    #[cfg(feature = "tls")]
+    tls: Option<TlsConfig>,
+    /// Time zero of `Conn::last_read` stamps.
+    epoch: Instant,
+    /// Accepted connections per remote IP address.
+    ip_slots: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Ctx {
+    fn millis(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Take one connection slot of `ip`, or `None` if it holds the maximum.
+    fn take_ip_slot(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let mut slots = self.ip_slots.lock().unwrap_or_else(|e| e.into_inner());
+        let n = slots.entry(ip).or_insert(0);
+        if *n >= self.cfg.max_connections_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            ctx: Arc::downgrade(self),
+            ip,
+        })
+    }
+}
+
+/// One accepted connection's share of its IP address's limit; released on drop.
+#[derive(Debug)]
+struct IpSlot {
+    ctx: std::sync::Weak<Ctx>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.ctx.upgrade() {
+            let mut slots = ctx.ip_slots.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = slots.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    slots.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// A connection's byte stream: plain TCP or TLS over TCP.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The leaf certificate the peer presented (TLS only; already chain-verified).
+    #[cfg(feature = "tls")]
+    fn peer_leaf(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => s.get_ref().1.peer_certificates()?.first(),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Messages from connection tasks to the manager.
@@ -413,7 +686,7 @@ enum Internal {
 struct Established {
     origin: Origin,
     dialed_by: NodeId,
-    stream: TcpStream,
+    stream: Stream,
     /// The negotiated protocol version.
     version: u16,
     /// Frames received during the negotiation, to hand on first.
@@ -421,6 +694,8 @@ struct Established {
     /// Bytes read past the negotiation.
     buf: BytesMut,
     remote: SocketAddr,
+    /// Accepted connections hold their IP address's slot for their whole life.
+    slot: Option<IpSlot>,
 }
 
 /// A peer's outbound frames, shared by the manager (producer) and the current writer.
@@ -467,6 +742,9 @@ struct Conn {
     dialed_by: NodeId,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
+    /// `Ctx::millis` when the reader last received bytes.
+    last_read: Arc<AtomicU64>,
+    _slot: Option<IpSlot>,
 }
 
 impl Conn {
@@ -483,6 +761,10 @@ struct Manager {
     peers: HashMap<NodeId, Peer>,
     next_conn_id: u64,
     acceptor: JoinHandle<()>,
+    /// Node ids accepted inbound without TLS (configured or allowed peers).
+    known: HashSet<NodeId>,
+    /// Rate limit of the duplicate-node warning.
+    last_conflict_warn: Option<Instant>,
 }
 
 impl Manager {
@@ -553,6 +835,7 @@ impl Manager {
         if peer == self.ctx.local.node {
             return;
         }
+        self.known.insert(peer);
         let p = self.peer(peer);
         if p.addr != Some(addr) {
             p.addr = Some(addr);
@@ -574,10 +857,50 @@ impl Manager {
         p.dialer = Some(tokio::spawn(dial_loop(peer, addr, ctx, after_backoff)));
     }
 
+    /// May `peer` hold an inbound connection? With TLS its certificate proved it; without,
+    /// it must be known unless strangers are accepted.
+    fn admits(&self, peer: NodeId) -> bool {
+        #[cfg(feature = "tls")]
+        if self.ctx.tls.is_some() {
+            return true;
+        }
+        self.ctx.cfg.accept_unknown_peers || self.known.contains(&peer)
+    }
+
     async fn established(&mut self, e: Established) {
         let peer = e.origin.node;
         let local = self.ctx.local.node;
         let stats = Arc::clone(&self.ctx.stats);
+        if e.dialed_by == peer && !self.admits(peer) {
+            let r = Reject::UnknownPeer(peer);
+            stats.inc(Counter::HandshakesFailed);
+            stats.reject(&r);
+            tracing::debug!(remote = %e.remote, reason = %r, "tcp: stranger refused, connection closed");
+            return; // dropping e.stream closes it
+        }
+        let now_ms = self.ctx.millis();
+        let stale_ms = u64::try_from(self.ctx.cfg.stale_after.as_millis()).unwrap_or(u64::MAX);
+        if let Some(cur) = self.peers.get(&peer).and_then(|p| p.conn.as_ref()) {
+            let silent_ms = now_ms.saturating_sub(cur.last_read.load(Ordering::Relaxed));
+            if cur.origin != e.origin && silent_ms < stale_ms {
+                // Two live incarnations claim one node id: the established one stays.
+                let r = Reject::DuplicateNode {
+                    live: cur.origin,
+                    new: e.origin,
+                };
+                stats.reject(&r);
+                let warn = self
+                    .last_conflict_warn
+                    .is_none_or(|t| t.elapsed() >= CONFLICT_WARN_EVERY);
+                if warn {
+                    self.last_conflict_warn = Some(Instant::now());
+                    tracing::warn!(remote = %e.remote, reason = %r, refused_so_far = stats.snapshot().rejected_duplicate_node, "tcp: duplicate node id, newer connection refused");
+                } else {
+                    tracing::debug!(remote = %e.remote, reason = %r, "tcp: duplicate node id, newer connection refused");
+                }
+                return;
+            }
+        }
         let p = self.peer(peer);
         if let Some(d) = p.dialer.take() {
             d.abort();
@@ -620,32 +943,60 @@ impl Manager {
                 })
                 .await;
         }
-        let _ = e.stream.set_nodelay(true);
-        let (rd, wr) = e.stream.into_split();
         let events = self.events.clone();
         let ctx = Arc::clone(&self.ctx);
+        let last_read = Arc::new(AtomicU64::new(now_ms));
         let p = self.peer(peer);
         let conn = ConnInfo {
             peer,
             id,
             version: e.version,
         };
-        let reader = tokio::spawn(read_loop(
-            rd,
-            e.early,
-            e.buf,
-            conn,
-            events,
-            Arc::clone(&ctx),
-        ));
         p.queue.set_owner(Some(id));
-        let writer = tokio::spawn(write_loop(wr, Arc::clone(&p.queue), conn, ctx));
+        let queue = Arc::clone(&p.queue);
+        let lr = Arc::clone(&last_read);
+        let (reader, writer) = match e.stream {
+            Stream::Plain(s) => {
+                let (rd, wr) = s.into_split();
+                (
+                    tokio::spawn(read_loop(
+                        rd,
+                        e.early,
+                        e.buf,
+                        conn,
+                        events,
+                        Arc::clone(&ctx),
+                        lr,
+                    )),
+                    tokio::spawn(write_loop(wr, queue, conn, ctx)),
+                )
+            }
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                let (rd, wr) = tokio::io::split(*s);
+                (
+                    tokio::spawn(read_loop(
+                        rd,
+                        e.early,
+                        e.buf,
+                        conn,
+                        events,
+                        Arc::clone(&ctx),
+                        lr,
+                    )),
+                    tokio::spawn(write_loop(wr, queue, conn, ctx)),
+                )
+            }
+        };
+        let p = self.peer(peer);
         p.conn = Some(Conn {
             id,
             origin: e.origin,
             dialed_by: e.dialed_by,
             reader,
             writer,
+            last_read,
+            _slot: e.slot,
         });
         stats.inc(Counter::ConnectionsOpened);
         tracing::info!(peer = %e.origin, remote = %e.remote, dialed_by = %e.dialed_by, version = e.version, "tcp: connected");
@@ -692,11 +1043,17 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
     loop {
         tokio::select! {
             res = listener.accept() => match res {
-                Ok((mut stream, remote)) => {
+                Ok((tcp, remote)) => {
+                    let Some(slot) = ctx.take_ip_slot(remote.ip()) else {
+                        ctx.stats.inc(Counter::RejectedIpLimit);
+                        tracing::debug!(%remote, "tcp: connection limit of the address reached, connection closed");
+                        continue; // dropping tcp closes it
+                    };
                     let ctx = Arc::clone(&ctx);
                     handshakes.spawn(async move {
-                        match handshake(&mut stream, &ctx, None).await {
-                            Ok(hs) => {
+                        let _ = tcp.set_nodelay(true);
+                        match secure_and_handshake(tcp, &ctx, None).await {
+                            Ok((hs, stream)) => {
                                 let _ = ctx.internal.send(Internal::Established(Established {
                                     origin: hs.origin,
                                     dialed_by: hs.origin.node,
@@ -705,6 +1062,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
                                     early: hs.early,
                                     buf: hs.buf,
                                     remote,
+                                    slot: Some(slot),
                                 }));
                             }
                             Err(r) => handshake_failed(&ctx, &r, remote, None),
@@ -736,6 +1094,51 @@ fn handshake_failed(ctx: &Ctx, r: &Reject, remote: SocketAddr, peer: Option<Node
     }
 }
 
+/// Wrap `tcp` in TLS if configured (accepting when `expected` is `None`, dialing
+/// `expected` otherwise), exchange handshakes, and check that the claimed node id is the
+/// one the certificate names.
+async fn secure_and_handshake(
+    tcp: TcpStream,
+    ctx: &Ctx,
+    expected: Option<NodeId>,
+) -> Result<(Handshaken, Stream), Reject> {
+    #[cfg(feature = "tls")]
+    let mut stream = match &ctx.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let secured = async {
+                match expected {
+                    None => tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server))
+                        .accept(tcp)
+                        .await
+                        .map(tokio_rustls::TlsStream::from),
+                    Some(peer) => tokio_rustls::TlsConnector::from(Arc::clone(&tls.client))
+                        .connect(tls::server_name(peer), tcp)
+                        .await
+                        .map(tokio_rustls::TlsStream::from),
+                }
+            };
+            match tokio::time::timeout(ctx.cfg.handshake_timeout, secured).await {
+                Ok(Ok(s)) => Stream::Tls(Box::new(s)),
+                Ok(Err(e)) => return Err(Reject::Tls(TlsRefusal::of(&e))),
+                Err(_) => return Err(Reject::Tls(TlsRefusal::Other)),
+            }
+        }
+    };
+    #[cfg(not(feature = "tls"))]
+    let mut stream = Stream::Plain(tcp);
+    let hs = handshake(&mut stream, ctx, expected).await?;
+    #[cfg(feature = "tls")]
+    if let Some(leaf) = stream.peer_leaf() {
+        if !tls::cert_names_node(leaf, hs.origin.node) {
+            return Err(Reject::IdentityMismatch {
+                claimed: hs.origin.node,
+            });
+        }
+    }
+    Ok((hs, stream))
+}
+
 /// A completed handshake.
 #[derive(Debug)]
 struct Handshaken {
@@ -753,7 +1156,7 @@ const MAX_EARLY_BYTES: usize = 16 << 20;
 
 /// Exchange handshakes and agree on a protocol version.
 async fn handshake(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     ctx: &Ctx,
     expected: Option<NodeId>,
 ) -> Result<Handshaken, Reject> {
@@ -872,21 +1275,25 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff:
     loop {
         tracing::debug!(%peer, %addr, attempt, "tcp: dialing");
         match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(mut stream)) => match handshake(&mut stream, &ctx, Some(peer)).await {
-                Ok(hs) => {
-                    let _ = ctx.internal.send(Internal::Established(Established {
-                        origin: hs.origin,
-                        dialed_by: ctx.local.node,
-                        stream,
-                        version: hs.version,
-                        early: hs.early,
-                        buf: hs.buf,
-                        remote: addr,
-                    }));
-                    return;
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                match secure_and_handshake(tcp, &ctx, Some(peer)).await {
+                    Ok((hs, stream)) => {
+                        let _ = ctx.internal.send(Internal::Established(Established {
+                            origin: hs.origin,
+                            dialed_by: ctx.local.node,
+                            stream,
+                            version: hs.version,
+                            early: hs.early,
+                            buf: hs.buf,
+                            remote: addr,
+                            slot: None,
+                        }));
+                        return;
+                    }
+                    Err(r) => handshake_failed(&ctx, &r, addr, Some(peer)),
                 }
-                Err(r) => handshake_failed(&ctx, &r, addr, Some(peer)),
-            },
+            }
             Ok(Err(e)) => {
                 ctx.stats.inc(Counter::ConnectFailures);
                 connect_failed(peer, addr, attempt, &e, &mut warned);
@@ -910,13 +1317,14 @@ struct ConnInfo {
     version: u16,
 }
 
-async fn read_loop(
-    mut rd: OwnedReadHalf,
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut rd: R,
     early: Vec<Frame>,
     mut buf: BytesMut,
     conn: ConnInfo,
     events: mpsc::Sender<LinkEvent>,
     ctx: Arc<Ctx>,
+    last_read: Arc<AtomicU64>,
 ) {
     let ConnInfo {
         peer,
@@ -930,11 +1338,16 @@ async fn read_loop(
             return;
         }
     }
+    // When the frame at the head of `buf` must be complete (set while a partial frame
+    // is buffered, pushed back whenever a frame completes).
+    let mut frame_deadline: Option<tokio::time::Instant> = None;
     let reason: Option<Reject> = 'conn: loop {
+        let mut progressed = false;
         loop {
             match dec.decode(&mut buf) {
                 Ok(Some(Frame::Handshake(_))) => break 'conn Some(Reject::UnexpectedFrame),
                 Ok(Some(frame)) => {
+                    progressed = true;
                     ctx.stats.inc(Counter::FramesReceived);
                     if events.send(LinkEvent::Frame { peer, frame }).await.is_err() {
                         break 'conn None; // the node is gone
@@ -944,12 +1357,24 @@ async fn read_loop(
                 Err(e) => break 'conn Some(Reject::Decode(e)),
             }
         }
+        if buf.is_empty() {
+            frame_deadline = None;
+        } else if progressed || frame_deadline.is_none() {
+            frame_deadline = Some(tokio::time::Instant::now() + ctx.cfg.read_timeout);
+        }
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(64 * 1024);
         }
-        match rd.read_buf(&mut buf).await {
+        let read = match frame_deadline {
+            None => rd.read_buf(&mut buf).await,
+            Some(d) => match tokio::time::timeout_at(d, rd.read_buf(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => break Some(Reject::ReadTimeout),
+            },
+        };
+        match read {
             Ok(0) => break None,
-            Ok(_) => {}
+            Ok(_) => last_read.store(ctx.millis(), Ordering::Relaxed),
             Err(e) => break Some(Reject::Io(e)),
         }
     };
@@ -964,7 +1389,12 @@ async fn read_loop(
     let _ = ctx.internal.send(Internal::Closed { peer, conn_id });
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<PeerQueue>, conn: ConnInfo, ctx: Arc<Ctx>) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    queue: Arc<PeerQueue>,
+    conn: ConnInfo,
+    ctx: Arc<Ctx>,
+) {
     let ConnInfo {
         peer,
         id: conn_id,
@@ -1009,6 +1439,8 @@ async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<PeerQueue>, conn: ConnInf
                 buf.clear();
                 ctx.stats.add(Counter::FramesSent, n);
             }
+            // TLS may hold encrypted records back until flushed; plain TCP: no-op.
+            wr.flush().await?;
         }
     }
     .await;
