@@ -202,6 +202,11 @@ fn unique_keys_under_expiry_churn_are_never_reported_duplicate() {
         })
         .collect();
     let full: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
-    assert!(t.expired_reclaimed_count() > 100_000, "churn happened");
+    // Expired entries go either one by one (reused in place) or a whole generation
+    // at a time (the table is swapped for a fresh one once everything in it expired).
+    assert!(
+        t.expired_reclaimed_count() + 256 * t.generations_dropped() > 100_000,
+        "churn happened: {t:?}"
+    );
     assert_eq!(t.table_full_count(), full);
 }

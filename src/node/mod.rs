@@ -194,6 +194,22 @@ impl NodeConfig {
                 self.dedup.window, self.proto.max_in_flight
             )));
         }
+        // A message may still arrive up to the retry deadline plus the hint TTL after
+        // it was first sent; the dedup stream must outlive that, or a late copy finds
+        // its stream retired (refused, see `DedupError::StreamRetired`).
+        let deadline = self.proto.retry.deadline.unwrap_or(Duration::ZERO);
+        let hint_ttl = self
+            .handoff
+            .as_ref()
+            .map_or(Duration::ZERO, |h| h.store.default_ttl);
+        if self.dedup.retention <= deadline + hint_ttl + self.shutdown_drain {
+            return Err(crate::ConfigError::new(format!(
+                "dedup.retention ({:?}) must exceed the retry deadline ({:?}) plus the hint \
+                 TTL ({:?}) plus shutdown_drain ({:?}): a late message would find its \
+                 dedup stream retired",
+                self.dedup.retention, deadline, hint_ttl, self.shutdown_drain
+            )));
+        }
         if self.receiver_buffer == 0 {
             return Err(crate::ConfigError::new(
                 "receiver_buffer must be at least 1",
