@@ -35,7 +35,7 @@ const STEP: Duration = Duration::from_secs(60);
 /// crash, two channels each, late copies up to 6 h (the hint TTL) after the send. A
 /// crashed stream lives until 24 h after its last late copy, plus up to 3 h of sweep
 /// lag: 33 h × 60 / 2 × 2 ≈ 1 980 windows ≈ 16.4 MiB; finished streams retire at once.
-/// Tombstones (~3 000 × ~100 B) and the idle key table (96 KiB) come on top.
+/// Tombstones (~3 000 × ~100 B) and the idle key table (384 KiB) come on top.
 const CHURN_MEMORY_BOUND: usize = 20 << 20;
 
 /// A virtual clock: monotonic `Instant`s and a matching wall clock.

@@ -28,15 +28,15 @@
 //! | limit | default | at the limit |
 //! |---|---|---|
 //! | key `horizon` | 2 min (NATS JetStream's duplicate window) | a completed key is forgotten; a retry arriving later is processed again |
-//! | key `table_budget_bytes` | 256 MiB (~1.7–3.5 M keys remembered at once) | new keys refused with `TableFull` (counted in `table_full`, warned at most every 10 s); never a false duplicate |
+//! | key `table_budget_bytes` | 256 MiB (about 1–2.5 M keys within the horizon, i.e. a sustained ~10–20 k keys/s at 2 min; bursts of millions) | new keys refused with `TableFull` (counted in `table_full`, warned at most every 10 s); never a false duplicate |
 //! | stream `retention` | 24 h | an idle or finished stream's window is retired; late messages answered from its tombstone or refused with `StreamRetired` (counted in `retired_refused`) |
 //! | `max_streams` (live) | 16 384 | a new stream refused with `TooManyStreams` |
 //! | `window` per stream | 1024 seqs (8192 in `NodeConfig`) | a seq that far above the watermark refused with `WindowOverrun` until holes close |
 //!
-//! The key table grows with the key rate: it starts at `table_capacity` slots (4096,
-//! 96 KiB) and adds generations of twice the recent key rate × horizon, dropping whole
-//! generations once all their keys expired (see [`IdTable`]). Memory for keys is about
-//! 72–150 bytes per key completed within the last horizon, up to the budget.
+//! The key table grows with the key rate: it starts at `table_capacity` slots (16 384,
+//! 384 KiB) and adds generations sized for twice the recent key rate × horizon, dropping
+//! whole generations once all their keys expired (see [`IdTable`]). Memory for keys is
+//! about 100–300 bytes per key completed within the last horizon, up to the budget.
 //!
 //! Sequence windows are *retired* (see `streams.rs`): after `retention` without
 //! activity (the sender crashed or restarted — every run is a new origin), or as soon as
@@ -228,7 +228,7 @@ pub struct DedupConfig {
     /// 16 384.
     pub max_streams: usize,
     /// Initial slots of the application-key table (rounded up to a power of two); it
-    /// grows from there up to `table_budget_bytes`. Default 4096 (96 KiB).
+    /// grows from there up to `table_budget_bytes`. Default 16 384 (384 KiB).
     pub table_capacity: usize,
     /// Most bytes the application-key table may use; at this budget new keys are
     /// refused with [`DedupError::TableFull`]. Default 256 MiB

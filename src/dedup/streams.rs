@@ -37,7 +37,7 @@
 //! gate waits for the tombstone (written before the window is unlinked) and answers
 //! from it.
 
-use super::sync::{AtomicU64, Ordering, StreamMap};
+use super::sync::{wait_for_other, AtomicU64, Ordering, StreamMap};
 use super::{Admit, DedupError, SeqWindow};
 use crate::{ChannelId, Origin};
 
@@ -250,7 +250,7 @@ impl StreamRegistry {
                     if let Some(r) = self.answer_from_tombstone(k, seq, now_ms, changes) {
                         return r;
                     }
-                    std::thread::yield_now();
+                    wait_for_other();
                     continue;
                 }
                 None => {}
@@ -311,7 +311,7 @@ impl StreamRegistry {
             match r {
                 Some(Some(moved)) => return Ok(moved || created),
                 Some(None) => {
-                    std::thread::yield_now();
+                    wait_for_other();
                     continue;
                 }
                 None => {}

@@ -17,6 +17,15 @@ pub(crate) use std::sync::atomic::*;
 
 pub(crate) use imp::{pin, Pin, Snapshot, StreamMap};
 
+/// Lets another thread run while waiting for it to finish a step (loom must be told).
+#[inline]
+pub(crate) fn wait_for_other() {
+    #[cfg(ackwire_loom)]
+    loom::thread::yield_now();
+    #[cfg(not(ackwire_loom))]
+    std::thread::yield_now();
+}
+
 #[cfg(not(ackwire_loom))]
 mod imp {
     use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};

@@ -12,12 +12,14 @@
 //! * the horizon period of the current one has passed (it starts a new period, sized
 //!   for twice the keys the previous period inserted, at least the initial capacity), or
 //! * the current one is half used (or a probe chain in it is full): the new one has
-//!   twice its slots and belongs to the same period.
+//!   four times its slots and belongs to the same period.
 //!
 //! Older segments are only read (and settled) until every entry in them expired: then
 //! the whole segment is dropped at once, O(1) per key. With a steady key rate `r` and
-//! horizon `h`, about three generations of `2·r·h` slots live at a time, i.e. roughly
-//! 72–150 bytes per key remembered. A segment is freed through crossbeam-epoch once no
+//! horizon `h`, two or three generations of `2·r·h` to `4·r·h` slots (rounded up to a
+//! power of two) live at a time: roughly 100–300 bytes per key of the last horizon. A
+//! burst leaves one generation per ×4 of growth, which lookups probe until they
+//! expire (one horizon); the next period's generation is sized for the burst's rate. A segment is freed through crossbeam-epoch once no
 //! reader can still see it.
 //!
 //! # At the budget
@@ -39,12 +41,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::segment::{key_hash, Claim, Rank, Segment, SLOT_BYTES, TIME_MASK};
-use super::sync::{fence, pin, AtomicU64, Ordering, Pin, Snapshot};
+use super::sync::{fence, pin, wait_for_other, AtomicU64, Ordering, Pin, Snapshot};
 use super::{Admit, DedupError};
 use crate::IdKey;
 
-/// Default initial capacity (slots) of a growing table: 4096 slots, 96 KiB.
-pub const DEFAULT_INITIAL_SLOTS: usize = 4096;
+/// Default initial capacity (slots) of a growing table: 16 384 slots, 384 KiB.
+pub const DEFAULT_INITIAL_SLOTS: usize = 16_384;
+
+/// A generation added because the current one filled up has this many times its
+/// slots: 4 keeps the number of generations a burst leaves behind (each probed by
+/// lookups until it expires) small, at up to 4× memory headroom.
+const GROWTH: usize = 4;
 
 /// Bytes of memory one slot takes (the budget is spent in slots).
 pub const BYTES_PER_SLOT: usize = SLOT_BYTES;
@@ -215,6 +222,7 @@ impl IdTable {
             if !cur.enter() {
                 // Closed by a roller that is about to publish a newer generation.
                 self.roll(list, now_ms, true, &g);
+                wait_for_other();
                 continue;
             }
             match cur.claim(key, hash, now_ms) {
@@ -375,7 +383,7 @@ impl IdTable {
                 .sum();
             (2 * period_keys).next_power_of_two().max(self.min_slots)
         } else {
-            cur.capacity() * 2
+            cur.capacity() * GROWTH
         };
         let room = self.budget_bytes.saturating_sub(live) / SLOT_BYTES;
         let slots = if want <= room {
