@@ -814,7 +814,7 @@ impl Dedup {
         }
         for (k, mut rep) in per_stream {
             if let Some(t) = rep.tomb {
-                if now_unix < t.retired_ms.saturating_add(retention) {
+                if now_unix < self.streams.tombstone_expiry(t.retired_ms) {
                     self.streams.restore_tombstone(k, t);
                 }
                 continue;

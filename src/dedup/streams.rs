@@ -12,7 +12,8 @@
 //! * its sender said it is finished ([`Dedup::finish_stream`](super::Dedup::finish_stream))
 //!   and every seq up to the announced last one is settled, or
 //! * nothing touched it for `retention` (the sender crashed or restarted: a new run is
-//!   a new origin, the old one never speaks again).
+//!   a new origin, the old one never speaks again) and none of its messages is in
+//!   progress in a handler here (or one has been for twice the retention).
 //!
 //! A tombstone keeps the watermark and the highest seq ever begun. For a later message
 //! on the retired stream it answers exactly, or refuses:
@@ -24,10 +25,11 @@
 //! * otherwise [`DedupError::StreamRetired`](super::DedupError::StreamRetired): not
 //!   processed, not acked, counted. Processing it could process it twice.
 //!
-//! A tombstone is itself forgotten `retention` after the retirement. A message that
-//! arrives later still — more than twice the retention after its stream last moved —
-//! is treated as a new stream's: the configuration check (retention longer than the
-//! longest retry deadline plus hint TTL) is what rules that out.
+//! A tombstone is itself forgotten `retention` (plus up to a quarter) after the
+//! retirement, or after the last late message or completion it heard of. A message that arrives later still — after a silence of
+//! more than the retention on a finished stream, or twice the retention on a crashed
+//! one — is treated as a new stream's: the configuration check (retention longer than
+//! the longest retry deadline plus hint TTL) is what rules that out.
 //!
 //! # Races
 //!
@@ -88,6 +90,9 @@ pub(super) struct StreamEntry {
     finished: AtomicU64,
     /// Last activity time written to the durable log.
     stamped_ms: AtomicU64,
+    /// Seqs begun `Fresh` and not yet completed or released (the receiver's own
+    /// handlers hold them: a stream is not retired under them, see `retirable`).
+    inflight: AtomicU64,
 }
 
 impl StreamEntry {
@@ -101,6 +106,7 @@ impl StreamEntry {
             max_seen: AtomicU64::new(floor.saturating_sub(1)),
             finished: AtomicU64::new(0),
             stamped_ms: AtomicU64::new(0),
+            inflight: AtomicU64::new(0),
         }
     }
 
@@ -129,6 +135,7 @@ impl StreamEntry {
         };
         if let Ok(Admit::Fresh) = r {
             self.max_seen.fetch_max(seq, Ordering::AcqRel);
+            self.inflight.fetch_add(1, Ordering::AcqRel);
         }
         self.gate.fetch_sub(1, Ordering::AcqRel);
         Some(r)
@@ -145,11 +152,16 @@ impl StreamEntry {
         }
     }
 
-    /// Retirable at `now_ms`: finished and settled, or idle for `retention_ms`.
+    /// Retirable at `now_ms`: finished and settled, or idle for `retention_ms` with no
+    /// message in progress (one held by a handler for twice the retention does not
+    /// keep it: a seq whose in-progress mark a sender's floor overtook is never
+    /// settled here).
     fn retirable(&self, now_ms: u64, retention_ms: u64) -> bool {
         let fin = self.finished.load(Ordering::Acquire);
+        let idle = now_ms.saturating_sub(self.last_active_ms.load(Ordering::Acquire));
         (fin != 0 && self.window.watermark() >= fin)
-            || now_ms >= self.last_active_ms.load(Ordering::Acquire) + retention_ms
+            || (idle >= retention_ms
+                && (self.inflight.load(Ordering::Acquire) == 0 || idle >= 2 * retention_ms))
     }
 }
 
@@ -270,19 +282,66 @@ impl StreamRegistry {
     pub(super) fn complete(&self, k: &StreamKey, seq: u64, now_ms: u64) -> (bool, bool, bool) {
         self.live.with(k, |e| match e {
             Some(e) => {
+                // A completion is activity: the message's retransmissions may follow.
+                e.touch(now_ms);
                 let done = e.window.complete(seq);
+                if done {
+                    e.inflight.fetch_sub(1, Ordering::AcqRel);
+                }
                 let fin = e.finished.load(Ordering::Acquire);
                 let settled = fin != 0 && e.window.watermark() >= fin;
                 let stamp = self.stamp_due(e, now_ms);
                 (done, settled, stamp)
             }
-            None => (false, false, false),
+            None => {
+                // Retired while the handler ran: the completion still counts as
+                // activity for the tombstone.
+                self.refresh_tombstone(k, now_ms);
+                (false, false, false)
+            }
         })
     }
 
+    /// Restarts `k`'s tombstone clock (it keeps answering for a retention after the
+    /// last time anything was heard of the stream; granularity `retention / 4`, which
+    /// the expiry adds back).
+    fn refresh_tombstone(&self, k: &StreamKey, now_ms: u64) {
+        let Some(t) = self.retired.with(k, |t| t.copied()) else {
+            return;
+        };
+        if now_ms >= t.retired_ms + self.refresh_ms() {
+            // A racing sweep may drop the refreshed copy; it then expires on the old
+            // clock, as it would have without this message.
+            self.retired.insert(
+                *k,
+                Tombstone {
+                    retired_ms: now_ms,
+                    ..t
+                },
+            );
+        }
+    }
+
+    fn refresh_ms(&self) -> u64 {
+        (self.retention_ms / 4).max(1)
+    }
+
+    /// When a tombstone last refreshed at `retired_ms` is forgotten: a full retention
+    /// after the last activity, whatever the refresh granularity.
+    pub(super) fn tombstone_expiry(&self, retired_ms: u64) -> u64 {
+        retired_ms + self.retention_ms + self.refresh_ms()
+    }
+
     pub(super) fn release(&self, k: &StreamKey, seq: u64) -> bool {
-        self.live
-            .with(k, |e| e.is_some_and(|e| e.window.release(seq)))
+        self.live.with(k, |e| {
+            e.is_some_and(|e| {
+                let released = e.window.release(seq);
+                if released {
+                    e.inflight.fetch_sub(1, Ordering::AcqRel);
+                }
+                released
+            })
+        })
     }
 
     /// The sender settled every seq `< floor`. Returns `true` if the watermark moved.
@@ -421,7 +480,7 @@ impl StreamRegistry {
         }
         let mut expired = Vec::new();
         self.retired.for_each(|k, t| {
-            if now_ms >= t.retired_ms + self.retention_ms {
+            if now_ms >= self.tombstone_expiry(t.retired_ms) {
                 expired.push(*k);
             }
         });
@@ -498,7 +557,11 @@ impl StreamRegistry {
         changes: &mut Vec<Change>,
     ) -> Option<Result<Admit, DedupError>> {
         let t = self.retired.with(&k, |t| t.copied())?;
-        match t.verdict(seq) {
+        let verdict = t.verdict(seq);
+        if !matches!(verdict, Verdict::Revive) {
+            self.refresh_tombstone(&k, now_ms);
+        }
+        match verdict {
             Verdict::Duplicate => Some(Ok(Admit::Duplicate)),
             Verdict::Refuse => {
                 self.counters
