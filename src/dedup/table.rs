@@ -412,6 +412,13 @@ impl IdTable {
         if cur_goes && cur.droppable(now_ms) {
             dropped += 1;
         } else {
+            if cur_goes
+                && !cur.is_closed()
+                && live + cur.bytes() + slots * SLOT_BYTES > self.budget_bytes
+            {
+                // Someone entered it after all, and the budget counted it as gone.
+                return false;
+            }
             keep.push(cur.clone());
         }
         let period_start = if time_due {
