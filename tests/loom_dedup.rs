@@ -178,13 +178,19 @@ fn window_neighbour_bits_and_floor_race() {
 #[test]
 fn facade_new_stream_race_registers_once() {
     loom::model(|| {
+        // One time for every call: the dedup's branches depend on time (activity
+        // stamps, sweeps), and a loom model must be deterministic.
+        let t0 = Instant::now();
         let d = Arc::new(
-            Dedup::open(DedupConfig {
-                window: 64,
-                max_streams: 2,
-                table_capacity: 8,
-                ..DedupConfig::default()
-            })
+            Dedup::open_at(
+                DedupConfig {
+                    window: 64,
+                    max_streams: 2,
+                    table_capacity: 8,
+                    ..DedupConfig::default()
+                },
+                t0,
+            )
             .unwrap(),
         );
         let id = MessageId::Seq {
@@ -196,8 +202,8 @@ fn facade_new_stream_race_registers_once() {
             seq: 1,
         };
         let d2 = d.clone();
-        let h = thread::spawn(move || d2.begin(&id, Instant::now()).unwrap());
-        let a = d.begin(&id, Instant::now()).unwrap();
+        let h = thread::spawn(move || d2.begin(&id, t0).unwrap());
+        let a = d.begin(&id, t0).unwrap();
         let b = h.join().unwrap();
         assert_eq!([a, b].iter().filter(|x| **x == Admit::Fresh).count(), 1);
         assert_eq!(d.stats().streams, 1);
@@ -207,10 +213,14 @@ fn facade_new_stream_race_registers_once() {
 /// Two threads check-and-insert the same key while the table adds a generation (the
 /// current one is half used, so each begin first tries to roll): one racer may insert
 /// into the old generation and the other into the new one. Still exactly one `Fresh`,
-/// and afterwards the key is found from either generation.
+/// and afterwards the key is found from either generation. Both threads run the roll
+/// (hundreds of atomic steps), so the model is bounded to 4 preemptions per execution
+/// (unbounded it runs for hours).
 #[test]
 fn table_same_key_race_across_a_generation_roll_has_exactly_one_fresh() {
-    loom::model(|| {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(4);
+    model.check(|| {
         let t0 = Instant::now();
         let t = Arc::new(IdTable::growing(8, 1 << 20, Duration::from_secs(1), t0));
         for k in 0..4u128 {
