@@ -29,7 +29,7 @@
 //! |---|---|---|
 //! | key `horizon` | 2 min (NATS JetStream's duplicate window) | a completed key is forgotten; a retry arriving later is processed again |
 //! | key `table_budget_bytes` | 256 MiB (about 1–2.5 M keys within the horizon, i.e. a sustained ~10–20 k keys/s at 2 min; bursts of millions) | new keys refused with `TableFull` (counted in `table_full`, warned at most every 10 s); never a false duplicate |
-//! | stream `retention` | 24 h | an idle or finished stream's window is retired; late messages answered from its tombstone or refused with `StreamRetired` (counted in `retired_refused`) |
+//! | stream `retention` | 24 h | an idle or finished stream's window is retired; late messages answered from its tombstone or refused with `StreamRetired` (counted in `retired_refused`); the tombstone goes a retention after the last late message |
 //! | `max_streams` (live) | 16 384 | a new stream refused with `TooManyStreams` |
 //! | `window` per stream | 1024 seqs (8192 in `NodeConfig`) | a seq that far above the watermark refused with `WindowOverrun` until holes close |
 //!
@@ -39,20 +39,24 @@
 //! about 100–300 bytes per key completed within the last horizon, up to the budget.
 //!
 //! Sequence windows are *retired* (see `streams.rs`): after `retention` without
-//! activity (the sender crashed or restarted — every run is a new origin), or as soon as
-//! a finished stream is settled. What is left is a 64-byte tombstone (watermark and
-//! highest seq begun), kept for another `retention`. So dedup memory is bounded by the
-//! streams active within the retention — each costs its window (`window / 8` bytes,
-//! 1 KiB at 8192 seqs) plus ~150 bytes — not by every sender that ever ran. A late
-//! message for a retired stream gets `Duplicate` if it is at or below the watermark,
-//! revives the stream if it is above every seq ever begun and nothing was pending (a
-//! live sender that was only idle), and is otherwise refused with the typed
-//! [`DedupError::StreamRetired`] — never processed twice, never dropped silently.
+//! activity and with none of their messages in a handler (the sender crashed or
+//! restarted — every run is a new origin), or as soon as a finished stream is settled.
+//! What is left is a tombstone of under 100 bytes (watermark and highest seq begun),
+//! kept for another `retention` (plus a quarter) after the last thing heard of the
+//! stream. So dedup memory is bounded by the streams active within the retention — each
+//! costs its window (`window` bytes: 8 KiB at the node's 8192 seqs) plus ~100 bytes —
+//! not by every sender that ever ran. A late message for a retired stream gets
+//! `Duplicate` if it is at or below the watermark, revives the stream if it is above
+//! every seq ever begun and nothing was pending (a live sender that was only idle), and
+//! is otherwise refused with the typed [`DedupError::StreamRetired`] — never processed
+//! twice, never dropped silently. Retirement runs by itself when a new stream appears
+//! (at most every `retention / 8`); [`Dedup::retire_idle`] runs it on demand.
 //!
 //! **The retention must exceed the longest time a message can still arrive**: the
 //! senders' retry deadline plus the hint TTL (30 s + 6 h with the defaults;
-//! `NodeConfig::validate` checks it). After twice the retention a tombstone is
-//! forgotten too, and a message arriving even later would be taken for a new stream's.
+//! `NodeConfig::validate` checks it against the node's own retry policy, hint TTL and
+//! shutdown drain; a per-channel deadline override is not checked). Once its tombstone
+//! is forgotten too, a message arriving even later is taken for a new stream's.
 //!
 //! # Where the guarantee runs out
 //!
