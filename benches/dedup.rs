@@ -1,5 +1,12 @@
 //! Dedup check-and-insert throughput: ackwire's `IdTable` against `Mutex<HashSet>`,
-//! DashMap, papaya and moka (the only expiring peer), plus `SeqWindow`.
+//! DashMap, papaya and moka (the only expiring peer), plus `SeqWindow`, plus the
+//! sustained keyed rate through the `Dedup` façade with its default configuration.
+//!
+//! `ackwire_idtable` is one fixed generation sized for the workload (what
+//! `table_capacity` = `table_budget_bytes` / 24 gives); `ackwire_idtable_growing_default`
+//! is the default growing table right after a 1 M-key burst, the worst case for it:
+//! the burst left one generation per ×4 of growth (16 K … 4 M slots), and a lookup of
+//! a new key probes each of them until they expire one horizon later.
 //!
 //! Workload, the same for every structure: a 1 M-entry working set of random 128-bit
 //! IDs is inserted first (untimed); then each timed op offers one ID, 10 % of them
@@ -14,7 +21,10 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ackwire::dedup::{Admit, Dedup, DedupConfig, IdTable, SeqWindow};
+use ackwire::dedup::{
+    Admit, Dedup, DedupConfig, IdTable, SeqWindow, DEFAULT_INITIAL_SLOTS,
+    DEFAULT_TABLE_BUDGET_BYTES,
+};
 use ackwire::{ChannelId, IdKey, MessageId, NodeId, Origin};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -39,6 +49,22 @@ impl CheckInsert for Ackwire {
             .begin(IdKey(k), now)
             .expect("table sized for the workload")
             == Admit::Fresh
+    }
+}
+
+/// The default growing table (16 K initial slots, 256 MiB budget).
+struct AckwireGrowing(IdTable);
+impl CheckInsert for AckwireGrowing {
+    fn build() -> Self {
+        AckwireGrowing(IdTable::growing(
+            DEFAULT_INITIAL_SLOTS,
+            DEFAULT_TABLE_BUDGET_BYTES,
+            HORIZON,
+            Instant::now(),
+        ))
+    }
+    fn check_insert(&self, k: u128, now: Instant) -> bool {
+        self.0.begin(IdKey(k), now).expect("within the budget") == Admit::Fresh
     }
 }
 
@@ -218,6 +244,7 @@ fn bench_tables(c: &mut Criterion) {
     bench_structure::<RandomLoadFloor>(c, &w, "floor_one_random_load");
     bench_structure::<Ackwire>(c, &w, "ackwire_idtable");
     bench_structure::<AckwireComplete>(c, &w, "ackwire_idtable_begin_complete");
+    bench_structure::<AckwireGrowing>(c, &w, "ackwire_idtable_growing_default");
     bench_structure::<Dash>(c, &w, "dashmap");
     bench_structure::<Papaya>(c, &w, "papaya");
     bench_structure::<Locked>(c, &w, "mutex_hashset");
@@ -274,5 +301,49 @@ fn bench_window(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_window, bench_tables);
+/// Keys per virtual second in the sustained-rate bench: 10 000/s for a 2-minute
+/// horizon keeps 1.2 M keys live, within the default 256 MiB budget.
+const SUSTAINED_RATE: u64 = 10_000;
+
+/// The sustained keyed rate through the `Dedup` façade with `DedupConfig::default()`:
+/// each op is `begin` + `complete` of a new key, with a virtual clock advancing at
+/// `SUSTAINED_RATE` keys/s. Three horizons are run untimed first, so the table is in
+/// its steady state (generations added per period and dropped whole as they expire).
+/// Compare with `dedup_seq_window/facade_seq_begin_complete` (unkeyed, same façade).
+fn bench_sustained(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dedup_sustained");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20);
+    let t0 = Instant::now();
+    let d = Dedup::open_at(DedupConfig::default(), t0).unwrap();
+    let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut i = 0u64;
+    let mut step = |d: &Dedup| {
+        i += 1;
+        let now = t0 + Duration::from_micros(i * 1_000_000 / SUSTAINED_RATE);
+        let id = MessageId::Key(IdKey(
+            ((xorshift(&mut x) as u128) << 64) | xorshift(&mut x) as u128,
+        ));
+        let a = d.begin(&id, now).expect("within the budget");
+        d.complete(&id, now).unwrap();
+        a
+    };
+    let warm = 3 * HORIZON.as_secs() * SUSTAINED_RATE;
+    for _ in 0..warm {
+        step(&d);
+    }
+    eprintln!(
+        "sustained keyed: {} generations, {} MiB of key slots after {warm} keys",
+        d.key_table().generations(),
+        d.key_table().memory_bytes() >> 20
+    );
+    g.bench_function("facade_key_begin_complete_default_config", |b| {
+        b.iter(|| step(&d))
+    });
+    g.finish();
+    let s = d.stats();
+    assert_eq!(s.table_full, 0, "{s:?}");
+}
+
+criterion_group!(benches, bench_window, bench_sustained, bench_tables);
 criterion_main!(benches);

@@ -71,6 +71,20 @@ pub enum ConfigError {
         /// `proto.max_in_flight`.
         max_in_flight: usize,
     },
+    /// `dedup.retention` is not longer than the longest a message may still arrive
+    /// after it was first sent (retry deadline + hint TTL + shutdown drain): a late
+    /// copy would find its dedup stream retired and be refused. Raise the retention or
+    /// shorten those.
+    #[error(
+        "dedup.retention ({retention:?}) must exceed the retry deadline plus the hint TTL \
+         plus shutdown_drain ({needed:?}): a late message would find its dedup stream retired"
+    )]
+    RetentionTooShort {
+        /// `dedup.retention`.
+        retention: std::time::Duration,
+        /// What it must exceed.
+        needed: std::time::Duration,
+    },
     /// `max_payload` plus the data frame's header does not fit in the transport's frame
     /// limit: such a payload would be accepted by `send` and then never delivered.
     /// Lower `max_payload` to at most `max` or raise `TcpConfig::max_frame_len`.
@@ -121,6 +135,7 @@ impl ConfigError {
             | ConfigError::DurationTooLong { field, .. }
             | ConfigError::Retry { field, .. } => field,
             ConfigError::DedupWindowBelowInFlight { .. } => "dedup.window",
+            ConfigError::RetentionTooShort { .. } => "dedup.retention",
             ConfigError::PayloadAboveFrameLimit { .. } => "max_payload",
             ConfigError::Detector(_) => "detector",
             ConfigError::Tcp(_) => "tcp",

@@ -112,7 +112,7 @@ fn floors_and_compaction_survive_restart() {
     {
         let d = Dedup::open_at(c.clone(), now).unwrap();
         process_all(&d, &all, now);
-        d.advance_floor(origin(3), ChannelId(1), 500).unwrap();
+        d.advance_floor(origin(3), ChannelId(1), 500, now).unwrap();
     }
     let len = std::fs::metadata(dir.path().join("dedup.log"))
         .unwrap()
@@ -171,19 +171,26 @@ fn small_log(dir: &Path, n: u64) -> (Vec<u8>, Vec<MessageId>) {
 }
 
 /// Truncation at every byte offset: open succeeds and exactly the records wholly
-/// before the cut are kept (16-byte header, 37-byte records).
+/// before the cut are kept (16-byte header, 37-byte records: the stream's activity
+/// stamp, then one per completed seq).
 #[test]
 fn truncation_at_every_offset_keeps_the_intact_prefix() {
     let _report = Report("reliability: dedup | durable dedup log truncated at every byte offset | 239 reopens | whole records before the cut kept; their messages still rejected as duplicates");
     let src = tempfile::tempdir().unwrap();
     let (bytes, ids) = small_log(src.path(), 6);
-    assert_eq!(bytes.len(), 16 + 6 * 37);
+    assert_eq!(bytes.len(), 16 + 7 * 37);
     for cut in 0..=bytes.len() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("dedup.log"), &bytes[..cut]).unwrap();
         let d = Dedup::open(cfg(dir.path(), FsyncPolicy::Never))
             .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
-        let intact = cut.saturating_sub(16) / 37;
+        let records = cut.saturating_sub(16) / 37;
+        // the torn tail was truncated, so appends continue cleanly
+        let len = std::fs::metadata(dir.path().join("dedup.log"))
+            .unwrap()
+            .len();
+        assert_eq!(len as usize, 16 + records * 37, "cut {cut}");
+        let intact = records.saturating_sub(1);
         let now = Instant::now();
         for (i, id) in ids.iter().enumerate() {
             let want = if i < intact {
@@ -194,12 +201,6 @@ fn truncation_at_every_offset_keeps_the_intact_prefix() {
             assert_eq!(d.begin(id, now).unwrap(), want, "cut {cut} id {i}");
         }
         assert_eq!(d.stats().corrupt_records_skipped, 0, "cut {cut}");
-        drop(d);
-        // the torn tail was truncated, so appends continue cleanly
-        let len = std::fs::metadata(dir.path().join("dedup.log"))
-            .unwrap()
-            .len();
-        assert_eq!(len as usize, 16 + intact * 37, "cut {cut}");
     }
 }
 
@@ -227,7 +228,9 @@ fn random_byte_flips_lose_at_most_the_hit_record() {
             continue;
         }
         let d = r.unwrap_or_else(|e| panic!("pos {pos}: {e}"));
-        let hit = pos.checked_sub(16).map(|p| p / 37);
+        // Record 0 is the stream's activity stamp; record r > 0 is id r - 1.
+        let hit_record = pos.checked_sub(16).map(|p| p / 37);
+        let hit = hit_record.and_then(|r| r.checked_sub(1));
         let now = Instant::now();
         for (i, id) in ids.iter().enumerate() {
             let got = d.begin(id, now).unwrap();
@@ -236,8 +239,8 @@ fn random_byte_flips_lose_at_most_the_hit_record() {
             }
         }
         let s = d.stats();
-        match hit {
-            Some(5) => assert_eq!(s.corrupt_records_skipped, 0, "tail damage is torn"),
+        match hit_record {
+            Some(6) => assert_eq!(s.corrupt_records_skipped, 0, "tail damage is torn"),
             Some(_) => assert_eq!(s.corrupt_records_skipped, 1, "pos {pos}"),
             None => assert_eq!(s.corrupt_records_skipped, 0),
         }

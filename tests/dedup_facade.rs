@@ -26,7 +26,9 @@ fn stats_count_every_outcome_and_limits_are_typed_errors() {
         window: 64,
         max_streams: 2,
         table_capacity: 8,
+        table_budget_bytes: 8 * ackwire::dedup::BYTES_PER_SLOT,
         horizon: Duration::from_secs(1),
+        retention: Duration::from_secs(3600),
         durable: None,
     })
     .unwrap();
@@ -41,7 +43,8 @@ fn stats_count_every_outcome_and_limits_are_typed_errors() {
         d.begin(&seq(1, 0, 100), now),
         Err(DedupError::WindowOverrun { .. })
     ));
-    d.advance_floor(seq_origin(1), ChannelId(0), 90).unwrap();
+    d.advance_floor(seq_origin(1), ChannelId(0), 90, now)
+        .unwrap();
     assert_eq!(d.begin(&seq(1, 0, 100), now).unwrap(), Admit::Fresh);
     assert_eq!(d.begin(&seq(2, 0, 1), now).unwrap(), Admit::Fresh);
     assert!(matches!(
@@ -56,7 +59,7 @@ fn stats_count_every_outcome_and_limits_are_typed_errors() {
     }
     assert!(matches!(
         d.begin(&MessageId::Key(IdKey(8)), now),
-        Err(DedupError::TableFull { capacity: 8 })
+        Err(DedupError::TableFull { capacity: 8, .. })
     ));
     let s = d.stats();
     assert_eq!(s.fresh, 12);
@@ -67,12 +70,7 @@ fn stats_count_every_outcome_and_limits_are_typed_errors() {
     assert_eq!(s.released, 1);
     assert_eq!(s.completed, 1);
     assert_eq!(s.streams, 2);
-    assert_eq!(
-        d.window_of(seq_origin(1), ChannelId(0))
-            .unwrap()
-            .watermark(),
-        89
-    );
+    assert_eq!(d.watermark_of(seq_origin(1), ChannelId(0)), Some(89));
 }
 
 fn seq_origin(node: u64) -> Origin {
@@ -99,6 +97,15 @@ fn invalid_configs_are_rejected() {
         },
         DedupConfig {
             horizon: Duration::ZERO,
+            ..Default::default()
+        },
+        DedupConfig {
+            retention: Duration::ZERO,
+            ..Default::default()
+        },
+        DedupConfig {
+            table_capacity: 1024,
+            table_budget_bytes: 1023 * ackwire::dedup::BYTES_PER_SLOT,
             ..Default::default()
         },
     ] {

@@ -183,6 +183,15 @@ fn release_and_retry_completes_each_key_exactly_once() {
 fn unique_keys_under_expiry_churn_are_never_reported_duplicate() {
     let t0 = Instant::now();
     let t = Arc::new(IdTable::new(256, Duration::from_millis(1), t0));
+    unique_keys_under_churn(t, t0);
+    // The same on a growing table: generations are added and dropped whole under the
+    // racers all the time.
+    let t = Arc::new(IdTable::growing(16, 1 << 20, Duration::from_millis(1), t0));
+    unique_keys_under_churn(t.clone(), t0);
+    assert!(t.generations_dropped() > 100, "{t:?}");
+}
+
+fn unique_keys_under_churn(t: Arc<IdTable>, t0: Instant) {
     let hs: Vec<_> = (0..2u128)
         .map(|th| {
             let t = t.clone();
@@ -202,6 +211,55 @@ fn unique_keys_under_expiry_churn_are_never_reported_duplicate() {
         })
         .collect();
     let full: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
-    assert!(t.expired_reclaimed_count() > 100_000, "churn happened");
+    // Expired entries go either one by one (reused in place) or a whole generation
+    // at a time (the table is swapped for a fresh one once everything in it expired).
+    assert!(
+        t.expired_reclaimed_count() + 256 * t.generations_dropped() > 100_000,
+        "churn happened: {t:?}"
+    );
     assert_eq!(t.table_full_count(), full);
+}
+
+/// Stress: four threads offer the same 40 000 keys (two ascending, two descending) to a
+/// growing table that starts at 8 slots, so generations are added (and the racers
+/// straddle them) all through the run. Exactly one `Fresh` per key, no refusal, and
+/// every key is a `Duplicate` afterwards.
+#[test]
+fn threads_racing_on_same_keys_while_the_table_grows_get_exactly_one_fresh_each() {
+    const N: u128 = 40_000;
+    let t0 = Instant::now();
+    let t = Arc::new(IdTable::growing(
+        8,
+        256 << 20,
+        Duration::from_secs(3600),
+        t0,
+    ));
+    let fresh = Arc::new(AtomicU64::new(0));
+    let key = |i: u128| IdKey(i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) | 1);
+    let hs: Vec<_> = (0..4u128)
+        .map(|th| {
+            let (t, fresh) = (t.clone(), fresh.clone());
+            std::thread::spawn(move || {
+                for i in 0..N {
+                    let k = key(if th % 2 == 0 { i } else { N - 1 - i });
+                    match t.begin(k, t0).unwrap() {
+                        Admit::Fresh => {
+                            fresh.fetch_add(1, Ordering::Relaxed);
+                            assert!(t.complete(k, t0));
+                        }
+                        Admit::Duplicate | Admit::InProgress => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    assert_eq!(fresh.load(Ordering::Relaxed), N as u64);
+    assert!(t.generations() > 3, "{t:?}");
+    assert_eq!(t.table_full_count(), 0);
+    for i in 0..N {
+        assert_eq!(t.begin(key(i), t0).unwrap(), Admit::Duplicate, "key {i}");
+    }
 }

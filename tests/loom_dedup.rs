@@ -178,13 +178,19 @@ fn window_neighbour_bits_and_floor_race() {
 #[test]
 fn facade_new_stream_race_registers_once() {
     loom::model(|| {
+        // One time for every call: the dedup's branches depend on time (activity
+        // stamps, sweeps), and a loom model must be deterministic.
+        let t0 = Instant::now();
         let d = Arc::new(
-            Dedup::open(DedupConfig {
-                window: 64,
-                max_streams: 2,
-                table_capacity: 8,
-                ..DedupConfig::default()
-            })
+            Dedup::open_at(
+                DedupConfig {
+                    window: 64,
+                    max_streams: 2,
+                    table_capacity: 8,
+                    ..DedupConfig::default()
+                },
+                t0,
+            )
             .unwrap(),
         );
         let id = MessageId::Seq {
@@ -196,10 +202,109 @@ fn facade_new_stream_race_registers_once() {
             seq: 1,
         };
         let d2 = d.clone();
-        let h = thread::spawn(move || d2.begin(&id, Instant::now()).unwrap());
-        let a = d.begin(&id, Instant::now()).unwrap();
+        let h = thread::spawn(move || d2.begin(&id, t0).unwrap());
+        let a = d.begin(&id, t0).unwrap();
         let b = h.join().unwrap();
         assert_eq!([a, b].iter().filter(|x| **x == Admit::Fresh).count(), 1);
+        assert_eq!(d.stats().streams, 1);
+    });
+}
+
+/// Two threads check-and-insert the same key while the table adds a generation (the
+/// current one is half used, so each begin first tries to roll): one racer may insert
+/// into the old generation and the other into the new one. Still exactly one `Fresh`,
+/// and afterwards the key is found from either generation. Both threads run the roll
+/// (hundreds of atomic steps), so the model is bounded to 4 preemptions per execution
+/// (unbounded it runs for hours).
+#[test]
+fn table_same_key_race_across_a_generation_roll_has_exactly_one_fresh() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(4);
+    model.check(|| {
+        let t0 = Instant::now();
+        let t = Arc::new(IdTable::growing(8, 1 << 20, Duration::from_secs(1), t0));
+        for k in 0..4u128 {
+            assert_eq!(t.begin(IdKey(k << 64), t0).unwrap(), Admit::Fresh);
+        }
+        let key = IdKey(0xBEEF);
+        let t2 = t.clone();
+        let h = thread::spawn(move || t2.begin(key, t0).unwrap());
+        let a = t.begin(key, t0).unwrap();
+        let b = h.join().unwrap();
+        let fresh = [a, b].iter().filter(|x| **x == Admit::Fresh).count();
+        assert_eq!(fresh, 1, "{a:?} {b:?}");
+        assert!(t.generations() >= 2);
+        assert!(t.complete(key, t0));
+        assert_eq!(t.begin(key, t0).unwrap(), Admit::Duplicate);
+    });
+}
+
+/// The remove path: a time roll tries to drop the only old generation while its
+/// in-progress key is being completed. The generation must survive (its key is live
+/// for another horizon): the key stays a `Duplicate`.
+#[test]
+fn table_generation_drop_races_a_complete() {
+    loom::model(|| {
+        let t0 = Instant::now();
+        let h = Duration::from_millis(10);
+        let t = Arc::new(IdTable::growing(8, 1 << 20, h, t0));
+        let key = IdKey(1);
+        assert_eq!(t.begin(key, t0).unwrap(), Admit::Fresh);
+        let t2 = t.clone();
+        let done_at = t0 + Duration::from_millis(15);
+        let c = thread::spawn(move || assert!(t2.complete(key, done_at)));
+        // Past the period: this begin adds a generation and tries to drop the old one.
+        let roll_at = t0 + Duration::from_millis(20);
+        assert_eq!(t.begin(IdKey(2), roll_at).unwrap(), Admit::Fresh);
+        c.join().unwrap();
+        assert_eq!(
+            t.begin(key, t0 + Duration::from_millis(24)).unwrap(),
+            Admit::Duplicate
+        );
+    });
+}
+
+/// A stream retirement (idle for the retention) races a message on that stream: the
+/// message is `Fresh` exactly once whichever wins (retired first: revived from the
+/// tombstone, which saw no holes; message first: the stream is no longer idle), and
+/// the earlier seq stays a `Duplicate`.
+#[test]
+fn facade_retirement_races_a_begin() {
+    loom::model(|| {
+        let t0 = Instant::now();
+        let retention = Duration::from_secs(10);
+        let d = Arc::new(
+            Dedup::open_at(
+                DedupConfig {
+                    window: 64,
+                    max_streams: 4,
+                    table_capacity: 8,
+                    retention,
+                    ..DedupConfig::default()
+                },
+                t0,
+            )
+            .unwrap(),
+        );
+        let o = Origin {
+            node: NodeId(1),
+            incarnation: 2,
+        };
+        let id = |seq| MessageId::Seq {
+            origin: o,
+            channel: ChannelId(0),
+            seq,
+        };
+        assert_eq!(d.begin(&id(1), t0).unwrap(), Admit::Fresh);
+        d.complete(&id(1), t0).unwrap();
+        let later = t0 + retention;
+        let d2 = d.clone();
+        let h = thread::spawn(move || d2.retire_idle(later).unwrap());
+        let a = d.begin(&id(2), later).unwrap();
+        let retired = h.join().unwrap();
+        assert_eq!(a, Admit::Fresh, "retired {retired}");
+        assert_eq!(d.begin(&id(2), later).unwrap(), Admit::InProgress);
+        assert_eq!(d.begin(&id(1), later).unwrap(), Admit::Duplicate);
         assert_eq!(d.stats().streams, 1);
     });
 }

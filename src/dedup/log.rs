@@ -10,7 +10,14 @@
 //! bytes. Then records: payload length (`u32` LE), crc32c of the payload (`u32` LE),
 //! payload. Payloads: `1` seq done / `2` floor — `tag u8, node u64, incarnation u64,
 //! channel u32, seq u64` (29 bytes); `3` key done — `tag u8, key u128, unix_ms u64`
-//! (25 bytes). All integers little-endian.
+//! (25 bytes); since version 2: `5` stream active — `tag u8, node u64, incarnation
+//! u64, channel u32, unix_ms u64` (29 bytes); `4` stream retired — `tag u8, node u64,
+//! incarnation u64, channel u32, watermark u64, max_seen u64, finished u8, unix_ms u64`
+//! (46 bytes). All integers little-endian.
+//!
+//! Version 2 only adds record kinds, so a version 1 log is read as is; its header is
+//! rewritten to version 2 before anything is appended (a version 1 build then refuses
+//! the file instead of skipping the new records as corrupt).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
@@ -20,10 +27,13 @@ use super::{DedupError, FsyncPolicy};
 use crate::{ChannelId, IdKey, NodeId, Origin};
 
 pub(crate) const MAGIC: &[u8; 8] = b"AWDEDUP\0";
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
+/// The oldest format version this build reads.
+const MIN_VERSION: u32 = 1;
 pub(crate) const HEADER_LEN: usize = 16;
 const SEQ_LEN: usize = 29;
 const KEY_LEN: usize = 25;
+const RETIRED_LEN: usize = 46;
 pub(crate) const LOG_NAME: &str = "dedup.log";
 
 /// One durable fact.
@@ -32,6 +42,19 @@ pub(crate) enum Record {
     SeqDone(Origin, ChannelId, u64),
     Floor(Origin, ChannelId, u64),
     KeyDone(IdKey, u64),
+    /// The stream was active at this wall-clock time (ms).
+    Active(Origin, ChannelId, u64),
+    /// The stream was retired.
+    Retired(Origin, ChannelId, RetiredRecord),
+}
+
+/// The payload of a stream-retired record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RetiredRecord {
+    pub(crate) watermark: u64,
+    pub(crate) max_seen: u64,
+    pub(crate) finished: bool,
+    pub(crate) unix_ms: u64,
 }
 
 /// What recovery found.
@@ -77,7 +100,12 @@ impl DedupLog {
             sync(&file, fsync)?;
             (Recovered::default(), HEADER_LEN as u64)
         } else {
-            check_header(&bytes, &path)?;
+            let version = check_header(&bytes, &path)?;
+            if version != VERSION {
+                file.seek(io::SeekFrom::Start(8))?;
+                file.write_all(&VERSION.to_le_bytes())?;
+                sync(&file, fsync)?;
+            }
             let (rec, keep) = parse(&bytes[HEADER_LEN..]);
             let keep = (HEADER_LEN + keep) as u64;
             if keep < bytes.len() as u64 {
@@ -169,7 +197,7 @@ pub(crate) fn header() -> [u8; HEADER_LEN] {
     h
 }
 
-fn check_header(bytes: &[u8], path: &Path) -> Result<(), DedupError> {
+fn check_header(bytes: &[u8], path: &Path) -> Result<u32, DedupError> {
     let bad = |reason| DedupError::BadHeader {
         path: path.to_path_buf(),
         reason,
@@ -177,10 +205,11 @@ fn check_header(bytes: &[u8], path: &Path) -> Result<(), DedupError> {
     if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
         return Err(bad("not an ackwire dedup log (bad magic)"));
     }
-    if bytes[8..12] != VERSION.to_le_bytes() {
+    let v = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if !(MIN_VERSION..=VERSION).contains(&v) {
         return Err(bad("unsupported dedup log version"));
     }
-    Ok(())
+    Ok(v)
 }
 
 pub(crate) fn encode(r: &Record, out: &mut Vec<u8>) {
@@ -203,6 +232,23 @@ pub(crate) fn encode(r: &Record, out: &mut Vec<u8>) {
             out.extend_from_slice(&k.0.to_le_bytes());
             out.extend_from_slice(&ms.to_le_bytes());
         }
+        Record::Active(o, c, ms) => {
+            out.push(5);
+            out.extend_from_slice(&o.node.0.to_le_bytes());
+            out.extend_from_slice(&o.incarnation.to_le_bytes());
+            out.extend_from_slice(&c.0.to_le_bytes());
+            out.extend_from_slice(&ms.to_le_bytes());
+        }
+        Record::Retired(o, c, r) => {
+            out.push(4);
+            out.extend_from_slice(&o.node.0.to_le_bytes());
+            out.extend_from_slice(&o.incarnation.to_le_bytes());
+            out.extend_from_slice(&c.0.to_le_bytes());
+            out.extend_from_slice(&r.watermark.to_le_bytes());
+            out.extend_from_slice(&r.max_seen.to_le_bytes());
+            out.push(u8::from(r.finished));
+            out.extend_from_slice(&r.unix_ms.to_le_bytes());
+        }
     }
     let len = (out.len() - start - 8) as u32;
     let crc = crc32c::crc32c(&out[start + 8..]);
@@ -212,7 +258,33 @@ pub(crate) fn encode(r: &Record, out: &mut Vec<u8>) {
 
 fn decode(p: &[u8]) -> Option<Record> {
     let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8 bytes"));
+    let stream = || {
+        (
+            Origin {
+                node: NodeId(u64_at(1)),
+                incarnation: u64_at(9),
+            },
+            ChannelId(u32::from_le_bytes(p[17..21].try_into().expect("4 bytes"))),
+        )
+    };
     match (p.first()?, p.len()) {
+        (5, SEQ_LEN) => {
+            let (o, c) = stream();
+            Some(Record::Active(o, c, u64_at(21)))
+        }
+        (4, RETIRED_LEN) if p[37] <= 1 => {
+            let (o, c) = stream();
+            Some(Record::Retired(
+                o,
+                c,
+                RetiredRecord {
+                    watermark: u64_at(21),
+                    max_seen: u64_at(29),
+                    finished: p[37] == 1,
+                    unix_ms: u64_at(38),
+                },
+            ))
+        }
         (1 | 2, SEQ_LEN) => {
             let o = Origin {
                 node: NodeId(u64_at(1)),
@@ -240,7 +312,7 @@ fn record_at(b: &[u8]) -> Option<(usize, Option<Record>)> {
         return None;
     }
     let len = u32::from_le_bytes(b[..4].try_into().expect("4 bytes")) as usize;
-    if len != SEQ_LEN && len != KEY_LEN {
+    if len != SEQ_LEN && len != KEY_LEN && len != RETIRED_LEN {
         return Some((0, None));
     }
     if b.len() < 8 + len {
@@ -302,6 +374,17 @@ mod tests {
             Record::SeqDone(o, ChannelId(2), 3),
             Record::Floor(o, ChannelId(2), 10),
             Record::KeyDone(IdKey(u128::MAX - 5), 1234),
+            Record::Active(o, ChannelId(2), 99),
+            Record::Retired(
+                o,
+                ChannelId(2),
+                RetiredRecord {
+                    watermark: 10,
+                    max_seen: 12,
+                    finished: true,
+                    unix_ms: 77,
+                },
+            ),
         ];
         let mut b = Vec::new();
         for r in &recs {

@@ -2,37 +2,81 @@
 //!
 //! Owns the answer to "has this message already been processed (or is it being
 //! processed right now)?": a [`SeqWindow`] per `(origin, channel)` stream for
-//! library-assigned IDs, one [`IdTable`] for application keys, a lock-free registry of
-//! streams, and an optional durable log. Must not do delivery, acking or network IO,
-//! and must not read the clock on the hot path (callers pass `now`).
+//! library-assigned IDs, one [`IdTable`] for application keys, the lifecycle of both,
+//! and an optional durable log. Must not do delivery, acking or network IO, and must not
+//! read the clock on the hot path (callers pass `now`).
 //!
 //! # Protocol for the receiver
 //!
 //! 1. [`Dedup::begin`] before handing a message to the handler: `Fresh` → deliver;
 //!    `Duplicate` → ack without delivering; `InProgress` → another delivery of the same
 //!    message is running: neither deliver nor ack (its owner will ack). An error
-//!    (`WindowOverrun`, `TableFull`) → neither deliver nor ack: the sender retries.
+//!    (`WindowOverrun`, `TableFull`, `TooManyStreams`, `StreamRetired`) → neither
+//!    deliver nor ack: the sender retries (and, for `StreamRetired`, eventually gives
+//!    up: see below).
 //! 2. Handler succeeded → [`Dedup::complete`] then ack. Handler failed, or the delivery
 //!    was dropped unacked → [`Dedup::release`], so the redelivery is processed.
 //!    **Releasing on drop is the caller's job**: an entry left in progress is never
 //!    expired and keeps its slot (and, in a window, holds the watermark back until the
 //!    sender's [`Dedup::advance_floor`] moves past it).
+//! 3. A sender that shuts down cleanly announces each stream's last seq:
+//!    [`Dedup::finish_stream`]. Optional: without it the stream is retired after the
+//!    retention anyway.
+//!
+//! # Limits, their defaults, and what happens at each
+//!
+//! | limit | default | at the limit |
+//! |---|---|---|
+//! | key `horizon` | 2 min (NATS JetStream's duplicate window) | a completed key is forgotten; a retry arriving later is processed again |
+//! | key `table_budget_bytes` | 256 MiB (about 1–2.5 M keys within the horizon, i.e. a sustained ~10–20 k keys/s at 2 min; bursts of millions) | new keys refused with `TableFull` (counted in `table_full`, warned at most every 10 s); never a false duplicate |
+//! | stream `retention` | 24 h | an idle or finished stream's window is retired; late messages answered from its tombstone or refused with `StreamRetired` (counted in `retired_refused`); the tombstone goes a retention after the last late message |
+//! | `max_streams` (live) | 16 384 | a new stream refused with `TooManyStreams` |
+//! | `window` per stream | 1024 seqs (8192 in `NodeConfig`) | a seq that far above the watermark refused with `WindowOverrun` until holes close |
+//!
+//! The key table grows with the key rate: it starts at `table_capacity` slots (16 384,
+//! 384 KiB) and adds generations sized for twice the recent key rate × horizon, dropping
+//! whole generations once all their keys expired (see [`IdTable`]). Memory for keys is
+//! about 100–300 bytes per key completed within the last horizon, up to the budget.
+//!
+//! Sequence windows are *retired* (see `streams.rs`): after `retention` without
+//! activity and with none of their messages in a handler (the sender crashed or
+//! restarted — every run is a new origin), or as soon as a finished stream is settled.
+//! What is left is a tombstone of under 100 bytes (watermark and highest seq begun),
+//! kept for another `retention` (plus a quarter) after the last thing heard of the
+//! stream. So dedup memory is bounded by the streams active within the retention — each
+//! costs its window (`window` bytes: 8 KiB at the node's 8192 seqs) plus ~100 bytes —
+//! not by every sender that ever ran. A late message for a retired stream gets
+//! `Duplicate` if it is at or below the watermark, revives the stream if it is above
+//! every seq ever begun and nothing was pending (a live sender that was only idle), and
+//! is otherwise refused with the typed [`DedupError::StreamRetired`] — never processed
+//! twice, never dropped silently. Retirement runs by itself when a new stream appears
+//! (at most every `retention / 8`); [`Dedup::retire_idle`] runs it on demand.
+//!
+//! **The retention must exceed the longest time a message can still arrive**: the
+//! senders' retry deadline plus the hint TTL (30 s + 6 h with the defaults;
+//! `NodeConfig::validate` checks it against the node's own retry policy, hint TTL and
+//! shutdown drain; a per-channel deadline override is not checked). Once its tombstone
+//! is forgotten too, a message arriving even later is taken for a new stream's.
 //!
 //! # Where the guarantee runs out
 //!
-//! * Application keys are remembered for `horizon` after completion (default 2 min,
-//!   like NATS JetStream's duplicate window). A retry arriving later is processed again.
-//!   Keep the horizon longer than the sender's retry deadline plus hint TTL.
-//! * Sequence windows remember forever (per origin incarnation).
+//! * Application keys are remembered for `horizon` after completion. Keep it longer
+//!   than the sender's retry deadline plus hint TTL if keyed messages may be handed off.
+//! * Sequence windows remember until retirement, and their tombstones for another
+//!   retention (see above).
 //! * Without [`DurableDedup`], everything is forgotten on restart: effectively-once
 //!   degrades to at-least-once across receiver restarts. With it and
 //!   [`FsyncPolicy::Always`], every `complete` that returned is on disk before the ack;
 //!   with `Never`, a machine crash may lose the last completions (they are then
-//!   processed again after the restart), a process crash does not.
-//! * Durable key entries carry a wall-clock completion time (the only clock read is at
-//!   `open`); a wall clock stepped forward across a restart shortens their horizon.
+//!   processed again after the restart), a process crash does not. Retirements and
+//!   stream activity times are logged too, so the retention keeps counting across
+//!   restarts and compaction drops retired streams.
+//! * Durable entries carry wall-clock times (the only clock read is at `open`); a wall
+//!   clock stepped forward across a restart shortens the horizon and the retention.
 
 pub(crate) mod log;
+mod segment;
+mod streams;
 mod sync;
 mod table;
 mod window;
@@ -41,11 +85,12 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use table::IdTable;
+pub use table::{IdTable, BYTES_PER_SLOT, DEFAULT_INITIAL_SLOTS};
 pub use window::SeqWindow;
 
-use self::log::{DedupLog, Record};
-use self::sync::{AtomicPtr, AtomicU64, Ordering};
+use self::log::{DedupLog, Record, RetiredRecord};
+use self::streams::{Change, StreamRegistry, Tombstone};
+use self::sync::{AtomicU64, Ordering};
 use crate::{ChannelId, MessageId, Origin};
 
 /// The answer of a check-and-insert.
@@ -77,13 +122,16 @@ pub enum DedupError {
         /// Window size in seqs.
         window: u64,
     },
-    /// The ID table has no free or expired slot for this key. Do not process; nack so
-    /// the sender retries after entries expire. Counted as `table_full`; raise
-    /// `table_capacity` if it happens in normal operation.
-    #[error("dedup table full ({capacity} slots, none expired)")]
+    /// The key table is at its memory budget and has no free or expired slot for this
+    /// key. Do not process; nack so the sender retries after entries expire. Counted as
+    /// `table_full` and logged (rate-limited); raise `table_budget_bytes` (or shorten
+    /// the horizon) if it happens in normal operation.
+    #[error("dedup key table full ({capacity} slots, budget {budget_bytes} bytes)")]
     TableFull {
-        /// Slots in the table.
+        /// Slots in the live generations.
         capacity: usize,
+        /// The configured memory budget.
+        budget_bytes: usize,
     },
     /// `seq` is 0 or above [`SeqWindow::MAX_SEQ`]: a malformed ID. Drop the message.
     #[error("seq {seq} is outside 1..=2^51-1")]
@@ -91,12 +139,26 @@ pub enum DedupError {
         /// The rejected seq.
         seq: u64,
     },
-    /// A new stream was seen but `max_streams` streams are already registered. Do not
-    /// process; raise `max_streams`.
-    #[error("too many dedup streams (max {max})")]
+    /// A new stream was seen but `max_streams` streams are live. Do not process; the
+    /// sender retries (idle streams are retired after the retention). Raise
+    /// `max_streams` if it happens in normal operation.
+    #[error("too many live dedup streams (max {max})")]
     TooManyStreams {
         /// The configured limit.
         max: usize,
+    },
+    /// The message belongs to a stream that was retired (its sender finished, or was
+    /// idle longer than the retention), and whether it was processed can no longer be
+    /// told. Do not process, do not ack: processing it might process it twice. It can
+    /// only come from a relay or sender configured with a retry deadline or hint TTL
+    /// longer than the receiver's retention, or from a sender that sent past the last
+    /// seq it announced. Counted as `retired_refused`; fix the configuration.
+    #[error("seq {seq} is for a retired dedup stream (watermark {watermark})")]
+    StreamRetired {
+        /// The refused seq.
+        seq: u64,
+        /// Every seq at or below it was processed.
+        watermark: u64,
     },
     /// A [`DedupConfig`] field is out of range; fix the configuration.
     #[error("invalid dedup config: {0}")]
@@ -136,7 +198,7 @@ pub struct DurableDedup {
     /// fsync policy; default [`FsyncPolicy::Always`].
     pub fsync: FsyncPolicy,
     /// Rewrite the log from the live state when it grows beyond this many bytes;
-    /// default 64 MiB.
+    /// default 64 MiB. Retired streams and expired keys are left out of the rewrite.
     pub compact_after_bytes: u64,
 }
 
@@ -151,22 +213,38 @@ impl DurableDedup {
     }
 }
 
-/// Dedup configuration.
-///
-/// Defaults: `window` 1024 seqs per stream (1 KiB each; must exceed the sender's
-/// in-flight window), `max_streams` 4096, `table_capacity` 2^18 slots (6 MiB; size it
-/// to about twice the peak key rate × horizon), `horizon` 2 minutes (NATS JetStream's
-/// default duplicate window), `durable` `None` (in memory only).
+/// Default [`DedupConfig::retention`]: 24 h, four times the default hint TTL (6 h)
+/// plus the default retry deadline (30 s).
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// Default [`DedupConfig::table_budget_bytes`]: 256 MiB.
+pub const DEFAULT_TABLE_BUDGET_BYTES: usize = 256 << 20;
+
+/// Dedup configuration. Every default is in the field's doc and in the module doc's
+/// table of limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DedupConfig {
-    /// Seqs tracked above each stream's watermark (rounded up to a power of two, ≥ 64).
+    /// Seqs tracked above each stream's watermark (rounded up to a power of two,
+    /// ≥ 64); one byte per seq, so `window` bytes per live stream. Default 1024
+    /// (`NodeConfig` raises it to 8192: it must exceed the senders' in-flight window).
     pub window: u32,
-    /// Most `(origin, channel)` streams remembered (the registry is fixed-size).
+    /// Most live `(origin, channel)` streams (retired ones do not count). Default
+    /// 16 384.
     pub max_streams: usize,
-    /// Slots in the application-key table (rounded up to a power of two).
+    /// Initial slots of the application-key table (rounded up to a power of two); it
+    /// grows from there up to `table_budget_bytes`. Default 16 384 (384 KiB).
     pub table_capacity: usize,
-    /// How long a completed application key is remembered.
+    /// Most bytes the application-key table may use; at this budget new keys are
+    /// refused with [`DedupError::TableFull`]. Default 256 MiB
+    /// ([`DEFAULT_TABLE_BUDGET_BYTES`]). Set it to `table_capacity ×
+    /// `[`BYTES_PER_SLOT`] for a fixed-size table.
+    pub table_budget_bytes: usize,
+    /// How long a completed application key is remembered. Default 2 minutes.
     pub horizon: Duration,
+    /// How long a stream's window is kept without activity before it is retired, and
+    /// how long its tombstone is kept after that. Must exceed the senders' longest
+    /// retry deadline plus hint TTL. Default 24 h ([`DEFAULT_RETENTION`]).
+    pub retention: Duration,
     /// Persist the state so duplicates are still caught after a restart.
     pub durable: Option<DurableDedup>,
 }
@@ -175,9 +253,11 @@ impl Default for DedupConfig {
     fn default() -> Self {
         DedupConfig {
             window: 1024,
-            max_streams: 4096,
-            table_capacity: 1 << 18,
+            max_streams: 16_384,
+            table_capacity: DEFAULT_INITIAL_SLOTS,
+            table_budget_bytes: DEFAULT_TABLE_BUDGET_BYTES,
             horizon: Duration::from_secs(120),
+            retention: DEFAULT_RETENTION,
             durable: None,
         }
     }
@@ -200,8 +280,20 @@ impl DedupConfig {
                 "table_capacity must be in 1..=2^30",
             ));
         }
+        if self.table_budget_bytes < self.table_capacity.next_power_of_two() * BYTES_PER_SLOT {
+            return Err(DedupError::InvalidConfig(
+                "table_budget_bytes must hold at least table_capacity slots",
+            ));
+        }
         if self.horizon.is_zero() || self.horizon > Duration::from_secs(365 * 86_400) {
             return Err(DedupError::InvalidConfig("horizon must be in (0, 1 year]"));
+        }
+        if self.retention < Duration::from_secs(1)
+            || self.retention > Duration::from_secs(10 * 365 * 86_400)
+        {
+            return Err(DedupError::InvalidConfig(
+                "retention must be in [1 s, 10 years]",
+            ));
         }
         Ok(())
     }
@@ -221,14 +313,30 @@ pub struct DedupStats {
     pub overruns: u64,
     /// `begin` refused with `TableFull`.
     pub table_full: u64,
-    /// Expired table entries reused by inserts.
+    /// Expired table entries reused in place by inserts.
     pub expired_reclaimed: u64,
     /// Successful `complete` calls.
     pub completed: u64,
     /// Successful `release` calls.
     pub released: u64,
-    /// Streams registered.
+    /// Live streams (with a window).
     pub streams: u64,
+    /// Tombstones of retired streams currently kept.
+    pub tombstones: u64,
+    /// Streams retired after `retention` without activity.
+    pub streams_retired_idle: u64,
+    /// Streams retired because their sender finished and they settled.
+    pub streams_retired_finished: u64,
+    /// Retired streams brought back by a message above everything they had seen.
+    pub streams_revived: u64,
+    /// `begin` refused with `StreamRetired`.
+    pub retired_refused: u64,
+    /// Key-table generations in use.
+    pub key_generations: u64,
+    /// Key-table generations dropped whole (all their keys expired).
+    pub key_generations_dropped: u64,
+    /// Estimated bytes of dedup memory (windows, tombstones, key table slots).
+    pub memory_bytes: u64,
     /// Corrupt durable records skipped at open.
     pub corrupt_records_skipped: u64,
     /// Bytes of torn tail truncated at open.
@@ -241,8 +349,9 @@ pub struct DedupStats {
 /// The receiver's dedup: `Send + Sync`, shared via `Arc`.
 ///
 /// `begin`/`complete`/`release` on a known stream or key take no lock and do not
-/// allocate (a new stream allocates its window once; the durable log appends under a
-/// mutex, which is the IO path).
+/// allocate (a new stream allocates its window once, a key-table generation is
+/// allocated once per horizon or doubling; the durable log appends under a mutex,
+/// which is the IO path).
 ///
 /// ```
 /// use std::time::Instant;
@@ -289,19 +398,37 @@ impl Dedup {
     }
 
     /// Validates `cfg`, allocates the structures and, if durable, recovers the log.
-    /// `now` is the time base for the key table (pass the same clock as to `begin`).
+    /// `now` is the time base (pass the same clock as to `begin`).
     ///
     /// # Errors
     /// `InvalidConfig`; `BadHeader` if the log file is not a dedup log; `Io`.
     pub fn open_at(cfg: DedupConfig, now: Instant) -> Result<Dedup, DedupError> {
+        Self::open_at_wall(cfg, now, SystemTime::now())
+    }
+
+    /// Like [`open_at`](Self::open_at), with `wall` as the wall-clock time at `now`
+    /// (durable times and the retention are measured in wall-clock time across
+    /// restarts; a simulation passes its virtual wall clock here).
+    ///
+    /// # Errors
+    /// As [`open_at`](Self::open_at).
+    pub fn open_at_wall(
+        cfg: DedupConfig,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Dedup, DedupError> {
         cfg.validate()?;
-        let base_unix_ms = SystemTime::now()
+        let base_unix_ms = wall
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let mut d = Dedup {
-            streams: StreamRegistry::new(cfg.max_streams, cfg.window),
-            table: IdTable::new(cfg.table_capacity, cfg.horizon, now),
+            streams: StreamRegistry::new(
+                cfg.max_streams,
+                cfg.window,
+                (cfg.retention.as_millis() as u64).max(1),
+            ),
+            table: IdTable::growing(cfg.table_capacity, cfg.table_budget_bytes, cfg.horizon, now),
             log: None,
             base: now,
             base_unix_ms,
@@ -329,15 +456,31 @@ impl Dedup {
     /// Check-and-insert `id` (see the module doc for what to do with each answer).
     ///
     /// # Errors
-    /// `WindowOverrun`, `TableFull`, `TooManyStreams`: neither process nor ack.
-    /// `SeqOutOfRange`: malformed ID, drop it.
+    /// `WindowOverrun`, `TableFull`, `TooManyStreams`, `StreamRetired`: neither process
+    /// nor ack. `SeqOutOfRange`: malformed ID, drop it. `Io` never (a failed log
+    /// write of a stream's creation is counted by the caller's next `complete`).
     pub fn begin(&self, id: &MessageId, now: Instant) -> Result<Admit, DedupError> {
         let r = match *id {
             MessageId::Seq {
                 origin,
                 channel,
                 seq,
-            } => self.streams.get_or_insert(origin, channel)?.begin(seq),
+            } => {
+                let now_ms = self.unix_ms(now);
+                let mut changes = Vec::new();
+                let r = self
+                    .streams
+                    .begin((origin, channel), seq, now_ms, &mut changes);
+                if !changes.is_empty() {
+                    // A new (or revived) stream: the rare path; also the moment memory
+                    // grows, so it is when idle streams are retired.
+                    if self.streams.sweep_due(now_ms) {
+                        self.streams.sweep(now_ms, &mut changes);
+                    }
+                    let _ = self.persist_changes(&changes, now);
+                }
+                r
+            }
             MessageId::Key(k) => self.table.begin(k, now),
         };
         let c = &self.counters;
@@ -365,11 +508,17 @@ impl Dedup {
     /// process crash), not fsynced: call [`Dedup::sync`] once for a batch before
     /// acknowledging any of it (group commit: one fsync per burst instead of one per
     /// message).
+    ///
+    /// # Errors
+    /// As [`Dedup::complete`].
     pub fn complete_unsynced(&self, id: &MessageId, now: Instant) -> Result<(), DedupError> {
         self.complete_inner(id, now, false)
     }
 
     /// fsync (per the durable policy) every record written since the last sync.
+    ///
+    /// # Errors
+    /// `Io` from the durable log.
     pub fn sync(&self) -> Result<(), DedupError> {
         let Some((log, _, _)) = &self.log else {
             return Ok(());
@@ -378,25 +527,38 @@ impl Dedup {
     }
 
     fn complete_inner(&self, id: &MessageId, now: Instant, sync: bool) -> Result<(), DedupError> {
-        let (done, rec) = match *id {
+        match *id {
             MessageId::Seq {
                 origin,
                 channel,
                 seq,
-            } => match self.streams.get(origin, channel) {
-                Some(w) => (w.complete(seq), Record::SeqDone(origin, channel, seq)),
-                None => (false, Record::SeqDone(origin, channel, seq)),
-            },
-            MessageId::Key(k) => (
-                self.table.complete(k, now),
-                Record::KeyDone(k, self.unix_ms(now)),
-            ),
-        };
-        if !done {
-            return Ok(());
+            } => {
+                let now_ms = self.unix_ms(now);
+                let k = (origin, channel);
+                let (done, settled, stamp) = self.streams.complete(&k, seq, now_ms);
+                if !done {
+                    return Ok(());
+                }
+                self.counters.completed.fetch_add(1, Ordering::Relaxed);
+                if stamp {
+                    self.persist(Record::Active(origin, channel, now_ms), now, false)?;
+                }
+                self.persist(Record::SeqDone(origin, channel, seq), now, sync)?;
+                if settled {
+                    if let Some(t) = self.streams.try_retire(k, now_ms) {
+                        self.persist_changes(&[Change::Retired(k, t)], now)?;
+                    }
+                }
+                Ok(())
+            }
+            MessageId::Key(k) => {
+                if !self.table.complete(k, now) {
+                    return Ok(());
+                }
+                self.counters.completed.fetch_add(1, Ordering::Relaxed);
+                self.persist(Record::KeyDone(k, self.unix_ms(now)), now, sync)
+            }
         }
-        self.counters.completed.fetch_add(1, Ordering::Relaxed);
-        self.persist(rec, now, sync)
     }
 
     /// Forgets an in-progress id (processing failed) so its redelivery is `Fresh`.
@@ -406,10 +568,7 @@ impl Dedup {
                 origin,
                 channel,
                 seq,
-            } => self
-                .streams
-                .get(origin, channel)
-                .is_some_and(|w| w.release(seq)),
+            } => self.streams.release(&(origin, channel), seq),
             MessageId::Key(k) => self.table.release(k),
         };
         if released {
@@ -419,7 +578,8 @@ impl Dedup {
 
     /// The sender promises every seq `< floor` of this stream is settled forever:
     /// they become duplicates (see [`SeqWindow::advance_floor`]). Persisted when
-    /// durable.
+    /// durable. On a retired stream it revives the stream only if `floor` is above
+    /// every seq the stream ever began (otherwise it is ignored).
     ///
     /// # Errors
     /// `TooManyStreams` for a new stream over the limit; `Io` from the durable log.
@@ -428,24 +588,87 @@ impl Dedup {
         origin: Origin,
         channel: ChannelId,
         floor: u64,
+        now: Instant,
     ) -> Result<(), DedupError> {
-        let w = self.streams.get_or_insert(origin, channel)?;
-        if floor <= w.watermark() + 1 {
-            return Ok(());
+        let now_ms = self.unix_ms(now);
+        let mut changes = Vec::new();
+        let moved = self
+            .streams
+            .advance_floor((origin, channel), floor, now_ms, &mut changes)?;
+        self.persist_changes(&changes, now)?;
+        if moved {
+            self.persist(Record::Floor(origin, channel, floor), now, false)?;
         }
-        w.advance_floor(floor);
-        self.persist(Record::Floor(origin, channel, floor), self.base, false)
+        Ok(())
     }
 
-    /// The dedup window of a stream, if it has been seen.
-    pub fn window_of(&self, origin: Origin, channel: ChannelId) -> Option<&SeqWindow> {
-        self.streams.get(origin, channel)
+    /// The sender's run `origin` shut down cleanly and `last_seq` was the last seq it
+    /// sent on `channel` (0: it sent none). The stream is retired as soon as every seq
+    /// up to `last_seq` is settled (now, if they are); from then on a retransmission of
+    /// any of them is a `Duplicate` and a seq above it is refused with
+    /// [`DedupError::StreamRetired`]. Without this call the stream is retired after
+    /// the retention instead.
+    ///
+    /// # Errors
+    /// `TooManyStreams` if the stream was unknown and no room is left (it is then
+    /// retired by the retention); `Io` from the durable log.
+    pub fn finish_stream(
+        &self,
+        origin: Origin,
+        channel: ChannelId,
+        last_seq: u64,
+        now: Instant,
+    ) -> Result<(), DedupError> {
+        let now_ms = self.unix_ms(now);
+        let k = (origin, channel);
+        let mut changes = Vec::new();
+        let settled = self.streams.finish(k, last_seq, now_ms, &mut changes)?;
+        if settled {
+            if let Some(t) = self.streams.try_retire(k, now_ms) {
+                changes.push(Change::Retired(k, t));
+            }
+        }
+        self.persist_changes(&changes, now)
+    }
+
+    /// Retires every stream idle for the retention (or finished and settled) and
+    /// forgets tombstones older than the retention. Runs by itself (at most every
+    /// retention / 8) when a new stream appears; call it from a timer to reclaim memory
+    /// when no new senders come. Returns how many streams were retired.
+    ///
+    /// # Errors
+    /// `Io` from the durable log (the retirements happened in memory).
+    pub fn retire_idle(&self, now: Instant) -> Result<usize, DedupError> {
+        let mut changes = Vec::new();
+        let n = self.streams.sweep(self.unix_ms(now), &mut changes);
+        self.persist_changes(&changes, now)?;
+        Ok(n)
+    }
+
+    /// The watermark of a live stream's window (every seq at or below it is settled),
+    /// if the stream is live.
+    pub fn watermark_of(&self, origin: Origin, channel: ChannelId) -> Option<u64> {
+        self.streams
+            .with_window(&(origin, channel), |w| w.map(SeqWindow::watermark))
+    }
+
+    /// Estimated bytes of dedup memory: live windows, tombstones and key-table slots.
+    pub fn memory_bytes(&self) -> usize {
+        self.streams.len() as usize * self.streams.bytes_per_stream()
+            + self.streams.tombstones() as usize * StreamRegistry::bytes_per_tombstone()
+            + self.table.memory_bytes()
+    }
+
+    /// The application-key table.
+    pub fn key_table(&self) -> &IdTable {
+        &self.table
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> DedupStats {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let s = &self.streams.counters;
         DedupStats {
             fresh: l(&c.fresh),
             duplicates: l(&c.duplicates),
@@ -455,15 +678,39 @@ impl Dedup {
             expired_reclaimed: self.table.expired_reclaimed_count(),
             completed: l(&c.completed),
             released: l(&c.released),
-            streams: self.streams.len.load(Ordering::Relaxed),
+            streams: self.streams.len(),
+            tombstones: self.streams.tombstones(),
+            streams_retired_idle: l(&s.retired_idle),
+            streams_retired_finished: l(&s.retired_finished),
+            streams_revived: l(&s.revived),
+            retired_refused: l(&s.refused_retired),
+            key_generations: self.table.generations() as u64,
+            key_generations_dropped: self.table.generations_dropped(),
+            memory_bytes: self.memory_bytes() as u64,
             corrupt_records_skipped: l(&c.corrupt_records_skipped),
             torn_bytes_truncated: l(&c.torn_bytes_truncated),
             recovery_dropped: l(&c.recovery_dropped),
         }
     }
 
+    /// Wall-clock milliseconds at `now` (the clock read once at `open`).
     fn unix_ms(&self, now: Instant) -> u64 {
         self.base_unix_ms + now.saturating_duration_since(self.base).as_millis() as u64
+    }
+
+    fn persist_changes(&self, changes: &[Change], now: Instant) -> Result<(), DedupError> {
+        if self.log.is_none() {
+            return Ok(());
+        }
+        for ch in changes {
+            let rec = match *ch {
+                Change::Retired((o, c), t) => Record::Retired(o, c, retired_record(t)),
+                Change::Revived((o, c), floor) => Record::Floor(o, c, floor),
+                Change::Active((o, c), ms) => Record::Active(o, c, ms),
+            };
+            self.persist(rec, now, false)?;
+        }
+        Ok(())
     }
 
     fn persist(&self, rec: Record, now: Instant, sync: bool) -> Result<(), DedupError> {
@@ -486,17 +733,23 @@ impl Dedup {
         Ok(())
     }
 
-    /// The live state as records (compaction).
+    /// The live state as records (compaction): live streams with their activity time,
+    /// tombstones, unexpired keys. Retired streams' windows are gone from it.
     fn live_records(&self, now: Instant) -> Vec<Record> {
         let mut out = Vec::new();
-        self.streams.for_each(|origin, channel, w| {
-            let wm = w.watermark();
-            if wm > 0 {
-                out.push(Record::Floor(origin, channel, wm + 1));
-            }
-            for s in w.done_above_watermark() {
-                out.push(Record::SeqDone(origin, channel, s));
-            }
+        self.streams
+            .for_each_live(|(origin, channel), w, active_ms| {
+                out.push(Record::Active(origin, channel, active_ms));
+                let wm = w.watermark();
+                if wm > 0 {
+                    out.push(Record::Floor(origin, channel, wm + 1));
+                }
+                for s in w.done_above_watermark() {
+                    out.push(Record::SeqDone(origin, channel, s));
+                }
+            });
+        self.streams.for_each_tombstone(|(o, c), t| {
+            out.push(Record::Retired(o, c, retired_record(t)));
         });
         let now_unix = self.unix_ms(now);
         for (k, age) in self.table.done_entries(now) {
@@ -507,15 +760,52 @@ impl Dedup {
 
     fn replay(&mut self, records: &[Record], now: Instant) {
         use std::collections::BTreeMap;
-        let mut per_stream: BTreeMap<(Origin, ChannelId), (u64, Vec<u64>)> = BTreeMap::new();
+        #[derive(Default)]
+        struct Rep {
+            floor: u64,
+            seqs: Vec<u64>,
+            active_ms: Option<u64>,
+            tomb: Option<Tombstone>,
+        }
+        let mut per_stream: BTreeMap<(Origin, ChannelId), Rep> = BTreeMap::new();
         let now_unix = self.unix_ms(now);
+        let retention = self.streams.retention_ms;
         let mut dropped = 0;
         for r in records {
             match *r {
-                Record::SeqDone(o, c, s) => per_stream.entry((o, c)).or_default().1.push(s),
+                Record::SeqDone(o, c, s) => {
+                    let e = per_stream.entry((o, c)).or_default();
+                    if let Some(t) = e.tomb.take() {
+                        e.floor = e.floor.max(t.watermark + 1);
+                    }
+                    e.seqs.push(s);
+                }
                 Record::Floor(o, c, f) => {
                     let e = per_stream.entry((o, c)).or_default();
-                    e.0 = e.0.max(f);
+                    if let Some(t) = e.tomb.take() {
+                        // Revived: it restarts at the tombstone's watermark.
+                        e.floor = t.watermark + 1;
+                    }
+                    e.floor = e.floor.max(f);
+                }
+                Record::Active(o, c, ms) => {
+                    let e = per_stream.entry((o, c)).or_default();
+                    if let Some(t) = e.tomb.take() {
+                        e.floor = e.floor.max(t.watermark + 1);
+                    }
+                    e.active_ms = Some(e.active_ms.map_or(ms, |a| a.max(ms)));
+                }
+                Record::Retired(o, c, r) => {
+                    let e = per_stream.entry((o, c)).or_default();
+                    *e = Rep {
+                        tomb: Some(Tombstone {
+                            watermark: r.watermark,
+                            max_seen: r.max_seen,
+                            finished: r.finished,
+                            retired_ms: r.unix_ms,
+                        }),
+                        ..Rep::default()
+                    };
                 }
                 Record::KeyDone(k, ms) => {
                     let age = Duration::from_millis(now_unix.saturating_sub(ms));
@@ -526,17 +816,22 @@ impl Dedup {
                 }
             }
         }
-        for ((o, c), (floor, mut seqs)) in per_stream {
-            let Ok(w) = self.streams.get_or_insert(o, c) else {
-                dropped += seqs.len() as u64;
-                continue;
-            };
-            w.advance_floor(floor);
-            seqs.sort_unstable();
-            for s in seqs {
-                if w.mark_done(s).is_err() {
-                    dropped += 1;
+        for (k, mut rep) in per_stream {
+            if let Some(t) = rep.tomb {
+                if now_unix < self.streams.tombstone_expiry(t.retired_ms) {
+                    self.streams.restore_tombstone(k, t);
                 }
+                continue;
+            }
+            // An activity stamp lags the real activity by up to retention / 4 (see
+            // `StreamRegistry::stamp_due`); without one (a version 1 log), count from now.
+            let active = rep
+                .active_ms
+                .map_or(now_unix, |a| (a + retention / 4).min(now_unix));
+            rep.seqs.sort_unstable();
+            match self.streams.restore_live(k, rep.floor, &rep.seqs, active) {
+                Ok(n) => dropped += n,
+                Err(_) => dropped += rep.seqs.len() as u64,
             }
         }
         self.counters
@@ -545,139 +840,11 @@ impl Dedup {
     }
 }
 
-/// A fixed-size, insert-only, lock-free map from `(origin, channel)` to its window.
-struct StreamRegistry {
-    slots: Box<[AtomicPtr<StreamEntry>]>,
-    mask: usize,
-    max: usize,
-    window: u32,
-    len: AtomicU64,
-}
-
-#[derive(Debug)]
-struct StreamEntry {
-    origin: Origin,
-    channel: ChannelId,
-    window: SeqWindow,
-}
-
-impl std::fmt::Debug for StreamRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamRegistry")
-            .field("streams", &self.len.load(Ordering::Relaxed))
-            .field("max", &self.max)
-            .finish_non_exhaustive()
-    }
-}
-
-impl StreamRegistry {
-    fn new(max: usize, window: u32) -> Self {
-        let cap = (max * 2).next_power_of_two();
-        StreamRegistry {
-            slots: (0..cap)
-                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
-                .collect(),
-            mask: cap - 1,
-            max,
-            window,
-            len: AtomicU64::new(0),
-        }
-    }
-
-    fn home(origin: Origin, channel: ChannelId) -> usize {
-        let mut z =
-            origin.node.0 ^ origin.incarnation.rotate_left(21) ^ (channel.0 as u64).rotate_left(42);
-        z = z.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (z ^ (z >> 31)) as usize
-    }
-
-    fn get(&self, origin: Origin, channel: ChannelId) -> Option<&SeqWindow> {
-        let h = Self::home(origin, channel);
-        for i in 0..=self.mask {
-            let p = self.slots[(h + i) & self.mask].load(Ordering::Acquire);
-            if p.is_null() {
-                return None;
-            }
-            // SAFETY: non-null pointers come from `Box::into_raw` in `get_or_insert`
-            // and are freed only in `Drop`, which has `&mut self`.
-            let e = unsafe { &*p };
-            if e.origin == origin && e.channel == channel {
-                return Some(&e.window);
-            }
-        }
-        None
-    }
-
-    fn get_or_insert(&self, origin: Origin, channel: ChannelId) -> Result<&SeqWindow, DedupError> {
-        if let Some(w) = self.get(origin, channel) {
-            return Ok(w);
-        }
-        if self.len.fetch_add(1, Ordering::AcqRel) >= self.max as u64 {
-            self.len.fetch_sub(1, Ordering::AcqRel);
-            // A racer may have inserted it meanwhile.
-            return self
-                .get(origin, channel)
-                .ok_or(DedupError::TooManyStreams { max: self.max });
-        }
-        let fresh = Box::into_raw(Box::new(StreamEntry {
-            origin,
-            channel,
-            window: SeqWindow::new(self.window),
-        }));
-        let h = Self::home(origin, channel);
-        for i in 0..=self.mask {
-            let slot = &self.slots[(h + i) & self.mask];
-            let mut p = slot.load(Ordering::Acquire);
-            if p.is_null() {
-                match slot.compare_exchange(
-                    std::ptr::null_mut(),
-                    fresh,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    // SAFETY: just published; lives until Drop.
-                    Ok(_) => return Ok(unsafe { &(*fresh).window }),
-                    Err(actual) => p = actual,
-                }
-            }
-            // SAFETY: as in `get`.
-            let e = unsafe { &*p };
-            if e.origin == origin && e.channel == channel {
-                // Lost the race to the same stream: free ours.
-                // SAFETY: `fresh` was never published.
-                drop(unsafe { Box::from_raw(fresh) });
-                self.len.fetch_sub(1, Ordering::AcqRel);
-                return Ok(&e.window);
-            }
-        }
-        // Unreachable in practice: the array has 2 × max slots and len <= max.
-        // SAFETY: `fresh` was never published.
-        drop(unsafe { Box::from_raw(fresh) });
-        self.len.fetch_sub(1, Ordering::AcqRel);
-        Err(DedupError::TooManyStreams { max: self.max })
-    }
-
-    fn for_each(&self, mut f: impl FnMut(Origin, ChannelId, &SeqWindow)) {
-        for slot in self.slots.iter() {
-            let p = slot.load(Ordering::Acquire);
-            if !p.is_null() {
-                // SAFETY: as in `get`.
-                let e = unsafe { &*p };
-                f(e.origin, e.channel, &e.window);
-            }
-        }
-    }
-}
-
-impl Drop for StreamRegistry {
-    fn drop(&mut self) {
-        for slot in self.slots.iter() {
-            let p = slot.load(Ordering::Acquire);
-            if !p.is_null() {
-                // SAFETY: we have `&mut self`; every non-null pointer is a published,
-                // unique `Box::into_raw` result.
-                drop(unsafe { Box::from_raw(p) });
-            }
-        }
+fn retired_record(t: Tombstone) -> RetiredRecord {
+    RetiredRecord {
+        watermark: t.watermark,
+        max_seen: t.max_seen,
+        finished: t.finished,
+        unix_ms: t.retired_ms,
     }
 }

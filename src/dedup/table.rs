@@ -1,93 +1,86 @@
 //! The expiring ID table for application idempotency keys.
 //!
-//! Owns a fixed-capacity, lock-free, open-addressed (linear probing) set of full 128-bit
-//! keys with a per-entry state and completion time. Must not read a clock (every call
-//! takes `now`), allocate after construction, or ever report a key it does not hold
-//! (keys are compared in full, read under a per-slot version check).
+//! Owns the set of full 128-bit keys, in generations ("segments") that grow with the
+//! key rate up to a memory budget and expire whole. Must not read a clock (every call
+//! takes `now`), or ever report a key it does not hold. The slot protocol of one
+//! generation lives in `segment.rs`.
 //!
-//! # Slot states
+//! # Generations
 //!
-//! `EMPTY` (never used; ends a probe chain, never comes back) → `BUSY` (claimed, key
-//! being written) → `PENDING` (key published, arbitration running) → `INPROG` (owned by
-//! one caller) → `DONE` (completed at a time) → expired (a `DONE` older than the horizon:
-//! reusable in place) or `FREE` (released / lost arbitration: reusable).
+//! Inserts go to the newest segment only. A new segment is added when
 //!
-//! # Why arbitration
+//! * the horizon period of the current one has passed (it starts a new period, sized
+//!   for twice the keys the previous period inserted, at least the initial capacity), or
+//! * the current one is half used (or a probe chain in it is full): the new one has
+//!   four times its slots and belongs to the same period.
 //!
-//! Reusable slots in the middle of a chain let two concurrent inserters of the same key
-//! claim different slots. After publishing `PENDING`, each inserter fences (`SeqCst`)
-//! and rescans the chain (Dekker: of two racers at least one sees the other). A racer
-//! that sees an `INPROG`/live `DONE` copy retracts; between two `PENDING` copies the one
-//! nearer the home slot wins and may kill the other. Exactly one copy becomes `INPROG`.
-//! A loser answers `InProgress`, which is safe: the winner acks or releases, and the
-//! sender retries whatever was not acked.
+//! Older segments are only read (and settled) until every entry in them expired: then
+//! the whole segment is dropped at once, O(1) per key. With a steady key rate `r` and
+//! horizon `h`, two or three generations of `2·r·h` to `4·r·h` slots (rounded up to a
+//! power of two) live at a time: roughly 100–300 bytes per key of the last horizon. A
+//! burst leaves one generation per ×4 of growth, which lookups probe until they
+//! expire (one horizon); the next period's generation is sized for the burst's rate. A segment is freed through crossbeam-epoch once no
+//! reader can still see it.
 //!
-//! Every claim bumps a 21-bit slot version, and key reads are validated against the
-//! whole state word (kind, version, time), so a reader can only be fooled if one slot
-//! is reclaimed exactly 2^21 times between two of its loads a few nanoseconds apart.
+//! # At the budget
+//!
+//! A segment is only added if the live segments plus the new one fit in the budget
+//! (the largest power-of-two size that fits is taken, if it is at least the initial
+//! capacity). Until then, the current segment keeps taking keys (reusing expired and
+//! released slots in place). When it has no usable slot near a key's home and no
+//! segment can be added, that key is refused with [`DedupError::TableFull`], counted in
+//! [`IdTable::table_full_count`], and a warning is logged (at most every 10 s).
+//!
+//! # Progress
+//!
+//! `begin`/`complete`/`release` take no lock. Adding a segment allocates (once per
+//! horizon period or per doubling) and publishes it with one compare-and-swap; a racer
+//! that loses that race frees its allocation and retries on the winner's list.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::sync::{fence, AtomicU64, Ordering};
+use super::segment::{key_hash, Claim, Rank, Segment, SLOT_BYTES, TIME_MASK};
+use super::sync::{fence, pin, wait_for_other, AtomicU64, Ordering, Pin, Snapshot};
 use super::{Admit, DedupError};
 use crate::IdKey;
 
-const K_EMPTY: u64 = 0;
-const K_BUSY: u64 = 1;
-const K_PENDING: u64 = 2;
-const K_INPROG: u64 = 3;
-const K_DONE: u64 = 4;
-const K_FREE: u64 = 5;
+/// Default initial capacity (slots) of a growing table: 16 384 slots, 384 KiB.
+pub const DEFAULT_INITIAL_SLOTS: usize = 16_384;
 
-const TIME_BITS: u32 = 40;
-const TIME_MASK: u64 = (1 << TIME_BITS) - 1;
-const VER_MASK: u64 = (1 << 21) - 1;
+/// A generation added because the current one filled up has this many times its
+/// slots: 4 keeps the number of generations a burst leaves behind (each probed by
+/// lookups until it expires) small, at up to 4× memory headroom.
+const GROWTH: usize = 4;
 
-/// Longest probe chain: a key lives within this many slots of its home slot.
-const MAX_PROBE: usize = 128;
+/// Bytes of memory one slot takes (the budget is spent in slots).
+pub const BYTES_PER_SLOT: usize = SLOT_BYTES;
 
-#[inline]
-fn kind(s: u64) -> u64 {
-    s >> 61
-}
-#[inline]
-fn ver(s: u64) -> u64 {
-    (s >> TIME_BITS) & VER_MASK
-}
-#[inline]
-fn time(s: u64) -> u64 {
-    s & TIME_MASK
-}
-#[inline]
-fn pack(kind: u64, ver: u64, time: u64) -> u64 {
-    (kind << 61) | ((ver & VER_MASK) << TIME_BITS) | (time & TIME_MASK)
-}
+/// How long a failed attempt to add a segment is not retried (for the non-forced
+/// triggers), as a fraction of the horizon.
+const ROLL_BACKOFF_DIV: u64 = 16;
 
-#[derive(Debug)]
-struct Slot {
-    state: AtomicU64,
-    lo: AtomicU64,
-    hi: AtomicU64,
-}
+/// Least interval between two "table full" warnings.
+const WARN_EVERY_MS: u64 = 10_000;
 
-/// A bounded, lock-free set of [`IdKey`]s that forgets completed keys after a horizon.
+type SegList = Vec<Arc<Segment>>;
+
+/// A lock-free set of [`IdKey`]s that forgets completed keys after a horizon and
+/// grows with the key rate up to a memory budget (see the module doc).
 ///
-/// * `capacity` slots (rounded up to a power of two) are allocated once; 24 bytes each.
-///   Plan for ~2× headroom: an insert looks for a free slot only within 128 slots of
-///   the key's home, so a crowded neighbourhood refuses with
-///   [`DedupError::TableFull`] before every slot is used.
-/// * A completed key is remembered for `horizon` after [`complete`](Self::complete);
-///   after that its slot is reused by a later insert (reclaim is incremental, on the
-///   insert path; no sweep). An in-progress key never expires: a handler that never
-///   completes holds its slot until the caller [`release`](Self::release)s it (the
-///   driver releases when a delivery is dropped unacked).
+/// * [`IdTable::growing`] starts at `initial_slots` and adds generations up to
+///   `budget_bytes`; [`IdTable::new`] is a single fixed generation (no growth).
+/// * A completed key is remembered for `horizon` after [`complete`](Self::complete).
+///   An in-progress key never expires: a handler that never completes holds its slot
+///   (and its generation) until the caller [`release`](Self::release)s it (the driver
+///   releases when a delivery is dropped unacked).
 /// * Never a false "duplicate": keys are stored and compared in full.
 ///
 /// ```
 /// use std::time::{Duration, Instant};
 /// use ackwire::{IdKey, dedup::{Admit, IdTable}};
 /// let t0 = Instant::now();
-/// let t = IdTable::new(1024, Duration::from_secs(60), t0);
+/// let t = IdTable::growing(1024, 64 << 20, Duration::from_secs(60), t0);
 /// let k = IdKey(42);
 /// assert_eq!(t.begin(k, t0).unwrap(), Admit::Fresh);
 /// assert_eq!(t.begin(k, t0).unwrap(), Admit::InProgress);
@@ -96,64 +89,93 @@ struct Slot {
 /// assert_eq!(t.begin(k, t0 + Duration::from_secs(61)).unwrap(), Admit::Fresh);
 /// ```
 pub struct IdTable {
-    slots: Box<[Slot]>,
-    mask: usize,
-    probe: usize,
+    segs: Snapshot<SegList>,
     horizon_ms: u64,
     base: Instant,
+    min_slots: usize,
+    budget_bytes: usize,
+    next_id: AtomicU64,
+    next_roll_ms: AtomicU64,
     table_full: AtomicU64,
     expired_reclaimed: AtomicU64,
+    segments_dropped: AtomicU64,
+    last_warn_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for IdTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdTable")
             .field("capacity", &self.capacity())
+            .field("budget_bytes", &self.budget_bytes)
             .field("horizon", &self.horizon())
             .field("table_full", &self.table_full_count())
-            .field("expired_reclaimed", &self.expired_reclaimed_count())
             .finish_non_exhaustive()
     }
 }
 
-/// What a probe found for a key.
-enum Found {
-    /// A live copy: answer with this.
-    Live(Admit),
-    /// Not present; the first reusable slot (index, state, probe distance) if any.
-    Absent(Option<(usize, u64, usize)>),
-}
-
 impl IdTable {
-    /// A table of at least `capacity` slots (power of two, minimum 8) remembering
-    /// completed keys for `horizon`, with times measured from `base`.
+    /// A single fixed generation of at least `capacity` slots (power of two, minimum
+    /// 8): it never grows, and refuses with `TableFull` when a key's neighbourhood has
+    /// no free or expired slot. Times are measured from `base`.
     pub fn new(capacity: usize, horizon: Duration, base: Instant) -> IdTable {
         let cap = capacity.max(8).next_power_of_two();
-        let mut slots = Vec::with_capacity(cap);
-        advise_huge_pages(
-            slots.as_mut_ptr() as *mut u8,
-            cap * std::mem::size_of::<Slot>(),
-        );
-        slots.extend((0..cap).map(|_| Slot {
-            state: AtomicU64::new(pack(K_EMPTY, 0, 0)),
-            lo: AtomicU64::new(0),
-            hi: AtomicU64::new(0),
-        }));
-        let slots = slots.into_boxed_slice();
+        Self::growing(cap, cap * SLOT_BYTES, horizon, base)
+    }
+
+    /// A table that starts with `initial_slots` slots (power of two, minimum 8) and
+    /// adds generations as the key rate needs, while all of them fit in `budget_bytes`
+    /// (at least the first generation is always allocated).
+    pub fn growing(
+        initial_slots: usize,
+        budget_bytes: usize,
+        horizon: Duration,
+        base: Instant,
+    ) -> IdTable {
+        let min_slots = initial_slots.max(8).next_power_of_two();
+        let horizon_ms = (horizon.as_millis() as u64).clamp(1, TIME_MASK / 4);
+        // Times are offset by the horizon so recovered entries completed before
+        // `base` still have a non-negative time (see `ms`).
+        let first = Segment::new(0, min_slots, horizon_ms, horizon_ms, horizon_ms);
         IdTable {
-            slots,
-            mask: cap - 1,
-            probe: cap.min(MAX_PROBE),
-            horizon_ms: (horizon.as_millis() as u64).min(TIME_MASK / 2),
+            segs: Snapshot::new(vec![Arc::new(first)]),
+            horizon_ms,
             base,
+            min_slots,
+            budget_bytes: budget_bytes.max(min_slots * SLOT_BYTES),
+            next_id: AtomicU64::new(1),
+            next_roll_ms: AtomicU64::new(0),
             table_full: AtomicU64::new(0),
             expired_reclaimed: AtomicU64::new(0),
+            segments_dropped: AtomicU64::new(0),
+            last_warn_ms: AtomicU64::new(0),
         }
     }
 
-    /// Number of slots (the memory budget in entries).
+    /// Slots in the live generations.
     pub fn capacity(&self) -> usize {
-        self.mask + 1
+        let g = pin();
+        self.segs.load(&g).iter().map(|s| s.capacity()).sum()
+    }
+
+    /// Bytes of slot memory in the live generations (excluding small fixed headers).
+    pub fn memory_bytes(&self) -> usize {
+        self.capacity() * SLOT_BYTES
+    }
+
+    /// The memory budget in bytes.
+    pub fn budget_bytes(&self) -> usize {
+        self.budget_bytes
+    }
+
+    /// Live generations.
+    pub fn generations(&self) -> usize {
+        let g = pin();
+        self.segs.load(&g).len()
+    }
+
+    /// Generations dropped whole after all their entries expired.
+    pub fn generations_dropped(&self) -> u64 {
+        self.segments_dropped.load(Ordering::Relaxed)
     }
 
     /// How long completed keys are remembered.
@@ -161,17 +183,12 @@ impl IdTable {
         Duration::from_millis(self.horizon_ms)
     }
 
-    /// Bytes of slot memory (excluding the small fixed header).
-    pub fn memory_bytes(&self) -> usize {
-        self.capacity() * std::mem::size_of::<Slot>()
-    }
-
     /// How many inserts were refused with [`DedupError::TableFull`].
     pub fn table_full_count(&self) -> u64 {
         self.table_full.load(Ordering::Relaxed)
     }
 
-    /// How many expired entries were reused by inserts.
+    /// How many expired entries were reused in place by inserts.
     pub fn expired_reclaimed_count(&self) -> u64 {
         self.expired_reclaimed.load(Ordering::Relaxed)
     }
@@ -181,93 +198,101 @@ impl IdTable {
     /// horizon).
     ///
     /// # Errors
-    /// [`DedupError::TableFull`] when no free or expired slot is near the key's home:
-    /// do not process, nack; the sender retries later (entries expire meanwhile).
+    /// [`DedupError::TableFull`] when the budget is reached and the newest generation
+    /// has no free or expired slot near the key's home: do not process, nack; the
+    /// sender retries later (entries expire meanwhile).
     pub fn begin(&self, key: IdKey, now: Instant) -> Result<Admit, DedupError> {
         let now_ms = self.ms(now);
-        let home = self.home(key);
+        let hash = key_hash(key);
+        let g = pin();
         loop {
-            let (idx, s, dist) = match self.find(key, home, now_ms) {
-                Found::Live(a) => return Ok(a),
-                Found::Absent(Some(free)) => free,
-                Found::Absent(None) => {
-                    self.table_full.fetch_add(1, Ordering::Relaxed);
-                    return Err(DedupError::TableFull {
-                        capacity: self.capacity(),
-                    });
-                }
-            };
-            let slot = &self.slots[idx];
-            let v = ver(s) + 1;
-            if slot
-                .state
-                .compare_exchange(s, pack(K_BUSY, v, 0), Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
+            let list = self.segs.load(&g);
+            let cur = list.last().expect("a table always has a generation");
+            if now_ms >= self.next_roll_ms.load(Ordering::Relaxed)
+                && self.roll_due(cur, now_ms)
+                && self.roll(list, now_ms, false, &g)
             {
                 continue;
             }
-            if kind(s) == K_DONE {
-                self.expired_reclaimed.fetch_add(1, Ordering::Relaxed);
+            for s in &list[..list.len() - 1] {
+                if let Some(a) = s.lookup(key, hash, now_ms) {
+                    return Ok(a);
+                }
             }
-            fence(Ordering::Release);
-            slot.lo.store(key.0 as u64, Ordering::Relaxed);
-            slot.hi.store((key.0 >> 64) as u64, Ordering::Relaxed);
-            let pending = pack(K_PENDING, v, 0);
-            slot.state.store(pending, Ordering::Release);
-            fence(Ordering::SeqCst);
-            let verdict = self.arbitrate(key, home, idx, dist, now_ms);
-            return match verdict {
-                None => {
-                    match slot.state.compare_exchange(
-                        pending,
-                        pack(K_INPROG, v, 0),
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    ) {
-                        Ok(_) => Ok(Admit::Fresh),
-                        // Killed by a copy nearer home: that one is winning.
-                        Err(_) => Ok(Admit::InProgress),
+            if !cur.enter() {
+                // Closed by a roller that is about to publish a newer generation.
+                self.roll(list, now_ms, true, &g);
+                wait_for_other();
+                continue;
+            }
+            match cur.claim(key, hash, now_ms) {
+                Claim::Live(a) => {
+                    cur.leave();
+                    return Ok(a);
+                }
+                Claim::Full => {
+                    cur.leave();
+                    if self.roll(list, now_ms, true, &g) {
+                        continue;
                     }
+                    return Err(self.refuse(list, now_ms));
                 }
-                Some(answer) => {
-                    let _ = slot.state.compare_exchange(
-                        pending,
-                        pack(K_FREE, v, 0),
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    );
-                    Ok(answer)
+                Claim::Claimed {
+                    idx,
+                    ver,
+                    dist,
+                    reclaimed,
+                } => {
+                    if reclaimed {
+                        self.expired_reclaimed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    fence(Ordering::SeqCst);
+                    let verdict = self.arbitrate(&g, cur, key, hash, idx, dist, now_ms);
+                    return Ok(match verdict {
+                        None if cur.commit(idx, ver) => Admit::Fresh,
+                        None => {
+                            cur.leave();
+                            Admit::InProgress
+                        }
+                        Some(answer) => {
+                            cur.retract(idx, ver);
+                            cur.leave();
+                            answer
+                        }
+                    });
                 }
-            };
+            }
         }
     }
 
     /// Marks an in-progress `key` completed at `now`; it is a `Duplicate` until
     /// `now + horizon`. Returns `false` if `key` was not in progress.
     pub fn complete(&self, key: IdKey, now: Instant) -> bool {
-        self.complete_at_ms(key, self.ms(now))
+        self.settle(key, Some(self.ms(now)))
     }
 
     /// Forgets an in-progress `key` (processing failed) so a redelivery is `Fresh`.
     /// Returns `false` if `key` was not in progress.
     pub fn release(&self, key: IdKey) -> bool {
-        self.settle(key, |v| pack(K_FREE, v, 0))
+        self.settle(key, None)
     }
 
     /// Completed, unexpired keys with their age in milliseconds at `now` (for
     /// snapshots; allocates).
     pub fn done_entries(&self, now: Instant) -> Vec<(IdKey, u64)> {
         let now_ms = self.ms(now);
+        let g = pin();
         let mut out = Vec::new();
-        for slot in self.slots.iter() {
-            let s = slot.state.load(Ordering::Acquire);
-            if kind(s) == K_DONE && !self.expired(s, now_ms) {
-                if let Some(k) = self.read_key(slot, s) {
-                    out.push((k, now_ms.saturating_sub(time(s))));
-                }
-            }
+        for s in self.segs.load(&g).iter() {
+            s.done_entries(now_ms, &mut out);
         }
-        out
+        // A key may have an expired-then-reinserted copy in two generations only if
+        // the older one expired, which `done_entries` skips; still, keep one per key.
+        out.sort_unstable_by_key(|&(k, t)| (k, std::cmp::Reverse(t)));
+        out.dedup_by_key(|e| e.0);
+        out.into_iter()
+            .map(|(k, t)| (k, now_ms.saturating_sub(t)))
+            .collect()
     }
 
     /// Recovery: records `key` as completed `age` before `now`. An already expired
@@ -280,198 +305,189 @@ impl IdTable {
         }
         let t = self.ms(now).saturating_sub(age_ms);
         match self.begin(key, now) {
-            Ok(Admit::Fresh) => self.complete_at_ms(key, t),
+            Ok(Admit::Fresh) => self.settle(key, Some(t)),
             Ok(Admit::Duplicate | Admit::InProgress) => true,
             Err(_) => false,
         }
     }
 
-    fn complete_at_ms(&self, key: IdKey, t: u64) -> bool {
-        self.settle(key, |v| pack(K_DONE, v, t))
+    fn settle(&self, key: IdKey, done_at: Option<u64>) -> bool {
+        let hash = key_hash(key);
+        let g = pin();
+        // Newest first: an in-progress entry is almost always in the newest generation.
+        self.segs
+            .load(&g)
+            .iter()
+            .rev()
+            .any(|s| s.settle(key, hash, done_at))
     }
 
-    /// Finds the `INPROG` copy of `key` and moves it to `to(version)`.
-    fn settle(&self, key: IdKey, to: impl Fn(u64) -> u64) -> bool {
-        let home = self.home(key);
-        let mut i = 0;
-        while i < self.probe {
-            let slot = &self.slots[(home + i) & self.mask];
-            let s = slot.state.load(Ordering::Acquire);
-            match kind(s) {
-                K_EMPTY => return false,
-                K_INPROG => match self.read_key(slot, s) {
-                    None => continue,
-                    Some(k) if k == key => {
-                        if slot
-                            .state
-                            .compare_exchange(s, to(ver(s)), Ordering::AcqRel, Ordering::Relaxed)
-                            .is_ok()
-                        {
-                            return true;
-                        }
-                        continue;
-                    }
-                    Some(_) => {}
-                },
-                _ => {}
-            }
-            i += 1;
-        }
-        false
-    }
-
-    /// Probes `key`'s chain: a live copy, or absence plus the first reusable slot.
-    fn find(&self, key: IdKey, home: usize, now_ms: u64) -> Found {
-        let mut free = None;
-        let mut i = 0;
-        while i < self.probe {
-            let idx = (home + i) & self.mask;
-            let slot = &self.slots[idx];
-            let s = slot.state.load(Ordering::Acquire);
-            match kind(s) {
-                K_EMPTY => {
-                    if free.is_none() {
-                        free = Some((idx, s, i));
-                    }
-                    break;
-                }
-                K_FREE if free.is_none() => free = Some((idx, s, i)),
-                K_PENDING | K_INPROG | K_DONE => {
-                    let expired = kind(s) == K_DONE && self.expired(s, now_ms);
-                    match self.read_key(slot, s) {
-                        None => continue, // changed under us: look again
-                        Some(k) if k == key && !expired => {
-                            return Found::Live(if kind(s) == K_DONE {
-                                Admit::Duplicate
-                            } else {
-                                Admit::InProgress
-                            });
-                        }
-                        Some(_) => {
-                            if expired && free.is_none() {
-                                free = Some((idx, s, i));
-                            }
-                        }
-                    }
-                }
-                _ => {} // BUSY: its owner arbitrates against us if it is our key
-            }
-            i += 1;
-        }
-        Found::Absent(free)
-    }
-
-    /// After publishing our `PENDING` copy at `mine` (distance `my_dist`): `None` if we
-    /// may take it, `Some(answer)` if we must retract.
+    #[allow(clippy::too_many_arguments)]
     fn arbitrate(
         &self,
+        g: &Pin,
+        cur: &Arc<Segment>,
         key: IdKey,
-        home: usize,
+        hash: u64,
         mine: usize,
         my_dist: usize,
         now_ms: u64,
     ) -> Option<Admit> {
-        let mut i = 0;
-        while i < self.probe {
-            let idx = (home + i) & self.mask;
-            if idx == mine {
-                i += 1;
-                continue;
+        // Reloaded after the fence: a generation published by a racer is seen here, or
+        // the racer sees our copy (module doc of `segment.rs`).
+        for s in self.segs.load(g).iter() {
+            let rank = if Arc::ptr_eq(s, cur) {
+                Rank::Same { mine, my_dist }
+            } else if s.id < cur.id {
+                Rank::Older
+            } else {
+                Rank::Newer
+            };
+            if let Some(a) = s.arbitrate(key, hash, now_ms, rank) {
+                return Some(a);
             }
-            let slot = &self.slots[idx];
-            let s = slot.state.load(Ordering::Acquire);
-            match kind(s) {
-                K_EMPTY => break,
-                K_PENDING | K_INPROG | K_DONE => match self.read_key(slot, s) {
-                    None => continue,
-                    Some(k) if k == key => match kind(s) {
-                        K_INPROG => return Some(Admit::InProgress),
-                        K_DONE if !self.expired(s, now_ms) => return Some(Admit::Duplicate),
-                        K_DONE => {}
-                        _ if i < my_dist => return Some(Admit::InProgress),
-                        _ => {
-                            // A farther PENDING copy: kill it; on failure look again.
-                            if slot
-                                .state
-                                .compare_exchange(
-                                    s,
-                                    pack(K_FREE, ver(s), 0),
-                                    Ordering::AcqRel,
-                                    Ordering::Relaxed,
-                                )
-                                .is_err()
-                            {
-                                continue;
-                            }
-                        }
-                    },
-                    Some(_) => {}
-                },
-                _ => {}
-            }
-            i += 1;
         }
         None
     }
 
-    /// Reads the key of a slot whose state was `s`; `None` if the slot changed.
-    fn read_key(&self, slot: &Slot, s: u64) -> Option<IdKey> {
-        let lo = slot.lo.load(Ordering::Relaxed);
-        let hi = slot.hi.load(Ordering::Relaxed);
-        fence(Ordering::Acquire);
-        if slot.state.load(Ordering::Relaxed) != s {
-            return None;
-        }
-        Some(IdKey(((hi as u128) << 64) | lo as u128))
+    fn roll_due(&self, cur: &Segment, now_ms: u64) -> bool {
+        now_ms >= cur.start_ms + self.horizon_ms || cur.used() * 2 >= cur.capacity()
     }
 
-    fn expired(&self, s: u64, now_ms: u64) -> bool {
-        now_ms >= time(s) + self.horizon_ms
+    /// Tries to add a generation to `list` (dropping expired ones). `forced`: the
+    /// current generation cannot take the key (full, or closed). Returns `true` if the
+    /// list changed (by us or a racer): retry on the new one.
+    fn roll(&self, list: &SegList, now_ms: u64, forced: bool, g: &Pin) -> bool {
+        let cur = list.last().expect("a table always has a generation");
+        let time_due = now_ms >= cur.start_ms + self.horizon_ms;
+        if !time_due && !forced && cur.used() * 2 < cur.capacity() {
+            return false;
+        }
+        let mut keep: SegList = Vec::with_capacity(list.len() + 1);
+        let mut dropped = 0;
+        for s in &list[..list.len() - 1] {
+            if s.droppable(now_ms) {
+                dropped += 1;
+            } else {
+                keep.push(s.clone());
+            }
+        }
+        let cur_goes = cur.is_closed() || (time_due && cur.quiescent(now_ms));
+        let live: usize =
+            keep.iter().map(|s| s.bytes()).sum::<usize>() + if cur_goes { 0 } else { cur.bytes() };
+        let want = if time_due {
+            let period_keys: usize = list
+                .iter()
+                .filter(|s| s.period_start_ms == cur.period_start_ms)
+                .map(|s| s.used())
+                .sum();
+            (2 * period_keys).next_power_of_two().max(self.min_slots)
+        } else {
+            cur.capacity() * GROWTH
+        };
+        let room = self.budget_bytes.saturating_sub(live) / SLOT_BYTES;
+        let slots = if want <= room {
+            want
+        } else if room >= self.min_slots {
+            1 << room.ilog2()
+        } else {
+            0
+        };
+        if slots == 0 {
+            if !forced {
+                let backoff = (self.horizon_ms / ROLL_BACKOFF_DIV).max(1);
+                self.next_roll_ms.store(now_ms + backoff, Ordering::Relaxed);
+            }
+            if dropped > 0 && !cur.is_closed() {
+                // Unlink the expired generations anyway: that is what makes room.
+                keep.push(cur.clone());
+                if self.segs.replace(list, keep, g) {
+                    self.segments_dropped.fetch_add(dropped, Ordering::Relaxed);
+                }
+                return true;
+            }
+            return cur.is_closed();
+        }
+        // Committed to adding a generation: now the current one may close too.
+        if cur_goes && cur.droppable(now_ms) {
+            dropped += 1;
+        } else {
+            if cur_goes
+                && !cur.is_closed()
+                && live + cur.bytes() + slots * SLOT_BYTES > self.budget_bytes
+            {
+                // Someone entered it after all, and the budget counted it as gone.
+                return false;
+            }
+            keep.push(cur.clone());
+        }
+        let period_start = if time_due {
+            now_ms
+        } else {
+            cur.period_start_ms
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let fresh = Arc::new(Segment::new(
+            id,
+            slots,
+            now_ms,
+            period_start,
+            self.horizon_ms,
+        ));
+        keep.push(fresh.clone());
+        if self.segs.replace(list, keep, g) {
+            self.segments_dropped.fetch_add(dropped, Ordering::Relaxed);
+            self.next_roll_ms.store(0, Ordering::Relaxed);
+            return true;
+        }
+        if cur.is_closed() {
+            // We (or another roller) closed the current generation: it must not stay
+            // the newest one, or nobody could insert. Append ours to whatever won,
+            // unless the winner already moved past it.
+            loop {
+                let now_list = self.segs.load(g);
+                if !Arc::ptr_eq(now_list.last().expect("non-empty"), cur) {
+                    return true;
+                }
+                let mut next: SegList = now_list.clone();
+                next.push(fresh.clone());
+                if self.segs.replace(now_list, next, g) {
+                    return true;
+                }
+            }
+        }
+        true
+    }
+
+    fn refuse(&self, list: &SegList, now_ms: u64) -> DedupError {
+        self.table_full.fetch_add(1, Ordering::Relaxed);
+        let last = self.last_warn_ms.load(Ordering::Relaxed);
+        if (last == 0 || now_ms >= last + WARN_EVERY_MS)
+            && self
+                .last_warn_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                budget_bytes = self.budget_bytes,
+                refused_total = self.table_full_count(),
+                "dedup key table at its memory budget: refusing new keys until entries \
+                 expire (raise DedupConfig::table_budget_bytes or shorten the horizon)"
+            );
+        }
+        DedupError::TableFull {
+            capacity: list.iter().map(|s| s.capacity()).sum(),
+            budget_bytes: self.budget_bytes,
+        }
     }
 
     /// Milliseconds since `base`, offset by the horizon so recovered entries completed
     /// before `base` still have a non-negative time.
     fn ms(&self, now: Instant) -> u64 {
         let since = now.saturating_duration_since(self.base).as_millis() as u64;
-        (since + self.horizon_ms).min(TIME_MASK)
-    }
-
-    fn home(&self, key: IdKey) -> usize {
-        let x = (key.0 as u64) ^ ((key.0 >> 64) as u64).rotate_left(29);
-        let mut z = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z ^= z >> 32;
-        z = z.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z ^= z >> 29;
-        (z as usize) & self.mask
+        (since + self.horizon_ms).min(TIME_MASK / 2)
     }
 }
-
-/// Best effort: ask Linux for transparent huge pages on a large, not yet touched slot
-/// array. Lookups are one random access into it, so on big tables the TLB miss is a
-/// large part of the cost (measured in `benches/dedup.rs`). Errors are ignored.
-#[cfg(all(target_os = "linux", not(ackwire_loom)))]
-fn advise_huge_pages(ptr: *mut u8, len: usize) {
-    const HUGE: usize = 2 << 20;
-    const PAGE: usize = 4096;
-    const MADV_HUGEPAGE: i32 = 14;
-    extern "C" {
-        fn madvise(addr: *mut u8, len: usize, advice: i32) -> i32;
-    }
-    if len < 2 * HUGE {
-        return;
-    }
-    let start = (ptr as usize).next_multiple_of(PAGE);
-    let end = (ptr as usize + len) / PAGE * PAGE;
-    // SAFETY: [start, end) lies inside the allocation we own and have not yet handed
-    // out; MADV_HUGEPAGE only changes how the kernel backs those pages, not their
-    // contents or validity.
-    unsafe {
-        madvise(start as *mut u8, end - start, MADV_HUGEPAGE);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", not(ackwire_loom))))]
-fn advise_huge_pages(_ptr: *mut u8, _len: usize) {}
 
 #[cfg(all(test, not(ackwire_loom)))]
 mod tests {
@@ -486,7 +502,7 @@ mod tests {
         }
         assert!(matches!(
             t.begin(IdKey(99), t0),
-            Err(DedupError::TableFull { capacity: 8 })
+            Err(DedupError::TableFull { capacity: 8, .. })
         ));
         assert_eq!(t.table_full_count(), 1);
         assert!(t.release(IdKey(3)));
@@ -517,5 +533,68 @@ mod tests {
         assert!(t.complete(a, t0));
         assert_eq!(t.begin(b, t0).unwrap(), Admit::Fresh);
         assert_eq!(t.begin(a, t0).unwrap(), Admit::Duplicate);
+    }
+
+    #[test]
+    fn grows_past_its_initial_capacity_and_drops_expired_generations() {
+        let t0 = Instant::now();
+        let h = Duration::from_millis(1000);
+        let t = IdTable::growing(64, 1 << 20, h, t0);
+        for i in 0..5_000u128 {
+            assert_eq!(t.begin(IdKey(i), t0).unwrap(), Admit::Fresh, "key {i}");
+            assert!(t.complete(IdKey(i), t0));
+        }
+        assert!(t.generations() > 1);
+        assert!(t.capacity() >= 5_000);
+        for i in 0..5_000u128 {
+            assert_eq!(t.begin(IdKey(i), t0).unwrap(), Admit::Duplicate, "key {i}");
+        }
+        // Two horizons later every old generation is gone; one insert triggers it.
+        let later = t0 + 2 * h;
+        assert_eq!(t.begin(IdKey(1 << 90), later).unwrap(), Admit::Fresh);
+        assert_eq!(t.generations(), 1, "{t:?}");
+        assert!(t.generations_dropped() >= 2);
+        assert_eq!(t.table_full_count(), 0);
+        assert_eq!(t.begin(IdKey(7), later).unwrap(), Admit::Fresh);
+    }
+
+    #[test]
+    fn at_the_budget_it_refuses_with_a_typed_counted_error() {
+        let t0 = Instant::now();
+        // Budget for 64 + 128 slots: the third doubling does not fit.
+        let t = IdTable::growing(64, (64 + 128) * SLOT_BYTES, Duration::from_secs(60), t0);
+        let mut fresh = 0;
+        let mut refused = 0;
+        for i in 0..1_000u128 {
+            match t.begin(IdKey(i), t0) {
+                Ok(Admit::Fresh) => fresh += 1,
+                Err(DedupError::TableFull { budget_bytes, .. }) => {
+                    assert_eq!(budget_bytes, (64 + 128) * SLOT_BYTES);
+                    refused += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(t.memory_bytes() <= t.budget_bytes());
+        assert_eq!(fresh + refused, 1_000);
+        assert!(fresh >= 150, "fresh {fresh}");
+        assert_eq!(t.table_full_count(), refused);
+    }
+
+    #[test]
+    fn an_in_progress_key_in_an_old_generation_is_still_found_and_settled() {
+        let t0 = Instant::now();
+        let h = Duration::from_millis(100);
+        let t = IdTable::growing(8, 1 << 20, h, t0);
+        assert_eq!(t.begin(IdKey(1), t0).unwrap(), Admit::Fresh);
+        let later = t0 + 5 * h;
+        // New generation (period passed); the in-progress key keeps the old one.
+        assert_eq!(t.begin(IdKey(2), later).unwrap(), Admit::Fresh);
+        assert_eq!(t.generations(), 2);
+        assert_eq!(t.begin(IdKey(1), later).unwrap(), Admit::InProgress);
+        assert!(t.complete(IdKey(1), later));
+        assert_eq!(t.begin(IdKey(1), later).unwrap(), Admit::Duplicate);
+        let much_later = later + 3 * h;
+        assert_eq!(t.begin(IdKey(1), much_later).unwrap(), Admit::Fresh);
     }
 }

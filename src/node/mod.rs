@@ -269,6 +269,26 @@ impl NodeConfig {
                 max_in_flight: self.proto.max_in_flight,
             });
         }
+        // A message may still arrive up to the retry deadline plus the hint TTL (plus a
+        // shutdown drain) after it was first sent; the dedup stream must outlive that,
+        // or a late copy finds its stream retired (refused, `DedupError::StreamRetired`).
+        let deadline = self.proto.retry.deadline.unwrap_or(Duration::ZERO);
+        let hint_ttl = self
+            .handoff
+            .as_ref()
+            .map_or(Duration::ZERO, |h| h.store.default_ttl);
+        // A deadline or drain of `Duration::MAX` means "never": no retention outlives
+        // it, and an idle stream's retention is then the documented limit.
+        let needed = deadline
+            .checked_add(hint_ttl)
+            .and_then(|d| d.checked_add(self.shutdown_drain))
+            .filter(|d| *d < Duration::from_secs(u64::MAX / 4));
+        if let Some(needed) = needed.filter(|n| self.dedup.retention <= *n) {
+            return Err(crate::ConfigError::RetentionTooShort {
+                retention: self.dedup.retention,
+                needed,
+            });
+        }
         count("max_payload", u(self.max_payload), 1, u(Self::MAX_PAYLOAD))?;
         duration(
             "heartbeat_interval",

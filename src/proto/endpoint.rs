@@ -786,9 +786,12 @@ impl Endpoint {
         }
         let id_floor = data.id_floor;
         let eo = data.guarantee == Guarantee::EffectivelyOnce;
-        if eo && id_floor > stream.last_id_floor {
-            stream.last_id_floor = id_floor;
-            if let Err(e) = self.dedup.advance_floor(origin, channel, id_floor) {
+        // Offered on every effectively-once frame, not only when it moved: the dedup
+        // stream may have been retired (idle past the retention) and forgotten since,
+        // and the floor is what lets it restart at the right place.
+        if eo && id_floor > 1 {
+            stream.last_id_floor = stream.last_id_floor.max(id_floor);
+            if let Err(e) = self.dedup.advance_floor(origin, channel, id_floor, now) {
                 self.stats.dedup_persist_errors += 1;
                 tracing::warn!(%origin, error = %e, "dedup floor not persisted");
             }

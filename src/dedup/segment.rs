@@ -1,0 +1,523 @@
+//! One generation of the key table: a fixed-capacity, lock-free, open-addressed set.
+//!
+//! Owns the slot array of one [`Segment`] and the per-slot protocol: full 128-bit keys,
+//! a per-entry state and completion time, and the arbitration that keeps one copy of a
+//! key. Must not read a clock (every call takes `now_ms`), allocate after construction,
+//! or ever report a key it does not hold (keys are compared in full, read under a
+//! per-slot version check). Which segment inserts go to, and when segments are dropped,
+//! is [`IdTable`](super::IdTable)'s business.
+//!
+//! # Slot states
+//!
+//! `EMPTY` (never used; ends a probe chain, never comes back) → `BUSY` (claimed, key
+//! being written) → `PENDING` (key published, arbitration running) → `INPROG` (owned by
+//! one caller) → `DONE` (completed at a time) → expired (a `DONE` older than the horizon:
+//! reusable in place) or `FREE` (released / lost arbitration: reusable).
+//!
+//! # Why arbitration
+//!
+//! Reusable slots in the middle of a chain, and a newer segment taking inserts while an
+//! older one still holds live keys, let two concurrent inserters of the same key claim
+//! different slots. After publishing `PENDING`, each inserter fences (`SeqCst`) and
+//! rescans the key's chain in every live segment (Dekker: of two racers at least one
+//! sees the other). Copies are ranked by (segment age, probe distance): a racer that
+//! sees an `INPROG`/live `DONE` copy, or a better-ranked `PENDING` copy, retracts; a
+//! worse-ranked `PENDING` copy is killed. Exactly one copy becomes `INPROG`. A loser
+//! answers `InProgress`, which is safe: the winner acks or releases, and the sender
+//! retries whatever was not acked.
+//!
+//! Every claim bumps a 21-bit slot version, and key reads are validated against the
+//! whole state word (kind, version, time), so a reader can only be fooled if one slot
+//! is reclaimed exactly 2^21 times between two of its loads a few nanoseconds apart.
+//!
+//! # The gate
+//!
+//! `gate` counts inserters inside the segment plus its `INPROG` entries. A segment is
+//! dropped only after its gate was closed at zero (so no insert can still land in it and
+//! no owner can still complete into it) and its last completion has expired.
+
+use super::sync::{fence, AtomicU64, AtomicUsize, Ordering};
+use super::Admit;
+use crate::IdKey;
+
+const K_EMPTY: u64 = 0;
+const K_BUSY: u64 = 1;
+const K_PENDING: u64 = 2;
+const K_INPROG: u64 = 3;
+const K_DONE: u64 = 4;
+const K_FREE: u64 = 5;
+
+const TIME_BITS: u32 = 40;
+pub(super) const TIME_MASK: u64 = (1 << TIME_BITS) - 1;
+const VER_MASK: u64 = (1 << 21) - 1;
+
+/// Longest probe chain: a key lives within this many slots of its home slot.
+const MAX_PROBE: usize = 128;
+
+/// Set in `gate` once the segment may be dropped.
+const CLOSED: u64 = 1 << 63;
+
+/// Bytes of one slot.
+pub(super) const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
+
+#[inline]
+fn kind(s: u64) -> u64 {
+    s >> 61
+}
+#[inline]
+fn ver(s: u64) -> u64 {
+    (s >> TIME_BITS) & VER_MASK
+}
+#[inline]
+fn time(s: u64) -> u64 {
+    s & TIME_MASK
+}
+#[inline]
+fn pack(kind: u64, ver: u64, time: u64) -> u64 {
+    (kind << 61) | ((ver & VER_MASK) << TIME_BITS) | (time & TIME_MASK)
+}
+
+#[derive(Debug)]
+struct Slot {
+    state: AtomicU64,
+    lo: AtomicU64,
+    hi: AtomicU64,
+}
+
+/// One generation: a fixed slot array plus its bookkeeping.
+pub(super) struct Segment {
+    /// Creation order: a smaller id is an older segment.
+    pub(super) id: u64,
+    /// When it became the insert segment (table milliseconds).
+    pub(super) start_ms: u64,
+    /// Start of the horizon period it belongs to (a segment added because its
+    /// predecessor filled up inherits the predecessor's period).
+    pub(super) period_start_ms: u64,
+    slots: Box<[Slot]>,
+    mask: usize,
+    probe: usize,
+    horizon_ms: u64,
+    used: AtomicUsize,
+    gate: AtomicU64,
+    max_done_ms: AtomicU64,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("id", &self.id)
+            .field("capacity", &self.capacity())
+            .field("used", &self.used())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an insert attempt in the current segment got.
+pub(super) enum Claim {
+    /// A live copy already answers.
+    Live(Admit),
+    /// No free or expired slot near the key's home.
+    Full,
+    /// Our `PENDING` copy is published at `idx` (probe distance `dist`, version `ver`);
+    /// arbitration decides. `reclaimed`: the slot held an expired entry.
+    Claimed {
+        idx: usize,
+        ver: u64,
+        dist: usize,
+        reclaimed: bool,
+    },
+}
+
+/// Where a segment stands relative to the one holding our `PENDING` copy.
+#[derive(Clone, Copy)]
+pub(super) enum Rank {
+    /// Older segment: its `PENDING` copies beat ours.
+    Older,
+    /// Our segment: copies nearer home beat ours.
+    Same { mine: usize, my_dist: usize },
+    /// Newer segment: its `PENDING` copies lose to ours.
+    Newer,
+}
+
+/// What a probe found for a key.
+enum Found {
+    Live(Admit),
+    /// Not present; the first reusable slot (index, state, probe distance) if any.
+    Absent(Option<(usize, u64, usize)>),
+}
+
+impl Segment {
+    pub(super) fn new(
+        id: u64,
+        capacity: usize,
+        start_ms: u64,
+        period_start_ms: u64,
+        horizon_ms: u64,
+    ) -> Segment {
+        let cap = capacity.max(8).next_power_of_two();
+        let mut slots = Vec::with_capacity(cap);
+        advise_huge_pages(slots.as_mut_ptr() as *mut u8, cap * SLOT_BYTES);
+        slots.extend((0..cap).map(|_| Slot {
+            state: AtomicU64::new(pack(K_EMPTY, 0, 0)),
+            lo: AtomicU64::new(0),
+            hi: AtomicU64::new(0),
+        }));
+        Segment {
+            id,
+            start_ms,
+            period_start_ms,
+            slots: slots.into_boxed_slice(),
+            mask: cap - 1,
+            probe: cap.min(MAX_PROBE),
+            horizon_ms,
+            used: AtomicUsize::new(0),
+            gate: AtomicU64::new(0),
+            max_done_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn capacity(&self) -> usize {
+        self.mask + 1
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.capacity() * SLOT_BYTES
+    }
+
+    /// Slots ever taken from `EMPTY` (reused slots are not counted again).
+    pub(super) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Enters as an inserter; `false` if the segment is closed (reload the list).
+    #[inline]
+    pub(super) fn enter(&self) -> bool {
+        if self.gate.fetch_add(1, Ordering::AcqRel) & CLOSED != 0 {
+            self.gate.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Leaves (an inserter that did not win, or an `INPROG` entry that settled).
+    #[inline]
+    pub(super) fn leave(&self) {
+        self.gate.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Nothing in it can matter any more: no inserter or `INPROG` entry, and every
+    /// completion expired at `now_ms` (a racy check: see [`close`](Self::close)).
+    pub(super) fn quiescent(&self, now_ms: u64) -> bool {
+        let g = self.gate.load(Ordering::Acquire);
+        (g == 0 || g & CLOSED != 0) && self.expired_at(now_ms)
+    }
+
+    /// Closes the gate if nobody is inside (no inserter, no `INPROG` entry); `true` if
+    /// it is closed (by this call or an earlier one). A closed segment takes no more
+    /// inserts and is never reopened; its `DONE` entries stay readable.
+    pub(super) fn close(&self) -> bool {
+        let g = self.gate.load(Ordering::Acquire);
+        if g & CLOSED != 0 {
+            return true;
+        }
+        g == 0
+            && self
+                .gate
+                .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    /// Closed, and every completion in it expired at `now_ms`: it can be unlinked.
+    /// (Once closed nothing can complete into it any more, so the check is final.)
+    pub(super) fn droppable(&self, now_ms: u64) -> bool {
+        self.expired_at(now_ms) && self.close() && self.expired_at(now_ms)
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.gate.load(Ordering::Acquire) & CLOSED != 0
+    }
+
+    fn expired_at(&self, now_ms: u64) -> bool {
+        now_ms >= self.max_done_ms.load(Ordering::Acquire) + self.horizon_ms
+    }
+
+    /// A live copy of `key` here, if any (read-only probe of an older segment).
+    pub(super) fn lookup(&self, key: IdKey, hash: u64, now_ms: u64) -> Option<Admit> {
+        match self.find(key, self.home(hash), now_ms) {
+            Found::Live(a) => Some(a),
+            Found::Absent(_) => None,
+        }
+    }
+
+    /// Looks for `key`; if absent, publishes a `PENDING` copy in the first reusable
+    /// slot. The caller must have [`enter`](Self::enter)ed.
+    pub(super) fn claim(&self, key: IdKey, hash: u64, now_ms: u64) -> Claim {
+        let home = self.home(hash);
+        loop {
+            let (idx, s, dist) = match self.find(key, home, now_ms) {
+                Found::Live(a) => return Claim::Live(a),
+                Found::Absent(Some(free)) => free,
+                Found::Absent(None) => return Claim::Full,
+            };
+            let slot = &self.slots[idx];
+            let v = ver(s) + 1;
+            if slot
+                .state
+                .compare_exchange(s, pack(K_BUSY, v, 0), Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            if kind(s) == K_EMPTY {
+                self.used.fetch_add(1, Ordering::Relaxed);
+            }
+            fence(Ordering::Release);
+            slot.lo.store(key.0 as u64, Ordering::Relaxed);
+            slot.hi.store((key.0 >> 64) as u64, Ordering::Relaxed);
+            slot.state.store(pack(K_PENDING, v, 0), Ordering::Release);
+            return Claim::Claimed {
+                idx,
+                ver: v,
+                dist,
+                reclaimed: kind(s) == K_DONE,
+            };
+        }
+    }
+
+    /// Our `PENDING` copy at `idx` becomes `INPROG`; `false` if a better copy killed it.
+    pub(super) fn commit(&self, idx: usize, v: u64) -> bool {
+        self.slots[idx]
+            .state
+            .compare_exchange(
+                pack(K_PENDING, v, 0),
+                pack(K_INPROG, v, 0),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    /// Withdraws our `PENDING` copy at `idx` (it may already have been killed).
+    pub(super) fn retract(&self, idx: usize, v: u64) {
+        let _ = self.slots[idx].state.compare_exchange(
+            pack(K_PENDING, v, 0),
+            pack(K_FREE, v, 0),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Scans `key`'s chain here after our `PENDING` copy was published (see the module
+    /// doc): `None` if nothing here beats ours, `Some(answer)` if we must retract.
+    pub(super) fn arbitrate(
+        &self,
+        key: IdKey,
+        hash: u64,
+        now_ms: u64,
+        rank: Rank,
+    ) -> Option<Admit> {
+        let home = self.home(hash);
+        let mut i = 0;
+        while i < self.probe {
+            let idx = (home + i) & self.mask;
+            if let Rank::Same { mine, .. } = rank {
+                if idx == mine {
+                    i += 1;
+                    continue;
+                }
+            }
+            let slot = &self.slots[idx];
+            let s = slot.state.load(Ordering::Acquire);
+            match kind(s) {
+                K_EMPTY => break,
+                K_PENDING | K_INPROG | K_DONE => match self.read_key(slot, s) {
+                    None => continue,
+                    Some(k) if k == key => match kind(s) {
+                        K_INPROG => return Some(Admit::InProgress),
+                        K_DONE if !self.expired(s, now_ms) => return Some(Admit::Duplicate),
+                        K_DONE => {}
+                        _ => {
+                            let theirs_wins = match rank {
+                                Rank::Older => true,
+                                Rank::Same { my_dist, .. } => i < my_dist,
+                                Rank::Newer => false,
+                            };
+                            if theirs_wins {
+                                return Some(Admit::InProgress);
+                            }
+                            // A worse-ranked PENDING copy: kill it; on failure look again.
+                            if slot
+                                .state
+                                .compare_exchange(
+                                    s,
+                                    pack(K_FREE, ver(s), 0),
+                                    Ordering::AcqRel,
+                                    Ordering::Relaxed,
+                                )
+                                .is_err()
+                            {
+                                continue;
+                            }
+                        }
+                    },
+                    Some(_) => {}
+                },
+                _ => {}
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Finds the `INPROG` copy of `key`: `Some(t)` completes it at `t` (table ms),
+    /// `None` releases it. Returns whether it was found (and then leaves the gate).
+    pub(super) fn settle(&self, key: IdKey, hash: u64, done_at: Option<u64>) -> bool {
+        let home = self.home(hash);
+        let mut i = 0;
+        while i < self.probe {
+            let slot = &self.slots[(home + i) & self.mask];
+            let s = slot.state.load(Ordering::Acquire);
+            match kind(s) {
+                K_EMPTY => return false,
+                K_INPROG => match self.read_key(slot, s) {
+                    None => continue,
+                    Some(k) if k == key => {
+                        let to = match done_at {
+                            Some(t) => {
+                                // Before the entry turns DONE and before `leave`, so a
+                                // closer that sees the gate at zero sees this time.
+                                self.max_done_ms.fetch_max(t, Ordering::AcqRel);
+                                pack(K_DONE, ver(s), t)
+                            }
+                            None => pack(K_FREE, ver(s), 0),
+                        };
+                        if slot
+                            .state
+                            .compare_exchange(s, to, Ordering::AcqRel, Ordering::Relaxed)
+                            .is_ok()
+                        {
+                            self.leave();
+                            return true;
+                        }
+                        continue;
+                    }
+                    Some(_) => {}
+                },
+                _ => {}
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Completed, unexpired keys with their completion time (table ms).
+    pub(super) fn done_entries(&self, now_ms: u64, out: &mut Vec<(IdKey, u64)>) {
+        for slot in self.slots.iter() {
+            let s = slot.state.load(Ordering::Acquire);
+            if kind(s) == K_DONE && !self.expired(s, now_ms) {
+                if let Some(k) = self.read_key(slot, s) {
+                    out.push((k, time(s)));
+                }
+            }
+        }
+    }
+
+    /// Probes `key`'s chain: a live copy, or absence plus the first reusable slot.
+    fn find(&self, key: IdKey, home: usize, now_ms: u64) -> Found {
+        let mut free = None;
+        let mut i = 0;
+        while i < self.probe {
+            let idx = (home + i) & self.mask;
+            let slot = &self.slots[idx];
+            let s = slot.state.load(Ordering::Acquire);
+            match kind(s) {
+                K_EMPTY => {
+                    if free.is_none() {
+                        free = Some((idx, s, i));
+                    }
+                    break;
+                }
+                K_FREE if free.is_none() => free = Some((idx, s, i)),
+                K_PENDING | K_INPROG | K_DONE => {
+                    let expired = kind(s) == K_DONE && self.expired(s, now_ms);
+                    match self.read_key(slot, s) {
+                        None => continue, // changed under us: look again
+                        Some(k) if k == key && !expired => {
+                            return Found::Live(if kind(s) == K_DONE {
+                                Admit::Duplicate
+                            } else {
+                                Admit::InProgress
+                            });
+                        }
+                        Some(_) => {
+                            if expired && free.is_none() {
+                                free = Some((idx, s, i));
+                            }
+                        }
+                    }
+                }
+                _ => {} // BUSY: its owner arbitrates against us if it is our key
+            }
+            i += 1;
+        }
+        Found::Absent(free)
+    }
+
+    /// Reads the key of a slot whose state was `s`; `None` if the slot changed.
+    fn read_key(&self, slot: &Slot, s: u64) -> Option<IdKey> {
+        let lo = slot.lo.load(Ordering::Relaxed);
+        let hi = slot.hi.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        if slot.state.load(Ordering::Relaxed) != s {
+            return None;
+        }
+        Some(IdKey(((hi as u128) << 64) | lo as u128))
+    }
+
+    fn expired(&self, s: u64, now_ms: u64) -> bool {
+        now_ms >= time(s) + self.horizon_ms
+    }
+
+    #[inline]
+    fn home(&self, hash: u64) -> usize {
+        (hash as usize) & self.mask
+    }
+}
+
+/// The key's hash, shared by every segment (each masks it to its size).
+#[inline]
+pub(super) fn key_hash(key: IdKey) -> u64 {
+    let x = (key.0 as u64) ^ ((key.0 >> 64) as u64).rotate_left(29);
+    let mut z = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z ^= z >> 32;
+    z = z.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^= z >> 29;
+    z
+}
+
+/// Best effort: ask Linux for transparent huge pages on a large, not yet touched slot
+/// array. Lookups are one random access into it, so on big tables the TLB miss is a
+/// large part of the cost (measured in `benches/dedup.rs`). Errors are ignored.
+#[cfg(all(target_os = "linux", not(ackwire_loom)))]
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    const HUGE: usize = 2 << 20;
+    const PAGE: usize = 4096;
+    const MADV_HUGEPAGE: i32 = 14;
+    extern "C" {
+        fn madvise(addr: *mut u8, len: usize, advice: i32) -> i32;
+    }
+    if len < 2 * HUGE {
+        return;
+    }
+    let start = (ptr as usize).next_multiple_of(PAGE);
+    let end = (ptr as usize + len) / PAGE * PAGE;
+    // SAFETY: [start, end) lies inside the allocation we own and have not yet handed
+    // out; MADV_HUGEPAGE only changes how the kernel backs those pages, not their
+    // contents or validity.
+    unsafe {
+        madvise(start as *mut u8, end - start, MADV_HUGEPAGE);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", not(ackwire_loom))))]
+fn advise_huge_pages(_ptr: *mut u8, _len: usize) {}
