@@ -387,6 +387,9 @@ pub struct Stats {
     /// Protocol counters: sent, retransmitted, acked, delivered, duplicates dropped,
     /// credit waits…
     pub proto: ProtoStats,
+    /// Receiver dedup: streams live, retired and refused, key-table generations and
+    /// refusals, memory, durable-log recovery.
+    pub dedup: crate::dedup::DedupStats,
     /// Arrivals whose payload did not decode as the receiver's type (or left trailing
     /// bytes). They are not delivered and not acknowledged: an at-least-once sender
     /// retransmits until its deadline and its receipt fails, never `Ok(Acked)`.
@@ -1631,6 +1634,7 @@ impl Driver {
             Command::Stats(reply) => {
                 let _ = reply.send(Stats {
                     proto: self.endpoint.stats(),
+                    dedup: self.endpoint.dedup_stats(),
                     decode_failed: 0,
                     no_receiver: 0,
                     hints: self.spool.as_ref().map(Spool::stats),

@@ -270,6 +270,11 @@ impl Endpoint {
         &self.config
     }
 
+    /// The dedup table's counters.
+    pub fn dedup_stats(&self) -> crate::dedup::DedupStats {
+        self.dedup.stats()
+    }
+
     /// Counters.
     pub fn stats(&self) -> ProtoStats {
         let mut s = self.stats;
