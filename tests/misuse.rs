@@ -1161,3 +1161,52 @@ fn no_tcp_configuration_panics_the_library() {
         &format!("typed ConfigError ({rejected}) or nodes that build, send and stop cleanly ({worked}); never a panic"),
     );
 }
+
+/// The same application key sent twice back to back: the second copy arrives while the
+/// first is still in the handler. It is neither delivered nor left for a retransmission
+/// timer: both receipts resolve together, right after the handler's one ack.
+#[tokio::test(start_paused = true)]
+async fn duplicate_key_while_the_original_is_processing_resolves_with_it() {
+    let net = net();
+    let (a, b) = pair(&net, NodeConfig::default()).await;
+    let mut inbox = b.raw_receiver(CH, false).unwrap();
+    let out = a.raw_sender(B, opts(Guarantee::EffectivelyOnce)).unwrap();
+    let key = ackwire::IdKey(42);
+    let first = out
+        .send_with_key(Bytes::from_static(b"x"), key)
+        .await
+        .unwrap();
+    let second = out
+        .send_with_key(Bytes::from_static(b"x"), key)
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // The duplicate has arrived and is waiting while the handler holds the original.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(b.stats().await.unwrap().proto.in_progress_dropped, 1);
+    let acked_at = tokio::time::Instant::now();
+    d.ack();
+    assert_eq!(first.await, Ok(Outcome::Acked));
+    assert_eq!(second.await, Ok(Outcome::Acked));
+    let took = acked_at.elapsed();
+    assert!(
+        took < Duration::from_millis(5),
+        "second receipt took {took:?}"
+    );
+    // Processed once: nothing else is ever delivered.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), inbox.recv())
+            .await
+            .is_err(),
+        "the duplicate was delivered"
+    );
+    report(
+        "misuse",
+        "same application key sent twice back to back (second took ~186 ms before)",
+        "1",
+        "both receipts Acked within 5 ms of the one ack; processed once",
+    );
+}
