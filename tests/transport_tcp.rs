@@ -159,6 +159,44 @@ async fn hundred_thousand_frames_arrive_intact_and_in_order() {
     shutdown(b).await;
 }
 
+/// A burst four times the queue bound to a connected peer: nothing is dropped (the
+/// protocol's credit bounds what a node queues; the transport does not drop on a
+/// healthy link).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_far_above_the_queue_bound_to_a_connected_peer_loses_nothing() {
+    let small = TcpConfig {
+        queue_bound: 1_000,
+        ..config()
+    };
+    let tb = TcpTransport::new(any_port(), small.clone())
+        .unwrap()
+        .allow_peer(NodeId(1));
+    let b_stats = tb.stats();
+    let mut b = Box::new(tb).start(origin(2, 1)).unwrap();
+    let b_addr = b.local_addr.unwrap();
+    let ta = TcpTransport::new(any_port(), small)
+        .unwrap()
+        .with_peer(NodeId(2), b_addr);
+    let a_stats = ta.stats();
+    let mut a = Box::new(ta).start(origin(1, 1)).unwrap();
+    expect_up(&mut a, origin(2, 1)).await;
+    expect_up(&mut b, origin(1, 1)).await;
+    // One command: the whole burst lands in the queue at once.
+    a.commands
+        .send(LinkCommand::Send {
+            peer: NodeId(2),
+            frames: (0..4_000).map(data).collect(),
+        })
+        .await
+        .unwrap();
+    recv_range(&mut b, 1, 0..4_000).await;
+    let sa = a_stats.snapshot();
+    assert_eq!(sa.frames_dropped_backlog, 0);
+    assert_eq!(b_stats.snapshot().frames_received, 4_000);
+    shutdown(a).await;
+    shutdown(b).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_remote_restart_and_delivers_queued_and_later_frames() {
     let (mut b, _) = start(origin(2, 1), any_port(), &[]);

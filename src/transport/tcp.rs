@@ -24,9 +24,13 @@
 //!   peer's incarnation changes, after a `Down`), [`LinkEvent::Down`] when its
 //!   connection is lost. After a loss the transport redials (after a backoff) if it
 //!   knows the peer's address.
-//! - Frames for a peer go to a per-peer queue bounded by [`TcpConfig::queue_bound`]
-//!   frames, kept across reconnects. When full, the oldest frames are dropped and
-//!   counted (`frames_dropped_disconnected` or, while connected, `frames_dropped_backlog`).
+//! - Frames for a peer go to a per-peer queue, kept across reconnects. While the peer
+//!   has no connection the queue is bounded by [`TcpConfig::queue_bound`] frames and the
+//!   oldest are dropped and counted (`frames_dropped_disconnected`); the protocol
+//!   retransmits what matters once it is back. A connected peer's queue is never
+//!   trimmed: the protocol above already bounds it (each stream's receiver credit and
+//!   in-flight window), so nothing is dropped on a healthy link, at-most-once included.
+//!   (`frames_dropped_backlog` stays for the record and is 0 since then.)
 //!
 //! # Trust
 //!
@@ -812,7 +816,15 @@ impl Manager {
         let dropped = {
             let q = &mut p.queue.lock().frames;
             q.extend(frames);
-            let over = q.len().saturating_sub(bound);
+            // A connected peer's queue is not trimmed: what the node may queue is
+            // already bounded end to end (each stream's credit and window), and dropping
+            // there would lose at-most-once messages on a healthy link. Without a
+            // connection the bound holds; the protocol retransmits what matters.
+            let over = if connected {
+                0
+            } else {
+                q.len().saturating_sub(bound)
+            };
             q.drain(..over);
             over
         };
