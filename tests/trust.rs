@@ -330,6 +330,7 @@ async fn duplicate_node_id_does_not_flap() {
     assert_eq!(timeout(WAIT, r).await.unwrap(), Ok(Outcome::Acked));
     let opened_before = b.tcp_stats().unwrap().connections_opened;
 
+    let mut conflicts = b.identity_conflicts();
     let a2 = Node::builder(A)
         .tcp(any_port(), quick())
         .peer(B, b_addr)
@@ -354,6 +355,16 @@ async fn duplicate_node_id_does_not_flap() {
     }
     let s = b.tcp_stats().unwrap();
     assert!(s.rejected_duplicate_node >= 2, "{s:?}");
+    // Surfaced as an event naming both incarnations.
+    let c = loop {
+        match timeout(WAIT, conflicts.recv()).await.unwrap() {
+            Ok(c) => break c,
+            // The refused process redials quickly; a slow subscriber skips the oldest.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!((c.live, c.refused), (a1.origin(), a2.origin()));
     assert_eq!(s.connections_opened, opened_before, "flapped: {s:?}");
     assert_eq!(s.connections_closed, 0, "{s:?}");
     assert!(seen.lock().unwrap().keys().all(|k| *k < 10_000));

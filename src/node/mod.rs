@@ -344,6 +344,17 @@ impl ChannelOptions {
     }
 }
 
+/// Two live incarnations claimed one `NodeId`: `refused` was turned away because
+/// `live` holds a connection (see [`Node::identity_conflicts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IdentityConflict {
+    /// The incarnation whose connection stays.
+    pub live: Origin,
+    /// The incarnation that was refused.
+    pub refused: Origin,
+}
+
 /// Options of a channel's receiver.
 ///
 /// Default: unordered (each message is handed out as soon as it arrives).
@@ -561,6 +572,7 @@ impl NodeBuilder {
             receivers: Mutex::new(HashMap::new()),
             health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),
             health_tx: health_tx.clone(),
+            conflict_tx: broadcast::channel(64).0,
             versions: Mutex::new(HashMap::new()),
             window: self.config.proto.max_in_flight,
             max_payload: self.config.max_payload,
@@ -963,6 +975,15 @@ impl Node {
         v.get(&peer).copied()
     }
 
+    /// Identity conflicts: another process claimed a peer's `NodeId` while that peer's
+    /// connection was alive, and was refused (the live connection stays; see
+    /// `TcpConfig::stale_after`). Each refused connection is one event (the transport
+    /// also counts them in `rejected_duplicate_node` and warns, rate-limited). A
+    /// subscriber more than 64 events behind skips the oldest.
+    pub fn identity_conflicts(&self) -> broadcast::Receiver<IdentityConflict> {
+        self.shared.conflict_tx.subscribe()
+    }
+
     /// A stream of the failure detector's transitions (Up / Suspect / Down). A slow
     /// subscriber that falls more than 256 changes behind skips the oldest.
     pub fn health_events(&self) -> broadcast::Receiver<HealthChange> {
@@ -1326,6 +1347,7 @@ struct Shared {
     receivers: Mutex<HashMap<ChannelId, mpsc::WeakUnboundedSender<Delivery<Bytes>>>>,
     health: Mutex<HashMap<NodeId, Health>>,
     health_tx: broadcast::Sender<HealthChange>,
+    conflict_tx: broadcast::Sender<IdentityConflict>,
     /// Protocol version of each peer's current (or last) connection.
     versions: Mutex<HashMap<NodeId, u16>>,
     window: usize,
@@ -1683,6 +1705,12 @@ impl Driver {
             LinkEvent::Down { peer } => {
                 tracing::debug!(%peer, "peer down");
                 self.endpoint.handle_peer_down(now, peer);
+            }
+            LinkEvent::Conflict { live, refused } => {
+                let _ = self
+                    .shared
+                    .conflict_tx
+                    .send(IdentityConflict { live, refused });
             }
             LinkEvent::Frame { peer, frame } => {
                 // Visibility only (the endpoint ignores it): count and warn.

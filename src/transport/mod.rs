@@ -86,6 +86,14 @@ pub enum LinkEvent {
         /// The frame.
         frame: Frame,
     },
+    /// A connection claiming `refused.node` was refused because another incarnation of
+    /// that node, `live`, holds a live connection: two processes run with one `NodeId`.
+    Conflict {
+        /// The incarnation whose connection stays.
+        live: Origin,
+        /// The incarnation that was refused.
+        refused: Origin,
+    },
     /// The connection to `peer` was lost or closed.
     Down {
         /// The peer.

@@ -910,6 +910,12 @@ impl Manager {
                 } else {
                     tracing::debug!(remote = %e.remote, reason = %r, "tcp: duplicate node id, newer connection refused");
                 }
+                // Surfaced to the node (never blocks the manager; the counter above
+                // keeps the full count if the event queue is full).
+                let _ = self.events.try_send(LinkEvent::Conflict {
+                    live: cur.origin,
+                    refused: e.origin,
+                });
                 return;
             }
         }
