@@ -41,6 +41,6 @@ summary=$(grep -E '^test result:' "$log" | awk '{p+=$4; f+=$6; i+=$8} END {print
   grep -o 'reliability: .*' "$log" | sed 's/^reliability: //' | sort | uniq | sed 's/^/| /; s/$/ |/'
   echo
   echo "Not covered here (see the issue notes): power loss below the OS (fsync is trusted),"
-  echo "clock jumps, byzantine peers that forge valid frames."
+  echo "clock jumps, and what an authenticated peer may still do (docs/SECURITY.md)."
 } > RELIABILITY.md
 echo "RELIABILITY.md: $(grep -c '^| ' RELIABILITY.md | awk '{print $1 - 1}') rows"
