@@ -976,34 +976,12 @@ impl Manager {
         let (reader, writer) = match e.stream {
             Stream::Plain(s) => {
                 let (rd, wr) = s.into_split();
-                (
-                    tokio::spawn(read_loop(
-                        rd,
-                        e.early,
-                        e.buf,
-                        conn,
-                        events,
-                        Arc::clone(&ctx),
-                        lr,
-                    )),
-                    tokio::spawn(write_loop(wr, queue, conn, ctx)),
-                )
+                spawn_io(rd, wr, e.early, e.buf, conn, events, queue, ctx, lr)
             }
             #[cfg(feature = "tls")]
             Stream::Tls(s) => {
                 let (rd, wr) = tokio::io::split(*s);
-                (
-                    tokio::spawn(read_loop(
-                        rd,
-                        e.early,
-                        e.buf,
-                        conn,
-                        events,
-                        Arc::clone(&ctx),
-                        lr,
-                    )),
-                    tokio::spawn(write_loop(wr, queue, conn, ctx)),
-                )
+                spawn_io(rd, wr, e.early, e.buf, conn, events, queue, ctx, lr)
             }
         };
         let p = self.peer(peer);
@@ -1324,6 +1302,36 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff:
         attempt = attempt.saturating_add(1);
         tokio::time::sleep(backoff(&ctx.cfg, attempt, &mut rng)).await;
     }
+}
+
+/// Start a connection's reader and writer tasks over its two halves.
+#[allow(clippy::too_many_arguments)]
+fn spawn_io<R, W>(
+    rd: R,
+    wr: W,
+    early: Vec<Frame>,
+    buf: BytesMut,
+    conn: ConnInfo,
+    events: mpsc::Sender<LinkEvent>,
+    queue: Arc<PeerQueue>,
+    ctx: Arc<Ctx>,
+    last_read: Arc<AtomicU64>,
+) -> (JoinHandle<()>, JoinHandle<()>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let reader = tokio::spawn(read_loop(
+        rd,
+        early,
+        buf,
+        conn,
+        events,
+        Arc::clone(&ctx),
+        last_read,
+    ));
+    let writer = tokio::spawn(write_loop(wr, queue, conn, ctx));
+    (reader, writer)
 }
 
 /// Which connection a reader or writer serves.
