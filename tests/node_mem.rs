@@ -259,3 +259,37 @@ async fn one_guarantee_per_channel() {
         })
     ));
 }
+
+/// `Receiver` is a `futures::Stream`: deliveries flow through stream combinators, and
+/// the stream ends when the node shuts down.
+#[tokio::test(start_paused = true)]
+async fn receiver_is_a_stream_that_ends_at_shutdown() {
+    use futures::StreamExt;
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let (a, b) = pair(&net, NodeConfig::default()).await;
+    let inbox = b.receiver::<u32>(CH, false).unwrap();
+    let out = a
+        .sender::<u32>(b.id(), opts(Guarantee::EffectivelyOnce))
+        .unwrap();
+    let mut receipts = Vec::new();
+    for v in 0..20u32 {
+        receipts.push(out.send(&v).await.unwrap());
+    }
+    let mut stream = inbox.map(|d| {
+        let v = *d.message();
+        d.ack();
+        v
+    });
+    let mut got: Vec<u32> = (&mut stream).take(20).collect().await;
+    got.sort_unstable();
+    assert_eq!(got, (0..20).collect::<Vec<_>>());
+    for r in receipts {
+        assert_eq!(r.await, Ok(Outcome::Acked));
+    }
+    b.shutdown().await;
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), stream.next()).await,
+        Ok(None),
+        "the stream ends when the node shuts down"
+    );
+}

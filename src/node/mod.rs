@@ -1202,10 +1202,18 @@ impl<T: DeserializeOwned> Receiver<T> {
     /// the running count), and refused, so an at-least-once sender's receipt fails at
     /// its deadline instead of reporting `Ok(Acked)` for a message nobody processed.
     pub async fn recv(&mut self) -> Option<Delivery<T>> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Poll for the next message (what [`Receiver::recv`] and the
+    /// [`futures_core::Stream`] impl use).
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery<T>>> {
         loop {
-            let d = self.raw.recv().await?;
+            let Some(d) = std::task::ready!(self.raw.poll_recv(cx)) else {
+                return Poll::Ready(None);
+            };
             match decode::<T>(&d.message) {
-                Ok(value) => return Some(d.map(value)),
+                Ok(value) => return Poll::Ready(Some(d.map(value))),
                 Err(error) => {
                     self.raw.shared.decode_failed(d.id, d.channel, &error);
                     let mut handle = d.handle;
@@ -1213,6 +1221,23 @@ impl<T: DeserializeOwned> Receiver<T> {
                 }
             }
         }
+    }
+}
+
+/// A receiver is a stream of deliveries (same rules as [`Receiver::recv`]): use it with
+/// `StreamExt` combinators. It ends when the node shuts down.
+impl<T: DeserializeOwned> futures_core::Stream for Receiver<T> {
+    type Item = Delivery<T>;
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_recv(cx)
+    }
+}
+
+/// A raw receiver is a stream of deliveries; it ends when the node shuts down.
+impl futures_core::Stream for RawReceiver {
+    type Item = Delivery<Bytes>;
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_recv(cx)
     }
 }
 
@@ -1241,6 +1266,11 @@ impl RawReceiver {
     /// The next message; `None` once the node has shut down.
     pub async fn recv(&mut self) -> Option<Delivery<Bytes>> {
         self.rx.recv().await
+    }
+
+    /// Poll for the next message.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery<Bytes>>> {
+        self.rx.poll_recv(cx)
     }
 }
 
