@@ -682,6 +682,12 @@ fn nanos_to_duration(n: u128) -> Duration {
     }
 }
 
+/// `now + d`, or [`far_future`] ("never") where that overflows the clock: a configured
+/// duration may be as long as `Duration::MAX`.
+pub(crate) fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d).unwrap_or_else(|| far_future(now))
+}
+
 /// The latest instant reachable from `now` by halving steps (about a century ahead
 /// at most on common platforms); used only when `now + delay` overflows.
 pub(crate) fn far_future(now: Instant) -> Instant {

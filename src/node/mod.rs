@@ -652,11 +652,7 @@ fn check_tcp(config: &NodeConfig, tcp: &TcpConfig) -> Result<(), crate::ConfigEr
     Ok(())
 }
 
-/// `at + d`, or a far-future instant ("never") where that overflows the clock.
-fn later(at: std::time::Instant, d: Duration) -> std::time::Instant {
-    at.checked_add(d)
-        .unwrap_or_else(|| crate::retry::far_future(at))
-}
+use crate::retry::later;
 
 /// Runs the driver and makes its end visible: a panic is logged at error level and
 /// recorded as the node's [`NodeFailure`] *before* the driver's state is dropped, so

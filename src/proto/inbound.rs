@@ -302,7 +302,7 @@ impl InboundStream {
     pub(crate) fn consumed(&mut self, now: Instant, update: bool) {
         self.unconsumed = self.unconsumed.saturating_sub(1);
         if update {
-            let due = now + self.ack_delay;
+            let due = crate::retry::later(now, self.ack_delay);
             self.ack_due = Some(self.ack_due.map_or(due, |d| d.min(due)));
         }
     }
@@ -443,8 +443,7 @@ impl InboundStream {
         let due = if self.pending_ack.len() >= self.max_ack_ranges {
             now
         } else {
-            now.checked_add(self.ack_delay)
-                .unwrap_or_else(|| crate::retry::far_future(now))
+            crate::retry::later(now, self.ack_delay)
         };
         self.ack_due = Some(self.ack_due.map_or(due, |d| d.min(due)));
     }

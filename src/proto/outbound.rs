@@ -596,9 +596,4 @@ fn next_gen(gen: u32) -> u32 {
     }
 }
 
-/// `now + d`, or a far-future instant ("never") where that overflows the clock: a
-/// configured duration may be as long as `Duration::MAX`.
-fn later(now: Instant, d: std::time::Duration) -> Instant {
-    now.checked_add(d)
-        .unwrap_or_else(|| crate::retry::far_future(now))
-}
+use crate::retry::later;
