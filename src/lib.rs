@@ -88,8 +88,10 @@ pub mod wire;
 pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{
-    ChannelOptions, Delivery, DeliveryHandle, HandoffConfig, IdentityConflict, Node, NodeBuilder,
-    NodeConfig, NodeError, Outcome, RawReceiver, RawSender, Receipt, Receiver, ReceiverOptions,
-    SendError, Sender, Stats, BIND_RETRY,
+    ChannelOptions, DeadLetter, DeadLetterReason, DeadLetters, Delivery, DeliveryHandle,
+    HandoffConfig, IdentityConflict, Node, NodeBuilder, NodeConfig, NodeError, Outcome,
+    RawReceiver, RawSender, Receipt, Receiver, ReceiverOptions, SendError, Sender, Stats,
+    BIND_RETRY,
 };
 pub use proto::ProtoConfig;
+pub use wire::RejectReason;

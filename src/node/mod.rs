@@ -7,8 +7,11 @@
 //! feed the endpoint; then poll the endpoint → write frames, hand deliveries to
 //! receivers, resolve receipts, and reset the single `Sleep` to the earliest deadline.
 
+mod dead_letter;
 mod spool;
 
+use dead_letter::DeadLetterQueue;
+pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
 pub use spool::HandoffConfig;
 
 use crate::dedup::{Dedup, DedupConfig};
@@ -157,6 +160,18 @@ pub enum SendError {
     /// may have been delivered. Build a new node.
     #[error(transparent)]
     NodeFailed(NodeFailure),
+    /// The receiver refused the message for good and said why (a receiver speaking
+    /// protocol version 3): no receiver on its channel after its grace period, not
+    /// authorized, a payload its typed receiver cannot decode, dead-lettered after its
+    /// channel's delivery limit, or a stream the receiver has retired. The message was
+    /// not processed by a handler (a dead-lettered or undecodable one is in the
+    /// receiver's [`Node::dead_letters`]); sending it again unchanged gets the same
+    /// answer.
+    #[error("rejected by the receiver: {reason}")]
+    Rejected {
+        /// The receiver's reason.
+        reason: crate::wire::RejectReason,
+    },
 }
 
 /// How a message settled.
@@ -215,6 +230,10 @@ pub struct NodeConfig {
     /// Default [`Authorization::default`](crate::proto::Authorization::default): any
     /// admitted peer on any channel, nobody relays for another node.
     pub authorization: crate::proto::Authorization,
+    /// Dead letters kept for [`Node::dead_letters`] before the oldest is dropped
+    /// (counted in [`Stats::dead_letters_dropped`], logged at warn). Default `10 000`;
+    /// at most `2^24`.
+    pub dead_letter_capacity: usize,
 }
 
 impl Default for NodeConfig {
@@ -233,6 +252,7 @@ impl Default for NodeConfig {
             allow_dynamic_peers: false,
             fail_fast_when_down: true,
             authorization: crate::proto::Authorization::default(),
+            dead_letter_capacity: 10_000,
         }
     }
 }
@@ -308,6 +328,12 @@ impl NodeConfig {
         if let Some(h) = &self.handoff {
             h.validate()?;
         }
+        count(
+            "dead_letter_capacity",
+            u(self.dead_letter_capacity),
+            0,
+            1 << 24,
+        )?;
         Ok(())
     }
 
@@ -357,8 +383,9 @@ pub struct IdentityConflict {
 
 /// Options of a channel's receiver.
 ///
-/// Default: unordered (each message is handed out as soon as it arrives).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Default: unordered (each message is handed out as soon as it arrives), at most
+/// [`ReceiverOptions::DEFAULT_MAX_DELIVERIES`] deliveries per message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReceiverOptions {
     /// Deliver each stream's messages in send order. The contract, per stream (a
@@ -374,20 +401,56 @@ pub struct ReceiverOptions {
     ///    refusal, a duplicate of a message still being processed) rewind the stream,
     ///    so they keep rule 1.
     ///
+    /// 4. a message refused for good (dead-lettered, undecodable) is settled: the
+    ///    stream moves past it and it is never delivered again.
+    ///
     /// Checked by the `ordered_contract_holds_through_every_refusal_path` simulation
     /// property and `tests/flow_control.rs`.
     pub ordered: bool,
+    /// How many times one at-least-once or effectively-once message is handed to the
+    /// application (its first delivery plus redeliveries after a nack or a dropped
+    /// [`Delivery`]) before it goes to the dead letters ([`Node::dead_letters`])
+    /// instead, and its sender's receipt fails with
+    /// [`SendError::Rejected`]`{ reason: DeadLettered }` — as NATS's `MaxDeliver` and
+    /// RabbitMQ's delivery limit do. `None`: redeliver until the sender's deadline.
+    /// Default `Some(`[`DEFAULT_MAX_DELIVERIES`](Self::DEFAULT_MAX_DELIVERIES)`)`;
+    /// `Some(0)` is refused.
+    pub max_deliveries: Option<u32>,
+}
+
+impl Default for ReceiverOptions {
+    fn default() -> Self {
+        ReceiverOptions {
+            ordered: false,
+            max_deliveries: Some(Self::DEFAULT_MAX_DELIVERIES),
+        }
+    }
 }
 
 impl ReceiverOptions {
+    /// Default delivery limit: 20 (RabbitMQ's default for quorum queues).
+    pub const DEFAULT_MAX_DELIVERIES: u32 = 20;
+
     /// Deliver each stream's messages in send order (see [`ReceiverOptions::ordered`]).
     pub fn ordered() -> Self {
-        ReceiverOptions { ordered: true }
+        ReceiverOptions {
+            ordered: true,
+            ..Self::default()
+        }
     }
 
     /// Hand messages out as they arrive (the default).
     pub fn unordered() -> Self {
-        ReceiverOptions { ordered: false }
+        ReceiverOptions::default()
+    }
+
+    /// The same options with another delivery limit (see
+    /// [`ReceiverOptions::max_deliveries`]).
+    pub fn max_deliveries(self, limit: Option<u32>) -> Self {
+        ReceiverOptions {
+            max_deliveries: limit,
+            ..self
+        }
     }
 }
 
@@ -402,12 +465,16 @@ pub struct Stats {
     /// refusals, memory, durable-log recovery.
     pub dedup: crate::dedup::DedupStats,
     /// Arrivals whose payload did not decode as the receiver's type (or left trailing
-    /// bytes). They are not delivered and not acknowledged: an at-least-once sender
-    /// retransmits until its deadline and its receipt fails, never `Ok(Acked)`.
+    /// bytes). They are not delivered and never acknowledged: they go to
+    /// [`Node::dead_letters`] and the sender's receipt fails with
+    /// [`SendError::Rejected`]`{ reason: Undecodable }` (a sender speaking protocol 2
+    /// or older retries until its deadline), never `Ok(Acked)`.
     pub decode_failed: u64,
-    /// Arrivals on a channel with no [`Receiver`] on this node. They are refused (not
-    /// acknowledged): the sender retransmits until its deadline, so a receiver that
-    /// starts late still gets them. Logged at warn at most once a second.
+    /// Arrivals on a channel with no [`Receiver`] on this node. They are not
+    /// acknowledged, so a receiver that starts late still gets them; after
+    /// [`ProtoConfig::no_receiver_grace`] they are rejected
+    /// ([`SendError::Rejected`]`{ reason: NoReceiver }` at the sender). Logged at warn
+    /// at most once a second.
     pub no_receiver: u64,
     /// Hint store counters, when handoff is enabled.
     pub hints: Option<crate::handoff::HintStats>,
@@ -416,6 +483,9 @@ pub struct Stats {
     /// Messages whose receipt failed because the hint store refused them (the store's
     /// own counters count every refused append, including retries).
     pub handoff_refused: u64,
+    /// Dead letters dropped because [`Node::dead_letters`] was not drained and the
+    /// queue was at [`NodeConfig::dead_letter_capacity`].
+    pub dead_letters_dropped: u64,
 }
 
 /// Builds a [`Node`].
@@ -580,6 +650,7 @@ impl NodeBuilder {
             decode_warned: Mutex::new(None),
             no_receiver: AtomicU64::new(0),
             no_receiver_warned: Mutex::new(None),
+            dead_letters: Arc::new(DeadLetterQueue::new(self.config.dead_letter_capacity)),
             known: Mutex::new(watched.iter().copied().collect()),
             any_peer: self.config.allow_dynamic_peers || dials_by_id,
             fail_fast_down: self.config.fail_fast_when_down && !handoff_on_down,
@@ -863,16 +934,19 @@ impl Node {
         channel: ChannelId,
         options: ReceiverOptions,
     ) -> Result<Receiver<T>, NodeError> {
-        self.receiver(channel, options.ordered)
+        Ok(Receiver {
+            raw: self.raw_receiver_with(channel, options)?,
+            _t: PhantomData,
+        })
     }
 
-    /// The receiver of raw payloads of a channel, with [`ReceiverOptions`].
-    pub fn raw_receiver_with(
-        &self,
-        channel: ChannelId,
-        options: ReceiverOptions,
-    ) -> Result<RawReceiver, NodeError> {
-        self.raw_receiver(channel, options.ordered)
+    /// The node's dead letters: received messages that reached their channel's
+    /// delivery limit ([`ReceiverOptions::max_deliveries`]) or did not decode as their
+    /// typed receiver's type. See [`DeadLetters`].
+    pub fn dead_letters(&self) -> DeadLetters {
+        DeadLetters {
+            queue: self.shared.dead_letters.clone(),
+        }
     }
 
     /// `Err` once the node has failed or shut down.
@@ -910,19 +984,41 @@ impl Node {
         channel: ChannelId,
         ordered: bool,
     ) -> Result<Receiver<T>, NodeError> {
-        Ok(Receiver {
-            raw: self.raw_receiver(channel, ordered)?,
-            _t: PhantomData,
-        })
+        self.receiver_with(
+            channel,
+            ReceiverOptions {
+                ordered,
+                ..ReceiverOptions::default()
+            },
+        )
     }
 
-    /// The receiver of raw payloads of a channel.
+    /// The receiver of raw payloads of a channel (default [`ReceiverOptions`] but
+    /// `ordered`).
     pub fn raw_receiver(
         &self,
         channel: ChannelId,
         ordered: bool,
     ) -> Result<RawReceiver, NodeError> {
+        self.raw_receiver_with(
+            channel,
+            ReceiverOptions {
+                ordered,
+                ..ReceiverOptions::default()
+            },
+        )
+    }
+
+    /// The receiver of raw payloads of a channel, with [`ReceiverOptions`].
+    pub fn raw_receiver_with(
+        &self,
+        channel: ChannelId,
+        options: ReceiverOptions,
+    ) -> Result<RawReceiver, NodeError> {
         self.check_running()?;
+        if let Some(limit) = options.max_deliveries {
+            crate::error::check::count("max_deliveries", u64::from(limit), 1, u64::from(u32::MAX))?;
+        }
         // Unbounded: what may be queued is bounded by the credit granted to each
         // inbound stream (`ProtoConfig::stream_credit`), never by refusing arrivals.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -945,7 +1041,7 @@ impl Node {
         self.commands
             .send(Command::Register {
                 channel,
-                ordered,
+                options,
                 tx,
             })
             .map_err(|_| self.shared.closed_error())?;
@@ -1195,8 +1291,9 @@ impl<T: DeserializeOwned> Receiver<T> {
     /// A payload that does not decode as `T`, or decodes with bytes left over (a value
     /// of another type), is never handed out and never acknowledged: it is counted in
     /// [`Stats::decode_failed`], logged at warn (at most once a second per node, with
-    /// the running count), and refused, so an at-least-once sender's receipt fails at
-    /// its deadline instead of reporting `Ok(Acked)` for a message nobody processed.
+    /// the running count), put in [`Node::dead_letters`], and the sender's receipt
+    /// fails with [`SendError::Rejected`]`{ reason: Undecodable }` instead of reporting
+    /// `Ok(Acked)` for a message nobody processed.
     pub async fn recv(&mut self) -> Option<Delivery<T>> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
@@ -1213,7 +1310,12 @@ impl<T: DeserializeOwned> Receiver<T> {
                 Err(error) => {
                     self.raw.shared.decode_failed(d.id, d.channel, &error);
                     let mut handle = d.handle;
-                    handle.finish(Completion::Refuse);
+                    if let Some((delivery, commands)) = handle.completion.take() {
+                        let _ = commands.send(Command::Undecodable {
+                            delivery,
+                            payload: d.message,
+                        });
+                    }
                 }
             }
         }
@@ -1384,6 +1486,7 @@ struct Shared {
     no_receiver: AtomicU64,
     /// When the last arrival without a receiver was logged at warn (rate limit).
     no_receiver_warned: Mutex<Option<std::time::Instant>>,
+    dead_letters: Arc<DeadLetterQueue>,
     /// Peers given to the builder or `add_peer` (peers heard from are in `health`).
     known: Mutex<std::collections::HashSet<NodeId>>,
     /// Any id is a peer: `allow_dynamic_peers`, or a transport that dials by id.
@@ -1441,7 +1544,7 @@ impl Shared {
     fn decode_failed(&self, id: MessageId, channel: ChannelId, error: &str) {
         let total = self.decode_failed.fetch_add(1, Ordering::Relaxed) + 1;
         if warn_due(&self.decode_warned) {
-            tracing::warn!(%id, channel = channel.0, %error, total, "payload does not decode as the receiver's type; refused (not acked)");
+            tracing::warn!(%id, channel = channel.0, %error, total, "payload does not decode as the receiver's type; dead-lettered and rejected (not acked)");
         } else {
             tracing::debug!(%id, channel = channel.0, %error, "payload does not decode; refused");
         }
@@ -1451,7 +1554,7 @@ impl Shared {
     fn no_receiver(&self, from: NodeId, channel: ChannelId) {
         let total = self.no_receiver.fetch_add(1, Ordering::Relaxed) + 1;
         if warn_due(&self.no_receiver_warned) {
-            tracing::warn!(channel = channel.0, %from, total, "message on a channel with no receiver on this node; not acked (the sender retries until its deadline)");
+            tracing::warn!(channel = channel.0, %from, total, "message on a channel with no receiver on this node; not acked (rejected after the no-receiver grace period)");
         } else {
             tracing::debug!(channel = channel.0, %from, "no receiver; not acked");
         }
@@ -1501,8 +1604,14 @@ enum Command {
     },
     Register {
         channel: ChannelId,
-        ordered: bool,
+        options: ReceiverOptions,
         tx: mpsc::UnboundedSender<Delivery<Bytes>>,
+    },
+    /// A delivery the typed receiver could not decode: to the dead letters, and
+    /// rejected to its sender.
+    Undecodable {
+        delivery: DeliveryRef,
+        payload: Bytes,
     },
     AddPeer {
         peer: NodeId,
@@ -1595,6 +1704,10 @@ impl Driver {
             if let Some(until) = self.draining_until {
                 if self.receipts.is_empty() || now >= until {
                     self.spool_all(now);
+                    // A clean end of this run: receivers may retire its streams.
+                    if self.endpoint.finish_streams() > 0 {
+                        let _ = self.flush(now).await;
+                    }
                     break;
                 }
             }
@@ -1664,11 +1777,24 @@ impl Driver {
             Command::Complete { delivery, how } => self.endpoint.complete(now, delivery, how),
             Command::Register {
                 channel,
-                ordered,
+                options,
                 tx,
             } => {
                 self.receivers.insert(channel, tx);
-                self.endpoint.accept_channel(channel, ordered);
+                self.endpoint.accept_channel_with(
+                    channel,
+                    crate::proto::Accept::new(options.ordered, options.max_deliveries),
+                );
+            }
+            Command::Undecodable { delivery, payload } => {
+                if delivery.guarantee != Guarantee::AtMostOnce {
+                    self.dead_letter(delivery, payload, DeadLetterReason::Undecodable);
+                }
+                self.endpoint.complete(
+                    now,
+                    delivery,
+                    Completion::Reject(crate::wire::RejectReason::Undecodable),
+                );
             }
             Command::AddPeer { peer, addr } => {
                 if self.detector.state(peer).is_none() {
@@ -1688,6 +1814,7 @@ impl Driver {
                     hints: self.spool.as_ref().map(Spool::stats),
                     handed_off: self.handed_off,
                     handoff_refused: self.handoff_refused,
+                    dead_letters_dropped: self.shared.dead_letters.dropped(),
                 });
             }
             Command::Decommission { peer, reply } => {
@@ -1756,6 +1883,7 @@ impl Driver {
             match ev {
                 Event::Deliver { delivery, payload } => {
                     let Some(tx) = self.receivers.get(&delivery.channel) else {
+                        self.endpoint.unaccept_channel(delivery.channel);
                         self.endpoint.complete(now, delivery, Completion::Refuse);
                         continue;
                     };
@@ -1771,8 +1899,11 @@ impl Driver {
                     };
                     if let Err(mpsc::error::SendError(mut d)) = tx.send(d) {
                         // The receiver is gone: refuse (the stream rewinds; the sender
-                        // retries until a receiver appears).
+                        // retries until a receiver appears, or is told there is none
+                        // after the grace period).
                         d.handle.completion.take();
+                        self.receivers.remove(&delivery.channel);
+                        self.endpoint.unaccept_channel(delivery.channel);
                         self.endpoint.complete(now, delivery, Completion::Refuse);
                     }
                 }
@@ -1822,6 +1953,29 @@ impl Driver {
                     }
                     let _ = reply.send(res);
                 }
+                Event::Rejected { send, reason } => {
+                    if let Some(spool) = &mut self.spool {
+                        if spool.on_rejected(send, reason, &mut self.endpoint) {
+                            continue;
+                        }
+                    }
+                    if let Some((_, reply)) = self.receipts.remove(&send) {
+                        tracing::debug!(peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "message rejected by its receiver");
+                        let _ = reply.send(Err(SendError::Rejected { reason }));
+                    }
+                }
+                Event::DeadLetter {
+                    delivery,
+                    payload,
+                    deliveries,
+                } => {
+                    self.dead_letters_at(
+                        delivery,
+                        payload,
+                        deliveries,
+                        DeadLetterReason::MaxDeliveries,
+                    );
+                }
                 Event::WindowOpened { peer, channel, n } => {
                     self.shared
                         .window_for(peer, channel)
@@ -1831,6 +1985,29 @@ impl Driver {
                 Event::HeartbeatAck(peer) => self.detector.heartbeat(peer, now),
             }
         }
+    }
+
+    /// Keep a delivery the application could not take as a dead letter.
+    fn dead_letter(&mut self, delivery: DeliveryRef, payload: Bytes, reason: DeadLetterReason) {
+        let deliveries = self.endpoint.deliveries(&delivery);
+        self.dead_letters_at(delivery, payload, deliveries, reason);
+    }
+
+    fn dead_letters_at(
+        &mut self,
+        delivery: DeliveryRef,
+        payload: Bytes,
+        deliveries: u32,
+        reason: DeadLetterReason,
+    ) {
+        self.shared.dead_letters.push(DeadLetter {
+            message: payload,
+            id: delivery.id,
+            from: delivery.origin,
+            channel: delivery.channel,
+            deliveries,
+            reason,
+        });
     }
 
     async fn flush(&mut self, now: std::time::Instant) -> bool {
@@ -2010,6 +2187,7 @@ impl Driver {
             let _ = reply.send(Err(SendError::Shutdown));
         }
         self.receivers.clear();
+        self.shared.dead_letters.close();
     }
 }
 
