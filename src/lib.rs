@@ -70,6 +70,7 @@
 //! * `id`, `error`, `rng` — identities, shared errors, a seeded PRNG.
 #![warn(missing_docs)]
 
+mod config_serde;
 pub mod dedup;
 pub mod detector;
 mod error;
