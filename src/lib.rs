@@ -90,7 +90,7 @@ pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{
     ChannelOptions, Delivery, DeliveryHandle, HandoffConfig, IdentityConflict, Node, NodeBuilder,
-    NodeConfig, NodeError, Outcome, RawReceiver, RawSender, Receipt, Receiver, ReceiverOptions,
-    SendError, Sender, Stats, BIND_RETRY,
+    NodeConfig, NodeError, Outcome, RawReceiver, RawSendSink, RawSender, Receipt, Receiver,
+    ReceiverOptions, SendError, SendSink, Sender, Stats, BIND_RETRY,
 };
 pub use proto::ProtoConfig;

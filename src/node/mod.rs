@@ -7,8 +7,10 @@
 //! feed the endpoint; then poll the endpoint → write frames, hand deliveries to
 //! receivers, resolve receipts, and reset the single `Sleep` to the earliest deadline.
 
+mod sink;
 mod spool;
 
+pub use sink::{RawSendSink, SendSink};
 pub use spool::HandoffConfig;
 
 use crate::dedup::{Dedup, DedupConfig};
