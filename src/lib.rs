@@ -93,4 +93,6 @@ pub use node::{
     NodeConfig, NodeError, Outcome, RawReceiver, RawSendSink, RawSender, Receipt, Receiver,
     ReceiverOptions, SendError, SendSink, Sender, Stats, BIND_RETRY,
 };
+#[cfg(feature = "tower")]
+pub use node::{RawSenderService, SendFuture, SenderService};
 pub use proto::ProtoConfig;

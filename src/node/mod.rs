@@ -7,9 +7,13 @@
 //! feed the endpoint; then poll the endpoint → write frames, hand deliveries to
 //! receivers, resolve receipts, and reset the single `Sleep` to the earliest deadline.
 
+#[cfg(feature = "tower")]
+mod service;
 mod sink;
 mod spool;
 
+#[cfg(feature = "tower")]
+pub use service::{RawSenderService, SendFuture, SenderService};
 pub use sink::{RawSendSink, SendSink};
 pub use spool::HandoffConfig;
 

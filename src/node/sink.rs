@@ -222,7 +222,7 @@ impl fmt::Debug for RawSendSink {
         f.debug_struct("RawSendSink")
             .field("peer", &self.sender.peer)
             .field("channel", &self.sender.options.channel)
-            .field("reserved", &self.slot.permit.is_some())
+            .field("reserved", &self.slot.is_reserved())
             .field("outstanding", &self.receipts.len())
             .field("settled", &self.settled)
             .field("failed", &self.failed)
@@ -295,6 +295,11 @@ impl WindowSlot {
         // The driver gives the slot back (add_permits) when the window slides.
         permit.forget();
         sender.enqueue(payload, None)
+    }
+
+    /// Whether a slot is reserved and not yet spent.
+    pub(super) fn is_reserved(&self) -> bool {
+        self.permit.is_some()
     }
 
     /// Gives a reserved, unspent slot back.
