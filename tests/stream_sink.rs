@@ -180,3 +180,28 @@ async fn an_oversized_item_fails_alone() {
     sink.close().await.unwrap();
     assert_eq!((sink.settled(), sink.failed()), (1, 0));
 }
+
+/// A long pipeline stops at the first failure: `send_all` returns it from `poll_ready`
+/// once the oldest message fails, instead of pushing the whole stream into the void.
+#[tokio::test(start_paused = true)]
+async fn a_pipeline_stops_at_the_first_failure() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let mut config = NodeConfig::default();
+    config.proto.max_in_flight = 8;
+    let (a, _b) = pair(&net, config).await; // no receiver on CH: nothing is acked
+    let mut opts = ChannelOptions::new(CH, Guarantee::AtLeastOnce);
+    opts.deadline = Some(Duration::from_secs(1));
+    let out = a.sender::<u32>(NodeId(2), opts).unwrap();
+    let mut sink = out.sink();
+    let err = sink
+        .send_all(&mut stream::iter(0..1_000u32).map(Ok))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SendError::Deadline { .. }), "{err:?}");
+    let accepted = sink.settled() + sink.outstanding() as u64;
+    assert!(
+        (8..=16).contains(&accepted),
+        "{accepted} messages accepted before the failure stopped the pipeline"
+    );
+    assert!(sink.failed() >= 1);
+}

@@ -131,6 +131,7 @@ impl RawSendSink {
 
     /// Reaps the oldest receipts while they are settled (cheap: acks mostly arrive in
     /// send order), so a long pipeline that never flushes keeps no settled receipts.
+    /// Leaves `cx` registered with the oldest unsettled receipt.
     fn reap_front(&mut self, cx: &mut Context<'_>) {
         while let Some(front) = self.receipts.front_mut() {
             match Pin::new(front).poll(cx) {
@@ -166,15 +167,11 @@ impl futures_sink::Sink<Bytes> for RawSendSink {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        // Oldest first, waiting on the oldest unsettled one: amortised O(1) per item (a
+        // stream's receipts settle mostly in send order), and failures are met in send
+        // order.
         let this = self.get_mut();
-        let mut pending = VecDeque::with_capacity(this.receipts.len());
-        while let Some(mut receipt) = this.receipts.pop_front() {
-            match Pin::new(&mut receipt).poll(cx) {
-                Poll::Ready(result) => this.settle(result),
-                Poll::Pending => pending.push_back(receipt),
-            }
-        }
-        this.receipts = pending;
+        this.reap_front(cx);
         if this.receipts.is_empty() {
             Poll::Ready(this.take_error())
         } else {
