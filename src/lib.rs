@@ -70,6 +70,7 @@
 //! * `id`, `error`, `rng` — identities, shared errors, a seeded PRNG.
 #![warn(missing_docs)]
 
+mod config_serde;
 pub mod dedup;
 pub mod detector;
 mod error;
@@ -90,8 +91,10 @@ pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{
     ChannelOptions, DeadLetter, DeadLetterReason, DeadLetters, Delivery, DeliveryHandle,
     HandoffConfig, IdentityConflict, Node, NodeBuilder, NodeConfig, NodeError, Outcome,
-    RawReceiver, RawSender, Receipt, Receiver, ReceiverOptions, SendError, Sender, Stats,
-    BIND_RETRY,
+    RawReceiver, RawSendSink, RawSender, Receipt, Receiver, ReceiverOptions, SendError, SendSink,
+    Sender, Stats, BIND_RETRY,
 };
+#[cfg(feature = "tower")]
+pub use node::{RawSenderService, SendFuture, SenderService};
 pub use proto::ProtoConfig;
 pub use wire::RejectReason;

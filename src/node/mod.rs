@@ -8,10 +8,16 @@
 //! receivers, resolve receipts, and reset the single `Sleep` to the earliest deadline.
 
 mod dead_letter;
+#[cfg(feature = "tower")]
+mod service;
+mod sink;
 mod spool;
 
 use dead_letter::DeadLetterQueue;
 pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
+#[cfg(feature = "tower")]
+pub use service::{RawSenderService, SendFuture, SenderService};
+pub use sink::{RawSendSink, SendSink};
 pub use spool::HandoffConfig;
 
 use crate::dedup::{Dedup, DedupConfig};
@@ -190,7 +196,12 @@ pub enum Outcome {
 }
 
 /// Node-wide settings. Every default is written on its field.
-#[derive(Clone, Debug)]
+///
+/// Every config type implements serde's `Serialize` and `Deserialize`: a TOML or JSON
+/// file names only what it changes, a misspelt key is an error, and durations are
+/// strings such as `"200ms"`, `"5s"` or `"24h"` (see `examples/toml_config.rs`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NodeConfig {
     /// Protocol tuning (window, acks, retries). Default [`ProtoConfig::default`].
@@ -199,12 +210,14 @@ pub struct NodeConfig {
     /// [`DedupConfig::default`] (in memory) with `window` raised to 8192 seqs, twice
     /// the default `proto.max_in_flight`: a sequence window narrower than the senders'
     /// in-flight window refuses messages beyond it until the holes below fill.
+    #[serde(deserialize_with = "crate::config_serde::node_dedup")]
     pub dedup: DedupConfig,
     /// Largest payload `send` accepts. Default 4 MiB.
     pub max_payload: usize,
     /// Failure detector (phi accrual, threshold 8). Default [`DetectorConfig::default`].
     pub detector: DetectorConfig,
     /// How often each known peer is pinged for the failure detector. Default 1 s.
+    #[serde(with = "crate::config_serde::duration")]
     pub heartbeat_interval: Duration,
     /// Hinted handoff; `None` (default) disables it: a message whose retries run out
     /// fails its receipt.
@@ -212,6 +225,7 @@ pub struct NodeConfig {
     /// How long [`Node::shutdown`] waits for unacknowledged messages before spooling
     /// them to the hint store (or, without handoff, failing them). Default 5 s. Any
     /// value is accepted; `Duration::MAX` waits until every message has settled.
+    #[serde(with = "crate::config_serde::duration")]
     pub shutdown_drain: Duration,
     /// Allow [`Node::sender`] to a peer this node does not know. Default `false`: a
     /// sender is only made for a peer given to [`NodeBuilder::peer`] or
@@ -349,13 +363,15 @@ impl NodeConfig {
 const DATA_FRAME_OVERHEAD: usize = 128;
 
 /// Options of one sending channel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChannelOptions {
     /// The channel.
     pub channel: ChannelId,
     /// Its guarantee.
     pub guarantee: Guarantee,
     /// Per-message deadline overriding the retry policy's. Default `None` (policy's).
+    #[serde(default, with = "crate::config_serde::option_duration")]
     pub deadline: Option<Duration>,
 }
 
@@ -385,7 +401,8 @@ pub struct IdentityConflict {
 ///
 /// Default: unordered (each message is handed out as soon as it arrives), at most
 /// [`ReceiverOptions::DEFAULT_MAX_DELIVERIES`] deliveries per message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ReceiverOptions {
     /// Deliver each stream's messages in send order. The contract, per stream (a

@@ -22,7 +22,8 @@ use tokio::sync::Semaphore;
 /// let cfg = ackwire::HandoffConfig::new("/var/lib/myservice");
 /// assert!(cfg.on_give_up && cfg.on_down);
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default = "crate::config_serde::handoff_defaults", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct HandoffConfig {
     /// Where and how hints are stored: directory, fsync policy (default group commit

@@ -9,7 +9,8 @@ use std::time::Duration;
 /// let cfg = ackwire::ProtoConfig::default();
 /// assert!(cfg.validate().is_ok());
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ProtoConfig {
     /// Maximum span of unsettled messages per stream (the sliding window, as in TCP):
@@ -28,6 +29,7 @@ pub struct ProtoConfig {
     /// How long the receiver may hold an owed ack to batch it with others. Default
     /// `0`: acks go out at the end of the current burst of work, which batches bulk
     /// streams without adding latency to a lone message.
+    #[serde(with = "crate::config_serde::duration")]
     pub ack_delay: Duration,
     /// An ack is sent at once when this many separate ranges are owed. Default `64`.
     pub max_ack_ranges: usize,
@@ -50,6 +52,7 @@ pub struct ProtoConfig {
     /// room for receivers that start a little after their node. Senders speaking
     /// protocol version 2 or older get no reject: their messages stay unacked until a
     /// receiver appears or their deadline passes. Default `5 s`; at most 1 day.
+    #[serde(with = "crate::config_serde::duration")]
     pub no_receiver_grace: Duration,
     /// Retransmission: attempts, deadline, backoff. See [`RetryPolicy`].
     pub retry: RetryPolicy,
@@ -63,6 +66,7 @@ pub struct ProtoConfig {
     /// needs retries for ~36 % of messages, and a 0.2 budget turned such a healthy but
     /// lossy link into deadline failures in our tests. 1.0 still caps a retry storm at
     /// twice the fresh load. Refused retries are deferred, never dropped.
+    #[serde(deserialize_with = "crate::config_serde::proto_retry_budget")]
     pub retry_budget: RetryBudgetConfig,
 }
 

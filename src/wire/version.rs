@@ -54,6 +54,7 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// [`PROTOCOL_VERSION`]). Raise `min` once every node of a cluster runs a build that
 /// speaks it, so nodes stop speaking the old version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct VersionRange {
     /// Oldest version spoken.
     pub min: u16,
