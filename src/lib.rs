@@ -89,7 +89,7 @@ pub mod wire;
 pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{
-    ChannelOptions, DeadLetter, DeadLetterReason, DeadLetters, Delivery, DeliveryHandle,
+    AckError, ChannelOptions, DeadLetter, DeadLetterReason, DeadLetters, Delivery, DeliveryHandle,
     HandoffConfig, IdentityConflict, Node, NodeBuilder, NodeConfig, NodeError, Outcome,
     RawReceiver, RawSendSink, RawSender, Receipt, Receiver, ReceiverOptions, SendError, SendSink,
     Sender, Stats, BIND_RETRY,

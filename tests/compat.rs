@@ -53,6 +53,7 @@ fn v1_frames() -> Vec<(&'static str, Frame)> {
                 id_floor: 38,
                 id: None,
                 guarantee: Guarantee::AtLeastOnce,
+                schema: 0,
                 payload: Bytes::from_static(b"hello v1"),
             }),
         ),
@@ -65,6 +66,7 @@ fn v1_frames() -> Vec<(&'static str, Frame)> {
                 id_floor: 1,
                 id: Some(MessageId::Key(IdKey(0xDEAD_BEEF_0000_0001))),
                 guarantee: Guarantee::EffectivelyOnce,
+                schema: 0,
                 payload: Bytes::from_static(b"keyed"),
             }),
         ),
@@ -84,6 +86,7 @@ fn v1_frames() -> Vec<(&'static str, Frame)> {
                     seq: 3,
                 }),
                 guarantee: Guarantee::EffectivelyOnce,
+                schema: 0,
                 payload: Bytes::from_static(b"replayed"),
             }),
         ),
@@ -96,6 +99,7 @@ fn v1_frames() -> Vec<(&'static str, Frame)> {
                 id_floor: 83_616,
                 id: None,
                 guarantee: Guarantee::AtMostOnce,
+                schema: 0,
                 payload: Bytes::new(),
             }),
         ),
@@ -150,7 +154,8 @@ fn v2_frames() -> Vec<(&'static str, Frame)> {
 }
 
 /// Every frame type protocol version 3 released: version 2's plus the reject (one
-/// fixture per reason code it defines, and one code it does not) and the finish.
+/// fixture per reason code it defines, and one code it does not), the finish, and a
+/// data frame carrying its payload type fingerprint.
 fn v3_frames() -> Vec<(&'static str, Frame)> {
     let mut frames = v2_frames();
     let reasons = [
@@ -159,6 +164,7 @@ fn v3_frames() -> Vec<(&'static str, Frame)> {
         ("reject_undecodable", RejectReason::Undecodable),
         ("reject_dead_lettered", RejectReason::DeadLettered),
         ("reject_stream_retired", RejectReason::StreamRetired),
+        ("reject_type_mismatch", RejectReason::TypeMismatch),
         ("reject_other", RejectReason::Other(200)),
     ];
     for (i, (name, reason)) in reasons.into_iter().enumerate() {
@@ -172,6 +178,19 @@ fn v3_frames() -> Vec<(&'static str, Frame)> {
             }),
         ));
     }
+    frames.push((
+        "data_typed",
+        Frame::Data(Data {
+            channel: ChannelId(4),
+            seq: 2,
+            floor: 1,
+            id_floor: 1,
+            id: None,
+            guarantee: Guarantee::AtLeastOnce,
+            schema: 0xC0FF_EE01,
+            payload: Bytes::from_static(b"typed"),
+        }),
+    ));
     frames.push((
         "finish",
         Frame::Finish(Finish {

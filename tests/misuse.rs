@@ -297,7 +297,7 @@ async fn max_payload_above_the_tcp_frame_limit_is_a_typed_error() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_string_received_as_u64_is_rejected_and_dead_lettered() {
+async fn a_string_received_as_u64_is_rejected_as_another_type() {
     let net = net();
     let (a, b) = pair(&net, NodeConfig::default()).await;
     let mut inbox = b.receiver::<u64>(CH, false).unwrap();
@@ -308,20 +308,33 @@ async fn a_string_received_as_u64_is_rejected_and_dead_lettered() {
     // bincode's "hello" is [5, b'h', ...]: it used to decode as Some(5).
     let wrong = a.sender::<String>(B, options).unwrap();
     let receipt = wrong.send(&"hello".to_string()).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), inbox.recv()).await;
+    assert_eq!(
+        within(receipt).await,
+        Err(SendError::Rejected {
+            reason: RejectReason::TypeMismatch
+        }),
+        "the sender must not see Acked, and learns why at once"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(1), inbox.recv()).await;
     assert!(
         got.is_err(),
         "a String must not be delivered as a u64: {got:?}"
     );
+    let stats = b.stats().await.unwrap();
+    assert_eq!(stats.proto.type_mismatches, 1, "{stats:?}");
+    // The same bytes without the type check reach the decoder, which refuses them
+    // (trailing bytes): dead-lettered as undecodable.
+    let unchecked = a.sender::<String>(B, options).unwrap().without_type_check();
+    let receipt = unchecked.send(&"hello".to_string()).await.unwrap();
+    // The typed receiver decodes when polled: it yields nothing and refuses the payload.
+    let got = tokio::time::timeout(Duration::from_secs(1), inbox.recv()).await;
+    assert!(got.is_err(), "{got:?}");
     assert_eq!(
-        receipt.await,
+        within(receipt).await,
         Err(SendError::Rejected {
             reason: RejectReason::Undecodable
-        }),
-        "the sender must not see Acked, and learns why"
+        })
     );
-    let stats = b.stats().await.unwrap();
-    assert!(stats.decode_failed >= 1, "{stats:?}");
     let letter = b.dead_letters().try_recv().expect("a dead letter");
     assert_eq!(letter.reason, DeadLetterReason::Undecodable);
     assert_eq!(
@@ -348,8 +361,52 @@ async fn a_string_received_as_u64_is_rejected_and_dead_lettered() {
         "misuse",
         "a String payload received as u64 (used to yield Some(5) and ack)",
         "1",
-        "trailing bytes rejected: not delivered, dead-lettered (Undecodable), sender's receipt fails Rejected(Undecodable) at once",
+        "type fingerprints differ: rejected before decoding, receipt fails Rejected(TypeMismatch) at once; without the type check the decoder refuses it (Undecodable, dead-lettered)",
     );
+}
+
+mod shop {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    pub(crate) struct Payment {
+        pub(crate) cents: u64,
+    }
+}
+
+mod ledger {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    pub(crate) struct Payment {
+        pub(crate) cents: u64,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_services_copies_of_one_type_pass_the_type_check() {
+    let net = net();
+    let (a, b) = pair(&net, NodeConfig::default()).await;
+    let mut inbox = b.receiver::<ledger::Payment>(CH, false).unwrap();
+    let out = a
+        .sender::<shop::Payment>(B, opts(Guarantee::EffectivelyOnce))
+        .unwrap();
+    let receipt = out.send(&shop::Payment { cents: 250 }).await.unwrap();
+    let d = within(inbox.recv()).await.unwrap();
+    assert_eq!(*d.message(), ledger::Payment { cents: 250 });
+    d.ack();
+    assert_eq!(within(receipt).await, Ok(Outcome::Acked));
+    // A receiver with the check off takes any typed sender's payload.
+    let mut any = b
+        .receiver_with::<u64>(
+            ChannelId(8),
+            ackwire::ReceiverOptions::unordered().type_check(false),
+        )
+        .unwrap();
+    let out = a
+        .sender::<u32>(B, ChannelOptions::new(ChannelId(8), Guarantee::AtLeastOnce))
+        .unwrap();
+    let receipt = out.send(&7).await.unwrap();
+    let d = within(any.recv()).await.unwrap();
+    assert_eq!(*d.message(), 7);
+    d.ack();
+    assert_eq!(within(receipt).await, Ok(Outcome::Acked));
 }
 
 #[tokio::test(start_paused = true)]

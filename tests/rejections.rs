@@ -267,3 +267,53 @@ async fn a_clean_shutdown_retires_the_senders_dedup_streams_at_once() {
         "its receiver retires the stream's dedup state at once (finish frame), not after the 24 h retention",
     );
 }
+
+/// Issue 13 item 7: `ack_durable` resolves only once the completion is on disk, so a
+/// receiver killed after it returned cannot process the message again.
+#[tokio::test]
+async fn ack_durable_resolves_after_the_dedup_record_is_on_disk() {
+    use ackwire::dedup::{Admit, Dedup, DedupConfig, DurableDedup};
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new(FaultPlan::new(10)).unwrap();
+    let a = node(&net, A, NodeConfig::default()).await;
+    let mut config = NodeConfig::default();
+    config.dedup.durable = Some(DurableDedup::new(dir.path().join("dedup")));
+    let b = node(&net, B, config).await;
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let out = a
+        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let mut ids = Vec::new();
+    for n in 0..20u64 {
+        let receipt = out.send_with_key(&n, IdKey(1000 + u128::from(n))).await.unwrap();
+        let d = within(inbox.recv()).await.unwrap();
+        ids.push(d.id());
+        within(d.ack_durable()).await.expect("persisted");
+        // What is on disk now is what a restarted receiver would read.
+        let copy = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(dir.path().join("dedup")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
+        }
+        let reread = Dedup::open(DedupConfig {
+            durable: Some(DurableDedup::new(copy.path())),
+            ..DedupConfig::default()
+        })
+        .unwrap();
+        let now = std::time::Instant::now();
+        for id in &ids {
+            assert_eq!(
+                reread.begin(id, now).unwrap(),
+                Admit::Duplicate,
+                "{id} acked durably but not on disk"
+            );
+        }
+        assert_eq!(within(receipt).await, Ok(Outcome::Acked));
+    }
+    report(
+        "rejections",
+        "ack_durable with durable dedup (20 messages, log re-read after each)",
+        "1",
+        "every message acked with ack_durable is a duplicate to a dedup opened from the files on disk at that moment",
+    );
+}

@@ -12,6 +12,7 @@ mod dead_letter;
 mod service;
 mod sink;
 mod spool;
+mod typecheck;
 
 use dead_letter::DeadLetterQueue;
 pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
@@ -433,6 +434,14 @@ pub struct ReceiverOptions {
     /// Default `Some(`[`DEFAULT_MAX_DELIVERIES`](Self::DEFAULT_MAX_DELIVERIES)`)`;
     /// `Some(0)` is refused.
     pub max_deliveries: Option<u32>,
+    /// Typed receivers: reject a message whose sender's payload type differs from `T`
+    /// ([`RejectReason::TypeMismatch`](crate::RejectReason::TypeMismatch)) instead of
+    /// decoding it (the type check compares type names without module paths; see
+    /// [`Sender::without_type_check`] for what it does and does not catch). Turn it off
+    /// for a channel whose payload type is renamed or evolved compatibly. Raw
+    /// receivers never check. Messages from raw senders, hint replays and senders
+    /// speaking protocol 2 or older carry no type and are not checked. Default `true`.
+    pub type_check: bool,
 }
 
 impl Default for ReceiverOptions {
@@ -440,6 +449,7 @@ impl Default for ReceiverOptions {
         ReceiverOptions {
             ordered: false,
             max_deliveries: Some(Self::DEFAULT_MAX_DELIVERIES),
+            type_check: true,
         }
     }
 }
@@ -459,6 +469,15 @@ impl ReceiverOptions {
     /// Hand messages out as they arrive (the default).
     pub fn unordered() -> Self {
         ReceiverOptions::default()
+    }
+
+    /// The same options with the payload type check on or off (see
+    /// [`ReceiverOptions::type_check`]).
+    pub fn type_check(self, on: bool) -> Self {
+        ReceiverOptions {
+            type_check: on,
+            ..self
+        }
     }
 
     /// The same options with another delivery limit (see
@@ -693,6 +712,7 @@ impl NodeBuilder {
             handoff_refused: 0,
             shutdown_drain: self.config.shutdown_drain,
             draining_until: None,
+            durable_acks: Vec::new(),
             clock: start,
         };
         let task = tokio::spawn(supervise(driver, shared.clone(), origin));
@@ -913,8 +933,10 @@ impl Node {
         peer: NodeId,
         options: ChannelOptions,
     ) -> Result<Sender<T>, NodeError> {
+        let mut raw = self.raw_sender(peer, options)?;
+        raw.schema = typecheck::fingerprint::<T>();
         Ok(Sender {
-            raw: self.raw_sender(peer, options)?,
+            raw,
             _t: PhantomData,
         })
     }
@@ -941,6 +963,7 @@ impl Node {
             commands: self.commands.clone(),
             max_payload: self.shared.max_payload,
             shared: self.shared.clone(),
+            schema: 0,
         })
     }
 
@@ -951,8 +974,13 @@ impl Node {
         channel: ChannelId,
         options: ReceiverOptions,
     ) -> Result<Receiver<T>, NodeError> {
+        let schema = if options.type_check {
+            typecheck::fingerprint::<T>()
+        } else {
+            0
+        };
         Ok(Receiver {
-            raw: self.raw_receiver_with(channel, options)?,
+            raw: self.register(channel, options, schema)?,
             _t: PhantomData,
         })
     }
@@ -1032,6 +1060,17 @@ impl Node {
         channel: ChannelId,
         options: ReceiverOptions,
     ) -> Result<RawReceiver, NodeError> {
+        self.register(channel, options, 0)
+    }
+
+    /// Register the receiver of `channel`; `schema` is the payload type fingerprint a
+    /// typed receiver checks (0: none).
+    fn register(
+        &self,
+        channel: ChannelId,
+        options: ReceiverOptions,
+        schema: u32,
+    ) -> Result<RawReceiver, NodeError> {
         self.check_running()?;
         if let Some(limit) = options.max_deliveries {
             crate::error::check::count("max_deliveries", u64::from(limit), 1, u64::from(u32::MAX))?;
@@ -1059,6 +1098,7 @@ impl Node {
             .send(Command::Register {
                 channel,
                 options,
+                schema,
                 tx,
             })
             .map_err(|_| self.shared.closed_error())?;
@@ -1158,6 +1198,24 @@ impl<T> Clone for Sender<T> {
     }
 }
 
+impl<T> Sender<T> {
+    /// The same sender without the payload type check: its messages carry no type
+    /// fingerprint, so typed receivers decode them whatever `T` is.
+    ///
+    /// By default a typed sender sends the fingerprint of `T`'s name without module
+    /// paths (`Payment`, `Vec<Order>`, `(String, u64)`) with every message (protocol
+    /// version 3), and a typed receiver whose type has another name rejects the message
+    /// with [`RejectReason::TypeMismatch`](crate::RejectReason::TypeMismatch) instead of
+    /// decoding it: a `String` sent to a `u64` receiver is caught, while two services
+    /// that each define their own `Payment` agree. Use this (or
+    /// [`ReceiverOptions::type_check`]) when the two ends name compatible types
+    /// differently.
+    pub fn without_type_check(mut self) -> Self {
+        self.raw.schema = 0;
+        self
+    }
+}
+
 impl<T: Serialize> Sender<T> {
     /// Send `value`. Waits while the stream's window is full; returns a [`Receipt`] that
     /// resolves when the message settles.
@@ -1193,6 +1251,8 @@ fn encode<T: Serialize>(value: &T) -> Result<Bytes, SendError> {
 pub struct RawSender {
     peer: NodeId,
     options: ChannelOptions,
+    /// Payload type fingerprint sent with each message (0: unchecked).
+    schema: u32,
     window: Arc<Semaphore>,
     window_size: usize,
     commands: mpsc::UnboundedSender<Command>,
@@ -1251,6 +1311,7 @@ impl RawSender {
             options: self.options,
             payload,
             key,
+            schema: self.schema,
             reply: tx,
         };
         if self.commands.send(cmd).is_err() {
@@ -1443,6 +1504,25 @@ impl<T> Delivery<T> {
         self.handle.nack();
     }
 
+    /// Processed: acknowledge, and resolve once the acknowledgement is durable — the
+    /// dedup record is fsynced (effectively-once with [`crate::dedup::DurableDedup`]:
+    /// a receiver killed after this returns never processes the message again) and
+    /// the ack frame is handed to the transport. [`Delivery::ack`] is the same without
+    /// the wait: a receiver killed between `ack()` and the group commit (one batch of
+    /// completions, typically well under a millisecond) may process it again after its
+    /// restart.
+    ///
+    /// Without durable dedup, or for at-least-once, it resolves once the ack is handed
+    /// to the transport. The ack itself can still be lost on the wire; the sender then
+    /// retransmits and the persisted record answers it as a duplicate.
+    ///
+    /// # Errors
+    /// [`AckError::NotPersisted`] when the dedup log could not write the record (the
+    /// ack was still sent); [`AckError::NodeStopped`] when the node stopped first.
+    pub async fn ack_durable(self) -> Result<(), AckError> {
+        self.handle.ack_durable().await
+    }
+
     fn map<U>(self, value: U) -> Delivery<U> {
         Delivery {
             message: value,
@@ -1473,11 +1553,46 @@ impl DeliveryHandle {
         self.finish(Completion::Nack);
     }
 
+    /// Processed: acknowledge, and resolve once the acknowledgement is durable (see
+    /// [`Delivery::ack_durable`]).
+    pub async fn ack_durable(mut self) -> Result<(), AckError> {
+        let Some((delivery, commands)) = self.completion.take() else {
+            return Ok(());
+        };
+        let (tx, rx) = oneshot::channel();
+        commands
+            .send(Command::Complete {
+                delivery,
+                how: Completion::Ack,
+                done: Some(tx),
+            })
+            .map_err(|_| AckError::NodeStopped)?;
+        rx.await.unwrap_or(Err(AckError::NodeStopped))
+    }
+
     fn finish(&mut self, how: Completion) {
         if let Some((delivery, commands)) = self.completion.take() {
-            let _ = commands.send(Command::Complete { delivery, how });
+            let _ = commands.send(Command::Complete {
+                delivery,
+                how,
+                done: None,
+            });
         }
     }
+}
+
+/// Why [`Delivery::ack_durable`] could not confirm a durable acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AckError {
+    /// The durable dedup log could not write or fsync the completion (disk full, IO
+    /// error; counted in `ProtoStats::dedup_persist_errors` and logged). The ack was
+    /// still sent: after a restart a resend of the message may be processed again.
+    #[error("the dedup record of the acknowledged message was not persisted")]
+    NotPersisted,
+    /// The node stopped before the acknowledgement was durable; it may or may not be.
+    #[error("the node stopped before the acknowledgement was durable")]
+    NodeStopped,
 }
 
 impl Drop for DeliveryHandle {
@@ -1613,15 +1728,19 @@ enum Command {
         options: ChannelOptions,
         payload: Bytes,
         key: Option<IdKey>,
+        schema: u32,
         reply: oneshot::Sender<Result<Outcome, SendError>>,
     },
     Complete {
         delivery: DeliveryRef,
         how: Completion,
+        /// `ack_durable`: resolved once the completion is persisted and its ack sent.
+        done: Option<oneshot::Sender<Result<(), AckError>>>,
     },
     Register {
         channel: ChannelId,
         options: ReceiverOptions,
+        schema: u32,
         tx: mpsc::UnboundedSender<Delivery<Bytes>>,
     },
     /// A delivery the typed receiver could not decode: to the dead letters, and
@@ -1665,6 +1784,9 @@ struct Driver {
     handoff_refused: u64,
     shutdown_drain: Duration,
     draining_until: Option<std::time::Instant>,
+    /// `ack_durable` waiters: the delivery, the persist-error count before it was
+    /// completed, and where to answer.
+    durable_acks: Vec<(DeliveryRef, u64, oneshot::Sender<Result<(), AckError>>)>,
     /// The driver's notion of now: read once per wake-up.
     clock: std::time::Instant,
 }
@@ -1718,6 +1840,7 @@ impl Driver {
             if !self.flush(now).await {
                 break;
             }
+            self.resolve_durable_acks();
             if let Some(until) = self.draining_until {
                 if self.receipts.is_empty() || now >= until {
                     self.spool_all(now);
@@ -1765,6 +1888,7 @@ impl Driver {
                 options,
                 payload,
                 key,
+                schema,
                 reply,
             } => {
                 let msg = Outgoing {
@@ -1774,6 +1898,7 @@ impl Driver {
                     payload,
                     id: key.map(MessageId::Key),
                     deadline: options.deadline,
+                    schema,
                 };
                 match self.endpoint.send(now, msg) {
                     Ok(r) => {
@@ -1791,16 +1916,30 @@ impl Driver {
                     }
                 }
             }
-            Command::Complete { delivery, how } => self.endpoint.complete(now, delivery, how),
+            Command::Complete {
+                delivery,
+                how,
+                done,
+            } => {
+                let errors = done
+                    .is_some()
+                    .then(|| self.endpoint.stats().dedup_persist_errors);
+                self.endpoint.complete(now, delivery, how);
+                if let (Some(done), Some(errors)) = (done, errors) {
+                    self.durable_acks.push((delivery, errors, done));
+                }
+            }
             Command::Register {
                 channel,
                 options,
+                schema,
                 tx,
             } => {
                 self.receivers.insert(channel, tx);
                 self.endpoint.accept_channel_with(
                     channel,
-                    crate::proto::Accept::new(options.ordered, options.max_deliveries),
+                    crate::proto::Accept::new(options.ordered, options.max_deliveries)
+                        .schema(schema),
                 );
             }
             Command::Undecodable { delivery, payload } => {
@@ -2001,6 +2140,26 @@ impl Driver {
                 Event::Heard(peer) => self.detector.observe(peer, now),
                 Event::HeartbeatAck(peer) => self.detector.heartbeat(peer, now),
             }
+        }
+    }
+
+    /// Resolve `ack_durable` waiters whose completion is fsynced (the endpoint syncs
+    /// before it produces acks) and whose ack has been handed to the transport.
+    fn resolve_durable_acks(&mut self) {
+        if self.durable_acks.is_empty() {
+            return;
+        }
+        let errors = self.endpoint.stats().dedup_persist_errors;
+        for (delivery, before, done) in std::mem::take(&mut self.durable_acks) {
+            if self.endpoint.ack_owed(&delivery) {
+                self.durable_acks.push((delivery, before, done));
+                continue;
+            }
+            let _ = done.send(if errors > before {
+                Err(AckError::NotPersisted)
+            } else {
+                Ok(())
+            });
         }
     }
 
@@ -2235,6 +2394,7 @@ mod tests {
             }),
             guarantee: Guarantee::EffectivelyOnce,
             payload: Bytes::new(),
+            schema: 0,
         });
         let mut buf = bytes::BytesMut::new();
         crate::wire::encode(&worst, &mut buf).unwrap();

@@ -271,6 +271,7 @@ impl Spool {
                     payload: hint.payload.clone(),
                     id: Some(hint.id),
                     deadline: None,
+                    schema: 0, // a hint keeps no type: unchecked
                 };
                 match endpoint.send(now, msg) {
                     Ok(send) => {

@@ -65,6 +65,8 @@ pub struct Outgoing {
     pub id: Option<MessageId>,
     /// Per-message deadline overriding the retry policy's.
     pub deadline: Option<Duration>,
+    /// Payload type fingerprint (`0`: unchecked); see [`Data::schema`].
+    pub schema: u32,
 }
 
 /// How the application finished a delivered message.
@@ -94,15 +96,25 @@ pub struct Accept {
     /// drops) before it goes to the dead letters instead: [`Event::DeadLetter`], and a
     /// [`RejectReason::DeadLettered`] to the sender. `None`: no limit.
     pub max_deliveries: Option<u32>,
+    /// Payload type fingerprint the channel's receiver expects (`0`: unchecked). A
+    /// message carrying another non-zero fingerprint is rejected with
+    /// [`RejectReason::TypeMismatch`] and never delivered.
+    pub schema: u32,
 }
 
 impl Accept {
-    /// Unordered, no delivery limit.
+    /// Ordering and delivery limit; no type check.
     pub fn new(ordered: bool, max_deliveries: Option<u32>) -> Self {
         Accept {
             ordered,
             max_deliveries,
+            schema: 0,
         }
+    }
+
+    /// The same, checking payload type fingerprints against `schema` (`0`: unchecked).
+    pub fn schema(self, schema: u32) -> Self {
+        Accept { schema, ..self }
     }
 }
 
@@ -240,6 +252,9 @@ pub struct ProtoStats {
     pub rejected: u64,
     /// Receiving side: messages that reached their channel's delivery limit.
     pub dead_lettered: u64,
+    /// Receiving side: messages whose payload type fingerprint differed from the typed
+    /// receiver's (rejected, never delivered).
+    pub type_mismatches: u64,
     /// Sending side: messages the receiver rejected.
     pub rejects_received: u64,
 }
@@ -368,6 +383,17 @@ impl Endpoint {
         self.channels.contains_key(&channel)
     }
 
+    /// Is an acknowledgement of `delivery` still to be produced (its stream owes an
+    /// ack, or durable dedup records await their fsync)? `false` once the ack frame
+    /// covering it has been handed to [`Endpoint::poll_transmit`].
+    pub fn ack_owed(&self, delivery: &DeliveryRef) -> bool {
+        self.dedup_unsynced
+            || self
+                .inbound
+                .get(&(delivery.origin, delivery.channel))
+                .is_some_and(|s| s.ack_deadline().is_some())
+    }
+
     /// How many times `delivery` has been handed to the application so far (1 on its
     /// first delivery).
     pub fn deliveries(&self, delivery: &DeliveryRef) -> u32 {
@@ -407,11 +433,12 @@ impl Endpoint {
             payload,
             id,
             deadline,
+            schema,
         } = msg;
         // An explicit id always travels: a replayed hint keeps the seq it was first sent
         // with, which is not the seq it gets now.
         let stream = self.outbound_stream(now, peer, channel, guarantee)?;
-        let seq = stream.send(now, payload, id, deadline);
+        let seq = stream.send(now, payload, id, deadline, schema);
         self.stats.sent += 1;
         Ok(SendRef { peer, channel, seq })
     }
@@ -867,6 +894,7 @@ impl Endpoint {
                         id_floor: 0,
                         id: Some(d.id),
                         guarantee: d.guarantee,
+                        schema: 0, // checked when it was first made ready
                         payload: std::mem::take(payload),
                     },
                 ));
@@ -1112,6 +1140,7 @@ impl Endpoint {
         };
         let ordered = stream.is_ordered();
         let max_deliveries = channels.get(&channel).and_then(|a| a.max_deliveries);
+        let expected_schema = channels.get(&channel).map_or(0, |a| a.schema);
         // Can the sender be told of a refusal (protocol version 3)?
         let speaks = peers
             .get(&origin.node)
@@ -1150,6 +1179,18 @@ impl Endpoint {
                 seq: d.seq,
             });
             let seq = d.seq;
+            if expected_schema != 0 && d.schema != 0 && d.schema != expected_schema {
+                // Another payload type: never decoded, never delivered.
+                tracing::debug!(%id, expected = expected_schema, got = d.schema, "message of another payload type rejected");
+                stats.type_mismatches += 1;
+                if d.guarantee == Guarantee::AtMostOnce {
+                    stream.complete(now, seq, false);
+                } else {
+                    reject(stream, seq, RejectReason::TypeMismatch, ready, stats);
+                }
+                i += 1;
+                continue;
+            }
             let delivery = DeliveryRef {
                 origin,
                 channel,
@@ -1345,6 +1386,7 @@ mod tests {
                     payload: Bytes::from(vec![n]),
                     id: None,
                     deadline: None,
+                    schema: 0,
                 },
             )
             .unwrap();

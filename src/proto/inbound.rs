@@ -541,6 +541,7 @@ mod tests {
             id: None,
             guarantee: Guarantee::AtLeastOnce,
             payload: Bytes::from_static(b"x"),
+            schema: 0,
         }
     }
 

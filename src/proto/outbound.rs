@@ -141,6 +141,8 @@ pub(crate) struct OutboundStream {
     held: u64,
     /// Re-check interval of a held message (the retry policy's backoff cap).
     keepalive: Duration,
+    /// Payload type fingerprint of the latest send (see `wire::Data::schema`).
+    schema: u32,
 }
 
 impl OutboundStream {
@@ -182,6 +184,7 @@ impl OutboundStream {
             credit_probes: 0,
             held: 0,
             keepalive: config.retry.backoff_cap,
+            schema: 0,
         }
     }
 
@@ -239,7 +242,9 @@ impl OutboundStream {
         payload: Bytes,
         id: Option<MessageId>,
         deadline: Option<Duration>,
+        schema: u32,
     ) -> u64 {
+        self.schema = schema;
         let seq = self.next_seq;
         self.next_seq += 1;
         // At-most-once keeps nothing past transmission: no budget, no deadline.
@@ -311,6 +316,7 @@ impl OutboundStream {
                 id_floor,
                 id: m.id,
                 guarantee: self.guarantee,
+                schema: self.schema,
                 payload: m.payload.clone(),
             };
             if amo {

@@ -320,6 +320,18 @@ fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
     // results are always Ok; ignoring them cannot lose data silently.
     let _ = match frame {
         Frame::Handshake(h) => bincode::encode_into_writer(h, w, cfg),
+        Frame::Data(d) if version < 3 => bincode::encode_into_writer(
+            (
+                d.channel,
+                d.seq,
+                d.floor,
+                d.floor.saturating_sub(d.id_floor),
+                d.id,
+                d.guarantee,
+            ),
+            w,
+            cfg,
+        ),
         Frame::Data(d) => bincode::encode_into_writer(
             (
                 d.channel,
@@ -328,6 +340,7 @@ fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
                 d.floor.saturating_sub(d.id_floor),
                 d.id,
                 d.guarantee,
+                d.schema,
             ),
             w,
             cfg,
@@ -410,6 +423,11 @@ fn decode_body(mut body: BytesMut, version: u16) -> Result<Frame, DecodeError> {
                 let id_floor = floor.saturating_sub(id_gap);
                 let id = Option::<MessageId>::decode(&mut dec).map_err(malformed)?;
                 let guarantee = Guarantee::decode(&mut dec).map_err(malformed)?;
+                let schema = if version >= 3 {
+                    u32::decode(&mut dec).map_err(malformed)?
+                } else {
+                    0
+                };
                 Frame::Data(Data {
                     channel,
                     seq,
@@ -417,6 +435,7 @@ fn decode_body(mut body: BytesMut, version: u16) -> Result<Frame, DecodeError> {
                     id_floor,
                     id,
                     guarantee,
+                    schema,
                     payload: Bytes::new(),
                 })
             }
@@ -508,6 +527,7 @@ mod tests {
             id: Some(MessageId::Key(IdKey(u128::MAX))),
             guarantee: Guarantee::EffectivelyOnce,
             payload: Bytes::from_static(payload),
+            schema: 0,
         })
     }
 

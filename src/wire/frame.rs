@@ -78,6 +78,11 @@ pub struct Data {
     pub id: Option<MessageId>,
     /// The guarantee the sender asked for; tells the receiver whether to dedup and ack.
     pub guarantee: Guarantee,
+    /// Protocol version 3: fingerprint of the payload's type, from a typed sender
+    /// (`0`: unchecked — raw senders, hint replays, older versions, or a channel with
+    /// the type check turned off). A typed receiver with another non-zero fingerprint
+    /// rejects the message ([`RejectReason::TypeMismatch`]) instead of decoding it.
+    pub schema: u32,
     /// The application payload, opaque to the protocol.
     pub payload: Bytes,
 }
@@ -177,6 +182,9 @@ pub enum RejectReason {
     /// The message was delivered (and nacked or dropped) as many times as the
     /// receiver's channel allows; it went to the receiver's dead letters.
     DeadLettered,
+    /// The payload's type (its fingerprint, see [`Data::schema`]) is not the typed
+    /// receiver's type; nothing was delivered.
+    TypeMismatch,
     /// The sending incarnation's stream was retired by the receiver's dedup table (a
     /// very late message of a finished or long-dead sender run); processing it could
     /// process a message twice.
@@ -194,6 +202,7 @@ impl RejectReason {
             RejectReason::Undecodable => 3,
             RejectReason::DeadLettered => 4,
             RejectReason::StreamRetired => 5,
+            RejectReason::TypeMismatch => 6,
             RejectReason::Other(c) => c,
         }
     }
@@ -206,6 +215,7 @@ impl RejectReason {
             3 => RejectReason::Undecodable,
             4 => RejectReason::DeadLettered,
             5 => RejectReason::StreamRetired,
+            6 => RejectReason::TypeMismatch,
             c => RejectReason::Other(c),
         }
     }
@@ -219,6 +229,9 @@ impl std::fmt::Display for RejectReason {
             RejectReason::Undecodable => f.write_str("payload not decodable by the receiver"),
             RejectReason::DeadLettered => f.write_str("dead-lettered after too many deliveries"),
             RejectReason::StreamRetired => f.write_str("sender stream retired by the receiver"),
+            RejectReason::TypeMismatch => {
+                f.write_str("payload type differs from the receiver's type")
+            }
             RejectReason::Other(c) => write!(f, "rejected (reason code {c})"),
         }
     }
