@@ -1581,6 +1581,9 @@ impl DeliveryHandle {
     }
 }
 
+/// Where an `ack_durable` caller waits for its answer.
+type AckReply = oneshot::Sender<Result<(), AckError>>;
+
 /// Why [`Delivery::ack_durable`] could not confirm a durable acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -1786,7 +1789,7 @@ struct Driver {
     draining_until: Option<std::time::Instant>,
     /// `ack_durable` waiters: the delivery, the persist-error count before it was
     /// completed, and where to answer.
-    durable_acks: Vec<(DeliveryRef, u64, oneshot::Sender<Result<(), AckError>>)>,
+    durable_acks: Vec<(DeliveryRef, u64, AckReply)>,
     /// The driver's notion of now: read once per wake-up.
     clock: std::time::Instant,
 }
