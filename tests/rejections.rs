@@ -285,7 +285,10 @@ async fn ack_durable_resolves_after_the_dedup_record_is_on_disk() {
         .unwrap();
     let mut ids = Vec::new();
     for n in 0..20u64 {
-        let receipt = out.send_with_key(&n, IdKey(1000 + u128::from(n))).await.unwrap();
+        let receipt = out
+            .send_with_key(&n, IdKey(1000 + u128::from(n)))
+            .await
+            .unwrap();
         let d = within(inbox.recv()).await.unwrap();
         ids.push(d.id());
         within(d.ack_durable()).await.expect("persisted");
