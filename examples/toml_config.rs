@@ -8,6 +8,7 @@
 //! ```
 
 use ackwire::transport::tcp::TcpConfig;
+use ackwire::transport::tls::TlsFiles;
 use ackwire::{ChannelOptions, Node, NodeConfig, NodeId};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -23,6 +24,8 @@ struct ServiceConfig {
     #[serde(default)]
     tcp: TcpConfig,
     channel: ChannelOptions,
+    /// Mutual TLS from PEM files; without it, plain TCP.
+    tls: Option<TlsFiles>,
 }
 
 /// The file next to this example, so `cargo run --example toml_config` works from
@@ -57,12 +60,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut inbox = ledger.receiver::<String>(cfg.channel.channel, false)?;
 
     // The node from the file (`build` validates every value and names a bad one).
-    let node = Node::builder(NodeId(cfg.id))
+    let mut builder = Node::builder(NodeId(cfg.id))
         .tcp(cfg.bind, cfg.tcp)
         .config(cfg.node)
-        .peer(ledger.id(), ledger.local_addr().expect("tcp listens"))
-        .build()
-        .await?;
+        .peer(ledger.id(), ledger.local_addr().expect("tcp listens"));
+    if let Some(files) = &cfg.tls {
+        builder = builder.tls(files.load()?);
+    }
+    let node = builder.build().await?;
     let out = node.sender::<String>(ledger.id(), cfg.channel)?;
     let receipt = out.send(&"configured from TOML".to_string()).await?;
     let delivery = inbox.recv().await.expect("delivered");

@@ -258,3 +258,51 @@ async fn a_node_built_from_a_toml_config_delivers() {
     d.ack();
     assert_eq!(receipt.await.unwrap(), Outcome::Acked);
 }
+
+/// TLS material is named by paths (`TlsFiles`): a `[tls]` table loads into a
+/// `TlsConfig`; a missing file is an error naming it; a typo is an error.
+#[cfg(feature = "tls")]
+#[test]
+fn tls_files_named_in_toml_load_a_tls_config() {
+    use ackwire::transport::tls::{node_dns_name, TlsFiles, TlsFilesError};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let params = rcgen::CertificateParams::new(vec![node_dns_name(NodeId(3))]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("node.pem"), cert.pem()).unwrap();
+    std::fs::write(path("node.key"), key.serialize_pem()).unwrap();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+
+    // TOML literal strings ('…') take a path as it is.
+    let text = format!(
+        "cert_chain = '{}'\nkey = '{}'\ntrusted_roots = '{}'\n",
+        path("node.pem").display(),
+        path("node.key").display(),
+        path("ca.pem").display()
+    );
+    let files: TlsFiles = toml::from_str(&text).unwrap();
+    assert_eq!(files.key, path("node.key"));
+    let tls = files.load().unwrap();
+    assert!(tls.certifies(NodeId(3)));
+    assert!(!tls.certifies(NodeId(4)));
+
+    let mut missing = files.clone();
+    missing.key = path("missing.key");
+    match missing.load() {
+        Err(TlsFilesError::Read { path: p, .. }) => assert_eq!(p, path("missing.key")),
+        other => panic!("expected a read error, got {other:?}"),
+    }
+    let mut swapped = files.clone();
+    swapped.key = path("ca.pem"); // a certificate where the key should be
+    assert!(matches!(swapped.load(), Err(TlsFilesError::Config(_))));
+
+    let err = toml::from_str::<TlsFiles>("cert = 'x'")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown field `cert`"), "{err}");
+}
