@@ -12,7 +12,7 @@ use ackwire::dedup::{Admit, Dedup, DedupConfig, DurableDedup};
 use ackwire::handoff::{Hint, HintStore, HintStoreConfig};
 use ackwire::wire::{
     Ack, CreditProbe, Data, Finish, Frame, FrameDecoder, FrameEncoder, Handshake, Heartbeat, Nack,
-    Reject, RejectReason, SeqRange,
+    NodeCredit, Reject, RejectReason, SeqRange,
 };
 use ackwire::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 use bytes::{Bytes, BytesMut};
@@ -155,7 +155,7 @@ fn v2_frames() -> Vec<(&'static str, Frame)> {
 
 /// Every frame type protocol version 3 released: version 2's plus the reject (one
 /// fixture per reason code it defines, and one code it does not), the finish, and a
-/// data frame carrying its payload type fingerprint.
+/// data frame carrying its payload type fingerprint, and the node credit.
 fn v3_frames() -> Vec<(&'static str, Frame)> {
     let mut frames = v2_frames();
     let reasons = [
@@ -190,6 +190,10 @@ fn v3_frames() -> Vec<(&'static str, Frame)> {
             schema: 0xC0FF_EE01,
             payload: Bytes::from_static(b"typed"),
         }),
+    ));
+    frames.push((
+        "node_credit",
+        Frame::NodeCredit(NodeCredit { limit: 1 << 40 }),
     ));
     frames.push((
         "finish",

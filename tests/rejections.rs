@@ -320,3 +320,18 @@ async fn ack_durable_resolves_after_the_dedup_record_is_on_disk() {
         "every message acked with ack_durable is a duplicate to a dedup opened from the files on disk at that moment",
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_delivery_limit_is_a_typed_error() {
+    let (_net, _a, b) = pair(11).await;
+    match b.receiver_with::<u64>(CH, ReceiverOptions::unordered().max_deliveries(Some(0))) {
+        Err(ackwire::NodeError::Config(ackwire::ConfigError::TooSmall { field, min, .. })) => {
+            assert_eq!((field, min), ("max_deliveries", 1));
+        }
+        other => panic!("expected a typed config error, got {other:?}"),
+    }
+    // The channel is still free for a valid receiver.
+    assert!(b
+        .receiver_with::<u64>(CH, ReceiverOptions::unordered().max_deliveries(Some(1)))
+        .is_ok());
+}

@@ -26,6 +26,14 @@ pub struct ProtoConfig {
     /// at least 256 ([`crate::proto::INITIAL_CREDIT`], what a sender may send before
     /// the first grant).
     pub stream_credit: u64,
+    /// Receiving side: credit granted to each sending node for all its streams
+    /// together, in messages — how many of one peer's messages may be outstanding here
+    /// at once, whatever the number of its streams (protocol version 3; see
+    /// [`crate::wire::NodeCredit`]). Each stream is further bounded by
+    /// `stream_credit`. Memory per sending node is bounded by about `node_credit`
+    /// payloads (plus [`crate::proto::INITIAL_NODE_CREDIT`] after each reconnection).
+    /// Default `16384`; at least 256.
+    pub node_credit: u64,
     /// How long the receiver may hold an owed ack to batch it with others. Default
     /// `0`: acks go out at the end of the current burst of work, which batches bulk
     /// streams without adding latency to a lone message.
@@ -75,6 +83,7 @@ impl Default for ProtoConfig {
         ProtoConfig {
             max_in_flight: 4096,
             stream_credit: 4096,
+            node_credit: 16384,
             ack_delay: Duration::ZERO,
             max_ack_ranges: 64,
             max_reorder_buffer: 4096,
@@ -129,6 +138,12 @@ impl ProtoConfig {
         count(
             "proto.stream_credit",
             self.stream_credit,
+            super::INITIAL_CREDIT,
+            book,
+        )?;
+        count(
+            "proto.node_credit",
+            self.node_credit,
             super::INITIAL_CREDIT,
             book,
         )?;

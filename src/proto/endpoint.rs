@@ -10,7 +10,9 @@
 
 use super::config::ProtoConfig;
 use super::inbound::{Arrival, InboundStream};
-use super::outbound::{OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT};
+use super::outbound::{
+    OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT, INITIAL_NODE_CREDIT,
+};
 use crate::dedup::{Admit, Dedup};
 use crate::fasthash::FastMap;
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
@@ -257,6 +259,11 @@ pub struct ProtoStats {
     pub type_mismatches: u64,
     /// Sending side: messages the receiver rejected.
     pub rejects_received: u64,
+    /// Sending side: times transmission to a peer stopped for lack of node credit
+    /// ([`ProtoConfig::node_credit`]).
+    pub node_credit_waits: u64,
+    /// Receiving side: node credit updates sent.
+    pub node_credits_sent: u64,
 }
 
 #[derive(Debug)]
@@ -291,6 +298,30 @@ pub struct Endpoint {
     /// Arrivals waiting for another delivery of the same ID to finish, oldest first.
     waiting: HashMap<MessageId, VecDeque<Parked>>,
     authz: super::Authorization,
+    /// Sending side: node credit per peer (protocol version 3).
+    node_out: HashMap<NodeId, NodeOut>,
+    /// Receiving side: node credit granted per peer.
+    node_in: HashMap<NodeId, NodeIn>,
+}
+
+/// What a peer lets this node send it on the current connection.
+#[derive(Debug, Clone, Copy)]
+struct NodeOut {
+    /// `None`: the peer grants no node credit (protocol 2 or older).
+    limit: Option<u64>,
+    /// Data frames put on the connection so far.
+    sent: u64,
+}
+
+/// What this node granted a peer on the current connection.
+#[derive(Debug, Clone, Copy, Default)]
+struct NodeIn {
+    /// Data frames received on the connection so far.
+    received: u64,
+    /// The last limit sent.
+    advertised: u64,
+    /// A grant is owed (new connection, or the peer probed).
+    owed: bool,
 }
 
 /// An arrival parked behind a delivery of the same message ID still in progress.
@@ -322,6 +353,8 @@ impl Endpoint {
             heard_pending: Vec::new(),
             waiting: HashMap::new(),
             authz: super::Authorization::default(),
+            node_out: HashMap::new(),
+            node_in: HashMap::new(),
         }
     }
 
@@ -354,6 +387,7 @@ impl Endpoint {
             let (waits, probes) = o.credit_counters();
             s.credit_waits += waits;
             s.credit_probes += probes;
+            s.node_credit_waits += o.node_waits();
         }
         s
     }
@@ -536,6 +570,41 @@ impl Endpoint {
             self.inbound.retain(|(o, _), _| *o != old);
         }
         let was_crediting = self.peers.get(&origin.node).is_some_and(|p| p.version >= 2);
+        // Node credit counts frames per connection: both ends start again, except that
+        // what was queued before a first connection is counted on it by both.
+        let first_conn = !self.peers.contains_key(&origin.node);
+        let out = self.node_out.entry(origin.node).or_insert(NodeOut {
+            limit: Some(INITIAL_NODE_CREDIT),
+            sent: 0,
+        });
+        if version < 3 {
+            out.limit = None;
+        } else if !first_conn || out.limit.is_none() {
+            *out = NodeOut {
+                limit: Some(INITIAL_NODE_CREDIT),
+                sent: 0,
+            };
+        }
+        if version >= 3 {
+            self.node_in.insert(
+                origin.node,
+                NodeIn {
+                    owed: true,
+                    ..NodeIn::default()
+                },
+            );
+            // The first grant goes out at once (the sender starts from
+            // `INITIAL_NODE_CREDIT` until it arrives).
+            let mut held: HashMap<NodeId, u64> = HashMap::new();
+            for ((o, _), st) in self.inbound.iter() {
+                if o.node == origin.node {
+                    *held.entry(o.node).or_default() += st.outstanding();
+                }
+            }
+            self.grant_node_credit(&held, Some(origin.node));
+        } else {
+            self.node_in.remove(&origin.node);
+        }
         // A first connection carries what was queued while it was being made; a
         // re-connection may have lost what the old one had in flight.
         let first = !self.peers.contains_key(&origin.node);
@@ -612,7 +681,19 @@ impl Endpoint {
             self.events.push_back(Event::Heard(from));
         }
         match frame {
-            Frame::Data(data) => self.on_data(now, peer_origin, data),
+            Frame::Data(data) => {
+                if let Some(n) = self.node_in.get_mut(&from) {
+                    n.received += 1;
+                }
+                self.on_data(now, peer_origin, data)
+            }
+            Frame::NodeCredit(c) => {
+                if let Some(out) = self.node_out.get_mut(&from) {
+                    if let Some(limit) = out.limit.as_mut() {
+                        *limit = (*limit).max(c.limit);
+                    }
+                }
+            }
             Frame::Ack(ack) => {
                 if ack.incarnation != self.origin.incarnation {
                     self.stats.frames_ignored += 1;
@@ -636,6 +717,9 @@ impl Endpoint {
             }
             Frame::Ping(hb) => self.transmit.push_back((from, Frame::Pong(hb))),
             Frame::CreditProbe(p) => {
+                if let Some(n) = self.node_in.get_mut(&from) {
+                    n.owed = true; // the node grant too: it may be what blocks
+                }
                 // Answer with the stream's current grant (an ack, sent with this burst).
                 if let Some(s) = self.inbound.get_mut(&(peer_origin, p.channel)) {
                     s.owe_ack(now);
@@ -940,10 +1024,47 @@ impl Endpoint {
                 Self::drain_stream(&mut self.events, &mut self.stats, peer, channel, s);
             }
         }
+        let tracking = !self.node_in.is_empty();
+        let mut outstanding: HashMap<NodeId, u64> = HashMap::new();
         for (&(origin, _), s) in self.inbound.iter_mut() {
             if let Some(ack) = s.poll_ack(now) {
                 self.stats.acks_sent += 1;
                 self.transmit.push_back((origin.node, Frame::Ack(ack)));
+            }
+            if tracking {
+                *outstanding.entry(origin.node).or_default() += s.outstanding();
+            }
+        }
+        if tracking {
+            self.grant_node_credit(&outstanding, None);
+        }
+    }
+
+    /// Grant each version-3 peer node credit: what it may still send is what its
+    /// messages leave of [`ProtoConfig::node_credit`] here. Sent when it grew by an
+    /// eighth of the window (or is owed), so a busy peer gets one update per batch.
+    /// `outstanding` holds every peer's count (absent: none held); `only` limits the
+    /// grants to one peer.
+    fn grant_node_credit(&mut self, outstanding: &HashMap<NodeId, u64>, only: Option<NodeId>) {
+        let window = self.config.node_credit;
+        for (&peer, n) in self.node_in.iter_mut() {
+            if only.is_some_and(|o| o != peer) {
+                continue;
+            }
+            let held = outstanding.get(&peer).copied().unwrap_or(0);
+            let limit = n
+                .advertised
+                .max(n.received.saturating_add(window.saturating_sub(held)));
+            let grown = limit - n.advertised;
+            if (n.owed && grown > 0)
+                || grown >= (window / 8).max(1)
+                || (n.owed && n.advertised == 0)
+            {
+                n.owed = false;
+                n.advertised = limit;
+                self.stats.node_credits_sent += 1;
+                self.transmit
+                    .push_back((peer, Frame::NodeCredit(crate::wire::NodeCredit { limit })));
             }
         }
     }
@@ -968,8 +1089,17 @@ impl Endpoint {
                 self.transmit
                     .push_back((peer, Frame::CreditProbe(CreditProbe { channel })));
             }
-            while let Some(data) = s.poll_transmit(now) {
+            let out = self.node_out.entry(peer).or_insert(NodeOut {
+                limit: Some(INITIAL_NODE_CREDIT),
+                sent: 0,
+            });
+            let mut budget = out.limit.map_or(u64::MAX, |l| l.saturating_sub(out.sent));
+            let start = budget;
+            while let Some(data) = s.poll_transmit(now, &mut budget) {
                 self.transmit.push_back((peer, Frame::Data(data)));
+            }
+            if out.limit.is_some() {
+                out.sent += start - budget;
             }
             if self.transmit.len() > before {
                 Self::drain_stream(&mut self.events, &mut self.stats, peer, channel, s);

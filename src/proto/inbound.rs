@@ -377,6 +377,12 @@ impl InboundStream {
         self.ack_due = Some(self.ack_due.map_or(now, |d| d.min(now)));
     }
 
+    /// Messages of this stream held here: handed to the application and not
+    /// finished, parked, or waiting for ordered delivery.
+    pub(crate) fn outstanding(&self) -> u64 {
+        (self.in_progress.len() + self.reorder.len()) as u64 + self.unconsumed
+    }
+
     /// Is this an ordered stream?
     pub(crate) fn is_ordered(&self) -> bool {
         self.ordered

@@ -16,4 +16,4 @@ pub use config::ProtoConfig;
 pub use endpoint::{
     Accept, Completion, DeliveryRef, Endpoint, Event, Outgoing, ProtoStats, SendRef, StreamError,
 };
-pub use outbound::{CREDIT_SLACK, INITIAL_CREDIT, MAX_PROBE_INTERVAL};
+pub use outbound::{CREDIT_SLACK, INITIAL_CREDIT, INITIAL_NODE_CREDIT, MAX_PROBE_INTERVAL};

@@ -38,6 +38,10 @@ use std::time::{Duration, Instant};
 /// Part of protocol version 2: receivers accept at least this many.
 pub const INITIAL_CREDIT: u64 = 256;
 
+/// Data frames a sender may put on a new connection before the receiver's first
+/// [`crate::wire::NodeCredit`] (protocol version 3).
+pub const INITIAL_NODE_CREDIT: u64 = 1024;
+
 /// How far past its grants a receiver still accepts a stream's messages (a sender
 /// still using the previous receiver run's grants after a restart); beyond it frames
 /// are dropped unacked and counted.
@@ -143,6 +147,8 @@ pub(crate) struct OutboundStream {
     keepalive: Duration,
     /// Payload type fingerprint of the latest send (see `wire::Data::schema`).
     schema: u32,
+    /// Times `poll_transmit` stopped for lack of node credit.
+    node_waits: u64,
 }
 
 impl OutboundStream {
@@ -185,6 +191,7 @@ impl OutboundStream {
             held: 0,
             keepalive: config.retry.backoff_cap,
             schema: 0,
+            node_waits: 0,
         }
     }
 
@@ -267,10 +274,18 @@ impl OutboundStream {
         seq
     }
 
-    /// Next frame to put on the wire.
-    pub(crate) fn poll_transmit(&mut self, now: Instant) -> Option<Data> {
+    /// Next frame to put on the wire, if `budget` (the node-level credit left, in data
+    /// frames) allows one; a frame returned used one unit of it.
+    pub(crate) fn poll_transmit(&mut self, now: Instant, budget: &mut u64) -> Option<Data> {
         let amo = self.guarantee == Guarantee::AtMostOnce;
-        while let Some(seq) = self.transmit.pop_front() {
+        while let Some(&seq) = self.transmit.front() {
+            if *budget == 0 {
+                // Waits for node credit; a first transmission's deadline still runs.
+                self.arm_waiting(seq);
+                self.node_waits += 1;
+                return None;
+            }
+            self.transmit.pop_front();
             let first = self
                 .index(seq)
                 .and_then(|i| self.slots[i].as_ref())
@@ -330,9 +345,32 @@ impl OutboundStream {
                 m.timer_gen = next_gen(m.timer_gen);
                 self.timers.push(Reverse((due, seq, m.timer_gen)));
             }
+            *budget -= 1;
             return Some(frame);
         }
         None
+    }
+
+    /// A message not transmitted yet waits (for node credit): arm its deadline once, so
+    /// a receiver that never grants credit fails it in time.
+    fn arm_waiting(&mut self, seq: u64) {
+        let Some(idx) = self.index(seq) else {
+            return;
+        };
+        let Some(m) = self.slots[idx].as_mut() else {
+            return;
+        };
+        if m.attempts == 0 && m.timer_gen == 0 {
+            if let Some(d) = m.deadline {
+                m.timer_gen = next_gen(0);
+                self.timers.push(Reverse((d, seq, WAITING)));
+            }
+        }
+    }
+
+    /// First transmissions and retransmissions that waited for node credit.
+    pub(crate) fn node_waits(&self) -> u64 {
+        self.node_waits
     }
 
     /// A credit probe is due: send [`crate::wire::CreditProbe`] for this stream.

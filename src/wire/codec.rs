@@ -21,7 +21,7 @@
 //! or allocating anything for it.
 
 use super::frame::{
-    Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, Reject, SeqRange,
+    Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject, SeqRange,
 };
 use super::version::PROTOCOL_VERSION;
 use crate::id::{ChannelId, Guarantee, MessageId};
@@ -159,6 +159,7 @@ impl FrameEncoder {
             Frame::CreditProbe(_) => Some(("CreditProbe", 2)),
             Frame::Reject(_) => Some(("Reject", 3)),
             Frame::Finish(_) => Some(("Finish", 3)),
+            Frame::NodeCredit(_) => Some(("NodeCredit", 3)),
             _ => None,
         };
         if let Some((name, since)) = needs.filter(|(_, since)| self.version < *since) {
@@ -284,6 +285,8 @@ const KIND_CREDIT_PROBE: u8 = 6;
 const KIND_REJECT: u8 = 7;
 /// Protocol version 3 on.
 const KIND_FINISH: u8 = 8;
+/// Protocol version 3 on.
+const KIND_NODE_CREDIT: u8 = 9;
 
 fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
@@ -300,6 +303,7 @@ fn kind_of(frame: &Frame) -> u8 {
         Frame::CreditProbe(_) => KIND_CREDIT_PROBE,
         Frame::Reject(_) => KIND_REJECT,
         Frame::Finish(_) => KIND_FINISH,
+        Frame::NodeCredit(_) => KIND_NODE_CREDIT,
     }
 }
 
@@ -365,6 +369,7 @@ fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
         Frame::CreditProbe(p) => bincode::encode_into_writer(p, w, cfg),
         Frame::Reject(r) => bincode::encode_into_writer(r, w, cfg),
         Frame::Finish(f) => bincode::encode_into_writer(f, w, cfg),
+        Frame::NodeCredit(c) => bincode::encode_into_writer(c, w, cfg),
     };
 }
 
@@ -451,6 +456,9 @@ fn decode_body(mut body: BytesMut, version: u16) -> Result<Frame, DecodeError> {
             }
             KIND_FINISH if version >= 3 => {
                 Frame::Finish(Finish::decode(&mut dec).map_err(malformed)?)
+            }
+            KIND_NODE_CREDIT if version >= 3 => {
+                Frame::NodeCredit(NodeCredit::decode(&mut dec).map_err(malformed)?)
             }
             other => {
                 return Err(DecodeError::Malformed(format!(

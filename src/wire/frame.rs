@@ -32,6 +32,21 @@ pub enum Frame {
     /// nothing more on the stream `(connection origin → receiver, channel)`; the
     /// receiver may retire the stream's dedup state once `last_seq` is settled.
     Finish(Finish),
+    /// Protocol version 3: the receiver's credit for everything the sending node sends
+    /// it on this connection (all streams together), like HTTP/2's connection window.
+    NodeCredit(NodeCredit),
+}
+
+/// Node-level credit (protocol version 3).
+///
+/// Both ends count the data frames the sender put on the current connection (every
+/// transmission, retransmissions included; the count restarts with each connection).
+/// The sender may put data frame number `limit` on the connection, not `limit + 1`,
+/// until a larger limit arrives. Limits only grow on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct NodeCredit {
+    /// The highest data-frame count the sender may reach.
+    pub limit: u64,
 }
 
 /// The sender's run is done with a stream (protocol version 3).

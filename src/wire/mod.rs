@@ -12,8 +12,8 @@ pub use codec::{
     FRAME_PREFIX_LEN, WIRE_FORMAT_VERSION,
 };
 pub use frame::{
-    Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, Reject, RejectReason,
-    SeqRange,
+    Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject,
+    RejectReason, SeqRange,
 };
 pub use version::{
     parse_probe, probe, IncompatibleVersion, Negotiation, NegotiationError, NegotiationStep,
