@@ -7,6 +7,7 @@
 //! feed the endpoint; then poll the endpoint → write frames, hand deliveries to
 //! receivers, resolve receipts, and reset the single `Sleep` to the earliest deadline.
 
+mod batch;
 mod dead_letter;
 #[cfg(feature = "tower")]
 mod service;
@@ -1384,18 +1385,27 @@ impl<T: DeserializeOwned> Receiver<T> {
             let Some(d) = std::task::ready!(self.raw.poll_recv(cx)) else {
                 return Poll::Ready(None);
             };
-            match decode::<T>(&d.message) {
-                Ok(value) => return Poll::Ready(Some(d.map(value))),
-                Err(error) => {
-                    self.raw.shared.decode_failed(d.id, d.channel, &error);
-                    let mut handle = d.handle;
-                    if let Some((delivery, commands)) = handle.completion.take() {
-                        let _ = commands.send(Command::Undecodable {
-                            delivery,
-                            payload: d.message,
-                        });
-                    }
+            if let Some(d) = self.typed(d) {
+                return Poll::Ready(Some(d));
+            }
+        }
+    }
+
+    /// `d` decoded as `T`, or `None` after handing an undecodable payload to the dead
+    /// letters (and its sender a rejection).
+    fn typed(&self, d: Delivery<Bytes>) -> Option<Delivery<T>> {
+        match decode::<T>(&d.message) {
+            Ok(value) => Some(d.map(value)),
+            Err(error) => {
+                self.raw.shared.decode_failed(d.id, d.channel, &error);
+                let mut handle = d.handle;
+                if let Some((delivery, commands)) = handle.completion.take() {
+                    let _ = commands.send(Command::Undecodable {
+                        delivery,
+                        payload: d.message,
+                    });
                 }
+                None
             }
         }
     }
@@ -1582,6 +1592,9 @@ impl DeliveryHandle {
     }
 }
 
+/// Where a receipt waits for its outcome.
+type ReceiptReply = oneshot::Sender<Result<Outcome, SendError>>;
+
 /// Where an `ack_durable` caller waits for its answer.
 type AckReply = oneshot::Sender<Result<(), AckError>>;
 
@@ -1735,6 +1748,13 @@ enum Command {
         schema: u32,
         reply: oneshot::Sender<Result<Outcome, SendError>>,
     },
+    /// Several messages of one sender, each holding one window permit.
+    SendBatch {
+        peer: NodeId,
+        options: ChannelOptions,
+        schema: u32,
+        items: Vec<(Bytes, Option<IdKey>, ReceiptReply)>,
+    },
     Complete {
         delivery: DeliveryRef,
         how: Completion,
@@ -1879,45 +1899,21 @@ impl Driver {
         let now = self.clock;
         match cmd {
             Command::Send {
-                reply,
-                options,
-                peer,
-                ..
-            } if self.draining_until.is_some() => {
-                self.shared.window_for(peer, options.channel).add_permits(1);
-                let _ = reply.send(Err(SendError::Shutdown));
-            }
-            Command::Send {
                 peer,
                 options,
                 payload,
                 key,
                 schema,
                 reply,
+            } => self.send_one(peer, options, schema, payload, key, reply),
+            Command::SendBatch {
+                peer,
+                options,
+                schema,
+                items,
             } => {
-                let msg = Outgoing {
-                    peer,
-                    channel: options.channel,
-                    guarantee: options.guarantee,
-                    payload,
-                    id: key.map(MessageId::Key),
-                    deadline: options.deadline,
-                    schema,
-                };
-                match self.endpoint.send(now, msg) {
-                    Ok(r) => {
-                        self.receipts.insert(r, (options.guarantee, reply));
-                        if options.guarantee != Guarantee::AtMostOnce
-                            && self.detector.state(peer) == Some(Health::Down)
-                            && self.spool.as_ref().is_some_and(|s| s.config().on_down)
-                        {
-                            self.hand_off_to_down(peer, Some(r), now);
-                        }
-                    }
-                    Err(crate::proto::StreamError::GuaranteeMismatch { existing, .. }) => {
-                        self.shared.window_for(peer, options.channel).add_permits(1);
-                        let _ = reply.send(Err(SendError::GuaranteeMismatch { existing }));
-                    }
+                for (payload, key, reply) in items {
+                    self.send_one(peer, options, schema, payload, key, reply);
                 }
             }
             Command::Complete {
@@ -2143,6 +2139,48 @@ impl Driver {
                 }
                 Event::Heard(peer) => self.detector.observe(peer, now),
                 Event::HeartbeatAck(peer) => self.detector.heartbeat(peer, now),
+            }
+        }
+    }
+
+    /// One message from a sender (alone or in a batch); it holds one window permit.
+    fn send_one(
+        &mut self,
+        peer: NodeId,
+        options: ChannelOptions,
+        schema: u32,
+        payload: Bytes,
+        key: Option<IdKey>,
+        reply: oneshot::Sender<Result<Outcome, SendError>>,
+    ) {
+        let now = self.clock;
+        if self.draining_until.is_some() {
+            self.shared.window_for(peer, options.channel).add_permits(1);
+            let _ = reply.send(Err(SendError::Shutdown));
+            return;
+        }
+        let msg = Outgoing {
+            peer,
+            channel: options.channel,
+            guarantee: options.guarantee,
+            payload,
+            id: key.map(MessageId::Key),
+            deadline: options.deadline,
+            schema,
+        };
+        match self.endpoint.send(now, msg) {
+            Ok(r) => {
+                self.receipts.insert(r, (options.guarantee, reply));
+                if options.guarantee != Guarantee::AtMostOnce
+                    && self.detector.state(peer) == Some(Health::Down)
+                    && self.spool.as_ref().is_some_and(|s| s.config().on_down)
+                {
+                    self.hand_off_to_down(peer, Some(r), now);
+                }
+            }
+            Err(crate::proto::StreamError::GuaranteeMismatch { existing, .. }) => {
+                self.shared.window_for(peer, options.channel).add_permits(1);
+                let _ = reply.send(Err(SendError::GuaranteeMismatch { existing }));
             }
         }
     }
