@@ -8,6 +8,7 @@
 //! receivers, resolve receipts, and reset the single `Sleep` to the earliest deadline.
 
 mod batch;
+pub(crate) mod completions;
 mod dead_letter;
 #[cfg(feature = "tower")]
 mod service;
@@ -702,7 +703,12 @@ impl NodeBuilder {
             receipts: Default::default(),
             receivers: HashMap::new(),
             shared: shared.clone(),
-            self_tx: cmd_tx.clone(),
+            completions: Arc::new(Completions {
+                stack: completions::CompletionStack::new(),
+                wake: tokio::sync::Notify::new(),
+                commands: cmd_tx.clone(),
+            }),
+            completed: Vec::new(),
             outbox: HashMap::new(),
             detector,
             heartbeat_every: self.config.heartbeat_interval,
@@ -1399,8 +1405,8 @@ impl<T: DeserializeOwned> Receiver<T> {
             Err(error) => {
                 self.raw.shared.decode_failed(d.id, d.channel, &error);
                 let mut handle = d.handle;
-                if let Some((delivery, commands)) = handle.completion.take() {
-                    let _ = commands.send(Command::Undecodable {
+                if let Some((delivery, back)) = handle.completion.take() {
+                    let _ = back.commands.send(Command::Undecodable {
                         delivery,
                         payload: d.message,
                     });
@@ -1550,7 +1556,7 @@ impl<T> Delivery<T> {
 /// nack.
 #[derive(Debug)]
 pub struct DeliveryHandle {
-    completion: Option<(DeliveryRef, mpsc::UnboundedSender<Command>)>,
+    completion: Option<(DeliveryRef, Arc<Completions>)>,
 }
 
 impl DeliveryHandle {
@@ -1567,11 +1573,11 @@ impl DeliveryHandle {
     /// Processed: acknowledge, and resolve once the acknowledgement is durable (see
     /// [`Delivery::ack_durable`]).
     pub async fn ack_durable(mut self) -> Result<(), AckError> {
-        let Some((delivery, commands)) = self.completion.take() else {
+        let Some((delivery, back)) = self.completion.take() else {
             return Ok(());
         };
         let (tx, rx) = oneshot::channel();
-        commands
+        back.commands
             .send(Command::Complete {
                 delivery,
                 how: Completion::Ack,
@@ -1582,14 +1588,23 @@ impl DeliveryHandle {
     }
 
     fn finish(&mut self, how: Completion) {
-        if let Some((delivery, commands)) = self.completion.take() {
-            let _ = commands.send(Command::Complete {
-                delivery,
-                how,
-                done: None,
-            });
+        if let Some((delivery, back)) = self.completion.take() {
+            if back.stack.push((delivery, how)) {
+                // First of a burst: one wake-up for the driver, which takes them all.
+                back.wake.notify_one();
+            }
         }
     }
+}
+
+/// The way back from deliveries to the driver: plain completions through the lock-free
+/// stack (one wake-up per burst), the rare ones that carry more through the command
+/// channel.
+#[derive(Debug)]
+struct Completions {
+    stack: completions::CompletionStack<(DeliveryRef, Completion)>,
+    wake: tokio::sync::Notify,
+    commands: mpsc::UnboundedSender<Command>,
 }
 
 /// Where a receipt waits for its outcome.
@@ -1796,7 +1811,9 @@ struct Driver {
     receivers: HashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
     shared: Arc<Shared>,
     /// Handed to deliveries so their completions come back here.
-    self_tx: mpsc::UnboundedSender<Command>,
+    completions: Arc<Completions>,
+    /// Completions drained from `completions`, reused.
+    completed: Vec<(DeliveryRef, Completion)>,
     outbox: HashMap<NodeId, Vec<crate::wire::Frame>>,
     detector: FailureDetector,
     heartbeat_every: Duration,
@@ -1841,6 +1858,9 @@ impl Driver {
                         }
                     }
                 }
+                _ = self.completions.wake.notified() => {
+                    self.clock = now();
+                }
                 ev = self.link.events.recv() => {
                     let Some(ev) = ev else { break };
                     self.clock = now();
@@ -1856,6 +1876,7 @@ impl Driver {
             }
             let now = now();
             self.clock = now;
+            self.take_completions();
             if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
                 self.endpoint.handle_timeout(now);
             }
@@ -2044,7 +2065,7 @@ impl Driver {
                         continue;
                     };
                     // At-most-once deliveries are finished too: that frees credit.
-                    let completion = Some((delivery, self.self_tx.clone()));
+                    let completion = Some((delivery, self.completions.clone()));
                     let d = Delivery {
                         message: payload,
                         id: delivery.id,
@@ -2141,6 +2162,17 @@ impl Driver {
                 Event::HeartbeatAck(peer) => self.detector.heartbeat(peer, now),
             }
         }
+    }
+
+    /// Apply every completion handlers pushed since the last call, oldest first.
+    fn take_completions(&mut self) {
+        let now = self.clock;
+        let mut done = std::mem::take(&mut self.completed);
+        self.completions.stack.drain_into(&mut done);
+        for (delivery, how) in done.drain(..) {
+            self.endpoint.complete(now, delivery, how);
+        }
+        self.completed = done;
     }
 
     /// One message from a sender (alone or in a batch); it holds one window permit.
