@@ -251,6 +251,12 @@ pub struct NodeConfig {
     /// (counted in [`Stats::dead_letters_dropped`], logged at warn). Default `10 000`;
     /// at most `2^24`.
     pub dead_letter_capacity: usize,
+    /// Keep dead letters durably in this directory (a crc-checked log, fsynced before
+    /// the sender is told): a restarted node finds the letters it had not handed out
+    /// yet in [`Node::dead_letters`]. A letter leaves the log when it is handed to the
+    /// application (one taken just before a crash may be seen again). Default `None`:
+    /// in memory only, lost with the process.
+    pub dead_letter_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -270,6 +276,7 @@ impl Default for NodeConfig {
             fail_fast_when_down: true,
             authorization: crate::proto::Authorization::default(),
             dead_letter_capacity: 10_000,
+            dead_letter_dir: None,
         }
     }
 }
@@ -525,6 +532,9 @@ pub struct Stats {
     /// Dead letters dropped because [`Node::dead_letters`] was not drained and the
     /// queue was at [`NodeConfig::dead_letter_capacity`].
     pub dead_letters_dropped: u64,
+    /// Dead letters that could not be written to [`NodeConfig::dead_letter_dir`] (kept
+    /// in memory only; logged at warn).
+    pub dead_letters_not_persisted: u64,
 }
 
 /// Builds a [`Node`].
@@ -672,6 +682,10 @@ impl NodeBuilder {
         for peer in &watched {
             detector.heartbeat(*peer, start); // watched from the start
         }
+        let dead_letters = match &self.config.dead_letter_dir {
+            Some(dir) => DeadLetterQueue::durable(self.config.dead_letter_capacity, dir)?,
+            None => DeadLetterQueue::new(self.config.dead_letter_capacity),
+        };
         let (health_tx, _) = broadcast::channel(256);
         let handoff_on_down = self.config.handoff.as_ref().is_some_and(|h| h.on_down);
         let mut endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
@@ -689,7 +703,7 @@ impl NodeBuilder {
             decode_warned: Mutex::new(None),
             no_receiver: AtomicU64::new(0),
             no_receiver_warned: Mutex::new(None),
-            dead_letters: Arc::new(DeadLetterQueue::new(self.config.dead_letter_capacity)),
+            dead_letters: Arc::new(dead_letters),
             known: Mutex::new(watched.iter().copied().collect()),
             any_peer: self.config.allow_dynamic_peers || dials_by_id,
             fail_fast_down: self.config.fail_fast_when_down && !handoff_on_down,
@@ -1992,6 +2006,7 @@ impl Driver {
                     handed_off: self.handed_off,
                     handoff_refused: self.handoff_refused,
                     dead_letters_dropped: self.shared.dead_letters.dropped(),
+                    dead_letters_not_persisted: self.shared.dead_letters.not_persisted(),
                 });
             }
             Command::Decommission { peer, reply } => {
