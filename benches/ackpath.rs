@@ -91,6 +91,7 @@ fn outgoing(guarantee: Guarantee, payload: Bytes) -> Outgoing {
         peer: PEER,
         channel: CH,
         guarantee,
+        schema: 0,
         payload,
         id: None,
         deadline: None,

@@ -16,6 +16,7 @@ fn data(len: usize) -> Frame {
         id_floor: 123_000,
         id: None,
         guarantee: Guarantee::EffectivelyOnce,
+        schema: 0,
         payload: Bytes::from(vec![0xA5; len]),
     })
 }

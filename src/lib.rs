@@ -98,10 +98,12 @@ pub mod wire;
 pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{
-    ChannelOptions, Delivery, DeliveryHandle, HandoffConfig, IdentityConflict, Node, NodeBuilder,
-    NodeConfig, NodeError, Outcome, RawReceiver, RawSendSink, RawSender, Receipt, Receiver,
-    ReceiverOptions, SendError, SendSink, Sender, Stats, BIND_RETRY,
+    AckError, ChannelOptions, DeadLetter, DeadLetterReason, DeadLetters, Delivery, DeliveryHandle,
+    HandoffConfig, IdentityConflict, Node, NodeBuilder, NodeConfig, NodeError, Outcome,
+    RawReceiver, RawSendSink, RawSender, Receipt, Receiver, ReceiverOptions, SendError, SendSink,
+    Sender, Stats, BIND_RETRY,
 };
 #[cfg(feature = "tower")]
 pub use node::{RawSenderService, SendFuture, SenderService};
 pub use proto::ProtoConfig;
+pub use wire::RejectReason;

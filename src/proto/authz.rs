@@ -130,6 +130,7 @@ mod tests {
             id,
             guarantee: Guarantee::EffectivelyOnce,
             payload: Bytes::new(),
+            schema: 0,
         }
     }
 

@@ -45,6 +45,15 @@ pub struct ProtoConfig {
     /// while the receiver's bookkeeping stays bounded (at most this many seqs per
     /// stream). Default `16384`.
     pub amo_reorder_slack: u64,
+    /// Receiving side: how long messages on a channel with no receiver are left to
+    /// retry (unacked) before they are rejected with
+    /// [`RejectReason::NoReceiver`](crate::wire::RejectReason::NoReceiver), counted from
+    /// the first such message (per channel, since the channel last had a receiver) —
+    /// room for receivers that start a little after their node. Senders speaking
+    /// protocol version 2 or older get no reject: their messages stay unacked until a
+    /// receiver appears or their deadline passes. Default `5 s`; at most 1 day.
+    #[serde(with = "crate::config_serde::duration")]
+    pub no_receiver_grace: Duration,
     /// Retransmission: attempts, deadline, backoff. See [`RetryPolicy`].
     pub retry: RetryPolicy,
     /// RTT estimation (RFC 6298). See [`RttConfig`].
@@ -71,6 +80,7 @@ impl Default for ProtoConfig {
             max_reorder_buffer: 4096,
             max_streams_per_peer: 256,
             amo_reorder_slack: 16384,
+            no_receiver_grace: Duration::from_secs(5),
             retry: RetryPolicy::default(),
             rtt: RttConfig::default(),
             retry_budget: RetryBudgetConfig {
@@ -96,12 +106,14 @@ impl ProtoConfig {
     /// [`max_streams_per_peer`](Self::max_streams_per_peer) and
     /// [`amo_reorder_slack`](Self::amo_reorder_slack): `2^24`.
     pub const MAX_BOOKKEEPING: usize = 1 << 24;
+    /// Largest accepted [`no_receiver_grace`](Self::no_receiver_grace): 1 day.
+    pub const MAX_NO_RECEIVER_GRACE: Duration = Duration::from_secs(86_400);
 
     /// Check every value and that they fit together.
     ///
     /// Bounds: `max_in_flight` in `1..=2^24`; `ack_delay <= 1 s`; `max_ack_ranges` in
     /// `1..=65536`; `max_reorder_buffer` and `amo_reorder_slack` in `0..=2^24`;
-    /// `max_streams_per_peer` in `1..=2^24`; `retry`, `rtt` and `retry_budget` as their
+    /// `max_streams_per_peer` in `1..=2^24`; `no_receiver_grace <= 1 day`; `retry`, `rtt` and `retry_budget` as their
     /// own `validate`. Durations without an upper bound here (`retry.deadline`,
     /// `retry.backoff_cap`, `rtt.max_rto`) may be as long as `Duration::MAX`: timers
     /// that would overflow the clock are treated as "never".
@@ -145,6 +157,12 @@ impl ProtoConfig {
             book,
         )?;
         count("proto.amo_reorder_slack", self.amo_reorder_slack, 0, book)?;
+        duration(
+            "proto.no_receiver_grace",
+            self.no_receiver_grace,
+            Duration::ZERO,
+            Self::MAX_NO_RECEIVER_GRACE,
+        )?;
         let retry = |field| move |source| crate::ConfigError::Retry { field, source };
         self.retry.validate().map_err(retry("proto.retry"))?;
         self.rtt.validate().map_err(retry("proto.rtt"))?;

@@ -71,6 +71,13 @@ pub(crate) enum OutEvent {
         /// How many times it was transmitted.
         attempts: u32,
     },
+    /// The receiver refused `seq` for good (protocol version 3).
+    Rejected {
+        /// Stream seq.
+        seq: u64,
+        /// The receiver's reason.
+        reason: crate::wire::RejectReason,
+    },
 }
 
 /// One unacknowledged message.
@@ -134,6 +141,8 @@ pub(crate) struct OutboundStream {
     held: u64,
     /// Re-check interval of a held message (the retry policy's backoff cap).
     keepalive: Duration,
+    /// Payload type fingerprint of the latest send (see `wire::Data::schema`).
+    schema: u32,
 }
 
 impl OutboundStream {
@@ -175,6 +184,7 @@ impl OutboundStream {
             credit_probes: 0,
             held: 0,
             keepalive: config.retry.backoff_cap,
+            schema: 0,
         }
     }
 
@@ -215,6 +225,11 @@ impl OutboundStream {
     }
 
     /// Total retransmissions so far.
+    /// The last seq assigned on the stream (0: none).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
+    }
+
     pub(crate) fn retransmits(&self) -> u64 {
         self.retransmits
     }
@@ -227,7 +242,9 @@ impl OutboundStream {
         payload: Bytes,
         id: Option<MessageId>,
         deadline: Option<Duration>,
+        schema: u32,
     ) -> u64 {
+        self.schema = schema;
         let seq = self.next_seq;
         self.next_seq += 1;
         // At-most-once keeps nothing past transmission: no budget, no deadline.
@@ -299,6 +316,7 @@ impl OutboundStream {
                 id_floor,
                 id: m.id,
                 guarantee: self.guarantee,
+                schema: self.schema,
                 payload: m.payload.clone(),
             };
             if amo {
@@ -451,6 +469,18 @@ impl OutboundStream {
         self.queue_retransmit(seq);
     }
 
+    /// The receiver refused `seq` for good: settle it (no RTT sample, no retry budget
+    /// earned) and report the reason. A reject for a seq already settled is ignored.
+    pub(crate) fn handle_reject(&mut self, seq: u64, reason: crate::wire::RejectReason) {
+        let Some(idx) = self.index(seq) else {
+            return;
+        };
+        if self.slots[idx].take().is_some() {
+            self.events.push_back(OutEvent::Rejected { seq, reason });
+            self.compact();
+        }
+    }
+
     /// A connection came (back) up, or the receiver restarted: everything unacked may have
     /// been lost with the old connection, so retransmit it now rather than after an RTO.
     pub(crate) fn handle_reconnect(&mut self) {
@@ -512,7 +542,7 @@ impl OutboundStream {
         self.hinted.remove(&seq);
     }
 
-    fn id_floor(&self) -> u64 {
+    pub(crate) fn id_floor(&self) -> u64 {
         match self.hinted.first() {
             Some(&h) => h.min(self.base),
             None => self.base,

@@ -709,6 +709,10 @@ struct Established {
     slot: Option<IpSlot>,
 }
 
+/// How long a shutting-down transport waits for connected writers to drain their
+/// queues before it closes the connections.
+const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
+
 /// A peer's outbound frames, shared by the manager (producer) and the current writer.
 #[derive(Debug, Default)]
 struct PeerQueue {
@@ -1025,6 +1029,20 @@ impl Manager {
     async fn shutdown(mut self) {
         self.acceptor.abort();
         let _ = (&mut self.acceptor).await;
+        // Give connected writers a moment to put what is queued on the wire (the last
+        // acks, a clean shutdown's finish frames): bounded, never a hang.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
+        while tokio::time::Instant::now() < deadline {
+            let pending = self
+                .peers
+                .values()
+                .any(|p| p.conn.is_some() && !p.queue.lock().frames.is_empty());
+            if !pending {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::task::yield_now().await;
         for (_, p) in self.peers.drain() {
             if let Some(d) = p.dialer {
                 d.abort();

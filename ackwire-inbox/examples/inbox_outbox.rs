@@ -1,0 +1,2 @@
+//! Placeholder: the order and ledger example.
+fn main() {}

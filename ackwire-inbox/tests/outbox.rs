@@ -1,0 +1,250 @@
+//! The outbox and its relay on both databases, between two nodes on TCP loopback:
+//! committed rows are delivered in commit order and deleted, rolled-back rows never
+//! leave, a target that is down delays but does not reorder, the relay is woken
+//! (in-process on SQLite, LISTEN/NOTIFY on PostgreSQL), and malformed rows are
+//! counted instead of panicking.
+
+#[macro_use]
+mod support;
+
+use ackwire::{ChannelId, IdKey, MessageId, Node, Receiver, ReceiverOptions};
+use ackwire_inbox::{Outbox, RelayOptions};
+use std::sync::Arc;
+use std::time::Duration;
+use support::net::{eventually, receiver_node, sender_node, RECEIVER};
+
+const CH: ChannelId = ChannelId(11);
+const CH2: ChannelId = ChannelId(12);
+
+/// The next `n` messages of `rx` (acked), as `(key, number)`; panics after `within`.
+async fn collect(rx: &mut Receiver<(u64, String)>, n: usize, within: Duration) -> Vec<u64> {
+    let mut got = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + within;
+    while got.len() < n {
+        let d = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} messages arrived: {got:?}", got.len()))
+            .expect("node stopped");
+        let (number, label) = d.message().clone();
+        assert_eq!(
+            d.id(),
+            MessageId::Key(IdKey(u128::from(number))),
+            "sent under the row's key"
+        );
+        assert_eq!(label, format!("order-{number}"));
+        got.push(number);
+        d.ack();
+    }
+    got
+}
+
+/// Nothing more arrives on `rx` within `wait`.
+async fn quiet(rx: &mut Receiver<(u64, String)>, wait: Duration) {
+    if let Ok(Some(d)) = tokio::time::timeout(wait, rx.recv()).await {
+        panic!("unexpected message {:?}", d.message());
+    }
+}
+
+async fn nodes_on_loopback(ordered: bool) -> (Node, Receiver<(u64, String)>, Arc<Node>) {
+    let rx_node = receiver_node("127.0.0.1:0".parse().unwrap()).await;
+    let opts = if ordered {
+        ReceiverOptions::ordered()
+    } else {
+        ReceiverOptions::unordered()
+    };
+    let rx = rx_node.receiver_with::<(u64, String)>(CH, opts).unwrap();
+    let tx_node = sender_node(rx_node.local_addr().unwrap()).await;
+    (rx_node, rx, Arc::new(tx_node))
+}
+
+fn quick_retry() -> RelayOptions {
+    let mut o = RelayOptions::default();
+    o.retry_min = Duration::from_millis(50);
+    o.retry_max = Duration::from_millis(300);
+    o
+}
+
+scenarios! {
+    async fn committed_rows_are_delivered_in_commit_order_and_deleted(pool) {
+        let (_rx_node, mut rx, node) = nodes_on_loopback(true).await;
+        let outbox = Outbox::<DB>::new();
+        let mut expected = Vec::new();
+        // 10 transactions of 10 rows before the relay starts, 10 after; one rolled back.
+        let mut relay = None;
+        for t in 0..20u64 {
+            if t == 10 {
+                relay = Some(outbox.relay(node.clone(), pool.clone(), RelayOptions::default()).unwrap());
+            }
+            let mut tx = pool.begin().await.unwrap();
+            for i in 0..10 {
+                let n = t * 10 + i;
+                outbox
+                    .enqueue(&mut tx, RECEIVER, CH, IdKey(u128::from(n)), &(n, format!("order-{n}")))
+                    .await
+                    .unwrap();
+            }
+            if t == 13 {
+                tx.rollback().await.unwrap();
+            } else {
+                tx.commit().await.unwrap();
+                expected.extend(t * 10..t * 10 + 10);
+            }
+        }
+        let relay = relay.unwrap();
+        let got = collect(&mut rx, expected.len(), Duration::from_secs(30)).await;
+        assert_eq!(got, expected, "delivered in commit order, rolled-back rows never");
+        let p = pool.clone();
+        assert!(eventually(Duration::from_secs(10), || {
+            let p = p.clone();
+            async move { Outbox::<DB>::pending(&p).await.unwrap() == 0 }
+        }).await, "acked rows are deleted");
+        quiet(&mut rx, Duration::from_millis(300)).await;
+        let stats = relay.stats();
+        assert_eq!(stats.delivered, 190);
+        assert_eq!(stats.invalid_rows, 0);
+        // The relay ends with its node.
+        node.shutdown().await;
+        assert!(eventually(Duration::from_secs(5), || async { relay.is_finished() }).await);
+    }
+
+    async fn a_target_that_is_down_delays_rows_without_reordering_them(pool) {
+        let addr = support::child::free_loopback_addr();
+        let node = Arc::new(sender_node(addr).await);
+        let outbox = Outbox::<DB>::new();
+        let relay = outbox.relay(node.clone(), pool.clone(), quick_retry()).unwrap();
+        for t in 0..3u64 {
+            let mut tx = pool.begin().await.unwrap();
+            for i in 0..20 {
+                let n = t * 20 + i;
+                outbox
+                    .enqueue(&mut tx, RECEIVER, CH, IdKey(u128::from(n)), &(n, format!("order-{n}")))
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(relay.stats().delivered, 0);
+        assert_eq!(Outbox::<DB>::pending(&pool).await.unwrap(), 60);
+        // The target comes up on the address the sender knows.
+        let rx_node = receiver_node(addr).await;
+        let mut rx = rx_node.receiver_with::<(u64, String)>(CH, ReceiverOptions::ordered()).unwrap();
+        let got = collect(&mut rx, 60, Duration::from_secs(30)).await;
+        assert_eq!(got, (0..60).collect::<Vec<_>>(), "in order, each once");
+        let p = pool.clone();
+        assert!(eventually(Duration::from_secs(10), || {
+            let p = p.clone();
+            async move { Outbox::<DB>::pending(&p).await.unwrap() == 0 }
+        }).await);
+        quiet(&mut rx, Duration::from_millis(300)).await;
+    }
+
+    async fn malformed_rows_hold_their_stream_and_are_counted(pool) {
+        let (rx_node, mut rx, node) = nodes_on_loopback(true).await;
+        let mut rx2 = rx_node.receiver::<(u64, String)>(CH2, false).unwrap();
+        // Written by hand: a 3-byte key on CH, a channel outside u32.
+        for (channel, key) in [(i64::from(CH.0), vec![1u8, 2, 3]), (-1, vec![0u8; 16])] {
+            sqlx::query(
+                "INSERT INTO ackwire_outbox (target, channel, key, payload, created_at) \
+                 VALUES ($1, $2, $3, $4, 0)",
+            )
+            .bind(2_i64)
+            .bind(channel)
+            .bind(key)
+            .bind(vec![0u8; 4])
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let outbox = Outbox::<DB>::new();
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue(&mut tx, RECEIVER, CH, IdKey(1), &(1u64, "order-1".to_string())).await.unwrap();
+        outbox.enqueue(&mut tx, RECEIVER, CH2, IdKey(2), &(2u64, "order-2".to_string())).await.unwrap();
+        tx.commit().await.unwrap();
+        let relay = outbox.relay(node.clone(), pool.clone(), quick_retry()).unwrap();
+        assert_eq!(collect(&mut rx2, 1, Duration::from_secs(20)).await, [2], "other streams flow");
+        assert!(eventually(Duration::from_secs(5), || async { relay.stats().invalid_rows >= 2 }).await);
+        quiet(&mut rx, Duration::from_millis(500)).await; // held behind the bad row
+        // Someone deletes the bad row: the stream moves on, in order.
+        sqlx::query("DELETE FROM ackwire_outbox WHERE length(key) <> 16").execute(&pool).await.unwrap();
+        relay.wake();
+        assert_eq!(collect(&mut rx, 1, Duration::from_secs(20)).await, [1]);
+    }
+}
+
+/// SQLite has no notifications: with a 60 s poll, only the in-process wake-up of an
+/// `enqueue` on the relay's `Outbox` can bring the row out quickly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_enqueue_wakes_the_relay_in_the_same_process() {
+    let db = support::db::sqlite().await;
+    let (_rx_node, mut rx, node) = nodes_on_loopback(false).await;
+    let outbox = Outbox::<sqlx::Sqlite>::new();
+    let mut opts = RelayOptions::default();
+    opts.poll_interval = Duration::from_secs(60);
+    let _relay = outbox.relay(node, db.pool.clone(), opts).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // the first (empty) scan is done
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox
+        .enqueue(
+            &mut tx,
+            RECEIVER,
+            CH,
+            IdKey(5),
+            &(5u64, "order-5".to_string()),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await; // commit after the wake-up
+    tx.commit().await.unwrap();
+    assert_eq!(collect(&mut rx, 1, Duration::from_secs(3)).await, [5]);
+}
+
+/// PostgreSQL: a row enqueued by another process (here: another `Outbox`, which shares
+/// no in-process wake-up with the relay's) is brought out by NOTIFY, not by the 60 s
+/// poll.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notify_wakes_the_relay_for_rows_from_another_process() {
+    let Some(db) = support::db::postgres("pg_notify_wakes_relay").await else {
+        return;
+    };
+    let (_rx_node, mut rx, node) = nodes_on_loopback(false).await;
+    let mut opts = RelayOptions::default();
+    opts.poll_interval = Duration::from_secs(60);
+    let relay = Outbox::<sqlx::Postgres>::new()
+        .relay(node, db.pool.clone(), opts)
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            relay.stats().listening
+        })
+        .await,
+        "LISTEN connected"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await; // the first (empty) scans are done
+    let elsewhere = Outbox::<sqlx::Postgres>::new();
+    let mut tx = db.pool.begin().await.unwrap();
+    elsewhere
+        .enqueue(
+            &mut tx,
+            RECEIVER,
+            CH,
+            IdKey(6),
+            &(6u64, "order-6".to_string()),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(collect(&mut rx, 1, Duration::from_secs(5)).await, [6]);
+    assert!(relay.stats().notifications >= 1);
+    drop(relay);
+    db.drop_schema().await;
+}
+
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn postgres_notify_wakes_the_relay_for_rows_from_another_process() {
+    support::db::postgres_not_built(
+        "postgres_notify_wakes_the_relay_for_rows_from_another_process",
+    );
+}
