@@ -193,7 +193,10 @@ fn v3_frames() -> Vec<(&'static str, Frame)> {
     ));
     frames.push((
         "node_credit",
-        Frame::NodeCredit(NodeCredit { limit: 1 << 40 }),
+        Frame::NodeCredit(NodeCredit {
+            limit: 1 << 40,
+            received: 1 << 39,
+        }),
     ));
     frames.push((
         "finish",

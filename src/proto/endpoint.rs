@@ -305,12 +305,42 @@ pub struct Endpoint {
 }
 
 /// What a peer lets this node send it on the current connection.
+/// Wait before the `probes`-th node credit probe: 200 ms doubling to 5 s.
+fn node_probe_interval(probes: u32) -> Duration {
+    Duration::from_millis(200)
+        .saturating_mul(1 << probes.min(5))
+        .min(super::MAX_PROBE_INTERVAL)
+}
+
 #[derive(Debug, Clone, Copy)]
 struct NodeOut {
     /// `None`: the peer grants no node credit (protocol 2 or older).
     limit: Option<u64>,
     /// Data frames put on the connection so far.
     sent: u64,
+    /// Blocked on node credit: when to probe, on which channel, how many probes so far.
+    probe_due: Option<Instant>,
+    probe_channel: ChannelId,
+    probes: u32,
+    /// `sent` when the last probe left (see [`crate::wire::NodeCredit::received`]).
+    sent_at_probe: Option<u64>,
+}
+
+impl NodeOut {
+    fn new(limit: Option<u64>) -> Self {
+        NodeOut {
+            limit,
+            sent: 0,
+            probe_due: None,
+            probe_channel: ChannelId(0),
+            probes: 0,
+            sent_at_probe: None,
+        }
+    }
+
+    fn budget(&self) -> u64 {
+        self.limit.map_or(u64::MAX, |l| l.saturating_sub(self.sent))
+    }
 }
 
 /// What this node granted a peer on the current connection.
@@ -573,17 +603,14 @@ impl Endpoint {
         // Node credit counts frames per connection: both ends start again, except that
         // what was queued before a first connection is counted on it by both.
         let first_conn = !self.peers.contains_key(&origin.node);
-        let out = self.node_out.entry(origin.node).or_insert(NodeOut {
-            limit: Some(INITIAL_NODE_CREDIT),
-            sent: 0,
-        });
+        let out = self
+            .node_out
+            .entry(origin.node)
+            .or_insert_with(|| NodeOut::new(Some(INITIAL_NODE_CREDIT)));
         if version < 3 {
-            out.limit = None;
+            *out = NodeOut::new(None);
         } else if !first_conn || out.limit.is_none() {
-            *out = NodeOut {
-                limit: Some(INITIAL_NODE_CREDIT),
-                sent: 0,
-            };
+            *out = NodeOut::new(Some(INITIAL_NODE_CREDIT));
         }
         if version >= 3 {
             self.node_in.insert(
@@ -691,6 +718,19 @@ impl Endpoint {
                 if let Some(out) = self.node_out.get_mut(&from) {
                     if let Some(limit) = out.limit.as_mut() {
                         *limit = (*limit).max(c.limit);
+                        if out.sent >= *limit {
+                            // Still blocked: frames sent before the probe that the
+                            // receiver never counted were lost; stop counting them.
+                            if let Some(at) = out.sent_at_probe.take() {
+                                let lost = at.saturating_sub(c.received);
+                                out.sent = out.sent.saturating_sub(lost);
+                            }
+                        }
+                        if out.sent < *limit {
+                            out.probe_due = None;
+                            out.probes = 0;
+                            out.sent_at_probe = None;
+                        }
                     }
                 }
             }
@@ -718,7 +758,17 @@ impl Endpoint {
             Frame::Ping(hb) => self.transmit.push_back((from, Frame::Pong(hb))),
             Frame::CreditProbe(p) => {
                 if let Some(n) = self.node_in.get_mut(&from) {
-                    n.owed = true; // the node grant too: it may be what blocks
+                    // The node grant too, at once: it may be what blocks, and this
+                    // receiver may have no stream of the sender's to owe an ack on (it
+                    // restarted, say), so no timer would send it later.
+                    n.owed = true;
+                    let mut held: HashMap<NodeId, u64> = HashMap::new();
+                    for ((o, _), st) in self.inbound.iter() {
+                        if o.node == from {
+                            *held.entry(from).or_default() += st.outstanding();
+                        }
+                    }
+                    self.grant_node_credit(&held, Some(from));
                 }
                 // Answer with the stream's current grant (an ack, sent with this burst).
                 if let Some(s) = self.inbound.get_mut(&(peer_origin, p.channel)) {
@@ -1009,6 +1059,23 @@ impl Endpoint {
     /// Timers due at `now`: retransmissions, give-ups, owed acks. Durable dedup
     /// records of completed messages are fsynced (once) before any ack is produced.
     pub fn handle_timeout(&mut self, now: Instant) {
+        for (&peer, out) in self.node_out.iter_mut() {
+            if out.probe_due.is_some_and(|t| t <= now) {
+                if out.budget() == 0 {
+                    out.probes = out.probes.saturating_add(1);
+                    out.sent_at_probe = Some(out.sent);
+                    out.probe_due = Some(crate::retry::later(now, node_probe_interval(out.probes)));
+                    self.transmit.push_back((
+                        peer,
+                        Frame::CreditProbe(CreditProbe {
+                            channel: out.probe_channel,
+                        }),
+                    ));
+                } else {
+                    out.probe_due = None;
+                }
+            }
+        }
         if std::mem::take(&mut self.dedup_unsynced) {
             if let Err(e) = self.dedup.sync() {
                 // The messages were processed: acking them is still right (withholding
@@ -1056,15 +1123,17 @@ impl Endpoint {
                 .advertised
                 .max(n.received.saturating_add(window.saturating_sub(held)));
             let grown = limit - n.advertised;
-            if (n.owed && grown > 0)
-                || grown >= (window / 8).max(1)
-                || (n.owed && n.advertised == 0)
-            {
+            if n.owed || grown >= (window / 8).max(1) {
                 n.owed = false;
                 n.advertised = limit;
                 self.stats.node_credits_sent += 1;
-                self.transmit
-                    .push_back((peer, Frame::NodeCredit(crate::wire::NodeCredit { limit })));
+                self.transmit.push_back((
+                    peer,
+                    Frame::NodeCredit(crate::wire::NodeCredit {
+                        limit,
+                        received: n.received,
+                    }),
+                ));
             }
         }
     }
@@ -1073,7 +1142,8 @@ impl Endpoint {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let out = self.outbound.values().filter_map(|s| s.poll_timeout());
         let inb = self.inbound.values().filter_map(|s| s.ack_deadline());
-        out.chain(inb).min()
+        let probes = self.node_out.values().filter_map(|o| o.probe_due);
+        out.chain(inb).chain(probes).min()
     }
 
     /// Next frame to transmit, and to whom. Call until `None` after every input.
@@ -1089,17 +1159,22 @@ impl Endpoint {
                 self.transmit
                     .push_back((peer, Frame::CreditProbe(CreditProbe { channel })));
             }
-            let out = self.node_out.entry(peer).or_insert(NodeOut {
-                limit: Some(INITIAL_NODE_CREDIT),
-                sent: 0,
-            });
-            let mut budget = out.limit.map_or(u64::MAX, |l| l.saturating_sub(out.sent));
+            let out = self
+                .node_out
+                .entry(peer)
+                .or_insert_with(|| NodeOut::new(Some(INITIAL_NODE_CREDIT)));
+            let mut budget = out.budget();
             let start = budget;
             while let Some(data) = s.poll_transmit(now, &mut budget) {
                 self.transmit.push_back((peer, Frame::Data(data)));
             }
             if out.limit.is_some() {
                 out.sent += start - budget;
+                if budget == 0 && s.has_queued() && out.probe_due.is_none() {
+                    // Blocked on node credit: probe if no grant comes.
+                    out.probe_channel = channel;
+                    out.probe_due = Some(crate::retry::later(now, node_probe_interval(out.probes)));
+                }
             }
             if self.transmit.len() > before {
                 Self::drain_stream(&mut self.events, &mut self.stats, peer, channel, s);

@@ -97,6 +97,8 @@ struct InFlight {
     timer_gen: u32,
     /// Waiting in the transmit queue.
     queued: bool,
+    /// A deadline timer is armed for it while it waits for node credit.
+    waiting_armed: bool,
 }
 
 /// Sending half of a stream. Call order for the owner: `send` / `handle_ack` /
@@ -269,6 +271,7 @@ impl OutboundStream {
             attempts: 0,
             timer_gen: 0,
             queued: true,
+            waiting_armed: false,
         }));
         self.transmit.push_back(seq);
         seq
@@ -360,12 +363,17 @@ impl OutboundStream {
         let Some(m) = self.slots[idx].as_mut() else {
             return;
         };
-        if m.attempts == 0 && m.timer_gen == 0 {
+        if !m.waiting_armed {
             if let Some(d) = m.deadline {
-                m.timer_gen = next_gen(0);
+                m.waiting_armed = true;
                 self.timers.push(Reverse((d, seq, WAITING)));
             }
         }
+    }
+
+    /// Frames are waiting to be transmitted.
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.transmit.is_empty()
     }
 
     /// First transmissions and retransmissions that waited for node credit.
@@ -408,6 +416,16 @@ impl OutboundStream {
                 self.credit_probes += 1;
                 self.probe_owed = true;
                 self.probe_due = Some(now + self.probe_interval());
+                if self.guarantee == Guarantee::AtMostOnce {
+                    // A receiver run that never saw this stream (it restarted, and what
+                    // it was sent arrived before its receiver registered) cannot answer
+                    // a data-less probe: the oldest blocked message goes instead, which
+                    // opens the stream there and brings its credit back.
+                    if let (Some(c), Some(&head)) = (self.credit, self.blocked.front()) {
+                        self.credit = Some(c.max(head));
+                        self.unblock();
+                    }
+                }
             }
         }
         while let Some(Reverse((due, seq, gen))) = self.timers.peek().copied() {
@@ -422,8 +440,10 @@ impl OutboundStream {
                 continue;
             };
             if gen == WAITING {
-                if m.attempts == 0 && m.deadline.is_some_and(|d| now >= d) {
-                    self.give_up(seq, GiveUp::Deadline); // never got credit
+                // Still waiting for credit (never sent, or a retransmission queued
+                // behind node credit) at its deadline: give up.
+                if (m.attempts == 0 || m.queued) && m.deadline.is_some_and(|d| now >= d) {
+                    self.give_up(seq, GiveUp::Deadline);
                 }
                 continue;
             }

@@ -47,6 +47,12 @@ pub enum Frame {
 pub struct NodeCredit {
     /// The highest data-frame count the sender may reach.
     pub limit: u64,
+    /// Data frames the receiver had received on the connection when it granted
+    /// `limit`. A transport that can lose frames within a connection (a simulated
+    /// lossy network) makes the two counts drift; a sender waiting for credit probes,
+    /// and counts frames it sent before the probe that the answer's `received` does not
+    /// include as lost, so the window never shrinks for good.
+    pub received: u64,
 }
 
 /// The sender's run is done with a stream (protocol version 3).
