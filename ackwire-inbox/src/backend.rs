@@ -7,8 +7,8 @@
 
 use std::future::Future;
 
-/// A database the inbox and outbox run on: [`sqlx::Sqlite`] (feature `sqlite`,
-/// default) or [`sqlx::Postgres`] (feature `postgres`). Sealed: the SQL of each
+/// A database the inbox and outbox run on: `sqlx::Sqlite` (feature `sqlite`,
+/// default) or `sqlx::Postgres` (feature `postgres`). Sealed: the SQL of each
 /// database is written and tested here.
 pub trait Backend: sqlx::Database + sealed::Sql {}
 

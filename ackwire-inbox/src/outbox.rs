@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// The outbox on database `DB` ([`sqlx::Sqlite`] or [`sqlx::Postgres`]).
+/// The outbox on database `DB` (`sqlx::Sqlite` or `sqlx::Postgres`).
 ///
 /// Cheap to clone; clones share one in-process wake-up, so a relay started from an
 /// `Outbox` is woken by [`enqueue`](Self::enqueue) calls on any of its clones (on
