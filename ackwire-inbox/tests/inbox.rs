@@ -303,7 +303,10 @@ async fn sqlite_claim_after_a_stale_read_is_a_conflict() {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_repeatable_read_claim_of_a_newer_duplicate_is_a_conflict() {
-    let Some(db) = support::db::postgres("pg_repeatable_read_conflict").await else {
+    let Some(db) =
+        support::db::postgres("postgres_repeatable_read_claim_of_a_newer_duplicate_is_a_conflict")
+            .await
+    else {
         return;
     };
     let inbox = Inbox::<sqlx::Postgres>::default();

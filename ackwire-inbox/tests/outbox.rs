@@ -205,7 +205,10 @@ async fn sqlite_enqueue_wakes_the_relay_in_the_same_process() {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_notify_wakes_the_relay_for_rows_from_another_process() {
-    let Some(db) = support::db::postgres("pg_notify_wakes_relay").await else {
+    let Some(db) =
+        support::db::postgres("postgres_notify_wakes_the_relay_for_rows_from_another_process")
+            .await
+    else {
         return;
     };
     let (_rx_node, mut rx, node) = nodes_on_loopback(false).await;
