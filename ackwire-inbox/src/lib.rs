@@ -145,10 +145,11 @@
 //! ## Tests
 //!
 //! `tests/inbox.rs` and `tests/outbox.rs` run every scenario on SQLite (a temporary
-//! file) and on PostgreSQL (a schema per test) at `127.0.0.1:5432`, database `test`
-//! (`ACKWIRE_PG_URL` overrides); `tests/kill9.rs` kills receiver and sender processes
-//! with SIGKILL. Without a server, the PostgreSQL tests print
-//! `skipped: PostgreSQL not reachable at …` and pass, unless
+//! file) and, with the `postgres` feature, on PostgreSQL (a schema per test) at
+//! `127.0.0.1:5432`, database `test` (`ACKWIRE_PG_URL` overrides); `tests/kill9.rs`
+//! kills receiver and sender processes with SIGKILL. From the workspace root:
+//! `cargo test --features ackwire-inbox/postgres`. Without the feature or without a
+//! server, the PostgreSQL tests print `…: skipped: …` and pass, unless
 //! `ACKWIRE_REQUIRE_POSTGRES=1` is set (as in CI), which makes them fail.
 
 mod backend;

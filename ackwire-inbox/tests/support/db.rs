@@ -29,10 +29,17 @@ pub fn postgres_not_built(test: &str) {
         "{test}: ACKWIRE_REQUIRE_POSTGRES=1 but ackwire-inbox was built without the \
          `postgres` feature (use --features ackwire-inbox/postgres)"
     );
-    println!(
+    say_through_capture(&format!(
         "{test}: skipped: built without the `postgres` feature \
          (cargo test -p ackwire-inbox --features postgres)"
-    );
+    ));
+}
+
+/// Write a line to stderr past libtest's output capture (which only takes `print!`
+/// and `eprint!`), so a plain `cargo test` shows which tests were skipped.
+pub fn say_through_capture(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// A SQLite database in a temporary file (WAL, 10 s busy timeout), deleted on drop.
@@ -190,7 +197,9 @@ mod pg {
                     !postgres_required(),
                     "{test}: ACKWIRE_REQUIRE_POSTGRES=1 but PostgreSQL is not reachable at {url}: {e}"
                 );
-                println!("{test}: skipped: PostgreSQL not reachable at {url} ({e})");
+                say_through_capture(&format!(
+                    "{test}: skipped: PostgreSQL not reachable at {url} ({e})"
+                ));
                 return None;
             }
         };
