@@ -89,6 +89,18 @@ pub(crate) mod sealed {
         /// Rows in the outbox.
         fn pending(pool: &sqlx::Pool<Self>) -> impl Future<Output = sqlx::Result<i64>> + Send;
 
+        /// What a relay holds while it is the one relay that sends.
+        type Leader: Send;
+
+        /// Try to become the relay that sends (PostgreSQL: a session advisory lock on
+        /// a connection of its own; SQLite: always). `None` while another holds it.
+        fn try_lead(
+            pool: &sqlx::Pool<Self>,
+        ) -> impl Future<Output = sqlx::Result<Option<Self::Leader>>> + Send;
+
+        /// Whether `leader` still holds the lead (its connection is alive).
+        fn still_leading(leader: &mut Self::Leader) -> impl Future<Output = bool> + Send;
+
         /// Wake `wake` whenever an enqueueing transaction commits (PostgreSQL
         /// LISTEN/NOTIFY); `None` where the database has no such thing (SQLite).
         fn listen(
@@ -227,6 +239,17 @@ mod sqlite {
                 .fetch_one(pool)
                 .await?
                 .try_get(0)
+        }
+
+        type Leader = ();
+
+        async fn try_lead(_pool: &Pool<Self>) -> sqlx::Result<Option<()>> {
+            // One process per database file: nothing to elect.
+            Ok(Some(()))
+        }
+
+        async fn still_leading(_leader: &mut ()) -> bool {
+            true
         }
 
         fn listen(
@@ -397,6 +420,29 @@ mod postgres {
                 .fetch_one(pool)
                 .await?
                 .try_get(0)
+        }
+
+        type Leader = PgConnection;
+
+        async fn try_lead(pool: &Pool<Self>) -> sqlx::Result<Option<PgConnection>> {
+            // A session lock, held as long as this connection lives: keyed by the
+            // schema, so outboxes in different schemas have a relay each.
+            let mut conn = pool.acquire().await?.detach();
+            let (held,): (bool,) = sqlx::query_as(
+                "SELECT pg_try_advisory_lock(hashtextextended('ackwire_outbox_relay:' || current_schema(), 0))",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            if held {
+                Ok(Some(conn))
+            } else {
+                let _ = sqlx::Connection::close(conn).await;
+                Ok(None)
+            }
+        }
+
+        async fn still_leading(leader: &mut PgConnection) -> bool {
+            sqlx::query("SELECT 1").execute(leader).await.is_ok()
         }
 
         fn listen(

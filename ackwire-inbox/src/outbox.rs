@@ -154,10 +154,19 @@ impl<DB: Backend> Outbox<DB> {
     /// * **Crash**: rows are deleted only after their ack, so a relay (or process)
     ///   killed anywhere sends the unacknowledged rows again when it restarts.
     ///
-    /// Run one relay per outbox table: two relays send each row twice (harmless to an
-    /// inbox, but it doubles the traffic and interleaves the order). Give the relay its
-    /// own channels: a channel this node also uses with another guarantee fails every
-    /// send with `GuaranteeMismatch` (counted in [`RelayStats::retries`]).
+    /// * **Several relays** (replicas of the sending service, each running one):
+    ///   PostgreSQL elects one. A relay sends only while it holds a session advisory
+    ///   lock, `pg_try_advisory_lock(hashtextextended('ackwire_outbox_relay:' ||
+    ///   current_schema(), 0))`, on a connection of its own (outside the pool's
+    ///   count); the others try again every `poll_interval` and take over when the
+    ///   holder stops or its connection drops. A relay that finds its connection gone
+    ///   stops its workers; rows it had in flight may then be sent by both, and the
+    ///   target's dedup or inbox drops the repeat. SQLite does not elect: run one relay
+    ///   per database file ([`RelayStats::leading`] is always `true` there).
+    ///
+    /// Give the relay its own channels: a channel this node also uses with another
+    /// guarantee fails every send with `GuaranteeMismatch` (counted in
+    /// [`RelayStats::retries`]).
     ///
     /// Must run inside a tokio runtime. The relay stops when the [`Relay`] is dropped or
     /// stopped, or when `node` shuts down.
@@ -274,6 +283,9 @@ pub struct RelayStats {
     pub notifications: u64,
     /// Whether the PostgreSQL listener is connected (always `false` on SQLite).
     pub listening: bool,
+    /// Whether this relay holds the lead and sends (see [`Outbox::relay`]; always
+    /// `true` on SQLite once started).
+    pub leading: bool,
 }
 
 impl Relay {
@@ -289,6 +301,7 @@ impl Relay {
             invalid_rows: get(&c.invalid_rows),
             notifications: get(&self.wake.notifications),
             listening: self.wake.listening.load(Ordering::Relaxed),
+            leading: c.leading.load(Ordering::Relaxed),
         }
     }
 
@@ -354,6 +367,7 @@ impl Wake {
 
 #[derive(Debug, Default)]
 struct Counters {
+    leading: AtomicBool,
     sent: AtomicU64,
     delivered: AtomicU64,
     retries: AtomicU64,
@@ -371,8 +385,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The relay's main loop: finds the streams that have rows and keeps one worker per
-/// such stream; a worker sends until its stream is empty, then ends.
+/// The relay's main loop: takes the lead (one sending relay per outbox), then finds the
+/// streams that have rows and keeps one worker per such stream; a worker sends until
+/// its stream is empty, then ends. Losing the lead stops the workers.
 async fn dispatch<DB: Backend>(
     node: Arc<Node>,
     pool: sqlx::Pool<DB>,
@@ -382,11 +397,53 @@ async fn dispatch<DB: Backend>(
 ) {
     let _listener = DB::listen(&pool, wake.clone(), options.poll_interval).map(AbortOnDrop);
     let mut woken = wake.tx.subscribe();
+    loop {
+        let mut leader = match DB::try_lead(&pool).await {
+            Ok(Some(leader)) => leader,
+            Ok(None) => {
+                // Another relay sends; look again every poll interval.
+                tokio::select! {
+                    _ = node.closed() => return,
+                    _ = tokio::time::sleep(options.poll_interval) => continue,
+                }
+            }
+            Err(e) => {
+                counters.db_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "outbox relay cannot take the lead; retrying");
+                tokio::select! {
+                    _ = node.closed() => return,
+                    _ = tokio::time::sleep(options.poll_interval) => continue,
+                }
+            }
+        };
+        counters.leading.store(true, Ordering::Relaxed);
+        let end = lead::<DB>(&node, &pool, &options, &mut woken, &counters, &mut leader).await;
+        counters.leading.store(false, Ordering::Relaxed);
+        if end {
+            return;
+        }
+        tracing::warn!("outbox relay lost the lead (its connection dropped); taking it again");
+    }
+}
+
+/// Relay while `leader` holds the lead. Returns `true` when the relay should end (its
+/// node or wake-up closed), `false` when the lead was lost.
+async fn lead<DB: Backend>(
+    node: &Arc<Node>,
+    pool: &sqlx::Pool<DB>,
+    options: &RelayOptions,
+    woken: &mut watch::Receiver<u64>,
+    counters: &Arc<Counters>,
+    leader: &mut DB::Leader,
+) -> bool {
     let mut workers: HashMap<(i64, i64), AbortOnDrop> = HashMap::new();
     // After a wake-up, look again soon (an enqueue wakes before its commit).
     let mut soon: Option<Duration> = None;
     loop {
-        match DB::streams(&pool).await {
+        if !DB::still_leading(leader).await {
+            return false; // dropping `workers` stops them
+        }
+        match DB::streams(pool).await {
             Ok(streams) => {
                 workers.retain(|_, w| !w.0.is_finished());
                 for stream in streams {
@@ -408,10 +465,10 @@ async fn dispatch<DB: Backend>(
         }
         let wait = soon.map_or(options.poll_interval, |s| s.min(options.poll_interval));
         tokio::select! {
-            _ = node.closed() => return,
+            _ = node.closed() => return true,
             changed = woken.changed() => {
                 if changed.is_err() {
-                    return;
+                    return true;
                 }
                 soon = Some(Duration::from_millis(5));
             }

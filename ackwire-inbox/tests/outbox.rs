@@ -251,3 +251,113 @@ fn postgres_notify_wakes_the_relay_for_rows_from_another_process() {
         "postgres_notify_wakes_the_relay_for_rows_from_another_process",
     );
 }
+
+/// PostgreSQL: two relays on one outbox (two replicas of the sending service) elect
+/// one; only it sends, and when it stops the other takes over.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_relays_elect_one_and_the_other_takes_over() {
+    use ackwire::NodeId;
+    let name = "postgres_two_relays_elect_one_and_the_other_takes_over";
+    let Some(db) = support::db::postgres(name).await else {
+        return;
+    };
+    const REPLICA: NodeId = NodeId(3);
+    let rx_node = Node::builder(RECEIVER)
+        .tcp("127.0.0.1:0".parse().unwrap(), support::net::fast_tcp())
+        .allow_peer(support::net::SENDER)
+        .allow_peer(REPLICA)
+        .build()
+        .await
+        .unwrap();
+    let mut rx = rx_node.receiver::<(u64, String)>(CH, false).unwrap();
+    let addr = rx_node.local_addr().unwrap();
+    let a = Arc::new(sender_node(addr).await);
+    let b = Arc::new(
+        Node::builder(REPLICA)
+            .tcp("127.0.0.1:0".parse().unwrap(), support::net::fast_tcp())
+            .peer(RECEIVER, addr)
+            .build()
+            .await
+            .unwrap(),
+    );
+    let mut opts = RelayOptions::default();
+    opts.poll_interval = Duration::from_millis(200);
+    let outbox = Outbox::<sqlx::Postgres>::new();
+    let relay_a = outbox.relay(a, db.pool.clone(), opts.clone()).unwrap();
+    let relay_b = outbox.relay(b, db.pool.clone(), opts).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            relay_a.stats().leading || relay_b.stats().leading
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        relay_a.stats().leading != relay_b.stats().leading,
+        "exactly one leads"
+    );
+    let (leader, follower) = if relay_a.stats().leading {
+        (relay_a, relay_b)
+    } else {
+        (relay_b, relay_a)
+    };
+    let enqueue = |range: std::ops::Range<u64>| {
+        let (pool, outbox) = (db.pool.clone(), outbox.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            for n in range {
+                outbox
+                    .enqueue(
+                        &mut tx,
+                        RECEIVER,
+                        CH,
+                        IdKey(u128::from(n)),
+                        &(n, format!("order-{n}")),
+                    )
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+    };
+    enqueue(0..50).await;
+    let mut got = collect(&mut rx, 50, Duration::from_secs(20)).await;
+    got.sort_unstable();
+    assert_eq!(got, (0..50).collect::<Vec<_>>(), "each row once");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            leader.stats().delivered == 50
+        })
+        .await
+    );
+    assert_eq!(follower.stats().sent, 0, "the follower sends nothing");
+    // The leader stops: its lock goes with its connection, the follower takes over.
+    leader.stop().await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            follower.stats().leading
+        })
+        .await,
+        "the follower takes the lead"
+    );
+    enqueue(50..70).await;
+    let mut got = collect(&mut rx, 20, Duration::from_secs(20)).await;
+    got.sort_unstable();
+    assert_eq!(got, (50..70).collect::<Vec<_>>());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            follower.stats().delivered == 20
+        })
+        .await
+    );
+    quiet(&mut rx, Duration::from_millis(300)).await;
+    drop(follower);
+    db.drop_schema().await;
+}
+
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn postgres_two_relays_elect_one_and_the_other_takes_over() {
+    support::db::postgres_not_built("postgres_two_relays_elect_one_and_the_other_takes_over");
+}
