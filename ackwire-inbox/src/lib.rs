@@ -124,6 +124,25 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Replicas of the sending service may each run a relay: on PostgreSQL one of them is
+//! elected (a session advisory lock per schema) and the others take over when it stops.
+//!
+//! ## Throughput
+//!
+//! `cargo bench -p ackwire-inbox --features postgres --bench inbox_throughput` sends
+//! 3000 messages effectively-once over TCP loopback and applies one effect row per
+//! message. One run (release, 2 cores shared with other builds, so only the ratios
+//! mean much), in messages per second:
+//!
+//! | database | memory dedup | durable dedup | inbox, 1 claim/tx | inbox, ≤64 claims/tx |
+//! |---|---|---|---|---|
+//! | SQLite (WAL, `synchronous = FULL`) | 2081 | 1287 | 1479 | 11077 |
+//! | PostgreSQL 15 (local, `synchronous_commit = on`) | 1111 | 1306 | 585 | 5888 |
+//!
+//! Each message costs one commit (one fsync) in the first three columns; batching the
+//! claims and effects of waiting deliveries into one transaction (ack them all after
+//! its commit) is where the inbox gets its throughput back.
+//!
 //! ## Schema
 //!
 //! [`migrate`] runs this (idempotent; run it at start-up, or apply it with your own
