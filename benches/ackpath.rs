@@ -14,7 +14,7 @@
 //!
 //! Before the criterion groups it prints the live heap bytes per in-flight message at
 //! 1 M in flight, measured with a counting global allocator, with and without the
-//! 64 B payload. Run with `cargo bench --bench ackpath`.
+//! 64 B payload. Run with `cargo bench -p ackwire-benches --bench ackpath`.
 
 use ackwire::dedup::{Dedup, DedupConfig};
 use ackwire::proto::{Endpoint, Outgoing};
@@ -91,6 +91,7 @@ fn outgoing(guarantee: Guarantee, payload: Bytes) -> Outgoing {
         peer: PEER,
         channel: CH,
         guarantee,
+        schema: 0,
         payload,
         id: None,
         deadline: None,

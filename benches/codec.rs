@@ -1,6 +1,6 @@
 //! Codec cost per frame: encode and decode of `Data` frames with 64 B and 1 KiB payloads.
 //!
-//! Run: `cargo bench --bench codec -- --warm-up-time 1 --measurement-time 3`
+//! Run: `cargo bench -p ackwire-benches --bench codec -- --warm-up-time 1 --measurement-time 3`
 
 use ackwire::wire::{Data, Frame, FrameDecoder, FrameEncoder};
 use ackwire::{ChannelId, Guarantee};
@@ -16,6 +16,7 @@ fn data(len: usize) -> Frame {
         id_floor: 123_000,
         id: None,
         guarantee: Guarantee::EffectivelyOnce,
+        schema: 0,
         payload: Bytes::from(vec![0xA5; len]),
     })
 }

@@ -13,7 +13,7 @@
 //! repeats of working-set IDs (duplicates), 90 % new random IDs. After 2^18 ops the
 //! structure is rebuilt (untimed), so the working set stays between 1 M and 1.24 M.
 //! With 2 threads, the ops are split between them. Run:
-//! `cargo bench --bench dedup -- --warm-up-time 1 --measurement-time 3`.
+//! `cargo bench -p ackwire-benches --bench dedup -- --warm-up-time 1 --measurement-time 3`.
 #![allow(missing_docs)]
 
 use std::cell::RefCell;

@@ -1,7 +1,7 @@
 //! Hint store throughput: append per fsync policy and replay, against a plain sequential
 //! file write of the same bytes (with and without fsync per write) as the baseline.
 //!
-//! Run: `cargo bench --bench handoff -- --warm-up-time 1 --measurement-time 3`.
+//! Run: `cargo bench -p ackwire-benches --bench handoff -- --warm-up-time 1 --measurement-time 3`.
 
 use ackwire::handoff::{FsyncPolicy, Hint, HintStore, HintStoreConfig};
 use ackwire::{ChannelId, Guarantee, MessageId, NodeId, Origin};

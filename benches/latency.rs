@@ -1,5 +1,5 @@
 //! Latency at a fixed moderate rate over TCP loopback, per guarantee (harness = false;
-//! prints a table, runs under `cargo bench --bench latency`).
+//! prints a table, runs under `cargo bench -p ackwire-benches --bench latency`).
 //!
 //! One sender node → one receiver node, 64 B payloads carrying their send instant, at
 //! [`RATE`] msg/s paced by a tokio sleep per 1 ms tick ([`PER_TICK`] messages per tick:
@@ -145,7 +145,7 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: skip then.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("latency: run with `cargo bench --bench latency`");
+        println!("latency: run with `cargo bench -p ackwire-benches --bench latency`");
         return;
     }
     let secs = std::env::var("ACKWIRE_LAT_SECS")

@@ -13,7 +13,7 @@
 //! one was processed: for at-least-once and effectively-once when every receipt resolved
 //! (the receiver's handler acked it and the ack came back); for at-most-once and raw TCP
 //! when the receiving handler counted all of them. Run with
-//! `cargo bench --bench throughput -- --warm-up-time 1 --measurement-time 5`.
+//! `cargo bench -p ackwire-benches --bench throughput -- --warm-up-time 1 --measurement-time 5`.
 
 use ackwire::transport::tcp::{TcpConfig, TcpStats, TcpTransport};
 use ackwire::transport::tls::TlsConfig;

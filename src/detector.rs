@@ -152,7 +152,8 @@ pub enum DetectorConfigError {
 /// target only means "hand off instead of retrying", which is cheap to undo. Feeding
 /// data frames through [`FailureDetector::observe`] resets the silence but does not
 /// enter the interval window, so busy traffic does not shrink the expected interval.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DetectorConfig {
     /// Down at `phi ≥ threshold`. Default 8.0.
     pub threshold: f64,
@@ -161,10 +162,13 @@ pub struct DetectorConfig {
     /// Intervals kept per peer. Default 1000.
     pub max_samples: usize,
     /// Floor of the interval standard deviation. Default 100 ms.
+    #[serde(with = "crate::config_serde::duration")]
     pub min_std_dev: Duration,
     /// Silence tolerated on top of the mean interval. Default 1 s.
+    #[serde(with = "crate::config_serde::duration")]
     pub acceptable_heartbeat_pause: Duration,
     /// Assumed heartbeat interval before any is measured. Default 1 s.
+    #[serde(with = "crate::config_serde::duration")]
     pub first_heartbeat_estimate: Duration,
 }
 

@@ -68,8 +68,18 @@
 //! * [`transport`] — the [`transport::Transport`] trait; [`transport::tcp`] (real) and
 //!   [`transport::mem`] (in-process, with seeded faults for tests and demos).
 //! * `id`, `error`, `rng` — identities, shared errors, a seeded PRNG.
+//!
+//! ## Features and ecosystem
+//!
+//! * `tls` (default): mutual TLS 1.3 on the TCP transport ([`transport::tls`]).
+//! * `tower`: senders as `tower::Service`s (`Sender::service`), whose response is the
+//!   message's [`Outcome`] and whose `poll_ready` waits for window space.
+//! * Always: [`Receiver`] is a `futures::Stream`, [`Sender::sink`] a `futures::Sink`;
+//!   every config type implements serde's `Serialize`/`Deserialize` (durations as
+//!   `"200ms"`, `"5s"`; missing keys keep their defaults; unknown keys are errors).
 #![warn(missing_docs)]
 
+mod config_serde;
 pub mod dedup;
 pub mod detector;
 mod error;
@@ -88,8 +98,12 @@ pub mod wire;
 pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{
-    ChannelOptions, Delivery, DeliveryHandle, HandoffConfig, IdentityConflict, Node, NodeBuilder,
-    NodeConfig, NodeError, Outcome, RawReceiver, RawSender, Receipt, Receiver, ReceiverOptions,
-    SendError, Sender, Stats, BIND_RETRY,
+    AckError, ChannelOptions, DeadLetter, DeadLetterReason, DeadLetters, Delivery, DeliveryHandle,
+    HandoffConfig, IdentityConflict, Node, NodeBuilder, NodeConfig, NodeError, Outcome,
+    RawReceiver, RawSendSink, RawSender, Receipt, Receiver, ReceiverOptions, SendError, SendSink,
+    Sender, Stats, BIND_RETRY,
 };
+#[cfg(feature = "tower")]
+pub use node::{RawSenderService, SendFuture, SenderService};
 pub use proto::ProtoConfig;
+pub use wire::RejectReason;

@@ -120,15 +120,20 @@ pub enum RetryConfigError {
 /// | `granularity` | 1 ms | tokio timers fire with millisecond resolution (RFC 6298 "G") |
 ///
 /// The RFC's `alpha = 1/8`, `beta = 1/4` and `K = 4` are fixed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RttConfig {
     /// RTO used until the first RTT sample arrives. Default 200 ms.
+    #[serde(with = "crate::config_serde::duration")]
     pub initial_rto: Duration,
     /// Lower clamp of the RTO. Default 200 ms.
+    #[serde(with = "crate::config_serde::duration")]
     pub min_rto: Duration,
     /// Upper clamp of the RTO. Default 2 s.
+    #[serde(with = "crate::config_serde::duration")]
     pub max_rto: Duration,
     /// Clock granularity `G`: the variance term is at least this. Default 1 ms.
+    #[serde(with = "crate::config_serde::duration")]
     pub granularity: Duration,
 }
 
@@ -278,13 +283,16 @@ impl RttEstimator {
 /// | `deadline` | `Some(30 s)` | time since the first send after which the message is given up (and typically handed off) |
 /// | `backoff_cap` | 2 s | no retry timer is ever longer than this |
 /// | `jitter` | `true` | randomise each timer to `[d/2, d]` ("equal jitter") so retries of many senders do not synchronise |
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Maximum number of transmissions (first send included). Default `None`.
     pub max_attempts: Option<u32>,
     /// Give up this long after the first send. Default `Some(30 s)`.
+    #[serde(default, with = "crate::config_serde::option_duration")]
     pub deadline: Option<Duration>,
     /// Upper bound of any retry timer. Default 2 s.
+    #[serde(with = "crate::config_serde::duration")]
     pub backoff_cap: Duration,
     /// Equal jitter on (`true`, default) or exact timers (`false`).
     pub jitter: bool,
@@ -477,9 +485,11 @@ impl Backoff {
 /// | `ttl` | 10 s | how long a deposit (or a withdrawal) counts |
 /// | `min_retries_per_sec` | 10 | retries always allowed even with no fresh traffic, so a quiet stream can still recover a lost message |
 /// | `retry_ratio` | 0.2 | retries allowed per fresh send: at most 20 % extra load on a struggling target |
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryBudgetConfig {
     /// Window during which deposits and withdrawals count. Default 10 s.
+    #[serde(with = "crate::config_serde::duration")]
     pub ttl: Duration,
     /// Floor of retries per second allowed regardless of deposits. Default 10.
     pub min_retries_per_sec: u32,

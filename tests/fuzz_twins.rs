@@ -364,6 +364,7 @@ fn write_seed_corpora() {
             id_floor: 1,
             id: None,
             guarantee: Guarantee::EffectivelyOnce,
+            schema: 0,
             payload: Bytes::from_static(b"hello"),
         }),
         Frame::Data(Data {
@@ -373,6 +374,7 @@ fn write_seed_corpora() {
             id_floor: 6,
             id: Some(MessageId::Key(IdKey(77))),
             guarantee: Guarantee::AtLeastOnce,
+            schema: 0,
             payload: Bytes::new(),
         }),
         Frame::Ack(Ack {

@@ -8,8 +8,8 @@ use ackwire::detector::Health;
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
 use ackwire::transport::tcp::TcpConfig;
 use ackwire::{
-    ChannelId, ChannelOptions, ConfigError, Guarantee, Node, NodeConfig, NodeError, NodeId,
-    Outcome, ProtoConfig, SendError,
+    ChannelId, ChannelOptions, ConfigError, DeadLetterReason, Guarantee, Node, NodeConfig,
+    NodeError, NodeId, Outcome, ProtoConfig, RejectReason, SendError,
 };
 use bytes::Bytes;
 use std::sync::{Arc, Mutex};
@@ -297,7 +297,7 @@ async fn max_payload_above_the_tcp_frame_limit_is_a_typed_error() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_string_received_as_u64_is_neither_delivered_nor_acked() {
+async fn a_string_received_as_u64_is_rejected_as_another_type() {
     let net = net();
     let (a, b) = pair(&net, NodeConfig::default()).await;
     let mut inbox = b.receiver::<u64>(CH, false).unwrap();
@@ -308,17 +308,48 @@ async fn a_string_received_as_u64_is_neither_delivered_nor_acked() {
     // bincode's "hello" is [5, b'h', ...]: it used to decode as Some(5).
     let wrong = a.sender::<String>(B, options).unwrap();
     let receipt = wrong.send(&"hello".to_string()).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), inbox.recv()).await;
+    assert_eq!(
+        within(receipt).await,
+        Err(SendError::Rejected {
+            reason: RejectReason::TypeMismatch
+        }),
+        "the sender must not see Acked, and learns why at once"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(1), inbox.recv()).await;
     assert!(
         got.is_err(),
         "a String must not be delivered as a u64: {got:?}"
     );
-    assert!(
-        matches!(receipt.await, Err(SendError::Deadline { .. })),
-        "the sender must not see Acked"
-    );
     let stats = b.stats().await.unwrap();
-    assert!(stats.decode_failed >= 1, "{stats:?}");
+    assert_eq!(stats.proto.type_mismatches, 1, "{stats:?}");
+    // The same bytes without the type check reach the decoder, which refuses them
+    // (trailing bytes): dead-lettered as undecodable.
+    let unchecked = a.sender::<String>(B, options).unwrap().without_type_check();
+    let receipt = unchecked.send(&"hello".to_string()).await.unwrap();
+    // The typed receiver decodes when polled: it yields nothing and refuses the payload.
+    let got = tokio::time::timeout(Duration::from_secs(1), inbox.recv()).await;
+    assert!(got.is_err(), "{got:?}");
+    assert_eq!(
+        within(receipt).await,
+        Err(SendError::Rejected {
+            reason: RejectReason::Undecodable
+        })
+    );
+    let letter = b.dead_letters().try_recv().expect("a dead letter");
+    assert_eq!(letter.reason, DeadLetterReason::Undecodable);
+    assert_eq!(
+        (letter.from.node, letter.channel, letter.deliveries),
+        (A, CH, 1)
+    );
+    assert_eq!(
+        bincode::serde::decode_from_slice::<String, _>(
+            &letter.message,
+            bincode::config::standard()
+        )
+        .unwrap()
+        .0,
+        "hello"
+    );
     // The channel still works for the right type.
     let right = a.sender::<u64>(B, opts(Guarantee::AtLeastOnce)).unwrap();
     let receipt = right.send(&9).await.unwrap();
@@ -330,12 +361,56 @@ async fn a_string_received_as_u64_is_neither_delivered_nor_acked() {
         "misuse",
         "a String payload received as u64 (used to yield Some(5) and ack)",
         "1",
-        "trailing bytes rejected: not delivered, counted, sender's receipt fails Deadline (never Acked)",
+        "type fingerprints differ: rejected before decoding, receipt fails Rejected(TypeMismatch) at once; without the type check the decoder refuses it (Undecodable, dead-lettered)",
     );
 }
 
+mod shop {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    pub(crate) struct Payment {
+        pub(crate) cents: u64,
+    }
+}
+
+mod ledger {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    pub(crate) struct Payment {
+        pub(crate) cents: u64,
+    }
+}
+
 #[tokio::test(start_paused = true)]
-async fn an_undecodable_payload_is_refused_not_acked() {
+async fn two_services_copies_of_one_type_pass_the_type_check() {
+    let net = net();
+    let (a, b) = pair(&net, NodeConfig::default()).await;
+    let mut inbox = b.receiver::<ledger::Payment>(CH, false).unwrap();
+    let out = a
+        .sender::<shop::Payment>(B, opts(Guarantee::EffectivelyOnce))
+        .unwrap();
+    let receipt = out.send(&shop::Payment { cents: 250 }).await.unwrap();
+    let d = within(inbox.recv()).await.unwrap();
+    assert_eq!(*d.message(), ledger::Payment { cents: 250 });
+    d.ack();
+    assert_eq!(within(receipt).await, Ok(Outcome::Acked));
+    // A receiver with the check off takes any typed sender's payload.
+    let mut any = b
+        .receiver_with::<u64>(
+            ChannelId(8),
+            ackwire::ReceiverOptions::unordered().type_check(false),
+        )
+        .unwrap();
+    let out = a
+        .sender::<u32>(B, ChannelOptions::new(ChannelId(8), Guarantee::AtLeastOnce))
+        .unwrap();
+    let receipt = out.send(&7).await.unwrap();
+    let d = within(any.recv()).await.unwrap();
+    assert_eq!(*d.message(), 7);
+    d.ack();
+    assert_eq!(within(receipt).await, Ok(Outcome::Acked));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_payload_is_rejected_not_acked() {
     let net = net();
     let (a, b) = pair(&net, NodeConfig::default()).await;
     let mut inbox = b.receiver::<u64>(CH, false).unwrap();
@@ -348,13 +423,21 @@ async fn an_undecodable_payload_is_refused_not_acked() {
     let receipt = raw.send(Bytes::from_static(&[0xFF, 1, 2])).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), inbox.recv()).await;
     assert!(got.is_err(), "{got:?}");
-    assert!(matches!(receipt.await, Err(SendError::Deadline { .. })));
+    assert_eq!(
+        receipt.await,
+        Err(SendError::Rejected {
+            reason: RejectReason::Undecodable
+        })
+    );
     assert!(b.stats().await.unwrap().decode_failed >= 1);
+    let letter = b.dead_letters().try_recv().expect("a dead letter");
+    assert_eq!(&letter.message[..], &[0xFF, 1, 2]);
+    assert_eq!(letter.reason, DeadLetterReason::Undecodable);
     report(
         "misuse",
         "an undecodable payload (used to be acked and dropped: sender saw Ok(Acked))",
         "1",
-        "refused, counted in decode_failed, warn logged; the sender's receipt fails Deadline",
+        "dead-lettered, counted in decode_failed, warn logged; the sender's receipt fails Rejected(Undecodable)",
     );
 }
 
@@ -404,23 +487,45 @@ async fn a_sender_to_an_unknown_peer_is_a_typed_error() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_channel_without_receiver_is_counted_and_the_sender_fails() {
+async fn a_channel_without_receiver_is_counted_and_the_sender_is_told() {
     let net = net();
     let (a, b) = pair(&net, NodeConfig::default()).await;
     let options = ChannelOptions {
         deadline: Some(Duration::from_secs(2)),
         ..opts(Guarantee::AtLeastOnce)
     };
+    // A deadline inside the grace period: the sender gives up first.
     let out = a.sender::<u64>(B, options).unwrap();
     let receipt = out.send(&1).await.unwrap();
     assert!(matches!(receipt.await, Err(SendError::Deadline { .. })));
     let stats = b.stats().await.unwrap();
     assert!(stats.no_receiver >= 1, "{stats:?}");
+    // Default deadline (30 s): rejected once the grace period (5 s) has passed.
+    let out = a
+        .sender::<u64>(
+            B,
+            ChannelOptions::new(ChannelId(6), Guarantee::EffectivelyOnce),
+        )
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let receipt = out.send(&2).await.unwrap();
+    assert_eq!(
+        within(receipt).await,
+        Err(SendError::Rejected {
+            reason: RejectReason::NoReceiver
+        })
+    );
+    let waited = started.elapsed();
+    let grace = ProtoConfig::default().no_receiver_grace;
+    assert!(
+        waited >= grace && waited < grace + Duration::from_secs(3),
+        "rejected after {waited:?}"
+    );
     report(
         "misuse",
         "a channel with no receiver (used to retry silently, nothing logged)",
         "1",
-        "counted in Stats::no_receiver and warned (rate-limited) on the receiver; sender fails Deadline",
+        "counted in Stats::no_receiver and warned (rate-limited) on the receiver; the sender's receipt fails Rejected(NoReceiver) once the 5 s grace period has passed",
     );
 }
 
@@ -645,6 +750,9 @@ enum Knob {
     DedupHorizon(Duration),
     MaxPayload(usize),
     StreamCredit(u64),
+    NodeCredit(u64),
+    NoReceiverGrace(Duration),
+    DeadLetterCapacity(usize),
     Threshold(f64),
     SuspectThreshold(f64),
     MaxSamples(usize),
@@ -695,6 +803,9 @@ impl Knob {
             Knob::DedupHorizon(v) => c.dedup.horizon = v,
             Knob::MaxPayload(v) => c.max_payload = v,
             Knob::StreamCredit(v) => c.proto.stream_credit = v,
+            Knob::NodeCredit(v) => c.proto.node_credit = v,
+            Knob::NoReceiverGrace(v) => c.proto.no_receiver_grace = v,
+            Knob::DeadLetterCapacity(v) => c.dead_letter_capacity = v,
             Knob::Threshold(v) => c.detector.threshold = v,
             Knob::SuspectThreshold(v) => c.detector.suspect_threshold = v,
             Knob::MaxSamples(v) => c.detector.max_samples = v,
@@ -816,6 +927,9 @@ fn knob() -> impl Strategy<Value = Knob> {
         d().prop_map(Knob::DedupHorizon).boxed(),
         any_usize().prop_map(Knob::MaxPayload).boxed(),
         any::<u64>().prop_map(Knob::StreamCredit).boxed(),
+        any::<u64>().prop_map(Knob::NodeCredit).boxed(),
+        d().prop_map(Knob::NoReceiverGrace).boxed(),
+        any_usize().prop_map(Knob::DeadLetterCapacity).boxed(),
         any_f64().prop_map(Knob::Threshold).boxed(),
         any_f64().prop_map(Knob::SuspectThreshold).boxed(),
         any_usize().prop_map(Knob::MaxSamples).boxed(),

@@ -217,10 +217,13 @@ async fn bad_payloads_are_counted_not_fatal() {
     assert_eq!(*d.message(), (7, 8));
     d.ack();
     assert_eq!(good.await, Ok(Outcome::Acked));
-    // Issue 13: a payload nobody processed is never reported Acked. It is refused
-    // (counted at every arrival) until the sender's deadline ends its retries.
-    assert!(
-        matches!(bad.await, Err(SendError::Deadline { .. })),
+    // Issue 13: a payload nobody processed is never reported Acked: it is
+    // dead-lettered on the receiver and the sender told why.
+    assert_eq!(
+        bad.await,
+        Err(SendError::Rejected {
+            reason: ackwire::RejectReason::Undecodable
+        }),
         "a poison message is not acked"
     );
     assert!(b.stats().await.unwrap().decode_failed >= 1);

@@ -60,6 +60,7 @@ fn data(i: u64) -> Frame {
         id_floor: 0,
         id: None,
         guarantee: Guarantee::AtLeastOnce,
+        schema: 0,
         payload: Bytes::from(vec![(i % 251) as u8; len]),
     })
 }

@@ -153,6 +153,7 @@ async fn forged_id_attack(b_accepts_strangers: bool) {
                 seq,
             }),
             guarantee: Guarantee::EffectivelyOnce,
+            schema: 0,
             payload: Bytes::from(bincode_u32(1_000_000 + seq as u32)),
         });
         encode(&forged, &mut out).unwrap();
@@ -247,6 +248,7 @@ async fn an_allowed_relay_reaches_dedup() {
                     seq,
                 }),
                 guarantee: Guarantee::EffectivelyOnce,
+                schema: 0,
                 payload: Bytes::from(bincode_u32(seq as u32)),
             }),
             &mut out,
@@ -417,6 +419,7 @@ async fn stalled_half_frame_is_closed_after_the_read_timeout() {
             id_floor: 1,
             id: None,
             guarantee: Guarantee::AtLeastOnce,
+            schema: 0,
             payload: Bytes::from(vec![7u8; 100]),
         }),
         &mut frame,

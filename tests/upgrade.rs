@@ -201,6 +201,86 @@ async fn two_current_nodes_speak_the_newest_version() {
     assert_eq!(a.protocol_version(NodeId(6)), Some(PROTOCOL_VERSION));
 }
 
+/// A protocol-2 sender (a node limited to 1..=2, what the flow-control release
+/// speaks) gets none of version 3's frames: a message the current receiver
+/// dead-letters is acked (the old sender cannot be told), a typed sender's type is not
+/// checked (version 2 data frames carry none), and a channel without receiver is never
+/// rejected (the message retries until its deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_sender_gets_the_old_behaviour_from_a_version_3_receiver() {
+    use ackwire::{ReceiverOptions, SendError};
+    const V2: VersionRange = VersionRange { min: 1, max: 2 };
+    let b = node(
+        6,
+        "127.0.0.1:0".parse().unwrap(),
+        VersionRange::default(),
+        None,
+        None,
+    )
+    .await;
+    let a = node(
+        5,
+        "127.0.0.1:0".parse().unwrap(),
+        V2,
+        Some((6, b.local_addr().unwrap())),
+        None,
+    )
+    .await;
+    let mut inbox = b
+        .receiver_with::<u64>(CH, ReceiverOptions::unordered().max_deliveries(Some(2)))
+        .unwrap();
+    let out = a
+        .sender::<u64>(NodeId(6), ChannelOptions::new(CH, Guarantee::AtLeastOnce))
+        .unwrap();
+    let poison = out.send(&13).await.unwrap();
+    for _ in 0..2 {
+        inbox.recv().await.unwrap().nack();
+    }
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(30), poison)
+            .await
+            .unwrap(),
+        Ok(Outcome::Acked),
+        "a v2 sender's dead-lettered message is acked"
+    );
+    assert_eq!(a.protocol_version(NodeId(6)), Some(2));
+    let letter = b
+        .dead_letters()
+        .try_recv()
+        .expect("dead-lettered on the receiver");
+    assert_eq!(letter.deliveries, 2);
+    // No type on a version-2 data frame: a u32 reaches the u64 receiver's decoder.
+    let other = a
+        .sender::<u32>(NodeId(6), ChannelOptions::new(CH, Guarantee::AtLeastOnce))
+        .unwrap();
+    let r = other.send(&7).await.unwrap();
+    let d = inbox.recv().await.unwrap();
+    assert_eq!(*d.message(), 7);
+    d.ack();
+    assert_eq!(r.await, Ok(Outcome::Acked));
+    // No receiver: no reject, the deadline ends it.
+    let nowhere = a
+        .sender::<u64>(
+            NodeId(6),
+            ChannelOptions {
+                deadline: Some(Duration::from_secs(7)),
+                ..ChannelOptions::new(ChannelId(9), Guarantee::AtLeastOnce)
+            },
+        )
+        .unwrap();
+    let r = nowhere.send(&1).await.unwrap();
+    assert!(matches!(r.await, Err(SendError::Deadline { .. })));
+    assert_eq!(b.stats().await.unwrap().proto.rejects_sent, 0);
+    a.shutdown().await;
+    b.shutdown().await;
+    support::reliability::report(
+        "upgrade",
+        "protocol-2 sender -> current receiver: dead letter, other type, no receiver",
+        "1",
+        "no v3 frame is sent: dead letter acked, type unchecked, no-receiver retried to the deadline",
+    );
+}
+
 /// A node that stopped speaking version 1 and a node that speaks only version 1 never
 /// connect: each side closes with a counted version rejection, and no `Up` is seen.
 #[tokio::test]

@@ -154,6 +154,7 @@ fn oversize_length_prefix_is_too_large_without_allocating() {
         id_floor: 0,
         id: None,
         guarantee: Guarantee::AtMostOnce,
+        schema: 0,
         payload: Bytes::from(vec![0u8; 2000]),
     });
     let mut buf = BytesMut::new();

@@ -180,7 +180,7 @@ pub enum DedupError {
 }
 
 /// When the durable log is fsynced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum FsyncPolicy {
     /// After every record: a returned `complete` survives a machine crash. Slowest.
     #[default]
@@ -191,7 +191,11 @@ pub enum FsyncPolicy {
 }
 
 /// Durable dedup options.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(
+    default = "crate::config_serde::durable_dedup_defaults",
+    deny_unknown_fields
+)]
 pub struct DurableDedup {
     /// Directory holding `dedup.log` (created if missing).
     pub dir: PathBuf,
@@ -222,7 +226,8 @@ pub const DEFAULT_TABLE_BUDGET_BYTES: usize = 256 << 20;
 
 /// Dedup configuration. Every default is in the field's doc and in the module doc's
 /// table of limits.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DedupConfig {
     /// Seqs tracked above each stream's watermark (rounded up to a power of two,
     /// ≥ 64); one byte per seq, so `window` bytes per live stream. Default 1024
@@ -240,10 +245,12 @@ pub struct DedupConfig {
     /// `[`BYTES_PER_SLOT`] for a fixed-size table.
     pub table_budget_bytes: usize,
     /// How long a completed application key is remembered. Default 2 minutes.
+    #[serde(with = "crate::config_serde::duration")]
     pub horizon: Duration,
     /// How long a stream's window is kept without activity before it is retired, and
     /// how long its tombstone is kept after that. Must exceed the senders' longest
     /// retry deadline plus hint TTL. Default 24 h ([`DEFAULT_RETENTION`]).
+    #[serde(with = "crate::config_serde::duration")]
     pub retention: Duration,
     /// Persist the state so duplicates are still caught after a restart.
     pub durable: Option<DurableDedup>,

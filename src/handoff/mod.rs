@@ -92,7 +92,7 @@ pub struct HintPos {
 ///
 /// Every policy survives a process crash (`kill -9`): records are written to the OS
 /// before `append` returns. The policies differ on power loss / kernel crash.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FsyncPolicy {
     /// fsync before every `append` returns. Nothing acknowledged is lost even on power
     /// loss; throughput is bounded by the device's fsync latency (≈ 0.1–10 ms per append).
@@ -101,14 +101,15 @@ pub enum FsyncPolicy {
     /// [`HintStore::sync_if_due`] must be called at [`HintStore::next_sync_deadline`] so an
     /// idle log is synced too. Power loss loses at most the last interval of appends;
     /// throughput is close to `Never`. Cassandra flushes hints every 10 s (without fsync).
-    Every(Duration),
+    Every(#[serde(with = "crate::config_serde::duration")] Duration),
     /// Never fsync (except on explicit [`HintStore::sync`]); the OS writes back when it
     /// likes (≈ 30 s on Linux). Fastest; power loss can lose the last tens of seconds.
     Never,
 }
 
 /// Configuration of a [`HintStore`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HintStoreConfig {
     /// Base directory; hints live under `<dir>/hints/`. Default: `"."`.
     pub dir: PathBuf,
@@ -121,9 +122,11 @@ pub struct HintStoreConfig {
     /// TTL given to hints appended with `ttl_ms == 0`. Default: 6 h — twice the default
     /// window, so a hint stored at the end of a 3 h outage still has 3 h to be replayed.
     /// Must be at least `max_hint_window`.
+    #[serde(with = "crate::config_serde::duration")]
     pub default_ttl: Duration,
     /// Targets down longer than this get no new hints ([`HintError::TargetDownTooLong`]).
     /// Default: 3 h (Cassandra's `max_hint_window`).
+    #[serde(with = "crate::config_serde::duration")]
     pub max_hint_window: Duration,
     /// Disk bytes (segment files incl. headers and delivered-but-not-yet-deleted records)
     /// one target may use. Default: 1 GiB.

@@ -7,8 +7,18 @@
 //! feed the endpoint; then poll the endpoint → write frames, hand deliveries to
 //! receivers, resolve receipts, and reset the single `Sleep` to the earliest deadline.
 
+mod dead_letter;
+#[cfg(feature = "tower")]
+mod service;
+mod sink;
 mod spool;
+mod typecheck;
 
+use dead_letter::DeadLetterQueue;
+pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
+#[cfg(feature = "tower")]
+pub use service::{RawSenderService, SendFuture, SenderService};
+pub use sink::{RawSendSink, SendSink};
 pub use spool::HandoffConfig;
 
 use crate::dedup::{Dedup, DedupConfig};
@@ -157,6 +167,18 @@ pub enum SendError {
     /// may have been delivered. Build a new node.
     #[error(transparent)]
     NodeFailed(NodeFailure),
+    /// The receiver refused the message for good and said why (a receiver speaking
+    /// protocol version 3): no receiver on its channel after its grace period, not
+    /// authorized, a payload its typed receiver cannot decode, dead-lettered after its
+    /// channel's delivery limit, or a stream the receiver has retired. The message was
+    /// not processed by a handler (a dead-lettered or undecodable one is in the
+    /// receiver's [`Node::dead_letters`]); sending it again unchanged gets the same
+    /// answer.
+    #[error("rejected by the receiver: {reason}")]
+    Rejected {
+        /// The receiver's reason.
+        reason: crate::wire::RejectReason,
+    },
 }
 
 /// How a message settled.
@@ -175,7 +197,12 @@ pub enum Outcome {
 }
 
 /// Node-wide settings. Every default is written on its field.
-#[derive(Clone, Debug)]
+///
+/// Every config type implements serde's `Serialize` and `Deserialize`: a TOML or JSON
+/// file names only what it changes, a misspelt key is an error, and durations are
+/// strings such as `"200ms"`, `"5s"` or `"24h"` (see `examples/toml_config.rs`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NodeConfig {
     /// Protocol tuning (window, acks, retries). Default [`ProtoConfig::default`].
@@ -184,12 +211,14 @@ pub struct NodeConfig {
     /// [`DedupConfig::default`] (in memory) with `window` raised to 8192 seqs, twice
     /// the default `proto.max_in_flight`: a sequence window narrower than the senders'
     /// in-flight window refuses messages beyond it until the holes below fill.
+    #[serde(deserialize_with = "crate::config_serde::node_dedup")]
     pub dedup: DedupConfig,
     /// Largest payload `send` accepts. Default 4 MiB.
     pub max_payload: usize,
     /// Failure detector (phi accrual, threshold 8). Default [`DetectorConfig::default`].
     pub detector: DetectorConfig,
     /// How often each known peer is pinged for the failure detector. Default 1 s.
+    #[serde(with = "crate::config_serde::duration")]
     pub heartbeat_interval: Duration,
     /// Hinted handoff; `None` (default) disables it: a message whose retries run out
     /// fails its receipt.
@@ -197,6 +226,7 @@ pub struct NodeConfig {
     /// How long [`Node::shutdown`] waits for unacknowledged messages before spooling
     /// them to the hint store (or, without handoff, failing them). Default 5 s. Any
     /// value is accepted; `Duration::MAX` waits until every message has settled.
+    #[serde(with = "crate::config_serde::duration")]
     pub shutdown_drain: Duration,
     /// Allow [`Node::sender`] to a peer this node does not know. Default `false`: a
     /// sender is only made for a peer given to [`NodeBuilder::peer`] or
@@ -215,6 +245,10 @@ pub struct NodeConfig {
     /// Default [`Authorization::default`](crate::proto::Authorization::default): any
     /// admitted peer on any channel, nobody relays for another node.
     pub authorization: crate::proto::Authorization,
+    /// Dead letters kept for [`Node::dead_letters`] before the oldest is dropped
+    /// (counted in [`Stats::dead_letters_dropped`], logged at warn). Default `10 000`;
+    /// at most `2^24`.
+    pub dead_letter_capacity: usize,
 }
 
 impl Default for NodeConfig {
@@ -233,6 +267,7 @@ impl Default for NodeConfig {
             allow_dynamic_peers: false,
             fail_fast_when_down: true,
             authorization: crate::proto::Authorization::default(),
+            dead_letter_capacity: 10_000,
         }
     }
 }
@@ -308,6 +343,12 @@ impl NodeConfig {
         if let Some(h) = &self.handoff {
             h.validate()?;
         }
+        count(
+            "dead_letter_capacity",
+            u(self.dead_letter_capacity),
+            0,
+            1 << 24,
+        )?;
         Ok(())
     }
 
@@ -323,13 +364,15 @@ impl NodeConfig {
 const DATA_FRAME_OVERHEAD: usize = 128;
 
 /// Options of one sending channel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChannelOptions {
     /// The channel.
     pub channel: ChannelId,
     /// Its guarantee.
     pub guarantee: Guarantee,
     /// Per-message deadline overriding the retry policy's. Default `None` (policy's).
+    #[serde(default, with = "crate::config_serde::option_duration")]
     pub deadline: Option<Duration>,
 }
 
@@ -357,8 +400,10 @@ pub struct IdentityConflict {
 
 /// Options of a channel's receiver.
 ///
-/// Default: unordered (each message is handed out as soon as it arrives).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Default: unordered (each message is handed out as soon as it arrives), at most
+/// [`ReceiverOptions::DEFAULT_MAX_DELIVERIES`] deliveries per message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ReceiverOptions {
     /// Deliver each stream's messages in send order. The contract, per stream (a
@@ -374,20 +419,75 @@ pub struct ReceiverOptions {
     ///    refusal, a duplicate of a message still being processed) rewind the stream,
     ///    so they keep rule 1.
     ///
+    /// 4. a message refused for good (dead-lettered, undecodable) is settled: the
+    ///    stream moves past it and it is never delivered again.
+    ///
     /// Checked by the `ordered_contract_holds_through_every_refusal_path` simulation
-    /// property and `tests/flow_control.rs`.
+    /// property, `tests/flow_control.rs` and (rule 4)
+    /// `tests/rejections.rs::an_ordered_stream_moves_past_a_dead_letter_in_order`.
     pub ordered: bool,
+    /// How many times one at-least-once or effectively-once message is handed to the
+    /// application (its first delivery plus redeliveries after a nack or a dropped
+    /// [`Delivery`]) before it goes to the dead letters ([`Node::dead_letters`])
+    /// instead, and its sender's receipt fails with
+    /// [`SendError::Rejected`]`{ reason: DeadLettered }` — as NATS's `MaxDeliver` and
+    /// RabbitMQ's delivery limit do. `None`: redeliver until the sender's deadline.
+    /// Default `Some(`[`DEFAULT_MAX_DELIVERIES`](Self::DEFAULT_MAX_DELIVERIES)`)`;
+    /// `Some(0)` is refused.
+    pub max_deliveries: Option<u32>,
+    /// Typed receivers: reject a message whose sender's payload type differs from `T`
+    /// ([`RejectReason::TypeMismatch`](crate::RejectReason::TypeMismatch)) instead of
+    /// decoding it (the type check compares type names without module paths; see
+    /// [`Sender::without_type_check`] for what it does and does not catch). Turn it off
+    /// for a channel whose payload type is renamed or evolved compatibly. Raw
+    /// receivers never check. Messages from raw senders, hint replays and senders
+    /// speaking protocol 2 or older carry no type and are not checked. Default `true`.
+    pub type_check: bool,
+}
+
+impl Default for ReceiverOptions {
+    fn default() -> Self {
+        ReceiverOptions {
+            ordered: false,
+            max_deliveries: Some(Self::DEFAULT_MAX_DELIVERIES),
+            type_check: true,
+        }
+    }
 }
 
 impl ReceiverOptions {
+    /// Default delivery limit: 20 (RabbitMQ's default for quorum queues).
+    pub const DEFAULT_MAX_DELIVERIES: u32 = 20;
+
     /// Deliver each stream's messages in send order (see [`ReceiverOptions::ordered`]).
     pub fn ordered() -> Self {
-        ReceiverOptions { ordered: true }
+        ReceiverOptions {
+            ordered: true,
+            ..Self::default()
+        }
     }
 
     /// Hand messages out as they arrive (the default).
     pub fn unordered() -> Self {
-        ReceiverOptions { ordered: false }
+        ReceiverOptions::default()
+    }
+
+    /// The same options with the payload type check on or off (see
+    /// [`ReceiverOptions::type_check`]).
+    pub fn type_check(self, on: bool) -> Self {
+        ReceiverOptions {
+            type_check: on,
+            ..self
+        }
+    }
+
+    /// The same options with another delivery limit (see
+    /// [`ReceiverOptions::max_deliveries`]).
+    pub fn max_deliveries(self, limit: Option<u32>) -> Self {
+        ReceiverOptions {
+            max_deliveries: limit,
+            ..self
+        }
     }
 }
 
@@ -402,12 +502,16 @@ pub struct Stats {
     /// refusals, memory, durable-log recovery.
     pub dedup: crate::dedup::DedupStats,
     /// Arrivals whose payload did not decode as the receiver's type (or left trailing
-    /// bytes). They are not delivered and not acknowledged: an at-least-once sender
-    /// retransmits until its deadline and its receipt fails, never `Ok(Acked)`.
+    /// bytes). They are not delivered and never acknowledged: they go to
+    /// [`Node::dead_letters`] and the sender's receipt fails with
+    /// [`SendError::Rejected`]`{ reason: Undecodable }` (a sender speaking protocol 2
+    /// or older retries until its deadline), never `Ok(Acked)`.
     pub decode_failed: u64,
-    /// Arrivals on a channel with no [`Receiver`] on this node. They are refused (not
-    /// acknowledged): the sender retransmits until its deadline, so a receiver that
-    /// starts late still gets them. Logged at warn at most once a second.
+    /// Arrivals on a channel with no [`Receiver`] on this node. They are not
+    /// acknowledged, so a receiver that starts late still gets them; after
+    /// [`ProtoConfig::no_receiver_grace`] they are rejected
+    /// ([`SendError::Rejected`]`{ reason: NoReceiver }` at the sender). Logged at warn
+    /// at most once a second.
     pub no_receiver: u64,
     /// Hint store counters, when handoff is enabled.
     pub hints: Option<crate::handoff::HintStats>,
@@ -416,6 +520,9 @@ pub struct Stats {
     /// Messages whose receipt failed because the hint store refused them (the store's
     /// own counters count every refused append, including retries).
     pub handoff_refused: u64,
+    /// Dead letters dropped because [`Node::dead_letters`] was not drained and the
+    /// queue was at [`NodeConfig::dead_letter_capacity`].
+    pub dead_letters_dropped: u64,
 }
 
 /// Builds a [`Node`].
@@ -580,6 +687,7 @@ impl NodeBuilder {
             decode_warned: Mutex::new(None),
             no_receiver: AtomicU64::new(0),
             no_receiver_warned: Mutex::new(None),
+            dead_letters: Arc::new(DeadLetterQueue::new(self.config.dead_letter_capacity)),
             known: Mutex::new(watched.iter().copied().collect()),
             any_peer: self.config.allow_dynamic_peers || dials_by_id,
             fail_fast_down: self.config.fail_fast_when_down && !handoff_on_down,
@@ -605,6 +713,7 @@ impl NodeBuilder {
             handoff_refused: 0,
             shutdown_drain: self.config.shutdown_drain,
             draining_until: None,
+            durable_acks: Vec::new(),
             clock: start,
         };
         let task = tokio::spawn(supervise(driver, shared.clone(), origin));
@@ -825,8 +934,10 @@ impl Node {
         peer: NodeId,
         options: ChannelOptions,
     ) -> Result<Sender<T>, NodeError> {
+        let mut raw = self.raw_sender(peer, options)?;
+        raw.schema = typecheck::fingerprint::<T>();
         Ok(Sender {
-            raw: self.raw_sender(peer, options)?,
+            raw,
             _t: PhantomData,
         })
     }
@@ -853,6 +964,7 @@ impl Node {
             commands: self.commands.clone(),
             max_payload: self.shared.max_payload,
             shared: self.shared.clone(),
+            schema: 0,
         })
     }
 
@@ -863,16 +975,24 @@ impl Node {
         channel: ChannelId,
         options: ReceiverOptions,
     ) -> Result<Receiver<T>, NodeError> {
-        self.receiver(channel, options.ordered)
+        let schema = if options.type_check {
+            typecheck::fingerprint::<T>()
+        } else {
+            0
+        };
+        Ok(Receiver {
+            raw: self.register(channel, options, schema)?,
+            _t: PhantomData,
+        })
     }
 
-    /// The receiver of raw payloads of a channel, with [`ReceiverOptions`].
-    pub fn raw_receiver_with(
-        &self,
-        channel: ChannelId,
-        options: ReceiverOptions,
-    ) -> Result<RawReceiver, NodeError> {
-        self.raw_receiver(channel, options.ordered)
+    /// The node's dead letters: received messages that reached their channel's
+    /// delivery limit ([`ReceiverOptions::max_deliveries`]) or did not decode as their
+    /// typed receiver's type. See [`DeadLetters`].
+    pub fn dead_letters(&self) -> DeadLetters {
+        DeadLetters {
+            queue: self.shared.dead_letters.clone(),
+        }
     }
 
     /// `Err` once the node has failed or shut down.
@@ -910,19 +1030,52 @@ impl Node {
         channel: ChannelId,
         ordered: bool,
     ) -> Result<Receiver<T>, NodeError> {
-        Ok(Receiver {
-            raw: self.raw_receiver(channel, ordered)?,
-            _t: PhantomData,
-        })
+        self.receiver_with(
+            channel,
+            ReceiverOptions {
+                ordered,
+                ..ReceiverOptions::default()
+            },
+        )
     }
 
-    /// The receiver of raw payloads of a channel.
+    /// The receiver of raw payloads of a channel (default [`ReceiverOptions`] but
+    /// `ordered`).
     pub fn raw_receiver(
         &self,
         channel: ChannelId,
         ordered: bool,
     ) -> Result<RawReceiver, NodeError> {
+        self.raw_receiver_with(
+            channel,
+            ReceiverOptions {
+                ordered,
+                ..ReceiverOptions::default()
+            },
+        )
+    }
+
+    /// The receiver of raw payloads of a channel, with [`ReceiverOptions`].
+    pub fn raw_receiver_with(
+        &self,
+        channel: ChannelId,
+        options: ReceiverOptions,
+    ) -> Result<RawReceiver, NodeError> {
+        self.register(channel, options, 0)
+    }
+
+    /// Register the receiver of `channel`; `schema` is the payload type fingerprint a
+    /// typed receiver checks (0: none).
+    fn register(
+        &self,
+        channel: ChannelId,
+        options: ReceiverOptions,
+        schema: u32,
+    ) -> Result<RawReceiver, NodeError> {
         self.check_running()?;
+        if let Some(limit) = options.max_deliveries {
+            crate::error::check::count("max_deliveries", u64::from(limit), 1, u64::from(u32::MAX))?;
+        }
         // Unbounded: what may be queued is bounded by the credit granted to each
         // inbound stream (`ProtoConfig::stream_credit`), never by refusing arrivals.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -945,7 +1098,8 @@ impl Node {
         self.commands
             .send(Command::Register {
                 channel,
-                ordered,
+                options,
+                schema,
                 tx,
             })
             .map_err(|_| self.shared.closed_error())?;
@@ -1045,6 +1199,24 @@ impl<T> Clone for Sender<T> {
     }
 }
 
+impl<T> Sender<T> {
+    /// The same sender without the payload type check: its messages carry no type
+    /// fingerprint, so typed receivers decode them whatever `T` is.
+    ///
+    /// By default a typed sender sends the fingerprint of `T`'s name without module
+    /// paths (`Payment`, `Vec<Order>`, `(String, u64)`) with every message (protocol
+    /// version 3), and a typed receiver whose type has another name rejects the message
+    /// with [`RejectReason::TypeMismatch`](crate::RejectReason::TypeMismatch) instead of
+    /// decoding it: a `String` sent to a `u64` receiver is caught, while two services
+    /// that each define their own `Payment` agree. Use this (or
+    /// [`ReceiverOptions::type_check`]) when the two ends name compatible types
+    /// differently.
+    pub fn without_type_check(mut self) -> Self {
+        self.raw.schema = 0;
+        self
+    }
+}
+
 impl<T: Serialize> Sender<T> {
     /// Send `value`. Waits while the stream's window is full; returns a [`Receipt`] that
     /// resolves when the message settles.
@@ -1080,6 +1252,8 @@ fn encode<T: Serialize>(value: &T) -> Result<Bytes, SendError> {
 pub struct RawSender {
     peer: NodeId,
     options: ChannelOptions,
+    /// Payload type fingerprint sent with each message (0: unchecked).
+    schema: u32,
     window: Arc<Semaphore>,
     window_size: usize,
     commands: mpsc::UnboundedSender<Command>,
@@ -1138,6 +1312,7 @@ impl RawSender {
             options: self.options,
             payload,
             key,
+            schema: self.schema,
             reply: tx,
         };
         if self.commands.send(cmd).is_err() {
@@ -1195,8 +1370,9 @@ impl<T: DeserializeOwned> Receiver<T> {
     /// A payload that does not decode as `T`, or decodes with bytes left over (a value
     /// of another type), is never handed out and never acknowledged: it is counted in
     /// [`Stats::decode_failed`], logged at warn (at most once a second per node, with
-    /// the running count), and refused, so an at-least-once sender's receipt fails at
-    /// its deadline instead of reporting `Ok(Acked)` for a message nobody processed.
+    /// the running count), put in [`Node::dead_letters`], and the sender's receipt
+    /// fails with [`SendError::Rejected`]`{ reason: Undecodable }` instead of reporting
+    /// `Ok(Acked)` for a message nobody processed.
     pub async fn recv(&mut self) -> Option<Delivery<T>> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
@@ -1213,7 +1389,12 @@ impl<T: DeserializeOwned> Receiver<T> {
                 Err(error) => {
                     self.raw.shared.decode_failed(d.id, d.channel, &error);
                     let mut handle = d.handle;
-                    handle.finish(Completion::Refuse);
+                    if let Some((delivery, commands)) = handle.completion.take() {
+                        let _ = commands.send(Command::Undecodable {
+                            delivery,
+                            payload: d.message,
+                        });
+                    }
                 }
             }
         }
@@ -1324,6 +1505,25 @@ impl<T> Delivery<T> {
         self.handle.nack();
     }
 
+    /// Processed: acknowledge, and resolve once the acknowledgement is durable — the
+    /// dedup record is fsynced (effectively-once with [`crate::dedup::DurableDedup`]:
+    /// a receiver killed after this returns never processes the message again) and
+    /// the ack frame is handed to the transport. [`Delivery::ack`] is the same without
+    /// the wait: a receiver killed between `ack()` and the group commit (one batch of
+    /// completions, typically well under a millisecond) may process it again after its
+    /// restart.
+    ///
+    /// Without durable dedup, or for at-least-once, it resolves once the ack is handed
+    /// to the transport. The ack itself can still be lost on the wire; the sender then
+    /// retransmits and the persisted record answers it as a duplicate.
+    ///
+    /// # Errors
+    /// [`AckError::NotPersisted`] when the dedup log could not write the record (the
+    /// ack was still sent); [`AckError::NodeStopped`] when the node stopped first.
+    pub async fn ack_durable(self) -> Result<(), AckError> {
+        self.handle.ack_durable().await
+    }
+
     fn map<U>(self, value: U) -> Delivery<U> {
         Delivery {
             message: value,
@@ -1354,11 +1554,49 @@ impl DeliveryHandle {
         self.finish(Completion::Nack);
     }
 
+    /// Processed: acknowledge, and resolve once the acknowledgement is durable (see
+    /// [`Delivery::ack_durable`]).
+    pub async fn ack_durable(mut self) -> Result<(), AckError> {
+        let Some((delivery, commands)) = self.completion.take() else {
+            return Ok(());
+        };
+        let (tx, rx) = oneshot::channel();
+        commands
+            .send(Command::Complete {
+                delivery,
+                how: Completion::Ack,
+                done: Some(tx),
+            })
+            .map_err(|_| AckError::NodeStopped)?;
+        rx.await.unwrap_or(Err(AckError::NodeStopped))
+    }
+
     fn finish(&mut self, how: Completion) {
         if let Some((delivery, commands)) = self.completion.take() {
-            let _ = commands.send(Command::Complete { delivery, how });
+            let _ = commands.send(Command::Complete {
+                delivery,
+                how,
+                done: None,
+            });
         }
     }
+}
+
+/// Where an `ack_durable` caller waits for its answer.
+type AckReply = oneshot::Sender<Result<(), AckError>>;
+
+/// Why [`Delivery::ack_durable`] could not confirm a durable acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AckError {
+    /// The durable dedup log could not write or fsync the completion (disk full, IO
+    /// error; counted in `ProtoStats::dedup_persist_errors` and logged). The ack was
+    /// still sent: after a restart a resend of the message may be processed again.
+    #[error("the dedup record of the acknowledged message was not persisted")]
+    NotPersisted,
+    /// The node stopped before the acknowledgement was durable; it may or may not be.
+    #[error("the node stopped before the acknowledgement was durable")]
+    NodeStopped,
 }
 
 impl Drop for DeliveryHandle {
@@ -1384,6 +1622,7 @@ struct Shared {
     no_receiver: AtomicU64,
     /// When the last arrival without a receiver was logged at warn (rate limit).
     no_receiver_warned: Mutex<Option<std::time::Instant>>,
+    dead_letters: Arc<DeadLetterQueue>,
     /// Peers given to the builder or `add_peer` (peers heard from are in `health`).
     known: Mutex<std::collections::HashSet<NodeId>>,
     /// Any id is a peer: `allow_dynamic_peers`, or a transport that dials by id.
@@ -1441,7 +1680,7 @@ impl Shared {
     fn decode_failed(&self, id: MessageId, channel: ChannelId, error: &str) {
         let total = self.decode_failed.fetch_add(1, Ordering::Relaxed) + 1;
         if warn_due(&self.decode_warned) {
-            tracing::warn!(%id, channel = channel.0, %error, total, "payload does not decode as the receiver's type; refused (not acked)");
+            tracing::warn!(%id, channel = channel.0, %error, total, "payload does not decode as the receiver's type; dead-lettered and rejected (not acked)");
         } else {
             tracing::debug!(%id, channel = channel.0, %error, "payload does not decode; refused");
         }
@@ -1451,7 +1690,7 @@ impl Shared {
     fn no_receiver(&self, from: NodeId, channel: ChannelId) {
         let total = self.no_receiver.fetch_add(1, Ordering::Relaxed) + 1;
         if warn_due(&self.no_receiver_warned) {
-            tracing::warn!(channel = channel.0, %from, total, "message on a channel with no receiver on this node; not acked (the sender retries until its deadline)");
+            tracing::warn!(channel = channel.0, %from, total, "message on a channel with no receiver on this node; not acked (rejected after the no-receiver grace period)");
         } else {
             tracing::debug!(channel = channel.0, %from, "no receiver; not acked");
         }
@@ -1493,16 +1732,26 @@ enum Command {
         options: ChannelOptions,
         payload: Bytes,
         key: Option<IdKey>,
+        schema: u32,
         reply: oneshot::Sender<Result<Outcome, SendError>>,
     },
     Complete {
         delivery: DeliveryRef,
         how: Completion,
+        /// `ack_durable`: resolved once the completion is persisted and its ack sent.
+        done: Option<oneshot::Sender<Result<(), AckError>>>,
     },
     Register {
         channel: ChannelId,
-        ordered: bool,
+        options: ReceiverOptions,
+        schema: u32,
         tx: mpsc::UnboundedSender<Delivery<Bytes>>,
+    },
+    /// A delivery the typed receiver could not decode: to the dead letters, and
+    /// rejected to its sender.
+    Undecodable {
+        delivery: DeliveryRef,
+        payload: Bytes,
     },
     AddPeer {
         peer: NodeId,
@@ -1539,6 +1788,9 @@ struct Driver {
     handoff_refused: u64,
     shutdown_drain: Duration,
     draining_until: Option<std::time::Instant>,
+    /// `ack_durable` waiters: the delivery, the persist-error count before it was
+    /// completed, and where to answer.
+    durable_acks: Vec<(DeliveryRef, u64, AckReply)>,
     /// The driver's notion of now: read once per wake-up.
     clock: std::time::Instant,
 }
@@ -1592,9 +1844,14 @@ impl Driver {
             if !self.flush(now).await {
                 break;
             }
+            self.resolve_durable_acks();
             if let Some(until) = self.draining_until {
                 if self.receipts.is_empty() || now >= until {
                     self.spool_all(now);
+                    // A clean end of this run: receivers may retire its streams.
+                    if self.endpoint.finish_streams() > 0 {
+                        let _ = self.flush(now).await;
+                    }
                     break;
                 }
             }
@@ -1635,6 +1892,7 @@ impl Driver {
                 options,
                 payload,
                 key,
+                schema,
                 reply,
             } => {
                 let msg = Outgoing {
@@ -1644,6 +1902,7 @@ impl Driver {
                     payload,
                     id: key.map(MessageId::Key),
                     deadline: options.deadline,
+                    schema,
                 };
                 match self.endpoint.send(now, msg) {
                     Ok(r) => {
@@ -1661,14 +1920,41 @@ impl Driver {
                     }
                 }
             }
-            Command::Complete { delivery, how } => self.endpoint.complete(now, delivery, how),
+            Command::Complete {
+                delivery,
+                how,
+                done,
+            } => {
+                let errors = done
+                    .is_some()
+                    .then(|| self.endpoint.stats().dedup_persist_errors);
+                self.endpoint.complete(now, delivery, how);
+                if let (Some(done), Some(errors)) = (done, errors) {
+                    self.durable_acks.push((delivery, errors, done));
+                }
+            }
             Command::Register {
                 channel,
-                ordered,
+                options,
+                schema,
                 tx,
             } => {
                 self.receivers.insert(channel, tx);
-                self.endpoint.accept_channel(channel, ordered);
+                self.endpoint.accept_channel_with(
+                    channel,
+                    crate::proto::Accept::new(options.ordered, options.max_deliveries)
+                        .schema(schema),
+                );
+            }
+            Command::Undecodable { delivery, payload } => {
+                if delivery.guarantee != Guarantee::AtMostOnce {
+                    self.dead_letter(delivery, payload, DeadLetterReason::Undecodable);
+                }
+                self.endpoint.complete(
+                    now,
+                    delivery,
+                    Completion::Reject(crate::wire::RejectReason::Undecodable),
+                );
             }
             Command::AddPeer { peer, addr } => {
                 if self.detector.state(peer).is_none() {
@@ -1688,6 +1974,7 @@ impl Driver {
                     hints: self.spool.as_ref().map(Spool::stats),
                     handed_off: self.handed_off,
                     handoff_refused: self.handoff_refused,
+                    dead_letters_dropped: self.shared.dead_letters.dropped(),
                 });
             }
             Command::Decommission { peer, reply } => {
@@ -1756,6 +2043,7 @@ impl Driver {
             match ev {
                 Event::Deliver { delivery, payload } => {
                     let Some(tx) = self.receivers.get(&delivery.channel) else {
+                        self.endpoint.unaccept_channel(delivery.channel);
                         self.endpoint.complete(now, delivery, Completion::Refuse);
                         continue;
                     };
@@ -1771,8 +2059,11 @@ impl Driver {
                     };
                     if let Err(mpsc::error::SendError(mut d)) = tx.send(d) {
                         // The receiver is gone: refuse (the stream rewinds; the sender
-                        // retries until a receiver appears).
+                        // retries until a receiver appears, or is told there is none
+                        // after the grace period).
                         d.handle.completion.take();
+                        self.receivers.remove(&delivery.channel);
+                        self.endpoint.unaccept_channel(delivery.channel);
                         self.endpoint.complete(now, delivery, Completion::Refuse);
                     }
                 }
@@ -1822,6 +2113,29 @@ impl Driver {
                     }
                     let _ = reply.send(res);
                 }
+                Event::Rejected { send, reason } => {
+                    if let Some(spool) = &mut self.spool {
+                        if spool.on_rejected(send, reason, &mut self.endpoint) {
+                            continue;
+                        }
+                    }
+                    if let Some((_, reply)) = self.receipts.remove(&send) {
+                        tracing::debug!(peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "message rejected by its receiver");
+                        let _ = reply.send(Err(SendError::Rejected { reason }));
+                    }
+                }
+                Event::DeadLetter {
+                    delivery,
+                    payload,
+                    deliveries,
+                } => {
+                    self.dead_letters_at(
+                        delivery,
+                        payload,
+                        deliveries,
+                        DeadLetterReason::MaxDeliveries,
+                    );
+                }
                 Event::WindowOpened { peer, channel, n } => {
                     self.shared
                         .window_for(peer, channel)
@@ -1831,6 +2145,49 @@ impl Driver {
                 Event::HeartbeatAck(peer) => self.detector.heartbeat(peer, now),
             }
         }
+    }
+
+    /// Resolve `ack_durable` waiters whose completion is fsynced (the endpoint syncs
+    /// before it produces acks) and whose ack has been handed to the transport.
+    fn resolve_durable_acks(&mut self) {
+        if self.durable_acks.is_empty() {
+            return;
+        }
+        let errors = self.endpoint.stats().dedup_persist_errors;
+        for (delivery, before, done) in std::mem::take(&mut self.durable_acks) {
+            if self.endpoint.ack_owed(&delivery) {
+                self.durable_acks.push((delivery, before, done));
+                continue;
+            }
+            let _ = done.send(if errors > before {
+                Err(AckError::NotPersisted)
+            } else {
+                Ok(())
+            });
+        }
+    }
+
+    /// Keep a delivery the application could not take as a dead letter.
+    fn dead_letter(&mut self, delivery: DeliveryRef, payload: Bytes, reason: DeadLetterReason) {
+        let deliveries = self.endpoint.deliveries(&delivery);
+        self.dead_letters_at(delivery, payload, deliveries, reason);
+    }
+
+    fn dead_letters_at(
+        &mut self,
+        delivery: DeliveryRef,
+        payload: Bytes,
+        deliveries: u32,
+        reason: DeadLetterReason,
+    ) {
+        self.shared.dead_letters.push(DeadLetter {
+            message: payload,
+            id: delivery.id,
+            from: delivery.origin,
+            channel: delivery.channel,
+            deliveries,
+            reason,
+        });
     }
 
     async fn flush(&mut self, now: std::time::Instant) -> bool {
@@ -2010,6 +2367,7 @@ impl Driver {
             let _ = reply.send(Err(SendError::Shutdown));
         }
         self.receivers.clear();
+        self.shared.dead_letters.close();
     }
 }
 
@@ -2040,6 +2398,7 @@ mod tests {
             }),
             guarantee: Guarantee::EffectivelyOnce,
             payload: Bytes::new(),
+            schema: 0,
         });
         let mut buf = bytes::BytesMut::new();
         crate::wire::encode(&worst, &mut buf).unwrap();

@@ -22,7 +22,8 @@ use tokio::sync::Semaphore;
 /// let cfg = ackwire::HandoffConfig::new("/var/lib/myservice");
 /// assert!(cfg.on_give_up && cfg.on_down);
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default = "crate::config_serde::handoff_defaults", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct HandoffConfig {
     /// Where and how hints are stored: directory, fsync policy (default group commit
@@ -270,6 +271,7 @@ impl Spool {
                     payload: hint.payload.clone(),
                     id: Some(hint.id),
                     deadline: None,
+                    schema: 0, // a hint keeps no type: unchecked
                 };
                 match endpoint.send(now, msg) {
                     Ok(send) => {
@@ -308,6 +310,27 @@ impl Spool {
         }
         self.release_floor(endpoint, send.peer, hint.id);
         true
+    }
+
+    /// `send` was rejected by its receiver. If it was a replay: a receiver that has no
+    /// receiver on the channel yet may get one, so the hint goes back to its queue;
+    /// any other reason is final, so the hint is dropped from the store (logged at
+    /// warn: the receiver's dead letters hold what it dead-lettered). Returns `true`
+    /// for a replay.
+    pub(crate) fn on_rejected(
+        &mut self,
+        send: SendRef,
+        reason: crate::wire::RejectReason,
+        endpoint: &mut Endpoint,
+    ) -> bool {
+        if reason == crate::wire::RejectReason::NoReceiver {
+            return self.on_gave_up(send);
+        }
+        let Some(id) = self.replaying.get(&send).map(|(_, h)| h.id) else {
+            return false;
+        };
+        tracing::warn!(target = %send.peer, %id, %reason, "hint rejected by its target; dropped from the store");
+        self.on_settled(send, endpoint)
     }
 
     /// `send` was given up. If it was a replay, it goes back to its queue (still in the

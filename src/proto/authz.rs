@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 /// future messages as seen and silently suppress them. Ids naming the sending node
 /// itself — any incarnation, so a restarted node's hint replays of its previous run
 /// pass — are always allowed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum RelayPolicy {
     /// No peer relays for another node. The default: ackwire itself never relays
@@ -50,9 +50,11 @@ pub enum RelayPolicy {
 /// assert!(authz.may_send(NodeId(4), ChannelId(2)));
 /// assert!(authz.may_relay(NodeId(9)) && !authz.may_relay(NodeId(2)));
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Authorization {
     relay: RelayPolicy,
+    #[serde(rename = "channels", with = "crate::config_serde::channel_senders")]
     channel_senders: HashMap<ChannelId, BTreeSet<NodeId>>,
 }
 
@@ -128,6 +130,7 @@ mod tests {
             id,
             guarantee: Guarantee::EffectivelyOnce,
             payload: Bytes::new(),
+            schema: 0,
         }
     }
 

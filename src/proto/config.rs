@@ -9,7 +9,8 @@ use std::time::Duration;
 /// let cfg = ackwire::ProtoConfig::default();
 /// assert!(cfg.validate().is_ok());
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ProtoConfig {
     /// Maximum span of unsettled messages per stream (the sliding window, as in TCP):
@@ -25,9 +26,18 @@ pub struct ProtoConfig {
     /// at least 256 ([`crate::proto::INITIAL_CREDIT`], what a sender may send before
     /// the first grant).
     pub stream_credit: u64,
+    /// Receiving side: credit granted to each sending node for all its streams
+    /// together, in messages — how many of one peer's messages may be outstanding here
+    /// at once, whatever the number of its streams (protocol version 3; see
+    /// [`crate::wire::NodeCredit`]). Each stream is further bounded by
+    /// `stream_credit`. Memory per sending node is bounded by about `node_credit`
+    /// payloads (plus [`crate::proto::INITIAL_NODE_CREDIT`] after each reconnection).
+    /// Default `16384`; at least 256.
+    pub node_credit: u64,
     /// How long the receiver may hold an owed ack to batch it with others. Default
     /// `0`: acks go out at the end of the current burst of work, which batches bulk
     /// streams without adding latency to a lone message.
+    #[serde(with = "crate::config_serde::duration")]
     pub ack_delay: Duration,
     /// An ack is sent at once when this many separate ranges are owed. Default `64`.
     pub max_ack_ranges: usize,
@@ -43,6 +53,15 @@ pub struct ProtoConfig {
     /// while the receiver's bookkeeping stays bounded (at most this many seqs per
     /// stream). Default `16384`.
     pub amo_reorder_slack: u64,
+    /// Receiving side: how long messages on a channel with no receiver are left to
+    /// retry (unacked) before they are rejected with
+    /// [`RejectReason::NoReceiver`](crate::wire::RejectReason::NoReceiver), counted from
+    /// the first such message (per channel, since the channel last had a receiver) —
+    /// room for receivers that start a little after their node. Senders speaking
+    /// protocol version 2 or older get no reject: their messages stay unacked until a
+    /// receiver appears or their deadline passes. Default `5 s`; at most 1 day.
+    #[serde(with = "crate::config_serde::duration")]
+    pub no_receiver_grace: Duration,
     /// Retransmission: attempts, deadline, backoff. See [`RetryPolicy`].
     pub retry: RetryPolicy,
     /// RTT estimation (RFC 6298). See [`RttConfig`].
@@ -55,6 +74,7 @@ pub struct ProtoConfig {
     /// needs retries for ~36 % of messages, and a 0.2 budget turned such a healthy but
     /// lossy link into deadline failures in our tests. 1.0 still caps a retry storm at
     /// twice the fresh load. Refused retries are deferred, never dropped.
+    #[serde(deserialize_with = "crate::config_serde::proto_retry_budget")]
     pub retry_budget: RetryBudgetConfig,
 }
 
@@ -63,11 +83,13 @@ impl Default for ProtoConfig {
         ProtoConfig {
             max_in_flight: 4096,
             stream_credit: 4096,
+            node_credit: 16384,
             ack_delay: Duration::ZERO,
             max_ack_ranges: 64,
             max_reorder_buffer: 4096,
             max_streams_per_peer: 256,
             amo_reorder_slack: 16384,
+            no_receiver_grace: Duration::from_secs(5),
             retry: RetryPolicy::default(),
             rtt: RttConfig::default(),
             retry_budget: RetryBudgetConfig {
@@ -93,12 +115,14 @@ impl ProtoConfig {
     /// [`max_streams_per_peer`](Self::max_streams_per_peer) and
     /// [`amo_reorder_slack`](Self::amo_reorder_slack): `2^24`.
     pub const MAX_BOOKKEEPING: usize = 1 << 24;
+    /// Largest accepted [`no_receiver_grace`](Self::no_receiver_grace): 1 day.
+    pub const MAX_NO_RECEIVER_GRACE: Duration = Duration::from_secs(86_400);
 
     /// Check every value and that they fit together.
     ///
     /// Bounds: `max_in_flight` in `1..=2^24`; `ack_delay <= 1 s`; `max_ack_ranges` in
     /// `1..=65536`; `max_reorder_buffer` and `amo_reorder_slack` in `0..=2^24`;
-    /// `max_streams_per_peer` in `1..=2^24`; `retry`, `rtt` and `retry_budget` as their
+    /// `max_streams_per_peer` in `1..=2^24`; `no_receiver_grace <= 1 day`; `retry`, `rtt` and `retry_budget` as their
     /// own `validate`. Durations without an upper bound here (`retry.deadline`,
     /// `retry.backoff_cap`, `rtt.max_rto`) may be as long as `Duration::MAX`: timers
     /// that would overflow the clock are treated as "never".
@@ -114,6 +138,12 @@ impl ProtoConfig {
         count(
             "proto.stream_credit",
             self.stream_credit,
+            super::INITIAL_CREDIT,
+            book,
+        )?;
+        count(
+            "proto.node_credit",
+            self.node_credit,
             super::INITIAL_CREDIT,
             book,
         )?;
@@ -142,6 +172,12 @@ impl ProtoConfig {
             book,
         )?;
         count("proto.amo_reorder_slack", self.amo_reorder_slack, 0, book)?;
+        duration(
+            "proto.no_receiver_grace",
+            self.no_receiver_grace,
+            Duration::ZERO,
+            Self::MAX_NO_RECEIVER_GRACE,
+        )?;
         let retry = |field| move |source| crate::ConfigError::Retry { field, source };
         self.retry.validate().map_err(retry("proto.retry"))?;
         self.rtt.validate().map_err(retry("proto.rtt"))?;

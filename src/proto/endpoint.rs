@@ -10,13 +10,15 @@
 
 use super::config::ProtoConfig;
 use super::inbound::{Arrival, InboundStream};
-use super::outbound::{OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT};
+use super::outbound::{
+    OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT, INITIAL_NODE_CREDIT,
+};
 use crate::dedup::{Admit, Dedup};
 use crate::fasthash::FastMap;
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
 use crate::retry::GiveUp;
 use crate::rng::SplitMix64;
-use crate::wire::{CreditProbe, Data, Frame, Heartbeat, Nack};
+use crate::wire::{CreditProbe, Data, Frame, Heartbeat, Nack, Reject, RejectReason};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -65,6 +67,8 @@ pub struct Outgoing {
     pub id: Option<MessageId>,
     /// Per-message deadline overriding the retry policy's.
     pub deadline: Option<Duration>,
+    /// Payload type fingerprint (`0`: unchecked); see [`Data::schema`].
+    pub schema: u32,
 }
 
 /// How the application finished a delivered message.
@@ -77,6 +81,43 @@ pub enum Completion {
     /// Not processed and no nack sent (e.g. no receiver, receiver buffer full): the
     /// sender's retransmission timer brings it back.
     Refuse,
+    /// Refused for good (e.g. a payload the typed receiver cannot decode): settled
+    /// without processing, never delivered again, and the sender told why with a
+    /// [`Reject`] frame (protocol version 3; an older sender gets an ack, since
+    /// retrying cannot help). The owner puts the message in its dead letters.
+    Reject(RejectReason),
+}
+
+/// How a channel is received, for [`Endpoint::accept_channel_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Accept {
+    /// Deliver each stream's messages in send order (see `proto::inbound`).
+    pub ordered: bool,
+    /// Deliveries of one message (first delivery plus redeliveries after nacks or
+    /// drops) before it goes to the dead letters instead: [`Event::DeadLetter`], and a
+    /// [`RejectReason::DeadLettered`] to the sender. `None`: no limit.
+    pub max_deliveries: Option<u32>,
+    /// Payload type fingerprint the channel's receiver expects (`0`: unchecked). A
+    /// message carrying another non-zero fingerprint is rejected with
+    /// [`RejectReason::TypeMismatch`] and never delivered.
+    pub schema: u32,
+}
+
+impl Accept {
+    /// Ordering and delivery limit; no type check.
+    pub fn new(ordered: bool, max_deliveries: Option<u32>) -> Self {
+        Accept {
+            ordered,
+            max_deliveries,
+            schema: 0,
+        }
+    }
+
+    /// The same, checking payload type fingerprints against `schema` (`0`: unchecked).
+    pub fn schema(self, schema: u32) -> Self {
+        Accept { schema, ..self }
+    }
 }
 
 /// What the endpoint reports.
@@ -113,6 +154,23 @@ pub enum Event {
         channel: ChannelId,
         /// Slots freed.
         n: u64,
+    },
+    /// The receiver refused the message for good (protocol version 3).
+    Rejected {
+        /// Which message.
+        send: SendRef,
+        /// The receiver's reason.
+        reason: RejectReason,
+    },
+    /// A received message reached its channel's delivery limit: it is not delivered
+    /// again; the owner keeps it as a dead letter. (Already settled: no completion.)
+    DeadLetter {
+        /// Which message.
+        delivery: DeliveryRef,
+        /// The payload.
+        payload: Bytes,
+        /// How many times it was delivered.
+        deliveries: u32,
     },
     /// Any frame from `peer` arrived: evidence that it is alive (for the failure
     /// detector).
@@ -189,6 +247,23 @@ pub struct ProtoStats {
     /// stream or the dedup table: the sender may not send on the channel, or the frame's
     /// id names another node and the sender may not relay.
     pub unauthorized_dropped: u64,
+    /// Receiving side: reject frames sent (each reason, retransmissions included).
+    pub rejects_sent: u64,
+    /// Receiving side: messages refused for good (rejected once each; dead letters
+    /// included).
+    pub rejected: u64,
+    /// Receiving side: messages that reached their channel's delivery limit.
+    pub dead_lettered: u64,
+    /// Receiving side: messages whose payload type fingerprint differed from the typed
+    /// receiver's (rejected, never delivered).
+    pub type_mismatches: u64,
+    /// Sending side: messages the receiver rejected.
+    pub rejects_received: u64,
+    /// Sending side: times transmission to a peer stopped for lack of node credit
+    /// ([`ProtoConfig::node_credit`]).
+    pub node_credit_waits: u64,
+    /// Receiving side: node credit updates sent.
+    pub node_credits_sent: u64,
 }
 
 #[derive(Debug)]
@@ -208,7 +283,9 @@ pub struct Endpoint {
     peers: HashMap<NodeId, Peer>,
     outbound: FastMap<(NodeId, ChannelId), OutboundStream>,
     inbound: FastMap<(Origin, ChannelId), InboundStream>,
-    ordered: HashMap<ChannelId, bool>,
+    channels: HashMap<ChannelId, Accept>,
+    /// Channels without a receiver that got data, and since when (bounded).
+    unclaimed: HashMap<ChannelId, Instant>,
     transmit: VecDeque<(NodeId, Frame)>,
     events: VecDeque<Event>,
     ready: Vec<Data>,
@@ -221,6 +298,30 @@ pub struct Endpoint {
     /// Arrivals waiting for another delivery of the same ID to finish, oldest first.
     waiting: HashMap<MessageId, VecDeque<Parked>>,
     authz: super::Authorization,
+    /// Sending side: node credit per peer (protocol version 3).
+    node_out: HashMap<NodeId, NodeOut>,
+    /// Receiving side: node credit granted per peer.
+    node_in: HashMap<NodeId, NodeIn>,
+}
+
+/// What a peer lets this node send it on the current connection.
+#[derive(Debug, Clone, Copy)]
+struct NodeOut {
+    /// `None`: the peer grants no node credit (protocol 2 or older).
+    limit: Option<u64>,
+    /// Data frames put on the connection so far.
+    sent: u64,
+}
+
+/// What this node granted a peer on the current connection.
+#[derive(Debug, Clone, Copy, Default)]
+struct NodeIn {
+    /// Data frames received on the connection so far.
+    received: u64,
+    /// The last limit sent.
+    advertised: u64,
+    /// A grant is owed (new connection, or the peer probed).
+    owed: bool,
 }
 
 /// An arrival parked behind a delivery of the same message ID still in progress.
@@ -241,7 +342,8 @@ impl Endpoint {
             peers: HashMap::new(),
             outbound: FastMap::default(),
             inbound: FastMap::default(),
-            ordered: HashMap::new(),
+            channels: HashMap::new(),
+            unclaimed: HashMap::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             ready: Vec::new(),
@@ -251,6 +353,8 @@ impl Endpoint {
             heard_pending: Vec::new(),
             waiting: HashMap::new(),
             authz: super::Authorization::default(),
+            node_out: HashMap::new(),
+            node_in: HashMap::new(),
         }
     }
 
@@ -283,6 +387,7 @@ impl Endpoint {
             let (waits, probes) = o.credit_counters();
             s.credit_waits += waits;
             s.credit_probes += probes;
+            s.node_credit_waits += o.node_waits();
         }
         s
     }
@@ -291,12 +396,65 @@ impl Endpoint {
     /// their predecessors were delivered. Frames for channels not accepted are dropped
     /// unacked, so their senders keep retrying until a receiver appears.
     pub fn accept_channel(&mut self, channel: ChannelId, ordered: bool) {
-        self.ordered.insert(channel, ordered);
+        self.accept_channel_with(channel, Accept::new(ordered, None));
+    }
+
+    /// Accept messages on `channel` with `how` (ordering, delivery limit).
+    pub fn accept_channel_with(&mut self, channel: ChannelId, how: Accept) {
+        self.channels.insert(channel, how);
+        self.unclaimed.remove(&channel);
+    }
+
+    /// Stop accepting `channel` (its receiver is gone). Its streams stay; new arrivals
+    /// are treated as having no receiver (left unacked, then rejected after
+    /// [`ProtoConfig::no_receiver_grace`]).
+    pub fn unaccept_channel(&mut self, channel: ChannelId) {
+        self.channels.remove(&channel);
     }
 
     /// Is `channel` accepted?
     pub fn accepts(&self, channel: ChannelId) -> bool {
-        self.ordered.contains_key(&channel)
+        self.channels.contains_key(&channel)
+    }
+
+    /// Is an acknowledgement of `delivery` still to be produced (its stream owes an
+    /// ack, or durable dedup records await their fsync)? `false` once the ack frame
+    /// covering it has been handed to [`Endpoint::poll_transmit`].
+    pub fn ack_owed(&self, delivery: &DeliveryRef) -> bool {
+        self.dedup_unsynced
+            || self
+                .inbound
+                .get(&(delivery.origin, delivery.channel))
+                .is_some_and(|s| s.ack_deadline().is_some())
+    }
+
+    /// How many times `delivery` has been handed to the application so far (1 on its
+    /// first delivery).
+    pub fn deliveries(&self, delivery: &DeliveryRef) -> u32 {
+        self.inbound
+            .get(&(delivery.origin, delivery.channel))
+            .map_or(1, |s| s.failures(delivery.seq).saturating_add(1))
+    }
+
+    /// Tell `origin` that its message `seq` on `channel` is refused for good, if it
+    /// speaks protocol version 3 (older senders keep retrying until their deadline).
+    fn send_reject(&mut self, origin: Origin, channel: ChannelId, seq: u64, reason: RejectReason) {
+        let speaks = self
+            .peers
+            .get(&origin.node)
+            .is_some_and(|p| p.origin == origin && p.version >= 3);
+        if speaks {
+            self.stats.rejects_sent += 1;
+            self.transmit.push_back((
+                origin.node,
+                Frame::Reject(Reject {
+                    channel,
+                    incarnation: origin.incarnation,
+                    seq,
+                    reason,
+                }),
+            ));
+        }
     }
 
     /// Queue a message. The caller bounds the window (see [`Event::WindowOpened`]):
@@ -309,11 +467,12 @@ impl Endpoint {
             payload,
             id,
             deadline,
+            schema,
         } = msg;
         // An explicit id always travels: a replayed hint keeps the seq it was first sent
         // with, which is not the seq it gets now.
         let stream = self.outbound_stream(now, peer, channel, guarantee)?;
-        let seq = stream.send(now, payload, id, deadline);
+        let seq = stream.send(now, payload, id, deadline, schema);
         self.stats.sent += 1;
         Ok(SendRef { peer, channel, seq })
     }
@@ -411,6 +570,41 @@ impl Endpoint {
             self.inbound.retain(|(o, _), _| *o != old);
         }
         let was_crediting = self.peers.get(&origin.node).is_some_and(|p| p.version >= 2);
+        // Node credit counts frames per connection: both ends start again, except that
+        // what was queued before a first connection is counted on it by both.
+        let first_conn = !self.peers.contains_key(&origin.node);
+        let out = self.node_out.entry(origin.node).or_insert(NodeOut {
+            limit: Some(INITIAL_NODE_CREDIT),
+            sent: 0,
+        });
+        if version < 3 {
+            out.limit = None;
+        } else if !first_conn || out.limit.is_none() {
+            *out = NodeOut {
+                limit: Some(INITIAL_NODE_CREDIT),
+                sent: 0,
+            };
+        }
+        if version >= 3 {
+            self.node_in.insert(
+                origin.node,
+                NodeIn {
+                    owed: true,
+                    ..NodeIn::default()
+                },
+            );
+            // The first grant goes out at once (the sender starts from
+            // `INITIAL_NODE_CREDIT` until it arrives).
+            let mut held: HashMap<NodeId, u64> = HashMap::new();
+            for ((o, _), st) in self.inbound.iter() {
+                if o.node == origin.node {
+                    *held.entry(o.node).or_default() += st.outstanding();
+                }
+            }
+            self.grant_node_credit(&held, Some(origin.node));
+        } else {
+            self.node_in.remove(&origin.node);
+        }
         // A first connection carries what was queued while it was being made; a
         // re-connection may have lost what the old one had in flight.
         let first = !self.peers.contains_key(&origin.node);
@@ -422,6 +616,26 @@ impl Endpoint {
                 version,
             },
         );
+        if !restarted && !first && version >= 3 {
+            // Rejects sent on the old connection may have gone with it; they go out
+            // before any ack of the new one (see `proto::inbound`, "Rejections").
+            for ((o, _), s) in self.inbound.iter() {
+                if *o == origin {
+                    for (seq, reason) in s.rejections() {
+                        self.stats.rejects_sent += 1;
+                        self.transmit.push_back((
+                            origin.node,
+                            Frame::Reject(Reject {
+                                channel: s.channel(),
+                                incarnation: origin.incarnation,
+                                seq,
+                                reason,
+                            }),
+                        ));
+                    }
+                }
+            }
+        }
         for ((peer, _), s) in self.outbound.iter_mut() {
             if *peer == origin.node {
                 // A version-2 receiver grants credit; a new run of it (or a peer that
@@ -467,7 +681,19 @@ impl Endpoint {
             self.events.push_back(Event::Heard(from));
         }
         match frame {
-            Frame::Data(data) => self.on_data(now, peer_origin, data),
+            Frame::Data(data) => {
+                if let Some(n) = self.node_in.get_mut(&from) {
+                    n.received += 1;
+                }
+                self.on_data(now, peer_origin, data)
+            }
+            Frame::NodeCredit(c) => {
+                if let Some(out) = self.node_out.get_mut(&from) {
+                    if let Some(limit) = out.limit.as_mut() {
+                        *limit = (*limit).max(c.limit);
+                    }
+                }
+            }
             Frame::Ack(ack) => {
                 if ack.incarnation != self.origin.incarnation {
                     self.stats.frames_ignored += 1;
@@ -491,6 +717,9 @@ impl Endpoint {
             }
             Frame::Ping(hb) => self.transmit.push_back((from, Frame::Pong(hb))),
             Frame::CreditProbe(p) => {
+                if let Some(n) = self.node_in.get_mut(&from) {
+                    n.owed = true; // the node grant too: it may be what blocks
+                }
                 // Answer with the stream's current grant (an ack, sent with this burst).
                 if let Some(s) = self.inbound.get_mut(&(peer_origin, p.channel)) {
                     s.owe_ack(now);
@@ -498,9 +727,63 @@ impl Endpoint {
                     self.stats.frames_ignored += 1;
                 }
             }
+            Frame::Reject(r) => {
+                if r.incarnation != self.origin.incarnation {
+                    self.stats.frames_ignored += 1;
+                    return;
+                }
+                if let Some(s) = self.outbound.get_mut(&(from, r.channel)) {
+                    s.handle_reject(r.seq, r.reason);
+                    Self::drain_stream(&mut self.events, &mut self.stats, from, r.channel, s);
+                } else {
+                    self.stats.frames_ignored += 1;
+                }
+            }
+            Frame::Finish(f) => {
+                // Only the connection's own run can finish its streams.
+                if self.dedup.watermark_of(peer_origin, f.channel).is_some() {
+                    let floor = f.id_floor.min(f.last_seq.saturating_add(1));
+                    let res = self
+                        .dedup
+                        .advance_floor(peer_origin, f.channel, floor, now)
+                        .and_then(|()| {
+                            self.dedup
+                                .finish_stream(peer_origin, f.channel, f.last_seq, now)
+                        });
+                    if let Err(e) = res {
+                        tracing::debug!(origin = %peer_origin, channel = ?f.channel, error = %e, "finished stream not retired early (the retention retires it)");
+                    }
+                } else {
+                    self.stats.frames_ignored += 1;
+                }
+            }
             Frame::Pong(_) => self.events.push_back(Event::HeartbeatAck(from)),
             Frame::Handshake(_) => self.stats.frames_ignored += 1,
         }
+    }
+
+    /// This node run is shutting down cleanly and will send nothing more: tell every
+    /// peer speaking protocol version 3 the last seq of each effectively-once stream to
+    /// it ([`Frame::Finish`]), so its dedup state can be retired once settled instead
+    /// of after the retention. Call once, after the last send; returns how many finish
+    /// frames were queued.
+    pub fn finish_streams(&mut self) -> usize {
+        let mut n = 0;
+        for (&(peer, channel), s) in self.outbound.iter() {
+            let speaks = self.peers.get(&peer).is_some_and(|p| p.version >= 3);
+            if speaks && s.guarantee() == Guarantee::EffectivelyOnce {
+                n += 1;
+                self.transmit.push_back((
+                    peer,
+                    Frame::Finish(crate::wire::Finish {
+                        channel,
+                        last_seq: s.last_seq(),
+                        id_floor: s.id_floor(),
+                    }),
+                ));
+            }
+        }
+        n
     }
 
     /// Ask `peer` for a heartbeat answer.
@@ -534,6 +817,10 @@ impl Endpoint {
             self.refuse_delivery(now, delivery);
             return;
         }
+        if let Completion::Reject(reason) = how {
+            self.reject_delivery(now, delivery, reason);
+            return;
+        }
         if delivery.guarantee == Guarantee::EffectivelyOnce {
             match how {
                 Completion::Ack => {
@@ -545,7 +832,9 @@ impl Endpoint {
                         tracing::warn!(id = %delivery.id, error = %e, "dedup completion not persisted");
                     }
                 }
-                Completion::Nack | Completion::Refuse => self.dedup.release(&delivery.id),
+                Completion::Nack | Completion::Refuse | Completion::Reject(_) => {
+                    self.dedup.release(&delivery.id)
+                }
             }
         }
         let current = self
@@ -555,7 +844,7 @@ impl Endpoint {
         if let Some(stream) = self.inbound.get_mut(&(delivery.origin, delivery.channel)) {
             match how {
                 Completion::Ack => stream.complete(now, delivery.seq, true),
-                Completion::Nack | Completion::Refuse => {
+                Completion::Nack | Completion::Refuse | Completion::Reject(_) => {
                     stream.fail(delivery.seq);
                     if current {
                         self.stats.nacks_sent += 1;
@@ -573,6 +862,66 @@ impl Endpoint {
         }
         if delivery.guarantee == Guarantee::EffectivelyOnce {
             self.wake_parked(now, delivery.id, how == Completion::Ack);
+        }
+    }
+
+    /// `delivery`, handed to the application, is refused for good (rule 4 of the
+    /// ordered contract). Effectively-once: recorded as done in the dedup table (the
+    /// message is in the dead letters; another copy must not be processed).
+    fn reject_delivery(&mut self, now: Instant, delivery: DeliveryRef, reason: RejectReason) {
+        let key = (delivery.origin, delivery.channel);
+        if !self.inbound.contains_key(&key) {
+            return; // its sender restarted since; nothing to settle
+        }
+        if delivery.guarantee == Guarantee::EffectivelyOnce {
+            self.dedup_unsynced = true;
+            if let Err(e) = self.dedup.complete_unsynced(&delivery.id, now) {
+                self.stats.dedup_persist_errors += 1;
+                tracing::warn!(id = %delivery.id, error = %e, "dedup completion not persisted");
+            }
+        }
+        self.stats.rejected += 1;
+        let mut ready = std::mem::take(&mut self.ready);
+        self.settle_rejected(
+            now,
+            delivery.origin,
+            delivery.channel,
+            delivery.seq,
+            reason,
+            &mut ready,
+        );
+        self.process_ready(now, delivery.origin, delivery.channel, &mut ready);
+        self.ready = ready;
+        if delivery.guarantee == Guarantee::EffectivelyOnce {
+            self.wake_parked(now, delivery.id, true);
+        }
+    }
+
+    /// Settle a refused seq on its stream and tell the sender: a reject for a sender
+    /// that speaks protocol 3, an ack for an older one (it cannot be told, and
+    /// retrying cannot help).
+    fn settle_rejected(
+        &mut self,
+        now: Instant,
+        origin: Origin,
+        channel: ChannelId,
+        seq: u64,
+        reason: RejectReason,
+        ready: &mut Vec<Data>,
+    ) {
+        let speaks = self
+            .peers
+            .get(&origin.node)
+            .is_some_and(|p| p.origin == origin && p.version >= 3);
+        let Some(stream) = self.inbound.get_mut(&(origin, channel)) else {
+            return;
+        };
+        if speaks {
+            stream.reject(now, seq, reason, ready);
+            self.send_reject(origin, channel, seq, reason);
+        } else {
+            stream.complete(now, seq, true);
+            stream.drain_head(ready);
         }
     }
 
@@ -629,6 +978,7 @@ impl Endpoint {
                         id_floor: 0,
                         id: Some(d.id),
                         guarantee: d.guarantee,
+                        schema: 0, // checked when it was first made ready
                         payload: std::mem::take(payload),
                     },
                 ));
@@ -674,10 +1024,47 @@ impl Endpoint {
                 Self::drain_stream(&mut self.events, &mut self.stats, peer, channel, s);
             }
         }
+        let tracking = !self.node_in.is_empty();
+        let mut outstanding: HashMap<NodeId, u64> = HashMap::new();
         for (&(origin, _), s) in self.inbound.iter_mut() {
             if let Some(ack) = s.poll_ack(now) {
                 self.stats.acks_sent += 1;
                 self.transmit.push_back((origin.node, Frame::Ack(ack)));
+            }
+            if tracking {
+                *outstanding.entry(origin.node).or_default() += s.outstanding();
+            }
+        }
+        if tracking {
+            self.grant_node_credit(&outstanding, None);
+        }
+    }
+
+    /// Grant each version-3 peer node credit: what it may still send is what its
+    /// messages leave of [`ProtoConfig::node_credit`] here. Sent when it grew by an
+    /// eighth of the window (or is owed), so a busy peer gets one update per batch.
+    /// `outstanding` holds every peer's count (absent: none held); `only` limits the
+    /// grants to one peer.
+    fn grant_node_credit(&mut self, outstanding: &HashMap<NodeId, u64>, only: Option<NodeId>) {
+        let window = self.config.node_credit;
+        for (&peer, n) in self.node_in.iter_mut() {
+            if only.is_some_and(|o| o != peer) {
+                continue;
+            }
+            let held = outstanding.get(&peer).copied().unwrap_or(0);
+            let limit = n
+                .advertised
+                .max(n.received.saturating_add(window.saturating_sub(held)));
+            let grown = limit - n.advertised;
+            if (n.owed && grown > 0)
+                || grown >= (window / 8).max(1)
+                || (n.owed && n.advertised == 0)
+            {
+                n.owed = false;
+                n.advertised = limit;
+                self.stats.node_credits_sent += 1;
+                self.transmit
+                    .push_back((peer, Frame::NodeCredit(crate::wire::NodeCredit { limit })));
             }
         }
     }
@@ -702,8 +1089,17 @@ impl Endpoint {
                 self.transmit
                     .push_back((peer, Frame::CreditProbe(CreditProbe { channel })));
             }
-            while let Some(data) = s.poll_transmit(now) {
+            let out = self.node_out.entry(peer).or_insert(NodeOut {
+                limit: Some(INITIAL_NODE_CREDIT),
+                sent: 0,
+            });
+            let mut budget = out.limit.map_or(u64::MAX, |l| l.saturating_sub(out.sent));
+            let start = budget;
+            while let Some(data) = s.poll_transmit(now, &mut budget) {
                 self.transmit.push_back((peer, Frame::Data(data)));
+            }
+            if out.limit.is_some() {
+                out.sent += start - budget;
             }
             if self.transmit.len() > before {
                 Self::drain_stream(&mut self.events, &mut self.stats, peer, channel, s);
@@ -755,14 +1151,25 @@ impl Endpoint {
             // Before any stream or dedup state: a refused frame leaves no trace.
             self.stats.unauthorized_dropped += 1;
             tracing::debug!(%origin, channel = ?data.channel, id = ?data.id, ?why, "data frame refused: not authorized");
+            if data.guarantee != Guarantee::AtMostOnce {
+                self.send_reject(origin, data.channel, data.seq, RejectReason::Unauthorized);
+            }
             return;
         }
         let channel = data.channel;
-        let Some(&ordered) = self.ordered.get(&channel) else {
-            // No receiver: drop unacked; the sender retries until one appears.
+        let Some(accept) = self.channels.get(&channel).copied() else {
+            // No receiver: dropped unacked, so the sender retries until one appears;
+            // past the grace period it is told (rejected), so it stops waiting.
             self.stats.frames_ignored += 1;
+            if data.guarantee != Guarantee::AtMostOnce && self.past_no_receiver_grace(now, channel)
+            {
+                tracing::debug!(%origin, ?channel, seq = data.seq, "data frame rejected: no receiver");
+                self.stats.rejected += 1;
+                self.send_reject(origin, channel, data.seq, RejectReason::NoReceiver);
+            }
             return;
         };
+        let ordered = accept.ordered;
         if !self.inbound.contains_key(&(origin, channel)) {
             let open = self.inbound.keys().filter(|(o, _)| *o == origin).count();
             if open >= self.config.max_streams_per_peer {
@@ -802,14 +1209,37 @@ impl Endpoint {
             }
         }
         let mut ready = std::mem::take(&mut self.ready);
+        let (channel_seq, guarantee) = (data.seq, data.guarantee);
         match stream.on_data(now, data, &mut ready) {
             Arrival::Duplicate => self.stats.duplicates_dropped += 1,
             Arrival::InProgress => self.stats.in_progress_dropped += 1,
             Arrival::BufferFull => self.stats.reorder_overflow += 1,
+            Arrival::Rejected(reason) => {
+                self.stats.duplicates_dropped += 1;
+                if guarantee != Guarantee::AtMostOnce {
+                    self.send_reject(origin, channel, channel_seq, reason);
+                }
+            }
             Arrival::Ready | Arrival::Buffered => {}
         }
         self.process_ready(now, origin, channel, &mut ready);
         self.ready = ready;
+    }
+
+    /// Has `channel` (without a receiver) been receiving data for longer than the grace
+    /// period? The first arrival starts its clock. At most 4096 channels are timed;
+    /// past that, further channels are treated as past their grace.
+    fn past_no_receiver_grace(&mut self, now: Instant, channel: ChannelId) -> bool {
+        const MAX_UNCLAIMED: usize = 4096;
+        let grace = self.config.no_receiver_grace;
+        if let Some(since) = self.unclaimed.get(&channel) {
+            return now.saturating_duration_since(*since) >= grace;
+        }
+        if self.unclaimed.len() >= MAX_UNCLAIMED {
+            return true;
+        }
+        self.unclaimed.insert(channel, now);
+        grace.is_zero()
     }
 
     /// Hand the stream's ready messages to the application, in order, through dedup.
@@ -828,6 +1258,10 @@ impl Endpoint {
             events,
             stats,
             waiting,
+            peers,
+            transmit,
+            channels,
+            dedup_unsynced,
             ..
         } = self;
         let Some(stream) = inbound.get_mut(&(origin, channel)) else {
@@ -835,6 +1269,37 @@ impl Endpoint {
             return;
         };
         let ordered = stream.is_ordered();
+        let max_deliveries = channels.get(&channel).and_then(|a| a.max_deliveries);
+        let expected_schema = channels.get(&channel).map_or(0, |a| a.schema);
+        // Can the sender be told of a refusal (protocol version 3)?
+        let speaks = peers
+            .get(&origin.node)
+            .is_some_and(|p| p.origin == origin && p.version >= 3);
+        let mut reject = |stream: &mut InboundStream,
+                          seq: u64,
+                          reason: RejectReason,
+                          ready: &mut Vec<Data>,
+                          stats: &mut ProtoStats| {
+            stats.rejected += 1;
+            if speaks {
+                stream.reject(now, seq, reason, ready);
+                stats.rejects_sent += 1;
+                transmit.push_back((
+                    origin.node,
+                    Frame::Reject(Reject {
+                        channel,
+                        incarnation: origin.incarnation,
+                        seq,
+                        reason,
+                    }),
+                ));
+            } else {
+                // An older sender cannot be told; acking ends its retries, which
+                // cannot help.
+                stream.complete(now, seq, true);
+            }
+        };
+        let mut dead: Vec<MessageId> = Vec::new();
         let mut i = 0;
         while i < ready.len() {
             let d = &mut ready[i];
@@ -844,6 +1309,18 @@ impl Endpoint {
                 seq: d.seq,
             });
             let seq = d.seq;
+            if expected_schema != 0 && d.schema != 0 && d.schema != expected_schema {
+                // Another payload type: never decoded, never delivered.
+                tracing::debug!(%id, expected = expected_schema, got = d.schema, "message of another payload type rejected");
+                stats.type_mismatches += 1;
+                if d.guarantee == Guarantee::AtMostOnce {
+                    stream.complete(now, seq, false);
+                } else {
+                    reject(stream, seq, RejectReason::TypeMismatch, ready, stats);
+                }
+                i += 1;
+                continue;
+            }
             let delivery = DeliveryRef {
                 origin,
                 channel,
@@ -886,6 +1363,15 @@ impl Endpoint {
                         }
                         continue;
                     }
+                    Err(crate::dedup::DedupError::StreamRetired { .. }) => {
+                        // Whether it was processed can no longer be told: refused for
+                        // good (a late relay), never processed twice.
+                        tracing::debug!(%id, "message of a retired stream rejected");
+                        ready[i].payload = Bytes::new();
+                        reject(stream, seq, RejectReason::StreamRetired, ready, stats);
+                        i += 1;
+                        continue;
+                    }
                     Err(e) => {
                         stats.dedup_refused += 1;
                         tracing::debug!(%id, error = %e, "dedup refused a message; sender will retry");
@@ -903,12 +1389,42 @@ impl Endpoint {
                     }
                 },
             }
+            if let (Some(max), false) =
+                (max_deliveries, delivery.guarantee == Guarantee::AtMostOnce)
+            {
+                let deliveries = stream.failures(seq);
+                if deliveries >= max {
+                    // Delivered `max` times already: a dead letter, not a redelivery.
+                    if delivery.guarantee == Guarantee::EffectivelyOnce {
+                        *dedup_unsynced = true;
+                        if let Err(e) = dedup.complete_unsynced(&id, now) {
+                            stats.dedup_persist_errors += 1;
+                            tracing::warn!(%id, error = %e, "dedup completion not persisted");
+                        }
+                        dead.push(id);
+                    }
+                    stats.dead_lettered += 1;
+                    let payload = std::mem::take(&mut ready[i].payload);
+                    events.push_back(Event::DeadLetter {
+                        delivery,
+                        payload,
+                        deliveries,
+                    });
+                    reject(stream, seq, RejectReason::DeadLettered, ready, stats);
+                    i += 1;
+                    continue;
+                }
+            }
             stats.delivered += 1;
             let payload = std::mem::take(&mut ready[i].payload);
             events.push_back(Event::Deliver { delivery, payload });
             i += 1;
         }
         ready.clear();
+        for id in dead {
+            // Copies of it parked behind the delivery that failed: settled with it.
+            self.wake_parked(now, id, true);
+        }
     }
 
     fn drain_stream(
@@ -923,6 +1439,13 @@ impl Endpoint {
                 OutEvent::Settled { seq } => {
                     stats.acked += 1;
                     events.push_back(Event::Settled(SendRef { peer, channel, seq }));
+                }
+                OutEvent::Rejected { seq, reason } => {
+                    stats.rejects_received += 1;
+                    events.push_back(Event::Rejected {
+                        send: SendRef { peer, channel, seq },
+                        reason,
+                    });
                 }
                 OutEvent::GaveUp {
                     seq,
@@ -946,5 +1469,107 @@ impl Endpoint {
         if n > 0 {
             events.push_back(Event::WindowOpened { peer, channel, n });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::DedupConfig;
+
+    fn endpoint(node: u64, now: Instant) -> Endpoint {
+        let dedup = Arc::new(Dedup::open_at(DedupConfig::default(), now).unwrap());
+        let origin = Origin {
+            node: NodeId(node),
+            incarnation: 1,
+        };
+        Endpoint::new(origin, ProtoConfig::default(), dedup, node)
+    }
+
+    /// Every frame `from` has for `to`.
+    fn frames(from: &mut Endpoint, to: NodeId, now: Instant) -> Vec<Frame> {
+        from.handle_timeout(now);
+        let mut out = Vec::new();
+        while let Some((peer, f)) = from.poll_transmit(now) {
+            assert_eq!(peer, to);
+            out.push(f);
+        }
+        out
+    }
+
+    /// A reject lost with a connection reaches the sender on the next one, before any
+    /// ack of the new connection: the sender never takes a rejected message for acked.
+    #[test]
+    fn a_reject_lost_with_its_connection_is_sent_again_before_any_ack() {
+        let now = Instant::now();
+        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+        a.handle_peer_up(now, b.origin(), 3);
+        b.handle_peer_up(now, a.origin(), 3);
+        b.accept_channel_with(ChannelId(1), Accept::new(false, Some(1)));
+        for n in 0..2u8 {
+            a.send(
+                now,
+                Outgoing {
+                    peer: NodeId(2),
+                    channel: ChannelId(1),
+                    guarantee: Guarantee::AtLeastOnce,
+                    payload: Bytes::from(vec![n]),
+                    id: None,
+                    deadline: None,
+                    schema: 0,
+                },
+            )
+            .unwrap();
+        }
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        let mut delivered = Vec::new();
+        while let Some(ev) = b.poll_event() {
+            if let Event::Deliver { delivery, .. } = ev {
+                delivered.push(delivery);
+            }
+        }
+        assert_eq!(delivered.len(), 2);
+        // Message 1 is nacked (limit 1: dead-lettered at its redelivery); 2 is acked.
+        b.complete(now, delivered[0], Completion::Nack);
+        b.complete(now, delivered[1], Completion::Ack);
+        for f in frames(&mut b, NodeId(1), now) {
+            a.handle_frame(now, NodeId(2), f); // the nack and the ack of 2
+        }
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f); // the nack made `a` retransmit 1
+        }
+        let mut b_out = frames(&mut b, NodeId(1), now);
+        assert!(
+            b_out
+                .iter()
+                .any(|f| matches!(f, Frame::Reject(r) if r.seq == 1)),
+            "{b_out:?}"
+        );
+        // The connection drops with every frame `b` sent on it.
+        b_out.clear();
+        a.handle_peer_down(now, NodeId(2));
+        b.handle_peer_down(now, NodeId(1));
+        a.handle_peer_up(now, b.origin(), 3);
+        b.handle_peer_up(now, a.origin(), 3);
+        let again = frames(&mut b, NodeId(1), now);
+        let reject_at = again
+            .iter()
+            .position(|f| matches!(f, Frame::Reject(r) if r.seq == 1 && r.reason == RejectReason::DeadLettered))
+            .expect("the reject is sent again");
+        let first_ack = again.iter().position(|f| matches!(f, Frame::Ack(_)));
+        assert!(first_ack.is_none_or(|ack| ack > reject_at), "{again:?}");
+        for f in again {
+            a.handle_frame(now, NodeId(2), f);
+        }
+        let mut outcome = None;
+        while let Some(ev) = a.poll_event() {
+            if let Event::Rejected { send, reason } = ev {
+                outcome = Some((send.seq, reason));
+            }
+        }
+        assert_eq!(outcome, Some((1, RejectReason::DeadLettered)));
+        assert_eq!(a.stats().rejects_received, 1);
     }
 }

@@ -30,10 +30,21 @@
 //! 3. Every refusal that happens before the application saw a message — no receiver,
 //!    a dedup refusal, a duplicate of a message still being processed elsewhere —
 //!    rewinds the stream to that message, so rule 1 holds for it too.
+//! 4. A message refused for good (dead-lettered, undecodable, a retired stream: see
+//!    [`crate::wire::RejectReason`]) is settled like a processed one: the stream moves
+//!    past it and it is never delivered again.
+//!
+//! # Rejections
+//!
+//! A rejected seq counts as done for the cumulative ack, and its reason is kept until
+//! the sender's floor passes it: a retransmission of it, or a new connection from the
+//! same sender run, gets the reject again (see [`InboundStream::rejections`]). The
+//! endpoint sends the reject before any ack that covers the seq, so a sender that reads
+//! its connection in order learns the reason before it could take the seq for acked.
 
 use crate::id::{ChannelId, Guarantee, Origin};
-use crate::wire::{Ack, Data, SeqRange};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use crate::wire::{Ack, Data, RejectReason, SeqRange};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// What became of an arriving frame at the stream level.
@@ -49,6 +60,8 @@ pub(crate) enum Arrival {
     Buffered,
     /// Ordered-delivery buffer is full; dropped without ack (the sender retransmits).
     BufferFull,
+    /// A retransmission of a seq this stream rejected: the reject is owed again.
+    Rejected(RejectReason),
 }
 
 /// Receiving half of a stream. For each arriving `Data`: `on_data`, then process what it
@@ -88,6 +101,11 @@ pub(crate) struct InboundStream {
     received: u64,
     /// `received` as last reported in an ack.
     reported: u64,
+    /// Seqs refused for good, with the reason, until the sender's floor passes them.
+    rejected: BTreeMap<u64, RejectReason>,
+    /// Seqs the application failed (nacked or dropped), with how many times: the
+    /// deliveries so far are one more. Cleared when the seq is done or rejected.
+    failures: HashMap<u64, u32>,
 }
 
 impl InboundStream {
@@ -123,6 +141,8 @@ impl InboundStream {
             unconsumed: 0,
             received: 0,
             reported: 0,
+            rejected: BTreeMap::new(),
+            failures: HashMap::new(),
         }
     }
 
@@ -160,6 +180,9 @@ impl InboundStream {
         self.amo = !acks;
         self.highest = self.highest.max(seq);
         self.advance_floor(data.floor, ready);
+        if let Some(&reason) = self.rejected.get(&seq) {
+            return Arrival::Rejected(reason);
+        }
         if seq <= self.cumulative || self.done.contains(&seq) {
             if acks {
                 self.push_ack(now, seq);
@@ -203,6 +226,9 @@ impl InboundStream {
     /// The application finished `seq`: it is done and (unless at-most-once) acked.
     pub(crate) fn complete(&mut self, now: Instant, seq: u64, ack: bool) {
         self.in_progress.remove(&seq);
+        if !self.failures.is_empty() {
+            self.failures.remove(&seq);
+        }
         if seq > self.cumulative {
             self.done.insert(seq);
             while self.done.first() == Some(&(self.cumulative + 1)) {
@@ -219,7 +245,11 @@ impl InboundStream {
     /// retransmission delivers it again, and an ordered stream holds back what it has
     /// not handed out yet until then (rule 2).
     pub(crate) fn fail(&mut self, seq: u64) {
-        if self.in_progress.remove(&seq) && self.ordered && seq < self.next_deliver {
+        let was_out = self.in_progress.remove(&seq);
+        if was_out {
+            *self.failures.entry(seq).or_insert(0) += 1;
+        }
+        if was_out && self.ordered && seq < self.next_deliver {
             self.held.insert(seq);
         }
         self.received = self.received.min(seq.saturating_sub(1));
@@ -252,6 +282,41 @@ impl InboundStream {
         } else {
             self.held.insert(seq);
         }
+    }
+
+    /// How many times `seq` has been handed to the application and failed (nacked or
+    /// dropped).
+    pub(crate) fn failures(&self, seq: u64) -> u32 {
+        self.failures.get(&seq).copied().unwrap_or(0)
+    }
+
+    /// `seq` is refused for good (rule 4): settled without an ack range of its own, its
+    /// reason kept for retransmissions until the sender's floor passes it. An ordered
+    /// stream hands out what was waiting behind it (pushed to `ready`).
+    pub(crate) fn reject(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        reason: RejectReason,
+        ready: &mut Vec<Data>,
+    ) {
+        self.failures.remove(&seq);
+        self.held.remove(&seq);
+        self.rejected.insert(seq, reason);
+        self.complete(now, seq, false);
+        self.extend_received();
+        self.drain_head(ready);
+    }
+
+    /// Rejections the sender may not have heard of yet (their seqs are at or above its
+    /// last floor), to send again on a new connection.
+    pub(crate) fn rejections(&self) -> impl Iterator<Item = (u64, RejectReason)> + '_ {
+        self.rejected.iter().map(|(s, r)| (*s, *r))
+    }
+
+    /// Channel of the stream.
+    pub(crate) fn channel(&self) -> ChannelId {
+        self.channel
     }
 
     /// `seq` waits for another delivery of the same message ID to finish (it is a
@@ -310,6 +375,12 @@ impl InboundStream {
     /// The sender asked for its credit: an ack is owed now.
     pub(crate) fn owe_ack(&mut self, now: Instant) {
         self.ack_due = Some(self.ack_due.map_or(now, |d| d.min(now)));
+    }
+
+    /// Messages of this stream held here: handed to the application and not
+    /// finished, parked, or waiting for ordered delivery.
+    pub(crate) fn outstanding(&self) -> u64 {
+        (self.in_progress.len() + self.reorder.len()) as u64 + self.unconsumed
     }
 
     /// Is this an ordered stream?
@@ -383,6 +454,18 @@ impl InboundStream {
 
     fn advance_floor(&mut self, floor: u64, ready: &mut Vec<Data>) {
         let settled = floor.saturating_sub(1);
+        // The sender settled these: it has its reject (or gave up on its own).
+        while self
+            .rejected
+            .first_key_value()
+            .is_some_and(|(s, _)| *s < floor)
+        {
+            self.rejected.pop_first();
+        }
+        if !self.failures.is_empty() {
+            // Failed seqs the sender gave up on will not be delivered again.
+            self.failures.retain(|s, _| *s >= floor);
+        }
         // Held seqs the sender settled without a redelivery will not come back.
         while self.held.first().is_some_and(|s| *s < floor) {
             self.held.pop_first();
@@ -464,6 +547,7 @@ mod tests {
             id: None,
             guarantee: Guarantee::AtLeastOnce,
             payload: Bytes::from_static(b"x"),
+            schema: 0,
         }
     }
 

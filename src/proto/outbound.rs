@@ -38,6 +38,10 @@ use std::time::{Duration, Instant};
 /// Part of protocol version 2: receivers accept at least this many.
 pub const INITIAL_CREDIT: u64 = 256;
 
+/// Data frames a sender may put on a new connection before the receiver's first
+/// [`crate::wire::NodeCredit`] (protocol version 3).
+pub const INITIAL_NODE_CREDIT: u64 = 1024;
+
 /// How far past its grants a receiver still accepts a stream's messages (a sender
 /// still using the previous receiver run's grants after a restart); beyond it frames
 /// are dropped unacked and counted.
@@ -70,6 +74,13 @@ pub(crate) enum OutEvent {
         id: MessageId,
         /// How many times it was transmitted.
         attempts: u32,
+    },
+    /// The receiver refused `seq` for good (protocol version 3).
+    Rejected {
+        /// Stream seq.
+        seq: u64,
+        /// The receiver's reason.
+        reason: crate::wire::RejectReason,
     },
 }
 
@@ -134,6 +145,10 @@ pub(crate) struct OutboundStream {
     held: u64,
     /// Re-check interval of a held message (the retry policy's backoff cap).
     keepalive: Duration,
+    /// Payload type fingerprint of the latest send (see `wire::Data::schema`).
+    schema: u32,
+    /// Times `poll_transmit` stopped for lack of node credit.
+    node_waits: u64,
 }
 
 impl OutboundStream {
@@ -175,6 +190,8 @@ impl OutboundStream {
             credit_probes: 0,
             held: 0,
             keepalive: config.retry.backoff_cap,
+            schema: 0,
+            node_waits: 0,
         }
     }
 
@@ -215,6 +232,11 @@ impl OutboundStream {
     }
 
     /// Total retransmissions so far.
+    /// The last seq assigned on the stream (0: none).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
+    }
+
     pub(crate) fn retransmits(&self) -> u64 {
         self.retransmits
     }
@@ -227,7 +249,9 @@ impl OutboundStream {
         payload: Bytes,
         id: Option<MessageId>,
         deadline: Option<Duration>,
+        schema: u32,
     ) -> u64 {
+        self.schema = schema;
         let seq = self.next_seq;
         self.next_seq += 1;
         // At-most-once keeps nothing past transmission: no budget, no deadline.
@@ -250,10 +274,18 @@ impl OutboundStream {
         seq
     }
 
-    /// Next frame to put on the wire.
-    pub(crate) fn poll_transmit(&mut self, now: Instant) -> Option<Data> {
+    /// Next frame to put on the wire, if `budget` (the node-level credit left, in data
+    /// frames) allows one; a frame returned used one unit of it.
+    pub(crate) fn poll_transmit(&mut self, now: Instant, budget: &mut u64) -> Option<Data> {
         let amo = self.guarantee == Guarantee::AtMostOnce;
-        while let Some(seq) = self.transmit.pop_front() {
+        while let Some(&seq) = self.transmit.front() {
+            if *budget == 0 {
+                // Waits for node credit; a first transmission's deadline still runs.
+                self.arm_waiting(seq);
+                self.node_waits += 1;
+                return None;
+            }
+            self.transmit.pop_front();
             let first = self
                 .index(seq)
                 .and_then(|i| self.slots[i].as_ref())
@@ -299,6 +331,7 @@ impl OutboundStream {
                 id_floor,
                 id: m.id,
                 guarantee: self.guarantee,
+                schema: self.schema,
                 payload: m.payload.clone(),
             };
             if amo {
@@ -312,9 +345,32 @@ impl OutboundStream {
                 m.timer_gen = next_gen(m.timer_gen);
                 self.timers.push(Reverse((due, seq, m.timer_gen)));
             }
+            *budget -= 1;
             return Some(frame);
         }
         None
+    }
+
+    /// A message not transmitted yet waits (for node credit): arm its deadline once, so
+    /// a receiver that never grants credit fails it in time.
+    fn arm_waiting(&mut self, seq: u64) {
+        let Some(idx) = self.index(seq) else {
+            return;
+        };
+        let Some(m) = self.slots[idx].as_mut() else {
+            return;
+        };
+        if m.attempts == 0 && m.timer_gen == 0 {
+            if let Some(d) = m.deadline {
+                m.timer_gen = next_gen(0);
+                self.timers.push(Reverse((d, seq, WAITING)));
+            }
+        }
+    }
+
+    /// First transmissions and retransmissions that waited for node credit.
+    pub(crate) fn node_waits(&self) -> u64 {
+        self.node_waits
     }
 
     /// A credit probe is due: send [`crate::wire::CreditProbe`] for this stream.
@@ -451,6 +507,18 @@ impl OutboundStream {
         self.queue_retransmit(seq);
     }
 
+    /// The receiver refused `seq` for good: settle it (no RTT sample, no retry budget
+    /// earned) and report the reason. A reject for a seq already settled is ignored.
+    pub(crate) fn handle_reject(&mut self, seq: u64, reason: crate::wire::RejectReason) {
+        let Some(idx) = self.index(seq) else {
+            return;
+        };
+        if self.slots[idx].take().is_some() {
+            self.events.push_back(OutEvent::Rejected { seq, reason });
+            self.compact();
+        }
+    }
+
     /// A connection came (back) up, or the receiver restarted: everything unacked may have
     /// been lost with the old connection, so retransmit it now rather than after an RTO.
     pub(crate) fn handle_reconnect(&mut self) {
@@ -512,7 +580,7 @@ impl OutboundStream {
         self.hinted.remove(&seq);
     }
 
-    fn id_floor(&self) -> u64 {
+    pub(crate) fn id_floor(&self) -> u64 {
         match self.hinted.first() {
             Some(&h) => h.min(self.base),
             None => self.base,

@@ -92,15 +92,20 @@ use tokio::task::{JoinHandle, JoinSet};
 /// - `read_timeout`: 30 s (a frame whose first bytes arrived must be complete by then)
 /// - `max_connections_per_ip`: 64 accepted connections per remote IP address
 /// - `stale_after`: 10 s (a connection silent this long yields to a new incarnation)
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TcpConfig {
     /// Give up one connect attempt after this long.
+    #[serde(with = "crate::config_serde::duration")]
     pub connect_timeout: Duration,
     /// Close a connection whose peer has not completed the handshake after this long.
+    #[serde(with = "crate::config_serde::duration")]
     pub handshake_timeout: Duration,
     /// First redial delay.
+    #[serde(with = "crate::config_serde::duration")]
     pub backoff_min: Duration,
     /// Largest redial delay.
+    #[serde(with = "crate::config_serde::duration")]
     pub backoff_max: Duration,
     /// Largest frame body accepted or sent.
     pub max_frame_len: usize,
@@ -121,6 +126,7 @@ pub struct TcpConfig {
     /// Close a connection (counted in `read_timeouts`) when a frame it started is not
     /// complete after this long: a stalled or trickling peer cannot pin a connection
     /// and its buffer. An idle connection between frames is not affected.
+    #[serde(with = "crate::config_serde::duration")]
     pub read_timeout: Duration,
     /// Accepted connections (handshaking or established) one remote IP address may
     /// hold; further ones are closed at once (`rejected_ip_limit`).
@@ -128,6 +134,7 @@ pub struct TcpConfig {
     /// A peer's connection counts as alive while it received bytes within this long
     /// (the node's heartbeats keep it busy); while alive, a second incarnation of the
     /// same node id is refused rather than allowed to replace it.
+    #[serde(with = "crate::config_serde::duration")]
     pub stale_after: Duration,
 }
 
@@ -702,6 +709,10 @@ struct Established {
     slot: Option<IpSlot>,
 }
 
+/// How long a shutting-down transport waits for connected writers to drain their
+/// queues before it closes the connections.
+const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
+
 /// A peer's outbound frames, shared by the manager (producer) and the current writer.
 #[derive(Debug, Default)]
 struct PeerQueue {
@@ -1018,6 +1029,20 @@ impl Manager {
     async fn shutdown(mut self) {
         self.acceptor.abort();
         let _ = (&mut self.acceptor).await;
+        // Give connected writers a moment to put what is queued on the wire (the last
+        // acks, a clean shutdown's finish frames): bounded, never a hang.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
+        while tokio::time::Instant::now() < deadline {
+            let pending = self
+                .peers
+                .values()
+                .any(|p| p.conn.is_some() && !p.queue.lock().frames.is_empty());
+            if !pending {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::task::yield_now().await;
         for (_, p) in self.peers.drain() {
             if let Some(d) = p.dialer {
                 d.abort();

@@ -35,6 +35,9 @@ use std::sync::Arc;
 
 pub use rustls;
 
+mod files;
+pub use files::{TlsFiles, TlsFilesError};
+
 /// The DNS subject alternative name that identifies `node` (see the module docs).
 ///
 /// ```

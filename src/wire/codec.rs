@@ -20,7 +20,9 @@
 //! decoder rejects a bigger length prefix with [`DecodeError::TooLarge`] before reading
 //! or allocating anything for it.
 
-use super::frame::{Ack, CreditProbe, Data, Frame, Handshake, Heartbeat, Nack, SeqRange};
+use super::frame::{
+    Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject, SeqRange,
+};
 use super::version::PROTOCOL_VERSION;
 use crate::id::{ChannelId, Guarantee, MessageId};
 use bincode::de::{read::Reader, Decode, DecoderImpl};
@@ -54,10 +56,12 @@ pub enum EncodeError {
     },
     /// The connection's protocol version has no such frame; nothing was written. The
     /// protocol never produces one for such a peer (a bug if seen).
-    #[error("{frame} frames need protocol version 2 or later (connection speaks {version})")]
+    #[error("{frame} frames need protocol version {since} or later (connection speaks {version})")]
     Unsupported {
         /// The frame type.
         frame: &'static str,
+        /// The first protocol version with the frame.
+        since: u16,
         /// The connection's version.
         version: u16,
     },
@@ -151,9 +155,17 @@ impl FrameEncoder {
                 });
             }
         }
-        if matches!(frame, Frame::CreditProbe(_)) && self.version < 2 {
+        let needs = match frame {
+            Frame::CreditProbe(_) => Some(("CreditProbe", 2)),
+            Frame::Reject(_) => Some(("Reject", 3)),
+            Frame::Finish(_) => Some(("Finish", 3)),
+            Frame::NodeCredit(_) => Some(("NodeCredit", 3)),
+            _ => None,
+        };
+        if let Some((name, since)) = needs.filter(|(_, since)| self.version < *since) {
             return Err(EncodeError::Unsupported {
-                frame: "CreditProbe",
+                frame: name,
+                since,
                 version: self.version,
             });
         }
@@ -269,6 +281,12 @@ const KIND_PING: u8 = 4;
 const KIND_PONG: u8 = 5;
 /// Protocol version 2 on.
 const KIND_CREDIT_PROBE: u8 = 6;
+/// Protocol version 3 on.
+const KIND_REJECT: u8 = 7;
+/// Protocol version 3 on.
+const KIND_FINISH: u8 = 8;
+/// Protocol version 3 on.
+const KIND_NODE_CREDIT: u8 = 9;
 
 fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
@@ -283,6 +301,9 @@ fn kind_of(frame: &Frame) -> u8 {
         Frame::Ping(_) => KIND_PING,
         Frame::Pong(_) => KIND_PONG,
         Frame::CreditProbe(_) => KIND_CREDIT_PROBE,
+        Frame::Reject(_) => KIND_REJECT,
+        Frame::Finish(_) => KIND_FINISH,
+        Frame::NodeCredit(_) => KIND_NODE_CREDIT,
     }
 }
 
@@ -303,6 +324,18 @@ fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
     // results are always Ok; ignoring them cannot lose data silently.
     let _ = match frame {
         Frame::Handshake(h) => bincode::encode_into_writer(h, w, cfg),
+        Frame::Data(d) if version < 3 => bincode::encode_into_writer(
+            (
+                d.channel,
+                d.seq,
+                d.floor,
+                d.floor.saturating_sub(d.id_floor),
+                d.id,
+                d.guarantee,
+            ),
+            w,
+            cfg,
+        ),
         Frame::Data(d) => bincode::encode_into_writer(
             (
                 d.channel,
@@ -311,6 +344,7 @@ fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
                 d.floor.saturating_sub(d.id_floor),
                 d.id,
                 d.guarantee,
+                d.schema,
             ),
             w,
             cfg,
@@ -333,6 +367,9 @@ fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
         Frame::Nack(n) => bincode::encode_into_writer(n, w, cfg),
         Frame::Ping(h) | Frame::Pong(h) => bincode::encode_into_writer(h, w, cfg),
         Frame::CreditProbe(p) => bincode::encode_into_writer(p, w, cfg),
+        Frame::Reject(r) => bincode::encode_into_writer(r, w, cfg),
+        Frame::Finish(f) => bincode::encode_into_writer(f, w, cfg),
+        Frame::NodeCredit(c) => bincode::encode_into_writer(c, w, cfg),
     };
 }
 
@@ -391,6 +428,11 @@ fn decode_body(mut body: BytesMut, version: u16) -> Result<Frame, DecodeError> {
                 let id_floor = floor.saturating_sub(id_gap);
                 let id = Option::<MessageId>::decode(&mut dec).map_err(malformed)?;
                 let guarantee = Guarantee::decode(&mut dec).map_err(malformed)?;
+                let schema = if version >= 3 {
+                    u32::decode(&mut dec).map_err(malformed)?
+                } else {
+                    0
+                };
                 Frame::Data(Data {
                     channel,
                     seq,
@@ -398,6 +440,7 @@ fn decode_body(mut body: BytesMut, version: u16) -> Result<Frame, DecodeError> {
                     id_floor,
                     id,
                     guarantee,
+                    schema,
                     payload: Bytes::new(),
                 })
             }
@@ -407,6 +450,15 @@ fn decode_body(mut body: BytesMut, version: u16) -> Result<Frame, DecodeError> {
             KIND_PONG => Frame::Pong(Heartbeat::decode(&mut dec).map_err(malformed)?),
             KIND_CREDIT_PROBE if version >= 2 => {
                 Frame::CreditProbe(CreditProbe::decode(&mut dec).map_err(malformed)?)
+            }
+            KIND_REJECT if version >= 3 => {
+                Frame::Reject(Reject::decode(&mut dec).map_err(malformed)?)
+            }
+            KIND_FINISH if version >= 3 => {
+                Frame::Finish(Finish::decode(&mut dec).map_err(malformed)?)
+            }
+            KIND_NODE_CREDIT if version >= 3 => {
+                Frame::NodeCredit(NodeCredit::decode(&mut dec).map_err(malformed)?)
             }
             other => {
                 return Err(DecodeError::Malformed(format!(
@@ -483,6 +535,7 @@ mod tests {
             id: Some(MessageId::Key(IdKey(u128::MAX))),
             guarantee: Guarantee::EffectivelyOnce,
             payload: Bytes::from_static(payload),
+            schema: 0,
         })
     }
 

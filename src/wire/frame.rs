@@ -25,6 +25,41 @@ pub enum Frame {
     /// current grant; the receiver answers with an [`Ack`] carrying it. Carries no
     /// message, so probing never puts a stream past its credit.
     CreditProbe(CreditProbe),
+    /// Protocol version 3: the receiver settled a message without processing it and
+    /// says why; the sender's receipt fails with that reason at once.
+    Reject(Reject),
+    /// Protocol version 3: the sending node run shuts down cleanly and will send
+    /// nothing more on the stream `(connection origin → receiver, channel)`; the
+    /// receiver may retire the stream's dedup state once `last_seq` is settled.
+    Finish(Finish),
+    /// Protocol version 3: the receiver's credit for everything the sending node sends
+    /// it on this connection (all streams together), like HTTP/2's connection window.
+    NodeCredit(NodeCredit),
+}
+
+/// Node-level credit (protocol version 3).
+///
+/// Both ends count the data frames the sender put on the current connection (every
+/// transmission, retransmissions included; the count restarts with each connection).
+/// The sender may put data frame number `limit` on the connection, not `limit + 1`,
+/// until a larger limit arrives. Limits only grow on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct NodeCredit {
+    /// The highest data-frame count the sender may reach.
+    pub limit: u64,
+}
+
+/// The sender's run is done with a stream (protocol version 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Finish {
+    /// Channel of the stream.
+    pub channel: ChannelId,
+    /// The last seq the run sent on the stream (0: none).
+    pub last_seq: u64,
+    /// As [`Data::id_floor`]: every library-assigned id of the stream below it is
+    /// settled for good (a message still waiting in a hint store keeps it below its
+    /// seq, so its replay is still recognised).
+    pub id_floor: u64,
 }
 
 /// Opening frame: who is speaking and which protocol version it speaks.
@@ -58,6 +93,11 @@ pub struct Data {
     pub id: Option<MessageId>,
     /// The guarantee the sender asked for; tells the receiver whether to dedup and ack.
     pub guarantee: Guarantee,
+    /// Protocol version 3: fingerprint of the payload's type, from a typed sender
+    /// (`0`: unchecked — raw senders, hint replays, older versions, or a channel with
+    /// the type check turned off). A typed receiver with another non-zero fingerprint
+    /// rejects the message ([`RejectReason::TypeMismatch`]) instead of decoding it.
+    pub schema: u32,
     /// The application payload, opaque to the protocol.
     pub payload: Bytes,
 }
@@ -118,3 +158,114 @@ pub struct Heartbeat {
     /// Opaque value echoed by the pong.
     pub nonce: u64,
 }
+
+/// The receiver will not process a message (protocol version 3).
+///
+/// Refers to the stream `(receiver of this frame, incarnation, channel)` like [`Ack`].
+/// A receiver sends it before any ack that covers `seq`, and again for every
+/// retransmission of `seq` and after a reconnection until the sender's floor passes it,
+/// so a sender learns the reason even when a connection drops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Reject {
+    /// Channel of the stream.
+    pub channel: ChannelId,
+    /// Incarnation of the stream's origin.
+    pub incarnation: u64,
+    /// Stream seq of the refused message.
+    pub seq: u64,
+    /// Why.
+    pub reason: RejectReason,
+}
+
+/// Why a receiver refused a message for good.
+///
+/// On the wire a single byte; a code this build does not know decodes as
+/// [`RejectReason::Other`], so newer receivers can add reasons without breaking older
+/// senders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// No receiver is registered for the channel on the target node, and none appeared
+    /// within the grace period ([`crate::proto::ProtoConfig::no_receiver_grace`]).
+    NoReceiver,
+    /// The target's authorization refuses this sender on this channel (or refuses the
+    /// message id it claims).
+    Unauthorized,
+    /// The receiver's typed channel could not decode the payload; the message went to
+    /// the receiver's dead letters.
+    Undecodable,
+    /// The message was delivered (and nacked or dropped) as many times as the
+    /// receiver's channel allows; it went to the receiver's dead letters.
+    DeadLettered,
+    /// The payload's type (its fingerprint, see [`Data::schema`]) is not the typed
+    /// receiver's type; nothing was delivered.
+    TypeMismatch,
+    /// The sending incarnation's stream was retired by the receiver's dedup table (a
+    /// very late message of a finished or long-dead sender run); processing it could
+    /// process a message twice.
+    StreamRetired,
+    /// A reason code this build does not know (sent by a newer receiver).
+    Other(u8),
+}
+
+impl RejectReason {
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            RejectReason::NoReceiver => 1,
+            RejectReason::Unauthorized => 2,
+            RejectReason::Undecodable => 3,
+            RejectReason::DeadLettered => 4,
+            RejectReason::StreamRetired => 5,
+            RejectReason::TypeMismatch => 6,
+            RejectReason::Other(c) => c,
+        }
+    }
+
+    /// The reason a wire code stands for.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            1 => RejectReason::NoReceiver,
+            2 => RejectReason::Unauthorized,
+            3 => RejectReason::Undecodable,
+            4 => RejectReason::DeadLettered,
+            5 => RejectReason::StreamRetired,
+            6 => RejectReason::TypeMismatch,
+            c => RejectReason::Other(c),
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RejectReason::NoReceiver => f.write_str("no receiver on the channel"),
+            RejectReason::Unauthorized => f.write_str("not authorized"),
+            RejectReason::Undecodable => f.write_str("payload not decodable by the receiver"),
+            RejectReason::DeadLettered => f.write_str("dead-lettered after too many deliveries"),
+            RejectReason::StreamRetired => f.write_str("sender stream retired by the receiver"),
+            RejectReason::TypeMismatch => {
+                f.write_str("payload type differs from the receiver's type")
+            }
+            RejectReason::Other(c) => write!(f, "rejected (reason code {c})"),
+        }
+    }
+}
+
+impl Encode for RejectReason {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        encoder: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        self.code().encode(encoder)
+    }
+}
+
+impl<Ctx> Decode<Ctx> for RejectReason {
+    fn decode<D: bincode::de::Decoder<Context = Ctx>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        Ok(RejectReason::from_code(u8::decode(decoder)?))
+    }
+}
+bincode::impl_borrow_decode!(RejectReason);

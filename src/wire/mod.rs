@@ -11,7 +11,10 @@ pub use codec::{
     encode, DecodeError, EncodeError, FrameDecoder, FrameEncoder, DEFAULT_MAX_FRAME_LEN,
     FRAME_PREFIX_LEN, WIRE_FORMAT_VERSION,
 };
-pub use frame::{Ack, CreditProbe, Data, Frame, Handshake, Heartbeat, Nack, SeqRange};
+pub use frame::{
+    Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject,
+    RejectReason, SeqRange,
+};
 pub use version::{
     parse_probe, probe, IncompatibleVersion, Negotiation, NegotiationError, NegotiationStep,
     UnsupportedRange, VersionRange, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,

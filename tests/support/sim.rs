@@ -477,6 +477,7 @@ impl Sim {
                     peer: RECEIVER,
                     channel: CHANNEL,
                     guarantee: g,
+                    schema: 0,
                     payload: Bytes::from(payload),
                     id: id_key.map(MessageId::Key),
                     deadline: None,

@@ -51,6 +51,7 @@ pub fn data(max_payload: usize) -> impl Strategy<Value = Frame> {
                 id_floor: floor.saturating_sub(id_gap),
                 id,
                 guarantee,
+                schema: 0,
                 payload: Bytes::from(payload),
             })
         })
