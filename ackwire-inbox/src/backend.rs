@@ -86,7 +86,17 @@ pub(crate) mod sealed {
             to: i64,
         ) -> impl Future<Output = sqlx::Result<u64>> + Send;
 
-        /// Rows in the outbox.
+        /// Set row `seq` aside as rejected for good, with `reason`.
+        fn mark_rejected(
+            pool: &sqlx::Pool<Self>,
+            seq: i64,
+            reason: &str,
+        ) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
+        /// Rows set aside as rejected.
+        fn rejected(pool: &sqlx::Pool<Self>) -> impl Future<Output = sqlx::Result<i64>> + Send;
+
+        /// Rows waiting to be sent (not rejected).
         fn pending(pool: &sqlx::Pool<Self>) -> impl Future<Output = sqlx::Result<i64>> + Send;
 
         /// What a relay holds while it is the one relay that sends.
@@ -180,9 +190,11 @@ mod sqlite {
         }
 
         async fn streams(pool: &Pool<Self>) -> sqlx::Result<Vec<(i64, i64)>> {
-            let rows = sqlx::query("SELECT DISTINCT target, channel FROM ackwire_outbox")
-                .fetch_all(pool)
-                .await?;
+            let rows = sqlx::query(
+                "SELECT DISTINCT target, channel FROM ackwire_outbox WHERE rejected IS NULL",
+            )
+            .fetch_all(pool)
+            .await?;
             rows.iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
                 .collect()
@@ -196,7 +208,7 @@ mod sqlite {
         ) -> sqlx::Result<Vec<OutboxRow>> {
             let rows = sqlx::query(
                 "SELECT seq, key, payload FROM ackwire_outbox \
-                 WHERE target = ?1 AND channel = ?2 ORDER BY seq LIMIT ?3",
+                 WHERE target = ?1 AND channel = ?2 AND rejected IS NULL ORDER BY seq LIMIT ?3",
             )
             .bind(target)
             .bind(channel)
@@ -223,7 +235,7 @@ mod sqlite {
         ) -> sqlx::Result<u64> {
             let done = sqlx::query(
                 "DELETE FROM ackwire_outbox WHERE target = ?1 AND channel = ?2 \
-                 AND seq BETWEEN ?3 AND ?4",
+                 AND seq BETWEEN ?3 AND ?4 AND rejected IS NULL",
             )
             .bind(target)
             .bind(channel)
@@ -234,8 +246,24 @@ mod sqlite {
             Ok(done.rows_affected())
         }
 
+        async fn mark_rejected(pool: &Pool<Self>, seq: i64, reason: &str) -> sqlx::Result<u64> {
+            let done = sqlx::query("UPDATE ackwire_outbox SET rejected = ?1 WHERE seq = ?2")
+                .bind(reason)
+                .bind(seq)
+                .execute(pool)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn rejected(pool: &Pool<Self>) -> sqlx::Result<i64> {
+            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox WHERE rejected IS NOT NULL")
+                .fetch_one(pool)
+                .await?
+                .try_get(0)
+        }
+
         async fn pending(pool: &Pool<Self>) -> sqlx::Result<i64> {
-            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox")
+            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox WHERE rejected IS NULL")
                 .fetch_one(pool)
                 .await?
                 .try_get(0)
@@ -361,9 +389,11 @@ mod postgres {
         }
 
         async fn streams(pool: &Pool<Self>) -> sqlx::Result<Vec<(i64, i64)>> {
-            let rows = sqlx::query("SELECT DISTINCT target, channel FROM ackwire_outbox")
-                .fetch_all(pool)
-                .await?;
+            let rows = sqlx::query(
+                "SELECT DISTINCT target, channel FROM ackwire_outbox WHERE rejected IS NULL",
+            )
+            .fetch_all(pool)
+            .await?;
             rows.iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
                 .collect()
@@ -377,7 +407,7 @@ mod postgres {
         ) -> sqlx::Result<Vec<OutboxRow>> {
             let rows = sqlx::query(
                 "SELECT seq, key, payload FROM ackwire_outbox \
-                 WHERE target = $1 AND channel = $2 ORDER BY seq LIMIT $3",
+                 WHERE target = $1 AND channel = $2 AND rejected IS NULL ORDER BY seq LIMIT $3",
             )
             .bind(target)
             .bind(channel)
@@ -404,7 +434,7 @@ mod postgres {
         ) -> sqlx::Result<u64> {
             let done = sqlx::query(
                 "DELETE FROM ackwire_outbox WHERE target = $1 AND channel = $2 \
-                 AND seq BETWEEN $3 AND $4",
+                 AND seq BETWEEN $3 AND $4 AND rejected IS NULL",
             )
             .bind(target)
             .bind(channel)
@@ -415,8 +445,24 @@ mod postgres {
             Ok(done.rows_affected())
         }
 
+        async fn mark_rejected(pool: &Pool<Self>, seq: i64, reason: &str) -> sqlx::Result<u64> {
+            let done = sqlx::query("UPDATE ackwire_outbox SET rejected = $1 WHERE seq = $2")
+                .bind(reason)
+                .bind(seq)
+                .execute(pool)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn rejected(pool: &Pool<Self>) -> sqlx::Result<i64> {
+            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox WHERE rejected IS NOT NULL")
+                .fetch_one(pool)
+                .await?
+                .try_get(0)
+        }
+
         async fn pending(pool: &Pool<Self>) -> sqlx::Result<i64> {
-            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox")
+            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox WHERE rejected IS NULL")
                 .fetch_one(pool)
                 .await?
                 .try_get(0)

@@ -139,6 +139,32 @@ scenarios! {
         quiet(&mut rx, Duration::from_millis(300)).await;
     }
 
+    async fn a_row_its_target_dead_letters_is_set_aside_and_the_stream_moves_on(pool) {
+        // The target cannot decode row 1 (a payload of another type, enqueued raw): it
+        // dead-letters it, and would acknowledge a resend without processing it. The
+        // relay must keep the row (set aside), not delete it as delivered, and go on.
+        let (_rx_node, mut rx, node) = nodes_on_loopback(true).await;
+        let outbox = Outbox::<DB>::new();
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue_raw(&mut tx, RECEIVER, CH, IdKey(1), &[0xff; 3]).await.unwrap();
+        outbox.enqueue(&mut tx, RECEIVER, CH, IdKey(2), &(2u64, "order-2".to_string())).await.unwrap();
+        tx.commit().await.unwrap();
+        let relay = outbox.relay(node, pool.clone(), quick_retry()).unwrap();
+        assert_eq!(collect(&mut rx, 1, Duration::from_secs(20)).await, [2], "the stream moves on");
+        assert!(eventually(Duration::from_secs(5), || async { relay.stats().rejected == 1 }).await);
+        assert_eq!(Outbox::<DB>::rejected(&pool).await.unwrap(), 1, "set aside, not deleted");
+        assert!(eventually(Duration::from_secs(5), || async { relay.stats().delivered == 1 }).await);
+        let p = pool.clone();
+        assert!(eventually(Duration::from_secs(5), || {
+            let p = p.clone();
+            async move { Outbox::<DB>::pending(&p).await.unwrap() == 0 }
+        }).await);
+        let (seq, reason): (i64, Option<String>) =
+            sqlx::query_as("SELECT seq, rejected FROM ackwire_outbox").fetch_one(&pool).await.unwrap();
+        assert_eq!(reason.as_deref(), Some("Undecodable"), "row {seq}");
+        assert_eq!(relay.stats().sent, 2, "never resent");
+    }
+
     async fn malformed_rows_hold_their_stream_and_are_counted(pool) {
         let (rx_node, mut rx, node) = nodes_on_loopback(true).await;
         let mut rx2 = rx_node.receiver::<(u64, String)>(CH2, false).unwrap();
