@@ -15,8 +15,11 @@
 //!
 //! * a handler that crashes **after its effect committed but before `ack()`** sees
 //!   the message again. ackwire's durable dedup does not help: its record is written
-//!   when the ack is, after the effect, so a kill between the two applies the effect
-//!   twice (`tests/crash_processes.rs` in ackwire counts these). With the inbox the
+//!   when the ack is (`ack()`, or `ack_durable()` which waits for its fsync), after
+//!   the effect's commit, so a kill between the two applies the effect twice
+//!   (`tests/kill9.rs`,
+//!   `receiver_kill9_between_commit_and_ack_with_durable_dedup_applies_effects_twice`,
+//!   shows it). With the inbox the
 //!   claim row and the effect are one commit: either both are there (the redelivery
 //!   finds [`Claim::Duplicate`]) or neither (the redelivery applies it for the first
 //!   time). `tests/kill9.rs` kills receivers in exactly that window, repeatedly, and
@@ -52,8 +55,8 @@
 //! application owns ([`sqlx::Transaction`]), which is exactly what a claim inside
 //! "your" transaction needs. It is widely used and actively kept. Alternatives had a
 //! database each (rusqlite is synchronous, tokio-postgres is PostgreSQL-only), so every
-//! statement would have been written twice against two APIs; diesel-async has no
-//! SQLite backend.
+//! statement would have been written twice against two APIs; diesel-async reaches
+//! SQLite only through a wrapper around the synchronous driver.
 //!
 //! ## The handler pattern (inbox)
 //!
