@@ -77,7 +77,7 @@
 pub(crate) mod log;
 mod segment;
 mod streams;
-mod sync;
+pub(crate) mod sync;
 mod table;
 mod window;
 

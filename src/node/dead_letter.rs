@@ -3,10 +3,19 @@
 //! receiver's type. Kept in a bounded in-memory queue the application drains with
 //! [`Node::dead_letters`](super::Node::dead_letters).
 //!
+//! Optionally durable ([`NodeConfig::dead_letter_dir`](super::NodeConfig::dead_letter_dir)):
+//! each dead letter is then also appended to a crc-checked log (the hint store's
+//! segment format: magic + version header, crc32c per record, torn-tail truncation and
+//! corrupt-record skipping on recovery; fsynced before the sender is told), reloaded
+//! when the node starts again, and removed from it once handed to the application.
+//! The payload of a log record is an envelope: `[u8 version = 1][u64 LE origin
+//! node][u64 LE origin incarnation][u32 LE deliveries][u8 reason][message bytes]`.
+//!
 //! Owns the queue and its handle; must not decide what is dead (that is the protocol's
 //! delivery count and the typed receiver's decode check).
 
-use crate::id::{ChannelId, MessageId, Origin};
+use crate::handoff::{FsyncPolicy, Hint, HintPos, HintStore, HintStoreConfig};
+use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -49,9 +58,59 @@ pub struct DeadLetter {
 
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<DeadLetter>,
+    /// Letters, with their position in the durable log (if any).
+    queue: VecDeque<(DeadLetter, Option<HintPos>)>,
     wakers: Vec<Waker>,
     closed: bool,
+}
+
+/// Version byte of the log record envelope.
+const ENVELOPE_VERSION: u8 = 1;
+/// Envelope bytes before the message.
+const ENVELOPE_LEN: usize = 1 + 8 + 8 + 4 + 1;
+/// Every record is filed under this pseudo target.
+const LOG_TARGET: NodeId = NodeId(0);
+
+fn reason_code(r: DeadLetterReason) -> u8 {
+    match r {
+        DeadLetterReason::MaxDeliveries => 1,
+        DeadLetterReason::Undecodable => 2,
+    }
+}
+
+fn envelope(letter: &DeadLetter) -> Bytes {
+    let mut b = Vec::with_capacity(ENVELOPE_LEN + letter.message.len());
+    b.push(ENVELOPE_VERSION);
+    b.extend_from_slice(&letter.from.node.0.to_le_bytes());
+    b.extend_from_slice(&letter.from.incarnation.to_le_bytes());
+    b.extend_from_slice(&letter.deliveries.to_le_bytes());
+    b.push(reason_code(letter.reason));
+    b.extend_from_slice(&letter.message);
+    Bytes::from(b)
+}
+
+fn open_envelope(hint: Hint) -> Option<DeadLetter> {
+    let p = &hint.payload;
+    if p.len() < ENVELOPE_LEN || p[0] != ENVELOPE_VERSION {
+        return None;
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().unwrap_or_default());
+    let reason = match p[21] {
+        1 => DeadLetterReason::MaxDeliveries,
+        2 => DeadLetterReason::Undecodable,
+        _ => return None,
+    };
+    Some(DeadLetter {
+        message: hint.payload.slice(ENVELOPE_LEN..),
+        id: hint.id,
+        from: Origin {
+            node: NodeId(u64_at(1)),
+            incarnation: u64_at(9),
+        },
+        channel: hint.channel,
+        deliveries: u32::from_le_bytes(p[17..21].try_into().unwrap_or_default()),
+        reason,
+    })
 }
 
 /// The node's dead-letter queue (shared by the driver and every [`DeadLetters`]).
@@ -60,6 +119,9 @@ pub(crate) struct DeadLetterQueue {
     state: Mutex<State>,
     capacity: usize,
     dropped: AtomicU64,
+    /// The durable log, when configured.
+    log: Option<Mutex<HintStore>>,
+    not_persisted: AtomicU64,
 }
 
 impl DeadLetterQueue {
@@ -68,7 +130,97 @@ impl DeadLetterQueue {
             state: Mutex::new(State::default()),
             capacity,
             dropped: AtomicU64::new(0),
+            log: None,
+            not_persisted: AtomicU64::new(0),
         }
+    }
+
+    /// A queue backed by the log in `dir`, holding what the log still has (letters
+    /// written by an earlier run and not yet taken). Records that fail their checksum,
+    /// or whose envelope does not parse, are skipped and counted by the store.
+    pub(crate) fn durable(
+        capacity: usize,
+        dir: &std::path::Path,
+    ) -> Result<Self, crate::handoff::HintError> {
+        let err = |e| e;
+        let config = HintStoreConfig {
+            fsync: FsyncPolicy::Always,
+            ..HintStoreConfig::new(dir)
+        };
+        let (mut store, report) = HintStore::open(config).map_err(err)?;
+        let mut queue = VecDeque::new();
+        loop {
+            let batch = store.next_batch(LOG_TARGET, 1 << 20, 0).map_err(err)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (pos, hint) in batch {
+                match open_envelope(hint) {
+                    Some(letter) => queue.push_back((letter, Some(pos))),
+                    None => {
+                        tracing::warn!("dead-letter log record with an unknown envelope skipped");
+                        let _ = store.mark_delivered(LOG_TARGET, pos);
+                    }
+                }
+            }
+        }
+        if !queue.is_empty() || report.corrupt_regions > 0 || report.torn_tails > 0 {
+            tracing::info!(
+                recovered = queue.len(),
+                corrupt_regions = report.corrupt_regions,
+                torn_tails = report.torn_tails,
+                "dead letters recovered from the log"
+            );
+        }
+        Ok(DeadLetterQueue {
+            state: Mutex::new(State {
+                queue,
+                ..State::default()
+            }),
+            capacity,
+            dropped: AtomicU64::new(0),
+            log: Some(Mutex::new(store)),
+            not_persisted: AtomicU64::new(0),
+        })
+    }
+
+    /// Append `letter` to the log (fsynced), if there is one.
+    fn persist(&self, letter: &DeadLetter) -> Option<HintPos> {
+        let log = self.log.as_ref()?;
+        let hint = Hint {
+            target: LOG_TARGET,
+            id: letter.id,
+            channel: letter.channel,
+            guarantee: Guarantee::EffectivelyOnce,
+            created_unix_ms: crate::handoff::unix_ms(std::time::SystemTime::now()),
+            // Kept until taken: a dead letter does not expire.
+            ttl_ms: u64::MAX / 4,
+            payload: envelope(letter),
+        };
+        let mut store = log.lock().unwrap_or_else(|e| e.into_inner());
+        match store.append(hint, None, std::time::Instant::now()) {
+            Ok(pos) => Some(pos),
+            Err(e) => {
+                let total = self.not_persisted.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(id = %letter.id, error = %e, total, "dead letter not written to its log (kept in memory only)");
+                None
+            }
+        }
+    }
+
+    /// The letter left the queue: remove it from the log too.
+    fn forget(&self, pos: Option<HintPos>) {
+        if let (Some(log), Some(pos)) = (self.log.as_ref(), pos) {
+            let mut store = log.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = store.mark_delivered(LOG_TARGET, pos) {
+                tracing::warn!(error = %e, "dead letter not marked taken in its log; it may be seen again after a restart");
+            }
+        }
+    }
+
+    /// Letters that could not be written to the durable log.
+    pub(crate) fn not_persisted(&self) -> u64 {
+        self.not_persisted.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -78,21 +230,27 @@ impl DeadLetterQueue {
     /// Keep `letter`. At capacity the oldest letter is dropped, counted and logged.
     pub(crate) fn push(&self, letter: DeadLetter) {
         tracing::debug!(id = %letter.id, channel = letter.channel.0, from = %letter.from, deliveries = letter.deliveries, reason = ?letter.reason, "dead letter");
-        let wakers = {
+        if self.capacity == 0 {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let pos = self.persist(&letter);
+        let (wakers, evicted) = {
             let mut st = self.lock();
+            let mut evicted = None;
             if st.queue.len() >= self.capacity {
-                if let Some(old) = st.queue.pop_front() {
+                if let Some((old, old_pos)) = st.queue.pop_front() {
                     let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                     tracing::warn!(id = %old.id, total, capacity = self.capacity, "dead-letter queue full: oldest dead letter dropped (drain Node::dead_letters)");
+                    evicted = Some(old_pos);
                 }
             }
-            if self.capacity > 0 {
-                st.queue.push_back(letter);
-            } else {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            std::mem::take(&mut st.wakers)
+            st.queue.push_back((letter, pos));
+            (std::mem::take(&mut st.wakers), evicted)
         };
+        if let Some(old_pos) = evicted {
+            self.forget(old_pos);
+        }
         wakers.into_iter().for_each(Waker::wake);
     }
 
@@ -132,13 +290,17 @@ impl DeadLetters {
 
     /// The next dead letter if one is queued now.
     pub fn try_recv(&mut self) -> Option<DeadLetter> {
-        self.queue.lock().queue.pop_front()
+        let (letter, pos) = self.queue.lock().queue.pop_front()?;
+        self.queue.forget(pos);
+        Some(letter)
     }
 
     /// Poll for the next dead letter.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<DeadLetter>> {
         let mut st = self.queue.lock();
-        if let Some(letter) = st.queue.pop_front() {
+        if let Some((letter, pos)) = st.queue.pop_front() {
+            drop(st);
+            self.queue.forget(pos);
             return Poll::Ready(Some(letter));
         }
         if st.closed {

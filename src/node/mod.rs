@@ -7,6 +7,8 @@
 //! feed the endpoint; then poll the endpoint → write frames, hand deliveries to
 //! receivers, resolve receipts, and reset the single `Sleep` to the earliest deadline.
 
+mod batch;
+pub(crate) mod completions;
 mod dead_letter;
 #[cfg(feature = "tower")]
 mod service;
@@ -249,6 +251,12 @@ pub struct NodeConfig {
     /// (counted in [`Stats::dead_letters_dropped`], logged at warn). Default `10 000`;
     /// at most `2^24`.
     pub dead_letter_capacity: usize,
+    /// Keep dead letters durably in this directory (a crc-checked log, fsynced before
+    /// the sender is told): a restarted node finds the letters it had not handed out
+    /// yet in [`Node::dead_letters`]. A letter leaves the log when it is handed to the
+    /// application (one taken just before a crash may be seen again). Default `None`:
+    /// in memory only, lost with the process.
+    pub dead_letter_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -268,6 +276,7 @@ impl Default for NodeConfig {
             fail_fast_when_down: true,
             authorization: crate::proto::Authorization::default(),
             dead_letter_capacity: 10_000,
+            dead_letter_dir: None,
         }
     }
 }
@@ -523,6 +532,9 @@ pub struct Stats {
     /// Dead letters dropped because [`Node::dead_letters`] was not drained and the
     /// queue was at [`NodeConfig::dead_letter_capacity`].
     pub dead_letters_dropped: u64,
+    /// Dead letters that could not be written to [`NodeConfig::dead_letter_dir`] (kept
+    /// in memory only; logged at warn).
+    pub dead_letters_not_persisted: u64,
 }
 
 /// Builds a [`Node`].
@@ -670,6 +682,10 @@ impl NodeBuilder {
         for peer in &watched {
             detector.heartbeat(*peer, start); // watched from the start
         }
+        let dead_letters = match &self.config.dead_letter_dir {
+            Some(dir) => DeadLetterQueue::durable(self.config.dead_letter_capacity, dir)?,
+            None => DeadLetterQueue::new(self.config.dead_letter_capacity),
+        };
         let (health_tx, _) = broadcast::channel(256);
         let handoff_on_down = self.config.handoff.as_ref().is_some_and(|h| h.on_down);
         let mut endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
@@ -687,7 +703,7 @@ impl NodeBuilder {
             decode_warned: Mutex::new(None),
             no_receiver: AtomicU64::new(0),
             no_receiver_warned: Mutex::new(None),
-            dead_letters: Arc::new(DeadLetterQueue::new(self.config.dead_letter_capacity)),
+            dead_letters: Arc::new(dead_letters),
             known: Mutex::new(watched.iter().copied().collect()),
             any_peer: self.config.allow_dynamic_peers || dials_by_id,
             fail_fast_down: self.config.fail_fast_when_down && !handoff_on_down,
@@ -701,7 +717,12 @@ impl NodeBuilder {
             receipts: Default::default(),
             receivers: HashMap::new(),
             shared: shared.clone(),
-            self_tx: cmd_tx.clone(),
+            completions: Arc::new(Completions {
+                stack: completions::CompletionStack::new(),
+                wake: tokio::sync::Notify::new(),
+                commands: cmd_tx.clone(),
+            }),
+            completed: Vec::new(),
             outbox: HashMap::new(),
             detector,
             heartbeat_every: self.config.heartbeat_interval,
@@ -1384,18 +1405,27 @@ impl<T: DeserializeOwned> Receiver<T> {
             let Some(d) = std::task::ready!(self.raw.poll_recv(cx)) else {
                 return Poll::Ready(None);
             };
-            match decode::<T>(&d.message) {
-                Ok(value) => return Poll::Ready(Some(d.map(value))),
-                Err(error) => {
-                    self.raw.shared.decode_failed(d.id, d.channel, &error);
-                    let mut handle = d.handle;
-                    if let Some((delivery, commands)) = handle.completion.take() {
-                        let _ = commands.send(Command::Undecodable {
-                            delivery,
-                            payload: d.message,
-                        });
-                    }
+            if let Some(d) = self.typed(d) {
+                return Poll::Ready(Some(d));
+            }
+        }
+    }
+
+    /// `d` decoded as `T`, or `None` after handing an undecodable payload to the dead
+    /// letters (and its sender a rejection).
+    fn typed(&self, d: Delivery<Bytes>) -> Option<Delivery<T>> {
+        match decode::<T>(&d.message) {
+            Ok(value) => Some(d.map(value)),
+            Err(error) => {
+                self.raw.shared.decode_failed(d.id, d.channel, &error);
+                let mut handle = d.handle;
+                if let Some((delivery, back)) = handle.completion.take() {
+                    let _ = back.commands.send(Command::Undecodable {
+                        delivery,
+                        payload: d.message,
+                    });
                 }
+                None
             }
         }
     }
@@ -1540,7 +1570,7 @@ impl<T> Delivery<T> {
 /// nack.
 #[derive(Debug)]
 pub struct DeliveryHandle {
-    completion: Option<(DeliveryRef, mpsc::UnboundedSender<Command>)>,
+    completion: Option<(DeliveryRef, Arc<Completions>)>,
 }
 
 impl DeliveryHandle {
@@ -1557,11 +1587,11 @@ impl DeliveryHandle {
     /// Processed: acknowledge, and resolve once the acknowledgement is durable (see
     /// [`Delivery::ack_durable`]).
     pub async fn ack_durable(mut self) -> Result<(), AckError> {
-        let Some((delivery, commands)) = self.completion.take() else {
+        let Some((delivery, back)) = self.completion.take() else {
             return Ok(());
         };
         let (tx, rx) = oneshot::channel();
-        commands
+        back.commands
             .send(Command::Complete {
                 delivery,
                 how: Completion::Ack,
@@ -1572,15 +1602,27 @@ impl DeliveryHandle {
     }
 
     fn finish(&mut self, how: Completion) {
-        if let Some((delivery, commands)) = self.completion.take() {
-            let _ = commands.send(Command::Complete {
-                delivery,
-                how,
-                done: None,
-            });
+        if let Some((delivery, back)) = self.completion.take() {
+            if back.stack.push((delivery, how)) {
+                // First of a burst: one wake-up for the driver, which takes them all.
+                back.wake.notify_one();
+            }
         }
     }
 }
+
+/// The way back from deliveries to the driver: plain completions through the lock-free
+/// stack (one wake-up per burst), the rare ones that carry more through the command
+/// channel.
+#[derive(Debug)]
+struct Completions {
+    stack: completions::CompletionStack<(DeliveryRef, Completion)>,
+    wake: tokio::sync::Notify,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// Where a receipt waits for its outcome.
+type ReceiptReply = oneshot::Sender<Result<Outcome, SendError>>;
 
 /// Where an `ack_durable` caller waits for its answer.
 type AckReply = oneshot::Sender<Result<(), AckError>>;
@@ -1735,6 +1777,13 @@ enum Command {
         schema: u32,
         reply: oneshot::Sender<Result<Outcome, SendError>>,
     },
+    /// Several messages of one sender, each holding one window permit.
+    SendBatch {
+        peer: NodeId,
+        options: ChannelOptions,
+        schema: u32,
+        items: Vec<(Bytes, Option<IdKey>, ReceiptReply)>,
+    },
     Complete {
         delivery: DeliveryRef,
         how: Completion,
@@ -1776,7 +1825,9 @@ struct Driver {
     receivers: HashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
     shared: Arc<Shared>,
     /// Handed to deliveries so their completions come back here.
-    self_tx: mpsc::UnboundedSender<Command>,
+    completions: Arc<Completions>,
+    /// Completions drained from `completions`, reused.
+    completed: Vec<(DeliveryRef, Completion)>,
     outbox: HashMap<NodeId, Vec<crate::wire::Frame>>,
     detector: FailureDetector,
     heartbeat_every: Duration,
@@ -1821,6 +1872,9 @@ impl Driver {
                         }
                     }
                 }
+                _ = self.completions.wake.notified() => {
+                    self.clock = now();
+                }
                 ev = self.link.events.recv() => {
                     let Some(ev) = ev else { break };
                     self.clock = now();
@@ -1836,6 +1890,7 @@ impl Driver {
             }
             let now = now();
             self.clock = now;
+            self.take_completions();
             if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
                 self.endpoint.handle_timeout(now);
             }
@@ -1879,45 +1934,21 @@ impl Driver {
         let now = self.clock;
         match cmd {
             Command::Send {
-                reply,
-                options,
-                peer,
-                ..
-            } if self.draining_until.is_some() => {
-                self.shared.window_for(peer, options.channel).add_permits(1);
-                let _ = reply.send(Err(SendError::Shutdown));
-            }
-            Command::Send {
                 peer,
                 options,
                 payload,
                 key,
                 schema,
                 reply,
+            } => self.send_one(peer, options, schema, payload, key, reply),
+            Command::SendBatch {
+                peer,
+                options,
+                schema,
+                items,
             } => {
-                let msg = Outgoing {
-                    peer,
-                    channel: options.channel,
-                    guarantee: options.guarantee,
-                    payload,
-                    id: key.map(MessageId::Key),
-                    deadline: options.deadline,
-                    schema,
-                };
-                match self.endpoint.send(now, msg) {
-                    Ok(r) => {
-                        self.receipts.insert(r, (options.guarantee, reply));
-                        if options.guarantee != Guarantee::AtMostOnce
-                            && self.detector.state(peer) == Some(Health::Down)
-                            && self.spool.as_ref().is_some_and(|s| s.config().on_down)
-                        {
-                            self.hand_off_to_down(peer, Some(r), now);
-                        }
-                    }
-                    Err(crate::proto::StreamError::GuaranteeMismatch { existing, .. }) => {
-                        self.shared.window_for(peer, options.channel).add_permits(1);
-                        let _ = reply.send(Err(SendError::GuaranteeMismatch { existing }));
-                    }
+                for (payload, key, reply) in items {
+                    self.send_one(peer, options, schema, payload, key, reply);
                 }
             }
             Command::Complete {
@@ -1975,6 +2006,7 @@ impl Driver {
                     handed_off: self.handed_off,
                     handoff_refused: self.handoff_refused,
                     dead_letters_dropped: self.shared.dead_letters.dropped(),
+                    dead_letters_not_persisted: self.shared.dead_letters.not_persisted(),
                 });
             }
             Command::Decommission { peer, reply } => {
@@ -2048,7 +2080,7 @@ impl Driver {
                         continue;
                     };
                     // At-most-once deliveries are finished too: that frees credit.
-                    let completion = Some((delivery, self.self_tx.clone()));
+                    let completion = Some((delivery, self.completions.clone()));
                     let d = Delivery {
                         message: payload,
                         id: delivery.id,
@@ -2143,6 +2175,59 @@ impl Driver {
                 }
                 Event::Heard(peer) => self.detector.observe(peer, now),
                 Event::HeartbeatAck(peer) => self.detector.heartbeat(peer, now),
+            }
+        }
+    }
+
+    /// Apply every completion handlers pushed since the last call, oldest first.
+    fn take_completions(&mut self) {
+        let now = self.clock;
+        let mut done = std::mem::take(&mut self.completed);
+        self.completions.stack.drain_into(&mut done);
+        for (delivery, how) in done.drain(..) {
+            self.endpoint.complete(now, delivery, how);
+        }
+        self.completed = done;
+    }
+
+    /// One message from a sender (alone or in a batch); it holds one window permit.
+    fn send_one(
+        &mut self,
+        peer: NodeId,
+        options: ChannelOptions,
+        schema: u32,
+        payload: Bytes,
+        key: Option<IdKey>,
+        reply: oneshot::Sender<Result<Outcome, SendError>>,
+    ) {
+        let now = self.clock;
+        if self.draining_until.is_some() {
+            self.shared.window_for(peer, options.channel).add_permits(1);
+            let _ = reply.send(Err(SendError::Shutdown));
+            return;
+        }
+        let msg = Outgoing {
+            peer,
+            channel: options.channel,
+            guarantee: options.guarantee,
+            payload,
+            id: key.map(MessageId::Key),
+            deadline: options.deadline,
+            schema,
+        };
+        match self.endpoint.send(now, msg) {
+            Ok(r) => {
+                self.receipts.insert(r, (options.guarantee, reply));
+                if options.guarantee != Guarantee::AtMostOnce
+                    && self.detector.state(peer) == Some(Health::Down)
+                    && self.spool.as_ref().is_some_and(|s| s.config().on_down)
+                {
+                    self.hand_off_to_down(peer, Some(r), now);
+                }
+            }
+            Err(crate::proto::StreamError::GuaranteeMismatch { existing, .. }) => {
+                self.shared.window_for(peer, options.channel).add_permits(1);
+                let _ = reply.send(Err(SendError::GuaranteeMismatch { existing }));
             }
         }
     }

@@ -1572,4 +1572,71 @@ mod tests {
         assert_eq!(outcome, Some((1, RejectReason::DeadLettered)));
         assert_eq!(a.stats().rejects_received, 1);
     }
+    fn send_eo(a: &mut Endpoint, now: Instant, n: u8) {
+        a.send(
+            now,
+            Outgoing {
+                peer: NodeId(2),
+                channel: ChannelId(1),
+                guarantee: Guarantee::EffectivelyOnce,
+                payload: Bytes::from(vec![n]),
+                id: None,
+                deadline: None,
+                schema: 0,
+            },
+        )
+        .unwrap();
+    }
+
+    /// A message on a stream its sender finished (a very late relay, or a sender
+    /// misusing its run) is refused with a reason the sender sees, never processed.
+    #[test]
+    fn a_message_after_finish_is_rejected_as_a_retired_stream() {
+        let now = Instant::now();
+        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+        a.handle_peer_up(now, b.origin(), 3);
+        b.handle_peer_up(now, a.origin(), 3);
+        for f in frames(&mut b, NodeId(1), now) {
+            a.handle_frame(now, NodeId(2), f); // the first node credit grant
+        }
+        b.accept_channel(ChannelId(1), false);
+        for n in 0..2 {
+            send_eo(&mut a, now, n);
+        }
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        while let Some(ev) = b.poll_event() {
+            if let Event::Deliver { delivery, .. } = ev {
+                b.complete(now, delivery, Completion::Ack);
+            }
+        }
+        for f in frames(&mut b, NodeId(1), now) {
+            a.handle_frame(now, NodeId(2), f);
+        }
+        assert_eq!(a.finish_streams(), 1);
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        assert_eq!(b.dedup_stats().streams_retired_finished, 1);
+        send_eo(&mut a, now, 9);
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        let mut delivered = 0;
+        while let Some(ev) = b.poll_event() {
+            delivered += u32::from(matches!(ev, Event::Deliver { .. }));
+        }
+        assert_eq!(delivered, 0, "a message of a retired stream was delivered");
+        for f in frames(&mut b, NodeId(1), now) {
+            a.handle_frame(now, NodeId(2), f);
+        }
+        let mut outcome = None;
+        while let Some(ev) = a.poll_event() {
+            if let Event::Rejected { send, reason } = ev {
+                outcome = Some((send.seq, reason));
+            }
+        }
+        assert_eq!(outcome, Some((3, RejectReason::StreamRetired)));
+    }
 }

@@ -1,0 +1,142 @@
+//! Batched sending and receiving: many messages through the driver in one step.
+//!
+//! `send_many` reserves window space for a whole batch (in chunks of at most the
+//! window) and hands each chunk to the driver as one command, so a burst costs one
+//! channel message and one driver wake-up per chunk instead of per message;
+//! `recv_many` takes every delivery already queued in one call. The single-message
+//! calls keep working and mean the same thing.
+
+use super::{
+    encode, Command, Delivery, RawReceiver, RawSender, Receipt, Receiver, SendError, Sender,
+};
+use crate::id::IdKey;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+impl RawSender {
+    /// Send every payload of `payloads`, in order, and return their receipts in the
+    /// same order. Waits for window space like [`RawSender::send`], a window's worth at
+    /// a time; each chunk reaches the driver as one step.
+    ///
+    /// Every payload is checked before any is sent: a payload over the maximum fails
+    /// the whole call with [`SendError::TooLarge`] and nothing is sent. If the node
+    /// stops part-way, the call fails with its error; messages of earlier chunks were
+    /// handed to the node and settle as their receipts would have (with the same error
+    /// if they had not settled yet).
+    pub async fn send_many<I>(&self, payloads: I) -> Result<Vec<Receipt>, SendError>
+    where
+        I: IntoIterator<Item = Bytes>,
+    {
+        let items: Vec<(Bytes, Option<IdKey>)> = payloads.into_iter().map(|p| (p, None)).collect();
+        self.submit_many(items).await
+    }
+
+    /// [`RawSender::send_many`] with an application idempotency key per payload (see
+    /// [`RawSender::send_with_key`]).
+    pub async fn send_many_with_keys<I>(&self, items: I) -> Result<Vec<Receipt>, SendError>
+    where
+        I: IntoIterator<Item = (Bytes, IdKey)>,
+    {
+        let items: Vec<(Bytes, Option<IdKey>)> =
+            items.into_iter().map(|(p, k)| (p, Some(k))).collect();
+        self.submit_many(items).await
+    }
+
+    async fn submit_many(
+        &self,
+        items: Vec<(Bytes, Option<IdKey>)>,
+    ) -> Result<Vec<Receipt>, SendError> {
+        for (payload, _) in &items {
+            self.check(payload)?;
+        }
+        let mut receipts = Vec::with_capacity(items.len());
+        let mut items = items.into_iter().peekable();
+        let chunk_max = self.window_size.max(1);
+        while items.peek().is_some() {
+            let chunk: Vec<(Bytes, Option<IdKey>)> = items.by_ref().take(chunk_max).collect();
+            let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+            let permits = self
+                .window
+                .acquire_many(n)
+                .await
+                .map_err(|_| self.shared.send_closed_error())?;
+            // The driver gives each slot back (add_permits) when the window slides.
+            permits.forget();
+            let mut batch = Vec::with_capacity(chunk.len());
+            for (payload, key) in chunk {
+                let (tx, rx) = oneshot::channel();
+                batch.push((payload, key, tx));
+                receipts.push(Receipt {
+                    rx,
+                    shared: self.shared.clone(),
+                });
+            }
+            let cmd = Command::SendBatch {
+                peer: self.peer,
+                options: self.options,
+                schema: self.schema,
+                items: batch,
+            };
+            if self.commands.send(cmd).is_err() {
+                self.window.add_permits(n as usize);
+                return Err(self.shared.send_closed_error());
+            }
+        }
+        Ok(receipts)
+    }
+}
+
+impl<T: Serialize> Sender<T> {
+    /// Send every value of `values`, in order; see [`RawSender::send_many`]. A value
+    /// that cannot be encoded fails the whole call before anything is sent.
+    pub async fn send_many<'a, I>(&self, values: I) -> Result<Vec<Receipt>, SendError>
+    where
+        I: IntoIterator<Item = &'a T>,
+        T: 'a,
+    {
+        let payloads = values
+            .into_iter()
+            .map(encode)
+            .collect::<Result<Vec<Bytes>, SendError>>()?;
+        self.raw.send_many(payloads).await
+    }
+}
+
+impl RawReceiver {
+    /// Move up to `limit` deliveries into `buf` at once, waiting for the first one.
+    /// Returns how many were added; `0` once the node has shut down (or for a `limit`
+    /// of 0).
+    pub async fn recv_many(&mut self, buf: &mut Vec<Delivery<Bytes>>, limit: usize) -> usize {
+        self.rx.recv_many(buf, limit).await
+    }
+}
+
+impl<T: DeserializeOwned> Receiver<T> {
+    /// Move up to `limit` decoded deliveries into `buf` at once, waiting for the first
+    /// one (same decoding rules as [`Receiver::recv`]). Returns how many were added;
+    /// `0` once the node has shut down (or for a `limit` of 0).
+    pub async fn recv_many(&mut self, buf: &mut Vec<Delivery<T>>, limit: usize) -> usize {
+        if limit == 0 {
+            return 0;
+        }
+        let mut raw = Vec::with_capacity(limit.min(1024));
+        loop {
+            raw.clear();
+            if self.raw.rx.recv_many(&mut raw, limit).await == 0 {
+                return 0;
+            }
+            let before = buf.len();
+            for d in raw.drain(..) {
+                if let Some(d) = self.typed(d) {
+                    buf.push(d);
+                }
+            }
+            if buf.len() > before {
+                return buf.len() - before;
+            }
+            // Every one was undecodable (dead-lettered): wait for more.
+        }
+    }
+}
