@@ -165,6 +165,37 @@ scenarios! {
         assert_eq!(relay.stats().sent, 2, "never resent");
     }
 
+    async fn a_row_refused_for_want_of_a_receiver_is_retried_until_one_appears(pool) {
+        // The target runs but has no receiver on the channel yet: past its grace period
+        // it rejects the row (NoReceiver, before its dedup). The relay must keep the row
+        // and retry, and deliver it once the receiver appears.
+        let mut cfg = ackwire::NodeConfig::default();
+        cfg.proto.no_receiver_grace = Duration::from_millis(100);
+        let rx_node = Node::builder(RECEIVER)
+            .tcp("127.0.0.1:0".parse().unwrap(), support::net::fast_tcp())
+            .allow_peer(support::net::SENDER)
+            .config(cfg)
+            .build()
+            .await
+            .unwrap();
+        let node = Arc::new(sender_node(rx_node.local_addr().unwrap()).await);
+        let outbox = Outbox::<DB>::new();
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue(&mut tx, RECEIVER, CH, IdKey(3), &(3u64, "order-3".to_string())).await.unwrap();
+        tx.commit().await.unwrap();
+        let relay = outbox.relay(node, pool.clone(), quick_retry()).unwrap();
+        assert!(
+            eventually(Duration::from_secs(20), || async { relay.stats().refused >= 1 }).await,
+            "refused: {:?}",
+            relay.stats()
+        );
+        assert_eq!(Outbox::<DB>::pending(&pool).await.unwrap(), 1, "the row stays");
+        assert_eq!(relay.stats().rejected, 0, "not set aside");
+        let mut rx = rx_node.receiver::<(u64, String)>(CH, false).unwrap();
+        assert_eq!(collect(&mut rx, 1, Duration::from_secs(20)).await, [3]);
+        assert!(eventually(Duration::from_secs(5), || async { relay.stats().delivered == 1 }).await);
+    }
+
     async fn malformed_rows_hold_their_stream_and_are_counted(pool) {
         let (rx_node, mut rx, node) = nodes_on_loopback(true).await;
         let mut rx2 = rx_node.receiver::<(u64, String)>(CH2, false).unwrap();
