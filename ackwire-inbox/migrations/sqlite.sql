@@ -11,13 +11,16 @@ CREATE INDEX IF NOT EXISTS ackwire_inbox_claimed_at ON ackwire_inbox (claimed_at
 
 -- Outgoing messages committed with the business change that caused them. `seq`
 -- orders the rows of one (target, channel) stream (AUTOINCREMENT: never reused);
--- `key` is the 16-byte big-endian IdKey the relay sends the row under.
+-- `key` is the 16-byte big-endian IdKey the relay sends the row under. `rejected` is
+-- NULL while the row waits to be sent; the reason once its target refused it for good
+-- (it is then in the target's dead letters and kept here for an operator, never resent).
 CREATE TABLE IF NOT EXISTS ackwire_outbox (
     seq        INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
     target     INTEGER NOT NULL,
     channel    INTEGER NOT NULL,
     key        BLOB    NOT NULL,
     payload    BLOB    NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    rejected   TEXT
 );
 CREATE INDEX IF NOT EXISTS ackwire_outbox_stream ON ackwire_outbox (target, channel, seq);

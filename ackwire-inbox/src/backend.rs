@@ -7,8 +7,8 @@
 
 use std::future::Future;
 
-/// A database the inbox and outbox run on: [`sqlx::Sqlite`] (feature `sqlite`,
-/// default) or [`sqlx::Postgres`] (feature `postgres`). Sealed: the SQL of each
+/// A database the inbox and outbox run on: `sqlx::Sqlite` (feature `sqlite`,
+/// default) or `sqlx::Postgres` (feature `postgres`). Sealed: the SQL of each
 /// database is written and tested here.
 pub trait Backend: sqlx::Database + sealed::Sql {}
 
@@ -86,8 +86,30 @@ pub(crate) mod sealed {
             to: i64,
         ) -> impl Future<Output = sqlx::Result<u64>> + Send;
 
-        /// Rows in the outbox.
+        /// Set row `seq` aside as rejected for good, with `reason`.
+        fn mark_rejected(
+            pool: &sqlx::Pool<Self>,
+            seq: i64,
+            reason: &str,
+        ) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
+        /// Rows set aside as rejected.
+        fn rejected(pool: &sqlx::Pool<Self>) -> impl Future<Output = sqlx::Result<i64>> + Send;
+
+        /// Rows waiting to be sent (not rejected).
         fn pending(pool: &sqlx::Pool<Self>) -> impl Future<Output = sqlx::Result<i64>> + Send;
+
+        /// What a relay holds while it is the one relay that sends.
+        type Leader: Send;
+
+        /// Try to become the relay that sends (PostgreSQL: a session advisory lock on
+        /// a connection of its own; SQLite: always). `None` while another holds it.
+        fn try_lead(
+            pool: &sqlx::Pool<Self>,
+        ) -> impl Future<Output = sqlx::Result<Option<Self::Leader>>> + Send;
+
+        /// Whether `leader` still holds the lead (its connection is alive).
+        fn still_leading(leader: &mut Self::Leader) -> impl Future<Output = bool> + Send;
 
         /// Wake `wake` whenever an enqueueing transaction commits (PostgreSQL
         /// LISTEN/NOTIFY); `None` where the database has no such thing (SQLite).
@@ -168,9 +190,11 @@ mod sqlite {
         }
 
         async fn streams(pool: &Pool<Self>) -> sqlx::Result<Vec<(i64, i64)>> {
-            let rows = sqlx::query("SELECT DISTINCT target, channel FROM ackwire_outbox")
-                .fetch_all(pool)
-                .await?;
+            let rows = sqlx::query(
+                "SELECT DISTINCT target, channel FROM ackwire_outbox WHERE rejected IS NULL",
+            )
+            .fetch_all(pool)
+            .await?;
             rows.iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
                 .collect()
@@ -184,7 +208,7 @@ mod sqlite {
         ) -> sqlx::Result<Vec<OutboxRow>> {
             let rows = sqlx::query(
                 "SELECT seq, key, payload FROM ackwire_outbox \
-                 WHERE target = ?1 AND channel = ?2 ORDER BY seq LIMIT ?3",
+                 WHERE target = ?1 AND channel = ?2 AND rejected IS NULL ORDER BY seq LIMIT ?3",
             )
             .bind(target)
             .bind(channel)
@@ -211,7 +235,7 @@ mod sqlite {
         ) -> sqlx::Result<u64> {
             let done = sqlx::query(
                 "DELETE FROM ackwire_outbox WHERE target = ?1 AND channel = ?2 \
-                 AND seq BETWEEN ?3 AND ?4",
+                 AND seq BETWEEN ?3 AND ?4 AND rejected IS NULL",
             )
             .bind(target)
             .bind(channel)
@@ -222,11 +246,38 @@ mod sqlite {
             Ok(done.rows_affected())
         }
 
-        async fn pending(pool: &Pool<Self>) -> sqlx::Result<i64> {
-            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox")
+        async fn mark_rejected(pool: &Pool<Self>, seq: i64, reason: &str) -> sqlx::Result<u64> {
+            let done = sqlx::query("UPDATE ackwire_outbox SET rejected = ?1 WHERE seq = ?2")
+                .bind(reason)
+                .bind(seq)
+                .execute(pool)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn rejected(pool: &Pool<Self>) -> sqlx::Result<i64> {
+            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox WHERE rejected IS NOT NULL")
                 .fetch_one(pool)
                 .await?
                 .try_get(0)
+        }
+
+        async fn pending(pool: &Pool<Self>) -> sqlx::Result<i64> {
+            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox WHERE rejected IS NULL")
+                .fetch_one(pool)
+                .await?
+                .try_get(0)
+        }
+
+        type Leader = ();
+
+        async fn try_lead(_pool: &Pool<Self>) -> sqlx::Result<Option<()>> {
+            // One process per database file: nothing to elect.
+            Ok(Some(()))
+        }
+
+        async fn still_leading(_leader: &mut ()) -> bool {
+            true
         }
 
         fn listen(
@@ -338,9 +389,11 @@ mod postgres {
         }
 
         async fn streams(pool: &Pool<Self>) -> sqlx::Result<Vec<(i64, i64)>> {
-            let rows = sqlx::query("SELECT DISTINCT target, channel FROM ackwire_outbox")
-                .fetch_all(pool)
-                .await?;
+            let rows = sqlx::query(
+                "SELECT DISTINCT target, channel FROM ackwire_outbox WHERE rejected IS NULL",
+            )
+            .fetch_all(pool)
+            .await?;
             rows.iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
                 .collect()
@@ -354,7 +407,7 @@ mod postgres {
         ) -> sqlx::Result<Vec<OutboxRow>> {
             let rows = sqlx::query(
                 "SELECT seq, key, payload FROM ackwire_outbox \
-                 WHERE target = $1 AND channel = $2 ORDER BY seq LIMIT $3",
+                 WHERE target = $1 AND channel = $2 AND rejected IS NULL ORDER BY seq LIMIT $3",
             )
             .bind(target)
             .bind(channel)
@@ -381,7 +434,7 @@ mod postgres {
         ) -> sqlx::Result<u64> {
             let done = sqlx::query(
                 "DELETE FROM ackwire_outbox WHERE target = $1 AND channel = $2 \
-                 AND seq BETWEEN $3 AND $4",
+                 AND seq BETWEEN $3 AND $4 AND rejected IS NULL",
             )
             .bind(target)
             .bind(channel)
@@ -392,11 +445,50 @@ mod postgres {
             Ok(done.rows_affected())
         }
 
-        async fn pending(pool: &Pool<Self>) -> sqlx::Result<i64> {
-            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox")
+        async fn mark_rejected(pool: &Pool<Self>, seq: i64, reason: &str) -> sqlx::Result<u64> {
+            let done = sqlx::query("UPDATE ackwire_outbox SET rejected = $1 WHERE seq = $2")
+                .bind(reason)
+                .bind(seq)
+                .execute(pool)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn rejected(pool: &Pool<Self>) -> sqlx::Result<i64> {
+            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox WHERE rejected IS NOT NULL")
                 .fetch_one(pool)
                 .await?
                 .try_get(0)
+        }
+
+        async fn pending(pool: &Pool<Self>) -> sqlx::Result<i64> {
+            sqlx::query("SELECT COUNT(*) FROM ackwire_outbox WHERE rejected IS NULL")
+                .fetch_one(pool)
+                .await?
+                .try_get(0)
+        }
+
+        type Leader = PgConnection;
+
+        async fn try_lead(pool: &Pool<Self>) -> sqlx::Result<Option<PgConnection>> {
+            // A session lock, held as long as this connection lives: keyed by the
+            // schema, so outboxes in different schemas have a relay each.
+            let mut conn = pool.acquire().await?.detach();
+            let (held,): (bool,) = sqlx::query_as(
+                "SELECT pg_try_advisory_lock(hashtextextended('ackwire_outbox_relay:' || current_schema(), 0))",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            if held {
+                Ok(Some(conn))
+            } else {
+                let _ = sqlx::Connection::close(conn).await;
+                Ok(None)
+            }
+        }
+
+        async fn still_leading(leader: &mut PgConnection) -> bool {
+            sqlx::query("SELECT 1").execute(leader).await.is_ok()
         }
 
         fn listen(

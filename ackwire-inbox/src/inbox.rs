@@ -94,7 +94,7 @@ impl InboxConfig {
     }
 }
 
-/// The inbox on database `DB` ([`sqlx::Sqlite`] or [`sqlx::Postgres`]).
+/// The inbox on database `DB` (`sqlx::Sqlite` or `sqlx::Postgres`).
 ///
 /// Cheap to clone; holds only its configuration (the rows are in the database).
 /// See the [crate docs](crate) for the handler pattern.

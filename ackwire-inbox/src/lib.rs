@@ -15,8 +15,11 @@
 //!
 //! * a handler that crashes **after its effect committed but before `ack()`** sees
 //!   the message again. ackwire's durable dedup does not help: its record is written
-//!   when the ack is, after the effect, so a kill between the two applies the effect
-//!   twice (`tests/crash_processes.rs` in ackwire counts these). With the inbox the
+//!   when the ack is (`ack()`, or `ack_durable()` which waits for its fsync), after
+//!   the effect's commit, so a kill between the two applies the effect twice
+//!   (`tests/kill9.rs`,
+//!   `receiver_kill9_between_commit_and_ack_with_durable_dedup_applies_effects_twice`,
+//!   shows it). With the inbox the
 //!   claim row and the effect are one commit: either both are there (the redelivery
 //!   finds [`Claim::Duplicate`]) or neither (the redelivery applies it for the first
 //!   time). `tests/kill9.rs` kills receivers in exactly that window, repeatedly, and
@@ -52,8 +55,8 @@
 //! application owns ([`sqlx::Transaction`]), which is exactly what a claim inside
 //! "your" transaction needs. It is widely used and actively kept. Alternatives had a
 //! database each (rusqlite is synchronous, tokio-postgres is PostgreSQL-only), so every
-//! statement would have been written twice against two APIs; diesel-async has no
-//! SQLite backend.
+//! statement would have been written twice against two APIs; diesel-async reaches
+//! SQLite only through a wrapper around the synchronous driver.
 //!
 //! ## The handler pattern (inbox)
 //!
@@ -124,6 +127,25 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Replicas of the sending service may each run a relay: on PostgreSQL one of them is
+//! elected (a session advisory lock per schema) and the others take over when it stops.
+//!
+//! ## Throughput
+//!
+//! `cargo bench -p ackwire-inbox --features postgres --bench inbox_throughput` sends
+//! 3000 messages effectively-once over TCP loopback and applies one effect row per
+//! message. One run (release, 2 cores shared with other builds, so only the ratios
+//! mean much), in messages per second:
+//!
+//! | database | memory dedup | durable dedup | inbox, 1 claim/tx | inbox, ≤64 claims/tx |
+//! |---|---|---|---|---|
+//! | SQLite (WAL, `synchronous = FULL`) | 2081 | 1287 | 1479 | 11077 |
+//! | PostgreSQL 15 (local, `synchronous_commit = on`) | 1111 | 1306 | 585 | 5888 |
+//!
+//! Each message costs one commit (one fsync) in the first three columns; batching the
+//! claims and effects of waiting deliveries into one transaction (ack them all after
+//! its commit) is where the inbox gets its throughput back.
+//!
 //! ## Schema
 //!
 //! [`migrate`] runs this (idempotent; run it at start-up, or apply it with your own
@@ -145,10 +167,11 @@
 //! ## Tests
 //!
 //! `tests/inbox.rs` and `tests/outbox.rs` run every scenario on SQLite (a temporary
-//! file) and on PostgreSQL (a schema per test) at `127.0.0.1:5432`, database `test`
-//! (`ACKWIRE_PG_URL` overrides); `tests/kill9.rs` kills receiver and sender processes
-//! with SIGKILL. Without a server, the PostgreSQL tests print
-//! `skipped: PostgreSQL not reachable at …` and pass, unless
+//! file) and, with the `postgres` feature, on PostgreSQL (a schema per test) at
+//! `127.0.0.1:5432`, database `test` (`ACKWIRE_PG_URL` overrides); `tests/kill9.rs`
+//! kills receiver and sender processes with SIGKILL. From the workspace root:
+//! `cargo test --features ackwire-inbox/postgres`. Without the feature or without a
+//! server, the PostgreSQL tests print `…: skipped: …` and pass, unless
 //! `ACKWIRE_REQUIRE_POSTGRES=1` is set (as in CI), which makes them fail.
 
 mod backend;

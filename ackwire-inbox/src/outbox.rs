@@ -10,7 +10,10 @@ use crate::backend::{Backend, OutboxRow};
 use crate::codec;
 use crate::error::InboxError;
 use crate::inbox::now_ms;
-use ackwire::{ChannelId, ChannelOptions, Guarantee, IdKey, Node, NodeError, NodeId, Outcome};
+use ackwire::{
+    ChannelId, ChannelOptions, Guarantee, IdKey, Node, NodeError, NodeId, Outcome, RejectReason,
+    SendError,
+};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -20,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// The outbox on database `DB` ([`sqlx::Sqlite`] or [`sqlx::Postgres`]).
+/// The outbox on database `DB` (`sqlx::Sqlite` or `sqlx::Postgres`).
 ///
 /// Cheap to clone; clones share one in-process wake-up, so a relay started from an
 /// `Outbox` is woken by [`enqueue`](Self::enqueue) calls on any of its clones (on
@@ -122,7 +125,18 @@ impl<DB: Backend> Outbox<DB> {
         Ok(seq)
     }
 
-    /// Rows waiting in the outbox (committed and not yet acknowledged).
+    /// Rows the relay set aside because their target rejected them for good (see
+    /// [`RelayStats::rejected`]); find them with
+    /// `SELECT * FROM ackwire_outbox WHERE rejected IS NOT NULL` and delete them once
+    /// handled.
+    pub async fn rejected(pool: &sqlx::Pool<DB>) -> Result<u64, InboxError> {
+        let n = DB::rejected(pool)
+            .await
+            .map_err(InboxError::from_sqlx::<DB>)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Rows waiting in the outbox (committed, not yet acknowledged, not set aside).
     pub async fn pending(pool: &sqlx::Pool<DB>) -> Result<u64, InboxError> {
         let n = DB::pending(pool)
             .await
@@ -143,10 +157,16 @@ impl<DB: Backend> Outbox<DB> {
     ///   them in commit order.
     /// * **Failure**: a send that fails (target Down with `fail_fast_when_down`, node
     ///   shutting down, unknown peer) or a receipt that is not `Ok(Acked)` (e.g.
-    ///   `HandedOff`: the relay's node should not need hinted handoff) stops the batch;
-    ///   the rows from the first unacknowledged one on stay and are sent again after a
-    ///   backoff (`retry_min` doubling to `retry_max`) under the same keys, so the
-    ///   target's dedup or inbox drops whatever had arrived.
+    ///   `HandedOff`: the relay's node should not need hinted handoff; a refusal such
+    ///   as `NoReceiver`) stops the batch; the rows from the first unacknowledged one
+    ///   on stay and are sent again after a backoff (`retry_min` doubling to
+    ///   `retry_max`) under the same keys, so the target's dedup or inbox drops
+    ///   whatever had arrived.
+    /// * **Rejected for good**: a row its target dead-letters (it cannot decode it, or
+    ///   nacked it too often) is set aside in the table (`rejected` = the reason) and
+    ///   never resent — the target's dedup would acknowledge a resend without
+    ///   processing it — and the stream moves on ([`RelayStats::rejected`],
+    ///   [`Outbox::rejected`]).
     /// * **Wake-up**: PostgreSQL: LISTEN on `ackwire_outbox` (enqueue notifies at
     ///   commit), falling back to polling every `poll_interval` while the listener is
     ///   down. SQLite: polling, and a faster look after an `enqueue` on a clone of this
@@ -154,10 +174,19 @@ impl<DB: Backend> Outbox<DB> {
     /// * **Crash**: rows are deleted only after their ack, so a relay (or process)
     ///   killed anywhere sends the unacknowledged rows again when it restarts.
     ///
-    /// Run one relay per outbox table: two relays send each row twice (harmless to an
-    /// inbox, but it doubles the traffic and interleaves the order). Give the relay its
-    /// own channels: a channel this node also uses with another guarantee fails every
-    /// send with `GuaranteeMismatch` (counted in [`RelayStats::retries`]).
+    /// * **Several relays** (replicas of the sending service, each running one):
+    ///   PostgreSQL elects one. A relay sends only while it holds a session advisory
+    ///   lock, `pg_try_advisory_lock(hashtextextended('ackwire_outbox_relay:' ||
+    ///   current_schema(), 0))`, on a connection of its own (outside the pool's
+    ///   count); the others try again every `poll_interval` and take over when the
+    ///   holder stops or its connection drops. A relay that finds its connection gone
+    ///   stops its workers; rows it had in flight may then be sent by both, and the
+    ///   target's dedup or inbox drops the repeat. SQLite does not elect: run one relay
+    ///   per database file ([`RelayStats::leading`] is always `true` there).
+    ///
+    /// Give the relay its own channels: a channel this node also uses with another
+    /// guarantee fails every send with `GuaranteeMismatch` (counted in
+    /// [`RelayStats::retries`]).
     ///
     /// Must run inside a tokio runtime. The relay stops when the [`Relay`] is dropped or
     /// stopped, or when `node` shuts down.
@@ -270,10 +299,24 @@ pub struct RelayStats {
     /// outside `u32`): logged at error level, left in the table, and their stream is
     /// held there until someone fixes or deletes the row (order is kept).
     pub invalid_rows: u64,
+    /// Rows the target rejected for good (`SendError::Rejected` with `Undecodable`,
+    /// `DeadLettered` or `TypeMismatch`: the message is in the target's dead letters,
+    /// and its dedup would acknowledge a resend): logged at error level and set aside
+    /// in the outbox (`rejected` column set to the reason), never resent; the stream
+    /// moves on. [`Outbox::rejected`] counts them.
+    pub rejected: u64,
+    /// Refusals the relay retries (`Rejected` with `NoReceiver`, `Unauthorized`,
+    /// `StreamRetired` or an unknown reason: refused before the target's dedup, so a
+    /// resend is processed normally): the row stays and its stream waits, retried with
+    /// the backoff, until the cause is fixed (e.g. the receiver starts). Order is kept.
+    pub refused: u64,
     /// PostgreSQL notifications received.
     pub notifications: u64,
     /// Whether the PostgreSQL listener is connected (always `false` on SQLite).
     pub listening: bool,
+    /// Whether this relay holds the lead and sends (see [`Outbox::relay`]; always
+    /// `true` on SQLite once started).
+    pub leading: bool,
 }
 
 impl Relay {
@@ -287,8 +330,11 @@ impl Relay {
             retries: get(&c.retries),
             db_errors: get(&c.db_errors),
             invalid_rows: get(&c.invalid_rows),
+            rejected: get(&c.rejected),
+            refused: get(&c.refused),
             notifications: get(&self.wake.notifications),
             listening: self.wake.listening.load(Ordering::Relaxed),
+            leading: c.leading.load(Ordering::Relaxed),
         }
     }
 
@@ -354,6 +400,9 @@ impl Wake {
 
 #[derive(Debug, Default)]
 struct Counters {
+    leading: AtomicBool,
+    rejected: AtomicU64,
+    refused: AtomicU64,
     sent: AtomicU64,
     delivered: AtomicU64,
     retries: AtomicU64,
@@ -371,8 +420,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The relay's main loop: finds the streams that have rows and keeps one worker per
-/// such stream; a worker sends until its stream is empty, then ends.
+/// The relay's main loop: takes the lead (one sending relay per outbox), then finds the
+/// streams that have rows and keeps one worker per such stream; a worker sends until
+/// its stream is empty, then ends. Losing the lead stops the workers.
 async fn dispatch<DB: Backend>(
     node: Arc<Node>,
     pool: sqlx::Pool<DB>,
@@ -382,11 +432,53 @@ async fn dispatch<DB: Backend>(
 ) {
     let _listener = DB::listen(&pool, wake.clone(), options.poll_interval).map(AbortOnDrop);
     let mut woken = wake.tx.subscribe();
+    loop {
+        let mut leader = match DB::try_lead(&pool).await {
+            Ok(Some(leader)) => leader,
+            Ok(None) => {
+                // Another relay sends; look again every poll interval.
+                tokio::select! {
+                    _ = node.closed() => return,
+                    _ = tokio::time::sleep(options.poll_interval) => continue,
+                }
+            }
+            Err(e) => {
+                counters.db_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "outbox relay cannot take the lead; retrying");
+                tokio::select! {
+                    _ = node.closed() => return,
+                    _ = tokio::time::sleep(options.poll_interval) => continue,
+                }
+            }
+        };
+        counters.leading.store(true, Ordering::Relaxed);
+        let end = lead::<DB>(&node, &pool, &options, &mut woken, &counters, &mut leader).await;
+        counters.leading.store(false, Ordering::Relaxed);
+        if end {
+            return;
+        }
+        tracing::warn!("outbox relay lost the lead (its connection dropped); taking it again");
+    }
+}
+
+/// Relay while `leader` holds the lead. Returns `true` when the relay should end (its
+/// node or wake-up closed), `false` when the lead was lost.
+async fn lead<DB: Backend>(
+    node: &Arc<Node>,
+    pool: &sqlx::Pool<DB>,
+    options: &RelayOptions,
+    woken: &mut watch::Receiver<u64>,
+    counters: &Arc<Counters>,
+    leader: &mut DB::Leader,
+) -> bool {
     let mut workers: HashMap<(i64, i64), AbortOnDrop> = HashMap::new();
     // After a wake-up, look again soon (an enqueue wakes before its commit).
     let mut soon: Option<Duration> = None;
     loop {
-        match DB::streams(&pool).await {
+        if !DB::still_leading(leader).await {
+            return false; // dropping `workers` stops them
+        }
+        match DB::streams(pool).await {
             Ok(streams) => {
                 workers.retain(|_, w| !w.0.is_finished());
                 for stream in streams {
@@ -408,10 +500,10 @@ async fn dispatch<DB: Backend>(
         }
         let wait = soon.map_or(options.poll_interval, |s| s.min(options.poll_interval));
         tokio::select! {
-            _ = node.closed() => return,
+            _ = node.closed() => return true,
             changed = woken.changed() => {
                 if changed.is_err() {
-                    return;
+                    return true;
                 }
                 soon = Some(Duration::from_millis(5));
             }
@@ -473,8 +565,24 @@ async fn stream_worker<DB: Backend>(
         let Some(first) = rows.first().map(|r| r.seq) else {
             return; // empty: the dispatcher starts a new worker when rows appear
         };
-        let (acked_to, complete) = send_batch(out, &rows, &counters).await;
-        if let Some(to) = acked_to {
+        let mut settled = send_batch(out, &rows, &counters).await;
+        for (seq, reason) in &settled.set_aside {
+            let why = format!("{reason:?}");
+            match DB::mark_rejected(&pool, *seq, &why).await {
+                Ok(_) => {
+                    counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(seq, reason = %why, "outbox row rejected for good by its target (in its dead letters); set aside in the outbox");
+                }
+                Err(e) => {
+                    // Deleting the range now would delete this row as if delivered.
+                    counters.db_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "outbox relay cannot set a rejected row aside; retrying");
+                    settled.to = None;
+                    settled.complete = false;
+                }
+            }
+        }
+        if let Some(to) = settled.to {
             match DB::delete(&pool, target_col, channel_col, first, to).await {
                 Ok(n) => {
                     counters.delivered.fetch_add(n, Ordering::Relaxed);
@@ -486,7 +594,7 @@ async fn stream_worker<DB: Backend>(
                 }
             }
         }
-        if complete {
+        if settled.complete {
             backoff = options.retry_min;
         } else {
             counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -496,15 +604,36 @@ async fn stream_worker<DB: Backend>(
     }
 }
 
-/// Send `rows` in order, then await their receipts in order. Returns the `seq` of the
-/// last row of the acknowledged prefix, and whether every row was acknowledged.
-async fn send_batch(
-    out: &ackwire::RawSender,
-    rows: &[OutboxRow],
-    counters: &Counters,
-) -> (Option<i64>, bool) {
+/// How a batch settled ([`send_batch`]).
+#[derive(Debug, Default)]
+struct Settled {
+    /// The `seq` of the last row of the settled prefix (acknowledged, or set aside).
+    to: Option<i64>,
+    /// Whether every row settled.
+    complete: bool,
+    /// Rows the target refused for good, with the reason: to be set aside.
+    set_aside: Vec<(i64, RejectReason)>,
+}
+
+/// Whether a rejection means the target has settled the message for good: it is in
+/// its dead letters, and its dedup would acknowledge a resend as a duplicate (so the
+/// row must be set aside, not resent). Refusals before the target's dedup (no receiver
+/// yet, not authorized, a retired stream, reasons this build does not know) are
+/// retried instead.
+fn settled_by_target(reason: RejectReason) -> bool {
+    matches!(
+        reason,
+        RejectReason::Undecodable | RejectReason::DeadLettered | RejectReason::TypeMismatch
+    )
+}
+
+/// Send `rows` in order, then await their receipts in order.
+async fn send_batch(out: &ackwire::RawSender, rows: &[OutboxRow], counters: &Counters) -> Settled {
     let mut receipts = Vec::with_capacity(rows.len());
-    let mut complete = true;
+    let mut settled = Settled {
+        complete: true,
+        ..Settled::default()
+    };
     for row in rows {
         let Some(key) = codec::key_from_bytes(&row.key) else {
             counters.invalid_rows.fetch_add(1, Ordering::Relaxed);
@@ -513,7 +642,7 @@ async fn send_batch(
                 len = row.key.len(),
                 "outbox row's key is not 16 bytes; its stream waits until it is fixed or deleted"
             );
-            complete = false;
+            settled.complete = false;
             break;
         };
         match out
@@ -526,23 +655,37 @@ async fn send_batch(
             }
             Err(e) => {
                 tracing::debug!(seq = row.seq, error = %e, "outbox send failed; retrying later");
-                complete = false;
+                settled.complete = false;
                 break;
             }
         }
     }
-    let mut acked_to = None;
     let mut prefix = true;
     for (seq, receipt) in receipts {
         match receipt.await {
-            Ok(Outcome::Acked) if prefix => acked_to = Some(seq),
             Ok(Outcome::Acked) => {}
+            Err(SendError::Rejected { reason }) if settled_by_target(reason) => {
+                settled.set_aside.push((seq, reason));
+            }
+            Err(SendError::Rejected { reason }) => {
+                counters.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    seq,
+                    ?reason,
+                    "outbox row refused by its target; retrying later"
+                );
+                prefix = false;
+            }
             other => {
                 tracing::debug!(seq, outcome = ?other, "outbox row not acknowledged; retrying later");
                 prefix = false;
-                complete = false;
             }
         }
+        if prefix {
+            settled.to = Some(seq);
+        } else {
+            settled.complete = false;
+        }
     }
-    (acked_to, complete)
+    settled
 }

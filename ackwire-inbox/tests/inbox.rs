@@ -98,8 +98,8 @@ scenarios! {
 
     async fn concurrent_claims_run_the_body_once(pool) {
         // A claims and holds its transaction open for 400 ms; B claims the same id
-        // meanwhile. B must wait for A's commit and then see Duplicate: the body runs
-        // once, not only the effect.
+        // meanwhile. B's claim must return only after A's commit (it blocked) and see
+        // Duplicate: the body runs once, not only the effect.
         let inbox = Inbox::<DB>::default();
         let id = MessageId::Key(IdKey(7));
         let body_runs = Arc::new(AtomicU32::new(0));
@@ -110,13 +110,15 @@ scenarios! {
                 let mut tx = pool.begin().await.unwrap();
                 let claim = inbox.claim(&mut tx, id).await.unwrap();
                 let _ = claimed_tx.send(());
+                let mut ending = Instant::now();
                 if claim == Claim::Fresh {
                     body_runs.fetch_add(1, Ordering::SeqCst);
                     apply_effect!(tx, 7);
                     tokio::time::sleep(Duration::from_millis(400)).await;
+                    ending = Instant::now();
                     tx.commit().await.unwrap();
                 }
-                claim
+                (claim, ending)
             })
         };
         claimed_rx.await.unwrap();
@@ -124,22 +126,21 @@ scenarios! {
             let (pool, inbox, body_runs) = (pool.clone(), inbox.clone(), body_runs.clone());
             tokio::spawn(async move {
                 let mut tx = pool.begin().await.unwrap();
-                let started = Instant::now();
                 let claim = inbox.claim(&mut tx, id).await.unwrap();
-                let waited = started.elapsed();
+                let returned = Instant::now();
                 if claim == Claim::Fresh {
                     body_runs.fetch_add(1, Ordering::SeqCst);
                     apply_effect!(tx, 7);
                     tx.commit().await.unwrap();
                 }
-                (claim, waited)
+                (claim, returned)
             })
         };
-        let a = a.await.unwrap();
-        let (b, waited) = b.await.unwrap();
+        let (a, a_ending) = a.await.unwrap();
+        let (b, b_returned) = b.await.unwrap();
         assert_eq!(a, Claim::Fresh);
         assert_eq!(b, Claim::Duplicate);
-        assert!(waited >= Duration::from_millis(250), "B's claim did not wait for A: {waited:?}");
+        assert!(b_returned >= a_ending, "B's claim returned before A's transaction ended");
         assert_eq!(body_runs.load(Ordering::SeqCst), 1);
         assert_eq!(effects_of!(pool, 7), 1);
     }
@@ -156,20 +157,21 @@ scenarios! {
                 let _ = claimed_tx.send(());
                 apply_effect!(tx, 8);
                 tokio::time::sleep(Duration::from_millis(300)).await;
+                let ending = Instant::now();
                 tx.rollback().await.unwrap(); // the handler failed
-                claim
+                (claim, ending)
             })
         };
         claimed_rx.await.unwrap();
         let mut tx = pool.begin().await.unwrap();
-        let started = Instant::now();
         let b = inbox.claim(&mut tx, id).await.unwrap();
-        let waited = started.elapsed();
+        let b_returned = Instant::now();
         apply_effect!(tx, 8);
         tx.commit().await.unwrap();
-        assert_eq!(a.await.unwrap(), Claim::Fresh);
+        let (a, a_ending) = a.await.unwrap();
+        assert_eq!(a, Claim::Fresh);
         assert_eq!(b, Claim::Fresh);
-        assert!(waited >= Duration::from_millis(150), "B did not wait for A: {waited:?}");
+        assert!(b_returned >= a_ending, "B's claim returned before A's transaction ended");
         assert_eq!(effects_of!(pool, 8), 1);
     }
 
@@ -303,7 +305,10 @@ async fn sqlite_claim_after_a_stale_read_is_a_conflict() {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_repeatable_read_claim_of_a_newer_duplicate_is_a_conflict() {
-    let Some(db) = support::db::postgres("pg_repeatable_read_conflict").await else {
+    let Some(db) =
+        support::db::postgres("postgres_repeatable_read_claim_of_a_newer_duplicate_is_a_conflict")
+            .await
+    else {
         return;
     };
     let inbox = Inbox::<sqlx::Postgres>::default();

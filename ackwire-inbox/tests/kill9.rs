@@ -10,7 +10,7 @@
 //!    `_postgres`). The parent sends `N` messages effectively-once (each under its own
 //!    `IdKey`). The receiver child handles each in one transaction — claim, insert one
 //!    row into `effects`, commit — prints `C n`, then acks. For some messages it prints
-//!    `S n` after the commit and waits 500 ms before acking: the parent SIGKILLs it on
+//!    `S n` after the commit and waits 1 s before acking: the parent SIGKILLs it on
 //!    that line, so the kill lands after the commit and before the ack, and restarts
 //!    it. Checked: every receipt ends `Ok`; every message has **exactly one** row in
 //!    `effects` (none lost, none applied twice); and each killed message came back and
@@ -252,7 +252,7 @@ fn env(name: &str) -> String {
 }
 
 /// Receives `u64`s; per message: claim + effect + commit (or, with [`DURABLE_ENV`],
-/// effect + commit under durable dedup), `C n`, for slow ones `S n` and a 500 ms wait,
+/// effect + commit under durable dedup), `C n`, for slow ones `S n` and a 1 s wait,
 /// then ack. A duplicate claim prints `D n` and acks.
 async fn receiver_role() {
     let addr: SocketAddr = env(ADDR_ENV).parse().expect("addr");
@@ -283,7 +283,7 @@ async fn receiver_role() {
             say(&format!("C {n}"));
             if n % SLOW_EVERY == 3 {
                 say(&format!("S {n}"));
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(1000)).await;
             }
         } else {
             say(&format!("D {n}"));

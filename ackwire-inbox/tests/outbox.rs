@@ -139,6 +139,63 @@ scenarios! {
         quiet(&mut rx, Duration::from_millis(300)).await;
     }
 
+    async fn a_row_its_target_dead_letters_is_set_aside_and_the_stream_moves_on(pool) {
+        // The target cannot decode row 1 (a payload of another type, enqueued raw): it
+        // dead-letters it, and would acknowledge a resend without processing it. The
+        // relay must keep the row (set aside), not delete it as delivered, and go on.
+        let (_rx_node, mut rx, node) = nodes_on_loopback(true).await;
+        let outbox = Outbox::<DB>::new();
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue_raw(&mut tx, RECEIVER, CH, IdKey(1), &[0xff; 3]).await.unwrap();
+        outbox.enqueue(&mut tx, RECEIVER, CH, IdKey(2), &(2u64, "order-2".to_string())).await.unwrap();
+        tx.commit().await.unwrap();
+        let relay = outbox.relay(node, pool.clone(), quick_retry()).unwrap();
+        assert_eq!(collect(&mut rx, 1, Duration::from_secs(20)).await, [2], "the stream moves on");
+        assert!(eventually(Duration::from_secs(5), || async { relay.stats().rejected == 1 }).await);
+        assert_eq!(Outbox::<DB>::rejected(&pool).await.unwrap(), 1, "set aside, not deleted");
+        assert!(eventually(Duration::from_secs(5), || async { relay.stats().delivered == 1 }).await);
+        let p = pool.clone();
+        assert!(eventually(Duration::from_secs(5), || {
+            let p = p.clone();
+            async move { Outbox::<DB>::pending(&p).await.unwrap() == 0 }
+        }).await);
+        let (seq, reason): (i64, Option<String>) =
+            sqlx::query_as("SELECT seq, rejected FROM ackwire_outbox").fetch_one(&pool).await.unwrap();
+        assert_eq!(reason.as_deref(), Some("Undecodable"), "row {seq}");
+        assert_eq!(relay.stats().sent, 2, "never resent");
+    }
+
+    async fn a_row_refused_for_want_of_a_receiver_is_retried_until_one_appears(pool) {
+        // The target runs but has no receiver on the channel yet: past its grace period
+        // it rejects the row (NoReceiver, before its dedup). The relay must keep the row
+        // and retry, and deliver it once the receiver appears.
+        let mut cfg = ackwire::NodeConfig::default();
+        cfg.proto.no_receiver_grace = Duration::from_millis(100);
+        let rx_node = Node::builder(RECEIVER)
+            .tcp("127.0.0.1:0".parse().unwrap(), support::net::fast_tcp())
+            .allow_peer(support::net::SENDER)
+            .config(cfg)
+            .build()
+            .await
+            .unwrap();
+        let node = Arc::new(sender_node(rx_node.local_addr().unwrap()).await);
+        let outbox = Outbox::<DB>::new();
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue(&mut tx, RECEIVER, CH, IdKey(3), &(3u64, "order-3".to_string())).await.unwrap();
+        tx.commit().await.unwrap();
+        let relay = outbox.relay(node, pool.clone(), quick_retry()).unwrap();
+        assert!(
+            eventually(Duration::from_secs(20), || async { relay.stats().refused >= 1 }).await,
+            "refused: {:?}",
+            relay.stats()
+        );
+        assert_eq!(Outbox::<DB>::pending(&pool).await.unwrap(), 1, "the row stays");
+        assert_eq!(relay.stats().rejected, 0, "not set aside");
+        let mut rx = rx_node.receiver::<(u64, String)>(CH, false).unwrap();
+        assert_eq!(collect(&mut rx, 1, Duration::from_secs(20)).await, [3]);
+        assert!(eventually(Duration::from_secs(5), || async { relay.stats().delivered == 1 }).await);
+    }
+
     async fn malformed_rows_hold_their_stream_and_are_counted(pool) {
         let (rx_node, mut rx, node) = nodes_on_loopback(true).await;
         let mut rx2 = rx_node.receiver::<(u64, String)>(CH2, false).unwrap();
@@ -205,7 +262,10 @@ async fn sqlite_enqueue_wakes_the_relay_in_the_same_process() {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_notify_wakes_the_relay_for_rows_from_another_process() {
-    let Some(db) = support::db::postgres("pg_notify_wakes_relay").await else {
+    let Some(db) =
+        support::db::postgres("postgres_notify_wakes_the_relay_for_rows_from_another_process")
+            .await
+    else {
         return;
     };
     let (_rx_node, mut rx, node) = nodes_on_loopback(false).await;
@@ -247,4 +307,114 @@ fn postgres_notify_wakes_the_relay_for_rows_from_another_process() {
     support::db::postgres_not_built(
         "postgres_notify_wakes_the_relay_for_rows_from_another_process",
     );
+}
+
+/// PostgreSQL: two relays on one outbox (two replicas of the sending service) elect
+/// one; only it sends, and when it stops the other takes over.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_relays_elect_one_and_the_other_takes_over() {
+    use ackwire::NodeId;
+    let name = "postgres_two_relays_elect_one_and_the_other_takes_over";
+    let Some(db) = support::db::postgres(name).await else {
+        return;
+    };
+    const REPLICA: NodeId = NodeId(3);
+    let rx_node = Node::builder(RECEIVER)
+        .tcp("127.0.0.1:0".parse().unwrap(), support::net::fast_tcp())
+        .allow_peer(support::net::SENDER)
+        .allow_peer(REPLICA)
+        .build()
+        .await
+        .unwrap();
+    let mut rx = rx_node.receiver::<(u64, String)>(CH, false).unwrap();
+    let addr = rx_node.local_addr().unwrap();
+    let a = Arc::new(sender_node(addr).await);
+    let b = Arc::new(
+        Node::builder(REPLICA)
+            .tcp("127.0.0.1:0".parse().unwrap(), support::net::fast_tcp())
+            .peer(RECEIVER, addr)
+            .build()
+            .await
+            .unwrap(),
+    );
+    let mut opts = RelayOptions::default();
+    opts.poll_interval = Duration::from_millis(200);
+    let outbox = Outbox::<sqlx::Postgres>::new();
+    let relay_a = outbox.relay(a, db.pool.clone(), opts.clone()).unwrap();
+    let relay_b = outbox.relay(b, db.pool.clone(), opts).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            relay_a.stats().leading || relay_b.stats().leading
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        relay_a.stats().leading != relay_b.stats().leading,
+        "exactly one leads"
+    );
+    let (leader, follower) = if relay_a.stats().leading {
+        (relay_a, relay_b)
+    } else {
+        (relay_b, relay_a)
+    };
+    let enqueue = |range: std::ops::Range<u64>| {
+        let (pool, outbox) = (db.pool.clone(), outbox.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            for n in range {
+                outbox
+                    .enqueue(
+                        &mut tx,
+                        RECEIVER,
+                        CH,
+                        IdKey(u128::from(n)),
+                        &(n, format!("order-{n}")),
+                    )
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+    };
+    enqueue(0..50).await;
+    let mut got = collect(&mut rx, 50, Duration::from_secs(20)).await;
+    got.sort_unstable();
+    assert_eq!(got, (0..50).collect::<Vec<_>>(), "each row once");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            leader.stats().delivered == 50
+        })
+        .await
+    );
+    assert_eq!(follower.stats().sent, 0, "the follower sends nothing");
+    // The leader stops: its lock goes with its connection, the follower takes over.
+    leader.stop().await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            follower.stats().leading
+        })
+        .await,
+        "the follower takes the lead"
+    );
+    enqueue(50..70).await;
+    let mut got = collect(&mut rx, 20, Duration::from_secs(20)).await;
+    got.sort_unstable();
+    assert_eq!(got, (50..70).collect::<Vec<_>>());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            follower.stats().delivered == 20
+        })
+        .await
+    );
+    quiet(&mut rx, Duration::from_millis(300)).await;
+    drop(follower);
+    db.drop_schema().await;
+}
+
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn postgres_two_relays_elect_one_and_the_other_takes_over() {
+    support::db::postgres_not_built("postgres_two_relays_elect_one_and_the_other_takes_over");
 }

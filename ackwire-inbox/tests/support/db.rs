@@ -29,10 +29,17 @@ pub fn postgres_not_built(test: &str) {
         "{test}: ACKWIRE_REQUIRE_POSTGRES=1 but ackwire-inbox was built without the \
          `postgres` feature (use --features ackwire-inbox/postgres)"
     );
-    println!(
+    say_through_capture(&format!(
         "{test}: skipped: built without the `postgres` feature \
          (cargo test -p ackwire-inbox --features postgres)"
-    );
+    ));
+}
+
+/// Write a line to stderr past libtest's output capture (which only takes `print!`
+/// and `eprint!`), so a plain `cargo test` shows which tests were skipped.
+pub fn say_through_capture(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// A SQLite database in a temporary file (WAL, 10 s busy timeout), deleted on drop.
@@ -136,6 +143,23 @@ mod pg {
         }
     }
 
+    /// Whether the server's port answers (checked once per process, 1 s timeout), so
+    /// that a machine without a server skips every test at once.
+    fn reachable() -> &'static Result<(), String> {
+        static REACHABLE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+        REACHABLE.get_or_init(|| {
+            let opts = PgConnectOptions::from_str(&pg_url()).map_err(|e| e.to_string())?;
+            let addr =
+                std::net::ToSocketAddrs::to_socket_addrs(&(opts.get_host(), opts.get_port()))
+                    .map_err(|e| e.to_string())?
+                    .next()
+                    .ok_or("no address")?;
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    }
+
     /// Options of a connection to the test server with `search_path` = `schema`.
     pub fn pg_options(schema: &str) -> PgConnectOptions {
         PgConnectOptions::from_str(&pg_url())
@@ -157,11 +181,15 @@ mod pg {
     /// when the server is unreachable, unless `ACKWIRE_REQUIRE_POSTGRES=1`.
     pub async fn postgres(test: &str) -> Option<PgDb> {
         let url = pg_url();
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect_with(PgConnectOptions::from_str(&url).expect("ACKWIRE_PG_URL"))
-            .await;
+        let admin = match reachable() {
+            Ok(()) => PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(PgConnectOptions::from_str(&url).expect("ACKWIRE_PG_URL"))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        };
         let admin = match admin {
             Ok(a) => a,
             Err(e) => {
@@ -169,7 +197,9 @@ mod pg {
                     !postgres_required(),
                     "{test}: ACKWIRE_REQUIRE_POSTGRES=1 but PostgreSQL is not reachable at {url}: {e}"
                 );
-                println!("{test}: skipped: PostgreSQL not reachable at {url} ({e})");
+                say_through_capture(&format!(
+                    "{test}: skipped: PostgreSQL not reachable at {url} ({e})"
+                ));
                 return None;
             }
         };
