@@ -205,3 +205,27 @@ async fn a_pipeline_stops_at_the_first_failure() {
     );
     assert!(sink.failed() >= 1);
 }
+
+/// A typed sink keeps the typed sender's payload type check: `String`s into a `u64`
+/// receiver are rejected (`RejectReason::TypeMismatch`), and `flush` says so.
+#[tokio::test(start_paused = true)]
+async fn a_typed_sink_keeps_the_type_check() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let (a, b) = pair(&net, NodeConfig::default()).await;
+    let _inbox = b.receiver::<u64>(CH, false).unwrap();
+    let out = a
+        .sender::<String>(NodeId(2), ChannelOptions::new(CH, Guarantee::AtLeastOnce))
+        .unwrap();
+    let mut sink = out.sink();
+    sink.feed("not a number".to_string()).await.unwrap();
+    let err = sink.flush().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SendError::Rejected {
+                reason: ackwire::RejectReason::TypeMismatch
+            }
+        ),
+        "{err:?}"
+    );
+}
