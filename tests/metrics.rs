@@ -7,10 +7,11 @@
 //! each test takes one snapshot at the moment it checks.
 #![cfg(feature = "metrics")]
 
+use ackwire::detector::Health;
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
 use ackwire::{
-    ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId, ReceiverOptions, RejectReason,
-    SendError,
+    ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId, Outcome, ReceiverOptions,
+    RejectReason, SendError,
 };
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshot, Snapshotter};
 use std::future::Future;
@@ -258,4 +259,69 @@ fn retransmissions_and_duplicates_match_the_node_stats_per_stream() {
         assert_eq!(m.counter("ackwire_messages_delivered_total", AT_B), 50);
         assert_eq!(m.counter("ackwire_messages_acked_total", AT_A), 50);
     });
+}
+
+#[test]
+fn hints_stored_while_the_target_is_down_count_as_stored_then_replayed() {
+    with_recorder(|snapshotter| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::default();
+        config.handoff = Some(ackwire::HandoffConfig::new(dir.path()));
+        let net = MemNetwork::new(FaultPlan::new(5)).unwrap();
+        let a = Node::builder(A)
+            .transport(net.transport(A))
+            .config(config)
+            .seed(1)
+            .build()
+            .await
+            .unwrap();
+        let b = Node::builder(B)
+            .transport(net.transport(B))
+            .seed(2)
+            .build()
+            .await
+            .unwrap();
+        let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+        let acked = tokio::spawn(async move {
+            let mut n = 0;
+            while n < 4 {
+                within(inbox.recv()).await.unwrap().ack();
+                n += 1;
+            }
+        });
+        let out = a
+            .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
+            .unwrap();
+        assert_eq!(out.send(&0).await.unwrap().await, Ok(Outcome::Acked));
+        net.isolate(B);
+        wait_health(&a, Health::Down).await;
+        for i in 1..4 {
+            assert_eq!(out.send(&i).await.unwrap().await, Ok(Outcome::HandedOff));
+        }
+        net.rejoin(B);
+        wait_health(&a, Health::Up).await;
+        within(acked).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await; // the replays' acks
+        a.shutdown().await;
+        b.shutdown().await;
+        let m = Metrics::of(snapshotter.snapshot());
+        assert_eq!(m.counter("ackwire_messages_sent_total", AT_A), 4);
+        assert_eq!(m.counter("ackwire_hints_stored_total", AT_A), 3);
+        assert_eq!(m.counter("ackwire_hints_replayed_total", AT_A), 3);
+        // Only the application send settled by an ack counts as acked.
+        assert_eq!(m.counter("ackwire_messages_acked_total", AT_A), 1);
+        assert_eq!(m.histogram("ackwire_ack_latency_seconds", AT_A).len(), 1);
+        assert_eq!(m.gauge("ackwire_messages_in_flight", AT_A), 0.0);
+        assert_eq!(m.counter("ackwire_messages_delivered_total", AT_B), 4);
+    });
+}
+
+async fn wait_health(node: &Node, want: Health) {
+    for _ in 0..600 {
+        if node.health(B) == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{B} never became {want:?}");
 }

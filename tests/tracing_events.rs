@@ -160,3 +160,67 @@ async fn one_acked_message_leaves_trace_events_with_its_id() {
         );
     }
 }
+
+/// Over a lossy network, retransmissions show as `retransmit` events carrying the id
+/// that the message's `send` event had.
+#[tokio::test(start_paused = true)]
+async fn retransmissions_are_traced_with_the_message_id() {
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let net = MemNetwork::new(FaultPlan::new(3).loss(0.4)).unwrap();
+    let node = |id: NodeId| {
+        Node::builder(id)
+            .transport(net.transport(id))
+            .seed(id.0)
+            .build()
+    };
+    let a = node(NodeId(1)).await.unwrap();
+    let b = node(NodeId(2)).await.unwrap();
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let out = a
+        .sender::<u64>(NodeId(2), ChannelOptions::new(CH, Guarantee::AtLeastOnce))
+        .unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..20 {
+        receipts.push(out.send(&i).await.unwrap());
+    }
+    tokio::spawn(async move {
+        while let Some(d) = inbox.recv().await {
+            d.ack();
+        }
+    });
+    for r in receipts {
+        tokio::time::timeout(Duration::from_secs(300), r)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let retransmitted = a.stats().await.unwrap().proto.retransmitted;
+    assert!(retransmitted > 0, "40% loss retransmits");
+    let events = capture.events.lock().unwrap().clone();
+    let id_of = |e: &Captured| {
+        e.fields
+            .split(' ')
+            .find_map(|f| f.strip_prefix("id="))
+            .map(str::to_string)
+    };
+    let sent: Vec<String> = events
+        .iter()
+        .filter(|e| e.target == "ackwire::message" && e.message() == "send")
+        .filter_map(id_of)
+        .collect();
+    assert_eq!(sent.len(), 20);
+    let retransmits: Vec<&Captured> = events
+        .iter()
+        .filter(|e| e.target == "ackwire::message" && e.message() == "retransmit")
+        .collect();
+    assert!(
+        !retransmits.is_empty(),
+        "{retransmitted} retransmissions, none traced"
+    );
+    for r in retransmits {
+        assert_eq!(r.level, tracing::Level::TRACE);
+        let id = id_of(r).expect("retransmit carries the id");
+        assert!(sent.contains(&id), "{id} was never sent: {sent:?}");
+    }
+}

@@ -1320,6 +1320,14 @@ impl RawSender {
         self.peer
     }
 
+    /// Count a window wait (feature `metrics`) unless `n` slots are free now.
+    #[cfg(feature = "metrics")]
+    fn note_window_wait(&self, n: usize) {
+        if self.window.available_permits() < n {
+            metrics::window_wait(self.shared.node, self.peer, self.options.channel);
+        }
+    }
+
     /// Checks that fail a send before it takes a window slot: the payload's size and,
     /// with [`NodeConfig::fail_fast_when_down`], the target's health.
     fn check(&self, payload: &Bytes) -> Result<(), SendError> {
@@ -1358,9 +1366,7 @@ impl RawSender {
     async fn submit(&self, payload: Bytes, key: Option<IdKey>) -> Result<Receipt, SendError> {
         self.check(&payload)?;
         #[cfg(feature = "metrics")]
-        if self.window.available_permits() == 0 {
-            metrics::window_wait(self.shared.node, self.peer, self.options.channel);
-        }
+        self.note_window_wait(1);
         let permit = self
             .window
             .acquire()
