@@ -86,20 +86,14 @@ impl NodeMetrics {
         }
     }
 
-    /// The target acknowledged `send` (accepted at `tracked.at`, if it was an
-    /// application send); `acked` is false for an at-most-once transmission.
-    pub(super) fn settled(
-        &mut self,
-        send: SendRef,
-        tracked: Option<&Tracked>,
-        acked: bool,
-        now: Instant,
-    ) {
+    /// The target acknowledged `send`, accepted at `tracked.at`; `acked` is false for
+    /// an at-most-once transmission (no ack, no latency).
+    pub(super) fn settled(&mut self, send: SendRef, tracked: &Tracked, acked: bool, now: Instant) {
         let s = self.out(send.peer, send.channel);
         s.acked.increment(1);
-        if let (Some(t), true) = (tracked, acked) {
+        if acked {
             s.ack_latency
-                .record(now.saturating_duration_since(t.at).as_secs_f64());
+                .record(now.saturating_duration_since(tracked.at).as_secs_f64());
         }
     }
 

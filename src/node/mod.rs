@@ -2146,9 +2146,8 @@ impl Driver {
                     if let Some((g, reply)) = self.receipts.remove(&r) {
                         tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "acked");
                         #[cfg(feature = "metrics")]
-                        let acked = g != Guarantee::AtMostOnce;
-                        #[cfg(feature = "metrics")]
-                        self.metrics.settled(r, Some(&reply.tracked), acked, now);
+                        self.metrics
+                            .settled(r, &reply.tracked, g != Guarantee::AtMostOnce, now);
                         let outcome = if g == Guarantee::AtMostOnce {
                             Outcome::Sent
                         } else {

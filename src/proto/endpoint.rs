@@ -425,8 +425,8 @@ impl Endpoint {
     }
 
     /// [`ProtoStats::duplicates_dropped`] alone, without assembling the whole
-    /// [`ProtoStats`] (the driver reads it around each data frame when per-message
-    /// tracing or metrics are on).
+    /// [`ProtoStats`] (the driver reads it around each data frame to trace and count
+    /// duplicates per stream).
     pub fn duplicates_dropped(&self) -> u64 {
         self.stats.duplicates_dropped
     }
