@@ -32,11 +32,11 @@
 //! Install the recorder before building the node: handles are taken when a stream is
 //! first seen, and a handle taken without a recorder stays a no-op.
 
+use crate::fasthash::FastMap;
 use crate::id::{ChannelId, NodeId};
 use crate::proto::{Endpoint, SendRef};
 use crate::wire::RejectReason;
 use metrics::{Counter, Gauge, Histogram, Label};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// How often the counters kept inside the protocol core are copied out.
@@ -46,8 +46,8 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(super) struct NodeMetrics {
     node: String,
-    out: HashMap<(NodeId, ChannelId), OutStream>,
-    inbound: HashMap<(NodeId, ChannelId), InStream>,
+    out: FastMap<(NodeId, ChannelId), OutStream>,
+    inbound: FastMap<(NodeId, ChannelId), InStream>,
     next_sync: Option<Instant>,
 }
 
@@ -69,8 +69,8 @@ impl NodeMetrics {
     pub(super) fn new(node: NodeId) -> Self {
         NodeMetrics {
             node: node.to_string(),
-            out: HashMap::new(),
-            inbound: HashMap::new(),
+            out: FastMap::default(),
+            inbound: FastMap::default(),
             next_sync: None,
         }
     }
