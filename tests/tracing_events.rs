@@ -19,11 +19,13 @@ struct Captured {
 }
 
 impl Captured {
-    fn message(&self) -> &str {
+    /// The event's message (spaces were stored as `_`).
+    fn message(&self) -> String {
         self.fields
             .split(' ')
             .find_map(|f| f.strip_prefix("message="))
             .unwrap_or("")
+            .replace('_', " ")
     }
 }
 
@@ -223,4 +225,53 @@ async fn retransmissions_are_traced_with_the_message_id() {
         let id = id_of(r).expect("retransmit carries the id");
         assert!(sent.contains(&id), "{id} was never sent: {sent:?}");
     }
+}
+
+/// A nack shows at both ends: the receiver's `completed` with `how=Nack`, then the
+/// sender's `nack received` for the same stream position, then its `retransmit`.
+#[tokio::test(start_paused = true)]
+async fn a_nack_is_traced_at_both_ends() {
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let net = MemNetwork::new(FaultPlan::new(1)).unwrap();
+    let node = |id: NodeId| {
+        Node::builder(id)
+            .transport(net.transport(id))
+            .seed(id.0)
+            .build()
+    };
+    let a = node(NodeId(1)).await.unwrap();
+    let b = node(NodeId(2)).await.unwrap();
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let out = a
+        .sender::<u64>(NodeId(2), ChannelOptions::new(CH, Guarantee::AtLeastOnce))
+        .unwrap();
+    let receipt = out.send(&5).await.unwrap();
+    let minute = Duration::from_secs(60);
+    let first = tokio::time::timeout(minute, inbox.recv()).await.unwrap();
+    first.unwrap().nack();
+    let again = tokio::time::timeout(minute, inbox.recv()).await.unwrap();
+    again.unwrap().ack();
+    tokio::time::timeout(Duration::from_secs(60), receipt)
+        .await
+        .unwrap()
+        .unwrap();
+    let events = capture.events.lock().unwrap().clone();
+    let per_message: Vec<&Captured> = events
+        .iter()
+        .filter(|e| e.target == "ackwire::message")
+        .collect();
+    let find = |message: &str, field: &str| {
+        per_message
+            .iter()
+            .position(|e| e.message() == message && e.fields.contains(field))
+            .unwrap_or_else(|| panic!("no {message:?} with {field:?} in {per_message:#?}"))
+    };
+    let nacked = find("completed", "how=Nack ");
+    let received = find("nack received", "seq=1 ");
+    let retransmit = find("retransmit", "seq=1 ");
+    assert!(
+        nacked < received && received < retransmit,
+        "{per_message:#?}"
+    );
 }

@@ -2088,6 +2088,9 @@ impl Driver {
                     }
                     data = Some((d.channel, d.seq, d.id));
                 }
+                if let crate::wire::Frame::Nack(n) = &frame {
+                    tracing::trace!(target: MESSAGE_TARGET, %peer, channel = n.channel.0, seq = n.seq, "nack received");
+                }
                 let duplicates = self.endpoint.duplicates_dropped();
                 self.endpoint.handle_frame(now, peer, frame);
                 let duplicates = self.endpoint.duplicates_dropped() - duplicates;
