@@ -74,6 +74,10 @@
 //! * `tls` (default): mutual TLS 1.3 on the TCP transport ([`transport::tls`]).
 //! * `tower`: senders as `tower::Service`s (`Sender::service`), whose response is the
 //!   message's [`Outcome`] and whose `poll_ready` waits for window space.
+//! * `metrics`: per-peer, per-channel `ackwire_*` counters, gauges and histograms
+//!   through the `metrics` facade (the README's "Observability" section lists them).
+//! * Always: per-message `tracing` events at trace level on the target
+//!   `ackwire::message`, inside a span `node` per node.
 //! * Always: [`Receiver`] is a `futures::Stream`, [`Sender::sink`] a `futures::Sink`;
 //!   every config type implements serde's `Serialize`/`Deserialize` (durations as
 //!   `"200ms"`, `"5s"`; missing keys keep their defaults; unknown keys are errors).

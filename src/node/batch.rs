@@ -57,6 +57,8 @@ impl RawSender {
         while items.peek().is_some() {
             let chunk: Vec<(Bytes, Option<IdKey>)> = items.by_ref().take(chunk_max).collect();
             let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+            #[cfg(feature = "metrics")]
+            self.note_window_wait(chunk.len());
             let permits = self
                 .window
                 .acquire_many(n)

@@ -10,6 +10,9 @@
 mod batch;
 pub(crate) mod completions;
 mod dead_letter;
+#[cfg(feature = "metrics")]
+mod metrics;
+mod observe;
 #[cfg(feature = "tower")]
 mod service;
 mod sink;
@@ -18,6 +21,7 @@ mod typecheck;
 
 use dead_letter::DeadLetterQueue;
 pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
+use observe::{PendingReceipt, MESSAGE_TARGET};
 #[cfg(feature = "tower")]
 pub use service::{RawSenderService, SendFuture, SenderService};
 pub use sink::{RawSendSink, SendSink};
@@ -708,6 +712,8 @@ impl NodeBuilder {
             any_peer: self.config.allow_dynamic_peers || dials_by_id,
             fail_fast_down: self.config.fail_fast_when_down && !handoff_on_down,
             state: watch::channel(NodeState::Running).0,
+            #[cfg(feature = "metrics")]
+            node: self.id,
         });
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let driver = Driver {
@@ -715,6 +721,8 @@ impl NodeBuilder {
             link,
             commands: cmd_rx,
             receipts: Default::default(),
+            #[cfg(feature = "metrics")]
+            metrics: metrics::NodeMetrics::new(self.id),
             receivers: HashMap::new(),
             shared: shared.clone(),
             completions: Arc::new(Completions {
@@ -789,7 +797,8 @@ use crate::retry::later;
 /// every receipt, window wait and later call it fails sees [`NodeError::Failed`] /
 /// [`SendError::NodeFailed`] rather than a plain shutdown.
 async fn supervise(driver: Driver, shared: Arc<Shared>, origin: Origin) {
-    let mut run = Box::pin(driver.run());
+    let span = tracing::info_span!("node", node = %origin);
+    let mut run = Box::pin(tracing::Instrument::instrument(driver.run(), span));
     match (CatchUnwind(&mut run)).await {
         Ok(()) => {
             shared.state.send_replace(NodeState::Closed);
@@ -1311,6 +1320,14 @@ impl RawSender {
         self.peer
     }
 
+    /// Count a window wait (feature `metrics`) unless `n` slots are free now.
+    #[cfg(feature = "metrics")]
+    fn note_window_wait(&self, n: usize) {
+        if self.window.available_permits() < n {
+            metrics::window_wait(self.shared.node, self.peer, self.options.channel);
+        }
+    }
+
     /// Checks that fail a send before it takes a window slot: the payload's size and,
     /// with [`NodeConfig::fail_fast_when_down`], the target's health.
     fn check(&self, payload: &Bytes) -> Result<(), SendError> {
@@ -1348,6 +1365,8 @@ impl RawSender {
 
     async fn submit(&self, payload: Bytes, key: Option<IdKey>) -> Result<Receipt, SendError> {
         self.check(&payload)?;
+        #[cfg(feature = "metrics")]
+        self.note_window_wait(1);
         let permit = self
             .window
             .acquire()
@@ -1673,6 +1692,8 @@ struct Shared {
     fail_fast_down: bool,
     /// Running, closed, or failed (with the cause); see [`supervise`].
     state: watch::Sender<NodeState>,
+    #[cfg(feature = "metrics")]
+    node: NodeId,
 }
 
 /// Lifecycle of a node's driver.
@@ -1820,8 +1841,9 @@ struct Driver {
     endpoint: Endpoint,
     link: Link,
     commands: mpsc::UnboundedReceiver<Command>,
-    receipts:
-        crate::fasthash::FastMap<SendRef, (Guarantee, oneshot::Sender<Result<Outcome, SendError>>)>,
+    receipts: crate::fasthash::FastMap<SendRef, (Guarantee, PendingReceipt)>,
+    #[cfg(feature = "metrics")]
+    metrics: metrics::NodeMetrics,
     receivers: HashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
     shared: Arc<Shared>,
     /// Handed to deliveries so their completions come back here.
@@ -1959,7 +1981,7 @@ impl Driver {
                 let errors = done
                     .is_some()
                     .then(|| self.endpoint.stats().dedup_persist_errors);
-                self.endpoint.complete(now, delivery, how);
+                self.complete(now, delivery, how);
                 if let (Some(done), Some(errors)) = (done, errors) {
                     self.durable_acks.push((delivery, errors, done));
                 }
@@ -2059,12 +2081,24 @@ impl Driver {
             }
             LinkEvent::Frame { peer, frame } => {
                 // Visibility only (the endpoint ignores it): count and warn.
+                let mut data = None;
                 if let crate::wire::Frame::Data(d) = &frame {
                     if !self.receivers.contains_key(&d.channel) {
                         self.shared.no_receiver(peer, d.channel);
                     }
+                    data = Some((d.channel, d.seq, d.id));
                 }
-                self.endpoint.handle_frame(now, peer, frame)
+                if let crate::wire::Frame::Nack(n) = &frame {
+                    tracing::trace!(target: MESSAGE_TARGET, %peer, channel = n.channel.0, seq = n.seq, "nack received");
+                }
+                let duplicates = self.endpoint.duplicates_dropped();
+                self.endpoint.handle_frame(now, peer, frame);
+                let duplicates = self.endpoint.duplicates_dropped() - duplicates;
+                if let (Some((channel, seq, id)), 1..) = (data, duplicates) {
+                    tracing::trace!(target: MESSAGE_TARGET, id = ?id, from = %peer, channel = channel.0, seq, "duplicate dropped");
+                    #[cfg(feature = "metrics")]
+                    self.metrics.duplicates(peer, channel, duplicates);
+                }
             }
         }
     }
@@ -2079,6 +2113,10 @@ impl Driver {
                         self.endpoint.complete(now, delivery, Completion::Refuse);
                         continue;
                     };
+                    tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, "deliver");
+                    #[cfg(feature = "metrics")]
+                    self.metrics
+                        .delivered(delivery.origin.node, delivery.channel);
                     // At-most-once deliveries are finished too: that frees credit.
                     let completion = Some((delivery, self.completions.clone()));
                     let d = Delivery {
@@ -2102,10 +2140,17 @@ impl Driver {
                 Event::Settled(r) => {
                     if let Some(spool) = &mut self.spool {
                         if spool.on_settled(r, &mut self.endpoint) {
+                            tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "replayed hint acked");
+                            #[cfg(feature = "metrics")]
+                            self.metrics.hint_replayed(r);
                             continue;
                         }
                     }
                     if let Some((g, reply)) = self.receipts.remove(&r) {
+                        tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "acked");
+                        #[cfg(feature = "metrics")]
+                        self.metrics
+                            .settled(r, &reply.tracked, g != Guarantee::AtMostOnce, now);
                         let outcome = if g == Guarantee::AtMostOnce {
                             Outcome::Sent
                         } else {
@@ -2129,6 +2174,9 @@ impl Driver {
                     let Some((g, reply)) = self.receipts.remove(&send) else {
                         continue;
                     };
+                    tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, ?reason, attempts, "gave up");
+                    #[cfg(feature = "metrics")]
+                    self.metrics.gave_up(send);
                     let hand_off = self.spool.as_ref().is_some_and(|s| s.config().on_give_up);
                     let res = if hand_off {
                         self.store_hint(send, id, g, payload, now)
@@ -2146,6 +2194,9 @@ impl Driver {
                     let _ = reply.send(res);
                 }
                 Event::Rejected { send, reason } => {
+                    tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected");
+                    #[cfg(feature = "metrics")]
+                    self.metrics.rejected(send, reason);
                     if let Some(spool) = &mut self.spool {
                         if spool.on_rejected(send, reason, &mut self.endpoint) {
                             continue;
@@ -2185,9 +2236,23 @@ impl Driver {
         let mut done = std::mem::take(&mut self.completed);
         self.completions.stack.drain_into(&mut done);
         for (delivery, how) in done.drain(..) {
-            self.endpoint.complete(now, delivery, how);
+            self.complete(now, delivery, how);
         }
         self.completed = done;
+    }
+
+    /// Finish a delivery in the endpoint (traced; the duplicates it settles counted).
+    fn complete(&mut self, now: std::time::Instant, delivery: DeliveryRef, how: Completion) {
+        tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, ?how, "completed");
+        #[cfg(feature = "metrics")]
+        let duplicates = self.endpoint.duplicates_dropped();
+        self.endpoint.complete(now, delivery, how);
+        #[cfg(feature = "metrics")]
+        self.metrics.duplicates(
+            delivery.origin.node,
+            delivery.channel,
+            self.endpoint.duplicates_dropped() - duplicates,
+        );
     }
 
     /// One message from a sender (alone or in a batch); it holds one window permit.
@@ -2217,6 +2282,11 @@ impl Driver {
         };
         match self.endpoint.send(now, msg) {
             Ok(r) => {
+                tracing::trace!(target: MESSAGE_TARGET, id = %observe::sent_id(self.endpoint.origin(), r, key), %peer, channel = r.channel.0, seq = r.seq, "send");
+                #[cfg(feature = "metrics")]
+                let reply = PendingReceipt::new(reply, self.metrics.sent(r, now));
+                #[cfg(not(feature = "metrics"))]
+                let reply = PendingReceipt::new(reply);
                 self.receipts.insert(r, (options.guarantee, reply));
                 if options.guarantee != Guarantee::AtMostOnce
                     && self.detector.state(peer) == Some(Health::Down)
@@ -2265,6 +2335,10 @@ impl Driver {
         deliveries: u32,
         reason: DeadLetterReason,
     ) {
+        tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, deliveries, ?reason, "dead-lettered");
+        #[cfg(feature = "metrics")]
+        self.metrics
+            .dead_letter(delivery.origin.node, delivery.channel, reason);
         self.shared.dead_letters.push(DeadLetter {
             message: payload,
             id: delivery.id,
@@ -2278,6 +2352,12 @@ impl Driver {
     async fn flush(&mut self, now: std::time::Instant) -> bool {
         while let Some((peer, frame)) = self.endpoint.poll_transmit(now) {
             self.outbox.entry(peer).or_default().push(frame);
+        }
+        if tracing::enabled!(target: MESSAGE_TARGET, tracing::Level::TRACE) {
+            for (peer, frames) in &self.outbox {
+                let origin = self.endpoint.origin();
+                observe::trace_transmits(origin, *peer, frames.iter(), &mut self.receipts);
+            }
         }
         // Acks produced by transmits' events are dispatched next round.
         self.dispatch();
@@ -2329,6 +2409,8 @@ impl Driver {
 
     /// Heartbeats, failure detection, handoff and replay.
     fn housekeeping(&mut self, now: std::time::Instant) {
+        #[cfg(feature = "metrics")]
+        self.metrics.sync(&self.endpoint, now, false);
         if now >= self.next_heartbeat {
             self.next_heartbeat = later(now, self.heartbeat_every);
             let peers: Vec<NodeId> = self.detector.peers().map(|(p, _)| p).collect();
@@ -2431,6 +2513,9 @@ impl Driver {
         };
         match spool.store(send, id, g, payload, down_for, now) {
             Ok(()) => {
+                tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, "handed off to the hint store");
+                #[cfg(feature = "metrics")]
+                self.metrics.hint_stored(send);
                 self.handed_off += 1;
                 Ok(Outcome::HandedOff)
             }
@@ -2444,6 +2529,8 @@ impl Driver {
     }
 
     async fn stop(&mut self) {
+        #[cfg(feature = "metrics")]
+        self.metrics.sync(&self.endpoint, self.clock, true);
         if let Some(spool) = &mut self.spool {
             spool.sync();
         }

@@ -258,9 +258,12 @@ impl WindowSlot {
                 Err(TryAcquireError::Closed) => {
                     return Poll::Ready(Err(sender.shared.send_closed_error()))
                 }
-                Err(TryAcquireError::NoPermits) => self
-                    .acquiring
-                    .insert(Box::pin(sender.window.clone().acquire_owned())),
+                Err(TryAcquireError::NoPermits) => {
+                    #[cfg(feature = "metrics")]
+                    sender.note_window_wait(1);
+                    self.acquiring
+                        .insert(Box::pin(sender.window.clone().acquire_owned()))
+                }
             },
         };
         let acquired = ready!(acquiring.as_mut().poll(cx));

@@ -266,6 +266,24 @@ pub struct ProtoStats {
     pub node_credits_sent: u64,
 }
 
+/// Counters of one outbound stream (see [`Endpoint::stream_counters`]); monotonic
+/// while the stream lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamCounters {
+    /// Target node.
+    pub peer: NodeId,
+    /// Channel.
+    pub channel: ChannelId,
+    /// Retransmissions ([`ProtoStats::retransmitted`]).
+    pub retransmitted: u64,
+    /// First transmissions that waited for the receiver's stream credit
+    /// ([`ProtoStats::credit_waits`]).
+    pub credit_waits: u64,
+    /// Transmissions that waited for node credit ([`ProtoStats::node_credit_waits`]).
+    pub node_credit_waits: u64,
+}
+
 #[derive(Debug)]
 struct Peer {
     origin: Origin,
@@ -420,6 +438,27 @@ impl Endpoint {
             s.node_credit_waits += o.node_waits();
         }
         s
+    }
+
+    /// Each outbound stream's own counters, the ones [`Endpoint::stats`] sums: for
+    /// per-peer, per-channel metrics (the node's `metrics` feature).
+    pub fn stream_counters(&self) -> impl Iterator<Item = StreamCounters> + '_ {
+        self.outbound
+            .iter()
+            .map(|(&(peer, channel), o)| StreamCounters {
+                peer,
+                channel,
+                retransmitted: o.retransmits(),
+                credit_waits: o.credit_counters().0,
+                node_credit_waits: o.node_waits(),
+            })
+    }
+
+    /// [`ProtoStats::duplicates_dropped`] alone, without assembling the whole
+    /// [`ProtoStats`] (the driver reads it around each data frame to trace and count
+    /// duplicates per stream).
+    pub fn duplicates_dropped(&self) -> u64 {
+        self.stats.duplicates_dropped
     }
 
     /// Accept messages on `channel`; `ordered` holds each stream's messages until

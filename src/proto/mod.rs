@@ -14,6 +14,7 @@ mod outbound;
 pub use authz::{Authorization, Refusal, RelayPolicy};
 pub use config::ProtoConfig;
 pub use endpoint::{
-    Accept, Completion, DeliveryRef, Endpoint, Event, Outgoing, ProtoStats, SendRef, StreamError,
+    Accept, Completion, DeliveryRef, Endpoint, Event, Outgoing, ProtoStats, SendRef,
+    StreamCounters, StreamError,
 };
 pub use outbound::{CREDIT_SLACK, INITIAL_CREDIT, INITIAL_NODE_CREDIT, MAX_PROBE_INTERVAL};
