@@ -169,8 +169,8 @@
 //! `tests/inbox.rs` and `tests/outbox.rs` run every scenario on SQLite (a temporary
 //! file) and, with the `postgres` feature, on PostgreSQL (a schema per test) at
 //! `127.0.0.1:5432`, database `test` (`ACKWIRE_PG_URL` overrides); `tests/kill9.rs`
-//! kills receiver and sender processes with SIGKILL. From the workspace root:
-//! `cargo test --features ackwire-inbox/postgres`. Without the feature or without a
+//! kills receiver and sender processes with SIGKILL. From the workspace root, plain
+//! `cargo test` runs them all (the tests build this crate with `postgres`). Without a
 //! server, the PostgreSQL tests print `…: skipped: …` and pass, unless
 //! `ACKWIRE_REQUIRE_POSTGRES=1` is set (as in CI), which makes them fail.
 
