@@ -1,6 +1,6 @@
 //! One workload, each delivery guarantee, over an in-memory network that loses 20 % of
 //! frames, duplicates 10 %, reorders 30 %, delays 0.1–3 ms, and is partitioned for a
-//! for 2 s in the middle. Runs on virtual time, so it takes about a second.
+//! for 2 s in the middle. Runs on virtual time, so it takes a few seconds.
 //! `CHAOS_STATS=1` also prints each node's counters.
 //!
 //! ```text
