@@ -151,6 +151,8 @@ pub(crate) struct OutboundStream {
     schema: u32,
     /// Times `poll_transmit` stopped for lack of node credit.
     node_waits: u64,
+    /// Credit probes sent since the receiver last acked anything.
+    unanswered_probes: u32,
 }
 
 impl OutboundStream {
@@ -194,6 +196,7 @@ impl OutboundStream {
             keepalive: config.retry.backoff_cap,
             schema: 0,
             node_waits: 0,
+            unanswered_probes: 0,
         }
     }
 
@@ -416,11 +419,14 @@ impl OutboundStream {
                 self.credit_probes += 1;
                 self.probe_owed = true;
                 self.probe_due = Some(now + self.probe_interval());
-                if self.guarantee == Guarantee::AtMostOnce {
-                    // A receiver run that never saw this stream (it restarted, and what
-                    // it was sent arrived before its receiver registered) cannot answer
-                    // a data-less probe: the oldest blocked message goes instead, which
-                    // opens the stream there and brings its credit back.
+                self.unanswered_probes = self.unanswered_probes.saturating_add(1);
+                if self.guarantee == Guarantee::AtMostOnce && self.unanswered_probes > 2 {
+                    // Probes go unanswered: a receiver run that never saw this stream
+                    // (it restarted, and what it was sent arrived before its receiver
+                    // registered) cannot answer a data-less probe. The oldest blocked
+                    // message goes instead, which opens the stream there and brings
+                    // its credit back. (A receiver that answers, however busy, resets
+                    // the count: its grant is never exceeded this way.)
                     if let (Some(c), Some(&head)) = (self.credit, self.blocked.front()) {
                         self.credit = Some(c.max(head));
                         self.unblock();
@@ -492,6 +498,7 @@ impl OutboundStream {
         received: u64,
     ) {
         let top = self.next_seq.saturating_sub(1);
+        self.unanswered_probes = 0;
         self.held = self.held.max(received.min(top));
         if let (Some(grant), Some(cur)) = (credit, self.credit) {
             if grant > cur {
