@@ -323,6 +323,32 @@ pub struct Endpoint {
 }
 
 /// What a peer lets this node send it on the current connection.
+/// Does `origin` (its current run) speak protocol version 3, so that it can be told of
+/// a refusal with a [`Reject`]?
+fn speaks_v3(peers: &HashMap<NodeId, Peer>, origin: Origin) -> bool {
+    peers
+        .get(&origin.node)
+        .is_some_and(|p| p.origin == origin && p.version >= 3)
+}
+
+/// The reject of `origin`'s message `seq` on `channel`, addressed to it.
+fn reject_frame(
+    origin: Origin,
+    channel: ChannelId,
+    seq: u64,
+    reason: RejectReason,
+) -> (NodeId, Frame) {
+    (
+        origin.node,
+        Frame::Reject(Reject {
+            channel,
+            incarnation: origin.incarnation,
+            seq,
+            reason,
+        }),
+    )
+}
+
 /// Wait before the `probes`-th node credit probe: 200 ms doubling to 5 s.
 fn node_probe_interval(probes: u32) -> Duration {
     Duration::from_millis(200)
@@ -508,22 +534,22 @@ impl Endpoint {
     /// Tell `origin` that its message `seq` on `channel` is refused for good, if it
     /// speaks protocol version 3 (older senders keep retrying until their deadline).
     fn send_reject(&mut self, origin: Origin, channel: ChannelId, seq: u64, reason: RejectReason) {
-        let speaks = self
-            .peers
-            .get(&origin.node)
-            .is_some_and(|p| p.origin == origin && p.version >= 3);
-        if speaks {
+        if speaks_v3(&self.peers, origin) {
             self.stats.rejects_sent += 1;
-            self.transmit.push_back((
-                origin.node,
-                Frame::Reject(Reject {
-                    channel,
-                    incarnation: origin.incarnation,
-                    seq,
-                    reason,
-                }),
-            ));
+            self.transmit
+                .push_back(reject_frame(origin, channel, seq, reason));
         }
+    }
+
+    /// Messages of `node` held here (all its streams), for its node credit grant.
+    fn held_by(&self, node: NodeId) -> HashMap<NodeId, u64> {
+        let n = self
+            .inbound
+            .iter()
+            .filter(|((o, _), _)| o.node == node)
+            .map(|(_, st)| st.outstanding())
+            .sum();
+        HashMap::from([(node, n)])
     }
 
     /// Queue a message. The caller bounds the window (see [`Event::WindowOpened`]):
@@ -661,12 +687,7 @@ impl Endpoint {
             );
             // The first grant goes out at once (the sender starts from
             // `INITIAL_NODE_CREDIT` until it arrives).
-            let mut held: HashMap<NodeId, u64> = HashMap::new();
-            for ((o, _), st) in self.inbound.iter() {
-                if o.node == origin.node {
-                    *held.entry(o.node).or_default() += st.outstanding();
-                }
-            }
+            let held = self.held_by(origin.node);
             self.grant_node_credit(&held, Some(origin.node));
         } else {
             self.node_in.remove(&origin.node);
@@ -689,15 +710,8 @@ impl Endpoint {
                 if *o == origin {
                     for (seq, reason) in s.rejections() {
                         self.stats.rejects_sent += 1;
-                        self.transmit.push_back((
-                            origin.node,
-                            Frame::Reject(Reject {
-                                channel: s.channel(),
-                                incarnation: origin.incarnation,
-                                seq,
-                                reason,
-                            }),
-                        ));
+                        self.transmit
+                            .push_back(reject_frame(origin, s.channel(), seq, reason));
                     }
                 }
             }
@@ -801,12 +815,7 @@ impl Endpoint {
                     // receiver may have no stream of the sender's to owe an ack on (it
                     // restarted, say), so no timer would send it later.
                     n.owed = true;
-                    let mut held: HashMap<NodeId, u64> = HashMap::new();
-                    for ((o, _), st) in self.inbound.iter() {
-                        if o.node == from {
-                            *held.entry(from).or_default() += st.outstanding();
-                        }
-                    }
+                    let held = self.held_by(from);
                     self.grant_node_credit(&held, Some(from));
                 }
                 // Answer with the stream's current grant (an ack, sent with this burst).
@@ -998,10 +1007,7 @@ impl Endpoint {
         reason: RejectReason,
         ready: &mut Vec<Data>,
     ) {
-        let speaks = self
-            .peers
-            .get(&origin.node)
-            .is_some_and(|p| p.origin == origin && p.version >= 3);
+        let speaks = speaks_v3(&self.peers, origin);
         let Some(stream) = self.inbound.get_mut(&(origin, channel)) else {
             return;
         };
@@ -1386,9 +1392,7 @@ impl Endpoint {
         let max_deliveries = channels.get(&channel).and_then(|a| a.max_deliveries);
         let expected_schema = channels.get(&channel).map_or(0, |a| a.schema);
         // Can the sender be told of a refusal (protocol version 3)?
-        let speaks = peers
-            .get(&origin.node)
-            .is_some_and(|p| p.origin == origin && p.version >= 3);
+        let speaks = speaks_v3(peers, origin);
         let mut reject = |stream: &mut InboundStream,
                           seq: u64,
                           reason: RejectReason,
@@ -1398,15 +1402,7 @@ impl Endpoint {
             if speaks {
                 stream.reject(now, seq, reason, ready);
                 stats.rejects_sent += 1;
-                transmit.push_back((
-                    origin.node,
-                    Frame::Reject(Reject {
-                        channel,
-                        incarnation: origin.incarnation,
-                        seq,
-                        reason,
-                    }),
-                ));
+                transmit.push_back(reject_frame(origin, channel, seq, reason));
             } else {
                 // An older sender cannot be told; acking ends its retries, which
                 // cannot help.
