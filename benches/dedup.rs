@@ -32,11 +32,18 @@ const WORKING_SET: usize = 1 << 20;
 const OPS: usize = 1 << 18;
 const CAPACITY: usize = 1 << 21;
 const HORIZON: Duration = Duration::from_secs(120);
+/// Keys handed to a structure at once: a receiver's burst of frames from one read.
+const CHUNK: usize = 64;
 
 trait CheckInsert: Sync {
     fn build() -> Self;
     /// `true` if `k` was new.
     fn check_insert(&self, k: u128, now: Instant) -> bool;
+    /// `check_insert` for each of `ks` in order; how many were new. Structures
+    /// without a batch API loop over `check_insert`.
+    fn check_insert_chunk(&self, ks: &[u128], now: Instant) -> usize {
+        ks.iter().filter(|&&k| self.check_insert(k, now)).count()
+    }
 }
 
 struct Ackwire(IdTable);
@@ -49,6 +56,33 @@ impl CheckInsert for Ackwire {
             .begin(IdKey(k), now)
             .expect("table sized for the workload")
             == Admit::Fresh
+    }
+}
+
+type Answer = Result<Admit, ackwire::dedup::DedupError>;
+
+/// The same table through its batch API, `IdTable::begin_many` (prefetches the next
+/// keys' slots while one is claimed).
+struct AckwireBatched(IdTable);
+impl CheckInsert for AckwireBatched {
+    fn build() -> Self {
+        AckwireBatched(IdTable::new(CAPACITY, HORIZON, Instant::now()))
+    }
+    fn check_insert(&self, k: u128, now: Instant) -> bool {
+        self.0.begin(IdKey(k), now).expect("sized") == Admit::Fresh
+    }
+    fn check_insert_chunk(&self, ks: &[u128], now: Instant) -> usize {
+        thread_local! {
+            static BUF: RefCell<(Vec<IdKey>, Vec<Answer>)> =
+                const { RefCell::new((Vec::new(), Vec::new())) };
+        }
+        BUF.with_borrow_mut(|(keys, out)| {
+            keys.clear();
+            keys.extend(ks.iter().map(|&k| IdKey(k)));
+            out.clear();
+            self.0.begin_many(keys, now, out);
+            out.iter().filter(|r| matches!(r, Ok(Admit::Fresh))).count()
+        })
     }
 }
 
@@ -212,8 +246,8 @@ fn bench_structure<S: CheckInsert>(c: &mut Criterion, w: &Workload, name: &str) 
                     let chunk = &w.ops[*cur..*cur + n];
                     let start = Instant::now();
                     if threads == 1 {
-                        for &k in chunk {
-                            std::hint::black_box(s.check_insert(k, now));
+                        for part in chunk.chunks(CHUNK) {
+                            std::hint::black_box(s.check_insert_chunk(part, now));
                         }
                     } else {
                         let s: &S = s;
@@ -221,8 +255,8 @@ fn bench_structure<S: CheckInsert>(c: &mut Criterion, w: &Workload, name: &str) 
                         std::thread::scope(|sc| {
                             for part in [&chunk[..half], &chunk[half..]] {
                                 sc.spawn(move || {
-                                    for &k in part {
-                                        std::hint::black_box(s.check_insert(k, now));
+                                    for c in part.chunks(CHUNK) {
+                                        std::hint::black_box(s.check_insert_chunk(c, now));
                                     }
                                 });
                             }
@@ -243,6 +277,7 @@ fn bench_tables(c: &mut Criterion) {
     let w = workload();
     bench_structure::<RandomLoadFloor>(c, &w, "floor_one_random_load");
     bench_structure::<Ackwire>(c, &w, "ackwire_idtable");
+    bench_structure::<AckwireBatched>(c, &w, "ackwire_idtable_begin_many");
     bench_structure::<AckwireComplete>(c, &w, "ackwire_idtable_begin_complete");
     bench_structure::<AckwireGrowing>(c, &w, "ackwire_idtable_growing_default");
     bench_structure::<Dash>(c, &w, "dashmap");

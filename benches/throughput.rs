@@ -259,6 +259,32 @@ async fn ackwire_batch(s: &Stream) -> Duration {
     }
 }
 
+/// Application keys for `effectively_once_keyed`: distinct across the whole run, so
+/// every send is a new key in the receiver's key table (none is a duplicate).
+static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// [`ackwire_batch`] with an application key per message (`send_with_key`).
+async fn ackwire_keyed_batch(s: &Stream) -> Duration {
+    let start = Instant::now();
+    let mut receipts = Vec::with_capacity(BATCH as usize);
+    for _ in 0..BATCH {
+        let k = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+        // Spread the keys over the 128 bits the way hashed business ids would be.
+        let key =
+            ackwire::IdKey(u128::from(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)) << 64 | u128::from(k));
+        receipts.push(
+            s.sender
+                .send_with_key(s.payload.clone(), key)
+                .await
+                .expect("send"),
+        );
+    }
+    for r in receipts {
+        r.await.expect("acked");
+    }
+    start.elapsed()
+}
+
 /// The raw TCP baseline: one connection, `u32` length prefix, a counting reader.
 struct Raw {
     writer: tokio::sync::Mutex<BufWriter<TcpStream>>,
@@ -345,6 +371,24 @@ fn throughput(c: &mut Criterion) {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         total += ackwire_batch(s).await;
+                    }
+                    total
+                })
+            });
+        }
+        // Keyed next to unkeyed effectively-once, same stream, same run (issue 17's
+        // sustained-rate comparison). 64 B only: every key stays in the receiver's
+        // key table for the 2-minute horizon, and the default 256 MiB budget holds
+        // about 5 M of them (see BENCHMARKS.md), one 64 B run's worth.
+        for s in pair.streams.iter().filter(|s| {
+            size == SIZES[0] && s.payload.len() == size && s.guarantee == Guarantee::EffectivelyOnce
+        }) {
+            let id = BenchmarkId::new("effectively_once_keyed", size);
+            group.bench_with_input(id, &size, |b, _| {
+                b.to_async(&rt).iter_custom(|iters| async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += ackwire_keyed_batch(s).await;
                     }
                     total
                 })

@@ -85,7 +85,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use table::{IdTable, BYTES_PER_SLOT, DEFAULT_INITIAL_SLOTS};
+pub use table::{IdTable, BATCH_LOOKAHEAD, BYTES_PER_SLOT, DEFAULT_INITIAL_SLOTS};
 pub use window::SeqWindow;
 
 use self::log::{DedupLog, Record, RetiredRecord};
@@ -458,6 +458,16 @@ impl Dedup {
             ));
         }
         Ok(d)
+    }
+
+    /// Hint that `id` is about to be [`begin`](Self::begin)-checked: for an
+    /// application key, prefetch its slots in the key table (see
+    /// [`IdTable::prefetch`]); nothing for library-assigned ids (their window is small
+    /// and hot). A receiver calls it for a burst of frames before handling them.
+    pub fn prefetch(&self, id: &MessageId) {
+        if let MessageId::Key(k) = *id {
+            self.table.prefetch(k);
+        }
     }
 
     /// Check-and-insert `id` (see the module doc for what to do with each answer).

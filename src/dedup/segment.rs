@@ -73,7 +73,7 @@ fn time(s: u64) -> u64 {
     s & TIME_MASK
 }
 #[inline]
-fn pack(kind: u64, ver: u64, time: u64) -> u64 {
+const fn pack(kind: u64, ver: u64, time: u64) -> u64 {
     (kind << 61) | ((ver & VER_MASK) << TIME_BITS) | (time & TIME_MASK)
 }
 
@@ -155,18 +155,11 @@ impl Segment {
         horizon_ms: u64,
     ) -> Segment {
         let cap = capacity.max(8).next_power_of_two();
-        let mut slots = Vec::with_capacity(cap);
-        advise_huge_pages(slots.as_mut_ptr() as *mut u8, cap * SLOT_BYTES);
-        slots.extend((0..cap).map(|_| Slot {
-            state: AtomicU64::new(pack(K_EMPTY, 0, 0)),
-            lo: AtomicU64::new(0),
-            hi: AtomicU64::new(0),
-        }));
         Segment {
             id,
             start_ms,
             period_start_ms,
-            slots: slots.into_boxed_slice(),
+            slots: empty_slots(cap),
             mask: cap - 1,
             probe: cap.min(MAX_PROBE),
             horizon_ms,
@@ -478,6 +471,12 @@ impl Segment {
         now_ms >= time(s) + self.horizon_ms
     }
 
+    /// Hint the CPU to load the key's home slot into the cache (no effect on state).
+    #[inline]
+    pub(super) fn prefetch(&self, hash: u64) {
+        prefetch_read(std::ptr::from_ref(&self.slots[self.home(hash)]).cast());
+    }
+
     #[inline]
     fn home(&self, hash: u64) -> usize {
         (hash as usize) & self.mask
@@ -493,6 +492,56 @@ pub(super) fn key_hash(key: IdKey) -> u64 {
     z = z.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z ^= z >> 29;
     z
+}
+
+/// An all-`EMPTY` slot array. Outside loom it comes from the allocator already zeroed
+/// (fresh pages from the OS for a large array: no pass over the memory, which for a
+/// generation of millions of slots stalled its caller for tens of milliseconds, and
+/// the receiver's acks with it); pages are then touched as keys land in them.
+#[cfg(not(ackwire_loom))]
+fn empty_slots(cap: usize) -> Box<[Slot]> {
+    const _: () = assert!(pack(K_EMPTY, 0, 0) == 0, "an empty slot is all zero bytes");
+    let layout = std::alloc::Layout::array::<Slot>(cap).expect("slot array fits in isize");
+    // SAFETY: `cap >= 8`, so the layout is not zero-sized. A `Slot` is three
+    // `AtomicU64`s (std's, same layout as `u64`), so all-zero bytes are a valid slot:
+    // state `pack(K_EMPTY, 0, 0) == 0` (asserted above), key 0. The pointer comes from
+    // the global allocator with this exact layout, which is what `Box<[Slot]>` of
+    // length `cap` deallocates with.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<Slot>();
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        advise_huge_pages(p.cast(), layout.size());
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, cap))
+    }
+}
+
+#[cfg(ackwire_loom)]
+fn empty_slots(cap: usize) -> Box<[Slot]> {
+    (0..cap)
+        .map(|_| Slot {
+            state: AtomicU64::new(pack(K_EMPTY, 0, 0)),
+            lo: AtomicU64::new(0),
+            hi: AtomicU64::new(0),
+        })
+        .collect()
+}
+
+/// A software prefetch of the cache line at `p` (x86-64 `prefetcht0`; elsewhere
+/// nothing). Unlike a plain load it is not ordered by the fences and compare-and-swaps
+/// of the slot protocol, so several keys' misses overlap while one key is claimed.
+#[inline]
+fn prefetch_read(p: *const u8) {
+    #[cfg(all(target_arch = "x86_64", not(ackwire_loom)))]
+    // SAFETY: a prefetch is a hint: it never faults, reads no value into the program
+    // and changes no memory, whatever the address. `p` points into a live slot array.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(ackwire_loom))))]
+    let _ = p;
 }
 
 /// Best effort: ask Linux for transparent huge pages on a large, not yet touched slot
@@ -520,4 +569,5 @@ fn advise_huge_pages(ptr: *mut u8, len: usize) {
 }
 
 #[cfg(not(all(target_os = "linux", not(ackwire_loom))))]
+#[cfg_attr(ackwire_loom, allow(dead_code))]
 fn advise_huge_pages(_ptr: *mut u8, _len: usize) {}

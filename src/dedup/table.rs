@@ -45,6 +45,10 @@ use super::sync::{fence, pin, wait_for_other, AtomicU64, Ordering, Pin, Snapshot
 use super::{Admit, DedupError};
 use crate::IdKey;
 
+/// How many keys ahead [`IdTable::begin_many`] prefetches (about the number of
+/// cache misses a core keeps in flight).
+pub const BATCH_LOOKAHEAD: usize = 8;
+
 /// Default initial capacity (slots) of a growing table: 16 384 slots, 384 KiB.
 pub const DEFAULT_INITIAL_SLOTS: usize = 16_384;
 
@@ -262,6 +266,61 @@ impl IdTable {
                     });
                 }
             }
+        }
+    }
+
+    /// Hint the CPU to fetch the slots a later [`begin`](Self::begin) of `key` reads
+    /// first (its home slot in every generation). Changes nothing; worth it for a
+    /// batch of keys about to be checked, on a table larger than the CPU cache.
+    pub fn prefetch(&self, key: IdKey) {
+        let hash = key_hash(key);
+        let g = pin();
+        for s in self.segs.load(&g).iter() {
+            s.prefetch(hash);
+        }
+    }
+
+    /// [`begin`](Self::begin) for each of `keys` in order, appending the results to
+    /// `out`: the same answers as calling `begin` one key at a time, but faster for
+    /// large tables, because the home slots of the next keys are prefetched while one
+    /// key is claimed (each `begin` on a table much larger than the CPU cache waits for
+    /// one memory miss; here up to [`BATCH_LOOKAHEAD`] of them overlap).
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use ackwire::dedup::{Admit, IdTable};
+    /// use ackwire::IdKey;
+    ///
+    /// let now = Instant::now();
+    /// let table = IdTable::new(1024, Duration::from_secs(60), now);
+    /// let mut out = Vec::new();
+    /// table.begin_many(&[IdKey(1), IdKey(2), IdKey(1)], now, &mut out);
+    /// let got: Vec<Admit> = out.into_iter().map(|r| r.unwrap()).collect();
+    /// assert_eq!(got, [Admit::Fresh, Admit::Fresh, Admit::InProgress]);
+    /// ```
+    pub fn begin_many(
+        &self,
+        keys: &[IdKey],
+        now: Instant,
+        out: &mut Vec<Result<Admit, DedupError>>,
+    ) {
+        out.reserve(keys.len());
+        let g = pin();
+        let list = self.segs.load(&g);
+        let warm = |k: IdKey| {
+            let hash = key_hash(k);
+            for s in list.iter() {
+                s.prefetch(hash);
+            }
+        };
+        for &k in keys.iter().take(BATCH_LOOKAHEAD) {
+            warm(k);
+        }
+        for (i, &k) in keys.iter().enumerate() {
+            if let Some(&next) = keys.get(i + BATCH_LOOKAHEAD) {
+                warm(next);
+            }
+            out.push(self.begin(k, now));
         }
     }
 
@@ -492,6 +551,42 @@ impl IdTable {
 #[cfg(all(test, not(ackwire_loom)))]
 mod tests {
     use super::*;
+
+    /// Property: `begin_many` answers exactly as `begin` called key by key, on a
+    /// table that grows (several generations) and with repeats inside one batch.
+    #[test]
+    fn begin_many_answers_as_begin_one_at_a_time() {
+        let base = Instant::now();
+        let h = Duration::from_secs(60);
+        let (a, b) = (
+            IdTable::growing(64, 1 << 20, h, base),
+            IdTable::growing(64, 1 << 20, h, base),
+        );
+        let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut out = Vec::new();
+        for round in 0..50u64 {
+            let now = base + Duration::from_millis(round * 10);
+            let keys: Vec<IdKey> = (0..37)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    IdKey(u128::from(x % 1500))
+                })
+                .collect();
+            out.clear();
+            a.begin_many(&keys, now, &mut out);
+            assert_eq!(out.len(), keys.len());
+            let want: Vec<Admit> = keys.iter().map(|k| b.begin(*k, now).unwrap()).collect();
+            for ((k, got), want) in keys.iter().zip(&out).zip(want) {
+                assert_eq!(*got.as_ref().unwrap(), want, "key {k:?} round {round}");
+                if want == Admit::Fresh && k.0 % 3 != 0 {
+                    assert!(a.complete(*k, now) && b.complete(*k, now));
+                }
+            }
+        }
+        assert!(a.generations() > 1, "the table grew");
+    }
 
     #[test]
     fn release_makes_key_fresh_and_expired_slot_is_reused() {

@@ -719,6 +719,7 @@ impl NodeBuilder {
         let driver = Driver {
             endpoint,
             link,
+            burst: Vec::with_capacity(BURST + 1),
             commands: cmd_rx,
             receipts: Default::default(),
             #[cfg(feature = "metrics")]
@@ -1840,6 +1841,8 @@ enum Command {
 struct Driver {
     endpoint: Endpoint,
     link: Link,
+    /// Link events of the current wake-up (reused buffer).
+    burst: Vec<LinkEvent>,
     commands: mpsc::UnboundedReceiver<Command>,
     receipts: crate::fasthash::FastMap<SendRef, (Guarantee, PendingReceipt)>,
     #[cfg(feature = "metrics")]
@@ -1900,13 +1903,26 @@ impl Driver {
                 ev = self.link.events.recv() => {
                     let Some(ev) = ev else { break };
                     self.clock = now();
-                    self.on_link(ev);
-                    for _ in 0..BURST {
+                    // Take the burst first and hint its frames to the endpoint, so the
+                    // dedup lookups of a burst of keyed messages overlap their cache
+                    // misses instead of waiting for one after another.
+                    let mut burst = std::mem::take(&mut self.burst);
+                    burst.push(ev);
+                    while burst.len() <= BURST {
                         match self.link.events.try_recv() {
-                            Ok(ev) => self.on_link(ev),
+                            Ok(ev) => burst.push(ev),
                             Err(_) => break,
                         }
                     }
+                    for ev in &burst {
+                        if let LinkEvent::Frame { frame, .. } = ev {
+                            self.endpoint.prefetch(frame);
+                        }
+                    }
+                    for ev in burst.drain(..) {
+                        self.on_link(ev);
+                    }
+                    self.burst = burst;
                 }
                 _ = &mut sleep, if deadline.is_some() => {}
             }
@@ -1914,6 +1930,17 @@ impl Driver {
             self.clock = now;
             self.take_completions();
             if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+                // Acks that already arrived settle their messages before any timer
+                // calls them lost: after a stall (a busy machine, a long burst of
+                // sends above) the queue can hold acks older than the expired timers,
+                // and handling the timers first retransmits what the peer already has.
+                for _ in 0..16 * BURST {
+                    match self.link.events.try_recv() {
+                        Ok(ev) => self.on_link(ev),
+                        Err(_) => break,
+                    }
+                }
+                self.take_completions();
                 self.endpoint.handle_timeout(now);
             }
             self.dispatch();

@@ -24,6 +24,18 @@
 //! goes away) instead of retransmitting it every RTO. A nack, a reconnect and a
 //! receiver restart retransmit as before. With a version-1 receiver there is no credit; the node's window
 //! (`max_in_flight`) is the only bound.
+//!
+//! # Quiet streams
+//!
+//! A retransmission timer that expires while the receiver settled something (or
+//! advanced its held watermark) less than one RTO ago does not retransmit: it waits
+//! until the stream has been quiet for a whole RTO. A receiver that keeps acking is
+//! working through a queue, and the unacked messages behind it are far more likely
+//! queued than lost; retransmitting them is what a stalled, loaded machine turned into
+//! thousands of spurious retransmissions (RFC 5682's F-RTO avoids the same). The wait
+//! is bounded: a lost message holds the receiver's cumulative ack, so the stream runs
+//! out of credit at most one window later, goes quiet, and the timer fires. Nacks,
+//! reconnects and deadlines do not wait.
 
 use crate::id::{ChannelId, Guarantee, MessageId};
 use crate::proto::config::ProtoConfig;
@@ -153,6 +165,8 @@ pub(crate) struct OutboundStream {
     node_waits: u64,
     /// Credit probes sent since the receiver last acked anything.
     unanswered_probes: u32,
+    /// When an ack last settled a message or advanced `held`: see "Quiet streams".
+    last_progress: Option<Instant>,
 }
 
 impl OutboundStream {
@@ -197,6 +211,7 @@ impl OutboundStream {
             schema: 0,
             node_waits: 0,
             unanswered_probes: 0,
+            last_progress: None,
         }
     }
 
@@ -470,6 +485,20 @@ impl OutboundStream {
                 self.timers.push(Reverse((next, seq, m.timer_gen)));
                 continue;
             }
+            if let Some(quiet_until) = self.last_progress.map(|p| later(p, self.rtt.rto())) {
+                if now < quiet_until {
+                    // The receiver settled something within the last RTO: it is
+                    // working through its queue, so this message is more likely
+                    // queued than lost (module docs, "Quiet streams").
+                    let mut next = quiet_until;
+                    if let Some(d) = m.deadline {
+                        next = next.min(d);
+                    }
+                    m.timer_gen = next_gen(m.timer_gen);
+                    self.timers.push(Reverse((next, seq, m.timer_gen)));
+                    continue;
+                }
+            }
             if self.max_attempts.is_some_and(|max| m.attempts >= max) {
                 self.give_up(seq, GiveUp::MaxAttempts);
                 continue;
@@ -499,6 +528,9 @@ impl OutboundStream {
     ) {
         let top = self.next_seq.saturating_sub(1);
         self.unanswered_probes = 0;
+        if received.min(top) > self.held {
+            self.last_progress = Some(now);
+        }
         self.held = self.held.max(received.min(top));
         if let (Some(grant), Some(cur)) = (credit, self.credit) {
             if grant > cur {
@@ -650,6 +682,7 @@ impl OutboundStream {
         };
         if let Some(m) = self.slots[idx].take() {
             if let Some(now) = acked_at {
+                self.last_progress = Some(now);
                 // Karn's rule: only never-retransmitted messages give RTT samples.
                 if let (1, Some(sent)) = (m.attempts, m.last_sent) {
                     self.sample = Some(now.saturating_duration_since(sent));
