@@ -64,6 +64,9 @@
 //! * [`handoff`] — the hinted-handoff store: per-target append-only segment logs
 //!   with crc32c records, fsync policies, crash recovery, replay throttle.
 //! * [`detector`] — the phi-accrual failure detector (Up / Suspect / Down).
+//! * [`group`] — replica groups: one logical receiver served by several nodes
+//!   (spread by key or round-robin, re-routed under the same `MessageId` when a member
+//!   is Down; members from a list or DNS).
 //! * [`wire`] — frame types and the codec (length prefix, bincode 2 header, crc32c).
 //! * [`transport`] — the [`transport::Transport`] trait; [`transport::tcp`] (real) and
 //!   [`transport::mem`] (in-process, with seeded faults for tests and demos).
@@ -90,6 +93,7 @@ mod error;
 mod fasthash;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod group;
 pub mod handoff;
 mod id;
 mod node;

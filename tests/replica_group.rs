@@ -1,0 +1,528 @@
+//! Replica groups ([`ackwire::group`]) over the in-memory network (paused time), plus
+//! one real DNS lookup of `localhost` over TCP.
+//!
+//! The replicas of a group share one dedup record, as replicas sharing an inbox
+//! database do: here an in-process map `MessageId -> effects applied`. A replica's
+//! handler applies the effect only if the id is not in the map yet, then acks; so a
+//! message re-routed to another replica after its effect was applied is recognised
+//! there and only acked.
+
+use ackwire::detector::Health;
+use ackwire::group::{
+    DnsMembers, GroupConfig, GroupSendError, GroupSender, Member, Membership, Spread, StaticMembers,
+};
+use ackwire::transport::mem::{FaultPlan, MemNetwork};
+use ackwire::{ChannelId, Delivery, IdKey, MessageId, Node, NodeId};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const CH: ChannelId = ChannelId(9);
+const SENDER: NodeId = NodeId(1);
+
+/// The shared dedup record (claims by message id) and the effects applied, per
+/// payload value: a message processed twice under two different ids would show as an
+/// effect applied twice.
+#[derive(Default)]
+struct Shared {
+    claims: HashSet<MessageId>,
+    effects: HashMap<u64, u32>,
+}
+type SharedInbox = Arc<Mutex<Shared>>;
+
+/// Each of `0..n` applied exactly once.
+fn assert_each_applied_once(inbox: &SharedInbox, n: u64) {
+    let i = inbox.lock().unwrap();
+    let wrong: Vec<_> = (0..n)
+        .filter(|v| i.effects.get(v) != Some(&1))
+        .map(|v| (v, i.effects.get(&v).copied().unwrap_or(0)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "effects not applied exactly once: {wrong:?}"
+    );
+    assert_eq!(i.effects.len() as u64, n);
+}
+
+/// One replica: its node, the ids it was handed (in order), and whether its handler
+/// acks (a replica that does not ack has "committed and then hung").
+struct Replica {
+    id: NodeId,
+    node: Node,
+    seen: Arc<Mutex<Vec<MessageId>>>,
+    acks: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<Delivery<u64>>>>,
+}
+
+async fn replica(net: &MemNetwork, id: NodeId, inbox: SharedInbox) -> Replica {
+    let node = Node::builder(id)
+        .transport(net.transport(id))
+        .seed(id.0)
+        .build()
+        .await
+        .unwrap();
+    let mut rx = node.receiver::<u64>(CH, false).unwrap();
+    let seen: Arc<Mutex<Vec<MessageId>>> = Arc::default();
+    let acks = Arc::new(AtomicBool::new(true));
+    let held: Arc<Mutex<Vec<Delivery<u64>>>> = Arc::default();
+    {
+        let (seen, acks, held) = (seen.clone(), acks.clone(), held.clone());
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                seen.lock().unwrap().push(d.id());
+                // Claim and apply in one step (the inbox transaction): the effect
+                // (counted per payload) is applied only by a fresh claim.
+                {
+                    let mut i = inbox.lock().unwrap();
+                    if i.claims.insert(d.id()) {
+                        *i.effects.entry(*d.message()).or_default() += 1;
+                    }
+                }
+                if acks.load(Ordering::SeqCst) {
+                    d.ack();
+                } else {
+                    held.lock().unwrap().push(d);
+                }
+            }
+        });
+    }
+    Replica {
+        id,
+        node,
+        seen,
+        acks,
+        held,
+    }
+}
+
+async fn sender(net: &MemNetwork) -> Arc<Node> {
+    Arc::new(
+        Node::builder(SENDER)
+            .transport(net.transport(SENDER))
+            .seed(1)
+            .build()
+            .await
+            .unwrap(),
+    )
+}
+
+/// The mem transport dials by id; the address is not used.
+fn addr(id: NodeId) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 10_000 + id.0 as u16))
+}
+
+fn members(ids: &[NodeId]) -> StaticMembers {
+    StaticMembers::new(ids.iter().map(|id| (*id, addr(*id)))).unwrap()
+}
+
+fn config(spread: Spread) -> GroupConfig {
+    let mut c = GroupConfig::new(CH);
+    c.spread = spread;
+    c.member_wait = Duration::from_secs(5);
+    c
+}
+
+async fn wait_health(node: &Node, peer: NodeId, want: Health) {
+    for _ in 0..600 {
+        if node.health(peer) == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{peer} never became {want:?} (is {:?})", node.health(peer));
+}
+
+/// Who acked each message, by key.
+async fn send_all(
+    group: &GroupSender<u64>,
+    keys: impl IntoIterator<Item = u128>,
+) -> BTreeMap<u128, NodeId> {
+    let mut receipts = Vec::new();
+    for k in keys {
+        receipts.push((k, group.send_with_key(&(k as u64), IdKey(k)).await.unwrap()));
+    }
+    let mut by = BTreeMap::new();
+    for (k, r) in receipts {
+        let out = r.await.unwrap();
+        assert_eq!(out.key, IdKey(k));
+        by.insert(k, out.member);
+    }
+    by
+}
+
+fn per_member(by: &BTreeMap<u128, NodeId>) -> BTreeMap<NodeId, usize> {
+    let mut m = BTreeMap::new();
+    for id in by.values() {
+        *m.entry(*id).or_default() += 1;
+    }
+    m
+}
+
+#[tokio::test(start_paused = true)]
+async fn affinity_is_stable_per_key_and_uses_every_member() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let inbox = SharedInbox::default();
+    let ids = [NodeId(2), NodeId(3), NodeId(4)];
+    let mut replicas = Vec::new();
+    for id in ids {
+        replicas.push(replica(&net, id, inbox.clone()).await);
+    }
+    let a = sender(&net).await;
+    let group = GroupSender::<u64>::new(a.clone(), config(Spread::Affinity), members(&ids))
+        .await
+        .unwrap();
+    let first = send_all(&group, 0..300).await;
+    let counts = per_member(&first);
+    println!("affinity: 300 keys over 3 members: {counts:?}");
+    assert_eq!(counts.len(), 3, "every member gets keys: {counts:?}");
+    assert!(counts.values().all(|n| *n >= 50), "{counts:?}");
+    // The same keys again go to the same members (and are only acked: duplicates).
+    let again = send_all(&group, 0..300).await;
+    assert_eq!(first, again, "a key's member is stable");
+    // And a second sender (another process) agrees: the weights are a fixed function.
+    let other = GroupSender::<u64>::new(a, config(Spread::Affinity), members(&ids))
+        .await
+        .unwrap();
+    assert_eq!(first, send_all(&other, 0..300).await);
+    // Each message processed once in all.
+    assert_each_applied_once(&inbox, 300);
+    let delivered: usize = replicas.iter().map(|r| r.seen.lock().unwrap().len()).sum();
+    assert_eq!(delivered, 300, "repeats of a key are deduped by its member");
+    assert_eq!(group.stats().rerouted, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn round_robin_spreads_evenly() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let inbox = SharedInbox::default();
+    let ids = [NodeId(2), NodeId(3), NodeId(4)];
+    let mut replicas = Vec::new();
+    for id in ids {
+        replicas.push(replica(&net, id, inbox.clone()).await);
+    }
+    let a = sender(&net).await;
+    let group = GroupSender::<u64>::new(a, config(Spread::RoundRobin), members(&ids))
+        .await
+        .unwrap();
+    let mut receipts = Vec::new();
+    for n in 0..300u64 {
+        receipts.push(group.send(&n).await.unwrap());
+    }
+    let mut keys = std::collections::HashSet::new();
+    let mut by = BTreeMap::new();
+    for r in receipts {
+        let key = r.key();
+        let out = r.await.unwrap();
+        assert!(keys.insert(key), "fresh keys are distinct");
+        *by.entry(out.member).or_insert(0) += 1;
+    }
+    println!("round-robin: 300 messages over 3 members: {by:?}");
+    assert_eq!(
+        by.values().copied().collect::<Vec<_>>(),
+        vec![100, 100, 100]
+    );
+    for r in &replicas {
+        assert_eq!(r.seen.lock().unwrap().len(), 100, "{}", r.id);
+    }
+}
+
+/// A replica applies its messages' effects, stops acking ("hangs after the commit"),
+/// and is then killed: its unacked messages go to the other replicas under the same
+/// `MessageId`, which find them applied and only ack them. Every message's effect is
+/// applied exactly once and every receipt is `Ok`.
+#[tokio::test(start_paused = true)]
+async fn a_killed_replicas_unacked_messages_are_rerouted_under_the_same_id() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let inbox = SharedInbox::default();
+    let ids = [NodeId(2), NodeId(3), NodeId(4)];
+    let mut replicas = Vec::new();
+    for id in ids {
+        replicas.push(replica(&net, id, inbox.clone()).await);
+    }
+    let a = sender(&net).await;
+    let group = GroupSender::<u64>::new(a.clone(), config(Spread::RoundRobin), members(&ids))
+        .await
+        .unwrap();
+    // First 60 messages: all acked.
+    let mut settled = send_all(&group, 0..60).await;
+    // Replica 2 hangs after applying: 60 more messages, a third of them held there.
+    replicas[0].acks.store(false, Ordering::SeqCst);
+    let mut receipts = Vec::new();
+    for k in 60..120u128 {
+        receipts.push((k, group.send_with_key(&(k as u64), IdKey(k)).await.unwrap()));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held: Vec<MessageId> = replicas[0]
+        .held
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.id())
+        .collect();
+    assert_eq!(held.len(), 20, "replica 2 holds its share unacked");
+    // Kill it (its node is dropped with the unacked deliveries; the network drops
+    // anything still addressed to it).
+    let dead = replicas.remove(0);
+    net.isolate(dead.id);
+    drop(dead.node);
+    drop(dead.held);
+    // Meanwhile more traffic; the group notices the Down member and re-routes.
+    for k in 120..180u128 {
+        receipts.push((k, group.send_with_key(&(k as u64), IdKey(k)).await.unwrap()));
+    }
+    for (k, r) in receipts {
+        let out = r.await.unwrap_or_else(|e| panic!("message {k}: {e}"));
+        settled.insert(k, out.member);
+    }
+    assert_eq!(a.health(NodeId(2)), Some(Health::Down));
+    let stats = group.stats();
+    println!("kill: 180 messages, 20 held by the killed replica; {stats:?}");
+    assert_eq!(settled.len(), 180);
+    // Every held message came back at a live replica, under the same MessageId.
+    let survivors: Vec<MessageId> = replicas
+        .iter()
+        .flat_map(|r| r.seen.lock().unwrap().clone())
+        .collect();
+    for id in &held {
+        assert!(
+            survivors.contains(id),
+            "{id} held by the dead replica was never re-sent under the same id"
+        );
+        let MessageId::Key(k) = id else {
+            panic!("group messages carry keys: {id}")
+        };
+        assert_ne!(settled[&k.0], NodeId(2));
+    }
+    assert!(stats.rerouted >= 20, "{stats:?}");
+    assert_eq!(stats.acked, 180);
+    // Exactly once in effect: each message's effect applied once.
+    assert_each_applied_once(&inbox, 180);
+}
+
+/// A membership whose answer the test changes.
+#[derive(Clone)]
+struct FakeMembers(Arc<Mutex<Vec<Member>>>);
+
+impl Membership for FakeMembers {
+    async fn members(&mut self) -> std::io::Result<Vec<Member>> {
+        let m = self.0.lock().unwrap().clone();
+        if m.is_empty() {
+            return Err(std::io::Error::other("no answer"));
+        }
+        Ok(m)
+    }
+    fn refresh_every(&self) -> Option<Duration> {
+        Some(Duration::from_secs(1))
+    }
+}
+
+fn member(id: NodeId) -> Member {
+    Member { id, addr: addr(id) }
+}
+
+#[tokio::test(start_paused = true)]
+async fn members_that_come_and_go_get_traffic_and_stop_getting_it() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let inbox = SharedInbox::default();
+    let mut replicas = Vec::new();
+    for id in [NodeId(2), NodeId(3), NodeId(4)] {
+        replicas.push(replica(&net, id, inbox.clone()).await);
+    }
+    let a = sender(&net).await;
+    let list = Arc::new(Mutex::new(vec![member(NodeId(2)), member(NodeId(3))]));
+    let group = GroupSender::<u64>::new(a, config(Spread::RoundRobin), FakeMembers(list.clone()))
+        .await
+        .unwrap();
+    let before = per_member(&send_all(&group, 0..40).await);
+    assert_eq!(
+        before.keys().copied().collect::<Vec<_>>(),
+        [NodeId(2), NodeId(3)]
+    );
+    // Replica 4 appears.
+    list.lock().unwrap().push(member(NodeId(4)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let with_4 = per_member(&send_all(&group, 40..100).await);
+    println!("member added: {with_4:?}");
+    assert_eq!(with_4.get(&NodeId(4)), Some(&20), "{with_4:?}");
+    // Replica 3 leaves; a failed resolution (empty answer) keeps the last members.
+    list.lock().unwrap().retain(|m| m.id != NodeId(3));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let without_3 = per_member(&send_all(&group, 100..140).await);
+    println!("member removed: {without_3:?}");
+    assert_eq!(
+        without_3.keys().copied().collect::<Vec<_>>(),
+        [NodeId(2), NodeId(4)]
+    );
+    list.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after_outage = per_member(&send_all(&group, 140..160).await);
+    assert_eq!(
+        after_outage.keys().copied().collect::<Vec<_>>(),
+        [NodeId(2), NodeId(4)]
+    );
+    let stats = group.stats();
+    println!("come and go: {stats:?}");
+    assert_eq!(stats.members_added, 3);
+    assert_eq!(stats.members_removed, 1);
+    assert!(stats.resolve_errors >= 1);
+    let members: Vec<NodeId> = group.members().iter().map(|(m, _)| m.id).collect();
+    assert_eq!(members, [NodeId(2), NodeId(4)]);
+    assert_each_applied_once(&inbox, 160);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_member_down_is_a_typed_error_not_a_drop() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let inbox = SharedInbox::default();
+    let ids = [NodeId(2), NodeId(3)];
+    let mut replicas = Vec::new();
+    for id in ids {
+        replicas.push(replica(&net, id, inbox.clone()).await);
+    }
+    let a = sender(&net).await;
+    let mut cfg = config(Spread::Affinity);
+    cfg.member_wait = Duration::from_secs(3);
+    let group = GroupSender::<u64>::new(a.clone(), cfg, members(&ids))
+        .await
+        .unwrap();
+    send_all(&group, 0..10).await;
+    // Both hang, then both are cut off: the in-flight messages have nowhere to go.
+    for r in &replicas {
+        r.acks.store(false, Ordering::SeqCst);
+    }
+    let mut receipts = Vec::new();
+    for k in 10..20u128 {
+        receipts.push(group.send_with_key(&(k as u64), IdKey(k)).await.unwrap());
+    }
+    for id in ids {
+        net.isolate(id);
+    }
+    for r in receipts {
+        let key = r.key();
+        match r.await {
+            Err(GroupSendError::NoLiveMember { key: k, attempts }) => {
+                assert_eq!(k, key);
+                assert!(attempts >= 1);
+            }
+            other => panic!("expected NoLiveMember, got {other:?}"),
+        }
+    }
+    for id in ids {
+        wait_health(&a, id, Health::Down).await;
+    }
+    // A new send waits member_wait for a live member, then fails, typed.
+    let e = group.send_with_key(&99, IdKey(99)).await.unwrap_err();
+    assert_eq!(
+        e,
+        GroupSendError::NoLiveMember {
+            key: IdKey(99),
+            attempts: 0
+        }
+    );
+    assert_eq!(e.key(), IdKey(99));
+    let stats = group.stats();
+    println!("all down: {stats:?}");
+    assert_eq!(stats.no_live_member, 11);
+    // A member coming back within member_wait takes a waiting send.
+    let waiting = {
+        let group = group.clone();
+        tokio::spawn(async move { group.send_with_key(&100, IdKey(100)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    replicas[1].acks.store(true, Ordering::SeqCst);
+    net.rejoin(NodeId(3));
+    let out = waiting.await.unwrap().unwrap().await.unwrap();
+    assert_eq!(out.member, NodeId(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_configs_are_refused_with_typed_errors() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let a = sender(&net).await;
+    let mut cfg = GroupConfig::new(CH);
+    cfg.max_attempts = 0;
+    let e = GroupSender::<u64>::new(a.clone(), cfg, members(&[NodeId(2)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ackwire::group::GroupError::Config(_)), "{e}");
+    cfg = GroupConfig::new(CH);
+    cfg.channel.guarantee = ackwire::Guarantee::AtMostOnce;
+    let e = GroupSender::<u64>::new(a.clone(), cfg, members(&[NodeId(2)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ackwire::group::GroupError::AtMostOnce), "{e}");
+    // A first resolution that fails is an error at build time.
+    let e = GroupSender::<u64>::new(
+        a,
+        GroupConfig::new(CH),
+        FakeMembers(Arc::new(Mutex::new(Vec::new()))),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, ackwire::group::GroupError::Resolve(_)), "{e}");
+    assert!(DnsMembers::new([(NodeId(2), "no-port")]).is_err());
+}
+
+/// The DNS membership with a real lookup: `localhost:<port>` resolves to the receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_members_find_a_replica_by_name() {
+    let b = Node::builder(NodeId(2))
+        .bind("127.0.0.1:0".parse().unwrap())
+        .allow_peer(SENDER)
+        .build()
+        .await
+        .unwrap();
+    let port = b.local_addr().unwrap().port();
+    let mut rx = b.receiver::<u64>(CH, false).unwrap();
+    tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            d.ack();
+        }
+    });
+    let a = Arc::new(
+        Node::builder(SENDER)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .build()
+            .await
+            .unwrap(),
+    );
+    let dns = DnsMembers::new([(NodeId(2), format!("localhost:{port}"))])
+        .unwrap()
+        .refresh_every(Duration::from_millis(500))
+        .unwrap();
+    let group = GroupSender::<u64>::new(a, GroupConfig::new(CH), dns)
+        .await
+        .unwrap();
+    let members = group.members();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].0.id, NodeId(2));
+    assert_eq!(members[0].0.addr.port(), port);
+    assert!(members[0].0.addr.ip().is_loopback());
+    for n in 0..10u64 {
+        let out = tokio::time::timeout(Duration::from_secs(30), async {
+            group.send(&n).await.unwrap().await
+        })
+        .await
+        .expect("acked within 30 s")
+        .unwrap();
+        assert_eq!(out.member, NodeId(2));
+    }
+    // A name that does not resolve fails the first resolution, typed.
+    let bad = DnsMembers::new([(NodeId(3), "no-such-host.invalid:7000")]).unwrap();
+    let e = GroupSender::<u64>::new(
+        Arc::new(
+            Node::builder(NodeId(5))
+                .bind("127.0.0.1:0".parse().unwrap())
+                .build()
+                .await
+                .unwrap(),
+        ),
+        GroupConfig::new(CH),
+        bad,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, ackwire::group::GroupError::Resolve(_)), "{e}");
+}
