@@ -29,6 +29,10 @@
 //! * **Deadline.** A receipt that fails with [`SendError::Deadline`] means "not known
 //!   to be delivered" — the ack may be what was lost. Resend under the same [`IdKey`]
 //!   on an effectively-once channel to make the retry safe.
+//! * **Replicas.** A [`group::GroupSender`] re-sends a Down replica's unacknowledged
+//!   messages to another replica under the same [`MessageId`]: exactly once in effect
+//!   only where the replicas share their dedup record (an inbox on one database, crate
+//!   `ackwire-inbox`); otherwise at-least-once across replicas.
 //!
 //! ```no_run
 //! use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId};
