@@ -526,3 +526,139 @@ async fn dns_members_find_a_replica_by_name() {
     .unwrap_err();
     assert!(matches!(e, ackwire::group::GroupError::Resolve(_)), "{e}");
 }
+
+/// With hinted handoff on the sending node (not recommended for group traffic), a Down
+/// member's unacked messages become hints — the group treats `HandedOff` as "not
+/// delivered" and re-routes them — and the hints are *also* replayed to the member
+/// when it returns. The shared dedup record keeps each effect at one.
+#[tokio::test(start_paused = true)]
+async fn with_handoff_on_a_down_members_messages_are_rerouted_and_its_hints_are_harmless() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let inbox = SharedInbox::default();
+    let ids = [NodeId(2), NodeId(3)];
+    let mut replicas = Vec::new();
+    for id in ids {
+        replicas.push(replica(&net, id, inbox.clone()).await);
+    }
+    let mut cfg = ackwire::NodeConfig::default();
+    cfg.handoff = Some(ackwire::HandoffConfig::new(dir.path()));
+    let a = Arc::new(
+        Node::builder(SENDER)
+            .transport(net.transport(SENDER))
+            .config(cfg)
+            .seed(1)
+            .build()
+            .await
+            .unwrap(),
+    );
+    let group = GroupSender::<u64>::new(a.clone(), config(Spread::RoundRobin), members(&ids))
+        .await
+        .unwrap();
+    // Replica 2 applies and hangs; then it is cut off.
+    replicas[0].acks.store(false, Ordering::SeqCst);
+    let mut receipts = Vec::new();
+    for k in 0..20u128 {
+        receipts.push(group.send_with_key(&(k as u64), IdKey(k)).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(replicas[0].held.lock().unwrap().len(), 10);
+    net.isolate(NodeId(2));
+    for r in receipts {
+        assert_eq!(
+            r.await.unwrap().member,
+            NodeId(3),
+            "re-routed, not left as a hint"
+        );
+    }
+    let hints = a.stats().await.unwrap().hints.unwrap();
+    assert!(hints.stored >= 10, "{hints:?}");
+    // Replica 2 recovers (its held deliveries are released and acked) and returns:
+    // the hints are replayed to it.
+    replicas[0].acks.store(true, Ordering::SeqCst);
+    drop(std::mem::take(&mut *replicas[0].held.lock().unwrap()));
+    net.rejoin(NodeId(2));
+    wait_health(&a, NodeId(2), Health::Up).await;
+    for _ in 0..600 {
+        if a.stats().await.unwrap().hints.unwrap().pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hints = a.stats().await.unwrap().hints.unwrap();
+    println!("handoff on: {:?}; hints {hints:?}", group.stats());
+    assert_eq!(hints.pending, 0, "{hints:?}");
+    assert!(hints.delivered >= 10, "{hints:?}");
+    assert!(group.stats().rerouted >= 10);
+    assert_each_applied_once(&inbox, 20);
+}
+
+/// A member without a receiver on the channel refuses with `NoReceiver` (after its
+/// grace period): another member may have one, so the message is re-routed. A member
+/// that cannot decode the payload refuses for good: the group fails the message,
+/// typed, rather than trying it everywhere.
+#[tokio::test(start_paused = true)]
+async fn refusals_reroute_or_fail_by_their_reason() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let inbox = SharedInbox::default();
+    let ok = replica(&net, NodeId(2), inbox.clone()).await;
+    let no_receiver = Node::builder(NodeId(3))
+        .transport(net.transport(NodeId(3)))
+        .build()
+        .await
+        .unwrap();
+    let a = sender(&net).await;
+    let group = GroupSender::<u64>::new(
+        a.clone(),
+        config(Spread::RoundRobin),
+        members(&[NodeId(2), NodeId(3)]),
+    )
+    .await
+    .unwrap();
+    let by = per_member(&send_all(&group, 0..10).await);
+    assert_eq!(
+        by,
+        BTreeMap::from([(NodeId(2), 10)]),
+        "NoReceiver re-routes"
+    );
+    assert_eq!(group.stats().rerouted, 5);
+    assert_eq!(ok.seen.lock().unwrap().len(), 10);
+    drop(no_receiver);
+
+    // A member whose typed receiver takes another type: Undecodable, final.
+    let wrong = Node::builder(NodeId(4))
+        .transport(net.transport(NodeId(4)))
+        .build()
+        .await
+        .unwrap();
+    let mut rx = wrong.receiver::<String>(CH, false).unwrap();
+    tokio::spawn(async move {
+        // Decoding happens here; an undecodable payload is never handed out.
+        while let Some(d) = rx.recv().await {
+            d.ack();
+        }
+    });
+    let group = GroupSender::<u64>::new(a, config(Spread::RoundRobin), members(&[NodeId(4)]))
+        .await
+        .unwrap();
+    // 300 reads as a String's length with no bytes after it.
+    let e = group
+        .send_with_key(&300, IdKey(77))
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    match e {
+        GroupSendError::Failed {
+            key,
+            member,
+            error: ackwire::SendError::Rejected { reason },
+        } => {
+            assert_eq!(key, IdKey(77));
+            assert_eq!(member, Some(NodeId(4)));
+            assert_eq!(reason, ackwire::RejectReason::Undecodable);
+        }
+        other => panic!("expected a final refusal, got {other:?}"),
+    }
+    assert_eq!(group.stats().failed, 1);
+}
