@@ -414,6 +414,8 @@ impl DnsMembers {
     pub const MIN_REFRESH: Duration = Duration::from_millis(100);
     /// Longest accepted period: 1 hour.
     pub const MAX_REFRESH: Duration = Duration::from_secs(3600);
+    /// How long one name's lookup may take before it counts as not resolving: 5 s.
+    pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// Members `(id, "host:port")`. Fails for an empty list, an id listed twice, or a
     /// name that is not `host:port` with a numeric port.
@@ -458,7 +460,16 @@ impl Membership for DnsMembers {
         let mut out = Vec::with_capacity(self.names.len());
         let mut last_err = None;
         for (id, name) in &self.names {
-            match tokio::net::lookup_host(name.as_str()).await {
+            let lookup =
+                tokio::time::timeout(Self::LOOKUP_TIMEOUT, tokio::net::lookup_host(name.as_str()))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("{name}: no answer within {:?}", Self::LOOKUP_TIMEOUT),
+                        ))
+                    });
+            match lookup {
                 Ok(addrs) => {
                     let addrs: Vec<SocketAddr> = addrs.collect();
                     let pick = addrs
@@ -1126,45 +1137,51 @@ async fn maintain<M: Membership>(
     mut stop: oneshot::Receiver<()>,
 ) {
     let every = membership.refresh_every();
-    let far = Duration::from_secs(365 * 86_400);
-    let mut next = Instant::now() + every.unwrap_or(far);
     let mut health_open = true;
     loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            ev = health.recv(), if health_open => {
-                let Some(inner) = inner.upgrade() else { return };
-                match ev {
-                    Ok(change) => {
-                        if inner.is_member(change.peer) {
+        // The next resolution runs next to the health events: a slow resolver never
+        // delays a re-route.
+        let resolve = async {
+            match every {
+                Some(every) => {
+                    tokio::time::sleep(every).await;
+                    membership.members().await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(resolve);
+        let resolved = loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                ev = health.recv(), if health_open => {
+                    let Some(inner) = inner.upgrade() else { return };
+                    match ev {
+                        Ok(change) => {
+                            if inner.is_member(change.peer) {
+                                inner.changes.send_modify(|v| *v += 1);
+                            }
+                        }
+                        // Missed some: wake everyone to look again.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
                             inner.changes.send_modify(|v| *v += 1);
                         }
+                        Err(broadcast::error::RecvError::Closed) => health_open = false,
                     }
-                    // Missed some: wake everyone to look again.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        inner.changes.send_modify(|v| *v += 1);
-                    }
-                    Err(broadcast::error::RecvError::Closed) => health_open = false,
+                }
+                r = &mut resolve => break r,
+            }
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        match resolved {
+            Ok(members) => {
+                if let Err(e) = inner.apply(members) {
+                    tracing::warn!(target: GROUP_TARGET, error = %e, "membership change not applied");
                 }
             }
-            _ = tokio::time::sleep_until(next) => {
-                next = Instant::now() + every.unwrap_or(far);
-                if every.is_none() {
-                    continue;
-                }
-                let resolved = membership.members().await;
-                let Some(inner) = inner.upgrade() else { return };
-                match resolved {
-                    Ok(members) => {
-                        if let Err(e) = inner.apply(members) {
-                            tracing::warn!(target: GROUP_TARGET, error = %e, "membership change not applied");
-                        }
-                    }
-                    Err(e) => {
-                        inc(&inner.stats.resolve_errors);
-                        tracing::warn!(target: GROUP_TARGET, error = %e, "resolving the group's members failed; keeping the last known members");
-                    }
-                }
+            Err(e) => {
+                inc(&inner.stats.resolve_errors);
+                tracing::warn!(target: GROUP_TARGET, error = %e, "resolving the group's members failed; keeping the last known members");
             }
         }
     }

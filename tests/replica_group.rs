@@ -662,3 +662,53 @@ async fn refusals_reroute_or_fail_by_their_reason() {
     }
     assert_eq!(group.stats().failed, 1);
 }
+
+/// A resolver that answers once, then hangs.
+struct HangingMembers(Vec<Member>, bool);
+
+impl Membership for HangingMembers {
+    async fn members(&mut self) -> std::io::Result<Vec<Member>> {
+        if self.1 {
+            tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+        }
+        self.1 = true;
+        Ok(self.0.clone())
+    }
+    fn refresh_every(&self) -> Option<Duration> {
+        Some(Duration::from_millis(100))
+    }
+}
+
+/// A resolution that hangs does not hold up re-routing: health changes are handled
+/// next to it.
+#[tokio::test(start_paused = true)]
+async fn a_hanging_resolver_does_not_delay_rerouting() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let inbox = SharedInbox::default();
+    let mut replicas = Vec::new();
+    for id in [NodeId(2), NodeId(3)] {
+        replicas.push(replica(&net, id, inbox.clone()).await);
+    }
+    let a = sender(&net).await;
+    let list = vec![member(NodeId(2)), member(NodeId(3))];
+    let group = GroupSender::<u64>::new(a, config(Spread::RoundRobin), HangingMembers(list, false))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await; // the resolver is hanging now
+    replicas[0].acks.store(false, Ordering::SeqCst);
+    let mut receipts = Vec::new();
+    for k in 0..10u128 {
+        receipts.push(group.send_with_key(&(k as u64), IdKey(k)).await.unwrap());
+    }
+    net.isolate(NodeId(2));
+    // Well before the attempts' own 30 s deadline would re-route them anyway.
+    let settled = tokio::time::timeout(Duration::from_secs(20), async {
+        for r in receipts {
+            assert_eq!(r.await.unwrap().member, NodeId(3));
+        }
+    })
+    .await;
+    assert!(settled.is_ok(), "re-routes waited for the resolver");
+    assert_eq!(group.stats().rerouted, 5);
+    assert_each_applied_once(&inbox, 10);
+}
