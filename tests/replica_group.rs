@@ -20,6 +20,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const CH: ChannelId = ChannelId(9);
+
+/// A `reliability:` line for RELIABILITY.md (`scripts/reliability.sh`), printed once
+/// the checks before it passed.
+fn reliability(fault: &str, runs: &str, held: &str) {
+    println!("reliability: replica group | {fault} | {runs} | {held}");
+}
 const SENDER: NodeId = NodeId(1);
 
 /// The shared dedup record (claims by message id) and the effects applied, per
@@ -299,6 +305,14 @@ async fn a_killed_replicas_unacked_messages_are_rerouted_under_the_same_id() {
     assert_eq!(stats.acked, 180);
     // Exactly once in effect: each message's effect applied once.
     assert_each_applied_once(&inbox, 180);
+    reliability(
+        "a replica applies 20 messages, never acks them and is killed (mem network)",
+        "180 messages, 3 replicas",
+        &format!(
+            "each held message re-sent to a live replica under the same MessageId ({} re-routes); every receipt Ok; each effect applied once through the shared dedup record",
+            stats.rerouted
+        ),
+    );
 }
 
 /// A membership whose answer the test changes.
@@ -435,6 +449,11 @@ async fn every_member_down_is_a_typed_error_not_a_drop() {
     net.rejoin(NodeId(3));
     let out = waiting.await.unwrap().unwrap().await.unwrap();
     assert_eq!(out.member, NodeId(3));
+    reliability(
+        "every member Down with messages in flight, and a send while they are",
+        "11 messages, 2 replicas",
+        "each fails with GroupSendError::NoLiveMember (with its key) after member_wait, none dropped silently; a member back within member_wait takes a waiting send",
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -591,6 +610,11 @@ async fn with_handoff_on_a_down_members_messages_are_rerouted_and_its_hints_are_
     assert!(hints.delivered >= 10, "{hints:?}");
     assert!(group.stats().rerouted >= 10);
     assert_each_applied_once(&inbox, 20);
+    reliability(
+        "hinted handoff on the group's node: a Down member's messages become hints",
+        "20 messages, 2 replicas",
+        "HandedOff counts as not delivered: re-routed and acked elsewhere; the 10 hints replayed to the returning member change no effect",
+    );
 }
 
 /// A member without a receiver on the channel refuses with `NoReceiver` (after its
@@ -711,4 +735,61 @@ async fn a_hanging_resolver_does_not_delay_rerouting() {
     assert!(settled.is_ok(), "re-routes waited for the resolver");
     assert_eq!(group.stats().rerouted, 5);
     assert_each_applied_once(&inbox, 10);
+}
+
+/// Identity is what the connection proves: a member whose address answers with
+/// another node id fails the handshake (`rejected_wrong_peer`), never becomes a way
+/// in, and its share of the messages goes to the members that are who they claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_address_that_answers_as_another_node_gets_nothing() {
+    let mut nodes = Vec::new();
+    for id in [NodeId(2), NodeId(4)] {
+        let n = Node::builder(id)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .allow_peer(SENDER)
+            .build()
+            .await
+            .unwrap();
+        let mut rx = n.receiver::<u64>(CH, false).unwrap();
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                d.ack();
+            }
+        });
+        nodes.push(n);
+    }
+    let mut cfg = ackwire::NodeConfig::default();
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    cfg.detector.acceptable_heartbeat_pause = Duration::from_millis(400);
+    cfg.detector.first_heartbeat_estimate = Duration::from_millis(200);
+    let a = Arc::new(
+        Node::builder(SENDER)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .config(cfg)
+            .build()
+            .await
+            .unwrap(),
+    );
+    // Member 3's address is node 4's.
+    let list = StaticMembers::new([
+        (NodeId(2), nodes[0].local_addr().unwrap()),
+        (NodeId(3), nodes[1].local_addr().unwrap()),
+    ])
+    .unwrap();
+    let group = GroupSender::<u64>::new(a.clone(), config(Spread::RoundRobin), list)
+        .await
+        .unwrap();
+    let by = tokio::time::timeout(Duration::from_secs(60), send_all(&group, 0..20))
+        .await
+        .expect("acked within 60 s");
+    assert_eq!(per_member(&by), BTreeMap::from([(NodeId(2), 20)]));
+    let tcp = a.tcp_stats().unwrap();
+    assert!(tcp.rejected_wrong_peer > 0, "{tcp:?}");
+    assert_eq!(a.health(NodeId(4)), None, "node 4 never became a peer");
+    assert_eq!(a.health(NodeId(3)), Some(Health::Down));
+    reliability(
+        "a member's address answers with another node id (plain TCP)",
+        "20 messages, 2 members",
+        "the handshake refuses it (rejected_wrong_peer), nothing reaches the impostor; the member is held Down and its share re-routed to the other member",
+    );
 }
