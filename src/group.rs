@@ -128,7 +128,7 @@ pub const GROUP_TARGET: &str = "ackwire::group";
 // ------------------------------------------------------------------ configuration
 
 /// How a group spreads messages over its live members.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Spread {
     /// By key: rendezvous (highest-random-weight) hashing of the message's [`IdKey`]
     /// over the live members, so one key always goes to the same member while the
@@ -141,7 +141,24 @@ pub enum Spread {
 }
 
 /// Settings of a [`GroupSender`]. Every default is written on its field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// Serde: `channel` is required, the other fields default; durations are strings such
+/// as `"10s"` (as in every config type of this crate).
+///
+/// ```
+/// # use ackwire::group::{GroupConfig, Spread};
+/// let c: GroupConfig = toml::from_str(r#"
+///     spread = "RoundRobin"
+///     member_wait = "30s"
+///     [channel]
+///     channel = 7
+///     guarantee = "EffectivelyOnce"
+/// "#).unwrap();
+/// assert_eq!(c.spread, Spread::RoundRobin);
+/// assert_eq!(c.max_attempts, 8);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct GroupConfig {
     /// The channel and its guarantee on every member, and the per-attempt deadline.
@@ -149,14 +166,28 @@ pub struct GroupConfig {
     /// is refused: a group re-sends.
     pub channel: ChannelOptions,
     /// How messages are spread. Default [`Spread::Affinity`].
+    #[serde(default)]
     pub spread: Spread,
     /// Sends of one message in all (the first one plus re-routes) before its receipt
     /// fails with [`GroupSendError::AttemptsExhausted`]. Default `8`; `1..=1000`.
+    #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// How long a message waits for a live member when none is (all Down, or no
     /// members), before failing with [`GroupSendError::NoLiveMember`]. Default 10 s;
     /// at most 1 hour; zero fails at once.
+    #[serde(
+        default = "default_member_wait",
+        with = "crate::config_serde::duration"
+    )]
     pub member_wait: Duration,
+}
+
+fn default_max_attempts() -> u32 {
+    8
+}
+
+fn default_member_wait() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl GroupConfig {
@@ -170,8 +201,8 @@ impl GroupConfig {
         GroupConfig {
             channel: ChannelOptions::new(channel, Guarantee::EffectivelyOnce),
             spread: Spread::Affinity,
-            max_attempts: 8,
-            member_wait: Duration::from_secs(10),
+            max_attempts: default_max_attempts(),
+            member_wait: default_member_wait(),
         }
     }
 

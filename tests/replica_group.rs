@@ -793,3 +793,72 @@ async fn a_member_address_that_answers_as_another_node_gets_nothing() {
         "the handshake refuses it (rejected_wrong_peer), nothing reaches the impostor; the member is held Down and its share re-routed to the other member",
     );
 }
+
+/// A member that leaves the membership with messages unacked has them re-routed (it
+/// is not Down: leaving is enough); a member whose address changes is re-addressed.
+#[tokio::test(start_paused = true)]
+async fn a_member_leaving_with_unacked_messages_has_them_rerouted() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let inbox = SharedInbox::default();
+    let mut replicas = Vec::new();
+    for id in [NodeId(2), NodeId(3)] {
+        replicas.push(replica(&net, id, inbox.clone()).await);
+    }
+    let a = sender(&net).await;
+    let list = Arc::new(Mutex::new(vec![member(NodeId(2)), member(NodeId(3))]));
+    let group = GroupSender::<u64>::new(
+        a.clone(),
+        config(Spread::RoundRobin),
+        FakeMembers(list.clone()),
+    )
+    .await
+    .unwrap();
+    replicas[1].acks.store(false, Ordering::SeqCst);
+    let mut receipts = Vec::new();
+    for k in 0..10u128 {
+        receipts.push(group.send_with_key(&(k as u64), IdKey(k)).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(replicas[1].held.lock().unwrap().len(), 5);
+    // Replica 3 leaves the membership (still Up); replica 2 moves.
+    *list.lock().unwrap() = vec![Member {
+        id: NodeId(2),
+        addr: SocketAddr::from(([127, 0, 0, 2], 7000)),
+    }];
+    for r in receipts {
+        assert_eq!(r.await.unwrap().member, NodeId(2));
+    }
+    assert_eq!(a.health(NodeId(3)), Some(Health::Up));
+    let stats = group.stats();
+    assert_eq!((stats.members_removed, stats.members_moved), (1, 1));
+    assert_eq!(stats.rerouted, 5);
+    assert_each_applied_once(&inbox, 10);
+}
+
+#[test]
+fn group_config_reads_from_toml_with_defaults_and_refuses_unknown_keys() {
+    let c: GroupConfig = toml::from_str(
+        r#"
+        [channel]
+        channel = 9
+        guarantee = "AtLeastOnce"
+        deadline = "5s"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.channel.channel, CH);
+    assert_eq!(c.channel.deadline, Some(Duration::from_secs(5)));
+    assert_eq!(c.spread, Spread::Affinity);
+    assert_eq!(c.member_wait, Duration::from_secs(10));
+    assert!(c.validate().is_ok());
+    let back: GroupConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    assert!(toml::from_str::<GroupConfig>(
+        "max_attemps = 3\n[channel]\nchannel = 1\nguarantee = \"AtLeastOnce\""
+    )
+    .is_err());
+    let bad: GroupConfig =
+        toml::from_str("max_attempts = 0\n[channel]\nchannel = 1\nguarantee = \"AtLeastOnce\"")
+            .unwrap();
+    assert!(bad.validate().is_err());
+}
