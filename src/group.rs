@@ -12,9 +12,9 @@
 //!
 //! # Exactly-once in effect, and where it runs out
 //!
-//! Every group message carries an [`IdKey`] (the caller's, or a fresh random 128-bit
-//! one kept for its re-sends), so its `MessageId` is `MessageId::Key(key)` whichever
-//! member receives it. A re-routed message can therefore be processed by two members
+//! Every group message carries an [`IdKey`] (the caller's, or a fresh one kept for its
+//! re-sends: a random 64-bit prefix per group sender, then a counter), so its
+//! `MessageId` is `MessageId::Key(key)` whichever member receives it. A re-routed message can therefore be processed by two members
 //! (the first one may have committed its effect and lost only the ack). Each member's
 //! in-memory dedup does not see the other's deliveries; what makes the pair safe is a
 //! dedup record shared by the members: `ackwire-inbox`'s claim on the shared database
@@ -585,8 +585,9 @@ impl<T: Serialize> GroupSender<T> {
         })
     }
 
-    /// Send `value` under a fresh random key (kept for its re-sends; it is in the
-    /// receipt). Waits until the first attempt is accepted by a live member's window;
+    /// Send `value` under a fresh key (a random 64-bit prefix drawn when the group
+    /// sender was built, then a counter: unique within the run, unrelated across runs),
+    /// kept for its re-sends and given in the receipt ([`GroupReceipt::key`]). Waits until the first attempt is accepted by a live member's window;
     /// see [`RawGroupSender::send_with_key`].
     pub async fn send(&self, value: &T) -> Result<GroupReceipt, GroupSendError> {
         let key = self.raw.next_key();
@@ -748,7 +749,7 @@ impl RawGroupSender {
         IdKey((u128::from(self.inner.key_prefix) << 64) | u128::from(seq))
     }
 
-    /// Send `payload` under a fresh random key; see [`GroupSender::send`].
+    /// Send `payload` under a fresh key; see [`GroupSender::send`].
     pub async fn send(&self, payload: Bytes) -> Result<GroupReceipt, GroupSendError> {
         let key = self.next_key();
         self.send_with_key(payload, key).await
