@@ -14,8 +14,9 @@
 //!
 //! Every group message carries an [`IdKey`] (the caller's, or a fresh one kept for its
 //! re-sends: a random 64-bit prefix per group sender, then a counter), so its
-//! `MessageId` is `MessageId::Key(key)` whichever member receives it. A re-routed message can therefore be processed by two members
-//! (the first one may have committed its effect and lost only the ack). Each member's
+//! `MessageId` is `MessageId::Key(key)` whichever member receives it. A re-routed
+//! message can therefore be processed by two members (the first one may have
+//! committed its effect and lost only the ack). Each member's
 //! in-memory dedup does not see the other's deliveries; what makes the pair safe is a
 //! dedup record shared by the members: `ackwire-inbox`'s claim on the shared database
 //! (the second claim is a `Duplicate`). So:
