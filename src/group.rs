@@ -55,7 +55,10 @@
 //! names resolved periodically ([`DnsMembers`], every 10 s by default), so replicas
 //! can come and go; a custom source implements the trait. A member that appears is
 //! added to the node ([`Node::add_peer`]) and receives traffic; one that disappears
-//! gets no new messages and its unacknowledged ones are re-routed.
+//! gets no new messages and its unacknowledged ones are re-routed. The node itself
+//! keeps knowing a departed member (its failure detector watches it and the transport
+//! redials it with backoff): a node has no way to forget a peer short of
+//! [`Node::decommission`], which would also drop that peer's hints of other traffic.
 //!
 //! DNS answers addresses, not identities. This crate's rule is that a node's identity
 //! is what its connection proves (the handshake, and with TLS the certificate), never
