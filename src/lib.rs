@@ -29,6 +29,10 @@
 //! * **Deadline.** A receipt that fails with [`SendError::Deadline`] means "not known
 //!   to be delivered" — the ack may be what was lost. Resend under the same [`IdKey`]
 //!   on an effectively-once channel to make the retry safe.
+//! * **Replicas.** A [`group::GroupSender`] re-sends a Down replica's unacknowledged
+//!   messages to another replica under the same [`MessageId`]: exactly once in effect
+//!   only where the replicas share their dedup record (an inbox on one database, crate
+//!   `ackwire-inbox`); otherwise at-least-once across replicas.
 //!
 //! ```no_run
 //! use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId};
@@ -64,6 +68,9 @@
 //! * [`handoff`] — the hinted-handoff store: per-target append-only segment logs
 //!   with crc32c records, fsync policies, crash recovery, replay throttle.
 //! * [`detector`] — the phi-accrual failure detector (Up / Suspect / Down).
+//! * [`group`] — replica groups: one logical receiver served by several nodes
+//!   (spread by key or round-robin, re-routed under the same `MessageId` when a member
+//!   is Down; members from a list or DNS).
 //! * [`wire`] — frame types and the codec (length prefix, bincode 2 header, crc32c).
 //! * [`transport`] — the [`transport::Transport`] trait; [`transport::tcp`] (real) and
 //!   [`transport::mem`] (in-process, with seeded faults for tests and demos).
@@ -90,6 +97,7 @@ mod error;
 mod fasthash;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod group;
 pub mod handoff;
 mod id;
 mod node;

@@ -130,6 +130,24 @@
 //! Replicas of the sending service may each run a relay: on PostgreSQL one of them is
 //! elected (a session advisory lock per schema) and the others take over when it stops.
 //!
+//! ## Replica groups: several receivers, one inbox
+//!
+//! When the receiving service runs several replicas on one PostgreSQL database, the
+//! sender can address them as one with [`ackwire::group::GroupSender`]: each message
+//! goes to one live replica (by key affinity or round-robin) under an
+//! [`IdKey`](ackwire::IdKey), and when that replica goes Down or leaves, the message
+//! is re-sent to another one under the same [`MessageId`](ackwire::MessageId). The
+//! replicas each run the handler pattern above on the shared inbox, so a repeat — the
+//! killed replica had committed and lost only its ack, or a partitioned one receives
+//! the held-back copy after the partition heals — is a [`Claim::Duplicate`], and the
+//! pessimistic claim makes two replicas that receive one message at once run the body
+//! once. What is exactly-once in effect is each message's claim and effect; its limits
+//! are the ones above (the database's durability, the retention window: a group
+//! message that fails and is resent under its key after the retention is applied
+//! again), and no order is kept across replicas. `tests/kill9_replicas.rs` runs three
+//! replica processes on one PostgreSQL inbox behind a group, SIGKILLs one and
+//! partitions another mid-stream, and finds every effect exactly once.
+//!
 //! ## Throughput
 //!
 //! `cargo bench -p ackwire-inbox --features postgres --bench inbox_throughput` sends
@@ -169,7 +187,8 @@
 //! `tests/inbox.rs` and `tests/outbox.rs` run every scenario on SQLite (a temporary
 //! file) and, with the `postgres` feature, on PostgreSQL (a schema per test) at
 //! `127.0.0.1:5432`, database `test` (`ACKWIRE_PG_URL` overrides); `tests/kill9.rs`
-//! kills receiver and sender processes with SIGKILL. From the workspace root, plain
+//! kills receiver and sender processes with SIGKILL, `tests/kill9_replicas.rs` one of
+//! three replicas sharing a PostgreSQL inbox (and partitions another). From the workspace root, plain
 //! `cargo test` runs them all (the tests build this crate with `postgres`). Without a
 //! server, the PostgreSQL tests print `…: skipped: …` and pass, unless
 //! `ACKWIRE_REQUIRE_POSTGRES=1` is set (as in CI), which makes them fail.
