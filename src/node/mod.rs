@@ -1470,8 +1470,29 @@ impl futures_core::Stream for RawReceiver {
 
 /// Decode a whole payload as `T`: trailing bytes are an error, not ignored.
 fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
+    // A length prefix is a claim on memory, and it comes from the network: without a
+    // limit, a 9-byte payload announcing a 2^64-byte string made bincode panic
+    // ("capacity overflow") in the application's receive loop, and 2^40 would abort
+    // the process on a failed allocation. The limit is what a payload of this size
+    // can honestly ask for: 64 bytes of memory per payload byte (a String asks 1, a
+    // Vec<String> of empty strings 24), rounded up to a bucket, at least 1 MiB.
     let cfg = bincode::config::standard();
-    match bincode::serde::decode_from_slice::<T, _>(payload, cfg) {
+    let decoded = match payload.len() {
+        0..=16_384 => {
+            bincode::serde::decode_from_slice::<T, _>(payload, cfg.with_limit::<{ 1 << 20 }>())
+        }
+        16_385..=262_144 => {
+            bincode::serde::decode_from_slice::<T, _>(payload, cfg.with_limit::<{ 16 << 20 }>())
+        }
+        262_145..=4_194_304 => {
+            bincode::serde::decode_from_slice::<T, _>(payload, cfg.with_limit::<{ 256 << 20 }>())
+        }
+        _ => bincode::serde::decode_from_slice::<T, _>(
+            payload,
+            cfg.with_limit::<{ i32::MAX as usize }>(),
+        ),
+    };
+    match decoded {
         Ok((value, used)) if used == payload.len() => Ok(value),
         Ok((_, used)) => Err(format!(
             "{} trailing bytes after the value ({used} of {} bytes used)",
