@@ -17,7 +17,7 @@ mod observe;
 mod service;
 mod sink;
 mod spool;
-mod typecheck;
+pub(crate) mod typecheck;
 
 use dead_letter::DeadLetterQueue;
 pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
@@ -27,6 +27,7 @@ pub use service::{RawSenderService, SendFuture, SenderService};
 pub use sink::{RawSendSink, SendSink};
 pub use spool::HandoffConfig;
 
+use crate::codec::{Bincode, Decode, Encode};
 use crate::dedup::{Dedup, DedupConfig};
 use crate::detector::{DetectorConfig, FailureDetector, Health, HealthChange};
 use crate::id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
@@ -128,8 +129,9 @@ pub enum SendError {
     /// The node shut down before the message settled. It may have been delivered.
     #[error("node shut down before the message settled")]
     Shutdown,
-    /// The value could not be serialized; nothing was sent. Fix the value or its
-    /// `Serialize` impl.
+    /// The value could not be encoded by the sender's codec (its
+    /// [`CodecError`](crate::codec::CodecError), as text); nothing was sent. Fix the
+    /// value or its `Serialize` impl.
     #[error("cannot encode message: {0}")]
     Encode(String),
     /// The payload is larger than the configured maximum; nothing was sent. Split it.
@@ -953,7 +955,7 @@ impl Node {
     }
 
     /// A typed sender to `peer` on a channel; messages are serialized with bincode's
-    /// serde support.
+    /// serde support (the [`Bincode`] codec; [`Node::sender_with_codec`] picks another).
     ///
     /// Fails with [`NodeError::UnknownPeer`] for a peer this node does not know (see
     /// [`NodeConfig::allow_dynamic_peers`]), [`NodeError::Config`] for a zero
@@ -964,10 +966,38 @@ impl Node {
         peer: NodeId,
         options: ChannelOptions,
     ) -> Result<Sender<T>, NodeError> {
+        self.sender_with_codec(peer, options, Bincode)
+    }
+
+    /// A typed sender to `peer` on a channel whose messages `codec` encodes (see
+    /// [`crate::codec`]); the channel's receiver must use the same codec. Otherwise as
+    /// [`Node::sender`].
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "postcard")]
+    /// # fn demo(node: ackwire::Node) -> Result<(), ackwire::NodeError> {
+    /// use ackwire::codec::Postcard;
+    /// use ackwire::{ChannelId, ChannelOptions, Guarantee, NodeId, ReceiverOptions};
+    /// let out = node.sender_with_codec::<Vec<u32>, _>(
+    ///     NodeId(2),
+    ///     ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce),
+    ///     Postcard,
+    /// )?;
+    /// // and on node 2:
+    /// let inbox = node.receiver_with_codec::<Vec<u32>, _>(ChannelId(1), ReceiverOptions::default(), Postcard)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn sender_with_codec<T, C: Encode<T>>(
+        &self,
+        peer: NodeId,
+        options: ChannelOptions,
+        codec: C,
+    ) -> Result<Sender<T, C>, NodeError> {
         let mut raw = self.raw_sender(peer, options)?;
-        raw.schema = typecheck::fingerprint::<T>();
+        raw.schema = crate::codec::fingerprint::<T, C>();
         Ok(Sender {
             raw,
+            codec,
             _t: PhantomData,
         })
     }
@@ -1005,13 +1035,27 @@ impl Node {
         channel: ChannelId,
         options: ReceiverOptions,
     ) -> Result<Receiver<T>, NodeError> {
+        self.receiver_with_codec(channel, options, Bincode)
+    }
+
+    /// The receiver of a channel whose messages `codec` decodes (see [`crate::codec`]),
+    /// with [`ReceiverOptions`]: a typed sender with another codec (or type) is rejected
+    /// with [`RejectReason::TypeMismatch`](crate::RejectReason::TypeMismatch) unless the
+    /// type check is off. One receiver per channel and node.
+    pub fn receiver_with_codec<T, C: Decode<T>>(
+        &self,
+        channel: ChannelId,
+        options: ReceiverOptions,
+        codec: C,
+    ) -> Result<Receiver<T, C>, NodeError> {
         let schema = if options.type_check {
-            typecheck::fingerprint::<T>()
+            crate::codec::fingerprint::<T, C>()
         } else {
             0
         };
         Ok(Receiver {
             raw: self.register(channel, options, schema)?,
+            codec,
             _t: PhantomData,
         })
     }
@@ -1213,23 +1257,26 @@ impl Drop for Node {
     }
 }
 
-/// Sends `T` values on one channel to one peer. Cheap to clone.
+/// Sends `T` values on one channel to one peer, encoded by the codec `C` ([`Bincode`]
+/// unless made by [`Node::sender_with_codec`]). Cheap to clone.
 #[derive(Debug)]
-pub struct Sender<T> {
+pub struct Sender<T, C = Bincode> {
     raw: RawSender,
+    codec: C,
     _t: PhantomData<fn(&T)>,
 }
 
-impl<T> Clone for Sender<T> {
+impl<T, C: Clone> Clone for Sender<T, C> {
     fn clone(&self) -> Self {
         Sender {
             raw: self.raw.clone(),
+            codec: self.codec.clone(),
             _t: PhantomData,
         }
     }
 }
 
-impl<T> Sender<T> {
+impl<T, C> Sender<T, C> {
     /// The same sender without the payload type check: its messages carry no type
     /// fingerprint, so typed receivers decode them whatever `T` is.
     ///
@@ -1245,20 +1292,25 @@ impl<T> Sender<T> {
         self.raw.schema = 0;
         self
     }
+
+    /// The codec that encodes this sender's messages.
+    pub fn codec(&self) -> &C {
+        &self.codec
+    }
 }
 
-impl<T: Serialize> Sender<T> {
+impl<T, C: Encode<T>> Sender<T, C> {
     /// Send `value`. Waits while the stream's window is full; returns a [`Receipt`] that
     /// resolves when the message settles.
     pub async fn send(&self, value: &T) -> Result<Receipt, SendError> {
-        let bytes = encode(value)?;
+        let bytes = self.encode(value)?;
         self.raw.send(bytes).await
     }
 
     /// Send `value` if the stream's window has room now; otherwise fail at once with
     /// [`SendError::WindowFull`] instead of waiting.
     pub fn try_send(&self, value: &T) -> Result<Receipt, SendError> {
-        let bytes = encode(value)?;
+        let bytes = self.encode(value)?;
         self.raw.try_send(bytes)
     }
 
@@ -1266,13 +1318,20 @@ impl<T: Serialize> Sender<T> {
     /// channel, any two sends with the same key are processed once within the
     /// receiver's dedup horizon.
     pub async fn send_with_key(&self, value: &T, key: IdKey) -> Result<Receipt, SendError> {
-        let bytes = encode(value)?;
+        let bytes = self.encode(value)?;
         self.raw.send_with_key(bytes, key).await
+    }
+
+    /// `value` as a payload, or the send's error.
+    fn encode(&self, value: &T) -> Result<Bytes, SendError> {
+        encode_with(&self.codec, value)
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Bytes, SendError> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard())
+/// `value` encoded by `codec`, as a payload (`Vec` → `Bytes` moves, no copy).
+fn encode_with<T: ?Sized, C: Encode<T>>(codec: &C, value: &T) -> Result<Bytes, SendError> {
+    codec
+        .encode(value)
         .map(Bytes::from)
         .map_err(|e| SendError::Encode(e.to_string()))
 }
@@ -1397,14 +1456,23 @@ impl Future for Receipt {
     }
 }
 
-/// Yields the messages of one channel, decoded as `T`.
+/// Yields the messages of one channel, decoded as `T` by the codec `C` ([`Bincode`]
+/// unless made by [`Node::receiver_with_codec`]).
 #[derive(Debug)]
-pub struct Receiver<T> {
+pub struct Receiver<T, C = Bincode> {
     raw: RawReceiver,
+    codec: C,
     _t: PhantomData<fn() -> T>,
 }
 
-impl<T: DeserializeOwned> Receiver<T> {
+impl<T, C> Receiver<T, C> {
+    /// The codec that decodes this receiver's messages.
+    pub fn codec(&self) -> &C {
+        &self.codec
+    }
+}
+
+impl<T, C: Decode<T>> Receiver<T, C> {
     /// The next message; `None` once the node has shut down.
     ///
     /// A payload that does not decode as `T`, or decodes with bytes left over (a value
@@ -1433,10 +1501,12 @@ impl<T: DeserializeOwned> Receiver<T> {
     /// `d` decoded as `T`, or `None` after handing an undecodable payload to the dead
     /// letters (and its sender a rejection).
     fn typed(&self, d: Delivery<Bytes>) -> Option<Delivery<T>> {
-        match decode::<T>(&d.message) {
+        match self.codec.decode(&d.message) {
             Ok(value) => Some(d.map(value)),
             Err(error) => {
-                self.raw.shared.decode_failed(d.id, d.channel, &error);
+                self.raw
+                    .shared
+                    .decode_failed(d.id, d.channel, &error.to_string());
                 let mut handle = d.handle;
                 if let Some((delivery, back)) = handle.completion.take() {
                     let _ = back.commands.send(Command::Undecodable {
@@ -1452,7 +1522,7 @@ impl<T: DeserializeOwned> Receiver<T> {
 
 /// A receiver is a stream of deliveries (same rules as [`Receiver::recv`]): use it with
 /// `StreamExt` combinators. It ends when the node shuts down.
-impl<T: DeserializeOwned> futures_core::Stream for Receiver<T> {
+impl<T, C: Decode<T>> futures_core::Stream for Receiver<T, C> {
     type Item = Delivery<T>;
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_recv(cx)
@@ -1464,20 +1534,6 @@ impl futures_core::Stream for RawReceiver {
     type Item = Delivery<Bytes>;
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_recv(cx)
-    }
-}
-
-/// Decode a whole payload as `T`: trailing bytes are an error, not ignored.
-fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
-    let cfg = bincode::config::standard();
-    match bincode::serde::decode_from_slice::<T, _>(payload, cfg) {
-        Ok((value, used)) if used == payload.len() => Ok(value),
-        Ok((_, used)) => Err(format!(
-            "{} trailing bytes after the value ({used} of {} bytes used)",
-            payload.len() - used,
-            payload.len()
-        )),
-        Err(e) => Err(e.to_string()),
     }
 }
 
