@@ -93,7 +93,6 @@ mod config_serde;
 pub mod dedup;
 pub mod detector;
 mod error;
-mod fasthash;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handoff;

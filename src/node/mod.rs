@@ -1897,7 +1897,7 @@ struct Driver {
     endpoint: Endpoint,
     link: Link,
     commands: mpsc::UnboundedReceiver<Command>,
-    receipts: crate::fasthash::FastMap<SendRef, (Guarantee, PendingReceipt)>,
+    receipts: rustc_hash::FxHashMap<SendRef, (Guarantee, PendingReceipt)>,
     #[cfg(feature = "metrics")]
     metrics: metrics::NodeMetrics,
     receivers: HashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,

@@ -66,7 +66,7 @@ pub(super) fn trace_transmits<'a>(
     origin: Origin,
     peer: crate::id::NodeId,
     frames: impl Iterator<Item = &'a Frame>,
-    receipts: &mut crate::fasthash::FastMap<SendRef, (crate::id::Guarantee, PendingReceipt)>,
+    receipts: &mut rustc_hash::FxHashMap<SendRef, (crate::id::Guarantee, PendingReceipt)>,
 ) {
     for frame in frames {
         let Frame::Data(d) = frame else { continue };
