@@ -81,6 +81,9 @@
 //!   through the `metrics` facade (the README's "Observability" section lists them).
 //! * `postcard`: the `codec::Postcard` codec for typed channels
 //!   ([`Node::sender_with_codec`], [`Node::receiver_with_codec`]).
+//! * `tokio-util`: [`wire::FrameDecoder`] / [`wire::FrameEncoder`] as
+//!   `tokio_util::codec` `Decoder` / `Encoder`, for `FramedRead` / `FramedWrite` over
+//!   the wire format.
 //! * Always: per-message `tracing` events at trace level on the target
 //!   `ackwire::message`, inside a span `node` per node.
 //! * Always: [`Receiver`] is a `futures::Stream`, [`Sender::sink`] a `futures::Sink`;
