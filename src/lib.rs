@@ -85,7 +85,8 @@
 //!   `tokio_util::codec` `Decoder` / `Encoder`, for `FramedRead` / `FramedWrite` over
 //!   the wire format.
 //! * Always: per-message `tracing` events at trace level on the target
-//!   `ackwire::message`, inside a span `node` per node.
+//!   `ackwire::message`, each inside a span `stream` per stream (peer and channel; the
+//!   sender's run for received streams), inside a span `node` per node.
 //! * Always: [`Receiver`] is a `futures::Stream`, [`Sender::sink`] a `futures::Sink`;
 //!   every config type implements serde's `Serialize`/`Deserialize` (durations as
 //!   `"200ms"`, `"5s"`; missing keys keep their defaults; unknown keys are errors).

@@ -725,6 +725,7 @@ impl NodeBuilder {
             receipts: Default::default(),
             #[cfg(feature = "metrics")]
             metrics: metrics::NodeMetrics::new(self.id),
+            spans: observe::StreamSpans::default(),
             receivers: HashMap::new(),
             shared: shared.clone(),
             completions: Arc::new(Completions {
@@ -1900,6 +1901,8 @@ struct Driver {
     receipts: rustc_hash::FxHashMap<SendRef, (Guarantee, PendingReceipt)>,
     #[cfg(feature = "metrics")]
     metrics: metrics::NodeMetrics,
+    /// The `stream` span of each stream with traced per-message events.
+    spans: observe::StreamSpans,
     receivers: HashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
     shared: Arc<Shared>,
     /// Handed to deliveries so their completions come back here.
@@ -2089,6 +2092,7 @@ impl Driver {
             }
             Command::Decommission { peer, reply } => {
                 self.detector.remove(peer);
+                self.spans.forget(peer);
                 let res = match &mut self.spool {
                     Some(spool) => spool
                         .decommission(peer, &mut self.endpoint)
@@ -2117,6 +2121,7 @@ impl Driver {
         match ev {
             LinkEvent::Up { origin, version } => {
                 tracing::debug!(peer = %origin, version, "peer up");
+                self.spans.peer_up(origin);
                 self.shared
                     .versions
                     .lock()
@@ -2145,13 +2150,17 @@ impl Driver {
                     data = Some((d.channel, d.seq, d.id));
                 }
                 if let crate::wire::Frame::Nack(n) = &frame {
-                    tracing::trace!(target: MESSAGE_TARGET, %peer, channel = n.channel.0, seq = n.seq, "nack received");
+                    self.spans.outbound(peer, n.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, %peer, channel = n.channel.0, seq = n.seq, "nack received")
+                    });
                 }
                 let duplicates = self.endpoint.duplicates_dropped();
                 self.endpoint.handle_frame(now, peer, frame);
                 let duplicates = self.endpoint.duplicates_dropped() - duplicates;
                 if let (Some((channel, seq, id)), 1..) = (data, duplicates) {
-                    tracing::trace!(target: MESSAGE_TARGET, id = ?id, from = %peer, channel = channel.0, seq, "duplicate dropped");
+                    self.spans.inbound_from(peer, channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, id = ?id, from = %peer, channel = channel.0, seq, "duplicate dropped")
+                    });
                     #[cfg(feature = "metrics")]
                     self.metrics.duplicates(peer, channel, duplicates);
                 }
@@ -2169,7 +2178,9 @@ impl Driver {
                         self.endpoint.complete(now, delivery, Completion::Refuse);
                         continue;
                     };
-                    tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, "deliver");
+                    self.spans.inbound(delivery.origin, delivery.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, "deliver")
+                    });
                     #[cfg(feature = "metrics")]
                     self.metrics
                         .delivered(delivery.origin.node, delivery.channel);
@@ -2196,14 +2207,18 @@ impl Driver {
                 Event::Settled(r) => {
                     if let Some(spool) = &mut self.spool {
                         if spool.on_settled(r, &mut self.endpoint) {
-                            tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "replayed hint acked");
+                            self.spans.outbound(r.peer, r.channel, || {
+                                tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "replayed hint acked")
+                            });
                             #[cfg(feature = "metrics")]
                             self.metrics.hint_replayed(r);
                             continue;
                         }
                     }
                     if let Some((g, reply)) = self.receipts.remove(&r) {
-                        tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "acked");
+                        self.spans.outbound(r.peer, r.channel, || {
+                            tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "acked")
+                        });
                         #[cfg(feature = "metrics")]
                         self.metrics
                             .settled(r, &reply.tracked, g != Guarantee::AtMostOnce, now);
@@ -2230,7 +2245,9 @@ impl Driver {
                     let Some((g, reply)) = self.receipts.remove(&send) else {
                         continue;
                     };
-                    tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, ?reason, attempts, "gave up");
+                    self.spans.outbound(send.peer, send.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, ?reason, attempts, "gave up")
+                    });
                     #[cfg(feature = "metrics")]
                     self.metrics.gave_up(send);
                     let hand_off = self.spool.as_ref().is_some_and(|s| s.config().on_give_up);
@@ -2250,7 +2267,9 @@ impl Driver {
                     let _ = reply.send(res);
                 }
                 Event::Rejected { send, reason } => {
-                    tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected");
+                    self.spans.outbound(send.peer, send.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected")
+                    });
                     #[cfg(feature = "metrics")]
                     self.metrics.rejected(send, reason);
                     if let Some(spool) = &mut self.spool {
@@ -2299,7 +2318,9 @@ impl Driver {
 
     /// Finish a delivery in the endpoint (traced; the duplicates it settles counted).
     fn complete(&mut self, now: std::time::Instant, delivery: DeliveryRef, how: Completion) {
-        tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, ?how, "completed");
+        self.spans.inbound(delivery.origin, delivery.channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, ?how, "completed")
+        });
         #[cfg(feature = "metrics")]
         let duplicates = self.endpoint.duplicates_dropped();
         self.endpoint.complete(now, delivery, how);
@@ -2338,7 +2359,10 @@ impl Driver {
         };
         match self.endpoint.send(now, msg) {
             Ok(r) => {
-                tracing::trace!(target: MESSAGE_TARGET, id = %observe::sent_id(self.endpoint.origin(), r, key), %peer, channel = r.channel.0, seq = r.seq, "send");
+                let origin = self.endpoint.origin();
+                self.spans.outbound(peer, r.channel, || {
+                    tracing::trace!(target: MESSAGE_TARGET, id = %observe::sent_id(origin, r, key), %peer, channel = r.channel.0, seq = r.seq, "send")
+                });
                 #[cfg(feature = "metrics")]
                 let reply = PendingReceipt::new(reply, self.metrics.sent(r, now));
                 #[cfg(not(feature = "metrics"))]
@@ -2391,7 +2415,9 @@ impl Driver {
         deliveries: u32,
         reason: DeadLetterReason,
     ) {
-        tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, deliveries, ?reason, "dead-lettered");
+        self.spans.inbound(delivery.origin, delivery.channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, deliveries, ?reason, "dead-lettered")
+        });
         #[cfg(feature = "metrics")]
         self.metrics
             .dead_letter(delivery.origin.node, delivery.channel, reason);
@@ -2412,7 +2438,13 @@ impl Driver {
         if tracing::enabled!(target: MESSAGE_TARGET, tracing::Level::TRACE) {
             for (peer, frames) in &self.outbox {
                 let origin = self.endpoint.origin();
-                observe::trace_transmits(origin, *peer, frames.iter(), &mut self.receipts);
+                observe::trace_transmits(
+                    origin,
+                    *peer,
+                    frames.iter(),
+                    &mut self.receipts,
+                    &mut self.spans,
+                );
             }
         }
         // Acks produced by transmits' events are dispatched next round.
@@ -2569,7 +2601,9 @@ impl Driver {
         };
         match spool.store(send, id, g, payload, down_for, now) {
             Ok(()) => {
-                tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, "handed off to the hint store");
+                self.spans.outbound(send.peer, send.channel, || {
+                    tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, "handed off to the hint store")
+                });
                 #[cfg(feature = "metrics")]
                 self.metrics.hint_stored(send);
                 self.handed_off += 1;
