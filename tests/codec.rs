@@ -163,7 +163,7 @@ async fn postcard_round_trips_through_send_sink_and_stream() {
             got.push(d.message().clone());
             d.ack();
         }
-        got
+        (got, inbox)
     });
     let out = a
         .sender_with_codec::<Order, _>(B, opts(), Postcard)
@@ -178,9 +178,20 @@ async fn postcard_round_trips_through_send_sink_and_stream() {
     within(sink.close()).await.unwrap();
     assert_eq!(sink.settled(), 9);
     assert_eq!(within(first).await, Ok(Outcome::Acked));
-    let mut got = within(consumer).await.unwrap();
+    let (mut got, mut inbox) = within(consumer).await.unwrap();
     got.sort_by_key(|o| o.id);
     assert_eq!(got, (1..=10).map(order).collect::<Vec<_>>());
+
+    // The sender as a tower service encodes with its codec too.
+    let mut svc = out.service();
+    let outcome = tokio::spawn(async move {
+        use tower::{Service, ServiceExt};
+        svc.ready().await?.call(order(11)).await
+    });
+    let d = within(inbox.recv()).await.unwrap();
+    assert_eq!(d.message(), &order(11));
+    d.ack();
+    assert_eq!(within(outcome).await.unwrap(), Ok(Outcome::Acked));
     let want = fingerprint::<Order, Postcard>();
     assert_eq!(want, old_fingerprint("postcard:Order"));
     assert!(schemas.lock().unwrap().iter().all(|s| *s == want));
