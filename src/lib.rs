@@ -58,6 +58,9 @@
 //! * [`node`](Node) — the tokio driver and the public API: [`Node`], [`Sender`],
 //!   [`Receiver`], [`Delivery`], [`Receipt`]. Owns tasks, the transport link, the clock
 //!   and one timer; no protocol logic.
+//! * [`codec`] — how typed channels encode values: the [`Codec`] trait, [`Bincode`]
+//!   (default), `Postcard` (feature `postcard`), and the type fingerprint that includes
+//!   the codec.
 //! * [`proto`] — the protocol as sans-IO state machines ([`proto::Endpoint`]):
 //!   sequencing, in-flight window, cumulative + selective acks, retransmission,
 //!   ordered delivery, use of the dedup table. Never touches IO or a clock.
@@ -83,18 +86,24 @@
 //!   message's [`Outcome`] and whose `poll_ready` waits for window space.
 //! * `metrics`: per-peer, per-channel `ackwire_*` counters, gauges and histograms
 //!   through the `metrics` facade (the README's "Observability" section lists them).
+//! * `postcard`: the `codec::Postcard` codec for typed channels
+//!   ([`Node::sender_with_codec`], [`Node::receiver_with_codec`]).
+//! * `tokio-util`: [`wire::FrameDecoder`] / [`wire::FrameEncoder`] as
+//!   `tokio_util::codec` `Decoder` / `Encoder`, for `FramedRead` / `FramedWrite` over
+//!   the wire format.
 //! * Always: per-message `tracing` events at trace level on the target
-//!   `ackwire::message`, inside a span `node` per node.
+//!   `ackwire::message`, each inside a span `stream` per stream (peer and channel; the
+//!   sender's run for received streams), inside a span `node` per node.
 //! * Always: [`Receiver`] is a `futures::Stream`, [`Sender::sink`] a `futures::Sink`;
 //!   every config type implements serde's `Serialize`/`Deserialize` (durations as
 //!   `"200ms"`, `"5s"`; missing keys keep their defaults; unknown keys are errors).
 #![warn(missing_docs)]
 
+pub mod codec;
 mod config_serde;
 pub mod dedup;
 pub mod detector;
 mod error;
-mod fasthash;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod group;
@@ -107,6 +116,7 @@ mod rng;
 pub mod transport;
 pub mod wire;
 
+pub use codec::{Bincode, Codec, CodecError};
 pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{

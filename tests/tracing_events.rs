@@ -1,5 +1,6 @@
-//! Per-message `tracing` events (target `ackwire::message`, level trace) and the
-//! per-node span, captured by a small hand-written subscriber.
+//! Per-message `tracing` events (target `ackwire::message`, level trace), the per-node
+//! span and the per-stream spans they are emitted in, captured by a small hand-written
+//! subscriber.
 
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
 use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId};
@@ -10,12 +11,23 @@ use std::time::Duration;
 const CH: ChannelId = ChannelId(9);
 
 /// One captured event: target, level and its fields as `name=value` pairs (the
-/// message under `message`).
+/// message under `message`), and the spans it was emitted in (innermost last).
 #[derive(Debug, Clone)]
 struct Captured {
     target: String,
     level: tracing::Level,
     fields: String,
+    in_spans: Vec<u64>,
+}
+
+/// One captured span: its name, fields, target, level and parent (ids start at 1).
+#[derive(Debug, Clone)]
+struct SpanInfo {
+    name: String,
+    fields: String,
+    target: String,
+    level: tracing::Level,
+    parent: Option<u64>,
 }
 
 impl Captured {
@@ -42,11 +54,13 @@ impl tracing::field::Visit for Fields {
     }
 }
 
-/// Captures every event, and the name and fields of every span.
+/// Captures every event (with the spans entered when it happened), and every span.
+/// The tests run on one thread, so one stack of entered spans is enough.
 #[derive(Clone, Default)]
 struct Capture {
     events: Arc<Mutex<Vec<Captured>>>,
-    spans: Arc<Mutex<Vec<(String, String)>>>,
+    spans: Arc<Mutex<Vec<SpanInfo>>>,
+    entered: Arc<Mutex<Vec<u64>>>,
 }
 
 impl tracing::Subscriber for Capture {
@@ -56,8 +70,19 @@ impl tracing::Subscriber for Capture {
     fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
         let mut f = Fields::default();
         attrs.record(&mut f);
+        let parent = match attrs.parent() {
+            Some(id) => Some(id.into_u64()),
+            None if attrs.is_contextual() => self.entered.lock().unwrap().last().copied(),
+            None => None,
+        };
         let mut spans = self.spans.lock().unwrap();
-        spans.push((attrs.metadata().name().to_string(), f.0));
+        spans.push(SpanInfo {
+            name: attrs.metadata().name().to_string(),
+            fields: f.0,
+            target: attrs.metadata().target().to_string(),
+            level: *attrs.metadata().level(),
+            parent,
+        });
         tracing::span::Id::from_u64(spans.len() as u64)
     }
     fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
@@ -69,10 +94,35 @@ impl tracing::Subscriber for Capture {
             target: event.metadata().target().to_string(),
             level: *event.metadata().level(),
             fields: f.0,
+            in_spans: self.entered.lock().unwrap().clone(),
         });
     }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
+    fn enter(&self, id: &tracing::span::Id) {
+        self.entered.lock().unwrap().push(id.into_u64());
+    }
+    fn exit(&self, id: &tracing::span::Id) {
+        let mut entered = self.entered.lock().unwrap();
+        if let Some(i) = entered.iter().rposition(|e| *e == id.into_u64()) {
+            entered.remove(i);
+        }
+    }
+}
+
+impl Capture {
+    /// The span `id`.
+    fn span(&self, id: u64) -> SpanInfo {
+        self.spans.lock().unwrap()[id as usize - 1].clone()
+    }
+
+    /// The innermost `stream` span `event` was emitted in.
+    fn stream_of(&self, event: &Captured) -> Option<(u64, SpanInfo)> {
+        event
+            .in_spans
+            .iter()
+            .rev()
+            .map(|id| (*id, self.span(*id)))
+            .find(|(_, s)| s.name == "stream")
+    }
 }
 
 /// The events of one acked message, in order: send and transmit at the sender (with
@@ -150,16 +200,57 @@ async fn one_acked_message_leaves_trace_events_with_its_id() {
     );
     // One span per node, named `node`, with the node's run as its field.
     let spans = capture.spans.lock().unwrap().clone();
-    for n in [&a, &b] {
+    let node_span = |n: &Node| {
         let field = format!("node={} ", n.origin());
+        let ids: Vec<u64> = (1..=spans.len() as u64)
+            .filter(|id| {
+                let s = &spans[*id as usize - 1];
+                s.name == "node" && s.fields.contains(&field)
+            })
+            .collect();
+        assert_eq!(ids.len(), 1, "{spans:#?}");
+        ids[0]
+    };
+    let (node_a, node_b) = (node_span(&a), node_span(&b));
+    // Every per-message event is inside its stream's span: at the sender one span
+    // `stream{dir=out peer=n2 channel=9}` for send, transmit and acked; at the
+    // receiver `stream{dir=in from=<a's run> channel=9}` for deliver and completed.
+    // Each is a trace-level span on `ackwire::message`, a child of its node's span.
+    let outbound = "dir=out peer=n2 channel=9 ".to_string();
+    let inbound = format!("dir=in from={} channel=9 ", a.origin());
+    let stream = |i: usize| {
+        capture
+            .stream_of(per_message[i])
+            .unwrap_or_else(|| panic!("{:?} is in no stream span", per_message[i]))
+    };
+    let (send_span, send_info) = stream(order[0]);
+    for (i, want, node) in [
+        (order[0], &outbound, node_a),
+        (order[1], &outbound, node_a),
+        (order[2], &inbound, node_b),
+        (order[3], &inbound, node_b),
+        (order[4], &outbound, node_a),
+    ] {
+        let (id, info) = stream(i);
+        assert_eq!(&info.fields, want, "{:?}", per_message[i]);
+        assert_eq!(info.parent, Some(node), "{info:?}");
+        assert!(per_message[i].in_spans.contains(&node));
         assert_eq!(
-            spans
-                .iter()
-                .filter(|(name, f)| name == "node" && f.contains(&field))
-                .count(),
-            1,
-            "{spans:?}"
+            (info.target.as_str(), info.level),
+            ("ackwire::message", tracing::Level::TRACE)
         );
+        if want == &outbound {
+            assert_eq!(id, send_span, "one span for the stream's life: {info:?}");
+        }
+    }
+    assert_eq!(
+        spans.iter().filter(|s| s.name == "stream").count(),
+        2,
+        "one span per stream and direction, made once: {spans:#?} (first {send_info:?})"
+    );
+    // Every per-message event of the run was inside some stream span.
+    for e in &per_message {
+        assert!(capture.stream_of(e).is_some(), "{e:?}");
     }
 }
 
@@ -220,10 +311,17 @@ async fn retransmissions_are_traced_with_the_message_id() {
         !retransmits.is_empty(),
         "{retransmitted} retransmissions, none traced"
     );
+    // The sends and their retransmissions share the stream's one span.
+    let send_span = events
+        .iter()
+        .find(|e| e.target == "ackwire::message" && e.message() == "send")
+        .and_then(|e| capture.stream_of(e))
+        .expect("send in a stream span");
     for r in retransmits {
         assert_eq!(r.level, tracing::Level::TRACE);
         let id = id_of(r).expect("retransmit carries the id");
         assert!(sent.contains(&id), "{id} was never sent: {sent:?}");
+        assert_eq!(capture.stream_of(r).map(|(id, _)| id), Some(send_span.0));
     }
 }
 

@@ -7,12 +7,11 @@
 //! calls keep working and mean the same thing.
 
 use super::{
-    encode, Command, Delivery, RawReceiver, RawSender, Receipt, Receiver, SendError, Sender,
+    encode_with, Command, Delivery, RawReceiver, RawSender, Receipt, Receiver, SendError, Sender,
 };
+use crate::codec::{Decode, Encode};
 use crate::id::IdKey;
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::sync::oneshot;
 
 impl RawSender {
@@ -90,7 +89,7 @@ impl RawSender {
     }
 }
 
-impl<T: Serialize> Sender<T> {
+impl<T, C: Encode<T>> Sender<T, C> {
     /// Send every value of `values`, in order; see [`RawSender::send_many`]. A value
     /// that cannot be encoded fails the whole call before anything is sent.
     pub async fn send_many<'a, I>(&self, values: I) -> Result<Vec<Receipt>, SendError>
@@ -100,7 +99,7 @@ impl<T: Serialize> Sender<T> {
     {
         let payloads = values
             .into_iter()
-            .map(encode)
+            .map(|v| encode_with(&self.codec, v))
             .collect::<Result<Vec<Bytes>, SendError>>()?;
         self.raw.send_many(payloads).await
     }
@@ -115,7 +114,7 @@ impl RawReceiver {
     }
 }
 
-impl<T: DeserializeOwned> Receiver<T> {
+impl<T, C: Decode<T>> Receiver<T, C> {
     /// Move up to `limit` decoded deliveries into `buf` at once, waiting for the first
     /// one (same decoding rules as [`Receiver::recv`]). Returns how many were added;
     /// `0` once the node has shut down (or for a `limit` of 0).

@@ -32,11 +32,11 @@
 //! Install the recorder before building the node: handles are taken when a stream is
 //! first seen, and a handle taken without a recorder stays a no-op.
 
-use crate::fasthash::FastMap;
 use crate::id::{ChannelId, NodeId};
 use crate::proto::{Endpoint, SendRef};
 use crate::wire::RejectReason;
 use metrics::{Counter, Gauge, Histogram, Label};
+use rustc_hash::FxHashMap as FastMap;
 use std::time::{Duration, Instant};
 
 /// How often the counters kept inside the protocol core are copied out.

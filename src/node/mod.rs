@@ -17,7 +17,7 @@ mod observe;
 mod service;
 mod sink;
 mod spool;
-mod typecheck;
+pub(crate) mod typecheck;
 
 use dead_letter::DeadLetterQueue;
 pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
@@ -27,6 +27,7 @@ pub use service::{RawSenderService, SendFuture, SenderService};
 pub use sink::{RawSendSink, SendSink};
 pub use spool::HandoffConfig;
 
+use crate::codec::{Bincode, Decode, Encode};
 use crate::dedup::{Dedup, DedupConfig};
 use crate::detector::{DetectorConfig, FailureDetector, Health, HealthChange};
 use crate::id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
@@ -128,8 +129,9 @@ pub enum SendError {
     /// The node shut down before the message settled. It may have been delivered.
     #[error("node shut down before the message settled")]
     Shutdown,
-    /// The value could not be serialized; nothing was sent. Fix the value or its
-    /// `Serialize` impl.
+    /// The value could not be encoded by the sender's codec (its
+    /// [`CodecError`](crate::codec::CodecError), as text); nothing was sent. Fix the
+    /// value or its `Serialize` impl.
     #[error("cannot encode message: {0}")]
     Encode(String),
     /// The payload is larger than the configured maximum; nothing was sent. Split it.
@@ -724,6 +726,7 @@ impl NodeBuilder {
             receipts: Default::default(),
             #[cfg(feature = "metrics")]
             metrics: metrics::NodeMetrics::new(self.id),
+            spans: observe::StreamSpans::default(),
             receivers: HashMap::new(),
             shared: shared.clone(),
             completions: Arc::new(Completions {
@@ -954,7 +957,7 @@ impl Node {
     }
 
     /// A typed sender to `peer` on a channel; messages are serialized with bincode's
-    /// serde support.
+    /// serde support (the [`Bincode`] codec; [`Node::sender_with_codec`] picks another).
     ///
     /// Fails with [`NodeError::UnknownPeer`] for a peer this node does not know (see
     /// [`NodeConfig::allow_dynamic_peers`]), [`NodeError::Config`] for a zero
@@ -965,10 +968,38 @@ impl Node {
         peer: NodeId,
         options: ChannelOptions,
     ) -> Result<Sender<T>, NodeError> {
+        self.sender_with_codec(peer, options, Bincode)
+    }
+
+    /// A typed sender to `peer` on a channel whose messages `codec` encodes (see
+    /// [`crate::codec`]); the channel's receiver must use the same codec. Otherwise as
+    /// [`Node::sender`].
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "postcard")]
+    /// # fn demo(node: ackwire::Node) -> Result<(), ackwire::NodeError> {
+    /// use ackwire::codec::Postcard;
+    /// use ackwire::{ChannelId, ChannelOptions, Guarantee, NodeId, ReceiverOptions};
+    /// let out = node.sender_with_codec::<Vec<u32>, _>(
+    ///     NodeId(2),
+    ///     ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce),
+    ///     Postcard,
+    /// )?;
+    /// // and on node 2:
+    /// let inbox = node.receiver_with_codec::<Vec<u32>, _>(ChannelId(1), ReceiverOptions::default(), Postcard)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn sender_with_codec<T, C: Encode<T>>(
+        &self,
+        peer: NodeId,
+        options: ChannelOptions,
+        codec: C,
+    ) -> Result<Sender<T, C>, NodeError> {
         let mut raw = self.raw_sender(peer, options)?;
-        raw.schema = typecheck::fingerprint::<T>();
+        raw.schema = crate::codec::fingerprint::<T, C>();
         Ok(Sender {
             raw,
+            codec,
             _t: PhantomData,
         })
     }
@@ -1006,13 +1037,27 @@ impl Node {
         channel: ChannelId,
         options: ReceiverOptions,
     ) -> Result<Receiver<T>, NodeError> {
+        self.receiver_with_codec(channel, options, Bincode)
+    }
+
+    /// The receiver of a channel whose messages `codec` decodes (see [`crate::codec`]),
+    /// with [`ReceiverOptions`]: a typed sender with another codec (or type) is rejected
+    /// with [`RejectReason::TypeMismatch`](crate::RejectReason::TypeMismatch) unless the
+    /// type check is off. One receiver per channel and node.
+    pub fn receiver_with_codec<T, C: Decode<T>>(
+        &self,
+        channel: ChannelId,
+        options: ReceiverOptions,
+        codec: C,
+    ) -> Result<Receiver<T, C>, NodeError> {
         let schema = if options.type_check {
-            typecheck::fingerprint::<T>()
+            crate::codec::fingerprint::<T, C>()
         } else {
             0
         };
         Ok(Receiver {
             raw: self.register(channel, options, schema)?,
+            codec,
             _t: PhantomData,
         })
     }
@@ -1214,23 +1259,26 @@ impl Drop for Node {
     }
 }
 
-/// Sends `T` values on one channel to one peer. Cheap to clone.
+/// Sends `T` values on one channel to one peer, encoded by the codec `C` ([`Bincode`]
+/// unless made by [`Node::sender_with_codec`]). Cheap to clone.
 #[derive(Debug)]
-pub struct Sender<T> {
+pub struct Sender<T, C = Bincode> {
     raw: RawSender,
+    codec: C,
     _t: PhantomData<fn(&T)>,
 }
 
-impl<T> Clone for Sender<T> {
+impl<T, C: Clone> Clone for Sender<T, C> {
     fn clone(&self) -> Self {
         Sender {
             raw: self.raw.clone(),
+            codec: self.codec.clone(),
             _t: PhantomData,
         }
     }
 }
 
-impl<T> Sender<T> {
+impl<T, C> Sender<T, C> {
     /// The same sender without the payload type check: its messages carry no type
     /// fingerprint, so typed receivers decode them whatever `T` is.
     ///
@@ -1246,20 +1294,25 @@ impl<T> Sender<T> {
         self.raw.schema = 0;
         self
     }
+
+    /// The codec that encodes this sender's messages.
+    pub fn codec(&self) -> &C {
+        &self.codec
+    }
 }
 
-impl<T: Serialize> Sender<T> {
+impl<T, C: Encode<T>> Sender<T, C> {
     /// Send `value`. Waits while the stream's window is full; returns a [`Receipt`] that
     /// resolves when the message settles.
     pub async fn send(&self, value: &T) -> Result<Receipt, SendError> {
-        let bytes = encode(value)?;
+        let bytes = self.encode(value)?;
         self.raw.send(bytes).await
     }
 
     /// Send `value` if the stream's window has room now; otherwise fail at once with
     /// [`SendError::WindowFull`] instead of waiting.
     pub fn try_send(&self, value: &T) -> Result<Receipt, SendError> {
-        let bytes = encode(value)?;
+        let bytes = self.encode(value)?;
         self.raw.try_send(bytes)
     }
 
@@ -1267,13 +1320,20 @@ impl<T: Serialize> Sender<T> {
     /// channel, any two sends with the same key are processed once within the
     /// receiver's dedup horizon.
     pub async fn send_with_key(&self, value: &T, key: IdKey) -> Result<Receipt, SendError> {
-        let bytes = encode(value)?;
+        let bytes = self.encode(value)?;
         self.raw.send_with_key(bytes, key).await
+    }
+
+    /// `value` as a payload, or the send's error.
+    fn encode(&self, value: &T) -> Result<Bytes, SendError> {
+        encode_with(&self.codec, value)
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Bytes, SendError> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard())
+/// `value` encoded by `codec`, as a payload (`Vec` → `Bytes` moves, no copy).
+fn encode_with<T: ?Sized, C: Encode<T>>(codec: &C, value: &T) -> Result<Bytes, SendError> {
+    codec
+        .encode(value)
         .map(Bytes::from)
         .map_err(|e| SendError::Encode(e.to_string()))
 }
@@ -1398,14 +1458,23 @@ impl Future for Receipt {
     }
 }
 
-/// Yields the messages of one channel, decoded as `T`.
+/// Yields the messages of one channel, decoded as `T` by the codec `C` ([`Bincode`]
+/// unless made by [`Node::receiver_with_codec`]).
 #[derive(Debug)]
-pub struct Receiver<T> {
+pub struct Receiver<T, C = Bincode> {
     raw: RawReceiver,
+    codec: C,
     _t: PhantomData<fn() -> T>,
 }
 
-impl<T: DeserializeOwned> Receiver<T> {
+impl<T, C> Receiver<T, C> {
+    /// The codec that decodes this receiver's messages.
+    pub fn codec(&self) -> &C {
+        &self.codec
+    }
+}
+
+impl<T, C: Decode<T>> Receiver<T, C> {
     /// The next message; `None` once the node has shut down.
     ///
     /// A payload that does not decode as `T`, or decodes with bytes left over (a value
@@ -1434,10 +1503,12 @@ impl<T: DeserializeOwned> Receiver<T> {
     /// `d` decoded as `T`, or `None` after handing an undecodable payload to the dead
     /// letters (and its sender a rejection).
     fn typed(&self, d: Delivery<Bytes>) -> Option<Delivery<T>> {
-        match decode::<T>(&d.message) {
+        match self.codec.decode(&d.message) {
             Ok(value) => Some(d.map(value)),
             Err(error) => {
-                self.raw.shared.decode_failed(d.id, d.channel, &error);
+                self.raw
+                    .shared
+                    .decode_failed(d.id, d.channel, &error.to_string());
                 let mut handle = d.handle;
                 if let Some((delivery, back)) = handle.completion.take() {
                     let _ = back.commands.send(Command::Undecodable {
@@ -1453,7 +1524,7 @@ impl<T: DeserializeOwned> Receiver<T> {
 
 /// A receiver is a stream of deliveries (same rules as [`Receiver::recv`]): use it with
 /// `StreamExt` combinators. It ends when the node shuts down.
-impl<T: DeserializeOwned> futures_core::Stream for Receiver<T> {
+impl<T, C: Decode<T>> futures_core::Stream for Receiver<T, C> {
     type Item = Delivery<T>;
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_recv(cx)
@@ -1465,41 +1536,6 @@ impl futures_core::Stream for RawReceiver {
     type Item = Delivery<Bytes>;
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_recv(cx)
-    }
-}
-
-/// Decode a whole payload as `T`: trailing bytes are an error, not ignored.
-fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
-    // A length prefix is a claim on memory, and it comes from the network: without a
-    // limit, a 9-byte payload announcing a 2^64-byte string made bincode panic
-    // ("capacity overflow") in the application's receive loop, and 2^40 would abort
-    // the process on a failed allocation. The limit is what a payload of this size
-    // can honestly ask for: 64 bytes of memory per payload byte (a String asks 1, a
-    // Vec<String> of empty strings 24), rounded up to a bucket, at least 1 MiB.
-    let cfg = bincode::config::standard();
-    let decoded = match payload.len() {
-        0..=16_384 => {
-            bincode::serde::decode_from_slice::<T, _>(payload, cfg.with_limit::<{ 1 << 20 }>())
-        }
-        16_385..=262_144 => {
-            bincode::serde::decode_from_slice::<T, _>(payload, cfg.with_limit::<{ 16 << 20 }>())
-        }
-        262_145..=4_194_304 => {
-            bincode::serde::decode_from_slice::<T, _>(payload, cfg.with_limit::<{ 256 << 20 }>())
-        }
-        _ => bincode::serde::decode_from_slice::<T, _>(
-            payload,
-            cfg.with_limit::<{ i32::MAX as usize }>(),
-        ),
-    };
-    match decoded {
-        Ok((value, used)) if used == payload.len() => Ok(value),
-        Ok((_, used)) => Err(format!(
-            "{} trailing bytes after the value ({used} of {} bytes used)",
-            payload.len() - used,
-            payload.len()
-        )),
-        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -1865,9 +1901,11 @@ struct Driver {
     /// Link events of the current wake-up (reused buffer).
     burst: Vec<LinkEvent>,
     commands: mpsc::UnboundedReceiver<Command>,
-    receipts: crate::fasthash::FastMap<SendRef, (Guarantee, PendingReceipt)>,
+    receipts: rustc_hash::FxHashMap<SendRef, (Guarantee, PendingReceipt)>,
     #[cfg(feature = "metrics")]
     metrics: metrics::NodeMetrics,
+    /// The `stream` span of each stream with traced per-message events.
+    spans: observe::StreamSpans,
     receivers: HashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
     shared: Arc<Shared>,
     /// Handed to deliveries so their completions come back here.
@@ -2081,6 +2119,7 @@ impl Driver {
             }
             Command::Decommission { peer, reply } => {
                 self.detector.remove(peer);
+                self.spans.forget(peer);
                 let res = match &mut self.spool {
                     Some(spool) => spool
                         .decommission(peer, &mut self.endpoint)
@@ -2109,6 +2148,7 @@ impl Driver {
         match ev {
             LinkEvent::Up { origin, version } => {
                 tracing::debug!(peer = %origin, version, "peer up");
+                self.spans.peer_up(origin);
                 self.shared
                     .versions
                     .lock()
@@ -2137,13 +2177,17 @@ impl Driver {
                     data = Some((d.channel, d.seq, d.id));
                 }
                 if let crate::wire::Frame::Nack(n) = &frame {
-                    tracing::trace!(target: MESSAGE_TARGET, %peer, channel = n.channel.0, seq = n.seq, "nack received");
+                    self.spans.outbound(peer, n.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, %peer, channel = n.channel.0, seq = n.seq, "nack received")
+                    });
                 }
                 let duplicates = self.endpoint.duplicates_dropped();
                 self.endpoint.handle_frame(now, peer, frame);
                 let duplicates = self.endpoint.duplicates_dropped() - duplicates;
                 if let (Some((channel, seq, id)), 1..) = (data, duplicates) {
-                    tracing::trace!(target: MESSAGE_TARGET, id = ?id, from = %peer, channel = channel.0, seq, "duplicate dropped");
+                    self.spans.inbound_from(peer, channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, id = ?id, from = %peer, channel = channel.0, seq, "duplicate dropped")
+                    });
                     #[cfg(feature = "metrics")]
                     self.metrics.duplicates(peer, channel, duplicates);
                 }
@@ -2161,7 +2205,9 @@ impl Driver {
                         self.endpoint.complete(now, delivery, Completion::Refuse);
                         continue;
                     };
-                    tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, "deliver");
+                    self.spans.inbound(delivery.origin, delivery.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, "deliver")
+                    });
                     #[cfg(feature = "metrics")]
                     self.metrics
                         .delivered(delivery.origin.node, delivery.channel);
@@ -2188,14 +2234,18 @@ impl Driver {
                 Event::Settled(r) => {
                     if let Some(spool) = &mut self.spool {
                         if spool.on_settled(r, &mut self.endpoint) {
-                            tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "replayed hint acked");
+                            self.spans.outbound(r.peer, r.channel, || {
+                                tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "replayed hint acked")
+                            });
                             #[cfg(feature = "metrics")]
                             self.metrics.hint_replayed(r);
                             continue;
                         }
                     }
                     if let Some((g, reply)) = self.receipts.remove(&r) {
-                        tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "acked");
+                        self.spans.outbound(r.peer, r.channel, || {
+                            tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "acked")
+                        });
                         #[cfg(feature = "metrics")]
                         self.metrics
                             .settled(r, &reply.tracked, g != Guarantee::AtMostOnce, now);
@@ -2222,7 +2272,9 @@ impl Driver {
                     let Some((g, reply)) = self.receipts.remove(&send) else {
                         continue;
                     };
-                    tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, ?reason, attempts, "gave up");
+                    self.spans.outbound(send.peer, send.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, ?reason, attempts, "gave up")
+                    });
                     #[cfg(feature = "metrics")]
                     self.metrics.gave_up(send);
                     let hand_off = self.spool.as_ref().is_some_and(|s| s.config().on_give_up);
@@ -2242,7 +2294,9 @@ impl Driver {
                     let _ = reply.send(res);
                 }
                 Event::Rejected { send, reason } => {
-                    tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected");
+                    self.spans.outbound(send.peer, send.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected")
+                    });
                     #[cfg(feature = "metrics")]
                     self.metrics.rejected(send, reason);
                     if let Some(spool) = &mut self.spool {
@@ -2291,7 +2345,9 @@ impl Driver {
 
     /// Finish a delivery in the endpoint (traced; the duplicates it settles counted).
     fn complete(&mut self, now: std::time::Instant, delivery: DeliveryRef, how: Completion) {
-        tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, ?how, "completed");
+        self.spans.inbound(delivery.origin, delivery.channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, ?how, "completed")
+        });
         #[cfg(feature = "metrics")]
         let duplicates = self.endpoint.duplicates_dropped();
         self.endpoint.complete(now, delivery, how);
@@ -2330,7 +2386,10 @@ impl Driver {
         };
         match self.endpoint.send(now, msg) {
             Ok(r) => {
-                tracing::trace!(target: MESSAGE_TARGET, id = %observe::sent_id(self.endpoint.origin(), r, key), %peer, channel = r.channel.0, seq = r.seq, "send");
+                let origin = self.endpoint.origin();
+                self.spans.outbound(peer, r.channel, || {
+                    tracing::trace!(target: MESSAGE_TARGET, id = %observe::sent_id(origin, r, key), %peer, channel = r.channel.0, seq = r.seq, "send")
+                });
                 #[cfg(feature = "metrics")]
                 let reply = PendingReceipt::new(reply, self.metrics.sent(r, now));
                 #[cfg(not(feature = "metrics"))]
@@ -2383,7 +2442,9 @@ impl Driver {
         deliveries: u32,
         reason: DeadLetterReason,
     ) {
-        tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, deliveries, ?reason, "dead-lettered");
+        self.spans.inbound(delivery.origin, delivery.channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, deliveries, ?reason, "dead-lettered")
+        });
         #[cfg(feature = "metrics")]
         self.metrics
             .dead_letter(delivery.origin.node, delivery.channel, reason);
@@ -2404,7 +2465,13 @@ impl Driver {
         if tracing::enabled!(target: MESSAGE_TARGET, tracing::Level::TRACE) {
             for (peer, frames) in &self.outbox {
                 let origin = self.endpoint.origin();
-                observe::trace_transmits(origin, *peer, frames.iter(), &mut self.receipts);
+                observe::trace_transmits(
+                    origin,
+                    *peer,
+                    frames.iter(),
+                    &mut self.receipts,
+                    &mut self.spans,
+                );
             }
         }
         // Acks produced by transmits' events are dispatched next round.
@@ -2561,7 +2628,9 @@ impl Driver {
         };
         match spool.store(send, id, g, payload, down_for, now) {
             Ok(()) => {
-                tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, "handed off to the hint store");
+                self.spans.outbound(send.peer, send.channel, || {
+                    tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, "handed off to the hint store")
+                });
                 #[cfg(feature = "metrics")]
                 self.metrics.hint_stored(send);
                 self.handed_off += 1;

@@ -7,9 +7,9 @@
 //! through the service goes exactly the way `send` would send it.
 
 use super::sink::WindowSlot;
-use super::{encode, Outcome, RawSender, Receipt, SendError, Sender};
+use super::{encode_with, Outcome, RawSender, Receipt, SendError, Sender};
+use crate::codec::{Bincode, Encode};
 use bytes::Bytes;
-use serde::Serialize;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -50,8 +50,9 @@ use tower_service::Service;
 /// assert_eq!(outcome, Outcome::Acked);
 /// # Ok(()) }
 /// ```
-pub struct SenderService<T> {
+pub struct SenderService<T, C = Bincode> {
     raw: RawSenderService,
+    codec: C,
     _t: PhantomData<fn(T)>,
 }
 
@@ -70,11 +71,12 @@ pub struct SendFuture {
     state: Result<Receipt, Option<SendError>>,
 }
 
-impl<T: Serialize> Sender<T> {
-    /// This sender as a `tower::Service<T>`; see [`SenderService`].
-    pub fn service(&self) -> SenderService<T> {
+impl<T, C: Encode<T>> Sender<T, C> {
+    /// This sender as a `tower::Service<T>` (with its codec); see [`SenderService`].
+    pub fn service(&self) -> SenderService<T, C> {
         SenderService {
             raw: self.raw.service(),
+            codec: self.codec.clone(),
             _t: PhantomData,
         }
     }
@@ -108,7 +110,7 @@ impl Service<Bytes> for RawSenderService {
     }
 }
 
-impl<T: Serialize> Service<T> for SenderService<T> {
+impl<T, C: Encode<T>> Service<T> for SenderService<T, C> {
     type Response = Outcome;
     type Error = SendError;
     type Future = SendFuture;
@@ -118,7 +120,7 @@ impl<T: Serialize> Service<T> for SenderService<T> {
     }
 
     fn call(&mut self, value: T) -> SendFuture {
-        match encode(&value) {
+        match encode_with(&self.codec, &value) {
             Ok(bytes) => self.raw.call(bytes),
             Err(e) => SendFuture {
                 state: Err(Some(e)),
@@ -144,10 +146,11 @@ impl Clone for RawSenderService {
     }
 }
 
-impl<T> Clone for SenderService<T> {
+impl<T, C: Clone> Clone for SenderService<T, C> {
     fn clone(&self) -> Self {
         SenderService {
             raw: self.raw.clone(),
+            codec: self.codec.clone(),
             _t: PhantomData,
         }
     }
@@ -163,7 +166,7 @@ impl fmt::Debug for RawSenderService {
     }
 }
 
-impl<T> fmt::Debug for SenderService<T> {
+impl<T, C> fmt::Debug for SenderService<T, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SenderService")
             .field("raw", &self.raw)

@@ -6,9 +6,9 @@
 //! is [`RawSender`]'s (`check` and `enqueue`), so a sink's message goes exactly the way
 //! `send` would send it.
 
-use super::{encode, Outcome, RawSender, Receipt, SendError, Sender};
+use super::{encode_with, Outcome, RawSender, Receipt, SendError, Sender};
+use crate::codec::{Bincode, Encode};
 use bytes::Bytes;
-use serde::Serialize;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -47,8 +47,9 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, TryAcquireError};
 /// assert_eq!(sink.settled(), 10_000);
 /// # Ok(()) }
 /// ```
-pub struct SendSink<T> {
+pub struct SendSink<T, C = Bincode> {
     raw: RawSendSink,
+    codec: C,
     _t: PhantomData<fn(T)>,
 }
 
@@ -63,11 +64,13 @@ pub struct RawSendSink {
     failed: u64,
 }
 
-impl<T: Serialize> Sender<T> {
-    /// A `futures::Sink<T>` sending on this sender's channel; see [`SendSink`].
-    pub fn sink(&self) -> SendSink<T> {
+impl<T, C: Encode<T>> Sender<T, C> {
+    /// A `futures::Sink<T>` sending on this sender's channel (with its codec); see
+    /// [`SendSink`].
+    pub fn sink(&self) -> SendSink<T, C> {
         SendSink {
             raw: self.raw.sink(),
+            codec: self.codec.clone(),
             _t: PhantomData,
         }
     }
@@ -87,7 +90,7 @@ impl RawSender {
     }
 }
 
-impl<T> SendSink<T> {
+impl<T, C> SendSink<T, C> {
     /// Items accepted whose receipt has been seen to settle (`Ok` or failed).
     pub fn settled(&self) -> u64 {
         self.raw.settled
@@ -187,7 +190,7 @@ impl futures_sink::Sink<Bytes> for RawSendSink {
     }
 }
 
-impl<T: Serialize> futures_sink::Sink<T> for SendSink<T> {
+impl<T, C: Encode<T>> futures_sink::Sink<T> for SendSink<T, C> {
     type Error = SendError;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
@@ -195,8 +198,9 @@ impl<T: Serialize> futures_sink::Sink<T> for SendSink<T> {
     }
 
     fn start_send(self: Pin<&mut Self>, item: T) -> Result<(), SendError> {
-        let bytes = encode(&item)?;
-        Pin::new(&mut self.get_mut().raw).start_send(bytes)
+        let this = self.get_mut();
+        let bytes = encode_with(&this.codec, &item)?;
+        Pin::new(&mut this.raw).start_send(bytes)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
@@ -208,7 +212,7 @@ impl<T: Serialize> futures_sink::Sink<T> for SendSink<T> {
     }
 }
 
-impl<T> fmt::Debug for SendSink<T> {
+impl<T, C> fmt::Debug for SendSink<T, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SendSink").field("raw", &self.raw).finish()
     }

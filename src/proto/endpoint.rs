@@ -14,12 +14,12 @@ use super::outbound::{
     OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT, INITIAL_NODE_CREDIT,
 };
 use crate::dedup::{Admit, Dedup};
-use crate::fasthash::FastMap;
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
 use crate::retry::GiveUp;
 use crate::rng::SplitMix64;
 use crate::wire::{CreditProbe, Data, Frame, Heartbeat, Nack, Reject, RejectReason};
 use bytes::Bytes;
+use rustc_hash::FxHashMap as FastMap;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -19,6 +19,30 @@
 //! set): the encoder refuses bigger frames with [`EncodeError::TooLarge`] and the
 //! decoder rejects a bigger length prefix with [`DecodeError::TooLarge`] before reading
 //! or allocating anything for it.
+//!
+//! # Hand-written on purpose
+//!
+//! [`FrameDecoder`] and [`FrameEncoder`] have the shape of `tokio_util::codec`'s
+//! `Decoder` and `Encoder`, and with the feature `tokio-util` they implement them (one
+//! delegating call each, `FramedError` adding the IO case), for tools that want
+//! `FramedRead` / `FramedWrite` over the wire format. The codec itself stays here, and
+//! the TCP transport keeps its own read and write loops, because:
+//!
+//! * this module is part of the sans-IO core: it must build and be fuzzed without a
+//!   runtime or an IO crate (`fuzz/`, the loom and simulation builds), so its types
+//!   cannot require tokio-util's traits; an optional impl adds them without moving
+//!   anything;
+//! * the transport's reader changes decoder in the middle of a connection (a 1 KiB
+//!   bound and protocol version 1 for the handshake, then the configured bound and the
+//!   negotiated version), puts a deadline on completing a partly received frame, and
+//!   counts each [`DecodeError`] kind; its writer encodes a whole batch of frames into one buffer
+//!   and one write. `Framed` could be bent to each of these (`decoder_mut`,
+//!   `FramedParts`), for no gain over the ten lines each takes now and with a
+//!   dependency every user would compile;
+//! * no crate does the layout itself: a length prefix *and* a crc32c over the body,
+//!   a format-version byte, a bincode header whose fields depend on the negotiated
+//!   protocol version, and the payload split zero-copy from the input buffer
+//!   (`LengthDelimitedCodec` covers only the first of these).
 
 use super::frame::{
     Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject, SeqRange,

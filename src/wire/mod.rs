@@ -5,6 +5,8 @@
 
 mod codec;
 mod frame;
+#[cfg(feature = "tokio-util")]
+mod framed;
 mod version;
 
 pub use codec::{
@@ -15,6 +17,8 @@ pub use frame::{
     Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject,
     RejectReason, SeqRange,
 };
+#[cfg(feature = "tokio-util")]
+pub use framed::FramedError;
 pub use version::{
     parse_probe, probe, IncompatibleVersion, Negotiation, NegotiationError, NegotiationStep,
     UnsupportedRange, VersionRange, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
