@@ -76,6 +76,32 @@ fn config_err(r: Result<Node, NodeError>) -> ConfigError {
     }
 }
 
+/// A user who turns on durable dedup the struct-update way keeps a valid config: the
+/// dedup defaults agree with the node's (they used to differ, 1024 vs 8192, and this
+/// config failed validation with `DedupWindowBelowInFlight`).
+#[tokio::test(start_paused = true)]
+async fn durable_dedup_with_struct_update_defaults_builds_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = cfg(|c| {
+        c.dedup = ackwire::dedup::DedupConfig {
+            durable: Some(ackwire::dedup::DurableDedup::new(dir.path())),
+            ..Default::default()
+        }
+    });
+    if let Err(e) = config.validate() {
+        panic!("{e}");
+    }
+    assert_eq!(
+        ackwire::dedup::DedupConfig::default(),
+        NodeConfig::default().dedup
+    );
+    let net = net();
+    let a = node(&net, A, NodeConfig::default()).await.unwrap();
+    let b = node(&net, B, config).await.unwrap();
+    let out = round_trip(&a, &b, opts(Guarantee::EffectivelyOnce)).await;
+    assert_eq!(out, Ok(Outcome::Acked));
+}
+
 #[tokio::test(start_paused = true)]
 async fn heartbeat_interval_max_is_a_typed_error() {
     let config = cfg(|c| c.heartbeat_interval = Duration::MAX);

@@ -31,7 +31,7 @@
 //! | key `table_budget_bytes` | 256 MiB (about 1–2.5 M keys within the horizon, i.e. a sustained ~10–20 k keys/s at 2 min; bursts of millions) | new keys refused with `TableFull` (counted in `table_full`, warned at most every 10 s); never a false duplicate |
 //! | stream `retention` | 24 h | an idle or finished stream's window is retired; late messages answered from its tombstone or refused with `StreamRetired` (counted in `retired_refused`); the tombstone goes a retention after the last late message |
 //! | `max_streams` (live) | 16 384 | a new stream refused with `TooManyStreams` |
-//! | `window` per stream | 1024 seqs (8192 in `NodeConfig`) | a seq that far above the watermark refused with `WindowOverrun` until holes close |
+//! | `window` per stream | 8192 seqs | a seq that far above the watermark refused with `WindowOverrun` until holes close |
 //!
 //! The key table grows with the key rate: it starts at `table_capacity` slots (16 384,
 //! 384 KiB) and adds generations sized for twice the recent key rate × horizon, dropping
@@ -230,8 +230,10 @@ pub const DEFAULT_TABLE_BUDGET_BYTES: usize = 256 << 20;
 #[serde(default, deny_unknown_fields)]
 pub struct DedupConfig {
     /// Seqs tracked above each stream's watermark (rounded up to a power of two,
-    /// ≥ 64); one byte per seq, so `window` bytes per live stream. Default 1024
-    /// (`NodeConfig` raises it to 8192: it must exceed the senders' in-flight window).
+    /// ≥ 64); one byte per seq, so `window` bytes per live stream. Default 8192: a
+    /// node's must be at least the senders' in-flight window (`max_in_flight`, 4096 by
+    /// default), and the two defaults agree, so `DedupConfig { durable, ..Default::default() }`
+    /// inside a default `NodeConfig` validates.
     pub window: u32,
     /// Most live `(origin, channel)` streams (retired ones do not count). Default
     /// 16 384.
@@ -259,7 +261,7 @@ pub struct DedupConfig {
 impl Default for DedupConfig {
     fn default() -> Self {
         DedupConfig {
-            window: 1024,
+            window: 8192,
             max_streams: 16_384,
             table_capacity: DEFAULT_INITIAL_SLOTS,
             table_budget_bytes: DEFAULT_TABLE_BUDGET_BYTES,

@@ -269,10 +269,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             proto: ProtoConfig::default(),
-            dedup: DedupConfig {
-                window: 8192,
-                ..DedupConfig::default()
-            },
+            dedup: DedupConfig::default(),
             max_payload: 4 << 20,
             detector: DetectorConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
