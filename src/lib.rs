@@ -104,6 +104,7 @@ mod config_serde;
 pub mod dedup;
 pub mod detector;
 mod error;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod group;
