@@ -1746,6 +1746,46 @@ mod tests {
         assert_eq!(a.stats().retransmitted, 1);
     }
 
+    /// On an unordered channel a lost message is overtaken by acks of later ones: its
+    /// expired timer retransmits it at once, without waiting for the stream to go quiet.
+    #[test]
+    fn an_overtaken_message_is_retransmitted_without_waiting_for_quiet() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let (mut a, mut b) = (endpoint(1, t0), endpoint(2, t0));
+        a.handle_peer_up(t0, b.origin(), 3);
+        b.handle_peer_up(t0, a.origin(), 3);
+        for f in frames(&mut b, NodeId(1), t0) {
+            a.handle_frame(t0, NodeId(2), f);
+        }
+        b.accept_channel(ChannelId(1), false);
+        for n in 0..3 {
+            send_eo(&mut a, t0, n);
+        }
+        for f in frames(&mut a, NodeId(2), t0) {
+            // Seq 1 is lost on the way; 2 and 3 arrive and are acked.
+            if !matches!(&f, Frame::Data(d) if d.seq == 1) {
+                b.handle_frame(t0, NodeId(1), f);
+            }
+        }
+        while let Some(ev) = b.poll_event() {
+            if let Event::Deliver { delivery, .. } = ev {
+                b.complete(at(190), delivery, Completion::Ack);
+            }
+        }
+        for f in frames(&mut b, NodeId(1), at(190)) {
+            a.handle_frame(at(190), NodeId(2), f);
+        }
+        let data: Vec<u64> = frames(&mut a, NodeId(2), at(250))
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Data(d) => Some(d.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(data, vec![1]);
+    }
+
     fn send_eo(a: &mut Endpoint, now: Instant, n: u8) {
         a.send(
             now,

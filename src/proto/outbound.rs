@@ -34,8 +34,12 @@
 //! queued than lost; retransmitting them is what a stalled, loaded machine turned into
 //! thousands of spurious retransmissions (RFC 5682's F-RTO avoids the same). The wait
 //! is bounded: a lost message holds the receiver's cumulative ack, so the stream runs
-//! out of credit at most one window later, goes quiet, and the timer fires. Nacks,
-//! reconnects and deadlines do not wait.
+//! out of credit at most one window later, goes quiet, and the timer fires. It does
+//! not wait at all for a message that was *overtaken* — a later seq of the stream was
+//! acked while it is neither acked nor held by the receiver (over one connection
+//! frames arrive in order, so it was lost; on an unordered channel this is how a loss
+//! shows while the rest of the stream keeps flowing). Nacks, reconnects and
+//! deadlines do not wait.
 
 use crate::id::{ChannelId, Guarantee, MessageId};
 use crate::proto::config::ProtoConfig;
@@ -167,6 +171,9 @@ pub(crate) struct OutboundStream {
     unanswered_probes: u32,
     /// When an ack last settled a message or advanced `held`: see "Quiet streams".
     last_progress: Option<Instant>,
+    /// Highest seq an ack settled: a message below it that is neither settled nor
+    /// held was overtaken, so it is lost rather than queued ("Quiet streams").
+    highest_acked: u64,
 }
 
 impl OutboundStream {
@@ -212,6 +219,7 @@ impl OutboundStream {
             node_waits: 0,
             unanswered_probes: 0,
             last_progress: None,
+            highest_acked: 0,
         }
     }
 
@@ -485,8 +493,9 @@ impl OutboundStream {
                 self.timers.push(Reverse((next, seq, m.timer_gen)));
                 continue;
             }
+            let overtaken = seq < self.highest_acked;
             if let Some(quiet_until) = self.last_progress.map(|p| later(p, self.rtt.rto())) {
-                if now < quiet_until {
+                if now < quiet_until && !overtaken {
                     // The receiver settled something within the last RTO: it is
                     // working through its queue, so this message is more likely
                     // queued than lost (module docs, "Quiet streams").
@@ -683,6 +692,7 @@ impl OutboundStream {
         if let Some(m) = self.slots[idx].take() {
             if let Some(now) = acked_at {
                 self.last_progress = Some(now);
+                self.highest_acked = self.highest_acked.max(seq);
                 // Karn's rule: only never-retransmitted messages give RTT samples.
                 if let (1, Some(sent)) = (m.attempts, m.last_sent) {
                     self.sample = Some(now.saturating_duration_since(sent));
