@@ -102,6 +102,34 @@ async fn durable_dedup_with_struct_update_defaults_builds_a_node() {
     assert_eq!(out, Ok(Outcome::Acked));
 }
 
+/// A sender to the node's own id is a typed error at once (it used to be accepted,
+/// and every message failed its deadline after 22 transmissions into nowhere).
+#[tokio::test(start_paused = true)]
+async fn a_sender_to_the_node_itself_is_a_typed_error() {
+    let net = net();
+    let (a, _b) = pair(&net, NodeConfig::default()).await;
+    for g in [
+        Guarantee::AtMostOnce,
+        Guarantee::AtLeastOnce,
+        Guarantee::EffectivelyOnce,
+    ] {
+        assert!(matches!(
+            a.sender::<u64>(A, opts(g)),
+            Err(NodeError::SelfPeer(A))
+        ));
+        assert!(matches!(
+            a.raw_sender(A, opts(g)),
+            Err(NodeError::SelfPeer(A))
+        ));
+    }
+    report(
+        "misuse",
+        "a sender to the node's own id",
+        "3 guarantees, typed and raw",
+        "NodeError::SelfPeer at once (no message sent into nowhere)",
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn heartbeat_interval_max_is_a_typed_error() {
     let config = cfg(|c| c.heartbeat_interval = Duration::MAX);

@@ -90,6 +90,11 @@ pub enum NodeError {
     /// first, or set [`NodeConfig::allow_dynamic_peers`].
     #[error("unknown peer {0}: add it with NodeBuilder::peer / Node::add_peer, or set NodeConfig::allow_dynamic_peers")]
     UnknownPeer(NodeId),
+    /// [`Node::sender`] (or any sender) to this node's own id. A node has no
+    /// connection to itself, so such messages could only fail at their deadline; call
+    /// the handler directly, or run a second node.
+    #[error("node {0} cannot send to itself")]
+    SelfPeer(NodeId),
 }
 
 /// Why a node's driver stopped unexpectedly (carried by [`NodeError::Failed`] and
@@ -944,7 +949,13 @@ impl Node {
 
     /// Learn where `peer` is (TCP); the failure detector watches it from now on (see
     /// [`NodeBuilder::peer`]).
+    /// This node's own id is ignored (with a warning): a node does not connect to
+    /// itself.
     pub fn add_peer(&self, peer: NodeId, addr: SocketAddr) {
+        if peer == self.id() {
+            tracing::warn!(%peer, %addr, "add_peer with this node's own id ignored");
+            return;
+        }
         self.shared
             .known
             .lock()
@@ -957,7 +968,8 @@ impl Node {
     /// serde support (the [`Bincode`] codec; [`Node::sender_with_codec`] picks another).
     ///
     /// Fails with [`NodeError::UnknownPeer`] for a peer this node does not know (see
-    /// [`NodeConfig::allow_dynamic_peers`]), [`NodeError::Config`] for a zero
+    /// [`NodeConfig::allow_dynamic_peers`]), [`NodeError::SelfPeer`] for this node's
+    /// own id, [`NodeError::Config`] for a zero
     /// `options.deadline`, and [`NodeError::Shutdown`] / [`NodeError::Failed`] once the
     /// node has stopped.
     pub fn sender<T: Serialize>(
@@ -1010,6 +1022,9 @@ impl Node {
         self.check_running()?;
         if let Some(d) = options.deadline {
             crate::error::check::duration("deadline", d, Duration::from_nanos(1), Duration::MAX)?;
+        }
+        if peer == self.id() {
+            return Err(NodeError::SelfPeer(peer));
         }
         if !self.shared.is_known(peer) {
             return Err(NodeError::UnknownPeer(peer));
