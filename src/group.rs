@@ -552,9 +552,11 @@ fn check_ids(ids: impl Iterator<Item = NodeId>) -> Result<(), GroupError> {
 
 /// Sends `T` values to a replica group; see the [module docs](self). Cheap to clone.
 ///
-/// Values are encoded as [`Sender`](crate::Sender) encodes them (bincode's serde
-/// support) and sent without the payload type fingerprint (typed receivers accept
-/// them whatever their type's name).
+/// Values are encoded as [`Sender`](crate::Sender) encodes them (the default
+/// [`Bincode`](crate::codec::Bincode) codec) and carry the same payload type
+/// fingerprint: a member whose typed receiver takes another type refuses them as
+/// `TypeMismatch`, which fails the message (typed, [`GroupSendError::Failed`]) instead
+/// of handing it a payload it would misread. [`RawGroupSender`] sends unchecked bytes.
 #[derive(Debug)]
 pub struct GroupSender<T> {
     raw: RawGroupSender,
@@ -583,8 +585,9 @@ impl<T: Serialize> GroupSender<T> {
         config: GroupConfig,
         membership: M,
     ) -> Result<Self, GroupError> {
+        let schema = crate::codec::fingerprint::<T, crate::codec::Bincode>();
         Ok(GroupSender {
-            raw: RawGroupSender::new(node, config, membership).await?,
+            raw: RawGroupSender::build(node, config, membership, schema).await?,
             _t: PhantomData,
         })
     }
@@ -605,7 +608,7 @@ impl<T: Serialize> GroupSender<T> {
         value: &T,
         key: IdKey,
     ) -> Result<GroupReceipt, GroupSendError> {
-        let payload = bincode::serde::encode_to_vec(value, bincode::config::standard())
+        let payload = crate::codec::Encode::<T>::encode(&crate::codec::Bincode, value)
             .map(Bytes::from)
             .map_err(|e| {
                 self.raw.inner.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -620,7 +623,7 @@ impl<T: Serialize> GroupSender<T> {
 }
 
 impl<T> GroupSender<T> {
-    /// The underlying raw sender.
+    /// The underlying raw sender (its sends carry this sender's type fingerprint).
     pub fn raw(&self) -> &RawGroupSender {
         &self.raw
     }
@@ -682,6 +685,8 @@ struct Inner {
     rr: AtomicU64,
     key_prefix: u64,
     key_seq: AtomicU64,
+    /// Payload type fingerprint of every member's sender (0 for a raw group sender).
+    schema: u32,
     stats: Counters,
     /// Dropped with the last handle: ends the maintenance task.
     _stop: oneshot::Sender<()>,
@@ -711,7 +716,18 @@ impl RawGroupSender {
     pub async fn new<M: Membership>(
         node: Arc<Node>,
         config: GroupConfig,
+        membership: M,
+    ) -> Result<Self, GroupError> {
+        Self::build(node, config, membership, 0).await
+    }
+
+    /// [`new`](Self::new) with the payload type fingerprint `schema` on every member's
+    /// sender (0: unchecked).
+    async fn build<M: Membership>(
+        node: Arc<Node>,
+        config: GroupConfig,
         mut membership: M,
+        schema: u32,
     ) -> Result<Self, GroupError> {
         config.validate()?;
         if let Some(every) = membership.refresh_every() {
@@ -734,6 +750,7 @@ impl RawGroupSender {
             rr: AtomicU64::new(0),
             key_prefix: crate::rng::seed_from_entropy(),
             key_seq: AtomicU64::new(0),
+            schema,
             stats: Counters::default(),
             _stop: stop_tx,
         });
@@ -1143,7 +1160,10 @@ impl Inner {
                     }
                     None => {
                         self.node.add_peer(id, addr);
-                        let sender = self.node.raw_sender(id, self.config.channel)?;
+                        let sender = self
+                            .node
+                            .raw_sender(id, self.config.channel)?
+                            .with_schema(self.schema);
                         current.insert(id, (addr, sender));
                         inc(&self.stats.members_added);
                         tracing::info!(target: GROUP_TARGET, member = %id, %addr, "member joined the group");

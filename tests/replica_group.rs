@@ -9,10 +9,12 @@
 
 use ackwire::detector::Health;
 use ackwire::group::{
-    DnsMembers, GroupConfig, GroupSendError, GroupSender, Member, Membership, Spread, StaticMembers,
+    DnsMembers, GroupConfig, GroupSendError, GroupSender, Member, Membership, RawGroupSender,
+    Spread, StaticMembers,
 };
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
 use ackwire::{ChannelId, Delivery, IdKey, MessageId, Node, NodeId};
+use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -649,7 +651,9 @@ async fn refusals_reroute_or_fail_by_their_reason() {
     assert_eq!(ok.seen.lock().unwrap().len(), 10);
     drop(no_receiver);
 
-    // A member whose typed receiver takes another type: Undecodable, final.
+    // A member whose typed receiver takes another type: the typed group sender's
+    // fingerprint does not match (TypeMismatch, final); raw bytes it cannot decode
+    // are Undecodable, final.
     let wrong = Node::builder(NodeId(4))
         .transport(net.transport(NodeId(4)))
         .build()
@@ -662,29 +666,45 @@ async fn refusals_reroute_or_fail_by_their_reason() {
             d.ack();
         }
     });
-    let group = GroupSender::<u64>::new(a, config(Spread::RoundRobin), members(&[NodeId(4)]))
+    let group =
+        GroupSender::<u64>::new(a.clone(), config(Spread::RoundRobin), members(&[NodeId(4)]))
+            .await
+            .unwrap();
+    let raw_group = RawGroupSender::new(a, config(Spread::RoundRobin), members(&[NodeId(4)]))
         .await
         .unwrap();
-    // 300 reads as a String's length with no bytes after it.
-    let e = group
+    let typed = group
         .send_with_key(&300, IdKey(77))
         .await
         .unwrap()
         .await
         .unwrap_err();
-    match e {
-        GroupSendError::Failed {
-            key,
-            member,
-            error: ackwire::SendError::Rejected { reason },
-        } => {
-            assert_eq!(key, IdKey(77));
-            assert_eq!(member, Some(NodeId(4)));
-            assert_eq!(reason, ackwire::RejectReason::Undecodable);
+    // 300 as bincode: read as a String, a length with no bytes after it.
+    let raw = raw_group
+        .send_with_key(Bytes::from_static(&[0xFB, 0x2C, 0x01]), IdKey(78))
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    for (e, want_key, want) in [
+        (typed, IdKey(77), ackwire::RejectReason::TypeMismatch),
+        (raw, IdKey(78), ackwire::RejectReason::Undecodable),
+    ] {
+        match e {
+            GroupSendError::Failed {
+                key,
+                member,
+                error: ackwire::SendError::Rejected { reason },
+            } => {
+                assert_eq!(key, want_key);
+                assert_eq!(member, Some(NodeId(4)));
+                assert_eq!(reason, want);
+            }
+            other => panic!("expected a final refusal, got {other:?}"),
         }
-        other => panic!("expected a final refusal, got {other:?}"),
     }
     assert_eq!(group.stats().failed, 1);
+    assert_eq!(raw_group.stats().failed, 1);
 }
 
 /// A resolver that answers once, then hangs.

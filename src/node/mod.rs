@@ -1388,6 +1388,13 @@ impl RawSender {
         self.enqueue(payload, None)
     }
 
+    /// This sender with the payload type fingerprint `schema` in every data frame
+    /// (what a typed sender sets; see [`crate::codec::fingerprint`]).
+    pub(crate) fn with_schema(mut self, schema: u32) -> Self {
+        self.schema = schema;
+        self
+    }
+
     /// The target node.
     pub fn peer(&self) -> NodeId {
         self.peer
