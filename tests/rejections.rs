@@ -441,3 +441,79 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// At the key table's memory budget a keyed message is refused with a typed reason the
+/// sender sees at once (`KeyTableFull`), counted, never processed; once the horizon has
+/// passed the same keys go through.
+#[tokio::test(start_paused = true)]
+async fn a_full_key_table_rejects_typed_and_the_key_can_be_resent_later() {
+    let net = MemNetwork::new(FaultPlan::new(5)).unwrap();
+    let a = node(&net, A, NodeConfig::default()).await;
+    let mut small = NodeConfig::default();
+    // A fixed table of 64 slots.
+    small.dedup.table_capacity = 64;
+    small.dedup.table_budget_bytes = 64 * ackwire::dedup::BYTES_PER_SLOT;
+    let b = node(&net, B, small).await;
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let processed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let p = processed.clone();
+    tokio::spawn(async move {
+        while let Some(d) = inbox.recv().await {
+            p.lock().unwrap().push(*d.message());
+            d.ack();
+        }
+    });
+    let out = a
+        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let mut receipts = Vec::new();
+    for k in 0..200u64 {
+        receipts.push((
+            k,
+            out.send_with_key(&k, IdKey(1000 + u128::from(k)))
+                .await
+                .unwrap(),
+        ));
+    }
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    for (k, r) in receipts {
+        match within(r).await {
+            Ok(Outcome::Acked) => acked.push(k),
+            Err(SendError::Rejected {
+                reason: RejectReason::KeyTableFull,
+            }) => refused.push(k),
+            other => panic!("key {k}: {other:?}"),
+        }
+    }
+    assert!(
+        !refused.is_empty() && acked.len() >= 32,
+        "{} acked, {} refused",
+        acked.len(),
+        refused.len()
+    );
+    let mut seen = processed.lock().unwrap().clone();
+    seen.sort_unstable();
+    assert_eq!(
+        seen, acked,
+        "exactly the acked keys were processed, once each"
+    );
+    let stats = b.stats().await.unwrap();
+    assert!(stats.proto.dedup_refused >= refused.len() as u64);
+    // After the dedup horizon (2 min) the completed keys have expired: refused keys go
+    // through when resent (as many as the small table holds at once).
+    tokio::time::sleep(Duration::from_secs(130)).await;
+    for &k in refused.iter().take(16) {
+        let r = out
+            .send_with_key(&k, IdKey(1000 + u128::from(k)))
+            .await
+            .unwrap();
+        assert_eq!(within(r).await, Ok(Outcome::Acked), "key {k} resent");
+    }
+    assert_eq!(processed.lock().unwrap().len(), acked.len() + 16);
+    report(
+        "dedup",
+        "application keys beyond the key table's memory budget (64-slot table, 200 keys)",
+        "1",
+        "refused keys fail Rejected(KeyTableFull) at once, were never processed, and go through when resent after the horizon",
+    );
+}

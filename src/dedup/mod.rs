@@ -28,7 +28,7 @@
 //! | limit | default | at the limit |
 //! |---|---|---|
 //! | key `horizon` | 2 min (NATS JetStream's duplicate window) | a completed key is forgotten; a retry arriving later is processed again |
-//! | key `table_budget_bytes` | 256 MiB (about 1–2.5 M keys within the horizon, i.e. a sustained ~10–20 k keys/s at 2 min; bursts of millions) | new keys refused with `TableFull` (counted in `table_full`, warned at most every 10 s); never a false duplicate |
+//! | key `table_budget_bytes` | 256 MiB (about 1–2.5 M keys within the horizon, i.e. a sustained ~10–20 k keys/s at 2 min; bursts of millions) | new keys refused with `TableFull` (counted in `table_full`, warned at most every 10 s); a node rejects the message to its sender as `RejectReason::KeyTableFull`; never a false duplicate |
 //! | stream `retention` | 24 h | an idle or finished stream's window is retired; late messages answered from its tombstone or refused with `StreamRetired` (counted in `retired_refused`); the tombstone goes a retention after the last late message |
 //! | `max_streams` (live) | 16 384 | a new stream refused with `TooManyStreams` |
 //! | `window` per stream | 8192 seqs | a seq that far above the watermark refused with `WindowOverrun` until holes close |
@@ -123,9 +123,11 @@ pub enum DedupError {
         window: u64,
     },
     /// The key table is at its memory budget and has no free or expired slot for this
-    /// key. Do not process; nack so the sender retries after entries expire. Counted as
-    /// `table_full` and logged (rate-limited); raise `table_budget_bytes` (or shorten
-    /// the horizon) if it happens in normal operation.
+    /// key. Do not process. A node rejects the message to its sender
+    /// ([`RejectReason::KeyTableFull`](crate::RejectReason::KeyTableFull): it may
+    /// resend the key once entries expired; a sender of protocol 1 or 2, which cannot
+    /// be told, retries). Counted as `table_full` and logged (rate-limited); raise
+    /// `table_budget_bytes` (or shorten the horizon) if it happens in normal operation.
     #[error("dedup key table full ({capacity} slots, budget {budget_bytes} bytes)")]
     TableFull {
         /// Slots in the live generations.

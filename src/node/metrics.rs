@@ -262,6 +262,7 @@ fn reject_reason(reason: RejectReason) -> &'static str {
         RejectReason::DeadLettered => "dead_lettered",
         RejectReason::TypeMismatch => "type_mismatch",
         RejectReason::StreamRetired => "stream_retired",
+        RejectReason::KeyTableFull => "key_table_full",
         _ => "other",
     }
 }

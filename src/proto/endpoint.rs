@@ -1497,6 +1497,18 @@ impl Endpoint {
                         i += 1;
                         continue;
                     }
+                    Err(crate::dedup::DedupError::TableFull { .. }) if speaks => {
+                        // The key table is at its memory budget: refused now, typed, so
+                        // the sender's application sees why and can resend the same key
+                        // later (nothing was processed). An older sender cannot be told
+                        // (a reject would read as an ack): it retries, as below.
+                        stats.dedup_refused += 1;
+                        tracing::debug!(%id, "key table full: message rejected");
+                        ready[i].payload = Bytes::new();
+                        reject(stream, seq, RejectReason::KeyTableFull, ready, stats);
+                        i += 1;
+                        continue;
+                    }
                     Err(e) => {
                         stats.dedup_refused += 1;
                         tracing::debug!(%id, error = %e, "dedup refused a message; sender will retry");

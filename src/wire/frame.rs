@@ -210,6 +210,12 @@ pub enum RejectReason {
     /// very late message of a finished or long-dead sender run); processing it could
     /// process a message twice.
     StreamRetired,
+    /// The receiver's application-key dedup table is at its memory budget
+    /// ([`crate::dedup::DedupConfig::table_budget_bytes`]): the message was not
+    /// processed. Resending it under the same key later is safe (keys expire after the
+    /// receiver's dedup horizon); a receiver that sees this often needs a larger budget
+    /// or a shorter horizon.
+    KeyTableFull,
     /// A reason code this build does not know (sent by a newer receiver).
     Other(u8),
 }
@@ -224,6 +230,7 @@ impl RejectReason {
             RejectReason::DeadLettered => 4,
             RejectReason::StreamRetired => 5,
             RejectReason::TypeMismatch => 6,
+            RejectReason::KeyTableFull => 7,
             RejectReason::Other(c) => c,
         }
     }
@@ -237,6 +244,7 @@ impl RejectReason {
             4 => RejectReason::DeadLettered,
             5 => RejectReason::StreamRetired,
             6 => RejectReason::TypeMismatch,
+            7 => RejectReason::KeyTableFull,
             c => RejectReason::Other(c),
         }
     }
@@ -250,6 +258,9 @@ impl std::fmt::Display for RejectReason {
             RejectReason::Undecodable => f.write_str("payload not decodable by the receiver"),
             RejectReason::DeadLettered => f.write_str("dead-lettered after too many deliveries"),
             RejectReason::StreamRetired => f.write_str("sender stream retired by the receiver"),
+            RejectReason::KeyTableFull => {
+                f.write_str("receiver's dedup key table full (not processed; resend later)")
+            }
             RejectReason::TypeMismatch => {
                 f.write_str("payload type differs from the receiver's type")
             }
