@@ -1709,13 +1709,10 @@ mod tests {
         assert_eq!(outcome, Some((1, RejectReason::DeadLettered)));
         assert_eq!(a.stats().rejects_received, 1);
     }
-    /// A retransmission timer does not fire while the receiver keeps settling the
-    /// stream's messages (they are queued, not lost), and does once the stream has
-    /// been quiet for an RTO: a lost message is still recovered.
-    #[test]
-    fn a_timer_waits_while_the_receiver_makes_progress_and_fires_once_quiet() {
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
+    /// `a` sends seqs 1..=3 (effectively-once, unordered) to `b` at `t0`; `lost` never
+    /// arrives; `b` acks the others at `t0 + 190 ms` and `a` reads those acks.
+    fn three_sent_one_lost(t0: Instant, lost: u64) -> Endpoint {
+        let at190 = t0 + Duration::from_millis(190);
         let (mut a, mut b) = (endpoint(1, t0), endpoint(2, t0));
         a.handle_peer_up(t0, b.origin(), 3);
         b.handle_peer_up(t0, a.origin(), 3);
@@ -1727,34 +1724,46 @@ mod tests {
             send_eo(&mut a, t0, n);
         }
         for f in frames(&mut a, NodeId(2), t0) {
-            // Seq 3 is lost on the way.
-            if !matches!(&f, Frame::Data(d) if d.seq == 3) {
+            if !matches!(&f, Frame::Data(d) if d.seq == lost) {
                 b.handle_frame(t0, NodeId(1), f);
             }
         }
         while let Some(ev) = b.poll_event() {
             if let Event::Deliver { delivery, .. } = ev {
-                b.complete(at(190), delivery, Completion::Ack);
+                b.complete(at190, delivery, Completion::Ack);
             }
         }
-        for f in frames(&mut b, NodeId(1), at(190)) {
-            a.handle_frame(at(190), NodeId(2), f);
+        for f in frames(&mut b, NodeId(1), at190) {
+            a.handle_frame(at190, NodeId(2), f);
         }
-        let data = |frames: Vec<Frame>| {
-            frames
-                .into_iter()
-                .filter_map(|f| match f {
-                    Frame::Data(d) => Some(d.seq),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        };
+        a
+    }
+
+    /// The seqs of the data frames `a` has for node 2 at `now`.
+    fn data_seqs(a: &mut Endpoint, now: Instant) -> Vec<u64> {
+        frames(a, NodeId(2), now)
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Data(d) => Some(d.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A retransmission timer does not fire while the receiver keeps settling the
+    /// stream's messages (they are queued, not lost), and does once the stream has
+    /// been quiet for an RTO: a lost message is still recovered.
+    #[test]
+    fn a_timer_waits_while_the_receiver_makes_progress_and_fires_once_quiet() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut a = three_sent_one_lost(t0, 3);
         // Seq 3's first timer (at most the initial RTO, 200 ms) has expired, but the
         // receiver settled 1 and 2 only 60 ms ago.
-        assert_eq!(data(frames(&mut a, NodeId(2), at(250))), Vec::<u64>::new());
+        assert_eq!(data_seqs(&mut a, at(250)), Vec::<u64>::new());
         assert_eq!(a.stats().retransmitted, 0);
         // Quiet for longer than any RTO (max_rto is 2 s): seq 3 goes again.
-        assert_eq!(data(frames(&mut a, NodeId(2), at(2_400))), vec![3]);
+        assert_eq!(data_seqs(&mut a, at(2_400)), vec![3]);
         assert_eq!(a.stats().retransmitted, 1);
     }
 
@@ -1763,39 +1772,8 @@ mod tests {
     #[test]
     fn an_overtaken_message_is_retransmitted_without_waiting_for_quiet() {
         let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let (mut a, mut b) = (endpoint(1, t0), endpoint(2, t0));
-        a.handle_peer_up(t0, b.origin(), 3);
-        b.handle_peer_up(t0, a.origin(), 3);
-        for f in frames(&mut b, NodeId(1), t0) {
-            a.handle_frame(t0, NodeId(2), f);
-        }
-        b.accept_channel(ChannelId(1), false);
-        for n in 0..3 {
-            send_eo(&mut a, t0, n);
-        }
-        for f in frames(&mut a, NodeId(2), t0) {
-            // Seq 1 is lost on the way; 2 and 3 arrive and are acked.
-            if !matches!(&f, Frame::Data(d) if d.seq == 1) {
-                b.handle_frame(t0, NodeId(1), f);
-            }
-        }
-        while let Some(ev) = b.poll_event() {
-            if let Event::Deliver { delivery, .. } = ev {
-                b.complete(at(190), delivery, Completion::Ack);
-            }
-        }
-        for f in frames(&mut b, NodeId(1), at(190)) {
-            a.handle_frame(at(190), NodeId(2), f);
-        }
-        let data: Vec<u64> = frames(&mut a, NodeId(2), at(250))
-            .into_iter()
-            .filter_map(|f| match f {
-                Frame::Data(d) => Some(d.seq),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(data, vec![1]);
+        let mut a = three_sent_one_lost(t0, 1);
+        assert_eq!(data_seqs(&mut a, t0 + Duration::from_millis(250)), vec![1]);
     }
 
     fn send_eo(a: &mut Endpoint, now: Instant, n: u8) {
