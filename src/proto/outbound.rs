@@ -210,10 +210,7 @@ impl SlotTimes {
         if m.sent_us == WIDE_TIME {
             self.wide_sent.remove(&seq);
         }
-        let us = at
-            .checked_duration_since(self.epoch)
-            .and_then(|d| u32::try_from(d.as_micros()).ok())
-            .filter(|us| *us < WIDE_TIME);
+        let us = at.checked_duration_since(self.epoch).and_then(micros_down);
         m.sent_us = match us {
             Some(us) => us,
             None => {
@@ -230,8 +227,7 @@ impl SlotTimes {
         };
         let ms = at
             .checked_duration_since(self.epoch)
-            .and_then(|d| u32::try_from(d.as_nanos().div_ceil(1_000_000)).ok())
-            .filter(|ms| *ms < WIDE_TIME)
+            .and_then(millis_up)
             // Rounding up must not take it past the latest representable instant.
             .filter(|ms| {
                 self.epoch
@@ -939,6 +935,25 @@ impl OutboundStream {
     }
 }
 
+/// `d` in whole microseconds, rounded down, if that is an in-line slot offset. (`u64`
+/// arithmetic: `Duration::as_micros` works in `u128`.)
+fn micros_down(d: Duration) -> Option<u32> {
+    let us = d
+        .as_secs()
+        .checked_mul(1_000_000)?
+        .checked_add(u64::from(d.subsec_micros()))?;
+    u32::try_from(us).ok().filter(|us| *us < WIDE_TIME)
+}
+
+/// `d` in whole milliseconds, rounded up, if that is an in-line slot offset.
+fn millis_up(d: Duration) -> Option<u32> {
+    let ms = d
+        .as_secs()
+        .checked_mul(1000)?
+        .checked_add(u64::from(d.subsec_nanos().div_ceil(1_000_000)))?;
+    u32::try_from(ms).ok().filter(|ms| *ms < WIDE_TIME)
+}
+
 /// The next retransmission timer generation (never [`WAITING`]).
 fn next_gen(gen: u32) -> u32 {
     match gen.wrapping_add(1) {
@@ -1009,6 +1024,26 @@ mod tests {
             } if *seq == want => Some((*reason, *id, *attempts)),
             _ => None,
         })
+    }
+
+    #[test]
+    fn offsets_round_and_stop_at_the_wide_marker() {
+        let d = |s: u64, ns: u32| Duration::new(s, ns);
+        assert_eq!(micros_down(d(0, 0)), Some(0));
+        assert_eq!(micros_down(d(1, 1_999)), Some(1_000_001));
+        assert_eq!(micros_down(d(4294, 967_293_999)), Some(WIDE_TIME - 1));
+        assert_eq!(micros_down(d(4294, 967_294_000)), None);
+        assert_eq!(micros_down(Duration::MAX), None);
+        assert_eq!(millis_up(d(0, 0)), Some(0));
+        assert_eq!(millis_up(d(0, 1)), Some(1));
+        assert_eq!(millis_up(d(1, 999_999_999)), Some(2000));
+        assert_eq!(millis_up(d(2, 0)), Some(2000));
+        assert_eq!(
+            millis_up(Duration::from_millis(u64::from(WIDE_TIME) - 1)),
+            Some(WIDE_TIME - 1)
+        );
+        assert_eq!(millis_up(Duration::from_millis(u64::from(WIDE_TIME))), None);
+        assert_eq!(millis_up(Duration::MAX), None);
     }
 
     #[test]
