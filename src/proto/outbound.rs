@@ -165,8 +165,16 @@ const _: () = assert!(std::mem::size_of::<Option<InFlight>>() <= 64);
 struct Removed {
     payload: Bytes,
     id: Option<MessageId>,
-    last_sent: Option<Instant>,
+    last_sent: Sent,
     attempts: u32,
+}
+
+/// A removed slot's latest transmission.
+enum Sent {
+    Never,
+    /// Microseconds after the epoch.
+    Offset(u32),
+    At(Instant),
 }
 
 /// The epoch slot timestamps are offsets from, and the timestamps that do not fit
@@ -174,6 +182,9 @@ struct Removed {
 #[derive(Debug)]
 struct SlotTimes {
     epoch: Instant,
+    /// Every millisecond offset below [`WIDE_TIME`] is a representable instant (false
+    /// only for an epoch within 49 days of the clock's end).
+    fits: bool,
     /// Exact latest transmissions of slots marked [`WIDE_TIME`], by seq.
     wide_sent: FxHashMap<u64, Instant>,
     /// Exact deadlines of slots marked [`WIDE_TIME`], by seq.
@@ -184,11 +195,14 @@ impl SlotTimes {
     fn new(epoch: Instant) -> Self {
         SlotTimes {
             epoch,
+            fits: fits(epoch),
             wide_sent: FxHashMap::default(),
             wide_deadline: FxHashMap::default(),
         }
     }
 
+    /// `m`'s latest transmission (the hot paths read the offset directly).
+    #[cfg(test)]
     fn sent(&self, seq: u64, m: &InFlight) -> Option<Instant> {
         match m.sent_us {
             NO_TIME => None,
@@ -205,12 +219,12 @@ impl SlotTimes {
         }
     }
 
-    /// Record `at` as `m`'s latest transmission.
-    fn set_sent(&mut self, seq: u64, m: &mut InFlight, at: Instant) {
+    /// Record `at` as `m`'s latest transmission; `us` is `at` as an offset
+    /// ([`Self::advance`], [`micros_down`]), if it has one.
+    fn set_sent(&mut self, seq: u64, m: &mut InFlight, at: Instant, us: Option<u32>) {
         if m.sent_us == WIDE_TIME {
             self.wide_sent.remove(&seq);
         }
-        let us = at.checked_duration_since(self.epoch).and_then(micros_down);
         m.sent_us = match us {
             Some(us) => us,
             None => {
@@ -220,27 +234,46 @@ impl SlotTimes {
         };
     }
 
-    /// The slot encoding of a new message's deadline.
-    fn encode_deadline(&mut self, seq: u64, at: Option<Instant>) -> u32 {
-        let Some(at) = at else {
+    /// The slot encoding of the deadline of a message sent at `now` (`age` after the
+    /// epoch, [`Self::advance`]), `timeout` after it.
+    fn encode_deadline(
+        &mut self,
+        seq: u64,
+        now: Instant,
+        age: Option<Duration>,
+        timeout: Option<Duration>,
+    ) -> u32 {
+        let Some(timeout) = timeout else {
             return NO_TIME;
         };
-        let ms = at
-            .checked_duration_since(self.epoch)
-            .and_then(millis_up)
-            // Rounding up must not take it past the latest representable instant.
-            .filter(|ms| {
-                self.epoch
-                    .checked_add(Duration::from_millis(u64::from(*ms)))
-                    .is_some()
-            });
+        // `epoch + age + timeout` is `now + timeout`, rounded up to a millisecond.
+        let ms = age
+            .filter(|_| self.fits)
+            .and_then(|a| a.checked_add(timeout))
+            .and_then(millis_up);
         match ms {
             Some(ms) => ms,
             None => {
-                self.wide_deadline.insert(seq, at);
+                self.wide_deadline.insert(seq, later(now, timeout));
                 WIDE_TIME
             }
         }
+    }
+
+    /// `now` after the epoch (`None`: before it), first moving the epoch if `now` has
+    /// got [`REBASE_AFTER`] past it.
+    fn advance(
+        &mut self,
+        now: Instant,
+        base: u64,
+        slots: &mut VecDeque<Option<InFlight>>,
+    ) -> Option<Duration> {
+        let age = now.checked_duration_since(self.epoch)?;
+        if age < REBASE_AFTER {
+            return Some(age);
+        }
+        self.rebase(now, base, slots);
+        now.checked_duration_since(self.epoch)
     }
 
     /// Move the epoch to `now` (rounded down to a whole millisecond past the old one)
@@ -285,6 +318,7 @@ impl SlotTimes {
         }
         // `delta_ms` whole milliseconds are at most `age`: `old + age` is `now`.
         self.epoch = old + Duration::from_millis(delta_ms);
+        self.fits = fits(self.epoch);
     }
 }
 
@@ -457,7 +491,7 @@ impl OutboundStream {
         schema: u32,
     ) -> u64 {
         self.schema = schema;
-        self.times.rebase(now, self.base, &mut self.slots);
+        let age = self.times.advance(now, self.base, &mut self.slots);
         let seq = self.next_seq;
         self.next_seq += 1;
         // At-most-once keeps nothing past transmission: no budget, no deadline.
@@ -465,9 +499,9 @@ impl OutboundStream {
             None
         } else {
             self.budget.deposit(now);
-            deadline.or(self.deadline).map(|d| later(now, d))
+            deadline.or(self.deadline)
         };
-        let deadline_ms = self.times.encode_deadline(seq, deadline);
+        let deadline_ms = self.times.encode_deadline(seq, now, age, deadline);
         if let Some(id) = id {
             self.ids.insert(seq, id);
         }
@@ -489,7 +523,10 @@ impl OutboundStream {
     /// frames) allows one; a frame returned used one unit of it.
     pub(crate) fn poll_transmit(&mut self, now: Instant, budget: &mut u64) -> Option<Data> {
         let amo = self.guarantee == Guarantee::AtMostOnce;
-        self.times.rebase(now, self.base, &mut self.slots);
+        let now_us = self
+            .times
+            .advance(now, self.base, &mut self.slots)
+            .and_then(micros_down);
         while let Some(&seq) = self.transmit.front() {
             if *budget == 0 {
                 // Waits for node credit; a first transmission's deadline still runs.
@@ -535,7 +572,7 @@ impl OutboundStream {
             };
             m.queued = false;
             m.attempts += 1;
-            self.times.set_sent(seq, m, now);
+            self.times.set_sent(seq, m, now, now_us);
             let frame = Data {
                 channel: self.channel,
                 seq,
@@ -736,9 +773,10 @@ impl OutboundStream {
                 self.unblock();
             }
         }
+        let acked_at = Some((now, now.checked_duration_since(self.times.epoch)));
         let mut seq = self.base;
         while seq <= cumulative.min(top) {
-            self.settle(seq, Some(now));
+            self.settle(seq, acked_at);
             seq += 1;
         }
         for r in ranges {
@@ -747,7 +785,7 @@ impl OutboundStream {
             }
             let mut s = r.start.max(self.base);
             while s <= r.end.min(top) {
-                self.settle(s, Some(now));
+                self.settle(s, acked_at);
                 s += 1;
             }
         }
@@ -821,10 +859,15 @@ impl OutboundStream {
     fn remove(&mut self, seq: u64) -> Option<Removed> {
         let idx = self.index(seq)?;
         let m = self.slots[idx].take()?;
-        let last_sent = self.times.sent(seq, &m);
-        if m.sent_us == WIDE_TIME {
-            self.times.wide_sent.remove(&seq);
-        }
+        let last_sent = match m.sent_us {
+            NO_TIME => Sent::Never,
+            WIDE_TIME => self
+                .times
+                .wide_sent
+                .remove(&seq)
+                .map_or(Sent::Never, Sent::At),
+            us => Sent::Offset(us),
+        };
         if m.deadline_ms == WIDE_TIME {
             self.times.wide_deadline.remove(&seq);
         }
@@ -897,14 +940,25 @@ impl OutboundStream {
         }
     }
 
-    fn settle(&mut self, seq: u64, acked_at: Option<Instant>) {
+    /// `acked_at`: when the ack arrived and how long after the epoch (`None`: before
+    /// it); `None` for at-most-once's settle on transmission.
+    fn settle(&mut self, seq: u64, acked_at: Option<(Instant, Option<Duration>)>) {
         if let Some(m) = self.remove(seq) {
-            if let Some(now) = acked_at {
+            if let Some((now, age)) = acked_at {
                 self.last_progress = Some(now);
                 self.highest_acked = self.highest_acked.max(seq);
                 // Karn's rule: only never-retransmitted messages give RTT samples.
-                if let (1, Some(sent)) = (m.attempts, m.last_sent) {
-                    self.sample = Some(now.saturating_duration_since(sent));
+                if m.attempts == 1 {
+                    // `now - sent`, saturating at zero.
+                    match m.last_sent {
+                        Sent::Never => {}
+                        Sent::Offset(us) => {
+                            let sent = Duration::from_micros(u64::from(us));
+                            self.sample =
+                                Some(age.map_or(Duration::ZERO, |a| a.saturating_sub(sent)));
+                        }
+                        Sent::At(sent) => self.sample = Some(now.saturating_duration_since(sent)),
+                    }
                 }
                 // An ack is evidence the target keeps up: it earns retry budget too, so
                 // a target back from a partition gets its backlog retried at the pace
@@ -933,6 +987,13 @@ impl OutboundStream {
         let idx = usize::try_from(seq.checked_sub(self.base)?).ok()?;
         (idx < self.slots.len()).then_some(idx)
     }
+}
+
+/// Every millisecond offset from `epoch` below [`WIDE_TIME`] is an `Instant`.
+fn fits(epoch: Instant) -> bool {
+    epoch
+        .checked_add(Duration::from_millis(u64::from(WIDE_TIME)))
+        .is_some()
 }
 
 /// `d` in whole microseconds, rounded down, if that is an in-line slot offset. (`u64`
@@ -1134,6 +1195,9 @@ mod tests {
         assert_eq!(s.times.epoch, t4);
         s.handle_ack(t4 + Duration::from_millis(3), 4, &[], None, 4);
         assert!(matches!(s.poll_event(), Some(OutEvent::Settled { seq: 4 })));
+        // An exact 3 ms sample (the second: SRTT = (7 * 45 min + 3 ms) / 8).
+        let srtt = (7 * (45 * MIN).as_nanos() + 3_000_000) / 8;
+        assert_eq!(s.rtt.srtt(), Some(Duration::from_nanos(srtt as u64)));
         assert!(s.slots.is_empty());
         assert_eq!(side_entries(&s), 0);
     }
