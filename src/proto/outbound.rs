@@ -40,12 +40,38 @@
 //! frames arrive in order, so it was lost; on an unordered channel this is how a loss
 //! shows while the rest of the stream keeps flowing). Nacks, reconnects and
 //! deadlines do not wait.
+//!
+//! # Slot layout
+//!
+//! The window holds one slot per unacknowledged message (up to `max_in_flight`, 4096
+//! by default, per stream), so a slot is kept within 64 bytes (one cache line; issue
+//! 14): the payload handle and a few `u32`s, nothing else in line.
+//!
+//! - **Ids out of line.** Most messages carry the implicit `Seq` id; an explicit id (an
+//!   application key, a relayed or hinted message's id) lives in a side map keyed by
+//!   seq and the slot has a flag. The entry goes when the slot does (settle, give-up,
+//!   reject, `take`), all through [`OutboundStream::remove`].
+//! - **Timestamps as `u32` offsets** from a per-stream epoch (the stream's creation
+//!   `now`): the latest transmission in microseconds, rounded down (RTT samples keep
+//!   microsecond resolution, far below the 1 ms clock granularity and 200 ms RTO
+//!   floor), the deadline in milliseconds, rounded up (a deadline never fires early;
+//!   at most 1 ms late). `u32::MAX` means none.
+//! - **Range.** Microseconds in a `u32` cover 71 minutes, so before it writes a
+//!   timestamp the stream moves its epoch forward (by whole milliseconds, so every
+//!   stored offset converts exactly) once `now` is 2³¹ µs (≈ 36 min) past it: a cost
+//!   of one pass over the window per half hour of use. A value that does not fit (a
+//!   deadline beyond ≈ 49 days, such as `Duration::MAX`; a transmission or deadline
+//!   from before a moved epoch, i.e. a message unacked for over half an hour; an
+//!   instant before the epoch) is kept exactly in a side map instead, marked
+//!   `u32::MAX - 1` in the slot. No value is saturated or approximated beyond the
+//!   rounding above, however long the stream lives.
 
 use crate::id::{ChannelId, Guarantee, MessageId};
 use crate::proto::config::ProtoConfig;
 use crate::retry::{Backoff, GiveUp, RetryBudget, RttEstimator};
 use crate::wire::{Data, SeqRange};
 use bytes::Bytes;
+use rustc_hash::FxHashMap;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
@@ -100,14 +126,26 @@ pub(crate) enum OutEvent {
     },
 }
 
-/// One unacknowledged message.
+/// Slot timestamp: none (never transmitted; no deadline).
+const NO_TIME: u32 = u32::MAX;
+
+/// Slot timestamp: out of the offset range, kept exactly in a [`SlotTimes`] side map.
+const WIDE_TIME: u32 = u32::MAX - 1;
+
+/// How far `now` may get past the epoch before the epoch moves: half the range of a
+/// microsecond `u32` offset (module docs, "Slot layout").
+const REBASE_AFTER: Duration = Duration::from_micros(1 << 31);
+
+/// One unacknowledged message (module docs, "Slot layout": at most 64 bytes).
 #[derive(Debug)]
 struct InFlight {
     payload: Bytes,
-    /// `None`: the implicit `Seq { origin, channel, seq }`.
-    id: Option<MessageId>,
-    last_sent: Option<Instant>,
-    deadline: Option<Instant>,
+    /// Latest transmission, microseconds after the epoch (rounded down); [`NO_TIME`]:
+    /// never transmitted; [`WIDE_TIME`]: in [`SlotTimes::wide_sent`].
+    sent_us: u32,
+    /// Deadline, milliseconds after the epoch (rounded up); [`NO_TIME`]: none;
+    /// [`WIDE_TIME`]: in [`SlotTimes::wide_deadline`].
+    deadline_ms: u32,
     attempts: u32,
     /// Generation of the armed timer; a popped timer entry with another value is stale.
     timer_gen: u32,
@@ -115,6 +153,173 @@ struct InFlight {
     queued: bool,
     /// A deadline timer is armed for it while it waits for node credit.
     waiting_armed: bool,
+    /// Carries an explicit id, kept in [`OutboundStream::ids`]; otherwise its id is
+    /// the implicit `Seq { origin, channel, seq }`.
+    has_id: bool,
+}
+
+// Issue 14: a window slot fits in one cache line.
+const _: () = assert!(std::mem::size_of::<Option<InFlight>>() <= 64);
+
+/// A slot taken out of the window, with its out-of-line parts put back together.
+struct Removed {
+    payload: Bytes,
+    id: Option<MessageId>,
+    last_sent: Sent,
+    attempts: u32,
+}
+
+/// A removed slot's latest transmission.
+enum Sent {
+    Never,
+    /// Microseconds after the epoch.
+    Offset(u32),
+    At(Instant),
+}
+
+/// The epoch slot timestamps are offsets from, and the timestamps that do not fit
+/// (module docs, "Slot layout").
+#[derive(Debug)]
+struct SlotTimes {
+    epoch: Instant,
+    /// Every millisecond offset below [`WIDE_TIME`] is a representable instant (false
+    /// only for an epoch within 49 days of the clock's end).
+    fits: bool,
+    /// Exact latest transmissions of slots marked [`WIDE_TIME`], by seq.
+    wide_sent: FxHashMap<u64, Instant>,
+    /// Exact deadlines of slots marked [`WIDE_TIME`], by seq.
+    wide_deadline: FxHashMap<u64, Instant>,
+}
+
+impl SlotTimes {
+    fn new(epoch: Instant) -> Self {
+        SlotTimes {
+            epoch,
+            fits: fits(epoch),
+            wide_sent: FxHashMap::default(),
+            wide_deadline: FxHashMap::default(),
+        }
+    }
+
+    /// `m`'s latest transmission (the hot paths read the offset directly).
+    #[cfg(test)]
+    fn sent(&self, seq: u64, m: &InFlight) -> Option<Instant> {
+        match m.sent_us {
+            NO_TIME => None,
+            WIDE_TIME => self.wide_sent.get(&seq).copied(),
+            us => Some(self.epoch + Duration::from_micros(u64::from(us))),
+        }
+    }
+
+    fn deadline(&self, seq: u64, m: &InFlight) -> Option<Instant> {
+        match m.deadline_ms {
+            NO_TIME => None,
+            WIDE_TIME => self.wide_deadline.get(&seq).copied(),
+            ms => Some(self.epoch + Duration::from_millis(u64::from(ms))),
+        }
+    }
+
+    /// Record `at` as `m`'s latest transmission; `us` is `at` as an offset
+    /// ([`Self::advance`], [`micros_down`]), if it has one.
+    fn set_sent(&mut self, seq: u64, m: &mut InFlight, at: Instant, us: Option<u32>) {
+        if m.sent_us == WIDE_TIME {
+            self.wide_sent.remove(&seq);
+        }
+        m.sent_us = match us {
+            Some(us) => us,
+            None => {
+                self.wide_sent.insert(seq, at);
+                WIDE_TIME
+            }
+        };
+    }
+
+    /// The slot encoding of the deadline of a message sent at `now` (`age` after the
+    /// epoch, [`Self::advance`]), `timeout` after it.
+    fn encode_deadline(
+        &mut self,
+        seq: u64,
+        now: Instant,
+        age: Option<Duration>,
+        timeout: Option<Duration>,
+    ) -> u32 {
+        let Some(timeout) = timeout else {
+            return NO_TIME;
+        };
+        // `epoch + age + timeout` is `now + timeout`, rounded up to a millisecond.
+        let ms = age
+            .filter(|_| self.fits)
+            .and_then(|a| a.checked_add(timeout))
+            .and_then(millis_up);
+        match ms {
+            Some(ms) => ms,
+            None => {
+                self.wide_deadline.insert(seq, later(now, timeout));
+                WIDE_TIME
+            }
+        }
+    }
+
+    /// `now` after the epoch (`None`: before it), first moving the epoch if `now` has
+    /// got [`REBASE_AFTER`] past it.
+    fn advance(
+        &mut self,
+        now: Instant,
+        base: u64,
+        slots: &mut VecDeque<Option<InFlight>>,
+    ) -> Option<Duration> {
+        let age = now.checked_duration_since(self.epoch)?;
+        if age < REBASE_AFTER {
+            return Some(age);
+        }
+        self.rebase(now, base, slots);
+        now.checked_duration_since(self.epoch)
+    }
+
+    /// Move the epoch to `now` (rounded down to a whole millisecond past the old one)
+    /// if `now` has got [`REBASE_AFTER`] past it, re-expressing every slot's offsets.
+    fn rebase(&mut self, now: Instant, base: u64, slots: &mut VecDeque<Option<InFlight>>) {
+        let Some(age) = now.checked_duration_since(self.epoch) else {
+            return;
+        };
+        if age < REBASE_AFTER {
+            return;
+        }
+        let delta_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        let delta_us = delta_ms.saturating_mul(1000);
+        let old = self.epoch;
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Some(m) = slot.as_mut() else {
+                continue;
+            };
+            let seq = base + i as u64;
+            if !matches!(m.sent_us, NO_TIME | WIDE_TIME) {
+                let us = u64::from(m.sent_us);
+                m.sent_us = match us.checked_sub(delta_us) {
+                    // Below `us`, which fits.
+                    Some(rel) => rel as u32,
+                    None => {
+                        self.wide_sent.insert(seq, old + Duration::from_micros(us));
+                        WIDE_TIME
+                    }
+                };
+            }
+            if !matches!(m.deadline_ms, NO_TIME | WIDE_TIME) {
+                let ms = u64::from(m.deadline_ms);
+                m.deadline_ms = match ms.checked_sub(delta_ms) {
+                    Some(rel) => rel as u32,
+                    None => {
+                        self.wide_deadline
+                            .insert(seq, old + Duration::from_millis(ms));
+                        WIDE_TIME
+                    }
+                };
+            }
+        }
+        // `delta_ms` whole milliseconds are at most `age`: `old + age` is `now`.
+        self.epoch = old + Duration::from_millis(delta_ms);
+        self.fits = fits(self.epoch);
+    }
 }
 
 /// Sending half of a stream. Call order for the owner: `send` / `handle_ack` /
@@ -129,6 +334,10 @@ pub(crate) struct OutboundStream {
     /// Seq of `slots[0]`; everything below is settled.
     base: u64,
     slots: VecDeque<Option<InFlight>>,
+    /// Explicit ids of the slots flagged `has_id`, by seq (module docs, "Slot layout").
+    ids: FxHashMap<u64, MessageId>,
+    /// Epoch of the slots' timestamps, and those that do not fit in line.
+    times: SlotTimes,
     /// Implicit-id seqs that were handed off and whose hints are not yet delivered: they
     /// hold the id floor down.
     hinted: BTreeSet<u64>,
@@ -193,6 +402,8 @@ impl OutboundStream {
             next_seq: 1,
             base: 1,
             slots: VecDeque::new(),
+            ids: FxHashMap::default(),
+            times: SlotTimes::new(now),
             hinted: BTreeSet::new(),
             timers: BinaryHeap::new(),
             transmit: VecDeque::new(),
@@ -280,6 +491,7 @@ impl OutboundStream {
         schema: u32,
     ) -> u64 {
         self.schema = schema;
+        let age = self.times.advance(now, self.base, &mut self.slots);
         let seq = self.next_seq;
         self.next_seq += 1;
         // At-most-once keeps nothing past transmission: no budget, no deadline.
@@ -287,17 +499,21 @@ impl OutboundStream {
             None
         } else {
             self.budget.deposit(now);
-            deadline.or(self.deadline).map(|d| later(now, d))
+            deadline.or(self.deadline)
         };
+        let deadline_ms = self.times.encode_deadline(seq, now, age, deadline);
+        if let Some(id) = id {
+            self.ids.insert(seq, id);
+        }
         self.slots.push_back(Some(InFlight {
             payload,
-            id,
-            last_sent: None,
-            deadline,
+            sent_us: NO_TIME,
+            deadline_ms,
             attempts: 0,
             timer_gen: 0,
             queued: true,
             waiting_armed: false,
+            has_id: id.is_some(),
         }));
         self.transmit.push_back(seq);
         seq
@@ -307,6 +523,10 @@ impl OutboundStream {
     /// frames) allows one; a frame returned used one unit of it.
     pub(crate) fn poll_transmit(&mut self, now: Instant, budget: &mut u64) -> Option<Data> {
         let amo = self.guarantee == Guarantee::AtMostOnce;
+        let now_us = self
+            .times
+            .advance(now, self.base, &mut self.slots)
+            .and_then(micros_down);
         while let Some(&seq) = self.transmit.front() {
             if *budget == 0 {
                 // Waits for node credit; a first transmission's deadline still runs.
@@ -329,7 +549,7 @@ impl OutboundStream {
                 // timer yet): a receiver that never grants credit fails it in time.
                 if let Some(d) = self
                     .index(seq)
-                    .and_then(|i| self.slots[i].as_ref()?.deadline)
+                    .and_then(|i| self.times.deadline(seq, self.slots[i].as_ref()?))
                 {
                     self.timers.push(Reverse((d, seq, WAITING)));
                 }
@@ -352,13 +572,17 @@ impl OutboundStream {
             };
             m.queued = false;
             m.attempts += 1;
-            m.last_sent = Some(now);
+            self.times.set_sent(seq, m, now, now_us);
             let frame = Data {
                 channel: self.channel,
                 seq,
                 floor,
                 id_floor,
-                id: m.id,
+                id: if m.has_id {
+                    self.ids.get(&seq).copied()
+                } else {
+                    None
+                },
                 guarantee: self.guarantee,
                 schema: self.schema,
                 payload: m.payload.clone(),
@@ -368,7 +592,7 @@ impl OutboundStream {
             } else {
                 let rto = self.rtt.rto();
                 let mut due = later(now, self.backoff.delay(rto, m.attempts - 1));
-                if let Some(d) = m.deadline {
+                if let Some(d) = self.times.deadline(seq, m) {
                     due = due.min(d);
                 }
                 m.timer_gen = next_gen(m.timer_gen);
@@ -390,7 +614,7 @@ impl OutboundStream {
             return;
         };
         if !m.waiting_armed {
-            if let Some(d) = m.deadline {
+            if let Some(d) = self.times.deadline(seq, m) {
                 m.waiting_armed = true;
                 self.timers.push(Reverse((d, seq, WAITING)));
             }
@@ -468,10 +692,11 @@ impl OutboundStream {
             let Some(m) = self.slots[idx].as_mut() else {
                 continue;
             };
+            let deadline = self.times.deadline(seq, m);
             if gen == WAITING {
                 // Still waiting for credit (never sent, or a retransmission queued
                 // behind node credit) at its deadline: give up.
-                if (m.attempts == 0 || m.queued) && m.deadline.is_some_and(|d| now >= d) {
+                if (m.attempts == 0 || m.queued) && deadline.is_some_and(|d| now >= d) {
                     self.give_up(seq, GiveUp::Deadline);
                 }
                 continue;
@@ -479,14 +704,14 @@ impl OutboundStream {
             if m.timer_gen != gen || m.queued {
                 continue; // stale entry
             }
-            if m.deadline.is_some_and(|d| now >= d) {
+            if deadline.is_some_and(|d| now >= d) {
                 self.give_up(seq, GiveUp::Deadline);
                 continue;
             }
             if seq <= self.held {
                 // The receiver has it; only re-check now and then (module docs).
                 let mut next = later(now, self.keepalive);
-                if let Some(d) = m.deadline {
+                if let Some(d) = deadline {
                     next = next.min(d);
                 }
                 m.timer_gen = next_gen(m.timer_gen);
@@ -500,7 +725,7 @@ impl OutboundStream {
                     // working through its queue, so this message is more likely
                     // queued than lost (module docs, "Quiet streams").
                     let mut next = quiet_until;
-                    if let Some(d) = m.deadline {
+                    if let Some(d) = deadline {
                         next = next.min(d);
                     }
                     m.timer_gen = next_gen(m.timer_gen);
@@ -515,7 +740,7 @@ impl OutboundStream {
             if !self.budget.try_withdraw(now) {
                 // Over the retry budget: defer (never drop) the retry by one RTO.
                 let mut next = later(now, self.rtt.rto());
-                if let Some(d) = m.deadline {
+                if let Some(d) = deadline {
                     next = next.min(d);
                 }
                 m.timer_gen = next_gen(m.timer_gen);
@@ -548,9 +773,10 @@ impl OutboundStream {
                 self.unblock();
             }
         }
+        let acked_at = Some((now, now.checked_duration_since(self.times.epoch)));
         let mut seq = self.base;
         while seq <= cumulative.min(top) {
-            self.settle(seq, Some(now));
+            self.settle(seq, acked_at);
             seq += 1;
         }
         for r in ranges {
@@ -559,7 +785,7 @@ impl OutboundStream {
             }
             let mut s = r.start.max(self.base);
             while s <= r.end.min(top) {
-                self.settle(s, Some(now));
+                self.settle(s, acked_at);
                 s += 1;
             }
         }
@@ -578,10 +804,7 @@ impl OutboundStream {
     /// The receiver refused `seq` for good: settle it (no RTT sample, no retry budget
     /// earned) and report the reason. A reject for a seq already settled is ignored.
     pub(crate) fn handle_reject(&mut self, seq: u64, reason: crate::wire::RejectReason) {
-        let Some(idx) = self.index(seq) else {
-            return;
-        };
-        if self.slots[idx].take().is_some() {
+        if self.remove(seq).is_some() {
             self.events.push_back(OutEvent::Rejected { seq, reason });
             self.compact();
         }
@@ -613,17 +836,52 @@ impl OutboundStream {
         self.slots.iter().enumerate().filter_map(move |(i, slot)| {
             let m = slot.as_ref()?;
             let seq = base + i as u64;
-            Some((seq, m.payload.clone(), self.id_of(seq, m.id)))
+            let id = if m.has_id {
+                self.ids.get(&seq).copied()
+            } else {
+                None
+            };
+            Some((seq, m.payload.clone(), self.id_of(seq, id)))
         })
     }
 
     /// Remove an unsettled message without an event (it was handed off). Returns its
     /// dedup identity, or `None` if it was not there.
     pub(crate) fn take(&mut self, seq: u64) -> Option<MessageId> {
-        let idx = self.index(seq)?;
-        let m = self.slots[idx].take()?;
+        let m = self.remove(seq)?;
         self.compact();
         Some(self.id_of(seq, m.id))
+    }
+
+    /// Take `seq`'s slot out of the window (leaving `None`, for `compact`) together
+    /// with its out-of-line parts. Every path that ends a message goes through here,
+    /// so the side maps hold entries of live slots only.
+    fn remove(&mut self, seq: u64) -> Option<Removed> {
+        let idx = self.index(seq)?;
+        let m = self.slots[idx].take()?;
+        let last_sent = match m.sent_us {
+            NO_TIME => Sent::Never,
+            WIDE_TIME => self
+                .times
+                .wide_sent
+                .remove(&seq)
+                .map_or(Sent::Never, Sent::At),
+            us => Sent::Offset(us),
+        };
+        if m.deadline_ms == WIDE_TIME {
+            self.times.wide_deadline.remove(&seq);
+        }
+        let id = if m.has_id {
+            self.ids.remove(&seq)
+        } else {
+            None
+        };
+        Some(Removed {
+            payload: m.payload,
+            id,
+            last_sent,
+            attempts: m.attempts,
+        })
     }
 
     fn id_of(&self, seq: u64, explicit: Option<MessageId>) -> MessageId {
@@ -669,10 +927,7 @@ impl OutboundStream {
     }
 
     fn give_up(&mut self, seq: u64, reason: GiveUp) {
-        let Some(idx) = self.index(seq) else {
-            return;
-        };
-        if let Some(m) = self.slots[idx].take() {
+        if let Some(m) = self.remove(seq) {
             let id = self.id_of(seq, m.id);
             self.events.push_back(OutEvent::GaveUp {
                 seq,
@@ -685,17 +940,25 @@ impl OutboundStream {
         }
     }
 
-    fn settle(&mut self, seq: u64, acked_at: Option<Instant>) {
-        let Some(idx) = self.index(seq) else {
-            return;
-        };
-        if let Some(m) = self.slots[idx].take() {
-            if let Some(now) = acked_at {
+    /// `acked_at`: when the ack arrived and how long after the epoch (`None`: before
+    /// it); `None` for at-most-once's settle on transmission.
+    fn settle(&mut self, seq: u64, acked_at: Option<(Instant, Option<Duration>)>) {
+        if let Some(m) = self.remove(seq) {
+            if let Some((now, age)) = acked_at {
                 self.last_progress = Some(now);
                 self.highest_acked = self.highest_acked.max(seq);
                 // Karn's rule: only never-retransmitted messages give RTT samples.
-                if let (1, Some(sent)) = (m.attempts, m.last_sent) {
-                    self.sample = Some(now.saturating_duration_since(sent));
+                if m.attempts == 1 {
+                    // `now - sent`, saturating at zero.
+                    match m.last_sent {
+                        Sent::Never => {}
+                        Sent::Offset(us) => {
+                            let sent = Duration::from_micros(u64::from(us));
+                            self.sample =
+                                Some(age.map_or(Duration::ZERO, |a| a.saturating_sub(sent)));
+                        }
+                        Sent::At(sent) => self.sample = Some(now.saturating_duration_since(sent)),
+                    }
                 }
                 // An ack is evidence the target keeps up: it earns retry budget too, so
                 // a target back from a partition gets its backlog retried at the pace
@@ -726,6 +989,32 @@ impl OutboundStream {
     }
 }
 
+/// Every millisecond offset from `epoch` below [`WIDE_TIME`] is an `Instant`.
+fn fits(epoch: Instant) -> bool {
+    epoch
+        .checked_add(Duration::from_millis(u64::from(WIDE_TIME)))
+        .is_some()
+}
+
+/// `d` in whole microseconds, rounded down, if that is an in-line slot offset. (`u64`
+/// arithmetic: `Duration::as_micros` works in `u128`.)
+fn micros_down(d: Duration) -> Option<u32> {
+    let us = d
+        .as_secs()
+        .checked_mul(1_000_000)?
+        .checked_add(u64::from(d.subsec_micros()))?;
+    u32::try_from(us).ok().filter(|us| *us < WIDE_TIME)
+}
+
+/// `d` in whole milliseconds, rounded up, if that is an in-line slot offset.
+fn millis_up(d: Duration) -> Option<u32> {
+    let ms = d
+        .as_secs()
+        .checked_mul(1000)?
+        .checked_add(u64::from(d.subsec_nanos().div_ceil(1_000_000)))?;
+    u32::try_from(ms).ok().filter(|ms| *ms < WIDE_TIME)
+}
+
 /// The next retransmission timer generation (never [`WAITING`]).
 fn next_gen(gen: u32) -> u32 {
     match gen.wrapping_add(1) {
@@ -735,3 +1024,237 @@ fn next_gen(gen: u32) -> u32 {
 }
 
 use crate::retry::later;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::{IdKey, NodeId, Origin};
+
+    const ORIGIN: Origin = Origin {
+        node: NodeId(1),
+        incarnation: 1,
+    };
+
+    fn stream(now: Instant) -> OutboundStream {
+        let mut config = ProtoConfig::default();
+        config.retry.deadline = None;
+        OutboundStream::new(
+            ORIGIN,
+            ChannelId(1),
+            Guarantee::AtLeastOnce,
+            &config,
+            7,
+            now,
+            None,
+        )
+    }
+
+    /// What the driver does at `now`: fire due timers, transmit all, collect events.
+    fn run(s: &mut OutboundStream, now: Instant) -> Vec<OutEvent> {
+        s.handle_timeout(now);
+        let mut budget = u64::MAX;
+        while s.poll_transmit(now, &mut budget).is_some() {}
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    /// Walk the stream's timers like a driver, up to and including `until`.
+    fn run_until(s: &mut OutboundStream, until: Instant) -> Vec<OutEvent> {
+        let mut events = Vec::new();
+        while let Some(t) = s.poll_timeout().filter(|t| *t <= until) {
+            events.extend(run(s, t));
+        }
+        events
+    }
+
+    fn side_entries(s: &OutboundStream) -> usize {
+        s.ids.len() + s.times.wide_sent.len() + s.times.wide_deadline.len()
+    }
+
+    fn slot(s: &OutboundStream, seq: u64) -> &InFlight {
+        s.slots[s.index(seq).unwrap()].as_ref().unwrap()
+    }
+
+    fn gave_up(events: &[OutEvent], want: u64) -> Option<(GiveUp, MessageId, u32)> {
+        events.iter().find_map(|e| match e {
+            OutEvent::GaveUp {
+                seq,
+                reason,
+                id,
+                attempts,
+                ..
+            } if *seq == want => Some((*reason, *id, *attempts)),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn offsets_round_and_stop_at_the_wide_marker() {
+        let d = |s: u64, ns: u32| Duration::new(s, ns);
+        assert_eq!(micros_down(d(0, 0)), Some(0));
+        assert_eq!(micros_down(d(1, 1_999)), Some(1_000_001));
+        assert_eq!(micros_down(d(4294, 967_293_999)), Some(WIDE_TIME - 1));
+        assert_eq!(micros_down(d(4294, 967_294_000)), None);
+        assert_eq!(micros_down(Duration::MAX), None);
+        assert_eq!(millis_up(d(0, 0)), Some(0));
+        assert_eq!(millis_up(d(0, 1)), Some(1));
+        assert_eq!(millis_up(d(1, 999_999_999)), Some(2000));
+        assert_eq!(millis_up(d(2, 0)), Some(2000));
+        assert_eq!(
+            millis_up(Duration::from_millis(u64::from(WIDE_TIME) - 1)),
+            Some(WIDE_TIME - 1)
+        );
+        assert_eq!(millis_up(Duration::from_millis(u64::from(WIDE_TIME))), None);
+        assert_eq!(millis_up(Duration::MAX), None);
+    }
+
+    #[test]
+    fn a_window_slot_fits_in_64_bytes() {
+        eprintln!(
+            "Option<InFlight>: {} B",
+            std::mem::size_of::<Option<InFlight>>()
+        );
+        assert!(std::mem::size_of::<Option<InFlight>>() <= 64);
+    }
+
+    const MIN: Duration = Duration::from_secs(60);
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    /// A stream outlives its offset range (71 min of microseconds, 49 days of
+    /// milliseconds) and keeps every timestamp and id exact: RTT samples, deadlines
+    /// in line, beyond the range and across epoch moves, explicit and implicit ids.
+    #[test]
+    fn a_stream_outlives_the_offset_range() {
+        let t0 = Instant::now();
+        let mut s = stream(t0);
+        let key = MessageId::Key(IdKey(42));
+        // 1: implicit id, no deadline; 2: explicit id, deadline past the ms range.
+        s.send(t0, Bytes::from_static(b"c"), None, None, 0);
+        s.send(t0, Bytes::from_static(b"a"), Some(key), Some(60 * DAY), 0);
+        assert_eq!(slot(&s, 2).deadline_ms, WIDE_TIME);
+        let mut budget = u64::MAX;
+        let f1 = s.poll_transmit(t0, &mut budget).unwrap();
+        let f2 = s.poll_transmit(t0, &mut budget).unwrap();
+        assert_eq!((f1.id, f2.id), (None, Some(key)));
+        // The receiver holds both: they are only re-checked, never retransmitted.
+        s.handle_ack(t0 + Duration::from_millis(1), 0, &[], None, 2);
+
+        // Past half the µs range: the epoch moves by whole milliseconds.
+        let t1 = t0 + 40 * MIN + Duration::from_micros(500);
+        assert!(run(&mut s, t1).is_empty());
+        assert_eq!(s.times.epoch, t0 + 40 * MIN);
+        assert_eq!(s.times.sent(1, slot(&s, 1)), Some(t0));
+        assert_eq!(s.times.sent(2, slot(&s, 2)), Some(t0));
+        assert_eq!(s.times.deadline(2, slot(&s, 2)), Some(t0 + 60 * DAY));
+        assert_eq!((slot(&s, 1).attempts, slot(&s, 2).attempts), (1, 1));
+
+        // 3: a 30 s deadline, in line after the move; it fires exactly on time.
+        let t3 = t0 + 40 * MIN + Duration::from_millis(2);
+        s.send(
+            t3,
+            Bytes::from_static(b"b"),
+            None,
+            Some(Duration::from_secs(30)),
+            0,
+        );
+        assert_ne!(slot(&s, 3).deadline_ms, WIDE_TIME);
+        let before = run_until(
+            &mut s,
+            t3 + Duration::from_secs(30) - Duration::from_micros(1),
+        );
+        assert!(gave_up(&before, 3).is_none());
+        let at = run(&mut s, t3 + Duration::from_secs(30));
+        let (reason, id, _) = gave_up(&at, 3).expect("3 given up at its deadline");
+        assert_eq!(reason, GiveUp::Deadline);
+        assert_eq!(
+            id,
+            MessageId::Seq {
+                origin: ORIGIN,
+                channel: ChannelId(1),
+                seq: 3
+            }
+        );
+
+        // 1 is acked 45 min after its only transmission: the sample is exact.
+        let before = s.rtt.srtt();
+        s.handle_ack(t0 + 45 * MIN, 1, &[], None, 2);
+        assert!(matches!(s.poll_event(), Some(OutEvent::Settled { seq: 1 })));
+        assert_eq!(before, None);
+        assert_eq!(s.rtt.srtt(), Some(45 * MIN));
+
+        // 2's deadline, 60 days out (beyond the ms range), fires exactly on time.
+        let early = run(&mut s, t0 + 60 * DAY - Duration::from_micros(1));
+        assert!(gave_up(&early, 2).is_none());
+        let at = run(&mut s, t0 + 60 * DAY);
+        assert_eq!(gave_up(&at, 2), Some((GiveUp::Deadline, key, 1)));
+
+        // Months in: sending, acking and RTT samples still work.
+        let t4 = t0 + 100 * DAY;
+        s.send(t4, Bytes::from_static(b"d"), Some(key), None, 0);
+        let f = s.poll_transmit(t4, &mut budget).unwrap();
+        assert_eq!((f.seq, f.id), (4, Some(key)));
+        assert_eq!(s.times.epoch, t4);
+        s.handle_ack(t4 + Duration::from_millis(3), 4, &[], None, 4);
+        assert!(matches!(s.poll_event(), Some(OutEvent::Settled { seq: 4 })));
+        // An exact 3 ms sample (the second: SRTT = (7 * 45 min + 3 ms) / 8).
+        let srtt = (7 * (45 * MIN).as_nanos() + 3_000_000) / 8;
+        assert_eq!(s.rtt.srtt(), Some(Duration::from_nanos(srtt as u64)));
+        assert!(s.slots.is_empty());
+        assert_eq!(side_entries(&s), 0);
+    }
+
+    /// A deadline is stored in whole milliseconds, rounded up: never early, at most
+    /// 1 ms late.
+    #[test]
+    fn a_deadline_off_the_millisecond_grid_fires_within_1_ms_after() {
+        let t0 = Instant::now();
+        let mut s = stream(t0);
+        let t = t0 + Duration::from_micros(300);
+        s.send(t, Bytes::new(), None, Some(Duration::from_secs(1)), 0);
+        let d = s.times.deadline(1, slot(&s, 1)).unwrap();
+        assert!(d >= t + Duration::from_secs(1));
+        assert!(d < t + Duration::from_secs(1) + Duration::from_millis(1));
+        assert!(run(&mut s, t).is_empty());
+        let events = run_until(&mut s, d - Duration::from_nanos(1));
+        assert!(gave_up(&events, 1).is_none());
+        let events = run_until(&mut s, d);
+        assert_eq!(gave_up(&events, 1).map(|g| g.0), Some(GiveUp::Deadline));
+    }
+
+    /// Side-map entries (explicit ids, out-of-range timestamps) go with their slot on
+    /// every path that ends a message.
+    #[test]
+    fn side_entries_leave_with_their_slots() {
+        let t0 = Instant::now();
+        let mut s = stream(t0);
+        for n in 1..=5u8 {
+            let id = MessageId::Key(IdKey(u128::from(n)));
+            s.send(t0, Bytes::from(vec![n]), Some(id), Some(Duration::MAX), 0);
+        }
+        assert_eq!(side_entries(&s), 10);
+        assert!(run(&mut s, t0).is_empty());
+        let ids: Vec<_> = s.unsettled().map(|(seq, _, id)| (seq, id)).collect();
+        assert_eq!(ids[2], (3, MessageId::Key(IdKey(3))));
+        // Settle, reject, hand off: each takes its entries along.
+        s.handle_ack(t0, 0, &[SeqRange { start: 2, end: 2 }], None, 0);
+        assert_eq!(side_entries(&s), 8);
+        s.handle_reject(4, crate::wire::RejectReason::NoReceiver);
+        assert_eq!(side_entries(&s), 6);
+        assert_eq!(s.take(1), Some(MessageId::Key(IdKey(1))));
+        assert_eq!(side_entries(&s), 4);
+        // Give up (too many attempts) after a reconnect retransmitted them.
+        s.max_attempts = Some(2);
+        s.handle_reconnect();
+        let _ = run(&mut s, t0);
+        let events = run_until(&mut s, t0 + DAY);
+        assert_eq!(
+            gave_up(&events, 3),
+            Some((GiveUp::MaxAttempts, MessageId::Key(IdKey(3)), 2))
+        );
+        assert_eq!(
+            gave_up(&events, 5),
+            Some((GiveUp::MaxAttempts, MessageId::Key(IdKey(5)), 2))
+        );
+        assert!(s.slots.is_empty());
+        assert_eq!(side_entries(&s), 0);
+    }
+}
