@@ -498,6 +498,12 @@ pub(super) fn key_hash(key: IdKey) -> u64 {
 /// (fresh pages from the OS for a large array: no pass over the memory, which for a
 /// generation of millions of slots stalled its caller for tens of milliseconds, and
 /// the receiver's acks with it); pages are then touched as keys land in them.
+///
+/// No `MADV_HUGEPAGE`: it saved TLB misses (229 → 176 ns per random lookup in the
+/// dedup bench), but with Linux's default `defrag = madvise` each first touch of a
+/// huge page could compact memory for milliseconds — ~50 touches of ~5 ms each right
+/// after a 96 MiB generation was added, 250 ms in which the receiver acked nothing,
+/// so its senders retransmitted a whole window. 4 KiB faults cost microseconds.
 #[cfg(not(ackwire_loom))]
 fn empty_slots(cap: usize) -> Box<[Slot]> {
     const _: () = assert!(pack(K_EMPTY, 0, 0) == 0, "an empty slot is all zero bytes");
@@ -512,7 +518,6 @@ fn empty_slots(cap: usize) -> Box<[Slot]> {
         if p.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        advise_huge_pages(p.cast(), layout.size());
         Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, cap))
     }
 }
@@ -543,31 +548,3 @@ fn prefetch_read(p: *const u8) {
     #[cfg(not(all(target_arch = "x86_64", not(ackwire_loom))))]
     let _ = p;
 }
-
-/// Best effort: ask Linux for transparent huge pages on a large, not yet touched slot
-/// array. Lookups are one random access into it, so on big tables the TLB miss is a
-/// large part of the cost (measured in `benches/dedup.rs`). Errors are ignored.
-#[cfg(all(target_os = "linux", not(ackwire_loom)))]
-fn advise_huge_pages(ptr: *mut u8, len: usize) {
-    const HUGE: usize = 2 << 20;
-    const PAGE: usize = 4096;
-    const MADV_HUGEPAGE: i32 = 14;
-    extern "C" {
-        fn madvise(addr: *mut u8, len: usize, advice: i32) -> i32;
-    }
-    if len < 2 * HUGE {
-        return;
-    }
-    let start = (ptr as usize).next_multiple_of(PAGE);
-    let end = (ptr as usize + len) / PAGE * PAGE;
-    // SAFETY: [start, end) lies inside the allocation we own and have not yet handed
-    // out; MADV_HUGEPAGE only changes how the kernel backs those pages, not their
-    // contents or validity.
-    unsafe {
-        madvise(start as *mut u8, end - start, MADV_HUGEPAGE);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", not(ackwire_loom))))]
-#[cfg_attr(ackwire_loom, allow(dead_code))]
-fn advise_huge_pages(_ptr: *mut u8, _len: usize) {}
