@@ -378,8 +378,8 @@ fn throughput(c: &mut Criterion) {
         }
         // Keyed next to unkeyed effectively-once, same stream, same run (issue 17's
         // sustained-rate comparison). 64 B only: every key stays in the receiver's
-        // key table for the 2-minute horizon, and the default 256 MiB budget holds
-        // about 5 M of them (see BENCHMARKS.md), one 64 B run's worth.
+        // key table for the 2-minute horizon, and the default 256 MiB budget admitted
+        // ~3 M of them in a minute but not ~4.5 M (BENCHMARKS.md): one 64 B run's worth.
         for s in pair.streams.iter().filter(|s| {
             size == SIZES[0] && s.payload.len() == size && s.guarantee == Guarantee::EffectivelyOnce
         }) {
