@@ -282,7 +282,7 @@ impl RttEstimator {
 /// | `max_attempts` | `None` | total transmissions including the first; `None` = no limit (the deadline ends retries) |
 /// | `deadline` | `Some(30 s)` | time since the first send after which the message is given up (and typically handed off) |
 /// | `backoff_cap` | 2 s | no retry timer is ever longer than this |
-/// | `jitter` | `true` | randomise each timer to `[d/2, d]` ("equal jitter") so retries of many senders do not synchronise |
+/// | `jitter` | `true` | randomise each retransmission's timer to `[d/2, d]` ("equal jitter") so retries of many senders do not synchronise (a node's first timer per message is exactly one RTO, as TCP's) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
@@ -294,7 +294,8 @@ pub struct RetryPolicy {
     /// Upper bound of any retry timer. Default 2 s.
     #[serde(with = "crate::config_serde::duration")]
     pub backoff_cap: Duration,
-    /// Equal jitter on (`true`, default) or exact timers (`false`).
+    /// Equal jitter on (`true`, default) or exact timers (`false`). A node jitters the
+    /// timers that follow a retransmission; a message's first timer is one RTO.
     pub jitter: bool,
 }
 
