@@ -38,10 +38,10 @@ use crate::retry::GiveUp;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{Link, LinkCommand, LinkEvent, Transport};
 use bytes::Bytes;
+use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use spool::Spool;
-use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
@@ -699,12 +699,12 @@ impl NodeBuilder {
         let mut endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
         endpoint.set_authorization(self.config.authorization.clone());
         let shared = Arc::new(Shared {
-            windows: Mutex::new(HashMap::new()),
-            receivers: Mutex::new(HashMap::new()),
+            windows: Mutex::new(FxHashMap::default()),
+            receivers: Mutex::new(FxHashMap::default()),
             health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),
             health_tx: health_tx.clone(),
             conflict_tx: broadcast::channel(64).0,
-            versions: Mutex::new(HashMap::new()),
+            versions: Mutex::new(FxHashMap::default()),
             window: self.config.proto.max_in_flight,
             max_payload: self.config.max_payload,
             decode_failed: AtomicU64::new(0),
@@ -729,7 +729,7 @@ impl NodeBuilder {
             #[cfg(feature = "metrics")]
             metrics: metrics::NodeMetrics::new(self.id),
             spans: observe::StreamSpans::default(),
-            receivers: HashMap::new(),
+            receivers: FxHashMap::default(),
             shared: shared.clone(),
             completions: Arc::new(Completions {
                 stack: completions::CompletionStack::new(),
@@ -737,7 +737,7 @@ impl NodeBuilder {
                 commands: cmd_tx.clone(),
             }),
             completed: Vec::new(),
-            outbox: HashMap::new(),
+            outbox: FxHashMap::default(),
             detector,
             heartbeat_every: self.config.heartbeat_interval,
             next_heartbeat: later(start, self.config.heartbeat_interval),
@@ -1745,13 +1745,13 @@ impl Drop for DeliveryHandle {
 
 #[derive(Debug)]
 struct Shared {
-    windows: Mutex<HashMap<(NodeId, ChannelId), Arc<Semaphore>>>,
-    receivers: Mutex<HashMap<ChannelId, mpsc::WeakUnboundedSender<Delivery<Bytes>>>>,
-    health: Mutex<HashMap<NodeId, Health>>,
+    windows: Mutex<FxHashMap<(NodeId, ChannelId), Arc<Semaphore>>>,
+    receivers: Mutex<FxHashMap<ChannelId, mpsc::WeakUnboundedSender<Delivery<Bytes>>>>,
+    health: Mutex<FxHashMap<NodeId, Health>>,
     health_tx: broadcast::Sender<HealthChange>,
     conflict_tx: broadcast::Sender<IdentityConflict>,
     /// Protocol version of each peer's current (or last) connection.
-    versions: Mutex<HashMap<NodeId, u16>>,
+    versions: Mutex<FxHashMap<NodeId, u16>>,
     window: usize,
     max_payload: usize,
     decode_failed: AtomicU64,
@@ -1925,13 +1925,13 @@ struct Driver {
     metrics: metrics::NodeMetrics,
     /// The `stream` span of each stream with traced per-message events.
     spans: observe::StreamSpans,
-    receivers: HashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
+    receivers: FxHashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
     shared: Arc<Shared>,
     /// Handed to deliveries so their completions come back here.
     completions: Arc<Completions>,
     /// Completions drained from `completions`, reused.
     completed: Vec<(DeliveryRef, Completion)>,
-    outbox: HashMap<NodeId, Vec<crate::wire::Frame>>,
+    outbox: FxHashMap<NodeId, Vec<crate::wire::Frame>>,
     detector: FailureDetector,
     heartbeat_every: Duration,
     next_heartbeat: std::time::Instant,

@@ -298,12 +298,12 @@ pub struct Endpoint {
     origin: Origin,
     config: ProtoConfig,
     dedup: Arc<Dedup>,
-    peers: HashMap<NodeId, Peer>,
+    peers: FastMap<NodeId, Peer>,
     outbound: FastMap<(NodeId, ChannelId), OutboundStream>,
     inbound: FastMap<(Origin, ChannelId), InboundStream>,
-    channels: HashMap<ChannelId, Accept>,
+    channels: FastMap<ChannelId, Accept>,
     /// Channels without a receiver that got data, and since when (bounded).
-    unclaimed: HashMap<ChannelId, Instant>,
+    unclaimed: FastMap<ChannelId, Instant>,
     transmit: VecDeque<(NodeId, Frame)>,
     events: VecDeque<Event>,
     ready: Vec<Data>,
@@ -317,15 +317,15 @@ pub struct Endpoint {
     waiting: HashMap<MessageId, VecDeque<Parked>>,
     authz: super::Authorization,
     /// Sending side: node credit per peer (protocol version 3).
-    node_out: HashMap<NodeId, NodeOut>,
+    node_out: FastMap<NodeId, NodeOut>,
     /// Receiving side: node credit granted per peer.
-    node_in: HashMap<NodeId, NodeIn>,
+    node_in: FastMap<NodeId, NodeIn>,
 }
 
 /// What a peer lets this node send it on the current connection.
 /// Does `origin` (its current run) speak protocol version 3, so that it can be told of
 /// a refusal with a [`Reject`]?
-fn speaks_v3(peers: &HashMap<NodeId, Peer>, origin: Origin) -> bool {
+fn speaks_v3(peers: &FastMap<NodeId, Peer>, origin: Origin) -> bool {
     peers
         .get(&origin.node)
         .is_some_and(|p| p.origin == origin && p.version >= 3)
@@ -413,11 +413,11 @@ impl Endpoint {
             origin,
             config,
             dedup,
-            peers: HashMap::new(),
+            peers: FastMap::default(),
             outbound: FastMap::default(),
             inbound: FastMap::default(),
-            channels: HashMap::new(),
-            unclaimed: HashMap::new(),
+            channels: FastMap::default(),
+            unclaimed: FastMap::default(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             ready: Vec::new(),
@@ -427,8 +427,8 @@ impl Endpoint {
             heard_pending: Vec::new(),
             waiting: HashMap::new(),
             authz: super::Authorization::default(),
-            node_out: HashMap::new(),
-            node_in: HashMap::new(),
+            node_out: FastMap::default(),
+            node_in: FastMap::default(),
         }
     }
 

@@ -44,7 +44,8 @@
 
 use crate::id::{ChannelId, Guarantee, Origin};
 use crate::wire::{Ack, Data, RejectReason, SeqRange};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 /// What became of an arriving frame at the stream level.
@@ -73,7 +74,9 @@ pub(crate) struct InboundStream {
     channel: ChannelId,
     cumulative: u64,
     done: BTreeSet<u64>,
-    in_progress: HashSet<u64>,
+    /// (Fx-hashed: keys are seqs within the stream's credit window, so a peer cannot
+    /// grow a collision chain beyond that window.)
+    in_progress: FxHashSet<u64>,
     pending_ack: Vec<SeqRange>,
     ack_due: Option<Instant>,
     ack_delay: Duration,
@@ -105,7 +108,7 @@ pub(crate) struct InboundStream {
     rejected: BTreeMap<u64, RejectReason>,
     /// Seqs the application failed (nacked or dropped), with how many times: the
     /// deliveries so far are one more. Cleared when the seq is done or rejected.
-    failures: HashMap<u64, u32>,
+    failures: FxHashMap<u64, u32>,
 }
 
 impl InboundStream {
@@ -123,7 +126,7 @@ impl InboundStream {
             channel,
             cumulative: 0,
             done: BTreeSet::new(),
-            in_progress: HashSet::new(),
+            in_progress: FxHashSet::default(),
             pending_ack: Vec::new(),
             ack_due: None,
             ack_delay,
@@ -142,7 +145,7 @@ impl InboundStream {
             received: 0,
             reported: 0,
             rejected: BTreeMap::new(),
-            failures: HashMap::new(),
+            failures: FxHashMap::default(),
         }
     }
 

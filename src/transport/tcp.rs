@@ -481,7 +481,7 @@ impl Transport for TcpTransport {
         let mut mgr = Manager {
             ctx,
             events: events_tx,
-            peers: HashMap::new(),
+            peers: rustc_hash::FxHashMap::default(),
             next_conn_id: 0,
             acceptor,
             known: self.allowed.into_iter().collect(),
@@ -773,7 +773,7 @@ impl Conn {
 struct Manager {
     ctx: Arc<Ctx>,
     events: mpsc::Sender<LinkEvent>,
-    peers: HashMap<NodeId, Peer>,
+    peers: rustc_hash::FxHashMap<NodeId, Peer>,
     next_conn_id: u64,
     acceptor: JoinHandle<()>,
     /// Node ids accepted inbound without TLS (configured or allowed peers).
