@@ -358,3 +358,75 @@ async fn simultaneous_dials_settle_on_one_connection() {
     shutdown(a).await;
     shutdown(b).await;
 }
+
+/// Frames of `peer` from a transport asked to `batch_frames`: `Frame` and `Frames`
+/// events flattened, until `n` frames came. Returns them and the largest event.
+async fn recv_batched(link: &mut Link, peer: u64, n: usize) -> (Vec<Frame>, usize) {
+    let (mut got, mut largest) = (Vec::new(), 0);
+    while got.len() < n {
+        match next_event(link).await {
+            LinkEvent::Frame { peer: p, frame } if p == NodeId(peer) => {
+                largest = largest.max(1);
+                got.push(frame);
+            }
+            LinkEvent::Frames { peer: p, frames } if p == NodeId(peer) => {
+                assert!(!frames.is_empty(), "a Frames event is never empty");
+                largest = largest.max(frames.len());
+                got.extend(frames);
+            }
+            LinkEvent::Up { .. } => {}
+            other => panic!("unexpected event: {other:?}"),
+        }
+    }
+    (got, largest)
+}
+
+/// With `batch_frames` (what a node asks), the frames of one read go up as one event:
+/// in order, intact, none twice; and the frames a read decoded before a corrupt one
+/// still arrive before the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_frames_arrive_in_order_and_frames_before_a_bad_one_are_kept() {
+    let mut t = TcpTransport::new(any_port(), config()).unwrap();
+    t.batch_frames();
+    let stats = t.stats();
+    let mut b = Box::new(t).start(origin(2, 1)).unwrap();
+    let b_addr = b.local_addr.unwrap();
+    let (mut a, _) = start(origin(1, 1), any_port(), &[(2, b_addr)]);
+    expect_up(&mut a, origin(2, 1)).await;
+    expect_up(&mut b, origin(1, 1)).await;
+    send_range(&a, 2, 0..10_000).await;
+    let (got, largest) = recv_batched(&mut b, 1, 10_000).await;
+    assert_eq!(got, (0..10_000).map(data).collect::<Vec<_>>());
+    assert!(largest > 1, "100-frame sends never shared a read");
+    assert_eq!(stats.snapshot().frames_received, 10_000);
+
+    // A raw peer: a valid opening, then three good frames and a corrupt one in one write.
+    let mut raw = TcpStream::connect(b_addr).await.unwrap();
+    let mut buf = BytesMut::new();
+    encode(
+        &Frame::Handshake(Handshake {
+            version: MIN_PROTOCOL_VERSION, // a handshake names the lowest version
+            origin: origin(91, 1),
+        }),
+        &mut buf,
+    )
+    .unwrap();
+    encode(&probe(VersionRange::default()), &mut buf).unwrap();
+    raw.write_all(&buf).await.unwrap();
+    expect_up(&mut b, origin(91, 1)).await;
+    let mut buf = BytesMut::new();
+    for i in 0..3 {
+        encode(&data(i), &mut buf).unwrap();
+    }
+    buf.put_u32_le(4);
+    buf.put_u32_le(0xDEAD_BEEF);
+    buf.put_slice(&[1, 4, 0, 0]);
+    raw.write_all(&buf).await.unwrap();
+    let (got, _) = recv_batched(&mut b, 91, 3).await;
+    assert_eq!(got, (0..3).map(data).collect::<Vec<_>>());
+    expect_down(&mut b, 91).await;
+    expect_closed(&mut raw).await;
+    assert_eq!(stats.snapshot().rejected_bad_checksum, 1);
+    shutdown(a).await;
+    shutdown(b).await;
+}

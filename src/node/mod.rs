@@ -663,7 +663,11 @@ impl NodeBuilder {
         let dedup = Arc::new(Dedup::open(self.config.dedup.clone())?);
         let mut tcp_stats = None;
         let link = match (self.transport, self.tcp) {
-            (Some(t), _) => t.into_transport().start(origin)?,
+            (Some(t), _) => {
+                let mut t = t.into_transport();
+                t.batch_frames();
+                t.start(origin)?
+            }
             (None, Some((addr, cfg))) => {
                 let (link, stats) = start_tcp(addr, cfg, &self.peers, self.trust, origin).await?;
                 tcp_stats = Some(stats);
@@ -870,6 +874,7 @@ async fn start_tcp(
             transport = transport.with_tls(tls.clone());
         }
         let stats = transport.stats();
+        transport.batch_frames();
         match Box::new(transport).start(origin).map(|link| (link, stats)) {
             Err(crate::transport::TransportError::Bind { source, .. })
                 if source.kind() == std::io::ErrorKind::AddrInUse
@@ -1952,6 +1957,14 @@ struct Driver {
 /// Work items taken per wake-up before frames are flushed, so bursts batch.
 const BURST: usize = 256;
 
+/// Frames a link event carries (counted against [`BURST`]; other events count one).
+fn frames_in(ev: &LinkEvent) -> usize {
+    match ev {
+        LinkEvent::Frames { frames, .. } => frames.len(),
+        _ => 1,
+    }
+}
+
 impl Driver {
     async fn run(mut self) {
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
@@ -1985,16 +1998,24 @@ impl Driver {
                     // dedup lookups of a burst of keyed messages overlap their cache
                     // misses instead of waiting for one after another.
                     let mut burst = std::mem::take(&mut self.burst);
+                    let mut frames = frames_in(&ev);
                     burst.push(ev);
-                    while burst.len() <= BURST {
+                    while frames <= BURST {
                         match self.link.events.try_recv() {
-                            Ok(ev) => burst.push(ev),
+                            Ok(ev) => {
+                                frames += frames_in(&ev);
+                                burst.push(ev);
+                            }
                             Err(_) => break,
                         }
                     }
                     for ev in &burst {
-                        if let LinkEvent::Frame { frame, .. } = ev {
-                            self.endpoint.prefetch(frame);
+                        match ev {
+                            LinkEvent::Frame { frame, .. } => self.endpoint.prefetch(frame),
+                            LinkEvent::Frames { frames, .. } => {
+                                frames.iter().for_each(|f| self.endpoint.prefetch(f))
+                            }
+                            _ => {}
                         }
                     }
                     for ev in burst.drain(..) {
@@ -2186,31 +2207,38 @@ impl Driver {
                     .conflict_tx
                     .send(IdentityConflict { live, refused });
             }
-            LinkEvent::Frame { peer, frame } => {
-                // Visibility only (the endpoint ignores it): count and warn.
-                let mut data = None;
-                if let crate::wire::Frame::Data(d) = &frame {
-                    if !self.receivers.contains_key(&d.channel) {
-                        self.shared.no_receiver(peer, d.channel);
-                    }
-                    data = Some((d.channel, d.seq, d.id));
-                }
-                if let crate::wire::Frame::Nack(n) = &frame {
-                    self.spans.outbound(peer, n.channel, || {
-                        tracing::trace!(target: MESSAGE_TARGET, %peer, channel = n.channel.0, seq = n.seq, "nack received")
-                    });
-                }
-                let duplicates = self.endpoint.duplicates_dropped();
-                self.endpoint.handle_frame(now, peer, frame);
-                let duplicates = self.endpoint.duplicates_dropped() - duplicates;
-                if let (Some((channel, seq, id)), 1..) = (data, duplicates) {
-                    self.spans.inbound_from(peer, channel, || {
-                        tracing::trace!(target: MESSAGE_TARGET, id = ?id, from = %peer, channel = channel.0, seq, "duplicate dropped")
-                    });
-                    #[cfg(feature = "metrics")]
-                    self.metrics.duplicates(peer, channel, duplicates);
+            LinkEvent::Frame { peer, frame } => self.on_frame(now, peer, frame),
+            LinkEvent::Frames { peer, frames } => {
+                for frame in frames {
+                    self.on_frame(now, peer, frame);
                 }
             }
+        }
+    }
+
+    fn on_frame(&mut self, now: std::time::Instant, peer: NodeId, frame: crate::wire::Frame) {
+        // Visibility only (the endpoint ignores it): count and warn.
+        let mut data = None;
+        if let crate::wire::Frame::Data(d) = &frame {
+            if !self.receivers.contains_key(&d.channel) {
+                self.shared.no_receiver(peer, d.channel);
+            }
+            data = Some((d.channel, d.seq, d.id));
+        }
+        if let crate::wire::Frame::Nack(n) = &frame {
+            self.spans.outbound(peer, n.channel, || {
+                tracing::trace!(target: MESSAGE_TARGET, %peer, channel = n.channel.0, seq = n.seq, "nack received")
+            });
+        }
+        let duplicates = self.endpoint.duplicates_dropped();
+        self.endpoint.handle_frame(now, peer, frame);
+        let duplicates = self.endpoint.duplicates_dropped() - duplicates;
+        if let (Some((channel, seq, id)), 1..) = (data, duplicates) {
+            self.spans.inbound_from(peer, channel, || {
+                tracing::trace!(target: MESSAGE_TARGET, id = ?id, from = %peer, channel = channel.0, seq, "duplicate dropped")
+            });
+            #[cfg(feature = "metrics")]
+            self.metrics.duplicates(peer, channel, duplicates);
         }
     }
 

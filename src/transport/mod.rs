@@ -30,6 +30,13 @@ pub trait Transport: Send + 'static {
     fn dials_by_id(&self) -> bool {
         false
     }
+
+    /// Asks the transport to report the frames of one read as one
+    /// [`LinkEvent::Frames`] instead of one [`LinkEvent::Frame`] each (a node asks
+    /// this of every transport it starts: one channel message per read instead of
+    /// per frame). Called before [`start`](Self::start). A transport may ignore it
+    /// (the default does): a node handles both events.
+    fn batch_frames(&mut self) {}
 }
 
 /// A started transport: commands in, events out.
@@ -85,6 +92,14 @@ pub enum LinkEvent {
         peer: NodeId,
         /// The frame.
         frame: Frame,
+    },
+    /// Several frames from `peer`, in arrival order, only from a transport that was
+    /// asked to [`Transport::batch_frames`] (never empty; never a handshake).
+    Frames {
+        /// Sender of the frames.
+        peer: NodeId,
+        /// The frames, oldest first.
+        frames: Vec<Frame>,
     },
     /// A connection claiming `refused.node` was refused because another incarnation of
     /// that node, `live`, holds a live connection: two processes run with one `NodeId`.

@@ -391,6 +391,8 @@ pub struct TcpTransport {
     #[cfg(feature = "tls")]
     tls: Option<TlsConfig>,
     stats: Arc<TcpStats>,
+    /// Report each read's frames as one `LinkEvent::Frames` (`Transport::batch_frames`).
+    batch: bool,
 }
 
 impl TcpTransport {
@@ -406,6 +408,7 @@ impl TcpTransport {
             #[cfg(feature = "tls")]
             tls: None,
             stats: Arc::default(),
+            batch: false,
         })
     }
 
@@ -436,6 +439,10 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
+    fn batch_frames(&mut self) {
+        self.batch = true;
+    }
+
     fn start(self: Box<Self>, local: Origin) -> Result<Link, TransportError> {
         let bind_err = |source| TransportError::Bind {
             addr: self.bind,
@@ -476,6 +483,7 @@ impl Transport for TcpTransport {
             tls,
             epoch: Instant::now(),
             ip_slots: Mutex::default(),
+            batch: self.batch,
         });
         let acceptor = tokio::spawn(accept_loop(listener, Arc::clone(&ctx)));
         let mut mgr = Manager {
@@ -580,6 +588,8 @@ struct Ctx {
     epoch: Instant,
     /// Accepted connections per remote IP address.
     ip_slots: Mutex<HashMap<IpAddr, usize>>,
+    /// One `LinkEvent::Frames` per read instead of a `LinkEvent::Frame` per frame.
+    batch: bool,
 }
 
 impl Ctx {
@@ -1392,21 +1402,49 @@ async fn read_loop<R: AsyncRead + Unpin>(
     // When the frame at the head of `buf` must be complete (set while a partial frame
     // is buffered, pushed back whenever a frame completes).
     let mut frame_deadline: Option<tokio::time::Instant> = None;
+    // Frames decoded from the current read, when they go up as one `Frames` event.
+    let mut batch: Vec<Frame> = Vec::new();
     let reason: Option<Reject> = 'conn: loop {
         let mut progressed = false;
+        let mut bad = None;
         loop {
             match dec.decode(&mut buf) {
-                Ok(Some(Frame::Handshake(_))) => break 'conn Some(Reject::UnexpectedFrame),
+                Ok(Some(Frame::Handshake(_))) => {
+                    bad = Some(Reject::UnexpectedFrame);
+                    break;
+                }
                 Ok(Some(frame)) => {
                     progressed = true;
                     ctx.stats.inc(Counter::FramesReceived);
-                    if events.send(LinkEvent::Frame { peer, frame }).await.is_err() {
+                    if ctx.batch {
+                        batch.push(frame);
+                    } else if events.send(LinkEvent::Frame { peer, frame }).await.is_err() {
                         break 'conn None; // the node is gone
                     }
                 }
                 Ok(None) => break,
-                Err(e) => break 'conn Some(Reject::Decode(e)),
+                Err(e) => {
+                    bad = Some(Reject::Decode(e));
+                    break;
+                }
             }
+        }
+        // What arrived before a bad frame is delivered before the connection closes.
+        let ev = match batch.len() {
+            0 => None,
+            1 => batch.pop().map(|frame| LinkEvent::Frame { peer, frame }),
+            n => Some(LinkEvent::Frames {
+                peer,
+                frames: std::mem::replace(&mut batch, Vec::with_capacity(n)),
+            }),
+        };
+        if let Some(ev) = ev {
+            if events.send(ev).await.is_err() {
+                break 'conn None; // the node is gone
+            }
+        }
+        if bad.is_some() {
+            break 'conn bad;
         }
         if buf.is_empty() {
             frame_deadline = None;
