@@ -91,6 +91,9 @@
 //! * `tokio-util`: [`wire::FrameDecoder`] / [`wire::FrameEncoder`] as
 //!   `tokio_util::codec` `Decoder` / `Encoder`, for `FramedRead` / `FramedWrite` over
 //!   the wire format.
+//! * `testing`: `ackwire::testing`, a simulated network on tokio's paused clock
+//!   (seeded loss, duplication, reordering, partitions, restarts, crashes) for testing
+//!   your own service's handlers (the README's "Testing your service").
 //! * Always: per-message `tracing` events at trace level on the target
 //!   `ackwire::message`, each inside a span `stream` per stream (peer and channel; the
 //!   sender's run for received streams), inside a span `node` per node.
@@ -114,6 +117,8 @@ mod node;
 pub mod proto;
 pub mod retry;
 mod rng;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod transport;
 pub mod wire;
 

@@ -356,6 +356,13 @@ impl MemNetwork {
         tracing::info!(%a, %b, "mem: disconnect");
     }
 
+    /// Whether a node with this id is attached now (its transport started and not yet
+    /// shut down). A node's transport detaches shortly after the node stops, not at
+    /// the instant `Node::shutdown` returns or the `Node` is dropped.
+    pub fn is_attached(&self, id: NodeId) -> bool {
+        self.state().nodes.contains_key(&id)
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> MemStats {
         let s = &self.shared.stats;
