@@ -1039,6 +1039,9 @@ impl Endpoint {
     /// are duplicates, acked now; after a failure the oldest goes back to its stream to
     /// be delivered in the original's place (in line, on an ordered stream).
     fn wake_parked(&mut self, now: Instant, id: MessageId, acked: bool) {
+        if self.waiting.is_empty() {
+            return; // the common case: skip hashing the id (SipHash: ids are the peer's)
+        }
         let Some(mut queue) = self.waiting.remove(&id) else {
             return;
         };
