@@ -212,8 +212,8 @@ fn rss() -> usize {
 
 fn prefilled<S: CheckInsert>(w: &Workload, now: Instant) -> S {
     let s = S::build();
-    for &k in &w.prefill {
-        s.check_insert(k, now);
+    for part in w.prefill.chunks(CHUNK) {
+        s.check_insert_chunk(part, now);
     }
     s
 }

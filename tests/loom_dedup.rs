@@ -308,3 +308,100 @@ fn facade_retirement_races_a_begin() {
         assert_eq!(d.stats().streams, 1);
     });
 }
+
+/// How many of `answers` are `Fresh`.
+fn fresh_count(answers: &[Admit]) -> usize {
+    answers.iter().filter(|a| **a == Admit::Fresh).count()
+}
+
+/// `begin_many` answers in key order.
+fn begin_many(t: &IdTable, keys: &[IdKey], now: Instant) -> Vec<Admit> {
+    let mut out = Vec::new();
+    t.begin_many(keys, now, &mut out);
+    out.into_iter().map(|r| r.unwrap()).collect()
+}
+
+/// Two batches offer the same two keys in opposite orders. `begin_many` claims both
+/// keys of a batch before ONE fence and then arbitrates them, so each thread holds two
+/// `PENDING` copies at once: still exactly one `Fresh` per key, and afterwards each
+/// key is in progress exactly once (its owner completes it: `Duplicate`). Bounded to
+/// 3 preemptions per execution (unbounded, two keys per thread run for hours).
+#[test]
+fn table_batches_racing_on_the_same_keys_have_exactly_one_fresh_each() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(|| {
+        let t0 = Instant::now();
+        let t = Arc::new(IdTable::new(8, Duration::from_secs(1), t0));
+        let (a, b) = (IdKey(7), IdKey(7 | 1 << 64));
+        let t2 = t.clone();
+        let h = thread::spawn(move || begin_many(&t2, &[b, a], t0));
+        let mine = begin_many(&t, &[a, b], t0);
+        let theirs = h.join().unwrap();
+        assert_eq!(fresh_count(&[mine[0], theirs[1]]), 1, "{mine:?} {theirs:?}");
+        assert_eq!(fresh_count(&[mine[1], theirs[0]]), 1, "{mine:?} {theirs:?}");
+        for k in [a, b] {
+            assert_eq!(t.begin(k, t0).unwrap(), Admit::InProgress);
+            assert!(t.complete(k, t0));
+            assert_eq!(t.begin(k, t0).unwrap(), Admit::Duplicate);
+        }
+    });
+}
+
+/// A batch that offers one key twice races a single `begin` of that key over a
+/// released slot mid-chain (so the racers can claim different slots). The batch's
+/// second copy of the key sees the first one's claim: exactly one `Fresh` among the
+/// three answers, and never the batch's second.
+#[test]
+fn table_batch_with_a_repeated_key_races_a_begin() {
+    loom::model(|| {
+        let t0 = Instant::now();
+        let t = Arc::new(IdTable::new(8, Duration::from_secs(1), t0));
+        for k in 0..7u128 {
+            assert_eq!(t.begin(IdKey(k << 64), t0).unwrap(), Admit::Fresh);
+        }
+        assert!(t.release(IdKey(3 << 64)));
+        let key = IdKey(0xFEED);
+        let t2 = t.clone();
+        let h = thread::spawn(move || t2.begin(key, t0).unwrap());
+        let batch = begin_many(&t, &[key, key], t0);
+        let single = h.join().unwrap();
+        assert_eq!(
+            fresh_count(&[batch[0], batch[1], single]),
+            1,
+            "{batch:?} {single:?}"
+        );
+        assert_ne!(batch[1], Admit::Fresh);
+        assert_eq!(t.begin(key, t0).unwrap(), Admit::InProgress);
+    });
+}
+
+/// A generation rotation races a batch: one thread's `begin` comes a horizon later, so
+/// it adds a generation (and closes the old one if nobody is inside) while the other
+/// thread's batch claims in the old one — or finds it closed and goes through `begin`.
+/// Exactly one `Fresh` for the key both offer, the batch's other key is `Fresh`, and
+/// afterwards both keys are found (from whichever generation holds them). Bounded to
+/// 3 preemptions: the roll is hundreds of atomic steps.
+#[test]
+fn table_batch_races_a_generation_rotation() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(|| {
+        let t0 = Instant::now();
+        let h = Duration::from_millis(10);
+        let t = Arc::new(IdTable::growing(8, 1 << 20, h, t0));
+        let (a, b) = (IdKey(1), IdKey(2 | 1 << 64));
+        let later = t0 + h;
+        let t2 = t.clone();
+        let r = thread::spawn(move || t2.begin(b, later).unwrap());
+        let batch = begin_many(&t, &[a, b], t0);
+        let single = r.join().unwrap();
+        assert_eq!(batch[0], Admit::Fresh);
+        assert_eq!(fresh_count(&[batch[1], single]), 1, "{batch:?} {single:?}");
+        for k in [a, b] {
+            assert_eq!(t.begin(k, later).unwrap(), Admit::InProgress);
+            assert!(t.complete(k, later));
+            assert_eq!(t.begin(k, later).unwrap(), Admit::Duplicate);
+        }
+    });
+}

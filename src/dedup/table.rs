@@ -69,6 +69,29 @@ const WARN_EVERY_MS: u64 = 10_000;
 
 type SegList = Vec<Arc<Segment>>;
 
+/// A claim of [`IdTable::begin_many`] published but not yet arbitrated: where its
+/// answer goes in `out`, and what `arbitrate`/`commit` need.
+#[derive(Clone, Copy)]
+struct Pending {
+    pos: usize,
+    key: IdKey,
+    hash: u64,
+    idx: usize,
+    ver: u64,
+    dist: usize,
+}
+
+impl Pending {
+    const NONE: Pending = Pending {
+        pos: 0,
+        key: IdKey(0),
+        hash: 0,
+        idx: 0,
+        ver: 0,
+        dist: 0,
+    };
+}
+
 /// A lock-free set of [`IdKey`]s that forgets completed keys after a horizon and
 /// grows with the key rate up to a memory budget (see the module doc).
 ///
@@ -284,7 +307,11 @@ impl IdTable {
     /// `out`: the same answers as calling `begin` one key at a time, but faster for
     /// large tables, because the home slots of the next keys are prefetched while one
     /// key is claimed (each `begin` on a table much larger than the CPU cache waits for
-    /// one memory miss; here up to [`BATCH_LOOKAHEAD`] of them overlap).
+    /// one memory miss; here up to [`BATCH_LOOKAHEAD`] of them overlap), and because
+    /// each group of [`BATCH_LOOKAHEAD`] keys is claimed first and then arbitrated after
+    /// ONE `SeqCst` fence, where `begin` pays a fence per key. Racers see a group's
+    /// claimed keys as `InProgress` until the group is arbitrated, as they see one
+    /// `begin`'s key until it commits.
     ///
     /// ```
     /// use std::time::{Duration, Instant};
@@ -305,22 +332,20 @@ impl IdTable {
         out: &mut Vec<Result<Admit, DedupError>>,
     ) {
         out.reserve(keys.len());
+        let now_ms = self.ms(now);
         let g = pin();
-        let list = self.segs.load(&g);
         let warm = |k: IdKey| {
             let hash = key_hash(k);
-            for s in list.iter() {
+            for s in self.segs.load(&g).iter() {
                 s.prefetch(hash);
             }
         };
         for &k in keys.iter().take(BATCH_LOOKAHEAD) {
             warm(k);
         }
-        for (i, &k) in keys.iter().enumerate() {
-            if let Some(&next) = keys.get(i + BATCH_LOOKAHEAD) {
-                warm(next);
-            }
-            out.push(self.begin(k, now));
+        let mut next = 0;
+        while next < keys.len() {
+            next = self.begin_group(keys, next, now, now_ms, &g, &warm, out);
         }
     }
 
@@ -379,6 +404,112 @@ impl IdTable {
             .iter()
             .rev()
             .any(|s| s.settle(key, hash, done_at))
+    }
+
+    /// One group of [`begin_many`](Self::begin_many): up to [`BATCH_LOOKAHEAD`] keys
+    /// from `start` are claimed in the current generation (each publishes its
+    /// `PENDING` copy), then ONE `SeqCst` fence orders all those publications before
+    /// the arbitration scans, then each claim is arbitrated and committed as in
+    /// [`begin`](Self::begin). Dekker's argument holds per key: every copy is
+    /// published before the fence that precedes its scans, so of two racers on one
+    /// key at least one sees the other. Anything unusual (a roll due, a closed or full
+    /// generation) first settles the claims made so far and hands that key to `begin`.
+    /// Returns the index of the next key.
+    #[allow(clippy::too_many_arguments)]
+    fn begin_group(
+        &self,
+        keys: &[IdKey],
+        start: usize,
+        now: Instant,
+        now_ms: u64,
+        g: &Pin,
+        warm: &impl Fn(IdKey),
+        out: &mut Vec<Result<Admit, DedupError>>,
+    ) -> usize {
+        let list = self.segs.load(g);
+        let cur = list.last().expect("a table always has a generation");
+        let older = &list[..list.len() - 1];
+        let roll_due =
+            now_ms >= self.next_roll_ms.load(Ordering::Relaxed) && self.roll_due(cur, now_ms);
+        let end = (start + BATCH_LOOKAHEAD).min(keys.len());
+        let mut pending = [Pending::NONE; BATCH_LOOKAHEAD];
+        let mut n = 0;
+        let mut i = start;
+        let mut one_by_one = roll_due;
+        while i < end && !one_by_one {
+            let key = keys[i];
+            let hash = key_hash(key);
+            if let Some(a) = older.iter().find_map(|s| s.lookup(key, hash, now_ms)) {
+                out.push(Ok(a));
+            } else if !cur.enter() {
+                one_by_one = true;
+                continue;
+            } else {
+                match cur.claim(key, hash, now_ms) {
+                    Claim::Live(a) => {
+                        cur.leave();
+                        out.push(Ok(a));
+                    }
+                    Claim::Full => {
+                        cur.leave();
+                        one_by_one = true;
+                        continue;
+                    }
+                    Claim::Claimed {
+                        idx,
+                        ver,
+                        dist,
+                        reclaimed,
+                    } => {
+                        if reclaimed {
+                            self.expired_reclaimed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        pending[n] = Pending {
+                            pos: out.len(),
+                            key,
+                            hash,
+                            idx,
+                            ver,
+                            dist,
+                        };
+                        n += 1;
+                        out.push(Ok(Admit::Fresh)); // settled below
+                    }
+                }
+            }
+            if let Some(&k) = keys.get(i + BATCH_LOOKAHEAD) {
+                warm(k);
+            }
+            i += 1;
+        }
+        if n > 0 {
+            fence(Ordering::SeqCst);
+            for p in &pending[..n] {
+                let verdict = self.arbitrate(g, cur, p.key, p.hash, p.idx, p.dist, now_ms);
+                out[p.pos] = Ok(match verdict {
+                    None if cur.commit(p.idx, p.ver) => Admit::Fresh,
+                    None => {
+                        cur.leave();
+                        Admit::InProgress
+                    }
+                    Some(answer) => {
+                        cur.retract(p.idx, p.ver);
+                        cur.leave();
+                        answer
+                    }
+                });
+            }
+        }
+        if one_by_one && i < end {
+            // Every earlier key is settled: `begin` sees what it would have seen one
+            // key at a time (and rolls, waits for a closer, or refuses as it does).
+            out.push(self.begin(keys[i], now));
+            if let Some(&k) = keys.get(i + BATCH_LOOKAHEAD) {
+                warm(k);
+            }
+            i += 1;
+        }
+        i
     }
 
     #[allow(clippy::too_many_arguments)]
