@@ -6,9 +6,9 @@
 //! `recv_many` takes every delivery already queued in one call. The single-message
 //! calls keep working and mean the same thing.
 
-use super::{
-    encode_with, Command, Delivery, RawReceiver, RawSender, Receipt, Receiver, SendError, Sender,
-};
+use super::driver::Command;
+use super::handles::encode_with;
+use super::{Delivery, RawReceiver, RawSender, Receipt, Receiver, SendError, Sender};
 use crate::codec::{Decode, Encode};
 use crate::id::IdKey;
 use bytes::Bytes;

@@ -7,7 +7,8 @@
 //! [`MESSAGE_TARGET`] at `trace` level only, each inside the span of its stream (see
 //! the README's "Observability" section for the whole table).
 
-use super::{Outcome, ReceiptReply, SendError};
+use super::driver::ReceiptReply;
+use super::{Outcome, SendError};
 use crate::id::{ChannelId, MessageId, NodeId, Origin};
 use crate::proto::SendRef;
 use crate::wire::Frame;

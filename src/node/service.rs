@@ -6,8 +6,9 @@
 //! [`Receipt`] as the response future. Sending is [`RawSender`]'s, so a message sent
 //! through the service goes exactly the way `send` would send it.
 
+use super::handles::encode_with;
 use super::sink::WindowSlot;
-use super::{encode_with, Outcome, RawSender, Receipt, SendError, Sender};
+use super::{Outcome, RawSender, Receipt, SendError, Sender};
 use crate::codec::{Bincode, Encode};
 use bytes::Bytes;
 use std::fmt;

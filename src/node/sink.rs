@@ -6,7 +6,8 @@
 //! is [`RawSender`]'s (`check` and `enqueue`), so a sink's message goes exactly the way
 //! `send` would send it.
 
-use super::{encode_with, Outcome, RawSender, Receipt, SendError, Sender};
+use super::handles::encode_with;
+use super::{Outcome, RawSender, Receipt, SendError, Sender};
 use crate::codec::{Bincode, Encode};
 use bytes::Bytes;
 use std::collections::VecDeque;

@@ -1,0 +1,296 @@
+//! Building a node: [`NodeBuilder`] validates the configuration, starts the transport
+//! (retrying a TCP bind whose address is still in use for [`BIND_RETRY`]) and the
+//! driver task, and returns the [`Node`] handle.
+//!
+//! Owns the builder's settings and the start-up order; must not hold protocol logic
+//! or anything that runs after `build` returns (that is the driver's).
+
+use super::completions::CompletionStack;
+use super::config::check_tcp;
+use super::dead_letter::DeadLetterQueue;
+use super::driver::{now, supervise, Driver, BURST};
+use super::handles::Completions;
+#[cfg(feature = "metrics")]
+use super::metrics;
+use super::observe;
+use super::shared::{NodeState, Shared};
+use super::spool::Spool;
+use super::{Node, NodeConfig, NodeError};
+use crate::dedup::Dedup;
+use crate::detector::{FailureDetector, Health};
+use crate::id::{NodeId, Origin};
+use crate::proto::Endpoint;
+use crate::retry::later;
+use crate::transport::tcp::{TcpConfig, TcpTransport};
+use crate::transport::{Link, LinkCommand, Transport};
+use rustc_hash::FxHashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, watch};
+
+/// Builds a [`Node`].
+#[derive(Debug)]
+pub struct NodeBuilder {
+    pub(super) id: NodeId,
+    pub(super) tcp: Option<(SocketAddr, TcpConfig)>,
+    pub(super) transport: Option<Box<dyn TransportDebug>>,
+    pub(super) peers: Vec<(NodeId, SocketAddr)>,
+    pub(super) config: NodeConfig,
+    pub(super) seed: Option<u64>,
+    pub(super) trust: TcpTrust,
+}
+
+/// The builder's trust settings for the built-in TCP transport.
+#[derive(Debug, Default)]
+pub(super) struct TcpTrust {
+    allowed: Vec<NodeId>,
+    accept_unknown_peers: Option<bool>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::transport::tls::TlsConfig>,
+}
+
+/// `Transport` plus `Debug`, so the builder can derive `Debug`.
+pub(super) trait TransportDebug: Transport + std::fmt::Debug {
+    fn into_transport(self: Box<Self>) -> Box<dyn Transport>;
+}
+impl<T: Transport + std::fmt::Debug> TransportDebug for T {
+    fn into_transport(self: Box<Self>) -> Box<dyn Transport> {
+        self
+    }
+}
+
+impl NodeBuilder {
+    /// Listen on `addr` with the TCP transport and its default settings.
+    pub fn bind(self, addr: SocketAddr) -> Self {
+        self.tcp(addr, TcpConfig::default())
+    }
+
+    /// Listen on `addr` with the TCP transport configured by `config`.
+    ///
+    /// If the address is still held by a node that is shutting down (a restart on the
+    /// same port), `build` retries the bind for up to [`BIND_RETRY`].
+    pub fn tcp(mut self, addr: SocketAddr, config: TcpConfig) -> Self {
+        self.tcp = Some((addr, config));
+        self.transport = None;
+        self
+    }
+
+    /// Use this transport (e.g. `mem` in tests, or your own).
+    pub fn transport<T: Transport + std::fmt::Debug>(mut self, transport: T) -> Self {
+        self.transport = Some(Box::new(transport));
+        self.tcp = None;
+        self
+    }
+
+    /// A peer reachable at `addr` (TCP). More can be added later with
+    /// [`Node::add_peer`]. The failure detector watches it from the start: a peer that
+    /// never answers is declared Down after a few heartbeats (and, with handoff, sends
+    /// to it become hints) rather than only failing each message at its deadline.
+    pub fn peer(mut self, id: NodeId, addr: SocketAddr) -> Self {
+        self.peers.push((id, addr));
+        self
+    }
+
+    /// Accept inbound connections from `id` without knowing its address (TCP without
+    /// TLS; peers given to [`peer`](Self::peer) are accepted already).
+    pub fn allow_peer(mut self, id: NodeId) -> Self {
+        self.trust.allowed.push(id);
+        self
+    }
+
+    /// Without TLS, accept inbound connections from any node id (default `false`: only
+    /// configured or allowed peers). Overrides [`TcpConfig::accept_unknown_peers`].
+    pub fn accept_unknown_peers(mut self, accept: bool) -> Self {
+        self.trust.accept_unknown_peers = Some(accept);
+        self
+    }
+
+    /// Run the TCP transport over mutual TLS 1.3 (see [`crate::transport::tls`]).
+    /// Applies to the built-in transport ([`bind`](Self::bind), [`tcp`](Self::tcp));
+    /// a transport given to [`transport`](Self::transport) is configured directly
+    /// (`TcpTransport::with_tls`). The same holds for `allow_peer` and
+    /// `accept_unknown_peers`.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::transport::tls::TlsConfig) -> Self {
+        self.trust.tls = Some(tls);
+        self
+    }
+
+    /// Node settings.
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Fix the seed of retransmission jitter (reproducible runs). Default: random.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Validate, start the transport and the driver task. Must run inside a tokio
+    /// runtime.
+    ///
+    /// Every configuration value is checked first ([`NodeConfig::validate`]; with TCP
+    /// also `TcpConfig::validate`, `connect_timeout`, `handshake_timeout` and
+    /// `backoff_min` of at least 1 ms, `channel_capacity` and `queue_bound` within
+    /// tokio's channel limit, and `max_payload` against the frame limit): a bad value
+    /// fails with [`NodeError::Config`] naming the field and the bound.
+    pub async fn build(self) -> Result<Node, NodeError> {
+        self.config.validate()?;
+        if let Some((_, tcp)) = &self.tcp {
+            check_tcp(&self.config, tcp)?;
+        }
+        let dials_by_id = self.transport.as_ref().is_some_and(|t| t.dials_by_id());
+        let origin = Origin::new_random(self.id);
+        let dedup = Arc::new(Dedup::open(self.config.dedup.clone())?);
+        let mut tcp_stats = None;
+        let link = match (self.transport, self.tcp) {
+            (Some(t), _) => {
+                let mut t = t.into_transport();
+                t.batch_frames();
+                t.start(origin)?
+            }
+            (None, Some((addr, cfg))) => {
+                let (link, stats) = start_tcp(addr, cfg, &self.peers, self.trust, origin).await?;
+                tcp_stats = Some(stats);
+                link
+            }
+            (None, None) => return Err(NodeError::NoTransport),
+        };
+        let local_addr = link.local_addr;
+        let watched: Vec<NodeId> = self.peers.iter().map(|(id, _)| *id).collect();
+        for (id, addr) in self.peers {
+            let _ = link
+                .commands
+                .send(LinkCommand::AddPeer { peer: id, addr })
+                .await;
+        }
+        let seed = self.seed.unwrap_or_else(crate::rng::seed_from_entropy);
+        let start = now();
+        let spool = match self.config.handoff.clone() {
+            Some(cfg) => Some(Spool::open(cfg, origin, start)?),
+            None => None,
+        };
+        let mut detector =
+            FailureDetector::new(self.config.detector).map_err(crate::ConfigError::Detector)?;
+        for peer in &watched {
+            detector.heartbeat(*peer, start); // watched from the start
+        }
+        let dead_letters = match &self.config.dead_letter_dir {
+            Some(dir) => DeadLetterQueue::durable(self.config.dead_letter_capacity, dir)?,
+            None => DeadLetterQueue::new(self.config.dead_letter_capacity),
+        };
+        let (health_tx, _) = broadcast::channel(256);
+        let handoff_on_down = self.config.handoff.as_ref().is_some_and(|h| h.on_down);
+        let mut endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
+        endpoint.set_authorization(self.config.authorization.clone());
+        let shared = Arc::new(Shared {
+            windows: Mutex::new(FxHashMap::default()),
+            receivers: Mutex::new(FxHashMap::default()),
+            health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),
+            health_tx: health_tx.clone(),
+            conflict_tx: broadcast::channel(64).0,
+            versions: Mutex::new(FxHashMap::default()),
+            window: self.config.proto.max_in_flight,
+            max_payload: self.config.max_payload,
+            decode_failed: AtomicU64::new(0),
+            decode_warned: Mutex::new(None),
+            no_receiver: AtomicU64::new(0),
+            no_receiver_warned: Mutex::new(None),
+            dead_letters: Arc::new(dead_letters),
+            known: Mutex::new(watched.iter().copied().collect()),
+            any_peer: self.config.allow_dynamic_peers || dials_by_id,
+            fail_fast_down: self.config.fail_fast_when_down && !handoff_on_down,
+            state: watch::channel(NodeState::Running).0,
+            #[cfg(feature = "metrics")]
+            node: self.id,
+        });
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            endpoint,
+            link,
+            burst: Vec::with_capacity(BURST + 1),
+            commands: cmd_rx,
+            receipts: Default::default(),
+            #[cfg(feature = "metrics")]
+            metrics: metrics::NodeMetrics::new(self.id),
+            spans: observe::StreamSpans::default(),
+            receivers: FxHashMap::default(),
+            shared: shared.clone(),
+            completions: Arc::new(Completions {
+                stack: CompletionStack::new(),
+                wake: tokio::sync::Notify::new(),
+                commands: cmd_tx.clone(),
+            }),
+            completed: Vec::new(),
+            outbox: FxHashMap::default(),
+            detector,
+            heartbeat_every: self.config.heartbeat_interval,
+            next_heartbeat: later(start, self.config.heartbeat_interval),
+            nonce: 0,
+            health_tx,
+            spool,
+            handed_off: 0,
+            handoff_refused: 0,
+            shutdown_drain: self.config.shutdown_drain,
+            draining_until: None,
+            durable_acks: Vec::new(),
+            clock: start,
+        };
+        let task = tokio::spawn(supervise(driver, shared.clone(), origin));
+        Ok(Node {
+            origin,
+            tcp_stats,
+            local_addr,
+            commands: cmd_tx,
+            shared,
+            task: Mutex::new(Some(task)),
+        })
+    }
+}
+
+/// How long [`NodeBuilder::build`] keeps retrying a TCP bind whose address is in use.
+pub const BIND_RETRY: Duration = Duration::from_secs(2);
+
+async fn start_tcp(
+    addr: SocketAddr,
+    mut cfg: TcpConfig,
+    peers: &[(NodeId, SocketAddr)],
+    trust: TcpTrust,
+    origin: Origin,
+) -> Result<(Link, Arc<crate::transport::tcp::TcpStats>), NodeError> {
+    let give_up = tokio::time::Instant::now() + BIND_RETRY;
+    if let Some(accept) = trust.accept_unknown_peers {
+        cfg.accept_unknown_peers = accept;
+    }
+    loop {
+        let mut transport =
+            TcpTransport::new(addr, cfg.clone()).map_err(crate::ConfigError::Tcp)?;
+        // Known before the first inbound connection can arrive (the node's AddPeer
+        // commands follow, and also make the transport dial them).
+        for (id, addr) in peers {
+            transport = transport.with_peer(*id, *addr);
+        }
+        for id in &trust.allowed {
+            transport = transport.allow_peer(*id);
+        }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &trust.tls {
+            transport = transport.with_tls(tls.clone());
+        }
+        let stats = transport.stats();
+        transport.batch_frames();
+        match Box::new(transport).start(origin).map(|link| (link, stats)) {
+            Err(crate::transport::TransportError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < give_up =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+}

@@ -1,0 +1,927 @@
+//! The tokio driver: one task per node runs [`Driver::run`] under [`supervise`].
+//!
+//! Owns tasks, the transport link, the clock and the one timer of the node; holds no
+//! protocol logic (that is [`crate::proto::Endpoint`]). The driver is a loop: read
+//! transport events and application commands ([`Command`]) → feed the endpoint; the
+//! timer fires → feed the endpoint; then poll the endpoint → write frames, hand
+//! deliveries to receivers, resolve receipts, and reset the single `Sleep` to the
+//! earliest deadline.
+
+use super::dead_letter::DeadLetterReason;
+use super::error::NodeFailure;
+use super::handles::Completions;
+#[cfg(feature = "metrics")]
+use super::metrics;
+use super::observe::{self, PendingReceipt, MESSAGE_TARGET};
+use super::shared::{NodeState, Shared};
+use super::spool::Spool;
+use super::{
+    AckError, ChannelOptions, DeadLetter, Delivery, DeliveryHandle, IdentityConflict, NodeError,
+    Outcome, ReceiverOptions, SendError, Stats,
+};
+use crate::detector::{FailureDetector, Health, HealthChange};
+use crate::id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
+use crate::proto::{Completion, DeliveryRef, Endpoint, Event, Outgoing, SendRef};
+use crate::retry::{later, GiveUp};
+use crate::transport::{Link, LinkCommand, LinkEvent};
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Runs the driver and makes its end visible: a panic is logged at error level and
+/// recorded as the node's [`NodeFailure`] *before* the driver's state is dropped, so
+/// every receipt, window wait and later call it fails sees [`NodeError::Failed`] /
+/// [`SendError::NodeFailed`] rather than a plain shutdown.
+pub(super) async fn supervise(driver: Driver, shared: Arc<Shared>, origin: Origin) {
+    let span = tracing::info_span!("node", node = %origin);
+    let mut run = Box::pin(tracing::Instrument::instrument(driver.run(), span));
+    match (CatchUnwind(&mut run)).await {
+        Ok(()) => {
+            shared.state.send_replace(NodeState::Closed);
+        }
+        Err(panic) => {
+            let cause: Arc<str> = if let Some(s) = panic.downcast_ref::<&str>() {
+                (*s).into()
+            } else if let Some(s) = panic.downcast_ref::<String>() {
+                s.as_str().into()
+            } else {
+                "driver panicked (non-string payload)".into()
+            };
+            tracing::error!(node = %origin, %cause, "node driver panicked: the node is dead, every call now fails with NodeError::Failed");
+            shared
+                .state
+                .send_replace(NodeState::Failed(NodeFailure { cause }));
+            shared.close_windows();
+        }
+    }
+    // Only now drop the driver (its receipts and receiver queues).
+    drop(run);
+}
+
+/// Polls a future, turning a panic inside it into `Err(payload)`.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// Where a receipt waits for its outcome.
+pub(super) type ReceiptReply = oneshot::Sender<Result<Outcome, SendError>>;
+
+/// Where an `ack_durable` caller waits for its answer.
+type AckReply = oneshot::Sender<Result<(), AckError>>;
+
+#[derive(Debug)]
+pub(super) enum Command {
+    Send {
+        peer: NodeId,
+        options: ChannelOptions,
+        payload: Bytes,
+        key: Option<IdKey>,
+        schema: u32,
+        reply: oneshot::Sender<Result<Outcome, SendError>>,
+    },
+    /// Several messages of one sender, each holding one window permit.
+    SendBatch {
+        peer: NodeId,
+        options: ChannelOptions,
+        schema: u32,
+        items: Vec<(Bytes, Option<IdKey>, ReceiptReply)>,
+    },
+    Complete {
+        delivery: DeliveryRef,
+        how: Completion,
+        /// `ack_durable`: resolved once the completion is persisted and its ack sent.
+        done: Option<oneshot::Sender<Result<(), AckError>>>,
+    },
+    Register {
+        channel: ChannelId,
+        options: ReceiverOptions,
+        schema: u32,
+        tx: mpsc::UnboundedSender<Delivery<Bytes>>,
+    },
+    /// A delivery the typed receiver could not decode: to the dead letters, and
+    /// rejected to its sender.
+    Undecodable {
+        delivery: DeliveryRef,
+        payload: Bytes,
+    },
+    AddPeer {
+        peer: NodeId,
+        addr: SocketAddr,
+    },
+    Stats(oneshot::Sender<Stats>),
+    /// Graceful shutdown: stop taking sends, drain, spool, stop.
+    Drain,
+    Decommission {
+        peer: NodeId,
+        reply: oneshot::Sender<Result<u64, NodeError>>,
+    },
+    Shutdown,
+}
+
+pub(super) struct Driver {
+    pub(super) endpoint: Endpoint,
+    pub(super) link: Link,
+    /// Link events of the current wake-up (reused buffer).
+    pub(super) burst: Vec<LinkEvent>,
+    pub(super) commands: mpsc::UnboundedReceiver<Command>,
+    pub(super) receipts: rustc_hash::FxHashMap<SendRef, (Guarantee, PendingReceipt)>,
+    #[cfg(feature = "metrics")]
+    pub(super) metrics: metrics::NodeMetrics,
+    /// The `stream` span of each stream with traced per-message events.
+    pub(super) spans: observe::StreamSpans,
+    pub(super) receivers: FxHashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
+    pub(super) shared: Arc<Shared>,
+    /// Handed to deliveries so their completions come back here.
+    pub(super) completions: Arc<Completions>,
+    /// Completions drained from `completions`, reused.
+    pub(super) completed: Vec<(DeliveryRef, Completion)>,
+    pub(super) outbox: FxHashMap<NodeId, Vec<crate::wire::Frame>>,
+    pub(super) detector: FailureDetector,
+    pub(super) heartbeat_every: Duration,
+    pub(super) next_heartbeat: std::time::Instant,
+    pub(super) nonce: u64,
+    pub(super) health_tx: broadcast::Sender<HealthChange>,
+    pub(super) spool: Option<Spool>,
+    pub(super) handed_off: u64,
+    pub(super) handoff_refused: u64,
+    pub(super) shutdown_drain: Duration,
+    pub(super) draining_until: Option<std::time::Instant>,
+    /// `ack_durable` waiters: the delivery, the persist-error count before it was
+    /// completed, and where to answer.
+    pub(super) durable_acks: Vec<(DeliveryRef, u64, AckReply)>,
+    /// The driver's notion of now: read once per wake-up.
+    pub(super) clock: std::time::Instant,
+}
+
+/// Work items taken per wake-up before frames are flushed, so bursts batch.
+pub(super) const BURST: usize = 256;
+
+/// Frames a link event carries (counted against [`BURST`]; other events count one).
+fn frames_in(ev: &LinkEvent) -> usize {
+    match ev {
+        LinkEvent::Frames { frames, .. } => frames.len(),
+        _ => 1,
+    }
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
+        loop {
+            let deadline = self.next_deadline();
+            if let Some(d) = deadline {
+                sleep.as_mut().reset(tokio::time::Instant::from_std(d));
+            }
+            tokio::select! {
+                biased;
+                cmd = self.commands.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    // One clock read per burst, not per item (it showed in profiles).
+                    self.clock = now();
+                    if !self.on_command(cmd) { break; }
+                    for _ in 0..BURST {
+                        match self.commands.try_recv() {
+                            Ok(cmd) => if !self.on_command(cmd) { self.stop().await; return; },
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = self.completions.wake.notified() => {
+                    self.clock = now();
+                }
+                ev = self.link.events.recv() => {
+                    let Some(ev) = ev else { break };
+                    self.clock = now();
+                    // Take the burst first and hint its frames to the endpoint, so the
+                    // dedup lookups of a burst of keyed messages overlap their cache
+                    // misses instead of waiting for one after another.
+                    let mut burst = std::mem::take(&mut self.burst);
+                    let mut frames = frames_in(&ev);
+                    burst.push(ev);
+                    while frames <= BURST {
+                        match self.link.events.try_recv() {
+                            Ok(ev) => {
+                                frames += frames_in(&ev);
+                                burst.push(ev);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    for ev in &burst {
+                        match ev {
+                            LinkEvent::Frame { frame, .. } => self.endpoint.prefetch(frame),
+                            LinkEvent::Frames { frames, .. } => {
+                                frames.iter().for_each(|f| self.endpoint.prefetch(f))
+                            }
+                            _ => {}
+                        }
+                    }
+                    for ev in burst.drain(..) {
+                        self.on_link(ev);
+                    }
+                    self.burst = burst;
+                }
+                _ = &mut sleep, if deadline.is_some() => {}
+            }
+            let now = now();
+            self.clock = now;
+            self.take_completions();
+            if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+                // Acks that already arrived settle their messages before any timer
+                // calls them lost: after a stall (a busy machine, a long burst of
+                // sends above) the queue can hold acks older than the expired timers,
+                // and handling the timers first retransmits what the peer already has.
+                for _ in 0..16 * BURST {
+                    match self.link.events.try_recv() {
+                        Ok(ev) => self.on_link(ev),
+                        Err(_) => break,
+                    }
+                }
+                self.take_completions();
+                self.endpoint.handle_timeout(now);
+            }
+            self.dispatch();
+            self.housekeeping(now);
+            if !self.flush(now).await {
+                break;
+            }
+            self.resolve_durable_acks();
+            if let Some(until) = self.draining_until {
+                if self.receipts.is_empty() || now >= until {
+                    self.spool_all(now);
+                    // A clean end of this run: receivers may retire its streams.
+                    if self.endpoint.finish_streams() > 0 {
+                        let _ = self.flush(now).await;
+                    }
+                    break;
+                }
+            }
+        }
+        self.stop().await;
+    }
+
+    /// Shutdown: every message still unacknowledged goes to the hint store.
+    fn spool_all(&mut self, now: std::time::Instant) {
+        if self.spool.is_none() {
+            return;
+        }
+        let peers: std::collections::HashSet<NodeId> =
+            self.receipts.keys().map(|r| r.peer).collect();
+        for peer in peers {
+            self.hand_off_to_down(peer, None, now);
+        }
+        tracing::info!(
+            left = self.receipts.len(),
+            "spooled unacknowledged messages"
+        );
+    }
+
+    fn on_command(&mut self, cmd: Command) -> bool {
+        let now = self.clock;
+        match cmd {
+            Command::Send {
+                peer,
+                options,
+                payload,
+                key,
+                schema,
+                reply,
+            } => self.send_one(peer, options, schema, payload, key, reply),
+            Command::SendBatch {
+                peer,
+                options,
+                schema,
+                items,
+            } => {
+                for (payload, key, reply) in items {
+                    self.send_one(peer, options, schema, payload, key, reply);
+                }
+            }
+            Command::Complete {
+                delivery,
+                how,
+                done,
+            } => {
+                let errors = done
+                    .is_some()
+                    .then(|| self.endpoint.stats().dedup_persist_errors);
+                self.complete(now, delivery, how);
+                if let (Some(done), Some(errors)) = (done, errors) {
+                    self.durable_acks.push((delivery, errors, done));
+                }
+            }
+            Command::Register {
+                channel,
+                options,
+                schema,
+                tx,
+            } => {
+                self.receivers.insert(channel, tx);
+                self.endpoint.accept_channel_with(
+                    channel,
+                    crate::proto::Accept::new(options.ordered, options.max_deliveries)
+                        .schema(schema),
+                );
+            }
+            Command::Undecodable { delivery, payload } => {
+                if delivery.guarantee != Guarantee::AtMostOnce {
+                    self.dead_letter(delivery, payload, DeadLetterReason::Undecodable);
+                }
+                self.endpoint.complete(
+                    now,
+                    delivery,
+                    Completion::Reject(crate::wire::RejectReason::Undecodable),
+                );
+            }
+            Command::AddPeer { peer, addr } => {
+                if self.detector.state(peer).is_none() {
+                    self.watch(peer, now);
+                }
+                let _ = self
+                    .link
+                    .commands
+                    .try_send(LinkCommand::AddPeer { peer, addr });
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(Stats {
+                    proto: self.endpoint.stats(),
+                    dedup: self.endpoint.dedup_stats(),
+                    decode_failed: 0,
+                    no_receiver: 0,
+                    hints: self.spool.as_ref().map(Spool::stats),
+                    handed_off: self.handed_off,
+                    handoff_refused: self.handoff_refused,
+                    dead_letters_dropped: self.shared.dead_letters.dropped(),
+                    dead_letters_not_persisted: self.shared.dead_letters.not_persisted(),
+                });
+            }
+            Command::Decommission { peer, reply } => {
+                self.detector.remove(peer);
+                self.spans.forget(peer);
+                let res = match &mut self.spool {
+                    Some(spool) => spool
+                        .decommission(peer, &mut self.endpoint)
+                        .map_err(NodeError::from),
+                    None => Ok(0),
+                };
+                if let Ok(n) = res {
+                    tracing::info!(%peer, dropped = n, "peer decommissioned; its hints dropped");
+                }
+                let _ = reply.send(res);
+            }
+            Command::Shutdown => return false,
+            Command::Drain => {
+                if self.draining_until.is_none() {
+                    tracing::info!(unsettled = self.receipts.len(), "draining before shutdown");
+                    self.draining_until = Some(later(now, self.shutdown_drain));
+                    self.shared.close_windows();
+                }
+            }
+        }
+        true
+    }
+
+    fn on_link(&mut self, ev: LinkEvent) {
+        let now = self.clock;
+        match ev {
+            LinkEvent::Up { origin, version } => {
+                tracing::debug!(peer = %origin, version, "peer up");
+                self.spans.peer_up(origin);
+                self.shared
+                    .versions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(origin.node, version);
+                self.watch(origin.node, now);
+                self.endpoint.handle_peer_up(now, origin, version);
+            }
+            LinkEvent::Down { peer } => {
+                tracing::debug!(%peer, "peer down");
+                self.endpoint.handle_peer_down(now, peer);
+            }
+            LinkEvent::Conflict { live, refused } => {
+                let _ = self
+                    .shared
+                    .conflict_tx
+                    .send(IdentityConflict { live, refused });
+            }
+            LinkEvent::Frame { peer, frame } => self.on_frame(now, peer, frame),
+            LinkEvent::Frames { peer, frames } => {
+                for frame in frames {
+                    self.on_frame(now, peer, frame);
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, now: std::time::Instant, peer: NodeId, frame: crate::wire::Frame) {
+        // Visibility only (the endpoint ignores it): count and warn.
+        let mut data = None;
+        if let crate::wire::Frame::Data(d) = &frame {
+            if !self.receivers.contains_key(&d.channel) {
+                self.shared.no_receiver(peer, d.channel);
+            }
+            data = Some((d.channel, d.seq, d.id));
+        }
+        if let crate::wire::Frame::Nack(n) = &frame {
+            self.spans.outbound(peer, n.channel, || {
+                tracing::trace!(target: MESSAGE_TARGET, %peer, channel = n.channel.0, seq = n.seq, "nack received")
+            });
+        }
+        let duplicates = self.endpoint.duplicates_dropped();
+        self.endpoint.handle_frame(now, peer, frame);
+        let duplicates = self.endpoint.duplicates_dropped() - duplicates;
+        if let (Some((channel, seq, id)), 1..) = (data, duplicates) {
+            self.spans.inbound_from(peer, channel, || {
+                tracing::trace!(target: MESSAGE_TARGET, id = ?id, from = %peer, channel = channel.0, seq, "duplicate dropped")
+            });
+            #[cfg(feature = "metrics")]
+            self.metrics.duplicates(peer, channel, duplicates);
+        }
+    }
+
+    fn dispatch(&mut self) {
+        let now = self.clock;
+        while let Some(ev) = self.endpoint.poll_event() {
+            match ev {
+                Event::Deliver { delivery, payload } => {
+                    let Some(tx) = self.receivers.get(&delivery.channel) else {
+                        self.endpoint.unaccept_channel(delivery.channel);
+                        self.endpoint.complete(now, delivery, Completion::Refuse);
+                        continue;
+                    };
+                    self.spans.inbound(delivery.origin, delivery.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, "deliver")
+                    });
+                    #[cfg(feature = "metrics")]
+                    self.metrics
+                        .delivered(delivery.origin.node, delivery.channel);
+                    // At-most-once deliveries are finished too: that frees credit.
+                    let completion = Some((delivery, self.completions.clone()));
+                    let d = Delivery {
+                        message: payload,
+                        id: delivery.id,
+                        from: delivery.origin,
+                        channel: delivery.channel,
+                        guarantee: delivery.guarantee,
+                        handle: DeliveryHandle { completion },
+                    };
+                    if let Err(mpsc::error::SendError(mut d)) = tx.send(d) {
+                        // The receiver is gone: refuse (the stream rewinds; the sender
+                        // retries until a receiver appears, or is told there is none
+                        // after the grace period).
+                        d.handle.completion.take();
+                        self.receivers.remove(&delivery.channel);
+                        self.endpoint.unaccept_channel(delivery.channel);
+                        self.endpoint.complete(now, delivery, Completion::Refuse);
+                    }
+                }
+                Event::Settled(r) => {
+                    if let Some(spool) = &mut self.spool {
+                        if spool.on_settled(r, &mut self.endpoint) {
+                            self.spans.outbound(r.peer, r.channel, || {
+                                tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "replayed hint acked")
+                            });
+                            #[cfg(feature = "metrics")]
+                            self.metrics.hint_replayed(r);
+                            continue;
+                        }
+                    }
+                    if let Some((g, reply)) = self.receipts.remove(&r) {
+                        self.spans.outbound(r.peer, r.channel, || {
+                            tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "acked")
+                        });
+                        #[cfg(feature = "metrics")]
+                        self.metrics
+                            .settled(r, &reply.tracked, g != Guarantee::AtMostOnce, now);
+                        let outcome = if g == Guarantee::AtMostOnce {
+                            Outcome::Sent
+                        } else {
+                            Outcome::Acked
+                        };
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Event::GaveUp {
+                    send,
+                    reason,
+                    attempts,
+                    payload,
+                    id,
+                } => {
+                    if let Some(spool) = &mut self.spool {
+                        if spool.on_gave_up(send) {
+                            continue; // a replay: it stays in the store
+                        }
+                    }
+                    let Some((g, reply)) = self.receipts.remove(&send) else {
+                        continue;
+                    };
+                    self.spans.outbound(send.peer, send.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, ?reason, attempts, "gave up")
+                    });
+                    #[cfg(feature = "metrics")]
+                    self.metrics.gave_up(send);
+                    let hand_off = self.spool.as_ref().is_some_and(|s| s.config().on_give_up);
+                    let res = if hand_off {
+                        self.store_hint(send, id, g, payload, now)
+                    } else {
+                        Err(match reason {
+                            GiveUp::MaxAttempts => SendError::AttemptsExhausted { attempts },
+                            _ => SendError::Deadline { attempts },
+                        })
+                    };
+                    match &res {
+                        Ok(_) => self.endpoint.hint_stored(send, id),
+                        Err(SendError::HandoffRefused { .. }) => self.handoff_refused += 1,
+                        Err(_) => {}
+                    }
+                    let _ = reply.send(res);
+                }
+                Event::Rejected { send, reason } => {
+                    self.spans.outbound(send.peer, send.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected")
+                    });
+                    #[cfg(feature = "metrics")]
+                    self.metrics.rejected(send, reason);
+                    if let Some(spool) = &mut self.spool {
+                        if spool.on_rejected(send, reason, &mut self.endpoint) {
+                            continue;
+                        }
+                    }
+                    if let Some((_, reply)) = self.receipts.remove(&send) {
+                        tracing::debug!(peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "message rejected by its receiver");
+                        let _ = reply.send(Err(SendError::Rejected { reason }));
+                    }
+                }
+                Event::DeadLetter {
+                    delivery,
+                    payload,
+                    deliveries,
+                } => {
+                    self.dead_letters_at(
+                        delivery,
+                        payload,
+                        deliveries,
+                        DeadLetterReason::MaxDeliveries,
+                    );
+                }
+                Event::WindowOpened { peer, channel, n } => {
+                    self.shared
+                        .window_for(peer, channel)
+                        .add_permits(n as usize);
+                }
+                Event::Heard(peer) => self.detector.observe(peer, now),
+                Event::HeartbeatAck(peer) => self.detector.heartbeat(peer, now),
+            }
+        }
+    }
+
+    /// Apply every completion handlers pushed since the last call, oldest first.
+    fn take_completions(&mut self) {
+        let now = self.clock;
+        let mut done = std::mem::take(&mut self.completed);
+        self.completions.stack.drain_into(&mut done);
+        for (delivery, how) in done.drain(..) {
+            self.complete(now, delivery, how);
+        }
+        self.completed = done;
+    }
+
+    /// Finish a delivery in the endpoint (traced; the duplicates it settles counted).
+    fn complete(&mut self, now: std::time::Instant, delivery: DeliveryRef, how: Completion) {
+        self.spans.inbound(delivery.origin, delivery.channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, ?how, "completed")
+        });
+        #[cfg(feature = "metrics")]
+        let duplicates = self.endpoint.duplicates_dropped();
+        self.endpoint.complete(now, delivery, how);
+        #[cfg(feature = "metrics")]
+        self.metrics.duplicates(
+            delivery.origin.node,
+            delivery.channel,
+            self.endpoint.duplicates_dropped() - duplicates,
+        );
+    }
+
+    /// One message from a sender (alone or in a batch); it holds one window permit.
+    fn send_one(
+        &mut self,
+        peer: NodeId,
+        options: ChannelOptions,
+        schema: u32,
+        payload: Bytes,
+        key: Option<IdKey>,
+        reply: oneshot::Sender<Result<Outcome, SendError>>,
+    ) {
+        let now = self.clock;
+        if self.draining_until.is_some() {
+            self.shared.window_for(peer, options.channel).add_permits(1);
+            let _ = reply.send(Err(SendError::Shutdown));
+            return;
+        }
+        let msg = Outgoing {
+            peer,
+            channel: options.channel,
+            guarantee: options.guarantee,
+            payload,
+            id: key.map(MessageId::Key),
+            deadline: options.deadline,
+            schema,
+        };
+        match self.endpoint.send(now, msg) {
+            Ok(r) => {
+                let origin = self.endpoint.origin();
+                self.spans.outbound(peer, r.channel, || {
+                    tracing::trace!(target: MESSAGE_TARGET, id = %observe::sent_id(origin, r, key), %peer, channel = r.channel.0, seq = r.seq, "send")
+                });
+                #[cfg(feature = "metrics")]
+                let reply = PendingReceipt::new(reply, self.metrics.sent(r, now));
+                #[cfg(not(feature = "metrics"))]
+                let reply = PendingReceipt::new(reply);
+                self.receipts.insert(r, (options.guarantee, reply));
+                if options.guarantee != Guarantee::AtMostOnce
+                    && self.detector.state(peer) == Some(Health::Down)
+                    && self.spool.as_ref().is_some_and(|s| s.config().on_down)
+                {
+                    self.hand_off_to_down(peer, Some(r), now);
+                }
+            }
+            Err(crate::proto::StreamError::GuaranteeMismatch { existing, .. }) => {
+                self.shared.window_for(peer, options.channel).add_permits(1);
+                let _ = reply.send(Err(SendError::GuaranteeMismatch { existing }));
+            }
+        }
+    }
+
+    /// Resolve `ack_durable` waiters whose completion is fsynced (the endpoint syncs
+    /// before it produces acks) and whose ack has been handed to the transport.
+    fn resolve_durable_acks(&mut self) {
+        if self.durable_acks.is_empty() {
+            return;
+        }
+        let errors = self.endpoint.stats().dedup_persist_errors;
+        for (delivery, before, done) in std::mem::take(&mut self.durable_acks) {
+            if self.endpoint.ack_owed(&delivery) {
+                self.durable_acks.push((delivery, before, done));
+                continue;
+            }
+            let _ = done.send(if errors > before {
+                Err(AckError::NotPersisted)
+            } else {
+                Ok(())
+            });
+        }
+    }
+
+    /// Keep a delivery the application could not take as a dead letter.
+    fn dead_letter(&mut self, delivery: DeliveryRef, payload: Bytes, reason: DeadLetterReason) {
+        let deliveries = self.endpoint.deliveries(&delivery);
+        self.dead_letters_at(delivery, payload, deliveries, reason);
+    }
+
+    fn dead_letters_at(
+        &mut self,
+        delivery: DeliveryRef,
+        payload: Bytes,
+        deliveries: u32,
+        reason: DeadLetterReason,
+    ) {
+        self.spans.inbound(delivery.origin, delivery.channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, deliveries, ?reason, "dead-lettered")
+        });
+        #[cfg(feature = "metrics")]
+        self.metrics
+            .dead_letter(delivery.origin.node, delivery.channel, reason);
+        self.shared.dead_letters.push(DeadLetter {
+            message: payload,
+            id: delivery.id,
+            from: delivery.origin,
+            channel: delivery.channel,
+            deliveries,
+            reason,
+        });
+    }
+
+    async fn flush(&mut self, now: std::time::Instant) -> bool {
+        while let Some((peer, frame)) = self.endpoint.poll_transmit(now) {
+            self.outbox.entry(peer).or_default().push(frame);
+        }
+        if tracing::enabled!(target: MESSAGE_TARGET, tracing::Level::TRACE) {
+            for (peer, frames) in &self.outbox {
+                let origin = self.endpoint.origin();
+                observe::trace_transmits(
+                    origin,
+                    *peer,
+                    frames.iter(),
+                    &mut self.receipts,
+                    &mut self.spans,
+                );
+            }
+        }
+        // Acks produced by transmits' events are dispatched next round.
+        self.dispatch();
+        for (peer, frames) in self.outbox.iter_mut() {
+            if frames.is_empty() {
+                continue;
+            }
+            let frames = std::mem::take(frames);
+            if self
+                .link
+                .commands
+                .send(LinkCommand::Send {
+                    peer: *peer,
+                    frames,
+                })
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        let now = self.clock;
+        [
+            self.endpoint.poll_timeout(),
+            Some(self.next_heartbeat),
+            self.detector.poll_timeout(),
+            self.spool.as_ref().and_then(|s| s.next_deadline(now)),
+            self.draining_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Start (or keep) watching `peer` in the failure detector; a peer seen for the
+    /// first time is published as Up.
+    fn watch(&mut self, peer: NodeId, now: std::time::Instant) {
+        let new = self.detector.state(peer).is_none();
+        self.detector.heartbeat(peer, now);
+        if new {
+            let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
+            h.entry(peer).or_insert(Health::Up);
+        }
+    }
+
+    /// Heartbeats, failure detection, handoff and replay.
+    fn housekeeping(&mut self, now: std::time::Instant) {
+        #[cfg(feature = "metrics")]
+        self.metrics.sync(&self.endpoint, now, false);
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = later(now, self.heartbeat_every);
+            let peers: Vec<NodeId> = self.detector.peers().map(|(p, _)| p).collect();
+            for peer in peers {
+                self.nonce += 1;
+                self.endpoint.ping(peer, self.nonce);
+            }
+        }
+        for change in self.detector.poll(now) {
+            if change.to == Health::Down {
+                // One line per transition: rate-limited by the detector itself.
+                tracing::warn!(peer = %change.peer, from = ?change.from, "peer is Down (no heartbeat)");
+            } else {
+                tracing::info!(peer = %change.peer, from = ?change.from, to = ?change.to, "peer health changed");
+            }
+            {
+                let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
+                h.insert(change.peer, change.to);
+            }
+            let _ = self.health_tx.send(change);
+            if change.to == Health::Down && self.spool.as_ref().is_some_and(|s| s.config().on_down)
+            {
+                self.hand_off_to_down(change.peer, None, now);
+            }
+        }
+        if let Some(spool) = &mut self.spool {
+            spool.tick(&mut self.endpoint, now);
+            if spool.has_replay_work() {
+                let (detector, endpoint) = (&self.detector, &mut self.endpoint);
+                let ready: Vec<NodeId> = detector
+                    .peers()
+                    .filter(|(p, h)| *h != Health::Down && endpoint.is_up(*p))
+                    .map(|(p, _)| p)
+                    .collect();
+                let shared = &self.shared;
+                spool.replay(
+                    endpoint,
+                    |peer, channel| shared.window_for(peer, channel),
+                    |p| ready.contains(&p),
+                    now,
+                );
+            }
+        }
+        self.dispatch();
+    }
+
+    /// Move unacknowledged messages to `peer` (or only `only`) into the hint store:
+    /// their receipts resolve as handed off. A message the store refuses stays in
+    /// flight and keeps retrying.
+    fn hand_off_to_down(&mut self, peer: NodeId, only: Option<SendRef>, now: std::time::Instant) {
+        for (send, payload, id) in self.endpoint.in_flight_to(peer) {
+            if only.is_some_and(|o| o != send) {
+                continue;
+            }
+            let Some(&(g, _)) = self.receipts.get(&send) else {
+                continue; // a replayed hint: already stored
+            };
+            match self.store_hint(send, id, g, payload, now) {
+                Ok(outcome) => {
+                    if self.endpoint.hand_off(send) {
+                        if let Some((_, reply)) = self.receipts.remove(&send) {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                    }
+                }
+                // A new send the store refuses (e.g. target down longer than the max
+                // hint window) fails now, with the store's reason, rather than at its
+                // deadline.
+                Err(e) if only.is_some() => {
+                    if self.endpoint.abandon(send) {
+                        self.handoff_refused += 1;
+                        if let Some((_, reply)) = self.receipts.remove(&send) {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                // Already in flight when the target went down: keep retrying; its
+                // deadline decides.
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn store_hint(
+        &mut self,
+        send: SendRef,
+        id: MessageId,
+        g: Guarantee,
+        payload: Bytes,
+        now: std::time::Instant,
+    ) -> Result<Outcome, SendError> {
+        let down_for = self
+            .detector
+            .down_since(send.peer)
+            .map(|t| now.saturating_duration_since(t));
+        let Some(spool) = &mut self.spool else {
+            return Err(SendError::HandoffRefused {
+                reason: "hinted handoff is not enabled".into(),
+            });
+        };
+        match spool.store(send, id, g, payload, down_for, now) {
+            Ok(()) => {
+                self.spans.outbound(send.peer, send.channel, || {
+                    tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, "handed off to the hint store")
+                });
+                #[cfg(feature = "metrics")]
+                self.metrics.hint_stored(send);
+                self.handed_off += 1;
+                Ok(Outcome::HandedOff)
+            }
+            Err(e) => {
+                tracing::warn!(peer = %send.peer, %id, error = %e, "hint refused");
+                Err(SendError::HandoffRefused {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    async fn stop(&mut self) {
+        #[cfg(feature = "metrics")]
+        self.metrics.sync(&self.endpoint, self.clock, true);
+        if let Some(spool) = &mut self.spool {
+            spool.sync();
+        }
+        let _ = self.link.commands.send(LinkCommand::Shutdown).await;
+        for (_, (_, reply)) in self.receipts.drain() {
+            let _ = reply.send(Err(SendError::Shutdown));
+        }
+        self.receivers.clear();
+        self.shared.dead_letters.close();
+    }
+}
+
+pub(super) fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}

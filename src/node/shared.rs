@@ -1,0 +1,143 @@
+//! State the driver shares with the node's handles ([`Shared`]): the per-stream window
+//! semaphores, the receivers' registrations, peer health and protocol versions, the
+//! decode and no-receiver counters with their rate-limited warnings, the dead letters,
+//! and the node's lifecycle ([`NodeState`]).
+//!
+//! Owns the locks and the error a call gets once the node has stopped; must not make
+//! protocol decisions (the driver feeds the endpoint, which makes them).
+
+use super::dead_letter::DeadLetterQueue;
+#[cfg(doc)]
+use super::driver::supervise;
+use super::error::NodeFailure;
+use super::{Delivery, IdentityConflict, NodeError, SendError};
+use crate::detector::{Health, HealthChange};
+use crate::id::{ChannelId, MessageId, NodeId};
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) windows: Mutex<FxHashMap<(NodeId, ChannelId), Arc<Semaphore>>>,
+    pub(super) receivers: Mutex<FxHashMap<ChannelId, mpsc::WeakUnboundedSender<Delivery<Bytes>>>>,
+    pub(super) health: Mutex<FxHashMap<NodeId, Health>>,
+    pub(super) health_tx: broadcast::Sender<HealthChange>,
+    pub(super) conflict_tx: broadcast::Sender<IdentityConflict>,
+    /// Protocol version of each peer's current (or last) connection.
+    pub(super) versions: Mutex<FxHashMap<NodeId, u16>>,
+    pub(super) window: usize,
+    pub(super) max_payload: usize,
+    pub(super) decode_failed: AtomicU64,
+    /// When the last decode failure was logged at warn (rate limit).
+    pub(super) decode_warned: Mutex<Option<std::time::Instant>>,
+    pub(super) no_receiver: AtomicU64,
+    /// When the last arrival without a receiver was logged at warn (rate limit).
+    pub(super) no_receiver_warned: Mutex<Option<std::time::Instant>>,
+    pub(super) dead_letters: Arc<DeadLetterQueue>,
+    /// Peers given to the builder or `add_peer` (peers heard from are in `health`).
+    pub(super) known: Mutex<std::collections::HashSet<NodeId>>,
+    /// Any id is a peer: `allow_dynamic_peers`, or a transport that dials by id.
+    pub(super) any_peer: bool,
+    /// `fail_fast_when_down` and no handoff on Down.
+    pub(super) fail_fast_down: bool,
+    /// Running, closed, or failed (with the cause); see [`supervise`].
+    pub(super) state: watch::Sender<NodeState>,
+    #[cfg(feature = "metrics")]
+    pub(super) node: NodeId,
+}
+
+/// Lifecycle of a node's driver.
+#[derive(Debug, Clone)]
+pub(super) enum NodeState {
+    Running,
+    Closed,
+    Failed(NodeFailure),
+}
+
+impl Shared {
+    pub(super) fn failure(&self) -> Option<NodeFailure> {
+        match &*self.state.borrow() {
+            NodeState::Failed(f) => Some(f.clone()),
+            _ => None,
+        }
+    }
+
+    /// The error of a call that found the node stopped.
+    pub(super) fn closed_error(&self) -> NodeError {
+        self.failure()
+            .map_or(NodeError::Shutdown, NodeError::Failed)
+    }
+
+    /// The error of a send that found the node stopped.
+    pub(super) fn send_closed_error(&self) -> SendError {
+        self.failure()
+            .map_or(SendError::Shutdown, SendError::NodeFailed)
+    }
+
+    pub(super) fn health(&self, peer: NodeId) -> Option<Health> {
+        let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        h.get(&peer).copied()
+    }
+
+    pub(super) fn is_known(&self, peer: NodeId) -> bool {
+        self.any_peer
+            || self.health(peer).is_some()
+            || self
+                .known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&peer)
+    }
+
+    /// Count an undecodable payload; warn at most once a second.
+    pub(super) fn decode_failed(&self, id: MessageId, channel: ChannelId, error: &str) {
+        let total = self.decode_failed.fetch_add(1, Ordering::Relaxed) + 1;
+        if warn_due(&self.decode_warned) {
+            tracing::warn!(%id, channel = channel.0, %error, total, "payload does not decode as the receiver's type; dead-lettered and rejected (not acked)");
+        } else {
+            tracing::debug!(%id, channel = channel.0, %error, "payload does not decode; refused");
+        }
+    }
+
+    /// Count an arrival on a channel nobody receives; warn at most once a second.
+    pub(super) fn no_receiver(&self, from: NodeId, channel: ChannelId) {
+        let total = self.no_receiver.fetch_add(1, Ordering::Relaxed) + 1;
+        if warn_due(&self.no_receiver_warned) {
+            tracing::warn!(channel = channel.0, %from, total, "message on a channel with no receiver on this node; not acked (rejected after the no-receiver grace period)");
+        } else {
+            tracing::debug!(channel = channel.0, %from, "no receiver; not acked");
+        }
+    }
+
+    /// Wake every sender waiting for window space with `SendError::Shutdown`, and make
+    /// later sends fail the same way.
+    pub(super) fn close_windows(&self) {
+        let w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        for sem in w.values() {
+            sem.close();
+        }
+    }
+
+    pub(super) fn window_for(&self, peer: NodeId, channel: ChannelId) -> Arc<Semaphore> {
+        let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        w.entry((peer, channel))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.window)))
+            .clone()
+    }
+}
+
+/// Rate limit of a warn line: `true` (and the time recorded) at most once a second.
+fn warn_due(last: &Mutex<Option<std::time::Instant>>) -> bool {
+    let now = std::time::Instant::now();
+    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+        *last = Some(now);
+        true
+    } else {
+        false
+    }
+}
