@@ -7,8 +7,9 @@
 
 mod support;
 
-use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId, ReceiverOptions};
+use ackwire::{ChannelId, ChannelOptions, NodeId, ReceiverOptions};
 use std::time::Duration;
+use support::pair::{tcp_pair, GUARANTEES};
 
 const CH: ChannelId = ChannelId(11);
 
@@ -26,26 +27,8 @@ fn n() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_config_bulk_to_a_sometimes_slow_ordered_handler() {
     let n = n();
-    for (i, g) in [
-        Guarantee::AtMostOnce,
-        Guarantee::AtLeastOnce,
-        Guarantee::EffectivelyOnce,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let b = Node::builder(NodeId(20 + 2 * i as u64))
-            .bind("127.0.0.1:0".parse().unwrap())
-            .allow_peer(NodeId(21 + 2 * i as u64))
-            .build()
-            .await
-            .unwrap();
-        let a = Node::builder(NodeId(21 + 2 * i as u64))
-            .bind("127.0.0.1:0".parse().unwrap())
-            .peer(b.id(), b.local_addr().unwrap())
-            .build()
-            .await
-            .unwrap();
+    for (i, g) in GUARANTEES.into_iter().enumerate() {
+        let (b, a) = tcp_pair(NodeId(20 + 2 * i as u64), NodeId(21 + 2 * i as u64)).await;
         let mut inbox = b
             .receiver_with::<u64>(CH, ReceiverOptions::ordered())
             .unwrap();

@@ -8,8 +8,9 @@
 
 mod support;
 
-use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId};
+use ackwire::{ChannelId, ChannelOptions, Guarantee, NodeId};
 use std::time::Duration;
+use support::pair::{tcp_pair, GUARANTEES};
 
 const CH: ChannelId = ChannelId(14);
 
@@ -27,27 +28,9 @@ fn n() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_messages_per_guarantee_keep_their_property() {
     let n = n();
-    for (i, g) in [
-        Guarantee::AtMostOnce,
-        Guarantee::AtLeastOnce,
-        Guarantee::EffectivelyOnce,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, g) in GUARANTEES.into_iter().enumerate() {
         let (rx_id, tx_id) = (NodeId(140 + 2 * i as u64), NodeId(141 + 2 * i as u64));
-        let b = Node::builder(rx_id)
-            .bind("127.0.0.1:0".parse().unwrap())
-            .allow_peer(tx_id)
-            .build()
-            .await
-            .unwrap();
-        let a = Node::builder(tx_id)
-            .bind("127.0.0.1:0".parse().unwrap())
-            .peer(rx_id, b.local_addr().unwrap())
-            .build()
-            .await
-            .unwrap();
+        let (b, a) = tcp_pair(rx_id, tx_id).await;
         let mut inbox = b.receiver::<u64>(CH, false).unwrap();
         let handler = tokio::spawn(async move {
             // How many times each value was delivered.

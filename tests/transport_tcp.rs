@@ -398,6 +398,10 @@ async fn batched_frames_arrive_in_order_and_frames_before_a_bad_one_are_kept() {
     let (got, largest) = recv_batched(&mut b, 1, 10_000).await;
     assert_eq!(got, (0..10_000).map(data).collect::<Vec<_>>());
     assert!(largest > 1, "100-frame sends never shared a read");
+    assert!(
+        largest <= 64,
+        "{largest} frames in one event: the bound is 64"
+    );
     assert_eq!(stats.snapshot().frames_received, 10_000);
 
     // A raw peer: a valid opening, then three good frames and a corrupt one in one write.

@@ -94,7 +94,8 @@ pub enum LinkEvent {
         frame: Frame,
     },
     /// Several frames from `peer`, in arrival order, only from a transport that was
-    /// asked to [`Transport::batch_frames`] (never empty; never a handshake).
+    /// asked to [`Transport::batch_frames`] (never empty; never a handshake; the TCP
+    /// transport puts at most 64 in one event).
     Frames {
         /// Sender of the frames.
         peer: NodeId,

@@ -1378,6 +1378,12 @@ struct ConnInfo {
     version: u16,
 }
 
+/// Most frames in one `LinkEvent::Frames`. The event channel holds
+/// `channel_capacity` events, so at most 64 × `channel_capacity` frames (65 536 by
+/// default) wait between the readers and the node: a peer flooding tiny frames is
+/// then held back by TCP flow control, as with one event per frame (1 024 frames).
+const MAX_FRAMES_PER_EVENT: usize = 64;
+
 async fn read_loop<R: AsyncRead + Unpin>(
     mut rd: R,
     early: Vec<Frame>,
@@ -1402,8 +1408,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     // When the frame at the head of `buf` must be complete (set while a partial frame
     // is buffered, pushed back whenever a frame completes).
     let mut frame_deadline: Option<tokio::time::Instant> = None;
-    // Frames decoded from the current read, when they go up as one `Frames` event.
-    let mut batch: Vec<Frame> = Vec::new();
+    // Frames decoded from the current read, when they go up as `Frames` events.
+    let mut batch: Vec<Frame> = Vec::with_capacity(MAX_FRAMES_PER_EVENT);
     let reason: Option<Reject> = 'conn: loop {
         let mut progressed = false;
         let mut bad = None;
@@ -1418,6 +1424,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     ctx.stats.inc(Counter::FramesReceived);
                     if ctx.batch {
                         batch.push(frame);
+                        if batch.len() == MAX_FRAMES_PER_EVENT {
+                            let frames = std::mem::replace(
+                                &mut batch,
+                                Vec::with_capacity(MAX_FRAMES_PER_EVENT),
+                            );
+                            if events
+                                .send(LinkEvent::Frames { peer, frames })
+                                .await
+                                .is_err()
+                            {
+                                break 'conn None;
+                            }
+                        }
                     } else if events.send(LinkEvent::Frame { peer, frame }).await.is_err() {
                         break 'conn None; // the node is gone
                     }
@@ -1433,9 +1452,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let ev = match batch.len() {
             0 => None,
             1 => batch.pop().map(|frame| LinkEvent::Frame { peer, frame }),
-            n => Some(LinkEvent::Frames {
+            _ => Some(LinkEvent::Frames {
                 peer,
-                frames: std::mem::replace(&mut batch, Vec::with_capacity(n)),
+                frames: std::mem::replace(&mut batch, Vec::with_capacity(MAX_FRAMES_PER_EVENT)),
             }),
         };
         if let Some(ev) = ev {

@@ -2,6 +2,7 @@
 #![allow(unreachable_pub, dead_code)]
 
 pub mod child;
+pub mod pair;
 pub mod pki;
 pub mod proxy;
 pub mod reliability;
