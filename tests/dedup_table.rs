@@ -38,6 +38,12 @@ enum St {
     Done(u64),
 }
 
+/// Key `i` of the stress tests: distinct for distinct `i`, spread over the table
+/// (an odd multiplier), never the zero key.
+fn spread_key(i: u128) -> IdKey {
+    IdKey(i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) | 1)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
 
@@ -235,13 +241,12 @@ fn threads_racing_on_same_keys_while_the_table_grows_get_exactly_one_fresh_each(
         t0,
     ));
     let fresh = Arc::new(AtomicU64::new(0));
-    let key = |i: u128| IdKey(i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) | 1);
     let hs: Vec<_> = (0..4u128)
         .map(|th| {
             let (t, fresh) = (t.clone(), fresh.clone());
             std::thread::spawn(move || {
                 for i in 0..N {
-                    let k = key(if th % 2 == 0 { i } else { N - 1 - i });
+                    let k = spread_key(if th % 2 == 0 { i } else { N - 1 - i });
                     match t.begin(k, t0).unwrap() {
                         Admit::Fresh => {
                             fresh.fetch_add(1, Ordering::Relaxed);
@@ -260,7 +265,11 @@ fn threads_racing_on_same_keys_while_the_table_grows_get_exactly_one_fresh_each(
     assert!(t.generations() > 3, "{t:?}");
     assert_eq!(t.table_full_count(), 0);
     for i in 0..N {
-        assert_eq!(t.begin(key(i), t0).unwrap(), Admit::Duplicate, "key {i}");
+        assert_eq!(
+            t.begin(spread_key(i), t0).unwrap(),
+            Admit::Duplicate,
+            "key {i}"
+        );
     }
 }
 
@@ -281,13 +290,12 @@ fn batches_racing_single_begins_on_same_keys_get_exactly_one_fresh_each() {
     ] {
         let t = Arc::new(t);
         let fresh = Arc::new(AtomicU64::new(0));
-        let key = |i: u128| IdKey(i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) | 1);
         let hs: Vec<_> = (0..4u128)
             .map(|th| {
                 let (t, fresh) = (t.clone(), fresh.clone());
                 std::thread::spawn(move || {
                     let order: Vec<IdKey> = (0..N)
-                        .map(|i| key(if th % 2 == 0 { i } else { N - 1 - i }))
+                        .map(|i| spread_key(if th % 2 == 0 { i } else { N - 1 - i }))
                         .collect();
                     let mut out = Vec::new();
                     for chunk in order.chunks(64) {
@@ -316,7 +324,11 @@ fn batches_racing_single_begins_on_same_keys_get_exactly_one_fresh_each() {
         assert_eq!(fresh.load(Ordering::Relaxed), N as u64, "{t:?}");
         assert_eq!(t.table_full_count(), 0);
         for i in 0..N {
-            assert_eq!(t.begin(key(i), t0).unwrap(), Admit::Duplicate, "key {i}");
+            assert_eq!(
+                t.begin(spread_key(i), t0).unwrap(),
+                Admit::Duplicate,
+                "key {i}"
+            );
         }
     }
 }

@@ -6,7 +6,7 @@
 use ackwire::dedup::DurableDedup;
 use ackwire::testing::{runtime, NodeSetup, SimNet};
 use ackwire::transport::mem::{FaultPlan, MemStats};
-use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId};
+use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId, Sender};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,20 +43,27 @@ fn bank(config: NodeConfig, seen: Seen) -> NodeSetup {
         })
 }
 
+/// A shop and a bank (built with `config`) on `seed`'s faults: the simulation, the
+/// bank's handler counts, and the shop's sender to the bank with guarantee `g`.
+async fn shop_and_bank(seed: u64, config: NodeConfig, g: Guarantee) -> (SimNet, Seen, Sender<u64>) {
+    let mut sim = SimNet::new(faulty(seed)).unwrap();
+    let seen = Seen::default();
+    sim.add_node(SHOP).await.unwrap();
+    sim.add(bank(config, seen.clone())).await.unwrap();
+    let out = sim
+        .node(SHOP)
+        .unwrap()
+        .sender::<u64>(BANK, ChannelOptions::new(CH, g))
+        .unwrap();
+    (sim, seen, out)
+}
+
 /// One at-most-once sender, 500 messages 1 ms apart, over `seed`'s faults, in a fresh
 /// runtime: the network's counters at the end.
 fn at_most_once_run(seed: u64) -> MemStats {
     runtime().unwrap().block_on(async {
-        let mut sim = SimNet::new(faulty(seed)).unwrap();
-        sim.add_node(SHOP).await.unwrap();
-        sim.add(bank(NodeConfig::default(), Seen::default()))
-            .await
-            .unwrap();
-        let out = sim
-            .node(SHOP)
-            .unwrap()
-            .sender::<u64>(BANK, ChannelOptions::new(CH, Guarantee::AtMostOnce))
-            .unwrap();
+        let (sim, _seen, out) =
+            shop_and_bank(seed, NodeConfig::default(), Guarantee::AtMostOnce).await;
         for i in 0..500u64 {
             // At-most-once: the receipt says only that the frame was handed over.
             drop(out.send(&i).await.unwrap());
@@ -137,17 +144,7 @@ fn same_seed_same_fault_counts_with_acks_two_senders_and_a_restart() {
 #[tokio::test(start_paused = true)]
 async fn partition_then_heal_delivers_every_message() {
     for (seed, g) in [(1, Guarantee::EffectivelyOnce), (2, Guarantee::AtLeastOnce)] {
-        let mut sim = SimNet::new(faulty(seed)).unwrap();
-        let seen = Seen::default();
-        sim.add_node(SHOP).await.unwrap();
-        sim.add(bank(NodeConfig::default(), seen.clone()))
-            .await
-            .unwrap();
-        let out = sim
-            .node(SHOP)
-            .unwrap()
-            .sender::<u64>(BANK, ChannelOptions::new(CH, g))
-            .unwrap();
+        let (sim, seen, out) = shop_and_bank(seed, NodeConfig::default(), g).await;
         let mut receipts = Vec::new();
         for i in 0..100u64 {
             if i == 50 {
@@ -184,15 +181,7 @@ async fn restart_keeps_effectively_once_exactly_once() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = NodeConfig::default();
         config.dedup.durable = Some(DurableDedup::new(dir.path()));
-        let mut sim = SimNet::new(faulty(seed)).unwrap();
-        let seen = Seen::default();
-        sim.add_node(SHOP).await.unwrap();
-        sim.add(bank(config, seen.clone())).await.unwrap();
-        let out = sim
-            .node(SHOP)
-            .unwrap()
-            .sender::<u64>(BANK, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
-            .unwrap();
+        let (mut sim, seen, out) = shop_and_bank(seed, config, Guarantee::EffectivelyOnce).await;
         let mut receipts = Vec::new();
         for i in 0..300u64 {
             if i == 150 {
@@ -222,17 +211,8 @@ async fn restart_keeps_effectively_once_exactly_once() {
 /// least once.
 #[tokio::test(start_paused = true)]
 async fn crash_and_start_delivers_every_at_least_once_message() {
-    let mut sim = SimNet::new(faulty(8)).unwrap();
-    let seen = Seen::default();
-    sim.add_node(SHOP).await.unwrap();
-    sim.add(bank(NodeConfig::default(), seen.clone()))
-        .await
-        .unwrap();
-    let out = sim
-        .node(SHOP)
-        .unwrap()
-        .sender::<u64>(BANK, ChannelOptions::new(CH, Guarantee::AtLeastOnce))
-        .unwrap();
+    let (mut sim, seen, out) =
+        shop_and_bank(8, NodeConfig::default(), Guarantee::AtLeastOnce).await;
     let mut receipts = Vec::new();
     for i in 0..200u64 {
         if i == 100 {
@@ -259,17 +239,8 @@ async fn crash_and_start_delivers_every_at_least_once_message() {
 fn a_simulated_minute_runs_in_seconds() {
     let wall = std::time::Instant::now();
     let (virtual_elapsed, seen) = runtime().unwrap().block_on(async {
-        let mut sim = SimNet::new(faulty(9)).unwrap();
-        let seen = Seen::default();
-        sim.add_node(SHOP).await.unwrap();
-        sim.add(bank(NodeConfig::default(), seen.clone()))
-            .await
-            .unwrap();
-        let out = sim
-            .node(SHOP)
-            .unwrap()
-            .sender::<u64>(BANK, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
-            .unwrap();
+        let (sim, seen, out) =
+            shop_and_bank(9, NodeConfig::default(), Guarantee::EffectivelyOnce).await;
         let mut receipts = Vec::new();
         for i in 0..600u64 {
             receipts.push(out.send(&i).await.unwrap());
@@ -300,17 +271,7 @@ fn a_simulated_minute_runs_in_seconds() {
 /// times out on the virtual clock.
 #[tokio::test(start_paused = true)]
 async fn run_until_waits_in_virtual_time() {
-    let mut sim = SimNet::new(faulty(10)).unwrap();
-    let seen = Seen::default();
-    sim.add_node(SHOP).await.unwrap();
-    sim.add(bank(NodeConfig::default(), seen.clone()))
-        .await
-        .unwrap();
-    let out = sim
-        .node(SHOP)
-        .unwrap()
-        .sender::<u64>(BANK, ChannelOptions::new(CH, Guarantee::AtLeastOnce))
-        .unwrap();
+    let (sim, seen, out) = shop_and_bank(10, NodeConfig::default(), Guarantee::AtLeastOnce).await;
     sim.partition(SHOP, BANK);
     let _receipt = out.send(&1).await.unwrap();
     let s = seen.clone();

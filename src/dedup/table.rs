@@ -69,8 +69,8 @@ const WARN_EVERY_MS: u64 = 10_000;
 
 type SegList = Vec<Arc<Segment>>;
 
-/// A claim of [`IdTable::begin_many`] published but not yet arbitrated: where its
-/// answer goes in `out`, and what `arbitrate`/`commit` need.
+/// A claim published but not yet arbitrated: what `arbitrate`/`commit` need, and (in
+/// [`IdTable::begin_many`]) where its answer goes in `out`.
 #[derive(Clone, Copy)]
 struct Pending {
     pos: usize,
@@ -274,19 +274,15 @@ impl IdTable {
                         self.expired_reclaimed.fetch_add(1, Ordering::Relaxed);
                     }
                     fence(Ordering::SeqCst);
-                    let verdict = self.arbitrate(&g, cur, key, hash, idx, dist, now_ms);
-                    return Ok(match verdict {
-                        None if cur.commit(idx, ver) => Admit::Fresh,
-                        None => {
-                            cur.leave();
-                            Admit::InProgress
-                        }
-                        Some(answer) => {
-                            cur.retract(idx, ver);
-                            cur.leave();
-                            answer
-                        }
-                    });
+                    let claim = Pending {
+                        pos: 0,
+                        key,
+                        hash,
+                        idx,
+                        ver,
+                        dist,
+                    };
+                    return Ok(self.decide(&g, cur, &claim, now_ms));
                 }
             }
         }
@@ -485,19 +481,7 @@ impl IdTable {
         if n > 0 {
             fence(Ordering::SeqCst);
             for p in &pending[..n] {
-                let verdict = self.arbitrate(g, cur, p.key, p.hash, p.idx, p.dist, now_ms);
-                out[p.pos] = Ok(match verdict {
-                    None if cur.commit(p.idx, p.ver) => Admit::Fresh,
-                    None => {
-                        cur.leave();
-                        Admit::InProgress
-                    }
-                    Some(answer) => {
-                        cur.retract(p.idx, p.ver);
-                        cur.leave();
-                        answer
-                    }
-                });
+                out[p.pos] = Ok(self.decide(g, cur, p, now_ms));
             }
         }
         if one_by_one && i < end {
@@ -510,6 +494,24 @@ impl IdTable {
             i += 1;
         }
         i
+    }
+
+    /// Arbitrate a published claim (after the `SeqCst` fence that follows its
+    /// publication) and settle it: `Fresh` if it commits, `InProgress` if the commit
+    /// fails, or the answer another copy gives (the claim is then retracted).
+    fn decide(&self, g: &Pin, cur: &Arc<Segment>, c: &Pending, now_ms: u64) -> Admit {
+        match self.arbitrate(g, cur, c.key, c.hash, c.idx, c.dist, now_ms) {
+            None if cur.commit(c.idx, c.ver) => Admit::Fresh,
+            None => {
+                cur.leave();
+                Admit::InProgress
+            }
+            Some(answer) => {
+                cur.retract(c.idx, c.ver);
+                cur.leave();
+                answer
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
