@@ -303,13 +303,13 @@ fn batches_racing_single_begins_on_same_keys_get_exactly_one_fresh_each() {
                         batch.push(chunk[chunk.len() / 2]);
                         out.clear();
                         if th < 2 {
-                            t.begin_many(&batch, t0, &mut out);
+                            t.begin_many(&batch, t0, &mut out).unwrap();
                         } else {
-                            out.extend(batch.iter().map(|&k| t.begin(k, t0)));
+                            out.extend(batch.iter().map(|&k| t.begin(k, t0).unwrap()));
                         }
                         assert_eq!(out.len(), batch.len());
-                        for (k, r) in batch.iter().zip(&out) {
-                            if r.as_ref().unwrap() == &Admit::Fresh {
+                        for (k, a) in batch.iter().zip(&out) {
+                            if *a == Admit::Fresh {
                                 fresh.fetch_add(1, Ordering::Relaxed);
                                 assert!(t.complete(*k, t0));
                             }

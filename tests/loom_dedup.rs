@@ -317,8 +317,8 @@ fn fresh_count(answers: &[Admit]) -> usize {
 /// `begin_many` answers in key order.
 fn begin_many(t: &IdTable, keys: &[IdKey], now: Instant) -> Vec<Admit> {
     let mut out = Vec::new();
-    t.begin_many(keys, now, &mut out);
-    out.into_iter().map(|r| r.unwrap()).collect()
+    t.begin_many(keys, now, &mut out).unwrap();
+    out
 }
 
 /// Two batches offer the same two keys in opposite orders. `begin_many` claims both
@@ -403,5 +403,42 @@ fn table_batch_races_a_generation_rotation() {
             assert!(t.complete(k, later));
             assert_eq!(t.begin(k, later).unwrap(), Admit::Duplicate);
         }
+    });
+}
+
+/// A batch enters the generation's gate once for its whole group and gives back, in
+/// one step, the counts of keys that did not become in-progress entries (here a
+/// repeat). Meanwhile a roll adds a generation and tries to close and drop the old
+/// one. The batch's in-progress keys must keep the old generation alive (too many
+/// counts given back would let it be dropped: a completion would then not find its
+/// key), and once everything settled and expired the old generation must be
+/// droppable (counts kept back would pin it forever).
+#[test]
+fn table_batch_gate_counts_are_exact_across_a_roll() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(|| {
+        let t0 = Instant::now();
+        let h = Duration::from_millis(10);
+        let t = Arc::new(IdTable::growing(8, 1 << 20, h, t0));
+        let (x, w, z) = (IdKey(1), IdKey(2 | 1 << 64), IdKey(3 | 2 << 64));
+        let roll_at = t0 + Duration::from_millis(20);
+        let t2 = t.clone();
+        let r = thread::spawn(move || t2.begin(z, roll_at).unwrap());
+        let batch = begin_many(&t, &[x, x, w], t0 + Duration::from_millis(5));
+        assert_eq!(r.join().unwrap(), Admit::Fresh);
+        assert_eq!(batch, [Admit::Fresh, Admit::InProgress, Admit::Fresh]);
+        for k in [x, w] {
+            assert!(t.complete(k, roll_at), "an in-progress key was lost");
+            assert_eq!(t.begin(k, roll_at).unwrap(), Admit::Duplicate);
+        }
+        assert!(t.complete(z, roll_at));
+        // Two horizons later every completion has expired: rolls drop the old ones.
+        for ms in [40, 60, 80] {
+            let at = t0 + Duration::from_millis(ms as u64);
+            assert_eq!(t.begin(IdKey(ms), at).unwrap(), Admit::Fresh);
+            assert!(t.complete(IdKey(ms), at));
+        }
+        assert_eq!(t.generations(), 1, "a gate count was never given back");
     });
 }

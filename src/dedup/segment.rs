@@ -97,9 +97,26 @@ pub(super) struct Segment {
     mask: usize,
     probe: usize,
     horizon_ms: u64,
-    used: AtomicUsize,
-    gate: AtomicU64,
-    max_done_ms: AtomicU64,
+    // The three counters are written by inserters and completers while every probe
+    // reads the fields above: each sits on its own cache line, so a write does not
+    // evict the read-mostly header from the other cores (at 2 threads that sharing
+    // cost more than the slot misses).
+    used: Line<AtomicUsize>,
+    gate: Line<AtomicU64>,
+    max_done_ms: Line<AtomicU64>,
+}
+
+/// A value alone on its (pair of adjacent) cache line(s): 128 bytes, because x86's
+/// adjacent-line prefetcher pulls lines in pairs.
+#[repr(align(128))]
+#[derive(Debug)]
+struct Line<T>(T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for Segment {
@@ -119,12 +136,14 @@ pub(super) enum Claim {
     /// No free or expired slot near the key's home.
     Full,
     /// Our `PENDING` copy is published at `idx` (probe distance `dist`, version `ver`);
-    /// arbitration decides. `reclaimed`: the slot held an expired entry.
+    /// arbitration decides. `reclaimed`: the slot held an expired entry;
+    /// `fresh_slot`: it was `EMPTY` (taken for the first time).
     Claimed {
         idx: usize,
         ver: u64,
         dist: usize,
         reclaimed: bool,
+        fresh_slot: bool,
     },
 }
 
@@ -163,9 +182,9 @@ impl Segment {
             mask: cap - 1,
             probe: cap.min(MAX_PROBE),
             horizon_ms,
-            used: AtomicUsize::new(0),
-            gate: AtomicU64::new(0),
-            max_done_ms: AtomicU64::new(0),
+            used: Line(AtomicUsize::new(0)),
+            gate: Line(AtomicU64::new(0)),
+            max_done_ms: Line(AtomicU64::new(0)),
         }
     }
 
@@ -196,6 +215,35 @@ impl Segment {
     #[inline]
     pub(super) fn leave(&self) {
         self.gate.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Enters as `n` inserters at once (a group of a batch: one locked increment
+    /// instead of `n`); `false` if the segment is closed. The caller then holds `n`
+    /// counts and gives back, with [`leave_n`](Self::leave_n), every count that did not
+    /// become an `INPROG` entry, exactly as `n` separate inserters would.
+    #[inline]
+    pub(super) fn enter_n(&self, n: u64) -> bool {
+        if self.gate.fetch_add(n, Ordering::AcqRel) & CLOSED != 0 {
+            self.gate.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back `n` counts taken by [`enter_n`](Self::enter_n) (none: no write).
+    #[inline]
+    pub(super) fn leave_n(&self, n: u64) {
+        if n > 0 {
+            self.gate.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    /// Adds `n` slots taken from `EMPTY` by claims made with `count_used = false`.
+    #[inline]
+    pub(super) fn add_used(&self, n: usize) {
+        if n > 0 {
+            self.used.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// Nothing in it can matter any more: no inserter or `INPROG` entry, and every
@@ -243,8 +291,11 @@ impl Segment {
     }
 
     /// Looks for `key`; if absent, publishes a `PENDING` copy in the first reusable
-    /// slot. The caller must have [`enter`](Self::enter)ed.
-    pub(super) fn claim(&self, key: IdKey, hash: u64, now_ms: u64) -> Claim {
+    /// slot. The caller must have [`enter`](Self::enter)ed. `count_used`: add a slot
+    /// taken from `EMPTY` to `used` now; a batch passes `false`, counts the
+    /// `Claimed { fresh_slot: true, .. }` answers and adds them once with
+    /// [`add_used`](Self::add_used).
+    pub(super) fn claim(&self, key: IdKey, hash: u64, now_ms: u64, count_used: bool) -> Claim {
         let home = self.home(hash);
         loop {
             let (idx, s, dist) = match self.find(key, home, now_ms) {
@@ -261,7 +312,7 @@ impl Segment {
             {
                 continue;
             }
-            if kind(s) == K_EMPTY {
+            if kind(s) == K_EMPTY && count_used {
                 self.used.fetch_add(1, Ordering::Relaxed);
             }
             fence(Ordering::Release);
@@ -273,6 +324,7 @@ impl Segment {
                 ver: v,
                 dist,
                 reclaimed: kind(s) == K_DONE,
+                fresh_slot: kind(s) == K_EMPTY,
             };
         }
     }
@@ -378,8 +430,13 @@ impl Segment {
                         let to = match done_at {
                             Some(t) => {
                                 // Before the entry turns DONE and before `leave`, so a
-                                // closer that sees the gate at zero sees this time.
-                                self.max_done_ms.fetch_max(t, Ordering::AcqRel);
+                                // closer that sees the gate at zero sees this time. A
+                                // load first: completions within one millisecond (most
+                                // of them) find the maximum already there and write
+                                // nothing to the shared line.
+                                if self.max_done_ms.load(Ordering::Acquire) < t {
+                                    self.max_done_ms.fetch_max(t, Ordering::AcqRel);
+                                }
                                 pack(K_DONE, ver(s), t)
                             }
                             None => pack(K_FREE, ver(s), 0),
@@ -471,10 +528,15 @@ impl Segment {
         now_ms >= time(s) + self.horizon_ms
     }
 
-    /// Hint the CPU to load the key's home slot into the cache (no effect on state).
+    /// Hint the CPU to load the key's home slot into the cache, and the line after
+    /// it (no effect on state). Two lines: a 24-byte slot may straddle a line, and at
+    /// the load a generation rolls at (half full) an absent key's probe runs over
+    /// about four slots before it meets an `EMPTY` one.
     #[inline]
     pub(super) fn prefetch(&self, hash: u64) {
-        prefetch_read(std::ptr::from_ref(&self.slots[self.home(hash)]).cast());
+        let p: *const u8 = std::ptr::from_ref(&self.slots[self.home(hash)]).cast();
+        prefetch_read(p);
+        prefetch_read(p.wrapping_add(64));
     }
 
     #[inline]
@@ -540,7 +602,8 @@ fn empty_slots(cap: usize) -> Box<[Slot]> {
 fn prefetch_read(p: *const u8) {
     #[cfg(all(target_arch = "x86_64", not(ackwire_loom)))]
     // SAFETY: a prefetch is a hint: it never faults, reads no value into the program
-    // and changes no memory, whatever the address. `p` points into a live slot array.
+    // and changes no memory, whatever the address. `p` points into a live slot array
+    // or at most one line past its end.
     unsafe {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         _mm_prefetch::<_MM_HINT_T0>(p.cast());

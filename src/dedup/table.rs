@@ -252,7 +252,7 @@ impl IdTable {
                 wait_for_other();
                 continue;
             }
-            match cur.claim(key, hash, now_ms) {
+            match cur.claim(key, hash, now_ms, true) {
                 Claim::Live(a) => {
                     cur.leave();
                     return Ok(a);
@@ -269,6 +269,7 @@ impl IdTable {
                     ver,
                     dist,
                     reclaimed,
+                    ..
                 } => {
                     if reclaimed {
                         self.expired_reclaimed.fetch_add(1, Ordering::Relaxed);
@@ -282,7 +283,11 @@ impl IdTable {
                         ver,
                         dist,
                     };
-                    return Ok(self.decide(&g, cur, &claim, now_ms));
+                    let answer = self.decide(&g, cur, &claim, now_ms);
+                    if answer != Admit::Fresh {
+                        cur.leave();
+                    }
+                    return Ok(answer);
                 }
             }
         }
@@ -299,15 +304,21 @@ impl IdTable {
         }
     }
 
-    /// [`begin`](Self::begin) for each of `keys` in order, appending the results to
-    /// `out`: the same answers as calling `begin` one key at a time, but faster for
-    /// large tables, because the home slots of the next keys are prefetched while one
-    /// key is claimed (each `begin` on a table much larger than the CPU cache waits for
-    /// one memory miss; here up to [`BATCH_LOOKAHEAD`] of them overlap), and because
-    /// each group of [`BATCH_LOOKAHEAD`] keys is claimed first and then arbitrated after
-    /// ONE `SeqCst` fence, where `begin` pays a fence per key. Racers see a group's
-    /// claimed keys as `InProgress` until the group is arbitrated, as they see one
-    /// `begin`'s key until it commits.
+    /// [`begin`](Self::begin) for each of `keys` in order, appending one answer per
+    /// key to `out`: the same answers as calling `begin` one key at a time, but
+    /// faster, because the home slots of the next keys are prefetched while one key is
+    /// claimed (up to [`BATCH_LOOKAHEAD`] misses overlap), because each group of
+    /// [`BATCH_LOOKAHEAD`] keys enters the generation with one gate increment and is
+    /// arbitrated after ONE `SeqCst` fence (where `begin` pays both per key), and
+    /// because answers are one byte each. Racers see a group's claimed keys as
+    /// `InProgress` until the group is arbitrated, as they see one `begin`'s key until
+    /// it commits.
+    ///
+    /// # Errors
+    /// The first key `begin` would refuse ([`DedupError::TableFull`]) stops the batch:
+    /// `out` then holds the answers of the keys before it (the refused key is
+    /// `keys[answered]`, where `answered` is how much `out` grew), nothing after it
+    /// was looked at or claimed, and the error is returned.
     ///
     /// ```
     /// use std::time::{Duration, Instant};
@@ -317,16 +328,16 @@ impl IdTable {
     /// let now = Instant::now();
     /// let table = IdTable::new(1024, Duration::from_secs(60), now);
     /// let mut out = Vec::new();
-    /// table.begin_many(&[IdKey(1), IdKey(2), IdKey(1)], now, &mut out);
-    /// let got: Vec<Admit> = out.into_iter().map(|r| r.unwrap()).collect();
-    /// assert_eq!(got, [Admit::Fresh, Admit::Fresh, Admit::InProgress]);
+    /// table.begin_many(&[IdKey(1), IdKey(2), IdKey(1)], now, &mut out)?;
+    /// assert_eq!(out, [Admit::Fresh, Admit::Fresh, Admit::InProgress]);
+    /// # Ok::<(), ackwire::dedup::DedupError>(())
     /// ```
     pub fn begin_many(
         &self,
         keys: &[IdKey],
         now: Instant,
-        out: &mut Vec<Result<Admit, DedupError>>,
-    ) {
+        out: &mut Vec<Admit>,
+    ) -> Result<(), DedupError> {
         out.reserve(keys.len());
         let now_ms = self.ms(now);
         let g = pin();
@@ -341,8 +352,9 @@ impl IdTable {
         }
         let mut next = 0;
         while next < keys.len() {
-            next = self.begin_group(keys, next, now, now_ms, &g, &warm, out);
+            next = self.begin_group(keys, next, now, now_ms, &g, &warm, out)?;
         }
+        Ok(())
     }
 
     /// Marks an in-progress `key` completed at `now`; it is a `Duplicate` until
@@ -420,8 +432,8 @@ impl IdTable {
         now_ms: u64,
         g: &Pin,
         warm: &impl Fn(IdKey),
-        out: &mut Vec<Result<Admit, DedupError>>,
-    ) -> usize {
+        out: &mut Vec<Admit>,
+    ) -> Result<usize, DedupError> {
         let list = self.segs.load(g);
         let cur = list.last().expect("a table always has a generation");
         let older = &list[..list.len() - 1];
@@ -431,23 +443,23 @@ impl IdTable {
         let mut pending = [Pending::NONE; BATCH_LOOKAHEAD];
         let mut n = 0;
         let mut i = start;
-        let mut one_by_one = roll_due;
+        // The whole group enters the generation's gate with one increment (a count per
+        // key, as if each were its own inserter); counts that do not become `INPROG`
+        // entries go back with one decrement at the end. While we hold them the
+        // generation cannot be closed, so no key below finds it closed.
+        let held = (end - start) as u64;
+        let mut one_by_one = roll_due || !cur.enter_n(held);
+        let entered = !one_by_one;
+        let mut fresh_slots = 0;
         while i < end && !one_by_one {
             let key = keys[i];
             let hash = key_hash(key);
             if let Some(a) = older.iter().find_map(|s| s.lookup(key, hash, now_ms)) {
-                out.push(Ok(a));
-            } else if !cur.enter() {
-                one_by_one = true;
-                continue;
+                out.push(a);
             } else {
-                match cur.claim(key, hash, now_ms) {
-                    Claim::Live(a) => {
-                        cur.leave();
-                        out.push(Ok(a));
-                    }
+                match cur.claim(key, hash, now_ms, false) {
+                    Claim::Live(a) => out.push(a),
                     Claim::Full => {
-                        cur.leave();
                         one_by_one = true;
                         continue;
                     }
@@ -456,10 +468,12 @@ impl IdTable {
                         ver,
                         dist,
                         reclaimed,
+                        fresh_slot,
                     } => {
                         if reclaimed {
                             self.expired_reclaimed.fetch_add(1, Ordering::Relaxed);
                         }
+                        fresh_slots += usize::from(fresh_slot);
                         pending[n] = Pending {
                             pos: out.len(),
                             key,
@@ -469,7 +483,7 @@ impl IdTable {
                             dist,
                         };
                         n += 1;
-                        out.push(Ok(Admit::Fresh)); // settled below
+                        out.push(Admit::Fresh); // settled below
                     }
                 }
             }
@@ -478,37 +492,42 @@ impl IdTable {
             }
             i += 1;
         }
+        let mut kept = 0;
         if n > 0 {
+            cur.add_used(fresh_slots);
             fence(Ordering::SeqCst);
             for p in &pending[..n] {
-                out[p.pos] = Ok(self.decide(g, cur, p, now_ms));
+                let a = self.decide(g, cur, p, now_ms);
+                kept += u64::from(a == Admit::Fresh);
+                out[p.pos] = a;
             }
+        }
+        if entered {
+            cur.leave_n(held - kept);
         }
         if one_by_one && i < end {
             // Every earlier key is settled: `begin` sees what it would have seen one
             // key at a time (and rolls, waits for a closer, or refuses as it does).
-            out.push(self.begin(keys[i], now));
+            out.push(self.begin(keys[i], now)?);
             if let Some(&k) = keys.get(i + BATCH_LOOKAHEAD) {
                 warm(k);
             }
             i += 1;
         }
-        i
+        Ok(i)
     }
 
     /// Arbitrate a published claim (after the `SeqCst` fence that follows its
     /// publication) and settle it: `Fresh` if it commits, `InProgress` if the commit
     /// fails, or the answer another copy gives (the claim is then retracted).
+    /// Does not touch the gate: the caller's count for the key stays as the new
+    /// `INPROG` entry's if the answer is `Fresh`, and must be given back otherwise.
     fn decide(&self, g: &Pin, cur: &Arc<Segment>, c: &Pending, now_ms: u64) -> Admit {
         match self.arbitrate(g, cur, c.key, c.hash, c.idx, c.dist, now_ms) {
             None if cur.commit(c.idx, c.ver) => Admit::Fresh,
-            None => {
-                cur.leave();
-                Admit::InProgress
-            }
+            None => Admit::InProgress,
             Some(answer) => {
                 cur.retract(c.idx, c.ver);
-                cur.leave();
                 answer
             }
         }
@@ -708,11 +727,11 @@ mod tests {
                 })
                 .collect();
             out.clear();
-            a.begin_many(&keys, now, &mut out);
+            a.begin_many(&keys, now, &mut out).unwrap();
             assert_eq!(out.len(), keys.len());
             let want: Vec<Admit> = keys.iter().map(|k| b.begin(*k, now).unwrap()).collect();
             for ((k, got), want) in keys.iter().zip(&out).zip(want) {
-                assert_eq!(*got.as_ref().unwrap(), want, "key {k:?} round {round}");
+                assert_eq!(*got, want, "key {k:?} round {round}");
                 if want == Admit::Fresh && k.0 % 3 != 0 {
                     assert!(a.complete(*k, now) && b.complete(*k, now));
                 }
@@ -807,6 +826,30 @@ mod tests {
         assert_eq!(fresh + refused, 1_000);
         assert!(fresh >= 150, "fresh {fresh}");
         assert_eq!(t.table_full_count(), refused);
+    }
+
+    #[test]
+    fn a_refused_key_stops_the_batch_and_claims_nothing_after_it() {
+        let t0 = Instant::now();
+        let t = IdTable::growing(64, (64 + 128) * SLOT_BYTES, Duration::from_secs(60), t0);
+        let keys: Vec<IdKey> = (0..1_000u128).map(IdKey).collect();
+        let mut out = Vec::new();
+        let err = t.begin_many(&keys, t0, &mut out).unwrap_err();
+        assert!(matches!(err, DedupError::TableFull { .. }), "{err:?}");
+        let answered = out.len();
+        assert!((150..1_000).contains(&answered), "answered {answered}");
+        assert!(out.iter().all(|a| *a == Admit::Fresh));
+        assert_eq!(t.table_full_count(), 1);
+        // Everything answered is in progress; nothing after the refused key was
+        // claimed: once room is made, the refused key and the next are still fresh.
+        for k in &keys[..answered] {
+            assert_eq!(t.begin(*k, t0).unwrap(), Admit::InProgress);
+            assert!(t.release(*k));
+        }
+        out.clear();
+        t.begin_many(&keys[answered..answered + 2], t0, &mut out)
+            .unwrap();
+        assert_eq!(out, [Admit::Fresh, Admit::Fresh]);
     }
 
     #[test]
