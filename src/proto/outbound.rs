@@ -85,7 +85,7 @@
 
 use crate::id::{ChannelId, Guarantee, MessageId};
 use crate::proto::config::ProtoConfig;
-use crate::retry::{Backoff, GiveUp, RetryBudget, RttEstimator};
+use crate::retry::{Backoff, GiveUp, RetryBudget, RetryDecision, RetryPolicy, RttEstimator};
 use crate::wire::{Data, SeqRange};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -368,8 +368,8 @@ pub(crate) struct OutboundStream {
     rtt: RttEstimator,
     backoff: Backoff,
     budget: RetryBudget,
-    max_attempts: Option<u32>,
-    deadline: Option<Duration>,
+    /// Attempt limit, default deadline, and the timer each transmission arms.
+    policy: RetryPolicy,
     amo_slack: u64,
     events: VecDeque<OutEvent>,
     retransmits: u64,
@@ -433,8 +433,7 @@ impl OutboundStream {
             rtt: RttEstimator::new(config.rtt),
             backoff: Backoff::new(&config.retry, seed),
             budget: RetryBudget::new(config.retry_budget, now),
-            max_attempts: config.retry.max_attempts,
-            deadline: config.retry.deadline,
+            policy: config.retry,
             amo_slack: config.amo_reorder_slack,
             events: VecDeque::new(),
             retransmits: 0,
@@ -522,7 +521,7 @@ impl OutboundStream {
             None
         } else {
             self.budget.deposit(now);
-            deadline.or(self.deadline)
+            deadline.or(self.policy.deadline)
         };
         let deadline_ms = self.times.encode_deadline(seq, now, age, deadline);
         if let Some(id) = id {
@@ -613,19 +612,21 @@ impl OutboundStream {
             if amo {
                 self.settle(seq, None);
             } else {
-                let rto = self.rtt.rto();
                 let deadline = self.times.deadline(seq, m);
                 m.timer_gen = next_gen(m.timer_gen);
                 let gen = m.timer_gen;
+                let due = self.policy.schedule(
+                    &mut self.backoff,
+                    self.rtt.rto(),
+                    m.attempts,
+                    deadline,
+                    now,
+                );
                 if m.attempts == 1 {
-                    // A first transmission's timer is one RTO, unjittered, on the
+                    // A first transmission's timer (one RTO, unjittered) goes on the
                     // stream's sorted queue (module docs, "Timers").
-                    self.arm_first(later(now, self.backoff.upper(rto, 0)), deadline, seq, gen);
+                    self.arm_first(due, deadline, seq, gen);
                 } else {
-                    let mut due = later(now, self.backoff.delay(rto, m.attempts - 1));
-                    if let Some(d) = deadline {
-                        due = due.min(d);
-                    }
                     self.timers.push(Reverse((due, seq, gen)));
                 }
             }
@@ -636,11 +637,11 @@ impl OutboundStream {
     }
 
     /// Arm the timer of `seq`'s first transmission (module docs, "Timers"): on the
-    /// sorted `first` queue at `rto_due` (or its deadline, if earlier), raised to the
-    /// queue's last instant if the RTO fell since; a deadline before that instant goes
-    /// to the heap instead, so it still fires on time.
-    fn arm_first(&mut self, rto_due: Instant, deadline: Option<Instant>, seq: u64, gen: u32) {
-        let due = deadline.map_or(rto_due, |d| rto_due.min(d));
+    /// sorted `first` queue at `due` (one RTO, or the deadline if earlier:
+    /// [`RetryPolicy::schedule`]), raised to the queue's last instant if the RTO fell
+    /// since; a deadline before that instant goes to the heap instead, so it still
+    /// fires on time.
+    fn arm_first(&mut self, due: Instant, deadline: Option<Instant>, seq: u64, gen: u32) {
         match self.first.back() {
             Some(&(last, _, _)) if due < last => {
                 if deadline.is_some_and(|d| d < last) {
@@ -768,10 +769,15 @@ impl OutboundStream {
             return;
         };
         let deadline = self.times.deadline(seq, m);
+        // The policy's verdict. The deadline ends a message whatever it waits for;
+        // the attempt limit only where a retransmission is due (below), since it
+        // bounds transmissions, not waiting for a receiver that holds the message.
+        let decision = self.policy.on_timeout(m.attempts, deadline, now);
+        let expired = decision == RetryDecision::GiveUp(GiveUp::Deadline);
         if gen == WAITING {
             // Still waiting for credit (never sent, or a retransmission queued
             // behind node credit) at its deadline: give up.
-            if (m.attempts == 0 || m.queued) && deadline.is_some_and(|d| now >= d) {
+            if (m.attempts == 0 || m.queued) && expired {
                 self.give_up(seq, GiveUp::Deadline);
             }
             return;
@@ -779,7 +785,7 @@ impl OutboundStream {
         if m.timer_gen != gen || m.queued {
             return; // stale entry
         }
-        if deadline.is_some_and(|d| now >= d) {
+        if expired {
             self.give_up(seq, GiveUp::Deadline);
             return;
         }
@@ -808,8 +814,8 @@ impl OutboundStream {
                 return;
             }
         }
-        if self.max_attempts.is_some_and(|max| m.attempts >= max) {
-            self.give_up(seq, GiveUp::MaxAttempts);
+        if let RetryDecision::GiveUp(reason) = decision {
+            self.give_up(seq, reason);
             return;
         }
         if !self.budget.try_withdraw(now) {
@@ -1321,7 +1327,7 @@ mod tests {
         assert_eq!(s.take(1), Some(MessageId::Key(IdKey(1))));
         assert_eq!(side_entries(&s), 4);
         // Give up (too many attempts) after a reconnect retransmitted them.
-        s.max_attempts = Some(2);
+        s.policy.max_attempts = Some(2);
         s.handle_reconnect();
         let _ = run(&mut s, t0);
         let events = run_until(&mut s, t0 + DAY);

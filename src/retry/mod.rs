@@ -19,41 +19,49 @@
 //! 1. On every ack of a message, feed [`RttEstimator::on_ack`] with the time the
 //!    message was *first* sent and whether it was ever retransmitted (Karn's rule: an
 //!    ack of a retransmitted message is ambiguous and gives no sample).
-//! 2. When a message is sent (attempt 0) or retransmitted (attempt `n`), arm its retry
-//!    timer with [`RetryPolicy::schedule`], which asks [`Backoff`] for
-//!    `min(cap, rto * 2^n)` with jitter and clamps it to the message's deadline.
-//! 3. When the retry timer fires, ask the target's [`RetryBudget::try_withdraw`]. If it
-//!    refuses, **do not drop the retry**: keep the message in flight and re-arm its
-//!    timer for the next backoff step (the next timer tick). Retries are deferred, never
-//!    lost; only the policy's deadline or attempt limit ends them.
+//! 2. When a message is transmitted (the first time or again), arm its retry timer
+//!    for [`RetryPolicy::schedule`]: one RTO after the first send, then
+//!    `min(cap, rto · 2ⁿ)` with jitter from [`Backoff`], never past the message's
+//!    deadline.
+//! 3. When the retry timer fires, ask [`RetryPolicy::on_timeout`]: the deadline or the
+//!    attempt limit may end the message's retries ([`GiveUp`]). If it may be
+//!    retransmitted, ask the target's [`RetryBudget::try_withdraw`]. If that refuses,
+//!    **do not drop the retry**: keep the message in flight and re-arm its timer for
+//!    the next backoff step (the next timer tick). Retries are deferred, never lost;
+//!    only the policy's deadline or attempt limit ends them.
 //!
 //! ```
-//! use ackwire::retry::{Backoff, RetryBudget, RetryBudgetConfig, RetryDecision, RetryPolicy,
-//!     RttConfig, RttEstimator};
+//! use ackwire::retry::{Backoff, GiveUp, RetryBudget, RetryBudgetConfig, RetryDecision,
+//!     RetryPolicy, RttConfig, RttEstimator};
 //! use std::time::{Duration, Instant};
 //!
-//! let policy = RetryPolicy::default();
+//! let policy = RetryPolicy { max_attempts: Some(3), ..RetryPolicy::default() };
 //! policy.validate().unwrap();
 //! let mut rtt = RttEstimator::new(RttConfig::default());
 //! let mut backoff = Backoff::new(&policy, 42);
 //! let t0 = Instant::now();
 //! let mut budget = RetryBudget::new(RetryBudgetConfig::default(), t0);
+//! let deadline = policy.deadline.map(|d| t0 + d);
 //!
-//! // First send of a message: a fresh send deposits into the budget.
+//! // First send of a message: a fresh send deposits into the budget, and its timer is
+//! // one RTO.
 //! budget.deposit(t0);
-//! let first_timer = match policy.schedule(&mut backoff, rtt.rto(), 0, t0, t0) {
-//!     RetryDecision::RetryAt(at) => at,
-//!     RetryDecision::GiveUp(why) => panic!("{why:?}"),
-//! };
-//! assert!(first_timer > t0);
+//! let first_timer = policy.schedule(&mut backoff, rtt.rto(), 1, deadline, t0);
+//! assert_eq!(first_timer, t0 + rtt.rto());
 //!
 //! // The ack arrives 3 ms later; the message was never retransmitted, so it is a sample.
 //! let sample = rtt.on_ack(t0, t0 + Duration::from_millis(3), false);
 //! assert_eq!(sample, Some(Duration::from_millis(3)));
 //! assert_eq!(rtt.srtt(), Some(Duration::from_millis(3)));
 //!
-//! // Had the timer fired instead, the retry needs the budget's permission:
+//! // Had the timer fired instead, the policy allows a retry, and the budget must too:
+//! assert_eq!(policy.on_timeout(1, deadline, first_timer), RetryDecision::Retransmit);
 //! assert!(budget.try_withdraw(first_timer));
+//! // The timer after the third transmission ends the message.
+//! assert_eq!(
+//!     policy.on_timeout(3, deadline, first_timer),
+//!     RetryDecision::GiveUp(GiveUp::MaxAttempts)
+//! );
 //! ```
 
 mod backoff;
@@ -120,7 +128,7 @@ pub(crate) fn later(now: Instant, d: Duration) -> Instant {
 
 /// The latest instant reachable from `now` by halving steps (about a century ahead
 /// at most on common platforms); used only when `now + delay` overflows.
-pub(crate) fn far_future(now: Instant) -> Instant {
+fn far_future(now: Instant) -> Instant {
     let mut step = Duration::from_secs(100 * 365 * 24 * 3600);
     let mut at = now;
     while !step.is_zero() {

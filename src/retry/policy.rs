@@ -1,10 +1,11 @@
 //! When to stop retrying and when to fire the next retry timer: [`RetryPolicy`],
 //! [`GiveUp`], [`RetryDecision`].
 //!
-//! Owns the attempt limit and the deadline and how they combine with [`Backoff`].
-//! Must not know about frames, streams or budgets, nor read a clock.
+//! Owns the attempt limit and the deadline and how they combine with [`Backoff`]:
+//! the one place that decides whether a message is retried or given up, used by every
+//! stream. Must not know about frames, streams, receivers or budgets, nor read a clock.
 
-use super::{far_future, Backoff, RetryConfigError};
+use super::{later, Backoff, RetryConfigError};
 use std::time::{Duration, Instant};
 
 /// When to stop retrying a message, and how its retry timers grow.
@@ -42,22 +43,23 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Why a message's retries ended (see [`RetryPolicy::schedule`]).
+/// Why a message's retries ended (see [`RetryPolicy::on_timeout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum GiveUp {
-    /// `max_attempts` transmissions were made.
+    /// `max_attempts` transmissions were made and the timer after the last one
+    /// fired without an ack.
     MaxAttempts,
-    /// The message's deadline passed (or would pass before the next attempt could
-    /// be useful: the deadline is reached with no time left).
+    /// The message's deadline passed.
     Deadline,
 }
 
-/// What to do after a transmission, from [`RetryPolicy::schedule`].
+/// What a message's retry timer means when it fires, from [`RetryPolicy::on_timeout`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryDecision {
-    /// Arm the message's retry timer for this instant.
-    RetryAt(Instant),
+    /// The policy allows another transmission: retransmit (if the retry budget allows;
+    /// otherwise defer it) and arm the next timer with [`RetryPolicy::schedule`].
+    Retransmit,
     /// Stop retrying: report failure or hand the message off.
     GiveUp(GiveUp),
 }
@@ -78,42 +80,60 @@ impl RetryPolicy {
         Ok(())
     }
 
-    /// Decide what follows transmission number `attempt` (0 = the first send) of a
-    /// message first sent at `first_sent`, transmitted at `now`.
+    /// When to arm a message's retry timer after its transmission number
+    /// `transmissions` (1 = the first send), made at `now`.
     ///
-    /// Gives up if `attempt + 1` transmissions reach `max_attempts` or if the deadline
-    /// has passed; otherwise returns `now + backoff.delay(rto, attempt)`, but never
-    /// later than the deadline — so the timer also fires when the deadline expires and
-    /// the next call to `schedule` reports [`GiveUp::Deadline`].
+    /// The timer after the first send is exactly one RTO (`backoff.upper(rto, 0)`, no
+    /// jitter, as TCP's: first transmissions are already spread by when they were
+    /// sent); the timer after transmission `n >= 2` is `backoff.delay(rto, n - 1)`,
+    /// backed off and jittered. The instant is never later than `deadline` (the
+    /// message's absolute deadline, if any), so the timer also fires when the deadline
+    /// passes and [`on_timeout`](Self::on_timeout) then reports [`GiveUp::Deadline`].
+    /// A delay past the clock's range gives an instant about a century ahead ("never").
+    /// `transmissions == 0` is taken as 1.
     pub fn schedule(
         &self,
         backoff: &mut Backoff,
         rto: Duration,
-        attempt: u32,
-        first_sent: Instant,
+        transmissions: u32,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Instant {
+        let delay = if transmissions <= 1 {
+            backoff.upper(rto, 0)
+        } else {
+            backoff.delay(rto, transmissions - 1)
+        };
+        let at = later(now, delay);
+        deadline.map_or(at, |d| at.min(d))
+    }
+
+    /// A message's retry timer fired at `now`: may it be transmitted again, or are its
+    /// retries over? `transmissions` is how often it was sent so far, `deadline` its
+    /// absolute deadline (`None`: none; typically first send + [`deadline`](Self::deadline),
+    /// unless the message carries its own).
+    ///
+    /// The deadline comes first: [`GiveUp::Deadline`] once `now >= deadline`. Then
+    /// [`GiveUp::MaxAttempts`] once `transmissions >= max_attempts`: the limit counts
+    /// transmissions, and the timer after the last one gives its ack time to arrive.
+    /// Otherwise [`RetryDecision::Retransmit`].
+    ///
+    /// A caller that finds the message needs no retransmission at this timer (the
+    /// receiver holds it, say) acts on [`GiveUp::Deadline`] only: the attempt limit
+    /// bounds transmissions, not waiting.
+    pub fn on_timeout(
+        &self,
+        transmissions: u32,
+        deadline: Option<Instant>,
         now: Instant,
     ) -> RetryDecision {
-        if let Some(max) = self.max_attempts {
-            if attempt.saturating_add(1) >= max {
-                return RetryDecision::GiveUp(GiveUp::MaxAttempts);
-            }
+        if deadline.is_some_and(|d| now >= d) {
+            return RetryDecision::GiveUp(GiveUp::Deadline);
         }
-        let deadline_at = self.deadline.and_then(|d| first_sent.checked_add(d));
-        if let Some(dl) = deadline_at {
-            if now >= dl {
-                return RetryDecision::GiveUp(GiveUp::Deadline);
-            }
+        if self.max_attempts.is_some_and(|max| transmissions >= max) {
+            return RetryDecision::GiveUp(GiveUp::MaxAttempts);
         }
-        let delay = backoff.delay(rto, attempt);
-        let at = now.checked_add(delay);
-        match (at, deadline_at) {
-            (Some(at), Some(dl)) => RetryDecision::RetryAt(at.min(dl)),
-            (Some(at), None) => RetryDecision::RetryAt(at),
-            (None, Some(dl)) => RetryDecision::RetryAt(dl),
-            // `now + delay` overflows Instant and there is no deadline: the furthest
-            // representable timer is "never" for any practical purpose.
-            (None, None) => RetryDecision::RetryAt(far_future(now)),
-        }
+        RetryDecision::Retransmit
     }
 }
 
@@ -146,7 +166,7 @@ mod tests {
     }
 
     #[test]
-    fn schedule_gives_up_on_attempts_and_deadline_and_clamps_to_deadline() {
+    fn schedule_backs_off_after_the_first_rto_and_clamps_to_the_deadline() {
         let policy = RetryPolicy {
             max_attempts: Some(3),
             deadline: Some(ms(100)),
@@ -155,31 +175,17 @@ mod tests {
         };
         let mut b = Backoff::new(&policy, 1);
         let t0 = Instant::now();
+        let dl = Some(t0 + ms(100));
+        assert_eq!(policy.schedule(&mut b, ms(10), 1, dl, t0), t0 + ms(10));
+        assert_eq!(policy.schedule(&mut b, ms(10), 0, dl, t0), t0 + ms(10));
         assert_eq!(
-            policy.schedule(&mut b, ms(10), 0, t0, t0),
-            RetryDecision::RetryAt(t0 + ms(10))
+            policy.schedule(&mut b, ms(10), 2, dl, t0 + ms(10)),
+            t0 + ms(30)
         );
+        // An 80 ms backoff from t0+60 would pass the 100 ms deadline: clamped to it.
         assert_eq!(
-            policy.schedule(&mut b, ms(10), 1, t0, t0 + ms(10)),
-            RetryDecision::RetryAt(t0 + ms(30))
-        );
-        // Third transmission is the last one allowed.
-        assert_eq!(
-            policy.schedule(&mut b, ms(10), 2, t0, t0 + ms(30)),
-            RetryDecision::GiveUp(GiveUp::MaxAttempts)
-        );
-        let unlimited = RetryPolicy {
-            max_attempts: None,
-            ..policy
-        };
-        // 80 ms backoff from t0+60 would pass the 100 ms deadline: clamped to it.
-        assert_eq!(
-            unlimited.schedule(&mut b, ms(10), 3, t0, t0 + ms(60)),
-            RetryDecision::RetryAt(t0 + ms(100))
-        );
-        assert_eq!(
-            unlimited.schedule(&mut b, ms(10), 4, t0, t0 + ms(100)),
-            RetryDecision::GiveUp(GiveUp::Deadline)
+            policy.schedule(&mut b, ms(10), 4, dl, t0 + ms(60)),
+            t0 + ms(100)
         );
         let forever = RetryPolicy {
             max_attempts: None,
@@ -188,9 +194,56 @@ mod tests {
             jitter: false,
         };
         let mut b = Backoff::new(&forever, 1);
-        match forever.schedule(&mut b, ms(10), u32::MAX, t0, t0) {
-            RetryDecision::RetryAt(at) => assert!(at > t0),
-            other => panic!("unexpected {other:?}"),
+        assert!(forever.schedule(&mut b, ms(10), u32::MAX, None, t0) > t0);
+        assert!(forever.schedule(&mut b, Duration::MAX, 1, None, t0) > t0);
+    }
+
+    #[test]
+    fn schedule_never_jitters_the_first_timer() {
+        let policy = RetryPolicy::default();
+        assert!(policy.jitter);
+        let mut b = Backoff::new(&policy, 9);
+        let t0 = Instant::now();
+        for _ in 0..32 {
+            assert_eq!(policy.schedule(&mut b, ms(200), 1, None, t0), t0 + ms(200));
         }
+        let second = policy.schedule(&mut b, ms(200), 2, None, t0) - t0;
+        assert!(second >= ms(200) && second <= ms(400), "{second:?}");
+    }
+
+    #[test]
+    fn on_timeout_checks_the_deadline_before_the_attempt_limit() {
+        let policy = RetryPolicy {
+            max_attempts: Some(3),
+            ..RetryPolicy::default()
+        };
+        let t0 = Instant::now();
+        let dl = Some(t0 + ms(100));
+        assert_eq!(policy.on_timeout(0, dl, t0), RetryDecision::Retransmit);
+        assert_eq!(
+            policy.on_timeout(2, dl, t0 + ms(99)),
+            RetryDecision::Retransmit
+        );
+        assert_eq!(
+            policy.on_timeout(3, dl, t0 + ms(99)),
+            RetryDecision::GiveUp(GiveUp::MaxAttempts)
+        );
+        assert_eq!(
+            policy.on_timeout(3, dl, t0 + ms(100)),
+            RetryDecision::GiveUp(GiveUp::Deadline)
+        );
+        assert_eq!(
+            policy.on_timeout(1, dl, t0 + ms(100)),
+            RetryDecision::GiveUp(GiveUp::Deadline)
+        );
+        let unlimited = RetryPolicy {
+            max_attempts: None,
+            deadline: None,
+            ..RetryPolicy::default()
+        };
+        assert_eq!(
+            unlimited.on_timeout(u32::MAX, None, t0 + ms(1_000_000)),
+            RetryDecision::Retransmit
+        );
     }
 }
