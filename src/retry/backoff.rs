@@ -1,8 +1,8 @@
 //! Exponential backoff with equal jitter: [`Backoff`].
 //!
-//! Owns the delay arithmetic `min(cap, base · 2ⁿ)` and the jitter PRNG. Must not decide
-//! whether to retry at all (that is [`super::RetryPolicy`]'s job) nor sleep: it only
-//! returns durations.
+//! Owns the delay arithmetic `min(cap, base · 2ⁿ)` and the jitter PRNG, for message
+//! retry timers and the TCP transport's redials alike. Must not decide whether to retry
+//! at all (that is [`super::RetryPolicy`]'s job) nor sleep: it only returns durations.
 
 use super::{nanos_to_duration, RetryPolicy};
 use crate::rng::SplitMix64;
@@ -42,9 +42,17 @@ impl Backoff {
     /// Backoff with `policy.backoff_cap` and `policy.jitter`, jitter drawn from a PRNG
     /// seeded with `seed`.
     pub fn new(policy: &RetryPolicy, seed: u64) -> Self {
+        Self::with_cap(policy.backoff_cap, policy.jitter, seed)
+    }
+
+    /// Backoff capped at `cap`, with equal jitter if `jitter`, drawn from a PRNG seeded
+    /// with `seed`: for backoffs that are not a message's retry timers (the TCP
+    /// transport's redial uses it with its `backoff_min` as the base delay and
+    /// `backoff_max` as the cap).
+    pub fn with_cap(cap: Duration, jitter: bool, seed: u64) -> Self {
         Backoff {
-            cap: policy.backoff_cap,
-            jitter: policy.jitter,
+            cap,
+            jitter,
             rng: SplitMix64::new(seed),
         }
     }
