@@ -41,6 +41,15 @@
 //! shows while the rest of the stream keeps flowing). Nacks, reconnects and
 //! deadlines do not wait.
 //!
+//! # Retries
+//!
+//! The stream arms and judges its retry timers through its [`RetryPolicy`]
+//! ([`RetryPolicy::schedule`] on every transmission, [`RetryPolicy::on_timeout`] when a
+//! timer fires) and owns its [`RttEstimator`], [`Backoff`] and [`RetryBudget`]. The
+//! budget is the stream's own, not shared with the target's other streams. Fresh
+//! sends and acked messages deposit into it; a retransmission it refuses is deferred
+//! by one RTO and asks again, never dropped.
+//!
 //! # Timers
 //!
 //! A message's first retransmission timer is one RTO after its first transmission,
@@ -1432,5 +1441,58 @@ mod tests {
         run_until(&mut s, t0 + Duration::from_secs(1));
         assert_eq!(slot(&s, 1).attempts, 2, "seqs 1 and 3 fire together");
         assert_eq!(slot(&s, 3).attempts, 2);
+    }
+
+    /// The retry budget is the stream's own (module docs, "Retries"): once a stream's
+    /// retries have spent it, its next retry is deferred by one RTO, not dropped, and
+    /// goes once a deposit pays for it; another stream to the same target still
+    /// retries at once.
+    #[test]
+    fn a_refused_retry_waits_one_rto_and_the_budget_is_per_stream() {
+        let mut config = ProtoConfig::default();
+        config.retry.deadline = None;
+        // One retry per deposit, no floor.
+        config.retry_budget = crate::retry::RetryBudgetConfig {
+            ttl: Duration::from_secs(10),
+            min_retries_per_sec: 0,
+            retry_ratio: 1.0,
+        };
+        let t0 = Instant::now();
+        let new = |seed| {
+            OutboundStream::new(
+                ORIGIN,
+                ChannelId(1),
+                Guarantee::AtLeastOnce,
+                &config,
+                seed,
+                t0,
+                None,
+            )
+        };
+        let (mut a, mut b) = (new(7), new(8));
+        let rto = a.rtt.rto();
+        a.send(t0, Bytes::new(), None, None, 0);
+        b.send(t0, Bytes::new(), None, None, 0);
+        run(&mut a, t0);
+        run(&mut b, t0);
+        // The send's deposit pays for the first retry.
+        run_until(&mut a, t0 + rto);
+        assert_eq!(a.retransmits(), 1);
+        // The next one finds the budget spent: deferred by one RTO, still in flight.
+        let fire = a.poll_timeout().unwrap();
+        assert!(run(&mut a, fire).is_empty());
+        assert_eq!(a.retransmits(), 1);
+        assert_eq!(a.poll_timeout(), Some(fire + rto));
+        assert_eq!(slot(&a, 1).attempts, 2);
+        // `b`'s budget is untouched by `a`'s retries.
+        run_until(&mut b, t0 + rto);
+        assert_eq!(b.retransmits(), 1);
+        // A fresh send on `a` deposits again; the deferred retry then goes.
+        let ms = Duration::from_millis(1);
+        a.send(fire + ms, Bytes::new(), None, None, 0);
+        run(&mut a, fire + ms);
+        run_until(&mut a, fire + rto);
+        assert_eq!(a.retransmits(), 2);
+        assert_eq!(slot(&a, 1).attempts, 3);
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// |---|---|---|
 /// | `ttl` | 10 s | how long a deposit (or a withdrawal) counts |
 /// | `min_retries_per_sec` | 10 | retries always allowed even with no fresh traffic, so a quiet stream can still recover a lost message |
-/// | `retry_ratio` | 0.2 | retries allowed per fresh send: at most 20 % extra load on a struggling target |
+/// | `retry_ratio` | 0.2 | retries allowed per deposit (fresh send): at most 20 % extra load on a struggling target from each budget |
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryBudgetConfig {
@@ -57,19 +57,24 @@ impl RetryBudgetConfig {
     }
 }
 
-/// A budget that keeps retries to a fraction of fresh traffic, per target.
+/// A budget that keeps retries to a fraction of fresh traffic.
 ///
-/// Every fresh send [`deposit`](Self::deposit)s; every retry must
-/// [`try_withdraw`](Self::try_withdraw). Within the sliding window of `ttl`, successful
+/// ackwire keeps one per outbound stream, not one per target: a target that several
+/// streams send to gets at most the sum of their budgets (each with its own
+/// `min_retries_per_sec` floor).
+///
+/// Every fresh send [`deposit`](Self::deposit)s (ackwire's streams also deposit for
+/// every message acked, so a target that keeps up earns retries for its backlog);
+/// every retry must [`try_withdraw`](Self::try_withdraw). Within the sliding window of `ttl`, successful
 /// withdrawals never exceed `retry_ratio · deposits + min_retries_per_sec · ttl`. The
 /// window slides in [`SLOTS`](Self::SLOTS) steps of `ttl / SLOTS`: an event counts
 /// for between `ttl − ttl/SLOTS` and `ttl`.
 ///
 /// **When the budget refuses**, the caller keeps the message in flight and re-arms
-/// its retry timer (for the next backoff step); the retry is *deferred*, never dropped.
-/// Only the [`RetryPolicy`](super::RetryPolicy) deadline or attempt limit ends a
-/// message's retries. This is what keeps at-least-once intact while a struggling target
-/// is not buried in retries.
+/// its retry timer (ackwire's streams ask again one RTO later); the retry is
+/// *deferred*, never dropped. Only the [`RetryPolicy`](super::RetryPolicy) deadline or
+/// attempt limit ends a message's retries. This is what keeps at-least-once intact
+/// while a struggling target is not buried in retries.
 ///
 /// Arithmetic is in integer units (one retry = 1 000 000 units, a deposit is worth
 /// `floor(retry_ratio · 1 000 000)`), so the bound holds exactly, without float drift.

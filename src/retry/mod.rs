@@ -7,8 +7,8 @@
 //! ([`RetryBudget`]). It is sans-IO: it never reads a clock, never sleeps and never
 //! touches tokio — every input that depends on time carries a `now: Instant` or a
 //! [`Duration`]. It must not know about frames, streams or peers; the protocol core
-//! (`proto`) owns one [`RttEstimator`] and one [`Backoff`] per stream and one
-//! [`RetryBudget`] per target, and combines them.
+//! (`proto`) owns one [`RttEstimator`], one [`Backoff`] and one [`RetryBudget`] per
+//! outbound stream, and combines them with the [`RetryPolicy`].
 //!
 //! One file per concept, all re-exported here: `rtt` ([`RttConfig`],
 //! [`RttEstimator`]), `backoff` ([`Backoff`]), `budget` ([`RetryBudgetConfig`],
@@ -25,9 +25,9 @@
 //!    deadline.
 //! 3. When the retry timer fires, ask [`RetryPolicy::on_timeout`]: the deadline or the
 //!    attempt limit may end the message's retries ([`GiveUp`]). If it may be
-//!    retransmitted, ask the target's [`RetryBudget::try_withdraw`]. If that refuses,
-//!    **do not drop the retry**: keep the message in flight and re-arm its timer for
-//!    the next backoff step (the next timer tick). Retries are deferred, never lost;
+//!    retransmitted, ask the stream's [`RetryBudget::try_withdraw`]. If that refuses,
+//!    **do not drop the retry**: keep the message in flight and re-arm its timer
+//!    (ackwire's streams ask again one RTO later). Retries are deferred, never lost;
 //!    only the policy's deadline or attempt limit ends them.
 //!
 //! ```
