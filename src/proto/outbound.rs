@@ -196,6 +196,7 @@ struct Removed {
 }
 
 /// A removed slot's latest transmission.
+#[derive(Debug, Clone, Copy)]
 enum Sent {
     Never,
     /// Microseconds after the epoch.
@@ -242,6 +243,16 @@ impl SlotTimes {
             NO_TIME => None,
             WIDE_TIME => self.wide_deadline.get(&seq).copied(),
             ms => Some(self.epoch + Duration::from_millis(u64::from(ms))),
+        }
+    }
+
+    /// The instant of a removed slot's latest transmission (`None`: never sent). An
+    /// offset always converts: it was taken from an instant at or after the epoch.
+    fn instant(&self, sent: Sent) -> Option<Instant> {
+        match sent {
+            Sent::Never => None,
+            Sent::Offset(us) => self.epoch.checked_add(Duration::from_micros(u64::from(us))),
+            Sent::At(at) => Some(at),
         }
     }
 
@@ -384,9 +395,10 @@ pub(crate) struct OutboundStream {
     retransmits: u64,
     /// Slots freed at the front since the last `take_opened`.
     opened: u64,
-    /// RTT sample from the newest never-retransmitted message settled by the current
-    /// ack frame: one estimator update per ack, not per message.
-    sample: Option<Duration>,
+    /// First (and only) transmission of the newest never-retransmitted message settled
+    /// by the current ack frame, its RTT sample: one estimator update per ack frame,
+    /// not per message.
+    sample: Option<Sent>,
     /// Highest seq the receiver lets us have transmitted; `None`: the receiver grants
     /// no credit (protocol version 1).
     credit: Option<u64>,
@@ -862,7 +874,7 @@ impl OutboundStream {
                 self.unblock();
             }
         }
-        let acked_at = Some((now, now.checked_duration_since(self.times.epoch)));
+        let acked_at = Some(now);
         let mut seq = self.base;
         while seq <= cumulative.min(top) {
             self.settle(seq, acked_at);
@@ -878,8 +890,10 @@ impl OutboundStream {
                 s += 1;
             }
         }
-        if let Some(rtt) = self.sample.take() {
-            self.rtt.on_sample(rtt);
+        if let Some(sent) = self.sample.take().and_then(|s| self.times.instant(s)) {
+            // `settle` applied Karn's rule already: only a message transmitted once
+            // becomes the frame's sample.
+            self.rtt.on_ack(sent, now, false);
         }
         // The cumulative ack retires the oldest first-transmission timers: the queue
         // holds about one window, not one RTO's worth of traffic.
@@ -1034,25 +1048,16 @@ impl OutboundStream {
         }
     }
 
-    /// `acked_at`: when the ack arrived and how long after the epoch (`None`: before
-    /// it); `None` for at-most-once's settle on transmission.
-    fn settle(&mut self, seq: u64, acked_at: Option<(Instant, Option<Duration>)>) {
+    /// `acked_at`: when the ack arrived; `None` for at-most-once's settle on
+    /// transmission.
+    fn settle(&mut self, seq: u64, acked_at: Option<Instant>) {
         if let Some(m) = self.remove(seq) {
-            if let Some((now, age)) = acked_at {
+            if let Some(now) = acked_at {
                 self.last_progress = Some(now);
                 self.highest_acked = self.highest_acked.max(seq);
                 // Karn's rule: only never-retransmitted messages give RTT samples.
-                if m.attempts == 1 {
-                    // `now - sent`, saturating at zero.
-                    match m.last_sent {
-                        Sent::Never => {}
-                        Sent::Offset(us) => {
-                            let sent = Duration::from_micros(u64::from(us));
-                            self.sample =
-                                Some(age.map_or(Duration::ZERO, |a| a.saturating_sub(sent)));
-                        }
-                        Sent::At(sent) => self.sample = Some(now.saturating_duration_since(sent)),
-                    }
+                if m.attempts == 1 && !matches!(m.last_sent, Sent::Never) {
+                    self.sample = Some(m.last_sent);
                 }
                 // An ack is evidence the target keeps up: it earns retry budget too, so
                 // a target back from a partition gets its backlog retried at the pace

@@ -16,9 +16,12 @@
 //!
 //! # How the pieces fit
 //!
-//! 1. On every ack of a message, feed [`RttEstimator::on_ack`] with the time the
+//! 1. On an ack of a message, feed [`RttEstimator::on_ack`] with the time the
 //!    message was *first* sent and whether it was ever retransmitted (Karn's rule: an
-//!    ack of a retransmitted message is ambiguous and gives no sample).
+//!    ack of a retransmitted message is ambiguous and gives no sample). ackwire's
+//!    streams do it once per ack frame, for the newest message the frame settles that
+//!    was sent only once: a cumulative ack of a whole window is one sample, not
+//!    thousands.
 //! 2. When a message is transmitted (the first time or again), arm its retry timer
 //!    for [`RetryPolicy::schedule`]: one RTO after the first send, then
 //!    `min(cap, rto · 2ⁿ)` with jitter from [`Backoff`], never past the message's
