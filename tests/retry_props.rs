@@ -1,5 +1,5 @@
-//! Property tests of `ackwire::retry`: backoff bounds, RTO clamps and convergence, and
-//! the retry budget's bound. Each test's name states the property it checks.
+//! Property tests of `ackwire::retry`: backoff bounds, the retry timers the policy
+//! arms, RTO clamps and convergence, and the retry budget's bound. Each test's name states the property it checks.
 
 use ackwire::retry::{
     Backoff, RetryBudget, RetryBudgetConfig, RetryPolicy, RttConfig, RttEstimator,
@@ -97,6 +97,41 @@ proptest! {
             let u = b.upper(rto, n);
             prop_assert!(u >= prev);
             prev = u;
+        }
+    }
+
+    /// Property: the timer `RetryPolicy::schedule` arms after transmission n is never
+    /// before `now` nor after the deadline; short of the deadline it is exactly one RTO
+    /// (`upper(rto, 0)`, unjittered) after the first send and within the backoff's
+    /// [lower, upper] of attempt n − 1 after a later one.
+    #[test]
+    fn schedule_arms_one_rto_then_backoff_bounds_never_past_the_deadline(
+        rto in any_duration(),
+        cap in any_duration().prop_filter("cap > 0", |c| !c.is_zero()),
+        transmissions in prop_oneof![1u32..70, 1u32..=u32::MAX],
+        jitter in any::<bool>(),
+        seed in any::<u64>(),
+        deadline_ms in prop::option::of(0u64..10_000_000),
+    ) {
+        let policy = RetryPolicy { backoff_cap: cap, jitter, ..RetryPolicy::default() };
+        let mut b = Backoff::new(&policy, seed);
+        let now = Instant::now();
+        let deadline = deadline_ms.map(|ms| now + Duration::from_millis(ms));
+        let at = policy.schedule(&mut b, rto, transmissions, deadline, now);
+        prop_assert!(at >= now);
+        if let Some(d) = deadline {
+            prop_assert!(at <= d, "{:?} after the deadline {:?}", at, d);
+        }
+        let (lo, hi) = if transmissions == 1 {
+            (b.upper(rto, 0), b.upper(rto, 0))
+        } else {
+            (b.lower(rto, transmissions - 1), b.upper(rto, transmissions - 1))
+        };
+        // Where `now + upper` is a representable instant (else the timer is "never").
+        if let Some(hi_at) = now.checked_add(hi) {
+            let clamp = |t: Instant| deadline.map_or(t, |d| t.min(d));
+            prop_assert!(at >= clamp(now + lo) && at <= clamp(hi_at),
+                "{:?} not in [{:?}, {:?}] after now", at - now, lo, hi);
         }
     }
 

@@ -66,7 +66,8 @@ pub struct ProtoConfig {
     pub retry: RetryPolicy,
     /// RTT estimation (RFC 6298). See [`RttConfig`].
     pub rtt: RttConfig,
-    /// Retry budget against a struggling target. See [`RetryBudgetConfig`].
+    /// Retry budget against a struggling target, one per outbound stream (a target's
+    /// streams do not share one). See [`RetryBudgetConfig`].
     ///
     /// Default: `retry_ratio` 1.0, `min_retries_per_sec` 100, `ttl` 10 s — looser than
     /// Finagle's RPC numbers ([`RetryBudgetConfig::default`], 0.2 and 10/s). For a

@@ -41,6 +41,15 @@
 //! shows while the rest of the stream keeps flowing). Nacks, reconnects and
 //! deadlines do not wait.
 //!
+//! # Retries
+//!
+//! The stream arms and judges its retry timers through its [`RetryPolicy`]
+//! ([`RetryPolicy::schedule`] on every transmission, [`RetryPolicy::on_timeout`] when a
+//! timer fires) and owns its [`RttEstimator`], [`Backoff`] and [`RetryBudget`]. The
+//! budget is the stream's own, not shared with the target's other streams. Fresh
+//! sends and acked messages deposit into it; a retransmission it refuses is deferred
+//! by one RTO and asks again, never dropped.
+//!
 //! # Timers
 //!
 //! A message's first retransmission timer is one RTO after its first transmission,
@@ -85,7 +94,7 @@
 
 use crate::id::{ChannelId, Guarantee, MessageId};
 use crate::proto::config::ProtoConfig;
-use crate::retry::{Backoff, GiveUp, RetryBudget, RttEstimator};
+use crate::retry::{Backoff, GiveUp, RetryBudget, RetryDecision, RetryPolicy, RttEstimator};
 use crate::wire::{Data, SeqRange};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -187,6 +196,7 @@ struct Removed {
 }
 
 /// A removed slot's latest transmission.
+#[derive(Debug, Clone, Copy)]
 enum Sent {
     Never,
     /// Microseconds after the epoch.
@@ -233,6 +243,16 @@ impl SlotTimes {
             NO_TIME => None,
             WIDE_TIME => self.wide_deadline.get(&seq).copied(),
             ms => Some(self.epoch + Duration::from_millis(u64::from(ms))),
+        }
+    }
+
+    /// The instant of a removed slot's latest transmission (`None`: never sent). An
+    /// offset always converts: it was taken from an instant at or after the epoch.
+    fn instant(&self, sent: Sent) -> Option<Instant> {
+        match sent {
+            Sent::Never => None,
+            Sent::Offset(us) => self.epoch.checked_add(Duration::from_micros(u64::from(us))),
+            Sent::At(at) => Some(at),
         }
     }
 
@@ -368,16 +388,17 @@ pub(crate) struct OutboundStream {
     rtt: RttEstimator,
     backoff: Backoff,
     budget: RetryBudget,
-    max_attempts: Option<u32>,
-    deadline: Option<Duration>,
+    /// Attempt limit, default deadline, and the timer each transmission arms.
+    policy: RetryPolicy,
     amo_slack: u64,
     events: VecDeque<OutEvent>,
     retransmits: u64,
     /// Slots freed at the front since the last `take_opened`.
     opened: u64,
-    /// RTT sample from the newest never-retransmitted message settled by the current
-    /// ack frame: one estimator update per ack, not per message.
-    sample: Option<Duration>,
+    /// First (and only) transmission of the newest never-retransmitted message settled
+    /// by the current ack frame, its RTT sample: one estimator update per ack frame,
+    /// not per message.
+    sample: Option<Sent>,
     /// Highest seq the receiver lets us have transmitted; `None`: the receiver grants
     /// no credit (protocol version 1).
     credit: Option<u64>,
@@ -433,8 +454,7 @@ impl OutboundStream {
             rtt: RttEstimator::new(config.rtt),
             backoff: Backoff::new(&config.retry, seed),
             budget: RetryBudget::new(config.retry_budget, now),
-            max_attempts: config.retry.max_attempts,
-            deadline: config.retry.deadline,
+            policy: config.retry,
             amo_slack: config.amo_reorder_slack,
             events: VecDeque::new(),
             retransmits: 0,
@@ -522,7 +542,7 @@ impl OutboundStream {
             None
         } else {
             self.budget.deposit(now);
-            deadline.or(self.deadline)
+            deadline.or(self.policy.deadline)
         };
         let deadline_ms = self.times.encode_deadline(seq, now, age, deadline);
         if let Some(id) = id {
@@ -613,19 +633,21 @@ impl OutboundStream {
             if amo {
                 self.settle(seq, None);
             } else {
-                let rto = self.rtt.rto();
                 let deadline = self.times.deadline(seq, m);
                 m.timer_gen = next_gen(m.timer_gen);
                 let gen = m.timer_gen;
+                let due = self.policy.schedule(
+                    &mut self.backoff,
+                    self.rtt.rto(),
+                    m.attempts,
+                    deadline,
+                    now,
+                );
                 if m.attempts == 1 {
-                    // A first transmission's timer is one RTO, unjittered, on the
+                    // A first transmission's timer (one RTO, unjittered) goes on the
                     // stream's sorted queue (module docs, "Timers").
-                    self.arm_first(later(now, self.backoff.upper(rto, 0)), deadline, seq, gen);
+                    self.arm_first(due, deadline, seq, gen);
                 } else {
-                    let mut due = later(now, self.backoff.delay(rto, m.attempts - 1));
-                    if let Some(d) = deadline {
-                        due = due.min(d);
-                    }
                     self.timers.push(Reverse((due, seq, gen)));
                 }
             }
@@ -636,11 +658,11 @@ impl OutboundStream {
     }
 
     /// Arm the timer of `seq`'s first transmission (module docs, "Timers"): on the
-    /// sorted `first` queue at `rto_due` (or its deadline, if earlier), raised to the
-    /// queue's last instant if the RTO fell since; a deadline before that instant goes
-    /// to the heap instead, so it still fires on time.
-    fn arm_first(&mut self, rto_due: Instant, deadline: Option<Instant>, seq: u64, gen: u32) {
-        let due = deadline.map_or(rto_due, |d| rto_due.min(d));
+    /// sorted `first` queue at `due` (one RTO, or the deadline if earlier:
+    /// [`RetryPolicy::schedule`]), raised to the queue's last instant if the RTO fell
+    /// since; a deadline before that instant goes to the heap instead, so it still
+    /// fires on time.
+    fn arm_first(&mut self, due: Instant, deadline: Option<Instant>, seq: u64, gen: u32) {
         match self.first.back() {
             Some(&(last, _, _)) if due < last => {
                 if deadline.is_some_and(|d| d < last) {
@@ -768,10 +790,15 @@ impl OutboundStream {
             return;
         };
         let deadline = self.times.deadline(seq, m);
+        // The policy's verdict. The deadline ends a message whatever it waits for;
+        // the attempt limit only where a retransmission is due (below), since it
+        // bounds transmissions, not waiting for a receiver that holds the message.
+        let decision = self.policy.on_timeout(m.attempts, deadline, now);
+        let expired = decision == RetryDecision::GiveUp(GiveUp::Deadline);
         if gen == WAITING {
             // Still waiting for credit (never sent, or a retransmission queued
             // behind node credit) at its deadline: give up.
-            if (m.attempts == 0 || m.queued) && deadline.is_some_and(|d| now >= d) {
+            if (m.attempts == 0 || m.queued) && expired {
                 self.give_up(seq, GiveUp::Deadline);
             }
             return;
@@ -779,7 +806,7 @@ impl OutboundStream {
         if m.timer_gen != gen || m.queued {
             return; // stale entry
         }
-        if deadline.is_some_and(|d| now >= d) {
+        if expired {
             self.give_up(seq, GiveUp::Deadline);
             return;
         }
@@ -808,8 +835,8 @@ impl OutboundStream {
                 return;
             }
         }
-        if self.max_attempts.is_some_and(|max| m.attempts >= max) {
-            self.give_up(seq, GiveUp::MaxAttempts);
+        if let RetryDecision::GiveUp(reason) = decision {
+            self.give_up(seq, reason);
             return;
         }
         if !self.budget.try_withdraw(now) {
@@ -847,7 +874,7 @@ impl OutboundStream {
                 self.unblock();
             }
         }
-        let acked_at = Some((now, now.checked_duration_since(self.times.epoch)));
+        let acked_at = Some(now);
         let mut seq = self.base;
         while seq <= cumulative.min(top) {
             self.settle(seq, acked_at);
@@ -863,8 +890,10 @@ impl OutboundStream {
                 s += 1;
             }
         }
-        if let Some(rtt) = self.sample.take() {
-            self.rtt.on_sample(rtt);
+        if let Some(sent) = self.sample.take().and_then(|s| self.times.instant(s)) {
+            // `settle` applied Karn's rule already: only a message transmitted once
+            // becomes the frame's sample.
+            self.rtt.on_ack(sent, now, false);
         }
         // The cumulative ack retires the oldest first-transmission timers: the queue
         // holds about one window, not one RTO's worth of traffic.
@@ -1019,25 +1048,16 @@ impl OutboundStream {
         }
     }
 
-    /// `acked_at`: when the ack arrived and how long after the epoch (`None`: before
-    /// it); `None` for at-most-once's settle on transmission.
-    fn settle(&mut self, seq: u64, acked_at: Option<(Instant, Option<Duration>)>) {
+    /// `acked_at`: when the ack arrived; `None` for at-most-once's settle on
+    /// transmission.
+    fn settle(&mut self, seq: u64, acked_at: Option<Instant>) {
         if let Some(m) = self.remove(seq) {
-            if let Some((now, age)) = acked_at {
+            if let Some(now) = acked_at {
                 self.last_progress = Some(now);
                 self.highest_acked = self.highest_acked.max(seq);
                 // Karn's rule: only never-retransmitted messages give RTT samples.
-                if m.attempts == 1 {
-                    // `now - sent`, saturating at zero.
-                    match m.last_sent {
-                        Sent::Never => {}
-                        Sent::Offset(us) => {
-                            let sent = Duration::from_micros(u64::from(us));
-                            self.sample =
-                                Some(age.map_or(Duration::ZERO, |a| a.saturating_sub(sent)));
-                        }
-                        Sent::At(sent) => self.sample = Some(now.saturating_duration_since(sent)),
-                    }
+                if m.attempts == 1 && !matches!(m.last_sent, Sent::Never) {
+                    self.sample = Some(m.last_sent);
                 }
                 // An ack is evidence the target keeps up: it earns retry budget too, so
                 // a target back from a partition gets its backlog retried at the pace
@@ -1321,7 +1341,7 @@ mod tests {
         assert_eq!(s.take(1), Some(MessageId::Key(IdKey(1))));
         assert_eq!(side_entries(&s), 4);
         // Give up (too many attempts) after a reconnect retransmitted them.
-        s.max_attempts = Some(2);
+        s.policy.max_attempts = Some(2);
         s.handle_reconnect();
         let _ = run(&mut s, t0);
         let events = run_until(&mut s, t0 + DAY);
@@ -1426,5 +1446,58 @@ mod tests {
         run_until(&mut s, t0 + Duration::from_secs(1));
         assert_eq!(slot(&s, 1).attempts, 2, "seqs 1 and 3 fire together");
         assert_eq!(slot(&s, 3).attempts, 2);
+    }
+
+    /// The retry budget is the stream's own (module docs, "Retries"): once a stream's
+    /// retries have spent it, its next retry is deferred by one RTO, not dropped, and
+    /// goes once a deposit pays for it; another stream to the same target still
+    /// retries at once.
+    #[test]
+    fn a_refused_retry_waits_one_rto_and_the_budget_is_per_stream() {
+        let mut config = ProtoConfig::default();
+        config.retry.deadline = None;
+        // One retry per deposit, no floor.
+        config.retry_budget = crate::retry::RetryBudgetConfig {
+            ttl: Duration::from_secs(10),
+            min_retries_per_sec: 0,
+            retry_ratio: 1.0,
+        };
+        let t0 = Instant::now();
+        let new = |seed| {
+            OutboundStream::new(
+                ORIGIN,
+                ChannelId(1),
+                Guarantee::AtLeastOnce,
+                &config,
+                seed,
+                t0,
+                None,
+            )
+        };
+        let (mut a, mut b) = (new(7), new(8));
+        let rto = a.rtt.rto();
+        a.send(t0, Bytes::new(), None, None, 0);
+        b.send(t0, Bytes::new(), None, None, 0);
+        run(&mut a, t0);
+        run(&mut b, t0);
+        // The send's deposit pays for the first retry.
+        run_until(&mut a, t0 + rto);
+        assert_eq!(a.retransmits(), 1);
+        // The next one finds the budget spent: deferred by one RTO, still in flight.
+        let fire = a.poll_timeout().unwrap();
+        assert!(run(&mut a, fire).is_empty());
+        assert_eq!(a.retransmits(), 1);
+        assert_eq!(a.poll_timeout(), Some(fire + rto));
+        assert_eq!(slot(&a, 1).attempts, 2);
+        // `b`'s budget is untouched by `a`'s retries.
+        run_until(&mut b, t0 + rto);
+        assert_eq!(b.retransmits(), 1);
+        // A fresh send on `a` deposits again; the deferred retry then goes.
+        let ms = Duration::from_millis(1);
+        a.send(fire + ms, Bytes::new(), None, None, 0);
+        run(&mut a, fire + ms);
+        run_until(&mut a, fire + rto);
+        assert_eq!(a.retransmits(), 2);
+        assert_eq!(slot(&a, 1).attempts, 3);
     }
 }

@@ -58,7 +58,8 @@
 use super::tls::{self, TlsConfig, TlsRefusal};
 use super::{Link, LinkCommand, LinkEvent, Transport, TransportError};
 use crate::id::{NodeId, Origin};
-use crate::rng::{seed_from_entropy, SplitMix64};
+use crate::retry::Backoff;
+use crate::rng::seed_from_entropy;
 use crate::wire::{
     DecodeError, Frame, FrameDecoder, FrameEncoder, IncompatibleVersion, Negotiation,
     NegotiationError, NegotiationStep, UnsupportedRange, VersionRange, DEFAULT_MAX_FRAME_LEN,
@@ -1263,16 +1264,11 @@ async fn handshake(
     Ok(hs)
 }
 
-/// Redial delay before attempt `attempt` (0-based): `min * 2^attempt` capped at `max`,
-/// drawn uniformly from its upper half.
-fn backoff(cfg: &TcpConfig, attempt: u32, rng: &mut SplitMix64) -> Duration {
-    let exp = cfg
-        .backoff_min
-        .saturating_mul(1u32 << attempt.min(20))
-        .min(cfg.backoff_max);
-    let half = exp / 2;
-    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-    half + Duration::from_nanos(rng.range_u64(0, nanos))
+/// The redial backoff, the same [`Backoff`] as message retries: the delay before
+/// attempt `n` (0-based) is `backoff_min · 2ⁿ` capped at `backoff_max`, drawn uniformly
+/// from its upper half (equal jitter), as [`Backoff::delay`]`(cfg.backoff_min, n)`.
+fn redial_backoff(cfg: &TcpConfig, seed: u64) -> Backoff {
+    Backoff::with_cap(cfg.backoff_max, true, seed)
 }
 
 /// A failed dial of a configured peer: warn on the first failure and then at most every
@@ -1297,11 +1293,11 @@ fn connect_failed(
 const CONNECT_WARN_EVERY: Duration = Duration::from_secs(30);
 
 async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff: bool) {
-    let mut rng = SplitMix64::new(seed_from_entropy());
+    let mut backoff = redial_backoff(&ctx.cfg, seed_from_entropy());
     let mut attempt = 0u32;
     let mut warned: Option<tokio::time::Instant> = None;
     if after_backoff {
-        tokio::time::sleep(backoff(&ctx.cfg, 0, &mut rng)).await;
+        tokio::time::sleep(backoff.delay(ctx.cfg.backoff_min, 0)).await;
     }
     loop {
         tracing::debug!(%peer, %addr, attempt, "tcp: dialing");
@@ -1335,7 +1331,7 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff:
             }
         }
         attempt = attempt.saturating_add(1);
-        tokio::time::sleep(backoff(&ctx.cfg, attempt, &mut rng)).await;
+        tokio::time::sleep(backoff.delay(ctx.cfg.backoff_min, attempt)).await;
     }
 }
 
@@ -1588,14 +1584,24 @@ mod tests {
     #[test]
     fn backoff_doubles_within_bounds_with_jitter() {
         let cfg = TcpConfig::default();
-        let mut rng = SplitMix64::new(1);
+        let mut backoff = redial_backoff(&cfg, 1);
         for attempt in 0..40 {
             let exp = (cfg.backoff_min * 2u32.pow(attempt.min(20))).min(cfg.backoff_max);
-            let d = backoff(&cfg, attempt, &mut rng);
+            let d = backoff.delay(cfg.backoff_min, attempt);
             assert!(
                 d >= exp / 2 && d <= exp,
                 "attempt {attempt}: {d:?} vs {exp:?}"
             );
+        }
+        // `backoff_max` bounds the delay however many attempts failed.
+        let wide = TcpConfig {
+            backoff_max: Duration::from_secs(3600),
+            ..TcpConfig::default()
+        };
+        let mut backoff = redial_backoff(&wide, 2);
+        for attempt in [20, 63, 64, u32::MAX] {
+            let d = backoff.delay(wide.backoff_min, attempt);
+            assert!(d >= wide.backoff_max / 2 && d <= wide.backoff_max, "{d:?}");
         }
     }
 }
