@@ -1,6 +1,6 @@
 //! How typed channels turn values into payloads and back: the [`Codec`] trait (with its
 //! [`Encode`] and [`Decode`] halves), [`Bincode`] (the default) and, with the feature
-//! `postcard`, [`Postcard`].
+//! `postcard`, `Postcard`.
 //!
 //! Owns the value ↔ payload step of [`Sender`](crate::Sender) and
 //! [`Receiver`](crate::Receiver) only; frames, headers and checksums are the wire

@@ -127,9 +127,9 @@ pub use error::ConfigError;
 pub use id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 pub use node::{
     AckError, ChannelOptions, DeadLetter, DeadLetterReason, DeadLetters, Delivery, DeliveryHandle,
-    HandoffConfig, IdentityConflict, Node, NodeBuilder, NodeConfig, NodeError, Outcome,
-    RawReceiver, RawSendSink, RawSender, Receipt, Receiver, ReceiverOptions, SendError, SendSink,
-    Sender, Stats, BIND_RETRY,
+    HandoffConfig, HandoffRefusal, IdentityConflict, Node, NodeBuilder, NodeConfig, NodeError,
+    NodeFailure, Outcome, RawReceiver, RawSendSink, RawSender, Receipt, Receiver, ReceiverOptions,
+    SendError, SendSink, Sender, Stats, BIND_RETRY,
 };
 #[cfg(feature = "tower")]
 pub use node::{RawSenderService, SendFuture, SenderService};

@@ -3,6 +3,7 @@
 //! replay through the normal path, and effectively-once still processes everything once.
 
 use ackwire::detector::Health;
+use ackwire::handoff::HintError;
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
 use ackwire::{
     ChannelId, ChannelOptions, Guarantee, HandoffConfig, Node, NodeConfig, NodeId, Outcome,
@@ -188,9 +189,17 @@ async fn max_hint_window_refuses_new_hints() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let r = out.send(&2).await.unwrap().await;
     assert!(
-        matches!(&r, Err(SendError::HandoffRefused { reason }) if reason.contains("down")),
+        matches!(
+            &r,
+            Err(SendError::HandoffRefused { reason })
+                if matches!(reason.hint_error(), Some(HintError::TargetDownTooLong { .. }))
+        ),
         "{r:?}"
     );
+    // The typed reason is the error's source, for error reporters that walk the chain.
+    let err = r.unwrap_err();
+    let source = std::error::Error::source(&err).expect("a source");
+    assert!(source.to_string().contains("max hint window"), "{source}");
     let stats = a.stats().await.unwrap();
     assert_eq!(stats.hints.unwrap().refused_window, 1);
     assert_eq!(stats.handoff_refused, 1);

@@ -1,6 +1,7 @@
 //! Resource limits: each is enforced with a typed error or a counted drop, and a peer
 //! that misbehaves does not disturb the others. Each test prints a `reliability:` line.
 
+use ackwire::handoff::HintError;
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
 use ackwire::transport::tcp::{TcpConfig, TcpTransport};
 use ackwire::{
@@ -199,8 +200,11 @@ async fn hint_bytes_are_bounded() {
             Ok(Outcome::HandedOff) => handed += 1,
             Err(SendError::HandoffRefused { reason }) => {
                 assert!(
-                    reason.contains("full") || reason.contains("bytes"),
-                    "{reason}"
+                    matches!(
+                        reason.hint_error(),
+                        Some(HintError::TargetFull { .. } | HintError::StoreFull { .. })
+                    ),
+                    "{reason:?}"
                 );
                 refused += 1;
             }

@@ -8,7 +8,7 @@
 //! earliest deadline.
 
 use super::dead_letter::DeadLetterReason;
-use super::error::NodeFailure;
+use super::error::{HandoffRefusal, NodeFailure};
 use super::handles::Completions;
 #[cfg(feature = "metrics")]
 use super::metrics;
@@ -885,7 +885,7 @@ impl Driver {
             .map(|t| now.saturating_duration_since(t));
         let Some(spool) = &mut self.spool else {
             return Err(SendError::HandoffRefused {
-                reason: "hinted handoff is not enabled".into(),
+                reason: HandoffRefusal::NotEnabled,
             });
         };
         match spool.store(send, id, g, payload, down_for, now) {
@@ -901,7 +901,7 @@ impl Driver {
             Err(e) => {
                 tracing::warn!(peer = %send.peer, %id, error = %e, "hint refused");
                 Err(SendError::HandoffRefused {
-                    reason: e.to_string(),
+                    reason: HandoffRefusal::Store(Arc::new(e)),
                 })
             }
         }

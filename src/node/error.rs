@@ -73,6 +73,49 @@ impl NodeFailure {
     }
 }
 
+/// Why a message could not be handed off ([`SendError::HandoffRefused`]).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandoffRefusal {
+    /// The node has no hint store ([`NodeConfig::handoff`] is `None`, the default).
+    #[error("hinted handoff is not enabled on this node")]
+    NotEnabled,
+    /// The hint store refused the hint; match on the [`HintError`] to see why
+    /// ([`HintError::TargetDownTooLong`], [`HintError::TargetFull`], …).
+    ///
+    /// [`HintError`]: crate::handoff::HintError
+    /// [`HintError::TargetDownTooLong`]: crate::handoff::HintError::TargetDownTooLong
+    /// [`HintError::TargetFull`]: crate::handoff::HintError::TargetFull
+    #[error(transparent)]
+    Store(Arc<crate::handoff::HintError>),
+}
+
+impl HandoffRefusal {
+    /// The hint store's error, if the store refused (`None`: handoff is off).
+    pub fn hint_error(&self) -> Option<&crate::handoff::HintError> {
+        match self {
+            HandoffRefusal::NotEnabled => None,
+            HandoffRefusal::Store(e) => Some(e),
+        }
+    }
+}
+
+/// Two refusals are equal if they are the same kind and say the same (a
+/// [`HintError`](crate::handoff::HintError) holds an `io::Error`, which has no `==`).
+impl PartialEq for HandoffRefusal {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (HandoffRefusal::NotEnabled, HandoffRefusal::NotEnabled) => true,
+            (HandoffRefusal::Store(a), HandoffRefusal::Store(b)) => {
+                Arc::ptr_eq(a, b) || a.to_string() == b.to_string()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for HandoffRefusal {}
+
 /// Why a send failed. Each variant says whether the receiver may still have the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -108,13 +151,19 @@ pub enum SendError {
         /// Configured maximum ([`NodeConfig::max_payload`]).
         max: usize,
     },
-    /// Retries ran out (or the target is down) and the hint store refused the message
-    /// (target down longer than the max hint window, byte limits, IO error): it was not
-    /// delivered and is not stored. Retry later or report the failure.
-    #[error("hint store refused the message: {reason}")]
+    /// Retries ran out (or the target is down) and the message could not be handed
+    /// off: handoff is off, or the hint store refused it (target down longer than the
+    /// max hint window, byte limits, IO error). `reason` is also the error's
+    /// [`source`](std::error::Error::source); [`HandoffRefusal::hint_error`] gives the
+    /// store's typed [`HintError`]. It was not delivered and is not stored. Retry
+    /// later or report the failure.
+    ///
+    /// [`HintError`]: crate::handoff::HintError
+    #[error("message not handed off: {reason}")]
     HandoffRefused {
-        /// What the store said.
-        reason: String,
+        /// Why.
+        #[source]
+        reason: HandoffRefusal,
     },
     /// `try_send` found the stream's in-flight window full; nothing was sent. Wait
     /// (use `send`) or shed load.

@@ -29,7 +29,7 @@ pub(crate) mod typecheck;
 pub use builder::{NodeBuilder, BIND_RETRY};
 pub use config::{ChannelOptions, NodeConfig, ReceiverOptions, Stats};
 pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetters};
-pub use error::{AckError, NodeError, Outcome, SendError};
+pub use error::{AckError, HandoffRefusal, NodeError, NodeFailure, Outcome, SendError};
 pub use handles::{Delivery, DeliveryHandle, RawReceiver, RawSender, Receipt, Receiver, Sender};
 #[cfg(feature = "tower")]
 pub use service::{RawSenderService, SendFuture, SenderService};
