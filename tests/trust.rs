@@ -169,6 +169,9 @@ async fn forged_id_attack(b_accepts_strangers: bool) {
     } else {
         assert!(closed_within(&mut s, WAIT).await, "B kept the stranger");
         assert_eq!(b.tcp_stats().unwrap().rejected_unknown_peer, 1);
+        // The node's one `Stats` carries the transport's counters too.
+        let stats = b.stats().await.unwrap();
+        assert_eq!(stats.tcp.unwrap().rejected_unknown_peer, 1);
     }
 
     // The real sender's 100 messages are each processed exactly once.

@@ -328,6 +328,10 @@ pub struct Stats {
     pub no_receiver: u64,
     /// Hint store counters, when handoff is enabled.
     pub hints: Option<crate::handoff::HintStats>,
+    /// The built-in TCP transport's counters (connections, frames, every rejected
+    /// connection by reason); `None` on another transport. The same as
+    /// [`Node::tcp_stats`](crate::Node::tcp_stats).
+    pub tcp: Option<crate::transport::tcp::TcpStatsSnapshot>,
     /// Messages handed off to the hint store.
     pub handed_off: u64,
     /// Messages whose receipt failed because the hint store refused them (the store's

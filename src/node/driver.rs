@@ -363,8 +363,9 @@ impl Driver {
                 let _ = reply.send(Stats {
                     proto: self.endpoint.stats(),
                     dedup: self.endpoint.dedup_stats(),
-                    decode_failed: 0,
+                    decode_failed: 0, // these three are filled by `Node::stats`
                     no_receiver: 0,
+                    tcp: None,
                     hints: self.spool.as_ref().map(Spool::stats),
                     handed_off: self.handed_off,
                     handoff_refused: self.handoff_refused,

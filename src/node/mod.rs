@@ -418,6 +418,7 @@ impl Node {
         let mut stats = rx.await.map_err(|_| self.shared.closed_error())?;
         stats.decode_failed = self.shared.decode_failed.load(Ordering::Relaxed);
         stats.no_receiver = self.shared.no_receiver.load(Ordering::Relaxed);
+        stats.tcp = self.tcp_stats();
         Ok(stats)
     }
 
