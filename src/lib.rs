@@ -63,9 +63,13 @@
 //!   the codec.
 //! * [`proto`] — the protocol as sans-IO state machines ([`proto::Endpoint`]):
 //!   sequencing, in-flight window, cumulative + selective acks, retransmission,
-//!   ordered delivery, use of the dedup table. Never touches IO or a clock.
+//!   ordered delivery, use of the dedup table. Reads no clock (every call takes
+//!   `now`), opens no socket or file and spawns nothing; the one IO on its path is
+//!   the durable dedup log, written (and fsynced per its policy) by the
+//!   [`dedup::Dedup`] the endpoint is given, on the caller's thread.
 //! * [`retry`] — RFC 6298 RTT estimator, exponential backoff with jitter, retry
-//!   policy and retry budget.
+//!   policy and retry budget (`rtt`, `backoff`, `policy`, `budget`); the streams'
+//!   retransmissions and the TCP redial both go through it.
 //! * [`dedup`] — receiver dedup: the lock-free per-stream [`dedup::SeqWindow`], the
 //!   lock-free expiring [`dedup::IdTable`] for application keys, durable persistence.
 //! * [`handoff`] — the hinted-handoff store: per-target append-only segment logs
@@ -78,6 +82,35 @@
 //! * [`transport`] — the [`transport::Transport`] trait; [`transport::tcp`] (real) and
 //!   [`transport::mem`] (in-process, with seeded faults for tests and demos).
 //! * `id`, `error`, `rng` — identities, shared errors, a seeded PRNG.
+//!
+//! `tests/layering.rs` checks the sans-IO claims against the source: `proto`, `retry`
+//! and `detector` name no runtime, socket, file or clock outside their unit tests,
+//! and `wire` names tokio only in its feature-gated `tokio_util` adapter.
+//!
+//! ## The public API, and why each part is public
+//!
+//! * **The crate root** is what a service needs: [`Node`] and [`NodeBuilder`], the
+//!   configuration ([`NodeConfig`], [`ChannelOptions`], [`ReceiverOptions`],
+//!   [`HandoffConfig`], [`ProtoConfig`]), the handles ([`Sender`], [`RawSender`],
+//!   [`Receiver`], [`RawReceiver`], [`Delivery`], [`Receipt`], the sinks), the ids
+//!   ([`NodeId`], [`ChannelId`], [`MessageId`], [`IdKey`], [`Origin`],
+//!   [`Guarantee`]), the outcomes and errors ([`Outcome`], [`SendError`] with
+//!   [`HandoffRefusal`], [`NodeError`], [`NodeFailure`], [`AckError`],
+//!   [`ConfigError`], [`RejectReason`]), [`Stats`] (protocol, dedup, hint store and
+//!   TCP counters in one value) and the dead-letter queue.
+//! * **The sans-IO layer** — [`proto`], [`retry`], [`detector`], [`dedup`],
+//!   [`wire`] — is public on purpose, as a documented layer for embedding the
+//!   protocol in another event loop, a simulator or a tool that reads frames
+//!   (`wire`'s `tokio_util` codec). [`Node`] is built from exactly these parts;
+//!   their items are covered by semver like the rest, and a service that only
+//!   sends and receives never needs them.
+//! * **Storage and topology**: [`handoff`] (the hint store and its configuration,
+//!   usable on its own for tooling over a hint directory), [`group`] (replica
+//!   groups), [`transport`] (the [`transport::Transport`] trait for your own
+//!   transport, the TCP and TLS configuration, the in-process `mem` network),
+//!   [`codec`] (the [`Codec`] trait for your own codec).
+//! * **Behind features only**: `testing` (the simulated network for your tests) and
+//!   `fuzzing` (entry points for the fuzz targets; not compiled into a normal build).
 //!
 //! ## Features and ecosystem
 //!

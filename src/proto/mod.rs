@@ -2,8 +2,9 @@
 //!
 //! Owns sequencing, acks, retransmission, ordered delivery and the use of the dedup
 //! table. Never imports tokio, never touches a socket or a clock: every input carries
-//! `now`, every output is polled. [`Endpoint`] is the entry point; the per-stream
-//! halves are private.
+//! `now`, every output is polled (`tests/layering.rs` checks it). The one IO on its
+//! path is durable dedup's log, written by the [`Dedup`](crate::dedup::Dedup) it is
+//! given. [`Endpoint`] is the entry point; the per-stream halves are private.
 
 mod authz;
 mod config;

@@ -1,0 +1,99 @@
+//! The crate docs' layering claims, checked against the source: the sans-IO core
+//! (`proto`, `retry`, `detector`) names no runtime, socket, file or clock outside its
+//! unit tests; `wire` touches tokio only in its feature-gated `tokio_util` adapter.
+//! (The dedup layer is not in that list: its durable log writes files, and
+//! `Dedup::open` reads the clocks once as its time base; the crate docs say so.)
+
+use std::path::{Path, PathBuf};
+
+/// Forbidden in the core, with why.
+const FORBIDDEN: &[(&str, &str)] = &[
+    ("tokio", "an async runtime"),
+    ("std::fs", "file IO"),
+    ("File::", "file IO"),
+    ("std::net", "sockets"),
+    ("Instant::now", "a clock"),
+    ("SystemTime", "the wall clock"),
+    ("thread::sleep", "blocking"),
+    ("thread::spawn", "threads"),
+];
+
+fn rust_files(path: &Path, out: &mut Vec<PathBuf>) {
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            rust_files(&entry.unwrap().path(), out);
+        }
+    } else if path.extension().is_some_and(|e| e == "rs") {
+        out.push(path.to_path_buf());
+    }
+}
+
+/// A file's code outside its `#[cfg(test)]` module (by this crate's convention the
+/// last item of a file) and outside comments (doc examples may use anything).
+fn production_code(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .take_while(|l| !l.starts_with("#[cfg(test)]"))
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn violations(paths: &[&str], allowed: &[(&str, &str)]) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for p in paths {
+        rust_files(&root.join(p), &mut files);
+    }
+    assert!(!files.is_empty(), "no sources under {paths:?}");
+    let mut found = Vec::new();
+    for f in &files {
+        let code = production_code(f);
+        let name = f.strip_prefix(root).unwrap().display().to_string();
+        for (pat, what) in FORBIDDEN {
+            if code.contains(pat) && !allowed.contains(&(name.as_str(), pat)) {
+                found.push(format!("{name}: `{pat}` ({what})"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_sans_io_core_names_no_runtime_socket_file_or_clock() {
+    let v = violations(&["src/proto", "src/retry", "src/detector.rs"], &[]);
+    assert!(
+        v.is_empty(),
+        "the core must stay sans-IO:\n{}",
+        v.join("\n")
+    );
+}
+
+#[test]
+fn the_wire_codec_uses_tokio_only_in_its_feature_gated_adapter() {
+    let v = violations(
+        &["src/wire"],
+        &[
+            ("src/wire/framed.rs", "tokio"),
+            ("src/wire/mod.rs", "tokio"),
+        ],
+    );
+    assert!(v.is_empty(), "{}", v.join("\n"));
+    let module =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/wire/mod.rs"))
+            .unwrap();
+    for line in module.lines().filter(|l| l.contains("tokio")) {
+        assert!(
+            line.contains("cfg(feature = \"tokio-util\")"),
+            "src/wire/mod.rs names tokio outside the feature gate: {line}"
+        );
+    }
+}
+
+/// The check itself can fail: the node driver, which owns the runtime and the
+/// clock, trips it.
+#[test]
+fn the_check_catches_a_runtime_in_the_driver() {
+    let v = violations(&["src/node/driver.rs"], &[]);
+    assert!(v.iter().any(|s| s.contains("tokio")), "{v:?}");
+}
