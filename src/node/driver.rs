@@ -839,10 +839,17 @@ impl Driver {
     /// their receipts resolve as handed off. A message the store refuses stays in
     /// flight and keeps retrying.
     fn hand_off_to_down(&mut self, peer: NodeId, only: Option<SendRef>, now: std::time::Instant) {
-        for (send, payload, id) in self.endpoint.in_flight_to(peer) {
-            if only.is_some_and(|o| o != send) {
-                continue;
-            }
+        // One new send to a Down peer looks up its own message only.
+        let messages = match only {
+            Some(send) => self
+                .endpoint
+                .in_flight_one(send)
+                .map(|(payload, id)| (send, payload, id))
+                .into_iter()
+                .collect(),
+            None => self.endpoint.in_flight_to(peer),
+        };
+        for (send, payload, id) in messages {
             let Some(&(g, _)) = self.receipts.get(&send) else {
                 continue; // a replayed hint: already stored
             };

@@ -594,6 +594,15 @@ impl Endpoint {
         out
     }
 
+    /// One unsettled message's payload and dedup identity (`None`: settled, or not
+    /// sent): [`in_flight_to`](Self::in_flight_to) for one message, without copying
+    /// the others.
+    pub fn in_flight_one(&self, send: SendRef) -> Option<(Bytes, MessageId)> {
+        self.outbound
+            .get(&(send.peer, send.channel))?
+            .unsettled_one(send.seq)
+    }
+
     /// Take an unsettled message out of its stream (it was stored as a hint): no
     /// retransmission, no receipt event; its implicit id stays unsettled for the
     /// receiver's dedup until [`Endpoint::hint_settled`]. Returns whether it was there.
@@ -1777,6 +1786,34 @@ mod tests {
         let t0 = Instant::now();
         let mut a = three_sent_one_lost(t0, 1);
         assert_eq!(data_seqs(&mut a, t0 + Duration::from_millis(250)), vec![1]);
+    }
+
+    /// `in_flight_one` answers as `in_flight_to` does for that message, and `None` for a
+    /// settled, future or unknown one.
+    #[test]
+    fn in_flight_one_matches_in_flight_to_message_by_message() {
+        let t0 = Instant::now();
+        let mut a = three_sent_one_lost(t0, 2);
+        for n in 3..6 {
+            send_eo(&mut a, t0, n);
+        }
+        let all = a.in_flight_to(NodeId(2));
+        assert_eq!(all.len(), 4, "seq 2 lost, three more unacked");
+        for (send, payload, id) in &all {
+            assert_eq!(a.in_flight_one(*send), Some((payload.clone(), *id)));
+        }
+        let settled = SendRef { seq: 1, ..all[0].0 };
+        assert_eq!(a.in_flight_one(settled), None, "seq 1 was acked");
+        let future = SendRef {
+            seq: 99,
+            ..all[0].0
+        };
+        assert_eq!(a.in_flight_one(future), None);
+        let other_channel = SendRef {
+            channel: ChannelId(9),
+            ..all[0].0
+        };
+        assert_eq!(a.in_flight_one(other_channel), None);
     }
 
     fn send_eo(a: &mut Endpoint, now: Instant, n: u8) {

@@ -953,6 +953,19 @@ impl OutboundStream {
         })
     }
 
+    /// `seq`'s payload and dedup identity, if it is unsettled (one slot looked up; the
+    /// same as `seq`'s entry of [`unsettled`](Self::unsettled)).
+    pub(crate) fn unsettled_one(&self, seq: u64) -> Option<(Bytes, MessageId)> {
+        let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        let m = self.slots.get(i)?.as_ref()?;
+        let id = if m.has_id {
+            self.ids.get(&seq).copied()
+        } else {
+            None
+        };
+        Some((m.payload.clone(), self.id_of(seq, id)))
+    }
+
     /// Remove an unsettled message without an event (it was handed off). Returns its
     /// dedup identity, or `None` if it was not there.
     pub(crate) fn take(&mut self, seq: u64) -> Option<MessageId> {
