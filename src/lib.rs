@@ -135,6 +135,7 @@
 //!   `"200ms"`, `"5s"`; missing keys keep their defaults; unknown keys are errors).
 #![warn(missing_docs)]
 
+mod blocking;
 pub mod codec;
 mod config_serde;
 pub mod dedup;

@@ -166,15 +166,16 @@ impl DedupLog {
         for r in records {
             encode(r, &mut out);
         }
-        {
+        crate::blocking::run(|| -> io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(&out)?;
             f.sync_all()?;
-        }
-        fs::rename(&tmp, self.dir.join(LOG_NAME))?;
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
+            fs::rename(&tmp, self.dir.join(LOG_NAME))?;
+            if let Ok(d) = File::open(&self.dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })?;
         self.file = OpenOptions::new()
             .append(true)
             .open(self.dir.join(LOG_NAME))?;
@@ -185,7 +186,7 @@ impl DedupLog {
 
 fn sync(f: &File, p: FsyncPolicy) -> Result<(), DedupError> {
     match p {
-        FsyncPolicy::Always => Ok(f.sync_data()?),
+        FsyncPolicy::Always => Ok(crate::blocking::run(|| f.sync_data())?),
         FsyncPolicy::Never => Ok(()),
     }
 }

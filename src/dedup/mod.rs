@@ -185,6 +185,8 @@ pub enum DedupError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum FsyncPolicy {
     /// After every record: a returned `complete` survives a machine crash. Slowest.
+    /// On a tokio multi-thread runtime the fsync runs under `block_in_place`, so the
+    /// worker's other tasks move to another thread while it waits for the disk.
     #[default]
     Always,
     /// Never explicitly: records reach the OS on every `complete` (a process crash

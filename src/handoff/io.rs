@@ -184,7 +184,8 @@ impl SegmentIo for FileSegmentIo {
     }
 
     fn sync(&mut self, target: NodeId, segment: u64) -> io::Result<()> {
-        self.handle(target, segment)?.sync_data()
+        let file = self.handle(target, segment)?;
+        crate::blocking::run(|| file.sync_data())
     }
 
     fn sync_dir(&mut self, target: NodeId) -> io::Result<()> {
@@ -223,7 +224,7 @@ impl SegmentIo for FileSegmentIo {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         if durable {
-            f.sync_data()?;
+            crate::blocking::run(|| f.sync_data())?;
         }
         drop(f);
         fs::rename(&tmp, dir.join("cursor"))?;
@@ -260,7 +261,8 @@ impl SegmentIo for FileSegmentIo {
 
 #[cfg(unix)]
 fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    let d = File::open(dir)?;
+    crate::blocking::run(|| d.sync_all())
 }
 
 #[cfg(not(unix))]

@@ -96,6 +96,8 @@ pub struct HintPos {
 pub enum FsyncPolicy {
     /// fsync before every `append` returns. Nothing acknowledged is lost even on power
     /// loss; throughput is bounded by the device's fsync latency (≈ 0.1–10 ms per append).
+    /// On a tokio multi-thread runtime every fsync of the store runs under
+    /// `block_in_place`, so the worker's other tasks move to another thread meanwhile.
     Always,
     /// Group commit: an `append` fsyncs when the last fsync is older than the interval, and
     /// [`HintStore::sync_if_due`] must be called at [`HintStore::next_sync_deadline`] so an
