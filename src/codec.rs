@@ -149,6 +149,28 @@ impl fmt::Display for CodecError {
     }
 }
 
+/// Two codec errors are equal if they are the same kind and say the same (a format's
+/// own error is compared by its message: `dyn Error` has no `==`). Lets
+/// [`SendError`](crate::SendError), which carries one, be compared in tests.
+impl PartialEq for CodecError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                CodecError::TrailingBytes { used, total },
+                CodecError::TrailingBytes {
+                    used: u2,
+                    total: t2,
+                },
+            ) => used == u2 && total == t2,
+            (CodecError::Format(a), CodecError::Format(b)) => a.to_string() == b.to_string(),
+            (CodecError::Message(a), CodecError::Message(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for CodecError {}
+
 impl StdError for CodecError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {

@@ -615,7 +615,7 @@ impl<T: Serialize> GroupSender<T> {
                 GroupSendError::Failed {
                     key,
                     member: None,
-                    error: SendError::Encode(e.to_string()),
+                    error: SendError::Encode(Arc::new(e)),
                 }
             })?;
         self.raw.send_with_key(payload, key).await

@@ -313,7 +313,13 @@ async fn a_hand_written_codec_works_and_is_type_checked() {
 
     // An encoding error fails the send before anything is sent.
     match out.send(&Celsius(1e12)).await {
-        Err(SendError::Encode(why)) => assert!(why.contains("out of range"), "{why}"),
+        Err(SendError::Encode(why)) => {
+            assert!(why.to_string().contains("out of range"), "{why}");
+            // The codec's error is kept typed, and is the send error's source.
+            let err = SendError::Encode(why.clone());
+            let source = std::error::Error::source(&err).expect("a source");
+            assert_eq!(source.to_string(), why.to_string());
+        }
         other => panic!("{other:?}"),
     }
 

@@ -138,11 +138,12 @@ pub enum SendError {
     /// The node shut down before the message settled. It may have been delivered.
     #[error("node shut down before the message settled")]
     Shutdown,
-    /// The value could not be encoded by the sender's codec (its
-    /// [`CodecError`](crate::codec::CodecError), as text); nothing was sent. Fix the
-    /// value or its `Serialize` impl.
+    /// The value could not be encoded by the sender's codec; nothing was sent. The
+    /// codec's [`CodecError`](crate::codec::CodecError) is carried (and is the
+    /// error's [`source`](std::error::Error::source)). Fix the value or its
+    /// `Serialize` impl.
     #[error("cannot encode message: {0}")]
-    Encode(String),
+    Encode(#[source] Arc<crate::codec::CodecError>),
     /// The payload is larger than the configured maximum; nothing was sent. Split it.
     #[error("payload of {len} bytes exceeds the maximum of {max}")]
     TooLarge {

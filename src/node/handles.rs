@@ -107,7 +107,7 @@ pub(super) fn encode_with<T: ?Sized, C: Encode<T>>(
     codec
         .encode(value)
         .map(Bytes::from)
-        .map_err(|e| SendError::Encode(e.to_string()))
+        .map_err(|e| SendError::Encode(Arc::new(e)))
 }
 
 /// Sends raw payloads on one channel to one peer. Cheap to clone.
