@@ -71,7 +71,7 @@ impl Hint {
 }
 
 /// Milliseconds since the unix epoch of `t` (0 for times before the epoch).
-pub fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
