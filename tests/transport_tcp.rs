@@ -111,7 +111,7 @@ async fn recv_range(link: &mut Link, peer: u64, range: std::ops::Range<u64>) {
     for i in range {
         loop {
             match next_event(link).await {
-                LinkEvent::Frame { peer: p, frame } if p == NodeId(peer) => {
+                LinkEvent::Frame { peer: p, frame, .. } if p == NodeId(peer) => {
                     assert_eq!(frame, data(i), "frame {i} missing, reordered or corrupt");
                     break;
                 }
@@ -365,11 +365,13 @@ async fn recv_batched(link: &mut Link, peer: u64, n: usize) -> (Vec<Frame>, usiz
     let (mut got, mut largest) = (Vec::new(), 0);
     while got.len() < n {
         match next_event(link).await {
-            LinkEvent::Frame { peer: p, frame } if p == NodeId(peer) => {
+            LinkEvent::Frame { peer: p, frame, .. } if p == NodeId(peer) => {
                 largest = largest.max(1);
                 got.push(frame);
             }
-            LinkEvent::Frames { peer: p, frames } if p == NodeId(peer) => {
+            LinkEvent::Frames {
+                peer: p, frames, ..
+            } if p == NodeId(peer) => {
                 assert!(!frames.is_empty(), "a Frames event is never empty");
                 largest = largest.max(frames.len());
                 got.extend(frames);

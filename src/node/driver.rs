@@ -423,16 +423,40 @@ impl Driver {
                     .conflict_tx
                     .send(IdentityConflict { live, refused });
             }
-            LinkEvent::Frame { peer, frame } => self.on_frame(now, peer, frame),
-            LinkEvent::Frames { peer, frames } => {
+            LinkEvent::Frame {
+                peer,
+                incarnation,
+                frame,
+            } => self.on_frame(
+                now,
+                Origin {
+                    node: peer,
+                    incarnation,
+                },
+                frame,
+            ),
+            LinkEvent::Frames {
+                peer,
+                incarnation,
+                frames,
+            } => {
                 for frame in frames {
-                    self.on_frame(now, peer, frame);
+                    self.on_frame(
+                        now,
+                        Origin {
+                            node: peer,
+                            incarnation,
+                        },
+                        frame,
+                    );
                 }
             }
         }
     }
 
-    fn on_frame(&mut self, now: std::time::Instant, peer: NodeId, frame: crate::wire::Frame) {
+    /// A frame from the run `from` (its connection's handshake says which).
+    fn on_frame(&mut self, now: std::time::Instant, from: Origin, frame: crate::wire::Frame) {
+        let peer = from.node;
         // Visibility only (the endpoint ignores it): count and warn.
         let mut data = None;
         if let crate::wire::Frame::Data(d) = &frame {
@@ -447,7 +471,7 @@ impl Driver {
             });
         }
         let duplicates = self.endpoint.duplicates_dropped();
-        self.endpoint.handle_frame(now, peer, frame);
+        self.endpoint.handle_frame_from(now, from, frame);
         let duplicates = self.endpoint.duplicates_dropped() - duplicates;
         if let (Some((channel, seq, id)), 1..) = (data, duplicates) {
             self.spans.inbound_from(peer, channel, || {

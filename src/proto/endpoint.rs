@@ -773,6 +773,21 @@ impl Endpoint {
         }
     }
 
+    /// [`handle_frame`](Self::handle_frame) for a frame whose connection proved which
+    /// run of the peer sent it (its handshake's [`Origin`]): a frame of a run other
+    /// than the one the endpoint knows now (an earlier run's frame that arrived after
+    /// the restarted run's [`handle_peer_up`](Self::handle_peer_up)) is dropped and
+    /// counted in `frames_ignored`, never taken for the current run's: an earlier
+    /// run's `Finish`, data or acks would otherwise settle, retire or answer the new
+    /// run's streams by seq.
+    pub fn handle_frame_from(&mut self, now: Instant, from: Origin, frame: Frame) {
+        if self.peers.get(&from.node).map(|p| p.origin) != Some(from) {
+            self.stats.frames_ignored += 1;
+            return;
+        }
+        self.handle_frame(now, from.node, frame);
+    }
+
     /// A frame arrived from `from`.
     pub fn handle_frame(&mut self, now: Instant, from: NodeId, frame: Frame) {
         let Some(peer_origin) = self.peers.get(&from).map(|p| p.origin) else {

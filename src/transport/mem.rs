@@ -401,6 +401,9 @@ impl MemNetwork {
         }
         let plan = self.shared.plan;
         let now = Instant::now();
+        // The sending run (it routes while attached): receivers learn which run each
+        // frame came from, as the TCP transport's connection handshake tells them.
+        let incarnation = st.nodes.get(&from).map_or(0, |e| e.origin.incarnation);
         for frame in frames {
             let decision = st
                 .injectors
@@ -422,12 +425,18 @@ impl MemNetwork {
                                 now + delay,
                                 LinkEvent::Frame {
                                     peer: from,
+                                    incarnation,
                                     frame: frame.clone(),
                                 },
                             );
                         }
                     }
-                    st.push(to, now + delay, LinkEvent::Frame { peer: from, frame });
+                    let ev = LinkEvent::Frame {
+                        peer: from,
+                        incarnation,
+                        frame,
+                    };
+                    st.push(to, now + delay, ev);
                 }
             }
         }

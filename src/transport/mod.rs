@@ -90,6 +90,12 @@ pub enum LinkEvent {
     Frame {
         /// Sender of the frame.
         peer: NodeId,
+        /// The sending run's incarnation ([`Origin::incarnation`]), as the handshake of
+        /// the connection that carried the frame proved it. A frame of an earlier run
+        /// can arrive after a later run's [`LinkEvent::Up`] (it was in flight, or
+        /// queued behind a slow node); the node drops it instead of taking it for the
+        /// later run's.
+        incarnation: u64,
         /// The frame.
         frame: Frame,
     },
@@ -99,6 +105,8 @@ pub enum LinkEvent {
     Frames {
         /// Sender of the frames.
         peer: NodeId,
+        /// As [`LinkEvent::Frame::incarnation`]: the run whose connection carried them.
+        incarnation: u64,
         /// The frames, oldest first.
         frames: Vec<Frame>,
     },

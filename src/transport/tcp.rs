@@ -989,6 +989,7 @@ impl Manager {
         let p = self.peer(peer);
         let conn = ConnInfo {
             peer,
+            incarnation: e.origin.incarnation,
             id,
             version: e.version,
         };
@@ -1369,6 +1370,8 @@ where
 #[derive(Clone, Copy, Debug)]
 struct ConnInfo {
     peer: NodeId,
+    /// The peer run's incarnation, from this connection's handshake.
+    incarnation: u64,
     id: u64,
     /// Negotiated protocol version.
     version: u16,
@@ -1391,13 +1394,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) {
     let ConnInfo {
         peer,
+        incarnation,
         id: conn_id,
         version,
     } = conn;
     let mut dec = FrameDecoder::new(ctx.cfg.max_frame_len).with_version(version);
     for frame in early {
         ctx.stats.inc(Counter::FramesReceived);
-        if events.send(LinkEvent::Frame { peer, frame }).await.is_err() {
+        if events
+            .send(LinkEvent::Frame {
+                peer,
+                incarnation,
+                frame,
+            })
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -1426,14 +1438,26 @@ async fn read_loop<R: AsyncRead + Unpin>(
                                 Vec::with_capacity(MAX_FRAMES_PER_EVENT),
                             );
                             if events
-                                .send(LinkEvent::Frames { peer, frames })
+                                .send(LinkEvent::Frames {
+                                    peer,
+                                    incarnation,
+                                    frames,
+                                })
                                 .await
                                 .is_err()
                             {
                                 break 'conn None;
                             }
                         }
-                    } else if events.send(LinkEvent::Frame { peer, frame }).await.is_err() {
+                    } else if events
+                        .send(LinkEvent::Frame {
+                            peer,
+                            incarnation,
+                            frame,
+                        })
+                        .await
+                        .is_err()
+                    {
                         break 'conn None; // the node is gone
                     }
                 }
@@ -1447,9 +1471,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // What arrived before a bad frame is delivered before the connection closes.
         let ev = match batch.len() {
             0 => None,
-            1 => batch.pop().map(|frame| LinkEvent::Frame { peer, frame }),
+            1 => batch.pop().map(|frame| LinkEvent::Frame {
+                peer,
+                incarnation,
+                frame,
+            }),
             _ => Some(LinkEvent::Frames {
                 peer,
+                incarnation,
                 frames: std::mem::replace(&mut batch, Vec::with_capacity(MAX_FRAMES_PER_EVENT)),
             }),
         };
@@ -1503,6 +1532,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         peer,
         id: conn_id,
         version,
+        ..
     } = conn;
     let enc = FrameEncoder::new(ctx.cfg.max_frame_len).with_version(version);
     let batch_bytes = ctx.cfg.write_batch_bytes;
