@@ -788,7 +788,10 @@ impl Endpoint {
         self.handle_frame(now, from.node, frame);
     }
 
-    /// A frame arrived from `from`.
+    /// A frame arrived from `from`, taken as sent by the run of `from` this endpoint
+    /// knows now. When the transport tells which run sent it (every built-in one
+    /// does), use [`handle_frame_from`](Self::handle_frame_from), which drops an
+    /// earlier run's late frames instead.
     pub fn handle_frame(&mut self, now: Instant, from: NodeId, frame: Frame) {
         let Some(peer_origin) = self.peers.get(&from).map(|p| p.origin) else {
             self.stats.frames_ignored += 1;
