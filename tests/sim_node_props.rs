@@ -33,6 +33,31 @@ fn bank(seen: Seen) -> NodeSetup {
     })
 }
 
+/// The schedules' faults: `loss` and `duplicate` rates, 0.1–2 ms delay, seeded.
+fn faults(seed: u64, loss: f64, duplicate: f64) -> FaultPlan {
+    FaultPlan::new(seed)
+        .loss(loss)
+        .duplicate(duplicate)
+        .delay(Duration::from_micros(100), Duration::from_millis(2))
+}
+
+/// Waits (up to 5 virtual minutes) until the shop's hint store has replayed every
+/// hint, then 5 s more so late duplicates (retransmissions, replays) arrive before
+/// anything is counted. Returns the hints still pending (0 unless the wait ran out).
+async fn settle(sim: &SimNet) -> u64 {
+    let shop = sim.node(SHOP).unwrap();
+    let mut pending = u64::MAX;
+    for _ in 0..600 {
+        pending = shop.stats().await.unwrap().hints.unwrap().pending;
+        if pending == 0 {
+            break;
+        }
+        sim.advance(Duration::from_millis(500)).await;
+    }
+    sim.advance(Duration::from_secs(5)).await;
+    pending
+}
+
 /// One random outage of the bank.
 #[derive(Clone, Debug)]
 struct Outage {
@@ -79,11 +104,7 @@ fn handoff_run(
 ) {
     let hints = tempfile::tempdir().unwrap();
     runtime().unwrap().block_on(async {
-        let plan = FaultPlan::new(o.seed)
-            .loss(o.loss)
-            .duplicate(o.duplicate)
-            .delay(Duration::from_micros(100), Duration::from_millis(2));
-        let mut sim = SimNet::new(plan).unwrap();
+        let mut sim = SimNet::new(faults(o.seed, o.loss, o.duplicate)).unwrap();
         let mut shop_cfg = NodeConfig::default();
         shop_cfg.handoff = Some(HandoffConfig::new(hints.path()));
         sim.add(NodeSetup::new(SHOP).config(shop_cfg))
@@ -118,18 +139,7 @@ fn handoff_run(
         for r in receipts {
             outcomes.push(r.await);
         }
-        // Replay: every hint delivered (or the wait times out and the property fails).
-        let shop = sim.node(SHOP).unwrap();
-        let mut pending = u64::MAX;
-        for _ in 0..600 {
-            pending = shop.stats().await.unwrap().hints.unwrap().pending;
-            if pending == 0 {
-                break;
-            }
-            sim.advance(Duration::from_millis(500)).await;
-        }
-        // Let late duplicates (retransmissions, replays) arrive before counting.
-        sim.advance(Duration::from_secs(5)).await;
+        let pending = settle(&sim).await;
         let seen = seen.lock().unwrap().clone();
         sim.shutdown().await;
         (outcomes, seen, pending)
@@ -204,11 +214,7 @@ fn restart() -> impl Strategy<Value = Restart> {
 fn restart_run(r: &Restart) -> (Vec<Result<Outcome, ackwire::SendError>>, HashMap<u64, u32>) {
     let dir = tempfile::tempdir().unwrap();
     runtime().unwrap().block_on(async {
-        let plan = FaultPlan::new(r.seed)
-            .loss(r.loss)
-            .duplicate(r.duplicate)
-            .delay(Duration::from_micros(100), Duration::from_millis(2));
-        let mut sim = SimNet::new(plan).unwrap();
+        let mut sim = SimNet::new(faults(r.seed, r.loss, r.duplicate)).unwrap();
         let mut shop_cfg = NodeConfig::default();
         shop_cfg.handoff = Some(HandoffConfig::new(dir.path().join("hints")));
         sim.add(NodeSetup::new(SHOP).config(shop_cfg))
@@ -235,14 +241,7 @@ fn restart_run(r: &Restart) -> (Vec<Result<Outcome, ackwire::SendError>>, HashMa
             outcomes.push(rc.await);
         }
         // Hints spooled by a sender restart replay; late duplicates arrive.
-        let shop = sim.node(SHOP).unwrap();
-        for _ in 0..600 {
-            if shop.stats().await.unwrap().hints.unwrap().pending == 0 {
-                break;
-            }
-            sim.advance(Duration::from_millis(500)).await;
-        }
-        sim.advance(Duration::from_secs(5)).await;
+        settle(&sim).await;
         let seen = seen.lock().unwrap().clone();
         sim.shutdown().await;
         (outcomes, seen)
