@@ -785,7 +785,7 @@ impl Endpoint {
             self.stats.frames_ignored += 1;
             return;
         }
-        self.handle_frame(now, from.node, frame);
+        self.frame_of(now, from, frame);
     }
 
     /// A frame arrived from `from`, taken as sent by the run of `from` this endpoint
@@ -797,6 +797,13 @@ impl Endpoint {
             self.stats.frames_ignored += 1;
             return;
         };
+        self.frame_of(now, peer_origin, frame);
+    }
+
+    /// A frame from `peer_origin`, the peer's current run (both entry points looked
+    /// it up once).
+    fn frame_of(&mut self, now: Instant, peer_origin: Origin, frame: Frame) {
+        let from = peer_origin.node;
         // One Heard per peer until the owner has seen it, not one per frame.
         if !self.heard_pending.contains(&from) {
             self.heard_pending.push(from);
