@@ -237,6 +237,9 @@ pub struct ProtoStats {
     pub credit_waits: u64,
     /// Sending side: credit probes (a blocked message sent to ask for fresh credit).
     pub credit_probes: u64,
+    /// Sending side: probes sent by held messages' re-checks, asking the receiver for
+    /// an ack of its current state (a finishing ack or a nack may have been lost).
+    pub held_probes: u64,
     /// Receiving side: data frames dropped unacked because their stream was past the
     /// credit it was granted (plus slack): a sender ignoring flow control.
     pub credit_exceeded: u64,
@@ -461,6 +464,7 @@ impl Endpoint {
             let (waits, probes) = o.credit_counters();
             s.credit_waits += waits;
             s.credit_probes += probes;
+            s.held_probes += o.held_probes();
             s.node_credit_waits += o.node_waits();
         }
         s

@@ -20,9 +20,14 @@
 //! A version-2 receiver also reports the seq up to which it holds every message
 //! ([`crate::wire::Ack::received`]): a message that waits in the receiver's queue or in
 //! its handler is not lost, so its retransmission timer only re-checks it every
-//! `retry.backoff_cap` (a keep-alive in case the receiver drops it, e.g. its receiver
-//! goes away) instead of retransmitting it every RTO. A nack, a reconnect and a
-//! receiver restart retransmit as before. With a version-1 receiver there is no credit; the node's window
+//! `retry.backoff_cap` instead of retransmitting it every RTO. The re-check sends a
+//! [`crate::wire::CreditProbe`] (at most one per RTO for the whole stream), which the
+//! receiver answers with an ack of its current state: the ack that finished the
+//! message may have been lost with no later traffic to repeat it, and the nack of a
+//! message the receiver let go may have been lost too. The answer's cumulative ack
+//! settles the first; its `received`, lower than before, un-holds the second, which
+//! is then retransmitted as any other. A nack, a reconnect and a receiver restart
+//! retransmit at once. With a version-1 receiver there is no credit; the node's window
 //! (`max_in_flight`) is the only bound.
 //!
 //! # Quiet streams
@@ -413,6 +418,10 @@ pub(crate) struct OutboundStream {
     credit_probes: u64,
     /// The receiver holds every seq `<= held` (not lost, just not finished yet).
     held: u64,
+    /// When a held message's re-check last asked for the stream's state, and how
+    /// often it did.
+    last_held_probe: Option<Instant>,
+    held_probes: u64,
     /// Re-check interval of a held message (the retry policy's backoff cap).
     keepalive: Duration,
     /// Payload type fingerprint of the latest send (see `wire::Data::schema`).
@@ -468,6 +477,8 @@ impl OutboundStream {
             credit_waits: 0,
             credit_probes: 0,
             held: 0,
+            last_held_probe: None,
+            held_probes: 0,
             keepalive: config.retry.backoff_cap,
             schema: 0,
             node_waits: 0,
@@ -475,6 +486,11 @@ impl OutboundStream {
             last_progress: None,
             highest_acked: 0,
         }
+    }
+
+    /// Probes a held message's re-check sent (see "Held messages").
+    pub(crate) fn held_probes(&self) -> u64 {
+        self.held_probes
     }
 
     /// First transmissions that had to wait for credit, and probes sent.
@@ -811,7 +827,19 @@ impl OutboundStream {
             return;
         }
         if seq <= self.held {
-            // The receiver has it; only re-check now and then (module docs).
+            // The receiver has it; only re-check now and then (module docs, "Held
+            // messages"). Its ack (or a nack) may have been lost with nothing after it
+            // to repeat it: ask for the stream's state. One probe per RTO serves every
+            // held message of the stream; the answer's cumulative ack settles what was
+            // finished, its `received` un-holds what the receiver let go.
+            if self
+                .last_held_probe
+                .is_none_or(|t| now >= later(t, self.rtt.rto()))
+            {
+                self.last_held_probe = Some(now);
+                self.probe_owed = true;
+                self.held_probes += 1;
+            }
             let mut next = later(now, self.keepalive);
             if let Some(d) = deadline {
                 next = next.min(d);
@@ -863,10 +891,13 @@ impl OutboundStream {
     ) {
         let top = self.next_seq.saturating_sub(1);
         self.unanswered_probes = 0;
-        if received.min(top) > self.held {
+        let received = received.min(top);
+        if received > self.held {
             self.last_progress = Some(now);
         }
-        self.held = self.held.max(received.min(top));
+        // The receiver's held watermark only falls when it let a message go (its
+        // nack says so too, but a nack can be lost): follow it down as well as up.
+        self.held = received;
         if let (Some(grant), Some(cur)) = (credit, self.credit) {
             if grant > cur {
                 self.credit = Some(grant);
@@ -1512,5 +1543,64 @@ mod tests {
         run_until(&mut a, fire + rto);
         assert_eq!(a.retransmits(), 2);
         assert_eq!(slot(&a, 1).attempts, 3);
+    }
+    /// Walk the stream's timers up to `until`; count the probes it owes on the way.
+    fn run_counting_probes(s: &mut OutboundStream, until: Instant) -> (Vec<OutEvent>, u32) {
+        let (mut events, mut probes) = (Vec::new(), 0);
+        while let Some(t) = s.poll_timeout().filter(|t| *t <= until) {
+            events.extend(run(s, t));
+            probes += u32::from(s.take_probe());
+        }
+        (events, probes)
+    }
+
+    /// Liveness: a message the receiver reported held, whose finishing ack was then
+    /// lost with no later traffic to repeat it, is still settled. Its re-check asks for
+    /// the stream's state (one probe for all held messages), without retransmitting.
+    #[test]
+    fn a_held_message_whose_ack_was_lost_is_asked_about_again() {
+        let t0 = Instant::now();
+        let mut s = stream(t0);
+        s.send(t0, Bytes::new(), None, None, 0);
+        s.send(t0, Bytes::new(), None, None, 0);
+        run(&mut s, t0);
+        let ms = Duration::from_millis(1);
+        // The receiver holds both (in its handler); the ack that finishes them is lost.
+        s.handle_ack(t0 + ms, 0, &[], None, 2);
+        let keepalive = ProtoConfig::default().retry.backoff_cap;
+        let until = t0 + s.rtt.rto() + keepalive;
+        let (events, probes) = run_counting_probes(&mut s, until);
+        assert!(events.is_empty(), "{events:?}");
+        assert_eq!(s.retransmits(), 0, "held messages are not retransmitted");
+        assert!(probes >= 1, "no probe asked for the lost ack");
+        assert!(probes <= 3, "one probe per RTO at most, got {probes}");
+        assert_eq!(s.held_probes(), u64::from(probes));
+        // The probe's answer: the receiver's current cumulative ack.
+        s.handle_ack(until, 2, &[], None, 2);
+        let settled = std::iter::from_fn(|| s.poll_event())
+            .filter(|e| matches!(e, OutEvent::Settled { .. }))
+            .count();
+        assert_eq!(settled, 2);
+        // Nothing left to re-check (stale timer entries fire as no-ops).
+        let (events, probes) = run_counting_probes(&mut s, until + 60 * keepalive);
+        assert!(events.is_empty() && probes == 0 && s.retransmits() == 0);
+    }
+
+    /// Liveness: a message the receiver held and then let go (its nack lost) is
+    /// retransmitted once an ack reports the lower held watermark.
+    #[test]
+    fn a_held_message_let_go_is_retransmitted_though_its_nack_was_lost() {
+        let t0 = Instant::now();
+        let mut s = stream(t0);
+        s.send(t0, Bytes::new(), None, None, 0);
+        run(&mut s, t0);
+        let ms = Duration::from_millis(1);
+        s.handle_ack(t0 + ms, 0, &[], None, 1);
+        // The answer to the re-check's probe: nothing held any more.
+        s.handle_ack(t0 + 2 * ms, 0, &[], None, 0);
+        let keepalive = ProtoConfig::default().retry.backoff_cap;
+        let until = t0 + s.rtt.rto() + keepalive;
+        run_until(&mut s, until);
+        assert!(s.retransmits() >= 1);
     }
 }
