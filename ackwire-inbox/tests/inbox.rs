@@ -250,12 +250,19 @@ scenarios! {
         }
         let task = inbox.spawn_cleanup(pool.clone());
         let pool2 = pool.clone();
+        // The task counts a statement's rows after it committed: wait for both.
         let emptied = support::net::eventually(Duration::from_secs(10), || {
             let pool = pool2.clone();
-            async move { claims!(pool) == 0 }
+            let counted = task.deleted();
+            async move { counted == 10 && claims!(pool) == 0 }
         })
         .await;
-        assert!(emptied, "claims left: {}", claims!(pool));
+        assert!(
+            emptied,
+            "claims left: {}, deleted: {}",
+            claims!(pool),
+            task.deleted()
+        );
         assert_eq!(task.deleted(), 10);
         task.stop();
     }
