@@ -73,8 +73,11 @@ pub struct ProtoConfig {
     /// Finagle's RPC numbers ([`RetryBudgetConfig::default`], 0.2 and 10/s). For a
     /// delivery library retries *are* the guarantee: a link with 20 % loss each way
     /// needs retries for ~36 % of messages, and a 0.2 budget turned such a healthy but
-    /// lossy link into deadline failures in our tests. 1.0 still caps a retry storm at
-    /// twice the fresh load. Refused retries are deferred, never dropped.
+    /// lossy link into deadline failures in our tests. Acks earn budget too, so a
+    /// target that keeps acking gets its backlog retried at the pace it acks; against
+    /// one that acks nothing, 1.0 caps retries at one per fresh send (plus the floor),
+    /// so a retry storm stays within twice the fresh load. Refused retries are
+    /// deferred, never dropped.
     #[serde(deserialize_with = "crate::config_serde::proto_retry_budget")]
     pub retry_budget: RetryBudgetConfig,
 }

@@ -422,8 +422,6 @@ pub(crate) struct OutboundStream {
     /// often it did.
     last_held_probe: Option<Instant>,
     held_probes: u64,
-    /// Re-check interval of a held message (the retry policy's backoff cap).
-    keepalive: Duration,
     /// Payload type fingerprint of the latest send (see `wire::Data::schema`).
     schema: u32,
     /// Times `poll_transmit` stopped for lack of node credit.
@@ -479,7 +477,6 @@ impl OutboundStream {
             held: 0,
             last_held_probe: None,
             held_probes: 0,
-            keepalive: config.retry.backoff_cap,
             schema: 0,
             node_waits: 0,
             unanswered_probes: 0,
@@ -840,7 +837,8 @@ impl OutboundStream {
                 self.probe_owed = true;
                 self.held_probes += 1;
             }
-            let mut next = later(now, self.keepalive);
+            // Re-checked at the retry policy's backoff cap.
+            let mut next = later(now, self.policy.backoff_cap);
             if let Some(d) = deadline {
                 next = next.min(d);
             }

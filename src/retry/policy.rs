@@ -56,6 +56,7 @@ pub enum GiveUp {
 
 /// What a message's retry timer means when it fires, from [`RetryPolicy::on_timeout`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RetryDecision {
     /// The policy allows another transmission: retransmit (if the retry budget allows;
     /// otherwise defer it) and arm the next timer with [`RetryPolicy::schedule`].

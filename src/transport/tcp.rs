@@ -1399,17 +1399,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
         version,
     } = conn;
     let mut dec = FrameDecoder::new(ctx.cfg.max_frame_len).with_version(version);
+    // One frame's event, stamped with the connection's proven peer and run.
+    let one = move |frame| LinkEvent::Frame {
+        peer,
+        incarnation,
+        frame,
+    };
     for frame in early {
         ctx.stats.inc(Counter::FramesReceived);
-        if events
-            .send(LinkEvent::Frame {
-                peer,
-                incarnation,
-                frame,
-            })
-            .await
-            .is_err()
-        {
+        if events.send(one(frame)).await.is_err() {
             return;
         }
     }
@@ -1449,15 +1447,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                                 break 'conn None;
                             }
                         }
-                    } else if events
-                        .send(LinkEvent::Frame {
-                            peer,
-                            incarnation,
-                            frame,
-                        })
-                        .await
-                        .is_err()
-                    {
+                    } else if events.send(one(frame)).await.is_err() {
                         break 'conn None; // the node is gone
                     }
                 }
@@ -1471,11 +1461,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // What arrived before a bad frame is delivered before the connection closes.
         let ev = match batch.len() {
             0 => None,
-            1 => batch.pop().map(|frame| LinkEvent::Frame {
-                peer,
-                incarnation,
-                frame,
-            }),
+            1 => batch.pop().map(one),
             _ => Some(LinkEvent::Frames {
                 peer,
                 incarnation,
