@@ -12,6 +12,10 @@
 //! * `timer_heap_replica`: push + pop of the timer entry type in a `BinaryHeap` of the
 //!   window's size, the structure the stream arms its timers in.
 //!
+//! The receiver is played as a default one answers: a node-level grant, then on every
+//! ack the stream's credit `cumulative + 4096`. Every batch must transmit all its
+//! messages (asserted): without credit the bench would measure sends that wait for it.
+//!
 //! Before the criterion groups it prints the live heap bytes per in-flight message at
 //! 1 M in flight, measured with a counting global allocator, with and without the
 //! 64 B payload. Run with `cargo bench -p ackwire-benches --bench ackpath`.
@@ -64,9 +68,11 @@ const PEER: NodeId = NodeId(2);
 const CH: ChannelId = ChannelId(1);
 /// Messages per measured batch (a quarter of the default 4096 window).
 const BATCH: u64 = 1024;
+/// The credit a receiver grants past what it settled (the default window).
+const WINDOW: u64 = 4096;
 
 /// A sender endpoint whose peer is up, so acks from it are applied.
-fn endpoint(now: Instant, max_in_flight: usize) -> (Endpoint, u64) {
+fn endpoint(now: Instant, max_in_flight: usize, g: Guarantee) -> (Endpoint, u64) {
     let origin = Origin {
         node: NodeId(1),
         incarnation: 7,
@@ -83,7 +89,26 @@ fn endpoint(now: Instant, max_in_flight: usize) -> (Endpoint, u64) {
         },
         ackwire::wire::PROTOCOL_VERSION,
     );
-    (ep, origin.incarnation)
+    // The receiver's node-level grant (a sender only waits for it when the
+    // receiver's buffers are full), then one message of `g` acked with a grant of
+    // `max_in_flight` more, as a receiver answers a stream's first message.
+    ep.handle_frame(
+        now,
+        PEER,
+        Frame::NodeCredit(ackwire::wire::NodeCredit {
+            limit: 1 << 40,
+            received: 0,
+        }),
+    );
+    let first = ep
+        .send(now, outgoing(g, Bytes::from_static(b"first")))
+        .expect("send")
+        .seq;
+    while ep.poll_transmit(now).is_some() {}
+    let inc = origin.incarnation;
+    ep.handle_frame(now, PEER, grant(inc, first, first + max_in_flight as u64));
+    drain(&mut ep);
+    (ep, inc)
 }
 
 fn outgoing(guarantee: Guarantee, payload: Bytes) -> Outgoing {
@@ -98,18 +123,27 @@ fn outgoing(guarantee: Guarantee, payload: Bytes) -> Outgoing {
     }
 }
 
+/// The receiver's ack up to `cumulative`, granting credit as a receiver with the
+/// default window does: `WINDOW` past what it settled.
 fn ack(incarnation: u64, cumulative: u64) -> Frame {
+    grant(incarnation, cumulative, cumulative + WINDOW)
+}
+
+/// An ack frame settling up to `cumulative` and granting stream credit up to `credit`.
+fn grant(incarnation: u64, cumulative: u64, credit: u64) -> Frame {
     Frame::Ack(Ack {
         channel: CH,
         incarnation,
         cumulative,
         ranges: Vec::new(),
-        credit: None,
+        credit: Some(credit),
         received: 0,
     })
 }
 
-/// Send and transmit a batch; returns the highest seq.
+/// Send and transmit a batch; returns the highest seq. Every message of the batch
+/// must go out: a batch that waits for credit would measure the blocked path (as
+/// this bench did, unnoticed, from receiver flow control until issue 14's fix).
 fn register(ep: &mut Endpoint, now: Instant, g: Guarantee, payload: &Bytes) -> u64 {
     let mut top = 0;
     for _ in 0..BATCH {
@@ -118,9 +152,12 @@ fn register(ep: &mut Endpoint, now: Instant, g: Guarantee, payload: &Bytes) -> u
             .expect("send")
             .seq;
     }
+    let mut frames = 0;
     while let Some(f) = ep.poll_transmit(now) {
+        frames += 1;
         black_box(f);
     }
+    assert_eq!(frames, BATCH, "a batch waited for credit");
     top
 }
 
@@ -152,7 +189,7 @@ fn ackpath(c: &mut Criterion) {
     ] {
         group.bench_function(BenchmarkId::new(name, BATCH), |b| {
             let mut clock = Clock(Instant::now());
-            let (mut ep, inc) = endpoint(clock.0, 4096);
+            let (mut ep, inc) = endpoint(clock.0, 4096, Guarantee::AtLeastOnce);
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {
@@ -176,12 +213,15 @@ fn ackpath(c: &mut Criterion) {
 
     group.bench_function(BenchmarkId::new("at_most_once_register", BATCH), |b| {
         let mut clock = Clock(Instant::now());
-        let (mut ep, _) = endpoint(clock.0, 4096);
+        let (mut ep, inc) = endpoint(clock.0, 4096, Guarantee::AtMostOnce);
         b.iter_custom(|iters| {
             let start = Instant::now();
             for _ in 0..iters {
                 let now = clock.tick();
-                register(&mut ep, now, Guarantee::AtMostOnce, &payload);
+                let top = register(&mut ep, now, Guarantee::AtMostOnce, &payload);
+                // At-most-once settles on transmission; the receiver's acks only
+                // carry credit.
+                ep.handle_frame(now, PEER, ack(inc, top));
                 drain(&mut ep);
             }
             start.elapsed()
@@ -190,7 +230,7 @@ fn ackpath(c: &mut Criterion) {
 
     group.bench_function(BenchmarkId::new("stale_timer_sweep", BATCH), |b| {
         let mut clock = Clock(Instant::now());
-        let (mut ep, inc) = endpoint(clock.0, 4096);
+        let (mut ep, inc) = endpoint(clock.0, 4096, Guarantee::AtLeastOnce);
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -236,7 +276,7 @@ fn memory_report() {
         ("payload shared (Bytes::from_static, 0 B heap)", false),
         ("payload owned (64 B Vec per message)", true),
     ] {
-        let (mut ep, _) = endpoint(now, N as usize);
+        let (mut ep, _) = endpoint(now, N as usize, Guarantee::AtLeastOnce);
         static PAYLOAD: [u8; 64] = [0xA5; 64];
         let before = LIVE.load(Ordering::Relaxed);
         for _ in 0..N {
@@ -249,9 +289,12 @@ fn memory_report() {
                 .expect("send");
         }
         let queued = LIVE.load(Ordering::Relaxed) - before;
+        let mut frames = 0;
         while let Some(f) = ep.poll_transmit(now) {
+            frames += 1;
             black_box(f);
         }
+        assert_eq!(frames, N, "messages waited for credit");
         drain(&mut ep);
         let armed = LIVE.load(Ordering::Relaxed) - before;
         println!(

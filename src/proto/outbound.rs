@@ -641,7 +641,13 @@ impl OutboundStream {
                 },
                 guarantee: self.guarantee,
                 schema: self.schema,
-                payload: m.payload.clone(),
+                // At-most-once settles on this transmission: the frame takes the
+                // payload instead of sharing it (no reference count up and down).
+                payload: if amo {
+                    std::mem::take(&mut m.payload)
+                } else {
+                    m.payload.clone()
+                },
             };
             if amo {
                 self.settle(seq, None);
