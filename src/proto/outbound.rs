@@ -221,6 +221,9 @@ struct SlotTimes {
     wide_sent: FxHashMap<u64, Instant>,
     /// Exact deadlines of slots marked [`WIDE_TIME`], by seq.
     wide_deadline: FxHashMap<u64, Instant>,
+    /// The last `now` given to [`Self::advance`] and its age: a burst of frames
+    /// transmitted at one `now` subtracts the epoch once, not once per frame.
+    last: Option<(Instant, Duration)>,
 }
 
 impl SlotTimes {
@@ -230,6 +233,7 @@ impl SlotTimes {
             fits: fits(epoch),
             wide_sent: FxHashMap::default(),
             wide_deadline: FxHashMap::default(),
+            last: None,
         }
     }
 
@@ -310,12 +314,18 @@ impl SlotTimes {
         base: u64,
         slots: &mut VecDeque<Option<InFlight>>,
     ) -> Option<Duration> {
-        let age = now.checked_duration_since(self.epoch)?;
-        if age < REBASE_AFTER {
-            return Some(age);
+        if let Some((at, age)) = self.last {
+            if at == now {
+                return Some(age);
+            }
         }
-        self.rebase(now, base, slots);
-        now.checked_duration_since(self.epoch)
+        let mut age = now.checked_duration_since(self.epoch)?;
+        if age >= REBASE_AFTER {
+            self.rebase(now, base, slots);
+            age = now.checked_duration_since(self.epoch)?;
+        }
+        self.last = Some((now, age));
+        Some(age)
     }
 
     /// Move the epoch to `now` (rounded down to a whole millisecond past the old one)
@@ -361,6 +371,7 @@ impl SlotTimes {
         // `delta_ms` whole milliseconds are at most `age`: `old + age` is `now`.
         self.epoch = old + Duration::from_millis(delta_ms);
         self.fits = fits(self.epoch);
+        self.last = None;
     }
 }
 

@@ -106,6 +106,8 @@ pub struct RetryBudget {
     slot_nanos: u128,
     /// Index of the slot `now` falls in, the latest seen.
     current: u64,
+    /// Where slot `current` ends: an earlier `now` needs no division (most calls).
+    current_end: Option<Instant>,
     deposits: [u64; Self::SLOTS],
     withdrawals: [u64; Self::SLOTS],
     deposit_units: u128,
@@ -136,6 +138,7 @@ impl RetryBudget {
             epoch: now,
             slot_nanos,
             current: 0,
+            current_end: slot_end(now, 0, slot_nanos),
             deposits: [0; Self::SLOTS],
             withdrawals: [0; Self::SLOTS],
             deposit_units,
@@ -189,6 +192,11 @@ impl RetryBudget {
 
     /// Move the window to `now`, clearing expired slots; returns the current slot.
     fn advance(&mut self, now: Instant) -> usize {
+        if self.current_end.is_some_and(|end| now < end) {
+            // Within the current slot (or before it, which counts as the current
+            // slot too): nothing to clear.
+            return (self.current % Self::SLOTS as u64) as usize;
+        }
         let idx = now.saturating_duration_since(self.epoch).as_nanos() / self.slot_nanos;
         let idx = u64::try_from(idx).unwrap_or(u64::MAX);
         if idx > self.current {
@@ -204,9 +212,19 @@ impl RetryBudget {
                 }
             }
             self.current = idx;
+            self.current_end = slot_end(self.epoch, idx, self.slot_nanos);
         }
         (self.current % Self::SLOTS as u64) as usize
     }
+}
+
+/// The end of slot `idx` (`epoch + (idx + 1) · slot_nanos`); `None` if not
+/// representable (every call then takes the exact path).
+fn slot_end(epoch: Instant, idx: u64, slot_nanos: u128) -> Option<Instant> {
+    let nanos = u128::from(idx).checked_add(1)?.checked_mul(slot_nanos)?;
+    let secs = u64::try_from(nanos / 1_000_000_000).ok()?;
+    let sub = (nanos % 1_000_000_000) as u32;
+    epoch.checked_add(Duration::new(secs, sub))
 }
 
 #[cfg(test)]
@@ -215,6 +233,38 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// The slot-end shortcut picks the slot the division would: the latest slot any
+    /// `now` seen so far falls in (an earlier `now` counts in the current slot), over
+    /// instants that mostly advance by less than a slot, sometimes jump several slots
+    /// or the whole window, and sometimes go back.
+    #[test]
+    fn the_slot_shortcut_agrees_with_the_division() {
+        let cfg = RetryBudgetConfig {
+            ttl: Duration::from_millis(1000),
+            min_retries_per_sec: 0,
+            retry_ratio: 1.0,
+        };
+        let t0 = Instant::now();
+        let mut b = RetryBudget::new(cfg, t0);
+        let slot = cfg.ttl.as_nanos() / RetryBudget::SLOTS as u128;
+        let (mut x, mut at, mut want) = (0x9E37_79B9_7F4A_7C15_u64, 0u64, 0u64);
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            at = match x % 100 {
+                0 => at + 3_000_000_000,
+                1..=4 => at + (x >> 8) % 500_000_000,
+                5..=9 => at.saturating_sub((x >> 8) % 200_000_000),
+                _ => at + (x >> 8) % 2_000_000,
+            };
+            let now = t0 + Duration::from_nanos(at);
+            want = want.max((u128::from(at) / slot) as u64);
+            assert_eq!(b.advance(now), (want % RetryBudget::SLOTS as u64) as usize);
+            assert_eq!(b.current, want);
+        }
     }
 
     #[test]
