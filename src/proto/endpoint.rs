@@ -1301,16 +1301,25 @@ impl Endpoint {
         guarantee: Guarantee,
     ) -> Result<&mut OutboundStream, StreamError> {
         let origin = self.origin;
-        let seed = self.rng.next_u64();
-        let config = &self.config;
-        // A receiver not yet heard from is assumed to grant credit (protocol 2); if it
-        // turns out to speak version 1, `handle_peer_up` lifts the bound.
-        let credit = match self.peers.get(&peer) {
-            Some(p) if p.version < 2 => None,
-            _ => Some(INITIAL_CREDIT),
-        };
+        let (rng, peers, config) = (&mut self.rng, &self.peers, &self.config);
+        // Only a new stream draws a seed and looks at the peer (once per stream, not
+        // per send).
         let stream = self.outbound.entry((peer, channel)).or_insert_with(|| {
-            OutboundStream::new(origin, channel, guarantee, config, seed, now, credit)
+            // A receiver not yet heard from is assumed to grant credit (protocol 2);
+            // if it turns out to speak version 1, `handle_peer_up` lifts the bound.
+            let credit = match peers.get(&peer) {
+                Some(p) if p.version < 2 => None,
+                _ => Some(INITIAL_CREDIT),
+            };
+            OutboundStream::new(
+                origin,
+                channel,
+                guarantee,
+                config,
+                rng.next_u64(),
+                now,
+                credit,
+            )
         });
         if stream.guarantee() != guarantee {
             return Err(StreamError::GuaranteeMismatch {

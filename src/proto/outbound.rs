@@ -921,9 +921,10 @@ impl OutboundStream {
             }
         }
         let acked_at = Some(now);
+        let mut settled = 0;
         let mut seq = self.base;
         while seq <= cumulative.min(top) {
-            self.settle(seq, acked_at);
+            settled += u64::from(self.settle(seq, acked_at));
             seq += 1;
         }
         for r in ranges {
@@ -932,10 +933,15 @@ impl OutboundStream {
             }
             let mut s = r.start.max(self.base);
             while s <= r.end.min(top) {
-                self.settle(s, acked_at);
+                settled += u64::from(self.settle(s, acked_at));
                 s += 1;
             }
         }
+        // An ack is evidence the target keeps up: each message it settled earns retry
+        // budget too, so a target back from a partition gets its backlog retried at
+        // the pace it acks (like slow start), while a silent or struggling one does
+        // not. One deposit for the frame.
+        self.budget.deposit_n(now, settled);
         if let Some(sent) = self.sample.take().and_then(|s| self.times.instant(s)) {
             // `settle` applied Karn's rule already: only a message transmitted once
             // becomes the frame's sample.
@@ -1108,24 +1114,23 @@ impl OutboundStream {
     }
 
     /// `acked_at`: when the ack arrived; `None` for at-most-once's settle on
-    /// transmission.
-    fn settle(&mut self, seq: u64, acked_at: Option<Instant>) {
-        if let Some(m) = self.remove(seq) {
-            if let Some(now) = acked_at {
-                self.last_progress = Some(now);
-                self.highest_acked = self.highest_acked.max(seq);
-                // Karn's rule: only never-retransmitted messages give RTT samples.
-                if m.attempts == 1 && !matches!(m.last_sent, Sent::Never) {
-                    self.sample = Some(m.last_sent);
-                }
-                // An ack is evidence the target keeps up: it earns retry budget too, so
-                // a target back from a partition gets its backlog retried at the pace
-                // it acks (like slow start), while a silent or struggling one does not.
-                self.budget.deposit(now);
+    /// transmission. Returns whether an ack settled it (the caller deposits retry
+    /// budget for those, once per ack frame).
+    fn settle(&mut self, seq: u64, acked_at: Option<Instant>) -> bool {
+        let Some(m) = self.remove(seq) else {
+            return false;
+        };
+        if let Some(now) = acked_at {
+            self.last_progress = Some(now);
+            self.highest_acked = self.highest_acked.max(seq);
+            // Karn's rule: only never-retransmitted messages give RTT samples.
+            if m.attempts == 1 && !matches!(m.last_sent, Sent::Never) {
+                self.sample = Some(m.last_sent);
             }
-            self.events.push_back(OutEvent::Settled { seq });
-            self.compact();
         }
+        self.events.push_back(OutEvent::Settled { seq });
+        self.compact();
+        acked_at.is_some()
     }
 
     fn compact(&mut self) {
@@ -1617,5 +1622,36 @@ mod tests {
         let until = t0 + s.rtt.rto() + keepalive;
         run_until(&mut s, until);
         assert!(s.retransmits() >= 1);
+    }
+    /// Retry budget: every fresh send and every message an ack settles deposits one
+    /// retry (ratio 1.0, no floor); two sends and one acked message pay for exactly
+    /// three retries of the message that is lost.
+    #[test]
+    fn fresh_sends_and_acked_messages_each_earn_one_retry() {
+        let mut config = ProtoConfig::default();
+        config.retry.deadline = None;
+        config.retry_budget = crate::retry::RetryBudgetConfig {
+            ttl: Duration::from_secs(60),
+            min_retries_per_sec: 0,
+            retry_ratio: 1.0,
+        };
+        let t0 = Instant::now();
+        let mut s = OutboundStream::new(
+            ORIGIN,
+            ChannelId(1),
+            Guarantee::AtLeastOnce,
+            &config,
+            7,
+            t0,
+            None,
+        );
+        s.send(t0, Bytes::new(), None, None, 0);
+        s.send(t0, Bytes::new(), None, None, 0);
+        run(&mut s, t0);
+        s.handle_ack(t0 + Duration::from_millis(1), 1, &[], None, 0);
+        // Seq 2 is lost: its timer fires every <= 2 s (the backoff cap); 50 s of
+        // firings, all within the budget's window.
+        run_until(&mut s, t0 + Duration::from_secs(50));
+        assert_eq!(s.retransmits(), 3);
     }
 }

@@ -63,6 +63,10 @@ impl Backoff {
         if rto.is_zero() {
             return Duration::ZERO;
         }
+        if attempt == 0 {
+            // Every first transmission's timer: no 128-bit arithmetic.
+            return rto.min(self.cap);
+        }
         if attempt >= 64 {
             return self.cap;
         }

@@ -148,8 +148,17 @@ impl RetryBudget {
 
     /// Record one fresh (non-retry) send at `now`.
     pub fn deposit(&mut self, now: Instant) {
+        self.deposit_n(now, 1);
+    }
+
+    /// Record `n` deposits at `now` at once (e.g. the messages one ack settled):
+    /// the same as `n` calls of [`deposit`](Self::deposit).
+    pub fn deposit_n(&mut self, now: Instant, n: u64) {
+        if n == 0 {
+            return;
+        }
         let i = self.advance(now);
-        self.deposits[i] = self.deposits[i].saturating_add(1);
+        self.deposits[i] = self.deposits[i].saturating_add(n);
     }
 
     /// Ask to send one retry at `now`. `true`: send it (the withdrawal is recorded).
