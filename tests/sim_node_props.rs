@@ -9,6 +9,7 @@ use ackwire::{
     ChannelId, ChannelOptions, Guarantee, HandoffConfig, Node, NodeConfig, NodeId, Outcome,
 };
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,16 +22,43 @@ const BANK: NodeId = NodeId(2);
 type Seen = Arc<Mutex<HashMap<u64, u32>>>;
 
 fn bank(seen: Seen) -> NodeSetup {
+    slow_bank(seen, false, Vec::new())
+}
+
+/// The bank with an `ordered` or unordered receiver whose handler sleeps `ms` before
+/// processing each message listed in `stalls` as `(message, ms)`.
+fn slow_bank(seen: Seen, ordered: bool, stalls: Vec<(u64, u64)>) -> NodeSetup {
     NodeSetup::new(BANK).on_start(move |node: &Node| {
-        let mut inbox = node.receiver::<u64>(CH, false).unwrap();
-        let seen = seen.clone();
+        let mut inbox = node.receiver::<u64>(CH, ordered).unwrap();
+        let (seen, stalls) = (seen.clone(), stalls.clone());
         tokio::spawn(async move {
             while let Some(d) = inbox.recv().await {
-                *seen.lock().unwrap().entry(*d.message()).or_default() += 1;
+                let m = *d.message();
+                for &(_, ms) in stalls.iter().filter(|(at, _)| *at == m) {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                *seen.lock().unwrap().entry(m).or_default() += 1;
                 d.ack();
             }
         });
     })
+}
+
+/// Every message `0..messages` reached the handler: exactly once under
+/// effectively-once, at least once under at-least-once.
+fn processed(
+    seen: &HashMap<u64, u32>,
+    messages: u64,
+    guarantee: Guarantee,
+) -> Result<(), TestCaseError> {
+    for i in 0..messages {
+        let n = seen.get(&i).copied().unwrap_or(0);
+        prop_assert!(n >= 1, "message {} lost", i);
+        if guarantee == Guarantee::EffectivelyOnce {
+            prop_assert_eq!(n, 1, "message {} processed {} times", i, n);
+        }
+    }
+    Ok(())
 }
 
 /// The schedules' faults: `loss` and `duplicate` rates, 0.1–2 ms delay, seeded.
@@ -263,13 +291,7 @@ proptest! {
         for (i, o) in outcomes.iter().enumerate() {
             prop_assert!(matches!(o, Ok(Outcome::Acked | Outcome::HandedOff)), "message {}: {:?}", i, o);
         }
-        for i in 0..r.messages {
-            let n = seen.get(&i).copied().unwrap_or(0);
-            prop_assert!(n >= 1, "message {} lost", i);
-            if r.guarantee == Guarantee::EffectivelyOnce {
-                prop_assert_eq!(n, 1, "message {} processed {} times", i, n);
-            }
-        }
+        processed(&seen, r.messages, r.guarantee)?;
     }
 }
 
@@ -321,22 +343,9 @@ fn lossy_run(l: &Lossy) -> (Vec<Result<Outcome, ackwire::SendError>>, HashMap<u6
         let mut sim = SimNet::new(faults(l.seed, l.loss, l.duplicate)).unwrap();
         sim.add(NodeSetup::new(SHOP)).await.unwrap();
         let seen = Seen::default();
-        let (s, stalls, ordered) = (seen.clone(), l.stalls.clone(), l.ordered);
-        let slow_bank = NodeSetup::new(BANK).on_start(move |node: &Node| {
-            let mut inbox = node.receiver::<u64>(CH, ordered).unwrap();
-            let (seen, stalls) = (s.clone(), stalls.clone());
-            tokio::spawn(async move {
-                while let Some(d) = inbox.recv().await {
-                    let m = *d.message();
-                    for &(_, ms) in stalls.iter().filter(|(at, _)| *at == m) {
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                    }
-                    *seen.lock().unwrap().entry(m).or_default() += 1;
-                    d.ack();
-                }
-            });
-        });
-        sim.add(slow_bank).await.unwrap();
+        sim.add(slow_bank(seen.clone(), l.ordered, l.stalls.clone()))
+            .await
+            .unwrap();
         let opts = ChannelOptions::new(CH, l.guarantee);
         let out = sim.node(SHOP).unwrap().sender::<u64>(BANK, opts).unwrap();
         let mut receipts = Vec::new();
@@ -367,12 +376,6 @@ proptest! {
         for (i, o) in outcomes.iter().enumerate() {
             prop_assert_eq!(o, &Ok(Outcome::Acked), "message {}", i);
         }
-        for i in 0..l.messages {
-            let n = seen.get(&i).copied().unwrap_or(0);
-            prop_assert!(n >= 1, "message {} lost", i);
-            if l.guarantee == Guarantee::EffectivelyOnce {
-                prop_assert_eq!(n, 1, "message {} processed {} times", i, n);
-            }
-        }
+        processed(&seen, l.messages, l.guarantee)?;
     }
 }

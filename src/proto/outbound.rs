@@ -1199,17 +1199,38 @@ mod tests {
     };
 
     fn stream(now: Instant) -> OutboundStream {
+        stream_with(now, 7, |_| {})
+    }
+
+    /// An at-least-once stream without a deadline, `tweak`ed, seeded with `seed`.
+    fn stream_with(
+        now: Instant,
+        seed: u64,
+        tweak: impl FnOnce(&mut ProtoConfig),
+    ) -> OutboundStream {
         let mut config = ProtoConfig::default();
         config.retry.deadline = None;
+        tweak(&mut config);
         OutboundStream::new(
             ORIGIN,
             ChannelId(1),
             Guarantee::AtLeastOnce,
             &config,
-            7,
+            seed,
             now,
             None,
         )
+    }
+
+    /// A stream whose retry budget is one retry per deposit over `ttl`, no floor.
+    fn budget_stream(now: Instant, seed: u64, ttl: Duration) -> OutboundStream {
+        stream_with(now, seed, |c| {
+            c.retry_budget = crate::retry::RetryBudgetConfig {
+                ttl,
+                min_retries_per_sec: 0,
+                retry_ratio: 1.0,
+            };
+        })
     }
 
     /// What the driver does at `now`: fire due timers, transmit all, collect events.
@@ -1518,26 +1539,8 @@ mod tests {
     /// retries at once.
     #[test]
     fn a_refused_retry_waits_one_rto_and_the_budget_is_per_stream() {
-        let mut config = ProtoConfig::default();
-        config.retry.deadline = None;
-        // One retry per deposit, no floor.
-        config.retry_budget = crate::retry::RetryBudgetConfig {
-            ttl: Duration::from_secs(10),
-            min_retries_per_sec: 0,
-            retry_ratio: 1.0,
-        };
         let t0 = Instant::now();
-        let new = |seed| {
-            OutboundStream::new(
-                ORIGIN,
-                ChannelId(1),
-                Guarantee::AtLeastOnce,
-                &config,
-                seed,
-                t0,
-                None,
-            )
-        };
+        let new = |seed| budget_stream(t0, seed, Duration::from_secs(10));
         let (mut a, mut b) = (new(7), new(8));
         let rto = a.rtt.rto();
         a.send(t0, Bytes::new(), None, None, 0);
@@ -1628,23 +1631,8 @@ mod tests {
     /// three retries of the message that is lost.
     #[test]
     fn fresh_sends_and_acked_messages_each_earn_one_retry() {
-        let mut config = ProtoConfig::default();
-        config.retry.deadline = None;
-        config.retry_budget = crate::retry::RetryBudgetConfig {
-            ttl: Duration::from_secs(60),
-            min_retries_per_sec: 0,
-            retry_ratio: 1.0,
-        };
         let t0 = Instant::now();
-        let mut s = OutboundStream::new(
-            ORIGIN,
-            ChannelId(1),
-            Guarantee::AtLeastOnce,
-            &config,
-            7,
-            t0,
-            None,
-        );
+        let mut s = budget_stream(t0, 7, Duration::from_secs(60));
         s.send(t0, Bytes::new(), None, None, 0);
         s.send(t0, Bytes::new(), None, None, 0);
         run(&mut s, t0);
