@@ -1567,6 +1567,7 @@ mod tests {
         assert_eq!(a.retransmits(), 2);
         assert_eq!(slot(&a, 1).attempts, 3);
     }
+
     /// Walk the stream's timers up to `until`; count the probes it owes on the way.
     fn run_counting_probes(s: &mut OutboundStream, until: Instant) -> (Vec<OutEvent>, u32) {
         let (mut events, mut probes) = (Vec::new(), 0);
