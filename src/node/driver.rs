@@ -427,28 +427,24 @@ impl Driver {
                 peer,
                 incarnation,
                 frame,
-            } => self.on_frame(
-                now,
-                Origin {
+            } => {
+                let from = Origin {
                     node: peer,
                     incarnation,
-                },
-                frame,
-            ),
+                };
+                self.on_frame(now, from, frame);
+            }
             LinkEvent::Frames {
                 peer,
                 incarnation,
                 frames,
             } => {
+                let from = Origin {
+                    node: peer,
+                    incarnation,
+                };
                 for frame in frames {
-                    self.on_frame(
-                        now,
-                        Origin {
-                            node: peer,
-                            incarnation,
-                        },
-                        frame,
-                    );
+                    self.on_frame(now, from, frame);
                 }
             }
         }

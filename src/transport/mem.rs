@@ -404,6 +404,11 @@ impl MemNetwork {
         // The sending run (it routes while attached): receivers learn which run each
         // frame came from, as the TCP transport's connection handshake tells them.
         let incarnation = st.nodes.get(&from).map_or(0, |e| e.origin.incarnation);
+        let event = |frame| LinkEvent::Frame {
+            peer: from,
+            incarnation,
+            frame,
+        };
         for frame in frames {
             let decision = st
                 .injectors
@@ -420,23 +425,10 @@ impl MemNetwork {
                             .duplicated
                             .fetch_add(u64::from(copies - 1), Ordering::Relaxed);
                         for _ in 1..copies {
-                            st.push(
-                                to,
-                                now + delay,
-                                LinkEvent::Frame {
-                                    peer: from,
-                                    incarnation,
-                                    frame: frame.clone(),
-                                },
-                            );
+                            st.push(to, now + delay, event(frame.clone()));
                         }
                     }
-                    let ev = LinkEvent::Frame {
-                        peer: from,
-                        incarnation,
-                        frame,
-                    };
-                    st.push(to, now + delay, ev);
+                    st.push(to, now + delay, event(frame));
                 }
             }
         }
