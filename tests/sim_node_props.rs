@@ -94,6 +94,8 @@ struct Outage {
     duplicate: f64,
     /// Crash the bank (and start it again) instead of cutting it off the network.
     crash: bool,
+    /// The bank keeps its dedup state in a durable log, so it survives the crash.
+    durable: bool,
     /// Messages sent while it is away.
     messages: u64,
     /// How long it stays away: long enough for the shop's detector to declare it
@@ -107,17 +109,21 @@ fn outage() -> impl Strategy<Value = Outage> {
         0.0..0.3f64,
         0.0..0.2f64,
         any::<bool>(),
+        any::<bool>(),
         1..25u64,
         10..40u64,
     )
-        .prop_map(|(seed, loss, duplicate, crash, messages, away)| Outage {
-            seed,
-            loss,
-            duplicate,
-            crash,
-            messages,
-            away: Duration::from_secs(away),
-        })
+        .prop_map(
+            |(seed, loss, duplicate, crash, durable, messages, away)| Outage {
+                seed,
+                loss,
+                duplicate,
+                crash,
+                durable,
+                messages,
+                away: Duration::from_secs(away),
+            },
+        )
 }
 
 /// Runs one outage: the shop (hinted handoff on) sends effectively-once messages while
@@ -138,8 +144,14 @@ fn handoff_run(
         sim.add(NodeSetup::new(SHOP).config(shop_cfg))
             .await
             .unwrap();
+        let mut bank_cfg = NodeConfig::default();
+        if o.durable {
+            bank_cfg.dedup.durable = Some(ackwire::dedup::DurableDedup::new(
+                hints.path().join("dedup"),
+            ));
+        }
         let seen = Seen::default();
-        sim.add(bank(seen.clone())).await.unwrap();
+        sim.add(bank(seen.clone()).config(bank_cfg)).await.unwrap();
         let out = sim
             .node(SHOP)
             .unwrap()
@@ -181,6 +193,12 @@ proptest! {
     /// Down or on give-up, or acked — is processed by the target's handler exactly once
     /// after it returns, whether it was cut off or crashed; no receipt fails (the hint
     /// store took everything), and the store ends empty.
+    ///
+    /// Message 0, sent before the outage, is processed exactly once too, except when
+    /// the bank crashed without durable dedup: its ack may have been lost (and the
+    /// message handed off on a false Down, or retried) after the handler ran, and the
+    /// crash erased the record of it, so the new incarnation runs it again. That is the
+    /// documented degradation to at-least-once; it must still be processed.
     #[test]
     fn handed_off_messages_are_processed_exactly_once_after_the_target_returns(o in outage()) {
         let (outcomes, seen, pending) = handoff_run(&o);
@@ -192,10 +210,46 @@ proptest! {
         }
         prop_assert_eq!(pending, 0, "hints left in the store");
         for i in 0..=o.messages {
-            prop_assert_eq!(seen.get(&i).copied(), Some(1), "message {} processed {:?} times", i, seen.get(&i));
+            let n = seen.get(&i).copied().unwrap_or(0);
+            if i == 0 && o.crash && !o.durable {
+                prop_assert!(n >= 1, "message 0 lost");
+            } else {
+                prop_assert_eq!(n, 1, "message {} processed {} times", i, n);
+            }
         }
         prop_assert_eq!(seen.len() as u64, o.messages + 1);
     }
+}
+
+/// The case CI found: on a 30 % lossy link the bank ran message 0 but every ack of it
+/// was lost, the shop's detector declared the bank Down and handed message 0 off, and
+/// then the bank crashed. With durable dedup the new incarnation knows message 0 and
+/// only acks the replayed hint; without, it runs it again (at-least-once).
+#[test]
+fn a_message_whose_acks_were_lost_before_a_crash_is_replayed_into_durable_dedup() {
+    let mut o = Outage {
+        seed: 5176015580913847729,
+        loss: 0.2969631699589776,
+        duplicate: 0.0,
+        crash: true,
+        durable: true,
+        messages: 1,
+        away: Duration::from_secs(10),
+    };
+    let (outcomes, seen, pending) = handoff_run(&o);
+    assert!(
+        matches!(outcomes[..], [Ok(Outcome::HandedOff)]),
+        "{outcomes:?}"
+    );
+    assert_eq!(pending, 0);
+    assert_eq!(seen, HashMap::from([(0, 1), (1, 1)]));
+    o.durable = false;
+    let (_, seen, _) = handoff_run(&o);
+    assert_eq!(
+        seen,
+        HashMap::from([(0, 2), (1, 1)]),
+        "the schedule changed"
+    );
 }
 
 /// One random clean restart in the middle of a stream.
