@@ -19,8 +19,8 @@ use super::{Node, NodeConfig, NodeError};
 use crate::dedup::Dedup;
 use crate::detector::{FailureDetector, Health};
 use crate::id::{NodeId, Origin};
+use crate::proto::liveness::Liveness;
 use crate::proto::Endpoint;
-use crate::retry::later;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{Link, LinkCommand, Transport};
 use rustc_hash::FxHashMap;
@@ -227,10 +227,7 @@ impl NodeBuilder {
             }),
             completed: Vec::new(),
             outbox: FxHashMap::default(),
-            detector,
-            heartbeat_every: self.config.heartbeat_interval,
-            next_heartbeat: later(start, self.config.heartbeat_interval),
-            nonce: 0,
+            liveness: Liveness::new(detector, self.config.heartbeat_interval, start),
             health_tx,
             spool,
             handed_off: 0,

@@ -19,8 +19,9 @@ use super::{
     AckError, ChannelOptions, DeadLetter, Delivery, DeliveryHandle, IdentityConflict, NodeError,
     Outcome, ReceiverOptions, SendError, Stats,
 };
-use crate::detector::{FailureDetector, Health, HealthChange};
+use crate::detector::{Health, HealthChange};
 use crate::id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
+use crate::proto::liveness::Liveness;
 use crate::proto::{Completion, DeliveryRef, Endpoint, Event, Outgoing, SendRef};
 use crate::retry::{later, GiveUp};
 use crate::transport::{Link, LinkCommand, LinkEvent};
@@ -152,10 +153,8 @@ pub(super) struct Driver {
     /// Completions drained from `completions`, reused.
     pub(super) completed: Vec<(DeliveryRef, Completion)>,
     pub(super) outbox: FxHashMap<NodeId, Vec<crate::wire::Frame>>,
-    pub(super) detector: FailureDetector,
-    pub(super) heartbeat_every: Duration,
-    pub(super) next_heartbeat: std::time::Instant,
-    pub(super) nonce: u64,
+    /// Heartbeats and the failure detector.
+    pub(super) liveness: Liveness,
     pub(super) health_tx: broadcast::Sender<HealthChange>,
     pub(super) spool: Option<Spool>,
     pub(super) handed_off: u64,
@@ -351,7 +350,7 @@ impl Driver {
                 );
             }
             Command::AddPeer { peer, addr } => {
-                if self.detector.state(peer).is_none() {
+                if self.liveness.state(peer).is_none() {
                     self.watch(peer, now);
                 }
                 let _ = self
@@ -374,7 +373,7 @@ impl Driver {
                 });
             }
             Command::Decommission { peer, reply } => {
-                self.detector.remove(peer);
+                self.liveness.forget(peer);
                 self.spans.forget(peer);
                 let res = match &mut self.spool {
                     Some(spool) => spool
@@ -609,8 +608,8 @@ impl Driver {
                         .window_for(peer, channel)
                         .add_permits(n as usize);
                 }
-                Event::Heard(peer) => self.detector.observe(peer, now),
-                Event::HeartbeatAck(peer) => self.detector.heartbeat(peer, now),
+                Event::Heard(peer) => self.liveness.heard(peer, now),
+                Event::HeartbeatAck(peer) => self.liveness.heartbeat(peer, now),
             }
         }
     }
@@ -679,7 +678,7 @@ impl Driver {
                 let reply = PendingReceipt::new(reply);
                 self.receipts.insert(r, (options.guarantee, reply));
                 if options.guarantee != Guarantee::AtMostOnce
-                    && self.detector.state(peer) == Some(Health::Down)
+                    && self.liveness.state(peer) == Some(Health::Down)
                     && self.spool.as_ref().is_some_and(|s| s.config().on_down)
                 {
                     self.hand_off_to_down(peer, Some(r), now);
@@ -784,8 +783,7 @@ impl Driver {
         let now = self.clock;
         [
             self.endpoint.poll_timeout(),
-            Some(self.next_heartbeat),
-            self.detector.poll_timeout(),
+            self.liveness.poll_timeout(),
             self.spool.as_ref().and_then(|s| s.next_deadline(now)),
             self.draining_until,
         ]
@@ -797,9 +795,7 @@ impl Driver {
     /// Start (or keep) watching `peer` in the failure detector; a peer seen for the
     /// first time is published as Up.
     fn watch(&mut self, peer: NodeId, now: std::time::Instant) {
-        let new = self.detector.state(peer).is_none();
-        self.detector.heartbeat(peer, now);
-        if new {
+        if self.liveness.watch(peer, now) {
             let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
             h.entry(peer).or_insert(Health::Up);
         }
@@ -809,15 +805,11 @@ impl Driver {
     fn housekeeping(&mut self, now: std::time::Instant) {
         #[cfg(feature = "metrics")]
         self.metrics.sync(&self.endpoint, now, false);
-        if now >= self.next_heartbeat {
-            self.next_heartbeat = later(now, self.heartbeat_every);
-            let peers: Vec<NodeId> = self.detector.peers().map(|(p, _)| p).collect();
-            for peer in peers {
-                self.nonce += 1;
-                self.endpoint.ping(peer, self.nonce);
-            }
-        }
-        for change in self.detector.poll(now) {
+        let endpoint = &mut self.endpoint;
+        for change in self
+            .liveness
+            .handle_timeout(now, |peer, nonce| endpoint.ping(peer, nonce))
+        {
             if change.to == Health::Down {
                 // One line per transition: rate-limited by the detector itself.
                 tracing::warn!(peer = %change.peer, from = ?change.from, "peer is Down (no heartbeat)");
@@ -837,11 +829,11 @@ impl Driver {
         if let Some(spool) = &mut self.spool {
             spool.tick(&mut self.endpoint, now);
             if spool.has_replay_work() {
-                let (detector, endpoint) = (&self.detector, &mut self.endpoint);
-                let ready: Vec<NodeId> = detector
-                    .peers()
-                    .filter(|(p, h)| *h != Health::Down && endpoint.is_up(*p))
-                    .map(|(p, _)| p)
+                let endpoint = &mut self.endpoint;
+                let ready: Vec<NodeId> = self
+                    .liveness
+                    .not_down()
+                    .filter(|p| endpoint.is_up(*p))
                     .collect();
                 let shared = &self.shared;
                 spool.replay(
@@ -907,10 +899,7 @@ impl Driver {
         payload: Bytes,
         now: std::time::Instant,
     ) -> Result<Outcome, SendError> {
-        let down_for = self
-            .detector
-            .down_since(send.peer)
-            .map(|t| now.saturating_duration_since(t));
+        let down_for = self.liveness.down_for(send.peer, now);
         let Some(spool) = &mut self.spool else {
             return Err(SendError::HandoffRefused {
                 reason: HandoffRefusal::NotEnabled,

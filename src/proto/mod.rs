@@ -10,6 +10,7 @@ mod authz;
 mod config;
 mod endpoint;
 mod inbound;
+pub(crate) mod liveness;
 mod outbound;
 
 pub use authz::{Authorization, Refusal, RelayPolicy};
