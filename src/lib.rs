@@ -63,7 +63,11 @@
 //!   the codec.
 //! * [`proto`] — the protocol as sans-IO state machines ([`proto::Endpoint`]):
 //!   sequencing, in-flight window, cumulative + selective acks, retransmission,
-//!   ordered delivery, use of the dedup table. Reads no clock (every call takes
+//!   ordered delivery, use of the dedup table; and the node's policy around it: the
+//!   heartbeat schedule and failure detector (`proto::liveness`) and what becomes of
+//!   each sent message (`proto::sends`: acked, handed off when its target is Down or
+//!   the sender gives up, refused by the hint store, rejected), reaching the hint
+//!   store through a trait. Reads no clock (every call takes
 //!   `now`), opens no socket or file and spawns nothing; the one IO on its path is
 //!   the durable dedup log, written (and fsynced per its policy) by the
 //!   [`dedup::Dedup`] the endpoint is given, on the caller's thread.

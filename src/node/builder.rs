@@ -214,7 +214,8 @@ impl NodeBuilder {
             link,
             burst: Vec::with_capacity(BURST + 1),
             commands: cmd_rx,
-            receipts: Default::default(),
+            sends: Default::default(),
+            reports: Vec::new(),
             #[cfg(feature = "metrics")]
             metrics: metrics::NodeMetrics::new(self.id),
             spans: observe::StreamSpans::default(),
@@ -230,8 +231,6 @@ impl NodeBuilder {
             liveness: Liveness::new(detector, self.config.heartbeat_interval, start),
             health_tx,
             spool,
-            handed_off: 0,
-            handoff_refused: 0,
             shutdown_drain: self.config.shutdown_drain,
             draining_until: None,
             durable_acks: Vec::new(),

@@ -1,7 +1,10 @@
 //! The tokio driver: one task per node runs [`Driver::run`] under [`supervise`].
 //!
 //! Owns tasks, the transport link, the clock and the one timer of the node; holds no
-//! protocol logic (that is [`crate::proto::Endpoint`]). The driver is a loop: read
+//! protocol logic (that is [`crate::proto::Endpoint`]) and makes no liveness or
+//! handoff decision (those are `proto::liveness` and `proto::sends`; the driver runs
+//! the hint store they reach through a trait, and answers the receipts they resolve,
+//! in [`Driver::report`]). The driver is a loop: read
 //! transport events and application commands ([`Command`]) → feed the endpoint; the
 //! timer fires → feed the endpoint; then poll the endpoint → write frames, hand
 //! deliveries to receivers, resolve receipts, and reset the single `Sleep` to the
@@ -22,7 +25,8 @@ use super::{
 use crate::detector::{Health, HealthChange};
 use crate::id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 use crate::proto::liveness::Liveness;
-use crate::proto::{Completion, DeliveryRef, Endpoint, Event, Outgoing, SendRef};
+use crate::proto::sends::{Report, Resolution, Sends};
+use crate::proto::{Completion, DeliveryRef, Endpoint, Event, Outgoing};
 use crate::retry::{later, GiveUp};
 use crate::transport::{Link, LinkCommand, LinkEvent};
 use bytes::Bytes;
@@ -141,7 +145,10 @@ pub(super) struct Driver {
     /// Link events of the current wake-up (reused buffer).
     pub(super) burst: Vec<LinkEvent>,
     pub(super) commands: mpsc::UnboundedReceiver<Command>,
-    pub(super) receipts: rustc_hash::FxHashMap<SendRef, (Guarantee, PendingReceipt)>,
+    /// Open receipts and the handoff decisions about them.
+    pub(super) sends: Sends<PendingReceipt>,
+    /// What `sends` decided this turn, for [`Driver::report`] (reused buffer).
+    pub(super) reports: Vec<Report<PendingReceipt>>,
     #[cfg(feature = "metrics")]
     pub(super) metrics: metrics::NodeMetrics,
     /// The `stream` span of each stream with traced per-message events.
@@ -157,8 +164,6 @@ pub(super) struct Driver {
     pub(super) liveness: Liveness,
     pub(super) health_tx: broadcast::Sender<HealthChange>,
     pub(super) spool: Option<Spool>,
-    pub(super) handed_off: u64,
-    pub(super) handoff_refused: u64,
     pub(super) shutdown_drain: Duration,
     pub(super) draining_until: Option<std::time::Instant>,
     /// `ack_durable` waiters: the delivery, the persist-error count before it was
@@ -263,7 +268,7 @@ impl Driver {
             }
             self.resolve_durable_acks();
             if let Some(until) = self.draining_until {
-                if self.receipts.is_empty() || now >= until {
+                if self.sends.is_empty() || now >= until {
                     self.spool_all(now);
                     // A clean end of this run: receivers may retire its streams.
                     if self.endpoint.finish_streams() > 0 {
@@ -278,18 +283,19 @@ impl Driver {
 
     /// Shutdown: every message still unacknowledged goes to the hint store.
     fn spool_all(&mut self, now: std::time::Instant) {
-        if self.spool.is_none() {
+        let Some(spool) = &mut self.spool else {
             return;
-        }
-        let peers: std::collections::HashSet<NodeId> =
-            self.receipts.keys().map(|r| r.peer).collect();
-        for peer in peers {
-            self.hand_off_to_down(peer, None, now);
-        }
-        tracing::info!(
-            left = self.receipts.len(),
-            "spooled unacknowledged messages"
+        };
+        let liveness = &self.liveness;
+        self.sends.spool_all(
+            &mut self.endpoint,
+            spool,
+            |peer| liveness.down_for(peer, now),
+            now,
+            &mut self.reports,
         );
+        self.report();
+        tracing::info!(left = self.sends.len(), "spooled unacknowledged messages");
     }
 
     fn on_command(&mut self, cmd: Command) -> bool {
@@ -366,8 +372,8 @@ impl Driver {
                     no_receiver: 0,
                     tcp: None,
                     hints: self.spool.as_ref().map(Spool::stats),
-                    handed_off: self.handed_off,
-                    handoff_refused: self.handoff_refused,
+                    handed_off: self.sends.handed_off(),
+                    handoff_refused: self.sends.handoff_refused(),
                     dead_letters_dropped: self.shared.dead_letters.dropped(),
                     dead_letters_not_persisted: self.shared.dead_letters.not_persisted(),
                 });
@@ -389,7 +395,7 @@ impl Driver {
             Command::Shutdown => return false,
             Command::Drain => {
                 if self.draining_until.is_none() {
-                    tracing::info!(unsettled = self.receipts.len(), "draining before shutdown");
+                    tracing::info!(unsettled = self.sends.len(), "draining before shutdown");
                     self.draining_until = Some(later(now, self.shutdown_drain));
                     self.shared.close_windows();
                 }
@@ -514,30 +520,13 @@ impl Driver {
                     }
                 }
                 Event::Settled(r) => {
-                    if let Some(spool) = &mut self.spool {
-                        if spool.on_settled(r, &mut self.endpoint) {
-                            self.spans.outbound(r.peer, r.channel, || {
-                                tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "replayed hint acked")
-                            });
-                            #[cfg(feature = "metrics")]
-                            self.metrics.hint_replayed(r);
-                            continue;
-                        }
-                    }
-                    if let Some((g, reply)) = self.receipts.remove(&r) {
-                        self.spans.outbound(r.peer, r.channel, || {
-                            tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "acked")
-                        });
-                        #[cfg(feature = "metrics")]
-                        self.metrics
-                            .settled(r, &reply.tracked, g != Guarantee::AtMostOnce, now);
-                        let outcome = if g == Guarantee::AtMostOnce {
-                            Outcome::Sent
-                        } else {
-                            Outcome::Acked
-                        };
-                        let _ = reply.send(Ok(outcome));
-                    }
+                    self.sends.settled(
+                        &mut self.endpoint,
+                        self.spool.as_mut(),
+                        r,
+                        &mut self.reports,
+                    );
+                    self.report();
                 }
                 Event::GaveUp {
                     send,
@@ -546,50 +535,30 @@ impl Driver {
                     payload,
                     id,
                 } => {
-                    if let Some(spool) = &mut self.spool {
-                        if spool.on_gave_up(send) {
-                            continue; // a replay: it stays in the store
-                        }
-                    }
-                    let Some((g, reply)) = self.receipts.remove(&send) else {
-                        continue;
-                    };
-                    self.spans.outbound(send.peer, send.channel, || {
-                        tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, ?reason, attempts, "gave up")
-                    });
-                    #[cfg(feature = "metrics")]
-                    self.metrics.gave_up(send);
-                    let hand_off = self.spool.as_ref().is_some_and(|s| s.config().on_give_up);
-                    let res = if hand_off {
-                        self.store_hint(send, id, g, payload, now)
-                    } else {
-                        Err(match reason {
-                            GiveUp::MaxAttempts => SendError::AttemptsExhausted { attempts },
-                            _ => SendError::Deadline { attempts },
-                        })
-                    };
-                    match &res {
-                        Ok(_) => self.endpoint.hint_stored(send, id),
-                        Err(SendError::HandoffRefused { .. }) => self.handoff_refused += 1,
-                        Err(_) => {}
-                    }
-                    let _ = reply.send(res);
+                    let down_for = self.liveness.down_for(send.peer, now);
+                    self.sends.gave_up(
+                        &mut self.endpoint,
+                        self.spool.as_mut(),
+                        send,
+                        id,
+                        payload,
+                        reason,
+                        attempts,
+                        down_for,
+                        now,
+                        &mut self.reports,
+                    );
+                    self.report();
                 }
                 Event::Rejected { send, reason } => {
-                    self.spans.outbound(send.peer, send.channel, || {
-                        tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected")
-                    });
-                    #[cfg(feature = "metrics")]
-                    self.metrics.rejected(send, reason);
-                    if let Some(spool) = &mut self.spool {
-                        if spool.on_rejected(send, reason, &mut self.endpoint) {
-                            continue;
-                        }
-                    }
-                    if let Some((_, reply)) = self.receipts.remove(&send) {
-                        tracing::debug!(peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "message rejected by its receiver");
-                        let _ = reply.send(Err(SendError::Rejected { reason }));
-                    }
+                    self.sends.rejected(
+                        &mut self.endpoint,
+                        self.spool.as_mut(),
+                        send,
+                        reason,
+                        &mut self.reports,
+                    );
+                    self.report();
                 }
                 Event::DeadLetter {
                     delivery,
@@ -610,6 +579,92 @@ impl Driver {
                 }
                 Event::Heard(peer) => self.liveness.heard(peer, now),
                 Event::HeartbeatAck(peer) => self.liveness.heartbeat(peer, now),
+            }
+        }
+    }
+
+    /// Carry out what `sends` decided: trace and count each step, answer receipts.
+    fn report(&mut self) {
+        #[cfg(feature = "metrics")]
+        let now = self.clock;
+        for r in self.reports.drain(..) {
+            match r {
+                Report::HintReplayed(r) => {
+                    self.spans.outbound(r.peer, r.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "replayed hint acked")
+                    });
+                    #[cfg(feature = "metrics")]
+                    self.metrics.hint_replayed(r);
+                }
+                Report::GaveUp {
+                    send,
+                    id,
+                    reason,
+                    attempts,
+                } => {
+                    self.spans.outbound(send.peer, send.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, ?reason, attempts, "gave up")
+                    });
+                    #[cfg(feature = "metrics")]
+                    self.metrics.gave_up(send);
+                }
+                Report::Rejected { send, reason } => {
+                    self.spans.outbound(send.peer, send.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected")
+                    });
+                    #[cfg(feature = "metrics")]
+                    self.metrics.rejected(send, reason);
+                }
+                Report::HintStored { send, id } => {
+                    self.spans.outbound(send.peer, send.channel, || {
+                        tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, "handed off to the hint store")
+                    });
+                    #[cfg(feature = "metrics")]
+                    self.metrics.hint_stored(send);
+                }
+                Report::Resolve {
+                    send,
+                    guarantee,
+                    reply,
+                    how,
+                } => {
+                    let result = match how {
+                        Resolution::Acked | Resolution::Sent => {
+                            self.spans.outbound(send.peer, send.channel, || {
+                                tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, "acked")
+                            });
+                            #[cfg(feature = "metrics")]
+                            self.metrics.settled(
+                                send,
+                                &reply.tracked,
+                                guarantee != Guarantee::AtMostOnce,
+                                now,
+                            );
+                            Ok(if guarantee == Guarantee::AtMostOnce {
+                                Outcome::Sent
+                            } else {
+                                Outcome::Acked
+                            })
+                        }
+                        Resolution::HandedOff => Ok(Outcome::HandedOff),
+                        Resolution::GaveUp {
+                            reason: GiveUp::MaxAttempts,
+                            attempts,
+                        } => Err(SendError::AttemptsExhausted { attempts }),
+                        Resolution::GaveUp { attempts, .. } => {
+                            Err(SendError::Deadline { attempts })
+                        }
+                        Resolution::HandoffRefused(e) => Err(SendError::HandoffRefused {
+                            reason: HandoffRefusal::Store(Arc::new(e)),
+                        }),
+                        Resolution::Rejected(reason) => {
+                            tracing::debug!(peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "message rejected by its receiver");
+                            Err(SendError::Rejected { reason })
+                        }
+                        Resolution::Shutdown => Err(SendError::Shutdown),
+                    };
+                    let _ = reply.send(result);
+                }
             }
         }
     }
@@ -676,13 +731,18 @@ impl Driver {
                 let reply = PendingReceipt::new(reply, self.metrics.sent(r, now));
                 #[cfg(not(feature = "metrics"))]
                 let reply = PendingReceipt::new(reply);
-                self.receipts.insert(r, (options.guarantee, reply));
-                if options.guarantee != Guarantee::AtMostOnce
-                    && self.liveness.state(peer) == Some(Health::Down)
-                    && self.spool.as_ref().is_some_and(|s| s.config().on_down)
-                {
-                    self.hand_off_to_down(peer, Some(r), now);
-                }
+                self.sends.opened(
+                    &mut self.endpoint,
+                    self.spool.as_mut(),
+                    self.liveness.state(peer),
+                    self.liveness.down_for(peer, now),
+                    r,
+                    options.guarantee,
+                    reply,
+                    now,
+                    &mut self.reports,
+                );
+                self.report();
             }
             Err(crate::proto::StreamError::GuaranteeMismatch { existing, .. }) => {
                 self.shared.window_for(peer, options.channel).add_permits(1);
@@ -751,7 +811,7 @@ impl Driver {
                     origin,
                     *peer,
                     frames.iter(),
-                    &mut self.receipts,
+                    &mut self.sends,
                     &mut self.spans,
                 );
             }
@@ -821,9 +881,17 @@ impl Driver {
                 h.insert(change.peer, change.to);
             }
             let _ = self.health_tx.send(change);
-            if change.to == Health::Down && self.spool.as_ref().is_some_and(|s| s.config().on_down)
-            {
-                self.hand_off_to_down(change.peer, None, now);
+            if change.to == Health::Down {
+                let down_for = self.liveness.down_for(change.peer, now);
+                self.sends.peer_down(
+                    &mut self.endpoint,
+                    self.spool.as_mut(),
+                    change.peer,
+                    down_for,
+                    now,
+                    &mut self.reports,
+                );
+                self.report();
             }
         }
         if let Some(spool) = &mut self.spool {
@@ -847,83 +915,6 @@ impl Driver {
         self.dispatch();
     }
 
-    /// Move unacknowledged messages to `peer` (or only `only`) into the hint store:
-    /// their receipts resolve as handed off. A message the store refuses stays in
-    /// flight and keeps retrying.
-    fn hand_off_to_down(&mut self, peer: NodeId, only: Option<SendRef>, now: std::time::Instant) {
-        // One new send to a Down peer looks up its own message only.
-        let messages = match only {
-            Some(send) => self
-                .endpoint
-                .in_flight_one(send)
-                .map(|(payload, id)| (send, payload, id))
-                .into_iter()
-                .collect(),
-            None => self.endpoint.in_flight_to(peer),
-        };
-        for (send, payload, id) in messages {
-            let Some(&(g, _)) = self.receipts.get(&send) else {
-                continue; // a replayed hint: already stored
-            };
-            match self.store_hint(send, id, g, payload, now) {
-                Ok(outcome) => {
-                    if self.endpoint.hand_off(send) {
-                        if let Some((_, reply)) = self.receipts.remove(&send) {
-                            let _ = reply.send(Ok(outcome));
-                        }
-                    }
-                }
-                // A new send the store refuses (e.g. target down longer than the max
-                // hint window) fails now, with the store's reason, rather than at its
-                // deadline.
-                Err(e) if only.is_some() => {
-                    if self.endpoint.abandon(send) {
-                        self.handoff_refused += 1;
-                        if let Some((_, reply)) = self.receipts.remove(&send) {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
-                }
-                // Already in flight when the target went down: keep retrying; its
-                // deadline decides.
-                Err(_) => {}
-            }
-        }
-    }
-
-    fn store_hint(
-        &mut self,
-        send: SendRef,
-        id: MessageId,
-        g: Guarantee,
-        payload: Bytes,
-        now: std::time::Instant,
-    ) -> Result<Outcome, SendError> {
-        let down_for = self.liveness.down_for(send.peer, now);
-        let Some(spool) = &mut self.spool else {
-            return Err(SendError::HandoffRefused {
-                reason: HandoffRefusal::NotEnabled,
-            });
-        };
-        match spool.store(send, id, g, payload, down_for, now) {
-            Ok(()) => {
-                self.spans.outbound(send.peer, send.channel, || {
-                    tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, "handed off to the hint store")
-                });
-                #[cfg(feature = "metrics")]
-                self.metrics.hint_stored(send);
-                self.handed_off += 1;
-                Ok(Outcome::HandedOff)
-            }
-            Err(e) => {
-                tracing::warn!(peer = %send.peer, %id, error = %e, "hint refused");
-                Err(SendError::HandoffRefused {
-                    reason: HandoffRefusal::Store(Arc::new(e)),
-                })
-            }
-        }
-    }
-
     async fn stop(&mut self) {
         #[cfg(feature = "metrics")]
         self.metrics.sync(&self.endpoint, self.clock, true);
@@ -931,9 +922,8 @@ impl Driver {
             spool.sync();
         }
         let _ = self.link.commands.send(LinkCommand::Shutdown).await;
-        for (_, (_, reply)) in self.receipts.drain() {
-            let _ = reply.send(Err(SendError::Shutdown));
-        }
+        self.sends.fail_all(&mut self.reports);
+        self.report();
         self.receivers.clear();
         self.shared.dead_letters.close();
     }

@@ -159,7 +159,7 @@ pub(super) fn trace_transmits<'a>(
     origin: Origin,
     peer: NodeId,
     frames: impl Iterator<Item = &'a Frame>,
-    receipts: &mut FxHashMap<SendRef, (crate::id::Guarantee, PendingReceipt)>,
+    receipts: &mut crate::proto::sends::Sends<PendingReceipt>,
     spans: &mut StreamSpans,
 ) {
     for frame in frames {
@@ -175,8 +175,8 @@ pub(super) fn trace_transmits<'a>(
             seq: d.seq,
         };
         let event = match receipts.get_mut(&send) {
-            Some((_, r)) if r.transmitted => "retransmit",
-            Some((_, r)) => {
+            Some(r) if r.transmitted => "retransmit",
+            Some(r) => {
                 r.transmitted = true;
                 "transmit"
             }

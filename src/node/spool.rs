@@ -160,10 +160,6 @@ impl Spool {
         })
     }
 
-    pub(crate) fn config(&self) -> &HandoffConfig {
-        &self.cfg
-    }
-
     pub(crate) fn stats(&self) -> HintStats {
         self.store.stats()
     }
@@ -444,4 +440,44 @@ fn queue_front(
     hint: Hint,
 ) {
     queued.entry(target).or_default().push_front((pos, hint));
+}
+
+/// The handoff decisions ([`crate::proto::sends`]) reach the store through this.
+impl crate::proto::sends::Hints for Spool {
+    fn on_down(&self) -> bool {
+        self.cfg.on_down
+    }
+
+    fn on_give_up(&self) -> bool {
+        self.cfg.on_give_up
+    }
+
+    fn store(
+        &mut self,
+        send: SendRef,
+        id: MessageId,
+        guarantee: crate::Guarantee,
+        payload: bytes::Bytes,
+        down_for: Option<Duration>,
+        now: Instant,
+    ) -> Result<(), HintError> {
+        Spool::store(self, send, id, guarantee, payload, down_for, now)
+    }
+
+    fn on_settled(&mut self, send: SendRef, endpoint: &mut Endpoint) -> bool {
+        Spool::on_settled(self, send, endpoint)
+    }
+
+    fn on_gave_up(&mut self, send: SendRef) -> bool {
+        Spool::on_gave_up(self, send)
+    }
+
+    fn on_rejected(
+        &mut self,
+        send: SendRef,
+        reason: crate::wire::RejectReason,
+        endpoint: &mut Endpoint,
+    ) -> bool {
+        Spool::on_rejected(self, send, reason, endpoint)
+    }
 }

@@ -12,6 +12,7 @@ mod endpoint;
 mod inbound;
 pub(crate) mod liveness;
 mod outbound;
+pub(crate) mod sends;
 
 pub use authz::{Authorization, Refusal, RelayPolicy};
 pub use config::ProtoConfig;

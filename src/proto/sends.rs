@@ -1,0 +1,814 @@
+//! What becomes of each sent message, sans-IO: the receipts a node owes and the hinted
+//! handoff decisions.
+//!
+//! [`Sends`] holds one entry per message whose receipt is still open (the reply is
+//! the owner's type `R`: the driver's oneshot, a test's plain value) and decides, for
+//! every event of the endpoint and the liveness policy, how each resolves:
+//!
+//! * **Settled** (acked; at-most-once: transmitted) → `Acked` / `Sent`, unless it was
+//!   a replayed hint, which the hint store settles instead.
+//! * **Target Down** with handoff `on_down` → every unacknowledged message to it goes
+//!   to the hint store (`HandedOff`); one the store refuses stays in flight and keeps
+//!   retrying, its deadline decides. A *new* send to a Down target that the store
+//!   refuses fails at once with the store's reason.
+//! * **Given up** (deadline, attempts) → with handoff `on_give_up`, into the hint store
+//!   (`HandedOff`, or the store's refusal); without, the give-up itself. A replayed hint
+//!   that is given up goes back to the store's queue.
+//! * **Rejected** by the receiver → the rejection (a replayed hint: the store decides).
+//! * **Shutdown** → whatever is still open is handed off (if the node has a hint store)
+//!   by [`Sends::spool_all`], the rest fails with [`Resolution::Shutdown`].
+//!
+//! The hint store itself is IO; it is reached through the [`Hints`] trait, which the
+//! node's spool implements. Every decision here is a function of its inputs and `now`.
+
+use super::{Endpoint, SendRef};
+use crate::detector::Health;
+use crate::handoff::HintError;
+use crate::id::{Guarantee, MessageId, NodeId};
+use crate::retry::GiveUp;
+use crate::wire::RejectReason;
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+use std::time::{Duration, Instant};
+
+/// The hint store, as the handoff decisions need it.
+pub(crate) trait Hints {
+    /// Move messages to a target the detector holds Down into the store.
+    fn on_down(&self) -> bool;
+    /// Move messages the sender gave up on into the store.
+    fn on_give_up(&self) -> bool;
+    /// Store `payload` (sent as `send` with `id`) as a hint for `send.peer`, which has
+    /// been Down for `down_for` (`None`: not Down).
+    fn store(
+        &mut self,
+        send: SendRef,
+        id: MessageId,
+        guarantee: Guarantee,
+        payload: Bytes,
+        down_for: Option<Duration>,
+        now: Instant,
+    ) -> Result<(), HintError>;
+    /// `send` settled: `true` if it was a replayed hint (the store settles it).
+    fn on_settled(&mut self, send: SendRef, endpoint: &mut Endpoint) -> bool;
+    /// `send` was given up: `true` if it was a replayed hint (back to its queue).
+    fn on_gave_up(&mut self, send: SendRef) -> bool;
+    /// `send` was rejected: `true` if it was a replayed hint (the store decides).
+    fn on_rejected(&mut self, send: SendRef, reason: RejectReason, endpoint: &mut Endpoint)
+        -> bool;
+}
+
+/// How a receipt resolves; the node maps it to its public outcome or error.
+#[derive(Debug)]
+pub(crate) enum Resolution {
+    /// Acknowledged by the receiver.
+    Acked,
+    /// At-most-once: transmitted.
+    Sent,
+    /// In the hint store, to be replayed when the target returns.
+    HandedOff,
+    /// The sender gave up and there was no hint store to take it.
+    GaveUp { reason: GiveUp, attempts: u32 },
+    /// The hint store refused it.
+    HandoffRefused(HintError),
+    /// The receiver refused it for good.
+    Rejected(RejectReason),
+    /// The node stopped first.
+    Shutdown,
+}
+
+/// One thing [`Sends`] reports, in the order it happened.
+#[derive(Debug)]
+pub(crate) enum Report<R> {
+    /// A replayed hint was acknowledged (no receipt: the store settled it).
+    HintReplayed(SendRef),
+    /// The sender gave up on a message that has a receipt (its resolution follows).
+    GaveUp {
+        send: SendRef,
+        id: MessageId,
+        reason: GiveUp,
+        attempts: u32,
+    },
+    /// The receiver rejected a message (any resolution follows).
+    Rejected { send: SendRef, reason: RejectReason },
+    /// A message went into the hint store (its resolution follows).
+    HintStored { send: SendRef, id: MessageId },
+    /// A receipt resolves.
+    Resolve {
+        send: SendRef,
+        guarantee: Guarantee,
+        reply: R,
+        how: Resolution,
+    },
+}
+
+/// The open receipts of one node, and the handoff decisions about them.
+#[derive(Debug)]
+pub(crate) struct Sends<R> {
+    open: FxHashMap<SendRef, (Guarantee, R)>,
+    handed_off: u64,
+    handoff_refused: u64,
+}
+
+impl<R> Default for Sends<R> {
+    fn default() -> Self {
+        Sends {
+            open: FxHashMap::default(),
+            handed_off: 0,
+            handoff_refused: 0,
+        }
+    }
+}
+
+impl<R> Sends<R> {
+    /// Open receipts.
+    pub(crate) fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// The open receipt of `send`, for observation.
+    pub(crate) fn get_mut(&mut self, send: &SendRef) -> Option<&mut R> {
+        self.open.get_mut(send).map(|(_, r)| r)
+    }
+
+    /// Messages moved into the hint store by this run.
+    pub(crate) fn handed_off(&self) -> u64 {
+        self.handed_off
+    }
+
+    /// Messages the hint store refused.
+    pub(crate) fn handoff_refused(&self) -> u64 {
+        self.handoff_refused
+    }
+
+    /// `send` was just accepted by the endpoint. If its target is Down and the store
+    /// takes messages for Down targets, it goes to the store at once.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn opened(
+        &mut self,
+        endpoint: &mut Endpoint,
+        hints: Option<&mut impl Hints>,
+        health: Option<Health>,
+        down_for: Option<Duration>,
+        send: SendRef,
+        guarantee: Guarantee,
+        reply: R,
+        now: Instant,
+        out: &mut Vec<Report<R>>,
+    ) {
+        self.open.insert(send, (guarantee, reply));
+        if let Some(hints) = hints {
+            if guarantee != Guarantee::AtMostOnce && health == Some(Health::Down) && hints.on_down()
+            {
+                self.hand_off(endpoint, hints, send.peer, Some(send), down_for, now, out);
+            }
+        }
+    }
+
+    /// The detector found `peer` Down (for `down_for`).
+    pub(crate) fn peer_down(
+        &mut self,
+        endpoint: &mut Endpoint,
+        hints: Option<&mut impl Hints>,
+        peer: NodeId,
+        down_for: Option<Duration>,
+        now: Instant,
+        out: &mut Vec<Report<R>>,
+    ) {
+        if let Some(hints) = hints.filter(|h| h.on_down()) {
+            self.hand_off(endpoint, hints, peer, None, down_for, now, out);
+        }
+    }
+
+    /// Shutdown: every open receipt's message goes to the hint store (those it refuses
+    /// stay open, for the caller to fail).
+    pub(crate) fn spool_all(
+        &mut self,
+        endpoint: &mut Endpoint,
+        hints: &mut impl Hints,
+        down_for: impl Fn(NodeId) -> Option<Duration>,
+        now: Instant,
+        out: &mut Vec<Report<R>>,
+    ) {
+        let mut peers: Vec<NodeId> = self.open.keys().map(|r| r.peer).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        for peer in peers {
+            self.hand_off(endpoint, hints, peer, None, down_for(peer), now, out);
+        }
+    }
+
+    /// The endpoint settled `send`.
+    pub(crate) fn settled(
+        &mut self,
+        endpoint: &mut Endpoint,
+        hints: Option<&mut impl Hints>,
+        send: SendRef,
+        out: &mut Vec<Report<R>>,
+    ) {
+        if hints.is_some_and(|h| h.on_settled(send, endpoint)) {
+            out.push(Report::HintReplayed(send));
+            return;
+        }
+        if let Some((guarantee, reply)) = self.open.remove(&send) {
+            let how = if guarantee == Guarantee::AtMostOnce {
+                Resolution::Sent
+            } else {
+                Resolution::Acked
+            };
+            out.push(Report::Resolve {
+                send,
+                guarantee,
+                reply,
+                how,
+            });
+        }
+    }
+
+    /// The endpoint gave `send` up.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gave_up(
+        &mut self,
+        endpoint: &mut Endpoint,
+        mut hints: Option<&mut impl Hints>,
+        send: SendRef,
+        id: MessageId,
+        payload: Bytes,
+        reason: GiveUp,
+        attempts: u32,
+        down_for: Option<Duration>,
+        now: Instant,
+        out: &mut Vec<Report<R>>,
+    ) {
+        if hints.as_mut().is_some_and(|h| h.on_gave_up(send)) {
+            return; // a replay: it stays in the store
+        }
+        let Some((guarantee, reply)) = self.open.remove(&send) else {
+            return;
+        };
+        out.push(Report::GaveUp {
+            send,
+            id,
+            reason,
+            attempts,
+        });
+        let how = match hints.filter(|h| h.on_give_up()) {
+            Some(hints) => {
+                match self.store(hints, send, id, guarantee, payload, down_for, now, out) {
+                    Ok(()) => {
+                        endpoint.hint_stored(send, id);
+                        Resolution::HandedOff
+                    }
+                    Err(e) => {
+                        self.handoff_refused += 1;
+                        Resolution::HandoffRefused(e)
+                    }
+                }
+            }
+            None => Resolution::GaveUp { reason, attempts },
+        };
+        out.push(Report::Resolve {
+            send,
+            guarantee,
+            reply,
+            how,
+        });
+    }
+
+    /// The receiver rejected `send`.
+    pub(crate) fn rejected(
+        &mut self,
+        endpoint: &mut Endpoint,
+        hints: Option<&mut impl Hints>,
+        send: SendRef,
+        reason: RejectReason,
+        out: &mut Vec<Report<R>>,
+    ) {
+        out.push(Report::Rejected { send, reason });
+        if hints.is_some_and(|h| h.on_rejected(send, reason, endpoint)) {
+            return;
+        }
+        if let Some((guarantee, reply)) = self.open.remove(&send) {
+            out.push(Report::Resolve {
+                send,
+                guarantee,
+                reply,
+                how: Resolution::Rejected(reason),
+            });
+        }
+    }
+
+    /// Fail every open receipt (the node stops).
+    pub(crate) fn fail_all(&mut self, out: &mut Vec<Report<R>>) {
+        for (send, (guarantee, reply)) in self.open.drain() {
+            out.push(Report::Resolve {
+                send,
+                guarantee,
+                reply,
+                how: Resolution::Shutdown,
+            });
+        }
+    }
+
+    /// Move unacknowledged messages to `peer` (or only `only`) into the hint store:
+    /// their receipts resolve as handed off. A message the store refuses stays in
+    /// flight and keeps retrying, unless it is `only` (a new send): that one fails now,
+    /// with the store's reason, rather than at its deadline.
+    #[allow(clippy::too_many_arguments)]
+    fn hand_off(
+        &mut self,
+        endpoint: &mut Endpoint,
+        hints: &mut impl Hints,
+        peer: NodeId,
+        only: Option<SendRef>,
+        down_for: Option<Duration>,
+        now: Instant,
+        out: &mut Vec<Report<R>>,
+    ) {
+        // One new send to a Down peer looks up its own message only.
+        let messages = match only {
+            Some(send) => endpoint
+                .in_flight_one(send)
+                .map(|(payload, id)| (send, payload, id))
+                .into_iter()
+                .collect(),
+            None => endpoint.in_flight_to(peer),
+        };
+        for (send, payload, id) in messages {
+            let Some(&(guarantee, _)) = self.open.get(&send) else {
+                continue; // a replayed hint: already stored
+            };
+            let stored = self.store(hints, send, id, guarantee, payload, down_for, now, out);
+            let how = match stored {
+                Ok(()) if endpoint.hand_off(send) => Resolution::HandedOff,
+                Err(e) if only.is_some() && endpoint.abandon(send) => {
+                    self.handoff_refused += 1;
+                    Resolution::HandoffRefused(e)
+                }
+                _ => continue,
+            };
+            if let Some((guarantee, reply)) = self.open.remove(&send) {
+                out.push(Report::Resolve {
+                    send,
+                    guarantee,
+                    reply,
+                    how,
+                });
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &mut self,
+        hints: &mut impl Hints,
+        send: SendRef,
+        id: MessageId,
+        guarantee: Guarantee,
+        payload: Bytes,
+        down_for: Option<Duration>,
+        now: Instant,
+        out: &mut Vec<Report<R>>,
+    ) -> Result<(), HintError> {
+        match hints.store(send, id, guarantee, payload, down_for, now) {
+            Ok(()) => {
+                self.handed_off += 1;
+                out.push(Report::HintStored { send, id });
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(peer = %send.peer, %id, error = %e, "hint refused");
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::{Dedup, DedupConfig};
+    use crate::id::{ChannelId, Origin};
+    use crate::proto::{Outgoing, ProtoConfig};
+    use std::sync::Arc;
+
+    /// A hint store in memory that refuses when `full`.
+    #[derive(Default)]
+    struct MemHints {
+        on_down: bool,
+        on_give_up: bool,
+        full: bool,
+        stored: Vec<(SendRef, Bytes, Option<Duration>)>,
+        replaying: Vec<SendRef>,
+    }
+
+    impl Hints for MemHints {
+        fn on_down(&self) -> bool {
+            self.on_down
+        }
+        fn on_give_up(&self) -> bool {
+            self.on_give_up
+        }
+        fn store(
+            &mut self,
+            send: SendRef,
+            _id: MessageId,
+            _guarantee: Guarantee,
+            payload: Bytes,
+            down_for: Option<Duration>,
+            _now: Instant,
+        ) -> Result<(), HintError> {
+            if self.full {
+                return Err(HintError::TargetFull {
+                    target: send.peer,
+                    bytes: 1,
+                    max: 0,
+                });
+            }
+            self.stored.push((send, payload, down_for));
+            Ok(())
+        }
+        fn on_settled(&mut self, send: SendRef, _: &mut Endpoint) -> bool {
+            self.replaying.contains(&send)
+        }
+        fn on_gave_up(&mut self, send: SendRef) -> bool {
+            self.replaying.contains(&send)
+        }
+        fn on_rejected(&mut self, send: SendRef, _: RejectReason, _: &mut Endpoint) -> bool {
+            self.replaying.contains(&send)
+        }
+    }
+
+    const PEER: NodeId = NodeId(2);
+
+    fn endpoint(now: Instant) -> Endpoint {
+        let dedup = Arc::new(Dedup::open_at(DedupConfig::default(), now).unwrap());
+        let origin = Origin {
+            node: NodeId(1),
+            incarnation: 1,
+        };
+        Endpoint::new(origin, ProtoConfig::default(), dedup, 1)
+    }
+
+    fn send(ep: &mut Endpoint, g: Guarantee, byte: u8, now: Instant) -> SendRef {
+        ep.send(
+            now,
+            Outgoing {
+                peer: PEER,
+                // One guarantee per channel.
+                channel: ChannelId(match g {
+                    Guarantee::AtMostOnce => 1,
+                    Guarantee::AtLeastOnce => 2,
+                    _ => 3,
+                }),
+                guarantee: g,
+                payload: Bytes::from(vec![byte]),
+                id: None,
+                deadline: None,
+                schema: 0,
+            },
+        )
+        .unwrap()
+    }
+
+    /// The receipts' values (`reply` is the message byte) and resolutions, in order.
+    fn resolved(out: &mut Vec<Report<u8>>) -> Vec<(u8, String)> {
+        out.drain(..)
+            .filter_map(|r| match r {
+                Report::Resolve { reply, how, .. } => Some((reply, format!("{how:?}"))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_down_target_hands_off_every_open_message_and_a_full_store_keeps_them_in_flight() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let mut sends = Sends::default();
+        let mut out = Vec::new();
+        let mut hints = MemHints {
+            on_down: true,
+            full: true,
+            ..MemHints::default()
+        };
+        for b in 0..3u8 {
+            let r = send(&mut ep, Guarantee::AtLeastOnce, b, now);
+            let up = Some(Health::Up);
+            sends.opened(
+                &mut ep,
+                Some(&mut hints),
+                up,
+                None,
+                r,
+                Guarantee::AtLeastOnce,
+                b,
+                now,
+                &mut out,
+            );
+        }
+        assert!(out.is_empty(), "an Up target: nothing to decide");
+        // The store is full: everything stays open and in flight.
+        let down = Some(Duration::from_secs(1));
+        sends.peer_down(&mut ep, Some(&mut hints), PEER, down, now, &mut out);
+        assert!(resolved(&mut out).is_empty());
+        assert_eq!(
+            (sends.len(), sends.handed_off(), sends.handoff_refused()),
+            (3, 0, 0)
+        );
+        assert_eq!(ep.in_flight_to(PEER).len(), 3);
+        // It has room now: all three go, with how long the target has been down.
+        hints.full = false;
+        sends.peer_down(&mut ep, Some(&mut hints), PEER, down, now, &mut out);
+        assert_eq!(
+            resolved(&mut out),
+            [(0, "HandedOff"), (1, "HandedOff"), (2, "HandedOff")].map(|(b, s)| (b, s.to_string()))
+        );
+        assert!(hints.stored.iter().all(|(_, _, d)| *d == down));
+        assert_eq!((sends.len(), sends.handed_off()), (0, 3));
+        assert!(ep.in_flight_to(PEER).is_empty());
+    }
+
+    #[test]
+    fn a_new_send_to_a_down_target_is_handed_off_or_fails_at_once_with_the_stores_reason() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let mut sends = Sends::default();
+        let mut out = Vec::new();
+        let mut hints = MemHints {
+            on_down: true,
+            ..MemHints::default()
+        };
+        let down = Some(Health::Down);
+        let r = send(&mut ep, Guarantee::EffectivelyOnce, 7, now);
+        sends.opened(
+            &mut ep,
+            Some(&mut hints),
+            down,
+            None,
+            r,
+            Guarantee::EffectivelyOnce,
+            7,
+            now,
+            &mut out,
+        );
+        assert_eq!(resolved(&mut out), [(7, "HandedOff".to_string())]);
+        hints.full = true;
+        let r = send(&mut ep, Guarantee::EffectivelyOnce, 8, now);
+        sends.opened(
+            &mut ep,
+            Some(&mut hints),
+            down,
+            None,
+            r,
+            Guarantee::EffectivelyOnce,
+            8,
+            now,
+            &mut out,
+        );
+        let got = resolved(&mut out);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].1.starts_with("HandoffRefused(TargetFull"), "{got:?}");
+        assert_eq!(sends.handoff_refused(), 1);
+        assert!(
+            ep.in_flight_to(PEER).is_empty(),
+            "the refused send was abandoned"
+        );
+        // At-most-once is never hinted; without on_down nothing is.
+        let r = send(&mut ep, Guarantee::AtMostOnce, 9, now);
+        sends.opened(
+            &mut ep,
+            Some(&mut hints),
+            down,
+            None,
+            r,
+            Guarantee::AtMostOnce,
+            9,
+            now,
+            &mut out,
+        );
+        hints.on_down = false;
+        let r = send(&mut ep, Guarantee::AtLeastOnce, 10, now);
+        sends.opened(
+            &mut ep,
+            Some(&mut hints),
+            down,
+            None,
+            r,
+            Guarantee::AtLeastOnce,
+            10,
+            now,
+            &mut out,
+        );
+        assert!(out.is_empty());
+        assert_eq!(sends.len(), 2);
+    }
+
+    #[test]
+    fn a_given_up_message_is_hinted_with_on_give_up_and_fails_with_its_reason_without() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let mut sends = Sends::default();
+        let mut out = Vec::new();
+        let mut hints = MemHints {
+            on_give_up: true,
+            ..MemHints::default()
+        };
+        let g = Guarantee::AtLeastOnce;
+        let (a, b, c) = (
+            send(&mut ep, g, 1, now),
+            send(&mut ep, g, 2, now),
+            send(&mut ep, g, 3, now),
+        );
+        for (r, v) in [(a, 1), (b, 2), (c, 3)] {
+            sends.opened(
+                &mut ep,
+                None::<&mut MemHints>,
+                Some(Health::Up),
+                None,
+                r,
+                g,
+                v,
+                now,
+                &mut out,
+            );
+        }
+        let id = MessageId::Key(crate::IdKey(7));
+        let p = Bytes::from_static(b"p");
+        sends.gave_up(
+            &mut ep,
+            Some(&mut hints),
+            a,
+            id,
+            p.clone(),
+            GiveUp::Deadline,
+            4,
+            None,
+            now,
+            &mut out,
+        );
+        assert!(matches!(out[0], Report::GaveUp { attempts: 4, .. }));
+        assert!(matches!(out[1], Report::HintStored { .. }));
+        assert_eq!(resolved(&mut out), [(1, "HandedOff".to_string())]);
+        sends.gave_up(
+            &mut ep,
+            None::<&mut MemHints>,
+            b,
+            id,
+            p.clone(),
+            GiveUp::MaxAttempts,
+            5,
+            None,
+            now,
+            &mut out,
+        );
+        assert_eq!(
+            resolved(&mut out),
+            [(2, "GaveUp { reason: MaxAttempts, attempts: 5 }".to_string())]
+        );
+        hints.full = true;
+        sends.gave_up(
+            &mut ep,
+            Some(&mut hints),
+            c,
+            id,
+            p.clone(),
+            GiveUp::Deadline,
+            6,
+            None,
+            now,
+            &mut out,
+        );
+        let got = resolved(&mut out);
+        assert!(got[0].1.starts_with("HandoffRefused"), "{got:?}");
+        assert_eq!(
+            (sends.handed_off(), sends.handoff_refused(), sends.len()),
+            (1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn replayed_hints_are_settled_by_the_store_and_receipts_by_their_outcome() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let mut sends = Sends::default();
+        let mut out = Vec::new();
+        let mut hints = MemHints::default();
+        let g = Guarantee::AtLeastOnce;
+        let replay = send(&mut ep, g, 0, now);
+        hints.replaying.push(replay);
+        let (a, b, c) = (
+            send(&mut ep, g, 1, now),
+            send(&mut ep, Guarantee::AtMostOnce, 2, now),
+            send(&mut ep, g, 3, now),
+        );
+        sends.opened(
+            &mut ep,
+            Some(&mut hints),
+            None,
+            None,
+            a,
+            g,
+            1,
+            now,
+            &mut out,
+        );
+        sends.opened(
+            &mut ep,
+            Some(&mut hints),
+            None,
+            None,
+            b,
+            Guarantee::AtMostOnce,
+            2,
+            now,
+            &mut out,
+        );
+        sends.opened(
+            &mut ep,
+            Some(&mut hints),
+            None,
+            None,
+            c,
+            g,
+            3,
+            now,
+            &mut out,
+        );
+        for r in [replay, a, b] {
+            sends.settled(&mut ep, Some(&mut hints), r, &mut out);
+        }
+        assert!(matches!(out[0], Report::HintReplayed(r) if r == replay));
+        assert_eq!(
+            resolved(&mut out),
+            [(1, "Acked".to_string()), (2, "Sent".to_string())]
+        );
+        sends.rejected(
+            &mut ep,
+            Some(&mut hints),
+            replay,
+            RejectReason::DeadLettered,
+            &mut out,
+        );
+        assert_eq!(out.len(), 1, "a replay's rejection is the store's: {out:?}");
+        out.clear();
+        sends.rejected(
+            &mut ep,
+            Some(&mut hints),
+            c,
+            RejectReason::DeadLettered,
+            &mut out,
+        );
+        assert!(matches!(out[0], Report::Rejected { .. }));
+        assert_eq!(
+            resolved(&mut out),
+            [(3, "Rejected(DeadLettered)".to_string())]
+        );
+        let d = send(&mut ep, g, 4, now);
+        sends.opened(
+            &mut ep,
+            Some(&mut hints),
+            None,
+            None,
+            d,
+            g,
+            4,
+            now,
+            &mut out,
+        );
+        sends.fail_all(&mut out);
+        assert_eq!(resolved(&mut out), [(4, "Shutdown".to_string())]);
+        assert!(sends.is_empty());
+    }
+
+    #[test]
+    fn shutdown_spools_every_open_message_to_each_target() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let mut sends = Sends::default();
+        let mut out = Vec::new();
+        let mut hints = MemHints::default();
+        for b in 0..4u8 {
+            let r = send(&mut ep, Guarantee::EffectivelyOnce, b, now);
+            sends.opened(
+                &mut ep,
+                Some(&mut hints),
+                None,
+                None,
+                r,
+                Guarantee::EffectivelyOnce,
+                b,
+                now,
+                &mut out,
+            );
+        }
+        sends.spool_all(&mut ep, &mut hints, |_| None, now, &mut out);
+        assert_eq!(resolved(&mut out).len(), 4);
+        let payloads: Vec<u8> = hints.stored.iter().map(|(_, p, _)| p[0]).collect();
+        assert_eq!(payloads, [0, 1, 2, 3]);
+        assert!(sends.is_empty());
+    }
+}
