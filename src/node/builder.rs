@@ -10,8 +10,6 @@ use super::config::check_tcp;
 use super::dead_letter::DeadLetterQueue;
 use super::driver::{now, supervise, Driver, BURST};
 use super::handles::Completions;
-#[cfg(feature = "metrics")]
-use super::metrics;
 use super::observe;
 use super::shared::{NodeState, Shared};
 use super::spool::Spool;
@@ -216,9 +214,7 @@ impl NodeBuilder {
             commands: cmd_rx,
             sends: Default::default(),
             reports: Vec::new(),
-            #[cfg(feature = "metrics")]
-            metrics: metrics::NodeMetrics::new(self.id),
-            spans: observe::StreamSpans::default(),
+            observe: observe::Observer::new(self.id),
             receivers: FxHashMap::default(),
             shared: shared.clone(),
             completions: Arc::new(Completions {

@@ -11,11 +11,9 @@
 //! earliest deadline.
 
 use super::dead_letter::DeadLetterReason;
-use super::error::{HandoffRefusal, NodeFailure};
+use super::error::NodeFailure;
 use super::handles::Completions;
-#[cfg(feature = "metrics")]
-use super::metrics;
-use super::observe::{self, PendingReceipt, MESSAGE_TARGET};
+use super::observe::{self, Observer, PendingReceipt, MESSAGE_TARGET};
 use super::shared::{NodeState, Shared};
 use super::spool::Spool;
 use super::{
@@ -25,9 +23,9 @@ use super::{
 use crate::detector::{Health, HealthChange};
 use crate::id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
 use crate::proto::liveness::Liveness;
-use crate::proto::sends::{Report, Resolution, Sends};
+use crate::proto::sends::{Report, Sends};
 use crate::proto::{Completion, DeliveryRef, Endpoint, Event, Outgoing};
-use crate::retry::{later, GiveUp};
+use crate::retry::later;
 use crate::transport::{Link, LinkCommand, LinkEvent};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -149,10 +147,8 @@ pub(super) struct Driver {
     pub(super) sends: Sends<PendingReceipt>,
     /// What `sends` decided this turn, for [`Driver::report`] (reused buffer).
     pub(super) reports: Vec<Report<PendingReceipt>>,
-    #[cfg(feature = "metrics")]
-    pub(super) metrics: metrics::NodeMetrics,
-    /// The `stream` span of each stream with traced per-message events.
-    pub(super) spans: observe::StreamSpans,
+    /// Per-message trace events (each in its stream's span) and metrics.
+    pub(super) observe: Observer,
     pub(super) receivers: FxHashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
     pub(super) shared: Arc<Shared>,
     /// Handed to deliveries so their completions come back here.
@@ -380,7 +376,7 @@ impl Driver {
             }
             Command::Decommission { peer, reply } => {
                 self.liveness.forget(peer);
-                self.spans.forget(peer);
+                self.observe.spans.forget(peer);
                 let res = match &mut self.spool {
                     Some(spool) => spool
                         .decommission(peer, &mut self.endpoint)
@@ -409,7 +405,7 @@ impl Driver {
         match ev {
             LinkEvent::Up { origin, version } => {
                 tracing::debug!(peer = %origin, version, "peer up");
-                self.spans.peer_up(origin);
+                self.observe.spans.peer_up(origin);
                 self.shared
                     .versions
                     .lock()
@@ -467,19 +463,14 @@ impl Driver {
             data = Some((d.channel, d.seq, d.id));
         }
         if let crate::wire::Frame::Nack(n) = &frame {
-            self.spans.outbound(peer, n.channel, || {
-                tracing::trace!(target: MESSAGE_TARGET, %peer, channel = n.channel.0, seq = n.seq, "nack received")
-            });
+            self.observe.nack_received(peer, n.channel, n.seq);
         }
         let duplicates = self.endpoint.duplicates_dropped();
         self.endpoint.handle_frame_from(now, from, frame);
         let duplicates = self.endpoint.duplicates_dropped() - duplicates;
         if let (Some((channel, seq, id)), 1..) = (data, duplicates) {
-            self.spans.inbound_from(peer, channel, || {
-                tracing::trace!(target: MESSAGE_TARGET, id = ?id, from = %peer, channel = channel.0, seq, "duplicate dropped")
-            });
-            #[cfg(feature = "metrics")]
-            self.metrics.duplicates(peer, channel, duplicates);
+            self.observe
+                .duplicate_dropped(peer, channel, seq, id, duplicates);
         }
     }
 
@@ -493,12 +484,7 @@ impl Driver {
                         self.endpoint.complete(now, delivery, Completion::Refuse);
                         continue;
                     };
-                    self.spans.inbound(delivery.origin, delivery.channel, || {
-                        tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, "deliver")
-                    });
-                    #[cfg(feature = "metrics")]
-                    self.metrics
-                        .delivered(delivery.origin.node, delivery.channel);
+                    self.observe.delivered(&delivery);
                     // At-most-once deliveries are finished too: that frees credit.
                     let completion = Some((delivery, self.completions.clone()));
                     let d = Delivery {
@@ -585,87 +571,8 @@ impl Driver {
 
     /// Carry out what `sends` decided: trace and count each step, answer receipts.
     fn report(&mut self) {
-        #[cfg(feature = "metrics")]
-        let now = self.clock;
         for r in self.reports.drain(..) {
-            match r {
-                Report::HintReplayed(r) => {
-                    self.spans.outbound(r.peer, r.channel, || {
-                        tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "replayed hint acked")
-                    });
-                    #[cfg(feature = "metrics")]
-                    self.metrics.hint_replayed(r);
-                }
-                Report::GaveUp {
-                    send,
-                    id,
-                    reason,
-                    attempts,
-                } => {
-                    self.spans.outbound(send.peer, send.channel, || {
-                        tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, ?reason, attempts, "gave up")
-                    });
-                    #[cfg(feature = "metrics")]
-                    self.metrics.gave_up(send);
-                }
-                Report::Rejected { send, reason } => {
-                    self.spans.outbound(send.peer, send.channel, || {
-                        tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected")
-                    });
-                    #[cfg(feature = "metrics")]
-                    self.metrics.rejected(send, reason);
-                }
-                Report::HintStored { send, id } => {
-                    self.spans.outbound(send.peer, send.channel, || {
-                        tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, "handed off to the hint store")
-                    });
-                    #[cfg(feature = "metrics")]
-                    self.metrics.hint_stored(send);
-                }
-                Report::Resolve {
-                    send,
-                    guarantee,
-                    reply,
-                    how,
-                } => {
-                    let result = match how {
-                        Resolution::Acked | Resolution::Sent => {
-                            self.spans.outbound(send.peer, send.channel, || {
-                                tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, "acked")
-                            });
-                            #[cfg(feature = "metrics")]
-                            self.metrics.settled(
-                                send,
-                                &reply.tracked,
-                                guarantee != Guarantee::AtMostOnce,
-                                now,
-                            );
-                            Ok(if guarantee == Guarantee::AtMostOnce {
-                                Outcome::Sent
-                            } else {
-                                Outcome::Acked
-                            })
-                        }
-                        Resolution::HandedOff => Ok(Outcome::HandedOff),
-                        Resolution::GaveUp {
-                            reason: GiveUp::MaxAttempts,
-                            attempts,
-                        } => Err(SendError::AttemptsExhausted { attempts }),
-                        Resolution::GaveUp { attempts, .. } => {
-                            Err(SendError::Deadline { attempts })
-                        }
-                        Resolution::HandoffRefused(e) => Err(SendError::HandoffRefused {
-                            reason: HandoffRefusal::Store(Arc::new(e)),
-                        }),
-                        Resolution::Rejected(reason) => {
-                            tracing::debug!(peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "message rejected by its receiver");
-                            Err(SendError::Rejected { reason })
-                        }
-                        Resolution::Shutdown => Err(SendError::Shutdown),
-                    };
-                    let _ = reply.send(result);
-                }
-            }
+            self.observe.report(r, self.clock);
         }
     }
 
@@ -682,18 +589,11 @@ impl Driver {
 
     /// Finish a delivery in the endpoint (traced; the duplicates it settles counted).
     fn complete(&mut self, now: std::time::Instant, delivery: DeliveryRef, how: Completion) {
-        self.spans.inbound(delivery.origin, delivery.channel, || {
-            tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, ?how, "completed")
-        });
-        #[cfg(feature = "metrics")]
+        self.observe.completed(&delivery, how);
         let duplicates = self.endpoint.duplicates_dropped();
         self.endpoint.complete(now, delivery, how);
-        #[cfg(feature = "metrics")]
-        self.metrics.duplicates(
-            delivery.origin.node,
-            delivery.channel,
-            self.endpoint.duplicates_dropped() - duplicates,
-        );
+        let settled = self.endpoint.duplicates_dropped() - duplicates;
+        self.observe.duplicates_settled(&delivery, settled);
     }
 
     /// One message from a sender (alone or in a batch); it holds one window permit.
@@ -723,14 +623,9 @@ impl Driver {
         };
         match self.endpoint.send(now, msg) {
             Ok(r) => {
-                let origin = self.endpoint.origin();
-                self.spans.outbound(peer, r.channel, || {
-                    tracing::trace!(target: MESSAGE_TARGET, id = %observe::sent_id(origin, r, key), %peer, channel = r.channel.0, seq = r.seq, "send")
-                });
-                #[cfg(feature = "metrics")]
-                let reply = PendingReceipt::new(reply, self.metrics.sent(r, now));
-                #[cfg(not(feature = "metrics"))]
-                let reply = PendingReceipt::new(reply);
+                let reply = self
+                    .observe
+                    .sent(self.endpoint.origin(), r, key, reply, now);
                 self.sends.opened(
                     &mut self.endpoint,
                     self.spool.as_mut(),
@@ -784,12 +679,7 @@ impl Driver {
         deliveries: u32,
         reason: DeadLetterReason,
     ) {
-        self.spans.inbound(delivery.origin, delivery.channel, || {
-            tracing::trace!(target: MESSAGE_TARGET, id = %delivery.id, from = %delivery.origin, channel = delivery.channel.0, seq = delivery.seq, deliveries, ?reason, "dead-lettered")
-        });
-        #[cfg(feature = "metrics")]
-        self.metrics
-            .dead_letter(delivery.origin.node, delivery.channel, reason);
+        self.observe.dead_lettered(&delivery, deliveries, reason);
         self.shared.dead_letters.push(DeadLetter {
             message: payload,
             id: delivery.id,
@@ -812,7 +702,7 @@ impl Driver {
                     *peer,
                     frames.iter(),
                     &mut self.sends,
-                    &mut self.spans,
+                    &mut self.observe.spans,
                 );
             }
         }
@@ -863,8 +753,7 @@ impl Driver {
 
     /// Heartbeats, failure detection, handoff and replay.
     fn housekeeping(&mut self, now: std::time::Instant) {
-        #[cfg(feature = "metrics")]
-        self.metrics.sync(&self.endpoint, now, false);
+        self.observe.sync(&self.endpoint, now, false);
         let endpoint = &mut self.endpoint;
         for change in self
             .liveness
@@ -916,8 +805,7 @@ impl Driver {
     }
 
     async fn stop(&mut self) {
-        #[cfg(feature = "metrics")]
-        self.metrics.sync(&self.endpoint, self.clock, true);
+        self.observe.sync(&self.endpoint, self.clock, true);
         if let Some(spool) = &mut self.spool {
             spool.sync();
         }

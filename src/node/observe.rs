@@ -8,9 +8,12 @@
 //! the README's "Observability" section for the whole table).
 
 use super::driver::ReceiptReply;
+use super::error::HandoffRefusal;
 use super::{Outcome, SendError};
 use crate::id::{ChannelId, MessageId, NodeId, Origin};
+use crate::proto::sends::{Report, Resolution};
 use crate::proto::SendRef;
+use crate::retry::GiveUp;
 use crate::wire::Frame;
 use rustc_hash::FxHashMap;
 use tracing::Span;
@@ -185,5 +188,196 @@ pub(super) fn trace_transmits<'a>(
         spans.outbound(peer, d.channel, || {
             tracing::trace!(target: MESSAGE_TARGET, %id, %peer, channel = d.channel.0, seq = d.seq, "{event}")
         });
+    }
+}
+
+/// Every per-message trace event and `metrics` count of the driver, each in its
+/// stream's span: the driver calls one method per thing that happened.
+#[derive(Debug)]
+pub(super) struct Observer {
+    pub(super) spans: StreamSpans,
+    #[cfg(feature = "metrics")]
+    pub(super) metrics: super::metrics::NodeMetrics,
+}
+
+impl Observer {
+    pub(super) fn new(
+        #[cfg_attr(not(feature = "metrics"), allow(unused_variables))] node: NodeId,
+    ) -> Self {
+        Observer {
+            spans: StreamSpans::default(),
+            #[cfg(feature = "metrics")]
+            metrics: super::metrics::NodeMetrics::new(node),
+        }
+    }
+
+    /// The endpoint accepted a message as `r`: its receipt waits in a
+    /// [`PendingReceipt`].
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(super) fn sent(
+        &mut self,
+        origin: Origin,
+        r: SendRef,
+        key: Option<crate::id::IdKey>,
+        reply: ReceiptReply,
+        now: std::time::Instant,
+    ) -> PendingReceipt {
+        self.spans.outbound(r.peer, r.channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = %sent_id(origin, r, key), peer = %r.peer, channel = r.channel.0, seq = r.seq, "send")
+        });
+        #[cfg(feature = "metrics")]
+        return PendingReceipt::new(reply, self.metrics.sent(r, now));
+        #[cfg(not(feature = "metrics"))]
+        PendingReceipt::new(reply)
+    }
+
+    /// A nack arrived from `peer`.
+    pub(super) fn nack_received(&mut self, peer: NodeId, channel: ChannelId, seq: u64) {
+        self.spans.outbound(peer, channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, %peer, channel = channel.0, seq, "nack received")
+        });
+    }
+
+    /// A data frame from `peer` was a duplicate (`n` messages dropped).
+    pub(super) fn duplicate_dropped(
+        &mut self,
+        peer: NodeId,
+        channel: ChannelId,
+        seq: u64,
+        id: Option<MessageId>,
+        #[cfg_attr(not(feature = "metrics"), allow(unused_variables))] n: u64,
+    ) {
+        self.spans.inbound_from(peer, channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = ?id, from = %peer, channel = channel.0, seq, "duplicate dropped")
+        });
+        #[cfg(feature = "metrics")]
+        self.metrics.duplicates(peer, channel, n);
+    }
+
+    /// A message goes to its receiver.
+    pub(super) fn delivered(&mut self, d: &crate::proto::DeliveryRef) {
+        self.spans.inbound(d.origin, d.channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = %d.id, from = %d.origin, channel = d.channel.0, seq = d.seq, "deliver")
+        });
+        #[cfg(feature = "metrics")]
+        self.metrics.delivered(d.origin.node, d.channel);
+    }
+
+    /// The handler finished a delivery as `how`.
+    pub(super) fn completed(
+        &mut self,
+        d: &crate::proto::DeliveryRef,
+        how: crate::proto::Completion,
+    ) {
+        self.spans.inbound(d.origin, d.channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = %d.id, from = %d.origin, channel = d.channel.0, seq = d.seq, ?how, "completed")
+        });
+    }
+
+    /// Completing a delivery settled `n` duplicates that waited on it.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(super) fn duplicates_settled(&mut self, d: &crate::proto::DeliveryRef, n: u64) {
+        #[cfg(feature = "metrics")]
+        self.metrics.duplicates(d.origin.node, d.channel, n);
+    }
+
+    /// A delivery became a dead letter after `deliveries` deliveries.
+    pub(super) fn dead_lettered(
+        &mut self,
+        d: &crate::proto::DeliveryRef,
+        deliveries: u32,
+        reason: super::dead_letter::DeadLetterReason,
+    ) {
+        self.spans.inbound(d.origin, d.channel, || {
+            tracing::trace!(target: MESSAGE_TARGET, id = %d.id, from = %d.origin, channel = d.channel.0, seq = d.seq, deliveries, ?reason, "dead-lettered")
+        });
+        #[cfg(feature = "metrics")]
+        self.metrics.dead_letter(d.origin.node, d.channel, reason);
+    }
+
+    /// Carry out one step [`crate::proto::sends`] decided: trace and count it, and
+    /// answer the receipt it resolves.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(super) fn report(&mut self, r: Report<PendingReceipt>, now: std::time::Instant) {
+        match r {
+            Report::HintReplayed(r) => {
+                self.spans.outbound(r.peer, r.channel, || {
+                    tracing::trace!(target: MESSAGE_TARGET, peer = %r.peer, channel = r.channel.0, seq = r.seq, "replayed hint acked")
+                });
+                #[cfg(feature = "metrics")]
+                self.metrics.hint_replayed(r);
+            }
+            Report::GaveUp {
+                send,
+                id,
+                reason,
+                attempts,
+            } => {
+                self.spans.outbound(send.peer, send.channel, || {
+                    tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, ?reason, attempts, "gave up")
+                });
+                #[cfg(feature = "metrics")]
+                self.metrics.gave_up(send);
+            }
+            Report::Rejected { send, reason } => {
+                self.spans.outbound(send.peer, send.channel, || {
+                    tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected")
+                });
+                #[cfg(feature = "metrics")]
+                self.metrics.rejected(send, reason);
+            }
+            Report::HintStored { send, id } => {
+                self.spans.outbound(send.peer, send.channel, || {
+                    tracing::trace!(target: MESSAGE_TARGET, %id, peer = %send.peer, channel = send.channel.0, seq = send.seq, "handed off to the hint store")
+                });
+                #[cfg(feature = "metrics")]
+                self.metrics.hint_stored(send);
+            }
+            Report::Resolve {
+                send,
+                guarantee,
+                reply,
+                how,
+            } => {
+                let result = match how {
+                    Resolution::Acked | Resolution::Sent => {
+                        self.spans.outbound(send.peer, send.channel, || {
+                            tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, "acked")
+                        });
+                        let acked = guarantee != crate::id::Guarantee::AtMostOnce;
+                        #[cfg(feature = "metrics")]
+                        self.metrics.settled(send, &reply.tracked, acked, now);
+                        Ok(if acked { Outcome::Acked } else { Outcome::Sent })
+                    }
+                    Resolution::HandedOff => Ok(Outcome::HandedOff),
+                    Resolution::GaveUp {
+                        reason: GiveUp::MaxAttempts,
+                        attempts,
+                    } => Err(SendError::AttemptsExhausted { attempts }),
+                    Resolution::GaveUp { attempts, .. } => Err(SendError::Deadline { attempts }),
+                    Resolution::HandoffRefused(e) => Err(SendError::HandoffRefused {
+                        reason: HandoffRefusal::Store(std::sync::Arc::new(e)),
+                    }),
+                    Resolution::Rejected(reason) => {
+                        tracing::debug!(peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "message rejected by its receiver");
+                        Err(SendError::Rejected { reason })
+                    }
+                    Resolution::Shutdown => Err(SendError::Shutdown),
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Sync the gauges from the endpoint (`force`: now, else when due).
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(super) fn sync(
+        &mut self,
+        endpoint: &crate::proto::Endpoint,
+        now: std::time::Instant,
+        force: bool,
+    ) {
+        #[cfg(feature = "metrics")]
+        self.metrics.sync(endpoint, now, force);
     }
 }
