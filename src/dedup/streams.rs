@@ -22,7 +22,7 @@
 //! * `seq` above every seq ever begun, no holes below it, not finished: the stream is
 //!   *revived* (a live sender that was idle for the whole retention) with its
 //!   watermark — exact, since nothing above it was ever processed;
-//! * otherwise [`DedupError::StreamRetired`](super::DedupError::StreamRetired): not
+//! * otherwise [`super::DedupError::StreamRetired`]: not
 //!   processed, not acked, counted. Processing it could process it twice.
 //!
 //! A tombstone is itself forgotten `retention` (plus up to a quarter) after the

@@ -6,7 +6,7 @@
 //! `recv_many` takes every delivery already queued in one call. The single-message
 //! calls keep working and mean the same thing.
 
-use super::driver::Command;
+use super::command::Command;
 use super::handles::encode_with;
 use super::{Delivery, RawReceiver, RawSender, Receipt, Receiver, SendError, Sender};
 use crate::codec::{Decode, Encode};

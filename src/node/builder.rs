@@ -8,11 +8,12 @@
 use super::completions::CompletionStack;
 use super::config::check_tcp;
 use super::dead_letter::DeadLetterQueue;
-use super::driver::{now, supervise, Driver, BURST};
+use super::driver::{now, Driver, BURST};
 use super::handles::Completions;
 use super::observe;
 use super::shared::{NodeState, Shared};
 use super::spool::Spool;
+use super::supervise::supervise;
 use super::{Node, NodeConfig, NodeError};
 use crate::dedup::Dedup;
 use crate::detector::{FailureDetector, Health};

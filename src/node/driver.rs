@@ -1,4 +1,4 @@
-//! The tokio driver: one task per node runs [`Driver::run`] under [`supervise`].
+//! The tokio driver: one task per node runs [`Driver::run`] under [`supervise`](super::supervise::supervise).
 //!
 //! Owns tasks, the transport link, the clock and the one timer of the node; holds no
 //! protocol logic (that is [`crate::proto::Endpoint`]) and makes no liveness or
@@ -10,15 +10,15 @@
 //! deliveries to receivers, resolve receipts, and reset the single `Sleep` to the
 //! earliest deadline.
 
+use super::command::{AckReply, Command};
 use super::dead_letter::DeadLetterReason;
-use super::error::NodeFailure;
 use super::handles::Completions;
 use super::observe::{self, Observer, PendingReceipt, MESSAGE_TARGET};
-use super::shared::{NodeState, Shared};
+use super::shared::Shared;
 use super::spool::Spool;
 use super::{
     AckError, ChannelOptions, DeadLetter, Delivery, DeliveryHandle, IdentityConflict, NodeError,
-    Outcome, ReceiverOptions, SendError, Stats,
+    Outcome, SendError, Stats,
 };
 use crate::detector::{Health, HealthChange};
 use crate::id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
@@ -29,113 +29,9 @@ use crate::retry::later;
 use crate::transport::{Link, LinkCommand, LinkEvent};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
-
-/// Runs the driver and makes its end visible: a panic is logged at error level and
-/// recorded as the node's [`NodeFailure`] *before* the driver's state is dropped, so
-/// every receipt, window wait and later call it fails sees [`NodeError::Failed`] /
-/// [`SendError::NodeFailed`] rather than a plain shutdown.
-pub(super) async fn supervise(driver: Driver, shared: Arc<Shared>, origin: Origin) {
-    let span = tracing::info_span!("node", node = %origin);
-    let mut run = Box::pin(tracing::Instrument::instrument(driver.run(), span));
-    match (CatchUnwind(&mut run)).await {
-        Ok(()) => {
-            shared.state.send_replace(NodeState::Closed);
-        }
-        Err(panic) => {
-            let cause: Arc<str> = if let Some(s) = panic.downcast_ref::<&str>() {
-                (*s).into()
-            } else if let Some(s) = panic.downcast_ref::<String>() {
-                s.as_str().into()
-            } else {
-                "driver panicked (non-string payload)".into()
-            };
-            tracing::error!(node = %origin, %cause, "node driver panicked: the node is dead, every call now fails with NodeError::Failed");
-            shared
-                .state
-                .send_replace(NodeState::Failed(NodeFailure { cause }));
-            shared.close_windows();
-        }
-    }
-    // Only now drop the driver (its receipts and receiver queues).
-    drop(run);
-}
-
-/// Polls a future, turning a panic inside it into `Err(payload)`.
-struct CatchUnwind<F>(F);
-
-impl<F: Future + Unpin> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = &mut self.0;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
-            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
-            Ok(Poll::Pending) => Poll::Pending,
-            Err(panic) => Poll::Ready(Err(panic)),
-        }
-    }
-}
-
-/// Where a receipt waits for its outcome.
-pub(super) type ReceiptReply = oneshot::Sender<Result<Outcome, SendError>>;
-
-/// Where an `ack_durable` caller waits for its answer.
-type AckReply = oneshot::Sender<Result<(), AckError>>;
-
-#[derive(Debug)]
-pub(super) enum Command {
-    Send {
-        peer: NodeId,
-        options: ChannelOptions,
-        payload: Bytes,
-        key: Option<IdKey>,
-        schema: u32,
-        reply: oneshot::Sender<Result<Outcome, SendError>>,
-    },
-    /// Several messages of one sender, each holding one window permit.
-    SendBatch {
-        peer: NodeId,
-        options: ChannelOptions,
-        schema: u32,
-        items: Vec<(Bytes, Option<IdKey>, ReceiptReply)>,
-    },
-    Complete {
-        delivery: DeliveryRef,
-        how: Completion,
-        /// `ack_durable`: resolved once the completion is persisted and its ack sent.
-        done: Option<oneshot::Sender<Result<(), AckError>>>,
-    },
-    Register {
-        channel: ChannelId,
-        options: ReceiverOptions,
-        schema: u32,
-        tx: mpsc::UnboundedSender<Delivery<Bytes>>,
-    },
-    /// A delivery the typed receiver could not decode: to the dead letters, and
-    /// rejected to its sender.
-    Undecodable {
-        delivery: DeliveryRef,
-        payload: Bytes,
-    },
-    AddPeer {
-        peer: NodeId,
-        addr: SocketAddr,
-    },
-    Stats(oneshot::Sender<Stats>),
-    /// Graceful shutdown: stop taking sends, drain, spool, stop.
-    Drain,
-    Decommission {
-        peer: NodeId,
-        reply: oneshot::Sender<Result<u64, NodeError>>,
-    },
-    Shutdown,
-}
 
 pub(super) struct Driver {
     pub(super) endpoint: Endpoint,
@@ -181,7 +77,7 @@ fn frames_in(ev: &LinkEvent) -> usize {
 }
 
 impl Driver {
-    async fn run(mut self) {
+    pub(super) async fn run(mut self) {
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
         loop {

@@ -8,8 +8,8 @@
 //! transport: every send and completion reaches the driver as a command or through the
 //! completion stack.
 
+use super::command::Command;
 use super::completions::CompletionStack;
-use super::driver::Command;
 #[cfg(feature = "metrics")]
 use super::metrics;
 use super::shared::Shared;

@@ -10,6 +10,7 @@
 
 mod batch;
 mod builder;
+mod command;
 pub(crate) mod completions;
 mod config;
 mod dead_letter;
@@ -24,6 +25,7 @@ mod service;
 mod shared;
 mod sink;
 mod spool;
+mod supervise;
 pub(crate) mod typecheck;
 
 pub use builder::{NodeBuilder, BIND_RETRY};
@@ -37,7 +39,7 @@ pub use sink::{RawSendSink, SendSink};
 pub use spool::HandoffConfig;
 
 use builder::TcpTrust;
-use driver::Command;
+use command::Command;
 use shared::{NodeState, Shared};
 
 use crate::codec::{Bincode, Decode, Encode};

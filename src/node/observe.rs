@@ -7,7 +7,7 @@
 //! [`MESSAGE_TARGET`] at `trace` level only, each inside the span of its stream (see
 //! the README's "Observability" section for the whole table).
 
-use super::driver::ReceiptReply;
+use super::command::ReceiptReply;
 use super::error::HandoffRefusal;
 use super::{Outcome, SendError};
 use crate::id::{ChannelId, MessageId, NodeId, Origin};

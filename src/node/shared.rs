@@ -7,9 +7,9 @@
 //! protocol decisions (the driver feeds the endpoint, which makes them).
 
 use super::dead_letter::DeadLetterQueue;
-#[cfg(doc)]
-use super::driver::supervise;
 use super::error::NodeFailure;
+#[cfg(doc)]
+use super::supervise::supervise;
 use super::{Delivery, IdentityConflict, NodeError, SendError};
 use crate::detector::{Health, HealthChange};
 use crate::id::{ChannelId, MessageId, NodeId};

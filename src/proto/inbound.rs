@@ -325,7 +325,7 @@ impl InboundStream {
     /// `seq` waits for another delivery of the same message ID to finish (it is a
     /// duplicate of a message still being processed); retransmissions of it are
     /// dropped meanwhile. An ordered stream stops at it; `later` go back to the reorder
-    /// buffer until [`Self::resume`].
+    /// buffer until [`Self::unpark`].
     pub(crate) fn park(&mut self, seq: u64, later: Vec<Data>) {
         self.in_progress.insert(seq);
         if self.ordered {

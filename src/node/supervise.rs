@@ -1,0 +1,57 @@
+//! The node's driver task as seen from outside: [`supervise`] runs
+//! [`Driver::run`](super::driver::Driver) and turns its end, normal or a panic, into
+//! the node's state.
+
+use super::driver::Driver;
+use super::error::NodeFailure;
+use super::shared::{NodeState, Shared};
+use crate::id::Origin;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Runs the driver and makes its end visible: a panic is logged at error level and
+/// recorded as the node's [`NodeFailure`] *before* the driver's state is dropped, so
+/// every receipt, window wait and later call it fails sees [`NodeError::Failed`](crate::NodeError::Failed) /
+/// [`SendError::NodeFailed`](crate::SendError::NodeFailed) rather than a plain shutdown.
+pub(super) async fn supervise(driver: Driver, shared: Arc<Shared>, origin: Origin) {
+    let span = tracing::info_span!("node", node = %origin);
+    let mut run = Box::pin(tracing::Instrument::instrument(driver.run(), span));
+    match (CatchUnwind(&mut run)).await {
+        Ok(()) => {
+            shared.state.send_replace(NodeState::Closed);
+        }
+        Err(panic) => {
+            let cause: Arc<str> = if let Some(s) = panic.downcast_ref::<&str>() {
+                (*s).into()
+            } else if let Some(s) = panic.downcast_ref::<String>() {
+                s.as_str().into()
+            } else {
+                "driver panicked (non-string payload)".into()
+            };
+            tracing::error!(node = %origin, %cause, "node driver panicked: the node is dead, every call now fails with NodeError::Failed");
+            shared
+                .state
+                .send_replace(NodeState::Failed(NodeFailure { cause }));
+            shared.close_windows();
+        }
+    }
+    // Only now drop the driver (its receipts and receiver queues).
+    drop(run);
+}
+
+/// Polls a future, turning a panic inside it into `Err(payload)`.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
