@@ -11,6 +11,7 @@ use super::dead_letter::DeadLetterQueue;
 use super::driver::{now, Driver, BURST};
 use super::handles::Completions;
 use super::observe;
+use super::receivers::Receivers;
 use super::shared::{NodeState, Shared};
 use super::spool::Spool;
 use super::supervise::supervise;
@@ -216,21 +217,18 @@ impl NodeBuilder {
             sends: Default::default(),
             reports: Vec::new(),
             observe: observe::Observer::new(self.id),
-            receivers: FxHashMap::default(),
-            shared: shared.clone(),
-            completions: Arc::new(Completions {
+            receivers: Receivers::new(Arc::new(Completions {
                 stack: CompletionStack::new(),
                 wake: tokio::sync::Notify::new(),
                 commands: cmd_tx.clone(),
-            }),
-            completed: Vec::new(),
+            })),
+            shared: shared.clone(),
             outbox: FxHashMap::default(),
             liveness: Liveness::new(detector, self.config.heartbeat_interval, start),
             health_tx,
             spool,
             shutdown_drain: self.config.shutdown_drain,
             draining_until: None,
-            durable_acks: Vec::new(),
             clock: start,
         };
         let task = tokio::spawn(supervise(driver, shared.clone(), origin));

@@ -10,21 +10,18 @@
 //! deliveries to receivers, resolve receipts, and reset the single `Sleep` to the
 //! earliest deadline.
 
-use super::command::{AckReply, Command};
+use super::command::Command;
 use super::dead_letter::DeadLetterReason;
-use super::handles::Completions;
 use super::observe::{self, Observer, PendingReceipt, MESSAGE_TARGET};
+use super::receivers::{keep_dead_letter, Receivers};
 use super::shared::Shared;
 use super::spool::Spool;
-use super::{
-    AckError, ChannelOptions, DeadLetter, Delivery, DeliveryHandle, IdentityConflict, NodeError,
-    Outcome, SendError, Stats,
-};
+use super::{ChannelOptions, IdentityConflict, NodeError, Outcome, SendError, Stats};
 use crate::detector::{Health, HealthChange};
-use crate::id::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin};
+use crate::id::{IdKey, MessageId, NodeId, Origin};
 use crate::proto::liveness::Liveness;
 use crate::proto::sends::{Report, Sends};
-use crate::proto::{Completion, DeliveryRef, Endpoint, Event, Outgoing};
+use crate::proto::{Endpoint, Event, Outgoing};
 use crate::retry::later;
 use crate::transport::{Link, LinkCommand, LinkEvent};
 use bytes::Bytes;
@@ -45,12 +42,9 @@ pub(super) struct Driver {
     pub(super) reports: Vec<Report<PendingReceipt>>,
     /// Per-message trace events (each in its stream's span) and metrics.
     pub(super) observe: Observer,
-    pub(super) receivers: FxHashMap<ChannelId, mpsc::UnboundedSender<Delivery<Bytes>>>,
+    /// The application's receivers and what their deliveries send back.
+    pub(super) receivers: Receivers,
     pub(super) shared: Arc<Shared>,
-    /// Handed to deliveries so their completions come back here.
-    pub(super) completions: Arc<Completions>,
-    /// Completions drained from `completions`, reused.
-    pub(super) completed: Vec<(DeliveryRef, Completion)>,
     pub(super) outbox: FxHashMap<NodeId, Vec<crate::wire::Frame>>,
     /// Heartbeats and the failure detector.
     pub(super) liveness: Liveness,
@@ -58,9 +52,6 @@ pub(super) struct Driver {
     pub(super) spool: Option<Spool>,
     pub(super) shutdown_drain: Duration,
     pub(super) draining_until: Option<std::time::Instant>,
-    /// `ack_durable` waiters: the delivery, the persist-error count before it was
-    /// completed, and where to answer.
-    pub(super) durable_acks: Vec<(DeliveryRef, u64, AckReply)>,
     /// The driver's notion of now: read once per wake-up.
     pub(super) clock: std::time::Instant,
 }
@@ -99,7 +90,7 @@ impl Driver {
                         }
                     }
                 }
-                _ = self.completions.wake.notified() => {
+                _ = self.receivers.completions.wake.notified() => {
                     self.clock = now();
                 }
                 ev = self.link.events.recv() => {
@@ -158,7 +149,7 @@ impl Driver {
             if !self.flush(now).await {
                 break;
             }
-            self.resolve_durable_acks();
+            self.receivers.resolve_durable_acks(&self.endpoint);
             if let Some(until) = self.draining_until {
                 if self.sends.is_empty() || now >= until {
                     self.spool_all(now);
@@ -215,38 +206,30 @@ impl Driver {
                 delivery,
                 how,
                 done,
-            } => {
-                let errors = done
-                    .is_some()
-                    .then(|| self.endpoint.stats().dedup_persist_errors);
-                self.complete(now, delivery, how);
-                if let (Some(done), Some(errors)) = (done, errors) {
-                    self.durable_acks.push((delivery, errors, done));
-                }
-            }
+            } => self.receivers.complete_command(
+                &mut self.endpoint,
+                &mut self.observe,
+                now,
+                delivery,
+                how,
+                done,
+            ),
             Command::Register {
                 channel,
                 options,
                 schema,
                 tx,
-            } => {
-                self.receivers.insert(channel, tx);
-                self.endpoint.accept_channel_with(
-                    channel,
-                    crate::proto::Accept::new(options.ordered, options.max_deliveries)
-                        .schema(schema),
-                );
-            }
-            Command::Undecodable { delivery, payload } => {
-                if delivery.guarantee != Guarantee::AtMostOnce {
-                    self.dead_letter(delivery, payload, DeadLetterReason::Undecodable);
-                }
-                self.endpoint.complete(
-                    now,
-                    delivery,
-                    Completion::Reject(crate::wire::RejectReason::Undecodable),
-                );
-            }
+            } => self
+                .receivers
+                .register(&mut self.endpoint, channel, options, schema, tx),
+            Command::Undecodable { delivery, payload } => Receivers::undecodable(
+                &mut self.endpoint,
+                &mut self.observe,
+                &self.shared.dead_letters,
+                now,
+                delivery,
+                payload,
+            ),
             Command::AddPeer { peer, addr } => {
                 if self.liveness.state(peer).is_none() {
                     self.watch(peer, now);
@@ -353,7 +336,7 @@ impl Driver {
         // Visibility only (the endpoint ignores it): count and warn.
         let mut data = None;
         if let crate::wire::Frame::Data(d) = &frame {
-            if !self.receivers.contains_key(&d.channel) {
+            if !self.receivers.has(d.channel) {
                 self.shared.no_receiver(peer, d.channel);
             }
             data = Some((d.channel, d.seq, d.id));
@@ -374,33 +357,13 @@ impl Driver {
         let now = self.clock;
         while let Some(ev) = self.endpoint.poll_event() {
             match ev {
-                Event::Deliver { delivery, payload } => {
-                    let Some(tx) = self.receivers.get(&delivery.channel) else {
-                        self.endpoint.unaccept_channel(delivery.channel);
-                        self.endpoint.complete(now, delivery, Completion::Refuse);
-                        continue;
-                    };
-                    self.observe.delivered(&delivery);
-                    // At-most-once deliveries are finished too: that frees credit.
-                    let completion = Some((delivery, self.completions.clone()));
-                    let d = Delivery {
-                        message: payload,
-                        id: delivery.id,
-                        from: delivery.origin,
-                        channel: delivery.channel,
-                        guarantee: delivery.guarantee,
-                        handle: DeliveryHandle { completion },
-                    };
-                    if let Err(mpsc::error::SendError(mut d)) = tx.send(d) {
-                        // The receiver is gone: refuse (the stream rewinds; the sender
-                        // retries until a receiver appears, or is told there is none
-                        // after the grace period).
-                        d.handle.completion.take();
-                        self.receivers.remove(&delivery.channel);
-                        self.endpoint.unaccept_channel(delivery.channel);
-                        self.endpoint.complete(now, delivery, Completion::Refuse);
-                    }
-                }
+                Event::Deliver { delivery, payload } => self.receivers.deliver(
+                    &mut self.endpoint,
+                    &mut self.observe,
+                    now,
+                    delivery,
+                    payload,
+                ),
                 Event::Settled(r) => {
                     self.sends.settled(
                         &mut self.endpoint,
@@ -446,14 +409,14 @@ impl Driver {
                     delivery,
                     payload,
                     deliveries,
-                } => {
-                    self.dead_letters_at(
-                        delivery,
-                        payload,
-                        deliveries,
-                        DeadLetterReason::MaxDeliveries,
-                    );
-                }
+                } => keep_dead_letter(
+                    &mut self.observe,
+                    &self.shared.dead_letters,
+                    delivery,
+                    payload,
+                    deliveries,
+                    DeadLetterReason::MaxDeliveries,
+                ),
                 Event::WindowOpened { peer, channel, n } => {
                     self.shared
                         .window_for(peer, channel)
@@ -472,24 +435,10 @@ impl Driver {
         }
     }
 
-    /// Apply every completion handlers pushed since the last call, oldest first.
+    /// Apply every completion handlers pushed since the last call.
     fn take_completions(&mut self) {
-        let now = self.clock;
-        let mut done = std::mem::take(&mut self.completed);
-        self.completions.stack.drain_into(&mut done);
-        for (delivery, how) in done.drain(..) {
-            self.complete(now, delivery, how);
-        }
-        self.completed = done;
-    }
-
-    /// Finish a delivery in the endpoint (traced; the duplicates it settles counted).
-    fn complete(&mut self, now: std::time::Instant, delivery: DeliveryRef, how: Completion) {
-        self.observe.completed(&delivery, how);
-        let duplicates = self.endpoint.duplicates_dropped();
-        self.endpoint.complete(now, delivery, how);
-        let settled = self.endpoint.duplicates_dropped() - duplicates;
-        self.observe.duplicates_settled(&delivery, settled);
+        self.receivers
+            .take_completions(&mut self.endpoint, &mut self.observe, self.clock);
     }
 
     /// One message from a sender (alone or in a batch); it holds one window permit.
@@ -540,50 +489,6 @@ impl Driver {
                 let _ = reply.send(Err(SendError::GuaranteeMismatch { existing }));
             }
         }
-    }
-
-    /// Resolve `ack_durable` waiters whose completion is fsynced (the endpoint syncs
-    /// before it produces acks) and whose ack has been handed to the transport.
-    fn resolve_durable_acks(&mut self) {
-        if self.durable_acks.is_empty() {
-            return;
-        }
-        let errors = self.endpoint.stats().dedup_persist_errors;
-        for (delivery, before, done) in std::mem::take(&mut self.durable_acks) {
-            if self.endpoint.ack_owed(&delivery) {
-                self.durable_acks.push((delivery, before, done));
-                continue;
-            }
-            let _ = done.send(if errors > before {
-                Err(AckError::NotPersisted)
-            } else {
-                Ok(())
-            });
-        }
-    }
-
-    /// Keep a delivery the application could not take as a dead letter.
-    fn dead_letter(&mut self, delivery: DeliveryRef, payload: Bytes, reason: DeadLetterReason) {
-        let deliveries = self.endpoint.deliveries(&delivery);
-        self.dead_letters_at(delivery, payload, deliveries, reason);
-    }
-
-    fn dead_letters_at(
-        &mut self,
-        delivery: DeliveryRef,
-        payload: Bytes,
-        deliveries: u32,
-        reason: DeadLetterReason,
-    ) {
-        self.observe.dead_lettered(&delivery, deliveries, reason);
-        self.shared.dead_letters.push(DeadLetter {
-            message: payload,
-            id: delivery.id,
-            from: delivery.origin,
-            channel: delivery.channel,
-            deliveries,
-            reason,
-        });
     }
 
     async fn flush(&mut self, now: std::time::Instant) -> bool {
@@ -708,7 +613,7 @@ impl Driver {
         let _ = self.link.commands.send(LinkCommand::Shutdown).await;
         self.sends.fail_all(&mut self.reports);
         self.report();
-        self.receivers.clear();
+        self.receivers.close();
         self.shared.dead_letters.close();
     }
 }

@@ -20,6 +20,7 @@ mod handles;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod observe;
+mod receivers;
 #[cfg(feature = "tower")]
 mod service;
 mod shared;
