@@ -225,10 +225,8 @@ impl NodeBuilder {
             shared: shared.clone(),
             outbox: FxHashMap::default(),
             liveness: Liveness::new(detector, self.config.heartbeat_interval, start),
-            health_tx,
             spool,
             shutdown_drain: self.config.shutdown_drain,
-            draining_until: None,
             clock: start,
         };
         let task = tokio::spawn(supervise(driver, shared.clone(), origin));

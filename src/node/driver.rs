@@ -17,18 +17,17 @@ use super::receivers::{keep_dead_letter, Receivers};
 use super::shared::Shared;
 use super::spool::Spool;
 use super::{ChannelOptions, IdentityConflict, NodeError, Outcome, SendError, Stats};
-use crate::detector::{Health, HealthChange};
+use crate::detector::Health;
 use crate::id::{IdKey, MessageId, NodeId, Origin};
 use crate::proto::liveness::Liveness;
 use crate::proto::sends::{Report, Sends};
 use crate::proto::{Endpoint, Event, Outgoing};
-use crate::retry::later;
 use crate::transport::{Link, LinkCommand, LinkEvent};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 pub(super) struct Driver {
     pub(super) endpoint: Endpoint,
@@ -48,10 +47,8 @@ pub(super) struct Driver {
     pub(super) outbox: FxHashMap<NodeId, Vec<crate::wire::Frame>>,
     /// Heartbeats and the failure detector.
     pub(super) liveness: Liveness,
-    pub(super) health_tx: broadcast::Sender<HealthChange>,
     pub(super) spool: Option<Spool>,
     pub(super) shutdown_drain: Duration,
-    pub(super) draining_until: Option<std::time::Instant>,
     /// The driver's notion of now: read once per wake-up.
     pub(super) clock: std::time::Instant,
 }
@@ -150,15 +147,13 @@ impl Driver {
                 break;
             }
             self.receivers.resolve_durable_acks(&self.endpoint);
-            if let Some(until) = self.draining_until {
-                if self.sends.is_empty() || now >= until {
-                    self.spool_all(now);
-                    // A clean end of this run: receivers may retire its streams.
-                    if self.endpoint.finish_streams() > 0 {
-                        let _ = self.flush(now).await;
-                    }
-                    break;
+            if self.sends.drain_over(now) {
+                self.spool_all(now);
+                // A clean end of this run: receivers may retire its streams.
+                if self.endpoint.finish_streams() > 0 {
+                    let _ = self.flush(now).await;
                 }
+                break;
             }
         }
         self.stop().await;
@@ -269,9 +264,8 @@ impl Driver {
             }
             Command::Shutdown => return false,
             Command::Drain => {
-                if self.draining_until.is_none() {
+                if self.sends.begin_drain(now, self.shutdown_drain) {
                     tracing::info!(unsettled = self.sends.len(), "draining before shutdown");
-                    self.draining_until = Some(later(now, self.shutdown_drain));
                     self.shared.close_windows();
                 }
             }
@@ -452,7 +446,7 @@ impl Driver {
         reply: oneshot::Sender<Result<Outcome, SendError>>,
     ) {
         let now = self.clock;
-        if self.draining_until.is_some() {
+        if self.sends.draining() {
             self.shared.window_for(peer, options.channel).add_permits(1);
             let _ = reply.send(Err(SendError::Shutdown));
             return;
@@ -536,7 +530,7 @@ impl Driver {
             self.endpoint.poll_timeout(),
             self.liveness.poll_timeout(),
             self.spool.as_ref().and_then(|s| s.next_deadline(now)),
-            self.draining_until,
+            self.sends.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -547,8 +541,7 @@ impl Driver {
     /// first time is published as Up.
     fn watch(&mut self, peer: NodeId, now: std::time::Instant) {
         if self.liveness.watch(peer, now) {
-            let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
-            h.entry(peer).or_insert(Health::Up);
+            self.shared.first_seen(peer);
         }
     }
 
@@ -560,17 +553,7 @@ impl Driver {
             .liveness
             .handle_timeout(now, |peer, nonce| endpoint.ping(peer, nonce))
         {
-            if change.to == Health::Down {
-                // One line per transition: rate-limited by the detector itself.
-                tracing::warn!(peer = %change.peer, from = ?change.from, "peer is Down (no heartbeat)");
-            } else {
-                tracing::info!(peer = %change.peer, from = ?change.from, to = ?change.to, "peer health changed");
-            }
-            {
-                let mut h = self.shared.health.lock().unwrap_or_else(|e| e.into_inner());
-                h.insert(change.peer, change.to);
-            }
-            let _ = self.health_tx.send(change);
+            self.shared.publish_health(change);
             if change.to == Health::Down {
                 let down_for = self.liveness.down_for(change.peer, now);
                 self.sends.peer_down(

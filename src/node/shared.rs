@@ -113,6 +113,28 @@ impl Shared {
         }
     }
 
+    /// A health change of a peer: logged (a Down at warn, once per transition: the
+    /// detector reports each transition once), kept for `Node::health`, broadcast to
+    /// `Node::health_changes` subscribers.
+    pub(super) fn publish_health(&self, change: HealthChange) {
+        if change.to == Health::Down {
+            tracing::warn!(peer = %change.peer, from = ?change.from, "peer is Down (no heartbeat)");
+        } else {
+            tracing::info!(peer = %change.peer, from = ?change.from, to = ?change.to, "peer health changed");
+        }
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(change.peer, change.to);
+        let _ = self.health_tx.send(change);
+    }
+
+    /// A peer seen for the first time: published as Up.
+    pub(super) fn first_seen(&self, peer: NodeId) {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        h.entry(peer).or_insert(Health::Up);
+    }
+
     /// Wake every sender waiting for window space with `SendError::Shutdown`, and make
     /// later sends fail the same way.
     pub(super) fn close_windows(&self) {

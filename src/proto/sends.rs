@@ -107,6 +107,8 @@ pub(crate) struct Sends<R> {
     open: FxHashMap<SendRef, (Guarantee, R)>,
     handed_off: u64,
     handoff_refused: u64,
+    /// Graceful shutdown: no new sends; open receipts get until then to settle.
+    draining_until: Option<Instant>,
 }
 
 impl<R> Default for Sends<R> {
@@ -115,6 +117,7 @@ impl<R> Default for Sends<R> {
             open: FxHashMap::default(),
             handed_off: 0,
             handoff_refused: 0,
+            draining_until: None,
         }
     }
 }
@@ -123,10 +126,6 @@ impl<R> Sends<R> {
     /// Open receipts.
     pub(crate) fn len(&self) -> usize {
         self.open.len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.open.is_empty()
     }
 
     /// The open receipt of `send`, for observation.
@@ -142,6 +141,33 @@ impl<R> Sends<R> {
     /// Messages the hint store refused.
     pub(crate) fn handoff_refused(&self) -> u64 {
         self.handoff_refused
+    }
+
+    /// Graceful shutdown starts at `now`: from here on the caller takes no new send,
+    /// and the open receipts get `grace` to settle. Returns `false` if it had started.
+    pub(crate) fn begin_drain(&mut self, now: Instant, grace: Duration) -> bool {
+        if self.draining_until.is_some() {
+            return false;
+        }
+        self.draining_until = Some(crate::retry::later(now, grace));
+        true
+    }
+
+    /// Is the node shutting down (no new sends)?
+    pub(crate) fn draining(&self) -> bool {
+        self.draining_until.is_some()
+    }
+
+    /// Is the drain over at `now`: every receipt settled, or the grace passed? Then
+    /// what is still open goes to the hint store ([`Sends::spool_all`]) or fails.
+    pub(crate) fn drain_over(&self, now: Instant) -> bool {
+        self.draining_until
+            .is_some_and(|until| self.open.is_empty() || now >= until)
+    }
+
+    /// When [`drain_over`](Self::drain_over) turns true by the clock alone.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.draining_until
     }
 
     /// `send` was just accepted by the endpoint. If its target is Down and the store
@@ -781,7 +807,55 @@ mod tests {
         );
         sends.fail_all(&mut out);
         assert_eq!(resolved(&mut out), [(4, "Shutdown".to_string())]);
-        assert!(sends.is_empty());
+        assert_eq!(sends.len(), 0);
+    }
+
+    #[test]
+    fn a_drain_is_over_when_every_receipt_settled_or_its_grace_passed() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let mut sends = Sends::default();
+        let mut out = Vec::new();
+        assert!(
+            !sends.drain_over(now + Duration::from_secs(999)),
+            "no drain begun"
+        );
+        let g = Guarantee::AtLeastOnce;
+        let (a, b) = (send(&mut ep, g, 1, now), send(&mut ep, g, 2, now));
+        sends.opened(
+            &mut ep,
+            None::<&mut MemHints>,
+            None,
+            None,
+            a,
+            g,
+            1,
+            now,
+            &mut out,
+        );
+        sends.opened(
+            &mut ep,
+            None::<&mut MemHints>,
+            None,
+            None,
+            b,
+            g,
+            2,
+            now,
+            &mut out,
+        );
+        assert!(sends.begin_drain(now, Duration::from_secs(5)));
+        assert!(!sends.begin_drain(now + Duration::from_secs(1), Duration::from_secs(60)));
+        assert!(sends.draining());
+        assert_eq!(sends.poll_timeout(), Some(now + Duration::from_secs(5)));
+        sends.settled(&mut ep, None::<&mut MemHints>, a, &mut out);
+        assert!(!sends.drain_over(now + Duration::from_secs(4)), "b is open");
+        assert!(
+            sends.drain_over(now + Duration::from_secs(5)),
+            "grace passed"
+        );
+        sends.settled(&mut ep, None::<&mut MemHints>, b, &mut out);
+        assert!(sends.drain_over(now), "all settled");
     }
 
     #[test]
@@ -809,6 +883,6 @@ mod tests {
         assert_eq!(resolved(&mut out).len(), 4);
         let payloads: Vec<u8> = hints.stored.iter().map(|(_, p, _)| p[0]).collect();
         assert_eq!(payloads, [0, 1, 2, 3]);
-        assert!(sends.is_empty());
+        assert_eq!(sends.len(), 0);
     }
 }
