@@ -197,6 +197,7 @@ impl InboundStream {
         }
         if self.held.remove(&seq) {
             // The redelivery the stream was holding for (rule 2).
+            self.reorder.remove(&seq);
             self.in_progress.insert(seq);
             ready.push(data);
             if self.held.is_empty() {
@@ -217,6 +218,10 @@ impl InboundStream {
             return Arrival::Buffered;
         }
         let advance = self.ordered && seq == self.next_deliver;
+        if advance {
+            // Never leave a buffered copy of what goes out (it would go out again).
+            self.reorder.remove(&seq);
+        }
         self.in_progress.insert(seq);
         ready.push(data);
         if advance {
@@ -469,9 +474,15 @@ impl InboundStream {
             // Failed seqs the sender gave up on will not be delivered again.
             self.failures.retain(|s, _| *s >= floor);
         }
-        // Held seqs the sender settled without a redelivery will not come back.
+        // Held seqs the sender settled without a redelivery will not come back; if
+        // that was the last one, the stream is no longer blocked (rule 2): what
+        // waits behind it goes out now, before this frame is looked at.
+        let was_held = !self.held.is_empty();
         while self.held.first().is_some_and(|s| *s < floor) {
             self.held.pop_first();
+        }
+        if was_held && self.held.is_empty() && floor <= self.next_deliver {
+            self.drain_ordered(ready);
         }
         if settled > self.cumulative {
             self.cumulative = settled;
@@ -620,5 +631,43 @@ mod tests {
         s.fail(1);
         assert_eq!(s.on_data(now, data(1, 1), &mut ready), Arrival::Ready);
         assert_eq!(ready.len(), 2);
+    }
+
+    fn seqs(ready: &[Data]) -> Vec<u64> {
+        ready.iter().map(|d| d.seq).collect()
+    }
+
+    /// A held seq (refused after a later one was handed out) that the sender settles
+    /// without a redelivery unblocks the stream: what waited behind it is handed out
+    /// at once, in order, and a retransmission of it later is not delivered twice.
+    /// (Found by `guarantees_sim`: the floor popped the held seq without draining, a
+    /// retransmission was then delivered past the copy still buffered, and a later
+    /// floor jump handed that stale copy out after its successors.)
+    #[test]
+    fn the_sender_settling_a_held_seq_hands_out_what_waited_behind_it() {
+        let now = Instant::now();
+        let mut s = stream(true);
+        let mut ready = Vec::new();
+        for seq in 1..=4 {
+            s.on_data(now, data(seq, 1), &mut ready);
+        }
+        assert_eq!(seqs(&ready), [1, 2, 3, 4]);
+        ready.clear();
+        // The application saw 1 and 3; 2 is refused and 4 comes back with it.
+        s.refuse(2, vec![data(4, 1)]);
+        // The sender gives 2 up (floor 3) while 5 is sent: 4 and 5 go out, in order.
+        assert_eq!(s.on_data(now, data(5, 3), &mut ready), Arrival::Ready);
+        assert_eq!(seqs(&ready), [4, 5]);
+        ready.clear();
+        // A late retransmission of 4 is not delivered again; nothing stale is left.
+        assert_eq!(s.on_data(now, data(4, 3), &mut ready), Arrival::InProgress);
+        s.complete(now, 4, true);
+        assert_eq!(s.on_data(now, data(4, 3), &mut ready), Arrival::Duplicate);
+        for seq in [1, 3, 5] {
+            s.complete(now, seq, true);
+        }
+        assert_eq!(s.on_data(now, data(7, 7), &mut ready), Arrival::Ready);
+        assert_eq!(seqs(&ready), [7]);
+        assert_eq!(s.outstanding(), 1, "only 7 is held here");
     }
 }
