@@ -200,13 +200,14 @@ impl InboundStream {
             self.reorder.remove(&seq);
             self.in_progress.insert(seq);
             ready.push(data);
-            if self.held.is_empty() {
-                self.drain_ordered(ready);
-            }
+            self.drain_ordered(ready);
             return Arrival::Ready;
         }
-        let waiting =
-            seq > self.next_deliver || (seq == self.next_deliver && !self.held.is_empty());
+        // While a redelivery is held, only messages handed out before may go (rule 2).
+        let waiting = seq > self.next_deliver
+            || (seq == self.next_deliver
+                && !self.held.is_empty()
+                && !self.failures.contains_key(&seq));
         if self.ordered && waiting {
             if self.reorder.contains_key(&seq) {
                 return Arrival::Buffered;
@@ -360,7 +361,7 @@ impl InboundStream {
 
     /// Ordered: hand out whatever is next in line (after a parked seq was settled).
     pub(crate) fn drain_head(&mut self, ready: &mut Vec<Data>) {
-        if self.ordered && self.held.is_empty() {
+        if self.ordered {
             self.drain_ordered(ready);
         }
     }
@@ -474,14 +475,14 @@ impl InboundStream {
             // Failed seqs the sender gave up on will not be delivered again.
             self.failures.retain(|s, _| *s >= floor);
         }
-        // Held seqs the sender settled without a redelivery will not come back; if
-        // that was the last one, the stream is no longer blocked (rule 2): what
-        // waits behind it goes out now, before this frame is looked at.
-        let was_held = !self.held.is_empty();
+        // Held seqs the sender settled without a redelivery will not come back; what
+        // waited behind them (rule 2) goes out now, before this frame is looked at.
+        let mut released = false;
         while self.held.first().is_some_and(|s| *s < floor) {
             self.held.pop_first();
+            released = true;
         }
-        if was_held && self.held.is_empty() && floor <= self.next_deliver {
+        if released && floor <= self.next_deliver {
             self.drain_ordered(ready);
         }
         if settled > self.cumulative {
@@ -506,22 +507,25 @@ impl InboundStream {
                 ready.push(data);
             }
             self.next_deliver = floor;
-            if self.held.is_empty() {
-                self.drain_ordered(ready);
-            }
+            self.drain_ordered(ready);
         }
     }
 
     /// Hand out the run of messages from `next_deliver` on, skipping seqs that are
-    /// already done (a parked duplicate settled with its original); stop at a gap or
-    /// at a seq still in progress (parked).
+    /// already done (a parked duplicate settled with its original; a buffered copy of
+    /// one is dropped); stop at a gap, at a seq still in progress (parked), or — while
+    /// a redelivery is held (rule 2) — at the first message never handed out before.
     fn drain_ordered(&mut self, ready: &mut Vec<Data>) {
         loop {
             let next = self.next_deliver;
-            if let Some(data) = self.reorder.remove(&next) {
+            if next <= self.cumulative || self.done.contains(&next) {
+                self.reorder.remove(&next);
+            } else if !self.held.is_empty() && !self.failures.contains_key(&next) {
+                break;
+            } else if let Some(data) = self.reorder.remove(&next) {
                 self.in_progress.insert(data.seq);
                 ready.push(data);
-            } else if !(next <= self.cumulative || self.done.contains(&next)) {
+            } else {
                 break;
             }
             self.next_deliver += 1;
@@ -669,5 +673,247 @@ mod tests {
         assert_eq!(s.on_data(now, data(7, 7), &mut ready), Arrival::Ready);
         assert_eq!(seqs(&ready), [7]);
         assert_eq!(s.outstanding(), 1, "only 7 is held here");
+    }
+
+    /// One step of the ordered-stream model below.
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// The sender (re)transmits its `n`-th unsettled message, with its floor.
+        Arrive(usize),
+        /// The application takes the next message made ready.
+        HandOut,
+        /// The next message made ready is refused before the application saw it (no
+        /// receiver, a dedup refusal): it and the stream's later queued ones go back.
+        Refuse,
+        /// The application acks / nacks its `n`-th message in hand.
+        Complete(usize),
+        Fail(usize),
+        /// The sender learns of the `n`-th acked message, or gives its `n`-th
+        /// unsettled one up, and settles it.
+        Ack(usize),
+        GiveUp(usize),
+        /// A stale copy of the `n`-th message arrives, carrying an old floor.
+        Stale(usize, usize),
+        /// The next message made ready duplicates a delivery still in progress
+        /// elsewhere (same message ID): parked, the stream's later queued ones back.
+        Park,
+        /// The delivery the `n`-th parked message waited for failed (it goes back in
+        /// line) or was acked (it is settled as a duplicate).
+        Unpark(usize),
+        SettleParked(usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0..8usize).prop_map(Op::Arrive),
+            3 => Just(Op::HandOut),
+            1 => Just(Op::Refuse),
+            2 => (0..8usize).prop_map(Op::Complete),
+            1 => (0..8usize).prop_map(Op::Fail),
+            2 => (0..8usize).prop_map(Op::Ack),
+            1 => (0..8usize).prop_map(Op::GiveUp),
+            1 => (0..12usize, 0..8usize).prop_map(|(n, f)| Op::Stale(n, f)),
+            1 => Just(Op::Park),
+            1 => (0..8usize).prop_map(Op::Unpark),
+            1 => (0..8usize).prop_map(Op::SettleParked),
+        ]
+    }
+
+    /// The application's and the sender's side of one ordered stream, driven by `Op`s.
+    #[derive(Default)]
+    struct Model {
+        /// Made ready by the stream, not yet handed to the application (the
+        /// endpoint's queue of `Deliver` events).
+        queued: std::collections::VecDeque<Data>,
+        in_hand: Vec<u64>,
+        acked: BTreeSet<u64>,
+        /// Settled by the sender (acked, or given up).
+        settled: BTreeSet<u64>,
+        firsts: Vec<u64>,
+        seen: BTreeSet<u64>,
+        parked: Vec<Data>,
+        /// Every floor the sender has sent, oldest first.
+        floors: Vec<u64>,
+    }
+
+    const MESSAGES: u64 = 12;
+
+    impl Model {
+        fn unsettled(&self) -> Vec<u64> {
+            (1..=MESSAGES)
+                .filter(|s| !self.settled.contains(s))
+                .collect()
+        }
+
+        fn floor(&self) -> u64 {
+            self.unsettled().first().copied().unwrap_or(MESSAGES + 1)
+        }
+
+        fn step(&mut self, s: &mut InboundStream, op: &Op) -> Result<(), String> {
+            let now = Instant::now();
+            match *op {
+                Op::Arrive(n) => {
+                    let unsettled = self.unsettled();
+                    if let Some(&seq) = unsettled.get(n % unsettled.len().max(1)) {
+                        let mut ready = Vec::new();
+                        self.floors.push(self.floor());
+                        s.on_data(now, data(seq, self.floor()), &mut ready);
+                        self.queued.extend(ready);
+                    }
+                }
+                Op::Stale(n, f) => {
+                    if !self.floors.is_empty() {
+                        let floor = self.floors[f % self.floors.len()];
+                        let seq = (n as u64 % MESSAGES) + 1;
+                        if seq >= floor {
+                            let mut ready = Vec::new();
+                            s.on_data(now, data(seq, floor), &mut ready);
+                            self.queued.extend(ready);
+                        }
+                    }
+                }
+                Op::Park => {
+                    if let Some(d) = self.queued.pop_front() {
+                        let later: Vec<Data> = self
+                            .queued
+                            .iter()
+                            .filter(|l| l.seq > d.seq)
+                            .cloned()
+                            .collect();
+                        self.queued.retain(|l| l.seq < d.seq);
+                        s.park(d.seq, later);
+                        self.parked.push(d);
+                    }
+                }
+                Op::Unpark(n) | Op::SettleParked(n) => {
+                    if !self.parked.is_empty() {
+                        let d = self.parked.remove(n % self.parked.len());
+                        let mut ready = Vec::new();
+                        if matches!(op, Op::Unpark(_)) {
+                            s.unpark(d, &mut ready);
+                        } else {
+                            s.complete(now, d.seq, true);
+                            s.drain_head(&mut ready);
+                            self.acked.insert(d.seq);
+                        }
+                        self.queued.extend(ready);
+                    }
+                }
+                Op::HandOut => {
+                    if let Some(d) = self.queued.pop_front() {
+                        if self.in_hand.contains(&d.seq) {
+                            return Err(format!("{} handed out while in hand", d.seq));
+                        }
+                        if self.acked.contains(&d.seq) {
+                            return Err(format!("{} handed out after it was acked", d.seq));
+                        }
+                        if self.seen.insert(d.seq) {
+                            if self.firsts.last().is_some_and(|&l| l > d.seq) {
+                                return Err(format!(
+                                    "first delivery of {} after {:?}",
+                                    d.seq, self.firsts
+                                ));
+                            }
+                            self.firsts.push(d.seq);
+                        }
+                        self.in_hand.push(d.seq);
+                    }
+                }
+                Op::Refuse => {
+                    if let Some(d) = self.queued.pop_front() {
+                        let later: Vec<Data> = self
+                            .queued
+                            .iter()
+                            .filter(|l| l.seq > d.seq)
+                            .cloned()
+                            .collect();
+                        self.queued.retain(|l| l.seq < d.seq);
+                        s.refuse(d.seq, later);
+                    }
+                }
+                Op::Complete(n) | Op::Fail(n) => {
+                    if !self.in_hand.is_empty() {
+                        let seq = self.in_hand.remove(n % self.in_hand.len());
+                        if matches!(op, Op::Complete(_)) {
+                            s.complete(now, seq, true);
+                            self.acked.insert(seq);
+                        } else {
+                            s.fail(seq);
+                        }
+                    }
+                }
+                Op::Ack(n) => {
+                    let acked: Vec<u64> = self.acked.difference(&self.settled).copied().collect();
+                    if let Some(&seq) = acked.get(n % acked.len().max(1)) {
+                        self.settled.insert(seq);
+                    }
+                }
+                Op::GiveUp(n) => {
+                    let open: Vec<u64> = self
+                        .unsettled()
+                        .into_iter()
+                        .filter(|s| !self.acked.contains(s))
+                        .collect();
+                    if let Some(&seq) = open.get(n % open.len().max(1)) {
+                        self.settled.insert(seq);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 2000,
+            // Next to this file, as the integration tests keep theirs.
+            failure_persistence: Some(Box::new(
+                proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+            )),
+            ..Default::default()
+        })]
+
+        /// Property (the ordered contract, rules 1-3, on one stream): whatever the
+        /// order of arrivals, retransmissions, refusals, nacks, acks and give-ups,
+        /// (a) the application first sees the stream's messages in seq order, (b) it is
+        /// never handed a message it holds or has acked, and (c) the stream never gets
+        /// stuck: once the sender retransmits what it has not settled and the
+        /// application acks what it gets, every message is acked or given up.
+        #[test]
+        fn an_ordered_stream_hands_out_in_order_once_and_never_sticks(
+            ops in proptest::collection::vec(op(), 1..120)
+        ) {
+            let mut s = stream(true);
+            let mut m = Model::default();
+            for op in &ops {
+                if let Err(e) = m.step(&mut s, op) {
+                    return Err(proptest::test_runner::TestCaseError::fail(format!("{e} ({op:?})")));
+                }
+            }
+            // Calm: the application acks what it holds, the sender retransmits what
+            // it has not settled, in order, until nothing changes.
+            while !m.parked.is_empty() {
+                m.step(&mut s, &Op::Unpark(0)).map_err(proptest::test_runner::TestCaseError::fail)?;
+            }
+            for _ in 0..4 * MESSAGES {
+                while !m.in_hand.is_empty() {
+                    m.step(&mut s, &Op::Complete(0)).map_err(proptest::test_runner::TestCaseError::fail)?;
+                }
+                for n in 0..m.acked.len() {
+                    m.step(&mut s, &Op::Ack(n)).map_err(proptest::test_runner::TestCaseError::fail)?;
+                }
+                for n in 0..m.unsettled().len() {
+                    m.step(&mut s, &Op::Arrive(n)).map_err(proptest::test_runner::TestCaseError::fail)?;
+                }
+                while !m.queued.is_empty() {
+                    m.step(&mut s, &Op::HandOut).map_err(proptest::test_runner::TestCaseError::fail)?;
+                }
+            }
+            for n in 0..m.acked.len() {
+                m.step(&mut s, &Op::Ack(n)).map_err(proptest::test_runner::TestCaseError::fail)?;
+            }
+            proptest::prop_assert!(m.unsettled().is_empty(), "stuck: {:?} unsettled, nd {}, reorder {:?}, held {:?}", m.unsettled(), s.next_deliver, s.reorder.keys().collect::<Vec<_>>(), s.held);
+        }
     }
 }
