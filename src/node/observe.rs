@@ -340,7 +340,7 @@ impl Observer {
                 how,
             } => {
                 let result = match how {
-                    Resolution::Acked | Resolution::Sent => {
+                    Resolution::Settled => {
                         self.spans.outbound(send.peer, send.channel, || {
                             tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, "acked")
                         });

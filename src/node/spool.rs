@@ -10,6 +10,7 @@
 use crate::handoff::ReplayThrottle;
 use crate::handoff::{unix_ms, Hint, HintError, HintPos, HintStats, HintStore, HintStoreConfig};
 use crate::id::{MessageId, NodeId, Origin};
+use crate::proto::sends::Hints;
 use crate::proto::{Endpoint, Outgoing, SendRef};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::num::NonZeroU64;
@@ -164,41 +165,6 @@ impl Spool {
         self.store.stats()
     }
 
-    /// Store `payload` (sent as `send` with `id`) as a hint for `send.peer`.
-    pub(crate) fn store(
-        &mut self,
-        send: SendRef,
-        id: MessageId,
-        guarantee: crate::Guarantee,
-        payload: bytes::Bytes,
-        down_for: Option<Duration>,
-        now: Instant,
-    ) -> Result<(), HintError> {
-        let hint = Hint {
-            target: send.peer,
-            id,
-            channel: send.channel,
-            guarantee,
-            created_unix_ms: unix_ms(SystemTime::now()),
-            ttl_ms: 0,
-            payload,
-        };
-        let ttl_ms = self.cfg.store.default_ttl.as_millis() as u64;
-        let expires = hint.created_unix_ms.saturating_add(ttl_ms);
-        self.store.append(hint, down_for, now)?;
-        if let MessageId::Seq {
-            origin,
-            channel,
-            seq,
-        } = id
-        {
-            if origin == self.origin {
-                self.own_hinted.insert((send.peer, channel.0, seq), expires);
-            }
-        }
-        Ok(())
-    }
-
     /// Replay what the throttle, the windows and the concurrency bound allow to targets
     /// for which `ready` holds.
     pub(crate) fn replay(
@@ -291,55 +257,6 @@ impl Spool {
     /// Are there hints to replay (queued here or pending in the store)?
     pub(crate) fn has_replay_work(&self) -> bool {
         self.store.stats().pending > 0 || self.queued.values().any(|q| !q.is_empty())
-    }
-
-    /// `send` was acknowledged. Returns whether it was a replayed hint.
-    pub(crate) fn on_settled(&mut self, send: SendRef, endpoint: &mut Endpoint) -> bool {
-        let Some((pos, hint)) = self.replaying.remove(&send) else {
-            return false;
-        };
-        if let Some(n) = self.outstanding.get_mut(&send.peer) {
-            *n = n.saturating_sub(1);
-        }
-        if let Err(e) = self.store.mark_delivered(send.peer, pos) {
-            tracing::warn!(target = %send.peer, error = %e, "marking a hint delivered failed; it may replay again");
-        }
-        self.release_floor(endpoint, send.peer, hint.id);
-        true
-    }
-
-    /// `send` was rejected by its receiver. If it was a replay: a receiver that has no
-    /// receiver on the channel yet may get one, so the hint goes back to its queue;
-    /// any other reason is final, so the hint is dropped from the store (logged at
-    /// warn: the receiver's dead letters hold what it dead-lettered). Returns `true`
-    /// for a replay.
-    pub(crate) fn on_rejected(
-        &mut self,
-        send: SendRef,
-        reason: crate::wire::RejectReason,
-        endpoint: &mut Endpoint,
-    ) -> bool {
-        if reason == crate::wire::RejectReason::NoReceiver {
-            return self.on_gave_up(send);
-        }
-        let Some(id) = self.replaying.get(&send).map(|(_, h)| h.id) else {
-            return false;
-        };
-        tracing::warn!(target = %send.peer, %id, %reason, "hint rejected by its target; dropped from the store");
-        self.on_settled(send, endpoint)
-    }
-
-    /// `send` was given up. If it was a replay, it goes back to its queue (still in the
-    /// store) and `true` is returned.
-    pub(crate) fn on_gave_up(&mut self, send: SendRef) -> bool {
-        let Some((pos, hint)) = self.replaying.remove(&send) else {
-            return false;
-        };
-        if let Some(n) = self.outstanding.get_mut(&send.peer) {
-            *n = n.saturating_sub(1);
-        }
-        queue_front(&mut self.queued, send.peer, pos, hint);
-        true
     }
 
     /// Drop every hint for `peer` (decommissioned). Returns how many were dropped.
@@ -443,7 +360,7 @@ fn queue_front(
 }
 
 /// The handoff decisions ([`crate::proto::sends`]) reach the store through this.
-impl crate::proto::sends::Hints for Spool {
+impl Hints for Spool {
     fn on_down(&self) -> bool {
         self.cfg.on_down
     }
@@ -452,6 +369,7 @@ impl crate::proto::sends::Hints for Spool {
         self.cfg.on_give_up
     }
 
+    /// Store `payload` (sent as `send` with `id`) as a hint for `send.peer`.
     fn store(
         &mut self,
         send: SendRef,
@@ -461,23 +379,77 @@ impl crate::proto::sends::Hints for Spool {
         down_for: Option<Duration>,
         now: Instant,
     ) -> Result<(), HintError> {
-        Spool::store(self, send, id, guarantee, payload, down_for, now)
+        let hint = Hint {
+            target: send.peer,
+            id,
+            channel: send.channel,
+            guarantee,
+            created_unix_ms: unix_ms(SystemTime::now()),
+            ttl_ms: 0,
+            payload,
+        };
+        let ttl_ms = self.cfg.store.default_ttl.as_millis() as u64;
+        let expires = hint.created_unix_ms.saturating_add(ttl_ms);
+        self.store.append(hint, down_for, now)?;
+        if let MessageId::Seq {
+            origin,
+            channel,
+            seq,
+        } = id
+        {
+            if origin == self.origin {
+                self.own_hinted.insert((send.peer, channel.0, seq), expires);
+            }
+        }
+        Ok(())
     }
 
+    /// `send` was acknowledged. Returns whether it was a replayed hint.
     fn on_settled(&mut self, send: SendRef, endpoint: &mut Endpoint) -> bool {
-        Spool::on_settled(self, send, endpoint)
+        let Some((pos, hint)) = self.replaying.remove(&send) else {
+            return false;
+        };
+        if let Some(n) = self.outstanding.get_mut(&send.peer) {
+            *n = n.saturating_sub(1);
+        }
+        if let Err(e) = self.store.mark_delivered(send.peer, pos) {
+            tracing::warn!(target = %send.peer, error = %e, "marking a hint delivered failed; it may replay again");
+        }
+        self.release_floor(endpoint, send.peer, hint.id);
+        true
     }
 
-    fn on_gave_up(&mut self, send: SendRef) -> bool {
-        Spool::on_gave_up(self, send)
-    }
-
+    /// `send` was rejected by its receiver. If it was a replay: a receiver that has no
+    /// receiver on the channel yet may get one, so the hint goes back to its queue;
+    /// any other reason is final, so the hint is dropped from the store (logged at
+    /// warn: the receiver's dead letters hold what it dead-lettered). Returns `true`
+    /// for a replay.
     fn on_rejected(
         &mut self,
         send: SendRef,
         reason: crate::wire::RejectReason,
         endpoint: &mut Endpoint,
     ) -> bool {
-        Spool::on_rejected(self, send, reason, endpoint)
+        if reason == crate::wire::RejectReason::NoReceiver {
+            return self.on_gave_up(send);
+        }
+        let Some(id) = self.replaying.get(&send).map(|(_, h)| h.id) else {
+            return false;
+        };
+        tracing::warn!(target = %send.peer, %id, %reason, "hint rejected by its target; dropped from the store");
+        self.on_settled(send, endpoint)
+    }
+
+    /// `send` was given up. If it was a replay, it goes back to its queue (still in the
+    /// store) and `true` is returned.
+    fn on_gave_up(&mut self, send: SendRef) -> bool {
+        let Some((pos, hint)) = self.replaying.remove(&send) else {
+            return false;
+        };
+        if let Some(n) = self.outstanding.get_mut(&send.peer) {
+            *n = n.saturating_sub(1);
+        }
+        queue_front(&mut self.queued, send.peer, pos, hint);
+        true
     }
 }

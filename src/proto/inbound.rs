@@ -750,6 +750,20 @@ mod tests {
             self.unsettled().first().copied().unwrap_or(MESSAGES + 1)
         }
 
+        /// The next queued message and the stream's later queued ones, taken back from
+        /// the queue (as the endpoint does when it refuses or parks one).
+        fn take_back(&mut self) -> Option<(Data, Vec<Data>)> {
+            let d = self.queued.pop_front()?;
+            let later = self
+                .queued
+                .iter()
+                .filter(|l| l.seq > d.seq)
+                .cloned()
+                .collect();
+            self.queued.retain(|l| l.seq < d.seq);
+            Some((d, later))
+        }
+
         fn step(&mut self, s: &mut InboundStream, op: &Op) -> Result<(), String> {
             let now = Instant::now();
             match *op {
@@ -774,14 +788,7 @@ mod tests {
                     }
                 }
                 Op::Park => {
-                    if let Some(d) = self.queued.pop_front() {
-                        let later: Vec<Data> = self
-                            .queued
-                            .iter()
-                            .filter(|l| l.seq > d.seq)
-                            .cloned()
-                            .collect();
-                        self.queued.retain(|l| l.seq < d.seq);
+                    if let Some((d, later)) = self.take_back() {
                         s.park(d.seq, later);
                         self.parked.push(d);
                     }
@@ -821,14 +828,7 @@ mod tests {
                     }
                 }
                 Op::Refuse => {
-                    if let Some(d) = self.queued.pop_front() {
-                        let later: Vec<Data> = self
-                            .queued
-                            .iter()
-                            .filter(|l| l.seq > d.seq)
-                            .cloned()
-                            .collect();
-                        self.queued.retain(|l| l.seq < d.seq);
+                    if let Some((d, later)) = self.take_back() {
                         s.refuse(d.seq, later);
                     }
                 }

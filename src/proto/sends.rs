@@ -60,10 +60,8 @@ pub(crate) trait Hints {
 /// How a receipt resolves; the node maps it to its public outcome or error.
 #[derive(Debug)]
 pub(crate) enum Resolution {
-    /// Acknowledged by the receiver.
-    Acked,
-    /// At-most-once: transmitted.
-    Sent,
+    /// Acknowledged by the receiver (at-most-once: transmitted).
+    Settled,
     /// In the hint store, to be replayed when the target returns.
     HandedOff,
     /// The sender gave up and there was no hint store to take it.
@@ -239,19 +237,7 @@ impl<R> Sends<R> {
             out.push(Report::HintReplayed(send));
             return;
         }
-        if let Some((guarantee, reply)) = self.open.remove(&send) {
-            let how = if guarantee == Guarantee::AtMostOnce {
-                Resolution::Sent
-            } else {
-                Resolution::Acked
-            };
-            out.push(Report::Resolve {
-                send,
-                guarantee,
-                reply,
-                how,
-            });
-        }
+        self.resolve(send, Resolution::Settled, out);
     }
 
     /// The endpoint gave `send` up.
@@ -272,7 +258,7 @@ impl<R> Sends<R> {
         if hints.as_mut().is_some_and(|h| h.on_gave_up(send)) {
             return; // a replay: it stays in the store
         }
-        let Some((guarantee, reply)) = self.open.remove(&send) else {
+        let Some(&(guarantee, _)) = self.open.get(&send) else {
             return;
         };
         out.push(Report::GaveUp {
@@ -296,12 +282,7 @@ impl<R> Sends<R> {
             }
             None => Resolution::GaveUp { reason, attempts },
         };
-        out.push(Report::Resolve {
-            send,
-            guarantee,
-            reply,
-            how,
-        });
+        self.resolve(send, how, out);
     }
 
     /// The receiver rejected `send`.
@@ -317,14 +298,7 @@ impl<R> Sends<R> {
         if hints.is_some_and(|h| h.on_rejected(send, reason, endpoint)) {
             return;
         }
-        if let Some((guarantee, reply)) = self.open.remove(&send) {
-            out.push(Report::Resolve {
-                send,
-                guarantee,
-                reply,
-                how: Resolution::Rejected(reason),
-            });
-        }
+        self.resolve(send, Resolution::Rejected(reason), out);
     }
 
     /// Fail every open receipt (the node stops).
@@ -376,14 +350,19 @@ impl<R> Sends<R> {
                 }
                 _ => continue,
             };
-            if let Some((guarantee, reply)) = self.open.remove(&send) {
-                out.push(Report::Resolve {
-                    send,
-                    guarantee,
-                    reply,
-                    how,
-                });
-            }
+            self.resolve(send, how, out);
+        }
+    }
+
+    /// Resolve the open receipt of `send` as `how` (nothing if none is open).
+    fn resolve(&mut self, send: SendRef, how: Resolution, out: &mut Vec<Report<R>>) {
+        if let Some((guarantee, reply)) = self.open.remove(&send) {
+            out.push(Report::Resolve {
+                send,
+                guarantee,
+                reply,
+                how,
+            });
         }
     }
 
@@ -770,7 +749,7 @@ mod tests {
         assert!(matches!(out[0], Report::HintReplayed(r) if r == replay));
         assert_eq!(
             resolved(&mut out),
-            [(1, "Acked".to_string()), (2, "Sent".to_string())]
+            [(1, "Settled".to_string()), (2, "Settled".to_string())]
         );
         sends.rejected(
             &mut ep,
