@@ -465,11 +465,17 @@ impl Driver {
                 let reply = self
                     .observe
                     .sent(self.endpoint.origin(), r, key, reply, now);
+                // The target's health matters only to a hint store (no lookups per
+                // send without one, the default).
+                let (health, down_for) = match self.spool {
+                    Some(_) => (self.liveness.state(peer), self.liveness.down_for(peer, now)),
+                    None => (None, None),
+                };
                 self.sends.opened(
                     &mut self.endpoint,
                     self.spool.as_mut(),
-                    self.liveness.state(peer),
-                    self.liveness.down_for(peer, now),
+                    health,
+                    down_for,
                     r,
                     options.guarantee,
                     reply,
