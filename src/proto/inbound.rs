@@ -331,7 +331,9 @@ impl InboundStream {
     /// `seq` waits for another delivery of the same message ID to finish (it is a
     /// duplicate of a message still being processed); retransmissions of it are
     /// dropped meanwhile. An ordered stream stops at it; `later` go back to the reorder
-    /// buffer until [`Self::unpark`].
+    /// buffer until [`Self::unpark`]. The stream only ever rewinds to it: a parked
+    /// redelivery (made ready out of line, after a nack) above where the stream
+    /// stands must not move it past what waits below.
     pub(crate) fn park(&mut self, seq: u64, later: Vec<Data>) {
         self.in_progress.insert(seq);
         if self.ordered {
@@ -339,7 +341,7 @@ impl InboundStream {
                 self.in_progress.remove(&d.seq);
                 self.reorder.insert(d.seq, d);
             }
-            self.next_deliver = seq;
+            self.next_deliver = self.next_deliver.min(seq);
         }
     }
 
@@ -673,6 +675,40 @@ mod tests {
         assert_eq!(s.on_data(now, data(7, 7), &mut ready), Arrival::Ready);
         assert_eq!(seqs(&ready), [7]);
         assert_eq!(s.outstanding(), 1, "only 7 is held here");
+    }
+
+    /// Found by the stream model: parking a redelivery (made ready out of line after
+    /// a nack) moved the stream past a parked seq and a buffered one below it, so the
+    /// first was dropped when unparked and the second was handed out again later.
+    #[test]
+    fn a_parked_redelivery_does_not_move_the_stream_past_what_waits_below() {
+        let now = Instant::now();
+        let mut s = stream(true);
+        let mut ready = Vec::new();
+        for seq in 1..=3 {
+            s.on_data(now, data(seq, 1), &mut ready);
+        }
+        ready.clear();
+        // The application nacks all three; 1 and 2 come again, and 1 duplicates a
+        // delivery in progress elsewhere: parked, 2 back in the buffer.
+        for seq in 1..=3 {
+            s.fail(seq);
+        }
+        s.on_data(now, data(1, 1), &mut ready);
+        s.on_data(now, data(2, 1), &mut ready);
+        assert_eq!(seqs(&ready), [1, 2]);
+        ready.clear();
+        s.park(1, vec![data(2, 1)]);
+        // 3 comes again and is parked too (another duplicate in progress).
+        s.on_data(now, data(3, 1), &mut ready);
+        assert_eq!(seqs(&ready), [3]);
+        ready.clear();
+        s.park(3, Vec::new());
+        // Both originals fail: 1, 2 and 3 go out again, in order, each once.
+        s.unpark(data(1, 1), &mut ready);
+        s.unpark(data(3, 1), &mut ready);
+        assert_eq!(seqs(&ready), [1, 2, 3]);
+        assert_eq!(s.outstanding(), 3, "nothing left buffered");
     }
 
     /// One step of the ordered-stream model below.
