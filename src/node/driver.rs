@@ -465,16 +465,15 @@ impl Driver {
                 let reply = self
                     .observe
                     .sent(self.endpoint.origin(), r, key, reply, now);
-                // The target's health matters only to a hint store (no lookups per
+                // The target's health matters only to a hint store (no lookup per
                 // send without one, the default).
-                let (health, down_for) = match self.spool {
-                    Some(_) => (self.liveness.state(peer), self.liveness.down_for(peer, now)),
-                    None => (None, None),
-                };
+                let down_for = self
+                    .spool
+                    .as_ref()
+                    .and_then(|_| self.liveness.down_for(peer, now));
                 self.sends.opened(
                     &mut self.endpoint,
                     self.spool.as_mut(),
-                    health,
                     down_for,
                     r,
                     options.guarantee,

@@ -22,7 +22,6 @@
 //! node's spool implements. Every decision here is a function of its inputs and `now`.
 
 use super::{Endpoint, SendRef};
-use crate::detector::Health;
 use crate::handoff::HintError;
 use crate::id::{Guarantee, MessageId, NodeId};
 use crate::retry::GiveUp;
@@ -168,14 +167,14 @@ impl<R> Sends<R> {
         self.draining_until
     }
 
-    /// `send` was just accepted by the endpoint. If its target is Down and the store
-    /// takes messages for Down targets, it goes to the store at once.
+    /// `send` was just accepted by the endpoint. If its target is Down (`down_for`:
+    /// for how long; `None` unless Down) and the store takes messages for Down
+    /// targets, it goes to the store at once.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn opened(
         &mut self,
         endpoint: &mut Endpoint,
         hints: Option<&mut impl Hints>,
-        health: Option<Health>,
         down_for: Option<Duration>,
         send: SendRef,
         guarantee: Guarantee,
@@ -185,8 +184,7 @@ impl<R> Sends<R> {
     ) {
         self.open.insert(send, (guarantee, reply));
         if let Some(hints) = hints {
-            if guarantee != Guarantee::AtMostOnce && health == Some(Health::Down) && hints.on_down()
-            {
+            if guarantee != Guarantee::AtMostOnce && down_for.is_some() && hints.on_down() {
                 self.hand_off(endpoint, hints, send.peer, Some(send), down_for, now, out);
             }
         }
@@ -502,11 +500,9 @@ mod tests {
         };
         for b in 0..3u8 {
             let r = send(&mut ep, Guarantee::AtLeastOnce, b, now);
-            let up = Some(Health::Up);
             sends.opened(
                 &mut ep,
                 Some(&mut hints),
-                up,
                 None,
                 r,
                 Guarantee::AtLeastOnce,
@@ -547,13 +543,11 @@ mod tests {
             on_down: true,
             ..MemHints::default()
         };
-        let down = Some(Health::Down);
         let r = send(&mut ep, Guarantee::EffectivelyOnce, 7, now);
         sends.opened(
             &mut ep,
             Some(&mut hints),
-            down,
-            None,
+            Some(Duration::ZERO),
             r,
             Guarantee::EffectivelyOnce,
             7,
@@ -566,8 +560,7 @@ mod tests {
         sends.opened(
             &mut ep,
             Some(&mut hints),
-            down,
-            None,
+            Some(Duration::ZERO),
             r,
             Guarantee::EffectivelyOnce,
             8,
@@ -587,8 +580,7 @@ mod tests {
         sends.opened(
             &mut ep,
             Some(&mut hints),
-            down,
-            None,
+            Some(Duration::ZERO),
             r,
             Guarantee::AtMostOnce,
             9,
@@ -600,8 +592,7 @@ mod tests {
         sends.opened(
             &mut ep,
             Some(&mut hints),
-            down,
-            None,
+            Some(Duration::ZERO),
             r,
             Guarantee::AtLeastOnce,
             10,
@@ -629,17 +620,7 @@ mod tests {
             send(&mut ep, g, 3, now),
         );
         for (r, v) in [(a, 1), (b, 2), (c, 3)] {
-            sends.opened(
-                &mut ep,
-                None::<&mut MemHints>,
-                Some(Health::Up),
-                None,
-                r,
-                g,
-                v,
-                now,
-                &mut out,
-            );
+            sends.opened(&mut ep, None::<&mut MemHints>, None, r, g, v, now, &mut out);
         }
         let id = MessageId::Key(crate::IdKey(7));
         let p = Bytes::from_static(b"p");
@@ -710,21 +691,10 @@ mod tests {
             send(&mut ep, Guarantee::AtMostOnce, 2, now),
             send(&mut ep, g, 3, now),
         );
+        sends.opened(&mut ep, Some(&mut hints), None, a, g, 1, now, &mut out);
         sends.opened(
             &mut ep,
             Some(&mut hints),
-            None,
-            None,
-            a,
-            g,
-            1,
-            now,
-            &mut out,
-        );
-        sends.opened(
-            &mut ep,
-            Some(&mut hints),
-            None,
             None,
             b,
             Guarantee::AtMostOnce,
@@ -732,17 +702,7 @@ mod tests {
             now,
             &mut out,
         );
-        sends.opened(
-            &mut ep,
-            Some(&mut hints),
-            None,
-            None,
-            c,
-            g,
-            3,
-            now,
-            &mut out,
-        );
+        sends.opened(&mut ep, Some(&mut hints), None, c, g, 3, now, &mut out);
         for r in [replay, a, b] {
             sends.settled(&mut ep, Some(&mut hints), r, &mut out);
         }
@@ -773,17 +733,7 @@ mod tests {
             [(3, "Rejected(DeadLettered)".to_string())]
         );
         let d = send(&mut ep, g, 4, now);
-        sends.opened(
-            &mut ep,
-            Some(&mut hints),
-            None,
-            None,
-            d,
-            g,
-            4,
-            now,
-            &mut out,
-        );
+        sends.opened(&mut ep, Some(&mut hints), None, d, g, 4, now, &mut out);
         sends.fail_all(&mut out);
         assert_eq!(resolved(&mut out), [(4, "Shutdown".to_string())]);
         assert_eq!(sends.len(), 0);
@@ -801,28 +751,8 @@ mod tests {
         );
         let g = Guarantee::AtLeastOnce;
         let (a, b) = (send(&mut ep, g, 1, now), send(&mut ep, g, 2, now));
-        sends.opened(
-            &mut ep,
-            None::<&mut MemHints>,
-            None,
-            None,
-            a,
-            g,
-            1,
-            now,
-            &mut out,
-        );
-        sends.opened(
-            &mut ep,
-            None::<&mut MemHints>,
-            None,
-            None,
-            b,
-            g,
-            2,
-            now,
-            &mut out,
-        );
+        sends.opened(&mut ep, None::<&mut MemHints>, None, a, g, 1, now, &mut out);
+        sends.opened(&mut ep, None::<&mut MemHints>, None, b, g, 2, now, &mut out);
         assert!(sends.begin_drain(now, Duration::from_secs(5)));
         assert!(!sends.begin_drain(now + Duration::from_secs(1), Duration::from_secs(60)));
         assert!(sends.draining());
@@ -849,7 +779,6 @@ mod tests {
             sends.opened(
                 &mut ep,
                 Some(&mut hints),
-                None,
                 None,
                 r,
                 Guarantee::EffectivelyOnce,
