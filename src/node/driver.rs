@@ -1,10 +1,12 @@
 //! The tokio driver: one task per node runs [`Driver::run`] under [`supervise`](super::supervise::supervise).
 //!
 //! Owns tasks, the transport link, the clock and the one timer of the node; holds no
-//! protocol logic (that is [`crate::proto::Endpoint`]) and makes no liveness or
-//! handoff decision (those are `proto::liveness` and `proto::sends`; the driver runs
-//! the hint store they reach through a trait, and answers the receipts they resolve,
-//! in [`Driver::report`]). The driver is a loop: read
+//! protocol logic (that is [`crate::proto::Endpoint`]), no liveness policy
+//! (`proto::liveness`) and no decision about what becomes of a sent message
+//! (`proto::sends`: it answers the receipts that resolves, in [`Driver::report`]).
+//! Hint replay (throttle, batches, concurrency) is still the spool's
+//! (`node/spool.rs`); the driver hands it the peers that are not Down and connected.
+//! The driver is a loop: read
 //! transport events and application commands ([`Command`]) → feed the endpoint; the
 //! timer fires → feed the endpoint; then poll the endpoint → write frames, hand
 //! deliveries to receivers, resolve receipts, and reset the single `Sleep` to the
