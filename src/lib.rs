@@ -67,7 +67,8 @@
 //!   heartbeat schedule and failure detector (`proto::liveness`) and what becomes of
 //!   each sent message (`proto::sends`: acked, handed off when its target is Down or
 //!   the sender gives up, refused by the hint store, rejected), reaching the hint
-//!   store through a trait. Reads no clock (every call takes
+//!   store through a trait; `proto::core` joins the three into the one object the
+//!   driver feeds and polls. Reads no clock (every call takes
 //!   `now`), opens no socket or file and spawns nothing; the one IO on its path is
 //!   the durable dedup log, written (and fsynced per its policy) by the
 //!   [`dedup::Dedup`] the endpoint is given, on the caller's thread.

@@ -19,6 +19,7 @@ use super::{Node, NodeConfig, NodeError};
 use crate::dedup::Dedup;
 use crate::detector::{FailureDetector, Health};
 use crate::id::{NodeId, Origin};
+use crate::proto::core::Core;
 use crate::proto::liveness::Liveness;
 use crate::proto::Endpoint;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
@@ -209,13 +210,12 @@ impl NodeBuilder {
             node: self.id,
         });
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let liveness = Liveness::new(detector, self.config.heartbeat_interval, start);
         let driver = Driver {
-            endpoint,
+            core: Core::new(endpoint, liveness, spool, self.config.shutdown_drain),
             link,
             burst: Vec::with_capacity(BURST + 1),
             commands: cmd_rx,
-            sends: Default::default(),
-            reports: Vec::new(),
             observe: observe::Observer::new(self.id),
             receivers: Receivers::new(Arc::new(Completions {
                 stack: CompletionStack::new(),
@@ -224,9 +224,6 @@ impl NodeBuilder {
             })),
             shared: shared.clone(),
             outbox: FxHashMap::default(),
-            liveness: Liveness::new(detector, self.config.heartbeat_interval, start),
-            spool,
-            shutdown_drain: self.config.shutdown_drain,
             clock: start,
         };
         let task = tokio::spawn(supervise(driver, shared.clone(), origin));

@@ -1,16 +1,15 @@
 //! The tokio driver: one task per node runs [`Driver::run`] under [`supervise`](super::supervise::supervise).
 //!
 //! Owns tasks, the transport link, the clock and the one timer of the node; holds no
-//! protocol logic (that is [`crate::proto::Endpoint`]), no liveness policy
-//! (`proto::liveness`) and no decision about what becomes of a sent message
-//! (`proto::sends`: it answers the receipts that resolves, in [`Driver::report`]).
-//! Hint replay (throttle, batches, concurrency) is still the spool's
-//! (`node/spool.rs`); the driver hands it the peers that are not Down and connected.
-//! The driver is a loop: read
-//! transport events and application commands ([`Command`]) → feed the endpoint; the
-//! timer fires → feed the endpoint; then poll the endpoint → write frames, hand
-//! deliveries to receivers, resolve receipts, and reset the single `Sleep` to the
-//! earliest deadline.
+//! protocol logic, liveness policy or handoff decision: those are the sans-IO
+//! [`Core`] (the endpoint, its liveness and the fate of sent messages). The driver
+//! answers what the core reports (receipts, in [`Driver::report`]), publishes health
+//! changes, and hands deliveries to receivers. Hint replay (throttle, batches,
+//! concurrency) is still the spool's (`node/spool.rs`); the driver hands it the peers
+//! that are not Down and connected. The driver is a loop: read transport events and
+//! application commands ([`Command`]) → feed the core; the timer fires → feed the
+//! core; then poll the core → write frames, hand deliveries to receivers, resolve
+//! receipts, and reset the single `Sleep` to the earliest deadline.
 
 use super::command::Command;
 use super::dead_letter::DeadLetterReason;
@@ -19,11 +18,9 @@ use super::receivers::{keep_dead_letter, Receivers};
 use super::shared::Shared;
 use super::spool::Spool;
 use super::{ChannelOptions, IdentityConflict, NodeError, Outcome, SendError, Stats};
-use crate::detector::Health;
 use crate::id::{IdKey, MessageId, NodeId, Origin};
-use crate::proto::liveness::Liveness;
-use crate::proto::sends::{Report, Sends};
-use crate::proto::{Endpoint, Event, Outgoing};
+use crate::proto::core::{Core, SendRefused};
+use crate::proto::{Event, Outgoing};
 use crate::transport::{Link, LinkCommand, LinkEvent};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -32,25 +29,18 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 pub(super) struct Driver {
-    pub(super) endpoint: Endpoint,
+    /// The node's protocol and policy.
+    pub(super) core: Core<PendingReceipt, Spool>,
     pub(super) link: Link,
     /// Link events of the current wake-up (reused buffer).
     pub(super) burst: Vec<LinkEvent>,
     pub(super) commands: mpsc::UnboundedReceiver<Command>,
-    /// Open receipts and the handoff decisions about them.
-    pub(super) sends: Sends<PendingReceipt>,
-    /// What `sends` decided this turn, for [`Driver::report`] (reused buffer).
-    pub(super) reports: Vec<Report<PendingReceipt>>,
     /// Per-message trace events (each in its stream's span) and metrics.
     pub(super) observe: Observer,
     /// The application's receivers and what their deliveries send back.
     pub(super) receivers: Receivers,
     pub(super) shared: Arc<Shared>,
     pub(super) outbox: FxHashMap<NodeId, Vec<crate::wire::Frame>>,
-    /// Heartbeats and the failure detector.
-    pub(super) liveness: Liveness,
-    pub(super) spool: Option<Spool>,
-    pub(super) shutdown_drain: Duration,
     /// The driver's notion of now: read once per wake-up.
     pub(super) clock: std::time::Instant,
 }
@@ -71,7 +61,7 @@ impl Driver {
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
         loop {
-            let deadline = self.next_deadline();
+            let deadline = self.core.poll_timeout(self.clock);
             if let Some(d) = deadline {
                 sleep.as_mut().reset(tokio::time::Instant::from_std(d));
             }
@@ -111,10 +101,11 @@ impl Driver {
                         }
                     }
                     for ev in &burst {
+                        let endpoint = &self.core.endpoint;
                         match ev {
-                            LinkEvent::Frame { frame, .. } => self.endpoint.prefetch(frame),
+                            LinkEvent::Frame { frame, .. } => endpoint.prefetch(frame),
                             LinkEvent::Frames { frames, .. } => {
-                                frames.iter().for_each(|f| self.endpoint.prefetch(f))
+                                frames.iter().for_each(|f| endpoint.prefetch(f))
                             }
                             _ => {}
                         }
@@ -129,7 +120,7 @@ impl Driver {
             let now = now();
             self.clock = now;
             self.take_completions();
-            if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+            if self.core.endpoint.poll_timeout().is_some_and(|t| t <= now) {
                 // Acks that already arrived settle their messages before any timer
                 // calls them lost: after a stall (a busy machine, a long burst of
                 // sends above) the queue can hold acks older than the expired timers,
@@ -141,41 +132,24 @@ impl Driver {
                     }
                 }
                 self.take_completions();
-                self.endpoint.handle_timeout(now);
+                self.core.endpoint.handle_timeout(now);
             }
             self.dispatch();
             self.housekeeping(now);
             if !self.flush(now).await {
                 break;
             }
-            self.receivers.resolve_durable_acks(&self.endpoint);
-            if self.sends.drain_over(now) {
-                self.spool_all(now);
+            self.receivers.resolve_durable_acks(&self.core.endpoint);
+            if self.core.drain_over(now) {
+                self.report();
                 // A clean end of this run: receivers may retire its streams.
-                if self.endpoint.finish_streams() > 0 {
+                if self.core.endpoint.finish_streams() > 0 {
                     let _ = self.flush(now).await;
                 }
                 break;
             }
         }
         self.stop().await;
-    }
-
-    /// Shutdown: every message still unacknowledged goes to the hint store.
-    fn spool_all(&mut self, now: std::time::Instant) {
-        let Some(spool) = &mut self.spool else {
-            return;
-        };
-        let liveness = &self.liveness;
-        self.sends.spool_all(
-            &mut self.endpoint,
-            spool,
-            |peer| liveness.down_for(peer, now),
-            now,
-            &mut self.reports,
-        );
-        self.report();
-        tracing::info!(left = self.sends.len(), "spooled unacknowledged messages");
     }
 
     fn on_command(&mut self, cmd: Command) -> bool {
@@ -204,7 +178,7 @@ impl Driver {
                 how,
                 done,
             } => self.receivers.complete_command(
-                &mut self.endpoint,
+                &mut self.core.endpoint,
                 &mut self.observe,
                 now,
                 delivery,
@@ -218,9 +192,9 @@ impl Driver {
                 tx,
             } => self
                 .receivers
-                .register(&mut self.endpoint, channel, options, schema, tx),
+                .register(&mut self.core.endpoint, channel, options, schema, tx),
             Command::Undecodable { delivery, payload } => Receivers::undecodable(
-                &mut self.endpoint,
+                &mut self.core.endpoint,
                 &mut self.observe,
                 &self.shared.dead_letters,
                 now,
@@ -228,8 +202,8 @@ impl Driver {
                 payload,
             ),
             Command::AddPeer { peer, addr } => {
-                if self.liveness.state(peer).is_none() {
-                    self.watch(peer, now);
+                if self.core.liveness.state(peer).is_none() && self.core.watch(peer, now) {
+                    self.shared.first_seen(peer);
                 }
                 let _ = self
                     .link
@@ -237,25 +211,26 @@ impl Driver {
                     .try_send(LinkCommand::AddPeer { peer, addr });
             }
             Command::Stats(reply) => {
+                let core = &self.core;
                 let _ = reply.send(Stats {
-                    proto: self.endpoint.stats(),
-                    dedup: self.endpoint.dedup_stats(),
+                    proto: core.endpoint.stats(),
+                    dedup: core.endpoint.dedup_stats(),
                     decode_failed: 0, // these three are filled by `Node::stats`
                     no_receiver: 0,
                     tcp: None,
-                    hints: self.spool.as_ref().map(Spool::stats),
-                    handed_off: self.sends.handed_off(),
-                    handoff_refused: self.sends.handoff_refused(),
+                    hints: core.hints.as_ref().map(Spool::stats),
+                    handed_off: core.sends.handed_off(),
+                    handoff_refused: core.sends.handoff_refused(),
                     dead_letters_dropped: self.shared.dead_letters.dropped(),
                     dead_letters_not_persisted: self.shared.dead_letters.not_persisted(),
                 });
             }
             Command::Decommission { peer, reply } => {
-                self.liveness.forget(peer);
+                self.core.liveness.forget(peer);
                 self.observe.spans.forget(peer);
-                let res = match &mut self.spool {
+                let res = match &mut self.core.hints {
                     Some(spool) => spool
-                        .decommission(peer, &mut self.endpoint)
+                        .decommission(peer, &mut self.core.endpoint)
                         .map_err(NodeError::from),
                     None => Ok(0),
                 };
@@ -266,8 +241,11 @@ impl Driver {
             }
             Command::Shutdown => return false,
             Command::Drain => {
-                if self.sends.begin_drain(now, self.shutdown_drain) {
-                    tracing::info!(unsettled = self.sends.len(), "draining before shutdown");
+                if self.core.begin_drain(now) {
+                    tracing::info!(
+                        unsettled = self.core.sends.len(),
+                        "draining before shutdown"
+                    );
                     self.shared.close_windows();
                 }
             }
@@ -286,12 +264,13 @@ impl Driver {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(origin.node, version);
-                self.watch(origin.node, now);
-                self.endpoint.handle_peer_up(now, origin, version);
+                if self.core.peer_up(now, origin, version) {
+                    self.shared.first_seen(origin.node);
+                }
             }
             LinkEvent::Down { peer } => {
                 tracing::debug!(%peer, "peer down");
-                self.endpoint.handle_peer_down(now, peer);
+                self.core.endpoint.handle_peer_down(now, peer);
             }
             LinkEvent::Conflict { live, refused } => {
                 let _ = self
@@ -340,67 +319,28 @@ impl Driver {
         if let crate::wire::Frame::Nack(n) = &frame {
             self.observe.nack_received(peer, n.channel, n.seq);
         }
-        let duplicates = self.endpoint.duplicates_dropped();
-        self.endpoint.handle_frame_from(now, from, frame);
-        let duplicates = self.endpoint.duplicates_dropped() - duplicates;
+        let endpoint = &mut self.core.endpoint;
+        let duplicates = endpoint.duplicates_dropped();
+        endpoint.handle_frame_from(now, from, frame);
+        let duplicates = endpoint.duplicates_dropped() - duplicates;
         if let (Some((channel, seq, id)), 1..) = (data, duplicates) {
             self.observe
                 .duplicate_dropped(peer, channel, seq, id, duplicates);
         }
     }
 
+    /// Hand the core's application events out, then answer its reports.
     fn dispatch(&mut self) {
         let now = self.clock;
-        while let Some(ev) = self.endpoint.poll_event() {
+        while let Some(ev) = self.core.poll_event(now) {
             match ev {
                 Event::Deliver { delivery, payload } => self.receivers.deliver(
-                    &mut self.endpoint,
+                    &mut self.core.endpoint,
                     &mut self.observe,
                     now,
                     delivery,
                     payload,
                 ),
-                Event::Settled(r) => {
-                    self.sends.settled(
-                        &mut self.endpoint,
-                        self.spool.as_mut(),
-                        r,
-                        &mut self.reports,
-                    );
-                    self.report();
-                }
-                Event::GaveUp {
-                    send,
-                    reason,
-                    attempts,
-                    payload,
-                    id,
-                } => {
-                    let down_for = self.liveness.down_for(send.peer, now);
-                    self.sends.gave_up(
-                        &mut self.endpoint,
-                        self.spool.as_mut(),
-                        send,
-                        id,
-                        payload,
-                        reason,
-                        attempts,
-                        down_for,
-                        now,
-                        &mut self.reports,
-                    );
-                    self.report();
-                }
-                Event::Rejected { send, reason } => {
-                    self.sends.rejected(
-                        &mut self.endpoint,
-                        self.spool.as_mut(),
-                        send,
-                        reason,
-                        &mut self.reports,
-                    );
-                    self.report();
-                }
                 Event::DeadLetter {
                     delivery,
                     payload,
@@ -418,15 +358,16 @@ impl Driver {
                         .window_for(peer, channel)
                         .add_permits(n as usize);
                 }
-                Event::Heard(peer) => self.liveness.heard(peer, now),
-                Event::HeartbeatAck(peer) => self.liveness.heartbeat(peer, now),
+                _ => {} // the core's own
             }
         }
+        self.report();
     }
 
-    /// Carry out what `sends` decided: trace and count each step, answer receipts.
+    /// Carry out what the core decided about sent messages: trace and count each
+    /// step, answer receipts.
     fn report(&mut self) {
-        for r in self.reports.drain(..) {
+        for r in self.core.reports() {
             self.observe.report(r, self.clock);
         }
     }
@@ -434,7 +375,7 @@ impl Driver {
     /// Apply every completion handlers pushed since the last call.
     fn take_completions(&mut self) {
         self.receivers
-            .take_completions(&mut self.endpoint, &mut self.observe, self.clock);
+            .take_completions(&mut self.core.endpoint, &mut self.observe, self.clock);
     }
 
     /// One message from a sender (alone or in a batch); it holds one window permit.
@@ -448,11 +389,6 @@ impl Driver {
         reply: oneshot::Sender<Result<Outcome, SendError>>,
     ) {
         let now = self.clock;
-        if self.sends.draining() {
-            self.shared.window_for(peer, options.channel).add_permits(1);
-            let _ = reply.send(Err(SendError::Shutdown));
-            return;
-        }
         let msg = Outgoing {
             peer,
             channel: options.channel,
@@ -462,48 +398,35 @@ impl Driver {
             deadline: options.deadline,
             schema,
         };
-        match self.endpoint.send(now, msg) {
+        let err = match self.core.send(now, msg) {
             Ok(r) => {
-                let reply = self
-                    .observe
-                    .sent(self.endpoint.origin(), r, key, reply, now);
-                // The target's health matters only to a hint store (no lookup per
-                // send without one, the default).
-                let down_for = self
-                    .spool
-                    .as_ref()
-                    .and_then(|_| self.liveness.down_for(peer, now));
-                self.sends.opened(
-                    &mut self.endpoint,
-                    self.spool.as_mut(),
-                    down_for,
-                    r,
-                    options.guarantee,
-                    reply,
-                    now,
-                    &mut self.reports,
-                );
-                self.report();
+                let origin = self.core.endpoint.origin();
+                let reply = self.observe.sent(origin, r, key, reply, now);
+                self.core.opened(now, r, options.guarantee, reply);
+                return self.report();
             }
-            Err(crate::proto::StreamError::GuaranteeMismatch { existing, .. }) => {
-                self.shared.window_for(peer, options.channel).add_permits(1);
-                let _ = reply.send(Err(SendError::GuaranteeMismatch { existing }));
-            }
-        }
+            Err(SendRefused::Draining) => SendError::Shutdown,
+            Err(SendRefused::Stream(crate::proto::StreamError::GuaranteeMismatch {
+                existing,
+                ..
+            })) => SendError::GuaranteeMismatch { existing },
+        };
+        self.shared.window_for(peer, options.channel).add_permits(1);
+        let _ = reply.send(Err(err));
     }
 
     async fn flush(&mut self, now: std::time::Instant) -> bool {
-        while let Some((peer, frame)) = self.endpoint.poll_transmit(now) {
+        while let Some((peer, frame)) = self.core.endpoint.poll_transmit(now) {
             self.outbox.entry(peer).or_default().push(frame);
         }
         if tracing::enabled!(target: MESSAGE_TARGET, tracing::Level::TRACE) {
             for (peer, frames) in &self.outbox {
-                let origin = self.endpoint.origin();
+                let origin = self.core.endpoint.origin();
                 observe::trace_transmits(
                     origin,
                     *peer,
                     frames.iter(),
-                    &mut self.sends,
+                    &mut self.core.sends,
                     &mut self.observe.spans,
                 );
             }
@@ -531,54 +454,21 @@ impl Driver {
         true
     }
 
-    fn next_deadline(&self) -> Option<std::time::Instant> {
-        let now = self.clock;
-        [
-            self.endpoint.poll_timeout(),
-            self.liveness.poll_timeout(),
-            self.spool.as_ref().and_then(|s| s.next_deadline(now)),
-            self.sends.poll_timeout(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-    }
-
-    /// Start (or keep) watching `peer` in the failure detector; a peer seen for the
-    /// first time is published as Up.
-    fn watch(&mut self, peer: NodeId, now: std::time::Instant) {
-        if self.liveness.watch(peer, now) {
-            self.shared.first_seen(peer);
-        }
-    }
-
-    /// Heartbeats, failure detection, handoff and replay.
+    /// Heartbeats, failure detection and handoff (the core's); hint expiry and
+    /// replay (the spool's).
     fn housekeeping(&mut self, now: std::time::Instant) {
-        self.observe.sync(&self.endpoint, now, false);
-        let endpoint = &mut self.endpoint;
-        for change in self
-            .liveness
-            .handle_timeout(now, |peer, nonce| endpoint.ping(peer, nonce))
-        {
+        self.observe.sync(&self.core.endpoint, now, false);
+        self.core.handle_timeout(now);
+        while let Some(change) = self.core.poll_health() {
             self.shared.publish_health(change);
-            if change.to == Health::Down {
-                let down_for = self.liveness.down_for(change.peer, now);
-                self.sends.peer_down(
-                    &mut self.endpoint,
-                    self.spool.as_mut(),
-                    change.peer,
-                    down_for,
-                    now,
-                    &mut self.reports,
-                );
-                self.report();
-            }
         }
-        if let Some(spool) = &mut self.spool {
-            spool.tick(&mut self.endpoint, now);
+        self.report();
+        let core = &mut self.core;
+        if let Some(spool) = &mut core.hints {
+            spool.tick(&mut core.endpoint, now);
             if spool.has_replay_work() {
-                let endpoint = &mut self.endpoint;
-                let ready: Vec<NodeId> = self
+                let endpoint = &mut core.endpoint;
+                let ready: Vec<NodeId> = core
                     .liveness
                     .not_down()
                     .filter(|p| endpoint.is_up(*p))
@@ -596,12 +486,12 @@ impl Driver {
     }
 
     async fn stop(&mut self) {
-        self.observe.sync(&self.endpoint, self.clock, true);
-        if let Some(spool) = &mut self.spool {
+        self.observe.sync(&self.core.endpoint, self.clock, true);
+        if let Some(spool) = &mut self.core.hints {
             spool.sync();
         }
         let _ = self.link.commands.send(LinkCommand::Shutdown).await;
-        self.sends.fail_all(&mut self.reports);
+        self.core.stop();
         self.report();
         self.receivers.close();
         self.shared.dead_letters.close();

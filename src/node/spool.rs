@@ -313,22 +313,6 @@ impl Spool {
         }
     }
 
-    /// When the driver must call back: the fsync deadline; the replay tick while hints
-    /// can be replayed; the expiry check while this run's hints await their TTL.
-    pub(crate) fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let tick = if self.has_replay_work() && !self.blocked {
-            Some(now + REPLAY_TICK)
-        } else if self.has_replay_work() || !self.own_hinted.is_empty() {
-            Some(self.next_expire.max(now))
-        } else {
-            None
-        };
-        match (self.store.next_sync_deadline(), tick) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
     /// Flush everything to disk (shutdown).
     pub(crate) fn sync(&mut self) {
         if let Err(e) = self.store.sync() {
@@ -451,5 +435,21 @@ impl Hints for Spool {
         }
         queue_front(&mut self.queued, send.peer, pos, hint);
         true
+    }
+
+    /// When the driver must call back: the fsync deadline; the replay tick while hints
+    /// can be replayed; the expiry check while this run's hints await their TTL.
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let tick = if self.has_replay_work() && !self.blocked {
+            Some(now + REPLAY_TICK)
+        } else if self.has_replay_work() || !self.own_hinted.is_empty() {
+            Some(self.next_expire.max(now))
+        } else {
+            None
+        };
+        match (self.store.next_sync_deadline(), tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }

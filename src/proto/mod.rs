@@ -8,6 +8,7 @@
 
 mod authz;
 mod config;
+pub(crate) mod core;
 mod endpoint;
 mod inbound;
 pub(crate) mod liveness;

@@ -54,6 +54,8 @@ pub(crate) trait Hints {
     /// `send` was rejected: `true` if it was a replayed hint (the store decides).
     fn on_rejected(&mut self, send: SendRef, reason: RejectReason, endpoint: &mut Endpoint)
         -> bool;
+    /// When the store next has work of its own (replay, expiry) at `now`.
+    fn next_deadline(&self, now: Instant) -> Option<Instant>;
 }
 
 /// How a receipt resolves; the node maps it to its public outcome or error.
@@ -442,6 +444,9 @@ mod tests {
         }
         fn on_rejected(&mut self, send: SendRef, _: RejectReason, _: &mut Endpoint) -> bool {
             self.replaying.contains(&send)
+        }
+        fn next_deadline(&self, _: Instant) -> Option<Instant> {
+            None
         }
     }
 
