@@ -97,3 +97,29 @@ fn the_check_catches_a_runtime_in_the_driver() {
     let v = violations(&["src/node/driver.rs"], &[]);
     assert!(v.iter().any(|s| s.contains("tokio")), "{v:?}");
 }
+
+/// The driver is a thin shell (issue 10): its loop fits in 300 lines and names none
+/// of the policy the sans-IO core (`proto::core`) owns — the failure detector's
+/// health, the liveness schedule, handoff decisions, the drain-then-spool rule.
+#[test]
+fn the_driver_is_a_thin_shell_without_policy() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let driver = std::fs::read_to_string(root.join("src/node/driver.rs")).unwrap();
+    let lines = driver.lines().count();
+    assert!(lines <= 300, "src/node/driver.rs has {lines} lines");
+    let code = production_code(&root.join("src/node/driver.rs"));
+    let policy = [
+        "Health",
+        "liveness",
+        "down_for",
+        "hand_off",
+        "peer_down",
+        "spool_all",
+        "gave_up",
+        "Event::Settled",
+        "Event::GaveUp",
+        "Event::Rejected",
+    ];
+    let found: Vec<&str> = policy.into_iter().filter(|p| code.contains(p)).collect();
+    assert!(found.is_empty(), "policy in the driver: {found:?}");
+}

@@ -1,11 +1,18 @@
 //! What the application's handles ask of the driver: one [`Command`] per call, on
-//! the node's command channel, with the channel the answer comes back on.
+//! the node's command channel, with the channel the answer comes back on; and how the
+//! driver answers each ([`Driver::on_command`]): by feeding the core, the receivers
+//! or the hint store. No decision of its own is made here.
 
+use super::driver::Driver;
+use super::receivers::Receivers;
+use super::spool::Spool;
 use super::{
     AckError, ChannelOptions, Delivery, NodeError, Outcome, ReceiverOptions, SendError, Stats,
 };
-use crate::id::{ChannelId, IdKey, NodeId};
-use crate::proto::{Completion, DeliveryRef};
+use crate::id::{ChannelId, IdKey, MessageId, NodeId};
+use crate::proto::core::SendRefused;
+use crate::proto::{Completion, DeliveryRef, Outgoing};
+use crate::transport::LinkCommand;
 use bytes::Bytes;
 use std::net::SocketAddr;
 use tokio::sync::{mpsc, oneshot};
@@ -63,4 +70,145 @@ pub(super) enum Command {
         reply: oneshot::Sender<Result<u64, NodeError>>,
     },
     Shutdown,
+}
+
+impl Driver {
+    /// Answer one application command; `false` when the node is to stop.
+    pub(super) fn on_command(&mut self, cmd: Command) -> bool {
+        let now = self.clock;
+        match cmd {
+            Command::Send {
+                peer,
+                options,
+                payload,
+                key,
+                schema,
+                reply,
+            } => self.send_one(peer, options, schema, payload, key, reply),
+            Command::SendBatch {
+                peer,
+                options,
+                schema,
+                items,
+            } => {
+                for (payload, key, reply) in items {
+                    self.send_one(peer, options, schema, payload, key, reply);
+                }
+            }
+            Command::Complete {
+                delivery,
+                how,
+                done,
+            } => self.receivers.complete_command(
+                &mut self.core.endpoint,
+                &mut self.observe,
+                now,
+                delivery,
+                how,
+                done,
+            ),
+            Command::Register {
+                channel,
+                options,
+                schema,
+                tx,
+            } => self
+                .receivers
+                .register(&mut self.core.endpoint, channel, options, schema, tx),
+            Command::Undecodable { delivery, payload } => Receivers::undecodable(
+                &mut self.core.endpoint,
+                &mut self.observe,
+                &self.shared.dead_letters,
+                now,
+                delivery,
+                payload,
+            ),
+            Command::AddPeer { peer, addr } => {
+                if self.core.add_peer(peer, now) {
+                    self.shared.first_seen(peer);
+                }
+                let _ = self
+                    .link
+                    .commands
+                    .try_send(LinkCommand::AddPeer { peer, addr });
+            }
+            Command::Stats(reply) => {
+                let core = &self.core;
+                let _ = reply.send(Stats {
+                    proto: core.endpoint.stats(),
+                    dedup: core.endpoint.dedup_stats(),
+                    decode_failed: 0, // these three are filled by `Node::stats`
+                    no_receiver: 0,
+                    tcp: None,
+                    hints: core.hints.as_ref().map(Spool::stats),
+                    handed_off: core.sends.handed_off(),
+                    handoff_refused: core.sends.handoff_refused(),
+                    dead_letters_dropped: self.shared.dead_letters.dropped(),
+                    dead_letters_not_persisted: self.shared.dead_letters.not_persisted(),
+                });
+            }
+            Command::Decommission { peer, reply } => {
+                self.core.forget(peer);
+                self.observe.spans.forget(peer);
+                let res = match &mut self.core.hints {
+                    Some(spool) => spool
+                        .decommission(peer, &mut self.core.endpoint)
+                        .map_err(NodeError::from),
+                    None => Ok(0),
+                };
+                if let Ok(n) = res {
+                    tracing::info!(%peer, dropped = n, "peer decommissioned; its hints dropped");
+                }
+                let _ = reply.send(res);
+            }
+            Command::Shutdown => return false,
+            Command::Drain => {
+                if self.core.begin_drain(now) {
+                    tracing::info!(
+                        unsettled = self.core.sends.len(),
+                        "draining before shutdown"
+                    );
+                    self.shared.close_windows();
+                }
+            }
+        }
+        true
+    }
+
+    /// One message from a sender (alone or in a batch); it holds one window permit.
+    fn send_one(
+        &mut self,
+        peer: NodeId,
+        options: ChannelOptions,
+        schema: u32,
+        payload: Bytes,
+        key: Option<IdKey>,
+        reply: oneshot::Sender<Result<Outcome, SendError>>,
+    ) {
+        let now = self.clock;
+        let msg = Outgoing {
+            peer,
+            channel: options.channel,
+            guarantee: options.guarantee,
+            payload,
+            id: key.map(MessageId::Key),
+            deadline: options.deadline,
+            schema,
+        };
+        let err = match self.core.send(now, msg) {
+            Ok(r) => {
+                let origin = self.core.endpoint.origin();
+                let reply = self.observe.sent(origin, r, key, reply, now);
+                self.core.opened(now, r, options.guarantee, reply);
+                return self.report();
+            }
+            Err(SendRefused::Draining) => SendError::Shutdown,
+            Err(SendRefused::Stream(crate::proto::StreamError::GuaranteeMismatch {
+                existing,
+                ..
+            })) => SendError::GuaranteeMismatch { existing },
+        };
+        self.shared.window_for(peer, options.channel).add_permits(1);
+        let _ = reply.send(Err(err));
+    }
 }

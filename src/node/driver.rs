@@ -3,13 +3,13 @@
 //! Owns tasks, the transport link, the clock and the one timer of the node; holds no
 //! protocol logic, liveness policy or handoff decision: those are the sans-IO
 //! [`Core`] (the endpoint, its liveness and the fate of sent messages). The driver
-//! answers what the core reports (receipts, in [`Driver::report`]), publishes health
-//! changes, and hands deliveries to receivers. Hint replay (throttle, batches,
+//! is a loop: read transport events (`node/link_events.rs`) and application commands
+//! (`node/command.rs`) → feed the core; the timer fires → feed the core; then poll
+//! the core → write frames, hand deliveries to receivers, answer what the core
+//! reports about sent messages ([`Driver::report`]), publish health changes, and reset
+//! the single `Sleep` to the earliest deadline. Hint replay (throttle, batches,
 //! concurrency) is still the spool's (`node/spool.rs`); the driver hands it the peers
-//! that are not Down and connected. The driver is a loop: read transport events and
-//! application commands ([`Command`]) → feed the core; the timer fires → feed the
-//! core; then poll the core → write frames, hand deliveries to receivers, resolve
-//! receipts, and reset the single `Sleep` to the earliest deadline.
+//! that are not Down and connected.
 
 use super::command::Command;
 use super::dead_letter::DeadLetterReason;
@@ -17,16 +17,14 @@ use super::observe::{self, Observer, PendingReceipt, MESSAGE_TARGET};
 use super::receivers::{keep_dead_letter, Receivers};
 use super::shared::Shared;
 use super::spool::Spool;
-use super::{ChannelOptions, IdentityConflict, NodeError, Outcome, SendError, Stats};
-use crate::id::{IdKey, MessageId, NodeId, Origin};
-use crate::proto::core::{Core, SendRefused};
-use crate::proto::{Event, Outgoing};
+use crate::id::NodeId;
+use crate::proto::core::Core;
+use crate::proto::Event;
 use crate::transport::{Link, LinkCommand, LinkEvent};
-use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 pub(super) struct Driver {
     /// The node's protocol and policy.
@@ -152,183 +150,6 @@ impl Driver {
         self.stop().await;
     }
 
-    fn on_command(&mut self, cmd: Command) -> bool {
-        let now = self.clock;
-        match cmd {
-            Command::Send {
-                peer,
-                options,
-                payload,
-                key,
-                schema,
-                reply,
-            } => self.send_one(peer, options, schema, payload, key, reply),
-            Command::SendBatch {
-                peer,
-                options,
-                schema,
-                items,
-            } => {
-                for (payload, key, reply) in items {
-                    self.send_one(peer, options, schema, payload, key, reply);
-                }
-            }
-            Command::Complete {
-                delivery,
-                how,
-                done,
-            } => self.receivers.complete_command(
-                &mut self.core.endpoint,
-                &mut self.observe,
-                now,
-                delivery,
-                how,
-                done,
-            ),
-            Command::Register {
-                channel,
-                options,
-                schema,
-                tx,
-            } => self
-                .receivers
-                .register(&mut self.core.endpoint, channel, options, schema, tx),
-            Command::Undecodable { delivery, payload } => Receivers::undecodable(
-                &mut self.core.endpoint,
-                &mut self.observe,
-                &self.shared.dead_letters,
-                now,
-                delivery,
-                payload,
-            ),
-            Command::AddPeer { peer, addr } => {
-                if self.core.liveness.state(peer).is_none() && self.core.watch(peer, now) {
-                    self.shared.first_seen(peer);
-                }
-                let _ = self
-                    .link
-                    .commands
-                    .try_send(LinkCommand::AddPeer { peer, addr });
-            }
-            Command::Stats(reply) => {
-                let core = &self.core;
-                let _ = reply.send(Stats {
-                    proto: core.endpoint.stats(),
-                    dedup: core.endpoint.dedup_stats(),
-                    decode_failed: 0, // these three are filled by `Node::stats`
-                    no_receiver: 0,
-                    tcp: None,
-                    hints: core.hints.as_ref().map(Spool::stats),
-                    handed_off: core.sends.handed_off(),
-                    handoff_refused: core.sends.handoff_refused(),
-                    dead_letters_dropped: self.shared.dead_letters.dropped(),
-                    dead_letters_not_persisted: self.shared.dead_letters.not_persisted(),
-                });
-            }
-            Command::Decommission { peer, reply } => {
-                self.core.liveness.forget(peer);
-                self.observe.spans.forget(peer);
-                let res = match &mut self.core.hints {
-                    Some(spool) => spool
-                        .decommission(peer, &mut self.core.endpoint)
-                        .map_err(NodeError::from),
-                    None => Ok(0),
-                };
-                if let Ok(n) = res {
-                    tracing::info!(%peer, dropped = n, "peer decommissioned; its hints dropped");
-                }
-                let _ = reply.send(res);
-            }
-            Command::Shutdown => return false,
-            Command::Drain => {
-                if self.core.begin_drain(now) {
-                    tracing::info!(
-                        unsettled = self.core.sends.len(),
-                        "draining before shutdown"
-                    );
-                    self.shared.close_windows();
-                }
-            }
-        }
-        true
-    }
-
-    fn on_link(&mut self, ev: LinkEvent) {
-        let now = self.clock;
-        match ev {
-            LinkEvent::Up { origin, version } => {
-                tracing::debug!(peer = %origin, version, "peer up");
-                self.observe.spans.peer_up(origin);
-                self.shared
-                    .versions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(origin.node, version);
-                if self.core.peer_up(now, origin, version) {
-                    self.shared.first_seen(origin.node);
-                }
-            }
-            LinkEvent::Down { peer } => {
-                tracing::debug!(%peer, "peer down");
-                self.core.endpoint.handle_peer_down(now, peer);
-            }
-            LinkEvent::Conflict { live, refused } => {
-                let _ = self
-                    .shared
-                    .conflict_tx
-                    .send(IdentityConflict { live, refused });
-            }
-            LinkEvent::Frame {
-                peer,
-                incarnation,
-                frame,
-            } => {
-                let from = Origin {
-                    node: peer,
-                    incarnation,
-                };
-                self.on_frame(now, from, frame);
-            }
-            LinkEvent::Frames {
-                peer,
-                incarnation,
-                frames,
-            } => {
-                let from = Origin {
-                    node: peer,
-                    incarnation,
-                };
-                for frame in frames {
-                    self.on_frame(now, from, frame);
-                }
-            }
-        }
-    }
-
-    /// A frame from the run `from` (its connection's handshake says which).
-    fn on_frame(&mut self, now: std::time::Instant, from: Origin, frame: crate::wire::Frame) {
-        let peer = from.node;
-        // Visibility only (the endpoint ignores it): count and warn.
-        let mut data = None;
-        if let crate::wire::Frame::Data(d) = &frame {
-            if !self.receivers.has(d.channel) {
-                self.shared.no_receiver(peer, d.channel);
-            }
-            data = Some((d.channel, d.seq, d.id));
-        }
-        if let crate::wire::Frame::Nack(n) = &frame {
-            self.observe.nack_received(peer, n.channel, n.seq);
-        }
-        let endpoint = &mut self.core.endpoint;
-        let duplicates = endpoint.duplicates_dropped();
-        endpoint.handle_frame_from(now, from, frame);
-        let duplicates = endpoint.duplicates_dropped() - duplicates;
-        if let (Some((channel, seq, id)), 1..) = (data, duplicates) {
-            self.observe
-                .duplicate_dropped(peer, channel, seq, id, duplicates);
-        }
-    }
-
     /// Hand the core's application events out, then answer its reports.
     fn dispatch(&mut self) {
         let now = self.clock;
@@ -366,7 +187,7 @@ impl Driver {
 
     /// Carry out what the core decided about sent messages: trace and count each
     /// step, answer receipts.
-    fn report(&mut self) {
+    pub(super) fn report(&mut self) {
         for r in self.core.reports() {
             self.observe.report(r, self.clock);
         }
@@ -376,43 +197,6 @@ impl Driver {
     fn take_completions(&mut self) {
         self.receivers
             .take_completions(&mut self.core.endpoint, &mut self.observe, self.clock);
-    }
-
-    /// One message from a sender (alone or in a batch); it holds one window permit.
-    fn send_one(
-        &mut self,
-        peer: NodeId,
-        options: ChannelOptions,
-        schema: u32,
-        payload: Bytes,
-        key: Option<IdKey>,
-        reply: oneshot::Sender<Result<Outcome, SendError>>,
-    ) {
-        let now = self.clock;
-        let msg = Outgoing {
-            peer,
-            channel: options.channel,
-            guarantee: options.guarantee,
-            payload,
-            id: key.map(MessageId::Key),
-            deadline: options.deadline,
-            schema,
-        };
-        let err = match self.core.send(now, msg) {
-            Ok(r) => {
-                let origin = self.core.endpoint.origin();
-                let reply = self.observe.sent(origin, r, key, reply, now);
-                self.core.opened(now, r, options.guarantee, reply);
-                return self.report();
-            }
-            Err(SendRefused::Draining) => SendError::Shutdown,
-            Err(SendRefused::Stream(crate::proto::StreamError::GuaranteeMismatch {
-                existing,
-                ..
-            })) => SendError::GuaranteeMismatch { existing },
-        };
-        self.shared.window_for(peer, options.channel).add_permits(1);
-        let _ = reply.send(Err(err));
     }
 
     async fn flush(&mut self, now: std::time::Instant) -> bool {
@@ -466,16 +250,13 @@ impl Driver {
         let core = &mut self.core;
         if let Some(spool) = &mut core.hints {
             spool.tick(&mut core.endpoint, now);
-            if spool.has_replay_work() {
-                let endpoint = &mut core.endpoint;
-                let ready: Vec<NodeId> = core
-                    .liveness
-                    .not_down()
-                    .filter(|p| endpoint.is_up(*p))
-                    .collect();
-                let shared = &self.shared;
+        }
+        if core.hints.as_ref().is_some_and(Spool::has_replay_work) {
+            let ready = core.reachable();
+            let shared = &self.shared;
+            if let Some(spool) = &mut core.hints {
                 spool.replay(
-                    endpoint,
+                    &mut core.endpoint,
                     |peer, channel| shared.window_for(peer, channel),
                     |p| ready.contains(&p),
                     now,

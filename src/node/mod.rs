@@ -17,6 +17,7 @@ mod dead_letter;
 mod driver;
 mod error;
 mod handles;
+mod link_events;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod observe;

@@ -106,6 +106,25 @@ impl<R, H: Hints> Core<R, H> {
         self.liveness.watch(peer, now)
     }
 
+    /// The application named `peer` (with an address): watch it unless watched
+    /// already. `true` if it is seen for the first time.
+    pub(crate) fn add_peer(&mut self, peer: NodeId, now: Instant) -> bool {
+        self.liveness.state(peer).is_none() && self.watch(peer, now)
+    }
+
+    /// Stop watching `peer` (decommissioned).
+    pub(crate) fn forget(&mut self, peer: NodeId) {
+        self.liveness.forget(peer);
+    }
+
+    /// The peers hints may be replayed to now: watched, not Down, and connected.
+    pub(crate) fn reachable(&self) -> Vec<NodeId> {
+        self.liveness
+            .not_down()
+            .filter(|p| self.endpoint.is_up(*p))
+            .collect()
+    }
+
     /// A connection to the run `origin` came up, speaking `version`. `true` if the
     /// peer is seen for the first time.
     pub(crate) fn peer_up(&mut self, now: Instant, origin: Origin, version: u16) -> bool {
@@ -235,5 +254,185 @@ impl<R, H: Hints> Core<R, H> {
     /// The node stops: every receipt still open fails (see [`Core::reports`]).
     pub(crate) fn stop(&mut self) {
         self.sends.fail_all(&mut self.reports);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::{Dedup, DedupConfig};
+    use crate::detector::{DetectorConfig, FailureDetector};
+    use crate::id::ChannelId;
+    use crate::proto::sends::tests::MemHints;
+    use crate::proto::sends::Resolution;
+    use crate::proto::{Accept, Completion, ProtoConfig};
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    const EVERY: Duration = Duration::from_millis(100);
+
+    fn core(node: u64, hints: Option<MemHints>, now: Instant) -> Core<u8, MemHints> {
+        let dedup = Arc::new(Dedup::open_at(DedupConfig::default(), now).unwrap());
+        let origin = Origin {
+            node: NodeId(node),
+            incarnation: 1,
+        };
+        let endpoint = Endpoint::new(origin, ProtoConfig::default(), dedup, node);
+        let detector = FailureDetector::new(DetectorConfig::default()).unwrap();
+        let liveness = Liveness::new(detector, EVERY, now);
+        Core::new(endpoint, liveness, hints, Duration::from_secs(1))
+    }
+
+    fn message(to: u64, byte: u8) -> Outgoing {
+        Outgoing {
+            peer: NodeId(to),
+            channel: ChannelId(1),
+            guarantee: Guarantee::EffectivelyOnce,
+            payload: Bytes::from(vec![byte]),
+            id: None,
+            deadline: None,
+            schema: 0,
+        }
+    }
+
+    /// Move every frame `from` has for `to` into `to`.
+    fn carry(from: &mut Core<u8, MemHints>, to: &mut Core<u8, MemHints>, now: Instant) {
+        let origin = from.endpoint.origin();
+        while let Some((peer, frame)) = from.endpoint.poll_transmit(now) {
+            assert_eq!(peer, to.endpoint.origin().node);
+            to.endpoint.handle_frame_from(now, origin, frame);
+        }
+    }
+
+    fn resolutions(c: &mut Core<u8, MemHints>) -> Vec<(u8, String)> {
+        c.reports()
+            .filter_map(|r| match r {
+                Report::Resolve { reply, how, .. } => Some((reply, format!("{how:?}"))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The core keeps the endpoint's own events (settlement, proof of life) and hands
+    /// out only the application's: the receiver sees one delivery, the sender's
+    /// receipt resolves as settled, and the sender's detector heard the receiver.
+    #[test]
+    fn an_acked_message_resolves_its_receipt_and_only_the_delivery_leaves_the_core() {
+        let now = Instant::now();
+        let (mut a, mut b) = (core(1, None, now), core(2, None, now));
+        assert!(a.peer_up(now, b.endpoint.origin(), 3), "first seen");
+        assert!(b.peer_up(now, a.endpoint.origin(), 3));
+        assert!(!a.peer_up(now, b.endpoint.origin(), 3), "seen before");
+        b.endpoint
+            .accept_channel_with(ChannelId(1), Accept::new(false, None));
+        let r = a.send(now, message(2, 7)).unwrap();
+        a.opened(now, r, Guarantee::EffectivelyOnce, 7);
+        carry(&mut a, &mut b, now);
+        let Some(Event::Deliver { delivery, payload }) = b.poll_event(now) else {
+            panic!("no delivery");
+        };
+        assert_eq!(&payload[..], [7]);
+        assert!(b.poll_event(now).is_none());
+        b.endpoint.complete(now, delivery, Completion::Ack);
+        // The ack may wait for the receiver's ack delay: run its timer.
+        let later = b.endpoint.poll_timeout().map_or(now, |t| t.max(now));
+        b.endpoint.handle_timeout(later);
+        carry(&mut b, &mut a, later);
+        while let Some(ev) = a.poll_event(later) {
+            assert!(
+                matches!(ev, Event::WindowOpened { .. }),
+                "only the window slide leaves the sender's core: {ev:?}"
+            );
+        }
+        assert_eq!(resolutions(&mut a), [(7, "Settled".to_string())]);
+        assert_eq!(a.sends.len(), 0);
+        assert_eq!(a.liveness.state(NodeId(2)), Some(Health::Up));
+    }
+
+    /// A silent peer goes Down through the core's own timers: its health change is
+    /// published once, and its unacknowledged message is handed off to the store
+    /// with how long the peer has been Down; a new send to it goes straight there.
+    #[test]
+    fn a_peer_that_goes_silent_is_published_down_and_its_messages_handed_off() {
+        let t0 = Instant::now();
+        let hints = MemHints {
+            on_down: true,
+            ..MemHints::default()
+        };
+        let mut a = core(1, Some(hints), t0);
+        let peer = Origin {
+            node: NodeId(2),
+            incarnation: 1,
+        };
+        a.peer_up(t0, peer, 3);
+        let r = a.send(t0, message(2, 1)).unwrap();
+        a.opened(t0, r, Guarantee::EffectivelyOnce, 1);
+        // Drive the clock by the core's own deadlines, never hearing from the peer.
+        let mut now = t0;
+        let mut changes = Vec::new();
+        while !changes.iter().any(|c: &HealthChange| c.to == Health::Down) {
+            now = a
+                .poll_timeout(now)
+                .expect("a ping round is always due")
+                .max(now);
+            assert!(now - t0 < Duration::from_secs(120), "never declared Down");
+            a.endpoint.handle_timeout(now);
+            a.handle_timeout(now);
+            while a.poll_event(now).is_some() {}
+            changes.extend(std::iter::from_fn(|| a.poll_health()));
+        }
+        assert_eq!(
+            changes.last().map(|c| (c.peer, c.to)),
+            Some((NodeId(2), Health::Down))
+        );
+        assert_eq!(resolutions(&mut a), [(1, "HandedOff".to_string())]);
+        let stored = &a.hints.as_ref().unwrap().stored;
+        assert_eq!(stored.len(), 1);
+        assert!(
+            stored[0].2.is_some(),
+            "stored with how long the peer is Down"
+        );
+        // A new message to the Down peer is handed off at once.
+        let r = a.send(now, message(2, 2)).unwrap();
+        a.opened(now, r, Guarantee::EffectivelyOnce, 2);
+        assert_eq!(resolutions(&mut a), [(2, "HandedOff".to_string())]);
+        assert_eq!(a.reachable(), Vec::<NodeId>::new());
+    }
+
+    /// A drain refuses new sends, is over once nothing is open, and at its end spools
+    /// what is still open; whatever the store did not take fails at `stop`.
+    #[test]
+    fn a_drain_refuses_new_sends_spools_what_is_open_and_stop_fails_the_rest() {
+        let now = Instant::now();
+        let hints = MemHints {
+            full: true,
+            ..MemHints::default()
+        };
+        let mut a = core(1, Some(hints), now);
+        let r = a.send(now, message(2, 1)).unwrap();
+        a.opened(now, r, Guarantee::EffectivelyOnce, 1);
+        assert!(a.begin_drain(now));
+        assert!(!a.begin_drain(now), "once");
+        assert!(matches!(
+            a.send(now, message(2, 2)),
+            Err(SendRefused::Draining)
+        ));
+        assert!(!a.drain_over(now), "a receipt is open and the grace runs");
+        let end = now + Duration::from_secs(1);
+        assert!(a.poll_timeout(now).is_some_and(|t| t <= end));
+        assert!(a.drain_over(end));
+        assert!(
+            resolutions(&mut a).is_empty(),
+            "the full store took nothing"
+        );
+        a.stop();
+        let how: Vec<_> = a
+            .reports()
+            .filter_map(|r| match r {
+                Report::Resolve { reply, how, .. } => Some((reply, how)),
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(how[..], [(1, Resolution::Shutdown)]), "{how:?}");
     }
 }

@@ -393,7 +393,7 @@ impl<R> Sends<R> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dedup::{Dedup, DedupConfig};
     use crate::id::{ChannelId, Origin};
@@ -401,13 +401,13 @@ mod tests {
     use std::sync::Arc;
 
     /// A hint store in memory that refuses when `full`.
-    #[derive(Default)]
-    struct MemHints {
-        on_down: bool,
-        on_give_up: bool,
-        full: bool,
-        stored: Vec<(SendRef, Bytes, Option<Duration>)>,
-        replaying: Vec<SendRef>,
+    #[derive(Debug, Default)]
+    pub(crate) struct MemHints {
+        pub(crate) on_down: bool,
+        pub(crate) on_give_up: bool,
+        pub(crate) full: bool,
+        pub(crate) stored: Vec<(SendRef, Bytes, Option<Duration>)>,
+        pub(crate) replaying: Vec<SendRef>,
     }
 
     impl Hints for MemHints {
