@@ -79,6 +79,10 @@
 //!   lock-free expiring [`dedup::IdTable`] for application keys, durable persistence.
 //! * [`handoff`] — the hinted-handoff store: per-target append-only segment logs
 //!   with crc32c records, fsync policies, crash recovery, replay throttle.
+//! * `storage` (private) — what the durable logs share: the one [`handoff::FsyncPolicy`]
+//!   (also [`dedup::FsyncPolicy`]), the checked file header, the record framing and
+//!   its recovery scan (torn tail cut, corrupt record skipped). The hint store is
+//!   built on it; the dedup log still frames its records itself.
 //! * [`detector`] — the phi-accrual failure detector (Up / Suspect / Down).
 //! * [`group`] — replica groups: one logical receiver served by several nodes
 //!   (spread by key or round-robin, re-routed under the same `MessageId` when a member
@@ -156,6 +160,7 @@ mod node;
 pub mod proto;
 pub mod retry;
 mod rng;
+mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transport;

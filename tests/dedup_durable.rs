@@ -263,3 +263,19 @@ fn foreign_file_is_a_bad_header() {
         b"hello, this is not a log at all"
     );
 }
+
+/// One `FsyncPolicy` for both durable stores; the dedup log refuses `Every` (its acks
+/// wait for the fsync, so a timed fsync would hold them) with a typed error, and
+/// creates no file.
+#[test]
+fn the_dedup_log_refuses_a_timed_fsync_with_a_typed_error() {
+    let same: ackwire::handoff::FsyncPolicy = FsyncPolicy::Every(Duration::from_millis(10));
+    let dir = tempfile::tempdir().unwrap();
+    let err = Dedup::open(cfg(dir.path(), same)).unwrap_err();
+    assert!(
+        matches!(err, DedupError::InvalidConfig(m) if m.contains("Every")),
+        "{err}"
+    );
+    assert!(!dir.path().join("dedup.log").exists());
+    assert_eq!(FsyncPolicy::default(), FsyncPolicy::Always);
+}

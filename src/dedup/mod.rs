@@ -181,18 +181,7 @@ pub enum DedupError {
     Io(#[from] std::io::Error),
 }
 
-/// When the durable log is fsynced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub enum FsyncPolicy {
-    /// After every record: a returned `complete` survives a machine crash. Slowest.
-    /// On a tokio multi-thread runtime the fsync runs under `block_in_place`, so the
-    /// worker's other tasks move to another thread while it waits for the disk.
-    #[default]
-    Always,
-    /// Never explicitly: records reach the OS on every `complete` (a process crash
-    /// loses nothing) but a machine crash may lose recent ones.
-    Never,
-}
+pub use crate::storage::FsyncPolicy;
 
 /// Durable dedup options.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -300,6 +289,15 @@ impl DedupConfig {
         }
         if self.horizon.is_zero() || self.horizon > Duration::from_secs(365 * 86_400) {
             return Err(DedupError::InvalidConfig("horizon must be in (0, 1 year]"));
+        }
+        if let Some(DurableDedup {
+            fsync: FsyncPolicy::Every(_),
+            ..
+        }) = self.durable
+        {
+            return Err(DedupError::InvalidConfig(
+                "durable.fsync: the dedup log takes Always (one fsync per batch, before its acks) or Never, not Every",
+            ));
         }
         if self.retention < Duration::from_secs(1)
             || self.retention > Duration::from_secs(10 * 365 * 86_400)

@@ -14,11 +14,14 @@
 //! body   : header_len u16 LE | bincode-2 RecordHeader | payload (raw)
 //! ```
 //!
-//! The record magic plus crc lets the scan resynchronise after a corrupt record: it looks
-//! for the next offset where a complete record with a matching crc starts.
+//! The header and the record framing are the shared [`crate::storage`] ones (this log's
+//! own header fields: target and segment id); the record magic plus crc lets the scan
+//! resynchronise after a corrupt record.
 
 use super::Hint;
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId};
+use crate::storage::{self, Framing};
+pub(crate) use crate::storage::{HeaderProblem, RecordAt, Scan, ScanItem};
 use bincode::{Decode, Encode};
 use bytes::Bytes;
 
@@ -31,9 +34,15 @@ pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
 /// Magic opening every record ("AKWH" read as little-endian u32).
 pub(crate) const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"AKWH");
 /// Bytes before the record body: magic, body length, crc.
-pub(crate) const RECORD_PREFIX_LEN: usize = 12;
+pub(crate) const RECORD_PREFIX_LEN: usize = storage::PREFIX_LEN;
 /// Largest record body accepted (64 MiB); larger length fields are treated as corrupt.
 pub(crate) const MAX_RECORD_BODY: usize = 64 << 20;
+/// The hint log's record framing.
+const FRAMING: Framing = Framing {
+    magic: RECORD_MAGIC,
+    min_body: 2,
+    max_body: MAX_RECORD_BODY,
+};
 
 const CURSOR_MAGIC: [u8; 4] = *b"AWHC";
 const CURSOR_VERSION: u16 = 1;
@@ -59,23 +68,15 @@ struct RecordHeader {
 
 /// Encodes a segment header for `target`'s segment `segment`.
 pub(crate) fn encode_segment_header(target: NodeId, segment: u64) -> [u8; SEGMENT_HEADER_LEN] {
-    let mut h = [0u8; SEGMENT_HEADER_LEN];
-    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
-    h[8..10].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
-    h[12..20].copy_from_slice(&target.0.to_le_bytes());
-    h[20..28].copy_from_slice(&segment.to_le_bytes());
-    let crc = crc32c::crc32c(&h[0..28]);
-    h[28..32].copy_from_slice(&crc.to_le_bytes());
-    h
+    storage::header(&SEGMENT_MAGIC, SEGMENT_VERSION, fields(target, segment))
 }
 
-/// Why a segment header was rejected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum HeaderProblem {
-    /// Fewer bytes than a header: the segment was torn while being created.
-    Short,
-    /// Magic, crc, version, target or segment id do not match.
-    Bad(&'static str),
+/// The header fields of `target`'s segment `segment`.
+fn fields(target: NodeId, segment: u64) -> [u8; 16] {
+    let mut f = [0u8; 16];
+    f[0..8].copy_from_slice(&target.0.to_le_bytes());
+    f[8..16].copy_from_slice(&segment.to_le_bytes());
+    f
 }
 
 /// Checks a segment header against the expected target and segment id.
@@ -84,23 +85,15 @@ pub(crate) fn check_segment_header(
     target: NodeId,
     segment: u64,
 ) -> Result<(), HeaderProblem> {
-    if bytes.len() < SEGMENT_HEADER_LEN {
-        return Err(HeaderProblem::Short);
-    }
-    let h = &bytes[..SEGMENT_HEADER_LEN];
-    if h[0..8] != SEGMENT_MAGIC {
-        return Err(HeaderProblem::Bad("bad magic"));
-    }
-    if crc32c::crc32c(&h[0..28]) != u32_at(h, 28) {
-        return Err(HeaderProblem::Bad("header crc mismatch"));
-    }
-    if u16::from_le_bytes([h[8], h[9]]) != SEGMENT_VERSION {
+    let (version, got) = storage::check_header(bytes, &SEGMENT_MAGIC)?;
+    if version != SEGMENT_VERSION {
         return Err(HeaderProblem::Bad("unsupported format version"));
     }
-    if u64_at(h, 12) != target.0 {
+    let want = fields(target, segment);
+    if got[0..8] != want[0..8] {
         return Err(HeaderProblem::Bad("segment belongs to another target"));
     }
-    if u64_at(h, 20) != segment {
+    if got[8..16] != want[8..16] {
         return Err(HeaderProblem::Bad("segment id does not match file name"));
     }
     Ok(())
@@ -119,56 +112,22 @@ pub(crate) fn encode_record(hint: &Hint) -> Option<Vec<u8>> {
     };
     let hdr = bincode::encode_to_vec(&header, bincode_config()).ok()?;
     let hdr_len = u16::try_from(hdr.len()).ok()?;
-    let body_len = 2 + hdr.len() + hint.payload.len();
-    if body_len > MAX_RECORD_BODY {
+    if 2 + hdr.len() + hint.payload.len() > MAX_RECORD_BODY {
         return None;
     }
-    let mut out = Vec::with_capacity(RECORD_PREFIX_LEN + body_len);
-    out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
-    out.extend_from_slice(&(body_len as u32).to_le_bytes());
-    out.extend_from_slice(&[0u8; 4]);
-    out.extend_from_slice(&hdr_len.to_le_bytes());
-    out.extend_from_slice(&hdr);
-    out.extend_from_slice(&hint.payload);
-    let crc = record_crc(&out[4..8], &out[RECORD_PREFIX_LEN..]);
-    out[8..12].copy_from_slice(&crc.to_le_bytes());
-    Some(out)
-}
-
-/// Outcome of looking at the bytes starting at one offset.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum RecordAt {
-    /// A complete record whose crc matches and whose body decodes; `len` bytes long.
-    Valid { len: usize },
-    /// Not enough bytes for the record the prefix announces (or for a prefix).
-    Incomplete,
-    /// Magic, length, crc or body decoding is wrong.
-    Corrupt,
+    let mut out = Vec::with_capacity(RECORD_PREFIX_LEN + 2 + hdr.len() + hint.payload.len());
+    FRAMING
+        .encode(&mut out, |b| {
+            b.extend_from_slice(&hdr_len.to_le_bytes());
+            b.extend_from_slice(&hdr);
+            b.extend_from_slice(&hint.payload);
+        })
+        .then_some(out)
 }
 
 /// Checks the record starting at `bytes[0]` without allocating the payload.
 pub(crate) fn check_record(bytes: &[u8]) -> RecordAt {
-    if bytes.len() < RECORD_PREFIX_LEN {
-        return RecordAt::Incomplete;
-    }
-    if u32_at(bytes, 0) != RECORD_MAGIC {
-        return RecordAt::Corrupt;
-    }
-    let body_len = u32_at(bytes, 4) as usize;
-    if !(2..=MAX_RECORD_BODY).contains(&body_len) {
-        return RecordAt::Corrupt;
-    }
-    let total = RECORD_PREFIX_LEN + body_len;
-    if bytes.len() < total {
-        return RecordAt::Incomplete;
-    }
-    if record_crc(&bytes[4..8], &bytes[RECORD_PREFIX_LEN..total]) != u32_at(bytes, 8) {
-        return RecordAt::Corrupt;
-    }
-    match decode_body(&bytes[RECORD_PREFIX_LEN..total]) {
-        Some(_) => RecordAt::Valid { len: total },
-        None => RecordAt::Corrupt,
-    }
+    FRAMING.check(bytes, |body| decode_body(body).is_some())
 }
 
 /// Decodes one complete record (prefix + body, exactly `len` bytes as found by the scan),
@@ -217,77 +176,12 @@ fn decode_body(body: &[u8]) -> Option<(RecordHeader, &[u8])> {
     Some((header, &body[2 + hdr_len..]))
 }
 
-fn record_crc(len_bytes: &[u8], body: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(len_bytes), body)
-}
-
-/// One region the recovery scan found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ScanItem {
-    /// A valid record at `offset`, `len` bytes long.
-    Record { offset: u64, len: u32 },
-    /// `len` corrupt bytes at `offset`, followed by a valid record (skipped).
-    Corrupt { offset: u64, len: u64 },
-}
-
-/// Result of scanning one segment's bytes (header included).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Scan {
-    /// Valid records and skipped corrupt regions in file order.
-    pub(crate) items: Vec<ScanItem>,
-    /// Length of the intact part; bytes after it are a torn/corrupt tail with no valid
-    /// record after them and should be truncated.
-    pub(crate) keep_len: u64,
-}
-
 /// Scans records after the header: keeps every valid record, resynchronises after a corrupt
 /// region on the next valid record, and reports where the intact part ends.
 pub(crate) fn scan_segment(bytes: &[u8]) -> Scan {
-    let mut scan = Scan::default();
-    let mut at = SEGMENT_HEADER_LEN.min(bytes.len());
-    loop {
-        if at >= bytes.len() {
-            scan.keep_len = at as u64;
-            return scan;
-        }
-        match check_record(&bytes[at..]) {
-            RecordAt::Valid { len } => {
-                scan.items.push(ScanItem::Record {
-                    offset: at as u64,
-                    len: len as u32,
-                });
-                at += len;
-            }
-            RecordAt::Incomplete | RecordAt::Corrupt => match resync(bytes, at + 1) {
-                Some(next) => {
-                    scan.items.push(ScanItem::Corrupt {
-                        offset: at as u64,
-                        len: (next - at) as u64,
-                    });
-                    at = next;
-                }
-                None => {
-                    scan.keep_len = at as u64;
-                    return scan;
-                }
-            },
-        }
-    }
-}
-
-/// The first offset `>= from` where a valid record starts.
-fn resync(bytes: &[u8], from: usize) -> Option<usize> {
-    let magic = RECORD_MAGIC.to_le_bytes();
-    let mut at = from;
-    while at + RECORD_PREFIX_LEN <= bytes.len() {
-        let rel = bytes[at..].windows(4).position(|w| w == magic)?;
-        at += rel;
-        if let RecordAt::Valid { .. } = check_record(&bytes[at..]) {
-            return Some(at);
-        }
-        at += 1;
-    }
-    None
+    FRAMING.scan(bytes, SEGMENT_HEADER_LEN, |body| {
+        decode_body(body).is_some()
+    })
 }
 
 /// Persisted delivery progress of one segment: every record at an offset below
@@ -339,12 +233,6 @@ pub(crate) fn decode_cursor(bytes: &[u8]) -> Option<CursorState> {
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]

@@ -88,26 +88,7 @@ pub struct HintPos {
     pub offset: u64,
 }
 
-/// When appended hints are made durable with `fsync` (fdatasync).
-///
-/// Every policy survives a process crash (`kill -9`): records are written to the OS
-/// before `append` returns. The policies differ on power loss / kernel crash.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum FsyncPolicy {
-    /// fsync before every `append` returns. Nothing acknowledged is lost even on power
-    /// loss; throughput is bounded by the device's fsync latency (≈ 0.1–10 ms per append).
-    /// On a tokio multi-thread runtime every fsync of the store runs under
-    /// `block_in_place`, so the worker's other tasks move to another thread meanwhile.
-    Always,
-    /// Group commit: an `append` fsyncs when the last fsync is older than the interval, and
-    /// [`HintStore::sync_if_due`] must be called at [`HintStore::next_sync_deadline`] so an
-    /// idle log is synced too. Power loss loses at most the last interval of appends;
-    /// throughput is close to `Never`. Cassandra flushes hints every 10 s (without fsync).
-    Every(#[serde(with = "crate::config_serde::duration")] Duration),
-    /// Never fsync (except on explicit [`HintStore::sync`]); the OS writes back when it
-    /// likes (≈ 30 s on Linux). Fastest; power loss can lose the last tens of seconds.
-    Never,
-}
+pub use crate::storage::FsyncPolicy;
 
 /// Configuration of a [`HintStore`].
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
