@@ -413,45 +413,59 @@ fn check_cursor_decode(bytes: &[u8]) {
 // ---------------------------------------------------------------------------------------
 // Dedup log
 
+/// Length of the current dedup log format's header (the record area starts there).
+pub const DEDUP_HEADER_LEN: usize = crate::dedup::log::HEADER_LEN;
+
 /// Fuzz entry for the durable dedup state reader, with `dir` an empty scratch directory
 /// reused between calls.
 ///
 /// `data[0]` is the mode: bit 1 set → the rest is first turned into records with valid
-/// length and crc prefixes by [`dedup_records_from_payloads`]; bit 0 set → a valid log
-/// header is put in front; clear → the result is the whole file. The bytes after the
-/// mode and the file's record area are also parsed directly ([`parse_dedup_log`]).
-/// Returns what [`open_dedup_log`] returned.
+/// prefixes by [`dedup_records_from_payloads`] (bit 2 picks the framing: clear → format
+/// 3, set → formats 1 and 2); bit 0 set → a valid log header of that format is put in
+/// front; clear → the result is the whole file. The bytes after the mode and the
+/// file's record area are also parsed directly ([`parse_dedup_log`]). Returns what
+/// [`open_dedup_log`] returned.
 pub fn fuzz_dedup_state(dir: &Path, data: &[u8]) -> Result<DedupStats, DedupError> {
+    use crate::dedup::log::{header, legacy_header, HEADER_LEN, LEGACY_HEADER_LEN};
     let (mode, rest) = data.split_first().map_or((0, data), |(&m, r)| (m, r));
+    let legacy = mode & 4 == 4;
     let body = if mode & 2 == 2 {
-        dedup_records_from_payloads(rest)
+        dedup_records_from_payloads(rest, legacy)
     } else {
         rest.to_vec()
     };
-    let file = if mode & 1 == 1 {
-        let mut f = crate::dedup::log::header().to_vec();
-        f.extend_from_slice(&body);
-        f
-    } else {
-        body
+    let (mut file, header_len) = match (mode & 1 == 1, legacy) {
+        (false, _) => (Vec::new(), HEADER_LEN),
+        (true, false) => (header().to_vec(), HEADER_LEN),
+        (true, true) => (legacy_header(2).to_vec(), LEGACY_HEADER_LEN),
     };
-    if file.len() >= crate::dedup::log::HEADER_LEN {
-        parse_dedup_log(&file[crate::dedup::log::HEADER_LEN..]);
+    file.extend_from_slice(&body);
+    if file.len() >= header_len {
+        parse_dedup_log(&file[header_len..]);
     }
     parse_dedup_log(rest);
     open_dedup_log(dir, &file)
 }
 
 /// Wraps record payloads in valid dedup log prefixes: reads a payload length `n` (one
-/// byte, then up to `n` bytes) and writes `n as u32 LE`, the crc32c and the payload,
+/// byte, then up to `n` bytes) and frames it (format 3: record magic, `n` as u32 LE,
+/// crc32c of the length and payload; `legacy`: `n` as u32 LE, crc32c of the payload),
 /// repeatedly (a payload cut short keeps its announced length: a torn record).
-pub fn dedup_records_from_payloads(data: &[u8]) -> Vec<u8> {
+pub fn dedup_records_from_payloads(data: &[u8], legacy: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() * 2);
     let mut rest = data;
     while let Some((&n, tail)) = rest.split_first() {
         let payload = &tail[..usize::from(n).min(tail.len())];
-        out.extend_from_slice(&u32::from(n).to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+        let len = u32::from(n).to_le_bytes();
+        if legacy {
+            out.extend_from_slice(&len);
+            out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+        } else {
+            out.extend_from_slice(b"AKWD");
+            out.extend_from_slice(&len);
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&len), payload);
+            out.extend_from_slice(&crc.to_le_bytes());
+        }
         out.extend_from_slice(payload);
         rest = &tail[payload.len()..];
     }
@@ -481,16 +495,26 @@ pub fn dedup_log_bytes(seed: u64, n: usize) -> Vec<u8> {
     out
 }
 
-/// Parses a dedup log's record area (the bytes after the 16-byte header) and returns the
-/// number of records recovered.
+/// Parses `records` as a dedup log's record area (the bytes after the header) in the
+/// current format and in the format of versions 1 and 2, and returns the number of
+/// records the current format recovers.
 ///
 /// # Panics
-/// When an invariant fails: the kept length exceeds the input or disagrees with the torn
-/// byte count; parsing the kept prefix (what recovery truncates to) finds different
-/// records or corruption counts, or a torn tail; the recovered records do not re-encode
-/// into a log that parses back to exactly them.
+/// When an invariant fails, for either format: the kept length exceeds the input or
+/// disagrees with the torn byte count; parsing the kept prefix (what recovery truncates
+/// to) finds different records or corruption counts, or a torn tail; the recovered
+/// records do not re-encode into a log that parses back to exactly them.
 pub fn parse_dedup_log(records: &[u8]) -> usize {
-    use crate::dedup::log::{encode, parse};
+    use crate::dedup::log::{encode, encode_legacy, parse, parse_legacy};
+    check_dedup_parser(records, parse_legacy, encode_legacy);
+    check_dedup_parser(records, parse, encode)
+}
+
+fn check_dedup_parser(
+    records: &[u8],
+    parse: fn(&[u8]) -> (crate::dedup::log::Recovered, usize),
+    encode: fn(&crate::dedup::log::Record, &mut Vec<u8>),
+) -> usize {
     let (rec, keep) = parse(records);
     assert!(keep <= records.len(), "keep past the end");
     assert_eq!(rec.torn_bytes, (records.len() - keep) as u64, "torn bytes");
@@ -517,10 +541,14 @@ pub fn parse_dedup_log(records: &[u8]) -> usize {
 /// # Panics
 /// When an invariant fails: the open fails other than by `BadHeader` on a file without
 /// a valid header (or succeeds on one); the torn/corrupt counts disagree with
-/// [`parse_dedup_log`]'s parser; the file is not truncated to its intact part; a rejected
-/// file was modified; the reopen finds a torn tail or other counts.
+/// [`parse_dedup_log`]'s parsers; a current-format file is not truncated to its intact
+/// part; an older-format file is not rewritten as exactly its recovered records in the
+/// current format; a rejected file was modified; the reopen finds a torn tail or other
+/// counts.
 pub fn open_dedup_log(dir: &Path, file: &[u8]) -> Result<DedupStats, DedupError> {
-    use crate::dedup::log::{header, parse, HEADER_LEN, LOG_NAME};
+    use crate::dedup::log::{
+        encode, header, legacy_header, parse, parse_legacy, HEADER_LEN, LEGACY_HEADER_LEN, LOG_NAME,
+    };
     let path = dir.join(LOG_NAME);
     std::fs::write(&path, file).expect("writing the scratch log");
     let cfg = DedupConfig {
@@ -535,20 +563,17 @@ pub fn open_dedup_log(dir: &Path, file: &[u8]) -> Result<DedupStats, DedupError>
         ..DedupConfig::default()
     };
     let now = Instant::now();
-    let fresh = file.len() < HEADER_LEN && header().starts_with(file);
-    // Magic and any readable version (1 is read and upgraded in place to the current).
-    let header_ok = file.len() >= HEADER_LEN
-        && file[..8] == header()[..8]
-        && matches!(
-            u32::from_le_bytes([file[8], file[9], file[10], file[11]]),
-            1 | 2
-        )
-        && u32::from_le_bytes([file[8], file[9], file[10], file[11]])
-            <= u32::from_le_bytes([header()[8], header()[9], header()[10], header()[11]]);
+    let fresh = (file.len() < HEADER_LEN && header().starts_with(file))
+        || (file.len() < LEGACY_HEADER_LEN && legacy_header(2).starts_with(file));
+    let current = file.len() >= HEADER_LEN && file[..HEADER_LEN] == header();
+    let legacy = file.len() >= LEGACY_HEADER_LEN
+        && (file[..LEGACY_HEADER_LEN] == legacy_header(1)
+            || file[..LEGACY_HEADER_LEN] == legacy_header(2))
+        && !crate::dedup::log::damaged_current_header(file);
     let r = Dedup::open_at(cfg.clone(), now).map(|d| d.stats());
     let on_disk = std::fs::read(&path).expect("reading the scratch log");
     match &r {
-        Err(DedupError::BadHeader { .. }) if !fresh && !header_ok => {
+        Err(DedupError::BadHeader { .. }) if !fresh && !current && !legacy => {
             assert_eq!(on_disk, file, "a rejected log was modified");
             return r;
         }
@@ -556,15 +581,27 @@ pub fn open_dedup_log(dir: &Path, file: &[u8]) -> Result<DedupStats, DedupError>
             assert_eq!((s.torn_bytes_truncated, s.corrupt_records_skipped), (0, 0));
             assert_eq!(on_disk, header(), "a new log must hold just the header");
         }
-        Ok(s) if header_ok => {
+        Ok(s) if current => {
             let (rec, keep) = parse(&file[HEADER_LEN..]);
             assert_eq!(s.torn_bytes_truncated, rec.torn_bytes, "torn bytes");
             assert_eq!(s.corrupt_records_skipped, rec.corrupt_skipped, "corrupt");
-            let mut want = file[..HEADER_LEN + keep].to_vec();
-            want[8..12].copy_from_slice(&header()[8..12]); // upgraded version
-            assert_eq!(on_disk, want, "not truncated to intact");
+            assert_eq!(
+                on_disk,
+                file[..HEADER_LEN + keep],
+                "not truncated to intact"
+            );
         }
-        other => panic!("unexpected open outcome {other:?} (fresh {fresh}, header {header_ok})"),
+        Ok(s) if legacy => {
+            let (rec, _) = parse_legacy(&file[LEGACY_HEADER_LEN..]);
+            assert_eq!(s.torn_bytes_truncated, rec.torn_bytes, "torn bytes");
+            assert_eq!(s.corrupt_records_skipped, rec.corrupt_skipped, "corrupt");
+            let mut want = header().to_vec();
+            rec.records.iter().for_each(|r| encode(r, &mut want));
+            assert_eq!(on_disk, want, "not rewritten in the current format");
+        }
+        other => panic!(
+            "unexpected open outcome {other:?} (fresh {fresh}, current {current}, legacy {legacy})"
+        ),
     }
     let before = r.as_ref().map(|s| s.corrupt_records_skipped).unwrap_or(0);
     let again = Dedup::open_at(cfg, now)

@@ -493,6 +493,21 @@ fn v1_dedup_log_is_read_after_an_upgrade() {
         seq: 6,
     };
     assert_eq!(dedup.begin(&fresh, now).unwrap(), Admit::Fresh);
+    drop(dedup);
+    let log = std::fs::read(tmp.path().join("dedup.log")).unwrap();
+    assert_eq!(
+        (&log[..8], &log[8..12]),
+        (&b"AWDEDUP\0"[..], &3u32.to_le_bytes()[..]),
+        "rewritten in dedup log format 3"
+    );
+    let dedup = Dedup::open(dedup_cfg(tmp.path())).unwrap();
+    for id in v1_dedup_ids() {
+        assert_eq!(
+            dedup.begin(&id, now).unwrap(),
+            Admit::Duplicate,
+            "{id} after the rewrite"
+        );
+    }
     support::reliability::report(
         "compat",
         "upgrade from v1",

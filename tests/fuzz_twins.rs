@@ -218,14 +218,15 @@ proptest! {
         ed in edits(),
     ) {
         let log = dedup_log_bytes(seed, n);
-        prop_assert_eq!(parse_dedup_log(&log[16..]), n);
+        let header = ackwire::fuzzing::DEDUP_HEADER_LEN;
+        prop_assert_eq!(parse_dedup_log(&log[header..]), n);
         let dir = tempfile::tempdir().unwrap();
         let stats = ackwire::fuzzing::open_dedup_log(dir.path(), &log).unwrap();
         prop_assert_eq!((stats.torn_bytes_truncated, stats.corrupt_records_skipped), (0, 0));
         let bad = mutate(log, &ed);
         let _ = ackwire::fuzzing::open_dedup_log(dir.path(), &bad);
         let mut input = vec![1u8];
-        input.extend_from_slice(bad.get(16..).unwrap_or_default());
+        input.extend_from_slice(bad.get(header..).unwrap_or_default());
         let _ = fuzz_dedup_state(dir.path(), &input);
         case_passed("dedup-mutated", 256, || ("dedup".into(), "durable dedup logs mutated (flips, inserts, removals, truncation)".into(), "no panic; open succeeds truncated to the intact part, or fails with BadHeader".into()));
     }
@@ -471,4 +472,18 @@ fn write_seed_corpora() {
         }
         write("dedup_state", i * 2 + 1, &b);
     }
+}
+
+/// A current-format log whose version bits flipped to an older format is refused by
+/// the fuzz twin's oracle and the reader alike (regression: it was read as format 2).
+#[test]
+fn a_current_log_with_a_flipped_version_is_refused_not_read_as_older() {
+    let mut log = dedup_log_bytes(7, 3);
+    log[8] ^= 1;
+    let dir = tempfile::tempdir().unwrap();
+    let r = ackwire::fuzzing::open_dedup_log(dir.path(), &log);
+    assert!(
+        matches!(r, Err(ackwire::dedup::DedupError::BadHeader { .. })),
+        "{r:?}"
+    );
 }

@@ -6,31 +6,43 @@
 //!
 //! # Format
 //!
-//! A 16-byte header: magic `b"AWDEDUP\0"`, format version (`u32` LE), 4 reserved zero
-//! bytes. Then records: payload length (`u32` LE), crc32c of the payload (`u32` LE),
-//! payload. Payloads: `1` seq done / `2` floor — `tag u8, node u64, incarnation u64,
+//! Since version 3 the log is the shared durable-log layout of [`crate::storage`]: a
+//! 32-byte checked header (magic `b"AWDEDUP\0"`, version 3, no fields of its own),
+//! then records framed as `magic "AKWD" | length | crc32c | payload`, recovered by the
+//! shared scan. Payloads: `1` seq done / `2` floor — `tag u8, node u64, incarnation u64,
 //! channel u32, seq u64` (29 bytes); `3` key done — `tag u8, key u128, unix_ms u64`
 //! (25 bytes); since version 2: `5` stream active — `tag u8, node u64, incarnation
 //! u64, channel u32, unix_ms u64` (29 bytes); `4` stream retired — `tag u8, node u64,
 //! incarnation u64, channel u32, watermark u64, max_seen u64, finished u8, unix_ms u64`
 //! (46 bytes). All integers little-endian.
 //!
-//! Version 2 only adds record kinds, so a version 1 log is read as is; its header is
-//! rewritten to version 2 before anything is appended (a version 1 build then refuses
-//! the file instead of skipping the new records as corrupt).
+//! Versions 1 and 2 had a 16-byte header (magic, version `u32` LE, 4 zero bytes) and
+//! records framed as `length u32 | crc32c u32 | payload`, without a record magic
+//! (version 2 only added record kinds). Such a log is read with that framing and
+//! rewritten as version 3 (to a temporary file, then renamed over it) before anything
+//! is appended; an older build then refuses the file instead of misreading it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use super::{DedupError, FsyncPolicy};
+use crate::storage::{self, Framing, ScanItem};
 use crate::{ChannelId, IdKey, NodeId, Origin};
 
 pub(crate) const MAGIC: &[u8; 8] = b"AWDEDUP\0";
-pub(crate) const VERSION: u32 = 2;
+pub(crate) const VERSION: u16 = 3;
 /// The oldest format version this build reads.
 const MIN_VERSION: u32 = 1;
-pub(crate) const HEADER_LEN: usize = 16;
+pub(crate) const HEADER_LEN: usize = storage::HEADER_LEN;
+/// The header of formats 1 and 2.
+pub(crate) const LEGACY_HEADER_LEN: usize = 16;
+/// The record framing since format 3.
+const FRAMING: Framing = Framing {
+    magic: u32::from_le_bytes(*b"AKWD"),
+    min_body: KEY_LEN,
+    max_body: RETIRED_LEN,
+};
 const SEQ_LEN: usize = 29;
 const KEY_LEN: usize = 25;
 const RETIRED_LEN: usize = 46;
@@ -92,40 +104,41 @@ impl DedupLog {
             .open(&path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        let (rec, keep) = if bytes.len() < HEADER_LEN && header().starts_with(&bytes) {
+        let fresh = (bytes.len() < HEADER_LEN && header().starts_with(&bytes))
+            || (bytes.len() < LEGACY_HEADER_LEN && legacy_header(2).starts_with(&bytes));
+        let (rec, keep, legacy) = if fresh {
             // New file, or a header torn while being created: start over.
             file.set_len(0)?;
             file.seek(io::SeekFrom::Start(0))?;
             file.write_all(&header())?;
             sync(&file, fsync)?;
-            (Recovered::default(), HEADER_LEN as u64)
+            (Recovered::default(), HEADER_LEN as u64, false)
+        } else if check_header(&bytes, &path)? < u32::from(VERSION) {
+            let (rec, _) = parse_legacy(&bytes[LEGACY_HEADER_LEN..]);
+            (rec, bytes.len() as u64, true)
         } else {
-            let version = check_header(&bytes, &path)?;
-            if version != VERSION {
-                file.seek(io::SeekFrom::Start(8))?;
-                file.write_all(&VERSION.to_le_bytes())?;
-                sync(&file, fsync)?;
-            }
             let (rec, keep) = parse(&bytes[HEADER_LEN..]);
             let keep = (HEADER_LEN + keep) as u64;
             if keep < bytes.len() as u64 {
                 file.set_len(keep)?;
                 sync(&file, fsync)?;
             }
-            (rec, keep)
+            (rec, keep, false)
         };
         file.seek(io::SeekFrom::Start(keep))?;
-        Ok((
-            DedupLog {
-                dir: dir.to_path_buf(),
-                file,
-                len: keep,
-                fsync,
-                buf: Vec::with_capacity(64),
-                unsynced: false,
-            },
-            rec,
-        ))
+        let mut log = DedupLog {
+            dir: dir.to_path_buf(),
+            file,
+            len: keep,
+            fsync,
+            buf: Vec::with_capacity(64),
+            unsynced: false,
+        };
+        if legacy {
+            // Formats 1 and 2 become format 3 before anything is appended.
+            log.rewrite(&rec.records)?;
+        }
+        Ok((log, rec))
     }
 
     /// Appends one record (one `write` call), fsyncing per the policy.
@@ -193,31 +206,75 @@ fn sync(f: &File, p: FsyncPolicy) -> Result<(), DedupError> {
     }
 }
 
+/// The header this build writes (format 3).
 pub(crate) fn header() -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
+    storage::header(MAGIC, VERSION, [0; 16])
+}
+
+/// The header of format `version` (1 or 2).
+pub(crate) fn legacy_header(version: u32) -> [u8; LEGACY_HEADER_LEN] {
+    let mut h = [0u8; LEGACY_HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h
 }
 
+/// The format version of a log whose header is intact.
 fn check_header(bytes: &[u8], path: &Path) -> Result<u32, DedupError> {
     let bad = |reason| DedupError::BadHeader {
         path: path.to_path_buf(),
         reason,
     };
-    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
+    if bytes.len() < LEGACY_HEADER_LEN || &bytes[..8] != MAGIC {
         return Err(bad("not an ackwire dedup log (bad magic)"));
     }
+    // Formats 1 and 2 hold a u32 version there; format 3 a u16 and a zero u16.
     let v = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if !(MIN_VERSION..=VERSION).contains(&v) {
+    if !(MIN_VERSION..=u32::from(VERSION)).contains(&v) {
         return Err(bad("unsupported dedup log version"));
+    }
+    if v == u32::from(VERSION) && storage::check_header(bytes, MAGIC).is_err() {
+        return Err(bad("damaged dedup log header (crc mismatch or torn)"));
+    }
+    if v < u32::from(VERSION) && damaged_current_header(bytes) {
+        // A format 3 header whose version bits flipped: read as an older format, its
+        // records would all be lost.
+        return Err(bad("damaged dedup log header (version)"));
     }
     Ok(v)
 }
 
+/// Is this a format 3 header with only its version field damaged (its crc matches
+/// once the version is put back)?
+pub(crate) fn damaged_current_header(bytes: &[u8]) -> bool {
+    let Some(h) = bytes.get(..HEADER_LEN) else {
+        return false;
+    };
+    let mut h = h.to_vec();
+    h[8..12].copy_from_slice(&u32::from(VERSION).to_le_bytes());
+    storage::check_header(&h, MAGIC).is_ok()
+}
+
+/// Appends `r` as one framed record (format 3).
 pub(crate) fn encode(r: &Record, out: &mut Vec<u8>) {
+    let framed = FRAMING.encode(out, |b| payload(r, b));
+    debug_assert!(framed, "every payload is within the framing's lengths");
+}
+
+/// Appends `r` in the framing of formats 1 and 2 (length, crc, payload), to build
+/// legacy logs in tests and fuzz inputs.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn encode_legacy(r: &Record, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0u8; 8]);
+    payload(r, out);
+    let len = (out.len() - start - 8) as u32;
+    let crc = crc32c::crc32c(&out[start + 8..]);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn payload(r: &Record, out: &mut Vec<u8>) {
     match *r {
         Record::SeqDone(o, c, s) | Record::Floor(o, c, s) => {
             out.push(if matches!(r, Record::SeqDone(..)) {
@@ -253,10 +310,6 @@ pub(crate) fn encode(r: &Record, out: &mut Vec<u8>) {
             out.extend_from_slice(&r.unix_ms.to_le_bytes());
         }
     }
-    let len = (out.len() - start - 8) as u32;
-    let crc = crc32c::crc32c(&out[start + 8..]);
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn decode(p: &[u8]) -> Option<Record> {
@@ -309,7 +362,29 @@ fn decode(p: &[u8]) -> Option<Record> {
     }
 }
 
-/// A well-formed record at the start of `b`: its length on disk and value.
+/// Parses the record area of a format 3 log (after the header); returns the records
+/// and how many bytes to keep (everything up to the end of the last intact record; the
+/// rest is a torn or garbage tail).
+pub(crate) fn parse(b: &[u8]) -> (Recovered, usize) {
+    let scan = FRAMING.scan(b, 0, |p| decode(p).is_some());
+    let mut rec = Recovered::default();
+    for item in &scan.items {
+        match *item {
+            ScanItem::Record { offset, len } => {
+                let at = offset as usize + storage::PREFIX_LEN;
+                rec.records
+                    .extend(decode(&b[at..offset as usize + len as usize]));
+            }
+            ScanItem::Corrupt { .. } => rec.corrupt_skipped += 1,
+        }
+    }
+    let keep = scan.keep_len as usize;
+    rec.torn_bytes = (b.len() - keep) as u64;
+    (rec, keep)
+}
+
+/// A well-formed record of formats 1 and 2 at the start of `b`: its length on disk and
+/// value.
 fn record_at(b: &[u8]) -> Option<(usize, Option<Record>)> {
     if b.len() < 8 {
         return None;
@@ -329,9 +404,10 @@ fn record_at(b: &[u8]) -> Option<(usize, Option<Record>)> {
     Some((8 + len, decode(p)))
 }
 
-/// Parses the record area; returns the records and how many bytes to keep (everything
-/// up to the end of the last intact record; the rest is a torn or garbage tail).
-pub(crate) fn parse(b: &[u8]) -> (Recovered, usize) {
+/// Parses the record area of a format 1 or 2 log; returns the records and how many
+/// bytes to keep (everything up to the end of the last intact record; the rest is a
+/// torn or garbage tail).
+pub(crate) fn parse_legacy(b: &[u8]) -> (Recovered, usize) {
     let mut rec = Recovered::default();
     let mut pos = 0;
     let mut keep = 0;
