@@ -179,6 +179,13 @@ pub enum Event {
     HeartbeatAck(NodeId),
 }
 
+/// The largest sequence number a stream may use, and so the largest seq or floor a
+/// frame may carry: 2^62. A stream sending a billion messages a second reaches it in
+/// about 146 years; a frame beyond it is a lie and is dropped (counted in
+/// [`ProtoStats::malformed_dropped`]), which keeps every sequence computation far
+/// from overflow.
+pub const MAX_SEQ: u64 = 1 << 62;
+
 /// Errors from [`Endpoint::send`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -250,6 +257,10 @@ pub struct ProtoStats {
     /// stream or the dedup table: the sender may not send on the channel, or the frame's
     /// id names another node and the sender may not relay.
     pub unauthorized_dropped: u64,
+    /// Frames whose sequence numbers no honest sender produces (a seq of 0 or above
+    /// [`MAX_SEQ`], a floor above the frame's own seq), dropped before touching any
+    /// stream or dedup state.
+    pub malformed_dropped: u64,
     /// Receiving side: reject frames sent (each reason, retransmissions included).
     pub rejects_sent: u64,
     /// Receiving side: messages refused for good (rejected once each; dead letters
@@ -890,6 +901,9 @@ impl Endpoint {
                     self.stats.frames_ignored += 1;
                 }
             }
+            Frame::Finish(f) if f.last_seq > MAX_SEQ || f.id_floor > MAX_SEQ + 1 => {
+                self.stats.malformed_dropped += 1;
+            }
             Frame::Finish(f) => {
                 // Only the connection's own run can finish its streams.
                 if self.dedup.watermark_of(peer_origin, f.channel).is_some() {
@@ -1332,6 +1346,15 @@ impl Endpoint {
     }
 
     fn on_data(&mut self, now: Instant, origin: Origin, data: Data) {
+        if data.seq == 0
+            || data.seq > MAX_SEQ
+            || data.floor > data.seq
+            || data.id_floor > data.floor
+        {
+            self.stats.malformed_dropped += 1;
+            tracing::debug!(%origin, channel = ?data.channel, seq = data.seq, floor = data.floor, id_floor = data.id_floor, "data frame dropped: sequence numbers no sender produces");
+            return;
+        }
         if let Err(why) = self.authz.check(origin.node, &data) {
             // Before any stream or dedup state: a refused frame leaves no trace.
             self.stats.unauthorized_dropped += 1;
@@ -1682,6 +1705,193 @@ mod tests {
             out.push(f);
         }
         out
+    }
+
+    /// A sequence number a liar might pick: small, around [`MAX_SEQ`], near
+    /// `u64::MAX`, or anything.
+    fn lie() -> impl proptest::strategy::Strategy<Value = u64> {
+        use proptest::prelude::*;
+        prop_oneof![
+            0u64..6,
+            MAX_SEQ - 3..=MAX_SEQ + 2,
+            u64::MAX - 2..=u64::MAX,
+            any::<u64>(),
+        ]
+    }
+
+    /// One frame a lying (admitted) peer sends, and what the receiver does next.
+    #[derive(Clone, Debug)]
+    enum Lie {
+        Data {
+            ordered: bool,
+            g: u8,
+            seq: u64,
+            floor: u64,
+            id_floor: u64,
+        },
+        Ack {
+            cumulative: u64,
+            start: u64,
+            end: u64,
+            credit: u64,
+            received: u64,
+        },
+        Nack(u64),
+        Reject(u64),
+        Finish {
+            ordered: bool,
+            last_seq: u64,
+            id_floor: u64,
+        },
+        NodeCredit(u64, u64),
+        Probe,
+        /// The receiver's application finishes what it holds (ack, or nack when
+        /// `true`) and its timers run.
+        Work(bool),
+    }
+
+    fn lies() -> impl proptest::strategy::Strategy<Value = Vec<Lie>> {
+        use proptest::prelude::*;
+        let one = prop_oneof![
+            4 => (any::<bool>(), 0u8..3, lie(), lie(), lie()).prop_map(|(ordered, g, seq, floor, id_floor)| Lie::Data { ordered, g, seq, floor, id_floor }),
+            2 => (lie(), lie(), lie(), lie(), lie()).prop_map(|(cumulative, start, end, credit, received)| Lie::Ack { cumulative, start, end, credit, received }),
+            1 => lie().prop_map(Lie::Nack),
+            1 => lie().prop_map(Lie::Reject),
+            1 => (any::<bool>(), lie(), lie()).prop_map(|(ordered, last_seq, id_floor)| Lie::Finish { ordered, last_seq, id_floor }),
+            1 => (lie(), lie()).prop_map(|(a, b)| Lie::NodeCredit(a, b)),
+            1 => Just(Lie::Probe),
+            2 => any::<bool>().prop_map(Lie::Work),
+        ];
+        proptest::collection::vec(one, 1..40)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            // 512 by default; PROPTEST_CASES raises it for a hunt.
+            cases: proptest::prelude::ProptestConfig::default().cases.max(512),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Property: whatever sequence numbers an admitted peer puts in its frames,
+        /// the endpoint neither panics (overflow checks are on in tests) nor stalls,
+        /// and it keeps delivering another peer's messages. (Regression: a data frame
+        /// with seq and floor at `u64::MAX` overflowed `next_deliver`; in a release
+        /// build the ordered drain then looped ~2^64 times.)
+        #[test]
+        fn a_lying_peer_neither_panics_nor_stalls_the_endpoint(lies in lies()) {
+            let t0 = Instant::now();
+            let (mut b, liar, honest) = (endpoint(2, t0), endpoint(1, t0), endpoint(3, t0));
+            let mut honest = honest;
+            b.handle_peer_up(t0, liar.origin(), 3);
+            b.handle_peer_up(t0, honest.origin(), 3);
+            honest.handle_peer_up(t0, b.origin(), 3);
+            b.accept_channel_with(ChannelId(1), Accept::new(false, None));
+            b.accept_channel_with(ChannelId(2), Accept::new(true, None));
+            // Outbound state for the liar's acks, nacks and rejects to hit.
+            for ch in [1, 2] {
+                b.send(t0, Outgoing { peer: NodeId(1), channel: ChannelId(ch), guarantee: Guarantee::AtLeastOnce, payload: Bytes::from_static(b"x"), id: None, deadline: None, schema: 0 }).unwrap();
+            }
+            let inc = liar.origin().incarnation;
+            let mut now = t0;
+            let mut held = Vec::new();
+            for lie in lies {
+                now += Duration::from_millis(7);
+                let frame = match lie {
+                    Lie::Data { ordered, g, seq, floor, id_floor } => Frame::Data(Data {
+                        channel: ChannelId(if ordered { 2 } else { 1 }),
+                        seq, floor, id_floor, id: None,
+                        guarantee: [Guarantee::AtMostOnce, Guarantee::AtLeastOnce, Guarantee::EffectivelyOnce][usize::from(g)],
+                        schema: 0, payload: Bytes::from_static(b"lie"),
+                    }),
+                    Lie::Ack { cumulative, start, end, credit, received } => Frame::Ack(crate::wire::Ack {
+                        channel: ChannelId(1), incarnation: b.origin().incarnation, cumulative,
+                        ranges: vec![crate::wire::SeqRange { start, end }], credit: Some(credit), received,
+                    }),
+                    Lie::Nack(seq) => Frame::Nack(crate::wire::Nack { channel: ChannelId(2), incarnation: b.origin().incarnation, seq }),
+                    Lie::Reject(seq) => Frame::Reject(crate::wire::Reject { channel: ChannelId(1), incarnation: b.origin().incarnation, seq, reason: RejectReason::NoReceiver }),
+                    Lie::Finish { ordered, last_seq, id_floor } => Frame::Finish(crate::wire::Finish { channel: ChannelId(if ordered { 2 } else { 1 }), last_seq, id_floor }),
+                    Lie::NodeCredit(limit, received) => Frame::NodeCredit(crate::wire::NodeCredit { limit, received }),
+                    Lie::Probe => Frame::CreditProbe(CreditProbe { channel: ChannelId(2) }),
+                    Lie::Work(nack) => {
+                        for d in held.drain(..) {
+                            b.complete(now, d, if nack { Completion::Nack } else { Completion::Ack });
+                        }
+                        b.handle_timeout(now);
+                        while b.poll_transmit(now).is_some() {}
+                        continue;
+                    }
+                };
+                b.handle_frame_from(now, Origin { node: NodeId(1), incarnation: inc }, frame);
+                while let Some(ev) = b.poll_event() {
+                    if let Event::Deliver { delivery, .. } = ev {
+                        if delivery.guarantee != Guarantee::AtMostOnce {
+                            held.push(delivery);
+                        }
+                    }
+                }
+            }
+            // Another peer is still served.
+            honest.send(now, Outgoing { peer: NodeId(2), channel: ChannelId(1), guarantee: Guarantee::EffectivelyOnce, payload: Bytes::from_static(b"honest"), id: None, deadline: None, schema: 0 }).unwrap();
+            for f in frames(&mut honest, NodeId(2), now) {
+                b.handle_frame_from(now, honest.origin(), f);
+            }
+            let mut delivered = false;
+            while let Some(ev) = b.poll_event() {
+                if let Event::Deliver { payload, .. } = ev {
+                    delivered |= &payload[..] == b"honest";
+                }
+            }
+            proptest::prop_assert!(delivered, "the honest peer's message was not delivered");
+        }
+    }
+
+    /// Each lie the black-box hunt found, alone: dropped and counted, nothing else.
+    #[test]
+    fn frames_with_impossible_sequence_numbers_are_dropped_and_counted() {
+        let now = Instant::now();
+        let (mut b, a) = (endpoint(2, now), endpoint(1, now));
+        b.handle_peer_up(now, a.origin(), 3);
+        b.accept_channel_with(ChannelId(2), Accept::new(true, None));
+        let data = |seq, floor, id_floor| {
+            Frame::Data(Data {
+                channel: ChannelId(2),
+                seq,
+                floor,
+                id_floor,
+                id: None,
+                guarantee: Guarantee::EffectivelyOnce,
+                schema: 0,
+                payload: Bytes::new(),
+            })
+        };
+        for f in [
+            data(u64::MAX, u64::MAX, u64::MAX),
+            data(MAX_SEQ + 1, 1, 1),
+            data(0, 0, 0),
+            data(5, 6, 1),
+            data(5, 5, 6),
+        ] {
+            b.handle_frame_from(now, a.origin(), f);
+        }
+        assert_eq!(b.stats().malformed_dropped, 5);
+        assert!(b.inbound.is_empty(), "no stream was opened by a lie");
+        // At the bound, the arithmetic still holds: delivered in order.
+        for seq in [MAX_SEQ - 1, MAX_SEQ] {
+            let Frame::Data(mut d) = data(seq, MAX_SEQ - 1, MAX_SEQ - 1) else {
+                unreachable!()
+            };
+            d.guarantee = Guarantee::AtLeastOnce;
+            b.handle_frame_from(now, a.origin(), Frame::Data(d));
+        }
+        assert_eq!(b.stats().malformed_dropped, 5);
+        let seqs: Vec<u64> = std::iter::from_fn(|| b.poll_event())
+            .filter_map(|e| match e {
+                Event::Deliver { delivery, .. } => Some(delivery.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, [MAX_SEQ - 1, MAX_SEQ]);
     }
 
     /// A reject lost with a connection reaches the sender on the next one, before any

@@ -518,6 +518,14 @@ impl InboundStream {
     /// one is dropped); stop at a gap, at a seq still in progress (parked), or — while
     /// a redelivery is held (rule 2) — at the first message never handed out before.
     fn drain_ordered(&mut self, ready: &mut Vec<Data>) {
+        if self.next_deliver <= self.cumulative {
+            // All of it is done: drop the buffered copies and step past it at once
+            // (not one seq at a time: the cumulative ack may be far ahead).
+            let mut above = self.reorder.split_off(&self.next_deliver);
+            let mut rest = above.split_off(&(self.cumulative + 1));
+            self.reorder.append(&mut rest);
+            self.next_deliver = self.cumulative + 1;
+        }
         loop {
             let next = self.next_deliver;
             if next <= self.cumulative || self.done.contains(&next) {

@@ -19,6 +19,6 @@ pub use authz::{Authorization, Refusal, RelayPolicy};
 pub use config::ProtoConfig;
 pub use endpoint::{
     Accept, Completion, DeliveryRef, Endpoint, Event, Outgoing, ProtoStats, SendRef,
-    StreamCounters, StreamError,
+    StreamCounters, StreamError, MAX_SEQ,
 };
 pub use outbound::{CREDIT_SLACK, INITIAL_CREDIT, INITIAL_NODE_CREDIT, MAX_PROBE_INTERVAL};
