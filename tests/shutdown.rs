@@ -136,3 +136,53 @@ async fn without_handoff_unackable_messages_fail_at_shutdown() {
         "drain deadline not honoured"
     );
 }
+
+/// Two `shutdown` calls at once both return only when the node has stopped: every
+/// receipt resolved and `closed()` ready (regression: the second call returned at once,
+/// while the first still waited for the drain).
+#[tokio::test(start_paused = true)]
+async fn concurrent_shutdown_calls_both_wait_for_the_stop() {
+    use futures::FutureExt;
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let b = Node::builder(B)
+        .transport(net.transport(B))
+        .build()
+        .await
+        .unwrap();
+    // Deliveries are held, never finished: the drain runs its whole grace period.
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(d) = inbox.recv().await {
+            held.push(d);
+        }
+    });
+    let a = Arc::new(sender(&net, None).await);
+    let out = a
+        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::AtLeastOnce))
+        .unwrap();
+    let mut receipts = Vec::new();
+    for v in 0..10u64 {
+        receipts.push(out.send(&v).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.shutdown().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.shutdown().await;
+    assert!(
+        a.closed().now_or_never().is_some(),
+        "the second shutdown returned before the node stopped"
+    );
+    for r in receipts {
+        let got = r
+            .now_or_never()
+            .expect("a receipt still open after shutdown");
+        assert!(matches!(got, Err(SendError::Shutdown)), "{got:?}");
+    }
+    first.await.unwrap();
+    b.shutdown().await;
+    hold.abort();
+}

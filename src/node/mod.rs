@@ -432,11 +432,19 @@ impl Node {
     /// they fail with [`SendError::Shutdown`]), flush the hint log, close the transport,
     /// and wait for the driver to finish. A node restarted on the same hint directory
     /// replays the spooled messages. Dropping a `Node` instead stops it at once.
+    ///
+    /// Every call waits for the stop, also one made while another is in progress.
     pub async fn shutdown(&self) {
         let _ = self.commands.send(Command::Drain);
         let task = self.task.lock().ok().and_then(|mut t| t.take());
-        if let Some(task) = task {
-            let _ = task.await;
+        match task {
+            Some(task) => {
+                let _ = task.await;
+            }
+            // Another call holds the task: wait for the driver to end all the same.
+            None => {
+                let _ = self.closed().await;
+            }
         }
     }
 }
