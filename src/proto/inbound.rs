@@ -111,6 +111,12 @@ pub(crate) struct InboundStream {
     failures: FxHashMap<u64, u32>,
 }
 
+/// How soon a receiver tells the sender which messages it holds (in its handler or
+/// for ordering) when no ack of a finished message has said so: well under the
+/// default minimum RTO (200 ms), so a slow handler does not make the sender
+/// retransmit what it already has.
+pub(crate) const HELD_ACK_DELAY: Duration = Duration::from_millis(20);
+
 impl InboundStream {
     pub(crate) fn new(
         origin: Origin,
@@ -158,6 +164,12 @@ impl InboundStream {
             // Tell the sender what is held here before its timers think it lost: a
             // busy application otherwise delays every ack past the sender's RTO.
             self.owe_ack(now);
+        } else if !self.amo && self.received > self.reported {
+            // A few messages held: say so within HELD_ACK_DELAY, well before the
+            // sender's RTO (at least 200 ms by default). A handler that finishes
+            // sooner sends its ack first, and this one merges into it.
+            let due = crate::retry::later(now, HELD_ACK_DELAY);
+            self.ack_due = Some(self.ack_due.map_or(due, |d| d.min(due)));
         }
         arrival
     }
