@@ -2,10 +2,11 @@
 //! ([`FsyncPolicy`]), its checked file header, and its record framing with the
 //! recovery scan (torn tail cut, corrupt record skipped).
 //!
-//! Owns byte layouts and the scan only: no file IO and no state across calls. The hint
-//! store (`handoff`) frames its segment files with it; the dedup log (`dedup`) still
-//! has its own framing (format versions 1 and 2) and takes only [`FsyncPolicy`] from
-//! here.
+//! Owns byte layouts and the scan (no state across calls), and in [`file`] the IO of
+//! one log file, on disk or in memory (for power-loss and torn-write tests). The hint
+//! store (`handoff`, many segment files per target, its own `SegmentIo` backends)
+//! frames its segments with it; the dedup log (`dedup`, one file) is built on all of
+//! it.
 //!
 //! ```text
 //! header : magic [u8; 8] | version u16 LE | reserved u16 | 16 bytes of the log's own
@@ -19,6 +20,8 @@
 //! log's codec accepts) starts.
 
 use std::time::Duration;
+
+pub(crate) mod file;
 
 /// When appended records are made durable with `fsync` (fdatasync).
 ///
