@@ -197,7 +197,11 @@ pub enum SendError {
     /// channel's delivery limit, or a stream the receiver has retired. The message was
     /// not processed by a handler (a dead-lettered or undecodable one is in the
     /// receiver's [`Node::dead_letters`]); sending it again unchanged gets the same
-    /// answer.
+    /// answer. It is not recorded as processed: a copy sent again under the same
+    /// `IdKey` is a new attempt — refused the same way if nothing changed (an
+    /// undecodable payload; a handler that still fails it `max_deliveries` times, which
+    /// makes another dead letter), processed if the cause is gone — and is never
+    /// answered `Acked` without a handler finishing it.
     #[error("rejected by the receiver: {reason}")]
     Rejected {
         /// The receiver's reason.

@@ -1031,19 +1031,17 @@ impl Endpoint {
     }
 
     /// `delivery`, handed to the application, is refused for good (rule 4 of the
-    /// ordered contract). Effectively-once: recorded as done in the dedup table (the
-    /// message is in the dead letters; another copy must not be processed).
+    /// ordered contract). Effectively-once: its id is released, not recorded as done —
+    /// it was not processed, so a copy under the same id sent later is a new attempt
+    /// (never acked as a duplicate of something no handler finished); copies parked
+    /// behind it get the same refusal.
     fn reject_delivery(&mut self, now: Instant, delivery: DeliveryRef, reason: RejectReason) {
         let key = (delivery.origin, delivery.channel);
         if !self.inbound.contains_key(&key) {
             return; // its sender restarted since; nothing to settle
         }
         if delivery.guarantee == Guarantee::EffectivelyOnce {
-            self.dedup_unsynced = true;
-            if let Err(e) = self.dedup.complete_unsynced(&delivery.id, now) {
-                self.stats.dedup_persist_errors += 1;
-                tracing::warn!(id = %delivery.id, error = %e, "dedup completion not persisted");
-            }
+            self.dedup.release(&delivery.id);
         }
         self.stats.rejected += 1;
         let mut ready = std::mem::take(&mut self.ready);
@@ -1058,7 +1056,30 @@ impl Endpoint {
         self.process_ready(now, delivery.origin, delivery.channel, &mut ready);
         self.ready = ready;
         if delivery.guarantee == Guarantee::EffectivelyOnce {
-            self.wake_parked(now, delivery.id, true);
+            self.reject_parked(now, delivery.id, reason);
+        }
+    }
+
+    /// Arrivals parked behind `id`, whose delivery was just refused for good: each is
+    /// refused with the same reason (the same message sent again gets the same
+    /// answer).
+    fn reject_parked(&mut self, now: Instant, id: MessageId, reason: RejectReason) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let Some(queue) = self.waiting.remove(&id) else {
+            return;
+        };
+        for p in queue {
+            let (origin, channel, seq) = (p.origin, p.data.channel, p.data.seq);
+            if !self.inbound.contains_key(&(origin, channel)) {
+                continue; // its sender restarted since
+            }
+            self.stats.rejected += 1;
+            let mut ready = std::mem::take(&mut self.ready);
+            self.settle_rejected(now, origin, channel, seq, reason, &mut ready);
+            self.process_ready(now, origin, channel, &mut ready);
+            self.ready = ready;
         }
     }
 
@@ -1469,7 +1490,6 @@ impl Endpoint {
             peers,
             transmit,
             channels,
-            dedup_unsynced,
             ..
         } = self;
         let Some(stream) = inbound.get_mut(&(origin, channel)) else {
@@ -1605,12 +1625,10 @@ impl Endpoint {
                 let deliveries = stream.failures(seq);
                 if deliveries >= max {
                     // Delivered `max` times already: a dead letter, not a redelivery.
+                    // Not processed, so not recorded as done: a later copy under the
+                    // same id is a new attempt (see `reject_delivery`).
                     if delivery.guarantee == Guarantee::EffectivelyOnce {
-                        *dedup_unsynced = true;
-                        if let Err(e) = dedup.complete_unsynced(&id, now) {
-                            stats.dedup_persist_errors += 1;
-                            tracing::warn!(%id, error = %e, "dedup completion not persisted");
-                        }
+                        dedup.release(&id);
                         dead.push(id);
                     }
                     stats.dead_lettered += 1;
@@ -1632,8 +1650,8 @@ impl Endpoint {
         }
         ready.clear();
         for id in dead {
-            // Copies of it parked behind the delivery that failed: settled with it.
-            self.wake_parked(now, id, true);
+            // Copies of it parked behind the delivery that failed: refused with it.
+            self.reject_parked(now, id, RejectReason::DeadLettered);
         }
     }
 
@@ -1844,6 +1862,84 @@ mod tests {
             }
             proptest::prop_assert!(delivered, "the honest peer's message was not delivered");
         }
+    }
+
+    /// A message refused for good was not processed, so its id is not recorded as
+    /// done: a copy parked behind it (same key, another seq) gets the same refusal,
+    /// and a copy sent later is delivered as a new attempt — never acked as a
+    /// duplicate of something no handler finished. (Regression: both were acked.)
+    #[test]
+    fn copies_of_a_refused_message_are_refused_or_delivered_again_never_acked() {
+        let now = Instant::now();
+        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+        a.handle_peer_up(now, b.origin(), 3);
+        b.handle_peer_up(now, a.origin(), 3);
+        b.accept_channel_with(ChannelId(1), Accept::new(false, None));
+        let key = MessageId::Key(crate::IdKey(77));
+        let send = |a: &mut Endpoint| {
+            a.send(
+                now,
+                Outgoing {
+                    peer: NodeId(2),
+                    channel: ChannelId(1),
+                    guarantee: Guarantee::EffectivelyOnce,
+                    payload: Bytes::from_static(b"k"),
+                    id: Some(key),
+                    deadline: None,
+                    schema: 0,
+                },
+            )
+            .unwrap()
+        };
+        let (first, second) = (send(&mut a), send(&mut a));
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        let delivered: Vec<DeliveryRef> = std::iter::from_fn(|| b.poll_event())
+            .filter_map(|e| match e {
+                Event::Deliver { delivery, .. } => Some(delivery),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(delivered.len(), 1, "the copy waits behind the original");
+        assert_eq!(b.stats().in_progress_dropped, 1);
+        b.complete(
+            now,
+            delivered[0],
+            Completion::Reject(RejectReason::Undecodable),
+        );
+        let out = frames(&mut b, NodeId(1), now);
+        let rejected: Vec<u64> = out
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Reject(r) if r.reason == RejectReason::Undecodable => Some(r.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rejected, [first.seq, second.seq], "{out:?}");
+        for f in out {
+            b.handle_frame(now, NodeId(1), f.clone());
+            a.handle_frame(now, NodeId(2), f);
+        }
+        let answers: Vec<Event> = std::iter::from_fn(|| a.poll_event())
+            .filter(|e| !matches!(e, Event::Heard(_) | Event::WindowOpened { .. }))
+            .collect();
+        assert!(
+            answers.iter().all(|e| matches!(e, Event::Rejected { .. })) && answers.len() == 2,
+            "both copies are refused, neither settled as acked: {answers:?}"
+        );
+        // The same key sent again later: a new attempt, delivered.
+        let third = send(&mut a);
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        let again: Vec<u64> = std::iter::from_fn(|| b.poll_event())
+            .filter_map(|e| match e {
+                Event::Deliver { delivery, .. } => Some(delivery.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(again, [third.seq]);
     }
 
     /// Each lie the black-box hunt found, alone: dropped and counted, nothing else.
