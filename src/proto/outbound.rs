@@ -384,6 +384,9 @@ pub(crate) struct OutboundStream {
     origin: crate::id::Origin,
     guarantee: Guarantee,
     next_seq: u64,
+    /// The highest seq ever put on the wire: an ack or reject can only be about a
+    /// message the receiver could have seen (one still waiting for credit was not).
+    max_sent: u64,
     /// Seq of `slots[0]`; everything below is settled.
     base: u64,
     slots: VecDeque<Option<InFlight>>,
@@ -461,6 +464,7 @@ impl OutboundStream {
             origin,
             guarantee,
             next_seq: 1,
+            max_sent: 0,
             base: 1,
             slots: VecDeque::new(),
             ids: FxHashMap::default(),
@@ -639,6 +643,7 @@ impl OutboundStream {
             };
             m.queued = false;
             m.attempts += 1;
+            self.max_sent = self.max_sent.max(seq);
             self.times.set_sent(seq, m, now, now_us);
             let frame = Data {
                 channel: self.channel,
@@ -904,7 +909,9 @@ impl OutboundStream {
         credit: Option<u64>,
         received: u64,
     ) {
-        let top = self.next_seq.saturating_sub(1);
+        // Only what was transmitted can be acked: a receiver acking further (a buggy or
+        // lying one) must not turn messages it never got into successes.
+        let top = self.max_sent;
         self.unanswered_probes = 0;
         let received = received.min(top);
         if received > self.held {
@@ -927,14 +934,22 @@ impl OutboundStream {
             settled += u64::from(self.settle(seq, acked_at));
             seq += 1;
         }
+        // Each seq is looked at once, however the ranges overlap or are ordered (an
+        // honest ack sends them ascending and disjoint): the work is bounded by the
+        // ranges plus the window, not their product.
+        let mut from = self.base.max(cumulative.min(top).saturating_add(1));
         for r in ranges {
-            if r.end < r.start {
-                continue;
+            if from > top {
+                break;
             }
-            let mut s = r.start.max(self.base);
-            while s <= r.end.min(top) {
+            let (start, end) = (r.start.max(from), r.end.min(top));
+            let mut s = start;
+            while s <= end {
                 settled += u64::from(self.settle(s, acked_at));
                 s += 1;
+            }
+            if end >= start {
+                from = end + 1;
             }
         }
         // An ack is evidence the target keeps up: each message it settled earns retry
@@ -964,6 +979,9 @@ impl OutboundStream {
     /// The receiver refused `seq` for good: settle it (no RTT sample, no retry budget
     /// earned) and report the reason. A reject for a seq already settled is ignored.
     pub(crate) fn handle_reject(&mut self, seq: u64, reason: crate::wire::RejectReason) {
+        if seq > self.max_sent {
+            return; // never transmitted: the receiver cannot have refused it
+        }
         if self.remove(seq).is_some() {
             self.events.push_back(OutEvent::Rejected { seq, reason });
             self.compact();
@@ -1269,6 +1287,80 @@ mod tests {
             } if *seq == want => Some((*reason, *id, *attempts)),
             _ => None,
         })
+    }
+
+    fn settled(events: &[OutEvent]) -> Vec<u64> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                OutEvent::Settled { seq } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Only what was put on the wire can be acked or rejected: six messages, credit
+    /// for three, and a receiver that acks and rejects all six settles three.
+    /// (Regression: the three still waiting for credit resolved `Acked`.)
+    #[test]
+    fn an_ack_or_reject_beyond_what_was_transmitted_settles_nothing_more() {
+        let now = Instant::now();
+        let mut config = ProtoConfig::default();
+        config.retry.deadline = None;
+        let mut s = OutboundStream::new(
+            ORIGIN,
+            ChannelId(1),
+            Guarantee::AtLeastOnce,
+            &config,
+            7,
+            now,
+            Some(3),
+        );
+        for _ in 0..6 {
+            s.send(now, Bytes::from_static(b"m"), None, None, 0);
+        }
+        assert!(run(&mut s, now).is_empty());
+        let lie = [SeqRange { start: 1, end: 6 }];
+        s.handle_reject(5, crate::wire::RejectReason::NoReceiver);
+        s.handle_ack(now, 6, &lie, Some(3), 6);
+        let events: Vec<OutEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert_eq!(settled(&events), [1, 2, 3], "{events:?}");
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, OutEvent::Rejected { .. })),
+            "{events:?}"
+        );
+    }
+
+    /// Ranges that overlap or come out of order (an honest receiver sends them
+    /// ascending and disjoint) settle each transmitted seq at most once, and the
+    /// work is bounded by the ranges plus the window: 200 000 copies of one huge range
+    /// finish at once. (Regression: each range was walked in full, ranges × window;
+    /// one such frame stalled the node's driver for seconds.)
+    #[test]
+    fn overlapping_ack_ranges_settle_each_seq_once_in_bounded_work() {
+        let now = Instant::now();
+        let mut s = stream(now);
+        for _ in 0..10 {
+            s.send(now, Bytes::from_static(b"m"), None, None, 0);
+        }
+        run(&mut s, now);
+        let mut ranges = vec![
+            SeqRange { start: 2, end: 4 },
+            SeqRange { start: 3, end: 5 },
+            SeqRange { start: 1, end: 1 },
+        ];
+        ranges.extend(std::iter::repeat_n(
+            SeqRange {
+                start: 9,
+                end: u64::MAX,
+            },
+            200_000,
+        ));
+        s.handle_ack(now, 0, &ranges, None, 0);
+        let events: Vec<OutEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert_eq!(settled(&events), [2, 3, 4, 5, 9, 10]);
     }
 
     #[test]
