@@ -430,11 +430,12 @@ impl InboundStream {
     /// is what a receiver run that just started (and granted nothing yet) counts from.
     pub(crate) fn over_credit(&self, seq: u64, floor: u64, initial: u64, slack: u64) -> bool {
         if self.amo {
-            // Grants follow arrivals (a flood's own seqs would raise them), so what
-            // bounds an at-most-once stream is what it holds: no more undelivered or
-            // unconsumed messages than its window, as the grants promise an honest
-            // sender. Past that, a frame is dropped (at-most-once may be) and counted.
-            return self.outstanding() >= self.window.saturating_add(slack);
+            // Grants follow arrivals; nothing to hold a flood against. (Holding an
+            // at-most-once stream to its window by what it holds was tried: under load
+            // an honest sender can overshoot it briefly, and a dropped frame then
+            // freezes the grant, which follows arrivals, for good. Open problem, see
+            // docs/SECURITY.md.)
+            return false;
         }
         let settled = self.cumulative.max(floor.saturating_sub(1));
         let allowed = self
@@ -601,34 +602,6 @@ mod tests {
             incarnation: 9,
         };
         InboundStream::new(origin, ChannelId(0), ordered, Duration::ZERO, 8, 16, 64)
-    }
-
-    /// An at-most-once stream holds at most its window (plus the slack) of messages
-    /// the application has not consumed: a sender flooding past its credit is held
-    /// off (dropped, counted by the endpoint), and let in again as messages are
-    /// consumed. (Regression: at-most-once was never held, and a receiver that did not
-    /// read grew without bound.)
-    #[test]
-    fn an_at_most_once_flood_is_held_to_the_window() {
-        let now = Instant::now();
-        let mut s = stream(false); // window 64
-        let mut ready = Vec::new();
-        for seq in 1..=64 {
-            assert!(!s.over_credit(seq, seq, 64, 0), "{seq}");
-            let d = Data {
-                guarantee: Guarantee::AtMostOnce,
-                ..data(seq, seq)
-            };
-            assert_eq!(s.on_data(now, d, &mut ready), Arrival::Ready);
-            s.complete(now, seq, false);
-            s.amo_delivered();
-        }
-        // The flood's own seqs do not buy it room: the stream holds 64 unconsumed.
-        assert!(s.over_credit(65, 65, 64, 0));
-        assert!(s.over_credit(1 << 40, 1 << 40, 64, 0));
-        assert!(!s.over_credit(65, 65, 64, 1), "the slack");
-        s.consumed(now, true);
-        assert!(!s.over_credit(65, 65, 64, 0));
     }
 
     #[test]
