@@ -339,8 +339,10 @@ impl Node {
         if let Some(limit) = options.max_deliveries {
             crate::error::check::count("max_deliveries", u64::from(limit), 1, u64::from(u32::MAX))?;
         }
-        // Unbounded: what may be queued is bounded by the credit granted to each
-        // inbound stream (`ProtoConfig::stream_credit`), never by refusing arrivals.
+        // Unbounded: for acked guarantees what may be queued is bounded by the credit
+        // granted to each inbound stream (`ProtoConfig::stream_credit`), never by
+        // refusing arrivals. At-most-once from a peer ignoring its credit is not
+        // (a known gap: docs/SECURITY.md).
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let mut taken = self

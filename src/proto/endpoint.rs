@@ -1043,18 +1043,7 @@ impl Endpoint {
         if delivery.guarantee == Guarantee::EffectivelyOnce {
             self.dedup.release(&delivery.id);
         }
-        self.stats.rejected += 1;
-        let mut ready = std::mem::take(&mut self.ready);
-        self.settle_rejected(
-            now,
-            delivery.origin,
-            delivery.channel,
-            delivery.seq,
-            reason,
-            &mut ready,
-        );
-        self.process_ready(now, delivery.origin, delivery.channel, &mut ready);
-        self.ready = ready;
+        self.refuse_now(now, delivery.origin, delivery.channel, delivery.seq, reason);
         if delivery.guarantee == Guarantee::EffectivelyOnce {
             self.reject_parked(now, delivery.id, reason);
         }
@@ -1075,12 +1064,25 @@ impl Endpoint {
             if !self.inbound.contains_key(&(origin, channel)) {
                 continue; // its sender restarted since
             }
-            self.stats.rejected += 1;
-            let mut ready = std::mem::take(&mut self.ready);
-            self.settle_rejected(now, origin, channel, seq, reason, &mut ready);
-            self.process_ready(now, origin, channel, &mut ready);
-            self.ready = ready;
+            self.refuse_now(now, origin, channel, seq, reason);
         }
+    }
+
+    /// Refuse `seq` for good (counted), tell its sender, and process what its stream
+    /// can hand out next.
+    fn refuse_now(
+        &mut self,
+        now: Instant,
+        origin: Origin,
+        channel: ChannelId,
+        seq: u64,
+        reason: RejectReason,
+    ) {
+        self.stats.rejected += 1;
+        let mut ready = std::mem::take(&mut self.ready);
+        self.settle_rejected(now, origin, channel, seq, reason, &mut ready);
+        self.process_ready(now, origin, channel, &mut ready);
+        self.ready = ready;
     }
 
     /// Settle a refused seq on its stream and tell the sender: a reject for a sender

@@ -538,9 +538,9 @@ impl InboundStream {
         if self.next_deliver <= self.cumulative {
             // All of it is done: drop the buffered copies and step past it at once
             // (not one seq at a time: the cumulative ack may be far ahead).
-            let mut above = self.reorder.split_off(&self.next_deliver);
-            let mut rest = above.split_off(&(self.cumulative + 1));
-            self.reorder.append(&mut rest);
+            let mut done = self.reorder.split_off(&self.next_deliver);
+            let mut rest = done.split_off(&(self.cumulative + 1));
+            self.reorder.append(&mut rest); // `done` (next_deliver..=cumulative) is dropped
             self.next_deliver = self.cumulative + 1;
         }
         loop {
