@@ -58,8 +58,12 @@ async fn default_config_bulk_to_a_sometimes_slow_ordered_handler() {
             }
             receipts
         })
-        .await
-        .unwrap_or_else(|_| panic!("{g:?}: sending stalled"));
+        .await;
+        let Ok(receipts) = receipts else {
+            let sa = a.stats().await.unwrap().proto;
+            let sb = b.stats().await.unwrap().proto;
+            panic!("{g:?}: sending stalled\nsender {sa:?}\nreceiver {sb:?}");
+        };
         tokio::time::timeout(Duration::from_secs(120), async {
             for r in receipts {
                 r.await.unwrap_or_else(|e| panic!("{g:?}: {e}"));
@@ -67,10 +71,12 @@ async fn default_config_bulk_to_a_sometimes_slow_ordered_handler() {
         })
         .await
         .unwrap_or_else(|_| panic!("{g:?}: receipts did not resolve"));
-        let first = tokio::time::timeout(Duration::from_secs(60), handler)
-            .await
-            .unwrap_or_else(|_| panic!("{g:?}: not everything was delivered"))
-            .unwrap();
+        let Ok(first) = tokio::time::timeout(Duration::from_secs(60), handler).await else {
+            let sa = a.stats().await.unwrap().proto;
+            let sb = b.stats().await.unwrap().proto;
+            panic!("{g:?}: not everything was delivered\nsender {sa:?}\nreceiver {sb:?}");
+        };
+        let first = first.unwrap();
         let elapsed = started.elapsed();
         let sa = a.stats().await.unwrap().proto;
         let sb = b.stats().await.unwrap().proto;

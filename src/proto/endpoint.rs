@@ -1425,6 +1425,10 @@ impl Endpoint {
         if crediting && stream.over_credit(data.seq, data.floor, INITIAL_CREDIT, CREDIT_SLACK) {
             // A sender ignoring its credit: dropped unacked (safety net), counted.
             self.stats.credit_exceeded += 1;
+            if data.guarantee == Guarantee::AtMostOnce {
+                stream.spend(data.seq);
+            }
+            tracing::debug!(%origin, ?channel, seq = data.seq, guarantee = ?data.guarantee, "data frame dropped: past the stream's credit");
             return;
         }
         let id_floor = data.id_floor;

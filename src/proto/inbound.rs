@@ -380,6 +380,14 @@ impl InboundStream {
         }
     }
 
+    /// At-most-once: a frame dropped by the hold ([`Self::over_credit`]) is lost, and
+    /// its seq counts as arrived, so the grant (which follows arrivals) still moves
+    /// past it. Without this, a sender that had gone past the hold would wait for a grant
+    /// that only arrivals could raise, and none would come.
+    pub(crate) fn spend(&mut self, seq: u64) {
+        self.highest = self.highest.max(seq);
+    }
+
     /// At-most-once: a message was handed to the application.
     pub(crate) fn amo_delivered(&mut self) {
         self.unconsumed += 1;
@@ -423,18 +431,34 @@ impl InboundStream {
         self.granted
     }
 
-    /// Would `seq` exceed what this stream ever allowed, by more than `slack`? (A
-    /// sender that honours credit never gets there; probes and a receiver restart stay
-    /// within the slack.)
-    /// `floor` is the frame's own stream floor: everything below it is settled, which
-    /// is what a receiver run that just started (and granted nothing yet) counts from.
+    /// Would `seq` exceed what this stream allows, by more than `slack`? (A sender
+    /// that honours credit never gets there; probes and a receiver restart stay within
+    /// the slack.) Two limits, both needed:
+    /// - **The grant** (acked guarantees): `seq` beyond the highest credit granted, or
+    ///   beyond the initial credit past the frame's own floor (everything below it is
+    ///   settled: what a receiver run that just started, and granted nothing yet,
+    ///   counts from).
+    /// - **The hold** (every guarantee): a new message while the stream already holds
+    ///   its window plus `slack` of messages not finished (handed to the application,
+    ///   parked, or waiting for ordered delivery). A floor is the sender's word, so a
+    ///   lying floor can move the grant as far as it likes; what the stream holds it
+    ///   cannot. At-most-once grants follow arrivals, so for it the hold is the only
+    ///   limit. Seqs the stream already knows (duplicates, a held redelivery, a
+    ///   rejected seq) are never held back: they add nothing. (An honest ordered stream cannot
+    ///   wedge on the hold: what waits for ordered delivery is within its grant, at
+    ///   most the window, so the hold is reached only while the application holds
+    ///   messages, and finishing them makes room.)
     pub(crate) fn over_credit(&self, seq: u64, floor: u64, initial: u64, slack: u64) -> bool {
+        let known = seq <= self.cumulative
+            || self.done.contains(&seq)
+            || self.in_progress.contains(&seq)
+            || self.held.contains(&seq)
+            || self.reorder.contains_key(&seq)
+            || self.rejected.contains_key(&seq);
+        if !known && self.outstanding() >= self.window.saturating_add(slack) {
+            return true;
+        }
         if self.amo {
-            // Grants follow arrivals; nothing to hold a flood against. (Holding an
-            // at-most-once stream to its window by what it holds was tried: under load
-            // an honest sender can overshoot it briefly, and a dropped frame then
-            // freezes the grant, which follows arrivals, for good. Open problem, see
-            // docs/SECURITY.md.)
             return false;
         }
         let settled = self.cumulative.max(floor.saturating_sub(1));
@@ -602,6 +626,75 @@ mod tests {
             incarnation: 9,
         };
         InboundStream::new(origin, ChannelId(0), ordered, Duration::ZERO, 8, 16, 64)
+    }
+
+    /// An at-most-once stream holds at most its window (plus the slack) of messages
+    /// the application has not consumed; past that a frame is dropped. The dropped
+    /// frames' seqs are spent, so once the application catches up the grant covers
+    /// the sender's next seq. (Regressions: at-most-once was never held, so a receiver
+    /// that did not read grew with a flood; and a hold without `spend` froze the grant
+    /// of a sender that had gone past it, since at-most-once grants follow arrivals.)
+    #[test]
+    fn an_at_most_once_flood_is_held_and_the_grant_moves_past_it() {
+        let now = Instant::now();
+        let mut s = stream(false); // window 64
+        let mut ready = Vec::new();
+        for seq in 1..=64 {
+            assert!(!s.over_credit(seq, seq, 64, 0), "{seq}");
+            let d = Data {
+                guarantee: Guarantee::AtMostOnce,
+                ..data(seq, seq)
+            };
+            assert_eq!(s.on_data(now, d, &mut ready), Arrival::Ready);
+            s.complete(now, seq, false);
+            s.amo_delivered();
+        }
+        // The flood's own seqs do not buy it room: the stream holds 64 unconsumed.
+        assert!(s.over_credit(65, 65, 64, 0));
+        assert!(s.over_credit(1 << 40, 1 << 40, 64, 0));
+        assert!(!s.over_credit(65, 65, 64, 1), "the slack");
+        for seq in 65..=200 {
+            assert!(s.over_credit(seq, seq, 64, 0));
+            s.spend(seq);
+        }
+        for _ in 0..64 {
+            s.consumed(now, true);
+        }
+        assert!(!s.over_credit(201, 201, 64, 0));
+        assert!(
+            s.credit() >= 201,
+            "the grant must cover the sender's next seq: {}",
+            s.credit()
+        );
+    }
+
+    /// Acked guarantees are held too, however the floor lies: a floor is the sender's
+    /// word (it moves the grant), but what the stream holds is not. Seqs it already
+    /// knows still get through (a duplicate is re-acked). (Regression: `floor = seq` on every frame let a flood past the
+    /// grant, and a receiver that did not read grew with it.)
+    #[test]
+    fn a_lying_floor_does_not_lift_the_hold() {
+        let now = Instant::now();
+        for ordered in [false, true] {
+            let mut s = stream(ordered); // window 64
+            let mut ready = Vec::new();
+            for seq in 1..=64 {
+                assert!(!s.over_credit(seq, seq, 64, 0), "{seq}");
+                s.on_data(now, data(seq, seq), &mut ready);
+            }
+            assert_eq!(ready.len(), 64, "ordered {ordered}");
+            assert!(s.over_credit(65, 65, 64, 0), "ordered {ordered}");
+            assert!(s.over_credit(10_000, 10_000, 64, 0), "ordered {ordered}");
+            assert!(
+                !s.over_credit(64, 64, 64, 0),
+                "a duplicate, ordered {ordered}"
+            );
+            s.complete(now, 1, true);
+            assert!(
+                !s.over_credit(65, 65, 64, 0),
+                "room again, ordered {ordered}"
+            );
+        }
     }
 
     #[test]
