@@ -208,11 +208,17 @@ impl DeadLetterQueue {
         }
     }
 
-    /// The letter left the queue: remove it from the log too.
+    /// The letter left the queue: remove it from the log too, durably before the
+    /// letter is handed out. (Regression: the mark stayed in memory until the store
+    /// was dropped, so a restart soon after could load a taken letter again, and the
+    /// old run's late cursor write raced the new run's open of the same directory.)
     fn forget(&self, pos: Option<HintPos>) {
         if let (Some(log), Some(pos)) = (self.log.as_ref(), pos) {
             let mut store = log.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = store.mark_delivered(LOG_TARGET, pos) {
+            let marked = store
+                .mark_delivered(LOG_TARGET, pos)
+                .and_then(|_| store.sync());
+            if let Err(e) = marked {
                 tracing::warn!(error = %e, "dead letter not marked taken in its log; it may be seen again after a restart");
             }
         }
