@@ -947,23 +947,31 @@ impl OutboundStream {
             settled += u64::from(self.settle(seq, acked_at));
             seq += 1;
         }
-        // Each seq is looked at once, however the ranges overlap or are ordered (an
-        // honest ack sends them ascending and disjoint): the work is bounded by the
-        // ranges plus the window, not their product.
-        let mut from = self.base.max(cumulative.min(top).saturating_add(1));
-        for r in ranges {
-            if from > top {
-                break;
-            }
-            let (start, end) = (r.start.max(from), r.end.min(top));
-            let mut s = start;
+        // Each seq is looked at once, however the ranges overlap or are ordered: the
+        // work is bounded by the ranges (sorted) plus the window, not their product.
+        // Ranges come in any order — a receiver lists them as its handlers finish.
+        // (Regression: walking them as if ascending skipped every range listed after
+        // a higher one, so messages acked by a concurrent handler while an earlier one
+        // was still running were never settled and failed their deadline.)
+        let lo = self.base.max(cumulative.min(top).saturating_add(1));
+        let mut spans: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter_map(|r| {
+                let (start, end) = (r.start.max(lo), r.end.min(top));
+                (start <= end).then_some((start, end))
+            })
+            .collect();
+        if !spans.is_sorted() {
+            spans.sort_unstable();
+        }
+        let mut from = lo;
+        for (start, end) in spans {
+            let mut s = start.max(from);
             while s <= end {
                 settled += u64::from(self.settle(s, acked_at));
                 s += 1;
             }
-            if end >= start {
-                from = end + 1;
-            }
+            from = from.max(end.saturating_add(1));
         }
         // An ack is evidence the target keeps up: each message it settled earns retry
         // budget too, so a target back from a partition gets its backlog retried at
@@ -1409,7 +1417,42 @@ mod tests {
         ));
         s.handle_ack(now, 0, &ranges, None, 0);
         let events: Vec<OutEvent> = std::iter::from_fn(|| s.poll_event()).collect();
-        assert_eq!(settled(&events), [2, 3, 4, 5, 9, 10]);
+        assert_eq!(settled(&events), [1, 2, 3, 4, 5, 9, 10]);
+    }
+
+    /// Property: an ack settles every transmitted seq its ranges name, whatever order
+    /// the ranges come in (a receiver lists them as its handlers finish). Random
+    /// subsets of 64 seqs, as single-seq ranges in random order, plus duplicates.
+    /// (Regression: ranges were walked as if ascending, so a range listed after a
+    /// higher one was skipped and its messages failed their deadline although their
+    /// handler had acked them.)
+    #[test]
+    fn ack_ranges_in_any_order_settle_exactly_what_they_name() {
+        let mut rng = crate::rng::SplitMix64::new(5);
+        for _case in 0..500 {
+            let now = Instant::now();
+            let mut s = stream(now);
+            for _ in 0..64 {
+                s.send(now, Bytes::from_static(b"m"), None, None, 0);
+            }
+            run(&mut s, now);
+            let mut named: Vec<u64> = (2..=64).filter(|_| rng.range_u64(0, 2) == 0).collect();
+            let mut ranges: Vec<SeqRange> = named
+                .iter()
+                .map(|&q| SeqRange { start: q, end: q })
+                .collect();
+            for i in (1..ranges.len()).rev() {
+                let j = rng.range_u64(0, i as u64) as usize;
+                ranges.swap(i, j);
+            }
+            if let Some(&r) = ranges.first() {
+                ranges.push(r);
+            }
+            s.handle_ack(now, 0, &ranges, None, 0);
+            let events: Vec<OutEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+            named.sort_unstable();
+            assert_eq!(settled(&events), named);
+        }
     }
 
     #[test]
