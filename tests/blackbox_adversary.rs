@@ -1295,3 +1295,92 @@ async fn a_lying_flood_is_held_to_one_window_for_every_guarantee() {
         b.shutdown().await;
     }
 }
+
+/// Property: one sending node cannot make a receiver that does not read hold more than
+/// twice its node credit plus 1 024 of its messages (34 816 by default), however many
+/// incarnations it claims (each restart brings fresh streams and fresh credit). The
+/// rest is dropped and counted in `credit_exceeded`. (Regression: with the per-stream
+/// hold alone, each claimed incarnation queued one more stream window: 12 runs, 52 224
+/// messages.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cycling_incarnations_is_held_to_its_node_bound() {
+    const RUNS: u64 = 12;
+    const PER_RUN: u64 = 6_000;
+    let bound = 2 * 16_384 + 1_024;
+    let b = receiver_node(3700, &[3701]).await;
+    let addr = b.local_addr().unwrap();
+    let _inbox = b.raw_receiver(ChannelId(1), false).unwrap(); // never read
+    for run in 1..=RUNS {
+        let origin = Origin {
+            node: NodeId(3701),
+            incarnation: run,
+        };
+        let x = Raw::connect(addr, origin).await.expect("admitted");
+        let (rd, mut wr) = x.s.into_split();
+        let drain = tokio::spawn(async move {
+            let mut rd = rd;
+            let mut sink = vec![0u8; 1 << 16];
+            while let Ok(n) = rd.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        let mut batch = BytesMut::new();
+        for seq in 1..=PER_RUN {
+            batch.extend_from_slice(&frame_bytes(
+                &Frame::Data(Data {
+                    channel: ChannelId(1),
+                    seq,
+                    floor: seq,
+                    id_floor: 0,
+                    id: None,
+                    guarantee: if seq % 2 == 0 {
+                        Guarantee::AtMostOnce
+                    } else {
+                        Guarantee::AtLeastOnce
+                    },
+                    schema: 0,
+                    payload: Bytes::from_static(b"flood"),
+                }),
+                x.version,
+            ));
+        }
+        wr.write_all(&batch).await.unwrap();
+        // Until the receiver has looked at this run's frames.
+        let want = run * PER_RUN;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let st = b.stats().await.unwrap().proto;
+            if st.delivered + st.credit_exceeded >= want || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drain.abort();
+        drop(wr);
+        // The next run is a restart: wait until this connection is gone (a second
+        // live connection of the same node is refused, which is not what this tests).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.tcp_stats().is_some_and(|t| t.connections_closed < run) && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let st = b.stats().await.unwrap().proto;
+    assert!(
+        st.delivered + st.credit_exceeded > bound,
+        "enough of the flood arrived to test the bound: {st:?}"
+    );
+    assert!(
+        st.delivered <= bound,
+        "{} messages of one peer held for a receiver that does not read (bound {bound})",
+        st.delivered
+    );
+    assert!(
+        st.delivered >= 16_384,
+        "an honest window still gets through: {}",
+        st.delivered
+    );
+    b.shutdown().await;
+}

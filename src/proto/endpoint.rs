@@ -321,6 +321,10 @@ pub struct Endpoint {
     transmit: VecDeque<(NodeId, Frame)>,
     events: VecDeque<Event>,
     ready: Vec<Data>,
+    /// Deliveries handed out (queued for `poll_event` or polled) and not finished, per
+    /// sending node, whatever its incarnation: what bounds a peer across restarts (see
+    /// `node_hold`).
+    app_held: FastMap<NodeId, u64>,
     rng: SplitMix64,
     stats: ProtoStats,
     /// Durable dedup records written but not yet fsynced.
@@ -435,6 +439,7 @@ impl Endpoint {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             ready: Vec::new(),
+            app_held: FastMap::default(),
             rng: SplitMix64::new(seed),
             stats: ProtoStats::default(),
             dedup_unsynced: false,
@@ -966,6 +971,7 @@ impl Endpoint {
     /// the ordered delivery contract in `proto::inbound`). Call it before polling the
     /// next event.
     pub fn complete(&mut self, now: Instant, delivery: DeliveryRef, how: Completion) {
+        self.release_held(delivery.origin.node, 1);
         if delivery.guarantee == Guarantee::AtMostOnce {
             // Settled at delivery time; finishing it frees credit (a credit update is
             // owed to a sender that understands one).
@@ -1175,6 +1181,7 @@ impl Endpoint {
             _ => true,
         });
         let n = 1 + later.len() as u64;
+        self.release_held(delivery.origin.node, later.len() as u64);
         self.stats.deliveries_refused += n;
         self.stats.delivered = self.stats.delivered.saturating_sub(n);
         let refused = std::iter::once(&delivery).chain(later.iter().map(|(d, _)| d));
@@ -1256,7 +1263,13 @@ impl Endpoint {
             if only.is_some_and(|o| o != peer) {
                 continue;
             }
-            let held = outstanding.get(&peer).copied().unwrap_or(0);
+            // Deliveries of an earlier run of the peer that the application still
+            // holds count too (its streams were dropped when it restarted).
+            let held = outstanding
+                .get(&peer)
+                .copied()
+                .unwrap_or(0)
+                .max(self.app_held.get(&peer).copied().unwrap_or(0));
             let limit = n
                 .advertised
                 .max(n.received.saturating_add(window.saturating_sub(held)));
@@ -1328,6 +1341,28 @@ impl Endpoint {
             self.heard_pending.retain(|p| *p != peer);
         }
         Some(ev)
+    }
+
+    /// `n` deliveries of `node` were finished or taken back.
+    fn release_held(&mut self, node: NodeId, n: u64) {
+        if let Some(held) = self.app_held.get_mut(&node) {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                self.app_held.remove(&node);
+            }
+        }
+    }
+
+    /// Most deliveries of one sending node the application may hold before further
+    /// new messages from it are dropped (counted in `credit_exceeded`): twice its
+    /// node credit plus the reconnection allowance. Node credit keeps an honest peer
+    /// within one node credit per run; the hold is for a peer that ignores it, or
+    /// restarts (a new incarnation, fresh streams, fresh credit) to get more.
+    fn node_hold(&self) -> u64 {
+        self.config
+            .node_credit
+            .saturating_mul(2)
+            .saturating_add(INITIAL_NODE_CREDIT)
     }
 
     fn outbound_stream(
@@ -1410,6 +1445,7 @@ impl Endpoint {
             }
         }
         let crediting = self.peers.get(&origin.node).is_some_and(|p| p.version >= 2);
+        let node_hold = self.node_hold();
         let cfg = &self.config;
         let stream = self.inbound.entry((origin, channel)).or_insert_with(|| {
             InboundStream::new(
@@ -1422,7 +1458,18 @@ impl Endpoint {
                 cfg.stream_credit,
             )
         });
-        if crediting && stream.over_credit(data.seq, data.floor, INITIAL_CREDIT, CREDIT_SLACK) {
+        let node_full = self
+            .app_held
+            .get(&origin.node)
+            .is_some_and(|n| *n >= node_hold);
+        if stream.over_credit(
+            data.seq,
+            data.floor,
+            INITIAL_CREDIT,
+            CREDIT_SLACK,
+            node_full,
+            crediting,
+        ) {
             // A sender ignoring its credit: dropped unacked (safety net), counted.
             self.stats.credit_exceeded += 1;
             if data.guarantee == Guarantee::AtMostOnce {
@@ -1496,6 +1543,7 @@ impl Endpoint {
             peers,
             transmit,
             channels,
+            app_held,
             ..
         } = self;
         let Some(stream) = inbound.get_mut(&(origin, channel)) else {
@@ -1650,6 +1698,7 @@ impl Endpoint {
                 }
             }
             stats.delivered += 1;
+            *app_held.entry(origin.node).or_default() += 1;
             let payload = std::mem::take(&mut ready[i].payload);
             events.push_back(Event::Deliver { delivery, payload });
             i += 1;

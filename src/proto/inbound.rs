@@ -448,17 +448,32 @@ impl InboundStream {
     ///   wedge on the hold: what waits for ordered delivery is within its grant, at
     ///   most the window, so the hold is reached only while the application holds
     ///   messages, and finishing them makes room.)
-    pub(crate) fn over_credit(&self, seq: u64, floor: u64, initial: u64, slack: u64) -> bool {
+    ///
+    ///
+    /// `node_full`: the sending node already has as many deliveries held by the
+    /// application as the endpoint allows one node (over all its incarnations and
+    /// streams); a new message is then held back like one past the stream's hold.
+    /// `grants`: the sender speaks a version with credit (2 and later); the hold
+    /// applies to every version (a version-1 sender is bounded by its own window).
+    pub(crate) fn over_credit(
+        &self,
+        seq: u64,
+        floor: u64,
+        initial: u64,
+        slack: u64,
+        node_full: bool,
+        grants: bool,
+    ) -> bool {
         let known = seq <= self.cumulative
             || self.done.contains(&seq)
             || self.in_progress.contains(&seq)
             || self.held.contains(&seq)
             || self.reorder.contains_key(&seq)
             || self.rejected.contains_key(&seq);
-        if !known && self.outstanding() >= self.window.saturating_add(slack) {
+        if !known && (node_full || self.outstanding() >= self.window.saturating_add(slack)) {
             return true;
         }
-        if self.amo {
+        if self.amo || !grants {
             return false;
         }
         let settled = self.cumulative.max(floor.saturating_sub(1));
@@ -482,15 +497,22 @@ impl InboundStream {
         }
         self.ack_due = None;
         let cumulative = self.cumulative;
-        let ranges: Vec<SeqRange> = self
-            .pending_ack
-            .drain(..)
-            .filter(|r| r.end > cumulative)
-            .map(|r| SeqRange {
+        // Ascending and merged (handlers finish in any order), as a sender expects
+        // from an honest receiver; it copes with any order regardless.
+        self.pending_ack.sort_unstable_by_key(|r| r.start);
+        let mut ranges: Vec<SeqRange> = Vec::with_capacity(self.pending_ack.len());
+        for r in self.pending_ack.drain(..).filter(|r| r.end > cumulative) {
+            let r = SeqRange {
                 start: r.start.max(cumulative + 1),
                 end: r.end,
-            })
-            .collect();
+            };
+            match ranges.last_mut() {
+                Some(last) if r.start <= last.end.saturating_add(1) => {
+                    last.end = last.end.max(r.end);
+                }
+                _ => ranges.push(r),
+            }
+        }
         Some(Ack {
             channel: self.channel,
             incarnation: self.origin.incarnation,
@@ -640,7 +662,7 @@ mod tests {
         let mut s = stream(false); // window 64
         let mut ready = Vec::new();
         for seq in 1..=64 {
-            assert!(!s.over_credit(seq, seq, 64, 0), "{seq}");
+            assert!(!s.over_credit(seq, seq, 64, 0, false, true), "{seq}");
             let d = Data {
                 guarantee: Guarantee::AtMostOnce,
                 ..data(seq, seq)
@@ -650,17 +672,17 @@ mod tests {
             s.amo_delivered();
         }
         // The flood's own seqs do not buy it room: the stream holds 64 unconsumed.
-        assert!(s.over_credit(65, 65, 64, 0));
-        assert!(s.over_credit(1 << 40, 1 << 40, 64, 0));
-        assert!(!s.over_credit(65, 65, 64, 1), "the slack");
+        assert!(s.over_credit(65, 65, 64, 0, false, true));
+        assert!(s.over_credit(1 << 40, 1 << 40, 64, 0, false, true));
+        assert!(!s.over_credit(65, 65, 64, 1, false, true), "the slack");
         for seq in 65..=200 {
-            assert!(s.over_credit(seq, seq, 64, 0));
+            assert!(s.over_credit(seq, seq, 64, 0, false, true));
             s.spend(seq);
         }
         for _ in 0..64 {
             s.consumed(now, true);
         }
-        assert!(!s.over_credit(201, 201, 64, 0));
+        assert!(!s.over_credit(201, 201, 64, 0, false, true));
         assert!(
             s.credit() >= 201,
             "the grant must cover the sender's next seq: {}",
@@ -679,19 +701,25 @@ mod tests {
             let mut s = stream(ordered); // window 64
             let mut ready = Vec::new();
             for seq in 1..=64 {
-                assert!(!s.over_credit(seq, seq, 64, 0), "{seq}");
+                assert!(!s.over_credit(seq, seq, 64, 0, false, true), "{seq}");
                 s.on_data(now, data(seq, seq), &mut ready);
             }
             assert_eq!(ready.len(), 64, "ordered {ordered}");
-            assert!(s.over_credit(65, 65, 64, 0), "ordered {ordered}");
-            assert!(s.over_credit(10_000, 10_000, 64, 0), "ordered {ordered}");
             assert!(
-                !s.over_credit(64, 64, 64, 0),
+                s.over_credit(65, 65, 64, 0, false, true),
+                "ordered {ordered}"
+            );
+            assert!(
+                s.over_credit(10_000, 10_000, 64, 0, false, true),
+                "ordered {ordered}"
+            );
+            assert!(
+                !s.over_credit(64, 64, 64, 0, false, true),
                 "a duplicate, ordered {ordered}"
             );
             s.complete(now, 1, true);
             assert!(
-                !s.over_credit(65, 65, 64, 0),
+                !s.over_credit(65, 65, 64, 0, false, true),
                 "room again, ordered {ordered}"
             );
         }
