@@ -147,7 +147,15 @@ impl Shared {
     pub(super) fn window_for(&self, peer: NodeId, channel: ChannelId) -> Arc<Semaphore> {
         let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
         w.entry((peer, channel))
-            .or_insert_with(|| Arc::new(Semaphore::new(self.window)))
+            .or_insert_with(|| {
+                let sem = Arc::new(Semaphore::new(self.window));
+                // Made after the stop closed the others (the state changes first):
+                // closed too, so a send on it fails rather than waits.
+                if !matches!(*self.state.borrow(), NodeState::Running) {
+                    sem.close();
+                }
+                sem
+            })
             .clone()
     }
 }

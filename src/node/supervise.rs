@@ -21,6 +21,10 @@ pub(super) async fn supervise(driver: Driver, shared: Arc<Shared>, origin: Origi
     match (CatchUnwind(&mut run)).await {
         Ok(()) => {
             shared.state.send_replace(NodeState::Closed);
+            // A sender waiting for window space must see the stop, whichever way it
+            // came. (Regression: a dropped `Node` stops without the drain that closes
+            // the windows, and a `send` waiting on a full window hung for good.)
+            shared.close_windows();
         }
         Err(panic) => {
             let cause: Arc<str> = if let Some(s) = panic.downcast_ref::<&str>() {

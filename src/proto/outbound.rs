@@ -1134,6 +1134,16 @@ impl OutboundStream {
                 m.queued = true;
                 self.transmit.push_back(seq);
                 self.retransmits += 1;
+                // A queued retransmission has no timer until it goes out, which may
+                // wait for node credit: its deadline must still end it. (Regression:
+                // only the head of the queue was armed, so against a receiver that
+                // stopped granting node credit, every retransmission behind the head
+                // stayed unresolved past its deadline, for as long as the link lived.)
+                // One entry per retransmission (rare); a stale one finds the message
+                // sent, or gone, and does nothing.
+                if let Some(d) = self.times.deadline(seq, m) {
+                    self.timers.push(Reverse((d, seq, WAITING)));
+                }
             }
         }
     }
