@@ -954,16 +954,26 @@ impl OutboundStream {
         // a higher one, so messages acked by a concurrent handler while an earlier one
         // was still running were never settled and failed their deadline.)
         let lo = self.base.max(cumulative.min(top).saturating_add(1));
-        let mut spans: Vec<(u64, u64)> = ranges
-            .iter()
-            .filter_map(|r| {
-                let (start, end) = (r.start.max(lo), r.end.min(top));
-                (start <= end).then_some((start, end))
+        let clip = |r: &SeqRange| {
+            let (start, end) = (r.start.max(lo), r.end.min(top));
+            (start <= end).then_some((start, end))
+        };
+        // An honest receiver sends them ascending: no copy then.
+        let ascending = ranges.is_sorted_by_key(|r| r.start);
+        let mut in_place = ranges.iter().filter_map(clip);
+        let mut copied = (!ascending)
+            .then(|| {
+                let mut v: Vec<(u64, u64)> = ranges.iter().filter_map(clip).collect();
+                v.sort_unstable();
+                v
             })
-            .collect();
-        if !spans.is_sorted() {
-            spans.sort_unstable();
-        }
+            .into_iter()
+            .flatten();
+        let spans: &mut dyn Iterator<Item = (u64, u64)> = if ascending {
+            &mut in_place
+        } else {
+            &mut copied
+        };
         let mut from = lo;
         for (start, end) in spans {
             let mut s = start.max(from);
