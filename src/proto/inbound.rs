@@ -382,8 +382,8 @@ impl InboundStream {
 
     /// At-most-once: a frame dropped by the hold ([`Self::over_credit`]) is lost, and
     /// its seq counts as arrived, so the grant (which follows arrivals) still moves
-    /// past it. Without this, a sender that had gone past the hold would wait for a grant
-    /// that only arrivals could raise, and none would come.
+    /// past it. Without this, a sender that had gone past the hold would wait for a
+    /// grant that only arrivals could raise, and none would come.
     pub(crate) fn spend(&mut self, seq: u64) {
         self.highest = self.highest.max(seq);
     }
@@ -444,11 +444,10 @@ impl InboundStream {
     ///   lying floor can move the grant as far as it likes; what the stream holds it
     ///   cannot. At-most-once grants follow arrivals, so for it the hold is the only
     ///   limit. Seqs the stream already knows (duplicates, a held redelivery, a
-    ///   rejected seq) are never held back: they add nothing. (An honest ordered stream cannot
-    ///   wedge on the hold: what waits for ordered delivery is within its grant, at
-    ///   most the window, so the hold is reached only while the application holds
-    ///   messages, and finishing them makes room.)
-    ///
+    ///   rejected seq) are never held back: they add nothing. (An honest ordered
+    ///   stream cannot wedge on the hold: what waits for ordered delivery is within
+    ///   its grant, at most the window, so the hold is reached only while the
+    ///   application holds messages, and finishing them makes room.)
     ///
     /// `node_full`: the sending node already has as many deliveries held by the
     /// application as the endpoint allows one node (over all its incarnations and
