@@ -1997,6 +1997,57 @@ mod tests {
         assert_eq!(again, [third.seq]);
     }
 
+    /// A peer that restarts while the application still holds its earlier run's
+    /// messages gets node credit only for what is left of the window: the held
+    /// deliveries count though their streams were dropped with the old run. (Without
+    /// that, each restart granted a whole fresh window on top.)
+    #[test]
+    fn node_credit_after_a_restart_counts_what_the_application_still_holds() {
+        let now = Instant::now();
+        let mut b = endpoint(2, now);
+        b.accept_channel_with(ChannelId(1), Accept::new(false, None));
+        let run = |incarnation| Origin {
+            node: NodeId(1),
+            incarnation,
+        };
+        b.handle_peer_up(now, run(1), 3);
+        for seq in 1..=100 {
+            b.handle_frame(
+                now,
+                NodeId(1),
+                Frame::Data(Data {
+                    channel: ChannelId(1),
+                    seq,
+                    floor: 1,
+                    id_floor: 1,
+                    id: None,
+                    guarantee: Guarantee::AtLeastOnce,
+                    schema: 0,
+                    payload: Bytes::from_static(b"held"),
+                }),
+            );
+        }
+        let held = std::iter::from_fn(|| b.poll_event())
+            .filter(|e| matches!(e, Event::Deliver { .. }))
+            .count() as u64;
+        assert_eq!(held, 100, "delivered and not finished");
+        let _ = frames(&mut b, NodeId(1), now);
+        b.handle_peer_up(now, run(2), 3);
+        let grants: Vec<crate::wire::NodeCredit> = frames(&mut b, NodeId(1), now)
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::NodeCredit(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let c = grants.last().expect("the new run gets its first grant");
+        assert_eq!(
+            c.limit - c.received,
+            ProtoConfig::default().node_credit - held,
+            "{grants:?}"
+        );
+    }
+
     /// Each lie the black-box hunt found, alone: dropped and counted, nothing else.
     #[test]
     fn frames_with_impossible_sequence_numbers_are_dropped_and_counted() {

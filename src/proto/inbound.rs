@@ -463,13 +463,9 @@ impl InboundStream {
         node_full: bool,
         grants: bool,
     ) -> bool {
-        let known = seq <= self.cumulative
-            || self.done.contains(&seq)
-            || self.in_progress.contains(&seq)
-            || self.held.contains(&seq)
-            || self.reorder.contains_key(&seq)
-            || self.rejected.contains_key(&seq);
-        if !known && (node_full || self.outstanding() >= self.window.saturating_add(slack)) {
+        // The cheap test first: the lookups run only once the hold is reached.
+        let holding = node_full || self.outstanding() >= self.window.saturating_add(slack);
+        if holding && !self.knows(seq) {
             return true;
         }
         if self.amo || !grants {
@@ -481,6 +477,16 @@ impl InboundStream {
             .max(settled.saturating_add(initial))
             .saturating_add(slack);
         seq > allowed
+    }
+
+    /// Is `seq` one this stream has seen or settled (its arrival adds nothing held)?
+    fn knows(&self, seq: u64) -> bool {
+        seq <= self.cumulative
+            || self.done.contains(&seq)
+            || self.in_progress.contains(&seq)
+            || self.held.contains(&seq)
+            || self.reorder.contains_key(&seq)
+            || self.rejected.contains_key(&seq)
     }
 
     /// When the owed ack must go out, if one is owed.
@@ -707,6 +713,10 @@ mod tests {
             assert!(
                 s.over_credit(65, 65, 64, 0, false, true),
                 "ordered {ordered}"
+            );
+            assert!(
+                s.over_credit(65, 65, 64, 0, false, false),
+                "held without grants too (a version-1 sender), ordered {ordered}"
             );
             assert!(
                 s.over_credit(10_000, 10_000, 64, 0, false, true),

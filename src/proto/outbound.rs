@@ -959,30 +959,13 @@ impl OutboundStream {
             (start <= end).then_some((start, end))
         };
         // An honest receiver sends them ascending: no copy then.
-        let ascending = ranges.is_sorted_by_key(|r| r.start);
-        let mut in_place = ranges.iter().filter_map(clip);
-        let mut copied = (!ascending)
-            .then(|| {
-                let mut v: Vec<(u64, u64)> = ranges.iter().filter_map(clip).collect();
-                v.sort_unstable();
-                v
-            })
-            .into_iter()
-            .flatten();
-        let spans: &mut dyn Iterator<Item = (u64, u64)> = if ascending {
-            &mut in_place
+        settled += if ranges.is_sorted_by_key(|r| r.start) {
+            self.settle_spans(lo, ranges.iter().filter_map(clip), acked_at)
         } else {
-            &mut copied
+            let mut spans: Vec<(u64, u64)> = ranges.iter().filter_map(clip).collect();
+            spans.sort_unstable();
+            self.settle_spans(lo, spans.into_iter(), acked_at)
         };
-        let mut from = lo;
-        for (start, end) in spans {
-            let mut s = start.max(from);
-            while s <= end {
-                settled += u64::from(self.settle(s, acked_at));
-                s += 1;
-            }
-            from = from.max(end.saturating_add(1));
-        }
         // An ack is evidence the target keeps up: each message it settled earns retry
         // budget too, so a target back from a partition gets its backlog retried at
         // the pace it acks (like slow start), while a silent or struggling one does
@@ -998,6 +981,26 @@ impl OutboundStream {
         while self.first.front().is_some_and(|e| e.1 < self.base) {
             self.first.pop_front();
         }
+    }
+
+    /// Settle every seq of `spans` (ascending by start, clipped to what was
+    /// transmitted) at or above `from`, each once however the spans overlap.
+    fn settle_spans(
+        &mut self,
+        mut from: u64,
+        spans: impl Iterator<Item = (u64, u64)>,
+        acked_at: Option<Instant>,
+    ) -> u64 {
+        let mut settled = 0;
+        for (start, end) in spans {
+            let mut s = start.max(from);
+            while s <= end {
+                settled += u64::from(self.settle(s, acked_at));
+                s += 1;
+            }
+            from = from.max(end.saturating_add(1));
+        }
+        settled
     }
 
     /// The receiver failed `seq`: retransmit it promptly.
