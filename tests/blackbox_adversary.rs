@@ -1384,3 +1384,78 @@ async fn a_peer_cycling_incarnations_is_held_to_its_node_bound() {
     );
     b.shutdown().await;
 }
+
+/// Promise (README, rolling upgrades): a node speaking the newest version serves a
+/// version-1 peer. A version-1 peer does not know the version probe that follows the
+/// node's handshake and need not answer it before it sends: its first data frame
+/// settles the version. (Regression: the node waited for the probe's answer, so a
+/// version-1 client that sent data and read acks without answering pings was never
+/// served.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_client_that_never_answers_pings_is_served() {
+    let me = 3900;
+    let b = receiver_node(me, &[me + 1]).await;
+    let addr = b.local_addr().unwrap();
+    let mut inbox = b.raw_receiver(ChannelId(1), false).unwrap();
+    let consumer = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(d) = inbox.recv().await {
+            got.push(u64::from_be_bytes(d.message()[..8].try_into().unwrap()));
+            d.ack();
+            if got.len() == 20 {
+                break;
+            }
+        }
+        got
+    });
+    let s = TcpStream::connect(addr).await.unwrap();
+    let origin = Origin {
+        node: NodeId(me + 1),
+        incarnation: 7,
+    };
+    let mut x = Raw::negotiate(s, origin, VersionRange { min: 1, max: 1 })
+        .await
+        .expect("a version-1 client is admitted");
+    assert_eq!(x.version, 1);
+    const N: u64 = 20;
+    for seq in 1..=N {
+        x.send(&Frame::Data(Data {
+            channel: ChannelId(1),
+            seq,
+            floor: 1,
+            id_floor: 1,
+            id: None,
+            guarantee: Guarantee::AtLeastOnce,
+            schema: 0,
+            payload: Bytes::from(seq.to_be_bytes().to_vec()),
+        }))
+        .await
+        .unwrap();
+    }
+    // Read the node's frames, never answering a ping, until every seq is acked.
+    let mut dec = FrameDecoder::new(8 << 20).with_version(1);
+    let mut acked = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while (acked.len() as u64) < N {
+        while let Ok(Some(f)) = dec.decode(&mut x.buf) {
+            if let Frame::Ack(a) = f {
+                acked.extend(1..=a.cumulative);
+                for r in a.ranges {
+                    acked.extend(r.start..=r.end);
+                }
+            }
+        }
+        match tokio::time::timeout_at(deadline, x.s.read_buf(&mut x.buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            other => panic!("acked {} of {N} before {other:?}", acked.len()),
+        }
+    }
+    assert_eq!(acked, (1..=N).collect());
+    let mut got = tokio::time::timeout(Duration::from_secs(5), consumer)
+        .await
+        .expect("delivered")
+        .unwrap();
+    got.sort_unstable();
+    assert_eq!(got, (1..=N).collect::<Vec<_>>());
+    b.shutdown().await;
+}

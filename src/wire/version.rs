@@ -272,6 +272,14 @@ impl Negotiation {
                     max: 1,
                 })
             }
+            // A node speaking version 2 or later sends its probe right behind its
+            // handshake, before anything else. Any other frame there comes from a
+            // version-1 node that went on without waiting for our probe's answer
+            // (its Pong, when it comes, is an ordinary heartbeat answer).
+            other if their_min == 1 => {
+                self.early.push(other);
+                self.done(VersionRange { min: 1, max: 1 })
+            }
             other => {
                 self.early.push(other);
                 Ok(NegotiationStep::NeedFrame)
@@ -395,10 +403,45 @@ mod tests {
     }
 
     #[test]
-    fn frames_before_the_answer_are_kept_in_order() {
-        let mut n = Negotiation::new(origin(1), r(1, 2));
+    fn a_version_1_peer_is_known_by_its_first_frame_after_the_handshake() {
+        // A node of version 2 or later sends its probe right behind its handshake; a
+        // version-1 node may go on with heartbeats or data before it answers ours.
+        for first in [
+            Frame::Ping(Heartbeat { nonce: 1 }),
+            Frame::Pong(Heartbeat { nonce: 2 }),
+            Frame::Data(crate::wire::Data {
+                channel: crate::id::ChannelId(3),
+                seq: 1,
+                floor: 1,
+                id_floor: 1,
+                id: None,
+                guarantee: crate::id::Guarantee::AtLeastOnce,
+                schema: 0,
+                payload: bytes::Bytes::from_static(b"x"),
+            }),
+        ] {
+            let mut n = Negotiation::new(origin(1), r(1, 2));
+            let hs = Frame::Handshake(Handshake {
+                version: 1,
+                origin: origin(2),
+            });
+            assert_eq!(n.on_frame(hs), Ok(NegotiationStep::NeedFrame));
+            assert_eq!(
+                n.on_frame(first.clone()),
+                Ok(NegotiationStep::Done {
+                    origin: origin(2),
+                    version: 1,
+                    early: vec![first]
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_of_version_2_or_later_keeps_frames_until_its_probe_in_order() {
+        let mut n = Negotiation::new(origin(1), r(1, 3));
         let hs = Frame::Handshake(Handshake {
-            version: 1,
+            version: 2,
             origin: origin(2),
         });
         assert_eq!(n.on_frame(hs), Ok(NegotiationStep::NeedFrame));
@@ -409,16 +452,12 @@ mod tests {
         for f in early.clone() {
             assert_eq!(n.on_frame(f), Ok(NegotiationStep::NeedFrame));
         }
-        let step = n
-            .on_frame(Frame::Pong(Heartbeat {
-                nonce: probe_nonce(r(1, 2)),
-            }))
-            .unwrap();
+        let step = n.on_frame(probe(r(2, 3))).unwrap();
         assert_eq!(
             step,
             NegotiationStep::Done {
                 origin: origin(2),
-                version: 1,
+                version: 3,
                 early
             }
         );
