@@ -280,10 +280,9 @@ impl Negotiation {
                 self.early.push(other);
                 self.done(VersionRange { min: 1, max: 1 })
             }
-            other => {
-                self.early.push(other);
-                Ok(NegotiationStep::NeedFrame)
-            }
+            // A handshake naming version 2 or later comes from a node that sends
+            // its probe next: anything else there breaks the protocol.
+            _ => Err(NegotiationError::UnexpectedFrame),
         }
     }
 
@@ -438,28 +437,26 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_of_version_2_or_later_keeps_frames_until_its_probe_in_order() {
-        let mut n = Negotiation::new(origin(1), r(1, 3));
+    fn a_peer_of_version_2_or_later_must_send_its_probe_next() {
         let hs = Frame::Handshake(Handshake {
             version: 2,
             origin: origin(2),
         });
-        assert_eq!(n.on_frame(hs), Ok(NegotiationStep::NeedFrame));
-        let early = vec![
-            Frame::Ping(Heartbeat { nonce: 1 }),
-            Frame::Pong(Heartbeat { nonce: 2 }),
-        ];
-        for f in early.clone() {
-            assert_eq!(n.on_frame(f), Ok(NegotiationStep::NeedFrame));
-        }
-        let step = n.on_frame(probe(r(2, 3))).unwrap();
+        let mut n = Negotiation::new(origin(1), r(1, 3));
+        assert_eq!(n.on_frame(hs.clone()), Ok(NegotiationStep::NeedFrame));
         assert_eq!(
-            step,
-            NegotiationStep::Done {
+            n.on_frame(Frame::Ping(Heartbeat { nonce: 1 })),
+            Err(NegotiationError::UnexpectedFrame)
+        );
+        let mut n = Negotiation::new(origin(1), r(1, 3));
+        assert_eq!(n.on_frame(hs), Ok(NegotiationStep::NeedFrame));
+        assert_eq!(
+            n.on_frame(probe(r(2, 3))),
+            Ok(NegotiationStep::Done {
                 origin: origin(2),
                 version: 3,
-                early
-            }
+                early: Vec::new()
+            })
         );
     }
 
