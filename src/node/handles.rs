@@ -87,7 +87,11 @@ impl<T, C: Encode<T>> Sender<T, C> {
 
     /// Send `value` under an application idempotency key: on an effectively-once
     /// channel, any two sends with the same key are processed once within the
-    /// receiver's dedup horizon.
+    /// receiver's dedup horizon. The keys are one namespace per receiving node,
+    /// shared by all its senders and channels: a key already processed on one channel
+    /// makes a send under it on another channel a duplicate (acked, not delivered).
+    /// Derive keys per channel (or include the channel in them) when the same
+    /// business id travels on several channels.
     pub async fn send_with_key(&self, value: &T, key: IdKey) -> Result<Receipt, SendError> {
         let bytes = self.encode(value)?;
         self.raw.send_with_key(bytes, key).await

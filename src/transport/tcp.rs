@@ -1135,6 +1135,10 @@ async fn secure_and_handshake(
     ctx: &Ctx,
     expected: Option<NodeId>,
 ) -> Result<(Handshaken, Stream), Reject> {
+    // One deadline for TLS and the handshake together. (Regression: each had its own
+    // `handshake_timeout`, so a certificate holder could keep a half-open connection
+    // for twice the documented limit.)
+    let deadline = tokio::time::Instant::now() + ctx.cfg.handshake_timeout;
     #[cfg(feature = "tls")]
     let mut stream = match &ctx.tls {
         None => Stream::Plain(tcp),
@@ -1151,7 +1155,7 @@ async fn secure_and_handshake(
                         .map(tokio_rustls::TlsStream::from),
                 }
             };
-            match tokio::time::timeout(ctx.cfg.handshake_timeout, secured).await {
+            match tokio::time::timeout_at(deadline, secured).await {
                 Ok(Ok(s)) => Stream::Tls(Box::new(s)),
                 Ok(Err(e)) => return Err(Reject::Tls(TlsRefusal::of(&e))),
                 Err(_) => return Err(Reject::Tls(TlsRefusal::Other)),
@@ -1160,7 +1164,7 @@ async fn secure_and_handshake(
     };
     #[cfg(not(feature = "tls"))]
     let mut stream = Stream::Plain(tcp);
-    let hs = handshake(&mut stream, ctx, expected).await?;
+    let hs = handshake(&mut stream, ctx, expected, deadline).await?;
     #[cfg(feature = "tls")]
     if let Some(leaf) = stream.peer_leaf() {
         if !tls::cert_names_node(leaf, hs.origin.node) {
@@ -1182,9 +1186,9 @@ struct Handshaken {
     buf: BytesMut,
 }
 
-/// Bytes a peer may send before the version is agreed: a handshake, a probe, and
-/// whatever backlog a version-1 peer sends before it answers the probe. Bounded, so a
-/// peer that is not even up cannot make us hold more.
+/// Bytes a peer may send before the version is agreed: a handshake, a probe or a
+/// version-1 peer's first frame, and what follows them in the same reads. Bounded, so
+/// a peer that is not even up cannot make us hold more.
 const MAX_EARLY_BYTES: usize = 16 << 20;
 
 /// Exchange handshakes and agree on a protocol version.
@@ -1192,6 +1196,7 @@ async fn handshake(
     stream: &mut Stream,
     ctx: &Ctx,
     expected: Option<NodeId>,
+    deadline: tokio::time::Instant,
 ) -> Result<Handshaken, Reject> {
     let exchange = async {
         let mut negotiation = Negotiation::new(ctx.local, ctx.cfg.versions);
@@ -1247,7 +1252,7 @@ async fn handshake(
             }
         }
     };
-    let hs = tokio::time::timeout(ctx.cfg.handshake_timeout, exchange)
+    let hs = tokio::time::timeout_at(deadline, exchange)
         .await
         .map_err(|_| Reject::Timeout)??;
     let origin = hs.origin;
