@@ -1656,3 +1656,91 @@ async fn receiving_node_dropped_mid_stream_nothing_acked_unprocessed() {
     assert_eq!(late, 0, "receipts unresolved 3 s after their deadline");
     assert_eq!(dups, 0);
 }
+
+/// README: a channel is just a `ChannelId` and any number may be used; the per-peer
+/// stream limit (`max_streams_per_peer`, 256) bounds what one peer holds, not how many
+/// channels it may use. With defaults over TCP, one sender uses 600 channels at once
+/// (every guarantee, ordered and unordered receivers), then each of them again: every
+/// acked-guarantee receipt is acked, and its message processed (effectively-once:
+/// exactly once). (Regression: a peer's streams were
+/// never dropped, so channels past the 256th were refused until their deadline:
+/// 3 440 of 6 000 receipts failed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_using_more_channels_than_the_stream_limit_is_served_on_all() {
+    const CHANNELS: u32 = 600;
+    const PER: u64 = 5;
+    let b = Node::builder(NodeId(7801))
+        .bind(any_addr())
+        .allow_peer(NodeId(7800))
+        .build()
+        .await
+        .unwrap();
+    let a = Node::builder(NodeId(7800))
+        .bind(any_addr())
+        .peer(NodeId(7801), b.local_addr().unwrap())
+        .build()
+        .await
+        .unwrap();
+    let guarantee = |c: u32| match c % 3 {
+        0 => Guarantee::AtMostOnce,
+        1 => Guarantee::AtLeastOnce,
+        _ => Guarantee::EffectivelyOnce,
+    };
+    let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
+    let mut consumers = Vec::new();
+    for c in 0..CHANNELS {
+        let mut rx = b.raw_receiver(ChannelId(c), c % 2 == 0).unwrap();
+        let seen = seen.clone();
+        consumers.push(tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                let i = u64::from(c) * 1_000 + index(d.message());
+                *seen.lock().unwrap().entry(i).or_insert(0) += 1;
+                d.ack();
+            }
+        }));
+    }
+    for round in 0..2u64 {
+        let mut receipts = Vec::new();
+        for c in 0..CHANNELS {
+            let s = a
+                .raw_sender(
+                    NodeId(7801),
+                    ChannelOptions::new(ChannelId(c), guarantee(c)),
+                )
+                .unwrap();
+            for k in 0..PER {
+                let i = round * PER + k;
+                receipts.push((c, within(10, "send", s.send(payload(i, 16))).await.unwrap()));
+            }
+        }
+        for (c, r) in receipts {
+            let out = within(60, "receipt", r).await;
+            if guarantee(c) == Guarantee::AtMostOnce {
+                assert!(out.is_ok(), "channel {c}: {out:?}");
+            } else {
+                assert_eq!(out, Ok(Outcome::Acked), "channel {c}, round {round}");
+            }
+        }
+    }
+    // Every acked receipt was processed (at least) once, effectively-once exactly
+    // once; at-most-once messages at most once (a burst that finds all of a peer's
+    // streams busy is dropped and counted, as at-most-once may be).
+    let seen = seen.lock().unwrap().clone();
+    for c in 0..CHANNELS {
+        for i in 0..PER * 2 {
+            let n = seen.get(&(u64::from(c) * 1_000 + i)).copied().unwrap_or(0);
+            match guarantee(c) {
+                Guarantee::AtMostOnce => assert!(n <= 1, "channel {c} message {i}: {n}"),
+                Guarantee::AtLeastOnce => assert!(n >= 1, "channel {c} message {i}: {n}"),
+                _ => assert_eq!(n, 1, "channel {c} message {i}"),
+            }
+        }
+    }
+    let st = b.stats().await.unwrap().proto;
+    assert!(st.streams_recycled > 0, "{st:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+    for c in consumers {
+        c.abort();
+    }
+}

@@ -44,9 +44,12 @@ pub struct ProtoConfig {
     /// Ordered channels: frames held waiting for a gap to fill, per stream; further
     /// frames are dropped unacked (the sender retransmits). Default `4096`.
     pub max_reorder_buffer: usize,
-    /// Inbound streams (one per sending node run and channel) one peer may open; frames
-    /// that would open more are dropped unacked and counted in
-    /// `ProtoStats::streams_refused`. Default `256`.
+    /// Inbound streams (one per sending node run and channel) one peer may hold. A
+    /// frame that would open one more first makes room by dropping the peer's idle
+    /// stream (nothing in the application or owed) whose last frame is oldest
+    /// (counted in `ProtoStats::streams_recycled`; its next frame makes it again);
+    /// when none is idle the frame is dropped unacked (the sender retries) and counted
+    /// in `ProtoStats::streams_refused`. Default `256`.
     pub max_streams_per_peer: usize,
     /// At-most-once streams advertise a floor this far behind the newest seq, so a
     /// frame overtaken by fewer than this many later frames still gets delivered,

@@ -240,6 +240,9 @@ pub struct ProtoStats {
     /// Data frames dropped because their peer already has
     /// [`ProtoConfig::max_streams_per_peer`] inbound streams.
     pub streams_refused: u64,
+    /// Idle inbound streams dropped to make room for a new stream of the same peer at
+    /// [`ProtoConfig::max_streams_per_peer`] (made again by their next frame).
+    pub streams_recycled: u64,
     /// Sending side: first transmissions that waited for the receiver's credit.
     pub credit_waits: u64,
     /// Sending side: credit probes (a blocked message sent to ask for fresh credit).
@@ -1403,6 +1406,28 @@ impl Endpoint {
         Ok(stream)
     }
 
+    /// At the per-peer stream limit, drop `origin`'s idle stream whose last frame is
+    /// oldest, to make room for a new one; `false` if none is idle. (Regression: streams
+    /// of a live peer were never dropped, so a sender that used more channels than the
+    /// limit over its lifetime, 256 by default, had every further channel refused until
+    /// its receipts failed their deadline.) Only streams that owe nothing go
+    /// ([`InboundStream::is_idle`]): the limit still bounds what a peer holds here.
+    fn recycle_idle_stream(&mut self, origin: Origin) -> bool {
+        let victim = self
+            .inbound
+            .iter()
+            .filter(|((o, _), s)| *o == origin && s.is_idle())
+            .min_by_key(|(_, s)| s.last_arrival())
+            .map(|(k, _)| *k);
+        let Some(key) = victim else {
+            return false;
+        };
+        self.inbound.remove(&key);
+        self.stats.streams_recycled += 1;
+        tracing::debug!(%origin, channel = ?key.1, "idle inbound stream dropped to make room for a new one");
+        true
+    }
+
     fn on_data(&mut self, now: Instant, origin: Origin, data: Data) {
         if data.seq == 0
             || data.seq > MAX_SEQ
@@ -1438,7 +1463,7 @@ impl Endpoint {
         let ordered = accept.ordered;
         if !self.inbound.contains_key(&(origin, channel)) {
             let open = self.inbound.keys().filter(|(o, _)| *o == origin).count();
-            if open >= self.config.max_streams_per_peer {
+            if open >= self.config.max_streams_per_peer && !self.recycle_idle_stream(origin) {
                 self.stats.streams_refused += 1;
                 tracing::debug!(%origin, ?channel, "inbound stream refused: per-peer limit");
                 return;

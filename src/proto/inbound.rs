@@ -109,6 +109,8 @@ pub(crate) struct InboundStream {
     /// Seqs the application failed (nacked or dropped), with how many times: the
     /// deliveries so far are one more. Cleared when the seq is done or rejected.
     failures: FxHashMap<u64, u32>,
+    /// When the last frame arrived (picks which idle stream makes room for a new one).
+    last_arrival: Option<Instant>,
 }
 
 /// How soon a receiver tells the sender which messages it holds (in its handler or
@@ -152,12 +154,36 @@ impl InboundStream {
             reported: 0,
             rejected: BTreeMap::new(),
             failures: FxHashMap::default(),
+            last_arrival: None,
         }
+    }
+
+    /// Nothing here is owed to anyone: no message in the application or waiting to be
+    /// handed out, no failure or rejection to remember, no ack due. Such a stream can
+    /// be dropped and made again by its next frame: the frame's floor says where to
+    /// start, as after a receiver restart, and effectively-once dedup lives in
+    /// `Dedup`, not here.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_progress.is_empty()
+            && self.reorder.is_empty()
+            && self.held.is_empty()
+            && self.failures.is_empty()
+            && self.rejected.is_empty()
+            && self.done.is_empty()
+            && self.pending_ack.is_empty()
+            && self.ack_due.is_none()
+            && self.unconsumed == 0
+    }
+
+    /// When the stream's last frame arrived.
+    pub(crate) fn last_arrival(&self) -> Option<Instant> {
+        self.last_arrival
     }
 
     /// Stream-level admission of one frame. Deliverable frames (in order, when ordered)
     /// are appended to `ready` and marked in progress.
     pub(crate) fn on_data(&mut self, now: Instant, data: Data, ready: &mut Vec<Data>) -> Arrival {
+        self.last_arrival = Some(now);
         let arrival = self.admit(now, data, ready);
         self.extend_received();
         if !self.amo && self.received >= self.reported + (self.window / 8).max(1) {
