@@ -329,6 +329,29 @@ pub struct RawReceiver {
     pub(super) shared: Arc<Shared>,
 }
 
+/// Messages still queued when the receiver goes were never seen by the application:
+/// they are taken back (`Completion::Refuse`, counted in
+/// [`ProtoStats::deliveries_refused`](crate::proto::ProtoStats::deliveries_refused)),
+/// not nacked, so they do not count towards
+/// [`ReceiverOptions::max_deliveries`](super::ReceiverOptions::max_deliveries) and come
+/// back to the channel's next receiver. (Regression: each queued message was dropped
+/// as a nack, so every receiver drop used up one of its deliveries; with a limit of 1
+/// they became dead letters unseen.)
+impl Drop for RawReceiver {
+    fn drop(&mut self) {
+        self.rx.close();
+        let mut queued = Vec::new();
+        while let Ok(d) = self.rx.try_recv() {
+            queued.push(d);
+        }
+        // Newest first: an ordered stream then rewinds one seq at a time instead of
+        // holding each for a redelivery.
+        for mut d in queued.into_iter().rev() {
+            d.handle.finish(Completion::Refuse);
+        }
+    }
+}
+
 impl RawReceiver {
     /// The next message; `None` once the node has shut down.
     pub async fn recv(&mut self) -> Option<Delivery<Bytes>> {
