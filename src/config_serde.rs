@@ -12,7 +12,8 @@
 //! by spaces: `"200ms"`, `"5s"`, `"1.5s"`, `"24h"`, `"1h 30m"`. Units: `ns`, `us` (or
 //! `µs`), `ms`, `s`, `m` (or `min`), `h`, `d`. `"0"` is zero and `"never"` is
 //! `Duration::MAX` (a deadline or drain that never fires). An optional duration (a
-//! retry deadline) also takes `"none"`. Written durations use the same form
+//! retry deadline) also takes `"none"`, as does a delivery limit
+//! (`ReceiverOptions::max_deliveries = "none"`: no limit). Written durations use the same form
 //! (`Duration::from_millis(1500)` is written `"1s500ms"`), so every value round-trips
 //! exactly.
 //!
@@ -62,6 +63,67 @@ pub(crate) mod option_duration {
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
         d.deserialize_any(OptionDurationVisitor)
+    }
+}
+
+/// `#[serde(with = "crate::config_serde::option_limit")]` for an `Option<u32>` limit
+/// whose default is `Some`: `None` (no limit) is written `"none"`, since TOML has no
+/// null and an omitted field means the default. (Regression: `None` was written as
+/// nothing and read back as the default limit.)
+pub(crate) mod option_limit {
+    use super::*;
+
+    pub(crate) fn serialize<S: Serializer>(v: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_u32(*n),
+            None => s.serialize_str("none"),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        d.deserialize_any(OptionLimitVisitor)
+    }
+
+    struct OptionLimitVisitor;
+
+    impl<'de> Visitor<'de> for OptionLimitVisitor {
+        type Value = Option<u32>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a non-negative integer, or \"none\" for no limit")
+        }
+
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<Option<u32>, E> {
+            u32::try_from(n)
+                .map(Some)
+                .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(n), &self))
+        }
+
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<Option<u32>, E> {
+            u32::try_from(n)
+                .map(Some)
+                .map_err(|_| E::invalid_value(de::Unexpected::Signed(n), &self))
+        }
+
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Option<u32>, E> {
+            if s.trim() == "none" {
+                Ok(None)
+            } else {
+                Err(E::invalid_value(de::Unexpected::Str(s), &self))
+            }
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Option<u32>, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Option<u32>, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<u32>, D::Error> {
+            d.deserialize_any(self)
+        }
     }
 }
 

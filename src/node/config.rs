@@ -246,7 +246,8 @@ pub struct ReceiverOptions {
     /// [`SendError::Rejected`]`{ reason: DeadLettered }` — as NATS's `MaxDeliver` and
     /// RabbitMQ's delivery limit do. `None`: redeliver until the sender's deadline.
     /// Default `Some(`[`DEFAULT_MAX_DELIVERIES`](Self::DEFAULT_MAX_DELIVERIES)`)`;
-    /// `Some(0)` is refused.
+    /// `Some(0)` is refused. In a config file: a number, or `"none"`.
+    #[serde(with = "crate::config_serde::option_limit")]
     pub max_deliveries: Option<u32>,
     /// Typed receivers: reject a message whose sender's payload type differs from `T`
     /// ([`RejectReason::TypeMismatch`](crate::RejectReason::TypeMismatch)) instead of
