@@ -321,6 +321,9 @@ pub struct Endpoint {
     channels: FastMap<ChannelId, Accept>,
     /// Channels without a receiver that got data, and since when (bounded).
     unclaimed: FastMap<ChannelId, Instant>,
+    /// Credit granted to streams whose frames find no receiver (see
+    /// `grant_orphan_credit`); bounded, cleared when full.
+    orphan_grants: FastMap<(Origin, ChannelId), u64>,
     transmit: VecDeque<(NodeId, Frame)>,
     events: VecDeque<Event>,
     ready: Vec<Data>,
@@ -439,6 +442,7 @@ impl Endpoint {
             inbound: FastMap::default(),
             channels: FastMap::default(),
             unclaimed: FastMap::default(),
+            orphan_grants: FastMap::default(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             ready: Vec::new(),
@@ -521,6 +525,9 @@ impl Endpoint {
     pub fn accept_channel_with(&mut self, channel: ChannelId, how: Accept) {
         self.channels.insert(channel, how);
         self.unclaimed.remove(&channel);
+        if !self.orphan_grants.is_empty() {
+            self.orphan_grants.retain(|(_, c), _| *c != channel);
+        }
     }
 
     /// Stop accepting `channel` (its receiver is gone). Its streams stay; new arrivals
@@ -1452,11 +1459,15 @@ impl Endpoint {
             // No receiver: dropped unacked, so the sender retries until one appears;
             // past the grace period it is told (rejected), so it stops waiting.
             self.stats.frames_ignored += 1;
-            if data.guarantee != Guarantee::AtMostOnce && self.past_no_receiver_grace(now, channel)
-            {
+            let amo = data.guarantee == Guarantee::AtMostOnce;
+            let rejected = !amo && self.past_no_receiver_grace(now, channel);
+            if rejected {
                 tracing::debug!(%origin, ?channel, seq = data.seq, "data frame rejected: no receiver");
                 self.stats.rejected += 1;
                 self.send_reject(origin, channel, data.seq, RejectReason::NoReceiver);
+            }
+            if amo || rejected {
+                self.grant_orphan_credit(origin, channel, data.seq);
             }
             return;
         };
@@ -1536,6 +1547,47 @@ impl Endpoint {
     /// Has `channel` (without a receiver) been receiving data for longer than the grace
     /// period? The first arrival starts its clock. At most 4096 channels are timed;
     /// past that, further channels are treated as past their grace.
+    /// A frame of `origin`'s stream on `channel` found no receiver and holds nothing
+    /// here (at-most-once: dropped; otherwise rejected): grant the stream credit past
+    /// it, so the sender's later messages come to be dropped or rejected too instead
+    /// of waiting for a grant that no stream here would ever send. (Regression: past
+    /// the initial credit, 256 messages, an at-least-once sender's messages never left
+    /// and failed at their deadline instead of `NoReceiver`, and an at-most-once
+    /// sender's receipts and window waited forever.) A credit-only ack (nothing
+    /// acked), once per half a grant; bounded map, cleared when full (a grant sent
+    /// again is harmless: grants only grow).
+    fn grant_orphan_credit(&mut self, origin: Origin, channel: ChannelId, seq: u64) {
+        const MAX_ORPHANS: usize = 4096;
+        let crediting = self
+            .peers
+            .get(&origin.node)
+            .is_some_and(|p| p.origin == origin && p.version >= 2);
+        if !crediting {
+            return;
+        }
+        if self.orphan_grants.len() >= MAX_ORPHANS {
+            self.orphan_grants.clear();
+        }
+        let granted = self.orphan_grants.entry((origin, channel)).or_insert(0);
+        if seq.saturating_add(INITIAL_CREDIT / 2) < *granted {
+            return;
+        }
+        let grant = seq.saturating_add(INITIAL_CREDIT);
+        *granted = grant;
+        self.stats.acks_sent += 1;
+        self.transmit.push_back((
+            origin.node,
+            Frame::Ack(crate::wire::Ack {
+                channel,
+                incarnation: origin.incarnation,
+                cumulative: 0,
+                ranges: Vec::new(),
+                credit: Some(grant),
+                received: 0,
+            }),
+        ));
+    }
+
     fn past_no_receiver_grace(&mut self, now: Instant, channel: ChannelId) -> bool {
         const MAX_UNCLAIMED: usize = 4096;
         let grace = self.config.no_receiver_grace;
