@@ -789,7 +789,10 @@ impl RawGroupSender {
         key: IdKey,
     ) -> Result<GroupReceipt, GroupSendError> {
         let inner = &self.inner;
-        inc(&inner.stats.messages);
+        // Counted once `place` has an answer: a send cancelled while it waits (for
+        // window room or a live member) was never accepted. (Regression: it was
+        // counted in `messages` and `attempts`, so they no longer added up to the
+        // outcomes.)
         let mut flight = Flight {
             key,
             payload,
@@ -800,7 +803,9 @@ impl RawGroupSender {
             last: None,
         };
         let mut changes = inner.changes.subscribe();
-        if let Err(e) = inner.place(&mut flight, &mut changes).await {
+        let placed = inner.place(&mut flight, &mut changes).await;
+        inc(&inner.stats.messages);
+        if let Err(e) = placed {
             inner.count_failure(&e);
             return Err(e);
         }
@@ -994,7 +999,6 @@ impl Inner {
                 tracing::debug!(target: GROUP_TARGET, id = %crate::MessageId::Key(flight.key), from = ?flight.current, to = %id, attempt = flight.attempts + 1, last = ?flight.last, "re-routed");
             }
             flight.attempts += 1;
-            inc(&self.stats.attempts);
             if !flight.tried.contains(&id) {
                 flight.tried.push(id);
             }
@@ -1005,6 +1009,7 @@ impl Inner {
                     _ = self.until_not_live(id, &mut watch_it) => None,
                 }
             };
+            inc(&self.stats.attempts);
             match sent {
                 Some(Ok(receipt)) => {
                     flight.outstanding.push((id, receipt));
