@@ -1343,6 +1343,78 @@ async fn s5_durable_dead_letters_reloaded_after_restart() {
     a.shutdown().await;
 }
 
+/// `NodeConfig::dead_letter_dir`: "a restarted node finds the letters it had not
+/// handed out yet". A `DeadLetters` handle kept from the stopped run may still drain
+/// the letters left in its memory, but the stopped node's log is closed: taking them
+/// there writes nothing into the directory the next run has open. (Regression: it
+/// marked them in the log the next run had open, so letters that run never handed
+/// out were gone after its restart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_an_old_dead_letters_handle_does_not_touch_the_next_runs_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || {
+        let mut c = NodeConfig::default();
+        c.dead_letter_dir = Some(dir.path().to_path_buf());
+        c
+    };
+    let b = receiver_at(56, any_addr(), &[55], cfg()).await;
+    let addr = b.local_addr().unwrap();
+    let mut inbox = b
+        .receiver_with::<u64>(EO, ReceiverOptions::default().max_deliveries(Some(1)))
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(d) = inbox.recv().await {
+            d.nack();
+        }
+    });
+    let a = sender_to(55, 56, addr, NodeConfig::default())
+        .await
+        .unwrap();
+    let out = a
+        .sender::<u64>(
+            NodeId(56),
+            ChannelOptions::new(EO, Guarantee::EffectivelyOnce),
+        )
+        .unwrap();
+    for v in 0..3u64 {
+        let r = within(10, "dead letter", out.send(&v).await.unwrap()).await;
+        assert!(matches!(r, Err(SendError::Rejected { .. })), "{r:?}");
+    }
+    let mut old = b.dead_letters();
+    b.shutdown().await;
+    drop(b);
+    let b2 = receiver_at(56, addr, &[55], cfg()).await;
+    // The old handle drains its run's memory: the three letters, then the end.
+    let mut old_taken = Vec::new();
+    while let Some(l) = within(5, "old handle", old.recv()).await {
+        old_taken.push(l.id);
+    }
+    assert_eq!(old_taken.len(), 3);
+    old_taken.sort();
+    // The new run hands out none of them and stops: they stay in the log...
+    b2.shutdown().await;
+    drop(b2);
+    // ...for the run after it, which takes them for good.
+    let b3 = receiver_at(56, addr, &[55], cfg()).await;
+    let mut dl = b3.dead_letters();
+    let mut got = Vec::new();
+    while let Ok(Some(l)) = tokio::time::timeout(Duration::from_millis(500), dl.recv()).await {
+        got.push(l.id);
+    }
+    got.sort();
+    assert_eq!(
+        got, old_taken,
+        "letters no run after the stopped one handed out"
+    );
+    b3.shutdown().await;
+    drop((dl, b3));
+    let b4 = receiver_at(56, addr, &[55], cfg()).await;
+    let left = tokio::time::timeout(Duration::from_millis(500), b4.dead_letters().recv()).await;
+    assert!(left.is_err(), "a taken letter came back: {left:?}");
+    b4.shutdown().await;
+    a.shutdown().await;
+}
+
 // -------------------------------------------------------------------------------------
 // Scenario 6: many peers and streams
 // -------------------------------------------------------------------------------------

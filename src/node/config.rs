@@ -72,7 +72,9 @@ pub struct NodeConfig {
     /// Keep dead letters durably in this directory (a crc-checked log, fsynced before
     /// the sender is told): a restarted node finds the letters it had not handed out
     /// yet in [`Node::dead_letters`]. A letter leaves the log when it is handed to the
-    /// application (one taken just before a crash may be seen again). Default `None`:
+    /// application (one taken just before a crash may be seen again, as may one taken
+    /// from a handle after its node stopped: the log is closed then, for the next
+    /// run to open). Default `None`:
     /// in memory only, lost with the process.
     pub dead_letter_dir: Option<std::path::PathBuf>,
 }

@@ -119,8 +119,8 @@ pub(crate) struct DeadLetterQueue {
     state: Mutex<State>,
     capacity: usize,
     dropped: AtomicU64,
-    /// The durable log, when configured.
-    log: Option<Mutex<HintStore>>,
+    /// The durable log, when configured; taken out (closed) when the node stops.
+    log: Option<Mutex<Option<HintStore>>>,
     not_persisted: AtomicU64,
 }
 
@@ -179,7 +179,7 @@ impl DeadLetterQueue {
             }),
             capacity,
             dropped: AtomicU64::new(0),
-            log: Some(Mutex::new(store)),
+            log: Some(Mutex::new(Some(store))),
             not_persisted: AtomicU64::new(0),
         })
     }
@@ -198,6 +198,10 @@ impl DeadLetterQueue {
             payload: envelope(letter),
         };
         let mut store = log.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(store) = store.as_mut() else {
+            // The node stopped: nothing arrives any more.
+            return None;
+        };
         match store.append(hint, None, std::time::Instant::now()) {
             Ok(pos) => Some(pos),
             Err(e) => {
@@ -215,6 +219,12 @@ impl DeadLetterQueue {
     fn forget(&self, pos: Option<HintPos>) {
         if let (Some(log), Some(pos)) = (self.log.as_ref(), pos) {
             let mut store = log.lock().unwrap_or_else(|e| e.into_inner());
+            // After the node stopped the log is closed: a letter taken then stays in
+            // it and is seen again by the next run (which may already have the
+            // directory open: writing to it from here would race that run).
+            let Some(store) = store.as_mut() else {
+                return;
+            };
             let marked = store
                 .mark_delivered(LOG_TARGET, pos)
                 .and_then(|_| store.sync());
@@ -265,8 +275,13 @@ impl DeadLetterQueue {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// The node stopped: handles see the end once the queue is empty.
+    /// The node stopped: handles see the end once the queue is empty, and the durable
+    /// log is closed (flushed and released now, so a new run may open the directory;
+    /// letters still queued stay in it for that run).
     pub(crate) fn close(&self) {
+        if let Some(log) = self.log.as_ref() {
+            drop(log.lock().unwrap_or_else(|e| e.into_inner()).take());
+        }
         let wakers = {
             let mut st = self.lock();
             st.closed = true;

@@ -25,6 +25,9 @@ pub(super) async fn supervise(driver: Driver, shared: Arc<Shared>, origin: Origi
             // came. (Regression: a dropped `Node` stops without the drain that closes
             // the windows, and a `send` waiting on a full window hung for good.)
             shared.close_windows();
+            // Likewise the dead letters: their handles see the end, and the durable
+            // log is released for the node's next run.
+            shared.dead_letters.close();
         }
         Err(panic) => {
             let cause: Arc<str> = if let Some(s) = panic.downcast_ref::<&str>() {
@@ -39,6 +42,7 @@ pub(super) async fn supervise(driver: Driver, shared: Arc<Shared>, origin: Origi
                 .state
                 .send_replace(NodeState::Failed(NodeFailure { cause }));
             shared.close_windows();
+            shared.dead_letters.close();
         }
     }
     // Only now drop the driver (its receipts and receiver queues).
