@@ -149,6 +149,7 @@ impl Driver {
             }
             Command::Decommission { peer, reply } => {
                 self.core.forget(peer);
+                self.shared.forget_health(peer);
                 self.observe.spans.forget(peer);
                 let res = match &mut self.core.hints {
                     Some(spool) => spool

@@ -374,7 +374,8 @@ impl Node {
         })
     }
 
-    /// The failure detector's view of `peer` (`None` until it has been heard from).
+    /// The failure detector's view of `peer` (`None` until it has been heard from, and
+    /// again after [`decommission`](Self::decommission) until it is heard from anew).
     pub fn health(&self, peer: NodeId) -> Option<Health> {
         self.shared.health(peer)
     }
@@ -405,8 +406,9 @@ impl Node {
         self.shared.health_tx.subscribe()
     }
 
-    /// The target is gone for good: drop its hints (counted) and stop watching it.
-    /// Returns the number of hints dropped.
+    /// The target is gone for good: drop its hints (counted) and stop watching it
+    /// ([`health`](Self::health) is `None` until it is heard from again, e.g. after
+    /// [`add_peer`](Self::add_peer)). Returns the number of hints dropped.
     pub async fn decommission(&self, peer: NodeId) -> Result<u64, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.commands

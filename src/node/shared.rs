@@ -129,6 +129,17 @@ impl Shared {
         let _ = self.health_tx.send(change);
     }
 
+    /// A decommissioned peer is no longer watched: its health is unknown until it is
+    /// added and seen again. (Regression: its last state stayed, so a peer
+    /// decommissioned while Down and added back stayed Down for good, and fail-fast
+    /// sends to it failed with `PeerDown` although it was connected.)
+    pub(super) fn forget_health(&self, peer: NodeId) {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer);
+    }
+
     /// A peer seen for the first time: published as Up.
     pub(super) fn first_seen(&self, peer: NodeId) {
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
