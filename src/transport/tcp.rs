@@ -48,7 +48,9 @@
 //!   received within [`TcpConfig::stale_after`]), a connection from *another*
 //!   incarnation of the same id is refused (`rejected_duplicate_node`, warned at most
 //!   every 10 s) instead of replacing it; it takes over once the old connection is gone
-//!   or stale.
+//!   or stale. Before it is refused it is held up to 50 ms, keeping its IP slot, in
+//!   case the old connection is closing: a process restarted cleanly connects right
+//!   after the old one closed, before this side has read the end.
 //! - A frame started must be completed within [`TcpConfig::read_timeout`]
 //!   (`read_timeouts`), and one remote IP address may hold at most
 //!   [`TcpConfig::max_connections_per_ip`] accepted connections, handshaking or
@@ -68,7 +70,7 @@ use bytes::BytesMut;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -718,7 +720,15 @@ struct Established {
     remote: SocketAddr,
     /// Accepted connections hold their IP address's slot for their whole life.
     slot: Option<IpSlot>,
+    /// Already held back once for an identity conflict (see `RESTART_GRACE`).
+    deferred: bool,
 }
+
+/// How long a connection from a new incarnation of a peer whose connection still looks
+/// alive is held back before it counts as an identity conflict: a cleanly restarted
+/// process connects right after the old one closed its socket, before this side has
+/// read the end. (Regression: such restarts were refused and reported as conflicts.)
+const RESTART_GRACE: Duration = Duration::from_millis(50);
 
 /// How long a shutting-down transport waits for connected writers to drain their
 /// queues before it closes the connections.
@@ -768,9 +778,18 @@ struct Conn {
     dialed_by: NodeId,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
-    /// `Ctx::millis` when the reader last received bytes.
-    last_read: Arc<AtomicU64>,
+    /// When the reader last received bytes, and whether it has stopped.
+    last_read: Arc<Liveness>,
     _slot: Option<IpSlot>,
+}
+
+/// What the manager sees of a connection's reader without asking it.
+#[derive(Debug)]
+struct Liveness {
+    /// `Ctx::millis` when the reader last received bytes.
+    last_read: AtomicU64,
+    /// The reader has stopped (the peer closed the connection, or it failed).
+    ended: AtomicBool,
 }
 
 impl Conn {
@@ -915,8 +934,26 @@ impl Manager {
         let now_ms = self.ctx.millis();
         let stale_ms = u64::try_from(self.ctx.cfg.stale_after.as_millis()).unwrap_or(u64::MAX);
         if let Some(cur) = self.peers.get(&peer).and_then(|p| p.conn.as_ref()) {
-            let silent_ms = now_ms.saturating_sub(cur.last_read.load(Ordering::Relaxed));
-            if cur.origin != e.origin && silent_ms < stale_ms {
+            let silent_ms = now_ms.saturating_sub(cur.last_read.last_read.load(Ordering::Relaxed));
+            let ended = cur.last_read.ended.load(Ordering::Acquire) || cur.reader.is_finished();
+            if cur.origin != e.origin && silent_ms < stale_ms && !ended && !e.deferred {
+                // Perhaps a clean restart whose old connection is closing: look again
+                // as soon as this side has read its end, or after `RESTART_GRACE`.
+                let internal = self.ctx.internal.clone();
+                let old = Arc::clone(&cur.last_read);
+                let mut e = e;
+                e.deferred = true;
+                tokio::spawn(async move {
+                    let until = tokio::time::Instant::now() + RESTART_GRACE;
+                    while !old.ended.load(Ordering::Acquire) && tokio::time::Instant::now() < until
+                    {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    let _ = internal.send(Internal::Established(e));
+                });
+                return;
+            }
+            if cur.origin != e.origin && silent_ms < stale_ms && !ended {
                 // Two live incarnations claim one node id: the established one stays.
                 let r = Reject::DuplicateNode {
                     live: cur.origin,
@@ -985,7 +1022,10 @@ impl Manager {
         }
         let events = self.events.clone();
         let ctx = Arc::clone(&self.ctx);
-        let last_read = Arc::new(AtomicU64::new(now_ms));
+        let last_read = Arc::new(Liveness {
+            last_read: AtomicU64::new(now_ms),
+            ended: AtomicBool::new(false),
+        });
         let p = self.peer(peer);
         let conn = ConnInfo {
             peer,
@@ -1096,6 +1136,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
                                     buf: hs.buf,
                                     remote,
                                     slot: Some(slot),
+                                    deferred: false,
                                 }));
                             }
                             Err(r) => handshake_failed(&ctx, &r, remote, None),
@@ -1321,6 +1362,7 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff:
                             buf: hs.buf,
                             remote: addr,
                             slot: None,
+                            deferred: false,
                         }));
                         return;
                     }
@@ -1352,7 +1394,7 @@ fn spawn_io<R, W>(
     events: mpsc::Sender<LinkEvent>,
     queue: Arc<PeerQueue>,
     ctx: Arc<Ctx>,
-    last_read: Arc<AtomicU64>,
+    last_read: Arc<Liveness>,
 ) -> (JoinHandle<()>, JoinHandle<()>)
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -1395,7 +1437,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     conn: ConnInfo,
     events: mpsc::Sender<LinkEvent>,
     ctx: Arc<Ctx>,
-    last_read: Arc<AtomicU64>,
+    last_read: Arc<Liveness>,
 ) {
     let ConnInfo {
         peer,
@@ -1498,7 +1540,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         match read {
             Ok(0) => break None,
-            Ok(_) => last_read.store(ctx.millis(), Ordering::Relaxed),
+            Ok(_) => last_read.last_read.store(ctx.millis(), Ordering::Relaxed),
             Err(e) => break Some(Reject::Io(e)),
         }
     };
@@ -1510,6 +1552,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         None => tracing::debug!(%peer, "tcp: peer closed the connection"),
     }
+    last_read.ended.store(true, Ordering::Release);
     let _ = ctx.internal.send(Internal::Closed { peer, conn_id });
 }
 
