@@ -237,6 +237,13 @@ pub struct ReceiverOptions {
     /// 4. a message refused for good (dead-lettered, undecodable) is settled: the
     ///    stream moves past it and it is never delivered again.
     ///
+    /// At-most-once messages are never retransmitted, so for them a missing message
+    /// is lost, not late: an at-most-once stream starts at the first message that
+    /// reaches the receiver (a receiver that registers late or restarts does not wait
+    /// for earlier ones), a gap is skipped at once, and a message arriving after a
+    /// later one was delivered is dropped (counted in `duplicates_dropped`), so order
+    /// still holds (`tests/blackbox_ordering.rs`, `*at_most_once*`).
+    ///
     /// Checked by the `ordered_contract_holds_through_every_refusal_path` simulation
     /// property, `tests/flow_control.rs` and (rule 4)
     /// `tests/rejections.rs::an_ordered_stream_moves_past_a_dead_letter_in_order`.

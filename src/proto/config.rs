@@ -51,10 +51,12 @@ pub struct ProtoConfig {
     /// when none is idle the frame is dropped unacked (the sender retries) and counted
     /// in `ProtoStats::streams_refused`. Default `256`.
     pub max_streams_per_peer: usize,
-    /// At-most-once streams advertise a floor this far behind the newest seq, so a
-    /// frame overtaken by fewer than this many later frames still gets delivered,
-    /// while the receiver's bookkeeping stays bounded (at most this many seqs per
-    /// stream). Default `16384`.
+    /// At-most-once streams advertise a floor this far behind the newest seq, so on
+    /// an unordered channel a frame overtaken by fewer than this many later frames
+    /// still gets delivered, while the receiver's bookkeeping stays bounded (at most
+    /// this many seqs per stream). An ordered channel never waits for an at-most-once
+    /// gap (it is never retransmitted): see `ReceiverOptions::ordered`. Default
+    /// `16384`.
     pub amo_reorder_slack: u64,
     /// Receiving side: how long messages on a channel with no receiver are left to
     /// retry (unacked) before they are rejected with

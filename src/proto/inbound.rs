@@ -169,7 +169,9 @@ impl InboundStream {
             && self.held.is_empty()
             && self.failures.is_empty()
             && self.rejected.is_empty()
-            && self.done.is_empty()
+            // At-most-once keeps `done` only against transport duplicates, which an
+            // honest sender never makes (it never retransmits).
+            && (self.amo || self.done.is_empty())
             && self.pending_ack.is_empty()
             && self.ack_due.is_none()
             && self.unconsumed == 0
@@ -218,9 +220,22 @@ impl InboundStream {
     fn admit(&mut self, now: Instant, data: Data, ready: &mut Vec<Data>) -> Arrival {
         let seq = data.seq;
         let acks = data.guarantee != Guarantee::AtMostOnce;
+        let fresh = self.highest == 0;
         self.amo = !acks;
         self.highest = self.highest.max(seq);
         self.advance_floor(data.floor, ready);
+        if !acks && (fresh || (self.ordered && seq > self.next_deliver)) {
+            // At-most-once is never retransmitted, and its floor trails far behind
+            // (`amo_reorder_slack`): what is missing before `seq` is lost, or was for
+            // a run of this stream that is gone (a receiver that registered late or
+            // restarted, a recycled stream). Waiting for it would hold an ordered
+            // stream for good, its reorder buffer and credit with it. So a stream
+            // starts at its first frame, and an ordered one skips a gap; a message
+            // that arrives after a later one went out is dropped, so order holds.
+            // (Regression: such streams delivered nothing more and their senders'
+            // windows stalled.)
+            self.advance_floor(seq, ready);
+        }
         if let Some(&reason) = self.rejected.get(&seq) {
             return Arrival::Rejected(reason);
         }
@@ -498,9 +513,15 @@ impl InboundStream {
             return false;
         }
         let settled = self.cumulative.max(floor.saturating_sub(1));
+        // Before anything is settled, a new stream's sender has only the initial
+        // credit. Once something is (`floor > 1`), it may hold a grant of a run of
+        // this stream that is gone (a receiver restart, a recycled stream), at most
+        // its settled seqs plus the window. (Regression: a recycled stream allowed
+        // only the initial credit, so an honest burst was dropped as over credit.)
+        let base = if floor > 1 { self.window } else { initial };
         let allowed = self
             .granted
-            .max(settled.saturating_add(initial))
+            .max(settled.saturating_add(base))
             .saturating_add(slack);
         seq > allowed
     }
@@ -679,6 +700,42 @@ mod tests {
             incarnation: 9,
         };
         InboundStream::new(origin, ChannelId(0), ordered, Duration::ZERO, 8, 16, 64)
+    }
+
+    /// An ordered at-most-once stream never waits for what cannot come: it starts at
+    /// its first frame (the floor trails far behind), skips a gap at once, and drops a
+    /// message that arrives after a later one went out. Unordered, a late message is
+    /// still delivered. (Regression: the stream waited for seqs below its first frame
+    /// or lost in a cut, for good.)
+    #[test]
+    fn an_ordered_at_most_once_stream_starts_at_its_first_frame_and_skips_gaps() {
+        let now = Instant::now();
+        let amo = |seq| Data {
+            guarantee: Guarantee::AtMostOnce,
+            ..data(seq, 1)
+        };
+        let seqs = |r: &mut Vec<Data>| r.drain(..).map(|d| d.seq).collect::<Vec<_>>();
+        let mut s = stream(true);
+        let mut ready = Vec::new();
+        assert_eq!(s.on_data(now, amo(101), &mut ready), Arrival::Ready);
+        assert_eq!(s.on_data(now, amo(102), &mut ready), Arrival::Ready);
+        assert_eq!(seqs(&mut ready), vec![101, 102]);
+        // 103 and 104 lost: 105 goes out at once.
+        assert_eq!(s.on_data(now, amo(105), &mut ready), Arrival::Ready);
+        assert_eq!(seqs(&mut ready), vec![105]);
+        // 104 arrives late: dropped, order holds.
+        assert_eq!(s.on_data(now, amo(104), &mut ready), Arrival::Duplicate);
+        assert!(ready.is_empty());
+        for seq in [101, 102, 105] {
+            s.complete(now, seq, false);
+        }
+        assert!(s.is_idle(), "nothing owed: recyclable");
+
+        let mut u = stream(false);
+        assert_eq!(u.on_data(now, amo(7), &mut ready), Arrival::Ready);
+        assert_eq!(u.on_data(now, amo(9), &mut ready), Arrival::Ready);
+        assert_eq!(u.on_data(now, amo(8), &mut ready), Arrival::Ready);
+        assert_eq!(seqs(&mut ready), vec![7, 9, 8]);
     }
 
     /// An at-most-once stream holds at most its window (plus the slack) of messages
