@@ -242,6 +242,9 @@ pub struct HintStats {
     pub replayed: u64,
     /// Hints marked delivered.
     pub delivered: u64,
+    /// Hints their target refused for good (unauthorized, dead-lettered, undecodable,
+    /// another type, a retired stream), dropped from the store.
+    pub rejected: u64,
     /// Hints dropped because their TTL passed (never returned).
     pub expired: u64,
     /// Appends refused by the max hint window.

@@ -510,6 +510,22 @@ impl<B: SegmentIo> HintStore<B> {
     /// in any order; a segment is deleted once all its hints are done. Returns `false` if
     /// the position is unknown or already done (marks are idempotent).
     pub fn mark_delivered(&mut self, target: NodeId, pos: HintPos) -> Result<bool, HintError> {
+        self.mark_done(target, pos, false)
+    }
+
+    /// Records that the target refused the hint at `pos` for good: done as
+    /// [`mark_delivered`](Self::mark_delivered), counted in
+    /// [`HintStats::rejected`] instead of `delivered`.
+    pub fn mark_rejected(&mut self, target: NodeId, pos: HintPos) -> Result<bool, HintError> {
+        self.mark_done(target, pos, true)
+    }
+
+    fn mark_done(
+        &mut self,
+        target: NodeId,
+        pos: HintPos,
+        rejected: bool,
+    ) -> Result<bool, HintError> {
         let Some(log) = self.targets.get_mut(&target) else {
             return Ok(false);
         };
@@ -527,7 +543,11 @@ impl<B: SegmentIo> HintStore<B> {
             return Ok(false);
         }
         log.cursor_dirty = true;
-        self.stats.delivered += 1;
+        if rejected {
+            self.stats.rejected += 1;
+        } else {
+            self.stats.delivered += 1;
+        }
         self.stats.pending -= 1;
         if seg.pending == 0 {
             self.delete_finished(target)?;

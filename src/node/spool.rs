@@ -344,6 +344,28 @@ fn queue_front(
 }
 
 /// The handoff decisions ([`crate::proto::sends`]) reach the store through this.
+impl Spool {
+    /// A replayed `send` is done: acked, or (`rejected`) refused for good.
+    fn replay_done(&mut self, send: SendRef, endpoint: &mut Endpoint, rejected: bool) -> bool {
+        let Some((pos, hint)) = self.replaying.remove(&send) else {
+            return false;
+        };
+        if let Some(n) = self.outstanding.get_mut(&send.peer) {
+            *n = n.saturating_sub(1);
+        }
+        let marked = if rejected {
+            self.store.mark_rejected(send.peer, pos)
+        } else {
+            self.store.mark_delivered(send.peer, pos)
+        };
+        if let Err(e) = marked {
+            tracing::warn!(target = %send.peer, error = %e, "marking a hint delivered failed; it may replay again");
+        }
+        self.release_floor(endpoint, send.peer, hint.id);
+        true
+    }
+}
+
 impl Hints for Spool {
     fn on_down(&self) -> bool {
         self.cfg.on_down
@@ -390,38 +412,34 @@ impl Hints for Spool {
 
     /// `send` was acknowledged. Returns whether it was a replayed hint.
     fn on_settled(&mut self, send: SendRef, endpoint: &mut Endpoint) -> bool {
-        let Some((pos, hint)) = self.replaying.remove(&send) else {
-            return false;
-        };
-        if let Some(n) = self.outstanding.get_mut(&send.peer) {
-            *n = n.saturating_sub(1);
-        }
-        if let Err(e) = self.store.mark_delivered(send.peer, pos) {
-            tracing::warn!(target = %send.peer, error = %e, "marking a hint delivered failed; it may replay again");
-        }
-        self.release_floor(endpoint, send.peer, hint.id);
-        true
+        self.replay_done(send, endpoint, false)
     }
 
-    /// `send` was rejected by its receiver. If it was a replay: a receiver that has no
-    /// receiver on the channel yet may get one, so the hint goes back to its queue;
-    /// any other reason is final, so the hint is dropped from the store (logged at
-    /// warn: the receiver's dead letters hold what it dead-lettered). Returns `true`
-    /// for a replay.
+    /// `send` was rejected by its receiver. If it was a replay: a refusal for now (no
+    /// receiver on the channel yet, or its key table full until keys expire) sends the
+    /// hint back to its queue; any other reason is final, so the hint is dropped from
+    /// the store, counted in `HintStats::rejected` (logged at warn: the receiver's
+    /// dead letters hold what it dead-lettered). (Regression: a hint refused because
+    /// the key table was full was dropped and counted delivered, never processed.)
+    /// Returns `true` for a replay.
     fn on_rejected(
         &mut self,
         send: SendRef,
         reason: crate::wire::RejectReason,
         endpoint: &mut Endpoint,
     ) -> bool {
-        if reason == crate::wire::RejectReason::NoReceiver {
+        use crate::wire::RejectReason;
+        if matches!(
+            reason,
+            RejectReason::NoReceiver | RejectReason::KeyTableFull
+        ) {
             return self.on_gave_up(send);
         }
         let Some(id) = self.replaying.get(&send).map(|(_, h)| h.id) else {
             return false;
         };
         tracing::warn!(target = %send.peer, %id, %reason, "hint rejected by its target; dropped from the store");
-        self.on_settled(send, endpoint)
+        self.replay_done(send, endpoint, true)
     }
 
     /// `send` was given up. If it was a replay, it goes back to its queue (still in the
