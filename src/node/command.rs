@@ -124,8 +124,11 @@ impl Driver {
                 payload,
             ),
             Command::AddPeer { peer, addr } => {
-                if self.core.add_peer(peer, now) {
-                    self.shared.first_seen(peer);
+                self.core.add_peer(peer, now);
+                // Also after a decommission, when the detector may already watch it
+                // again (a connection that stayed up kept answering pings).
+                if let Some(h) = self.core.health(peer) {
+                    self.shared.seen(peer, h);
                 }
                 let _ = self
                     .link

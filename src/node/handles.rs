@@ -330,11 +330,12 @@ pub struct RawReceiver {
 }
 
 /// Messages still queued when the receiver goes were never seen by the application:
-/// they are taken back (`Completion::Refuse`, counted in
-/// [`ProtoStats::deliveries_refused`](crate::proto::ProtoStats::deliveries_refused)),
-/// not nacked, so they do not count towards
-/// [`ReceiverOptions::max_deliveries`](super::ReceiverOptions::max_deliveries) and come
-/// back to the channel's next receiver. (Regression: each queued message was dropped
+/// they are taken back (`Completion::Refuse`), not nacked, so they do not count
+/// towards [`ReceiverOptions::max_deliveries`](super::ReceiverOptions::max_deliveries).
+/// At-least-once and effectively-once ones come back to the channel's next receiver
+/// (counted in
+/// [`ProtoStats::deliveries_refused`](crate::proto::ProtoStats::deliveries_refused));
+/// at-most-once ones are never sent again, so they are lost with the receiver. (Regression: each queued message was dropped
 /// as a nack, so every receiver drop used up one of its deliveries; with a limit of 1
 /// they became dead letters unseen.)
 impl Drop for RawReceiver {

@@ -21,8 +21,9 @@ impl Driver {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(origin.node, version);
-                if self.core.peer_up(now, origin, version) {
-                    self.shared.first_seen(origin.node);
+                self.core.peer_up(now, origin, version);
+                if let Some(h) = self.core.health(origin.node) {
+                    self.shared.seen(origin.node, h);
                 }
             }
             LinkEvent::Down { peer } => {

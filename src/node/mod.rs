@@ -375,7 +375,8 @@ impl Node {
     }
 
     /// The failure detector's view of `peer` (`None` until it has been heard from, and
-    /// again after [`decommission`](Self::decommission) until it is heard from anew).
+    /// again after [`decommission`](Self::decommission) until the peer connects again
+    /// or is added with [`add_peer`](Self::add_peer)).
     pub fn health(&self, peer: NodeId) -> Option<Health> {
         self.shared.health(peer)
     }
@@ -407,7 +408,7 @@ impl Node {
     }
 
     /// The target is gone for good: drop its hints (counted) and stop watching it
-    /// ([`health`](Self::health) is `None` until it is heard from again, e.g. after
+    /// ([`health`](Self::health) is `None` until it connects again or is added with
     /// [`add_peer`](Self::add_peer)). Returns the number of hints dropped.
     pub async fn decommission(&self, peer: NodeId) -> Result<u64, NodeError> {
         let (tx, rx) = oneshot::channel();

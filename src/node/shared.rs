@@ -140,10 +140,11 @@ impl Shared {
             .remove(&peer);
     }
 
-    /// A peer seen for the first time: published as Up.
-    pub(super) fn first_seen(&self, peer: NodeId) {
+    /// A peer seen for the first time, or again after a decommission: published as
+    /// the detector sees it (`state`, Up for a new peer) unless already known.
+    pub(super) fn seen(&self, peer: NodeId, state: Health) {
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        h.entry(peer).or_insert(Health::Up);
+        h.entry(peer).or_insert(state);
     }
 
     /// Wake every sender waiting for window space with `SendError::Shutdown`, and make

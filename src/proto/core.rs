@@ -112,6 +112,11 @@ impl<R, H: Hints> Core<R, H> {
         self.liveness.state(peer).is_none() && self.watch(peer, now)
     }
 
+    /// The detector's view of `peer` (`None` if not watched).
+    pub(crate) fn health(&self, peer: NodeId) -> Option<crate::detector::Health> {
+        self.liveness.state(peer)
+    }
+
     /// Stop watching `peer` (decommissioned).
     pub(crate) fn forget(&mut self, peer: NodeId) {
         self.liveness.forget(peer);

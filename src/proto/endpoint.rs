@@ -9,7 +9,7 @@
 //! simulation in the tests both drive this same type.
 
 use super::config::ProtoConfig;
-use super::inbound::{Arrival, InboundStream};
+use super::inbound::{Arrival, InboundStream, StreamMark};
 use super::outbound::{
     OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT, INITIAL_NODE_CREDIT,
 };
@@ -324,6 +324,9 @@ pub struct Endpoint {
     /// Credit granted to streams whose frames find no receiver (see
     /// `grant_orphan_credit`); bounded, cleared when full.
     orphan_grants: FastMap<(Origin, ChannelId), u64>,
+    /// Where recycled streams stopped (see `recycle_idle_stream`); bounded, cleared
+    /// when full.
+    marks: FastMap<(Origin, ChannelId), StreamMark>,
     transmit: VecDeque<(NodeId, Frame)>,
     events: VecDeque<Event>,
     ready: Vec<Data>,
@@ -443,6 +446,7 @@ impl Endpoint {
             channels: FastMap::default(),
             unclaimed: FastMap::default(),
             orphan_grants: FastMap::default(),
+            marks: FastMap::default(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             ready: Vec::new(),
@@ -525,9 +529,6 @@ impl Endpoint {
     pub fn accept_channel_with(&mut self, channel: ChannelId, how: Accept) {
         self.channels.insert(channel, how);
         self.unclaimed.remove(&channel);
-        if !self.orphan_grants.is_empty() {
-            self.orphan_grants.retain(|(_, c), _| *c != channel);
-        }
     }
 
     /// Stop accepting `channel` (its receiver is gone). Its streams stay; new arrivals
@@ -702,6 +703,8 @@ impl Endpoint {
             // Stream state of the previous run is useless now; its dedup state stays
             // in `Dedup` (hint replays of its messages still need it).
             self.inbound.retain(|(o, _), _| *o != old);
+            self.marks.retain(|(o, _), _| *o != old);
+            self.orphan_grants.retain(|(o, _), _| *o != old);
         }
         let was_crediting = self.peers.get(&origin.node).is_some_and(|p| p.version >= 2);
         // Node credit counts frames per connection: both ends start again, except that
@@ -1429,7 +1432,13 @@ impl Endpoint {
         let Some(key) = victim else {
             return false;
         };
-        self.inbound.remove(&key);
+        const MAX_MARKS: usize = 1 << 16;
+        if let Some(s) = self.inbound.remove(&key) {
+            if self.marks.len() >= MAX_MARKS {
+                self.marks.clear();
+            }
+            self.marks.insert(key, s.mark());
+        }
         self.stats.streams_recycled += 1;
         tracing::debug!(%origin, channel = ?key.1, "idle inbound stream dropped to make room for a new one");
         true
@@ -1472,7 +1481,8 @@ impl Endpoint {
             return;
         };
         let ordered = accept.ordered;
-        if !self.inbound.contains_key(&(origin, channel)) {
+        let is_new = !self.inbound.contains_key(&(origin, channel));
+        if is_new {
             let open = self.inbound.keys().filter(|(o, _)| *o == origin).count();
             if open >= self.config.max_streams_per_peer && !self.recycle_idle_stream(origin) {
                 self.stats.streams_refused += 1;
@@ -1494,6 +1504,16 @@ impl Endpoint {
                 cfg.stream_credit,
             )
         });
+        if is_new {
+            // A stream recycled before goes on where it stopped; one whose frames
+            // found no receiver keeps the credit those earned.
+            if let Some(m) = self.marks.remove(&(origin, channel)) {
+                stream.resume(m);
+            }
+            if let Some(g) = self.orphan_grants.remove(&(origin, channel)) {
+                stream.granted_before(g);
+            }
+        }
         let node_full = self
             .app_held
             .get(&origin.node)

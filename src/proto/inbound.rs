@@ -113,6 +113,15 @@ pub(crate) struct InboundStream {
     last_arrival: Option<Instant>,
 }
 
+/// See [`InboundStream::mark`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamMark {
+    cumulative: u64,
+    next_deliver: u64,
+    granted: u64,
+    highest: u64,
+}
+
 /// How soon a receiver tells the sender which messages it holds (in its handler or
 /// for ordering) when no ack of a finished message has said so: well under the
 /// default minimum RTO (200 ms), so a slow handler does not make the sender
@@ -182,6 +191,38 @@ impl InboundStream {
         self.last_arrival
     }
 
+    /// What an idle stream leaves behind when it is dropped to make room, so that
+    /// the run made by its next frame goes on where it stopped.
+    pub(crate) fn mark(&self) -> StreamMark {
+        StreamMark {
+            cumulative: self.cumulative,
+            next_deliver: self.next_deliver,
+            granted: self.granted,
+            highest: self.highest,
+        }
+    }
+
+    /// A new run of a dropped stream: everything up to its mark's `cumulative` was
+    /// done and acked (an idle stream owes nothing), so a copy of it is a duplicate
+    /// (re-acked, not delivered again); an ordered stream goes on from where it was;
+    /// the credit granted stays granted. (Regression, with recycling: a late
+    /// at-most-once message was delivered after later ones on an ordered channel,
+    /// and an honest sender's burst on its old grant was dropped as over credit.)
+    pub(crate) fn resume(&mut self, m: StreamMark) {
+        self.cumulative = self.cumulative.max(m.cumulative);
+        self.received = self.received.max(m.cumulative);
+        self.reported = self.reported.max(m.cumulative);
+        self.next_deliver = self.next_deliver.max(m.next_deliver);
+        self.granted = self.granted.max(m.granted);
+        self.highest = self.highest.max(m.highest);
+    }
+
+    /// Credit granted to this stream's sender before the stream existed (its frames
+    /// found no receiver; see `Endpoint::grant_orphan_credit`).
+    pub(crate) fn granted_before(&mut self, granted: u64) {
+        self.granted = self.granted.max(granted);
+    }
+
     /// Stream-level admission of one frame. Deliverable frames (in order, when ordered)
     /// are appended to `ready` and marked in progress.
     pub(crate) fn on_data(&mut self, now: Instant, data: Data, ready: &mut Vec<Data>) -> Arrival {
@@ -224,16 +265,17 @@ impl InboundStream {
         self.amo = !acks;
         self.highest = self.highest.max(seq);
         self.advance_floor(data.floor, ready);
-        if !acks && (fresh || (self.ordered && seq > self.next_deliver)) {
+        if !acks && self.ordered && (fresh || seq > self.next_deliver) {
             // At-most-once is never retransmitted, and its floor trails far behind
             // (`amo_reorder_slack`): what is missing before `seq` is lost, or was for
             // a run of this stream that is gone (a receiver that registered late or
-            // restarted, a recycled stream). Waiting for it would hold an ordered
-            // stream for good, its reorder buffer and credit with it. So a stream
-            // starts at its first frame, and an ordered one skips a gap; a message
-            // that arrives after a later one went out is dropped, so order holds.
-            // (Regression: such streams delivered nothing more and their senders'
-            // windows stalled.)
+            // restarted). Waiting for it would hold an ordered stream for good, its
+            // reorder buffer and credit with it. So an ordered stream starts at its
+            // first frame and skips a gap; a message that arrives after a later one
+            // went out is dropped, so order holds. (Regression: such streams
+            // delivered nothing more and their senders' windows stalled.) An
+            // unordered stream keeps waiting for nothing, so it delivers whatever
+            // comes within the slack, late or not.
             self.advance_floor(seq, ready);
         }
         if let Some(&reason) = self.rejected.get(&seq) {
