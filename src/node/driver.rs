@@ -139,6 +139,7 @@ impl Driver {
             }
             self.receivers.resolve_durable_acks(&self.core.endpoint);
             if self.core.drain_over(now) {
+                self.finish_held_deliveries().await;
                 self.report();
                 // A clean end of this run: receivers may retire its streams.
                 if self.core.endpoint.finish_streams() > 0 {
@@ -266,6 +267,33 @@ impl Driver {
         self.dispatch();
     }
 
+    /// A graceful stop gives the deliveries the application still holds up to
+    /// [`HANDLER_GRACE`] to finish (new frames are no longer read), so the
+    /// completions of handlers busy at that moment are applied: their dedup records
+    /// written and synced, their acks sent when due. (Regression: an effectively-once
+    /// message a handler acked just as its node stopped lost its record and was
+    /// processed again after the restart.)
+    async fn finish_held_deliveries(&mut self) {
+        let until = tokio::time::Instant::now() + HANDLER_GRACE;
+        loop {
+            self.clock = now();
+            self.take_completions();
+            self.dispatch();
+            if self.core.endpoint.held_by_application() == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = self.receivers.completions.wake.notified() => {}
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        let now = now();
+        self.clock = now;
+        self.take_completions();
+        self.core.endpoint.handle_timeout(now);
+        let _ = self.flush(now).await;
+    }
+
     async fn stop(&mut self) {
         self.observe.sync(&self.core.endpoint, self.clock, true);
         if let Some(spool) = &mut self.core.hints {
@@ -278,6 +306,9 @@ impl Driver {
         self.shared.dead_letters.close();
     }
 }
+
+/// How long a graceful stop waits for deliveries the application holds.
+const HANDLER_GRACE: Duration = Duration::from_secs(1);
 
 pub(super) fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()

@@ -434,8 +434,10 @@ impl Node {
     /// Stop gracefully: refuse new sends ([`SendError::Shutdown`]), wait up to
     /// [`NodeConfig::shutdown_drain`] for unacknowledged messages, then spool what is
     /// left to the hint store (receipts resolve [`Outcome::HandedOff`]; without handoff
-    /// they fail with [`SendError::Shutdown`]), flush the hint log, close the transport,
-    /// and wait for the driver to finish. A node restarted on the same hint directory
+    /// they fail with [`SendError::Shutdown`]), give deliveries the application still
+    /// holds up to 1 s to finish (so their acks and dedup records are not lost with
+    /// the stop), flush the hint log, close the transport, and wait for the driver to
+    /// finish. A node restarted on the same hint directory
     /// replays the spooled messages. Dropping a `Node` instead stops it at once.
     ///
     /// Every call waits for the stop, also one made while another is in progress.

@@ -538,6 +538,12 @@ impl Endpoint {
         self.channels.remove(&channel);
     }
 
+    /// Deliveries handed towards the application (queued for or held by a receiver)
+    /// and not finished yet, over every peer.
+    pub fn held_by_application(&self) -> u64 {
+        self.app_held.values().sum()
+    }
+
     /// Is `channel` accepted?
     pub fn accepts(&self, channel: ChannelId) -> bool {
         self.channels.contains_key(&channel)
