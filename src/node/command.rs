@@ -216,3 +216,35 @@ impl Driver {
         let _ = reply.send(Err(err));
     }
 }
+
+/// How long a graceful stop waits for deliveries the application holds.
+const HANDLER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Driver {
+    /// A graceful stop gives the deliveries the application still holds up to
+    /// [`HANDLER_GRACE`] to finish (new frames are no longer read), so the
+    /// completions of handlers busy at that moment are applied: their dedup records
+    /// written and synced, their acks sent when due. (Regression: an effectively-once
+    /// message a handler acked just as its node stopped lost its record and was
+    /// processed again after the restart.)
+    pub(super) async fn finish_held_deliveries(&mut self) {
+        let until = tokio::time::Instant::now() + HANDLER_GRACE;
+        loop {
+            self.clock = super::driver::now();
+            self.take_completions();
+            self.dispatch();
+            if self.core.endpoint.held_by_application() == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = self.receivers.completions.wake.notified() => {}
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        let now = super::driver::now();
+        self.clock = now;
+        self.take_completions();
+        self.core.endpoint.handle_timeout(now);
+        let _ = self.flush(now).await;
+    }
+}

@@ -152,7 +152,7 @@ impl Driver {
     }
 
     /// Hand the core's application events out, then answer its reports.
-    fn dispatch(&mut self) {
+    pub(super) fn dispatch(&mut self) {
         let now = self.clock;
         while let Some(ev) = self.core.poll_event(now) {
             match ev {
@@ -195,12 +195,12 @@ impl Driver {
     }
 
     /// Apply every completion handlers pushed since the last call.
-    fn take_completions(&mut self) {
+    pub(super) fn take_completions(&mut self) {
         self.receivers
             .take_completions(&mut self.core.endpoint, &mut self.observe, self.clock);
     }
 
-    async fn flush(&mut self, now: std::time::Instant) -> bool {
+    pub(super) async fn flush(&mut self, now: std::time::Instant) -> bool {
         while let Some((peer, frame)) = self.core.endpoint.poll_transmit(now) {
             self.outbox.entry(peer).or_default().push(frame);
         }
@@ -267,33 +267,6 @@ impl Driver {
         self.dispatch();
     }
 
-    /// A graceful stop gives the deliveries the application still holds up to
-    /// [`HANDLER_GRACE`] to finish (new frames are no longer read), so the
-    /// completions of handlers busy at that moment are applied: their dedup records
-    /// written and synced, their acks sent when due. (Regression: an effectively-once
-    /// message a handler acked just as its node stopped lost its record and was
-    /// processed again after the restart.)
-    async fn finish_held_deliveries(&mut self) {
-        let until = tokio::time::Instant::now() + HANDLER_GRACE;
-        loop {
-            self.clock = now();
-            self.take_completions();
-            self.dispatch();
-            if self.core.endpoint.held_by_application() == 0 {
-                break;
-            }
-            tokio::select! {
-                _ = self.receivers.completions.wake.notified() => {}
-                _ = tokio::time::sleep_until(until) => break,
-            }
-        }
-        let now = now();
-        self.clock = now;
-        self.take_completions();
-        self.core.endpoint.handle_timeout(now);
-        let _ = self.flush(now).await;
-    }
-
     async fn stop(&mut self) {
         self.observe.sync(&self.core.endpoint, self.clock, true);
         if let Some(spool) = &mut self.core.hints {
@@ -306,9 +279,6 @@ impl Driver {
         self.shared.dead_letters.close();
     }
 }
-
-/// How long a graceful stop waits for deliveries the application holds.
-const HANDLER_GRACE: Duration = Duration::from_secs(1);
 
 pub(super) fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
