@@ -186,3 +186,55 @@ async fn concurrent_shutdown_calls_both_wait_for_the_stop() {
     b.shutdown().await;
     hold.abort();
 }
+
+/// Every receipt resolves when a node is dropped, also for a send that raced the
+/// stop: the command channel is closed and drained before the driver ends, so no
+/// send can land in it after the last look. (Regression: a send whose push into the
+/// channel was still under way when the driver dropped its end stayed queued while
+/// the sender handle lived, and its receipt hung; CI saw it once in
+/// `blackbox_api::dropping_a_node_resolves_its_receipts_and_ends_its_receivers`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_of_sends_racing_a_node_drop_all_resolve() {
+    for round in 0..300u64 {
+        let net = MemNetwork::new(FaultPlan::default()).unwrap();
+        let a = Node::builder(A)
+            .transport(net.transport(A))
+            .build()
+            .await
+            .unwrap();
+        let out = a
+            .raw_sender(B, ChannelOptions::new(CH, Guarantee::AtLeastOnce))
+            .unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let out = out.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut receipts = Vec::new();
+                // B never answers: each send holds its window slot until the stop.
+                loop {
+                    match out.try_send(bytes::Bytes::from_static(b"x")) {
+                        Ok(r) => receipts.push(r),
+                        Err(SendError::WindowFull { .. }) => {}
+                        Err(_) => break,
+                    }
+                    tokio::task::yield_now().await;
+                }
+                receipts
+            }));
+        }
+        tokio::task::yield_now().await;
+        drop(a);
+        for t in tasks {
+            for r in t.await.unwrap() {
+                let res = tokio::time::timeout(Duration::from_secs(5), r)
+                    .await
+                    .unwrap_or_else(|_| panic!("round {round}: a receipt hung after drop"));
+                assert!(
+                    matches!(res, Err(SendError::Shutdown)),
+                    "round {round}: {res:?}"
+                );
+            }
+        }
+        drop(out);
+    }
+}

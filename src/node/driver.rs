@@ -55,7 +55,7 @@ fn frames_in(ev: &LinkEvent) -> usize {
 }
 
 impl Driver {
-    pub(super) async fn run(mut self) {
+    pub(super) async fn run(&mut self) {
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
         loop {

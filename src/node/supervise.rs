@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 /// recorded as the node's [`NodeFailure`] *before* the driver's state is dropped, so
 /// every receipt, window wait and later call it fails sees [`NodeError::Failed`](crate::NodeError::Failed) /
 /// [`SendError::NodeFailed`](crate::SendError::NodeFailed) rather than a plain shutdown.
-pub(super) async fn supervise(driver: Driver, shared: Arc<Shared>, origin: Origin) {
+pub(super) async fn supervise(mut driver: Driver, shared: Arc<Shared>, origin: Origin) {
     let span = tracing::info_span!("node", node = %origin);
     let mut run = Box::pin(tracing::Instrument::instrument(driver.run(), span));
     match (CatchUnwind(&mut run)).await {
@@ -45,8 +45,18 @@ pub(super) async fn supervise(driver: Driver, shared: Arc<Shared>, origin: Origi
             shared.dead_letters.close();
         }
     }
-    // Only now drop the driver (its receipts and receiver queues).
     drop(run);
+    // The state is set and the windows are closed; now close the command channel and
+    // take what is left in it, also a command whose push was still under way:
+    // dropping the receiver alone frees only the commands already queued, and one
+    // pushed just after stays queued as long as any sender handle lives, its receipt
+    // never resolved. (Regression: a send racing a dropped node hung; the driver used
+    // to drop its receiver as it returned, before the windows closed.) Each command
+    // dropped here resolves its caller as the state says.
+    driver.commands.close();
+    while driver.commands.recv().await.is_some() {}
+    // Only now drop the driver (its receipts and receiver queues).
+    drop(driver);
 }
 
 /// Polls a future, turning a panic inside it into `Err(payload)`.
