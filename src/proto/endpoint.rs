@@ -318,6 +318,9 @@ pub struct Endpoint {
     peers: FastMap<NodeId, Peer>,
     outbound: FastMap<(NodeId, ChannelId), OutboundStream>,
     inbound: FastMap<(Origin, ChannelId), InboundStream>,
+    /// The channels of each origin's inbound streams (the per-peer limit and the
+    /// recycling scan look at one peer's streams, not at every peer's).
+    inbound_of: FastMap<Origin, rustc_hash::FxHashSet<ChannelId>>,
     channels: FastMap<ChannelId, Accept>,
     /// Channels without a receiver that got data, and since when (bounded).
     unclaimed: FastMap<ChannelId, Instant>,
@@ -443,6 +446,7 @@ impl Endpoint {
             peers: FastMap::default(),
             outbound: FastMap::default(),
             inbound: FastMap::default(),
+            inbound_of: FastMap::default(),
             channels: FastMap::default(),
             unclaimed: FastMap::default(),
             orphan_grants: FastMap::default(),
@@ -709,6 +713,7 @@ impl Endpoint {
             // Stream state of the previous run is useless now; its dedup state stays
             // in `Dedup` (hint replays of its messages still need it).
             self.inbound.retain(|(o, _), _| *o != old);
+            self.inbound_of.remove(&old);
             self.marks.retain(|(o, _), _| *o != old);
             self.orphan_grants.retain(|(o, _), _| *o != old);
         }
@@ -1429,15 +1434,21 @@ impl Endpoint {
     /// its receipts failed their deadline.) Only streams that owe nothing go
     /// ([`InboundStream::is_idle`]): the limit still bounds what a peer holds here.
     fn recycle_idle_stream(&mut self, origin: Origin) -> bool {
-        let victim = self
-            .inbound
-            .iter()
-            .filter(|((o, _), s)| *o == origin && s.is_idle())
-            .min_by_key(|(_, s)| s.last_arrival())
-            .map(|(k, _)| *k);
-        let Some(key) = victim else {
+        let Some(channels) = self.inbound_of.get_mut(&origin) else {
             return false;
         };
+        let inbound = &self.inbound;
+        let victim = channels
+            .iter()
+            .filter_map(|c| inbound.get(&(origin, *c)).map(|s| (*c, s)))
+            .filter(|(_, s)| s.is_idle())
+            .min_by_key(|(_, s)| s.last_arrival())
+            .map(|(c, _)| c);
+        let Some(channel) = victim else {
+            return false;
+        };
+        channels.remove(&channel);
+        let key = (origin, channel);
         const MAX_MARKS: usize = 1 << 16;
         if let Some(s) = self.inbound.remove(&key) {
             if self.marks.len() >= MAX_MARKS {
@@ -1489,7 +1500,7 @@ impl Endpoint {
         let ordered = accept.ordered;
         let is_new = !self.inbound.contains_key(&(origin, channel));
         if is_new {
-            let open = self.inbound.keys().filter(|(o, _)| *o == origin).count();
+            let open = self.inbound_of.get(&origin).map_or(0, |c| c.len());
             if open >= self.config.max_streams_per_peer && !self.recycle_idle_stream(origin) {
                 self.stats.streams_refused += 1;
                 tracing::debug!(%origin, ?channel, "inbound stream refused: per-peer limit");
@@ -1499,6 +1510,9 @@ impl Endpoint {
         let crediting = self.peers.get(&origin.node).is_some_and(|p| p.version >= 2);
         let node_hold = self.node_hold();
         let cfg = &self.config;
+        if is_new {
+            self.inbound_of.entry(origin).or_default().insert(channel);
+        }
         let stream = self.inbound.entry((origin, channel)).or_insert_with(|| {
             InboundStream::new(
                 origin,
@@ -2435,5 +2449,117 @@ mod tests {
             }
         }
         assert_eq!(outcome, Some((3, RejectReason::StreamRetired)));
+    }
+
+    /// The per-peer stream limit counts one origin's streams only, recycling picks
+    /// that origin's idle stream, and a peer's restart frees its old run's streams:
+    /// the per-origin index (`inbound_of`) always matches the streams held.
+    #[test]
+    fn the_stream_limit_is_per_origin_and_its_index_follows_recycling_and_restarts() {
+        let t0 = Instant::now();
+        let cfg = ProtoConfig {
+            max_streams_per_peer: 2,
+            ..ProtoConfig::default()
+        };
+        let dedup = Arc::new(Dedup::open_at(DedupConfig::default(), t0).unwrap());
+        let me = Origin {
+            node: NodeId(2),
+            incarnation: 1,
+        };
+        let mut b = Endpoint::new(me, cfg, dedup, 2);
+        for ch in 1..=4 {
+            b.accept_channel_with(ChannelId(ch), Accept::new(false, None));
+        }
+        let check_index = |b: &Endpoint| {
+            let mut from_index: Vec<_> = b
+                .inbound_of
+                .iter()
+                .flat_map(|(o, cs)| cs.iter().map(move |c| (*o, *c)))
+                .collect();
+            let mut held: Vec<_> = b.inbound.keys().copied().collect();
+            from_index.sort_by_key(|(o, c)| (o.node, o.incarnation, c.0));
+            held.sort_by_key(|(o, c)| (o.node, o.incarnation, c.0));
+            assert_eq!(from_index, held);
+        };
+        let mut now = t0;
+        // Each sender's message on `ch`, delivered and acked: its stream is idle.
+        let deliver = |b: &mut Endpoint, a: &mut Endpoint, ch: u32, now: Instant| {
+            a.send(
+                now,
+                Outgoing {
+                    peer: NodeId(2),
+                    channel: ChannelId(ch),
+                    guarantee: Guarantee::EffectivelyOnce,
+                    payload: Bytes::from_static(b"m"),
+                    id: None,
+                    deadline: None,
+                    schema: 0,
+                },
+            )
+            .unwrap();
+            for f in frames(a, NodeId(2), now) {
+                b.handle_frame_from(now, a.origin(), f);
+            }
+            let mut got = 0;
+            while let Some(ev) = b.poll_event() {
+                if let Event::Deliver { delivery, .. } = ev {
+                    b.complete(now, delivery, Completion::Ack);
+                    got += 1;
+                }
+            }
+            // b's acks go back, so a sends nothing again and b's stream owes nothing.
+            let later = now + Duration::from_millis(100);
+            b.handle_timeout(later);
+            while let Some((peer, f)) = b.poll_transmit(later) {
+                if peer == a.origin().node {
+                    a.handle_frame_from(later, me, f);
+                }
+            }
+            got
+        };
+        let (mut x, mut y) = (endpoint(1, t0), endpoint(3, t0));
+        for a in [&mut x, &mut y] {
+            b.handle_peer_up(t0, a.origin(), 3);
+            a.handle_peer_up(t0, me, 3);
+        }
+        for ch in [1, 2] {
+            now += Duration::from_secs(1);
+            assert_eq!(deliver(&mut b, &mut x, ch, now), 1);
+            assert_eq!(deliver(&mut b, &mut y, ch, now), 1);
+        }
+        check_index(&b);
+        assert_eq!(b.stats().streams_recycled, 0, "two per origin fit");
+        // x's third channel recycles x's oldest idle stream, not one of y's.
+        now += Duration::from_secs(1);
+        let got = deliver(&mut b, &mut x, 3, now);
+        assert_eq!(got, 1, "{:?}", b.stats());
+        assert_eq!(b.stats().streams_recycled, 1);
+        assert_eq!(b.stats().streams_refused, 0);
+        check_index(&b);
+        let y_streams = b.inbound.keys().filter(|(o, _)| *o == y.origin()).count();
+        assert_eq!(y_streams, 2, "y's streams stay");
+        // x restarts: its old run's streams go, and the new run opens two at once.
+        let mut x2 = Endpoint::new(
+            Origin {
+                node: NodeId(1),
+                incarnation: x.origin().incarnation + 1,
+            },
+            ProtoConfig::default(),
+            Arc::new(Dedup::open_at(DedupConfig::default(), now).unwrap()),
+            1,
+        );
+        b.handle_peer_up(now, x2.origin(), 3);
+        x2.handle_peer_up(now, me, 3);
+        check_index(&b);
+        for ch in [3, 4] {
+            now += Duration::from_secs(1);
+            assert_eq!(deliver(&mut b, &mut x2, ch, now), 1);
+        }
+        assert_eq!(
+            b.stats().streams_recycled,
+            1,
+            "no recycling for a fresh run"
+        );
+        check_index(&b);
     }
 }
