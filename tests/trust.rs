@@ -486,3 +486,109 @@ async fn connections_per_address_are_bounded() {
     assert!(freed, "the slot of a closed connection was not released");
     b.shutdown().await;
 }
+
+/// A stranger is refused at its handshake, before the node reads what follows it: a
+/// stranger that follows its handshake with the start of a large frame is closed and
+/// counted as a stranger at once, not held (with the frame buffered) until the
+/// handshake times out. (Regression: the node read up to 16 MiB per connection from
+/// a stranger before it looked at the id.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_is_refused_at_its_handshake_before_its_next_frame() {
+    let transport = TcpTransport::new(any_port(), TcpConfig::default())
+        .unwrap()
+        .allow_peer(A);
+    let stats = transport.stats();
+    let b = Node::builder(B).transport(transport).build().await.unwrap();
+    let addr = b.local_addr().unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = BytesMut::new();
+    encode(
+        &Frame::Handshake(Handshake {
+            version: MIN_PROTOCOL_VERSION,
+            origin: Origin {
+                node: STRANGER,
+                incarnation: 1,
+            },
+        }),
+        &mut out,
+    )
+    .unwrap();
+    let mut big = BytesMut::new();
+    encode(
+        &Frame::Data(Data {
+            channel: CH,
+            seq: 1,
+            floor: 1,
+            id_floor: 1,
+            id: None,
+            guarantee: Guarantee::AtLeastOnce,
+            schema: 0,
+            payload: Bytes::from(vec![7u8; 4 << 20]),
+        }),
+        &mut big,
+    )
+    .unwrap();
+    // The handshake and the first 64 KiB of a 4 MiB frame; the rest never comes.
+    out.extend_from_slice(&big[..64 << 10]);
+    let _ = s.write_all(&out).await;
+    // Before the handshake timeout (5 s by default): it waited for nothing more.
+    assert!(
+        closed_within(&mut s, Duration::from_secs(4)).await,
+        "a stranger's connection was held while its frame was incomplete"
+    );
+    let st = stats.snapshot();
+    assert_eq!(st.rejected_unknown_peer, 1, "{st:?}");
+    assert_eq!(st.rejected_handshake_timeout, 0, "{st:?}");
+    b.shutdown().await;
+}
+
+/// A peer whose handshake names version 2 or later sends its small version probe
+/// next; a large frame there is refused at its header, never buffered. Only a
+/// version-1 peer's first frame may be as large as `max_frame_len`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_current_handshake_only_a_small_probe_is_read() {
+    let transport = TcpTransport::new(any_port(), TcpConfig::default())
+        .unwrap()
+        .allow_peer(A);
+    let stats = transport.stats();
+    let b = Node::builder(B).transport(transport).build().await.unwrap();
+    let addr = b.local_addr().unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = BytesMut::new();
+    encode(
+        &Frame::Handshake(Handshake {
+            version: 2,
+            origin: Origin {
+                node: A,
+                incarnation: 1,
+            },
+        }),
+        &mut out,
+    )
+    .unwrap();
+    let mut big = BytesMut::new();
+    encode(
+        &Frame::Data(Data {
+            channel: CH,
+            seq: 1,
+            floor: 1,
+            id_floor: 1,
+            id: None,
+            guarantee: Guarantee::AtLeastOnce,
+            schema: 0,
+            payload: Bytes::from(vec![7u8; 4 << 20]),
+        }),
+        &mut big,
+    )
+    .unwrap();
+    out.extend_from_slice(&big[..64 << 10]);
+    let _ = s.write_all(&out).await;
+    assert!(
+        closed_within(&mut s, Duration::from_secs(4)).await,
+        "a large frame in place of the probe was waited for"
+    );
+    let st = stats.snapshot();
+    assert_eq!(st.handshakes_failed, 1, "{st:?}");
+    assert_eq!(st.rejected_too_large, 1, "{st:?}");
+    b.shutdown().await;
+}

@@ -41,7 +41,8 @@
 //! - Without TLS, a node accepts inbound connections only from peers it knows
 //!   ([`TcpTransport::with_peer`], [`TcpTransport::allow_peer`], [`LinkCommand::AddPeer`])
 //!   unless [`TcpConfig::accept_unknown_peers`] is set; strangers are refused and
-//!   counted (`rejected_unknown_peer`). A plain-TCP node id is only *claimed*: anyone who
+//!   counted (`rejected_unknown_peer`) as soon as their handshake frame is read, before
+//!   anything that follows it. A plain-TCP node id is only *claimed*: anyone who
 //!   can reach the port can claim a known id. A node listening without TLS on a
 //!   non-loopback address logs a warning once.
 //! - One node id, one live incarnation: while a peer's connection is alive (bytes
@@ -487,6 +488,7 @@ impl Transport for TcpTransport {
             epoch: Instant::now(),
             ip_slots: Mutex::default(),
             batch: self.batch,
+            known: Mutex::new(self.allowed.into_iter().collect()),
         });
         let acceptor = tokio::spawn(accept_loop(listener, Arc::clone(&ctx)));
         let mut mgr = Manager {
@@ -495,7 +497,6 @@ impl Transport for TcpTransport {
             peers: rustc_hash::FxHashMap::default(),
             next_conn_id: 0,
             acceptor,
-            known: self.allowed.into_iter().collect(),
             last_conflict_warn: None,
         };
         for (peer, addr) in self.peers {
@@ -593,9 +594,26 @@ struct Ctx {
     ip_slots: Mutex<HashMap<IpAddr, usize>>,
     /// One `LinkEvent::Frames` per read instead of a `LinkEvent::Frame` per frame.
     batch: bool,
+    /// Peers that may connect without TLS (configured, allowed or added).
+    known: Mutex<HashSet<NodeId>>,
 }
 
 impl Ctx {
+    /// May `peer` hold an inbound connection? With TLS its certificate proved it;
+    /// without, it must be known unless strangers are accepted.
+    fn admits(&self, peer: NodeId) -> bool {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return true;
+        }
+        self.cfg.accept_unknown_peers
+            || self
+                .known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&peer)
+    }
+
     fn millis(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -806,8 +824,6 @@ struct Manager {
     peers: rustc_hash::FxHashMap<NodeId, Peer>,
     next_conn_id: u64,
     acceptor: JoinHandle<()>,
-    /// Node ids accepted inbound without TLS (configured or allowed peers).
-    known: HashSet<NodeId>,
     /// Rate limit of the duplicate-node warning.
     last_conflict_warn: Option<Instant>,
 }
@@ -888,7 +904,11 @@ impl Manager {
         if peer == self.ctx.local.node {
             return;
         }
-        self.known.insert(peer);
+        self.ctx
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer);
         let p = self.peer(peer);
         if p.addr != Some(addr) {
             p.addr = Some(addr);
@@ -910,21 +930,11 @@ impl Manager {
         p.dialer = Some(tokio::spawn(dial_loop(peer, addr, ctx, after_backoff)));
     }
 
-    /// May `peer` hold an inbound connection? With TLS its certificate proved it; without,
-    /// it must be known unless strangers are accepted.
-    fn admits(&self, peer: NodeId) -> bool {
-        #[cfg(feature = "tls")]
-        if self.ctx.tls.is_some() {
-            return true;
-        }
-        self.ctx.cfg.accept_unknown_peers || self.known.contains(&peer)
-    }
-
     async fn established(&mut self, e: Established) {
         let peer = e.origin.node;
         let local = self.ctx.local.node;
         let stats = Arc::clone(&self.ctx.stats);
-        if e.dialed_by == peer && !self.admits(peer) {
+        if e.dialed_by == peer && !self.ctx.admits(peer) {
             let r = Reject::UnknownPeer(peer);
             stats.inc(Counter::HandshakesFailed);
             stats.reject(&r);
@@ -1125,21 +1135,19 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
                     let ctx = Arc::clone(&ctx);
                     handshakes.spawn(async move {
                         let _ = tcp.set_nodelay(true);
-                        match secure_and_handshake(tcp, &ctx, None).await {
-                            Ok((hs, stream)) => {
-                                let _ = ctx.internal.send(Internal::Established(Established {
-                                    origin: hs.origin,
-                                    dialed_by: hs.origin.node,
-                                    stream,
-                                    version: hs.version,
-                                    early: hs.early,
-                                    buf: hs.buf,
-                                    remote,
-                                    slot: Some(slot),
-                                    deferred: false,
-                                }));
-                            }
-                            Err(r) => handshake_failed(&ctx, &r, remote, None),
+                        // A failure is counted and logged inside.
+                        if let Ok((hs, stream)) = secure_and_handshake(tcp, &ctx, None, remote).await {
+                            let _ = ctx.internal.send(Internal::Established(Established {
+                                origin: hs.origin,
+                                dialed_by: hs.origin.node,
+                                stream,
+                                version: hs.version,
+                                early: hs.early,
+                                buf: hs.buf,
+                                remote,
+                                slot: Some(slot),
+                                deferred: false,
+                            }));
                         }
                     });
                 }
@@ -1162,6 +1170,10 @@ fn handshake_failed(ctx: &Ctx, r: &Reject, remote: SocketAddr, peer: Option<Node
             %remote, ?peer, ours = %v.ours, theirs = %v.theirs,
             "tcp: no common protocol version, connection closed"
         ),
+        // Anyone who reaches the port can cause this one: counted, not warned.
+        Reject::UnknownPeer(_) => {
+            tracing::debug!(%remote, reason = %r, "tcp: stranger refused, connection closed")
+        }
         _ => {
             tracing::warn!(%remote, ?peer, reason = %r, "tcp: handshake failed, connection closed")
         }
@@ -1175,7 +1187,8 @@ async fn secure_and_handshake(
     tcp: TcpStream,
     ctx: &Ctx,
     expected: Option<NodeId>,
-) -> Result<(Handshaken, Stream), Reject> {
+    remote: SocketAddr,
+) -> Result<(Handshaken, Stream), Counted> {
     // One deadline for TLS and the handshake together. (Regression: each had its own
     // `handshake_timeout`, so a certificate holder could keep a half-open connection
     // for twice the documented limit.)
@@ -1198,24 +1211,45 @@ async fn secure_and_handshake(
             };
             match tokio::time::timeout_at(deadline, secured).await {
                 Ok(Ok(s)) => Stream::Tls(Box::new(s)),
-                Ok(Err(e)) => return Err(Reject::Tls(TlsRefusal::of(&e))),
-                Err(_) => return Err(Reject::Tls(TlsRefusal::Other)),
+                Ok(Err(e)) => {
+                    handshake_failed(ctx, &Reject::Tls(TlsRefusal::of(&e)), remote, expected);
+                    return Err(Counted);
+                }
+                Err(_) => {
+                    handshake_failed(ctx, &Reject::Tls(TlsRefusal::Other), remote, expected);
+                    return Err(Counted);
+                }
             }
         }
     };
     #[cfg(not(feature = "tls"))]
     let mut stream = Stream::Plain(tcp);
-    let hs = handshake(&mut stream, ctx, expected, deadline).await?;
-    #[cfg(feature = "tls")]
-    if let Some(leaf) = stream.peer_leaf() {
-        if !tls::cert_names_node(leaf, hs.origin.node) {
-            return Err(Reject::IdentityMismatch {
-                claimed: hs.origin.node,
-            });
+    let checked = async {
+        let hs = handshake(&mut stream, ctx, expected, deadline).await?;
+        #[cfg(feature = "tls")]
+        if let Some(leaf) = stream.peer_leaf() {
+            if !tls::cert_names_node(leaf, hs.origin.node) {
+                return Err(Reject::IdentityMismatch {
+                    claimed: hs.origin.node,
+                });
+            }
+        }
+        Ok(hs)
+    };
+    match checked.await {
+        Ok(hs) => Ok((hs, stream)),
+        Err(r) => {
+            // Counted while the connection is still open, so a peer that sees it
+            // close finds the refusal in the stats already.
+            handshake_failed(ctx, &r, remote, expected);
+            Err(Counted)
         }
     }
-    Ok((hs, stream))
 }
+
+/// A failed handshake, already counted and logged by [`handshake_failed`].
+#[derive(Debug)]
+struct Counted;
 
 /// A completed handshake.
 #[derive(Debug)]
@@ -1227,10 +1261,11 @@ struct Handshaken {
     buf: BytesMut,
 }
 
-/// Bytes a peer may send before the version is agreed: a handshake, a probe or a
-/// version-1 peer's first frame, and what follows them in the same reads. Bounded, so
-/// a peer that is not even up cannot make us hold more.
-const MAX_EARLY_BYTES: usize = 16 << 20;
+/// Bytes a peer may send before the version is agreed, beyond its largest frame: a
+/// handshake, a probe or a version-1 peer's first frame (up to `max_frame_len`), and
+/// what follows them in the same reads. Bounded, so a peer that is not even up cannot
+/// make us hold more; a stranger is refused at its handshake, before any of it.
+const EARLY_SLACK: usize = 1 << 20;
 
 /// Exchange handshakes and agree on a protocol version.
 async fn handshake(
@@ -1253,12 +1288,31 @@ async fn handshake(
         let mut dec = FrameDecoder::new(HANDSHAKE_MAX_FRAME_LEN).with_version(1);
         let mut buf = BytesMut::with_capacity(256);
         let mut read = 0usize;
+        let early_limit = ctx.cfg.max_frame_len.saturating_add(EARLY_SLACK);
         loop {
             match dec.decode(&mut buf)? {
                 Some(frame) => {
-                    dec = FrameDecoder::new(ctx.cfg.max_frame_len).with_version(1);
                     match negotiation.on_frame(frame) {
-                        Ok(NegotiationStep::NeedFrame) => {}
+                        Ok(NegotiationStep::NeedFrame) => {
+                            let Some((claimed, their_min)) = negotiation.claimed() else {
+                                return Err(Reject::UnexpectedFrame);
+                            };
+                            // A stranger is refused at its handshake, before we read
+                            // (and hold) what follows. (Regression: it could make us
+                            // buffer a frame of up to `max_frame_len` first, on each of
+                            // its connections.)
+                            if expected.is_none() && !ctx.admits(claimed.node) {
+                                return Err(Reject::UnknownPeer(claimed.node));
+                            }
+                            // A node speaking version 2 or later sends its small probe
+                            // next; only a version-1 node's first frame may be large.
+                            let next = if their_min == 1 {
+                                ctx.cfg.max_frame_len
+                            } else {
+                                HANDSHAKE_MAX_FRAME_LEN
+                            };
+                            dec = FrameDecoder::new(next).with_version(1);
+                        }
                         Ok(NegotiationStep::Done {
                             origin,
                             version,
@@ -1286,7 +1340,7 @@ async fn handshake(
                         });
                     }
                     read += n;
-                    if read > MAX_EARLY_BYTES {
+                    if read > early_limit {
                         return Err(Reject::UnexpectedFrame);
                     }
                 }
@@ -1351,22 +1405,20 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff:
         match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
-                match secure_and_handshake(tcp, &ctx, Some(peer)).await {
-                    Ok((hs, stream)) => {
-                        let _ = ctx.internal.send(Internal::Established(Established {
-                            origin: hs.origin,
-                            dialed_by: ctx.local.node,
-                            stream,
-                            version: hs.version,
-                            early: hs.early,
-                            buf: hs.buf,
-                            remote: addr,
-                            slot: None,
-                            deferred: false,
-                        }));
-                        return;
-                    }
-                    Err(r) => handshake_failed(&ctx, &r, addr, Some(peer)),
+                // A failure is counted and logged inside.
+                if let Ok((hs, stream)) = secure_and_handshake(tcp, &ctx, Some(peer), addr).await {
+                    let _ = ctx.internal.send(Internal::Established(Established {
+                        origin: hs.origin,
+                        dialed_by: ctx.local.node,
+                        stream,
+                        version: hs.version,
+                        early: hs.early,
+                        buf: hs.buf,
+                        remote: addr,
+                        slot: None,
+                        deferred: false,
+                    }));
+                    return;
                 }
             }
             Ok(Err(e)) => {

@@ -227,6 +227,13 @@ impl Negotiation {
         }
     }
 
+    /// The run the peer's handshake claims to be and the lowest version it names,
+    /// once that handshake has been read (before the version is agreed): enough to
+    /// refuse a stranger before reading more of what it sends.
+    pub fn claimed(&self) -> Option<(Origin, u16)> {
+        self.peer
+    }
+
     /// Speaking only version 1: behave exactly as the 0.1 release.
     fn legacy(&self) -> bool {
         self.ours.max == 1
