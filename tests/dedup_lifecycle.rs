@@ -231,6 +231,51 @@ fn late_message_for_a_retired_stream_gets_a_typed_counted_refusal() {
     assert_eq!(d.stats().tombstones, 0);
 }
 
+/// With `max_streams` live streams of runs that crashed (never finished), a new
+/// run's first message is refused (`TooManyStreams`) until the retention has passed;
+/// then the refusal itself retires the idle streams, with no other stream made in
+/// between, and the new run is served. (Regression: the sweep ran only after a
+/// stream was made, so a registry full of crashed runs refused every new run for
+/// good.)
+#[test]
+fn a_full_registry_of_crashed_runs_makes_room_after_the_retention() {
+    let mut clock = Clock::new();
+    let cfg = DedupConfig {
+        max_streams: 4,
+        ..node_defaults()
+    };
+    let d = Dedup::open_at_wall(cfg.clone(), clock.now(), clock.wall()).unwrap();
+    let run = |n: u64| Origin {
+        node: NodeId(1),
+        incarnation: n,
+    };
+    for n in 1..=4 {
+        let id = seq_id(run(n), 0, 1);
+        assert_eq!(d.begin(&id, clock.now()).unwrap(), Admit::Fresh);
+        d.complete(&id, clock.now()).unwrap();
+    }
+    let new = seq_id(run(5), 0, 1);
+    assert!(matches!(
+        d.begin(&new, clock.now()),
+        Err(DedupError::TooManyStreams { max: 4 })
+    ));
+    clock.elapsed += cfg.retention / 2;
+    assert!(matches!(
+        d.begin(&new, clock.now()),
+        Err(DedupError::TooManyStreams { max: 4 }),
+    ));
+    // Past the retention plus the sweep interval (an eighth of it).
+    clock.elapsed += cfg.retention * 5 / 8 + Duration::from_secs(1);
+    assert_eq!(d.begin(&new, clock.now()).unwrap(), Admit::Fresh);
+    let s = d.stats();
+    assert_eq!((s.streams, s.streams_retired_idle), (1, 4), "{s:?}");
+    // A retired run's copy of what it had is still a duplicate, not processed again.
+    assert_eq!(
+        d.begin(&seq_id(run(2), 0, 1), clock.now()).unwrap(),
+        Admit::Duplicate
+    );
+}
+
 /// A live sender that was merely idle for longer than the retention (no holes) comes
 /// back: its stream is revived at its watermark, exactly.
 #[test]

@@ -50,7 +50,8 @@
 //! every seq ever begun and nothing was pending (a live sender that was only idle), and
 //! is otherwise refused with the typed [`DedupError::StreamRetired`] — never processed
 //! twice, never dropped silently. Retirement runs by itself when a new stream appears
-//! (at most every `retention / 8`); [`Dedup::retire_idle`] runs it on demand.
+//! or is refused at `max_streams` (at most every `retention / 8`);
+//! [`Dedup::retire_idle`] runs it on demand.
 //!
 //! **The retention must exceed the longest time a message can still arrive**: the
 //! senders' retry deadline plus the hint TTL (30 s + 6 h with the defaults;
@@ -489,9 +490,18 @@ impl Dedup {
             } => {
                 let now_ms = self.unix_ms(now);
                 let mut changes = Vec::new();
-                let r = self
-                    .streams
-                    .begin((origin, channel), seq, now_ms, &mut changes);
+                let key = (origin, channel);
+                let mut r = self.streams.begin(key, seq, now_ms, &mut changes);
+                if matches!(r, Err(DedupError::TooManyStreams { .. }))
+                    && self.streams.sweep_due(now_ms)
+                    && self.streams.sweep(now_ms, &mut changes) > 0
+                {
+                    // At the limit, streams idle past the retention make room.
+                    // (Regression: the sweep ran only after a stream was made, so
+                    // once the registry was full of runs that crashed, every new
+                    // sender run was refused for good.)
+                    r = self.streams.begin(key, seq, now_ms, &mut changes);
+                }
                 if !changes.is_empty() {
                     // A new (or revived) stream: the rare path; also the moment memory
                     // grows, so it is when idle streams are retired.
