@@ -129,6 +129,11 @@ pub(crate) struct Spool {
     /// This run's own handed-off messages, holding the id floor, with their expiry.
     own_hinted: BTreeMap<(NodeId, u32, u64), u64>,
     next_expire: Instant,
+    /// The wall clock at `base`: hint times are `base_unix_ms` plus the node clock's
+    /// time since `base`, so a virtual clock (`testing`) moves them too, and a wall
+    /// clock step does not.
+    base: Instant,
+    base_unix_ms: u64,
     /// The last replay round sent nothing and nothing is outstanding: every pending
     /// target is away. No fast tick then; the peer's return wakes the driver anyway.
     blocked: bool,
@@ -157,8 +162,17 @@ impl Spool {
             outstanding: HashMap::new(),
             own_hinted: BTreeMap::new(),
             next_expire: now,
+            base: now,
+            base_unix_ms: unix_ms(SystemTime::now()),
             blocked: false,
         })
+    }
+
+    /// The wall clock (Unix ms) at the node clock's `now`.
+    fn unix_ms_at(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.base).as_millis();
+        self.base_unix_ms
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
     }
 
     pub(crate) fn stats(&self) -> HintStats {
@@ -182,7 +196,7 @@ impl Spool {
             .map(|t| t.target)
             .chain(self.queued.keys().copied())
             .collect();
-        let now_ms = unix_ms(SystemTime::now());
+        let now_ms = self.unix_ms_at(now);
         self.blocked = true;
         for target in targets {
             if !ready(target) {
@@ -292,7 +306,7 @@ impl Spool {
         }
         if now >= self.next_expire {
             self.next_expire = now + Duration::from_secs(1);
-            let now_ms = unix_ms(SystemTime::now());
+            let now_ms = self.unix_ms_at(now);
             if let Err(e) = self.store.expire(now_ms) {
                 tracing::warn!(error = %e, "hint expiry failed");
             }
@@ -390,7 +404,7 @@ impl Hints for Spool {
             id,
             channel: send.channel,
             guarantee,
-            created_unix_ms: unix_ms(SystemTime::now()),
+            created_unix_ms: self.unix_ms_at(now),
             ttl_ms: 0,
             payload,
         };
