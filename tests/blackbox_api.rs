@@ -696,18 +696,35 @@ async fn sink_errors_are_per_item_and_flush_reports_rejections() {
         )
         .unwrap();
     let mut sink = typed.sink();
+    let mismatch = Err(SendError::Rejected {
+        reason: RejectReason::TypeMismatch,
+    });
+    // "A failure noticed earlier ... is returned from `poll_ready` at once": on a busy
+    // machine an early item's rejection can come back while later ones are fed, and
+    // that feed fails (its item is not sent).
+    let (mut fed, mut reported) = (0u64, 0);
     for v in 0..5u64 {
-        within(5, "feed", sink.feed(v)).await.unwrap();
+        let r = within(5, "feed", sink.feed(v)).await;
+        if r.is_ok() {
+            fed += 1;
+        } else {
+            assert_eq!(r, mismatch);
+            reported += 1;
+        }
     }
     let r = within(15, "flush", sink.flush()).await;
+    if reported == 0 {
+        assert_eq!(r, mismatch);
+    } else {
+        assert!(r.is_ok() || r == mismatch, "{r:?}");
+    }
+    assert!(fed >= 1);
     assert_eq!(
-        r,
-        Err(SendError::Rejected {
-            reason: RejectReason::TypeMismatch
-        })
+        sink.failed(),
+        fed,
+        "every mismatched item counted as failed"
     );
-    assert_eq!(sink.failed(), 5, "every mismatched item counted as failed");
-    assert_eq!(sink.settled(), 5);
+    assert_eq!(sink.settled(), fed);
     assert_eq!(
         within(5, "flush again", sink.flush()).await,
         Ok(()),

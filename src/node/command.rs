@@ -238,6 +238,18 @@ impl Driver {
             }
             tokio::select! {
                 _ = self.receivers.completions.wake.notified() => {}
+                // `ack_durable` finishes a delivery by command; sends meet the drain.
+                // (Regression: an `ack_durable` in the grace was never applied, and
+                // its caller saw `NodeStopped` once the grace was over.)
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => {
+                        self.clock = super::driver::now();
+                        if !self.on_command(cmd) {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
                 _ = tokio::time::sleep_until(until) => break,
             }
         }
@@ -246,5 +258,6 @@ impl Driver {
         self.take_completions();
         self.core.endpoint.handle_timeout(now);
         let _ = self.flush(now).await;
+        self.receivers.resolve_durable_acks(&self.core.endpoint);
     }
 }

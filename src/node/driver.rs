@@ -273,6 +273,8 @@ impl Driver {
             spool.sync();
         }
         let _ = self.link.commands.send(LinkCommand::Shutdown).await;
+        // Windows first: a send made after any receipt failed below fails too.
+        self.shared.close_windows();
         self.core.stop();
         self.report();
         self.receivers.close();

@@ -16,6 +16,10 @@ use std::task::{Context, Poll};
 /// every receipt, window wait and later call it fails sees [`NodeError::Failed`](crate::NodeError::Failed) /
 /// [`SendError::NodeFailed`](crate::SendError::NodeFailed) rather than a plain shutdown.
 pub(super) async fn supervise(mut driver: Driver, shared: Arc<Shared>, origin: Origin) {
+    // Also when this future is dropped unfinished, as a runtime shut down under a live
+    // node does: the node is then stopped for every handle. (Regression: `closed()`,
+    // a send waiting for window space and `DeadLetters::recv` waited for good.)
+    let _end = EndGuard(Arc::clone(&shared));
     let span = tracing::info_span!("node", node = %origin);
     let mut run = Box::pin(tracing::Instrument::instrument(driver.run(), span));
     match (CatchUnwind(&mut run)).await {
@@ -57,6 +61,25 @@ pub(super) async fn supervise(mut driver: Driver, shared: Arc<Shared>, origin: O
     while driver.commands.recv().await.is_some() {}
     // Only now drop the driver (its receipts and receiver queues).
     drop(driver);
+}
+
+/// Marks the node stopped when dropped, unless its end was already recorded: the state
+/// becomes `Closed`, the windows and the dead letters close.
+struct EndGuard(Arc<Shared>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.0.state.send_if_modified(|s| {
+            if matches!(s, NodeState::Running) {
+                *s = NodeState::Closed;
+                true
+            } else {
+                false
+            }
+        });
+        self.0.close_windows();
+        self.0.dead_letters.close();
+    }
 }
 
 /// Polls a future, turning a panic inside it into `Err(payload)`.
