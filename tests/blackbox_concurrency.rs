@@ -1359,6 +1359,38 @@ fn c15_closed_resolves_when_the_nodes_runtime_is_dropped() {
     drop(b);
 }
 
+/// As c15, with the node's runtime dropped before its driver task ever ran: a
+/// `current_thread` runtime runs spawned tasks only while `block_on` waits, so the
+/// node built last in `block_on` has a driver that was never polled. (Regression: the
+/// end was recorded by a guard made inside the driver task, so an unstarted task
+/// recorded nothing and `closed()` hung; c15 failed so under load.)
+#[test]
+fn c15b_closed_resolves_when_the_runtime_goes_before_the_driver_ever_ran() {
+    for round in 0..20 {
+        let rt_a = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let net = ackwire::transport::mem::MemNetwork::new(Default::default()).unwrap();
+        let a = rt_a.block_on(async {
+            Node::builder(NodeId(2551))
+                .transport(net.transport(NodeId(2551)))
+                .build()
+                .await
+                .unwrap()
+        });
+        drop(rt_a);
+        let rt_t = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt_t.block_on(async {
+            let r = tokio::time::timeout(Duration::from_secs(5), a.closed()).await;
+            assert!(r.is_ok(), "round {round}: closed() hangs");
+        });
+    }
+}
+
 /// The regression noted in `supervise` ("a send waiting on a full window hung for
 /// good") for a runtime dropped instead of a node dropped: `send` "Waits while the
 /// stream's window is full"; once the node is gone it must fail

@@ -226,7 +226,8 @@ impl NodeBuilder {
             outbox: FxHashMap::default(),
             clock: start,
         };
-        let task = tokio::spawn(supervise(driver, shared.clone(), origin));
+        let end = super::supervise::EndGuard(shared.clone());
+        let task = tokio::spawn(supervise(driver, shared.clone(), origin, end));
         Ok(Node {
             origin,
             tcp_stats,

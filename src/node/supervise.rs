@@ -15,11 +15,17 @@ use std::task::{Context, Poll};
 /// recorded as the node's [`NodeFailure`] *before* the driver's state is dropped, so
 /// every receipt, window wait and later call it fails sees [`NodeError::Failed`](crate::NodeError::Failed) /
 /// [`SendError::NodeFailed`](crate::SendError::NodeFailed) rather than a plain shutdown.
-pub(super) async fn supervise(mut driver: Driver, shared: Arc<Shared>, origin: Origin) {
-    // Also when this future is dropped unfinished, as a runtime shut down under a live
-    // node does: the node is then stopped for every handle. (Regression: `closed()`,
-    // a send waiting for window space and `DeadLetters::recv` waited for good.)
-    let _end = EndGuard(Arc::clone(&shared));
+///
+/// `_end` records the end also when this future is dropped unfinished, even before
+/// its first poll (it is an argument, not a local), as a runtime shut down under a
+/// live node does: the node is then stopped for every handle. (Regression: `closed()`,
+/// a send waiting for window space and `DeadLetters::recv` waited for good.)
+pub(super) async fn supervise(
+    mut driver: Driver,
+    shared: Arc<Shared>,
+    origin: Origin,
+    _end: EndGuard,
+) {
     let span = tracing::info_span!("node", node = %origin);
     let mut run = Box::pin(tracing::Instrument::instrument(driver.run(), span));
     match (CatchUnwind(&mut run)).await {
@@ -65,7 +71,7 @@ pub(super) async fn supervise(mut driver: Driver, shared: Arc<Shared>, origin: O
 
 /// Marks the node stopped when dropped, unless its end was already recorded: the state
 /// becomes `Closed`, the windows and the dead letters close.
-struct EndGuard(Arc<Shared>);
+pub(super) struct EndGuard(pub(super) Arc<Shared>);
 
 impl Drop for EndGuard {
     fn drop(&mut self) {
