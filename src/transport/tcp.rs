@@ -488,7 +488,15 @@ impl Transport for TcpTransport {
             epoch: Instant::now(),
             ip_slots: Mutex::default(),
             batch: self.batch,
-            known: Mutex::new(self.allowed.into_iter().collect()),
+            // Every configured peer is known before the acceptor starts: a peer
+            // already redialing this address must not meet a half-filled set.
+            known: Mutex::new(
+                self.allowed
+                    .into_iter()
+                    .chain(self.peers.iter().map(|(p, _)| *p))
+                    .filter(|p| *p != local.node)
+                    .collect(),
+            ),
         });
         let acceptor = tokio::spawn(accept_loop(listener, Arc::clone(&ctx)));
         let mut mgr = Manager {
@@ -1301,7 +1309,11 @@ async fn handshake(
                             // (and hold) what follows. (Regression: it could make us
                             // buffer a frame of up to `max_frame_len` first, on each of
                             // its connections.)
-                            if expected.is_none() && !ctx.admits(claimed.node) {
+                            // (Our own id is a self-connection, refused as such below.)
+                            if expected.is_none()
+                                && claimed.node != ctx.local.node
+                                && !ctx.admits(claimed.node)
+                            {
                                 return Err(Reject::UnknownPeer(claimed.node));
                             }
                             // A node speaking version 2 or later sends its small probe
