@@ -1974,7 +1974,9 @@ async fn a_stalled_channel_holding_its_whole_credit_leaves_another_channel_flowi
     let took = t.elapsed();
     assert!(took < Duration::from_secs(3), "free channel took {took:?}");
     assert_eq!(distinct(&fast), 2000);
+    let after_free = a.stats().await.unwrap().proto.retransmitted;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let before_resume = a.stats().await.unwrap().proto.retransmitted;
     resume.notify_one();
     let rs = within(10.0, "stalled sends accepted", slow_sends)
         .await
@@ -1984,8 +1986,29 @@ async fn a_stalled_channel_holding_its_whole_credit_leaves_another_channel_flowi
     }
     assert_eq!(distinct(&stalled) as u64, STALLED);
     assert_eq!(total(&stalled), STALLED, "each delivered once");
+    // No retransmission while the channel is stalled holding its whole credit (held
+    // messages are re-checked by probes, not resent) nor after it resumes. The first
+    // RTO of the two fresh streams is not part of the claim: a stream without an RTT
+    // sample or any ack yet retransmits after the initial 200 ms RTO whatever the
+    // receiver holds, and a test process starved that long (a loaded 2-core CI
+    // machine) retransmitted 1 664-5 096 messages there, every one dropped by the
+    // receiver as still in progress (`in_progress_dropped` equal to the count, one
+    // connection). (Regression: the test asserted 0 over the whole run and failed 5
+    // times in 8 under a busy loop.)
     let sa = a.stats().await.unwrap();
-    assert_eq!(sa.proto.retransmitted, 0, "{:?}", sa.proto);
+    let sb = b.stats().await.unwrap();
+    assert_eq!(
+        (before_resume, sa.proto.retransmitted),
+        (after_free, after_free),
+        "retransmissions during the stall or after the resume; a {:?}; b {:?}",
+        sa.proto,
+        sb.proto
+    );
+    assert!(
+        sb.proto.in_progress_dropped + sb.proto.duplicates_dropped <= after_free,
+        "copies the receiver dropped exceed the retransmissions: {:?}",
+        sb.proto
+    );
     within(10.0, "shutdown a", a.shutdown()).await;
     within(10.0, "shutdown b", b.shutdown()).await;
 }

@@ -873,7 +873,18 @@ fn ordering_child_entry() {
     });
 }
 
-fn spawn_child(envs: &[(&str, String)]) -> std::process::Child {
+/// A receiver child process, killed when dropped: a failing test must not leave it
+/// running (it would hold the test's output pipe open, and its port).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_child(envs: &[(&str, String)]) -> Child {
     let mut c = std::process::Command::new(std::env::current_exe().unwrap());
     c.args([
         "--exact",
@@ -887,7 +898,7 @@ fn spawn_child(envs: &[(&str, String)]) -> std::process::Child {
     for (k, v) in envs {
         c.env(k, v);
     }
-    c.spawn().expect("spawn child")
+    Child(c.spawn().expect("spawn child"))
 }
 
 /// Per index: the event letters in log order, and the first-`P` order.
@@ -979,24 +990,30 @@ async fn durable_eo_keys_and_batches_survive_receiver_sigkill_in_order() {
             wait_until(15, "processed", move || read_log(&l2).0.len() as u64 >= at),
         )
         .await;
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
         child = spawn_child(&envs);
     }
     let receipts = within(25, "all sent", sending).await.unwrap();
     let res = settle(receipts, 15).await;
-    let l2 = log.clone();
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        wait_until(5, "all processed", move || {
-            let (m, _) = read_log(&l2);
-            (0..N).all(|i| m.get(&i).is_some_and(|e| e.contains(&'C')))
-        }),
-    )
-    .await;
+    // Give the child up to 5 s to log every `C`, then check what it did. Not every
+    // message gets one: a SIGKILL between `ack_durable`'s commit and the `C` write
+    // leaves a message settled for good with no `C` (its copy is a duplicate for the
+    // next run), so this wait must not fail the test. (Regression: it was a
+    // `wait_until` inside a `timeout`, and its own assert fired at the 5 s mark
+    // whenever both were due in one poll, likely on a loaded machine; the panic also
+    // leaked the child process.)
+    let all_committed = || {
+        let (m, _) = read_log(&log);
+        (0..N).all(|i| m.get(&i).is_some_and(|e| e.contains(&'C')))
+    };
+    let until = Instant::now() + Duration::from_secs(5);
+    while !all_committed() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     a.shutdown().await;
     let (m, firsts) = read_log(&log);
     let mut errs = bad_receipts(&res, |r| *r == Ok(Outcome::Acked));
@@ -1041,8 +1058,9 @@ async fn durable_eo_keys_and_batches_survive_receiver_sigkill_in_order() {
         .values()
         .filter(|e| e.iter().filter(|c| **c == 'P').count() > 1)
         .count();
+    let no_c = m.values().filter(|e| !e.contains(&'C')).count();
     eprintln!(
-        "[sigkill durable] receipts {:?}; processed {}; seen twice (before C) {reprocessed}; errors {errs:#?}",
+        "[sigkill durable] receipts {:?}; processed {}; seen twice (before C) {reprocessed}; processed without a C {no_c}; errors {errs:#?}",
         tally(&res),
         m.len()
     );
@@ -2113,7 +2131,15 @@ async fn amo_cut_case(a_id: u64, opts: ReceiverOptions) {
     if twice > 0 {
         errs.push(format!("{twice} delivered twice"));
     }
-    let inv = bk.inversions(|c, _| c == 91);
+    // An unordered receiver delivers on arrival, late frames too (`proto::inbound`:
+    // "an unordered stream ... delivers whatever comes within the slack, late or not"),
+    // and across a cut the tail of the replaced connection can still reach the node
+    // after the first frames of the new one (its reader is aborted, but a poll already
+    // running on a preempted worker thread finishes first). So its order is checked
+    // among the messages sent on the healthy link, one connection; an ordered one's
+    // everywhere. (Regression: under CPU load 8 frames of a cut connection were
+    // delivered after 700 later ones, and the unordered case failed.)
+    let inv = bk.inversions(|c, k| c == 91 && (opts.ordered || k >= healthy_from));
     if !inv.is_empty() {
         errs.push(format!("out of send order: {:?}", &inv[..inv.len().min(8)]));
     }
