@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 /// every receipt, window wait and later call it fails sees [`NodeError::Failed`](crate::NodeError::Failed) /
 /// [`SendError::NodeFailed`](crate::SendError::NodeFailed) rather than a plain shutdown.
 ///
-/// `_end` records the end also when this future is dropped unfinished, even before
+/// `end` records the end also when this future is dropped unfinished, even before
 /// its first poll (it is an argument, not a local), as a runtime shut down under a
 /// live node does: the node is then stopped for every handle. (Regression: `closed()`,
 /// a send waiting for window space and `DeadLetters::recv` waited for good.)
@@ -24,37 +24,27 @@ pub(super) async fn supervise(
     mut driver: Driver,
     shared: Arc<Shared>,
     origin: Origin,
-    _end: EndGuard,
+    end: EndGuard,
 ) {
     let span = tracing::info_span!("node", node = %origin);
     let mut run = Box::pin(tracing::Instrument::instrument(driver.run(), span));
-    match (CatchUnwind(&mut run)).await {
-        Ok(()) => {
-            shared.state.send_replace(NodeState::Closed);
-            // A sender waiting for window space must see the stop, whichever way it
-            // came. (Regression: a dropped `Node` stops without the drain that closes
-            // the windows, and a `send` waiting on a full window hung for good.)
-            shared.close_windows();
-            // Likewise the dead letters: their handles see the end, and the durable
-            // log is released for the node's next run.
-            shared.dead_letters.close();
-        }
-        Err(panic) => {
-            let cause: Arc<str> = if let Some(s) = panic.downcast_ref::<&str>() {
-                (*s).into()
-            } else if let Some(s) = panic.downcast_ref::<String>() {
-                s.as_str().into()
-            } else {
-                "driver panicked (non-string payload)".into()
-            };
-            tracing::error!(node = %origin, %cause, "node driver panicked: the node is dead, every call now fails with NodeError::Failed");
-            shared
-                .state
-                .send_replace(NodeState::Failed(NodeFailure { cause }));
-            shared.close_windows();
-            shared.dead_letters.close();
-        }
+    if let Err(panic) = (CatchUnwind(&mut run)).await {
+        let cause: Arc<str> = if let Some(s) = panic.downcast_ref::<&str>() {
+            (*s).into()
+        } else if let Some(s) = panic.downcast_ref::<String>() {
+            s.as_str().into()
+        } else {
+            "driver panicked (non-string payload)".into()
+        };
+        tracing::error!(node = %origin, %cause, "node driver panicked: the node is dead, every call now fails with NodeError::Failed");
+        shared
+            .state
+            .send_replace(NodeState::Failed(NodeFailure { cause }));
     }
+    // `Closed` unless it failed; the windows and the dead letters close, so a sender
+    // waiting for window space and the dead-letter handles see the stop whichever way
+    // it came, and the durable dead-letter log is released for the node's next run.
+    drop(end);
     drop(run);
     // The state is set and the windows are closed; now close the command channel and
     // take what is left in it, also a command whose push was still under way:
