@@ -487,32 +487,25 @@ async fn connections_per_address_are_bounded() {
     b.shutdown().await;
 }
 
-/// A stranger is refused at its handshake, before the node reads what follows it: a
-/// stranger that follows its handshake with the start of a large frame is closed and
-/// counted as a stranger at once, not held (with the frame buffered) until the
-/// handshake times out. (Regression: the node read up to 16 MiB per connection from
-/// a stranger before it looked at the id.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stranger_is_refused_at_its_handshake_before_its_next_frame() {
+/// Connect to a node that admits only `A` and write a handshake claiming `claim` with
+/// lowest version `version`, then the first 64 KiB of a 4 MiB data frame (the rest
+/// never comes). Returns the node, its transport counters and the socket.
+async fn handshake_then_a_partial_large_frame(
+    claim: NodeId,
+    version: u16,
+) -> (Node, Arc<ackwire::transport::tcp::TcpStats>, TcpStream) {
     let transport = TcpTransport::new(any_port(), TcpConfig::default())
         .unwrap()
         .allow_peer(A);
     let stats = transport.stats();
     let b = Node::builder(B).transport(transport).build().await.unwrap();
-    let addr = b.local_addr().unwrap();
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut s = TcpStream::connect(b.local_addr().unwrap()).await.unwrap();
     let mut out = BytesMut::new();
-    encode(
-        &Frame::Handshake(Handshake {
-            version: MIN_PROTOCOL_VERSION,
-            origin: Origin {
-                node: STRANGER,
-                incarnation: 1,
-            },
-        }),
-        &mut out,
-    )
-    .unwrap();
+    let origin = Origin {
+        node: claim,
+        incarnation: 1,
+    };
+    encode(&Frame::Handshake(Handshake { version, origin }), &mut out).unwrap();
     let mut big = BytesMut::new();
     encode(
         &Frame::Data(Data {
@@ -528,9 +521,20 @@ async fn a_stranger_is_refused_at_its_handshake_before_its_next_frame() {
         &mut big,
     )
     .unwrap();
-    // The handshake and the first 64 KiB of a 4 MiB frame; the rest never comes.
     out.extend_from_slice(&big[..64 << 10]);
     let _ = s.write_all(&out).await;
+    (b, stats, s)
+}
+
+/// A stranger is refused at its handshake, before the node reads what follows it: a
+/// stranger that follows its handshake with the start of a large frame is closed and
+/// counted as a stranger at once, not held (with the frame buffered) until the
+/// handshake times out. (Regression: the node read up to 16 MiB per connection from
+/// a stranger before it looked at the id.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_is_refused_at_its_handshake_before_its_next_frame() {
+    let (b, stats, mut s) =
+        handshake_then_a_partial_large_frame(STRANGER, MIN_PROTOCOL_VERSION).await;
     // Before the handshake timeout (5 s by default): it waited for nothing more.
     assert!(
         closed_within(&mut s, Duration::from_secs(4)).await,
@@ -547,42 +551,7 @@ async fn a_stranger_is_refused_at_its_handshake_before_its_next_frame() {
 /// version-1 peer's first frame may be as large as `max_frame_len`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_current_handshake_only_a_small_probe_is_read() {
-    let transport = TcpTransport::new(any_port(), TcpConfig::default())
-        .unwrap()
-        .allow_peer(A);
-    let stats = transport.stats();
-    let b = Node::builder(B).transport(transport).build().await.unwrap();
-    let addr = b.local_addr().unwrap();
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut out = BytesMut::new();
-    encode(
-        &Frame::Handshake(Handshake {
-            version: 2,
-            origin: Origin {
-                node: A,
-                incarnation: 1,
-            },
-        }),
-        &mut out,
-    )
-    .unwrap();
-    let mut big = BytesMut::new();
-    encode(
-        &Frame::Data(Data {
-            channel: CH,
-            seq: 1,
-            floor: 1,
-            id_floor: 1,
-            id: None,
-            guarantee: Guarantee::AtLeastOnce,
-            schema: 0,
-            payload: Bytes::from(vec![7u8; 4 << 20]),
-        }),
-        &mut big,
-    )
-    .unwrap();
-    out.extend_from_slice(&big[..64 << 10]);
-    let _ = s.write_all(&out).await;
+    let (b, stats, mut s) = handshake_then_a_partial_large_frame(A, 2).await;
     assert!(
         closed_within(&mut s, Duration::from_secs(4)).await,
         "a large frame in place of the probe was waited for"
