@@ -17,7 +17,7 @@ use crate::dedup::{Admit, Dedup};
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
 use crate::retry::GiveUp;
 use crate::rng::SplitMix64;
-use crate::wire::{CreditProbe, Data, Frame, Heartbeat, Nack, Reject, RejectReason};
+use crate::wire::{CreditProbe, Data, Frame, Heartbeat, Nack, Reject, RejectReason, SeqRange};
 use bytes::Bytes;
 use rustc_hash::FxHashMap as FastMap;
 use std::collections::{HashMap, VecDeque};
@@ -359,6 +359,41 @@ fn speaks_v3(peers: &FastMap<NodeId, Peer>, origin: Origin) -> bool {
     peers
         .get(&origin.node)
         .is_some_and(|p| p.origin == origin && p.version >= 3)
+}
+
+/// An ack never covers a seq whose reject the sender has not confirmed (by moving its
+/// floor past it): the cumulative ack stops below the first such seq, and ranges cover
+/// the settled seqs above it. A reject can be lost with its connection while a later
+/// ack, still queued in the transport, goes out on the next one; the sender would
+/// take the seq for acked. Held back, the seq stays outstanding there, and its
+/// retransmission meets the reject again. (Regression: a dead-lettered message's
+/// receipt said `Acked` across a connection cut.) `rejected` is ascending.
+fn hold_back_rejected(ack: &mut crate::wire::Ack, rejected: impl Iterator<Item = u64>) {
+    let cumulative = ack.cumulative;
+    let mut held = rejected.take_while(|s| *s <= cumulative).peekable();
+    let Some(&first) = held.peek() else {
+        return;
+    };
+    let mut below = Vec::new();
+    let mut start = first + 1;
+    for seq in held {
+        if seq > start {
+            below.push(SeqRange {
+                start,
+                end: seq - 1,
+            });
+        }
+        start = seq + 1;
+    }
+    if start <= cumulative {
+        below.push(SeqRange {
+            start,
+            end: cumulative,
+        });
+    }
+    ack.cumulative = first - 1;
+    below.append(&mut ack.ranges);
+    ack.ranges = below;
 }
 
 /// The reject of `origin`'s message `seq` on `channel`, addressed to it.
@@ -912,7 +947,22 @@ impl Endpoint {
                     self.grant_node_credit(&held, Some(from));
                 }
                 // Answer with the stream's current grant (an ack, sent with this burst).
+                let v3 = speaks_v3(&self.peers, peer_origin);
                 if let Some(s) = self.inbound.get_mut(&(peer_origin, p.channel)) {
+                    // A sender waiting on a seq this stream rejected lost the reject
+                    // (with a connection): it goes again, before the ack, which holds
+                    // that seq back (see `hold_back_rejected`).
+                    if v3 {
+                        for (seq, reason) in s.rejections() {
+                            self.stats.rejects_sent += 1;
+                            self.transmit.push_back(reject_frame(
+                                peer_origin,
+                                p.channel,
+                                seq,
+                                reason,
+                            ));
+                        }
+                    }
                     s.owe_ack(now);
                 } else {
                     self.stats.frames_ignored += 1;
@@ -1263,7 +1313,10 @@ impl Endpoint {
         let tracking = !self.node_in.is_empty();
         let mut outstanding: HashMap<NodeId, u64> = HashMap::new();
         for (&(origin, _), s) in self.inbound.iter_mut() {
-            if let Some(ack) = s.poll_ack(now) {
+            if let Some(mut ack) = s.poll_ack(now) {
+                if speaks_v3(&self.peers, origin) {
+                    hold_back_rejected(&mut ack, s.rejections().map(|(seq, _)| seq));
+                }
                 self.stats.acks_sent += 1;
                 self.transmit.push_back((origin.node, Frame::Ack(ack)));
             }
@@ -2288,6 +2341,103 @@ mod tests {
         assert_eq!(outcome, Some((1, RejectReason::DeadLettered)));
         assert_eq!(a.stats().rejects_received, 1);
     }
+    /// A reject lost with its connection while a later ack covering its seq still gets
+    /// through (it waited in the transport's queue for the next connection): the
+    /// sender does not take the rejected message for acked; it retransmits it and
+    /// learns the reject. (Regression: the ack's cumulative covered the rejected seq,
+    /// and a dead-lettered message's receipt said `Acked`, seen once under cuts in
+    /// `blackbox_ordering::ordered_dead_letters_under_cuts_are_settled_once_and_in_order`.)
+    #[test]
+    fn an_ack_that_outruns_its_reject_does_not_settle_the_rejected_seq() {
+        let now = Instant::now();
+        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+        a.handle_peer_up(now, b.origin(), 3);
+        b.handle_peer_up(now, a.origin(), 3);
+        b.accept_channel_with(ChannelId(1), Accept::new(false, Some(1)));
+        for n in 0..2u8 {
+            a.send(
+                now,
+                Outgoing {
+                    peer: NodeId(2),
+                    channel: ChannelId(1),
+                    guarantee: Guarantee::EffectivelyOnce,
+                    payload: Bytes::from(vec![n]),
+                    id: None,
+                    deadline: None,
+                    schema: 0,
+                },
+            )
+            .unwrap();
+        }
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        let mut delivered = Vec::new();
+        while let Some(ev) = b.poll_event() {
+            if let Event::Deliver { delivery, .. } = ev {
+                delivered.push(delivery);
+            }
+        }
+        // Message 1 is nacked (limit 1: dead-lettered at its redelivery); 2 is acked.
+        b.complete(now, delivered[0], Completion::Nack);
+        b.complete(now, delivered[1], Completion::Ack);
+        for f in frames(&mut b, NodeId(1), now) {
+            a.handle_frame(now, NodeId(2), f);
+        }
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f); // the retransmission of 1: dead-lettered
+        }
+        let later = now + Duration::from_secs(1);
+        let b_out = frames(&mut b, NodeId(1), later);
+        assert!(
+            b_out
+                .iter()
+                .any(|f| matches!(f, Frame::Reject(r) if r.seq == 1)),
+            "{b_out:?}"
+        );
+        assert!(
+            b_out.iter().any(|f| matches!(f, Frame::Ack(_))),
+            "{b_out:?}"
+        );
+        // The reject is lost; the ack gets through.
+        for f in b_out.into_iter().filter(|f| !matches!(f, Frame::Reject(_))) {
+            a.handle_frame(later, NodeId(2), f);
+        }
+        let mut settled = Vec::new();
+        while let Some(ev) = a.poll_event() {
+            if let Event::Settled(send) = ev {
+                settled.push(send.seq);
+            }
+        }
+        assert!(
+            !settled.contains(&1),
+            "the rejected seq was taken for acked"
+        );
+        // 1 is retransmitted, and its copy meets the reject.
+        let mut outcome = None;
+        let mut t = later;
+        for _ in 0..20 {
+            t += Duration::from_secs(1);
+            for f in frames(&mut a, NodeId(2), t) {
+                b.handle_frame(t, NodeId(1), f);
+            }
+            for f in frames(&mut b, NodeId(1), t) {
+                a.handle_frame(t, NodeId(2), f);
+            }
+            while let Some(ev) = a.poll_event() {
+                match ev {
+                    Event::Rejected { send, reason } => outcome = Some((send.seq, reason)),
+                    Event::Settled(send) => assert_ne!(send.seq, 1, "taken for acked"),
+                    _ => {}
+                }
+            }
+            if outcome.is_some() {
+                break;
+            }
+        }
+        assert_eq!(outcome, Some((1, RejectReason::DeadLettered)));
+    }
+
     /// `a` sends seqs 1..=3 (effectively-once, unordered) to `b` at `t0`; `lost` never
     /// arrives; `b` acks the others at `t0 + 190 ms` and `a` reads those acks.
     fn three_sent_one_lost(t0: Instant, lost: u64) -> Endpoint {

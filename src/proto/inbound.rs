@@ -41,6 +41,10 @@
 //! same sender run, gets the reject again (see [`InboundStream::rejections`]). The
 //! endpoint sends the reject before any ack that covers the seq, so a sender that reads
 //! its connection in order learns the reason before it could take the seq for acked.
+//! Across a cut that order can break (the reject lost with the old connection, a later
+//! ack queued for the new one), so an ack to a version-3 sender never covers a rejected
+//! seq its floor has not passed, and a credit probe (the sender waiting on that seq)
+//! gets the stream's rejects again.
 
 use crate::id::{ChannelId, Guarantee, Origin};
 use crate::wire::{Ack, Data, RejectReason, SeqRange};
