@@ -2266,11 +2266,11 @@ mod tests {
         assert_eq!(seqs, [MAX_SEQ - 1, MAX_SEQ]);
     }
 
-    /// A reject lost with a connection reaches the sender on the next one, before any
-    /// ack of the new connection: the sender never takes a rejected message for acked.
-    #[test]
-    fn a_reject_lost_with_its_connection_is_sent_again_before_any_ack() {
-        let now = Instant::now();
+    /// `a` sends two messages of `guarantee` to `b`, whose channel dead-letters a
+    /// message at its second delivery; `b` nacks the first and acks the second, `a`
+    /// retransmits the first, and `b` has just dead-lettered it: its reject is next in
+    /// what `b` sends.
+    fn first_of_two_dead_lettered(now: Instant, guarantee: Guarantee) -> (Endpoint, Endpoint) {
         let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
         a.handle_peer_up(now, b.origin(), 3);
         b.handle_peer_up(now, a.origin(), 3);
@@ -2281,7 +2281,7 @@ mod tests {
                 Outgoing {
                     peer: NodeId(2),
                     channel: ChannelId(1),
-                    guarantee: Guarantee::AtLeastOnce,
+                    guarantee,
                     payload: Bytes::from(vec![n]),
                     id: None,
                     deadline: None,
@@ -2300,7 +2300,6 @@ mod tests {
             }
         }
         assert_eq!(delivered.len(), 2);
-        // Message 1 is nacked (limit 1: dead-lettered at its redelivery); 2 is acked.
         b.complete(now, delivered[0], Completion::Nack);
         b.complete(now, delivered[1], Completion::Ack);
         for f in frames(&mut b, NodeId(1), now) {
@@ -2309,6 +2308,15 @@ mod tests {
         for f in frames(&mut a, NodeId(2), now) {
             b.handle_frame(now, NodeId(1), f); // the nack made `a` retransmit 1
         }
+        (a, b)
+    }
+
+    /// A reject lost with a connection reaches the sender on the next one, before any
+    /// ack of the new connection: the sender never takes a rejected message for acked.
+    #[test]
+    fn a_reject_lost_with_its_connection_is_sent_again_before_any_ack() {
+        let now = Instant::now();
+        let (mut a, mut b) = first_of_two_dead_lettered(now, Guarantee::AtLeastOnce);
         let mut b_out = frames(&mut b, NodeId(1), now);
         assert!(
             b_out
@@ -2350,43 +2358,7 @@ mod tests {
     #[test]
     fn an_ack_that_outruns_its_reject_does_not_settle_the_rejected_seq() {
         let now = Instant::now();
-        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
-        a.handle_peer_up(now, b.origin(), 3);
-        b.handle_peer_up(now, a.origin(), 3);
-        b.accept_channel_with(ChannelId(1), Accept::new(false, Some(1)));
-        for n in 0..2u8 {
-            a.send(
-                now,
-                Outgoing {
-                    peer: NodeId(2),
-                    channel: ChannelId(1),
-                    guarantee: Guarantee::EffectivelyOnce,
-                    payload: Bytes::from(vec![n]),
-                    id: None,
-                    deadline: None,
-                    schema: 0,
-                },
-            )
-            .unwrap();
-        }
-        for f in frames(&mut a, NodeId(2), now) {
-            b.handle_frame(now, NodeId(1), f);
-        }
-        let mut delivered = Vec::new();
-        while let Some(ev) = b.poll_event() {
-            if let Event::Deliver { delivery, .. } = ev {
-                delivered.push(delivery);
-            }
-        }
-        // Message 1 is nacked (limit 1: dead-lettered at its redelivery); 2 is acked.
-        b.complete(now, delivered[0], Completion::Nack);
-        b.complete(now, delivered[1], Completion::Ack);
-        for f in frames(&mut b, NodeId(1), now) {
-            a.handle_frame(now, NodeId(2), f);
-        }
-        for f in frames(&mut a, NodeId(2), now) {
-            b.handle_frame(now, NodeId(1), f); // the retransmission of 1: dead-lettered
-        }
+        let (mut a, mut b) = first_of_two_dead_lettered(now, Guarantee::EffectivelyOnce);
         let later = now + Duration::from_secs(1);
         let b_out = frames(&mut b, NodeId(1), later);
         assert!(
