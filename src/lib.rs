@@ -69,9 +69,11 @@
 //!   the sender gives up, refused by the hint store, rejected), reaching the hint
 //!   store through a trait; `proto::core` joins the three into the one object the
 //!   driver feeds and polls. Reads no clock (every call takes
-//!   `now`), opens no socket or file and spawns nothing; the one IO on its path is
-//!   the durable dedup log, written (and fsynced per its policy) by the
-//!   [`dedup::Dedup`] the endpoint is given, on the caller's thread.
+//!   `now`), opens no socket or file, spawns nothing and does no IO: with durable
+//!   dedup it only buffers the records of completed messages, and holds its acks
+//!   back until the owner (the node's driver) has written and fsynced them
+//!   ([`proto::Endpoint::persist_owed`], [`dedup::Dedup::sync`]: one group commit
+//!   per burst, under `block_in_place` on a multi-thread runtime).
 //! * [`retry`] — RFC 6298 RTT estimator, exponential backoff with jitter, retry
 //!   policy and retry budget (`rtt`, `backoff`, `policy`, `budget`); the streams'
 //!   retransmissions and the TCP redial both go through it.

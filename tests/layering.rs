@@ -1,7 +1,9 @@
 //! The crate docs' layering claims, checked against the source: the sans-IO core
 //! (`proto`, `retry`, `detector`) names no runtime, socket, file or clock outside its
 //! unit tests; `wire` touches tokio only in its feature-gated `tokio_util` adapter.
-//! (The dedup layer is not in that list: its durable log writes files, and
+//! The core calls no durable write of the dedup either: it only buffers records, and
+//! its owner writes and fsyncs them (`Endpoint::persist_owed`, `Dedup::sync`).
+//! (The dedup layer itself is not in that list: its durable log writes files, and
 //! `Dedup::open` reads the clocks once as its time base; the crate docs say so.)
 
 use std::path::{Path, PathBuf};
@@ -16,6 +18,13 @@ const FORBIDDEN: &[(&str, &str)] = &[
     ("SystemTime", "the wall clock"),
     ("thread::sleep", "blocking"),
     ("thread::spawn", "threads"),
+    // The durable dedup's IO is the owner's (`Endpoint::persist_owed`): the core only
+    // buffers records.
+    (".sync()", "a durable write or fsync"),
+    (
+        "dedup.complete(",
+        "a durable write (the core uses `complete_unsynced`)",
+    ),
 ];
 
 fn rust_files(path: &Path, out: &mut Vec<PathBuf>) {

@@ -91,7 +91,7 @@ pub use window::SeqWindow;
 
 use self::log::{DedupLog, Record, RetiredRecord};
 use self::streams::{Change, StreamRegistry, Tombstone};
-use self::sync::{AtomicU64, Ordering};
+use self::sync::{AtomicBool, AtomicU64, Ordering};
 use crate::{ChannelId, MessageId, Origin};
 
 /// The answer of a check-and-insert.
@@ -362,8 +362,9 @@ pub struct DedupStats {
 ///
 /// `begin`/`complete`/`release` on a known stream or key take no lock and do not
 /// allocate (a new stream allocates its window once, a key-table generation is
-/// allocated once per horizon or doubling; the durable log appends under a mutex,
-/// which is the IO path).
+/// allocated once per horizon or doubling). Durable records are buffered under a
+/// mutex and written by [`Dedup::sync`] (and [`Dedup::complete`]): those two are the
+/// only calls that do IO.
 ///
 /// ```
 /// use std::time::Instant;
@@ -380,11 +381,31 @@ pub struct DedupStats {
 pub struct Dedup {
     streams: StreamRegistry,
     table: IdTable,
-    /// The log and the size at which it is next compacted.
-    log: Option<(Mutex<DedupLog>, u64, AtomicU64)>,
+    /// The durable log, when durable.
+    log: Option<Durable>,
     base: Instant,
     base_unix_ms: u64,
     counters: Counters,
+}
+
+/// The durable log and its bookkeeping.
+#[derive(Debug)]
+struct Durable {
+    log: Mutex<Logged>,
+    /// `DurableDedup::compact_after_bytes`.
+    compact_after: u64,
+    /// Records are buffered and wait for [`Dedup::sync`].
+    owed: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Logged {
+    log: DedupLog,
+    /// The log size at which it is next compacted.
+    next_compaction: u64,
+    /// The latest time a record was buffered at (a compaction at `sync` computes the
+    /// live state at it).
+    last_now: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -455,12 +476,16 @@ impl Dedup {
                 .torn_bytes_truncated
                 .store(rec.torn_bytes, Ordering::Relaxed);
             d.replay(&rec.records, now);
-            let next = dur.compact_after_bytes.max(2 * log.len());
-            d.log = Some((
-                Mutex::new(log),
-                dur.compact_after_bytes,
-                AtomicU64::new(next),
-            ));
+            let next_compaction = dur.compact_after_bytes.max(2 * log.len());
+            d.log = Some(Durable {
+                log: Mutex::new(Logged {
+                    log,
+                    next_compaction,
+                    last_now: now,
+                }),
+                compact_after: dur.compact_after_bytes,
+                owed: AtomicBool::new(false),
+            });
         }
         Ok(d)
     }
@@ -479,8 +504,8 @@ impl Dedup {
     ///
     /// # Errors
     /// `WindowOverrun`, `TableFull`, `TooManyStreams`, `StreamRetired`: neither process
-    /// nor ack. `SeqOutOfRange`: malformed ID, drop it. `Io` never (a failed log
-    /// write of a stream's creation is counted by the caller's next `complete`).
+    /// nor ack. `SeqOutOfRange`: malformed ID, drop it. `Io` never (a new stream's
+    /// record is buffered for the next [`sync`](Self::sync)).
     pub fn begin(&self, id: &MessageId, now: Instant) -> Result<Admit, DedupError> {
         let r = match *id {
             MessageId::Seq {
@@ -535,10 +560,10 @@ impl Dedup {
         self.complete_inner(id, now, true)
     }
 
-    /// Like [`Dedup::complete`], but a durable record is only written (it survives a
-    /// process crash), not fsynced: call [`Dedup::sync`] once for a batch before
-    /// acknowledging any of it (group commit: one fsync per burst instead of one per
-    /// message).
+    /// Like [`Dedup::complete`], but the durable record is only buffered in memory
+    /// (no IO): call [`Dedup::sync`] once for a batch before acknowledging any of it
+    /// (group commit: one write and one fsync per burst instead of one per message).
+    /// A crash before that sync loses the record, as it loses an unacknowledged one.
     ///
     /// # Errors
     /// As [`Dedup::complete`].
@@ -546,15 +571,47 @@ impl Dedup {
         self.complete_inner(id, now, false)
     }
 
-    /// fsync (per the durable policy) every record written since the last sync.
+    /// Are durable records buffered that [`Dedup::sync`] has not written yet? Only
+    /// [`Dedup::complete`] and `sync` itself do IO; every other call (`begin` of a new
+    /// stream, [`complete_unsynced`](Self::complete_unsynced),
+    /// [`advance_floor`](Self::advance_floor), [`finish_stream`](Self::finish_stream),
+    /// [`retire_idle`](Self::retire_idle)) only buffers its records. Always `false`
+    /// when not durable.
+    pub fn needs_sync(&self) -> bool {
+        self.log
+            .as_ref()
+            .is_some_and(|d| d.owed.load(Ordering::Acquire))
+    }
+
+    /// Writes every buffered record (one `write`), compacts the log when it is due,
+    /// and fsyncs per the durable policy. This is the durable dedup's IO: a receiver
+    /// calls it from its event loop, off the protocol's path (see
+    /// [`Endpoint::persist_owed`](crate::proto::Endpoint::persist_owed)).
     ///
     /// # Errors
-    /// `Io` from the durable log.
+    /// `Io` from the durable log; the buffered records are then dropped (they are
+    /// not retried), so count the error: their messages may be processed again after
+    /// a restart.
     pub fn sync(&self) -> Result<(), DedupError> {
-        let Some((log, _, _)) = &self.log else {
+        let Some(d) = &self.log else {
             return Ok(());
         };
-        log.lock().unwrap_or_else(|e| e.into_inner()).sync()
+        let mut l = d.log.lock().unwrap_or_else(|e| e.into_inner());
+        self.flush(d, &mut l)
+    }
+
+    /// Under the log's lock: write and fsync the buffer, then compact if due.
+    fn flush(&self, d: &Durable, l: &mut Logged) -> Result<(), DedupError> {
+        d.owed.store(false, Ordering::Release);
+        let written = l.log.sync();
+        if l.log.len() > l.next_compaction {
+            // Rewrite from the live state; the next compaction waits until the log
+            // has at least doubled, so rewriting stays amortised O(1) per record.
+            let live = self.live_records(l.last_now);
+            l.log.rewrite(&live)?;
+            l.next_compaction = d.compact_after.max(2 * l.log.len());
+        }
+        written
     }
 
     fn complete_inner(&self, id: &MessageId, now: Instant, sync: bool) -> Result<(), DedupError> {
@@ -609,11 +666,12 @@ impl Dedup {
 
     /// The sender promises every seq `< floor` of this stream is settled forever:
     /// they become duplicates (see [`SeqWindow::advance_floor`]). Persisted when
-    /// durable. On a retired stream it revives the stream only if `floor` is above
+    /// durable (buffered for the next [`sync`](Self::sync)). On a retired stream it revives the stream only if `floor` is above
     /// every seq the stream ever began (otherwise it is ignored).
     ///
     /// # Errors
-    /// `TooManyStreams` for a new stream over the limit; `Io` from the durable log.
+    /// `TooManyStreams` for a new stream over the limit. (Its durable record is
+    /// buffered for the next [`sync`](Self::sync).)
     pub fn advance_floor(
         &self,
         origin: Origin,
@@ -642,7 +700,8 @@ impl Dedup {
     ///
     /// # Errors
     /// `TooManyStreams` if the stream was unknown and no room is left (it is then
-    /// retired by the retention); `Io` from the durable log.
+    /// retired by the retention). (Durable records are buffered for the next
+    /// [`sync`](Self::sync).)
     pub fn finish_stream(
         &self,
         origin: Origin,
@@ -668,7 +727,8 @@ impl Dedup {
     /// when no new senders come. Returns how many streams were retired.
     ///
     /// # Errors
-    /// `Io` from the durable log (the retirements happened in memory).
+    /// None today (durable records are buffered for the next [`sync`](Self::sync));
+    /// the `Result` is kept for callers that handle one.
     pub fn retire_idle(&self, now: Instant) -> Result<usize, DedupError> {
         let mut changes = Vec::new();
         let n = self.streams.sweep(self.unix_ms(now), &mut changes);
@@ -744,24 +804,20 @@ impl Dedup {
         Ok(())
     }
 
+    /// Buffers `rec`; with `sync`, also writes and fsyncs everything buffered.
     fn persist(&self, rec: Record, now: Instant, sync: bool) -> Result<(), DedupError> {
-        let Some((log, compact_after, next)) = &self.log else {
+        let Some(d) = &self.log else {
             return Ok(());
         };
-        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        let mut l = d.log.lock().unwrap_or_else(|e| e.into_inner());
+        l.log.append_unsynced(&rec);
+        l.last_now = l.last_now.max(now);
         if sync {
-            log.append(&rec)?;
+            self.flush(d, &mut l)
         } else {
-            log.append_unsynced(&rec)?;
+            d.owed.store(true, Ordering::Release);
+            Ok(())
         }
-        if log.len() > next.load(Ordering::Relaxed) {
-            // Rewrite from the live state; the next compaction waits until the log
-            // has at least doubled, so rewriting stays amortised O(1) per record.
-            let live = self.live_records(now);
-            log.rewrite(&live)?;
-            next.store((*compact_after).max(2 * log.len()), Ordering::Relaxed);
-        }
-        Ok(())
     }
 
     /// The live state as records (compaction): live streams with their activity time,

@@ -217,6 +217,20 @@ impl Driver {
     }
 }
 
+impl Driver {
+    /// The durable dedup's IO, done here and not in the core: write and fsync the
+    /// records the core buffered (one group commit), before the acks they gate are
+    /// produced (see [`Endpoint::persist_owed`](crate::proto::Endpoint::persist_owed)).
+    /// The fsync runs under `block_in_place` on a multi-thread runtime.
+    pub(super) fn persist(&mut self) {
+        let endpoint = &mut self.core.endpoint;
+        if endpoint.persist_owed() {
+            let result = endpoint.dedup().sync();
+            endpoint.persisted(result);
+        }
+    }
+}
+
 /// How long a graceful stop waits for deliveries the application holds.
 const HANDLER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -256,6 +270,7 @@ impl Driver {
         let now = super::driver::now();
         self.clock = now;
         self.take_completions();
+        self.persist();
         self.core.endpoint.handle_timeout(now);
         let _ = self.flush(now).await;
         self.receivers.resolve_durable_acks(&self.core.endpoint);

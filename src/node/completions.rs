@@ -6,7 +6,7 @@
 //! concurrently). The push that finds the stack empty is the one that wakes the
 //! driver; every later push of the same burst only links its node. The driver takes
 //! the whole burst at once, in completion order, and turns it into one ack frame per
-//! stream and one dedup fsync (see `Endpoint::handle_timeout`).
+//! stream and one dedup group commit (see `Endpoint::persist_owed`).
 //!
 //! Owns the stack and the wake-up rule; must not interpret completions. Takes its
 //! atomics from the loom shim, so the loom models below check this very code

@@ -130,6 +130,7 @@ impl Driver {
                     }
                 }
                 self.take_completions();
+                self.persist();
                 self.core.endpoint.handle_timeout(now);
             }
             self.dispatch();
@@ -269,6 +270,7 @@ impl Driver {
 
     async fn stop(&mut self) {
         self.observe.sync(&self.core.endpoint, self.clock, true);
+        self.persist();
         if let Some(spool) = &mut self.core.hints {
             spool.sync();
         }

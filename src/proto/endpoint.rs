@@ -339,8 +339,6 @@ pub struct Endpoint {
     app_held: FastMap<NodeId, u64>,
     rng: SplitMix64,
     stats: ProtoStats,
-    /// Durable dedup records written but not yet fsynced.
-    dedup_unsynced: bool,
     /// Peers with an unpolled `Event::Heard` (a handful at most).
     heard_pending: Vec<NodeId>,
     /// Arrivals waiting for another delivery of the same ID to finish, oldest first.
@@ -492,7 +490,6 @@ impl Endpoint {
             app_held: FastMap::default(),
             rng: SplitMix64::new(seed),
             stats: ProtoStats::default(),
-            dedup_unsynced: false,
             heard_pending: Vec::new(),
             waiting: HashMap::new(),
             authz: super::Authorization::default(),
@@ -588,11 +585,38 @@ impl Endpoint {
         self.channels.contains_key(&channel)
     }
 
+    /// Does the durable dedup hold records that must reach the disk before the next
+    /// acks may leave? The endpoint does no IO: its owner then calls
+    /// [`Dedup::sync`] on [`Endpoint::dedup`] (the write and fsync; one per burst:
+    /// group commit), reports the outcome with [`Endpoint::persisted`], and only then
+    /// calls [`handle_timeout`](Self::handle_timeout), which holds every ack back
+    /// while records wait. Always `false` without durable dedup.
+    pub fn persist_owed(&self) -> bool {
+        self.dedup.needs_sync()
+    }
+
+    /// The dedup this endpoint checks arrivals against.
+    pub fn dedup(&self) -> &Arc<Dedup> {
+        &self.dedup
+    }
+
+    /// The outcome of the [`Dedup::sync`] that [`persist_owed`](Self::persist_owed)
+    /// asked for. A failure is counted in `ProtoStats::dedup_persist_errors` and
+    /// logged; the acks still leave (the messages were processed: withholding their
+    /// acks would guarantee a second processing, where a lost record only risks one
+    /// after a restart).
+    pub fn persisted(&mut self, result: Result<(), crate::dedup::DedupError>) {
+        if let Err(e) = result {
+            self.stats.dedup_persist_errors += 1;
+            tracing::warn!(error = %e, "dedup records not persisted");
+        }
+    }
+
     /// Is an acknowledgement of `delivery` still to be produced (its stream owes an
     /// ack, or durable dedup records await their fsync)? `false` once the ack frame
     /// covering it has been handed to [`Endpoint::poll_transmit`].
     pub fn ack_owed(&self, delivery: &DeliveryRef) -> bool {
-        self.dedup_unsynced
+        self.dedup.needs_sync()
             || self
                 .inbound
                 .get(&(delivery.origin, delivery.channel))
@@ -1069,9 +1093,8 @@ impl Endpoint {
         if delivery.guarantee == Guarantee::EffectivelyOnce {
             match how {
                 Completion::Ack => {
-                    // Group commit: written now, fsynced once before the acks of this
-                    // burst leave (see `handle_timeout`).
-                    self.dedup_unsynced = true;
+                    // Group commit: buffered now, written and fsynced once by the
+                    // owner before the acks of this burst leave (`persist_owed`).
                     if let Err(e) = self.dedup.complete_unsynced(&delivery.id, now) {
                         self.stats.dedup_persist_errors += 1;
                         tracing::warn!(id = %delivery.id, error = %e, "dedup completion not persisted");
@@ -1275,8 +1298,8 @@ impl Endpoint {
         }
     }
 
-    /// Timers due at `now`: retransmissions, give-ups, owed acks. Durable dedup
-    /// records of completed messages are fsynced (once) before any ack is produced.
+    /// Timers due at `now`: retransmissions, give-ups, owed acks. While
+    /// [`persist_owed`](Self::persist_owed) is true no ack is produced: persist first.
     pub fn handle_timeout(&mut self, now: Instant) {
         for (&peer, out) in self.node_out.iter_mut() {
             if out.probe_due.is_some_and(|t| t <= now) {
@@ -1295,15 +1318,9 @@ impl Endpoint {
                 }
             }
         }
-        if std::mem::take(&mut self.dedup_unsynced) {
-            if let Err(e) = self.dedup.sync() {
-                // The messages were processed: acking them is still right (withholding
-                // the ack would guarantee a second processing); a later resend of the
-                // same id after a restart may be processed again. Counted and logged.
-                self.stats.dedup_persist_errors += 1;
-                tracing::warn!(error = %e, "dedup records not fsynced");
-            }
-        }
+        // Acks wait while durable dedup records are buffered: an ack must not
+        // leave before the record of what it acknowledges is on disk.
+        let persisting = self.dedup.needs_sync();
         for (&(peer, channel), s) in self.outbound.iter_mut() {
             if s.poll_timeout().is_some_and(|t| t <= now) {
                 s.handle_timeout(now);
@@ -1313,7 +1330,8 @@ impl Endpoint {
         let tracking = !self.node_in.is_empty();
         let mut outstanding: HashMap<NodeId, u64> = HashMap::new();
         for (&(origin, _), s) in self.inbound.iter_mut() {
-            if let Some(mut ack) = s.poll_ack(now) {
+            // (Not polled while persisting: polling takes the owed ack.)
+            if let Some(mut ack) = (!persisting).then(|| s.poll_ack(now)).flatten() {
                 if speaks_v3(&self.peers, origin) {
                     hold_back_rejected(&mut ack, s.rejections().map(|(seq, _)| seq));
                 }
@@ -2519,6 +2537,68 @@ mod tests {
             },
         )
         .unwrap();
+    }
+
+    /// The endpoint does no IO: with durable dedup, completing an effectively-once
+    /// message only buffers its record, and no ack covering it is produced until the
+    /// owner has synced the dedup (which writes the record to the file).
+    #[test]
+    fn an_ack_waits_for_its_durable_record_and_the_endpoint_writes_nothing() {
+        let now = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DedupConfig {
+            durable: Some(crate::dedup::DurableDedup::new(dir.path())),
+            ..DedupConfig::default()
+        };
+        let dedup = Arc::new(Dedup::open_at(cfg, now).unwrap());
+        let origin = Origin {
+            node: NodeId(2),
+            incarnation: 1,
+        };
+        let mut b = Endpoint::new(origin, ProtoConfig::default(), dedup, 2);
+        let mut a = endpoint(1, now);
+        a.handle_peer_up(now, b.origin(), 3);
+        b.handle_peer_up(now, a.origin(), 3);
+        for f in frames(&mut b, NodeId(1), now) {
+            a.handle_frame(now, NodeId(2), f); // the first node credit grant
+        }
+        b.accept_channel(ChannelId(1), false);
+        for n in 0..2 {
+            send_eo(&mut a, now, n);
+        }
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        let mut last = None;
+        while let Some(ev) = b.poll_event() {
+            if let Event::Deliver { delivery, .. } = ev {
+                b.complete(now, delivery, Completion::Ack);
+                last = Some(delivery);
+            }
+        }
+        let log = dir.path().join("dedup.log");
+        let len = || std::fs::metadata(&log).unwrap().len();
+        let before = len();
+        let acks = |frames: Vec<Frame>| -> Vec<u64> {
+            frames
+                .into_iter()
+                .filter_map(|f| match f {
+                    Frame::Ack(a) if a.cumulative > 0 || !a.ranges.is_empty() => Some(a.cumulative),
+                    _ => None,
+                })
+                .collect()
+        };
+        let later = now + Duration::from_secs(1);
+        assert!(b.persist_owed());
+        assert_eq!(acks(frames(&mut b, NodeId(1), later)), Vec::<u64>::new());
+        assert_eq!(len(), before, "the endpoint wrote to the dedup log");
+        assert!(b.ack_owed(&last.expect("delivered")));
+        let synced = b.dedup().sync();
+        b.persisted(synced);
+        assert!(!b.persist_owed());
+        assert!(len() > before, "the sync wrote the records");
+        assert_eq!(acks(frames(&mut b, NodeId(1), later)), vec![2]);
+        assert_eq!(b.stats().dedup_persist_errors, 0);
     }
 
     /// A message on a stream its sender finished (a very late relay, or a sender
