@@ -178,6 +178,7 @@ pub(crate) fn node_dedup<'de, D: Deserializer<'de>>(d: D) -> Result<DedupConfig,
     struct Patch {
         window: Option<u32>,
         max_streams: Option<usize>,
+        max_streams_per_node: Option<usize>,
         table_capacity: Option<usize>,
         table_budget_bytes: Option<usize>,
         #[serde(default, with = "option_duration")]
@@ -190,6 +191,7 @@ pub(crate) fn node_dedup<'de, D: Deserializer<'de>>(d: D) -> Result<DedupConfig,
     let mut c = crate::NodeConfig::default().dedup;
     overlay(&mut c.window, p.window);
     overlay(&mut c.max_streams, p.max_streams);
+    overlay(&mut c.max_streams_per_node, p.max_streams_per_node);
     overlay(&mut c.table_capacity, p.table_capacity);
     overlay(&mut c.table_budget_bytes, p.table_budget_bytes);
     overlay(&mut c.horizon, p.horizon);

@@ -660,7 +660,7 @@ async fn isolated_receiver(
                     let mut n = 0u64;
                     while let Some(d) = inbox.recv().await {
                         n += 1;
-                        if nack_every > 0 && n % nack_every == 0 {
+                        if nack_every > 0 && n.is_multiple_of(nack_every) {
                             d.nack()
                         } else {
                             d.ack()
@@ -2005,7 +2005,7 @@ async fn s3_lying_peer_random_frame_sequences_never_kill_the_node() {
             u64::MAX,
         ];
         let r = rand(rng);
-        if r % 4 == 0 {
+        if r.is_multiple_of(4) {
             rand(rng) % 10_000
         } else {
             V[(r >> 8) as usize % V.len()]
@@ -2050,7 +2050,7 @@ async fn s3_lying_peer_random_frame_sequences_never_kill_the_node() {
                             channel: ch,
                             seq: pick(&mut rng),
                         }),
-                        2 if rand(&mut rng) % 4 == 0 => Some(MessageId::Seq {
+                        2 if rand(&mut rng).is_multiple_of(4) => Some(MessageId::Seq {
                             origin: legit,
                             channel: ch,
                             seq: pick(&mut rng),
@@ -2063,7 +2063,7 @@ async fn s3_lying_peer_random_frame_sequences_never_kill_the_node() {
                 }),
                 4 => Frame::Ack(Ack {
                     channel: ch,
-                    incarnation: if rand(&mut rng) % 2 == 0 {
+                    incarnation: if rand(&mut rng).is_multiple_of(2) {
                         b_inc
                     } else {
                         pick(&mut rng)
@@ -2189,7 +2189,7 @@ async fn s1_at_most_once_burst_to_a_slow_handler_loses_nothing() {
         let mut i = 0u64;
         while let Some(d) = inbox.recv().await {
             i += 1;
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             *s2.lock().unwrap().entry(*d.message()).or_default() += 1;

@@ -843,7 +843,7 @@ async fn c09_recv_cancelled_by_select_and_now_or_never_loses_nothing() {
             let mut s = seed;
             let mut total = 0u64;
             while total < n {
-                let d = if rnd(&mut s) % 3 == 0 {
+                let d = if rnd(&mut s).is_multiple_of(3) {
                     match inbox.recv().now_or_never() {
                         Some(d) => d,
                         None => {
@@ -1069,7 +1069,7 @@ async fn c11_current_thread_runtime_with_acks_from_blocking_threads() {
         while let Some(d) = inbox.recv().await {
             let seen = seen2.clone();
             i += 1;
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 tokio::task::spawn_blocking(move || {
                     bump(&seen, *d.message());
                     d.ack();
@@ -1533,7 +1533,7 @@ async fn c17_shutdown_from_three_tasks_while_twelve_tasks_send_and_many_ack() {
                     }
                     Err(e) => panic!("send: {e:?}"),
                 }
-                if stop.load(Ordering::Relaxed) && refused_after_stop == 0 && i % 64 == 0 {
+                if stop.load(Ordering::Relaxed) && refused_after_stop == 0 && i.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }

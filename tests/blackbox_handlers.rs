@@ -186,7 +186,7 @@ fn spawn_handler(
                 d.nack();
                 continue;
             }
-            if nack3 && k % 3 == 0 {
+            if nack3 && k.is_multiple_of(3) {
                 d.nack();
                 continue;
             }
@@ -1502,8 +1502,8 @@ async fn h3_concurrent_short_lived_senders_with_crashes() {
             let mut idx = 0usize;
             for run in 0..RUNS {
                 let id = my_ids[idx % 3];
-                let crash = rand(&mut rng) % 4 == 0;
-                let hard = rand(&mut rng) % 2 == 0;
+                let crash = rand(&mut rng).is_multiple_of(4);
+                let hard = rand(&mut rng).is_multiple_of(2);
                 let delay = rand(&mut rng) % 40;
                 let mut values = std::mem::take(&mut pending);
                 for _ in 0..1 + rand(&mut rng) % 3 {

@@ -1112,7 +1112,7 @@ async fn drop_node_with_sends_in_flight() {
             while let Some(d) = inbox.recv().await {
                 *s.lock().unwrap().entry(index(d.message())).or_default() += 1;
                 n += 1;
-                if n % 50 == 0 {
+                if n.is_multiple_of(50) {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 d.ack();
@@ -1142,7 +1142,7 @@ async fn drop_node_with_sends_in_flight() {
                     Ok(Err(e)) => *errs.entry(format!("{e:?}")).or_default() += 1,
                 }
                 i += 1;
-                if i % 64 == 0 {
+                if i.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }

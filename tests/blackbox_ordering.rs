@@ -510,7 +510,7 @@ async fn ordered_receivers_recreated_while_the_link_is_cut() {
                     let Ok(Some(d)) = tokio::time::timeout_at(until, rx.recv()).await else {
                         break;
                     };
-                    if held.len() < 3 && rnd(&mut rng) % 10 == 0 {
+                    if held.len() < 3 && rnd(&mut rng).is_multiple_of(10) {
                         let i = index(d.message());
                         let eo = d.guarantee() == Guarantee::EffectivelyOnce;
                         book.lock()
@@ -1089,7 +1089,7 @@ async fn three_hundred_ordered_channels_recycle_streams_without_reordering() {
     let a = sender_node(1601, 1602, proxy.addr, NodeConfig::default()).await;
     let book: SharedBook = Arc::default();
     let g = |c: u32| {
-        if c % 2 == 0 {
+        if c.is_multiple_of(2) {
             Guarantee::AtLeastOnce
         } else {
             Guarantee::EffectivelyOnce

@@ -33,7 +33,7 @@ fn order(id: u64) -> Order {
         id,
         item: format!("item {id}"),
         lines: vec![(1, -5), (300, 70_000)],
-        note: (id % 2 == 0).then(|| "even".to_string()),
+        note: id.is_multiple_of(2).then(|| "even".to_string()),
     }
 }
 

@@ -325,7 +325,7 @@ async fn send_until_stopped(
             (id, res, kills.load(Ordering::SeqCst))
         }));
         id += 1;
-        if id % 16 == 0 {
+        if id.is_multiple_of(16) {
             tokio::time::sleep(Duration::from_millis(4)).await;
         }
     }

@@ -25,6 +25,7 @@ fn stats_count_every_outcome_and_limits_are_typed_errors() {
     let d = Dedup::open(DedupConfig {
         window: 64,
         max_streams: 2,
+        max_streams_per_node: 2,
         table_capacity: 8,
         table_budget_bytes: 8 * ackwire::dedup::BYTES_PER_SLOT,
         horizon: Duration::from_secs(1),
@@ -93,6 +94,10 @@ fn invalid_configs_are_rejected() {
         },
         DedupConfig {
             max_streams: 0,
+            ..Default::default()
+        },
+        DedupConfig {
+            max_streams_per_node: 0,
             ..Default::default()
         },
         DedupConfig {

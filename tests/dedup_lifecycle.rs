@@ -276,6 +276,51 @@ fn a_full_registry_of_crashed_runs_makes_room_after_the_retention() {
     );
 }
 
+/// One sending node's runs hold at most `max_streams_per_node` live streams, so a
+/// node naming many runs of itself (a crash loop, or a peer that lies about its
+/// incarnation) leaves room for every other node; its own idle runs make room for it
+/// after the retention, as at `max_streams`.
+#[test]
+fn one_node_cannot_take_every_stream_from_the_others() {
+    let mut clock = Clock::new();
+    let cfg = DedupConfig {
+        max_streams: 8,
+        max_streams_per_node: 3,
+        ..node_defaults()
+    };
+    let d = Dedup::open_at_wall(cfg.clone(), clock.now(), clock.wall()).unwrap();
+    let run = |node: u64, n: u64| Origin {
+        node: NodeId(node),
+        incarnation: n,
+    };
+    for n in 1..=3 {
+        let id = seq_id(run(1, n), 0, 1);
+        assert_eq!(d.begin(&id, clock.now()).unwrap(), Admit::Fresh);
+        d.complete(&id, clock.now()).unwrap();
+    }
+    let fourth = seq_id(run(1, 4), 0, 1);
+    assert!(matches!(
+        d.begin(&fourth, clock.now()),
+        Err(DedupError::TooManyStreams { max: 3 })
+    ));
+    // Other nodes are served up to the node-wide limit.
+    for node in 2..=3 {
+        for n in 1..=2 {
+            let id = seq_id(run(node, n), 0, 1);
+            assert_eq!(d.begin(&id, clock.now()).unwrap(), Admit::Fresh, "{id}");
+        }
+    }
+    assert_eq!(d.stats().streams, 7);
+    // Node 1's own runs retire after the retention and make room for its new one.
+    clock.elapsed += cfg.retention * 9 / 8 + Duration::from_secs(1);
+    assert_eq!(d.begin(&fourth, clock.now()).unwrap(), Admit::Fresh);
+    assert_eq!(
+        d.begin(&seq_id(run(1, 2), 0, 1), clock.now()).unwrap(),
+        Admit::Duplicate,
+        "a retired run's message is still a duplicate"
+    );
+}
+
 /// A live sender that was merely idle for longer than the retention (no holes) comes
 /// back: its stream is revived at its watermark, exactly.
 #[test]

@@ -155,6 +155,12 @@ impl DedupLog {
         encode(r, &mut self.buf);
     }
 
+    /// Drops the buffered records unwritten (the log was closed: its directory may
+    /// be another node's now).
+    pub(crate) fn discard_buffered(&mut self) {
+        self.buf.clear();
+    }
+
     /// Records buffered and not yet written.
     pub(crate) fn has_buffered(&self) -> bool {
         !self.buf.is_empty()

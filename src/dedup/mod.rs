@@ -31,6 +31,7 @@
 //! | key `table_budget_bytes` | 256 MiB (about 1–2.5 M keys within the horizon, i.e. a sustained ~10–20 k keys/s at 2 min; bursts of millions) | new keys refused with `TableFull` (counted in `table_full`, warned at most every 10 s); a node rejects the message to its sender as `RejectReason::KeyTableFull`; never a false duplicate |
 //! | stream `retention` | 24 h | an idle or finished stream's window is retired; late messages answered from its tombstone or refused with `StreamRetired` (counted in `retired_refused`); the tombstone goes a retention after the last late message |
 //! | `max_streams` (live) | 16 384 | a new stream refused with `TooManyStreams` |
+//! | `max_streams_per_node` (live, one sending node's runs and channels) | 4 096 | that node's new stream refused with `TooManyStreams` |
 //! | `window` per stream | 8192 seqs | a seq that far above the watermark refused with `WindowOverrun` until holes close |
 //!
 //! The key table grows with the key rate: it starts at `table_capacity` slots (16 384,
@@ -175,6 +176,16 @@ pub enum DedupError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// Another live node (in this process or another) has the durable dedup
+    /// directory open. Two nodes writing one log would lose records (a compaction of
+    /// one drops the other's), so the second is refused. Give each node its own
+    /// directory; a node that just stopped releases it as it stops (a crashed
+    /// process's lock goes with the process).
+    #[error("dedup directory {dir} is in use by another live node")]
+    InUse {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// Reading or writing the durable log failed. From `complete`: the message is
     /// marked done in memory but may not survive a restart; acking is still correct
     /// (at worst it is processed again after a restart).
@@ -232,6 +243,14 @@ pub struct DedupConfig {
     /// Most live `(origin, channel)` streams (retired ones do not count). Default
     /// 16 384.
     pub max_streams: usize,
+    /// Most live streams of one sending node, over all its runs (incarnations) and
+    /// channels, so that no one peer can take the whole of `max_streams` from the
+    /// others (a peer may name any incarnation of itself). Default 4 096 (a node that
+    /// restarted 2 000 times within the retention on two channels); at the limit the
+    /// node's idle streams past the retention make room, and otherwise its new stream
+    /// is refused with [`DedupError::TooManyStreams`] (counted; its sender retries).
+    /// Capped by `max_streams`.
+    pub max_streams_per_node: usize,
     /// Initial slots of the application-key table (rounded up to a power of two); it
     /// grows from there up to `table_budget_bytes`. Default 16 384 (384 KiB).
     pub table_capacity: usize,
@@ -257,6 +276,7 @@ impl Default for DedupConfig {
         DedupConfig {
             window: 8192,
             max_streams: 16_384,
+            max_streams_per_node: 4096,
             table_capacity: DEFAULT_INITIAL_SLOTS,
             table_budget_bytes: DEFAULT_TABLE_BUDGET_BYTES,
             horizon: Duration::from_secs(120),
@@ -277,6 +297,11 @@ impl DedupConfig {
         }
         if self.max_streams == 0 || self.max_streams > 1 << 24 {
             return Err(DedupError::InvalidConfig("max_streams must be in 1..=2^24"));
+        }
+        if self.max_streams_per_node == 0 || self.max_streams_per_node > 1 << 24 {
+            return Err(DedupError::InvalidConfig(
+                "max_streams_per_node must be in 1..=2^24",
+            ));
         }
         if self.table_capacity == 0 || self.table_capacity > 1 << 30 {
             return Err(DedupError::InvalidConfig(
@@ -392,6 +417,8 @@ pub struct Dedup {
 #[derive(Debug)]
 struct Durable {
     log: Mutex<Logged>,
+    /// The directory's lock; `None` once [`Dedup::close`]d.
+    lock: Mutex<Option<crate::storage::DirLock>>,
     /// `DurableDedup::compact_after_bytes`.
     compact_after: u64,
     /// Records are buffered and wait for [`Dedup::sync`].
@@ -406,6 +433,8 @@ struct Logged {
     /// The latest time a record was buffered at (a compaction at `sync` computes the
     /// live state at it).
     last_now: Instant,
+    /// [`Dedup::close`]d: the directory is another node's now; nothing is written.
+    closed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -458,6 +487,7 @@ impl Dedup {
         let mut d = Dedup {
             streams: StreamRegistry::new(
                 cfg.max_streams,
+                cfg.max_streams_per_node.min(cfg.max_streams),
                 cfg.window,
                 (cfg.retention.as_millis() as u64).max(1),
             ),
@@ -468,6 +498,15 @@ impl Dedup {
             counters: Counters::default(),
         };
         if let Some(dur) = &cfg.durable {
+            let lock = crate::storage::lock_dir(&dur.dir).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    DedupError::InUse {
+                        dir: dur.dir.clone(),
+                    }
+                } else {
+                    DedupError::Io(e)
+                }
+            })?;
             let (log, rec) = DedupLog::open(&dur.dir, dur.fsync)?;
             d.counters
                 .corrupt_records_skipped
@@ -482,7 +521,9 @@ impl Dedup {
                     log,
                     next_compaction,
                     last_now: now,
+                    closed: false,
                 }),
+                lock: Mutex::new(Some(lock)),
                 compact_after: dur.compact_after_bytes,
                 owed: AtomicBool::new(false),
             });
@@ -600,9 +641,30 @@ impl Dedup {
         self.flush(d, &mut l)
     }
 
+    /// Writes what is buffered ([`sync`](Self::sync)), then releases the durable
+    /// directory so another node may open it (a node does this as it stops). Records
+    /// made after this are no longer written. Nothing to do when not durable.
+    ///
+    /// # Errors
+    /// As [`sync`](Self::sync); the directory is released either way.
+    pub fn close(&self) -> Result<(), DedupError> {
+        let Some(d) = &self.log else {
+            return Ok(());
+        };
+        let mut l = d.log.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.flush(d, &mut l);
+        l.closed = true;
+        drop(d.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
+        r
+    }
+
     /// Under the log's lock: write and fsync the buffer, then compact if due.
     fn flush(&self, d: &Durable, l: &mut Logged) -> Result<(), DedupError> {
         d.owed.store(false, Ordering::Release);
+        if l.closed {
+            l.log.discard_buffered();
+            return Ok(());
+        }
         let written = l.log.sync();
         if l.log.len() > l.next_compaction {
             // Rewrite from the live state; the next compaction waits until the log
@@ -810,6 +872,9 @@ impl Dedup {
             return Ok(());
         };
         let mut l = d.log.lock().unwrap_or_else(|e| e.into_inner());
+        if l.closed {
+            return Ok(());
+        }
         l.log.append_unsynced(&rec);
         l.last_now = l.last_now.max(now);
         if sync {

@@ -41,7 +41,7 @@
 
 use super::sync::{wait_for_other, AtomicU64, Ordering, StreamMap};
 use super::{Admit, DedupError, SeqWindow};
-use crate::{ChannelId, Origin};
+use crate::{ChannelId, NodeId, Origin};
 
 /// Set in a stream's gate while it is being retired.
 const CLOSED: u64 = 1 << 63;
@@ -181,6 +181,11 @@ pub(super) struct StreamRegistry {
     retired: StreamMap<StreamKey, Tombstone>,
     window: u32,
     max: usize,
+    /// Most live streams of one sending node (all its runs).
+    max_per_node: usize,
+    /// Live streams per sending node (entries stay at zero: one per node ever seen,
+    /// and only a connection's own node can be named, so as many as peers).
+    per_node: StreamMap<NodeId, AtomicU64>,
     pub(super) retention_ms: u64,
     len: AtomicU64,
     tombstones: AtomicU64,
@@ -210,12 +215,14 @@ pub(super) enum Change {
 }
 
 impl StreamRegistry {
-    pub(super) fn new(max: usize, window: u32, retention_ms: u64) -> Self {
+    pub(super) fn new(max: usize, max_per_node: usize, window: u32, retention_ms: u64) -> Self {
         StreamRegistry {
             live: StreamMap::new(),
             retired: StreamMap::new(),
             window,
             max,
+            max_per_node,
+            per_node: StreamMap::new(),
             retention_ms,
             len: AtomicU64::new(0),
             tombstones: AtomicU64::new(0),
@@ -452,6 +459,9 @@ impl StreamRegistry {
         self.tombstones.fetch_add(1, Ordering::Relaxed);
         self.live.remove(&k);
         self.len.fetch_sub(1, Ordering::Relaxed);
+        if self.per_node_limited() {
+            self.node_count(k, |n| n.fetch_sub(1, Ordering::AcqRel));
+        }
         Some(t)
     }
 
@@ -595,6 +605,22 @@ impl StreamRegistry {
             }
             return Err(DedupError::TooManyStreams { max: self.max });
         }
+        // One node's share. (Regression: one admitted peer naming 16 384 made-up
+        // runs of itself filled `max` and every other peer's new stream was refused
+        // for the retention, a day.)
+        let max_per_node = self.max_per_node as u64;
+        if self.per_node_limited()
+            && self.node_count(k, |n| n.fetch_add(1, Ordering::AcqRel)) >= max_per_node
+        {
+            self.node_count(k, |n| n.fetch_sub(1, Ordering::AcqRel));
+            self.len.fetch_sub(1, Ordering::AcqRel);
+            if self.live.with(&k, |e| e.is_some()) {
+                return Ok(false);
+            }
+            return Err(DedupError::TooManyStreams {
+                max: self.max_per_node,
+            });
+        }
         let entry = StreamEntry::new(self.window, floor, now_ms);
         let ours = self.live.with_try_insert(k, entry, |e, ours| {
             if ours {
@@ -603,6 +629,9 @@ impl StreamRegistry {
             ours
         });
         if !ours {
+            if self.per_node_limited() {
+                self.node_count(k, |n| n.fetch_sub(1, Ordering::AcqRel));
+            }
             self.len.fetch_sub(1, Ordering::AcqRel);
             return Ok(false);
         }
@@ -614,6 +643,22 @@ impl StreamRegistry {
         }
         changes.push(Change::Active(k, now_ms));
         Ok(true)
+    }
+
+    /// Is there a per-node limit below the node-wide one (else nothing is counted
+    /// per node: the node-wide check covers it)?
+    fn per_node_limited(&self) -> bool {
+        self.max_per_node < self.max
+    }
+
+    /// Runs `f` on the live-stream count of `k`'s sending node (made at zero).
+    fn node_count(&self, k: StreamKey, f: impl Fn(&AtomicU64) -> u64) -> u64 {
+        let node = k.0.node;
+        if let Some(v) = self.per_node.with(&node, |n| n.map(&f)) {
+            return v;
+        }
+        self.per_node
+            .with_try_insert(node, AtomicU64::new(0), |n, _| f(n))
     }
 
     fn stamp_due(&self, e: &StreamEntry, now_ms: u64) -> bool {

@@ -220,6 +220,15 @@ pub enum HintError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// Another live store (of a node in this process or another) has the directory
+    /// open: two stores writing one directory would lose hints, so the second is
+    /// refused. Give each node its own directory; a node that just stopped releases
+    /// it as it stops (a crashed process's lock goes with the process).
+    #[error("hint directory {dir} is in use by another live node")]
+    InUse {
+        /// The directory.
+        dir: std::path::PathBuf,
+    },
     /// The storage failed. For `append`, the hint is not acknowledged (it may still be
     /// replayed after a restart — a duplicate, which dedup absorbs). Check the disk; the
     /// store stays usable and starts a fresh segment for the target.

@@ -64,6 +64,8 @@ pub struct HintStore<B: SegmentIo = FileSegmentIo> {
     dirty_dirs: BTreeSet<NodeId>,
     /// When the oldest unsynced write happened (group commit).
     dirty_since: Option<Instant>,
+    /// The directory's lock, when opened on files by [`HintStore::open`].
+    dir_lock: Option<crate::storage::DirLock>,
 }
 
 #[derive(Debug, Default)]
@@ -153,8 +155,29 @@ impl HintStore<FileSegmentIo> {
     /// delivery progress reloaded. Never panics on bad files.
     pub fn open(config: HintStoreConfig) -> Result<(Self, RecoveryReport), HintError> {
         config.validate()?;
-        let io = FileSegmentIo::new(config.dir.join("hints")).map_err(io_err("creating dir"))?;
-        Self::open_with(config, io)
+        let dir = config.dir.join("hints");
+        // One live store per directory, in this process or any other (see
+        // `HintError::InUse`).
+        let lock = crate::storage::lock_dir(&dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                HintError::InUse { dir: dir.clone() }
+            } else {
+                io_err("locking dir")(e)
+            }
+        })?;
+        let io = FileSegmentIo::new(&dir).map_err(io_err("creating dir"))?;
+        let (mut store, report) = Self::open_with(config, io)?;
+        store.dir_lock = Some(lock);
+        Ok((store, report))
+    }
+
+    /// Syncs, then releases the directory so another store may open it (a node does
+    /// this as it stops). The store must not be written to afterwards.
+    pub(crate) fn close(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::warn!(error = %e, "hint store not synced at close");
+        }
+        self.dir_lock = None;
     }
 }
 
@@ -186,6 +209,7 @@ impl<B: SegmentIo> HintStore<B> {
             dirty: BTreeSet::new(),
             dirty_dirs: BTreeSet::new(),
             dirty_since: None,
+            dir_lock: None,
         };
         store.refresh_totals();
         tracing::info!(?report, "hint store recovered");

@@ -18,6 +18,7 @@ use super::supervise::supervise;
 use super::{Node, NodeConfig, NodeError};
 use crate::dedup::Dedup;
 use crate::detector::{FailureDetector, Health};
+use crate::handoff::HintError;
 use crate::id::{NodeId, Origin};
 use crate::proto::core::Core;
 use crate::proto::liveness::Liveness;
@@ -146,7 +147,13 @@ impl NodeBuilder {
         }
         let dials_by_id = self.transport.as_ref().is_some_and(|t| t.dials_by_id());
         let origin = Origin::new_random(self.id);
-        let dedup = Arc::new(Dedup::open(self.config.dedup.clone())?);
+        let dedup_cfg = &self.config.dedup;
+        let dedup = open_store(
+            || Dedup::open(dedup_cfg.clone()),
+            |e| matches!(e, crate::dedup::DedupError::InUse { .. }),
+        )
+        .await?;
+        let dedup = Arc::new(dedup);
         let mut tcp_stats = None;
         let link = match (self.transport, self.tcp) {
             (Some(t), _) => {
@@ -171,8 +178,11 @@ impl NodeBuilder {
         }
         let seed = self.seed.unwrap_or_else(crate::rng::seed_from_entropy);
         let start = now();
-        let spool = match self.config.handoff.clone() {
-            Some(cfg) => Some(Spool::open(cfg, origin, start)?),
+        let hint_in_use = |e: &HintError| matches!(e, HintError::InUse { .. });
+        let spool = match &self.config.handoff {
+            Some(cfg) => {
+                Some(open_store(|| Spool::open(cfg.clone(), origin, start), hint_in_use).await?)
+            }
             None => None,
         };
         let mut detector =
@@ -181,7 +191,10 @@ impl NodeBuilder {
             detector.heartbeat(*peer, start); // watched from the start
         }
         let dead_letters = match &self.config.dead_letter_dir {
-            Some(dir) => DeadLetterQueue::durable(self.config.dead_letter_capacity, dir)?,
+            Some(dir) => {
+                let capacity = self.config.dead_letter_capacity;
+                open_store(|| DeadLetterQueue::durable(capacity, dir), hint_in_use).await?
+            }
             None => DeadLetterQueue::new(self.config.dead_letter_capacity),
         };
         let (health_tx, _) = broadcast::channel(256);
@@ -278,6 +291,28 @@ async fn start_tcp(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             other => return Ok(other?),
+        }
+    }
+}
+
+/// How long `build` waits for a store directory held by a node that is stopping.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens a durable store, waiting up to [`STORE_WAIT`] while its directory is held by
+/// a node that is stopping (one dropped a moment ago in this process releases it as
+/// its task ends, which on a current-thread runtime needs this task to yield first).
+/// A directory still held after that belongs to a live node: `in_use` is returned.
+async fn open_store<T, E>(
+    mut open: impl FnMut() -> Result<T, E>,
+    in_use: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let give_up = tokio::time::Instant::now() + STORE_WAIT;
+    loop {
+        match open() {
+            Err(e) if in_use(&e) && tokio::time::Instant::now() < give_up => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            r => return r,
         }
     }
 }

@@ -231,6 +231,22 @@ impl Driver {
     }
 }
 
+impl Driver {
+    /// The end of a run: write what the durable stores hold and release their
+    /// directories, before the node is seen stopped, so a new node may open them as
+    /// soon as this one's `shutdown()` or `closed()` returns. (Each directory is
+    /// locked while a node has it open: two live nodes on one store would lose
+    /// records.)
+    pub(super) fn release_stores(&mut self) {
+        let endpoint = &mut self.core.endpoint;
+        let closed = endpoint.dedup().close();
+        endpoint.persisted(closed);
+        if let Some(spool) = &mut self.core.hints {
+            spool.close();
+        }
+    }
+}
+
 /// How long a graceful stop waits for deliveries the application holds.
 const HANDLER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 

@@ -281,6 +281,7 @@ impl Driver {
         self.report();
         self.receivers.close();
         self.shared.dead_letters.close();
+        self.release_stores();
     }
 }
 

@@ -327,6 +327,11 @@ impl Spool {
         }
     }
 
+    /// Flush everything to disk and release the hint directory (the end of a run).
+    pub(crate) fn close(&mut self) {
+        self.store.close();
+    }
+
     /// Flush everything to disk (shutdown).
     pub(crate) fn sync(&mut self) {
         if let Err(e) = self.store.sync() {

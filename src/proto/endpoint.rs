@@ -324,6 +324,8 @@ pub struct Endpoint {
     channels: FastMap<ChannelId, Accept>,
     /// Channels without a receiver that got data, and since when (bounded).
     unclaimed: FastMap<ChannelId, Instant>,
+    /// When `unclaimed`, full, last dropped its entries past the grace.
+    unclaimed_swept: Option<Instant>,
     /// Credit granted to streams whose frames find no receiver (see
     /// `grant_orphan_credit`); bounded, cleared when full.
     orphan_grants: FastMap<(Origin, ChannelId), u64>,
@@ -482,6 +484,7 @@ impl Endpoint {
             inbound_of: FastMap::default(),
             channels: FastMap::default(),
             unclaimed: FastMap::default(),
+            unclaimed_swept: None,
             orphan_grants: FastMap::default(),
             marks: FastMap::default(),
             transmit: VecDeque::new(),
@@ -762,7 +765,7 @@ impl Endpoint {
     /// (either way) unacked messages are retransmitted at once: the old connection may
     /// have swallowed them. A peer's first connection retransmits nothing: what was
     /// sent before it was queued for it (and lost frames come back on their timers).
-    pub fn handle_peer_up(&mut self, _now: Instant, origin: Origin, version: u16) {
+    pub fn handle_peer_up(&mut self, now: Instant, origin: Origin, version: u16) {
         let restarted = match self.peers.get(&origin.node) {
             Some(p) => p.origin != origin,
             None => false,
@@ -818,8 +821,8 @@ impl Endpoint {
         if !restarted && !first && version >= 3 {
             // Rejects sent on the old connection may have gone with it; they go out
             // before any ack of the new one (see `proto::inbound`, "Rejections").
-            for ((o, _), s) in self.inbound.iter() {
-                if *o == origin {
+            for ((o, _), s) in self.inbound.iter_mut() {
+                if *o == origin && s.resend_rejections_due(now) {
                     for (seq, reason) in s.rejections() {
                         self.stats.rejects_sent += 1;
                         self.transmit
@@ -976,7 +979,7 @@ impl Endpoint {
                     // A sender waiting on a seq this stream rejected lost the reject
                     // (with a connection): it goes again, before the ack, which holds
                     // that seq back (see `hold_back_rejected`).
-                    if v3 {
+                    if v3 && s.resend_rejections_due(now) {
                         for (seq, reason) in s.rejections() {
                             self.stats.rejects_sent += 1;
                             self.transmit.push_back(reject_frame(
@@ -1609,6 +1612,7 @@ impl Endpoint {
             .app_held
             .get(&origin.node)
             .is_some_and(|n| *n >= node_hold);
+        stream.note_frame(&data);
         if stream.over_credit(
             data.seq,
             data.floor,
@@ -1706,7 +1710,22 @@ impl Endpoint {
             return now.saturating_duration_since(*since) >= grace;
         }
         if self.unclaimed.len() >= MAX_UNCLAIMED {
-            return true;
+            // Full: channels past their grace make room (their next message starts a
+            // new grace: later, never early), at most once a grace period; if none
+            // is, this channel is within its grace. (Regression: a full table
+            // answered "past the grace" for every new channel, so a peer sending on
+            // 4 096 made-up channels had everyone's messages refused at once.)
+            if self
+                .unclaimed_swept
+                .is_none_or(|t| now.saturating_duration_since(t) >= grace)
+            {
+                self.unclaimed_swept = Some(now);
+                self.unclaimed
+                    .retain(|_, since| now.saturating_duration_since(*since) < grace);
+            }
+            if self.unclaimed.len() >= MAX_UNCLAIMED {
+                return grace.is_zero();
+            }
         }
         self.unclaimed.insert(channel, now);
         grace.is_zero()

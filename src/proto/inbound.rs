@@ -110,6 +110,8 @@ pub(crate) struct InboundStream {
     reported: u64,
     /// Seqs refused for good, with the reason, until the sender's floor passes them.
     rejected: BTreeMap<u64, RejectReason>,
+    /// When the kept rejections were last sent again (see `resend_rejections_due`).
+    rejects_resent: Option<Instant>,
     /// Seqs the application failed (nacked or dropped), with how many times: the
     /// deliveries so far are one more. Cleared when the seq is done or rejected.
     failures: FxHashMap<u64, u32>,
@@ -131,6 +133,11 @@ pub(crate) struct StreamMark {
 /// default minimum RTO (200 ms), so a slow handler does not make the sender
 /// retransmit what it already has.
 pub(crate) const HELD_ACK_DELAY: Duration = Duration::from_millis(20);
+
+/// Shortest time between two re-sends of a stream's kept rejections. (Correctness
+/// does not depend on the re-send: an ack never covers a kept rejection. It only
+/// lets a sender that lost a reject settle sooner.)
+pub(crate) const REJECTS_RESEND_EVERY: Duration = Duration::from_millis(100);
 
 impl InboundStream {
     pub(crate) fn new(
@@ -166,6 +173,7 @@ impl InboundStream {
             received: 0,
             reported: 0,
             rejected: BTreeMap::new(),
+            rejects_resent: None,
             failures: FxHashMap::default(),
             last_arrival: None,
         }
@@ -416,6 +424,45 @@ impl InboundStream {
         self.drain_head(ready);
     }
 
+    /// What a data frame says before its credit check: its guarantee (so a new
+    /// stream's first frame is judged by its own guarantee's rule; regression: an
+    /// at-most-once stream seen first by a restarted receiver was judged as acked,
+    /// its frames above the initial credit dropped, and the stream never learned it
+    /// was at-most-once: every later message lost), and its floor (see
+    /// [`note_floor`](Self::note_floor)).
+    pub(crate) fn note_frame(&mut self, data: &Data) {
+        self.amo = data.guarantee == Guarantee::AtMostOnce;
+        self.note_floor(data.floor);
+    }
+
+    /// Forgets the rejections below `floor` (the sender has settled them), as an
+    /// accepted frame carrying it would: called before the frame's credit check, so
+    /// rejections the sender has confirmed never hold back its next message.
+    pub(crate) fn note_floor(&mut self, floor: u64) {
+        while self
+            .rejected
+            .first_key_value()
+            .is_some_and(|(s, _)| *s < floor)
+        {
+            self.rejected.pop_first();
+        }
+    }
+
+    /// May the kept rejections be sent again now (a probe, a new connection)? At most
+    /// once per [`REJECTS_RESEND_EVERY`]: a peer asking again and again gets them once
+    /// per period, not once per request.
+    pub(crate) fn resend_rejections_due(&mut self, now: Instant) -> bool {
+        if self.rejected.is_empty()
+            || self
+                .rejects_resent
+                .is_some_and(|t| now.saturating_duration_since(t) < REJECTS_RESEND_EVERY)
+        {
+            return false;
+        }
+        self.rejects_resent = Some(now);
+        true
+    }
+
     /// Rejections the sender may not have heard of yet (their seqs are at or above its
     /// last floor), to send again on a new connection.
     pub(crate) fn rejections(&self) -> impl Iterator<Item = (u64, RejectReason)> + '_ {
@@ -551,7 +598,11 @@ impl InboundStream {
         grants: bool,
     ) -> bool {
         // The cheap test first: the lookups run only once the hold is reached.
-        let holding = node_full || self.outstanding() >= self.window.saturating_add(slack);
+        // Rejections kept for the sender count too: they wait for its floor, and a
+        // floor that never moves would let them grow without bound (and each probe
+        // sends them all again). (Regression: 60 000 kept for one stream.)
+        let held = self.outstanding() + self.rejected.len() as u64;
+        let holding = node_full || held >= self.window.saturating_add(slack);
         if holding && !self.knows(seq) {
             return true;
         }
@@ -627,13 +678,7 @@ impl InboundStream {
     fn advance_floor(&mut self, floor: u64, ready: &mut Vec<Data>) {
         let settled = floor.saturating_sub(1);
         // The sender settled these: it has its reject (or gave up on its own).
-        while self
-            .rejected
-            .first_key_value()
-            .is_some_and(|(s, _)| *s < floor)
-        {
-            self.rejected.pop_first();
-        }
+        self.note_floor(floor);
         if !self.failures.is_empty() {
             // Failed seqs the sender gave up on will not be delivered again.
             self.failures.retain(|s, _| *s >= floor);

@@ -23,6 +23,35 @@ use std::time::Duration;
 
 pub(crate) mod file;
 
+/// An exclusive lock on a store directory, held while this value lives: two live
+/// nodes (in one process or two) must never write one durable store, or a compaction
+/// of one would drop the other's records. An advisory lock (`flock`) on the file
+/// `LOCK` in the directory; the OS releases it when the process exits, `kill -9`
+/// included, so a crashed node's directory is never left locked.
+#[derive(Debug)]
+pub(crate) struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Takes `dir`'s lock (creating `dir` and `dir/LOCK` if needed), without waiting: an
+/// error of kind [`std::io::ErrorKind::WouldBlock`] if another holder has it.
+pub(crate) fn lock_dir(dir: &std::path::Path) -> std::io::Result<DirLock> {
+    std::fs::create_dir_all(dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(DirLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!("{} is in use by another live node", dir.display()),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// When appended records are made durable with `fsync` (fdatasync).
 ///
 /// Every policy survives a process crash (`kill -9`): records are written to the OS

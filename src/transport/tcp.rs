@@ -27,10 +27,13 @@
 //! - Frames for a peer go to a per-peer queue, kept across reconnects. While the peer
 //!   has no connection the queue is bounded by [`TcpConfig::queue_bound`] frames and the
 //!   oldest are dropped and counted (`frames_dropped_disconnected`); the protocol
-//!   retransmits what matters once it is back. A connected peer's queue is never
-//!   trimmed: the protocol above already bounds it (each stream's receiver credit and
-//!   in-flight window), so nothing is dropped on a healthy link, at-most-once included.
-//!   (`frames_dropped_backlog` stays for the record and is 0 since then.)
+//!   retransmits what matters once it is back. A connected peer's queue is trimmed
+//!   only at `4 × queue_bound` frames: what the node sends on its own is bounded by the
+//!   protocol (each stream's receiver credit and in-flight window), so nothing is
+//!   dropped on a link whose peer reads, at-most-once included; replies are not (a
+//!   pong per ping, a reject per refused message), so a peer that asks for them
+//!   faster than it reads is disconnected at that mark (`stalled_peers_disconnected`)
+//!   and its queue cut to `queue_bound` (`frames_dropped_backlog`).
 //!
 //! # Trust
 //!
@@ -272,7 +275,8 @@ pub struct TcpStatsSnapshot {
     pub rejected_wrong_peer: u64,
     /// Frames dropped because the peer's queue overflowed while it had no connection.
     pub frames_dropped_disconnected: u64,
-    /// Frames dropped because the peer's queue overflowed while connected (slow peer).
+    /// Frames dropped from a connected peer's queue when it was disconnected for not
+    /// reading (see `stalled_peers_disconnected`): the queue is cut to `queue_bound`.
     pub frames_dropped_backlog: u64,
     /// Frames dropped because they encode larger than `max_frame_len`.
     pub frames_dropped_oversize: u64,
@@ -298,6 +302,10 @@ pub struct TcpStatsSnapshot {
     /// TLS: the node id claimed in the handshake is not the one the peer's verified
     /// certificate names (or, dialing, the dialed node's certificate names another).
     pub rejected_identity_mismatch: u64,
+    /// Connections closed because `4 × queue_bound` frames waited for a peer that did
+    /// not read them (it asked for replies, pongs or rejects, faster than it read).
+    /// The node redials; the protocol retransmits what matters.
+    pub stalled_peers_disconnected: u64,
 }
 
 impl TcpStats {
@@ -331,6 +339,7 @@ impl TcpStats {
             rejected_tls_expired: g(Counter::RejectedTlsExpired),
             rejected_tls_other: g(Counter::RejectedTlsOther),
             rejected_identity_mismatch: g(Counter::RejectedIdentityMismatch),
+            stalled_peers_disconnected: g(Counter::StalledPeersDisconnected),
         }
     }
 
@@ -551,8 +560,13 @@ enum Counter {
     RejectedTlsExpired,
     RejectedTlsOther,
     RejectedIdentityMismatch,
+    StalledPeersDisconnected,
 }
-const COUNTERS: usize = Counter::RejectedIdentityMismatch as usize + 1;
+const COUNTERS: usize = Counter::StalledPeersDisconnected as usize + 1;
+
+/// A connected peer is disconnected once this many times `queue_bound` frames wait
+/// for it (see `Manager::send`).
+const STALLED_FACTOR: usize = 4;
 
 /// Why a connection was refused or closed.
 #[derive(Debug, thiserror::Error)]
@@ -850,7 +864,7 @@ impl Manager {
                     Internal::Closed { peer, conn_id } => self.closed(peer, conn_id).await,
                 },
                 cmd = commands.recv() => match cmd {
-                    Some(LinkCommand::Send { peer, frames }) => self.send(peer, frames),
+                    Some(LinkCommand::Send { peer, frames }) => self.send(peer, frames).await,
                     Some(LinkCommand::AddPeer { peer, addr }) => self.add_peer(peer, addr),
                     Some(LinkCommand::Shutdown) | None => break,
                 },
@@ -868,7 +882,7 @@ impl Manager {
         })
     }
 
-    fn send(&mut self, peer: NodeId, frames: Vec<Frame>) {
+    async fn send(&mut self, peer: NodeId, frames: Vec<Frame>) {
         let bound = self.ctx.cfg.queue_bound;
         let stats = Arc::clone(&self.ctx.stats);
         if peer == self.ctx.local.node {
@@ -877,34 +891,50 @@ impl Manager {
             return;
         }
         let p = self.peer(peer);
-        let connected = p.conn.is_some();
-        let dropped = {
+        let conn = p.conn.as_ref().map(|c| c.id);
+        let (dropped, stalled) = {
             let q = &mut p.queue.lock().frames;
             q.extend(frames);
-            // A connected peer's queue is not trimmed: what the node may queue is
-            // already bounded end to end (each stream's credit and window), and dropping
-            // there would lose at-most-once messages on a healthy link. Without a
-            // connection the bound holds; the protocol retransmits what matters.
-            let over = if connected {
-                0
+            // A connected peer's queue is trimmed only once it holds
+            // `STALLED_FACTOR × queue_bound` frames: what the node sends is bounded end
+            // to end (each stream's credit and window), so a peer that reads never
+            // gets there and nothing is dropped on a healthy link, at-most-once
+            // included. What is not bounded is the replies a peer asks for (a pong per
+            // ping, a reject per refused message): a peer that asks and never reads is
+            // disconnected at that mark, and its queue cut to the bound. (Regression:
+            // a ping flood from a peer that did not read queued millions of pongs.)
+            let limit = if conn.is_some() {
+                bound.saturating_mul(STALLED_FACTOR)
             } else {
+                bound
+            };
+            let stalled = conn.is_some() && q.len() > limit;
+            let over = if stalled {
                 q.len().saturating_sub(bound)
+            } else {
+                q.len().saturating_sub(limit)
             };
             q.drain(..over);
-            over
+            (over, stalled)
         };
         p.queue.notify.notify_one();
         if dropped > 0 {
-            let c = if connected {
+            let c = if stalled {
                 Counter::FramesDroppedBacklog
             } else {
                 Counter::FramesDroppedDisconnected
             };
             stats.add(c, dropped as u64);
-            tracing::debug!(%peer, dropped, connected, "tcp: peer queue full, oldest frames dropped");
+            tracing::debug!(%peer, dropped, stalled, "tcp: peer queue full, oldest frames dropped");
         }
-        if !connected {
-            self.ensure_dialing(peer, false);
+        match conn {
+            Some(conn_id) if stalled => {
+                stats.inc(Counter::StalledPeersDisconnected);
+                tracing::warn!(%peer, "tcp: peer does not read what it is sent: disconnected");
+                self.closed(peer, conn_id).await;
+            }
+            Some(_) => {}
+            None => self.ensure_dialing(peer, false),
         }
     }
 
@@ -1309,11 +1339,15 @@ async fn handshake(
                             // (and hold) what follows. (Regression: it could make us
                             // buffer a frame of up to `max_frame_len` first, on each of
                             // its connections.)
-                            // (Our own id is a self-connection, refused as such below.)
-                            if expected.is_none()
-                                && claimed.node != ctx.local.node
-                                && !ctx.admits(claimed.node)
-                            {
+                            // Our own id is a self-connection (or someone posing as
+                            // us): refused here too, not after its first frame.
+                            // (Regression: claiming our id skipped the check, and a
+                            // version-1 claim then made us buffer a frame of up to
+                            // `max_frame_len` per connection until the timeout.)
+                            if claimed.node == ctx.local.node {
+                                return Err(Reject::SelfConnection);
+                            }
+                            if expected.is_none() && !ctx.admits(claimed.node) {
                                 return Err(Reject::UnknownPeer(claimed.node));
                             }
                             // A node speaking version 2 or later sends its small probe
