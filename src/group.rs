@@ -611,6 +611,13 @@ impl<T: Serialize> GroupSender<T> {
         let payload = crate::codec::Encode::<T>::encode(&crate::codec::Bincode, value)
             .map(Bytes::from)
             .map_err(|e| {
+                // A message, failed: the counters add up (messages = acked + the
+                // failures). (Regression: only `failed` was counted.)
+                self.raw
+                    .inner
+                    .stats
+                    .messages
+                    .fetch_add(1, Ordering::Relaxed);
                 self.raw.inner.stats.failed.fetch_add(1, Ordering::Relaxed);
                 GroupSendError::Failed {
                     key,
@@ -805,9 +812,14 @@ impl RawGroupSender {
         let mut changes = inner.changes.subscribe();
         let placed = inner.place(&mut flight, &mut changes).await;
         inc(&inner.stats.messages);
-        if let Err(e) = placed {
-            inner.count_failure(&e);
-            return Err(e);
+        match placed {
+            Err(e) => {
+                inner.count_failure(&e);
+                return Err(e);
+            }
+            // (Nothing was outstanding before the first attempt: cannot happen.)
+            Ok(Some(_)) => {}
+            Ok(None) => {}
         }
         let (tx, rx) = oneshot::channel();
         let inner = self.inner.clone();
@@ -957,13 +969,19 @@ impl Inner {
     }
 
     /// Make the next attempt of `flight`: on a live member, waiting for one up to
-    /// `member_wait`; `Ok` once a member's window took it.
+    /// `member_wait` (counted from when none is live); `Ok(None)` once a member's
+    /// window took it, `Ok(Some(_))` if an earlier attempt was acked meanwhile (a late
+    /// ack from a member that went Down or left counts: the message is settled).
+    /// Fails `Shutdown` as soon as the node stops.
     async fn place(
         &self,
         flight: &mut Flight,
         changes: &mut watch::Receiver<u64>,
-    ) -> Result<(), GroupSendError> {
-        let give_up = Instant::now() + self.config.member_wait;
+    ) -> Result<Option<GroupOutcome>, GroupSendError> {
+        // When the wait for a live member began. (Regression: `member_wait` was
+        // counted from the start of `place`, so time spent waiting for a member's
+        // window counted against it.)
+        let mut waiting_since: Option<Instant> = None;
         loop {
             changes.borrow_and_update();
             if flight.attempts >= self.config.max_attempts {
@@ -974,47 +992,68 @@ impl Inner {
                 });
             }
             let Some((id, sender)) = self.pick(flight.key, &flight.tried) else {
+                let give_up =
+                    *waiting_since.get_or_insert_with(Instant::now) + self.config.member_wait;
+                if Instant::now() >= give_up {
+                    return Err(GroupSendError::NoLiveMember {
+                        key: flight.key,
+                        attempts: flight.attempts,
+                    });
+                }
+                // (Regression: neither a late ack nor the node's stop ended this
+                // wait: a processed message failed `NoLiveMember`, and a stopped
+                // node's sends waited out `member_wait`.)
                 tokio::select! {
                     r = changes.changed() => {
                         if r.is_err() {
                             // Cannot happen while `self` lives; do not spin.
                             tokio::time::sleep_until(give_up).await;
                         }
-                        if Instant::now() < give_up {
-                            continue;
-                        }
                     }
                     _ = tokio::time::sleep_until(give_up) => {}
+                    (i, res) = any_settled(&mut flight.outstanding) => {
+                        if let Some(done) = self.on_settled(flight, i, res)? {
+                            return Ok(Some(done));
+                        }
+                    }
+                    _ = self.node.closed() => return Err(stopped(flight.key)),
                 }
-                if self.pick(flight.key, &flight.tried).is_some() {
-                    continue;
-                }
-                return Err(GroupSendError::NoLiveMember {
-                    key: flight.key,
-                    attempts: flight.attempts,
-                });
+                continue;
             };
+            waiting_since = None;
             if flight.attempts > 0 {
                 inc(&self.stats.rerouted);
                 tracing::debug!(target: GROUP_TARGET, id = %crate::MessageId::Key(flight.key), from = ?flight.current, to = %id, attempt = flight.attempts + 1, last = ?flight.last, "re-routed");
             }
-            flight.attempts += 1;
+            let sent = {
+                let mut watch_it = changes.clone();
+                let payload = flight.payload.clone();
+                tokio::select! {
+                    r = sender.send_with_key(payload, flight.key) => Some(r),
+                    _ = self.until_not_live(id, &mut watch_it) => None,
+                    (i, res) = any_settled(&mut flight.outstanding) => {
+                        if let Some(done) = self.on_settled(flight, i, res)? {
+                            return Ok(Some(done));
+                        }
+                        continue; // nothing was sent: choose again
+                    }
+                }
+            };
+            // Only a send that was made is an attempt. (Regression: one cancelled
+            // because its member went Down while its window was full counted too,
+            // in `attempts` and against `max_attempts`.)
+            if sent.is_some() {
+                flight.attempts += 1;
+                inc(&self.stats.attempts);
+            }
             if !flight.tried.contains(&id) {
                 flight.tried.push(id);
             }
-            let sent = {
-                let mut watch_it = changes.clone();
-                tokio::select! {
-                    r = sender.send_with_key(flight.payload.clone(), flight.key) => Some(r),
-                    _ = self.until_not_live(id, &mut watch_it) => None,
-                }
-            };
-            inc(&self.stats.attempts);
             match sent {
                 Some(Ok(receipt)) => {
                     flight.outstanding.push((id, receipt));
                     flight.current = Some(id);
-                    return Ok(());
+                    return Ok(None);
                 }
                 Some(Err(e)) => match verdict(&e) {
                     Verdict::Reroute => {
@@ -1035,6 +1074,39 @@ impl Inner {
                     flight.last = Some(SendError::PeerDown { peer: id });
                 }
             }
+        }
+    }
+
+    /// Attempt `i` of `flight` ended with `res`: `Some` if that settles the message
+    /// (acked), `Err` if nothing can deliver it, `None` to carry on.
+    fn on_settled(
+        &self,
+        flight: &mut Flight,
+        i: usize,
+        res: Result<Outcome, SendError>,
+    ) -> Result<Option<GroupOutcome>, GroupSendError> {
+        let (member, _) = flight.outstanding.swap_remove(i);
+        match res {
+            Ok(Outcome::HandedOff) => {
+                flight.last = None;
+                Ok(None)
+            }
+            Ok(_) => Ok(Some(GroupOutcome {
+                key: flight.key,
+                member,
+                attempts: flight.attempts,
+            })),
+            Err(e) => match verdict(&e) {
+                Verdict::Reroute => {
+                    flight.last = Some(e);
+                    Ok(None)
+                }
+                Verdict::Final => Err(GroupSendError::Failed {
+                    key: flight.key,
+                    member: Some(member),
+                    error: e,
+                }),
+            },
         }
     }
 
@@ -1061,15 +1133,6 @@ impl Inner {
         loop {
             let current = flight.current;
             let settled = {
-                let outstanding = &mut flight.outstanding;
-                let any = std::future::poll_fn(|cx| {
-                    for (i, (_, r)) in outstanding.iter_mut().enumerate() {
-                        if let Poll::Ready(res) = Pin::new(r).poll(cx) {
-                            return Poll::Ready((i, res));
-                        }
-                    }
-                    Poll::Pending
-                });
                 let down = async {
                     match current {
                         Some(id) => self.until_not_live(id, &mut changes).await,
@@ -1077,34 +1140,15 @@ impl Inner {
                     }
                 };
                 tokio::select! {
-                    s = any => Some(s),
+                    s = any_settled(&mut flight.outstanding) => Some(s),
                     _ = down => None,
                 }
             };
             match settled {
                 Some((i, res)) => {
-                    let (member, _) = flight.outstanding.swap_remove(i);
-                    match res {
-                        Ok(Outcome::HandedOff) => {
-                            flight.last = None;
-                        }
-                        Ok(_) => {
-                            return Ok(GroupOutcome {
-                                key: flight.key,
-                                member,
-                                attempts: flight.attempts,
-                            });
-                        }
-                        Err(e) => match verdict(&e) {
-                            Verdict::Reroute => flight.last = Some(e),
-                            Verdict::Final => {
-                                return Err(GroupSendError::Failed {
-                                    key: flight.key,
-                                    member: Some(member),
-                                    error: e,
-                                })
-                            }
-                        },
+                    let member = flight.outstanding[i].0;
+                    if let Some(done) = self.on_settled(&mut flight, i, res)? {
+                        return Ok(done);
                     }
                     // An earlier attempt (whose member went Down) ending does not
                     // change where the message is now.
@@ -1118,7 +1162,9 @@ impl Inner {
                     }
                 }
             }
-            self.place(&mut flight, &mut changes).await?;
+            if let Some(done) = self.place(&mut flight, &mut changes).await? {
+                return Ok(done);
+            }
         }
     }
 
@@ -1136,7 +1182,16 @@ impl Inner {
     /// drop departed ones.
     fn apply(&self, members: Vec<Member>) -> Result<(), GroupError> {
         let mut next: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
+        let own = self.node.id();
         for m in members {
+            if m.id == own {
+                // A node cannot send to itself: a membership that lists this node
+                // (a replica that is also a sender, found by DNS) means the others.
+                // (Regression: the refusal left `apply` early, so the members listed
+                // after it never joined and departures were never announced.)
+                tracing::debug!(target: GROUP_TARGET, member = %own, "the sending node itself is listed: left out");
+                continue;
+            }
             next.entry(m.id).or_insert(m.addr);
         }
         let mut changed = false;
@@ -1185,6 +1240,28 @@ impl Inner {
 
     fn is_member(&self, id: NodeId) -> bool {
         self.lock_members().contains_key(&id)
+    }
+}
+
+/// The first of `outstanding`'s receipts to resolve (pending while there is none).
+async fn any_settled(outstanding: &mut [(NodeId, Receipt)]) -> (usize, Result<Outcome, SendError>) {
+    std::future::poll_fn(|cx| {
+        for (i, (_, r)) in outstanding.iter_mut().enumerate() {
+            if let Poll::Ready(res) = Pin::new(r).poll(cx) {
+                return Poll::Ready((i, res));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// The message `key` cannot be sent: the node stopped.
+fn stopped(key: IdKey) -> GroupSendError {
+    GroupSendError::Failed {
+        key,
+        member: None,
+        error: SendError::Shutdown,
     }
 }
 

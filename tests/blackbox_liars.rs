@@ -15,6 +15,12 @@
 //!   registry (4) and the no-receiver grace clocks (5);
 //! - a receiver that nacks one message in a loop and never reads (6; holds).
 //!
+//! Tests 1 to 5 failed when written (every run) and pass since the fixes: a stalled
+//! peer is disconnected at `4 × queue_bound` queued frames; kept rejections count
+//! against the stream's hold and are re-sent at most every 100 ms; a handshake
+//! claiming the node's own id is refused at once; `max_streams_per_node`; a full
+//! no-receiver table no longer answers "past the grace".
+//!
 //! A failing test reports the numbers it measured; the tests run one at a time (they
 //! measure this process's memory).
 

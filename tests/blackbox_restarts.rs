@@ -2,13 +2,14 @@
 //! senders stopped (shutdown, drop, SIGKILL) and restarted on the same address, hint
 //! directory or dedup directory; corrupted state between runs; misuse of directories.
 //!
-//! Expected to fail until fixed (bugs found):
+//! Bugs found (fixed; each test failed before the fix):
 //! * `amo_*`: after a receiver restart, an at-most-once stream whose seq is past 512
 //!   loses its next 256 messages (receipts `Ok(Sent)`, receiver counts them in
 //!   `credit_exceeded`), and past ~4 352 it is dead: nothing delivered, `send` blocks.
 //! * `two_receivers_one_dedup_dir_compacting_forget_acked`: two live nodes on one
 //!   durable dedup directory are not refused; after a compaction one node's records
-//!   are gone and its acked keys are processed again after a restart.
+//!   are gone and its acked keys are processed again after a restart. (Now the
+//!   second node is refused with `DedupError::InUse`; `tests/misuse.rs` asserts it.)
 
 mod support;
 
