@@ -100,6 +100,16 @@ pub enum ConfigError {
         /// The largest `max_payload` that fits.
         max: usize,
     },
+    /// `dead_letter_dir` is the hint directory (`handoff.store.dir`): the dead-letter
+    /// log and the hint store would both open `<dir>/hints`, and a directory serves one
+    /// store. Give the dead letters a directory of their own.
+    #[error(
+        "dead_letter_dir ({dir}) must not be handoff.store.dir: both stores would open {dir}/hints"
+    )]
+    DeadLettersInHintDir {
+        /// The shared directory.
+        dir: std::path::PathBuf,
+    },
     /// A retry, RTT or retry-budget setting is invalid; `field` says which struct
     /// (`"proto.retry"`, `"proto.rtt"`, `"proto.retry_budget"`, `"deadline"`), the source
     /// which value.
@@ -137,6 +147,7 @@ impl ConfigError {
             ConfigError::DedupWindowBelowInFlight { .. } => "dedup.window",
             ConfigError::RetentionTooShort { .. } => "dedup.retention",
             ConfigError::PayloadAboveFrameLimit { .. } => "max_payload",
+            ConfigError::DeadLettersInHintDir { .. } => "dead_letter_dir",
             ConfigError::Detector(_) => "detector",
             ConfigError::Tcp(_) => "tcp",
             ConfigError::Dedup(_) => "dedup",

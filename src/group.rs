@@ -1021,10 +1021,6 @@ impl Inner {
                 continue;
             };
             waiting_since = None;
-            if flight.attempts > 0 {
-                inc(&self.stats.rerouted);
-                tracing::debug!(target: GROUP_TARGET, id = %crate::MessageId::Key(flight.key), from = ?flight.current, to = %id, attempt = flight.attempts + 1, last = ?flight.last, "re-routed");
-            }
             let sent = {
                 let mut watch_it = changes.clone();
                 let payload = flight.payload.clone();
@@ -1043,6 +1039,10 @@ impl Inner {
             // because its member went Down while its window was full counted too,
             // in `attempts` and against `max_attempts`.)
             if sent.is_some() {
+                if flight.attempts > 0 {
+                    inc(&self.stats.rerouted);
+                    tracing::debug!(target: GROUP_TARGET, id = %crate::MessageId::Key(flight.key), from = ?flight.current, to = %id, attempt = flight.attempts + 1, last = ?flight.last, "re-routed");
+                }
                 flight.attempts += 1;
                 inc(&self.stats.attempts);
             }

@@ -1750,13 +1750,15 @@ async fn an_ack_from_a_departed_member_settles_a_message_waiting_for_window_room
         id: b.id,
         addr: b.addr,
     }];
+    // (`rerouted` counts re-sends made; this one waits for B's window, so wait
+    // for the membership change instead.)
     within(3.0, "membership change", async {
-        while g.stats().rerouted == 0 {
+        while g.members().iter().map(|(m, _)| m.id).collect::<Vec<_>>() != vec![b.id] {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let acked_before = node.stats().await.unwrap().proto.acked;
     let t0 = Instant::now();
     a.release();

@@ -1036,6 +1036,17 @@ async fn config_case(
             )))
         }
     };
+    // B gets directories of its own: one durable directory serves one live node.
+    let mut config = config;
+    if let Some(h) = &mut config.handoff {
+        h.store.dir = h.store.dir.join("b");
+    }
+    if let Some(d) = &mut config.dedup.durable {
+        d.dir = d.dir.join("b");
+    }
+    if let Some(dl) = &mut config.dead_letter_dir {
+        *dl = dl.join("b");
+    }
     let b = node(&net, B, config)
         .await
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -1427,5 +1438,25 @@ async fn a_durable_directory_serves_one_live_node_at_a_time() {
         "two live nodes on one durable dedup or hint directory",
         "1 run",
         "the second refused with InUse naming the directory; free again after shutdown and after drop",
+    );
+}
+
+/// The dead-letter log and the hint store on one directory would both open
+/// `<dir>/hints`: refused when the config is checked, naming the field, instead of a
+/// build that waits for a directory "in use by another live node".
+#[tokio::test]
+async fn dead_letters_in_the_hint_directory_are_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(|c| {
+        c.handoff = Some(ackwire::HandoffConfig::new(dir.path()));
+        c.dead_letter_dir = Some(dir.path().to_path_buf());
+    });
+    let e = config_err(node(&net(), A, c).await);
+    assert_eq!(e.field(), "dead_letter_dir", "{e}");
+    report(
+        "misuse",
+        "dead-letter directory equal to the hint directory",
+        "1 run",
+        "ConfigError naming dead_letter_dir",
     );
 }

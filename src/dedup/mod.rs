@@ -642,8 +642,9 @@ impl Dedup {
     }
 
     /// Writes what is buffered ([`sync`](Self::sync)), then releases the durable
-    /// directory so another node may open it (a node does this as it stops). Records
-    /// made after this are no longer written. Nothing to do when not durable.
+    /// directory so another node may open it (a node does this as it stops). A call
+    /// that would record something durable after this (`complete`, a floor, a
+    /// retirement) is not written and returns `Io`. Nothing to do when not durable.
     ///
     /// # Errors
     /// As [`sync`](Self::sync); the directory is released either way.
@@ -873,7 +874,10 @@ impl Dedup {
         };
         let mut l = d.log.lock().unwrap_or_else(|e| e.into_inner());
         if l.closed {
-            return Ok(());
+            // Not written: the directory may be another node's now.
+            return Err(DedupError::Io(std::io::Error::other(
+                "the durable dedup log is closed",
+            )));
         }
         l.log.append_unsynced(&rec);
         l.last_now = l.last_now.max(now);

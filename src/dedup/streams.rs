@@ -534,7 +534,12 @@ impl StreamRegistry {
         active_ms: u64,
     ) -> Result<u64, DedupError> {
         let mut changes = Vec::new();
-        self.create(k, floor, active_ms, &mut changes)?;
+        // Admitted whatever the limits: a recovered stream's records are what makes a
+        // resend a duplicate, and dropping it would make it `Fresh` again. (Regression:
+        // a log written under higher limits, or by an earlier version without the
+        // per-node one, lost the streams over them at open.) New streams wait until
+        // the count is back under the limits.
+        self.create_with(k, floor, active_ms, &mut changes, false)?;
         self.live.with(&k, |e| {
             let e = e.expect("just created");
             e.last_active_ms.store(active_ms, Ordering::Relaxed);
@@ -598,7 +603,20 @@ impl StreamRegistry {
         now_ms: u64,
         changes: &mut Vec<Change>,
     ) -> Result<bool, DedupError> {
-        if self.len.fetch_add(1, Ordering::AcqRel) >= self.max as u64 {
+        self.create_with(k, floor, now_ms, changes, true)
+    }
+
+    /// [`create`](Self::create); `limited: false` admits the stream over the limits
+    /// (recovery), still counting it.
+    fn create_with(
+        &self,
+        k: StreamKey,
+        floor: u64,
+        now_ms: u64,
+        changes: &mut Vec<Change>,
+        limited: bool,
+    ) -> Result<bool, DedupError> {
+        if self.len.fetch_add(1, Ordering::AcqRel) >= self.max as u64 && limited {
             self.len.fetch_sub(1, Ordering::AcqRel);
             if self.live.with(&k, |e| e.is_some()) {
                 return Ok(false);
@@ -611,6 +629,7 @@ impl StreamRegistry {
         let max_per_node = self.max_per_node as u64;
         if self.per_node_limited()
             && self.node_count(k, |n| n.fetch_add(1, Ordering::AcqRel)) >= max_per_node
+            && limited
         {
             self.node_count(k, |n| n.fetch_sub(1, Ordering::AcqRel));
             self.len.fetch_sub(1, Ordering::AcqRel);

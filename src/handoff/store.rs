@@ -66,6 +66,8 @@ pub struct HintStore<B: SegmentIo = FileSegmentIo> {
     dirty_since: Option<Instant>,
     /// The directory's lock, when opened on files by [`HintStore::open`].
     dir_lock: Option<crate::storage::DirLock>,
+    /// Closed (`close`): nothing is written any more.
+    closed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +179,12 @@ impl HintStore<FileSegmentIo> {
         if let Err(e) = self.sync() {
             tracing::warn!(error = %e, "hint store not synced at close");
         }
+        // Whatever the sync left undone stays undone: the directory may be another
+        // store's from now on, so nothing (not `Drop`) may write there again.
+        self.dirty.clear();
+        self.dirty_dirs.clear();
+        self.dirty_since = None;
+        self.closed = true;
         self.dir_lock = None;
     }
 }
@@ -210,6 +218,7 @@ impl<B: SegmentIo> HintStore<B> {
             dirty_dirs: BTreeSet::new(),
             dirty_since: None,
             dir_lock: None,
+            closed: false,
         };
         store.refresh_totals();
         tracing::info!(?report, "hint store recovered");
@@ -715,6 +724,9 @@ impl<B: SegmentIo> HintStore<B> {
 impl<B: SegmentIo> Drop for HintStore<B> {
     /// Best effort: persists delivery progress, and syncs unless the policy is `Never`.
     fn drop(&mut self) {
+        if self.closed {
+            return; // the directory may be another store's now
+        }
         if self.cfg.fsync != FsyncPolicy::Never {
             let _ = self.sync();
         } else {

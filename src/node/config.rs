@@ -124,6 +124,11 @@ impl NodeConfig {
         use crate::error::check::{count, duration, u};
         self.proto.validate()?;
         self.dedup.validate().map_err(crate::ConfigError::Dedup)?;
+        if let (Some(dl), Some(h)) = (&self.dead_letter_dir, &self.handoff) {
+            if *dl == h.store.dir {
+                return Err(crate::ConfigError::DeadLettersInHintDir { dir: dl.clone() });
+            }
+        }
         if (self.dedup.window as usize) < self.proto.max_in_flight {
             return Err(crate::ConfigError::DedupWindowBelowInFlight {
                 window: self.dedup.window,

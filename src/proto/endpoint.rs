@@ -1302,7 +1302,8 @@ impl Endpoint {
     }
 
     /// Timers due at `now`: retransmissions, give-ups, owed acks. While
-    /// [`persist_owed`](Self::persist_owed) is true no ack is produced: persist first.
+    /// [`persist_owed`](Self::persist_owed) is true no ack is produced (and
+    /// [`poll_timeout`](Self::poll_timeout) stays due): persist first.
     pub fn handle_timeout(&mut self, now: Instant) {
         for (&peer, out) in self.node_out.iter_mut() {
             if out.probe_due.is_some_and(|t| t <= now) {
@@ -1637,8 +1638,11 @@ impl Endpoint {
         if eo && id_floor > 1 {
             stream.last_id_floor = stream.last_id_floor.max(id_floor);
             if let Err(e) = self.dedup.advance_floor(origin, channel, id_floor, now) {
-                self.stats.dedup_persist_errors += 1;
-                tracing::warn!(%origin, error = %e, "dedup floor not persisted");
+                // Not an IO error (records are only buffered here): a stream limit.
+                // The stream's messages meet the same refusal at `begin`, counted
+                // there. (Regression: it was counted as a persist error, which made
+                // every pending `ack_durable` report `NotPersisted`.)
+                tracing::debug!(%origin, error = %e, "dedup floor not applied");
             }
         }
         let mut ready = std::mem::take(&mut self.ready);

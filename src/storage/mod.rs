@@ -54,12 +54,14 @@ pub(crate) fn lock_dir(dir: &std::path::Path) -> std::io::Result<DirLock> {
 
 /// When appended records are made durable with `fsync` (fdatasync).
 ///
-/// Every policy survives a process crash (`kill -9`): records are written to the OS
-/// before an append returns. The policies differ on power loss / kernel crash. The
-/// hint store takes all three (default `Every(10 ms)`); the durable dedup log takes
-/// `Always` (default: one fsync per batch of completions, before their acks) and
-/// `Never`, and refuses `Every` when its config is validated, because its acks wait
-/// for the fsync.
+/// Every policy survives a process crash (`kill -9`) once a record is written: the
+/// hint store writes each record to the OS before its append returns; the durable
+/// dedup log buffers a batch of completions and writes it (one `write`) at its group
+/// commit, before any ack of the batch leaves. The policies differ on power loss /
+/// kernel crash. The hint store takes all three (default `Every(10 ms)`); the durable
+/// dedup log takes `Always` (default: one fsync per batch of completions, before
+/// their acks) and `Never`, and refuses `Every` when its config is validated, because
+/// its acks wait for the fsync.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum FsyncPolicy {
     /// fsync before an append (or a batch, where the store groups appends) returns.
