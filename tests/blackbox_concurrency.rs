@@ -1572,8 +1572,18 @@ async fn c17_shutdown_from_three_tasks_while_twelve_tasks_send_and_many_ack() {
     assert!(within(5, "closed", a.closed()).await.is_ok());
     let r = out.send(&1).await;
     assert!(matches!(r, Err(SendError::Shutdown)), "after stop: {r:?}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let sb = within(5, "stats b", b.stats()).await.unwrap();
+    // The handlers may still be draining B's queue on a loaded machine: wait (bounded)
+    // for them to catch up with B's count instead of a fixed 200 ms.
+    let give_up = std::time::Instant::now() + Duration::from_secs(15);
+    let sb = loop {
+        let sb = within(5, "stats b", b.stats()).await.unwrap();
+        if sb.proto.delivered == deliveries.load(Ordering::Relaxed)
+            || std::time::Instant::now() > give_up
+        {
+            break sb;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(
         sb.proto.delivered,
         deliveries.load(Ordering::Relaxed),
