@@ -3,13 +3,10 @@
 //! `Fresh` again after a reopen with a lower `max_streams_per_node`), and a group's
 //! `rerouted` counts re-sends made, not re-sends begun and cancelled.
 #![cfg(not(ackwire_loom))]
-#![allow(dead_code)]
 use ackwire::group::{GroupConfig, GroupSender, Member, Membership, Spread};
 use ackwire::{ChannelId, Delivery, Guarantee, IdKey, MessageId, Node, NodeConfig, NodeId};
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 const CH: ChannelId = ChannelId(5);
@@ -29,7 +26,7 @@ fn id(o: Origin, seq: u64) -> MessageId {
 /// allows: recovery drops the extra streams' done seqs, and a processed message is
 /// then Fresh again.
 #[test]
-fn recovery_over_the_per_node_limit_forgets_processed_messages() {
+fn recovery_over_the_per_node_limit_keeps_processed_messages() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = |per_node| DedupConfig {
         durable: Some(DurableDedup::new(dir.path())),
@@ -81,37 +78,15 @@ async fn within<F: Future>(secs: f64, what: &str, f: F) -> F::Output {
     }
 }
 
-#[derive(Default)]
-struct Shared {
-    claims: HashSet<MessageId>,
-    /// effects applied per payload value
-    effects: HashMap<u64, u32>,
-}
-type Inbox = Arc<Mutex<Shared>>;
-
-fn inbox() -> Inbox {
-    Arc::default()
-}
-
+/// A replica that holds every delivery until `release` acks them.
 struct Replica {
     id: NodeId,
     addr: SocketAddr,
-    node: Option<Node>,
-    /// (id, value) of every delivery handed to the handler
-    seen: Arc<Mutex<Vec<(MessageId, u64)>>>,
-    acks: Arc<AtomicBool>,
+    _node: Node,
     held: Arc<Mutex<Vec<Delivery<u64>>>>,
-    inbox: Inbox,
 }
 
 impl Replica {
-    fn seen_values(&self) -> Vec<u64> {
-        self.seen.lock().unwrap().iter().map(|(_, v)| *v).collect()
-    }
-    fn kill(&mut self) {
-        self.held.lock().unwrap().clear();
-        drop(self.node.take());
-    }
     fn release(&self) {
         let held: Vec<_> = self.held.lock().unwrap().drain(..).collect();
         for d in held {
@@ -120,54 +95,28 @@ impl Replica {
     }
 }
 
-async fn replica_at(id: NodeId, addr: SocketAddr, inbox: Inbox, acks: bool) -> Replica {
+async fn holding_replica(id: NodeId) -> Replica {
     let node = Node::builder(id)
-        .bind(addr)
+        .bind(lo())
         .allow_peer(SENDER)
         .build()
         .await
         .unwrap();
     let addr = node.local_addr().unwrap();
     let mut rx = node.receiver::<u64>(CH, false).unwrap();
-    let seen: Arc<Mutex<Vec<(MessageId, u64)>>> = Arc::default();
-    let acks = Arc::new(AtomicBool::new(acks));
     let held: Arc<Mutex<Vec<Delivery<u64>>>> = Arc::default();
-    {
-        let (seen, acks, held, inbox) = (seen.clone(), acks.clone(), held.clone(), inbox.clone());
-        tokio::spawn(async move {
-            while let Some(d) = rx.recv().await {
-                seen.lock().unwrap().push((d.id(), *d.message()));
-                {
-                    let mut i = inbox.lock().unwrap();
-                    if i.claims.insert(d.id()) {
-                        *i.effects.entry(*d.message()).or_default() += 1;
-                    }
-                }
-                if acks.load(Ordering::SeqCst) {
-                    d.ack();
-                } else {
-                    held.lock().unwrap().push(d);
-                }
-            }
-        });
-    }
+    let h = held.clone();
+    tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            h.lock().unwrap().push(d);
+        }
+    });
     Replica {
         id,
         addr,
-        node: Some(node),
-        seen,
-        acks,
+        _node: node,
         held,
-        inbox,
     }
-}
-
-async fn replica(id: NodeId, inbox: Inbox) -> Replica {
-    replica_at(id, lo(), inbox, true).await
-}
-
-async fn restart(r: &Replica, acks: bool) -> Replica {
-    replica_at(r.id, r.addr, r.inbox.clone(), acks).await
 }
 
 fn config(spread: Spread) -> GroupConfig {
@@ -193,9 +142,8 @@ impl Membership for Live {
 /// made: `rerouted` exceeds `attempts - messages`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_rerouted_counts_only_resends_made() {
-    let ib = inbox();
-    let a = replica_at(NodeId(10), lo(), ib.clone(), false).await;
-    let b = replica_at(NodeId(11), lo(), ib.clone(), false).await;
+    let a = holding_replica(NodeId(10)).await;
+    let b = holding_replica(NodeId(11)).await;
     let mut cfg = NodeConfig::default();
     cfg.proto.max_in_flight = 4;
     let node = Arc::new(
