@@ -469,8 +469,13 @@ async fn decommissioned_hints_are_dropped_counted_and_never_replayed() {
     );
     stop.store(true, Ordering::Relaxed);
     within(5.0, "sampler", sampler).await.unwrap();
+    // Acked, or handed off and replayed (the five were processed: `g.len() == 5`
+    // above; the same load that can make the fresh detector find the peer Down
+    // for a moment made all five `HandedOff` in one CI run).
     assert!(
-        up && res.iter().all(|(_, r)| *r == Ok(Outcome::Acked)),
+        up && res
+            .iter()
+            .all(|(_, r)| matches!(r, Ok(Outcome::Acked | Outcome::HandedOff))),
         "node 2 re-added after decommission and reachable again: health {:?} \
          (Up within 8 s: {up}), new messages {res:?}",
         a.health(NodeId(2))
