@@ -66,8 +66,10 @@
 //!   ordered delivery, use of the dedup table; and the node's policy around it: the
 //!   heartbeat schedule and failure detector (`proto::liveness`) and what becomes of
 //!   each sent message (`proto::sends`: acked, handed off when its target is Down or
-//!   the sender gives up, refused by the hint store, rejected), reaching the hint
-//!   store through a trait; `proto::core` joins the three into the one object the
+//!   the sender gives up, refused by the hint store, rejected) and hint replay
+//!   (`proto::replay`: throttle, per-target concurrency, expiry, the id floor of
+//!   handed-off messages), reaching the hint store and the application's send
+//!   windows through traits; `proto::core` joins them into the one object the
 //!   driver feeds and polls. Reads no clock (every call takes
 //!   `now`), opens no socket or file, spawns nothing and does no IO: with durable
 //!   dedup it only buffers the records of completed messages, and holds its acks

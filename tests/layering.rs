@@ -132,3 +132,50 @@ fn the_driver_is_a_thin_shell_without_policy() {
     let found: Vec<&str> = policy.into_iter().filter(|p| code.contains(p)).collect();
     assert!(found.is_empty(), "policy in the driver: {found:?}");
 }
+
+/// The node's policy tokens for hint replay: pacing, the id floor of handed-off
+/// messages, the replay tick, and reading or marking the store's hints.
+const REPLAY_POLICY: &[&str] = &[
+    "ReplayThrottle",
+    "hint_settled",
+    "REPLAY_TICK",
+    ".next_batch(",
+    ".mark_delivered(",
+    ".mark_rejected(",
+    ".expire(",
+];
+
+fn replay_policy_in(paths: &[&str]) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for p in paths {
+        rust_files(&root.join(p), &mut files);
+    }
+    let mut found = Vec::new();
+    // The dead-letter queue keeps its letters in a store of the same format and reads
+    // them back for the application: not hint replay.
+    files.retain(|f| !f.ends_with("src/node/dead_letter.rs"));
+    for f in &files {
+        let code = production_code(f);
+        for pat in REPLAY_POLICY {
+            if code.contains(pat) {
+                found.push(format!(
+                    "{}: `{pat}`",
+                    f.strip_prefix(root).unwrap().display()
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// Hint replay is core policy (issue 10): what is replayed when, its pacing and
+/// concurrency, hint expiry and the id floor live in `proto/replay.rs`; the node only
+/// opens the store and lends it (and the send windows) to the core. The check can
+/// fail: the core's own file trips it.
+#[test]
+fn hint_replay_policy_lives_in_the_core_not_the_node() {
+    let v = replay_policy_in(&["src/node"]);
+    assert!(v.is_empty(), "replay policy in the node:\n{}", v.join("\n"));
+    assert!(!replay_policy_in(&["src/proto/replay.rs"]).is_empty());
+}

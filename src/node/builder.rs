@@ -13,7 +13,7 @@ use super::handles::Completions;
 use super::observe;
 use super::receivers::Receivers;
 use super::shared::{NodeState, Shared};
-use super::spool::Spool;
+use super::spool;
 use super::supervise::supervise;
 use super::{Node, NodeConfig, NodeError};
 use crate::dedup::Dedup;
@@ -181,7 +181,7 @@ impl NodeBuilder {
         let hint_in_use = |e: &HintError| matches!(e, HintError::InUse { .. });
         let spool = match &self.config.handoff {
             Some(cfg) => {
-                Some(open_store(|| Spool::open(cfg.clone(), origin, start), hint_in_use).await?)
+                Some(open_store(|| spool::open(cfg.clone(), origin, start), hint_in_use).await?)
             }
             None => None,
         };

@@ -5,7 +5,6 @@
 
 use super::driver::Driver;
 use super::receivers::Receivers;
-use super::spool::Spool;
 use super::{
     AckError, ChannelOptions, Delivery, NodeError, Outcome, ReceiverOptions, SendError, Stats,
 };
@@ -143,7 +142,7 @@ impl Driver {
                     decode_failed: 0, // these three are filled by `Node::stats`
                     no_receiver: 0,
                     tcp: None,
-                    hints: core.hints.as_ref().map(Spool::stats),
+                    hints: core.hints.as_ref().map(|s| s.log().stats()),
                     handed_off: core.sends.handed_off(),
                     handoff_refused: core.sends.handoff_refused(),
                     dead_letters_dropped: self.shared.dead_letters.dropped(),
@@ -242,7 +241,7 @@ impl Driver {
         let closed = endpoint.dedup().close();
         endpoint.persisted(closed);
         if let Some(spool) = &mut self.core.hints {
-            spool.close();
+            spool.log_mut().close();
         }
     }
 }

@@ -8,8 +8,8 @@
 //! the core → write frames, hand deliveries to receivers, answer what the core
 //! reports about sent messages ([`Driver::report`]), publish health changes, and reset
 //! the single `Sleep` to the earliest deadline. Hint replay (throttle, batches,
-//! concurrency) is still the spool's (`node/spool.rs`); the driver hands it the peers
-//! that are not Down and connected.
+//! concurrency, expiry) is the core's too (`proto/replay.rs`): the driver lends it the
+//! hint store and the application's send windows.
 
 use super::command::Command;
 use super::dead_letter::DeadLetterReason;
@@ -240,8 +240,7 @@ impl Driver {
         true
     }
 
-    /// Heartbeats, failure detection and handoff (the core's); hint expiry and
-    /// replay (the spool's).
+    /// Heartbeats, failure detection, handoff, hint expiry and replay (the core's).
     fn housekeeping(&mut self, now: std::time::Instant) {
         self.observe.sync(&self.core.endpoint, now, false);
         self.core.handle_timeout(now);
@@ -249,22 +248,8 @@ impl Driver {
             self.shared.publish_health(change);
         }
         self.report();
-        let core = &mut self.core;
-        if let Some(spool) = &mut core.hints {
-            spool.tick(&mut core.endpoint, now);
-        }
-        if core.hints.as_ref().is_some_and(Spool::has_replay_work) {
-            let ready = core.reachable();
-            let shared = &self.shared;
-            if let Some(spool) = &mut core.hints {
-                spool.replay(
-                    &mut core.endpoint,
-                    |peer, channel| shared.window_for(peer, channel),
-                    |p| ready.contains(&p),
-                    now,
-                );
-            }
-        }
+        self.core
+            .handle_hints(now, &mut self.shared.replay_windows());
         self.dispatch();
     }
 
@@ -272,7 +257,9 @@ impl Driver {
         self.observe.sync(&self.core.endpoint, self.clock, true);
         self.persist();
         if let Some(spool) = &mut self.core.hints {
-            spool.sync();
+            if let Err(e) = spool.log_mut().sync() {
+                tracing::warn!(error = %e, "hint store sync failed");
+            }
         }
         let _ = self.link.commands.send(LinkCommand::Shutdown).await;
         // Windows first: a send made after any receipt failed below fails too.

@@ -183,3 +183,30 @@ fn warn_due(last: &Mutex<Option<std::time::Instant>>) -> bool {
         false
     }
 }
+
+/// The application's send windows as the core's replay policy takes slots of them: a
+/// replayed hint holds a slot like a send, given back when its stream's window slides.
+pub(super) struct ReplayWindows<'a>(&'a Shared);
+
+impl Shared {
+    /// The send windows, lent to the core's hint replay.
+    pub(super) fn replay_windows(&self) -> ReplayWindows<'_> {
+        ReplayWindows(self)
+    }
+}
+
+impl crate::proto::replay::Windows for ReplayWindows<'_> {
+    fn try_take(&mut self, peer: NodeId, channel: ChannelId) -> bool {
+        match self.0.window_for(peer, channel).try_acquire() {
+            Ok(permit) => {
+                permit.forget(); // given back when the window slides
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn give_back(&mut self, peer: NodeId, channel: ChannelId) {
+        self.0.window_for(peer, channel).add_permits(1);
+    }
+}

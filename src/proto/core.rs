@@ -18,6 +18,7 @@
 //! (the hint store behind [`Hints`] is the owner's).
 
 use super::liveness::Liveness;
+use super::replay::Windows;
 use super::sends::{Hints, Report, Sends};
 use super::{Endpoint, Event, Outgoing, SendRef, StreamError};
 use crate::detector::{Health, HealthChange};
@@ -213,6 +214,23 @@ impl<R, H: Hints> Core<R, H> {
                 );
             }
             self.health.push_back(change);
+        }
+    }
+
+    /// The hint store's timers: its group commit, hint expiry and replay to the peers
+    /// that are not Down and connected, each replayed message taking a slot of the
+    /// application's `windows` (see [`crate::proto::replay`]).
+    pub(crate) fn handle_hints(&mut self, now: Instant, windows: &mut dyn Windows) {
+        let Some(hints) = &self.hints else {
+            return;
+        };
+        let ready = if hints.has_replay_work() {
+            self.reachable()
+        } else {
+            Vec::new()
+        };
+        if let Some(hints) = &mut self.hints {
+            hints.handle_timeout(&mut self.endpoint, &ready, windows, now);
         }
     }
 

@@ -1,10 +1,12 @@
 //! The delivery protocol as pure state machines (sans-IO).
 //!
 //! Owns sequencing, acks, retransmission, ordered delivery and the use of the dedup
-//! table. Never imports tokio, never touches a socket or a clock: every input carries
-//! `now`, every output is polled (`tests/layering.rs` checks it). The one IO on its
-//! path is durable dedup's log, written by the [`Dedup`](crate::dedup::Dedup) it is
-//! given. [`Endpoint`] is the entry point; the per-stream halves are private.
+//! table, and the node's policy around them: liveness, the fate of each sent message,
+//! hint replay. Never imports tokio, never touches a socket, a file or a clock: every
+//! input carries `now`, every output is polled (`tests/layering.rs` checks it). Durable
+//! dedup records are only buffered here; the owner writes and fsyncs them
+//! ([`Endpoint::persist_owed`]). The hint store is reached through a trait the owner
+//! implements. [`Endpoint`] is the entry point; the per-stream halves are private.
 
 mod authz;
 mod config;
@@ -13,6 +15,7 @@ mod endpoint;
 mod inbound;
 pub(crate) mod liveness;
 mod outbound;
+pub(crate) mod replay;
 pub(crate) mod sends;
 
 pub use authz::{Authorization, Refusal, RelayPolicy};

@@ -56,6 +56,20 @@ pub(crate) trait Hints {
         -> bool;
     /// When the store next has work of its own (replay, expiry) at `now`.
     fn next_deadline(&self, now: Instant) -> Option<Instant>;
+    /// Are there hints waiting to be replayed?
+    fn has_replay_work(&self) -> bool {
+        false
+    }
+    /// The store's own work due at `now` (fsync, expiry, replay to the `ready` peers,
+    /// each replayed message taking a slot of `windows`).
+    fn handle_timeout(
+        &mut self,
+        _endpoint: &mut Endpoint,
+        _ready: &[NodeId],
+        _windows: &mut dyn super::replay::Windows,
+        _now: Instant,
+    ) {
+    }
 }
 
 /// How a receipt resolves; the node maps it to its public outcome or error.

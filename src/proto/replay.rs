@@ -1,0 +1,787 @@
+//! Hinted handoff policy, sans-IO: what goes into the hint store, when and what is
+//! replayed from it, and the bookkeeping that keeps a handed-off message's id unsettled
+//! at this node's endpoint until its hint is delivered, expires or is dropped.
+//!
+//! Owns the replay queues (hints read from the store, waiting their turn), the replay
+//! throttle (bytes per second over all targets), the per-target concurrency bound, the
+//! expiry schedule and the id floor of this run's own handed-off messages. Reaches the
+//! store only through [`HintLog`] and the application's send windows only through
+//! [`Windows`], both the owner's; every method takes `now` and reads no clock, so the
+//! whole policy runs under the deterministic simulation and in the unit tests below
+//! against an in-memory log. Hint times are wall-clock Unix milliseconds: the owner
+//! gives the wall clock once, at [`Replay::new`], and hint times are that plus the
+//! owner's clock since (so a virtual clock moves them, and a wall-clock step does not).
+
+use super::sends::Hints;
+use super::{Endpoint, Outgoing, SendRef};
+use crate::handoff::{Hint, HintError, HintPos, ReplayThrottle};
+use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
+use crate::wire::RejectReason;
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::num::NonZeroU64;
+use std::time::{Duration, Instant};
+
+/// The hint store, as the replay policy uses it (the node's is a
+/// [`HintStore`](crate::handoff::HintStore)). Every call is the store's IO; none reads
+/// a clock.
+pub(crate) trait HintLog {
+    /// Store `hint` for its target, which has been Down for `down_for`.
+    fn append(
+        &mut self,
+        hint: Hint,
+        down_for: Option<Duration>,
+        now: Instant,
+    ) -> Result<(), HintError>;
+    /// The next hints of `target` not yet handed out, up to about `max_bytes`, none
+    /// expired at `now_unix_ms`.
+    fn next_batch(
+        &mut self,
+        target: NodeId,
+        max_bytes: u64,
+        now_unix_ms: u64,
+    ) -> Result<Vec<(HintPos, Hint)>, HintError>;
+    /// The hint at `pos` was delivered.
+    fn mark_delivered(&mut self, target: NodeId, pos: HintPos) -> Result<bool, HintError>;
+    /// The hint at `pos` was refused for good by its target.
+    fn mark_rejected(&mut self, target: NodeId, pos: HintPos) -> Result<bool, HintError>;
+    /// Drop every hint expired at `now_unix_ms`; how many.
+    fn expire(&mut self, now_unix_ms: u64) -> Result<u64, HintError>;
+    /// Drop every hint for `target`; how many.
+    fn decommission(&mut self, target: NodeId) -> Result<u64, HintError>;
+    /// Hints not yet delivered, over all targets.
+    fn pending(&self) -> u64;
+    /// Targets with hints not yet delivered.
+    fn pending_targets(&self) -> Vec<NodeId>;
+    /// Group commit: fsync if the policy's interval has passed at `now`.
+    fn sync_if_due(&mut self, now: Instant) -> Result<(), HintError>;
+    /// When [`HintLog::sync_if_due`] next has work.
+    fn next_sync_deadline(&self) -> Option<Instant>;
+}
+
+/// The application's per-(peer, channel) send windows: a replayed hint takes a slot
+/// like any send, and gives it back when its stream's window slides.
+pub(crate) trait Windows {
+    /// Take one slot of the window to `peer` on `channel`; `false` if it is full.
+    fn try_take(&mut self, peer: NodeId, channel: ChannelId) -> bool;
+    /// Give back a slot [`Windows::try_take`] took for a send that did not happen.
+    fn give_back(&mut self, peer: NodeId, channel: ChannelId);
+}
+
+/// The replay policy's settings (from the node's `HandoffConfig`).
+#[derive(Clone, Debug)]
+pub(crate) struct ReplayConfig {
+    /// Hand off the messages of a target found Down, and new ones for it.
+    pub(crate) on_down: bool,
+    /// Hand off a message whose retries ran out.
+    pub(crate) on_give_up: bool,
+    /// Replay throttle, payload bytes per second over all targets.
+    pub(crate) bytes_per_sec: NonZeroU64,
+    /// Burst above the rate.
+    pub(crate) burst: u64,
+    /// Replayed hints awaiting their ack, per target.
+    pub(crate) concurrency: usize,
+    /// Bytes read from a target's log at a time.
+    pub(crate) batch_bytes: u64,
+    /// A hint's time to live (the store's default).
+    pub(crate) ttl: Duration,
+}
+
+/// How often replay and hint expiry are looked at while hints are pending.
+pub(crate) const REPLAY_TICK: Duration = Duration::from_millis(10);
+/// How often expiry is looked at.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+
+/// The replay policy over a hint log `L`; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Replay<L> {
+    log: L,
+    cfg: ReplayConfig,
+    origin: Origin,
+    throttle: ReplayThrottle,
+    queued: HashMap<NodeId, VecDeque<(HintPos, Hint)>>,
+    replaying: HashMap<SendRef, (HintPos, Hint)>,
+    outstanding: HashMap<NodeId, usize>,
+    /// This run's own handed-off messages, holding the id floor, with their expiry.
+    own_hinted: BTreeMap<(NodeId, u32, u64), u64>,
+    next_expire: Instant,
+    /// The wall clock at `base`, in Unix ms.
+    base: Instant,
+    base_unix_ms: u64,
+    /// The last replay round sent nothing and nothing is outstanding: every pending
+    /// target is away. No fast tick then; the peer's return wakes the owner anyway.
+    blocked: bool,
+}
+
+impl<L: HintLog> Replay<L> {
+    /// The policy over `log` for the run `origin`; `now` on the owner's clock is
+    /// `unix_ms_now` on the wall clock.
+    pub(crate) fn new(
+        log: L,
+        cfg: ReplayConfig,
+        origin: Origin,
+        now: Instant,
+        unix_ms_now: u64,
+    ) -> Self {
+        Replay {
+            throttle: ReplayThrottle::new(cfg.bytes_per_sec, cfg.burst, now),
+            log,
+            cfg,
+            origin,
+            queued: HashMap::new(),
+            replaying: HashMap::new(),
+            outstanding: HashMap::new(),
+            own_hinted: BTreeMap::new(),
+            next_expire: now,
+            base: now,
+            base_unix_ms: unix_ms_now,
+            blocked: false,
+        }
+    }
+
+    /// The hint log.
+    pub(crate) fn log(&self) -> &L {
+        &self.log
+    }
+
+    /// The hint log, to flush or close it.
+    pub(crate) fn log_mut(&mut self) -> &mut L {
+        &mut self.log
+    }
+
+    /// The wall clock (Unix ms) at the owner's `now`.
+    fn unix_ms_at(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.base).as_millis();
+        self.base_unix_ms
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+
+    /// Are there hints to replay (queued here or pending in the log)?
+    pub(crate) fn has_replay_work(&self) -> bool {
+        self.log.pending() > 0 || self.queued.values().any(|q| !q.is_empty())
+    }
+
+    fn expire(&mut self, endpoint: &mut Endpoint, now: Instant) {
+        self.next_expire = now + EXPIRE_EVERY;
+        let now_ms = self.unix_ms_at(now);
+        if let Err(e) = self.log.expire(now_ms) {
+            tracing::warn!(error = %e, "hint expiry failed");
+        }
+        let expired: Vec<_> = self
+            .own_hinted
+            .iter()
+            .filter(|(_, exp)| **exp <= now_ms)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            self.own_hinted.remove(&k);
+            endpoint.hint_settled(SendRef {
+                peer: k.0,
+                channel: ChannelId(k.1),
+                seq: k.2,
+            });
+        }
+    }
+
+    fn replay(
+        &mut self,
+        endpoint: &mut Endpoint,
+        ready: &[NodeId],
+        windows: &mut dyn Windows,
+        now: Instant,
+    ) {
+        let mut targets = self.log.pending_targets();
+        targets.extend(self.queued.keys().copied());
+        targets.sort_unstable();
+        targets.dedup();
+        let now_ms = self.unix_ms_at(now);
+        self.blocked = true;
+        for target in targets.into_iter().filter(|t| ready.contains(t)) {
+            while self.outstanding.get(&target).copied().unwrap_or(0) < self.cfg.concurrency {
+                let queue = self.queued.entry(target).or_default();
+                if queue.is_empty() {
+                    match self.log.next_batch(target, self.cfg.batch_bytes, now_ms) {
+                        Ok(batch) if !batch.is_empty() => queue.extend(batch),
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(%target, error = %e, "reading hints failed");
+                            break;
+                        }
+                    }
+                }
+                let Some((_, hint)) = queue.front() else {
+                    break;
+                };
+                let (channel, len) = (hint.channel, hint.payload.len() as u64);
+                if self.throttle.try_take(len, now).is_err() {
+                    self.blocked = false; // throttled, not blocked: come back soon
+                    return; // the throttle covers every target
+                }
+                if !windows.try_take(target, channel) {
+                    break; // the stream's window is full; next tick
+                }
+                let Some((pos, hint)) = queue.pop_front() else {
+                    windows.give_back(target, channel);
+                    break;
+                };
+                let msg = Outgoing {
+                    peer: target,
+                    channel: hint.channel,
+                    guarantee: hint.guarantee,
+                    payload: hint.payload.clone(),
+                    id: Some(hint.id),
+                    deadline: None,
+                    schema: 0, // a hint keeps no type: unchecked
+                };
+                match endpoint.send(now, msg) {
+                    Ok(send) => {
+                        // The slot is given back when the window slides.
+                        *self.outstanding.entry(target).or_default() += 1;
+                        self.replaying.insert(send, (pos, hint));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%target, error = %e, "hint cannot be replayed on its channel");
+                        windows.give_back(target, channel);
+                        self.queued
+                            .entry(target)
+                            .or_default()
+                            .push_front((pos, hint));
+                        break;
+                    }
+                }
+            }
+        }
+        if !self.replaying.is_empty() {
+            self.blocked = false; // acks are coming back: keep the fast tick
+        }
+    }
+
+    /// Drop every hint for `peer` (decommissioned). Returns how many were dropped.
+    pub(crate) fn decommission(
+        &mut self,
+        peer: NodeId,
+        endpoint: &mut Endpoint,
+    ) -> Result<u64, HintError> {
+        let n = self.log.decommission(peer)?;
+        self.queued.remove(&peer);
+        let own: Vec<_> = self
+            .own_hinted
+            .keys()
+            .filter(|k| k.0 == peer)
+            .copied()
+            .collect();
+        for k in own {
+            self.own_hinted.remove(&k);
+            endpoint.hint_settled(SendRef {
+                peer,
+                channel: ChannelId(k.1),
+                seq: k.2,
+            });
+        }
+        Ok(n)
+    }
+
+    fn release_floor(&mut self, endpoint: &mut Endpoint, peer: NodeId, id: MessageId) {
+        if let MessageId::Seq {
+            origin,
+            channel,
+            seq,
+        } = id
+        {
+            if origin == self.origin && self.own_hinted.remove(&(peer, channel.0, seq)).is_some() {
+                endpoint.hint_settled(SendRef { peer, channel, seq });
+            }
+        }
+    }
+
+    /// A replayed `send` is done: acked, or (`rejected`) refused for good.
+    fn replay_done(&mut self, send: SendRef, endpoint: &mut Endpoint, rejected: bool) -> bool {
+        let Some((pos, hint)) = self.replaying.remove(&send) else {
+            return false;
+        };
+        if let Some(n) = self.outstanding.get_mut(&send.peer) {
+            *n = n.saturating_sub(1);
+        }
+        let marked = if rejected {
+            self.log.mark_rejected(send.peer, pos)
+        } else {
+            self.log.mark_delivered(send.peer, pos)
+        };
+        if let Err(e) = marked {
+            tracing::warn!(target = %send.peer, error = %e, "marking a hint delivered failed; it may replay again");
+        }
+        self.release_floor(endpoint, send.peer, hint.id);
+        true
+    }
+}
+
+/// The handoff decisions ([`crate::proto::sends`]) reach the store through this.
+impl<L: HintLog> Hints for Replay<L> {
+    fn on_down(&self) -> bool {
+        self.cfg.on_down
+    }
+
+    fn on_give_up(&self) -> bool {
+        self.cfg.on_give_up
+    }
+
+    /// Store `payload` (sent as `send` with `id`) as a hint for `send.peer`.
+    fn store(
+        &mut self,
+        send: SendRef,
+        id: MessageId,
+        guarantee: Guarantee,
+        payload: Bytes,
+        down_for: Option<Duration>,
+        now: Instant,
+    ) -> Result<(), HintError> {
+        let hint = Hint {
+            target: send.peer,
+            id,
+            channel: send.channel,
+            guarantee,
+            created_unix_ms: self.unix_ms_at(now),
+            ttl_ms: 0,
+            payload,
+        };
+        let ttl_ms = u64::try_from(self.cfg.ttl.as_millis()).unwrap_or(u64::MAX);
+        let expires = hint.created_unix_ms.saturating_add(ttl_ms);
+        self.log.append(hint, down_for, now)?;
+        if let MessageId::Seq {
+            origin,
+            channel,
+            seq,
+        } = id
+        {
+            if origin == self.origin {
+                self.own_hinted.insert((send.peer, channel.0, seq), expires);
+            }
+        }
+        Ok(())
+    }
+
+    fn has_replay_work(&self) -> bool {
+        Replay::has_replay_work(self)
+    }
+
+    /// The log's group commit, hint expiry (which also releases the id floor of this
+    /// run's expired hints), then replay to the `ready` targets (not Down, connected)
+    /// as far as the throttle, the per-target concurrency bound and the windows allow.
+    fn handle_timeout(
+        &mut self,
+        endpoint: &mut Endpoint,
+        ready: &[NodeId],
+        windows: &mut dyn Windows,
+        now: Instant,
+    ) {
+        if let Err(e) = self.log.sync_if_due(now) {
+            tracing::warn!(error = %e, "hint store sync failed");
+        }
+        if now >= self.next_expire {
+            self.expire(endpoint, now);
+        }
+        if Replay::has_replay_work(self) {
+            self.replay(endpoint, ready, windows, now);
+        }
+    }
+
+    /// `send` was acknowledged. Returns whether it was a replayed hint.
+    fn on_settled(&mut self, send: SendRef, endpoint: &mut Endpoint) -> bool {
+        self.replay_done(send, endpoint, false)
+    }
+
+    /// `send` was rejected by its receiver. If it was a replay: a refusal for now (no
+    /// receiver on the channel yet, or its key table full until keys expire) sends the
+    /// hint back to its queue; any other reason is final, so the hint is dropped from
+    /// the store, counted in `HintStats::rejected` (logged at warn: the receiver's
+    /// dead letters hold what it dead-lettered). (Regression: a hint refused because
+    /// the key table was full was dropped and counted delivered, never processed.)
+    /// Returns `true` for a replay.
+    fn on_rejected(
+        &mut self,
+        send: SendRef,
+        reason: RejectReason,
+        endpoint: &mut Endpoint,
+    ) -> bool {
+        if matches!(
+            reason,
+            RejectReason::NoReceiver | RejectReason::KeyTableFull
+        ) {
+            return self.on_gave_up(send);
+        }
+        let Some(id) = self.replaying.get(&send).map(|(_, h)| h.id) else {
+            return false;
+        };
+        tracing::warn!(target = %send.peer, %id, %reason, "hint rejected by its target; dropped from the store");
+        self.replay_done(send, endpoint, true)
+    }
+
+    /// `send` was given up. If it was a replay, it goes back to the front of its
+    /// queue (still in the store) and `true` is returned.
+    fn on_gave_up(&mut self, send: SendRef) -> bool {
+        let Some((pos, hint)) = self.replaying.remove(&send) else {
+            return false;
+        };
+        if let Some(n) = self.outstanding.get_mut(&send.peer) {
+            *n = n.saturating_sub(1);
+        }
+        self.queued
+            .entry(send.peer)
+            .or_default()
+            .push_front((pos, hint));
+        true
+    }
+
+    /// When the owner must call [`Hints::handle_timeout`]: the fsync deadline; the
+    /// replay tick while hints can be replayed; the expiry check while hints (or this
+    /// run's handed-off ids) await their TTL.
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let work = self.has_replay_work();
+        let tick = if work && !self.blocked {
+            Some(now + REPLAY_TICK)
+        } else if work || !self.own_hinted.is_empty() {
+            Some(self.next_expire.max(now))
+        } else {
+            None
+        };
+        match (self.log.next_sync_deadline(), tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The replay policy against an in-memory log, on a virtual clock.
+    use super::*;
+    use crate::dedup::{Dedup, DedupConfig};
+    use crate::proto::ProtoConfig;
+    use std::sync::Arc;
+
+    const ME: Origin = Origin {
+        node: NodeId(1),
+        incarnation: 1,
+    };
+    const PEER: NodeId = NodeId(2);
+    const OTHER: NodeId = NodeId(3);
+    const CH: ChannelId = ChannelId(7);
+    const T0_UNIX_MS: u64 = 1_700_000_000_000;
+
+    /// Hints per target in memory; records what the policy asked of it.
+    #[derive(Debug, Default)]
+    struct MemLog {
+        waiting: BTreeMap<NodeId, VecDeque<(HintPos, Hint)>>,
+        out: usize,
+        next: u64,
+        delivered: Vec<HintPos>,
+        rejected: Vec<HintPos>,
+        expired_at: Vec<u64>,
+    }
+
+    impl HintLog for MemLog {
+        fn append(&mut self, h: Hint, _: Option<Duration>, _: Instant) -> Result<(), HintError> {
+            self.next += 1;
+            let pos = HintPos {
+                segment: 1,
+                offset: self.next,
+            };
+            self.waiting
+                .entry(h.target)
+                .or_default()
+                .push_back((pos, h));
+            Ok(())
+        }
+        fn next_batch(
+            &mut self,
+            target: NodeId,
+            max_bytes: u64,
+            _: u64,
+        ) -> Result<Vec<(HintPos, Hint)>, HintError> {
+            let q = self.waiting.entry(target).or_default();
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while let Some(h) = q.front() {
+                if !batch.is_empty() && bytes + h.1.payload.len() as u64 > max_bytes {
+                    break;
+                }
+                bytes += h.1.payload.len() as u64;
+                batch.extend(q.pop_front());
+            }
+            self.out += batch.len();
+            Ok(batch)
+        }
+        fn mark_delivered(&mut self, _: NodeId, pos: HintPos) -> Result<bool, HintError> {
+            self.out -= 1;
+            self.delivered.push(pos);
+            Ok(true)
+        }
+        fn mark_rejected(&mut self, _: NodeId, pos: HintPos) -> Result<bool, HintError> {
+            self.out -= 1;
+            self.rejected.push(pos);
+            Ok(true)
+        }
+        fn expire(&mut self, now_unix_ms: u64) -> Result<u64, HintError> {
+            self.expired_at.push(now_unix_ms);
+            Ok(0)
+        }
+        fn decommission(&mut self, target: NodeId) -> Result<u64, HintError> {
+            Ok(self.waiting.remove(&target).map_or(0, |q| q.len() as u64))
+        }
+        fn pending(&self) -> u64 {
+            (self.waiting.values().map(VecDeque::len).sum::<usize>() + self.out) as u64
+        }
+        fn pending_targets(&self) -> Vec<NodeId> {
+            let mut t: Vec<_> = self
+                .waiting
+                .iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(|(t, _)| *t)
+                .collect();
+            if self.out > 0 {
+                t.push(PEER); // the tests' hints handed out are all PEER's
+            }
+            t
+        }
+        fn sync_if_due(&mut self, _: Instant) -> Result<(), HintError> {
+            Ok(())
+        }
+        fn next_sync_deadline(&self) -> Option<Instant> {
+            None
+        }
+    }
+
+    /// Windows of `cap` slots each, counting what was taken and given back.
+    struct Slots {
+        cap: usize,
+        held: HashMap<(NodeId, ChannelId), usize>,
+    }
+
+    impl Windows for Slots {
+        fn try_take(&mut self, peer: NodeId, channel: ChannelId) -> bool {
+            let n = self.held.entry((peer, channel)).or_default();
+            if *n >= self.cap {
+                return false;
+            }
+            *n += 1;
+            true
+        }
+        fn give_back(&mut self, peer: NodeId, channel: ChannelId) {
+            let n = self.held.entry((peer, channel)).or_default();
+            *n = n.checked_sub(1).expect("gave back a slot never taken");
+        }
+    }
+
+    fn slots(cap: usize) -> Slots {
+        Slots {
+            cap,
+            held: HashMap::new(),
+        }
+    }
+
+    fn endpoint(now: Instant) -> Endpoint {
+        let dedup = Arc::new(Dedup::open_at(DedupConfig::default(), now).unwrap());
+        Endpoint::new(ME, ProtoConfig::default(), dedup, 1)
+    }
+
+    fn config() -> ReplayConfig {
+        ReplayConfig {
+            on_down: true,
+            on_give_up: true,
+            bytes_per_sec: NonZeroU64::new(1_000_000).unwrap(),
+            burst: 1_000_000,
+            concurrency: 1024,
+            batch_bytes: 1 << 20,
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    /// `n` hints of `len` bytes for `target` in the log, ids from another node's run
+    /// (so they hold no floor here); payload byte `i` tells them apart.
+    fn log_with(target: NodeId, n: u8, len: usize) -> MemLog {
+        let mut log = MemLog::default();
+        for i in 0..n {
+            let id = MessageId::Seq {
+                origin: Origin {
+                    node: NodeId(9),
+                    incarnation: 1,
+                },
+                channel: CH,
+                seq: u64::from(i) + 1,
+            };
+            let hint = Hint {
+                target,
+                id,
+                channel: CH,
+                guarantee: Guarantee::EffectivelyOnce,
+                created_unix_ms: T0_UNIX_MS,
+                ttl_ms: 0,
+                payload: Bytes::from(vec![i; len]),
+            };
+            log.append(hint, None, Instant::now()).unwrap();
+        }
+        log
+    }
+
+    /// The payload bytes of the hints being replayed, in send order.
+    fn in_flight(r: &Replay<MemLog>) -> Vec<(SendRef, u8)> {
+        let mut v: Vec<_> = r
+            .replaying
+            .iter()
+            .map(|(s, (_, h))| (*s, h.payload[0]))
+            .collect();
+        v.sort_by_key(|(s, _)| s.seq);
+        v
+    }
+
+    /// The throttle paces replay (bytes per second over all targets), the per-target
+    /// concurrency bound caps what awaits an ack, and a settled replay frees a place.
+    #[test]
+    fn replay_is_paced_by_the_throttle_and_bounded_per_target() {
+        let t0 = Instant::now();
+        let mut ep = endpoint(t0);
+        let cfg = ReplayConfig {
+            bytes_per_sec: NonZeroU64::new(1000).unwrap(),
+            burst: 100,
+            concurrency: 3,
+            ..config()
+        };
+        let mut r = Replay::new(log_with(PEER, 10, 50), cfg, ME, t0, T0_UNIX_MS);
+        let mut w = slots(100);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        assert_eq!(
+            in_flight(&r).len(),
+            2,
+            "a 100-byte burst is two 50-byte hints"
+        );
+        // 50 ms later the bucket holds 50 more bytes: one more.
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0 + Duration::from_millis(50));
+        assert_eq!(in_flight(&r).len(), 3);
+        // Plenty of tokens later, the concurrency bound (3) holds.
+        let t1 = t0 + Duration::from_secs(1);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t1);
+        assert_eq!(in_flight(&r).len(), 3);
+        assert!(r.next_deadline(t1).is_some_and(|d| d <= t1 + REPLAY_TICK));
+        // One acked: it is marked delivered and the next hint goes.
+        let (first, byte) = in_flight(&r)[0];
+        assert_eq!(byte, 0, "hints replay in log order");
+        assert!(r.on_settled(first, &mut ep));
+        assert_eq!(r.log.delivered.len(), 1);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t1);
+        let bytes: Vec<u8> = in_flight(&r).iter().map(|(_, b)| *b).collect();
+        assert_eq!(bytes, vec![1, 2, 3]);
+        assert_eq!(w.held[&(PEER, CH)], 4, "every replay took a window slot");
+    }
+
+    /// A target that is not reachable gets nothing, and while every pending target is
+    /// away the policy asks for no fast tick (only the expiry check).
+    #[test]
+    fn an_unreachable_target_gets_nothing_and_no_fast_tick() {
+        let t0 = Instant::now();
+        let mut ep = endpoint(t0);
+        let mut r = Replay::new(log_with(PEER, 3, 10), config(), ME, t0, T0_UNIX_MS);
+        let mut w = slots(100);
+        r.handle_timeout(&mut ep, &[OTHER], &mut w, t0);
+        assert!(in_flight(&r).is_empty());
+        assert!(r.has_replay_work());
+        assert_eq!(r.next_deadline(t0), Some(t0 + EXPIRE_EVERY));
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        assert_eq!(in_flight(&r).len(), 3);
+    }
+
+    /// A full window stops a target's replay until a slot is free; nothing is given
+    /// back that was not taken, and a hint stays queued, in order, meanwhile.
+    #[test]
+    fn a_full_window_holds_replay_back_in_order() {
+        let t0 = Instant::now();
+        let mut ep = endpoint(t0);
+        let mut r = Replay::new(log_with(PEER, 4, 10), config(), ME, t0, T0_UNIX_MS);
+        let mut w = slots(1);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        let sent = in_flight(&r);
+        assert_eq!(sent.len(), 1);
+        assert!(r.on_settled(sent[0].0, &mut ep));
+        w.give_back(PEER, CH); // the stream's window slid
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        assert_eq!(
+            in_flight(&r).iter().map(|(_, b)| *b).collect::<Vec<_>>(),
+            [1]
+        );
+    }
+
+    /// A replay given up (or refused for now: no receiver yet) goes back to the front
+    /// of its queue and is replayed first; a final refusal drops it from the log as
+    /// rejected, never as delivered.
+    #[test]
+    fn a_given_up_replay_goes_first_again_and_a_final_refusal_is_dropped() {
+        let t0 = Instant::now();
+        let mut ep = endpoint(t0);
+        let cfg = ReplayConfig {
+            concurrency: 2,
+            ..config()
+        };
+        let mut r = Replay::new(log_with(PEER, 4, 10), cfg, ME, t0, T0_UNIX_MS);
+        let mut w = slots(100);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        let sent = in_flight(&r);
+        assert_eq!(sent.iter().map(|(_, b)| *b).collect::<Vec<_>>(), [0, 1]);
+        assert!(r.on_rejected(sent[0].0, RejectReason::NoReceiver, &mut ep));
+        assert!(r.on_rejected(sent[1].0, RejectReason::Unauthorized, &mut ep));
+        assert_eq!(r.log.rejected.len(), 1);
+        assert!(r.log.delivered.is_empty());
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        let again: Vec<u8> = in_flight(&r).iter().map(|(_, b)| *b).collect();
+        assert_eq!(
+            again,
+            [0, 2],
+            "the refused-for-now hint goes first, then the next"
+        );
+        // A send that is not a replay is not the policy's.
+        let unknown = SendRef {
+            peer: PEER,
+            channel: CH,
+            seq: 999,
+        };
+        assert!(!r.on_settled(unknown, &mut ep));
+        assert!(!r.on_gave_up(unknown));
+    }
+
+    /// This run's own handed-off message holds its id floor until its TTL passes on the
+    /// owner's clock; hint times are the wall clock given at the start plus that clock.
+    #[test]
+    fn an_own_hint_is_stamped_on_the_owners_clock_and_released_at_its_ttl() {
+        let t0 = Instant::now();
+        let mut ep = endpoint(t0);
+        let mut r = Replay::new(MemLog::default(), config(), ME, t0, T0_UNIX_MS);
+        let mut w = slots(100);
+        let send = SendRef {
+            peer: PEER,
+            channel: CH,
+            seq: 1,
+        };
+        let id = MessageId::Seq {
+            origin: ME,
+            channel: CH,
+            seq: 1,
+        };
+        let later = t0 + Duration::from_secs(5);
+        r.store(
+            send,
+            id,
+            Guarantee::AtLeastOnce,
+            Bytes::from_static(b"x"),
+            None,
+            later,
+        )
+        .unwrap();
+        let stored = &r.log.waiting[&PEER][0].1;
+        assert_eq!(stored.created_unix_ms, T0_UNIX_MS + 5_000);
+        assert_eq!(r.own_hinted.len(), 1);
+        // The target never returns: at the TTL (60 s after `later`) the floor goes.
+        r.handle_timeout(&mut ep, &[], &mut w, later + Duration::from_secs(59));
+        assert_eq!(r.own_hinted.len(), 1);
+        r.handle_timeout(&mut ep, &[], &mut w, later + Duration::from_secs(61));
+        assert!(r.own_hinted.is_empty());
+        assert_eq!(r.log.expired_at.last(), Some(&(T0_UNIX_MS + 66_000)));
+    }
+}
