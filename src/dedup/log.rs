@@ -197,6 +197,7 @@ impl DedupLog {
         for r in records {
             encode(r, &mut out);
         }
+        // The whole rewrite (a large write, then its fsyncs) runs as one blocking call.
         let io = &mut self.io;
         crate::blocking::run(|| io.replace(&out))?;
         self.len = out.len() as u64;
@@ -223,7 +224,8 @@ fn sync(io: &mut dyn LogFile, p: FsyncPolicy) -> Result<(), DedupError> {
     match p {
         // `Every` is refused by `DedupConfig::validate`; were it to get here, it is
         // never synced less than asked.
-        FsyncPolicy::Always | FsyncPolicy::Every(_) => Ok(crate::blocking::run(|| io.sync())?),
+        // The fsync runs under `blocking::run` inside `LogFile::sync`.
+        FsyncPolicy::Always | FsyncPolicy::Every(_) => Ok(io.sync()?),
         FsyncPolicy::Never => Ok(()),
     }
 }

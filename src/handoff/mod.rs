@@ -28,11 +28,10 @@
 //!   [`HintStats::corrupt_skipped`]), and everything if the disk itself is lost.
 
 pub(crate) mod format;
-mod io;
 mod store;
 mod throttle;
 
-pub use io::{FileSegmentIo, MemSegmentIo, SegmentIo};
+pub use crate::storage::segments::{FileSegmentIo, MemSegmentIo, SegmentIo};
 pub use store::HintStore;
 pub use throttle::ReplayThrottle;
 

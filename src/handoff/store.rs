@@ -5,9 +5,9 @@
 //! read the clock; bytes are formatted by `format` and moved by a [`SegmentIo`].
 
 use super::format::{self, HeaderProblem, ScanItem, SEGMENT_HEADER_LEN};
-use super::io::{FileSegmentIo, SegmentIo};
 use super::{
-    FsyncPolicy, Hint, HintError, HintPos, HintStats, HintStoreConfig, RecoveryReport, TargetHints,
+    FileSegmentIo, FsyncPolicy, Hint, HintError, HintPos, HintStats, HintStoreConfig,
+    RecoveryReport, SegmentIo, TargetHints,
 };
 use crate::id::NodeId;
 use std::collections::{BTreeMap, BTreeSet};

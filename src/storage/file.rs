@@ -1,14 +1,16 @@
-//! One log file, on disk or in memory: what a single-file log (the dedup log) needs
-//! from storage, so its recovery can be tested against power loss and torn writes
-//! without a real disk.
+//! The IO of one storage file, on disk or in memory, and the one way a file or a
+//! directory is made durable. The dedup log is one such file; the hint store's
+//! segments (`segments`) are many, opened through the same handles.
 //!
-//! Owns the IO of one file: read it whole, append, truncate, fsync, and replace it
-//! atomically (temporary file, fsync, rename, directory fsync). Knows no format.
+//! Owns the IO of one file: read it whole or at an offset, append, truncate, fsync,
+//! and replace it atomically (temporary file, fsync, rename, directory fsync); every
+//! fsync goes through [`crate::blocking::run`]. Knows no format. The in-memory
+//! [`MemFile`] tracks what was fsynced, so recovery can be tested against power loss
+//! and torn writes without a real disk.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
-#[cfg(test)]
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A single append-only log file.
@@ -40,16 +42,36 @@ impl DiskFile {
     pub(crate) fn open(dir: &Path, name: &str) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let path = dir.join(name);
-        let file = Self::handle(&path)?;
+        let file = Self::options().create(true).open(&path)?;
         Ok(DiskFile { path, file })
     }
 
-    fn handle(path: &Path) -> io::Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
+    /// Opens the file at `path`, which must exist.
+    pub(crate) fn open_existing(path: PathBuf) -> io::Result<Self> {
+        let file = Self::options().open(&path)?;
+        Ok(DiskFile { path, file })
+    }
+
+    /// Creates `dir/name` (creating `dir` if needed), which must not exist yet,
+    /// holding `header` (written, not synced).
+    pub(crate) fn create_new(dir: &Path, name: &str, header: &[u8]) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(name);
+        let mut file = Self::options().create_new(true).open(&path)?;
+        file.write_all(header)?;
+        Ok(DiskFile { path, file })
+    }
+
+    /// Fills `buf` from `offset`; an error if the file is shorter.
+    pub(crate) fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.seek(io::SeekFrom::Start(offset))?;
+        self.file.read_exact(buf)
+    }
+
+    fn options() -> OpenOptions {
+        let mut o = OpenOptions::new();
+        o.read(true).append(true);
+        o
     }
 }
 
@@ -74,35 +96,83 @@ impl LogFile for DiskFile {
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        sync_data(&self.file)
     }
 
     fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
-        let tmp = self.path.with_file_name(format!("{name}.tmp"));
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        self.file = Self::handle(&self.path)?;
-        Ok(())
+        let replaced = replace_file(&self.path, bytes, true);
+        // Once renamed over, the old handle names the old, unlinked file: reopen
+        // whether or not the directory fsync after the rename failed.
+        self.file = Self::options().create(true).open(&self.path)?;
+        replaced
     }
+}
+
+/// Replaces the file at `path` with `bytes` atomically: writes `<name>.tmp` next to
+/// it and renames it over `path`, so after a crash at any point `path` holds either
+/// its old bytes or `bytes`. With `durable` the temporary file is fsynced before the
+/// rename and the directory after it, so the new bytes also survive a power loss.
+pub(crate) fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!("{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    if durable {
+        sync_data(&f)?;
+    }
+    drop(f);
+    fs::rename(&tmp, path)?;
+    if durable {
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes creations, removals and renames in `dir` durable (a no-op where directories
+/// cannot be fsynced).
+#[cfg(unix)]
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    let d = File::open(dir)?;
+    crate::blocking::run(|| d.sync_all())
+}
+
+/// Makes creations, removals and renames in `dir` durable (a no-op where directories
+/// cannot be fsynced).
+#[cfg(not(unix))]
+pub(crate) fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// fdatasync of `file`: the one place a storage file's bytes are made durable, under
+/// [`crate::blocking::run`] (a multi-thread runtime's worker hands its other tasks
+/// on meanwhile).
+fn sync_data(file: &File) -> io::Result<()> {
+    #[cfg(test)]
+    DATA_SYNCS.with(|n| n.set(n.get() + 1));
+    crate::blocking::run(|| file.sync_data())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How many times [`sync_data`] ran on this thread.
+    static DATA_SYNCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many file fsyncs this thread has made through [`sync_data`] so far.
+#[cfg(test)]
+pub(crate) fn data_syncs() -> u64 {
+    DATA_SYNCS.with(|n| n.get())
 }
 
 /// A [`LogFile`] in memory. Cloning shares the same "disk", so a test can drop a log
 /// and reopen another on it after simulating a crash.
-#[cfg(test)]
 #[derive(Clone, Debug, Default)]
 pub(crate) struct MemFile {
     inner: Arc<Mutex<MemBytes>>,
 }
 
-#[cfg(test)]
 #[derive(Debug, Default)]
 struct MemBytes {
     data: Vec<u8>,
@@ -110,15 +180,39 @@ struct MemBytes {
     synced: usize,
 }
 
-#[cfg(test)]
 impl MemFile {
+    /// A file holding `bytes`, all of them synced.
+    pub(crate) fn synced(bytes: Vec<u8>) -> Self {
+        let synced = bytes.len();
+        MemFile {
+            inner: Arc::new(Mutex::new(MemBytes {
+                data: bytes,
+                synced,
+            })),
+        }
+    }
+
     fn bytes(&self) -> MutexGuard<'_, MemBytes> {
+        // A poisoned lock only means another test thread panicked; the data is still
+        // usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A copy of the file's bytes.
     pub(crate) fn contents(&self) -> Vec<u8> {
         self.bytes().data.clone()
+    }
+
+    /// Fills `buf` from `offset`; an error if the file is shorter.
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let b = self.bytes();
+        let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| b.data.get(start..end))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "short file"))?;
+        buf.copy_from_slice(src);
+        Ok(())
     }
 
     /// Power loss: what was appended after the last fsync is gone.
@@ -130,6 +224,7 @@ impl MemFile {
 
     /// A write torn by a crash: the last `n` bytes not yet fsynced never reached the
     /// disk.
+    #[cfg(test)]
     pub(crate) fn tear(&self, n: usize) {
         let mut b = self.bytes();
         let keep = b.data.len().saturating_sub(n).max(b.synced);
@@ -137,14 +232,13 @@ impl MemFile {
     }
 }
 
-#[cfg(test)]
 impl LogFile for MemFile {
     fn path(&self) -> &Path {
         Path::new("<memory>")
     }
 
     fn read_all(&mut self) -> io::Result<Vec<u8>> {
-        Ok(self.bytes().data.clone())
+        Ok(self.contents())
     }
 
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {

@@ -22,6 +22,7 @@
 use std::time::Duration;
 
 pub(crate) mod file;
+pub(crate) mod segments;
 
 /// An exclusive lock on a store directory, held while this value lives: two live
 /// nodes (in one process or two) must never write one durable store, or a compaction

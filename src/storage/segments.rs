@@ -1,15 +1,20 @@
-//! Storage backends for the hint log: the [`SegmentIo`] trait, a file implementation and an
-//! in-memory implementation.
+//! Many log files in one directory: the backend of the hint store, which keeps one
+//! segmented log per target plus a small cursor file. The [`SegmentIo`] trait, on disk
+//! ([`FileSegmentIo`], one [`DiskFile`] per open segment) and in memory
+//! ([`MemSegmentIo`], one [`MemFile`] per segment), built from the single-file
+//! handles of [`super::file`] so both stores fsync, replace and lose power the same
+//! way.
 //!
 //! Owns only moving bytes: listing, creating, appending, reading, truncating, syncing and
 //! removing segment files and the per-target cursor file. Must not interpret the bytes
-//! (that is `format`) nor decide what to keep (that is the store).
+//! (that is the hint store's `format`) nor decide what to keep (that is the store).
 
+use super::file::{self, DiskFile, LogFile, MemFile};
 use crate::id::NodeId;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -64,7 +69,7 @@ pub trait SegmentIo: fmt::Debug {
 #[derive(Debug)]
 pub struct FileSegmentIo {
     root: PathBuf,
-    open: HashMap<(NodeId, u64), File>,
+    open: HashMap<(NodeId, u64), DiskFile>,
 }
 
 impl FileSegmentIo {
@@ -85,25 +90,26 @@ impl FileSegmentIo {
 
     /// Path of a segment file.
     pub fn segment_path(&self, target: NodeId, segment: u64) -> PathBuf {
-        self.target_dir(target).join(format!("{segment:020}.log"))
+        self.target_dir(target).join(segment_name(segment))
     }
 
     fn target_dir(&self, target: NodeId) -> PathBuf {
         self.root.join(target.0.to_string())
     }
 
-    fn handle(&mut self, target: NodeId, segment: u64) -> io::Result<&mut File> {
+    fn handle(&mut self, target: NodeId, segment: u64) -> io::Result<&mut DiskFile> {
         if !self.open.contains_key(&(target, segment)) {
-            let f = OpenOptions::new()
-                .read(true)
-                .append(true)
-                .open(self.segment_path(target, segment))?;
+            let f = DiskFile::open_existing(self.segment_path(target, segment))?;
             self.open.insert((target, segment), f);
         }
         self.open
             .get_mut(&(target, segment))
             .ok_or_else(|| io::Error::other("segment handle vanished"))
     }
+}
+
+fn segment_name(segment: u64) -> String {
+    format!("{segment:020}.log")
 }
 
 impl SegmentIo for FileSegmentIo {
@@ -142,12 +148,7 @@ impl SegmentIo for FileSegmentIo {
     }
 
     fn read_segment(&mut self, target: NodeId, segment: u64) -> io::Result<Vec<u8>> {
-        let f = self.handle(target, segment)?;
-        let mut buf = Vec::new();
-        let mut r: &File = f;
-        r.seek(SeekFrom::Start(0))?;
-        r.read_to_end(&mut buf)?;
-        Ok(buf)
+        self.handle(target, segment)?.read_all()
     }
 
     fn read_at(
@@ -157,40 +158,31 @@ impl SegmentIo for FileSegmentIo {
         offset: u64,
         buf: &mut [u8],
     ) -> io::Result<()> {
-        let f = self.handle(target, segment)?;
-        let mut r: &File = f;
-        r.seek(SeekFrom::Start(offset))?;
-        r.read_exact(buf)
+        self.handle(target, segment)?.read_at(offset, buf)
     }
 
     fn create_segment(&mut self, target: NodeId, segment: u64, header: &[u8]) -> io::Result<()> {
-        fs::create_dir_all(self.target_dir(target))?;
-        let mut f = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create_new(true)
-            .open(self.segment_path(target, segment))?;
-        f.write_all(header)?;
+        let dir = self.target_dir(target);
+        let f = DiskFile::create_new(&dir, &segment_name(segment), header)?;
         self.open.insert((target, segment), f);
         Ok(())
     }
 
     fn append(&mut self, target: NodeId, segment: u64, bytes: &[u8]) -> io::Result<()> {
-        self.handle(target, segment)?.write_all(bytes)
+        self.handle(target, segment)?.append(bytes)
     }
 
     fn truncate(&mut self, target: NodeId, segment: u64, len: u64) -> io::Result<()> {
-        self.handle(target, segment)?.set_len(len)
+        self.handle(target, segment)?.truncate(len)
     }
 
     fn sync(&mut self, target: NodeId, segment: u64) -> io::Result<()> {
-        let file = self.handle(target, segment)?;
-        crate::blocking::run(|| file.sync_data())
+        self.handle(target, segment)?.sync()
     }
 
     fn sync_dir(&mut self, target: NodeId) -> io::Result<()> {
-        sync_dir(&self.target_dir(target))?;
-        sync_dir(&self.root)
+        file::sync_dir(&self.target_dir(target))?;
+        file::sync_dir(&self.root)
     }
 
     fn remove_segment(&mut self, target: NodeId, segment: u64) -> io::Result<()> {
@@ -220,18 +212,7 @@ impl SegmentIo for FileSegmentIo {
     fn write_cursor(&mut self, target: NodeId, bytes: &[u8], durable: bool) -> io::Result<()> {
         let dir = self.target_dir(target);
         fs::create_dir_all(&dir)?;
-        let tmp = dir.join("cursor.tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        if durable {
-            crate::blocking::run(|| f.sync_data())?;
-        }
-        drop(f);
-        fs::rename(&tmp, dir.join("cursor"))?;
-        if durable {
-            sync_dir(&dir)?;
-        }
-        Ok(())
+        file::replace_file(&dir.join("cursor"), bytes, durable)
     }
 
     fn remove_target(&mut self, target: NodeId) -> io::Result<()> {
@@ -259,17 +240,6 @@ impl SegmentIo for FileSegmentIo {
     }
 }
 
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    let d = File::open(dir)?;
-    crate::blocking::run(|| d.sync_all())
-}
-
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> io::Result<()> {
-    Ok(())
-}
-
 /// [`SegmentIo`] in memory. Cloning shares the same storage, so a test can drop a store and
 /// reopen another one on the same "disk".
 ///
@@ -282,15 +252,9 @@ pub struct MemSegmentIo {
 
 #[derive(Debug, Default)]
 struct MemDisk {
-    segments: BTreeMap<(NodeId, u64), MemSegment>,
+    segments: BTreeMap<(NodeId, u64), MemFile>,
     quarantined: Vec<(NodeId, u64, Vec<u8>)>,
     cursors: BTreeMap<NodeId, Vec<u8>>,
-}
-
-#[derive(Debug, Default)]
-struct MemSegment {
-    data: Vec<u8>,
-    synced: usize,
 }
 
 impl MemSegmentIo {
@@ -304,24 +268,30 @@ impl MemSegmentIo {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `op` on a segment's file, with the disk locked (so no other handle
+    /// removes the segment meanwhile).
+    fn with_file<T>(
+        &self,
+        target: NodeId,
+        segment: u64,
+        op: impl FnOnce(&mut MemFile) -> io::Result<T>,
+    ) -> io::Result<T> {
+        match self.disk().segments.get_mut(&(target, segment)) {
+            Some(f) => op(f),
+            None => Err(not_found()),
+        }
+    }
+
     /// A copy of a segment's bytes (for fault-injection tests).
     pub fn segment_bytes(&self, target: NodeId, segment: u64) -> Option<Vec<u8>> {
-        self.disk()
-            .segments
-            .get(&(target, segment))
-            .map(|s| s.data.clone())
+        self.with_file(target, segment, |f| Ok(f.contents())).ok()
     }
 
     /// Replaces a segment's bytes (for fault-injection tests); counts as synced.
     pub fn set_segment_bytes(&self, target: NodeId, segment: u64, bytes: Vec<u8>) {
-        let synced = bytes.len();
-        self.disk().segments.insert(
-            (target, segment),
-            MemSegment {
-                data: bytes,
-                synced,
-            },
-        );
+        self.disk()
+            .segments
+            .insert((target, segment), MemFile::synced(bytes));
     }
 
     /// Number of quarantined segments.
@@ -331,8 +301,8 @@ impl MemSegmentIo {
 
     /// Simulates a power loss: every segment loses what was appended after its last sync.
     pub fn lose_unsynced(&self) {
-        for s in self.disk().segments.values_mut() {
-            s.data.truncate(s.synced);
+        for f in self.disk().segments.values() {
+            f.lose_unsynced();
         }
     }
 }
@@ -362,7 +332,7 @@ impl SegmentIo for MemSegmentIo {
     }
 
     fn read_segment(&mut self, target: NodeId, segment: u64) -> io::Result<Vec<u8>> {
-        self.segment_bytes(target, segment).ok_or_else(not_found)
+        self.with_file(target, segment, |f| f.read_all())
     }
 
     fn read_at(
@@ -372,15 +342,7 @@ impl SegmentIo for MemSegmentIo {
         offset: u64,
         buf: &mut [u8],
     ) -> io::Result<()> {
-        let d = self.disk();
-        let s = d.segments.get(&(target, segment)).ok_or_else(not_found)?;
-        let start = usize::try_from(offset).map_err(io::Error::other)?;
-        let src = start
-            .checked_add(buf.len())
-            .and_then(|end| s.data.get(start..end))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "short segment"))?;
-        buf.copy_from_slice(src);
-        Ok(())
+        self.with_file(target, segment, |f| f.read_at(offset, buf))
     }
 
     fn create_segment(&mut self, target: NodeId, segment: u64, header: &[u8]) -> io::Result<()> {
@@ -391,46 +353,22 @@ impl SegmentIo for MemSegmentIo {
                 "segment exists",
             ));
         }
-        d.segments.insert(
-            (target, segment),
-            MemSegment {
-                data: header.to_vec(),
-                synced: 0,
-            },
-        );
+        let mut f = MemFile::default();
+        f.append(header)?;
+        d.segments.insert((target, segment), f);
         Ok(())
     }
 
     fn append(&mut self, target: NodeId, segment: u64, bytes: &[u8]) -> io::Result<()> {
-        let mut d = self.disk();
-        let s = d
-            .segments
-            .get_mut(&(target, segment))
-            .ok_or_else(not_found)?;
-        s.data.extend_from_slice(bytes);
-        Ok(())
+        self.with_file(target, segment, |f| f.append(bytes))
     }
 
     fn truncate(&mut self, target: NodeId, segment: u64, len: u64) -> io::Result<()> {
-        let mut d = self.disk();
-        let s = d
-            .segments
-            .get_mut(&(target, segment))
-            .ok_or_else(not_found)?;
-        let len = usize::try_from(len).map_err(io::Error::other)?;
-        s.data.resize(len, 0);
-        s.synced = s.synced.min(len);
-        Ok(())
+        self.with_file(target, segment, |f| f.truncate(len))
     }
 
     fn sync(&mut self, target: NodeId, segment: u64) -> io::Result<()> {
-        let mut d = self.disk();
-        let s = d
-            .segments
-            .get_mut(&(target, segment))
-            .ok_or_else(not_found)?;
-        s.synced = s.data.len();
-        Ok(())
+        self.with_file(target, segment, |f| f.sync())
     }
 
     fn sync_dir(&mut self, _target: NodeId) -> io::Result<()> {
@@ -444,11 +382,11 @@ impl SegmentIo for MemSegmentIo {
 
     fn quarantine_segment(&mut self, target: NodeId, segment: u64) -> io::Result<()> {
         let mut d = self.disk();
-        let s = d
+        let f = d
             .segments
             .remove(&(target, segment))
             .ok_or_else(not_found)?;
-        d.quarantined.push((target, segment, s.data));
+        d.quarantined.push((target, segment, f.contents()));
         Ok(())
     }
 
@@ -466,5 +404,90 @@ impl SegmentIo for MemSegmentIo {
         d.segments.retain(|(t, _), _| *t != target);
         d.cursors.remove(&target);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: NodeId = NodeId(7);
+
+    /// The disk backend makes a segment durable through the same function as a
+    /// single log file, and its cursor replace is the one `DiskFile::replace` uses:
+    /// every one of these fsyncs is counted by `file::sync_data`, the only place a
+    /// storage file is fdatasynced (under `blocking::run`).
+    #[test]
+    fn disk_segments_and_a_log_file_fsync_through_the_same_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut io = FileSegmentIo::new(dir.path().join("hints")).unwrap();
+        io.create_segment(T, 1, b"HEADER").unwrap();
+        io.append(T, 1, b"record").unwrap();
+        let before = file::data_syncs();
+        io.sync(T, 1).unwrap();
+        assert_eq!(file::data_syncs() - before, 1, "segment sync");
+
+        let mut log = DiskFile::open(dir.path(), "one.log").unwrap();
+        log.append(b"record").unwrap();
+        let before = file::data_syncs();
+        log.sync().unwrap();
+        assert_eq!(file::data_syncs() - before, 1, "log file sync");
+
+        let before = file::data_syncs();
+        io.write_cursor(T, b"lazy", false).unwrap();
+        assert_eq!(
+            file::data_syncs() - before,
+            0,
+            "a lazy cursor is not synced"
+        );
+        io.write_cursor(T, b"durable", true).unwrap();
+        assert_eq!(file::data_syncs() - before, 1, "a durable cursor is");
+        log.replace(b"compacted").unwrap();
+        assert_eq!(file::data_syncs() - before, 2, "a replaced log file is");
+
+        // Same layout as before the backends were shared.
+        let t = dir.path().join("hints").join("7");
+        assert_eq!(
+            fs::read(t.join("00000000000000000001.log")).unwrap(),
+            b"HEADERrecord"
+        );
+        assert_eq!(fs::read(t.join("cursor")).unwrap(), b"durable");
+        assert!(!t.join("cursor.tmp").exists());
+        assert_eq!(log.read_all().unwrap(), b"compacted");
+    }
+
+    /// A memory segment is a `MemFile`, not a copy of one: a power loss of the
+    /// segment store is `MemFile::lose_unsynced` on each, seen through either handle.
+    #[test]
+    fn a_memory_segment_is_a_mem_file_and_loses_power_the_same_way() {
+        let mut io = MemSegmentIo::new();
+        io.create_segment(T, 1, b"H").unwrap();
+        io.append(T, 1, b"synced").unwrap();
+        io.sync(T, 1).unwrap();
+        io.append(T, 1, b"+lost").unwrap();
+        let mut file = io.with_file(T, 1, |f| Ok(f.clone())).unwrap();
+        assert_eq!(file.contents(), b"Hsynced+lost");
+
+        io.lose_unsynced();
+        assert_eq!(
+            file.contents(),
+            b"Hsynced",
+            "the store's power loss, seen by the file"
+        );
+
+        file.append(b"+torn").unwrap();
+        file.tear(3);
+        assert_eq!(
+            io.read_segment(T, 1).unwrap(),
+            b"Hsynced+t",
+            "the file's torn write, seen by the store"
+        );
+        let mut buf = [0u8; 2];
+        io.read_at(T, 1, 7, &mut buf).unwrap();
+        assert_eq!(&buf, b"+t");
+        assert_eq!(
+            io.read_at(T, 1, 8, &mut buf).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 }
