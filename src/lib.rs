@@ -85,9 +85,11 @@
 //!   with crc32c records, fsync policies, crash recovery, replay throttle.
 //! * `storage` (private) — what the durable logs share: the one [`handoff::FsyncPolicy`]
 //!   (also [`dedup::FsyncPolicy`]), the checked file header, the record framing and
-//!   its recovery scan (torn tail cut, corrupt record skipped), and the IO of one log
-//!   file on disk or in memory. The dedup log (format 3) is built on all of it; the
-//!   hint store on the framing, header and policy, with its own multi-file backend.
+//!   its recovery scan (torn tail cut, corrupt record skipped), and the IO backends,
+//!   on disk or in memory: one log file, and a directory of per-target segment files
+//!   plus a cursor ([`handoff::SegmentIo`]) built from the same file handles, with one
+//!   atomic replace and one fsync path. The dedup log (format 3) and the hint store
+//!   are record codecs on top of it.
 //! * [`detector`] — the phi-accrual failure detector (Up / Suspect / Down).
 //! * [`group`] — replica groups: one logical receiver served by several nodes
 //!   (spread by key or round-robin, re-routed under the same `MessageId` when a member

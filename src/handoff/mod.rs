@@ -13,6 +13,12 @@
 //! [`HintStoreConfig::segment_bytes`]; `<dir>/hints/<target>/cursor` — delivery progress,
 //! replaced atomically (write temp file, rename). See the `format` module for bytes.
 //!
+//! The store is a record codec and policy on top of the crate's shared durable-log
+//! layer (`storage`): the record framing, header check, recovery scan and
+//! [`FsyncPolicy`] are that layer's, and so is the IO — [`SegmentIo`] and its
+//! [`FileSegmentIo`] / [`MemSegmentIo`] backends, re-exported here, are built from the
+//! same file handles (and the same fsync and atomic replace) as the dedup log's file.
+//!
 //! # Guarantees and where they run out
 //!
 //! * An [`HintStore::append`] that returned `Ok` survives a process crash (`kill -9`) under

@@ -1,12 +1,15 @@
 //! The durable-log primitive the on-disk stores share: when a log is fsynced
-//! ([`FsyncPolicy`]), its checked file header, and its record framing with the
-//! recovery scan (torn tail cut, corrupt record skipped).
+//! ([`FsyncPolicy`]), its checked file header, its record framing with the recovery
+//! scan (torn tail cut, corrupt record skipped), and the IO backends under them.
 //!
-//! Owns byte layouts and the scan (no state across calls), and in [`file`] the IO of
-//! one log file, on disk or in memory (for power-loss and torn-write tests). The hint
-//! store (`handoff`, many segment files per target, its own `SegmentIo` backends)
-//! frames its segments with it; the dedup log (`dedup`, one file) is built on all of
-//! it.
+//! Owns byte layouts and the scan (no state across calls), and the IO, on disk or in
+//! memory (for power-loss and torn-write tests): in [`file`](mod@file) one log file
+//! ([`file::LogFile`]: `DiskFile`, `MemFile`), the atomic replace and the fsyncs (all
+//! under `blocking::run`); in [`segments`] a directory of per-target segment files
+//! plus a cursor file ([`segments::SegmentIo`]: `FileSegmentIo`, `MemSegmentIo`),
+//! built from those same file handles. The dedup log (`dedup`, one `LogFile`) and the
+//! hint store (`handoff`, a `SegmentIo`, public there) are record codecs on top: each
+//! knows its header fields, record bodies and what to keep, and nothing of the IO.
 //!
 //! ```text
 //! header : magic [u8; 8] | version u16 LE | reserved u16 | 16 bytes of the log's own
