@@ -231,6 +231,38 @@ async fn reconnects_after_remote_restart_and_delivers_queued_and_later_frames() 
     shutdown(b2).await;
 }
 
+/// Frames of withdrawn messages queued while the peer was away are dropped, not written
+/// to its next connection, and counted; the rest of the queue is delivered in order.
+/// (Regression: a message handed off or refused while its target was down still
+/// reached the target from this queue when it came back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawn_frames_queued_while_away_never_reach_the_next_connection() {
+    let (mut b, _) = start(origin(2, 1), any_port(), &[]);
+    let b_addr = b.local_addr.unwrap();
+    let (mut a, a_stats) = start(origin(1, 1), any_port(), &[(2, b_addr)]);
+    expect_up(&mut a, origin(2, 1)).await;
+    expect_up(&mut b, origin(1, 1)).await;
+    shutdown(b).await;
+    expect_down(&mut a, 2).await;
+    send_range(&a, 2, 0..200).await;
+    a.commands
+        .send(LinkCommand::Withdraw {
+            peer: NodeId(2),
+            messages: (0..150).map(|i| (ChannelId(1), i)).collect(),
+        })
+        .await
+        .unwrap();
+    let (mut b2, _) = start(origin(2, 2), b_addr, &[]);
+    expect_up(&mut a, origin(2, 2)).await;
+    expect_up(&mut b2, origin(1, 1)).await;
+    recv_range(&mut b2, 1, 150..200).await;
+    send_range(&a, 2, 200..210).await;
+    recv_range(&mut b2, 1, 200..210).await;
+    assert_eq!(a_stats.snapshot().frames_withdrawn, 150);
+    shutdown(a).await;
+    shutdown(b2).await;
+}
+
 /// Read from a raw socket until the transport closes it.
 async fn expect_closed(raw: &mut TcpStream) {
     let mut sink = [0u8; 1024];

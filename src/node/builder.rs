@@ -237,6 +237,7 @@ impl NodeBuilder {
             })),
             shared: shared.clone(),
             outbox: FxHashMap::default(),
+            withdrawn: FxHashMap::default(),
             clock: start,
         };
         let end = super::supervise::EndGuard(shared.clone());

@@ -39,6 +39,8 @@ pub(super) struct Driver {
     pub(super) receivers: Receivers,
     pub(super) shared: Arc<Shared>,
     pub(super) outbox: FxHashMap<NodeId, Vec<crate::wire::Frame>>,
+    /// Messages the core took back, per peer, to withdraw from the link (reused).
+    pub(super) withdrawn: FxHashMap<NodeId, Vec<(crate::ChannelId, u64)>>,
     /// The driver's notion of now: read once per wake-up.
     pub(super) clock: std::time::Instant,
 }
@@ -234,6 +236,19 @@ impl Driver {
                 .await
                 .is_err()
             {
+                return false;
+            }
+        }
+        // After the frames: what the core took back must not be written later.
+        for send in self.core.endpoint.drain_withdrawn() {
+            self.withdrawn
+                .entry(send.peer)
+                .or_default()
+                .push((send.channel, send.seq));
+        }
+        for (peer, messages) in self.withdrawn.drain() {
+            let cmd = LinkCommand::Withdraw { peer, messages };
+            if self.link.commands.send(cmd).await.is_err() {
                 return false;
             }
         }

@@ -156,8 +156,12 @@ pub enum SendError {
     /// off: handoff is off, or the hint store refused it (target down longer than the
     /// max hint window, byte limits, IO error). `reason` is also the error's
     /// [`source`](std::error::Error::source); [`HandoffRefusal::hint_error`] gives the
-    /// store's typed [`HintError`]. It was not delivered and is not stored. Retry
-    /// later or report the failure.
+    /// store's typed [`HintError`]. It is not stored, and what of it still waited to
+    /// be written is withdrawn, so it does not reach the target later. A message that
+    /// was transmitted before its retries ran out may have been processed (as with
+    /// [`SendError::Deadline`], the ack may be what was lost): resend under the same
+    /// [`IdKey`] to an effectively-once channel if it must happen exactly once, or
+    /// report the failure.
     ///
     /// [`HintError`]: crate::handoff::HintError
     #[error("message not handed off: {reason}")]

@@ -333,6 +333,9 @@ pub struct Endpoint {
     /// when full.
     marks: FastMap<(Origin, ChannelId), StreamMark>,
     transmit: VecDeque<(NodeId, Frame)>,
+    /// Messages taken out of their streams unacknowledged, whose frames the owner's
+    /// transport may still hold ([`Endpoint::drain_withdrawn`]).
+    withdrawn: Vec<SendRef>,
     events: VecDeque<Event>,
     ready: Vec<Data>,
     /// Deliveries handed out (queued for `poll_event` or polled) and not finished, per
@@ -488,6 +491,7 @@ impl Endpoint {
             orphan_grants: FastMap::default(),
             marks: FastMap::default(),
             transmit: VecDeque::new(),
+            withdrawn: Vec::new(),
             events: VecDeque::new(),
             ready: Vec::new(),
             app_held: FastMap::default(),
@@ -724,6 +728,7 @@ impl Endpoint {
             send.channel,
             s,
         );
+        self.withdraw(send);
         true
     }
 
@@ -742,6 +747,9 @@ impl Endpoint {
             send.channel,
             s,
         );
+        if taken {
+            self.withdraw(send);
+        }
         taken
     }
 
@@ -1436,10 +1444,35 @@ impl Endpoint {
     /// Next event for the owner.
     pub fn poll_event(&mut self) -> Option<Event> {
         let ev = self.events.pop_front()?;
-        if let Event::Heard(peer) = ev {
-            self.heard_pending.retain(|p| *p != peer);
+        match &ev {
+            Event::Heard(peer) => self.heard_pending.retain(|p| p != peer),
+            Event::GaveUp { send, .. } => self.withdraw(*send),
+            _ => {}
         }
         Some(ev)
+    }
+
+    /// Most withdrawals kept for [`Endpoint::drain_withdrawn`]; an owner that never
+    /// drains them loses the oldest (a withdrawal only saves a stale transmission).
+    const MAX_WITHDRAWN: usize = 1 << 16;
+
+    fn withdraw(&mut self, send: SendRef) {
+        if self.withdrawn.len() >= Self::MAX_WITHDRAWN {
+            self.withdrawn.drain(..Self::MAX_WITHDRAWN / 2);
+        }
+        self.withdrawn.push(send);
+    }
+
+    /// Messages taken out of their streams without an ack since the last call —
+    /// given up ([`Event::GaveUp`]), handed off ([`Endpoint::hand_off`]) or abandoned
+    /// ([`Endpoint::abandon`]). Their data frames must not reach the target any more:
+    /// an owner whose transport keeps frames for a peer across reconnects (TCP) drops
+    /// them there ([`LinkCommand::Withdraw`](crate::transport::LinkCommand::Withdraw)),
+    /// or a message whose sender was told it failed, whose hint expired or was
+    /// decommissioned, would still be processed when the target comes back.
+    /// (Regression: such a stale queue delivered every refused and expired message.)
+    pub fn drain_withdrawn(&mut self) -> std::vec::Drain<'_, SendRef> {
+        self.withdrawn.drain(..)
     }
 
     /// `n` deliveries of `node` were finished or taken back.
@@ -2786,5 +2819,53 @@ mod tests {
             "no recycling for a fresh run"
         );
         check_index(&b);
+    }
+
+    /// Every message taken out of its stream unacknowledged — handed off, abandoned,
+    /// given up at its deadline — is reported once by `drain_withdrawn` (the driver
+    /// withdraws its queued frames from the transport); an acked one is not, nor a
+    /// hand-off or abandon of what is not there.
+    #[test]
+    fn messages_taken_back_unacked_are_withdrawn_once() {
+        let t0 = Instant::now();
+        let mut a = endpoint(1, t0);
+        let peer = NodeId(2);
+        let send = |a: &mut Endpoint, deadline: Option<Duration>| {
+            a.send(
+                t0,
+                Outgoing {
+                    peer,
+                    channel: ChannelId(1),
+                    guarantee: Guarantee::AtLeastOnce,
+                    payload: Bytes::from_static(b"m"),
+                    id: None,
+                    deadline,
+                    schema: 0,
+                },
+            )
+            .unwrap()
+        };
+        let handed = send(&mut a, None);
+        let abandoned = send(&mut a, None);
+        let expires = send(&mut a, Some(Duration::from_millis(50)));
+        let kept = send(&mut a, None);
+        assert!(a.hand_off(handed));
+        assert!(a.abandon(abandoned));
+        assert!(!a.abandon(abandoned), "taken already");
+        assert!(!a.hand_off(abandoned));
+        for ms in [1, 60, 1_000, 5_000] {
+            let _ = frames(&mut a, peer, t0 + Duration::from_millis(ms));
+        }
+        let mut gave_up = Vec::new();
+        while let Some(ev) = a.poll_event() {
+            if let Event::GaveUp { send, .. } = ev {
+                gave_up.push(send);
+            }
+        }
+        assert_eq!(gave_up, vec![expires]);
+        let withdrawn: Vec<SendRef> = a.drain_withdrawn().collect();
+        assert_eq!(withdrawn, vec![handed, abandoned, expires]);
+        assert!(!withdrawn.contains(&kept));
+        assert_eq!(a.drain_withdrawn().count(), 0, "reported once");
     }
 }

@@ -479,7 +479,8 @@ impl MemNetwork {
     }
 }
 
-/// A node's transport on a [`MemNetwork`]. Ignores [`LinkCommand::AddPeer`].
+/// A node's transport on a [`MemNetwork`]. Ignores [`LinkCommand::AddPeer`] and
+/// [`LinkCommand::Withdraw`] (it keeps no frames for later).
 #[derive(Debug)]
 pub struct MemTransport {
     net: MemNetwork,
@@ -513,8 +514,9 @@ impl Transport for MemTransport {
             while let Some(cmd) = cmd_rx.recv().await {
                 match cmd {
                     LinkCommand::Send { peer, frames } => net.route(id, peer, frames),
-                    LinkCommand::AddPeer { .. } => {}
                     LinkCommand::Shutdown => break,
+                    // No addresses; frames are routed (or lost) at once, never kept.
+                    _ => {}
                 }
             }
             net.detach(id);

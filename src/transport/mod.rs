@@ -8,7 +8,7 @@
 //! Two implementations: [`tcp`] (real, tokio) and [`mem`] (in-process, with a seeded
 //! [`mem::FaultPlan`] for tests and demos).
 
-use crate::id::{NodeId, Origin};
+use crate::id::{ChannelId, NodeId, Origin};
 use crate::wire::Frame;
 use std::net::SocketAddr;
 use tokio::sync::mpsc;
@@ -52,6 +52,7 @@ pub struct Link {
 
 /// What the node asks of a transport.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum LinkCommand {
     /// Deliver `frames`, in order, to `peer`. If there is no connection the transport
     /// connects (or waits for one) and may drop frames it cannot deliver; the protocol
@@ -69,6 +70,16 @@ pub enum LinkCommand {
         peer: NodeId,
         /// Its address.
         addr: SocketAddr,
+    },
+    /// Drop the data frames of these messages (`(channel, seq)` on `peer`'s streams)
+    /// if they are still waiting to be written: their sender took them back (handed
+    /// off, given up, abandoned), so they must not reach `peer` later. Frames already
+    /// written are not recalled. Transports that keep no frames for later ignore it.
+    Withdraw {
+        /// The peer the messages were for.
+        peer: NodeId,
+        /// The messages' channels and sequence numbers.
+        messages: Vec<(ChannelId, u64)>,
     },
     /// Close every connection and stop.
     Shutdown,

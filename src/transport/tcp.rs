@@ -24,7 +24,8 @@
 //!   peer's incarnation changes, after a `Down`), [`LinkEvent::Down`] when its
 //!   connection is lost. After a loss the transport redials (after a backoff) if it
 //!   knows the peer's address.
-//! - Frames for a peer go to a per-peer queue, kept across reconnects. While the peer
+//! - Frames for a peer go to a per-peer queue, kept across reconnects, except the data
+//!   frames of a message its sender took back ([`LinkCommand::Withdraw`]). While the peer
 //!   has no connection the queue is bounded by [`TcpConfig::queue_bound`] frames and the
 //!   oldest are dropped and counted (`frames_dropped_disconnected`); the protocol
 //!   retransmits what matters once it is back. A connected peer's queue is trimmed
@@ -63,7 +64,7 @@
 #[cfg(feature = "tls")]
 use super::tls::{self, TlsConfig, TlsRefusal};
 use super::{Link, LinkCommand, LinkEvent, Transport, TransportError};
-use crate::id::{NodeId, Origin};
+use crate::id::{ChannelId, NodeId, Origin};
 use crate::retry::Backoff;
 use crate::rng::seed_from_entropy;
 use crate::wire::{
@@ -306,6 +307,10 @@ pub struct TcpStatsSnapshot {
     /// not read them (it asked for replies, pongs or rejects, faster than it read).
     /// The node redials; the protocol retransmits what matters.
     pub stalled_peers_disconnected: u64,
+    /// Queued data frames dropped because their message was taken back by its sender
+    /// (handed off, given up, abandoned) before they were written: they must not reach
+    /// the peer later (see [`LinkCommand::Withdraw`]).
+    pub frames_withdrawn: u64,
 }
 
 impl TcpStats {
@@ -340,6 +345,7 @@ impl TcpStats {
             rejected_tls_other: g(Counter::RejectedTlsOther),
             rejected_identity_mismatch: g(Counter::RejectedIdentityMismatch),
             stalled_peers_disconnected: g(Counter::StalledPeersDisconnected),
+            frames_withdrawn: g(Counter::FramesWithdrawn),
         }
     }
 
@@ -561,8 +567,9 @@ enum Counter {
     RejectedTlsOther,
     RejectedIdentityMismatch,
     StalledPeersDisconnected,
+    FramesWithdrawn,
 }
-const COUNTERS: usize = Counter::StalledPeersDisconnected as usize + 1;
+const COUNTERS: usize = Counter::FramesWithdrawn as usize + 1;
 
 /// A connected peer is disconnected once this many times `queue_bound` frames wait
 /// for it (see `Manager::send`).
@@ -866,6 +873,7 @@ impl Manager {
                 cmd = commands.recv() => match cmd {
                     Some(LinkCommand::Send { peer, frames }) => self.send(peer, frames).await,
                     Some(LinkCommand::AddPeer { peer, addr }) => self.add_peer(peer, addr),
+                    Some(LinkCommand::Withdraw { peer, messages }) => self.withdraw(peer, &messages),
                     Some(LinkCommand::Shutdown) | None => break,
                 },
             }
@@ -880,6 +888,26 @@ impl Manager {
             conn: None,
             dialer: None,
         })
+    }
+
+    /// Drops the queued data frames of withdrawn messages (see
+    /// [`LinkCommand::Withdraw`]): a message handed off or given up while its peer was
+    /// away must not be written to the peer's next connection from this queue.
+    fn withdraw(&mut self, peer: NodeId, messages: &[(ChannelId, u64)]) {
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        let gone: HashSet<(ChannelId, u64)> = messages.iter().copied().collect();
+        let mut q = p.queue.lock();
+        let before = q.frames.len();
+        q.frames
+            .retain(|f| !matches!(f, Frame::Data(d) if gone.contains(&(d.channel, d.seq))));
+        let dropped = before - q.frames.len();
+        drop(q);
+        if dropped > 0 {
+            self.ctx.stats.add(Counter::FramesWithdrawn, dropped as u64);
+            tracing::debug!(%peer, dropped, "tcp: frames of withdrawn messages dropped");
+        }
     }
 
     async fn send(&mut self, peer: NodeId, frames: Vec<Frame>) {
