@@ -85,7 +85,15 @@ fn every_message_handed_off_in_one_burst_is_withdrawn() {
 /// that configuration.
 #[test]
 fn dedup_compaction_in_the_current_directory_does_not_fail() {
+    /// Puts the process back in its directory (the tests share it) when dropped.
+    struct Cwd(std::path::PathBuf);
+    impl Drop for Cwd {
+        fn drop(&mut self) {
+            let _ = std::env::set_current_dir(&self.0);
+        }
+    }
     let dir = tempfile::tempdir().unwrap();
+    let _back = Cwd(std::env::current_dir().unwrap());
     std::env::set_current_dir(dir.path()).unwrap();
     let cfg = DedupConfig {
         window: 256,
@@ -120,4 +128,135 @@ fn dedup_compaction_in_the_current_directory_does_not_fail() {
         errors.len(),
         errors[0]
     );
+}
+
+mod replay_then_decommission {
+    //! Over real TCP loopback, public API only.
+    use ackwire::detector::Health;
+    use ackwire::{
+        ChannelId, ChannelOptions, Guarantee, HandoffConfig, Node, NodeConfig, NodeId, Outcome,
+    };
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    const A: NodeId = NodeId(1);
+    const B: NodeId = NodeId(2);
+    const EO: ChannelId = ChannelId(1);
+    type Body = (u64, Vec<u8>);
+    type Seen = Arc<Mutex<HashMap<u64, u32>>>;
+
+    fn any_addr() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    async fn bare_target(addr: SocketAddr) -> Node {
+        Node::builder(B)
+            .bind(addr)
+            .allow_peer(A)
+            .build()
+            .await
+            .expect("target builds")
+    }
+
+    /// `B` on `addr`, recording and acking every delivery.
+    async fn acking_target(addr: SocketAddr, seen: &Seen) -> Node {
+        let b = bare_target(addr).await;
+        let mut inbox = b.receiver::<Body>(EO, false).unwrap();
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(d) = inbox.recv().await {
+                *seen.lock().unwrap().entry(d.message().0).or_default() += 1;
+                d.ack();
+            }
+        });
+        b
+    }
+
+    async fn wait_health(node: &Node, want: Health, secs: u64) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if node.health(B) == Some(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("B never became {want:?} (is {:?})", node.health(B));
+    }
+
+    /// `Node::decommission` promises the target's hints are never delivered (the
+    /// withdrawal of `6a2ac5e` exists to keep that promise against the TCP queue). A
+    /// hint whose *replay* is in flight when the target goes away again is not covered:
+    /// `Replay::decommission` drops the store's hints and the `queued` ones but leaves
+    /// `replaying` alone, and `Sends::peer_down` skips replays (they have no open
+    /// receipt), so the replayed message stays in its stream — neither handed off nor
+    /// withdrawn — and is retransmitted to the next process with the target's id.
+    /// (Pre-existing in the old `node/spool.rs`; moved unchanged into `proto/replay.rs`.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hints_whose_replay_was_in_flight_are_never_delivered_after_decommission() {
+        const N: u64 = 20;
+        let dir = tempfile::tempdir().unwrap();
+        let seen: Seen = Arc::default();
+        let b0 = acking_target(any_addr(), &seen).await;
+        let addr = b0.local_addr().unwrap();
+        let mut cfg = NodeConfig::default();
+        cfg.handoff = Some(HandoffConfig::new(dir.path()));
+        let a = Node::builder(A)
+            .bind(any_addr())
+            .config(cfg)
+            .peer(B, addr)
+            .build()
+            .await
+            .unwrap();
+        let out = a
+            .sender::<Body>(B, ChannelOptions::new(EO, Guarantee::EffectivelyOnce))
+            .unwrap();
+        let r = out.send(&(1_000, vec![1])).await.unwrap();
+        assert_eq!(r.await, Ok(Outcome::Acked), "warm-up");
+        b0.shutdown().await;
+        drop(b0);
+        wait_health(&a, Health::Down, 12).await;
+        for v in 0..N {
+            let r = out.send(&(v, vec![7; 100])).await.unwrap();
+            assert_eq!(r.await, Ok(Outcome::HandedOff), "message {v}");
+        }
+
+        // B comes back but never acks: every hint is replayed and stays in flight.
+        let b1 = bare_target(addr).await;
+        let mut held = b1.receiver::<Body>(EO, false).unwrap();
+        let mut got = Vec::new();
+        while got.len() < N as usize {
+            match tokio::time::timeout(Duration::from_secs(15), held.recv()).await {
+                Ok(Some(d)) => got.push(d), // held, never acked
+                other => panic!("replay to B did not arrive: {}", other.is_ok()),
+            }
+        }
+        // B goes away again before acking; A finds it Down and decommissions it.
+        drop(b1);
+        drop(got);
+        drop(held);
+        wait_health(&a, Health::Down, 15).await;
+        let dropped = a.decommission(B).await.expect("decommission");
+        let h = a.stats().await.unwrap().hints.unwrap();
+        assert_eq!(h.pending, 0, "no hint is pending after decommission: {h:?}");
+
+        // A process with B's id comes back and is added again.
+        let _b2 = acking_target(addr, &seen).await;
+        a.add_peer(B, addr);
+        wait_health(&a, Health::Up, 15).await;
+        let r = out.send(&(5_000, vec![1])).await.unwrap();
+        assert_eq!(r.await, Ok(Outcome::Acked), "fresh message after return");
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let delivered: Vec<u64> = (0..N)
+            .filter(|v| seen.lock().unwrap().contains_key(v))
+            .collect();
+        assert!(
+            delivered.is_empty(),
+            "decommission dropped {dropped} hints, yet {} of the {N} hints whose replay \
+             was in flight were processed by the target's next process: {delivered:?}",
+            delivered.len()
+        );
+    }
 }
