@@ -39,7 +39,7 @@ pub(super) struct Driver {
     pub(super) receivers: Receivers,
     pub(super) shared: Arc<Shared>,
     pub(super) outbox: FxHashMap<NodeId, Vec<crate::wire::Frame>>,
-    /// Messages the core took back, per peer, to withdraw from the link (reused).
+    /// Messages the core took back, per peer, to withdraw from the link.
     pub(super) withdrawn: FxHashMap<NodeId, Vec<(crate::ChannelId, u64)>>,
     /// The driver's notion of now: read once per wake-up.
     pub(super) clock: std::time::Instant,

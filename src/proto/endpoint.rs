@@ -717,7 +717,7 @@ impl Endpoint {
         let Some(s) = self.outbound.get_mut(&(send.peer, send.channel)) else {
             return false;
         };
-        let Some(id) = s.take(send.seq) else {
+        let Some((id, sent)) = s.take(send.seq) else {
             return false;
         };
         s.mark_hinted(send.seq, id);
@@ -728,7 +728,9 @@ impl Endpoint {
             send.channel,
             s,
         );
-        self.withdraw(send);
+        if sent {
+            self.withdrawn.push(send);
+        }
         true
     }
 
@@ -739,7 +741,7 @@ impl Endpoint {
         let Some(s) = self.outbound.get_mut(&(send.peer, send.channel)) else {
             return false;
         };
-        let taken = s.take(send.seq).is_some();
+        let taken = s.take(send.seq);
         Self::drain_stream(
             &mut self.events,
             &mut self.stats,
@@ -747,10 +749,10 @@ impl Endpoint {
             send.channel,
             s,
         );
-        if taken {
-            self.withdraw(send);
+        if taken.is_some_and(|(_, sent)| sent) {
+            self.withdrawn.push(send);
         }
-        taken
+        taken.is_some()
     }
 
     /// A given-up message ([`Event::GaveUp`]) was stored in the hint store: its implicit
@@ -1446,26 +1448,19 @@ impl Endpoint {
         let ev = self.events.pop_front()?;
         match &ev {
             Event::Heard(peer) => self.heard_pending.retain(|p| p != peer),
-            Event::GaveUp { send, .. } => self.withdraw(*send),
+            Event::GaveUp { send, attempts, .. } if *attempts > 0 => self.withdrawn.push(*send),
             _ => {}
         }
         Some(ev)
     }
 
-    /// Most withdrawals kept for [`Endpoint::drain_withdrawn`]; an owner that never
-    /// drains them loses the oldest (a withdrawal only saves a stale transmission).
-    const MAX_WITHDRAWN: usize = 1 << 16;
-
-    fn withdraw(&mut self, send: SendRef) {
-        if self.withdrawn.len() >= Self::MAX_WITHDRAWN {
-            self.withdrawn.drain(..Self::MAX_WITHDRAWN / 2);
-        }
-        self.withdrawn.push(send);
-    }
-
-    /// Messages taken out of their streams without an ack since the last call —
-    /// given up ([`Event::GaveUp`]), handed off ([`Endpoint::hand_off`]) or abandoned
-    /// ([`Endpoint::abandon`]). Their data frames must not reach the target any more:
+    /// Messages taken out of their streams without an ack since the last call, after
+    /// being transmitted at least once — given up ([`Event::GaveUp`]), handed off
+    /// ([`Endpoint::hand_off`]) or abandoned ([`Endpoint::abandon`]). Call it after
+    /// each input, as [`Endpoint::poll_transmit`]: the list holds every such message
+    /// until it is drained (no cap: a cap would lose exactly the withdrawals of a
+    /// large hand-off, when a target with many messages in flight goes Down).
+    /// Their data frames must not reach the target any more:
     /// an owner whose transport keeps frames for a peer across reconnects (TCP) drops
     /// them there ([`LinkCommand::Withdraw`](crate::transport::LinkCommand::Withdraw)),
     /// or a message whose sender was told it failed, whose hint expired or was
@@ -2821,10 +2816,10 @@ mod tests {
         check_index(&b);
     }
 
-    /// Every message taken out of its stream unacknowledged — handed off, abandoned,
-    /// given up at its deadline — is reported once by `drain_withdrawn` (the driver
-    /// withdraws its queued frames from the transport); an acked one is not, nor a
-    /// hand-off or abandon of what is not there.
+    /// Every transmitted message taken out of its stream unacknowledged — handed off,
+    /// abandoned, given up at its deadline — is reported once by `drain_withdrawn`
+    /// (the driver withdraws its queued frames from the transport); an acked one is
+    /// not, nor one never transmitted, nor a hand-off or abandon of what is not there.
     #[test]
     fn messages_taken_back_unacked_are_withdrawn_once() {
         let t0 = Instant::now();
@@ -2849,6 +2844,10 @@ mod tests {
         let abandoned = send(&mut a, None);
         let expires = send(&mut a, Some(Duration::from_millis(50)));
         let kept = send(&mut a, None);
+        assert_eq!(frames(&mut a, peer, t0).len(), 4, "all four transmitted");
+        // Never transmitted: nothing to withdraw.
+        let unsent = send(&mut a, None);
+        assert!(a.hand_off(unsent));
         assert!(a.hand_off(handed));
         assert!(a.abandon(abandoned));
         assert!(!a.abandon(abandoned), "taken already");

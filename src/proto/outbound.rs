@@ -1071,11 +1071,13 @@ impl OutboundStream {
     }
 
     /// Remove an unsettled message without an event (it was handed off). Returns its
-    /// dedup identity, or `None` if it was not there.
-    pub(crate) fn take(&mut self, seq: u64) -> Option<MessageId> {
+    /// dedup identity and whether it was ever transmitted, or `None` if it was not
+    /// there.
+    pub(crate) fn take(&mut self, seq: u64) -> Option<(MessageId, bool)> {
         let m = self.remove(seq)?;
         self.compact();
-        Some(self.id_of(seq, m.id))
+        let sent = m.attempts > 0 || !matches!(m.last_sent, Sent::Never);
+        Some((self.id_of(seq, m.id), sent))
     }
 
     /// Take `seq`'s slot out of the window (leaving `None`, for `compact`) together
@@ -1630,7 +1632,7 @@ mod tests {
         assert_eq!(side_entries(&s), 8);
         s.handle_reject(4, crate::wire::RejectReason::NoReceiver);
         assert_eq!(side_entries(&s), 6);
-        assert_eq!(s.take(1), Some(MessageId::Key(IdKey(1))));
+        assert_eq!(s.take(1).map(|(id, _)| id), Some(MessageId::Key(IdKey(1))));
         assert_eq!(side_entries(&s), 4);
         // Give up (too many attempts) after a reconnect retransmitted them.
         s.policy.max_attempts = Some(2);

@@ -264,6 +264,20 @@ impl<L: HintLog> Replay<L> {
     ) -> Result<u64, HintError> {
         let n = self.log.decommission(peer)?;
         self.queued.remove(&peer);
+        // Replays in flight are taken out of their streams too (their queued frames
+        // withdrawn): otherwise they would be retransmitted to the next process with
+        // the peer's id. (Regression: all 20 were processed there.)
+        let in_flight: Vec<SendRef> = self
+            .replaying
+            .keys()
+            .filter(|s| s.peer == peer)
+            .copied()
+            .collect();
+        for send in in_flight {
+            self.replaying.remove(&send);
+            endpoint.abandon(send);
+        }
+        self.outstanding.remove(&peer);
         let own: Vec<_> = self
             .own_hinted
             .keys()
@@ -526,7 +540,12 @@ mod tests {
             Ok(0)
         }
         fn decommission(&mut self, target: NodeId) -> Result<u64, HintError> {
-            Ok(self.waiting.remove(&target).map_or(0, |q| q.len() as u64))
+            let out = if target == PEER {
+                std::mem::take(&mut self.out) // the tests' handed-out hints are PEER's
+            } else {
+                0
+            };
+            Ok(self.waiting.remove(&target).map_or(0, |q| q.len()) as u64 + out as u64)
         }
         fn pending(&self) -> u64 {
             (self.waiting.values().map(VecDeque::len).sum::<usize>() + self.out) as u64
@@ -783,5 +802,31 @@ mod tests {
         r.handle_timeout(&mut ep, &[], &mut w, later + Duration::from_secs(61));
         assert!(r.own_hinted.is_empty());
         assert_eq!(r.log.expired_at.last(), Some(&(T0_UNIX_MS + 66_000)));
+    }
+
+    /// Decommissioning a target drops its hints, queued and in flight: a replay
+    /// awaiting its ack leaves its stream (no retransmission to the next process with
+    /// that id), and the target's concurrency count starts from zero.
+    #[test]
+    fn decommission_takes_replays_in_flight_out_of_their_streams() {
+        let t0 = Instant::now();
+        let mut ep = endpoint(t0);
+        let cfg = ReplayConfig {
+            concurrency: 2,
+            ..config()
+        };
+        let mut r = Replay::new(log_with(PEER, 4, 10), cfg, ME, t0, T0_UNIX_MS);
+        let mut w = slots(100);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        let sent = in_flight(&r);
+        assert_eq!(sent.len(), 2);
+        r.decommission(PEER, &mut ep).unwrap();
+        assert!(in_flight(&r).is_empty());
+        assert!(!r.outstanding.contains_key(&PEER));
+        assert!(!r.has_replay_work());
+        // The endpoint no longer holds them: nothing to retransmit, ever.
+        for (send, _) in sent {
+            assert!(!ep.abandon(send), "{send:?} still in its stream");
+        }
     }
 }

@@ -111,7 +111,8 @@ impl LogFile for DiskFile {
 /// Replaces the file at `path` with `bytes` atomically: writes `<name>.tmp` next to
 /// it and renames it over `path`, so after a crash at any point `path` holds either
 /// its old bytes or `bytes`. With `durable` the temporary file is fsynced before the
-/// rename and the directory after it, so the new bytes also survive a power loss.
+/// rename and the directory after it, so the new bytes also survive a power loss (a
+/// failed directory fsync is logged at warn, not returned: the rename has happened).
 pub(crate) fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!("{name}.tmp"));
@@ -122,9 +123,18 @@ pub(crate) fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> io::Resu
     }
     drop(f);
     fs::rename(&tmp, path)?;
+    // The replace is done once the rename is: either file holds what the caller
+    // needs (a compaction's live state, a cursor no newer than its log), so a
+    // directory fsync that fails only leaves the rename's durability to the OS. It
+    // must not fail the replace after the fact. (Regression: it did, and a dedup log
+    // in the working directory, whose parent is "", failed every compaction.)
     if durable {
-        if let Some(dir) = path.parent() {
-            sync_dir(dir)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Err(e) = sync_dir(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "directory fsync after a replace failed");
         }
     }
     Ok(())
