@@ -257,6 +257,15 @@ impl SlotTimes {
 
     /// The instant of a removed slot's latest transmission (`None`: never sent). An
     /// offset always converts: it was taken from an instant at or after the epoch.
+    /// When `seq` (slot `m`) was last transmitted, if it was.
+    fn sent_at(&self, seq: u64, m: &InFlight) -> Option<Instant> {
+        match m.sent_us {
+            NO_TIME => None,
+            WIDE_TIME => self.wide_sent.get(&seq).copied(),
+            us => self.instant(Sent::Offset(us)),
+        }
+    }
+
     fn instant(&self, sent: Sent) -> Option<Instant> {
         match sent {
             Sent::Never => None,
@@ -684,13 +693,14 @@ impl OutboundStream {
                 let deadline = self.times.deadline(seq, m);
                 m.timer_gen = next_gen(m.timer_gen);
                 let gen = m.timer_gen;
-                let due = self.policy.schedule(
-                    &mut self.backoff,
-                    self.rtt.rto(),
-                    m.attempts,
-                    deadline,
-                    now,
-                );
+                let rto = if m.attempts == 1 {
+                    self.rtt.first_rto()
+                } else {
+                    self.rtt.rto()
+                };
+                let due = self
+                    .policy
+                    .schedule(&mut self.backoff, rto, m.attempts, deadline, now);
                 if m.attempts == 1 {
                     // A first transmission's timer (one RTO, unjittered) goes on the
                     // stream's sorted queue (module docs, "Timers").
@@ -909,6 +919,14 @@ impl OutboundStream {
             m.timer_gen = next_gen(m.timer_gen);
             self.timers.push(Reverse((next, seq, m.timer_gen)));
             return;
+        }
+        if m.attempts == 1 {
+            // Its first timer ran out: the RTO may be too short, and Karn's rule gives
+            // no sample from what is retransmitted. Back off new messages' first timers
+            // until a clean sample (`RttEstimator::on_timeout`).
+            if let Some(sent) = self.times.sent_at(seq, m) {
+                self.rtt.on_timeout(now.saturating_duration_since(sent));
+            }
         }
         self.queue_retransmit(seq);
     }
