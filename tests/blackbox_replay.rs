@@ -586,16 +586,33 @@ async fn send_bodies(
 /// (and anything else in the pipe) has had its chance to deliver.
 async fn barrier(w: &Away, key: u64) {
     wait_health(&w.a, B, Health::Up, 10.0).await;
+    // Health may never have left Up (a short outage): wait for the new connection
+    // too, or the fresh message can give up (400 ms deadline) and be handed off
+    // while the sender's redial backs off, and its 2 s hint expire before the target
+    // is reached. (A loaded machine did that 2 runs in 7.)
+    wait_stats(&w.a, 10.0, "connected to the returned target", |s| {
+        s.tcp.is_some_and(|t| {
+            t.connections_opened >= 2 && t.connections_opened > t.connections_closed
+        })
+    })
+    .await;
     let r = w.out.send(&(key, vec![1])).await.unwrap();
     let got = resolve(r, 10.0, "fresh message").await;
     assert!(
         matches!(got, Ok(Outcome::Acked) | Ok(Outcome::HandedOff)),
         "fresh message after the target returned: {got:?}"
     );
-    wait_until(10.0, "the fresh message processed", || {
-        count(&w.eo, key) == 1
-    })
-    .await;
+    let end = Instant::now() + Duration::from_secs(10);
+    while count(&w.eo, key) != 1 {
+        if Instant::now() >= end {
+            let s = stats(&w.a).await;
+            panic!(
+                "the fresh message ({got:?}) not processed within 10 s; hints {:?}, tcp {:?}",
+                s.hints, s.tcp
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A few more replay ticks (10 ms each) to deliver anything that would go.
     tokio::time::sleep(Duration::from_millis(500)).await;
 }

@@ -1043,6 +1043,11 @@ impl OutboundStream {
     /// A connection came (back) up, or the receiver restarted: everything unacked may have
     /// been lost with the old connection, so retransmit it now rather than after an RTO.
     pub(crate) fn handle_reconnect(&mut self) {
+        // Timeouts while the peer had no connection say nothing of its round trip:
+        // a new connection starts from the estimate, not a backed-off RTO. (Otherwise a
+        // channel whose deadline is a few RTOs lost its retransmissions after every
+        // outage.)
+        self.rtt.clear_backoff();
         if self.guarantee == Guarantee::AtMostOnce {
             return;
         }

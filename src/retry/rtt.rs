@@ -193,6 +193,12 @@ impl RttEstimator {
         self.backed_off = self.backed_off.max(doubled);
     }
 
+    /// Forget the backed-off RTO of [`on_timeout`](Self::on_timeout) (the path
+    /// changed: a new connection).
+    pub fn clear_backoff(&mut self) {
+        self.backed_off = Duration::ZERO;
+    }
+
     /// The timeout of a message's first transmission: [`rto`](Self::rto), or the
     /// backed-off RTO of [`on_timeout`](Self::on_timeout) until the next valid sample.
     /// Always within `[min_rto, max_rto]`.
@@ -311,6 +317,9 @@ mod tests {
         assert_eq!(e.first_rto(), ms(800));
         e.on_timeout(ms(5_000));
         assert_eq!(e.first_rto(), ms(2_000), "clamped to max_rto");
+        e.clear_backoff(); // a new connection
+        assert_eq!(e.first_rto(), ms(200));
+        e.on_timeout(ms(200));
         e.on_sample(ms(300)); // a message of the next burst, sent once
         assert_eq!(e.first_rto(), e.rto());
         assert_eq!(e.rto(), ms(300) + ms(600), "SRTT + 4 RTTVAR");
