@@ -622,7 +622,10 @@ fn restart_child_entry() {
     let Ok(role) = std::env::var(ROLE_ENV) else {
         return;
     };
-    watchdog(Duration::from_secs(60));
+    // A hard cap so no child outlives its test for long; above the longest wait of
+    // any test here (the 120 s replay bound below), so a slow replay on a loaded
+    // machine is not cut off and mistaken for a hang.
+    watchdog(Duration::from_secs(180));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -669,6 +672,9 @@ async fn sender_role() {
             "PENDING {}",
             st.hints.map(|h| h.pending).unwrap_or(0)
         ));
+        if std::env::var("DIAG").is_ok() {
+            say(&format!("STATS {:?} {:?} {:?}", st.hints, st.proto, st.tcp));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -2440,17 +2446,41 @@ async fn sender_kill9_during_default_speed_replay() {
         c.kill();
         eprintln!("killed a replaying run at {} processed", count_seen(&s));
     }
-    let mut c = ChildProc::spawn(ENTRY, "sender", &envs(0));
+    let mut e3 = envs(0);
+    e3.push(("DIAG", "1".to_string()));
+    let mut c = ChildProc::spawn(ENTRY, "sender", &e3);
     assert!(c.wait_line("READY", Duration::from_secs(20)).is_some());
     let (t3, before3) = (Instant::now(), count_seen(&s));
     // About 10 000 hints are left for this run: seconds on an idle machine, but a debug
     // build on a loaded 2-core machine replays (and the in-process receiver processes)
     // a few hundred a second. The bound is for a hang, not a speed.
-    wait_until("all hints processed", Duration::from_secs(120), || {
-        let g = s.lock().unwrap();
-        handed.iter().all(|v| g.contains_key(v))
-    })
-    .await;
+    let end = Instant::now() + Duration::from_secs(120);
+    let mut last = Vec::new();
+    loop {
+        let done = {
+            let g = s.lock().unwrap();
+            handed.iter().all(|v| g.contains_key(v))
+        };
+        if done {
+            break;
+        }
+        let lines = c.drain().to_vec();
+        if !lines.is_empty() {
+            last = lines;
+        }
+        if Instant::now() > end {
+            let st = _r2.stats().await.unwrap();
+            panic!(
+                "DIAG processed {} of {}; child's last lines {:?}; receiver proto {:?} dedup {:?}",
+                count_seen(&s),
+                handed.len(),
+                &last[last.len().saturating_sub(3)..],
+                st.proto,
+                st.dedup
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     eprintln!(
         "last run replayed {} hints in {:?}",
         count_seen(&s) - before3,

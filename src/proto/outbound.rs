@@ -257,15 +257,6 @@ impl SlotTimes {
 
     /// The instant of a removed slot's latest transmission (`None`: never sent). An
     /// offset always converts: it was taken from an instant at or after the epoch.
-    /// When `seq` (slot `m`) was last transmitted, if it was.
-    fn sent_at(&self, seq: u64, m: &InFlight) -> Option<Instant> {
-        match m.sent_us {
-            NO_TIME => None,
-            WIDE_TIME => self.wide_sent.get(&seq).copied(),
-            us => self.instant(Sent::Offset(us)),
-        }
-    }
-
     fn instant(&self, sent: Sent) -> Option<Instant> {
         match sent {
             Sent::Never => None,
@@ -693,14 +684,13 @@ impl OutboundStream {
                 let deadline = self.times.deadline(seq, m);
                 m.timer_gen = next_gen(m.timer_gen);
                 let gen = m.timer_gen;
-                let rto = if m.attempts == 1 {
-                    self.rtt.first_rto()
-                } else {
-                    self.rtt.rto()
-                };
-                let due = self
-                    .policy
-                    .schedule(&mut self.backoff, rto, m.attempts, deadline, now);
+                let due = self.policy.schedule(
+                    &mut self.backoff,
+                    self.rtt.rto(),
+                    m.attempts,
+                    deadline,
+                    now,
+                );
                 if m.attempts == 1 {
                     // A first transmission's timer (one RTO, unjittered) goes on the
                     // stream's sorted queue (module docs, "Timers").
@@ -920,14 +910,6 @@ impl OutboundStream {
             self.timers.push(Reverse((next, seq, m.timer_gen)));
             return;
         }
-        if m.attempts == 1 {
-            // Its first timer ran out: the RTO may be too short, and Karn's rule gives
-            // no sample from what is retransmitted. Back off new messages' first timers
-            // until a clean sample (`RttEstimator::on_timeout`).
-            if let Some(sent) = self.times.sent_at(seq, m) {
-                self.rtt.on_timeout(now.saturating_duration_since(sent));
-            }
-        }
         self.queue_retransmit(seq);
     }
 
@@ -1043,11 +1025,6 @@ impl OutboundStream {
     /// A connection came (back) up, or the receiver restarted: everything unacked may have
     /// been lost with the old connection, so retransmit it now rather than after an RTO.
     pub(crate) fn handle_reconnect(&mut self) {
-        // Timeouts while the peer had no connection say nothing of its round trip:
-        // a new connection starts from the estimate, not a backed-off RTO. (Otherwise a
-        // channel whose deadline is a few RTOs lost its retransmissions after every
-        // outage.)
-        self.rtt.clear_backoff();
         if self.guarantee == Guarantee::AtMostOnce {
             return;
         }
