@@ -2,7 +2,9 @@
 //! for targets that are unreachable, replayed (throttled) when the target is back.
 //!
 //! Owns the on-disk segment log, crash recovery, delivery progress, TTL expiry, the max
-//! hint window, byte limits and the replay throttle. Must not do networking, decide when a
+//! hint window, byte limits and the replay throttle's token bucket; what is replayed,
+//! when and how fast is the sans-IO core's policy (`proto::replay`), which reaches this
+//! store through a trait and its IO through `storage`. Must not do networking, decide when a
 //! target is up or down (the failure detector does), or read the clock: every call that
 //! needs time takes it (`now: Instant` for fsync group commit and throttling, wall-clock
 //! unix milliseconds for hint creation and TTL, since hints outlive the process).
