@@ -257,6 +257,15 @@ impl SlotTimes {
 
     /// The instant of a removed slot's latest transmission (`None`: never sent). An
     /// offset always converts: it was taken from an instant at or after the epoch.
+    /// When `seq` (slot `m`) was last transmitted, if it was.
+    fn sent_at(&self, seq: u64, m: &InFlight) -> Option<Instant> {
+        match m.sent_us {
+            NO_TIME => None,
+            WIDE_TIME => self.wide_sent.get(&seq).copied(),
+            us => self.instant(Sent::Offset(us)),
+        }
+    }
+
     fn instant(&self, sent: Sent) -> Option<Instant> {
         match sent {
             Sent::Never => None,
@@ -684,13 +693,14 @@ impl OutboundStream {
                 let deadline = self.times.deadline(seq, m);
                 m.timer_gen = next_gen(m.timer_gen);
                 let gen = m.timer_gen;
-                let due = self.policy.schedule(
-                    &mut self.backoff,
-                    self.rtt.rto(),
-                    m.attempts,
-                    deadline,
-                    now,
-                );
+                let rto = if m.attempts == 1 {
+                    first_timeout(&self.rtt, deadline, now)
+                } else {
+                    self.rtt.rto()
+                };
+                let due = self
+                    .policy
+                    .schedule(&mut self.backoff, rto, m.attempts, deadline, now);
                 if m.attempts == 1 {
                     // A first transmission's timer (one RTO, unjittered) goes on the
                     // stream's sorted queue (module docs, "Timers").
@@ -910,6 +920,14 @@ impl OutboundStream {
             self.timers.push(Reverse((next, seq, m.timer_gen)));
             return;
         }
+        if m.attempts == 1 {
+            // Its first timer ran out: the RTO may be too short, and Karn's rule gives
+            // no sample from what is retransmitted. Back off new messages' first timers
+            // until a clean sample (`RttEstimator::on_timeout`).
+            if let Some(sent) = self.times.sent_at(seq, m) {
+                self.rtt.on_timeout(now.saturating_duration_since(sent));
+            }
+        }
         self.queue_retransmit(seq);
     }
 
@@ -1025,6 +1043,11 @@ impl OutboundStream {
     /// A connection came (back) up, or the receiver restarted: everything unacked may have
     /// been lost with the old connection, so retransmit it now rather than after an RTO.
     pub(crate) fn handle_reconnect(&mut self) {
+        // Timeouts while the peer had no connection say nothing of its round trip:
+        // a new connection starts from the estimate, not a backed-off RTO. (Otherwise a
+        // channel whose deadline is a few RTOs lost its retransmissions after every
+        // outage.)
+        self.rtt.clear_backoff();
         if self.guarantee == Guarantee::AtMostOnce {
             return;
         }
@@ -1251,6 +1274,22 @@ fn next_gen(gen: u32) -> u32 {
 }
 
 use crate::retry::later;
+
+/// The timeout of a first transmission made at `now`: the RTO, or the estimator's
+/// backed-off one after a first timer ran out ([`RttEstimator::first_rto`], RFC 6298
+/// §5.5). The backoff takes at most half the time left to the message's deadline (and
+/// never goes below the RTO), so a message with a deadline a few RTOs away still gets
+/// a retransmission before it: the backoff is for links slower than the RTO, and a
+/// deadline says how long this message may wait.
+fn first_timeout(rtt: &RttEstimator, deadline: Option<Instant>, now: Instant) -> Duration {
+    let backed = rtt.first_rto();
+    match deadline {
+        Some(d) => backed
+            .min(d.saturating_duration_since(now) / 2)
+            .max(rtt.rto()),
+        None => backed,
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -1694,6 +1733,47 @@ mod tests {
             next - t0
         );
         assert_eq!(s.timers.len(), 1);
+    }
+
+    /// RFC 6298 §5.5: a first timer that ran out backs off the next messages' first
+    /// timers to twice what it waited (so bursts over a link slower than the RTO stop
+    /// going twice), but never past half the time to a message's own deadline nor
+    /// below the RTO (a short-deadline message still gets its retransmission), and a
+    /// clean sample or a new connection ends it.
+    #[test]
+    fn a_first_timeout_backs_off_new_first_timers_within_half_their_deadline() {
+        let t0 = Instant::now();
+        let mut s = stream(t0);
+        let rto = s.rtt.rto();
+        s.send(t0, Bytes::new(), None, None, 0); // seq 1
+        run(&mut s, t0);
+        run_until(&mut s, t0 + rto);
+        assert_eq!(s.retransmits(), 1);
+        // Seq 2, no deadline: its first timer is twice what seq 1 waited.
+        let t1 = t0 + rto;
+        s.send(t1, Bytes::new(), None, None, 0);
+        run(&mut s, t1);
+        assert_eq!(s.first.back().map(|e| e.0), Some(t1 + 2 * rto));
+        // Seq 3, a deadline 1.5 RTO away: half of it is below the RTO, so one RTO.
+        s.send(t1, Bytes::new(), None, Some(rto * 3 / 2), 0);
+        run(&mut s, t1);
+        run_until(&mut s, t1 + rto - Duration::from_nanos(1));
+        assert_eq!(slot(&s, 3).attempts, 1);
+        run_until(&mut s, t1 + rto);
+        assert_eq!(slot(&s, 3).attempts, 2, "retransmitted before its deadline");
+        // Seq 4, a deadline 3 RTOs away: backed off to 1.5 RTO, not 2.
+        assert_eq!(first_timeout(&s.rtt, Some(t1 + 3 * rto), t1), rto * 3 / 2);
+        // A clean sample (seq 2 was sent once) ends the backoff.
+        s.handle_ack(t1 + rto, 0, &[SeqRange { start: 2, end: 2 }], None, 0);
+        assert_eq!(s.rtt.first_rto(), s.rtt.rto());
+        // So does a new connection.
+        let t2 = t1 + 10 * rto;
+        s.send(t2, Bytes::new(), None, None, 0); // seq 4
+        run(&mut s, t2);
+        run_until(&mut s, t2 + 3 * rto);
+        assert!(s.rtt.first_rto() > s.rtt.rto());
+        s.handle_reconnect();
+        assert_eq!(s.rtt.first_rto(), s.rtt.rto());
     }
 
     /// After the RTO falls, a later first timer is raised to the queue's last instant

@@ -1,8 +1,10 @@
 //! RTT estimation (RFC 6298): [`RttConfig`] and [`RttEstimator`].
 //!
-//! Owns the smoothed RTT, its variation and the retransmission timeout derived from
-//! them. Must not back the RTO off on timeouts (that is [`super::Backoff`]'s job, per
-//! message) and must not read a clock: every sample and instant comes from the caller.
+//! Owns the smoothed RTT, its variation, the retransmission timeout derived from them
+//! and the RTO kept backed off after a timeout until the next valid sample (RFC 6298
+//! §5.5–5.7, for first transmissions only: a retransmission's own exponential backoff
+//! is [`super::Backoff`]'s job). Must not read a clock: every sample and instant comes
+//! from the caller.
 
 use super::{nanos_to_duration, RetryConfigError};
 use std::time::{Duration, Instant};
@@ -78,15 +80,23 @@ impl RttConfig {
 /// [`rto`](Self::rto) is always within `[min_rto, max_rto]`, even for a config that did
 /// not pass [`RttConfig::validate`] (then `max_rto` wins).
 ///
-/// The estimator does not back itself off on timeouts (RFC 6298 §5.5); the exponential
-/// backoff of a message's timer is [`Backoff`](super::Backoff)'s job, so one lost
-/// message does not slow every other message of the stream.
+/// The exponential backoff of one message's retransmissions is
+/// [`Backoff`](super::Backoff)'s job, so one lost message does not slow every other
+/// message of the stream. But a first transmission that timed out says the RTO may be
+/// too short, and Karn's rule then gives no sample to correct it (every message of a
+/// burst retransmitted, every ack ambiguous): so [`on_timeout`](Self::on_timeout)
+/// keeps a backed-off RTO, twice what the expired message waited, that
+/// [`first_rto`](Self::first_rto) gives new messages until the next valid sample
+/// (RFC 6298 §5.5 and §5.7, as TCP keeps its backed-off RTO). (Regression: over a
+/// 300 ms round trip, with the 200 ms defaults, every burst was sent twice, forever.)
 #[derive(Debug, Clone)]
 pub struct RttEstimator {
     config: RttConfig,
     srtt: Option<Duration>,
     rttvar: Duration,
     rto: Duration,
+    /// The RTO backed off by timeouts since the last valid sample (zero: none).
+    backed_off: Duration,
 }
 
 impl RttEstimator {
@@ -98,6 +108,7 @@ impl RttEstimator {
             srtt: None,
             rttvar: Duration::ZERO,
             rto,
+            backed_off: Duration::ZERO,
         }
     }
 
@@ -124,6 +135,7 @@ impl RttEstimator {
         };
         self.srtt = Some(nanos_to_duration(srtt));
         self.rttvar = nanos_to_duration(rttvar);
+        self.backed_off = Duration::ZERO;
         let g = self.config.granularity.as_nanos();
         let rto = srtt.saturating_add(g.max(rttvar.saturating_mul(4)));
         self.rto = clamp(
@@ -166,6 +178,32 @@ impl RttEstimator {
     /// Current retransmission timeout, always within `[min_rto, max_rto]`.
     pub fn rto(&self) -> Duration {
         self.rto
+    }
+
+    /// A message transmitted once found no ack after `waited` and is retransmitted:
+    /// until the next valid sample, [`first_rto`](Self::first_rto) is at least twice
+    /// `waited` (within `[min_rto, max_rto]`). Many messages of one burst timing out
+    /// together back it off once, not once each: each waited about the same.
+    pub fn on_timeout(&mut self, waited: Duration) {
+        let doubled = clamp(
+            waited.saturating_mul(2),
+            self.config.min_rto,
+            self.config.max_rto,
+        );
+        self.backed_off = self.backed_off.max(doubled);
+    }
+
+    /// Forget the backed-off RTO of [`on_timeout`](Self::on_timeout) (the path
+    /// changed: a new connection).
+    pub fn clear_backoff(&mut self) {
+        self.backed_off = Duration::ZERO;
+    }
+
+    /// The timeout of a message's first transmission: [`rto`](Self::rto), or the
+    /// backed-off RTO of [`on_timeout`](Self::on_timeout) until the next valid sample.
+    /// Always within `[min_rto, max_rto]`.
+    pub fn first_rto(&self) -> Duration {
+        self.rto.max(self.backed_off)
     }
 
     /// The configuration this estimator was built with.
@@ -260,5 +298,30 @@ mod tests {
             Err(RetryConfigError::InitialRtoOutOfBounds { .. })
         ));
         assert_eq!(RttConfig::default().validate(), Ok(()));
+    }
+
+    /// A timeout backs off the first-transmission RTO to twice what the message
+    /// waited (once per burst, not per message), up to `max_rto`, and the next valid
+    /// sample ends it; `rto` itself (the retransmissions' base) is not backed off.
+    #[test]
+    fn a_timeout_backs_off_first_transmissions_until_a_clean_sample() {
+        let ms = Duration::from_millis;
+        let mut e = RttEstimator::new(RttConfig::default());
+        assert_eq!(e.first_rto(), ms(200));
+        for _ in 0..500 {
+            e.on_timeout(ms(200)); // a whole burst timed out together
+        }
+        assert_eq!(e.first_rto(), ms(400));
+        assert_eq!(e.rto(), ms(200));
+        e.on_timeout(ms(400));
+        assert_eq!(e.first_rto(), ms(800));
+        e.on_timeout(ms(5_000));
+        assert_eq!(e.first_rto(), ms(2_000), "clamped to max_rto");
+        e.clear_backoff(); // a new connection
+        assert_eq!(e.first_rto(), ms(200));
+        e.on_timeout(ms(200));
+        e.on_sample(ms(300)); // a message of the next burst, sent once
+        assert_eq!(e.first_rto(), e.rto());
+        assert_eq!(e.rto(), ms(300) + ms(600), "SRTT + 4 RTTVAR");
     }
 }
