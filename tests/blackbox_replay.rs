@@ -325,6 +325,62 @@ async fn hints_of_a_sender_dropped_without_shutdown_are_replayed_by_its_next_run
     drop(b2);
 }
 
+/// A run's hints span more than a receiver's dedup window (8 192 seqs) above a seq the
+/// receiver never saw: the first 20 messages were acked by the target's previous run
+/// (no durable dedup, so its next run has forgotten them), then 9 000 were handed off,
+/// then the sender stopped. Its next run replays the hints under the first run's ids:
+/// every one is processed, exactly once. (Regression: the new target's window for the
+/// first run's stream stayed at seq 0, so replays above seq 8 192 were refused as
+/// overruns forever — 8 172 processed, the rest retried until their TTL. A later run
+/// now tells the target which seqs of an earlier run's stream are settled,
+/// `Frame::Settled`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_of_an_earlier_run_spanning_more_than_the_dedup_window_are_all_replayed() {
+    const N: u64 = 9_000;
+    const WARM: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (eo, alo) = (seen(), seen());
+    let b = target(B, any_addr(), &eo, &alo, false).await;
+    let addr = b.local_addr().unwrap();
+    let a = sender(&[(B, addr)], handoff_cfg(dir.path())).await;
+    let out = a
+        .sender::<u64>(B, ChannelOptions::new(EO, Guarantee::EffectivelyOnce))
+        .unwrap();
+    for v in N..N + WARM {
+        let r = out.send(&v).await.unwrap();
+        assert_eq!(resolve(r, 5.0, "warm-up").await, Ok(Outcome::Acked));
+    }
+    b.shutdown().await;
+    drop(b);
+    wait_health(&a, B, Health::Down, 12.0).await;
+    send_handed_off(&out, 0..N, 20.0).await;
+    drop(out);
+    a.shutdown().await;
+    drop(a);
+
+    let eo2 = seen();
+    let _b2 = target(B, addr, &eo2, &alo, false).await;
+    let a2 = sender(&[(B, addr)], handoff_cfg(dir.path())).await;
+    let end = Instant::now() + Duration::from_secs(60);
+    while !all_seen(&eo2, 0..N) {
+        if Instant::now() >= end {
+            let s = stats(&a2).await;
+            panic!(
+                "{} of {N} hints processed within 60 s; sender hints {:?} proto retransmitted {} ",
+                N as usize - missing(&eo2, 0..N).len(),
+                s.hints,
+                s.proto.retransmitted
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_stats(&a2, 10.0, "next run's hint store empty", |s| {
+        hints_pending(s) == 0
+    })
+    .await;
+    assert_eq!(not_once(&eo2, 0..N), BTreeMap::new(), "exactly once");
+}
+
 /// Hints replayed to a handler that takes 50–150 ms per message: nothing lost, nothing
 /// processed twice on effectively-once, and the hint store drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -201,6 +201,17 @@ async fn two_current_nodes_speak_the_newest_version() {
     assert_eq!(a.protocol_version(NodeId(6)), Some(PROTOCOL_VERSION));
 }
 
+/// A protocol-3 node (1..=3, the build before the settled floor) and this build
+/// deliver effectively-once to each other both ways, across a receiver restart, over
+/// version 3: this build sends no `Settled` frame to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_node_and_this_build_deliver_to_each_other() {
+    const V3: VersionRange = VersionRange { min: 1, max: 3 };
+    let new = VersionRange::default();
+    mixed_pair(Guarantee::EffectivelyOnce, V3, new).await;
+    mixed_pair(Guarantee::EffectivelyOnce, new, V3).await;
+}
+
 /// A protocol-2 sender (a node limited to 1..=2, what the flow-control release
 /// speaks) gets none of version 3's frames: a message the current receiver
 /// dead-letters is acked (the old sender cannot be told), a typed sender's type is not

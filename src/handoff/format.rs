@@ -158,11 +158,26 @@ pub(crate) fn decode_record_in(span: &Bytes, at: usize, len: usize) -> Option<Hi
     })
 }
 
-/// Reads the record header fields the store indexes (target, created, ttl) from a record
-/// the scan has validated.
-pub(crate) fn record_meta(bytes: &[u8]) -> Option<(NodeId, u64, u64)> {
+/// The record header fields the store indexes.
+pub(crate) struct RecordMeta {
+    pub(crate) target: NodeId,
+    pub(crate) created_unix_ms: u64,
+    pub(crate) ttl_ms: u64,
+    pub(crate) id: MessageId,
+    pub(crate) guarantee: Guarantee,
+}
+
+/// Reads the record header fields the store indexes from a record the scan has
+/// validated.
+pub(crate) fn record_meta(bytes: &[u8]) -> Option<RecordMeta> {
     let (h, _) = decode_body(bytes.get(RECORD_PREFIX_LEN..)?)?;
-    Some((h.target, h.created_unix_ms, h.ttl_ms))
+    Some(RecordMeta {
+        target: h.target,
+        created_unix_ms: h.created_unix_ms,
+        ttl_ms: h.ttl_ms,
+        id: h.id,
+        guarantee: h.guarantee,
+    })
 }
 
 fn decode_body(body: &[u8]) -> Option<(RecordHeader, &[u8])> {

@@ -9,8 +9,8 @@ use super::{
     FileSegmentIo, FsyncPolicy, Hint, HintError, HintPos, HintStats, HintStoreConfig,
     RecoveryReport, SegmentIo, TargetHints,
 };
-use crate::id::NodeId;
-use std::collections::{BTreeMap, BTreeSet};
+use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 /// A durable store of hints, one append-only segment log per target.
@@ -84,6 +84,70 @@ struct TargetLog {
     disk_bytes: u64,
     pending: u64,
     pending_bytes: u64,
+    /// The seqs of the pending hints' library-assigned ids, per stream.
+    seqs: SeqIndex,
+}
+
+/// The seqs of library-assigned ids (`MessageId::Seq`) among one target's pending
+/// effectively-once hints (the only ones a receiver dedups), per `(origin, channel)`
+/// stream: what [`HintStore::seq_floors`] reads. A multiset (a replayed hint handed off
+/// again is a second record with the same id).
+#[derive(Debug, Default)]
+struct SeqIndex {
+    streams: Vec<(Origin, ChannelId)>,
+    ix: HashMap<(Origin, ChannelId), u32>,
+    pending: BTreeMap<(u32, u64), u32>,
+}
+
+impl SeqIndex {
+    /// Count `id` in (if it is a library-assigned, effectively-once one); returns the
+    /// key to take it out.
+    fn add(&mut self, id: &MessageId, guarantee: Guarantee) -> Option<(u32, u64)> {
+        if guarantee != Guarantee::EffectivelyOnce {
+            return None;
+        }
+        let MessageId::Seq {
+            origin,
+            channel,
+            seq,
+        } = *id
+        else {
+            return None;
+        };
+        let n = match self.ix.get(&(origin, channel)) {
+            Some(n) => *n,
+            None => {
+                let n = u32::try_from(self.streams.len()).ok()?;
+                self.streams.push((origin, channel));
+                self.ix.insert((origin, channel), n);
+                n
+            }
+        };
+        *self.pending.entry((n, seq)).or_default() += 1;
+        Some((n, seq))
+    }
+
+    fn remove(&mut self, key: (u32, u64)) {
+        if let Some(c) = self.pending.get_mut(&key) {
+            *c -= 1;
+            if *c == 0 {
+                self.pending.remove(&key);
+            }
+        }
+    }
+
+    /// The lowest pending seq of every stream that has one.
+    fn floors(&self) -> Vec<(Origin, ChannelId, u64)> {
+        self.streams
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &(origin, channel))| {
+                let i = u32::try_from(i).ok()?;
+                let (&(_, seq), _) = self.pending.range((i, 0)..=(i, u64::MAX)).next()?;
+                Some((origin, channel, seq))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug)]
@@ -103,6 +167,8 @@ struct Rec {
     len: u32,
     expires_unix_ms: u64,
     done: bool,
+    /// Its key in the target's [`SeqIndex`], if its id is library-assigned.
+    seq_key: Option<(u32, u64)>,
 }
 
 impl Segment {
@@ -116,14 +182,14 @@ impl Segment {
         }
     }
 
-    /// Marks record `idx` done; returns its length if it was pending.
-    fn mark_done(&mut self, idx: usize) -> Option<u32> {
+    /// Marks record `idx` done; returns its length and index key if it was pending.
+    fn mark_done(&mut self, idx: usize) -> Option<(u32, Option<(u32, u64)>)> {
         let rec = self.records.get_mut(idx)?;
         if rec.done {
             return None;
         }
         rec.done = true;
-        let len = rec.len;
+        let len = (rec.len, rec.seq_key);
         self.pending -= 1;
         if idx == self.first_pending {
             while let Some(r) = self.records.get(self.first_pending) {
@@ -361,6 +427,7 @@ impl<B: SegmentIo> HintStore<B> {
             len: rec_len as u32,
             expires_unix_ms: hint.expires_unix_ms(),
             done: false,
+            seq_key: log.seqs.add(&hint.id, hint.guarantee),
         });
         seg.pending += 1;
         log.pending += 1;
@@ -465,7 +532,7 @@ impl<B: SegmentIo> HintStore<B> {
                         drop_pending(
                             seg,
                             idx,
-                            log_counts(&mut log.pending, &mut log.pending_bytes),
+                            log_counts(&mut log.pending, &mut log.pending_bytes, &mut log.seqs),
                         );
                         self.stats.expired += 1;
                         self.stats.pending -= 1;
@@ -506,7 +573,7 @@ impl<B: SegmentIo> HintStore<B> {
                         drop_pending(
                             seg,
                             idx,
-                            log_counts(&mut log.pending, &mut log.pending_bytes),
+                            log_counts(&mut log.pending, &mut log.pending_bytes, &mut log.seqs),
                         );
                         self.stats.corrupt_skipped += 1;
                         self.stats.pending -= 1;
@@ -571,7 +638,7 @@ impl<B: SegmentIo> HintStore<B> {
         if !drop_pending(
             seg,
             idx,
-            log_counts(&mut log.pending, &mut log.pending_bytes),
+            log_counts(&mut log.pending, &mut log.pending_bytes, &mut log.seqs),
         ) {
             return Ok(false);
         }
@@ -613,7 +680,7 @@ impl<B: SegmentIo> HintStore<B> {
                         && drop_pending(
                             seg,
                             idx,
-                            log_counts(&mut log.pending, &mut log.pending_bytes),
+                            log_counts(&mut log.pending, &mut log.pending_bytes, &mut log.seqs),
                         )
                     {
                         dropped += 1;
@@ -645,6 +712,16 @@ impl<B: SegmentIo> HintStore<B> {
             return Err(io_err("removing target")(e));
         }
         Ok(log.pending)
+    }
+
+    /// For each `(origin, channel)` stream with library-assigned ids among `target`'s
+    /// pending effectively-once hints, the lowest such seq still pending. The replay of an earlier run's
+    /// hints tells the target that every seq of that run's stream below it is settled
+    /// (`Frame::Settled`): the run is over, and what it did not deliver is here.
+    pub(crate) fn seq_floors(&self, target: NodeId) -> Vec<(Origin, ChannelId, u64)> {
+        self.targets
+            .get(&target)
+            .map_or_else(Vec::new, |log| log.seqs.floors())
     }
 
     /// Targets that have hint segments, with pending counts and bytes.
@@ -750,21 +827,30 @@ fn io_err(op: &'static str) -> impl Fn(std::io::Error) -> HintError {
 struct Counts<'a> {
     pending: &'a mut u64,
     pending_bytes: &'a mut u64,
+    seqs: &'a mut SeqIndex,
 }
 
-fn log_counts<'a>(pending: &'a mut u64, pending_bytes: &'a mut u64) -> Counts<'a> {
+fn log_counts<'a>(
+    pending: &'a mut u64,
+    pending_bytes: &'a mut u64,
+    seqs: &'a mut SeqIndex,
+) -> Counts<'a> {
     Counts {
         pending,
         pending_bytes,
+        seqs,
     }
 }
 
 /// Marks record `idx` done and updates the target's counts; `false` if it was done.
 fn drop_pending(seg: &mut Segment, idx: usize, c: Counts<'_>) -> bool {
     match seg.mark_done(idx) {
-        Some(len) => {
+        Some((len, key)) => {
             *c.pending -= 1;
             *c.pending_bytes -= u64::from(len);
+            if let Some(key) = key {
+                c.seqs.remove(key);
+            }
             true
         }
         None => false,
@@ -874,7 +960,7 @@ fn recover_target<B: SegmentIo>(
                         .get(start..start + len as usize)
                         .and_then(format::record_meta);
                     // A record of another target (e.g. a copied file) is treated as corrupt.
-                    let Some((_, created, ttl)) = meta.filter(|m| m.0 == target) else {
+                    let Some(meta) = meta.filter(|m| m.target == target) else {
                         report.corrupt_regions += 1;
                         report.corrupt_bytes += u64::from(len);
                         stats.corrupt_skipped += 1;
@@ -886,8 +972,13 @@ fn recover_target<B: SegmentIo>(
                     seg.records.push(Rec {
                         offset,
                         len,
-                        expires_unix_ms: created.saturating_add(ttl),
+                        expires_unix_ms: meta.created_unix_ms.saturating_add(meta.ttl_ms),
                         done,
+                        seq_key: if done {
+                            None
+                        } else {
+                            log.seqs.add(&meta.id, meta.guarantee)
+                        },
                     });
                     if !done {
                         seg.pending += 1;
@@ -938,16 +1029,81 @@ mod tests {
                 len: 10,
                 expires_unix_ms: u64::MAX,
                 done: false,
+                seq_key: None,
             });
         }
         s.pending = n as usize;
         s
     }
 
+    /// The floor of each stream of library-assigned ids is its lowest pending hint's
+    /// seq: it rises as hints are delivered, rejected or expire, ignores application
+    /// keys and at-least-once hints, and is rebuilt by recovery from the records and
+    /// the cursor.
+    #[test]
+    fn seq_floors_follow_pending_hints_through_marks_expiry_and_recovery() {
+        use crate::handoff::MemSegmentIo;
+        use crate::id::{Guarantee, IdKey};
+        let io = MemSegmentIo::new();
+        let cfg = HintStoreConfig::new("unused");
+        let (mut st, _) = HintStore::open_with(cfg.clone(), io.clone()).unwrap();
+        let run = Origin {
+            node: NodeId(1),
+            incarnation: 5,
+        };
+        let t = NodeId(2);
+        let hint = |id: MessageId, ch: u32, ttl_ms: u64| Hint {
+            target: t,
+            id,
+            channel: ChannelId(ch),
+            guarantee: Guarantee::EffectivelyOnce,
+            created_unix_ms: 1_000,
+            ttl_ms,
+            payload: bytes::Bytes::from_static(b"x"),
+        };
+        let seq = |seq, ch| MessageId::Seq {
+            origin: run,
+            channel: ChannelId(ch),
+            seq,
+        };
+        let now = Instant::now();
+        let long = 1 << 40;
+        let mut pos = Vec::new();
+        for s in [30, 10, 20] {
+            pos.push(st.append(hint(seq(s, 1), 1, long), None, now).unwrap());
+        }
+        st.append(hint(seq(7, 2), 2, 500), None, now).unwrap(); // expires at 1 500
+        st.append(hint(MessageId::Key(IdKey(3)), 1, long), None, now)
+            .unwrap();
+        let mut alo = hint(seq(1, 3), 3, long);
+        alo.guarantee = Guarantee::AtLeastOnce; // no dedup window to move
+        st.append(alo, None, now).unwrap();
+        let floors = |st: &HintStore<MemSegmentIo>| {
+            let mut f = st.seq_floors(t);
+            f.sort_unstable();
+            f
+        };
+        let (c1, c2) = (ChannelId(1), ChannelId(2));
+        assert_eq!(floors(&st), vec![(run, c1, 10), (run, c2, 7)]);
+        assert!(st.seq_floors(NodeId(9)).is_empty());
+        st.mark_delivered(t, pos[1]).unwrap(); // seq 10
+        assert_eq!(floors(&st), vec![(run, c1, 20), (run, c2, 7)]);
+        st.expire(2_000).unwrap();
+        assert_eq!(floors(&st), vec![(run, c1, 20)]);
+        st.sync().unwrap();
+        drop(st);
+        let (mut st, _) = HintStore::open_with(cfg, io).unwrap();
+        assert_eq!(floors(&st), vec![(run, c1, 20)], "rebuilt by recovery");
+        st.mark_rejected(t, pos[2]).unwrap(); // seq 20
+        assert_eq!(floors(&st), vec![(run, c1, 30)]);
+        st.mark_delivered(t, pos[0]).unwrap();
+        assert!(floors(&st).is_empty(), "no library-assigned id pending");
+    }
+
     #[test]
     fn out_of_order_marks_keep_a_compact_cursor() {
         let mut s = seg(5);
-        assert_eq!(s.mark_done(2), Some(10));
+        assert_eq!(s.mark_done(2), Some((10, None)));
         assert_eq!(s.mark_done(2), None, "second mark is a no-op");
         assert_eq!(s.cursor(0).done_below, 32);
         assert_eq!(s.cursor(0).done, vec![52]);

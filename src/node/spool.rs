@@ -6,7 +6,7 @@
 //! floor of handed-off messages are the core's (`proto/replay.rs`).
 
 use crate::handoff::{unix_ms, Hint, HintError, HintPos, HintStore, HintStoreConfig};
-use crate::id::{NodeId, Origin};
+use crate::id::{ChannelId, NodeId, Origin};
 use crate::proto::replay::{HintLog, Replay, ReplayConfig};
 use std::num::NonZeroU64;
 use std::time::{Duration, Instant, SystemTime};
@@ -183,6 +183,10 @@ impl HintLog for HintStore {
             .filter(|t| t.pending > 0)
             .map(|t| t.target)
             .collect()
+    }
+
+    fn seq_floors(&self, target: NodeId) -> Vec<(Origin, ChannelId, u64)> {
+        HintStore::seq_floors(self, target)
     }
 
     fn sync_if_due(&mut self, now: Instant) -> Result<(), HintError> {

@@ -1038,6 +1038,30 @@ impl Endpoint {
                     self.stats.frames_ignored += 1;
                 }
             }
+            Frame::Settled(f) if f.id_floor > MAX_SEQ + 1 => {
+                self.stats.malformed_dropped += 1;
+            }
+            Frame::Settled(f) => {
+                // Only for an earlier run of the connection's own node (the current
+                // run's floor rides in its data frames), and only for a stream this
+                // receiver tracks: a control frame creates no dedup state.
+                let earlier = Origin {
+                    node: from,
+                    incarnation: f.incarnation,
+                };
+                if f.incarnation != peer_origin.incarnation
+                    && self.dedup.watermark_of(earlier, f.channel).is_some()
+                {
+                    if let Err(e) = self
+                        .dedup
+                        .advance_floor(earlier, f.channel, f.id_floor, now)
+                    {
+                        tracing::debug!(origin = %earlier, channel = ?f.channel, error = %e, "settled floor of an earlier run not applied");
+                    }
+                } else {
+                    self.stats.frames_ignored += 1;
+                }
+            }
             Frame::Pong(_) => self.events.push_back(Event::HeartbeatAck(from)),
             Frame::Handshake(_) => self.stats.frames_ignored += 1,
         }
@@ -1065,6 +1089,33 @@ impl Endpoint {
             }
         }
         n
+    }
+
+    /// Tell `peer` that every library-assigned id of this node's earlier run
+    /// `incarnation` on `channel` below `id_floor` is settled for good
+    /// ([`Frame::Settled`]): the hint replay's floor for a run that is over. Queued only
+    /// for a peer speaking protocol version 4; returns whether it was.
+    pub(crate) fn send_settled(
+        &mut self,
+        peer: NodeId,
+        incarnation: u64,
+        channel: ChannelId,
+        id_floor: u64,
+    ) -> bool {
+        if incarnation == self.origin.incarnation
+            || self.peers.get(&peer).is_none_or(|p| p.version < 4)
+        {
+            return false;
+        }
+        self.transmit.push_back((
+            peer,
+            Frame::Settled(crate::wire::Settled {
+                incarnation,
+                channel,
+                id_floor,
+            }),
+        ));
+        true
     }
 
     /// Ask `peer` for a heartbeat answer.
@@ -2650,6 +2701,61 @@ mod tests {
         assert!(len() > before, "the sync wrote the records");
         assert_eq!(acks(frames(&mut b, NodeId(1), later)), vec![2]);
         assert_eq!(b.stats().dedup_persist_errors, 0);
+    }
+
+    /// `Frame::Settled` moves the dedup window of an earlier run of the connection's
+    /// node, and nothing else: not the connection's own run, not a stream the receiver
+    /// does not track (no state is created), and a floor past `MAX_SEQ + 1` is counted
+    /// malformed. A node queues it only for a version-4 peer and never for its own run.
+    #[test]
+    fn settled_moves_an_earlier_runs_window_only() {
+        let now = Instant::now();
+        let mut b = endpoint(2, now);
+        let run = |incarnation| Origin {
+            node: NodeId(1),
+            incarnation,
+        };
+        b.handle_peer_up(now, run(99), 4);
+        let ch = ChannelId(1);
+        for (inc, seq) in [(7, 5), (99, 5)] {
+            let id = MessageId::Seq {
+                origin: run(inc),
+                channel: ch,
+                seq,
+            };
+            b.dedup().begin(&id, now).unwrap();
+            b.dedup().complete(&id, now).unwrap();
+        }
+        let settled = |incarnation, id_floor| {
+            Frame::Settled(crate::wire::Settled {
+                incarnation,
+                channel: ch,
+                id_floor,
+            })
+        };
+        let ignored = b.stats().frames_ignored;
+        b.handle_frame(now, NodeId(1), settled(7, 101));
+        assert_eq!(b.dedup().watermark_of(run(7), ch), Some(100));
+        b.handle_frame(now, NodeId(1), settled(99, 101));
+        assert_eq!(b.dedup().watermark_of(run(99), ch), Some(0), "own run");
+        b.handle_frame(now, NodeId(1), settled(8, 101));
+        assert_eq!(b.dedup().watermark_of(run(8), ch), None, "no state created");
+        assert_eq!(b.stats().frames_ignored, ignored + 2);
+        b.handle_frame(now, NodeId(1), settled(7, MAX_SEQ + 2));
+        assert_eq!(b.stats().malformed_dropped, 1);
+        assert_eq!(b.dedup().watermark_of(run(7), ch), Some(100));
+
+        let mut a = endpoint(1, now);
+        a.handle_peer_up(now, b.origin(), 3);
+        assert!(!a.send_settled(NodeId(2), 7, ch, 10), "a version-3 peer");
+        a.handle_peer_up(now, b.origin(), 4);
+        assert!(!a.send_settled(NodeId(2), a.origin().incarnation, ch, 10));
+        assert!(a.send_settled(NodeId(2), 7, ch, 10));
+        let sent: Vec<_> = frames(&mut a, NodeId(2), now)
+            .into_iter()
+            .filter(|f| matches!(f, Frame::Settled(_)))
+            .collect();
+        assert_eq!(sent, vec![settled(7, 10)]);
     }
 
     /// A message on a stream its sender finished (a very late relay, or a sender

@@ -45,7 +45,8 @@
 //!   (`LengthDelimitedCodec` covers only the first of these).
 
 use super::frame::{
-    Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject, SeqRange,
+    Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject,
+    SeqRange, Settled,
 };
 use super::version::PROTOCOL_VERSION;
 use crate::id::{ChannelId, Guarantee, MessageId};
@@ -184,6 +185,7 @@ impl FrameEncoder {
             Frame::Reject(_) => Some(("Reject", 3)),
             Frame::Finish(_) => Some(("Finish", 3)),
             Frame::NodeCredit(_) => Some(("NodeCredit", 3)),
+            Frame::Settled(_) => Some(("Settled", 4)),
             _ => None,
         };
         if let Some((name, since)) = needs.filter(|(_, since)| self.version < *since) {
@@ -311,6 +313,8 @@ const KIND_REJECT: u8 = 7;
 const KIND_FINISH: u8 = 8;
 /// Protocol version 3 on.
 const KIND_NODE_CREDIT: u8 = 9;
+/// Protocol version 4 on.
+const KIND_SETTLED: u8 = 10;
 
 fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
@@ -328,6 +332,7 @@ fn kind_of(frame: &Frame) -> u8 {
         Frame::Reject(_) => KIND_REJECT,
         Frame::Finish(_) => KIND_FINISH,
         Frame::NodeCredit(_) => KIND_NODE_CREDIT,
+        Frame::Settled(_) => KIND_SETTLED,
     }
 }
 
@@ -394,6 +399,7 @@ fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
         Frame::Reject(r) => bincode::encode_into_writer(r, w, cfg),
         Frame::Finish(f) => bincode::encode_into_writer(f, w, cfg),
         Frame::NodeCredit(c) => bincode::encode_into_writer(c, w, cfg),
+        Frame::Settled(c) => bincode::encode_into_writer(c, w, cfg),
     };
 }
 
@@ -483,6 +489,9 @@ fn decode_body(mut body: BytesMut, version: u16) -> Result<Frame, DecodeError> {
             }
             KIND_NODE_CREDIT if version >= 3 => {
                 Frame::NodeCredit(NodeCredit::decode(&mut dec).map_err(malformed)?)
+            }
+            KIND_SETTLED if version >= 4 => {
+                Frame::Settled(Settled::decode(&mut dec).map_err(malformed)?)
             }
             other => {
                 return Err(DecodeError::Malformed(format!(

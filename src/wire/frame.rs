@@ -35,6 +35,30 @@ pub enum Frame {
     /// Protocol version 3: the receiver's credit for everything the sending node sends
     /// it on this connection (all streams together), like HTTP/2's connection window.
     NodeCredit(NodeCredit),
+    /// Protocol version 4: the sending node says which library-assigned ids of one of
+    /// its *earlier* runs' streams are settled for good, so the receiver's dedup window
+    /// for that stream can move past seqs it will never see (the earlier run is over;
+    /// what it did not deliver waits in the hint store this run replays from).
+    Settled(Settled),
+}
+
+/// Settled ids of an earlier run of the sending node (protocol version 4).
+///
+/// Every library-assigned id `Seq { origin: (connection node, incarnation), channel,
+/// seq < id_floor }` is settled for good: processed, or never to be sent again. A node
+/// sends it while it replays hints of an earlier run of itself (a run with the same
+/// node id and another incarnation): `id_floor` is the lowest seq of that run's stream
+/// still waiting in its hint store for the receiver. The receiver applies it only to an
+/// earlier run of the connection's own node, never to the connection's own run (whose
+/// floor rides in its data frames), and only to a dedup stream it already tracks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Settled {
+    /// The earlier run's incarnation.
+    pub incarnation: u64,
+    /// Channel of the stream.
+    pub channel: ChannelId,
+    /// Every seq below it is settled.
+    pub id_floor: u64,
 }
 
 /// Node-level credit (protocol version 3).
