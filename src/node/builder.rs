@@ -31,6 +31,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
+use tracing::Instrument;
 
 /// Builds a [`Node`].
 #[derive(Debug)]
@@ -147,11 +148,15 @@ impl NodeBuilder {
         }
         let dials_by_id = self.transport.as_ref().is_some_and(|t| t.dials_by_id());
         let origin = Origin::new_random(self.id);
+        // Everything the node starts runs in its span (the stores' recovery, the
+        // transport's tasks, the driver), so their events carry the node.
+        let span = tracing::info_span!("node", node = %origin);
         let dedup_cfg = &self.config.dedup;
         let dedup = open_store(
             || Dedup::open(dedup_cfg.clone()),
             |e| matches!(e, crate::dedup::DedupError::InUse { .. }),
         )
+        .instrument(span.clone())
         .await?;
         let dedup = Arc::new(dedup);
         let mut tcp_stats = None;
@@ -159,10 +164,12 @@ impl NodeBuilder {
             (Some(t), _) => {
                 let mut t = t.into_transport();
                 t.batch_frames();
-                t.start(origin)?
+                span.in_scope(|| t.start(origin))?
             }
             (None, Some((addr, cfg))) => {
-                let (link, stats) = start_tcp(addr, cfg, &self.peers, self.trust, origin).await?;
+                let (link, stats) = start_tcp(addr, cfg, &self.peers, self.trust, origin)
+                    .instrument(span.clone())
+                    .await?;
                 tcp_stats = Some(stats);
                 link
             }
@@ -181,7 +188,8 @@ impl NodeBuilder {
         let hint_in_use = |e: &HintError| matches!(e, HintError::InUse { .. });
         let spool = match &self.config.handoff {
             Some(cfg) => {
-                Some(open_store(|| spool::open(cfg.clone(), origin, start), hint_in_use).await?)
+                let open = open_store(|| spool::open(cfg.clone(), origin, start), hint_in_use);
+                Some(open.instrument(span.clone()).await?)
             }
             None => None,
         };
@@ -193,7 +201,9 @@ impl NodeBuilder {
         let dead_letters = match &self.config.dead_letter_dir {
             Some(dir) => {
                 let capacity = self.config.dead_letter_capacity;
-                open_store(|| DeadLetterQueue::durable(capacity, dir), hint_in_use).await?
+                open_store(|| DeadLetterQueue::durable(capacity, dir), hint_in_use)
+                    .instrument(span.clone())
+                    .await?
             }
             None => DeadLetterQueue::new(self.config.dead_letter_capacity),
         };
@@ -202,6 +212,7 @@ impl NodeBuilder {
         let mut endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
         endpoint.set_authorization(self.config.authorization.clone());
         let shared = Arc::new(Shared {
+            span,
             windows: Mutex::new(FxHashMap::default()),
             receivers: Mutex::new(FxHashMap::default()),
             health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),

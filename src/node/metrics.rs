@@ -17,7 +17,7 @@
 //! | `ackwire_messages_retransmitted_total` | counter | node, peer, channel | retransmissions of the stream (synced from the protocol core about once a second and at shutdown) |
 //! | `ackwire_messages_acked_total` | counter | node, peer, channel | messages the target acknowledged (at-most-once: transmitted) |
 //! | `ackwire_messages_given_up_total` | counter | node, peer, channel | messages whose retries ran out (deadline or attempts), whether then handed off or failed |
-//! | `ackwire_messages_rejected_total` | counter | node, peer, channel, reason | messages the target refused for good; `reason` is `no_receiver`, `unauthorized`, `undecodable`, `dead_lettered`, `type_mismatch`, `stream_retired` or `other` |
+//! | `ackwire_messages_rejected_total` | counter | node, peer, channel, reason | messages the target refused for good; `reason` is `no_receiver`, `unauthorized`, `undecodable`, `dead_lettered`, `type_mismatch`, `stream_retired`, `key_table_full` or `other` |
 //! | `ackwire_messages_in_flight` | gauge | node, peer, channel | messages accepted by `send` whose receipt has not resolved yet |
 //! | `ackwire_ack_latency_seconds` | histogram | node, peer, channel | from `send` accepting a message to its ack (at-least-once and effectively-once; hint replays excluded) |
 //! | `ackwire_window_waits_total` | counter | node, peer, channel | `send` calls that waited for the stream's in-flight window |

@@ -22,6 +22,9 @@ use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 
 #[derive(Debug)]
 pub(super) struct Shared {
+    /// The node's `node` span: the driver and the transport run in it, and events
+    /// raised on the application's tasks (a payload that does not decode) enter it.
+    pub(super) span: tracing::Span,
     pub(super) windows: Mutex<FxHashMap<(NodeId, ChannelId), Arc<Semaphore>>>,
     pub(super) receivers: Mutex<FxHashMap<ChannelId, mpsc::WeakUnboundedSender<Delivery<Bytes>>>>,
     pub(super) health: Mutex<FxHashMap<NodeId, Health>>,
@@ -96,6 +99,8 @@ impl Shared {
     /// Count an undecodable payload; warn at most once a second.
     pub(super) fn decode_failed(&self, id: MessageId, channel: ChannelId, error: &str) {
         let total = self.decode_failed.fetch_add(1, Ordering::Relaxed) + 1;
+        // Raised on the application's receiving task, outside the driver's span.
+        let _node = self.span.enter();
         if warn_due(&self.decode_warned) {
             tracing::warn!(%id, channel = channel.0, %error, total, "payload does not decode as the receiver's type; dead-lettered and rejected (not acked)");
         } else {

@@ -26,7 +26,7 @@ pub(super) async fn supervise(
     origin: Origin,
     end: EndGuard,
 ) {
-    let span = tracing::info_span!("node", node = %origin);
+    let span = shared.span.clone();
     let mut run = Box::pin(tracing::Instrument::instrument(driver.run(), span));
     if let Err(panic) = (CatchUnwind(&mut run)).await {
         let cause: Arc<str> = if let Some(s) = panic.downcast_ref::<&str>() {

@@ -513,7 +513,7 @@ impl Transport for TcpTransport {
                     .collect(),
             ),
         });
-        let acceptor = tokio::spawn(accept_loop(listener, Arc::clone(&ctx)));
+        let acceptor = spawn_here(accept_loop(listener, Arc::clone(&ctx)));
         let mut mgr = Manager {
             ctx,
             events: events_tx,
@@ -526,7 +526,7 @@ impl Transport for TcpTransport {
             mgr.add_peer(peer, addr);
         }
         tracing::info!(node = %local, %local_addr, "tcp: listening");
-        tokio::spawn(mgr.run(cmd_rx, internal_rx));
+        spawn_here(mgr.run(cmd_rx, internal_rx));
         Ok(Link {
             commands: cmd_tx,
             events: events_rx,
@@ -993,7 +993,7 @@ impl Manager {
         if p.conn.is_some() || p.dialer.as_ref().is_some_and(|d| !d.is_finished()) {
             return;
         }
-        p.dialer = Some(tokio::spawn(dial_loop(peer, addr, ctx, after_backoff)));
+        p.dialer = Some(spawn_here(dial_loop(peer, addr, ctx, after_backoff)));
     }
 
     async fn established(&mut self, e: Established) {
@@ -1019,7 +1019,7 @@ impl Manager {
                 let old = Arc::clone(&cur.last_read);
                 let mut e = e;
                 e.deferred = true;
-                tokio::spawn(async move {
+                spawn_here(async move {
                     let until = tokio::time::Instant::now() + RESTART_GRACE;
                     while !old.ended.load(Ordering::Acquire) && tokio::time::Instant::now() < until
                     {
@@ -1199,7 +1199,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
                         continue; // dropping tcp closes it
                     };
                     let ctx = Arc::clone(&ctx);
-                    handshakes.spawn(async move {
+                    handshakes.spawn(tracing::Instrument::instrument(async move {
                         let _ = tcp.set_nodelay(true);
                         // A failure is counted and logged inside.
                         if let Ok((hs, stream)) = secure_and_handshake(tcp, &ctx, None, remote).await {
@@ -1215,7 +1215,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
                                 deferred: false,
                             }));
                         }
-                    });
+                    }, tracing::Span::current()));
                 }
                 Err(e) => {
                     // E.g. out of file descriptors: back off instead of spinning.
@@ -1526,7 +1526,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let reader = tokio::spawn(read_loop(
+    let reader = spawn_here(read_loop(
         rd,
         early,
         buf,
@@ -1535,7 +1535,7 @@ where
         Arc::clone(&ctx),
         last_read,
     ));
-    let writer = tokio::spawn(write_loop(wr, queue, conn, ctx));
+    let writer = spawn_here(write_loop(wr, queue, conn, ctx));
     (reader, writer)
 }
 
@@ -1742,6 +1742,20 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         tracing::debug!(%peer, error = %e, "tcp: write failed");
     }
     let _ = ctx.internal.send(Internal::Closed { peer, conn_id });
+}
+
+/// Spawn `fut` in the caller's span. A node starts its transport inside its `node` span
+/// (`NodeBuilder::build`), and every task here spawns the next from within one, so the
+/// transport's events carry the node like the driver's do.
+fn spawn_here<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::task::spawn(tracing::Instrument::instrument(
+        fut,
+        tracing::Span::current(),
+    ))
 }
 
 #[cfg(test)]
