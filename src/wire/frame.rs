@@ -7,7 +7,11 @@ use bincode::{Decode, Encode};
 use bytes::Bytes;
 
 /// One protocol frame.
+///
+/// `#[non_exhaustive]`: each protocol version has added frames (version 4 the
+/// [`Frame::Settled`]); a `match` outside this crate needs a wildcard arm.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Frame {
     /// First frame on every connection, both directions.
     Handshake(Handshake),
