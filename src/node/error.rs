@@ -224,7 +224,11 @@ pub enum Outcome {
     Sent,
     /// The target was unreachable: the message is durably stored as a hint (per the
     /// store's fsync policy) and will be replayed, under its original ID, when the
-    /// target is back — until the hint TTL, or the target is decommissioned.
+    /// target is back — until the hint TTL, or the target is decommissioned. Also the
+    /// outcome of an effectively-once message sent while more than a window
+    /// (`ProtoConfig::max_in_flight`) of this run's earlier messages on its stream still
+    /// wait in the hint store: the target's dedup window would refuse it until they are
+    /// replayed, so it is stored behind them and replayed in turn.
     HandedOff,
 }
 

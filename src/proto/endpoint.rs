@@ -710,6 +710,16 @@ impl Endpoint {
             .unsettled_one(send.seq)
     }
 
+    /// Would a receiver's dedup window refuse `send` (just sent) now, because this
+    /// run's own handed-off messages on its stream, still in the hint store, hold the
+    /// stream's id floor more than `max_in_flight` below its id? (A receiver's window is
+    /// at least its `max_in_flight` wide, twice by default.)
+    pub(crate) fn far_above_hint_floor(&self, send: SendRef) -> bool {
+        self.outbound
+            .get(&(send.peer, send.channel))
+            .is_some_and(|s| s.far_above_hint_floor(send.seq, self.config.max_in_flight as u64))
+    }
+
     /// Take an unsettled message out of its stream (it was stored as a hint): no
     /// retransmission, no receipt event; its implicit id stays unsettled for the
     /// receiver's dedup until [`Endpoint::hint_settled`]. Returns whether it was there.

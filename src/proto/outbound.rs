@@ -1156,6 +1156,20 @@ impl OutboundStream {
         self.hinted.remove(&seq);
     }
 
+    /// Is `seq` (just sent, with its implicit id) at least `span` above the lowest of
+    /// this stream's handed-off seqs still waiting in the hint store? Its id is then
+    /// past what a receiver's dedup window (at least `max_in_flight` wide) accepts
+    /// while those hints hold the id floor down. Effectively-once only (the others are
+    /// not deduped by seq).
+    pub(crate) fn far_above_hint_floor(&self, seq: u64, span: u64) -> bool {
+        self.guarantee == Guarantee::EffectivelyOnce
+            && !self.ids.contains_key(&seq)
+            && self
+                .hinted
+                .first()
+                .is_some_and(|&h| h < self.base && seq >= h.saturating_add(span))
+    }
+
     pub(crate) fn id_floor(&self) -> u64 {
         match self.hinted.first() {
             Some(&h) => h.min(self.base),

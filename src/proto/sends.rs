@@ -185,7 +185,14 @@ impl<R> Sends<R> {
 
     /// `send` was just accepted by the endpoint. If its target is Down (`down_for`:
     /// for how long; `None` unless Down) and the store takes messages for Down
-    /// targets, it goes to the store at once.
+    /// targets, it goes to the store at once. So it does, behind them, when this run's
+    /// own hints for its stream hold the id floor more than a window below its id
+    /// ([`Endpoint::far_above_hint_floor`]): the target would refuse it as a dedup
+    /// window overrun until their replay raised the floor, and while refused it would
+    /// hold the stream's credit, which the replay needs. (Regression: 9 000 own hints
+    /// and a steady producer on the returned target's channel; nothing moved until the
+    /// live messages' 30 s deadline handed them off.) If the store refuses it, it goes
+    /// live as before.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn opened(
         &mut self,
@@ -202,7 +209,34 @@ impl<R> Sends<R> {
         if let Some(hints) = hints {
             if guarantee != Guarantee::AtMostOnce && down_for.is_some() && hints.on_down() {
                 self.hand_off(endpoint, hints, send.peer, Some(send), down_for, now, out);
+            } else if endpoint.far_above_hint_floor(send) {
+                self.queue_behind_hints(endpoint, hints, send, now, out);
             }
+        }
+    }
+
+    /// Store `send` behind its stream's own hints (see [`Sends::opened`]); if the store
+    /// refuses it, it stays live.
+    fn queue_behind_hints(
+        &mut self,
+        endpoint: &mut Endpoint,
+        hints: &mut impl Hints,
+        send: SendRef,
+        now: Instant,
+        out: &mut Vec<Report<R>>,
+    ) {
+        let Some((payload, id)) = endpoint.in_flight_one(send) else {
+            return;
+        };
+        let Some(&(guarantee, _)) = self.open.get(&send) else {
+            return;
+        };
+        if self
+            .store(hints, send, id, guarantee, payload, None, now, out)
+            .is_ok()
+            && endpoint.hand_off(send)
+        {
+            self.resolve(send, Resolution::HandedOff, out);
         }
     }
 
@@ -550,6 +584,76 @@ pub(crate) mod tests {
         assert!(hints.stored.iter().all(|(_, _, d)| *d == down));
         assert_eq!((sends.len(), sends.handed_off()), (0, 3));
         assert!(ep.in_flight_to(PEER).is_empty());
+    }
+
+    /// A new effectively-once send whose id is a window (`max_in_flight`) or more above
+    /// the lowest of its stream's own handed-off seqs still in the store goes to the
+    /// store behind them (a target would refuse it as a dedup overrun); below that it
+    /// goes live, and so does one the store refuses, one with an application key, and
+    /// one sent after the floor rose.
+    #[test]
+    fn a_send_a_window_above_its_streams_own_hints_is_stored_behind_them() {
+        let now = Instant::now();
+        let config = ProtoConfig {
+            max_in_flight: 4,
+            ..ProtoConfig::default()
+        };
+        let origin = Origin {
+            node: NodeId(1),
+            incarnation: 1,
+        };
+        let dedup = Arc::new(Dedup::open_at(DedupConfig::default(), now).unwrap());
+        let mut ep = Endpoint::new(origin, config, dedup, 1);
+        let mut sends = Sends::default();
+        let mut out = Vec::new();
+        let mut hints = MemHints {
+            on_down: true,
+            ..MemHints::default()
+        };
+        let eo = Guarantee::EffectivelyOnce;
+        let open = |ep: &mut Endpoint,
+                    sends: &mut Sends<u8>,
+                    hints: &mut MemHints,
+                    out: &mut Vec<Report<u8>>,
+                    b: u8,
+                    down: bool| {
+            let r = send(ep, eo, b, now);
+            let down_for = down.then_some(Duration::from_secs(1));
+            sends.opened(ep, Some(hints), down_for, r, eo, b, now, out);
+            r
+        };
+        let r1 = open(&mut ep, &mut sends, &mut hints, &mut out, 1, true); // seq 1: hinted
+        for b in 2..=4 {
+            open(&mut ep, &mut sends, &mut hints, &mut out, b, false); // seqs 2-4: live
+        }
+        assert_eq!(resolved(&mut out), [(1, "HandedOff".to_string())]);
+        open(&mut ep, &mut sends, &mut hints, &mut out, 5, false); // seq 5 = 1 + 4
+        assert_eq!(resolved(&mut out), [(5, "HandedOff".to_string())]);
+        hints.full = true;
+        open(&mut ep, &mut sends, &mut hints, &mut out, 6, false);
+        assert!(resolved(&mut out).is_empty(), "refused by the store: live");
+        hints.full = false;
+        let keyed = ep
+            .send(
+                now,
+                Outgoing {
+                    peer: PEER,
+                    channel: ChannelId(3),
+                    guarantee: eo,
+                    payload: Bytes::from_static(b"k"),
+                    id: Some(MessageId::Key(crate::IdKey(9))),
+                    deadline: None,
+                    schema: 0,
+                },
+            )
+            .unwrap();
+        sends.opened(&mut ep, Some(&mut hints), None, keyed, eo, 7, now, &mut out);
+        assert!(resolved(&mut out).is_empty(), "an application key: live");
+        ep.hint_settled(r1); // seq 1 delivered: the floor is seq 5 now
+        open(&mut ep, &mut sends, &mut hints, &mut out, 8, false); // seq 8 < 5 + 4
+        assert!(resolved(&mut out).is_empty(), "below the risen floor: live");
+        assert_eq!(hints.stored.len(), 2);
+        assert_eq!(ep.in_flight_to(PEER).len(), 6);
     }
 
     #[test]
