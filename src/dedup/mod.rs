@@ -51,7 +51,9 @@
 //! every seq ever begun and nothing was pending (a live sender that was only idle), and
 //! is otherwise refused with the typed [`DedupError::StreamRetired`] — never processed
 //! twice, never dropped silently. Retirement runs by itself when a new stream appears
-//! or is refused at `max_streams` (at most every `retention / 8`);
+//! or is refused at `max_streams` (at most every `retention / 8`); a stream limit
+//! reached also retires at once the streams whose tombstones answer exactly (every
+//! seq begun settled, nothing in progress, idle for a second), which loses nothing;
 //! [`Dedup::retire_idle`] runs it on demand.
 //!
 //! **The retention must exceed the longest time a message can still arrive**: the
@@ -241,14 +243,19 @@ pub struct DedupConfig {
     /// inside a default `NodeConfig` validates.
     pub window: u32,
     /// Most live `(origin, channel)` streams (retired ones do not count). Default
-    /// 16 384.
+    /// 16 384. At the limit, streams whose tombstones answer exactly (every seq they
+    /// began settled, nothing in progress, idle for a second) are retired to make room;
+    /// otherwise the new stream is refused with [`DedupError::TooManyStreams`].
     pub max_streams: usize,
     /// Most live streams of one sending node, over all its runs (incarnations) and
     /// channels, so that no one peer can take the whole of `max_streams` from the
-    /// others (a peer may name any incarnation of itself). Default 4 096 (a node that
-    /// restarted 2 000 times within the retention on two channels); at the limit the
-    /// node's idle streams past the retention make room, and otherwise its new stream
-    /// is refused with [`DedupError::TooManyStreams`] (counted; its sender retries).
+    /// others (a peer may name any incarnation of itself). Default 4 096. At the limit
+    /// the node's own streams make room: those idle past the retention, and, at once,
+    /// those whose tombstones answer exactly (every seq they began settled, nothing in
+    /// progress, idle for a second: a run that shut down, or crashed with nothing lost
+    /// on the way). Otherwise its new stream is refused with
+    /// [`DedupError::TooManyStreams`] (counted; its sender retries): 4 096 streams of
+    /// one node with messages in flight or lost ones below settled ones.
     /// Capped by `max_streams`.
     pub max_streams_per_node: usize,
     /// Initial slots of the application-key table (rounded up to a power of two); it

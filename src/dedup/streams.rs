@@ -46,6 +46,10 @@ use crate::{ChannelId, NodeId, Origin};
 /// Set in a stream's gate while it is being retired.
 const CLOSED: u64 = 1 << 63;
 
+/// How long a settled stream must have been idle before a full registry retires it
+/// early ([`StreamRegistry::retire_under_pressure`]).
+const PRESSURE_IDLE_MS: u64 = 1_000;
+
 pub(super) type StreamKey = (Origin, ChannelId);
 
 /// What is left of a retired stream.
@@ -152,6 +156,17 @@ impl StreamEntry {
         }
     }
 
+    /// Its tombstone would answer every later seq exactly (see the module docs): not
+    /// finished, nothing in progress, every seq it began settled; and idle for
+    /// [`PRESSURE_IDLE_MS`] at `now_ms`.
+    fn answered_exactly(&self, now_ms: u64) -> bool {
+        let idle = now_ms.saturating_sub(self.last_active_ms.load(Ordering::Acquire));
+        idle >= PRESSURE_IDLE_MS
+            && self.finished.load(Ordering::Acquire) == 0
+            && self.inflight.load(Ordering::Acquire) == 0
+            && self.max_seen.load(Ordering::Acquire) <= self.window.watermark()
+    }
+
     /// Retirable at `now_ms`: finished and settled, or idle for `retention_ms` with no
     /// message in progress (one held by a handler for twice the retention does not
     /// keep it: a seq whose in-progress mark a sender's floor overtook is never
@@ -190,6 +205,8 @@ pub(super) struct StreamRegistry {
     len: AtomicU64,
     tombstones: AtomicU64,
     next_sweep_ms: AtomicU64,
+    /// When a full registry last looked for streams to retire early.
+    pressure_scan_ms: AtomicU64,
     pub(super) counters: StreamCounters,
 }
 
@@ -227,6 +244,7 @@ impl StreamRegistry {
             len: AtomicU64::new(0),
             tombstones: AtomicU64::new(0),
             next_sweep_ms: AtomicU64::new(0),
+            pressure_scan_ms: AtomicU64::new(0),
             counters: StreamCounters::default(),
         }
     }
@@ -429,9 +447,68 @@ impl StreamRegistry {
 
     /// Retires `k` now if it is retirable (see [`StreamEntry::retirable`]).
     pub(super) fn try_retire(&self, k: StreamKey, now_ms: u64) -> Option<Tombstone> {
+        let retention_ms = self.retention_ms;
+        self.retire_if(k, now_ms, |e| e.retirable(now_ms, retention_ms))
+    }
+
+    /// A stream limit is reached: retire every live stream (of `node` only, for its
+    /// per-node limit) that its tombstone answers exactly — nothing in progress, no
+    /// hole (every seq it began is settled), not finished — and that was idle for
+    /// [`PRESSURE_IDLE_MS`], so a new stream finds room. Lossless: a later seq at or
+    /// below the watermark is a duplicate, one above it revives the stream where it
+    /// stopped. At most one scan per [`PRESSURE_IDLE_MS`] / 10, and none while the
+    /// tombstones number four times the limit (they bound the memory this trades the
+    /// windows for). Returns how many were retired. (Regression: a sender's 4 097th
+    /// effectively-once channel, or any channel of its run after 8 crashed runs of 512
+    /// channels each, was refused for the 24 h retention.)
+    fn retire_under_pressure(
+        &self,
+        node: Option<NodeId>,
+        now_ms: u64,
+        changes: &mut Vec<Change>,
+    ) -> usize {
+        let last = self.pressure_scan_ms.load(Ordering::Relaxed);
+        if now_ms < last.saturating_add(PRESSURE_IDLE_MS / 10)
+            || self.tombstones() >= 4 * self.max as u64
+            || self
+                .pressure_scan_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return 0;
+        }
+        let mut candidates = Vec::new();
+        self.live.for_each(|k, e| {
+            if node.is_none_or(|n| k.0.node == n) && e.answered_exactly(now_ms) {
+                candidates.push(*k);
+            }
+        });
+        let mut n = 0;
+        for k in candidates {
+            if let Some(t) = self.retire_if(k, now_ms, |e| e.answered_exactly(now_ms)) {
+                changes.push(Change::Retired(k, t));
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::debug!(
+                retired = n,
+                "dedup: idle, settled streams retired to make room"
+            );
+        }
+        n
+    }
+
+    /// Retires `k` now if `retirable` holds for it, before and after its gate closed.
+    fn retire_if(
+        &self,
+        k: StreamKey,
+        now_ms: u64,
+        retirable: impl Fn(&StreamEntry) -> bool,
+    ) -> Option<Tombstone> {
         let t = self.live.with(&k, |e| {
             let e = e?;
-            if !e.retirable(now_ms, self.retention_ms) {
+            if !retirable(e) {
                 return None;
             }
             if e.gate
@@ -441,7 +518,7 @@ impl StreamRegistry {
                 return None;
             }
             // A begin may have touched it between the check and the close.
-            if !e.retirable(now_ms, self.retention_ms) {
+            if !retirable(e) {
                 e.gate.fetch_and(!CLOSED, Ordering::AcqRel);
                 return None;
             }
@@ -621,6 +698,9 @@ impl StreamRegistry {
             if self.live.with(&k, |e| e.is_some()) {
                 return Ok(false);
             }
+            if self.retire_under_pressure(None, now_ms, changes) > 0 {
+                return self.create_with(k, floor, now_ms, changes, limited);
+            }
             return Err(DedupError::TooManyStreams { max: self.max });
         }
         // One node's share. (Regression: one admitted peer naming 16 384 made-up
@@ -635,6 +715,9 @@ impl StreamRegistry {
             self.len.fetch_sub(1, Ordering::AcqRel);
             if self.live.with(&k, |e| e.is_some()) {
                 return Ok(false);
+            }
+            if self.retire_under_pressure(Some(k.0.node), now_ms, changes) > 0 {
+                return self.create_with(k, floor, now_ms, changes, limited);
             }
             return Err(DedupError::TooManyStreams {
                 max: self.max_per_node,
