@@ -332,25 +332,35 @@ fn write_fixtures() {
     copy_dir(&dd, &dir.join("dedup"));
 }
 
-#[test]
-fn v2_wire_fixtures_decode_and_encode_to_the_same_bytes() {
-    let dir = fixtures("v2").join("wire");
-    for (name, want) in v2_frames() {
+/// Every fixture of protocol `version` decodes to `frames` (by name) and re-encodes
+/// byte for byte.
+fn frozen_frames_round_trip(version: u16, frames: Vec<(&'static str, Frame)>) {
+    let dir = fixtures(&format!("v{version}")).join("wire");
+    for (name, want) in frames {
         let bytes = std::fs::read(dir.join(format!("{name}.bin")))
             .unwrap_or_else(|e| panic!("fixture {name}: {e}"));
         let mut buf = BytesMut::from(&bytes[..]);
         let got = FrameDecoder::default()
-            .with_version(2)
+            .with_version(version)
             .decode(&mut buf)
-            .unwrap_or_else(|e| panic!("v2 fixture {name} no longer decodes: {e}"));
-        assert_eq!(got.as_ref(), Some(&want), "v2 fixture {name}");
+            .unwrap_or_else(|e| panic!("v{version} fixture {name} no longer decodes: {e}"));
+        assert_eq!(got.as_ref(), Some(&want), "v{version} fixture {name}");
         let mut again = BytesMut::new();
         FrameEncoder::default()
-            .with_version(2)
+            .with_version(version)
             .encode(&want, &mut again)
             .unwrap();
-        assert_eq!(&again[..], &bytes[..], "v2 frame {name} changed its bytes");
+        assert_eq!(
+            &again[..],
+            &bytes[..],
+            "v{version} frame {name} changed its bytes"
+        );
     }
+}
+
+#[test]
+fn v2_wire_fixtures_decode_and_encode_to_the_same_bytes() {
+    frozen_frames_round_trip(2, v2_frames());
     support::reliability::report(
         "compat",
         "frozen v2 frames",
@@ -361,23 +371,7 @@ fn v2_wire_fixtures_decode_and_encode_to_the_same_bytes() {
 
 #[test]
 fn v3_wire_fixtures_decode_and_encode_to_the_same_bytes() {
-    let dir = fixtures("v3").join("wire");
-    for (name, want) in v3_frames() {
-        let bytes = std::fs::read(dir.join(format!("{name}.bin")))
-            .unwrap_or_else(|e| panic!("fixture {name}: {e}"));
-        let mut buf = BytesMut::from(&bytes[..]);
-        let got = FrameDecoder::default()
-            .with_version(3)
-            .decode(&mut buf)
-            .unwrap_or_else(|e| panic!("v3 fixture {name} no longer decodes: {e}"));
-        assert_eq!(got.as_ref(), Some(&want), "v3 fixture {name}");
-        let mut again = BytesMut::new();
-        FrameEncoder::default()
-            .with_version(3)
-            .encode(&want, &mut again)
-            .unwrap();
-        assert_eq!(&again[..], &bytes[..], "v3 frame {name} changed its bytes");
-    }
+    frozen_frames_round_trip(3, v3_frames());
     support::reliability::report(
         "compat",
         "frozen v3 frames",
@@ -388,23 +382,7 @@ fn v3_wire_fixtures_decode_and_encode_to_the_same_bytes() {
 
 #[test]
 fn v4_wire_fixtures_decode_and_encode_to_the_same_bytes() {
-    let dir = fixtures("v4").join("wire");
-    for (name, want) in v4_frames() {
-        let bytes = std::fs::read(dir.join(format!("{name}.bin")))
-            .unwrap_or_else(|e| panic!("fixture {name}: {e}"));
-        let mut buf = BytesMut::from(&bytes[..]);
-        let got = FrameDecoder::default()
-            .with_version(4)
-            .decode(&mut buf)
-            .unwrap_or_else(|e| panic!("v4 fixture {name} no longer decodes: {e}"));
-        assert_eq!(got.as_ref(), Some(&want), "v4 fixture {name}");
-        let mut again = BytesMut::new();
-        FrameEncoder::default()
-            .with_version(4)
-            .encode(&want, &mut again)
-            .unwrap();
-        assert_eq!(&again[..], &bytes[..], "v4 frame {name} changed its bytes");
-    }
+    frozen_frames_round_trip(4, v4_frames());
     support::reliability::report(
         "compat",
         "frozen v4 frames",
