@@ -468,3 +468,62 @@ async fn batched_frames_arrive_in_order_and_frames_before_a_bad_one_are_kept() {
     shutdown(a).await;
     shutdown(b).await;
 }
+
+/// The node's driver may wait for room in the command channel before it reads events
+/// again, while the transport waits for room in the event channel to report a peer
+/// coming up or going down. Neither may wait on the other: the transport keeps taking
+/// commands while an event waits. (Regression: with more peers changing state than the
+/// event channel holds, the manager blocked on `Up` and stopped reading commands, and
+/// a node whose driver then filled the command channel hung for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_taken_while_the_event_channel_is_full_of_peer_changes() {
+    // A small channel stands for the default 1 024 with more than 1 024 peers.
+    const CAP: usize = 2;
+    const PEERS: u64 = 5;
+    let cfg = TcpConfig {
+        channel_capacity: CAP,
+        ..config()
+    };
+    let mut r = Box::new(TcpTransport::new(any_port(), cfg).unwrap())
+        .start(origin(1, 1))
+        .unwrap();
+    let r_addr = r.local_addr.unwrap();
+    let mut peers = Vec::new();
+    for p in 0..PEERS {
+        peers.push(start(origin(10 + p, 1), any_port(), &[(1, r_addr)]).0);
+    }
+    // Nobody reads `r`'s events yet: two `Up`s fill the channel and the third waits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // More commands than the command channel holds, as a busy driver's flush sends.
+    for round in 0..(4 * CAP as u64) {
+        timeout(
+            Duration::from_secs(5),
+            r.commands.send(LinkCommand::Send {
+                peer: NodeId(10),
+                frames: vec![data(round)],
+            }),
+        )
+        .await
+        .expect("the transport takes commands while its event channel is full")
+        .unwrap();
+    }
+
+    // Every peer's `Up` is reported once events are read again, and the queued
+    // frames reach their peer in order.
+    let mut up = std::collections::HashSet::new();
+    while up.len() < PEERS as usize {
+        match next_event(&mut r).await {
+            LinkEvent::Up { origin, .. } => {
+                up.insert(origin.node);
+            }
+            other => panic!("only peers coming up were expected, got {other:?}"),
+        }
+    }
+    expect_up(&mut peers[0], origin(1, 1)).await;
+    recv_range(&mut peers[0], 1, 0..(4 * CAP as u64)).await;
+    for p in peers {
+        shutdown(p).await;
+    }
+    shutdown(r).await;
+}

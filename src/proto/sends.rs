@@ -122,7 +122,15 @@ pub(crate) struct Sends<R> {
     handoff_refused: u64,
     /// Graceful shutdown: no new sends; open receipts get until then to settle.
     draining_until: Option<Instant>,
+    /// The "hint refused" warning's rate limit: when it was last raised, and how many
+    /// refusals were logged at debug level since.
+    refused_warned_at: Option<Instant>,
+    refused_quiet: u64,
 }
+
+/// At most one "hint refused" warning per this long (a full store refuses every
+/// message of a burst; the rest go to debug, and the next warning counts them).
+const REFUSED_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl<R> Default for Sends<R> {
     fn default() -> Self {
@@ -131,6 +139,8 @@ impl<R> Default for Sends<R> {
             handed_off: 0,
             handoff_refused: 0,
             draining_until: None,
+            refused_warned_at: None,
+            refused_quiet: 0,
         }
     }
 }
@@ -402,6 +412,18 @@ impl<R> Sends<R> {
         }
     }
 
+    /// Whether a refused hint is warned about now (at most once per
+    /// [`REFUSED_WARN_EVERY`]); if so, the next one waits that long.
+    fn refused_warning_due(&mut self, now: Instant) -> bool {
+        let due = self
+            .refused_warned_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= REFUSED_WARN_EVERY);
+        if due {
+            self.refused_warned_at = Some(now);
+        }
+        due
+    }
+
     /// Resolve the open receipt of `send` as `how` (nothing if none is open).
     fn resolve(&mut self, send: SendRef, how: Resolution, out: &mut Vec<Report<R>>) {
         if let Some((guarantee, reply)) = self.open.remove(&send) {
@@ -433,7 +455,13 @@ impl<R> Sends<R> {
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(peer = %send.peer, %id, error = %e, "hint refused");
+                if self.refused_warning_due(now) {
+                    let quiet = std::mem::take(&mut self.refused_quiet);
+                    tracing::warn!(peer = %send.peer, %id, error = %e, refused_since_last_warning = quiet, "hint refused");
+                } else {
+                    self.refused_quiet += 1;
+                    tracing::debug!(peer = %send.peer, %id, error = %e, "hint refused");
+                }
                 Err(e)
             }
         }
@@ -915,5 +943,51 @@ pub(crate) mod tests {
         let payloads: Vec<u8> = hints.stored.iter().map(|(_, p, _)| p[0]).collect();
         assert_eq!(payloads, [0, 1, 2, 3]);
         assert_eq!(sends.len(), 0);
+    }
+
+    #[test]
+    fn a_full_store_warns_once_per_period_and_counts_the_refusals_it_kept_quiet() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let mut sends = Sends::default();
+        let mut out = Vec::new();
+        let mut hints = MemHints {
+            on_down: true,
+            full: true,
+            ..MemHints::default()
+        };
+        let mut refuse = |sends: &mut Sends<_>, i: u8, at: Instant| {
+            let r = send(&mut ep, Guarantee::EffectivelyOnce, i, at);
+            let store = Some(&mut hints);
+            sends.opened(
+                &mut ep,
+                store,
+                Some(Duration::ZERO),
+                r,
+                Guarantee::EffectivelyOnce,
+                i,
+                at,
+                &mut out,
+            );
+        };
+        for i in 0..5 {
+            refuse(&mut sends, i, now + Duration::from_secs(u64::from(i)));
+        }
+        assert_eq!(sends.handoff_refused(), 5);
+        assert_eq!(
+            sends.refused_quiet, 4,
+            "one warning in the first 10 s, four kept quiet"
+        );
+        refuse(&mut sends, 5, now + REFUSED_WARN_EVERY);
+        assert_eq!(
+            sends.refused_quiet, 0,
+            "the next period's warning reports them"
+        );
+        refuse(
+            &mut sends,
+            6,
+            now + REFUSED_WARN_EVERY + Duration::from_secs(1),
+        );
+        assert_eq!(sends.refused_quiet, 1);
     }
 }

@@ -519,6 +519,8 @@ impl Transport for TcpTransport {
             events: events_tx,
             peers: rustc_hash::FxHashMap::default(),
             next_conn_id: 0,
+            commands: cmd_rx,
+            backlog: VecDeque::new(),
             acceptor,
             last_conflict_warn: None,
         };
@@ -526,7 +528,7 @@ impl Transport for TcpTransport {
             mgr.add_peer(peer, addr);
         }
         tracing::info!(node = %local, %local_addr, "tcp: listening");
-        spawn_here(mgr.run(cmd_rx, internal_rx));
+        spawn_here(mgr.run(internal_rx));
         Ok(Link {
             commands: cmd_tx,
             events: events_rx,
@@ -850,6 +852,10 @@ impl Conn {
 struct Manager {
     ctx: Arc<Ctx>,
     events: mpsc::Sender<LinkEvent>,
+    commands: mpsc::Receiver<LinkCommand>,
+    /// Commands taken in while an event waited for room (see [`Manager::emit`]),
+    /// handled before any newer one.
+    backlog: VecDeque<LinkCommand>,
     peers: rustc_hash::FxHashMap<NodeId, Peer>,
     next_conn_id: u64,
     acceptor: JoinHandle<()>,
@@ -858,27 +864,69 @@ struct Manager {
 }
 
 impl Manager {
-    async fn run(
-        mut self,
-        mut commands: mpsc::Receiver<LinkCommand>,
-        mut internal: mpsc::UnboundedReceiver<Internal>,
-    ) {
+    async fn run(mut self, mut internal: mpsc::UnboundedReceiver<Internal>) {
         loop {
+            if let Some(cmd) = self.backlog.pop_front() {
+                if !self.command(cmd).await {
+                    break;
+                }
+                continue;
+            }
             tokio::select! {
                 biased;
                 Some(msg) = internal.recv() => match msg {
                     Internal::Established(e) => self.established(e).await,
                     Internal::Closed { peer, conn_id } => self.closed(peer, conn_id).await,
                 },
-                cmd = commands.recv() => match cmd {
-                    Some(LinkCommand::Send { peer, frames }) => self.send(peer, frames).await,
-                    Some(LinkCommand::AddPeer { peer, addr }) => self.add_peer(peer, addr),
-                    Some(LinkCommand::Withdraw { peer, messages }) => self.withdraw(peer, &messages),
-                    Some(LinkCommand::Shutdown) | None => break,
-                },
+                cmd = self.commands.recv() => {
+                    if !self.command(cmd.unwrap_or(LinkCommand::Shutdown)).await {
+                        break;
+                    }
+                }
             }
         }
         self.shutdown().await;
+    }
+
+    /// Carries out `cmd`; `false` once the transport is to stop.
+    async fn command(&mut self, cmd: LinkCommand) -> bool {
+        match cmd {
+            LinkCommand::Send { peer, frames } => self.send(peer, frames).await,
+            LinkCommand::AddPeer { peer, addr } => self.add_peer(peer, addr),
+            LinkCommand::Withdraw { peer, messages } => self.withdraw(peer, &messages),
+            LinkCommand::Shutdown => return false,
+        }
+        true
+    }
+
+    /// Reports a peer's change to the node. While the event channel is full, keeps
+    /// taking commands into `backlog`: the node's driver may wait for room in the
+    /// command channel before it reads events again, and two tasks each waiting for
+    /// the other's channel would hang the node for good. (Regression: with more peers
+    /// coming up than the event channel holds, `tests/transport_tcp.rs`.)
+    async fn emit(&mut self, event: LinkEvent) {
+        let events = self.events.clone();
+        let room = events.reserve();
+        tokio::pin!(room);
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                permit = &mut room => {
+                    if let Ok(permit) = permit {
+                        permit.send(event);
+                    }
+                    return;
+                }
+                cmd = self.commands.recv(), if open => match cmd {
+                    Some(cmd) => self.backlog.push_back(cmd),
+                    None => {
+                        open = false;
+                        self.backlog.push_back(LinkCommand::Shutdown);
+                    }
+                },
+            }
+        }
     }
 
     fn peer(&mut self, id: NodeId) -> &mut Peer {
@@ -1081,20 +1129,18 @@ impl Manager {
             }
             tracing::debug!(%peer, remote = %e.remote, "tcp: connection replaced");
             if restarted {
-                let _ = self.events.send(LinkEvent::Down { peer }).await;
+                self.emit(LinkEvent::Down { peer }).await;
             }
         }
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         if !had_conn || restarted {
             // Before the reader starts, so Up precedes the connection's frames.
-            let _ = self
-                .events
-                .send(LinkEvent::Up {
-                    origin: e.origin,
-                    version: e.version,
-                })
-                .await;
+            self.emit(LinkEvent::Up {
+                origin: e.origin,
+                version: e.version,
+            })
+            .await;
         }
         let events = self.events.clone();
         let ctx = Arc::clone(&self.ctx);
@@ -1150,7 +1196,7 @@ impl Manager {
         }
         self.ctx.stats.inc(Counter::ConnectionsClosed);
         tracing::info!(%peer, "tcp: disconnected");
-        let _ = self.events.send(LinkEvent::Down { peer }).await;
+        self.emit(LinkEvent::Down { peer }).await;
         self.ensure_dialing(peer, true);
     }
 
