@@ -22,9 +22,14 @@
 //!   and read no event: each waited for the other. The manager now keeps taking
 //!   commands while an event waits (regression test at the transport level:
 //!   `tests/transport_tcp.rs`, `commands_are_taken_while_the_event_channel_is_full_of_peer_changes`).
-//!   Since the fix both variants pass 3 runs of 3 alone; they stay `#[ignore]`d as
-//!   stress runs because beside other tests on 2 cores a 200-node process answers
-//!   `stats()` more slowly than the tests' 10 s bound allows.
+//!   Since the fix the deadlock is gone, but the two stay `#[ignore]`d as stress runs:
+//!   a process of 100–200 debug-build nodes on 2 cores answers the hub's `stats()`
+//!   close to the tests' 10 s bound (the 200-peer run's worst: 2.7–9.0 s). The
+//!   100-peer run passed every run (6 of 6). The 200-peer run passed 12 of 14 runs
+//!   alone and 1 of 3 after the other stress runs in one process: three times
+//!   `stats()` took over 10 s (the probe gives up, and the final sends are then
+//!   reported hung), once a final receipt was not `Acked` (its outcome was not
+//!   captured). Neither the stall nor that receipt is explained yet.
 //!
 //! Seen but within what the tests allow (not failures):
 //!
@@ -106,6 +111,31 @@ fn spawn_handler(
             d.ack();
         }
     })
+}
+
+/// [`spawn_handler`]s for `node`'s effectively-once and at-least-once channels,
+/// counting into `eo` and `alo`.
+fn handle_both(
+    node: &Node,
+    eo: &Seen,
+    alo: &Seen,
+    slow_every: u64,
+    slow_ms: u64,
+) -> [JoinHandle<()>; 2] {
+    [
+        spawn_handler(
+            node.receiver::<u64>(ChannelId(EO), false).unwrap(),
+            eo.clone(),
+            slow_every,
+            slow_ms,
+        ),
+        spawn_handler(
+            node.receiver::<u64>(ChannelId(ALO), false).unwrap(),
+            alo.clone(),
+            slow_every,
+            slow_ms,
+        ),
+    ]
 }
 
 fn check_exactly_once(seen: &Seen, expected: &[u64], what: &str) {
@@ -201,6 +231,21 @@ async fn send_values(tx: Sender<u64>, values: Vec<u64>, keyed: bool, pace: Durat
     out
 }
 
+/// `node` sends `values` to node 1 twice, paced by `pace`: keyed effectively-once and
+/// at-least-once. The two sending tasks.
+fn send_both(node: &Node, values: Vec<u64>, pace: Duration) -> [JoinHandle<Outcomes>; 2] {
+    let eo = node
+        .sender::<u64>(NodeId(1), opts(EO, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let alo = node
+        .sender::<u64>(NodeId(1), opts(ALO, Guarantee::AtLeastOnce))
+        .unwrap();
+    [
+        tokio::spawn(send_values(eo, values.clone(), true, pace)),
+        tokio::spawn(send_values(alo, values, false, pace)),
+    ]
+}
+
 async fn receiver_node(id: NodeId, allow: &[NodeId], tcp: Option<TcpConfig>) -> Node {
     let mut b = match tcp {
         Some(cfg) => Node::builder(id).tcp(any_addr(), cfg),
@@ -260,18 +305,7 @@ async fn many_senders_one_receiver(n: u64, per: u64, tcp: Option<TcpConfig>, wha
     let addr = r.local_addr().unwrap();
     let eo_seen: Seen = Arc::default();
     let alo_seen: Seen = Arc::default();
-    let h1 = spawn_handler(
-        r.receiver::<u64>(ChannelId(EO), false).unwrap(),
-        eo_seen.clone(),
-        10,
-        3,
-    );
-    let h2 = spawn_handler(
-        r.receiver::<u64>(ChannelId(ALO), false).unwrap(),
-        alo_seen.clone(),
-        10,
-        3,
-    );
+    let [h1, h2] = handle_both(&r, &eo_seen, &alo_seen, 10, 3);
     let mut senders = Vec::new();
     for id in &ids {
         senders.push(sender_node(*id, NodeId(1), addr).await);
@@ -516,18 +550,7 @@ async fn b_sender_churn_with_restarts_while_others_keep_flowing() {
     let addr = r.local_addr().unwrap();
     let eo_seen: Seen = Arc::default();
     let alo_seen: Seen = Arc::default();
-    let h1 = spawn_handler(
-        r.receiver::<u64>(ChannelId(EO), false).unwrap(),
-        eo_seen.clone(),
-        8,
-        2,
-    );
-    let h2 = spawn_handler(
-        r.receiver::<u64>(ChannelId(ALO), false).unwrap(),
-        alo_seen.clone(),
-        8,
-        2,
-    );
+    let [h1, h2] = handle_both(&r, &eo_seen, &alo_seen, 8, 2);
 
     let mut expected = Vec::new();
     let mut stable_nodes = Vec::new();
@@ -536,24 +559,7 @@ async fn b_sender_churn_with_restarts_while_others_keep_flowing() {
         let node = sender_node(*id, NodeId(1), addr).await;
         let values = eo_values(i as u64 * 1_000_000, 300);
         expected.extend(values.iter().copied());
-        let eo = node
-            .sender::<u64>(NodeId(1), opts(EO, Guarantee::EffectivelyOnce))
-            .unwrap();
-        let alo = node
-            .sender::<u64>(NodeId(1), opts(ALO, Guarantee::AtLeastOnce))
-            .unwrap();
-        stable_tasks.push(tokio::spawn(send_values(
-            eo,
-            values.clone(),
-            true,
-            Duration::from_millis(200),
-        )));
-        stable_tasks.push(tokio::spawn(send_values(
-            alo,
-            values,
-            false,
-            Duration::from_millis(200),
-        )));
+        stable_tasks.extend(send_both(&node, values, Duration::from_millis(200)));
         stable_nodes.push(node);
     }
 
@@ -759,18 +765,7 @@ async fn c_junk_connection_flood_while_legit_senders_deliver() {
     let addr = r.local_addr().unwrap();
     let eo_seen: Seen = Arc::default();
     let alo_seen: Seen = Arc::default();
-    let h1 = spawn_handler(
-        r.receiver::<u64>(ChannelId(EO), false).unwrap(),
-        eo_seen.clone(),
-        10,
-        3,
-    );
-    let h2 = spawn_handler(
-        r.receiver::<u64>(ChannelId(ALO), false).unwrap(),
-        alo_seen.clone(),
-        10,
-        3,
-    );
+    let [h1, h2] = handle_both(&r, &eo_seen, &alo_seen, 10, 3);
     let opening = Arc::new(captured_opening(claimed, NodeId(1)).await);
 
     let mut legit = Vec::new();
@@ -948,18 +943,7 @@ async fn d_hub_fans_out_to_eighty_peers_and_receives_from_them() {
         hub.add_peer(id, s.local_addr().unwrap());
         let eo: Seen = Arc::default();
         let alo: Seen = Arc::default();
-        handlers.push(spawn_handler(
-            s.receiver::<u64>(ChannelId(EO), false).unwrap(),
-            eo.clone(),
-            20,
-            2,
-        ));
-        handlers.push(spawn_handler(
-            s.receiver::<u64>(ChannelId(ALO), false).unwrap(),
-            alo.clone(),
-            20,
-            2,
-        ));
+        handlers.extend(handle_both(&s, &eo, &alo, 20, 2));
         spoke_seen.push((eo, alo));
         spokes.push(s);
     }
@@ -1112,17 +1096,47 @@ async fn e_receiver_stops_reading_with_many_peers_then_resumes() {
 // ---------------------------------------------------------------------------------------
 // 5. many peers coming up and going down at once under heavy traffic
 
+/// What loads the receiver in a mass-churn run.
+#[derive(Clone, Copy)]
+enum Load {
+    /// Senders send at-least-once messages one at a time, to a handler that is
+    /// sometimes slow.
+    SlowHandler,
+    /// Senders send batches (`send_many`) and the application acks at once in batches
+    /// (`recv_many`): the receiver's driver, not its handler, is the limit, and the
+    /// transport's event queue stays full.
+    SaturatedDriver,
+}
+
+/// Sends at-least-once messages to node 1 one at a time until its node goes away.
+fn blast_one_by_one(node: &Node, base: u64) -> JoinHandle<()> {
+    let tx = node
+        .sender::<u64>(NodeId(1), opts(ALO, Guarantee::AtLeastOnce))
+        .unwrap();
+    tokio::spawn(async move {
+        let mut receipts = Vec::new();
+        for k in 0..u64::MAX {
+            match tx.send(&(base + k)).await {
+                Ok(r) => receipts.push(r),
+                Err(_) => break,
+            }
+            if receipts.len() > 8192 {
+                receipts.drain(..4096);
+            }
+        }
+    })
+}
+
 /// A receiver with 100 sender peers that all send as fast as their windows allow
-/// (at-least-once) to a handler that is sometimes slow; every 1.5 s half of them are
-/// dropped at once and restarted at once as new incarnations (4 rounds), so the
-/// receiver's transport reports ~200 peers down and up per round while its event queue
-/// is full of data. The receiver must keep answering `stats()` (a probe every 200 ms,
-/// 10 s allowed), and at the end every peer's last incarnation delivers 20 keyed
+/// (at-least-once, under `load`); every `period` half of them are dropped at once
+/// and restarted at once as new incarnations (`rounds` rounds), so the receiver's
+/// transport reports ~200 peers down and up per round while its event queue is full
+/// of data. The receiver must keep answering `stats()` (a probe every 200 ms, 10 s
+/// allowed), and at the end every peer's last incarnation delivers 20 keyed
 /// effectively-once messages, each processed exactly once and `Acked`.
 ///
 /// 100 nodes on one IP: `max_connections_per_ip` raised from 64 to 256 for that reason.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn f_mass_up_down_under_heavy_traffic_receiver_stays_responsive() {
+async fn mass_churn_to_one_receiver(load: Load, rounds: u64, period: Duration, what: &str) {
     const N: u64 = 100;
     let start = Instant::now();
     let ids: Vec<NodeId> = (0..N).map(|i| NodeId(1000 + i)).collect();
@@ -1133,40 +1147,24 @@ async fn f_mass_up_down_under_heavy_traffic_receiver_stays_responsive() {
     let r = Arc::new(receiver_node(NodeId(1), &ids, Some(tcp)).await);
     let addr = r.local_addr().unwrap();
     let eo_seen: Seen = Arc::default();
-    let alo_seen: Seen = Arc::default();
     let h1 = spawn_handler(
         r.receiver::<u64>(ChannelId(EO), false).unwrap(),
         eo_seen.clone(),
         10,
         3,
     );
-    let h2 = spawn_handler(
-        r.receiver::<u64>(ChannelId(ALO), false).unwrap(),
-        alo_seen.clone(),
-        200,
-        5,
-    );
+    let alo = r.receiver::<u64>(ChannelId(ALO), false).unwrap();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let alo_seen: Seen = Arc::default();
+    let (h2, blast): (_, fn(&Node, u64) -> JoinHandle<()>) = match load {
+        Load::SlowHandler => (
+            spawn_handler(alo, alo_seen.clone(), 200, 5),
+            blast_one_by_one,
+        ),
+        Load::SaturatedDriver => (spawn_fast_handler(alo, delivered.clone()), blast_alo),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let probe = spawn_liveness_probe(r.clone(), stop.clone(), Duration::from_secs(10));
-
-    // A blaster: sends at-least-once messages until its node goes away.
-    let blast = |node: &Node, base: u64| {
-        let tx = node
-            .sender::<u64>(NodeId(1), opts(ALO, Guarantee::AtLeastOnce))
-            .unwrap();
-        tokio::spawn(async move {
-            let mut receipts = Vec::new();
-            for k in 0..u64::MAX {
-                match tx.send(&(base + k)).await {
-                    Ok(r) => receipts.push(r),
-                    Err(_) => break,
-                }
-                if receipts.len() > 8192 {
-                    receipts.drain(..4096);
-                }
-            }
-        })
-    };
     let mut nodes: Vec<Option<(Node, JoinHandle<()>)>> = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let n = sender_node(*id, NodeId(1), addr).await;
@@ -1174,78 +1172,63 @@ async fn f_mass_up_down_under_heavy_traffic_receiver_stays_responsive() {
         nodes.push(Some((n, t)));
     }
     let mut hung = None;
-    for round in 0..4u64 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+    for round in 0..rounds {
+        tokio::time::sleep(period).await;
         if probe.is_finished() {
             hung = Some(round);
             break;
         }
-        let half: Vec<usize> = (0..N as usize)
-            .filter(|i| (i + round as usize).is_multiple_of(2))
-            .collect();
-        for &i in &half {
-            if let Some((n, t)) = nodes[i].take() {
-                t.abort();
-                drop(n);
-            }
-        }
-        for &i in &half {
-            let n = sender_node(ids[i], NodeId(1), addr).await;
-            let t = blast(&n, i as u64 * 1_000_000_000 + (round + 1) * 100_000_000);
-            nodes[i] = Some((n, t));
-        }
-        eprintln!("mass churn: round {round} done at {:?}", start.elapsed());
+        restart_half(&mut nodes, &ids, round, addr, blast).await;
+        eprintln!("{what}: round {round} done at {:?}", start.elapsed());
     }
     // Stop the blasters, then every last incarnation sends 20 keyed messages.
-    let mut finals = Vec::new();
-    let mut expected = Vec::new();
-    if hung.is_none() {
-        for (i, slot) in nodes.iter().enumerate() {
-            let (n, t) = slot.as_ref().unwrap();
-            t.abort();
-            let values = eo_values(i as u64 * 1_000_000_000 + 900_000_000, 20);
-            expected.extend(values.iter().copied());
-            let tx = n
-                .sender::<u64>(NodeId(1), opts(EO, Guarantee::EffectivelyOnce))
-                .unwrap();
-            finals.push(tokio::spawn(send_values(tx, values, true, Duration::ZERO)));
-        }
-    }
-    let mut outcomes = Vec::new();
-    let mut finals_hung = false;
-    for t in finals {
-        match tokio::time::timeout(Duration::from_secs(40), t).await {
-            Ok(o) => outcomes.extend(o.unwrap()),
-            Err(_) => {
-                finals_hung = true;
-                break;
-            }
-        }
-    }
+    let (finals, expected) = if hung.is_none() {
+        last_incarnations_send_keyed(&nodes)
+    } else {
+        Default::default()
+    };
+    let (outcomes, finals_hung) = join_finals(finals).await;
     stop.store(true, Ordering::Relaxed);
     let worst = within(15.0, "liveness probe", probe).await.unwrap();
-    let stats = tokio::time::timeout(Duration::from_secs(5), r.stats()).await;
+    let answers = tokio::time::timeout(Duration::from_secs(5), r.stats())
+        .await
+        .is_ok();
     eprintln!(
-        "mass churn: {:?}; worst stats() {worst:?}; hung at round {hung:?}; finals hung \
-         {finals_hung}; receiver answers stats now: {}; alo distinct {}",
+        "{what}: {:?}; worst stats() {worst:?}; hung at round {hung:?}; finals hung \
+         {finals_hung}; receiver answers stats now: {answers}; at-least-once delivered \
+         {} (distinct, slow handler: {})",
         start.elapsed(),
-        stats.is_ok(),
+        delivered.load(Ordering::Relaxed),
         alo_seen.lock().unwrap().len()
     );
     assert!(
         worst.is_some() && hung.is_none() && !finals_hung,
-        "the receiver's driver stopped serving (stats() not answered within 10 s) while \
-         many peers went down and up under heavy traffic (hung at round {hung:?}, \
-         final sends hung: {finals_hung})"
+        "{what}: the receiver's driver stopped serving (stats() not answered within 10 s) \
+         while many peers went down and up (hung at round {hung:?}, final sends hung: \
+         {finals_hung}, answers stats now: {answers})"
     );
-    assert_all_acked(&outcomes, "last incarnations after mass churn");
-    check_exactly_once(&eo_seen, &expected, "mass churn, effectively-once");
+    assert_all_acked(&outcomes, &format!("{what}: last incarnations"));
+    check_exactly_once(&eo_seen, &expected, &format!("{what}: effectively-once"));
     h1.abort();
     h2.abort();
     for (n, t) in nodes.into_iter().flatten() {
         t.abort();
         drop(n);
     }
+}
+
+/// Four rounds, every 1.5 s, senders one message at a time, a sometimes slow handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_mass_up_down_under_heavy_traffic_receiver_stays_responsive() {
+    let period = Duration::from_millis(1500);
+    mass_churn_to_one_receiver(Load::SlowHandler, 4, period, "mass churn").await;
+}
+
+/// Six rounds, every 1 s, with the receiver's driver saturated (batches both ways).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_mass_up_down_with_the_receivers_driver_saturated() {
+    let period = Duration::from_millis(1000);
+    mass_churn_to_one_receiver(Load::SaturatedDriver, 6, period, "saturated churn").await;
 }
 
 /// The fan-out side of the same: a hub sending as fast as its windows allow
@@ -1407,17 +1390,7 @@ async fn hub_fan_out_while_spokes_restart(n_spokes: u64, what: &str) {
             )));
         }
     }
-    let mut outcomes = Vec::new();
-    let mut finals_hung = false;
-    for t in finals {
-        match tokio::time::timeout(Duration::from_secs(40), t).await {
-            Ok(o) => outcomes.extend(o.unwrap()),
-            Err(_) => {
-                finals_hung = true;
-                break;
-            }
-        }
-    }
+    let (outcomes, finals_hung) = join_finals(finals).await;
     stop.store(true, Ordering::Relaxed);
     let worst = within(15.0, "liveness probe", probe).await.unwrap();
     let answers = tokio::time::timeout(Duration::from_secs(5), hub.stats())
@@ -1472,7 +1445,7 @@ async fn f_hub_heavy_fan_out_while_100_spokes_restart() {
 /// stalls 5–10 s), but next to other heavy tests on 2 cores its hub stalls past the
 /// 30 s limit or holds spokes Down past 20 s (see the header): run it alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "stress run (~15 s alone; the hub stalls for seconds beside other tests): run with --ignored --test-threads=1"]
+#[ignore = "stress run (~15 s; the hub stalls for seconds beside other tests): run it alone with --ignored --exact"]
 async fn f_hub_heavy_fan_out_while_150_spokes_restart() {
     hub_fan_out_while_spokes_restart(150, "hub churn, 150 spokes").await;
 }
@@ -1507,133 +1480,67 @@ fn spawn_blaster(node: &Node, peer: NodeId, ch: u32, g: Guarantee, base: u64) ->
     })
 }
 
-/// As `f_mass_up_down…`, but the receiver's application acks at once in batches
-/// (`recv_many`), so the receiver's driver, not its handler, is what limits the 100
-/// blasting senders (the transport's event queue stays full), and every 1 s half of the
-/// peers are dropped at once and restarted at once (6 rounds). The receiver must keep
-/// answering `stats()` (10 s allowed) and then serve 20 keyed effectively-once messages
-/// from every last incarnation, each processed exactly once and `Acked`.
-///
-/// 100 nodes on one IP: `max_connections_per_ip` raised from 64 to 256 for that reason.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn g_mass_up_down_with_the_receivers_driver_saturated() {
-    const N: u64 = 100;
-    let start = Instant::now();
-    let ids: Vec<NodeId> = (0..N).map(|i| NodeId(1000 + i)).collect();
-    let tcp = TcpConfig {
-        max_connections_per_ip: 256,
-        ..TcpConfig::default()
-    };
-    let r = Arc::new(receiver_node(NodeId(1), &ids, Some(tcp)).await);
-    let addr = r.local_addr().unwrap();
-    let eo_seen: Seen = Arc::default();
-    let count = Arc::new(AtomicU64::new(0));
-    let h1 = spawn_handler(
-        r.receiver::<u64>(ChannelId(EO), false).unwrap(),
-        eo_seen.clone(),
-        10,
-        3,
-    );
-    let h2 = spawn_fast_handler(
-        r.receiver::<u64>(ChannelId(ALO), false).unwrap(),
-        count.clone(),
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let probe = spawn_liveness_probe(r.clone(), stop.clone(), Duration::from_secs(10));
-    let mut nodes: Vec<Option<(Node, JoinHandle<()>)>> = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let n = sender_node(*id, NodeId(1), addr).await;
-        let t = spawn_blaster(
-            &n,
-            NodeId(1),
-            ALO,
-            Guarantee::AtLeastOnce,
-            i as u64 * 1_000_000_000,
-        );
-        nodes.push(Some((n, t)));
-    }
-    let mut hung = None;
-    for round in 0..6u64 {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        if probe.is_finished() {
-            hung = Some(round);
-            break;
-        }
-        let half: Vec<usize> = (0..N as usize)
-            .filter(|i| (i + round as usize).is_multiple_of(2))
-            .collect();
-        for &i in &half {
-            if let Some((n, t)) = nodes[i].take() {
-                t.abort();
-                drop(n);
-            }
-        }
-        for &i in &half {
-            let n = sender_node(ids[i], NodeId(1), addr).await;
-            let base = i as u64 * 1_000_000_000 + (round + 1) * 100_000_000;
-            let t = spawn_blaster(&n, NodeId(1), ALO, Guarantee::AtLeastOnce, base);
-            nodes[i] = Some((n, t));
-        }
-        eprintln!(
-            "saturated churn: round {round} done at {:?}, {} delivered so far",
-            start.elapsed(),
-            count.load(Ordering::Relaxed)
-        );
-    }
-    let mut finals = Vec::new();
-    let mut expected = Vec::new();
-    if hung.is_none() {
-        for (i, slot) in nodes.iter().enumerate() {
-            let (n, t) = slot.as_ref().unwrap();
+/// `spawn_blaster` of at-least-once batches to node 1 (the receiver of the mass-churn
+/// tests).
+fn blast_alo(node: &Node, base: u64) -> JoinHandle<()> {
+    spawn_blaster(node, NodeId(1), ALO, Guarantee::AtLeastOnce, base)
+}
+
+/// One round of mass churn: half of `nodes` (which half alternates with `round`) are
+/// dropped at once, then restarted at once as new incarnations of their ids, each
+/// with a new `blast`er starting at a value no earlier run used.
+async fn restart_half(
+    nodes: &mut [Option<(Node, JoinHandle<()>)>],
+    ids: &[NodeId],
+    round: u64,
+    addr: SocketAddr,
+    blast: impl Fn(&Node, u64) -> JoinHandle<()>,
+) {
+    let half: Vec<usize> = (0..nodes.len())
+        .filter(|i| (i + round as usize).is_multiple_of(2))
+        .collect();
+    for &i in &half {
+        if let Some((n, t)) = nodes[i].take() {
             t.abort();
-            let values = eo_values(i as u64 * 1_000_000_000 + 900_000_000, 20);
-            expected.extend(values.iter().copied());
-            let tx = n
-                .sender::<u64>(NodeId(1), opts(EO, Guarantee::EffectivelyOnce))
-                .unwrap();
-            finals.push(tokio::spawn(send_values(tx, values, true, Duration::ZERO)));
+            drop(n);
         }
     }
+    for &i in &half {
+        let n = sender_node(ids[i], NodeId(1), addr).await;
+        let t = blast(&n, i as u64 * 1_000_000_000 + (round + 1) * 100_000_000);
+        nodes[i] = Some((n, t));
+    }
+}
+
+/// Every node's blaster stopped, each last incarnation sends 20 keyed
+/// effectively-once messages to node 1: their tasks, and every value sent.
+fn last_incarnations_send_keyed(
+    nodes: &[Option<(Node, JoinHandle<()>)>],
+) -> (Vec<JoinHandle<Outcomes>>, Vec<u64>) {
+    let (mut finals, mut expected) = (Vec::new(), Vec::new());
+    for (i, slot) in nodes.iter().enumerate() {
+        let (n, t) = slot.as_ref().unwrap();
+        t.abort();
+        let values = eo_values(i as u64 * 1_000_000_000 + 900_000_000, 20);
+        expected.extend(values.iter().copied());
+        let tx = n
+            .sender::<u64>(NodeId(1), opts(EO, Guarantee::EffectivelyOnce))
+            .unwrap();
+        finals.push(tokio::spawn(send_values(tx, values, true, Duration::ZERO)));
+    }
+    (finals, expected)
+}
+
+/// The outcomes of the final sends, 40 s allowed for each task; `true` if one hung.
+async fn join_finals(finals: Vec<JoinHandle<Outcomes>>) -> (Outcomes, bool) {
     let mut outcomes = Vec::new();
-    let mut finals_hung = false;
     for t in finals {
         match tokio::time::timeout(Duration::from_secs(40), t).await {
             Ok(o) => outcomes.extend(o.unwrap()),
-            Err(_) => {
-                finals_hung = true;
-                break;
-            }
+            Err(_) => return (outcomes, true),
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let worst = within(15.0, "liveness probe", probe).await.unwrap();
-    let answers = tokio::time::timeout(Duration::from_secs(5), r.stats())
-        .await
-        .is_ok();
-    eprintln!(
-        "saturated churn: {:?}; worst stats() {worst:?}; hung at round {hung:?}; finals \
-         hung {finals_hung}; receiver answers stats now: {answers}; delivered {}",
-        start.elapsed(),
-        count.load(Ordering::Relaxed)
-    );
-    assert!(
-        worst.is_some() && hung.is_none() && !finals_hung,
-        "the receiver's driver stopped serving (stats() not answered within 10 s) while \
-         many peers went down and up with its driver saturated (hung at round {hung:?}, \
-         final sends hung: {finals_hung}, answers stats now: {answers})"
-    );
-    assert_all_acked(&outcomes, "last incarnations after saturated mass churn");
-    check_exactly_once(
-        &eo_seen,
-        &expected,
-        "saturated mass churn, effectively-once",
-    );
-    h1.abort();
-    h2.abort();
-    for (n, t) in nodes.into_iter().flatten() {
-        t.abort();
-        drop(n);
-    }
+    (outcomes, false)
 }
 
 /// One node that is both sender and receiver with `n` peers, all traffic heavy in
@@ -1879,14 +1786,14 @@ async fn h_two_way_heavy_traffic_with_mass_up_down_40_peers() {
 
 /// `two_way_mass_churn` with 100 peers, 6 rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "stress run (~15 s alone): run with --ignored --test-threads=1"]
+#[ignore = "stress run (~15 s): run it alone with --ignored --exact"]
 async fn h_two_way_heavy_traffic_with_mass_up_down_100_peers() {
     two_way_mass_churn(100, 6, "two-way churn, 100 peers").await;
 }
 
 /// `two_way_mass_churn` with 200 peers, 6 rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "stress run (~25 s alone): run with --ignored --test-threads=1"]
+#[ignore = "stress run (~25 s): run it alone with --ignored --exact"]
 async fn h_two_way_heavy_traffic_with_mass_up_down_200_peers() {
     two_way_mass_churn(200, 6, "two-way churn, 200 peers").await;
 }
@@ -1910,18 +1817,7 @@ async fn b_receiver_restarted_twice_under_sixty_senders() {
     let attach = |r: &Node, runs: &mut Vec<(Seen, Seen)>, handlers: &mut Vec<JoinHandle<()>>| {
         let eo: Seen = Arc::default();
         let alo: Seen = Arc::default();
-        handlers.push(spawn_handler(
-            r.receiver::<u64>(ChannelId(EO), false).unwrap(),
-            eo.clone(),
-            10,
-            3,
-        ));
-        handlers.push(spawn_handler(
-            r.receiver::<u64>(ChannelId(ALO), false).unwrap(),
-            alo.clone(),
-            10,
-            3,
-        ));
+        handlers.extend(handle_both(r, &eo, &alo, 10, 3));
         runs.push((eo, alo));
     };
     attach(&r, &mut runs, &mut handlers);
@@ -1932,24 +1828,7 @@ async fn b_receiver_restarted_twice_under_sixty_senders() {
         let node = sender_node(*id, NodeId(1), addr).await;
         let values = eo_values(i as u64 * 1_000_000, PER);
         expected.extend(values.iter().copied());
-        let eo = node
-            .sender::<u64>(NodeId(1), opts(EO, Guarantee::EffectivelyOnce))
-            .unwrap();
-        let alo = node
-            .sender::<u64>(NodeId(1), opts(ALO, Guarantee::AtLeastOnce))
-            .unwrap();
-        tasks.push(tokio::spawn(send_values(
-            eo,
-            values.clone(),
-            true,
-            Duration::from_millis(100),
-        )));
-        tasks.push(tokio::spawn(send_values(
-            alo,
-            values,
-            false,
-            Duration::from_millis(100),
-        )));
+        tasks.extend(send_both(&node, values, Duration::from_millis(100)));
         senders.push(node);
     }
     for restart in 0..2 {
