@@ -1162,12 +1162,13 @@ impl OutboundStream {
     /// while those hints hold the id floor down. Effectively-once only (the others are
     /// not deduped by seq).
     pub(crate) fn far_above_hint_floor(&self, seq: u64, span: u64) -> bool {
+        // The map lookup last: on almost every send no hint of the stream is pending.
         self.guarantee == Guarantee::EffectivelyOnce
-            && !self.ids.contains_key(&seq)
             && self
                 .hinted
                 .first()
                 .is_some_and(|&h| h < self.base && seq >= h.saturating_add(span))
+            && !self.ids.contains_key(&seq)
     }
 
     pub(crate) fn id_floor(&self) -> u64 {

@@ -558,6 +558,24 @@ pub(crate) mod tests {
         .unwrap()
     }
 
+    /// [`send`] a message and open its receipt (its value is the message byte), the
+    /// target Down for `down_for` if that is `Some`.
+    #[allow(clippy::too_many_arguments)]
+    fn open_one(
+        ep: &mut Endpoint,
+        sends: &mut Sends<u8>,
+        hints: &mut MemHints,
+        out: &mut Vec<Report<u8>>,
+        g: Guarantee,
+        byte: u8,
+        down_for: Option<Duration>,
+        now: Instant,
+    ) -> SendRef {
+        let r = send(ep, g, byte, now);
+        sends.opened(ep, Some(hints), down_for, r, g, byte, now, out);
+        r
+    }
+
     /// The receipts' values (`reply` is the message byte) and resolutions, in order.
     fn resolved(out: &mut Vec<Report<u8>>) -> Vec<(u8, String)> {
         out.drain(..)
@@ -580,17 +598,8 @@ pub(crate) mod tests {
             ..MemHints::default()
         };
         for b in 0..3u8 {
-            let r = send(&mut ep, Guarantee::AtLeastOnce, b, now);
-            sends.opened(
-                &mut ep,
-                Some(&mut hints),
-                None,
-                r,
-                Guarantee::AtLeastOnce,
-                b,
-                now,
-                &mut out,
-            );
+            let alo = Guarantee::AtLeastOnce;
+            open_one(&mut ep, &mut sends, &mut hints, &mut out, alo, b, None, now);
         }
         assert!(out.is_empty(), "an Up target: nothing to decide");
         // The store is full: everything stays open and in flight.
@@ -645,10 +654,8 @@ pub(crate) mod tests {
                     out: &mut Vec<Report<u8>>,
                     b: u8,
                     down: bool| {
-            let r = send(ep, eo, b, now);
             let down_for = down.then_some(Duration::from_secs(1));
-            sends.opened(ep, Some(hints), down_for, r, eo, b, now, out);
-            r
+            open_one(ep, sends, hints, out, eo, b, down_for, now)
         };
         let r1 = open(&mut ep, &mut sends, &mut hints, &mut out, 1, true); // seq 1: hinted
         for b in 2..=4 {
@@ -956,19 +963,10 @@ pub(crate) mod tests {
             full: true,
             ..MemHints::default()
         };
-        let mut refuse = |sends: &mut Sends<_>, i: u8, at: Instant| {
-            let r = send(&mut ep, Guarantee::EffectivelyOnce, i, at);
-            let store = Some(&mut hints);
-            sends.opened(
-                &mut ep,
-                store,
-                Some(Duration::ZERO),
-                r,
-                Guarantee::EffectivelyOnce,
-                i,
-                at,
-                &mut out,
-            );
+        let eo = Guarantee::EffectivelyOnce;
+        let down = Some(Duration::ZERO);
+        let mut refuse = |sends: &mut Sends<u8>, i: u8, at: Instant| {
+            open_one(&mut ep, sends, &mut hints, &mut out, eo, i, down, at);
         };
         for i in 0..5 {
             refuse(&mut sends, i, now + Duration::from_secs(u64::from(i)));
