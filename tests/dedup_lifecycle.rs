@@ -387,6 +387,82 @@ fn one_node_cannot_take_every_stream_from_the_others() {
     );
 }
 
+/// Tombstones are paid for by the node whose streams they are: one node that names
+/// many runs of itself and finishes each at once (a peer that lies about its
+/// incarnation) holds at most four times `max_streams` of them, and does not stop a
+/// full registry from retiring another node's settled streams to make room.
+/// (Regression: a finished stream was retired whatever the tombstones numbered, so
+/// one peer could grow them without bound; and once they numbered four times
+/// `max_streams`, no node's settled streams were retired early any more, so every
+/// other sender at its stream limit was refused for the 24 h retention.)
+#[test]
+fn one_nodes_tombstones_neither_grow_without_bound_nor_block_another_nodes_room() {
+    let mut clock = Clock::new();
+    let cfg = DedupConfig {
+        max_streams: 8,
+        max_streams_per_node: 3,
+        ..node_defaults()
+    };
+    let budget = 4 * cfg.max_streams as u64;
+    let d = Dedup::open_at_wall(cfg.clone(), clock.now(), clock.wall()).unwrap();
+    let run = |node: u64, n: u64| Origin {
+        node: NodeId(node),
+        incarnation: n,
+    };
+    // The liar: 500 made-up runs, each sends one message and announces its end.
+    let (mut served, mut refused) = (0u64, 0u64);
+    for n in 1..=500 {
+        let id = seq_id(run(1, n), 0, 1);
+        match d.begin(&id, clock.now()) {
+            Ok(Admit::Fresh) => {
+                served += 1;
+                d.complete(&id, clock.now()).unwrap();
+                d.finish_stream(run(1, n), ChannelId(0), 1, clock.now())
+                    .unwrap();
+            }
+            Err(DedupError::TooManyStreams { max: 3 }) => refused += 1,
+            other => panic!("run {n}: {other:?}"),
+        }
+        clock.elapsed += Duration::from_millis(10);
+    }
+    let s = d.stats();
+    assert!(
+        s.tombstones <= budget,
+        "one node's tombstones are bounded by {budget}: {s:?}"
+    );
+    assert!(s.streams <= 3, "and its live streams by its limit: {s:?}");
+    assert!(
+        served >= budget && refused > 0,
+        "served until its budget ({served} served, {refused} refused)"
+    );
+    // Every run it was served for is still a duplicate, retired or not.
+    for n in 1..=served {
+        assert_eq!(
+            d.begin(&seq_id(run(1, n), 0, 1), clock.now()).unwrap(),
+            Admit::Duplicate,
+            "run {n}"
+        );
+    }
+    // An honest node: three crashed runs whose streams settled, then a fourth run at
+    // its per-node limit. Its own idle settled streams make room.
+    for n in 1..=3 {
+        let id = seq_id(run(2, n), 0, 1);
+        assert_eq!(d.begin(&id, clock.now()).unwrap(), Admit::Fresh);
+        d.complete(&id, clock.now()).unwrap();
+    }
+    clock.elapsed += Duration::from_secs(2);
+    assert_eq!(
+        d.begin(&seq_id(run(2, 4), 0, 1), clock.now()).unwrap(),
+        Admit::Fresh,
+        "the honest node's new run is served: {:?}",
+        d.stats()
+    );
+    assert_eq!(
+        d.begin(&seq_id(run(2, 1), 0, 1), clock.now()).unwrap(),
+        Admit::Duplicate
+    );
+}
+
 /// A live sender that was merely idle for longer than the retention (no holes) comes
 /// back: its stream is revived at its watermark, exactly.
 #[test]

@@ -309,6 +309,64 @@ fn facade_retirement_races_a_begin() {
     });
 }
 
+/// A tombstone's expiry (the sweep) races the revival of its stream (a message above
+/// everything it saw): both remove the tombstone, and exactly one uncounts it, so the
+/// registry's and the node's tombstone counts end at zero, never wrapped below it. (A
+/// wrapped count would hold the node over its tombstone budget for good.)
+#[test]
+fn facade_tombstone_expiry_races_a_revival() {
+    loom::model(|| {
+        let t0 = Instant::now();
+        let retention = Duration::from_secs(10);
+        let d = Arc::new(
+            Dedup::open_at(
+                DedupConfig {
+                    window: 64,
+                    max_streams: 4,
+                    table_capacity: 8,
+                    retention,
+                    ..DedupConfig::default()
+                },
+                t0,
+            )
+            .unwrap(),
+        );
+        let o = Origin {
+            node: NodeId(1),
+            incarnation: 2,
+        };
+        let id = |seq| MessageId::Seq {
+            origin: o,
+            channel: ChannelId(0),
+            seq,
+        };
+        assert_eq!(d.begin(&id(1), t0).unwrap(), Admit::Fresh);
+        d.complete(&id(1), t0).unwrap();
+        assert_eq!(d.retire_idle(t0 + retention).unwrap(), 1);
+        assert_eq!(d.stats().tombstones, 1);
+        // Past the tombstone's expiry (a retention and a quarter after retirement).
+        let later = t0 + retention * 2 + retention / 4;
+        let d2 = d.clone();
+        let h = thread::spawn(move || d2.retire_idle(later).unwrap());
+        assert_eq!(d.begin(&id(2), later).unwrap(), Admit::Fresh);
+        h.join().unwrap();
+        let s = d.stats();
+        assert_eq!((s.streams, s.tombstones), (1, 0), "{s:?}");
+        // The node's own count is whole too: its finished stream retires at once.
+        // (Whichever won, seq 1 is settled: by the tombstone, or by the sender's floor
+        // when the stream came back new after the tombstone expired.)
+        d.complete(&id(2), later).unwrap();
+        d.advance_floor(o, ChannelId(0), 2, later).unwrap();
+        d.finish_stream(o, ChannelId(0), 2, later).unwrap();
+        let s = d.stats();
+        assert_eq!(
+            (s.streams, s.tombstones, s.retirements_deferred),
+            (0, 1, 0),
+            "{s:?}"
+        );
+    });
+}
+
 /// How many of `answers` are `Fresh`.
 fn fresh_count(answers: &[Admit]) -> usize {
     answers.iter().filter(|a| **a == Admit::Fresh).count()

@@ -33,6 +33,7 @@
 //! | `max_streams` (live) | 16 384 | a new stream refused with `TooManyStreams` |
 //! | `max_streams_per_node` (live, one sending node's runs and channels) | 4 096 | that node's new stream refused with `TooManyStreams` |
 //! | `window` per stream | 8192 seqs | a seq that far above the watermark refused with `WindowOverrun` until holes close |
+//! | tombstones per sending node | 4 × `max_streams` (65 536) | that node's finished or settled streams are no longer retired early (counted in `retirements_deferred`, warned at most every 10 s): they stay live until the retention, and at its live limit its new streams are refused; other nodes are not affected |
 //!
 //! The key table grows with the key rate: it starts at `table_capacity` slots (16 384,
 //! 384 KiB) and adds generations sized for twice the recent key rate × horizon, dropping
@@ -375,6 +376,10 @@ pub struct DedupStats {
     pub streams_revived: u64,
     /// `begin` refused with `StreamRetired`.
     pub retired_refused: u64,
+    /// Early retirements (a finished stream, or a settled one at a stream limit) put
+    /// off because the stream's sending node held its tombstone budget (four times
+    /// `max_streams`); the stream stays live until the retention.
+    pub retirements_deferred: u64,
     /// Key-table generations in use.
     pub key_generations: u64,
     /// Key-table generations dropped whole (all their keys expired).
@@ -845,6 +850,7 @@ impl Dedup {
             streams_retired_finished: l(&s.retired_finished),
             streams_revived: l(&s.revived),
             retired_refused: l(&s.refused_retired),
+            retirements_deferred: l(&s.retire_deferred),
             key_generations: self.table.generations() as u64,
             key_generations_dropped: self.table.generations_dropped(),
             memory_bytes: self.memory_bytes() as u64,

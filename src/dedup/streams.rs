@@ -50,6 +50,14 @@ const CLOSED: u64 = 1 << 63;
 /// early ([`StreamRegistry::retire_under_pressure`]).
 const PRESSURE_IDLE_MS: u64 = 1_000;
 
+/// Tombstones one sending node may hold, as a multiple of `max_streams`, before its
+/// finished and idle-settled streams stop being retired early (they then stay live
+/// until the retention, and its new streams meet its live limit).
+const TOMBSTONES_PER_NODE: u64 = 4;
+
+/// At most one "tombstone budget reached" warning per this many milliseconds.
+const WARN_EVERY_MS: u64 = 10_000;
+
 pub(super) type StreamKey = (Origin, ChannelId);
 
 /// What is left of a retired stream.
@@ -188,6 +196,16 @@ pub(super) struct StreamCounters {
     pub(super) revived: AtomicU64,
     pub(super) refused_retired: AtomicU64,
     pub(super) tombstones_expired: AtomicU64,
+    pub(super) retire_deferred: AtomicU64,
+}
+
+/// What the registry counts per sending node.
+#[derive(Debug, Default)]
+struct NodeCounts {
+    /// Live streams (kept only when there is a per-node limit below `max`).
+    live: AtomicU64,
+    /// Tombstones of its streams.
+    tombstones: AtomicU64,
 }
 
 /// Live streams and tombstones.
@@ -198,15 +216,18 @@ pub(super) struct StreamRegistry {
     max: usize,
     /// Most live streams of one sending node (all its runs).
     max_per_node: usize,
-    /// Live streams per sending node (entries stay at zero: one per node ever seen,
-    /// and only a connection's own node can be named, so as many as peers).
-    per_node: StreamMap<NodeId, AtomicU64>,
+    /// Live streams and tombstones per sending node (entries stay at zero: one per
+    /// node ever seen, and only a connection's own node can be named, so as many as
+    /// peers).
+    per_node: StreamMap<NodeId, NodeCounts>,
     pub(super) retention_ms: u64,
     len: AtomicU64,
     tombstones: AtomicU64,
     next_sweep_ms: AtomicU64,
     /// When a full registry last looked for streams to retire early.
     pressure_scan_ms: AtomicU64,
+    /// When the tombstone budget was last warned about.
+    last_warn_ms: AtomicU64,
     pub(super) counters: StreamCounters,
 }
 
@@ -245,6 +266,7 @@ impl StreamRegistry {
             tombstones: AtomicU64::new(0),
             next_sweep_ms: AtomicU64::new(0),
             pressure_scan_ms: AtomicU64::new(0),
+            last_warn_ms: AtomicU64::new(0),
             counters: StreamCounters::default(),
         }
     }
@@ -335,9 +357,11 @@ impl StreamRegistry {
             return;
         };
         if now_ms >= t.retired_ms + self.refresh_ms() {
-            // A racing sweep may drop the refreshed copy; it then expires on the old
-            // clock, as it would have without this message.
-            self.retired.insert(
+            // A racing sweep may forget it just before this (it is then put back and
+            // counted again, and answers for a retention more, which is only safer) or
+            // just after (it then expires on the old clock, as it would have without
+            // this message).
+            self.add_tombstone(
                 *k,
                 Tombstone {
                     retired_ms: now_ms,
@@ -445,10 +469,57 @@ impl StreamRegistry {
         }
     }
 
-    /// Retires `k` now if it is retirable (see [`StreamEntry::retirable`]).
+    /// Retires `k` now if it is retirable (see [`StreamEntry::retirable`]) and its node
+    /// is within its tombstone budget (else it stays live: see
+    /// [`within_tombstone_budget`](Self::within_tombstone_budget)).
     pub(super) fn try_retire(&self, k: StreamKey, now_ms: u64) -> Option<Tombstone> {
+        if !self.within_tombstone_budget(k.0.node, now_ms) {
+            return None;
+        }
+        self.retire_idle(k, now_ms)
+    }
+
+    /// Retires `k` now if it is retirable, whatever its node's tombstones (the sweep:
+    /// a stream idle for the retention leaves its window, which costs more).
+    fn retire_idle(&self, k: StreamKey, now_ms: u64) -> Option<Tombstone> {
         let retention_ms = self.retention_ms;
         self.retire_if(k, now_ms, |e| e.retirable(now_ms, retention_ms))
+    }
+
+    /// May `node`'s streams be retired early (finished, or settled under pressure)?
+    /// Not while it holds [`TOMBSTONES_PER_NODE`] × `max` tombstones: a node that
+    /// names runs of itself faster than the retention forgets them (a crash loop, or a
+    /// peer that lies about its incarnation) pays with its own streams — they stay
+    /// live, and at its live limit its new streams are refused — and neither grows the
+    /// registry without bound nor uses up another node's room. Counted in
+    /// `retire_deferred`, warned at most every 10 s.
+    fn within_tombstone_budget(&self, node: NodeId, now_ms: u64) -> bool {
+        let held = self.node_tombstones(node, |n| n.load(Ordering::Relaxed));
+        let budget = TOMBSTONES_PER_NODE * self.max as u64;
+        if held < budget {
+            return true;
+        }
+        self.counters
+            .retire_deferred
+            .fetch_add(1, Ordering::Relaxed);
+        let last = self.last_warn_ms.load(Ordering::Relaxed);
+        if (last == 0 || now_ms >= last + WARN_EVERY_MS)
+            && self
+                .last_warn_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                node = node.0,
+                tombstones = held,
+                budget,
+                deferred_total = self.counters.retire_deferred.load(Ordering::Relaxed),
+                "dedup: a sending node holds its tombstone budget (it started runs or \
+                 streams faster than the retention forgets them); its finished streams \
+                 stay live until the retention"
+            );
+        }
+        false
     }
 
     /// A stream limit is reached: retire every live stream (of `node` only, for its
@@ -456,9 +527,10 @@ impl StreamRegistry {
     /// hole (every seq it began is settled), not finished — and that was idle for
     /// [`PRESSURE_IDLE_MS`], so a new stream finds room. Lossless: a later seq at or
     /// below the watermark is a duplicate, one above it revives the stream where it
-    /// stopped. At most one scan per [`PRESSURE_IDLE_MS`] / 10, and none while the
-    /// tombstones number four times the limit (they bound the memory this trades the
-    /// windows for). Returns how many were retired. (Regression: a sender's 4 097th
+    /// stopped. At most one scan per [`PRESSURE_IDLE_MS`] / 10; a node holding its
+    /// tombstone budget (see [`within_tombstone_budget`](Self::within_tombstone_budget))
+    /// has none of its streams retired this way, and no other node's budget is
+    /// touched. Returns how many were retired. (Regression: a sender's 4 097th
     /// effectively-once channel, or any channel of its run after 8 crashed runs of 512
     /// channels each, was refused for the 24 h retention.)
     fn retire_under_pressure(
@@ -469,7 +541,7 @@ impl StreamRegistry {
     ) -> usize {
         let last = self.pressure_scan_ms.load(Ordering::Relaxed);
         if now_ms < last.saturating_add(PRESSURE_IDLE_MS / 10)
-            || self.tombstones() >= 4 * self.max as u64
+            || node.is_some_and(|n| !self.within_tombstone_budget(n, now_ms))
             || self
                 .pressure_scan_ms
                 .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
@@ -485,6 +557,9 @@ impl StreamRegistry {
         });
         let mut n = 0;
         for k in candidates {
+            if node.is_none() && !self.within_tombstone_budget(k.0.node, now_ms) {
+                continue;
+            }
             if let Some(t) = self.retire_if(k, now_ms, |e| e.answered_exactly(now_ms)) {
                 changes.push(Change::Retired(k, t));
                 n += 1;
@@ -532,8 +607,7 @@ impl StreamRegistry {
             }
             Some(t)
         })?;
-        self.retired.insert(k, t);
-        self.tombstones.fetch_add(1, Ordering::Relaxed);
+        self.add_tombstone(k, t);
         self.live.remove(&k);
         self.len.fetch_sub(1, Ordering::Relaxed);
         if self.per_node_limited() {
@@ -560,7 +634,7 @@ impl StreamRegistry {
         });
         let mut n = 0;
         for k in candidates {
-            if let Some(t) = self.try_retire(k, now_ms) {
+            if let Some(t) = self.retire_idle(k, now_ms) {
                 changes.push(Change::Retired(k, t));
                 n += 1;
             }
@@ -572,11 +646,11 @@ impl StreamRegistry {
             }
         });
         for k in expired {
-            self.retired.remove(&k);
-            self.tombstones.fetch_sub(1, Ordering::Relaxed);
-            self.counters
-                .tombstones_expired
-                .fetch_add(1, Ordering::Relaxed);
+            if self.remove_tombstone(k) {
+                self.counters
+                    .tombstones_expired
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
         n
     }
@@ -635,8 +709,28 @@ impl StreamRegistry {
 
     /// Recovery: a tombstone.
     pub(super) fn restore_tombstone(&self, k: StreamKey, t: Tombstone) {
-        self.retired.insert(k, t);
-        self.tombstones.fetch_add(1, Ordering::Relaxed);
+        self.add_tombstone(k, t);
+    }
+
+    /// Records (or replaces) `k`'s tombstone; a new one is counted for the registry
+    /// and for its node.
+    fn add_tombstone(&self, k: StreamKey, t: Tombstone) {
+        if self.retired.insert(k, t) {
+            self.tombstones.fetch_add(1, Ordering::Relaxed);
+            self.node_tombstones(k.0.node, |n| n.fetch_add(1, Ordering::Relaxed));
+        }
+    }
+
+    /// Forgets `k`'s tombstone (expired, or the stream revived); `false` if a racer
+    /// did first. Only the caller that removed it uncounts it, so the counts never
+    /// wrap below zero.
+    fn remove_tombstone(&self, k: StreamKey) -> bool {
+        let removed = self.retired.remove(&k);
+        if removed {
+            self.tombstones.fetch_sub(1, Ordering::Relaxed);
+            self.node_tombstones(k.0.node, |n| n.fetch_sub(1, Ordering::Relaxed));
+        }
+        removed
     }
 
     /// Answers from `k`'s tombstone, reviving the stream when that is exact. `None`:
@@ -738,8 +832,7 @@ impl StreamRegistry {
             return Ok(false);
         }
         if self.retired.with(&k, |t| t.is_some()) {
-            self.retired.remove(&k);
-            self.tombstones.fetch_sub(1, Ordering::Relaxed);
+            self.remove_tombstone(k);
             self.counters.revived.fetch_add(1, Ordering::Relaxed);
             changes.push(Change::Revived(k, floor));
         }
@@ -755,12 +848,20 @@ impl StreamRegistry {
 
     /// Runs `f` on the live-stream count of `k`'s sending node (made at zero).
     fn node_count(&self, k: StreamKey, f: impl Fn(&AtomicU64) -> u64) -> u64 {
-        let node = k.0.node;
+        self.node_counts(k.0.node, |n| f(&n.live))
+    }
+
+    /// Runs `f` on the tombstone count of `node` (made at zero).
+    fn node_tombstones(&self, node: NodeId, f: impl Fn(&AtomicU64) -> u64) -> u64 {
+        self.node_counts(node, |n| f(&n.tombstones))
+    }
+
+    fn node_counts(&self, node: NodeId, f: impl Fn(&NodeCounts) -> u64) -> u64 {
         if let Some(v) = self.per_node.with(&node, |n| n.map(&f)) {
             return v;
         }
         self.per_node
-            .with_try_insert(node, AtomicU64::new(0), |n, _| f(n))
+            .with_try_insert(node, NodeCounts::default(), |n, _| f(n))
     }
 
     fn stamp_due(&self, e: &StreamEntry, now_ms: u64) -> bool {

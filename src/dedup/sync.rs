@@ -126,14 +126,14 @@ mod imp {
             }
         }
 
-        /// Inserts or replaces `k`'s value.
-        pub(crate) fn insert(&self, k: K, v: V) {
-            self.map.pin().insert(k, v);
+        /// Inserts or replaces `k`'s value; `true` if `k` was absent.
+        pub(crate) fn insert(&self, k: K, v: V) -> bool {
+            self.map.pin().insert(k, v).is_none()
         }
 
-        /// Removes `k`.
-        pub(crate) fn remove(&self, k: &K) {
-            self.map.pin().remove(k);
+        /// Removes `k`; `true` if it was present (so of racing removers, one).
+        pub(crate) fn remove(&self, k: &K) -> bool {
+            self.map.pin().remove(k).is_some()
         }
 
         /// Calls `f` on every entry (a weakly consistent walk).
@@ -238,12 +238,12 @@ mod imp {
             f(&v, ours)
         }
 
-        pub(crate) fn insert(&self, k: K, v: V) {
-            self.map.lock().unwrap().insert(k, Arc::new(v));
+        pub(crate) fn insert(&self, k: K, v: V) -> bool {
+            self.map.lock().unwrap().insert(k, Arc::new(v)).is_none()
         }
 
-        pub(crate) fn remove(&self, k: &K) {
-            self.map.lock().unwrap().remove(k);
+        pub(crate) fn remove(&self, k: &K) -> bool {
+            self.map.lock().unwrap().remove(k).is_some()
         }
 
         pub(crate) fn for_each(&self, mut f: impl FnMut(&K, &V)) {
