@@ -387,10 +387,48 @@ fn one_node_cannot_take_every_stream_from_the_others() {
     );
 }
 
+/// Counts the `WARN` events whose message contains a phrase (the tests here run their
+/// dedup calls on the test's own thread, under `tracing::subscriber::set_default`).
+struct CountWarnings {
+    phrase: &'static str,
+    seen: Arc<AtomicU64>,
+}
+
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl tracing::Subscriber for CountWarnings {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        *m.level() == tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        let mut m = Message(String::new());
+        e.record(&mut m);
+        if m.0.contains(self.phrase) {
+            self.seen.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 /// Tombstones are paid for by the node whose streams they are: one node that names
 /// many runs of itself and finishes each at once (a peer that lies about its
 /// incarnation) holds at most four times `max_streams` of them, and does not stop a
-/// full registry from retiring another node's settled streams to make room.
+/// full registry from retiring another node's settled streams to make room. What it
+/// was refused is counted (`retirements_deferred`) and warned about at most every 10 s.
 /// (Regression: a finished stream was retired whatever the tombstones numbered, so
 /// one peer could grow them without bound; and once they numbered four times
 /// `max_streams`, no node's settled streams were retired early any more, so every
@@ -409,7 +447,12 @@ fn one_nodes_tombstones_neither_grow_without_bound_nor_block_another_nodes_room(
         node: NodeId(node),
         incarnation: n,
     };
-    // The liar: 500 made-up runs, each sends one message and announces its end.
+    let warnings = Arc::new(AtomicU64::new(0));
+    let _counting = tracing::subscriber::set_default(CountWarnings {
+        phrase: "tombstone budget",
+        seen: warnings.clone(),
+    });
+    // The liar: 500 made-up runs (5 s), each sends one message and announces its end.
     let (mut served, mut refused) = (0u64, 0u64);
     for n in 1..=500 {
         let id = seq_id(run(1, n), 0, 1);
@@ -435,6 +478,14 @@ fn one_nodes_tombstones_neither_grow_without_bound_nor_block_another_nodes_room(
         served >= budget && refused > 0,
         "served until its budget ({served} served, {refused} refused)"
     );
+    assert!(s.retirements_deferred >= refused, "{s:?}");
+    assert_eq!(warnings.load(Ordering::Relaxed), 1, "one warning in 5 s");
+    clock.elapsed += Duration::from_secs(10);
+    assert!(matches!(
+        d.begin(&seq_id(run(1, 501), 0, 1), clock.now()),
+        Err(DedupError::TooManyStreams { max: 3 })
+    ));
+    assert_eq!(warnings.load(Ordering::Relaxed), 2, "and one 10 s later");
     // Every run it was served for is still a duplicate, retired or not.
     for n in 1..=served {
         assert_eq!(
