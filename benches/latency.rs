@@ -13,6 +13,10 @@
 //!
 //! Percentiles come from an HDR histogram (3 significant digits). A warm-up second is
 //! discarded. Set `ACKWIRE_LAT_SECS` to change the measured seconds (default 3).
+//!
+//! The last row repeats effectively-once with [`IDLE_CHANNELS`] other channels between
+//! the same two nodes opened first (one message each, acked, then idle): a node's cost
+//! per message must not grow with the streams it has open but not in use.
 
 use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId};
 use bytes::Bytes;
@@ -26,6 +30,8 @@ const RATE: u64 = 10_000;
 /// Messages sent per 1 ms tick.
 const PER_TICK: u64 = RATE / 1000;
 const SIZE: usize = 64;
+/// Idle channels open in the last row.
+const IDLE_CHANNELS: u32 = 10_000;
 
 type Hist = Arc<Mutex<Histogram<u64>>>;
 
@@ -49,7 +55,7 @@ struct Row {
     achieved: f64,
 }
 
-async fn run(g: Guarantee, name: &'static str, ch: u32, secs: u64) -> Row {
+async fn run(g: Guarantee, name: &'static str, ch: u32, secs: u64, idle: u32) -> Row {
     let base = Instant::now();
     let b = Node::builder(NodeId(2))
         .bind("127.0.0.1:0".parse().expect("addr"))
@@ -63,6 +69,23 @@ async fn run(g: Guarantee, name: &'static str, ch: u32, secs: u64) -> Row {
         .build()
         .await
         .expect("sender node");
+    // Channels 1000.. that are opened, used once and left idle.
+    let mut idle_receipts = Vec::new();
+    for c in 1000..1000 + idle {
+        let mut inbox = b.raw_receiver(ChannelId(c), false).expect("receiver");
+        tokio::spawn(async move {
+            while let Some(d) = inbox.recv().await {
+                d.ack();
+            }
+        });
+        let s = a
+            .raw_sender(NodeId(2), ChannelOptions::new(ChannelId(c), g))
+            .expect("sender");
+        idle_receipts.push(s.send(Bytes::from_static(b"idle")).await.expect("send"));
+    }
+    for r in idle_receipts {
+        r.await.expect("idle channel's message settled");
+    }
     let deliver = hist();
     let ack = hist();
     // Only messages sent after warm-up are recorded; their payload carries a flag.
@@ -162,15 +185,20 @@ fn main() {
     );
     println!("| guarantee | what | n | p50 µs | p99 µs | p99.9 µs | max µs | achieved msg/s |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
-    for (i, (g, name)) in [
-        (Guarantee::AtMostOnce, "AtMostOnce"),
-        (Guarantee::AtLeastOnce, "AtLeastOnce"),
-        (Guarantee::EffectivelyOnce, "EffectivelyOnce"),
+    for (i, (g, name, idle)) in [
+        (Guarantee::AtMostOnce, "AtMostOnce", 0),
+        (Guarantee::AtLeastOnce, "AtLeastOnce", 0),
+        (Guarantee::EffectivelyOnce, "EffectivelyOnce", 0),
+        (
+            Guarantee::EffectivelyOnce,
+            "EffectivelyOnce, 10 000 idle channels open",
+            IDLE_CHANNELS,
+        ),
     ]
     .into_iter()
     .enumerate()
     {
-        let row = rt.block_on(run(g, name, 10 + i as u32, secs));
+        let row = rt.block_on(run(g, name, 10 + i as u32, secs, idle));
         for (what, h) in [
             (
                 if g == Guarantee::AtMostOnce {

@@ -537,6 +537,13 @@ impl InboundStream {
         }
     }
 
+    /// Nothing to do until a frame or a completion arrives: no ack owed or pending and
+    /// no message held here. (The endpoint's scans skip such a stream; anything that
+    /// changes it borrows it mutably, which makes it active again.)
+    pub(crate) fn is_quiet(&self) -> bool {
+        self.ack_due.is_none() && self.pending_ack.is_empty() && self.outstanding() == 0
+    }
+
     /// The sender asked for its credit: an ack is owed now.
     pub(crate) fn owe_ack(&mut self, now: Instant) {
         self.ack_due = Some(self.ack_due.map_or(now, |d| d.min(now)));

@@ -8,6 +8,7 @@
 //! ([`Endpoint::persist_owed`]). The hint store is reached through a trait the owner
 //! implements. [`Endpoint`] is the entry point; the per-stream halves are private.
 
+mod active;
 mod authz;
 mod config;
 pub(crate) mod core;

@@ -750,6 +750,21 @@ impl OutboundStream {
         }
     }
 
+    /// Nothing to do until the stream is used again: nothing in flight, queued, blocked,
+    /// timed or owed, and no event or freed slot unreported. (The endpoint's scans skip
+    /// such a stream; any later use borrows it mutably, which makes it active again.)
+    pub(crate) fn is_quiet(&self) -> bool {
+        self.slots.is_empty()
+            && self.transmit.is_empty()
+            && self.blocked.is_empty()
+            && self.events.is_empty()
+            && self.first.is_empty()
+            && self.timers.is_empty()
+            && self.probe_due.is_none()
+            && !self.probe_owed
+            && self.opened == 0
+    }
+
     /// Frames are waiting to be transmitted.
     pub(crate) fn has_queued(&self) -> bool {
         !self.transmit.is_empty()
@@ -1240,6 +1255,14 @@ impl OutboundStream {
             self.slots.pop_front();
             self.base += 1;
             self.opened += 1;
+        }
+        if self.slots.is_empty() {
+            // Every timer left names a settled message (a timer only acts on a seq
+            // that still has a slot): drop them now, so that an idle stream has nothing
+            // timed and the endpoint's scans skip it, instead of until the last one
+            // would have fired (a waiting message's deadline: 30 s by default).
+            self.timers.clear();
+            self.first.clear();
         }
     }
 
