@@ -1,8 +1,8 @@
 //! Batched sending and receiving: many messages through the driver in one step.
 //!
-//! `send_many` reserves window space for a whole batch (in chunks of at most the
-//! window) and hands each chunk to the driver as one command, so a burst costs one
-//! channel message and one driver wake-up per chunk instead of per message;
+//! `send_many` takes the window slots that are free (waiting, as `send` does, only
+//! when none is) and hands each such chunk to the driver as one command, so a burst
+//! costs one channel message and one driver wake-up per chunk instead of per message;
 //! `recv_many` takes every delivery already queued in one call. The single-message
 //! calls keep working and mean the same thing.
 
@@ -16,8 +16,11 @@ use tokio::sync::oneshot;
 
 impl RawSender {
     /// Send every payload of `payloads`, in order, and return their receipts in the
-    /// same order. Waits for window space like [`RawSender::send`], a window's worth at
-    /// a time; each chunk reaches the driver as one step.
+    /// same order. Waits for window space like [`RawSender::send`]: each step takes
+    /// every window slot that is free (at most the window), waiting only while none
+    /// is, and reaches the driver as one chunk. So a batch moves whenever single sends
+    /// would, for example to a receiver that acks only once it has a group of later
+    /// messages.
     ///
     /// Every payload is checked before any is sent: a payload over the maximum fails
     /// the whole call with [`SendError::TooLarge`] and nothing is sent. If the node
@@ -51,20 +54,14 @@ impl RawSender {
             self.check(payload)?;
         }
         let mut receipts = Vec::with_capacity(items.len());
-        let mut items = items.into_iter().peekable();
+        let mut rest = items.len();
+        let mut items = items.into_iter();
         let chunk_max = self.window_size.max(1);
-        while items.peek().is_some() {
-            let chunk: Vec<(Bytes, Option<IdKey>)> = items.by_ref().take(chunk_max).collect();
-            let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
-            #[cfg(feature = "metrics")]
-            self.note_window_wait(chunk.len());
-            let permits = self
-                .window
-                .acquire_many(n)
-                .await
-                .map_err(|_| self.shared.send_closed_error())?;
-            // The driver gives each slot back (add_permits) when the window slides.
-            permits.forget();
+        while rest > 0 {
+            let n = self.take_free_slots(rest.min(chunk_max)).await?;
+            rest -= n;
+            let chunk: Vec<(Bytes, Option<IdKey>)> = items.by_ref().take(n).collect();
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
             let mut batch = Vec::with_capacity(chunk.len());
             for (payload, key) in chunk {
                 let (tx, rx) = oneshot::channel();
@@ -86,6 +83,39 @@ impl RawSender {
             }
         }
         Ok(receipts)
+    }
+
+    /// Takes between 1 and `most` window slots: waits (in turn, as a single send does)
+    /// for one, then takes as many more as are free at once. Never waits for more
+    /// than one: a whole-window wait stalled a batch for its whole deadline whenever
+    /// the window could not empty — a receiver that acks in groups holds the last,
+    /// incomplete group until later messages arrive — and a slot held elsewhere (a
+    /// sink's `poll_ready`) stalled it, and every send queued behind it, for good.
+    async fn take_free_slots(&self, most: usize) -> Result<usize, SendError> {
+        #[cfg(feature = "metrics")]
+        self.note_window_wait(1);
+        // The driver gives each slot back (add_permits) when the window slides.
+        self.window
+            .acquire()
+            .await
+            .map_err(|_| self.shared.send_closed_error())?
+            .forget();
+        let mut got = 1;
+        while got < most {
+            let free = self.window.available_permits().min(most - got);
+            if free == 0 {
+                break;
+            }
+            match self.window.try_acquire_many(free as u32) {
+                Ok(p) => {
+                    p.forget();
+                    got += free;
+                }
+                Err(tokio::sync::TryAcquireError::NoPermits) => continue, // taken meanwhile
+                Err(tokio::sync::TryAcquireError::Closed) => break,
+            }
+        }
+        Ok(got)
     }
 }
 
