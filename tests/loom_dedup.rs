@@ -264,6 +264,41 @@ fn table_generation_drop_races_a_complete() {
     });
 }
 
+/// The retention of [`small_facade`].
+const RETENTION: Duration = Duration::from_secs(10);
+
+/// The origin the facade models send from.
+const ORIGIN: Origin = Origin {
+    node: NodeId(1),
+    incarnation: 2,
+};
+
+/// A dedup facade small enough for loom: a 64-seq window, 4 streams, 8 key slots.
+fn small_facade(t0: Instant) -> Arc<Dedup> {
+    Arc::new(
+        Dedup::open_at(
+            DedupConfig {
+                window: 64,
+                max_streams: 4,
+                table_capacity: 8,
+                retention: RETENTION,
+                ..DedupConfig::default()
+            },
+            t0,
+        )
+        .unwrap(),
+    )
+}
+
+/// `seq` of [`ORIGIN`]'s channel 0.
+fn seq_of(seq: u64) -> MessageId {
+    MessageId::Seq {
+        origin: ORIGIN,
+        channel: ChannelId(0),
+        seq,
+    }
+}
+
 /// A stream retirement (idle for the retention) races a message on that stream: the
 /// message is `Fresh` exactly once whichever wins (retired first: revived from the
 /// tombstone, which saw no holes; message first: the stream is no longer idle), and
@@ -271,30 +306,9 @@ fn table_generation_drop_races_a_complete() {
 #[test]
 fn facade_retirement_races_a_begin() {
     loom::model(|| {
-        let t0 = Instant::now();
-        let retention = Duration::from_secs(10);
-        let d = Arc::new(
-            Dedup::open_at(
-                DedupConfig {
-                    window: 64,
-                    max_streams: 4,
-                    table_capacity: 8,
-                    retention,
-                    ..DedupConfig::default()
-                },
-                t0,
-            )
-            .unwrap(),
-        );
-        let o = Origin {
-            node: NodeId(1),
-            incarnation: 2,
-        };
-        let id = |seq| MessageId::Seq {
-            origin: o,
-            channel: ChannelId(0),
-            seq,
-        };
+        let (t0, retention) = (Instant::now(), RETENTION);
+        let d = small_facade(t0);
+        let id = seq_of;
         assert_eq!(d.begin(&id(1), t0).unwrap(), Admit::Fresh);
         d.complete(&id(1), t0).unwrap();
         let later = t0 + retention;
@@ -316,30 +330,9 @@ fn facade_retirement_races_a_begin() {
 #[test]
 fn facade_tombstone_expiry_races_a_revival() {
     loom::model(|| {
-        let t0 = Instant::now();
-        let retention = Duration::from_secs(10);
-        let d = Arc::new(
-            Dedup::open_at(
-                DedupConfig {
-                    window: 64,
-                    max_streams: 4,
-                    table_capacity: 8,
-                    retention,
-                    ..DedupConfig::default()
-                },
-                t0,
-            )
-            .unwrap(),
-        );
-        let o = Origin {
-            node: NodeId(1),
-            incarnation: 2,
-        };
-        let id = |seq| MessageId::Seq {
-            origin: o,
-            channel: ChannelId(0),
-            seq,
-        };
+        let (t0, retention) = (Instant::now(), RETENTION);
+        let d = small_facade(t0);
+        let id = seq_of;
         assert_eq!(d.begin(&id(1), t0).unwrap(), Admit::Fresh);
         d.complete(&id(1), t0).unwrap();
         assert_eq!(d.retire_idle(t0 + retention).unwrap(), 1);
@@ -356,8 +349,8 @@ fn facade_tombstone_expiry_races_a_revival() {
         // (Whichever won, seq 1 is settled: by the tombstone, or by the sender's floor
         // when the stream came back new after the tombstone expired.)
         d.complete(&id(2), later).unwrap();
-        d.advance_floor(o, ChannelId(0), 2, later).unwrap();
-        d.finish_stream(o, ChannelId(0), 2, later).unwrap();
+        d.advance_floor(ORIGIN, ChannelId(0), 2, later).unwrap();
+        d.finish_stream(ORIGIN, ChannelId(0), 2, later).unwrap();
         let s = d.stats();
         assert_eq!(
             (s.streams, s.tombstones, s.retirements_deferred),

@@ -98,6 +98,35 @@ use self::streams::{Change, StreamRegistry, Tombstone};
 use self::sync::{AtomicBool, AtomicU64, Ordering};
 use crate::{ChannelId, MessageId, Origin};
 
+/// Least interval between two warnings of one kind ("key table full", "tombstone
+/// budget reached"): a refusal is counted every time, warned about at most this often.
+const WARN_EVERY_MS: u64 = 10_000;
+
+/// Lets one warning through per [`WARN_EVERY_MS`].
+#[derive(Debug)]
+struct WarnGate {
+    last_ms: AtomicU64,
+}
+
+impl WarnGate {
+    fn new() -> Self {
+        WarnGate {
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// `true` for the first call and then at most once per [`WARN_EVERY_MS`] of
+    /// `now_ms` (of racing callers, one).
+    fn due(&self, now_ms: u64) -> bool {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        (last == 0 || now_ms >= last + WARN_EVERY_MS)
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
 /// The answer of a check-and-insert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Admit {

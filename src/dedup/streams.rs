@@ -40,7 +40,7 @@
 //! from it.
 
 use super::sync::{wait_for_other, AtomicU64, Ordering, StreamMap};
-use super::{Admit, DedupError, SeqWindow};
+use super::{Admit, DedupError, SeqWindow, WarnGate};
 use crate::{ChannelId, NodeId, Origin};
 
 /// Set in a stream's gate while it is being retired.
@@ -54,9 +54,6 @@ const PRESSURE_IDLE_MS: u64 = 1_000;
 /// finished and idle-settled streams stop being retired early (they then stay live
 /// until the retention, and its new streams meet its live limit).
 const TOMBSTONES_PER_NODE: u64 = 4;
-
-/// At most one "tombstone budget reached" warning per this many milliseconds.
-const WARN_EVERY_MS: u64 = 10_000;
 
 pub(super) type StreamKey = (Origin, ChannelId);
 
@@ -226,8 +223,8 @@ pub(super) struct StreamRegistry {
     next_sweep_ms: AtomicU64,
     /// When a full registry last looked for streams to retire early.
     pressure_scan_ms: AtomicU64,
-    /// When the tombstone budget was last warned about.
-    last_warn_ms: AtomicU64,
+    /// Paces the "tombstone budget reached" warning.
+    warn: WarnGate,
     pub(super) counters: StreamCounters,
 }
 
@@ -266,7 +263,7 @@ impl StreamRegistry {
             tombstones: AtomicU64::new(0),
             next_sweep_ms: AtomicU64::new(0),
             pressure_scan_ms: AtomicU64::new(0),
-            last_warn_ms: AtomicU64::new(0),
+            warn: WarnGate::new(),
             counters: StreamCounters::default(),
         }
     }
@@ -502,13 +499,7 @@ impl StreamRegistry {
         self.counters
             .retire_deferred
             .fetch_add(1, Ordering::Relaxed);
-        let last = self.last_warn_ms.load(Ordering::Relaxed);
-        if (last == 0 || now_ms >= last + WARN_EVERY_MS)
-            && self
-                .last_warn_ms
-                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.warn.due(now_ms) {
             tracing::warn!(
                 node = node.0,
                 tombstones = held,

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use super::segment::{key_hash, Claim, Rank, Segment, SLOT_BYTES, TIME_MASK};
 use super::sync::{fence, pin, wait_for_other, AtomicU64, Ordering, Pin, Snapshot};
-use super::{Admit, DedupError};
+use super::{Admit, DedupError, WarnGate};
 use crate::IdKey;
 
 /// How many keys ahead [`IdTable::begin_many`] prefetches (about the number of
@@ -63,9 +63,6 @@ pub const BYTES_PER_SLOT: usize = SLOT_BYTES;
 /// How long a failed attempt to add a segment is not retried (for the non-forced
 /// triggers), as a fraction of the horizon.
 const ROLL_BACKOFF_DIV: u64 = 16;
-
-/// Least interval between two "table full" warnings.
-const WARN_EVERY_MS: u64 = 10_000;
 
 type SegList = Vec<Arc<Segment>>;
 
@@ -126,7 +123,7 @@ pub struct IdTable {
     table_full: AtomicU64,
     expired_reclaimed: AtomicU64,
     segments_dropped: AtomicU64,
-    last_warn_ms: AtomicU64,
+    warn: WarnGate,
 }
 
 impl std::fmt::Debug for IdTable {
@@ -174,7 +171,7 @@ impl IdTable {
             table_full: AtomicU64::new(0),
             expired_reclaimed: AtomicU64::new(0),
             segments_dropped: AtomicU64::new(0),
-            last_warn_ms: AtomicU64::new(0),
+            warn: WarnGate::new(),
         }
     }
 
@@ -672,13 +669,7 @@ impl IdTable {
 
     fn refuse(&self, list: &SegList, now_ms: u64) -> DedupError {
         self.table_full.fetch_add(1, Ordering::Relaxed);
-        let last = self.last_warn_ms.load(Ordering::Relaxed);
-        if (last == 0 || now_ms >= last + WARN_EVERY_MS)
-            && self
-                .last_warn_ms
-                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.warn.due(now_ms) {
             tracing::warn!(
                 budget_bytes = self.budget_bytes,
                 refused_total = self.table_full_count(),

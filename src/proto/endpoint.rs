@@ -2651,11 +2651,16 @@ mod tests {
     }
 
     fn send_eo(a: &mut Endpoint, now: Instant, n: u8) {
+        send_eo_on(a, now, 1, n);
+    }
+
+    /// An effectively-once message `[n]` to node 2 on channel `ch`.
+    fn send_eo_on(a: &mut Endpoint, now: Instant, ch: u32, n: u8) {
         a.send(
             now,
             Outgoing {
                 peer: NodeId(2),
-                channel: ChannelId(1),
+                channel: ChannelId(ch),
                 guarantee: Guarantee::EffectivelyOnce,
                 payload: Bytes::from(vec![n]),
                 id: None,
@@ -2679,21 +2684,6 @@ mod tests {
         let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
         a.handle_peer_up(now, b.origin(), 3);
         b.handle_peer_up(now, a.origin(), 3);
-        let send = |a: &mut Endpoint, ch: u32, now: Instant| {
-            a.send(
-                now,
-                Outgoing {
-                    peer: NodeId(2),
-                    channel: ChannelId(ch),
-                    guarantee: Guarantee::EffectivelyOnce,
-                    payload: Bytes::from_static(b"x"),
-                    id: None,
-                    deadline: None,
-                    schema: 0,
-                },
-            )
-            .unwrap();
-        };
         // Both ways until nothing moves; the receiver acks what it is handed.
         let pump = |a: &mut Endpoint, b: &mut Endpoint, now: Instant| {
             let mut settled = 0;
@@ -2717,7 +2707,7 @@ mod tests {
         };
         for ch in 0..200 {
             b.accept_channel(ChannelId(ch), false);
-            send(&mut a, ch, now);
+            send_eo_on(&mut a, now, ch, 0);
         }
         // The first transmissions are lost: the retransmissions arm timers that are
         // still pending when their acks settle the messages.
@@ -2732,7 +2722,7 @@ mod tests {
             "no settled stream is scanned"
         );
         assert_eq!(a.poll_timeout(), None, "and none has a timer");
-        send(&mut a, 7, later);
+        send_eo_on(&mut a, later, 7, 0);
         assert_eq!(a.outbound.active_len(), 1);
         assert_eq!(pump(&mut a, &mut b, later + Duration::from_secs(1)), 1);
         assert_eq!((a.outbound.active_len(), b.inbound.active_len()), (0, 0));
