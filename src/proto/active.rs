@@ -74,9 +74,14 @@ impl<K: Copy + Eq + Hash, V> ActiveMap<K, V> {
         self.map.remove(k)
     }
 
+    /// The active entries (read-only).
+    pub(super) fn active_iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.active.iter().filter_map(|k| self.map.get_key_value(k))
+    }
+
     /// The active values (read-only).
     pub(super) fn active_values(&self) -> impl Iterator<Item = &V> {
-        self.active.iter().filter_map(|k| self.map.get(k))
+        self.active_iter().map(|(_, v)| v)
     }
 
     /// Calls `f` on every active entry; an entry for which `f` returns `false` (it is

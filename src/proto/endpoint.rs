@@ -651,11 +651,13 @@ impl Endpoint {
         }
     }
 
-    /// Messages of `node` held here (all its streams), for its node credit grant.
+    /// Messages of `node` held here (all its streams), for its node credit grant. Only
+    /// active streams can hold any (a quiet one holds nothing), so a credit probe costs
+    /// the busy streams, not every stream this node ever received on.
     fn held_by(&self, node: NodeId) -> HashMap<NodeId, u64> {
         let n = self
             .inbound
-            .iter()
+            .active_iter()
             .filter(|((o, _), _)| o.node == node)
             .map(|(_, st)| st.outstanding())
             .sum();
