@@ -290,6 +290,14 @@ fn small_facade(t0: Instant) -> Arc<Dedup> {
     )
 }
 
+/// [`small_facade`] with seq 1 of [`seq_of`]'s stream begun and completed at `t0`.
+fn facade_with_seq_1_done(t0: Instant) -> Arc<Dedup> {
+    let d = small_facade(t0);
+    assert_eq!(d.begin(&seq_of(1), t0).unwrap(), Admit::Fresh);
+    d.complete(&seq_of(1), t0).unwrap();
+    d
+}
+
 /// `seq` of [`ORIGIN`]'s channel 0.
 fn seq_of(seq: u64) -> MessageId {
     MessageId::Seq {
@@ -307,10 +315,8 @@ fn seq_of(seq: u64) -> MessageId {
 fn facade_retirement_races_a_begin() {
     loom::model(|| {
         let (t0, retention) = (Instant::now(), RETENTION);
-        let d = small_facade(t0);
+        let d = facade_with_seq_1_done(t0);
         let id = seq_of;
-        assert_eq!(d.begin(&id(1), t0).unwrap(), Admit::Fresh);
-        d.complete(&id(1), t0).unwrap();
         let later = t0 + retention;
         let d2 = d.clone();
         let h = thread::spawn(move || d2.retire_idle(later).unwrap());
@@ -331,10 +337,8 @@ fn facade_retirement_races_a_begin() {
 fn facade_tombstone_expiry_races_a_revival() {
     loom::model(|| {
         let (t0, retention) = (Instant::now(), RETENTION);
-        let d = small_facade(t0);
+        let d = facade_with_seq_1_done(t0);
         let id = seq_of;
-        assert_eq!(d.begin(&id(1), t0).unwrap(), Admit::Fresh);
-        d.complete(&id(1), t0).unwrap();
         assert_eq!(d.retire_idle(t0 + retention).unwrap(), 1);
         assert_eq!(d.stats().tombstones, 1);
         // Past the tombstone's expiry (a retention and a quarter after retirement).
