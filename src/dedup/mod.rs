@@ -712,7 +712,14 @@ impl Dedup {
             // Rewrite from the live state; the next compaction waits until the log
             // has at least doubled, so rewriting stays amortised O(1) per record.
             let live = self.live_records(l.last_now);
-            l.log.rewrite(&live)?;
+            // A compaction that fails (no room for the new file, say) leaves the old
+            // log whole, with every record this flush wrote: it is logged, retried
+            // once the log has doubled again, and does not fail the flush. (Regression:
+            // it failed every later flush, each retrying the whole rewrite, and
+            // `ack_durable` reported `NotPersisted` for records that were on disk.)
+            if let Err(e) = l.log.rewrite(&live) {
+                tracing::warn!(error = %e, "dedup log compaction failed; the log keeps growing until the next attempt");
+            }
             l.next_compaction = d.compact_after.max(2 * l.log.len());
         }
         written

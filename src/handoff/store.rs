@@ -391,6 +391,7 @@ impl<B: SegmentIo> HintStore<B> {
             )));
         };
         let offset = seg.len;
+        let mut failed = Vec::new();
         let written = self.io.append(target, seg_id, &record).and_then(|()| {
             self.dirty.insert((target, seg_id));
             self.dirty_since.get_or_insert(now);
@@ -400,6 +401,7 @@ impl<B: SegmentIo> HintStore<B> {
                     &mut self.dirty,
                     &mut self.dirty_dirs,
                     &mut self.dirty_since,
+                    &mut failed,
                 ),
                 FsyncPolicy::Every(d) => match self.dirty_since {
                     Some(t) if now.saturating_duration_since(t) >= d => sync_dirty(
@@ -407,6 +409,7 @@ impl<B: SegmentIo> HintStore<B> {
                         &mut self.dirty,
                         &mut self.dirty_dirs,
                         &mut self.dirty_since,
+                        &mut failed,
                     ),
                     _ => Ok(()),
                 },
@@ -419,6 +422,7 @@ impl<B: SegmentIo> HintStore<B> {
             let _ = self.io.truncate(target, seg_id, offset);
             log.active = None;
             self.stats.io_errors += 1;
+            self.stop_appending_to(&failed);
             return Err(io_err("appending hint")(e));
         }
         seg.len += rec_len;
@@ -444,14 +448,17 @@ impl<B: SegmentIo> HintStore<B> {
 
     /// Makes every appended hint durable (fsync) and persists delivery progress.
     pub fn sync(&mut self) -> Result<(), HintError> {
+        let mut failed = Vec::new();
         let r = sync_dirty(
             &mut self.io,
             &mut self.dirty,
             &mut self.dirty_dirs,
             &mut self.dirty_since,
+            &mut failed,
         );
         if let Err(e) = r {
             self.stats.io_errors += 1;
+            self.stop_appending_to(&failed);
             return Err(io_err("syncing segments")(e));
         }
         let dirty: Vec<NodeId> = self
@@ -464,6 +471,18 @@ impl<B: SegmentIo> HintStore<B> {
             self.write_cursor(t, true)?;
         }
         Ok(())
+    }
+
+    /// Segments whose sync failed take no more appends: the next hint of their target
+    /// starts a new segment (and, if the directory was removed, a new directory).
+    fn stop_appending_to(&mut self, failed: &[(NodeId, u64)]) {
+        for &(target, segment) in failed {
+            if let Some(log) = self.targets.get_mut(&target) {
+                if log.active == Some(segment) {
+                    log.active = None;
+                }
+            }
+        }
     }
 
     /// With [`FsyncPolicy::Every`], when unsynced appends must be synced; `None` if nothing
@@ -864,22 +883,35 @@ fn cursor_state(log: &TargetLog) -> format::CursorState {
     }
 }
 
+/// Syncs every dirty segment, then every dirty directory; returns the first error.
+/// An entry whose sync fails is dropped all the same, and the failed segments are
+/// added to `failed` (their target stops appending to them): after a failed fsync the
+/// kernel may have marked the pages clean, so a later fsync that succeeds would prove
+/// nothing, and a segment removed under the store fails for good. (Regression: a
+/// failed entry stayed dirty with its deadline in the past, so the driver retried it
+/// at once, forever — a busy loop of `hint store sync failed` warnings once the hint
+/// directory was removed — and hints kept going to the removed segment.)
 fn sync_dirty<B: SegmentIo>(
     io: &mut B,
     dirty: &mut BTreeSet<(NodeId, u64)>,
     dirty_dirs: &mut BTreeSet<NodeId>,
     dirty_since: &mut Option<Instant>,
+    failed: &mut Vec<(NodeId, u64)>,
 ) -> std::io::Result<()> {
-    while let Some(&(t, s)) = dirty.first() {
-        io.sync(t, s)?;
-        dirty.remove(&(t, s));
+    let mut first = None;
+    for (t, s) in std::mem::take(dirty) {
+        if let Err(e) = io.sync(t, s) {
+            failed.push((t, s));
+            first.get_or_insert(e);
+        }
     }
-    while let Some(&t) = dirty_dirs.first() {
-        io.sync_dir(t)?;
-        dirty_dirs.remove(&t);
+    for t in std::mem::take(dirty_dirs) {
+        if let Err(e) = io.sync_dir(t) {
+            first.get_or_insert(e);
+        }
     }
     *dirty_since = None;
-    Ok(())
+    first.map_or(Ok(()), Err)
 }
 
 /// Loads one target: cursor, segments (checked, scanned, repaired), then writes back a

@@ -164,6 +164,24 @@ impl DeadLetterQueue {
                 }
             }
         }
+        // The queue's bound holds for what an earlier run left too (it may have run
+        // with a larger capacity): the oldest are dropped and counted, as in `push`.
+        // (Regression: every letter of the log was reloaded, whatever the capacity.)
+        let mut dropped = 0u64;
+        while queue.len() > capacity {
+            if let Some((old, pos)) = queue.pop_front() {
+                dropped += 1;
+                tracing::warn!(id = %old.id, capacity, "dead-letter queue full at start: oldest dead letter of an earlier run dropped");
+                if let Some(pos) = pos {
+                    let _ = store.mark_delivered(LOG_TARGET, pos);
+                }
+            }
+        }
+        if dropped > 0 {
+            if let Err(e) = store.sync() {
+                tracing::warn!(error = %e, "dropped dead letters not marked in their log; they may be seen again after a restart");
+            }
+        }
         if !queue.is_empty() || report.corrupt_regions > 0 || report.torn_tails > 0 {
             tracing::info!(
                 recovered = queue.len(),
@@ -178,7 +196,7 @@ impl DeadLetterQueue {
                 ..State::default()
             }),
             capacity,
-            dropped: AtomicU64::new(0),
+            dropped: AtomicU64::new(dropped),
             log: Some(Mutex::new(Some(store))),
             not_persisted: AtomicU64::new(0),
         })

@@ -96,7 +96,8 @@ impl LogFile for DiskFile {
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        sync_data(&self.file)
+        sync_data(&self.file)?;
+        check_linked(&self.file, &self.path)
     }
 
     fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -152,6 +153,30 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 /// cannot be fsynced).
 #[cfg(not(unix))]
 pub(crate) fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// An error if the open `file` no longer has a name (its directory or the file itself
+/// was removed, or another file renamed over it): what was written through the handle
+/// is gone with the last handle, so a sync of it must not count as durable.
+/// (Regression: a removed hint, dedup or dead-letter directory went unnoticed, and
+/// hints, `ack_durable` confirmations and dead letters written after it were lost
+/// silently at the next restart.)
+#[cfg(unix)]
+fn check_linked(file: &File, path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if file.metadata()?.nlink() == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} was removed while open", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// An error if the open `file` no longer has a name (not checked on this platform).
+#[cfg(not(unix))]
+fn check_linked(_file: &File, _path: &Path) -> io::Result<()> {
     Ok(())
 }
 
