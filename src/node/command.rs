@@ -111,9 +111,16 @@ impl Driver {
                 options,
                 schema,
                 tx,
-            } => self
-                .receivers
-                .register(&mut self.core.endpoint, channel, options, schema, tx),
+            } => {
+                // Completions pushed before this registration was asked for come
+                // first: the messages a dropped receiver of the channel gave back
+                // are taken back before the new receiver (and its ordering) applies.
+                // (Regression: a frame handled in between went to an ordered
+                // receiver ahead of the messages given back just before.)
+                self.take_completions();
+                self.receivers
+                    .register(&mut self.core.endpoint, channel, options, schema, tx)
+            }
             Command::Undecodable { delivery, payload } => Receivers::undecodable(
                 &mut self.core.endpoint,
                 &mut self.observe,

@@ -1752,6 +1752,8 @@ impl Endpoint {
             }
         }
         let mut ready = std::mem::take(&mut self.ready);
+        // The channel's receiver now may not be the one this stream started with.
+        stream.set_ordered(ordered, &mut ready);
         let (channel_seq, guarantee) = (data.seq, data.guarantee);
         match stream.on_data(now, data, &mut ready) {
             Arrival::Duplicate => self.stats.duplicates_dropped += 1,

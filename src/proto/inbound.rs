@@ -560,6 +560,40 @@ impl InboundStream {
         self.ordered
     }
 
+    /// The channel's receiver was registered again with the other ordering: the
+    /// stream follows the receiver it has now. To ordered: first deliveries follow
+    /// send order from the messages not handed out yet on (what went out unordered
+    /// before stays as it went). To unordered: nothing waits any more; what was
+    /// buffered for ordering is pushed to `ready`. (Regression: a stream kept the
+    /// ordering of the receiver registered when its first frame arrived, so an
+    /// ordered receiver registered after an unordered one saw first deliveries out
+    /// of send order.)
+    pub(crate) fn set_ordered(&mut self, ordered: bool, ready: &mut Vec<Data>) {
+        if self.ordered == ordered {
+            return;
+        }
+        self.ordered = ordered;
+        if ordered {
+            let handed_out = self
+                .in_progress
+                .iter()
+                .copied()
+                .chain(self.done.last().copied())
+                .fold(self.cumulative, u64::max);
+            self.next_deliver = self.next_deliver.max(handed_out.saturating_add(1));
+        } else {
+            self.held.clear();
+            for (seq, data) in std::mem::take(&mut self.reorder) {
+                if seq > self.cumulative
+                    && !self.done.contains(&seq)
+                    && self.in_progress.insert(seq)
+                {
+                    ready.push(data);
+                }
+            }
+        }
+    }
+
     /// Credit the sender may use now: the highest seq it may have transmitted.
     pub(crate) fn credit(&mut self) -> u64 {
         let grant = if self.amo {
@@ -798,6 +832,35 @@ mod tests {
             incarnation: 9,
         };
         InboundStream::new(origin, ChannelId(0), ordered, Duration::ZERO, 8, 16, 64)
+    }
+
+    /// A stream follows its channel's receiver when it is registered again with the
+    /// other ordering: made ordered, later first deliveries wait for their
+    /// predecessors; made unordered, what was buffered for ordering goes out at once.
+    /// (Regression: the ordering of the first receiver stuck to the stream.)
+    #[test]
+    fn a_stream_follows_a_receiver_registered_again_with_the_other_ordering() {
+        let now = Instant::now();
+        let seqs = |r: &mut Vec<Data>| r.drain(..).map(|d| d.seq).collect::<Vec<_>>();
+        let mut s = stream(false);
+        let mut ready = Vec::new();
+        assert_eq!(s.on_data(now, data(1, 1), &mut ready), Arrival::Ready);
+        assert_eq!(s.on_data(now, data(3, 1), &mut ready), Arrival::Ready);
+        assert_eq!(seqs(&mut ready), vec![1, 3]);
+        s.complete(now, 1, true);
+        // Ordered from here: 2 was never handed out, 3 was; 5 waits for 4.
+        s.set_ordered(true, &mut ready);
+        assert!(ready.is_empty());
+        assert_eq!(s.on_data(now, data(5, 2), &mut ready), Arrival::Buffered);
+        assert_eq!(s.on_data(now, data(4, 2), &mut ready), Arrival::Ready);
+        assert_eq!(seqs(&mut ready), vec![4, 5]);
+        assert_eq!(s.on_data(now, data(7, 2), &mut ready), Arrival::Buffered);
+        // Unordered again: 7 no longer waits for 6.
+        s.set_ordered(false, &mut ready);
+        assert_eq!(seqs(&mut ready), vec![7]);
+        assert_eq!(s.on_data(now, data(7, 2), &mut ready), Arrival::InProgress);
+        assert_eq!(s.on_data(now, data(6, 2), &mut ready), Arrival::Ready);
+        assert_eq!(seqs(&mut ready), vec![6]);
     }
 
     /// An ordered at-most-once stream never waits for what cannot come: it starts at
