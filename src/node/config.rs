@@ -203,6 +203,12 @@ pub struct ChannelOptions {
     /// Its guarantee.
     pub guarantee: Guarantee,
     /// Per-message deadline overriding the retry policy's. Default `None` (policy's).
+    ///
+    /// At-least-once and effectively-once only. An at-most-once message has no
+    /// deadline, as it has no retries: it waits for the receiver's credit as long as
+    /// the receiver withholds it, and its receipt resolves `Sent` once it is
+    /// transmitted (or fails when the node shuts down). A value set here is still
+    /// range-checked for every guarantee.
     #[serde(default, with = "crate::config_serde::option_duration")]
     pub deadline: Option<Duration>,
 }

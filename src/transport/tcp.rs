@@ -70,8 +70,9 @@ use crate::rng::seed_from_entropy;
 use crate::wire::{
     DecodeError, Frame, FrameDecoder, FrameEncoder, IncompatibleVersion, Negotiation,
     NegotiationError, NegotiationStep, UnsupportedRange, VersionRange, DEFAULT_MAX_FRAME_LEN,
+    FRAME_PREFIX_LEN,
 };
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -115,7 +116,10 @@ pub struct TcpConfig {
     /// Largest redial delay.
     #[serde(with = "crate::config_serde::duration")]
     pub backoff_max: Duration,
-    /// Largest frame body accepted or sent.
+    /// Largest frame body accepted or sent. Run the same value on every node: a
+    /// larger frame from a handshaken peer is read past and dropped
+    /// ([`TcpStatsSnapshot::frames_skipped_too_large`]), and its message fails at its
+    /// sender's deadline; before the handshake one closes the connection.
     pub max_frame_len: usize,
     /// Frames queued per peer before the oldest are dropped.
     pub queue_bound: usize,
@@ -281,6 +285,11 @@ pub struct TcpStatsSnapshot {
     pub frames_dropped_backlog: u64,
     /// Frames dropped because they encode larger than `max_frame_len`.
     pub frames_dropped_oversize: u64,
+    /// Frames a handshaken peer sent larger than this node's `max_frame_len`, read past
+    /// and dropped without closing the connection (the sender's `max_payload` exceeds
+    /// this node's frame limit: a configuration mismatch). The sender is not told; an
+    /// acked message fails at its deadline (`SendError::Deadline`).
+    pub frames_skipped_too_large: u64,
     /// Inbound connections refused: the peer's node id is not known and
     /// `accept_unknown_peers` is off (plain TCP).
     pub rejected_unknown_peer: u64,
@@ -335,6 +344,7 @@ impl TcpStats {
             frames_dropped_disconnected: g(Counter::FramesDroppedDisconnected),
             frames_dropped_backlog: g(Counter::FramesDroppedBacklog),
             frames_dropped_oversize: g(Counter::FramesDroppedOversize),
+            frames_skipped_too_large: g(Counter::FramesSkippedTooLarge),
             rejected_unknown_peer: g(Counter::RejectedUnknownPeer),
             rejected_duplicate_node: g(Counter::RejectedDuplicateNode),
             rejected_ip_limit: g(Counter::RejectedIpLimit),
@@ -570,8 +580,9 @@ enum Counter {
     RejectedIdentityMismatch,
     StalledPeersDisconnected,
     FramesWithdrawn,
+    FramesSkippedTooLarge,
 }
-const COUNTERS: usize = Counter::FramesWithdrawn as usize + 1;
+const COUNTERS: usize = Counter::FramesSkippedTooLarge as usize + 1;
 
 /// A connected peer is disconnected once this many times `queue_bound` frames wait
 /// for it (see `Manager::send`).
@@ -1602,6 +1613,32 @@ struct ConnInfo {
 /// then held back by TCP flow control, as with one event per frame (1 024 frames).
 const MAX_FRAMES_PER_EVENT: usize = 64;
 
+/// A handshaken peer sent a frame of `len` body bytes, over this node's `max` (its
+/// sender accepts larger payloads than this node's frame limit: the two are configured
+/// differently). The frame is read past and dropped, counted, and warned about once per
+/// connection; returns how many bytes to skip (the frame's prefix and body).
+///
+/// Closing the connection instead, as before, cut every channel of the link at each
+/// retransmission of that one message: at-most-once messages of other channels were
+/// lost on a healthy link, and a handed-off copy kept cutting it for the hint's
+/// lifetime. A started frame must still complete within `read_timeout`, so a peer
+/// announcing a huge frame and sending nothing is closed as before.
+fn skip_oversized(ctx: &Ctx, peer: NodeId, len: usize, max: usize, warned: &mut bool) -> usize {
+    ctx.stats.inc(Counter::FramesSkippedTooLarge);
+    if !std::mem::replace(warned, true) {
+        tracing::warn!(
+            %peer,
+            len,
+            max_frame_len = max,
+            "tcp: peer sent a frame larger than max_frame_len; dropped (its max_payload \
+             exceeds this node's frame limit; the message fails at its sender's deadline)"
+        );
+    } else {
+        tracing::debug!(%peer, len, max_frame_len = max, "tcp: oversized frame dropped");
+    }
+    FRAME_PREFIX_LEN + len
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(
     mut rd: R,
     early: Vec<Frame>,
@@ -1635,10 +1672,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut frame_deadline: Option<tokio::time::Instant> = None;
     // Frames decoded from the current read, when they go up as `Frames` events.
     let mut batch: Vec<Frame> = Vec::with_capacity(MAX_FRAMES_PER_EVENT);
+    // Bytes of an oversized frame still to be read past (see `skip_oversized`).
+    let mut skip = 0usize;
+    let mut warned_oversized = false;
     let reason: Option<Reject> = 'conn: loop {
         let mut progressed = false;
         let mut bad = None;
         loop {
+            if skip > 0 {
+                let n = skip.min(buf.len());
+                buf.advance(n);
+                skip -= n;
+                // Not progress: like a frame, a skipped one must end within
+                // `read_timeout` of its start.
+                if skip > 0 {
+                    break; // the rest of it is still to come
+                }
+            }
             match dec.decode(&mut buf) {
                 Ok(Some(Frame::Handshake(_))) => {
                     bad = Some(Reject::UnexpectedFrame);
@@ -1671,6 +1721,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     }
                 }
                 Ok(None) => break,
+                Err(DecodeError::TooLarge { len, max }) => {
+                    skip = skip_oversized(&ctx, peer, len, max, &mut warned_oversized);
+                }
                 Err(e) => {
                     bad = Some(Reject::Decode(e));
                     break;
@@ -1695,7 +1748,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if bad.is_some() {
             break 'conn bad;
         }
-        if buf.is_empty() {
+        if buf.is_empty() && skip == 0 {
             frame_deadline = None;
         } else if progressed || frame_deadline.is_none() {
             frame_deadline = Some(tokio::time::Instant::now() + ctx.cfg.read_timeout);
