@@ -28,6 +28,15 @@ use crate::NodeId;
 pub const HINT_TARGET: NodeId = NodeId(7);
 /// Segment id the hint wrappers use.
 pub const HINT_SEGMENT: u64 = 3;
+/// The record salt of the salted (version 2) segments the hint fuzz entries build.
+pub const HINT_SALT: u64 = 0x0123_4567_89AB_CDEF;
+
+/// How the records of `segment` are framed: as its header says, or (for a bad
+/// header) as a salted segment of [`HINT_SALT`].
+fn hint_frame(segment: &[u8]) -> format::Frame {
+    format::check_segment_header(segment, HINT_TARGET, HINT_SEGMENT)
+        .unwrap_or(format::Frame::Salted(HINT_SALT))
+}
 
 // ---------------------------------------------------------------------------------------
 // Frame decoder
@@ -183,20 +192,26 @@ fn check_frame_round_trip(frame: &Frame, max: usize, arrived_len: usize) {
 /// magic, length and crc by [`hint_records_from_bodies`] (so the fuzzer reaches the
 /// record body decoder). Bit 1 set → a valid cursor marking some records done (chosen by
 /// bits 3–5) is stored with the segment. Bit 2 set → replay in batches of one hint, else
-/// all at once. The rest is also given to the cursor decoder as is. Returns the number
-/// of hints replayed.
+/// all at once. Bit 6 set → the header and the records are of a version 1 segment
+/// (plain records), else of a version 2 one (salted with [`HINT_SALT`]). The rest is
+/// also given to the cursor decoder as is. Returns the number of hints replayed.
 pub fn fuzz_hint_segment(data: &[u8]) -> usize {
     let Some((&mode, rest)) = data.split_first() else {
         return 0;
     };
     check_cursor_decode(rest);
+    let plain = mode & 0x40 != 0;
     let body = if mode & 0x80 != 0 {
-        hint_records_from_bodies(rest)
+        hint_records_from_bodies(rest, plain)
     } else {
         rest.to_vec()
     };
     let segment = if mode & 1 == 1 {
-        let mut s = format::encode_segment_header(HINT_TARGET, HINT_SEGMENT).to_vec();
+        let mut s = if plain {
+            format::encode_plain_segment_header(HINT_TARGET, HINT_SEGMENT).to_vec()
+        } else {
+            format::encode_segment_header(HINT_TARGET, HINT_SEGMENT, HINT_SALT).to_vec()
+        };
         s.extend_from_slice(&body);
         s
     } else {
@@ -209,18 +224,28 @@ pub fn fuzz_hint_segment(data: &[u8]) -> usize {
 }
 
 /// Wraps record bodies in valid record prefixes: reads a body length `n` (one byte, then
-/// up to `n` bytes of body) and writes magic, `n` and the record crc, repeatedly. A body
-/// cut short by the end of `data` keeps its announced length (a torn record). The body
-/// itself (`header_len u16 LE | bincode header | payload`) is left to the fuzzer.
-pub fn hint_records_from_bodies(data: &[u8]) -> Vec<u8> {
+/// up to `n` bytes of body) and writes magic, `n` and the record's checks (`plain`: the
+/// crc of version 1 segments; else the prefix check for [`HINT_SALT`] and the body
+/// crc), repeatedly. A body cut short by the end of `data` keeps its announced length
+/// (a torn record). The body itself (`header_len u16 LE | bincode header | payload`) is
+/// left to the fuzzer.
+pub fn hint_records_from_bodies(data: &[u8], plain: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() * 2);
     let mut rest = data;
     while let Some((&n, tail)) = rest.split_first() {
         let body = &tail[..usize::from(n).min(tail.len())];
         let len = u32::from(n).to_le_bytes();
+        let start = out.len();
         out.extend_from_slice(&format::RECORD_MAGIC.to_le_bytes());
         out.extend_from_slice(&len);
-        out.extend_from_slice(&crc32c::crc32c_append(crc32c::crc32c(&len), body).to_le_bytes());
+        if plain {
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&len), body);
+            out.extend_from_slice(&crc.to_le_bytes());
+        } else {
+            out.extend_from_slice(&[0; 4]);
+            out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+            crate::storage::salt_record(&mut out[start..], HINT_SALT);
+        }
         out.extend_from_slice(body);
         rest = &tail[body.len()..];
     }
@@ -228,12 +253,13 @@ pub fn hint_records_from_bodies(data: &[u8]) -> Vec<u8> {
 }
 
 /// A segment file for ([`HINT_TARGET`], [`HINT_SEGMENT`]) holding `hints` (each hint
-/// keeps its own target; hints too large for a record are left out). For building valid
-/// inputs to mutate.
+/// keeps its own target; hints too large for a record are left out), salted with
+/// [`HINT_SALT`]. For building valid inputs to mutate.
 pub fn hint_segment_bytes(hints: &[Hint]) -> Vec<u8> {
-    let mut s = format::encode_segment_header(HINT_TARGET, HINT_SEGMENT).to_vec();
+    let frame = format::Frame::Salted(HINT_SALT);
+    let mut s = format::encode_segment_header(HINT_TARGET, HINT_SEGMENT, HINT_SALT).to_vec();
     for h in hints {
-        if let Some(r) = format::encode_record(h) {
+        if let Some(r) = format::encode_record(h, frame) {
             s.extend_from_slice(&r);
         }
     }
@@ -248,22 +274,24 @@ pub fn hint_segment_bytes(hints: &[Hint]) -> Vec<u8> {
 /// record, a record does not decode (or does not survive encode → decode), or scanning
 /// the kept prefix (what recovery truncates to) finds something else.
 pub fn scan_hint_segment(segment: &[u8]) -> usize {
-    let scan = format::scan_segment(segment);
+    let frame = hint_frame(segment);
+    let scan = format::scan_segment(segment, frame);
     assert!(
         scan.keep_len as usize <= segment.len(),
         "keep_len past the end"
     );
     let span = Bytes::copy_from_slice(segment);
-    let mut at = format::SEGMENT_HEADER_LEN.min(segment.len()) as u64;
+    let mut at = format::header_len(frame).min(segment.len()) as u64;
     let mut records = 0;
     for (i, item) in scan.items.iter().enumerate() {
         match *item {
             ScanItem::Record { offset, len } => {
                 assert_eq!(offset, at, "scan regions not contiguous");
-                let hint = format::decode_record_in(&span, offset as usize, len as usize)
+                let hint = format::decode_record_in(&span, offset as usize, len as usize, frame)
                     .expect("a record the scan kept must decode");
-                let again = format::encode_record(&hint)
-                    .and_then(|r| format::decode_record_in(&Bytes::from(r.clone()), 0, r.len()));
+                let again = format::encode_record(&hint, frame).and_then(|r| {
+                    format::decode_record_in(&Bytes::from(r.clone()), 0, r.len(), frame)
+                });
                 assert_eq!(again.as_ref(), Some(&hint), "hint record round trip");
                 at += u64::from(len);
                 records += 1;
@@ -283,7 +311,7 @@ pub fn scan_hint_segment(segment: &[u8]) -> usize {
         at, scan.keep_len,
         "keep_len is not the end of the last region"
     );
-    let kept = format::scan_segment(&segment[..scan.keep_len as usize]);
+    let kept = format::scan_segment(&segment[..scan.keep_len as usize], frame);
     assert_eq!(
         kept, scan,
         "scanning the truncated segment finds something else"
@@ -311,17 +339,17 @@ pub fn replay_hint_segment(segment: &[u8], cursor: Option<&[u8]>, max_bytes: u64
     let (mut store, report) = HintStore::open_with(HintStoreConfig::default(), io)
         .expect("opening a memory-backed store must not fail on any bytes");
 
-    let header_ok = format::check_segment_header(segment, HINT_TARGET, HINT_SEGMENT).is_ok();
+    let header = format::check_segment_header(segment, HINT_TARGET, HINT_SEGMENT);
     let span = Bytes::copy_from_slice(segment);
     // Records the store may hand out: valid and of the segment's target.
     let mut expected: BTreeMap<u64, Hint> = BTreeMap::new();
-    if header_ok {
-        let scan = format::scan_segment(segment);
+    if let Ok(frame) = header {
+        let scan = format::scan_segment(segment, frame);
         assert_eq!(report.segments, 1);
         assert_eq!(report.torn_bytes, segment.len() as u64 - scan.keep_len);
         for item in &scan.items {
             if let ScanItem::Record { offset, len } = *item {
-                let h = format::decode_record_in(&span, offset as usize, len as usize)
+                let h = format::decode_record_in(&span, offset as usize, len as usize, frame)
                     .expect("scanned record decodes");
                 if h.target == HINT_TARGET {
                     expected.insert(offset, h);
@@ -378,7 +406,7 @@ pub fn replay_hint_segment(segment: &[u8], cursor: Option<&[u8]>, max_bytes: u64
 /// A valid cursor for ([`HINT_TARGET`], [`HINT_SEGMENT`]) marking records done: those
 /// below the `selector % 4`-th record, plus every other record after it if bit 2 is set.
 fn cursor_for(segment: &[u8], selector: u8) -> Vec<u8> {
-    let offsets: Vec<u64> = format::scan_segment(segment)
+    let offsets: Vec<u64> = format::scan_segment(segment, hint_frame(segment))
         .items
         .iter()
         .filter_map(|i| match *i {
@@ -415,29 +443,39 @@ fn check_cursor_decode(bytes: &[u8]) {
 
 /// Length of the current dedup log format's header (the record area starts there).
 pub const DEDUP_HEADER_LEN: usize = crate::dedup::log::HEADER_LEN;
+/// The record salt of the current-format (version 4) dedup logs the fuzz entries build.
+pub const DEDUP_SALT: u64 = 0x0FED_CBA9_8765_4321;
 
 /// Fuzz entry for the durable dedup state reader, with `dir` an empty scratch directory
 /// reused between calls.
 ///
 /// `data[0]` is the mode: bit 1 set → the rest is first turned into records with valid
-/// prefixes by [`dedup_records_from_payloads`] (bit 2 picks the framing: clear → format
-/// 3, set → formats 1 and 2); bit 0 set → a valid log header of that format is put in
-/// front; clear → the result is the whole file. The bytes after the mode and the
-/// file's record area are also parsed directly ([`parse_dedup_log`]). Returns what
+/// prefixes by [`dedup_records_from_payloads`] (bits 2 and 3 pick the format: bit 2 set
+/// → formats 1 and 2; else bit 3 set → format 3, plain records; else format 4, salted
+/// with [`DEDUP_SALT`]); bit 0 set → a valid log header of that format is put in front;
+/// clear → the result is the whole file. The bytes after the mode and the file's
+/// record area are also parsed directly ([`parse_dedup_log`]). Returns what
 /// [`open_dedup_log`] returned.
 pub fn fuzz_dedup_state(dir: &Path, data: &[u8]) -> Result<DedupStats, DedupError> {
-    use crate::dedup::log::{header, legacy_header, HEADER_LEN, LEGACY_HEADER_LEN};
+    use crate::dedup::log::{
+        header, legacy_header, plain_header, HEADER_LEN, LEGACY_HEADER_LEN, PLAIN_HEADER_LEN,
+    };
     let (mode, rest) = data.split_first().map_or((0, data), |(&m, r)| (m, r));
-    let legacy = mode & 4 == 4;
+    let version = match (mode & 4 == 4, mode & 8 == 8) {
+        (true, _) => 2,
+        (false, true) => 3,
+        (false, false) => 4,
+    };
     let body = if mode & 2 == 2 {
-        dedup_records_from_payloads(rest, legacy)
+        dedup_records_from_payloads(rest, version)
     } else {
         rest.to_vec()
     };
-    let (mut file, header_len) = match (mode & 1 == 1, legacy) {
+    let (mut file, header_len) = match (mode & 1 == 1, version) {
         (false, _) => (Vec::new(), HEADER_LEN),
-        (true, false) => (header().to_vec(), HEADER_LEN),
-        (true, true) => (legacy_header(2).to_vec(), LEGACY_HEADER_LEN),
+        (true, 2) => (legacy_header(2).to_vec(), LEGACY_HEADER_LEN),
+        (true, 3) => (plain_header().to_vec(), PLAIN_HEADER_LEN),
+        (true, _) => (header(DEDUP_SALT).to_vec(), HEADER_LEN),
     };
     file.extend_from_slice(&body);
     if file.len() >= header_len {
@@ -448,23 +486,36 @@ pub fn fuzz_dedup_state(dir: &Path, data: &[u8]) -> Result<DedupStats, DedupErro
 }
 
 /// Wraps record payloads in valid dedup log prefixes: reads a payload length `n` (one
-/// byte, then up to `n` bytes) and frames it (format 3: record magic, `n` as u32 LE,
-/// crc32c of the length and payload; `legacy`: `n` as u32 LE, crc32c of the payload),
-/// repeatedly (a payload cut short keeps its announced length: a torn record).
-pub fn dedup_records_from_payloads(data: &[u8], legacy: bool) -> Vec<u8> {
+/// byte, then up to `n` bytes) and frames it in format `version` (4: record magic, `n`
+/// as u32 LE, the prefix check for [`DEDUP_SALT`], crc32c of the payload; 3: record
+/// magic, `n` as u32 LE, crc32c of the length and payload; 1 or 2: `n` as u32 LE,
+/// crc32c of the payload), repeatedly (a payload cut short keeps its announced length:
+/// a torn record).
+pub fn dedup_records_from_payloads(data: &[u8], version: u16) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() * 2);
     let mut rest = data;
     while let Some((&n, tail)) = rest.split_first() {
         let payload = &tail[..usize::from(n).min(tail.len())];
         let len = u32::from(n).to_le_bytes();
-        if legacy {
-            out.extend_from_slice(&len);
-            out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-        } else {
-            out.extend_from_slice(b"AKWD");
-            out.extend_from_slice(&len);
-            let crc = crc32c::crc32c_append(crc32c::crc32c(&len), payload);
-            out.extend_from_slice(&crc.to_le_bytes());
+        let start = out.len();
+        match version {
+            ..=2 => {
+                out.extend_from_slice(&len);
+                out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+            }
+            3 => {
+                out.extend_from_slice(b"AKWD");
+                out.extend_from_slice(&len);
+                let crc = crc32c::crc32c_append(crc32c::crc32c(&len), payload);
+                out.extend_from_slice(&crc.to_le_bytes());
+            }
+            _ => {
+                out.extend_from_slice(b"AKWD");
+                out.extend_from_slice(&len);
+                out.extend_from_slice(&[0; 4]);
+                out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+                crate::storage::salt_record(&mut out[start..], DEDUP_SALT);
+            }
         }
         out.extend_from_slice(payload);
         rest = &tail[payload.len()..];
@@ -472,13 +523,14 @@ pub fn dedup_records_from_payloads(data: &[u8], legacy: bool) -> Vec<u8> {
     out
 }
 
-/// A valid dedup log file (header included) of `n` pseudo-random records from `seed`,
-/// for building valid inputs to mutate.
+/// A valid dedup log file (header included, current format, salted with
+/// [`DEDUP_SALT`]) of `n` pseudo-random records from `seed`, for building valid inputs
+/// to mutate.
 pub fn dedup_log_bytes(seed: u64, n: usize) -> Vec<u8> {
     use crate::dedup::log::{encode, header, Record};
     use crate::{ChannelId, IdKey, Origin};
     let mut rng = SplitMix64::new(seed);
-    let mut out = header().to_vec();
+    let mut out = header(DEDUP_SALT).to_vec();
     for _ in 0..n {
         let o = Origin {
             node: NodeId(rng.range_u64(0, 3)),
@@ -490,30 +542,41 @@ pub fn dedup_log_bytes(seed: u64, n: usize) -> Vec<u8> {
             1 => Record::Floor(o, c, rng.range_u64(0, 300)),
             _ => Record::KeyDone(IdKey(u128::from(rng.next_u64())), rng.next_u64()),
         };
-        encode(&r, &mut out);
+        encode(&r, crate::storage::Frame::Salted(DEDUP_SALT), &mut out);
     }
     out
 }
 
 /// Parses `records` as a dedup log's record area (the bytes after the header) in the
-/// current format and in the format of versions 1 and 2, and returns the number of
-/// records the current format recovers.
+/// current format (salted with [`DEDUP_SALT`]), in format 3 and in the format of
+/// versions 1 and 2, and returns the number of records the current format recovers.
 ///
 /// # Panics
-/// When an invariant fails, for either format: the kept length exceeds the input or
+/// When an invariant fails, for any format: the kept length exceeds the input or
 /// disagrees with the torn byte count; parsing the kept prefix (what recovery truncates
 /// to) finds different records or corruption counts, or a torn tail; the recovered
 /// records do not re-encode into a log that parses back to exactly them.
 pub fn parse_dedup_log(records: &[u8]) -> usize {
     use crate::dedup::log::{encode, encode_legacy, parse, parse_legacy};
+    use crate::storage::Frame;
     check_dedup_parser(records, parse_legacy, encode_legacy);
-    check_dedup_parser(records, parse, encode)
+    check_dedup_parser(
+        records,
+        |b| parse(b, Frame::Plain),
+        |r, out| encode(r, Frame::Plain, out),
+    );
+    let salted = Frame::Salted(DEDUP_SALT);
+    check_dedup_parser(
+        records,
+        |b| parse(b, salted),
+        |r, out| encode(r, salted, out),
+    )
 }
 
 fn check_dedup_parser(
     records: &[u8],
-    parse: fn(&[u8]) -> (crate::dedup::log::Recovered, usize),
-    encode: fn(&crate::dedup::log::Record, &mut Vec<u8>),
+    parse: impl Fn(&[u8]) -> (crate::dedup::log::Recovered, usize),
+    encode: impl Fn(&crate::dedup::log::Record, &mut Vec<u8>),
 ) -> usize {
     let (rec, keep) = parse(records);
     assert!(keep <= records.len(), "keep past the end");
@@ -547,8 +610,10 @@ fn check_dedup_parser(
 /// counts.
 pub fn open_dedup_log(dir: &Path, file: &[u8]) -> Result<DedupStats, DedupError> {
     use crate::dedup::log::{
-        encode, header, legacy_header, parse, parse_legacy, HEADER_LEN, LEGACY_HEADER_LEN, LOG_NAME,
+        encode, header, is_fresh, legacy_header, parse, parse_legacy, plain_header, HEADER_LEN,
+        LEGACY_HEADER_LEN, LOG_NAME, PLAIN_HEADER_LEN,
     };
+    use crate::storage::{check_salt, Frame};
     let path = dir.join(LOG_NAME);
     std::fs::write(&path, file).expect("writing the scratch log");
     let cfg = DedupConfig {
@@ -563,26 +628,46 @@ pub fn open_dedup_log(dir: &Path, file: &[u8]) -> Result<DedupStats, DedupError>
         ..DedupConfig::default()
     };
     let now = Instant::now();
-    let fresh = (file.len() < HEADER_LEN && header().starts_with(file))
-        || (file.len() < LEGACY_HEADER_LEN && legacy_header(2).starts_with(file));
-    let current = file.len() >= HEADER_LEN && file[..HEADER_LEN] == header();
+    // A format 4 header: the known first 32 bytes and an intact salt.
+    let salt_of = |b: &[u8]| {
+        (b.len() >= HEADER_LEN && b[..PLAIN_HEADER_LEN] == header(0)[..PLAIN_HEADER_LEN])
+            .then(|| check_salt(b).ok())
+            .flatten()
+    };
+    let fresh = is_fresh(file);
+    let current = if fresh { None } else { salt_of(file) };
+    let plain = file.len() >= PLAIN_HEADER_LEN && file[..PLAIN_HEADER_LEN] == plain_header();
     let legacy = file.len() >= LEGACY_HEADER_LEN
         && (file[..LEGACY_HEADER_LEN] == legacy_header(1)
             || file[..LEGACY_HEADER_LEN] == legacy_header(2))
         && !crate::dedup::log::damaged_current_header(file);
     let r = Dedup::open_at(cfg.clone(), now).map(|d| d.stats());
     let on_disk = std::fs::read(&path).expect("reading the scratch log");
+    // An older format rewritten in the current one: exactly `records`, salted with the
+    // new file's salt.
+    let rewritten = |records: &[crate::dedup::log::Record]| {
+        let salt = salt_of(&on_disk).expect("rewritten with a format 4 header");
+        let mut want = header(salt).to_vec();
+        records
+            .iter()
+            .for_each(|r| encode(r, Frame::Salted(salt), &mut want));
+        assert_eq!(on_disk, want, "not rewritten in the current format");
+    };
     match &r {
-        Err(DedupError::BadHeader { .. }) if !fresh && !current && !legacy => {
+        Err(DedupError::BadHeader { .. }) if !fresh && current.is_none() && !plain && !legacy => {
             assert_eq!(on_disk, file, "a rejected log was modified");
             return r;
         }
         Ok(s) if fresh => {
             assert_eq!((s.torn_bytes_truncated, s.corrupt_records_skipped), (0, 0));
-            assert_eq!(on_disk, header(), "a new log must hold just the header");
+            assert!(
+                on_disk.len() == HEADER_LEN && salt_of(&on_disk).is_some(),
+                "a new log must hold just the header"
+            );
         }
-        Ok(s) if current => {
-            let (rec, keep) = parse(&file[HEADER_LEN..]);
+        Ok(s) if current.is_some() => {
+            let salt = current.unwrap_or_default();
+            let (rec, keep) = parse(&file[HEADER_LEN..], Frame::Salted(salt));
             assert_eq!(s.torn_bytes_truncated, rec.torn_bytes, "torn bytes");
             assert_eq!(s.corrupt_records_skipped, rec.corrupt_skipped, "corrupt");
             assert_eq!(
@@ -591,16 +676,21 @@ pub fn open_dedup_log(dir: &Path, file: &[u8]) -> Result<DedupStats, DedupError>
                 "not truncated to intact"
             );
         }
+        Ok(s) if plain => {
+            let (rec, _) = parse(&file[PLAIN_HEADER_LEN..], Frame::Plain);
+            assert_eq!(s.torn_bytes_truncated, rec.torn_bytes, "torn bytes");
+            assert_eq!(s.corrupt_records_skipped, rec.corrupt_skipped, "corrupt");
+            rewritten(&rec.records);
+        }
         Ok(s) if legacy => {
             let (rec, _) = parse_legacy(&file[LEGACY_HEADER_LEN..]);
             assert_eq!(s.torn_bytes_truncated, rec.torn_bytes, "torn bytes");
             assert_eq!(s.corrupt_records_skipped, rec.corrupt_skipped, "corrupt");
-            let mut want = header().to_vec();
-            rec.records.iter().for_each(|r| encode(r, &mut want));
-            assert_eq!(on_disk, want, "not rewritten in the current format");
+            rewritten(&rec.records);
         }
         other => panic!(
-            "unexpected open outcome {other:?} (fresh {fresh}, current {current}, legacy {legacy})"
+            "unexpected open outcome {other:?} (fresh {fresh}, current {current:?}, plain \
+             {plain}, legacy {legacy})"
         ),
     }
     let before = r.as_ref().map(|s| s.corrupt_records_skipped).unwrap_or(0);

@@ -549,8 +549,8 @@ fn v1_dedup_log_is_read_after_an_upgrade() {
     let log = std::fs::read(tmp.path().join("dedup.log")).unwrap();
     assert_eq!(
         (&log[..8], &log[8..12]),
-        (&b"AWDEDUP\0"[..], &3u32.to_le_bytes()[..]),
-        "rewritten in dedup log format 3"
+        (&b"AWDEDUP\0"[..], &4u32.to_le_bytes()[..]),
+        "rewritten in dedup log format 4"
     );
     let dedup = Dedup::open(dedup_cfg(tmp.path())).unwrap();
     for id in v1_dedup_ids() {

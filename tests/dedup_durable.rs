@@ -171,25 +171,25 @@ fn small_log(dir: &Path, n: u64) -> (Vec<u8>, Vec<MessageId>) {
 }
 
 /// Truncation at every byte offset: open succeeds and exactly the records wholly
-/// before the cut are kept (32-byte header, 41-byte records: the stream's activity
+/// before the cut are kept (48-byte header, 45-byte records: the stream's activity
 /// stamp, then one per completed seq).
 #[test]
 fn truncation_at_every_offset_keeps_the_intact_prefix() {
     let _report = Report("reliability: dedup | durable dedup log truncated at every byte offset | 320 reopens | whole records before the cut kept; their messages still rejected as duplicates");
     let src = tempfile::tempdir().unwrap();
     let (bytes, ids) = small_log(src.path(), 6);
-    assert_eq!(bytes.len(), 32 + 7 * 41);
+    assert_eq!(bytes.len(), 48 + 7 * 45);
     for cut in 0..=bytes.len() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("dedup.log"), &bytes[..cut]).unwrap();
         let d = Dedup::open(cfg(dir.path(), FsyncPolicy::Never))
             .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
-        let records = cut.saturating_sub(32) / 41;
+        let records = cut.saturating_sub(48) / 45;
         // the torn tail was truncated, so appends continue cleanly
         let len = std::fs::metadata(dir.path().join("dedup.log"))
             .unwrap()
             .len();
-        assert_eq!(len as usize, 32 + records * 41, "cut {cut}");
+        assert_eq!(len as usize, 48 + records * 45, "cut {cut}");
         let intact = records.saturating_sub(1);
         let now = Instant::now();
         for (i, id) in ids.iter().enumerate() {
@@ -223,13 +223,13 @@ fn random_byte_flips_lose_at_most_the_hit_record() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("dedup.log"), &b).unwrap();
         let r = Dedup::open(cfg(dir.path(), FsyncPolicy::Never));
-        if pos < 32 {
+        if pos < 48 {
             assert!(matches!(r, Err(DedupError::BadHeader { .. })), "pos {pos}");
             continue;
         }
         let d = r.unwrap_or_else(|e| panic!("pos {pos}: {e}"));
         // Record 0 is the stream's activity stamp; record r > 0 is id r - 1.
-        let hit_record = pos.checked_sub(32).map(|p| p / 41);
+        let hit_record = pos.checked_sub(48).map(|p| p / 45);
         let hit = hit_record.and_then(|r| r.checked_sub(1));
         let now = Instant::now();
         for (i, id) in ids.iter().enumerate() {
@@ -280,14 +280,14 @@ fn the_dedup_log_refuses_a_timed_fsync_with_a_typed_error() {
     assert_eq!(FsyncPolicy::default(), FsyncPolicy::Always);
 }
 
-/// Every single-bit flip in the 32-byte header is a typed `BadHeader`, never a log
-/// read in another format (a flipped version bit would read a format 3 log as format 2
+/// Every single-bit flip in the 48-byte header is a typed `BadHeader`, never a log
+/// read in another format (a flipped version bit would read a format 4 log as format 2
 /// and lose every record); the file is left as it was.
 #[test]
 fn every_single_bit_flip_in_the_header_is_a_bad_header() {
     let src = tempfile::tempdir().unwrap();
     let (bytes, _) = small_log(src.path(), 3);
-    for pos in 0..32 {
+    for pos in 0..48 {
         for bit in 0..8 {
             let mut b = bytes.clone();
             b[pos] ^= 1 << bit;

@@ -6,10 +6,14 @@
 //!
 //! # Format
 //!
-//! Since version 3 the log is the shared durable-log layout of [`crate::storage`]: a
-//! 32-byte checked header (magic `b"AWDEDUP\0"`, version 3, no fields of its own),
-//! then records framed as `magic "AKWD" | length | crc32c | payload`, recovered by the
-//! shared scan. Payloads: `1` seq done / `2` floor — `tag u8, node u64, incarnation u64,
+//! Since version 3 the log is the shared durable-log layout of [`crate::storage`].
+//! Version 4 (written by this build): a 48-byte salted header (magic `b"AWDEDUP\0"`,
+//! version 4, no fields of its own, the file's random salt), then salted records
+//! `magic "AKWD" | length | prefix check (crc32c of salt, magic, length) | crc32c of
+//! the payload | payload`, recovered by the shared scan (a record is trusted for its
+//! length once its salted prefix checks out). Version 3: a 32-byte header (no salt) and
+//! plain records `magic "AKWD" | length | crc32c of length and payload | payload`.
+//! Payloads: `1` seq done / `2` floor — `tag u8, node u64, incarnation u64,
 //! channel u32, seq u64` (29 bytes); `3` key done — `tag u8, key u128, unix_ms u64`
 //! (25 bytes); since version 2: `5` stream active — `tag u8, node u64, incarnation
 //! u64, channel u32, unix_ms u64` (29 bytes); `4` stream retired — `tag u8, node u64,
@@ -18,25 +22,31 @@
 //!
 //! Versions 1 and 2 had a 16-byte header (magic, version `u32` LE, 4 zero bytes) and
 //! records framed as `length u32 | crc32c u32 | payload`, without a record magic
-//! (version 2 only added record kinds). Such a log is read with that framing and
-//! rewritten as version 3 (to a temporary file, then renamed over it) before anything
-//! is appended; an older build then refuses the file instead of misreading it.
+//! (version 2 only added record kinds). A log of versions 1 to 3 is read with its
+//! framing and rewritten as version 4 (to a temporary file, then renamed over it) before
+//! anything is appended; an older build then refuses the file instead of misreading
+//! it. Every rewrite (compaction too) draws a new salt.
 
 use std::path::Path;
 
 use super::{DedupError, FsyncPolicy};
 use crate::storage::file::{DiskFile, LogFile};
-use crate::storage::{self, Framing, ScanItem};
+use crate::storage::{self, Frame, Framing, ScanItem};
 use crate::{ChannelId, IdKey, NodeId, Origin};
 
 pub(crate) const MAGIC: &[u8; 8] = b"AWDEDUP\0";
-pub(crate) const VERSION: u16 = 3;
+pub(crate) const VERSION: u16 = 4;
+/// The last format version with plain (unsalted) records.
+pub(crate) const PLAIN_VERSION: u16 = 3;
 /// The oldest format version this build reads.
 const MIN_VERSION: u32 = 1;
-pub(crate) const HEADER_LEN: usize = storage::HEADER_LEN;
+/// The header of format 4.
+pub(crate) const HEADER_LEN: usize = storage::SALTED_HEADER_LEN;
+/// The header of format 3.
+pub(crate) const PLAIN_HEADER_LEN: usize = storage::HEADER_LEN;
 /// The header of formats 1 and 2.
 pub(crate) const LEGACY_HEADER_LEN: usize = 16;
-/// The record framing since format 3.
+/// The record framing since format 3 (plain in 3, salted since 4).
 const FRAMING: Framing = Framing {
     magic: u32::from_le_bytes(*b"AKWD"),
     min_body: KEY_LEN,
@@ -79,6 +89,8 @@ pub(crate) struct Recovered {
 #[derive(Debug)]
 pub(crate) struct DedupLog {
     io: Box<dyn LogFile>,
+    /// The salt of the file's records.
+    salt: u64,
     len: u64,
     fsync: FsyncPolicy,
     /// Records appended since the last [`DedupLog::sync`], encoded, not yet written:
@@ -98,44 +110,55 @@ impl DedupLog {
     }
 
     /// Opens the log held by `io` and recovers its records: a new (or torn while
-    /// created) file gets a header; a format 1 or 2 log is rewritten as format 3; a
-    /// torn tail is cut.
+    /// created) file gets a header; a format 1, 2 or 3 log is rewritten as format 4;
+    /// a torn tail is cut.
     pub(crate) fn open_on(
         mut io: Box<dyn LogFile>,
         fsync: FsyncPolicy,
     ) -> Result<(DedupLog, Recovered), DedupError> {
         let bytes = io.read_all()?;
-        let fresh = (bytes.len() < HEADER_LEN && header().starts_with(&bytes))
-            || (bytes.len() < LEGACY_HEADER_LEN && legacy_header(2).starts_with(&bytes));
-        let (rec, keep, legacy) = if fresh {
+        // `salt`: `None` for a log of an older format, rewritten before use.
+        let (rec, keep, salt) = if is_fresh(&bytes) {
             // New file, or a header torn while being created: start over.
+            let salt = storage::new_salt();
             io.truncate(0)?;
-            io.append(&header())?;
+            io.append(&header(salt))?;
             sync(io.as_mut(), fsync)?;
-            (Recovered::default(), HEADER_LEN as u64, false)
-        } else if check_header(&bytes, io.path())? < u32::from(VERSION) {
-            let (rec, _) = parse_legacy(&bytes[LEGACY_HEADER_LEN..]);
-            (rec, bytes.len() as u64, true)
+            (Recovered::default(), HEADER_LEN as u64, Some(salt))
         } else {
-            let (rec, keep) = parse(&bytes[HEADER_LEN..]);
-            let keep = (HEADER_LEN + keep) as u64;
-            if keep < bytes.len() as u64 {
-                io.truncate(keep)?;
+            match check_header(&bytes, io.path())? {
+                (_, Frame::Salted(salt)) => {
+                    let (rec, keep) = parse(&bytes[HEADER_LEN..], Frame::Salted(salt));
+                    let keep = (HEADER_LEN + keep) as u64;
+                    if keep < bytes.len() as u64 {
+                        io.truncate(keep)?;
+                    }
+                    // What a crashed run wrote but did not fsync is in the OS's cache
+                    // only: make it durable before anything (an ack of a duplicate)
+                    // relies on it.
+                    sync(io.as_mut(), fsync)?;
+                    (rec, keep, Some(salt))
+                }
+                (v, Frame::Plain) if v == u32::from(PLAIN_VERSION) => {
+                    let (rec, _) = parse(&bytes[PLAIN_HEADER_LEN..], Frame::Plain);
+                    (rec, bytes.len() as u64, None)
+                }
+                (_, Frame::Plain) => {
+                    let (rec, _) = parse_legacy(&bytes[LEGACY_HEADER_LEN..]);
+                    (rec, bytes.len() as u64, None)
+                }
             }
-            // What a crashed run wrote but did not fsync is in the OS's cache only:
-            // make it durable before anything (an ack of a duplicate) relies on it.
-            sync(io.as_mut(), fsync)?;
-            (rec, keep, false)
         };
         let mut log = DedupLog {
             io,
+            salt: salt.unwrap_or(0),
             len: keep,
             fsync,
             buf: Vec::with_capacity(64),
             unsynced: false,
         };
-        if legacy {
-            // Formats 1 and 2 become format 3 before anything is appended.
+        if salt.is_none() {
+            // Formats 1 to 3 become format 4 before anything is appended.
             log.rewrite(&rec.records)?;
         }
         Ok((log, rec))
@@ -152,7 +175,7 @@ impl DedupLog {
     /// Buffers one record in memory (no IO): the next [`DedupLog::sync`] writes the
     /// buffer with one `write` call and fsyncs it (group commit).
     pub(crate) fn append_unsynced(&mut self, r: &Record) {
-        encode(r, &mut self.buf);
+        encode(r, Frame::Salted(self.salt), &mut self.buf);
     }
 
     /// Drops the buffered records unwritten (the log was closed: its directory may
@@ -190,16 +213,20 @@ impl DedupLog {
     }
 
     /// Replaces the log with exactly `records`, atomically (a crash leaves the old log
-    /// or the new one).
+    /// or the new one), as a format 4 file of a new salt.
     pub(crate) fn rewrite(&mut self, records: &[Record]) -> Result<(), DedupError> {
-        let mut out = Vec::with_capacity(HEADER_LEN + records.len() * (12 + SEQ_LEN));
-        out.extend_from_slice(&header());
+        let salt = storage::new_salt();
+        let frame = Frame::Salted(salt);
+        let mut out =
+            Vec::with_capacity(HEADER_LEN + records.len() * (frame.prefix_len() + SEQ_LEN));
+        out.extend_from_slice(&header(salt));
         for r in records {
-            encode(r, &mut out);
+            encode(r, frame, &mut out);
         }
         // The whole rewrite (a large write, then its fsyncs) runs as one blocking call.
         let io = &mut self.io;
         crate::blocking::run(|| io.replace(&out))?;
+        self.salt = salt;
         self.len = out.len() as u64;
         // The live state holds what the buffered records said.
         self.buf.clear();
@@ -230,9 +257,24 @@ fn sync(io: &mut dyn LogFile, p: FsyncPolicy) -> Result<(), DedupError> {
     }
 }
 
-/// The header this build writes (format 3).
-pub(crate) fn header() -> [u8; HEADER_LEN] {
-    storage::header(MAGIC, VERSION, [0; 16])
+/// The header this build writes (format 4), for a file of `salt`.
+pub(crate) fn header(salt: u64) -> [u8; HEADER_LEN] {
+    storage::salted_header(MAGIC, VERSION, [0; 16], salt)
+}
+
+/// The header of format 3 (no salt).
+pub(crate) fn plain_header() -> [u8; PLAIN_HEADER_LEN] {
+    storage::header(MAGIC, PLAIN_VERSION, [0; 16])
+}
+
+/// Is `bytes` a new file, or one whose header was torn while being created (a prefix
+/// of a header; of a format 4 header, the part before its salt is known)?
+pub(crate) fn is_fresh(bytes: &[u8]) -> bool {
+    let known = &header(0)[..PLAIN_HEADER_LEN];
+    let n = bytes.len().min(PLAIN_HEADER_LEN);
+    (bytes.len() < HEADER_LEN && bytes[..n] == known[..n])
+        || (bytes.len() < PLAIN_HEADER_LEN && plain_header().starts_with(bytes))
+        || (bytes.len() < LEGACY_HEADER_LEN && legacy_header(2).starts_with(bytes))
 }
 
 /// The header of format `version` (1 or 2).
@@ -243,8 +285,9 @@ pub(crate) fn legacy_header(version: u32) -> [u8; LEGACY_HEADER_LEN] {
     h
 }
 
-/// The format version of a log whose header is intact.
-fn check_header(bytes: &[u8], path: &Path) -> Result<u32, DedupError> {
+/// The format version of a log whose header is intact, and its framing (`Plain` for
+/// formats 1 to 3, each read with its own).
+pub(crate) fn check_header(bytes: &[u8], path: &Path) -> Result<(u32, Frame), DedupError> {
     let bad = |reason| DedupError::BadHeader {
         path: path.to_path_buf(),
         reason,
@@ -252,36 +295,44 @@ fn check_header(bytes: &[u8], path: &Path) -> Result<u32, DedupError> {
     if bytes.len() < LEGACY_HEADER_LEN || &bytes[..8] != MAGIC {
         return Err(bad("not an ackwire dedup log (bad magic)"));
     }
-    // Formats 1 and 2 hold a u32 version there; format 3 a u16 and a zero u16.
+    // Formats 1 and 2 hold a u32 version there; formats 3 and 4 a u16 and a zero u16.
     let v = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if !(MIN_VERSION..=u32::from(VERSION)).contains(&v) {
         return Err(bad("unsupported dedup log version"));
     }
-    if v == u32::from(VERSION) && storage::check_header(bytes, MAGIC).is_err() {
+    if v >= u32::from(PLAIN_VERSION) && storage::check_header(bytes, MAGIC).is_err() {
         return Err(bad("damaged dedup log header (crc mismatch or torn)"));
     }
-    if v < u32::from(VERSION) && damaged_current_header(bytes) {
-        // A format 3 header whose version bits flipped: read as an older format, its
-        // records would all be lost.
+    if v < u32::from(PLAIN_VERSION) && damaged_current_header(bytes) {
+        // A format 3 or 4 header whose version bits flipped: read as an older format,
+        // its records would all be lost.
         return Err(bad("damaged dedup log header (version)"));
     }
-    Ok(v)
+    if v == u32::from(VERSION) {
+        return match storage::check_salt(bytes) {
+            Ok(salt) => Ok((v, Frame::Salted(salt))),
+            Err(_) => Err(bad("damaged dedup log header (salt crc mismatch or torn)")),
+        };
+    }
+    Ok((v, Frame::Plain))
 }
 
-/// Is this a format 3 header with only its version field damaged (its crc matches
-/// once the version is put back)?
+/// Is this a format 3 or 4 header with only its version field damaged (its crc
+/// matches once the version is put back)?
 pub(crate) fn damaged_current_header(bytes: &[u8]) -> bool {
-    let Some(h) = bytes.get(..HEADER_LEN) else {
+    let Some(h) = bytes.get(..PLAIN_HEADER_LEN) else {
         return false;
     };
-    let mut h = h.to_vec();
-    h[8..12].copy_from_slice(&u32::from(VERSION).to_le_bytes());
-    storage::check_header(&h, MAGIC).is_ok()
+    [PLAIN_VERSION, VERSION].iter().any(|&v| {
+        let mut h = h.to_vec();
+        h[8..12].copy_from_slice(&u32::from(v).to_le_bytes());
+        storage::check_header(&h, MAGIC).is_ok()
+    })
 }
 
-/// Appends `r` as one framed record (format 3).
-pub(crate) fn encode(r: &Record, out: &mut Vec<u8>) {
-    let framed = FRAMING.encode(out, |b| payload(r, b));
+/// Appends `r` as one framed record (format 3: `Plain`; format 4: `Salted`).
+pub(crate) fn encode(r: &Record, frame: Frame, out: &mut Vec<u8>) {
+    let framed = FRAMING.encode(frame, out, |b| payload(r, b));
     debug_assert!(framed, "every payload is within the framing's lengths");
 }
 
@@ -386,16 +437,16 @@ fn decode(p: &[u8]) -> Option<Record> {
     }
 }
 
-/// Parses the record area of a format 3 log (after the header); returns the records
-/// and how many bytes to keep (everything up to the end of the last intact record; the
-/// rest is a torn or garbage tail).
-pub(crate) fn parse(b: &[u8]) -> (Recovered, usize) {
-    let scan = FRAMING.scan(b, 0, |p| decode(p).is_some());
+/// Parses the record area of a format 3 (`Plain`) or 4 (`Salted`) log (after the
+/// header); returns the records and how many bytes to keep (everything up to the end
+/// of the last intact record; the rest is a torn or garbage tail).
+pub(crate) fn parse(b: &[u8], frame: Frame) -> (Recovered, usize) {
+    let scan = FRAMING.scan(frame, b, 0, |p| decode(p).is_some());
     let mut rec = Recovered::default();
     for item in &scan.items {
         match *item {
             ScanItem::Record { offset, len } => {
-                let at = offset as usize + storage::PREFIX_LEN;
+                let at = offset as usize + frame.prefix_len();
                 rec.records
                     .extend(decode(&b[at..offset as usize + len as usize]));
             }
@@ -489,17 +540,19 @@ mod tests {
                 },
             ),
         ];
-        let mut b = Vec::new();
-        for r in &recs {
-            encode(r, &mut b);
+        for frame in [Frame::Salted(0xABC), Frame::Plain] {
+            let mut b = Vec::new();
+            for r in &recs {
+                encode(r, frame, &mut b);
+            }
+            let (rec, keep) = parse(&b, frame);
+            assert_eq!(rec.records, recs);
+            assert_eq!(keep, b.len());
+            b[frame.prefix_len() + 5] ^= 0x10; // inside the first payload
+            let (rec, _) = parse(&b, frame);
+            assert_eq!(rec.records, recs[1..]);
+            assert_eq!(rec.corrupt_skipped, 1);
         }
-        let (rec, keep) = parse(&b);
-        assert_eq!(rec.records, recs);
-        assert_eq!(keep, b.len());
-        b[8 + 5] ^= 0x10; // inside the first payload
-        let (rec, _) = parse(&b);
-        assert_eq!(rec.records, recs[1..]);
-        assert_eq!(rec.corrupt_skipped, 1);
     }
 
     use crate::storage::file::MemFile;
@@ -618,22 +671,55 @@ mod tests {
     }
 
     /// A legacy log is rewritten as format 3 in one atomic step: a power loss right
-    /// after the upgrade keeps every record, in format 3.
+    /// after the upgrade keeps every record, in format 4 (salted). Format 3 (plain
+    /// records) likewise.
     #[test]
-    fn the_upgrade_from_format_2_survives_a_power_loss() {
-        let disk = MemFile::default();
-        let mut old = legacy_header(2).to_vec();
+    fn the_upgrade_from_formats_2_and_3_survives_a_power_loss() {
+        let mut v2 = legacy_header(2).to_vec();
+        let mut v3 = plain_header().to_vec();
         for n in 1..=4 {
-            encode_legacy(&seq(n), &mut old);
+            encode_legacy(&seq(n), &mut v2);
+            encode(&seq(n), Frame::Plain, &mut v3);
         }
-        let mut io: Box<dyn LogFile> = Box::new(disk.clone());
-        io.replace(&old).unwrap();
-        let (_, rec) = open(&disk, FsyncPolicy::Never);
-        assert_eq!(rec.records.len(), 4);
-        disk.lose_unsynced();
-        assert_eq!(&disk.contents()[..HEADER_LEN], &header()[..]);
-        let (_, rec) = open(&disk, FsyncPolicy::Never);
-        assert_eq!(rec.records, (1..=4).map(seq).collect::<Vec<_>>());
+        for old in [v2, v3] {
+            let disk = MemFile::default();
+            let mut io: Box<dyn LogFile> = Box::new(disk.clone());
+            io.replace(&old).unwrap();
+            let (_, rec) = open(&disk, FsyncPolicy::Never);
+            assert_eq!(rec.records.len(), 4);
+            disk.lose_unsynced();
+            let now = disk.contents();
+            let (v, frame) = check_header(&now, Path::new("x")).unwrap();
+            assert_eq!(v, u32::from(VERSION));
+            let Frame::Salted(salt) = frame else {
+                panic!("not salted")
+            };
+            assert_eq!(&now[..HEADER_LEN], &header(salt)[..]);
+            let (mut log, rec) = open(&disk, FsyncPolicy::Never);
+            assert_eq!(rec.records, (1..=4).map(seq).collect::<Vec<_>>());
+            log.append(&seq(5)).unwrap();
+            drop(log);
+            let (_, rec) = open(&disk, FsyncPolicy::Never);
+            assert_eq!(rec.records, (1..=5).map(seq).collect::<Vec<_>>());
+        }
+    }
+
+    /// Every new file and every rewrite draws its own salt.
+    #[test]
+    fn new_files_and_rewrites_are_salted_afresh() {
+        let salt_of = |disk: &MemFile| check_header(&disk.contents(), Path::new("x")).unwrap().1;
+        let (a, b) = (MemFile::default(), MemFile::default());
+        let (mut la, _) = open(&a, FsyncPolicy::Never);
+        let (_lb, _) = open(&b, FsyncPolicy::Never);
+        assert_ne!(salt_of(&a), salt_of(&b));
+        let before = salt_of(&a);
+        la.append(&seq(1)).unwrap();
+        la.rewrite(&[seq(1), seq(2)]).unwrap();
+        assert_ne!(salt_of(&a), before);
+        la.append(&seq(3)).unwrap();
+        drop(la);
+        let (_, rec) = open(&a, FsyncPolicy::Never);
+        assert_eq!(rec.records, (1..=3).map(seq).collect::<Vec<_>>());
     }
 
     /// What can happen to the log between two opens.
@@ -710,7 +796,7 @@ mod tests {
                                     .iter()
                                     .take_while(|r| {
                                         let mut b = Vec::new();
-                                        encode(r, &mut b);
+                                        encode(r, Frame::Salted(0), &mut b);
                                         let fits = b.len() <= left;
                                         if fits {
                                             left -= b.len();

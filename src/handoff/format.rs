@@ -4,22 +4,33 @@
 //! keep state across calls, or panic on any input: every decoder returns `None`/a scan
 //! outcome for bad bytes.
 //!
-//! Segment file = header (32 bytes) followed by records:
+//! Segment file = header (48 bytes; 32 in version 1) followed by records:
 //!
 //! ```text
-//! header : magic "ACKWHINT" | version u16 LE | reserved u16 | target u64 LE
+//! header : magic "ACKWHINT" | version u16 LE (2) | reserved u16 | target u64 LE
 //!          | segment id u64 LE | crc32c u32 LE (of the 28 bytes before it)
-//! record : REC_MAGIC u32 LE | body_len u32 LE | crc32c u32 LE | body
-//!          crc32c covers the body_len bytes and the body
+//!          | salt u64 LE | reserved u32 | crc32c u32 LE (of the 44 bytes before it)
+//! record : REC_MAGIC u32 LE | body_len u32 LE | prefix check u32 LE | body crc u32 LE
+//!          | body
+//!          prefix check = crc32c of the salt (u64 LE), REC_MAGIC and body_len;
+//!          body crc = crc32c of the body
 //! body   : header_len u16 LE | bincode-2 RecordHeader | payload (raw)
 //! ```
 //!
 //! The header and the record framing are the shared [`crate::storage`] ones (this log's
-//! own header fields: target and segment id); the record magic plus crc lets the scan
-//! resynchronise after a corrupt record.
+//! own header fields: target and segment id; the salted header and records,
+//! [`Frame::Salted`]). The salt is random per segment, so a payload (which a peer
+//! chose) cannot hold bytes that pass as a record of the segment: recovery never
+//! takes a record out of a payload, and runs in linear time.
+//!
+//! Version 1 segments (a 32-byte header without the salt; records `REC_MAGIC | body_len
+//! | crc32c of body_len and body | body`, [`Frame::Plain`]) are still read and replayed;
+//! nothing is appended to them (new hints go to a new, version 2 segment), and they are
+//! deleted once delivered.
 
 use super::Hint;
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId};
+pub(crate) use crate::storage::Frame;
 use crate::storage::{self, Framing};
 pub(crate) use crate::storage::{HeaderProblem, RecordAt, Scan, ScanItem};
 use bincode::{Decode, Encode};
@@ -27,14 +38,15 @@ use bytes::Bytes;
 
 /// Magic bytes opening every segment file.
 pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"ACKWHINT";
-/// Segment format version written by this code; other versions are quarantined.
-pub(crate) const SEGMENT_VERSION: u16 = 1;
-/// Length of the segment header in bytes.
-pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
+/// Segment format version written by this code (salted records).
+pub(crate) const SEGMENT_VERSION: u16 = 2;
+/// The first segment format version (plain records), read only; other versions are
+/// quarantined.
+pub(crate) const SEGMENT_VERSION_PLAIN: u16 = 1;
+/// Length of the header of a segment this code writes, in bytes.
+pub(crate) const SEGMENT_HEADER_LEN: usize = storage::SALTED_HEADER_LEN;
 /// Magic opening every record ("AKWH" read as little-endian u32).
 pub(crate) const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"AKWH");
-/// Bytes before the record body: magic, body length, crc.
-pub(crate) const RECORD_PREFIX_LEN: usize = storage::PREFIX_LEN;
 /// Largest record body accepted (64 MiB); larger length fields are treated as corrupt.
 pub(crate) const MAX_RECORD_BODY: usize = 64 << 20;
 /// The hint log's record framing.
@@ -66,9 +78,37 @@ struct RecordHeader {
     ttl_ms: u64,
 }
 
-/// Encodes a segment header for `target`'s segment `segment`.
-pub(crate) fn encode_segment_header(target: NodeId, segment: u64) -> [u8; SEGMENT_HEADER_LEN] {
-    storage::header(&SEGMENT_MAGIC, SEGMENT_VERSION, fields(target, segment))
+/// Encodes the header of `target`'s segment `segment` whose records are salted with
+/// `salt`.
+pub(crate) fn encode_segment_header(
+    target: NodeId,
+    segment: u64,
+    salt: u64,
+) -> [u8; SEGMENT_HEADER_LEN] {
+    storage::salted_header(
+        &SEGMENT_MAGIC,
+        SEGMENT_VERSION,
+        fields(target, segment),
+        salt,
+    )
+}
+
+/// Encodes a version 1 segment header (plain records), to build old segments in tests.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn encode_plain_segment_header(target: NodeId, segment: u64) -> [u8; 32] {
+    storage::header(
+        &SEGMENT_MAGIC,
+        SEGMENT_VERSION_PLAIN,
+        fields(target, segment),
+    )
+}
+
+/// Length of the header of a segment whose records are framed by `frame`.
+pub(crate) fn header_len(frame: Frame) -> usize {
+    match frame {
+        Frame::Plain => storage::HEADER_LEN,
+        Frame::Salted(_) => storage::SALTED_HEADER_LEN,
+    }
 }
 
 /// The header fields of `target`'s segment `segment`.
@@ -79,16 +119,14 @@ fn fields(target: NodeId, segment: u64) -> [u8; 16] {
     f
 }
 
-/// Checks a segment header against the expected target and segment id.
+/// Checks a segment header against the expected target and segment id; returns how
+/// the segment's records are framed (by its version).
 pub(crate) fn check_segment_header(
     bytes: &[u8],
     target: NodeId,
     segment: u64,
-) -> Result<(), HeaderProblem> {
+) -> Result<Frame, HeaderProblem> {
     let (version, got) = storage::check_header(bytes, &SEGMENT_MAGIC)?;
-    if version != SEGMENT_VERSION {
-        return Err(HeaderProblem::Bad("unsupported format version"));
-    }
     let want = fields(target, segment);
     if got[0..8] != want[0..8] {
         return Err(HeaderProblem::Bad("segment belongs to another target"));
@@ -96,12 +134,16 @@ pub(crate) fn check_segment_header(
     if got[8..16] != want[8..16] {
         return Err(HeaderProblem::Bad("segment id does not match file name"));
     }
-    Ok(())
+    match version {
+        SEGMENT_VERSION => Ok(Frame::Salted(storage::check_salt(bytes)?)),
+        SEGMENT_VERSION_PLAIN => Ok(Frame::Plain),
+        _ => Err(HeaderProblem::Bad("unsupported format version")),
+    }
 }
 
-/// Encodes `hint` as one complete record (prefix + body). `None` if the encoded body
-/// would exceed [`MAX_RECORD_BODY`].
-pub(crate) fn encode_record(hint: &Hint) -> Option<Vec<u8>> {
+/// Encodes `hint` as one complete record (prefix + body) framed by `frame`. `None` if
+/// the encoded body would exceed [`MAX_RECORD_BODY`].
+pub(crate) fn encode_record(hint: &Hint, frame: Frame) -> Option<Vec<u8>> {
     let header = RecordHeader {
         target: hint.target,
         id: hint.id,
@@ -115,9 +157,9 @@ pub(crate) fn encode_record(hint: &Hint) -> Option<Vec<u8>> {
     if 2 + hdr.len() + hint.payload.len() > MAX_RECORD_BODY {
         return None;
     }
-    let mut out = Vec::with_capacity(RECORD_PREFIX_LEN + 2 + hdr.len() + hint.payload.len());
+    let mut out = Vec::with_capacity(frame.prefix_len() + 2 + hdr.len() + hint.payload.len());
     FRAMING
-        .encode(&mut out, |b| {
+        .encode(frame, &mut out, |b| {
             b.extend_from_slice(&hdr_len.to_le_bytes());
             b.extend_from_slice(&hdr);
             b.extend_from_slice(&hint.payload);
@@ -126,26 +168,35 @@ pub(crate) fn encode_record(hint: &Hint) -> Option<Vec<u8>> {
 }
 
 /// Checks the record starting at `bytes[0]` without allocating the payload.
-pub(crate) fn check_record(bytes: &[u8]) -> RecordAt {
-    FRAMING.check(bytes, |body| decode_body(body).is_some())
+pub(crate) fn check_record(bytes: &[u8], frame: Frame) -> RecordAt {
+    FRAMING.check(frame, bytes, |body| decode_body(body).is_some())
+}
+
+/// Re-keys a record encoded for a segment of another salt for a segment of `frame`
+/// (only its prefix check changes).
+pub(crate) fn salt_record(record: &mut [u8], frame: Frame) {
+    if let Frame::Salted(salt) = frame {
+        storage::salt_record(record, salt);
+    }
 }
 
 /// Decodes one complete record (prefix + body, exactly `len` bytes as found by the scan),
 /// re-checking the crc. `None` if anything is wrong.
 #[cfg(test)]
-pub(crate) fn decode_record(bytes: &[u8]) -> Option<Hint> {
-    decode_record_in(&Bytes::copy_from_slice(bytes), 0, bytes.len())
+pub(crate) fn decode_record(bytes: &[u8], frame: Frame) -> Option<Hint> {
+    decode_record_in(&Bytes::copy_from_slice(bytes), 0, bytes.len(), frame)
 }
 
-/// Decodes the record of `len` bytes at `at` in `span`, re-checking the crc; the payload
-/// shares `span`'s buffer (no copy). `None` if anything is wrong.
-pub(crate) fn decode_record_in(span: &Bytes, at: usize, len: usize) -> Option<Hint> {
+/// Decodes the record of `len` bytes at `at` in `span` (a segment's records framed by
+/// `frame`), re-checking the crc; the payload shares `span`'s buffer (no copy). `None`
+/// if anything is wrong.
+pub(crate) fn decode_record_in(span: &Bytes, at: usize, len: usize, frame: Frame) -> Option<Hint> {
     let bytes = span.get(at..at.checked_add(len)?)?;
-    match check_record(bytes) {
+    match check_record(bytes, frame) {
         RecordAt::Valid { len: l } if l == len => {}
         _ => return None,
     }
-    let (header, payload) = decode_body(&bytes[RECORD_PREFIX_LEN..])?;
+    let (header, payload) = decode_body(&bytes[frame.prefix_len()..])?;
     let payload_start = at + len - payload.len();
     Some(Hint {
         target: header.target,
@@ -167,10 +218,10 @@ pub(crate) struct RecordMeta {
     pub(crate) guarantee: Guarantee,
 }
 
-/// Reads the record header fields the store indexes from a record the scan has
-/// validated.
-pub(crate) fn record_meta(bytes: &[u8]) -> Option<RecordMeta> {
-    let (h, _) = decode_body(bytes.get(RECORD_PREFIX_LEN..)?)?;
+/// Reads the record header fields the store indexes from a record (framed by `frame`)
+/// the scan has validated.
+pub(crate) fn record_meta(bytes: &[u8], frame: Frame) -> Option<RecordMeta> {
+    let (h, _) = decode_body(bytes.get(frame.prefix_len()..)?)?;
     Some(RecordMeta {
         target: h.target,
         created_unix_ms: h.created_unix_ms,
@@ -191,10 +242,11 @@ fn decode_body(body: &[u8]) -> Option<(RecordHeader, &[u8])> {
     Some((header, &body[2 + hdr_len..]))
 }
 
-/// Scans records after the header: keeps every valid record, resynchronises after a corrupt
-/// region on the next valid record, and reports where the intact part ends.
-pub(crate) fn scan_segment(bytes: &[u8]) -> Scan {
-    FRAMING.scan(bytes, SEGMENT_HEADER_LEN, |body| {
+/// Scans the records after the header of a segment whose records are framed by
+/// `frame` (see [`storage::Framing::scan`]): keeps every valid record, skips corrupt
+/// ones, and reports where the intact part ends.
+pub(crate) fn scan_segment(bytes: &[u8], frame: Frame) -> Scan {
+    FRAMING.scan(frame, bytes, header_len(frame), |body| {
         decode_body(body).is_some()
     })
 }
@@ -274,50 +326,88 @@ mod tests {
         }
     }
 
+    const S: Frame = Frame::Salted(0xFEED);
+
     #[test]
     fn record_roundtrips_and_crc_catches_a_flipped_bit() {
-        let h = hint(3, b"hello");
-        let rec = encode_record(&h).unwrap();
-        assert_eq!(check_record(&rec), RecordAt::Valid { len: rec.len() });
-        assert_eq!(decode_record(&rec).unwrap(), h);
-        for i in 0..rec.len() {
-            let mut bad = rec.clone();
-            bad[i] ^= 0x10;
-            assert!(decode_record(&bad).is_none(), "flip at {i} accepted");
+        for frame in [S, Frame::Plain] {
+            let h = hint(3, b"hello");
+            let rec = encode_record(&h, frame).unwrap();
+            assert_eq!(
+                check_record(&rec, frame),
+                RecordAt::Valid { len: rec.len() }
+            );
+            assert_eq!(decode_record(&rec, frame).unwrap(), h);
+            for i in 0..rec.len() {
+                let mut bad = rec.clone();
+                bad[i] ^= 0x10;
+                assert!(decode_record(&bad, frame).is_none(), "flip at {i} accepted");
+            }
+            let k = Hint {
+                id: MessageId::Key(IdKey(u128::MAX)),
+                ..hint(1, b"")
+            };
+            assert_eq!(
+                decode_record(&encode_record(&k, frame).unwrap(), frame).unwrap(),
+                k
+            );
         }
-        let k = Hint {
-            id: MessageId::Key(IdKey(u128::MAX)),
-            ..hint(1, b"")
-        };
-        assert_eq!(decode_record(&encode_record(&k).unwrap()).unwrap(), k);
+        let mut rec = encode_record(&hint(3, b"x"), S).unwrap();
+        let other = Frame::Salted(7);
+        assert!(
+            decode_record(&rec, other).is_none(),
+            "another segment's salt"
+        );
+        salt_record(&mut rec, other);
+        assert!(decode_record(&rec, other).is_some());
     }
 
     #[test]
     fn scan_resyncs_after_a_corrupt_record_and_stops_at_a_torn_tail() {
-        let mut seg = encode_segment_header(NodeId(7), 0).to_vec();
-        let r: Vec<Vec<u8>> = (0..3)
-            .map(|i| encode_record(&hint(i, b"abc")).unwrap())
-            .collect();
-        for x in &r {
-            seg.extend_from_slice(x);
+        let plain = encode_plain_segment_header(NodeId(7), 0).to_vec();
+        let salted = encode_segment_header(NodeId(7), 0, 0xFEED).to_vec();
+        for (header, frame) in [(plain, Frame::Plain), (salted, S)] {
+            assert_eq!(check_segment_header(&header, NodeId(7), 0), Ok(frame));
+            let mut seg = header;
+            let r: Vec<Vec<u8>> = (0..3)
+                .map(|i| encode_record(&hint(i, b"abc"), frame).unwrap())
+                .collect();
+            for x in &r {
+                seg.extend_from_slice(x);
+            }
+            let mid = header_len(frame) + r[0].len() + 18;
+            seg[mid] ^= 0xff;
+            seg.extend_from_slice(&r[0][..5]);
+            let scan = scan_segment(&seg, frame);
+            assert_eq!(scan.items.len(), 3, "{frame:?}");
+            assert!(matches!(scan.items[1], ScanItem::Corrupt { .. }));
+            assert_eq!(
+                scan.keep_len as usize,
+                seg.len() - 5,
+                "torn 5-byte tail must be cut"
+            );
         }
-        let mid = SEGMENT_HEADER_LEN + r[0].len() + 14;
-        seg[mid] ^= 0xff;
-        seg.extend_from_slice(&r[0][..5]);
-        let scan = scan_segment(&seg);
-        assert_eq!(scan.items.len(), 3);
-        assert!(matches!(scan.items[1], ScanItem::Corrupt { .. }));
-        assert_eq!(
-            scan.keep_len as usize,
-            seg.len() - 5,
-            "torn 5-byte tail must be cut"
-        );
     }
 
     #[test]
     fn header_and_cursor_reject_damage() {
-        let h = encode_segment_header(NodeId(7), 4);
-        assert_eq!(check_segment_header(&h, NodeId(7), 4), Ok(()));
+        let h = encode_segment_header(NodeId(7), 4, 99);
+        assert_eq!(
+            check_segment_header(&h, NodeId(7), 4),
+            Ok(Frame::Salted(99))
+        );
+        assert_eq!(
+            check_segment_header(&h[..40], NodeId(7), 4),
+            Err(HeaderProblem::Short)
+        );
+        for i in 0..h.len() {
+            let mut bad = h;
+            bad[i] ^= 1;
+            assert!(
+                check_segment_header(&bad, NodeId(7), 4).is_err(),
+                "byte {i}"
+            );
+        }
         assert!(check_segment_header(&h, NodeId(8), 4).is_err());
         assert!(check_segment_header(&h, NodeId(7), 5).is_err());
         assert_eq!(

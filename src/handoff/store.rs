@@ -4,7 +4,7 @@
 //! Owns the policy (what to keep, when to sync, when to delete). Must not do networking or
 //! read the clock; bytes are formatted by `format` and moved by a [`SegmentIo`].
 
-use super::format::{self, HeaderProblem, ScanItem, SEGMENT_HEADER_LEN};
+use super::format::{self, Frame, HeaderProblem, ScanItem, SEGMENT_HEADER_LEN};
 use super::{
     FileSegmentIo, FsyncPolicy, Hint, HintError, HintPos, HintStats, HintStoreConfig,
     RecoveryReport, SegmentIo, TargetHints,
@@ -153,6 +153,8 @@ impl SeqIndex {
 #[derive(Debug)]
 struct Segment {
     len: u64,
+    /// How its records are framed (by its header's version).
+    frame: Frame,
     records: Vec<Rec>,
     /// Index of the first record not done (== records.len() when all are done).
     first_pending: usize,
@@ -172,9 +174,10 @@ struct Rec {
 }
 
 impl Segment {
-    fn new(len: u64) -> Self {
+    fn new(len: u64, frame: Frame) -> Self {
         Segment {
             len,
+            frame,
             records: Vec::new(),
             first_pending: 0,
             done_extra: BTreeSet::new(),
@@ -328,7 +331,9 @@ impl<B: SegmentIo> HintStore<B> {
         if hint.ttl_ms == 0 {
             hint.ttl_ms = u64::try_from(self.cfg.default_ttl.as_millis()).unwrap_or(u64::MAX);
         }
-        let Some(record) = format::encode_record(&hint) else {
+        // Encoded for a salt of 0, then re-keyed for the segment it goes to (its
+        // length does not depend on the salt).
+        let Some(mut record) = format::encode_record(&hint, Frame::Salted(0)) else {
             return Err(HintError::HintTooLarge {
                 size: hint.payload.len() as u64,
                 max: format::MAX_RECORD_BODY as u64,
@@ -341,7 +346,8 @@ impl<B: SegmentIo> HintStore<B> {
         let active = log.active.and_then(|id| {
             let s = log.segments.get(&id)?;
             let fits = s.len + rec_len <= seg_bound || s.records.is_empty();
-            fits.then_some(id)
+            // Nothing is appended to a version 1 (plain) segment.
+            (fits && matches!(s.frame, Frame::Salted(_))).then_some(id)
         });
         let extra = rec_len
             + if active.is_none() {
@@ -368,13 +374,15 @@ impl<B: SegmentIo> HintStore<B> {
             Some(id) => id,
             None => {
                 let id = log.next_segment;
-                let header = format::encode_segment_header(target, id);
+                let salt = crate::storage::new_salt();
+                let header = format::encode_segment_header(target, id, salt);
                 if let Err(e) = self.io.create_segment(target, id, &header) {
                     self.stats.io_errors += 1;
                     return Err(io_err("creating segment")(e));
                 }
                 log.next_segment = id + 1;
-                log.segments.insert(id, Segment::new(header.len() as u64));
+                log.segments
+                    .insert(id, Segment::new(header.len() as u64, Frame::Salted(salt)));
                 log.disk_bytes += header.len() as u64;
                 self.stats.bytes_total += header.len() as u64;
                 log.active = Some(id);
@@ -390,6 +398,7 @@ impl<B: SegmentIo> HintStore<B> {
                 "active segment missing",
             )));
         };
+        format::salt_record(&mut record, seg.frame);
         let offset = seg.len;
         let mut failed = Vec::new();
         let written = self.io.append(target, seg_id, &record).and_then(|()| {
@@ -585,7 +594,7 @@ impl<B: SegmentIo> HintStore<B> {
                 for &idx in &picked {
                     let rec = seg.records[idx];
                     let at = (rec.offset - base) as usize;
-                    let hint = format::decode_record_in(&span, at, rec.len as usize)
+                    let hint = format::decode_record_in(&span, at, rec.len as usize, seg.frame)
                         .filter(|h| h.target == target);
                     let Some(hint) = hint else {
                         tracing::warn!(%target, segment = seg_id, offset = rec.offset, "corrupt hint skipped");
@@ -947,8 +956,8 @@ fn recover_target<B: SegmentIo>(
         let bytes = io
             .read_segment(target, id)
             .map_err(io_err("reading segment"))?;
-        match format::check_segment_header(&bytes, target, id) {
-            Ok(()) => {}
+        let frame = match format::check_segment_header(&bytes, target, id) {
+            Ok(frame) => frame,
             Err(HeaderProblem::Short) => {
                 // Torn while being created: no record in it was ever acknowledged.
                 report.torn_tails += 1;
@@ -966,9 +975,9 @@ fn recover_target<B: SegmentIo>(
                     .map_err(io_err("quarantining segment"))?;
                 continue;
             }
-        }
+        };
         report.segments += 1;
-        let scan = format::scan_segment(&bytes);
+        let scan = format::scan_segment(&bytes, frame);
         if scan.keep_len < bytes.len() as u64 {
             report.torn_tails += 1;
             report.torn_bytes += bytes.len() as u64 - scan.keep_len;
@@ -978,7 +987,7 @@ fn recover_target<B: SegmentIo>(
                 .map_err(io_err("truncating torn tail"))?;
         }
         let seg_cursor = cursor.segments.iter().find(|c| c.segment == id);
-        let mut seg = Segment::new(scan.keep_len);
+        let mut seg = Segment::new(scan.keep_len, frame);
         for item in scan.items {
             match item {
                 ScanItem::Corrupt { len, .. } => {
@@ -990,7 +999,7 @@ fn recover_target<B: SegmentIo>(
                     let start = offset as usize;
                     let meta = bytes
                         .get(start..start + len as usize)
-                        .and_then(format::record_meta);
+                        .and_then(|b| format::record_meta(b, frame));
                     // A record of another target (e.g. a copied file) is treated as corrupt.
                     let Some(meta) = meta.filter(|m| m.target == target) else {
                         report.corrupt_regions += 1;
@@ -1037,7 +1046,8 @@ fn recover_target<B: SegmentIo>(
             continue;
         }
         log.disk_bytes += seg.len;
-        log.active = Some(id);
+        // New hints go to the last salted segment; a version 1 one is only read.
+        log.active = matches!(frame, Frame::Salted(_)).then_some(id);
         log.segments.insert(id, seg);
     }
     report.pending += log.pending;
@@ -1054,7 +1064,7 @@ mod tests {
     use super::*;
 
     fn seg(n: u64) -> Segment {
-        let mut s = Segment::new(32 + 10 * n);
+        let mut s = Segment::new(32 + 10 * n, Frame::Plain);
         for i in 0..n {
             s.records.push(Rec {
                 offset: 32 + 10 * i,
@@ -1130,6 +1140,57 @@ mod tests {
         assert_eq!(floors(&st), vec![(run, c1, 30)]);
         st.mark_delivered(t, pos[0]).unwrap();
         assert!(floors(&st).is_empty(), "no library-assigned id pending");
+    }
+
+    /// A version 1 segment (plain records, written by an earlier build) is recovered
+    /// and replayed; new hints go to a new, salted segment, never to it; once
+    /// delivered it is deleted.
+    #[test]
+    fn a_version_1_segment_is_read_and_new_hints_go_to_a_salted_one() {
+        use crate::handoff::MemSegmentIo;
+        use crate::id::{Guarantee, IdKey};
+        let t = NodeId(2);
+        let hint = |k: u128| Hint {
+            target: t,
+            id: MessageId::Key(IdKey(k)),
+            channel: ChannelId(1),
+            guarantee: Guarantee::EffectivelyOnce,
+            created_unix_ms: 1_000,
+            ttl_ms: 1 << 40,
+            payload: bytes::Bytes::from(format!("payload {k}")),
+        };
+        let mut old = format::encode_plain_segment_header(t, 0).to_vec();
+        for k in 0..3 {
+            old.extend_from_slice(&format::encode_record(&hint(k), Frame::Plain).unwrap());
+        }
+        let io = MemSegmentIo::new();
+        io.set_segment_bytes(t, 0, old.clone());
+        let cfg = HintStoreConfig::new("unused");
+        let (mut st, report) = HintStore::open_with(cfg.clone(), io.clone()).unwrap();
+        assert_eq!((report.segments, report.records), (1, 3));
+        let pos = st.append(hint(3), None, Instant::now()).unwrap();
+        assert_eq!(pos.segment, 1, "a new segment, not the version 1 one");
+        assert_eq!(
+            io.segment_bytes(t, 0).unwrap(),
+            old,
+            "the old segment untouched"
+        );
+        let new = io.segment_bytes(t, 1).unwrap();
+        assert!(matches!(
+            format::check_segment_header(&new, t, 1),
+            Ok(Frame::Salted(_))
+        ));
+        st.sync().unwrap();
+        drop(st);
+        let (mut st, report) = HintStore::open_with(cfg, io.clone()).unwrap();
+        assert_eq!((report.segments, report.records), (2, 4));
+        let batch = st.next_batch(t, u64::MAX, 2_000).unwrap();
+        let got: Vec<Hint> = batch.iter().map(|(_, h)| h.clone()).collect();
+        assert_eq!(got, (0..4).map(hint).collect::<Vec<_>>());
+        for (p, _) in &batch[..3] {
+            st.mark_delivered(t, *p).unwrap();
+        }
+        assert!(io.segment_bytes(t, 0).is_none(), "delivered, deleted");
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //!
 //! Optionally durable ([`NodeConfig::dead_letter_dir`](super::NodeConfig::dead_letter_dir)):
 //! each dead letter is then also appended to a crc-checked log (the hint store's
-//! segment format: magic + version header, crc32c per record, torn-tail truncation and
-//! corrupt-record skipping on recovery; fsynced before the sender is told), reloaded
+//! segment format: magic + version header with a random per-file salt, salted prefix
+//! check and crc32c per record, torn-tail truncation and corrupt-record skipping on
+//! recovery, never a record taken out of a payload; fsynced before the sender is
+//! told), reloaded
 //! when the node starts again, and removed from it once handed to the application.
 //! The payload of a log record is an envelope: `[u8 version = 1][u64 LE origin
 //! node][u64 LE origin incarnation][u32 LE deliveries][u8 reason][message bytes]`.
