@@ -38,13 +38,10 @@ use std::time::{Duration, Instant};
 use support::child::free_loopback_addr;
 use support::pair::tcp_pair;
 use support::proxy::{Chaos, Proxy};
+use support::wait::{any_addr, wait_health, wait_until, within};
 
 /// Handler invocations per message key.
 type Seen = Arc<Mutex<HashMap<u64, u32>>>;
-
-fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
 
 fn opts(ch: u32, g: Guarantee) -> ChannelOptions {
     ChannelOptions::new(ChannelId(ch), g)
@@ -79,37 +76,6 @@ fn durable_cfg(dir: &Path) -> NodeConfig {
     let mut c = NodeConfig::default();
     c.dedup.durable = Some(DurableDedup::new(dir));
     c
-}
-
-async fn within<F: std::future::Future>(secs: f64, what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(Duration::from_secs_f64(secs), f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {secs} s"),
-    }
-}
-
-/// Poll `f` every 50 ms until it holds; panic with `what` after `secs`.
-async fn wait_until(secs: f64, what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    while !f() {
-        if Instant::now() >= end {
-            panic!("{what}: not reached within {secs} s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_health(node: &Node, peer: NodeId, want: Health, secs: f64) {
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    while node.health(peer) != Some(want) {
-        if Instant::now() >= end {
-            panic!(
-                "{peer} never became {want:?} within {secs} s (is {:?})",
-                node.health(peer)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Await every receipt, each within `secs` of the call; returns the outcomes and the
@@ -640,6 +606,24 @@ async fn send_both(
 /// effectively-once channel exactly once (graceful stops: durable dedup keeps
 /// everything acked), never again after an `ack_durable` resolved; the store ends
 /// empty.
+/// Sends `range` on both channels while the target is Down: every receipt must be
+/// `HandedOff`.
+async fn all_handed_off(
+    eo_out: &ackwire::Sender<u64>,
+    alo_out: &ackwire::Sender<u64>,
+    range: std::ops::Range<u64>,
+    what: &str,
+) {
+    let n = range.end - range.start;
+    let out = settle(send_both(eo_out, alo_out, range).await, 15.0, what).await;
+    assert_eq!(
+        tally(&out).get("Ok(HandedOff)").copied(),
+        Some(2 * n as usize),
+        "{what}: {:?}",
+        tally(&out)
+    );
+}
+
 async fn down_up_down_during_replay_up(second: Stop) {
     const LIVE: u64 = 100;
     const OUTAGE1: u64 = 1200;
@@ -675,18 +659,7 @@ async fn down_up_down_during_replay_up(second: Stop) {
     // Down: everything sent now becomes a hint.
     within(15.0, "target shutdown", b.shutdown()).await;
     wait_health(&a, NodeId(2), Health::Down, 15.0).await;
-    let out1 = settle(
-        send_both(&eo_out, &alo_out, LIVE..LIVE + OUTAGE1).await,
-        15.0,
-        "outage 1",
-    )
-    .await;
-    assert_eq!(
-        tally(&out1).get("Ok(HandedOff)").copied(),
-        Some(2 * OUTAGE1 as usize),
-        "{:?}",
-        tally(&out1)
-    );
+    all_handed_off(&eo_out, &alo_out, LIVE..LIVE + OUTAGE1, "outage 1").await;
 
     // Up: the replay starts; down again part way through it.
     let b = handoff_target(addr, dd.path(), &eo, &alo, &done, delay).await;
@@ -706,18 +679,7 @@ async fn down_up_down_during_replay_up(second: Stop) {
     );
     wait_health(&a, NodeId(2), Health::Down, 15.0).await;
     let lo = LIVE + OUTAGE1;
-    let out2 = settle(
-        send_both(&eo_out, &alo_out, lo..lo + OUTAGE2).await,
-        15.0,
-        "outage 2",
-    )
-    .await;
-    assert_eq!(
-        tally(&out2).get("Ok(HandedOff)").copied(),
-        Some(2 * OUTAGE2 as usize),
-        "{:?}",
-        tally(&out2)
-    );
+    all_handed_off(&eo_out, &alo_out, lo..lo + OUTAGE2, "outage 2").await;
 
     // Up for good: everything arrives.
     let b = handoff_target(addr, dd.path(), &eo, &alo, &done, delay).await;

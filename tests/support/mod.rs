@@ -8,3 +8,4 @@ pub mod proxy;
 pub mod reliability;
 pub mod sim;
 pub mod strategies;
+pub mod wait;
