@@ -1636,7 +1636,8 @@ fn skip_oversized(ctx: &Ctx, peer: NodeId, len: usize, max: usize, warned: &mut 
     } else {
         tracing::debug!(%peer, len, max_frame_len = max, "tcp: oversized frame dropped");
     }
-    FRAME_PREFIX_LEN + len
+    // Saturating: where `usize` is 32 bits a length near `u32::MAX` would overflow.
+    FRAME_PREFIX_LEN.saturating_add(len)
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
