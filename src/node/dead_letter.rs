@@ -64,6 +64,23 @@ struct State {
     queue: VecDeque<(DeadLetter, Option<HintPos>)>,
     wakers: Vec<Waker>,
     closed: bool,
+    /// When a full queue last warned, and letters dropped since (rate limit: a flood
+    /// of dead letters at capacity logs one line a second, not one per letter).
+    full_warned: Option<std::time::Instant>,
+    dropped_quietly: u64,
+}
+
+/// How often a full queue warns at most.
+const FULL_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Takes the oldest letters off `queue` until at most `keep` are left (the bound
+/// shared by a push at capacity and the reload of an earlier run's log).
+fn evict_beyond(
+    queue: &mut VecDeque<(DeadLetter, Option<HintPos>)>,
+    keep: usize,
+) -> Vec<(DeadLetter, Option<HintPos>)> {
+    let excess = queue.len().saturating_sub(keep);
+    queue.drain(..excess).collect()
 }
 
 /// Version byte of the log record envelope.
@@ -169,17 +186,13 @@ impl DeadLetterQueue {
         // The queue's bound holds for what an earlier run left too (it may have run
         // with a larger capacity): the oldest are dropped and counted, as in `push`.
         // (Regression: every letter of the log was reloaded, whatever the capacity.)
-        let mut dropped = 0u64;
-        while queue.len() > capacity {
-            if let Some((old, pos)) = queue.pop_front() {
-                dropped += 1;
-                tracing::warn!(id = %old.id, capacity, "dead-letter queue full at start: oldest dead letter of an earlier run dropped");
-                if let Some(pos) = pos {
-                    let _ = store.mark_delivered(LOG_TARGET, pos);
-                }
-            }
+        let evicted = evict_beyond(&mut queue, capacity);
+        let dropped = evicted.len() as u64;
+        for pos in evicted.into_iter().filter_map(|(_, pos)| pos) {
+            let _ = store.mark_delivered(LOG_TARGET, pos);
         }
         if dropped > 0 {
+            tracing::warn!(dropped, capacity, "dead-letter log of an earlier run holds more letters than dead_letter_capacity: the oldest were dropped");
             if let Err(e) = store.sync() {
                 tracing::warn!(error = %e, "dropped dead letters not marked in their log; they may be seen again after a restart");
             }
@@ -273,18 +286,29 @@ impl DeadLetterQueue {
         let pos = self.persist(&letter);
         let (wakers, evicted) = {
             let mut st = self.lock();
-            let mut evicted = None;
-            if st.queue.len() >= self.capacity {
-                if let Some((old, old_pos)) = st.queue.pop_front() {
-                    let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                    tracing::warn!(id = %old.id, total, capacity = self.capacity, "dead-letter queue full: oldest dead letter dropped (drain Node::dead_letters)");
-                    evicted = Some(old_pos);
+            let evicted = evict_beyond(&mut st.queue, self.capacity - 1);
+            if let Some((old, _)) = evicted.last() {
+                let total = self
+                    .dropped
+                    .fetch_add(evicted.len() as u64, Ordering::Relaxed)
+                    + evicted.len() as u64;
+                st.dropped_quietly += evicted.len() as u64;
+                let now = std::time::Instant::now();
+                if st
+                    .full_warned
+                    .is_none_or(|t| now.saturating_duration_since(t) >= FULL_WARN_EVERY)
+                {
+                    tracing::warn!(id = %old.id, dropped_since_last_warning = st.dropped_quietly, total, capacity = self.capacity, "dead-letter queue full: oldest dead letter dropped (drain Node::dead_letters)");
+                    st.full_warned = Some(now);
+                    st.dropped_quietly = 0;
+                } else {
+                    tracing::debug!(id = %old.id, total, "dead-letter queue full: oldest dead letter dropped");
                 }
             }
             st.queue.push_back((letter, pos));
             (std::mem::take(&mut st.wakers), evicted)
         };
-        if let Some(old_pos) = evicted {
+        for (_, old_pos) in evicted {
             self.forget(old_pos);
         }
         wakers.into_iter().for_each(Waker::wake);
@@ -317,7 +341,8 @@ impl DeadLetterQueue {
 ///
 /// The queue holds at most [`NodeConfig::dead_letter_capacity`](super::NodeConfig::dead_letter_capacity)
 /// letters; past that the oldest is dropped, counted in
-/// [`Stats::dead_letters_dropped`](super::Stats::dead_letters_dropped) and logged at warn.
+/// [`Stats::dead_letters_dropped`](super::Stats::dead_letters_dropped) and logged at
+/// warn (at most once a second, with the number dropped since).
 #[derive(Debug, Clone)]
 pub struct DeadLetters {
     pub(crate) queue: Arc<DeadLetterQueue>,
@@ -408,5 +433,96 @@ mod tests {
         let (first, end) = waiter.await.unwrap();
         assert_eq!(first, Some(letter(7)));
         assert_eq!(end, None);
+    }
+
+    /// Counts events at warn level and above (the messages, for the assertions).
+    #[derive(Clone, Default)]
+    struct Warnings(Arc<Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Warnings {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            if *event.metadata().level() <= tracing::Level::WARN {
+                struct Msg(String);
+                impl tracing::field::Visit for Msg {
+                    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                        use std::fmt::Write as _;
+                        let _ = write!(self.0, "{}={v:?} ", f.name());
+                    }
+                }
+                let mut m = Msg(String::new());
+                event.record(&mut m);
+                self.0.lock().unwrap().push(m.0);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// Property: a flood of dead letters into a full queue keeps the bound and the
+    /// count exact, and warns once a second at most (with the number dropped), not
+    /// once per letter.
+    #[test]
+    fn a_flood_into_a_full_queue_warns_once_not_per_letter() {
+        let w = Warnings::default();
+        let q = tracing::subscriber::with_default(w.clone(), || {
+            let q = Arc::new(DeadLetterQueue::new(2));
+            for n in 0..1_000 {
+                q.push(letter(n));
+            }
+            q
+        });
+        assert_eq!(q.dropped(), 998);
+        assert_eq!(q.lock().queue.len(), 2);
+        let warned = w.0.lock().unwrap().clone();
+        // The loop takes far less than the 1 s rate limit; allow one more on a slow
+        // machine.
+        assert!(
+            (1..=2).contains(&warned.len()),
+            "{} warnings: {warned:?}",
+            warned.len()
+        );
+        assert!(
+            warned[0].contains("dropped_since_last_warning=1"),
+            "{warned:?}"
+        );
+    }
+
+    /// Property: a log left by a run with a larger capacity is reloaded down to the
+    /// capacity (oldest dropped, counted, marked taken so the next run does not see
+    /// them either), with ONE summary warning naming the count.
+    #[test]
+    fn a_log_above_the_capacity_is_cut_at_start_with_one_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let q = DeadLetterQueue::durable(100, dir.path()).unwrap();
+            for n in 0..50 {
+                q.push(letter(n));
+            }
+            q.close();
+        }
+        let w = Warnings::default();
+        let q = tracing::subscriber::with_default(w.clone(), || {
+            DeadLetterQueue::durable(5, dir.path()).unwrap()
+        });
+        assert_eq!(q.dropped(), 45);
+        let kept: Vec<DeadLetter> = q.lock().queue.iter().map(|(l, _)| l.clone()).collect();
+        assert_eq!(kept, (45..50).map(letter).collect::<Vec<_>>());
+        let warned = w.0.lock().unwrap().clone();
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].contains("dropped=45"), "{warned:?}");
+        q.close();
+        drop(q);
+        // The dropped ones were marked taken: a third run with room for all sees 5.
+        let q = DeadLetterQueue::durable(100, dir.path()).unwrap();
+        assert_eq!(q.lock().queue.len(), 5);
+        assert_eq!(q.dropped(), 0);
     }
 }
