@@ -1714,11 +1714,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                                 .await
                                 .is_err()
                             {
-                                break 'conn None;
+                                return; // the node is gone (see below)
                             }
                         }
                     } else if events.send(one(frame)).await.is_err() {
-                        break 'conn None; // the node is gone
+                        return; // the node is gone (see below)
                     }
                 }
                 Ok(None) => break,
@@ -1743,7 +1743,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         if let Some(ev) = ev {
             if events.send(ev).await.is_err() {
-                break 'conn None; // the node is gone
+                // The node is gone: it stopped reading events as it shuts down, and
+                // its transport is being told to stop. Stop reading, but do not report
+                // the connection closed: the manager would drop it (and its writer)
+                // before it flushes what the node queued last, such as a clean
+                // shutdown's `Finish` frames, which its shutdown waits to write.
+                // (Regression: a frame arriving from the peer during a shutdown lost
+                // the finish frames, so the receiver kept the run's dedup streams live
+                // for the 24 h retention: `tests/blackbox_leaks.rs`.)
+                return;
             }
         }
         if bad.is_some() {
