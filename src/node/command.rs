@@ -158,6 +158,11 @@ impl Driver {
             }
             Command::Decommission { peer, reply } => {
                 self.core.forget(peer);
+                // Stop dialing it too (the transport keeps a connection it holds).
+                let _ = self
+                    .link
+                    .commands
+                    .try_send(LinkCommand::RemovePeer { peer });
                 self.shared.forget_health(peer);
                 self.observe.spans.forget(peer);
                 let res = match &mut self.core.hints {

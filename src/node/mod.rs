@@ -407,9 +407,11 @@ impl Node {
         self.shared.health_tx.subscribe()
     }
 
-    /// The target is gone for good: drop its hints (counted) and stop watching it
+    /// The target is gone for good: drop its hints (counted), stop watching it
     /// ([`health`](Self::health) is `None` until it connects again or is added with
-    /// [`add_peer`](Self::add_peer)). Returns the number of hints dropped.
+    /// [`add_peer`](Self::add_peer)) and stop dialing it (the transport forgets its
+    /// address; a connection it holds stays until it closes). Returns the number of
+    /// hints dropped.
     pub async fn decommission(&self, peer: NodeId) -> Result<u64, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.commands

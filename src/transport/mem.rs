@@ -479,8 +479,9 @@ impl MemNetwork {
     }
 }
 
-/// A node's transport on a [`MemNetwork`]. Ignores [`LinkCommand::AddPeer`] and
-/// [`LinkCommand::Withdraw`] (it keeps no frames for later).
+/// A node's transport on a [`MemNetwork`]. Ignores [`LinkCommand::AddPeer`],
+/// [`LinkCommand::RemovePeer`] and [`LinkCommand::Withdraw`] (it has no addresses and
+/// keeps no frames for later).
 #[derive(Debug)]
 pub struct MemTransport {
     net: MemNetwork,

@@ -81,6 +81,14 @@ pub enum LinkCommand {
         /// The messages' channels and sequence numbers.
         messages: Vec<(ChannelId, u64)>,
     },
+    /// `peer` is gone for good (`Node::decommission`): forget its address, stop dialing
+    /// it and drop what is queued for it; a connection it holds now is kept until it
+    /// closes, and it is not redialed then. A later `AddPeer` adds it again, and it may
+    /// still connect on its own. Transports without addresses ignore it.
+    RemovePeer {
+        /// The peer.
+        peer: NodeId,
+    },
     /// Close every connection and stop.
     Shutdown,
 }

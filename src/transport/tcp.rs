@@ -905,6 +905,7 @@ impl Manager {
             LinkCommand::Send { peer, frames } => self.send(peer, frames).await,
             LinkCommand::AddPeer { peer, addr } => self.add_peer(peer, addr),
             LinkCommand::Withdraw { peer, messages } => self.withdraw(peer, &messages),
+            LinkCommand::RemovePeer { peer } => self.remove_peer(peer),
             LinkCommand::Shutdown => return false,
         }
         true
@@ -1042,6 +1043,31 @@ impl Manager {
             }
         }
         self.ensure_dialing(peer, false);
+    }
+
+    /// `peer` is gone for good ([`LinkCommand::RemovePeer`]): no address, no dialer,
+    /// and without a connection no entry either (its queue of frames goes with it,
+    /// counted as dropped while disconnected). (Regression: a decommissioned peer with
+    /// an address was redialed every `backoff_max` for as long as the node ran, its
+    /// dialer task and queue kept: `tests/blackbox_leaks.rs`.)
+    fn remove_peer(&mut self, peer: NodeId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.addr = None;
+        if let Some(d) = p.dialer.take() {
+            d.abort();
+        }
+        if p.conn.is_none() {
+            if let Some(p) = self.peers.remove(&peer) {
+                let dropped = p.queue.lock().frames.len();
+                if dropped > 0 {
+                    self.ctx
+                        .stats
+                        .add(Counter::FramesDroppedDisconnected, dropped as u64);
+                }
+            }
+        }
     }
 
     /// Start a dialer for `peer` if it has an address, no connection and no dialer.
