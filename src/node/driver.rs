@@ -284,24 +284,16 @@ impl Driver {
         self.receivers.close();
         self.shared.dead_letters.close();
         self.release_stores();
-        // Wait, bounded, for the transport to finish: it writes what was queued last (a
-        // clean shutdown's `Finish` frames) and closes its connections and listener.
-        // Its events channel ends once it has (`Link::events`); what still arrives is
-        // dropped. (Regression: `Node::shutdown` returned while the transport was still
-        // flushing and closing, so the port and sockets were sometimes still held, and
-        // a runtime dropped right after — the end of `main` — cut the finish frames,
-        // leaving the run's dedup streams live at its receivers for the 24 h
-        // retention: `tests/blackbox_leaks.rs`.)
-        let _ = tokio::time::timeout(TRANSPORT_STOP, async {
+        // Wait (bounded) for the transport to write what was queued last, e.g. `Finish`
+        // frames, and close: its events end then. (Regression: shutdown returned with
+        // the port still bound and the finish frames unsent: `tests/blackbox_leaks.rs`.)
+        // 2 s: the TCP transport flushes for at most 500 ms first.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
             while self.link.events.recv().await.is_some() {}
         })
         .await;
     }
 }
-
-/// How long a stopping node waits for its transport to close (the TCP transport
-/// flushes for at most 500 ms first).
-const TRANSPORT_STOP: Duration = Duration::from_secs(2);
 
 pub(super) fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
