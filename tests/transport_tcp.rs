@@ -263,6 +263,52 @@ async fn withdrawn_frames_queued_while_away_never_reach_the_next_connection() {
     shutdown(b2).await;
 }
 
+/// Heartbeats for a peer without a connection are not queued: 20 000 pings sent while
+/// it is away (far above `queue_bound`) drop nothing and never reach its next
+/// connection, and data frames queued between them arrive intact and in order.
+/// (Regression: each ping waited in the queue, so a departed peer that was never
+/// decommissioned held `queue_bound` stale pings for as long as the node ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_for_a_peer_without_a_connection_are_not_queued() {
+    use ackwire::wire::Heartbeat;
+    let (mut b, _) = start(origin(2, 1), any_port(), &[]);
+    let b_addr = b.local_addr.unwrap();
+    let (mut a, a_stats) = start(origin(1, 1), any_port(), &[(2, b_addr)]);
+    expect_up(&mut a, origin(2, 1)).await;
+    expect_up(&mut b, origin(1, 1)).await;
+    shutdown(b).await;
+    expect_down(&mut a, 2).await;
+    for round in 0..200u64 {
+        let mut frames: Vec<Frame> = (0..100)
+            .map(|n| {
+                Frame::Ping(Heartbeat {
+                    nonce: round * 100 + n,
+                })
+            })
+            .collect();
+        if round % 40 == 0 {
+            frames.push(data(round / 40));
+        }
+        a.commands
+            .send(LinkCommand::Send {
+                peer: NodeId(2),
+                frames,
+            })
+            .await
+            .unwrap();
+    }
+    let (mut b2, _) = start(origin(2, 2), b_addr, &[]);
+    expect_up(&mut a, origin(2, 2)).await;
+    expect_up(&mut b2, origin(1, 1)).await;
+    // `recv_range` fails on any other frame, a ping included.
+    recv_range(&mut b2, 1, 0..5).await;
+    send_range(&a, 2, 5..10).await;
+    recv_range(&mut b2, 1, 5..10).await;
+    assert_eq!(a_stats.snapshot().frames_dropped_disconnected, 0);
+    shutdown(a).await;
+    shutdown(b2).await;
+}
+
 /// Read from a raw socket until the transport closes it.
 async fn expect_closed(raw: &mut TcpStream) {
     let mut sink = [0u8; 1024];

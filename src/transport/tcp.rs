@@ -28,7 +28,8 @@
 //!   frames of a message its sender took back ([`LinkCommand::Withdraw`]). While the peer
 //!   has no connection the queue is bounded by [`TcpConfig::queue_bound`] frames and the
 //!   oldest are dropped and counted (`frames_dropped_disconnected`); the protocol
-//!   retransmits what matters once it is back. A connected peer's queue is trimmed
+//!   retransmits what matters once it is back. Heartbeats (pings, pongs) for a peer
+//!   without a connection are not queued at all. A connected peer's queue is trimmed
 //!   only at `4 × queue_bound` frames: what the node sends on its own is bounded by the
 //!   protocol (each stream's receiver credit and in-flight window), so nothing is
 //!   dropped on a link whose peer reads, at-most-once included; replies are not (a
@@ -970,7 +971,7 @@ impl Manager {
         }
     }
 
-    async fn send(&mut self, peer: NodeId, frames: Vec<Frame>) {
+    async fn send(&mut self, peer: NodeId, mut frames: Vec<Frame>) {
         let bound = self.ctx.cfg.queue_bound;
         let stats = Arc::clone(&self.ctx.stats);
         if peer == self.ctx.local.node {
@@ -980,6 +981,19 @@ impl Manager {
         }
         let p = self.peer(peer);
         let conn = p.conn.as_ref().map(|c| c.id);
+        if conn.is_none() {
+            // A heartbeat is about the connection it travels on: one queued for a peer
+            // without a connection would only be written, stale, on the next one, which
+            // starts its own. Not queued. (Regression: a departed peer that was never
+            // decommissioned is pinged every heartbeat interval for as long as the node
+            // runs, and each ping waited in its queue: `queue_bound` frames per departed
+            // id, kept for good.)
+            frames.retain(|f| !matches!(f, Frame::Ping(_) | Frame::Pong(_)));
+            if frames.is_empty() {
+                self.ensure_dialing(peer, false);
+                return;
+            }
+        }
         let (dropped, stalled) = {
             let q = &mut p.queue.lock().frames;
             q.extend(frames);
