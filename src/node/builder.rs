@@ -160,6 +160,7 @@ impl NodeBuilder {
         .await?;
         let dedup = Arc::new(dedup);
         let mut tcp_stats = None;
+        let mut accept_stop = None;
         let link = match (self.transport, self.tcp) {
             (Some(t), _) => {
                 let mut t = t.into_transport();
@@ -167,10 +168,11 @@ impl NodeBuilder {
                 span.in_scope(|| t.start(origin))?
             }
             (None, Some((addr, cfg))) => {
-                let (link, stats) = start_tcp(addr, cfg, &self.peers, self.trust, origin)
+                let (link, stats, stop) = start_tcp(addr, cfg, &self.peers, self.trust, origin)
                     .instrument(span.clone())
                     .await?;
                 tcp_stats = Some(stats);
+                accept_stop = Some(stop);
                 link
             }
             (None, None) => return Err(NodeError::NoTransport),
@@ -256,6 +258,7 @@ impl NodeBuilder {
         Ok(Node {
             origin,
             tcp_stats,
+            accept_stop,
             local_addr,
             commands: cmd_tx,
             shared,
@@ -263,6 +266,9 @@ impl NodeBuilder {
         })
     }
 }
+
+/// Closes a TCP node's listening socket at once (see `TcpTransport::accept_stop`).
+type AcceptStop = Arc<tokio::sync::Notify>;
 
 /// How long [`NodeBuilder::build`] keeps retrying a TCP bind whose address is in use.
 pub const BIND_RETRY: Duration = Duration::from_secs(2);
@@ -273,7 +279,7 @@ async fn start_tcp(
     peers: &[(NodeId, SocketAddr)],
     trust: TcpTrust,
     origin: Origin,
-) -> Result<(Link, Arc<crate::transport::tcp::TcpStats>), NodeError> {
+) -> Result<(Link, Arc<crate::transport::tcp::TcpStats>, AcceptStop), NodeError> {
     let give_up = tokio::time::Instant::now() + BIND_RETRY;
     if let Some(accept) = trust.accept_unknown_peers {
         cfg.accept_unknown_peers = accept;
@@ -294,8 +300,12 @@ async fn start_tcp(
             transport = transport.with_tls(tls.clone());
         }
         let stats = transport.stats();
+        let stop = transport.accept_stop();
         transport.batch_frames();
-        match Box::new(transport).start(origin).map(|link| (link, stats)) {
+        match Box::new(transport)
+            .start(origin)
+            .map(|link| (link, stats, stop))
+        {
             Err(crate::transport::TransportError::Bind { source, .. })
                 if source.kind() == std::io::ErrorKind::AddrInUse
                     && tokio::time::Instant::now() < give_up =>

@@ -81,6 +81,8 @@ use tokio::task::JoinHandle;
 pub struct Node {
     origin: Origin,
     tcp_stats: Option<Arc<crate::transport::tcp::TcpStats>>,
+    /// Closes the TCP listener at once when the node is dropped.
+    accept_stop: Option<Arc<tokio::sync::Notify>>,
     local_addr: Option<SocketAddr>,
     commands: mpsc::UnboundedSender<Command>,
     shared: Arc<Shared>,
@@ -460,6 +462,11 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // The port goes back now, not once the driver reaches the command: a new node
+        // may bind it at once even while this one is still busy stopping.
+        if let Some(stop) = &self.accept_stop {
+            stop.notify_one();
+        }
         let _ = self.commands.send(Command::Shutdown);
     }
 }

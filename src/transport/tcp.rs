@@ -423,6 +423,8 @@ pub struct TcpTransport {
     stats: Arc<TcpStats>,
     /// Report each read's frames as one `LinkEvent::Frames` (`Transport::batch_frames`).
     batch: bool,
+    /// Closes the listening socket at once when notified (see [`Self::accept_stop`]).
+    accept_stop: Arc<tokio::sync::Notify>,
 }
 
 impl TcpTransport {
@@ -438,6 +440,7 @@ impl TcpTransport {
             #[cfg(feature = "tls")]
             tls: None,
             stats: Arc::default(),
+            accept_stop: Arc::default(),
             batch: false,
         })
     }
@@ -465,6 +468,15 @@ impl TcpTransport {
     /// The transport's counters; the handle stays valid after start and shutdown.
     pub fn stats(&self) -> Arc<TcpStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// Notified (`notify_one`), the transport closes its listening socket at once,
+    /// ahead of the commands queued before its `Shutdown`: a node that is dropped or
+    /// shut down gives its port back even while its driver is still busy, so a new
+    /// node can bind it. (Regression: a node dropped under load from 60 senders
+    /// still held its port past `BIND_RETRY`, and the restart on it failed.)
+    pub(crate) fn accept_stop(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.accept_stop)
     }
 }
 
@@ -524,7 +536,7 @@ impl Transport for TcpTransport {
                     .collect(),
             ),
         });
-        let acceptor = spawn_here(accept_loop(listener, Arc::clone(&ctx)));
+        let acceptor = spawn_here(accept_loop(listener, Arc::clone(&ctx), self.accept_stop));
         let mut mgr = Manager {
             ctx,
             events: events_tx,
@@ -1284,10 +1296,13 @@ impl Manager {
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
+async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Arc<tokio::sync::Notify>) {
     let mut handshakes = JoinSet::new();
     loop {
         tokio::select! {
+            // The node is going away: drop the listener (and the handshakes in
+            // progress) now, not when the manager gets to its `Shutdown`.
+            () = stop.notified() => return,
             res = listener.accept() => match res {
                 Ok((tcp, remote)) => {
                     let Some(slot) = ctx.take_ip_slot(remote.ip()) else {
