@@ -136,10 +136,7 @@ impl Driver {
                 if let Some(h) = self.core.health(peer) {
                     self.shared.seen(peer, h);
                 }
-                let _ = self
-                    .link
-                    .commands
-                    .try_send(LinkCommand::AddPeer { peer, addr });
+                self.link_control(LinkCommand::AddPeer { peer, addr });
             }
             Command::Stats(reply) => {
                 let core = &self.core;
@@ -159,10 +156,7 @@ impl Driver {
             Command::Decommission { peer, reply } => {
                 self.core.forget(peer);
                 // Stop dialing it too (the transport keeps a connection it holds).
-                let _ = self
-                    .link
-                    .commands
-                    .try_send(LinkCommand::RemovePeer { peer });
+                self.link_control(LinkCommand::RemovePeer { peer });
                 self.shared.forget_health(peer);
                 self.observe.spans.forget(peer);
                 let res = match &mut self.core.hints {
@@ -268,6 +262,19 @@ impl Driver {
     /// written and synced, their acks sent when due. (Regression: an effectively-once
     /// message a handler acked just as its node stopped lost its record and was
     /// processed again after the restart.)
+    /// Hands the transport a peer change from a command, which cannot wait for room in
+    /// the transport's queue: when it is full the change goes from a task of its own
+    /// instead of being lost. (Regression: a full queue dropped an `add_peer` silently,
+    /// and the node never dialed the peer.)
+    fn link_control(&self, cmd: LinkCommand) {
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.link.commands.try_send(cmd) {
+            let tx = self.link.commands.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(cmd).await;
+            });
+        }
+    }
+
     pub(super) async fn finish_held_deliveries(&mut self) {
         let until = tokio::time::Instant::now() + HANDLER_GRACE;
         loop {
