@@ -231,12 +231,9 @@ async fn reconnects_after_remote_restart_and_delivers_queued_and_later_frames() 
     shutdown(b2).await;
 }
 
-/// Frames of withdrawn messages queued while the peer was away are dropped, not written
-/// to its next connection, and counted; the rest of the queue is delivered in order.
-/// (Regression: a message handed off or refused while its target was down still
-/// reached the target from this queue when it came back.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn withdrawn_frames_queued_while_away_never_reach_the_next_connection() {
+/// Node 1 connected to node 2 (run 1), which then shut down: node 1's link (Down
+/// seen), its stats, and the address node 2 listened on.
+async fn peer_came_and_went() -> (Link, Arc<TcpStats>, SocketAddr) {
     let (mut b, _) = start(origin(2, 1), any_port(), &[]);
     let b_addr = b.local_addr.unwrap();
     let (mut a, a_stats) = start(origin(1, 1), any_port(), &[(2, b_addr)]);
@@ -244,6 +241,16 @@ async fn withdrawn_frames_queued_while_away_never_reach_the_next_connection() {
     expect_up(&mut b, origin(1, 1)).await;
     shutdown(b).await;
     expect_down(&mut a, 2).await;
+    (a, a_stats, b_addr)
+}
+
+/// Frames of withdrawn messages queued while the peer was away are dropped, not written
+/// to its next connection, and counted; the rest of the queue is delivered in order.
+/// (Regression: a message handed off or refused while its target was down still
+/// reached the target from this queue when it came back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawn_frames_queued_while_away_never_reach_the_next_connection() {
+    let (mut a, a_stats, b_addr) = peer_came_and_went().await;
     send_range(&a, 2, 0..200).await;
     a.commands
         .send(LinkCommand::Withdraw {
@@ -271,13 +278,7 @@ async fn withdrawn_frames_queued_while_away_never_reach_the_next_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_for_a_peer_without_a_connection_are_not_queued() {
     use ackwire::wire::Heartbeat;
-    let (mut b, _) = start(origin(2, 1), any_port(), &[]);
-    let b_addr = b.local_addr.unwrap();
-    let (mut a, a_stats) = start(origin(1, 1), any_port(), &[(2, b_addr)]);
-    expect_up(&mut a, origin(2, 1)).await;
-    expect_up(&mut b, origin(1, 1)).await;
-    shutdown(b).await;
-    expect_down(&mut a, 2).await;
+    let (mut a, a_stats, b_addr) = peer_came_and_went().await;
     for round in 0..200u64 {
         let mut frames: Vec<Frame> = (0..100)
             .map(|n| {
