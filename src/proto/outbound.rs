@@ -9,7 +9,12 @@
 //! With a receiver that grants credit (protocol version 2), a message's *first*
 //! transmission waits until its seq is within the credit; retransmissions never wait
 //! (the message was already counted against an earlier grant). Grants arrive on acks;
-//! before the first one a stream may send [`INITIAL_CREDIT`] messages. A stream that
+//! before the first one a stream may send [`INITIAL_CREDIT`] messages. An acked
+//! stream may always send [`INITIAL_CREDIT`] past its floor (every receiver accepts
+//! that much above a frame's floor), so the seq at its floor is always within credit:
+//! a stream whose first seqs left it untransmitted (handed off, given up) still puts
+//! its next message on the wire, and a receiver run that never saw the stream learns
+//! of it from that message. A stream that
 //! is blocked on credit sends a [`crate::wire::CreditProbe`] (no message) after a probe
 //! timeout (one RTO, doubling per probe up to [`MAX_PROBE_INTERVAL`]); the receiver
 //! answers with its current grant, so a lost credit update cannot stall a stream for
@@ -524,6 +529,30 @@ impl OutboundStream {
     pub(crate) fn set_credit(&mut self, credit: Option<u64>) {
         self.credit = credit;
         self.unblock();
+    }
+
+    /// The floor moved (`base` rose): an acked stream may always send up to the initial
+    /// credit past its floor, which every receiver accepts (it counts a frame's floor as
+    /// settled; see `InboundStream::over_credit`). Without it, seqs taken out of the
+    /// stream before their first transmission (handed off, given up, withdrawn) used up
+    /// a grant the receiver never learned of: a receiver run that never saw the stream
+    /// grants nothing and ignores its probes, so the stream waited for credit for good.
+    /// (Regression: after a target restart, the first 256 live sends were handed off
+    /// behind this run's own hints before going out, and the replay's hints, next in
+    /// the stream, waited on credit with nothing on the wire: nothing moved for 20 s.)
+    /// At-most-once grants follow arrivals and its base moves on transmission, so it
+    /// keeps the receiver's grant.
+    fn credit_follows_floor(&mut self) {
+        if self.guarantee == Guarantee::AtMostOnce {
+            return;
+        }
+        if let Some(c) = self.credit {
+            let floor_grant = self.initial_credit();
+            if floor_grant > c {
+                self.credit = Some(floor_grant);
+                self.unblock();
+            }
+        }
     }
 
     /// The grant a fresh receiver run starts this stream with.
@@ -1251,10 +1280,14 @@ impl OutboundStream {
     }
 
     fn compact(&mut self) {
+        let base = self.base;
         while let Some(None) = self.slots.front() {
             self.slots.pop_front();
             self.base += 1;
             self.opened += 1;
+        }
+        if self.base != base {
+            self.credit_follows_floor();
         }
         if self.slots.is_empty() {
             // Every timer left names a settled message (a timer only acts on a seq
@@ -1456,6 +1489,59 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Seqs handed off before their first transmission do not use up the credit: the
+    /// stream may still send the initial credit past its floor, which a receiver run
+    /// that never saw it accepts. A grant of 4, its four seqs handed off untransmitted,
+    /// four more sent: all four go out. (Regression: they waited for a grant from a
+    /// receiver that had seen nothing and ignored the probes: a stall for good.)
+    #[test]
+    fn seqs_handed_off_untransmitted_leave_the_credit_to_the_next() {
+        for guarantee in [Guarantee::AtLeastOnce, Guarantee::EffectivelyOnce] {
+            let now = Instant::now();
+            let mut config = ProtoConfig::default();
+            config.retry.deadline = None;
+            let mut s =
+                OutboundStream::new(ORIGIN, ChannelId(1), guarantee, &config, 7, now, Some(4));
+            for _ in 0..8 {
+                s.send(now, Bytes::from_static(b"m"), None, None, 0);
+            }
+            for seq in 1..=4 {
+                assert!(s.take(seq).is_some_and(|(_, sent)| !sent), "{seq}");
+            }
+            let mut budget = u64::MAX;
+            let sent: Vec<(u64, u64)> = std::iter::from_fn(|| s.poll_transmit(now, &mut budget))
+                .map(|d| (d.seq, d.floor))
+                .collect();
+            assert_eq!(sent, [(5, 5), (6, 5), (7, 5), (8, 5)], "{guarantee:?}");
+            assert_eq!(s.credit_counters(), (0, 0), "{guarantee:?}: nothing waited");
+        }
+    }
+
+    /// At-most-once keeps the receiver's grant: its floor moves on transmission, so the
+    /// floor rule would let it past any grant.
+    #[test]
+    fn at_most_once_keeps_its_grant_when_the_floor_moves() {
+        let now = Instant::now();
+        let config = ProtoConfig::default();
+        let mut s = OutboundStream::new(
+            ORIGIN,
+            ChannelId(1),
+            Guarantee::AtMostOnce,
+            &config,
+            7,
+            now,
+            Some(4),
+        );
+        for _ in 0..8 {
+            s.send(now, Bytes::from_static(b"m"), None, None, 0);
+        }
+        let mut budget = u64::MAX;
+        let sent: Vec<u64> = std::iter::from_fn(|| s.poll_transmit(now, &mut budget))
+            .map(|d| d.seq)
+            .collect();
+        assert_eq!(sent, [1, 2, 3, 4]);
     }
 
     /// Only what was put on the wire can be acked or rejected: six messages, credit
