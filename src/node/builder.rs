@@ -216,6 +216,7 @@ impl NodeBuilder {
         let shared = Arc::new(Shared {
             span,
             windows: Mutex::new(FxHashMap::default()),
+            link_backlog: Arc::default(),
             receivers: Mutex::new(FxHashMap::default()),
             health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),
             health_tx: health_tx.clone(),

@@ -13,7 +13,9 @@ use crate::proto::core::SendRefused;
 use crate::proto::{Completion, DeliveryRef, Outgoing};
 use crate::transport::LinkCommand;
 use bytes::Bytes;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 /// Where a receipt waits for its outcome.
@@ -263,16 +265,9 @@ impl Driver {
     /// message a handler acked just as its node stopped lost its record and was
     /// processed again after the restart.)
     /// Hands the transport a peer change from a command, which cannot wait for room in
-    /// the transport's queue: when it is full the change goes from a task of its own
-    /// instead of being lost. (Regression: a full queue dropped an `add_peer` silently,
-    /// and the node never dialed the peer.)
+    /// the transport's queue: see [`LinkBacklog::submit`].
     fn link_control(&self, cmd: LinkCommand) {
-        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.link.commands.try_send(cmd) {
-            let tx = self.link.commands.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(cmd).await;
-            });
-        }
+        LinkBacklog::submit(&self.shared.link_backlog, &self.link.commands, cmd);
     }
 
     pub(super) async fn finish_held_deliveries(&mut self) {
@@ -308,5 +303,116 @@ impl Driver {
         self.core.endpoint.handle_timeout(now);
         let _ = self.flush(now).await;
         self.receivers.resolve_durable_acks(&self.core.endpoint);
+    }
+}
+
+/// Peer changes (`AddPeer`, `RemovePeer`) that found the transport's command queue
+/// full, waiting in order for room.
+#[derive(Debug, Default)]
+pub(super) struct LinkBacklog {
+    queue: VecDeque<LinkCommand>,
+    /// A task is handing `queue` to the transport.
+    draining: bool,
+}
+
+impl LinkBacklog {
+    /// Give `cmd` to the transport on `tx` without waiting: at once when there is room
+    /// and nothing waits before it; otherwise behind what waits, handed over in order
+    /// by one task. Never lost, never ahead of an earlier change. (Regressions: a full
+    /// queue dropped an `add_peer` silently, and the node never dialed the peer; then
+    /// each change that found the queue full went from a task of its own, so a
+    /// `decommission` followed by an `add_peer` of the same peer could reach the
+    /// transport in the other order, and the re-added peer was never dialed.)
+    pub(super) fn submit(
+        backlog: &Arc<Mutex<LinkBacklog>>,
+        tx: &mpsc::Sender<LinkCommand>,
+        cmd: LinkCommand,
+    ) {
+        let mut b = backlog.lock().unwrap_or_else(|e| e.into_inner());
+        if b.draining {
+            b.queue.push_back(cmd);
+            return;
+        }
+        match tx.try_send(cmd) {
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                b.queue.push_back(cmd);
+                b.draining = true;
+            }
+            // Sent, or the transport is gone (so is every peer change).
+            _ => return,
+        }
+        drop(b);
+        let (backlog, tx) = (Arc::clone(backlog), tx.clone());
+        tokio::spawn(async move {
+            loop {
+                let next = {
+                    let mut b = backlog.lock().unwrap_or_else(|e| e.into_inner());
+                    match b.queue.pop_front() {
+                        Some(cmd) => cmd,
+                        None => {
+                            b.draining = false;
+                            return;
+                        }
+                    }
+                };
+                if tx.send(next).await.is_err() {
+                    let mut b = backlog.lock().unwrap_or_else(|e| e.into_inner());
+                    b.queue.clear();
+                    b.draining = false;
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(cmd: &LinkCommand) -> String {
+        match cmd {
+            LinkCommand::AddPeer { peer, .. } => format!("add {}", peer.0),
+            LinkCommand::RemovePeer { peer } => format!("remove {}", peer.0),
+            LinkCommand::Send { peer, .. } => format!("send {}", peer.0),
+            _ => "other".into(),
+        }
+    }
+
+    /// Peer changes reach the transport in the order they were made, whether or not
+    /// its queue was full: a `decommission` that waited for room and an `add_peer` made
+    /// once room was free arrive remove-then-add. (Regression: the add overtook the
+    /// waiting remove, so the re-added peer was forgotten.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn peer_changes_reach_the_transport_in_order_when_the_queue_was_full() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let backlog = Arc::default();
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        tx.try_send(LinkCommand::Send {
+            peer: NodeId(9),
+            frames: Vec::new(),
+        })
+        .unwrap();
+        LinkBacklog::submit(&backlog, &tx, LinkCommand::RemovePeer { peer: NodeId(1) });
+        // Room again before the waiting change was handed over.
+        let mut got = vec![name(&rx.recv().await.unwrap())];
+        LinkBacklog::submit(
+            &backlog,
+            &tx,
+            LinkCommand::AddPeer {
+                peer: NodeId(1),
+                addr,
+            },
+        );
+        LinkBacklog::submit(&backlog, &tx, LinkCommand::RemovePeer { peer: NodeId(2) });
+        for _ in 0..3 {
+            got.push(name(&rx.recv().await.unwrap()));
+        }
+        assert_eq!(got, ["send 9", "remove 1", "add 1", "remove 2"]);
+        // Drained: the next change goes straight to the queue again.
+        tokio::task::yield_now().await;
+        assert!(!backlog.lock().unwrap().draining);
+        LinkBacklog::submit(&backlog, &tx, LinkCommand::RemovePeer { peer: NodeId(3) });
+        assert_eq!(name(&rx.try_recv().unwrap()), "remove 3");
     }
 }

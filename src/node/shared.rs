@@ -26,6 +26,8 @@ pub(super) struct Shared {
     /// raised on the application's tasks (a payload that does not decode) enter it.
     pub(super) span: tracing::Span,
     pub(super) windows: Mutex<FxHashMap<(NodeId, ChannelId), Arc<Semaphore>>>,
+    /// Peer changes waiting for room in the transport's queue (see `LinkBacklog`).
+    pub(super) link_backlog: Arc<Mutex<super::command::LinkBacklog>>,
     pub(super) receivers: Mutex<FxHashMap<ChannelId, mpsc::WeakUnboundedSender<Delivery<Bytes>>>>,
     pub(super) health: Mutex<FxHashMap<NodeId, Health>>,
     pub(super) health_tx: broadcast::Sender<HealthChange>,
