@@ -18,6 +18,14 @@
 //! opens the stream there and brings its grant. Apart from that the stream never goes
 //! past its credit.
 //!
+//! # Skipped seqs
+//!
+//! A seq that leaves the stream without an ack (handed off, given up) is never sent
+//! again on it, and the receiver learns so only from a later frame's floor. When the
+//! floor passes such a seq and no frame goes out to carry it, the oldest transmitted
+//! message still unsettled is sent once more as it is (not counted as a
+//! retransmission): an ordered receiver holding later messages then skips the gap.
+//!
 //! # Held messages
 //!
 //! A version-2 receiver also reports the seq up to which it holds every message
@@ -440,6 +448,11 @@ pub(crate) struct OutboundStream {
     probes: u32,
     /// A credit probe is owed to the receiver.
     probe_owed: bool,
+    /// Seqs at or above `base` that left the stream without an ack (handed off, given
+    /// up): the receiver may wait for them until a frame's floor passes them.
+    skipped: BTreeSet<u64>,
+    /// The floor passed a skipped seq: a data frame must carry it to the receiver.
+    floor_owed: bool,
     credit_waits: u64,
     credit_probes: u64,
     /// The receiver holds every seq `<= held` (not lost, just not finished yet).
@@ -499,6 +512,8 @@ impl OutboundStream {
             probe_due: None,
             probes: 0,
             probe_owed: false,
+            skipped: BTreeSet::new(),
+            floor_owed: false,
             credit_waits: 0,
             credit_probes: 0,
             held: 0,
@@ -713,9 +728,10 @@ impl OutboundStream {
                 }
             }
             *budget -= 1;
+            self.floor_owed = false; // the frame carries the floor
             return Some(frame);
         }
-        None
+        self.floor_frame(budget)
     }
 
     /// Arm the timer of `seq`'s first transmission (module docs, "Timers"): on the
@@ -1123,6 +1139,7 @@ impl OutboundStream {
     /// there.
     pub(crate) fn take(&mut self, seq: u64) -> Option<(MessageId, bool)> {
         let m = self.remove(seq)?;
+        self.skip(seq);
         self.compact();
         let sent = m.attempts > 0 || !matches!(m.last_sent, Sent::Never);
         Some((self.id_of(seq, m.id), sent))
@@ -1228,6 +1245,7 @@ impl OutboundStream {
 
     fn give_up(&mut self, seq: u64, reason: GiveUp) {
         if let Some(m) = self.remove(seq) {
+            self.skip(seq);
             let id = self.id_of(seq, m.id);
             self.events.push_back(OutEvent::GaveUp {
                 seq,
@@ -1266,6 +1284,10 @@ impl OutboundStream {
             self.base += 1;
             self.opened += 1;
         }
+        while self.skipped.first().is_some_and(|s| *s < self.base) {
+            self.skipped.pop_first();
+            self.floor_owed = true;
+        }
         if self.slots.is_empty() {
             // Every timer left names a settled message (a timer only acts on a seq
             // that still has a slot): drop them now, so that an idle stream has nothing
@@ -1274,6 +1296,48 @@ impl OutboundStream {
             self.timers.clear();
             self.first.clear();
         }
+    }
+
+    /// `seq` left the stream unacked (module docs, "Skipped seqs").
+    fn skip(&mut self, seq: u64) {
+        if self.guarantee != Guarantee::AtMostOnce {
+            self.skipped.insert(seq);
+        }
+    }
+
+    /// The floor passed a skipped seq and no data frame has carried it since: a copy of
+    /// the oldest transmitted message still unsettled carries it now (not a
+    /// retransmission: no attempt, timer or budget), if there is one. Without it, an
+    /// ordered receiver holding later messages waits for the skipped seq until the
+    /// stream next sends something, which may be never: its later messages are held,
+    /// so not retransmitted, and new ones may wait for their acks. (Regression: a
+    /// replay of this run's hints beside live sends handed off behind them, to an
+    /// ordered receiver: every second or so nothing moved, ~1 400 hints a second.)
+    fn floor_frame(&mut self, budget: &mut u64) -> Option<Data> {
+        if !std::mem::take(&mut self.floor_owed) || *budget == 0 {
+            return None;
+        }
+        let (idx, m) = self
+            .slots
+            .iter()
+            .enumerate()
+            .find_map(|(i, m)| m.as_ref().filter(|m| m.attempts > 0).map(|m| (i, m)))?;
+        let seq = self.base + idx as u64;
+        *budget -= 1;
+        Some(Data {
+            channel: self.channel,
+            seq,
+            floor: self.base,
+            id_floor: self.id_floor(),
+            id: if m.has_id {
+                self.ids.get(&seq).copied()
+            } else {
+                None
+            },
+            guarantee: self.guarantee,
+            schema: self.schema,
+            payload: m.payload.clone(),
+        })
     }
 
     /// Window slots freed since the last call.
@@ -1466,6 +1530,42 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The floor passing a seq that left the stream unacked reaches the receiver even
+    /// when nothing new is sent: seq 1 and 3 transmitted, 2 handed off before its turn,
+    /// 1 acked. The stream sends 3 once more carrying floor 3 (an ordered receiver
+    /// holding 3 was waiting for 2), without counting a retransmission; once only.
+    /// (Regression: nothing carried the floor until a later send, so an ordered
+    /// receiver held 3 and the replay beside it stalled.)
+    #[test]
+    fn a_floor_past_a_skipped_seq_is_carried_by_a_copy_of_the_oldest_unsettled() {
+        for guarantee in [Guarantee::AtLeastOnce, Guarantee::EffectivelyOnce] {
+            let now = Instant::now();
+            let mut config = ProtoConfig::default();
+            config.retry.deadline = None;
+            let mut s = OutboundStream::new(ORIGIN, ChannelId(1), guarantee, &config, 7, now, None);
+            let mut budget = u64::MAX;
+            let mut poll = |s: &mut OutboundStream| -> Vec<(u64, u64)> {
+                std::iter::from_fn(|| s.poll_transmit(now, &mut budget))
+                    .map(|d| (d.seq, d.floor))
+                    .collect()
+            };
+            s.send(now, Bytes::from_static(b"1"), None, None, 0);
+            assert_eq!(poll(&mut s), [(1, 1)]);
+            s.send(now, Bytes::from_static(b"2"), None, None, 0);
+            s.send(now, Bytes::from_static(b"3"), None, None, 0);
+            assert!(s.take(2).is_some_and(|(_, sent)| !sent));
+            assert_eq!(poll(&mut s), [(3, 1)]);
+            s.handle_ack(now, 1, &[], None, 1);
+            assert_eq!(
+                poll(&mut s),
+                [(3, 3)],
+                "{guarantee:?}: the floor, carried by 3"
+            );
+            assert_eq!(s.retransmits(), 0, "{guarantee:?}: not a retransmission");
+            assert!(poll(&mut s).is_empty(), "{guarantee:?}: once");
+        }
     }
 
     /// A stream whose grant was used up by seqs that left it untransmitted (handed
