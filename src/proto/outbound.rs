@@ -1437,6 +1437,23 @@ mod tests {
         )
     }
 
+    /// A `guarantee` stream without a deadline, granted `credit` (`None`: a receiver
+    /// without credit), with `n` messages queued.
+    fn credited(
+        now: Instant,
+        guarantee: Guarantee,
+        credit: Option<u64>,
+        n: usize,
+    ) -> OutboundStream {
+        let mut config = ProtoConfig::default();
+        config.retry.deadline = None;
+        let mut s = OutboundStream::new(ORIGIN, ChannelId(1), guarantee, &config, 7, now, credit);
+        for _ in 0..n {
+            s.send(now, Bytes::from_static(b"m"), None, None, 0);
+        }
+        s
+    }
+
     /// A stream whose retry budget is one retry per deposit over `ttl`, no floor.
     fn budget_stream(now: Instant, seed: u64, ttl: Duration) -> OutboundStream {
         stream_with(now, seed, |c| {
@@ -1542,9 +1559,7 @@ mod tests {
     fn a_floor_past_a_skipped_seq_is_carried_by_a_copy_of_the_oldest_unsettled() {
         for guarantee in [Guarantee::AtLeastOnce, Guarantee::EffectivelyOnce] {
             let now = Instant::now();
-            let mut config = ProtoConfig::default();
-            config.retry.deadline = None;
-            let mut s = OutboundStream::new(ORIGIN, ChannelId(1), guarantee, &config, 7, now, None);
+            let mut s = credited(now, guarantee, None, 0);
             let mut budget = u64::MAX;
             let mut poll = |s: &mut OutboundStream| -> Vec<(u64, u64)> {
                 std::iter::from_fn(|| s.poll_transmit(now, &mut budget))
@@ -1577,13 +1592,7 @@ mod tests {
     fn unanswered_probes_send_the_oldest_blocked_message_on_every_guarantee() {
         for guarantee in [Guarantee::AtLeastOnce, Guarantee::EffectivelyOnce] {
             let t0 = Instant::now();
-            let mut config = ProtoConfig::default();
-            config.retry.deadline = None;
-            let mut s =
-                OutboundStream::new(ORIGIN, ChannelId(1), guarantee, &config, 7, t0, Some(4));
-            for _ in 0..8 {
-                s.send(t0, Bytes::from_static(b"m"), None, None, 0);
-            }
+            let mut s = credited(t0, guarantee, Some(4), 8);
             for seq in 1..=4 {
                 assert!(s.take(seq).is_some_and(|(_, sent)| !sent), "{seq}");
             }
@@ -1621,20 +1630,7 @@ mod tests {
     #[test]
     fn answered_probes_keep_the_stream_within_its_grant() {
         let t0 = Instant::now();
-        let mut config = ProtoConfig::default();
-        config.retry.deadline = None;
-        let mut s = OutboundStream::new(
-            ORIGIN,
-            ChannelId(1),
-            Guarantee::EffectivelyOnce,
-            &config,
-            7,
-            t0,
-            Some(2),
-        );
-        for _ in 0..4 {
-            s.send(t0, Bytes::from_static(b"m"), None, None, 0);
-        }
+        let mut s = credited(t0, Guarantee::EffectivelyOnce, Some(2), 4);
         let mut budget = u64::MAX;
         let mut now = t0;
         let first: Vec<u64> = std::iter::from_fn(|| s.poll_transmit(now, &mut budget))
@@ -1661,20 +1657,7 @@ mod tests {
     #[test]
     fn an_ack_or_reject_beyond_what_was_transmitted_settles_nothing_more() {
         let now = Instant::now();
-        let mut config = ProtoConfig::default();
-        config.retry.deadline = None;
-        let mut s = OutboundStream::new(
-            ORIGIN,
-            ChannelId(1),
-            Guarantee::AtLeastOnce,
-            &config,
-            7,
-            now,
-            Some(3),
-        );
-        for _ in 0..6 {
-            s.send(now, Bytes::from_static(b"m"), None, None, 0);
-        }
+        let mut s = credited(now, Guarantee::AtLeastOnce, Some(3), 6);
         assert!(run(&mut s, now).is_empty());
         let lie = [SeqRange { start: 1, end: 6 }];
         s.handle_reject(5, crate::wire::RejectReason::NoReceiver);
