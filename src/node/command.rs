@@ -258,18 +258,18 @@ impl Driver {
 const HANDLER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Driver {
-    /// A graceful stop gives the deliveries the application still holds up to
-    /// [`HANDLER_GRACE`] to finish (new frames are no longer read), so the
-    /// completions of handlers busy at that moment are applied: their dedup records
-    /// written and synced, their acks sent when due. (Regression: an effectively-once
-    /// message a handler acked just as its node stopped lost its record and was
-    /// processed again after the restart.)
     /// Hands the transport a peer change from a command, which cannot wait for room in
     /// the transport's queue: see [`LinkBacklog::submit`].
     fn link_control(&self, cmd: LinkCommand) {
         LinkBacklog::submit(&self.shared.link_backlog, &self.link.commands, cmd);
     }
 
+    /// A graceful stop gives the deliveries the application still holds up to
+    /// [`HANDLER_GRACE`] to finish (new frames are no longer read), so the
+    /// completions of handlers busy at that moment are applied: their dedup records
+    /// written and synced, their acks sent when due. (Regression: an effectively-once
+    /// message a handler acked just as its node stopped lost its record and was
+    /// processed again after the restart.)
     pub(super) async fn finish_held_deliveries(&mut self) {
         let until = tokio::time::Instant::now() + HANDLER_GRACE;
         loop {
