@@ -215,7 +215,7 @@ impl NodeBuilder {
         endpoint.set_authorization(self.config.authorization.clone());
         let shared = Arc::new(Shared {
             span,
-            windows: Mutex::new(FxHashMap::default()),
+            windows: Mutex::new(Default::default()),
             link_backlog: Arc::default(),
             receivers: Mutex::new(FxHashMap::default()),
             health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),

@@ -359,6 +359,11 @@ impl Node {
             if live {
                 return Err(NodeError::ChannelTaken(channel));
             }
+            // Before the map grows, drop the registrations of receivers gone since
+            // (each kept a channel's allocation): amortised O(1) per registration.
+            if taken.len() >= taken.capacity().max(64) {
+                taken.retain(|_, w| w.upgrade().is_some_and(|t| !t.is_closed()));
+            }
             // Weak: the driver's sender alone decides when the receiver sees the end.
             taken.insert(channel, tx.downgrade());
         }

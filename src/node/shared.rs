@@ -25,7 +25,7 @@ pub(super) struct Shared {
     /// The node's `node` span: the driver and the transport run in it, and events
     /// raised on the application's tasks (a payload that does not decode) enter it.
     pub(super) span: tracing::Span,
-    pub(super) windows: Mutex<FxHashMap<(NodeId, ChannelId), Arc<Semaphore>>>,
+    pub(super) windows: Mutex<Windows>,
     /// Peer changes waiting for room in the transport's queue (see `LinkBacklog`).
     pub(super) link_backlog: Arc<Mutex<super::command::LinkBacklog>>,
     pub(super) receivers: Mutex<FxHashMap<ChannelId, mpsc::WeakUnboundedSender<Delivery<Bytes>>>>,
@@ -53,6 +53,32 @@ pub(super) struct Shared {
     pub(super) state: watch::Sender<NodeState>,
     #[cfg(feature = "metrics")]
     pub(super) node: NodeId,
+}
+
+/// The send window of each `(peer, channel)` a sender was made for.
+#[derive(Debug, Default)]
+pub(super) struct Windows {
+    map: FxHashMap<(NodeId, ChannelId), Arc<Semaphore>>,
+    /// Entries at which the next new one first drops the unused ones.
+    sweep_at: usize,
+}
+
+/// Windows kept before a new one first drops those no sender holds and nothing
+/// occupies; then twice what is left.
+const WINDOW_SWEEP_MIN: usize = 1024;
+
+impl Windows {
+    /// Drops the windows no sender holds and nothing occupies (every permit free): one
+    /// made again later starts full, as it was. (Regression: one was kept for every
+    /// channel ever sent on.)
+    fn sweep(&mut self, window: usize) {
+        self.map
+            .retain(|_, sem| Arc::strong_count(sem) > 1 || sem.available_permits() != window);
+        if self.map.len() < self.map.capacity() / 4 {
+            self.map.shrink_to(self.map.len() * 2);
+        }
+        self.sweep_at = WINDOW_SWEEP_MIN.max(self.map.len() * 2);
+    }
 }
 
 /// Lifecycle of a node's driver.
@@ -158,14 +184,19 @@ impl Shared {
     /// later sends fail the same way.
     pub(super) fn close_windows(&self) {
         let w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        for sem in w.values() {
+        for sem in w.map.values() {
             sem.close();
         }
     }
 
     pub(super) fn window_for(&self, peer: NodeId, channel: ChannelId) -> Arc<Semaphore> {
         let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        w.entry((peer, channel))
+        if w.map.len() >= w.sweep_at.max(WINDOW_SWEEP_MIN) && !w.map.contains_key(&(peer, channel))
+        {
+            w.sweep(self.window);
+        }
+        w.map
+            .entry((peer, channel))
             .or_insert_with(|| {
                 let sem = Arc::new(Semaphore::new(self.window));
                 // Made after the stop closed the others (the state changes first):

@@ -97,6 +97,17 @@ impl<K: Copy + Eq + Hash, V> ActiveMap<K, V> {
         }
     }
 
+    /// Gives memory back after many removals: a map left at under a quarter of its
+    /// capacity shrinks to twice its length.
+    pub(super) fn shrink_if_sparse(&mut self) {
+        if self.map.capacity() > 64 && self.map.len() < self.map.capacity() / 4 {
+            self.map.shrink_to(self.map.len() * 2);
+        }
+        if self.active.capacity() > 64 && self.active.len() < self.active.capacity() / 4 {
+            self.active.shrink_to(self.active.len() * 2);
+        }
+    }
+
     /// How many entries are active (for tests).
     #[cfg(test)]
     pub(super) fn active_len(&self) -> usize {

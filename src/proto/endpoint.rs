@@ -12,7 +12,7 @@ use super::active::ActiveMap;
 use super::config::ProtoConfig;
 use super::inbound::{Arrival, InboundStream, StreamMark};
 use super::outbound::{
-    OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT, INITIAL_NODE_CREDIT,
+    Counters, Dormant, OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT, INITIAL_NODE_CREDIT,
 };
 use crate::dedup::{Admit, Dedup};
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
@@ -187,6 +187,13 @@ pub enum Event {
 /// from overflow.
 pub const MAX_SEQ: u64 = 1 << 62;
 
+/// Live outbound streams at which a new one first puts the settled, quiet ones aside
+/// as dormant records (see `proto::outbound`, "Dormant streams"); after a sweep, the
+/// next comes at twice the streams left live. A sender that uses fewer channels per
+/// peer never sweeps; one that uses a new channel per request keeps about 80 bytes per
+/// channel it has used, instead of the few KiB of a live stream.
+pub(crate) const DORMANT_SWEEP_MIN: usize = 1024;
+
 /// Errors from [`Endpoint::send`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -320,6 +327,13 @@ pub struct Endpoint {
     /// Streams by key; the per-input scans visit only the active ones (see
     /// [`ActiveMap`]).
     outbound: ActiveMap<(NodeId, ChannelId), OutboundStream>,
+    /// Outbound streams put aside settled and quiet (see [`DORMANT_SWEEP_MIN`]), and
+    /// their counters summed for [`Endpoint::stats`].
+    dormant: FastMap<(NodeId, ChannelId), Dormant>,
+    dormant_counters: Counters,
+    /// How many live outbound streams make the next new one sweep the quiet ones
+    /// into `dormant`.
+    dormant_sweep_at: usize,
     inbound: ActiveMap<(Origin, ChannelId), InboundStream>,
     /// The channels of each origin's inbound streams (the per-peer limit and the
     /// recycling scan look at one peer's streams, not at every peer's).
@@ -486,6 +500,9 @@ impl Endpoint {
             dedup,
             peers: FastMap::default(),
             outbound: ActiveMap::default(),
+            dormant: FastMap::default(),
+            dormant_counters: Counters::default(),
+            dormant_sweep_at: DORMANT_SWEEP_MIN,
             inbound: ActiveMap::default(),
             inbound_of: FastMap::default(),
             channels: FastMap::default(),
@@ -532,14 +549,15 @@ impl Endpoint {
     /// Counters.
     pub fn stats(&self) -> ProtoStats {
         let mut s = self.stats;
-        s.retransmitted = self.outbound.values().map(|o| o.retransmits()).sum();
+        let mut c = self.dormant_counters;
         for o in self.outbound.values() {
-            let (waits, probes) = o.credit_counters();
-            s.credit_waits += waits;
-            s.credit_probes += probes;
-            s.held_probes += o.held_probes();
-            s.node_credit_waits += o.node_waits();
+            c.add(&o.counters());
         }
+        s.retransmitted = c.retransmits;
+        s.credit_waits += c.credit_waits;
+        s.credit_probes += c.credit_probes;
+        s.held_probes += c.held_probes;
+        s.node_credit_waits += c.node_waits;
         s
     }
 
@@ -856,6 +874,16 @@ impl Endpoint {
                 }
             }
         }
+        for ((peer, _), d) in self.dormant.iter_mut() {
+            if *peer == origin.node {
+                // As for the live streams below.
+                if version < 2 {
+                    d.credit = None;
+                } else if restarted || !was_crediting {
+                    d.credit = Some(d.initial_credit());
+                }
+            }
+        }
         for ((peer, _), s) in self.outbound.iter_mut() {
             if *peer == origin.node {
                 // A version-2 receiver grants credit; a new run of it (or a peer that
@@ -1089,16 +1117,25 @@ impl Endpoint {
     /// frames were queued.
     pub fn finish_streams(&mut self) -> usize {
         let mut n = 0;
-        for (&(peer, channel), s) in self.outbound.iter() {
+        let live = self
+            .outbound
+            .iter()
+            .map(|(&key, s)| (key, s.guarantee(), s.last_seq(), s.id_floor()));
+        // A dormant stream settled everything below its next seq.
+        let dormant = self
+            .dormant
+            .iter()
+            .map(|(&key, d)| (key, d.guarantee, d.next_seq - 1, d.next_seq));
+        for ((peer, channel), guarantee, last_seq, id_floor) in live.chain(dormant) {
             let speaks = self.peers.get(&peer).is_some_and(|p| p.version >= 3);
-            if speaks && s.guarantee() == Guarantee::EffectivelyOnce {
+            if speaks && guarantee == Guarantee::EffectivelyOnce {
                 n += 1;
                 self.transmit.push_back((
                     peer,
                     Frame::Finish(crate::wire::Finish {
                         channel,
-                        last_seq: s.last_seq(),
-                        id_floor: s.id_floor(),
+                        last_seq,
+                        id_floor,
                     }),
                 ));
             }
@@ -1577,11 +1614,31 @@ impl Endpoint {
         channel: ChannelId,
         guarantee: Guarantee,
     ) -> Result<&mut OutboundStream, StreamError> {
+        let key = (peer, channel);
+        if !self.outbound.contains_key(&key) {
+            if let Some(d) = self.dormant.get(&key) {
+                if d.guarantee != guarantee {
+                    return Err(StreamError::GuaranteeMismatch {
+                        peer,
+                        channel,
+                        existing: d.guarantee,
+                    });
+                }
+            }
+            if self.outbound.len() >= self.dormant_sweep_at {
+                self.sweep_quiet_streams();
+            }
+        }
         let origin = self.origin;
         let (rng, peers, config) = (&mut self.rng, &self.peers, &self.config);
+        let (dormant, dormant_counters) = (&mut self.dormant, &mut self.dormant_counters);
         // Only a new stream draws a seed and looks at the peer (once per stream, not
         // per send).
-        let stream = self.outbound.entry((peer, channel)).or_insert_with(|| {
+        let stream = self.outbound.entry(key).or_insert_with(|| {
+            if let Some(d) = dormant.remove(&key) {
+                dormant_counters.sub(&d.counters);
+                return OutboundStream::resume(origin, channel, config, rng.next_u64(), now, &d);
+            }
             // A receiver not yet heard from is assumed to grant credit (protocol 2);
             // if it turns out to speak version 1, `handle_peer_up` lifts the bound.
             let credit = match peers.get(&peer) {
@@ -1606,6 +1663,28 @@ impl Endpoint {
             });
         }
         Ok(stream)
+    }
+
+    /// Put every settled, quiet outbound stream aside as a [`Dormant`] record (a few
+    /// KiB each down to about 80 bytes), and set the stream count of the next sweep to
+    /// twice what is left (at least [`DORMANT_SWEEP_MIN`]), so sweeps cost O(1) per new
+    /// stream amortised. (Regression: a sender kept every stream it ever opened at
+    /// full size, ~3.6 KiB per channel, for as long as it ran.)
+    fn sweep_quiet_streams(&mut self) {
+        let mut slept = Vec::new();
+        self.outbound.retain(|key, s| match s.dormant() {
+            Some(d) => {
+                slept.push((*key, d));
+                false
+            }
+            None => true,
+        });
+        self.outbound.shrink_if_sparse();
+        for (key, d) in slept {
+            self.dormant_counters.add(&d.counters);
+            self.dormant.insert(key, d);
+        }
+        self.dormant_sweep_at = DORMANT_SWEEP_MIN.max(self.outbound.len().saturating_mul(2));
     }
 
     /// At the per-peer stream limit, drop `origin`'s idle stream whose last frame is
@@ -2675,6 +2754,31 @@ mod tests {
         .unwrap();
     }
 
+    /// Frames both ways between `a` (node 1) and `b` (node 2) until nothing moves; `b`
+    /// acks what it is handed. Returns how many of `a`'s messages settled and the
+    /// payloads `b` delivered.
+    fn pump(a: &mut Endpoint, b: &mut Endpoint, now: Instant) -> (usize, Vec<Bytes>) {
+        let (mut settled, mut delivered) = (0, Vec::new());
+        for _ in 0..10 {
+            for f in frames(b, NodeId(1), now) {
+                a.handle_frame(now, NodeId(2), f);
+            }
+            for f in frames(a, NodeId(2), now) {
+                b.handle_frame(now, NodeId(1), f);
+            }
+            while let Some(ev) = b.poll_event() {
+                if let Event::Deliver { delivery, payload } = ev {
+                    delivered.push(payload);
+                    b.complete(now, delivery, Completion::Ack);
+                }
+            }
+            while let Some(ev) = a.poll_event() {
+                settled += usize::from(matches!(ev, Event::Settled(_)));
+            }
+        }
+        (settled, delivered)
+    }
+
     /// Streams that have nothing left to do leave the per-input scans: after messages
     /// on 200 channels are delivered, acked and settled, neither end scans any of
     /// those streams any more, and one new message makes exactly its stream active
@@ -2688,27 +2792,6 @@ mod tests {
         let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
         a.handle_peer_up(now, b.origin(), 3);
         b.handle_peer_up(now, a.origin(), 3);
-        // Both ways until nothing moves; the receiver acks what it is handed.
-        let pump = |a: &mut Endpoint, b: &mut Endpoint, now: Instant| {
-            let mut settled = 0;
-            for _ in 0..10 {
-                for f in frames(b, NodeId(1), now) {
-                    a.handle_frame(now, NodeId(2), f);
-                }
-                for f in frames(a, NodeId(2), now) {
-                    b.handle_frame(now, NodeId(1), f);
-                }
-                while let Some(ev) = b.poll_event() {
-                    if let Event::Deliver { delivery, .. } = ev {
-                        b.complete(now, delivery, Completion::Ack);
-                    }
-                }
-                while let Some(ev) = a.poll_event() {
-                    settled += usize::from(matches!(ev, Event::Settled(_)));
-                }
-            }
-            settled
-        };
         for ch in 0..200 {
             b.accept_channel(ChannelId(ch), false);
             send_eo_on(&mut a, now, ch, 0);
@@ -2717,7 +2800,7 @@ mod tests {
         // still pending when their acks settle the messages.
         assert!(!frames(&mut a, NodeId(2), now).is_empty());
         let later = now + Duration::from_secs(5);
-        assert_eq!(pump(&mut a, &mut b, later), 200, "every message settled");
+        assert_eq!(pump(&mut a, &mut b, later).0, 200, "every message settled");
         assert_eq!(a.stats().retransmitted, 200);
         assert_eq!(a.outbound.len(), 200);
         assert_eq!(
@@ -2728,8 +2811,101 @@ mod tests {
         assert_eq!(a.poll_timeout(), None, "and none has a timer");
         send_eo_on(&mut a, later, 7, 0);
         assert_eq!(a.outbound.active_len(), 1);
-        assert_eq!(pump(&mut a, &mut b, later + Duration::from_secs(1)), 1);
+        assert_eq!(pump(&mut a, &mut b, later + Duration::from_secs(1)).0, 1);
         assert_eq!((a.outbound.active_len(), b.inbound.active_len()), (0, 0));
+    }
+
+    /// A sender that used more channels than [`DORMANT_SWEEP_MIN`] keeps the settled
+    /// ones as dormant records, not as live streams: the sweep changes no counter, a
+    /// new message on a dormant channel gets the next seq of its stream (not seq 1
+    /// again, which the receiver would drop as a duplicate) and is delivered and
+    /// settled, a send under another guarantee is still refused, and a clean shutdown
+    /// finishes the dormant streams too.
+    #[test]
+    fn settled_streams_go_dormant_and_resume_where_they_stopped() {
+        let now = Instant::now();
+        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+        a.handle_peer_up(now, b.origin(), 3);
+        b.handle_peer_up(now, a.origin(), 3);
+        let n = DORMANT_SWEEP_MIN as u32 + 100;
+        let later = now + Duration::from_secs(5);
+        for ch in 0..n {
+            b.accept_channel(ChannelId(ch), false);
+            send_eo_on(&mut a, now, ch, 0);
+            if ch == 9 {
+                // The first ten channels' first transmissions are lost: retransmitted.
+                assert!(!frames(&mut a, NodeId(2), now).is_empty());
+            }
+            if ch % 100 == 99 {
+                assert_eq!(pump(&mut a, &mut b, later).0, 100);
+            }
+        }
+        assert_eq!(pump(&mut a, &mut b, later).0, (n % 100) as usize);
+        let before = a.stats();
+        assert_eq!(before.retransmitted, 10);
+        assert!(
+            a.outbound.len() < 200 && a.outbound.len() + a.dormant.len() == n as usize,
+            "{} live, {} dormant",
+            a.outbound.len(),
+            a.dormant.len()
+        );
+        a.sweep_quiet_streams();
+        assert_eq!((a.outbound.len(), a.dormant.len()), (0, n as usize));
+        assert_eq!(a.stats(), before, "a sweep changes no counter");
+
+        // Channel 3 (retransmitted once) again: seq 2 of its stream, delivered.
+        let sent = a
+            .send(
+                later,
+                Outgoing {
+                    peer: NodeId(2),
+                    channel: ChannelId(3),
+                    guarantee: Guarantee::EffectivelyOnce,
+                    payload: Bytes::from_static(b"again"),
+                    id: None,
+                    deadline: None,
+                    schema: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(sent.seq, 2);
+        assert_eq!(a.stream_counters().next().map(|c| c.retransmitted), Some(1));
+        let (settled, delivered) = pump(&mut a, &mut b, later + Duration::from_secs(1));
+        assert_eq!(
+            (settled, delivered),
+            (1, vec![Bytes::from_static(b"again")])
+        );
+        assert_eq!(a.stats().retransmitted, 10);
+
+        let other = a.send(
+            later,
+            Outgoing {
+                peer: NodeId(2),
+                channel: ChannelId(4),
+                guarantee: Guarantee::AtLeastOnce,
+                payload: Bytes::new(),
+                id: None,
+                deadline: None,
+                schema: 0,
+            },
+        );
+        assert!(matches!(
+            other,
+            Err(StreamError::GuaranteeMismatch {
+                existing: Guarantee::EffectivelyOnce,
+                ..
+            })
+        ));
+        assert_eq!(a.finish_streams(), n as usize, "live and dormant streams");
+        let mut finished = 0;
+        for f in frames(&mut a, NodeId(2), later) {
+            if let Frame::Finish(f) = f {
+                finished += 1;
+                let last = if f.channel == ChannelId(3) { 2 } else { 1 };
+                assert_eq!((f.last_seq, f.id_floor), (last, last + 1), "{f:?}");
+            }
+        }
+        assert_eq!(finished, n);
     }
 
     /// The endpoint does no IO: with durable dedup, completing an effectively-once
