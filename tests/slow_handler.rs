@@ -67,3 +67,65 @@ async fn a_slow_handler_causes_no_retransmission() {
         "{received:?}"
     );
 }
+
+/// Property: after a connection is killed while a handler holds messages, each held
+/// message is retransmitted once (the reconnect's resend), not every timer until the
+/// handler finishes: the receiver answers a copy of a message it holds with an ack
+/// saying so. 200 effectively-once messages held 10 s each, one disconnect at 1 s:
+/// every receipt `Acked`, each message processed once, at most 200 retransmissions.
+/// (Regression: 1 400 — the receiver dropped the copies as in progress without a word,
+/// since its last ack had already covered them, and the sender's timers resent each
+/// one every backoff until the handler finished.)
+#[tokio::test(start_paused = true)]
+async fn a_reconnect_under_a_slow_handler_resends_each_held_message_once() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let b = Node::builder(B)
+        .transport(net.transport(B))
+        .build()
+        .await
+        .unwrap();
+    let a = Node::builder(A)
+        .transport(net.transport(A))
+        .build()
+        .await
+        .unwrap();
+    let seen: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(d) = inbox.recv().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    *seen.lock().unwrap().entry(*d.message()).or_default() += 1;
+                    d.ack();
+                });
+            }
+        });
+    }
+    let out = a
+        .sender::<u64>(
+            B,
+            ChannelOptions::new(ChannelId(1), Guarantee::EffectivelyOnce),
+        )
+        .unwrap();
+    let mut receipts = Vec::new();
+    for v in 0..200u64 {
+        receipts.push(out.send(&v).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(a.stats().await.unwrap().proto.retransmitted, 0, "held");
+    net.disconnect(A, B);
+    for r in receipts {
+        assert_eq!(r.await, Ok(Outcome::Acked));
+    }
+    let retransmitted = a.stats().await.unwrap().proto.retransmitted;
+    assert!(
+        retransmitted <= 200,
+        "{retransmitted} retransmissions for 200 held messages after one reconnect"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 200);
+    assert!(seen.values().all(|&n| n == 1), "{seen:?}");
+}
