@@ -130,6 +130,27 @@ async fn a_sender_to_the_node_itself_is_a_typed_error() {
     );
 }
 
+/// The node's own id given to `NodeBuilder::peer` is a typed error from `build()`
+/// (it used to be accepted: the node watched itself, declared itself Down and warned
+/// about a heartbeat to itself every second), and nothing is left bound.
+#[tokio::test]
+async fn the_node_itself_as_a_builder_peer_is_a_typed_error() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    let r = Node::builder(A).bind(addr).peer(A, addr).build().await;
+    assert!(matches!(r, Err(NodeError::SelfPeer(A))), "{r:?}");
+    // The address is free again: nothing was started.
+    let n = Node::builder(A).bind(addr).build().await.unwrap();
+    n.shutdown().await;
+    report(
+        "misuse",
+        "the node's own id given to NodeBuilder::peer",
+        "1 build",
+        "NodeError::SelfPeer from build(), nothing started",
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn heartbeat_interval_max_is_a_typed_error() {
     let config = cfg(|c| c.heartbeat_interval = Duration::MAX);

@@ -91,6 +91,8 @@ impl NodeBuilder {
     /// [`Node::add_peer`]. The failure detector watches it from the start: a peer that
     /// never answers is declared Down after a few heartbeats (and, with handoff, sends
     /// to it become hints) rather than only failing each message at its deadline.
+    /// The node's own id here makes [`build`](Self::build) fail with
+    /// [`NodeError::SelfPeer`] (a node does not connect to itself).
     pub fn peer(mut self, id: NodeId, addr: SocketAddr) -> Self {
         self.peers.push((id, addr));
         self
@@ -143,6 +145,11 @@ impl NodeBuilder {
     /// fails with [`NodeError::Config`] naming the field and the bound.
     pub async fn build(self) -> Result<Node, NodeError> {
         self.config.validate()?;
+        // (Regression: accepted, and the node then watched itself, declared itself
+        // Down and warned about a heartbeat to itself every second.)
+        if self.peers.iter().any(|(id, _)| *id == self.id) {
+            return Err(NodeError::SelfPeer(self.id));
+        }
         if let Some((_, tcp)) = &self.tcp {
             check_tcp(&self.config, tcp)?;
         }
