@@ -2376,3 +2376,72 @@ async fn h1_duplicate_in_progress_then_original_fails() {
     b.shutdown().await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// README: a dead-lettered message is seen "at most `max_deliveries` times" (default
+/// 20). The same effectively-once message sent twice under one `IdKey`, the second
+/// copy while the first is in the handler, and a handler that always fails it (drops
+/// the delivery after 100 ms): the key is delivered at most 20 times in all, one dead
+/// letter is kept, and both receipts are `Rejected { DeadLettered }`. (Regression: the
+/// count was per copy — a failed copy's waiting twin was handed out in its place with
+/// a count of its own, the two took turns, and the key was delivered 40 times into 2
+/// dead letters.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_copies_of_a_poison_key_share_one_delivery_limit() {
+    let b = receiver_at(362, any_addr(), &[361], NodeConfig::default()).await;
+    let a = sender_to(361, 362, b.local_addr().unwrap(), NodeConfig::default()).await;
+    let deliveries = Arc::new(AtomicU64::new(0));
+    let letters = Arc::new(AtomicU64::new(0));
+    let mut rx = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let mut dead = b.dead_letters();
+    {
+        let letters = letters.clone();
+        tokio::spawn(async move {
+            while let Some(l) = dead.recv().await {
+                assert_eq!(l.id, ackwire::MessageId::Key(IdKey(99)));
+                letters.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    {
+        let deliveries = deliveries.clone();
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                deliveries.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    drop(d);
+                });
+            }
+        });
+    }
+    let out = a
+        .sender::<u64>(
+            NodeId(362),
+            ChannelOptions::new(ChannelId(1), Guarantee::EffectivelyOnce),
+        )
+        .unwrap();
+    let r1 = out.send_with_key(&1, IdKey(99)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r2 = out.send_with_key(&1, IdKey(99)).await.unwrap();
+    for r in [r1, r2] {
+        let out = within(40, "receipt", r).await;
+        assert!(
+            matches!(
+                out,
+                Err(SendError::Rejected {
+                    reason: ackwire::RejectReason::DeadLettered
+                })
+            ),
+            "{out:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = deliveries.load(Ordering::Relaxed);
+    assert!(
+        (1..=20).contains(&n),
+        "key 99 delivered {n} times; max_deliveries is 20"
+    );
+    assert_eq!(letters.load(Ordering::Relaxed), 1, "dead letters");
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -194,6 +194,27 @@ pub const MAX_SEQ: u64 = 1 << 62;
 /// channel it has used, instead of the few KiB of a live stream.
 pub(crate) const DORMANT_SWEEP_MIN: usize = 1024;
 
+/// Effectively-once ids whose failed deliveries are counted across copies (the same
+/// id sent again, or from another sender, while a copy is in the handler): a copy
+/// handed out in place of a failed one goes on from the failures of the id, so
+/// `max_deliveries` bounds the deliveries of the message, not of each copy. The map is
+/// cleared when full; the per-copy count still bounds each copy.
+const MAX_ID_FAILURES: usize = 1 << 16;
+
+/// How long copies of a dead-lettered effectively-once id are refused as dead-lettered
+/// without a new delivery or letter: the copies that were on their way (a copy
+/// retransmitted after its failure, another sender's). A copy arriving later is a new
+/// attempt.
+const DEAD_ID_MEMORY: Duration = Duration::from_secs(120);
+
+/// See [`Endpoint::id_failures`].
+#[derive(Clone, Copy, Debug, Default)]
+struct IdFailures {
+    failures: u32,
+    /// Dead-lettered: copies are refused until then.
+    dead_until: Option<Instant>,
+}
+
 /// Errors from [`Endpoint::send`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -365,6 +386,10 @@ pub struct Endpoint {
     heard_pending: Vec<NodeId>,
     /// Arrivals waiting for another delivery of the same ID to finish, oldest first.
     waiting: HashMap<MessageId, VecDeque<Parked>>,
+    /// Failed deliveries of each effectively-once id, over every copy of it, and
+    /// whether it was dead-lettered (see [`MAX_ID_FAILURES`]); dropped when the id is
+    /// acked.
+    id_failures: FastMap<MessageId, IdFailures>,
     authz: super::Authorization,
     /// Sending side: node credit per peer (protocol version 3).
     node_out: FastMap<NodeId, NodeOut>,
@@ -519,6 +544,7 @@ impl Endpoint {
             stats: ProtoStats::default(),
             heard_pending: Vec::new(),
             waiting: HashMap::new(),
+            id_failures: FastMap::default(),
             authz: super::Authorization::default(),
             node_out: FastMap::default(),
             node_in: FastMap::default(),
@@ -654,9 +680,16 @@ impl Endpoint {
     /// How many times `delivery` has been handed to the application so far (1 on its
     /// first delivery).
     pub fn deliveries(&self, delivery: &DeliveryRef) -> u32 {
+        let of_id = if delivery.guarantee == Guarantee::EffectivelyOnce {
+            self.id_failures.get(&delivery.id).map_or(0, |f| f.failures)
+        } else {
+            0
+        };
         self.inbound
             .get(&(delivery.origin, delivery.channel))
-            .map_or(1, |s| s.failures(delivery.seq).saturating_add(1))
+            .map_or(0, |s| s.failures(delivery.seq))
+            .max(of_id)
+            .saturating_add(1)
     }
 
     /// Tell `origin` that its message `seq` on `channel` is refused for good, if it
@@ -1217,8 +1250,17 @@ impl Endpoint {
                     }
                 }
                 Completion::Nack | Completion::Refuse | Completion::Reject(_) => {
-                    self.dedup.release(&delivery.id)
+                    self.dedup.release(&delivery.id);
+                    if self.id_failures.len() >= MAX_ID_FAILURES
+                        && !self.id_failures.contains_key(&delivery.id)
+                    {
+                        self.id_failures.clear();
+                    }
+                    self.id_failures.entry(delivery.id).or_default().failures += 1;
                 }
+            }
+            if how == Completion::Ack && !self.id_failures.is_empty() {
+                self.id_failures.remove(&delivery.id);
             }
         }
         let current = self
@@ -1261,6 +1303,7 @@ impl Endpoint {
         }
         if delivery.guarantee == Guarantee::EffectivelyOnce {
             self.dedup.release(&delivery.id);
+            self.id_failures.remove(&delivery.id);
         }
         self.refuse_now(now, delivery.origin, delivery.channel, delivery.seq, reason);
         if delivery.guarantee == Guarantee::EffectivelyOnce {
@@ -1942,6 +1985,7 @@ impl Endpoint {
             transmit,
             channels,
             app_held,
+            id_failures,
             ..
         } = self;
         let Some(stream) = inbound.get_mut(&(origin, channel)) else {
@@ -2074,22 +2118,40 @@ impl Endpoint {
             if let (Some(max), false) =
                 (max_deliveries, delivery.guarantee == Guarantee::AtMostOnce)
             {
-                let deliveries = stream.failures(seq);
-                if deliveries >= max {
+                let mut deliveries = stream.failures(seq);
+                // A copy of an effectively-once id dead-lettered moments ago (it was on
+                // its way): refused with it, no second letter.
+                let mut copy_of_dead = false;
+                if delivery.guarantee == Guarantee::EffectivelyOnce {
+                    if let Some(f) = id_failures.get(&id).copied() {
+                        match f.dead_until {
+                            Some(t) if now < t => copy_of_dead = true,
+                            Some(_) => {
+                                id_failures.remove(&id); // a new attempt
+                            }
+                            None => deliveries = deliveries.max(f.failures),
+                        }
+                    }
+                }
+                if copy_of_dead || deliveries >= max {
                     // Delivered `max` times already: a dead letter, not a redelivery.
-                    // Not processed, so not recorded as done: a later copy under the
-                    // same id is a new attempt (see `reject_delivery`).
+                    // Not processed, so not recorded as done: a copy under the same id
+                    // sent later is a new attempt (see `reject_delivery`).
                     if delivery.guarantee == Guarantee::EffectivelyOnce {
                         dedup.release(&id);
-                        dead.push(id);
+                        if !copy_of_dead {
+                            dead.push(id);
+                        }
                     }
-                    stats.dead_lettered += 1;
                     let payload = std::mem::take(&mut ready[i].payload);
-                    events.push_back(Event::DeadLetter {
-                        delivery,
-                        payload,
-                        deliveries,
-                    });
+                    if !copy_of_dead {
+                        stats.dead_lettered += 1;
+                        events.push_back(Event::DeadLetter {
+                            delivery,
+                            payload,
+                            deliveries,
+                        });
+                    }
                     reject(stream, seq, RejectReason::DeadLettered, ready, stats);
                     i += 1;
                     continue;
@@ -2103,6 +2165,13 @@ impl Endpoint {
         }
         ready.clear();
         for id in dead {
+            // Copies still on their way are refused with it for a while (a copy sent
+            // later is a new attempt).
+            if self.id_failures.len() >= MAX_ID_FAILURES && !self.id_failures.contains_key(&id) {
+                self.id_failures.clear();
+            }
+            self.id_failures.entry(id).or_default().dead_until =
+                Some(crate::retry::later(now, DEAD_ID_MEMORY));
             // Copies of it parked behind the delivery that failed: refused with it.
             self.reject_parked(now, id, RejectReason::DeadLettered);
         }
