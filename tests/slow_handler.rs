@@ -129,3 +129,49 @@ async fn a_reconnect_under_a_slow_handler_resends_each_held_message_once() {
     assert_eq!(seen.len(), 200);
     assert!(seen.values().all(|&n| n == 1), "{seen:?}");
 }
+
+/// Property: every at-most-once receipt resolves when its receiver goes away for good.
+/// A receiver that never takes its messages grants no more credit, so most of 6 000
+/// at-most-once messages wait for credit (at-most-once has no deadline); the receiver
+/// node then stops. Within 30 s (once the failure detector holds it Down) every
+/// receipt is resolved: `Ok(Sent)` for what was transmitted, `Err(PeerDown)` for what
+/// never was.
+/// (Regression: the untransmitted ones went out one per unanswered credit probe,
+/// every few seconds: 1 895 of 6 000 receipts were still open 50 s later.)
+#[tokio::test(start_paused = true)]
+async fn at_most_once_receipts_resolve_when_the_receiver_is_gone_for_good() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let b = Node::builder(B)
+        .transport(net.transport(B))
+        .build()
+        .await
+        .unwrap();
+    let a = Node::builder(A)
+        .transport(net.transport(A))
+        .build()
+        .await
+        .unwrap();
+    let inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let out = a
+        .sender::<u64>(B, ChannelOptions::new(ChannelId(1), Guarantee::AtMostOnce))
+        .unwrap();
+    let mut receipts = Vec::new();
+    for v in 0..6_000u64 {
+        receipts.push(out.send(&v).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b.shutdown().await;
+    drop(inbox);
+    // The detector declares B Down within seconds (default heartbeat 1 s, phi 8).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (mut sent, mut down) = (0, 0);
+    for r in receipts {
+        match tokio::time::timeout_at(deadline, r).await {
+            Ok(Ok(Outcome::Sent)) => sent += 1,
+            Ok(Err(ackwire::SendError::PeerDown { peer })) if peer == B => down += 1,
+            other => panic!("{other:?} ({sent} sent, {down} failed PeerDown before it)"),
+        }
+    }
+    assert!(down > 0 && sent > 0, "{sent} sent, {down} PeerDown");
+    assert_eq!(sent + down, 6_000);
+}

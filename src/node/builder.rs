@@ -245,8 +245,10 @@ impl NodeBuilder {
         });
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let liveness = Liveness::new(detector, self.config.heartbeat_interval, start);
+        let mut core = Core::new(endpoint, liveness, spool, self.config.shutdown_drain);
+        core.sends.amo_fails_on_down = shared.fail_fast_down;
         let driver = Driver {
-            core: Core::new(endpoint, liveness, spool, self.config.shutdown_drain),
+            core,
             link,
             burst: Vec::with_capacity(BURST + 1),
             commands: cmd_rx,

@@ -59,7 +59,9 @@ pub struct NodeConfig {
     /// Without hinted handoff (or with `handoff.on_down` off), a send to a peer the
     /// failure detector holds Down fails at once with [`SendError::PeerDown`] instead of
     /// retrying until its deadline. Default `true`. Messages already in flight keep
-    /// retrying until their deadline either way.
+    /// retrying until their deadline either way; at-most-once messages that were
+    /// never transmitted (waiting for the receiver's credit, which has no deadline)
+    /// fail with `PeerDown` when the peer goes Down.
     pub fail_fast_when_down: bool,
     /// Who may send on which channel and who may relay other nodes' message ids.
     /// Default [`Authorization::default`](crate::proto::Authorization::default): any

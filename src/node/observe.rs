@@ -363,6 +363,7 @@ impl Observer {
                         Err(SendError::Rejected { reason })
                     }
                     Resolution::Shutdown => Err(SendError::Shutdown),
+                    Resolution::PeerDown => Err(SendError::PeerDown { peer: send.peer }),
                 };
                 let _ = reply.send(result);
             }
