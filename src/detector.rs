@@ -274,7 +274,10 @@ impl PhiAccrual {
             max_samples: config.max_samples.max(1),
             min_std_dev: config.min_std_dev,
             pause: config.acceptable_heartbeat_pause,
-            intervals: VecDeque::with_capacity(config.max_samples.clamp(1, 1024)),
+            // Grown as intervals arrive, not reserved: a peer seen for a moment (a
+            // client that connected once) costs a few bytes, not the 8 KiB of a full
+            // window.
+            intervals: VecDeque::new(),
             sum: 0,
             sum_sq: 0,
             last_heartbeat: None,
@@ -687,6 +690,24 @@ mod tests {
         assert_eq!(p.samples(), 4);
         assert_eq!(p.mean(), Duration::from_millis(500));
         assert_eq!(p.std_dev(), Duration::ZERO);
+    }
+
+    /// A peer seen once (a short-lived client) costs a few bytes of window, not a
+    /// full one: the window grows with the intervals it holds, up to `max_samples`.
+    /// (Regression: 8 KiB were reserved per peer at first sight, kept for as long as
+    /// the node ran — 10 KiB per departed client in all.)
+    #[test]
+    fn the_window_grows_with_its_intervals() {
+        let cfg = DetectorConfig::default();
+        let t0 = Instant::now();
+        let mut p = PhiAccrual::new(&cfg, t0);
+        assert!(p.intervals.capacity() <= 8, "{}", p.intervals.capacity());
+        let mut t = t0;
+        for _ in 0..3 * cfg.max_samples {
+            t += Duration::from_secs(1);
+            p.heartbeat(t);
+        }
+        assert_eq!(p.samples(), cfg.max_samples);
     }
 
     #[test]
