@@ -209,19 +209,32 @@ impl<T: DeserializeOwned> Decode<T> for Bincode {
         // what a payload of this size can honestly ask for: 64 bytes of memory per
         // payload byte (a String asks 1, a Vec<String> of empty strings 24), rounded
         // up to a bucket, at least 1 MiB. Beyond it the payload is undecodable.
+        //
+        // The limit counts only claimed bytes, and a sequence of zero-sized values
+        // (`Vec<()>`) claims none and reads none per element: the same 9 bytes
+        // announcing 2^64 of them looped forever. So the decode also runs on a budget
+        // of elements ([`budget`]).
         let cfg = bincode::config::standard();
+        let budget = budget::Budget::for_payload(payload.len());
+        let seed = budget.seed::<T>();
         let (value, used) = match payload.len() {
-            0..=16_384 => {
-                bincode::serde::decode_from_slice::<T, _>(payload, cfg.with_limit::<{ 1 << 20 }>())
-            }
-            16_385..=262_144 => {
-                bincode::serde::decode_from_slice::<T, _>(payload, cfg.with_limit::<{ 16 << 20 }>())
-            }
-            262_145..=4_194_304 => bincode::serde::decode_from_slice::<T, _>(
+            0..=16_384 => bincode::serde::seed_decode_from_slice(
+                seed,
+                payload,
+                cfg.with_limit::<{ 1 << 20 }>(),
+            ),
+            16_385..=262_144 => bincode::serde::seed_decode_from_slice(
+                seed,
+                payload,
+                cfg.with_limit::<{ 16 << 20 }>(),
+            ),
+            262_145..=4_194_304 => bincode::serde::seed_decode_from_slice(
+                seed,
                 payload,
                 cfg.with_limit::<{ 256 << 20 }>(),
             ),
-            _ => bincode::serde::decode_from_slice::<T, _>(
+            _ => bincode::serde::seed_decode_from_slice(
+                seed,
                 payload,
                 cfg.with_limit::<{ i32::MAX as usize }>(),
             ),
@@ -252,8 +265,444 @@ impl<T: Serialize + ?Sized> Encode<T> for Postcard {
 #[cfg(feature = "postcard")]
 impl<T: DeserializeOwned> Decode<T> for Postcard {
     fn decode(&self, payload: &[u8]) -> Result<T, CodecError> {
-        let (value, rest) = postcard::take_from_bytes::<T>(payload).map_err(CodecError::format)?;
+        // `postcard::take_from_bytes`, on the element budget that stops a sequence of
+        // zero-sized values from looping on an absurd length (see [`budget`]).
+        use serde::de::DeserializeSeed;
+        let budget = budget::Budget::for_payload(payload.len());
+        let mut de = postcard::Deserializer::from_bytes(payload);
+        let value = budget
+            .seed::<T>()
+            .deserialize(&mut de)
+            .map_err(CodecError::format)?;
+        let rest = de.finalize().map_err(CodecError::format)?;
         CodecError::whole(value, payload.len() - rest.len(), payload.len())
+    }
+}
+
+/// The element budget of a serde decode: how many sequence elements and map entries one
+/// payload may have decoded, at any depth.
+///
+/// A format's own limits count bytes, and a sequence of zero-sized values (`Vec<()>`,
+/// `Vec<Marker>`, `BTreeSet<()>`) costs no bytes per element: its length prefix alone
+/// made bincode and postcard loop up to 2^64 times on a 9-byte payload, inside the
+/// application's `recv`. Here every next element or map key asked of the format takes
+/// one unit from a budget shared by the whole decode (a struct's or tuple's fields
+/// too, which both formats decode as sequences, and the ask that finds a sequence's
+/// end), and running out is a decode error. The budget is 64 per payload byte plus
+/// 1024: an element that reads a byte or more never runs it out, so only sequences of
+/// elements that read none (zero-sized values, or structs whose fields are all
+/// `#[serde(skip)]`) come near it (`Vec<()>` of 1 000 elements decodes from its 3
+/// bytes; of 2^40, never).
+///
+/// It is a [`Deserializer`] wrapper (as serde_path_to_error's): every deserializer,
+/// visitor, seed, and sequence, map and enum access the decode goes through is wrapped,
+/// so nested sequences (`Vec<Vec<()>>`, an `Option<Vec<()>>` field, an enum variant
+/// holding one) draw on the same budget.
+mod budget {
+    use serde::de::{
+        self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess,
+        Visitor,
+    };
+    use std::cell::Cell;
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    /// Elements a payload may hold per byte of it (the byte limit's ratio too: 64 bytes
+    /// of memory per payload byte).
+    const PER_BYTE: u64 = 64;
+    /// Elements any payload may hold, however short.
+    const FLOOR: u64 = 1024;
+
+    /// The error of a spent budget (out of line: the loop that checks is hot).
+    #[cold]
+    #[inline(never)]
+    fn spent<E: de::Error>() -> E {
+        E::custom("more sequence elements or map entries than the payload's size allows")
+    }
+
+    /// What is left of one decode's budget.
+    pub(super) struct Budget {
+        left: Cell<u64>,
+    }
+
+    impl Budget {
+        /// The budget of a `len`-byte payload.
+        pub(super) fn for_payload(len: usize) -> Self {
+            Budget {
+                left: Cell::new((len as u64).saturating_mul(PER_BYTE).saturating_add(FLOOR)),
+            }
+        }
+
+        /// A seed that deserializes a `T` on this budget.
+        pub(super) fn seed<T>(&self) -> Seed<'_, PhantomData<T>> {
+            Seed {
+                inner: PhantomData::<T>,
+                budget: self,
+            }
+        }
+
+        /// One unit, or the error that ends the decode.
+        #[inline]
+        fn take<E: de::Error>(&self) -> Result<(), E> {
+            match self.left.get().checked_sub(1) {
+                Some(left) => {
+                    self.left.set(left);
+                    Ok(())
+                }
+                None => Err(spent()),
+            }
+        }
+
+        /// A format's size hint, no larger than what is left.
+        #[inline]
+        fn cap(&self, hint: Option<usize>) -> Option<usize> {
+            hint.map(|n| n.min(usize::try_from(self.left.get()).unwrap_or(usize::MAX)))
+        }
+    }
+
+    /// A seed (the payload's, an element's, a key's, a value's, a variant's) whose
+    /// deserializer is wrapped.
+    pub(super) struct Seed<'b, S> {
+        inner: S,
+        budget: &'b Budget,
+    }
+
+    impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Seed<'_, S> {
+        type Value = S::Value;
+
+        #[inline]
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<S::Value, D::Error> {
+            self.inner.deserialize(Wrap {
+                inner: deserializer,
+                budget: self.budget,
+            })
+        }
+    }
+
+    /// A deserializer whose visitors are wrapped.
+    struct Wrap<'b, D> {
+        inner: D,
+        budget: &'b Budget,
+    }
+
+    impl<'b, D> Wrap<'b, D> {
+        #[inline]
+        fn visitor<V>(&self, inner: V) -> Visit<'b, V> {
+            Visit {
+                inner,
+                budget: self.budget,
+            }
+        }
+    }
+
+    macro_rules! forward_deserialize {
+        ($($method:ident)*) => {$(
+            #[inline]
+            fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+                let visitor = self.visitor(visitor);
+                self.inner.$method(visitor)
+            }
+        )*};
+    }
+
+    impl<'de, D: Deserializer<'de>> Deserializer<'de> for Wrap<'_, D> {
+        type Error = D::Error;
+
+        forward_deserialize! {
+            deserialize_any deserialize_bool
+            deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64 deserialize_i128
+            deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64 deserialize_u128
+            deserialize_f32 deserialize_f64 deserialize_char
+            deserialize_str deserialize_string deserialize_bytes deserialize_byte_buf
+            deserialize_option deserialize_unit deserialize_seq deserialize_map
+            deserialize_identifier deserialize_ignored_any
+        }
+
+        #[inline]
+        fn deserialize_unit_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            visitor: V,
+        ) -> Result<V::Value, D::Error> {
+            let visitor = self.visitor(visitor);
+            self.inner.deserialize_unit_struct(name, visitor)
+        }
+
+        #[inline]
+        fn deserialize_newtype_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            visitor: V,
+        ) -> Result<V::Value, D::Error> {
+            let visitor = self.visitor(visitor);
+            self.inner.deserialize_newtype_struct(name, visitor)
+        }
+
+        #[inline]
+        fn deserialize_tuple<V: Visitor<'de>>(
+            self,
+            len: usize,
+            visitor: V,
+        ) -> Result<V::Value, D::Error> {
+            let visitor = self.visitor(visitor);
+            self.inner.deserialize_tuple(len, visitor)
+        }
+
+        #[inline]
+        fn deserialize_tuple_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            len: usize,
+            visitor: V,
+        ) -> Result<V::Value, D::Error> {
+            let visitor = self.visitor(visitor);
+            self.inner.deserialize_tuple_struct(name, len, visitor)
+        }
+
+        #[inline]
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, D::Error> {
+            let visitor = self.visitor(visitor);
+            self.inner.deserialize_struct(name, fields, visitor)
+        }
+
+        #[inline]
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            variants: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, D::Error> {
+            let visitor = self.visitor(visitor);
+            self.inner.deserialize_enum(name, variants, visitor)
+        }
+
+        #[inline]
+        fn is_human_readable(&self) -> bool {
+            self.inner.is_human_readable()
+        }
+    }
+
+    /// A visitor whose deserializers and accesses are wrapped.
+    struct Visit<'b, V> {
+        inner: V,
+        budget: &'b Budget,
+    }
+
+    macro_rules! forward_visit {
+        ($($method:ident($ty:ty))*) => {$(
+            #[inline]
+            fn $method<E: de::Error>(self, v: $ty) -> Result<V::Value, E> {
+                self.inner.$method(v)
+            }
+        )*};
+    }
+
+    impl<'de, V: Visitor<'de>> Visitor<'de> for Visit<'_, V> {
+        type Value = V::Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.inner.expecting(f)
+        }
+
+        forward_visit! {
+            visit_bool(bool)
+            visit_i8(i8) visit_i16(i16) visit_i32(i32) visit_i64(i64) visit_i128(i128)
+            visit_u8(u8) visit_u16(u16) visit_u32(u32) visit_u64(u64) visit_u128(u128)
+            visit_f32(f32) visit_f64(f64) visit_char(char)
+            visit_str(&str) visit_borrowed_str(&'de str) visit_string(String)
+            visit_bytes(&[u8]) visit_borrowed_bytes(&'de [u8]) visit_byte_buf(Vec<u8>)
+        }
+
+        #[inline]
+        fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
+            self.inner.visit_none()
+        }
+
+        #[inline]
+        fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
+            self.inner.visit_unit()
+        }
+
+        #[inline]
+        fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<V::Value, D::Error> {
+            self.inner.visit_some(Wrap {
+                inner: deserializer,
+                budget: self.budget,
+            })
+        }
+
+        #[inline]
+        fn visit_newtype_struct<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<V::Value, D::Error> {
+            self.inner.visit_newtype_struct(Wrap {
+                inner: deserializer,
+                budget: self.budget,
+            })
+        }
+
+        #[inline]
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<V::Value, A::Error> {
+            self.inner.visit_seq(Access {
+                inner: seq,
+                budget: self.budget,
+            })
+        }
+
+        #[inline]
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+            self.inner.visit_map(Access {
+                inner: map,
+                budget: self.budget,
+            })
+        }
+
+        #[inline]
+        fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<V::Value, A::Error> {
+            self.inner.visit_enum(Access {
+                inner: data,
+                budget: self.budget,
+            })
+        }
+    }
+
+    /// A sequence, map, enum or variant access: each element and map key takes one
+    /// unit; its seed is wrapped.
+    struct Access<'b, A> {
+        inner: A,
+        budget: &'b Budget,
+    }
+
+    impl<'b, A> Access<'b, A> {
+        #[inline]
+        fn seed<S>(&self, inner: S) -> Seed<'b, S> {
+            Seed {
+                inner,
+                budget: self.budget,
+            }
+        }
+    }
+
+    impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for Access<'_, A> {
+        type Error = A::Error;
+
+        #[inline]
+        fn next_element_seed<S: DeserializeSeed<'de>>(
+            &mut self,
+            seed: S,
+        ) -> Result<Option<S::Value>, A::Error> {
+            self.budget.take()?;
+            let seed = self.seed(seed);
+            self.inner.next_element_seed(seed)
+        }
+
+        #[inline]
+        fn size_hint(&self) -> Option<usize> {
+            self.budget.cap(self.inner.size_hint())
+        }
+    }
+
+    impl<'de, A: MapAccess<'de>> MapAccess<'de> for Access<'_, A> {
+        type Error = A::Error;
+
+        #[inline]
+        fn next_key_seed<S: DeserializeSeed<'de>>(
+            &mut self,
+            seed: S,
+        ) -> Result<Option<S::Value>, A::Error> {
+            self.budget.take()?;
+            let seed = self.seed(seed);
+            self.inner.next_key_seed(seed)
+        }
+
+        #[inline]
+        fn next_value_seed<S: DeserializeSeed<'de>>(
+            &mut self,
+            seed: S,
+        ) -> Result<S::Value, A::Error> {
+            let seed = self.seed(seed);
+            self.inner.next_value_seed(seed)
+        }
+
+        #[inline]
+        fn size_hint(&self) -> Option<usize> {
+            self.budget.cap(self.inner.size_hint())
+        }
+    }
+
+    impl<'de, 'b, A: EnumAccess<'de>> EnumAccess<'de> for Access<'b, A> {
+        type Error = A::Error;
+        type Variant = Access<'b, A::Variant>;
+
+        #[inline]
+        fn variant_seed<S: DeserializeSeed<'de>>(
+            self,
+            seed: S,
+        ) -> Result<(S::Value, Self::Variant), A::Error> {
+            let seed = self.seed(seed);
+            let (value, variant) = self.inner.variant_seed(seed)?;
+            Ok((
+                value,
+                Access {
+                    inner: variant,
+                    budget: self.budget,
+                },
+            ))
+        }
+    }
+
+    impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Access<'_, A> {
+        type Error = A::Error;
+
+        #[inline]
+        fn unit_variant(self) -> Result<(), A::Error> {
+            self.inner.unit_variant()
+        }
+
+        #[inline]
+        fn newtype_variant_seed<S: DeserializeSeed<'de>>(
+            self,
+            seed: S,
+        ) -> Result<S::Value, A::Error> {
+            let seed = self.seed(seed);
+            self.inner.newtype_variant_seed(seed)
+        }
+
+        #[inline]
+        fn tuple_variant<V: Visitor<'de>>(
+            self,
+            len: usize,
+            visitor: V,
+        ) -> Result<V::Value, A::Error> {
+            self.inner.tuple_variant(
+                len,
+                Visit {
+                    inner: visitor,
+                    budget: self.budget,
+                },
+            )
+        }
+
+        #[inline]
+        fn struct_variant<V: Visitor<'de>>(
+            self,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, A::Error> {
+            self.inner.struct_variant(
+                fields,
+                Visit {
+                    inner: visitor,
+                    budget: self.budget,
+                },
+            )
+        }
     }
 }
 
@@ -329,6 +778,37 @@ mod tests {
             Bincode.encode(&order()).unwrap(),
             "300 is a LEB128 varint in postcard, a 3-byte one in bincode"
         );
+    }
+
+    /// A budget that runs out fails the decode (tests/hostile_payloads.rs has the
+    /// absurd lengths, on a timer): 5 000 `()`s in 3 bytes or fewer are over it,
+    /// 1 000 not.
+    fn counts_elements<C: Encode<Vec<()>> + Decode<Vec<()>>>(c: C) {
+        let few = c.encode(&vec![(); 1000]).unwrap();
+        assert_eq!(Decode::<Vec<()>>::decode(&c, &few).unwrap().len(), 1000);
+        let many = c.encode(&vec![(); 5000]).unwrap();
+        assert!(many.len() <= 3, "{many:?}");
+        assert!(Decode::<Vec<()>>::decode(&c, &many).is_err());
+    }
+
+    #[test]
+    fn bincode_counts_elements() {
+        counts_elements(Bincode);
+        let many = Bincode.encode(&vec![(); 5000]).unwrap();
+        let err = Decode::<Vec<()>>::decode(&Bincode, &many).unwrap_err();
+        assert!(
+            matches!(err, CodecError::Format(_))
+                && err
+                    .to_string()
+                    .contains("more sequence elements or map entries"),
+            "{err:?}"
+        );
+    }
+
+    #[cfg(feature = "postcard")]
+    #[test]
+    fn postcard_counts_elements() {
+        counts_elements(Postcard);
     }
 
     #[test]

@@ -2,22 +2,26 @@
 //! so the type check cannot stop them) that announce absurd lengths or are random.
 //! Property: every such message is either decoded and delivered, or rejected as
 //! `Undecodable` back to its sender; the receiving application's `recv` never panics,
-//! never aborts the process on a huge allocation and keeps working afterwards.
+//! never aborts the process on a huge allocation, never loops on a sequence of
+//! zero-sized values it cannot reach the end of, and keeps working afterwards.
 #![cfg(not(ackwire_loom))]
 
 mod support;
 
+use ackwire::codec::{Decode, Encode};
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
 use ackwire::{
-    ChannelId, ChannelOptions, Guarantee, Node, NodeId, Outcome, RejectReason, SendError,
+    Bincode, ChannelId, ChannelOptions, Guarantee, Node, NodeId, Outcome, RejectReason, SendError,
 };
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
+use support::pair::tcp_pair;
 
 const A: NodeId = NodeId(1);
 const B: NodeId = NodeId(2);
@@ -146,4 +150,341 @@ proptest! {
             b.shutdown().await;
         });
     }
+}
+
+// Sequences of zero-sized values. A length prefix of 2^40 `()`s claims no memory and
+// each `()` reads no byte, so the byte limit never stops the decode: bincode and
+// postcard looped up to 2^64 times on 9 bytes, inside `recv`, burning a worker
+// thread (and freezing a current-thread runtime). The codecs count elements too.
+
+/// A zero-sized element type of the application's own.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+struct Marker;
+
+/// Not zero-sized, but decoded from no bytes at all: its only field is skipped.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+struct Cached {
+    #[serde(skip)]
+    cache: Vec<u8>,
+}
+
+/// A struct whose field holds a sequence of zero-sized values.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+struct Tagged {
+    id: u8,
+    marks: Option<Vec<()>>,
+}
+
+/// An enum whose variants hold sequences of zero-sized values.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+enum Event {
+    Ping,
+    Marks(Vec<()>),
+    Spans { first: u8, markers: Vec<Marker> },
+}
+
+/// Nested structs, maps and enums, for the honest round trips.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+struct Batch {
+    name: String,
+    tagged: Vec<Tagged>,
+    by_key: BTreeMap<String, Vec<Event>>,
+    counts: HashMap<u32, (u64, Option<String>)>,
+    events: Vec<Event>,
+}
+
+/// How a codec writes a sequence length: bincode's varint (`0xFD` + u64) or
+/// postcard's LEB128.
+#[derive(Clone, Copy, Debug)]
+enum Lengths {
+    Bincode,
+    #[cfg_attr(not(feature = "postcard"), allow(dead_code))]
+    Postcard,
+}
+
+impl Lengths {
+    fn claim(self, n: u64) -> Vec<u8> {
+        match self {
+            Lengths::Bincode => [vec![0xFD], n.to_le_bytes().to_vec()].concat(),
+            Lengths::Postcard => {
+                let (mut out, mut n) = (Vec::new(), n);
+                while n >= 0x80 {
+                    out.push(n as u8 | 0x80);
+                    n >>= 7;
+                }
+                out.push(n as u8);
+                out
+            }
+        }
+    }
+
+    /// The claims of 2^40 and of u64::MAX elements (9 bytes each in bincode).
+    fn absurd(self) -> [Vec<u8>; 2] {
+        [self.claim(1 << 40), self.claim(u64::MAX)]
+    }
+}
+
+/// `f` on a thread of its own, given `limit` to answer: a decode that loops fails the
+/// test instead of hanging it.
+fn within<R: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(r) => r,
+        Err(RecvTimeoutError::Timeout) => panic!("{what}: no answer in {limit:?}"),
+        Err(RecvTimeoutError::Disconnected) => panic!("{what}: panicked"),
+    }
+}
+
+/// `payload` decoded as a `T` by `codec`: an error, within 5 s.
+fn refused<T, C>(codec: C, payload: Vec<u8>)
+where
+    T: Debug + Send + 'static,
+    C: Decode<T> + Send,
+{
+    let what = format!(
+        "{} {} from {payload:02x?}",
+        C::NAME,
+        std::any::type_name::<T>()
+    );
+    let got = within(Duration::from_secs(5), &what, move || {
+        Decode::<T>::decode(&codec, &payload)
+    });
+    assert!(got.is_err(), "{what}: decoded as {got:?}");
+}
+
+/// Every shape of a sequence of zero-sized values (or of values that read no byte),
+/// each announcing 2^40 and 2^64 - 1 elements: refused by `codec`, promptly. The bytes before the claim (an outer
+/// length of 1, a `Some`, a field, an enum variant's index) read the same in bincode
+/// and postcard.
+fn zst_sequences_are_refused<C>(codec: C, lengths: Lengths)
+where
+    C: Decode<Vec<()>>
+        + Decode<Vec<Marker>>
+        + Decode<Vec<Cached>>
+        + Decode<BTreeSet<()>>
+        + Decode<Vec<Vec<()>>>
+        + Decode<Tagged>
+        + Decode<BTreeMap<(), ()>>
+        + Decode<Event>
+        + Send,
+{
+    for claim in lengths.absurd() {
+        refused::<Vec<()>, _>(codec.clone(), claim.clone());
+        refused::<Vec<Marker>, _>(codec.clone(), claim.clone());
+        refused::<Vec<Cached>, _>(codec.clone(), claim.clone());
+        refused::<BTreeSet<()>, _>(codec.clone(), claim.clone());
+        refused::<Vec<Vec<()>>, _>(codec.clone(), [vec![1], claim.clone()].concat());
+        refused::<Tagged, _>(codec.clone(), [vec![7, 1], claim.clone()].concat());
+        refused::<BTreeMap<(), ()>, _>(codec.clone(), claim.clone());
+        refused::<Event, _>(codec.clone(), [vec![1], claim.clone()].concat());
+        refused::<Event, _>(codec.clone(), [vec![2, 9], claim.clone()].concat());
+    }
+}
+
+#[test]
+fn bincode_refuses_endless_sequences_of_zero_sized_values() {
+    zst_sequences_are_refused(Bincode, Lengths::Bincode);
+}
+
+#[cfg(feature = "postcard")]
+#[test]
+fn postcard_refuses_endless_sequences_of_zero_sized_values() {
+    zst_sequences_are_refused(ackwire::codec::Postcard, Lengths::Postcard);
+}
+
+/// A format's own decoder, without ackwire's limits: what honest payloads must still
+/// decode as.
+trait Plain {
+    fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> T;
+}
+
+struct PlainBincode;
+
+impl Plain for PlainBincode {
+    fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> T {
+        let (value, used) =
+            bincode::serde::decode_from_slice(bytes, bincode::config::standard()).unwrap();
+        assert_eq!(used, bytes.len());
+        value
+    }
+}
+
+#[cfg(feature = "postcard")]
+struct PlainPostcard;
+
+#[cfg(feature = "postcard")]
+impl Plain for PlainPostcard {
+    fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> T {
+        postcard::from_bytes(bytes).unwrap()
+    }
+}
+
+/// `value` encoded, then decoded by `codec`: the value itself, and what the format
+/// decodes without ackwire's limits.
+fn round_trips<T, C>(codec: &C, plain: &impl Plain, value: T)
+where
+    T: DeserializeOwned + Debug + PartialEq,
+    C: Encode<T> + Decode<T>,
+{
+    let bytes = codec.encode(&value).unwrap();
+    let got = Decode::<T>::decode(codec, &bytes)
+        .unwrap_or_else(|e| panic!("{} {}: {e}", C::NAME, std::any::type_name::<T>()));
+    assert_eq!(got, plain.decode::<T>(&bytes));
+    assert_eq!(got, value);
+}
+
+fn batch() -> Batch {
+    let tagged = |id: u8| Tagged {
+        id,
+        marks: id.is_multiple_of(2).then(|| vec![(); usize::from(id)]),
+    };
+    Batch {
+        name: "nightly \u{263e}".into(),
+        tagged: (0..40).map(tagged).collect(),
+        by_key: (0..50u8)
+            .map(|k| {
+                let events = vec![
+                    Event::Ping,
+                    Event::Marks(vec![(); usize::from(k)]),
+                    Event::Spans {
+                        first: k,
+                        markers: vec![Marker; usize::from(k % 7)],
+                    },
+                ];
+                (format!("key-{k}"), events)
+            })
+            .collect(),
+        counts: (0..100u32)
+            .map(|k| {
+                (
+                    k,
+                    (
+                        u64::from(k) << 33,
+                        k.is_multiple_of(3).then(|| k.to_string()),
+                    ),
+                )
+            })
+            .collect(),
+        events: vec![Event::Marks(Vec::new()), Event::Ping],
+    }
+}
+
+/// Honest payloads decode as before: a MiB of bytes, a thousand `()`s, nested
+/// structs, maps and enums with sequences of zero-sized values in them, a string.
+fn honest_payloads_round_trip<C>(codec: C, plain: impl Plain)
+where
+    C: Encode<Vec<u8>>
+        + Decode<Vec<u8>>
+        + Encode<Vec<()>>
+        + Decode<Vec<()>>
+        + Encode<Vec<Marker>>
+        + Decode<Vec<Marker>>
+        + Encode<Vec<Vec<()>>>
+        + Decode<Vec<Vec<()>>>
+        + Encode<Batch>
+        + Decode<Batch>
+        + Encode<String>
+        + Decode<String>,
+{
+    let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    round_trips(&codec, &plain, mib);
+    round_trips(&codec, &plain, vec![(); 1000]);
+    round_trips(&codec, &plain, vec![Marker; 1000]);
+    round_trips(&codec, &plain, vec![vec![(); 30]; 30]);
+    round_trips(&codec, &plain, batch());
+    round_trips(&codec, &plain, "\u{fc}n\u{ef}code ".repeat(10_000));
+    // The bound: a sequence of zero-sized values longer than its payload's size allows
+    // (64 elements per byte, plus 1024) is refused, even an honest one.
+    let many = codec.encode(&vec![(); 1 << 20]).unwrap();
+    assert!(many.len() < 8, "{many:02x?}");
+    assert!(Decode::<Vec<()>>::decode(&codec, &many).is_err());
+}
+
+#[test]
+fn bincode_decodes_honest_payloads_as_before() {
+    honest_payloads_round_trip(Bincode, PlainBincode);
+}
+
+#[cfg(feature = "postcard")]
+#[test]
+fn postcard_decodes_honest_payloads_as_before() {
+    honest_payloads_round_trip(ackwire::codec::Postcard, PlainPostcard);
+}
+
+/// Over TCP: a `Vec<()>` receiver gets 2^40 and 2^64 - 1 `()`s announced by a raw
+/// sender. Each is rejected as undecodable to its sender, the receiver then decodes a
+/// valid `Vec<()>`, and a `u64` channel on the same node is served throughout. (On
+/// the current-thread runtime, a looping decode froze everything.)
+#[test]
+fn endless_zero_sized_sequences_over_tcp_are_rejected_and_the_node_keeps_serving() {
+    within(Duration::from_secs(60), "the TCP exchange", || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let (b, a) = tcp_pair(B, A).await;
+                let mut zst = b.receiver::<Vec<()>>(ChannelId(1), false).unwrap();
+                let mut numbers = b.receiver::<u64>(ChannelId(2), false).unwrap();
+                let (got_zst, mut zst_seen) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(async move {
+                    while let Some(d) = zst.recv().await {
+                        let (value, handle) = d.into_parts();
+                        handle.ack();
+                        let _ = got_zst.send(value);
+                    }
+                });
+                let (got_number, mut numbers_seen) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(async move {
+                    while let Some(d) = numbers.recv().await {
+                        let (value, handle) = d.into_parts();
+                        handle.ack();
+                        let _ = got_number.send(value);
+                    }
+                });
+                let options = |channel| ChannelOptions {
+                    deadline: Some(Duration::from_secs(30)),
+                    ..ChannelOptions::new(channel, Guarantee::AtLeastOnce)
+                };
+                let raw = a.raw_sender(B, options(ChannelId(1))).unwrap();
+                let typed = a.sender::<u64>(B, options(ChannelId(2))).unwrap();
+                let wait = |what: String| {
+                    move |r: Result<_, _>| r.unwrap_or_else(|_| panic!("{what}: no answer"))
+                };
+                for (i, claim) in Lengths::Bincode.absurd().into_iter().enumerate() {
+                    let receipt = raw.send(Bytes::from(claim.clone())).await.unwrap();
+                    let outcome = tokio::time::timeout(Duration::from_secs(20), receipt).await;
+                    assert_eq!(
+                        wait(format!("{claim:02x?}"))(outcome),
+                        Err(SendError::Rejected {
+                            reason: RejectReason::Undecodable
+                        }),
+                        "{claim:02x?}"
+                    );
+                    let n = i as u64 + 1;
+                    let receipt = typed.send(&n).await.unwrap();
+                    let outcome = tokio::time::timeout(Duration::from_secs(20), receipt).await;
+                    assert_eq!(wait(format!("u64 {n}"))(outcome), Ok(Outcome::Acked));
+                    assert_eq!(numbers_seen.recv().await, Some(n));
+                }
+                let valid = a.sender::<Vec<()>>(B, options(ChannelId(1))).unwrap();
+                let receipt = valid.send(&vec![(); 5]).await.unwrap();
+                let outcome = tokio::time::timeout(Duration::from_secs(20), receipt).await;
+                assert_eq!(wait("valid Vec<()>".into())(outcome), Ok(Outcome::Acked));
+                assert_eq!(zst_seen.recv().await, Some(vec![(); 5]));
+                assert!(
+                    zst_seen.try_recv().is_err(),
+                    "a hostile payload was delivered"
+                );
+                a.shutdown().await;
+                b.shutdown().await;
+            })
+    });
 }
