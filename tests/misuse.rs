@@ -151,6 +151,56 @@ async fn the_node_itself_as_a_builder_peer_is_a_typed_error() {
     );
 }
 
+/// A durable-dedup or hint directory written by one node id, given to a node with
+/// another id, fails `build()` with `NodeError::DirectoryOfAnotherNode` (its `OWNER`
+/// file names the first); the first id opens it again. (Regression: accepted — a
+/// durable dedup log of node 2 made node 4 ack 20 of 30 messages it never processed,
+/// since library-assigned ids name the sending run, channel and seq, not the
+/// receiver; node 2's hints were replayed by node 3 under ids it may not claim,
+/// refused by their target, and deleted.)
+#[tokio::test(start_paused = true)]
+async fn a_store_directory_of_another_node_id_is_a_typed_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dedup_dir = tmp.path().join("dedup");
+    let hint_dir = tmp.path().join("hints");
+    let stores = cfg(|c| {
+        c.dedup.durable = Some(ackwire::dedup::DurableDedup::new(&dedup_dir));
+        c.handoff = Some(ackwire::HandoffConfig::new(&hint_dir));
+    });
+    let net = net();
+    node(&net, A, stores.clone())
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
+    for (what, config) in [
+        (
+            "dedup",
+            cfg(|c| c.dedup.durable = Some(ackwire::dedup::DurableDedup::new(&dedup_dir))),
+        ),
+        (
+            "hints",
+            cfg(|c| c.handoff = Some(ackwire::HandoffConfig::new(&hint_dir))),
+        ),
+    ] {
+        match node(&net, B, config).await {
+            Err(NodeError::DirectoryOfAnotherNode { dir, owner, node }) => {
+                assert_eq!((owner, node), (A, B), "{what}");
+                assert!(dir.ends_with(what), "{what}: {}", dir.display());
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    let again = node(&net, A, stores).await.unwrap();
+    again.shutdown().await;
+    report(
+        "misuse",
+        "a durable-dedup or hint directory of another node id",
+        "2 stores",
+        "NodeError::DirectoryOfAnotherNode from build(); the owner opens it again",
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn heartbeat_interval_max_is_a_typed_error() {
     let config = cfg(|c| c.heartbeat_interval = Duration::MAX);

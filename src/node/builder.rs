@@ -165,6 +165,12 @@ impl NodeBuilder {
         )
         .instrument(span.clone())
         .await?;
+        if let Some(d) = &dedup_cfg.durable {
+            claim_dir(&d.dir, self.id).map_err(|e| match e {
+                Claim::Other(e) => e,
+                Claim::Io(e) => NodeError::Dedup(crate::dedup::DedupError::Io(e)),
+            })?;
+        }
         let dedup = Arc::new(dedup);
         let mut tcp_stats = None;
         let mut accept_stop = None;
@@ -198,7 +204,15 @@ impl NodeBuilder {
         let spool = match &self.config.handoff {
             Some(cfg) => {
                 let open = open_store(|| spool::open(cfg.clone(), origin, start), hint_in_use);
-                Some(open.instrument(span.clone()).await?)
+                let spool = open.instrument(span.clone()).await?;
+                claim_dir(&cfg.store.dir, self.id).map_err(|e| match e {
+                    Claim::Other(e) => e,
+                    Claim::Io(e) => NodeError::Handoff(HintError::Io {
+                        op: "claiming the hint directory",
+                        source: e,
+                    }),
+                })?;
+                Some(spool)
             }
             None => None,
         };
@@ -324,6 +338,31 @@ async fn start_tcp(
             }
             other => return Ok(other?),
         }
+    }
+}
+
+/// Why a store directory could not be claimed ([`claim_dir`]).
+enum Claim {
+    Other(NodeError),
+    Io(std::io::Error),
+}
+
+/// Claims a durable store's directory (locked by its store, opened just before) for
+/// `node`: a directory written by another node id is refused. (Regression: a node
+/// given another node's durable-dedup directory acked 20 of 30 messages it never
+/// processed — their library-assigned ids, which name the sending run, channel and
+/// seq, matched the other node's records — and one given another node's hint
+/// directory replayed hints under ids it may not claim, which their target refused,
+/// and deleted them.)
+fn claim_dir(dir: &std::path::Path, node: NodeId) -> Result<(), Claim> {
+    match crate::storage::claim_owner(dir, node.0) {
+        Ok(None) => Ok(()),
+        Ok(Some(owner)) => Err(Claim::Other(NodeError::DirectoryOfAnotherNode {
+            dir: dir.to_path_buf(),
+            owner: NodeId(owner),
+            node,
+        })),
+        Err(e) => Err(Claim::Io(e)),
     }
 }
 

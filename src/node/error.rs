@@ -56,6 +56,21 @@ pub enum NodeError {
     /// the handler directly, or run a second node.
     #[error("node {0} cannot send to itself")]
     SelfPeer(NodeId),
+    /// A durable store's directory (durable dedup, hint store) belongs to another node
+    /// id (its `OWNER` file says so). Its records are that node's: a durable dedup log
+    /// would make this node ack messages it never processed (a library-assigned
+    /// message id names the sending run, channel and seq, not the receiver), and hints
+    /// would be replayed under ids this node may not claim. Give each node id its own
+    /// directories, or start the node under the id that wrote them.
+    #[error("{} belongs to node {owner}; this node is {node}", dir.display())]
+    DirectoryOfAnotherNode {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// The node id that wrote it.
+        owner: NodeId,
+        /// This node's id.
+        node: NodeId,
+    },
 }
 
 /// Why a node's driver stopped unexpectedly (carried by [`NodeError::Failed`] and

@@ -73,6 +73,46 @@ pub(crate) fn lock_dir(dir: &std::path::Path) -> std::io::Result<DirLock> {
     }
 }
 
+/// Name of the file recording which node a store directory belongs to.
+pub(crate) const OWNER_FILE: &str = "OWNER";
+const OWNER_MAGIC: &[u8; 8] = b"AWOWNER\0";
+
+/// Claims `dir` (already locked with [`lock_dir`] by the caller's store) for `node`:
+/// records it in [`OWNER_FILE`] (a checksummed [`header`], written atomically) if the
+/// directory has no owner yet, as one from before this file existed does. `Ok(Some(other))`:
+/// the directory belongs to node `other`, whose records would be taken for this
+/// node's (a library-assigned message id names the sending run, channel and seq, not
+/// the receiver).
+pub(crate) fn claim_owner(dir: &std::path::Path, node: u64) -> std::io::Result<Option<u64>> {
+    let path = dir.join(OWNER_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let bad = |why: &str| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {why}", path.display()),
+                )
+            };
+            let (version, fields) = check_header(&bytes, OWNER_MAGIC).map_err(|p| match p {
+                HeaderProblem::Short => bad("torn owner file"),
+                HeaderProblem::Bad(why) => bad(why),
+            })?;
+            if version != 1 || bytes.len() != HEADER_LEN {
+                return Err(bad("unknown owner file version"));
+            }
+            let owner = u64::from_le_bytes(fields[0..8].try_into().unwrap_or([0; 8]));
+            Ok((owner != node).then_some(owner))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut fields = [0u8; 16];
+            fields[0..8].copy_from_slice(&node.to_le_bytes());
+            file::replace_file(&path, &header(OWNER_MAGIC, 1, fields), true)?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// When appended records are made durable with `fsync` (fdatasync).
 ///
 /// Every policy survives a process crash (`kill -9`) once a record is written: the
