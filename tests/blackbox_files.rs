@@ -1346,3 +1346,101 @@ async fn dead_letter_dir_removed_mid_run_loses_nothing_silently() {
         st.dead_letters_not_persisted
     );
 }
+
+// ------------------------------------------------------------------ a full disk
+
+/// A small tmpfs mounted for one test (root only), unmounted when dropped.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    /// A `kib`-KiB tmpfs, or `None` (said on stderr) where mounting is not allowed.
+    fn mount(kib: u64) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(SmallFs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The hint store on a disk that fills up, then has room again, in one run: while
+/// full, sends to the Down target are refused (typed, `HandoffRefused`) or handed off;
+/// once a file is deleted, every send is handed off again, and every handed-off message
+/// is delivered once when the target comes. (Regression: the segment whose header
+/// could not be written was left behind empty, and every later segment creation for
+/// the target failed with `AlreadyExists` for the rest of the run: 600 of 600 refused
+/// after the space was freed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hint_store_recovers_when_a_full_disk_has_room_again() {
+    let Some(fs) = SmallFs::mount(512) else {
+        return;
+    };
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![1u8; (512 - 24) * 1024]).unwrap();
+    let target_addr = free_loopback_addr();
+    let a = hint_sender(&fs.path().join("hints"), target_addr).await;
+    wait_down(&a, TARGET).await;
+    let out = a
+        .sender::<u64>(TARGET, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let mut handed_off = Vec::new();
+    let send = |v: u64| {
+        let out = out.clone();
+        async move { (v, out.send(&v).await.unwrap().await) }
+    };
+    let mut refused_while_full = 0;
+    for v in 0..600u64 {
+        match send(v).await {
+            (v, Ok(Outcome::HandedOff)) => handed_off.push(v),
+            (_, Err(SendError::HandoffRefused { .. })) => refused_while_full += 1,
+            other => panic!("while full: {other:?}"),
+        }
+    }
+    assert!(refused_while_full > 0, "the disk never filled up");
+    std::fs::remove_file(&filler).unwrap();
+    for v in 1_000..1_600u64 {
+        match send(v).await {
+            (v, Ok(Outcome::HandedOff)) => handed_off.push(v),
+            other => panic!("with room again: {other:?}"),
+        }
+    }
+    let seen: Seen = Arc::default();
+    let b = counting_receiver(target_addr, NodeConfig::default(), seen.clone()).await;
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().len() < handed_off.len() {
+        assert!(
+            Instant::now() < give_up,
+            "{} of {} handed-off messages delivered",
+            seen.lock().unwrap().len(),
+            handed_off.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    for v in &handed_off {
+        assert_eq!(seen.get(v), Some(&1), "{v}");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

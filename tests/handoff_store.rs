@@ -703,3 +703,18 @@ proptest! {
         }
     }
 }
+
+/// A stray file in a target's directory named with the largest segment id (left by an
+/// operator or another tool) leaves no id for the next segment: the append that needs
+/// one fails with a typed `HintError::Io`, never an overflow panic (which, in a node,
+/// killed its driver).
+#[test]
+fn a_segment_named_with_the_largest_id_gives_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let target_dir = dir.path().join("hints").join("7");
+    std::fs::create_dir_all(&target_dir).unwrap();
+    std::fs::write(target_dir.join(format!("{}.log", u64::MAX)), b"").unwrap();
+    let (mut s, _) = HintStore::open(HintStoreConfig::new(dir.path())).unwrap();
+    let r = s.append(hint(T, 0, 1), None, Instant::now());
+    assert!(matches!(r, Err(HintError::Io { .. })), "{r:?}");
+}

@@ -374,13 +374,20 @@ impl<B: SegmentIo> HintStore<B> {
             Some(id) => id,
             None => {
                 let id = log.next_segment;
+                // A stray file named with the largest id leaves no next one.
+                let Some(next) = id.checked_add(1) else {
+                    self.stats.io_errors += 1;
+                    return Err(io_err("creating segment")(std::io::Error::other(
+                        "segment ids exhausted (a segment file named with the largest id)",
+                    )));
+                };
                 let salt = crate::storage::new_salt();
                 let header = format::encode_segment_header(target, id, salt);
                 if let Err(e) = self.io.create_segment(target, id, &header) {
                     self.stats.io_errors += 1;
                     return Err(io_err("creating segment")(e));
                 }
-                log.next_segment = id + 1;
+                log.next_segment = next;
                 log.segments
                     .insert(id, Segment::new(header.len() as u64, Frame::Salted(salt)));
                 log.disk_bytes += header.len() as u64;

@@ -58,7 +58,15 @@ impl DiskFile {
         fs::create_dir_all(dir)?;
         let path = dir.join(name);
         let mut file = Self::options().create_new(true).open(&path)?;
-        file.write_all(header)?;
+        if let Err(e) = file.write_all(header) {
+            // Not left behind: a retry (the disk had filled up, and has room again)
+            // creates the same name. (Regression: the headerless file stayed, and every
+            // later segment creation for the target failed with AlreadyExists for the
+            // rest of the run.)
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(DiskFile { path, file })
     }
 
