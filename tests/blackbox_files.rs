@@ -287,6 +287,62 @@ async fn letters_after_restart(cfg: NodeConfig) -> Result<Vec<DeadLetter>, NodeE
     Ok(got)
 }
 
+/// A dead-letter log holding a record of an envelope version this build does not
+/// know (written by a newer build) next to a readable one: the node starts, lists the
+/// readable letter, counts the other in `Stats::dead_letters_unreadable` and leaves it
+/// on disk (a second start counts it again). (Regression: it was deleted, uncounted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_of_a_newer_format_is_counted_and_kept() {
+    use ackwire::handoff::{Hint, HintStore, HintStoreConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dl");
+    {
+        let (mut store, _) = HintStore::open(HintStoreConfig::new(&dir)).unwrap();
+        for version in [1u8, 2] {
+            // The envelope: version, sender node and incarnation, deliveries, reason.
+            let mut p = vec![version];
+            p.extend_from_slice(&7u64.to_le_bytes());
+            p.extend_from_slice(&9u64.to_le_bytes());
+            p.extend_from_slice(&3u32.to_le_bytes());
+            p.push(1);
+            p.extend_from_slice(b"payload");
+            let hint = Hint {
+                target: NodeId(0),
+                id: ackwire::MessageId::Key(IdKey(u128::from(version))),
+                channel: CH,
+                guarantee: Guarantee::EffectivelyOnce,
+                created_unix_ms: 1,
+                ttl_ms: u64::MAX / 4,
+                payload: p.into(),
+            };
+            store.append(hint, None, Instant::now()).unwrap();
+        }
+        store.sync().unwrap();
+    }
+    for start in 0..2 {
+        let node = build(Node::builder(TARGET).bind(any_addr()).config(dl_cfg(&dir)))
+            .await
+            .unwrap();
+        let mut dl = node.dead_letters();
+        let mut got = Vec::new();
+        while let Some(l) = dl.try_recv() {
+            got.push(l.id);
+        }
+        let expected = if start == 0 {
+            vec![ackwire::MessageId::Key(IdKey(1))]
+        } else {
+            vec![] // taken at the first start
+        };
+        assert_eq!(got, expected, "start {start}");
+        assert_eq!(
+            node.stats().await.unwrap().dead_letters_unreadable,
+            1,
+            "start {start}"
+        );
+        within(15, "shutdown", node.shutdown()).await;
+    }
+}
+
 /// The dead-letter log cut at every offset of its last record, and a byte flipped at
 /// every offset of its first and of its last record: the node starts and lists
 /// exactly the letters whose records are intact, in order.

@@ -153,6 +153,7 @@ impl Driver {
                     handoff_refused: core.sends.handoff_refused(),
                     dead_letters_dropped: self.shared.dead_letters.dropped(),
                     dead_letters_not_persisted: self.shared.dead_letters.not_persisted(),
+                    dead_letters_unreadable: self.shared.dead_letters.unreadable(),
                 });
             }
             Command::Decommission { peer, reply } => {

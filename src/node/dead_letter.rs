@@ -141,6 +141,8 @@ pub(crate) struct DeadLetterQueue {
     /// The durable log, when configured; taken out (closed) when the node stops.
     log: Option<Mutex<Option<HintStore>>>,
     not_persisted: AtomicU64,
+    /// Records of the log this build cannot read, found at start (left in the log).
+    unreadable: u64,
 }
 
 impl DeadLetterQueue {
@@ -151,12 +153,15 @@ impl DeadLetterQueue {
             dropped: AtomicU64::new(0),
             log: None,
             not_persisted: AtomicU64::new(0),
+            unreadable: 0,
         }
     }
 
     /// A queue backed by the log in `dir`, holding what the log still has (letters
-    /// written by an earlier run and not yet taken). Records that fail their checksum,
-    /// or whose envelope does not parse, are skipped and counted by the store.
+    /// written by an earlier run and not yet taken). Records that fail their checksum
+    /// are skipped and counted by the store; records whose envelope this build cannot
+    /// read (a newer build's) and segments quarantined for a bad header are left on
+    /// disk and counted in [`DeadLetterQueue::unreadable`].
     pub(crate) fn durable(
         capacity: usize,
         dir: &std::path::Path,
@@ -168,6 +173,7 @@ impl DeadLetterQueue {
         };
         let (mut store, report) = HintStore::open(config).map_err(err)?;
         let mut queue = VecDeque::new();
+        let mut unreadable = report.quarantined.len() as u64;
         loop {
             let batch = store.next_batch(LOG_TARGET, 1 << 20, 0).map_err(err)?;
             if batch.is_empty() {
@@ -177,8 +183,11 @@ impl DeadLetterQueue {
                 match open_envelope(hint) {
                     Some(letter) => queue.push_back((letter, Some(pos))),
                     None => {
-                        tracing::warn!("dead-letter log record with an unknown envelope skipped");
-                        let _ = store.mark_delivered(LOG_TARGET, pos);
+                        // Left in the log, not marked taken: a build that reads it (the
+                        // newer one that wrote it) finds it again. (Regression: deleted,
+                        // uncounted.)
+                        unreadable += 1;
+                        tracing::warn!("dead-letter log record this build cannot read (a newer envelope?) left in the log");
                     }
                 }
             }
@@ -214,6 +223,7 @@ impl DeadLetterQueue {
             dropped: AtomicU64::new(dropped),
             log: Some(Mutex::new(Some(store))),
             not_persisted: AtomicU64::new(0),
+            unreadable,
         })
     }
 
@@ -268,6 +278,10 @@ impl DeadLetterQueue {
     }
 
     /// Letters that could not be written to the durable log.
+    pub(crate) fn unreadable(&self) -> u64 {
+        self.unreadable
+    }
+
     pub(crate) fn not_persisted(&self) -> u64 {
         self.not_persisted.load(Ordering::Relaxed)
     }
