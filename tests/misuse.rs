@@ -1478,8 +1478,11 @@ async fn a_durable_directory_serves_one_live_node_at_a_time() {
     let net = net();
     let first = node(&net, A, durable.clone()).await.unwrap();
     let dedup_only = cfg(|c| c.dedup.durable = durable.dedup.durable.clone());
+    // (Node B is refused before it reaches the lock: the directory records A as its
+    // owner; see `a_store_directory_of_another_node_id_is_a_typed_error`.)
     match node(&net, B, dedup_only).await {
-        Err(NodeError::Dedup(ackwire::dedup::DedupError::InUse { dir: d })) => {
+        Err(NodeError::Dedup(ackwire::dedup::DedupError::InUse { dir: d }))
+        | Err(NodeError::DirectoryOfAnotherNode { dir: d, owner: A, .. }) => {
             assert_eq!(d, dir.path().join("dedup"))
         }
         other => panic!(
@@ -1489,7 +1492,8 @@ async fn a_durable_directory_serves_one_live_node_at_a_time() {
     }
     let hints_only = cfg(|c| c.handoff = durable.handoff.clone());
     match node(&net, B, hints_only).await {
-        Err(NodeError::Handoff(ackwire::handoff::HintError::InUse { .. })) => {}
+        Err(NodeError::Handoff(ackwire::handoff::HintError::InUse { .. }))
+        | Err(NodeError::DirectoryOfAnotherNode { owner: A, .. }) => {}
         other => panic!(
             "a second node on the hint directory: {:?}",
             other.map(|n| n.id())

@@ -180,7 +180,11 @@
 //! ([`message_id_bytes`]): `0x01` + the 16-byte key for an application
 //! [`IdKey`](ackwire::IdKey), `0x02` + node, incarnation, channel and seq for a
 //! library-assigned id. Application keys are global to the inbox table: two senders
-//! that use one key for different messages collide (as in ackwire's own dedup).
+//! that use one key for different messages collide (as in ackwire's own dedup). A
+//! library-assigned id names the sending run, channel and seq, not the receiver: one
+//! sender's plain (unkeyed) sends to two replicas that share an inbox can carry equal
+//! ids, and the second would be taken for a duplicate. Replicas sharing an inbox take
+//! keyed messages (an [`ackwire::group`] sender always keys them).
 //!
 //! ## Tests
 //!

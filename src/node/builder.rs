@@ -159,18 +159,19 @@ impl NodeBuilder {
         // transport's tasks, the driver), so their events carry the node.
         let span = tracing::info_span!("node", node = %origin);
         let dedup_cfg = &self.config.dedup;
-        let dedup = open_store(
-            || Dedup::open(dedup_cfg.clone()),
-            |e| matches!(e, crate::dedup::DedupError::InUse { .. }),
-        )
-        .instrument(span.clone())
-        .await?;
+        // Before the store's recovery touches another node's files.
         if let Some(d) = &dedup_cfg.durable {
             claim_dir(&d.dir, self.id).map_err(|e| match e {
                 Claim::Other(e) => e,
                 Claim::Io(e) => NodeError::Dedup(crate::dedup::DedupError::Io(e)),
             })?;
         }
+        let dedup = open_store(
+            || Dedup::open(dedup_cfg.clone()),
+            |e| matches!(e, crate::dedup::DedupError::InUse { .. }),
+        )
+        .instrument(span.clone())
+        .await?;
         let dedup = Arc::new(dedup);
         let mut tcp_stats = None;
         let mut accept_stop = None;
@@ -201,34 +202,46 @@ impl NodeBuilder {
         let seed = self.seed.unwrap_or_else(crate::rng::seed_from_entropy);
         let start = now();
         let hint_in_use = |e: &HintError| matches!(e, HintError::InUse { .. });
-        let spool = match &self.config.handoff {
-            Some(cfg) => {
-                let open = open_store(|| spool::open(cfg.clone(), origin, start), hint_in_use);
-                let spool = open.instrument(span.clone()).await?;
-                claim_dir(&cfg.store.dir, self.id).map_err(|e| match e {
-                    Claim::Other(e) => e,
-                    Claim::Io(e) => NodeError::Handoff(HintError::Io {
-                        op: "claiming the hint directory",
-                        source: e,
-                    }),
-                })?;
-                Some(spool)
+        // The stores opened after the transport: a failure must give the address back
+        // before `build` returns (the caller may retry on it at once).
+        let stores = async {
+            let spool = match &self.config.handoff {
+                Some(cfg) => {
+                    claim_dir(&cfg.store.dir, self.id).map_err(|e| match e {
+                        Claim::Other(e) => e,
+                        Claim::Io(e) => NodeError::Handoff(HintError::Io {
+                            op: "claiming the hint directory",
+                            source: e,
+                        }),
+                    })?;
+                    let open = open_store(|| spool::open(cfg.clone(), origin, start), hint_in_use);
+                    Some(open.instrument(span.clone()).await?)
+                }
+                None => None,
+            };
+            let mut detector =
+                FailureDetector::new(self.config.detector).map_err(crate::ConfigError::Detector)?;
+            for peer in &watched {
+                detector.heartbeat(*peer, start); // watched from the start
             }
-            None => None,
-        };
-        let mut detector =
-            FailureDetector::new(self.config.detector).map_err(crate::ConfigError::Detector)?;
-        for peer in &watched {
-            detector.heartbeat(*peer, start); // watched from the start
+            let dead_letters = match &self.config.dead_letter_dir {
+                Some(dir) => {
+                    let capacity = self.config.dead_letter_capacity;
+                    open_store(|| DeadLetterQueue::durable(capacity, dir), hint_in_use)
+                        .instrument(span.clone())
+                        .await?
+                }
+                None => DeadLetterQueue::new(self.config.dead_letter_capacity),
+            };
+            Ok::<_, NodeError>((spool, detector, dead_letters))
         }
-        let dead_letters = match &self.config.dead_letter_dir {
-            Some(dir) => {
-                let capacity = self.config.dead_letter_capacity;
-                open_store(|| DeadLetterQueue::durable(capacity, dir), hint_in_use)
-                    .instrument(span.clone())
-                    .await?
+        .await;
+        let (spool, detector, dead_letters) = match stores {
+            Ok(s) => s,
+            Err(e) => {
+                release_link(link, accept_stop).await;
+                return Err(e);
             }
-            None => DeadLetterQueue::new(self.config.dead_letter_capacity),
         };
         let (health_tx, _) = broadcast::channel(256);
         let handoff_on_down = self.config.handoff.as_ref().is_some_and(|h| h.on_down);
@@ -341,14 +354,31 @@ async fn start_tcp(
     }
 }
 
+/// Closes a transport started by a `build` that then failed, and waits (at most 2 s)
+/// until it has: its listening socket is closed when this returns. (Regression: the
+/// socket closed on its own a moment later, and a corrected node built at once on the
+/// same address failed with `AddrInUse` under load.)
+async fn release_link(mut link: Link, accept_stop: Option<AcceptStop>) {
+    if let Some(stop) = accept_stop {
+        stop.notify_one();
+    }
+    let _ = link.commands.try_send(LinkCommand::Shutdown);
+    drop(link.commands);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while link.events.recv().await.is_some() {}
+    })
+    .await;
+}
+
 /// Why a store directory could not be claimed ([`claim_dir`]).
 enum Claim {
     Other(NodeError),
     Io(std::io::Error),
 }
 
-/// Claims a durable store's directory (locked by its store, opened just before) for
-/// `node`: a directory written by another node id is refused. (Regression: a node
+/// Claims a durable store's directory for `node`, before the store opens it (its
+/// recovery may truncate or quarantine files): a directory written by another node id
+/// is refused. (Regression: a node
 /// given another node's durable-dedup directory acked 20 of 30 messages it never
 /// processed — their library-assigned ids, which name the sending run, channel and
 /// seq, matched the other node's records — and one given another node's hint

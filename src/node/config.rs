@@ -366,9 +366,10 @@ pub struct Stats {
     /// Dead letters that could not be written to [`NodeConfig::dead_letter_dir`] (kept
     /// in memory only; logged at warn).
     pub dead_letters_not_persisted: u64,
-    /// Dead letters in [`NodeConfig::dead_letter_dir`] this build could not read when
-    /// the node started (a newer build's record format, or a segment quarantined for a
-    /// bad header): left on disk, not delivered; logged at warn.
+    /// What this build could not read of [`NodeConfig::dead_letter_dir`] when the node
+    /// started: records of a newer build's format, and segments quarantined for a bad
+    /// header (each counts once). Left on disk (a segment holding such a record is
+    /// kept, and counts towards the log's size), not delivered; logged at warn.
     pub dead_letters_unreadable: u64,
 }
 

@@ -277,11 +277,13 @@ impl DeadLetterQueue {
         }
     }
 
-    /// Letters that could not be written to the durable log.
+    /// Records of the log this build could not read at start, and segments of it
+    /// quarantined for a bad header (left on disk).
     pub(crate) fn unreadable(&self) -> u64 {
         self.unreadable
     }
 
+    /// Letters that could not be written to the durable log.
     pub(crate) fn not_persisted(&self) -> u64 {
         self.not_persisted.load(Ordering::Relaxed)
     }

@@ -177,7 +177,7 @@ impl Receivers {
         payload: Bytes,
     ) {
         if delivery.guarantee != Guarantee::AtMostOnce {
-            let deliveries = endpoint.deliveries(&delivery);
+            let deliveries = endpoint.deliveries(now, &delivery);
             let reason = DeadLetterReason::Undecodable;
             keep_dead_letter(observe, dead_letters, delivery, payload, deliveries, reason);
         }

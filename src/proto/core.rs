@@ -99,6 +99,16 @@ impl<R, H: Hints> Core<R, H> {
             now,
             &mut self.reports,
         );
+        // An at-most-once send that reached the core after its target went Down (it
+        // passed the handle's check before the Down was published) would wait for the
+        // credit of a receiver that is gone, like those failed at the Down.
+        if guarantee == Guarantee::AtMostOnce
+            && self.sends.amo_fails_on_down
+            && self.liveness.down_for(send.peer, now).is_some()
+        {
+            self.sends
+                .fail_unsent_amo(&mut self.endpoint, send.peer, &mut self.reports);
+        }
     }
 
     /// Start (or keep) watching `peer`; `true` if it is seen for the first time (it

@@ -187,11 +187,12 @@ pub enum Event {
 /// from overflow.
 pub const MAX_SEQ: u64 = 1 << 62;
 
-/// Live outbound streams at which a new one first puts the settled, quiet ones aside
-/// as dormant records (see `proto::outbound`, "Dormant streams"); after a sweep, the
-/// next comes at twice the streams left live. A sender that uses fewer channels per
-/// peer never sweeps; one that uses a new channel per request keeps about 80 bytes per
-/// channel it has used, instead of the few KiB of a live stream.
+/// Live outbound streams (over every peer) at which a new one first puts the settled,
+/// quiet ones aside as dormant records (see `proto::outbound`, "Dormant streams");
+/// after a sweep, the next comes at twice the streams left live. A sender with fewer
+/// (peer, channel) streams never sweeps; one that uses a new channel per request keeps
+/// about 80 bytes (plus the map's slack) per channel it has used, for as long as it
+/// runs, instead of the few KiB of a live stream.
 pub(crate) const DORMANT_SWEEP_MIN: usize = 1024;
 
 /// Effectively-once ids whose failed deliveries are counted across copies (the same
@@ -211,8 +212,21 @@ const DEAD_ID_MEMORY: Duration = Duration::from_secs(120);
 #[derive(Clone, Copy, Debug, Default)]
 struct IdFailures {
     failures: u32,
+    /// When a delivery of the id last failed: a count older than [`DEAD_ID_MEMORY`]
+    /// is forgotten (the copies it counted are gone; a copy sent now is a new attempt).
+    last_failure: Option<Instant>,
     /// Dead-lettered: copies are refused until then.
     dead_until: Option<Instant>,
+}
+
+impl IdFailures {
+    /// The failures that still count at `now`.
+    fn current(&self, now: Instant) -> u32 {
+        match self.last_failure {
+            Some(t) if now.saturating_duration_since(t) < DEAD_ID_MEMORY => self.failures,
+            _ => 0,
+        }
+    }
 }
 
 /// Errors from [`Endpoint::send`].
@@ -587,7 +601,8 @@ impl Endpoint {
         s
     }
 
-    /// Each outbound stream's own counters, the ones [`Endpoint::stats`] sums: for
+    /// Each live outbound stream's own counters, the ones [`Endpoint::stats`] sums
+    /// (with those of dormant streams, which go on from them when resumed): for
     /// per-peer, per-channel metrics (the node's `metrics` feature).
     pub fn stream_counters(&self) -> impl Iterator<Item = StreamCounters> + '_ {
         self.outbound
@@ -678,10 +693,12 @@ impl Endpoint {
     }
 
     /// How many times `delivery` has been handed to the application so far (1 on its
-    /// first delivery).
-    pub fn deliveries(&self, delivery: &DeliveryRef) -> u32 {
+    /// first delivery), at `now`.
+    pub fn deliveries(&self, now: Instant, delivery: &DeliveryRef) -> u32 {
         let of_id = if delivery.guarantee == Guarantee::EffectivelyOnce {
-            self.id_failures.get(&delivery.id).map_or(0, |f| f.failures)
+            self.id_failures
+                .get(&delivery.id)
+                .map_or(0, |f| f.current(now))
         } else {
             0
         };
@@ -1036,6 +1053,13 @@ impl Endpoint {
                 if let Some(s) = self.outbound.get_mut(&(from, ack.channel)) {
                     s.handle_ack(now, ack.cumulative, &ack.ranges, ack.credit, ack.received);
                     Self::drain_stream(&mut self.events, &mut self.stats, from, ack.channel, s);
+                } else if let Some(d) = self.dormant.get_mut(&(from, ack.channel)) {
+                    // Nothing to settle; a grant that came late (an at-most-once
+                    // stream's credit follows what the application consumed) is kept,
+                    // as a live stream keeps it.
+                    if let (Some(grant), Some(cur)) = (ack.credit, d.credit) {
+                        d.credit = Some(grant.max(cur));
+                    }
                 } else {
                     self.stats.frames_ignored += 1;
                 }
@@ -1256,7 +1280,9 @@ impl Endpoint {
                     {
                         self.id_failures.clear();
                     }
-                    self.id_failures.entry(delivery.id).or_default().failures += 1;
+                    let f = self.id_failures.entry(delivery.id).or_default();
+                    f.failures = f.current(now).saturating_add(1);
+                    f.last_failure = Some(now);
                 }
             }
             if how == Completion::Ack && !self.id_failures.is_empty() {
@@ -2129,7 +2155,7 @@ impl Endpoint {
                             Some(_) => {
                                 id_failures.remove(&id); // a new attempt
                             }
-                            None => deliveries = deliveries.max(f.failures),
+                            None => deliveries = deliveries.max(f.current(now)),
                         }
                     }
                 }
@@ -2882,6 +2908,22 @@ mod tests {
         assert_eq!(a.outbound.active_len(), 1);
         assert_eq!(pump(&mut a, &mut b, later + Duration::from_secs(1)).0, 1);
         assert_eq!((a.outbound.active_len(), b.inbound.active_len()), (0, 0));
+    }
+
+    /// An id's failures count for [`DEAD_ID_MEMORY`] after the last one: a copy sent
+    /// after that (the application resending under the same key once its receipt
+    /// failed) is a new attempt with the full `max_deliveries`.
+    #[test]
+    fn an_ids_failures_are_forgotten_after_the_dead_id_memory() {
+        let t0 = Instant::now();
+        let f = IdFailures {
+            failures: 6,
+            last_failure: Some(t0),
+            dead_until: None,
+        };
+        assert_eq!(f.current(t0 + DEAD_ID_MEMORY / 2), 6);
+        assert_eq!(f.current(t0 + DEAD_ID_MEMORY), 0);
+        assert_eq!(IdFailures::default().current(t0), 0);
     }
 
     /// A sender that used more channels than [`DORMANT_SWEEP_MIN`] keeps the settled

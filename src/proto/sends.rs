@@ -438,7 +438,12 @@ impl<R> Sends<R> {
     /// receiver that is gone (one going out per unanswered credit probe, every few
     /// seconds). They fail with `PeerDown` instead. (Regression: 1 895 of 6 000
     /// receipts to a receiver dropped for good were still open 50 s later.)
-    fn fail_unsent_amo(&mut self, endpoint: &mut Endpoint, peer: NodeId, out: &mut Vec<Report<R>>) {
+    pub(crate) fn fail_unsent_amo(
+        &mut self,
+        endpoint: &mut Endpoint,
+        peer: NodeId,
+        out: &mut Vec<Report<R>>,
+    ) {
         let waiting: Vec<SendRef> = endpoint
             .in_flight_to(peer)
             .into_iter()

@@ -77,13 +77,16 @@ pub(crate) fn lock_dir(dir: &std::path::Path) -> std::io::Result<DirLock> {
 pub(crate) const OWNER_FILE: &str = "OWNER";
 const OWNER_MAGIC: &[u8; 8] = b"AWOWNER\0";
 
-/// Claims `dir` (already locked with [`lock_dir`] by the caller's store) for `node`:
-/// records it in [`OWNER_FILE`] (a checksummed [`header`], written atomically) if the
-/// directory has no owner yet, as one from before this file existed does. `Ok(Some(other))`:
+/// Claims `dir` (created if missing) for `node`: records it in [`OWNER_FILE`] (a
+/// checksummed [`header`], written atomically) if the directory has no owner yet, as
+/// one from before this file existed does. Called before the store takes the
+/// directory's lock: two nodes racing on a fresh directory both pass, and the lock
+/// then refuses the second. `Ok(Some(other))`:
 /// the directory belongs to node `other`, whose records would be taken for this
 /// node's (a library-assigned message id names the sending run, channel and seq, not
 /// the receiver).
 pub(crate) fn claim_owner(dir: &std::path::Path, node: u64) -> std::io::Result<Option<u64>> {
+    std::fs::create_dir_all(dir)?;
     let path = dir.join(OWNER_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
