@@ -1482,7 +1482,9 @@ async fn a_durable_directory_serves_one_live_node_at_a_time() {
     // owner; see `a_store_directory_of_another_node_id_is_a_typed_error`.)
     match node(&net, B, dedup_only).await {
         Err(NodeError::Dedup(ackwire::dedup::DedupError::InUse { dir: d }))
-        | Err(NodeError::DirectoryOfAnotherNode { dir: d, owner: A, .. }) => {
+        | Err(NodeError::DirectoryOfAnotherNode {
+            dir: d, owner: A, ..
+        }) => {
             assert_eq!(d, dir.path().join("dedup"))
         }
         other => panic!(

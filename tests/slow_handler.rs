@@ -10,15 +10,8 @@ use std::time::Duration;
 const A: NodeId = NodeId(1);
 const B: NodeId = NodeId(2);
 
-/// Property (doc claim in README "Window and credit"): a handler taking 300 ms per
-/// message, one at a time, on a loss-free link with every default — each message is
-/// transmitted once (no retransmission), every receipt is `Acked`, and each
-/// effectively-once message is processed once. (Regression: under 512 held messages
-/// the receiver said nothing until the first handler finished, after the sender's
-/// 200 ms RTO: 20 messages cost 20 retransmissions.)
-#[tokio::test(start_paused = true)]
-async fn a_slow_handler_causes_no_retransmission() {
-    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+/// Sender `A` and receiver `B` on `net`, default settings.
+async fn pair(net: &MemNetwork) -> (Node, Node) {
     let b = Node::builder(B)
         .transport(net.transport(B))
         .build()
@@ -29,6 +22,19 @@ async fn a_slow_handler_causes_no_retransmission() {
         .build()
         .await
         .unwrap();
+    (a, b)
+}
+
+/// Property (doc claim in README "Window and credit"): a handler taking 300 ms per
+/// message, one at a time, on a loss-free link with every default — each message is
+/// transmitted once (no retransmission), every receipt is `Acked`, and each
+/// effectively-once message is processed once. (Regression: under 512 held messages
+/// the receiver said nothing until the first handler finished, after the sender's
+/// 200 ms RTO: 20 messages cost 20 retransmissions.)
+#[tokio::test(start_paused = true)]
+async fn a_slow_handler_causes_no_retransmission() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let (a, b) = pair(&net).await;
     let seen: Arc<Mutex<HashMap<(u32, u64), u32>>> = Arc::default();
     for ch in [1, 2] {
         let mut inbox = b.receiver::<u64>(ChannelId(ch), false).unwrap();
@@ -79,16 +85,7 @@ async fn a_slow_handler_causes_no_retransmission() {
 #[tokio::test(start_paused = true)]
 async fn a_reconnect_under_a_slow_handler_resends_each_held_message_once() {
     let net = MemNetwork::new(FaultPlan::default()).unwrap();
-    let b = Node::builder(B)
-        .transport(net.transport(B))
-        .build()
-        .await
-        .unwrap();
-    let a = Node::builder(A)
-        .transport(net.transport(A))
-        .build()
-        .await
-        .unwrap();
+    let (a, b) = pair(&net).await;
     let seen: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
     let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
     {
@@ -141,16 +138,7 @@ async fn a_reconnect_under_a_slow_handler_resends_each_held_message_once() {
 #[tokio::test(start_paused = true)]
 async fn at_most_once_receipts_resolve_when_the_receiver_is_gone_for_good() {
     let net = MemNetwork::new(FaultPlan::default()).unwrap();
-    let b = Node::builder(B)
-        .transport(net.transport(B))
-        .build()
-        .await
-        .unwrap();
-    let a = Node::builder(A)
-        .transport(net.transport(A))
-        .build()
-        .await
-        .unwrap();
+    let (a, b) = pair(&net).await;
     let inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
     let out = a
         .sender::<u64>(B, ChannelOptions::new(ChannelId(1), Guarantee::AtMostOnce))
