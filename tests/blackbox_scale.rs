@@ -216,10 +216,23 @@ async fn send_values(tx: Sender<u64>, values: Vec<u64>, keyed: bool, pace: Durat
     let mut receipts: Vec<Receipt> = Vec::new();
     let mut failed = Vec::new();
     for (i, v) in values.into_iter().enumerate() {
-        let r = if keyed {
-            tx.send_with_key(&v, IdKey(v as u128)).await
-        } else {
-            tx.send(&v).await
+        // A send refused with `PeerDown` (`fail_fast_when_down`, the default: the
+        // detector held the target Down for a moment, e.g. across its restart on a
+        // loaded machine) was not sent; the application sends it again, as the README
+        // says. Any other refusal is an outcome.
+        let give_up = Instant::now() + Duration::from_secs(20);
+        let r = loop {
+            let r = if keyed {
+                tx.send_with_key(&v, IdKey(v as u128)).await
+            } else {
+                tx.send(&v).await
+            };
+            match r {
+                Err(SendError::PeerDown { .. }) if Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                r => break r,
+            }
         };
         match r {
             Ok(r) => receipts.push(r),
