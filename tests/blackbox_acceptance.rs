@@ -5,6 +5,8 @@
 //! written (a lying peer's frame stopped the node, a second concurrent `shutdown`
 //! returned early, a slow handler caused retransmissions) and pass since the fixes.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::detector::Health;
 use ackwire::wire::{
     Ack, CreditProbe, Data, Finish, Frame, FrameDecoder, FrameEncoder, Heartbeat, Nack,
@@ -26,7 +28,7 @@ use tokio::net::TcpStream;
 type Seen = Arc<Mutex<HashMap<u64, u32>>>;
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 /// A receiving node that admits the given peers (plain TCP refuses strangers).

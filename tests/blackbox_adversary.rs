@@ -8,6 +8,8 @@
 //! - resource exhaustion from an admitted *sender* (floods within one connection),
 //! - handshake abuse (versions, identity conflicts, reconnect loops).
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::wire::{
     Ack, CreditProbe, Data, Finish, Frame, FrameDecoder, FrameEncoder, Negotiation,
     NegotiationStep, NodeCredit, Reject, RejectReason, SeqRange, VersionRange,
@@ -25,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 async fn receiver_node(id: u64, allow: &[u64]) -> Node {

@@ -30,6 +30,8 @@
 //! * `group_stats_do_not_count_a_cancelled_send_as_accepted`: a cancelled group send
 //!   was counted in `GroupStats::messages` and `attempts`.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::group::{GroupConfig, GroupError, GroupSender, Spread, StaticMembers};
 use ackwire::{
     ChannelId, ChannelOptions, DeadLetterReason, Guarantee, Node, NodeConfig, NodeError, NodeId,
@@ -48,7 +50,7 @@ use tokio::net::{TcpListener, TcpStream};
 // ---------------------------------------------------------------------------- helpers
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 /// The default in-flight window (`ProtoConfig::max_in_flight`).

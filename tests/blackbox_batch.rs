@@ -39,6 +39,8 @@
 //! the sink never has more than the window unsettled and `close` reports the first
 //! failure (typed) once.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::codec::{Bincode, Encode};
 use ackwire::dedup::DurableDedup;
 use ackwire::{
@@ -63,7 +65,7 @@ type Counts = Arc<Mutex<HashMap<u64, u32>>>;
 // ------------------------------------------------------------------------- helpers
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 fn counts() -> Counts {
@@ -183,8 +185,7 @@ async fn receiver_any(cfg: NodeConfig) -> (Node, SocketAddr) {
 }
 
 fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    ports::restartable_addr()
 }
 
 fn durable_cfg(dir: &Path) -> NodeConfig {

@@ -38,6 +38,8 @@
 //!   `ProtoStats::dedup_refused`), against the README's "a sender may use any number of
 //!   channels".
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::dedup::DurableDedup;
 use ackwire::detector::Health;
 use ackwire::{
@@ -66,7 +68,7 @@ fn seen() -> Seen {
 }
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 fn count(s: &Seen, v: u64) -> u32 {
@@ -372,11 +374,15 @@ async fn own_hints_then_live(ordered: bool, hints_n: u64, live: u64) {
          of the target being Up (done: {hints_secs:.1} s) while live sends went on:\n{timeline}"
     );
     let res = results.lock().unwrap().clone();
-    assert_eq!(
-        res.len() as u64,
-        live,
-        "live receipts unresolved after 60 s:\n{timeline}"
-    );
+    if res.len() as u64 != live {
+        // Where the replay waited: both nodes' counters at the end.
+        let (sa, sb) = (stats(&a).await, stats(&b2).await);
+        panic!(
+            "live receipts unresolved after 60 s: {} of {live}\n{timeline}\n\
+             sender: {sa:?}\nreceiver: {sb:?}",
+            res.len()
+        );
+    }
     assert_all(
         &res,
         &[Outcome::Acked, Outcome::HandedOff],

@@ -11,6 +11,8 @@
 //! (installed on first use; nodes are told apart by their ids), since the nodes' tasks
 //! run on a multi-thread runtime.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::proto::{CREDIT_SLACK, INITIAL_NODE_CREDIT};
 use ackwire::transport::tcp::TcpConfig;
 use ackwire::wire::VersionRange;
@@ -31,7 +33,7 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------------------------
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 /// `f`, or a panic naming `what` after `secs` seconds.

@@ -35,8 +35,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::child::free_loopback_addr;
 use support::pair::tcp_pair;
+use support::ports::restartable_addr;
 use support::proxy::{Chaos, Proxy};
 use support::wait::{any_addr, wait_health, wait_until, within};
 
@@ -415,7 +415,7 @@ async fn restart_receiver(
 async fn receiver_restarted_three_times(stop: Stop, durable: bool, exact: bool) {
     const PER_CH: u64 = 300;
     let dir = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = restartable_addr();
     let seen = Seen::default();
     let ddir = durable.then(|| dir.path());
     let done: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
@@ -630,7 +630,7 @@ async fn down_up_down_during_replay_up(second: Stop) {
     const OUTAGE2: u64 = 200;
     let hints = tempfile::tempdir().unwrap();
     let dd = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = restartable_addr();
     let (eo, alo) = (Seen::default(), Seen::default());
     let done: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
     let delay = Duration::from_millis(20);
@@ -894,7 +894,7 @@ async fn zero_tiny_and_endless_deadlines() {
 /// run acks it (never before it was processed by a live run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_acked_after_its_node_was_dropped_and_replaced() {
-    let addr = free_loopback_addr();
+    let addr = restartable_addr();
     let b = receiver_at(2, addr, &[1], NodeConfig::default()).await;
     let mut rx = b.receiver::<u64>(ChannelId(1), false).unwrap();
     let a = sender_to(1, 2, addr, NodeConfig::default()).await;
@@ -1231,7 +1231,7 @@ async fn request_reply_on_one_channel_number_in_both_directions_through_cuts() {
 async fn target_restarted_four_times_around_the_detector_with_handoff() {
     let hints = tempfile::tempdir().unwrap();
     let dd = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = restartable_addr();
     let (eo, alo) = (Seen::default(), Seen::default());
     let done: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
     let delay = Duration::from_millis(5);
@@ -1582,7 +1582,7 @@ async fn payloads_at_and_over_the_limit_on_every_api_and_through_a_hint() {
     use futures::SinkExt;
     const MAX: usize = 1000;
     let hints = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = restartable_addr();
     let start_target = |addr| async move {
         let b = receiver_at(2, addr, &[1], fast_hb(NodeConfig::default())).await;
         let got: Arc<Mutex<Vec<(u32, Bytes)>>> = Arc::default();

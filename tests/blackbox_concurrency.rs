@@ -31,6 +31,8 @@
 //!   taken, as the windows closed only after the driver ended; they now close before
 //!   any receipt fails.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::dedup::DurableDedup;
 use ackwire::group::{GroupConfig, GroupSender, StaticMembers};
 use ackwire::{
@@ -49,7 +51,7 @@ use std::time::Duration;
 // ---------------------------------------------------------------------------- helpers
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 /// The default in-flight window (`ProtoConfig::max_in_flight`).

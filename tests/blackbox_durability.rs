@@ -3,6 +3,8 @@
 //! peers. Public API only (README.md, crate docs), real TCP on loopback, default
 //! configuration unless a test says otherwise. Complements tests/blackbox_acceptance.rs.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::dedup::{DedupConfig, DurableDedup};
 use ackwire::detector::Health;
 use ackwire::proto::Authorization;
@@ -20,7 +22,7 @@ use std::time::Duration;
 type Seen = Arc<Mutex<HashMap<u64, u32>>>;
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 async fn within<F: std::future::Future>(secs: u64, what: &str, f: F) -> F::Output {

@@ -50,7 +50,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::child::{free_loopback_addr, say, watchdog, ChildProc, ROLE_ENV};
+use support::child::{say, watchdog, ChildProc, ROLE_ENV};
 
 const CH: ChannelId = ChannelId(9);
 const SENDER: NodeId = NodeId(1);
@@ -62,7 +62,7 @@ const PREFIX: usize = 16;
 type Seen = Arc<Mutex<BTreeMap<u64, u32>>>;
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    support::ports::restartable_addr()
 }
 
 async fn within<F: std::future::Future>(secs: u64, what: &str, f: F) -> F::Output {
@@ -687,7 +687,7 @@ async fn hint_segment_damaged_at_every_offset_of_a_record_keeps_the_others() {
     const N: u64 = 5;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("h");
-    let target = free_loopback_addr();
+    let target = support::ports::restartable_addr();
     make_hints(&dir, target, N).await;
     let snap = Snapshot::take(&dir);
     let seg = the_file(&dir, ".log");
@@ -893,7 +893,7 @@ async fn a_lost_seq_record_does_not_stall_the_stream_past_the_window() {
     const MORE: u64 = 9_000;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dd");
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let seen: Seen = Arc::default();
     let r = counting_receiver(addr, durable_cfg(&dir), seen.clone()).await;
     let s = build(Node::builder(SENDER).bind(any_addr()).peer(TARGET, addr))
@@ -1054,7 +1054,7 @@ async fn store_files_replaced_by_directories() {
     assert!(r.is_err(), "started with its dedup log a directory");
     // Hint segment and cursor.
     let h = tmp.path().join("h");
-    let target = free_loopback_addr();
+    let target = support::ports::restartable_addr();
     make_hints(&h, target, 2).await;
     // A restart writes the cursor of the recovered hints.
     hint_sender(&h, target).await.shutdown().await;
@@ -1126,13 +1126,13 @@ async fn a_failed_build_releases_its_directories_and_address() {
     let dd = tmp.path().join("dd");
     let not_a_dir = tmp.path().join("file");
     std::fs::write(&not_a_dir, b"x").unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let mut bad = durable_cfg(&dd);
     bad.handoff = Some(HandoffConfig::new(&not_a_dir));
     let e = build(
         Node::builder(TARGET)
             .bind(addr)
-            .peer(SENDER, free_loopback_addr())
+            .peer(SENDER, support::ports::restartable_addr())
             .config(bad),
     )
     .await
@@ -1144,7 +1144,7 @@ async fn a_failed_build_releases_its_directories_and_address() {
     let n = build(
         Node::builder(TARGET)
             .bind(addr)
-            .peer(SENDER, free_loopback_addr())
+            .peer(SENDER, support::ports::restartable_addr())
             .config(good),
     )
     .await
@@ -1205,7 +1205,7 @@ async fn replay_to_target(
 async fn hint_dir_removed_mid_run_loses_nothing_silently() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("h");
-    let target = free_loopback_addr();
+    let target = support::ports::restartable_addr();
     let s = hint_sender(&dir, target).await;
     wait_down(&s, TARGET).await;
     assert_eq!(hand_off(&s, 1000..1001).await.len(), 1);
@@ -1251,7 +1251,7 @@ async fn hint_dir_removed_mid_run_loses_nothing_silently() {
 async fn a_failing_hint_group_commit_does_not_spin() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("h");
-    let target = free_loopback_addr();
+    let target = support::ports::restartable_addr();
     let mut cfg = handoff_cfg(&dir);
     // A long interval, so the directory is surely gone before the first commit.
     cfg.handoff.as_mut().unwrap().store.fsync =
@@ -1454,7 +1454,7 @@ async fn the_hint_store_recovers_when_a_full_disk_has_room_again() {
     };
     let filler = fs.path().join("filler");
     std::fs::write(&filler, vec![1u8; (512 - 24) * 1024]).unwrap();
-    let target_addr = free_loopback_addr();
+    let target_addr = support::ports::restartable_addr();
     let a = hint_sender(&fs.path().join("hints"), target_addr).await;
     wait_down(&a, TARGET).await;
     let out = a

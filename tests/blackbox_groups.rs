@@ -16,6 +16,8 @@
 //!   live, and a cancelled send counted as an attempt (`member_wait_starts_*`);
 //! * an encode failure counted in `failed` but not in `messages`.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::detector::Health;
 use ackwire::group::{
     DnsMembers, GroupConfig, GroupError, GroupSendError, GroupSender, Member, Membership,
@@ -37,7 +39,7 @@ const CH: ChannelId = ChannelId(5);
 const SENDER: NodeId = NodeId(1);
 
 fn lo() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 async fn within<F: Future>(secs: f64, what: &str, f: F) -> F::Output {

@@ -18,6 +18,8 @@
 //! `h1_fast_receipts_not_held_back_by_two_slow_messages` (fast receipts resolved only
 //! when the slow message finished).
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::dedup::DurableDedup;
 use ackwire::detector::Health;
 use ackwire::{
@@ -35,7 +37,7 @@ use std::time::Duration;
 type Counts = Arc<Mutex<HashMap<u64, u32>>>;
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 fn rand(state: &mut u64) -> u64 {
@@ -1350,8 +1352,7 @@ fn read_events(log: &Path) -> HashMap<u64, Vec<char>> {
 }
 
 fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    ports::restartable_addr()
 }
 
 /// The receiver process (durable dedup, handler logs `P v`, then `ack_durable`, then

@@ -17,6 +17,8 @@
 //!   dropped from the hint store and counted in `HintStats::delivered`: messages whose
 //!   receipts said `HandedOff` are never processed (10 of 10, every run).
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::dedup::DurableDedup;
 use ackwire::detector::Health;
 use ackwire::handoff::HintError;
@@ -38,7 +40,7 @@ const EO: ChannelId = ChannelId(1);
 const EO2: ChannelId = ChannelId(2);
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 async fn within<F: std::future::Future>(secs: u64, what: &str, f: F) -> F::Output {

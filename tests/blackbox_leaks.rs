@@ -1189,12 +1189,7 @@ fn hint_directory_stays_bounded_across_restarts() {
     serial(async {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-        };
+        let free = || support::ports::restartable_addr();
         let (c_addr, dead) = (free(), free());
         let cfg = || {
             let mut h = HandoffConfig::new(&dir);
@@ -1292,10 +1287,7 @@ fn hint_directory_stays_bounded_across_restarts() {
 #[test]
 fn a_decommissioned_peer_is_not_redialed_for_ever() {
     serial(async {
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let dead = { support::ports::restartable_addr() };
         let tcp = TcpConfig {
             backoff_max: Duration::from_millis(100),
             ..TcpConfig::default()

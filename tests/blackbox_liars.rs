@@ -29,6 +29,8 @@
 // mutex across its awaits blocks nothing but the other tests.
 #![allow(clippy::await_holding_lock)]
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::wire::{
     CreditProbe, Data, Frame, FrameDecoder, FrameEncoder, Heartbeat, Negotiation, NegotiationStep,
     VersionRange,
@@ -43,7 +45,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 fn frame_bytes(frame: &Frame, version: u16) -> BytesMut {

@@ -24,6 +24,8 @@
 //!   6-h TTL never passes: a target back after 7 virtual hours gets all 10 hints
 //!   (`expired: 0, delivered: 10`).
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::codec::Decode;
 use ackwire::dedup::{DurableDedup, BYTES_PER_SLOT};
 use ackwire::detector::{Health, HealthChange};
@@ -1192,7 +1194,7 @@ async fn a_durable_key_is_forgotten_after_the_horizon_across_a_restart_in_virtua
 // Real TCP
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 async fn tcp_receiver(addr: SocketAddr, cfg: NodeConfig, s: Seen) -> Node {

@@ -15,6 +15,8 @@
 
 #![allow(clippy::type_complexity)] // test bookkeeping shared across tasks
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::wire::{
     Data, Frame, FrameDecoder, FrameEncoder, Heartbeat, Negotiation, NegotiationStep, VersionRange,
 };
@@ -33,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 type Seen = Arc<Mutex<HashMap<u64, u32>>>;
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 async fn within<F: std::future::Future>(secs: u64, what: &str, f: F) -> F::Output {

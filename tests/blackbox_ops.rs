@@ -19,6 +19,8 @@
 //!   retransmitted after the redial. A gap of 5 ms between the runs hid it. (Fixed:
 //!   a connection from a new incarnation waits up to 50 ms for the old one's end.)
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::detector::{Health, HealthChange};
 use ackwire::{
     ChannelId, ChannelOptions, Guarantee, HandoffConfig, IdKey, Node, NodeConfig, NodeError,
@@ -34,7 +36,7 @@ use tokio::time::Instant;
 type Seen = Arc<Mutex<HashMap<u64, u32>>>;
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 async fn within<F: std::future::Future>(secs: f64, what: &str, f: F) -> F::Output {

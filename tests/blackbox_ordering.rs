@@ -40,6 +40,8 @@
 
 #![allow(clippy::type_complexity)] // test bookkeeping shared across tasks
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::dedup::DurableDedup;
 use ackwire::detector::Health;
 use ackwire::{
@@ -60,12 +62,11 @@ use tokio::net::{TcpListener, TcpStream};
 // -------------------------------------------------------------------------------------
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    ports::restartable_addr()
 }
 
 async fn within<F: std::future::Future>(secs: u64, what: &str, f: F) -> F::Output {

@@ -43,7 +43,7 @@ use tokio::net::{TcpListener, TcpStream};
 // helpers
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    support::ports::restartable_addr()
 }
 
 async fn within<F: std::future::Future>(secs: f64, what: &str, f: F) -> F::Output {

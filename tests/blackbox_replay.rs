@@ -31,6 +31,8 @@
 //!   target's id comes back. Messages handed off as new sends to a target already
 //!   Down were never transmitted, and their variants pass.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::detector::Health;
 use ackwire::handoff::HintError;
 use ackwire::{
@@ -58,7 +60,7 @@ fn seen() -> Seen {
 }
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 fn count(s: &Seen, v: u64) -> u32 {

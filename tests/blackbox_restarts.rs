@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::child::{free_loopback_addr, say, watchdog, ChildProc, ROLE_ENV};
+use support::child::{say, watchdog, ChildProc, ROLE_ENV};
 
 const ENTRY: &str = "restart_child_entry";
 const CH: ChannelId = ChannelId(7);
@@ -78,7 +78,7 @@ async fn start_sender(target: SocketAddr, cfg: NodeConfig) -> Node {
     tokio::time::timeout(
         Duration::from_secs(10),
         Node::builder(A)
-            .bind("127.0.0.1:0".parse().unwrap())
+            .bind(support::ports::restartable_addr())
             .peer(B, target)
             .config(cfg)
             .build(),
@@ -143,7 +143,7 @@ async fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 /// sender run's new messages (at-least-once across the restart, never stuck).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eo_receiver_restart_after_long_stream_keeps_acking() {
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s1 = seen();
     let r1 = start_receiver(addr, NodeConfig::default(), s1.clone()).await;
     // A receiver starved of CPU misses heartbeats and is held Down for a moment; the
@@ -191,7 +191,7 @@ async fn eo_receiver_restart_after_long_stream_keeps_acking() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_dedup_graceful_restart_loop_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     let mut r = Some(start_receiver(addr, durable_cfg(dir.path()), s.clone()).await);
     let a = start_sender(addr, NodeConfig::default()).await;
@@ -231,7 +231,7 @@ async fn durable_dedup_graceful_restart_loop_exactly_once() {
 /// was processed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_receiver_drop_loop_at_least_once_loses_nothing() {
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     let mut r = Some(start_receiver(addr, NodeConfig::default(), s.clone()).await);
     let a = start_sender(addr, NodeConfig::default()).await;
@@ -272,7 +272,7 @@ async fn rapid_receiver_drop_loop_at_least_once_loses_nothing() {
 /// `add_peer`: messages flow to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_moves_port_sender_add_peer_redirects() {
-    let addr1 = free_loopback_addr();
+    let addr1 = support::ports::restartable_addr();
     let s = seen();
     let r1 = start_receiver(addr1, NodeConfig::default(), s.clone()).await;
     let a = start_sender(addr1, NodeConfig::default()).await;
@@ -287,7 +287,7 @@ async fn receiver_moves_port_sender_add_peer_redirects() {
         Ok(Outcome::Acked)
     ));
     r1.shutdown().await;
-    let addr2 = free_loopback_addr();
+    let addr2 = support::ports::restartable_addr();
     let _r2 = start_receiver(addr2, NodeConfig::default(), s.clone()).await;
     a.add_peer(B, addr2);
     let mut receipts = Vec::new();
@@ -310,7 +310,7 @@ async fn receiver_moves_port_sender_add_peer_redirects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_shutdown_spools_held_messages_restart_replays_exactly_once() {
     let hints = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let r = Node::builder(B)
         .bind(addr)
         .allow_peer(A)
@@ -388,7 +388,7 @@ async fn sender_shutdown_spools_held_messages_restart_replays_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_down_both_restart_hints_exactly_once_stats_agree() {
     let hints = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     let r1 = start_receiver(addr, NodeConfig::default(), s.clone()).await;
     let a = start_sender(addr, handoff_cfg(hints.path())).await;
@@ -456,8 +456,8 @@ async fn hint_dir_is_a_file_fails_build() {
     let res = tokio::time::timeout(
         Duration::from_secs(10),
         Node::builder(A)
-            .bind("127.0.0.1:0".parse().unwrap())
-            .peer(B, free_loopback_addr())
+            .bind(support::ports::restartable_addr())
+            .peer(B, support::ports::restartable_addr())
             .config(handoff_cfg(&f))
             .build(),
     )
@@ -476,7 +476,7 @@ async fn dedup_dir_is_a_file_fails_build() {
     let res = tokio::time::timeout(
         Duration::from_secs(10),
         Node::builder(B)
-            .bind("127.0.0.1:0".parse().unwrap())
+            .bind(support::ports::restartable_addr())
             .config(durable_cfg(&f))
             .build(),
     )
@@ -492,23 +492,27 @@ async fn dedup_dir_is_a_file_fails_build() {
 async fn two_nodes_on_one_directory() {
     let dir = tempfile::tempdir().unwrap();
     let n1 = Node::builder(B)
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(support::ports::restartable_addr())
         .config(durable_cfg(dir.path()))
         .build()
         .await
         .unwrap();
     let n2 = Node::builder(NodeId(3))
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(support::ports::restartable_addr())
         .config(durable_cfg(dir.path()))
         .build()
         .await;
     say(&format!("second node on one dedup dir: ok={}", n2.is_ok()));
     drop(n1);
     let hints = tempfile::tempdir().unwrap();
-    let h1 = start_sender(free_loopback_addr(), handoff_cfg(hints.path())).await;
+    let h1 = start_sender(
+        support::ports::restartable_addr(),
+        handoff_cfg(hints.path()),
+    )
+    .await;
     let h2 = Node::builder(A)
-        .bind("127.0.0.1:0".parse().unwrap())
-        .peer(B, free_loopback_addr())
+        .bind(support::ports::restartable_addr())
+        .peer(B, support::ports::restartable_addr())
         .config(handoff_cfg(hints.path()))
         .build()
         .await;
@@ -522,7 +526,7 @@ async fn two_nodes_on_one_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_dedup_log_between_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     let r1 = start_receiver(addr, durable_cfg(dir.path()), s.clone()).await;
     let a = start_sender(addr, NodeConfig::default()).await;
@@ -685,7 +689,7 @@ async fn sender_role() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_kill9_mid_burst_hints_replayed_once() {
     let hints = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     let ddir = tempfile::tempdir().unwrap();
     let r1 = start_receiver(addr, durable_cfg(ddir.path()), s.clone()).await;
@@ -772,7 +776,7 @@ async fn wait_down(node: &Node, peer: NodeId) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_hints_then_live_traffic_during_replay() {
     let hints = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     let r1 = start_receiver(addr, NodeConfig::default(), s.clone()).await;
     let a = start_sender(addr, handoff_cfg(hints.path())).await;
@@ -827,7 +831,7 @@ async fn many_hints_then_live_traffic_during_replay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_sender_with_handoff_receipts_resolve_and_handed_off_survive() {
     let hints = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     // Receiver whose application holds everything: messages stay unacked.
     let r = Node::builder(B)
@@ -902,12 +906,12 @@ async fn drop_sender_with_handoff_receipts_resolve_and_handed_off_survive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_senders_one_hint_dir_keep_handed_off() {
     let hints = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let mk = |id: NodeId| {
         let hints = hints.path().to_path_buf();
         async move {
             Node::builder(id)
-                .bind("127.0.0.1:0".parse().unwrap())
+                .bind(support::ports::restartable_addr())
                 .peer(B, addr)
                 .config(handoff_cfg(&hints))
                 .build()
@@ -991,7 +995,10 @@ async fn two_receivers_one_dedup_dir(compact: Option<u64>, per: u64) {
         }
         c
     };
-    let (addr1, addr2) = (free_loopback_addr(), free_loopback_addr());
+    let (addr1, addr2) = (
+        support::ports::restartable_addr(),
+        support::ports::restartable_addr(),
+    );
     let s = seen();
     let r1 = start_receiver(addr1, durable_cfg(dir.path()), s.clone()).await;
     let r2 = match tokio::time::timeout(
@@ -1150,7 +1157,7 @@ async fn kill9_ack_durable(extra: Vec<(&'static str, String)>, nkills: usize, ga
     use std::sync::atomic::{AtomicU64, Ordering};
     let hints = tempfile::tempdir().unwrap();
     let ddir = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let mut envs = vec![
         ("ADDR", addr.to_string()),
         ("DEDUP", ddir.path().display().to_string()),
@@ -1334,7 +1341,7 @@ fn signal(pid: u32, sig: &str) {
 /// the old process resumes: the new one keeps its connection; nothing processed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_sender_replaced_by_new_incarnation_takes_over() {
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     let _r = start_receiver(addr, NodeConfig::default(), s.clone()).await;
     let env = |start: u64| vec![("ADDR", addr.to_string()), ("START", start.to_string())];
@@ -1407,7 +1414,7 @@ fn parse_runs(runs: &[Vec<String>]) -> (BTreeMap<u64, Vec<usize>>, BTreeMap<u64,
 async fn receiver_kill9_during_hint_replay() {
     let hints = tempfile::tempdir().unwrap();
     let ddir = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let envs = vec![
         ("ADDR", addr.to_string()),
         ("DEDUP", ddir.path().display().to_string()),
@@ -1494,7 +1501,7 @@ async fn receiver_kill9_during_hint_replay() {
 /// Acked, no redelivery to the restarted receiver): each processed exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_shutdown_grace_acks_are_not_lost() {
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     let r1 = Node::builder(B)
         .bind(addr)
@@ -1585,7 +1592,7 @@ async fn holding_receiver(
 /// is killed and restarted; the sender's credit must not stay used up by the dead
 /// run: for each guarantee, new sends are transmitted and delivered to the new run.
 async fn credit_after_receiver_restart(g: Guarantee, n: u64) {
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s1 = seen();
     let (r1, held) = holding_receiver(addr, s1.clone()).await;
     let a = start_sender(addr, NodeConfig::default()).await;
@@ -1711,7 +1718,7 @@ async fn start_receiver_ord(addr: SocketAddr, seen: Seen, ordered: bool) -> Node
 }
 
 async fn amo_after_restart(ordered: bool, n: u64, more: bool) {
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s1 = seen();
     let r1 = start_receiver_ord(addr, s1.clone(), ordered).await;
     let a = start_sender(addr, NodeConfig::default()).await;
@@ -1810,7 +1817,7 @@ async fn amo_after_restart(ordered: bool, n: u64, more: bool) {
 /// Ordered receiver restarted (graceful) after a long stream, for each acked
 /// guarantee: the same sender run's new messages are delivered, in send order, acked.
 async fn ordered_after_restart(g: Guarantee) {
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let start = |seen: Vec<u64>| {
         let seen = Arc::new(Mutex::new(seen));
         async move {
@@ -1879,7 +1886,7 @@ async fn ordered_eo_after_receiver_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decommissioned_hints_stay_gone_after_restart() {
     let hints = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let a = start_sender(addr, handoff_cfg(hints.path())).await;
     wait_down(&a, B).await;
     let out = a
@@ -1962,7 +1969,7 @@ async fn multi_receiver(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_credit_after_receiver_restart() {
     use std::sync::atomic::Ordering;
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let chs: Vec<u32> = (10..16).collect();
     let (r1, n1, held) = multi_receiver(addr, &chs, true).await;
     let a = start_sender(addr, NodeConfig::default()).await;
@@ -2028,7 +2035,7 @@ async fn node_credit_after_receiver_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_hint_dir_between_runs() {
     let hints = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let a = start_sender(addr, handoff_cfg(hints.path())).await;
     wait_down(&a, B).await;
     let out = a
@@ -2076,7 +2083,7 @@ async fn damaged_hint_dir_between_runs() {
     let built = tokio::time::timeout(
         Duration::from_secs(10),
         Node::builder(A)
-            .bind("127.0.0.1:0".parse().unwrap())
+            .bind(support::ports::restartable_addr())
             .peer(B, addr)
             .config(handoff_cfg(hints.path()))
             .build(),
@@ -2162,7 +2169,7 @@ async fn dl_receiver_role() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_survive_receiver_kill9() {
     let dldir = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let mut envs = vec![
         ("ADDR", addr.to_string()),
         ("DLDIR", dldir.path().display().to_string()),
@@ -2273,7 +2280,7 @@ async fn dead_letters_survive_receiver_kill9() {
 /// make the retry safe"): each key processed exactly once, every resend acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_resend_after_sender_drop_exactly_once() {
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     // Receiver whose handler takes ~1 ms per message, finishing concurrently.
     let r = Node::builder(B)
@@ -2343,9 +2350,9 @@ async fn keyed_resend_after_sender_drop_exactly_once() {
 async fn streams_end_after_shutdown_and_drop() {
     for how in ["shutdown", "drop"] {
         let n = Node::builder(B)
-            .bind("127.0.0.1:0".parse().unwrap())
+            .bind(support::ports::restartable_addr())
             .allow_peer(A)
-            .peer(A, free_loopback_addr())
+            .peer(A, support::ports::restartable_addr())
             .build()
             .await
             .unwrap();
@@ -2390,7 +2397,7 @@ async fn streams_end_after_shutdown_and_drop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_kill9_during_default_speed_replay() {
     let hints = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s0 = seen();
     let r1 = start_receiver(addr, NodeConfig::default(), s0.clone()).await;
     let envs = |count: u64| {
@@ -2515,7 +2522,7 @@ async fn sender_kill9_during_default_speed_replay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hints_follow_target_to_new_port_via_add_peer() {
     let hints = tempfile::tempdir().unwrap();
-    let addr1 = free_loopback_addr();
+    let addr1 = support::ports::restartable_addr();
     let s = seen();
     let r1 = start_receiver(addr1, NodeConfig::default(), s.clone()).await;
     let a = start_sender(addr1, handoff_cfg(hints.path())).await;
@@ -2536,7 +2543,7 @@ async fn hints_follow_target_to_new_port_via_add_peer() {
     }
     let res = await_all(receipts, Duration::from_secs(10)).await;
     assert_eq!(summarize(&res).get("Ok(HandedOff)"), Some(&300));
-    let addr2 = free_loopback_addr();
+    let addr2 = support::ports::restartable_addr();
     let _r2 = start_receiver(addr2, NodeConfig::default(), s.clone()).await;
     a.add_peer(B, addr2);
     wait_until(
@@ -2581,7 +2588,7 @@ async fn eo_full_window_held_then_receiver_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_dedup_records_of_grace_acks_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let s = seen();
     let r1 = Node::builder(B)
         .bind(addr)

@@ -60,6 +60,8 @@
 //! - A receiver restarted without durable dedup processes a few effectively-once keys
 //!   again (2–12 of 18 000 per run here; documented: at-least-once across a restart).
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::detector::Health;
 use ackwire::transport::tcp::TcpConfig;
 use ackwire::{
@@ -78,7 +80,7 @@ use tokio::task::JoinHandle;
 // helpers
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 async fn within<F: std::future::Future>(secs: f64, what: &str, f: F) -> F::Output {

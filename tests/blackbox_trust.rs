@@ -30,6 +30,8 @@
 //!   suppressed them; the advice is corrected and the limit asserted
 //!   (`application_keys_are_one_namespace_across_the_receivers_channels`).
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::proto::{Authorization, RelayPolicy};
 use ackwire::transport::tls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use ackwire::transport::tls::{node_dns_name, rustls, TlsConfig};
@@ -62,7 +64,7 @@ const CH2: ChannelId = ChannelId(2);
 const WAIT: Duration = Duration::from_secs(10);
 
 fn any_port() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 /// Await `f` for at most `WAIT`, failing the test (naming `what`) if it does not finish.

@@ -36,7 +36,7 @@ struct RunResult {
 async fn run_once(g: Guarantee, seed: u64, n: u64, tls: bool) -> RunResult {
     let ca = tls.then(|| support::pki::Ca::new("chaos ca"));
     let mut b = Node::builder(NodeId(2))
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(support::ports::restartable_addr())
         .allow_peer(NodeId(1)); // plain TCP admits only configured peers
     if let Some(ca) = &ca {
         b = b.tls(ca.node(NodeId(2)));
@@ -52,7 +52,7 @@ async fn run_once(g: Guarantee, seed: u64, n: u64, tls: bool) -> RunResult {
     };
     let mut proxy = Proxy::start(b.local_addr().unwrap(), chaos).await;
     let mut a = Node::builder(NodeId(1))
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(support::ports::restartable_addr())
         .peer(NodeId(2), proxy.addr);
     if let Some(ca) = &ca {
         a = a.tls(ca.node(NodeId(1)));

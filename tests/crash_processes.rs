@@ -73,7 +73,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use support::child::{free_loopback_addr, say, seed, watchdog, ChildProc, Rng, ROLE_ENV};
+use support::child::{say, seed, watchdog, ChildProc, Rng, ROLE_ENV};
+use support::ports::restartable_addr;
 
 const ENTRY: &str = "child_entry";
 const CH: ChannelId = ChannelId(3);
@@ -176,7 +177,7 @@ async fn coordinator_role() {
     let mut cfg = NodeConfig::default();
     cfg.handoff = Some(handoff);
     let node = Node::builder(SENDER)
-        .tcp("127.0.0.1:0".parse().expect("addr"), fast_tcp())
+        .tcp(support::ports::restartable_addr(), fast_tcp())
         .peer(RECEIVER, target)
         .config(cfg)
         .build()
@@ -306,7 +307,7 @@ async fn send_until_stopped(
     origin: Arc<OnceLock<Origin>>,
 ) -> Vec<Resolved> {
     let node = Node::builder(SENDER)
-        .tcp("127.0.0.1:0".parse().expect("addr"), fast_tcp())
+        .tcp(support::ports::restartable_addr(), fast_tcp())
         .peer(RECEIVER, addr)
         .build()
         .await
@@ -365,7 +366,7 @@ fn receiver_kill_run(seed: u64, kills: u64, guarantee: Guarantee, durable: Durab
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("processed.log");
-    let addr = free_loopback_addr();
+    let addr = restartable_addr();
     let mut envs = vec![
         (ADDR_ENV, addr.to_string()),
         (LOG_ENV, log.display().to_string()),
@@ -603,7 +604,7 @@ fn coordinator_kill_run(seed: u64, replay_kills: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("processed.log");
     let hints = dir.path().join("hints");
-    let target = free_loopback_addr();
+    let target = restartable_addr();
     let mut rng = Rng::new(seed);
     let coord_env = |count: u64| {
         vec![

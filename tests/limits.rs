@@ -1,6 +1,8 @@
 //! Resource limits: each is enforced with a typed error or a counted drop, and a peer
 //! that misbehaves does not disturb the others. Each test prints a `reliability:` line.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::handoff::HintError;
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
 use ackwire::transport::tcp::{TcpConfig, TcpTransport};
@@ -265,14 +267,14 @@ async fn hint_bytes_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_wrong_version_peers_do_not_disturb_good_ones() {
     // B never dials A: it admits A explicitly (plain TCP refuses unknown peers).
-    let transport = TcpTransport::new("127.0.0.1:0".parse().unwrap(), TcpConfig::default())
+    let transport = TcpTransport::new(ports::restartable_addr(), TcpConfig::default())
         .unwrap()
         .allow_peer(A);
     let tcp_stats = transport.stats();
     let b = Node::builder(B).transport(transport).build().await.unwrap();
     let addr = b.local_addr().unwrap();
     let a = Node::builder(A)
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(ports::restartable_addr())
         .peer(B, addr)
         .build()
         .await

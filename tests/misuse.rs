@@ -135,9 +135,7 @@ async fn a_sender_to_the_node_itself_is_a_typed_error() {
 /// about a heartbeat to itself every second), and nothing is left bound.
 #[tokio::test]
 async fn the_node_itself_as_a_builder_peer_is_a_typed_error() {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
+    let addr = support::ports::restartable_addr();
     let r = Node::builder(A).bind(addr).peer(A, addr).build().await;
     assert!(matches!(r, Err(NodeError::SelfPeer(A))), "{r:?}");
     // The address is free again: nothing was started.
@@ -345,7 +343,7 @@ async fn stream_credit_max_is_a_typed_error_and_the_largest_accepted_works() {
 async fn max_payload_above_the_tcp_frame_limit_is_a_typed_error() {
     let config = cfg(|c| c.max_payload = 64 << 20);
     let r = Node::builder(A)
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(support::ports::restartable_addr())
         .config(config)
         .build()
         .await;
@@ -371,14 +369,14 @@ async fn max_payload_above_the_tcp_frame_limit_is_a_typed_error() {
     let limit = max - (TcpConfig::default().max_frame_len - tcp.max_frame_len);
     let config = cfg(|c| c.max_payload = limit);
     let b = Node::builder(B)
-        .tcp("127.0.0.1:0".parse().unwrap(), tcp.clone())
+        .tcp(support::ports::restartable_addr(), tcp.clone())
         .allow_peer(A)
         .config(config.clone())
         .build()
         .await
         .unwrap();
     let a = Node::builder(A)
-        .tcp("127.0.0.1:0".parse().unwrap(), tcp.clone())
+        .tcp(support::ports::restartable_addr(), tcp.clone())
         .peer(B, b.local_addr().unwrap())
         .config(config.clone())
         .build()
@@ -405,7 +403,7 @@ async fn max_payload_above_the_tcp_frame_limit_is_a_typed_error() {
     let mut too_big = config;
     too_big.max_payload = limit + 1;
     let r = Node::builder(NodeId(3))
-        .tcp("127.0.0.1:0".parse().unwrap(), tcp)
+        .tcp(support::ports::restartable_addr(), tcp)
         .config(too_big)
         .build()
         .await;
@@ -569,7 +567,7 @@ async fn an_undecodable_payload_is_rejected_not_acked() {
 #[tokio::test]
 async fn a_sender_to_an_unknown_peer_is_a_typed_error() {
     let a = Node::builder(A)
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(support::ports::restartable_addr())
         .build()
         .await
         .unwrap();
@@ -595,7 +593,7 @@ async fn a_sender_to_an_unknown_peer_is_a_typed_error() {
     // Dynamic peers, when asked for, are accepted.
     let config = cfg(|c| c.allow_dynamic_peers = true);
     let c = Node::builder(NodeId(3))
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(support::ports::restartable_addr())
         .config(config)
         .build()
         .await
@@ -1234,12 +1232,9 @@ async fn connection_failures_to_a_configured_peer_are_warned_rate_limited() {
         events: events.clone(),
     });
     // A port nobody listens on: every dial is refused at once.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = support::ports::restartable_addr();
     let a = Node::builder(A)
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(support::ports::restartable_addr())
         .peer(B, dead)
         .build()
         .await
@@ -1348,9 +1343,8 @@ fn no_tcp_configuration_panics_the_library() {
                     .build()
                     .unwrap();
                 let worked = rt.block_on(async {
-                    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
                     let b = match Node::builder(B)
-                        .tcp(any, tcp.clone())
+                        .tcp(support::ports::restartable_addr(), tcp.clone())
                         .config(config.clone())
                         .build()
                         .await
@@ -1363,7 +1357,7 @@ fn no_tcp_configuration_panics_the_library() {
                         Ok(b) => b,
                     };
                     let a = Node::builder(A)
-                        .tcp(any, tcp)
+                        .tcp(support::ports::restartable_addr(), tcp)
                         .peer(B, b.local_addr().unwrap())
                         .config(config)
                         .build()

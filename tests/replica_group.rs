@@ -7,6 +7,8 @@
 //! message re-routed to another replica after its effect was applied is recognised
 //! there and only acked.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::detector::Health;
 use ackwire::group::{
     DnsMembers, GroupConfig, GroupSendError, GroupSender, Member, Membership, RawGroupSender,
@@ -490,7 +492,7 @@ async fn bad_configs_are_refused_with_typed_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_members_find_a_replica_by_name() {
     let b = Node::builder(NodeId(2))
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(ports::restartable_addr())
         .allow_peer(SENDER)
         .build()
         .await
@@ -504,7 +506,7 @@ async fn dns_members_find_a_replica_by_name() {
     });
     let a = Arc::new(
         Node::builder(SENDER)
-            .bind("127.0.0.1:0".parse().unwrap())
+            .bind(ports::restartable_addr())
             .build()
             .await
             .unwrap(),
@@ -535,7 +537,7 @@ async fn dns_members_find_a_replica_by_name() {
     let e = GroupSender::<u64>::new(
         Arc::new(
             Node::builder(NodeId(5))
-                .bind("127.0.0.1:0".parse().unwrap())
+                .bind(ports::restartable_addr())
                 .build()
                 .await
                 .unwrap(),
@@ -765,7 +767,7 @@ async fn a_member_address_that_answers_as_another_node_gets_nothing() {
     let mut nodes = Vec::new();
     for id in [NodeId(2), NodeId(4)] {
         let n = Node::builder(id)
-            .bind("127.0.0.1:0".parse().unwrap())
+            .bind(ports::restartable_addr())
             .allow_peer(SENDER)
             .build()
             .await
@@ -784,7 +786,7 @@ async fn a_member_address_that_answers_as_another_node_gets_nothing() {
     cfg.detector.first_heartbeat_estimate = Duration::from_millis(200);
     let a = Arc::new(
         Node::builder(SENDER)
-            .bind("127.0.0.1:0".parse().unwrap())
+            .bind(ports::restartable_addr())
             .config(cfg)
             .build()
             .await

@@ -2,6 +2,8 @@
 //! queued deliveries, idle stream recycling, at-most-once fresh-start rule, orphan
 //! credit), over the in-memory network on paused tokio time.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
 use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId, ReceiverOptions};
 use std::collections::HashMap;
@@ -348,11 +350,10 @@ async fn a_decommissioned_peer_has_a_health_again_once_added() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_restart_is_no_identity_conflict_over_tcp() {
     const CH: ChannelId = ChannelId(70);
-    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
     let r = timeout(
         T,
         Node::builder(NodeId(100))
-            .bind(any)
+            .bind(ports::restartable_addr())
             .allow_peer(NodeId(101))
             .build(),
     )
@@ -367,7 +368,7 @@ async fn a_clean_restart_is_no_identity_conflict_over_tcp() {
         let s = timeout(
             T,
             Node::builder(NodeId(101))
-                .bind(any)
+                .bind(ports::restartable_addr())
                 .peer(NodeId(100), addr)
                 .build(),
         )

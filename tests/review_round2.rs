@@ -11,6 +11,8 @@
 //!   end guard was made inside the driver task, so a runtime dropped before the task's
 //!   first poll left `closed()` hanging.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::transport::tcp::{TcpConfig, TcpTransport};
 use ackwire::transport::Transport;
 use ackwire::wire::{probe, Frame, FrameEncoder, Handshake, VersionRange};
@@ -44,8 +46,7 @@ fn opening(origin: Origin) -> Vec<u8> {
 }
 
 fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    ports::restartable_addr()
 }
 
 /// `NodeBuilder`'s `start_tcp` relies on it ("Known before the first inbound connection
@@ -173,7 +174,7 @@ fn closed_resolves_when_the_runtime_is_dropped_before_the_driver_ever_ran() {
     let node = rt_a
         .block_on(
             ackwire::Node::builder(NodeId(1))
-                .bind("127.0.0.1:0".parse().unwrap())
+                .bind(ports::restartable_addr())
                 .build(),
         )
         .unwrap();

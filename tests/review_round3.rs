@@ -3,6 +3,8 @@
 //! `Fresh` again after a reopen with a lower `max_streams_per_node`), and a group's
 //! `rerouted` counts re-sends made, not re-sends begun and cancelled.
 #![cfg(not(ackwire_loom))]
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::group::{GroupConfig, GroupSender, Member, Membership, Spread};
 use ackwire::{ChannelId, Delivery, Guarantee, IdKey, MessageId, Node, NodeConfig, NodeId};
 use std::future::Future;
@@ -68,7 +70,7 @@ fn recovery_over_the_per_node_limit_keeps_processed_messages() {
 }
 
 fn lo() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 async fn within<F: Future>(secs: f64, what: &str, f: F) -> F::Output {

@@ -9,6 +9,8 @@
 //!   process (`Replay::decommission` now takes it out of its stream).
 #![cfg(not(ackwire_loom))]
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::dedup::{Admit, Dedup, DedupConfig, DurableDedup, FsyncPolicy};
 use ackwire::proto::{Endpoint, Outgoing, SendRef};
 use ackwire::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin, ProtoConfig};
@@ -170,7 +172,7 @@ mod replay_then_decommission {
     type Seen = Arc<Mutex<HashMap<u64, u32>>>;
 
     fn any_addr() -> SocketAddr {
-        "127.0.0.1:0".parse().unwrap()
+        crate::ports::restartable_addr()
     }
 
     async fn bare_target(addr: SocketAddr) -> Node {

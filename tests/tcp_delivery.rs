@@ -14,7 +14,7 @@ const CH: ChannelId = ChannelId(9);
 type Seen = Arc<Mutex<HashMap<u64, u32>>>;
 
 fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    support::ports::restartable_addr()
 }
 
 /// Count every message the handler processes, then ack it.

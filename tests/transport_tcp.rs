@@ -2,6 +2,8 @@
 //! restarts, rejection of bad peers without disturbing good ones, and the one-connection
 //! rule when both sides dial.
 
+#[path = "support/ports.rs"]
+mod ports;
 use ackwire::transport::tcp::{TcpConfig, TcpStats, TcpTransport};
 use ackwire::transport::{Link, LinkCommand, LinkEvent, Transport};
 use ackwire::wire::{
@@ -47,7 +49,7 @@ fn start(o: Origin, bind: SocketAddr, peers: &[(u64, SocketAddr)]) -> (Link, Arc
 }
 
 fn any_port() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    ports::restartable_addr()
 }
 
 /// Frame `i`: its seq and a payload derived from it (length and content vary).

@@ -33,7 +33,7 @@ const CH: ChannelId = ChannelId(1);
 const WAIT: Duration = Duration::from_secs(10);
 
 fn any_port() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    support::ports::restartable_addr()
 }
 
 fn quick() -> TcpConfig {

@@ -75,7 +75,7 @@ async fn mixed_pair(g: Guarantee, sender_versions: VersionRange, receiver_versio
     let rx_id = 2;
     let b = node(
         rx_id,
-        "127.0.0.1:0".parse().unwrap(),
+        support::ports::restartable_addr(),
         receiver_versions,
         None,
         dedup_dir,
@@ -84,7 +84,7 @@ async fn mixed_pair(g: Guarantee, sender_versions: VersionRange, receiver_versio
     let addr = b.local_addr().unwrap();
     let a = node(
         1,
-        "127.0.0.1:0".parse().unwrap(),
+        support::ports::restartable_addr(),
         sender_versions,
         Some((rx_id, addr)),
         None,
@@ -182,10 +182,10 @@ async fn old_and_new_nodes_deliver_to_each_other_under_every_guarantee() {
 async fn two_current_nodes_speak_the_newest_version() {
     let new = VersionRange::default();
     mixed_pair(Guarantee::EffectivelyOnce, new, new).await;
-    let b = node(6, "127.0.0.1:0".parse().unwrap(), new, None, None).await;
+    let b = node(6, support::ports::restartable_addr(), new, None, None).await;
     let a = node(
         5,
-        "127.0.0.1:0".parse().unwrap(),
+        support::ports::restartable_addr(),
         new,
         Some((6, b.local_addr().unwrap())),
         None,
@@ -223,7 +223,7 @@ async fn a_version_2_sender_gets_the_old_behaviour_from_a_version_3_receiver() {
     const V2: VersionRange = VersionRange { min: 1, max: 2 };
     let b = node(
         6,
-        "127.0.0.1:0".parse().unwrap(),
+        support::ports::restartable_addr(),
         VersionRange::default(),
         None,
         None,
@@ -231,7 +231,7 @@ async fn a_version_2_sender_gets_the_old_behaviour_from_a_version_3_receiver() {
     .await;
     let a = node(
         5,
-        "127.0.0.1:0".parse().unwrap(),
+        support::ports::restartable_addr(),
         V2,
         Some((6, b.local_addr().unwrap())),
         None,
@@ -296,7 +296,7 @@ async fn a_version_2_sender_gets_the_old_behaviour_from_a_version_3_receiver() {
 /// connect: each side closes with a counted version rejection, and no `Up` is seen.
 #[tokio::test]
 async fn nodes_without_a_common_version_refuse_each_other_with_a_counted_reason() {
-    let old = TcpTransport::new("127.0.0.1:0".parse().unwrap(), tcp(OLD))
+    let old = TcpTransport::new(support::ports::restartable_addr(), tcp(OLD))
         .unwrap()
         .allow_peer(NodeId(2));
     let old_stats = old.stats();
@@ -305,7 +305,7 @@ async fn nodes_without_a_common_version_refuse_each_other_with_a_counted_reason(
         min: 2,
         max: PROTOCOL_VERSION,
     };
-    let new = TcpTransport::new("127.0.0.1:0".parse().unwrap(), tcp(new_only))
+    let new = TcpTransport::new(support::ports::restartable_addr(), tcp(new_only))
         .unwrap()
         .with_peer(NodeId(1), old_link.local_addr.unwrap());
     let new_stats = new.stats();

@@ -2,6 +2,8 @@
 //! PostgreSQL inbox (`127.0.0.1:5432`, database `test`; `ACKWIRE_PG_URL` overrides),
 //! written from the docs only. Skips (prints `skipped:`) when no server answers.
 
+#[path = "../../tests/support/ports.rs"]
+mod ports;
 use ackwire::group::{GroupConfig, GroupSender, Member, Membership, Spread, StaticMembers};
 use ackwire::{ChannelId, Delivery, Node, NodeId};
 use ackwire_inbox::{Claim, Inbox};
@@ -104,7 +106,7 @@ struct Replica {
 
 async fn replica(id: NodeId, schema: &str, mode: Mode) -> Replica {
     let node = Node::builder(id)
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(ports::restartable_addr())
         .allow_peer(SENDER)
         .build()
         .await
@@ -209,7 +211,7 @@ async fn a_replica_killed_after_commit_has_its_messages_rerouted_and_applied_onc
     let c = replica(NodeId(12), &s, Mode::Normal).await;
     let node = Arc::new(
         Node::builder(SENDER)
-            .bind("127.0.0.1:0".parse().unwrap())
+            .bind(ports::restartable_addr())
             .build()
             .await
             .unwrap(),
@@ -272,7 +274,7 @@ async fn a_reroute_racing_an_open_claim_runs_the_body_once() {
     let b = replica(NodeId(11), &s, Mode::Normal).await;
     let node = Arc::new(
         Node::builder(SENDER)
-            .bind("127.0.0.1:0".parse().unwrap())
+            .bind(ports::restartable_addr())
             .build()
             .await
             .unwrap(),

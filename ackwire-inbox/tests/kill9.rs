@@ -43,7 +43,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::child::{free_loopback_addr, say, seed, watchdog, ChildProc, Rng, ROLE_ENV};
+use support::child::{say, seed, watchdog, ChildProc, Rng, ROLE_ENV};
 use support::net::{fast_tcp, RECEIVER, SENDER};
 
 const ENTRY: &str = "child_entry";
@@ -300,7 +300,7 @@ async fn sender_role() {
     let db = Db::open(&env(DB_ENV)).await;
     let node = Arc::new(
         Node::builder(SENDER)
-            .tcp("127.0.0.1:0".parse().expect("addr"), fast_tcp())
+            .tcp(support::ports::restartable_addr(), fast_tcp())
             .peer(RECEIVER, target)
             .build()
             .await
@@ -385,7 +385,7 @@ fn run_receiver_kills(
     durable: Option<PathBuf>,
 ) -> ReceiverRun {
     let started = Instant::now();
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     let mut envs = vec![(ADDR_ENV, addr.to_string()), (DB_ENV, test.spec.clone())];
     if let Some(dir) = &durable {
         envs.push((DURABLE_ENV, dir.display().to_string()));
@@ -559,7 +559,7 @@ fn sender_kills(sender_db: TestDb, ledger: TestDb, rt: tokio::runtime::Runtime, 
             .exec("CREATE TABLE orders (n BIGINT NOT NULL PRIMARY KEY)"),
     );
     rt.block_on(ledger.db.exec("CREATE TABLE effects (n BIGINT NOT NULL)"));
-    let addr = free_loopback_addr();
+    let addr = support::ports::restartable_addr();
     // The receiver: ordered, applying each message through the inbox. Restarted once
     // (with the sender's second kill), so that repeats also reach a receiver whose
     // in-memory dedup has never seen them: then only the inbox drops them.

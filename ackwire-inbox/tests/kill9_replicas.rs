@@ -37,7 +37,7 @@ mod pg {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
-    use support::child::{free_loopback_addr, say, watchdog, ChildProc, ROLE_ENV};
+    use support::child::{say, watchdog, ChildProc, ROLE_ENV};
     use support::net::{fast_tcp, SENDER};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::watch;
@@ -213,7 +213,7 @@ mod pg {
         cfg.detector.first_heartbeat_estimate = Duration::from_millis(250);
         Arc::new(
             Node::builder(SENDER)
-                .tcp("127.0.0.1:0".parse().expect("addr"), fast_tcp())
+                .tcp(support::ports::restartable_addr(), fast_tcp())
                 .config(cfg)
                 .build()
                 .await
@@ -241,7 +241,7 @@ mod pg {
         });
         let addrs: BTreeMap<NodeId, SocketAddr> = [KILLED, PARTITIONED, STEADY]
             .into_iter()
-            .map(|id| (id, free_loopback_addr()))
+            .map(|id| (id, support::ports::restartable_addr()))
             .collect();
         let mut children: BTreeMap<NodeId, ChildProc> = addrs
             .iter()

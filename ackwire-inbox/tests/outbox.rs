@@ -46,7 +46,7 @@ async fn quiet(rx: &mut Receiver<(u64, String)>, wait: Duration) {
 }
 
 async fn nodes_on_loopback(ordered: bool) -> (Node, Receiver<(u64, String)>, Arc<Node>) {
-    let rx_node = receiver_node("127.0.0.1:0".parse().unwrap()).await;
+    let rx_node = receiver_node(support::ports::restartable_addr()).await;
     let opts = if ordered {
         ReceiverOptions::ordered()
     } else {
@@ -108,7 +108,7 @@ scenarios! {
     }
 
     async fn a_target_that_is_down_delays_rows_without_reordering_them(pool) {
-        let addr = support::child::free_loopback_addr();
+        let addr = support::ports::restartable_addr();
         let node = Arc::new(sender_node(addr).await);
         let outbox = Outbox::<DB>::new();
         let relay = outbox.relay(node.clone(), pool.clone(), quick_retry()).unwrap();
@@ -172,7 +172,7 @@ scenarios! {
         let mut cfg = ackwire::NodeConfig::default();
         cfg.proto.no_receiver_grace = Duration::from_millis(100);
         let rx_node = Node::builder(RECEIVER)
-            .tcp("127.0.0.1:0".parse().unwrap(), support::net::fast_tcp())
+            .tcp(support::ports::restartable_addr(), support::net::fast_tcp())
             .allow_peer(support::net::SENDER)
             .config(cfg)
             .build()
@@ -321,7 +321,7 @@ async fn postgres_two_relays_elect_one_and_the_other_takes_over() {
     };
     const REPLICA: NodeId = NodeId(3);
     let rx_node = Node::builder(RECEIVER)
-        .tcp("127.0.0.1:0".parse().unwrap(), support::net::fast_tcp())
+        .tcp(support::ports::restartable_addr(), support::net::fast_tcp())
         .allow_peer(support::net::SENDER)
         .allow_peer(REPLICA)
         .build()
@@ -332,7 +332,7 @@ async fn postgres_two_relays_elect_one_and_the_other_takes_over() {
     let a = Arc::new(sender_node(addr).await);
     let b = Arc::new(
         Node::builder(REPLICA)
-            .tcp("127.0.0.1:0".parse().unwrap(), support::net::fast_tcp())
+            .tcp(support::ports::restartable_addr(), support::net::fast_tcp())
             .peer(RECEIVER, addr)
             .build()
             .await

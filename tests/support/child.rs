@@ -229,10 +229,3 @@ pub fn seed(i: u64) -> u64 {
     };
     base.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
-
-/// A loopback address with a port nobody listens on right now (bound to port 0, then
-/// released).
-pub fn free_loopback_addr() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr")
-}

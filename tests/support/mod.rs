@@ -4,6 +4,7 @@
 pub mod child;
 pub mod pair;
 pub mod pki;
+pub mod ports;
 pub mod proxy;
 pub mod reliability;
 pub mod sim;

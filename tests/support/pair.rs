@@ -10,16 +10,16 @@ pub const GUARANTEES: [Guarantee; 3] = [
     Guarantee::EffectivelyOnce,
 ];
 
-/// `(receiver, sender)`, both on `127.0.0.1:0` with `NodeConfig::default()`.
+/// `(receiver, sender)`, both on loopback ([`super::ports::restartable_addr`]) with `NodeConfig::default()`.
 pub async fn tcp_pair(receiver: NodeId, sender: NodeId) -> (Node, Node) {
     let b = Node::builder(receiver)
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(super::ports::restartable_addr())
         .allow_peer(sender)
         .build()
         .await
         .unwrap();
     let a = Node::builder(sender)
-        .bind("127.0.0.1:0".parse().unwrap())
+        .bind(super::ports::restartable_addr())
         .peer(receiver, b.local_addr().unwrap())
         .build()
         .await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// Any free port on loopback.
 pub fn any_addr() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
+    super::ports::restartable_addr()
 }
 
 /// `f`'s output, or a panic naming `what` after `secs`.

@@ -1,5 +1,5 @@
 //! Shared helpers for the integration tests: databases ([`db`]), nodes ([`net`]) and
-//! child processes ([`child`], shared with ackwire's own crash tests).
+//! child processes ([`child`]) and ports ([`ports`]), both shared with ackwire's own tests.
 #![allow(unreachable_pub, dead_code, unused_macros)]
 
 /// Expands each scenario into a SQLite test and a PostgreSQL test; inside, `DB` is
@@ -52,3 +52,5 @@ macro_rules! scenarios {
 pub mod child;
 pub mod db;
 pub mod net;
+#[path = "../../../tests/support/ports.rs"]
+pub mod ports;

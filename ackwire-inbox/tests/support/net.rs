@@ -29,7 +29,7 @@ pub async fn receiver_node(addr: SocketAddr) -> Node {
 /// A sending node that knows [`RECEIVER`] at `target`.
 pub async fn sender_node(target: SocketAddr) -> Node {
     Node::builder(SENDER)
-        .tcp("127.0.0.1:0".parse().expect("addr"), fast_tcp())
+        .tcp(super::ports::restartable_addr(), fast_tcp())
         .peer(RECEIVER, target)
         .build()
         .await
