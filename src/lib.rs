@@ -37,7 +37,12 @@
 //! ```no_run
 //! use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId};
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let ledger = Node::builder(NodeId(2)).bind("127.0.0.1:7000".parse()?).build().await?;
+//! // Plain TCP admits only the peers a node knows: `peer` (dialled) or `allow_peer`.
+//! let ledger = Node::builder(NodeId(2))
+//!     .bind("127.0.0.1:7000".parse()?)
+//!     .allow_peer(NodeId(1))
+//!     .build()
+//!     .await?;
 //! let shop = Node::builder(NodeId(1))
 //!     .bind("127.0.0.1:0".parse()?)
 //!     .peer(NodeId(2), "127.0.0.1:7000".parse()?)

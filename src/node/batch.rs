@@ -139,7 +139,12 @@ impl RawReceiver {
     /// Move up to `limit` deliveries into `buf` at once, waiting for the first one.
     /// Returns how many were added; `0` once the node has shut down (or for a `limit`
     /// of 0).
+    /// Same rules as [`RawReceiver::recv`]: nothing is handed out once a graceful stop
+    /// has begun its handler grace.
     pub async fn recv_many(&mut self, buf: &mut Vec<Delivery<Bytes>>, limit: usize) -> usize {
+        if self.stopped() {
+            return 0;
+        }
         self.rx.recv_many(buf, limit).await
     }
 }
@@ -155,7 +160,7 @@ impl<T, C: Decode<T>> Receiver<T, C> {
         let mut raw = Vec::with_capacity(limit.min(1024));
         loop {
             raw.clear();
-            if self.raw.rx.recv_many(&mut raw, limit).await == 0 {
+            if self.raw.recv_many(&mut raw, limit).await == 0 {
                 return 0;
             }
             let before = buf.len();

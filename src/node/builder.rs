@@ -259,6 +259,7 @@ impl NodeBuilder {
             window: self.config.proto.max_in_flight,
             max_payload: self.config.max_payload,
             decode_failed: AtomicU64::new(0),
+            receivers_stopped: std::sync::atomic::AtomicBool::new(false),
             decode_warned: Mutex::new(None),
             no_receiver: AtomicU64::new(0),
             no_receiver_warned: Mutex::new(None),

@@ -271,8 +271,13 @@ impl Driver {
     /// written and synced, their acks sent when due. (Regression: an effectively-once
     /// message a handler acked just as its node stopped lost its record and was
     /// processed again after the restart.)
+    ///
+    /// Receivers hand out nothing from here on: what is queued for them, unseen by the
+    /// application, is taken back for the node's next run, and messages made ready
+    /// now are refused the same way (see [`Receivers::stop_handing_out`]).
     pub(super) async fn finish_held_deliveries(&mut self) {
         let until = tokio::time::Instant::now() + HANDLER_GRACE;
+        self.receivers.stop_handing_out(&self.shared);
         loop {
             self.clock = super::driver::now();
             self.take_completions();

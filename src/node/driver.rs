@@ -281,7 +281,7 @@ impl Driver {
         self.shared.close_windows();
         self.core.stop();
         self.report();
-        self.receivers.close();
+        self.receivers.stop_handing_out(&self.shared);
         self.shared.dead_letters.close();
         self.release_stores();
         // Wait (bounded) for the transport to write what was queued last, e.g. `Finish`

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -340,6 +341,46 @@ pub struct RawReceiver {
 /// they became dead letters unseen.)
 impl Drop for RawReceiver {
     fn drop(&mut self) {
+        self.take_back_queued();
+    }
+}
+
+impl RawReceiver {
+    /// The next message; `None` once the node has shut down.
+    ///
+    /// Nothing is handed out once a graceful stop ([`Node::shutdown`]) has begun its
+    /// handler grace: from then on `recv` returns `None`, and the messages still queued
+    /// for this receiver, which the application never saw, are taken back unprocessed
+    /// (the sender sends them again to the node's next run). A message handed out
+    /// before that has the grace (1 s) to be acked. (Regression: messages queued at the
+    /// stop were handed out after `shutdown` returned, their acks went nowhere, and
+    /// with durable dedup each was processed again by the restarted receiver.)
+    ///
+    /// [`Node::shutdown`]: super::Node::shutdown
+    pub async fn recv(&mut self) -> Option<Delivery<Bytes>> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Poll for the next message (same rules as [`RawReceiver::recv`]).
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery<Bytes>>> {
+        if self.stopped() {
+            return Poll::Ready(None);
+        }
+        self.rx.poll_recv(cx)
+    }
+
+    /// Has the node stopped handing out? Then what is queued here is taken back.
+    pub(super) fn stopped(&mut self) -> bool {
+        if !self.shared.receivers_stopped.load(Ordering::Acquire) {
+            return false;
+        }
+        self.take_back_queued();
+        true
+    }
+
+    /// Close the queue and take back every message in it (never seen by the
+    /// application).
+    fn take_back_queued(&mut self) {
         self.rx.close();
         let mut queued = Vec::new();
         while let Ok(d) = self.rx.try_recv() {
@@ -350,18 +391,6 @@ impl Drop for RawReceiver {
         for mut d in queued.into_iter().rev() {
             d.handle.finish(Completion::Refuse);
         }
-    }
-}
-
-impl RawReceiver {
-    /// The next message; `None` once the node has shut down.
-    pub async fn recv(&mut self) -> Option<Delivery<Bytes>> {
-        self.rx.recv().await
-    }
-
-    /// Poll for the next message.
-    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery<Bytes>>> {
-        self.rx.poll_recv(cx)
     }
 }
 

@@ -59,10 +59,16 @@ use tokio::task::JoinHandle;
 
 /// One ackwire node: sends and receives messages over its transport.
 ///
-/// ```no_run
+/// ```
 /// use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId};
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// let b = Node::builder(NodeId(2)).bind("127.0.0.1:0".parse()?).build().await?;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // Plain TCP admits the peers a node knows: `peer` (it dials them) or `allow_peer`.
+/// let b = Node::builder(NodeId(2))
+///     .bind("127.0.0.1:0".parse()?)
+///     .allow_peer(NodeId(1))
+///     .build()
+///     .await?;
 /// let a = Node::builder(NodeId(1))
 ///     .bind("127.0.0.1:0".parse()?)
 ///     .peer(NodeId(2), b.local_addr().unwrap())
@@ -74,7 +80,9 @@ use tokio::task::JoinHandle;
 /// let delivery = inbox.recv().await.unwrap();
 /// assert_eq!(delivery.message(), "hello");
 /// delivery.ack(); // the ack goes back only now, after processing
-/// receipt.await?;
+/// assert_eq!(receipt.await?, ackwire::Outcome::Acked);
+/// # a.shutdown().await;
+/// # b.shutdown().await;
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
@@ -446,7 +454,10 @@ impl Node {
     /// they fail with [`SendError::Shutdown`]), give deliveries the application still
     /// holds up to 1 s to finish (so their acks and dedup records are not lost with
     /// the stop), flush the hint log, close the transport, and wait for the driver to
-    /// finish. A node restarted on the same hint directory
+    /// finish. Receivers hand out nothing from the start of that 1 s on: `recv`
+    /// returns `None`, and messages still queued for them, never seen by the
+    /// application, are taken back unacknowledged for the sender to send to the
+    /// node's next run. A node restarted on the same hint directory
     /// replays the spooled messages. Dropping a `Node` instead stops it at once.
     ///
     /// Every call waits for the stop, also one made while another is in progress.

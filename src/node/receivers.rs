@@ -188,8 +188,15 @@ impl Receivers {
         );
     }
 
-    /// The node stops: every receiver sees its stream end.
-    pub(super) fn close(&mut self) {
+    /// A graceful stop's handler grace begins (or the node stops): no receiver is
+    /// handed anything more. Each receiver takes back what is queued for it the next
+    /// time the application polls it (or when it is dropped) and then ends; messages
+    /// made ready from now on find no receiver and are refused (the sender keeps them
+    /// for the node's next run).
+    pub(super) fn stop_handing_out(&mut self, shared: &super::shared::Shared) {
+        shared
+            .receivers_stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         self.by_channel.clear();
     }
 }

@@ -37,6 +37,10 @@ pub(super) struct Shared {
     pub(super) window: usize,
     pub(super) max_payload: usize,
     pub(super) decode_failed: AtomicU64,
+    /// Set when a graceful stop begins its handler grace (or the node stops): receivers
+    /// hand out nothing more, and take back what is queued for them (see
+    /// [`RawReceiver::recv`](super::RawReceiver::recv)).
+    pub(super) receivers_stopped: std::sync::atomic::AtomicBool,
     /// When the last decode failure was logged at warn (rate limit).
     pub(super) decode_warned: Mutex<Option<std::time::Instant>>,
     pub(super) no_receiver: AtomicU64,
