@@ -443,7 +443,9 @@ impl<T> Delivery<T> {
         self.handle.ack();
     }
 
-    /// Not processed: the sender redelivers it soon.
+    /// Not processed: the sender redelivers it soon — at once if the copy was sent
+    /// more than 100 ms ago, otherwise 100 ms after it (a receiver's nacks cannot make
+    /// a sender resend one message more than ten times a second).
     pub fn nack(self) {
         self.handle.nack();
     }

@@ -1070,7 +1070,7 @@ impl Endpoint {
                     return;
                 }
                 if let Some(s) = self.outbound.get_mut(&(from, nack.channel)) {
-                    s.handle_nack(nack.seq);
+                    s.handle_nack(now, nack.seq);
                 }
             }
             Frame::Ping(hb) => self.transmit.push_back((from, Frame::Pong(hb))),
@@ -2594,13 +2594,18 @@ mod tests {
     /// retransmits the first, and `b` has just dead-lettered it: its reject is next in
     /// what `b` sends.
     fn first_of_two_dead_lettered(now: Instant, guarantee: Guarantee) -> (Endpoint, Endpoint) {
-        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
-        a.handle_peer_up(now, b.origin(), 3);
-        b.handle_peer_up(now, a.origin(), 3);
+        // Sent a moment before `now`, so that the nack at `now` is answered at once (a
+        // nack within `NACK_RESEND_MIN` of the copy it answers is paced).
+        let sent = now
+            .checked_sub(Duration::from_millis(150))
+            .expect("an instant 150 ms before now");
+        let (mut a, mut b) = (endpoint(1, sent), endpoint(2, sent));
+        a.handle_peer_up(sent, b.origin(), 3);
+        b.handle_peer_up(sent, a.origin(), 3);
         b.accept_channel_with(ChannelId(1), Accept::new(false, Some(1)));
         for n in 0..2u8 {
             a.send(
-                now,
+                sent,
                 Outgoing {
                     peer: NodeId(2),
                     channel: ChannelId(1),
@@ -2613,8 +2618,8 @@ mod tests {
             )
             .unwrap();
         }
-        for f in frames(&mut a, NodeId(2), now) {
-            b.handle_frame(now, NodeId(1), f);
+        for f in frames(&mut a, NodeId(2), sent) {
+            b.handle_frame(sent, NodeId(1), f);
         }
         let mut delivered = Vec::new();
         while let Some(ev) = b.poll_event() {

@@ -144,6 +144,18 @@ pub const CREDIT_SLACK: u64 = 256;
 /// no retransmission timer yet). Retransmission timers never use it.
 const WAITING: u32 = u32::MAX;
 
+/// Timer generation marking the paced resend a nack asked for (see
+/// [`NACK_RESEND_MIN`]). Retransmission timers never use it.
+const NACKED: u32 = u32::MAX - 1;
+
+/// A nacked message is sent again at once if its last transmission is at least this
+/// old, otherwise this long after it: a receiver's nacks cannot make the sender resend
+/// one message more than ten times a second. (Regression: a receiver answering each
+/// copy of a 1 MiB message with nacks had it resent ~900 times a second, a 12 500-fold
+/// amplification of its 20-byte nacks, outside the retry budget.) A handler that nacks
+/// sees the message again within about this long.
+pub(crate) const NACK_RESEND_MIN: Duration = Duration::from_millis(100);
+
 /// Longest wait between two credit probes of a blocked stream.
 pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -204,6 +216,8 @@ struct InFlight {
     queued: bool,
     /// A deadline timer is armed for it while it waits for node credit.
     waiting_armed: bool,
+    /// A paced resend asked for by a nack is armed ([`NACKED`]).
+    nack_armed: bool,
     /// Carries an explicit id, kept in [`OutboundStream::ids`]; otherwise its id is
     /// the implicit `Seq { origin, channel, seq }`.
     has_id: bool,
@@ -728,6 +742,7 @@ impl OutboundStream {
             timer_gen: 0,
             queued: true,
             waiting_armed: false,
+            nack_armed: false,
             has_id: id.is_some(),
         }));
         self.transmit.push_back(seq);
@@ -998,6 +1013,26 @@ impl OutboundStream {
         // bounds transmissions, not waiting for a receiver that holds the message.
         let decision = self.policy.on_timeout(m.attempts, deadline, now);
         let expired = decision == RetryDecision::GiveUp(GiveUp::Deadline);
+        if gen == NACKED {
+            if !m.nack_armed {
+                return;
+            }
+            m.nack_armed = false;
+            if expired {
+                self.give_up(seq, GiveUp::Deadline);
+                return;
+            }
+            // Unless it went out again since (a timer's retransmission): that copy
+            // answers the nack.
+            let resent = self
+                .times
+                .sent_at(seq, m)
+                .is_some_and(|sent| now < later(sent, NACK_RESEND_MIN));
+            if !m.queued && !resent {
+                self.queue_retransmit(seq);
+            }
+            return;
+        }
         if gen == WAITING {
             // Still waiting for credit (never sent, or a retransmission queued
             // behind node credit) at its deadline: give up.
@@ -1167,10 +1202,27 @@ impl OutboundStream {
     }
 
     /// The receiver failed `seq`: retransmit it promptly.
-    pub(crate) fn handle_nack(&mut self, seq: u64) {
+    pub(crate) fn handle_nack(&mut self, now: Instant, seq: u64) {
         // It is no longer held; neither, for the keep-alive, is anything above it.
         self.held = self.held.min(seq.saturating_sub(1));
-        self.queue_retransmit(seq);
+        let Some(idx) = self.index(seq) else {
+            return;
+        };
+        let Some(m) = self.slots[idx].as_mut() else {
+            return;
+        };
+        if m.queued || m.nack_armed {
+            return; // a resend is on its way already
+        }
+        match self.times.sent_at(seq, m) {
+            Some(sent) if now < later(sent, NACK_RESEND_MIN) => {
+                // Paced: one resend, NACK_RESEND_MIN after the last transmission.
+                m.nack_armed = true;
+                self.timers
+                    .push(Reverse((later(sent, NACK_RESEND_MIN), seq, NACKED)));
+            }
+            _ => self.queue_retransmit(seq),
+        }
     }
 
     /// The receiver refused `seq` for good: settle it (no RTT sample, no retry budget
@@ -1484,7 +1536,7 @@ fn millis_up(d: Duration) -> Option<u32> {
 /// The next retransmission timer generation (never [`WAITING`]).
 fn next_gen(gen: u32) -> u32 {
     match gen.wrapping_add(1) {
-        WAITING => 0,
+        WAITING | NACKED => 0,
         g => g,
     }
 }
@@ -2238,6 +2290,41 @@ mod tests {
         run_until(&mut s, until);
         assert!(s.retransmits() >= 1);
     }
+    /// Nacks pace resends: a receiver nacking every copy at once (four nacks each) gets
+    /// one copy per NACK_RESEND_MIN, not one per nack or per round trip; a nack for a
+    /// copy older than that is answered at once. (Regression: ~900 resends a second
+    /// of a message whose every copy was nacked.)
+    #[test]
+    fn nacks_resend_a_message_at_most_once_per_nack_interval() {
+        let t0 = Instant::now();
+        let mut s = stream(t0);
+        s.send(t0, Bytes::from_static(b"m"), None, None, 0);
+        run(&mut s, t0);
+        let ms = Duration::from_millis(1);
+        let mut now = t0;
+        // One second of a receiver nacking each copy 1 ms after it left, four times.
+        while now < t0 + Duration::from_secs(1) {
+            now += ms;
+            for _ in 0..4 {
+                s.handle_nack(now, 1);
+            }
+            run(&mut s, now);
+        }
+        let resent = s.retransmits();
+        assert!(
+            (8..=11).contains(&resent),
+            "{resent} resends in 1 s of nacks (one per {NACK_RESEND_MIN:?} expected)"
+        );
+        // A nack for a copy sent long ago is answered at once.
+        let mut s = stream(t0);
+        s.send(t0, Bytes::from_static(b"m"), None, None, 0);
+        run(&mut s, t0);
+        let late = t0 + NACK_RESEND_MIN + ms;
+        s.handle_nack(late, 1);
+        run(&mut s, late);
+        assert_eq!(s.retransmits(), 1);
+    }
+
     /// Retry budget: every fresh send and every message an ack settles deposits one
     /// retry (ratio 1.0, no floor); two sends and one acked message pay for exactly
     /// three retries of the message that is lost.
