@@ -66,6 +66,9 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
 /// Bytes before the body: `u32` length + `u32` crc32c.
 pub const FRAME_PREFIX_LEN: usize = 8;
 
+/// Most the decoder reserves ahead of the bytes it holds for a partly received frame.
+const RESERVE_AHEAD: usize = 64 * 1024;
+
 /// Encoding refused a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -260,9 +263,11 @@ impl FrameDecoder {
     /// Take one frame off the front of `src`.
     ///
     /// `Ok(None)`: `src` does not hold a whole frame yet; read more bytes and call
-    /// again (nothing was consumed; capacity for the rest of the frame may have been
-    /// reserved, never more than the bound). `Ok(Some(frame))`: the frame's bytes were
-    /// removed from `src`. `Err(_)`: the stream is broken, close the connection.
+    /// again (nothing was consumed; capacity for at most the next 64 KiB of the frame
+    /// may have been reserved, never for the whole announced length: the buffer grows
+    /// as the bytes arrive, so a length prefix alone cannot make it hold more).
+    /// `Ok(Some(frame))`: the frame's bytes were removed from `src`. `Err(_)`: the
+    /// stream is broken, close the connection.
     pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
         if src.len() < FRAME_PREFIX_LEN {
             return Ok(None);
@@ -276,7 +281,13 @@ impl FrameDecoder {
         }
         let total = FRAME_PREFIX_LEN + body_len;
         if src.len() < total {
-            src.reserve(total - src.len());
+            // Room for what may arrive next, not for what is merely announced: a
+            // prefix claiming a frame of `max_frame_len` and then silence must not
+            // cost that much memory per connection. (Regression: the whole rest of the
+            // frame was reserved here, so 160 connections sending 16 bytes each held
+            // 8 MiB apiece and aborted a process under an address-space limit.)
+            // Growing by `BytesMut::reserve` stays amortised (it doubles).
+            src.reserve((total - src.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
         let crc = u32::from_le_bytes([src[4], src[5], src[6], src[7]]);
@@ -641,6 +652,67 @@ mod tests {
         buf.extend_from_slice(&body);
         let err = FrameDecoder::default().decode(&mut buf).unwrap_err();
         assert!(matches!(err, DecodeError::Malformed(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_length_prefix_alone_reserves_at_most_a_chunk_not_the_announced_frame() {
+        let mut dec = FrameDecoder::default();
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(DEFAULT_MAX_FRAME_LEN as u32);
+        buf.put_u32_le(0);
+        assert_eq!(dec.decode(&mut buf), Ok(None));
+        assert!(
+            buf.capacity() < 128 * 1024,
+            "a prefix announcing {DEFAULT_MAX_FRAME_LEN} bytes reserved {}",
+            buf.capacity()
+        );
+        // Asking again (a read that brought nothing new) reserves nothing more.
+        assert_eq!(dec.decode(&mut buf), Ok(None));
+        assert!(buf.capacity() < 128 * 1024, "{}", buf.capacity());
+        assert_eq!(buf.len(), FRAME_PREFIX_LEN, "nothing consumed");
+    }
+
+    #[test]
+    fn a_large_frame_fed_in_small_pieces_decodes_whole() {
+        let payload: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i| (i % 251) as u8).collect();
+        let frame = Frame::Data(Data {
+            channel: ChannelId(3),
+            seq: 9,
+            floor: 4,
+            id_floor: 2,
+            id: None,
+            guarantee: Guarantee::AtLeastOnce,
+            payload: Bytes::from(payload),
+            schema: 0,
+        });
+        let mut wire = BytesMut::new();
+        encode(&frame, &mut wire).unwrap();
+        let mut dec = FrameDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut got = None;
+        let mut reallocations = 0;
+        for (i, piece) in wire.chunks(1000).enumerate() {
+            assert!(got.is_none(), "decoded before the last piece ({i})");
+            let before = buf.capacity();
+            buf.extend_from_slice(piece);
+            got = dec.decode(&mut buf).unwrap();
+            if buf.capacity() != before {
+                reallocations += 1;
+            }
+            // Capacity follows what arrived, with a bounded look-ahead.
+            if got.is_none() {
+                assert!(
+                    buf.capacity() <= 2 * buf.len() + 2 * RESERVE_AHEAD,
+                    "capacity {} for {} bytes",
+                    buf.capacity(),
+                    buf.len()
+                );
+            }
+        }
+        assert_eq!(got, Some(frame));
+        assert!(buf.is_empty());
+        // Amortised growth: a few dozen reallocations, not one per piece.
+        assert!(reallocations < 64, "{reallocations} reallocations");
     }
 
     #[test]
