@@ -61,6 +61,10 @@
 //!   (`read_timeouts`), and one remote IP address may hold at most
 //!   [`TcpConfig::max_connections_per_ip`] accepted connections, handshaking or
 //!   established (`rejected_ip_limit`).
+//! - However many addresses connect, the node holds at most
+//!   [`TcpConfig::max_handshaking`] accepted connections that have not completed their
+//!   handshake; one accepted beyond that is closed at once
+//!   (`rejected_handshake_limit`). Established connections do not count.
 
 #[cfg(feature = "tls")]
 use super::tls::{self, TlsConfig, TlsRefusal};
@@ -101,6 +105,7 @@ use tokio::task::{JoinHandle, JoinSet};
 /// - `accept_unknown_peers`: `false` (without TLS, only known peers are accepted)
 /// - `read_timeout`: 30 s (a frame whose first bytes arrived must be complete by then)
 /// - `max_connections_per_ip`: 64 accepted connections per remote IP address
+/// - `max_handshaking`: 256 accepted connections in their handshake, node-wide
 /// - `stale_after`: 10 s (a connection silent this long yields to a new incarnation)
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -144,6 +149,21 @@ pub struct TcpConfig {
     /// Accepted connections (handshaking or established) one remote IP address may
     /// hold; further ones are closed at once (`rejected_ip_limit`).
     pub max_connections_per_ip: usize,
+    /// Accepted connections that have not completed their handshake (TLS included)
+    /// the node holds at once, whatever their addresses. A connection accepted while
+    /// this many are handshaking is closed at once, before anything is read from it,
+    /// and counted in `rejected_handshake_limit` (a warning is logged at most once a
+    /// second). Connections leave the count when their handshake completes or fails
+    /// (at the latest after `handshake_timeout`); established connections and the
+    /// connections this node dials do not count. Bounds the descriptors and memory an
+    /// outsider holding many addresses (an IPv6 prefix, a botnet) can make the node
+    /// spend before proving anything: without it, `max_connections_per_ip` idle
+    /// connections from each of many addresses exhaust a typical 1 024-descriptor
+    /// limit. While an outsider keeps the node at the bound, new inbound connections
+    /// (from honest peers too) are refused, and their dialers retry after a backoff;
+    /// established connections and outbound dials are unaffected. Keep it well below
+    /// the process's descriptor limit. Default: 256.
+    pub max_handshaking: usize,
     /// A peer's connection counts as alive while it received bytes within this long
     /// (the node's heartbeats keep it busy); while alive, a second incarnation of the
     /// same node id is refused rather than allowed to replace it.
@@ -166,6 +186,7 @@ impl Default for TcpConfig {
             accept_unknown_peers: false,
             read_timeout: Duration::from_secs(30),
             max_connections_per_ip: 64,
+            max_handshaking: 256,
             stale_after: Duration::from_secs(10),
         }
     }
@@ -200,6 +221,7 @@ impl TcpConfig {
             ("write_batch_bytes", self.write_batch_bytes),
             ("channel_capacity", self.channel_capacity),
             ("max_connections_per_ip", self.max_connections_per_ip),
+            ("max_handshaking", self.max_handshaking),
         ] {
             if v == 0 {
                 return Err(TcpConfigError::Zero(name));
@@ -300,6 +322,9 @@ pub struct TcpStatsSnapshot {
     /// Inbound connections closed at once: their IP address already holds
     /// `max_connections_per_ip`.
     pub rejected_ip_limit: u64,
+    /// Inbound connections closed at once: the node already held `max_handshaking`
+    /// connections in their handshake.
+    pub rejected_handshake_limit: u64,
     /// Connections closed because a started frame was not completed in `read_timeout`.
     pub read_timeouts: u64,
     /// TLS: the peer presented no certificate.
@@ -349,6 +374,7 @@ impl TcpStats {
             rejected_unknown_peer: g(Counter::RejectedUnknownPeer),
             rejected_duplicate_node: g(Counter::RejectedDuplicateNode),
             rejected_ip_limit: g(Counter::RejectedIpLimit),
+            rejected_handshake_limit: g(Counter::RejectedHandshakeLimit),
             read_timeouts: g(Counter::ReadTimeouts),
             rejected_tls_no_certificate: g(Counter::RejectedTlsNoCertificate),
             rejected_tls_untrusted: g(Counter::RejectedTlsUntrusted),
@@ -594,8 +620,9 @@ enum Counter {
     StalledPeersDisconnected,
     FramesWithdrawn,
     FramesSkippedTooLarge,
+    RejectedHandshakeLimit,
 }
-const COUNTERS: usize = Counter::FramesSkippedTooLarge as usize + 1;
+const COUNTERS: usize = Counter::RejectedHandshakeLimit as usize + 1;
 
 /// A connected peer is disconnected once this many times `queue_bound` frames wait
 /// for it (see `Manager::send`).
@@ -1296,8 +1323,24 @@ impl Manager {
     }
 }
 
+/// At most one warning per this long that `max_handshaking` was reached (the
+/// refusals in between are counted in it, and logged at debug).
+const HANDSHAKE_LIMIT_WARN_EVERY: Duration = Duration::from_secs(1);
+
 async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Arc<tokio::sync::Notify>) {
     let mut handshakes = JoinSet::new();
+    // Accepted connections in their handshake, over all addresses: one permit each,
+    // given back when the handshake ends (completed, failed or timed out). (Regression:
+    // only the per-address limit applied, so an outsider holding 64 idle connections
+    // from each of many addresses made the node hold thousands of descriptors until
+    // their handshake timeouts, and the process ran out of them.)
+    let handshaking = Arc::new(tokio::sync::Semaphore::new(
+        ctx.cfg
+            .max_handshaking
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
+    let mut last_limit_warn: Option<Instant> = None;
+    let mut refused_since_warn = 0u64;
     loop {
         tokio::select! {
             // The node is going away: drop the listener (and the handshakes in
@@ -1310,11 +1353,31 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Arc<tokio::sync
                         tracing::debug!(%remote, "tcp: connection limit of the address reached, connection closed");
                         continue; // dropping tcp closes it
                     };
+                    let Ok(permit) = Arc::clone(&handshaking).try_acquire_owned() else {
+                        ctx.stats.inc(Counter::RejectedHandshakeLimit);
+                        refused_since_warn += 1;
+                        if last_limit_warn.is_none_or(|t| t.elapsed() >= HANDSHAKE_LIMIT_WARN_EVERY) {
+                            tracing::warn!(
+                                %remote,
+                                refused_since_last_warning = refused_since_warn,
+                                max_handshaking = ctx.cfg.max_handshaking,
+                                "tcp: too many connections in their handshake, new connections closed"
+                            );
+                            last_limit_warn = Some(Instant::now());
+                            refused_since_warn = 0;
+                        } else {
+                            tracing::debug!(%remote, "tcp: handshake limit reached, connection closed");
+                        }
+                        continue; // dropping tcp (and its IP slot) closes it
+                    };
                     let ctx = Arc::clone(&ctx);
                     handshakes.spawn(tracing::Instrument::instrument(async move {
                         let _ = tcp.set_nodelay(true);
                         // A failure is counted and logged inside.
-                        if let Ok((hs, stream)) = secure_and_handshake(tcp, &ctx, None, remote).await {
+                        let handshaken = secure_and_handshake(tcp, &ctx, None, remote).await;
+                        // Established connections do not count against `max_handshaking`.
+                        drop(permit);
+                        if let Ok((hs, stream)) = handshaken {
                             let _ = ctx.internal.send(Internal::Established(Established {
                                 origin: hs.origin,
                                 dialed_by: hs.origin.node,
@@ -1941,6 +2004,11 @@ mod tests {
             ..TcpConfig::default()
         };
         assert_eq!(bad.validate(), Err(TcpConfigError::Zero("queue_bound")));
+        let bad = TcpConfig {
+            max_handshaking: 0,
+            ..TcpConfig::default()
+        };
+        assert_eq!(bad.validate(), Err(TcpConfigError::Zero("max_handshaking")));
         let bad = TcpConfig {
             max_frame_len: 10,
             ..TcpConfig::default()
