@@ -159,10 +159,11 @@ pub struct TcpConfig {
     /// outsider holding many addresses (an IPv6 prefix, a botnet) can make the node
     /// spend before proving anything: without it, `max_connections_per_ip` idle
     /// connections from each of many addresses exhaust a typical 1 024-descriptor
-    /// limit. While an outsider keeps the node at the bound, new inbound connections
-    /// (from honest peers too) are refused, and their dialers retry after a backoff;
-    /// established connections and outbound dials are unaffected. Keep it well below
-    /// the process's descriptor limit. Default: 256.
+    /// limit. While an outsider keeps the node at the bound (reopening its connections
+    /// as they time out), new inbound connections, from honest peers too, are refused
+    /// and their dialers retry after a backoff; established connections and outbound
+    /// dials are unaffected. Keep it well below the process's descriptor limit.
+    /// Default: 256.
     pub max_handshaking: usize,
     /// A peer's connection counts as alive while it received bytes within this long
     /// (the node's heartbeats keep it busy); while alive, a second incarnation of the
