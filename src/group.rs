@@ -6,7 +6,9 @@
 //! [`Spread`]: by key affinity (rendezvous hashing of the message's [`IdKey`] over the
 //! live members) or round-robin. When the member holding a message goes Down (the
 //! failure detector, [`Node::health`]), leaves the membership, or its receipt fails
-//! in a way another member could fix, the message is **re-sent to another member
+//! in a way another member could fix (no ack before its deadline, or a refusal such
+//! as no receiver on the channel or a full key table: [`GroupSendError::Failed`]
+//! lists the refusals that are final), the message is **re-sent to another member
 //! under the same [`MessageId`](crate::MessageId)** instead of waiting for the first
 //! one to return.
 //!
@@ -304,8 +306,19 @@ pub enum GroupSendError {
         last: Option<SendError>,
     },
     /// A failure another member would not fix: the payload cannot be encoded or is too
-    /// large, the sending node shut down, or a member refused the message for good
-    /// (unauthorized, undecodable, type mismatch, dead-lettered).
+    /// large ([`SendError::Encode`], [`SendError::TooLarge`]), the sending node shut
+    /// down or failed, the channel's guarantee clashes with the node's stream
+    /// ([`SendError::GuaranteeMismatch`]), or a member refused the message for good
+    /// with one of exactly these [`RejectReason`]s: `Unauthorized`, `Undecodable`,
+    /// `TypeMismatch`, `DeadLettered`.
+    ///
+    /// Every other refusal is re-routed, since the message was not processed and
+    /// another member (or the same one later) may take it: `NoReceiver`,
+    /// `StreamRetired`, `KeyTableFull` (that member's key table is at its budget),
+    /// and a reason this build does not know ([`RejectReason::Other`], from a newer
+    /// member). Re-routes go to members not tried yet first; if every member keeps
+    /// refusing, the message fails with [`GroupSendError::AttemptsExhausted`] after
+    /// [`GroupConfig::max_attempts`] sends, its `last` error carrying the refusal.
     #[error("{} failed{}: {error}", crate::MessageId::Key(*key), member.map(|m| format!(" at {m}")).unwrap_or_default())]
     Failed {
         /// The message's key.
@@ -900,10 +913,24 @@ fn verdict(e: &SendError) -> Verdict {
         | SendError::AttemptsExhausted { .. }
         | SendError::PeerDown { .. }
         | SendError::HandoffRefused { .. }
-        | SendError::WindowFull { .. }
-        | SendError::Rejected {
-            reason: RejectReason::NoReceiver | RejectReason::StreamRetired,
-        } => Verdict::Reroute,
+        | SendError::WindowFull { .. } => Verdict::Reroute,
+        // No wildcard: a reason added to `RejectReason` must be placed here (and in
+        // the rustdoc of `GroupSendError::Failed`, which lists the final ones).
+        SendError::Rejected { reason } => match reason {
+            // Not processed, and another member (or this one later) may take it.
+            // `KeyTableFull`: that member's key table is at its budget. `Other`: a
+            // reason from a newer member this build does not know; re-routing it is
+            // safe (nothing was processed) and `max_attempts` bounds the tries.
+            RejectReason::NoReceiver
+            | RejectReason::StreamRetired
+            | RejectReason::KeyTableFull
+            | RejectReason::Other(_) => Verdict::Reroute,
+            // Refused for good: the payload or the sender itself is the problem.
+            RejectReason::Unauthorized
+            | RejectReason::Undecodable
+            | RejectReason::TypeMismatch
+            | RejectReason::DeadLettered => Verdict::Final,
+        },
         _ => Verdict::Final,
     }
 }

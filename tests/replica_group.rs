@@ -884,3 +884,130 @@ fn group_config_reads_from_toml_with_defaults_and_refuses_unknown_keys() {
             .unwrap();
     assert!(bad.validate().is_err());
 }
+
+/// A replica whose application-key table holds only `slots` keys: once they are
+/// taken (until its dedup horizon), it refuses further keys with `KeyTableFull`.
+async fn replica_with_key_slots(
+    net: &MemNetwork,
+    id: NodeId,
+    slots: usize,
+    inbox: SharedInbox,
+) -> Node {
+    let mut cfg = ackwire::NodeConfig::default();
+    cfg.dedup.table_capacity = slots;
+    cfg.dedup.table_budget_bytes = slots * ackwire::dedup::BYTES_PER_SLOT;
+    let node = Node::builder(id)
+        .transport(net.transport(id))
+        .seed(id.0)
+        .config(cfg)
+        .build()
+        .await
+        .unwrap();
+    let mut rx = node.receiver::<u64>(CH, false).unwrap();
+    tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            {
+                let mut i = inbox.lock().unwrap();
+                if i.claims.insert(d.id()) {
+                    *i.effects.entry(*d.message()).or_default() += 1;
+                }
+            }
+            d.ack();
+        }
+    });
+    node
+}
+
+/// A member whose key table is full refuses with `KeyTableFull` ("not processed;
+/// resending under the same key later is safe"): another member with room can take the
+/// message, so the group re-routes it instead of failing it. (Regression: the refusal
+/// was final, and about a third of the keyed sends failed `Failed { Rejected {
+/// KeyTableFull } }` although the other member had room.) When every member's table is
+/// full, the message ends typed after `max_attempts` sends, the refusal in `last`.
+#[tokio::test(start_paused = true)]
+async fn a_full_key_table_reroutes_and_every_member_full_ends_typed() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let inbox = SharedInbox::default();
+    let _full = replica_with_key_slots(&net, NodeId(2), 64, inbox.clone()).await;
+    let roomy = replica(&net, NodeId(3), inbox.clone()).await;
+    let a = sender(&net).await;
+    let group = GroupSender::<u64>::new(
+        a.clone(),
+        config(Spread::Affinity),
+        members(&[NodeId(2), NodeId(3)]),
+    )
+    .await
+    .unwrap();
+    const N: u64 = 400;
+    let mut receipts = Vec::new();
+    for n in 0..N {
+        let key = IdKey(u128::from(n) + 1);
+        receipts.push(group.send_with_key(&n, key).await.unwrap());
+    }
+    let mut failed = Vec::new();
+    let mut by: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for r in receipts {
+        match r.await {
+            Ok(out) => *by.entry(out.member).or_default() += 1,
+            Err(e) => failed.push(e),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {N} failed although member 3 had room: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert_each_applied_once(&inbox, N);
+    let stats = group.stats();
+    assert!(
+        by[&NodeId(2)] <= 64,
+        "the full member acked at most its 64 keys: {by:?}"
+    );
+    assert_eq!(by.values().sum::<usize>() as u64, N);
+    assert!(stats.rerouted > 0, "{stats:?}");
+    assert_eq!(stats.failed, 0);
+    drop(roomy);
+
+    // Every member full: each message that finds no room is tried on each member
+    // (untried ones first) and ends `AttemptsExhausted`, never looping, never dropped.
+    let inbox = SharedInbox::default();
+    let _b = replica_with_key_slots(&net, NodeId(4), 4, inbox.clone()).await;
+    let _c = replica_with_key_slots(&net, NodeId(5), 4, inbox.clone()).await;
+    let mut cfg = config(Spread::Affinity);
+    cfg.max_attempts = 3;
+    let group = GroupSender::<u64>::new(a, cfg, members(&[NodeId(4), NodeId(5)]))
+        .await
+        .unwrap();
+    let mut receipts = Vec::new();
+    for n in 0..20u64 {
+        let key = IdKey(u128::from(n) + 1000);
+        receipts.push(group.send_with_key(&n, key).await.unwrap());
+    }
+    let (mut acked, mut exhausted) = (0, 0);
+    for r in receipts {
+        match tokio::time::timeout(Duration::from_secs(600), r)
+            .await
+            .expect("a receipt with every member full never resolved")
+        {
+            Ok(_) => acked += 1,
+            Err(GroupSendError::AttemptsExhausted {
+                attempts: 3,
+                last:
+                    Some(ackwire::SendError::Rejected {
+                        reason: ackwire::RejectReason::KeyTableFull,
+                    }),
+                ..
+            }) => exhausted += 1,
+            Err(other) => panic!("expected AttemptsExhausted after KeyTableFull: {other:?}"),
+        }
+    }
+    // (The table may round its capacity up: count, don't predict, what was taken.)
+    assert!(
+        acked > 0 && exhausted > 0,
+        "acked {acked}, exhausted {exhausted}"
+    );
+    assert_eq!(acked + exhausted, 20);
+    assert_eq!(inbox.lock().unwrap().effects.len(), acked);
+    assert_eq!(group.stats().attempts_exhausted, exhausted as u64);
+}
