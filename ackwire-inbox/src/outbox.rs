@@ -76,6 +76,11 @@ impl<DB: Backend> Outbox<DB> {
     /// same key, and the target's dedup or inbox drops the repeat. Returns the row's
     /// `seq`. Errors: [`InboxError::Encode`] (nothing enqueued), and as
     /// [`enqueue_raw`](Self::enqueue_raw).
+    ///
+    /// **Size**: the encoded value must fit the relaying node's
+    /// [`NodeConfig::max_payload`](ackwire::NodeConfig::max_payload) (default 4 MiB).
+    /// The outbox does not know which node will relay it, so `enqueue` does not check;
+    /// a larger row is set aside by the relay, never sent (see [`Outbox::relay`]).
     pub async fn enqueue<T: serde::Serialize + ?Sized>(
         &self,
         tx: &mut sqlx::Transaction<'_, DB>,
@@ -166,7 +171,13 @@ impl<DB: Backend> Outbox<DB> {
     ///   nacked it too often) is set aside in the table (`rejected` = the reason) and
     ///   never resent — the target's dedup would acknowledge a resend without
     ///   processing it — and the stream moves on ([`RelayStats::rejected`],
-    ///   [`Outbox::rejected`]).
+    ///   [`Outbox::rejected`]). So is a row the relay's node refuses to send at all:
+    ///   a payload larger than its
+    ///   [`NodeConfig::max_payload`](ackwire::NodeConfig::max_payload) (`rejected` =
+    ///   `TooLarge`), or one it cannot encode (`Encode`); nothing of it was sent. Either
+    ///   way the row is logged at error level once, kept in the table, and the rows
+    ///   behind it are delivered in order without it. To send a `TooLarge` row after
+    ///   raising the node's limit, set its `rejected` back to `NULL`.
     /// * **Wake-up**: PostgreSQL: LISTEN on `ackwire_outbox` (enqueue notifies at
     ///   commit), falling back to polling every `poll_interval` while the listener is
     ///   down. SQLite: polling, and a faster look after an `enqueue` on a clone of this
@@ -295,15 +306,21 @@ pub struct RelayStats {
     pub retries: u64,
     /// Database statements of the relay that failed (retried).
     pub db_errors: u64,
-    /// Rows that cannot be sent as stored (a `key` that is not 16 bytes, a `channel`
-    /// outside `u32`): logged at error level, left in the table, and their stream is
-    /// held there until someone fixes or deletes the row (order is kept).
+    /// Rows whose addressing columns are malformed (a `key` that is not 16 bytes, a
+    /// `channel` outside `u32`), which only a write that bypassed
+    /// [`Outbox::enqueue`] can make: logged at error level, left in the table, and
+    /// their stream is held there until someone fixes or deletes the row (order is
+    /// kept). A well-formed row whose payload cannot be sent is set aside instead
+    /// (see `rejected`).
     pub invalid_rows: u64,
-    /// Rows the target rejected for good (`SendError::Rejected` with `Undecodable`,
-    /// `DeadLettered` or `TypeMismatch`: the message is in the target's dead letters,
-    /// and its dedup would acknowledge a resend): logged at error level and set aside
-    /// in the outbox (`rejected` column set to the reason), never resent; the stream
-    /// moves on. [`Outbox::rejected`] counts them.
+    /// Rows set aside for good, never resent; the stream moves on. Either the target
+    /// rejected them (`SendError::Rejected` with `Undecodable`, `DeadLettered` or
+    /// `TypeMismatch`: the message is in the target's dead letters, and its dedup
+    /// would acknowledge a resend), or the relay's node refused to send them at all
+    /// (`SendError::TooLarge`: a payload over its `max_payload`; `SendError::Encode`).
+    /// Logged at error level once each and set aside in the outbox (`rejected` column
+    /// set to the reason: `Undecodable`, `DeadLettered`, `TypeMismatch`, `TooLarge`
+    /// or `Encode`). [`Outbox::rejected`] counts them.
     pub rejected: u64,
     /// Refusals the relay retries (`Rejected` with `NoReceiver`, `Unauthorized`,
     /// `StreamRetired` or an unknown reason: refused before the target's dedup, so a
@@ -566,12 +583,23 @@ async fn stream_worker<DB: Backend>(
             return; // empty: the dispatcher starts a new worker when rows appear
         };
         let mut settled = send_batch(out, &rows, &counters).await;
-        for (seq, reason) in &settled.set_aside {
-            let why = format!("{reason:?}");
+        for (seq, aside) in &settled.set_aside {
+            let why = aside.column();
             match DB::mark_rejected(&pool, *seq, &why).await {
                 Ok(_) => {
                     counters.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(seq, reason = %why, "outbox row rejected for good by its target (in its dead letters); set aside in the outbox");
+                    // Once per row: a row set aside is not fetched again.
+                    match aside {
+                        SetAside::Target(_) => {
+                            tracing::error!(seq, %target, channel = channel.0, reason = %why, "outbox row rejected for good by its target (in its dead letters); set aside in the outbox")
+                        }
+                        SetAside::TooLarge { len, max } => {
+                            tracing::error!(seq, %target, channel = channel.0, reason = %why, len, max, "outbox row's payload is larger than the relay node's max_payload and can never be sent; set aside in the outbox, its stream moves on")
+                        }
+                        SetAside::Encode => {
+                            tracing::error!(seq, %target, channel = channel.0, reason = %why, "outbox row cannot be encoded by the relay node and can never be sent; set aside in the outbox, its stream moves on")
+                        }
+                    }
                 }
                 Err(e) => {
                     // Deleting the range now would delete this row as if delivered.
@@ -611,8 +639,53 @@ struct Settled {
     to: Option<i64>,
     /// Whether every row settled.
     complete: bool,
-    /// Rows the target refused for good, with the reason: to be set aside.
-    set_aside: Vec<(i64, RejectReason)>,
+    /// Rows refused for good, with the reason: to be set aside.
+    set_aside: Vec<(i64, SetAside)>,
+}
+
+/// Why a row is set aside (its `rejected` column): it can never be delivered as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetAside {
+    /// Its target refused it for good (dead letters, see [`settled_by_target`]).
+    Target(RejectReason),
+    /// The relay's node refuses to send it at all: the payload is larger than the
+    /// node's `max_payload` (`SendError::TooLarge`). Nothing was sent.
+    TooLarge {
+        /// The payload's size.
+        len: usize,
+        /// The node's `max_payload`.
+        max: usize,
+    },
+    /// The relay's node cannot encode it (`SendError::Encode`). Nothing was sent.
+    Encode,
+}
+
+impl SetAside {
+    /// The `rejected` column's value: the reason's name (`Undecodable`,
+    /// `DeadLettered`, `TypeMismatch`, `TooLarge`, `Encode`).
+    fn column(&self) -> String {
+        match self {
+            SetAside::Target(reason) => format!("{reason:?}"),
+            SetAside::TooLarge { .. } => "TooLarge".to_owned(),
+            SetAside::Encode => "Encode".to_owned(),
+        }
+    }
+}
+
+/// Whether a failed send (`send_with_key` itself, before any receipt) means this row
+/// can never be sent as stored, whatever the target or a later attempt: its payload is
+/// over the node's `max_payload`, or the node cannot encode it. Every other send error
+/// (target Down with `fail_fast_when_down`, a guarantee clash, the node stopping) is
+/// about the node or the target, not the row, and is retried.
+fn unsendable(e: &SendError) -> Option<SetAside> {
+    match e {
+        SendError::TooLarge { len, max } => Some(SetAside::TooLarge {
+            len: *len,
+            max: *max,
+        }),
+        SendError::Encode(_) => Some(SetAside::Encode),
+        _ => None,
+    }
 }
 
 /// Whether a rejection means the target has settled the message for good: it is in
@@ -651,21 +724,36 @@ async fn send_batch(out: &ackwire::RawSender, rows: &[OutboxRow], counters: &Cou
         {
             Ok(receipt) => {
                 counters.sent.fetch_add(1, Ordering::Relaxed);
-                receipts.push((row.seq, receipt));
+                receipts.push((row.seq, Ok(receipt)));
             }
-            Err(e) => {
-                tracing::debug!(seq = row.seq, error = %e, "outbox send failed; retrying later");
-                settled.complete = false;
-                break;
-            }
+            Err(e) => match unsendable(&e) {
+                // This row can never be sent as stored: set it aside like a row its
+                // target dead-letters, so the rows behind it are not held for ever.
+                // The rows before it were sent; it settles in its place in order.
+                Some(aside) => receipts.push((row.seq, Err(aside))),
+                None => {
+                    tracing::debug!(seq = row.seq, error = %e, "outbox send failed; retrying later");
+                    settled.complete = false;
+                    break;
+                }
+            },
         }
     }
     let mut prefix = true;
     for (seq, receipt) in receipts {
-        match receipt.await {
+        let result = match receipt {
+            Ok(receipt) => receipt.await,
+            // Settled for good at send time: it counts as settled in its place in
+            // the order (it is marked, so the range delete keeps it).
+            Err(aside) => {
+                settled.set_aside.push((seq, aside));
+                Ok(Outcome::Acked)
+            }
+        };
+        match result {
             Ok(Outcome::Acked) => {}
             Err(SendError::Rejected { reason }) if settled_by_target(reason) => {
-                settled.set_aside.push((seq, reason));
+                settled.set_aside.push((seq, SetAside::Target(reason)));
             }
             Err(SendError::Rejected { reason }) => {
                 counters.refused.fetch_add(1, Ordering::Relaxed);

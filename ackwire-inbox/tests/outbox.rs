@@ -196,6 +196,50 @@ scenarios! {
         assert!(eventually(Duration::from_secs(5), || async { relay.stats().delivered == 1 }).await);
     }
 
+    async fn a_row_over_the_nodes_max_payload_is_set_aside_and_the_stream_moves_on(pool) {
+        // Row 3's payload is larger than the relay node's `max_payload`: the node
+        // refuses to send it (`TooLarge`), now and on every retry. The relay must set
+        // it aside (kept in the table, `rejected` = "TooLarge", counted, logged at
+        // error level) and deliver the rows behind it, in order. (Regression: the
+        // failure was taken as transient, logged at debug and retried for ever, and
+        // every later row of the stream waited behind it.)
+        let rx_node = receiver_node(support::ports::restartable_addr()).await;
+        let mut rx = rx_node.receiver_with::<(u64, String)>(CH, ReceiverOptions::ordered()).unwrap();
+        let mut cfg = ackwire::NodeConfig::default();
+        cfg.max_payload = 1024;
+        let node = Arc::new(
+            Node::builder(support::net::SENDER)
+                .tcp(support::ports::restartable_addr(), support::net::fast_tcp())
+                .peer(RECEIVER, rx_node.local_addr().unwrap())
+                .config(cfg)
+                .build()
+                .await
+                .unwrap(),
+        );
+        let outbox = Outbox::<DB>::new();
+        let mut tx = pool.begin().await.unwrap();
+        for n in 1..=5u64 {
+            let label = if n == 3 { "x".repeat(2048) } else { format!("order-{n}") };
+            outbox.enqueue(&mut tx, RECEIVER, CH, IdKey(u128::from(n)), &(n, label)).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        // Default retry settings: the stream must not wait on a backoff for the row.
+        let relay = outbox.relay(node, pool.clone(), RelayOptions::default()).unwrap();
+        assert_eq!(collect(&mut rx, 4, Duration::from_secs(20)).await, [1, 2, 4, 5], "in order, without row 3");
+        assert!(eventually(Duration::from_secs(5), || async { relay.stats().delivered == 4 }).await, "{:?}", relay.stats());
+        let stats = relay.stats();
+        assert_eq!(stats.rejected, 1, "{stats:?}");
+        assert_eq!(stats.invalid_rows, 0, "{stats:?}");
+        assert_eq!(stats.sent, 4, "row 3 was never handed to the node: {stats:?}");
+        assert_eq!(Outbox::<DB>::rejected(&pool).await.unwrap(), 1, "set aside, not deleted");
+        assert_eq!(Outbox::<DB>::pending(&pool).await.unwrap(), 0);
+        let (key, reason): (Vec<u8>, Option<String>) =
+            sqlx::query_as("SELECT key, rejected FROM ackwire_outbox").fetch_one(&pool).await.unwrap();
+        assert_eq!(key, 3u128.to_be_bytes().to_vec(), "the oversized row is the one kept");
+        assert_eq!(reason.as_deref(), Some("TooLarge"));
+        quiet(&mut rx, Duration::from_millis(300)).await;
+    }
+
     async fn malformed_rows_hold_their_stream_and_are_counted(pool) {
         let (rx_node, mut rx, node) = nodes_on_loopback(true).await;
         let mut rx2 = rx_node.receiver::<(u64, String)>(CH2, false).unwrap();
