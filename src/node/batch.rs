@@ -27,6 +27,14 @@ impl RawSender {
     /// stops part-way, the call fails with its error; messages of earlier chunks were
     /// handed to the node and settle as their receipts would have (with the same error
     /// if they had not settled yet).
+    ///
+    /// **Cancellation:** dropping the future (a `timeout`, a `select!`) while it waits
+    /// for window space for a later chunk does not take back the chunks already handed
+    /// to the node: they are sent and settle, but their receipts are lost with the
+    /// future. A batch that fits in the free window goes in one step and is not split.
+    /// To retry a cancelled batch safely, send it with
+    /// [`RawSender::send_many_with_keys`]: keys make the repeat of an
+    /// effectively-once message a duplicate, not a second message.
     pub async fn send_many<I>(&self, payloads: I) -> Result<Vec<Receipt>, SendError>
     where
         I: IntoIterator<Item = Bytes>,
