@@ -9,10 +9,13 @@
 //!
 //! # Connection rules
 //!
-//! - Both sides send a [`crate::wire::Handshake`] (and a version probe) first and
-//!   agree on a protocol version from their [`TcpConfig::versions`] (see
+//! - Both sides send a [`crate::wire::Handshake`] (and a version probe) and agree on
+//!   a protocol version from their [`TcpConfig::versions`] (see
 //!   [`crate::wire::Negotiation`]) within [`TcpConfig::handshake_timeout`]; every later
-//!   frame is encoded for that version. No common version, a different first frame,
+//!   frame is encoded for that version. The acceptor sends its probe only once it has
+//!   read and admitted the dialer's claim, so a refused dialer (speaking version 2 or
+//!   later) never completes the handshake: its attempt fails and backs off, it never
+//!   reports the peer up. No common version, a different first frame,
 //!   garbage, a dialed peer answering with another node id, or a connection to
 //!   ourselves closes the connection, counted in [`TcpStats`] and logged at `warn`.
 //! - Anyone may dial. If two connections exist for a pair, both sides keep the one
@@ -46,8 +49,9 @@
 //! - Without TLS, a node accepts inbound connections only from peers it knows
 //!   ([`TcpTransport::with_peer`], [`TcpTransport::allow_peer`], [`LinkCommand::AddPeer`])
 //!   unless [`TcpConfig::accept_unknown_peers`] is set; strangers are refused and
-//!   counted (`rejected_unknown_peer`) as soon as their handshake frame is read, before
-//!   anything that follows it. A plain-TCP node id is only *claimed*: anyone who
+//!   counted (`rejected_unknown_peer`, warned at most every 10 s with the id to
+//!   admit) as soon as their handshake frame is read, before anything that follows it
+//!   and before this node sends its version probe. A plain-TCP node id is only *claimed*: anyone who
 //!   can reach the port can claim a known id. A node listening without TLS on a
 //!   non-loopback address logs a warning once.
 //! - One node id, one live incarnation: while a peer's connection is alive (bytes
@@ -562,6 +566,7 @@ impl Transport for TcpTransport {
                     .filter(|p| *p != local.node)
                     .collect(),
             ),
+            last_stranger_warn: Mutex::default(),
         });
         let acceptor = spawn_here(accept_loop(listener, Arc::clone(&ctx), self.accept_stop));
         let mut mgr = Manager {
@@ -679,6 +684,8 @@ struct Ctx {
     batch: bool,
     /// Peers that may connect without TLS (configured, allowed or added).
     known: Mutex<HashSet<NodeId>>,
+    /// When a refused stranger was last warned about (see `STRANGER_WARN_EVERY`).
+    last_stranger_warn: Mutex<Option<Instant>>,
 }
 
 impl Ctx {
@@ -1412,9 +1419,36 @@ fn handshake_failed(ctx: &Ctx, r: &Reject, remote: SocketAddr, peer: Option<Node
             %remote, ?peer, ours = %v.ours, theirs = %v.theirs,
             "tcp: no common protocol version, connection closed"
         ),
-        // Anyone who reaches the port can cause this one: counted, not warned.
-        Reject::UnknownPeer(_) => {
-            tracing::debug!(%remote, reason = %r, "tcp: stranger refused, connection closed")
+        // Anyone who reaches the port can cause this one, but so does a peer missing
+        // from our configuration: warned at most every `STRANGER_WARN_EVERY`.
+        Reject::UnknownPeer(claimed) => {
+            let now = Instant::now();
+            let warn = {
+                let mut last = ctx
+                    .last_stranger_warn
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let due = last.is_none_or(|t| now.duration_since(t) >= STRANGER_WARN_EVERY);
+                if due {
+                    *last = Some(now);
+                }
+                due
+            };
+            if warn {
+                tracing::warn!(
+                    %remote, peer = %claimed,
+                    refused_so_far = ctx.stats.snapshot().rejected_unknown_peer,
+                    "tcp: refused a connection from {claimed}, not an admitted peer of this node; \
+                     if it should talk to this node, add it here with `allow_peer` (or `peer`)"
+                );
+            } else {
+                tracing::debug!(%remote, reason = %r, "tcp: stranger refused, connection closed")
+            }
+        }
+        // Dialing: the peer closed before answering, most likely because it does not
+        // admit us; `dial_loop` warns about it, rate-limited.
+        Reject::Closed if peer.is_some() => {
+            tracing::debug!(%remote, ?peer, reason = %r, "tcp: handshake failed, connection closed")
         }
         _ => {
             tracing::warn!(%remote, ?peer, reason = %r, "tcp: handshake failed, connection closed")
@@ -1455,43 +1489,42 @@ async fn secure_and_handshake(
                 Ok(Ok(s)) => Stream::Tls(Box::new(s)),
                 Ok(Err(e)) => {
                     handshake_failed(ctx, &Reject::Tls(TlsRefusal::of(&e)), remote, expected);
-                    return Err(Counted);
+                    return Err(Counted {
+                        closed_by_peer: false,
+                    });
                 }
                 Err(_) => {
                     handshake_failed(ctx, &Reject::Tls(TlsRefusal::Other), remote, expected);
-                    return Err(Counted);
+                    return Err(Counted {
+                        closed_by_peer: false,
+                    });
                 }
             }
         }
     };
     #[cfg(not(feature = "tls"))]
     let mut stream = Stream::Plain(tcp);
-    let checked = async {
-        let hs = handshake(&mut stream, ctx, expected, deadline).await?;
-        #[cfg(feature = "tls")]
-        if let Some(leaf) = stream.peer_leaf() {
-            if !tls::cert_names_node(leaf, hs.origin.node) {
-                return Err(Reject::IdentityMismatch {
-                    claimed: hs.origin.node,
-                });
-            }
-        }
-        Ok(hs)
-    };
-    match checked.await {
+    // The claim is checked against the certificate inside, as soon as it is read.
+    match handshake(&mut stream, ctx, expected, deadline).await {
         Ok(hs) => Ok((hs, stream)),
         Err(r) => {
             // Counted while the connection is still open, so a peer that sees it
             // close finds the refusal in the stats already.
             handshake_failed(ctx, &r, remote, expected);
-            Err(Counted)
+            Err(Counted {
+                closed_by_peer: matches!(r, Reject::Closed),
+            })
         }
     }
 }
 
 /// A failed handshake, already counted and logged by [`handshake_failed`].
 #[derive(Debug)]
-struct Counted;
+struct Counted {
+    /// The peer closed the connection before completing the handshake: dialing, most
+    /// likely a peer that does not admit us (the dialer warns, rate-limited).
+    closed_by_peer: bool,
+}
 
 /// A completed handshake.
 #[derive(Debug)]
@@ -1510,6 +1543,18 @@ struct Handshaken {
 const EARLY_SLACK: usize = 1 << 20;
 
 /// Exchange handshakes and agree on a protocol version.
+///
+/// The dialing side (`expected` is `Some`) writes its whole opening (handshake and
+/// version probe) first and then reads. The accepting side writes its handshake frame,
+/// then reads the dialer's handshake and checks the claim (ourselves, a stranger, a
+/// claim its certificate does not back) *before* it writes the rest of its opening: a
+/// refused dialer must never receive a complete handshake, or it would count the
+/// connection as established, report the peer up and redial at once when it is closed.
+/// (Regression: the acceptor wrote all of its opening first, so a node that was not
+/// admitted saw its peer `Up` for ever and reconnected ~20 times a second.) A dialer
+/// speaking version 2 or later completes only with our probe; a dialer that speaks
+/// only version 1 completes on our handshake frame alone, so it still sees a refused
+/// connection open and close.
 async fn handshake(
     stream: &mut Stream,
     ctx: &Ctx,
@@ -1518,41 +1563,39 @@ async fn handshake(
 ) -> Result<Handshaken, Reject> {
     let exchange = async {
         let mut negotiation = Negotiation::new(ctx.local, ctx.cfg.versions);
-        let mut out = BytesMut::new();
+        // Our handshake frame, and what follows it (the version probe, unless we speak
+        // only version 1).
+        let (mut hello, mut rest) = (BytesMut::new(), BytesMut::new());
         let enc = FrameEncoder::default().with_version(1);
-        for frame in negotiation.opening() {
-            enc.encode(&frame, &mut out)
+        for (i, frame) in negotiation.opening().iter().enumerate() {
+            let out = if i == 0 { &mut hello } else { &mut rest };
+            enc.encode(frame, out)
                 .map_err(|_| Reject::UnexpectedFrame)?;
         }
-        stream.write_all(&out).await?;
+        if expected.is_some() {
+            // Dialing: all of it at once.
+            hello.extend_from_slice(&rest);
+            rest.clear();
+        }
+        stream.write_all(&hello).await?;
         // The handshake frame is small; frames a version-1 peer sends before it answers
         // the probe may be as large as any frame.
         let mut dec = FrameDecoder::new(HANDSHAKE_MAX_FRAME_LEN).with_version(1);
         let mut buf = BytesMut::with_capacity(256);
         let mut read = 0usize;
         let early_limit = ctx.cfg.max_frame_len.saturating_add(EARLY_SLACK);
+        let mut checked = false;
         loop {
             match dec.decode(&mut buf)? {
                 Some(frame) => {
-                    match negotiation.on_frame(frame) {
-                        Ok(NegotiationStep::NeedFrame) => {
-                            let Some((claimed, their_min)) = negotiation.claimed() else {
-                                return Err(Reject::UnexpectedFrame);
-                            };
-                            // A stranger is refused at its handshake, before we read
-                            // (and hold) what follows. (Regression: it could make us
-                            // buffer a frame of up to `max_frame_len` first, on each of
-                            // its connections.)
-                            // Our own id is a self-connection (or someone posing as
-                            // us): refused here too, not after its first frame.
-                            // (Regression: claiming our id skipped the check, and a
-                            // version-1 claim then made us buffer a frame of up to
-                            // `max_frame_len` per connection until the timeout.)
-                            if claimed.node == ctx.local.node {
-                                return Err(Reject::SelfConnection);
-                            }
-                            if expected.is_none() && !ctx.admits(claimed.node) {
-                                return Err(Reject::UnknownPeer(claimed.node));
+                    let step = negotiation.on_frame(frame);
+                    if !checked {
+                        if let Some((claimed, their_min)) = negotiation.claimed() {
+                            checked = true;
+                            // Refused: the peer never gets the rest of our opening.
+                            check_claim(stream, ctx, expected, claimed.node)?;
+                            if !rest.is_empty() {
+                                stream.write_all(&rest.split()).await?;
                             }
                             // A node speaking version 2 or later sends its small probe
                             // next; only a version-1 node's first frame may be large.
@@ -1562,6 +1605,13 @@ async fn handshake(
                                 HANDSHAKE_MAX_FRAME_LEN
                             };
                             dec = FrameDecoder::new(next).with_version(1);
+                        }
+                    }
+                    match step {
+                        Ok(NegotiationStep::NeedFrame) => {
+                            if !checked {
+                                return Err(Reject::UnexpectedFrame);
+                            }
                         }
                         Ok(NegotiationStep::Done {
                             origin,
@@ -1576,13 +1626,25 @@ async fn handshake(
                             })
                         }
                         Err(NegotiationError::Incompatible(v)) => {
-                            return Err(Reject::Incompatible(v))
+                            // A handshake naming versions we do not speak: our probe
+                            // still tells the peer which ones we do (it cannot complete
+                            // the handshake with it).
+                            if !rest.is_empty() {
+                                let _ = stream.write_all(&rest.split()).await;
+                            }
+                            return Err(Reject::Incompatible(v));
                         }
                         Err(_) => return Err(Reject::UnexpectedFrame),
                     }
                 }
                 None => {
-                    let n = stream.read_buf(&mut buf).await?;
+                    let n = match stream.read_buf(&mut buf).await {
+                        Ok(n) => n,
+                        // A peer that closes with our bytes unread resets the
+                        // connection: the same refusal as a clean close.
+                        Err(e) if closed_by_peer(&e) => 0,
+                        Err(e) => return Err(e.into()),
+                    };
                     if n == 0 {
                         return Err(match negotiation.on_closed() {
                             Some(v) => Reject::Incompatible(v),
@@ -1615,6 +1677,55 @@ async fn handshake(
     Ok(hs)
 }
 
+/// May the peer that claims to be `claimed` go on with the handshake? Checked as soon
+/// as its handshake frame is read: ourselves, a stranger (accepting without TLS), a
+/// dialed address answering as another node, a claim its TLS certificate does not name.
+fn check_claim(
+    stream: &Stream,
+    ctx: &Ctx,
+    expected: Option<NodeId>,
+    claimed: NodeId,
+) -> Result<(), Reject> {
+    // Our own id is a self-connection (or someone posing as us): refused here, not
+    // after its first frame. (Regression: claiming our id skipped the check, and a
+    // version-1 claim then made us buffer a frame of up to `max_frame_len` per
+    // connection until the timeout.)
+    if claimed == ctx.local.node {
+        return Err(Reject::SelfConnection);
+    }
+    match expected {
+        // A stranger is refused at its handshake, before we read (and hold) what
+        // follows, and before it hears ours. (Regression: it could make us buffer a
+        // frame of up to `max_frame_len` first, on each of its connections.)
+        None if !ctx.admits(claimed) => return Err(Reject::UnknownPeer(claimed)),
+        Some(expected) if claimed != expected => {
+            return Err(Reject::WrongPeer {
+                expected,
+                got: claimed,
+            })
+        }
+        _ => {}
+    }
+    #[cfg(feature = "tls")]
+    if let Some(leaf) = stream.peer_leaf() {
+        if !tls::cert_names_node(leaf, claimed) {
+            return Err(Reject::IdentityMismatch { claimed });
+        }
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = stream;
+    Ok(())
+}
+
+/// Did the peer close (or reset) the connection, as opposed to a local failure?
+fn closed_by_peer(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    )
+}
+
 /// The redial backoff, the same [`Backoff`] as message retries: the delay before
 /// attempt `n` (0-based) is `backoff_min · 2ⁿ` capped at `backoff_max`, drawn uniformly
 /// from its upper half (equal jitter), as [`Backoff::delay`]`(cfg.backoff_min, n)`.
@@ -1643,10 +1754,14 @@ fn connect_failed(
 /// Least time between two warn lines about one peer's failed dials.
 const CONNECT_WARN_EVERY: Duration = Duration::from_secs(30);
 
+/// Least time between two warn lines about refused strangers (the rest at debug).
+const STRANGER_WARN_EVERY: Duration = Duration::from_secs(10);
+
 async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff: bool) {
     let mut backoff = redial_backoff(&ctx.cfg, seed_from_entropy());
     let mut attempt = 0u32;
     let mut warned: Option<tokio::time::Instant> = None;
+    let mut refused_warned: Option<tokio::time::Instant> = None;
     if after_backoff {
         tokio::time::sleep(backoff.delay(ctx.cfg.backoff_min, 0)).await;
     }
@@ -1655,20 +1770,34 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff:
         match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
-                // A failure is counted and logged inside.
-                if let Ok((hs, stream)) = secure_and_handshake(tcp, &ctx, Some(peer), addr).await {
-                    let _ = ctx.internal.send(Internal::Established(Established {
-                        origin: hs.origin,
-                        dialed_by: ctx.local.node,
-                        stream,
-                        version: hs.version,
-                        early: hs.early,
-                        buf: hs.buf,
-                        remote: addr,
-                        slot: None,
-                        deferred: false,
-                    }));
-                    return;
+                // A failure is counted and logged inside; it backs off like a failed
+                // connect.
+                match secure_and_handshake(tcp, &ctx, Some(peer), addr).await {
+                    Ok((hs, stream)) => {
+                        let _ = ctx.internal.send(Internal::Established(Established {
+                            origin: hs.origin,
+                            dialed_by: ctx.local.node,
+                            stream,
+                            version: hs.version,
+                            early: hs.early,
+                            buf: hs.buf,
+                            remote: addr,
+                            slot: None,
+                            deferred: false,
+                        }));
+                        return;
+                    }
+                    Err(Counted {
+                        closed_by_peer: true,
+                    }) => connect_failed(
+                        peer,
+                        addr,
+                        attempt,
+                        &"the peer closed the connection during the handshake (it may not \
+                          admit this node: `allow_peer` or `peer` on the receiving node)",
+                        &mut refused_warned,
+                    ),
+                    Err(_) => {}
                 }
             }
             Ok(Err(e)) => {
