@@ -67,8 +67,8 @@
 //!   established (`rejected_ip_limit`).
 //! - However many addresses connect, the node holds at most
 //!   [`TcpConfig::max_handshaking`] accepted connections that have not completed their
-//!   handshake; one accepted beyond that is closed at once
-//!   (`rejected_handshake_limit`). Established connections do not count.
+//!   handshake; at that bound a new connection closes the oldest of them
+//!   (`evicted_handshakes`). Established connections do not count.
 
 #[cfg(feature = "tls")]
 use super::tls::{self, TlsConfig, TlsRefusal};
@@ -155,19 +155,18 @@ pub struct TcpConfig {
     pub max_connections_per_ip: usize,
     /// Accepted connections that have not completed their handshake (TLS included)
     /// the node holds at once, whatever their addresses. A connection accepted while
-    /// this many are handshaking is closed at once, before anything is read from it,
-    /// and counted in `rejected_handshake_limit` (a warning is logged at most once a
-    /// second). Connections leave the count when their handshake completes or fails
-    /// (at the latest after `handshake_timeout`); established connections and the
-    /// connections this node dials do not count. Bounds the descriptors and memory an
-    /// outsider holding many addresses (an IPv6 prefix, a botnet) can make the node
-    /// spend before proving anything: without it, `max_connections_per_ip` idle
-    /// connections from each of many addresses exhaust a typical 1 024-descriptor
-    /// limit. While an outsider keeps the node at the bound (reopening its connections
-    /// as they time out), new inbound connections, from honest peers too, are refused
-    /// and their dialers retry after a backoff; established connections and outbound
-    /// dials are unaffected. Keep it well below the process's descriptor limit.
-    /// Default: 256.
+    /// this many are handshaking closes the OLDEST of them (its task is aborted, its
+    /// socket closed; counted in `evicted_handshakes`, a warning logged at most once a
+    /// second) and takes its place. Connections leave the count when their handshake
+    /// completes or fails (at the latest after `handshake_timeout`); established
+    /// connections and the connections this node dials do not count. Bounds the
+    /// descriptors and memory an outsider holding many addresses (an IPv6 prefix, a
+    /// botnet) can make the node spend before proving anything: without it,
+    /// `max_connections_per_ip` idle connections from each of many addresses exhaust a
+    /// typical 1 024-descriptor limit. Evicting the oldest keeps new peers served while
+    /// an outsider holds the node at the bound: to keep one out, the outsider must open
+    /// this many connections within that peer's handshake round trip. Keep it well
+    /// below the process's descriptor limit. Default: 256.
     pub max_handshaking: usize,
     /// A peer's connection counts as alive while it received bytes within this long
     /// (the node's heartbeats keep it busy); while alive, a second incarnation of the
@@ -327,9 +326,10 @@ pub struct TcpStatsSnapshot {
     /// Inbound connections closed at once: their IP address already holds
     /// `max_connections_per_ip`.
     pub rejected_ip_limit: u64,
-    /// Inbound connections closed at once: the node already held `max_handshaking`
-    /// connections in their handshake.
-    pub rejected_handshake_limit: u64,
+    /// Inbound connections closed in their handshake to make room for a newer one: the
+    /// node already held `max_handshaking` connections in their handshake and closed
+    /// the oldest of them.
+    pub evicted_handshakes: u64,
     /// Connections closed because a started frame was not completed in `read_timeout`.
     pub read_timeouts: u64,
     /// TLS: the peer presented no certificate.
@@ -379,7 +379,7 @@ impl TcpStats {
             rejected_unknown_peer: g(Counter::RejectedUnknownPeer),
             rejected_duplicate_node: g(Counter::RejectedDuplicateNode),
             rejected_ip_limit: g(Counter::RejectedIpLimit),
-            rejected_handshake_limit: g(Counter::RejectedHandshakeLimit),
+            evicted_handshakes: g(Counter::EvictedHandshakes),
             read_timeouts: g(Counter::ReadTimeouts),
             rejected_tls_no_certificate: g(Counter::RejectedTlsNoCertificate),
             rejected_tls_untrusted: g(Counter::RejectedTlsUntrusted),
@@ -626,9 +626,9 @@ enum Counter {
     StalledPeersDisconnected,
     FramesWithdrawn,
     FramesSkippedTooLarge,
-    RejectedHandshakeLimit,
+    EvictedHandshakes,
 }
-const COUNTERS: usize = Counter::RejectedHandshakeLimit as usize + 1;
+const COUNTERS: usize = Counter::EvictedHandshakes as usize + 1;
 
 /// A connected peer is disconnected once this many times `queue_bound` frames wait
 /// for it (see `Manager::send`).
@@ -1332,23 +1332,76 @@ impl Manager {
 }
 
 /// At most one warning per this long that `max_handshaking` was reached (the
-/// refusals in between are counted in it, and logged at debug).
+/// evictions in between are counted in `evicted_handshakes`, and logged at debug).
 const HANDSHAKE_LIMIT_WARN_EVERY: Duration = Duration::from_secs(1);
 
+/// The accepted connections in their handshake, oldest first, so that the node can
+/// hold at most `max_handshaking` of them and, at that bound, close the oldest to make
+/// room for a new one. (Regression: only the per-address limit applied, so an outsider
+/// holding 64 idle connections from each of many addresses made the node hold
+/// thousands of descriptors until their handshake timeouts, and the process ran out of
+/// them. Then the bound refused the NEW connection, so an outsider reopening its idle
+/// connections as they timed out, about 50 a second, kept every new peer out.)
+struct Handshaking {
+    tasks: JoinSet<()>,
+    /// Abort handles in accept order. Entries of tasks that ended on their own stay
+    /// until they reach the front or the queue is compacted (see `admit`).
+    order: std::collections::VecDeque<tokio::task::AbortHandle>,
+    /// Tasks in their handshake: spawned, not joined, not evicted.
+    live: usize,
+    /// Evicted tasks not joined yet (so that their join does not count them twice).
+    evicted: std::collections::HashSet<tokio::task::Id>,
+}
+
+impl Handshaking {
+    fn new() -> Self {
+        Self {
+            tasks: JoinSet::new(),
+            order: std::collections::VecDeque::new(),
+            live: 0,
+            evicted: std::collections::HashSet::new(),
+        }
+    }
+
+    /// A joined task leaves the count, unless it left it when evicted.
+    fn joined(&mut self, id: tokio::task::Id) {
+        if !self.evicted.remove(&id) {
+            self.live -= 1;
+        }
+    }
+
+    /// Closes the oldest connection still in its handshake (aborting its task drops
+    /// its socket). False if there is none.
+    fn evict_oldest(&mut self) -> bool {
+        while let Some(h) = self.order.pop_front() {
+            if !h.is_finished() {
+                h.abort();
+                self.evicted.insert(h.id());
+                self.live -= 1;
+                return true;
+            }
+        }
+        false
+    }
+
+    fn admit(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let h = self.tasks.spawn(task);
+        self.order.push_back(h);
+        self.live += 1;
+        // Drop the entries of tasks that ended on their own once they are over half the
+        // queue: each compaction removes more than half its entries, so it costs O(1)
+        // per accept, amortised, and the queue stays under 2 * live + 64 entries.
+        if self.order.len() > 2 * self.live + 64 {
+            self.order.retain(|h| !h.is_finished());
+        }
+    }
+}
+
 async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Arc<tokio::sync::Notify>) {
-    let mut handshakes = JoinSet::new();
-    // Accepted connections in their handshake, over all addresses: one permit each,
-    // given back when the handshake ends (completed, failed or timed out). (Regression:
-    // only the per-address limit applied, so an outsider holding 64 idle connections
-    // from each of many addresses made the node hold thousands of descriptors until
-    // their handshake timeouts, and the process ran out of them.)
-    let handshaking = Arc::new(tokio::sync::Semaphore::new(
-        ctx.cfg
-            .max_handshaking
-            .min(tokio::sync::Semaphore::MAX_PERMITS),
-    ));
+    let mut handshaking = Handshaking::new();
+    let max = ctx.cfg.max_handshaking;
     let mut last_limit_warn: Option<Instant> = None;
-    let mut refused_since_warn = 0u64;
+    let mut evicted_since_warn = 0u64;
     loop {
         tokio::select! {
             // The node is going away: drop the listener (and the handshakes in
@@ -1361,30 +1414,35 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Arc<tokio::sync
                         tracing::debug!(%remote, "tcp: connection limit of the address reached, connection closed");
                         continue; // dropping tcp closes it
                     };
-                    let Ok(permit) = Arc::clone(&handshaking).try_acquire_owned() else {
-                        ctx.stats.inc(Counter::RejectedHandshakeLimit);
-                        refused_since_warn += 1;
+                    // Count the handshakes that ended but are not joined yet first.
+                    while let Some(res) = handshaking.tasks.try_join_next_with_id() {
+                        handshaking.joined(res.map_or_else(|e| e.id(), |(id, ())| id));
+                    }
+                    // At the bound the OLDEST handshake makes room: an outsider must
+                    // open `max_handshaking` connections within one honest handshake's
+                    // round trip to keep a new peer out, not merely keep that many open.
+                    if handshaking.live >= max && handshaking.evict_oldest() {
+                        ctx.stats.inc(Counter::EvictedHandshakes);
+                        evicted_since_warn += 1;
                         if last_limit_warn.is_none_or(|t| t.elapsed() >= HANDSHAKE_LIMIT_WARN_EVERY) {
                             tracing::warn!(
                                 %remote,
-                                refused_since_last_warning = refused_since_warn,
-                                max_handshaking = ctx.cfg.max_handshaking,
-                                "tcp: too many connections in their handshake, new connections closed"
+                                evicted_since_last_warning = evicted_since_warn,
+                                max_handshaking = max,
+                                "tcp: too many connections in their handshake, the oldest closed"
                             );
                             last_limit_warn = Some(Instant::now());
-                            refused_since_warn = 0;
+                            evicted_since_warn = 0;
                         } else {
-                            tracing::debug!(%remote, "tcp: handshake limit reached, connection closed");
+                            tracing::debug!(%remote, "tcp: handshake limit reached, the oldest handshake closed");
                         }
-                        continue; // dropping tcp (and its IP slot) closes it
-                    };
+                    }
                     let ctx = Arc::clone(&ctx);
-                    handshakes.spawn(tracing::Instrument::instrument(async move {
+                    handshaking.admit(tracing::Instrument::instrument(async move {
                         let _ = tcp.set_nodelay(true);
-                        // A failure is counted and logged inside.
+                        // A failure is counted and logged inside. Nothing after it
+                        // awaits, so an eviction cannot cut an established connection.
                         let handshaken = secure_and_handshake(tcp, &ctx, None, remote).await;
-                        // Established connections do not count against `max_handshaking`.
-                        drop(permit);
                         if let Ok((hs, stream)) = handshaken {
                             let _ = ctx.internal.send(Internal::Established(Established {
                                 origin: hs.origin,
@@ -1406,7 +1464,9 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Arc<tokio::sync
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
+            Some(res) = handshaking.tasks.join_next_with_id(), if !handshaking.tasks.is_empty() => {
+                handshaking.joined(res.map_or_else(|e| e.id(), |(id, ())| id));
+            }
         }
     }
 }
