@@ -312,11 +312,13 @@ pub enum GroupSendError {
     /// with one of exactly these [`RejectReason`]s: `Unauthorized`, `Undecodable`,
     /// `TypeMismatch`, `DeadLettered`.
     ///
-    /// Every other refusal is re-routed, since the message was not processed and
-    /// another member (or the same one later) may take it: `NoReceiver`,
-    /// `StreamRetired`, `KeyTableFull` (that member's key table is at its budget),
-    /// and a reason this build does not know ([`RejectReason::Other`], from a newer
-    /// member). Re-routes go to members not tried yet first; if every member keeps
+    /// Every other refusal is re-routed, since another member (or the same one
+    /// later) may take it: `NoReceiver` and `KeyTableFull` (that member's key table
+    /// is at its budget; both refused before processing), `StreamRetired` (not sent
+    /// for group messages, whose keyed ids belong to no stream), and a reason this
+    /// build does not know ([`RejectReason::Other`], from a newer member: re-routed as
+    /// a refusal that may pass elsewhere; the receiver's key dedup still answers a
+    /// copy of a message a member processed). Re-routes go to members not tried yet first; if every member keeps
     /// refusing, the message fails with [`GroupSendError::AttemptsExhausted`] after
     /// [`GroupConfig::max_attempts`] sends, its `last` error carrying the refusal.
     #[error("{} failed{}: {error}", crate::MessageId::Key(*key), member.map(|m| format!(" at {m}")).unwrap_or_default())]
@@ -917,10 +919,11 @@ fn verdict(e: &SendError) -> Verdict {
         // No wildcard: a reason added to `RejectReason` must be placed here (and in
         // the rustdoc of `GroupSendError::Failed`, which lists the final ones).
         SendError::Rejected { reason } => match reason {
-            // Not processed, and another member (or this one later) may take it.
-            // `KeyTableFull`: that member's key table is at its budget. `Other`: a
-            // reason from a newer member this build does not know; re-routing it is
-            // safe (nothing was processed) and `max_attempts` bounds the tries.
+            // Another member (or this one later) may take it. `KeyTableFull`: that
+            // member's key table is at its budget (refused before processing).
+            // `Other`: a reason from a newer member this build does not know;
+            // `max_attempts` bounds the tries, and keyed dedup at the members answers
+            // a copy of what one of them processed.
             RejectReason::NoReceiver
             | RejectReason::StreamRetired
             | RejectReason::KeyTableFull

@@ -406,3 +406,51 @@ async fn durable_effectively_once_holds_across_a_clean_receiver_restart() {
     a.shutdown().await;
     b2.shutdown().await;
 }
+
+/// At-most-once messages queued for a receiver when its node stops are still handed
+/// out (their sender settled them when it sent them and will not send them again),
+/// then `recv` ends: nothing is lost to the stop itself. (Regression: taking the
+/// queue back at the stop dropped them uncounted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_once_messages_queued_at_a_stop_are_still_handed_out() {
+    let b = tcp_node(B, Some(A), NodeConfig::default()).await;
+    let mut rx = b.receiver::<u64>(CH, false).unwrap();
+    let a = tcp_node_at(
+        A,
+        ports::restartable_addr(),
+        None,
+        Some((B, b.local_addr().unwrap())),
+        NodeConfig::default(),
+    )
+    .await;
+    let tx = a
+        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::AtMostOnce))
+        .unwrap();
+    for i in 0..20u64 {
+        let r = tx.send(&i).await.unwrap();
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(10), r)
+                .await
+                .unwrap(),
+            Ok(Outcome::Sent)
+        );
+    }
+    let mut got = vec![*tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .message()];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(10), b.shutdown())
+        .await
+        .unwrap();
+    while let Some(d) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("recv after shutdown returns")
+    {
+        got.push(*d.message());
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..20).collect::<Vec<u64>>());
+    a.shutdown().await;
+}

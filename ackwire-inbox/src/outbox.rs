@@ -174,10 +174,12 @@ impl<DB: Backend> Outbox<DB> {
     ///   [`Outbox::rejected`]). So is a row the relay's node refuses to send at all:
     ///   a payload larger than its
     ///   [`NodeConfig::max_payload`](ackwire::NodeConfig::max_payload) (`rejected` =
-    ///   `TooLarge`), or one it cannot encode (`Encode`); nothing of it was sent. Either
-    ///   way the row is logged at error level once, kept in the table, and the rows
-    ///   behind it are delivered in order without it. To send a `TooLarge` row after
-    ///   raising the node's limit, set its `rejected` back to `NULL`.
+    ///   `TooLarge`; `Encode` is reserved for an encoding failure, which a raw send
+    ///   does not have today); nothing of it was sent. Either way the row is logged at
+    ///   error level once, kept in the table, and the rows behind it are delivered in
+    ///   order without it. To send a `TooLarge` row after raising the node's limit,
+    ///   set its `rejected` back to `NULL`: it then goes out after the rows that were
+    ///   behind it (out of its commit order).
     /// * **Wake-up**: PostgreSQL: LISTEN on `ackwire_outbox` (enqueue notifies at
     ///   commit), falling back to polling every `poll_interval` while the listener is
     ///   down. SQLite: polling, and a faster look after an `enqueue` on a clone of this

@@ -150,10 +150,10 @@ impl RawReceiver {
     /// Same rules as [`RawReceiver::recv`]: nothing is handed out once a graceful stop
     /// has begun its handler grace.
     pub async fn recv_many(&mut self, buf: &mut Vec<Delivery<Bytes>>, limit: usize) -> usize {
-        if self.stopped() {
+        if limit == 0 {
             return 0;
         }
-        self.rx.recv_many(buf, limit).await
+        std::future::poll_fn(|cx| self.poll_recv_many(cx, buf, limit)).await
     }
 }
 

@@ -328,6 +328,9 @@ impl futures_core::Stream for RawReceiver {
 pub struct RawReceiver {
     pub(super) rx: mpsc::UnboundedReceiver<Delivery<Bytes>>,
     pub(super) shared: Arc<Shared>,
+    /// At-most-once deliveries that were queued when the node stopped handing out:
+    /// settled already (never sent again), so still handed out, then `None`.
+    pub(super) settled_left: std::collections::VecDeque<Delivery<Bytes>>,
 }
 
 /// Messages still queued when the receiver goes were never seen by the application:
@@ -341,7 +344,7 @@ pub struct RawReceiver {
 /// they became dead letters unseen.)
 impl Drop for RawReceiver {
     fn drop(&mut self) {
-        self.take_back_queued();
+        self.take_back_queued(false);
     }
 }
 
@@ -349,9 +352,11 @@ impl RawReceiver {
     /// The next message; `None` once the node has shut down.
     ///
     /// Nothing is handed out once a graceful stop ([`Node::shutdown`]) has begun its
-    /// handler grace: from then on `recv` returns `None`, and the messages still queued
-    /// for this receiver, which the application never saw, are taken back unprocessed
-    /// (the sender sends them again to the node's next run). A message handed out
+    /// handler grace: from then on the messages still queued for this receiver, which
+    /// the application never saw, are taken back unprocessed (the sender sends them
+    /// again to the node's next run), and `recv` returns `None` — after handing out
+    /// the at-most-once ones among them, which no sender would send again. A message
+    /// handed out
     /// before that has the grace (1 s) to be acked. (Regression: messages queued at the
     /// stop were handed out after `shutdown` returned, their acks went nowhere, and
     /// with durable dedup each was processed again by the restarted receiver.)
@@ -364,9 +369,25 @@ impl RawReceiver {
     /// Poll for the next message (same rules as [`RawReceiver::recv`]).
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery<Bytes>>> {
         if self.stopped() {
-            return Poll::Ready(None);
+            return Poll::Ready(self.settled_left.pop_front());
         }
         self.rx.poll_recv(cx)
+    }
+
+    /// Poll for up to `limit` messages into `buf` (same rules as
+    /// [`RawReceiver::recv`]; the stop is checked on every poll).
+    pub(super) fn poll_recv_many(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<Delivery<Bytes>>,
+        limit: usize,
+    ) -> Poll<usize> {
+        if self.stopped() {
+            let n = self.settled_left.len().min(limit);
+            buf.extend(self.settled_left.drain(..n));
+            return Poll::Ready(n);
+        }
+        self.rx.poll_recv_many(cx, buf, limit)
     }
 
     /// Has the node stopped handing out? Then what is queued here is taken back.
@@ -374,17 +395,24 @@ impl RawReceiver {
         if !self.shared.receivers_stopped.load(Ordering::Acquire) {
             return false;
         }
-        self.take_back_queued();
+        if !self.rx.is_closed() || !self.rx.is_empty() {
+            self.take_back_queued(true);
+        }
         true
     }
 
     /// Close the queue and take back every message in it (never seen by the
-    /// application).
-    fn take_back_queued(&mut self) {
+    /// application). At-most-once ones cannot come back (their sender settled them
+    /// when it sent them): with `keep_settled` they are kept to be handed out.
+    fn take_back_queued(&mut self, keep_settled: bool) {
         self.rx.close();
         let mut queued = Vec::new();
         while let Ok(d) = self.rx.try_recv() {
-            queued.push(d);
+            if keep_settled && d.guarantee == Guarantee::AtMostOnce {
+                self.settled_left.push_back(d);
+            } else {
+                queued.push(d);
+            }
         }
         // Newest first: an ordered stream then rewinds one seq at a time instead of
         // holding each for a redelivery.

@@ -386,6 +386,7 @@ impl Node {
         Ok(RawReceiver {
             rx,
             shared: self.shared.clone(),
+            settled_left: std::collections::VecDeque::new(),
         })
     }
 

@@ -28,6 +28,8 @@ pub(super) struct Receivers {
     /// `ack_durable` waiters: the delivery, the persist-error count before it was
     /// completed, and where to answer.
     durable_acks: Vec<(DeliveryRef, u64, AckReply)>,
+    /// Nothing is handed out any more ([`Receivers::stop_handing_out`]).
+    stopped: bool,
 }
 
 impl Receivers {
@@ -37,6 +39,7 @@ impl Receivers {
             completions,
             completed: Vec::new(),
             durable_acks: Vec::new(),
+            stopped: false,
         }
     }
 
@@ -54,6 +57,9 @@ impl Receivers {
         schema: u32,
         tx: mpsc::UnboundedSender<Delivery<Bytes>>,
     ) {
+        if self.stopped {
+            return; // its receiver ends at once (it sees the stop)
+        }
         // Before the map grows, let go of the receivers the application dropped: each
         // held its queue's first block (~6 KiB) and kept its channel accepted until a
         // message came for it. Amortised O(1) per registration. (Regression: a
@@ -197,6 +203,7 @@ impl Receivers {
         shared
             .receivers_stopped
             .store(true, std::sync::atomic::Ordering::Release);
+        self.stopped = true;
         self.by_channel.clear();
     }
 }

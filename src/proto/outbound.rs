@@ -218,6 +218,8 @@ struct InFlight {
     waiting_armed: bool,
     /// A paced resend asked for by a nack is armed ([`NACKED`]).
     nack_armed: bool,
+    /// Another nack came while it was armed (it may answer a newer copy).
+    nack_again: bool,
     /// Carries an explicit id, kept in [`OutboundStream::ids`]; otherwise its id is
     /// the implicit `Seq { origin, channel, seq }`.
     has_id: bool,
@@ -743,6 +745,7 @@ impl OutboundStream {
             queued: true,
             waiting_armed: false,
             nack_armed: false,
+            nack_again: false,
             has_id: id.is_some(),
         }));
         self.transmit.push_back(seq);
@@ -1018,18 +1021,25 @@ impl OutboundStream {
                 return;
             }
             m.nack_armed = false;
+            let again = std::mem::take(&mut m.nack_again);
             if expired {
                 self.give_up(seq, GiveUp::Deadline);
                 return;
             }
-            // Unless it went out again since (a timer's retransmission): that copy
-            // answers the nack.
-            let resent = self
-                .times
-                .sent_at(seq, m)
-                .is_some_and(|sent| now < later(sent, NACK_RESEND_MIN));
-            if !m.queued && !resent {
-                self.queue_retransmit(seq);
+            if m.queued {
+                return;
+            }
+            // A copy that went out since (a timer's retransmission, a reconnect)
+            // answers the nack; a nack that came after it is paced from that copy.
+            match self.times.sent_at(seq, m) {
+                Some(sent) if now < later(sent, NACK_RESEND_MIN) => {
+                    if again {
+                        m.nack_armed = true;
+                        self.timers
+                            .push(Reverse((later(sent, NACK_RESEND_MIN), seq, NACKED)));
+                    }
+                }
+                _ => self.queue_retransmit(seq),
             }
             return;
         }
@@ -1211,8 +1221,14 @@ impl OutboundStream {
         let Some(m) = self.slots[idx].as_mut() else {
             return;
         };
-        if m.queued || m.nack_armed {
+        if m.queued {
             return; // a resend is on its way already
+        }
+        if m.nack_armed {
+            // Served by the armed resend, unless a copy goes out before it (then this
+            // nack may answer that copy: see `fire`).
+            m.nack_again = true;
+            return;
         }
         match self.times.sent_at(seq, m) {
             Some(sent) if now < later(sent, NACK_RESEND_MIN) => {
@@ -2323,6 +2339,25 @@ mod tests {
         s.handle_nack(late, 1);
         run(&mut s, late);
         assert_eq!(s.retransmits(), 1);
+    }
+
+    /// A nack that comes while a paced resend is armed, after another copy went out
+    /// (a reconnect's), is still answered within NACK_RESEND_MIN of that copy, not at
+    /// the next retransmission timer.
+    #[test]
+    fn a_nack_for_a_copy_sent_while_a_resend_was_armed_is_answered() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let mut s = stream(t0);
+        s.send(t0, Bytes::from_static(b"m"), None, None, 0);
+        run(&mut s, t0);
+        s.handle_nack(t0 + 20 * ms, 1); // armed for t0 + 100 ms
+        s.handle_reconnect(); // resends at t0 + 50 ms
+        run(&mut s, t0 + 50 * ms);
+        assert_eq!(s.retransmits(), 1);
+        s.handle_nack(t0 + 55 * ms, 1); // the reconnect's copy failed too
+        run_until(&mut s, t0 + 160 * ms);
+        assert_eq!(s.retransmits(), 2, "the second nack was dropped");
     }
 
     /// Retry budget: every fresh send and every message an ack settles deposits one

@@ -263,9 +263,10 @@ impl FrameDecoder {
     /// Take one frame off the front of `src`.
     ///
     /// `Ok(None)`: `src` does not hold a whole frame yet; read more bytes and call
-    /// again (nothing was consumed; capacity for at most the next 64 KiB of the frame
-    /// may have been reserved, never for the whole announced length: the buffer grows
-    /// as the bytes arrive, so a length prefix alone cannot make it hold more).
+    /// again (nothing was consumed; each call reserves for at most the next 64 KiB of
+    /// the frame, never for the whole announced length: the buffer grows as the bytes
+    /// arrive — its capacity may round up to about twice what it holds — so a length
+    /// prefix alone cannot make it hold more than 64 KiB).
     /// `Ok(Some(frame))`: the frame's bytes were removed from `src`. `Err(_)`: the
     /// stream is broken, close the connection.
     pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
