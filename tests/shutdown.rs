@@ -266,16 +266,11 @@ async fn tcp_node_at(
         .expect("build")
 }
 
-/// `RawReceiver::recv`: nothing is handed out once a graceful stop has begun its handler
-/// grace; `None` after `shutdown` returned even with messages still queued, and those
-/// are taken back (never acked unprocessed): every receipt stays open until the
-/// sender gives up, none is `Acked` for a message the application did not take.
-/// (Regression: 9 messages queued at the stop were handed out after `shutdown`
-/// returned, and their acks went nowhere.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recv_hands_out_nothing_once_shutdown_has_returned() {
+/// Receiver `B` (with a receiver on `CH`) and sender `A` (with a sender to it) over TCP,
+/// default settings.
+async fn tcp_channel(g: Guarantee) -> (Node, ackwire::Receiver<u64>, Node, ackwire::Sender<u64>) {
     let b = tcp_node(B, Some(A), NodeConfig::default()).await;
-    let mut rx = b.receiver::<u64>(CH, false).unwrap();
+    let rx = b.receiver::<u64>(CH, false).unwrap();
     let a = tcp_node_at(
         A,
         ports::restartable_addr(),
@@ -284,9 +279,19 @@ async fn recv_hands_out_nothing_once_shutdown_has_returned() {
         NodeConfig::default(),
     )
     .await;
-    let tx = a
-        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
-        .unwrap();
+    let tx = a.sender::<u64>(B, ChannelOptions::new(CH, g)).unwrap();
+    (b, rx, a, tx)
+}
+
+/// `RawReceiver::recv`: nothing is handed out once a graceful stop has begun its handler
+/// grace; `None` after `shutdown` returned even with messages still queued, and those
+/// are taken back (never acked unprocessed): every receipt stays open until the
+/// sender gives up, none is `Acked` for a message the application did not take.
+/// (Regression: 9 messages queued at the stop were handed out after `shutdown`
+/// returned, and their acks went nowhere.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_hands_out_nothing_once_shutdown_has_returned() {
+    let (b, mut rx, a, tx) = tcp_channel(Guarantee::EffectivelyOnce).await;
     let mut receipts = Vec::new();
     for i in 0..10u64 {
         receipts.push(tx.send(&i).await.unwrap());
@@ -413,19 +418,7 @@ async fn durable_effectively_once_holds_across_a_clean_receiver_restart() {
 /// queue back at the stop dropped them uncounted.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_once_messages_queued_at_a_stop_are_still_handed_out() {
-    let b = tcp_node(B, Some(A), NodeConfig::default()).await;
-    let mut rx = b.receiver::<u64>(CH, false).unwrap();
-    let a = tcp_node_at(
-        A,
-        ports::restartable_addr(),
-        None,
-        Some((B, b.local_addr().unwrap())),
-        NodeConfig::default(),
-    )
-    .await;
-    let tx = a
-        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::AtMostOnce))
-        .unwrap();
+    let (b, mut rx, a, tx) = tcp_channel(Guarantee::AtMostOnce).await;
     for i in 0..20u64 {
         let r = tx.send(&i).await.unwrap();
         assert_eq!(
