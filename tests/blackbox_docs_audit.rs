@@ -1,0 +1,301 @@
+//! Black-box audit of documented claims (README.md, RELIABILITY.md, the rustdoc of the
+//! public API) that no other suite pins. Public API only, real TCP on 127.0.0.1,
+//! default `NodeConfig` unless the claim is about a setting. Each test's doc comment
+//! quotes the claim and where it is.
+
+mod support;
+
+use ackwire::{
+    AckError, ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeError, NodeId, Outcome,
+    ReceiverOptions, RejectReason, SendError,
+};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+fn addr() -> SocketAddr {
+    support::ports::restartable_addr()
+}
+
+/// `f`, or a panic naming `what` after `secs` seconds.
+async fn within<F: Future>(secs: u64, what: &str, f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {secs} s"))
+}
+
+/// `(receiver, sender)` over TCP loopback with the given configs.
+async fn pair_with(rid: u64, sid: u64, rcfg: NodeConfig, scfg: NodeConfig) -> (Node, Node) {
+    let b = Node::builder(NodeId(rid))
+        .bind(addr())
+        .allow_peer(NodeId(sid))
+        .config(rcfg)
+        .build()
+        .await
+        .expect("receiver builds");
+    let a = Node::builder(NodeId(sid))
+        .bind(addr())
+        .peer(NodeId(rid), b.local_addr().unwrap())
+        .config(scfg)
+        .build()
+        .await
+        .expect("sender builds");
+    (b, a)
+}
+
+async fn pair(rid: u64, sid: u64) -> (Node, Node) {
+    pair_with(rid, sid, NodeConfig::default(), NodeConfig::default()).await
+}
+
+/// `Delivery::nack` (src/node/handles.rs): "the sender redelivers it soon — at once if
+/// the copy was sent more than 100 ms ago, otherwise 100 ms after it (a receiver's
+/// nacks cannot make a sender resend one message more than ten times a second)".
+/// With the default delivery limit (20), a message nacked at once every time is
+/// delivered 20 times, so its 20 deliveries span at least 19 × 100 ms, and it is then
+/// dead-lettered (`Rejected { reason: DeadLettered }`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacks_cannot_make_a_sender_resend_a_message_more_than_ten_times_a_second() {
+    for (i, g) in [Guarantee::AtLeastOnce, Guarantee::EffectivelyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        let (b, a) = pair(10 + 2 * i as u64, 11 + 2 * i as u64).await;
+        let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+        let out = a
+            .sender::<u64>(b.id(), ChannelOptions::new(ChannelId(1), g))
+            .unwrap();
+        let receipt = out.send(&7).await.unwrap();
+        let mut at = Vec::new();
+        let res = within(30, "dead letter after 20 nacks", async {
+            tokio::select! {
+                r = receipt => r,
+                _ = async {
+                    while let Some(d) = inbox.recv().await {
+                        at.push(Instant::now());
+                        d.nack();
+                    }
+                    std::future::pending::<()>().await
+                } => unreachable!(),
+            }
+        })
+        .await;
+        assert_eq!(
+            res,
+            Err(SendError::Rejected {
+                reason: RejectReason::DeadLettered
+            }),
+            "{g:?}"
+        );
+        assert_eq!(at.len(), 20, "{g:?}: default max_deliveries is 20");
+        let span = at[19] - at[0];
+        // 19 gaps of at least 100 ms each; allow 10 % for timer granularity.
+        assert!(
+            span >= Duration::from_millis(1710),
+            "{g:?}: 20 deliveries of one nacked message within {span:?}: more than ten \
+             resends a second (gaps: {:?})",
+            at.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
+/// `Delivery::ack_durable` (src/node/handles.rs): "# Errors ...
+/// [`AckError::NodeStopped`] when the node stopped first." A delivery held across its
+/// node's shutdown: `ack_durable` must fail `NodeStopped`, not hang and not say `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_durable_after_the_node_stopped_fails_node_stopped() {
+    let (b, a) = pair(20, 21).await;
+    let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let out = a
+        .sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(1), Guarantee::EffectivelyOnce),
+        )
+        .unwrap();
+    let _receipt = out.send(&1).await.unwrap();
+    let d = within(10, "delivery", inbox.recv()).await.unwrap();
+    within(30, "receiver shutdown", b.shutdown()).await;
+    let r = within(10, "ack_durable after stop", d.ack_durable()).await;
+    assert!(matches!(r, Err(AckError::NodeStopped)), "got {r:?}");
+    a.shutdown().await;
+}
+
+/// `NodeError::NoTransport` (src/node/error.rs): "The builder has no transport: call
+/// `bind` or `transport`."
+#[tokio::test]
+async fn a_builder_without_a_transport_fails_no_transport() {
+    let r = within(10, "build", Node::builder(NodeId(30)).build()).await;
+    assert!(matches!(r, Err(NodeError::NoTransport)), "got {:?}", r.err());
+}
+
+/// `Node::shutdown` / `Node::sender` / `Node::stats` docs: after shutdown, new sends
+/// fail `SendError::Shutdown`, `sender()` and `receiver()` fail `NodeError::Shutdown`,
+/// and so do `stats()` and `decommission()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_after_shutdown_fails_shutdown() {
+    let (b, a) = pair(40, 41).await;
+    let out = a
+        .sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce),
+        )
+        .unwrap();
+    within(30, "shutdown", a.shutdown()).await;
+    let s = within(10, "send after shutdown", out.send(&1)).await;
+    assert_eq!(s.err(), Some(SendError::Shutdown));
+    let t = out.try_send(&1);
+    assert_eq!(t.err(), Some(SendError::Shutdown));
+    assert!(matches!(
+        a.sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(2), Guarantee::AtLeastOnce)
+        ),
+        Err(NodeError::Shutdown)
+    ));
+    assert!(matches!(
+        a.receiver::<u64>(ChannelId(3), false),
+        Err(NodeError::Shutdown)
+    ));
+    assert!(matches!(
+        within(10, "stats", a.stats()).await,
+        Err(NodeError::Shutdown)
+    ));
+    assert!(matches!(
+        within(10, "decommission", a.decommission(b.id())).await,
+        Err(NodeError::Shutdown)
+    ));
+    b.shutdown().await;
+}
+
+/// `NodeConfig::max_payload`: "Largest payload `send` accepts. Default 4 MiB." and
+/// README "Limits, each a typed error ...: payload size (`SendError::TooLarge`)".
+/// Exactly 4 MiB is accepted and delivered over default TCP; one byte more is
+/// `TooLarge { len, max: 4 MiB }`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_max_payload_is_4_mib_exactly() {
+    let (b, a) = pair(50, 51).await;
+    let mut inbox = b.raw_receiver(ChannelId(1), false).unwrap();
+    let out = a
+        .raw_sender(
+            b.id(),
+            ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce),
+        )
+        .unwrap();
+    let max = 4 << 20;
+    let big = bytes::Bytes::from(vec![7u8; max + 1]);
+    assert_eq!(
+        out.send(big.clone()).await.err(),
+        Some(SendError::TooLarge { len: max + 1, max })
+    );
+    let receipt = out.send(big.slice(..max)).await.unwrap();
+    let d = within(30, "4 MiB delivery", inbox.recv()).await.unwrap();
+    assert_eq!(d.message().len(), max);
+    d.ack();
+    assert_eq!(
+        within(30, "4 MiB receipt", receipt).await,
+        Ok(Outcome::Acked)
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `NodeConfig::dead_letter_capacity`: "Dead letters kept for `Node::dead_letters`
+/// before the oldest is dropped (counted in `Stats::dead_letters_dropped`, logged at
+/// warn). Default `10 000`; at most `2^24`." (so 0 is accepted: every letter is
+/// dropped, and each is counted). The sender is still told `DeadLettered`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_dead_letter_capacity_drops_every_letter_counted() {
+    let mut rcfg = NodeConfig::default();
+    rcfg.dead_letter_capacity = 0;
+    let (b, a) = pair_with(60, 61, rcfg, NodeConfig::default()).await;
+    let mut inbox = b
+        .receiver_with::<u64>(
+            ChannelId(1),
+            ReceiverOptions::default().max_deliveries(Some(1)),
+        )
+        .unwrap();
+    let mut dead = b.dead_letters();
+    let out = a
+        .sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce),
+        )
+        .unwrap();
+    let receipt = out.send(&9).await.unwrap();
+    within(10, "delivery", inbox.recv()).await.unwrap().nack();
+    assert_eq!(
+        within(10, "receipt", receipt).await,
+        Err(SendError::Rejected {
+            reason: RejectReason::DeadLettered
+        })
+    );
+    let stats = b.stats().await.unwrap();
+    assert_eq!(stats.dead_letters_dropped, 1, "{stats:?}");
+    assert!(dead.try_recv().is_none());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `Node::add_peer`: "This node's own id is ignored (with a warning): a node does not
+/// connect to itself." A sender to it still fails `SelfPeer`, and the node keeps
+/// working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_peer_with_the_nodes_own_id_is_ignored() {
+    let (b, a) = pair(70, 71).await;
+    a.add_peer(a.id(), b.local_addr().unwrap());
+    assert!(matches!(
+        a.sender::<u64>(
+            a.id(),
+            ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce)
+        ),
+        Err(NodeError::SelfPeer(id)) if id == a.id()
+    ));
+    assert_eq!(a.health(a.id()), None);
+    let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let out = a
+        .sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce),
+        )
+        .unwrap();
+    let receipt = out.send(&3).await.unwrap();
+    within(10, "delivery", inbox.recv()).await.unwrap().ack();
+    assert_eq!(within(10, "receipt", receipt).await, Ok(Outcome::Acked));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `SendError::HandoffRefused` (src/node/error.rs): "Retries ran out (or the target is
+/// down) and the message could not be handed off: handoff is off, or the hint store
+/// refused it" and `HandoffRefusal::NotEnabled`: "The node has no hint store". The
+/// README says instead: without handoff a message whose retries run out fails with
+/// `SendError::Deadline`. This pins what happens (Deadline), with handoff off, to a
+/// peer that never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_running_out_without_handoff_is_deadline() {
+    // A bound but never-accepting address: nothing listens there once dropped.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let a = Node::builder(NodeId(80))
+        .bind(addr())
+        .peer(NodeId(81), dead)
+        .build()
+        .await
+        .unwrap();
+    let out = a
+        .sender::<u64>(
+            NodeId(81),
+            ChannelOptions {
+                deadline: Some(Duration::from_secs(1)),
+                ..ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce)
+            },
+        )
+        .unwrap();
+    let receipt = out.send(&1).await.unwrap();
+    let r = within(20, "receipt", receipt).await;
+    assert!(matches!(r, Err(SendError::Deadline { .. })), "got {r:?}");
+    a.shutdown().await;
+}
