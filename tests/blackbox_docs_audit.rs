@@ -126,7 +126,11 @@ async fn ack_durable_after_the_node_stopped_fails_node_stopped() {
 #[tokio::test]
 async fn a_builder_without_a_transport_fails_no_transport() {
     let r = within(10, "build", Node::builder(NodeId(30)).build()).await;
-    assert!(matches!(r, Err(NodeError::NoTransport)), "got {:?}", r.err());
+    assert!(
+        matches!(r, Err(NodeError::NoTransport)),
+        "got {:?}",
+        r.err()
+    );
 }
 
 /// `Node::shutdown` / `Node::sender` / `Node::stats` docs: after shutdown, new sends
@@ -298,4 +302,301 @@ async fn retries_running_out_without_handoff_is_deadline() {
     let r = within(20, "receipt", receipt).await;
     assert!(matches!(r, Err(SendError::Deadline { .. })), "got {r:?}");
     a.shutdown().await;
+}
+
+/// README, dead-letter row: "effectively-once counts the deliveries of every copy of an
+/// id together (the same key sent twice counts once towards the limit, and gets one
+/// letter), and refuses copies of a dead-lettered id arriving within 2 minutes without
+/// a new letter". Two sends under one key, every delivery nacked: 20 deliveries in all
+/// (the default limit), one letter, both receipts `DeadLettered`; a third send under
+/// the key is refused at once, not delivered, no new letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_sent_twice_counts_once_towards_the_delivery_limit_and_gets_one_letter() {
+    let (b, a) = pair(90, 91).await;
+    let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let mut dead = b.dead_letters();
+    let out = a
+        .sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(1), Guarantee::EffectivelyOnce),
+        )
+        .unwrap();
+    let key = ackwire::IdKey(0xfeed);
+    let r1 = out.send_with_key(&1, key).await.unwrap();
+    let r2 = out.send_with_key(&1, key).await.unwrap();
+    let deliveries = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let n = deliveries.clone();
+    let handler = tokio::spawn(async move {
+        while let Some(d) = inbox.recv().await {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            d.nack();
+        }
+    });
+    let rejected = Err(SendError::Rejected {
+        reason: RejectReason::DeadLettered,
+    });
+    assert_eq!(within(30, "first receipt", r1).await, rejected);
+    assert_eq!(within(30, "second receipt", r2).await, rejected);
+    let letter = within(5, "the letter", dead.recv()).await.unwrap();
+    assert_eq!(letter.id, ackwire::MessageId::Key(key));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        deliveries.load(std::sync::atomic::Ordering::SeqCst),
+        20,
+        "both copies together are delivered max_deliveries times"
+    );
+    assert!(dead.try_recv().is_none(), "one letter for the two copies");
+    let t = Instant::now();
+    let r3 = out.send_with_key(&1, key).await.unwrap();
+    assert_eq!(within(10, "third receipt", r3).await, rejected);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(deliveries.load(std::sync::atomic::Ordering::SeqCst), 20);
+    assert!(
+        dead.try_recv().is_none(),
+        "no new letter for a refused copy"
+    );
+    handler.abort();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `ReceiverOptions::max_deliveries`: "`Some(0)` is refused." — typed, naming the field.
+#[tokio::test]
+async fn a_delivery_limit_of_zero_is_refused_typed() {
+    let b = Node::builder(NodeId(100))
+        .bind(addr())
+        .build()
+        .await
+        .unwrap();
+    let r = b.receiver_with::<u64>(
+        ChannelId(1),
+        ReceiverOptions::default().max_deliveries(Some(0)),
+    );
+    match r {
+        Err(NodeError::Config(e)) => assert_eq!(e.field(), "max_deliveries", "{e}"),
+        other => panic!("expected a ConfigError, got {:?}", other.err()),
+    }
+    // The channel is still free for a valid receiver.
+    assert!(b.receiver::<u64>(ChannelId(1), false).is_ok());
+    b.shutdown().await;
+}
+
+/// `Node::health` said: "The failure detector's view of `peer` (`None` until it has
+/// been heard from ...)". FALSE before the doc fix in this commit: a peer given to
+/// `NodeBuilder::peer` that never answers is `Some(Up)` at once, then Suspect, then
+/// Down (the detector watches a configured peer "as if heard from" at build time). The
+/// doc now says so; this pins the behaviour the doc describes: never `None`, starts
+/// `Up`, Down within a few seconds, and a peer never configured is `None`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_of_a_configured_peer_never_heard_from() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let a = Node::builder(NodeId(110))
+        .bind(addr())
+        .peer(NodeId(111), dead)
+        .build()
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        let h = a.health(NodeId(111));
+        if seen.last() != Some(&h) {
+            seen.push(h);
+        }
+        if h == Some(ackwire::detector::Health::Down) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    use ackwire::detector::Health::{Down, Up};
+    assert_eq!(seen.first(), Some(&Some(Up)), "{seen:?}");
+    assert_eq!(seen.last(), Some(&Some(Down)), "{seen:?}");
+    assert!(!seen.contains(&None), "{seen:?}");
+    assert_eq!(a.health(NodeId(112)), None);
+    a.shutdown().await;
+}
+
+/// `Node::protocol_version`: "`None` before the first one"; README "Upgrading": this
+/// build speaks 1..=4 and "each connection uses the highest version both ends speak".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_current_nodes_speak_protocol_4() {
+    let (b, a) = pair(120, 121).await;
+    let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let out = a
+        .sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce),
+        )
+        .unwrap();
+    let r = out.send(&1).await.unwrap();
+    within(10, "delivery", inbox.recv()).await.unwrap().ack();
+    assert_eq!(within(10, "receipt", r).await, Ok(Outcome::Acked));
+    assert_eq!(a.protocol_version(b.id()), Some(4));
+    assert_eq!(b.protocol_version(a.id()), Some(4));
+    assert_eq!(a.protocol_version(NodeId(999)), None);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `Node::shutdown`: "Every call waits for the stop, also one made while another is in
+/// progress." Two concurrent calls: when either returns, the node is stopped
+/// (`closed()` resolves at once, new senders fail `Shutdown`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_concurrent_shutdown_also_waits_for_the_stop() {
+    for i in 0..5u64 {
+        second_concurrent_shutdown(130 + 2 * i, 131 + 2 * i).await;
+    }
+}
+
+async fn second_concurrent_shutdown(rid: u64, sid: u64) {
+    let (b, a) = pair(rid, sid).await;
+    // Something to drain: an unacked message holds the drain up to its 5 s default.
+    let _inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let out = a
+        .sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce),
+        )
+        .unwrap();
+    let _r = out.send(&1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = std::sync::Arc::new(a);
+    let a1 = a.clone();
+    let first = tokio::spawn(async move { a1.shutdown().await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    within(30, "second shutdown", a.shutdown()).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), a.closed())
+            .await
+            .is_ok(),
+        "the second shutdown returned before the node stopped"
+    );
+    assert!(matches!(
+        a.sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(2), Guarantee::AtLeastOnce)
+        ),
+        Err(NodeError::Shutdown)
+    ));
+    within(30, "first shutdown", first).await.unwrap();
+    b.shutdown().await;
+}
+
+/// `Delivery::into_parts` / `DeliveryHandle`: "Dropping it unfinished is a nack." The
+/// message comes back, and the sender's receipt is `Acked` once the redelivery is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_delivery_handle_is_a_nack() {
+    let (b, a) = pair(140, 141).await;
+    let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let out = a
+        .sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(1), Guarantee::EffectivelyOnce),
+        )
+        .unwrap();
+    let r = out.send(&5).await.unwrap();
+    let (v, handle) = within(10, "delivery", inbox.recv())
+        .await
+        .unwrap()
+        .into_parts();
+    assert_eq!(v, 5);
+    drop(handle);
+    let d = within(10, "redelivery", inbox.recv()).await.unwrap();
+    assert_eq!(*d.message(), 5);
+    d.ack();
+    assert_eq!(within(10, "receipt", r).await, Ok(Outcome::Acked));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// README "Known limits": "A frame over the receiver's limit from a peer past the
+/// handshake is read past and dropped, counted in `frames_skipped_too_large` and warned
+/// once per connection; the connection and every other channel on it carry on. The
+/// sender is not told: an acked message fails at its deadline (`SendError::Deadline`)".
+/// No other test reads `frames_skipped_too_large`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_frame_after_the_handshake_is_skipped_and_counted() {
+    use ackwire::transport::tcp::TcpConfig;
+    let tcp = TcpConfig {
+        max_frame_len: 64 << 10,
+        ..TcpConfig::default()
+    };
+    let mut rcfg = NodeConfig::default();
+    rcfg.max_payload = (64 << 10) - 128;
+    let b = Node::builder(NodeId(150))
+        .tcp(addr(), tcp)
+        .allow_peer(NodeId(151))
+        .config(rcfg)
+        .build()
+        .await
+        .unwrap();
+    let a = Node::builder(NodeId(151))
+        .bind(addr())
+        .peer(NodeId(150), b.local_addr().unwrap())
+        .build()
+        .await
+        .unwrap();
+    let mut small_rx = b.receiver::<u64>(ChannelId(2), false).unwrap();
+    let mut big_rx = b.raw_receiver(ChannelId(1), false).unwrap();
+    let small = a
+        .sender::<u64>(
+            b.id(),
+            ChannelOptions::new(ChannelId(2), Guarantee::AtLeastOnce),
+        )
+        .unwrap();
+    // Warm up: the connection is handshaken.
+    let r = small.send(&0).await.unwrap();
+    within(10, "warm-up", small_rx.recv()).await.unwrap().ack();
+    assert_eq!(within(10, "warm-up receipt", r).await, Ok(Outcome::Acked));
+    let opened = b.tcp_stats().unwrap().connections_opened;
+    let big = a
+        .raw_sender(
+            b.id(),
+            ChannelOptions {
+                deadline: Some(Duration::from_secs(2)),
+                ..ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce)
+            },
+        )
+        .unwrap();
+    let big_r = big
+        .send(bytes::Bytes::from(vec![7u8; 100 << 10]))
+        .await
+        .unwrap();
+    // Another channel on the same connection carries on meanwhile.
+    for v in 1..=20u64 {
+        let r = small.send(&v).await.unwrap();
+        let d = within(10, "small delivery", small_rx.recv()).await.unwrap();
+        assert_eq!(*d.message(), v);
+        d.ack();
+        assert_eq!(within(10, "small receipt", r).await, Ok(Outcome::Acked));
+    }
+    let big_o = within(20, "oversize receipt", big_r).await;
+    assert!(
+        matches!(big_o, Err(SendError::Deadline { .. })),
+        "got {big_o:?}"
+    );
+    assert!(big_rx.try_recv_none(), "the oversize message was delivered");
+    let s = b.tcp_stats().unwrap();
+    assert!(s.frames_skipped_too_large >= 1, "{s:?}");
+    assert_eq!(s.rejected_too_large, 0, "{s:?}");
+    assert_eq!(
+        s.connections_opened, opened,
+        "the connection was cut: {s:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+trait TryRecvNone {
+    fn try_recv_none(&mut self) -> bool;
+}
+
+impl TryRecvNone for ackwire::RawReceiver {
+    fn try_recv_none(&mut self) -> bool {
+        use futures::FutureExt;
+        self.recv().now_or_never().is_none()
+    }
 }

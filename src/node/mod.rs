@@ -273,7 +273,10 @@ impl Node {
         if let Some(f) = self.shared.failure() {
             return Err(NodeError::Failed(f));
         }
-        if self.commands.is_closed() {
+        // The state turns `Closed` before the driver closes its command channel: a call
+        // in between (e.g. right after `closed()` or a second, concurrent `shutdown()`
+        // returned) must not hand out a sender or receiver of a stopped node.
+        if self.commands.is_closed() || !matches!(*self.shared.state.borrow(), NodeState::Running) {
             return Err(NodeError::Shutdown);
         }
         Ok(())
@@ -390,9 +393,13 @@ impl Node {
         })
     }
 
-    /// The failure detector's view of `peer` (`None` until it has been heard from, and
-    /// again after [`decommission`](Self::decommission) until the peer connects again
-    /// or is added with [`add_peer`](Self::add_peer)).
+    /// The failure detector's view of `peer`. A peer given to
+    /// [`NodeBuilder::peer`] or [`add_peer`](Self::add_peer) is watched from then on
+    /// as if heard from at that moment: it starts `Some(Up)`, before any connection,
+    /// and turns Suspect and Down (about 2.5 s) if it is never reached. `None` for a
+    /// peer neither configured nor heard from, and again after
+    /// [`decommission`](Self::decommission) until the peer connects again or is added
+    /// with [`add_peer`](Self::add_peer).
     pub fn health(&self, peer: NodeId) -> Option<Health> {
         self.shared.health(peer)
     }
