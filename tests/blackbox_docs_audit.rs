@@ -600,3 +600,75 @@ impl TryRecvNone for ackwire::RawReceiver {
         self.recv().now_or_never().is_none()
     }
 }
+
+/// `TcpConfig` defaults: "`backoff_min`: 50 ms, `backoff_max`: 5 s (redial delay
+/// doubles per failed attempt between these bounds; each delay is drawn uniformly from
+/// its upper half)". A configured peer whose address refuses connections: in the first
+/// 10 s the delays 25–50, 50–100, … ms reach the 2.5–5 s cap after 7 doublings, so
+/// 7–11 attempts; in the next 10 s at the cap, 2–4 more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redials_back_off_from_50_ms_to_5_s() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let a = Node::builder(NodeId(160))
+        .bind(addr())
+        .peer(NodeId(161), dead)
+        .build()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let f10 = a.tcp_stats().unwrap().connect_failures;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let f20 = a.tcp_stats().unwrap().connect_failures;
+    assert!(
+        (6..=12).contains(&f10),
+        "{f10} failed dials in the first 10 s"
+    );
+    assert!(
+        (1..=5).contains(&(f20 - f10)),
+        "{} failed dials in the next 10 s (at the 5 s cap: 2-4)",
+        f20 - f10
+    );
+    a.shutdown().await;
+}
+
+/// `Node::shutdown`: "Every call waits for the stop, also one made while another is in
+/// progress", and README: "A directory held by a live node fails with `InUse`". When
+/// the second of two concurrent `shutdown()` calls returns, the node has stopped, so a
+/// new run of it opens the same durable-dedup directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_second_concurrent_shutdown_returns_the_directory_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || {
+        let mut c = NodeConfig::default();
+        c.dedup.durable = Some(ackwire::dedup::DurableDedup::new(dir.path()));
+        c
+    };
+    for round in 0..8 {
+        let a = std::sync::Arc::new(
+            Node::builder(NodeId(170))
+                .bind("127.0.0.1:0".parse().unwrap())
+                .config(cfg())
+                .build()
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: the directory is not free: {e}")),
+        );
+        let a1 = a.clone();
+        let first = tokio::spawn(async move { a1.shutdown().await });
+        tokio::task::yield_now().await;
+        within(30, "second shutdown", a.shutdown()).await;
+        // No wait here: the second call has returned, so the node has stopped.
+        let again = Node::builder(NodeId(170))
+            .bind("127.0.0.1:0".parse().unwrap())
+            .config(cfg())
+            .build()
+            .await;
+        match again {
+            Ok(n) => n.shutdown().await,
+            Err(e) => panic!("round {round}: after shutdown() returned, build failed: {e}"),
+        }
+        within(30, "first shutdown", first).await.unwrap();
+    }
+}
