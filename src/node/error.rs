@@ -220,7 +220,10 @@ pub enum SendError {
     /// `IdKey` is a new attempt — refused the same way if nothing changed (an
     /// undecodable payload; a handler that still fails it `max_deliveries` times, which
     /// makes another dead letter), processed if the cause is gone — and is never
-    /// answered `Acked` without a handler finishing it.
+    /// answered `Acked` without a handler finishing it. Except on an effectively-once
+    /// channel, for a dead-lettered id: a copy arriving within 2 minutes of the letter
+    /// is refused again at once (`DeadLettered`), without a delivery or a new letter,
+    /// even if the handler would now succeed; send it again after that.
     #[error("rejected by the receiver: {reason}")]
     Rejected {
         /// The receiver's reason.
