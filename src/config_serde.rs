@@ -22,7 +22,7 @@
 //! Every config struct is `#[serde(default)]`: a file names only what it changes. A
 //! nested table fills its missing fields from the *enclosing* type's default, not the
 //! nested type's own: `[dedup] horizon = "5m"` in a node config keeps the node's
-//! `dedup.window` of 8192 (not `DedupConfig::default`'s 1024), and
+//! `dedup.window` and every other node-level dedup default, and
 //! `[proto.retry_budget] ttl = "20s"` keeps `ProtoConfig`'s `retry_ratio` of 1.0.
 
 use crate::dedup::DedupConfig;

@@ -254,8 +254,8 @@ impl DurableDedup {
     }
 }
 
-/// Default [`DedupConfig::retention`]: 24 h, four times the default hint TTL (6 h)
-/// plus the default retry deadline (30 s).
+/// Default [`DedupConfig::retention`]: 24 h, four times the default hint TTL (6 h),
+/// well over that TTL plus the default retry deadline (30 s) and shutdown drain (5 s).
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// Default [`DedupConfig::table_budget_bytes`]: 256 MiB.

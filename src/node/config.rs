@@ -28,9 +28,9 @@ pub struct NodeConfig {
     /// Protocol tuning (window, acks, retries). Default [`ProtoConfig::default`].
     pub proto: ProtoConfig,
     /// Receiver-side dedup for effectively-once channels. Default
-    /// [`DedupConfig::default`] (in memory) with `window` raised to 8192 seqs, twice
-    /// the default `proto.max_in_flight`: a sequence window narrower than the senders'
-    /// in-flight window refuses messages beyond it until the holes below fill.
+    /// [`DedupConfig::default`] (in memory; `window` 8192 seqs, twice the default
+    /// `proto.max_in_flight`): a sequence window narrower than the senders' in-flight
+    /// window refuses messages beyond it until the holes below fill.
     #[serde(deserialize_with = "crate::config_serde::node_dedup")]
     pub dedup: DedupConfig,
     /// Largest payload `send` accepts. Default 4 MiB.
