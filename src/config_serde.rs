@@ -359,7 +359,11 @@ fn scale_number(number: &str, scale: u128) -> Result<u128, String> {
     let mut place = scale;
     for digit in frac.bytes() {
         place /= 10;
-        nanos += u128::from(digit - b'0') * place;
+        // Checked: an integer part just below the limit plus a fraction overflowed
+        // (a panic in debug builds, a wrapped tiny duration in release).
+        nanos = nanos
+            .checked_add(u128::from(digit - b'0') * place)
+            .ok_or("too large")?;
     }
     Ok(nanos)
 }
