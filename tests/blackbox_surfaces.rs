@@ -324,3 +324,284 @@ async fn a_dropped_tower_response_still_delivers_and_frees_its_slot() {
     let n = within(10, "acker", acker).await.unwrap();
     assert_eq!(n, window as u64 + 11);
 }
+
+// ------------------------------------------------------------------ metrics
+
+mod metrics_probe {
+    use ackwire::transport::mem::{FaultPlan, MemNetwork};
+    use ackwire::{
+        ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId, Outcome, RejectReason,
+        SendError,
+    };
+    use bytes::Bytes;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    use std::future::Future;
+    use std::time::Duration;
+
+    fn with_recorder<F: Future<Output = ()>>(f: impl FnOnce(Snapshotter) -> F) {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        metrics::with_local_recorder(&recorder, || rt.block_on(f(snapshotter)));
+    }
+
+    type Row = (String, Vec<(String, String)>, DebugValue);
+
+    fn rows(s: &Snapshotter) -> Vec<Row> {
+        s.snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(k, _, _, v)| {
+                let key = k.key();
+                (
+                    key.name().to_string(),
+                    key.labels()
+                        .map(|l| (l.key().to_string(), l.value().to_string()))
+                        .collect(),
+                    v,
+                )
+            })
+            .collect()
+    }
+
+    fn counter(rows: &[Row], name: &str, labels: &[(&str, &str)]) -> u64 {
+        rows.iter()
+            .filter(|(n, ls, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| match v {
+                DebugValue::Counter(c) => *c,
+                other => panic!("{name}: {other:?}"),
+            })
+            .sum()
+    }
+
+    fn gauge(rows: &[Row], name: &str, labels: &[(&str, &str)]) -> f64 {
+        rows.iter()
+            .filter(|(n, ls, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| match v {
+                DebugValue::Gauge(g) => g.into_inner(),
+                other => panic!("{name}: {other:?}"),
+            })
+            .sum()
+    }
+
+    async fn within<F: Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(300), f)
+            .await
+            .expect("hang (300 s virtual)")
+    }
+
+    /// The README's metric table: sink, service and batch sends count as sent; an
+    /// undecodable payload counts `rejected{undecodable}` at the sender and
+    /// `dead_letters{undecodable}` at the receiver; a type mismatch counts
+    /// `rejected{type_mismatch}`; the in-flight gauge returns to 0.
+    #[test]
+    fn every_send_surface_and_every_rejection_is_counted() {
+        with_recorder(|snap| async move {
+            let net = MemNetwork::new(FaultPlan::new(1)).unwrap();
+            let mk = |id: u64| {
+                Node::builder(NodeId(id))
+                    .transport(net.transport(NodeId(id)))
+                    .seed(id)
+                    .build()
+            };
+            let a = mk(1).await.unwrap();
+            let b = mk(2).await.unwrap();
+            let mut rx = b.receiver::<u64>(ChannelId(5), false).unwrap();
+            let acker = tokio::spawn(async move {
+                while let Some(d) = rx.recv().await {
+                    d.ack();
+                }
+            });
+            let opts = ChannelOptions::new(ChannelId(5), Guarantee::AtLeastOnce);
+            let tx = a.sender::<u64>(NodeId(2), opts).unwrap();
+            // send, send_many (2), sink (1), service (1) = 5 good messages
+            let mut receipts = vec![tx.send(&1).await.unwrap()];
+            receipts.extend(tx.send_many([2u64, 3].iter()).await.unwrap());
+            for r in receipts {
+                assert_eq!(within(r).await.unwrap(), Outcome::Acked);
+            }
+            {
+                use futures::SinkExt;
+                let mut sink = tx.sink();
+                within(sink.send(4)).await.unwrap();
+                within(sink.close()).await.unwrap();
+            }
+            {
+                use tower::{Service, ServiceExt};
+                let mut svc = tx.service();
+                let f = within(svc.ready()).await.unwrap().call(5);
+                assert_eq!(within(f).await.unwrap(), Outcome::Acked);
+            }
+            // Junk from a raw sender: undecodable.
+            let raw = a.raw_sender(NodeId(2), opts).unwrap();
+            let r = raw.send(Bytes::from_static(&[0xFF; 3])).await.unwrap();
+            assert!(matches!(
+                within(r).await,
+                Err(SendError::Rejected {
+                    reason: RejectReason::Undecodable,
+                    ..
+                })
+            ));
+            // Another type: type mismatch.
+            let wrong = a.sender::<String>(NodeId(2), opts).unwrap();
+            let r = wrong.send(&"x".to_string()).await.unwrap();
+            assert!(matches!(
+                within(r).await,
+                Err(SendError::Rejected {
+                    reason: RejectReason::TypeMismatch,
+                    ..
+                })
+            ));
+            let stats_a = a.stats().await.unwrap();
+            a.shutdown().await;
+            b.shutdown().await;
+            acker.await.unwrap();
+            let m = rows(&snap);
+            let at_a = [("node", "n1"), ("peer", "n2"), ("channel", "5")];
+            let at_b = [("node", "n2"), ("peer", "n1"), ("channel", "5")];
+            assert_eq!(
+                counter(&m, "ackwire_messages_sent_total", &at_a),
+                7,
+                "proto stats: {:?}",
+                stats_a.proto
+            );
+            assert_eq!(counter(&m, "ackwire_messages_acked_total", &at_a), 5);
+            let und = [&at_a[..], &[("reason", "undecodable")]].concat();
+            assert_eq!(counter(&m, "ackwire_messages_rejected_total", &und), 1);
+            let tm = [&at_a[..], &[("reason", "type_mismatch")]].concat();
+            assert_eq!(counter(&m, "ackwire_messages_rejected_total", &tm), 1);
+            let dl = [&at_b[..], &[("reason", "undecodable")]].concat();
+            assert_eq!(counter(&m, "ackwire_dead_letters_total", &dl), 1);
+            assert_eq!(gauge(&m, "ackwire_messages_in_flight", &at_a), 0.0);
+        });
+    }
+
+    /// A message whose deadline passes while the receiver holds it unacked counts as
+    /// given up, and the in-flight gauge comes back to 0.
+    #[test]
+    fn a_deadline_give_up_is_counted_and_leaves_no_in_flight() {
+        with_recorder(|snap| async move {
+            let net = MemNetwork::new(FaultPlan::new(1)).unwrap();
+            let mk = |id: u64| {
+                Node::builder(NodeId(id))
+                    .transport(net.transport(NodeId(id)))
+                    .seed(id)
+                    .build()
+            };
+            let a = mk(1).await.unwrap();
+            let b = mk(2).await.unwrap();
+            let mut rx = b.receiver::<u64>(ChannelId(5), false).unwrap();
+            let mut opts = ChannelOptions::new(ChannelId(5), Guarantee::AtLeastOnce);
+            opts.deadline = Some(Duration::from_secs(2));
+            let tx = a.sender::<u64>(NodeId(2), opts).unwrap();
+            let r = tx.send(&1).await.unwrap();
+            let held = within(rx.recv()).await.unwrap();
+            let res = within(r).await;
+            assert!(matches!(res, Err(SendError::Deadline { .. })), "{res:?}");
+            drop(held);
+            a.shutdown().await;
+            b.shutdown().await;
+            let m = rows(&snap);
+            let at_a = [("node", "n1"), ("peer", "n2"), ("channel", "5")];
+            assert_eq!(counter(&m, "ackwire_messages_given_up_total", &at_a), 1);
+            assert_eq!(gauge(&m, "ackwire_messages_in_flight", &at_a), 0.0);
+            let _ = NodeConfig::default();
+        });
+    }
+}
+
+/// `Receiver::recv`'s rustdoc, `Stats::decode_failed` and `Node::dead_letters`: a
+/// payload that does not decode as the typed receiver's type is "put in
+/// `Node::dead_letters`" — with no exception for the guarantee. An at-most-once
+/// undecodable payload was counted in `decode_failed` but never became a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_at_most_once_payload_is_dead_lettered_too() {
+    let (a, b) = pair(1, 2).await;
+    let mut rx = b.receiver::<u64>(ChannelId(11), false).unwrap();
+    let mut dead = b.dead_letters();
+    let raw = a
+        .raw_sender(NodeId(2), opts(11, Guarantee::AtMostOnce))
+        .unwrap();
+    let junk = raw
+        .send(Bytes::from_static(&[0xFF, 0xFF, 0xFF]))
+        .await
+        .unwrap();
+    assert_eq!(within(10, "junk sent", junk).await.unwrap(), Outcome::Sent);
+    let good = raw.send(Bytes::from_static(&[5])).await.unwrap();
+    assert_eq!(within(10, "good sent", good).await.unwrap(), Outcome::Sent);
+    let d = within(10, "recv", rx.recv()).await.unwrap();
+    assert_eq!(*d.message(), 5);
+    d.ack();
+    assert_eq!(b.stats().await.unwrap().decode_failed, 1);
+    let letter = within(
+        5,
+        "the undecodable at-most-once payload's dead letter",
+        dead.recv(),
+    )
+    .await
+    .expect("a dead letter");
+    assert_eq!(letter.reason, DeadLetterReason::Undecodable);
+    assert_eq!(&letter.message[..], &[0xFF, 0xFF, 0xFF]);
+    assert_eq!(letter.channel, ChannelId(11));
+    assert_eq!(letter.from, a.origin());
+    assert_eq!(letter.deliveries, 1);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Misuse: a node built on a runtime that is then dropped (a temporary runtime in
+/// synchronous code). Its handles, used from another runtime, fail typed or end;
+/// nothing hangs or panics.
+#[test]
+fn a_node_whose_runtime_was_dropped_fails_typed_from_another_runtime() {
+    let rt1 = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (a, b, tx, mut rx) = rt1.block_on(async {
+        let (a, b) = pair(1, 2).await;
+        let tx = a
+            .sender::<u64>(NodeId(2), opts(12, Guarantee::AtLeastOnce))
+            .unwrap();
+        let rx = b.receiver::<u64>(ChannelId(12), false).unwrap();
+        (a, b, tx, rx)
+    });
+    drop(rt1);
+    let rt2 = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt2.block_on(async {
+        let r = within(10, "send on a dead runtime's node", tx.send(&1)).await;
+        match r {
+            Err(_) => {}
+            Ok(receipt) => {
+                let res = within(10, "receipt", receipt).await;
+                assert!(res.is_err(), "{res:?}");
+            }
+        }
+        assert!(within(10, "recv", rx.recv()).await.is_none());
+        let closed = within(10, "closed", a.closed()).await;
+        eprintln!("closed: {closed:?}");
+        assert!(within(10, "stats", a.stats()).await.is_err());
+        within(10, "shutdown a", a.shutdown()).await;
+        within(10, "shutdown b", b.shutdown()).await;
+        let r = a.sender::<u64>(NodeId(2), opts(13, Guarantee::AtLeastOnce));
+        assert!(r.is_err());
+    });
+}

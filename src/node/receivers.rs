@@ -11,7 +11,7 @@ use super::dead_letter::{DeadLetterQueue, DeadLetterReason};
 use super::handles::Completions;
 use super::observe::Observer;
 use super::{AckError, DeadLetter, Delivery, DeliveryHandle, ReceiverOptions};
-use crate::id::{ChannelId, Guarantee};
+use crate::id::ChannelId;
 use crate::proto::{Completion, DeliveryRef, Endpoint};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -172,8 +172,10 @@ impl Receivers {
         }
     }
 
-    /// A delivery its typed receiver could not decode: a dead letter (unless
-    /// at-most-once), and rejected to its sender.
+    /// A delivery its typed receiver could not decode: a dead letter (whatever its
+    /// guarantee, as `Receiver::recv` documents), and rejected to its sender.
+    /// (Regression: an at-most-once one was counted in `decode_failed` but never
+    /// dead-lettered.)
     pub(super) fn undecodable(
         endpoint: &mut Endpoint,
         observe: &mut Observer,
@@ -182,11 +184,9 @@ impl Receivers {
         delivery: DeliveryRef,
         payload: Bytes,
     ) {
-        if delivery.guarantee != Guarantee::AtMostOnce {
-            let deliveries = endpoint.deliveries(now, &delivery);
-            let reason = DeadLetterReason::Undecodable;
-            keep_dead_letter(observe, dead_letters, delivery, payload, deliveries, reason);
-        }
+        let deliveries = endpoint.deliveries(now, &delivery);
+        let reason = DeadLetterReason::Undecodable;
+        keep_dead_letter(observe, dead_letters, delivery, payload, deliveries, reason);
         endpoint.complete(
             now,
             delivery,
