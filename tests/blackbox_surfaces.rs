@@ -605,3 +605,326 @@ fn a_node_whose_runtime_was_dropped_fails_typed_from_another_runtime() {
         assert!(r.is_err());
     });
 }
+
+/// README: effectively-once "counts the deliveries of every copy of an id together
+/// (the same key sent twice counts once towards the limit, and gets one letter), and
+/// refuses copies of a dead-lettered id arriving within 2 minutes without a new
+/// letter".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_sent_twice_and_nacked_gets_one_dead_letter_and_both_senders_told() {
+    use ackwire::IdKey;
+    let (a, b) = pair(1, 2).await;
+    let mut rx = b
+        .receiver_with::<u64>(
+            ChannelId(14),
+            ReceiverOptions::default().max_deliveries(Some(2)),
+        )
+        .unwrap();
+    let mut dead = b.dead_letters();
+    let tx = a
+        .sender::<u64>(NodeId(2), opts(14, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let r1 = tx.send_with_key(&7, IdKey(99)).await.unwrap();
+    let d = within(10, "first delivery", rx.recv()).await.unwrap();
+    // A second copy under the same key while the first is held.
+    let r2 = tx.send_with_key(&7, IdKey(99)).await.unwrap();
+    d.nack();
+    let mut seen = 1u32;
+    let nacker = tokio::spawn(async move {
+        let mut more = 0u32;
+        while let Some(d) = rx.recv().await {
+            more += 1;
+            d.nack();
+        }
+        more
+    });
+    let res1 = within(40, "r1", r1).await;
+    let res2 = within(40, "r2", r2).await;
+    let letter = within(10, "letter", dead.recv()).await.unwrap();
+    assert_eq!(letter.reason, DeadLetterReason::MaxDeliveries);
+    assert_eq!(letter.id, ackwire::MessageId::Key(IdKey(99)), "{letter:?}");
+    // A third copy after the letter: refused, no new letter.
+    let r3 = tx.send_with_key(&7, IdKey(99)).await.unwrap();
+    let res3 = within(40, "r3", r3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(dead.try_recv().is_none(), "a second letter for one key");
+    a.shutdown().await;
+    b.shutdown().await;
+    seen += within(10, "nacker", nacker).await.unwrap();
+    assert!(seen <= 2, "the handler saw key 99 {seen} times with a limit of 2");
+    for (i, r) in [res1, res2, res3].into_iter().enumerate() {
+        assert!(
+            matches!(
+                r,
+                Err(SendError::Rejected {
+                    reason: RejectReason::DeadLettered,
+                    ..
+                })
+            ),
+            "copy {}: {r:?}",
+            i + 1
+        );
+    }
+}
+
+/// README: "a payload announcing a 2^64-byte string or 2^64 `()`s is undecodable, not
+/// an allocation or an endless loop" — with the postcard codec too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_lengths_are_undecodable_with_postcard_too() {
+    use ackwire::codec::Decode;
+    // varint of u64::MAX: nine 0xFF then 0x01.
+    let mut huge = vec![0xFFu8; 9];
+    huge.push(0x01);
+    let started = std::time::Instant::now();
+    let r: Result<Vec<()>, _> = Decode::<Vec<()>>::decode(&Postcard, &huge);
+    assert!(r.is_err(), "decoded {} units", r.map(|v| v.len()).unwrap_or(0));
+    let r: Result<String, _> = Decode::<String>::decode(&Postcard, &huge);
+    assert!(r.is_err());
+    let r: Result<Vec<u64>, _> = Decode::<Vec<u64>>::decode(&Postcard, &huge);
+    assert!(r.is_err());
+    // 1000 bytes claiming 10^6 units each nested: bounded.
+    let mut nested = Vec::new();
+    for _ in 0..100 {
+        nested.extend_from_slice(&[0xC0, 0x84, 0x3D]); // varint 1_000_000
+    }
+    let r: Result<Vec<Vec<()>>, _> = Decode::<Vec<Vec<()>>>::decode(&Postcard, &nested);
+    assert!(r.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// examples/toml_config.toml: "Uncomment to store messages for unreachable peers on
+/// disk" — the commented handoff section, uncommented, must read and validate.
+#[test]
+fn the_example_configs_commented_handoff_section_reads_when_uncommented() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[handoff.store]\ndir = {:?}\nfsync = {{ Every = \"10ms\" }}\n",
+        dir.path().display().to_string()
+    );
+    let cfg: NodeConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let h = cfg.handoff.as_ref().expect("handoff on");
+    assert_eq!(h.store.dir, dir.path());
+    cfg.validate().unwrap();
+    // And a round trip of the whole thing.
+    let back: NodeConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(back.handoff.unwrap().store.dir, dir.path());
+}
+
+/// A delivery taken before its receiver was dropped (split with `into_parts`) can
+/// still be acked: the sender sees `Acked` and a new receiver of the channel does not
+/// get it again (effectively-once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_outliving_its_receiver_can_still_be_acked() {
+    let (a, b) = pair(1, 2).await;
+    let mut rx = b.receiver::<u64>(ChannelId(15), false).unwrap();
+    let tx = a
+        .sender::<u64>(NodeId(2), opts(15, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let r = tx.send(&1).await.unwrap();
+    let d = within(10, "recv", rx.recv()).await.unwrap();
+    drop(rx);
+    let (v, handle) = d.into_parts();
+    assert_eq!(v, 1);
+    let mut rx2 = b.receiver::<u64>(ChannelId(15), false).unwrap();
+    handle.ack();
+    assert_eq!(within(15, "receipt", r).await.unwrap(), Outcome::Acked);
+    let r2 = tx.send(&2).await.unwrap();
+    let d2 = within(10, "recv 2", rx2.recv()).await.unwrap();
+    assert_eq!(*d2.message(), 2, "the acked message came again");
+    d2.ack();
+    within(10, "r2", r2).await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+// ------------------------------------------------------------------ config text sweep
+
+/// Every leaf of a full NodeConfig (handoff, durable dedup and dead-letter dir on),
+/// written as TOML, set in turn to extreme text values (0, 1, huge, "0", "never",
+/// "1ns", a flipped bool): reading it is a typed error, or `validate` is, or two nodes
+/// built with it round-trip a message and stop cleanly. Never a panic, a dead driver
+/// or a hang (virtual clock).
+#[test]
+fn every_config_key_at_an_extreme_text_value_is_typed_or_works() {
+    use ackwire::dedup::DurableDedup;
+    use ackwire::transport::mem::{FaultPlan, MemNetwork};
+    use ackwire::HandoffConfig;
+    use toml::Value;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut base = NodeConfig::default();
+    base.handoff = Some(HandoffConfig::new(tmp.path().join("hints")));
+    base.dedup.durable = Some(DurableDedup::new(tmp.path().join("dedup")));
+    base.dead_letter_dir = Some(tmp.path().join("dead"));
+    let root: Value = Value::try_from(&base).unwrap();
+
+    fn leaves(v: &Value, path: Vec<String>, out: &mut Vec<(Vec<String>, Value)>) {
+        match v {
+            Value::Table(t) => {
+                for (k, v) in t {
+                    let mut p = path.clone();
+                    p.push(k.clone());
+                    leaves(v, p, out);
+                }
+            }
+            Value::Array(_) => {}
+            other => out.push((path, other.clone())),
+        }
+    }
+    fn set(v: &mut Value, path: &[String], new: Value) {
+        let mut cur = v;
+        for k in &path[..path.len() - 1] {
+            cur = cur.get_mut(k.as_str()).unwrap();
+        }
+        cur.as_table_mut()
+            .unwrap()
+            .insert(path[path.len() - 1].clone(), new);
+    }
+    let mut all = Vec::new();
+    leaves(&root, vec![], &mut all);
+    let mut problems = Vec::new();
+    let mut cases = 0;
+    for (path, value) in all {
+        if path.iter().any(|p| p == "dir" || p == "dead_letter_dir") {
+            continue;
+        }
+        let variants: Vec<Value> = match &value {
+            Value::Integer(_) => vec![
+                Value::Integer(0),
+                Value::Integer(1),
+                Value::Integer(i64::MAX),
+            ],
+            Value::Float(_) => vec![
+                Value::Float(0.0),
+                Value::Float(-1.0),
+                Value::Float(f64::NAN),
+                Value::Float(f64::INFINITY),
+                Value::Float(1e300),
+            ],
+            Value::String(s) if s.chars().next().is_some_and(|c| c.is_ascii_digit()) || s == "never" || s == "none" => vec![
+                Value::String("0".into()),
+                Value::String("1ns".into()),
+                Value::String("never".into()),
+                Value::String("none".into()),
+            ],
+            Value::Boolean(b) => vec![Value::Boolean(!b)],
+            _ => vec![],
+        };
+        for new in variants {
+            cases += 1;
+            let label = format!("{} = {new}", path.join("."));
+            let mut v = root.clone();
+            set(&mut v, &path, new);
+            // Fresh directories per case.
+            let dir = tempfile::tempdir().unwrap();
+            set(
+                &mut v,
+                &["handoff".into(), "store".into(), "dir".into()],
+                Value::String(dir.path().join("h").display().to_string()),
+            );
+            set(
+                &mut v,
+                &["dedup".into(), "durable".into(), "dir".into()],
+                Value::String(dir.path().join("d").display().to_string()),
+            );
+            set(
+                &mut v,
+                &["dead_letter_dir".into()],
+                Value::String(dir.path().join("l").display().to_string()),
+            );
+            let text = toml::to_string(&v).unwrap();
+            let outcome = std::panic::catch_unwind(|| {
+                let cfg: NodeConfig = match toml::from_str(&text) {
+                    Ok(c) => c,
+                    Err(_) => return "read error".to_string(),
+                };
+                if let Err(e) = cfg.validate() {
+                    return format!("invalid: {e}");
+                }
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .start_paused(true)
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let net = MemNetwork::new(FaultPlan::new(1)).unwrap();
+                    let mut cfg_b = cfg.clone();
+                    if let Some(h) = cfg_b.handoff.as_mut() {
+                        h.store.dir = h.store.dir.with_extension("b");
+                    }
+                    if let Some(d) = cfg_b.dedup.durable.as_mut() {
+                        d.dir = d.dir.with_extension("b");
+                    }
+                    cfg_b.dead_letter_dir =
+                        cfg_b.dead_letter_dir.map(|d| d.with_extension("b"));
+                    let a = match Node::builder(NodeId(1))
+                        .transport(net.transport(NodeId(1)))
+                        .config(cfg)
+                        .build()
+                        .await
+                    {
+                        Ok(n) => n,
+                        Err(e) => return format!("build error {e}"),
+                    };
+                    let b = match Node::builder(NodeId(2))
+                        .transport(net.transport(NodeId(2)))
+                        .config(cfg_b)
+                        .build()
+                        .await
+                    {
+                        Ok(n) => n,
+                        Err(e) => return format!("build error b {e}"),
+                    };
+                    let mut rx = b.receiver::<u64>(ChannelId(1), false).unwrap();
+                    let tx = match a.sender::<u64>(NodeId(2), opts(1, Guarantee::EffectivelyOnce)) {
+                        Ok(t) => t,
+                        Err(e) => return format!("sender error {e}"),
+                    };
+                    let res = tokio::time::timeout(Duration::from_secs(600), async {
+                        let r = tx.send(&5).await?;
+                        if let Some(d) = rx.recv().await {
+                            d.ack();
+                        }
+                        r.await
+                    })
+                    .await;
+                    let res = match res {
+                        Ok(r) => format!("{r:?}"),
+                        Err(_) => "HANG: no receipt within 600 s virtual".to_string(),
+                    };
+                    let stop = tokio::time::timeout(Duration::from_secs(3600), async {
+                        a.shutdown().await;
+                        b.shutdown().await;
+                        (a.closed().await, b.closed().await)
+                    })
+                    .await;
+                    match stop {
+                        Ok((Ok(()), Ok(()))) => res,
+                        Ok(other) => format!("DRIVER FAILED {other:?} after {res}"),
+                        Err(_) => format!("HANG at shutdown after {res}"),
+                    }
+                })
+            });
+            match outcome {
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    problems.push(format!("{label}: PANIC {msg}"));
+                }
+                Ok(s) if s.contains("HANG") || s.contains("FAILED") => {
+                    problems.push(format!("{label}: {s}"))
+                }
+                Ok(s) => eprintln!("{label}: {s}"),
+            }
+        }
+    }
+    assert!(cases > 50, "only {cases} cases");
+    assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
+}
