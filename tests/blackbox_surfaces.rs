@@ -651,7 +651,10 @@ async fn a_key_sent_twice_and_nacked_gets_one_dead_letter_and_both_senders_told(
     a.shutdown().await;
     b.shutdown().await;
     seen += within(10, "nacker", nacker).await.unwrap();
-    assert!(seen <= 2, "the handler saw key 99 {seen} times with a limit of 2");
+    assert!(
+        seen <= 2,
+        "the handler saw key 99 {seen} times with a limit of 2"
+    );
     for (i, r) in [res1, res2, res3].into_iter().enumerate() {
         assert!(
             matches!(
@@ -677,7 +680,11 @@ async fn hostile_lengths_are_undecodable_with_postcard_too() {
     huge.push(0x01);
     let started = std::time::Instant::now();
     let r: Result<Vec<()>, _> = Decode::<Vec<()>>::decode(&Postcard, &huge);
-    assert!(r.is_err(), "decoded {} units", r.map(|v| v.len()).unwrap_or(0));
+    assert!(
+        r.is_err(),
+        "decoded {} units",
+        r.map(|v| v.len()).unwrap_or(0)
+    );
     let r: Result<String, _> = Decode::<String>::decode(&Postcard, &huge);
     assert!(r.is_err());
     let r: Result<Vec<u64>, _> = Decode::<Vec<u64>>::decode(&Postcard, &huge);
@@ -805,12 +812,18 @@ fn every_config_key_at_an_extreme_text_value_is_typed_or_works() {
                 Value::Float(f64::INFINITY),
                 Value::Float(1e300),
             ],
-            Value::String(s) if s.chars().next().is_some_and(|c| c.is_ascii_digit()) || s == "never" || s == "none" => vec![
-                Value::String("0".into()),
-                Value::String("1ns".into()),
-                Value::String("never".into()),
-                Value::String("none".into()),
-            ],
+            Value::String(s)
+                if s.chars().next().is_some_and(|c| c.is_ascii_digit())
+                    || s == "never"
+                    || s == "none" =>
+            {
+                vec![
+                    Value::String("0".into()),
+                    Value::String("1ns".into()),
+                    Value::String("never".into()),
+                    Value::String("none".into()),
+                ]
+            }
             Value::Boolean(b) => vec![Value::Boolean(!b)],
             _ => vec![],
         };
@@ -859,8 +872,7 @@ fn every_config_key_at_an_extreme_text_value_is_typed_or_works() {
                     if let Some(d) = cfg_b.dedup.durable.as_mut() {
                         d.dir = d.dir.with_extension("b");
                     }
-                    cfg_b.dead_letter_dir =
-                        cfg_b.dead_letter_dir.map(|d| d.with_extension("b"));
+                    cfg_b.dead_letter_dir = cfg_b.dead_letter_dir.map(|d| d.with_extension("b"));
                     let a = match Node::builder(NodeId(1))
                         .transport(net.transport(NodeId(1)))
                         .config(cfg)
@@ -926,5 +938,112 @@ fn every_config_key_at_an_extreme_text_value_is_typed_or_works() {
         }
     }
     assert!(cases > 50, "only {cases} cases");
-    assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+/// Misuse: a handler calls `shutdown()` on its own node while it holds a delivery.
+/// The docs give held deliveries 1 s of grace: shutdown must return (not deadlock),
+/// and the sender must not see `Acked` for a message that was not acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_shutting_down_its_own_node_while_holding_a_delivery_does_not_deadlock() {
+    let (a, b) = pair(1, 2).await;
+    let b = std::sync::Arc::new(b);
+    let mut rx = b.receiver::<u64>(ChannelId(16), false).unwrap();
+    let tx = a
+        .sender::<u64>(NodeId(2), opts(16, Guarantee::AtLeastOnce))
+        .unwrap();
+    let r = tx.send(&1).await.unwrap();
+    let b2 = b.clone();
+    let handler = tokio::spawn(async move {
+        let d = rx.recv().await.unwrap();
+        b2.shutdown().await; // holding `d`
+        d.ack(); // after the node stopped: goes nowhere
+        rx.recv().await.is_none()
+    });
+    let ended = within(20, "handler's shutdown", handler).await.unwrap();
+    assert!(ended, "recv after shutdown handed something out");
+    // The receipt must not be Acked: the ack came after the stop.
+    let res = tokio::time::timeout(Duration::from_secs(3), r).await;
+    if let Ok(res) = res {
+        assert!(res.is_err(), "acked after the receiver stopped: {res:?}");
+    }
+    a.shutdown().await;
+}
+
+/// `SendSink`'s rustdoc example, over TCP with defaults: 10 000 items through
+/// `send_all`, `close()` → every one acknowledged, `settled() == 10_000`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_rustdoc_example_holds_over_tcp() {
+    use futures::{stream, SinkExt, StreamExt};
+    let (a, b) = pair(1, 2).await;
+    let mut rx = b.receiver::<u64>(ChannelId(17), false).unwrap();
+    let acker = tokio::spawn(async move {
+        let mut seen = std::collections::HashSet::new();
+        let mut buf = Vec::new();
+        while rx.recv_many(&mut buf, 512).await > 0 {
+            for d in buf.drain(..) {
+                seen.insert(*d.message());
+                d.ack();
+            }
+        }
+        seen
+    });
+    let out = a
+        .sender::<u64>(NodeId(2), opts(17, Guarantee::AtLeastOnce))
+        .unwrap();
+    let mut sink = out.sink();
+    within(
+        60,
+        "send_all",
+        sink.send_all(&mut stream::iter(0..10_000u64).map(Ok)),
+    )
+    .await
+    .unwrap();
+    within(60, "close", sink.close()).await.unwrap();
+    assert_eq!(sink.settled(), 10_000);
+    assert_eq!(sink.failed(), 0);
+    assert_eq!(sink.outstanding(), 0);
+    a.shutdown().await;
+    b.shutdown().await;
+    let seen = within(10, "acker", acker).await.unwrap();
+    assert_eq!(seen.len(), 10_000);
+}
+
+/// Every public handle can move into a spawned task (`Send + 'static`); the cheap
+/// shared ones are also `Sync`.
+#[test]
+fn public_handles_are_send_and_the_shared_ones_sync() {
+    fn send<T: Send + 'static>() {}
+    fn sync<T: Sync>() {}
+    send::<Node>();
+    sync::<Node>();
+    send::<ackwire::Sender<u64>>();
+    sync::<ackwire::Sender<u64>>();
+    send::<ackwire::Sender<u64, Postcard>>();
+    send::<ackwire::RawSender>();
+    sync::<ackwire::RawSender>();
+    send::<ackwire::Receiver<u64>>();
+    send::<ackwire::RawReceiver>();
+    send::<ackwire::Receipt>();
+    send::<ackwire::Delivery<u64>>();
+    send::<ackwire::DeliveryHandle>();
+    send::<ackwire::DeadLetters>();
+    sync::<ackwire::DeadLetters>();
+    send::<ackwire::SendSink<u64>>();
+    send::<ackwire::RawSendSink>();
+    send::<ackwire::SenderService<u64>>();
+    send::<ackwire::RawSenderService>();
+    send::<ackwire::SendFuture>();
+    send::<ackwire::group::GroupSender<u64>>();
+    send::<ackwire::SendError>();
+    sync::<ackwire::SendError>();
+    send::<ackwire::NodeError>();
+    sync::<ackwire::NodeError>();
+    send::<ackwire::ConfigError>();
+    sync::<ackwire::ConfigError>();
 }
