@@ -1047,3 +1047,23 @@ fn public_handles_are_send_and_the_shared_ones_sync() {
     send::<ackwire::ConfigError>();
     sync::<ackwire::ConfigError>();
 }
+
+/// `ack_durable`'s docs: `AckError::NodeStopped` when the node stopped first — never
+/// `Ok` for an ack that went nowhere, never a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_durable_after_the_node_stopped_is_node_stopped() {
+    let (a, b) = pair(1, 2).await;
+    let mut rx = b.receiver::<u64>(ChannelId(18), false).unwrap();
+    let tx = a
+        .sender::<u64>(NodeId(2), opts(18, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let _r = tx.send(&1).await.unwrap();
+    let d = within(10, "recv", rx.recv()).await.unwrap();
+    within(20, "shutdown", b.shutdown()).await;
+    let res = within(10, "ack_durable", d.ack_durable()).await;
+    assert!(
+        matches!(res, Err(ackwire::AckError::NodeStopped)),
+        "{res:?}"
+    );
+    a.shutdown().await;
+}
