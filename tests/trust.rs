@@ -392,6 +392,59 @@ async fn duplicate_node_id_does_not_flap() {
     b.shutdown().await;
 }
 
+/// A second live process with a node id already in use is refused after each
+/// handshake. With the default `TcpConfig` it redials with growing backoff (as after
+/// failed dials, up to `backoff_max`), not every `backoff_min`: it used to reconnect
+/// ~20 times a second for as long as it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_duplicate_node_id_redials_with_backoff() {
+    let b = Node::builder(B)
+        .tcp(any_port(), TcpConfig::default())
+        .allow_peer(A)
+        .build()
+        .await
+        .unwrap();
+    let b_addr = b.local_addr().unwrap();
+    let _seen = count_processed(b.receiver::<u32>(CH, false).unwrap());
+    let a1 = Node::builder(A)
+        .tcp(any_port(), TcpConfig::default())
+        .peer(B, b_addr)
+        .build()
+        .await
+        .unwrap();
+    let out1 = a1
+        .sender::<u32>(B, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let r = out1.send(&0).await.unwrap();
+    assert_eq!(timeout(WAIT, r).await.unwrap(), Ok(Outcome::Acked));
+
+    let a2 = Node::builder(A)
+        .tcp(any_port(), TcpConfig::default())
+        .peer(B, b_addr)
+        .build()
+        .await
+        .unwrap();
+    let out2 = a2
+        .sender::<u32>(B, ChannelOptions::new(CH, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let _r2 = out2.send(&10_000).await.unwrap();
+    eventually!(
+        "the duplicate refused",
+        b.tcp_stats().unwrap().rejected_duplicate_node >= 1
+    );
+    let first = b.tcp_stats().unwrap().rejected_duplicate_node;
+    sleep(Duration::from_secs(4)).await;
+    let refused = b.tcp_stats().unwrap().rejected_duplicate_node - first;
+    // Backoff from 50 ms doubling (each delay drawn from the upper half of its step):
+    // at most 7 redials in 4 s; every 25–50 ms would be 80 or more.
+    assert!(refused <= 10, "{refused} refusals in 4 s");
+    let opened = a2.tcp_stats().unwrap().connections_opened;
+    assert!(opened <= 12, "the duplicate opened {opened} connections");
+    a2.shutdown().await;
+    a1.shutdown().await;
+    b.shutdown().await;
+}
+
 /// A connection that sends part of a frame and stalls is closed after the read
 /// timeout, counted; an idle connection between frames is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,6 +93,9 @@ impl NodeFailure {
 #[non_exhaustive]
 pub enum HandoffRefusal {
     /// The node has no hint store ([`NodeConfig::handoff`] is `None`, the default).
+    /// Not returned by this version: without a hint store a message whose retries run
+    /// out fails with [`SendError::Deadline`] (or [`SendError::PeerDown`], see there).
+    /// Kept so that code matching on it keeps compiling.
     #[error("hinted handoff is not enabled on this node")]
     NotEnabled,
     /// The hint store refused the hint; match on the [`HintError`] to see why
@@ -167,9 +170,11 @@ pub enum SendError {
         /// Configured maximum ([`NodeConfig::max_payload`]).
         max: usize,
     },
-    /// Retries ran out (or the target is down) and the message could not be handed
-    /// off: handoff is off, or the hint store refused it (target down longer than the
-    /// max hint window, byte limits, IO error). `reason` is also the error's
+    /// Retries ran out (or the target is down) on a node with a hint store
+    /// ([`NodeConfig::handoff`]) and the store refused the message (target down longer
+    /// than the max hint window, byte limits, IO error); without a hint store the same
+    /// message fails with [`SendError::Deadline`] (or [`SendError::PeerDown`]) instead.
+    /// `reason` is also the error's
     /// [`source`](std::error::Error::source); [`HandoffRefusal::hint_error`] gives the
     /// store's typed [`HintError`]. It is not stored, and what of it still waited to
     /// be written is withdrawn, so it does not reach the target later. A message that

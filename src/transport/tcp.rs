@@ -100,7 +100,10 @@ use tokio::task::{JoinHandle, JoinSet};
 /// - `connect_timeout`: 3 s
 /// - `handshake_timeout`: 5 s
 /// - `backoff_min`: 50 ms, `backoff_max`: 5 s (redial delay doubles per failed
-///   attempt between these bounds; each delay is drawn uniformly from its upper half)
+///   attempt between these bounds; each delay is drawn uniformly from its upper half;
+///   a connection the peer closes within 1 s of its handshake without sending anything
+///   counts as a failed attempt, so a peer that refuses this node after the handshake
+///   is not redialed every 50 ms)
 /// - `max_frame_len`: 8 MiB ([`DEFAULT_MAX_FRAME_LEN`]), both directions
 /// - `queue_bound`: 16 384 frames per peer
 /// - `write_batch_bytes`: 64 KiB (the writer issues a write once this much is encoded,
@@ -838,6 +841,17 @@ struct Established {
 /// read the end. (Regression: such restarts were refused and reported as conflicts.)
 const RESTART_GRACE: Duration = Duration::from_millis(50);
 
+/// A connection that closes sooner than this after its handshake, with nothing read
+/// after the handshake, does not reset the redial backoff: a peer that completes the
+/// handshake and then closes (it refuses a duplicate node id, or crashes on each
+/// connection) is redialed with the backoff of failed dials, up to `backoff_max`, not
+/// every `backoff_min`. A connection that carried anything is redialed at once (after
+/// `backoff_min`), however short it lived.
+const SHORT_LIVED: Duration = Duration::from_secs(1);
+
+/// Short-lived connections in a row after which the dialer warns (once per run).
+const SHORT_LIVED_WARN_AFTER: u32 = 3;
+
 /// How long a shutting-down transport waits for connected writers to drain their
 /// queues before it closes the connections.
 const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
@@ -877,6 +891,9 @@ struct Peer {
     queue: Arc<PeerQueue>,
     conn: Option<Conn>,
     dialer: Option<JoinHandle<()>>,
+    /// Connections in a row that closed within [`SHORT_LIVED`] of opening: the redial
+    /// after the next close backs off as after this many failed dials.
+    short_lived: u32,
 }
 
 #[derive(Debug)]
@@ -888,6 +905,7 @@ struct Conn {
     writer: JoinHandle<()>,
     /// When the reader last received bytes, and whether it has stopped.
     last_read: Arc<Liveness>,
+    opened: Instant,
     _slot: Option<IpSlot>,
 }
 
@@ -898,6 +916,8 @@ struct Liveness {
     last_read: AtomicU64,
     /// The reader has stopped (the peer closed the connection, or it failed).
     ended: AtomicBool,
+    /// Bytes came after the handshake (see [`SHORT_LIVED`]).
+    heard: AtomicBool,
 }
 
 impl Conn {
@@ -995,6 +1015,7 @@ impl Manager {
             queue: Arc::default(),
             conn: None,
             dialer: None,
+            short_lived: 0,
         })
     }
 
@@ -1132,6 +1153,8 @@ impl Manager {
     }
 
     /// Start a dialer for `peer` if it has an address, no connection and no dialer.
+    /// After a lost connection (`after_backoff`) it first waits the backoff of the
+    /// peer's run of short-lived connections.
     fn ensure_dialing(&mut self, peer: NodeId, after_backoff: bool) {
         let ctx = Arc::clone(&self.ctx);
         let p = self.peer(peer);
@@ -1139,7 +1162,8 @@ impl Manager {
         if p.conn.is_some() || p.dialer.as_ref().is_some_and(|d| !d.is_finished()) {
             return;
         }
-        p.dialer = Some(spawn_here(dial_loop(peer, addr, ctx, after_backoff)));
+        let first_wait = after_backoff.then_some(p.short_lived);
+        p.dialer = Some(spawn_here(dial_loop(peer, addr, ctx, first_wait)));
     }
 
     async fn established(&mut self, e: Established) {
@@ -1245,6 +1269,7 @@ impl Manager {
         let last_read = Arc::new(Liveness {
             last_read: AtomicU64::new(now_ms),
             ended: AtomicBool::new(false),
+            heard: AtomicBool::new(!e.early.is_empty() || !e.buf.is_empty()),
         });
         let p = self.peer(peer);
         let conn = ConnInfo {
@@ -1275,6 +1300,7 @@ impl Manager {
             reader,
             writer,
             last_read,
+            opened: Instant::now(),
             _slot: e.slot,
         });
         stats.inc(Counter::ConnectionsOpened);
@@ -1290,6 +1316,15 @@ impl Manager {
         }
         if let Some(c) = p.conn.take() {
             p.queue.set_owner(None);
+            let heard = c.last_read.heard.load(Ordering::Relaxed);
+            p.short_lived = if !heard && c.opened.elapsed() < SHORT_LIVED {
+                p.short_lived.saturating_add(1)
+            } else {
+                0
+            };
+            if p.short_lived == SHORT_LIVED_WARN_AFTER {
+                tracing::warn!(%peer, in_a_row = p.short_lived, "tcp: the peer closes each connection right after its handshake (it may refuse this node, e.g. another live process uses this node id); redialing with backoff");
+            }
             c.abort();
         }
         self.ctx.stats.inc(Counter::ConnectionsClosed);
@@ -1817,13 +1852,15 @@ const CONNECT_WARN_EVERY: Duration = Duration::from_secs(30);
 /// Least time between two warn lines about refused strangers (the rest at debug).
 const STRANGER_WARN_EVERY: Duration = Duration::from_secs(10);
 
-async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, after_backoff: bool) {
+/// `first_wait`: wait first, as after this many failed dials (see [`SHORT_LIVED`]); the
+/// attempts after it continue from there.
+async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, first_wait: Option<u32>) {
     let mut backoff = redial_backoff(&ctx.cfg, seed_from_entropy());
-    let mut attempt = 0u32;
+    let mut attempt = first_wait.unwrap_or(0);
     let mut warned: Option<tokio::time::Instant> = None;
     let mut refused_warned: Option<tokio::time::Instant> = None;
-    if after_backoff {
-        tokio::time::sleep(backoff.delay(ctx.cfg.backoff_min, 0)).await;
+    if let Some(n) = first_wait {
+        tokio::time::sleep(backoff.delay(ctx.cfg.backoff_min, n)).await;
     }
     loop {
         tracing::debug!(%peer, %addr, attempt, "tcp: dialing");
@@ -2082,7 +2119,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         match read {
             Ok(0) => break None,
-            Ok(_) => last_read.last_read.store(ctx.millis(), Ordering::Relaxed),
+            Ok(_) => {
+                last_read.last_read.store(ctx.millis(), Ordering::Relaxed);
+                if !last_read.heard.load(Ordering::Relaxed) {
+                    last_read.heard.store(true, Ordering::Relaxed);
+                }
+            }
             Err(e) => break Some(Reject::Io(e)),
         }
     };
