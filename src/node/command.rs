@@ -305,6 +305,18 @@ impl Driver {
         let now = super::driver::now();
         self.clock = now;
         self.take_completions();
+        let still_held = self.core.endpoint.held_by_application();
+        if still_held > 0 {
+            // Their acks, when they come, go nowhere: the sender sends these messages
+            // again to the node's next run, which processes them again (also with
+            // durable dedup, which never saw their records). Say so instead of
+            // dropping those acks silently.
+            tracing::warn!(
+                held = still_held,
+                grace = ?HANDLER_GRACE,
+                "stopping with deliveries the application still holds after the handler grace: they are not acknowledged and will be delivered again to this node's next run"
+            );
+        }
         self.persist();
         self.core.endpoint.handle_timeout(now);
         let _ = self.flush(now).await;

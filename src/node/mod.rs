@@ -468,6 +468,13 @@ impl Node {
     /// node's next run. A node restarted on the same hint directory
     /// replays the spooled messages. Dropping a `Node` instead stops it at once.
     ///
+    /// A delivery still held when the 1 s grace ends is treated like a handler crash:
+    /// its `ack()` is lost (`ack_durable` fails with [`AckError::NodeStopped`]), a
+    /// warning is logged with the count, and its sender sends it again to the node's
+    /// next run, which delivers it again — also on an effectively-once channel with
+    /// durable dedup. A handler that may run longer than the grace must be idempotent
+    /// (or use the `ackwire-inbox` crate).
+    ///
     /// Every call waits for the stop, also one made while another is in progress.
     pub async fn shutdown(&self) {
         let _ = self.commands.send(Command::Drain);
