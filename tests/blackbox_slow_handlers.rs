@@ -1124,3 +1124,134 @@ async fn s12_many_senders_one_stuck_then_released_receiver() {
     b.shutdown().await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// Both nodes on ONE current-thread runtime (a plain `#[tokio::test]`), and the
+/// handler blocks that thread for 5 s on message 3: every driver stops, the clock jumps.
+/// Promised: every message of both acked guarantees sent before, during and after the
+/// block ends Ok(Acked) (a healthy link; nothing was ever unreachable); EO exactly once.
+#[tokio::test]
+async fn s13_blocking_handler_on_a_shared_current_thread_runtime() {
+    const N: u64 = 20;
+    let b = receiver_at(472, any_addr(), &[471], NodeConfig::default()).await;
+    let a = sender_to(471, 472, b.local_addr().unwrap()).await;
+    let mut health = a.health_events();
+    let processed_alo: Counts = Arc::default();
+    let processed_eo: Counts = Arc::default();
+    run_blocking_receiver(&b, processed_alo.clone(), processed_eo.clone());
+    // The channel ids of run_blocking_receiver: 31 (ALO), 32 (EO); it blocks on 3.
+    let alo = a
+        .sender::<u64>(
+            NodeId(472),
+            ChannelOptions::new(ChannelId(31), Guarantee::AtLeastOnce),
+        )
+        .unwrap();
+    let eo = a
+        .sender::<u64>(
+            NodeId(472),
+            ChannelOptions::new(ChannelId(32), Guarantee::EffectivelyOnce),
+        )
+        .unwrap();
+    let mut problems = Vec::new();
+    let mut ra = Vec::new();
+    let mut re = Vec::new();
+    for v in 0..N {
+        match alo.send(&v).await {
+            Ok(r) => ra.push((v, r)),
+            Err(e) => problems.push(format!("ALO send {v}: {e:?}")),
+        }
+        match eo.send_with_key(&v, IdKey(19_000 + v as u128)).await {
+            Ok(r) => re.push((v, r)),
+            Err(e) => problems.push(format!("EO send {v}: {e:?}")),
+        }
+        // Spread the sends over the block and after it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (name, rs) in [("ALO", ra), ("EO", re)] {
+        for (v, r) in settle(rs, 40).await {
+            if r != Ok(Outcome::Acked) {
+                problems.push(format!("{name} message {v}: {r:?}"));
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for v in 0..N {
+        if get(&processed_eo, v) > 1 {
+            problems.push(format!("EO message {v} processed {} times", get(&processed_eo, v)));
+        }
+    }
+    while let Ok(ev) = health.try_recv() {
+        eprintln!("health: {ev:?}");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The receiver's own current-thread runtime is blocked 6 s by its handler (as
+/// `s3_handler_blocking_a_current_thread_runtime`) while the sender keeps sending,
+/// one message every 100 ms. Documented outcomes only: `Ok(Acked)`, or — once the
+/// detector holds the silent receiver Down (`fail_fast_when_down`, default on) —
+/// `send` failing at once with `SendError::PeerDown`; EO never processes one twice,
+/// and every message whose send was accepted ends Ok(Acked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s14_sends_while_the_receivers_runtime_is_blocked() {
+    const N: u64 = 80;
+    let processed_alo: Counts = Arc::default();
+    let processed_eo: Counts = Arc::default();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (pa, pe) = (processed_alo.clone(), processed_eo.clone());
+    let th = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let b = receiver_at(482, any_addr(), &[481], NodeConfig::default()).await;
+            run_blocking_receiver(&b, pa, pe);
+            addr_tx.send(b.local_addr().unwrap()).unwrap();
+            let _ = stop_rx.await;
+            b.shutdown().await;
+        });
+    });
+    let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let a = sender_to(481, 482, addr).await;
+    let eo = a
+        .sender::<u64>(
+            NodeId(482),
+            ChannelOptions::new(ChannelId(32), Guarantee::EffectivelyOnce),
+        )
+        .unwrap();
+    let mut problems = Vec::new();
+    let mut receipts = Vec::new();
+    let mut refused = Vec::new();
+    let t0 = Instant::now();
+    for v in 0..N {
+        match eo.send_with_key(&v, IdKey(29_000 + v as u128)).await {
+            Ok(r) => receipts.push((v, r)),
+            Err(SendError::PeerDown { .. }) => refused.push((v, t0.elapsed())),
+            Err(e) => problems.push(format!("send {v}: {e:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "PeerDown at send for {} of {N} messages: {:?}",
+        refused.len(),
+        refused
+    );
+    for (v, r) in settle(receipts, 40).await {
+        if r != Ok(Outcome::Acked) {
+            problems.push(format!("message {v}: {r:?}"));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for v in 0..N {
+        if get(&processed_eo, v) > 1 {
+            problems.push(format!("message {v} processed {} times", get(&processed_eo, v)));
+        }
+    }
+    let _ = stop_tx.send(());
+    a.shutdown().await;
+    th.join().unwrap();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
