@@ -460,7 +460,7 @@ async fn s4_one_stuck_channel_does_not_stall_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "defect: a handler still working when Node::shutdown's fixed 1 s handler grace ends has its ack dropped; with durable dedup the restarted receiver processes the message again and the receipt is Ok(Acked)"]
 async fn s5_graceful_restart_during_slow_eo_handler_durable() {
-    let (problems, _) = restart_during_slow_eo_handler(2_500, 352).await;
+    let (problems, _) = restart_during_slow_eo_handler(2_500, 352, true).await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
@@ -469,7 +469,7 @@ async fn s5_graceful_restart_during_slow_eo_handler_durable() {
 /// with the count of deliveries still held after the grace.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s5_acks_lost_past_shutdown_grace_are_warned_about() {
-    let (_, warned) = restart_during_slow_eo_handler(2_500, 452).await;
+    let (_, warned) = restart_during_slow_eo_handler(2_500, 452, true).await;
     assert!(warned, "acks lost at the stop without a warning");
 }
 
@@ -477,7 +477,14 @@ async fn s5_acks_lost_past_shutdown_grace_are_warned_about() {
 /// each key processed exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s5_graceful_restart_during_eo_handler_within_grace_durable() {
-    let (problems, _) = restart_during_slow_eo_handler(600, 392).await;
+    let (problems, _) = restart_during_slow_eo_handler(600, 392, true).await;
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// As `s5_graceful_restart_during_eo_handler_within_grace_durable` with a plain `ack()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_graceful_restart_during_eo_handler_within_grace_plain_ack() {
+    let (problems, _) = restart_during_slow_eo_handler(600, 502, false).await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
@@ -517,7 +524,11 @@ fn collect_warnings() {
     let _ = tracing::subscriber::set_global_default(WarnCollector);
 }
 
-async fn restart_during_slow_eo_handler(slow_first_ms: u64, rid: u64) -> (Vec<String>, bool) {
+async fn restart_during_slow_eo_handler(
+    slow_first_ms: u64,
+    rid: u64,
+    durable_ack: bool,
+) -> (Vec<String>, bool) {
     collect_warnings();
     let sid = rid - 1;
     let dir = tempfile::tempdir().unwrap();
@@ -542,7 +553,9 @@ async fn restart_during_slow_eo_handler(slow_first_ms: u64, rid: u64) -> (Vec<St
                     tokio::time::sleep(Duration::from_millis(slow_ms)).await;
                     let v = *d.message();
                     bump(&p, v); // the side effect
-                    if let Err(e) = d.ack_durable().await {
+                    if !durable_ack {
+                        d.ack();
+                    } else if let Err(e) = d.ack_durable().await {
                         eprintln!("ack_durable of {v} failed: {e:?}");
                         late.lock().unwrap().push(v);
                     }
@@ -1176,7 +1189,10 @@ async fn s13_blocking_handler_on_a_shared_current_thread_runtime() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     for v in 0..N {
         if get(&processed_eo, v) > 1 {
-            problems.push(format!("EO message {v} processed {} times", get(&processed_eo, v)));
+            problems.push(format!(
+                "EO message {v} processed {} times",
+                get(&processed_eo, v)
+            ));
         }
     }
     while let Ok(ev) = health.try_recv() {
@@ -1247,11 +1263,81 @@ async fn s14_sends_while_the_receivers_runtime_is_blocked() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     for v in 0..N {
         if get(&processed_eo, v) > 1 {
-            problems.push(format!("message {v} processed {} times", get(&processed_eo, v)));
+            problems.push(format!(
+                "message {v} processed {} times",
+                get(&processed_eo, v)
+            ));
         }
     }
     let _ = stop_tx.send(());
     a.shutdown().await;
     th.join().unwrap();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The application drops its `Receiver` (e.g. replaces its consumer) while spawned
+/// handlers still hold deliveries from it, mid-way through 2 s of work; a new receiver
+/// is registered on the channel 0.5 s later. The old handlers then ack. Promised
+/// (effectively-once): each message processed exactly once, every receipt Ok(Acked) —
+/// dropping a receiver takes back only what was still queued, never what the
+/// application holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s15_receiver_replaced_while_slow_handlers_hold_deliveries() {
+    const N: u64 = 20;
+    let b = receiver_at(492, any_addr(), &[491], NodeConfig::default()).await;
+    let a = sender_to(491, 492, b.local_addr().unwrap()).await;
+    let processed: Counts = Arc::default();
+    let mut inbox = b.receiver::<u64>(ChannelId(150), false).unwrap();
+    let p = processed.clone();
+    let first = tokio::spawn(async move {
+        // Take the first 8, hand each to a slow task, then drop the receiver.
+        for _ in 0..8 {
+            let d = inbox.recv().await.unwrap();
+            let p = p.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                bump(&p, *d.message());
+                d.ack();
+            });
+        }
+        drop(inbox);
+    });
+    let out = a
+        .sender::<u64>(
+            NodeId(492),
+            ChannelOptions::new(ChannelId(150), Guarantee::EffectivelyOnce),
+        )
+        .unwrap();
+    let mut receipts = Vec::new();
+    for v in 0..N {
+        receipts.push((v, out.send(&v).await.unwrap()));
+    }
+    within(10, "first consumer", first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut inbox = b.receiver::<u64>(ChannelId(150), false).unwrap();
+    let p = processed.clone();
+    tokio::spawn(async move {
+        while let Some(d) = inbox.recv().await {
+            bump(&p, *d.message());
+            d.ack();
+        }
+    });
+    let mut problems = Vec::new();
+    for (v, r) in settle(receipts, 40).await {
+        if r != Ok(Outcome::Acked) {
+            problems.push(format!("message {v}: {r:?}"));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for v in 0..N {
+        if get(&processed, v) != 1 {
+            problems.push(format!(
+                "message {v} processed {} times",
+                get(&processed, v)
+            ));
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
