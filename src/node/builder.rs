@@ -290,6 +290,7 @@ impl NodeBuilder {
             outbox: FxHashMap::default(),
             withdrawn: FxHashMap::default(),
             clock: start,
+            handler_grace: self.config.shutdown_handler_grace,
         };
         let end = super::supervise::EndGuard(shared.clone());
         let task = tokio::spawn(supervise(driver, shared.clone(), origin, end));

@@ -255,9 +255,6 @@ impl Driver {
     }
 }
 
-/// How long a graceful stop waits for deliveries the application holds.
-const HANDLER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
 impl Driver {
     /// Hands the transport a peer change from a command, which cannot wait for room in
     /// the transport's queue: see [`LinkBacklog::submit`].
@@ -266,7 +263,7 @@ impl Driver {
     }
 
     /// A graceful stop gives the deliveries the application still holds up to
-    /// [`HANDLER_GRACE`] to finish (new frames are no longer read), so the
+    /// `shutdown_handler_grace` to finish (new frames are no longer read), so the
     /// completions of handlers busy at that moment are applied: their dedup records
     /// written and synced, their acks sent when due. (Regression: an effectively-once
     /// message a handler acked just as its node stopped lost its record and was
@@ -276,7 +273,8 @@ impl Driver {
     /// application, is taken back for the node's next run, and messages made ready
     /// now are refused the same way (see [`Receivers::stop_handing_out`]).
     pub(super) async fn finish_held_deliveries(&mut self) {
-        let until = tokio::time::Instant::now() + HANDLER_GRACE;
+        // `None`: a grace too long to represent (`Duration::MAX`) waits for them all.
+        let until = tokio::time::Instant::now().checked_add(self.handler_grace);
         self.receivers.stop_handing_out(&self.shared);
         loop {
             self.clock = super::driver::now();
@@ -299,7 +297,12 @@ impl Driver {
                     }
                     None => break,
                 },
-                _ = tokio::time::sleep_until(until) => break,
+                _ = async {
+                    match until {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => break,
             }
         }
         let now = super::driver::now();
@@ -313,7 +316,7 @@ impl Driver {
             // dropping those acks silently.
             tracing::warn!(
                 held = still_held,
-                grace = ?HANDLER_GRACE,
+                grace = ?self.handler_grace,
                 "stopping with deliveries the application still holds after the handler grace: they are not acknowledged and will be delivered again to this node's next run"
             );
         }

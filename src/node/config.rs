@@ -48,6 +48,15 @@ pub struct NodeConfig {
     /// value is accepted; `Duration::MAX` waits until every message has settled.
     #[serde(with = "crate::config_serde::duration")]
     pub shutdown_drain: Duration,
+    /// How long [`Node::shutdown`] waits, after the drain, for deliveries the
+    /// application still holds (handed out, not yet acked or nacked) before it stops.
+    /// Default 5 s, so a handler that is sometimes slow finishes and its ack and dedup
+    /// record are kept; the wait ends as soon as none is held. A delivery still held at
+    /// the end is treated like a handler crash (see [`Node::shutdown`]). Any value is
+    /// accepted; `Duration::ZERO` stops without waiting, `Duration::MAX` waits for
+    /// every held delivery.
+    #[serde(with = "crate::config_serde::duration")]
+    pub shutdown_handler_grace: Duration,
     /// Allow [`Node::sender`] to a peer this node does not know. Default `false`: a
     /// sender is only made for a peer given to [`NodeBuilder::peer`] or
     /// [`Node::add_peer`], a peer that has connected to this node, or (on an in-memory
@@ -91,6 +100,7 @@ impl Default for NodeConfig {
             heartbeat_interval: Duration::from_secs(1),
             handoff: None,
             shutdown_drain: Duration::from_secs(5),
+            shutdown_handler_grace: Duration::from_secs(5),
             allow_dynamic_peers: false,
             fail_fast_when_down: true,
             authorization: crate::proto::Authorization::default(),
@@ -120,8 +130,8 @@ impl NodeConfig {
     /// `1..=`[`MAX_PAYLOAD`](Self::MAX_PAYLOAD) (over TCP, also within the frame limit:
     /// checked by [`NodeBuilder::build`]); `heartbeat_interval`
     /// in `[1 ms, 1 h]`; `detector` as `DetectorConfig::validate`, with `max_samples
-    /// <= 65536`; `handoff` as [`HandoffConfig::validate`]. `shutdown_drain` may be any
-    /// duration.
+    /// <= 65536`; `handoff` as [`HandoffConfig::validate`]. `shutdown_drain` and
+    /// `shutdown_handler_grace` may be any duration.
     pub fn validate(&self) -> Result<(), crate::ConfigError> {
         use crate::error::check::{count, duration, u};
         self.proto.validate()?;

@@ -460,15 +460,16 @@ impl Node {
     /// [`NodeConfig::shutdown_drain`] for unacknowledged messages, then spool what is
     /// left to the hint store (receipts resolve [`Outcome::HandedOff`]; without handoff
     /// they fail with [`SendError::Shutdown`]), give deliveries the application still
-    /// holds up to 1 s to finish (so their acks and dedup records are not lost with
-    /// the stop), flush the hint log, close the transport, and wait for the driver to
-    /// finish. Receivers hand out nothing from the start of that 1 s on: `recv`
+    /// holds up to [`NodeConfig::shutdown_handler_grace`] (default 5 s; it ends as
+    /// soon as none is held) to finish, so their acks and dedup records are not lost
+    /// with the stop, flush the hint log, close the transport, and wait for the driver
+    /// to finish. Receivers hand out nothing from the start of that grace on: `recv`
     /// returns `None`, and messages still queued for them, never seen by the
     /// application, are taken back unacknowledged for the sender to send to the
     /// node's next run. A node restarted on the same hint directory
     /// replays the spooled messages. Dropping a `Node` instead stops it at once.
     ///
-    /// A delivery still held when the 1 s grace ends is treated like a handler crash:
+    /// A delivery still held when the grace ends is treated like a handler crash:
     /// its `ack()` is lost (`ack_durable` fails with [`AckError::NodeStopped`]), a
     /// warning is logged with the count, and its sender sends it again to the node's
     /// next run, which delivers it again — also on an effectively-once channel with
