@@ -181,7 +181,11 @@ impl NodeBuilder {
                 t.batch_frames();
                 span.in_scope(|| t.start(origin))?
             }
-            (None, Some((addr, cfg))) => {
+            (None, Some((addr, mut cfg))) => {
+                // Heartbeats are what keep a live connection from looking idle.
+                cfg.idle_timeout = cfg
+                    .idle_timeout
+                    .max(self.config.heartbeat_interval.saturating_mul(3));
                 let (link, stats, stop) = start_tcp(addr, cfg, &self.peers, self.trust, origin)
                     .instrument(span.clone())
                     .await?;

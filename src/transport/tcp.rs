@@ -26,7 +26,9 @@
 //! - [`LinkEvent::Up`] is emitted when a peer gets its first connection (and when a
 //!   peer's incarnation changes, after a `Down`), [`LinkEvent::Down`] when its
 //!   connection is lost. After a loss the transport redials (after a backoff) if it
-//!   knows the peer's address.
+//!   knows the peer's address. A connection from which nothing was read for
+//!   [`TcpConfig::idle_timeout`] counts as lost (`idle_timeouts`): a half-open
+//!   connection (no FIN or RST ever arrives) is closed and redialed, not kept for good.
 //! - Frames for a peer go to a per-peer queue, kept across reconnects, except the data
 //!   frames of a message its sender took back ([`LinkCommand::Withdraw`]). While the peer
 //!   has no connection the queue is bounded by [`TcpConfig::queue_bound`] frames and the
@@ -114,6 +116,7 @@ use tokio::task::{JoinHandle, JoinSet};
 /// - `max_connections_per_ip`: 64 accepted connections per remote IP address
 /// - `max_handshaking`: 256 accepted connections in their handshake, node-wide
 /// - `stale_after`: 10 s (a connection silent this long yields to a new incarnation)
+/// - `idle_timeout`: 10 s (a connection silent this long is closed and redialed)
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TcpConfig {
@@ -176,6 +179,14 @@ pub struct TcpConfig {
     /// same node id is refused rather than allowed to replace it.
     #[serde(with = "crate::config_serde::duration")]
     pub stale_after: Duration,
+    /// Close an established connection from which nothing at all was read for this
+    /// long (counted in `idle_timeouts`), and redial: a half-open connection (the
+    /// peer's host vanished, or a NAT or firewall dropped the flow without a FIN or
+    /// RST) is otherwise kept for good, and the peer never comes back Up. The node's
+    /// heartbeats (a ping each way every `heartbeat_interval`) keep a live connection
+    /// busy; a node raises this to at least 3 × its `heartbeat_interval`.
+    #[serde(with = "crate::config_serde::duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for TcpConfig {
@@ -195,6 +206,7 @@ impl Default for TcpConfig {
             max_connections_per_ip: 64,
             max_handshaking: 256,
             stale_after: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -214,6 +226,7 @@ impl TcpConfig {
         zero("backoff_min", self.backoff_min)?;
         zero("read_timeout", self.read_timeout)?;
         zero("stale_after", self.stale_after)?;
+        zero("idle_timeout", self.idle_timeout)?;
         if self.backoff_max < self.backoff_min {
             return Err(TcpConfigError::BackoffRange {
                 min: self.backoff_min,
@@ -335,6 +348,9 @@ pub struct TcpStatsSnapshot {
     pub evicted_handshakes: u64,
     /// Connections closed because a started frame was not completed in `read_timeout`.
     pub read_timeouts: u64,
+    /// Established connections closed because nothing was read from them within
+    /// `idle_timeout` (half-open or black-holed); the transport redials.
+    pub idle_timeouts: u64,
     /// TLS: the peer presented no certificate.
     pub rejected_tls_no_certificate: u64,
     /// TLS: the peer's certificate does not chain to a trusted CA.
@@ -384,6 +400,7 @@ impl TcpStats {
             rejected_ip_limit: g(Counter::RejectedIpLimit),
             evicted_handshakes: g(Counter::EvictedHandshakes),
             read_timeouts: g(Counter::ReadTimeouts),
+            idle_timeouts: g(Counter::IdleTimeouts),
             rejected_tls_no_certificate: g(Counter::RejectedTlsNoCertificate),
             rejected_tls_untrusted: g(Counter::RejectedTlsUntrusted),
             rejected_tls_expired: g(Counter::RejectedTlsExpired),
@@ -417,6 +434,7 @@ impl TcpStats {
             Reject::UnknownPeer(_) => Counter::RejectedUnknownPeer,
             Reject::DuplicateNode { .. } => Counter::RejectedDuplicateNode,
             Reject::ReadTimeout => Counter::ReadTimeouts,
+            Reject::IdleTimeout => Counter::IdleTimeouts,
             #[cfg(feature = "tls")]
             Reject::Tls(t) => match t {
                 TlsRefusal::NoCertificate => Counter::RejectedTlsNoCertificate,
@@ -630,8 +648,9 @@ enum Counter {
     FramesWithdrawn,
     FramesSkippedTooLarge,
     EvictedHandshakes,
+    IdleTimeouts,
 }
-const COUNTERS: usize = Counter::EvictedHandshakes as usize + 1;
+const COUNTERS: usize = Counter::IdleTimeouts as usize + 1;
 
 /// A connected peer is disconnected once this many times `queue_bound` frames wait
 /// for it (see `Manager::send`).
@@ -660,6 +679,8 @@ enum Reject {
     DuplicateNode { live: Origin, new: Origin },
     #[error("frame not completed within the read timeout")]
     ReadTimeout,
+    #[error("nothing read within the idle timeout (half-open connection?)")]
+    IdleTimeout,
     #[cfg(feature = "tls")]
     #[error("{0}")]
     Tls(TlsRefusal),
@@ -2111,7 +2132,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
             buf.reserve(64 * 1024);
         }
         let read = match frame_deadline {
-            None => rd.read_buf(&mut buf).await,
+            // Between frames: a live peer's heartbeats arrive well within the idle
+            // timeout; silence this long is a half-open connection, which would
+            // otherwise be kept (and never redialed) for good.
+            None => match tokio::time::timeout(ctx.cfg.idle_timeout, rd.read_buf(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => break Some(Reject::IdleTimeout),
+            },
             Some(d) => match tokio::time::timeout_at(d, rd.read_buf(&mut buf)).await {
                 Ok(r) => r,
                 Err(_) => break Some(Reject::ReadTimeout),
