@@ -54,6 +54,11 @@ const RST: u8 = 3;
 const SHUT_DOWN_DIR: u8 = 4;
 /// Forward client -> server, discard server -> client (acks and pongs black-holed).
 const HOLE_DOWN: u8 = 5;
+/// Forward server -> client, discard client -> server (data black-holed; the
+/// receiver's pings still reach the sender).
+const HOLE_UP: u8 = 6;
+/// Stop reading from the client (the sender's socket buffers fill; its writes block).
+const NOREAD_UP: u8 = 7;
 
 struct Conn {
     mode: AtomicU8,
@@ -110,13 +115,17 @@ async fn pump_inner(
                 }
             }
         }
+        if m == NOREAD_UP && up {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
         let n = match tokio::time::timeout(Duration::from_millis(10), src.read(buf)).await {
             Err(_) => continue,
             Ok(Ok(0)) | Ok(Err(_)) => {
                 // A black hole does not pass the end on either: the far side keeps
                 // its socket open (a vanished host sends no FIN).
                 let m = c.mode.load(Ordering::Relaxed);
-                if m == HOLE || (m == HOLE_DOWN && !up) {
+                if m == HOLE || (m == HOLE_DOWN && !up) || (m == HOLE_UP && up) {
                     while !matches!(c.mode.load(Ordering::Relaxed), FIN | RST) {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -126,7 +135,7 @@ async fn pump_inner(
             Ok(Ok(n)) => n,
         };
         let m = c.mode.load(Ordering::Relaxed);
-        if m == HOLE || (m == HOLE_DOWN && !up) {
+        if m == HOLE || (m == HOLE_DOWN && !up) || (m == HOLE_UP && up) {
             continue;
         }
         if m == FIN || m == RST {
@@ -561,6 +570,11 @@ async fn half_open_both_directions_is_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_data_direction_is_replaced() {
+    half_open_case(2400, HOLE_UP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_ack_direction_is_replaced() {
     half_open_case(2200, HOLE_DOWN).await;
 }
@@ -866,5 +880,99 @@ async fn receiver_vanishes_behind_half_open_connection_and_restarts() {
     assert!(
         outcome.is_ok(),
         "the sender never reached the restarted receiver: {outcome:?}"
+    );
+}
+
+/// A peer whose host stops reading (its receive window closes; the sender's writes
+/// block in the kernel) while the sender has lots unacknowledged: the sender's
+/// `shutdown()` still completes (drain 5 s by default, then flush and close), and
+/// every receipt resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_completes_while_peer_stopped_reading() {
+    let rig = rig(6100).await;
+    wait_connected(&rig).await;
+    rig.proxy.set_all(NOREAD_UP);
+    let s = rig
+        .a
+        .raw_sender(
+            NodeId(rig.b_id),
+            ChannelOptions::new(ChannelId(CH_ALO), Guarantee::AtLeastOnce),
+        )
+        .unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..600u64 {
+        match tokio::time::timeout(Duration::from_secs(2), s.send(payload(i, 32 * 1024))).await {
+            Ok(Ok(r)) => receipts.push(r),
+            Ok(Err(e)) => {
+                eprintln!("send {i}: {e:?}");
+                break;
+            }
+            Err(_) => {
+                eprintln!("send {i} waits (window/credit)");
+                break;
+            }
+        }
+    }
+    let n = receipts.len();
+    let t = Instant::now();
+    within(
+        30,
+        "sender shutdown while the peer does not read",
+        rig.a.shutdown(),
+    )
+    .await;
+    let took = t.elapsed();
+    let mut tally: HashMap<String, u64> = HashMap::new();
+    for r in receipts {
+        let res = within(10, "receipt after shutdown", r).await;
+        *tally.entry(format!("{res:?}")).or_default() += 1;
+    }
+    eprintln!("[no-read] {n} sent; shutdown took {took:?}; receipts {tally:?}");
+    rig.b.unwrap().shutdown().await;
+    assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
+}
+
+/// The receiver is away long enough for the redial backoff to reach its cap
+/// (`backoff_max` 5 s by default), then returns on the same address: the sender is
+/// connected again within the cap (plus a connect), not later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_within_backoff_cap_after_long_absence() {
+    let mut rig = rig(7100).await;
+    wait_connected(&rig).await;
+    let b = rig.b.take().unwrap();
+    within(20, "b shutdown", b.shutdown()).await;
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    rig.b = Some(
+        start_b(
+            rig.b_id,
+            rig.a_id,
+            rig.b_addr,
+            NodeConfig::default(),
+            &rig.seen,
+        )
+        .await,
+    );
+    let back = Instant::now();
+    let mut last = Err(String::new());
+    let mut i = 0;
+    while back.elapsed() < Duration::from_secs(15) {
+        last = roundtrip(&rig, 600 + i, 2).await;
+        if last.is_ok() {
+            break;
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = back.elapsed();
+    eprintln!(
+        "[long absence] reconnected after {took:?} ({last:?}); connections {}",
+        rig.proxy.accepted.load(Ordering::Relaxed)
+    );
+    within(30, "a shutdown", rig.a.shutdown()).await;
+    rig.b.unwrap().shutdown().await;
+    assert!(last.is_ok(), "{last:?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "reconnection took {took:?}, over backoff_max (5 s) + margin"
     );
 }
