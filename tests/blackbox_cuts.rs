@@ -72,6 +72,8 @@ struct Proxy {
     accepted: Arc<AtomicU64>,
     /// if set, a byte offset (client->server) at which each NEW connection is cut (RST)
     cut_at_byte: Arc<AtomicU64>,
+    /// mode given to each new connection
+    new_mode: Arc<AtomicU8>,
 }
 
 async fn pump(
@@ -169,12 +171,14 @@ impl Proxy {
         let conns: Arc<Mutex<Vec<Arc<Conn>>>> = Arc::default();
         let accepted = Arc::new(AtomicU64::new(0));
         let cut_at_byte = Arc::new(AtomicU64::new(0));
+        let new_mode = Arc::new(AtomicU8::new(FWD));
         let (c2, a2, k2) = (conns.clone(), accepted.clone(), cut_at_byte.clone());
+        let nm = new_mode.clone();
         tokio::spawn(async move {
             while let Ok((inbound, _)) = l.accept().await {
                 a2.fetch_add(1, Ordering::Relaxed);
                 let c = Arc::new(Conn {
-                    mode: AtomicU8::new(FWD),
+                    mode: AtomicU8::new(nm.load(Ordering::Relaxed)),
                     up_bytes: AtomicU64::new(0),
                 });
                 c2.lock().unwrap().push(c.clone());
@@ -197,6 +201,7 @@ impl Proxy {
             conns,
             accepted,
             cut_at_byte,
+            new_mode,
         }
     }
 
@@ -553,8 +558,24 @@ async fn half_open_case(base: u64, mode: u8) {
         rig.proxy.accepted.load(Ordering::Relaxed) - before,
         t.elapsed()
     );
+    let idle_a = rig.a.stats().await.unwrap().tcp.unwrap().idle_timeouts;
+    let idle_b = rig
+        .b
+        .as_ref()
+        .unwrap()
+        .stats()
+        .await
+        .unwrap()
+        .tcp
+        .unwrap()
+        .idle_timeouts;
+    eprintln!("[half-open mode {mode}] idle_timeouts: sender {idle_a}, receiver {idle_b}");
     within(30, "a shutdown", rig.a.shutdown()).await;
     rig.b.unwrap().shutdown().await;
+    assert!(
+        idle_a + idle_b >= 1,
+        "the dead connection's close is not counted"
+    );
     assert_eq!(
         res,
         Ok(Outcome::Acked),
@@ -975,4 +996,52 @@ async fn reconnects_within_backoff_cap_after_long_absence() {
         took < Duration::from_secs(6),
         "reconnection took {took:?}, over backoff_max (5 s) + margin"
     );
+}
+
+/// Everything black-holed (the established connection and every new one) for 15 s,
+/// longer than the detector's Down, the handshake timeout and the idle timeout; then
+/// the network heals (the black-holed connections are dead: reset). Every receipt
+/// resolves; nothing acked is lost; effectively-once processed once; at-most-once
+/// never twice; the sender reconnects by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_black_hole_15s_then_heal() {
+    let rig = rig(8100).await;
+    wait_connected(&rig).await;
+    let n = 1200;
+    let (results, h) = spawn_stream(&rig.a, rig.b_id, n, Duration::from_millis(15));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    rig.proxy.new_mode.store(HOLE, Ordering::Relaxed);
+    rig.proxy.set_all(HOLE);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let during = rig.a.health(NodeId(rig.b_id));
+    rig.proxy.new_mode.store(FWD, Ordering::Relaxed);
+    rig.proxy.set_all(RST);
+    let healed = Instant::now();
+    within(60, "every receipt resolves", h).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut problems = judge(
+        "network black hole 15 s",
+        &results,
+        &rig.seen,
+        3 * n as usize,
+    );
+    let mut back = Err(String::new());
+    while healed.elapsed() < Duration::from_secs(20) {
+        back = roundtrip(&rig, 8_000_000 + healed.elapsed().as_millis() as u64, 3).await;
+        if back.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "[network black hole] health during {during:?}; back {back:?} at {:?} after heal; connections {}",
+        healed.elapsed(),
+        rig.proxy.accepted.load(Ordering::Relaxed)
+    );
+    if let Err(e) = back {
+        problems.push(e);
+    }
+    within(30, "a shutdown", rig.a.shutdown()).await;
+    rig.b.unwrap().shutdown().await;
+    assert!(problems.is_empty(), "{problems:#?}");
 }
