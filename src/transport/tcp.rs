@@ -2157,6 +2157,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
     };
     match &reason {
         Some(Reject::Io(e)) => tracing::debug!(%peer, error = %e, "tcp: read failed"),
+        Some(r @ Reject::IdleTimeout) => {
+            ctx.stats.reject(r);
+            tracing::warn!(%peer, idle_timeout = ?ctx.cfg.idle_timeout, "tcp: nothing read from the peer within the idle timeout (half-open connection?); closed, redialing");
+        }
         Some(r) => {
             ctx.stats.reject(r);
             tracing::warn!(%peer, reason = %r, "tcp: bad input, connection closed");
