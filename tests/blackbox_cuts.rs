@@ -4,6 +4,9 @@
 //! can be cut with a FIN or an RST (SO_LINGER 0), black-holed (bytes read and
 //! discarded both ways, socket kept open: a half-open / NAT-dropped connection), or
 //! have only one direction shut down. Public API only.
+//!
+//! Found: a half-open (black-holed) connection was kept for ever: the transport never
+//! redialed, the peer stayed Down and every send failed (fixed: `TcpConfig::idle_timeout`).
 
 #![allow(clippy::type_complexity)]
 

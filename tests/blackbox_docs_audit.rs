@@ -2,6 +2,11 @@
 //! public API) that no other suite pins. Public API only, real TCP on 127.0.0.1,
 //! default `NodeConfig` unless the claim is about a setting. Each test's doc comment
 //! quotes the claim and where it is.
+//!
+//! Found: `sender()`/`receiver()` still succeeded for a moment after the node had
+//! stopped (a second concurrent `shutdown()` could see it); the docs of `Node::health`,
+//! `SendError::Rejected` and two dedup defaults said something else than the code. All
+//! fixed.
 
 mod support;
 

@@ -1,6 +1,10 @@
 //! Black-box probes of the secondary public surfaces (config files, postcard codec,
 //! dead-letter queue bounds, tower service, sink) against real TCP with defaults.
 //! Every await that could hang is under a timeout.
+//!
+//! Found: a huge duration with a fraction in a config file overflowed (a panic in
+//! debug builds, a silently wrapped tiny duration in release); an undecodable
+//! at-most-once payload was never put in the dead letters. Both fixed.
 
 #[path = "support/ports.rs"]
 mod ports;
