@@ -447,3 +447,64 @@ async fn at_most_once_messages_queued_at_a_stop_are_still_handed_out() {
     assert_eq!(got, (0..20).collect::<Vec<u64>>());
     a.shutdown().await;
 }
+
+/// The handler grace (`NodeConfig::shutdown_handler_grace`, default 5 s) waits for
+/// deliveries handed out to the application, not for messages still queued for a
+/// receiver the application does not poll: those are taken back at once. A stop with
+/// ten queued messages returns well within the grace; with one handed out and held,
+/// it waits the whole grace for it (and an ack within the grace is applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handler_grace_waits_for_handed_out_deliveries_not_queued_ones() {
+    // Only queued: the receiver is never polled.
+    let (b, rx, a, tx) = tcp_channel(Guarantee::EffectivelyOnce).await;
+    let mut receipts = Vec::new();
+    for i in 0..10u64 {
+        receipts.push(tx.send(&i).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // all arrived and queued
+    let t0 = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), b.shutdown())
+        .await
+        .unwrap();
+    let queued_only = t0.elapsed();
+    assert!(
+        queued_only < Duration::from_secs(3),
+        "a stop with only queued messages took {queued_only:?} (the grace is 5 s)"
+    );
+    drop(rx);
+    for r in receipts {
+        // Never acked unprocessed: they fail (the sender's deadline or shutdown).
+        let got = tokio::time::timeout(Duration::from_millis(1), r).await;
+        assert!(!matches!(got, Ok(Ok(Outcome::Acked))), "{got:?}");
+    }
+    a.shutdown().await;
+
+    // One handed out and held for 2 s: the stop waits for it and its ack counts.
+    let (b, mut rx, a, tx) = tcp_channel(Guarantee::EffectivelyOnce).await;
+    let r = tx.send(&7).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let acker = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        d.ack();
+    });
+    let t0 = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), b.shutdown())
+        .await
+        .unwrap();
+    let held = t0.elapsed();
+    assert!(
+        held >= Duration::from_millis(1500),
+        "the stop did not wait for the held delivery ({held:?})"
+    );
+    acker.await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), r)
+            .await
+            .unwrap(),
+        Ok(Outcome::Acked)
+    );
+    a.shutdown().await;
+}

@@ -179,6 +179,8 @@ impl NodeBuilder {
             (Some(t), _) => {
                 let mut t = t.into_transport();
                 t.batch_frames();
+                // Heartbeats are what keep a live connection from looking idle.
+                t.heartbeat_interval(self.config.heartbeat_interval);
                 span.in_scope(|| t.start(origin))?
             }
             (None, Some((addr, mut cfg))) => {
@@ -264,6 +266,7 @@ impl NodeBuilder {
             max_payload: self.config.max_payload,
             decode_failed: AtomicU64::new(0),
             receivers_stopped: std::sync::atomic::AtomicBool::new(false),
+            queued_for_receivers: Arc::default(),
             decode_warned: Mutex::new(None),
             no_receiver: AtomicU64::new(0),
             no_receiver_warned: Mutex::new(None),
@@ -285,16 +288,19 @@ impl NodeBuilder {
             burst: Vec::with_capacity(BURST + 1),
             commands: cmd_rx,
             observe: observe::Observer::new(self.id),
-            receivers: Receivers::new(Arc::new(Completions {
-                stack: CompletionStack::new(),
-                wake: tokio::sync::Notify::new(),
-                commands: cmd_tx.clone(),
-            })),
+            receivers: Receivers::new(
+                self.config.shutdown_handler_grace,
+                shared.queued_for_receivers.clone(),
+                Arc::new(Completions {
+                    stack: CompletionStack::new(),
+                    wake: tokio::sync::Notify::new(),
+                    commands: cmd_tx.clone(),
+                }),
+            ),
             shared: shared.clone(),
             outbox: FxHashMap::default(),
             withdrawn: FxHashMap::default(),
             clock: start,
-            handler_grace: self.config.shutdown_handler_grace,
         };
         let end = super::supervise::EndGuard(shared.clone());
         let task = tokio::spawn(supervise(driver, shared.clone(), origin, end));

@@ -255,6 +255,10 @@ impl Driver {
     }
 }
 
+/// How long the handler grace waits to confirm that what the application holds is
+/// only what is still queued for its receivers (see `finish_held_deliveries`).
+const CONFIRM_NOTHING_HANDED_OUT: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl Driver {
     /// Hands the transport a peer change from a command, which cannot wait for room in
     /// the transport's queue: see [`LinkBacklog::submit`].
@@ -274,15 +278,28 @@ impl Driver {
     /// now are refused the same way (see [`Receivers::stop_handing_out`]).
     pub(super) async fn finish_held_deliveries(&mut self) {
         // `None`: a grace too long to represent (`Duration::MAX`) waits for them all.
-        let until = tokio::time::Instant::now().checked_add(self.handler_grace);
+        let until = tokio::time::Instant::now().checked_add(self.receivers.handler_grace);
         self.receivers.stop_handing_out(&self.shared);
+        // Queued deliveries the application never took are taken back by their
+        // receivers, not waited for; a delivery taken out just as the stop began is
+        // counted as queued for a moment, so "nothing handed out" is confirmed once
+        // more after a short pause before the grace ends on it.
+        let mut confirming = false;
         loop {
             self.clock = super::driver::now();
             self.take_completions();
             self.dispatch();
-            if self.core.endpoint.held_by_application() == 0 {
+            let held = self.core.endpoint.held_by_application();
+            let queued = self.receivers.queued();
+            if held == 0 || (held <= queued && confirming) {
                 break;
             }
+            if held <= queued {
+                confirming = true;
+                tokio::time::sleep(CONFIRM_NOTHING_HANDED_OUT).await;
+                continue;
+            }
+            confirming = false;
             tokio::select! {
                 _ = self.receivers.completions.wake.notified() => {}
                 // `ack_durable` finishes a delivery by command; sends meet the drain.
@@ -308,7 +325,11 @@ impl Driver {
         let now = super::driver::now();
         self.clock = now;
         self.take_completions();
-        let still_held = self.core.endpoint.held_by_application();
+        let still_held = self
+            .core
+            .endpoint
+            .held_by_application()
+            .saturating_sub(self.receivers.queued());
         if still_held > 0 {
             // Their acks, when they come, go nowhere: the sender sends these messages
             // again to the node's next run, which processes them again (also with
@@ -316,8 +337,8 @@ impl Driver {
             // dropping those acks silently.
             tracing::warn!(
                 held = still_held,
-                grace = ?self.handler_grace,
-                "stopping with deliveries the application still holds after the handler grace: they are not acknowledged and will be delivered again to this node's next run"
+                grace = ?self.receivers.handler_grace,
+                "stopping with deliveries the application still holds after the handler grace: they are not acknowledged; at-least-once and effectively-once ones will be delivered again to this node's next run (at-most-once ones are not sent again)"
             );
         }
         self.persist();

@@ -49,7 +49,8 @@ pub struct NodeConfig {
     #[serde(with = "crate::config_serde::duration")]
     pub shutdown_drain: Duration,
     /// How long [`Node::shutdown`] waits, after the drain, for deliveries the
-    /// application still holds (handed out, not yet acked or nacked) before it stops.
+    /// application still holds (handed out, not yet acked or nacked; messages still
+    /// queued for a receiver are taken back instead) before it stops.
     /// Default 5 s, so a handler that is sometimes slow finishes and its ack and dedup
     /// record are kept; the wait ends as soon as none is held. A delivery still held at
     /// the end is treated like a handler crash (see [`Node::shutdown`]). Any value is

@@ -43,8 +43,6 @@ pub(super) struct Driver {
     pub(super) withdrawn: FxHashMap<NodeId, Vec<(crate::ChannelId, u64)>>,
     /// The driver's notion of now: read once per wake-up.
     pub(super) clock: std::time::Instant,
-    /// [`NodeConfig::shutdown_handler_grace`](super::NodeConfig::shutdown_handler_grace).
-    pub(super) handler_grace: std::time::Duration,
 }
 
 /// Work items taken per wake-up before frames are flushed, so bursts batch.

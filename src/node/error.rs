@@ -94,7 +94,8 @@ impl NodeFailure {
 pub enum HandoffRefusal {
     /// The node has no hint store ([`NodeConfig::handoff`] is `None`, the default).
     /// Not returned by this version: without a hint store a message whose retries run
-    /// out fails with [`SendError::Deadline`] (or [`SendError::PeerDown`], see there).
+    /// out fails with [`SendError::Deadline`] (or [`SendError::PeerDown`] or
+    /// [`SendError::AttemptsExhausted`], see there).
     /// Kept so that code matching on it keeps compiling.
     #[error("hinted handoff is not enabled on this node")]
     NotEnabled,
@@ -226,7 +227,8 @@ pub enum SendError {
     /// undecodable payload; a handler that still fails it `max_deliveries` times, which
     /// makes another dead letter), processed if the cause is gone — and is never
     /// answered `Acked` without a handler finishing it. Except on an effectively-once
-    /// channel, for a dead-lettered id: a copy arriving within 2 minutes of the letter
+    /// channel, for an id dead-lettered after `max_deliveries` deliveries: a copy
+    /// arriving within 2 minutes of the letter
     /// is refused again at once (`DeadLettered`), without a delivery or a new letter,
     /// even if the handler would now succeed; send it again after that.
     #[error("rejected by the receiver: {reason}")]

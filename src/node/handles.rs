@@ -357,7 +357,8 @@ impl RawReceiver {
     /// again to the node's next run), and `recv` returns `None` — after handing out
     /// the at-most-once ones among them, which no sender would send again. A message
     /// handed out
-    /// before that has the grace (1 s) to be acked. (Regression: messages queued at the
+    /// before that has the grace ([`NodeConfig::shutdown_handler_grace`], default 5 s)
+    /// to be acked. (Regression: messages queued at the
     /// stop were handed out after `shutdown` returned, their acks went nowhere, and
     /// with durable dedup each was processed again by the restarted receiver.)
     ///
@@ -371,7 +372,19 @@ impl RawReceiver {
         if self.stopped() {
             return Poll::Ready(self.settled_left.pop_front());
         }
-        self.rx.poll_recv(cx)
+        let got = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(_)) = got {
+            self.taken_out(1);
+        }
+        got
+    }
+
+    /// `n` deliveries left this receiver's queue (see `Shared::queued_for_receivers`).
+    fn taken_out(&self, n: usize) {
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
+        self.shared
+            .queued_for_receivers
+            .fetch_sub(n, Ordering::AcqRel);
     }
 
     /// Poll for up to `limit` messages into `buf` (same rules as
@@ -387,7 +400,11 @@ impl RawReceiver {
             buf.extend(self.settled_left.drain(..n));
             return Poll::Ready(n);
         }
-        self.rx.poll_recv_many(cx, buf, limit)
+        let got = self.rx.poll_recv_many(cx, buf, limit);
+        if let Poll::Ready(n) = got {
+            self.taken_out(n);
+        }
+        got
     }
 
     /// Has the node stopped handing out? Then what is queued here is taken back.
@@ -408,6 +425,7 @@ impl RawReceiver {
         self.rx.close();
         let mut queued = Vec::new();
         while let Ok(d) = self.rx.try_recv() {
+            self.taken_out(1);
             if keep_settled && d.guarantee == Guarantee::AtMostOnce {
                 self.settled_left.push_back(d);
             } else {

@@ -469,11 +469,13 @@ impl Node {
     /// node's next run. A node restarted on the same hint directory
     /// replays the spooled messages. Dropping a `Node` instead stops it at once.
     ///
+    /// The grace waits only for deliveries handed out to the application; messages
+    /// still queued for a receiver that is not polled are taken back without waiting.
     /// A delivery still held when the grace ends is treated like a handler crash:
     /// its `ack()` is lost (`ack_durable` fails with [`AckError::NodeStopped`]), a
     /// warning is logged with the count, and its sender sends it again to the node's
     /// next run, which delivers it again — also on an effectively-once channel with
-    /// durable dedup. A handler that may run longer than the grace must be idempotent
+    /// durable dedup (an at-most-once one is not sent again). A handler that may run longer than the grace must be idempotent
     /// (or use the `ackwire-inbox` crate).
     ///
     /// Every call waits for the stop, also one made while another is in progress.

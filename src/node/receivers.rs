@@ -30,17 +30,32 @@ pub(super) struct Receivers {
     durable_acks: Vec<(DeliveryRef, u64, AckReply)>,
     /// Nothing is handed out any more ([`Receivers::stop_handing_out`]).
     stopped: bool,
+    /// `Shared::queued_for_receivers`.
+    queued: Arc<std::sync::atomic::AtomicU64>,
+    /// [`NodeConfig::shutdown_handler_grace`](super::NodeConfig::shutdown_handler_grace).
+    pub(super) handler_grace: std::time::Duration,
 }
 
 impl Receivers {
-    pub(super) fn new(completions: Arc<Completions>) -> Self {
+    pub(super) fn new(
+        handler_grace: std::time::Duration,
+        queued: Arc<std::sync::atomic::AtomicU64>,
+        completions: Arc<Completions>,
+    ) -> Self {
         Receivers {
             by_channel: FxHashMap::default(),
             completions,
             completed: Vec::new(),
             durable_acks: Vec::new(),
             stopped: false,
+            queued,
+            handler_grace,
         }
+    }
+
+    /// Deliveries queued for receivers, not yet taken out by the application.
+    pub(super) fn queued(&self) -> u64 {
+        self.queued.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Is a receiver registered on `channel`?
@@ -109,7 +124,12 @@ impl Receivers {
             guarantee: delivery.guarantee,
             handle: DeliveryHandle { completion },
         };
+        // Counted before it is queued, so the count never misses a queued delivery.
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if let Err(mpsc::error::SendError(mut d)) = tx.send(d) {
+            self.queued
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             d.handle.completion.take();
             self.by_channel.remove(&delivery.channel);
             endpoint.unaccept_channel(delivery.channel);
@@ -173,7 +193,8 @@ impl Receivers {
     }
 
     /// A delivery its typed receiver could not decode: a dead letter (whatever its
-    /// guarantee, as `Receiver::recv` documents), and rejected to its sender.
+    /// guarantee, as `Receiver::recv` documents), and rejected to its sender (an
+    /// at-most-once sender, whose receipt resolved at transmission, is not told).
     /// (Regression: an at-most-once one was counted in `decode_failed` but never
     /// dead-lettered.)
     pub(super) fn undecodable(

@@ -41,6 +41,10 @@ pub(super) struct Shared {
     /// hand out nothing more, and take back what is queued for them (see
     /// [`RawReceiver::recv`](super::RawReceiver::recv)).
     pub(super) receivers_stopped: std::sync::atomic::AtomicBool,
+    /// Deliveries in receivers' queues, not yet handed to the application: counted up
+    /// by the driver before it queues one, down by the receiver once it took it out.
+    /// The handler grace waits only for the rest of what the application holds.
+    pub(super) queued_for_receivers: Arc<AtomicU64>,
     /// When the last decode failure was logged at warn (rate limit).
     pub(super) decode_warned: Mutex<Option<std::time::Instant>>,
     pub(super) no_receiver: AtomicU64,

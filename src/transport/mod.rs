@@ -37,6 +37,11 @@ pub trait Transport: Send + 'static {
     /// per frame). Called before [`start`](Self::start). A transport may ignore it
     /// (the default does): a node handles both events.
     fn batch_frames(&mut self) {}
+
+    /// Tells the transport that the node pings every peer this often (a node calls it
+    /// before [`start`](Self::start)), so a transport that closes idle connections
+    /// keeps them for at least a few intervals. Default: ignored.
+    fn heartbeat_interval(&mut self, _every: std::time::Duration) {}
 }
 
 /// A started transport: commands in, events out.

@@ -103,9 +103,9 @@ use tokio::task::{JoinHandle, JoinSet};
 /// - `handshake_timeout`: 5 s
 /// - `backoff_min`: 50 ms, `backoff_max`: 5 s (redial delay doubles per failed
 ///   attempt between these bounds; each delay is drawn uniformly from its upper half;
-///   a connection the peer closes within 1 s of its handshake without sending anything
-///   counts as a failed attempt, so a peer that refuses this node after the handshake
-///   is not redialed every 50 ms)
+///   a connection that ends within 1 s of its handshake with nothing read after the
+///   handshake counts as a failed attempt, up to the delay of the fifth (400–800 ms),
+///   so a peer that refuses this node after the handshake is not redialed every 50 ms)
 /// - `max_frame_len`: 8 MiB ([`DEFAULT_MAX_FRAME_LEN`]), both directions
 /// - `queue_bound`: 16 384 frames per peer
 /// - `write_batch_bytes`: 64 KiB (the writer issues a write once this much is encoded,
@@ -184,7 +184,11 @@ pub struct TcpConfig {
     /// peer's host vanished, or a NAT or firewall dropped the flow without a FIN or
     /// RST) is otherwise kept for good, and the peer never comes back Up. The node's
     /// heartbeats (a ping each way every `heartbeat_interval`) keep a live connection
-    /// busy; a node raises this to at least 3 × its `heartbeat_interval`.
+    /// busy; a node raises this to at least 3 × its `heartbeat_interval` (also for a
+    /// `TcpTransport` given to `NodeBuilder::transport`). A `TcpTransport` used on its
+    /// own, without a node, sends nothing by itself: its idle connections are closed
+    /// (and redialed if the address is known) after this long; `Duration::MAX` turns
+    /// the timeout off.
     #[serde(with = "crate::config_serde::duration")]
     pub idle_timeout: Duration,
 }
@@ -349,7 +353,8 @@ pub struct TcpStatsSnapshot {
     /// Connections closed because a started frame was not completed in `read_timeout`.
     pub read_timeouts: u64,
     /// Established connections closed because nothing was read from them within
-    /// `idle_timeout` (half-open or black-holed); the transport redials.
+    /// `idle_timeout` (half-open or black-holed); the transport redials a peer whose
+    /// address it knows.
     pub idle_timeouts: u64,
     /// TLS: the peer presented no certificate.
     pub rejected_tls_no_certificate: u64,
@@ -535,6 +540,11 @@ impl TcpTransport {
 impl Transport for TcpTransport {
     fn batch_frames(&mut self) {
         self.batch = true;
+    }
+
+    /// Raises `idle_timeout` to at least three heartbeat intervals.
+    fn heartbeat_interval(&mut self, every: Duration) {
+        self.config.idle_timeout = self.config.idle_timeout.max(every.saturating_mul(3));
     }
 
     fn start(self: Box<Self>, local: Origin) -> Result<Link, TransportError> {
@@ -865,10 +875,16 @@ const RESTART_GRACE: Duration = Duration::from_millis(50);
 /// A connection that closes sooner than this after its handshake, with nothing read
 /// after the handshake, does not reset the redial backoff: a peer that completes the
 /// handshake and then closes (it refuses a duplicate node id, or crashes on each
-/// connection) is redialed with the backoff of failed dials, up to `backoff_max`, not
-/// every `backoff_min`. A connection that carried anything is redialed at once (after
+/// connection) is redialed with the backoff of failed dials, not every `backoff_min` —
+/// growing only to [`SHORT_LIVED_MAX_ATTEMPT`]'s delay, since a restarted process is
+/// refused the same way until the peer has seen its old connection end, and must get
+/// in soon after. A connection that carried anything is redialed at once (after
 /// `backoff_min`), however short it lived.
 const SHORT_LIVED: Duration = Duration::from_secs(1);
+
+/// The redial after a run of short-lived connections waits at most as after this many
+/// failed dials: `backoff_min · 2⁴` (400–800 ms by default).
+const SHORT_LIVED_MAX_ATTEMPT: u32 = 4;
 
 /// Short-lived connections in a row after which the dialer warns (once per run).
 const SHORT_LIVED_WARN_AFTER: u32 = 3;
@@ -1183,7 +1199,7 @@ impl Manager {
         if p.conn.is_some() || p.dialer.as_ref().is_some_and(|d| !d.is_finished()) {
             return;
         }
-        let first_wait = after_backoff.then_some(p.short_lived);
+        let first_wait = after_backoff.then_some(p.short_lived.min(SHORT_LIVED_MAX_ATTEMPT));
         p.dialer = Some(spawn_here(dial_loop(peer, addr, ctx, first_wait)));
     }
 
@@ -2159,7 +2175,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         Some(Reject::Io(e)) => tracing::debug!(%peer, error = %e, "tcp: read failed"),
         Some(r @ Reject::IdleTimeout) => {
             ctx.stats.reject(r);
-            tracing::warn!(%peer, idle_timeout = ?ctx.cfg.idle_timeout, "tcp: nothing read from the peer within the idle timeout (half-open connection?); closed, redialing");
+            tracing::warn!(%peer, idle_timeout = ?ctx.cfg.idle_timeout, "tcp: nothing read from the peer within the idle timeout (half-open connection?); closed");
         }
         Some(r) => {
             ctx.stats.reject(r);
