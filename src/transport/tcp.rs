@@ -2318,4 +2318,18 @@ mod tests {
             assert!(d >= wide.backoff_max / 2 && d <= wide.backoff_max, "{d:?}");
         }
     }
+
+    /// A node's heartbeat interval raises a given transport's idle timeout to three
+    /// intervals (never lowers it), as `TcpConfig::idle_timeout` documents.
+    #[test]
+    fn heartbeat_interval_raises_the_idle_timeout() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut t = TcpTransport::new(addr, TcpConfig::default()).unwrap();
+        t.heartbeat_interval(Duration::from_secs(1));
+        assert_eq!(t.config.idle_timeout, Duration::from_secs(10));
+        t.heartbeat_interval(Duration::from_secs(7));
+        assert_eq!(t.config.idle_timeout, Duration::from_secs(21));
+        t.heartbeat_interval(Duration::MAX);
+        assert_eq!(t.config.idle_timeout, Duration::MAX);
+    }
 }
