@@ -269,7 +269,15 @@ async fn tcp_node_at(
 /// Receiver `B` (with a receiver on `CH`) and sender `A` (with a sender to it) over TCP,
 /// default settings.
 async fn tcp_channel(g: Guarantee) -> (Node, ackwire::Receiver<u64>, Node, ackwire::Sender<u64>) {
-    let b = tcp_node(B, Some(A), NodeConfig::default()).await;
+    tcp_channel_with(g, NodeConfig::default()).await
+}
+
+/// As [`tcp_channel`], with the receiving node's config `b_cfg`.
+async fn tcp_channel_with(
+    g: Guarantee,
+    b_cfg: NodeConfig,
+) -> (Node, ackwire::Receiver<u64>, Node, ackwire::Sender<u64>) {
+    let b = tcp_node(B, Some(A), b_cfg).await;
     let rx = b.receiver::<u64>(CH, false).unwrap();
     let a = tcp_node_at(
         A,
@@ -507,4 +515,53 @@ async fn the_handler_grace_waits_for_handed_out_deliveries_not_queued_ones() {
         Ok(Outcome::Acked)
     );
     a.shutdown().await;
+}
+
+/// `NodeConfig::shutdown_handler_grace` at its documented extremes: `Duration::ZERO`
+/// stops without waiting for a held delivery (its late ack is not applied), and
+/// `Duration::MAX` waits for it however long it takes (6 s here, past the 5 s
+/// default), and its ack is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handler_grace_zero_does_not_wait_and_max_waits_for_every_held_delivery() {
+    for (grace, hold, waits) in [
+        (Duration::ZERO, Duration::from_secs(2), false),
+        (Duration::MAX, Duration::from_secs(6), true),
+    ] {
+        let mut cfg = NodeConfig::default();
+        cfg.shutdown_handler_grace = grace;
+        let (b, mut rx, a, tx) = tcp_channel_with(Guarantee::EffectivelyOnce, cfg).await;
+        let r = tx.send(&1).await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let acker = tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            d.ack();
+        });
+        let t0 = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(30), b.shutdown())
+            .await
+            .unwrap();
+        let took = t0.elapsed();
+        acker.await.unwrap();
+        if waits {
+            assert!(
+                took >= hold - Duration::from_millis(100),
+                "grace {grace:?}: {took:?}"
+            );
+            assert_eq!(
+                tokio::time::timeout(Duration::from_secs(10), r)
+                    .await
+                    .unwrap(),
+                Ok(Outcome::Acked)
+            );
+        } else {
+            assert!(took < Duration::from_secs(1), "grace {grace:?}: {took:?}");
+            // The ack came after the stop: never reported acked.
+            let got = tokio::time::timeout(Duration::from_millis(300), r).await;
+            assert!(!matches!(got, Ok(Ok(Outcome::Acked))), "{got:?}");
+        }
+        a.shutdown().await;
+    }
 }

@@ -576,3 +576,44 @@ async fn commands_are_taken_while_the_event_channel_is_full_of_peer_changes() {
     }
     shutdown(r).await;
 }
+
+/// `TcpConfig::idle_timeout` on a bare transport (no node, so no heartbeats): an idle
+/// connection is closed after the timeout, counted in `idle_timeouts`, and the dialer
+/// connects again; `Duration::MAX` turns the timeout off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_transport_closes_idle_connections_unless_the_timeout_is_off() {
+    for (idle, closes) in [(Duration::from_millis(300), true), (Duration::MAX, false)] {
+        let cfg = TcpConfig {
+            idle_timeout: idle,
+            ..config()
+        };
+        let (oa, ob) = (origin(1, 11), origin(2, 22));
+        let b_addr = any_port();
+        let tb = TcpTransport::new(b_addr, cfg.clone()).unwrap();
+        let b_stats = tb.stats();
+        let mut lb = Box::new(tb).start(ob).unwrap();
+        let ta = TcpTransport::new(any_port(), cfg)
+            .unwrap()
+            .with_peer(NodeId(2), b_addr);
+        let a_stats = ta.stats();
+        let mut la = Box::new(ta).start(oa).unwrap();
+        expect_up(&mut la, ob).await;
+        expect_up(&mut lb, oa).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let idle_closes = a_stats.snapshot().idle_timeouts + b_stats.snapshot().idle_timeouts;
+        if closes {
+            assert!(idle_closes >= 1, "idle {idle:?}: no idle close");
+            // Redialed by the side that knows the address.
+            assert!(
+                a_stats.snapshot().connections_opened >= 2,
+                "{:?}",
+                a_stats.snapshot()
+            );
+        } else {
+            assert_eq!(idle_closes, 0, "idle {idle:?}");
+            assert_eq!(a_stats.snapshot().connections_opened, 1);
+        }
+        la.commands.send(LinkCommand::Shutdown).await.unwrap();
+        lb.commands.send(LinkCommand::Shutdown).await.unwrap();
+    }
+}
