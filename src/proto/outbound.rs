@@ -223,6 +223,11 @@ struct InFlight {
     /// Carries an explicit id, kept in [`OutboundStream::ids`]; otherwise its id is
     /// the implicit `Seq { origin, channel, seq }`.
     has_id: bool,
+    /// Payload type fingerprint of this message's sender (see `wire::Data::schema`):
+    /// per message, as senders of different types may share a stream. (Regression: the
+    /// stream kept the latest send's, so an `i64` queued just before a `u64` on the
+    /// same channel went out as a `u64` and was decoded as one.)
+    schema: u32,
 }
 
 // Issue 14: a window slot fits in one cache line.
@@ -486,8 +491,6 @@ pub(crate) struct OutboundStream {
     /// often it did.
     last_held_probe: Option<Instant>,
     held_probes: u64,
-    /// Payload type fingerprint of the latest send (see `wire::Data::schema`).
-    schema: u32,
     /// Times `poll_transmit` stopped for lack of node credit.
     node_waits: u64,
     /// Credit probes sent since the receiver last acked anything.
@@ -644,7 +647,6 @@ impl OutboundStream {
             held: 0,
             last_held_probe: None,
             held_probes: 0,
-            schema: 0,
             node_waits: 0,
             unanswered_probes: 0,
             last_progress: None,
@@ -721,7 +723,6 @@ impl OutboundStream {
         deadline: Option<Duration>,
         schema: u32,
     ) -> u64 {
-        self.schema = schema;
         let age = self.times.advance(now, self.base, &mut self.slots);
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -747,6 +748,7 @@ impl OutboundStream {
             nack_armed: false,
             nack_again: false,
             has_id: id.is_some(),
+            schema,
         }));
         self.transmit.push_back(seq);
         seq
@@ -818,7 +820,7 @@ impl OutboundStream {
                     None
                 },
                 guarantee: self.guarantee,
-                schema: self.schema,
+                schema: m.schema,
                 // At-most-once settles on this transmission: the frame takes the
                 // payload instead of sharing it (no reference count up and down).
                 payload: if amo {
@@ -1507,7 +1509,7 @@ impl OutboundStream {
                 None
             },
             guarantee: self.guarantee,
-            schema: self.schema,
+            schema: m.schema,
             payload: m.payload.clone(),
         })
     }
