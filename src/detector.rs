@@ -146,7 +146,8 @@ pub enum DetectorConfigError {
 /// | `acceptable_heartbeat_pause` | 1 s | extra silence tolerated on top of the mean interval (GC pauses, hiccups) |
 /// | `first_heartbeat_estimate` | 1 s | assumed interval before real ones are measured (seeds the window with `est ± est/4`) |
 ///
-/// The defaults assume heartbeats about once a second. With them a peer that stops
+/// The defaults assume heartbeats about once a second (a node raises
+/// `first_heartbeat_estimate` to its `heartbeat_interval`). With them a peer that stops
 /// sending is Suspect about 2.4 s and Down about 2.5 s after its last heartbeat. Akka
 /// tolerates a 3 s pause; ackwire takes 1 s because its peers share a LAN and a Down
 /// target only means "hand off instead of retrying", which is cheap to undo. Feeding

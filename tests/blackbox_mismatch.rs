@@ -1,8 +1,9 @@
 //! Black-box: two peers whose configurations differ, as during a rolling deploy or
 //! after a config mistake, over real TCP, each side otherwise at the defaults:
-//! heartbeat intervals far apart (30 s against 1 s, both roles), a message refused for
-//! its type or for a missing receiver and sent again under the same key once fixed, two
-//! payload types on one channel, a sender redeployed with another guarantee on a
+//! heartbeat intervals far apart (30 s against 1 s, both roles) or both slower than
+//! the detector's default expects, a message refused for its type or for a missing
+//! receiver and sent again under the same key once fixed, two payload types on one
+//! channel, a sender redeployed with another guarantee on a
 //! channel that still has hints, a peer list naming the other node at a wrong address,
 //! a stale address on one side only, hinted handoff on one side only, a key horizon
 //! shorter than the handler, a sender redeployed with a smaller frame limit over its
@@ -17,6 +18,13 @@
 //!   decoded as the wrong value (50 of 50 `-1i64` processed as `1u64`, each receipt
 //!   `Acked`) (`two_payload_types_on_one_channel_each_carry_their_own_type`; fixed: the
 //!   fingerprint is kept per message in its window slot);
+//! - two nodes with a slower heartbeat (5 s, accepted up to 1 h) and the default
+//!   detector held each other Suspect, then Down, about 3 s into every idle gap between
+//!   pings (the detector's 1 s first estimate never learned the interval: a heartbeat
+//!   arriving after Down is not recorded), so sends on a healthy idle link could fail
+//!   with `PeerDown` (`a_slower_heartbeat_on_both_sides_does_not_flap_an_idle_link`;
+//!   fixed: a node raises `detector.first_heartbeat_estimate` to its
+//!   `heartbeat_interval`, as it raises the TCP idle timeout);
 //! - a sender redeployed with another guarantee on a channel for which its earlier run
 //!   left hints: the old hints are never replayed (the replay fails with
 //!   `GuaranteeMismatch` against the new run's stream and stops the target's whole
@@ -1225,5 +1233,79 @@ async fn a_hint_larger_than_the_redeployed_senders_frame_limit_does_not_loop() {
         sizes.lock().unwrap()
     );
     s2.shutdown().await;
+    rx.shutdown().await;
+}
+
+/// Both sides with a slower heartbeat (5 s; accepted up to 1 h) and the default
+/// detector, whose estimate assumes about 1 s. An idle, healthy link must not be taken
+/// for a failure: no health change during 12 s of silence (before the fix the
+/// receiver held the sender Down about 3 s into every idle gap until the next ping,
+/// and a send then failed with `PeerDown`), no idle cut, and a message after it is
+/// acked promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slower_heartbeat_on_both_sides_does_not_flap_an_idle_link() {
+    let r = restartable_addr();
+    let rx = receiver_at(2, r, &[1], hb(5)).await;
+    let tx = sender_at(1, restartable_addr(), 2, r, hb(5)).await;
+    let seen: Seen = Arc::default();
+    spawn_counter(
+        rx.receiver::<u64>(ChannelId(1), false).unwrap(),
+        seen.clone(),
+    );
+    let out = tx
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::AtLeastOnce))
+        .unwrap();
+    let seen_back: Seen = Arc::default();
+    spawn_counter(
+        tx.receiver::<u64>(ChannelId(1), false).unwrap(),
+        seen_back.clone(),
+    );
+    let r0 = within(5.0, "first", async { out.send(&0).await.unwrap().await }).await;
+    assert_eq!(r0, Ok(Outcome::Acked));
+    // The receiver knows the sender once it has connected.
+    let back = rx
+        .sender::<u64>(NodeId(1), opts(1, Guarantee::AtLeastOnce))
+        .unwrap();
+    let mut events = vec![tx.health_events(), rx.health_events()];
+    let mut downs = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(12) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if tx.health(NodeId(2)) != Some(Health::Up) || rx.health(NodeId(1)) != Some(Health::Up) {
+            downs.push(format!(
+                "at {:?}: sender sees {:?}, receiver sees {:?}",
+                t0.elapsed(),
+                tx.health(NodeId(2)),
+                rx.health(NodeId(1))
+            ));
+        }
+    }
+    for e in &mut events {
+        while let Ok(ev) = e.try_recv() {
+            downs.push(format!("{ev:?}"));
+        }
+    }
+    assert!(
+        downs.is_empty(),
+        "an idle healthy link flapped: {:?}",
+        &downs[..downs.len().min(6)]
+    );
+    let (ta, tb) = (tcp(&tx), tcp(&rx));
+    assert_eq!(ta.idle_timeouts + tb.idle_timeouts, 0);
+    let t1 = Instant::now();
+    let r1 = within(5.0, "after idle", async {
+        out.send(&1).await.unwrap().await
+    })
+    .await;
+    let r2 = within(5.0, "back after idle", async {
+        match back.send(&2).await {
+            Ok(r) => r.await,
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    assert_eq!((r1, r2), (Ok(Outcome::Acked), Ok(Outcome::Acked)));
+    assert!(t1.elapsed() < Duration::from_secs(2), "{:?}", t1.elapsed());
+    tx.shutdown().await;
     rx.shutdown().await;
 }

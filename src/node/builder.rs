@@ -225,8 +225,18 @@ impl NodeBuilder {
                 }
                 None => None,
             };
+            // The estimate seeds the detector's window: one below the heartbeat
+            // interval takes every idle gap between pings for a failure, and a heartbeat
+            // that arrives after the peer was declared Down is not recorded, so the
+            // window never learns the real interval. (Regression: two nodes with a 5 s
+            // heartbeat and the default detector held each other Down in every idle
+            // period, failing sends with `PeerDown` on a healthy link.)
+            let mut detector_cfg = self.config.detector;
+            detector_cfg.first_heartbeat_estimate = detector_cfg
+                .first_heartbeat_estimate
+                .max(self.config.heartbeat_interval);
             let mut detector =
-                FailureDetector::new(self.config.detector).map_err(crate::ConfigError::Detector)?;
+                FailureDetector::new(detector_cfg).map_err(crate::ConfigError::Detector)?;
             for peer in &watched {
                 detector.heartbeat(*peer, start); // watched from the start
             }

@@ -37,7 +37,10 @@ pub struct NodeConfig {
     pub max_payload: usize,
     /// Failure detector (phi accrual, threshold 8). Default [`DetectorConfig::default`].
     pub detector: DetectorConfig,
-    /// How often each known peer is pinged for the failure detector. Default 1 s.
+    /// How often each known peer is pinged for the failure detector. Default 1 s. The
+    /// node raises the detector's `first_heartbeat_estimate` to at least this, so a
+    /// slower heartbeat does not make an idle peer look Down before its first interval
+    /// is measured.
     #[serde(with = "crate::config_serde::duration")]
     pub heartbeat_interval: Duration,
     /// Hinted handoff; `None` (default) disables it: a message whose retries run out
