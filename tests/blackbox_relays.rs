@@ -144,6 +144,21 @@ fn count_and_ack(node: &Node, ch: u32, s: Seen) {
     });
 }
 
+/// As [`count_and_ack`], each message finished `ms` later in a task of its own.
+fn slow_count_and_ack(node: &Node, ch: u32, s: Seen, ms: u64) {
+    let mut rx = node.receiver::<u64>(ChannelId(ch), false).unwrap();
+    tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                bump(&s, *d.message());
+                d.ack();
+            });
+        }
+    });
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Middle {
     Shutdown,
@@ -160,7 +175,9 @@ async fn relay_case(what: Middle) {
     const N: u64 = 400;
     let c = build(3, any_addr(), &[], &[2]).await;
     let at_c = seen();
-    count_and_ack(&c, 2, at_c.clone());
+    // C takes 100 ms per message (concurrently), so B always holds a few dozen of
+    // A's messages whose forwards are in C's handler.
+    slow_count_and_ack(&c, 2, at_c.clone(), 100);
     let c_proxy = Proxy::start(c.local_addr().unwrap(), Chaos::none()).await;
     let b_addr = any_addr();
     let forwarded = seen();
@@ -213,25 +230,23 @@ async fn relay_case(what: Middle) {
     assert_eq!((sa.proto.sent, sa.proto.acked), (N, N), "{:?}", sa.proto);
     let sc = c.stats().await.unwrap();
     if matches!(what, Middle::CutLinks) {
-        // B forwarded each index once; C handed each to its handler once.
+        // B forwarded each index once.
         assert_eq!(total(&forwarded), N, "B's handler invocations");
-        assert_eq!(sc.proto.delivered, N, "{:?}", sc.proto);
         let sb = b.as_ref().unwrap().stats().await.unwrap();
         assert_eq!((sb.proto.sent, sb.proto.acked), (N, N), "{:?}", sb.proto);
         assert_eq!(sb.proto.delivered, N, "{:?}", sb.proto);
     }
-    // C processed each index once; whatever B sent again was dropped as a duplicate.
-    let at_b = total(&forwarded);
-    assert!(
-        sc.proto.delivered >= N,
-        "C delivered {} < {N}",
-        sc.proto.delivered
-    );
-    if at_b > N {
+    // C's handler ran once per index: whatever B sent again was answered by C's
+    // dedup, never delivered.
+    assert_eq!(sc.proto.delivered, N, "{:?}", sc.proto);
+    if matches!(what, Middle::Drop) {
         assert!(
-            sc.proto.duplicates_dropped + sc.proto.in_progress_dropped > 0
-                || sc.proto.delivered > N,
-            "B forwarded {at_b} times for {N} indices, C reports no duplicate: {:?}",
+            total(&forwarded) > N,
+            "no message was held by B when it was dropped"
+        );
+        assert!(
+            sc.proto.duplicates_dropped + sc.proto.in_progress_dropped > 0,
+            "B's second run forwarded again, C reports no duplicate: {:?}",
             sc.proto
         );
     }
@@ -569,7 +584,8 @@ async fn r07_send_from_a_health_event_listener() {
 /// The request/response pattern from plain std threads: B's request handler is a std
 /// thread that takes deliveries with a runtime handle's `block_on`, sends the reply and
 /// waits for its receipt with `futures::executor::block_on` (no tokio context on the
-/// thread), then acks; A's requests are sent from three std threads the same way.
+/// thread), then acks; A's requests are sent from three std threads the same way, and
+/// A's replies are taken with `futures::executor::block_on` alone.
 #[test]
 fn r08_request_response_from_plain_threads() {
     const PER: u64 = 150;
@@ -612,7 +628,9 @@ fn r08_request_response_from_plain_threads() {
     {
         let rep_at_a = rep_at_a.clone();
         std::thread::spawn(move || {
-            while let Some(d) = handle.block_on(rep_rx.recv()) {
+            // No tokio context at all on this thread.
+            drop(handle);
+            while let Some(d) = futures::executor::block_on(rep_rx.recv()) {
                 bump(&rep_at_a, *d.message());
                 d.ack();
             }
@@ -797,7 +815,7 @@ async fn r11_relay_middle_node_restarted_three_times_in_a_row() {
     const N: u64 = 300;
     let c = build(3, any_addr(), &[], &[2]).await;
     let at_c = seen();
-    count_and_ack(&c, 2, at_c.clone());
+    slow_count_and_ack(&c, 2, at_c.clone(), 100);
     let b_addr = any_addr();
     let forwarded = seen();
     let c_addr = c.local_addr().unwrap();
@@ -825,6 +843,7 @@ async fn r11_relay_middle_node_restarted_three_times_in_a_row() {
     let m = settle(rs, 35.0, "A's receipts").await;
     assert_eq!(acked(&m), N as usize, "{m:?}");
     assert_each_once(&at_c, N, "C's handler");
+    assert!(total(&forwarded) > N, "B held nothing at its restarts");
     drop(b);
 }
 
@@ -1102,7 +1121,7 @@ async fn r16_relay_through_chaos_on_both_links_and_a_middle_restart() {
     const N: u64 = 500;
     let c = build(3, any_addr(), &[], &[2]).await;
     let at_c = seen();
-    count_and_ack(&c, 2, at_c.clone());
+    slow_count_and_ack(&c, 2, at_c.clone(), 100);
     let mut c_proxy = Proxy::start(c.local_addr().unwrap(), chaos(7)).await;
     let b_addr = any_addr();
     let forwarded = seen();
@@ -1346,4 +1365,618 @@ async fn forward_batch(
         });
     }
     res
+}
+
+/// A store-and-forward relay: B has hinted handoff and acks A's message once its
+/// forward is `Acked` or `HandedOff` (durably stored for C). C is cut off from B for
+/// 5 s (reconnects refused) mid-stream, and later B is shut down gracefully (its
+/// unacknowledged forwards spooled) and restarted on its hint directory. Every receipt
+/// at A is `Acked`, C sees every index exactly once once B's hints are replayed, and
+/// B's hint store ends empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r20_store_and_forward_relay_with_hinted_handoff() {
+    const N: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let c = build(3, any_addr(), &[], &[2]).await;
+    let at_c = seen();
+    count_and_ack(&c, 2, at_c.clone());
+    let c_proxy = Proxy::start(c.local_addr().unwrap(), Chaos::none()).await;
+    let b_addr = any_addr();
+    let start_b = |dir: std::path::PathBuf| {
+        let c_addr = c_proxy.addr;
+        async move {
+            let mut cfg = ackwire::NodeConfig::default();
+            cfg.handoff = Some(ackwire::HandoffConfig::new(dir));
+            let b = within(
+                10.0,
+                "B builds",
+                Node::builder(NodeId(2))
+                    .bind(b_addr)
+                    .peer(NodeId(3), c_addr)
+                    .allow_peer(NodeId(1))
+                    .config(cfg)
+                    .build(),
+            )
+            .await
+            .unwrap();
+            let mut rx = b.receiver::<u64>(ChannelId(1), false).unwrap();
+            let out = b
+                .sender::<u64>(NodeId(3), opts(2, Guarantee::EffectivelyOnce))
+                .unwrap();
+            tokio::spawn(async move {
+                while let Some(d) = rx.recv().await {
+                    let out = out.clone();
+                    tokio::spawn(async move {
+                        let v = *d.message();
+                        let res = match out.send_with_key(&v, IdKey(u128::from(v) + 1)).await {
+                            Ok(r) => r.await,
+                            Err(e) => Err(e),
+                        };
+                        match res {
+                            Ok(Outcome::Acked | Outcome::HandedOff) => d.ack(),
+                            _ => d.nack(),
+                        }
+                    });
+                }
+            });
+            b
+        }
+    };
+    let mut b = start_b(dir.path().to_path_buf()).await;
+    let a = build(1, any_addr(), &[(2, b_addr)], &[]).await;
+    let out = a
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let mut rs = Vec::new();
+    for v in 0..N {
+        rs.push(within(35.0, "send", out.send(&v)).await.unwrap());
+        if v == N / 4 {
+            c_proxy.refuse(true);
+            c_proxy.kill_all();
+        }
+        if v == N / 2 {
+            // Wait out the rest of the 5 s cut before going on.
+            wait_health(&b, NodeId(3), Health::Down, 10.0).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            c_proxy.refuse(false);
+        }
+        if v == 3 * N / 4 {
+            let h = b.stats().await.unwrap().hints.unwrap();
+            assert!(h.stored > 0, "nothing was handed off during the cut: {h:?}");
+            within(15.0, "B shuts down", b.shutdown()).await;
+            drop(b);
+            b = start_b(dir.path().to_path_buf()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let m = settle(rs, 35.0, "A's receipts").await;
+    assert_eq!(acked(&m), N as usize, "{m:?}");
+    wait_until(20.0, "C has every index", || distinct(&at_c) as u64 == N).await;
+    assert_each_once(&at_c, N, "C's handler");
+    let mut pending = u64::MAX;
+    for _ in 0..100 {
+        pending = b
+            .stats()
+            .await
+            .unwrap()
+            .hints
+            .expect("B has a hint store")
+            .pending;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pending, 0, "B's hint store did not drain");
+    drop(b);
+}
+
+/// The requester's reply consumer is restarted (its `Receiver` dropped with replies
+/// queued and a few deliveries still held unfinished, a new one registered 2 s later,
+/// inside the 5 s no-receiver grace) while 1 000 requests are in flight, whose handlers
+/// wait on their replies' receipts. Every request receipt is `Acked`, and every reply
+/// is acked by the consumer exactly once (the held ones come back to the new receiver).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_reply_consumer_restarted_with_replies_queued() {
+    const N: u64 = 1_000;
+    let b = build(2, any_addr(), &[], &[1]).await;
+    let a = build(1, any_addr(), &[(2, b.local_addr().unwrap())], &[]).await;
+    wait_health(&b, NodeId(1), Health::Up, 10.0).await;
+    let req_at_b = seen();
+    serve_requests(
+        &b,
+        1,
+        b.sender(NodeId(1), opts(2, Guarantee::EffectivelyOnce))
+            .unwrap(),
+        0,
+        req_at_b.clone(),
+    );
+    let acked_replies = seen();
+    let consumer = {
+        let a_rx = a.receiver::<u64>(ChannelId(2), false).unwrap();
+        let acked_replies = acked_replies.clone();
+        tokio::spawn(async move {
+            let mut rx = a_rx;
+            let mut held = Vec::new();
+            while let Some(d) = rx.recv().await {
+                if total(&acked_replies) >= 200 && held.len() < 5 {
+                    held.push(d);
+                    if held.len() == 5 {
+                        break;
+                    }
+                    continue;
+                }
+                bump(&acked_replies, *d.message());
+                d.ack();
+            }
+            drop(rx);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(held); // unfinished: nacks
+        })
+    };
+    let out = a
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let sender = tokio::spawn(async move {
+        let mut rs = Vec::new();
+        for v in 0..N {
+            rs.push(out.send(&v).await.unwrap());
+        }
+        rs
+    });
+    within(20.0, "first consumer stops", consumer)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    {
+        let mut rx = a.receiver::<u64>(ChannelId(2), false).unwrap();
+        let acked_replies = acked_replies.clone();
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                bump(&acked_replies, *d.message());
+                d.ack();
+            }
+        });
+    }
+    let rs = within(30.0, "requests all sent", sender).await.unwrap();
+    let m = settle(rs, 30.0, "requests").await;
+    assert_eq!(acked(&m), N as usize, "{m:?}");
+    assert_each_once(&req_at_b, N, "requests at B");
+    assert_each_once(&acked_replies, N, "replies acked at A");
+    let s = a.stats().await.unwrap();
+    assert!(
+        s.proto.deliveries_refused + s.no_receiver > 0,
+        "no reply was taken back or arrived without a receiver: {:?}",
+        s.proto
+    );
+}
+
+/// A relay with an application timeout: B waits at most 300 ms for each forward's
+/// receipt and nacks A's message when it runs out (the forward keeps going), while C's
+/// handler takes 1 s for every fifth message. A redelivers the nacked messages, B
+/// forwards them again under the same key, and C answers those copies when the
+/// original finishes instead of running its handler again. Every receipt at A is
+/// `Acked`, C's handler saw every index exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r22_relay_with_an_application_timeout_shorter_than_the_last_hop() {
+    const N: u64 = 100;
+    let c = build(3, any_addr(), &[], &[2]).await;
+    let at_c = seen();
+    {
+        let mut rx = c.receiver::<u64>(ChannelId(2), false).unwrap();
+        let at_c = at_c.clone();
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                let at_c = at_c.clone();
+                tokio::spawn(async move {
+                    let v = *d.message();
+                    if v % 5 == 0 {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    bump(&at_c, v);
+                    d.ack();
+                });
+            }
+        });
+    }
+    let b = build(2, any_addr(), &[(3, c.local_addr().unwrap())], &[1]).await;
+    let at_b = seen();
+    {
+        let mut rx = b.receiver::<u64>(ChannelId(1), false).unwrap();
+        let out = b
+            .sender::<u64>(NodeId(3), opts(2, Guarantee::EffectivelyOnce))
+            .unwrap();
+        let at_b = at_b.clone();
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                bump(&at_b, *d.message());
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let v = *d.message();
+                    let Ok(r) = out.send_with_key(&v, IdKey(u128::from(v) + 1)).await else {
+                        return d.nack();
+                    };
+                    match tokio::time::timeout(Duration::from_millis(300), r).await {
+                        Ok(Ok(Outcome::Acked)) => d.ack(),
+                        _ => d.nack(),
+                    }
+                });
+            }
+        });
+    }
+    let a = build(1, any_addr(), &[(2, b.local_addr().unwrap())], &[]).await;
+    let out = a
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let mut rs = Vec::new();
+    for v in 0..N {
+        rs.push(out.send(&v).await.unwrap());
+    }
+    let m = settle(rs, 30.0, "A's receipts").await;
+    assert_eq!(acked(&m), N as usize, "{m:?}");
+    assert_each_once(&at_c, N, "C's handler");
+    let redelivered: Vec<u64> = (0..N).filter(|v| at_b.lock().unwrap()[v] > 1).collect();
+    assert!(
+        redelivered.iter().all(|v| v % 5 == 0) && !redelivered.is_empty(),
+        "redelivered at B: {redelivered:?}"
+    );
+}
+
+/// The middle node of a relay keeps durable dedup and a hint store, and finishes A's
+/// messages with `ack_durable` once forwarded. It is dropped mid-stream while dozens
+/// of its handlers hold deliveries and await receipts, and rebuilt on the same
+/// directories at once (the dropped node lets go of them while stopping): the rebuild
+/// succeeds, every receipt at A is `Acked`, C sees every index exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r23_durable_relay_dropped_and_rebuilt_on_its_directories_at_once() {
+    const N: u64 = 300;
+    let dedup_dir = tempfile::tempdir().unwrap();
+    let hint_dir = tempfile::tempdir().unwrap();
+    let c = build(3, any_addr(), &[], &[2]).await;
+    let at_c = seen();
+    {
+        let mut rx = c.receiver::<u64>(ChannelId(2), false).unwrap();
+        let at_c = at_c.clone();
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                let at_c = at_c.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    bump(&at_c, *d.message());
+                    d.ack();
+                });
+            }
+        });
+    }
+    let c_addr = c.local_addr().unwrap();
+    let b_addr = any_addr();
+    let start_b = || {
+        let mut cfg = ackwire::NodeConfig::default();
+        cfg.dedup.durable = Some(ackwire::dedup::DurableDedup::new(dedup_dir.path()));
+        cfg.handoff = Some(ackwire::HandoffConfig::new(hint_dir.path()));
+        async move {
+            let b = within(
+                10.0,
+                "B builds",
+                Node::builder(NodeId(2))
+                    .bind(b_addr)
+                    .peer(NodeId(3), c_addr)
+                    .allow_peer(NodeId(1))
+                    .config(cfg)
+                    .build(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("B builds on its directories: {e:?}"));
+            let mut rx = b.receiver::<u64>(ChannelId(1), false).unwrap();
+            let out = b
+                .sender::<u64>(NodeId(3), opts(2, Guarantee::EffectivelyOnce))
+                .unwrap();
+            tokio::spawn(async move {
+                while let Some(d) = rx.recv().await {
+                    let out = out.clone();
+                    tokio::spawn(async move {
+                        let v = *d.message();
+                        let res = match out.send_with_key(&v, IdKey(u128::from(v) + 1)).await {
+                            Ok(r) => r.await,
+                            Err(e) => Err(e),
+                        };
+                        match res {
+                            Ok(Outcome::Acked | Outcome::HandedOff) => {
+                                let _ = d.ack_durable().await;
+                            }
+                            _ => d.nack(),
+                        }
+                    });
+                }
+            });
+            b
+        }
+    };
+    let mut b = Some(start_b().await);
+    let a = build(1, any_addr(), &[(2, b_addr)], &[]).await;
+    let out = a
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let mut rs = Vec::new();
+    for v in 0..N {
+        rs.push(within(35.0, "send", out.send(&v)).await.unwrap());
+        if v == N / 2 {
+            drop(b.take());
+            b = Some(start_b().await);
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let m = settle(rs, 35.0, "A's receipts").await;
+    assert_eq!(acked(&m), N as usize, "{m:?}");
+    wait_until(15.0, "C has every index", || distinct(&at_c) as u64 == N).await;
+    assert_each_once(&at_c, N, "C's handler");
+    drop(b);
+}
+
+/// Typed channels of all three guarantees in both directions of one pair at once,
+/// through a connection killed three times while they run: effectively-once is handled
+/// exactly once per index, at-least-once at least once (every receipt `Acked`),
+/// at-most-once at most once; every message decodes intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r24_typed_channels_every_guarantee_both_ways_through_cuts() {
+    const N: u64 = 600;
+    let b = build(2, any_addr(), &[], &[1]).await;
+    let proxy = Proxy::start(b.local_addr().unwrap(), Chaos::none()).await;
+    let a = build(1, any_addr(), &[(2, proxy.addr)], &[]).await;
+    wait_health(&b, NodeId(1), Health::Up, 10.0).await;
+    let gs = [
+        Guarantee::AtMostOnce,
+        Guarantee::AtLeastOnce,
+        Guarantee::EffectivelyOnce,
+    ];
+    let mut counters = Vec::new();
+    let mut tasks = Vec::new();
+    for (from, to, to_id) in [(&a, &b, 2u64), (&b, &a, 1u64)] {
+        for (k, g) in gs.iter().enumerate() {
+            let ch = k as u32 + 10;
+            let s = seen();
+            let bad = Arc::new(Mutex::new(Vec::new()));
+            let mut rx = to.receiver::<Msg>(ChannelId(ch), false).unwrap();
+            {
+                let (s, bad) = (s.clone(), bad.clone());
+                tokio::spawn(async move {
+                    while let Some(d) = rx.recv().await {
+                        let i = index(d.message());
+                        if *d.message() != msg(i) {
+                            bad.lock().unwrap().push(i);
+                        }
+                        bump(&s, i);
+                        d.ack();
+                    }
+                });
+            }
+            counters.push((*g, to_id, s, bad));
+            let out = from.sender::<Msg>(NodeId(to_id), opts(ch, *g)).unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut rs = Vec::new();
+                for i in 0..N {
+                    rs.push(out.send(&msg(i)).await.unwrap());
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                settle(rs, 35.0, "typed").await
+            }));
+        }
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.kill_all();
+    }
+    for (t, (g, to_id, _, _)) in tasks.into_iter().zip(&counters) {
+        let m = within(45.0, "typed sends", t).await.unwrap();
+        match g {
+            Guarantee::AtMostOnce => assert_eq!(
+                m.keys().filter(|k| !k.starts_with("Ok(Sent)")).count(),
+                0,
+                "to {to_id}, {g:?}: {m:?}"
+            ),
+            _ => assert_eq!(acked(&m), N as usize, "to {to_id}, {g:?}: {m:?}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (g, to_id, s, bad) in &counters {
+        let name = format!("to {to_id}, {g:?}");
+        assert!(bad.lock().unwrap().is_empty(), "{name}: garbled {bad:?}");
+        let m = s.lock().unwrap().clone();
+        assert!(m.keys().all(|&k| k < N), "{name}: unknown index");
+        match g {
+            Guarantee::AtMostOnce => assert!(m.values().all(|&c| c == 1), "{name}: {m:?}"),
+            Guarantee::AtLeastOnce => {
+                assert!(
+                    (0..N).all(|i| m.get(&i).copied().unwrap_or(0) >= 1),
+                    "{name}"
+                )
+            }
+            Guarantee::EffectivelyOnce => assert_each_once(s, N, &name),
+        }
+    }
+}
+
+/// Node credit in both directions at once: 5 request channels of 3 500 requests each
+/// (17 500, more than the default node credit of 16 384, each stream within its
+/// credit), each answered on a reply channel of its own whose consumer takes nothing
+/// for the first 3 s, while B also sends 1 000 notifications to A on a channel whose
+/// consumer never stops. The replies exhaust B's node credit at A, the requests held by
+/// B's handlers exhaust A's at B. Once the reply consumers start, everything
+/// completes: every receipt `Acked`, every request, reply and notification handled
+/// exactly once, and the node-credit waits are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r25_node_credit_exhausted_both_ways_by_held_requests_and_stalled_replies() {
+    const CH: u32 = 5;
+    const PER: u64 = 3_500;
+    const NOTES: u64 = 1_000;
+    let b = build(2, any_addr(), &[], &[1]).await;
+    let a = build(1, any_addr(), &[(2, b.local_addr().unwrap())], &[]).await;
+    wait_health(&b, NodeId(1), Health::Up, 10.0).await;
+    let (reqs, reps, notes) = (seen(), seen(), seen());
+    let go = Arc::new(tokio::sync::Notify::new());
+    let mut senders = Vec::new();
+    for k in 0..CH {
+        serve_requests(
+            &b,
+            1 + k,
+            b.sender(NodeId(1), opts(11 + k, Guarantee::EffectivelyOnce))
+                .unwrap(),
+            0,
+            reqs.clone(),
+        );
+        let mut rx = a.receiver::<u64>(ChannelId(11 + k), false).unwrap();
+        let (reps, go) = (reps.clone(), go.clone());
+        tokio::spawn(async move {
+            go.notified().await;
+            while let Some(d) = rx.recv().await {
+                bump(&reps, *d.message());
+                d.ack();
+            }
+        });
+        let out = a
+            .sender::<u64>(NodeId(2), opts(1 + k, Guarantee::EffectivelyOnce))
+            .unwrap();
+        senders.push(tokio::spawn(async move {
+            let mut rs = Vec::new();
+            for i in 0..PER {
+                rs.push(out.send(&(u64::from(k) * PER + i)).await.unwrap());
+            }
+            rs
+        }));
+    }
+    count_and_ack(&a, 30, notes.clone());
+    let note_out = b
+        .sender::<u64>(NodeId(1), opts(30, Guarantee::AtLeastOnce))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let notifier = tokio::spawn(async move {
+        let mut rs = Vec::new();
+        for i in 0..NOTES {
+            rs.push(note_out.send(&i).await.unwrap());
+        }
+        settle(rs, 40.0, "notifications").await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = distinct(&reqs);
+    go.notify_waiters();
+    let mut all = HashMap::new();
+    for t in senders {
+        let rs = within(40.0, "requests sent", t).await.unwrap();
+        for (k, v) in settle(rs, 40.0, "requests").await {
+            *all.entry(k).or_insert(0) += v;
+        }
+    }
+    let n = u64::from(CH) * PER;
+    assert_eq!(
+        acked(&all),
+        n as usize,
+        "{all:?} (B held {held} when replies resumed)"
+    );
+    let m = within(40.0, "notifications settle", notifier)
+        .await
+        .unwrap();
+    assert_eq!(acked(&m), NOTES as usize, "{m:?}");
+    assert_each_once(&reqs, n, "requests at B");
+    assert_each_once(&reps, n, "replies at A");
+    assert_each_once(&notes, NOTES, "notifications at A");
+    let sb = b.stats().await.unwrap();
+    assert_eq!(sb.proto.gave_up, 0, "{:?}", sb.proto);
+    assert!(
+        sb.proto.node_credit_waits > 0,
+        "B's replies never waited for node credit: {:?}",
+        sb.proto
+    );
+}
+
+/// Large payloads through a relay alongside small requests: A sends 16 payloads of
+/// 1 MiB (typed `Vec<u8>`, effectively-once) through B to C while 400 small requests
+/// go A -> B -> C on another channel pair; both of B's links are cut once. Every
+/// receipt is `Acked`, every payload arrives intact at C exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r26_large_payloads_through_a_relay_beside_small_messages() {
+    const BIG: u64 = 16;
+    const SMALL: u64 = 400;
+    let c = build(3, any_addr(), &[], &[2]).await;
+    let (big_at_c, small_at_c) = (seen(), seen());
+    let garbled = Arc::new(Mutex::new(Vec::new()));
+    {
+        let mut rx = c.receiver::<(u64, Vec<u8>)>(ChannelId(4), false).unwrap();
+        let (big_at_c, garbled) = (big_at_c.clone(), garbled.clone());
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                let (i, body) = d.message();
+                if body.len() != 1 << 20 || body.iter().any(|&x| x != *i as u8) {
+                    garbled.lock().unwrap().push(*i);
+                }
+                bump(&big_at_c, *i);
+                d.ack();
+            }
+        });
+    }
+    count_and_ack(&c, 2, small_at_c.clone());
+    let c_proxy = Proxy::start(c.local_addr().unwrap(), Chaos::none()).await;
+    let b = build(2, any_addr(), &[(3, c_proxy.addr)], &[1]).await;
+    {
+        let mut rx = b.receiver::<u64>(ChannelId(1), false).unwrap();
+        let out = b
+            .sender::<u64>(NodeId(3), opts(2, Guarantee::EffectivelyOnce))
+            .unwrap();
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                forward(d, out.clone(), 0);
+            }
+        });
+        let mut rx = b.receiver::<(u64, Vec<u8>)>(ChannelId(3), false).unwrap();
+        let out = b
+            .sender::<(u64, Vec<u8>)>(NodeId(3), opts(4, Guarantee::EffectivelyOnce))
+            .unwrap();
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let key = IdKey(u128::from(d.message().0) + 1_000_000);
+                    let res = match out.send_with_key(d.message(), key).await {
+                        Ok(r) => r.await,
+                        Err(e) => Err(e),
+                    };
+                    match res {
+                        Ok(Outcome::Acked) => d.ack(),
+                        _ => d.nack(),
+                    }
+                });
+            }
+        });
+    }
+    let b_proxy = Proxy::start(b.local_addr().unwrap(), Chaos::none()).await;
+    let a = build(1, any_addr(), &[(2, b_proxy.addr)], &[]).await;
+    let big_out = a
+        .sender::<(u64, Vec<u8>)>(NodeId(2), opts(3, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let small_out = a
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let bigs = tokio::spawn(async move {
+        let mut rs = Vec::new();
+        for i in 0..BIG {
+            rs.push(big_out.send(&(i, vec![i as u8; 1 << 20])).await.unwrap());
+        }
+        settle(rs, 40.0, "big").await
+    });
+    let mut rs = Vec::new();
+    for i in 0..SMALL {
+        rs.push(small_out.send(&i).await.unwrap());
+        match i {
+            150 => b_proxy.kill_all(),
+            300 => c_proxy.kill_all(),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let m = settle(rs, 40.0, "small").await;
+    assert_eq!(acked(&m), SMALL as usize, "{m:?}");
+    let mb = within(45.0, "big settle", bigs).await.unwrap();
+    assert_eq!(acked(&mb), BIG as usize, "{mb:?}");
+    assert_each_once(&small_at_c, SMALL, "small at C");
+    assert_each_once(&big_at_c, BIG, "big at C");
+    assert!(garbled.lock().unwrap().is_empty(), "{garbled:?}");
 }
