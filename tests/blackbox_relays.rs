@@ -27,7 +27,8 @@
 //! in a row, and with durable dedup and a hint store rebuilt on its directories at
 //! once) or cut off, or whose links run through chaos, with a few dozen messages inside
 //! it each time; ordered serial relays through cuts; batching relays; store-and-forward
-//! relays acking on `HandedOff`; two-way request/response with hundreds in flight;
+//! relays acking on `HandedOff`; two-way request/response with hundreds in flight
+//! (also on ordered receivers through cuts of connections both nodes dial);
 //! reply streams, windows and node credit exhausted by stalled consumers; a reply
 //! consumer restarted with replies queued; application timeouts shorter than the last
 //! hop; per-request fresh senders; sends from a health-event listener; plain threads
@@ -2107,4 +2108,73 @@ async fn r27_relay_draining_for_seconds_nacks_what_it_cannot_forward() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r28_relay_draining_for_seconds_holds_what_it_cannot_forward() {
     relay_draining_case(false).await;
+}
+
+/// Two nodes that dial each other through proxies serve each other's requests on
+/// ordered receivers (handlers finish out of order in tasks of their own, some slowly)
+/// while every connection between them is killed four times: every receipt `Acked`,
+/// every request and reply handled exactly once, and no deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r29_two_way_ordered_request_response_through_cuts() {
+    const N: u64 = 400;
+    let (a_addr, b_addr) = (any_addr(), any_addr());
+    let to_a = Proxy::start(a_addr, Chaos::none()).await;
+    let to_b = Proxy::start(b_addr, Chaos::none()).await;
+    let a = build(1, a_addr, &[(2, to_b.addr)], &[]).await;
+    let b = build(2, b_addr, &[(1, to_a.addr)], &[]).await;
+    let (req_at_b, req_at_a, rep_at_a, rep_at_b) = (seen(), seen(), seen(), seen());
+    for (node, req_ch, reply_to, reply_ch, s, slow) in [
+        (&b, 1u32, 1u64, 2u32, req_at_b.clone(), 23u64),
+        (&a, 3, 2, 4, req_at_a.clone(), 29),
+    ] {
+        let mut rx = node
+            .receiver_with::<u64>(ChannelId(req_ch), ackwire::ReceiverOptions::ordered())
+            .unwrap();
+        let reply = node
+            .sender::<u64>(NodeId(reply_to), opts(reply_ch, Guarantee::EffectivelyOnce))
+            .unwrap();
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                bump(&s, *d.message());
+                forward(d, reply.clone(), slow);
+            }
+        });
+    }
+    count_and_ack(&a, 2, rep_at_a.clone());
+    count_and_ack(&b, 4, rep_at_b.clone());
+    let a_out = a
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let b_out = b
+        .sender::<u64>(NodeId(1), opts(3, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let ta = tokio::spawn(async move {
+        let mut rs = Vec::new();
+        for v in 0..N {
+            rs.push(a_out.send(&v).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+        settle(rs, 35.0, "A's requests").await
+    });
+    let tb = tokio::spawn(async move {
+        let mut rs = Vec::new();
+        for v in 0..N {
+            rs.push(b_out.send(&v).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+        settle(rs, 35.0, "B's requests").await
+    });
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        to_a.kill_all();
+        to_b.kill_all();
+    }
+    let ma = within(45.0, "A's requests settle", ta).await.unwrap();
+    let mb = within(45.0, "B's requests settle", tb).await.unwrap();
+    assert_eq!(acked(&ma), N as usize, "{ma:?}");
+    assert_eq!(acked(&mb), N as usize, "{mb:?}");
+    assert_each_once(&req_at_b, N, "requests at B");
+    assert_each_once(&req_at_a, N, "requests at A");
+    assert_each_once(&rep_at_a, N, "replies at A");
+    assert_each_once(&rep_at_b, N, "replies at B");
 }
