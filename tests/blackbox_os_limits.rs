@@ -14,7 +14,7 @@
 //!
 //! Found: nothing failed in this area when written. What held: a receiver out of
 //! descriptors (hogged in-process, or 300 junk connections from five addresses)
-//! keeps serving its connected peer, does not spin (about 1 % CPU; the accept loop
+//! keeps serving its connected peer, does not spin (under 1 % CPU; the accept loop
 //! backs off 100 ms per failure) and accepts a peer that dialed meanwhile once
 //! descriptors are back; a sender whose dials fail with EMFILE keeps every message
 //! and delivers it later (at-least-once `Acked`, at-most-once `Sent` and arrived);
@@ -27,8 +27,9 @@
 //! stays at the window (sender ≈ 1 GiB for `max_in_flight` 4 096) and about 1.3 ×
 //! the stream credit (receiver); 200 node pairs built and shut down or dropped leave
 //! no thread or descriptor behind.
-//! Not a defect but worth knowing: an accept failure is warned on every retry (10 a
-//! second while out of descriptors) and counted nowhere in `TcpStats`.
+//! The sender's case held too with its descriptors gone for 10 s. Not a defect, but
+//! worth knowing: an accept failure is warned on every retry (10 a second while out
+//! of descriptors) and counted nowhere in `TcpStats`.
 
 mod support;
 
