@@ -18,6 +18,7 @@ pub(crate) mod liveness;
 mod outbound;
 pub(crate) mod replay;
 pub(crate) mod sends;
+mod seqmap;
 
 pub use authz::{Authorization, Refusal, RelayPolicy};
 pub use config::ProtoConfig;

@@ -21,13 +21,13 @@
 //! The hint store itself is IO; it is reached through the [`Hints`] trait, which the
 //! node's spool implements. Every decision here is a function of its inputs and `now`.
 
+use super::seqmap::SeqMap;
 use super::{Endpoint, SendRef};
 use crate::handoff::HintError;
 use crate::id::{Guarantee, MessageId, NodeId};
 use crate::retry::GiveUp;
 use crate::wire::RejectReason;
 use bytes::Bytes;
-use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 /// The hint store, as the handoff decisions need it.
@@ -119,7 +119,7 @@ pub(crate) enum Report<R> {
 /// The open receipts of one node, and the handoff decisions about them.
 #[derive(Debug)]
 pub(crate) struct Sends<R> {
-    open: FxHashMap<SendRef, (Guarantee, R)>,
+    open: SeqMap<(Guarantee, R)>,
     handed_off: u64,
     handoff_refused: u64,
     /// Graceful shutdown: no new sends; open receipts get until then to settle.
@@ -140,7 +140,7 @@ const REFUSED_WARN_EVERY: Duration = Duration::from_secs(10);
 impl<R> Default for Sends<R> {
     fn default() -> Self {
         Sends {
-            open: FxHashMap::default(),
+            open: SeqMap::default(),
             handed_off: 0,
             handoff_refused: 0,
             draining_until: None,
