@@ -3,6 +3,9 @@
 //!
 //! * `<guarantee>_tls`: the same ackwire streams over mutual TLS 1.3 (rustls + ring,
 //!   certificates made at start-up), run in the same process as the plain rows.
+//! * `<guarantee>_batch`: the batch API: the whole batch in one `send_many` call, the
+//!   receiving handler takes up to [`RECV_MANY`] deliveries per `recv_many` and acks
+//!   each one.
 //! * `raw_tcp`: the same messages length-prefixed over one tokio TCP connection, no
 //!   IDs, no acks; the receiving task counts them.
 //! * `nats_jetstream`: a local `nats-server -js` (skipped with a message when the
@@ -34,6 +37,8 @@ const BATCH: u64 = 20_000;
 /// At-most-once: arrivals stopping this long end a batch; the rest count as lost.
 const QUIET: Duration = Duration::from_millis(200);
 const SIZES: [usize; 2] = [64, 1024];
+/// The batch rows' receiving handler takes up to this many deliveries per `recv_many`.
+const RECV_MANY: usize = 1024;
 const GUARANTEES: [Guarantee; 3] = [
     Guarantee::AtMostOnce,
     Guarantee::AtLeastOnce,
@@ -138,6 +143,8 @@ fn sender_config() -> NodeConfig {
 /// One ackwire stream under test.
 struct Stream {
     guarantee: Guarantee,
+    /// Sent with `send_many` and received with `recv_many` (the batch API rows).
+    batched: bool,
     sender: RawSender,
     counter: Arc<Counter>,
     payload: Bytes,
@@ -207,28 +214,45 @@ async fn pair(tls: Option<(TlsConfig, TlsConfig)>) -> Pair {
         .expect("sender node");
     let mut streams = Vec::new();
     let mut ch = 100;
-    for &g in &GUARANTEES {
-        for &size in &SIZES {
-            ch += 1;
-            let counter = Arc::new(Counter::new());
-            let mut inbox = b.raw_receiver(ChannelId(ch), false).expect("receiver");
-            let c = counter.clone();
-            tokio::spawn(async move {
-                while let Some(d) = inbox.recv().await {
-                    std::hint::black_box(d.message());
-                    d.ack();
-                    c.add(1);
+    for batched in [false, true] {
+        for &g in &GUARANTEES {
+            for &size in &SIZES {
+                ch += 1;
+                let counter = Arc::new(Counter::new());
+                let mut inbox = b.raw_receiver(ChannelId(ch), false).expect("receiver");
+                let c = counter.clone();
+                if batched {
+                    tokio::spawn(async move {
+                        let mut buf = Vec::with_capacity(RECV_MANY);
+                        while inbox.recv_many(&mut buf, RECV_MANY).await > 0 {
+                            let n = buf.len() as u64;
+                            for d in buf.drain(..) {
+                                std::hint::black_box(d.message());
+                                d.ack();
+                            }
+                            c.add(n);
+                        }
+                    });
+                } else {
+                    tokio::spawn(async move {
+                        while let Some(d) = inbox.recv().await {
+                            std::hint::black_box(d.message());
+                            d.ack();
+                            c.add(1);
+                        }
+                    });
                 }
-            });
-            let sender = a
-                .raw_sender(NodeId(2), ChannelOptions::new(ChannelId(ch), g))
-                .expect("sender");
-            streams.push(Stream {
-                guarantee: g,
-                sender,
-                counter,
-                payload: Bytes::from(vec![0xA5; size]),
-            });
+                let sender = a
+                    .raw_sender(NodeId(2), ChannelOptions::new(ChannelId(ch), g))
+                    .expect("sender");
+                streams.push(Stream {
+                    guarantee: g,
+                    batched,
+                    sender,
+                    counter,
+                    payload: Bytes::from(vec![0xA5; size]),
+                });
+            }
         }
     }
     Pair {
@@ -244,10 +268,16 @@ async fn pair(tls: Option<(TlsConfig, TlsConfig)>) -> Pair {
 async fn ackwire_batch(s: &Stream) -> Duration {
     let target = s.counter.arm();
     let start = Instant::now();
-    let mut receipts = Vec::with_capacity(BATCH as usize);
-    for _ in 0..BATCH {
-        receipts.push(s.sender.send(s.payload.clone()).await.expect("send"));
-    }
+    let receipts = if s.batched {
+        let payloads = (0..BATCH).map(|_| s.payload.clone());
+        s.sender.send_many(payloads).await.expect("send_many")
+    } else {
+        let mut receipts = Vec::with_capacity(BATCH as usize);
+        for _ in 0..BATCH {
+            receipts.push(s.sender.send(s.payload.clone()).await.expect("send"));
+        }
+        receipts
+    };
     if s.guarantee == Guarantee::AtMostOnce {
         drop(receipts);
         s.counter.wait(start, target, QUIET).await
@@ -365,7 +395,12 @@ fn throughput(c: &mut Criterion) {
             })
         });
         for s in pair.streams.iter().filter(|s| s.payload.len() == size) {
-            let id = BenchmarkId::new(guarantee_name(s.guarantee), size);
+            let name = if s.batched {
+                format!("{}_batch", guarantee_name(s.guarantee))
+            } else {
+                guarantee_name(s.guarantee).to_string()
+            };
+            let id = BenchmarkId::new(name, size);
             group.bench_with_input(id, &size, |b, _| {
                 b.to_async(&rt).iter_custom(|iters| async move {
                     let mut total = Duration::ZERO;
@@ -381,7 +416,10 @@ fn throughput(c: &mut Criterion) {
         // key table for the 2-minute horizon, and the default 256 MiB budget admitted
         // ~3 M of them in a minute but not ~4.5 M (BENCHMARKS.md): one 64 B run's worth.
         for s in pair.streams.iter().filter(|s| {
-            size == SIZES[0] && s.payload.len() == size && s.guarantee == Guarantee::EffectivelyOnce
+            size == SIZES[0]
+                && s.payload.len() == size
+                && s.guarantee == Guarantee::EffectivelyOnce
+                && !s.batched
         }) {
             let id = BenchmarkId::new("effectively_once_keyed", size);
             group.bench_with_input(id, &size, |b, _| {
@@ -394,7 +432,11 @@ fn throughput(c: &mut Criterion) {
                 })
             });
         }
-        for s in tls_pair.streams.iter().filter(|s| s.payload.len() == size) {
+        for s in tls_pair
+            .streams
+            .iter()
+            .filter(|s| s.payload.len() == size && !s.batched)
+        {
             let id = BenchmarkId::new(format!("{}_tls", guarantee_name(s.guarantee)), size);
             group.bench_with_input(id, &size, |b, _| {
                 b.to_async(&rt).iter_custom(|iters| async move {
@@ -426,8 +468,9 @@ fn throughput(c: &mut Criterion) {
         let lost = s.counter.lost.load(Ordering::Relaxed);
         let seen = s.counter.seen.load(Ordering::Relaxed);
         eprintln!(
-            "{} {} B: received {seen}, lost {lost}",
+            "{}{} {} B: received {seen}, lost {lost}",
             guarantee_name(s.guarantee),
+            if s.batched { "_batch" } else { "" },
             s.payload.len()
         );
     }
