@@ -19,7 +19,8 @@
 //!   and after `max_deliveries` (20) deliveries within the drain it is dead-lettered:
 //!   the sender's receipt fails `Rejected { reason: DeadLettered }` and the message
 //!   never reaches its destination, though both ends were healthy (267 of 500 in
-//!   `r27_relay_draining_for_seconds_nacks_what_it_cannot_forward`; open, ignored).
+//!   `r27_relay_draining_for_seconds_nacks_what_it_cannot_forward`). Fixed: a nack
+//!   while the node drains takes the delivery back, uncounted, as the stop does.
 //!   Holding such deliveries instead, so the stop takes them back for the next run,
 //!   loses nothing (`r28_relay_draining_for_seconds_holds_what_it_cannot_forward`).
 //!
@@ -2100,7 +2101,6 @@ async fn relay_draining_case(nack_refused: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "DEFECT: a draining node hands out deliveries its handlers cannot complete; nacked, they are dead-lettered within the drain"]
 async fn r27_relay_draining_for_seconds_nacks_what_it_cannot_forward() {
     relay_draining_case(true).await;
 }

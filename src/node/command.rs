@@ -176,6 +176,7 @@ impl Driver {
             Command::Shutdown => return false,
             Command::Drain => {
                 if self.core.begin_drain(now) {
+                    self.receivers.begin_drain();
                     tracing::info!(
                         unsettled = self.core.sends.len(),
                         "draining before shutdown"

@@ -277,7 +277,8 @@ pub struct ReceiverOptions {
     pub ordered: bool,
     /// How many times one at-least-once or effectively-once message is handed to the
     /// application (its first delivery plus redeliveries after a nack or a dropped
-    /// [`Delivery`]) before it goes to the dead letters ([`Node::dead_letters`])
+    /// [`Delivery`]; not while its node drains before a stop, see [`Node::shutdown`])
+    /// before it goes to the dead letters ([`Node::dead_letters`])
     /// instead, and its sender's receipt fails with
     /// [`SendError::Rejected`]`{ reason: DeadLettered }` — as NATS's `MaxDeliver` and
     /// RabbitMQ's delivery limit do. `None`: redeliver until the sender's deadline.
