@@ -109,11 +109,12 @@ impl LogFile for DiskFile {
     }
 
     fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let replaced = replace_file(&self.path, bytes, true);
-        // Once renamed over, the old handle names the old, unlinked file: reopen
-        // whether or not the directory fsync after the rename failed.
-        self.file = Self::options().create(true).open(&self.path)?;
-        replaced
+        // The new file's own handle (read + append), kept across the rename: once
+        // renamed over, the old handle names the old, unlinked file, and reopening by
+        // name could fail after the rename had happened (out of descriptors), leaving
+        // every later append and sync on the unlinked file.
+        self.file = replace_with(&self.path, bytes, true, Self::options())?;
+        Ok(())
     }
 }
 
@@ -123,14 +124,32 @@ impl LogFile for DiskFile {
 /// rename and the directory after it, so the new bytes also survive a power loss (a
 /// failed directory fsync is logged at warn, not returned: the rename has happened).
 pub(crate) fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+    let mut write = OpenOptions::new();
+    write.write(true);
+    replace_with(path, bytes, durable, write).map(drop)
+}
+
+/// [`replace_file`], returning the new file's handle, opened with `options` (plus
+/// create-new on the temporary name).
+fn replace_with(
+    path: &Path,
+    bytes: &[u8],
+    durable: bool,
+    mut options: OpenOptions,
+) -> io::Result<File> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!("{name}.tmp"));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    if durable {
-        sync_data(&f)?;
+    // A leftover of an interrupted replace; `create_new` fails if it is still there.
+    let _ = fs::remove_file(&tmp);
+    let mut f = options.create_new(true).open(&tmp)?;
+    if let Err(e) = f
+        .write_all(bytes)
+        .and_then(|()| if durable { sync_data(&f) } else { Ok(()) })
+    {
+        drop(f);
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    drop(f);
     fs::rename(&tmp, path)?;
     // The replace is done once the rename is: either file holds what the caller
     // needs (a compaction's live state, a cursor no newer than its log), so a
@@ -146,7 +165,7 @@ pub(crate) fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> io::Resu
             tracing::warn!(dir = %dir.display(), error = %e, "directory fsync after a replace failed");
         }
     }
-    Ok(())
+    Ok(f)
 }
 
 /// Makes creations, removals and renames in `dir` durable (a no-op where directories
@@ -308,5 +327,35 @@ impl LogFile for MemFile {
         b.data = bytes.to_vec();
         b.synced = bytes.len();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a replace, the handle is the new file's: appends, reads and syncs reach
+    /// the file under the name, and no temporary file is left (also when one was
+    /// left by an interrupted replace).
+    #[test]
+    fn a_replaced_file_keeps_appending_to_the_file_under_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = DiskFile::open(dir.path(), "log").unwrap();
+        f.append(b"old records").unwrap();
+        fs::write(dir.path().join("log.tmp"), b"leftover of a crash").unwrap();
+        f.replace(b"compacted;").unwrap();
+        f.append(b"after").unwrap();
+        f.sync().unwrap();
+        assert_eq!(
+            fs::read(dir.path().join("log")).unwrap(),
+            b"compacted;after"
+        );
+        assert_eq!(f.read_all().unwrap(), b"compacted;after");
+        f.append(b"+more").unwrap(); // appends after a read, at the end
+        assert_eq!(
+            fs::read(dir.path().join("log")).unwrap(),
+            b"compacted;after+more"
+        );
+        assert!(!dir.path().join("log.tmp").exists());
     }
 }

@@ -356,6 +356,10 @@ pub struct TcpStatsSnapshot {
     /// `idle_timeout` (half-open or black-holed); the transport redials a peer whose
     /// address it knows.
     pub idle_timeouts: u64,
+    /// Times accepting a connection failed (for example out of file descriptors,
+    /// `EMFILE`); the listener waits 100 ms and tries again. Warned at most every
+    /// 10 s, with the count since the last warning.
+    pub accept_failures: u64,
     /// TLS: the peer presented no certificate.
     pub rejected_tls_no_certificate: u64,
     /// TLS: the peer's certificate does not chain to a trusted CA.
@@ -406,6 +410,7 @@ impl TcpStats {
             evicted_handshakes: g(Counter::EvictedHandshakes),
             read_timeouts: g(Counter::ReadTimeouts),
             idle_timeouts: g(Counter::IdleTimeouts),
+            accept_failures: g(Counter::AcceptFailures),
             rejected_tls_no_certificate: g(Counter::RejectedTlsNoCertificate),
             rejected_tls_untrusted: g(Counter::RejectedTlsUntrusted),
             rejected_tls_expired: g(Counter::RejectedTlsExpired),
@@ -659,8 +664,9 @@ enum Counter {
     FramesSkippedTooLarge,
     EvictedHandshakes,
     IdleTimeouts,
+    AcceptFailures,
 }
-const COUNTERS: usize = Counter::IdleTimeouts as usize + 1;
+const COUNTERS: usize = Counter::AcceptFailures as usize + 1;
 
 /// A connected peer is disconnected once this many times `queue_bound` frames wait
 /// for it (see `Manager::send`).
@@ -1406,6 +1412,8 @@ impl Manager {
 /// At most one warning per this long that `max_handshaking` was reached (the
 /// evictions in between are counted in `evicted_handshakes`, and logged at debug).
 const HANDSHAKE_LIMIT_WARN_EVERY: Duration = Duration::from_secs(1);
+/// At most one "accept failed" warning per this long.
+const ACCEPT_FAILED_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The accepted connections in their handshake, oldest first, so that the node can
 /// hold at most `max_handshaking` of them and, at that bound, close the oldest to make
@@ -1474,6 +1482,8 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Arc<tokio::sync
     let max = ctx.cfg.max_handshaking;
     let mut last_limit_warn: Option<Instant> = None;
     let mut evicted_since_warn = 0u64;
+    let mut last_accept_warn: Option<Instant> = None;
+    let mut accept_failed_since_warn = 0u64;
     loop {
         tokio::select! {
             // The node is going away: drop the listener (and the handshakes in
@@ -1531,8 +1541,21 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Arc<tokio::sync
                     }, tracing::Span::current()));
                 }
                 Err(e) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "tcp: accept failed");
+                    // E.g. out of file descriptors: back off instead of spinning, and
+                    // warn at most every 10 s (it repeats ten times a second).
+                    ctx.stats.inc(Counter::AcceptFailures);
+                    accept_failed_since_warn += 1;
+                    if last_accept_warn.is_none_or(|t| t.elapsed() >= ACCEPT_FAILED_WARN_EVERY) {
+                        tracing::warn!(
+                            error = %e,
+                            failures_since_last_warning = accept_failed_since_warn,
+                            "tcp: accept failed; retrying every 100 ms"
+                        );
+                        last_accept_warn = Some(Instant::now());
+                        accept_failed_since_warn = 0;
+                    } else {
+                        tracing::debug!(error = %e, "tcp: accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
