@@ -20,7 +20,7 @@
 //!   the sender's receipt fails `Rejected { reason: DeadLettered }` and the message
 //!   never reaches its destination, though both ends were healthy (267 of 500 in
 //!   `r27_relay_draining_for_seconds_nacks_what_it_cannot_forward`). Fixed: a nack
-//!   while the node drains takes the delivery back, uncounted, as the stop does.
+//!   while the node drains does not count toward `max_deliveries`.
 //!   Holding such deliveries instead, so the stop takes them back for the next run,
 //!   loses nothing (`r28_relay_draining_for_seconds_holds_what_it_cannot_forward`).
 //!

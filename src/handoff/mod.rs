@@ -259,7 +259,9 @@ pub struct HintStats {
     /// Hints marked delivered.
     pub delivered: u64,
     /// Hints their target refused for good (unauthorized, dead-lettered, undecodable,
-    /// another type, a retired stream), dropped from the store.
+    /// another type, a retired stream), or larger than this run's TCP frames can
+    /// carry (an earlier run's, after `TcpConfig::max_frame_len` was lowered),
+    /// dropped from the store.
     pub rejected: u64,
     /// Hints dropped because their TTL passed (never returned).
     pub expired: u64,

@@ -173,6 +173,12 @@ impl NodeBuilder {
         .instrument(span.clone())
         .await?;
         let dedup = Arc::new(dedup);
+        // The largest hint this run can send: an earlier run's larger one is dropped
+        // from the store (its frames would be refused by this run's transport).
+        let hint_max = match &self.tcp {
+            Some((_, tcp)) => NodeConfig::payload_limit(tcp.max_frame_len),
+            None => usize::MAX,
+        };
         let mut tcp_stats = None;
         let mut accept_stop = None;
         let link = match (self.transport, self.tcp) {
@@ -220,7 +226,10 @@ impl NodeBuilder {
                             source: e,
                         }),
                     })?;
-                    let open = open_store(|| spool::open(cfg.clone(), origin, start), hint_in_use);
+                    let open = open_store(
+                        || spool::open(cfg.clone(), hint_max, origin, start),
+                        hint_in_use,
+                    );
                     Some(open.instrument(span.clone()).await?)
                 }
                 None => None,

@@ -200,7 +200,7 @@ impl NodeConfig {
     }
 
     /// The largest `max_payload` that fits a TCP frame of `max_frame_len` body bytes.
-    fn payload_limit(max_frame_len: usize) -> usize {
+    pub(super) fn payload_limit(max_frame_len: usize) -> usize {
         max_frame_len.saturating_sub(DATA_FRAME_OVERHEAD)
     }
 }

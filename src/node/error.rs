@@ -184,6 +184,10 @@ pub enum SendError {
     /// [`IdKey`] to an effectively-once channel if it must happen exactly once, or
     /// report the failure.
     ///
+    /// At a graceful stop ([`Node::shutdown`](crate::Node::shutdown)) a message the
+    /// store refuses fails with [`SendError::Shutdown`] instead (it was not handed
+    /// off, and the node is stopping); the refusal is logged.
+    ///
     /// [`HintError`]: crate::handoff::HintError
     #[error("message not handed off: {reason}")]
     HandoffRefused {

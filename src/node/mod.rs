@@ -469,12 +469,12 @@ impl Node {
     /// node's next run. A node restarted on the same hint directory
     /// replays the spooled messages. Dropping a `Node` instead stops it at once.
     ///
-    /// Receivers keep handing out during the drain. A delivery nacked then is taken
-    /// back unacknowledged instead, as at the stop: it does not count toward
-    /// [`ReceiverOptions::max_deliveries`](crate::ReceiverOptions::max_deliveries), and its sender sends
-    /// it again after its retransmission timeout, to this run or the next. (A relay
-    /// whose own sends now fail with [`SendError::Shutdown`] can nack what it cannot
-    /// forward without dead-lettering it.)
+    /// Receivers keep handing out during the drain. A delivery nacked (or dropped)
+    /// then does not count toward
+    /// [`ReceiverOptions::max_deliveries`](crate::ReceiverOptions::max_deliveries):
+    /// its sender sends it again, to this run or the next, as often as it is nacked,
+    /// and it is never dead-lettered for it. (A relay whose own sends now fail with
+    /// [`SendError::Shutdown`] can nack what it cannot forward.)
     ///
     /// The grace waits only for deliveries handed out to the application; messages
     /// still queued for a receiver that is not polled are taken back without waiting.

@@ -30,13 +30,6 @@ pub(super) struct Receivers {
     durable_acks: Vec<(DeliveryRef, u64, AckReply)>,
     /// Nothing is handed out any more ([`Receivers::stop_handing_out`]).
     stopped: bool,
-    /// The node is draining before its stop: a handler's nack takes the delivery back
-    /// (`Completion::Refuse`) instead of counting toward `max_deliveries`. A handler
-    /// that cannot finish a message while its node stops (a relay whose own sends are
-    /// refused) nacks it; counted, its sender's prompt resends used up the limit
-    /// within the drain and dead-lettered healthy messages. (Regression: a relay
-    /// draining for 5 s dead-lettered 267 of 500 messages.)
-    draining: bool,
     /// `Shared::queued_for_receivers`.
     queued: Arc<std::sync::atomic::AtomicU64>,
     /// [`NodeConfig::shutdown_handler_grace`](super::NodeConfig::shutdown_handler_grace).
@@ -55,7 +48,6 @@ impl Receivers {
             completed: Vec::new(),
             durable_acks: Vec::new(),
             stopped: false,
-            draining: false,
             queued,
             handler_grace,
         }
@@ -145,20 +137,6 @@ impl Receivers {
         }
     }
 
-    /// The node began draining before its stop (see the `draining` field).
-    pub(super) fn begin_drain(&mut self) {
-        self.draining = true;
-    }
-
-    /// `how` as applied: a nack while draining takes the delivery back instead.
-    fn effective(&self, how: Completion) -> Completion {
-        if self.draining && how == Completion::Nack {
-            Completion::Refuse
-        } else {
-            how
-        }
-    }
-
     /// Apply every completion handlers pushed since the last call, oldest first.
     pub(super) fn take_completions(
         &mut self,
@@ -169,7 +147,7 @@ impl Receivers {
         let mut done = std::mem::take(&mut self.completed);
         self.completions.stack.drain_into(&mut done);
         for (delivery, how) in done.drain(..) {
-            complete(endpoint, observe, now, delivery, self.effective(how));
+            complete(endpoint, observe, now, delivery, how);
         }
         self.completed = done;
     }
@@ -188,7 +166,7 @@ impl Receivers {
         let errors = done
             .is_some()
             .then(|| endpoint.stats().dedup_persist_errors);
-        complete(endpoint, observe, now, delivery, self.effective(how));
+        complete(endpoint, observe, now, delivery, how);
         if let (Some(done), Some(errors)) = (done, errors) {
             self.durable_acks.push((delivery, errors, done));
         }

@@ -113,7 +113,12 @@ pub(crate) type Spool = Replay<HintStore>;
 
 /// Opens the hint store of `cfg` for the run `origin`, with the policy's clock
 /// starting at `now`.
-pub(crate) fn open(cfg: HandoffConfig, origin: Origin, now: Instant) -> Result<Spool, HintError> {
+pub(crate) fn open(
+    cfg: HandoffConfig,
+    max_payload: usize,
+    origin: Origin,
+    now: Instant,
+) -> Result<Spool, HintError> {
     let (store, report) = HintStore::open(cfg.store.clone())?;
     if report.corrupt_regions > 0 || report.torn_tails > 0 || !report.quarantined.is_empty() {
         tracing::warn!(?report, "hint store recovered with damage");
@@ -128,6 +133,7 @@ pub(crate) fn open(cfg: HandoffConfig, origin: Origin, now: Instant) -> Result<S
         concurrency: cfg.replay_concurrency,
         batch_bytes: cfg.replay_batch_bytes,
         ttl: cfg.store.default_ttl,
+        max_payload,
     };
     Ok(Replay::new(
         store,

@@ -404,6 +404,8 @@ pub struct Endpoint {
     /// whether it was dead-lettered (see [`MAX_ID_FAILURES`]); dropped when the id is
     /// acked.
     id_failures: FastMap<MessageId, IdFailures>,
+    /// Nacks no longer count toward `max_deliveries` ([`Endpoint::stop_counting_nacks`]).
+    nacks_uncounted: bool,
     authz: super::Authorization,
     /// Sending side: node credit per peer (protocol version 3).
     node_out: FastMap<NodeId, NodeOut>,
@@ -559,6 +561,7 @@ impl Endpoint {
             heard_pending: Vec::new(),
             waiting: HashMap::new(),
             id_failures: FastMap::default(),
+            nacks_uncounted: false,
             authz: super::Authorization::default(),
             node_out: FastMap::default(),
             node_in: FastMap::default(),
@@ -1233,6 +1236,14 @@ impl Endpoint {
             .push_back((peer, Frame::Ping(Heartbeat { nonce })));
     }
 
+    /// From now on an application's [`Completion::Nack`] does not count toward the
+    /// channel's `max_deliveries` (its node drains before a stop: a handler that
+    /// cannot finish a message then, such as a relay whose own sends are refused,
+    /// nacks it, and its sender resends it at once). The nack is sent as before.
+    pub fn stop_counting_nacks(&mut self) {
+        self.nacks_uncounted = true;
+    }
+
     /// The application finished a delivered message. At-most-once deliveries are
     /// finished too (any [`Completion`]): that is what frees their stream's credit.
     ///
@@ -1273,6 +1284,7 @@ impl Endpoint {
                         tracing::warn!(id = %delivery.id, error = %e, "dedup completion not persisted");
                     }
                 }
+                Completion::Nack if self.nacks_uncounted => self.dedup.release(&delivery.id),
                 Completion::Nack | Completion::Refuse | Completion::Reject(_) => {
                     self.dedup.release(&delivery.id);
                     if self.id_failures.len() >= MAX_ID_FAILURES
@@ -1297,7 +1309,8 @@ impl Endpoint {
             match how {
                 Completion::Ack => stream.complete(now, delivery.seq, true),
                 Completion::Nack | Completion::Refuse | Completion::Reject(_) => {
-                    stream.fail(delivery.seq);
+                    let count = !(how == Completion::Nack && self.nacks_uncounted);
+                    stream.fail_counted(delivery.seq, count);
                     if current {
                         self.stats.nacks_sent += 1;
                         self.transmit.push_back((
@@ -2637,6 +2650,64 @@ mod tests {
             b.handle_frame(now, NodeId(1), f); // the nack made `a` retransmit 1
         }
         (a, b)
+    }
+
+    /// After `stop_counting_nacks` (its node drains before a stop) a message nacked
+    /// more often than its channel's `max_deliveries` is delivered again each time,
+    /// never dead-lettered, and its ack settles it; before, the second delivery of a
+    /// `max_deliveries = 1` channel was a dead letter (`first_of_two_dead_lettered`).
+    #[test]
+    fn nacks_while_draining_do_not_count_toward_max_deliveries() {
+        for guarantee in [Guarantee::AtLeastOnce, Guarantee::EffectivelyOnce] {
+            let t0 = Instant::now();
+            let (mut a, mut b) = (endpoint(1, t0), endpoint(2, t0));
+            a.handle_peer_up(t0, b.origin(), 3);
+            b.handle_peer_up(t0, a.origin(), 3);
+            b.accept_channel_with(ChannelId(1), Accept::new(false, Some(1)));
+            b.stop_counting_nacks();
+            a.send(
+                t0,
+                Outgoing {
+                    peer: NodeId(2),
+                    channel: ChannelId(1),
+                    guarantee,
+                    payload: Bytes::from_static(b"m"),
+                    id: None,
+                    deadline: None,
+                    schema: 0,
+                },
+            )
+            .unwrap();
+            let mut now = t0;
+            for round in 0..5 {
+                for f in frames(&mut a, NodeId(2), now) {
+                    b.handle_frame(now, NodeId(1), f);
+                }
+                let mut delivered = Vec::new();
+                while let Some(ev) = b.poll_event() {
+                    match ev {
+                        Event::Deliver { delivery, .. } => delivered.push(delivery),
+                        Event::DeadLetter { .. } => {
+                            panic!("{guarantee:?}: dead-lettered in round {round}")
+                        }
+                        _ => {}
+                    }
+                }
+                assert_eq!(delivered.len(), 1, "{guarantee:?} round {round}");
+                let how = if round < 4 {
+                    Completion::Nack
+                } else {
+                    Completion::Ack
+                };
+                b.complete(now, delivered[0], how);
+                now += Duration::from_millis(300);
+                for f in frames(&mut b, NodeId(1), now) {
+                    a.handle_frame(now, NodeId(2), f);
+                }
+            }
+            assert_eq!(b.stats().dead_lettered, 0, "{guarantee:?}");
+            assert_eq!(a.stats().acked, 1, "{guarantee:?}");
+        }
     }
 
     /// A reject lost with a connection reaches the sender on the next one, before any

@@ -369,10 +369,17 @@ impl InboundStream {
     /// The application had `seq` and did not process it (nacked or dropped): a
     /// retransmission delivers it again, and an ordered stream holds back what it has
     /// not handed out yet until then (rule 2).
+    #[cfg(test)]
     pub(crate) fn fail(&mut self, seq: u64) {
+        self.fail_counted(seq, true);
+    }
+
+    /// [`InboundStream::fail`]; with `count` false the failed delivery does not count
+    /// toward the message's delivery limit (its node is draining before a stop).
+    pub(crate) fn fail_counted(&mut self, seq: u64, count: bool) {
         let was_out = self.in_progress.remove(&seq);
         if was_out {
-            *self.failures.entry(seq).or_insert(0) += 1;
+            *self.failures.entry(seq).or_insert(0) += u32::from(count);
         }
         if was_out && self.ordered && seq < self.next_deliver {
             self.held.insert(seq);

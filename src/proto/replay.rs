@@ -88,6 +88,11 @@ pub(crate) struct ReplayConfig {
     pub(crate) batch_bytes: u64,
     /// A hint's time to live (the store's default).
     pub(crate) ttl: Duration,
+    /// The largest payload this run's transport can carry (the TCP frame limit less
+    /// the frame's own bytes; unbounded for a transport given to the builder): an
+    /// earlier run's hint above it can never be sent by this run and is dropped,
+    /// counted as rejected.
+    pub(crate) max_payload: usize,
 }
 
 /// How often replay and hint expiry are looked at while hints are pending.
@@ -223,6 +228,26 @@ impl<L: HintLog> Replay<L> {
                     break;
                 };
                 let (channel, len) = (hint.channel, hint.payload.len() as u64);
+                if hint.payload.len() > self.cfg.max_payload {
+                    // An earlier run's hint, larger than this run may send: its frames
+                    // would be dropped by the transport on every retransmission until
+                    // the hint's TTL. (Regression: a 200 KiB hint after a redeploy
+                    // with a 64 KiB frame limit was replayed into the transport's
+                    // oversize drop about once a second, and nobody was told.)
+                    let Some((pos, hint)) = queue.pop_front() else {
+                        break;
+                    };
+                    tracing::warn!(
+                        %target, id = %hint.id, len = hint.payload.len(),
+                        max_payload = self.cfg.max_payload,
+                        "hint larger than this run's transport can send; dropped from the store"
+                    );
+                    if let Err(e) = self.log.mark_rejected(target, pos) {
+                        tracing::warn!(%target, error = %e, "dropping a hint failed; it may replay again");
+                    }
+                    self.release_floor(endpoint, target, hint.id);
+                    continue;
+                }
                 if self.throttle.try_take(len, now).is_err() {
                     self.blocked = false; // throttled, not blocked: come back soon
                     return; // the throttle covers every target
@@ -677,6 +702,7 @@ mod tests {
             concurrency: 1024,
             batch_bytes: 1 << 20,
             ttl: Duration::from_secs(60),
+            max_payload: 1 << 20,
         }
     }
 

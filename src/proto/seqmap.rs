@@ -10,9 +10,11 @@
 //! and the settled prefix is popped off the front.
 //!
 //! A seq that does not fit its stream's run stays exact in a per-stream spill map: one
-//! far from the run, or one that would make the run sparse (slots are at most
-//! `4 × live + 64`, so one receipt left open while thousands after it settle costs a
-//! hash entry per later message, as before, not a ring that grows with every send).
+//! far from the run, or one that would make the run sparse (a run grows only while it
+//! stays within `4 × live + 64` slots, so one receipt left open while thousands after
+//! it settle costs a hash entry per later message, as before, not a ring that grows
+//! with every send; settles leave empty slots behind until the ends are trimmed, so a
+//! run holds at most about the stream's peak window, as the hash map's capacity did).
 
 use super::SendRef;
 use crate::id::{ChannelId, NodeId};
