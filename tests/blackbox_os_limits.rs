@@ -32,8 +32,15 @@
 //! worth knowing (since changed: counted in `accept_failures` and warned at most every
 //! 10 s): an accept failure was warned on every retry (10 a second while out
 //! of descriptors) and counted nowhere in `TcpStats`.
+//!
+//! Linux only: it reads `/proc` and binds 127.0.0.2–6.
+
+#![cfg(target_os = "linux")]
 
 mod support;
+
+/// The two tests that hold about 1 GiB per process run one at a time.
+static MEM: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 use ackwire::dedup::DurableDedup;
 use ackwire::{
@@ -305,7 +312,7 @@ fn stdin_commands() -> tokio::sync::mpsc::UnboundedReceiver<String> {
         std::process::exit(0);
     });
     std::thread::spawn(|| {
-        std::thread::sleep(Duration::from_secs(90));
+        std::thread::sleep(Duration::from_secs(180));
         eprintln!("child lifetime cap reached; exiting");
         std::process::exit(3);
     });
@@ -729,7 +736,10 @@ async fn child_fd_stores() {
             }
             Err(e) => {
                 // Give a failed build's background work a moment to let go.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let t0 = Instant::now();
+                while self_fds() > before && t0.elapsed() < Duration::from_secs(3) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 let after = self_fds();
                 say(&format!(
                     "BUILD free={free} err fds_before={before} fds_after={after} {e}"
@@ -1178,6 +1188,7 @@ async fn child_mem_sender() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_payloads_to_a_slow_receiver_keep_both_processes_bounded() {
     const N: u64 = 5000;
+    let _one_at_a_time = MEM.lock().unwrap_or_else(|e| e.into_inner());
     for g in ["AtLeastOnce", "AtMostOnce"] {
         let addr = any_addr();
         let mut rk = Kid::spawn("mem_receiver", None, &[("OS_ADDR", addr.to_string())]);
@@ -1211,8 +1222,8 @@ async fn large_payloads_to_a_slow_receiver_keep_both_processes_bounded() {
                 break;
             }
             assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "{g}: no DONE in 60 s"
+                t0.elapsed() < Duration::from_secs(120),
+                "{g}: no DONE in 120 s"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1245,6 +1256,7 @@ async fn large_payloads_to_a_slow_receiver_keep_both_processes_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_payloads_to_a_killed_receiver_keep_the_sender_bounded() {
     const N: u64 = 5000;
+    let _one_at_a_time = MEM.lock().unwrap_or_else(|e| e.into_inner());
     let addr = any_addr();
     let mut rk = Kid::spawn("mem_receiver", None, &[("OS_ADDR", addr.to_string())]);
     rk.wait_line("READY", 20.0);
@@ -1282,7 +1294,7 @@ async fn large_payloads_to_a_killed_receiver_keep_the_sender_bounded() {
         if sk.lines.iter().any(|l| l.starts_with("DONE")) || !sk.alive() {
             break;
         }
-        assert!(at < Duration::from_secs(70), "no DONE in 70 s");
+        assert!(at < Duration::from_secs(120), "no DONE in 120 s");
         std::thread::sleep(Duration::from_millis(50));
     }
     let done = sk.wait_line("DONE", 1.0);
@@ -1363,8 +1375,9 @@ async fn child_churn() {
             ));
         }
     }
-    // Dropped nodes' tasks end in the background: give them a moment.
-    let end = Instant::now() + Duration::from_secs(3);
+    // Dropped nodes' tasks end in the background, and the runtime's extra threads
+    // (blocking fsyncs) only after tokio's 10 s keep-alive: give them that.
+    let end = Instant::now() + Duration::from_secs(15);
     while Instant::now() < end && (self_fds() > fd0 + 2 || self_threads() > th0 + 2) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1389,7 +1402,7 @@ fn field(line: &str, name: &str) -> usize {
 fn hundreds_of_nodes_built_and_dropped_leave_no_threads_or_descriptors() {
     let mut kid = Kid::spawn("churn", None, &[]);
     let base = kid.wait_line("BASE", 30.0);
-    let end = kid.wait_line("END", 60.0);
+    let end = kid.wait_line("END", 150.0);
     kid.drain();
     for l in kid.lines.iter().filter(|l| l.starts_with("CYCLE")) {
         eprintln!("{l}");
