@@ -482,6 +482,10 @@ mod tests {
     #[derive(Clone, Default)]
     struct Warnings(Arc<Mutex<Vec<String>>>);
 
+    /// The tests that capture events run one at a time (scoped subscribers set and
+    /// dropped concurrently rebuild tracing's shared interest cache under each other).
+    static CAPTURE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     impl tracing::Subscriber for Warnings {
         fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
             true
@@ -514,8 +518,13 @@ mod tests {
     /// once per letter.
     #[test]
     fn a_flood_into_a_full_queue_warns_once_not_per_letter() {
+        let _one_at_a_time = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
         let w = Warnings::default();
         let q = tracing::subscriber::with_default(w.clone(), || {
+            // A callsite first hit by a concurrent test while no subscriber was set
+            // can keep a cached "never" interest (a race in tracing's registration;
+            // 0 warnings captured once in a full run): recompute it with ours set.
+            tracing::callsite::rebuild_interest_cache();
             let q = Arc::new(DeadLetterQueue::new(2));
             for n in 0..1_000 {
                 q.push(letter(n));
@@ -551,8 +560,10 @@ mod tests {
             }
             q.close();
         }
+        let _one_at_a_time = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
         let w = Warnings::default();
         let q = tracing::subscriber::with_default(w.clone(), || {
+            tracing::callsite::rebuild_interest_cache(); // see the flood test
             DeadLetterQueue::durable(5, dir.path()).unwrap()
         });
         assert_eq!(q.dropped(), 45);
