@@ -31,7 +31,12 @@
 //!   queue, so hints of the target's other channels are stuck too, until the TTL), or,
 //!   once they were replayed first, every send of the new run on that channel fails with
 //!   `GuaranteeMismatch { existing: EffectivelyOnce }` for the rest of the run
-//!   (`a_sender_redeployed_with_another_guarantee_*`; open, `#[ignore]`d);
+//!   (`a_sender_redeployed_with_another_guarantee_*`; fixed: at-least-once and
+//!   effectively-once messages share a stream, each frame carrying its own
+//!   message's guarantee, and only the application's sends claim the channel's
+//!   guarantee for the run; an earlier run's acked hints on a channel this run sends
+//!   at-most-once on are set aside, kept in the store, and do not hold up the
+//!   target's other hints: `a_sender_redeployed_at_most_once_*`);
 //! - a sender redeployed with a smaller `max_frame_len` replays an earlier run's hint
 //!   that no longer fits its frames: each transmission is dropped by its own transport
 //!   (`frames_dropped_oversize`, 9 in 8 s), the hint is retried, given up and replayed
@@ -238,7 +243,6 @@ fn handoff_cfg(dir: &std::path::Path) -> NodeConfig {
 /// guarantee in a new deploy must not strand the old run's hints until their TTL, nor
 /// make the new run's sends fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "DEFECT: an earlier run's hints whose guarantee differs from this run's stream on the channel are never replayed, and block the target's other channels' hints"]
 async fn a_sender_redeployed_with_another_guarantee_still_replays_its_old_hints() {
     let dir = tempfile::tempdir().unwrap();
     let (r_addr, s_addr) = (restartable_addr(), restartable_addr());
@@ -323,7 +327,6 @@ async fn a_sender_redeployed_with_another_guarantee_still_replays_its_old_hints(
 /// earlier run's hints were all delivered: its at-least-once sends must then work
 /// (nothing of the old guarantee is left on the channel in this run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "DEFECT: once an earlier run's hints were replayed on a channel, this run's sends there under another guarantee fail with GuaranteeMismatch for the whole run"]
 async fn a_sender_redeployed_with_another_guarantee_can_send_after_old_hints_drain() {
     let dir = tempfile::tempdir().unwrap();
     let (r_addr, s_addr) = (restartable_addr(), restartable_addr());
@@ -383,6 +386,207 @@ async fn a_sender_redeployed_with_another_guarantee_can_send_after_old_hints_dra
     );
     assert_eq!(seen_count(&seen, 100), 1);
     s2.shutdown().await;
+    rx.shutdown().await;
+}
+
+/// The other direction: hints an earlier run stored at-least-once, replayed by a run
+/// that made the channel effectively-once. Both must arrive: every old hint at least
+/// once, every new effectively-once message exactly once, and the new run's sends are
+/// never refused (`GuaranteeMismatch`) because of the old hints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_redeployed_effectively_once_replays_its_old_at_least_once_hints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r_addr, s_addr) = (restartable_addr(), restartable_addr());
+    let rx = receiver_at(2, r_addr, &[1], NodeConfig::default()).await;
+    let s1 = sender_at(1, s_addr, 2, r_addr, handoff_cfg(dir.path())).await;
+    rx.shutdown().await;
+    drop(rx);
+    wait_health(&s1, NodeId(2), Health::Down, 10.0).await;
+    let old = s1
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::AtLeastOnce))
+        .unwrap();
+    for v in 0..20u64 {
+        let r = within(5.0, "old run's send", async {
+            old.send(&v).await.unwrap().await
+        })
+        .await;
+        assert_eq!(r, Ok(Outcome::HandedOff), "value {v}");
+    }
+    s1.shutdown().await;
+    drop(s1);
+
+    let rx = receiver_at(2, r_addr, &[1], NodeConfig::default()).await;
+    let seen: Seen = Arc::default();
+    spawn_counter(
+        rx.receiver::<u64>(ChannelId(1), false).unwrap(),
+        seen.clone(),
+    );
+    let s2 = sender_at(1, s_addr, 2, r_addr, handoff_cfg(dir.path())).await;
+    let new = s2
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    // Sent while the old hints replay (the replay starts once the link is up).
+    let mut receipts = Vec::new();
+    for v in 100..200u64 {
+        receipts.push(within(15.0, "new run's send", new.send(&v)).await);
+    }
+    for (i, r) in receipts.into_iter().enumerate() {
+        let r = match r {
+            Ok(fut) => within(15.0, "new run's receipt", fut).await,
+            Err(e) => Err(e),
+        };
+        assert_eq!(r, Ok(Outcome::Acked), "new run's message {i}");
+    }
+    let replayed = reached(15.0, || (0..20).all(|v| seen_count(&seen, v) >= 1)).await;
+    let hints = s2.stats().await.unwrap().hints;
+    let snapshot = seen.lock().unwrap().clone();
+    assert!(
+        replayed,
+        "old at-least-once hints not replayed: {snapshot:?}, hints {hints:?}"
+    );
+    for v in 100..200 {
+        assert_eq!(seen_count(&seen, v), 1, "effectively-once {v}");
+    }
+    let t0 = Instant::now();
+    while s2.stats().await.unwrap().hints.unwrap().pending > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "hint store not emptied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s2.shutdown().await;
+    rx.shutdown().await;
+}
+
+/// A sender whose earlier run stored at-least-once hints on channels 1 and 2 is
+/// redeployed sending channel 1 at-most-once. Whichever comes first (the replay of
+/// channel 1's hints or the new run's first at-most-once send):
+/// - channel 2's hints are replayed (not held up behind channel 1's);
+/// - the new run's at-most-once sends on channel 1 go through within seconds (at most
+///   refused while old hints are in flight there), then every one of them is accepted
+///   and, on an unfaulted loopback link, processed once;
+/// - no old hint of channel 1 is lost: each is processed, or still in the store, and a
+///   third run that uses channel 1 at-least-once again delivers what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_redeployed_at_most_once_keeps_its_old_hints_and_replays_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r_addr, s_addr) = (restartable_addr(), restartable_addr());
+    let rx = receiver_at(2, r_addr, &[1], NodeConfig::default()).await;
+    let s1 = sender_at(1, s_addr, 2, r_addr, handoff_cfg(dir.path())).await;
+    rx.shutdown().await;
+    drop(rx);
+    wait_health(&s1, NodeId(2), Health::Down, 10.0).await;
+    for ch in [1u32, 2] {
+        let old = s1
+            .sender::<u64>(NodeId(2), opts(ch, Guarantee::AtLeastOnce))
+            .unwrap();
+        for v in 0..5u64 {
+            let v = u64::from(ch) * 10 + v;
+            let r = within(5.0, "old run's send", async {
+                old.send(&v).await.unwrap().await
+            })
+            .await;
+            assert_eq!(r, Ok(Outcome::HandedOff), "value {v}");
+        }
+    }
+    s1.shutdown().await;
+    drop(s1);
+
+    let rx = receiver_at(2, r_addr, &[1], NodeConfig::default()).await;
+    let seen1: Seen = Arc::default();
+    let seen2: Seen = Arc::default();
+    spawn_counter(
+        rx.receiver::<u64>(ChannelId(1), false).unwrap(),
+        seen1.clone(),
+    );
+    spawn_counter(
+        rx.receiver::<u64>(ChannelId(2), false).unwrap(),
+        seen2.clone(),
+    );
+    let s2 = sender_at(1, s_addr, 2, r_addr, handoff_cfg(dir.path())).await;
+    wait_health(&s2, NodeId(2), Health::Up, 10.0).await;
+    let amo = s2
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::AtMostOnce))
+        .unwrap();
+    // The first at-most-once send may be refused while old hints are in flight on the
+    // channel; it must go through within seconds.
+    let t0 = Instant::now();
+    let mut refusals = 0u32;
+    loop {
+        match within(10.0, "first at-most-once send", amo.send(&1000)).await {
+            Ok(r) => {
+                assert_eq!(within(10.0, "receipt", r).await, Ok(Outcome::Sent));
+                break;
+            }
+            Err(SendError::GuaranteeMismatch { .. }) => refusals += 1,
+            Err(e) => panic!("at-most-once send failed: {e}"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "at-most-once sends on channel 1 still refused after 15 s ({refusals} refusals)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for v in 1001..1021u64 {
+        let r = within(10.0, "at-most-once send", async {
+            amo.send(&v)
+                .await
+                .map_err(|e| format!("{e}"))?
+                .await
+                .map_err(|e| format!("{e}"))
+        })
+        .await;
+        assert_eq!(
+            r,
+            Ok(Outcome::Sent),
+            "at-most-once {v} once the channel is this run's"
+        );
+    }
+    let amo_arrived = reached(10.0, || (1000..1021).all(|v| seen_count(&seen1, v) == 1)).await;
+    assert!(
+        amo_arrived,
+        "at-most-once messages on channel 1: {:?}",
+        seen1.lock().unwrap()
+    );
+    let other = reached(15.0, || (20..25).all(|v| seen_count(&seen2, v) >= 1)).await;
+    let hints = s2.stats().await.unwrap().hints;
+    let snapshot = seen2.lock().unwrap().clone();
+    assert!(
+        other,
+        "channel 2's hints held up: {snapshot:?}, hints {hints:?}"
+    );
+    // Channel 1's old hints: processed, or still in the store.
+    let processed = (10..15).filter(|v| seen_count(&seen1, *v) >= 1).count() as u64;
+    let pending = s2.stats().await.unwrap().hints.unwrap().pending;
+    assert!(
+        processed + pending >= 5,
+        "channel 1's old hints lost: {processed} processed, {pending} pending"
+    );
+    s2.shutdown().await;
+    drop(s2);
+
+    // A third run using channel 1 at-least-once again: what is left is delivered.
+    let s3 = sender_at(1, s_addr, 2, r_addr, handoff_cfg(dir.path())).await;
+    let alo = s3
+        .sender::<u64>(NodeId(2), opts(1, Guarantee::AtLeastOnce))
+        .unwrap();
+    let r = within(15.0, "third run's send", async {
+        match alo.send(&2000).await {
+            Ok(r) => r.await,
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    assert_eq!(r, Ok(Outcome::Acked));
+    let all = reached(15.0, || (10..15).all(|v| seen_count(&seen1, v) >= 1)).await;
+    let hints = s3.stats().await.unwrap().hints;
+    let snapshot = seen1.lock().unwrap().clone();
+    assert!(
+        all,
+        "channel 1's old hints not delivered by a run using it at-least-once: {snapshot:?}, hints {hints:?}"
+    );
+    s3.shutdown().await;
     rx.shutdown().await;
 }
 

@@ -203,6 +203,10 @@ pub enum SendError {
         window: usize,
     },
     /// The channel to this peer already carries another guarantee; nothing was sent.
+    /// This run's first send on a channel fixes its guarantee. (An earlier run's hints
+    /// replayed there do not, except that at-most-once cannot share a channel with
+    /// the acked guarantees: an at-most-once send is refused while such a replay is in
+    /// flight on the channel, and goes through once it settled.)
     #[error("channel already uses {existing:?}")]
     GuaranteeMismatch {
         /// The stream's guarantee.

@@ -12,7 +12,8 @@ use super::active::ActiveMap;
 use super::config::ProtoConfig;
 use super::inbound::{Arrival, InboundStream, StreamMark};
 use super::outbound::{
-    Counters, Dormant, OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT, INITIAL_NODE_CREDIT,
+    self as outbound, Counters, Dormant, OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT,
+    INITIAL_NODE_CREDIT,
 };
 use crate::dedup::{Admit, Dedup};
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
@@ -737,7 +738,55 @@ impl Endpoint {
 
     /// Queue a message. The caller bounds the window (see [`Event::WindowOpened`]):
     /// at most `config.max_in_flight` slots per stream.
+    ///
+    /// One guarantee per channel and peer: the first send on a channel fixes it, and a
+    /// send under another fails with [`StreamError::GuaranteeMismatch`]. (An earlier
+    /// run's hints replayed on the channel do not count: at-least-once and
+    /// effectively-once messages share a stream, each frame carrying its own
+    /// guarantee.)
     pub fn send(&mut self, now: Instant, msg: Outgoing) -> Result<SendRef, StreamError> {
+        self.send_from(now, msg, true)
+    }
+
+    /// [`send`](Self::send) for a hint replay: the message keeps its own guarantee.
+    /// At-least-once and effectively-once messages share a stream (each frame says
+    /// which it is), so a sender redeployed with the other of the two on a channel
+    /// still replays its earlier run's hints there, and its own sends are not refused
+    /// because a replay opened the stream first. (Regression: the replay failed with
+    /// `GuaranteeMismatch` against this run's stream and held up the target's whole
+    /// queue; or, replayed first, it made every send of this run on the channel fail.)
+    /// A hint of either never shares a stream with at-most-once sends: it fails here,
+    /// and the replay leaves it for later.
+    pub(crate) fn send_hint(
+        &mut self,
+        now: Instant,
+        msg: Outgoing,
+    ) -> Result<SendRef, StreamError> {
+        self.send_from(now, msg, false)
+    }
+
+    /// Would [`send_hint`](Self::send_hint) take a hint with `guarantee` on
+    /// `channel` to `peer` now?
+    pub(crate) fn takes_hint(
+        &self,
+        peer: NodeId,
+        channel: ChannelId,
+        guarantee: Guarantee,
+    ) -> bool {
+        let key = (peer, channel);
+        match (self.outbound.get(&key), self.dormant.get(&key)) {
+            (Some(s), _) => s.admits(guarantee, false),
+            (None, Some(d)) => outbound::admits(d.guarantee, d.claimed, guarantee, false),
+            (None, None) => true,
+        }
+    }
+
+    fn send_from(
+        &mut self,
+        now: Instant,
+        msg: Outgoing,
+        app: bool,
+    ) -> Result<SendRef, StreamError> {
         let Outgoing {
             peer,
             channel,
@@ -749,8 +798,8 @@ impl Endpoint {
         } = msg;
         // An explicit id always travels: a replayed hint keeps the seq it was first sent
         // with, which is not the seq it gets now.
-        let stream = self.outbound_stream(now, peer, channel, guarantee)?;
-        let seq = stream.send(now, payload, id, deadline, schema);
+        let stream = self.outbound_stream(now, peer, channel, guarantee, app)?;
+        let seq = stream.send_as(now, guarantee, payload, id, deadline, schema);
         self.stats.sent += 1;
         Ok(SendRef { peer, channel, seq })
     }
@@ -1180,15 +1229,15 @@ impl Endpoint {
         let live = self
             .outbound
             .iter()
-            .map(|(&key, s)| (key, s.guarantee(), s.last_seq(), s.id_floor()));
+            .map(|(&key, s)| (key, s.eo_sent(), s.last_seq(), s.id_floor()));
         // A dormant stream settled everything below its next seq.
         let dormant = self
             .dormant
             .iter()
-            .map(|(&key, d)| (key, d.guarantee, d.next_seq - 1, d.next_seq));
-        for ((peer, channel), guarantee, last_seq, id_floor) in live.chain(dormant) {
+            .map(|(&key, d)| (key, d.eo_sent, d.next_seq - 1, d.next_seq));
+        for ((peer, channel), eo_sent, last_seq, id_floor) in live.chain(dormant) {
             let speaks = self.peers.get(&peer).is_some_and(|p| p.version >= 3);
-            if speaks && guarantee == Guarantee::EffectivelyOnce {
+            if speaks && eo_sent {
                 n += 1;
                 self.transmit.push_back((
                     peer,
@@ -1695,11 +1744,17 @@ impl Endpoint {
         peer: NodeId,
         channel: ChannelId,
         guarantee: Guarantee,
+        app: bool,
     ) -> Result<&mut OutboundStream, StreamError> {
         let key = (peer, channel);
         if !self.outbound.contains_key(&key) {
-            if let Some(d) = self.dormant.get(&key) {
-                if d.guarantee != guarantee {
+            if let Some(d) = self.dormant.get_mut(&key) {
+                if app && !d.claimed {
+                    // Only an earlier run's hints used it, and it is settled: this
+                    // run's first send picks the guarantee, at-most-once included.
+                    d.guarantee = guarantee;
+                }
+                if !outbound::admits(d.guarantee, d.claimed, guarantee, app) {
                     return Err(StreamError::GuaranteeMismatch {
                         peer,
                         channel,
@@ -1737,12 +1792,26 @@ impl Endpoint {
                 credit,
             )
         });
-        if stream.guarantee() != guarantee {
+        if app && !stream.admits(guarantee, app) {
+            // A stream only an earlier run's hints used, to a channel this run sends
+            // at-most-once on, or the other way round: once settled, it goes on (same
+            // seqs) under this run's guarantee; the hints left are set aside by the
+            // replay. Until then this send is refused. (Regression: one replayed hint
+            // made every at-most-once send of the run on its channel fail.)
+            if let Some(mut d) = stream.dormant().filter(|d| !d.claimed) {
+                d.guarantee = guarantee;
+                *stream = OutboundStream::resume(origin, channel, config, rng.next_u64(), now, &d);
+            }
+        }
+        if !stream.admits(guarantee, app) {
             return Err(StreamError::GuaranteeMismatch {
                 peer,
                 channel,
                 existing: stream.guarantee(),
             });
+        }
+        if app {
+            stream.claim(guarantee);
         }
         Ok(stream)
     }
@@ -2948,6 +3017,100 @@ mod tests {
             }
         }
         (settled, delivered)
+    }
+
+    /// A hint replay keeps its own guarantee: on a channel this run sends at-least-once
+    /// an earlier run's effectively-once hint goes out as effectively-once on the same
+    /// stream (each frame says which), both are delivered, the application is still
+    /// held to its one guarantee per channel, and the stream is finished at shutdown
+    /// because an effectively-once message went out on it. A stream only a replay used
+    /// is taken over, once settled, by the application's first send even at
+    /// at-most-once (same seqs), after which no acked hint is taken on it.
+    #[test]
+    fn hints_keep_their_guarantee_and_only_the_application_claims_a_channel() {
+        let now = Instant::now();
+        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+        a.handle_peer_up(now, b.origin(), 4);
+        b.handle_peer_up(now, a.origin(), 4);
+        b.accept_channel(ChannelId(1), false);
+        b.accept_channel(ChannelId(2), false);
+        let msg = |ch: u32, guarantee, body: &'static [u8], id| Outgoing {
+            peer: NodeId(2),
+            channel: ChannelId(ch),
+            guarantee,
+            payload: Bytes::from_static(body),
+            id,
+            deadline: None,
+            schema: 0,
+        };
+        let old_id = MessageId::Seq {
+            origin: Origin {
+                node: NodeId(1),
+                incarnation: 0,
+            },
+            channel: ChannelId(1),
+            seq: 1,
+        };
+        a.send(now, msg(1, Guarantee::AtLeastOnce, b"app", None))
+            .unwrap();
+        assert!(a.takes_hint(NodeId(2), ChannelId(1), Guarantee::EffectivelyOnce));
+        a.send_hint(
+            now,
+            msg(1, Guarantee::EffectivelyOnce, b"hint", Some(old_id)),
+        )
+        .unwrap();
+        let sent: Vec<(Bytes, Guarantee)> = frames(&mut a, NodeId(2), now)
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Data(d) => Some((d.payload, d.guarantee)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            [
+                (Bytes::from_static(b"app"), Guarantee::AtLeastOnce),
+                (Bytes::from_static(b"hint"), Guarantee::EffectivelyOnce)
+            ]
+        );
+        // (The frames above were lost: the retransmissions go through.)
+        let later = now + Duration::from_secs(5);
+        let (settled, delivered) = pump(&mut a, &mut b, later);
+        assert_eq!(settled, 2);
+        assert_eq!(delivered.len(), 2, "{delivered:?}");
+        for g in [Guarantee::EffectivelyOnce, Guarantee::AtMostOnce] {
+            assert!(
+                matches!(
+                    a.send(later, msg(1, g, b"x", None)),
+                    Err(StreamError::GuaranteeMismatch {
+                        existing: Guarantee::AtLeastOnce,
+                        ..
+                    })
+                ),
+                "the application claimed channel 1 at-least-once; {g:?} refused"
+            );
+        }
+
+        // Channel 2: only a replay used it; the application then sends at-most-once.
+        a.send_hint(later, msg(2, Guarantee::AtLeastOnce, b"old", Some(old_id)))
+            .unwrap();
+        let later = later + Duration::from_secs(1);
+        assert_eq!(pump(&mut a, &mut b, later).0, 1);
+        let amo = a
+            .send(later, msg(2, Guarantee::AtMostOnce, b"new", None))
+            .expect("a settled stream only a replay used goes to the application");
+        assert_eq!(amo.seq, 2, "same stream, next seq");
+        let (_, delivered) = pump(&mut a, &mut b, later);
+        assert_eq!(delivered, [Bytes::from_static(b"new")]);
+        assert!(!a.takes_hint(NodeId(2), ChannelId(2), Guarantee::AtLeastOnce));
+        assert!(a
+            .send_hint(later, msg(2, Guarantee::AtLeastOnce, b"old2", Some(old_id)))
+            .is_err());
+        assert_eq!(
+            a.finish_streams(),
+            1,
+            "channel 1 only: it carried effectively-once"
+        );
     }
 
     /// Streams that have nothing left to do leave the per-input scans: after messages

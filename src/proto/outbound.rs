@@ -228,6 +228,9 @@ struct InFlight {
     /// stream kept the latest send's, so an `i64` queued just before a `u64` on the
     /// same channel went out as a `u64` and was decoded as one.)
     schema: u32,
+    /// This message's guarantee: at-least-once and effectively-once messages may share
+    /// a stream (see [`OutboundStream::admits`]), and each frame says which it is.
+    guarantee: Guarantee,
 }
 
 // Issue 14: a window slot fits in one cache line.
@@ -425,6 +428,14 @@ impl SlotTimes {
     }
 }
 
+/// [`OutboundStream::admits`] for a stream of `stream` guarantee, `claimed` or not.
+pub(crate) fn admits(stream: Guarantee, claimed: bool, guarantee: Guarantee, app: bool) -> bool {
+    if app && claimed {
+        return guarantee == stream;
+    }
+    (guarantee == Guarantee::AtMostOnce) == (stream == Guarantee::AtMostOnce)
+}
+
 /// Sending half of a stream. Call order for the owner: `send` / `handle_ack` /
 /// `handle_nack` / `handle_timeout` / `handle_reconnect` as inputs arrive, then drain
 /// `poll_transmit` and `poll_event`, then arm a timer for `poll_timeout`.
@@ -432,7 +443,15 @@ impl SlotTimes {
 pub(crate) struct OutboundStream {
     channel: ChannelId,
     origin: crate::id::Origin,
+    /// The stream's guarantee: at-most-once, or one of the acked two (see
+    /// [`admits`](Self::admits)).
     guarantee: Guarantee,
+    /// An application send fixed [`guarantee`](Self::guarantee) for this run; until
+    /// then only hint replays used the stream, under their own runs' guarantees.
+    claimed: bool,
+    /// An effectively-once message went out on the stream: its receiver keeps dedup
+    /// state for it, which [`Frame::Finish`](crate::wire::Frame) retires.
+    eo_sent: bool,
     next_seq: u64,
     /// The highest seq ever put on the wire: an ack or reject can only be about a
     /// message the receiver could have seen (one still waiting for credit was not).
@@ -534,6 +553,10 @@ impl Counters {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Dormant {
     pub(crate) guarantee: Guarantee,
+    /// See [`OutboundStream::admits`].
+    pub(crate) claimed: bool,
+    /// An effectively-once message went out on the stream.
+    pub(crate) eo_sent: bool,
     /// The seq its next message gets.
     pub(crate) next_seq: u64,
     /// The receiver's grant, as [`OutboundStream::set_credit`] takes it.
@@ -563,6 +586,8 @@ impl OutboundStream {
             && self.ids.is_empty();
         idle.then(|| Dormant {
             guarantee: self.guarantee,
+            claimed: self.claimed,
+            eo_sent: self.eo_sent,
             next_seq: self.next_seq,
             credit: self.credit,
             counters: self.counters(),
@@ -580,6 +605,8 @@ impl OutboundStream {
         d: &Dormant,
     ) -> Self {
         let mut s = Self::new(origin, channel, d.guarantee, config, seed, now, d.credit);
+        s.claimed = d.claimed;
+        s.eo_sent = d.eo_sent;
         s.next_seq = d.next_seq;
         s.base = d.next_seq;
         s.max_sent = d.next_seq - 1;
@@ -616,6 +643,8 @@ impl OutboundStream {
             channel,
             origin,
             guarantee,
+            claimed: false,
+            eo_sent: false,
             next_seq: 1,
             max_sent: 0,
             base: 1,
@@ -703,6 +732,30 @@ impl OutboundStream {
         self.guarantee
     }
 
+    /// Has an effectively-once message gone out on the stream (its receiver then
+    /// keeps dedup state for it)?
+    pub(crate) fn eo_sent(&self) -> bool {
+        self.eo_sent
+    }
+
+    /// May a message with `guarantee` go on this stream; `app`: an application send
+    /// (else a hint replay)? At-least-once and effectively-once messages may share a
+    /// stream (each frame carries its message's guarantee, and the receiver dedups per
+    /// message), so an earlier run's hints replay under their own guarantee on a
+    /// channel this run uses with the other one. The application itself gets one
+    /// guarantee per channel: its first send claims the stream's. At-most-once never
+    /// shares (it is never retransmitted and its floor trails differently).
+    pub(crate) fn admits(&self, guarantee: Guarantee, app: bool) -> bool {
+        admits(self.guarantee, self.claimed, guarantee, app)
+    }
+
+    /// An application send with `guarantee` (which [`admits`](Self::admits)) claims
+    /// the stream.
+    pub(crate) fn claim(&mut self, guarantee: Guarantee) {
+        self.guarantee = guarantee;
+        self.claimed = true;
+    }
+
     /// Total retransmissions so far.
     /// The last seq assigned on the stream (0: none).
     pub(crate) fn last_seq(&self) -> u64 {
@@ -715,6 +768,7 @@ impl OutboundStream {
 
     /// Queue a new message; returns its stream seq. The caller bounds the span (the
     /// node's window semaphore does).
+    #[cfg(test)]
     pub(crate) fn send(
         &mut self,
         now: Instant,
@@ -723,6 +777,21 @@ impl OutboundStream {
         deadline: Option<Duration>,
         schema: u32,
     ) -> u64 {
+        self.send_as(now, self.guarantee, payload, id, deadline, schema)
+    }
+
+    /// [`send`](Self::send) a message with its own `guarantee`, which the stream
+    /// [`admits`](Self::admits).
+    pub(crate) fn send_as(
+        &mut self,
+        now: Instant,
+        guarantee: Guarantee,
+        payload: Bytes,
+        id: Option<MessageId>,
+        deadline: Option<Duration>,
+        schema: u32,
+    ) -> u64 {
+        debug_assert!(self.admits(guarantee, false));
         let age = self.times.advance(now, self.base, &mut self.slots);
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -734,6 +803,7 @@ impl OutboundStream {
             deadline.or(self.policy.deadline)
         };
         let deadline_ms = self.times.encode_deadline(seq, now, age, deadline);
+        self.eo_sent |= guarantee == Guarantee::EffectivelyOnce;
         if let Some(id) = id {
             self.ids.insert(seq, id);
         }
@@ -749,6 +819,7 @@ impl OutboundStream {
             nack_again: false,
             has_id: id.is_some(),
             schema,
+            guarantee,
         }));
         self.transmit.push_back(seq);
         seq
@@ -819,7 +890,7 @@ impl OutboundStream {
                 } else {
                     None
                 },
-                guarantee: self.guarantee,
+                guarantee: m.guarantee,
                 schema: m.schema,
                 // At-most-once settles on this transmission: the frame takes the
                 // payload instead of sharing it (no reference count up and down).
@@ -1508,7 +1579,7 @@ impl OutboundStream {
             } else {
                 None
             },
-            guarantee: self.guarantee,
+            guarantee: m.guarantee,
             schema: m.schema,
             payload: m.payload.clone(),
         })

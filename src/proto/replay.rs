@@ -102,6 +102,11 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// How often an unchanged settled floor of an earlier run is told again (the target
 /// may have restarted and forgotten it, or the frame gone with a connection).
 const SETTLED_AGAIN: Duration = Duration::from_secs(1);
+/// How long hints that their stream could not take (an earlier run's at-least-once or
+/// effectively-once hints on a channel this run uses at-most-once) are set aside
+/// before they are tried again. They stay in the store meanwhile (a later run using
+/// the channel with an acked guarantee replays them) until their TTL.
+const PARKED_RETRY: Duration = Duration::from_secs(30);
 
 /// The replay policy over a hint log `L`; see the module docs.
 #[derive(Debug)]
@@ -111,6 +116,10 @@ pub(crate) struct Replay<L> {
     origin: Origin,
     throttle: ReplayThrottle,
     queued: HashMap<NodeId, VecDeque<(HintPos, Hint)>>,
+    /// Hints whose channel this run uses at-most-once (their stream cannot take
+    /// them), per target, in order, with when to try them again: set aside so the
+    /// target's other hints go on (see [`PARKED_RETRY`]).
+    parked: HashMap<NodeId, (Instant, Vec<(HintPos, Hint)>)>,
     replaying: HashMap<SendRef, (HintPos, Hint)>,
     outstanding: HashMap<NodeId, usize>,
     /// This run's own handed-off messages, holding the id floor, with their expiry.
@@ -142,6 +151,7 @@ impl<L: HintLog> Replay<L> {
             cfg,
             origin,
             queued: HashMap::new(),
+            parked: HashMap::new(),
             replaying: HashMap::new(),
             outstanding: HashMap::new(),
             own_hinted: BTreeMap::new(),
@@ -206,12 +216,14 @@ impl<L: HintLog> Replay<L> {
     ) {
         let mut targets = self.log.pending_targets();
         targets.extend(self.queued.keys().copied());
+        targets.extend(self.parked.keys().copied());
         targets.sort_unstable();
         targets.dedup();
         let now_ms = self.unix_ms_at(now);
         self.blocked = true;
         for target in targets.into_iter().filter(|t| ready.contains(t)) {
             self.tell_settled(endpoint, target, now);
+            self.unpark(target, now, now_ms);
             while self.outstanding.get(&target).copied().unwrap_or(0) < self.cfg.concurrency {
                 let queue = self.queued.entry(target).or_default();
                 if queue.is_empty() {
@@ -248,6 +260,16 @@ impl<L: HintLog> Replay<L> {
                     self.release_floor(endpoint, target, hint.id);
                     continue;
                 }
+                if !endpoint.takes_hint(target, channel, hint.guarantee) {
+                    // Set aside, not left in front: the target's other hints go on.
+                    // (Regression: it stayed at the front and held up every channel's
+                    // hints for the target until its TTL.)
+                    let Some((pos, hint)) = queue.pop_front() else {
+                        break;
+                    };
+                    self.park(target, pos, hint, now);
+                    continue;
+                }
                 if self.throttle.try_take(len, now).is_err() {
                     self.blocked = false; // throttled, not blocked: come back soon
                     return; // the throttle covers every target
@@ -268,26 +290,59 @@ impl<L: HintLog> Replay<L> {
                     deadline: None,
                     schema: 0, // a hint keeps no type: unchecked
                 };
-                match endpoint.send(now, msg) {
+                match endpoint.send_hint(now, msg) {
                     Ok(send) => {
                         // The slot is given back when the window slides.
                         *self.outstanding.entry(target).or_default() += 1;
                         self.replaying.insert(send, (pos, hint));
                     }
                     Err(e) => {
-                        tracing::warn!(%target, error = %e, "hint cannot be replayed on its channel");
+                        // `takes_hint` said yes: not expected; set aside all the same.
+                        tracing::debug!(%target, error = %e, "hint refused by its stream");
                         windows.give_back(target, channel);
-                        self.queued
-                            .entry(target)
-                            .or_default()
-                            .push_front((pos, hint));
-                        break;
+                        self.park(target, pos, hint, now);
                     }
                 }
             }
         }
         if !self.replaying.is_empty() {
             self.blocked = false; // acks are coming back: keep the fast tick
+        }
+    }
+
+    /// Set `hint` aside (its stream cannot take it now) until [`PARKED_RETRY`] after
+    /// the first hint set aside for `target`; warn when that starts.
+    fn park(&mut self, target: NodeId, pos: HintPos, hint: Hint, now: Instant) {
+        let (_, parked) = self
+            .parked
+            .entry(target)
+            .or_insert_with(|| (now + PARKED_RETRY, Vec::new()));
+        if parked.is_empty() {
+            tracing::warn!(
+                %target, channel = ?hint.channel, guarantee = ?hint.guarantee,
+                retry_in = ?PARKED_RETRY,
+                "an earlier run's hint cannot be replayed on its channel while this run sends at-most-once there; set aside, kept in the store"
+            );
+        }
+        parked.push((pos, hint));
+    }
+
+    /// Put `target`'s set-aside hints back in front of its queue, in order, once
+    /// their retry time has come (dropping those expired meanwhile: the store expired
+    /// them).
+    fn unpark(&mut self, target: NodeId, now: Instant, now_ms: u64) {
+        if self.parked.get(&target).is_none_or(|(at, _)| now < *at) {
+            return;
+        }
+        let Some((_, hints)) = self.parked.remove(&target) else {
+            return;
+        };
+        let queue = self.queued.entry(target).or_default();
+        for h in hints.into_iter().rev() {
+            // (A TTL of 0 is the store's default, filled in when stored.)
+            if h.1.ttl_ms == 0 || h.1.expires_unix_ms() > now_ms {
+                queue.push_front(h);
+            }
         }
     }
 
@@ -324,6 +379,7 @@ impl<L: HintLog> Replay<L> {
     ) -> Result<u64, HintError> {
         let n = self.log.decommission(peer)?;
         self.queued.remove(&peer);
+        self.parked.remove(&peer);
         self.told.retain(|k, _| k.0 != peer);
         // Replays in flight are taken out of their streams too (their queued frames
         // withdrawn): otherwise they would be retransmitted to the next process with
@@ -781,6 +837,81 @@ mod tests {
         let bytes: Vec<u8> = in_flight(&r).iter().map(|(_, b)| *b).collect();
         assert_eq!(bytes, vec![1, 2, 3]);
         assert_eq!(w.held[&(PEER, CH)], 4, "every replay took a window slot");
+    }
+
+    /// Hints whose channel this run sends at-most-once cannot go on its stream: they
+    /// are set aside (kept in the store, tried again after [`PARKED_RETRY`]), and the
+    /// target's hints for other channels, queued behind them, are replayed meanwhile.
+    /// (Regression: the first such hint stayed at the front of the target's queue and
+    /// held up all of them until its TTL.)
+    #[test]
+    fn hints_a_channel_cannot_take_are_set_aside_and_the_others_replay() {
+        let t0 = Instant::now();
+        let mut ep = endpoint(t0);
+        ep.handle_peer_up(
+            t0,
+            Origin {
+                node: PEER,
+                incarnation: 1,
+            },
+            4,
+        );
+        const OTHER: ChannelId = ChannelId(8);
+        let mut log = MemLog::default();
+        for i in 0..6u8 {
+            let channel = if i % 2 == 0 { CH } else { OTHER };
+            let hint = Hint {
+                target: PEER,
+                id: MessageId::Key(crate::id::IdKey(u128::from(i))),
+                channel,
+                guarantee: Guarantee::AtLeastOnce,
+                created_unix_ms: T0_UNIX_MS,
+                ttl_ms: 0,
+                payload: Bytes::from(vec![i]),
+            };
+            log.append(hint, None, t0).unwrap();
+        }
+        ep.send(
+            t0,
+            Outgoing {
+                peer: PEER,
+                channel: CH,
+                guarantee: Guarantee::AtMostOnce,
+                payload: Bytes::from_static(b"this run"),
+                id: None,
+                deadline: None,
+                schema: 0,
+            },
+        )
+        .unwrap();
+        let mut r = Replay::new(log, config(), ME, t0, T0_UNIX_MS);
+        let mut w = slots(100);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        let bytes: Vec<u8> = in_flight(&r).iter().map(|(_, b)| *b).collect();
+        assert_eq!(bytes, [1, 3, 5], "the other channel's hints go");
+        let parked: Vec<u8> = r.parked[&PEER]
+            .1
+            .iter()
+            .map(|(_, h)| h.payload[0])
+            .collect();
+        assert_eq!(parked, [0, 2, 4], "set aside, in order");
+        assert_eq!(w.held.get(&(PEER, CH)).copied().unwrap_or(0), 0);
+        for (send, _) in in_flight(&r) {
+            assert!(r.on_settled(send, &mut ep));
+        }
+        assert_eq!(r.log.delivered.len(), 3);
+        assert_eq!(r.log.pending(), 3, "the set-aside hints stay in the store");
+        assert!(r.has_replay_work());
+        // Tried again once their time comes, and set aside again: never lost.
+        let t1 = t0 + PARKED_RETRY;
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t1);
+        assert!(in_flight(&r).is_empty());
+        assert_eq!(r.parked[&PEER].1.len(), 3);
+        assert_eq!(r.log.pending(), 3);
+        assert!(
+            r.next_deadline(t1).is_some_and(|d| d > t1 + REPLAY_TICK),
+            "no fast tick for hints that cannot go"
+        );
     }
 
     /// Replaying hints of an earlier run of this node, the policy tells the target the
