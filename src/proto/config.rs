@@ -19,7 +19,11 @@ pub struct ProtoConfig {
     pub max_in_flight: usize,
     /// Receiving side: credit granted to each inbound stream, in messages — how many of
     /// a stream's messages may be outstanding here at once (queued for the
-    /// application, held for ordering, being processed, or on the way). Senders never
+    /// application, held for ordering, being processed, or on the way). It is a span of
+    /// seqs, as TCP's window: on an acked stream the sender may transmit up to
+    /// `stream_credit` seqs past the oldest of its messages not yet done here, so one
+    /// message held long by a slow handler holds the stream's grant where it is even
+    /// when everything after it is done. Senders never
     /// exceed it (protocol version 2; a version-1 sender is bounded by its own
     /// `max_in_flight` instead), so a receiver never refuses a message for lack of
     /// room. Memory per stream is bounded by `stream_credit` payloads. Default `4096`;

@@ -3019,6 +3019,81 @@ mod tests {
         (settled, delivered)
     }
 
+    /// `ProtoConfig::stream_credit` is a span (its docs): with one message held by its
+    /// handler and every later one done, the sender transmits nothing past the held
+    /// seq plus the credit; once the held one is done, the stream moves on.
+    #[test]
+    fn stream_credit_is_a_span_past_the_oldest_message_not_done() {
+        let now = Instant::now();
+        let mut a = endpoint(1, now);
+        let cfg = ProtoConfig {
+            stream_credit: 512,
+            ..ProtoConfig::default()
+        };
+        let dedup = Arc::new(Dedup::open_at(DedupConfig::default(), now).unwrap());
+        let mut b = Endpoint::new(
+            Origin {
+                node: NodeId(2),
+                incarnation: 1,
+            },
+            cfg,
+            dedup,
+            2,
+        );
+        a.handle_peer_up(now, b.origin(), 4);
+        b.handle_peer_up(now, a.origin(), 4);
+        b.accept_channel(ChannelId(1), false);
+        for _ in 0..2000 {
+            a.send(
+                now,
+                Outgoing {
+                    peer: NodeId(2),
+                    channel: ChannelId(1),
+                    guarantee: Guarantee::AtLeastOnce,
+                    payload: Bytes::from_static(b"m"),
+                    id: None,
+                    deadline: None,
+                    schema: 0,
+                },
+            )
+            .unwrap();
+        }
+        let (mut held, mut max_seq) = (None, 0u64);
+        let mut round = |a: &mut Endpoint, b: &mut Endpoint, held: &mut Option<DeliveryRef>| {
+            for _ in 0..20 {
+                for f in frames(b, NodeId(1), now) {
+                    a.handle_frame(now, NodeId(2), f);
+                }
+                for f in frames(a, NodeId(2), now) {
+                    if let Frame::Data(d) = &f {
+                        max_seq = max_seq.max(d.seq);
+                    }
+                    b.handle_frame(now, NodeId(1), f);
+                }
+                while let Some(ev) = b.poll_event() {
+                    if let Event::Deliver { delivery, .. } = ev {
+                        if delivery.seq == 1 && held.is_none() {
+                            *held = Some(delivery);
+                        } else {
+                            b.complete(now, delivery, Completion::Ack);
+                        }
+                    }
+                }
+                while a.poll_event().is_some() {}
+            }
+            max_seq
+        };
+        let top = round(&mut a, &mut b, &mut held);
+        assert!(held.is_some(), "seq 1 is held by its handler");
+        assert!(
+            (500..=512).contains(&top),
+            "highest seq sent with seq 1 held and the rest done: {top}"
+        );
+        b.complete(now, held.take().unwrap(), Completion::Ack);
+        let top = round(&mut a, &mut b, &mut held);
+        assert_eq!(top, 2000, "the held message done, the stream goes on");
+    }
+
     /// A hint replay keeps its own guarantee: on a channel this run sends at-least-once
     /// an earlier run's effectively-once hint goes out as effectively-once on the same
     /// stream (each frame says which), both are delivered, the application is still
