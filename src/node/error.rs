@@ -205,8 +205,9 @@ pub enum SendError {
     /// The channel to this peer already carries another guarantee; nothing was sent.
     /// This run's first send on a channel fixes its guarantee. (An earlier run's hints
     /// replayed there do not, except that at-most-once cannot share a channel with
-    /// the acked guarantees: an at-most-once send is refused while such a replay is in
-    /// flight on the channel, and goes through once it settled.)
+    /// the acked guarantees: an at-most-once send is refused, `existing` naming the
+    /// hints' guarantee, while such a replay is in flight on the channel; no further
+    /// hint is replayed there, and a retry goes through once those settled.)
     #[error("channel already uses {existing:?}")]
     GuaranteeMismatch {
         /// The stream's guarantee.

@@ -1792,14 +1792,15 @@ impl Endpoint {
                 credit,
             )
         });
-        if app && !stream.admits(guarantee, app) {
+        if app && !stream.admits(guarantee, app) && !stream.is_claimed() {
             // A stream only an earlier run's hints used, to a channel this run sends
-            // at-most-once on, or the other way round: once settled, it goes on (same
-            // seqs) under this run's guarantee; the hints left are set aside by the
-            // replay. Until then this send is refused. (Regression: one replayed hint
-            // made every at-most-once send of the run on its channel fail.)
-            if let Some(mut d) = stream.dormant().filter(|d| !d.claimed) {
-                d.guarantee = guarantee;
+            // at-most-once on: no further replay goes on it (the replay passes the
+            // hints left over), and once settled it goes on (same seqs) under this
+            // run's guarantee. Until then this send is refused. (Regression: one
+            // replayed hint made every at-most-once send of the run on its channel
+            // fail.)
+            stream.want(guarantee);
+            if let Some(d) = stream.dormant() {
                 *stream = OutboundStream::resume(origin, channel, config, rng.next_u64(), now, &d);
             }
         }
@@ -3181,6 +3182,31 @@ mod tests {
         assert!(a
             .send_hint(later, msg(2, Guarantee::AtLeastOnce, b"old2", Some(old_id)))
             .is_err());
+
+        // Channel 3: the application asks for at-most-once while a replay is in
+        // flight there: refused, and no further acked hint is taken on it; once the
+        // replay settles, the stream is the application's.
+        b.accept_channel(ChannelId(3), false);
+        a.send_hint(later, msg(3, Guarantee::AtLeastOnce, b"old", Some(old_id)))
+            .unwrap();
+        assert!(matches!(
+            a.send(later, msg(3, Guarantee::AtMostOnce, b"new", None)),
+            Err(StreamError::GuaranteeMismatch {
+                existing: Guarantee::AtLeastOnce,
+                ..
+            })
+        ));
+        assert!(!a.takes_hint(NodeId(2), ChannelId(3), Guarantee::AtLeastOnce));
+        let later = later + Duration::from_secs(1);
+        assert_eq!(
+            pump(&mut a, &mut b, later).0,
+            1,
+            "the replay in flight settles"
+        );
+        a.send(later, msg(3, Guarantee::AtMostOnce, b"new", None))
+            .expect("then the stream is the application's");
+        assert_eq!(pump(&mut a, &mut b, later).1, [Bytes::from_static(b"new")]);
+
         assert_eq!(
             a.finish_streams(),
             1,

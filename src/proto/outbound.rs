@@ -433,7 +433,12 @@ pub(crate) fn admits(stream: Guarantee, claimed: bool, guarantee: Guarantee, app
     if app && claimed {
         return guarantee == stream;
     }
-    (guarantee == Guarantee::AtMostOnce) == (stream == Guarantee::AtMostOnce)
+    same_class(stream, guarantee)
+}
+
+/// Both at-most-once, or both acked.
+fn same_class(a: Guarantee, b: Guarantee) -> bool {
+    (a == Guarantee::AtMostOnce) == (b == Guarantee::AtMostOnce)
 }
 
 /// Sending half of a stream. Call order for the owner: `send` / `handle_ack` /
@@ -449,6 +454,10 @@ pub(crate) struct OutboundStream {
     /// An application send fixed [`guarantee`](Self::guarantee) for this run; until
     /// then only hint replays used the stream, under their own runs' guarantees.
     claimed: bool,
+    /// An application send of this guarantee was refused because the stream, not yet
+    /// claimed, carries replays of the other class: no new replay of that class is
+    /// taken, and once the stream settles it goes to this guarantee.
+    wanted: Option<Guarantee>,
     /// An effectively-once message went out on the stream: its receiver keeps dedup
     /// state for it, which [`Frame::Finish`](crate::wire::Frame) retires.
     eo_sent: bool,
@@ -584,9 +593,10 @@ impl OutboundStream {
             && self.skipped.is_empty()
             && !self.floor_owed
             && self.ids.is_empty();
+        // A stream the application wanted under another guarantee is its, now.
         idle.then(|| Dormant {
-            guarantee: self.guarantee,
-            claimed: self.claimed,
+            guarantee: self.wanted.unwrap_or(self.guarantee),
+            claimed: self.claimed || self.wanted.is_some(),
             eo_sent: self.eo_sent,
             next_seq: self.next_seq,
             credit: self.credit,
@@ -644,6 +654,7 @@ impl OutboundStream {
             origin,
             guarantee,
             claimed: false,
+            wanted: None,
             eo_sent: false,
             next_seq: 1,
             max_sent: 0,
@@ -746,7 +757,21 @@ impl OutboundStream {
     /// guarantee per channel: its first send claims the stream's. At-most-once never
     /// shares (it is never retransmitted and its floor trails differently).
     pub(crate) fn admits(&self, guarantee: Guarantee, app: bool) -> bool {
-        admits(self.guarantee, self.claimed, guarantee, app)
+        let wanted_ok = app || self.wanted.is_none_or(|w| same_class(w, guarantee));
+        wanted_ok && admits(self.guarantee, self.claimed, guarantee, app)
+    }
+
+    /// The application wants the stream (not yet claimed) under `guarantee`, which it
+    /// does not [`admit`](Self::admits) now: no replay of the other class is taken
+    /// from now on, and the stream goes to `guarantee` once settled
+    /// ([`dormant`](Self::dormant)).
+    pub(crate) fn want(&mut self, guarantee: Guarantee) {
+        debug_assert!(!self.claimed);
+        self.wanted = Some(guarantee);
+    }
+
+    pub(crate) fn is_claimed(&self) -> bool {
+        self.claimed
     }
 
     /// An application send with `guarantee` (which [`admits`](Self::admits)) claims
@@ -754,6 +779,7 @@ impl OutboundStream {
     pub(crate) fn claim(&mut self, guarantee: Guarantee) {
         self.guarantee = guarantee;
         self.claimed = true;
+        self.wanted = None;
     }
 
     /// Total retransmissions so far.

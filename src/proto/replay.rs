@@ -18,7 +18,7 @@ use crate::handoff::{Hint, HintError, HintPos, ReplayThrottle};
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
 use crate::wire::RejectReason;
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
@@ -102,11 +102,6 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// How often an unchanged settled floor of an earlier run is told again (the target
 /// may have restarted and forgotten it, or the frame gone with a connection).
 const SETTLED_AGAIN: Duration = Duration::from_secs(1);
-/// How long hints that their stream could not take (an earlier run's at-least-once or
-/// effectively-once hints on a channel this run uses at-most-once) are set aside
-/// before they are tried again. They stay in the store meanwhile (a later run using
-/// the channel with an acked guarantee replays them) until their TTL.
-const PARKED_RETRY: Duration = Duration::from_secs(30);
 
 /// The replay policy over a hint log `L`; see the module docs.
 #[derive(Debug)]
@@ -116,10 +111,12 @@ pub(crate) struct Replay<L> {
     origin: Origin,
     throttle: ReplayThrottle,
     queued: HashMap<NodeId, VecDeque<(HintPos, Hint)>>,
-    /// Hints whose channel this run uses at-most-once (their stream cannot take
-    /// them), per target, in order, with when to try them again: set aside so the
-    /// target's other hints go on (see [`PARKED_RETRY`]).
-    parked: HashMap<NodeId, (Instant, Vec<(HintPos, Hint)>)>,
+    /// Targets and channels this run sends at-most-once on: an earlier run's acked
+    /// hints for them cannot go on their stream this run (see
+    /// [`Endpoint::takes_hint`]). Their hints are passed over, left pending in the
+    /// store (a later run that uses the channel with an acked guarantee replays them,
+    /// or they expire), so the target's other hints go on.
+    refused: HashSet<(NodeId, ChannelId)>,
     replaying: HashMap<SendRef, (HintPos, Hint)>,
     outstanding: HashMap<NodeId, usize>,
     /// This run's own handed-off messages, holding the id floor, with their expiry.
@@ -151,7 +148,7 @@ impl<L: HintLog> Replay<L> {
             cfg,
             origin,
             queued: HashMap::new(),
-            parked: HashMap::new(),
+            refused: HashSet::new(),
             replaying: HashMap::new(),
             outstanding: HashMap::new(),
             own_hinted: BTreeMap::new(),
@@ -216,14 +213,13 @@ impl<L: HintLog> Replay<L> {
     ) {
         let mut targets = self.log.pending_targets();
         targets.extend(self.queued.keys().copied());
-        targets.extend(self.parked.keys().copied());
         targets.sort_unstable();
         targets.dedup();
         let now_ms = self.unix_ms_at(now);
         self.blocked = true;
         for target in targets.into_iter().filter(|t| ready.contains(t)) {
             self.tell_settled(endpoint, target, now);
-            self.unpark(target, now, now_ms);
+            let mut passed_over = 0u64;
             while self.outstanding.get(&target).copied().unwrap_or(0) < self.cfg.concurrency {
                 let queue = self.queued.entry(target).or_default();
                 if queue.is_empty() {
@@ -260,14 +256,24 @@ impl<L: HintLog> Replay<L> {
                     self.release_floor(endpoint, target, hint.id);
                     continue;
                 }
-                if !endpoint.takes_hint(target, channel, hint.guarantee) {
-                    // Set aside, not left in front: the target's other hints go on.
+                if self.refused.contains(&(target, channel))
+                    || !endpoint.takes_hint(target, channel, hint.guarantee)
+                {
+                    // Passed over, not left in front: the target's other hints go on.
                     // (Regression: it stayed at the front and held up every channel's
-                    // hints for the target until its TTL.)
-                    let Some((pos, hint)) = queue.pop_front() else {
+                    // hints for the target until its TTL.) It stays pending in the
+                    // store; this run will not read it again (unless the target goes
+                    // down and its replay is rewound).
+                    let Some((_, hint)) = queue.pop_front() else {
                         break;
                     };
-                    self.park(target, pos, hint, now);
+                    self.refuse(target, &hint);
+                    passed_over += len;
+                    if passed_over >= self.cfg.batch_bytes {
+                        // Read on at the next tick, not all of a backlog in one.
+                        self.blocked = false;
+                        break;
+                    }
                     continue;
                 }
                 if self.throttle.try_take(len, now).is_err() {
@@ -297,10 +303,10 @@ impl<L: HintLog> Replay<L> {
                         self.replaying.insert(send, (pos, hint));
                     }
                     Err(e) => {
-                        // `takes_hint` said yes: not expected; set aside all the same.
-                        tracing::debug!(%target, error = %e, "hint refused by its stream");
+                        // `takes_hint` said yes: not expected; passed over all the same.
+                        tracing::debug!(%target, error = %e, ?pos, "hint refused by its stream");
                         windows.give_back(target, channel);
-                        self.park(target, pos, hint, now);
+                        self.refuse(target, &hint);
                     }
                 }
             }
@@ -310,39 +316,14 @@ impl<L: HintLog> Replay<L> {
         }
     }
 
-    /// Set `hint` aside (its stream cannot take it now) until [`PARKED_RETRY`] after
-    /// the first hint set aside for `target`; warn when that starts.
-    fn park(&mut self, target: NodeId, pos: HintPos, hint: Hint, now: Instant) {
-        let (_, parked) = self
-            .parked
-            .entry(target)
-            .or_insert_with(|| (now + PARKED_RETRY, Vec::new()));
-        if parked.is_empty() {
+    /// `hint`'s channel to `target` takes no acked hint this run: passed over (it stays
+    /// pending in the store); warned once per target and channel.
+    fn refuse(&mut self, target: NodeId, hint: &Hint) {
+        if self.refused.insert((target, hint.channel)) {
             tracing::warn!(
                 %target, channel = ?hint.channel, guarantee = ?hint.guarantee,
-                retry_in = ?PARKED_RETRY,
-                "an earlier run's hint cannot be replayed on its channel while this run sends at-most-once there; set aside, kept in the store"
+                "an earlier run's hints cannot be replayed on this channel while this run sends at-most-once there; they stay in the store for a later run that uses the channel at-least-once or effectively-once, or until their TTL"
             );
-        }
-        parked.push((pos, hint));
-    }
-
-    /// Put `target`'s set-aside hints back in front of its queue, in order, once
-    /// their retry time has come (dropping those expired meanwhile: the store expired
-    /// them).
-    fn unpark(&mut self, target: NodeId, now: Instant, now_ms: u64) {
-        if self.parked.get(&target).is_none_or(|(at, _)| now < *at) {
-            return;
-        }
-        let Some((_, hints)) = self.parked.remove(&target) else {
-            return;
-        };
-        let queue = self.queued.entry(target).or_default();
-        for h in hints.into_iter().rev() {
-            // (A TTL of 0 is the store's default, filled in when stored.)
-            if h.1.ttl_ms == 0 || h.1.expires_unix_ms() > now_ms {
-                queue.push_front(h);
-            }
         }
     }
 
@@ -379,7 +360,7 @@ impl<L: HintLog> Replay<L> {
     ) -> Result<u64, HintError> {
         let n = self.log.decommission(peer)?;
         self.queued.remove(&peer);
-        self.parked.remove(&peer);
+        self.refused.retain(|k| k.0 != peer);
         self.told.retain(|k, _| k.0 != peer);
         // Replays in flight are taken out of their streams too (their queued frames
         // withdrawn): otherwise they would be retransmitted to the next process with
@@ -840,12 +821,13 @@ mod tests {
     }
 
     /// Hints whose channel this run sends at-most-once cannot go on its stream: they
-    /// are set aside (kept in the store, tried again after [`PARKED_RETRY`]), and the
-    /// target's hints for other channels, queued behind them, are replayed meanwhile.
+    /// are passed over (left pending in the store, for a later run), warned once, and
+    /// the target's hints for other channels, queued behind them, are replayed
+    /// meanwhile; a backlog of them is read a batch per tick, not all at once.
     /// (Regression: the first such hint stayed at the front of the target's queue and
     /// held up all of them until its TTL.)
     #[test]
-    fn hints_a_channel_cannot_take_are_set_aside_and_the_others_replay() {
+    fn hints_a_channel_cannot_take_are_passed_over_and_the_others_replay() {
         let t0 = Instant::now();
         let mut ep = endpoint(t0);
         ep.handle_peer_up(
@@ -867,7 +849,7 @@ mod tests {
                 guarantee: Guarantee::AtLeastOnce,
                 created_unix_ms: T0_UNIX_MS,
                 ttl_ms: 0,
-                payload: Bytes::from(vec![i]),
+                payload: Bytes::from(vec![i; 100]),
             };
             log.append(hint, None, t0).unwrap();
         }
@@ -884,34 +866,41 @@ mod tests {
             },
         )
         .unwrap();
-        let mut r = Replay::new(log, config(), ME, t0, T0_UNIX_MS);
+        let cfg = ReplayConfig {
+            batch_bytes: 150,
+            ..config()
+        };
+        let mut r = Replay::new(log, cfg, ME, t0, T0_UNIX_MS);
         let mut w = slots(100);
-        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        let mut t = t0;
+        for _ in 0..10 {
+            r.handle_timeout(&mut ep, &[PEER], &mut w, t);
+            t += REPLAY_TICK;
+        }
         let bytes: Vec<u8> = in_flight(&r).iter().map(|(_, b)| *b).collect();
         assert_eq!(bytes, [1, 3, 5], "the other channel's hints go");
-        let parked: Vec<u8> = r.parked[&PEER]
-            .1
-            .iter()
-            .map(|(_, h)| h.payload[0])
-            .collect();
-        assert_eq!(parked, [0, 2, 4], "set aside, in order");
+        assert_eq!(r.refused.len(), 1);
+        assert!(r.refused.contains(&(PEER, CH)));
         assert_eq!(w.held.get(&(PEER, CH)).copied().unwrap_or(0), 0);
         for (send, _) in in_flight(&r) {
             assert!(r.on_settled(send, &mut ep));
         }
         assert_eq!(r.log.delivered.len(), 3);
-        assert_eq!(r.log.pending(), 3, "the set-aside hints stay in the store");
-        assert!(r.has_replay_work());
-        // Tried again once their time comes, and set aside again: never lost.
-        let t1 = t0 + PARKED_RETRY;
-        r.handle_timeout(&mut ep, &[PEER], &mut w, t1);
-        assert!(in_flight(&r).is_empty());
-        assert_eq!(r.parked[&PEER].1.len(), 3);
-        assert_eq!(r.log.pending(), 3);
+        assert_eq!(
+            r.log.pending(),
+            3,
+            "the passed-over hints stay in the store"
+        );
+        assert!(r.queued.values().all(|q| q.is_empty()), "and not in memory");
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t);
         assert!(
-            r.next_deadline(t1).is_some_and(|d| d > t1 + REPLAY_TICK),
+            r.next_deadline(t).is_some_and(|d| d > t + REPLAY_TICK),
             "no fast tick for hints that cannot go"
         );
+        // The run's at-most-once stream takes none; a stream claimed at-least-once
+        // takes effectively-once hints as well.
+        assert!(!ep.takes_hint(PEER, CH, Guarantee::AtLeastOnce));
+        assert!(ep.takes_hint(PEER, OTHER, Guarantee::EffectivelyOnce));
     }
 
     /// Replaying hints of an earlier run of this node, the policy tells the target the
