@@ -3,7 +3,7 @@
 //! three guarantees; a noisy neighbour hammering the receiver's port meanwhile; one
 //! slow channel next to fast ones; a handler slow only for messages redelivered after
 //! a receiver crash; one application key sent by ten nodes at once to a handler slower
-//! than the key horizon.
+//! than the key horizon; one sender stuck past its stream credit beside ten others.
 //!
 //! What each test checks, per guarantee: at-most-once never delivered twice (and, on
 //! this healthy link, never lost); at-least-once processed at least once for every
@@ -18,7 +18,9 @@
 //! `handshakes_failed`); no sender starved behind another's messages stuck past the
 //! deadline; a channel whose handler holds 1 000 messages does not stall three fast
 //! channels of the same ten senders; a key sent by ten nodes at once to a handler
-//! twice as slow as the key horizon runs once and all ten receipts are `Acked`.
+//! twice as slow as the key horizon runs once and all ten receipts are `Acked`; one
+//! sender whose 5 000 messages are held past its stream credit does not slow ten
+//! others on the same channel (the receiver holds at most 4 096 of its stream).
 //!
 //! Found (both `#[ignore]`d, both about wasted retransmissions, none about
 //! correctness):
@@ -27,19 +29,24 @@
 //!    RTT sample ~1 ms), then 150 at-least-once + 150 effectively-once + 150
 //!    at-most-once messages each at once to one receiver with heavy-tailed handlers:
 //!    about 4 500 retransmissions for 6 000 acked-kind messages (75 %, 2 runs; without
-//!    the warm-up, `t1`/`t2`: 850–6 400 in 6 runs), in the first second, in blocks of a whole
+//!    the warm-up, `t1`/`t2`: 256–9 244 in 10 runs, up to 154 % of the acked-kind
+//!    messages; `t3`, 10 senders with 1 000 messages held on one channel: 512–6 176 for
+//!    9 000), in the first second, in blocks of a whole
 //!    command burst (256, 44, 300 = both streams of a sender), every one of them a copy
 //!    the receiver already had (`in_progress_dropped + duplicates_dropped ==
 //!    retransmitted`). The README says a receiver reports held messages within 20 ms
 //!    "so a slow handler does not cause retransmissions" and that "a stalled, loaded
 //!    machine no longer turns into a burst of spurious retransmissions". Suspected
-//!    cause: the originals wait unread in the receiver's sockets / event queue for
-//!    more than the 200 ms minimum RTO while its driver, 20 other drivers and
-//!    thousands of handler tasks share two cores; the quiet-stream guard
-//!    (`proto/outbound.rs` `fire`, "Quiet streams") only holds a timer back when the
-//!    stream made progress within the last RTO, which a stream whose whole burst is
-//!    still queued has not; and the timers of one driver burst (`node/driver.rs`
-//!    `BURST` = 256 sends, one clock read) all expire together. Retransmitting over the
+//!    cause: most copies met their original still in its handler (whose 0–1 ms sleep
+//!    had not run yet), so the original had arrived and been delivered, but the ack
+//!    saying it is held (due 20 ms after arrival) was not sent or not handled by the
+//!    sender before the 200 ms minimum RTO ran out: the receiver's driver, 20 sending
+//!    drivers and thousands of handler tasks share two cores, and a late timer wake
+//!    or ack read is enough. The quiet-stream guard (`proto/outbound.rs` `fire`,
+//!    "Quiet streams") holds a timer back only when the stream made progress within
+//!    the last RTO, which a stream whose whole burst is unanswered has not; and the
+//!    timers of one driver burst (`node/driver.rs` `BURST` = 256 sends, one clock
+//!    read) all expire together. Copies then add to the load. Retransmitting over the
 //!    same live TCP connection cannot help here. Not fixed: not small or local (a
 //!    protocol-level question of when a copy over an unbroken connection is useful).
 //!    The passing tests bound retransmissions only against a storm (`NO_STORM_PCT`).
@@ -298,9 +305,10 @@ const EO: u32 = 3;
 /// handler: past the 30 s default deadline.
 const STUCK: u64 = 40;
 const STUCK_FOR: Duration = Duration::from_secs(33);
-/// The "no retransmission storm" bound of the tests that pass: on average under three
-/// copies per message. (What a loaded machine does today; see `t6` for the promise.)
-const NO_STORM_PCT: u64 = 300;
+/// The "no retransmission storm" bound of the tests that pass: on average at most
+/// four copies per message (seen: up to 1.6 in `t1`/`t2`, on a loaded 2-core machine;
+/// see `t6` for what the README promises).
+const NO_STORM_PCT: u64 = 400;
 
 fn is_stuck(v: u64) -> bool {
     v < STUCK
@@ -612,7 +620,7 @@ async fn t2_heavy_tail_with_a_noisy_neighbour_on_the_port() {
 /// retransmitted`), in whole
 /// blocks (256, 300 = both streams of a sender, 44 = 300 − 256) in the first second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "DEFECT: 20 senders bursting at once to a busy receiver retransmit 50-100 % of the burst, all copies of held messages"]
+#[ignore = "DEFECT: 20 senders bursting at once to a busy receiver retransmit most of the burst, all copies of messages it already has"]
 async fn t6_twenty_senders_bursting_together_retransmit_little() {
     heavy_tail(15_000, 20, 150, false, true, 5).await;
 }
@@ -1092,5 +1100,133 @@ async fn t5_one_key_from_ten_senders_to_a_handler_slower_than_the_horizon() {
         within(30.0, "sender shutdown", a.shutdown()).await;
     }
     within(30.0, "receiver shutdown", b.shutdown()).await;
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. One sender past its stream credit in a stuck handler, ten others on the channel.
+
+/// Effectively-once, defaults. The handler holds every delivery from sender 0 and acks
+/// the others at once. Sender 0 sends 5 000 messages, more than its stream credit
+/// (4 096): its stream stops at the credit (plus slack) while ten other senders send
+/// 500 each on the same channel. Every other sender's receipts are `Acked` while sender
+/// 0's are held, the receiver never holds more of sender 0's stream than its credit plus
+/// 256, and once released, all of sender 0's 5 000 are `Acked`, each processed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8_one_sender_stuck_past_its_credit_does_not_starve_ten_others() {
+    const BASE: u64 = 17_000;
+    const OTHERS: u64 = 10;
+    const STUCK_N: u64 = 5_000;
+    const OTHER_N: u64 = 500;
+    const CH: u32 = 40;
+    let allow: Vec<u64> = (1..=OTHERS + 1).map(|i| BASE + i).collect();
+    let b = receiver_node(BASE, any_addr(), &allow, NodeConfig::default()).await;
+    let addr = b.local_addr().unwrap();
+    let held: Arc<Mutex<Vec<Delivery<u64>>>> = Arc::default();
+    let max_held = Arc::new(AtomicU64::new(0));
+    let delivered: Tally = Arc::default();
+    {
+        let mut rx = b.receiver::<u64>(ChannelId(CH), false).unwrap();
+        let (held, max_held, dl) = (held.clone(), max_held.clone(), delivered.clone());
+        tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                bump(&dl, CH, *d.message());
+                if d.from().node == NodeId(BASE + 1) {
+                    let mut h = held.lock().unwrap();
+                    h.push(d);
+                    max_held.fetch_max(h.len() as u64, Ordering::SeqCst);
+                } else {
+                    d.ack();
+                }
+            }
+        });
+    }
+    let mut nodes = Vec::new();
+    for id in &allow {
+        nodes.push(sender_node(*id, BASE, addr).await);
+    }
+    let opts = || ChannelOptions::new(ChannelId(CH), Guarantee::EffectivelyOnce);
+    let stuck_results: Results = Arc::default();
+    let stuck_out = nodes[0].sender::<u64>(NodeId(BASE), opts()).unwrap();
+    let stuck_task = spawn_sends(stuck_out, CH, 0, STUCK_N, stuck_results.clone());
+    wait_until(20.0, "sender 0 fills its stream credit", || {
+        held.lock().unwrap().len() >= 4_000
+    })
+    .await;
+    let others: Results = Arc::default();
+    let mut tasks = Vec::new();
+    for (i, a) in nodes.iter().enumerate().skip(1) {
+        let out = a.sender::<u64>(NodeId(BASE), opts()).unwrap();
+        tasks.push(spawn_sends(out, CH, i as u64, OTHER_N, others.clone()));
+    }
+    for t in tasks {
+        within(20.0, "the other senders' sends", t).await.unwrap();
+    }
+    wait_until(20.0, "every other sender's receipts resolve", || {
+        others.lock().unwrap().len() as u64 == OTHERS * OTHER_N
+    })
+    .await;
+    let mut problems = Vec::new();
+    if !stuck_results.lock().unwrap().is_empty() {
+        problems.push(format!(
+            "{} of sender 0's receipts resolved while its messages were held",
+            stuck_results.lock().unwrap().len()
+        ));
+    }
+    for ((ch, v), r) in others.lock().unwrap().iter() {
+        if r != &Ok(Outcome::Acked) {
+            problems.push(format!("other sender value {v}: {r:?}"));
+        }
+        let dl = count(&delivered, *ch, *v);
+        if dl != 1 {
+            problems.push(format!("other sender value {v} delivered {dl} times"));
+        }
+    }
+    let most = max_held.load(Ordering::SeqCst);
+    if most > 4_096 + 256 {
+        problems.push(format!(
+            "the receiver held {most} of sender 0's messages, past its credit"
+        ));
+    }
+    // Release sender 0 (its first messages are well inside their 30 s deadline).
+    let release = {
+        let held = held.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch: Vec<Delivery<u64>> = std::mem::take(&mut *held.lock().unwrap());
+                for d in batch {
+                    d.ack();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // From now on the handler still parks sender 0's deliveries; the task acks them.
+    within(30.0, "sender 0's sends", stuck_task).await.unwrap();
+    wait_until(30.0, "sender 0's receipts resolve once released", || {
+        stuck_results.lock().unwrap().len() as u64 == STUCK_N
+    })
+    .await;
+    release.abort();
+    for ((ch, v), r) in stuck_results.lock().unwrap().iter() {
+        if r != &Ok(Outcome::Acked) {
+            problems.push(format!("sender 0 value {v}: {r:?}"));
+        }
+        let dl = count(&delivered, *ch, *v);
+        if dl != 1 {
+            problems.push(format!("sender 0 value {v} delivered {dl} times"));
+        }
+    }
+    let retx = retransmitted(&nodes).await;
+    eprintln!("stuck sender: held at most {most}; retransmitted {retx}");
+    let total = STUCK_N + OTHERS * OTHER_N;
+    if retx > total * NO_STORM_PCT / 100 {
+        problems.push(format!("retransmitted {retx} of {total}"));
+    }
+    for a in &nodes {
+        within(30.0, "sender shutdown", a.shutdown()).await;
+    }
+    within(30.0, "receiver shutdown", b.shutdown()).await;
+    problems.truncate(40);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
