@@ -30,9 +30,9 @@
 //!    at-most-once messages each at once to one receiver with heavy-tailed handlers:
 //!    about 4 500 retransmissions for 6 000 acked-kind messages (75 %, 2 runs; without
 //!    the warm-up, `t1`/`t2`: 256–9 244 in 10 runs, up to 154 % of the acked-kind
-//!    messages; `t3`, 10 senders with 1 000 messages held on one channel: 512–6 176 for
-//!    9 000), in the first second, in blocks of a whole
-//!    command burst (256, 44, 300 = both streams of a sender), every one of them a copy
+//!    messages; `t3`, 10 senders with 1 000 messages held on one channel: 256–6 176 for
+//!    9 000), in the first second, in blocks of a whole command burst (256, 44, 300 =
+//!    both streams of a sender), every one of them a copy
 //!    the receiver already had (`in_progress_dropped + duplicates_dropped ==
 //!    retransmitted`). The README says a receiver reports held messages within 20 ms
 //!    "so a slow handler does not cause retransmissions" and that "a stalled, loaded
@@ -51,9 +51,10 @@
 //!    protocol-level question of when a copy over an unbroken connection is useful).
 //!    The passing tests bound retransmissions only against a storm (`NO_STORM_PCT`).
 //! 2. `t7`: after a receiver crash, the 120 messages the crashed run held are
-//!    redelivered to the new run, whose handler takes 6 s for each: ~640 retransmissions
-//!    (5–6 per message, on the sender's backoff), ~520 dropped as in-progress copies,
-//!    instead of the one resend at reconnection. Cause (from the code): the new run's
+//!    redelivered to the new run, whose handler takes 6 s for each: 560–670
+//!    retransmissions (5 per message, on the sender's backoff; 5 runs), 440–540 of
+//!    them dropped by the new run as in-progress copies, instead of the one resend at
+//!    reconnection. Cause (from the code): the new run's
 //!    held watermark (`received`, `proto/inbound.rs` `extend_received`) is a prefix
 //!    from its cumulative ack; the seqs the crashed run settled between the held ones
 //!    are never sent again and the sender's floor stays at the lowest unsettled seq, so
@@ -807,9 +808,9 @@ async fn t4_handler_slow_only_for_redeliveries_after_a_receiver_crash() {
 /// (one copy each), and the new run holds them in its handler for 6 s, telling the
 /// sender so; a slow handler "does not cause retransmissions" and held messages are
 /// only re-checked (a probe, not a copy) every `retry.backoff_cap`. So after the crash
-/// at most two copies per held message (120 held: at most 240). Seen: about 660
+/// at most two copies per held message (120 held: at most 240). Seen: 560–670
 /// retransmissions (5–6 per held message, on the sender's backoff: 0.2, 0.4, 0.8, 1.6,
-/// 2 s…), 540 of them dropped by the new run as in-progress copies.
+/// 2 s…; 5 runs), 440–540 of them dropped by the new run as in-progress copies.
 ///
 /// Suspected cause: the new run's held watermark (`received` in its acks,
 /// `proto/inbound.rs` `extend_received`) is a prefix: it stops at the first seq the
