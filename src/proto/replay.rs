@@ -111,11 +111,11 @@ pub(crate) struct Replay<L> {
     origin: Origin,
     throttle: ReplayThrottle,
     queued: HashMap<NodeId, VecDeque<(HintPos, Hint)>>,
-    /// Targets and channels this run sends at-most-once on: an earlier run's acked
-    /// hints for them cannot go on their stream this run (see
-    /// [`Endpoint::takes_hint`]). Their hints are passed over, left pending in the
-    /// store (a later run that uses the channel with an acked guarantee replays them,
-    /// or they expire), so the target's other hints go on.
+    /// Targets and channels whose stream took no acked hint (this run sends
+    /// at-most-once there, see [`Endpoint::takes_hint`]), warned once each. Their
+    /// hints are passed over, left pending in the store (a later run that uses the
+    /// channel with an acked guarantee replays them, or they expire), so the target's
+    /// other hints go on.
     refused: HashSet<(NodeId, ChannelId)>,
     replaying: HashMap<SendRef, (HintPos, Hint)>,
     outstanding: HashMap<NodeId, usize>,
@@ -256,9 +256,7 @@ impl<L: HintLog> Replay<L> {
                     self.release_floor(endpoint, target, hint.id);
                     continue;
                 }
-                if self.refused.contains(&(target, channel))
-                    || !endpoint.takes_hint(target, channel, hint.guarantee)
-                {
+                if !endpoint.takes_hint(target, channel, hint.guarantee) {
                     // Passed over, not left in front: the target's other hints go on.
                     // (Regression: it stayed at the front and held up every channel's
                     // hints for the target until its TTL.) It stays pending in the
