@@ -12,7 +12,7 @@ use super::driver::{now, Driver, BURST};
 use super::handles::Completions;
 use super::observe;
 use super::receivers::Receivers;
-use super::shared::{NodeState, Shared};
+use super::shared::{EventTx, NodeState, Shared};
 use super::spool;
 use super::supervise::supervise;
 use super::{Node, NodeConfig, NodeError};
@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 /// Builds a [`Node`].
@@ -268,7 +268,6 @@ impl NodeBuilder {
                 return Err(e);
             }
         };
-        let (health_tx, _) = broadcast::channel(256);
         let handoff_on_down = self.config.handoff.as_ref().is_some_and(|h| h.on_down);
         let mut endpoint = Endpoint::new(origin, self.config.proto.clone(), dedup, seed);
         endpoint.set_authorization(self.config.authorization.clone());
@@ -278,8 +277,8 @@ impl NodeBuilder {
             link_backlog: Arc::default(),
             receivers: Mutex::new(FxHashMap::default()),
             health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),
-            health_tx: health_tx.clone(),
-            conflict_tx: broadcast::channel(64).0,
+            health_tx: EventTx::new(256),
+            conflict_tx: EventTx::new(64),
             versions: Mutex::new(FxHashMap::default()),
             window: self.config.proto.max_in_flight,
             max_payload: self.config.max_payload,

@@ -31,8 +31,7 @@ impl Driver {
                 self.core.endpoint.handle_peer_down(now, peer);
             }
             LinkEvent::Conflict { live, refused } => {
-                let _ = self
-                    .shared
+                self.shared
                     .conflict_tx
                     .send(IdentityConflict { live, refused });
             }

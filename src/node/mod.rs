@@ -419,13 +419,16 @@ impl Node {
     /// connection was alive, and was refused (the live connection stays; see
     /// `TcpConfig::stale_after`). Each refused connection is one event (the transport
     /// also counts them in `rejected_duplicate_node` and warns, rate-limited). A
-    /// subscriber more than 64 events behind skips the oldest.
+    /// subscriber more than 64 events behind skips the oldest. Ends
+    /// (`RecvError::Closed`) once the node has stopped.
     pub fn identity_conflicts(&self) -> broadcast::Receiver<IdentityConflict> {
         self.shared.conflict_tx.subscribe()
     }
 
     /// A stream of the failure detector's transitions (Up / Suspect / Down). A slow
-    /// subscriber that falls more than 256 changes behind skips the oldest.
+    /// subscriber that falls more than 256 changes behind skips the oldest. Ends
+    /// (`RecvError::Closed`, after the changes already sent) once the node has stopped:
+    /// after [`shutdown`](Self::shutdown), a failure, or its runtime dropped.
     pub fn health_events(&self) -> broadcast::Receiver<HealthChange> {
         self.shared.health_tx.subscribe()
     }

@@ -30,8 +30,8 @@ pub(super) struct Shared {
     pub(super) link_backlog: Arc<Mutex<super::command::LinkBacklog>>,
     pub(super) receivers: Mutex<FxHashMap<ChannelId, mpsc::WeakUnboundedSender<Delivery<Bytes>>>>,
     pub(super) health: Mutex<FxHashMap<NodeId, Health>>,
-    pub(super) health_tx: broadcast::Sender<HealthChange>,
-    pub(super) conflict_tx: broadcast::Sender<IdentityConflict>,
+    pub(super) health_tx: EventTx<HealthChange>,
+    pub(super) conflict_tx: EventTx<IdentityConflict>,
     /// Protocol version of each peer's current (or last) connection.
     pub(super) versions: Mutex<FxHashMap<NodeId, u16>>,
     pub(super) window: usize,
@@ -167,7 +167,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(change.peer, change.to);
-        let _ = self.health_tx.send(change);
+        self.health_tx.send(change);
     }
 
     /// A decommissioned peer is no longer watched: its health is unknown until it is
@@ -254,5 +254,49 @@ impl crate::proto::replay::Windows for ReplayWindows<'_> {
 
     fn give_back(&mut self, peer: NodeId, channel: ChannelId) {
         self.0.window_for(peer, channel).add_permits(1);
+    }
+}
+
+/// The sender of one of the node's event streams ([`Node::health_events`],
+/// [`Node::identity_conflicts`]): dropped when the node stops ([`EndGuard`]), so that
+/// every subscriber's `recv` ends with `RecvError::Closed` like a `Receiver` or
+/// `DeadLetters::recv`, and a subscription taken after the stop ends at once.
+/// (Regression: the sender lived as long as any handle of the node, so a monitoring
+/// loop over `health_events()` waited for good after `shutdown()` or a dropped runtime.)
+///
+/// [`Node::health_events`]: super::Node::health_events
+/// [`Node::identity_conflicts`]: super::Node::identity_conflicts
+/// [`EndGuard`]: super::supervise::EndGuard
+#[derive(Debug)]
+pub(super) struct EventTx<T>(Mutex<Option<broadcast::Sender<T>>>);
+
+impl<T: Clone> EventTx<T> {
+    /// A stream whose subscribers skip the oldest events beyond `capacity`.
+    pub(super) fn new(capacity: usize) -> Self {
+        EventTx(Mutex::new(Some(broadcast::channel(capacity).0)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<broadcast::Sender<T>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes `event` to the current subscribers (none after the stop).
+    pub(super) fn send(&self, event: T) {
+        if let Some(tx) = self.lock().as_ref() {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// A new subscription; after the stop, one that is already closed.
+    pub(super) fn subscribe(&self) -> broadcast::Receiver<T> {
+        match self.lock().as_ref() {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    /// Ends the stream for every subscriber (they still get what was sent before).
+    pub(super) fn close(&self) {
+        self.lock().take();
     }
 }

@@ -60,7 +60,8 @@ pub(super) async fn supervise(
 }
 
 /// Marks the node stopped when dropped, unless its end was already recorded: the state
-/// becomes `Closed`, the windows and the dead letters close.
+/// becomes `Closed`, the windows, the dead letters and the event streams
+/// (`health_events`, `identity_conflicts`) close.
 pub(super) struct EndGuard(pub(super) Arc<Shared>);
 
 impl Drop for EndGuard {
@@ -75,6 +76,8 @@ impl Drop for EndGuard {
         });
         self.0.close_windows();
         self.0.dead_letters.close();
+        self.0.health_tx.close();
+        self.0.conflict_tx.close();
     }
 }
 
