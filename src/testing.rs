@@ -17,6 +17,15 @@
 //! cost no wall-clock time. ([`SimNet::advance`] and [`SimNet::run_until`] also work
 //! on a real clock; they then really wait.)
 //!
+//! Work a handler does off the runtime does not hold the clock: while a handler
+//! waits on a plain thread (or a real database, a `std::thread::sleep`), every task
+//! is idle, so the clock runs on from timer to timer and a sender's deadline (30 s by
+//! default) can pass in milliseconds of real time: its receipts then fail with
+//! `SendError::Deadline` although the handler processes the messages. Run such work
+//! in `tokio::task::spawn_blocking` (tokio does not move a paused clock while a
+//! blocking task runs) or raise the deadline in the test's `NodeConfig`
+//! (`tests/blackbox_runtimes.rs`, `r02a` / `r02b`).
+//!
 //! # What is deterministic, and what is not
 //!
 //! Deterministic, for the same [`FaultPlan`] (seed included):

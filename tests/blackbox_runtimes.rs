@@ -32,6 +32,20 @@
 //!   closed at once; the two methods' docs say so. The group sender's background task
 //!   already treated `Closed` (it stops listening).
 //!
+//! * `r13_build_on_a_runtime_without_io_or_time_fails_typed` (ignored): `build()` does
+//!   not check the runtime's drivers. On a `current_thread` runtime built with
+//!   `enable_io()` only, `build()` returns `Ok` and the driver task panics on its first
+//!   timer (`src/node/driver.rs`, "timers are disabled"), so the node is dead from the
+//!   start: `stats()` and every later call fail `NodeError::Failed` naming the cause.
+//!   With `enable_time()` only, `build()` itself panics in the application's task at
+//!   `TcpListener::from_std` (`src/transport/tcp.rs`, `TcpTransport::start`: "IO is
+//!   disabled"). Expected: a typed `NodeError` from `build()` (README: misuse fails
+//!   loud with a typed error; no value panics the library), or at least the
+//!   requirement in `build()`'s docs ("must run inside a tokio runtime" does not say
+//!   with IO and time enabled). tokio offers no public way to ask a handle which
+//!   drivers it has (catching the panic would abort under `panic = "abort"`), so not
+//!   fixed here.
+//!
 //! Observed and documented, not defects:
 //!
 //! * On tokio's paused clock a handler that works on a plain thread (one the runtime
@@ -40,9 +54,10 @@
 //!   failed `Deadline { attempts: 1 }` (30 virtual seconds in about 50 ms of wall
 //!   clock) although every message was processed (`r02b`, which asserts only the
 //!   typed outcomes). The same work in `spawn_blocking` (tokio holds the clock while
-//!   blocking tasks run) gives 60 × `Acked` (`r02a`). The `testing` module docs say
-//!   the clock moves whenever every task is idle, but do not spell out this
-//!   consequence for handlers that do their work off the runtime.
+//!   blocking tasks run) gives 60 × `Acked` (`r02a`). The `testing` module docs said
+//!   the clock moves whenever every task is idle, but not this consequence for
+//!   handlers that do their work off the runtime: a paragraph under "Virtual time"
+//!   now does (`src/testing.rs`, docs only).
 //! * A receiver whose runtime is dropped with at-least-once messages in flight is not
 //!   told apart from a slow one: the sender's in-flight receipts retry until their
 //!   deadline and fail `Deadline` (about 30 s), as `NodeConfig::fail_fast_when_down`
@@ -1135,4 +1150,160 @@ fn r12_sink_and_service_after_the_nodes_runtime_is_dropped() {
         within(10, "shutdown a", a.shutdown()).await;
         within(10, "shutdown b", b.shutdown()).await;
     });
+}
+
+// ------------------------------------------------------- runtimes without a driver
+
+/// `NodeBuilder::build` "must run inside a tokio runtime"; a service's own runtime is
+/// often built with only the drivers it uses (`enable_io()` alone, or
+/// `enable_time()` alone). Expected per "misuse fails loud, with a typed error" and
+/// "no value panics the library": `build()` refuses such a runtime with a
+/// `NodeError`, or the node works. What happens: without the IO driver `build()`
+/// panics inside the TCP transport (`TcpListener::from_std`); without the time
+/// driver `build()` returns `Ok` and the node's driver panics on its first timer, so
+/// the node is dead from the start (every call `NodeError::Failed("... timers are
+/// disabled ...")`).
+#[test]
+#[ignore = "DEFECT: build() on a runtime without IO panics, and without timers returns Ok(a dead node)"]
+fn r13_build_on_a_runtime_without_io_or_time_fails_typed() {
+    for (io, time) in [(true, false), (false, true)] {
+        let outcome = on_thread_within(30, "build on a partial runtime", move || {
+            std::panic::catch_unwind(move || {
+                let mut b = tokio::runtime::Builder::new_current_thread();
+                if io {
+                    b.enable_io();
+                }
+                if time {
+                    b.enable_time();
+                }
+                let rt = b.build().unwrap();
+                rt.block_on(async {
+                    let node = Node::builder(NodeId(5201))
+                        .bind(any_addr())
+                        .allow_peer(NodeId(5202))
+                        .build()
+                        .await;
+                    match node {
+                        Err(e) => format!("typed error: {e}"),
+                        Ok(n) => {
+                            tokio::task::yield_now().await;
+                            let st = n.stats().await;
+                            assert!(
+                                st.is_ok(),
+                                "io {io}, time {time}: build() returned Ok, then the node was dead: {:?}",
+                                st.map(|_| ())
+                            );
+                            n.shutdown().await;
+                            "works".to_string()
+                        }
+                    }
+                })
+            })
+        });
+        match outcome {
+            Ok(what) => eprintln!("io {io}, time {time}: {what}"),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                panic!("io {io}, time {time}: build() or the node panicked: {msg}");
+            }
+        }
+    }
+}
+
+// ------------------------------------------- durable acks from plain threads, one thread
+
+/// Durable dedup on a `current_thread` runtime (its group-commit fsync runs inline on
+/// the only thread), deliveries finished on plain threads that have no tokio context:
+/// `futures::executor::block_on(d.ack_durable())` resolves `Ok(())` for each, every
+/// receipt is `Acked`, each message processed once; shutdown completes.
+#[tokio::test(flavor = "current_thread")]
+async fn r14_ack_durable_from_plain_threads_with_the_node_on_a_current_thread_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ackwire::NodeConfig::default();
+    cfg.dedup.durable = Some(ackwire::dedup::DurableDedup::new(dir.path()));
+    let b = within(
+        20,
+        "build receiver",
+        Node::builder(NodeId(5142))
+            .bind(any_addr())
+            .allow_peer(NodeId(5141))
+            .config(cfg)
+            .build(),
+    )
+    .await
+    .unwrap();
+    let a = within(
+        20,
+        "build sender",
+        Node::builder(NodeId(5141))
+            .bind(any_addr())
+            .peer(NodeId(5142), b.local_addr().unwrap())
+            .build(),
+    )
+    .await
+    .unwrap();
+    let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let seen = counts();
+    let fails: Arc<Mutex<Vec<(u64, ackwire::AckError)>>> = Arc::default();
+    let resolved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (tx, rx) = std::sync::mpsc::channel::<Delivery<u64>>();
+    let rx = Arc::new(Mutex::new(rx));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (rx, seen, fails) = (rx.clone(), seen.clone(), fails.clone());
+        let resolved = resolved.clone();
+        workers.push(std::thread::spawn(move || loop {
+            let next = rx.lock().unwrap().recv();
+            let Ok(d) = next else { return };
+            let v = *d.message();
+            bump(&seen, v);
+            if let Err(e) = futures::executor::block_on(d.ack_durable()) {
+                fails.lock().unwrap().push((v, e));
+            }
+            resolved.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+    }
+    let h = tokio::spawn(async move {
+        while let Some(d) = inbox.recv().await {
+            if tx.send(d).is_err() {
+                break;
+            }
+        }
+    });
+    let out = a
+        .sender::<u64>(NodeId(5142), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let n = 800u64;
+    let mut rs = Vec::new();
+    for v in 0..n {
+        rs.push((v, within(10, "send", out.send(&v)).await.unwrap()));
+    }
+    for (v, r) in rs {
+        assert_eq!(
+            within(40, "receipt", r).await,
+            Ok(Outcome::Acked),
+            "value {v}"
+        );
+    }
+    let r2 = resolved.clone();
+    wait_until(20, "every ack_durable resolved", || {
+        r2.load(std::sync::atomic::Ordering::SeqCst) == n
+    })
+    .await;
+    assert!(
+        fails.lock().unwrap().is_empty(),
+        "{:?}",
+        fails.lock().unwrap()
+    );
+    assert_each_once(&seen, n, "durable acks from plain threads");
+    within(20, "shutdown a", a.shutdown()).await;
+    within(20, "shutdown b", b.shutdown()).await;
+    within(10, "receiver task", h).await.unwrap();
+    for w in workers {
+        w.join().unwrap();
+    }
 }
