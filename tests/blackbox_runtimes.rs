@@ -7,8 +7,9 @@
 //! side, a receiver restarted on a fresh runtime, at-most-once messages waiting for
 //! credit), handlers on a runtime of their own that is dropped with deliveries held,
 //! `send`, receipts and `recv_many` cancelled at their await points, a sink and a tower
-//! service after their node's runtime is gone, and the node's event streams after it
-//! stopped. (`tests/blackbox_concurrency.rs` already covers plain threads sharing
+//! service after their node's runtime is gone, the node's event streams after it
+//! stopped, durable acks from plain threads with the node on one thread, runtimes
+//! missing a driver, and `build()` cancelled after it started its transport. (`tests/blackbox_concurrency.rs` already covers plain threads sharing
 //! handles, `recv` cancelled in `select!`, `send_many` cancelled, one runtime running
 //! both nodes dropped, `closed()`, `DeadLetters` and window waits after a runtime
 //! drop; not repeated here.)
@@ -1306,4 +1307,122 @@ async fn r14_ack_durable_from_plain_threads_with_the_node_on_a_current_thread_ru
     for w in workers {
         w.join().unwrap();
     }
+}
+
+// ---------------------------------------------------------------- build() cancelled
+
+/// `build()` cancelled by a timeout while it waits for a store directory (the durable
+/// dead-letter log, opened after the transport) held by a live node of the same id
+/// (it waits up to 2 s, then fails "in use"): the cancelled build had already
+/// started its TCP transport (bound its address, dialled
+/// its peers as that id). Expected: nothing of it outlives the cancelled future —
+/// its address can be bound again, and the live node's peer keeps delivering to the
+/// live node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r15_build_cancelled_while_waiting_for_a_store_leaves_nothing_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let durable_cfg = || {
+        let mut cfg = ackwire::NodeConfig::default();
+        cfg.dead_letter_dir = Some(dir.path().to_path_buf());
+        cfg
+    };
+    let x = within(
+        20,
+        "build x",
+        Node::builder(NodeId(5301))
+            .bind(any_addr())
+            .allow_peer(NodeId(5303))
+            .config(durable_cfg())
+            .build(),
+    )
+    .await
+    .unwrap();
+    let p = within(
+        20,
+        "build p",
+        Node::builder(NodeId(5303))
+            .bind(any_addr())
+            .peer(NodeId(5301), x.local_addr().unwrap())
+            .build(),
+    )
+    .await
+    .unwrap();
+    let seen = counts();
+    let h = ack_all(
+        x.receiver::<u64>(ChannelId(1), false).unwrap(),
+        seen.clone(),
+    );
+    let out = p
+        .sender::<u64>(NodeId(5301), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let r = within(10, "send", out.send(&0)).await.unwrap();
+    assert_eq!(within(20, "first receipt", r).await, Ok(Outcome::Acked));
+    // A second run of x's id, on another address, on x's directory: cancelled.
+    let addr_y = any_addr();
+    let y = tokio::time::timeout(
+        Duration::from_millis(700),
+        Node::builder(NodeId(5301))
+            .bind(addr_y)
+            .peer(NodeId(5303), p.local_addr().unwrap())
+            .config(durable_cfg())
+            .build(),
+    )
+    .await;
+    assert!(
+        y.is_err(),
+        "build on a directory in use finished: {:?}",
+        y.map(|r| r.map(|_| ()))
+    );
+    // Its address is free again (bounded: build itself retries a bind in use for 2 s).
+    let mut z = None;
+    let w0 = Instant::now();
+    while z.is_none() && w0.elapsed() < Duration::from_secs(15) {
+        match within(
+            10,
+            "build z",
+            Node::builder(NodeId(5304)).bind(addr_y).build(),
+        )
+        .await
+        {
+            Ok(n) => z = Some(n),
+            Err(e) => {
+                eprintln!("bind after the cancelled build: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let z = z.expect("the cancelled build's address stayed bound");
+    // The live node still gets its peer's messages.
+    let n = 200u64;
+    let mut rs = Vec::new();
+    for v in 1..=n {
+        rs.push((v, within(10, "send", out.send(&v)).await.unwrap()));
+    }
+    for (v, r) in rs {
+        assert_eq!(
+            within(40, "receipt", r).await,
+            Ok(Outcome::Acked),
+            "value {v}"
+        );
+    }
+    let s = seen.clone();
+    wait_until(20, "processed", || s.lock().unwrap().len() as u64 == n + 1).await;
+    assert_each_once(&seen, n + 1, "x after a cancelled build of its id");
+    // Nothing of the cancelled build keeps dialling p under x's id.
+    let refused = |st: ackwire::Stats| st.tcp.map(|t| t.rejected_duplicate_node).unwrap_or(0);
+    let before = refused(within(10, "stats", p.stats()).await.unwrap());
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = refused(within(10, "stats", p.stats()).await.unwrap());
+        eprintln!("p: connections claiming x's id refused: {now}");
+    }
+    let after = refused(within(10, "stats", p.stats()).await.unwrap());
+    assert_eq!(
+        after, before,
+        "connections claiming x's id kept coming after its cancelled build"
+    );
+    within(20, "shutdown z", z.shutdown()).await;
+    within(20, "shutdown p", p.shutdown()).await;
+    within(20, "shutdown x", x.shutdown()).await;
+    within(10, "handler", h).await.unwrap();
 }
