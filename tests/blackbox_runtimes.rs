@@ -5,7 +5,7 @@
 //! `current_thread` runtimes with the batch API and shutdown, nodes on runtimes of
 //! their own with one runtime dropped under sends in flight (receipts on the other
 //! side, a receiver restarted on a fresh runtime, at-most-once messages waiting for
-//! credit), handlers on a runtime of their own that is dropped with deliveries held,
+//! credit, a sender's new run resending under the same keys), handlers on a runtime of their own that is dropped with deliveries held,
 //! `send`, receipts and `recv_many` cancelled at their await points, a sink and a tower
 //! service after their node's runtime is gone, the node's event streams after it
 //! stopped, durable acks from plain threads with the node on one thread, runtimes
@@ -1408,21 +1408,175 @@ async fn r15_build_cancelled_while_waiting_for_a_store_leaves_nothing_running() 
     let s = seen.clone();
     wait_until(20, "processed", || s.lock().unwrap().len() as u64 == n + 1).await;
     assert_each_once(&seen, n + 1, "x after a cancelled build of its id");
-    // Nothing of the cancelled build keeps dialling p under x's id.
+    // Nothing of the cancelled build keeps dialling p under x's id: the count of
+    // refused connections claiming x's id settles (a handshake that was under way
+    // when the build was cancelled may still be counted late on a loaded machine)
+    // and then stays put.
     let refused = |st: ackwire::Stats| st.tcp.map(|t| t.rejected_duplicate_node).unwrap_or(0);
-    let before = refused(within(10, "stats", p.stats()).await.unwrap());
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let w0 = Instant::now();
+    let mut last = refused(within(10, "stats", p.stats()).await.unwrap());
+    let mut still_since = Instant::now();
+    while still_since.elapsed() < Duration::from_secs(4) {
+        assert!(
+            w0.elapsed() < Duration::from_secs(40),
+            "connections claiming x's id kept coming after its cancelled build: {last} so far"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
         let now = refused(within(10, "stats", p.stats()).await.unwrap());
-        eprintln!("p: connections claiming x's id refused: {now}");
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+        }
     }
-    let after = refused(within(10, "stats", p.stats()).await.unwrap());
-    assert_eq!(
-        after, before,
-        "connections claiming x's id kept coming after its cancelled build"
-    );
     within(20, "shutdown z", z.shutdown()).await;
     within(20, "shutdown p", p.shutdown()).await;
     within(20, "shutdown x", x.shutdown()).await;
     within(10, "handler", h).await.unwrap();
+}
+
+// ------------------------------------------------------------ sender's runtime dropped
+
+/// The sending node's runtime is dropped (not shut down) with 80 keyed
+/// effectively-once sends in flight, the receiver (on a runtime of its own) holding
+/// 20 of them unacked. The receiver is not disturbed (no panic, its held deliveries
+/// ack normally), and the application's documented recovery works: a new run of the
+/// sender, on a fresh runtime, resends all 80 under the same `IdKey`s; every receipt
+/// is `Acked` and each key is processed exactly once across both runs.
+#[test]
+fn r16_senders_runtime_dropped_then_a_new_run_resends_under_the_same_keys() {
+    use ackwire::IdKey;
+    let rt_b = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = rt_b.block_on(async {
+        within(
+            20,
+            "build receiver",
+            Node::builder(NodeId(5162))
+                .bind(any_addr())
+                .allow_peer(NodeId(5161))
+                .build(),
+        )
+        .await
+        .unwrap()
+    });
+    let b_addr = b.local_addr().unwrap();
+    let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let seen = counts();
+    let build_a = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            within(
+                20,
+                "build sender",
+                Node::builder(NodeId(5161))
+                    .bind(any_addr())
+                    .peer(NodeId(5162), b_addr)
+                    .build(),
+            )
+            .await
+            .unwrap()
+        })
+    };
+    let n = 80u64;
+    let rt_a = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = build_a(&rt_a);
+    let out = a
+        .sender::<u64>(NodeId(5162), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let _receipts = rt_a.block_on(async {
+        let mut rs = Vec::new();
+        for v in 0..n {
+            rs.push(
+                within(
+                    10,
+                    "send",
+                    out.send_with_key(&v, IdKey(1_000 + u128::from(v))),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        rs
+    });
+    // The receiver takes 40: acks 20, holds 20.
+    let held = rt_b.block_on(async {
+        let mut held = Vec::new();
+        for i in 0..40 {
+            let d = within(10, "recv", inbox.recv()).await.unwrap();
+            bump(&seen, *d.message());
+            if i % 2 == 0 {
+                d.ack();
+            } else {
+                held.push(d);
+            }
+        }
+        held
+    });
+    drop(rt_a);
+    drop(out);
+    drop(a);
+    // The receiver acks what it held (the sender is gone) and keeps taking.
+    let s2 = seen.clone();
+    let h = rt_b.spawn(async move {
+        for d in held {
+            d.ack();
+        }
+        while let Some(d) = inbox.recv().await {
+            bump(&s2, *d.message());
+            d.ack();
+        }
+    });
+    // A new run of the sender resends everything under the same keys.
+    let rt_a2 = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a2 = build_a(&rt_a2);
+    rt_a2.block_on(async {
+        let out = a2
+            .sender::<u64>(NodeId(5162), opts(1, Guarantee::EffectivelyOnce))
+            .unwrap();
+        let mut rs = Vec::new();
+        for v in 0..n {
+            rs.push((
+                v,
+                within(
+                    10,
+                    "resend",
+                    out.send_with_key(&v, IdKey(1_000 + u128::from(v))),
+                )
+                .await
+                .unwrap(),
+            ));
+        }
+        for (v, r) in rs {
+            assert_eq!(
+                within(60, "resent receipt", r).await,
+                Ok(Outcome::Acked),
+                "value {v}"
+            );
+        }
+        let s = seen.clone();
+        wait_until(20, "every key processed", || {
+            s.lock().unwrap().len() as u64 == n
+        })
+        .await;
+        assert_each_once(
+            &seen,
+            n,
+            "keys across a sender run whose runtime was dropped",
+        );
+        within(20, "shutdown a2", a2.shutdown()).await;
+    });
+    rt_b.block_on(async {
+        within(20, "shutdown b", b.shutdown()).await;
+        within(10, "handler", h).await.unwrap();
+    });
 }
