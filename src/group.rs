@@ -704,6 +704,10 @@ struct Inner {
     members: Mutex<BTreeMap<NodeId, (SocketAddr, RawSender)>>,
     /// Bumped on every membership or member health change.
     changes: watch::Sender<u64>,
+    /// The runtime the group sender was built on (`new` must run inside one): a send
+    /// made outside any runtime (a plain thread's `futures::executor::block_on`, as a
+    /// node's `Sender` allows) runs its re-route task and its `member_wait` timer here.
+    runtime: tokio::runtime::Handle,
     rr: AtomicU64,
     key_prefix: u64,
     key_seq: AtomicU64,
@@ -769,6 +773,7 @@ impl RawGroupSender {
             config,
             members: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
+            runtime: tokio::runtime::Handle::current(),
             rr: AtomicU64::new(0),
             key_prefix: crate::rng::seed_from_entropy(),
             key_seq: AtomicU64::new(0),
@@ -838,7 +843,7 @@ impl RawGroupSender {
         }
         let (tx, rx) = oneshot::channel();
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        self.inner.spawn(async move {
             let res = inner.drive(flight, changes).await;
             match &res {
                 Ok(_) => inc(&inner.stats.acked),
@@ -1037,10 +1042,10 @@ impl Inner {
                     r = changes.changed() => {
                         if r.is_err() {
                             // Cannot happen while `self` lives; do not spin.
-                            tokio::time::sleep_until(give_up).await;
+                            self.sleep_until(give_up).await;
                         }
                     }
-                    _ = tokio::time::sleep_until(give_up) => {}
+                    _ = self.sleep_until(give_up) => {}
                     (i, res) = any_settled(&mut flight.outstanding) => {
                         if let Some(done) = self.on_settled(flight, i, res)? {
                             return Ok(Some(done));
@@ -1137,6 +1142,31 @@ impl Inner {
                     error: e,
                 }),
             },
+        }
+    }
+
+    /// Spawns `task` on the caller's runtime, or on the group's own one when the
+    /// caller is on none (a plain thread). (Regression: `send` from a plain thread
+    /// panicked in `tokio::spawn` after its first attempt was already made.)
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(here) => drop(here.spawn(task)),
+            Err(_) => drop(self.runtime.spawn(task)),
+        }
+    }
+
+    /// `tokio::time::sleep_until`, also for a caller on no runtime (the timer then runs
+    /// on the group's own runtime, and stops when this future is dropped).
+    async fn sleep_until(&self, until: Instant) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::time::sleep_until(until).await;
+        } else {
+            // Made inside the task: a `Sleep` needs the runtime's timer when created.
+            let mut timer = AbortOnDrop(
+                self.runtime
+                    .spawn(async move { tokio::time::sleep_until(until).await }),
+            );
+            let _ = (&mut timer.0).await;
         }
     }
 
@@ -1292,6 +1322,15 @@ fn stopped(key: IdKey) -> GroupSendError {
         key,
         member: None,
         error: SendError::Shutdown,
+    }
+}
+
+/// A spawned task aborted when its handle is dropped (a timer whose waiter went).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -33,6 +33,18 @@
 //!   closed at once; the two methods' docs say so. The group sender's background task
 //!   already treated `Closed` (it stops listening).
 //!
+//! * `r17_group_send_from_a_plain_thread` (fixed): a node's `Sender` works from a
+//!   plain thread with no tokio context (`futures::executor::block_on`), but
+//!   `GroupSender::send` from one panicked ("there is no reactor running") in
+//!   `tokio::spawn` of its re-route task (`src/group.rs`, `send_with_key`) — after its
+//!   first attempt had already been made, so the message went out and the caller got
+//!   a panic instead of a receipt; with no live member the `member_wait` timer
+//!   (`place`, `tokio::time::sleep_until`) panicked the same way. Fix: the group
+//!   keeps the handle of the runtime `GroupSender::new` ran on (it must run inside
+//!   one) and, only for a caller on no runtime, spawns the re-route task and runs the
+//!   `member_wait` timer there (`Inner::spawn`, `Inner::sleep_until`, the timer
+//!   aborted when its waiter goes); a caller on a runtime is served exactly as
+//!   before.
 //! * `r13_build_on_a_runtime_without_io_or_time_fails_typed` (ignored): `build()` does
 //!   not check the runtime's drivers. On a `current_thread` runtime built with
 //!   `enable_io()` only, `build()` returns `Ok` and the driver task panics on its first
@@ -1578,5 +1590,116 @@ fn r16_senders_runtime_dropped_then_a_new_run_resends_under_the_same_keys() {
     rt_b.block_on(async {
         within(20, "shutdown b", b.shutdown()).await;
         within(10, "handler", h).await.unwrap();
+    });
+}
+
+// ------------------------------------------------------- group sender off the runtime
+
+/// A `Sender` works from a plain thread without a tokio context
+/// (`futures::executor::block_on(out.send(..))`, `tests/blackbox_concurrency.rs` c02);
+/// `GroupSender::new` says it "must run inside a tokio runtime", `send` says nothing
+/// of the kind. A group sender built on the node's runtime, used from a plain thread
+/// the same way: 20 sends whose receipts resolve `Acked`, each processed; then, with
+/// the only member Down, a send that waits `member_wait` (a timer) and fails
+/// `NoLiveMember` — no panic.
+#[test]
+fn r17_group_send_from_a_plain_thread() {
+    use ackwire::group::{GroupConfig, GroupSender, StaticMembers};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (node, r1, group, seen) = rt.block_on(async {
+        let r1 = within(
+            20,
+            "build member",
+            Node::builder(NodeId(5172))
+                .bind(any_addr())
+                .allow_peer(NodeId(5171))
+                .build(),
+        )
+        .await
+        .unwrap();
+        let node = Arc::new(
+            within(
+                20,
+                "build sender",
+                Node::builder(NodeId(5171)).bind(any_addr()).build(),
+            )
+            .await
+            .unwrap(),
+        );
+        let seen = counts();
+        ack_all(
+            r1.receiver::<u64>(ChannelId(1), false).unwrap(),
+            seen.clone(),
+        );
+        let members = StaticMembers::new([(NodeId(5172), r1.local_addr().unwrap())]).unwrap();
+        let group = within(
+            20,
+            "group",
+            GroupSender::<u64>::new(node.clone(), GroupConfig::new(ChannelId(1)), members),
+        )
+        .await
+        .unwrap();
+        (node, r1, group, seen)
+    });
+    let g = group.clone();
+    let res = on_thread_within(60, "group send from a plain thread", move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            futures::executor::block_on(async move {
+                let mut out = Vec::new();
+                for v in 0..20u64 {
+                    let r = g.send(&v).await.map_err(|e| format!("{e:?}"))?;
+                    out.push(r.await.map(|_| ()).map_err(|e| format!("{e:?}")));
+                }
+                Ok::<_, String>(out)
+            })
+        }))
+    });
+    let res = match res {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("GroupSender::send from a plain thread panicked: {msg}");
+        }
+    };
+    let outcomes = res.expect("a typed error is acceptable only if documented");
+    assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+    rt.block_on(async {
+        let s = seen.clone();
+        wait_until(20, "processed", || s.lock().unwrap().len() == 20).await;
+        // The only member goes away and is held Down.
+        within(20, "shutdown r1", r1.shutdown()).await;
+        let n2 = node.clone();
+        wait_until(30, "member Down", move || {
+            n2.health(NodeId(5172)) == Some(ackwire::detector::Health::Down)
+        })
+        .await;
+    });
+    // A send from a plain thread now waits `member_wait` for a live member (a timer),
+    // then fails typed.
+    let g = group.clone();
+    let res = on_thread_within(60, "group send without a live member", move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            futures::executor::block_on(async move { g.send(&99).await.map(|_| ()) })
+        }))
+    });
+    let res = res.unwrap_or_else(|_| panic!("GroupSender::send waiting for a member panicked"));
+    assert!(
+        matches!(
+            res,
+            Err(ackwire::group::GroupSendError::NoLiveMember { .. })
+        ),
+        "{res:?}"
+    );
+    rt.block_on(async {
+        drop(group);
+        within(20, "shutdown node", node.shutdown()).await;
     });
 }
