@@ -46,7 +46,9 @@
 //!   `member_wait` timer there (`Inner::spawn`, `Inner::sleep_until`, the timer
 //!   aborted when its waiter goes); a caller on a runtime is served exactly as
 //!   before.
-//! * `r13_build_on_a_runtime_without_io_or_time_fails_typed` (ignored): `build()` does
+//! * `r13_build_on_a_runtime_without_io_or_time_fails_typed` (fixed: `build()` probes
+//!   for a timer and, over TCP, an IO registration, and returns
+//!   `NodeError::RuntimeDriver`; was): `build()` does
 //!   not check the runtime's drivers. On a `current_thread` runtime built with
 //!   `enable_io()` only, `build()` returns `Ok` and the driver task panics on its first
 //!   timer (`src/node/driver.rs`, "timers are disabled"), so the node is dead from the
@@ -57,8 +59,8 @@
 //!   loud with a typed error; no value panics the library), or at least the
 //!   requirement in `build()`'s docs ("must run inside a tokio runtime" does not say
 //!   with IO and time enabled). tokio offers no public way to ask a handle which
-//!   drivers it has (catching the panic would abort under `panic = "abort"`), so not
-//!   fixed here.
+//!   drivers it has, so the probes catch the panic a missing driver raises (under
+//!   `panic = "abort"` the process still aborts, as before).
 //!
 //! Observed and documented, not defects:
 //!
@@ -1178,7 +1180,6 @@ fn r12_sink_and_service_after_the_nodes_runtime_is_dropped() {
 /// the node is dead from the start (every call `NodeError::Failed("... timers are
 /// disabled ...")`).
 #[test]
-#[ignore = "DEFECT: build() on a runtime without IO panics, and without timers returns Ok(a dead node)"]
 fn r13_build_on_a_runtime_without_io_or_time_fails_typed() {
     for (io, time) in [(true, false), (false, true)] {
         let outcome = on_thread_within(30, "build on a partial runtime", move || {

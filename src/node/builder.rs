@@ -136,7 +136,8 @@ impl NodeBuilder {
     }
 
     /// Validate, start the transport and the driver task. Must run inside a tokio
-    /// runtime.
+    /// runtime with timers and (for TCP) IO enabled (`enable_all()`, as
+    /// `#[tokio::main]` gives); one without fails with [`NodeError::RuntimeDriver`].
     ///
     /// Every configuration value is checked first ([`NodeConfig::validate`]; with TCP
     /// also `TcpConfig::validate`, `connect_timeout`, `handshake_timeout` and
@@ -145,6 +146,7 @@ impl NodeBuilder {
     /// fails with [`NodeError::Config`] naming the field and the bound.
     pub async fn build(self) -> Result<Node, NodeError> {
         self.config.validate()?;
+        check_runtime_drivers(self.tcp.is_some())?;
         // (Regression: accepted, and the node then watched itself, declared itself
         // Down and warned about a heartbeat to itself every second.)
         if self.peers.iter().any(|(id, _)| *id == self.id) {
@@ -446,4 +448,36 @@ async fn open_store<T, E>(
             r => return r,
         }
     }
+}
+
+/// The node's driver arms tokio timers, and the TCP transport registers sockets with
+/// tokio's IO driver: on a runtime built without one, tokio panics at first use, in
+/// the driver task (the node then dead from the start) or in `build` itself. Asked
+/// here instead, so that it is a typed error. tokio has no query for a handle's
+/// drivers: a timer and a socket are made as probes, and the panic a missing driver
+/// raises is caught (its message still goes to the panic hook). (Regression: with
+/// `enable_io()` only, `build()` returned `Ok` and every later call failed
+/// `NodeError::Failed`; with `enable_time()` only, `build()` panicked.)
+fn check_runtime_drivers(tcp: bool) -> Result<(), NodeError> {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let timer = catch_unwind(AssertUnwindSafe(|| {
+        drop(tokio::time::sleep(Duration::ZERO));
+    }));
+    if timer.is_err() {
+        return Err(NodeError::RuntimeDriver("timer"));
+    }
+    // A connected pair of local sockets registers with the IO driver and touches no
+    // network. (Elsewhere the TCP transport's own registration is the check.)
+    #[cfg(unix)]
+    if tcp {
+        let io = catch_unwind(AssertUnwindSafe(|| {
+            tokio::net::UnixStream::pair().map(drop)
+        }));
+        if io.is_err() {
+            return Err(NodeError::RuntimeDriver("IO"));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tcp;
+    Ok(())
 }

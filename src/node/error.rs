@@ -38,6 +38,12 @@ pub enum NodeError {
     /// permissions.
     #[error("hint store: {0}")]
     Handoff(#[from] crate::handoff::HintError),
+    /// The tokio runtime `build` ran on lacks a driver the node needs: timers always,
+    /// and IO for the TCP transport. Build the runtime with `enable_all()` (as
+    /// `#[tokio::main]` and `#[tokio::test]` do), or `enable_time()` and
+    /// `enable_io()`.
+    #[error("the tokio runtime has no {0} driver: build it with enable_all()")]
+    RuntimeDriver(&'static str),
     /// The builder has no transport: call `bind` or `transport`.
     #[error("no transport configured: call NodeBuilder::bind or NodeBuilder::transport")]
     NoTransport,
