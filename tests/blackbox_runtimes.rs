@@ -596,7 +596,14 @@ async fn r05_send_dropped_while_waiting_for_the_window_sends_nothing() {
         }
     });
     let mut cancelled = 0u64;
+    let began = Instant::now();
     while accepted.len() < full + 3000 {
+        assert!(
+            began.elapsed() < Duration::from_secs(120),
+            "sends stopped being accepted: {} of {}",
+            accepted.len(),
+            full + 3000
+        );
         tokio::select! {
             r = out.send(&v) => accepted.push((v, r.unwrap())),
             _ = tokio::time::sleep(Duration::from_micros(500)) => cancelled += 1,
