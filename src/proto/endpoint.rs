@@ -755,8 +755,9 @@ impl Endpoint {
     /// because a replay opened the stream first. (Regression: the replay failed with
     /// `GuaranteeMismatch` against this run's stream and held up the target's whole
     /// queue; or, replayed first, it made every send of this run on the channel fail.)
-    /// A hint of either never shares a stream with at-most-once sends: it fails here,
-    /// and the replay leaves it for later.
+    /// A hint of either never shares a stream with at-most-once sends: it fails here
+    /// (the replay asks [`takes_hint`](Self::takes_hint) first and passes such hints
+    /// over, leaving them in the store).
     pub(crate) fn send_hint(
         &mut self,
         now: Instant,
