@@ -48,15 +48,30 @@ async fn schema(test: &str) -> Option<String> {
             return None;
         }
     };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let name = format!("bbg_{}_{nanos:x}", std::process::id());
-    sqlx::query(&format!("CREATE SCHEMA {name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    // Unique per process and call (a counter), and across processes and earlier runs
+    // (pid and clock); a name taken anyway (a schema left by a killed run) is replaced
+    // by the next. (Regression: two names collided once, `duplicate key value`.)
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let mut name = String::new();
+    for attempt in 0..5 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        name = format!(
+            "bbg_{}_{}_{nanos:x}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        match sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&admin)
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if attempt < 4 => eprintln!("{test}: schema {name}: {e}; another name"),
+            Err(e) => panic!("{test}: cannot create a schema: {e}"),
+        }
+    }
     let pool = pool(&name).await;
     ackwire_inbox::migrate(&pool).await.unwrap();
     sqlx::query("CREATE TABLE effects (n BIGINT NOT NULL)")
