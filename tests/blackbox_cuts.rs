@@ -686,10 +686,24 @@ async fn receiver_restart_case(base: u64, durable: bool, clean: bool) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let what = format!("receiver restarted x2 durable={durable} clean={clean}");
     let mut problems = judge(&what, &results, &rig.seen, 3 * n as usize);
+    let pre = format!("ch{CH_EO} msg");
+    let eo_twice = |p: &String| p.starts_with(&pre) && p.contains("times");
     if !durable {
         // without durable dedup EO degrades to at-least-once across the restart
-        let pre = format!("ch{CH_EO} msg");
-        problems.retain(|p| !(p.starts_with(&pre) && p.contains("times")));
+        problems.retain(|p| !eo_twice(p));
+    } else if !clean {
+        // A dropped node is a kill: the handlers here `ack()` (not `ack_durable()`),
+        // so a message processed just before the drop, whose dedup record was not yet
+        // written (its ack still queued, or the handler between its effect and its
+        // ack), may be processed again after the restart (README, the `ack_durable`
+        // row: "a receiver killed between ack() and the group commit (one batch) may
+        // process that batch again"). A CI run saw one such message. Bounded, not
+        // zero: a few per drop, never the stream.
+        let twice = problems.iter().filter(|p| eo_twice(p)).count();
+        eprintln!("[{what}] effectively-once messages processed twice across the drops: {twice}");
+        if twice <= 2 * 64 {
+            problems.retain(|p| !eo_twice(p));
+        }
     }
     if let Err(e) = roundtrip(&rig, 8_000_000, 10).await {
         problems.push(e);
