@@ -3208,6 +3208,34 @@ mod tests {
             .expect("then the stream is the application's");
         assert_eq!(pump(&mut a, &mut b, later).1, [Bytes::from_static(b"new")]);
 
+        // Channels 4 and 5: as channel 3, but the application's next send after the
+        // replay settled is at-least-once; the answer is the same whether or not a
+        // sweep put the settled stream aside in between.
+        for (ch, sweep) in [(4, false), (5, true)] {
+            b.accept_channel(ChannelId(ch), false);
+            a.send_hint(later, msg(ch, Guarantee::AtLeastOnce, b"old", Some(old_id)))
+                .unwrap();
+            assert!(a
+                .send(later, msg(ch, Guarantee::AtMostOnce, b"new", None))
+                .is_err());
+            let later = later + Duration::from_secs(1);
+            assert_eq!(pump(&mut a, &mut b, later).0, 1);
+            if sweep {
+                a.sweep_quiet_streams();
+                assert!(a.dormant.contains_key(&(NodeId(2), ChannelId(ch))));
+            }
+            a.send(later, msg(ch, Guarantee::AtLeastOnce, b"alo", None))
+                .unwrap_or_else(|e| {
+                    panic!("channel {ch} (sweep: {sweep}): no send claimed it yet: {e:?}")
+                });
+            assert!(
+                a.send(later, msg(ch, Guarantee::AtMostOnce, b"x", None))
+                    .is_err(),
+                "claimed at-least-once now"
+            );
+            assert_eq!(pump(&mut a, &mut b, later).1, [Bytes::from_static(b"alo")]);
+        }
+
         assert_eq!(
             a.finish_streams(),
             1,

@@ -593,10 +593,14 @@ impl OutboundStream {
             && self.skipped.is_empty()
             && !self.floor_owed
             && self.ids.is_empty();
-        // A stream the application wanted under another guarantee is its, now.
+        // A stream the application wanted under another guarantee goes to it, still
+        // unclaimed: the application's next send claims it, whichever guarantee that
+        // is, as on the live stream. (Regression: the record was claimed at-most-once,
+        // so after a sweep an at-least-once send failed for the rest of the run where
+        // the live stream took it, though no at-most-once send had ever succeeded.)
         idle.then(|| Dormant {
             guarantee: self.wanted.unwrap_or(self.guarantee),
-            claimed: self.claimed || self.wanted.is_some(),
+            claimed: self.claimed,
             eo_sent: self.eo_sent,
             next_seq: self.next_seq,
             credit: self.credit,

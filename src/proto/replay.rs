@@ -219,10 +219,17 @@ impl<L: HintLog> Replay<L> {
         self.blocked = true;
         for target in targets.into_iter().filter(|t| ready.contains(t)) {
             self.tell_settled(endpoint, target, now);
-            let mut passed_over = 0u64;
+            let mut passed_over = false;
             while self.outstanding.get(&target).copied().unwrap_or(0) < self.cfg.concurrency {
                 let queue = self.queued.entry(target).or_default();
                 if queue.is_empty() {
+                    if passed_over {
+                        // Hints passed over are read a batch per tick, not a whole
+                        // backlog in one. (Regression: counting their payload bytes,
+                        // empty payloads never reached the limit.)
+                        self.blocked = false;
+                        break;
+                    }
                     match self.log.next_batch(target, self.cfg.batch_bytes, now_ms) {
                         Ok(batch) if !batch.is_empty() => queue.extend(batch),
                         Ok(_) => break,
@@ -260,18 +267,14 @@ impl<L: HintLog> Replay<L> {
                     // Passed over, not left in front: the target's other hints go on.
                     // (Regression: it stayed at the front and held up every channel's
                     // hints for the target until its TTL.) It stays pending in the
-                    // store; this run will not read it again (unless the target goes
-                    // down and its replay is rewound).
+                    // store, and this run does not read it again: it replays in a
+                    // later run (or expires at its TTL), even if the channel could
+                    // take it later in this one.
                     let Some((_, hint)) = queue.pop_front() else {
                         break;
                     };
                     self.refuse(target, &hint);
-                    passed_over += len;
-                    if passed_over >= self.cfg.batch_bytes {
-                        // Read on at the next tick, not all of a backlog in one.
-                        self.blocked = false;
-                        break;
-                    }
+                    passed_over = true;
                     continue;
                 }
                 if self.throttle.try_take(len, now).is_err() {
@@ -613,10 +616,12 @@ mod tests {
             let mut batch = Vec::new();
             let mut bytes = 0;
             while let Some(h) = q.front() {
-                if !batch.is_empty() && bytes + h.1.payload.len() as u64 > max_bytes {
+                // Counted as the store counts: record bytes, a header and the payload.
+                let len = 32 + h.1.payload.len() as u64;
+                if !batch.is_empty() && bytes + len > max_bytes {
                     break;
                 }
-                bytes += h.1.payload.len() as u64;
+                bytes += len;
                 batch.extend(q.pop_front());
             }
             self.out += batch.len();
@@ -899,6 +904,71 @@ mod tests {
         // takes effectively-once hints as well.
         assert!(!ep.takes_hint(PEER, CH, Guarantee::AtLeastOnce));
         assert!(ep.takes_hint(PEER, OTHER, Guarantee::EffectivelyOnce));
+    }
+
+    /// Hints passed over are read a batch per tick however small they are: 200 empty
+    /// hints for a channel this run sends at-most-once on, then one for another
+    /// channel. One tick reads one batch (10 hints of `batch_bytes`), and the other
+    /// channel's hint still goes, a few ticks later.
+    #[test]
+    fn hints_passed_over_are_read_a_batch_per_tick_even_when_empty() {
+        let t0 = Instant::now();
+        let mut ep = endpoint(t0);
+        ep.handle_peer_up(
+            t0,
+            Origin {
+                node: PEER,
+                incarnation: 1,
+            },
+            4,
+        );
+        const OTHER: ChannelId = ChannelId(8);
+        let mut log = MemLog::default();
+        for i in 0..201u128 {
+            let hint = Hint {
+                target: PEER,
+                id: MessageId::Key(crate::id::IdKey(i)),
+                channel: if i < 200 { CH } else { OTHER },
+                guarantee: Guarantee::AtLeastOnce,
+                created_unix_ms: T0_UNIX_MS,
+                ttl_ms: 0,
+                payload: Bytes::new(),
+            };
+            log.append(hint, None, t0).unwrap();
+        }
+        ep.send(
+            t0,
+            Outgoing {
+                peer: PEER,
+                channel: CH,
+                guarantee: Guarantee::AtMostOnce,
+                payload: Bytes::from_static(b"this run"),
+                id: None,
+                deadline: None,
+                schema: 0,
+            },
+        )
+        .unwrap();
+        let cfg = ReplayConfig {
+            batch_bytes: 320,
+            ..config()
+        };
+        let mut r = Replay::new(log, cfg, ME, t0, T0_UNIX_MS);
+        let mut w = slots(100);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        assert_eq!(r.log.out, 10, "one batch read in the first tick");
+        assert!(
+            r.next_deadline(t0).is_some_and(|d| d <= t0 + REPLAY_TICK),
+            "and the next tick comes soon"
+        );
+        let mut t = t0;
+        for _ in 0..25 {
+            t += REPLAY_TICK;
+            r.handle_timeout(&mut ep, &[PEER], &mut w, t);
+        }
+        assert_eq!(r.log.out, 201, "all read, a batch at a time");
+        assert_eq!(r.replaying.len(), 1, "the other channel's hint goes");
+        assert_eq!(r.log.pending(), 201, "nothing dropped from the store");
     }
 
     /// Replaying hints of an earlier run of this node, the policy tells the target the
