@@ -823,15 +823,15 @@ mod tests {
         assert_eq!(w.held[&(PEER, CH)], 4, "every replay took a window slot");
     }
 
-    /// Hints whose channel this run sends at-most-once cannot go on its stream: they
-    /// are passed over (left pending in the store, for a later run), warned once, and
-    /// the target's hints for other channels, queued behind them, are replayed
-    /// meanwhile; a backlog of them is read a batch per tick, not all at once.
-    /// (Regression: the first such hint stayed at the front of the target's queue and
-    /// held up all of them until its TTL.)
-    #[test]
-    fn hints_a_channel_cannot_take_are_passed_over_and_the_others_replay() {
-        let t0 = Instant::now();
+    /// A channel other than `CH`, for the passed-over tests.
+    const OTHER_CH: ChannelId = ChannelId(8);
+
+    /// An endpoint whose peer is up and whose run sends at-most-once on `CH`, and a
+    /// log of an earlier run's at-least-once hints: `(channel, payload)` each.
+    fn amo_run_with_hints(
+        t0: Instant,
+        hints: impl IntoIterator<Item = (ChannelId, Bytes)>,
+    ) -> (Endpoint, MemLog) {
         let mut ep = endpoint(t0);
         ep.handle_peer_up(
             t0,
@@ -841,18 +841,16 @@ mod tests {
             },
             4,
         );
-        const OTHER: ChannelId = ChannelId(8);
         let mut log = MemLog::default();
-        for i in 0..6u8 {
-            let channel = if i % 2 == 0 { CH } else { OTHER };
+        for (i, (channel, payload)) in hints.into_iter().enumerate() {
             let hint = Hint {
                 target: PEER,
-                id: MessageId::Key(crate::id::IdKey(u128::from(i))),
+                id: MessageId::Key(crate::id::IdKey(i as u128)),
                 channel,
                 guarantee: Guarantee::AtLeastOnce,
                 created_unix_ms: T0_UNIX_MS,
                 ttl_ms: 0,
-                payload: Bytes::from(vec![i; 100]),
+                payload,
             };
             log.append(hint, None, t0).unwrap();
         }
@@ -869,6 +867,25 @@ mod tests {
             },
         )
         .unwrap();
+        (ep, log)
+    }
+
+    /// Hints whose channel this run sends at-most-once cannot go on its stream: they
+    /// are passed over (left pending in the store, for a later run), warned once, and
+    /// the target's hints for other channels, queued behind them, are replayed
+    /// meanwhile; a backlog of them is read a batch per tick, not all at once.
+    /// (Regression: the first such hint stayed at the front of the target's queue and
+    /// held up all of them until its TTL.)
+    #[test]
+    fn hints_a_channel_cannot_take_are_passed_over_and_the_others_replay() {
+        let t0 = Instant::now();
+        let (mut ep, log) = amo_run_with_hints(
+            t0,
+            (0..6u8).map(|i| {
+                let channel = if i % 2 == 0 { CH } else { OTHER_CH };
+                (channel, Bytes::from(vec![i; 100]))
+            }),
+        );
         let cfg = ReplayConfig {
             batch_bytes: 150,
             ..config()
@@ -903,7 +920,7 @@ mod tests {
         // The run's at-most-once stream takes none; a stream claimed at-least-once
         // takes effectively-once hints as well.
         assert!(!ep.takes_hint(PEER, CH, Guarantee::AtLeastOnce));
-        assert!(ep.takes_hint(PEER, OTHER, Guarantee::EffectivelyOnce));
+        assert!(ep.takes_hint(PEER, OTHER_CH, Guarantee::EffectivelyOnce));
     }
 
     /// Hints passed over are read a batch per tick however small they are: 200 empty
@@ -913,42 +930,10 @@ mod tests {
     #[test]
     fn hints_passed_over_are_read_a_batch_per_tick_even_when_empty() {
         let t0 = Instant::now();
-        let mut ep = endpoint(t0);
-        ep.handle_peer_up(
+        let (mut ep, log) = amo_run_with_hints(
             t0,
-            Origin {
-                node: PEER,
-                incarnation: 1,
-            },
-            4,
+            (0..201).map(|i| (if i < 200 { CH } else { OTHER_CH }, Bytes::new())),
         );
-        const OTHER: ChannelId = ChannelId(8);
-        let mut log = MemLog::default();
-        for i in 0..201u128 {
-            let hint = Hint {
-                target: PEER,
-                id: MessageId::Key(crate::id::IdKey(i)),
-                channel: if i < 200 { CH } else { OTHER },
-                guarantee: Guarantee::AtLeastOnce,
-                created_unix_ms: T0_UNIX_MS,
-                ttl_ms: 0,
-                payload: Bytes::new(),
-            };
-            log.append(hint, None, t0).unwrap();
-        }
-        ep.send(
-            t0,
-            Outgoing {
-                peer: PEER,
-                channel: CH,
-                guarantee: Guarantee::AtMostOnce,
-                payload: Bytes::from_static(b"this run"),
-                id: None,
-                deadline: None,
-                schema: 0,
-            },
-        )
-        .unwrap();
         let cfg = ReplayConfig {
             batch_bytes: 320,
             ..config()
