@@ -1650,7 +1650,14 @@ async fn credit_after_receiver_restart(g: Guarantee, n: u64) {
         ));
     }
     let res2 = await_all(receipts, Duration::from_secs(15)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // An at-most-once receipt resolves when the message is written, not when it
+    // arrives: give the last ones up to 10 s to be delivered (a fixed 300 ms was a
+    // race on a loaded machine).
+    let all_in = || fresh.iter().all(|v| s2.lock().unwrap().contains_key(v));
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !all_in() && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let got_fresh = fresh
         .iter()
         .filter(|v| s2.lock().unwrap().contains_key(v))

@@ -441,7 +441,14 @@ async fn at_most_once_messages_queued_at_a_stop_are_still_handed_out() {
         .unwrap()
         .unwrap()
         .message()];
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every message reaches the receiving node (a receipt resolves when its message
+    // is written, not when it arrives) before the stop; polled, not a fixed sleep.
+    for _ in 0..500 {
+        if b.stats().await.unwrap().proto.delivered >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::timeout(Duration::from_secs(10), b.shutdown())
         .await
         .unwrap();
