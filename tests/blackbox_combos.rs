@@ -1686,7 +1686,10 @@ async fn payloads_at_and_over_the_limit_on_every_api_and_through_a_hint() {
 /// at-least-once message is processed and acked, at-most-once messages sent after the
 /// last re-registration all arrive (those queued in a dropped receiver are lost with
 /// it, as documented), and while a receiver is ordered its first deliveries of each
-/// stream follow send order.
+/// stream follow send order, except that a message sent before it registered may
+/// come after one the dropped receiver had been handed (rule 2 of the ordered
+/// contract; a CI run saw at-least-once 1000051 before 1000000, which the first
+/// receiver was handling when it was aborted). Counted and printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receivers_alternating_ordered_and_unordered_under_load() {
     const N: u64 = 1200;
@@ -1704,6 +1707,10 @@ async fn receivers_alternating_ordered_and_unordered_under_load() {
     let seen = Seen::default();
     // (receiver generation, ordered, value) per first delivery.
     let log: Arc<Mutex<Vec<(u32, bool, u64)>>> = Arc::default();
+    let started: Arc<Mutex<std::collections::HashSet<u64>>> = Arc::default();
+    // How many values of each stream had been sent when each generation registered.
+    let sent = Arc::new(AtomicU64::new(0));
+    let registered_after: Arc<Mutex<Vec<u64>>> = Arc::default();
     let serve = |generation: u32, ordered: bool| {
         let rx = b
             .receiver_with::<u64>(
@@ -1715,12 +1722,18 @@ async fn receivers_alternating_ordered_and_unordered_under_load() {
                 },
             )
             .unwrap();
-        let (seen, log) = (seen.clone(), log.clone());
+        let (seen, log, started) = (seen.clone(), log.clone(), started.clone());
+        registered_after
+            .lock()
+            .unwrap()
+            .push(sent.load(Ordering::SeqCst));
         tokio::spawn(async move {
             let mut rx = rx;
             while let Some(d) = rx.recv().await {
                 let v = *d.message();
-                if get(&seen, v) == 0 {
+                // A first delivery is the first time a handler gets the message (a
+                // handler aborted mid-message did get it: its redelivery is not one).
+                if started.lock().unwrap().insert(v) {
                     log.lock().unwrap().push((generation, ordered, v));
                 }
                 tokio::time::sleep(Duration::from_micros(300)).await;
@@ -1730,9 +1743,11 @@ async fn receivers_alternating_ordered_and_unordered_under_load() {
         })
     };
     let mut reader = serve(0, false);
+    let sent_by_task = sent.clone();
     let sending = tokio::spawn(async move {
         let mut rs = Vec::new();
         for v in 0..N {
+            sent_by_task.store(v + 1, Ordering::SeqCst);
             rs.push(amo.send(&v).await.unwrap());
             rs.push(alo.send(&(1_000_000 + v)).await.unwrap());
             if v % 100 == 0 {
@@ -1776,7 +1791,9 @@ async fn receivers_alternating_ordered_and_unordered_under_load() {
     // rest arrives.
     let amo_got = (0..N).filter(|v| get(&seen, *v) >= 1).count() as u64;
     let log = log.lock().unwrap().clone();
+    let registered_after = registered_after.lock().unwrap().clone();
     let mut inversions = Vec::new();
+    let mut allowed = 0;
     for generation in [1u32, 3] {
         for alo_stream in [false, true] {
             let vals: Vec<u64> = log
@@ -1784,13 +1801,21 @@ async fn receivers_alternating_ordered_and_unordered_under_load() {
                 .filter(|(g, o, v)| *g == generation && *o && (*v >= 1_000_000) == alo_stream)
                 .map(|(_, _, v)| *v)
                 .collect();
-            inversions.extend(
-                vals.windows(2)
-                    .filter(|w| w[1] < w[0])
-                    .map(|w| (w[0], w[1])),
-            );
+            for w in vals.windows(2).filter(|w| w[1] < w[0]) {
+                // A message sent before this receiver registered may have been handed
+                // to the one dropped before it (queued, unread) and taken back: rule 2
+                // of the ordered contract (`ReceiverOptions::ordered`) lets what was
+                // handed out come before it. Messages sent after the registration
+                // follow send order (rule 1).
+                if w[1] % 1_000_000 < registered_after[generation as usize] {
+                    allowed += 1;
+                } else {
+                    inversions.push((w[0], w[1]));
+                }
+            }
         }
     }
+    eprintln!("inversions of messages sent before their receiver registered: {allowed}");
     eprintln!("at-most-once arrived {amo_got} of {N} across the re-registrations");
     assert!(
         inversions.is_empty(),
