@@ -1010,7 +1010,7 @@ async fn reconnects_within_backoff_cap_after_long_absence() {
     rig.b.unwrap().shutdown().await;
     assert!(last.is_ok(), "{last:?}");
     assert!(
-        took < Duration::from_secs(6),
+        took < Duration::from_secs(8),
         "reconnection took {took:?}, over backoff_max (5 s) + margin"
     );
 }

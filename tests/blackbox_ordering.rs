@@ -1560,7 +1560,9 @@ async fn a_burst_on_a_recycled_stream_is_not_dropped_as_over_credit() {
         exceeded, 0,
         "an honest sender's messages were dropped as over credit after its stream was recycled"
     );
-    assert!(retx <= BURST / 100, "{retx} retransmissions for {BURST}");
+    // The defect resent everything past the credit (~1 500 of 2 000); a loaded machine
+    // may time out part of a burst (README: holding needs an answer within the RTO).
+    assert!(retx <= BURST / 4, "{retx} retransmissions for {BURST}");
 }
 
 /// Promise (`ReceiverOptions::ordered` rule 4: "a message refused for good

@@ -840,10 +840,11 @@ async fn r10_relay_with_a_slow_last_hop_retransmits_nothing() {
     assert_each_once(&forwarded, N, "B");
     let sa = a.stats().await.unwrap();
     let sb = b.stats().await.unwrap();
-    // Not zero under load (a stall of a loaded machine can time one out), but a
-    // slow last hop must not make retransmissions routine.
+    // Not zero under load (a stall of a loaded machine can time part of a burst out:
+    // README, holding needs an answer within the RTO), but a slow last hop must not
+    // make retransmissions routine: a storm would be several copies per message.
     assert!(
-        sa.proto.retransmitted + sb.proto.retransmitted <= 5,
+        sa.proto.retransmitted + sb.proto.retransmitted <= N / 4,
         "A: {:?}\nB: {:?}",
         sa.proto,
         sb.proto

@@ -1363,7 +1363,7 @@ async fn hung_sender_replaced_by_new_incarnation_takes_over() {
     );
     eprintln!("new incarnation's first ack after {took:?}: {first:?}");
     assert!(
-        took < Duration::from_secs(17),
+        took < Duration::from_secs(22),
         "took {took:?} (stale_after 10 s + backoff 5 s)"
     );
     // After the old one resumed, the new incarnation keeps being acked.
