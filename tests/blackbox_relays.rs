@@ -1141,7 +1141,15 @@ async fn r15_a_fresh_reply_sender_per_request() {
     assert_each_once(&req_at_b, N, "requests at B");
     assert_each_once(&rep_at_a, N, "replies at A");
     let sa = a.stats().await.unwrap();
-    assert_eq!(sa.proto.duplicates_dropped, 0, "{:?}", sa.proto);
+    // Copies only from B's retransmissions (a loaded machine may time some out), never
+    // a fresh reply sender's messages taken for an earlier one's.
+    let sb = b.stats().await.unwrap();
+    assert!(
+        sa.proto.duplicates_dropped <= sb.proto.retransmitted,
+        "{:?}\nB: {:?}",
+        sa.proto,
+        sb.proto
+    );
 }
 
 fn chaos(seed: u64) -> Chaos {

@@ -571,7 +571,19 @@ async fn unauthorized_acked_sends_are_rejected_at_once_and_leave_no_key_behind()
     assert_eq!(snapshot(&ch2), HashMap::from([(2, 1)]));
     let s = within("stats", b.stats()).await.unwrap();
     assert!(s.proto.unauthorized_dropped >= 2, "{:?}", s.proto);
-    assert_eq!(s.proto.duplicates_dropped, 0, "{:?}", s.proto);
+    // Copies only from the senders' retransmissions (a loaded machine may time some
+    // out), never a refused frame counted as one.
+    let retx = within("stats", a.stats())
+        .await
+        .unwrap()
+        .proto
+        .retransmitted
+        + within("stats", c.stats())
+            .await
+            .unwrap()
+            .proto
+            .retransmitted;
+    assert!(s.proto.duplicates_dropped <= retx, "{:?}", s.proto);
     shutdown(&[&a, &c, &b]).await;
 }
 
@@ -652,7 +664,12 @@ async fn a_certificate_holder_cannot_speak_as_another_node_in_its_frames() {
     send_all_acked(&a, B, CH, 100).await;
     assert_exactly_once(&seen, 100);
     let s = within("stats", b.stats()).await.unwrap();
-    assert_eq!(s.proto.duplicates_dropped, 0, "{:?}", s.proto);
+    let retx = within("stats", a.stats())
+        .await
+        .unwrap()
+        .proto
+        .retransmitted;
+    assert!(s.proto.duplicates_dropped <= retx, "{:?}", s.proto);
     assert_eq!(s.proto.delivered, 100, "{:?}", s.proto);
     shutdown(&[&a, &b]).await;
 }
@@ -952,7 +969,12 @@ async fn early_forged_frames(accept_unknown: bool) {
     send_all_acked(&a, B, CH, 100).await;
     assert_exactly_once(&seen, 100);
     let st = within("stats", b.stats()).await.unwrap();
-    assert_eq!(st.proto.duplicates_dropped, 0, "{:?}", st.proto);
+    let retx = within("stats", a.stats())
+        .await
+        .unwrap()
+        .proto
+        .retransmitted;
+    assert!(st.proto.duplicates_dropped <= retx, "{:?}", st.proto);
     shutdown(&[&a, &b]).await;
 }
 
@@ -1014,7 +1036,12 @@ async fn a_relay_cannot_premark_ids_on_a_channel_it_may_not_send_on() {
     send_all_acked(&a, B, CH, 50).await;
     assert_exactly_once(&seen, 50);
     let st = within("stats", b.stats()).await.unwrap();
-    assert_eq!(st.proto.duplicates_dropped, 0, "{:?}", st.proto);
+    let retx = within("stats", a.stats())
+        .await
+        .unwrap()
+        .proto
+        .retransmitted;
+    assert!(st.proto.duplicates_dropped <= retx, "{:?}", st.proto);
     shutdown(&[&a, &b]).await;
 }
 
