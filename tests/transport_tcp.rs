@@ -300,6 +300,22 @@ async fn heartbeats_for_a_peer_without_a_connection_are_not_queued() {
             .await
             .unwrap();
     }
+    // Every command taken by the transport before the peer comes back: otherwise one
+    // still in the channel is sent on the new connection, as it should be. (A CI run
+    // saw a ping of round 128 arrive there.)
+    let cap = a.commands.max_capacity();
+    for _ in 0..500 {
+        if a.commands.capacity() == cap {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        a.commands.capacity(),
+        cap,
+        "the transport took every command"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let (mut b2, _) = start(origin(2, 2), b_addr, &[]);
     expect_up(&mut a, origin(2, 2)).await;
     expect_up(&mut b2, origin(1, 1)).await;
