@@ -1980,12 +1980,21 @@ async fn amo_recycled_case(a_id: u64, opts: ReceiverOptions) {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     let res = settle(receipts, 10).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = ROUNDS * PER;
+    let sent = u64::from(CHANNELS) * n;
+    // An at-most-once receipt resolves when the message is written: wait (up to 10 s)
+    // until every message is delivered or counted as refused.
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        let refused = b.stats().await.unwrap().proto.streams_refused;
+        if book.lock().unwrap().delivered.len() as u64 + refused >= sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let st = b.stats().await.unwrap().proto;
     let bk = std::mem::take(&mut *book.lock().unwrap());
     let mut errs = bad_receipts(&res, |r| *r == Ok(Outcome::Sent));
-    let n = ROUNDS * PER;
-    let sent = u64::from(CHANNELS) * n;
     let delivered: u64 = bk.delivered.len() as u64;
     let twice = bk.delivered.values().filter(|v| **v > 1).count();
     let missing: Vec<(u32, u64)> = (0..CHANNELS)
@@ -2113,7 +2122,11 @@ async fn amo_cut_case(a_id: u64, opts: ReceiverOptions) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let res = settle(receipts, 3).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // An at-most-once receipt resolves when the message is written: the ones sent on
+    // the healthy link may still be on their way.
+    if hung.is_none() {
+        wait_delivered(&book, 91, healthy_from..i).await;
+    }
     let bk = std::mem::take(&mut *book.lock().unwrap());
     let mut errs = Vec::new();
     let unresolved = res.iter().filter(|(_, r)| r.is_none()).count();

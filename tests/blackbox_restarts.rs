@@ -1766,7 +1766,12 @@ async fn amo_after_restart(ordered: bool, n: u64, more: bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let res = await_all(receipts, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // At-most-once receipts resolve when the message is written: wait (bounded) for
+    // the deliveries themselves.
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while count_seen(&s2) < 200 && Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let st = r2.stats().await.unwrap();
     eprintln!(
         "AMO (ordered {ordered}) after restart (first run {n}): receipts {:?}; new run delivered {} of 200; receiver proto stats {:?}",
