@@ -974,7 +974,12 @@ async fn no_receiver_warnings_are_rate_limited_and_carry_the_node_span() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let elapsed = since.elapsed();
     let s = within(5, "stats", b.stats()).await.unwrap();
-    assert!(s.no_receiver >= 300, "no_receiver = {}", s.no_receiver);
+    // Every message within the stream's initial credit (256) arrives and is counted;
+    // the rest wait for credit, which a channel without a receiver grants only once
+    // it rejects (after the 5 s grace). Meanwhile the silent stream's timers send a
+    // probe now and then (README "How it works"), so arrivals go on past the first
+    // second.
+    assert!(s.no_receiver > 256, "no_receiver = {}", s.no_receiver);
     let mine: Vec<Ev> = cap
         .warns("no receiver", since)
         .into_iter()

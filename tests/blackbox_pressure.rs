@@ -1339,6 +1339,7 @@ async fn two_bursts(one_way: Duration, ch: u32, n: u64) -> Vec<u64> {
 async fn k_delayed_link_150ms_second_burst_not_retransmitted() {
     const N: u64 = 500;
     let retx = two_bursts(Duration::from_millis(150), 162, N).await;
+    eprintln!("150 ms one way, bursts of {N}: retransmissions per burst {retx:?}");
     assert!(
         retx[1] * 100 <= N * 20,
         "one-way latency 150 ms (RTT ~300 ms), lossless: expected the second burst of {N} \

@@ -210,7 +210,7 @@ impl<R, H: Hints> Core<R, H> {
         let endpoint = &mut self.endpoint;
         let changes = self
             .liveness
-            .handle_timeout(now, |peer, nonce| endpoint.ping(peer, nonce));
+            .handle_timeout(now, |peer, nonce| endpoint.ping_at(now, peer, nonce));
         for change in changes {
             if change.to == Health::Down {
                 let down_for = self.liveness.down_for(change.peer, now);

@@ -351,6 +351,15 @@ struct Peer {
     up: bool,
     /// Protocol version of the current connection: what the peer understands.
     version: u16,
+    /// When the last frame of any kind came from the peer: a stream whose own
+    /// probe went unanswered while the peer talked lost it (`proto::outbound`,
+    /// "Silent streams").
+    heard: Option<Instant>,
+    /// The last ping sent (nonce, when) and the shortest ping round trip seen: a
+    /// floor for how soon an answer can come, which the streams' own samples (taken
+    /// after the receiver's handler ran) may not give.
+    ping: Option<(u64, Instant)>,
+    min_rtt: Option<Duration>,
 }
 
 /// A node's whole protocol state. See the module docs for the call order.
@@ -962,6 +971,9 @@ impl Endpoint {
                 origin,
                 up: true,
                 version,
+                heard: None,
+                ping: None,
+                min_rtt: None,
             },
         );
         if !restarted && !first && version >= 3 {
@@ -1043,9 +1055,12 @@ impl Endpoint {
     /// run's `Finish`, data or acks would otherwise settle, retire or answer the new
     /// run's streams by seq.
     pub fn handle_frame_from(&mut self, now: Instant, from: Origin, frame: Frame) {
-        if self.peers.get(&from.node).map(|p| p.origin) != Some(from) {
-            self.stats.frames_ignored += 1;
-            return;
+        match self.peers.get_mut(&from.node) {
+            Some(p) if p.origin == from => p.heard = Some(now),
+            _ => {
+                self.stats.frames_ignored += 1;
+                return;
+            }
         }
         self.frame_of(now, from, frame);
     }
@@ -1055,7 +1070,10 @@ impl Endpoint {
     /// does), use [`handle_frame_from`](Self::handle_frame_from), which drops an
     /// earlier run's late frames instead.
     pub fn handle_frame(&mut self, now: Instant, from: NodeId, frame: Frame) {
-        let Some(peer_origin) = self.peers.get(&from).map(|p| p.origin) else {
+        let Some(peer_origin) = self.peers.get_mut(&from).map(|p| {
+            p.heard = Some(now);
+            p.origin
+        }) else {
             self.stats.frames_ignored += 1;
             return;
         };
@@ -1164,7 +1182,7 @@ impl Endpoint {
                     return;
                 }
                 if let Some(s) = self.outbound.get_mut(&(from, r.channel)) {
-                    s.handle_reject(r.seq, r.reason);
+                    s.handle_reject(now, r.seq, r.reason);
                     Self::drain_stream(&mut self.events, &mut self.stats, from, r.channel, s);
                 } else {
                     self.stats.frames_ignored += 1;
@@ -1215,7 +1233,18 @@ impl Endpoint {
                     self.stats.frames_ignored += 1;
                 }
             }
-            Frame::Pong(_) => self.events.push_back(Event::HeartbeatAck(from)),
+            Frame::Pong(hb) => {
+                if let Some(p) = self.peers.get_mut(&from) {
+                    if let Some((nonce, sent)) = p.ping {
+                        if nonce == hb.nonce {
+                            let rtt = now.saturating_duration_since(sent);
+                            p.min_rtt = Some(p.min_rtt.map_or(rtt, |m| m.min(rtt)));
+                            p.ping = None;
+                        }
+                    }
+                }
+                self.events.push_back(Event::HeartbeatAck(from))
+            }
             Frame::Handshake(_) => self.stats.frames_ignored += 1,
         }
     }
@@ -1284,6 +1313,14 @@ impl Endpoint {
     pub fn ping(&mut self, peer: NodeId, nonce: u64) {
         self.transmit
             .push_back((peer, Frame::Ping(Heartbeat { nonce })));
+    }
+
+    /// [`ping`](Self::ping), sent at `now`: its pong gives a round-trip sample.
+    pub fn ping_at(&mut self, now: Instant, peer: NodeId, nonce: u64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.ping = Some((nonce, now));
+        }
+        self.ping(peer, nonce);
     }
 
     /// From now on an application's [`Completion::Nack`] does not count toward the
@@ -1570,10 +1607,11 @@ impl Endpoint {
         // Acks wait while durable dedup records are buffered: an ack must not
         // leave before the record of what it acknowledges is on disk.
         let persisting = self.dedup.needs_sync();
-        let (events, stats) = (&mut self.events, &mut self.stats);
+        let (events, stats, peers) = (&mut self.events, &mut self.stats, &self.peers);
         self.outbound.scan_active(|&(peer, channel), s| {
             if s.poll_timeout().is_some_and(|t| t <= now) {
-                s.handle_timeout(now);
+                let p = peers.get(&peer);
+                s.handle_timeout(now, p.and_then(|p| p.heard), p.and_then(|p| p.min_rtt));
                 Self::drain_stream(events, stats, peer, channel, s);
             }
             !s.is_quiet()

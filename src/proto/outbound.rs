@@ -66,6 +66,43 @@
 //! shows while the rest of the stream keeps flowing). Nacks, reconnects and
 //! deadlines do not wait.
 //!
+//! # Silent streams
+//!
+//! A receiver that has not answered the stream at all (no ack, nack or reject) for a
+//! whole RTO is either slow to get CPU time or not getting the stream's frames, and
+//! one retransmission tells which as well as a whole window of them. So, as TCP
+//! retransmits only its oldest segment at an RTO, the first timer that expires on a
+//! silent stream retransmits its message (the *probe*; the oldest, since first timers
+//! expire in send order) and every other timer due before the receiver answers waits
+//! one RTO after the probe. The answer decides what the others are:
+//!
+//! - it shows the receiver holds or settled everything sent before the probe: queued,
+//!   not lost; nothing more goes ("Quiet streams" applies to what is left);
+//! - it shows only the probe: the rest were lost; they go at once, one round trip
+//!   after the probe rather than another RTO;
+//! - it shows more than the probe but stops short of a message sent before the probe,
+//!   and came at least the shortest round trip seen after the probe (so it can
+//!   reflect it): that message is lost (on an ordered stream, the gap the receiver
+//!   waits on, with messages above it held unreported) and goes at once as the next
+//!   probe, the rest still waiting (NewReno's partial ack, RFC 6582);
+//! - none comes within the RTO, but the peer sent other frames at least the shortest
+//!   round trip after the probe: the probe or its answer was lost, and the rest go
+//!   then; otherwise one more probe, the wait doubling up to `retry.backoff_cap`
+//!   (with `retry.max_attempts` set, only until the probes reach it).
+//!
+//! The shortest round trip is the least of the stream's RTT samples, the messages it
+//! saw reported held after one transmission, and the peer's ping round trips (a
+//! stream whose every message went in one burst long ago has no useful sample of its
+//! own). Without any, an early answer is taken as one to the traffic before the
+//! probe: over a 300 ms round trip (200 ms initial RTO) a first burst of 500 drew 258
+//! copies before, 2 now (`tests/blackbox_pressure.rs`,
+//! `k_delayed_link_150ms_second_burst_not_retransmitted`).
+//!
+//! Overtaken messages, nacks, reconnects and deadlines do not wait. Without this, a
+//! receiver starved of CPU for an RTO drew a copy of every message of its senders'
+//! bursts: 21 nodes on 2 cores beside two busy loops (`tests/blackbox_tails.rs`,
+//! `t1`, `t6`) retransmitted up to 9 796 copies for 9 000 messages, and 0-64 with it.
+//!
 //! # Retries
 //!
 //! The stream arms and judges its retry timers through its [`RetryPolicy`]
@@ -528,6 +565,125 @@ pub(crate) struct OutboundStream {
     /// Highest seq an ack settled: a message below it that is neither settled nor
     /// held was overtaken, so it is lost rather than queued ("Quiet streams").
     highest_acked: u64,
+    /// One retransmission at a time while the receiver is silent ("Silent streams").
+    gate: SilenceGate,
+    /// Set by `settle` when an ack settles a message transmitted once: evidence the
+    /// receiver got more than a probe.
+    settled_original: bool,
+    /// The shortest round trip seen (an ack's RTT sample, or a message reported held
+    /// after one transmission): no answer to a probe comes sooner.
+    min_rtt: Option<Duration>,
+}
+
+/// The "Silent streams" state of a stream.
+#[derive(Debug, Default)]
+struct SilenceGate {
+    /// When the receiver last answered the stream (`answered`) or, when it has not
+    /// answered since, when the last probe went out. `None`: neither yet.
+    since: Option<Instant>,
+    /// Whether `since` is an answer (retransmissions go freely until one RTO after it)
+    /// rather than a probe (others wait until one gap after it).
+    answered: bool,
+    /// Probes in a row that went unanswered while the peer sent nothing at all: the
+    /// wait after the next one doubles.
+    unanswered: u32,
+    /// When the peer last sent any frame (the endpoint's, passed to
+    /// `handle_timeout`).
+    heard: Option<Instant>,
+    /// Highest seq retransmitted as a probe since the last answer.
+    probe_high: u64,
+    /// Seqs (with their timer generation) whose timers wait for the answer to the
+    /// probe.
+    waiting: Vec<(u64, u32)>,
+}
+
+impl SilenceGate {
+    /// A retransmission timer is due (not held, not overtaken, not quiet): `None` if
+    /// it may go now, or until when it waits for the receiver to answer the probe.
+    ///
+    /// With an attempt limit, the gate opens once the receiver left as many probes in a
+    /// row unanswered as the limit allows one message retransmissions: each message
+    /// then counts its own attempts, so the limit still ends them in its time.
+    fn holds(
+        &self,
+        now: Instant,
+        rto: Duration,
+        cap: Duration,
+        max_attempts: Option<u32>,
+    ) -> Option<Instant> {
+        if max_attempts.is_some_and(|a| self.unanswered.saturating_add(2) >= a) {
+            return None;
+        }
+        match self.since {
+            Some(s) if !self.answered => {
+                let until = later(s, self.gap(rto, cap));
+                (now < until).then_some(until)
+            }
+            _ => None,
+        }
+    }
+
+    /// The wait after a probe: one RTO, doubling for each probe before it that went
+    /// unanswered while the peer sent nothing at all, up to `cap`.
+    fn gap(&self, rto: Duration, cap: Duration) -> Duration {
+        rto.saturating_mul(1 << self.unanswered.min(16))
+            .min(cap.max(rto))
+    }
+
+    /// A retransmission that `holds` let go is on its way. It is the probe, unless
+    /// the receiver answered within the last RTO, or the last probe's wait passed
+    /// without an answer while the peer sent other frames: then the probe or its
+    /// answer was lost, not the receiver starved, and the rest go too (for an RTO;
+    /// one copy at a time over a lossy link is too slow).
+    ///
+    /// `min_rtt`: the shortest round trip seen; a frame from the peer says the probe
+    /// (or its answer) was lost only if it came at least that long after the probe —
+    /// sent after the probe could have arrived. Without a sample, it says nothing.
+    fn retransmitting(&mut self, now: Instant, seq: u64, rto: Duration, min_rtt: Option<Duration>) {
+        match self.since {
+            Some(s) if self.answered && now < later(s, rto) => return,
+            Some(s) if !self.answered => {
+                let talked = match (self.heard, min_rtt) {
+                    (Some(h), Some(m)) => h >= later(s, m),
+                    _ => false,
+                };
+                if talked {
+                    self.since = Some(now);
+                    self.answered = true;
+                    self.unanswered = 0;
+                    return;
+                }
+                self.unanswered = self.unanswered.saturating_add(1);
+            }
+            _ => {}
+        }
+        self.since = Some(now);
+        self.answered = false;
+        self.probe_high = self.probe_high.max(seq);
+    }
+
+    /// A partial answer to the probe found `seq` lost: it goes now as the next probe.
+    fn reprobe(&mut self, now: Instant, seq: u64) {
+        self.since = Some(now);
+        self.answered = false;
+        self.unanswered = 0;
+        self.probe_high = self.probe_high.max(seq);
+    }
+
+    /// Whether a probe is out and not answered yet.
+    fn probing(&self) -> bool {
+        self.since.is_some() && !self.answered
+    }
+
+    /// The receiver answered the stream: open the gate, and hand back the timers that
+    /// waited for it.
+    fn answer(&mut self, now: Instant) -> Vec<(u64, u32)> {
+        self.since = Some(now);
+        self.answered = true;
+        self.unanswered = 0;
+        self.probe_high = 0;
+        std::mem::take(&mut self.waiting)
+    }
 }
 
 /// Counters of one stream that outlive it going dormant (see "Dormant streams").
@@ -695,6 +851,9 @@ impl OutboundStream {
             unanswered_probes: 0,
             last_progress: None,
             highest_acked: 0,
+            gate: SilenceGate::default(),
+            settled_original: false,
+            min_rtt: None,
         }
     }
 
@@ -1049,7 +1208,18 @@ impl OutboundStream {
 
     /// Retransmit or give up on every message whose timer is due; probe a stream blocked
     /// on credit.
-    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+    /// `heard`: when the peer last sent any frame; `peer_rtt`: the shortest ping
+    /// round trip to it ("Silent streams").
+    pub(crate) fn handle_timeout(
+        &mut self,
+        now: Instant,
+        heard: Option<Instant>,
+        peer_rtt: Option<Duration>,
+    ) {
+        self.gate.heard = heard;
+        if let Some(r) = peer_rtt {
+            self.note_rtt(r);
+        }
         if self.probe_due.is_some_and(|t| t <= now) {
             self.probe_due = None;
             if !self.blocked.is_empty() {
@@ -1203,6 +1373,22 @@ impl OutboundStream {
             self.give_up(seq, reason);
             return;
         }
+        if !overtaken {
+            let (rto, cap) = (self.rtt.rto(), self.policy.backoff_cap);
+            if let Some(until) = self.gate.holds(now, rto, cap, self.policy.max_attempts) {
+                // The receiver has not answered the probe yet (module docs,
+                // "Silent streams").
+                let mut next = until;
+                if let Some(d) = deadline {
+                    next = next.min(d);
+                }
+                m.timer_gen = next_gen(m.timer_gen);
+                self.timers.push(Reverse((next, seq, m.timer_gen)));
+                let gen = m.timer_gen;
+                self.wait_for_answer(seq, gen);
+                return;
+            }
+        }
         if !self.budget.try_withdraw(now) {
             // Over the retry budget: defer (never drop) the retry by one RTO.
             let mut next = later(now, self.rtt.rto());
@@ -1221,6 +1407,10 @@ impl OutboundStream {
                 self.rtt.on_timeout(now.saturating_duration_since(sent));
             }
         }
+        if !overtaken {
+            self.gate
+                .retransmitting(now, seq, self.rtt.rto(), self.min_rtt);
+        }
         self.queue_retransmit(seq);
     }
 
@@ -1238,8 +1428,24 @@ impl OutboundStream {
         let top = self.max_sent;
         self.unanswered_probes = 0;
         let received = received.min(top);
+        // The answer to a probe shows progress only if the receiver holds or settled
+        // more than the probes carried ("Silent streams"); the probes alone say the
+        // rest was lost, not queued.
+        let probing = self.gate.probing();
+        let progress_before = self.last_progress;
+        let probes_only_below = self.held.max(self.gate.probe_high);
+        self.settled_original = false;
         if received > self.held {
             self.last_progress = Some(now);
+            // The receiver reports what it holds within its ack delay of arrival, not
+            // after its handler ran: the best round-trip floor there is.
+            if let Some(m) = self.index(received).and_then(|i| self.slots[i].as_ref()) {
+                if m.attempts == 1 {
+                    if let Some(sent) = self.times.sent_at(received, m) {
+                        self.note_rtt(now.saturating_duration_since(sent));
+                    }
+                }
+            }
         }
         // The receiver's held watermark only falls when it let a message go (its
         // nack says so too, but a nack can be lost): follow it down as well as up.
@@ -1286,11 +1492,87 @@ impl OutboundStream {
             // `settle` applied Karn's rule already: only a message transmitted once
             // becomes the frame's sample.
             self.rtt.on_ack(sent, now, false);
+            self.note_rtt(now.saturating_duration_since(sent));
         }
         // The cumulative ack retires the oldest first-transmission timers: the queue
         // holds about one window, not one RTO's worth of traffic.
         while self.first.front().is_some_and(|e| e.1 < self.base) {
             self.first.pop_front();
+        }
+        if probing {
+            if !self.settled_original && received <= probes_only_below {
+                self.last_progress = progress_before;
+            } else if let Some(next) = self.lost_before_probe(now, received) {
+                // A partial answer: the receiver holds or settled more than the probes
+                // carried but stops short of a message sent before the probe — over
+                // an RTO ago. On an ordered stream that is the next gap the receiver
+                // waits on, messages above it held unreported, and it stays silent
+                // until the gap fills: retransmit that one now, as the next probe, the
+                // rest still waiting (NewReno's partial ack, RFC 6582). (Regression:
+                // one gap per quiet RTO, so at 13 % loss an ordered stream of 140
+                // messages ran past its deadline.)
+                self.gate.reprobe(now, next);
+                self.queue_retransmit(next);
+                return;
+            }
+        }
+        self.answered(now);
+    }
+
+    fn note_rtt(&mut self, rtt: Duration) {
+        self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+    }
+
+    /// The first message above `received` that is neither settled nor queued, if its
+    /// last transmission was no later than the probe — and if an answer arriving `now`
+    /// can reflect the probe at all: not before the shortest round trip seen.
+    /// (Otherwise it answers the messages sent before the probe: over a 300 ms round
+    /// trip, the first burst's acks came back 100 ms after its probe and each would
+    /// have drawn a copy.)
+    fn lost_before_probe(&self, now: Instant, received: u64) -> Option<u64> {
+        let probe = self.gate.since?;
+        if self.min_rtt.is_some_and(|m| now < later(probe, m)) {
+            return None;
+        }
+        let mut seq = self.base.max(received.saturating_add(1));
+        while seq <= self.max_sent {
+            if let Some(m) = self.index(seq).and_then(|i| self.slots[i].as_ref()) {
+                let sent = self.times.sent_at(seq, m)?;
+                return (!m.queued && m.attempts > 0 && sent <= probe).then_some(seq);
+            }
+            seq += 1;
+        }
+        None
+    }
+
+    /// Timer `gen` of `seq` waits for the answer to the probe. A timer that waits
+    /// again after the next probe is listed again; stale entries are dropped once
+    /// they outnumber the window, so the list stays within twice the window however
+    /// long the receiver is silent.
+    fn wait_for_answer(&mut self, seq: u64, gen: u32) {
+        if self.gate.waiting.len() >= 2 * self.slots.len().max(32) {
+            let mut waiting = std::mem::take(&mut self.gate.waiting);
+            waiting.retain(|&(s, g)| {
+                self.index(s)
+                    .and_then(|i| self.slots[i].as_ref())
+                    .is_some_and(|m| m.timer_gen == g && !m.queued)
+            });
+            self.gate.waiting = waiting;
+        }
+        self.gate.waiting.push((seq, gen));
+    }
+
+    /// Any ack, nack or reject of the stream: the receiver is not silent ("Silent
+    /// streams"). The timers that waited for it fire now.
+    fn answered(&mut self, now: Instant) {
+        for (seq, gen) in self.gate.answer(now) {
+            let Some(m) = self.index(seq).and_then(|i| self.slots[i].as_mut()) else {
+                continue;
+            };
+            if m.timer_gen == gen && !m.queued {
+                m.timer_gen = next_gen(m.timer_gen);
+                self.timers.push(Reverse((now, seq, m.timer_gen)));
+            }
         }
     }
 
@@ -1318,6 +1600,7 @@ impl OutboundStream {
     pub(crate) fn handle_nack(&mut self, now: Instant, seq: u64) {
         // It is no longer held; neither, for the keep-alive, is anything above it.
         self.held = self.held.min(seq.saturating_sub(1));
+        self.answered(now);
         let Some(idx) = self.index(seq) else {
             return;
         };
@@ -1346,10 +1629,16 @@ impl OutboundStream {
 
     /// The receiver refused `seq` for good: settle it (no RTT sample, no retry budget
     /// earned) and report the reason. A reject for a seq already settled is ignored.
-    pub(crate) fn handle_reject(&mut self, seq: u64, reason: crate::wire::RejectReason) {
+    pub(crate) fn handle_reject(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        reason: crate::wire::RejectReason,
+    ) {
         if seq > self.max_sent {
             return; // never transmitted: the receiver cannot have refused it
         }
+        self.answered(now);
         if self.remove(seq).is_some() {
             self.events.push_back(OutEvent::Rejected { seq, reason });
             self.compact();
@@ -1369,6 +1658,8 @@ impl OutboundStream {
         }
         // Whatever the receiver held may have gone with the connection or the run.
         self.held = 0;
+        // A new connection: the old one's silence says nothing of it.
+        self.gate = SilenceGate::default();
         let seqs: Vec<u64> = (self.base..self.next_seq)
             .filter(|s| {
                 self.index(*s)
@@ -1546,6 +1837,9 @@ impl OutboundStream {
             // Karn's rule: only never-retransmitted messages give RTT samples.
             if m.attempts == 1 && !matches!(m.last_sent, Sent::Never) {
                 self.sample = Some(m.last_sent);
+            }
+            if m.attempts == 1 {
+                self.settled_original = true;
             }
         }
         self.events.push_back(OutEvent::Settled { seq });
@@ -1778,7 +2072,7 @@ mod tests {
 
     /// What the driver does at `now`: fire due timers, transmit all, collect events.
     fn run(s: &mut OutboundStream, now: Instant) -> Vec<OutEvent> {
-        s.handle_timeout(now);
+        s.handle_timeout(now, None, None);
         let mut budget = u64::MAX;
         while s.poll_transmit(now, &mut budget).is_some() {}
         std::iter::from_fn(|| s.poll_event()).collect()
@@ -1883,7 +2177,7 @@ mod tests {
                     "{guarantee:?}: {sent:?} before the third probe"
                 );
                 now = s.poll_timeout().expect("a probe is due");
-                s.handle_timeout(now);
+                s.handle_timeout(now, None, None);
                 assert!(s.take_probe(), "{guarantee:?}: a probe is owed");
             }
             sent.extend(std::iter::from_fn(|| s.poll_transmit(now, &mut budget)).map(|d| d.seq));
@@ -1916,7 +2210,7 @@ mod tests {
             // The probe (due, or the held re-check) and the receiver's answer: an ack
             // of nothing new with the same grant.
             now = s.poll_timeout().expect("a timer");
-            s.handle_timeout(now);
+            s.handle_timeout(now, None, None);
             s.handle_ack(now, 0, &[], Some(2), 2);
             let more: Vec<u64> = std::iter::from_fn(|| s.poll_transmit(now, &mut budget))
                 .map(|d| d.seq)
@@ -1935,7 +2229,7 @@ mod tests {
         let mut s = credited(now, Guarantee::AtLeastOnce, Some(3), 6);
         assert!(run(&mut s, now).is_empty());
         let lie = [SeqRange { start: 1, end: 6 }];
-        s.handle_reject(5, crate::wire::RejectReason::NoReceiver);
+        s.handle_reject(now, 5, crate::wire::RejectReason::NoReceiver);
         s.handle_ack(now, 6, &lie, Some(3), 6);
         let events: Vec<OutEvent> = std::iter::from_fn(|| s.poll_event()).collect();
         assert_eq!(settled(&events), [1, 2, 3], "{events:?}");
@@ -2162,7 +2456,7 @@ mod tests {
         // Settle, reject, hand off: each takes its entries along.
         s.handle_ack(t0, 0, &[SeqRange { start: 2, end: 2 }], None, 0);
         assert_eq!(side_entries(&s), 8);
-        s.handle_reject(4, crate::wire::RejectReason::NoReceiver);
+        s.handle_reject(t0, 4, crate::wire::RejectReason::NoReceiver);
         assert_eq!(side_entries(&s), 6);
         assert_eq!(s.take(1).map(|(id, _)| id), Some(MessageId::Key(IdKey(1))));
         assert_eq!(side_entries(&s), 4);
@@ -2348,6 +2642,179 @@ mod tests {
         run_until(&mut a, fire + rto);
         assert_eq!(a.retransmits(), 2);
         assert_eq!(slot(&a, 1).attempts, 3);
+    }
+
+    /// A stream of `n` messages sent at `t0`, nothing answered: its RTO.
+    fn silent_burst(t0: Instant, n: u64) -> (OutboundStream, Duration) {
+        let mut s = stream(t0);
+        for _ in 0..n {
+            s.send(t0, Bytes::new(), None, None, 0);
+        }
+        run(&mut s, t0);
+        let rto = s.rtt.rto();
+        (s, rto)
+    }
+
+    /// "Silent streams": a burst the receiver has not answered for an RTO draws one
+    /// retransmission, of its oldest message, not one per message; the rest wait one
+    /// RTO after it, and the wait doubles while probes go unanswered (up to
+    /// `retry.backoff_cap`).
+    #[test]
+    fn a_silent_receiver_draws_one_probe_per_wait_not_the_whole_burst() {
+        let t0 = Instant::now();
+        let (mut s, rto) = silent_burst(t0, 10);
+        run_until(&mut s, t0 + rto);
+        assert_eq!(s.retransmits(), 1);
+        assert_eq!(slot(&s, 1).attempts, 2, "the probe is the oldest message");
+        assert!((2..=10).all(|q| slot(&s, q).attempts == 1));
+        run_until(&mut s, t0 + rto * 2 - Duration::from_millis(1));
+        assert_eq!(
+            s.retransmits(),
+            1,
+            "the others wait one RTO after the probe"
+        );
+        // Probes at 1, 2, 4, 8 and 16 RTOs (200 ms each; the next gap is the 2 s cap).
+        run_until(&mut s, t0 + rto * 20);
+        assert_eq!(s.retransmits(), 5);
+        assert!(s.poll_event().is_none(), "nothing given up or settled");
+        // An hour of silence (no deadline here): one probe per 2 s cap, not ten, and
+        // the list of waiting timers stays bounded.
+        run_until(&mut s, t0 + Duration::from_secs(3600));
+        assert!(s.retransmits() <= 5 + 3600 / 2, "{}", s.retransmits());
+        assert!(s.gate.waiting.len() <= 64, "{}", s.gate.waiting.len());
+    }
+
+    /// An answer that shows the receiver got only the probe says the rest were lost:
+    /// they go at once, one round trip after the probe, not after another RTO.
+    #[test]
+    fn an_answer_holding_only_the_probe_releases_the_rest_at_once() {
+        let t0 = Instant::now();
+        let (mut s, rto) = silent_burst(t0, 10);
+        run_until(&mut s, t0 + rto);
+        let t1 = t0 + rto + Duration::from_millis(1);
+        s.handle_ack(t1, 1, &[], None, 1);
+        run(&mut s, t1);
+        assert_eq!(s.retransmits(), 10, "the probe, then the other nine");
+        assert!((2..=10).all(|q| slot(&s, q).attempts == 2));
+    }
+
+    /// An answer that shows the receiver holds everything the probe did not carry
+    /// says it is working through a queue: nothing more is retransmitted (held).
+    /// A partial one — it holds or settled more than the probe, but stops short of a
+    /// message sent before the probe — says that message is lost (on an ordered
+    /// stream, the gap the receiver waits on): it goes at once as the next probe, the
+    /// rest keep waiting (NewReno's partial ack).
+    #[test]
+    fn an_answer_showing_more_than_the_probe_keeps_the_rest_waiting() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        // Held: nothing more goes before the held re-check.
+        let (mut s, rto) = silent_burst(t0, 10);
+        run_until(&mut s, t0 + rto);
+        s.handle_ack(t0 + rto + ms, 1, &[], None, 10);
+        run_until(&mut s, t0 + rto * 5);
+        assert_eq!(s.retransmits(), 1);
+        // Settled originals up to 6, one round trip (1 ms, seen on seq 1) after the
+        // probe: 7 goes now, 8..=11 wait.
+        let (mut s, t1, rto) = warm_burst(t0, 10);
+        run_until(&mut s, t1 + rto);
+        assert_eq!(slot(&s, 2).attempts, 2, "the probe");
+        let t2 = t1 + rto + ms;
+        s.handle_ack(t2, 6, &[], None, 6);
+        run(&mut s, t2);
+        assert_eq!(s.retransmits(), 2, "the probe, then the gap at 7");
+        assert_eq!(slot(&s, 7).attempts, 2);
+        assert!((8..=11).all(|q| slot(&s, q).attempts == 1));
+        // The answer to that fills the rest: nothing more goes.
+        s.handle_ack(t2 + ms, 7, &[], None, 11);
+        run_until(&mut s, t2 + rto * 5);
+        assert_eq!(s.retransmits(), 2);
+        // An answer sooner than any round trip seen answers what was sent before the
+        // probe, not the probe: no copy drawn from it.
+        let (mut s, rto) = silent_burst(t0, 10);
+        run_until(&mut s, t0 + rto);
+        s.handle_ack(t0 + rto + ms, 5, &[], None, 5);
+        run(&mut s, t0 + rto + ms);
+        assert_eq!(s.retransmits(), 1);
+    }
+
+    /// One message acked after 1 ms (a round-trip sample), then `n` more sent at the
+    /// returned instant, unanswered: the stream and its RTO.
+    fn warm_burst(t0: Instant, n: u64) -> (OutboundStream, Instant, Duration) {
+        let mut s = stream(t0);
+        s.send(t0, Bytes::new(), None, None, 0);
+        run(&mut s, t0);
+        let t1 = t0 + Duration::from_millis(1);
+        s.handle_ack(t1, 1, &[], None, 1);
+        for _ in 0..n {
+            s.send(t1, Bytes::new(), None, None, 0);
+        }
+        run(&mut s, t1);
+        let rto = s.rtt.rto();
+        (s, t1, rto)
+    }
+
+    /// A probe whose wait passes without an answer while the peer sent other frames
+    /// (at least a round trip after the probe) was lost, or its answer was: the rest
+    /// go then, not one more probe. A frame sooner than that says nothing.
+    #[test]
+    fn a_lost_probe_of_a_talking_peer_releases_the_rest_after_one_rto() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let walk = |s: &mut OutboundStream, until: Instant, heard: Instant| {
+            while let Some(t) = s.poll_timeout().filter(|t| *t <= until) {
+                s.handle_timeout(t, Some(heard), None);
+                let mut budget = u64::MAX;
+                while s.poll_transmit(t, &mut budget).is_some() {}
+            }
+        };
+        let (mut s, t1, rto) = warm_burst(t0, 10);
+        run_until(&mut s, t1 + rto);
+        assert_eq!(s.retransmits(), 1);
+        // A heartbeat from the peer 2 ms after the probe (round trip 1 ms).
+        walk(&mut s, t1 + rto * 2, t1 + rto + ms * 2);
+        assert_eq!(s.retransmits(), 10, "the probe, then the other nine");
+        // Without a round-trip sample the heartbeat proves nothing: one more probe.
+        let (mut s, rto) = silent_burst(t0, 10);
+        run_until(&mut s, t0 + rto);
+        walk(&mut s, t0 + rto * 2, t0 + rto + ms * 2);
+        assert_eq!(s.retransmits(), 2);
+    }
+
+    /// With an attempt limit and no deadline, a silent receiver still ends every
+    /// message by its limit: the gate holds the others only while the probes so far
+    /// are fewer than one message's retransmissions, then each counts its own.
+    #[test]
+    fn an_attempt_limit_still_ends_every_message_of_a_silent_stream() {
+        let t0 = Instant::now();
+        let mut s = stream_with(t0, 7, |c| c.retry.max_attempts = Some(4));
+        for _ in 0..10 {
+            s.send(t0, Bytes::new(), None, None, 0);
+        }
+        run(&mut s, t0);
+        // Without the gate the last give-up comes after 1 + 2 + 4 + 8 RTOs at most
+        // (backoff with equal jitter, capped at 2 s): within 12 s here, 20 s allowed.
+        let events = run_until(&mut s, t0 + Duration::from_secs(20));
+        for seq in 1..=10 {
+            assert_eq!(
+                gave_up(&events, seq).map(|(r, _, n)| (r, n)),
+                Some((GiveUp::MaxAttempts, 4)),
+                "seq {seq}"
+            );
+        }
+        assert!(s.slots.is_empty());
+    }
+
+    /// A nack or a reject is an answer too: it re-arms the waiting timers at once.
+    #[test]
+    fn a_reject_answers_the_probe() {
+        let t0 = Instant::now();
+        let (mut s, rto) = silent_burst(t0, 10);
+        run_until(&mut s, t0 + rto);
+        let t1 = t0 + rto + Duration::from_millis(1);
+        s.handle_reject(t1, 1, crate::wire::RejectReason::NoReceiver);
+        run(&mut s, t1);
+        assert_eq!(s.retransmits(), 10);
     }
 
     /// Walk the stream's timers up to `until`; count the probes it owes on the way.
