@@ -80,11 +80,12 @@
 //!   not lost; nothing more goes ("Quiet streams" applies to what is left);
 //! - it shows only the probe: the rest were lost; they go at once, one round trip
 //!   after the probe rather than another RTO;
-//! - it shows more than the probe but stops short of a message sent before the probe,
+//! - it shows the probe and more but stops short of a message sent before the probe,
 //!   and came at least the shortest round trip seen after the probe (so it can
 //!   reflect it): that message is lost (on an ordered stream, the gap the receiver
 //!   waits on, with messages above it held unreported) and goes at once as the next
-//!   probe, the rest still waiting (NewReno's partial ack, RFC 6582);
+//!   probe, paid from the retry budget, the rest still waiting (NewReno's partial
+//!   ack, RFC 6582);
 //! - none comes within the RTO, but the peer sent other frames at least the shortest
 //!   round trip after the probe: the probe or its answer was lost, and the rest go
 //!   then; otherwise one more probe, the wait doubling up to `retry.backoff_cap`
@@ -93,15 +94,17 @@
 //! The shortest round trip is the least of the stream's RTT samples, the messages it
 //! saw reported held after one transmission, and the peer's ping round trips (a
 //! stream whose every message went in one burst long ago has no useful sample of its
-//! own). Without any, an early answer is taken as one to the traffic before the
-//! probe: over a 300 ms round trip (200 ms initial RTO) a first burst of 500 drew 258
+//! own). An answer sooner than that after the probe is taken as one to the traffic
+//! before it: it draws no copy (what it shows still counts as progress); without any
+//! sample, answers are taken as they come. Over a 300 ms round trip (200 ms initial RTO) a first burst of 500 drew 258
 //! copies before, 2 now (`tests/blackbox_pressure.rs`,
 //! `k_delayed_link_150ms_second_burst_not_retransmitted`).
 //!
 //! Overtaken messages, nacks, reconnects and deadlines do not wait. Without this, a
 //! receiver starved of CPU for an RTO drew a copy of every message of its senders'
 //! bursts: 21 nodes on 2 cores beside two busy loops (`tests/blackbox_tails.rs`,
-//! `t1`, `t6`) retransmitted up to 9 796 copies for 9 000 messages, and 0-64 with it.
+//! `t1`, `t6`) retransmitted up to 9 796 copies of 6 000 acked messages, and 0-64
+//! with it.
 //!
 //! # Retries
 //!
@@ -584,8 +587,8 @@ struct SilenceGate {
     /// Whether `since` is an answer (retransmissions go freely until one RTO after it)
     /// rather than a probe (others wait until one gap after it).
     answered: bool,
-    /// Probes in a row that went unanswered while the peer sent nothing at all: the
-    /// wait after the next one doubles.
+    /// Probes in a row that went unanswered without the peer being heard at least a
+    /// round trip after them: the wait after the next one doubles.
     unanswered: u32,
     /// When the peer last sent any frame (the endpoint's, passed to
     /// `handle_timeout`).
@@ -651,6 +654,7 @@ impl SilenceGate {
                     self.since = Some(now);
                     self.answered = true;
                     self.unanswered = 0;
+                    self.probe_high = 0;
                     return;
                 }
                 self.unanswered = self.unanswered.saturating_add(1);
@@ -1500,17 +1504,39 @@ impl OutboundStream {
             self.first.pop_front();
         }
         if probing {
+            // An answer sooner than the shortest round trip seen after the probe
+            // answers the traffic before it, not the probe.
+            let early = self
+                .gate
+                .since
+                .is_some_and(|p| self.min_rtt.is_some_and(|m| now < later(p, m)));
+            // Whether it shows the latest probe: held, or settled by now.
+            let high = self.gate.probe_high;
+            let shows_probe = received >= high
+                || self
+                    .index(high)
+                    .and_then(|i| self.slots[i].as_ref())
+                    .is_none();
             if !self.settled_original && received <= probes_only_below {
                 self.last_progress = progress_before;
-            } else if let Some(next) = self.lost_before_probe(now, received) {
-                // A partial answer: the receiver holds or settled more than the probes
-                // carried but stops short of a message sent before the probe — over
-                // an RTO ago. On an ordered stream that is the next gap the receiver
-                // waits on, messages above it held unreported, and it stays silent
-                // until the gap fills: retransmit that one now, as the next probe, the
-                // rest still waiting (NewReno's partial ack, RFC 6582). (Regression:
-                // one gap per quiet RTO, so at 13 % loss an ordered stream of 140
-                // messages ran past its deadline.)
+                if early {
+                    return; // the rest keep waiting for the probe's own answer
+                }
+            } else if let Some(next) = (shows_probe && !early)
+                .then(|| self.lost_before_probe(received))
+                .flatten()
+                .filter(|_| self.budget.try_withdraw(now))
+            {
+                // A partial answer: the receiver holds or settled the probe and more,
+                // but stops short of a message sent before the probe — over an RTO
+                // ago. On an ordered stream that is the next gap the receiver waits
+                // on, messages above it held unreported, and it stays silent until
+                // the gap fills: retransmit that one now (paid from the retry budget),
+                // as the next probe, the rest still waiting (NewReno's partial ack,
+                // RFC 6582). (Regression: one gap per quiet RTO, so at 13 % loss an
+                // ordered stream of 140 messages ran past its deadline.) Only an
+                // answer that shows the probe counts, so a message is never taken as
+                // lost on the strength of its own copy.
                 self.gate.reprobe(now, next);
                 self.queue_retransmit(next);
                 return;
@@ -1524,16 +1550,9 @@ impl OutboundStream {
     }
 
     /// The first message above `received` that is neither settled nor queued, if its
-    /// last transmission was no later than the probe — and if an answer arriving `now`
-    /// can reflect the probe at all: not before the shortest round trip seen.
-    /// (Otherwise it answers the messages sent before the probe: over a 300 ms round
-    /// trip, the first burst's acks came back 100 ms after its probe and each would
-    /// have drawn a copy.)
-    fn lost_before_probe(&self, now: Instant, received: u64) -> Option<u64> {
+    /// last transmission was no later than the probe.
+    fn lost_before_probe(&self, received: u64) -> Option<u64> {
         let probe = self.gate.since?;
-        if self.min_rtt.is_some_and(|m| now < later(probe, m)) {
-            return None;
-        }
         let mut seq = self.base.max(received.saturating_add(1));
         while seq <= self.max_sent {
             if let Some(m) = self.index(seq).and_then(|i| self.slots[i].as_ref()) {
@@ -2736,6 +2755,29 @@ mod tests {
         s.handle_ack(t0 + rto + ms, 5, &[], None, 5);
         run(&mut s, t0 + rto + ms);
         assert_eq!(s.retransmits(), 1);
+    }
+
+    /// Only an answer that shows the probe can call a message lost: acks of the
+    /// originals around an unshown probe never draw another copy of the probe (a
+    /// receiver acking one message at a time would otherwise get a copy of it per ack,
+    /// outside the retry budget).
+    #[test]
+    fn an_answer_that_does_not_show_the_probe_draws_no_copy_of_it() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let (mut s, t1, rto) = warm_burst(t0, 10);
+        run_until(&mut s, t1 + rto);
+        assert_eq!(slot(&s, 2).attempts, 2, "the probe");
+        for k in 3..=6u64 {
+            let t = t1 + rto + ms * (2 * k as u32);
+            s.handle_ack(t, 1, &[SeqRange { start: k, end: k }], None, 1);
+            run(&mut s, t);
+        }
+        assert_eq!(
+            slot(&s, 2).attempts,
+            2,
+            "no copy of the probe from acks of 3..=6"
+        );
     }
 
     /// One message acked after 1 ms (a round-trip sample), then `n` more sent at the
