@@ -1309,7 +1309,10 @@ impl Endpoint {
         true
     }
 
-    /// Ask `peer` for a heartbeat answer.
+    /// Ask `peer` for a heartbeat answer. Prefer [`ping_at`](Self::ping_at): only a
+    /// ping sent with its time gives the round-trip sample that lets a silent stream
+    /// tell a lost probe from a slow receiver (`proto::outbound`, "Silent streams");
+    /// without one it falls back to doubling probes while its receiver stays silent.
     pub fn ping(&mut self, peer: NodeId, nonce: u64) {
         self.transmit
             .push_back((peer, Frame::Ping(Heartbeat { nonce })));
