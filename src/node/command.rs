@@ -286,6 +286,7 @@ impl Driver {
         // `None`: a grace too long to represent (`Duration::MAX`) waits for them all.
         let until = tokio::time::Instant::now().checked_add(self.receivers.handler_grace);
         self.receivers.stop_handing_out(&self.shared);
+        self.core.endpoint.stop_nacking_refusals();
         // Queued deliveries the application never took are taken back by their
         // receivers, not waited for; a delivery taken out just as the stop began is
         // counted as queued for a moment, so "nothing handed out" is confirmed once

@@ -416,6 +416,8 @@ pub struct Endpoint {
     id_failures: FastMap<MessageId, IdFailures>,
     /// Nacks no longer count toward `max_deliveries` ([`Endpoint::stop_counting_nacks`]).
     nacks_uncounted: bool,
+    /// Refused deliveries are no longer nacked (see `stop_nacking_refusals`).
+    refusals_unnacked: bool,
     authz: super::Authorization,
     /// Sending side: node credit per peer (protocol version 3).
     node_out: FastMap<NodeId, NodeOut>,
@@ -572,6 +574,7 @@ impl Endpoint {
             waiting: HashMap::new(),
             id_failures: FastMap::default(),
             nacks_uncounted: false,
+            refusals_unnacked: false,
             authz: super::Authorization::default(),
             node_out: FastMap::default(),
             node_in: FastMap::default(),
@@ -1334,6 +1337,14 @@ impl Endpoint {
         self.nacks_uncounted = true;
     }
 
+    /// From now on a [`Completion::Refuse`] is not nacked to the sender: its node
+    /// stops, reads no more frames and takes back what its receivers had queued, so a
+    /// prompt resend would only be dropped (and count as an attempt). The sender
+    /// sends it again when the node's next run connects.
+    pub fn stop_nacking_refusals(&mut self) {
+        self.refusals_unnacked = true;
+    }
+
     /// The application finished a delivered message. At-most-once deliveries are
     /// finished too (any [`Completion`]): that is what frees their stream's credit.
     ///
@@ -1574,11 +1585,38 @@ impl Endpoint {
             .filter(|d| d.guarantee == Guarantee::EffectivelyOnce)
             .map(|d| d.id)
             .collect();
+        let current = self
+            .peers
+            .get(&delivery.origin.node)
+            .is_some_and(|p| p.origin == delivery.origin);
         if let Some(stream) = self.inbound.get_mut(&key) {
+            // Tell the sender what was let go, as a handler's nack does: it took these
+            // for held (its acks said so) and would otherwise retransmit them only at
+            // its next re-check, `retry.backoff_cap` later. (Regression: a receiver
+            // dropped with a window of deliveries queued stalled its stream ~2 s.) An
+            // ordered stream takes back the later ones for order; only `delivery`
+            // must come again.
+            let mut let_go = vec![delivery.seq];
+            if !stream.is_ordered() {
+                let_go.extend(later.iter().map(|(d, _)| d.seq));
+            }
             stream.refuse(
                 delivery.seq,
                 later.into_iter().map(|(_, data)| data).collect(),
             );
+            if current && !self.refusals_unnacked {
+                for seq in let_go {
+                    self.stats.nacks_sent += 1;
+                    self.transmit.push_back((
+                        delivery.origin.node,
+                        Frame::Nack(Nack {
+                            channel: delivery.channel,
+                            incarnation: delivery.origin.incarnation,
+                            seq,
+                        }),
+                    ));
+                }
+            }
         }
         for id in eo {
             self.dedup.release(&id);
@@ -2613,6 +2651,79 @@ mod tests {
             })
             .collect();
         assert_eq!(again, [third.seq]);
+    }
+
+    /// Deliveries refused because their receiver is gone are nacked to the sender, as
+    /// a handler's nack would be: the first refused one, and on an unordered stream
+    /// the later ones taken back with it (an ordered stream keeps those for order).
+    /// The sender, which had them reported held, retransmits them at once instead of
+    /// at its next re-check. (Regression: a receiver dropped with a window of
+    /// deliveries queued stalled its stream for `retry.backoff_cap`.)
+    #[test]
+    fn refused_deliveries_are_nacked_and_retransmitted_at_once() {
+        for ordered in [false, true] {
+            let now = Instant::now();
+            let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+            a.handle_peer_up(now, b.origin(), crate::wire::PROTOCOL_VERSION);
+            b.handle_peer_up(now, a.origin(), crate::wire::PROTOCOL_VERSION);
+            b.accept_channel_with(ChannelId(1), Accept::new(ordered, None));
+            for _ in 0..5 {
+                a.send(
+                    now,
+                    Outgoing {
+                        peer: NodeId(2),
+                        channel: ChannelId(1),
+                        guarantee: Guarantee::AtLeastOnce,
+                        payload: Bytes::from_static(b"m"),
+                        id: None,
+                        deadline: None,
+                        schema: 0,
+                    },
+                )
+                .unwrap();
+            }
+            for f in frames(&mut a, NodeId(2), now) {
+                b.handle_frame(now, NodeId(1), f);
+            }
+            // The receiver takes 1 and 2, then is gone: 2 is refused, 3-5 are still
+            // queued in the node's events.
+            let mut taken = Vec::new();
+            while taken.len() < 2 {
+                if let Some(Event::Deliver { delivery, .. }) = b.poll_event() {
+                    taken.push(delivery);
+                }
+            }
+            b.complete(now, taken[0], Completion::Ack);
+            b.complete(now, taken[1], Completion::Refuse);
+            let t = now + Duration::from_millis(30);
+            b.handle_timeout(t);
+            let out = frames(&mut b, NodeId(1), t);
+            let mut nacked: Vec<u64> = out
+                .iter()
+                .filter_map(|f| match f {
+                    Frame::Nack(n) => Some(n.seq),
+                    _ => None,
+                })
+                .collect();
+            nacked.sort_unstable();
+            let want: Vec<u64> = if ordered { vec![2] } else { vec![2, 3, 4, 5] };
+            assert_eq!(nacked, want, "ordered {ordered}: {out:?}");
+            for f in out {
+                a.handle_frame(t, NodeId(2), f);
+            }
+            let before = a.stats().retransmitted;
+            let later = t + crate::proto::outbound::NACK_RESEND_MIN;
+            a.handle_timeout(later);
+            let resent: Vec<u64> = frames(&mut a, NodeId(2), later)
+                .into_iter()
+                .filter_map(|f| match f {
+                    Frame::Data(d) => Some(d.seq),
+                    _ => None,
+                })
+                .collect();
+            assert!(resent.contains(&2), "ordered {ordered}: resent {resent:?}");
+            assert!(a.stats().retransmitted > before);
+        }
     }
 
     /// A peer that restarts while the application still holds its earlier run's
