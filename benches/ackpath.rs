@@ -138,6 +138,7 @@ fn grant(incarnation: u64, cumulative: u64, credit: u64) -> Frame {
         ranges: Vec::new(),
         credit: Some(credit),
         received: 0,
+        held: Vec::new(),
     })
 }
 

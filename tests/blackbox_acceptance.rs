@@ -797,6 +797,7 @@ fn lies(legit: Origin, b_incarnation: u64) -> Vec<(&'static str, Frame)> {
                 ],
                 credit: Some(u64::MAX),
                 received: u64::MAX,
+                held: Vec::new(),
             }),
         ),
         (
@@ -811,6 +812,7 @@ fn lies(legit: Origin, b_incarnation: u64) -> Vec<(&'static str, Frame)> {
                 }],
                 credit: Some(0),
                 received: 0,
+                held: Vec::new(),
             }),
         ),
         (
@@ -2079,6 +2081,7 @@ async fn s3_lying_peer_random_frame_sequences_never_kill_the_node() {
                         .collect(),
                     credit: Some(pick(&mut rng)),
                     received: pick(&mut rng),
+                    held: Vec::new(),
                 }),
                 5 => Frame::Nack(Nack {
                     channel: ch,

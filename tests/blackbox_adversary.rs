@@ -272,6 +272,7 @@ async fn lying_receiver_cannot_ack_messages_never_transmitted() {
         ranges: vec![],
         credit: Some(0),
         received: N,
+        held: Vec::new(),
     }))
     .await
     .unwrap();
@@ -436,6 +437,7 @@ async fn ack_with_many_overlapping_ranges_does_not_stall_the_sender() {
         ranges: vec![],
         credit: Some(N + 100),
         received: 0,
+        held: Vec::new(),
     }))
     .await
     .unwrap();
@@ -466,6 +468,7 @@ async fn ack_with_many_overlapping_ranges_does_not_stall_the_sender() {
             ranges,
             credit: Some(N + 100),
             received: 0,
+            held: Vec::new(),
         }),
         x.version,
     );
@@ -566,6 +569,7 @@ async fn lying_receiver_credit_max_and_nack_loop_sender_keeps_working() {
         ranges: vec![],
         credit: Some(u64::MAX),
         received: u64::MAX,
+        held: Vec::new(),
     }))
     .await
     .unwrap();

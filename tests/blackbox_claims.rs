@@ -392,7 +392,7 @@ fn defaults_stated_in_the_docs_that_no_other_test_pins() {
     let t = TcpConfig::default();
     assert_eq!(t.queue_bound, 16_384);
     assert_eq!(t.versions, VersionRange::SUPPORTED);
-    assert_eq!((t.versions.min, t.versions.max), (1, 4));
+    assert_eq!((t.versions.min, t.versions.max), (1, 5));
     let g = ackwire::group::GroupConfig::new(ChannelId(1));
     assert_eq!(g.max_attempts, 8);
     assert_eq!(g.member_wait, Duration::from_secs(10));

@@ -425,9 +425,9 @@ async fn the_health_of_a_configured_peer_never_heard_from() {
 }
 
 /// `Node::protocol_version`: "`None` before the first one"; README "Upgrading": this
-/// build speaks 1..=4 and "each connection uses the highest version both ends speak".
+/// build speaks 1..=5 and "each connection uses the highest version both ends speak".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_current_nodes_speak_protocol_4() {
+async fn two_current_nodes_speak_protocol_5() {
     let (b, a) = pair(120, 121).await;
     let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
     let out = a
@@ -439,8 +439,8 @@ async fn two_current_nodes_speak_protocol_4() {
     let r = out.send(&1).await.unwrap();
     within(10, "delivery", inbox.recv()).await.unwrap().ack();
     assert_eq!(within(10, "receipt", r).await, Ok(Outcome::Acked));
-    assert_eq!(a.protocol_version(b.id()), Some(4));
-    assert_eq!(b.protocol_version(a.id()), Some(4));
+    assert_eq!(a.protocol_version(b.id()), Some(5));
+    assert_eq!(b.protocol_version(a.id()), Some(5));
     assert_eq!(a.protocol_version(NodeId(999)), None);
     a.shutdown().await;
     b.shutdown().await;

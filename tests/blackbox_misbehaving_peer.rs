@@ -496,6 +496,7 @@ fn lying_control_frames_do_not_disturb_the_node_or_an_honest_peer() {
                         ],
                         credit: Some(x),
                         received: x,
+                        held: Vec::new(),
                     }));
                     frames.push(Frame::Nack(Nack {
                         channel: ChannelId(ch),

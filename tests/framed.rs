@@ -37,6 +37,7 @@ fn frames() -> Vec<Frame> {
             ranges: vec![SeqRange { start: 8, end: 9 }],
             credit: Some(4096),
             received: 3,
+            held: Vec::new(),
         }),
         Frame::Nack(Nack {
             channel: ChannelId(1),

@@ -387,6 +387,7 @@ fn write_seed_corpora() {
             ranges: vec![SeqRange { start: 6, end: 8 }],
             credit: Some(70),
             received: 5,
+            held: Vec::new(),
         }),
         Frame::Nack(Nack {
             channel: ChannelId(2),

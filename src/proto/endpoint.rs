@@ -1125,7 +1125,14 @@ impl Endpoint {
                     return;
                 }
                 if let Some(s) = self.outbound.get_mut(&(from, ack.channel)) {
-                    s.handle_ack(now, ack.cumulative, &ack.ranges, ack.credit, ack.received);
+                    s.handle_ack(
+                        now,
+                        ack.cumulative,
+                        &ack.ranges,
+                        ack.credit,
+                        ack.received,
+                        &ack.held,
+                    );
                     Self::drain_stream(&mut self.events, &mut self.stats, from, ack.channel, s);
                 } else if let Some(d) = self.dormant.get_mut(&(from, ack.channel)) {
                     // Nothing to settle; a grant that came late (an at-most-once
@@ -2122,6 +2129,7 @@ impl Endpoint {
                 ranges: Vec::new(),
                 credit: Some(grant),
                 received: 0,
+                held: Vec::new(),
             }),
         ));
     }
@@ -2536,6 +2544,7 @@ mod tests {
                     Lie::Ack { cumulative, start, end, credit, received } => Frame::Ack(crate::wire::Ack {
                         channel: ChannelId(1), incarnation: b.origin().incarnation, cumulative,
                         ranges: vec![crate::wire::SeqRange { start, end }], credit: Some(credit), received,
+                        held: vec![crate::wire::SeqRange { start: end, end: start }],
                     }),
                     Lie::Nack(seq) => Frame::Nack(crate::wire::Nack { channel: ChannelId(2), incarnation: b.origin().incarnation, seq }),
                     Lie::Reject(seq) => Frame::Reject(crate::wire::Reject { channel: ChannelId(1), incarnation: b.origin().incarnation, seq, reason: RejectReason::NoReceiver }),

@@ -47,7 +47,7 @@
 //! gets the stream's rejects again.
 
 use crate::id::{ChannelId, Guarantee, Origin};
-use crate::wire::{Ack, Data, RejectReason, SeqRange};
+use crate::wire::{Ack, Data, RejectReason, SeqRange, MAX_HELD_RANGES};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -250,11 +250,16 @@ impl InboundStream {
         let held_copy = matches!(arrival, Arrival::InProgress | Arrival::Buffered)
             && seq <= self.received
             && seq <= self.reported;
+        // In progress here above the watermark (a gap below it: a receiver that
+        // restarted, whose earlier run settled the seqs between its redeliveries):
+        // only the ack's held ranges say so.
+        let held_above =
+            matches!(arrival, Arrival::Ready | Arrival::InProgress) && seq > self.received;
         if !self.amo && self.received >= self.reported + (self.window / 8).max(1) {
             // Tell the sender what is held here before its timers think it lost: a
             // busy application otherwise delays every ack past the sender's RTO.
             self.owe_ack(now);
-        } else if !self.amo && (self.received > self.reported || held_copy) {
+        } else if !self.amo && (self.received > self.reported || held_copy || held_above) {
             // A few messages held: say so within HELD_ACK_DELAY, well before the
             // sender's RTO (at least 200 ms by default). A handler that finishes
             // sooner sends its ack first, and this one merges into it.
@@ -729,7 +734,52 @@ impl InboundStream {
                 self.reported = self.received.max(cumulative);
                 self.reported
             },
+            held: if self.amo {
+                Vec::new() // never retransmitted: nothing to hold back
+            } else {
+                self.held_above(self.reported)
+            },
         })
+    }
+
+    /// Seqs above `from` in progress here (handed to the application, not finished),
+    /// as ascending ranges, the lowest [`MAX_HELD_RANGES`] of them ([`Ack::held`]).
+    ///
+    /// Not the done ones: an ack's ranges report those once, and if that ack is lost,
+    /// only a copy of the message (re-acked as a duplicate) reports it again, so the
+    /// sender must not take a done message for held. Nor those buffered for order
+    /// above a gap: they wait for a frame whose floor passes the gap when its seqs were
+    /// settled without this run seeing them (a receiver that restarted), and their own
+    /// retransmissions carry it. Held, they would wait for the sender's next frame of
+    /// the stream, which may not come before their deadline. (Found by
+    /// `tests/sim_node_props.rs`'s crashed-receiver property.)
+    fn held_above(&self, from: u64) -> Vec<SeqRange> {
+        // Every seq in `(cumulative, from]` is in one of the three sets, so unless
+        // they hold more entries than that, none lies above `from`: the common case
+        // (nothing missing below what is held) costs no walk.
+        let listed = self.done.len() + self.in_progress.len() + self.reorder.len();
+        if self.in_progress.is_empty() || listed as u64 <= from.saturating_sub(self.cumulative) {
+            return Vec::new();
+        }
+        let above = from.saturating_add(1);
+        let mut seqs: Vec<u64> = self
+            .in_progress
+            .iter()
+            .copied()
+            .filter(|&s| s >= above)
+            .collect();
+        seqs.sort_unstable();
+        let mut ranges: Vec<SeqRange> = Vec::new();
+        for s in seqs {
+            if let Some(r) = ranges.last_mut().filter(|r| s <= r.end.saturating_add(1)) {
+                r.end = r.end.max(s);
+            } else if ranges.len() == MAX_HELD_RANGES {
+                break;
+            } else {
+                ranges.push(SeqRange { start: s, end: s });
+            }
+        }
+        ranges
     }
 
     fn advance_floor(&mut self, floor: u64, ready: &mut Vec<Data>) {
@@ -1007,6 +1057,87 @@ mod tests {
         assert_eq!(s.on_data(now, data(1, 1), &mut ready), Arrival::Duplicate);
         assert_eq!(s.poll_ack(now).expect("re-ack").cumulative, 1);
         assert_eq!(ready.len(), 1);
+    }
+
+    /// A receiver that restarted gets redeliveries with gaps between them (the seqs its
+    /// earlier run settled are never sent again): its ack reports them as held ranges
+    /// above the watermark, within the held-ack delay of their arrival, and stops
+    /// reporting one once it is let go. Not what an ordered stream buffers above a
+    /// gap (its own retransmissions bring the floor that lets it go). At most
+    /// `MAX_HELD_RANGES`, the lowest.
+    #[test]
+    fn what_is_held_above_a_gap_is_reported_in_held_ranges() {
+        let now = Instant::now();
+        let mut s = stream(false);
+        let mut ready = Vec::new();
+        for seq in [10, 20, 21, 30] {
+            assert_eq!(s.on_data(now, data(seq, 10), &mut ready), Arrival::Ready);
+        }
+        assert!(s.ack_deadline().is_some_and(|d| d <= now + HELD_ACK_DELAY));
+        let ack = s.poll_ack(now + HELD_ACK_DELAY).expect("held ack owed");
+        assert_eq!((ack.cumulative, ack.received), (9, 10));
+        let span = |start, end| SeqRange { start, end };
+        assert_eq!(ack.held, vec![span(20, 21), span(30, 30)]);
+        // A copy of a held message asks for the ack again (the sender may not know).
+        assert_eq!(s.ack_deadline(), None);
+        assert_eq!(
+            s.on_data(now, data(20, 10), &mut ready),
+            Arrival::InProgress
+        );
+        assert_eq!(s.ack_deadline(), Some(now + HELD_ACK_DELAY));
+        assert!(s.poll_ack(now + HELD_ACK_DELAY).is_some());
+        // Let go: no longer reported. Done: in the ack's ranges, not held (if that ack
+        // is lost, a copy of 30 is re-acked; a sender taking it for held would keep it
+        // unsettled).
+        s.fail(21);
+        s.complete(now, 30, true);
+        let ack = s.poll_ack(now).expect("ack owed");
+        assert_eq!(
+            (ack.held, ack.ranges),
+            (vec![span(20, 20)], vec![span(30, 30)])
+        );
+        assert!(s.poll_ack(now + HELD_ACK_DELAY).is_none());
+        // At-most-once streams report nothing held (never retransmitted).
+        let mut a = stream(false);
+        for seq in [5, 9] {
+            let mut d = data(seq, 5);
+            d.guarantee = Guarantee::AtMostOnce;
+            a.on_data(now, d, &mut ready);
+        }
+        a.owe_ack(now);
+        assert!(a.poll_ack(now).is_none_or(|ack| ack.held.is_empty()));
+        // Nothing missing below what is held: no ranges.
+        s.complete(now, 10, true);
+        let mut t = stream(false);
+        for seq in 1..=5 {
+            t.on_data(now, data(seq, 1), &mut ready);
+        }
+        assert!(t.poll_ack(now + HELD_ACK_DELAY).unwrap().held.is_empty());
+        // An ordered stream buffering above a lost 2: not reported.
+        let mut o = stream(true);
+        for seq in [1, 3, 4, 6] {
+            o.on_data(now, data(seq, 1), &mut ready);
+        }
+        let ack = o.poll_ack(now + HELD_ACK_DELAY).unwrap();
+        assert_eq!((ack.received, ack.held), (1, vec![]));
+        // The cap: the lowest MAX_HELD_RANGES.
+        let mut c = InboundStream::new(
+            s.origin,
+            ChannelId(0),
+            false,
+            Duration::ZERO,
+            8,
+            16,
+            4 * MAX_HELD_RANGES as u64,
+        );
+        for i in 1..=(MAX_HELD_RANGES as u64 + 5) {
+            c.on_data(now, data(2 * i, 2), &mut ready);
+        }
+        let held = c.poll_ack(now + HELD_ACK_DELAY).unwrap().held;
+        assert_eq!(held.len(), MAX_HELD_RANGES);
+        // 2 is the watermark; 4, 6, ... are held above it.
+        let last = 2 * (MAX_HELD_RANGES as u64 + 1);
+        assert_eq!(held.last(), Some(&span(last, last)));
     }
 
     #[test]

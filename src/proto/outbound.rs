@@ -38,8 +38,10 @@
 //! # Held messages
 //!
 //! A version-2 receiver also reports the seq up to which it holds every message
-//! ([`crate::wire::Ack::received`]): a message that waits in the receiver's queue or in
-//! its handler is not lost, so its retransmission timer only re-checks it every
+//! ([`crate::wire::Ack::received`]), and a version-5 receiver the ranges it holds above
+//! that watermark that it is processing ([`crate::wire::Ack::held`]: a receiver that
+//! restarted holds its redeliveries with gaps between them).
+//! A message that waits in the receiver's queue or in its handler is not lost, so its retransmission timer only re-checks it every
 //! `retry.backoff_cap` instead of retransmitting it every RTO. The re-check sends a
 //! [`crate::wire::CreditProbe`] (at most one per RTO for the whole stream), which the
 //! receiver answers with an ack of its current state: the ack that finished the
@@ -160,7 +162,7 @@
 use crate::id::{ChannelId, Guarantee, MessageId};
 use crate::proto::config::ProtoConfig;
 use crate::retry::{Backoff, GiveUp, RetryBudget, RetryDecision, RetryPolicy, RttEstimator};
-use crate::wire::{Data, SeqRange};
+use crate::wire::{Data, SeqRange, MAX_HELD_RANGES};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use std::cmp::Reverse;
@@ -555,6 +557,9 @@ pub(crate) struct OutboundStream {
     credit_probes: u64,
     /// The receiver holds every seq `<= held` (not lost, just not finished yet).
     held: u64,
+    /// And every seq of these inclusive spans above `held`, ascending and disjoint, at
+    /// most [`MAX_HELD_RANGES`] ([`crate::wire::Ack::held`], protocol version 5).
+    held_spans: Vec<(u64, u64)>,
     /// When a held message's re-check last asked for the stream's state, and how
     /// often it did.
     last_held_probe: Option<Instant>,
@@ -849,6 +854,7 @@ impl OutboundStream {
             credit_waits: 0,
             credit_probes: 0,
             held: 0,
+            held_spans: Vec::new(),
             last_held_probe: None,
             held_probes: 0,
             node_waits: 0,
@@ -1284,6 +1290,7 @@ impl OutboundStream {
         let Some(idx) = self.index(seq) else {
             return;
         };
+        let held = self.is_held(seq);
         let Some(m) = self.slots[idx].as_mut() else {
             return;
         };
@@ -1335,7 +1342,7 @@ impl OutboundStream {
             self.give_up(seq, GiveUp::Deadline);
             return;
         }
-        if seq <= self.held {
+        if held {
             // The receiver has it; only re-check now and then (module docs, "Held
             // messages"). Its ack (or a nack) may have been lost with nothing after it
             // to repeat it: ask for the stream's state. One probe per RTO serves every
@@ -1426,6 +1433,7 @@ impl OutboundStream {
         ranges: &[SeqRange],
         credit: Option<u64>,
         received: u64,
+        held: &[SeqRange],
     ) {
         // Only what was transmitted can be acked: a receiver acking further (a buggy or
         // lying one) must not turn messages it never got into successes.
@@ -1437,7 +1445,10 @@ impl OutboundStream {
         // rest was lost, not queued.
         let probing = self.gate.probing();
         let progress_before = self.last_progress;
-        let probes_only_below = self.held.max(self.gate.probe_high);
+        let probes_only_below = self
+            .held
+            .max(self.gate.probe_high)
+            .max(self.held_spans.last().map_or(0, |&(_, end)| end));
         self.settled_original = false;
         if received > self.held {
             self.last_progress = Some(now);
@@ -1454,6 +1465,7 @@ impl OutboundStream {
         // The receiver's held watermark only falls when it let a message go (its
         // nack says so too, but a nack can be lost): follow it down as well as up.
         self.held = received;
+        self.set_held_spans(held, top);
         if let (Some(grant), Some(cur)) = (credit, self.credit) {
             if grant > cur {
                 self.credit = Some(grant);
@@ -1462,6 +1474,7 @@ impl OutboundStream {
             }
         }
         let acked_at = Some(now);
+        let base_before = self.base;
         let mut settled = 0;
         let mut seq = self.base;
         while seq <= cumulative.min(top) {
@@ -1498,6 +1511,24 @@ impl OutboundStream {
             self.rtt.on_ack(sent, now, false);
             self.note_rtt(now.saturating_duration_since(sent));
         }
+        // (A version-1 receiver reports no watermark: its acks carry no credit. And a
+        // message the receiver is processing needs no floor to be handed out.)
+        if credit.is_some()
+            && self.base > base_before
+            && self.base > self.held.saturating_add(1)
+            && self.oldest_sent().is_some_and(|seq| !self.is_held(seq))
+        {
+            // The floor moved past seqs the receiver does not hold (a receiver that
+            // restarted never saw what its earlier run settled): an ordered receiver
+            // buffers what it holds above them until a frame's floor passes them. Carry
+            // the new floor now, as for a skipped seq ("Skipped seqs"), rather than
+            // with the next retransmission, up to `retry.backoff_cap` later: after a
+            // restart an ordered stream moves one such gap at a time. (Found by
+            // `tests/sim_node_props.rs`'s crashed-receiver property: 26 gaps ran past
+            // the deadline.) A lost copy costs only that: those retransmissions still
+            // carry the floor.
+            self.floor_owed = true;
+        }
         // The cumulative ack retires the oldest first-transmission timers: the queue
         // holds about one window, not one RTO's worth of traffic.
         while self.first.front().is_some_and(|e| e.1 < self.base) {
@@ -1513,11 +1544,17 @@ impl OutboundStream {
             // Whether it shows the latest probe: held, or settled by now.
             let high = self.gate.probe_high;
             let shows_probe = received >= high
+                || self.in_held_spans(high)
                 || self
                     .index(high)
                     .and_then(|i| self.slots[i].as_ref())
                     .is_none();
-            if !self.settled_original && received <= probes_only_below {
+            // Held spans reaching above the probes show more than the probes too.
+            let spans_show_more = self
+                .held_spans
+                .last()
+                .is_some_and(|&(_, end)| end > probes_only_below);
+            if !self.settled_original && received <= probes_only_below && !spans_show_more {
                 self.last_progress = progress_before;
                 if early {
                     return; // the rest keep waiting for the probe's own answer
@@ -1545,16 +1582,71 @@ impl OutboundStream {
         self.answered(now);
     }
 
+    /// Take the receiver's held spans above its watermark: clipped to what was
+    /// transmitted, ascending and disjoint, at most [`MAX_HELD_RANGES`] (a lying
+    /// receiver's list in any order, overlapping or inverted, costs a sort at most).
+    fn set_held_spans(&mut self, held: &[SeqRange], top: u64) {
+        if held.is_empty() {
+            // The usual ack: let a stream that had spans once give their memory back.
+            self.held_spans = Vec::new();
+            return;
+        }
+        self.held_spans.clear();
+        let lo = self.held.max(self.base.saturating_sub(1)).saturating_add(1);
+        self.held_spans.extend(
+            held.iter()
+                .take(MAX_HELD_RANGES)
+                .map(|r| (r.start.max(lo), r.end.min(top)))
+                .filter(|(start, end)| start <= end),
+        );
+        if !self.held_spans.is_sorted() {
+            self.held_spans.sort_unstable();
+        }
+        self.held_spans.dedup_by(|next, prev| {
+            // Merge `next` into `prev` when they overlap or touch.
+            if next.0 <= prev.1.saturating_add(1) {
+                prev.1 = prev.1.max(next.1);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Does the receiver hold `seq` above its watermark?
+    fn in_held_spans(&self, seq: u64) -> bool {
+        let i = self.held_spans.partition_point(|&(start, _)| start <= seq);
+        i > 0 && seq <= self.held_spans[i - 1].1
+    }
+
+    /// The oldest unsettled message transmitted at least once (what `floor_frame`
+    /// sends), if any.
+    fn oldest_sent(&self) -> Option<u64> {
+        self.slots
+            .iter()
+            .position(|m| m.as_ref().is_some_and(|m| m.attempts > 0))
+            .map(|i| self.base + i as u64)
+    }
+
+    /// Does the receiver hold `seq` (module docs, "Held messages")?
+    fn is_held(&self, seq: u64) -> bool {
+        seq <= self.held || self.in_held_spans(seq)
+    }
+
     fn note_rtt(&mut self, rtt: Duration) {
         self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
     }
 
-    /// The first message above `received` that is neither settled nor queued, if its
-    /// last transmission was no later than the probe.
+    /// The first message above `received` that is neither settled, queued nor held,
+    /// if its last transmission was no later than the probe.
     fn lost_before_probe(&self, received: u64) -> Option<u64> {
         let probe = self.gate.since?;
         let mut seq = self.base.max(received.saturating_add(1));
         while seq <= self.max_sent {
+            if let Some(&(_, end)) = self.held_spans.iter().find(|&&(s, e)| s <= seq && seq <= e) {
+                seq = end.saturating_add(1);
+                continue;
+            }
             if let Some(m) = self.index(seq).and_then(|i| self.slots[i].as_ref()) {
                 let sent = self.times.sent_at(seq, m)?;
                 return (!m.queued && m.attempts > 0 && sent <= probe).then_some(seq);
@@ -1619,6 +1711,25 @@ impl OutboundStream {
     pub(crate) fn handle_nack(&mut self, now: Instant, seq: u64) {
         // It is no longer held; neither, for the keep-alive, is anything above it.
         self.held = self.held.min(seq.saturating_sub(1));
+        // Spans are exact (unlike the watermark): only `seq` leaves them.
+        if let Some(i) = self
+            .held_spans
+            .iter()
+            .position(|&(start, end)| start <= seq && seq <= end)
+        {
+            let (start, end) = self.held_spans[i];
+            match (start < seq, seq < end) {
+                (false, false) => {
+                    self.held_spans.remove(i);
+                }
+                (true, false) => self.held_spans[i].1 = seq - 1,
+                (false, true) => self.held_spans[i].0 = seq + 1,
+                (true, true) => {
+                    self.held_spans[i].1 = seq - 1;
+                    self.held_spans.insert(i + 1, (seq + 1, end));
+                }
+            }
+        }
         self.answered(now);
         let Some(idx) = self.index(seq) else {
             return;
@@ -1677,6 +1788,7 @@ impl OutboundStream {
         }
         // Whatever the receiver held may have gone with the connection or the run.
         self.held = 0;
+        self.held_spans.clear();
         // A new connection: the old one's silence says nothing of it.
         self.gate = SilenceGate::default();
         let seqs: Vec<u64> = (self.base..self.next_seq)
@@ -2082,7 +2194,7 @@ mod tests {
                         sent_total += 1;
                     }
                     credit += rng.range_u64(0, 15);
-                    s.handle_ack(now, 0, &[], Some(credit), 0);
+                    s.handle_ack(now, 0, &[], Some(credit), 0, &[]);
                 }
                 assert!(sent_total > 0);
             }
@@ -2160,7 +2272,7 @@ mod tests {
             s.send(now, Bytes::from_static(b"3"), None, None, 0);
             assert!(s.take(2).is_some_and(|(_, sent)| !sent));
             assert_eq!(poll(&mut s), [(3, 1)]);
-            s.handle_ack(now, 1, &[], None, 1);
+            s.handle_ack(now, 1, &[], None, 1, &[]);
             assert_eq!(
                 poll(&mut s),
                 [(3, 3)],
@@ -2207,7 +2319,7 @@ mod tests {
             );
             assert_eq!(s.credit_counters().1, 3, "{guarantee:?}: three probes");
             // The receiver run now knows the stream: its first ack grants the rest.
-            s.handle_ack(now, 0, &[], Some(4 + 256), 0);
+            s.handle_ack(now, 0, &[], Some(4 + 256), 0, &[]);
             sent.extend(std::iter::from_fn(|| s.poll_transmit(now, &mut budget)).map(|d| d.seq));
             assert_eq!(sent, [5, 6, 7, 8], "{guarantee:?}");
         }
@@ -2230,7 +2342,7 @@ mod tests {
             // of nothing new with the same grant.
             now = s.poll_timeout().expect("a timer");
             s.handle_timeout(now, None, None);
-            s.handle_ack(now, 0, &[], Some(2), 2);
+            s.handle_ack(now, 0, &[], Some(2), 2, &[]);
             let more: Vec<u64> = std::iter::from_fn(|| s.poll_transmit(now, &mut budget))
                 .map(|d| d.seq)
                 .filter(|seq| *seq > 2)
@@ -2249,7 +2361,7 @@ mod tests {
         assert!(run(&mut s, now).is_empty());
         let lie = [SeqRange { start: 1, end: 6 }];
         s.handle_reject(now, 5, crate::wire::RejectReason::NoReceiver);
-        s.handle_ack(now, 6, &lie, Some(3), 6);
+        s.handle_ack(now, 6, &lie, Some(3), 6, &[]);
         let events: Vec<OutEvent> = std::iter::from_fn(|| s.poll_event()).collect();
         assert_eq!(settled(&events), [1, 2, 3], "{events:?}");
         assert!(
@@ -2285,7 +2397,7 @@ mod tests {
             },
             200_000,
         ));
-        s.handle_ack(now, 0, &ranges, None, 0);
+        s.handle_ack(now, 0, &ranges, None, 0, &[]);
         let events: Vec<OutEvent> = std::iter::from_fn(|| s.poll_event()).collect();
         assert_eq!(settled(&events), [1, 2, 3, 4, 5, 9, 10]);
     }
@@ -2318,7 +2430,7 @@ mod tests {
             if let Some(&r) = ranges.first() {
                 ranges.push(r);
             }
-            s.handle_ack(now, 0, &ranges, None, 0);
+            s.handle_ack(now, 0, &ranges, None, 0, &[]);
             let events: Vec<OutEvent> = std::iter::from_fn(|| s.poll_event()).collect();
             named.sort_unstable();
             assert_eq!(settled(&events), named);
@@ -2374,7 +2486,7 @@ mod tests {
         let f2 = s.poll_transmit(t0, &mut budget).unwrap();
         assert_eq!((f1.id, f2.id), (None, Some(key)));
         // The receiver holds both: they are only re-checked, never retransmitted.
-        s.handle_ack(t0 + Duration::from_millis(1), 0, &[], None, 2);
+        s.handle_ack(t0 + Duration::from_millis(1), 0, &[], None, 2, &[]);
 
         // Past half the µs range: the epoch moves by whole milliseconds.
         let t1 = t0 + 40 * MIN + Duration::from_micros(500);
@@ -2414,7 +2526,7 @@ mod tests {
 
         // 1 is acked 45 min after its only transmission: the sample is exact.
         let before = s.rtt.srtt();
-        s.handle_ack(t0 + 45 * MIN, 1, &[], None, 2);
+        s.handle_ack(t0 + 45 * MIN, 1, &[], None, 2, &[]);
         assert!(matches!(s.poll_event(), Some(OutEvent::Settled { seq: 1 })));
         assert_eq!(before, None);
         assert_eq!(s.rtt.srtt(), Some(45 * MIN));
@@ -2431,7 +2543,7 @@ mod tests {
         let f = s.poll_transmit(t4, &mut budget).unwrap();
         assert_eq!((f.seq, f.id), (4, Some(key)));
         assert_eq!(s.times.epoch, t4);
-        s.handle_ack(t4 + Duration::from_millis(3), 4, &[], None, 4);
+        s.handle_ack(t4 + Duration::from_millis(3), 4, &[], None, 4, &[]);
         assert!(matches!(s.poll_event(), Some(OutEvent::Settled { seq: 4 })));
         // An exact 3 ms sample (the second: SRTT = (7 * 45 min + 3 ms) / 8).
         let srtt = (7 * (45 * MIN).as_nanos() + 3_000_000) / 8;
@@ -2473,7 +2585,7 @@ mod tests {
         let ids: Vec<_> = s.unsettled().map(|(seq, _, id)| (seq, id)).collect();
         assert_eq!(ids[2], (3, MessageId::Key(IdKey(3))));
         // Settle, reject, hand off: each takes its entries along.
-        s.handle_ack(t0, 0, &[SeqRange { start: 2, end: 2 }], None, 0);
+        s.handle_ack(t0, 0, &[SeqRange { start: 2, end: 2 }], None, 0, &[]);
         assert_eq!(side_entries(&s), 8);
         s.handle_reject(t0, 4, crate::wire::RejectReason::NoReceiver);
         assert_eq!(side_entries(&s), 6);
@@ -2509,7 +2621,7 @@ mod tests {
             s.send(now, Bytes::new(), None, None, 0);
             run(&mut s, now);
             if i % 100 == 0 {
-                s.handle_ack(now, i - 50, &[], None, 0);
+                s.handle_ack(now, i - 50, &[], None, 0, &[]);
             }
             assert!(s.first.len() <= 150, "{} entries at {i}", s.first.len());
         }
@@ -2570,7 +2682,7 @@ mod tests {
         // Seq 4, a deadline 3 RTOs away: backed off to 1.5 RTO, not 2.
         assert_eq!(first_timeout(&s.rtt, Some(t1 + 3 * rto), t1), rto * 3 / 2);
         // A clean sample (seq 2 was sent once) ends the backoff.
-        s.handle_ack(t1 + rto, 0, &[SeqRange { start: 2, end: 2 }], None, 0);
+        s.handle_ack(t1 + rto, 0, &[SeqRange { start: 2, end: 2 }], None, 0, &[]);
         assert_eq!(s.rtt.first_rto(), s.rtt.rto());
         // So does a new connection.
         let t2 = t1 + 10 * rto;
@@ -2606,7 +2718,7 @@ mod tests {
         run(&mut s, t0);
         // An ack of seq 2 only: a 1 ms sample pulls the RTO down to a few ms.
         let t1 = t0 + Duration::from_millis(1);
-        s.handle_ack(t1, 0, &[SeqRange { start: 2, end: 2 }], None, 0);
+        s.handle_ack(t1, 0, &[SeqRange { start: 2, end: 2 }], None, 0, &[]);
         assert!(s.rtt.rto() < Duration::from_millis(10));
         s.send(t1, Bytes::new(), None, None, 0); // seq 3: raised to t0 + 1 s
         s.send(t1, Bytes::new(), None, Some(Duration::from_millis(100)), 0); // seq 4
@@ -2711,7 +2823,7 @@ mod tests {
         let (mut s, rto) = silent_burst(t0, 10);
         run_until(&mut s, t0 + rto);
         let t1 = t0 + rto + Duration::from_millis(1);
-        s.handle_ack(t1, 1, &[], None, 1);
+        s.handle_ack(t1, 1, &[], None, 1, &[]);
         run(&mut s, t1);
         assert_eq!(s.retransmits(), 10, "the probe, then the other nine");
         assert!((2..=10).all(|q| slot(&s, q).attempts == 2));
@@ -2730,7 +2842,7 @@ mod tests {
         // Held: nothing more goes before the held re-check.
         let (mut s, rto) = silent_burst(t0, 10);
         run_until(&mut s, t0 + rto);
-        s.handle_ack(t0 + rto + ms, 1, &[], None, 10);
+        s.handle_ack(t0 + rto + ms, 1, &[], None, 10, &[]);
         run_until(&mut s, t0 + rto * 5);
         assert_eq!(s.retransmits(), 1);
         // Settled originals up to 6, one round trip (1 ms, seen on seq 1) after the
@@ -2739,20 +2851,20 @@ mod tests {
         run_until(&mut s, t1 + rto);
         assert_eq!(slot(&s, 2).attempts, 2, "the probe");
         let t2 = t1 + rto + ms;
-        s.handle_ack(t2, 6, &[], None, 6);
+        s.handle_ack(t2, 6, &[], None, 6, &[]);
         run(&mut s, t2);
         assert_eq!(s.retransmits(), 2, "the probe, then the gap at 7");
         assert_eq!(slot(&s, 7).attempts, 2);
         assert!((8..=11).all(|q| slot(&s, q).attempts == 1));
         // The answer to that fills the rest: nothing more goes.
-        s.handle_ack(t2 + ms, 7, &[], None, 11);
+        s.handle_ack(t2 + ms, 7, &[], None, 11, &[]);
         run_until(&mut s, t2 + rto * 5);
         assert_eq!(s.retransmits(), 2);
         // An answer sooner than any round trip seen answers what was sent before the
         // probe, not the probe: no copy drawn from it.
         let (mut s, rto) = silent_burst(t0, 10);
         run_until(&mut s, t0 + rto);
-        s.handle_ack(t0 + rto + ms, 5, &[], None, 5);
+        s.handle_ack(t0 + rto + ms, 5, &[], None, 5, &[]);
         run(&mut s, t0 + rto + ms);
         assert_eq!(s.retransmits(), 1);
     }
@@ -2770,7 +2882,7 @@ mod tests {
         assert_eq!(slot(&s, 2).attempts, 2, "the probe");
         for k in 3..=6u64 {
             let t = t1 + rto + ms * (2 * k as u32);
-            s.handle_ack(t, 1, &[SeqRange { start: k, end: k }], None, 1);
+            s.handle_ack(t, 1, &[SeqRange { start: k, end: k }], None, 1, &[]);
             run(&mut s, t);
         }
         assert_eq!(
@@ -2787,7 +2899,7 @@ mod tests {
         s.send(t0, Bytes::new(), None, None, 0);
         run(&mut s, t0);
         let t1 = t0 + Duration::from_millis(1);
-        s.handle_ack(t1, 1, &[], None, 1);
+        s.handle_ack(t1, 1, &[], None, 1, &[]);
         for _ in 0..n {
             s.send(t1, Bytes::new(), None, None, 0);
         }
@@ -2881,7 +2993,7 @@ mod tests {
         run(&mut s, t0);
         let ms = Duration::from_millis(1);
         // The receiver holds both (in its handler); the ack that finishes them is lost.
-        s.handle_ack(t0 + ms, 0, &[], None, 2);
+        s.handle_ack(t0 + ms, 0, &[], None, 2, &[]);
         let keepalive = ProtoConfig::default().retry.backoff_cap;
         let until = t0 + s.rtt.rto() + keepalive;
         let (events, probes) = run_counting_probes(&mut s, until);
@@ -2891,7 +3003,7 @@ mod tests {
         assert!(probes <= 3, "one probe per RTO at most, got {probes}");
         assert_eq!(s.counters().held_probes, u64::from(probes));
         // The probe's answer: the receiver's current cumulative ack.
-        s.handle_ack(until, 2, &[], None, 2);
+        s.handle_ack(until, 2, &[], None, 2, &[]);
         let settled = std::iter::from_fn(|| s.poll_event())
             .filter(|e| matches!(e, OutEvent::Settled { .. }))
             .count();
@@ -2910,14 +3022,109 @@ mod tests {
         s.send(t0, Bytes::new(), None, None, 0);
         run(&mut s, t0);
         let ms = Duration::from_millis(1);
-        s.handle_ack(t0 + ms, 0, &[], None, 1);
+        s.handle_ack(t0 + ms, 0, &[], None, 1, &[]);
         // The answer to the re-check's probe: nothing held any more.
-        s.handle_ack(t0 + 2 * ms, 0, &[], None, 0);
+        s.handle_ack(t0 + 2 * ms, 0, &[], None, 0, &[]);
         let keepalive = ProtoConfig::default().retry.backoff_cap;
         let until = t0 + s.rtt.rto() + keepalive;
         run_until(&mut s, until);
         assert!(s.retransmits() >= 1);
     }
+    /// Held spans (protocol version 5): messages the receiver holds above a gap in its
+    /// watermark (a receiver that restarted holds redeliveries between seqs its earlier
+    /// run settled) are re-checked, not retransmitted; the one in the gap is
+    /// retransmitted; a nack or a later ack without the span lets a message go again.
+    #[test]
+    fn messages_held_above_the_watermark_are_not_retransmitted() {
+        let t0 = Instant::now();
+        let mut s = stream(t0);
+        for _ in 0..6 {
+            s.send(t0, Bytes::new(), None, None, 0);
+        }
+        run(&mut s, t0);
+        let ms = Duration::from_millis(1);
+        let span = |start, end| SeqRange { start, end };
+        // Holds 1, 3, 5-6; 2 and 4 are lost. Listed out of order, overlapping, with
+        // an inverted span and one past what was sent, as a lying receiver might.
+        let lie = [span(5, 6), span(3, 3), span(6, 5), span(5, 5), span(9, 12)];
+        s.handle_ack(t0 + ms, 0, &[], None, 1, &lie);
+        assert_eq!(s.held_spans, vec![(3, 3), (5, 6)]);
+        // Walk the timers like a driver, keeping the seqs that go out.
+        let walk = |s: &mut OutboundStream, until: Instant| {
+            let mut sent = Vec::new();
+            while let Some(t) = s.poll_timeout().filter(|t| *t <= until) {
+                s.handle_timeout(t, None, None);
+                let mut budget = u64::MAX;
+                while let Some(d) = s.poll_transmit(t, &mut budget) {
+                    sent.push(d.seq);
+                }
+                while s.poll_event().is_some() {}
+            }
+            sent
+        };
+        let keepalive = ProtoConfig::default().retry.backoff_cap;
+        let until = t0 + s.rtt.rto() + keepalive / 2;
+        let resent = walk(&mut s, until);
+        assert!(
+            resent.iter().all(|seq| [2, 4].contains(seq)) && resent.contains(&2),
+            "retransmitted {resent:?}: only the lost 2 and 4 may go"
+        );
+        // A nack of 5 lets it go (only it: 6 is still held): it is retransmitted.
+        s.handle_nack(until, 5);
+        assert_eq!(s.held_spans, vec![(3, 3), (6, 6)]);
+        let resent = walk(&mut s, until + NACK_RESEND_MIN);
+        assert!(resent.contains(&5), "{resent:?}");
+        // A later ack without the span: 3 is no longer held.
+        s.handle_ack(until + 2 * ms, 0, &[], None, 1, &[]);
+        assert!(!s.is_held(3) && s.is_held(1));
+    }
+
+    /// When the floor moves past seqs the receiver's watermark does not cover (it
+    /// restarted, and its earlier run settled them), one copy of the oldest unsettled
+    /// message carries the new floor at once, not counted as a retransmission; an
+    /// ack that moves the floor within the watermark, a version-1 ack (no
+    /// watermark), or one showing the receiver processing that message sends none.
+    #[test]
+    fn a_floor_past_what_the_receiver_holds_is_carried_at_once() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let setup = || {
+            let mut s = stream(t0);
+            for _ in 0..5 {
+                s.send(t0, Bytes::new(), None, None, 0);
+            }
+            run(&mut s, t0);
+            // The earlier receiver run settled 2 and 3; the new one holds 1.
+            let span = SeqRange { start: 2, end: 3 };
+            s.handle_ack(t0 + ms, 0, &[span], Some(100), 1, &[]);
+            s
+        };
+        let sent = |s: &mut OutboundStream, now: Instant| {
+            let mut budget = u64::MAX;
+            std::iter::from_fn(|| s.poll_transmit(now, &mut budget))
+                .map(|d| (d.seq, d.floor))
+                .collect::<Vec<_>>()
+        };
+        let mut s = setup();
+        assert!(sent(&mut s, t0 + ms).is_empty());
+        // 1 is done: the floor moves to 4, past 2 and 3, which the new run never saw.
+        s.handle_ack(t0 + 2 * ms, 1, &[], Some(100), 1, &[]);
+        assert_eq!(sent(&mut s, t0 + 2 * ms), [(4, 4)]);
+        assert_eq!(s.retransmits(), 0);
+        // Within the watermark: nothing.
+        s.handle_ack(t0 + 3 * ms, 4, &[], Some(100), 4, &[]);
+        assert!(sent(&mut s, t0 + 3 * ms).is_empty());
+        // A version-1 ack (no credit, no watermark): nothing.
+        let mut s = setup();
+        s.handle_ack(t0 + 2 * ms, 1, &[], None, 0, &[]);
+        assert!(sent(&mut s, t0 + 2 * ms).is_empty());
+        // The receiver is processing 4 already (a held span): a floor would not help.
+        let mut s = setup();
+        let four = SeqRange { start: 4, end: 4 };
+        s.handle_ack(t0 + 2 * ms, 1, &[], Some(100), 1, &[four]);
+        assert!(sent(&mut s, t0 + 2 * ms).is_empty());
+    }
+
     /// Nacks pace resends: a receiver nacking every copy at once (four nacks each) gets
     /// one copy per NACK_RESEND_MIN, not one per nack or per round trip; a nack for a
     /// copy older than that is answered at once. (Regression: ~900 resends a second
@@ -2982,7 +3189,7 @@ mod tests {
         s.send(t0, Bytes::new(), None, None, 0);
         s.send(t0, Bytes::new(), None, None, 0);
         run(&mut s, t0);
-        s.handle_ack(t0 + Duration::from_millis(1), 1, &[], None, 0);
+        s.handle_ack(t0 + Duration::from_millis(1), 1, &[], None, 0, &[]);
         // Seq 2 is lost: its timer fires every <= 2 s (the backoff cap); 50 s of
         // firings, all within the budget's window.
         run_until(&mut s, t0 + Duration::from_secs(50));

@@ -46,7 +46,7 @@
 
 use super::frame::{
     Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject,
-    SeqRange, Settled,
+    SeqRange, Settled, MAX_HELD_RANGES,
 };
 use super::version::PROTOCOL_VERSION;
 use crate::id::{ChannelId, Guarantee, MessageId};
@@ -393,6 +393,18 @@ fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
         Frame::Ack(a) if version < 2 => {
             bincode::encode_into_writer((a.channel, a.incarnation, a.cumulative, &a.ranges), w, cfg)
         }
+        Frame::Ack(a) if version < 5 => bincode::encode_into_writer(
+            (
+                a.channel,
+                a.incarnation,
+                a.cumulative,
+                &a.ranges,
+                a.credit,
+                a.received,
+            ),
+            w,
+            cfg,
+        ),
         Frame::Ack(a) => bincode::encode_into_writer(
             (
                 a.channel,
@@ -401,6 +413,7 @@ fn encode_header(frame: &Frame, version: u16, dst: &mut BytesMut) {
                 &a.ranges,
                 a.credit,
                 a.received,
+                &a.held[..a.held.len().min(MAX_HELD_RANGES)],
             ),
             w,
             cfg,
@@ -537,17 +550,7 @@ fn decode_ack<R: Reader>(
     let channel = ChannelId::decode(dec).map_err(malformed)?;
     let incarnation = u64::decode(dec).map_err(malformed)?;
     let cumulative = u64::decode(dec).map_err(malformed)?;
-    let count = u64::decode(dec).map_err(malformed)?;
-    // Each SeqRange takes at least 2 bytes (two varints); the body is bounded, so a
-    // count above the bound is a lie we refuse before allocating.
-    let count = usize::try_from(count)
-        .ok()
-        .filter(|&c| c <= u32::MAX as usize / 2)
-        .ok_or_else(|| DecodeError::Malformed(format!("ack range count {count} too large")))?;
-    let mut ranges = Vec::with_capacity(count.min(1024));
-    for _ in 0..count {
-        ranges.push(SeqRange::decode(dec).map_err(malformed)?);
-    }
+    let ranges = decode_ranges(dec, "ack", usize::MAX)?;
     let (credit, received) = if version >= 2 {
         (
             Option::<u64>::decode(dec).map_err(malformed)?,
@@ -556,6 +559,11 @@ fn decode_ack<R: Reader>(
     } else {
         (None, 0)
     };
+    let held = if version >= 5 {
+        decode_ranges(dec, "held", MAX_HELD_RANGES)?
+    } else {
+        Vec::new()
+    };
     Ok(Ack {
         channel,
         incarnation,
@@ -563,7 +571,28 @@ fn decode_ack<R: Reader>(
         ranges,
         credit,
         received,
+        held,
     })
+}
+
+/// A length-prefixed list of [`SeqRange`]s, at most `max` of them. Each range takes at
+/// least 2 bytes (two varints) and the body is bounded, so a count above that bound
+/// is a lie refused before allocating.
+fn decode_ranges<R: Reader>(
+    dec: &mut DecoderImpl<R, bincode::config::Configuration, ()>,
+    what: &str,
+    max: usize,
+) -> Result<Vec<SeqRange>, DecodeError> {
+    let count = u64::decode(dec).map_err(malformed)?;
+    let count = usize::try_from(count)
+        .ok()
+        .filter(|&c| c <= u32::MAX as usize / 2 && c <= max)
+        .ok_or_else(|| DecodeError::Malformed(format!("{what} range count {count} too large")))?;
+    let mut ranges = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
+        ranges.push(SeqRange::decode(dec).map_err(malformed)?);
+    }
+    Ok(ranges)
 }
 
 #[cfg(test)]
@@ -622,6 +651,7 @@ mod tests {
             ranges: vec![SeqRange { start: 12, end: 13 }],
             credit: Some(4106),
             received: 0,
+            held: Vec::new(),
         };
         for (version, want) in [(1, None), (2, Some(4106))] {
             let mut buf = BytesMut::new();
@@ -639,6 +669,58 @@ mod tests {
             assert_eq!(got.credit, want, "version {version}");
             assert_eq!((got.cumulative, got.ranges), (10, ack.ranges.clone()));
         }
+    }
+
+    /// Held ranges (version 5): the encoder sends at most `MAX_HELD_RANGES`, the
+    /// lowest; the decoder refuses an ack that lists more.
+    #[test]
+    fn held_ranges_are_bounded_on_both_sides() {
+        let held: Vec<SeqRange> = (0..MAX_HELD_RANGES as u64 + 1)
+            .map(|i| SeqRange {
+                start: 10 * i + 20,
+                end: 10 * i + 21,
+            })
+            .collect();
+        let ack = Ack {
+            channel: ChannelId(1),
+            incarnation: 5,
+            cumulative: 10,
+            ranges: Vec::new(),
+            credit: Some(4106),
+            received: 11,
+            held: held.clone(),
+        };
+        let mut buf = BytesMut::new();
+        FrameEncoder::default()
+            .encode(&Frame::Ack(ack.clone()), &mut buf)
+            .unwrap();
+        let Some(Frame::Ack(got)) = FrameDecoder::default().decode(&mut buf).unwrap() else {
+            panic!("not an ack")
+        };
+        assert_eq!(got.held, held[..MAX_HELD_RANGES]);
+        // One more than allowed, written by hand: malformed.
+        let mut body = vec![WIRE_FORMAT_VERSION, KIND_ACK];
+        let mut w = BytesMut::new();
+        let _ = bincode::encode_into_writer(
+            (
+                ChannelId(1),
+                5u64,
+                10u64,
+                Vec::<SeqRange>::new(),
+                Some(4106u64),
+                11u64,
+                &held,
+            ),
+            BytesWriter(&mut w),
+            bincode_config(),
+        );
+        body.extend_from_slice(&w);
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(body.len() as u32);
+        buf.put_u32_le(crc32c::crc32c(&body));
+        buf.extend_from_slice(&body);
+        let err = FrameDecoder::default().decode(&mut buf).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed(_)), "{err:?}");
     }
 
     #[test]

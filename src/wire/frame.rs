@@ -166,7 +166,18 @@ pub struct Ack {
     /// being processed, or waiting for ordered delivery), so the sender need not
     /// retransmit it on the usual timer. `0` on a version-1 connection.
     pub received: u64,
+    /// Protocol version 5 on: further seqs above `received` the receiver is processing
+    /// (handed to its application, not finished; done ones are in `ranges`),
+    /// ascending and disjoint, at most [`MAX_HELD_RANGES`] (a decoder refuses more). A receiver that restarted holds its redeliveries
+    /// with gaps between them (seqs its earlier run settled are never sent again), so
+    /// the watermark alone would leave them to be retransmitted on the usual timer.
+    /// Empty below version 5 (and dropped when encoding for such a connection).
+    pub held: Vec<SeqRange>,
 }
+
+/// Most held ranges ([`Ack::held`]) a receiver reports in one ack, and a sender keeps:
+/// the lowest ones, whose timers fire first.
+pub const MAX_HELD_RANGES: usize = 64;
 
 /// The handler failed (or dropped) a message: the sender should retransmit it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]

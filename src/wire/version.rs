@@ -35,6 +35,7 @@
 //! | 2 | receiver credit and the held watermark in acks ([`crate::wire::Ack::credit`], [`crate::wire::Ack::received`]), [`crate::wire::Frame::CreditProbe`]: flow control |
 //! | 3 | [`crate::wire::Frame::Reject`]: a receiver refuses a message for good with a reason (no receiver, not authorized, undecodable, dead-lettered, stream retired); [`crate::wire::Frame::Finish`]: a sender run that shuts down cleanly lets its receivers retire its streams' dedup state; [`crate::wire::Frame::NodeCredit`]: credit for all of a sending node's streams together; the payload type fingerprint in data frames |
 //! | 4 | [`crate::wire::Frame::Settled`]: a node replaying hints of an earlier run of itself tells the receiver which seqs of that run's streams are settled, so a dedup window stuck below a seq it will never see moves on |
+//! | 5 | held ranges in acks ([`crate::wire::Ack::held`], at most [`crate::wire::MAX_HELD_RANGES`] = 64 per ack, more is a malformed frame): what a receiver is processing above its held watermark, so a receiver that restarted and holds redeliveries with gaps between them is not sent copies of them on the usual timer |
 //!
 //! With a peer that negotiated version 1 the encoder leaves out what version 1 lacks;
 //! the protocol then falls back to the sender's own window for flow control (see the
@@ -44,7 +45,7 @@ use super::frame::{Frame, Handshake, Heartbeat};
 use crate::id::Origin;
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -69,10 +69,17 @@ pub fn frame(max_payload: usize, max_ranges: usize) -> impl Strategy<Value = Fra
             any::<u64>(),
             any::<u64>(),
             proptest::collection::vec((any::<u64>(), any::<u64>()), 0..max_ranges),
-            (any::<Option<u64>>(), any::<u64>()),
+            (
+                any::<Option<u64>>(),
+                any::<u64>(),
+                proptest::collection::vec(
+                    (any::<u64>(), any::<u64>()),
+                    0..max_ranges.min(ackwire::wire::MAX_HELD_RANGES)
+                ),
+            ),
         )
             .prop_map(
-                |(c, incarnation, cumulative, r, (credit, received))| Frame::Ack(Ack {
+                |(c, incarnation, cumulative, r, (credit, received, held))| Frame::Ack(Ack {
                     channel: ChannelId(c),
                     incarnation,
                     cumulative,
@@ -82,6 +89,10 @@ pub fn frame(max_payload: usize, max_ranges: usize) -> impl Strategy<Value = Fra
                         .collect(),
                     credit,
                     received,
+                    held: held
+                        .into_iter()
+                        .map(|(start, end)| SeqRange { start, end })
+                        .collect(),
                 })
             ),
         (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(c, incarnation, seq)| {
