@@ -3079,6 +3079,38 @@ mod tests {
         assert!(!s.is_held(3) && s.is_held(1));
     }
 
+    /// A receiver that claims a message held for good (a lying or stuck one) only
+    /// delays its end: the message is re-checked, never retransmitted, and fails at
+    /// its deadline.
+    #[test]
+    fn a_message_claimed_held_for_good_still_ends_at_its_deadline() {
+        let t0 = Instant::now();
+        let mut s = stream(t0);
+        s.send(t0, Bytes::new(), None, Some(Duration::from_secs(5)), 0);
+        s.send(t0, Bytes::new(), None, Some(Duration::from_secs(5)), 0);
+        run(&mut s, t0);
+        let held = [SeqRange { start: 2, end: 2 }];
+        let ms = Duration::from_millis(1);
+        s.handle_ack(t0 + ms, 0, &[], Some(100), 0, &held);
+        let mut events = Vec::new();
+        let mut now = t0 + ms;
+        while let Some(t) = s
+            .poll_timeout()
+            .filter(|t| *t <= t0 + Duration::from_secs(6))
+        {
+            now = t;
+            events.extend(run(&mut s, now));
+            // Every answer to a re-check claims it held again.
+            s.handle_ack(now, 0, &[], Some(100), 0, &held);
+        }
+        assert!(now >= t0 + Duration::from_secs(5));
+        assert!(
+            matches!(gave_up(&events, 2), Some((GiveUp::Deadline, _, _))),
+            "{events:?}"
+        );
+        assert!(s.retransmits() >= 1, "1, not held, is retransmitted");
+    }
+
     /// When the floor moves past seqs the receiver's watermark does not cover (it
     /// restarted, and its earlier run settled them), one copy of the oldest unsettled
     /// message carries the new floor at once, not counted as a retransmission; an
