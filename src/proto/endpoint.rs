@@ -2072,6 +2072,9 @@ impl Endpoint {
         let mut ready = std::mem::take(&mut self.ready);
         // The channel's receiver now may not be the one this stream started with.
         stream.set_ordered(ordered, &mut ready);
+        // Held ranges travel from protocol 5 on: for an older sender, neither worked
+        // out nor acked for.
+        stream.report_held = self.peers.get(&origin.node).is_some_and(|p| p.version >= 5);
         let (channel_seq, guarantee) = (data.seq, data.guarantee);
         match stream.on_data(now, data, &mut ready) {
             Arrival::Duplicate => self.stats.duplicates_dropped += 1,

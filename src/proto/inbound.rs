@@ -117,6 +117,9 @@ pub(crate) struct InboundStream {
     failures: FxHashMap<u64, u32>,
     /// When the last frame arrived (picks which idle stream makes room for a new one).
     last_arrival: Option<Instant>,
+    /// The sender reads held ranges ([`Ack::held`], protocol 5): work them out and
+    /// owe an ack for them. Set by the endpoint from the connection's version.
+    pub(crate) report_held: bool,
 }
 
 /// See [`InboundStream::mark`].
@@ -176,6 +179,7 @@ impl InboundStream {
             rejects_resent: None,
             failures: FxHashMap::default(),
             last_arrival: None,
+            report_held: true,
         }
     }
 
@@ -240,6 +244,7 @@ impl InboundStream {
     pub(crate) fn on_data(&mut self, now: Instant, data: Data, ready: &mut Vec<Data>) -> Arrival {
         self.last_arrival = Some(now);
         let seq = data.seq;
+        let buffered_before = self.reorder.contains_key(&seq);
         let arrival = self.admit(now, data, ready);
         self.extend_received();
         // A copy of a message held here (in the handler, or buffered for order) that
@@ -253,13 +258,23 @@ impl InboundStream {
         // In progress here above the watermark (a gap below it: a receiver that
         // restarted, whose earlier run settled the seqs between its redeliveries):
         // only the ack's held ranges say so.
-        let held_above =
-            matches!(arrival, Arrival::Ready | Arrival::InProgress) && seq > self.received;
+        let held_above = self.report_held
+            && matches!(arrival, Arrival::Ready | Arrival::InProgress)
+            && seq > self.received;
+        // A copy of a message buffered for order above a gap: the sender retransmits
+        // it because it has not learnt what would fill the gap, possibly the ack that
+        // moves its floor past seqs this run never saw (a receiver that restarted);
+        // say again what is settled. (Found by `tests/sim_node_props.rs`'s
+        // crashed-receiver property: every answer to the sender's re-check lost, an
+        // ordered stream waited 15 s for one ack while copies kept arriving.)
+        let buffered_copy = buffered_before && arrival == Arrival::Buffered;
         if !self.amo && self.received >= self.reported + (self.window / 8).max(1) {
             // Tell the sender what is held here before its timers think it lost: a
             // busy application otherwise delays every ack past the sender's RTO.
             self.owe_ack(now);
-        } else if !self.amo && (self.received > self.reported || held_copy || held_above) {
+        } else if !self.amo
+            && (self.received > self.reported || held_copy || held_above || buffered_copy)
+        {
             // A few messages held: say so within HELD_ACK_DELAY, well before the
             // sender's RTO (at least 200 ms by default). A handler that finishes
             // sooner sends its ack first, and this one merges into it.
@@ -389,7 +404,16 @@ impl InboundStream {
         if was_out && self.ordered && seq < self.next_deliver {
             self.held.insert(seq);
         }
+        self.let_go(seq);
+    }
+
+    /// `seq` is no longer held here: the watermark falls below it, and so does what
+    /// counts as reported, so that once its copy arrives and the watermark rises
+    /// again, an ack says so (the sender's nack handling took everything above `seq`
+    /// for let go, and would otherwise retransmit what is still held here).
+    fn let_go(&mut self, seq: u64) {
         self.received = self.received.min(seq.saturating_sub(1));
+        self.reported = self.reported.min(self.received);
     }
 
     /// `seq` was refused: the application will not process it now (no receiver, a
@@ -400,7 +424,7 @@ impl InboundStream {
     /// already, it holds `seq` as after a nack (rule 2).
     pub(crate) fn refuse(&mut self, seq: u64, later: Vec<Data>) {
         self.in_progress.remove(&seq);
-        self.received = self.received.min(seq.saturating_sub(1));
+        self.let_go(seq);
         if !self.ordered {
             for d in later {
                 self.in_progress.remove(&d.seq);
@@ -734,8 +758,9 @@ impl InboundStream {
                 self.reported = self.received.max(cumulative);
                 self.reported
             },
-            held: if self.amo {
-                Vec::new() // never retransmitted: nothing to hold back
+            held: if self.amo || !self.report_held {
+                // At-most-once is never retransmitted: nothing to hold back.
+                Vec::new()
             } else {
                 self.held_above(self.reported)
             },
@@ -1097,6 +1122,18 @@ mod tests {
             (vec![span(20, 20)], vec![span(30, 30)])
         );
         assert!(s.poll_ack(now + HELD_ACK_DELAY).is_none());
+        // A sender older than protocol 5 reads no ranges: none worked out, none owed.
+        let mut v4 = stream(false);
+        v4.report_held = false;
+        for seq in [10, 20] {
+            v4.on_data(now, data(seq, 10), &mut ready);
+        }
+        assert!(v4.poll_ack(now + HELD_ACK_DELAY).unwrap().held.is_empty());
+        assert_eq!(
+            v4.on_data(now, data(20, 10), &mut ready),
+            Arrival::InProgress
+        );
+        assert_eq!(v4.ack_deadline(), None);
         // At-most-once streams report nothing held (never retransmitted).
         let mut a = stream(false);
         for seq in [5, 9] {
@@ -1120,6 +1157,11 @@ mod tests {
         }
         let ack = o.poll_ack(now + HELD_ACK_DELAY).unwrap();
         assert_eq!((ack.received, ack.held), (1, vec![]));
+        // A copy of a buffered message is answered: the sender has not learnt what
+        // fills the gap (it may have lost the ack that would move its floor).
+        assert_eq!(o.ack_deadline(), None);
+        assert_eq!(o.on_data(now, data(3, 1), &mut ready), Arrival::Buffered);
+        assert_eq!(o.ack_deadline(), Some(now + HELD_ACK_DELAY));
         // The cap: the lowest MAX_HELD_RANGES.
         let mut c = InboundStream::new(
             s.origin,
@@ -1138,6 +1180,29 @@ mod tests {
         // 2 is the watermark; 4, 6, ... are held above it.
         let last = 2 * (MAX_HELD_RANGES as u64 + 1);
         assert_eq!(held.last(), Some(&span(last, last)));
+    }
+
+    /// After a message is let go (nacked), its copy raises the watermark back over
+    /// what the handlers still hold, and an ack says so within the held-ack delay: the
+    /// sender took everything above the nacked seq for let go. (Found in review: the
+    /// watermark came back to what was last reported, so no ack was owed, and the
+    /// sender retransmitted the held messages above on its timers.)
+    #[test]
+    fn a_redelivery_after_a_nack_reports_what_is_held_above_it_again() {
+        let now = Instant::now();
+        let mut s = stream(false);
+        let mut ready = Vec::new();
+        for seq in 1..=5 {
+            s.on_data(now, data(seq, 1), &mut ready);
+        }
+        let ack = s.poll_ack(now + HELD_ACK_DELAY).expect("held ack");
+        assert_eq!(ack.received, 5);
+        s.fail(2);
+        let ack = s.poll_ack(now + HELD_ACK_DELAY);
+        assert!(ack.as_ref().is_none_or(|a| a.received == 1), "{ack:?}");
+        assert_eq!(s.on_data(now, data(2, 1), &mut ready), Arrival::Ready);
+        assert_eq!(s.ack_deadline(), Some(now + HELD_ACK_DELAY));
+        assert_eq!(s.poll_ack(now + HELD_ACK_DELAY).unwrap().received, 5);
     }
 
     #[test]
