@@ -487,6 +487,18 @@ fn reject_frame(
     )
 }
 
+/// The nack of `origin`'s message `seq` on `channel`, addressed to it.
+fn nack_frame(origin: Origin, channel: ChannelId, seq: u64) -> (NodeId, Frame) {
+    (
+        origin.node,
+        Frame::Nack(Nack {
+            channel,
+            incarnation: origin.incarnation,
+            seq,
+        }),
+    )
+}
+
 /// Wait before the `probes`-th node credit probe: 200 ms doubling to 5 s.
 fn node_probe_interval(probes: u32) -> Duration {
     Duration::from_millis(200)
@@ -1421,13 +1433,10 @@ impl Endpoint {
                     stream.fail_counted(delivery.seq, count);
                     if current {
                         self.stats.nacks_sent += 1;
-                        self.transmit.push_back((
-                            delivery.origin.node,
-                            Frame::Nack(Nack {
-                                channel: delivery.channel,
-                                incarnation: delivery.origin.incarnation,
-                                seq: delivery.seq,
-                            }),
+                        self.transmit.push_back(nack_frame(
+                            delivery.origin,
+                            delivery.channel,
+                            delivery.seq,
                         ));
                     }
                 }
@@ -1614,14 +1623,8 @@ impl Endpoint {
             if current && !self.refusals_unnacked {
                 for seq in let_go {
                     self.stats.nacks_sent += 1;
-                    self.transmit.push_back((
-                        delivery.origin.node,
-                        Frame::Nack(Nack {
-                            channel: delivery.channel,
-                            incarnation: delivery.origin.incarnation,
-                            seq,
-                        }),
-                    ));
+                    self.transmit
+                        .push_back(nack_frame(delivery.origin, delivery.channel, seq));
                 }
             }
         }

@@ -38,10 +38,11 @@
 //! # Held messages
 //!
 //! A version-2 receiver also reports the seq up to which it holds every message
-//! ([`crate::wire::Ack::received`]), and a version-5 receiver the ranges it holds above
-//! that watermark that it is processing ([`crate::wire::Ack::held`]: a receiver that
-//! restarted holds its redeliveries with gaps between them).
-//! A message that waits in the receiver's queue or in its handler is not lost, so its retransmission timer only re-checks it every
+//! ([`crate::wire::Ack::received`]), and a version-5 receiver the ranges above that
+//! watermark that its handlers hold ([`crate::wire::Ack::held`]: a receiver that
+//! restarted holds its redeliveries with gaps between them). A message that waits in
+//! the receiver's queue or in its handler is not lost, so its retransmission timer
+//! only re-checks it every
 //! `retry.backoff_cap` instead of retransmitting it every RTO. The re-check sends a
 //! [`crate::wire::CreditProbe`] (at most one per RTO for the whole stream), which the
 //! receiver answers with an ack of its current state: the ack that finished the
@@ -1615,8 +1616,13 @@ impl OutboundStream {
 
     /// Does the receiver hold `seq` above its watermark?
     fn in_held_spans(&self, seq: u64) -> bool {
+        self.held_span_at(seq).is_some()
+    }
+
+    /// The index of the held span holding `seq`, if one does.
+    fn held_span_at(&self, seq: u64) -> Option<usize> {
         let i = self.held_spans.partition_point(|&(start, _)| start <= seq);
-        i > 0 && seq <= self.held_spans[i - 1].1
+        (i > 0 && seq <= self.held_spans[i - 1].1).then(|| i - 1)
     }
 
     /// The oldest unsettled message transmitted at least once (what `floor_frame`
@@ -1643,8 +1649,8 @@ impl OutboundStream {
         let probe = self.gate.since?;
         let mut seq = self.base.max(received.saturating_add(1));
         while seq <= self.max_sent {
-            if let Some(&(_, end)) = self.held_spans.iter().find(|&&(s, e)| s <= seq && seq <= e) {
-                seq = end.saturating_add(1);
+            if let Some(i) = self.held_span_at(seq) {
+                seq = self.held_spans[i].1.saturating_add(1);
                 continue;
             }
             if let Some(m) = self.index(seq).and_then(|i| self.slots[i].as_ref()) {
@@ -1712,11 +1718,7 @@ impl OutboundStream {
         // It is no longer held; neither, for the keep-alive, is anything above it.
         self.held = self.held.min(seq.saturating_sub(1));
         // Spans are exact (unlike the watermark): only `seq` leaves them.
-        if let Some(i) = self
-            .held_spans
-            .iter()
-            .position(|&(start, end)| start <= seq && seq <= end)
-        {
+        if let Some(i) = self.held_span_at(seq) {
             let (start, end) = self.held_spans[i];
             match (start < seq, seq < end) {
                 (false, false) => {
