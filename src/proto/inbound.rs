@@ -243,7 +243,7 @@ impl InboundStream {
     /// are appended to `ready` and marked in progress.
     pub(crate) fn on_data(&mut self, now: Instant, data: Data, ready: &mut Vec<Data>) -> Arrival {
         self.last_arrival = Some(now);
-        let seq = data.seq;
+        let (seq, floor) = (data.seq, data.floor);
         let buffered_before = self.reorder.contains_key(&seq);
         let arrival = self.admit(now, data, ready);
         self.extend_received();
@@ -261,13 +261,15 @@ impl InboundStream {
         let held_above = self.report_held
             && matches!(arrival, Arrival::Ready | Arrival::InProgress)
             && seq > self.received;
-        // A copy of a message buffered for order above a gap: the sender retransmits
-        // it because it has not learnt what would fill the gap, possibly the ack that
-        // moves its floor past seqs this run never saw (a receiver that restarted);
-        // say again what is settled. (Found by `tests/sim_node_props.rs`'s
+        // A copy of a message buffered for order above a gap, whose floor shows the
+        // sender has not learnt what this stream settled: it lost the ack that would
+        // move its floor past the gap (seqs this run never saw, after a restart).
+        // Say again what is settled. (Found by `tests/sim_node_props.rs`'s
         // crashed-receiver property: every answer to the sender's re-check lost, an
-        // ordered stream waited 15 s for one ack while copies kept arriving.)
-        let buffered_copy = buffered_before && arrival == Arrival::Buffered;
+        // ordered stream waited 15 s for one ack while copies kept arriving.) A copy
+        // whose floor is past what is settled (the gap is a plain loss) draws none.
+        let buffered_copy =
+            buffered_before && arrival == Arrival::Buffered && floor <= self.cumulative;
         if !self.amo && self.received >= self.reported + (self.window / 8).max(1) {
             // Tell the sender what is held here before its timers think it lost: a
             // busy application otherwise delays every ack past the sender's RTO.
@@ -1157,8 +1159,12 @@ mod tests {
         }
         let ack = o.poll_ack(now + HELD_ACK_DELAY).unwrap();
         assert_eq!((ack.received, ack.held), (1, vec![]));
-        // A copy of a buffered message is answered: the sender has not learnt what
-        // fills the gap (it may have lost the ack that would move its floor).
+        // A copy of a buffered message whose floor shows the sender has not learnt
+        // what is settled here (1 is done; it lost that ack) is answered; one whose
+        // floor is past that (2 is a plain loss) is not.
+        o.complete(now, 1, true);
+        assert!(o.poll_ack(now).is_some());
+        assert_eq!(o.on_data(now, data(3, 2), &mut ready), Arrival::Buffered);
         assert_eq!(o.ack_deadline(), None);
         assert_eq!(o.on_data(now, data(3, 1), &mut ready), Arrival::Buffered);
         assert_eq!(o.ack_deadline(), Some(now + HELD_ACK_DELAY));
