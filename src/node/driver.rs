@@ -282,7 +282,6 @@ impl Driver {
         self.core.stop();
         self.report();
         self.receivers.stop_handing_out(&self.shared);
-        self.core.endpoint.stop_nacking_refusals();
         self.shared.dead_letters.close();
         self.release_stores();
         // Wait (bounded) for the transport to write what was queued last, e.g. `Finish`

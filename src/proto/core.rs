@@ -284,9 +284,11 @@ impl<R, H: Hints> Core<R, H> {
         true
     }
 
-    /// The node stops: every receipt still open fails (see [`Core::reports`]).
+    /// The node stops: every receipt still open fails (see [`Core::reports`]), and
+    /// what its receivers had queued is refused without nacks (the next run gets it).
     pub(crate) fn stop(&mut self) {
         self.sends.fail_all(&mut self.reports);
+        self.endpoint.stop_nacking_refusals();
     }
 }
 
