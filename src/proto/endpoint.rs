@@ -2009,7 +2009,8 @@ impl Endpoint {
                 return;
             }
         }
-        let crediting = self.peers.get(&origin.node).is_some_and(|p| p.version >= 2);
+        let version = self.peers.get(&origin.node).map_or(0, |p| p.version);
+        let crediting = version >= 2;
         let node_hold = self.node_hold();
         let cfg = &self.config;
         if is_new {
@@ -2077,7 +2078,7 @@ impl Endpoint {
         stream.set_ordered(ordered, &mut ready);
         // Held ranges travel from protocol 5 on: for an older sender, neither worked
         // out nor acked for.
-        stream.report_held = self.peers.get(&origin.node).is_some_and(|p| p.version >= 5);
+        stream.report_held = version >= 5;
         let (channel_seq, guarantee) = (data.seq, data.guarantee);
         match stream.on_data(now, data, &mut ready) {
             Arrival::Duplicate => self.stats.duplicates_dropped += 1,
