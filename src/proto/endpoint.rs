@@ -1427,6 +1427,17 @@ impl Endpoint {
             .is_some_and(|p| p.origin == delivery.origin);
         if let Some(stream) = self.inbound.get_mut(&(delivery.origin, delivery.channel)) {
             match how {
+                Completion::Ack if stream.is_ordered() => {
+                    // What waits in line behind it goes out now. (A parked redelivery
+                    // rewinds the stream below seqs already in handlers; without this
+                    // the stream stopped at such a seq after it was acked, with what
+                    // was buffered behind it reported held, until its deadline.)
+                    let mut ready = std::mem::take(&mut self.ready);
+                    stream.complete(now, delivery.seq, true);
+                    stream.drain_head(&mut ready);
+                    self.process_ready(now, delivery.origin, delivery.channel, &mut ready);
+                    self.ready = ready;
+                }
                 Completion::Ack => stream.complete(now, delivery.seq, true),
                 Completion::Nack | Completion::Refuse | Completion::Reject(_) => {
                     let count = !(how == Completion::Nack && self.nacks_uncounted);
@@ -1538,29 +1549,37 @@ impl Endpoint {
         let Some(mut queue) = self.waiting.remove(&id) else {
             return;
         };
-        let woken: Vec<Parked> = if acked {
-            queue.drain(..).collect()
-        } else {
-            let first = queue.pop_front();
-            if !queue.is_empty() {
-                self.waiting.insert(id, queue);
-            }
-            first.into_iter().collect()
-        };
-        for p in woken {
+        // After a failure one copy takes the original's place: the oldest whose stream
+        // is still there and whose sender has not settled it since. Copies passed over
+        // are dropped (their senders gave up on them, or restarted and resend what
+        // matters). (Regression: only the oldest was woken; when it was such a copy,
+        // the ones behind it stayed parked behind a delivery no longer running, each
+        // reported held to its sender until its deadline.)
+        while let Some(p) = queue.pop_front() {
             let (origin, channel, seq) = (p.origin, p.data.channel, p.data.seq);
             let mut ready = std::mem::take(&mut self.ready);
+            let mut taken = false;
             if let Some(stream) = self.inbound.get_mut(&(origin, channel)) {
                 if acked {
                     self.stats.duplicates_dropped += 1;
                     stream.complete(now, seq, true);
                     stream.drain_head(&mut ready);
                 } else {
-                    stream.unpark(p.data, &mut ready);
+                    taken = stream.unpark(p.data, &mut ready);
                 }
-            } // else: its sender restarted since; the new run resends what matters
+            }
             self.process_ready(now, origin, channel, &mut ready);
             self.ready = ready;
+            if taken {
+                break;
+            }
+        }
+        if !queue.is_empty() {
+            // Copies parked meanwhile (behind the one just woken) wait after these.
+            if let Some(newer) = self.waiting.remove(&id) {
+                queue.extend(newer);
+            }
+            self.waiting.insert(id, queue);
         }
     }
 
@@ -1616,9 +1635,11 @@ impl Endpoint {
             if !stream.is_ordered() {
                 let_go.extend(later.iter().map(|(d, _)| d.seq));
             }
+            let mut ready = std::mem::take(&mut self.ready);
             stream.refuse(
                 delivery.seq,
                 later.into_iter().map(|(_, data)| data).collect(),
+                &mut ready,
             );
             if current && !self.refusals_unnacked {
                 for seq in let_go {
@@ -1627,6 +1648,8 @@ impl Endpoint {
                         .push_back(nack_frame(delivery.origin, delivery.channel, seq));
                 }
             }
+            self.process_ready(now, delivery.origin, delivery.channel, &mut ready);
+            self.ready = ready;
         }
         for id in eo {
             self.dedup.release(&id);
@@ -2311,10 +2334,9 @@ impl Endpoint {
                             Vec::new()
                         };
                         ready.remove(i);
-                        stream.refuse(seq, later);
-                        if ordered {
-                            break;
-                        }
+                        // Ordered, what it pushes (the stream's sender settled `seq`
+                        // since) is next in line: nothing else is left in `ready`.
+                        stream.refuse(seq, later, ready);
                         continue;
                     }
                 },
@@ -2667,6 +2689,69 @@ mod tests {
             })
             .collect();
         assert_eq!(again, [third.seq]);
+    }
+
+    /// A key resent after its deadline, parked behind the original (still in a slow
+    /// handler) and behind an earlier resend its sender gave up on too: when the
+    /// original fails, the copy that can still be delivered is, on an ordered stream
+    /// as on an unordered one. (Regression: only the oldest parked copy was woken; it
+    /// was the given-up one, dropped, and the live one stayed parked — reported held
+    /// to its sender — until its deadline.)
+    #[test]
+    fn a_failed_original_wakes_the_copy_that_is_still_wanted() {
+        for ordered in [true, false] {
+            let t0 = Instant::now();
+            let (mut a, mut b) = (endpoint(1, t0), endpoint(2, t0));
+            a.handle_peer_up(t0, b.origin(), 5);
+            b.handle_peer_up(t0, a.origin(), 5);
+            b.accept_channel_with(ChannelId(1), Accept::new(ordered, None));
+            let key = MessageId::Key(crate::IdKey(78));
+            let send = |a: &mut Endpoint, now: Instant, deadline: Option<Duration>| {
+                a.send(
+                    now,
+                    Outgoing {
+                        peer: NodeId(2),
+                        channel: ChannelId(1),
+                        guarantee: Guarantee::EffectivelyOnce,
+                        payload: Bytes::from_static(b"k"),
+                        id: Some(key),
+                        deadline,
+                        schema: 0,
+                    },
+                )
+                .unwrap()
+            };
+            let deliveries = |b: &mut Endpoint| -> Vec<DeliveryRef> {
+                std::iter::from_fn(|| b.poll_event())
+                    .filter_map(|e| match e {
+                        Event::Deliver { delivery, .. } => Some(delivery),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            // The original (seq 1) goes to a slow handler; the resend (seq 2) parks.
+            let soon = Some(Duration::from_secs(1));
+            send(&mut a, t0, soon);
+            send(&mut a, t0, soon);
+            for f in frames(&mut a, NodeId(2), t0) {
+                b.handle_frame(t0, NodeId(1), f);
+            }
+            let original = deliveries(&mut b);
+            assert_eq!(original.len(), 1, "ordered {ordered}");
+            // Both reach their deadlines at the sender; the application resends.
+            let t1 = t0 + Duration::from_secs(2);
+            a.handle_timeout(t1);
+            let third = send(&mut a, t1, None);
+            for f in frames(&mut a, NodeId(2), t1) {
+                b.handle_frame(t1, NodeId(1), f);
+            }
+            assert!(deliveries(&mut b).is_empty(), "ordered {ordered}: parked");
+            assert_eq!(b.stats().in_progress_dropped, 2, "ordered {ordered}");
+            // The original's handler fails: the third copy is delivered now.
+            b.complete(t1, original[0], Completion::Nack);
+            let again: Vec<u64> = deliveries(&mut b).iter().map(|d| d.seq).collect();
+            assert_eq!(again, [third.seq], "ordered {ordered}");
+        }
     }
 
     /// Deliveries refused because their receiver is gone are nacked to the sender, as
