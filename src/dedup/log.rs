@@ -98,6 +98,9 @@ pub(crate) struct DedupLog {
     buf: Vec<u8>,
     /// Bytes written since the last fsync (group commit).
     unsynced: bool,
+    /// A failed write may have left part of a record after `len`, and cutting it off
+    /// failed too: cut it before anything else is written.
+    torn: bool,
 }
 
 impl DedupLog {
@@ -156,6 +159,7 @@ impl DedupLog {
             fsync,
             buf: Vec::with_capacity(64),
             unsynced: false,
+            torn: false,
         };
         if salt.is_none() {
             // Formats 1 to 3 become format 4 before anything is appended.
@@ -192,12 +196,27 @@ impl DedupLog {
     /// Writes the buffered records (one `write`), then fsyncs (per the policy) what
     /// was written since the last sync. A failed write drops the buffer (the error
     /// says so; the caller counts it) instead of retrying it forever.
+    ///
+    /// A failed write is cut off the file (what it wrote of a record would otherwise
+    /// sit between records: recovery skips a damaged record by its length, which
+    /// would swallow the start of the next batch's first record, acknowledged once
+    /// synced). If the cut fails too, nothing more is written until it succeeds.
     pub(crate) fn sync(&mut self) -> Result<(), DedupError> {
         if !self.buf.is_empty() {
+            if self.torn {
+                if let Err(e) = self.io.truncate(self.len) {
+                    self.buf.clear();
+                    return Err(e.into());
+                }
+                self.torn = false;
+            }
             let r = self.io.append(&self.buf);
             let n = self.buf.len() as u64;
             self.buf.clear();
-            r?;
+            if let Err(e) = r {
+                self.torn = self.io.truncate(self.len).is_err();
+                return Err(e.into());
+            }
             self.len += n;
             self.unsynced = true;
         }
@@ -231,6 +250,7 @@ impl DedupLog {
         // The live state holds what the buffered records said.
         self.buf.clear();
         self.unsynced = false;
+        self.torn = false;
         Ok(())
     }
 }
@@ -668,6 +688,83 @@ mod tests {
         disk.lose_unsynced();
         let (_, rec) = open(&disk, FsyncPolicy::Always);
         assert_eq!(rec.records, (1..=100).map(seq).collect::<Vec<_>>());
+    }
+
+    /// A write that fails half-way (a full disk: part of the batch reached the file)
+    /// is cut off again, so the next batch, written once space is back, is whole at
+    /// recovery. (Regression: the partial record stayed; recovery skipped it by its
+    /// length and took the next batch's first record with it — a record whose ack had
+    /// gone out as durable.) And if the cut fails too, nothing is written after the
+    /// partial bytes until a cut succeeds.
+    #[test]
+    fn a_write_that_fails_half_way_does_not_cost_the_next_batch() {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        use std::sync::Arc;
+        #[derive(Debug)]
+        struct Full(MemFile, Arc<AtomicBool>, Arc<AtomicBool>);
+        impl LogFile for Full {
+            fn path(&self) -> &Path {
+                self.0.path()
+            }
+            fn read_all(&mut self) -> std::io::Result<Vec<u8>> {
+                self.0.read_all()
+            }
+            fn append(&mut self, b: &[u8]) -> std::io::Result<()> {
+                if self.1.load(Relaxed) {
+                    self.0.append(&b[..b.len() / 2 + 3])?;
+                    return Err(std::io::Error::other("no space left on device"));
+                }
+                self.0.append(b)
+            }
+            fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+                if self.2.load(Relaxed) {
+                    return Err(std::io::Error::other("no space left on device"));
+                }
+                self.0.truncate(len)
+            }
+            fn sync(&mut self) -> std::io::Result<()> {
+                self.0.sync()
+            }
+            fn replace(&mut self, b: &[u8]) -> std::io::Result<()> {
+                self.0.replace(b)
+            }
+        }
+        for cut_fails_once in [false, true] {
+            let disk = MemFile::default();
+            let (full, no_cut) = (
+                Arc::new(AtomicBool::new(false)),
+                Arc::new(AtomicBool::new(false)),
+            );
+            let io = Full(disk.clone(), full.clone(), no_cut.clone());
+            let (mut log, _) = DedupLog::open_on(Box::new(io), FsyncPolicy::Always).unwrap();
+            for n in 1..=3 {
+                log.append_unsynced(&seq(n));
+            }
+            log.sync().unwrap();
+            full.store(true, Relaxed);
+            no_cut.store(cut_fails_once, Relaxed);
+            for n in 4..=6 {
+                log.append_unsynced(&seq(n));
+            }
+            assert!(log.sync().is_err(), "the failed write is reported");
+            full.store(false, Relaxed);
+            if cut_fails_once {
+                log.append_unsynced(&seq(7));
+                assert!(
+                    log.sync().is_err(),
+                    "nothing written after the partial bytes"
+                );
+                no_cut.store(false, Relaxed);
+            }
+            for n in 8..=10 {
+                log.append_unsynced(&seq(n));
+            }
+            log.sync().unwrap();
+            drop(log);
+            let (_, rec) = open(&disk, FsyncPolicy::Always);
+            let want: Vec<Record> = [1, 2, 3, 8, 9, 10].into_iter().map(seq).collect();
+            assert_eq!(rec.records, want, "cut fails once: {cut_fails_once}");
+        }
     }
 
     /// A legacy log is rewritten as format 3 in one atomic step: a power loss right
