@@ -718,3 +718,105 @@ fn a_segment_named_with_the_largest_id_gives_a_typed_error() {
     let r = s.append(hint(T, 0, 1), None, Instant::now());
     assert!(matches!(r, Err(HintError::Io { .. })), "{r:?}");
 }
+
+/// A [`MemSegmentIo`] whose segment removals and cursor writes fail while `broken` is
+/// set (a full disk, a read-only remount).
+#[derive(Debug, Clone)]
+struct Breaking {
+    io: MemSegmentIo,
+    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Breaking {
+    fn check(&self) -> std::io::Result<()> {
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other("no space left on device"));
+        }
+        Ok(())
+    }
+}
+
+impl SegmentIo for Breaking {
+    fn list_targets(&mut self) -> std::io::Result<Vec<NodeId>> {
+        self.io.list_targets()
+    }
+    fn list_segments(&mut self, target: NodeId) -> std::io::Result<Vec<u64>> {
+        self.io.list_segments(target)
+    }
+    fn read_segment(&mut self, target: NodeId, segment: u64) -> std::io::Result<Vec<u8>> {
+        self.io.read_segment(target, segment)
+    }
+    fn read_at(&mut self, t: NodeId, s: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.io.read_at(t, s, offset, buf)
+    }
+    fn create_segment(&mut self, t: NodeId, s: u64, header: &[u8]) -> std::io::Result<()> {
+        self.io.create_segment(t, s, header)
+    }
+    fn append(&mut self, t: NodeId, s: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.io.append(t, s, bytes)
+    }
+    fn truncate(&mut self, t: NodeId, s: u64, len: u64) -> std::io::Result<()> {
+        self.io.truncate(t, s, len)
+    }
+    fn sync(&mut self, t: NodeId, s: u64) -> std::io::Result<()> {
+        self.io.sync(t, s)
+    }
+    fn sync_dir(&mut self, t: NodeId) -> std::io::Result<()> {
+        self.io.sync_dir(t)
+    }
+    fn remove_segment(&mut self, t: NodeId, s: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.io.remove_segment(t, s)
+    }
+    fn quarantine_segment(&mut self, t: NodeId, s: u64) -> std::io::Result<()> {
+        self.io.quarantine_segment(t, s)
+    }
+    fn read_cursor(&mut self, t: NodeId) -> std::io::Result<Option<Vec<u8>>> {
+        self.io.read_cursor(t)
+    }
+    fn write_cursor(&mut self, t: NodeId, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+        self.check()?;
+        self.io.write_cursor(t, bytes, durable)
+    }
+    fn remove_target(&mut self, t: NodeId) -> std::io::Result<()> {
+        self.io.remove_target(t)
+    }
+}
+
+/// A batch whose clean-up fails (the segment its expired hint emptied cannot be
+/// deleted) is still handed out: its hints were read and the replay position moved
+/// past them. (Regression: the error dropped the batch, and its hints stayed pending
+/// without being read again in this run: stored, never replayed.) And a sweep that
+/// fails half-way still counts what it dropped.
+#[test]
+fn a_failed_clean_up_neither_strands_a_batch_nor_skews_the_counts() {
+    let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = Breaking {
+        io: MemSegmentIo::new(),
+        broken: broken.clone(),
+    };
+    let (mut s, _) = HintStore::open_with(small_cfg(), io).unwrap();
+    let now = Instant::now();
+    // One hint per segment (3000 B in 4 KiB segments); the first expires at 1_500.
+    let mut first = hint(T, 0, 3000);
+    first.created_unix_ms = 1_000;
+    first.ttl_ms = 500;
+    s.append(first, None, now).unwrap();
+    let live = hint(T, 1, 3000);
+    s.append(live.clone(), None, now).unwrap();
+    broken.store(true, std::sync::atomic::Ordering::Relaxed);
+    let batch = s
+        .next_batch(T, u64::MAX, 2_000)
+        .expect("the batch is handed out");
+    assert_eq!(
+        batch.iter().map(|(_, h)| h.clone()).collect::<Vec<_>>(),
+        [live]
+    );
+    assert_eq!((s.stats().expired, s.stats().pending), (1, 1));
+    // The second expires too; the sweep cannot delete its segment, but counts it.
+    assert!(s.expire(u64::MAX).is_err());
+    assert_eq!((s.stats().expired, s.stats().pending), (2, 0));
+    broken.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(s.expire(u64::MAX).unwrap(), 0);
+    assert_eq!(s.stats().pending, 0);
+}

@@ -595,6 +595,12 @@ impl<B: SegmentIo> HintStore<B> {
                 let mut span = vec![0u8; (end - base) as usize];
                 if let Err(e) = self.io.read_at(target, seg_id, base, &mut span) {
                     self.stats.io_errors += 1;
+                    if !out.is_empty() {
+                        // What was read is handed out (the replay position already
+                        // moved past it); the next batch starts with this read again.
+                        tracing::warn!(%target, segment = seg_id, error = %e, "reading hints failed; batch cut short");
+                        break 'segs;
+                    }
                     return Err(io_err("reading hints")(e));
                 }
                 let span = bytes::Bytes::from(span);
@@ -637,7 +643,13 @@ impl<B: SegmentIo> HintStore<B> {
             }
         }
         self.stats.replayed += out.len() as u64;
-        self.delete_finished(target)?;
+        // The batch is handed out whatever happens here: the replay position moved past
+        // its hints, so an error now would strand them (pending, never read again in
+        // this run). Deleting finished segments is retried at the next batch or mark.
+        // (Regression: a failed cursor write dropped the batch.)
+        if let Err(e) = self.delete_finished(target) {
+            tracing::warn!(%target, error = %e, "deleting delivered hint segments failed; retried later");
+        }
         Ok(out)
     }
 
@@ -701,7 +713,7 @@ impl<B: SegmentIo> HintStore<B> {
     /// Drops every hint expired at `now_unix_ms` (all targets) and deletes segments that
     /// become empty. Returns how many were dropped.
     pub fn expire(&mut self, now_unix_ms: u64) -> Result<u64, HintError> {
-        let mut dropped = 0;
+        let (mut dropped, mut counted) = (0, 0);
         let ids: Vec<NodeId> = self.targets.keys().copied().collect();
         for target in ids {
             let Some(log) = self.targets.get_mut(&target) else {
@@ -723,10 +735,13 @@ impl<B: SegmentIo> HintStore<B> {
                     }
                 }
             }
+            // Counted before the segments are deleted: the hints are gone from the
+            // pending counts whether or not that succeeds.
+            self.stats.expired += dropped - counted;
+            self.stats.pending -= dropped - counted;
+            counted = dropped;
             self.delete_finished(target)?;
         }
-        self.stats.expired += dropped;
-        self.stats.pending -= dropped;
         Ok(dropped)
     }
 
