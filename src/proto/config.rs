@@ -123,7 +123,7 @@ impl ProtoConfig {
     pub const MAX_ACK_DELAY: Duration = Duration::from_secs(1);
     /// Largest accepted [`max_ack_ranges`](Self::max_ack_ranges): 65 536 (an ack frame
     /// of that many ranges still fits the default 8 MiB frame limit).
-    pub const MAX_ACK_RANGES: usize = 1 << 16;
+    pub const MAX_ACK_RANGES: usize = crate::wire::MAX_ACK_RANGES;
     /// Largest accepted [`max_reorder_buffer`](Self::max_reorder_buffer),
     /// [`max_streams_per_peer`](Self::max_streams_per_peer) and
     /// [`amo_reorder_slack`](Self::amo_reorder_slack): `2^24`.

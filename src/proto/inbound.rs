@@ -47,7 +47,7 @@
 //! gets the stream's rejects again.
 
 use crate::id::{ChannelId, Guarantee, Origin};
-use crate::wire::{Ack, Data, RejectReason, SeqRange, MAX_HELD_RANGES};
+use crate::wire::{Ack, Data, RejectReason, SeqRange, MAX_ACK_RANGES, MAX_HELD_RANGES};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -765,6 +765,11 @@ impl InboundStream {
                 _ => ranges.push(r),
             }
         }
+        if ranges.len() > MAX_ACK_RANGES {
+            // The rest goes in the next ack, at once (a decoder refuses more).
+            self.pending_ack = ranges.split_off(MAX_ACK_RANGES);
+            self.ack_due = Some(now);
+        }
         Some(Ack {
             channel: self.channel,
             incarnation: self.origin.incarnation,
@@ -1342,6 +1347,23 @@ mod tests {
         assert!(s.unpark(data(3, 1), &mut ready));
         assert_eq!(seqs(&ready), [1, 2, 3]);
         assert_eq!(s.outstanding(), 3, "nothing left buffered");
+    }
+
+    /// An ack carries at most `MAX_ACK_RANGES` SACK ranges (the decoder refuses more):
+    /// the rest goes in the next ack, due at once.
+    #[test]
+    fn an_ack_with_too_many_ranges_is_sent_in_parts() {
+        let now = Instant::now();
+        let mut s = stream(false);
+        for i in 0..MAX_ACK_RANGES as u64 + 5 {
+            s.push_ack(now, 2 * i + 10);
+        }
+        let first = s.poll_ack(now).expect("due: the range limit was reached");
+        assert_eq!(first.ranges.len(), MAX_ACK_RANGES);
+        let rest = s.poll_ack(now).expect("the rest is due at once");
+        assert_eq!(rest.ranges.len(), 5);
+        assert_eq!(rest.ranges[0].start, 2 * MAX_ACK_RANGES as u64 + 10);
+        assert!(s.poll_ack(now).is_none());
     }
 
     /// A copy parked while the stream was unordered, woken after its receiver was

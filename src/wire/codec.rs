@@ -46,7 +46,7 @@
 
 use super::frame::{
     Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject,
-    SeqRange, Settled, MAX_HELD_RANGES,
+    SeqRange, Settled, MAX_ACK_RANGES, MAX_HELD_RANGES,
 };
 use super::version::PROTOCOL_VERSION;
 use crate::id::{ChannelId, Guarantee, MessageId};
@@ -550,7 +550,7 @@ fn decode_ack<R: Reader>(
     let channel = ChannelId::decode(dec).map_err(malformed)?;
     let incarnation = u64::decode(dec).map_err(malformed)?;
     let cumulative = u64::decode(dec).map_err(malformed)?;
-    let ranges = decode_ranges(dec, "ack", usize::MAX)?;
+    let ranges = decode_ranges(dec, "ack", MAX_ACK_RANGES)?;
     let (credit, received) = if version >= 2 {
         (
             Option::<u64>::decode(dec).map_err(malformed)?,
@@ -721,6 +721,37 @@ mod tests {
         buf.extend_from_slice(&body);
         let err = FrameDecoder::default().decode(&mut buf).unwrap_err();
         assert!(matches!(err, DecodeError::Malformed(_)), "{err:?}");
+    }
+
+    /// SACK ranges: an ack of `MAX_ACK_RANGES` decodes; one more is malformed, so a
+    /// peer cannot make the node decode (and sort) millions of them from one frame.
+    #[test]
+    fn ack_ranges_are_bounded_when_decoded() {
+        for (n, ok) in [(MAX_ACK_RANGES, true), (MAX_ACK_RANGES + 1, false)] {
+            let ack = Ack {
+                channel: ChannelId(1),
+                incarnation: 5,
+                cumulative: 10,
+                ranges: (0..n as u64)
+                    .map(|i| SeqRange {
+                        start: 2 * i + 20,
+                        end: 2 * i + 20,
+                    })
+                    .collect(),
+                credit: Some(4106),
+                received: 11,
+                held: Vec::new(),
+            };
+            let mut buf = BytesMut::new();
+            FrameEncoder::default()
+                .encode(&Frame::Ack(ack.clone()), &mut buf)
+                .unwrap();
+            match FrameDecoder::default().decode(&mut buf) {
+                Ok(Some(Frame::Ack(got))) if ok => assert_eq!(got.ranges, ack.ranges),
+                Err(DecodeError::Malformed(_)) if !ok => {}
+                other => panic!("{n} ranges: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -175,6 +175,12 @@ pub struct Ack {
     pub held: Vec<SeqRange>,
 }
 
+/// Most SACK ranges ([`Ack::ranges`]) in one ack: a receiver sends the rest in the next
+/// one, a decoder refuses a frame with more (malformed). 2^16 ranges are 1 MiB decoded;
+/// without the bound, an 8 MiB frame of 2-byte ranges decoded to 64 MiB and was sorted
+/// on the node's driver.
+pub const MAX_ACK_RANGES: usize = 1 << 16;
+
 /// Most held ranges ([`Ack::held`]) a receiver reports in one ack, and a sender keeps:
 /// the lowest ones, whose timers fire first.
 pub const MAX_HELD_RANGES: usize = 64;

@@ -15,7 +15,7 @@ pub use codec::{
 };
 pub use frame::{
     Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject,
-    RejectReason, SeqRange, Settled, MAX_HELD_RANGES,
+    RejectReason, SeqRange, Settled, MAX_ACK_RANGES, MAX_HELD_RANGES,
 };
 #[cfg(feature = "tokio-util")]
 pub use framed::FramedError;
