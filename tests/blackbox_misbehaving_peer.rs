@@ -65,6 +65,24 @@ async fn within<F: std::future::Future>(secs: u64, what: &str, f: F) -> F::Outpu
 /// Handshake as `origin`; returns the write half (the read half is drained in the
 /// background so the node's writes never block) and the negotiated version.
 async fn raw(addr: SocketAddr, origin: Origin) -> (tokio::net::tcp::OwnedWriteHalf, u16) {
+    let (s, version) = raw_stream(addr, origin).await;
+    let (mut rd, wr) = s.into_split();
+    tokio::spawn(async move {
+        let mut sink = vec![0u8; 1 << 16];
+        while let Ok(Ok(k)) =
+            tokio::time::timeout(Duration::from_secs(60), rd.read(&mut sink)).await
+        {
+            if k == 0 {
+                break;
+            }
+        }
+    });
+    (wr, version)
+}
+
+/// Handshake as `origin`; returns the connection, read by no one from here on, and the
+/// negotiated version.
+async fn raw_stream(addr: SocketAddr, origin: Origin) -> (TcpStream, u16) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut neg = Negotiation::new(origin, VersionRange::SUPPORTED);
     let mut out = BytesMut::new();
@@ -87,18 +105,7 @@ async fn raw(addr: SocketAddr, origin: Origin) -> (tokio::net::tcp::OwnedWriteHa
             .unwrap();
         assert!(n > 0, "node closed the admitted peer's handshake");
     };
-    let (mut rd, wr) = s.into_split();
-    tokio::spawn(async move {
-        let mut sink = vec![0u8; 1 << 16];
-        while let Ok(Ok(k)) =
-            tokio::time::timeout(Duration::from_secs(60), rd.read(&mut sink)).await
-        {
-            if k == 0 {
-                break;
-            }
-        }
-    });
-    (wr, version)
+    (s, version)
 }
 
 /// The receiving node B (admits X and A), and the honest sending node A.
@@ -976,7 +983,10 @@ fn a_ping_storm_that_reads_its_pongs_does_not_starve_an_honest_peer() {
         check_honest(&s, 2000, &bad, "ping storm");
         if let Some(t) = disconnected {
             assert!(
-                t.stalled_peers_disconnected > 0 || t.idle_timeouts > 0 || t.read_timeouts > 0,
+                t.stalled_peers_disconnected > 0
+                    || t.idle_timeouts > 0
+                    || t.read_timeouts > 0
+                    || t.write_timeouts > 0,
                 "a peer that reads its pongs was disconnected with no counter naming why: {t:?}"
             );
         }
@@ -1081,5 +1091,76 @@ fn settled_frames_never_touch_the_current_run_nor_create_streams() {
         );
         drop(wr);
         shutdown(s).await;
+    });
+}
+
+// -------------------------------------------------------------------------------------
+// 9. A peer that stops reading but keeps pinging.
+// -------------------------------------------------------------------------------------
+
+/// A peer that stops reading while it keeps sending pings (so the read side never goes
+/// idle): the node's writes to it stop making progress once the socket buffers are
+/// full, and after `idle_timeout` the connection is closed and counted in
+/// `TcpStats::write_timeouts`. (Before: nothing closed it — its pings kept it alive
+/// and the node's writer waited for good, every message to that peer behind it.)
+#[test]
+fn a_peer_that_stops_reading_but_keeps_pinging_is_disconnected_and_counted() {
+    let _g = serial();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = ackwire::transport::tcp::TcpConfig {
+            idle_timeout: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let x = Origin {
+            node: NodeId(31_901),
+            incarnation: 7,
+        };
+        let b = Node::builder(NodeId(31_900))
+            .tcp(any_addr(), tcp)
+            .allow_peer(x.node)
+            .build()
+            .await
+            .unwrap();
+        let (mut conn, v) = raw_stream(b.local_addr().unwrap(), x).await;
+        let out = b
+            .raw_sender(
+                x.node,
+                ChannelOptions::new(ChannelId(1), Guarantee::AtLeastOnce),
+            )
+            .unwrap();
+        // 25 MiB for it: more than the socket buffers on both ends hold.
+        let payload = Bytes::from(vec![1u8; 256 << 10]);
+        let mut receipts = Vec::new();
+        for _ in 0..100 {
+            receipts.push(within(10, "send", out.send(payload.clone())).await.unwrap());
+        }
+        let t0 = std::time::Instant::now();
+        let mut nonce = 0u64;
+        let stats = loop {
+            let t = b.tcp_stats().unwrap();
+            if t.write_timeouts > 0 {
+                break t;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "a peer that does not read is still connected after 30 s: {t:?}"
+            );
+            nonce += 1;
+            // Fails once the node closed the connection; the counter says why.
+            let _ = conn
+                .write_all(&frame_bytes(&Frame::Ping(Heartbeat { nonce }), v))
+                .await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        eprintln!("[deaf peer] closed after {:?}; tcp {stats:?}", t0.elapsed());
+        assert_eq!(stats.idle_timeouts, 0, "its pings kept the read side alive");
+        drop(receipts);
+        drop(conn);
+        within(20, "shutdown", b.shutdown()).await;
     });
 }

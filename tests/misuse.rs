@@ -315,6 +315,51 @@ async fn shutdown_drain_max_waits_for_the_last_receipt_and_stops_cleanly() {
     );
 }
 
+/// `TcpConfig::handshake_timeout` and `read_timeout` accept any non-zero duration, so
+/// `Duration::MAX` ("never") is valid: connections handshake and a payload that
+/// arrives in many reads (a frame in progress arms the read timeout) is delivered.
+/// (Regression: `now + timeout` overflowed and panicked the connection tasks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_timeouts_max_are_accepted_and_a_large_frame_is_delivered() {
+    let tcp = TcpConfig {
+        handshake_timeout: Duration::MAX,
+        read_timeout: Duration::MAX,
+        ..TcpConfig::default()
+    };
+    let b = Node::builder(B)
+        .tcp(support::ports::restartable_addr(), tcp.clone())
+        .allow_peer(A)
+        .build()
+        .await
+        .unwrap();
+    let a = Node::builder(A)
+        .tcp(support::ports::restartable_addr(), tcp)
+        .peer(B, b.local_addr().unwrap())
+        .build()
+        .await
+        .unwrap();
+    let mut inbox = b.raw_receiver(CH, false).unwrap();
+    let out = a.raw_sender(B, opts(Guarantee::EffectivelyOnce)).unwrap();
+    let payload = Bytes::from(vec![9u8; 900 << 10]);
+    let receipt = out.send(payload.clone()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), inbox.recv())
+        .await
+        .expect("delivered")
+        .unwrap();
+    assert_eq!(d.message(), &payload);
+    d.ack();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(20), receipt).await,
+        Ok(Ok(Outcome::Acked))
+    );
+    report(
+        "misuse",
+        "TcpConfig handshake_timeout and read_timeout = Duration::MAX (used to panic the connection tasks)",
+        "1",
+        "accepted; the nodes connect and a 900 KiB payload is delivered and acked",
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn stream_credit_max_is_a_typed_error_and_the_largest_accepted_works() {
     let config = cfg(|c| c.proto.stream_credit = u64::MAX);

@@ -29,6 +29,8 @@
 //!   knows the peer's address. A connection from which nothing was read for
 //!   [`TcpConfig::idle_timeout`] counts as lost (`idle_timeouts`): a half-open
 //!   connection (no FIN or RST ever arrives) is closed and redialed, not kept for good.
+//!   So is one to which a write made no progress for as long (`write_timeouts`): a
+//!   peer that stopped reading, whatever it still sends.
 //! - Frames for a peer go to a per-peer queue, kept across reconnects, except the data
 //!   frames of a message its sender took back ([`LinkCommand::Withdraw`]). While the peer
 //!   has no connection the queue is bounded by [`TcpConfig::queue_bound`] frames and the
@@ -188,7 +190,9 @@ pub struct TcpConfig {
     /// `TcpTransport` given to `NodeBuilder::transport`). A `TcpTransport` used on its
     /// own, without a node, sends nothing by itself: its idle connections are closed
     /// (and redialed if the address is known) after this long; `Duration::MAX` turns
-    /// the timeout off.
+    /// the timeout off. A write that makes no progress for this long closes the
+    /// connection too (`write_timeouts`): the peer stopped reading, even if it still
+    /// sends.
     #[serde(with = "crate::config_serde::duration")]
     pub idle_timeout: Duration,
 }
@@ -288,9 +292,17 @@ pub enum TcpConfigError {
 }
 
 /// Live counters of a [`TcpTransport`]; read with [`TcpStats::snapshot`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TcpStats {
     c: [AtomicU64; COUNTERS],
+}
+
+impl Default for TcpStats {
+    fn default() -> Self {
+        TcpStats {
+            c: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 /// A copy of a [`TcpStats`] at one moment.
@@ -356,6 +368,10 @@ pub struct TcpStatsSnapshot {
     /// `idle_timeout` (half-open or black-holed); the transport redials a peer whose
     /// address it knows.
     pub idle_timeouts: u64,
+    /// Established connections closed because a write made no progress for
+    /// `idle_timeout`: the peer stopped reading (while it may still send, which keeps
+    /// the read side alive). The transport redials a peer whose address it knows.
+    pub write_timeouts: u64,
     /// Times accepting a connection failed (for example out of file descriptors,
     /// `EMFILE`); the listener waits 100 ms and tries again. Warned at most every
     /// 10 s, with the count since the last warning.
@@ -410,6 +426,7 @@ impl TcpStats {
             evicted_handshakes: g(Counter::EvictedHandshakes),
             read_timeouts: g(Counter::ReadTimeouts),
             idle_timeouts: g(Counter::IdleTimeouts),
+            write_timeouts: g(Counter::WriteTimeouts),
             accept_failures: g(Counter::AcceptFailures),
             rejected_tls_no_certificate: g(Counter::RejectedTlsNoCertificate),
             rejected_tls_untrusted: g(Counter::RejectedTlsUntrusted),
@@ -665,8 +682,9 @@ enum Counter {
     EvictedHandshakes,
     IdleTimeouts,
     AcceptFailures,
+    WriteTimeouts,
 }
-const COUNTERS: usize = Counter::AcceptFailures as usize + 1;
+const COUNTERS: usize = Counter::WriteTimeouts as usize + 1;
 
 /// A connected peer is disconnected once this many times `queue_bound` frames wait
 /// for it (see `Manager::send`).
@@ -1623,7 +1641,7 @@ async fn secure_and_handshake(
     // One deadline for TLS and the handshake together. (Regression: each had its own
     // `handshake_timeout`, so a certificate holder could keep a half-open connection
     // for twice the documented limit.)
-    let deadline = tokio::time::Instant::now() + ctx.cfg.handshake_timeout;
+    let deadline = deadline_in(ctx.cfg.handshake_timeout);
     #[cfg(feature = "tls")]
     let mut stream = match &ctx.tls {
         None => Stream::Plain(tcp),
@@ -2165,7 +2183,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if buf.is_empty() && skip == 0 {
             frame_deadline = None;
         } else if progressed || frame_deadline.is_none() {
-            frame_deadline = Some(tokio::time::Instant::now() + ctx.cfg.read_timeout);
+            frame_deadline = Some(deadline_in(ctx.cfg.read_timeout));
         }
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(64 * 1024);
@@ -2224,6 +2242,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     } = conn;
     let enc = FrameEncoder::new(ctx.cfg.max_frame_len).with_version(version);
     let batch_bytes = ctx.cfg.write_batch_bytes;
+    // A write that makes no progress this long means the peer stopped reading; it may
+    // still send (pings keep the read side alive), so only the writer can tell.
+    let stall = ctx.cfg.idle_timeout;
     let mut local: VecDeque<Frame> = VecDeque::new();
     let mut buf = BytesMut::with_capacity(batch_bytes.min(1 << 20));
     let result: std::io::Result<()> = async {
@@ -2250,24 +2271,32 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     }
                 }
                 if buf.len() >= batch_bytes {
-                    wr.write_all(&buf).await?;
+                    write_all_progressing(&mut wr, &buf, stall).await?;
                     buf.clear();
                     ctx.stats.add(Counter::FramesSent, n);
                     n = 0;
                 }
             }
             if !buf.is_empty() {
-                wr.write_all(&buf).await?;
+                write_all_progressing(&mut wr, &buf, stall).await?;
                 buf.clear();
                 ctx.stats.add(Counter::FramesSent, n);
             }
             // TLS may hold encrypted records back until flushed; plain TCP: no-op.
-            wr.flush().await?;
+            match tokio::time::timeout(stall, wr.flush()).await {
+                Ok(r) => r?,
+                Err(_) => return Err(stalled_write()),
+            }
         }
     }
     .await;
     if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "tcp: write failed");
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            ctx.stats.inc(Counter::WriteTimeouts);
+            tracing::warn!(%peer, timeout = ?stall, "tcp: peer stopped reading; connection closed");
+        } else {
+            tracing::debug!(%peer, error = %e, "tcp: write failed");
+        }
     }
     let _ = ctx.internal.send(Internal::Closed { peer, conn_id });
 }
@@ -2284,6 +2313,41 @@ where
         fut,
         tracing::Span::current(),
     ))
+}
+
+/// `write_all`, but failing with `TimedOut` when one `write` makes no progress for
+/// `stall` (a slow reader that takes bytes keeps it going; one that stopped does not).
+async fn write_all_progressing<W>(
+    wr: &mut W,
+    mut buf: &[u8],
+    stall: Duration,
+) -> std::io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    while !buf.is_empty() {
+        match tokio::time::timeout(stall, wr.write(buf)).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(stalled_write()),
+        }
+    }
+    Ok(())
+}
+
+fn stalled_write() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "write made no progress")
+}
+
+/// `d` from now; a timeout too long to add (configs accept up to `Duration::MAX`) is
+/// a deadline a generation away, not an overflow panic in a connection task.
+fn deadline_in(d: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(30 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 #[cfg(test)]
