@@ -1464,15 +1464,20 @@ impl Endpoint {
     /// (never acked as a duplicate of something no handler finished); copies parked
     /// behind it get the same refusal.
     fn reject_delivery(&mut self, now: Instant, delivery: DeliveryRef, reason: RejectReason) {
-        let key = (delivery.origin, delivery.channel);
-        if !self.inbound.contains_key(&key) {
-            return; // its sender restarted since; nothing to settle
-        }
+        // The id is released whether or not its stream is still here. (Regression: when
+        // its sender had restarted since, the id stayed in progress for good, and every
+        // later copy of it — the new run's resend, a hint — was parked behind it and
+        // reported held until its deadline.)
         if delivery.guarantee == Guarantee::EffectivelyOnce {
             self.dedup.release(&delivery.id);
             self.id_failures.remove(&delivery.id);
         }
-        self.refuse_now(now, delivery.origin, delivery.channel, delivery.seq, reason);
+        if self
+            .inbound
+            .contains_key(&(delivery.origin, delivery.channel))
+        {
+            self.refuse_now(now, delivery.origin, delivery.channel, delivery.seq, reason);
+        } // else: its sender restarted since; nothing to settle on the stream
         if delivery.guarantee == Guarantee::EffectivelyOnce {
             self.reject_parked(now, delivery.id, reason);
         }
@@ -2689,6 +2694,73 @@ mod tests {
             })
             .collect();
         assert_eq!(again, [third.seq]);
+    }
+
+    /// A delivery refused for good after its sender restarted (its stream is gone)
+    /// still releases its id: the new run's copy of the same key is delivered, not
+    /// parked behind a delivery that no longer exists. (Regression: the id stayed in
+    /// progress for good; every later copy was parked and reported held.)
+    #[test]
+    fn a_rejection_after_the_senders_restart_releases_the_id() {
+        let now = Instant::now();
+        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+        a.handle_peer_up(now, b.origin(), 5);
+        b.handle_peer_up(now, a.origin(), 5);
+        b.accept_channel_with(ChannelId(1), Accept::new(false, None));
+        let key = MessageId::Key(crate::IdKey(79));
+        let send = |a: &mut Endpoint| {
+            a.send(
+                now,
+                Outgoing {
+                    peer: NodeId(2),
+                    channel: ChannelId(1),
+                    guarantee: Guarantee::EffectivelyOnce,
+                    payload: Bytes::from_static(b"k"),
+                    id: Some(key),
+                    deadline: None,
+                    schema: 0,
+                },
+            )
+            .unwrap()
+        };
+        let deliveries = |b: &mut Endpoint| -> Vec<DeliveryRef> {
+            std::iter::from_fn(|| b.poll_event())
+                .filter_map(|e| match e {
+                    Event::Deliver { delivery, .. } => Some(delivery),
+                    _ => None,
+                })
+                .collect()
+        };
+        send(&mut a);
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        let first = deliveries(&mut b);
+        assert_eq!(first.len(), 1);
+        // The sender restarts; then the application rejects what the old run sent.
+        let mut a2 = Endpoint::new(
+            Origin {
+                node: NodeId(1),
+                incarnation: 2,
+            },
+            ProtoConfig::default(),
+            Arc::new(Dedup::open_at(DedupConfig::default(), now).unwrap()),
+            1,
+        );
+        a2.handle_peer_up(now, b.origin(), 5);
+        b.handle_peer_up(now, a2.origin(), 5);
+        b.complete(now, first[0], Completion::Reject(RejectReason::Undecodable));
+        // The new run sends the key again: a new attempt, delivered.
+        send(&mut a2);
+        for f in frames(&mut a2, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        assert_eq!(
+            deliveries(&mut b).len(),
+            1,
+            "not parked behind the rejected one"
+        );
+        assert_eq!(b.stats().in_progress_dropped, 0);
     }
 
     /// A key resent after its deadline, parked behind the original (still in a slow
