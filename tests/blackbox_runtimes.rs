@@ -46,6 +46,10 @@
 //!   `member_wait` timer there (`Inner::spawn`, `Inner::sleep_until`, the timer
 //!   aborted when its waiter goes); a caller on a runtime is served exactly as
 //!   before.
+//! * `r18_recv_ends_when_the_nodes_runtime_is_dropped_with_deliveries_queued`
+//!   (fixed): after the node's runtime was dropped, its `Receiver`, used from another
+//!   runtime, kept handing out the deliveries queued in it, whose acks reached no one.
+//!   Fix: `EndGuard` stops the receivers however the node ends.
 //! * `r13_build_on_a_runtime_without_io_or_time_fails_typed` (fixed: `build()` probes
 //!   for a timer and, over TCP, an IO registration, and returns
 //!   `NodeError::RuntimeDriver`; was): `build()` does
@@ -1710,5 +1714,71 @@ fn r17_group_send_from_a_plain_thread() {
     rt.block_on(async {
         drop(group);
         within(20, "shutdown node", node.shutdown()).await;
+    });
+}
+
+/// The receiver's runtime is dropped with effectively-once deliveries queued in its
+/// `Receiver`, which the application keeps using from another runtime: `recv` ends
+/// (`None`, as its docs say once the node has shut down) instead of handing out the
+/// queued deliveries, whose acks could reach no one. (Regression: the queued ones
+/// were handed out after the node was `Closed` and their acks dropped without an
+/// error, so the sender's next delivery to the node's next run was processed a
+/// second time. A graceful stop already ended `recv`; a dropped runtime or a driver
+/// panic did not.)
+#[test]
+fn r18_recv_ends_when_the_nodes_runtime_is_dropped_with_deliveries_queued() {
+    let rt = |n| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (rt_a, rt_b) = (rt(1), rt(1));
+    let b = rt_b.block_on(async {
+        Node::builder(NodeId(5182))
+            .bind(any_addr())
+            .allow_peer(NodeId(5181))
+            .build()
+            .await
+            .unwrap()
+    });
+    let b_addr = b.local_addr().unwrap();
+    let mut inbox = b.receiver::<u64>(ChannelId(1), false).unwrap();
+    let a = rt_a.block_on(async {
+        Node::builder(NodeId(5181))
+            .bind(any_addr())
+            .peer(NodeId(5182), b_addr)
+            .build()
+            .await
+            .unwrap()
+    });
+    let out = a
+        .sender::<u64>(NodeId(5182), opts(1, Guarantee::EffectivelyOnce))
+        .unwrap();
+    let receipts = rt_a.block_on(async {
+        let mut rs = Vec::new();
+        for v in 0..20u64 {
+            rs.push(within(10, "send", out.send(&v)).await.unwrap());
+        }
+        rs
+    });
+    rt_b.block_on(async {
+        wait_until(20, "20 deliveries queued at b", || {
+            futures::executor::block_on(b.stats()).is_ok_and(|s| s.proto.delivered >= 20)
+        })
+        .await;
+    });
+    drop(rt_b);
+    rt_a.block_on(async {
+        let got = within(10, "recv after the node's runtime dropped", inbox.recv()).await;
+        assert!(
+            got.is_none(),
+            "a queued delivery was handed out after the node stopped: {:?}",
+            got.map(|d| *d.message())
+        );
+        drop(receipts);
+        within(10, "shutdown of b", b.shutdown()).await;
+        within(20, "shutdown of a", a.shutdown()).await;
     });
 }

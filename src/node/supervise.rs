@@ -74,6 +74,14 @@ impl Drop for EndGuard {
                 false
             }
         });
+        // Receivers hand out nothing more (what is queued in them is taken back): the
+        // acks of a delivery handed out now would go nowhere. A graceful stop sets this
+        // at its grace; a driver that panicked or a runtime dropped under the node gets
+        // here without one. (Regression: `recv` kept handing out queued deliveries
+        // after the node was `Closed`, and their acks were lost without an error.)
+        self.0
+            .receivers_stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         self.0.close_windows();
         self.0.dead_letters.close();
         self.0.health_tx.close();
