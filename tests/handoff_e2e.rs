@@ -307,3 +307,65 @@ async fn expired_hints_are_dropped_not_delivered() {
     assert_eq!(a.stats().await.unwrap().hints.unwrap().expired, 10);
     println!("reliability: hinted handoff | target away longer than the hint TTL | 1 run x 10 hints | expired hints dropped and counted, never delivered; later messages still flow");
 }
+
+/// At-most-once is never handed off, so hinted handoff does not change what its
+/// sender sees at a Down: messages still waiting for the receiver's credit (which has
+/// no deadline) fail with `SendError::PeerDown`, and a new send to the Down peer fails
+/// at once with `PeerDown`, as README's guarantee table says. (Regression: with
+/// handoff on, the waiting ones were stored as hints and resolved `HandedOff`, and a
+/// new send was neither failed nor handed off: it waited for credit that never came,
+/// its receipt open for good.)
+#[tokio::test(start_paused = true)]
+async fn at_most_once_to_a_down_target_fails_with_peer_down_even_with_handoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let a = coordinator(&net, config(dir.path())).await;
+    let b = Node::builder(B)
+        .transport(net.transport(B))
+        .seed(2)
+        .build()
+        .await
+        .unwrap();
+    // A receiver that holds what it gets: the stream's credit runs out.
+    let mut inbox = b.raw_receiver(CH, false).unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Some(d) = inbox.recv().await {
+            keep.lock().unwrap().push(d);
+        }
+    });
+    let out = a
+        .raw_sender(B, ChannelOptions::new(CH, Guarantee::AtMostOnce))
+        .unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..5000u64 {
+        receipts.push(out.send(i.to_be_bytes().to_vec().into()).await.unwrap());
+    }
+    for _ in 0..100 {
+        if held.lock().unwrap().len() >= 4000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    net.isolate(B);
+    wait_health(&a, B, Health::Down).await;
+    let (mut sent, mut down) = (0, 0);
+    for r in receipts {
+        match tokio::time::timeout(Duration::from_secs(60), r).await {
+            Ok(Ok(Outcome::Sent)) => sent += 1,
+            Ok(Err(SendError::PeerDown { peer })) if peer == B => down += 1,
+            other => panic!("an at-most-once receipt: {other:?}"),
+        }
+    }
+    assert!(sent > 0 && down > 0, "sent {sent}, failed PeerDown {down}");
+    assert_eq!(
+        out.send(bytes::Bytes::from_static(b"late")).await.err(),
+        Some(SendError::PeerDown { peer: B })
+    );
+    assert_eq!(
+        a.stats().await.unwrap().hints.unwrap().stored,
+        0,
+        "none was hinted"
+    );
+}

@@ -294,6 +294,7 @@ impl NodeBuilder {
             known: Mutex::new(watched.iter().copied().collect()),
             any_peer: self.config.allow_dynamic_peers || dials_by_id,
             fail_fast_down: self.config.fail_fast_when_down && !handoff_on_down,
+            amo_fail_fast_down: self.config.fail_fast_when_down,
             state: watch::channel(NodeState::Running).0,
             #[cfg(feature = "metrics")]
             node: self.id,
@@ -301,7 +302,7 @@ impl NodeBuilder {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let liveness = Liveness::new(detector, self.config.heartbeat_interval, start);
         let mut core = Core::new(endpoint, liveness, spool, self.config.shutdown_drain);
-        core.sends.amo_fails_on_down = shared.fail_fast_down;
+        core.sends.amo_fails_on_down = shared.amo_fail_fast_down;
         let driver = Driver {
             core,
             link,

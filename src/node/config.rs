@@ -74,7 +74,8 @@ pub struct NodeConfig {
     /// retrying until its deadline. Default `true`. Messages already in flight keep
     /// retrying until their deadline either way; at-most-once messages that were
     /// never transmitted (waiting for the receiver's credit, which has no deadline)
-    /// fail with `PeerDown` when the peer goes Down.
+    /// fail with `PeerDown` when the peer goes Down. At-most-once is never handed off,
+    /// so its sends fail so with hinted handoff on too.
     pub fail_fast_when_down: bool,
     /// Who may send on which channel and who may relay other nodes' message ids.
     /// Default [`Authorization::default`](crate::proto::Authorization::default): any

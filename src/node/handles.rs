@@ -176,7 +176,13 @@ impl RawSender {
     /// Checks that fail a send before it takes a window slot: the payload's size and,
     /// with [`NodeConfig::fail_fast_when_down`], the target's health.
     pub(super) fn check(&self, payload: &Bytes) -> Result<(), SendError> {
-        if self.shared.fail_fast_down && self.shared.health(self.peer) == Some(Health::Down) {
+        // At-most-once is never handed off: with handoff on too, it fails here instead
+        // of waiting for the credit of a receiver that is gone (it has no deadline).
+        let fail_fast = match self.options.guarantee {
+            Guarantee::AtMostOnce => self.shared.amo_fail_fast_down,
+            _ => self.shared.fail_fast_down,
+        };
+        if fail_fast && self.shared.health(self.peer) == Some(Health::Down) {
             return Err(SendError::PeerDown { peer: self.peer });
         }
         if payload.len() > self.max_payload {

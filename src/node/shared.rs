@@ -57,6 +57,9 @@ pub(super) struct Shared {
     pub(super) any_peer: bool,
     /// `fail_fast_when_down` and no handoff on Down.
     pub(super) fail_fast_down: bool,
+    /// `fail_fast_when_down`: at-most-once is never handed off, so its sends to a Down
+    /// peer fail with or without handoff.
+    pub(super) amo_fail_fast_down: bool,
     /// Running, closed, or failed (with the cause); see [`supervise`].
     pub(super) state: watch::Sender<NodeState>,
     #[cfg(feature = "metrics")]

@@ -408,6 +408,11 @@ impl<R> Sends<R> {
             let Some(&(guarantee, _)) = self.open.get(&send) else {
                 continue; // a replayed hint: already stored
             };
+            if guarantee == Guarantee::AtMostOnce {
+                // Never hinted (it is never retried): one still waiting for credit
+                // fails with `PeerDown` at the Down, or `Shutdown` at a stop.
+                continue;
+            }
             let stored = self.store(hints, send, id, guarantee, payload, down_for, now, out);
             let how = match stored {
                 Ok(()) if endpoint.hand_off(send) => Resolution::HandedOff,
