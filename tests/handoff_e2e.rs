@@ -369,3 +369,49 @@ async fn at_most_once_to_a_down_target_fails_with_peer_down_even_with_handoff() 
         "none was hinted"
     );
 }
+
+/// `Node::decommission` of a peer with at-most-once messages still waiting for its
+/// credit (which has no deadline, and no Down comes for a peer no longer watched)
+/// fails them with `PeerDown`. (Regression: their receipts stayed open for good.)
+#[tokio::test(start_paused = true)]
+async fn decommission_fails_at_most_once_messages_waiting_for_credit() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let a = coordinator(&net, NodeConfig::default()).await;
+    let b = Node::builder(B)
+        .transport(net.transport(B))
+        .seed(2)
+        .build()
+        .await
+        .unwrap();
+    let mut inbox = b.raw_receiver(CH, false).unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Some(d) = inbox.recv().await {
+            keep.lock().unwrap().push(d);
+        }
+    });
+    let out = a
+        .raw_sender(B, ChannelOptions::new(CH, Guarantee::AtMostOnce))
+        .unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..5000u64 {
+        receipts.push(out.send(i.to_be_bytes().to_vec().into()).await.unwrap());
+    }
+    for _ in 0..100 {
+        if held.lock().unwrap().len() >= 4000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.decommission(B).await.unwrap();
+    let (mut sent, mut down) = (0, 0);
+    for r in receipts {
+        match tokio::time::timeout(Duration::from_secs(60), r).await {
+            Ok(Ok(Outcome::Sent)) => sent += 1,
+            Ok(Err(SendError::PeerDown { peer })) if peer == B => down += 1,
+            other => panic!("an at-most-once receipt: {other:?}"),
+        }
+    }
+    assert!(sent > 0 && down > 0, "sent {sent}, failed PeerDown {down}");
+}

@@ -436,8 +436,9 @@ impl Node {
     /// The target is gone for good: drop its hints (counted), stop watching it
     /// ([`health`](Self::health) is `None` until it connects again or is added with
     /// [`add_peer`](Self::add_peer)) and stop dialing it (the transport forgets its
-    /// address; a connection it holds stays until it closes). Returns the number of
-    /// hints dropped.
+    /// address; a connection it holds stays until it closes). At-most-once messages to
+    /// it still waiting for its credit fail with [`SendError::PeerDown`]; acked ones
+    /// keep their deadlines. Returns the number of hints dropped.
     pub async fn decommission(&self, peer: NodeId) -> Result<u64, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.commands

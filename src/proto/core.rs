@@ -131,6 +131,11 @@ impl<R, H: Hints> Core<R, H> {
     /// Stop watching `peer` (decommissioned).
     pub(crate) fn forget(&mut self, peer: NodeId) {
         self.liveness.forget(peer);
+        // At-most-once messages still waiting for its credit have no deadline, and no
+        // Down will come for a peer nobody watches: they fail now. (Regression: their
+        // receipts stayed open for good after `decommission`.)
+        self.sends
+            .fail_unsent_amo(&mut self.endpoint, peer, &mut self.reports);
     }
 
     /// The peers hints may be replayed to now: watched, not Down, and connected.
