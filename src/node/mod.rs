@@ -467,10 +467,11 @@ impl Node {
     /// holds up to [`NodeConfig::shutdown_handler_grace`] (default 5 s; it ends as
     /// soon as none is held) to finish, so their acks and dedup records are not lost
     /// with the stop, flush the hint log, close the transport, and wait for the driver
-    /// to finish. Receivers hand out nothing from the start of that grace on: `recv`
-    /// returns `None`, and messages still queued for them, never seen by the
-    /// application, are taken back unacknowledged for the sender to send to the
-    /// node's next run. A node restarted on the same hint directory
+    /// to finish. Receivers hand out nothing new from the start of that grace on:
+    /// messages still queued for them, never seen by the application, are taken back
+    /// unacknowledged for the sender to send to the node's next run, and `recv` returns
+    /// `None` — after the queued at-most-once ones, which no sender sends again (see
+    /// [`RawReceiver::recv`]). A node restarted on the same hint directory
     /// replays the spooled messages. Dropping a `Node` instead stops it at once.
     ///
     /// Receivers keep handing out during the drain. A delivery nacked (or dropped)
