@@ -320,45 +320,10 @@ async fn at_most_once_to_a_down_target_fails_with_peer_down_even_with_handoff() 
     let dir = tempfile::tempdir().unwrap();
     let net = MemNetwork::new(FaultPlan::default()).unwrap();
     let a = coordinator(&net, config(dir.path())).await;
-    let b = Node::builder(B)
-        .transport(net.transport(B))
-        .seed(2)
-        .build()
-        .await
-        .unwrap();
-    // A receiver that holds what it gets: the stream's credit runs out.
-    let mut inbox = b.raw_receiver(CH, false).unwrap();
-    let held = Arc::new(Mutex::new(Vec::new()));
-    let keep = held.clone();
-    tokio::spawn(async move {
-        while let Some(d) = inbox.recv().await {
-            keep.lock().unwrap().push(d);
-        }
-    });
-    let out = a
-        .raw_sender(B, ChannelOptions::new(CH, Guarantee::AtMostOnce))
-        .unwrap();
-    let mut receipts = Vec::new();
-    for i in 0..5000u64 {
-        receipts.push(out.send(i.to_be_bytes().to_vec().into()).await.unwrap());
-    }
-    for _ in 0..100 {
-        if held.lock().unwrap().len() >= 4000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (_b, out, receipts) = amo_waiting_for_credit(&net, &a).await;
     net.isolate(B);
     wait_health(&a, B, Health::Down).await;
-    let (mut sent, mut down) = (0, 0);
-    for r in receipts {
-        match tokio::time::timeout(Duration::from_secs(60), r).await {
-            Ok(Ok(Outcome::Sent)) => sent += 1,
-            Ok(Err(SendError::PeerDown { peer })) if peer == B => down += 1,
-            other => panic!("an at-most-once receipt: {other:?}"),
-        }
-    }
-    assert!(sent > 0 && down > 0, "sent {sent}, failed PeerDown {down}");
+    sent_or_peer_down(receipts).await;
     assert_eq!(
         out.send(bytes::Bytes::from_static(b"late")).await.err(),
         Some(SendError::PeerDown { peer: B })
@@ -377,6 +342,18 @@ async fn at_most_once_to_a_down_target_fails_with_peer_down_even_with_handoff() 
 async fn decommission_fails_at_most_once_messages_waiting_for_credit() {
     let net = MemNetwork::new(FaultPlan::default()).unwrap();
     let a = coordinator(&net, NodeConfig::default()).await;
+    let (_b, _out, receipts) = amo_waiting_for_credit(&net, &a).await;
+    a.decommission(B).await.unwrap();
+    sent_or_peer_down(receipts).await;
+}
+
+/// Node B, with a receiver that holds every delivery (so the stream's credit runs
+/// out), and 5 000 at-most-once messages from `a` to it: about a credit's worth
+/// delivered, the rest waiting for credit. Returns B, the sender and the receipts.
+async fn amo_waiting_for_credit(
+    net: &MemNetwork,
+    a: &Node,
+) -> (Node, ackwire::RawSender, Vec<ackwire::Receipt>) {
     let b = Node::builder(B)
         .transport(net.transport(B))
         .seed(2)
@@ -404,7 +381,12 @@ async fn decommission_fails_at_most_once_messages_waiting_for_credit() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    a.decommission(B).await.unwrap();
+    (b, out, receipts)
+}
+
+/// Every receipt resolves `Sent` (transmitted before) or `PeerDown` (still waiting
+/// for credit), and there are some of both.
+async fn sent_or_peer_down(receipts: Vec<ackwire::Receipt>) {
     let (mut sent, mut down) = (0, 0);
     for r in receipts {
         match tokio::time::timeout(Duration::from_secs(60), r).await {

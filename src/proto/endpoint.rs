@@ -2478,6 +2478,39 @@ mod tests {
         out
     }
 
+    /// An effectively-once message under application key `key` from `a` to node 2,
+    /// channel 1.
+    fn send_keyed(
+        a: &mut Endpoint,
+        now: Instant,
+        key: u128,
+        deadline: Option<Duration>,
+    ) -> SendRef {
+        a.send(
+            now,
+            Outgoing {
+                peer: NodeId(2),
+                channel: ChannelId(1),
+                guarantee: Guarantee::EffectivelyOnce,
+                payload: Bytes::from_static(b"k"),
+                id: Some(MessageId::Key(crate::IdKey(key))),
+                deadline,
+                schema: 0,
+            },
+        )
+        .unwrap()
+    }
+
+    /// The deliveries among `b`'s pending events (the others are dropped).
+    fn deliveries(b: &mut Endpoint) -> Vec<DeliveryRef> {
+        std::iter::from_fn(|| b.poll_event())
+            .filter_map(|e| match e {
+                Event::Deliver { delivery, .. } => Some(delivery),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A sequence number a liar might pick: small, around [`MAX_SEQ`], near
     /// `u64::MAX`, or anything.
     fn lie() -> impl proptest::strategy::Strategy<Value = u64> {
@@ -2629,32 +2662,12 @@ mod tests {
         a.handle_peer_up(now, b.origin(), 3);
         b.handle_peer_up(now, a.origin(), 3);
         b.accept_channel_with(ChannelId(1), Accept::new(false, None));
-        let key = MessageId::Key(crate::IdKey(77));
-        let send = |a: &mut Endpoint| {
-            a.send(
-                now,
-                Outgoing {
-                    peer: NodeId(2),
-                    channel: ChannelId(1),
-                    guarantee: Guarantee::EffectivelyOnce,
-                    payload: Bytes::from_static(b"k"),
-                    id: Some(key),
-                    deadline: None,
-                    schema: 0,
-                },
-            )
-            .unwrap()
-        };
+        let send = |a: &mut Endpoint| send_keyed(a, now, 77, None);
         let (first, second) = (send(&mut a), send(&mut a));
         for f in frames(&mut a, NodeId(2), now) {
             b.handle_frame(now, NodeId(1), f);
         }
-        let delivered: Vec<DeliveryRef> = std::iter::from_fn(|| b.poll_event())
-            .filter_map(|e| match e {
-                Event::Deliver { delivery, .. } => Some(delivery),
-                _ => None,
-            })
-            .collect();
+        let delivered = deliveries(&mut b);
         assert_eq!(delivered.len(), 1, "the copy waits behind the original");
         assert_eq!(b.stats().in_progress_dropped, 1);
         b.complete(
@@ -2687,12 +2700,7 @@ mod tests {
         for f in frames(&mut a, NodeId(2), now) {
             b.handle_frame(now, NodeId(1), f);
         }
-        let again: Vec<u64> = std::iter::from_fn(|| b.poll_event())
-            .filter_map(|e| match e {
-                Event::Deliver { delivery, .. } => Some(delivery.seq),
-                _ => None,
-            })
-            .collect();
+        let again: Vec<u64> = deliveries(&mut b).iter().map(|d| d.seq).collect();
         assert_eq!(again, [third.seq]);
     }
 
@@ -2707,30 +2715,7 @@ mod tests {
         a.handle_peer_up(now, b.origin(), 5);
         b.handle_peer_up(now, a.origin(), 5);
         b.accept_channel_with(ChannelId(1), Accept::new(false, None));
-        let key = MessageId::Key(crate::IdKey(79));
-        let send = |a: &mut Endpoint| {
-            a.send(
-                now,
-                Outgoing {
-                    peer: NodeId(2),
-                    channel: ChannelId(1),
-                    guarantee: Guarantee::EffectivelyOnce,
-                    payload: Bytes::from_static(b"k"),
-                    id: Some(key),
-                    deadline: None,
-                    schema: 0,
-                },
-            )
-            .unwrap()
-        };
-        let deliveries = |b: &mut Endpoint| -> Vec<DeliveryRef> {
-            std::iter::from_fn(|| b.poll_event())
-                .filter_map(|e| match e {
-                    Event::Deliver { delivery, .. } => Some(delivery),
-                    _ => None,
-                })
-                .collect()
-        };
+        let send = |a: &mut Endpoint| send_keyed(a, now, 79, None);
         send(&mut a);
         for f in frames(&mut a, NodeId(2), now) {
             b.handle_frame(now, NodeId(1), f);
@@ -2777,30 +2762,7 @@ mod tests {
             a.handle_peer_up(t0, b.origin(), 5);
             b.handle_peer_up(t0, a.origin(), 5);
             b.accept_channel_with(ChannelId(1), Accept::new(ordered, None));
-            let key = MessageId::Key(crate::IdKey(78));
-            let send = |a: &mut Endpoint, now: Instant, deadline: Option<Duration>| {
-                a.send(
-                    now,
-                    Outgoing {
-                        peer: NodeId(2),
-                        channel: ChannelId(1),
-                        guarantee: Guarantee::EffectivelyOnce,
-                        payload: Bytes::from_static(b"k"),
-                        id: Some(key),
-                        deadline,
-                        schema: 0,
-                    },
-                )
-                .unwrap()
-            };
-            let deliveries = |b: &mut Endpoint| -> Vec<DeliveryRef> {
-                std::iter::from_fn(|| b.poll_event())
-                    .filter_map(|e| match e {
-                        Event::Deliver { delivery, .. } => Some(delivery),
-                        _ => None,
-                    })
-                    .collect()
-            };
+            let send = |a: &mut Endpoint, now, deadline| send_keyed(a, now, 78, deadline);
             // The original (seq 1) goes to a slow handler; the resend (seq 2) parks.
             let soon = Some(Duration::from_secs(1));
             send(&mut a, t0, soon);
