@@ -188,10 +188,32 @@ impl<L: HintLog> Replay<L> {
         if let Err(e) = self.log.expire(now_ms) {
             tracing::warn!(error = %e, "hint expiry failed");
         }
+        // Hints read from the store and not sent yet expire with it: never replayed
+        // after their TTL, which the id floor below passes. (The store fills in a TTL
+        // of 0 at append; one left 0 is not judged here.)
+        for q in self.queued.values_mut() {
+            q.retain(|(_, h)| h.ttl_ms == 0 || h.expires_unix_ms() > now_ms);
+        }
+        // A replay in flight keeps its message's floor until it is done (its
+        // retransmissions carry the floor: past it, the receiver would ack a copy
+        // it never processed as a duplicate). (Regression: a hint that expired while
+        // its replay was in flight was reported replayed, never processed.)
+        let in_flight: HashSet<(NodeId, u32, u64)> = self
+            .replaying
+            .iter()
+            .filter_map(|(send, (_, h))| match h.id {
+                MessageId::Seq {
+                    origin,
+                    channel,
+                    seq,
+                } if origin == self.origin => Some((send.peer, channel.0, seq)),
+                _ => None,
+            })
+            .collect();
         let expired: Vec<_> = self
             .own_hinted
             .iter()
-            .filter(|(_, exp)| **exp <= now_ms)
+            .filter(|(k, exp)| **exp <= now_ms && !in_flight.contains(k))
             .map(|(k, _)| *k)
             .collect();
         for k in expired {
@@ -342,6 +364,20 @@ impl<L: HintLog> Replay<L> {
             if origin.node != self.origin.node || origin == self.origin {
                 continue;
             }
+            // Not past a replay in flight: its hint may have left the store (expired)
+            // while its retransmissions still go.
+            let floor = self
+                .replaying
+                .values()
+                .filter_map(|(_, h)| match h.id {
+                    MessageId::Seq {
+                        origin: o,
+                        channel: c,
+                        seq,
+                    } if h.target == target && o == origin && c == channel => Some(seq),
+                    _ => None,
+                })
+                .fold(floor, u64::min);
             let key = (target, origin, channel);
             let due = self
                 .told
@@ -594,7 +630,16 @@ mod tests {
     }
 
     impl HintLog for MemLog {
-        fn append(&mut self, h: Hint, _: Option<Duration>, _: Instant) -> Result<(), HintError> {
+        fn append(
+            &mut self,
+            mut h: Hint,
+            _: Option<Duration>,
+            _: Instant,
+        ) -> Result<(), HintError> {
+            // As the store does: a TTL of 0 is its default (the tests' config: 60 s).
+            if h.ttl_ms == 0 {
+                h.ttl_ms = 60_000;
+            }
             self.next += 1;
             let pos = HintPos {
                 segment: 1,
@@ -629,20 +674,30 @@ mod tests {
             Ok(batch)
         }
         fn mark_delivered(&mut self, _: NodeId, pos: HintPos) -> Result<bool, HintError> {
-            self.out -= 1;
-            self.handed.remove(&pos);
+            // A hint dropped meanwhile (expired) is unknown, as in the store.
+            let known = self.handed.remove(&pos).is_some();
+            self.out -= usize::from(known);
             self.delivered.push(pos);
-            Ok(true)
+            Ok(known)
         }
         fn mark_rejected(&mut self, _: NodeId, pos: HintPos) -> Result<bool, HintError> {
-            self.out -= 1;
-            self.handed.remove(&pos);
+            let known = self.handed.remove(&pos).is_some();
+            self.out -= usize::from(known);
             self.rejected.push(pos);
-            Ok(true)
+            Ok(known)
         }
         fn expire(&mut self, now_unix_ms: u64) -> Result<u64, HintError> {
+            // As the store does: expired hints go, also those handed out in a batch.
             self.expired_at.push(now_unix_ms);
-            Ok(0)
+            let live = |h: &Hint| h.expires_unix_ms() > now_unix_ms;
+            let before = self.pending();
+            for q in self.waiting.values_mut() {
+                q.retain(|(_, h)| live(h));
+            }
+            let handed = self.handed.len();
+            self.handed.retain(|_, h| live(h));
+            self.out -= handed - self.handed.len();
+            Ok(before - self.pending())
         }
         fn decommission(&mut self, target: NodeId) -> Result<u64, HintError> {
             let out = if target == PEER {
@@ -984,6 +1039,7 @@ mod tests {
             (earlier, 20),
             (earlier, 40),
             (earlier, 30),
+            (earlier, 50),
             (ME, 3),
             (stranger, 1),
         ] {
@@ -996,7 +1052,8 @@ mod tests {
                 },
                 channel: CH,
                 guarantee: Guarantee::EffectivelyOnce,
-                created_unix_ms: T0_UNIX_MS,
+                // 50 is stored 30 s later: it outlives the others.
+                created_unix_ms: T0_UNIX_MS + if seq == 50 { 30_000 } else { 0 },
                 ttl_ms: 0,
                 payload: Bytes::from_static(b"h"),
             };
@@ -1035,6 +1092,15 @@ mod tests {
         let t2 = t1 + SETTLED_AGAIN;
         r.handle_timeout(&mut ep, &[PEER], &mut w, t2);
         assert_eq!(told(&mut ep, t2), vec![settled(30)], "told again");
+        // The TTL (60 s) passes with the replay of 40 (the store's order) unanswered:
+        // the store drops 30 and 40 but keeps a later hint, 50. The floor told is 40,
+        // not past the replay in flight, whose retransmissions still go. (Regression:
+        // 50 was told, and the target would ack 40 as a duplicate it never processed.)
+        assert_eq!(in_flight(&r).len(), 1);
+        let t3 = t0 + Duration::from_secs(61);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t3);
+        assert!(r.log.pending() > 0, "50 is still pending");
+        assert_eq!(told(&mut ep, t3), vec![settled(40)]);
     }
 
     /// A target that is not reachable gets nothing, and while every pending target is
@@ -1147,6 +1213,62 @@ mod tests {
         r.handle_timeout(&mut ep, &[], &mut w, later + Duration::from_secs(61));
         assert!(r.own_hinted.is_empty());
         assert_eq!(r.log.expired_at.last(), Some(&(T0_UNIX_MS + 66_000)));
+    }
+
+    /// A hint that reaches its TTL while its replay is in flight keeps its message's id
+    /// floor until the replay is done (its retransmissions carry the floor; past it
+    /// the receiver would ack as a duplicate a copy it never processed), and hints
+    /// read but not sent yet are dropped at their TTL, never replayed after it.
+    /// (Regression: the floor was released at the TTL under the replay in flight.)
+    #[test]
+    fn a_hint_expiring_in_flight_keeps_its_floor_and_queued_ones_expire() {
+        let t0 = Instant::now();
+        let mut ep = endpoint(t0);
+        let cfg = ReplayConfig {
+            concurrency: 1,
+            ..config()
+        };
+        let mut r = Replay::new(MemLog::default(), cfg, ME, t0, T0_UNIX_MS);
+        let mut w = slots(100);
+        for seq in 1..=3 {
+            let send = SendRef {
+                peer: PEER,
+                channel: CH,
+                seq,
+            };
+            let id = MessageId::Seq {
+                origin: ME,
+                channel: CH,
+                seq,
+            };
+            r.store(
+                send,
+                id,
+                Guarantee::AtLeastOnce,
+                Bytes::from_static(b"x"),
+                None,
+                t0,
+            )
+            .unwrap();
+        }
+        assert_eq!(r.own_hinted.len(), 3);
+        // The target is back: one replay in flight (concurrency 1), two read and queued.
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        let sent = in_flight(&r);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(r.queued[&PEER].len(), 2);
+        // The TTL (60 s) passes with the replay still unanswered.
+        let late = t0 + Duration::from_secs(61);
+        r.handle_timeout(&mut ep, &[], &mut w, late);
+        assert!(r.queued[&PEER].is_empty(), "queued hints expired");
+        assert_eq!(
+            r.own_hinted.len(),
+            1,
+            "the replay in flight holds its floor"
+        );
+        // Its ack releases it.
+        assert!(r.on_settled(sent[0].0, &mut ep));
+        assert!(r.own_hinted.is_empty());
     }
 
     /// Decommissioning a target drops its hints, queued and in flight: a replay
