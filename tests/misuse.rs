@@ -772,6 +772,37 @@ async fn a_send_to_a_down_peer_without_handoff_fails_fast() {
     );
 }
 
+/// Hinted handoff with the default key horizon (2 min) against the default hint TTL
+/// (6 h): a keyed effectively-once message replayed from a hint after the horizon is
+/// taken for a new one by its receiver. The node says so once at build (warn, naming
+/// both durations); with a horizon that covers the deadline plus the TTL it does not.
+#[tokio::test(start_paused = true)]
+async fn handoff_with_a_key_horizon_shorter_than_the_hint_ttl_warns_at_build() {
+    for (horizon, warns) in [(None, true), (Some(Duration::from_secs(7 * 3600)), false)] {
+        let events = Events::default();
+        let _guard = tracing::subscriber::set_default(Recorder {
+            panic_on: None,
+            events: events.clone(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let config = cfg(|c| {
+            c.handoff = Some(ackwire::HandoffConfig::new(dir.path()));
+            if let Some(h) = horizon {
+                c.dedup.horizon = h;
+            }
+        });
+        let a = node(&net(), A, config).await.unwrap();
+        let warned = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(l, m)| *l == tracing::Level::WARN && m.contains("dedup.horizon is shorter"))
+            .count();
+        assert_eq!(warned, usize::from(warns), "horizon {horizon:?}");
+        a.shutdown().await;
+    }
+}
+
 /// A subscriber that records events (level, message and fields) and, if asked, panics
 /// when one starts with a chosen message: a controlled panic inside the driver with no
 /// test hook in the library.

@@ -30,7 +30,12 @@
 //!   [`HintStore::next_batch`] for the same target, at [`HintStore::sync`], when a segment
 //!   is deleted, and on drop). After a crash, hints marked delivered since the last
 //!   persisted cursor are replayed again — typically at most one batch per target. Hints
-//!   keep their [`MessageId`], so an effectively-once receiver drops these duplicates.
+//!   keep their [`MessageId`], so an effectively-once receiver drops these duplicates —
+//!   for an application key (`IdKey`) only while the receiver still remembers it
+//!   (`DedupConfig::horizon`, 2 min by default, against a 6 h hint TTL: a node with
+//!   handoff warns at build when its horizon is shorter than its retry deadline plus
+//!   hint TTL). Library-assigned ids are remembered for the retention, which the
+//!   config check holds above that sum.
 //! * Hints expire: a hint whose `created_unix_ms + ttl_ms` has passed is never returned.
 //! * Lost for good: a quarantined segment (bad header) and corrupt records (counted in
 //!   [`HintStats::corrupt_skipped`]), and everything if the disk itself is lost.

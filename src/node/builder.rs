@@ -161,6 +161,7 @@ impl NodeBuilder {
         // transport's tasks, the driver), so their events carry the node.
         let span = tracing::info_span!("node", node = %origin);
         let dedup_cfg = &self.config.dedup;
+        warn_short_key_horizon(&self.config, self.id);
         // Before the store's recovery touches another node's files.
         if let Some(d) = &dedup_cfg.durable {
             claim_dir(&d.dir, self.id).map_err(|e| match e {
@@ -481,4 +482,26 @@ fn check_runtime_drivers(tcp: bool) -> Result<(), NodeError> {
     #[cfg(not(unix))]
     let _ = tcp;
     Ok(())
+}
+
+/// Hints keep their message ids, but application keys are remembered only for
+/// `dedup.horizon` (2 min by default) while a hint may replay up to the retry deadline
+/// plus the hint TTL later (6 h by default): a keyed effectively-once message whose
+/// first copy was processed and whose ack was lost is then processed again when its
+/// hint replays. Sequence ids are covered (the retention is checked against the same
+/// sum); keys are a memory trade-off, so this is a warning, not an error.
+fn warn_short_key_horizon(config: &NodeConfig, node: NodeId) {
+    let Some(h) = &config.handoff else {
+        return;
+    };
+    let deadline = config.proto.retry.deadline.unwrap_or(Duration::ZERO);
+    let late = deadline.saturating_add(h.store.default_ttl);
+    if config.dedup.horizon < late {
+        tracing::warn!(
+            %node,
+            horizon = ?config.dedup.horizon,
+            latest_replay = ?late,
+            "hinted handoff is on and dedup.horizon is shorter than the retry deadline plus the hint TTL: an effectively-once message sent under an IdKey and replayed from a hint after the horizon is taken for a new one by its receiver (processed again if its first copy was); raise dedup.horizon on the receivers, or shorten handoff.default_ttl, if keyed messages may be handed off"
+        );
+    }
 }
