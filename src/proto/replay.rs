@@ -299,12 +299,16 @@ impl<L: HintLog> Replay<L> {
                     passed_over = true;
                     continue;
                 }
-                if self.throttle.try_take(len, now).is_err() {
-                    self.blocked = false; // throttled, not blocked: come back soon
-                    return; // the throttle covers every target
-                }
+                // The window first: bytes taken from the throttle for a hint that then
+                // found its window full were spent on nothing, every tick, starving
+                // the other targets' replays while a live sender kept that window full.
                 if !windows.try_take(target, channel) {
                     break; // the stream's window is full; next tick
+                }
+                if self.throttle.try_take(len, now).is_err() {
+                    windows.give_back(target, channel);
+                    self.blocked = false; // throttled, not blocked: come back soon
+                    return; // the throttle covers every target
                 }
                 let Some((pos, hint)) = queue.pop_front() else {
                     windows.give_back(target, channel);
@@ -1120,7 +1124,9 @@ mod tests {
     }
 
     /// A full window stops a target's replay until a slot is free; nothing is given
-    /// back that was not taken, and a hint stays queued, in order, meanwhile.
+    /// back that was not taken, a hint stays queued, in order, meanwhile, and ticks
+    /// against the full window take nothing from the throttle. (Regression: each
+    /// took the hint's bytes and kept them, starving other targets' replays.)
     #[test]
     fn a_full_window_holds_replay_back_in_order() {
         let t0 = Instant::now();
@@ -1136,6 +1142,15 @@ mod tests {
         assert_eq!(
             in_flight(&r).iter().map(|(_, b)| *b).collect::<Vec<_>>(),
             [1]
+        );
+        let tokens = r.throttle.available(t0);
+        for _ in 0..3 {
+            r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+        }
+        assert_eq!(
+            r.throttle.available(t0),
+            tokens,
+            "the full window took no bytes"
         );
     }
 
