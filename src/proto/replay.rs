@@ -97,6 +97,11 @@ pub(crate) struct ReplayConfig {
 
 /// How often replay and hint expiry are looked at while hints are pending.
 pub(crate) const REPLAY_TICK: Duration = Duration::from_millis(10);
+/// The first wait before a target whose replay was refused for now (no receiver on
+/// the channel yet, its key table full) is replayed again; doubled on each further
+/// refusal up to [`REFUSED_BACKOFF_MAX`], cleared by a replay it takes.
+const REFUSED_BACKOFF: Duration = Duration::from_millis(100);
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often expiry is looked at.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// How often an unchanged settled floor of an earlier run is told again (the target
@@ -130,6 +135,10 @@ pub(crate) struct Replay<L> {
     blocked: bool,
     /// The settled floors of earlier runs' streams last told each target, and when.
     told: HashMap<(NodeId, Origin, ChannelId), (u64, Instant)>,
+    /// Targets that refused a replay for now: not replayed to before the instant (set
+    /// at the next replay round, `None` until then), and the wait the next refusal
+    /// doubles.
+    backoff: HashMap<NodeId, (Option<Instant>, Duration)>,
 }
 
 impl<L: HintLog> Replay<L> {
@@ -157,6 +166,7 @@ impl<L: HintLog> Replay<L> {
             base_unix_ms: unix_ms_now,
             blocked: false,
             told: HashMap::new(),
+            backoff: HashMap::new(),
         }
     }
 
@@ -241,6 +251,13 @@ impl<L: HintLog> Replay<L> {
         self.blocked = true;
         for target in targets.into_iter().filter(|t| ready.contains(t)) {
             self.tell_settled(endpoint, target, now);
+            if let Some((until, wait)) = self.backoff.get_mut(&target) {
+                let until = *until.get_or_insert(now + *wait);
+                if now < until {
+                    self.blocked = false; // waiting out a refusal: come back soon
+                    continue;
+                }
+            }
             let mut passed_over = false;
             while self.outstanding.get(&target).copied().unwrap_or(0) < self.cfg.concurrency {
                 let queue = self.queued.entry(target).or_default();
@@ -452,6 +469,9 @@ impl<L: HintLog> Replay<L> {
         let Some((pos, hint)) = self.replaying.remove(&send) else {
             return false;
         };
+        if !rejected {
+            self.backoff.remove(&send.peer); // it takes replays again
+        }
         if let Some(n) = self.outstanding.get_mut(&send.peer) {
             *n = n.saturating_sub(1);
         }
@@ -556,10 +576,24 @@ impl<L: HintLog> Hints for Replay<L> {
         reason: RejectReason,
         endpoint: &mut Endpoint,
     ) -> bool {
+        // Refused for now: back in its queue, and the target waits (backed off) before
+        // the next replay, rather than being sent the hint again every tick. A reason
+        // this build does not know (`Other`, from a newer peer) is taken as for now
+        // too: the hint's TTL bounds the retries, and a final refusal would drop it.
         if matches!(
             reason,
-            RejectReason::NoReceiver | RejectReason::KeyTableFull
+            RejectReason::NoReceiver | RejectReason::KeyTableFull | RejectReason::Other(_)
         ) {
+            // Doubled once per round of refusals (several replays in flight may be
+            // refused at once).
+            let wait = match self.backoff.get(&send.peer) {
+                None => REFUSED_BACKOFF,
+                Some((None, w)) => *w,
+                Some((Some(_), w)) => (*w * 2).min(REFUSED_BACKOFF_MAX),
+            };
+            if self.replaying.contains_key(&send) {
+                self.backoff.insert(send.peer, (None, wait));
+            }
             return self.on_gave_up(send);
         }
         let Some(id) = self.replaying.get(&send).map(|(_, h)| h.id) else {
@@ -1155,8 +1189,10 @@ mod tests {
     }
 
     /// A replay given up (or refused for now: no receiver yet) goes back to the front
-    /// of its queue and is replayed first; a final refusal drops it from the log as
-    /// rejected, never as delivered.
+    /// of its queue and is replayed first — after a refusal, once the target's backoff
+    /// (100 ms, doubling) has passed; a final refusal drops it from the log as
+    /// rejected, never as delivered. (Regression: a hint refused for now was sent
+    /// again every 10 ms tick for as long as its target's key table stayed full.)
     #[test]
     fn a_given_up_replay_goes_first_again_and_a_final_refusal_is_dropped() {
         let t0 = Instant::now();
@@ -1174,13 +1210,28 @@ mod tests {
         assert!(r.on_rejected(sent[1].0, RejectReason::Unauthorized, &mut ep));
         assert_eq!(r.log.rejected.len(), 1);
         assert!(r.log.delivered.is_empty());
+        // Refused for now: the target waits out a backoff (100 ms) before the next
+        // replay, instead of getting the hint again every tick.
         r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
-        let again: Vec<u8> = in_flight(&r).iter().map(|(_, b)| *b).collect();
+        assert!(in_flight(&r).is_empty(), "backing off");
+        let t1 = t0 + Duration::from_millis(100);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t1);
+        let again = in_flight(&r);
         assert_eq!(
-            again,
+            again.iter().map(|(_, b)| *b).collect::<Vec<_>>(),
             [0, 2],
             "the refused-for-now hint goes first, then the next"
         );
+        // Refused again (a full key table; a reason this build does not know): the
+        // wait doubles, and nothing is dropped from the store.
+        assert!(r.on_rejected(again[0].0, RejectReason::KeyTableFull, &mut ep));
+        assert!(r.on_rejected(again[1].0, RejectReason::Other(200), &mut ep));
+        assert_eq!(r.log.rejected.len(), 1);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t1);
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t1 + Duration::from_millis(199));
+        assert!(in_flight(&r).is_empty(), "200 ms now");
+        r.handle_timeout(&mut ep, &[PEER], &mut w, t1 + Duration::from_millis(200));
+        assert_eq!(in_flight(&r).len(), 2);
         // A send that is not a replay is not the policy's.
         let unknown = SendRef {
             peer: PEER,
