@@ -2207,6 +2207,9 @@ impl Endpoint {
         channel: ChannelId,
         ready: &mut Vec<Data>,
     ) {
+        if ready.is_empty() {
+            return; // the common case after an ack or a wake: no lookups
+        }
         let Endpoint {
             inbound,
             dedup,
