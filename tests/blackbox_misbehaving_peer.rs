@@ -1127,6 +1127,14 @@ fn a_peer_that_stops_reading_but_keeps_pinging_is_disconnected_and_counted() {
             .await
             .unwrap();
         let (mut conn, v) = raw_stream(b.local_addr().unwrap(), x).await;
+        // Allowed without an address, X is a peer to send to once the node has seen
+        // its connection come up (a moment after the handshake).
+        within(10, "X up at the node", async {
+            while b.health(x.node).is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
         let out = b
             .raw_sender(
                 x.node,
