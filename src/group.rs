@@ -175,7 +175,9 @@ pub struct GroupConfig {
     #[serde(default)]
     pub spread: Spread,
     /// Sends of one message in all (the first one plus re-routes) before its receipt
-    /// fails with [`GroupSendError::AttemptsExhausted`]. Default `8`; `1..=1000`.
+    /// fails with [`GroupSendError::AttemptsExhausted`] — once the attempts still
+    /// running have ended too (each by its deadline): the first ack from any attempt
+    /// settles the message. Default `8`; `1..=1000`.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// How long a message waits for a live member when none is (all Down, or no
@@ -294,8 +296,9 @@ pub enum GroupSendError {
         /// Sends made.
         attempts: u32,
     },
-    /// [`GroupConfig::max_attempts`] sends were made without an ack; `last` is the
-    /// last attempt's error (`None`: it was handed off as a hint by the sending node).
+    /// [`GroupConfig::max_attempts`] sends were made and every one ended without an
+    /// ack; `last` is the last attempt's error (`None`: it was handed off as a hint by
+    /// the sending node).
     #[error("no ack after {attempts} sends of {} (last: {last:?})", crate::MessageId::Key(*key))]
     AttemptsExhausted {
         /// The message's key.
@@ -1020,11 +1023,26 @@ impl Inner {
         loop {
             changes.borrow_and_update();
             if flight.attempts >= self.config.max_attempts {
-                return Err(GroupSendError::AttemptsExhausted {
-                    key: flight.key,
-                    attempts: flight.attempts,
-                    last: flight.last.clone(),
-                });
+                if flight.outstanding.is_empty() {
+                    return Err(GroupSendError::AttemptsExhausted {
+                        key: flight.key,
+                        attempts: flight.attempts,
+                        last: flight.last.clone(),
+                    });
+                }
+                // No attempt left, but the first ack from any attempt settles the
+                // message: wait for those still running (each ends by its deadline)
+                // before giving up. (Regression: a member going Down with the last
+                // attempt failed the message at once, and its late ack was ignored.)
+                tokio::select! {
+                    (i, res) = any_settled(&mut flight.outstanding) => {
+                        if let Some(done) = self.on_settled(flight, i, res)? {
+                            return Ok(Some(done));
+                        }
+                    }
+                    _ = self.node.closed() => return Err(stopped(flight.key)),
+                }
+                continue;
             }
             let Some((id, sender)) = self.pick(flight.key, &flight.tried) else {
                 let give_up =

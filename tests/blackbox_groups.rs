@@ -1993,6 +1993,49 @@ async fn a_partitioned_member_with_committed_unacked_messages_then_healed() {
     each_once(&ib, 0..20);
 }
 
+/// The first ack from any attempt settles a group message (README), also when the
+/// attempts are used up: one attempt (`max_attempts` 1) on the only member, which is
+/// partitioned while its handler holds the message (Down: nowhere to re-route), then
+/// healed, and its handler acks. The receipt is `Ok` from that member, not
+/// `AttemptsExhausted`. (Regression: the message failed `AttemptsExhausted` as soon as
+/// the member went Down, and the ack that followed was ignored.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_attempts_late_ack_settles_the_message() {
+    let ib = inbox();
+    let a = replica_at(NodeId(10), lo(), ib.clone(), false).await;
+    let proxy = Proxy::start(a.addr).await;
+    let mut cfg = NodeConfig::default();
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    let node = sender_with(cfg).await;
+    let members = StaticMembers::new([(a.id, proxy.addr)]).unwrap();
+    let mut gc = config(Spread::RoundRobin);
+    gc.max_attempts = 1;
+    gc.channel.deadline = Some(Duration::from_secs(20));
+    let g = GroupSender::<u64>::new(node.clone(), gc, members)
+        .await
+        .unwrap();
+    let r = within(5.0, "send", g.send_with_key(&7, IdKey(700)))
+        .await
+        .unwrap();
+    within(5.0, "A to hold it", async {
+        while a.held.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    proxy.partition();
+    wait_health(&node, a.id, Health::Down, 10.0).await;
+    proxy.heal();
+    wait_health(&node, a.id, Health::Up, 10.0).await;
+    a.release();
+    let o = within(15.0, "the receipt", r).await;
+    match o {
+        Ok(o) => assert_eq!(o.member, a.id),
+        Err(e) => panic!("the late ack of the only attempt was ignored: {e}"),
+    }
+    each_once(&ib, 7..8);
+}
+
 /// A refresh that fails keeps the last known members and is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_refresh_keeps_the_last_members_and_is_counted() {
