@@ -567,6 +567,9 @@ pub(crate) struct OutboundStream {
     held_probes: u64,
     /// Times `poll_transmit` stopped for lack of node credit.
     node_waits: u64,
+    /// The last `poll_transmit` stopped for lack of node credit (nothing went out
+    /// since): every queued message's deadline timer is armed, and so is each new one.
+    starved: bool,
     /// Credit probes sent since the receiver last acked anything.
     unanswered_probes: u32,
     /// When an ack last settled a message or advanced `held`: see "Quiet streams".
@@ -859,6 +862,7 @@ impl OutboundStream {
             last_held_probe: None,
             held_probes: 0,
             node_waits: 0,
+            starved: false,
             unanswered_probes: 0,
             last_progress: None,
             highest_acked: 0,
@@ -1022,6 +1026,9 @@ impl OutboundStream {
             guarantee,
         }));
         self.transmit.push_back(seq);
+        if self.starved {
+            self.arm_waiting(seq);
+        }
         seq
     }
 
@@ -1035,11 +1042,22 @@ impl OutboundStream {
             .and_then(micros_down);
         while let Some(&seq) = self.transmit.front() {
             if *budget == 0 {
-                // Waits for node credit; a first transmission's deadline still runs.
-                self.arm_waiting(seq);
+                // Waits for node credit; the deadlines of the messages queued still
+                // run, each its own (senders on one stream may set different ones).
+                // Armed once when the credit runs out, then as each new message is
+                // queued. (Regression: only the head's was armed, so a message with a
+                // shorter deadline behind it failed only after the head gave up.)
+                if !self.starved {
+                    self.starved = true;
+                    let queued: Vec<u64> = self.transmit.iter().copied().collect();
+                    for s in queued {
+                        self.arm_waiting(s);
+                    }
+                }
                 self.node_waits += 1;
                 return None;
             }
+            self.starved = false;
             self.transmit.pop_front();
             let first = self
                 .index(seq)
@@ -2552,6 +2570,30 @@ mod tests {
         assert_eq!(s.rtt.srtt(), Some(Duration::from_nanos(srtt as u64)));
         assert!(s.slots.is_empty());
         assert_eq!(side_entries(&s), 0);
+    }
+
+    /// While node credit is exhausted, every queued message's own deadline runs —
+    /// those queued before the credit ran out and those queued after — not only the
+    /// head's: a message with a 1 s deadline behind one with 10 s gives up at 1 s.
+    /// (Regression: only the head's timer was armed.)
+    #[test]
+    fn queued_messages_keep_their_own_deadlines_without_node_credit() {
+        let t0 = Instant::now();
+        let mut s = stream(t0);
+        s.send(t0, Bytes::new(), None, Some(Duration::from_secs(10)), 0);
+        s.send(t0, Bytes::new(), None, Some(Duration::from_secs(1)), 0);
+        let mut none = 0;
+        assert!(s.poll_transmit(t0, &mut none).is_none());
+        s.send(t0, Bytes::new(), None, Some(Duration::from_secs(2)), 0);
+        assert!(s.poll_transmit(t0, &mut none).is_none());
+        s.handle_timeout(t0 + Duration::from_millis(1001), None, None);
+        let at_1s: Vec<OutEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert_eq!(gave_up(&at_1s, 2).map(|g| g.0), Some(GiveUp::Deadline));
+        assert!(gave_up(&at_1s, 1).is_none() && gave_up(&at_1s, 3).is_none());
+        s.handle_timeout(t0 + Duration::from_millis(2001), None, None);
+        let at_2s: Vec<OutEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert_eq!(gave_up(&at_2s, 3).map(|g| g.0), Some(GiveUp::Deadline));
+        assert!(gave_up(&at_2s, 1).is_none());
     }
 
     /// A deadline is stored in whole milliseconds, rounded up: never early, at most
