@@ -331,8 +331,15 @@ impl PhiAccrual {
         // log10(1 + e^a) = target  ⇔  a = ln(10^target − 1)
         let a = target * std::f64::consts::LN_10 + (-(10f64.powf(-target))).ln_1p();
         if !a.is_finite() {
-            // Only for targets so small that phi already exceeds them at any silence.
-            return Some(Duration::ZERO);
+            // +inf: a target so large (above about 3e307) that no phi reaches it:
+            // never. (Regression: taken for "now", so a Suspect peer's timer was always
+            // due and the node's driver spun until the peer spoke.) Otherwise a target
+            // so small that phi already exceeds it at any silence.
+            return Some(if a == f64::INFINITY {
+                Duration::MAX
+            } else {
+                Duration::ZERO
+            });
         }
         let y = solve_logistic_exponent(a);
         let secs = mean + y * std;
@@ -671,6 +678,9 @@ mod tests {
         }
         assert_eq!(p.time_to_phi(0.0), None);
         assert_eq!(p.time_to_phi(f64::NAN), None);
+        // A threshold no phi reaches (config accepts any finite one): never, not now.
+        assert_eq!(p.time_to_phi(1e308), Some(Duration::MAX));
+        assert!(p.phi(p.last_seen() + Duration::from_secs(86_400 * 365)) < 1e308);
     }
 
     #[test]
