@@ -313,6 +313,16 @@ mod budget {
     /// Elements any payload may hold, however short.
     const FLOOR: u64 = 1024;
 
+    /// How deeply one decode may nest: values inside values (a struct's field, an
+    /// element, an `Option`'s content, an enum variant's), counted as the deserializer
+    /// calls open at once. A recursive payload type (`enum Tree { Leaf, Node(Box<Tree>)
+    /// }`) costs a byte or less per level, so without a limit a 16 MiB payload nests
+    /// millions deep and the decode overflows the receiving thread's stack (an abort,
+    /// not an error). 256 calls is far beyond what non-recursive types reach (a field
+    /// that is a `Vec` of structs holding an `Option<String>` is 5 deep) and, at a few
+    /// hundred bytes of stack per level in debug builds, well within a 2 MiB thread's.
+    pub(super) const MAX_DEPTH: u32 = 256;
+
     /// The error of a spent budget (out of line: the loop that checks is hot).
     #[cold]
     #[inline(never)]
@@ -320,9 +330,30 @@ mod budget {
         E::custom("more sequence elements or map entries than the payload's size allows")
     }
 
+    /// The error of a decode nested deeper than [`MAX_DEPTH`].
+    #[cold]
+    #[inline(never)]
+    fn too_deep<E: de::Error>() -> E {
+        E::custom(format_args!(
+            "values nested more than {MAX_DEPTH} deep (a recursive payload type)"
+        ))
+    }
+
     /// What is left of one decode's budget.
     pub(super) struct Budget {
         left: Cell<u64>,
+        /// Deserializer calls open now (see [`MAX_DEPTH`]).
+        depth: Cell<u32>,
+    }
+
+    /// One open deserializer call; closing it (drop) gives the level back.
+    struct Level<'b>(&'b Cell<u32>);
+
+    impl Drop for Level<'_> {
+        #[inline]
+        fn drop(&mut self) {
+            self.0.set(self.0.get() - 1);
+        }
     }
 
     impl Budget {
@@ -330,7 +361,19 @@ mod budget {
         pub(super) fn for_payload(len: usize) -> Self {
             Budget {
                 left: Cell::new((len as u64).saturating_mul(PER_BYTE).saturating_add(FLOOR)),
+                depth: Cell::new(0),
             }
+        }
+
+        /// One level deeper, or the error that ends the decode.
+        #[inline]
+        fn enter<E: de::Error>(&self) -> Result<Level<'_>, E> {
+            let depth = self.depth.get();
+            if depth >= MAX_DEPTH {
+                return Err(too_deep());
+            }
+            self.depth.set(depth + 1);
+            Ok(Level(&self.depth))
         }
 
         /// A seed that deserializes a `T` on this budget.
@@ -399,6 +442,7 @@ mod budget {
         ($($method:ident)*) => {$(
             #[inline]
             fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+                let _level = self.budget.enter()?;
                 let visitor = self.visitor(visitor);
                 self.inner.$method(visitor)
             }
@@ -424,6 +468,7 @@ mod budget {
             name: &'static str,
             visitor: V,
         ) -> Result<V::Value, D::Error> {
+            let _level = self.budget.enter()?;
             let visitor = self.visitor(visitor);
             self.inner.deserialize_unit_struct(name, visitor)
         }
@@ -434,6 +479,7 @@ mod budget {
             name: &'static str,
             visitor: V,
         ) -> Result<V::Value, D::Error> {
+            let _level = self.budget.enter()?;
             let visitor = self.visitor(visitor);
             self.inner.deserialize_newtype_struct(name, visitor)
         }
@@ -444,6 +490,7 @@ mod budget {
             len: usize,
             visitor: V,
         ) -> Result<V::Value, D::Error> {
+            let _level = self.budget.enter()?;
             let visitor = self.visitor(visitor);
             self.inner.deserialize_tuple(len, visitor)
         }
@@ -455,6 +502,7 @@ mod budget {
             len: usize,
             visitor: V,
         ) -> Result<V::Value, D::Error> {
+            let _level = self.budget.enter()?;
             let visitor = self.visitor(visitor);
             self.inner.deserialize_tuple_struct(name, len, visitor)
         }
@@ -466,6 +514,7 @@ mod budget {
             fields: &'static [&'static str],
             visitor: V,
         ) -> Result<V::Value, D::Error> {
+            let _level = self.budget.enter()?;
             let visitor = self.visitor(visitor);
             self.inner.deserialize_struct(name, fields, visitor)
         }
@@ -477,6 +526,7 @@ mod budget {
             variants: &'static [&'static str],
             visitor: V,
         ) -> Result<V::Value, D::Error> {
+            let _level = self.budget.enter()?;
             let visitor = self.visitor(visitor);
             self.inner.deserialize_enum(name, variants, visitor)
         }
@@ -809,6 +859,66 @@ mod tests {
     #[test]
     fn postcard_counts_elements() {
         counts_elements(Postcard);
+    }
+
+    /// A recursive payload type: one byte (the variant's index) per level in both
+    /// formats, so a payload of n ones and a zero is a tree n deep.
+    #[derive(serde::Serialize, serde::Deserialize, Debug)]
+    enum Tree {
+        Leaf,
+        Node(Box<Tree>),
+    }
+
+    fn tree_bytes(depth: usize) -> Vec<u8> {
+        let mut bytes = vec![1u8; depth];
+        bytes.push(0);
+        bytes
+    }
+
+    fn depth_of(mut tree: &Tree) -> usize {
+        let mut depth = 0;
+        while let Tree::Node(next) = tree {
+            depth += 1;
+            tree = next;
+        }
+        depth
+    }
+
+    /// Property: a payload nested deeper than `MAX_DEPTH` is a decode error, never a
+    /// stack overflow; one nested just under it decodes, on a thread with a quarter of
+    /// the 2 MiB stack a tokio worker or a spawned thread has.
+    fn limits_depth<C: Decode<Tree> + Send + 'static>(codec: C) {
+        // n nodes are n + 1 enum values, the innermost reading its variant index
+        // inside: n + 2 calls open at the deepest point.
+        let within = budget::MAX_DEPTH as usize - 2;
+        let run = std::thread::Builder::new()
+            .stack_size(512 << 10)
+            .spawn(move || {
+                let tree = Decode::<Tree>::decode(&codec, &tree_bytes(within)).unwrap();
+                assert_eq!(depth_of(&tree), within);
+                // A million levels in a million and one bytes (within every size
+                // limit): without the depth limit this overflowed the stack.
+                let err = Decode::<Tree>::decode(&codec, &tree_bytes(1_000_000)).unwrap_err();
+                assert!(matches!(err, CodecError::Format(_)), "{err:?}");
+                let err = Decode::<Tree>::decode(&codec, &tree_bytes(within + 1)).unwrap_err();
+                assert!(matches!(err, CodecError::Format(_)), "{err:?}");
+            })
+            .unwrap();
+        run.join().unwrap();
+    }
+
+    #[test]
+    fn bincode_refuses_payloads_nested_past_the_depth_limit() {
+        limits_depth(Bincode);
+        // bincode keeps the message (postcard's error drops it).
+        let err = Decode::<Tree>::decode(&Bincode, &tree_bytes(300)).unwrap_err();
+        assert!(err.to_string().contains("nested more than 256"), "{err}");
+    }
+
+    #[cfg(feature = "postcard")]
+    #[test]
+    fn postcard_refuses_payloads_nested_past_the_depth_limit() {
+        limits_depth(Postcard);
     }
 
     #[test]

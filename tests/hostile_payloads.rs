@@ -133,6 +133,34 @@ fn absurd_length_prefixes_are_rejected_not_allocated() {
     });
 }
 
+/// A recursive payload type: each level is one byte (the variant index).
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+enum Tree {
+    Leaf,
+    Node(Box<Tree>),
+}
+
+/// A payload of a million nested `Tree::Node`s (a million and one bytes, within the
+/// default `max_payload`): rejected as undecodable, where the decode used to recurse
+/// a million deep and overflow the receiving thread's stack (an abort of the whole
+/// process, from 1 MB a peer sent). A shallow tree is delivered afterwards.
+#[test]
+fn deeply_nested_payloads_are_rejected_not_a_stack_overflow() {
+    runtime().block_on(async {
+        let (a, b) = nodes().await;
+        let deep = [vec![1u8; 1_000_000], vec![0]].concat();
+        // Deeper than the limit by one: refused too. Nested 100 deep: decoded.
+        let over = [vec![1u8; 256], vec![0]].concat();
+        let mut fine = Tree::Leaf;
+        for _ in 0..100 {
+            fine = Tree::Node(Box::new(fine));
+        }
+        offer::<Tree>(&a, &b, ChannelId(1), &[deep, over], fine).await;
+        a.shutdown().await;
+        b.shutdown().await;
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
