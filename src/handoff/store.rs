@@ -505,7 +505,9 @@ impl<B: SegmentIo> HintStore<B> {
     /// is waiting or the policy is not `Every`.
     pub fn next_sync_deadline(&self) -> Option<Instant> {
         match self.cfg.fsync {
-            FsyncPolicy::Every(d) => self.dirty_since.map(|t| t + d),
+            // Saturating: `Every(Duration::MAX)` passes `validate` (a config file's
+            // "never" is `Duration::MAX`) and `t + d` panicked on it.
+            FsyncPolicy::Every(d) => self.dirty_since.map(|t| crate::retry::later(t, d)),
             _ => None,
         }
     }
@@ -1084,6 +1086,34 @@ fn recover_target<B: SegmentIo>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An fsync interval no instant can be added to (a config file's "never") is a
+    /// deadline far ahead, not a panic.
+    #[test]
+    fn an_endless_fsync_interval_never_comes_due() {
+        use crate::handoff::MemSegmentIo;
+        use crate::id::{Guarantee, IdKey};
+        let cfg = HintStoreConfig {
+            fsync: FsyncPolicy::Every(Duration::MAX),
+            ..HintStoreConfig::new("unused")
+        };
+        assert!(cfg.validate().is_ok());
+        let (mut st, _) = HintStore::open_with(cfg, MemSegmentIo::new()).unwrap();
+        let now = Instant::now();
+        let hint = Hint {
+            target: NodeId(2),
+            id: MessageId::Key(IdKey(7)),
+            channel: ChannelId(1),
+            guarantee: Guarantee::EffectivelyOnce,
+            created_unix_ms: 1_000,
+            ttl_ms: 60_000,
+            payload: bytes::Bytes::from_static(b"x"),
+        };
+        st.append(hint, None, now).unwrap();
+        let due = st.next_sync_deadline().expect("an unsynced append");
+        assert!(due > now + Duration::from_secs(365 * 24 * 3600), "{due:?}");
+        st.sync_if_due(now + Duration::from_secs(3600)).unwrap();
+    }
 
     fn seg(n: u64) -> Segment {
         let mut s = Segment::new(32 + 10 * n, Frame::Plain);
