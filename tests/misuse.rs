@@ -630,8 +630,11 @@ async fn a_sender_to_an_unknown_peer_is_a_typed_error() {
         a.raw_sender(NodeId(99), opts(Guarantee::AtMostOnce)),
         Err(NodeError::UnknownPeer(NodeId(99)))
     ));
-    // Once added it is known.
+    // Once added it is known, and watched at once as the docs of `Node::health` say:
+    // `Some(Up)` before the node's driver has run (this is a current-thread runtime).
+    // (Regression: `None` until the driver took the command.)
     a.add_peer(NodeId(99), "127.0.0.1:9".parse().unwrap());
+    assert_eq!(a.health(NodeId(99)), Some(Health::Up));
     assert!(a
         .sender::<u64>(NodeId(99), opts(Guarantee::AtMostOnce))
         .is_ok());

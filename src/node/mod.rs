@@ -146,6 +146,9 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(peer);
+        // Watched from now on, as `health` says: `Some(Up)` at once, not once the
+        // driver has taken the command (the builder's peers start the same way).
+        self.shared.seen(peer, Health::Up);
         let _ = self.commands.send(Command::AddPeer { peer, addr });
     }
 
