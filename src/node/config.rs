@@ -47,8 +47,10 @@ pub struct NodeConfig {
     /// fails its receipt.
     pub handoff: Option<HandoffConfig>,
     /// How long [`Node::shutdown`] waits for unacknowledged messages before spooling
-    /// them to the hint store (or, without handoff, failing them). Default 5 s. Any
-    /// value is accepted; `Duration::MAX` waits until every message has settled.
+    /// them to the hint store (or, without handoff, failing them). Default 5 s.
+    /// `Duration::MAX` waits until every message has settled. A finite drain counts
+    /// towards what `dedup.retention` must outlive (see [`NodeConfig::validate`]): with
+    /// the defaults, a drain of 24 h or more is refused unless the retention is raised.
     #[serde(with = "crate::config_serde::duration")]
     pub shutdown_drain: Duration,
     /// How long [`Node::shutdown`] waits, after the drain, for deliveries the
@@ -135,8 +137,10 @@ impl NodeConfig {
     /// `1..=`[`MAX_PAYLOAD`](Self::MAX_PAYLOAD) (over TCP, also within the frame limit:
     /// checked by [`NodeBuilder::build`]); `heartbeat_interval`
     /// in `[1 ms, 1 h]`; `detector` as `DetectorConfig::validate`, with `max_samples
-    /// <= 65536`; `handoff` as [`HandoffConfig::validate`]. `shutdown_drain` and
-    /// `shutdown_handler_grace` may be any duration.
+    /// <= 65536`; `handoff` as [`HandoffConfig::validate`]; `dedup.retention` longer
+    /// than the retry deadline plus the hint TTL plus `shutdown_drain` (a late copy must
+    /// not find its stream retired; a sum that reaches `Duration::MAX` counts as never
+    /// and is not checked). `shutdown_handler_grace` may be any duration.
     pub fn validate(&self) -> Result<(), crate::ConfigError> {
         use crate::error::check::{count, duration, u};
         self.proto.validate()?;
@@ -424,6 +428,26 @@ mod tests {
     use super::*;
     use crate::id::{IdKey, MessageId, NodeId, Origin};
     use bytes::Bytes;
+
+    /// `shutdown_drain` as its docs say: any drain is accepted while the retention
+    /// outlives deadline + drain, 24 h is refused with the defaults, and
+    /// `Duration::MAX` (never) is accepted.
+    #[test]
+    fn shutdown_drain_counts_towards_the_retention() {
+        let with = |drain| NodeConfig {
+            shutdown_drain: drain,
+            ..NodeConfig::default()
+        };
+        assert!(with(Duration::from_secs(3600)).validate().is_ok());
+        assert!(with(Duration::MAX).validate().is_ok());
+        assert!(matches!(
+            with(Duration::from_secs(24 * 3600)).validate(),
+            Err(crate::ConfigError::RetentionTooShort { .. })
+        ));
+        let mut longer = with(Duration::from_secs(24 * 3600));
+        longer.dedup.retention = Duration::from_secs(48 * 3600);
+        assert!(longer.validate().is_ok());
+    }
 
     /// `DATA_FRAME_OVERHEAD` covers the largest data frame header the codec writes, so
     /// a payload of `max_payload` always fits the TCP frame limit it was checked against.

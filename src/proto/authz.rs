@@ -35,9 +35,10 @@ pub enum RelayPolicy {
 /// Inbound authorization. `Default`: any peer the transport admitted may send on any
 /// channel; nobody may relay for another node ([`RelayPolicy::Nobody`]).
 ///
-/// A refused frame is dropped unacknowledged and counted in
-/// `ProtoStats::unauthorized_dropped`; its sender is not told and retries until its
-/// deadline, like a message to a channel nobody receives.
+/// A refused frame is dropped before any stream or dedup state and counted in
+/// `ProtoStats::unauthorized_dropped`. An at-least-once or effectively-once sender is
+/// told: its receipt fails with `SendError::Rejected { reason: Unauthorized }`
+/// (`tests/rejections.rs`); an at-most-once frame is dropped without an answer.
 ///
 /// ```
 /// use ackwire::proto::{Authorization, RelayPolicy};
