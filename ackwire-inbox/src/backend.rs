@@ -77,13 +77,15 @@ pub(crate) mod sealed {
             limit: i64,
         ) -> impl Future<Output = sqlx::Result<Vec<OutboxRow>>> + Send;
 
-        /// Delete the rows of one stream with `from <= seq <= to`.
+        /// Delete the rows `seqs` of one stream (those not set aside). Exactly these:
+        /// a range would also take a row that was set aside when the batch was
+        /// fetched and put back (`rejected` = NULL) while it was in flight, which was
+        /// never sent.
         fn delete(
             pool: &sqlx::Pool<Self>,
             target: i64,
             channel: i64,
-            from: i64,
-            to: i64,
+            seqs: Vec<i64>,
         ) -> impl Future<Output = sqlx::Result<u64>> + Send;
 
         /// Set row `seq` aside as rejected for good, with `reason`.
@@ -230,17 +232,23 @@ mod sqlite {
             pool: &Pool<Self>,
             target: i64,
             channel: i64,
-            from: i64,
-            to: i64,
+            seqs: Vec<i64>,
         ) -> sqlx::Result<u64> {
+            // The seqs as one JSON array (one bind whatever the batch size).
+            let list = format!(
+                "[{}]",
+                seqs.iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
             let done = sqlx::query(
                 "DELETE FROM ackwire_outbox WHERE target = ?1 AND channel = ?2 \
-                 AND seq BETWEEN ?3 AND ?4 AND rejected IS NULL",
+                 AND seq IN (SELECT value FROM json_each(?3)) AND rejected IS NULL",
             )
             .bind(target)
             .bind(channel)
-            .bind(from)
-            .bind(to)
+            .bind(list)
             .execute(pool)
             .await?;
             Ok(done.rows_affected())
@@ -303,6 +311,10 @@ mod postgres {
     use sqlx::{Pool, Postgres, Row};
     use std::sync::Arc;
     use std::time::Duration;
+
+    /// How long the leader's liveness check (`SELECT 1` on its lock's session) may
+    /// take before the relay steps down (see `still_leading`).
+    const LEAD_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
     /// The channel enqueue notifies and the relay listens on.
     const NOTIFY_CHANNEL: &str = "ackwire_outbox";
@@ -429,17 +441,15 @@ mod postgres {
             pool: &Pool<Self>,
             target: i64,
             channel: i64,
-            from: i64,
-            to: i64,
+            seqs: Vec<i64>,
         ) -> sqlx::Result<u64> {
             let done = sqlx::query(
                 "DELETE FROM ackwire_outbox WHERE target = $1 AND channel = $2 \
-                 AND seq BETWEEN $3 AND $4 AND rejected IS NULL",
+                 AND seq = ANY($3) AND rejected IS NULL",
             )
             .bind(target)
             .bind(channel)
-            .bind(from)
-            .bind(to)
+            .bind(seqs)
             .execute(pool)
             .await?;
             Ok(done.rows_affected())
@@ -473,22 +483,47 @@ mod postgres {
         async fn try_lead(pool: &Pool<Self>) -> sqlx::Result<Option<PgConnection>> {
             // A session lock, held as long as this connection lives: keyed by the
             // schema, so outboxes in different schemas have a relay each.
-            let mut conn = pool.acquire().await?.detach();
+            // A pooled connection until the lock is granted: a relay that does not get
+            // it (every poll of a follower) gives the connection back to the pool
+            // instead of closing it, which made the pool open a new one each time.
+            let mut conn = pool.acquire().await?;
             let (held,): (bool,) = sqlx::query_as(
                 "SELECT pg_try_advisory_lock(hashtextextended('ackwire_outbox_relay:' || current_schema(), 0))",
             )
-            .fetch_one(&mut conn)
+            .fetch_one(&mut *conn)
             .await?;
-            if held {
-                Ok(Some(conn))
-            } else {
-                let _ = sqlx::Connection::close(conn).await;
-                Ok(None)
+            if !held {
+                return Ok(None);
             }
+            let mut conn = conn.detach();
+            // The server frees the lock when it sees this session end; a leader host
+            // that vanishes without closing its connection (power loss, a partition)
+            // would otherwise hold it until the server's TCP keepalive, by default
+            // about two hours. With these, within about half a minute. (A Unix-socket
+            // connection ignores them; `tcp_user_timeout` needs PostgreSQL 12, so each
+            // is set on its own and a refusal is only logged.)
+            for setting in [
+                "SET tcp_keepalives_idle = 10",
+                "SET tcp_keepalives_interval = 5",
+                "SET tcp_keepalives_count = 3",
+                "SET tcp_user_timeout = 30000",
+            ] {
+                if let Err(e) = sqlx::query(setting).execute(&mut conn).await {
+                    tracing::debug!(error = %e, setting, "outbox relay: leader session setting refused");
+                }
+            }
+            Ok(Some(conn))
         }
 
         async fn still_leading(leader: &mut PgConnection) -> bool {
-            sqlx::query("SELECT 1").execute(leader).await.is_ok()
+            // Bounded: on a connection cut without a reset, the query would wait for
+            // the kernel's retransmission timeout (about 15 minutes), and the relay
+            // with it. A leader that cannot answer in time steps down and tries again.
+            matches!(
+                tokio::time::timeout(LEAD_CHECK_TIMEOUT, sqlx::query("SELECT 1").execute(leader))
+                    .await,
+                Ok(Ok(_))
+            )
         }
 
         fn listen(

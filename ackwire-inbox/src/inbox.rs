@@ -232,6 +232,7 @@ impl<DB: Backend> Inbox<DB> {
 
 /// The background cleanup of [`Inbox::spawn_cleanup`]; dropping it stops the task.
 #[derive(Debug)]
+#[must_use = "dropping the CleanupTask stops the cleanup; keep it for as long as it should run"]
 pub struct CleanupTask {
     task: tokio::task::JoinHandle<()>,
     deleted: Arc<AtomicU64>,
@@ -243,7 +244,9 @@ impl CleanupTask {
         self.deleted.load(Ordering::Relaxed)
     }
 
-    /// Stop the task (a statement in progress is abandoned; its transaction rolls back).
+    /// Stop the task. A delete already sent to the database may still complete there
+    /// (the claims it removes were past their retention anyway); it is not counted in
+    /// [`CleanupTask::deleted`].
     pub fn stop(self) {}
 }
 

@@ -159,7 +159,10 @@ impl<DB: Backend> Outbox<DB> {
     ///   acknowledged prefix is deleted. Messages never time out (the channel's
     ///   deadline is `Duration::MAX`), so the sender never skips one and a receiver
     ///   with [`ReceiverOptions::ordered`](ackwire::ReceiverOptions::ordered) applies
-    ///   them in commit order.
+    ///   them in commit order — as long as the target accepts each row when it comes.
+    ///   A row it refuses for now (see [`RelayStats::refused`]: no receiver yet, not
+    ///   authorized, its key table full) is sent again after a backoff, so the rows of
+    ///   its batch that the target accepted meanwhile are applied before it.
     /// * **Failure**: a send that fails (target Down with `fail_fast_when_down`, node
     ///   shutting down, unknown peer) or a receipt that is not `Ok(Acked)` (e.g.
     ///   `HandedOff`: the relay's node should not need hinted handoff; a refusal such
@@ -290,6 +293,7 @@ impl RelayOptions {
 
 /// A running relay ([`Outbox::relay`]). Dropping it stops the relay.
 #[derive(Debug)]
+#[must_use = "dropping the Relay stops it and no row is sent; keep it for as long as it should run"]
 pub struct Relay {
     task: JoinHandle<()>,
     counters: Arc<Counters>,
@@ -327,7 +331,9 @@ pub struct RelayStats {
     /// Refusals the relay retries (`Rejected` with `NoReceiver`, `Unauthorized`,
     /// `StreamRetired` or an unknown reason: refused before the target's dedup, so a
     /// resend is processed normally): the row stays and its stream waits, retried with
-    /// the backoff, until the cause is fixed (e.g. the receiver starts). Order is kept.
+    /// the backoff, until the cause is fixed (e.g. the receiver starts). Rows of the
+    /// same batch that the target accepted are not held back: they are applied before
+    /// the refused row (see [`Outbox::relay`], Order).
     pub refused: u64,
     /// PostgreSQL notifications received.
     pub notifications: u64,
@@ -581,9 +587,9 @@ async fn stream_worker<DB: Backend>(
                 continue;
             }
         };
-        let Some(first) = rows.first().map(|r| r.seq) else {
-            return; // empty: the dispatcher starts a new worker when rows appear
-        };
+        if rows.is_empty() {
+            return; // the dispatcher starts a new worker when rows appear
+        }
         let mut settled = send_batch(out, &rows, &counters).await;
         for (seq, aside) in &settled.set_aside {
             let why = aside.column();
@@ -613,14 +619,21 @@ async fn stream_worker<DB: Backend>(
             }
         }
         if let Some(to) = settled.to {
-            match DB::delete(&pool, target_col, channel_col, first, to).await {
+            // The rows of this batch up to `to` (the set-aside ones are marked and
+            // stay), not a range of the table: see `Backend::delete`.
+            let seqs = rows.iter().map(|r| r.seq).filter(|s| *s <= to).collect();
+            match DB::delete(&pool, target_col, channel_col, seqs).await {
                 Ok(n) => {
                     counters.delivered.fetch_add(n, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    // The rows stay and are sent again; the target drops the repeats.
+                    // The rows stay and are sent again (the target drops the repeats),
+                    // after the backoff: a database that reads but cannot delete
+                    // (a full disk, a read-only replica after a failover) would
+                    // otherwise have the batch resent in a tight loop.
                     counters.db_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "outbox relay cannot delete delivered rows; they will be sent again");
+                    settled.complete = false;
                 }
             }
         }

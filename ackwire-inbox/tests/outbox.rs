@@ -240,6 +240,47 @@ scenarios! {
         quiet(&mut rx, Duration::from_millis(300)).await;
     }
 
+    async fn a_row_put_back_while_its_batch_is_in_flight_is_sent_not_deleted(pool) {
+        // Row 2 is set aside (as a `TooLarge` row is) when the relay fetches rows 1 and
+        // 3; while they are in flight the operator puts row 2 back (`rejected` = NULL,
+        // as the docs say to after raising `max_payload`). The acks of 1 and 3 must
+        // delete those two rows only. (Regression: the delete took the range 1..=3,
+        // and row 2, never sent, was gone.)
+        let (_rx_node, mut rx, node) = nodes_on_loopback(false).await;
+        let outbox = Outbox::<DB>::new();
+        let mut tx = pool.begin().await.unwrap();
+        for n in 1..=3u64 {
+            outbox.enqueue(&mut tx, RECEIVER, CH, IdKey(u128::from(n)), &(n, format!("order-{n}"))).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let (seq2,): (i64,) = sqlx::query_as("SELECT seq FROM ackwire_outbox ORDER BY seq LIMIT 1 OFFSET 1")
+            .fetch_one(&pool).await.unwrap();
+        sqlx::query("UPDATE ackwire_outbox SET rejected = 'TooLarge' WHERE seq = $1")
+            .bind(seq2).execute(&pool).await.unwrap();
+        let relay = outbox.relay(node, pool.clone(), quick_retry()).unwrap();
+        // Both in the application's hands, unacknowledged: the batch is in flight.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let d = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap();
+            held.push(d);
+        }
+        let mut got: Vec<u64> = held.iter().map(|d| d.message().0).collect();
+        got.sort_unstable();
+        assert_eq!(got, [1, 3]);
+        sqlx::query("UPDATE ackwire_outbox SET rejected = NULL WHERE seq = $1")
+            .bind(seq2).execute(&pool).await.unwrap();
+        for d in held {
+            d.ack();
+        }
+        assert_eq!(collect(&mut rx, 1, Duration::from_secs(20)).await, [2], "row 2 is sent");
+        let p = pool.clone();
+        assert!(eventually(Duration::from_secs(10), || {
+            let p = p.clone();
+            async move { Outbox::<DB>::pending(&p).await.unwrap() == 0 }
+        }).await);
+        assert_eq!(relay.stats().delivered, 3, "{:?}", relay.stats());
+    }
+
     async fn malformed_rows_hold_their_stream_and_are_counted(pool) {
         let (rx_node, mut rx, node) = nodes_on_loopback(true).await;
         let mut rx2 = rx_node.receiver::<(u64, String)>(CH2, false).unwrap();
@@ -271,6 +312,70 @@ scenarios! {
         relay.wake();
         assert_eq!(collect(&mut rx, 1, Duration::from_secs(20)).await, [1]);
     }
+}
+
+/// A database that reads but cannot delete (here a trigger; in life a full disk, or a
+/// read-only replica after a failover): the acknowledged rows stay and are sent again,
+/// after the backoff. (Regression: a failed delete did not count as a failed batch,
+/// so the relay fetched and resent the same rows at once, in a tight loop.) Once the
+/// database deletes again, the rows go and each was delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_failing_delete_backs_off_instead_of_resending_in_a_loop() {
+    let db = support::db::sqlite().await;
+    let pool = db.pool.clone();
+    let (_rx_node, mut rx, node) = nodes_on_loopback(false).await;
+    sqlx::query(
+        "CREATE TRIGGER no_delete BEFORE DELETE ON ackwire_outbox \
+         BEGIN SELECT RAISE(ABORT, 'deletes fail for this test'); END",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let outbox = Outbox::<sqlx::Sqlite>::new();
+    let mut tx = pool.begin().await.unwrap();
+    for n in 0..10u64 {
+        outbox
+            .enqueue(
+                &mut tx,
+                RECEIVER,
+                CH,
+                IdKey(u128::from(n)),
+                &(n, format!("order-{n}")),
+            )
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // Default options: backoff from 100 ms doubling.
+    let relay = outbox
+        .relay(node, pool.clone(), RelayOptions::default())
+        .unwrap();
+    let mut got = collect(&mut rx, 10, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stats = relay.stats();
+    assert!(stats.db_errors >= 1, "{stats:?}");
+    // About 5 batches of 10 in 2 s at 100, 200, 400, 800 ms; a loop sent thousands.
+    assert!(stats.sent <= 150, "resent in a loop: {stats:?}");
+    assert_eq!(stats.delivered, 0, "{stats:?}");
+    assert_eq!(Outbox::<sqlx::Sqlite>::pending(&pool).await.unwrap(), 10);
+    sqlx::query("DROP TRIGGER no_delete")
+        .execute(&pool)
+        .await
+        .unwrap();
+    relay.wake();
+    let p = pool.clone();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let p = p.clone();
+            async move { Outbox::<sqlx::Sqlite>::pending(&p).await.unwrap() == 0 }
+        })
+        .await,
+        "{:?}",
+        relay.stats()
+    );
+    quiet(&mut rx, Duration::from_millis(300)).await;
+    got.sort_unstable();
+    assert_eq!(got, (0..10).collect::<Vec<_>>(), "each delivered once");
 }
 
 /// SQLite has no notifications: with a 60 s poll, only the in-process wake-up of an
