@@ -176,6 +176,44 @@ async fn impostors_are_refused_each_with_its_own_reason_while_a_good_peer_delive
     b.shutdown().await;
 }
 
+/// A TLS 1.3 session resumed from a ticket is accepted without checking the
+/// certificate again (rustls copies the chain out of the ticket), so a node that
+/// issued tickets let a certificate that expired since the last connection keep
+/// connecting, for as long as the node ran. Here a client's certificate expires
+/// between its first connection and its second (the same rustls client config,
+/// holding whatever tickets the node gave it): the second is refused as expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expired_since_the_last_connection_is_refused() {
+    let ca = Ca::new("ackwire test ca");
+    let b = tls_node(B, ca.node(B), None).await;
+    let b_addr = b.local_addr().unwrap();
+    let client = raw_client(&ca, Some(ca.issue_expiring(A, Duration::from_secs(2))));
+    let name = || rustls::pki_types::ServerName::try_from(node_dns_name(B)).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client);
+    // Valid now: the handshake completes; a read takes in any tickets sent after it.
+    let tcp = TcpStream::connect(b_addr).await.unwrap();
+    let mut tls = timeout(WAIT, connector.connect(name(), tcp))
+        .await
+        .unwrap()
+        .expect("a valid certificate is accepted");
+    let _ = timeout(Duration::from_millis(500), tls.read(&mut [0u8; 256])).await;
+    drop(tls);
+    assert_eq!(b.tcp_stats().unwrap().rejected_tls_expired, 0);
+    // Past its not_after (webpki counts whole seconds).
+    sleep(Duration::from_millis(3500)).await;
+    let tcp = TcpStream::connect(b_addr).await.unwrap();
+    if let Ok(Ok(mut tls)) = timeout(WAIT, connector.connect(name(), tcp)).await {
+        // TLS 1.3: the server's verdict on the client's certificate comes after the
+        // client's side of the handshake; a read sees it.
+        let _ = timeout(Duration::from_secs(2), tls.read(&mut [0u8; 256])).await;
+    }
+    eventually!(
+        "the expired certificate refused",
+        b.tcp_stats().unwrap().rejected_tls_expired == 1
+    );
+    b.shutdown().await;
+}
+
 /// A dialer verifies the server too: dialing "B" at an address where node C (a valid
 /// certificate from the same CA, for C) answers is refused, counted as an identity
 /// mismatch; nothing is delivered to C.

@@ -90,18 +90,27 @@ impl TlsConfig {
             WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
                 .build()
                 .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
-        let server = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        let mut server = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsConfigError::Rustls)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(cert_chain.clone(), key.clone_key())
             .map_err(TlsConfigError::Rustls)?;
-        let client = ClientConfig::builder_with_provider(provider)
+        let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsConfigError::Rustls)?
             .with_root_certificates(roots)
             .with_client_auth_cert(cert_chain, key)
             .map_err(TlsConfigError::Rustls)?;
+        // No session resumption, either way: a resumed TLS 1.3 session takes the
+        // peer's certificate chain from the ticket without verifying it again, so a
+        // certificate that expired (or whose key was stolen and then replaced) since
+        // a first connection kept working as long as the node that issued the ticket
+        // ran (tests/tls.rs). Connections are long-lived; a full handshake on each
+        // reconnect costs a few milliseconds.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+        client.resumption = rustls::client::Resumption::disabled();
         Ok(TlsConfig {
             server: Arc::new(server),
             client: Arc::new(client),

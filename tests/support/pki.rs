@@ -45,12 +45,28 @@ impl Ca {
         self.issue_with(node, true)
     }
 
+    /// A certificate naming `node`, valid from a day ago until `valid_for` from now.
+    pub fn issue_expiring(&self, node: NodeId, valid_for: std::time::Duration) -> Issued {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
+        let mut params = CertificateParams::new(vec![node_dns_name(node)]).unwrap();
+        params.not_before = now - std::time::Duration::from_secs(24 * 3600);
+        params.not_after = now + valid_for;
+        self.sign(params)
+    }
+
     fn issue_with(&self, node: NodeId, expired: bool) -> Issued {
         let mut params = CertificateParams::new(vec![node_dns_name(node)]).unwrap();
         if expired {
             params.not_before = rcgen::date_time_ymd(2001, 1, 1);
             params.not_after = rcgen::date_time_ymd(2002, 1, 1);
         }
+        self.sign(params)
+    }
+
+    fn sign(&self, params: CertificateParams) -> Issued {
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         Issued {
