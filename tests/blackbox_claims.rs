@@ -1319,6 +1319,42 @@ async fn a_leftover_version_1_node_is_refused_with_a_warning_naming_both_ranges(
     drop(old);
 }
 
+/// Anyone who reaches the port can fail a handshake, as often as it connects (a port
+/// scan, a load balancer's TCP check, a connect-and-close loop): each failure is
+/// counted in `TcpStats::handshakes_failed`, and warned about at most once per 10 s.
+/// (Regression: one warning per connection, at whatever rate a stranger connected.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_and_close_loop_is_counted_and_warned_about_once() {
+    let cap = capture();
+    let since = Instant::now();
+    let n = Node::builder(NodeId(8901))
+        .tcp(any_addr(), TcpConfig::default())
+        .build()
+        .await
+        .unwrap();
+    let addr = n.local_addr().unwrap();
+    for _ in 0..40 {
+        drop(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let counted = async {
+        while n.tcp_stats().unwrap().handshakes_failed < 40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    within(10, "40 failed handshakes counted", counted).await;
+    let warned = cap
+        .warns("handshake failed", since)
+        .into_iter()
+        .filter(|e| {
+            e.node_span
+                .as_deref()
+                .is_some_and(|s| s.starts_with("n8901#"))
+        })
+        .count();
+    assert_eq!(warned, 1, "40 failed inbound handshakes, {warned} warnings");
+    n.shutdown().await;
+}
+
 /// A node speaking only 2..=3 (`NodeId(new)`) and one speaking only 1, which knows the
 /// first's address.
 async fn version_pair(new: u64, old: u64) -> (Node, Node) {

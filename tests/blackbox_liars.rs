@@ -562,6 +562,45 @@ async fn a_stranger_claiming_the_nodes_own_id_is_refused_before_a_large_first_fr
     );
 }
 
+/// The same bytes claiming a *configured* peer's id, which without TLS anyone can
+/// claim: the node read and held a version-1 first frame of up to `max_frame_len`
+/// (8 MiB) on each of 60 connections from one address, about 540 MiB until the
+/// handshake timeout. Now at most four handshakes node-wide may read a first frame
+/// that large; the others are refused at 1 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_claiming_a_configured_peer_cannot_make_the_node_hold_large_first_frames() {
+    let _serial = serial();
+    const CONNS: usize = 60; // under the default 64 per address
+    const FRAME: usize = 8 << 20; // the default max_frame_len
+    let b = node(21_301, &[21_302]).await;
+    let addr = b.local_addr().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss0 = rss_kib();
+    let closed = Arc::new(AtomicU64::new(0));
+    let opened = big_first_frames(addr, NodeId(21_302), CONNS, FRAME, closed.clone()).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let rss1 = rss_kib();
+    let st = b.tcp_stats().unwrap();
+    let closed_early = closed.load(Ordering::Relaxed);
+    within(10, "shutdown", b.shutdown()).await;
+    let grew = rss1.saturating_sub(rss0) >> 10;
+    eprintln!(
+        "[configured-claim] x{opened}: RSS {rss0} -> {rss1} KiB (+{grew} MiB), closed within \
+         2.5 s {closed_early}, too_large {}, handshakes_failed {}",
+        st.rejected_too_large, st.handshakes_failed
+    );
+    // Four frames of 8 MiB, each buffer's capacity up to about twice that: < 128 MiB
+    // (about 500 MiB before).
+    assert!(
+        grew < 128,
+        "{opened} outsiders claiming a configured peer's id made the node hold {grew} MiB"
+    );
+    assert!(
+        closed_early as usize + 4 >= opened,
+        "only {closed_early} of {opened} refused within 2.5 s"
+    );
+}
+
 // -------------------------------------------------------------------------------------
 // 4. One peer fills the node-wide dedup stream registry with its own fake incarnations.
 // -------------------------------------------------------------------------------------

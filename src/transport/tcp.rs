@@ -89,7 +89,7 @@ use bytes::{Buf, BytesMut};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -620,6 +620,8 @@ impl Transport for TcpTransport {
                     .collect(),
             ),
             last_stranger_warn: Mutex::default(),
+            last_handshake_warn: Mutex::default(),
+            large_first: AtomicUsize::new(0),
         });
         let acceptor = spawn_here(accept_loop(listener, Arc::clone(&ctx), self.accept_stop));
         let mut mgr = Manager {
@@ -744,6 +746,41 @@ struct Ctx {
     known: Mutex<HashSet<NodeId>>,
     /// When a refused stranger was last warned about (see `STRANGER_WARN_EVERY`).
     last_stranger_warn: Mutex<Option<Instant>>,
+    /// When another failed inbound handshake was last warned about (same interval).
+    last_handshake_warn: Mutex<Option<Instant>>,
+    /// Handshakes now allowed a version-1 first frame of up to `max_frame_len` (see
+    /// `MAX_LARGE_FIRST_FRAMES`).
+    large_first: AtomicUsize,
+}
+
+/// How many handshakes, node-wide, may read a version-1 peer's first frame of up to
+/// `max_frame_len` at once; the others read frames of up to 1 KiB until the version is
+/// agreed. Without TLS a node id is only a claim, so anyone who knows a configured
+/// peer's id could claim it on many connections and make the node hold
+/// `max_frame_len` (8 MiB) for each until the handshake timeout: about 540 MiB from
+/// one address, 2.3 GiB within `max_handshaking` (tests/blackbox_liars.rs). An honest
+/// version-1 peer has one handshake in flight; while an attack holds these four, its
+/// large first frame is refused and it redials.
+const MAX_LARGE_FIRST_FRAMES: usize = 4;
+
+/// One of the `MAX_LARGE_FIRST_FRAMES`; given back when dropped.
+struct LargeFirst<'a>(&'a AtomicUsize);
+
+impl<'a> LargeFirst<'a> {
+    fn take(count: &'a AtomicUsize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_LARGE_FIRST_FRAMES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| LargeFirst(count))
+    }
+}
+
+impl Drop for LargeFirst<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Ctx {
@@ -1587,27 +1624,30 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Arc<tokio::sync
 fn handshake_failed(ctx: &Ctx, r: &Reject, remote: SocketAddr, peer: Option<NodeId>) {
     ctx.stats.inc(Counter::HandshakesFailed);
     ctx.stats.reject(r);
+    // Accepting, anyone who reaches the port can fail a handshake (a port scan, a
+    // connect-and-close loop, a load balancer's TCP check, plain TCP to a TLS node,
+    // a version we do not speak), as often as it connects: such warnings come at most
+    // every `STRANGER_WARN_EVERY`, the rest at debug level; each failure is counted in
+    // `TcpStats` by its reason.
+    let due = |last: &Mutex<Option<Instant>>| {
+        let now = Instant::now();
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        let due = last.is_none_or(|t| now.duration_since(t) >= STRANGER_WARN_EVERY);
+        if due {
+            *last = Some(now);
+        }
+        due
+    };
     match r {
-        Reject::Incompatible(v) => tracing::warn!(
-            %remote, ?peer, ours = %v.ours, theirs = %v.theirs,
-            "tcp: no common protocol version, connection closed"
-        ),
-        // Anyone who reaches the port can cause this one, but so does a peer missing
-        // from our configuration: warned at most every `STRANGER_WARN_EVERY`.
+        Reject::Incompatible(v) if peer.is_some() || due(&ctx.last_handshake_warn) => {
+            tracing::warn!(
+                %remote, ?peer, ours = %v.ours, theirs = %v.theirs,
+                "tcp: no common protocol version, connection closed"
+            )
+        }
+        // Also a peer missing from our configuration: its own interval, and advice.
         Reject::UnknownPeer(claimed) => {
-            let now = Instant::now();
-            let warn = {
-                let mut last = ctx
-                    .last_stranger_warn
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let due = last.is_none_or(|t| now.duration_since(t) >= STRANGER_WARN_EVERY);
-                if due {
-                    *last = Some(now);
-                }
-                due
-            };
-            if warn {
+            if due(&ctx.last_stranger_warn) {
                 tracing::warn!(
                     %remote, peer = %claimed,
                     refused_so_far = ctx.stats.snapshot().rejected_unknown_peer,
@@ -1623,9 +1663,17 @@ fn handshake_failed(ctx: &Ctx, r: &Reject, remote: SocketAddr, peer: Option<Node
         Reject::Closed if peer.is_some() => {
             tracing::debug!(%remote, ?peer, reason = %r, "tcp: handshake failed, connection closed")
         }
-        _ => {
+        _ if peer.is_some() => {
             tracing::warn!(%remote, ?peer, reason = %r, "tcp: handshake failed, connection closed")
         }
+        _ if matches!(r, Reject::Incompatible(_)) || !due(&ctx.last_handshake_warn) => {
+            tracing::debug!(%remote, reason = %r, "tcp: inbound handshake failed, connection closed")
+        }
+        _ => tracing::warn!(
+            %remote, reason = %r,
+            failed_so_far = ctx.stats.snapshot().handshakes_failed,
+            "tcp: inbound handshake failed, connection closed (more within 10 s at debug level)"
+        ),
     }
 }
 
@@ -1756,8 +1804,9 @@ async fn handshake(
         let mut dec = FrameDecoder::new(HANDSHAKE_MAX_FRAME_LEN).with_version(1);
         let mut buf = BytesMut::with_capacity(256);
         let mut read = 0usize;
-        let early_limit = ctx.cfg.max_frame_len.saturating_add(EARLY_SLACK);
+        let mut early_limit = ctx.cfg.max_frame_len.saturating_add(EARLY_SLACK);
         let mut checked = false;
+        let mut _large_first = None;
         loop {
             match dec.decode(&mut buf)? {
                 Some(frame) => {
@@ -1772,11 +1821,18 @@ async fn handshake(
                             }
                             // A node speaking version 2 or later sends its small probe
                             // next; only a version-1 node's first frame may be large.
-                            let next = if their_min == 1 {
+                            let large = if their_min == 1 {
+                                LargeFirst::take(&ctx.large_first)
+                            } else {
+                                None
+                            };
+                            let next = if large.is_some() {
                                 ctx.cfg.max_frame_len
                             } else {
+                                early_limit = read.saturating_add(EARLY_SLACK);
                                 HANDSHAKE_MAX_FRAME_LEN
                             };
+                            _large_first = large;
                             dec = FrameDecoder::new(next).with_version(1);
                         }
                     }
@@ -1879,10 +1935,13 @@ fn check_claim(
         }
         _ => {}
     }
+    // Fails closed: a TLS stream without a peer certificate (none today: client
+    // certificates are mandatory and sessions are never resumed) proves no identity.
     #[cfg(feature = "tls")]
-    if let Some(leaf) = stream.peer_leaf() {
-        if !tls::cert_names_node(leaf, claimed) {
-            return Err(Reject::IdentityMismatch { claimed });
+    if matches!(stream, Stream::Tls(_)) {
+        match stream.peer_leaf() {
+            Some(leaf) if tls::cert_names_node(leaf, claimed) => {}
+            _ => return Err(Reject::IdentityMismatch { claimed }),
         }
     }
     #[cfg(not(feature = "tls"))]
