@@ -1420,8 +1420,11 @@ impl OutboundStream {
             }
         }
         if !self.budget.try_withdraw(now) {
-            // Over the retry budget: defer (never drop) the retry by one RTO.
-            let mut next = later(now, self.rtt.rto());
+            // Over the retry budget: defer (never drop) the retry by one RTO, and by a
+            // millisecond at least: an `Endpoint` built on a config that was never
+            // validated (`max_rto` zero) re-armed the timer at `now`, and
+            // `handle_timeout` popped it again for ever.
+            let mut next = later(now, self.rtt.rto().max(Duration::from_millis(1)));
             if let Some(d) = deadline {
                 next = next.min(d);
             }
@@ -3253,6 +3256,31 @@ mod tests {
         s.handle_nack(t0 + 55 * ms, 1); // the reconnect's copy failed too
         run_until(&mut s, t0 + 160 * ms);
         assert_eq!(s.retransmits(), 2, "the second nack was dropped");
+    }
+
+    /// A config that was never validated (the sans-IO `Endpoint` does not check it):
+    /// a zero RTO and no retry budget. A retry over the budget is deferred by a
+    /// millisecond at least, so `handle_timeout` returns. (Regression: the deferral
+    /// re-armed the timer at `now` and `handle_timeout` popped it for ever.)
+    #[test]
+    fn a_zero_rto_over_the_budget_does_not_spin() {
+        let t0 = Instant::now();
+        let mut s = stream_with(t0, 3, |c| {
+            c.rtt.initial_rto = Duration::ZERO;
+            c.rtt.min_rto = Duration::ZERO;
+            c.rtt.max_rto = Duration::ZERO;
+            c.retry_budget = crate::retry::RetryBudgetConfig {
+                ttl: Duration::from_secs(10),
+                min_retries_per_sec: 0,
+                retry_ratio: 0.0,
+            };
+        });
+        s.send(t0, Bytes::new(), None, None, 0);
+        run(&mut s, t0);
+        run(&mut s, t0 + Duration::from_millis(5));
+        assert_eq!(s.retransmits(), 0, "no budget, no retry");
+        let next = s.poll_timeout().expect("the message's timer");
+        assert!(next > t0 + Duration::from_millis(5), "{next:?}");
     }
 
     /// Retry budget: every fresh send and every message an ack settles deposits one

@@ -20,7 +20,10 @@ pub struct RetryBudgetConfig {
     /// Window during which deposits and withdrawals count. Default 10 s.
     #[serde(with = "crate::config_serde::duration")]
     pub ttl: Duration,
-    /// Floor of retries per second allowed regardless of deposits. Default 10.
+    /// Floor of retries per second allowed regardless of deposits. Default 10. `0`
+    /// removes the floor: a stream whose retries have used up what its own sends
+    /// deposited then retransmits only as new sends deposit more, so a quiet stream's
+    /// lost message may wait until its deadline (or for ever without one).
     pub min_retries_per_sec: u32,
     /// Retries allowed per fresh send, in `[0, 1000]`. Default 0.2.
     pub retry_ratio: f64,
