@@ -556,6 +556,16 @@ impl Dedup {
                 .torn_bytes_truncated
                 .store(rec.torn_bytes, Ordering::Relaxed);
             d.replay(&rec.records, now);
+            let dropped = d.counters.recovery_dropped.load(Ordering::Relaxed);
+            if rec.corrupt_skipped > 0 || rec.torn_bytes > 0 || dropped > 0 {
+                tracing::warn!(
+                    dir = %dur.dir.display(),
+                    corrupt_records_skipped = rec.corrupt_skipped,
+                    torn_bytes_truncated = rec.torn_bytes,
+                    recovery_dropped = dropped,
+                    "dedup log recovered with losses: messages whose records were lost may be processed again if resent"
+                );
+            }
             let next_compaction = dur.compact_after_bytes.max(2 * log.len());
             d.log = Some(Durable {
                 log: Mutex::new(Logged {
@@ -708,6 +718,12 @@ impl Dedup {
             return Ok(());
         }
         let written = l.log.sync();
+        if written.is_err() {
+            // The failed batch is cut off the file (it may have been acknowledged):
+            // rewrite the log from memory, which still holds it, now, rather than
+            // leave the hole until the next compaction or a restart.
+            l.next_compaction = 0;
+        }
         if l.log.len() > l.next_compaction {
             // Rewrite from the live state; the next compaction waits until the log
             // has at least doubled, so rewriting stays amortised O(1) per record.
@@ -734,16 +750,19 @@ impl Dedup {
             } => {
                 let now_ms = self.unix_ms(now);
                 let k = (origin, channel);
-                let (done, settled, stamp) = self.streams.complete(&k, seq, now_ms);
-                if !done {
+                let c = self.streams.complete(&k, seq, now_ms);
+                if !c.done {
                     return Ok(());
                 }
                 self.counters.completed.fetch_add(1, Ordering::Relaxed);
-                if stamp {
+                if c.stamp {
                     self.persist(Record::Active(origin, channel, now_ms), now, false)?;
                 }
+                if let Some(floor) = c.checkpoint {
+                    self.persist(Record::Floor(origin, channel, floor), now, false)?;
+                }
                 self.persist(Record::SeqDone(origin, channel, seq), now, sync)?;
-                if settled {
+                if c.settled {
                     if let Some(t) = self.streams.try_retire(k, now_ms) {
                         self.persist_changes(&[Change::Retired(k, t)], now)?;
                     }
@@ -845,6 +864,14 @@ impl Dedup {
         let n = self.streams.sweep(self.unix_ms(now), &mut changes);
         self.persist_changes(&changes, now)?;
         Ok(n)
+    }
+
+    /// Is `seq` of the stream `(origin, channel)` known settled (done in a live window,
+    /// or at or below a retired stream's watermark)? Read-only: nothing is begun.
+    pub fn seq_done(&self, origin: Origin, channel: ChannelId, seq: u64) -> bool {
+        self.streams
+            .with_window(&(origin, channel), |w| w.map(|w| w.is_done(seq)))
+            .unwrap_or_else(|| self.streams.retired_watermark(&(origin, channel)) >= Some(seq))
     }
 
     /// The watermark of a live stream's window (every seq at or below it is settled),

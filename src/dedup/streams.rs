@@ -102,6 +102,22 @@ pub(super) struct StreamEntry {
     /// Seqs begun `Fresh` and not yet completed or released (the receiver's own
     /// handlers hold them: a stream is not retired under them, see `retirable`).
     inflight: AtomicU64,
+    /// The watermark last written to the durable log as a floor checkpoint (see
+    /// [`StreamRegistry::complete`]).
+    checkpoint: AtomicU64,
+}
+
+/// What [`StreamRegistry::complete`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Completed {
+    /// The seq was in progress and is now done.
+    pub(super) done: bool,
+    /// Every seq up to the sender's announced last one is done.
+    pub(super) settled: bool,
+    /// The stream's activity time is due to be written.
+    pub(super) stamp: bool,
+    /// A floor to write to the durable log: every seq below it is done.
+    pub(super) checkpoint: Option<u64>,
 }
 
 impl StreamEntry {
@@ -116,6 +132,7 @@ impl StreamEntry {
             finished: AtomicU64::new(0),
             stamped_ms: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
+            checkpoint: AtomicU64::new(floor.saturating_sub(1)),
         }
     }
 
@@ -323,7 +340,7 @@ impl StreamRegistry {
 
     /// Marks `seq` done; returns whether it was in progress, plus the entry's
     /// finished-and-settled state (the caller then retires it).
-    pub(super) fn complete(&self, k: &StreamKey, seq: u64, now_ms: u64) -> (bool, bool, bool) {
+    pub(super) fn complete(&self, k: &StreamKey, seq: u64, now_ms: u64) -> Completed {
         self.live.with(k, |e| match e {
             Some(e) => {
                 // A completion is activity: the message's retransmissions may follow.
@@ -332,16 +349,35 @@ impl StreamRegistry {
                 if done {
                     e.inflight.fetch_sub(1, Ordering::AcqRel);
                 }
+                let watermark = e.window.watermark();
                 let fin = e.finished.load(Ordering::Acquire);
-                let settled = fin != 0 && e.window.watermark() >= fin;
-                let stamp = self.stamp_due(e, now_ms);
-                (done, settled, stamp)
+                // A floor checkpoint every eighth of a window the watermark moves: the
+                // durable log's records of a stream are replayed in seq order and
+                // slide the window from its last floor, so one lost record (a failed
+                // write, a corrupted one) used to stop the slide there and every
+                // record more than a window above it was dropped at recovery, those
+                // messages then processed again. A checkpoint written after the loss
+                // restarts the slide above it.
+                let step = (e.window.window() / 8).max(8);
+                let last = e.checkpoint.load(Ordering::Acquire);
+                let checkpoint = (done
+                    && watermark >= last.saturating_add(step)
+                    && e.checkpoint
+                        .compare_exchange(last, watermark, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok())
+                .then_some(watermark + 1);
+                Completed {
+                    done,
+                    settled: fin != 0 && watermark >= fin,
+                    stamp: self.stamp_due(e, now_ms),
+                    checkpoint,
+                }
             }
             None => {
                 // Retired while the handler ran: the completion still counts as
                 // activity for the tombstone.
                 self.refresh_tombstone(k, now_ms);
-                (false, false, false)
+                Completed::default()
             }
         })
     }
@@ -659,6 +695,11 @@ impl StreamRegistry {
     }
 
     /// Calls `f` with `k`'s window, if live.
+    /// The watermark of `k`'s tombstone, if it is retired.
+    pub(super) fn retired_watermark(&self, k: &StreamKey) -> Option<u64> {
+        self.retired.with(k, |t| t.map(|t| t.watermark))
+    }
+
     pub(super) fn with_window<R>(
         &self,
         k: &StreamKey,
