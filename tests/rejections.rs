@@ -212,6 +212,44 @@ async fn a_receiver_that_starts_within_the_grace_period_gets_the_message() {
     );
 }
 
+/// `Rejected(NoReceiver)` says no handler saw the message. A receiver dropped while a
+/// slow handler still holds a message: a later message on the channel is refused
+/// `NoReceiver` past the grace, but the held one is not; its handler acks it 20 s
+/// later, after the drop, and its receipt is `Ok(Acked)`. (Regression: the credit ack
+/// sent with the later refusal said nothing was held, the sender retransmitted the
+/// held message, and that copy was refused `NoReceiver` too: the receipt of a message
+/// its handler processed failed.)
+#[tokio::test(start_paused = true)]
+async fn a_message_held_by_a_handler_when_its_receiver_is_dropped_is_not_refused() {
+    for guarantee in [Guarantee::AtLeastOnce, Guarantee::EffectivelyOnce] {
+        let (_net, a, b) = pair(9).await;
+        let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+        let out = a
+            .sender::<u64>(B, ChannelOptions::new(CH, guarantee))
+            .unwrap();
+        let held_receipt = out.send(&1).await.unwrap();
+        let held = within(inbox.recv()).await.unwrap();
+        drop(inbox);
+        let later = out.send(&2).await.unwrap();
+        assert_eq!(
+            within(later).await,
+            Err(SendError::Rejected {
+                reason: RejectReason::NoReceiver
+            }),
+            "{guarantee:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        held.ack();
+        assert_eq!(
+            within(held_receipt).await,
+            Ok(Outcome::Acked),
+            "{guarantee:?}"
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_dropped_receiver_leads_to_no_receiver_rejects() {
     let (_net, a, b) = pair(8).await;

@@ -10,7 +10,7 @@
 
 use super::active::ActiveMap;
 use super::config::ProtoConfig;
-use super::inbound::{Arrival, InboundStream, StreamMark};
+use super::inbound::{Arrival, InboundStream, Known, StreamMark};
 use super::outbound::{
     self as outbound, Counters, Dormant, OutEvent, OutboundStream, CREDIT_SLACK, INITIAL_CREDIT,
     INITIAL_NODE_CREDIT,
@@ -2016,14 +2016,45 @@ impl Endpoint {
             // past the grace period it is told (rejected), so it stops waiting.
             self.stats.frames_ignored += 1;
             let amo = data.guarantee == Guarantee::AtMostOnce;
+            // But not a copy of a message processed or still held here (the receiver
+            // was dropped while a slow handler held it, or its ack was lost in a cut):
+            // `NoReceiver` says no handler saw it. A settled one is acked again, a held
+            // one is reported held; an effectively-once id the dedup table knows
+            // settled (a receiver that restarted) is acked. (Regression: such copies
+            // were refused past the grace, and receipts of processed messages failed
+            // `Rejected(NoReceiver)`.)
+            if !amo {
+                let known = match self.inbound.get_mut(&(origin, channel)) {
+                    Some(s) => s.known_without_receiver(now, data.seq),
+                    None => Known::Unknown,
+                };
+                match known {
+                    Known::Done | Known::Held => return,
+                    Known::Rejected(reason) => {
+                        self.send_reject(origin, channel, data.seq, reason);
+                        return;
+                    }
+                    Known::Unknown => {}
+                }
+                if data.guarantee == Guarantee::EffectivelyOnce
+                    && self.settled_in_dedup(origin, &data)
+                {
+                    self.stats.duplicates_dropped += 1;
+                    self.ack_settled_copy(origin, channel, data.seq);
+                    return;
+                }
+            }
             let rejected = !amo && self.past_no_receiver_grace(now, channel);
             if rejected {
                 tracing::debug!(%origin, ?channel, seq = data.seq, "data frame rejected: no receiver");
                 self.stats.rejected += 1;
                 self.send_reject(origin, channel, data.seq, RejectReason::NoReceiver);
+                if let Some(s) = self.inbound.get_mut(&(origin, channel)) {
+                    s.forget_undeliverable(data.seq);
+                }
             }
             if amo || rejected {
-                self.grant_orphan_credit(origin, channel, data.seq);
+                self.grant_orphan_credit(now, origin, channel, data.seq);
             }
             return;
         };
@@ -2124,9 +2155,45 @@ impl Endpoint {
         self.ready = ready;
     }
 
-    /// Has `channel` (without a receiver) been receiving data for longer than the grace
-    /// period? The first arrival starts its clock. At most 4096 channels are timed;
-    /// past that, further channels are treated as past their grace.
+    /// Does the dedup table know `data`'s library-assigned id settled? (Read-only:
+    /// application keys are not looked up here.)
+    fn settled_in_dedup(&self, origin: Origin, data: &Data) -> bool {
+        let id = data.id.unwrap_or(MessageId::Seq {
+            origin,
+            channel: data.channel,
+            seq: data.seq,
+        });
+        match id {
+            MessageId::Seq {
+                origin,
+                channel,
+                seq,
+            } => self.dedup.seq_done(origin, channel, seq),
+            MessageId::Key(_) => false,
+        }
+    }
+
+    /// Ack `seq` of a channel with no receiver and no stream that knows it (a copy the
+    /// dedup table knows settled): a range ack of its own, holding nothing.
+    fn ack_settled_copy(&mut self, origin: Origin, channel: ChannelId, seq: u64) {
+        self.stats.acks_sent += 1;
+        self.transmit.push_back((
+            origin.node,
+            Frame::Ack(crate::wire::Ack {
+                channel,
+                incarnation: origin.incarnation,
+                cumulative: 0,
+                ranges: vec![SeqRange {
+                    start: seq,
+                    end: seq,
+                }],
+                credit: None,
+                received: 0,
+                held: Vec::new(),
+            }),
+        ));
+    }
+
     /// A frame of `origin`'s stream on `channel` found no receiver and holds nothing
     /// here (at-most-once: dropped; otherwise rejected): grant the stream credit past
     /// it, so the sender's later messages come to be dropped or rejected too instead
@@ -2136,7 +2203,7 @@ impl Endpoint {
     /// sender's receipts and window waited forever.) A credit-only ack (nothing
     /// acked), once per half a grant; bounded map, cleared when full (a grant sent
     /// again is harmless: grants only grow).
-    fn grant_orphan_credit(&mut self, origin: Origin, channel: ChannelId, seq: u64) {
+    fn grant_orphan_credit(&mut self, now: Instant, origin: Origin, channel: ChannelId, seq: u64) {
         const MAX_ORPHANS: usize = 4096;
         let crediting = self
             .peers
@@ -2154,6 +2221,15 @@ impl Endpoint {
         }
         let grant = seq.saturating_add(INITIAL_CREDIT);
         *granted = grant;
+        if let Some(s) = self.inbound.get_mut(&(origin, channel)) {
+            // The stream of a receiver that went away still holds messages (slow
+            // handlers): its own ack carries the grant and what it holds. (Regression:
+            // this ack said nothing was held, and the sender retransmitted every
+            // message a handler was still working on.)
+            s.granted_before(grant);
+            s.owe_ack(now);
+            return;
+        }
         self.stats.acks_sent += 1;
         self.transmit.push_back((
             origin.node,
@@ -2169,6 +2245,9 @@ impl Endpoint {
         ));
     }
 
+    /// Has `channel` (without a receiver) been receiving data for longer than the grace
+    /// period? The first arrival starts its clock. At most 4096 channels are timed;
+    /// past that, further channels are treated as past their grace.
     fn past_no_receiver_grace(&mut self, now: Instant, channel: ChannelId) -> bool {
         const MAX_UNCLAIMED: usize = 4096;
         let grace = self.config.no_receiver_grace;
@@ -2749,6 +2828,86 @@ mod tests {
             "not parked behind the rejected one"
         );
         assert_eq!(b.stats().in_progress_dropped, 0);
+    }
+
+    /// A message processed and acked after its receiver was dropped, the ack lost:
+    /// the sender's retransmissions find no receiver, past the grace too. The stream
+    /// knows the seq settled and acks it again; `NoReceiver` would tell the sender no
+    /// handler saw it. (Regression: refused `NoReceiver` once past the grace.) An
+    /// effectively-once copy the dedup table knows settled, with no stream (a
+    /// receiver that restarted), is acked too.
+    #[test]
+    fn a_copy_of_a_settled_message_without_a_receiver_is_acked_not_refused() {
+        for guarantee in [Guarantee::AtLeastOnce, Guarantee::EffectivelyOnce] {
+            let t0 = Instant::now();
+            let (mut a, mut b) = (endpoint(1, t0), endpoint(2, t0));
+            a.handle_peer_up(t0, b.origin(), 5);
+            b.handle_peer_up(t0, a.origin(), 5);
+            b.accept_channel_with(ChannelId(1), Accept::new(false, None));
+            a.send(
+                t0,
+                Outgoing {
+                    peer: NodeId(2),
+                    channel: ChannelId(1),
+                    guarantee,
+                    payload: Bytes::from_static(b"m"),
+                    id: None,
+                    deadline: None,
+                    schema: 0,
+                },
+            )
+            .unwrap();
+            for f in frames(&mut a, NodeId(2), t0) {
+                b.handle_frame(t0, NodeId(1), f);
+            }
+            let d = deliveries(&mut b);
+            assert_eq!(d.len(), 1);
+            b.complete(t0, d[0], Completion::Ack);
+            b.unaccept_channel(ChannelId(1));
+            // Every answer of b is lost from here on; a retransmits for 10 s.
+            let mut answers = frames(&mut b, NodeId(1), t0);
+            let mut now = t0;
+            for _ in 0..10 {
+                now += Duration::from_secs(1);
+                for f in frames(&mut a, NodeId(2), now) {
+                    b.handle_frame(now, NodeId(1), f);
+                }
+                answers.extend(frames(&mut b, NodeId(1), now));
+            }
+            let rejects: Vec<_> = answers
+                .iter()
+                .filter(|f| matches!(f, Frame::Reject(_)))
+                .collect();
+            assert!(rejects.is_empty(), "{guarantee:?}: {rejects:?}");
+            let acks = answers
+                .iter()
+                .filter(|f| matches!(f, Frame::Ack(k) if k.cumulative >= 1 || k.ranges.iter().any(|r| r.start <= 1 && 1 <= r.end)))
+                .count();
+            assert!(acks >= 2, "{guarantee:?}: acked again: {answers:?}");
+            // The receiver restarts (its dedup table kept, as a durable one is): no
+            // stream knows the seq, the table does.
+            if guarantee == Guarantee::EffectivelyOnce {
+                let dedup = Arc::clone(&b.dedup);
+                let mut b2 = Endpoint::new(b.origin(), ProtoConfig::default(), dedup, 2);
+                b2.handle_peer_up(now, a.origin(), 5);
+                let mut answers = Vec::new();
+                for _ in 0..10 {
+                    now += Duration::from_secs(1);
+                    for f in frames(&mut a, NodeId(2), now) {
+                        b2.handle_frame(now, NodeId(1), f);
+                    }
+                    answers.extend(frames(&mut b2, NodeId(1), now));
+                }
+                assert!(
+                    !answers.iter().any(|f| matches!(f, Frame::Reject(_))),
+                    "restarted: {answers:?}"
+                );
+                assert!(
+                    answers.iter().any(|f| matches!(f, Frame::Ack(k) if k.ranges.iter().any(|r| r.start <= 1 && 1 <= r.end))),
+                    "restarted: acked from the dedup table: {answers:?}"
+                );
+            }
+        }
     }
 
     /// A key resent after its deadline, parked behind the original (still in a slow

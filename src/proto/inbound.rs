@@ -52,6 +52,19 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+/// What a stream knows of a seq (see [`InboundStream::known_without_receiver`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Known {
+    /// Settled here.
+    Done,
+    /// Held here: in a handler.
+    Held,
+    /// Refused here before, for this reason.
+    Rejected(RejectReason),
+    /// Not processed and not in a handler.
+    Unknown,
+}
+
 /// What became of an arriving frame at the stream level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Arrival {
@@ -607,6 +620,39 @@ impl InboundStream {
     }
 
     /// The sender asked for its credit: an ack is owed now.
+    /// A copy of `seq` arrived while no receiver takes this stream's channel: is it
+    /// one this stream already answered or a handler still holds? `Rejected` (refused
+    /// here before: say so again), `Done` (settled here: acked again, as any duplicate
+    /// is) and `Held` (in a handler: the next ack says so) must not be refused as
+    /// never processed. `Unknown` may be; a copy buffered for order or held for a
+    /// redelivery is one (no handler has it, and none will take it), and
+    /// [`forget_undeliverable`](Self::forget_undeliverable) drops it when it is.
+    pub(crate) fn known_without_receiver(&mut self, now: Instant, seq: u64) -> Known {
+        if self.amo {
+            return Known::Unknown;
+        }
+        if let Some(&reason) = self.rejected.get(&seq) {
+            return Known::Rejected(reason);
+        }
+        if seq <= self.cumulative || self.done.contains(&seq) {
+            self.push_ack(now, seq);
+            return Known::Done;
+        }
+        if self.in_progress.contains(&seq) {
+            self.owe_ack(now);
+            return Known::Held;
+        }
+        Known::Unknown
+    }
+
+    /// `seq` was refused for want of a receiver: a copy buffered for order or held for
+    /// a redelivery is dropped, so it no longer counts as held here (the stream's
+    /// hold and its node's credit).
+    pub(crate) fn forget_undeliverable(&mut self, seq: u64) {
+        self.reorder.remove(&seq);
+        self.held.remove(&seq);
+    }
+
     pub(crate) fn owe_ack(&mut self, now: Instant) {
         self.ack_due = Some(self.ack_due.map_or(now, |d| d.min(now)));
     }
