@@ -1551,6 +1551,7 @@ impl OutboundStream {
             // carry the floor.
             self.floor_owed = true;
         }
+        self.release_past_unsent(credit.is_some(), cumulative);
         // The cumulative ack retires the oldest first-transmission timers: the queue
         // holds about one window, not one RTO's worth of traffic.
         while self.first.front().is_some_and(|e| e.1 < self.base) {
@@ -1602,6 +1603,50 @@ impl OutboundStream {
             }
         }
         self.answered(now);
+    }
+
+    /// A grant that can never reach the head of the blocked messages, whose frames
+    /// would move it: the receiver grants from what it has seen and settled, and the
+    /// seqs below the head left this stream without being sent, or were given up
+    /// while the receiver still held them.
+    /// - Every seq between the last one sent and the head left unsent (given up at
+    ///   its deadline, failed when the peer went Down, handed off), and the receiver
+    ///   has room past the last one it saw: no frame will ever move its grant (an
+    ///   at-most-once grant counts from the highest seq seen) up to the head.
+    /// - The receiver's watermark lags this stream's floor and nothing sent is
+    ///   unsettled: a message it still held (a slow handler) was given up at its
+    ///   deadline, and no frame is left to carry the floor past it.
+    ///
+    /// The head goes instead: its frame carries the floor and moves the receiver's
+    /// grant (a receiver that answers its probes resets the unanswered-probe escape,
+    /// so that never fires here). The receiver's hold still bounds what it takes.
+    /// (Regression: an at-most-once stream whose peer went Down with a window of
+    /// messages waiting for credit, and an at-least-once stream whose last unacked
+    /// message a handler held past its deadline and then nacked, never sent again.)
+    fn release_past_unsent(&mut self, crediting: bool, cumulative: u64) {
+        let (Some(c), Some(&head)) = (self.credit, self.blocked.front()) else {
+            return;
+        };
+        if c >= head {
+            return;
+        }
+        let gap = head > self.max_sent.saturating_add(1)
+            && c > self.max_sent
+            && (self.max_sent + 1..head).all(|seq| {
+                self.index(seq)
+                    .and_then(|i| self.slots[i].as_ref())
+                    .is_none()
+            });
+        // (At-most-once settles at transmission: its base always runs ahead of what
+        // the receiver has consumed, which is its flow control at work.)
+        let floor_ahead = crediting
+            && self.guarantee != Guarantee::AtMostOnce
+            && cumulative.saturating_add(1) < self.base
+            && self.oldest_sent().is_none();
+        if gap || floor_ahead {
+            self.credit = Some(head);
+            self.unblock();
+        }
     }
 
     /// Take the receiver's held spans above its watermark: clipped to what was
@@ -2346,6 +2391,81 @@ mod tests {
             sent.extend(std::iter::from_fn(|| s.poll_transmit(now, &mut budget)).map(|d| d.seq));
             assert_eq!(sent, [5, 6, 7, 8], "{guarantee:?}");
         }
+    }
+
+    /// A message the receiver holds (a slow handler) leaves the stream while the rest
+    /// of the grant is acked (given up at its deadline, handed off): the receiver's
+    /// watermark, and so its grant, stay below it for as long as the handler runs, or
+    /// for good if the handler then nacks it. With nothing sent left to carry the
+    /// floor, the oldest blocked message goes, with the floor. (Regression: probes
+    /// were answered with the same grant and the stream never sent again.)
+    #[test]
+    fn a_held_message_given_up_does_not_stall_the_stream() {
+        for guarantee in [Guarantee::AtLeastOnce, Guarantee::EffectivelyOnce] {
+            let t0 = Instant::now();
+            let ms = Duration::from_millis(1);
+            let mut s = credited(t0, guarantee, Some(4), 8);
+            let mut budget = u64::MAX;
+            let sent: Vec<u64> = std::iter::from_fn(|| s.poll_transmit(t0, &mut budget))
+                .map(|d| d.seq)
+                .collect();
+            assert_eq!(sent, [1, 2, 3, 4]);
+            // 2..=4 acked; 1 held by a handler.
+            s.handle_ack(
+                t0 + ms,
+                0,
+                &[SeqRange { start: 2, end: 4 }],
+                Some(4),
+                1,
+                &[],
+            );
+            assert!(s.take(1).is_some_and(|(_, was_sent)| was_sent));
+            // The receiver answers with the same watermark and grant.
+            s.handle_ack(t0 + 2 * ms, 0, &[], Some(4), 1, &[]);
+            let more: Vec<(u64, u64)> =
+                std::iter::from_fn(|| s.poll_transmit(t0 + 2 * ms, &mut budget))
+                    .map(|d| (d.seq, d.floor))
+                    .collect();
+            assert_eq!(
+                more,
+                [(5, 5)],
+                "{guarantee:?}: the head, carrying the floor"
+            );
+        }
+    }
+
+    /// At-most-once: the messages waiting for credit are failed unsent (the peer went
+    /// Down) and the peer comes back. Its grant counts from the highest seq it has
+    /// seen, so it never reaches the next one sent, which is past the failed ones;
+    /// while it has room, the oldest blocked message goes. (Regression: the stream
+    /// never sent again, and once its window filled every send blocked for good.)
+    #[test]
+    fn at_most_once_past_messages_failed_unsent_sends_again() {
+        let t0 = Instant::now();
+        let mut s = credited(t0, Guarantee::AtMostOnce, Some(4), 12);
+        let mut budget = u64::MAX;
+        let sent: Vec<u64> = std::iter::from_fn(|| s.poll_transmit(t0, &mut budget))
+            .map(|d| d.seq)
+            .collect();
+        assert_eq!(sent, [1, 2, 3, 4]);
+        for seq in 5..=8 {
+            assert!(s.take(seq).is_some_and(|(_, was_sent)| !was_sent), "{seq}");
+        }
+        // The receiver consumed 1..=4 and has room for 4 more past them.
+        let now = t0 + Duration::from_millis(5);
+        s.handle_ack(now, 4, &[], Some(8), 4, &[]);
+        let more: Vec<u64> = std::iter::from_fn(|| s.poll_transmit(now, &mut budget))
+            .map(|d| d.seq)
+            .collect();
+        assert_eq!(more, [9], "the head only");
+        // A receiver with no room left past what it saw releases nothing.
+        let mut s = credited(t0, Guarantee::AtMostOnce, Some(4), 12);
+        let _: Vec<_> = std::iter::from_fn(|| s.poll_transmit(t0, &mut budget)).collect();
+        for seq in 5..=8 {
+            s.take(seq);
+        }
+        s.handle_ack(now, 4, &[], Some(4), 4, &[]);
+        assert!(s.poll_transmit(now, &mut budget).is_none());
     }
 
     /// A receiver that answers the probes (it knows the stream, and its grant stays
