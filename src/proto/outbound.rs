@@ -1916,6 +1916,17 @@ impl OutboundStream {
     fn remove(&mut self, seq: u64) -> Option<Removed> {
         let idx = self.index(seq)?;
         let m = self.slots[idx].take()?;
+        if m.attempts == 0 {
+            // Left unsent (given up, handed off, failed): it no longer waits for
+            // credit. (A stale entry kept the head of `blocked` below the messages
+            // that do, and `release_past_unsent` released one stale seq per ack.)
+            if let Ok(at) = self.blocked.binary_search(&seq) {
+                self.blocked.remove(at);
+                if self.blocked.is_empty() {
+                    self.probe_due = None;
+                }
+            }
+        }
         let last_sent = match m.sent_us {
             NO_TIME => Sent::Never,
             WIDE_TIME => self
@@ -2451,9 +2462,10 @@ mod tests {
         for seq in 5..=8 {
             assert!(s.take(seq).is_some_and(|(_, was_sent)| !was_sent), "{seq}");
         }
-        // The receiver consumed 1..=4 and has room for 4 more past them.
+        // The receiver consumed 1..=4 and has room for 2 more past them: fewer than
+        // the failed run, so its grant does not even cover that.
         let now = t0 + Duration::from_millis(5);
-        s.handle_ack(now, 4, &[], Some(8), 4, &[]);
+        s.handle_ack(now, 4, &[], Some(6), 4, &[]);
         let more: Vec<u64> = std::iter::from_fn(|| s.poll_transmit(now, &mut budget))
             .map(|d| d.seq)
             .collect();
