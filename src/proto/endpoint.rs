@@ -2039,8 +2039,14 @@ impl Endpoint {
                 if data.guarantee == Guarantee::EffectivelyOnce
                     && self.settled_in_dedup(origin, &data)
                 {
+                    // No stream knows it: an ack of its own.
                     self.stats.duplicates_dropped += 1;
-                    self.ack_settled_copy(origin, channel, data.seq);
+                    let seq = data.seq;
+                    let ranges = vec![SeqRange {
+                        start: seq,
+                        end: seq,
+                    }];
+                    self.push_streamless_ack(origin, channel, ranges, None);
                     return;
                 }
             }
@@ -2173,9 +2179,15 @@ impl Endpoint {
         }
     }
 
-    /// Ack `seq` of a channel with no receiver and no stream that knows it (a copy the
-    /// dedup table knows settled): a range ack of its own, holding nothing.
-    fn ack_settled_copy(&mut self, origin: Origin, channel: ChannelId, seq: u64) {
+    /// An ack of `origin`'s stream on `channel` from no stream here: it acks `ranges`
+    /// only, grants `credit` if any, and holds nothing.
+    fn push_streamless_ack(
+        &mut self,
+        origin: Origin,
+        channel: ChannelId,
+        ranges: Vec<SeqRange>,
+        credit: Option<u64>,
+    ) {
         self.stats.acks_sent += 1;
         self.transmit.push_back((
             origin.node,
@@ -2183,11 +2195,8 @@ impl Endpoint {
                 channel,
                 incarnation: origin.incarnation,
                 cumulative: 0,
-                ranges: vec![SeqRange {
-                    start: seq,
-                    end: seq,
-                }],
-                credit: None,
+                ranges,
+                credit,
                 received: 0,
                 held: Vec::new(),
             }),
@@ -2230,19 +2239,7 @@ impl Endpoint {
             s.owe_ack(now);
             return;
         }
-        self.stats.acks_sent += 1;
-        self.transmit.push_back((
-            origin.node,
-            Frame::Ack(crate::wire::Ack {
-                channel,
-                incarnation: origin.incarnation,
-                cumulative: 0,
-                ranges: Vec::new(),
-                credit: Some(grant),
-                received: 0,
-                held: Vec::new(),
-            }),
-        ));
+        self.push_streamless_ack(origin, channel, Vec::new(), Some(grant));
     }
 
     /// Has `channel` (without a receiver) been receiving data for longer than the grace
@@ -2583,6 +2580,23 @@ mod tests {
         .unwrap()
     }
 
+    /// A message without an explicit id from `a` to node 2 on `channel`.
+    fn send_plain(a: &mut Endpoint, now: Instant, channel: ChannelId, guarantee: Guarantee) {
+        a.send(
+            now,
+            Outgoing {
+                peer: NodeId(2),
+                channel,
+                guarantee,
+                payload: Bytes::from_static(b"m"),
+                id: None,
+                deadline: None,
+                schema: 0,
+            },
+        )
+        .unwrap();
+    }
+
     /// The deliveries among `b`'s pending events (the others are dropped).
     fn deliveries(b: &mut Endpoint) -> Vec<DeliveryRef> {
         std::iter::from_fn(|| b.poll_event())
@@ -2844,19 +2858,7 @@ mod tests {
             a.handle_peer_up(t0, b.origin(), 5);
             b.handle_peer_up(t0, a.origin(), 5);
             b.accept_channel_with(ChannelId(1), Accept::new(false, None));
-            a.send(
-                t0,
-                Outgoing {
-                    peer: NodeId(2),
-                    channel: ChannelId(1),
-                    guarantee,
-                    payload: Bytes::from_static(b"m"),
-                    id: None,
-                    deadline: None,
-                    schema: 0,
-                },
-            )
-            .unwrap();
+            send_plain(&mut a, t0, ChannelId(1), guarantee);
             for f in frames(&mut a, NodeId(2), t0) {
                 b.handle_frame(t0, NodeId(1), f);
             }
@@ -2965,19 +2967,7 @@ mod tests {
             b.handle_peer_up(now, a.origin(), crate::wire::PROTOCOL_VERSION);
             b.accept_channel_with(ChannelId(1), Accept::new(ordered, None));
             for _ in 0..5 {
-                a.send(
-                    now,
-                    Outgoing {
-                        peer: NodeId(2),
-                        channel: ChannelId(1),
-                        guarantee: Guarantee::AtLeastOnce,
-                        payload: Bytes::from_static(b"m"),
-                        id: None,
-                        deadline: None,
-                        schema: 0,
-                    },
-                )
-                .unwrap();
+                send_plain(&mut a, now, ChannelId(1), Guarantee::AtLeastOnce);
             }
             for f in frames(&mut a, NodeId(2), now) {
                 b.handle_frame(now, NodeId(1), f);
@@ -3185,19 +3175,7 @@ mod tests {
             b.handle_peer_up(t0, a.origin(), 3);
             b.accept_channel_with(ChannelId(1), Accept::new(false, Some(1)));
             b.stop_counting_nacks();
-            a.send(
-                t0,
-                Outgoing {
-                    peer: NodeId(2),
-                    channel: ChannelId(1),
-                    guarantee,
-                    payload: Bytes::from_static(b"m"),
-                    id: None,
-                    deadline: None,
-                    schema: 0,
-                },
-            )
-            .unwrap();
+            send_plain(&mut a, t0, ChannelId(1), guarantee);
             let mut now = t0;
             for round in 0..5 {
                 for f in frames(&mut a, NodeId(2), now) {
@@ -3495,19 +3473,7 @@ mod tests {
         b.handle_peer_up(now, a.origin(), 4);
         b.accept_channel(ChannelId(1), false);
         for _ in 0..2000 {
-            a.send(
-                now,
-                Outgoing {
-                    peer: NodeId(2),
-                    channel: ChannelId(1),
-                    guarantee: Guarantee::AtLeastOnce,
-                    payload: Bytes::from_static(b"m"),
-                    id: None,
-                    deadline: None,
-                    schema: 0,
-                },
-            )
-            .unwrap();
+            send_plain(&mut a, now, ChannelId(1), Guarantee::AtLeastOnce);
         }
         let (mut held, mut max_seq) = (None, 0u64);
         let mut round = |a: &mut Endpoint, b: &mut Endpoint, held: &mut Option<DeliveryRef>| {
@@ -4039,19 +4005,7 @@ mod tests {
         let mut now = t0;
         // Each sender's message on `ch`, delivered and acked: its stream is idle.
         let deliver = |b: &mut Endpoint, a: &mut Endpoint, ch: u32, now: Instant| {
-            a.send(
-                now,
-                Outgoing {
-                    peer: NodeId(2),
-                    channel: ChannelId(ch),
-                    guarantee: Guarantee::EffectivelyOnce,
-                    payload: Bytes::from_static(b"m"),
-                    id: None,
-                    deadline: None,
-                    schema: 0,
-                },
-            )
-            .unwrap();
+            send_plain(a, now, ChannelId(ch), Guarantee::EffectivelyOnce);
             for f in frames(a, NodeId(2), now) {
                 b.handle_frame_from(now, a.origin(), f);
             }
