@@ -1632,7 +1632,8 @@ impl OutboundStream {
         }
         let gap = head > self.max_sent.saturating_add(1)
             && c > self.max_sent
-            && (self.max_sent + 1..head).all(|seq| {
+            // (Seqs below the base are settled: only the slots from there are looked at.)
+            && (self.max_sent.max(self.base.saturating_sub(1)) + 1..head).all(|seq| {
                 self.index(seq)
                     .and_then(|i| self.slots[i].as_ref())
                     .is_none()
