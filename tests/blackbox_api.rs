@@ -1993,6 +1993,11 @@ async fn messages_unread_in_a_dropped_receiver_are_not_counted_as_deliveries() {
     all.push(seen_first);
     all.sort_unstable();
     assert_eq!(all, vals);
+    // `ProtoStats::delivered`: a delivery taken back is subtracted again, and its
+    // redelivery counted when handed out: each message the application saw, once.
+    let st = b.stats().await.unwrap();
+    assert!(st.proto.deliveries_refused > 0, "{:?}", st.proto);
+    assert_eq!(st.proto.delivered, n, "{:?}", st.proto);
 }
 
 /// A channel without a receiver, at-least-once. README: "Messages on a channel

@@ -49,6 +49,68 @@ fn defaults_round_trip_through_toml() {
     assert_eq!(empty, TcpConfig::default());
 }
 
+/// Removes each value of `value`'s TOML form in turn (at every nesting level) and checks
+/// the file without it still reads back as `value`: a missing key takes its default,
+/// never the field type's `Default`. Returns how many keys were checked.
+fn each_missing_key_keeps_its_default<T: Serialize + DeserializeOwned + Debug>(value: &T) -> usize {
+    fn paths(t: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        for (k, v) in t {
+            prefix.push(k.clone());
+            match v {
+                // A table left out whole may be an `Option` (`handoff`): `None`.
+                toml::Value::Table(inner) => paths(inner, prefix, out),
+                // An enum is a one-key table (`fsync = { Every = "10ms" }`).
+                _ if t.len() > 1 => out.push(prefix.clone()),
+                _ => {}
+            }
+            prefix.pop();
+        }
+    }
+    let full: toml::Table = toml::from_str(&toml::to_string(value).unwrap()).unwrap();
+    let mut all = Vec::new();
+    paths(&full, &mut Vec::new(), &mut all);
+    for path in &all {
+        let mut t = full.clone();
+        let mut at = &mut t;
+        for k in &path[..path.len() - 1] {
+            at = at.get_mut(k).and_then(toml::Value::as_table_mut).unwrap();
+        }
+        at.remove(path.last().unwrap());
+        let text = toml::to_string(&t).unwrap();
+        let back: T = toml::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        assert_eq!(
+            format!("{back:?}"),
+            format!("{value:?}"),
+            "leaving out {path:?} changed the config"
+        );
+    }
+    all.len()
+}
+
+#[test]
+fn a_key_left_out_keeps_its_default_at_every_level() {
+    // Regression: `[proto.retry] jitter = false` left the retry deadline `None`
+    // (messages retried for ever): the field's own `#[serde(default)]` won over the
+    // struct's `Some(30 s)`.
+    let c: NodeConfig = toml::from_str("[proto.retry]\njitter = false").unwrap();
+    assert_eq!(c.proto.retry.deadline, Some(Duration::from_secs(30)));
+    let p: RetryPolicy = toml::from_str("").unwrap();
+    assert_eq!(p, RetryPolicy::default());
+
+    let mut with_handoff = NodeConfig::default();
+    with_handoff.handoff = Some(HandoffConfig::new("."));
+    let n = each_missing_key_keeps_its_default(&NodeConfig::default())
+        + each_missing_key_keeps_its_default(&with_handoff)
+        + each_missing_key_keeps_its_default(&ProtoConfig::default())
+        + each_missing_key_keeps_its_default(&RetryPolicy::default())
+        + each_missing_key_keeps_its_default(&DedupConfig::default())
+        + each_missing_key_keeps_its_default(&HintStoreConfig::default())
+        + each_missing_key_keeps_its_default(&TcpConfig::default())
+        + each_missing_key_keeps_its_default(&ReceiverOptions::default())
+        + each_missing_key_keeps_its_default(&DetectorConfig::default());
+    assert!(n > 60, "only {n} keys checked");
+}
+
 #[test]
 fn every_non_default_option_round_trips() {
     let mut c = NodeConfig::default();

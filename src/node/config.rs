@@ -347,7 +347,8 @@ impl ReceiverOptions {
     }
 }
 
-/// Counters of a node (monotonic).
+/// Counters of a node. Each only grows, except `proto.delivered` (see
+/// [`ProtoStats::delivered`](crate::proto::ProtoStats::delivered)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {

@@ -319,12 +319,20 @@ impl Observer {
                 #[cfg(feature = "metrics")]
                 self.metrics.gave_up(send);
             }
-            Report::Rejected { send, reason } => {
+            Report::Rejected {
+                send,
+                reason,
+                for_now,
+            } => {
                 self.spans.outbound(send.peer, send.channel, || {
-                    tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, "rejected")
+                    tracing::trace!(target: MESSAGE_TARGET, peer = %send.peer, channel = send.channel.0, seq = send.seq, %reason, for_now, "rejected")
                 });
+                // A replayed hint refused for now stays in the store: not "refused
+                // for good", which is what the metric counts.
                 #[cfg(feature = "metrics")]
-                self.metrics.rejected(send, reason);
+                if !for_now {
+                    self.metrics.rejected(send, reason);
+                }
             }
             Report::HintStored { send, id } => {
                 self.spans.outbound(send.peer, send.channel, || {

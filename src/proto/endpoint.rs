@@ -247,7 +247,8 @@ pub enum StreamError {
     },
 }
 
-/// Protocol counters (monotonic).
+/// Protocol counters. Each only grows, except [`delivered`](Self::delivered), which
+/// counts back the deliveries taken back before the application saw them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ProtoStats {
@@ -259,7 +260,12 @@ pub struct ProtoStats {
     pub acked: u64,
     /// Messages given up by the sender (deadline or attempts).
     pub gave_up: u64,
-    /// Messages handed to the application.
+    /// Messages handed to the application. A delivery taken back before the
+    /// application saw it (its receiver was dropped with it queued, or shutdown's
+    /// handler grace ran out) is subtracted again and counted in
+    /// [`deliveries_refused`](Self::deliveries_refused), so this can go down; its
+    /// redelivery counts again when it is handed out. Use saturating arithmetic on
+    /// differences.
     pub delivered: u64,
     /// Arrivals dropped as duplicates (stream-level or by message ID).
     pub duplicates_dropped: u64,

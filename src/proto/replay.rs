@@ -141,6 +141,17 @@ pub(crate) struct Replay<L> {
     backoff: HashMap<NodeId, (Option<Instant>, Duration)>,
 }
 
+/// Does a replayed hint refused with `reason` stay in the store, to be replayed again
+/// (refused for now), rather than be dropped? A receiver not registered yet, a full key
+/// table, and a reason this build does not know (`Other`, from a newer peer: the
+/// hint's TTL bounds the retries, and a final refusal would drop it).
+pub(crate) fn refused_for_now(reason: RejectReason) -> bool {
+    matches!(
+        reason,
+        RejectReason::NoReceiver | RejectReason::KeyTableFull | RejectReason::Other(_)
+    )
+}
+
 impl<L: HintLog> Replay<L> {
     /// The policy over `log` for the run `origin`; `now` on the owner's clock is
     /// `unix_ms_now` on the wall clock.
@@ -577,13 +588,8 @@ impl<L: HintLog> Hints for Replay<L> {
         endpoint: &mut Endpoint,
     ) -> bool {
         // Refused for now: back in its queue, and the target waits (backed off) before
-        // the next replay, rather than being sent the hint again every tick. A reason
-        // this build does not know (`Other`, from a newer peer) is taken as for now
-        // too: the hint's TTL bounds the retries, and a final refusal would drop it.
-        if matches!(
-            reason,
-            RejectReason::NoReceiver | RejectReason::KeyTableFull | RejectReason::Other(_)
-        ) {
+        // the next replay, rather than being sent the hint again every tick.
+        if refused_for_now(reason) {
             // Doubled once per round of refusals (several replays in flight may be
             // refused at once).
             let wait = match self.backoff.get(&send.peer) {

@@ -103,8 +103,14 @@ pub(crate) enum Report<R> {
         reason: GiveUp,
         attempts: u32,
     },
-    /// The receiver rejected a message (any resolution follows).
-    Rejected { send: SendRef, reason: RejectReason },
+    /// The receiver rejected a message (any resolution follows). `for_now`: a
+    /// replayed hint refused for the time being (it stays in the store and is
+    /// replayed again), not a refusal for good.
+    Rejected {
+        send: SendRef,
+        reason: RejectReason,
+        for_now: bool,
+    },
     /// A message went into the hint store (its resolution follows).
     HintStored { send: SendRef, id: MessageId },
     /// A receipt resolves.
@@ -361,8 +367,17 @@ impl<R> Sends<R> {
         reason: RejectReason,
         out: &mut Vec<Report<R>>,
     ) {
-        out.push(Report::Rejected { send, reason });
-        if hints.is_some_and(|h| h.on_rejected(send, reason, endpoint)) {
+        let replay = hints.is_some_and(|h| h.on_rejected(send, reason, endpoint));
+        // A replay refused for now goes back to its queue: reported (traced), but not
+        // a refusal for good. (Regression: the rejected-messages metric counted one
+        // hint once per replay, thousands of times over its TTL.)
+        let for_now = replay && crate::proto::replay::refused_for_now(reason);
+        out.push(Report::Rejected {
+            send,
+            reason,
+            for_now,
+        });
+        if replay {
             return;
         }
         self.resolve(send, Resolution::Rejected(reason), out);
@@ -915,6 +930,21 @@ pub(crate) mod tests {
             &mut out,
         );
         assert_eq!(out.len(), 1, "a replay's rejection is the store's: {out:?}");
+        assert!(matches!(out[0], Report::Rejected { for_now: false, .. }));
+        out.clear();
+        // A replay refused for now (no receiver yet) stays in the store: reported, but
+        // not as a refusal for good (the metric of those skips it).
+        sends.rejected(
+            &mut ep,
+            Some(&mut hints),
+            replay,
+            RejectReason::NoReceiver,
+            &mut out,
+        );
+        assert!(
+            matches!(out[..], [Report::Rejected { for_now: true, .. }]),
+            "{out:?}"
+        );
         out.clear();
         sends.rejected(
             &mut ep,

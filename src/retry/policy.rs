@@ -22,7 +22,10 @@ pub struct RetryPolicy {
     /// Maximum number of transmissions (first send included). Default `None`.
     pub max_attempts: Option<u32>,
     /// Give up this long after the first send. Default `Some(30 s)`.
-    #[serde(default, with = "crate::config_serde::option_duration")]
+    // No field-level `default` here: it would make a missing key `None` (no deadline)
+    // instead of the struct's `Some(30 s)`. (Regression: `[proto.retry] jitter = false`
+    // retried for ever.)
+    #[serde(with = "crate::config_serde::option_duration")]
     pub deadline: Option<Duration>,
     /// Upper bound of any retry timer. Default 2 s.
     #[serde(with = "crate::config_serde::duration")]
