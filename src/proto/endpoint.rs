@@ -2096,6 +2096,7 @@ impl Endpoint {
                 cfg.max_ack_ranges,
                 cfg.max_reorder_buffer,
                 cfg.stream_credit,
+                cfg.amo_reorder_slack,
             )
         });
         if is_new {

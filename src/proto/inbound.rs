@@ -115,6 +115,9 @@ pub(crate) struct InboundStream {
     highest: u64,
     /// At-most-once stream: grants follow consumption, not acks.
     amo: bool,
+    /// At-most-once: seqs more than this far below the highest seen are taken as
+    /// lost, whatever floor the sender claims (`ProtoConfig::amo_reorder_slack`).
+    amo_slack: u64,
     /// At-most-once messages handed to the application and not yet finished.
     unconsumed: u64,
     /// Every seq `<= received` is held here: done, in progress, or buffered.
@@ -156,6 +159,7 @@ pub(crate) const HELD_ACK_DELAY: Duration = Duration::from_millis(20);
 pub(crate) const REJECTS_RESEND_EVERY: Duration = Duration::from_millis(100);
 
 impl InboundStream {
+    #[allow(clippy::too_many_arguments)] // the stream's limits, each from `ProtoConfig`
     pub(crate) fn new(
         origin: Origin,
         channel: ChannelId,
@@ -164,6 +168,7 @@ impl InboundStream {
         max_ack_ranges: usize,
         max_reorder: usize,
         window: u64,
+        amo_slack: u64,
     ) -> Self {
         InboundStream {
             origin,
@@ -185,6 +190,7 @@ impl InboundStream {
             granted: 0,
             highest: 0,
             amo: false,
+            amo_slack,
             unconsumed: 0,
             received: 0,
             reported: 0,
@@ -321,6 +327,17 @@ impl InboundStream {
         self.amo = !acks;
         self.highest = self.highest.max(seq);
         self.advance_floor(data.floor, ready);
+        if !acks {
+            // The receiver's own bound: at-most-once is never retransmitted, so a seq
+            // more than the slack below the newest is lost (or overtaken too far),
+            // whatever floor the sender claims. Without it a sender that never moved
+            // its floor, and never sent one seq, grew `done` by one entry per message
+            // for as long as the application read. (Regression.)
+            let implied = self.highest.saturating_sub(self.amo_slack);
+            if implied > data.floor {
+                self.advance_floor(implied, ready);
+            }
+        }
         if !acks && self.ordered && (fresh || seq > self.next_deliver) {
             // At-most-once is never retransmitted, and its floor trails far behind
             // (`amo_reorder_slack`): what is missing before `seq` is lost, or was for
@@ -755,10 +772,18 @@ impl InboundStream {
         if holding && !self.knows(seq) {
             return true;
         }
-        if self.amo || !grants {
+        if self.amo {
             return false;
         }
         let settled = self.cumulative.max(floor.saturating_sub(1));
+        if !grants {
+            // A version 1 sender has no grant to keep to; its window bounds how far
+            // ahead of what it settled it sends. Held to ours (plus the slack), `done`
+            // stays bounded even when its floor never moves; an honest sender's frames
+            // past it are dropped unacked and sent again. (Regression: a peer that
+            // negotiated version 1 and never sent one seq grew `done` without bound.)
+            return seq > settled.saturating_add(self.window).saturating_add(slack);
+        }
         // Before anything is settled, a new stream's sender has only the initial
         // credit. Once something is (`floor > 1`), it may hold a grant of a run of
         // this stream that is gone (a receiver restart, a recycled stream), at most
@@ -990,7 +1015,63 @@ mod tests {
             node: NodeId(1),
             incarnation: 9,
         };
-        InboundStream::new(origin, ChannelId(0), ordered, Duration::ZERO, 8, 16, 64)
+        InboundStream::new(
+            origin,
+            ChannelId(0),
+            ordered,
+            Duration::ZERO,
+            8,
+            16,
+            64,
+            1024,
+        )
+    }
+
+    /// `ProtoConfig::amo_reorder_slack`: "the receiver's bookkeeping stays bounded (at
+    /// most this many seqs per stream)", whatever floor the sender claims. A sender
+    /// that never sends seq 1 and keeps its floor at 1, to a receiver that reads
+    /// everything: `done` stays within the receiver's slack (1024 here), and a copy
+    /// more than the slack behind the newest is dropped, not delivered.
+    /// (Regression: `done` grew by one entry per message, 20 000 here.)
+    #[test]
+    fn an_at_most_once_stream_keeps_at_most_its_slack_whatever_floor_is_claimed() {
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        for ordered in [false, true] {
+            let mut s = stream(ordered);
+            for seq in 2..=20_000u64 {
+                let mut d = data(seq, 1);
+                d.guarantee = Guarantee::AtMostOnce;
+                assert_eq!(s.on_data(now, d, &mut ready), Arrival::Ready, "seq {seq}");
+                for d in ready.drain(..) {
+                    s.complete(now, d.seq, false);
+                }
+                assert!(s.done.len() <= 1024, "seq {seq}: {} done", s.done.len());
+            }
+            let mut late = data(20_000 - 1025, 1);
+            late.guarantee = Guarantee::AtMostOnce;
+            assert_eq!(s.on_data(now, late, &mut ready), Arrival::Duplicate);
+            assert!(ready.is_empty());
+        }
+        // Unordered, a copy overtaken by fewer than the slack is still delivered.
+        let mut s = stream(false);
+        for seq in [1u64, 3, 500, 2] {
+            let mut d = data(seq, 1);
+            d.guarantee = Guarantee::AtMostOnce;
+            assert_eq!(s.on_data(now, d, &mut ready), Arrival::Ready, "seq {seq}");
+        }
+    }
+
+    /// A version 1 sender (no grants) is held to the receiver's window plus slack
+    /// ahead of what it settled, so `done` stays bounded when its floor never moves.
+    #[test]
+    fn a_sender_without_grants_is_held_to_the_window_ahead_of_its_floor() {
+        let s = stream(false); // window 64
+        let (initial, slack) = (16, 8);
+        assert!(!s.over_credit(1 + 64 + 8 - 1, 1, initial, slack, false, false));
+        assert!(s.over_credit(1 + 64 + 8, 1, initial, slack, false, false));
+        assert!(!s.over_credit(1000 + 64, 1001, initial, slack, false, false));
+        assert!(s.over_credit(1001 + 64 + 8, 1001, initial, slack, false, false));
     }
 
     /// A stream follows its channel's receiver when it is registered again with the
@@ -1243,6 +1324,7 @@ mod tests {
             8,
             16,
             4 * MAX_HELD_RANGES as u64,
+            1024,
         );
         for i in 1..=(MAX_HELD_RANGES as u64 + 5) {
             c.on_data(now, data(2 * i, 2), &mut ready);
