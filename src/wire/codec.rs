@@ -13,7 +13,9 @@
 //!
 //! The header is encoded with `bincode::config::standard()` (varint integers). A
 //! [`Data`] payload is not bincoded: it is everything in the body after the header, and
-//! the decoder hands it out as a [`Bytes`] split from the input buffer (zero-copy).
+//! the decoder hands it out as a [`Bytes`] split from the input buffer (zero-copy), or,
+//! below [`COPY_PAYLOAD_BELOW`] (16 KiB), copied out of it so that a held message
+//! does not keep the buffer alive.
 //!
 //! `body_len` is bounded by a configured maximum ([`DEFAULT_MAX_FRAME_LEN`] unless
 //! set): the encoder refuses bigger frames with [`EncodeError::TooLarge`] and the
@@ -41,7 +43,7 @@
 //!   dependency every user would compile;
 //! * no crate does the layout itself: a length prefix *and* a crc32c over the body,
 //!   a format-version byte, a bincode header whose fields depend on the negotiated
-//!   protocol version, and the payload split zero-copy from the input buffer
+//!   protocol version, and a large payload split zero-copy from the input buffer
 //!   (`LengthDelimitedCodec` covers only the first of these).
 
 use super::frame::{
@@ -68,6 +70,12 @@ pub const FRAME_PREFIX_LEN: usize = 8;
 
 /// Most the decoder reserves ahead of the bytes it holds for a partly received frame.
 const RESERVE_AHEAD: usize = 64 * 1024;
+
+/// A [`Data`] payload shorter than this is copied out of the input buffer by
+/// [`FrameDecoder::decode`], so a message that is held does not keep the buffer it
+/// arrived in (up to a large frame's) alive; a longer one is split from it, zero-copy
+/// (it is at least a quarter of a steady-state read).
+pub const COPY_PAYLOAD_BELOW: usize = 16 * 1024;
 
 /// Encoding refused a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -297,7 +305,19 @@ impl FrameDecoder {
         }
         let mut body = src.split_to(total);
         body.advance(FRAME_PREFIX_LEN);
-        decode_body(body, self.version).map(Some)
+        let mut frame = decode_body(body, self.version)?;
+        if let Frame::Data(d) = &mut frame {
+            if d.payload.len() < COPY_PAYLOAD_BELOW {
+                // A payload split from the input buffer keeps its whole allocation
+                // alive for as long as it is held: queued for a slow receiver,
+                // buffered for order, parked. One two-byte message read after a
+                // large frame held megabytes. (Regression: 600 small messages queued
+                // for a slow receiver, interleaved with 4 MiB ones on another channel,
+                // held 1.5 GiB.) A small payload is cheaper to copy than to pin.
+                d.payload = Bytes::copy_from_slice(&d.payload);
+            }
+        }
+        Ok(Some(frame))
     }
 }
 
@@ -614,17 +634,44 @@ mod tests {
     }
 
     #[test]
-    fn data_round_trip_payload_is_zero_copy_slice_of_input() {
+    fn a_large_payload_is_a_zero_copy_slice_of_the_input() {
+        let big: &'static [u8] = vec![3u8; COPY_PAYLOAD_BELOW].leak();
         let mut buf = BytesMut::new();
-        encode(&data(b"hello"), &mut buf).unwrap();
+        encode(&data(big), &mut buf).unwrap();
         let base = buf.as_ptr() as usize;
         let len = buf.len();
         let f = FrameDecoder::default().decode(&mut buf).unwrap().unwrap();
-        assert_eq!(f, data(b"hello"));
+        assert_eq!(f, data(big));
         let Frame::Data(d) = f else { unreachable!() };
         let p = d.payload.as_ptr() as usize;
-        assert!(p >= base && p + 5 <= base + len, "payload was copied");
+        assert!(
+            p >= base && p + big.len() <= base + len,
+            "payload was copied"
+        );
         assert!(buf.is_empty());
+    }
+
+    /// A small payload read after a large frame, into the same buffer, does not keep
+    /// that buffer alive: it is copied out (`COPY_PAYLOAD_BELOW`).
+    #[test]
+    fn a_small_payload_does_not_pin_the_buffer_it_was_read_into() {
+        let big: &'static [u8] = vec![1u8; 4 << 20].leak();
+        let mut buf = BytesMut::new();
+        encode(&data(big), &mut buf).unwrap();
+        encode(&data(b"hi"), &mut buf).unwrap();
+        let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.capacity();
+        let mut dec = FrameDecoder::default();
+        let first = dec.decode(&mut buf).unwrap().unwrap();
+        let second = dec.decode(&mut buf).unwrap().unwrap();
+        let (Frame::Data(first), Frame::Data(second)) = (first, second) else {
+            unreachable!()
+        };
+        assert!(range.contains(&(first.payload.as_ptr() as usize)));
+        assert_eq!(&second.payload[..], b"hi");
+        assert!(
+            !range.contains(&(second.payload.as_ptr() as usize)),
+            "the two-byte payload still points into the 4 MiB buffer"
+        );
     }
 
     #[test]

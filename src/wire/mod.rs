@@ -10,8 +10,8 @@ mod framed;
 mod version;
 
 pub use codec::{
-    encode, DecodeError, EncodeError, FrameDecoder, FrameEncoder, DEFAULT_MAX_FRAME_LEN,
-    FRAME_PREFIX_LEN, WIRE_FORMAT_VERSION,
+    encode, DecodeError, EncodeError, FrameDecoder, FrameEncoder, COPY_PAYLOAD_BELOW,
+    DEFAULT_MAX_FRAME_LEN, FRAME_PREFIX_LEN, WIRE_FORMAT_VERSION,
 };
 pub use frame::{
     Ack, CreditProbe, Data, Finish, Frame, Handshake, Heartbeat, Nack, NodeCredit, Reject,
