@@ -19,7 +19,7 @@
 use crate::handoff::{FsyncPolicy, Hint, HintPos, HintStore, HintStoreConfig};
 use crate::id::{ChannelId, Guarantee, MessageId, NodeId, Origin};
 use bytes::Bytes;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,7 +62,13 @@ pub struct DeadLetter {
 struct State {
     /// Letters, with their position in the durable log (if any).
     queue: VecDeque<(DeadLetter, Option<HintPos>)>,
-    wakers: Vec<Waker>,
+    /// One waker per waiting handle, keyed by its slot: a handle's next poll replaces
+    /// its waker and dropping it removes it. (Regression: a `Vec` kept the waker of
+    /// every cancelled `recv` from another task until the next letter, and with it
+    /// that task.)
+    wakers: HashMap<u64, Waker>,
+    /// The slot the next handle gets.
+    next_slot: u64,
     closed: bool,
     /// When a full queue last warned, and letters dropped since (rate limit: a flood
     /// of dead letters at capacity logs one line a second, not one per letter).
@@ -333,7 +339,20 @@ impl DeadLetterQueue {
         for (_, old_pos) in evicted {
             self.forget(old_pos);
         }
-        wakers.into_iter().for_each(Waker::wake);
+        wakers.into_values().for_each(Waker::wake);
+    }
+
+    /// A new handle on this queue.
+    pub(crate) fn handle(self: &Arc<Self>) -> DeadLetters {
+        let slot = {
+            let mut st = self.lock();
+            st.next_slot += 1;
+            st.next_slot
+        };
+        DeadLetters {
+            queue: self.clone(),
+            slot,
+        }
     }
 
     /// Letters dropped because the queue was full.
@@ -353,7 +372,7 @@ impl DeadLetterQueue {
             st.closed = true;
             std::mem::take(&mut st.wakers)
         };
-        wakers.into_iter().for_each(Waker::wake);
+        wakers.into_values().for_each(Waker::wake);
     }
 }
 
@@ -365,9 +384,24 @@ impl DeadLetterQueue {
 /// letters; past that the oldest is dropped, counted in
 /// [`Stats::dead_letters_dropped`](super::Stats::dead_letters_dropped) and logged at
 /// warn (at most once a second, with the number dropped since).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DeadLetters {
     pub(crate) queue: Arc<DeadLetterQueue>,
+    /// Its waker's key in the queue's state.
+    slot: u64,
+}
+
+impl Clone for DeadLetters {
+    /// Another handle on the same queue (with a waker slot of its own).
+    fn clone(&self) -> Self {
+        self.queue.handle()
+    }
+}
+
+impl Drop for DeadLetters {
+    fn drop(&mut self) {
+        self.queue.lock().wakers.remove(&self.slot);
+    }
 }
 
 impl DeadLetters {
@@ -394,8 +428,12 @@ impl DeadLetters {
         if st.closed {
             return Poll::Ready(None);
         }
-        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            st.wakers.push(cx.waker().clone());
+        match st.wakers.get_mut(&self.slot) {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            Some(w) => w.clone_from(cx.waker()),
+            None => {
+                st.wakers.insert(self.slot, cx.waker().clone());
+            }
         }
         Poll::Pending
     }
@@ -434,7 +472,7 @@ mod tests {
             q.push(letter(n));
         }
         assert_eq!(q.dropped(), 1);
-        let mut h = DeadLetters { queue: q.clone() };
+        let mut h = q.handle();
         assert_eq!(h.try_recv(), Some(letter(1)));
         assert_eq!(h.try_recv(), Some(letter(2)));
         assert_eq!(h.try_recv(), None);
@@ -453,7 +491,7 @@ mod tests {
             ..letter(0)
         });
         drop(big);
-        let got = DeadLetters { queue: q }.try_recv().unwrap();
+        let got = q.handle().try_recv().unwrap();
         assert_eq!(&got.message[..], &[7, 7]);
         assert!(
             !range.contains(&(got.message.as_ptr() as usize)),
@@ -461,10 +499,53 @@ mod tests {
         );
     }
 
+    /// A handle polled by many tasks in turn (a `recv` cancelled by a timeout, from a
+    /// new task each time) keeps only its last waker, and none once dropped: nothing
+    /// keeps those tasks alive. (Regression: every waker stayed until the next letter.)
+    #[test]
+    fn a_waiting_handle_keeps_one_waker_and_none_once_dropped() {
+        struct Probe;
+        impl std::task::Wake for Probe {
+            fn wake(self: Arc<Self>) {}
+        }
+        let q = Arc::new(DeadLetterQueue::new(4));
+        let probes: Vec<Arc<Probe>> = (0..100).map(|_| Arc::new(Probe)).collect();
+        let held =
+            |probes: &[Arc<Probe>]| probes.iter().filter(|p| Arc::strong_count(p) > 1).count();
+        let mut h = q.handle();
+        for p in &probes {
+            let w = Waker::from(p.clone());
+            assert!(h.poll_recv(&mut Context::from_waker(&w)).is_pending());
+        }
+        assert_eq!(held(&probes), 1);
+        drop(h);
+        assert_eq!(held(&probes), 0);
+        // One handle per task (`node.dead_letters().recv()` under a timeout).
+        for p in &probes {
+            let w = Waker::from(p.clone());
+            let mut h = q.handle();
+            assert!(h.poll_recv(&mut Context::from_waker(&w)).is_pending());
+        }
+        assert_eq!(held(&probes), 0);
+        // A clone waits on its own slot: a push wakes both.
+        let (a, b) = (Arc::new(Probe), Arc::new(Probe));
+        let mut h1 = q.handle();
+        let mut h2 = h1.clone();
+        assert!(h1
+            .poll_recv(&mut Context::from_waker(&Waker::from(a.clone())))
+            .is_pending());
+        assert!(h2
+            .poll_recv(&mut Context::from_waker(&Waker::from(b.clone())))
+            .is_pending());
+        assert_eq!((Arc::strong_count(&a), Arc::strong_count(&b)), (2, 2));
+        q.push(letter(1));
+        assert_eq!((Arc::strong_count(&a), Arc::strong_count(&b)), (1, 1));
+    }
+
     #[tokio::test]
     async fn recv_wakes_on_push_and_ends_after_close() {
         let q = Arc::new(DeadLetterQueue::new(8));
-        let mut h = DeadLetters { queue: q.clone() };
+        let mut h = q.handle();
         let waiter = tokio::spawn(async move {
             let first = h.recv().await;
             let end = h.recv().await;

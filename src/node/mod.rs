@@ -266,9 +266,7 @@ impl Node {
     /// delivery limit ([`ReceiverOptions::max_deliveries`]) or did not decode as their
     /// typed receiver's type. See [`DeadLetters`].
     pub fn dead_letters(&self) -> DeadLetters {
-        DeadLetters {
-            queue: self.shared.dead_letters.clone(),
-        }
+        self.shared.dead_letters.handle()
     }
 
     /// `Err` once the node has failed or shut down.
