@@ -564,6 +564,72 @@ async fn a_peer_gone_for_good_without_handoff_fails_typed() {
     within(10.0, "shutdown a", a.shutdown()).await;
 }
 
+/// `NodeConfig::fail_fast_when_down` (default on): "a send to a peer the failure
+/// detector holds Down fails at once with `SendError::PeerDown`". That holds for a
+/// send already waiting for a window slot when its peer dies: it fails when the peer
+/// turns Down, not when the messages in flight reach their deadline and free a slot
+/// (it then returned a receipt for a message sent into a gone peer). Both `send` and
+/// `send_many`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_waiting_for_the_window_fails_fast_when_its_peer_turns_down() {
+    let b = Node::builder(NodeId(2))
+        .bind(any_addr())
+        .allow_peer(NodeId(1))
+        .build()
+        .await
+        .unwrap();
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let mut cfg = NodeConfig::default();
+    cfg.proto.max_in_flight = 20;
+    let a = Node::builder(NodeId(1))
+        .config(cfg)
+        .bind(any_addr())
+        .peer(NodeId(2), b.local_addr().unwrap())
+        .build()
+        .await
+        .unwrap();
+    let mut opts = ChannelOptions::new(CH, Guarantee::AtLeastOnce);
+    opts.deadline = Some(Duration::from_secs(20));
+    let out = a.sender::<u64>(NodeId(2), opts).unwrap();
+    let mut rs = Vec::new();
+    for v in 0..20u64 {
+        rs.push(out.send(&v).await.unwrap());
+    }
+    let mut held = Vec::new();
+    while held.len() < 20 {
+        held.push(within(5.0, "deliveries", inbox.recv()).await.unwrap());
+    }
+    // The window is full: these wait for a slot.
+    let one = tokio::spawn({
+        let out = out.clone();
+        async move { out.send(&99).await.map(drop) }
+    });
+    let many = tokio::spawn({
+        let out = out.clone();
+        async move { out.send_many(&[100, 101]).await.map(drop) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !one.is_finished() && !many.is_finished(),
+        "the window was not full"
+    );
+    drop(b);
+    std::mem::forget(held);
+    drop(inbox);
+    wait_health(&a, NodeId(2), Health::Down, 12.0).await;
+    let down = Duration::from_secs(2);
+    let one = within(down.as_secs_f64(), "the waiting send", one)
+        .await
+        .unwrap();
+    let many = within(down.as_secs_f64(), "the waiting send_many", many)
+        .await
+        .unwrap();
+    assert_eq!(one, Err(SendError::PeerDown { peer: NodeId(2) }));
+    assert_eq!(many, Err(SendError::PeerDown { peer: NodeId(2) }));
+    drop(rs);
+    within(10.0, "shutdown a", a.shutdown()).await;
+}
+
 // -------------------------------------------------------------------------------------
 // Counters
 // -------------------------------------------------------------------------------------

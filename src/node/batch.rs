@@ -103,11 +103,7 @@ impl RawSender {
         #[cfg(feature = "metrics")]
         self.note_window_wait(1);
         // The driver gives each slot back (add_permits) when the window slides.
-        self.window
-            .acquire()
-            .await
-            .map_err(|_| self.shared.send_closed_error())?
-            .forget();
+        self.acquire_slot().await?;
         let mut got = 1;
         while got < most {
             let free = self.window.available_permits().min(most - got);

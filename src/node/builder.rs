@@ -281,6 +281,7 @@ impl NodeBuilder {
             receivers: Mutex::new(FxHashMap::default()),
             health: Mutex::new(watched.iter().map(|p| (*p, Health::Up)).collect()),
             health_tx: EventTx::new(256),
+            down: tokio::sync::Notify::new(),
             conflict_tx: EventTx::new(64),
             versions: Mutex::new(FxHashMap::default()),
             window: self.config.proto.max_in_flight,

@@ -176,15 +176,7 @@ impl RawSender {
     /// Checks that fail a send before it takes a window slot: the payload's size and,
     /// with [`NodeConfig::fail_fast_when_down`], the target's health.
     pub(super) fn check(&self, payload: &Bytes) -> Result<(), SendError> {
-        // At-most-once is never handed off: with handoff on too, it fails here instead
-        // of waiting for the credit of a receiver that is gone (it has no deadline).
-        let fail_fast = match self.options.guarantee {
-            Guarantee::AtMostOnce => self.shared.amo_fail_fast_down,
-            _ => self.shared.fail_fast_down,
-        };
-        if fail_fast && self.shared.health(self.peer) == Some(Health::Down) {
-            return Err(SendError::PeerDown { peer: self.peer });
-        }
+        self.check_health()?;
         if payload.len() > self.max_payload {
             return Err(SendError::TooLarge {
                 len: payload.len(),
@@ -192,6 +184,56 @@ impl RawSender {
             });
         }
         Ok(())
+    }
+
+    /// Does [`NodeConfig::fail_fast_when_down`] apply to this sender's sends?
+    fn fails_fast(&self) -> bool {
+        // At-most-once is never handed off: with handoff on too, it fails here instead
+        // of waiting for the credit of a receiver that is gone (it has no deadline).
+        match self.options.guarantee {
+            Guarantee::AtMostOnce => self.shared.amo_fail_fast_down,
+            _ => self.shared.fail_fast_down,
+        }
+    }
+
+    /// `PeerDown` if the target is Down and sends to it fail fast.
+    fn check_health(&self) -> Result<(), SendError> {
+        if self.fails_fast() && self.shared.health(self.peer) == Some(Health::Down) {
+            return Err(SendError::PeerDown { peer: self.peer });
+        }
+        Ok(())
+    }
+
+    /// Take one window slot (the driver gives it back when the window slides). A send
+    /// that fails fast stops waiting with `PeerDown` as soon as its target turns Down,
+    /// instead of waiting for a slot that frees only when the messages in flight reach
+    /// their deadline, and then sending into a peer that is gone. (Regression: a send
+    /// waiting on a full window when its peer died returned a receipt 30 s later.)
+    /// Cancel-safe: dropped while waiting, it takes nothing.
+    pub(super) async fn acquire_slot(&self) -> Result<(), SendError> {
+        if !self.fails_fast() {
+            self.window
+                .acquire()
+                .await
+                .map_err(|_| self.shared.send_closed_error())?
+                .forget();
+            return Ok(());
+        }
+        loop {
+            let down = self.shared.down.notified();
+            tokio::pin!(down);
+            // Registered before the check, so a Down published in between wakes it.
+            down.as_mut().enable();
+            self.check_health()?;
+            tokio::select! {
+                biased;
+                permit = self.window.acquire() => {
+                    permit.map_err(|_| self.shared.send_closed_error())?.forget();
+                    return Ok(());
+                }
+                () = &mut down => {}
+            }
+        }
     }
 
     pub(super) fn enqueue(&self, payload: Bytes, key: Option<IdKey>) -> Result<Receipt, SendError> {
@@ -218,13 +260,7 @@ impl RawSender {
         self.check(&payload)?;
         #[cfg(feature = "metrics")]
         self.note_window_wait(1);
-        let permit = self
-            .window
-            .acquire()
-            .await
-            .map_err(|_| self.shared.send_closed_error())?;
-        // The driver gives the slot back (add_permits) when the window slides.
-        permit.forget();
+        self.acquire_slot().await?;
         self.enqueue(payload, key)
     }
 }

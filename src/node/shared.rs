@@ -31,6 +31,9 @@ pub(super) struct Shared {
     pub(super) receivers: Mutex<FxHashMap<ChannelId, mpsc::WeakUnboundedSender<Delivery<Bytes>>>>,
     pub(super) health: Mutex<FxHashMap<NodeId, Health>>,
     pub(super) health_tx: EventTx<HealthChange>,
+    /// Woken when a peer turns Down: sends waiting for a window slot to it fail with
+    /// `PeerDown` then (with `fail_fast_when_down`), not when a slot frees.
+    pub(super) down: tokio::sync::Notify,
     pub(super) conflict_tx: EventTx<IdentityConflict>,
     /// Protocol version of each peer's current (or last) connection.
     pub(super) versions: Mutex<FxHashMap<NodeId, u16>>,
@@ -170,6 +173,9 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(change.peer, change.to);
+        if change.to == Health::Down {
+            self.down.notify_waiters();
+        }
         self.health_tx.send(change);
     }
 
