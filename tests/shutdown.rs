@@ -572,3 +572,44 @@ async fn the_handler_grace_zero_does_not_wait_and_max_waits_for_every_held_deliv
         a.shutdown().await;
     }
 }
+
+/// `Node::shutdown`: the handler grace is there "so their acks and dedup records are
+/// not lost with the stop". With `ProtoConfig::ack_delay` (acks held back to batch
+/// them), an ack made just before the stop still goes out: the sender's receipt is
+/// `Acked` and `ack_durable` returns `Ok`. (Regression: the ack was not due yet when
+/// the grace ended, so it never went; `ack_durable` failed with `NodeStopped`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_held_back_by_ack_delay_goes_out_at_shutdown() {
+    let net = MemNetwork::new(FaultPlan::default()).unwrap();
+    let mut cfg = NodeConfig::default();
+    cfg.proto.ack_delay = Duration::from_millis(500);
+    let b = Node::builder(B)
+        .transport(net.transport(B))
+        .config(cfg)
+        .build()
+        .await
+        .unwrap();
+    let mut inbox = b.receiver::<u64>(CH, false).unwrap();
+    let a = sender(&net, None).await;
+    let out = a
+        .sender::<u64>(B, ChannelOptions::new(CH, Guarantee::AtLeastOnce))
+        .unwrap();
+    let receipt = out.send(&1).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // Past the 20 ms in which a held message is reported (that report would carry an
+    // earlier ack with it), well before the sender's first retransmission (200 ms,
+    // whose duplicate would be acked at once).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let acked = tokio::spawn(d.ack_durable());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::timeout(Duration::from_secs(10), b.shutdown())
+        .await
+        .unwrap();
+    assert_eq!(acked.await.unwrap(), Ok(()), "ack_durable at shutdown");
+    let r = tokio::time::timeout(Duration::from_secs(3), receipt).await;
+    assert_eq!(r.ok(), Some(Ok(Outcome::Acked)), "the ack made before the stop");
+    a.shutdown().await;
+}

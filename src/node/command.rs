@@ -361,6 +361,11 @@ impl Driver {
             );
         }
         self.persist();
+        // Acks held back by `ack_delay` go now: after the stop they would never go,
+        // and the sender would resend what was processed. (Regression: with
+        // `ack_delay = 200ms`, a message acked just before `shutdown` was never
+        // acknowledged and its `ack_durable` failed with `NodeStopped`.)
+        self.core.endpoint.acks_due_now(now);
         self.core.endpoint.handle_timeout(now);
         let _ = self.flush(now).await;
         self.receivers.resolve_durable_acks(&self.core.endpoint);

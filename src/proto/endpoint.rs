@@ -1761,6 +1761,16 @@ impl Endpoint {
         }
     }
 
+    /// The node is stopping: every ack owed is due at `now`, so the next
+    /// [`handle_timeout`](Self::handle_timeout) sends it instead of waiting out
+    /// [`ProtoConfig::ack_delay`] (after the stop, it would never go).
+    pub fn acks_due_now(&mut self, now: Instant) {
+        self.inbound.scan_active(|_, s| {
+            s.ack_due_by(now);
+            !s.is_quiet()
+        });
+    }
+
     /// Earliest instant `handle_timeout` has work (may be early, never late).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let out = self

@@ -807,6 +807,14 @@ impl InboundStream {
             || self.rejected.contains_key(&seq)
     }
 
+    /// An owed ack is due at `now` at the latest (the node is stopping: it would not
+    /// be sent after `ack_delay`).
+    pub(crate) fn ack_due_by(&mut self, now: Instant) {
+        if let Some(d) = self.ack_due {
+            self.ack_due = Some(d.min(now));
+        }
+    }
+
     /// When the owed ack must go out, if one is owed.
     pub(crate) fn ack_deadline(&self) -> Option<Instant> {
         self.ack_due
