@@ -204,18 +204,6 @@ impl Driver {
         reply: oneshot::Sender<Result<Outcome, SendError>>,
     ) {
         let now = self.clock;
-        // A send that passed its handle's check before its target turned Down (the
-        // Down was published while it waited or was queued) fails as it would have
-        // then, rather than going into the stream of a peer that is gone and failing
-        // at its deadline. At-most-once is failed by the core (`Core::opened`).
-        if options.guarantee != crate::Guarantee::AtMostOnce
-            && self.shared.fail_fast_down
-            && self.shared.health(peer) == Some(crate::detector::Health::Down)
-        {
-            self.shared.window_for(peer, options.channel).add_permits(1);
-            let _ = reply.send(Err(SendError::PeerDown { peer }));
-            return;
-        }
         let msg = Outgoing {
             peer,
             channel: options.channel,
