@@ -610,6 +610,10 @@ async fn an_ack_held_back_by_ack_delay_goes_out_at_shutdown() {
         .unwrap();
     assert_eq!(acked.await.unwrap(), Ok(()), "ack_durable at shutdown");
     let r = tokio::time::timeout(Duration::from_secs(3), receipt).await;
-    assert_eq!(r.ok(), Some(Ok(Outcome::Acked)), "the ack made before the stop");
+    assert_eq!(
+        r.ok(),
+        Some(Ok(Outcome::Acked)),
+        "the ack made before the stop"
+    );
     a.shutdown().await;
 }

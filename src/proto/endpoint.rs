@@ -50,6 +50,9 @@ pub struct DeliveryRef {
     pub id: MessageId,
     /// Guarantee the sender asked for.
     pub guarantee: Guarantee,
+    /// Payload type fingerprint the message carried (`0`: none; see
+    /// [`Accept::schema`]).
+    pub schema: u32,
 }
 
 /// A message to send, for [`Endpoint::send`].
@@ -473,6 +476,11 @@ fn hold_back_rejected(ack: &mut crate::wire::Ack, rejected: impl Iterator<Item =
     ack.cumulative = first - 1;
     below.append(&mut ack.ranges);
     ack.ranges = below;
+    // Within what a decoder accepts: the highest ranges wait (their seqs stay
+    // outstanding at the sender, and a retransmission is acked again). (Regression:
+    // one range more than `MAX_ACK_RANGES`, and the sender closed the connection on
+    // a malformed frame.)
+    ack.ranges.truncate(crate::wire::MAX_ACK_RANGES);
 }
 
 /// The reject of `origin`'s message `seq` on `channel`, addressed to it.
@@ -954,6 +962,17 @@ impl Endpoint {
             self.inbound_of.remove(&old);
             self.marks.retain(|(o, _), _| *o != old);
             self.orphan_grants.retain(|(o, _), _| *o != old);
+            // Copies the old run parked behind a delivery still in a handler: their
+            // streams (and the holds that counted them) are gone, and nothing would
+            // answer them. (Regression: kept until that delivery finished, so a handler
+            // that never acked, and senders that restarted and resent, grew this
+            // without bound.)
+            if !self.waiting.is_empty() {
+                self.waiting.retain(|_, q| {
+                    q.retain(|p| p.origin != old);
+                    !q.is_empty()
+                });
+            }
         }
         let was_crediting = self.peers.get(&origin.node).is_some_and(|p| p.version >= 2);
         // Node credit counts frames per connection: both ends start again, except that
@@ -1579,10 +1598,36 @@ impl Endpoint {
                     taken = stream.unpark(p.data, &mut ready);
                 }
             }
+            if taken && !queue.is_empty() {
+                // The rest wait behind the woken copy from now on, where its
+                // admission finds them: a dead letter refuses them with it.
+                // (Regression: they were put back only afterwards, so a woken copy
+                // dead-lettered left them parked behind nothing, each held until its
+                // sender's deadline.)
+                let mut rest = std::mem::take(&mut queue);
+                if let Some(newer) = self.waiting.remove(&id) {
+                    rest.extend(newer);
+                }
+                self.waiting.insert(id, rest);
+            }
+            let events_before = self.events.len();
             self.process_ready(now, origin, channel, &mut ready);
             self.ready = ready;
             if taken {
-                break;
+                // Refused at admission (a full key table) or settled (a duplicate),
+                // the woken copy is not in progress: the next one takes its place.
+                let delivering = self
+                    .events
+                    .iter()
+                    .skip(events_before)
+                    .any(|e| matches!(e, Event::Deliver { delivery, .. } if delivery.id == id));
+                if delivering {
+                    break;
+                }
+                match self.waiting.remove(&id) {
+                    Some(rest) => queue = rest,
+                    None => break,
+                }
             }
         }
         if !queue.is_empty() {
@@ -1614,7 +1659,11 @@ impl Endpoint {
                         id_floor: 0,
                         id: Some(d.id),
                         guarantee: d.guarantee,
-                        schema: 0, // checked when it was first made ready
+                        // Checked again when handed out again: the channel's receiver
+                        // may have been registered with another type meanwhile.
+                        // (Regression: `0` here skipped that check, and a receiver of
+                        // another type decoded these.)
+                        schema: d.schema,
                         payload: std::mem::take(payload),
                     },
                 ));
@@ -2369,6 +2418,7 @@ impl Endpoint {
                 seq,
                 id,
                 guarantee: d.guarantee,
+                schema: d.schema,
             };
             match d.guarantee {
                 Guarantee::AtMostOnce => {
@@ -2815,6 +2865,175 @@ mod tests {
         }
         let again: Vec<u64> = deliveries(&mut b).iter().map(|d| d.seq).collect();
         assert_eq!(again, [third.seq]);
+    }
+
+    /// Deliveries taken back from a dropped ordered receiver keep their payload type:
+    /// a receiver registered next with another type refuses them (`TypeMismatch`),
+    /// it is not handed them to decode as its own.
+    #[test]
+    fn deliveries_taken_back_are_type_checked_again() {
+        let now = Instant::now();
+        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+        a.handle_peer_up(now, b.origin(), 5);
+        b.handle_peer_up(now, a.origin(), 5);
+        let (sa, sb) = (0xA, 0xB);
+        b.accept_channel_with(ChannelId(1), Accept::new(true, None).schema(sa));
+        for _ in 0..3 {
+            a.send(
+                now,
+                Outgoing {
+                    peer: NodeId(2),
+                    channel: ChannelId(1),
+                    guarantee: Guarantee::AtLeastOnce,
+                    payload: Bytes::from_static(b"m"),
+                    id: None,
+                    deadline: None,
+                    schema: sa,
+                },
+            )
+            .unwrap();
+        }
+        let sent = frames(&mut a, NodeId(2), now);
+        for f in sent.clone() {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        // The first delivery is refused (its receiver is gone) before the next two
+        // are taken from the queue; then a receiver of another type registers.
+        let first = loop {
+            match b.poll_event() {
+                Some(Event::Deliver { delivery, .. }) => break delivery,
+                Some(_) => {}
+                None => panic!("nothing delivered"),
+            }
+        };
+        assert_eq!(first.schema, sa);
+        b.complete(now, first, Completion::Refuse);
+        b.accept_channel_with(ChannelId(1), Accept::new(true, None).schema(sb));
+        for f in sent {
+            if matches!(f, Frame::Data(ref d) if d.seq == first.seq) {
+                b.handle_frame(now, NodeId(1), f);
+            }
+        }
+        assert_eq!(deliveries(&mut b), [], "another type's messages handed out");
+        let rejected: Vec<u64> = frames(&mut b, NodeId(1), now)
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Reject(r) if r.reason == RejectReason::TypeMismatch => Some(r.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rejected, [1, 2, 3]);
+    }
+
+    /// An ack with rejections held back below its cumulative stays within the
+    /// decoder's `MAX_ACK_RANGES`: the peer does not take it for malformed.
+    #[test]
+    fn an_ack_with_rejections_held_back_still_decodes() {
+        use crate::wire::{Ack, FrameDecoder, SeqRange, MAX_ACK_RANGES};
+        let n = MAX_ACK_RANGES as u64;
+        let mut ack = Ack {
+            channel: ChannelId(1),
+            incarnation: 1,
+            cumulative: 10,
+            ranges: (0..n)
+                .map(|i| SeqRange {
+                    start: 12 + 2 * i,
+                    end: 12 + 2 * i,
+                })
+                .collect(),
+            credit: Some(1 << 30),
+            received: 0,
+            held: Vec::new(),
+        };
+        hold_back_rejected(&mut ack, [5u64].into_iter());
+        assert_eq!(ack.cumulative, 4);
+        assert_eq!(ack.ranges.len(), MAX_ACK_RANGES);
+        assert_eq!(ack.ranges[0], SeqRange { start: 6, end: 10 });
+        let mut buf = bytes::BytesMut::new();
+        crate::wire::encode(&Frame::Ack(ack.clone()), &mut buf).unwrap();
+        let back = FrameDecoder::default().decode(&mut buf).unwrap().unwrap();
+        assert_eq!(back, Frame::Ack(ack));
+    }
+
+    /// Three copies of a key with a delivery limit of 1: the first is nacked, the
+    /// copy woken in its place is dead-lettered, and the third, parked behind it, is
+    /// refused with it (`DeadLettered`), not left parked behind nothing until its
+    /// sender's deadline.
+    #[test]
+    fn copies_parked_behind_a_woken_copy_that_is_dead_lettered_are_refused_with_it() {
+        let now = Instant::now();
+        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+        a.handle_peer_up(now, b.origin(), 5);
+        b.handle_peer_up(now, a.origin(), 5);
+        b.accept_channel_with(ChannelId(1), Accept::new(false, Some(1)));
+        let sent: Vec<SendRef> = (0..3).map(|_| send_keyed(&mut a, now, 90, None)).collect();
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        let d = deliveries(&mut b);
+        assert_eq!(d.len(), 1, "two copies parked");
+        b.complete(now, d[0], Completion::Nack);
+        assert_eq!(deliveries(&mut b), [], "the limit is reached");
+        let later = now + Duration::from_millis(30);
+        let rejected: Vec<u64> = frames(&mut b, NodeId(1), later)
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Reject(r) if r.reason == RejectReason::DeadLettered => Some(r.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rejected, [sent[1].seq, sent[2].seq]);
+        assert!(b.waiting.is_empty());
+    }
+
+    /// Copies of a key parked behind a delivery still in a handler go with their
+    /// sender's run: a sender that restarts and resends, again and again, while the
+    /// handler holds the first copy, leaves only its current run's copies parked.
+    /// (Regression: every run's copies stayed, 1 + 3 × 5 here.)
+    #[test]
+    fn copies_parked_by_an_earlier_run_of_the_sender_are_dropped_at_its_restart() {
+        let now = Instant::now();
+        let (mut a, mut b) = (endpoint(1, now), endpoint(2, now));
+        a.handle_peer_up(now, b.origin(), 5);
+        b.handle_peer_up(now, a.origin(), 5);
+        b.accept_channel_with(ChannelId(1), Accept::new(false, None));
+        let key = MessageId::Key(crate::IdKey(80));
+        send_keyed(&mut a, now, 80, None);
+        send_keyed(&mut a, now, 80, None);
+        for f in frames(&mut a, NodeId(2), now) {
+            b.handle_frame(now, NodeId(1), f);
+        }
+        let held = deliveries(&mut b);
+        assert_eq!(held.len(), 1);
+        assert_eq!(b.waiting[&key].len(), 1);
+        for run in 2..=6 {
+            let mut next = Endpoint::new(
+                Origin {
+                    node: NodeId(1),
+                    incarnation: run,
+                },
+                ProtoConfig::default(),
+                Arc::new(Dedup::open_at(DedupConfig::default(), now).unwrap()),
+                1,
+            );
+            next.handle_peer_up(now, b.origin(), 5);
+            b.handle_peer_up(now, next.origin(), 5);
+            for _ in 0..3 {
+                send_keyed(&mut next, now, 80, None);
+            }
+            for f in frames(&mut next, NodeId(2), now) {
+                b.handle_frame(now, NodeId(1), f);
+            }
+            assert!(
+                deliveries(&mut b).is_empty(),
+                "run {run}: parked, not delivered"
+            );
+            assert_eq!(b.waiting[&key].len(), 3, "run {run}");
+            assert!(b.waiting[&key].iter().all(|p| p.origin == next.origin()));
+        }
+        // The handler acks at last: the live run's copies settle with it.
+        b.complete(now, held[0], Completion::Ack);
+        assert!(b.waiting.is_empty());
     }
 
     /// A delivery refused for good after its sender restarted (its stream is gone)
