@@ -397,7 +397,7 @@ impl Node {
     /// The failure detector's view of `peer`. A peer given to
     /// [`NodeBuilder::peer`] or [`add_peer`](Self::add_peer) is watched from then on
     /// as if heard from at that moment: it starts `Some(Up)`, before any connection,
-    /// and turns Suspect and Down (about 2.5 s) if it is never reached. `None` for a
+    /// and turns Suspect and Down (about 3 s) if it is never reached. `None` for a
     /// peer neither configured nor heard from, and again after
     /// [`decommission`](Self::decommission) until the peer connects again or is added
     /// with [`add_peer`](Self::add_peer).
@@ -439,7 +439,9 @@ impl Node {
     /// [`add_peer`](Self::add_peer)) and stop dialing it (the transport forgets its
     /// address; a connection it holds stays until it closes). At-most-once messages to
     /// it still waiting for its credit fail with [`SendError::PeerDown`]; acked ones
-    /// keep their deadlines. Returns the number of hints dropped.
+    /// keep their deadlines, and are not hinted when they reach them (nor spooled at
+    /// shutdown) until the peer connects again or is added back. Returns the number
+    /// of hints dropped.
     pub async fn decommission(&self, peer: NodeId) -> Result<u64, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.commands

@@ -114,6 +114,7 @@ impl<R, H: Hints> Core<R, H> {
     /// Start (or keep) watching `peer`; `true` if it is seen for the first time (it
     /// starts Up).
     pub(crate) fn watch(&mut self, peer: NodeId, now: Instant) -> bool {
+        self.sends.decommissioned.remove(&peer);
         self.liveness.watch(peer, now)
     }
 
@@ -131,6 +132,7 @@ impl<R, H: Hints> Core<R, H> {
     /// Stop watching `peer` (decommissioned).
     pub(crate) fn forget(&mut self, peer: NodeId) {
         self.liveness.forget(peer);
+        self.sends.decommissioned.insert(peer);
         // At-most-once messages still waiting for its credit have no deadline, and no
         // Down will come for a peer nobody watches: they fail now. (Regression: their
         // receipts stayed open for good after `decommission`.)
@@ -437,6 +439,53 @@ mod tests {
         a.opened(now, r, Guarantee::EffectivelyOnce, 2);
         assert_eq!(resolutions(&mut a), [(2, "HandedOff".to_string())]);
         assert_eq!(a.reachable(), Vec::<NodeId>::new());
+    }
+
+    /// A message in flight when its peer is decommissioned is given up at its
+    /// deadline, not hinted (the peer's hints were dropped; a new one would be
+    /// replayed to the next process with its id); nor is it spooled at shutdown. A
+    /// peer watched again is hinted as before.
+    #[test]
+    fn messages_to_a_decommissioned_peer_are_never_hinted() {
+        let t0 = Instant::now();
+        let hints = MemHints {
+            on_give_up: true,
+            ..MemHints::default()
+        };
+        let mut a = core(1, Some(hints), t0);
+        let peer = Origin {
+            node: NodeId(2),
+            incarnation: 1,
+        };
+        a.peer_up(t0, peer, 3);
+        for n in [1, 2] {
+            let r = a.send(t0, message(2, n)).unwrap();
+            a.opened(t0, r, Guarantee::EffectivelyOnce, n);
+        }
+        // Runs the core (timers, transmissions to nowhere) from `from` to `to`.
+        fn run(a: &mut Core<u8, MemHints>, from: Instant, to: Instant) {
+            let mut now = from;
+            while now < to {
+                now += Duration::from_millis(100);
+                a.endpoint.handle_timeout(now);
+                a.handle_timeout(now);
+                while a.poll_event(now).is_some() {}
+                while a.endpoint.poll_transmit(now).is_some() {}
+            }
+        }
+        a.forget(NodeId(2));
+        let later = t0 + Duration::from_secs(31);
+        run(&mut a, t0, later);
+        let got = resolutions(&mut a);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.iter().all(|(_, r)| r.starts_with("GaveUp")), "{got:?}");
+        assert!(a.hints.as_ref().unwrap().stored.is_empty());
+        // Added back: hinted again.
+        a.add_peer(NodeId(2), later);
+        let r = a.send(later, message(2, 3)).unwrap();
+        a.opened(later, r, Guarantee::EffectivelyOnce, 3);
+        run(&mut a, later, later + Duration::from_secs(31));
+        assert_eq!(resolutions(&mut a), [(3, "HandedOff".to_string())]);
     }
 
     /// A drain refuses new sends, is over once nothing is open, and at its end spools

@@ -133,6 +133,10 @@ pub(crate) struct Replay<L> {
     /// The last replay round sent nothing and nothing is outstanding: every pending
     /// target is away. No fast tick then; the peer's return wakes the owner anyway.
     blocked: bool,
+    /// The target the shared throttle last ran out on, and whether it had sent
+    /// anything in that round: the next round starts after it if so, at it if not (it
+    /// waits for the tokens), so every target with a backlog gets its turn.
+    throttled_at: Option<(NodeId, bool)>,
     /// The settled floors of earlier runs' streams last told each target, and when.
     told: HashMap<(NodeId, Origin, ChannelId), (u64, Instant)>,
     /// Targets that refused a replay for now: not replayed to before the instant (set
@@ -168,6 +172,7 @@ impl<L: HintLog> Replay<L> {
             cfg,
             origin,
             queued: HashMap::new(),
+            throttled_at: None,
             refused: HashSet::new(),
             replaying: HashMap::new(),
             outstanding: HashMap::new(),
@@ -258,6 +263,14 @@ impl<L: HintLog> Replay<L> {
         targets.extend(self.queued.keys().copied());
         targets.sort_unstable();
         targets.dedup();
+        if let Some((last, served)) = self.throttled_at.take() {
+            // Start after the target that used up the throttle last round, or at the
+            // one it left waiting. (Regression: the lowest id always went first, so
+            // one large backlog took every token and the other targets' hints waited
+            // until it was empty, or expired.)
+            let first = targets.partition_point(|t| if served { *t <= last } else { *t < last });
+            targets.rotate_left(first);
+        }
         let now_ms = self.unix_ms_at(now);
         self.blocked = true;
         for target in targets.into_iter().filter(|t| ready.contains(t)) {
@@ -270,6 +283,7 @@ impl<L: HintLog> Replay<L> {
                 }
             }
             let mut passed_over = false;
+            let mut served = false;
             while self.outstanding.get(&target).copied().unwrap_or(0) < self.cfg.concurrency {
                 let queue = self.queued.entry(target).or_default();
                 if queue.is_empty() {
@@ -336,6 +350,7 @@ impl<L: HintLog> Replay<L> {
                 if self.throttle.try_take(len, now).is_err() {
                     windows.give_back(target, channel);
                     self.blocked = false; // throttled, not blocked: come back soon
+                    self.throttled_at = Some((target, served));
                     return; // the throttle covers every target
                 }
                 let Some((pos, hint)) = queue.pop_front() else {
@@ -356,6 +371,7 @@ impl<L: HintLog> Replay<L> {
                         // The slot is given back when the window slides.
                         *self.outstanding.entry(target).or_default() += 1;
                         self.replaying.insert(send, (pos, hint));
+                        served = true;
                     }
                     Err(e) => {
                         // `takes_hint` said yes: not expected; passed over all the same.
@@ -609,8 +625,8 @@ impl<L: HintLog> Hints for Replay<L> {
         self.replay_done(send, endpoint, true)
     }
 
-    /// `send` was given up. If it was a replay, it goes back to the front of its
-    /// queue (still in the store) and `true` is returned.
+    /// `send` was given up. If it was a replay, it goes back into its queue (still
+    /// in the store), in the store's order, and `true` is returned.
     fn on_gave_up(&mut self, send: SendRef) -> bool {
         let Some((pos, hint)) = self.replaying.remove(&send) else {
             return false;
@@ -618,10 +634,12 @@ impl<L: HintLog> Hints for Replay<L> {
         if let Some(n) = self.outstanding.get_mut(&send.peer) {
             *n = n.saturating_sub(1);
         }
-        self.queued
-            .entry(send.peer)
-            .or_default()
-            .push_front((pos, hint));
+        // Where it was, not at the front: replays given up (or refused) together come
+        // back in ascending order, and each at the front reversed them. (Regression:
+        // a backlog replayed again after its target flapped went out newest first.)
+        let queue = self.queued.entry(send.peer).or_default();
+        let at = queue.partition_point(|(p, _)| *p < pos);
+        queue.insert(at, (pos, hint));
         true
     }
 
@@ -920,6 +938,79 @@ mod tests {
         let bytes: Vec<u8> = in_flight(&r).iter().map(|(_, b)| *b).collect();
         assert_eq!(bytes, vec![1, 2, 3]);
         assert_eq!(w.held[&(PEER, CH)], 4, "every replay took a window slot");
+    }
+
+    /// Replays given up together (their target dropped out again) go back in the
+    /// store's order: the next round replays them oldest first, as the first did.
+    /// The same for replays refused for now (no receiver yet). (Regression: each was
+    /// put at the front of the queue, reversing them.)
+    #[test]
+    fn replays_given_up_or_refused_together_come_back_in_order() {
+        for refused in [false, true] {
+            let t0 = Instant::now();
+            let mut ep = endpoint(t0);
+            let cfg = ReplayConfig {
+                concurrency: 4,
+                ..config()
+            };
+            let mut r = Replay::new(log_with(PEER, 10, 10), cfg, ME, t0, T0_UNIX_MS);
+            let mut w = slots(100);
+            r.handle_timeout(&mut ep, &[PEER], &mut w, t0);
+            let sent = in_flight(&r);
+            assert_eq!(
+                sent.iter().map(|(_, b)| *b).collect::<Vec<_>>(),
+                [0, 1, 2, 3]
+            );
+            for (send, _) in &sent {
+                let back = if refused {
+                    r.on_rejected(*send, RejectReason::NoReceiver, &mut ep)
+                } else {
+                    r.on_gave_up(*send)
+                };
+                assert!(back);
+                w.give_back(PEER, CH);
+            }
+            // (A refusal backs the target off 100 ms from the next round.)
+            let later = t0 + Duration::from_secs(10);
+            r.handle_timeout(&mut ep, &[PEER], &mut w, later);
+            r.handle_timeout(&mut ep, &[PEER], &mut w, later + Duration::from_secs(1));
+            let again: Vec<u8> = in_flight(&r).iter().map(|(_, b)| *b).collect();
+            assert_eq!(again, [0, 1, 2, 3], "refused: {refused}");
+        }
+    }
+
+    /// The shared throttle serves every returning target in turn: a large backlog of
+    /// one (lower id, acking fast) does not keep another's single hint waiting until
+    /// it is empty. (Regression: the lowest id always went first and took every
+    /// token, about 100 s here.)
+    #[test]
+    fn the_throttle_serves_every_target_in_turn() {
+        let t0 = Instant::now();
+        let mut ep = endpoint(t0);
+        let cfg = ReplayConfig {
+            bytes_per_sec: NonZeroU64::new(10_000).unwrap(),
+            burst: 10_000,
+            ..config()
+        };
+        let mut log = log_with(PEER, 200, 1000);
+        let mut other = log_with(OTHER, 1, 1000);
+        for (_, hint) in other.waiting.remove(&OTHER).unwrap() {
+            log.append(hint, None, t0).unwrap();
+        }
+        let mut r = Replay::new(log, cfg, ME, t0, T0_UNIX_MS);
+        let mut w = slots(usize::MAX);
+        for tick in 0..100u32 {
+            let now = t0 + Duration::from_millis(10) * tick;
+            r.handle_timeout(&mut ep, &[PEER, OTHER], &mut w, now);
+            if r.replaying.keys().any(|s| s.peer == OTHER) {
+                return; // within the second
+            }
+            let to_peer: Vec<SendRef> = r.replaying.keys().copied().collect();
+            for send in to_peer {
+                r.on_settled(send, &mut ep);
+            }
+        }
+        panic!("the other target's hint was not replayed within 1 s");
     }
 
     /// A channel other than `CH`, for the passed-over tests.

@@ -28,6 +28,7 @@ use crate::id::{Guarantee, MessageId, NodeId};
 use crate::retry::GiveUp;
 use crate::wire::RejectReason;
 use bytes::Bytes;
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 /// The hint store, as the handoff decisions need it.
@@ -137,6 +138,10 @@ pub(crate) struct Sends<R> {
     /// When a peer goes Down, fail its at-most-once messages still waiting for credit
     /// (`NodeConfig::fail_fast_when_down` without handoff on Down).
     pub(crate) amo_fails_on_down: bool,
+    /// Peers decommissioned and not watched again since: their messages are never
+    /// hinted (their hints were dropped; a hint now would reach whatever process
+    /// takes the id next).
+    pub(crate) decommissioned: HashSet<NodeId>,
 }
 
 /// At most one "hint refused" warning per this long (a full store refuses every
@@ -153,6 +158,7 @@ impl<R> Default for Sends<R> {
             refused_warned_at: None,
             refused_quiet: 0,
             amo_fails_on_down: false,
+            decommissioned: HashSet::new(),
         }
     }
 }
@@ -294,6 +300,9 @@ impl<R> Sends<R> {
         peers.sort_unstable();
         peers.dedup();
         for peer in peers {
+            if self.decommissioned.contains(&peer) {
+                continue; // never hinted (see `decommissioned`); fails at the stop
+            }
             self.hand_off(endpoint, hints, peer, None, down_for(peer), now, out);
         }
     }
@@ -330,6 +339,12 @@ impl<R> Sends<R> {
     ) {
         if hints.as_mut().is_some_and(|h| h.on_gave_up(send)) {
             return; // a replay: it stays in the store
+        }
+        if self.decommissioned.contains(&send.peer) {
+            // In flight when its target was decommissioned: given up, not hinted.
+            // (Regression: it became a new hint 30 s later, replayed to the next
+            // process with that id.)
+            hints = None;
         }
         let Some(&(guarantee, _)) = self.open.get(&send) else {
             return;
