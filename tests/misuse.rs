@@ -464,6 +464,51 @@ async fn max_payload_above_the_tcp_frame_limit_is_a_typed_error() {
     );
 }
 
+/// `NodeBuilder::build`: a `TcpTransport` given ready-made to `transport` (as
+/// `TcpTransport::with_tls` needs) is checked as one built by `bind`: a channel size
+/// tokio cannot hold is a typed error from `TcpTransport::new` (it panicked when the
+/// transport started), and `max_payload` above its frame limit fails the build (a
+/// payload between the two was accepted by `send` and dropped at every attempt).
+#[tokio::test]
+async fn a_tcp_transport_given_ready_made_is_checked_as_one_built_by_bind() {
+    use ackwire::transport::tcp::{TcpConfigError, TcpTransport};
+    let addr = support::ports::restartable_addr();
+    for field in ["channel_capacity", "queue_bound"] {
+        let mut tcp = TcpConfig::default();
+        match field {
+            "channel_capacity" => tcp.channel_capacity = usize::MAX >> 2,
+            _ => tcp.queue_bound = usize::MAX >> 2,
+        }
+        let e = TcpTransport::new(addr, tcp).err();
+        assert!(
+            matches!(e, Some(TcpConfigError::AboveChannelLimit { field: f, .. }) if f == field),
+            "{field}: {e:?}"
+        );
+    }
+    let tcp = TcpConfig {
+        max_frame_len: 1 << 20,
+        ..TcpConfig::default()
+    };
+    let t = TcpTransport::new(addr, tcp.clone()).unwrap();
+    let r = Node::builder(A).transport(t).build().await;
+    assert!(matches!(
+        config_err(r),
+        ConfigError::PayloadAboveFrameLimit {
+            max_frame_len: 1_048_576,
+            ..
+        }
+    ));
+    // Within the limit, it builds.
+    let t = TcpTransport::new(addr, tcp).unwrap();
+    let node = Node::builder(A)
+        .transport(t)
+        .config(cfg(|c| c.max_payload = 1 << 19))
+        .build()
+        .await
+        .unwrap();
+    node.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_string_received_as_u64_is_rejected_as_another_type() {
     let net = net();

@@ -276,10 +276,12 @@ async fn withdrawn_frames_queued_while_away_never_reach_the_next_connection() {
 /// it is away (far above `queue_bound`) drop nothing and never reach its next
 /// connection, and data frames queued between them arrive intact and in order.
 /// (Regression: each ping waited in the queue, so a departed peer that was never
-/// decommissioned held `queue_bound` stale pings for as long as the node ran.)
+/// decommissioned held `queue_bound` stale pings for as long as the node ran.) Node
+/// credit grants neither: they count the frames of their own connection. (Regression:
+/// a stale grant reached the next connection and lifted its sender's node credit.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_for_a_peer_without_a_connection_are_not_queued() {
-    use ackwire::wire::Heartbeat;
+    use ackwire::wire::{Heartbeat, NodeCredit};
     let (mut a, a_stats, b_addr) = peer_came_and_went().await;
     for round in 0..200u64 {
         let mut frames: Vec<Frame> = (0..100)
@@ -292,6 +294,10 @@ async fn heartbeats_for_a_peer_without_a_connection_are_not_queued() {
         if round % 40 == 0 {
             frames.push(data(round / 40));
         }
+        frames.push(Frame::NodeCredit(NodeCredit {
+            limit: 1_000_000 + round,
+            received: 999_000,
+        }));
         a.commands
             .send(LinkCommand::Send {
                 peer: NodeId(2),

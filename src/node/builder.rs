@@ -142,8 +142,10 @@ impl NodeBuilder {
     /// Every configuration value is checked first ([`NodeConfig::validate`]; with TCP
     /// also `TcpConfig::validate`, `connect_timeout`, `handshake_timeout` and
     /// `backoff_min` of at least 1 ms, `channel_capacity` and `queue_bound` within
-    /// tokio's channel limit, and `max_payload` against the frame limit): a bad value
-    /// fails with [`NodeError::Config`] naming the field and the bound.
+    /// tokio's channel limit, and `max_payload` against the frame limit; with a
+    /// transport given to [`transport`](Self::transport), `max_payload` against its
+    /// [`Transport::max_frame_len`]): a bad value fails with [`NodeError::Config`]
+    /// naming the field and the bound.
     pub async fn build(self) -> Result<Node, NodeError> {
         self.config.validate()?;
         check_runtime_drivers(self.tcp.is_some())?;
@@ -154,6 +156,13 @@ impl NodeBuilder {
         }
         if let Some((_, tcp)) = &self.tcp {
             check_tcp(&self.config, tcp)?;
+        }
+        // A transport given ready-made (`TcpTransport::with_tls`) has the same frame
+        // limit. (Regression: unchecked, a payload between the two was accepted by
+        // `send` and then dropped by the transport at every attempt.)
+        let given_frame_limit = self.transport.as_ref().and_then(|t| t.max_frame_len());
+        if let Some(m) = given_frame_limit {
+            super::config::check_frame_limit(&self.config, m)?;
         }
         let dials_by_id = self.transport.as_ref().is_some_and(|t| t.dials_by_id());
         let origin = Origin::new_random(self.id);
@@ -178,10 +187,12 @@ impl NodeBuilder {
         let dedup = Arc::new(dedup);
         // The largest hint this run can send: an earlier run's larger one is dropped
         // from the store (its frames would be refused by this run's transport).
-        let hint_max = match &self.tcp {
-            Some((_, tcp)) => NodeConfig::payload_limit(tcp.max_frame_len),
-            None => usize::MAX,
+        let frame_limit = match (&self.transport, &self.tcp) {
+            (Some(_), _) => given_frame_limit,
+            (None, Some((_, tcp))) => Some(tcp.max_frame_len),
+            (None, None) => None,
         };
+        let hint_max = frame_limit.map_or(usize::MAX, NodeConfig::payload_limit);
         let mut tcp_stats = None;
         let mut accept_stop = None;
         let link = match (self.transport, self.tcp) {

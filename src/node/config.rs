@@ -359,10 +359,10 @@ pub struct Stats {
     /// refusals, memory, durable-log recovery.
     pub dedup: crate::dedup::DedupStats,
     /// Arrivals whose payload did not decode as the receiver's type (or left trailing
-    /// bytes). They are not delivered and never acknowledged: they go to
-    /// [`Node::dead_letters`] and the sender's receipt fails with
-    /// [`SendError::Rejected`]`{ reason: Undecodable }` (a sender speaking protocol 2
-    /// or older retries until its deadline), never `Ok(Acked)`.
+    /// bytes). They are not delivered: they go to [`Node::dead_letters`] and the
+    /// sender's receipt fails with [`SendError::Rejected`]`{ reason: Undecodable }`.
+    /// A sender speaking protocol 2 or older has no rejects: its message is acked to
+    /// end its retries, so its receipt says `Ok(Acked)` (the letter is still kept).
     pub decode_failed: u64,
     /// Arrivals on a channel with no [`Receiver`] on this node. They are not
     /// acknowledged, so a receiver that starts late still gets them; after
@@ -413,11 +413,19 @@ pub(super) fn check_tcp(config: &NodeConfig, tcp: &TcpConfig) -> Result<(), crat
     let chan = u(Semaphore::MAX_PERMITS);
     count("tcp.channel_capacity", u(tcp.channel_capacity), 1, chan)?;
     count("tcp.queue_bound", u(tcp.queue_bound), 1, chan)?;
-    let max = NodeConfig::payload_limit(tcp.max_frame_len);
+    check_frame_limit(config, tcp.max_frame_len)
+}
+
+/// `max_payload` fits a transport's frames of at most `max_frame_len` bytes.
+pub(super) fn check_frame_limit(
+    config: &NodeConfig,
+    max_frame_len: usize,
+) -> Result<(), crate::ConfigError> {
+    let max = NodeConfig::payload_limit(max_frame_len);
     if config.max_payload > max {
         return Err(crate::ConfigError::PayloadAboveFrameLimit {
             max_payload: config.max_payload,
-            max_frame_len: tcp.max_frame_len,
+            max_frame_len,
             max,
         });
     }

@@ -42,6 +42,13 @@ pub trait Transport: Send + 'static {
     /// before [`start`](Self::start)), so a transport that closes idle connections
     /// keeps them for at least a few intervals. Default: ignored.
     fn heartbeat_interval(&mut self, _every: std::time::Duration) {}
+
+    /// The largest frame body the transport carries, if it has a limit. A node checks
+    /// `NodeConfig::max_payload` against it when it is built (a payload over it could
+    /// never be sent) and drops hints over it from its store. Default `None`.
+    fn max_frame_len(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A started transport: commands in, events out.

@@ -255,6 +255,18 @@ impl TcpConfig {
                 return Err(TcpConfigError::Zero(name));
             }
         }
+        // tokio's channels panic above this many slots. (Regression: checked only for
+        // a node built with `bind`, so a `TcpTransport` given to
+        // `NodeBuilder::transport` panicked when it started.)
+        let max = tokio::sync::Semaphore::MAX_PERMITS;
+        for (field, value) in [
+            ("channel_capacity", self.channel_capacity),
+            ("queue_bound", self.queue_bound),
+        ] {
+            if value > max {
+                return Err(TcpConfigError::AboveChannelLimit { field, value, max });
+            }
+        }
         self.versions.validate()?;
         Ok(())
     }
@@ -286,6 +298,17 @@ pub enum TcpConfigError {
     /// `max_frame_len` is below 256 or above `u32::MAX`. Pick a value in range.
     #[error("max_frame_len {0} is outside 256..=u32::MAX")]
     MaxFrameLen(usize),
+    /// A channel size above what tokio's channels can hold
+    /// (`tokio::sync::Semaphore::MAX_PERMITS`). Pick a smaller one.
+    #[error("{field} {value} is above {max} (tokio's channel limit)")]
+    AboveChannelLimit {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: usize,
+        /// The largest accepted.
+        max: usize,
+    },
     /// `versions` names a protocol version this build does not speak, or is empty.
     #[error(transparent)]
     Versions(#[from] UnsupportedRange),
@@ -344,6 +367,12 @@ pub struct TcpStatsSnapshot {
     pub frames_dropped_backlog: u64,
     /// Frames dropped because they encode larger than `max_frame_len`.
     pub frames_dropped_oversize: u64,
+    /// Frames dropped because the connection's protocol version has no such frame:
+    /// queued for a peer before its version was known (a credit probe queued before
+    /// the first connection, to a peer that turns out to speak version 1), or before
+    /// it restarted on an older build. Nothing lost: the protocol re-sends what such a
+    /// peer understands.
+    pub frames_dropped_unsupported: u64,
     /// Frames a handshaken peer sent larger than this node's `max_frame_len`, read past
     /// and dropped without closing the connection (the sender's `max_payload` exceeds
     /// this node's frame limit: a configuration mismatch). The sender is not told; an
@@ -419,6 +448,7 @@ impl TcpStats {
             frames_dropped_disconnected: g(Counter::FramesDroppedDisconnected),
             frames_dropped_backlog: g(Counter::FramesDroppedBacklog),
             frames_dropped_oversize: g(Counter::FramesDroppedOversize),
+            frames_dropped_unsupported: g(Counter::FramesDroppedUnsupported),
             frames_skipped_too_large: g(Counter::FramesSkippedTooLarge),
             rejected_unknown_peer: g(Counter::RejectedUnknownPeer),
             rejected_duplicate_node: g(Counter::RejectedDuplicateNode),
@@ -564,6 +594,11 @@ impl Transport for TcpTransport {
         self.batch = true;
     }
 
+    /// `TcpConfig::max_frame_len`.
+    fn max_frame_len(&self) -> Option<usize> {
+        Some(self.config.max_frame_len)
+    }
+
     /// Raises `idle_timeout` to at least three heartbeat intervals.
     fn heartbeat_interval(&mut self, every: Duration) {
         self.config.idle_timeout = self.config.idle_timeout.max(every.saturating_mul(3));
@@ -685,8 +720,9 @@ enum Counter {
     IdleTimeouts,
     AcceptFailures,
     WriteTimeouts,
+    FramesDroppedUnsupported,
 }
-const COUNTERS: usize = Counter::WriteTimeouts as usize + 1;
+const COUNTERS: usize = Counter::FramesDroppedUnsupported as usize + 1;
 
 /// A connected peer is disconnected once this many times `queue_bound` frames wait
 /// for it (see `Manager::send`).
@@ -1154,7 +1190,12 @@ impl Manager {
             // decommissioned is pinged every heartbeat interval for as long as the node
             // runs, and each ping waited in its queue: `queue_bound` frames per departed
             // id, kept for good.)
-            frames.retain(|f| !matches!(f, Frame::Ping(_) | Frame::Pong(_)));
+            // A node credit grant is too: it counts the frames of the connection it was
+            // made on, and both ends count afresh on the next one (its Up brings a new
+            // grant). (Regression: a stale grant was written on the next connection,
+            // and its sender took that run's total for this one's limit: node credit
+            // was off.)
+            frames.retain(|f| !is_per_connection(f));
             if frames.is_empty() {
                 self.ensure_dialing(peer, false);
                 return;
@@ -1344,6 +1385,7 @@ impl Manager {
             }
             if let Some(old) = p.conn.take() {
                 p.queue.set_owner(None);
+                p.queue.lock().frames.retain(|f| !is_per_connection(f));
                 old.abort();
                 stats.inc(Counter::ConnectionsClosed);
             }
@@ -1414,6 +1456,7 @@ impl Manager {
         }
         if let Some(c) = p.conn.take() {
             p.queue.set_owner(None);
+            p.queue.lock().frames.retain(|f| !is_per_connection(f));
             let heard = c.last_read.heard.load(Ordering::Relaxed);
             p.short_lived = if !heard && c.opened.elapsed() < SHORT_LIVED {
                 p.short_lived.saturating_add(1)
@@ -1950,6 +1993,12 @@ fn check_claim(
 }
 
 /// Did the peer close (or reset) the connection, as opposed to a local failure?
+/// Frames about the connection they travel on (heartbeats, node credit grants): never
+/// carried over to the next one.
+fn is_per_connection(f: &Frame) -> bool {
+    matches!(f, Frame::Ping(_) | Frame::Pong(_) | Frame::NodeCredit(_))
+}
+
 fn closed_by_peer(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(
@@ -2324,6 +2373,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             while let Some(frame) = local.pop_front() {
                 match enc.encode(&frame, &mut buf) {
                     Ok(()) => n += 1,
+                    Err(e @ crate::wire::EncodeError::Unsupported { .. }) => {
+                        // Queued before the peer's version was known (see
+                        // `TcpStatsSnapshot::frames_dropped_unsupported`). (Regression:
+                        // counted as oversize, with a warning.)
+                        ctx.stats.inc(Counter::FramesDroppedUnsupported);
+                        tracing::debug!(%peer, error = %e, "tcp: frame not sent");
+                    }
                     Err(e) => {
                         ctx.stats.inc(Counter::FramesDroppedOversize);
                         tracing::warn!(%peer, error = %e, "tcp: frame not sent");
