@@ -148,9 +148,15 @@ pub enum DetectorConfigError {
 ///
 /// The defaults assume heartbeats about once a second (a node raises
 /// `first_heartbeat_estimate` to its `heartbeat_interval`). With them a peer that stops
-/// sending is Suspect about 2.4 s and Down about 2.5 s after its last heartbeat. Akka
-/// tolerates a 3 s pause; ackwire takes 1 s because its peers share a LAN and a Down
-/// target only means "hand off instead of retrying", which is cheap to undo. Feeding
+/// sending is Suspect about 2.4 s and Down about 2.5 s after its last heartbeat (a
+/// peer never heard from at all: about 3.3 s, as the seeded window is wider). Akka
+/// tolerates a 3 s pause; ackwire takes 1 s because its peers share a LAN. A Down
+/// target is not free, though: with the node's defaults (no handoff,
+/// `NodeConfig::fail_fast_when_down`) new sends to it fail with `PeerDown` until it is
+/// heard again, while messages already in flight keep retrying. A pause of the
+/// watching node itself (its runtime blocked, a long fsync) is not taken for its
+/// peers' silence: a node counts its live peers as heard after a gap of more than one
+/// and a half heartbeat intervals between its own checks. Feeding
 /// data frames through [`FailureDetector::observe`] resets the silence but does not
 /// enter the interval window, so busy traffic does not shrink the expected interval.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -309,6 +315,12 @@ impl PhiAccrual {
     /// Some other frame from the peer arrived at `now`: reset the silence without
     /// recording an interval.
     pub fn observe(&mut self, now: Instant) {
+        if self.phi(now) >= self.threshold {
+            // Back from a failure through another frame: the next heartbeat starts a
+            // new interval, rather than recording the outage as one (which slowed
+            // detection for the rest of the window). (Regression.)
+            self.last_heartbeat = None;
+        }
         self.last_seen = self.last_seen.max(now);
     }
 
@@ -681,6 +693,29 @@ mod tests {
         // A threshold no phi reaches (config accepts any finite one): never, not now.
         assert_eq!(p.time_to_phi(1e308), Some(Duration::MAX));
         assert!(p.phi(p.last_seen() + Duration::from_secs(86_400 * 365)) < 1e308);
+    }
+
+    /// A peer back from an outage through a data frame, before its first heartbeat:
+    /// that heartbeat starts a new interval, and the outage does not enter the window
+    /// (it slowed the next detection for the rest of the window).
+    #[test]
+    fn an_outage_ended_by_another_frame_is_not_recorded_as_an_interval() {
+        let cfg = DetectorConfig::default();
+        let t0 = Instant::now();
+        let mut p = PhiAccrual::new(&cfg, t0);
+        let mut now = t0;
+        for _ in 0..30 {
+            now += Duration::from_secs(1);
+            p.heartbeat(now);
+        }
+        let n = p.samples();
+        now += Duration::from_secs(8);
+        assert!(p.phi(now) >= cfg.threshold, "down after 8 s");
+        p.observe(now);
+        p.heartbeat(now + Duration::from_millis(1));
+        assert_eq!(p.samples(), n, "the outage was recorded");
+        let d = p.time_to_phi(cfg.threshold).unwrap();
+        assert!(d < Duration::from_secs(4), "next detection in {d:?}");
     }
 
     #[test]

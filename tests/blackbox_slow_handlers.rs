@@ -234,22 +234,44 @@ async fn s2_sequential_slow_handler_long_queue_within_deadline() {
 /// Promised (within the 30 s deadline): every message of the acked guarantees is
 /// eventually acked (`Ok(Acked)`), effectively-once processes each once, at-least-once
 /// at least once.
+///
+/// The blocked node's own view: its sender was not silent, the node was paused, so it
+/// publishes no Down for it (its detector does not count its own pause as its peers'
+/// silence). (Regression: it declared the sender Down once it ran again, and new
+/// sends to it failed with `PeerDown`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_handler_blocking_a_current_thread_runtime() {
-    blocking_run(322, 321, |addr_tx, processed_alo, processed_eo, stop_rx| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let b = receiver_at(322, any_addr(), &[321], NodeConfig::default()).await;
-            run_blocking_receiver(&b, processed_alo, processed_eo);
-            addr_tx.send(b.local_addr().unwrap()).unwrap();
-            let _ = stop_rx.await;
-            b.shutdown().await;
-        });
-    })
+    let downs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = downs.clone();
+    blocking_run(
+        322,
+        321,
+        move |addr_tx, processed_alo, processed_eo, stop_rx| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let b = receiver_at(322, any_addr(), &[321], NodeConfig::default()).await;
+                let mut health = b.health_events();
+                run_blocking_receiver(&b, processed_alo, processed_eo);
+                addr_tx.send(b.local_addr().unwrap()).unwrap();
+                let _ = stop_rx.await;
+                while let Ok(ev) = health.try_recv() {
+                    if ev.peer == NodeId(321) && ev.to == ackwire::detector::Health::Down {
+                        seen.lock().unwrap().push(format!("{ev:?}"));
+                    }
+                }
+                b.shutdown().await;
+            });
+        },
+    )
     .await;
+    let downs = downs.lock().unwrap();
+    assert!(
+        downs.is_empty(),
+        "the paused node took its sender for Down: {downs:?}"
+    );
 }
 
 /// As `s3_…` on a 2-worker multi-thread runtime where the handler blocks BOTH workers

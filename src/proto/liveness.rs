@@ -19,7 +19,15 @@ pub(crate) struct Liveness {
     every: Duration,
     next_ping: Instant,
     nonce: u64,
+    /// The last [`handle_timeout`](Self::handle_timeout): a much longer gap to the
+    /// next one is a pause of this node (see there).
+    last_poll: Option<Instant>,
 }
+
+/// A gap between two [`Liveness::handle_timeout`] calls longer than this (and than
+/// one and a half heartbeat intervals) is this node's own pause, not its peers'
+/// silence.
+const MIN_LOCAL_PAUSE: Duration = Duration::from_millis(500);
 
 impl Liveness {
     /// Pings every `every`, the first round one interval after `now`.
@@ -29,6 +37,7 @@ impl Liveness {
             every,
             next_ping: later(now, every),
             nonce: 0,
+            last_poll: None,
         }
     }
 
@@ -91,6 +100,28 @@ impl Liveness {
         now: Instant,
         mut ping: impl FnMut(NodeId, u64),
     ) -> Vec<HealthChange> {
+        // Called at least once a heartbeat interval while the node runs; a much longer
+        // gap means this node was not scheduled (a blocked runtime, a long fsync) and
+        // its peers' frames may be waiting unread. Its peers' silence over the pause is
+        // its own: peers not Down count as heard now, as Cassandra's detector skips
+        // convicting after a local pause. (Regression: a node whose runtime a handler
+        // blocked for 4 s declared its live peers Down, failing new sends to them.)
+        let guard = (self.every + self.every / 2).max(MIN_LOCAL_PAUSE);
+        if let Some(last) = self.last_poll {
+            if now.saturating_duration_since(last) > guard {
+                let live: Vec<NodeId> = self
+                    .detector
+                    .peers()
+                    .filter(|(_, h)| *h != Health::Down)
+                    .map(|(p, _)| p)
+                    .collect();
+                tracing::debug!(paused = ?now.saturating_duration_since(last), peers = live.len(), "liveness: this node was paused; its peers' silence over the pause is not counted");
+                for peer in live {
+                    self.detector.observe(peer, now);
+                }
+            }
+        }
+        self.last_poll = Some(now);
         if now >= self.next_ping {
             self.next_ping = later(now, self.every);
             for (peer, _) in self.detector.peers() {
@@ -134,6 +165,33 @@ mod tests {
         assert_eq!(nonces, (1..=6).collect::<Vec<_>>());
         let peers: Vec<NodeId> = pings.iter().map(|(p, _)| *p).collect();
         assert_eq!(peers, [2, 3, 2, 3, 2, 3].map(NodeId));
+    }
+
+    /// This node paused (its driver not scheduled for 4 s, its peers' frames waiting
+    /// unread): the gap is not its peers' silence, so none goes Down for it; a peer
+    /// that stays silent once the node runs again still does, a few seconds later.
+    #[test]
+    fn a_pause_of_this_node_does_not_make_its_peers_down() {
+        let t0 = Instant::now();
+        let mut l = liveness(t0);
+        l.watch(NodeId(2), t0);
+        let mut now = t0;
+        for _ in 0..10 {
+            now += Duration::from_secs(1);
+            l.heartbeat(NodeId(2), now);
+            l.handle_timeout(now, |_, _| {});
+        }
+        now += Duration::from_secs(4);
+        let changes = l.handle_timeout(now, |_, _| {});
+        assert!(changes.is_empty(), "{changes:?}");
+        assert_eq!(l.state(NodeId(2)), Some(Health::Up));
+        // Still silent while the node runs: Down within a few seconds.
+        let resumed = now;
+        while l.state(NodeId(2)) != Some(Health::Down) {
+            now = l.poll_timeout().unwrap().max(now);
+            assert!(now - resumed < Duration::from_secs(5), "never Down");
+            l.handle_timeout(now, |_, _| {});
+        }
     }
 
     #[test]
