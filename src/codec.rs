@@ -25,8 +25,11 @@
 //! [`Decode<T>`] for those it can receive. The two halves are separate traits so that a
 //! serde codec asks only `T: Serialize` of senders and only `T: DeserializeOwned` of
 //! receivers, as `Node::sender` and `Node::receiver` always did. `decode` gets the whole
-//! payload and must refuse bytes left over: that is what keeps a value of another type
-//! from being delivered as a `T`.
+//! payload and must refuse bytes left over: that catches most values of another type
+//! (a shorter one), not all. Neither bincode nor postcard describes its fields, so two
+//! builds of a type with the same name whose fields are reordered, or whose enum gained
+//! a variant in the middle, decode each other's bytes as wrong values: evolve a
+//! message type by adding fields at the end, or give the new shape a new name.
 //!
 //! ```
 //! use ackwire::codec::{Codec, CodecError, Decode, Encode};

@@ -172,8 +172,10 @@ impl<DB: Backend> Outbox<DB> {
     ///   whatever had arrived.
     /// * **Rejected for good**: a row its target dead-letters (it cannot decode it, or
     ///   nacked it too often) is set aside in the table (`rejected` = the reason) and
-    ///   never resent — the target's dedup would acknowledge a resend without
-    ///   processing it — and the stream moves on ([`RelayStats::rejected`],
+    ///   never resent — the target would refuse it again unless it changes (a new
+    ///   type or codec), which is for an operator to decide: setting `rejected` back
+    ///   to `NULL` sends the row again — and the stream moves on
+    ///   ([`RelayStats::rejected`],
     ///   [`Outbox::rejected`]). So is a row the relay's node refuses to send at all:
     ///   a payload larger than its
     ///   [`NodeConfig::max_payload`](ackwire::NodeConfig::max_payload) (`rejected` =
@@ -320,9 +322,10 @@ pub struct RelayStats {
     /// (see `rejected`).
     pub invalid_rows: u64,
     /// Rows set aside for good, never resent; the stream moves on. Either the target
-    /// rejected them (`SendError::Rejected` with `Undecodable`, `DeadLettered` or
-    /// `TypeMismatch`: the message is in the target's dead letters, and its dedup
-    /// would acknowledge a resend), or the relay's node refused to send them at all
+    /// rejected them (`SendError::Rejected` with `Undecodable` or `DeadLettered`: the
+    /// message is in the target's dead letters and a resend would be refused again
+    /// unless the target changes; `TypeMismatch` cannot come from the relay's raw
+    /// sends, and is treated the same), or the relay's node refused to send them at all
     /// (`SendError::TooLarge`: a payload over its `max_payload`; `SendError::Encode`).
     /// Logged at error level once each and set aside in the outbox (`rejected` column
     /// set to the reason: `Undecodable`, `DeadLettered`, `TypeMismatch`, `TooLarge`
@@ -703,11 +706,11 @@ fn unsendable(e: &SendError) -> Option<SetAside> {
     }
 }
 
-/// Whether a rejection means the target has settled the message for good: it is in
-/// its dead letters, and its dedup would acknowledge a resend as a duplicate (so the
-/// row must be set aside, not resent). Refusals before the target's dedup (no receiver
-/// yet, not authorized, a retired stream, reasons this build does not know) are
-/// retried instead.
+/// Whether a rejection means the target has refused the message for good: it is in
+/// its dead letters, and a resend would be refused the same way until the target
+/// changes (so the row is set aside for an operator, not resent in a loop). Refusals
+/// that pass by themselves (no receiver yet, not authorized, a retired stream,
+/// reasons this build does not know) are retried instead.
 fn settled_by_target(reason: RejectReason) -> bool {
     matches!(
         reason,

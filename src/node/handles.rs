@@ -304,11 +304,12 @@ impl<T, C: Decode<T>> Receiver<T, C> {
     /// The next message; `None` once the node has shut down.
     ///
     /// A payload that does not decode as `T`, or decodes with bytes left over (a value
-    /// of another type), is never handed out and never acknowledged: it is counted in
+    /// of another type), is never handed out: it is counted in
     /// [`Stats::decode_failed`], logged at warn (at most once a second per node, with
     /// the running count), put in [`Node::dead_letters`], and the sender's receipt
     /// fails with [`SendError::Rejected`]`{ reason: Undecodable }` instead of reporting
-    /// `Ok(Acked)` for a message nobody processed.
+    /// `Ok(Acked)` for a message nobody processed (a sender speaking protocol 2 or
+    /// older has no rejects: it is acked, to end its retries).
     pub async fn recv(&mut self) -> Option<Delivery<T>> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
