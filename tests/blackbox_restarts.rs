@@ -1327,9 +1327,10 @@ async fn steady_role() {
     }
 }
 
+/// `kill SIG PID` through the shell's built-in `kill` (a slim image may lack procps).
 fn signal(pid: u32, sig: &str) {
-    let st = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
+    let st = std::process::Command::new("sh")
+        .args(["-c", &format!("kill {sig} {pid}")])
         .status()
         .unwrap();
     assert!(st.success());

@@ -88,7 +88,17 @@ use tokio::task::JoinHandle;
 /// process beside them): the receiver's backlog outlived the senders' 30 s deadline and
 /// the hub's detector held spokes Down past 20 s. Each passes with a core's worth of
 /// headroom; what they test is one such machine, not two on the same 2 cores.
-static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+///
+/// They take the machine alone: every other test here holds a read share while it
+/// runs (`share()`), the heavy ones the write side. (Regression: the lock kept only
+/// the heavy two apart, and 8 test threads started some 490 nodes at once beside
+/// them; the hub's detector held 3 of 100 spokes Down through the fan-out.)
+static HEAVY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// A read share of the machine (see [`HEAVY`]).
+async fn share() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    HEAVY.read().await
+}
 
 fn any_addr() -> SocketAddr {
     ports::restartable_addr()
@@ -383,6 +393,7 @@ async fn many_senders_one_receiver(n: u64, per: u64, tcp: Option<TcpConfig>, wha
 /// handler is sometimes slow. Defaults throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sixty_senders_to_one_receiver_sometimes_slow_handler() {
+    let _share = share().await;
     many_senders_one_receiver(60, 100, None, "60 senders").await;
 }
 
@@ -391,6 +402,7 @@ async fn a_sixty_senders_to_one_receiver_sometimes_slow_handler() {
 /// would each have their own address); everything else is default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_hundred_twenty_eight_senders_to_one_receiver() {
+    let _share = share().await;
     let tcp = TcpConfig {
         max_connections_per_ip: 256,
         ..TcpConfig::default()
@@ -404,6 +416,7 @@ async fn a_one_hundred_twenty_eight_senders_to_one_receiver() {
 /// default 30 s deadline: every message of every sender is processed exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_senders_beyond_the_per_ip_limit_are_served_once_others_leave() {
+    let _share = share().await;
     const N: u64 = 72;
     const PER: u64 = 20;
     let ids: Vec<NodeId> = (0..N).map(|i| NodeId(1000 + i)).collect();
@@ -565,6 +578,7 @@ impl Drop for Killable {
 /// still served at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b_sender_churn_with_restarts_while_others_keep_flowing() {
+    let _share = share().await;
     const STABLE: u64 = 16;
     const CHURN: u64 = 16;
     const PER_RUN: u64 = 40;
@@ -781,6 +795,7 @@ fn spawn_junk(
 /// and after the flood 8 new senders connect and deliver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_junk_connection_flood_while_legit_senders_deliver() {
+    let _share = share().await;
     const LEGIT: u64 = 16;
     const PER: u64 = 400;
     let start = Instant::now();
@@ -947,6 +962,7 @@ async fn c_junk_connection_flood_while_legit_senders_deliver() {
 /// those peers). Every receipt is `Acked`, counts exact, nothing hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_hub_fans_out_to_eighty_peers_and_receives_from_them() {
+    let _share = share().await;
     const SPOKES: u64 = 80;
     const PER: u64 = 40;
     let start = Instant::now();
@@ -1041,6 +1057,7 @@ async fn d_hub_fans_out_to_eighty_peers_and_receives_from_them() {
 /// every receipt is `Acked`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_receiver_stops_reading_with_many_peers_then_resumes() {
+    let _share = share().await;
     const N: u64 = 48;
     const PER: u64 = 150;
     let ids: Vec<NodeId> = (0..N).map(|i| NodeId(1000 + i)).collect();
@@ -1249,6 +1266,7 @@ async fn mass_churn_to_one_receiver(load: Load, rounds: u64, period: Duration, w
 /// Four rounds, every 1.5 s, senders one message at a time, a sometimes slow handler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f_mass_up_down_under_heavy_traffic_receiver_stays_responsive() {
+    let _share = share().await;
     let period = Duration::from_millis(1500);
     mass_churn_to_one_receiver(Load::SlowHandler, 4, period, "mass churn").await;
 }
@@ -1256,6 +1274,7 @@ async fn f_mass_up_down_under_heavy_traffic_receiver_stays_responsive() {
 /// Six rounds, every 1 s, with the receiver's driver saturated (batches both ways).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_mass_up_down_with_the_receivers_driver_saturated() {
+    let _share = share().await;
     let period = Duration::from_millis(1000);
     mass_churn_to_one_receiver(Load::SaturatedDriver, 6, period, "saturated churn").await;
 }
@@ -1268,7 +1287,7 @@ async fn g_mass_up_down_with_the_receivers_driver_saturated() {
 /// are processed exactly once and `Acked`. The hub only dials out, so the per-IP
 /// limit does not apply: defaults throughout.
 async fn hub_fan_out_while_spokes_restart(n_spokes: u64, what: &str) {
-    let _turn = HEAVY.lock().await;
+    let _turn = HEAVY.write().await;
     let start = Instant::now();
     let hub = Arc::new(
         Node::builder(NodeId(1))
@@ -1462,12 +1481,14 @@ async fn hub_fan_out_while_spokes_restart(n_spokes: u64, what: &str) {
 /// `hub_fan_out_while_spokes_restart` with 60 spokes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f_hub_heavy_fan_out_while_60_spokes_restart() {
+    // Takes the write side of `HEAVY` (never with a share: that would deadlock).
     hub_fan_out_while_spokes_restart(60, "hub churn, 60 spokes").await;
 }
 
 /// `hub_fan_out_while_spokes_restart` with 100 spokes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f_hub_heavy_fan_out_while_100_spokes_restart() {
+    // Takes the write side of `HEAVY` (never with a share: that would deadlock).
     hub_fan_out_while_spokes_restart(100, "hub churn, 100 spokes").await;
 }
 
@@ -1811,6 +1832,7 @@ async fn two_way_mass_churn(n: u64, rounds: u64, what: &str) {
 /// `two_way_mass_churn` with 40 peers, 6 rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h_two_way_heavy_traffic_with_mass_up_down_40_peers() {
+    let _share = share().await;
     two_way_mass_churn(40, 6, "two-way churn, 40 peers").await;
 }
 
@@ -1836,9 +1858,10 @@ async fn h_two_way_heavy_traffic_with_mass_up_down_200_peers() {
 /// processes each effectively-once key at most once, and every receipt is `Acked`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b_receiver_restarted_twice_under_sixty_senders() {
+    // Takes the write side of `HEAVY` (never with a share: that would deadlock).
     const N: u64 = 60;
     const PER: u64 = 300;
-    let _turn = HEAVY.lock().await;
+    let _turn = HEAVY.write().await;
     let start = Instant::now();
     let ids: Vec<NodeId> = (0..N).map(|i| NodeId(1000 + i)).collect();
     let mut r = receiver_node(NodeId(1), &ids, None).await;
