@@ -1003,6 +1003,8 @@ struct QueueState {
     /// The connection whose writer may take frames. A writer of any other connection
     /// (one being torn down) stops instead of taking frames it could not deliver.
     owner: Option<u64>,
+    /// The owner's writer has taken frames it has not written and flushed yet.
+    in_hand: bool,
 }
 
 impl PeerQueue {
@@ -1481,10 +1483,16 @@ impl Manager {
         // acks, a clean shutdown's finish frames): bounded, never a hang.
         let deadline = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
         while tokio::time::Instant::now() < deadline {
-            let pending = self
-                .peers
-                .values()
-                .any(|p| p.conn.is_some() && !p.queue.lock().frames.is_empty());
+            // What the writers have taken counts too: a batch still being written (to
+            // a peer reading slowly) holds the last frames, a clean shutdown's
+            // `Finish` among them. (Regression: only the shared queue was looked at,
+            // and those were aborted with the writer.)
+            let pending = self.peers.values().any(|p| {
+                p.conn.is_some() && {
+                    let q = p.queue.lock();
+                    !q.frames.is_empty() || q.in_hand
+                }
+            });
             if !pending {
                 break;
             }
@@ -2364,6 +2372,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     return Ok(()); // superseded: leave the frames to the next connection
                 }
                 std::mem::swap(&mut q.frames, &mut local);
+                q.in_hand = !local.is_empty();
             }
             if local.is_empty() {
                 notified.await;
@@ -2402,6 +2411,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Ok(r) => r?,
                 Err(_) => return Err(stalled_write()),
             }
+            queue.lock().in_hand = false;
         }
     }
     .await;
