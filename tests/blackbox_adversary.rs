@@ -517,7 +517,7 @@ async fn ack_with_many_overlapping_ranges_does_not_stall_the_sender() {
     let took =
         r.expect("the legit peer is still served (driver stalled by ack frames with many ranges)");
     assert!(
-        took < Duration::from_secs(2),
+        took < Duration::from_secs(4),
         "a legit message took {took:?} to be acked while receiving ack frames of 200k ranges \
          (driver stalled)"
     );

@@ -541,8 +541,10 @@ async fn a_peer_gone_for_good_without_handoff_fails_typed() {
         Err(e) => Err(e),
     };
     assert_eq!(res, Err(SendError::PeerDown { peer: NodeId(2) }));
+    // "At once" against the 7 s deadline it would otherwise wait (with room for a
+    // loaded 2-core machine).
     assert!(
-        t.elapsed() < Duration::from_millis(500),
+        t.elapsed() < Duration::from_secs(2),
         "not at once: {:?}",
         t.elapsed()
     );
@@ -2050,7 +2052,9 @@ async fn a_stalled_channel_holding_its_whole_credit_leaves_another_channel_flowi
         assert_eq!(r, Ok(Outcome::Acked), "free-channel message {v}");
     }
     let took = t.elapsed();
-    assert!(took < Duration::from_secs(3), "free channel took {took:?}");
+    // Not held behind the stuck channel (its messages wait for their 30 s deadline);
+    // room for a loaded 2-core machine.
+    assert!(took < Duration::from_secs(8), "free channel took {took:?}");
     assert_eq!(distinct(&fast), 2000);
     let after_free = a.stats().await.unwrap().proto.retransmitted;
     tokio::time::sleep(Duration::from_secs(3)).await;

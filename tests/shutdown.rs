@@ -531,7 +531,7 @@ async fn the_handler_grace_waits_for_handed_out_deliveries_not_queued_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_handler_grace_zero_does_not_wait_and_max_waits_for_every_held_delivery() {
     for (grace, hold, waits) in [
-        (Duration::ZERO, Duration::from_secs(2), false),
+        (Duration::ZERO, Duration::from_secs(4), false),
         (Duration::MAX, Duration::from_secs(6), true),
     ] {
         let mut cfg = NodeConfig::default();
@@ -564,7 +564,8 @@ async fn the_handler_grace_zero_does_not_wait_and_max_waits_for_every_held_deliv
                 Ok(Outcome::Acked)
             );
         } else {
-            assert!(took < Duration::from_secs(1), "grace {grace:?}: {took:?}");
+            // Not the 4 s hold (with room for a loaded 2-core machine).
+            assert!(took < Duration::from_secs(3), "grace {grace:?}: {took:?}");
             // The ack came after the stop: never reported acked.
             let got = tokio::time::timeout(Duration::from_millis(300), r).await;
             assert!(!matches!(got, Ok(Ok(Outcome::Acked))), "{got:?}");
