@@ -21,8 +21,11 @@
 //! - Anyone may dial. If two connections exist for a pair, both sides keep the one
 //!   dialed by the lower [`NodeId`] and close the other. A new connection from the same
 //!   dialer, or from a new incarnation of the peer, replaces the old one. When both
-//!   sides dial at once a side may briefly report `Down` then `Up` (same origin) while
-//!   the duplicate is closed, and frames written on the losing connection are lost.
+//!   sides dial at once, the lower id's dial finishes its handshake even if the higher
+//!   id's connection arrived first (it is the one both keep), so a slow link settles
+//!   on one connection instead of redialing in a loop; a side may briefly report
+//!   `Down` then `Up` (same origin) while the duplicate is closed, and frames written
+//!   on the losing connection are lost.
 //! - [`LinkEvent::Up`] is emitted when a peer gets its first connection (and when a
 //!   peer's incarnation changes, after a `Down`), [`LinkEvent::Down`] when its
 //!   connection is lost. After a loss the transport redials (after a backoff) if it
@@ -89,7 +92,7 @@ use bytes::{Buf, BytesMut};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -1026,10 +1029,41 @@ struct Peer {
     addr: Option<SocketAddr>,
     queue: Arc<PeerQueue>,
     conn: Option<Conn>,
-    dialer: Option<JoinHandle<()>>,
+    dialer: Option<Dialer>,
     /// Connections in a row that closed within [`SHORT_LIVED`] of opening: the redial
     /// after the next close backs off as after this many failed dials.
     short_lived: u32,
+}
+
+/// A peer's dialer task and what the manager may see and change of it.
+#[derive(Debug)]
+struct Dialer {
+    task: JoinHandle<()>,
+    state: Arc<DialState>,
+}
+
+/// Shared between a dialer task and the manager.
+#[derive(Debug, Default)]
+struct DialState {
+    /// Connecting or handshaking (not waiting out a backoff).
+    busy: AtomicBool,
+    /// [`DIAL_RUN`], [`DIAL_SUPERSEDED`] or [`DIAL_EXITED`].
+    run: AtomicU8,
+}
+
+/// The dialer dials until it connects.
+const DIAL_RUN: u8 = 0;
+/// A connection came from the peer while this dial was in its handshake: the dial
+/// finishes its attempt (if it connects, its connection is the one both sides keep),
+/// but does not try again.
+const DIAL_SUPERSEDED: u8 = 1;
+/// A superseded dialer's attempt failed and it stopped.
+const DIAL_EXITED: u8 = 2;
+
+impl Dialer {
+    fn abort(&self) {
+        self.task.abort();
+    }
 }
 
 #[derive(Debug)]
@@ -1295,16 +1329,32 @@ impl Manager {
 
     /// Start a dialer for `peer` if it has an address, no connection and no dialer.
     /// After a lost connection (`after_backoff`) it first waits the backoff of the
-    /// peer's run of short-lived connections.
+    /// peer's run of short-lived connections. A superseded dialer still in its last
+    /// attempt is told to go on dialing instead.
     fn ensure_dialing(&mut self, peer: NodeId, after_backoff: bool) {
         let ctx = Arc::clone(&self.ctx);
         let p = self.peer(peer);
         let Some(addr) = p.addr else { return };
-        if p.conn.is_some() || p.dialer.as_ref().is_some_and(|d| !d.is_finished()) {
+        if p.conn.is_some() {
             return;
         }
+        if let Some(d) = p.dialer.as_ref().filter(|d| !d.task.is_finished()) {
+            match d.state.run.compare_exchange(
+                DIAL_SUPERSEDED,
+                DIAL_RUN,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) | Err(DIAL_RUN) => return,
+                Err(_) => {} // it stopped: start another
+            }
+        }
         let first_wait = after_backoff.then_some(p.short_lived.min(SHORT_LIVED_MAX_ATTEMPT));
-        p.dialer = Some(spawn_here(dial_loop(peer, addr, ctx, first_wait)));
+        let state = Arc::new(DialState::default());
+        p.dialer = Some(Dialer {
+            task: spawn_here(dial_loop(peer, addr, ctx, first_wait, Arc::clone(&state))),
+            state,
+        });
     }
 
     async fn established(&mut self, e: Established) {
@@ -1366,8 +1416,24 @@ impl Manager {
             }
         }
         let p = self.peer(peer);
-        if let Some(d) = p.dialer.take() {
-            d.abort();
+        // Both sides dialed at once: the connection the lower id dialed is the one
+        // both keep, so the lower id lets its own dial finish its handshake when the
+        // higher id's arrives first. (Regression: it aborted that dial even when the
+        // peer had already accepted it and, as the lower id's, kept it, closing its
+        // own; over a slow link each side then held the connection the other had
+        // dropped, and they redialed in a loop.)
+        let own_dial_wins = e.dialed_by == peer && local < peer;
+        match p.dialer.take() {
+            Some(d)
+                if own_dial_wins
+                    && !d.task.is_finished()
+                    && d.state.busy.load(Ordering::Acquire) =>
+            {
+                d.state.run.store(DIAL_SUPERSEDED, Ordering::Release);
+                p.dialer = Some(d);
+            }
+            Some(d) => d.abort(),
+            None => {}
         }
         let mut restarted = false;
         let had_conn = p.conn.is_some();
@@ -1502,7 +1568,7 @@ impl Manager {
         for (_, p) in self.peers.drain() {
             if let Some(d) = p.dialer {
                 d.abort();
-                let _ = d.await;
+                let _ = d.task.await;
             }
             if let Some(c) = p.conn {
                 c.abort();
@@ -2048,7 +2114,13 @@ const STRANGER_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// `first_wait`: wait first, as after this many failed dials (see [`SHORT_LIVED`]); the
 /// attempts after it continue from there.
-async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, first_wait: Option<u32>) {
+async fn dial_loop(
+    peer: NodeId,
+    addr: SocketAddr,
+    ctx: Arc<Ctx>,
+    first_wait: Option<u32>,
+    state: Arc<DialState>,
+) {
     let mut backoff = redial_backoff(&ctx.cfg, seed_from_entropy());
     let mut attempt = first_wait.unwrap_or(0);
     let mut warned: Option<tokio::time::Instant> = None;
@@ -2058,6 +2130,7 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, first_wait: Op
     }
     loop {
         tracing::debug!(%peer, %addr, attempt, "tcp: dialing");
+        state.busy.store(true, Ordering::Release);
         match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
@@ -2099,6 +2172,16 @@ async fn dial_loop(peer: NodeId, addr: SocketAddr, ctx: Arc<Ctx>, first_wait: Op
                 ctx.stats.inc(Counter::ConnectFailures);
                 connect_failed(peer, addr, attempt, &"timed out", &mut warned);
             }
+        }
+        state.busy.store(false, Ordering::Release);
+        let stop = state.run.compare_exchange(
+            DIAL_SUPERSEDED,
+            DIAL_EXITED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if stop.is_ok() {
+            return; // the peer's connection is up; the manager redials if it goes
         }
         attempt = attempt.saturating_add(1);
         tokio::time::sleep(backoff.delay(ctx.cfg.backoff_min, attempt)).await;
