@@ -210,8 +210,9 @@ impl<T: DeserializeOwned> Decode<T> for Bincode {
         // ("capacity overflow") in the application's receive loop, and 2^40 would abort
         // the process on a failed allocation (tests/hostile_payloads.rs). The limit is
         // what a payload of this size can honestly ask for: 64 bytes of memory per
-        // payload byte (a String asks 1, a Vec<String> of empty strings 24), rounded
-        // up to a bucket, at least 1 MiB. Beyond it the payload is undecodable.
+        // byte of the largest payload in its size bucket (a String asks 1, a
+        // Vec<String> of empty strings 24), so at least 1 MiB; above the default
+        // `max_payload` (4 MiB) it is 2 GiB. Beyond it the payload is undecodable.
         //
         // The limit counts only claimed bytes, and a sequence of zero-sized values
         // (`Vec<()>`) claims none and reads none per element: the same 9 bytes
@@ -820,6 +821,46 @@ mod tests {
             CodecError::TrailingBytes { used: 3, total: 5 }.to_string(),
             "2 trailing bytes after the value (3 of 5 bytes used)"
         );
+    }
+
+    /// The byte limit a length prefix may claim is set by the payload's size bucket
+    /// (the numbers the README states): 1 MiB up to 16 KiB of payload, 16 MiB up to
+    /// 256 KiB, 256 MiB up to 4 MiB. A claim just over the bucket's limit is refused
+    /// as over the limit; one just under it fails only for want of bytes.
+    #[test]
+    fn bincode_length_claims_are_limited_by_the_payload_size_bucket() {
+        fn over_limit(len: usize, claim: u64) -> bool {
+            // A `String` whose length prefix (varint: 253 then a u64) claims `claim`
+            // bytes, padded to `len` bytes of payload.
+            let mut p = vec![253u8];
+            p.extend_from_slice(&claim.to_le_bytes());
+            p.resize(len, b'x');
+            match Decode::<String>::decode(&Bincode, &p).unwrap_err() {
+                CodecError::Format(e) => matches!(
+                    e.downcast_ref::<bincode::error::DecodeError>(),
+                    Some(bincode::error::DecodeError::LimitExceeded)
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        for (len, limit) in [
+            (16, 1u64 << 20),
+            (16_384, 1 << 20),
+            (16_385, 16 << 20),
+            (262_144, 16 << 20),
+            (262_145, 256 << 20),
+        ] {
+            assert!(
+                over_limit(len, limit + 1),
+                "{len} bytes claiming {}",
+                limit + 1
+            );
+            assert!(
+                !over_limit(len, limit - 64),
+                "{len} bytes claiming {}",
+                limit - 64
+            );
+        }
     }
 
     #[cfg(feature = "postcard")]

@@ -6,7 +6,7 @@
 //! | guarantee | sender | receiver | the handler sees each message | runs out at |
 //! |---|---|---|---|---|
 //! | [`Guarantee::AtMostOnce`] | sends once, never retries | delivers on arrival, no ack | 0 or 1 times | — |
-//! | [`Guarantee::AtLeastOnce`] | retries (RTO + backoff) until acked or the deadline | acks *after* the handler finishes | 1..n times if the receipt was `Ok` | the per-message deadline (then `send` reports failure) |
+//! | [`Guarantee::AtLeastOnce`] | retries (RTO + backoff) until acked or the deadline | acks *after* the handler finishes | 1..n times if the receipt was `Ok` | the per-message deadline (then the receipt resolves to `SendError::Deadline`) |
 //! | [`Guarantee::EffectivelyOnce`] | as at-least-once | dedups by [`MessageId`]; duplicates are acked, not delivered | exactly once if the receipt was `Ok` | the dedup horizon for application keys (default 2 min); a receiver restart without durable dedup; disk loss |
 //!
 //! Exactly-once *delivery* is impossible (the Two Generals problem: the last ack can
@@ -15,7 +15,10 @@
 //! recognised and acknowledged without running the handler twice. Where it runs out:
 //!
 //! * **Dedup horizon.** Library-assigned IDs `(origin, channel, seq)` are remembered
-//!   forever by a per-stream sequence window (a few KiB per stream). Application keys
+//!   by a per-stream sequence window (one byte per tracked seq) for as long as the
+//!   stream is live; a finished and settled stream, or one idle for `retention`, is
+//!   retired to a tombstone that refuses its old seqs, and a tombstone is forgotten `retention` (default 24 h, plus up to
+//!   a quarter) after the retirement. Application keys
 //!   ([`IdKey`]) are remembered for the dedup horizon (default 2 minutes, like NATS
 //!   JetStream); a resend after that is processed again.
 //! * **Restarts.** In memory, the dedup state dies with the receiver process: across a
@@ -93,7 +96,7 @@
 //!   its recovery scan (torn tail cut, corrupt record skipped), and the IO backends,
 //!   on disk or in memory: one log file, and a directory of per-target segment files
 //!   plus a cursor ([`handoff::SegmentIo`]) built from the same file handles, with one
-//!   atomic replace and one fsync path. The dedup log (format 3) and the hint store
+//!   atomic replace and one fsync path. The dedup log (format 4; format 3 is read and rewritten) and the hint store
 //!   are record codecs on top of it.
 //! * [`detector`] — the phi-accrual failure detector (Up / Suspect / Down).
 //! * [`group`] — replica groups: one logical receiver served by several nodes
@@ -152,8 +155,10 @@
 //!   `ackwire::message`, each inside a span `stream` per stream (peer and channel; the
 //!   sender's run for received streams), inside a span `node` per node.
 //! * Always: [`Receiver`] is a `futures::Stream`, [`Sender::sink`] a `futures::Sink`;
-//!   every config type implements serde's `Serialize`/`Deserialize` (durations as
-//!   `"200ms"`, `"5s"`; missing keys keep their defaults; unknown keys are errors).
+//!   the config types implement serde's `Serialize`/`Deserialize` (durations as
+//!   `"200ms"`, `"5s"`; missing keys keep their defaults, except a channel's
+//!   `channel` and `guarantee`; unknown keys are errors) — all but `TlsConfig`
+//!   (certificates in memory: see `TlsFiles`) and the `mem` transport's `FaultPlan`.
 #![warn(missing_docs)]
 
 mod blocking;
