@@ -416,6 +416,41 @@ async fn bad_handshakes_and_garbage_are_rejected_and_counted_without_disturbing_
     shutdown(b).await;
 }
 
+/// Polls every 20 ms (at most `polls` times) until each side has held exactly one
+/// connection for `rounds` polls in a row; drains the links' events meanwhile (while a
+/// duplicate is closed a side may briefly see Down then Up again). Whether it did.
+async fn one_connection_each(
+    a: &mut Link,
+    b: &mut Link,
+    a_stats: &TcpStats,
+    b_stats: &TcpStats,
+    rounds: u32,
+    polls: u32,
+) -> bool {
+    let open = |s: &TcpStats| {
+        let s = s.snapshot();
+        s.connections_opened - s.connections_closed
+    };
+    let mut stable = 0;
+    for _ in 0..polls {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for link in [&mut *a, &mut *b] {
+            while let Ok(ev) = link.events.try_recv() {
+                assert!(!matches!(ev, LinkEvent::Frame { .. }), "no frames sent yet");
+            }
+        }
+        if open(a_stats) == 1 && open(b_stats) == 1 {
+            stable += 1;
+            if stable == rounds {
+                return true;
+            }
+        } else {
+            stable = 0;
+        }
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_dials_settle_on_one_connection() {
     let (mut a, a_stats) = start(origin(1, 1), any_port(), &[]);
@@ -434,28 +469,8 @@ async fn simultaneous_dials_settle_on_one_connection() {
 
     // Wait until each side holds exactly one connection and that stays so. While the
     // duplicate is being closed a side may briefly see Down then Up again: drain those.
-    let open = |s: &TcpStats| {
-        let s = s.snapshot();
-        s.connections_opened - s.connections_closed
-    };
-    let mut stable = 0;
-    for _ in 0..200 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        for link in [&mut a, &mut b] {
-            while let Ok(ev) = link.events.try_recv() {
-                assert!(!matches!(ev, LinkEvent::Frame { .. }), "no frames sent yet");
-            }
-        }
-        if open(&a_stats) == 1 && open(&b_stats) == 1 {
-            stable += 1;
-            if stable == 10 {
-                break;
-            }
-        } else {
-            stable = 0;
-        }
-    }
-    assert_eq!(stable, 10, "connections did not settle to one per side");
+    let stable = one_connection_each(&mut a, &mut b, &a_stats, &b_stats, 10, 200).await;
+    assert!(stable, "connections did not settle to one per side");
 
     send_range(&a, 2, 0..500).await;
     send_range(&b, 1, 0..500).await;
@@ -495,35 +510,15 @@ async fn simultaneous_dials_over_a_slow_link_settle_and_stay_up() {
     let (ra, rb) = tokio::join!(add_a, add_b);
     ra.unwrap();
     rb.unwrap();
-    let open = |s: &TcpStats| {
-        let s = s.snapshot();
-        s.connections_opened - s.connections_closed
-    };
-    // Settled: one connection each side for 1.5 s in a row (the detector is not in
+    // Settled: one connection each side for 1.2 s in a row (the detector is not in
     // this test, so a flapping pair shows only in these counts).
-    let mut stable = 0;
-    for _ in 0..400 {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        for link in [&mut a, &mut b] {
-            while let Ok(ev) = link.events.try_recv() {
-                assert!(!matches!(ev, LinkEvent::Frame { .. }), "no frames sent yet");
-            }
-        }
-        if open(&a_stats) == 1 && open(&b_stats) == 1 {
-            stable += 1;
-            if stable == 60 {
-                break;
-            }
-        } else {
-            stable = 0;
-        }
-    }
+    let stable = one_connection_each(&mut a, &mut b, &a_stats, &b_stats, 60, 400).await;
     let (sa, sb) = (a_stats.snapshot(), b_stats.snapshot());
     let counts = format!(
         "opened/closed: A {}/{}, B {}/{}",
         sa.connections_opened, sa.connections_closed, sb.connections_opened, sb.connections_closed
     );
-    assert_eq!(stable, 60, "no single connection stayed up: {counts}");
+    assert!(stable, "no single connection stayed up: {counts}");
     // Each side opened its own dial and accepted the other's at most once or twice.
     assert!(
         sa.connections_opened <= 3 && sb.connections_opened <= 3,
