@@ -532,6 +532,54 @@ async fn simultaneous_dials_over_a_slow_link_settle_and_stay_up() {
     shutdown(b).await;
 }
 
+/// A dial the peer's connection superseded reaches another incarnation of the peer
+/// (an old process still answering at the address, through a slow link, while the
+/// new one dialed in directly): it is closed quietly, not reported as an identity
+/// conflict, and the new incarnation's connection stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_dial_reaching_an_old_incarnation_is_no_conflict() {
+    let slow = proxy::Chaos {
+        stall: 1.0,
+        stall_for: Duration::from_millis(100),
+        ..proxy::Chaos::none()
+    };
+    let (mut a, a_stats) = start(origin(1, 1), any_port(), &[]);
+    let a_addr = a.local_addr.unwrap();
+    let (old_b, _) = start(origin(2, 1), any_port(), &[]);
+    let to_old_b = proxy::Proxy::start(old_b.local_addr.unwrap(), slow).await;
+    a.commands
+        .send(LinkCommand::AddPeer {
+            peer: NodeId(2),
+            addr: to_old_b.addr,
+        })
+        .await
+        .unwrap();
+    // A's dial is in its slow handshake with the old incarnation when the new one
+    // dials A directly.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (mut new_b, _) = start(origin(2, 2), any_port(), &[(1, a_addr)]);
+    expect_up(&mut a, origin(2, 2)).await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Some(ev)) = tokio::time::timeout_at(until, a.events.recv()).await {
+        assert!(
+            !matches!(ev, LinkEvent::Conflict { .. } | LinkEvent::Down { .. }),
+            "{ev:?}"
+        );
+    }
+    let s = a_stats.snapshot();
+    assert_eq!(s.rejected_duplicate_node, 0, "{s:?}");
+    assert!(
+        s.duplicate_connections_closed >= 1,
+        "the old dial was not closed: {s:?}"
+    );
+    expect_up(&mut new_b, origin(1, 1)).await;
+    send_range(&a, 2, 0..100).await;
+    recv_range(&mut new_b, 1, 0..100).await;
+    shutdown(a).await;
+    shutdown(new_b).await;
+    shutdown(old_b).await;
+}
+
 /// Frames of `peer` from a transport asked to `batch_frames`: `Frame` and `Frames`
 /// events flattened, until `n` frames came. Returns them and the largest event.
 async fn recv_batched(link: &mut Link, peer: u64, n: usize) -> (Vec<Frame>, usize) {

@@ -964,6 +964,9 @@ struct Established {
     slot: Option<IpSlot>,
     /// Already held back once for an identity conflict (see `RESTART_GRACE`).
     deferred: bool,
+    /// Our dial, finished after the peer's connection superseded it (see
+    /// [`DIAL_SUPERSEDED`]).
+    superseded: bool,
 }
 
 /// How long a connection from a new incarnation of a peer whose connection still looks
@@ -1042,23 +1045,30 @@ struct Dialer {
     state: Arc<DialState>,
 }
 
-/// Shared between a dialer task and the manager.
+/// Shared between a dialer task and the manager: [`DIAL_IDLE`], [`DIAL_BUSY`],
+/// [`DIAL_SUPERSEDED`] or [`DIAL_EXITED`], changed only by compare-and-swap, so the
+/// manager never supersedes a dialer that is not in an attempt, and a superseded
+/// dialer either is revived or stops, never both.
 #[derive(Debug, Default)]
-struct DialState {
-    /// Connecting or handshaking (not waiting out a backoff).
-    busy: AtomicBool,
-    /// [`DIAL_RUN`], [`DIAL_SUPERSEDED`] or [`DIAL_EXITED`].
-    run: AtomicU8,
-}
+struct DialState(AtomicU8);
 
-/// The dialer dials until it connects.
-const DIAL_RUN: u8 = 0;
-/// A connection came from the peer while this dial was in its handshake: the dial
-/// finishes its attempt (if it connects, its connection is the one both sides keep),
-/// but does not try again.
-const DIAL_SUPERSEDED: u8 = 1;
+/// Waiting out a backoff between attempts.
+const DIAL_IDLE: u8 = 0;
+/// Connecting or handshaking.
+const DIAL_BUSY: u8 = 1;
+/// A connection came from the peer while this dial was connecting or handshaking:
+/// the dial finishes its attempt (if it connects, its connection is the one both
+/// sides keep), but does not try again.
+const DIAL_SUPERSEDED: u8 = 2;
 /// A superseded dialer's attempt failed and it stopped.
-const DIAL_EXITED: u8 = 2;
+const DIAL_EXITED: u8 = 3;
+
+impl DialState {
+    fn swap_if(&self, from: u8, to: u8) -> Result<u8, u8> {
+        self.0
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+    }
+}
 
 impl Dialer {
     fn abort(&self) {
@@ -1339,14 +1349,9 @@ impl Manager {
             return;
         }
         if let Some(d) = p.dialer.as_ref().filter(|d| !d.task.is_finished()) {
-            match d.state.run.compare_exchange(
-                DIAL_SUPERSEDED,
-                DIAL_RUN,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) | Err(DIAL_RUN) => return,
-                Err(_) => {} // it stopped: start another
+            match d.state.swap_if(DIAL_SUPERSEDED, DIAL_BUSY) {
+                Err(DIAL_EXITED) => {} // it stopped: start another
+                _ => return,           // revived, or dialing anyway
             }
         }
         let first_wait = after_backoff.then_some(p.short_lived.min(SHORT_LIVED_MAX_ATTEMPT));
@@ -1370,7 +1375,16 @@ impl Manager {
         }
         let now_ms = self.ctx.millis();
         let stale_ms = u64::try_from(self.ctx.cfg.stale_after.as_millis()).unwrap_or(u64::MAX);
-        if let Some(cur) = self.peers.get(&peer).and_then(|p| p.conn.as_ref()) {
+        let current = self.peers.get(&peer).and_then(|p| p.conn.as_ref());
+        if let Some(cur) = current.filter(|c| e.superseded && c.origin != e.origin) {
+            // Our superseded dial reached another incarnation than the one whose
+            // connection superseded it (an old process still answering during a
+            // restart): not an identity conflict, and never a replacement.
+            stats.inc(Counter::DuplicateConnectionsClosed);
+            tracing::debug!(%peer, remote = %e.remote, live = %cur.origin, reached = %e.origin, "tcp: superseded dial reached another incarnation, closed");
+            return;
+        }
+        if let Some(cur) = current {
             let silent_ms = now_ms.saturating_sub(cur.last_read.last_read.load(Ordering::Relaxed));
             let ended = cur.last_read.ended.load(Ordering::Acquire) || cur.reader.is_finished();
             if cur.origin != e.origin && silent_ms < stale_ms && !ended && !e.deferred {
@@ -1427,9 +1441,11 @@ impl Manager {
             Some(d)
                 if own_dial_wins
                     && !d.task.is_finished()
-                    && d.state.busy.load(Ordering::Acquire) =>
+                    && matches!(
+                        d.state.swap_if(DIAL_BUSY, DIAL_SUPERSEDED),
+                        Ok(_) | Err(DIAL_SUPERSEDED)
+                    ) =>
             {
-                d.state.run.store(DIAL_SUPERSEDED, Ordering::Release);
                 p.dialer = Some(d);
             }
             Some(d) => d.abort(),
@@ -1708,6 +1724,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Arc<tokio::sync
                                 remote,
                                 slot: Some(slot),
                                 deferred: false,
+                                superseded: false,
                             }));
                         }
                     }, tracing::Span::current()));
@@ -2130,7 +2147,7 @@ async fn dial_loop(
     }
     loop {
         tracing::debug!(%peer, %addr, attempt, "tcp: dialing");
-        state.busy.store(true, Ordering::Release);
+        let _ = state.swap_if(DIAL_IDLE, DIAL_BUSY);
         match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
@@ -2148,6 +2165,7 @@ async fn dial_loop(
                             remote: addr,
                             slot: None,
                             deferred: false,
+                            superseded: state.0.load(Ordering::Acquire) == DIAL_SUPERSEDED,
                         }));
                         return;
                     }
@@ -2173,15 +2191,11 @@ async fn dial_loop(
                 connect_failed(peer, addr, attempt, &"timed out", &mut warned);
             }
         }
-        state.busy.store(false, Ordering::Release);
-        let stop = state.run.compare_exchange(
-            DIAL_SUPERSEDED,
-            DIAL_EXITED,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
-        if stop.is_ok() {
-            return; // the peer's connection is up; the manager redials if it goes
+        // Back to waiting, unless superseded: then stop, unless revived meanwhile.
+        while let Err(DIAL_SUPERSEDED) = state.swap_if(DIAL_BUSY, DIAL_IDLE) {
+            if state.swap_if(DIAL_SUPERSEDED, DIAL_EXITED).is_ok() {
+                return; // the peer's connection is up; the manager redials if it goes
+            }
         }
         attempt = attempt.saturating_add(1);
         tokio::time::sleep(backoff.delay(ctx.cfg.backoff_min, attempt)).await;
