@@ -111,7 +111,7 @@ pub enum ConfigError {
         dir: std::path::PathBuf,
     },
     /// A retry, RTT or retry-budget setting is invalid; `field` says which struct
-    /// (`"proto.retry"`, `"proto.rtt"`, `"proto.retry_budget"`, `"deadline"`), the source
+    /// (`"proto.retry"`, `"proto.rtt"`, `"proto.retry_budget"`), the source
     /// which value.
     #[error("{field}: {source}")]
     Retry {

@@ -104,10 +104,16 @@ pub enum Guarantee {
     /// Sent once, never retried; the handler sees each message 0 or 1 times.
     AtMostOnce,
     /// Retried until acked, the deadline passes, or it is handed off; the receiver acks
-    /// after the handler finishes. The handler sees each message 1..n times.
+    /// after the handler finishes. The handler sees each message 0..n times: more than
+    /// once after a lost ack, a nack or a crash; never only when the sender's receipt
+    /// fails (deadline, rejection, shutdown), which tells the sender.
     #[default]
     AtLeastOnce,
-    /// At-least-once plus receiver dedup by [`MessageId`]: the handler sees each message
-    /// exactly once within the dedup horizon.
+    /// At-least-once plus receiver dedup by [`MessageId`]: each message is completed
+    /// (acked) at most once per id — within `dedup.retention` for library-assigned ids
+    /// and `dedup.horizon` for application keys, and across a receiver restart only
+    /// with a [`DurableDedup`](crate::dedup::DurableDedup). The handler may see it again
+    /// after a nack, a dropped delivery, a crash before the ack, or the end of the
+    /// shutdown grace; see the [`dedup`](crate::dedup) module.
     EffectivelyOnce,
 }

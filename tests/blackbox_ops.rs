@@ -571,7 +571,7 @@ async fn a_peer_gone_for_good_without_handoff_fails_typed() {
 /// send already waiting for a window slot when its peer dies: it fails when the peer
 /// turns Down, not when the messages in flight reach their deadline and free a slot
 /// (it then returned a receipt for a message sent into a gone peer). Both `send` and
-/// `send_many`.
+/// `send_many`, and a sink's `poll_ready`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_waiting_for_the_window_fails_fast_when_its_peer_turns_down() {
     let b = Node::builder(NodeId(2))
@@ -610,9 +610,15 @@ async fn a_send_waiting_for_the_window_fails_fast_when_its_peer_turns_down() {
         let out = out.clone();
         async move { out.send_many(&[100, 101]).await.map(drop) }
     });
+    // The sink's `poll_ready` waits "exactly when `Sender::send` would wait", and so
+    // ends with the same `PeerDown`. (Regression: it waited out the 20 s deadline.)
+    let sink = tokio::spawn({
+        let mut sink = out.sink();
+        async move { futures::SinkExt::send(&mut sink, 102).await }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        !one.is_finished() && !many.is_finished(),
+        !one.is_finished() && !many.is_finished() && !sink.is_finished(),
         "the window was not full"
     );
     drop(b);
@@ -626,8 +632,12 @@ async fn a_send_waiting_for_the_window_fails_fast_when_its_peer_turns_down() {
     let many = within(down.as_secs_f64(), "the waiting send_many", many)
         .await
         .unwrap();
+    let sink = within(down.as_secs_f64(), "the waiting sink", sink)
+        .await
+        .unwrap();
     assert_eq!(one, Err(SendError::PeerDown { peer: NodeId(2) }));
     assert_eq!(many, Err(SendError::PeerDown { peer: NodeId(2) }));
+    assert_eq!(sink, Err(SendError::PeerDown { peer: NodeId(2) }));
     drop(rs);
     within(10.0, "shutdown a", a.shutdown()).await;
 }

@@ -310,8 +310,9 @@ impl<B: SegmentIo> HintStore<B> {
     /// group commit. A `ttl_ms` of 0 is replaced by the configured default TTL.
     ///
     /// Errors: [`HintError::TargetDownTooLong`], [`HintError::TargetFull`],
-    /// [`HintError::StoreFull`], [`HintError::HintTooLarge`], [`HintError::Io`]; each is
-    /// counted in [`HintStats`] and leaves nothing stored.
+    /// [`HintError::StoreFull`], [`HintError::HintTooLarge`], [`HintError::Io`]; each
+    /// leaves nothing stored, and each but `HintTooLarge` (a caller's error, refused
+    /// before the store is touched) is counted in [`HintStats`].
     pub fn append(
         &mut self,
         mut hint: Hint,

@@ -18,7 +18,9 @@ use tokio::sync::Semaphore;
 
 /// Node-wide settings. Every default is written on its field.
 ///
-/// Every config type implements serde's `Serialize` and `Deserialize`: a TOML or JSON
+/// Every config type (all but the TLS material `TlsConfig`, whose files
+/// [`TlsFiles`](crate::transport::tls::TlsFiles) names, and the `mem` transport's
+/// `FaultPlan`) implements serde's `Serialize` and `Deserialize`: a TOML or JSON
 /// file names only what it changes, a misspelt key is an error, and durations are
 /// strings such as `"200ms"`, `"5s"` or `"24h"` (see `examples/toml_config.rs`).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -85,7 +87,9 @@ pub struct NodeConfig {
     pub authorization: crate::proto::Authorization,
     /// Dead letters kept for [`Node::dead_letters`] before the oldest is dropped
     /// (counted in [`Stats::dead_letters_dropped`], logged at warn). Default `10 000`;
-    /// at most `2^24`.
+    /// at most `2^24`. `0` keeps none: each letter is only counted in
+    /// `dead_letters_dropped` (not logged, not written to `dead_letter_dir`), though
+    /// its sender is still told it was rejected.
     pub dead_letter_capacity: usize,
     /// Keep dead letters durably in this directory (a crc-checked log, fsynced before
     /// the sender is told): a restarted node finds the letters it had not handed out
@@ -347,8 +351,11 @@ impl ReceiverOptions {
     }
 }
 
-/// Counters of a node. Each only grows, except `proto.delivered` (see
-/// [`ProtoStats::delivered`](crate::proto::ProtoStats::delivered)).
+/// Counters of a node. Most count events and only grow; the few that describe the
+/// current state go down as well: `proto.delivered` (see
+/// [`ProtoStats::delivered`](crate::proto::ProtoStats::delivered)), the dedup table's
+/// `streams`, `tombstones`, `key_generations` and `memory_bytes`, and the hint store's
+/// `pending` and `bytes_total`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {

@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, AcquireError, OwnedSemaphorePermit, Semaphore};
 
 /// Sends `T` values on one channel to one peer, encoded by the codec `C` ([`Bincode`]
 /// unless made by [`Node::sender_with_codec`]). Cheap to clone.
@@ -211,13 +211,26 @@ impl RawSender {
     /// waiting on a full window when its peer died returned a receipt 30 s later.)
     /// Cancel-safe: dropped while waiting, it takes nothing.
     pub(super) async fn acquire_slot(&self) -> Result<(), SendError> {
+        self.wait_for_slot(|| self.window.acquire()).await?.forget();
+        Ok(())
+    }
+
+    /// [`acquire_slot`](Self::acquire_slot) for a slot held across polls (the sink's
+    /// and the tower service's `poll_ready`), with the same fail-fast wait.
+    /// (Regression: their wait ignored a Down and ended only with the deadline.)
+    pub(super) async fn acquire_owned_slot(self) -> Result<OwnedSemaphorePermit, SendError> {
+        self.wait_for_slot(|| self.window.clone().acquire_owned())
+            .await
+    }
+
+    /// Waits on `acquire` for a window slot; when sends fail fast, also for the target
+    /// to turn Down (then `PeerDown`).
+    async fn wait_for_slot<P, F>(&self, acquire: impl Fn() -> F) -> Result<P, SendError>
+    where
+        F: Future<Output = Result<P, AcquireError>>,
+    {
         if !self.fails_fast() {
-            self.window
-                .acquire()
-                .await
-                .map_err(|_| self.shared.send_closed_error())?
-                .forget();
-            return Ok(());
+            return acquire().await.map_err(|_| self.shared.send_closed_error());
         }
         loop {
             let down = self.shared.down.notified();
@@ -227,9 +240,8 @@ impl RawSender {
             self.check_health()?;
             tokio::select! {
                 biased;
-                permit = self.window.acquire() => {
-                    permit.map_err(|_| self.shared.send_closed_error())?.forget();
-                    return Ok(());
+                permit = acquire() => {
+                    return permit.map_err(|_| self.shared.send_closed_error());
                 }
                 () = &mut down => {}
             }
@@ -540,8 +552,12 @@ impl<T> Delivery<T> {
     }
 
     /// Processed: acknowledge, and resolve once the acknowledgement is durable — the
-    /// dedup record is fsynced (effectively-once with [`crate::dedup::DurableDedup`]:
-    /// a receiver killed after this returns never processes the message again) and
+    /// dedup record is written to the log (effectively-once with
+    /// [`crate::dedup::DurableDedup`]; fsynced too under its default
+    /// [`FsyncPolicy::Always`](crate::dedup::FsyncPolicy::Always), so it survives a power
+    /// loss: a receiver killed after this returns does not process the message again
+    /// while its id is remembered, `dedup.retention` for library-assigned ids and
+    /// `dedup.horizon` for application keys) and
     /// the ack frame is handed to the transport. [`Delivery::ack`] is the same without
     /// the wait: a receiver killed between `ack()` and the group commit (one batch of
     /// completions, typically well under a millisecond) may process it again after its

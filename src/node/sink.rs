@@ -16,12 +16,14 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, TryAcquireError};
+use tokio::sync::{OwnedSemaphorePermit, TryAcquireError};
 
 /// A [`Sender`] as a `futures::Sink<T>`: made by [`Sender::sink`].
 ///
 /// Backpressured by the stream's in-flight window: `poll_ready` is pending while the
-/// window is full, exactly when [`Sender::send`] would wait. Every accepted item's
+/// window is full, exactly when [`Sender::send`] would wait, and as there, a target the
+/// failure detector turns Down meanwhile ends the wait with [`SendError::PeerDown`]
+/// (unless [`NodeConfig::fail_fast_when_down`](crate::NodeConfig) is off). Every accepted item's
 /// [`Receipt`] is kept: `poll_flush` (and so `SinkExt::flush`, `send`, `send_all`,
 /// `close`) resolves once every item sent so far has settled, and fails with the first
 /// failure among them (in send order). A failure noticed earlier, while the oldest
@@ -232,7 +234,7 @@ impl fmt::Debug for RawSendSink {
     }
 }
 
-type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, SendError>> + Send>>;
 
 /// One reserved slot of a sender's in-flight window, taken by a poll (`poll_ready` of
 /// the sink and of the tower service) and spent by the next send. Dropping it unspent
@@ -244,7 +246,8 @@ pub(super) struct WindowSlot {
 }
 
 impl WindowSlot {
-    /// Ready once a slot is reserved; fails if the node is closed or failed.
+    /// Ready once a slot is reserved; fails if the node is closed or failed, or (when
+    /// sends to the target fail fast) with `PeerDown` once the target is Down.
     pub(super) fn poll_reserve(
         &mut self,
         sender: &RawSender,
@@ -266,20 +269,16 @@ impl WindowSlot {
                 Err(TryAcquireError::NoPermits) => {
                     #[cfg(feature = "metrics")]
                     sender.note_window_wait(1);
+                    // Waits as `Sender::send` does: a target turning Down ends it.
                     self.acquiring
-                        .insert(Box::pin(sender.window.clone().acquire_owned()))
+                        .insert(Box::pin(sender.clone().acquire_owned_slot()))
                 }
             },
         };
         let acquired = ready!(acquiring.as_mut().poll(cx));
         self.acquiring = None;
-        match acquired {
-            Ok(permit) => {
-                self.permit = Some(permit);
-                Poll::Ready(Ok(()))
-            }
-            Err(_) => Poll::Ready(Err(sender.shared.send_closed_error())),
-        }
+        self.permit = Some(acquired?);
+        Poll::Ready(Ok(()))
     }
 
     /// Sends `payload` in the reserved slot. Without one (`poll_ready` was skipped) it

@@ -105,7 +105,7 @@ pub enum RetryConfigError {
         max: Duration,
     },
     /// `max_attempts` is `Some(0)`: a message could never be sent. Use `None` (no
-    /// limit) or at least `Some(1)` (send once, never retry).
+    /// limit) or at least `Some(1)` (no timer-driven retransmission).
     #[error("max_attempts must be None or at least 1")]
     ZeroMaxAttempts,
     /// `deadline` is `Some(0)`: every message would expire before its first send. Use

@@ -12,14 +12,17 @@ use std::time::{Duration, Instant};
 ///
 /// | field | default | meaning |
 /// |---|---|---|
-/// | `max_attempts` | `None` | total transmissions including the first; `None` = no limit (the deadline ends retries) |
+/// | `max_attempts` | `None` | transmissions (the first included) after which a retry timer gives the message up; `None` = no limit (the deadline ends retries). A reconnection or a nack resends unacked messages at once, outside this count |
 /// | `deadline` | `Some(30 s)` | time since the first send after which the message is given up (and typically handed off) |
 /// | `backoff_cap` | 2 s | no retry timer is ever longer than this |
 /// | `jitter` | `true` | randomise each retransmission's timer to `[d/2, d]` ("equal jitter") so retries of many senders do not synchronise (a node's first timer per message is exactly one RTO, as TCP's) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
-    /// Maximum number of transmissions (first send included). Default `None`.
+    /// Transmissions (first send included) after which the retry timer gives the
+    /// message up. Not a hard cap on copies sent: after a reconnection or a nack the
+    /// unacked messages are resent at once whatever their count, since the copies sent
+    /// before may have been lost with the connection. Default `None`.
     pub max_attempts: Option<u32>,
     /// Give up this long after the first send. Default `Some(30 s)`.
     // No field-level `default` here: it would make a missing key `None` (no deadline)
