@@ -571,7 +571,7 @@ async fn a_peer_gone_for_good_without_handoff_fails_typed() {
 /// send already waiting for a window slot when its peer dies: it fails when the peer
 /// turns Down, not when the messages in flight reach their deadline and free a slot
 /// (it then returned a receipt for a message sent into a gone peer). Both `send` and
-/// `send_many`, and a sink's `poll_ready`.
+/// `send_many` (also one cut part-way by the window), and a sink's `poll_ready`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_waiting_for_the_window_fails_fast_when_its_peer_turns_down() {
     let b = Node::builder(NodeId(2))
@@ -594,9 +594,17 @@ async fn a_send_waiting_for_the_window_fails_fast_when_its_peer_turns_down() {
     opts.deadline = Some(Duration::from_secs(20));
     let out = a.sender::<u64>(NodeId(2), opts).unwrap();
     let mut rs = Vec::new();
-    for v in 0..20u64 {
+    for v in 0..15u64 {
         rs.push(out.send(&v).await.unwrap());
     }
+    // A batch the window cuts part-way: its first 5 go at once, the other 5 wait.
+    let part = tokio::spawn({
+        let out = out.clone();
+        async move {
+            let vals: Vec<u64> = (15..25).collect();
+            out.send_many(&vals).await
+        }
+    });
     let mut held = Vec::new();
     while held.len() < 20 {
         held.push(within(5.0, "deliveries", inbox.recv()).await.unwrap());
@@ -618,7 +626,7 @@ async fn a_send_waiting_for_the_window_fails_fast_when_its_peer_turns_down() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        !one.is_finished() && !many.is_finished() && !sink.is_finished(),
+        !one.is_finished() && !many.is_finished() && !sink.is_finished() && !part.is_finished(),
         "the window was not full"
     );
     drop(b);
@@ -638,6 +646,19 @@ async fn a_send_waiting_for_the_window_fails_fast_when_its_peer_turns_down() {
     assert_eq!(one, Err(SendError::PeerDown { peer: NodeId(2) }));
     assert_eq!(many, Err(SendError::PeerDown { peer: NodeId(2) }));
     assert_eq!(sink, Err(SendError::PeerDown { peer: NodeId(2) }));
+    // The batch that had sent a chunk returns every receipt: "PeerDown: nothing was
+    // sent" holds per payload. (Regression: the call failed with PeerDown and the
+    // receipts of the chunk it had sent were lost, so a caller resending the batch
+    // sent those 5 twice.)
+    let part = within(down.as_secs_f64(), "the part-way batch", part)
+        .await
+        .unwrap()
+        .expect("a batch that sent a chunk returns its receipts");
+    assert_eq!(part.len(), 10);
+    for r in part.into_iter().skip(5) {
+        let r = within(1.0, "an unsent payload's receipt", r).await;
+        assert_eq!(r, Err(SendError::PeerDown { peer: NodeId(2) }));
+    }
     drop(rs);
     within(10.0, "shutdown a", a.shutdown()).await;
 }

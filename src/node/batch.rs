@@ -23,8 +23,13 @@ impl RawSender {
     /// messages.
     ///
     /// Every payload is checked before any is sent: a payload over the maximum fails
-    /// the whole call with [`SendError::TooLarge`] and nothing is sent. If the node
-    /// stops part-way, the call fails with its error; messages of earlier chunks were
+    /// the whole call with [`SendError::TooLarge`] and nothing is sent. If the target
+    /// turns Down part-way (and sends to it fail fast, see
+    /// [`NodeConfig::fail_fast_when_down`](crate::NodeConfig)), the call still returns
+    /// every receipt once a chunk was sent: the sent messages settle as usual, and the
+    /// receipts of the payloads not sent resolve at once to [`SendError::PeerDown`].
+    /// (Down before the first chunk, the call fails with `PeerDown` and nothing is
+    /// sent.) If the node stops part-way, the call fails with its error; messages of earlier chunks were
     /// handed to the node and settle as their receipts would have (with the same error
     /// if they had not settled yet).
     ///
@@ -66,7 +71,19 @@ impl RawSender {
         let mut items = items.into_iter();
         let chunk_max = self.window_size.max(1);
         while rest > 0 {
-            let n = self.take_free_slots(rest.min(chunk_max)).await?;
+            let n = match self.take_free_slots(rest.min(chunk_max)).await {
+                Ok(n) => n,
+                // The target turned Down after a chunk went: the call still returns
+                // every receipt, so a caller can tell what was sent; the rest fail
+                // as single sends to a Down peer would. (Regression: the call failed
+                // and the sent chunks' receipts were lost, so a caller resending the
+                // batch sent them twice.)
+                Err(e @ SendError::PeerDown { .. }) if !receipts.is_empty() => {
+                    receipts.extend(items.map(|_| Receipt::failed(e.clone(), &self.shared)));
+                    return Ok(receipts);
+                }
+                Err(e) => return Err(e),
+            };
             rest -= n;
             let chunk: Vec<(Bytes, Option<IdKey>)> = items.by_ref().take(n).collect();
             let n = u32::try_from(n).unwrap_or(u32::MAX);

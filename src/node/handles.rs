@@ -286,6 +286,18 @@ pub struct Receipt {
     pub(super) shared: Arc<Shared>,
 }
 
+impl Receipt {
+    /// A receipt already settled with `error` (a message that was never sent).
+    pub(super) fn failed(error: SendError, shared: &Arc<Shared>) -> Receipt {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Err(error));
+        Receipt {
+            rx,
+            shared: shared.clone(),
+        }
+    }
+}
+
 impl Future for Receipt {
     type Output = Result<Outcome, SendError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
