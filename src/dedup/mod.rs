@@ -476,7 +476,16 @@ struct Logged {
     last_now: Instant,
     /// [`Dedup::close`]d: the directory is another node's now; nothing is written.
     closed: bool,
+    /// A batch failed to write and the log has not been rewritten from memory since:
+    /// the file lacks records that may have been acknowledged.
+    hole: bool,
+    /// The last repair (rewrite) failed: the next is not tried before this time.
+    repair_after: Option<Instant>,
 }
+
+/// After a failed repair of the log, how long until the next try: a disk that stays
+/// full costs one rewrite of the live state per interval, not one per group commit.
+const REPAIR_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -573,6 +582,8 @@ impl Dedup {
                     next_compaction,
                     last_now: now,
                     closed: false,
+                    hole: false,
+                    repair_after: None,
                 }),
                 lock: Mutex::new(Some(lock)),
                 compact_after: dur.compact_after_bytes,
@@ -718,10 +729,13 @@ impl Dedup {
             return Ok(());
         }
         let written = l.log.sync();
-        if written.is_err() {
-            // The failed batch is cut off the file (it may have been acknowledged):
-            // rewrite the log from memory, which still holds it, now, rather than
-            // leave the hole until the next compaction or a restart.
+        // The failed batch is cut off the file (it may have been acknowledged):
+        // rewrite the log from memory, which still holds it, now, rather than leave
+        // the hole until the next compaction or a restart. While the disk keeps
+        // failing, at most once per `REPAIR_RETRY`. (Regression: every group commit
+        // of a full disk rewrote the whole live state on the driver.)
+        l.hole |= written.is_err();
+        if l.hole && l.repair_after.is_none_or(|t| l.last_now >= t) {
             l.next_compaction = 0;
         }
         if l.log.len() > l.next_compaction {
@@ -733,8 +747,15 @@ impl Dedup {
             // once the log has doubled again, and does not fail the flush. (Regression:
             // it failed every later flush, each retrying the whole rewrite, and
             // `ack_durable` reported `NotPersisted` for records that were on disk.)
-            if let Err(e) = l.log.rewrite(&live) {
-                tracing::warn!(error = %e, "dedup log compaction failed; the log keeps growing until the next attempt");
+            match l.log.rewrite(&live) {
+                Ok(()) => {
+                    l.hole = false;
+                    l.repair_after = None;
+                }
+                Err(e) => {
+                    l.repair_after = Some(l.last_now + REPAIR_RETRY);
+                    tracing::warn!(error = %e, "dedup log compaction failed; the log keeps growing until the next attempt");
+                }
             }
             l.next_compaction = d.compact_after.max(2 * l.log.len());
         }
@@ -1078,5 +1099,113 @@ fn retired_record(t: Tombstone) -> RetiredRecord {
         max_seen: t.max_seen,
         finished: t.finished,
         unix_ms: t.retired_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::{ChannelId, NodeId};
+    use crate::storage::file::{LogFile, MemFile};
+    use std::path::Path;
+    // std's, also in a loom build (the crate's own are loom's there).
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A log on a disk that can be made full: appends and rewrites fail.
+    #[derive(Debug)]
+    struct Fillable {
+        mem: MemFile,
+        full: Arc<AtomicBool>,
+        rewrites: Arc<AtomicU64>,
+    }
+
+    impl LogFile for Fillable {
+        fn path(&self) -> &Path {
+            self.mem.path()
+        }
+        fn read_all(&mut self) -> std::io::Result<Vec<u8>> {
+            self.mem.read_all()
+        }
+        fn append(&mut self, b: &[u8]) -> std::io::Result<()> {
+            if self.full.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            self.mem.append(b)
+        }
+        fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+            self.mem.truncate(len)
+        }
+        fn sync(&mut self) -> std::io::Result<()> {
+            self.mem.sync()
+        }
+        fn replace(&mut self, b: &[u8]) -> std::io::Result<()> {
+            self.rewrites.fetch_add(1, Ordering::Relaxed);
+            if self.full.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            self.mem.replace(b)
+        }
+    }
+
+    /// A failed group commit repairs the log (rewrites it from memory) at once, but a
+    /// disk that stays full costs one rewrite per `REPAIR_RETRY`, not one per commit;
+    /// once the disk has room the next commit repairs it, and the ones after do not
+    /// rewrite again. (Regression: every commit of a full disk rewrote the whole live
+    /// state, on the node's driver.)
+    #[test]
+    fn a_full_disk_costs_one_repair_per_interval_not_one_per_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DedupConfig {
+            durable: Some(DurableDedup::new(dir.path())),
+            ..DedupConfig::default()
+        };
+        let t0 = Instant::now();
+        let d = Dedup::open_at(cfg, t0).unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let rewrites = Arc::new(AtomicU64::new(0));
+        let io = Fillable {
+            mem: MemFile::default(),
+            full: full.clone(),
+            rewrites: rewrites.clone(),
+        };
+        let (log, _) = DedupLog::open_on(Box::new(io), FsyncPolicy::Always).unwrap();
+        d.log.as_ref().unwrap().log.lock().unwrap().log = log;
+        let origin = Origin {
+            node: NodeId(1),
+            incarnation: 7,
+        };
+        let commit = |seq: u64, at: Duration| {
+            let id = MessageId::Seq {
+                origin,
+                channel: ChannelId(0),
+                seq,
+            };
+            assert_eq!(d.begin(&id, t0 + at).unwrap(), Admit::Fresh);
+            d.complete_unsynced(&id, t0 + at).unwrap();
+            d.sync()
+        };
+        assert!(commit(1, Duration::ZERO).is_ok());
+        full.store(true, Ordering::Relaxed);
+        // 50 commits in 0.5 s on the full disk: each fails, one repair is tried.
+        for i in 0..50u64 {
+            assert!(commit(2 + i, Duration::from_millis(10 * i)).is_err());
+        }
+        assert_eq!(rewrites.load(Ordering::Relaxed), 1, "repairs while full");
+        // A second later, one more try.
+        assert!(commit(100, Duration::from_millis(1600)).is_err());
+        assert_eq!(rewrites.load(Ordering::Relaxed), 2, "repairs after 1 s");
+        // Room again: the next commit repairs the hole, the ones after do not rewrite.
+        full.store(false, Ordering::Relaxed);
+        assert!(commit(101, Duration::from_millis(2700)).is_ok());
+        assert_eq!(rewrites.load(Ordering::Relaxed), 3, "the repair with room");
+        for i in 0..20u64 {
+            assert!(commit(102 + i, Duration::from_millis(2800 + i)).is_ok());
+        }
+        assert_eq!(
+            rewrites.load(Ordering::Relaxed),
+            3,
+            "rewrites once repaired"
+        );
     }
 }
