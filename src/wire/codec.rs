@@ -15,7 +15,10 @@
 //! [`Data`] payload is not bincoded: it is everything in the body after the header, and
 //! the decoder hands it out as a [`Bytes`] split from the input buffer (zero-copy), or,
 //! below [`COPY_PAYLOAD_BELOW`] (16 KiB), copied out of it so that a held message
-//! does not keep the buffer alive.
+//! does not keep the buffer alive. A buffer grown for a frame over 64 KiB is left to
+//! such frames: a smaller payload read into it after one is copied out too, and the
+//! bytes after it move to a fresh buffer once fewer than 64 KiB are left, so a small
+//! held message never keeps a large frame's buffer alive.
 //!
 //! `body_len` is bounded by a configured maximum ([`DEFAULT_MAX_FRAME_LEN`] unless
 //! set): the encoder refuses bigger frames with [`EncodeError::TooLarge`] and the
@@ -241,12 +244,17 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
 /// Incremental frame decoder for one protocol version (default: the newest).
 ///
 /// Feed it a growing buffer; each [`decode`](FrameDecoder::decode) call takes at most
-/// one frame off the front. It is stateless between calls apart from its bound, so a
-/// buffer can be filled byte by byte.
+/// one frame off the front, so a buffer can be filled byte by byte. Between calls it
+/// keeps only its bound, its version and whether the buffer's front still lies in an
+/// allocation grown for a frame over 64 KiB (see the module docs); feed one decoder
+/// one buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameDecoder {
     max_frame_len: usize,
     version: u16,
+    /// The buffer's front lies in an allocation grown for a frame over
+    /// `RESERVE_AHEAD`: payloads split from it are copied out.
+    in_large_buffer: bool,
 }
 
 impl FrameDecoder {
@@ -255,6 +263,7 @@ impl FrameDecoder {
         FrameDecoder {
             max_frame_len: max_frame_len.min(u32::MAX as usize),
             version: PROTOCOL_VERSION,
+            in_large_buffer: false,
         }
     }
 
@@ -304,10 +313,24 @@ impl FrameDecoder {
             return Err(DecodeError::BadChecksum);
         }
         let mut body = src.split_to(total);
+        // A buffer grown to hold a large frame is left to the large frames read into
+        // it: a smaller payload split from it would keep the whole allocation alive
+        // for as long as that message is held. (Regression: a 17 KiB message, past
+        // `COPY_PAYLOAD_BELOW`, read after a 4 MiB frame and queued for a slow
+        // receiver held the 4 MiB buffer.) So a frame of at most `RESERVE_AHEAD` from
+        // such a buffer has its payload copied out, and once less than that is left
+        // in it, those bytes move to a fresh buffer (at most 64 KiB copied per large
+        // frame, however many frames one read brought).
+        let copy_out = self.in_large_buffer && total <= RESERVE_AHEAD;
+        self.in_large_buffer |= total > RESERVE_AHEAD;
+        if self.in_large_buffer && src.len() < RESERVE_AHEAD {
+            *src = BytesMut::from(&src[..]);
+            self.in_large_buffer = false;
+        }
         body.advance(FRAME_PREFIX_LEN);
         let mut frame = decode_body(body, self.version)?;
         if let Frame::Data(d) = &mut frame {
-            if d.payload.len() < COPY_PAYLOAD_BELOW {
+            if d.payload.len() < COPY_PAYLOAD_BELOW || copy_out {
                 // A payload split from the input buffer keeps its whole allocation
                 // alive for as long as it is held: queued for a slow receiver,
                 // buffered for order, parked. One two-byte message read after a
@@ -672,6 +695,37 @@ mod tests {
             !range.contains(&(second.payload.as_ptr() as usize)),
             "the two-byte payload still points into the 4 MiB buffer"
         );
+    }
+
+    /// Nor does a payload too long to be copied (`COPY_PAYLOAD_BELOW` and more): the
+    /// bytes read after a large frame go on in a buffer of their own. (Regression: a
+    /// 17 KiB payload split from the 4 MiB buffer kept it alive while held.)
+    #[test]
+    fn a_payload_read_after_a_large_frame_does_not_pin_its_buffer() {
+        let big: &'static [u8] = vec![1u8; 4 << 20].leak();
+        let mid: &'static [u8] = vec![2u8; COPY_PAYLOAD_BELOW + 1024].leak();
+        let mut buf = BytesMut::new();
+        encode(&data(big), &mut buf).unwrap();
+        // Five: more than 64 KiB of them are left after the large frame.
+        for _ in 0..5 {
+            encode(&data(mid), &mut buf).unwrap();
+        }
+        let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.capacity();
+        let mut dec = FrameDecoder::default();
+        let first = dec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(first, data(big));
+        for _ in 0..5 {
+            let Frame::Data(d) = dec.decode(&mut buf).unwrap().unwrap() else {
+                unreachable!()
+            };
+            assert_eq!(&d.payload[..], mid);
+            assert!(
+                !range.contains(&(d.payload.as_ptr() as usize)),
+                "a {} byte payload points into the 4 MiB buffer",
+                mid.len()
+            );
+        }
+        assert!(buf.is_empty());
     }
 
     #[test]
