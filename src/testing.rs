@@ -24,7 +24,7 @@
 //! `SendError::Deadline` although the handler processes the messages. Run such work
 //! in `tokio::task::spawn_blocking` (tokio does not move a paused clock while a
 //! blocking task runs) or raise the deadline in the test's `NodeConfig`
-//! (`tests/blackbox_runtimes.rs`, `r02a` / `r02b`).
+//! (`tests/blackbox/runtimes.rs`, `r02a` / `r02b`).
 //!
 //! # What is deterministic, and what is not
 //!

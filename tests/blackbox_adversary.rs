@@ -1,6 +1,6 @@
 //! Black-box adversary tests, round 3: a hostile peer on the network and a stressed
 //! operator, against the public API only (README.md, docs/SECURITY.md, the rustdoc,
-//! `ackwire::wire`). Real TCP on loopback. `tests/blackbox_acceptance.rs` already covers
+//! `ackwire::wire`). Real TCP on loopback. `tests/blackbox/acceptance.rs` already covers
 //! junk from strangers, huge length prefixes, truncated frames, slowloris and single
 //! absurd `Data` frames; this file goes further:
 //!

@@ -366,7 +366,7 @@ impl Capture {
 // Defaults
 // ---------------------------------------------------------------------------------
 
-/// Stated defaults that `tests/blackbox_durability.rs::s4_documented_defaults` does not
+/// Stated defaults that `tests/blackbox/durability.rs::s4_documented_defaults` does not
 /// pin:
 /// - README "Using it": "inbound streams per peer (`max_streams_per_peer`, 256 ...)".
 /// - README "How it works", dedup limits table: "live streams of one sending node
@@ -832,7 +832,7 @@ async fn waiting_for_stream_credit_is_counted_and_bounds_what_is_held() {
 /// README "Observability", `ackwire_messages_rejected_total`: "`reason` = `no_receiver`,
 /// `unauthorized`, `undecodable`, `dead_lettered`, `type_mismatch`, `stream_retired`,
 /// `key_table_full`, `other`". A 64-slot key table (the setting
-/// `tests/blackbox_keys.rs` uses) and 200 distinct keys: every rejection is counted, and
+/// `tests/blackbox/keys.rs` uses) and 200 distinct keys: every rejection is counted, and
 /// every reason label counted at the sender is a documented one. (Found when written:
 /// `key_table_full` was counted but missing from the README's list.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

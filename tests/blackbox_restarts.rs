@@ -2406,7 +2406,7 @@ async fn streams_end_after_shutdown_and_drop() {
 /// them and every replay more than 8 192 seqs above was refused as an overrun: 8 171
 /// of 11 980 processed, the rest retried until their TTL. Fixed by `Frame::Settled`;
 /// the deterministic case is
-/// `blackbox_replay::hints_of_an_earlier_run_spanning_more_than_the_dedup_window_are_all_replayed`.)
+/// `blackbox::replay::hints_of_an_earlier_run_spanning_more_than_the_dedup_window_are_all_replayed`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_kill9_during_default_speed_replay() {
     let hints = tempfile::tempdir().unwrap();

@@ -192,7 +192,7 @@ async fn concurrent_shutdown_calls_both_wait_for_the_stop() {
 /// send can land in it after the last look. (Regression: a send whose push into the
 /// channel was still under way when the driver dropped its end stayed queued while
 /// the sender handle lived, and its receipt hung; CI saw it once in
-/// `blackbox_api::dropping_a_node_resolves_its_receipts_and_ends_its_receivers`.)
+/// `blackbox::api::dropping_a_node_resolves_its_receipts_and_ends_its_receivers`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_of_sends_racing_a_node_drop_all_resolve() {
     for round in 0..300u64 {

@@ -100,12 +100,12 @@
 //! own). An answer sooner than that after the probe is taken as one to the traffic
 //! before it: it draws no copy (what it shows still counts as progress); without any
 //! sample, answers are taken as they come. Over a 300 ms round trip (200 ms initial RTO) a first burst of 500 drew 258
-//! copies before, 2 now (`tests/blackbox_pressure.rs`,
+//! copies before, 2 now (`tests/blackbox/pressure.rs`,
 //! `k_delayed_link_150ms_second_burst_not_retransmitted`).
 //!
 //! Overtaken messages, nacks, reconnects and deadlines do not wait. Without this, a
 //! receiver starved of CPU for an RTO drew a copy of every message of its senders'
-//! bursts: 21 nodes on 2 cores beside two busy loops (`tests/blackbox_tails.rs`,
+//! bursts: 21 nodes on 2 cores beside two busy loops (`tests/blackbox/tails.rs`,
 //! `t1`, `t6`) retransmitted up to 9 796 copies of 6 000 acked messages, and 0-64
 //! with it.
 //!

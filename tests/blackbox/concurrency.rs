@@ -31,8 +31,7 @@
 //!   taken, as the windows closed only after the driver ended; they now close before
 //!   any receipt fails.
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::dedup::DurableDedup;
 use ackwire::group::{GroupConfig, GroupSender, StaticMembers};
 use ackwire::{

@@ -1,10 +1,9 @@
 //! Black-box durability tests: hinted handoff with defaults, durable dedup across
 //! receiver restarts, damaged on-disk state, configuration limits, dead letters, many
 //! peers. Public API only (README.md, crate docs), real TCP on loopback, default
-//! configuration unless a test says otherwise. Complements tests/blackbox_acceptance.rs.
+//! configuration unless a test says otherwise. Complements tests/blackbox/acceptance.rs.
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::dedup::{DedupConfig, DurableDedup};
 use ackwire::detector::Health;
 use ackwire::proto::Authorization;

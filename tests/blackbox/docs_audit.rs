@@ -8,7 +8,7 @@
 //! `SendError::Rejected` and two dedup defaults said something else than the code. All
 //! fixed.
 
-mod support;
+use crate::support;
 
 use ackwire::{
     AckError, ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeError, NodeId, Outcome,

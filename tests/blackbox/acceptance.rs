@@ -5,8 +5,7 @@
 //! written (a lying peer's frame stopped the node, a second concurrent `shutdown`
 //! returned early, a slow handler caused retransmissions) and pass since the fixes.
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::detector::Health;
 use ackwire::wire::{
     Ack, CreditProbe, Data, Finish, Frame, FrameDecoder, FrameEncoder, Heartbeat, Nack,

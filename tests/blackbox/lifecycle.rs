@@ -24,8 +24,7 @@
 //!   6-h TTL never passes: a target back after 7 virtual hours gets all 10 hints
 //!   (`expired: 0, delivered: 10`).
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::codec::Decode;
 use ackwire::dedup::{DurableDedup, BYTES_PER_SLOT};
 use ackwire::detector::{Health, HealthChange};

@@ -38,8 +38,7 @@
 //!   `ProtoStats::dedup_refused`), against the README's "a sender may use any number of
 //!   channels".
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::dedup::DurableDedup;
 use ackwire::detector::Health;
 use ackwire::{

@@ -17,8 +17,7 @@
 //!   dropped from the hint store and counted in `HintStats::delivered`: messages whose
 //!   receipts said `HandedOff` are never processed (10 of 10, every run).
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::dedup::DurableDedup;
 use ackwire::detector::Health;
 use ackwire::handoff::HintError;

@@ -20,7 +20,7 @@
 //!   once handed off its replays go on cutting the link for the hint's TTL
 //!   (`a_payload_above_the_receivers_frame_limit_*`, `a_handed_off_payload_*`; open).
 
-mod support;
+use crate::support;
 
 use ackwire::dedup::DurableDedup;
 use ackwire::detector::Health;

@@ -10,8 +10,7 @@
 
 #![allow(clippy::type_complexity)]
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 
 use ackwire::dedup::DurableDedup;
 use ackwire::detector::Health;

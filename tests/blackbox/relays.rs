@@ -35,7 +35,7 @@
 //! hop; per-request fresh senders; sends from a health-event listener; plain threads
 //! on a foreign executor; typed channels of every guarantee both ways, with cuts.
 
-mod support;
+use crate::support;
 
 use ackwire::detector::Health;
 use ackwire::{
@@ -429,7 +429,7 @@ async fn r05_reply_direction_stalled_beyond_its_credit_then_resumed() {
     // 12 000 with a build running beside the test; once, in a CI run with the file's
     // other tests in parallel, 3 840 = 15 whole driver bursts of 256, whose first
     // timers ran out together before a late ack: README, "a stream's first burst ...
-    // is retransmitted in full", `blackbox_tails::t6`). So this bounds a storm (every
+    // is retransmitted in full", `blackbox::tails::t6`). So this bounds a storm (every
     // message sent many times over), not the count: two retransmissions per message.
     let retransmitted = sa.proto.retransmitted + sb.proto.retransmitted;
     eprintln!("{retransmitted} retransmissions");

@@ -19,8 +19,7 @@
 //!   retransmitted after the redial. A gap of 5 ms between the runs hid it. (Fixed:
 //!   a connection from a new incarnation waits up to 50 ms for the old one's end.)
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::detector::{Health, HealthChange};
 use ackwire::{
     ChannelId, ChannelOptions, Guarantee, HandoffConfig, IdKey, Node, NodeConfig, NodeError,

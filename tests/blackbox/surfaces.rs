@@ -6,8 +6,7 @@
 //! debug builds, a silently wrapped tiny duration in release); an undecodable
 //! at-most-once payload was never put in the dead letters. Both fixed.
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 
 use ackwire::codec::Postcard;
 use ackwire::{

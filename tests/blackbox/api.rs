@@ -30,8 +30,7 @@
 //! * `group_stats_do_not_count_a_cancelled_send_as_accepted`: a cancelled group send
 //!   was counted in `GroupStats::messages` and `attempts`.
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::group::{GroupConfig, GroupError, GroupSender, Spread, StaticMembers};
 use ackwire::{
     ChannelId, ChannelOptions, DeadLetterReason, Guarantee, Node, NodeConfig, NodeError, NodeId,

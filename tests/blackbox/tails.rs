@@ -44,7 +44,7 @@
 //! above those gaps until a frame's floor passes them: all delivered, 331 copies
 //! (440 before the sender carried a floor that moves past such a gap at once).
 
-mod support;
+use crate::support;
 
 use ackwire::{
     ChannelId, ChannelOptions, Delivery, Guarantee, IdKey, Node, NodeConfig, NodeId, Outcome,

@@ -22,7 +22,7 @@
 //!   (`k_delayed_link_150ms_paced_effectively_once` passes). Guarantees hold; the cost
 //!   is twice the traffic for as long as the traffic stays bursty.
 
-mod support;
+use crate::support;
 
 use ackwire::{
     ChannelId, ChannelOptions, Delivery, Guarantee, Node, NodeError, NodeId, Outcome, Receipt,

@@ -11,7 +11,7 @@
 //! their node's runtime is gone, the node's event streams after it stopped, durable
 //! acks from plain threads with the node on one thread, a group sender used from a
 //! plain thread, runtimes missing a driver, and `build()` cancelled after it started
-//! its transport. (`tests/blackbox_concurrency.rs` already covers plain threads
+//! its transport. (`tests/blackbox/concurrency.rs` already covers plain threads
 //! sharing handles, `recv` cancelled in `select!`, `send_many` cancelled, one runtime
 //! running both nodes dropped, `closed()`, `DeadLetters` and window waits after a
 //! runtime drop; not repeated here.)
@@ -85,8 +85,7 @@
 //!   while at-most-once messages still waiting for credit fail `PeerDown` once the
 //!   peer is Down (`r03`, `r11`).
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::{ChannelId, ChannelOptions, Delivery, Guarantee, Node, NodeId, Outcome, SendError};
 use futures::FutureExt;
 use std::collections::HashMap;
@@ -1609,7 +1608,7 @@ fn r16_senders_runtime_dropped_then_a_new_run_resends_under_the_same_keys() {
 // ------------------------------------------------------- group sender off the runtime
 
 /// A `Sender` works from a plain thread without a tokio context
-/// (`futures::executor::block_on(out.send(..))`, `tests/blackbox_concurrency.rs` c02);
+/// (`futures::executor::block_on(out.send(..))`, `tests/blackbox/concurrency.rs` c02);
 /// `GroupSender::new` says it "must run inside a tokio runtime", `send` says nothing
 /// of the kind. A group sender built on the node's runtime, used from a plain thread
 /// the same way: 20 sends whose receipts resolve `Acked`, each processed; then, with

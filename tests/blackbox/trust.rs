@@ -30,8 +30,7 @@
 //!   suppressed them; the advice is corrected and the limit asserted
 //!   (`application_keys_are_one_namespace_across_the_receivers_channels`).
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::proto::{Authorization, RelayPolicy};
 use ackwire::transport::tls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use ackwire::transport::tls::{node_dns_name, rustls, TlsConfig};

@@ -16,8 +16,7 @@
 //!   live, and a cancelled send counted as an attempt (`member_wait_starts_*`);
 //! * an encode failure counted in `failed` but not in `messages`.
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::detector::Health;
 use ackwire::group::{
     DnsMembers, GroupConfig, GroupError, GroupSendError, GroupSender, Member, Membership,

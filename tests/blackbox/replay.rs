@@ -31,8 +31,7 @@
 //!   target's id comes back. Messages handed off as new sends to a target already
 //!   Down were never transmitted, and their variants pass.
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::detector::Health;
 use ackwire::handoff::HintError;
 use ackwire::{
