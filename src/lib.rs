@@ -107,7 +107,7 @@
 //!   [`transport::mem`] (in-process, with seeded faults for tests and demos).
 //! * `id`, `error`, `rng` — identities, shared errors, a seeded PRNG.
 //!
-//! `tests/layering.rs` checks the sans-IO claims against the source: `proto`, `retry`
+//! `tests/integration/layering.rs` checks the sans-IO claims against the source: `proto`, `retry`
 //! and `detector` name no runtime, socket, file or clock outside their unit tests,
 //! and `wire` names tokio only in its feature-gated `tokio_util` adapter.
 //!

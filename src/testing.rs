@@ -50,7 +50,7 @@
 //! * **Incarnation ids** ([`Origin::incarnation`](crate::Origin)) are random, as in
 //!   production; the network's bookkeeping uses std's randomly seeded hash maps.
 //!
-//! What `tests/testing_harness.rs` checks: the same seed gives the same [`MemStats`]
+//! What `tests/integration/testing_harness.rs` checks: the same seed gives the same [`MemStats`]
 //! (frames sent, lost, duplicated, delivered) for a fixed workload of one at-most-once
 //! sender with sends spaced in virtual time (no acks flow; a second seed gives other
 //! counts), and — observed with the tokio this crate was tested with, not promised —

@@ -484,7 +484,7 @@ async fn the_default_dead_letter_queue_keeps_10_000_and_drops_the_oldest_counted
 /// README "How it works", window and credit: "each sending node gets node credit for all
 /// its streams together (`ProtoConfig::node_credit`, default 16 384 messages ...):
 /// however many streams a peer opens, the receiver holds at most that many of its
-/// messages, plus 1 024 after a reconnection". `tests/node_credit.rs` checks it on the
+/// messages, plus 1 024 after a reconnection". `tests/integration/node_credit.rs` checks it on the
 /// in-memory network; here over TCP with defaults: 8 channels × 3 000 at-least-once
 /// messages to an application that holds every delivery. Once the flow settles, at
 /// most 16 384 + 1 024 are held; after the application acks everything, every receipt

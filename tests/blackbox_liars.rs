@@ -3,7 +3,7 @@
 //! and `ackwire::wire` only.
 //!
 //! What `tests/blackbox_adversary.rs`, `blackbox/acceptance.rs`, `blackbox/trust.rs`,
-//! `blackbox_links.rs` and `trust.rs` already cover is not repeated here (lying acks,
+//! `blackbox_links.rs` and `integration/trust.rs` already cover is not repeated here (lying acks,
 //! credit floods, handshake abuse, slowloris, identity conflicts, a never-reading peer
 //! that pings every 200 ms). This file looks at what they miss:
 //!

@@ -21,7 +21,7 @@
 //!   command meanwhile, while the driver's flush awaited the bounded command channel
 //!   and read no event: each waited for the other. The manager now keeps taking
 //!   commands while an event waits (regression test at the transport level:
-//!   `tests/transport_tcp.rs`, `commands_are_taken_while_the_event_channel_is_full_of_peer_changes`).
+//!   `tests/integration/transport_tcp.rs`, `commands_are_taken_while_the_event_channel_is_full_of_peer_changes`).
 //!   Since the fix the deadlock is gone, but the two stay `#[ignore]`d as stress runs:
 //!   a process of 100–200 debug-build nodes on 2 cores answers the hub's `stats()`
 //!   close to the tests' 10 s bound (the 200-peer run's worst: 2.7–9.0 s). The

@@ -281,8 +281,8 @@ pub struct ReceiverOptions {
     /// still holds (`tests/blackbox_ordering.rs`, `*at_most_once*`).
     ///
     /// Checked by the `ordered_contract_holds_through_every_refusal_path` simulation
-    /// property, `tests/flow_control.rs` and (rule 4)
-    /// `tests/rejections.rs::an_ordered_stream_moves_past_a_dead_letter_in_order`.
+    /// property, `tests/integration/flow_control.rs` and (rule 4)
+    /// `tests/integration/rejections.rs::an_ordered_stream_moves_past_a_dead_letter_in_order`.
     pub ordered: bool,
     /// How many times one at-least-once or effectively-once message is handed to the
     /// application (its first delivery plus redeliveries after a nack or a dropped

@@ -38,7 +38,7 @@ pub enum RelayPolicy {
 /// A refused frame is dropped before any stream or dedup state and counted in
 /// `ProtoStats::unauthorized_dropped`. An at-least-once or effectively-once sender is
 /// told: its receipt fails with `SendError::Rejected { reason: Unauthorized }`
-/// (`tests/rejections.rs`); an at-most-once frame is dropped without an answer.
+/// (`tests/integration/rejections.rs`); an at-most-once frame is dropped without an answer.
 ///
 /// ```
 /// use ackwire::proto::{Authorization, RelayPolicy};

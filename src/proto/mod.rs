@@ -3,7 +3,7 @@
 //! Owns sequencing, acks, retransmission, ordered delivery and the use of the dedup
 //! table, and the node's policy around them: liveness, the fate of each sent message,
 //! hint replay. Never imports tokio, never touches a socket, a file or a clock: every
-//! input carries `now`, every output is polled (`tests/layering.rs` checks it). Durable
+//! input carries `now`, every output is polled (`tests/integration/layering.rs` checks it). Durable
 //! dedup records are only buffered here; the owner writes and fsyncs them
 //! ([`Endpoint::persist_owed`]). The hint store is reached through a trait the owner
 //! implements. [`Endpoint`] is the entry point; the per-stream halves are private.

@@ -1163,7 +1163,7 @@ impl Manager {
     /// taking commands into `backlog`: the node's driver may wait for room in the
     /// command channel before it reads events again, and two tasks each waiting for
     /// the other's channel would hang the node for good. (Regression: with more peers
-    /// coming up than the event channel holds, `tests/transport_tcp.rs`.)
+    /// coming up than the event channel holds, `tests/integration/transport_tcp.rs`.)
     async fn emit(&mut self, event: LinkEvent) {
         let events = self.events.clone();
         let room = events.reserve();

@@ -106,7 +106,7 @@ impl TlsConfig {
         // peer's certificate chain from the ticket without verifying it again, so a
         // certificate that expired (or whose key was stolen and then replaced) since
         // a first connection kept working as long as the node that issued the ticket
-        // ran (tests/tls.rs). Connections are long-lived; a full handshake on each
+        // ran (tests/integration/tls.rs). Connections are long-lived; a full handshake on each
         // reconnect costs a few milliseconds.
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.send_tls13_tickets = 0;

@@ -1746,7 +1746,7 @@ async fn s1_slow_handler_does_not_cause_retransmissions() {
     // Before the receiver reported held messages within 20 ms, every message was
     // retransmitted (20 of 20, 8 of 8 and more). Over real TCP on a shared machine a
     // stall of the receiver's driver past the RTO may still cost one; the
-    // deterministic twin (`tests/slow_handler.rs`, virtual time) asserts zero.
+    // deterministic twin (`tests/integration/slow_handler.rs`, virtual time) asserts zero.
     for (retx, line) in &report {
         assert!(*retx <= 2, "a slow handler caused retransmissions: {line}");
     }

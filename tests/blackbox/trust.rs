@@ -4,7 +4,7 @@
 //! `proto::Authorization`. Public API only, real TCP on loopback, default
 //! configuration unless a test says why it changes something.
 //!
-//! What `tests/tls.rs`, `tests/trust.rs` and `tests/blackbox_adversary.rs` already show
+//! What `tests/integration/tls.rs`, `tests/integration/trust.rs` and `tests/blackbox_adversary.rs` already show
 //! (no certificate, untrusted CA, expired certificate, a certificate for another node
 //! claiming a node id, a stranger's forged ids over plain TCP, duplicate node ids over
 //! plain TCP) is not repeated here. This file goes after:
@@ -1142,7 +1142,7 @@ async fn handshake_timeout_bounds_the_whole_handshake_over_tls() {
 /// `TlsConfig::certifies`: "Checked when the transport starts, so a node given another
 /// node's certificate fails early"; `NodeBuilder::tls` points a transport given to
 /// `NodeBuilder::transport` at `TcpTransport::with_tls`; docs/SECURITY.md: "A node
-/// refuses to start with a certificate that does not name it." (`tests/tls.rs` checks
+/// refuses to start with a certificate that does not name it." (`tests/integration/tls.rs` checks
 /// the builder's own `tls`; this is the `TcpTransport::with_tls` path.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transport_with_another_nodes_certificate_does_not_start() {
@@ -1162,7 +1162,7 @@ async fn a_transport_with_another_nodes_certificate_does_not_start() {
 /// process with X's certificate or id is refused while the first one's connection is
 /// alive. It is counted in `rejected_duplicate_node`, [...] and each refusal is an event
 /// on `Node::identity_conflicts()` naming both incarnations. It takes over once the
-/// first connection is gone". (`tests/trust.rs` shows this over plain TCP; here the
+/// first connection is gone". (`tests/integration/trust.rs` shows this over plain TCP; here the
 /// second process holds its own valid certificate for A.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_certificate_for_a_live_node_is_refused_until_the_first_is_gone() {
@@ -1370,7 +1370,7 @@ async fn impostor_server(
 /// chains to one of the configured CA roots"; `TcpStats`: "TLS: the peer's certificate
 /// does not chain to a trusted CA" / "has expired (or is not valid yet)".
 ///
-/// (`tests/tls.rs` shows a valid certificate for another node.) Here the server at B's
+/// (`tests/integration/tls.rs` shows a valid certificate for another node.) Here the server at B's
 /// address presents a certificate naming B that is expired, or from an untrusted CA,
 /// or B's real certificate without B's key. A, dialing B, must refuse each: no TLS
 /// session completes, the refusal is counted, and A's receipt fails (no hang).

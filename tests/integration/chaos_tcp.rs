@@ -7,10 +7,10 @@
 //! The default run uses 2 seeds × 3 000 messages per guarantee over plain TCP, plus
 //! 1 seed × 1 500 per guarantee over mutual TLS (certificates generated per run); the
 //! long run
-//! (`cargo test --release --test chaos_tcp -- --ignored`) uses 20 seeds × 10 000.
+//! (`cargo test --release --test integration chaos_tcp:: -- --ignored`) uses 20 seeds × 10 000.
 //! Each test prints a `reliability:` line that RELIABILITY.md is built from.
 
-mod support;
+use crate::support;
 
 use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId, Outcome};
 use std::collections::HashMap;
@@ -192,7 +192,7 @@ async fn effectively_once_exactly_once_through_chaos() {
     run(Guarantee::EffectivelyOnce, 2, 3_000, false).await;
 }
 
-/// Long run: `cargo test --release --test chaos_tcp -- --ignored`.
+/// Long run: `cargo test --release --test integration chaos_tcp:: -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 20 seeds x 10 000 messages per guarantee"]
 async fn long_chaos_all_guarantees() {

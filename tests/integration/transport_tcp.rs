@@ -2,11 +2,8 @@
 //! restarts, rejection of bad peers without disturbing good ones, and the one-connection
 //! rule when both sides dial.
 
-#[path = "support/ports.rs"]
-mod ports;
-#[path = "support/proxy.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod proxy;
+use crate::support::ports;
+use crate::support::proxy;
 use ackwire::transport::tcp::{TcpConfig, TcpStats, TcpTransport};
 use ackwire::transport::{Link, LinkCommand, LinkEvent, Transport};
 use ackwire::wire::{
@@ -29,7 +26,7 @@ fn config() -> TcpConfig {
         backoff_max: Duration::from_millis(200),
         handshake_timeout: Duration::from_secs(2),
         // These tests exercise connection mechanics with ad-hoc node ids; refusing
-        // unknown peers is tested in tests/trust.rs.
+        // unknown peers is tested in tests/integration/trust.rs.
         accept_unknown_peers: true,
         ..TcpConfig::default()
     }

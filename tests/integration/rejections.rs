@@ -3,7 +3,7 @@
 //! at once, and messages that exhaust their channel's delivery limit become dead
 //! letters. Each test prints a `reliability:` line once it has held.
 
-mod support;
+use crate::support;
 
 use ackwire::proto::Authorization;
 use ackwire::transport::mem::{FaultPlan, MemNetwork};

@@ -6,7 +6,7 @@
 //! origin from the sender's own handshake, then sends data frames whose explicit ids
 //! name that origin, to pre-mark the real sender's next messages as seen.
 
-mod support;
+use crate::support;
 
 use ackwire::proto::{Authorization, RelayPolicy};
 use ackwire::transport::tcp::{TcpConfig, TcpTransport};

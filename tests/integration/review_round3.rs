@@ -3,8 +3,7 @@
 //! `Fresh` again after a reopen with a lower `max_streams_per_node`), and a group's
 //! `rerouted` counts re-sends made, not re-sends begun and cancelled.
 #![cfg(not(ackwire_loom))]
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::group::{GroupConfig, GroupSender, Member, Membership, Spread};
 use ackwire::{ChannelId, Delivery, Guarantee, IdKey, MessageId, Node, NodeConfig, NodeId};
 use std::future::Future;

@@ -9,8 +9,7 @@
 //!   process (`Replay::decommission` now takes it out of its stream).
 #![cfg(not(ackwire_loom))]
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::dedup::{Admit, Dedup, DedupConfig, DurableDedup, FsyncPolicy};
 use ackwire::proto::{Endpoint, Outgoing, SendRef};
 use ackwire::{ChannelId, Guarantee, IdKey, MessageId, NodeId, Origin, ProtoConfig};
@@ -172,7 +171,7 @@ mod replay_then_decommission {
     type Seen = Arc<Mutex<HashMap<u64, u32>>>;
 
     fn any_addr() -> SocketAddr {
-        crate::ports::restartable_addr()
+        super::ports::restartable_addr()
     }
 
     async fn bare_target(addr: SocketAddr) -> Node {

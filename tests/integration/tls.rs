@@ -3,7 +3,7 @@
 //! delivering, a dialer refuses a server that is not the node it dialed, and payload
 //! bytes never cross the wire in clear.
 
-mod support;
+use crate::support;
 
 use ackwire::transport::tcp::TcpConfig;
 use ackwire::transport::tls::{node_dns_name, rustls, TlsConfig};

@@ -2,8 +2,7 @@
 //! queued deliveries, idle stream recycling, at-most-once fresh-start rule, orphan
 //! credit), over the in-memory network on paused tokio time.
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::transport::mem::{FaultPlan, MemNetwork};
 use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeConfig, NodeId, ReceiverOptions};
 use std::collections::HashMap;

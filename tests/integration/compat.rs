@@ -3,7 +3,7 @@
 //! Changing a released format without a new version makes these tests fail.
 //!
 //! The fixtures were written once by the build that released the format, with
-//! `ACKWIRE_WRITE_FIXTURES=1 cargo test --test compat write_fixtures -- --ignored`;
+//! `ACKWIRE_WRITE_FIXTURES=1 cargo test --test integration compat:: write_fixtures -- --ignored`;
 //! never regenerate the files of a released version (that would defeat the check), add
 //! a new version's directory instead.
 #![cfg(not(ackwire_loom))]
@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-mod support;
+use crate::support;
 
 fn fixtures(version: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

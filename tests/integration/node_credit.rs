@@ -3,7 +3,7 @@
 //! `ProtoConfig::node_credit` of its messages (plus the initial grant of a new
 //! connection), and nothing stalls once the application catches up.
 
-mod support;
+use crate::support;
 
 use ackwire::proto::INITIAL_NODE_CREDIT;
 use ackwire::transport::mem::{FaultPlan, MemNetwork};

@@ -1,7 +1,7 @@
 //! Delivery guarantees over real TCP on loopback: bulk transfer, connections killed
 //! mid-stream, and a receiver node restarted on the same address.
 
-mod support;
+use crate::support;
 
 use ackwire::{ChannelId, ChannelOptions, Guarantee, Node, NodeId, Outcome, Receiver};
 use std::collections::HashMap;

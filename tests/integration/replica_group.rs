@@ -7,8 +7,7 @@
 //! message re-routed to another replica after its effect was applied is recognised
 //! there and only acked.
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::detector::Health;
 use ackwire::group::{
     DnsMembers, GroupConfig, GroupSendError, GroupSender, Member, Membership, RawGroupSender,

@@ -239,8 +239,7 @@ async fn receipts_of_sends_racing_a_node_drop_all_resolve() {
     }
 }
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 
 async fn tcp_node(id: NodeId, allow: Option<NodeId>, cfg: NodeConfig) -> Node {
     tcp_node_at(id, ports::restartable_addr(), allow, None, cfg).await

@@ -11,8 +11,7 @@
 //!   end guard was made inside the driver task, so a runtime dropped before the task's
 //!   first poll left `closed()` hanging.
 
-#[path = "support/ports.rs"]
-mod ports;
+use crate::support::ports;
 use ackwire::transport::tcp::{TcpConfig, TcpTransport};
 use ackwire::transport::Transport;
 use ackwire::wire::{probe, Frame, FrameEncoder, Handshake, VersionRange};

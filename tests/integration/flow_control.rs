@@ -5,7 +5,7 @@
 //! because the sender never has more out than the receiver's credit.
 #![cfg(not(ackwire_loom))]
 
-mod support;
+use crate::support;
 
 use ackwire::{ChannelId, ChannelOptions, NodeId, ReceiverOptions};
 use std::time::Duration;

@@ -1,11 +1,11 @@
 //! Rolling upgrades: a node limited to the oldest protocol version this build speaks
-//! (version 1, byte for byte what the 0.1 release sends; see `tests/compat.rs`) and a
+//! (version 1, byte for byte what the 0.1 release sends; see `tests/integration/compat.rs`) and a
 //! node speaking the newest exchange messages under every guarantee over real TCP, in
 //! both directions, with the receiver restarted mid-stream; and nodes that share no
 //! version refuse each other with a counted reason.
 #![cfg(not(ackwire_loom))]
 
-mod support;
+use crate::support;
 
 use ackwire::dedup::{DedupConfig, DurableDedup};
 use ackwire::transport::tcp::{TcpConfig, TcpTransport};
