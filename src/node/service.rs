@@ -27,8 +27,10 @@ use tower_service::Service;
 ///
 /// * `poll_ready` is pending while the stream's in-flight window is full (when
 ///   [`Sender::send`] would wait): `LoadShed` then refuses at once, `Buffer` queues;
-///   as `send`'s, the wait ends with [`SendError::PeerDown`] when the target turns
-///   Down (with the default [`NodeConfig::fail_fast_when_down`](crate::NodeConfig));
+///   as `send`'s, the wait ends when the target turns Down (with the default
+///   [`NodeConfig::fail_fast_when_down`](crate::NodeConfig)): `poll_ready` is ready and
+///   that request's response is [`SendError::PeerDown`]; `poll_ready` itself fails
+///   only when the node has stopped, so a `Buffer` in front of the service lives on;
 /// * `ConcurrencyLimit` bounds messages awaiting their ack;
 /// * `Timeout` bounds the wait for the ack. Dropping the response future (a timeout
 ///   does) only stops waiting: the message itself is not recalled, and may still be

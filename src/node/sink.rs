@@ -22,8 +22,9 @@ use tokio::sync::{OwnedSemaphorePermit, TryAcquireError};
 ///
 /// Backpressured by the stream's in-flight window: `poll_ready` is pending while the
 /// window is full, exactly when [`Sender::send`] would wait, and as there, a target the
-/// failure detector turns Down meanwhile ends the wait with [`SendError::PeerDown`]
-/// (unless [`NodeConfig::fail_fast_when_down`](crate::NodeConfig) is off). Every accepted item's
+/// failure detector turns Down meanwhile ends the wait (unless
+/// [`NodeConfig::fail_fast_when_down`](crate::NodeConfig) is off): `poll_ready` is then
+/// ready and the next item fails in `start_send` with [`SendError::PeerDown`]. Every accepted item's
 /// [`Receipt`] is kept: `poll_flush` (and so `SinkExt::flush`, `send`, `send_all`,
 /// `close`) resolves once every item sent so far has settled, and fails with the first
 /// failure among them (in send order). A failure noticed earlier, while the oldest
@@ -246,8 +247,9 @@ pub(super) struct WindowSlot {
 }
 
 impl WindowSlot {
-    /// Ready once a slot is reserved; fails if the node is closed or failed, or (when
-    /// sends to the target fail fast) with `PeerDown` once the target is Down.
+    /// Ready once a slot is reserved, or (when sends to the target fail fast) once the
+    /// target is Down, without a slot: the next send then fails with `PeerDown`. Fails
+    /// only if the node is closed or failed.
     pub(super) fn poll_reserve(
         &mut self,
         sender: &RawSender,
@@ -277,8 +279,18 @@ impl WindowSlot {
         };
         let acquired = ready!(acquiring.as_mut().poll(cx));
         self.acquiring = None;
-        self.permit = Some(acquired?);
-        Poll::Ready(Ok(()))
+        match acquired {
+            Ok(permit) => {
+                self.permit = Some(permit);
+                Poll::Ready(Ok(()))
+            }
+            // The target turned Down: ready without a slot, so the next item (sent as
+            // `try_send` is) fails with `PeerDown` on its own. An error from here
+            // would end the whole sink or service for callers that take a `poll_ready`
+            // error as fatal (tower's `Buffer` fails every later request).
+            Err(SendError::PeerDown { .. }) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     /// Sends `payload` in the reserved slot. Without one (`poll_ready` was skipped) it

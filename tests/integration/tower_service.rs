@@ -200,3 +200,47 @@ async fn timeout_and_concurrency_limit_stack() {
     seen.sort_unstable();
     assert_eq!(seen, (0..N).collect::<Vec<u32>>());
 }
+
+/// A target turning Down ends a `poll_ready` waiting on a full window, as it ends a
+/// waiting `Sender::send`: the request's response is `PeerDown`, while `poll_ready`
+/// itself does not fail, so a `Buffer` in front of the service keeps serving (it fails
+/// every later request for good once its service's `poll_ready` errs). (Regression:
+/// `poll_ready` returned `PeerDown` and the `Buffer` died with it.)
+#[tokio::test(start_paused = true)]
+async fn a_target_down_fails_the_request_not_the_buffer() {
+    let mut config = NodeConfig::default();
+    config.proto.max_in_flight = 2;
+    let (a, b) = pair(config).await;
+    let inbox = b.receiver::<u32>(CH, false).unwrap();
+    let out = a
+        .sender::<u32>(NodeId(2), ChannelOptions::new(CH, Guarantee::AtLeastOnce))
+        .unwrap();
+    let mut svc = ServiceBuilder::new().buffer(8).service(out.service());
+    let held = [
+        svc.ready().await.unwrap().call(0),
+        svc.ready().await.unwrap().call(1),
+    ];
+    let third = tokio::spawn(svc.ready().await.unwrap().call(2));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "the window was not full");
+    drop(inbox);
+    drop(b);
+    let down = SendError::PeerDown { peer: NodeId(2) };
+    let err = tokio::time::timeout(Duration::from_secs(20), third)
+        .await
+        .expect("the waiting request ends when the target is Down")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.downcast_ref::<SendError>(), Some(&down), "{err}");
+    let later = svc.ready().await.unwrap().call(3);
+    let err = tokio::time::timeout(Duration::from_secs(5), later)
+        .await
+        .expect("a later request is answered")
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<SendError>(),
+        Some(&down),
+        "a later request through the Buffer: {err}"
+    );
+    drop(held);
+}
