@@ -479,7 +479,10 @@ struct Logged {
     /// A batch failed to write and the log has not been rewritten from memory since:
     /// the file lacks records that may have been acknowledged.
     hole: bool,
-    /// The last repair (rewrite) failed: the next is not tried before this time.
+    /// The last group commit's write failed.
+    write_failed: bool,
+    /// The last repair (rewrite) failed: while writes keep failing, the next is not
+    /// tried before this record time.
     repair_after: Option<Instant>,
 }
 
@@ -583,6 +586,7 @@ impl Dedup {
                     last_now: now,
                     closed: false,
                     hole: false,
+                    write_failed: false,
                     repair_after: None,
                 }),
                 lock: Mutex::new(Some(lock)),
@@ -700,7 +704,7 @@ impl Dedup {
             return Ok(());
         };
         let mut l = d.log.lock().unwrap_or_else(|e| e.into_inner());
-        self.flush(d, &mut l)
+        self.flush(d, &mut l, false)
     }
 
     /// Writes what is buffered ([`sync`](Self::sync)), then releases the durable
@@ -715,14 +719,15 @@ impl Dedup {
             return Ok(());
         };
         let mut l = d.log.lock().unwrap_or_else(|e| e.into_inner());
-        let r = self.flush(d, &mut l);
+        let r = self.flush(d, &mut l, true);
         l.closed = true;
         drop(d.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
         r
     }
 
-    /// Under the log's lock: write and fsync the buffer, then compact if due.
-    fn flush(&self, d: &Durable, l: &mut Logged) -> Result<(), DedupError> {
+    /// Under the log's lock: write and fsync the buffer, then compact if due (and
+    /// repair a hole left by a failed write: at once when `closing`).
+    fn flush(&self, d: &Durable, l: &mut Logged, closing: bool) -> Result<(), DedupError> {
         d.owed.store(false, Ordering::Release);
         if l.closed {
             l.log.discard_buffered();
@@ -732,9 +737,15 @@ impl Dedup {
         // The failed batch is cut off the file (it may have been acknowledged):
         // rewrite the log from memory, which still holds it, now, rather than leave
         // the hole until the next compaction or a restart. While the disk keeps
-        // failing, at most once per `REPAIR_RETRY`. (Regression: every group commit
-        // of a full disk rewrote the whole live state on the driver.)
-        l.hole |= written.is_err();
+        // failing, at most once per `REPAIR_RETRY` of record time (regression: every
+        // group commit of a full disk rewrote the whole live state on the driver);
+        // at once when a write succeeds again, and when the log is closed.
+        let failed = written.is_err();
+        if (!failed && std::mem::take(&mut l.write_failed)) || closing {
+            l.repair_after = None;
+        }
+        l.write_failed |= failed;
+        l.hole |= failed;
         if l.hole && l.repair_after.is_none_or(|t| l.last_now >= t) {
             l.next_compaction = 0;
         }
@@ -753,7 +764,9 @@ impl Dedup {
                     l.repair_after = None;
                 }
                 Err(e) => {
-                    l.repair_after = Some(l.last_now + REPAIR_RETRY);
+                    if l.hole {
+                        l.repair_after = Some(l.last_now + REPAIR_RETRY);
+                    }
                     tracing::warn!(error = %e, "dedup log compaction failed; the log keeps growing until the next attempt");
                 }
             }
@@ -979,7 +992,7 @@ impl Dedup {
         l.log.append_unsynced(&rec);
         l.last_now = l.last_now.max(now);
         if sync {
-            self.flush(d, &mut l)
+            self.flush(d, &mut l, false)
         } else {
             d.owed.store(true, Ordering::Release);
             Ok(())
@@ -1150,8 +1163,8 @@ mod tests {
 
     /// A failed group commit repairs the log (rewrites it from memory) at once, but a
     /// disk that stays full costs one rewrite per `REPAIR_RETRY`, not one per commit;
-    /// once the disk has room the next commit repairs it, and the ones after do not
-    /// rewrite again. (Regression: every commit of a full disk rewrote the whole live
+    /// once the disk has room the next commit (or the close) repairs it, and the ones
+    /// after do not rewrite again. (Regression: every commit of a full disk rewrote the whole live
     /// state, on the node's driver.)
     #[test]
     fn a_full_disk_costs_one_repair_per_interval_not_one_per_commit() {
@@ -1195,17 +1208,26 @@ mod tests {
         // A second later, one more try.
         assert!(commit(100, Duration::from_millis(1600)).is_err());
         assert_eq!(rewrites.load(Ordering::Relaxed), 2, "repairs after 1 s");
-        // Room again: the next commit repairs the hole, the ones after do not rewrite.
+        // Room again: the next commit repairs the hole at once (not a second after
+        // the last try), the ones after do not rewrite.
         full.store(false, Ordering::Relaxed);
-        assert!(commit(101, Duration::from_millis(2700)).is_ok());
+        assert!(commit(101, Duration::from_millis(1700)).is_ok());
         assert_eq!(rewrites.load(Ordering::Relaxed), 3, "the repair with room");
         for i in 0..20u64 {
-            assert!(commit(102 + i, Duration::from_millis(2800 + i)).is_ok());
+            assert!(commit(102 + i, Duration::from_millis(1800 + i)).is_ok());
         }
         assert_eq!(
             rewrites.load(Ordering::Relaxed),
             3,
             "rewrites once repaired"
         );
+        // Full again: one failed repair; with room, closing the log repairs it (no
+        // hole outlives the node when no commit follows).
+        full.store(true, Ordering::Relaxed);
+        assert!(commit(200, Duration::from_millis(3000)).is_err());
+        assert_eq!(rewrites.load(Ordering::Relaxed), 4, "a new failure");
+        full.store(false, Ordering::Relaxed);
+        d.close().unwrap();
+        assert_eq!(rewrites.load(Ordering::Relaxed), 5, "the repair at close");
     }
 }

@@ -1981,12 +1981,20 @@ async fn handshake(
                             version,
                             early,
                         }) => {
+                            // The connection's own decoder starts afresh: a buffer
+                            // grown for a large early frame is left to that frame
+                            // (see `FrameDecoder::decode`), not carried on.
+                            let buf = if dec.in_large_buffer() {
+                                BytesMut::from(&buf[..])
+                            } else {
+                                buf
+                            };
                             return Ok(Handshaken {
                                 origin,
                                 version,
                                 early,
                                 buf,
-                            })
+                            });
                         }
                         Err(NegotiationError::Incompatible(v)) => {
                             // A handshake naming versions we do not speak: our probe

@@ -319,8 +319,7 @@ impl FrameDecoder {
         // `COPY_PAYLOAD_BELOW`, read after a 4 MiB frame and queued for a slow
         // receiver held the 4 MiB buffer.) So a frame of at most `RESERVE_AHEAD` from
         // such a buffer has its payload copied out, and once less than that is left
-        // in it, those bytes move to a fresh buffer (at most 64 KiB copied per large
-        // frame, however many frames one read brought).
+        // in it, those bytes move to a fresh buffer: each byte is copied at most once.
         let copy_out = self.in_large_buffer && total <= RESERVE_AHEAD;
         self.in_large_buffer |= total > RESERVE_AHEAD;
         if self.in_large_buffer && src.len() < RESERVE_AHEAD {
@@ -341,6 +340,14 @@ impl FrameDecoder {
             }
         }
         Ok(Some(frame))
+    }
+}
+
+impl FrameDecoder {
+    /// Does the buffer's front still lie in an allocation grown for a frame over
+    /// 64 KiB? (A caller that goes on with another decoder moves the bytes out.)
+    pub(crate) fn in_large_buffer(&self) -> bool {
+        self.in_large_buffer
     }
 }
 
