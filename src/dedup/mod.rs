@@ -464,6 +464,8 @@ struct Durable {
     compact_after: u64,
     /// Records are buffered and wait for [`Dedup::sync`].
     owed: AtomicBool,
+    /// How long after a failed repair the next is tried ([`REPAIR_RETRY`]).
+    repair_retry: Duration,
 }
 
 #[derive(Debug)]
@@ -479,15 +481,14 @@ struct Logged {
     /// A batch failed to write and the log has not been rewritten from memory since:
     /// the file lacks records that may have been acknowledged.
     hole: bool,
-    /// The last group commit's write failed.
-    write_failed: bool,
-    /// The last repair (rewrite) failed: while writes keep failing, the next is not
-    /// tried before this record time.
+    /// The last repair (rewrite) failed: the next is not tried (but at close) before
+    /// this time, on the real clock.
     repair_after: Option<Instant>,
 }
 
-/// After a failed repair of the log, how long until the next try: a disk that stays
-/// full costs one rewrite of the live state per interval, not one per group commit.
+/// After a failed repair of the log, how long until the next try: a disk that keeps
+/// failing, steadily or now and then, costs at most one rewrite of the live state per
+/// interval, not one per group commit.
 const REPAIR_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
@@ -586,11 +587,11 @@ impl Dedup {
                     last_now: now,
                     closed: false,
                     hole: false,
-                    write_failed: false,
                     repair_after: None,
                 }),
                 lock: Mutex::new(Some(lock)),
                 compact_after: dur.compact_after_bytes,
+                repair_retry: REPAIR_RETRY,
                 owed: AtomicBool::new(false),
             });
         }
@@ -713,7 +714,9 @@ impl Dedup {
     /// retirement) is not written and returns `Io`. Nothing to do when not durable.
     ///
     /// # Errors
-    /// As [`sync`](Self::sync); the directory is released either way.
+    /// As [`sync`](Self::sync), and `Io` when an earlier failed write left records out
+    /// of the file and rewriting it from memory failed again now; the directory is
+    /// released either way.
     pub fn close(&self) -> Result<(), DedupError> {
         let Some(d) = &self.log else {
             return Ok(());
@@ -726,27 +729,25 @@ impl Dedup {
     }
 
     /// Under the log's lock: write and fsync the buffer, then compact if due (and
-    /// repair a hole left by a failed write: at once when `closing`).
+    /// repair a hole left by a failed write: at once when `closing`). `Ok` when every
+    /// record is on disk; when `closing`, `Err` if a hole is left.
     fn flush(&self, d: &Durable, l: &mut Logged, closing: bool) -> Result<(), DedupError> {
         d.owed.store(false, Ordering::Release);
         if l.closed {
             l.log.discard_buffered();
             return Ok(());
         }
-        let written = l.log.sync();
+        let mut result = l.log.sync();
         // The failed batch is cut off the file (it may have been acknowledged):
         // rewrite the log from memory, which still holds it, now, rather than leave
-        // the hole until the next compaction or a restart. While the disk keeps
-        // failing, at most once per `REPAIR_RETRY` of record time (regression: every
-        // group commit of a full disk rewrote the whole live state on the driver);
-        // at once when a write succeeds again, and when the log is closed.
-        let failed = written.is_err();
-        if (!failed && std::mem::take(&mut l.write_failed)) || closing {
-            l.repair_after = None;
-        }
-        l.write_failed |= failed;
-        l.hole |= failed;
-        if l.hole && l.repair_after.is_none_or(|t| l.last_now >= t) {
+        // the hole until the next compaction or a restart. After a failed repair, the
+        // next waits `repair_retry` on the real clock (regression: every group commit
+        // of a full disk rewrote the whole live state on the driver), but for the
+        // close, which must not leave the hole to the next run. A node idle with a
+        // hole repairs it at its next commit or at its close.
+        l.hole |= result.is_err();
+        let now = Instant::now();
+        if l.hole && (closing || l.repair_after.is_none_or(|t| now >= t)) {
             l.next_compaction = 0;
         }
         if l.log.len() > l.next_compaction {
@@ -760,19 +761,26 @@ impl Dedup {
             // `ack_durable` reported `NotPersisted` for records that were on disk.)
             match l.log.rewrite(&live) {
                 Ok(()) => {
+                    // Everything in memory is on disk, the failed batch included.
                     l.hole = false;
                     l.repair_after = None;
+                    result = Ok(());
                 }
                 Err(e) => {
                     if l.hole {
-                        l.repair_after = Some(l.last_now + REPAIR_RETRY);
+                        l.repair_after = Some(now + d.repair_retry);
                     }
                     tracing::warn!(error = %e, "dedup log compaction failed; the log keeps growing until the next attempt");
                 }
             }
             l.next_compaction = d.compact_after.max(2 * l.log.len());
         }
-        written
+        if closing && l.hole && result.is_ok() {
+            result = Err(DedupError::Io(std::io::Error::other(
+                "the dedup log lacks the records of a failed write, and rewriting it failed",
+            )));
+        }
+        result
     }
 
     fn complete_inner(&self, id: &MessageId, now: Instant, sync: bool) -> Result<(), DedupError> {
@@ -1161,11 +1169,12 @@ mod tests {
         }
     }
 
-    /// A failed group commit repairs the log (rewrites it from memory) at once, but a
-    /// disk that stays full costs one rewrite per `REPAIR_RETRY`, not one per commit;
-    /// once the disk has room the next commit (or the close) repairs it, and the ones
-    /// after do not rewrite again. (Regression: every commit of a full disk rewrote the whole live
-    /// state, on the node's driver.)
+    /// A failed group commit repairs the log (rewrites it from memory) at once; after
+    /// a failed repair the next waits `repair_retry`, however the disk fails (for
+    /// good, or every other write), so a bad disk costs one rewrite per interval, not
+    /// one per commit; once repaired, commits do not rewrite again; and the close
+    /// tries once more, failing if the hole is still there. (Regression: every commit
+    /// of a full disk rewrote the whole live state, on the node's driver.)
     #[test]
     fn a_full_disk_costs_one_repair_per_interval_not_one_per_commit() {
         let dir = tempfile::tempdir().unwrap();
@@ -1174,7 +1183,9 @@ mod tests {
             ..DedupConfig::default()
         };
         let t0 = Instant::now();
-        let d = Dedup::open_at(cfg, t0).unwrap();
+        let mut d = Dedup::open_at(cfg, t0).unwrap();
+        let retry = Duration::from_millis(400);
+        d.log.as_mut().unwrap().repair_retry = retry;
         let full = Arc::new(AtomicBool::new(false));
         let rewrites = Arc::new(AtomicU64::new(0));
         let io = Fillable {
@@ -1188,46 +1199,52 @@ mod tests {
             node: NodeId(1),
             incarnation: 7,
         };
-        let commit = |seq: u64, at: Duration| {
+        let mut seq = 0u64;
+        let mut commit = || {
+            seq += 1;
             let id = MessageId::Seq {
                 origin,
                 channel: ChannelId(0),
                 seq,
             };
-            assert_eq!(d.begin(&id, t0 + at).unwrap(), Admit::Fresh);
-            d.complete_unsynced(&id, t0 + at).unwrap();
+            assert_eq!(d.begin(&id, t0).unwrap(), Admit::Fresh);
+            d.complete_unsynced(&id, t0).unwrap();
             d.sync()
         };
-        assert!(commit(1, Duration::ZERO).is_ok());
+        let count = || rewrites.load(Ordering::Relaxed);
+        assert!(commit().is_ok());
         full.store(true, Ordering::Relaxed);
-        // 50 commits in 0.5 s on the full disk: each fails, one repair is tried.
-        for i in 0..50u64 {
-            assert!(commit(2 + i, Duration::from_millis(10 * i)).is_err());
+        // A full disk: the first failure's repair is tried (and fails), then none
+        // within the interval.
+        for _ in 0..50 {
+            assert!(commit().is_err());
         }
-        assert_eq!(rewrites.load(Ordering::Relaxed), 1, "repairs while full");
-        // A second later, one more try.
-        assert!(commit(100, Duration::from_millis(1600)).is_err());
-        assert_eq!(rewrites.load(Ordering::Relaxed), 2, "repairs after 1 s");
-        // Room again: the next commit repairs the hole at once (not a second after
-        // the last try), the ones after do not rewrite.
+        assert_eq!(count(), 1, "repairs while full");
+        std::thread::sleep(retry + Duration::from_millis(50));
+        assert!(commit().is_err());
+        assert_eq!(count(), 2, "one more try after the interval");
+        // A disk failing every other write: still none within the interval.
+        for i in 0..40 {
+            full.store(i % 2 == 0, Ordering::Relaxed);
+            let _ = commit();
+        }
+        assert_eq!(count(), 2, "repairs while failing now and then");
+        // Room again: the first commit after the interval repairs the hole, which
+        // reports every record on disk; the ones after do not rewrite.
         full.store(false, Ordering::Relaxed);
-        assert!(commit(101, Duration::from_millis(1700)).is_ok());
-        assert_eq!(rewrites.load(Ordering::Relaxed), 3, "the repair with room");
-        for i in 0..20u64 {
-            assert!(commit(102 + i, Duration::from_millis(1800 + i)).is_ok());
+        std::thread::sleep(retry + Duration::from_millis(50));
+        assert!(commit().is_ok());
+        assert_eq!(count(), 3, "the repair with room");
+        for _ in 0..20 {
+            assert!(commit().is_ok());
         }
-        assert_eq!(
-            rewrites.load(Ordering::Relaxed),
-            3,
-            "rewrites once repaired"
-        );
-        // Full again: one failed repair; with room, closing the log repairs it (no
-        // hole outlives the node when no commit follows).
+        assert_eq!(count(), 3, "rewrites once repaired");
+        // Full again, the repair fails; the close tries again at once, and says the
+        // hole is left.
         full.store(true, Ordering::Relaxed);
-        assert!(commit(200, Duration::from_millis(3000)).is_err());
-        assert_eq!(rewrites.load(Ordering::Relaxed), 4, "a new failure");
-        full.store(false, Ordering::Relaxed);
-        d.close().unwrap();
-        assert_eq!(rewrites.load(Ordering::Relaxed), 5, "the repair at close");
+        assert!(commit().is_err());
+        assert_eq!(count(), 4, "a new failure's repair");
+        assert!(d.close().is_err(), "a close leaving a hole is an error");
+        assert_eq!(count(), 5, "the repair at close");
     }
 }

@@ -244,6 +244,9 @@ type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, SendErro
 pub(super) struct WindowSlot {
     permit: Option<OwnedSemaphorePermit>,
     acquiring: Option<Acquire>,
+    /// The last wait ended because the target was Down (no slot taken): the next send
+    /// fails with `PeerDown` rather than `WindowFull` should the window still be full.
+    down: bool,
 }
 
 impl WindowSlot {
@@ -263,6 +266,7 @@ impl WindowSlot {
             None => match sender.window.clone().try_acquire_owned() {
                 Ok(permit) => {
                     self.permit = Some(permit);
+                    self.down = false;
                     return Poll::Ready(Ok(()));
                 }
                 Err(TryAcquireError::Closed) => {
@@ -282,13 +286,17 @@ impl WindowSlot {
         match acquired {
             Ok(permit) => {
                 self.permit = Some(permit);
+                self.down = false;
                 Poll::Ready(Ok(()))
             }
             // The target turned Down: ready without a slot, so the next item (sent as
             // `try_send` is) fails with `PeerDown` on its own. An error from here
             // would end the whole sink or service for callers that take a `poll_ready`
             // error as fatal (tower's `Buffer` fails every later request).
-            Err(SendError::PeerDown { .. }) => Poll::Ready(Ok(())),
+            Err(SendError::PeerDown { .. }) => {
+                self.down = true;
+                Poll::Ready(Ok(()))
+            }
             Err(e) => Poll::Ready(Err(e)),
         }
     }
@@ -302,7 +310,17 @@ impl WindowSlot {
         payload: Bytes,
     ) -> Result<Receipt, SendError> {
         let Some(permit) = self.permit.take() else {
-            return sender.try_send(payload);
+            return match sender.try_send(payload) {
+                // Ready because the target was Down, which it no longer is: the
+                // window is still full, and this item's wait ended with that Down.
+                Err(SendError::WindowFull { .. }) if std::mem::take(&mut self.down) => {
+                    Err(SendError::PeerDown { peer: sender.peer })
+                }
+                r => {
+                    self.down = false;
+                    r
+                }
+            };
         };
         if let Err(e) = sender.check(&payload) {
             self.permit = Some(permit);
