@@ -29,9 +29,9 @@ impl RawSender {
     /// every receipt once a chunk was sent: the sent messages settle as usual, and the
     /// receipts of the payloads not sent resolve at once to [`SendError::PeerDown`].
     /// (Down before the first chunk, the call fails with `PeerDown` and nothing is
-    /// sent.) If the node stops part-way, the call fails with its error; messages of earlier chunks were
-    /// handed to the node and settle as their receipts would have (with the same error
-    /// if they had not settled yet).
+    /// sent.) If the node stops part-way, the call fails with its error; messages of
+    /// earlier chunks were handed to the node and settle as their receipts would have
+    /// (with the same error if they had not settled yet).
     ///
     /// **Cancellation:** dropping the future (a `timeout`, a `select!`) while it waits
     /// for window space for a later chunk does not take back the chunks already handed

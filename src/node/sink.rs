@@ -24,10 +24,11 @@ use tokio::sync::{OwnedSemaphorePermit, TryAcquireError};
 /// window is full, exactly when [`Sender::send`] would wait, and as there, a target the
 /// failure detector turns Down meanwhile ends the wait (unless
 /// [`NodeConfig::fail_fast_when_down`](crate::NodeConfig) is off): `poll_ready` is then
-/// ready and the next item fails in `start_send` with [`SendError::PeerDown`]. Every accepted item's
-/// [`Receipt`] is kept: `poll_flush` (and so `SinkExt::flush`, `send`, `send_all`,
-/// `close`) resolves once every item sent so far has settled, and fails with the first
-/// failure among them (in send order). A failure noticed earlier, while the oldest
+/// ready and the next item fails in `start_send` with [`SendError::PeerDown`].
+///
+/// Every accepted item's [`Receipt`] is kept: `poll_flush` (and so `SinkExt::flush`,
+/// `send`, `send_all`, `close`) resolves once every item sent so far has settled, and
+/// fails with the first failure among them (in send order). A failure noticed earlier, while the oldest
 /// receipts are reaped in `poll_ready`, is returned from `poll_ready` at once, so a
 /// pipeline stops at the first lost message instead of running on.
 ///

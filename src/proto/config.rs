@@ -28,8 +28,9 @@ pub struct ProtoConfig {
     /// `max_in_flight` instead), so a receiver never refuses a message for lack of
     /// room — on an ordered channel while `max_reorder_buffer` is at least
     /// `stream_credit` (the defaults; a smaller buffer drops what does not fit, counted
-    /// in `ProtoStats::reorder_overflow`). Memory per stream is bounded by `stream_credit` payloads. Default `4096`;
-    /// at least 256 ([`crate::proto::INITIAL_CREDIT`], what a sender may send before
+    /// in `ProtoStats::reorder_overflow`). Memory per stream is bounded by
+    /// `stream_credit` payloads. Default `4096`; at least 256
+    /// ([`crate::proto::INITIAL_CREDIT`], what a sender may send before
     /// the first grant).
     pub stream_credit: u64,
     /// Receiving side: credit granted to each sending node for all its streams
