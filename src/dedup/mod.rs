@@ -464,7 +464,7 @@ struct Durable {
     compact_after: u64,
     /// Records are buffered and wait for [`Dedup::sync`].
     owed: AtomicBool,
-    /// How long after a failed repair the next is tried ([`REPAIR_RETRY`]).
+    /// How long after a repair the next may run ([`REPAIR_RETRY`]).
     repair_retry: Duration,
 }
 
@@ -481,14 +481,14 @@ struct Logged {
     /// A batch failed to write and the log has not been rewritten from memory since:
     /// the file lacks records that may have been acknowledged.
     hole: bool,
-    /// The last repair (rewrite) failed: the next is not tried (but at close) before
-    /// this time, on the real clock.
+    /// No repair (rewrite) is tried before this time, on the real clock, but at the
+    /// close: set by each repair, successful or not.
     repair_after: Option<Instant>,
 }
 
-/// After a failed repair of the log, how long until the next try: a disk that keeps
-/// failing, steadily or now and then, costs at most one rewrite of the live state per
-/// interval, not one per group commit.
+/// After a repair of the log (successful or not), how long until the next may run: a
+/// disk that keeps failing, steadily or now and then, costs at most one rewrite of the
+/// live state per interval (counted from the end of the last), not one per commit.
 const REPAIR_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
@@ -697,9 +697,11 @@ impl Dedup {
     /// [`Endpoint::persist_owed`](crate::proto::Endpoint::persist_owed)).
     ///
     /// # Errors
-    /// `Io` from the durable log; the buffered records are then dropped (they are
-    /// not retried), so count the error: their messages may be processed again after
-    /// a restart.
+    /// `Io` from the durable log; the buffered records are then missing from the file
+    /// (they are not written again) until a later `sync` or the [`close`](Self::close)
+    /// rewrites the log from memory, so count the error: their messages may be
+    /// processed again after a restart before that. A write that fails but whose
+    /// rewrite succeeds at once returns `Ok` (logged at warn): its records are on disk.
     pub fn sync(&self) -> Result<(), DedupError> {
         let Some(d) = &self.log else {
             return Ok(());
@@ -729,8 +731,8 @@ impl Dedup {
     }
 
     /// Under the log's lock: write and fsync the buffer, then compact if due (and
-    /// repair a hole left by a failed write: at once when `closing`). `Ok` when every
-    /// record is on disk; when `closing`, `Err` if a hole is left.
+    /// repair a hole left by a failed write: at once when `closing`). `Ok` when this
+    /// flush's records are on disk; when `closing`, `Err` if a hole is left.
     fn flush(&self, d: &Durable, l: &mut Logged, closing: bool) -> Result<(), DedupError> {
         d.owed.store(false, Ordering::Release);
         if l.closed {
@@ -740,14 +742,13 @@ impl Dedup {
         let mut result = l.log.sync();
         // The failed batch is cut off the file (it may have been acknowledged):
         // rewrite the log from memory, which still holds it, now, rather than leave
-        // the hole until the next compaction or a restart. After a failed repair, the
-        // next waits `repair_retry` on the real clock (regression: every group commit
-        // of a full disk rewrote the whole live state on the driver), but for the
-        // close, which must not leave the hole to the next run. A node idle with a
-        // hole repairs it at its next commit or at its close.
+        // the hole until the next compaction or a restart. After a repair, the next
+        // waits `repair_retry` on the real clock (regression: every group commit of a
+        // full disk rewrote the whole live state on the driver), but for the close,
+        // which must not leave the hole to the next run. A node idle with a hole
+        // repairs it at its next commit or at its close.
         l.hole |= result.is_err();
-        let now = Instant::now();
-        if l.hole && (closing || l.repair_after.is_none_or(|t| now >= t)) {
+        if l.hole && (closing || l.repair_after.is_none_or(|t| Instant::now() >= t)) {
             l.next_compaction = 0;
         }
         if l.log.len() > l.next_compaction {
@@ -759,19 +760,22 @@ impl Dedup {
             // once the log has doubled again, and does not fail the flush. (Regression:
             // it failed every later flush, each retrying the whole rewrite, and
             // `ack_durable` reported `NotPersisted` for records that were on disk.)
+            let repairing = l.hole;
             match l.log.rewrite(&live) {
                 Ok(()) => {
                     // Everything in memory is on disk, the failed batch included.
                     l.hole = false;
-                    l.repair_after = None;
-                    result = Ok(());
+                    if let Err(e) = std::mem::replace(&mut result, Ok(())) {
+                        tracing::warn!(error = %e, "dedup log write failed; the log was rewritten from memory");
+                    }
                 }
                 Err(e) => {
-                    if l.hole {
-                        l.repair_after = Some(now + d.repair_retry);
-                    }
                     tracing::warn!(error = %e, "dedup log compaction failed; the log keeps growing until the next attempt");
                 }
+            }
+            if repairing {
+                // From the end of the rewrite, which may itself have taken long.
+                l.repair_after = Some(Instant::now() + d.repair_retry);
             }
             l.next_compaction = d.compact_after.max(2 * l.log.len());
         }
@@ -1170,10 +1174,10 @@ mod tests {
     }
 
     /// A failed group commit repairs the log (rewrites it from memory) at once; after
-    /// a failed repair the next waits `repair_retry`, however the disk fails (for
-    /// good, or every other write), so a bad disk costs one rewrite per interval, not
-    /// one per commit; once repaired, commits do not rewrite again; and the close
-    /// tries once more, failing if the hole is still there. (Regression: every commit
+    /// a repair the next waits `repair_retry`, however the disk fails (for good, or
+    /// every other write), so a bad disk costs one rewrite per interval, not one per
+    /// commit; once repaired, commits do not rewrite again; and the close tries once
+    /// more, failing if the hole is still there. (Regression: every commit
     /// of a full disk rewrote the whole live state, on the node's driver.)
     #[test]
     fn a_full_disk_costs_one_repair_per_interval_not_one_per_commit() {
@@ -1184,7 +1188,7 @@ mod tests {
         };
         let t0 = Instant::now();
         let mut d = Dedup::open_at(cfg, t0).unwrap();
-        let retry = Duration::from_millis(400);
+        let retry = Duration::from_secs(1);
         d.log.as_mut().unwrap().repair_retry = retry;
         let full = Arc::new(AtomicBool::new(false));
         let rewrites = Arc::new(AtomicU64::new(0));
@@ -1239,12 +1243,12 @@ mod tests {
             assert!(commit().is_ok());
         }
         assert_eq!(count(), 3, "rewrites once repaired");
-        // Full again, the repair fails; the close tries again at once, and says the
-        // hole is left.
+        // Full again within the interval after that repair: none now; the close
+        // tries at once, and says the hole is left.
         full.store(true, Ordering::Relaxed);
         assert!(commit().is_err());
-        assert_eq!(count(), 4, "a new failure's repair");
+        assert_eq!(count(), 3, "a repair within the interval after the last");
         assert!(d.close().is_err(), "a close leaving a hole is an error");
-        assert_eq!(count(), 5, "the repair at close");
+        assert_eq!(count(), 4, "the repair at close");
     }
 }

@@ -107,7 +107,9 @@ impl Service<Bytes> for RawSenderService {
     }
 
     /// Sends `payload` in the slot `poll_ready` reserved (without one, as
-    /// [`RawSender::try_send`]: [`SendError::WindowFull`] if the window is full).
+    /// [`RawSender::try_send`]: [`SendError::WindowFull`] if the window is full, or
+    /// [`SendError::PeerDown`] when `poll_ready` was ready because the target was
+    /// Down).
     fn call(&mut self, payload: Bytes) -> SendFuture {
         SendFuture {
             state: self.slot.send(&self.sender, payload).map_err(Some),

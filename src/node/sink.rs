@@ -302,8 +302,9 @@ impl WindowSlot {
         }
     }
 
-    /// Sends `payload` in the reserved slot. Without one (`poll_ready` was skipped) it
-    /// behaves as [`RawSender::try_send`]. If the payload is refused before it is sent
+    /// Sends `payload` in the reserved slot. Without one (`poll_ready` was skipped, or
+    /// its wait ended with the target Down) it behaves as [`RawSender::try_send`],
+    /// except that after such a Down a full window is `PeerDown`, not `WindowFull`. If the payload is refused before it is sent
     /// (too large, peer down), the slot stays reserved for the next item.
     pub(super) fn send(
         &mut self,
