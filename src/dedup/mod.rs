@@ -481,8 +481,9 @@ struct Logged {
     /// A batch failed to write and the log has not been rewritten from memory since:
     /// the file lacks records that may have been acknowledged.
     hole: bool,
-    /// No repair (rewrite) is tried before this time, on the real clock, but at the
-    /// close: set by each repair, successful or not.
+    /// No repair (rewrite) is forced before this time, on the real clock, but at the
+    /// close (an ordinary compaction coming due repairs too): set by each repair,
+    /// successful or not.
     repair_after: Option<Instant>,
 }
 

@@ -24,12 +24,14 @@ use tokio::sync::{OwnedSemaphorePermit, TryAcquireError};
 /// window is full, exactly when [`Sender::send`] would wait, and as there, a target the
 /// failure detector turns Down meanwhile ends the wait (unless
 /// [`NodeConfig::fail_fast_when_down`](crate::NodeConfig) is off): `poll_ready` is then
-/// ready and the next item fails in `start_send` with [`SendError::PeerDown`].
+/// ready and the next item fails in `start_send` with [`SendError::PeerDown`] (unless
+/// the target is up again with room in the window by then: the item is sent).
 ///
 /// Every accepted item's [`Receipt`] is kept: `poll_flush` (and so `SinkExt::flush`,
 /// `send`, `send_all`, `close`) resolves once every item sent so far has settled, and
-/// fails with the first failure among them (in send order). A failure noticed earlier, while the oldest
-/// receipts are reaped in `poll_ready`, is returned from `poll_ready` at once, so a
+/// fails with the first failure among them (in send order). A failure noticed earlier,
+/// while the oldest receipts are reaped in `poll_ready`, is returned from `poll_ready`
+/// at once, so a
 /// pipeline stops at the first lost message instead of running on.
 ///
 /// Each failure is reported once; failures that happen between two reports are counted
@@ -252,8 +254,8 @@ pub(super) struct WindowSlot {
 
 impl WindowSlot {
     /// Ready once a slot is reserved, or (when sends to the target fail fast) once the
-    /// target is Down, without a slot: the next send then fails with `PeerDown`. Fails
-    /// only if the node is closed or failed.
+    /// target is Down, without a slot: the next send then fails with `PeerDown` unless
+    /// the target is up again with room. Fails only if the node is closed or failed.
     pub(super) fn poll_reserve(
         &mut self,
         sender: &RawSender,
@@ -304,8 +306,9 @@ impl WindowSlot {
 
     /// Sends `payload` in the reserved slot. Without one (`poll_ready` was skipped, or
     /// its wait ended with the target Down) it behaves as [`RawSender::try_send`],
-    /// except that after such a Down a full window is `PeerDown`, not `WindowFull`. If the payload is refused before it is sent
-    /// (too large, peer down), the slot stays reserved for the next item.
+    /// except that after such a Down a full window is `PeerDown`, not `WindowFull`. If
+    /// the payload is refused before it is sent (too large, peer down), the slot stays
+    /// reserved for the next item.
     pub(super) fn send(
         &mut self,
         sender: &RawSender,
